@@ -1,0 +1,28 @@
+# Two entry points (see README): `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DEMO   := out/demo
+
+$(BIN)/.installed: setup.cfg pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+.PHONY: install demo test clean
+install: $(BIN)/.installed
+
+## Synthesise a small dataset, build shards, train LeNet-5 for one epoch, print loader throughput.
+demo: install
+	rm -rf $(DEMO)
+	$(BIN)/tinyin data synth --out $(DEMO)/release
+	$(BIN)/tinyin shard build --src $(DEMO)/release --out $(DEMO)/shards
+	$(BIN)/python train.py --shards $(DEMO)/shards --arch lenet5 --size 28 --epochs 1 --output-dir $(DEMO)/run
+	$(BIN)/tinyin bench loader --shards $(DEMO)/shards --images $(DEMO)/release --passes 3
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) out *.egg-info

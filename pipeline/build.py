@@ -1,0 +1,189 @@
+"""`build_shards`: the offline stage. Release in, WebDataset shards + Parquet index + manifest out.
+
+The release is read in one pass (`source`), planned into splits (`release`), and cut into
+shards of `shard_size` samples. Each shard is one task for a worker process, which decodes its
+JPEGs (`variants`) and writes the tar (`tarshard`), so decoding and writing use every core and
+the parent only dispatches bytes. Everything is written into a sibling `<out>.tmp-<pid>` folder
+that is renamed into place only when the manifest is complete: an interrupted build never leaves
+a shard set that looks complete, and the same input and options give the same bytes.
+"""
+import json
+import multiprocessing as mp
+import os
+import shutil
+import time
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from pathlib import Path
+
+import numpy as np
+
+from . import index as index_io
+from .errors import ImageError, ShardError, SourceError
+from .release import plan_release
+from .schema import FORMAT_VERSION, MANIFEST_FILE, SHARD_PATTERN, SPLITS
+from .source import open_release
+from .tarshard import write_shard
+from .variants import decode_variants
+
+_progress = None  # per-worker handle on the shared image counter (set by _init_worker)
+
+
+def _init_worker(counter):
+    global _progress
+    _progress = counter
+
+
+def _tick(n):
+    if _progress is not None:
+        with _progress.get_lock():
+            _progress.value += n
+
+
+def _write_one_shard(path, split, entries, on_error):
+    """Worker task: decode `entries` [(Item, jpeg_bytes)] and write them as one shard."""
+    samples, rows, skipped = [], [], []
+    for n, (item, data) in enumerate(entries, 1):
+        try:
+            rgb, gray = decode_variants(data, item.path)
+        except ImageError as e:
+            if on_error == "fail":
+                raise
+            skipped.append({"source": item.path, "reason": str(e)})
+            continue
+        meta = {"wnid": item.wnid or None, "split": split, "box": list(item.box) if item.box else None,
+                "source": item.path.rsplit("/", 1)[-1]}
+        samples.append((item.key, rgb, gray, item.label, json.dumps(meta, separators=(",", ":")).encode()))
+        rows.append(item)
+        if n % 256 == 0:
+            _tick(256)
+    _tick(len(entries) % 256)
+    # Exact integer histograms (train only): mean/std that do not depend on shard order.
+    rgb_hist, gray_hist = np.zeros((3, 256), np.int64), np.zeros(256, np.int64)
+    if split == "train" and samples:
+        rgb_all = np.stack([s[1] for s in samples])
+        rgb_hist = np.stack([np.bincount(rgb_all[..., c].ravel(), minlength=256) for c in range(3)])
+        gray_hist = np.bincount(np.stack([s[2] for s in samples]).ravel(), minlength=256)
+    sha, size, offsets = write_shard(path, samples)
+    return {"sha256": sha, "bytes": size, "rows": rows, "offsets": offsets, "skipped": skipped,
+            "rgb_hist": rgb_hist, "gray_hist": gray_hist}
+
+
+def _stats(hist):
+    """Mean and std (of values scaled to [0, 1]) from per-channel 256-bin histograms."""
+    hist = np.atleast_2d(hist).astype(np.float64)
+    levels = np.arange(256) / 255.0
+    count = hist.sum(1)
+    mean = (hist * levels).sum(1) / np.maximum(count, 1)
+    var = (hist * levels**2).sum(1) / np.maximum(count, 1) - mean**2
+    return {"mean": [round(float(m), 6) for m in mean], "std": [round(float(s), 6) for s in np.sqrt(np.maximum(var, 0))]}
+
+
+def _check_out(out, params):
+    """Refuse an output folder that holds something other than this build."""
+    if not out.exists() or not any(out.iterdir()):
+        return
+    manifest = out / MANIFEST_FILE
+    if not manifest.is_file():
+        raise ShardError(f"{out}: exists and is not a tinyin shard set (no {MANIFEST_FILE}); choose an empty folder")
+    old = json.loads(manifest.read_text())
+    if old.get("format_version") != FORMAT_VERSION or old.get("build") != params:
+        raise ShardError(f"{out}: already holds a different build (options differ); choose another --out or delete it")
+
+
+def _plan_tasks(plan, shard_size):
+    tasks = []
+    for split in SPLITS:
+        items = plan.items[split]
+        for i, start in enumerate(range(0, len(items), shard_size)):
+            tasks.append((SHARD_PATTERN.format(split=split, index=i), split, items[start:start + shard_size]))
+    return tasks
+
+
+def _run_tasks(files, tasks, tmp, workers, on_error, progress):
+    from tqdm import tqdm
+
+    total = sum(len(items) for _, _, items in tasks)
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+    counter = ctx.Value("q", 0)
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(counter,)) as pool, \
+            tqdm(total=total, unit="img", desc="build", disable=not progress) as bar:
+        futures = [pool.submit(_write_one_shard, str(tmp / name), split,
+                               [(it, files.read(it.path)) for it in items], on_error)
+                   for name, split, items in tasks]
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=0.25, return_when=FIRST_EXCEPTION)
+            bar.update(counter.value - bar.n)
+            for f in done:
+                if f.exception() is not None:
+                    pool.shutdown(cancel_futures=True)
+                    raise f.exception()
+        bar.update(total - bar.n)
+    return [f.result() for f in futures]
+
+
+def build_shards(src, out, workers=None, shard_size=10000, split_seed=None, on_error="fail", progress=True):
+    """Build the shard set for release `src` (folder, .zip, .tar[.gz]) into folder `out`.
+
+    Returns the manifest (also written to `out/manifest.json`). Raises `SourceError`,
+    `ImageError` (with `on_error='fail'`) or `ShardError` with a one-line message.
+    """
+    if on_error not in ("fail", "skip"):
+        raise ValueError(f"on_error must be 'fail' or 'skip', not {on_error!r}")
+    if shard_size < 1:
+        raise ShardError(f"--shard-size must be at least 1, not {shard_size}")
+    out = Path(out)
+    params = {"source": Path(src).name, "shard_size": shard_size, "split_seed": split_seed, "on_error": on_error}
+    _check_out(out, params)
+    started = time.perf_counter()
+    files = open_release(src)
+    plan = plan_release(files, split_seed)
+    if plan.problems and on_error == "fail":
+        path, reason = plan.problems[0]
+        raise SourceError(f"{files.label}: {path}: {reason}")
+    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        tasks = _plan_tasks(plan, shard_size)
+        results = _run_tasks(files, tasks, tmp, workers or os.cpu_count() or 1, on_error, progress)
+        manifest = _manifest(plan, params, tasks, results)
+        index_io.write_index(tmp, tasks, results)
+        index_io.write_json(tmp / MANIFEST_FILE, manifest)  # written last: its presence marks completion
+        _move_into_place(tmp, out, manifest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    manifest["_seconds"] = time.perf_counter() - started
+    return manifest
+
+
+def _manifest(plan, params, tasks, results):
+    shards = [{"file": name, "split": split, "count": len(r["rows"]), "bytes": r["bytes"], "sha256": r["sha256"]}
+              for (name, split, _), r in zip(tasks, results)]
+    counts = {s: sum(x["count"] for x in shards if x["split"] == s) for s in SPLITS}
+    skipped = [{"source": p, "reason": reason} for p, reason in plan.problems]
+    skipped += [s for r in results for s in r["skipped"]]
+    return {
+        "format_version": FORMAT_VERSION,
+        "build": params,
+        "split_rule": ("first half of each class in val_annotations.txt order -> val, rest -> test"
+                       if params["split_seed"] is None else
+                       f"random half of each class (seed {params['split_seed']}) -> val, rest -> test"),
+        "classes": [{"wnid": w, "words": plan.words[w]} for w in plan.wnids],
+        "counts": counts,
+        "stats": {"rgb64": _stats(sum(r["rgb_hist"] for r in results)),
+                  "gray28": _stats(sum(r["gray_hist"] for r in results))},
+        "shards": shards,
+        "skipped": skipped,
+    }
+
+
+def _move_into_place(tmp, out, manifest):
+    if out.exists() and any(out.iterdir()):
+        old = json.loads((out / MANIFEST_FILE).read_text())
+        if old != manifest:
+            raise ShardError(f"{out}: already holds a different build (other input); choose another --out or delete it")
+        return  # the same build, byte for byte: leave it as it is
+    if out.exists():
+        out.rmdir()
+    os.replace(tmp, out)

@@ -1,0 +1,118 @@
+"""The `tinyin` command line: thin click wrappers, each calling one library function."""
+import json
+import sys
+
+import click
+
+from .errors import TinyinError
+
+
+class _Group(click.Group):
+    """A click group that turns user-facing errors into one line on stderr and exit code 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except TinyinError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """tinyin: Tiny ImageNet as WebDataset shards, a fast loader, and the classic CNN zoo."""
+
+
+@main.group(cls=_Group)
+def data():
+    """Get a release: synthesise a small one, or fetch the official archive."""
+
+
+@data.command("synth")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to create.")
+@click.option("--classes", default=10, show_default=True, help="Number of classes.")
+@click.option("--train-per-class", default=100, show_default=True, help="Train images per class.")
+@click.option("--val-per-class", default=50, show_default=True, help="Val images per class (split half/half into val and test).")
+@click.option("--test", "test_images", default=200, show_default=True, help="Unlabelled test/ images.")
+@click.option("--seed", default=0, show_default=True, help="Random seed: same seed, same bytes.")
+def data_synth(out, classes, train_per_class, val_per_class, test_images, seed):
+    """Write a small learnable dataset in the official Tiny ImageNet layout."""
+    from .synth import synthesize
+
+    try:
+        path = synthesize(out, classes=classes, train_per_class=train_per_class,
+                          val_per_class=val_per_class, test=test_images, seed=seed)
+    except FileExistsError as e:
+        raise TinyinError(str(e)) from None
+    click.echo(f"wrote synthetic release to {path}")
+
+
+@data.command("fetch")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to download into.")
+@click.option("--url", default=None, help="Archive URL (default: the official cs231n zip).")
+def data_fetch(out, url):
+    """Download the official release archive (resumes a partial download, checks size and md5)."""
+    from . import fetch
+
+    kwargs = {} if url is None else {"url": url, "expected_size": None, "md5": None}
+    try:
+        path = fetch.fetch_release(out, **kwargs)
+    except fetch.FetchError as e:
+        raise TinyinError(str(e)) from None
+    click.echo(f"downloaded {path}")
+
+
+@main.group(cls=_Group)
+def shard():
+    """Build, verify and inspect WebDataset shard sets."""
+
+
+@shard.command("build")
+@click.option("--src", required=True, type=click.Path(), help="Release folder, .zip or .tar[.gz] (read without extracting).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder for shards, index and manifest.")
+@click.option("--workers", default=None, type=click.IntRange(1), help="Decode processes [default: all cores].")
+@click.option("--shard-size", default=10000, show_default=True, type=click.IntRange(1), help="Samples per shard.")
+@click.option("--split-seed", default=None, type=int, help="Draw the per-class 25/25 val/test split at random with this seed [default: first 25 in val_annotations.txt order -> val].")
+@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True, help="On a bad image: stop, or record it in the manifest and go on.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def shard_build(src, out, workers, shard_size, split_seed, on_error, quiet):
+    """Decode a release once into shards of uint8 rgb64 + gray28 arrays, with a Parquet index."""
+    from .build import build_shards
+
+    manifest = build_shards(src, out, workers=workers, shard_size=shard_size, split_seed=split_seed,
+                            on_error=on_error, progress=not quiet)
+    counts = ", ".join(f"{k} {v:,}" for k, v in manifest["counts"].items())
+    n = sum(manifest["counts"].values())
+    secs = manifest["_seconds"]
+    click.echo(f"built {len(manifest['shards'])} shards in {out}: {counts} "
+               f"({n / secs:,.0f} images/s, {secs:.1f} s); skipped {len(manifest['skipped'])}")
+
+
+@shard.command("verify")
+@click.argument("shards", type=click.Path())
+def shard_verify(shards):
+    """Re-check every shard's checksum and count, and that every sample decodes with the right label."""
+    from .verify import verify_shards
+
+    report = verify_shards(shards)
+    click.echo(f"ok: {report['shards']} shards, {report['samples']:,} samples verified")
+
+
+@shard.command("inspect")
+@click.argument("shards", type=click.Path())
+@click.option("--png", default=None, type=click.Path(dir_okay=False), help="Where to write the sample grid [default: SHARDS/samples.png].")
+@click.option("--classes", "max_classes", default=20, show_default=True, help="Classes shown in the grid.")
+@click.option("--per-class", default=8, show_default=True, help="Samples per class in the grid.")
+def shard_inspect(shards, png, max_classes, per_class):
+    """Counts per split, classes, bytes, and a PNG grid of samples per class with their words."""
+    from .verify import inspect_shards
+
+    summary = inspect_shards(shards, png=png, max_classes=max_classes, per_class=per_class)
+    click.echo(summary["text"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Download the official Tiny ImageNet 200 release, resumably, and verify it.
+
+Standard library only (plus tqdm), so fetching needs nothing beyond the base
+install. A 248 MB file over a slow link must survive interruptions, so bytes go
+to `<name>.part` and a later call resumes it with an HTTP Range request.
+"""
+
+import hashlib
+import http.client
+import os
+import pathlib
+import urllib.error
+import urllib.parse
+import urllib.request
+
+from tqdm import tqdm
+
+OFFICIAL_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+OFFICIAL_SIZE = 248100043  # bytes of the official zip
+OFFICIAL_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
+TIMEOUT_S = 60
+
+
+class FetchError(Exception):
+    """A download failed or its result did not verify; the message is one line."""
+
+
+def _mismatch(path, name, expected_size, md5):
+    """The one-line complaint about `path` not matching, or None if it matches."""
+    size = path.stat().st_size
+    if expected_size is not None and size != expected_size:
+        return f"{name}: expected {expected_size} bytes, got {size}"
+    if md5 is not None:
+        digest = hashlib.md5(usedforsecurity=False)
+        with path.open("rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+        if digest.hexdigest() != md5.lower():
+            return f"{name}: expected md5 {md5}, got {digest.hexdigest()}"
+    return None
+
+
+def _download(url, part, expected_size, chunk_size, progress):
+    """Append the rest of `url` to `part`, or rewrite it if the server ignores Range."""
+    start = part.stat().st_size if part.exists() else 0
+    if expected_size is not None and start >= expected_size:
+        return  # nothing left to ask for; verification decides whether it is good
+    request = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+            if response.status != 206:
+                start = 0  # a full answer (200) replaces whatever we had
+            length = response.headers.get("Content-Length")
+            total = expected_size if expected_size is not None else (start + int(length) if length else None)
+            bar = tqdm(total=total, initial=start, desc=part.name, unit="B", unit_scale=True,
+                       unit_divisor=1024, disable=not progress)
+            received = 0
+            with part.open("ab" if start else "wb") as f, bar:
+                while chunk := response.read(chunk_size):
+                    f.write(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+            # http.client ends a short body quietly; the .part stays for the next call to resume.
+            if length and received < int(length):
+                raise FetchError(f"cannot download {url}: connection closed after {received} of {length} bytes")
+    except urllib.error.HTTPError as e:
+        if e.code != 416:  # 416: the .part already holds everything the server has
+            raise FetchError(f"cannot download {url}: HTTP {e.code} {e.reason}") from None
+    except urllib.error.URLError as e:
+        raise FetchError(f"cannot download {url}: {e.reason}") from None
+    except (OSError, http.client.HTTPException) as e:
+        raise FetchError(f"cannot download {url}: {str(e) or type(e).__name__}") from None
+
+
+def fetch_release(out, url=OFFICIAL_URL, expected_size=OFFICIAL_SIZE, md5=OFFICIAL_MD5, chunk_size=1 << 20, progress=True):
+    """Download `url` into directory `out` (created) and return the path of the file.
+
+    The file is named after the last component of the URL's path. Bytes go to
+    `<name>.part`, which a later call resumes with `Range: bytes=N-` (or restarts,
+    if the server answers 200). The finished file's size and md5 are checked
+    (either check is skipped when its expected value is None) before it is renamed
+    into place. A final file that already matches is returned without downloading.
+
+    Raises FetchError with a one-line message: "cannot download <url>: <reason>" on
+    network errors (the .part is kept for resuming), or "<name>: expected ..., got ..."
+    on a size or md5 mismatch (the .part is deleted).
+    """
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = pathlib.PurePosixPath(urllib.parse.urlsplit(url).path).name
+    if not name:
+        raise FetchError(f"cannot download {url}: no file name in the URL")
+    final, part = out / name, out / f"{name}.part"
+    if final.is_file() and _mismatch(final, name, expected_size, md5) is None:
+        return final
+
+    _download(url, part, expected_size, chunk_size, progress)
+    problem = _mismatch(part, name, expected_size, md5)
+    if problem:
+        part.unlink()
+        raise FetchError(problem)
+    os.replace(part, final)
+    return final

@@ -1,0 +1,73 @@
+"""The Parquet index and the manifest of a shard set: writing them, and reading them back.
+
+One index row per sample: where its arrays sit inside its tar (byte offset and length per
+variant), so readers can gather pixels without parsing tar headers.
+"""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import ShardError
+from .schema import FORMAT_VERSION, INDEX_FILE, MANIFEST_FILE, VARIANTS
+
+SCHEMA = pa.schema([
+    ("key", pa.string()), ("split", pa.string()), ("label", pa.int16()), ("wnid", pa.string()),
+    ("shard", pa.string()),
+    ("rgb64_offset", pa.int64()), ("rgb64_length", pa.int32()),
+    ("gray28_offset", pa.int64()), ("gray28_length", pa.int32()),
+    ("box", pa.list_(pa.int16())), ("source", pa.string()),
+])
+LENGTHS = {name: int(np.prod(shape)) for name, (_, shape) in VARIANTS.items()}
+
+
+def write_json(path, obj):
+    """Write JSON under a temporary name, then rename: readers never see half a file."""
+    tmp = f"{path}.part"
+    Path(tmp).write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def write_index(folder, tasks, results):
+    """Write `index.parquet` from the build's tasks [(shard, split, items)] and worker results."""
+    cols = {name: [] for name in SCHEMA.names}
+    for (shard, split, _), result in zip(tasks, results):
+        for item, (rgb_at, gray_at) in zip(result["rows"], result["offsets"]):
+            for name, value in (("key", item.key), ("split", split), ("label", item.label),
+                                ("wnid", item.wnid), ("shard", shard),
+                                ("rgb64_offset", rgb_at), ("rgb64_length", LENGTHS["rgb64"]),
+                                ("gray28_offset", gray_at), ("gray28_length", LENGTHS["gray28"]),
+                                ("box", list(item.box) if item.box else None), ("source", item.path)):
+                cols[name].append(value)
+    tmp = Path(folder) / f"{INDEX_FILE}.part"
+    pq.write_table(pa.table(cols, schema=SCHEMA), tmp)
+    os.replace(tmp, Path(folder) / INDEX_FILE)
+
+
+def read_manifest(shards):
+    """The manifest of shard folder `shards` as a dict; ShardError if it is not a complete shard set."""
+    path = Path(shards) / MANIFEST_FILE
+    if not path.is_file():
+        raise ShardError(f"{shards}: not a tinyin shard set (no {MANIFEST_FILE}); run `tinyin shard build` first")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as e:
+        raise ShardError(f"{path}: corrupt manifest ({e})") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ShardError(f"{path}: format version {manifest.get('format_version')}, this tinyin reads {FORMAT_VERSION}")
+    return manifest
+
+
+def read_index(shards, split=None):
+    """The index as a pyarrow Table, optionally only the rows of one split (in shard order)."""
+    path = Path(shards) / INDEX_FILE
+    if not path.is_file():
+        raise ShardError(f"{shards}: missing {INDEX_FILE}")
+    try:
+        table = pq.read_table(path, filters=[("split", "=", split)] if split else None)
+    except (pa.ArrowException, OSError) as e:
+        raise ShardError(f"{path}: corrupt index ({e})") from None
+    return table

@@ -1,0 +1,201 @@
+"""`make_loader`: the one loader API (train.py, the benchmark and the tests all use it).
+
+Three read paths, one output contract:
+- ``fast``: memory-mapped local shards, gathered a batch at a time at the indexed offsets
+  (`ShardArrays`) by a background thread into a ring of reused (pinned, on CUDA) buffers.
+- ``resident``: the whole split copied once to the device; shuffling and batching happen there.
+- ``stream``: a stock webdataset pipeline (`stream.StreamSource`) for remote or huge shard sets.
+``auto`` picks ``fast`` for a local shard folder and ``stream`` for URLs.
+Every path ends in the same `DeviceStage` (normalise, augment, resize on the device).
+"""
+import queue
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .device import DeviceStage
+from .index import read_manifest
+from .reader import ShardArrays
+from .schema import VARIANTS
+
+PATHS = ("auto", "fast", "resident", "stream")
+
+
+def _rank_order(n, shuffle, seed, epoch, rank, world_size, batch_size, drop_last):
+    """This rank's sample positions for one epoch, in order. Ranks take interleaved slices of one
+    permutation, so they are disjoint; with drop_last every rank gets the same number of full batches."""
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    mine = order[rank::world_size]
+    if drop_last:
+        mine = mine[: (n // world_size) // batch_size * batch_size]
+    return mine
+
+
+class _FastSource:
+    """Raw uint8 batches from `ShardArrays` (fast path) or from a device-resident copy (resident)."""
+
+    def __init__(self, arrays, batch_size, shuffle, seed, rank, world_size, drop_last, resident, device, prefetch):
+        self.arrays, self.batch_size, self.shuffle, self.seed = arrays, batch_size, shuffle, seed
+        self.rank, self.world_size, self.drop_last, self.prefetch = rank, world_size, drop_last, prefetch
+        self.epoch, self.device = 0, torch.device(device)
+        self.labels = torch.from_numpy(arrays.labels)
+        self.resident = arrays.load_all().to(self.device) if resident else None
+
+    def order(self):
+        return _rank_order(len(self.arrays), self.shuffle, self.seed, self.epoch, self.rank, self.world_size,
+                           self.batch_size, self.drop_last)
+
+    def __len__(self):
+        return -(-len(self.order()) // self.batch_size)
+
+    def _batches(self):
+        order = self.order()
+        for start in range(0, len(order), self.batch_size):
+            # Sorting a batch's members groups them by shard and walks each memory map forward;
+            # the batch is still a random subset, and its order inside is irrelevant to SGD.
+            yield np.sort(order[start:start + self.batch_size]) if self.shuffle else order[start:start + self.batch_size]
+
+    def __iter__(self):
+        if self.resident is not None:
+            for idx in self._batches():
+                index = torch.from_numpy(idx).to(self.device, non_blocking=True)
+                yield self.resident.index_select(0, index), self.labels[idx], idx
+            return
+        yield from self._threaded()
+
+    def _threaded(self):
+        """Gather in a background thread (torch releases the GIL while copying) into a ring of
+        `prefetch + 1` reused buffers; a buffer is handed back when the next batch is requested."""
+        pin = self.device.type == "cuda"
+        ring = [torch.empty((self.batch_size, *self.arrays.shape), dtype=torch.uint8, pin_memory=pin)
+                for _ in range(self.prefetch + 1)]
+        free, ready, stop = queue.Queue(), queue.Queue(self.prefetch), threading.Event()
+        for slot in range(len(ring)):
+            free.put(slot)
+
+        def produce():
+            try:
+                for idx in self._batches():
+                    slot = None
+                    while slot is None and not stop.is_set():
+                        try:
+                            slot = free.get(timeout=0.1)
+                        except queue.Empty:
+                            pass
+                    if stop.is_set():
+                        return
+                    self.arrays.gather(idx, out=ring[slot])
+                    ready.put((slot, idx))
+                ready.put(None)
+            except BaseException as e:  # surfaced in the consumer, never a silent hang
+                ready.put(e)
+
+        thread = threading.Thread(target=produce, name="tinyin-gather", daemon=True)
+        thread.start()
+        held, copied = None, {}  # copied: slot -> CUDA event marking the end of its host-to-device copy
+        try:
+            while True:
+                item = ready.get()
+                if held is not None:
+                    if held in copied:
+                        copied.pop(held).synchronize()  # the DMA must finish before the buffer is refilled
+                    free.put(held)
+                    held = None
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                slot, idx = item
+                images = ring[slot][: len(idx)]
+                if self.device.type != "cpu":
+                    images = images.to(self.device, non_blocking=True)
+                    if pin:
+                        copied[slot] = torch.cuda.Event()
+                        copied[slot].record()
+                held = slot
+                yield images, self.labels[torch.from_numpy(idx)], idx
+        finally:
+            stop.set()
+            thread.join()
+
+
+class Loader:
+    """An iterable of `(images, labels)` or `(images, labels, keys)` batches; see `make_loader`."""
+
+    def __init__(self, source, keys, stage, device, with_keys, raw, seed):
+        self.source, self._keys, self.stage, self.device = source, keys, stage, torch.device(device)
+        self.with_keys, self.raw, self.seed, self.epoch = with_keys, raw, seed, 0
+
+    def set_epoch(self, epoch):
+        """Reshuffle for `epoch`: the same (seed, epoch) always gives the same order."""
+        self.epoch = epoch
+        self.source.set_epoch(epoch) if hasattr(self.source, "set_epoch") else setattr(self.source, "epoch", epoch)
+
+    def __len__(self):
+        return len(self.source)
+
+    @property
+    def num_samples(self):
+        """Samples this rank sees per epoch."""
+        return getattr(self.source, "num_samples", None) or len(self.source.order())
+
+    def __iter__(self):
+        generator = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + self.epoch)
+        for images, labels, ids in self.source:
+            labels = labels.to(self.device, non_blocking=True)
+            if self.device.type != images.device.type:
+                images = images.to(self.device, non_blocking=True)
+            if not self.raw:
+                images = self.stage(images, generator)
+            if self.with_keys:
+                keys = list(ids) if self._keys is None else [self._keys[i] for i in ids]
+                yield images, labels, keys
+            else:
+                yield images, labels
+
+
+def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, seed=0, epoch=0, drop_last=False,
+                rank=0, world_size=1, device="cpu", size=None, augment=False, with_keys=False, mean=None, std=None,
+                dtype=torch.float32, channels_last=False, workers=2, path="auto", raw=False, prefetch=4,
+                checksum=True):
+    """Batches of one split of a shard set, ready for a model on `device`.
+
+    shards: a local shard folder (from `tinyin shard build`), or shard URLs / a brace pattern.
+    Yields `(images, labels)` (`+ keys` with `with_keys=True`): images float (B, C, H, W) on
+    `device`, scaled to [0, 1] and normalised by mean/std (default: the train split's stats
+    from the manifest), resized to `size` and augmented when asked; or, with `raw=True`, the
+    uint8 (B, H, W[, C]) batch itself (valid until the next batch is requested). Labels int64.
+    Same (seed, epoch): same order; `set_epoch` reshuffles. With `world_size > 1` ranks get
+    disjoint samples and, with `drop_last=True`, the same number of batches.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(VARIANTS)}, not {variant!r}")
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, not {path!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+    local = isinstance(shards, (str, Path)) and Path(shards).is_dir()
+    if path == "auto":
+        path = "fast" if local else "stream"
+    keys = None
+    if path == "stream":
+        from .stream import StreamSource, stream_from_folder
+
+        common = dict(variant=variant, batch_size=batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
+                      drop_last=drop_last, rank=rank, world_size=world_size, workers=workers)
+        source = stream_from_folder(shards, split, **common) if local else StreamSource(shards, **common)
+    else:
+        arrays = ShardArrays(shards, split, variant, checksum=checksum)
+        keys = arrays.keys
+        source = _FastSource(arrays, batch_size, shuffle, seed, rank, world_size, drop_last,
+                             resident=path == "resident", device=device, prefetch=prefetch)
+    if mean is None or std is None:
+        stats = read_manifest(shards)["stats"][variant] if local else {"mean": [0.5], "std": [0.5]}
+        mean, std = stats["mean"], stats["std"]
+    stage = DeviceStage(mean, std, size=size, augment=augment, pad=4 if variant == "rgb64" else 2,
+                        dtype=dtype, channels_last=channels_last)
+    loader = Loader(source, keys, stage, device, with_keys, raw, seed)
+    loader.set_epoch(epoch)
+    return loader

@@ -1,0 +1,154 @@
+"""Turn a release's annotation files into the list of samples to write, split by split.
+
+Labels are the index of the wnid in `sorted(wnids)` (what `ImageFolder` gives). The official val
+set is split per class: the first half of each class's images, in `val_annotations.txt` order,
+go to `val`, the rest to `test` (25/25 on the real release, as in the study); `split_seed`
+draws that split at random instead. The official `test/` images are unlabelled (`unlabeled`, -1).
+"""
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import SourceError
+
+IMAGE_SUFFIXES = (".jpeg", ".jpg")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image to write: where it comes from and what the shard records about it."""
+    key: str      # WebDataset __key__: the file name without extension (unique in the release)
+    split: str
+    label: int
+    wnid: str
+    box: tuple    # (x0, y0, x1, y1) or None
+    path: str     # path inside the release
+
+
+@dataclass
+class Plan:
+    """Everything `build_shards` needs: classes and items per split, plus the problems found."""
+    wnids: list
+    words: dict
+    items: dict       # split -> [Item]
+    problems: list    # (path, reason) of items that cannot be written
+
+
+def _natural(name):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _stem(path):
+    return path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+
+
+def _is_image(path):
+    return path.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _box(fields, where):
+    try:
+        x0, y0, x1, y1 = (int(v) for v in fields)
+    except ValueError:
+        raise SourceError(f"{where}: malformed box {' '.join(fields)!r}") from None
+    return (x0, y0, x1, y1)
+
+
+def _read_wnids(files):
+    wnids = files.text("wnids.txt")
+    if not wnids:
+        raise SourceError(f"{files.label}: wnids.txt is empty")
+    if len(set(wnids)) != len(wnids):
+        raise SourceError(f"{files.label}: wnids.txt lists a wnid twice")
+    for folder in ("train/", "val/", "test/"):
+        if not any(n.startswith(folder) for n in files.names()):
+            raise SourceError(f"{files.label}: missing folder {folder}")
+    words = {}
+    if "words.txt" in files:
+        for line in files.text("words.txt"):
+            wnid, _, text = line.partition("\t")
+            words[wnid] = text.strip()
+    return sorted(wnids), words
+
+
+def _train_items(files, wnids, problems):
+    label_of = {w: i for i, w in enumerate(wnids)}
+    by_class = {w: [] for w in wnids}
+    for name in files.names():
+        parts = name.split("/")
+        if parts[0] != "train" or len(parts) < 3:
+            continue
+        if parts[1] not in label_of:
+            raise SourceError(f"{files.label}: class folder train/{parts[1]} is not in wnids.txt")
+        if len(parts) == 4 and parts[2] == "images" and _is_image(name):
+            by_class[parts[1]].append(name)
+    items = []
+    for wnid in wnids:
+        boxes = {}
+        boxes_file = f"train/{wnid}/{wnid}_boxes.txt"
+        present = set(by_class[wnid])
+        for n, line in enumerate(files.text(boxes_file) if boxes_file in files else [], 1):
+            fields = line.split()
+            image = f"train/{wnid}/images/{fields[0]}"
+            if image not in present:
+                problems.append((image, f"named in {boxes_file}:{n} but missing"))
+                continue
+            boxes[image] = _box(fields[1:5], f"{boxes_file}:{n}")
+        for path in sorted(by_class[wnid], key=_natural):
+            items.append(Item(_stem(path), "train", label_of[wnid], wnid, boxes.get(path), path))
+    return items
+
+
+def _val_test_items(files, wnids, split_seed, problems):
+    label_of = {w: i for i, w in enumerate(wnids)}
+    present = {n for n in files.names() if n.startswith("val/images/") and _is_image(n)}
+    per_class = {w: [] for w in wnids}
+    listed = {}  # path -> position in val_annotations.txt
+    for n, line in enumerate(files.text("val/val_annotations.txt"), 1):
+        where = f"val/val_annotations.txt:{n}"
+        fields = line.split("\t") if "\t" in line else line.split()
+        if len(fields) < 6:
+            raise SourceError(f"{files.label}: {where}: expected 'file wnid x0 y0 x1 y1', got {line!r}")
+        path, wnid = f"val/images/{fields[0]}", fields[1]
+        if wnid not in label_of:
+            raise SourceError(f"{files.label}: {where}: wnid {wnid} is not in wnids.txt")
+        listed[path] = n
+        if path not in present:
+            problems.append((path, f"named in {where} but missing"))
+            continue
+        per_class[wnid].append(Item(_stem(path), "", label_of[wnid], wnid, _box(fields[2:6], where), path))
+    for path in sorted(present - listed.keys(), key=_natural):
+        problems.append((path, "not listed in val/val_annotations.txt"))
+    rng = np.random.default_rng(split_seed) if split_seed is not None else None
+    val, test = [], []
+    for wnid in wnids:
+        items = per_class[wnid]
+        if rng is not None:
+            items = [items[i] for i in rng.permutation(len(items))]
+        half = len(items) // 2
+        val += [_with_split(it, "val") for it in items[:half]]
+        test += [_with_split(it, "test") for it in items[half:]]
+    # Keep each split in annotation order (the study's order), whichever way it was drawn.
+    return sorted(val, key=lambda it: listed[it.path]), sorted(test, key=lambda it: listed[it.path])
+
+
+def _with_split(item, split):
+    return Item(item.key, split, item.label, item.wnid, item.box, item.path)
+
+
+def plan_release(files, split_seed=None):
+    """Read wnids/words/boxes/annotations and return the `Plan` (raises SourceError on structure)."""
+    wnids, words = _read_wnids(files)
+    problems = []
+    train = _train_items(files, wnids, problems)
+    val, test = _val_test_items(files, wnids, split_seed, problems)
+    unlabeled = [Item(_stem(p), "unlabeled", -1, "", None, p)
+                 for p in sorted((n for n in files.names() if n.startswith("test/images/") and _is_image(n)),
+                                 key=_natural)]
+    items = {"train": train, "val": val, "test": test, "unlabeled": unlabeled}
+    seen = {}
+    for item in train + val + test + unlabeled:
+        if seen.setdefault(item.key, item.path) != item.path:
+            raise SourceError(f"{files.label}: {item.path} and {seen[item.key]} share the key {item.key}")
+    return Plan(wnids, {w: words.get(w, "") for w in wnids}, items, problems)

@@ -1,0 +1,32 @@
+"""The shard format, defined once: sample keys, variants, splits.
+
+The writer, the index, the readers and the tests all import these names, so the
+on-disk layout is described in exactly one place (FFCV's habit of named fields).
+"""
+
+FORMAT_VERSION = 1
+
+#: Sample members in a shard, in the order they are written to the tar.
+RGB64 = "rgb64.npy"
+GRAY28 = "gray28.npy"
+CLS = "cls"
+JSON = "json"
+MEMBERS = (RGB64, GRAY28, CLS, JSON)
+
+#: Image variants: name -> (member key, array shape). All are uint8.
+VARIANTS = {
+    "rgb64": (RGB64, (64, 64, 3)),
+    "gray28": (GRAY28, (28, 28)),
+}
+
+#: Splits written by `tinyin shard build`. `unlabeled` is the official test/ folder (label -1).
+SPLITS = ("train", "val", "test", "unlabeled")
+
+#: Images per class of the official val set that go to our `val` split; the rest go to `test`.
+VAL_PER_CLASS = 25
+
+#: Shard file name pattern (WebDataset convention).
+SHARD_PATTERN = "{split}-{index:06d}.tar"
+
+INDEX_FILE = "index.parquet"
+MANIFEST_FILE = "manifest.json"

@@ -1,0 +1,95 @@
+"""`verify_shards` re-checks a shard set end to end; `inspect_shards` summarises it and draws a grid."""
+import hashlib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+
+from .errors import ShardError
+from .index import read_index, read_manifest
+from .schema import CLS, GRAY28, JSON, RGB64, VARIANTS
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_shards(shards):
+    """Check each shard's sha256 and count against the manifest, and decode every sample with the
+    stock webdataset reader, comparing key, label and pixels with the index. Raises ShardError
+    naming the first bad shard; returns {'shards': n, 'samples': n}."""
+    shards = Path(shards)
+    manifest = read_manifest(shards)
+    index = read_index(shards).to_pydict()
+    rows = {}
+    for i, (shard, key) in enumerate(zip(index["shard"], index["key"])):
+        rows.setdefault(shard, []).append(i)
+    total = 0
+    for entry in manifest["shards"]:
+        path = shards / entry["file"]
+        if not path.is_file():
+            raise ShardError(f"{path}: missing")
+        if _sha256(path) != entry["sha256"]:
+            raise ShardError(f"{path}: checksum differs from the manifest (corrupt or modified)")
+        mapped = np.memmap(path, np.uint8, mode="r")
+        expected = rows.get(entry["file"], [])
+        n = 0
+        try:
+            for n, sample in enumerate(wds.WebDataset(str(path), shardshuffle=False).decode(), 1):
+                i = expected[n - 1] if n <= len(expected) else None
+                if i is None or sample["__key__"] != index["key"][i] or int(sample[CLS]) != index["label"][i]:
+                    raise ShardError(f"{path}: sample {n} ({sample['__key__']}) disagrees with the index")
+                if sample[JSON]["split"] != entry["split"]:
+                    raise ShardError(f"{path}: sample {sample['__key__']} is marked split {sample[JSON]['split']}")
+                for name, (member, shape) in VARIANTS.items():
+                    at, length = index[f"{name}_offset"][i], index[f"{name}_length"][i]
+                    if sample[member].shape != shape or not np.array_equal(
+                            sample[member].ravel(), mapped[at:at + length]):
+                        raise ShardError(f"{path}: {sample['__key__']}.{member} is not at its indexed offset")
+        except ShardError:
+            raise
+        except Exception as e:  # any reader failure means a damaged shard
+            raise ShardError(f"{path}: unreadable ({e.__class__.__name__}: {e})") from None
+        if n != entry["count"] or n != len(expected):
+            raise ShardError(f"{path}: holds {n} samples, the manifest says {entry['count']}")
+        total += n
+    return {"shards": len(manifest["shards"]), "samples": total}
+
+
+def inspect_shards(shards, png=None, max_classes=20, per_class=8):
+    """Counts per split, classes and bytes as text, and a PNG grid (one row per class, with its
+    words). Returns {'text': str, 'png': path}."""
+    from PIL import Image, ImageDraw
+
+    from .reader import ShardArrays
+
+    shards = Path(shards)
+    manifest = read_manifest(shards)
+    lines = [f"{shards}: format {manifest['format_version']}, {len(manifest['classes'])} classes, "
+             f"{len(manifest['shards'])} shards, {sum(s['bytes'] for s in manifest['shards']):,} bytes"]
+    for split, count in manifest["counts"].items():
+        n_shards = sum(1 for s in manifest["shards"] if s["split"] == split)
+        lines.append(f"  {split:<10} {count:>8,} samples in {n_shards} shards")
+    for name, stats in manifest["stats"].items():
+        lines.append(f"  train {name} mean {stats['mean']} std {stats['std']}")
+    lines.append(f"  skipped {len(manifest['skipped'])} inputs")
+    arrays = ShardArrays(shards, "train", "rgb64")
+    labels = arrays.labels
+    classes = manifest["classes"][:max_classes]
+    cell, text_w = 64, 260
+    grid = Image.new("RGB", (text_w + per_class * (cell + 2), len(classes) * (cell + 2)), "white")
+    draw = ImageDraw.Draw(grid)
+    for row, cls in enumerate(classes):
+        picks = np.flatnonzero(labels == row)[:per_class]
+        for col, img in enumerate(arrays.gather(picks).numpy()):
+            grid.paste(Image.fromarray(img), (text_w + col * (cell + 2), row * (cell + 2)))
+        draw.text((4, row * (cell + 2) + 24), f"{row} {cls['wnid']} {cls['words'][:36]}", fill="black")
+    png = Path(png) if png else shards / "samples.png"
+    grid.save(png)
+    lines.append(f"  wrote {png}")
+    return {"text": "\n".join(lines), "png": str(png)}

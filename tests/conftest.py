@@ -1,0 +1,40 @@
+"""Shared fixtures: a small synthetic release and its shards (built once per session), and the
+real release from ../shared/data when it is there (tests that need it skip with a reason)."""
+from pathlib import Path
+
+import pytest
+
+from pipeline.build import build_shards
+from pipeline.synth import synthesize
+
+REAL_RELEASE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tiny-imagenet-200.tar.gz"
+needs_real = pytest.mark.skipif(not REAL_RELEASE.is_file(),
+                                reason=f"real Tiny ImageNet release not found at {REAL_RELEASE}")
+
+# Small but with several shards per split, odd sizes, and greyscale JPEGs in it.
+SYNTH = dict(classes=6, train_per_class=40, val_per_class=10, test=30, seed=3)
+SHARD_SIZE = 64
+
+
+@pytest.fixture(scope="session")
+def release(tmp_path_factory):
+    """A synthetic release folder in the official layout."""
+    return synthesize(tmp_path_factory.mktemp("synth") / "release", progress=False, **SYNTH)
+
+
+@pytest.fixture(scope="session")
+def shards(release, tmp_path_factory):
+    """The synthetic release built into shards (treat as read-only)."""
+    out = tmp_path_factory.mktemp("built") / "shards"
+    build_shards(release, out, workers=2, shard_size=SHARD_SIZE, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def real_shards(tmp_path_factory):
+    """The real release built into shards once per session (about half a minute)."""
+    if not REAL_RELEASE.is_file():
+        pytest.skip(f"real Tiny ImageNet release not found at {REAL_RELEASE}")
+    out = tmp_path_factory.mktemp("real") / "shards"
+    build_shards(REAL_RELEASE, out, progress=False)
+    return out

@@ -1,0 +1,171 @@
+"""`tinyin shard build`: contents byte for byte, labels and splits, determinism, atomicity."""
+import hashlib
+import io
+import json
+import shutil
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from click.testing import CliRunner
+from PIL import Image
+
+from pipeline.build import build_shards
+from pipeline.cli import main
+from pipeline.index import read_index, read_manifest
+from tests.conftest import SHARD_SIZE, SYNTH
+
+
+def expected_variants(jpeg_path):
+    rgb = Image.open(jpeg_path).convert("RGB")
+    return np.asarray(rgb), np.asarray(rgb.resize((28, 28), Image.BILINEAR).convert("L"))
+
+
+def read_samples(shards, split):
+    files = sorted(str(p) for p in Path(shards).glob(f"{split}-*.tar"))
+    return list(wds.WebDataset(files, shardshuffle=False).decode())
+
+
+def val_annotations(release):
+    rows = [line.split("\t") for line in (release / "val/val_annotations.txt").read_text().splitlines() if line]
+    return [(r[0], r[1], tuple(int(v) for v in r[2:6])) for r in rows]
+
+
+def tree_digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).iterdir())}
+
+
+def test_counts_layout_and_manifest(release, shards):
+    m = read_manifest(shards)
+    n_val = SYNTH["classes"] * SYNTH["val_per_class"]
+    assert m["counts"] == {"train": SYNTH["classes"] * SYNTH["train_per_class"], "val": n_val // 2,
+                           "test": n_val // 2, "unlabeled": SYNTH["test"]}
+    wnids = sorted((release / "wnids.txt").read_text().split())
+    assert [c["wnid"] for c in m["classes"]] == wnids
+    assert all(c["words"] for c in m["classes"])
+    assert [s["file"] for s in m["shards"] if s["split"] == "train"] == [
+        f"train-{i:06d}.tar" for i in range(-(-m["counts"]["train"] // SHARD_SIZE))]
+    for s in m["shards"]:
+        path = shards / s["file"]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == s["sha256"] and path.stat().st_size == s["bytes"]
+    assert m["skipped"] == []
+    for name in ("rgb64", "gray28"):
+        assert all(0 < v < 1 for v in m["stats"][name]["mean"] + m["stats"][name]["std"])
+    assert len(m["stats"]["rgb64"]["mean"]) == 3 and len(m["stats"]["gray28"]["mean"]) == 1
+    assert not list(shards.parent.glob("*.tmp-*"))
+
+
+def test_train_samples_are_byte_exact_with_labels_from_folders(release, shards):
+    wnids = sorted((release / "wnids.txt").read_text().split())
+    samples = read_samples(shards, "train")
+    assert len(samples) == SYNTH["classes"] * SYNTH["train_per_class"]
+    for s in samples:
+        wnid = s["__key__"].rsplit("_", 1)[0]
+        jpeg = release / "train" / wnid / "images" / f"{s['__key__']}.JPEG"
+        rgb, gray = expected_variants(jpeg)
+        assert s["rgb64.npy"].dtype == np.uint8 and s["rgb64.npy"].shape == (64, 64, 3)
+        assert np.array_equal(s["rgb64.npy"], rgb) and np.array_equal(s["gray28.npy"], gray)
+        assert s["cls"] == wnids.index(wnid)
+        assert s["json"]["wnid"] == wnid and s["json"]["split"] == "train"
+        assert s["json"]["source"] == jpeg.name
+    boxes = dict(line.split("\t", 1) for line in
+                 (release / "train" / wnids[0] / f"{wnids[0]}_boxes.txt").read_text().splitlines())
+    first = next(s for s in samples if s["__key__"].startswith(wnids[0]))
+    assert first["json"]["box"] == [int(v) for v in boxes[first["json"]["source"]].split()]
+
+
+def test_greyscale_jpegs_are_replicated_to_rgb(release, shards):
+    grey = [p for p in release.rglob("*.JPEG") if Image.open(p).mode == "L"]
+    assert grey, "the synthetic release should contain greyscale JPEGs"
+    by_key = {s["__key__"]: s for split in ("train", "val", "test", "unlabeled") for s in read_samples(shards, split)}
+    for p in grey:
+        rgb = by_key[p.stem]["rgb64.npy"]
+        assert np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], np.asarray(Image.open(p)))
+
+
+def test_val_test_split_is_first_half_per_class_in_annotation_order(release, shards):
+    wnids = sorted((release / "wnids.txt").read_text().split())
+    rows = val_annotations(release)
+    half = SYNTH["val_per_class"] // 2
+    want = {"val": [], "test": []}
+    for wnid in wnids:
+        mine = [r for r in rows if r[1] == wnid]
+        want["val"] += [r[0] for r in mine[:half]]
+        want["test"] += [r[0] for r in mine[half:]]
+    order = [r[0] for r in rows]
+    for split in ("val", "test"):
+        samples = read_samples(shards, split)
+        assert [s["json"]["source"] for s in samples] == sorted(want[split], key=order.index)
+        truth = {r[0]: r for r in rows}
+        for s in samples:
+            name = s["json"]["source"]
+            assert s["cls"] == wnids.index(truth[name][1]) and s["json"]["box"] == list(truth[name][2])
+            rgb, gray = expected_variants(release / "val/images" / name)
+            assert np.array_equal(s["rgb64.npy"], rgb) and np.array_equal(s["gray28.npy"], gray)
+    unlabeled = read_samples(shards, "unlabeled")
+    assert len(unlabeled) == SYNTH["test"] and all(s["cls"] == -1 and s["json"]["box"] is None for s in unlabeled)
+
+
+def test_split_seed_draws_a_recorded_random_half(release, shards, tmp_path):
+    out = tmp_path / "seeded"
+    m = build_shards(release, out, split_seed=7, shard_size=SHARD_SIZE, progress=False)
+    assert m["build"]["split_seed"] == 7 and "seed 7" in m["split_rule"]
+    val = read_index(out, "val").to_pydict()
+    default = read_index(shards, "val").to_pydict()
+    assert sorted(val["key"]) != sorted(default["key"])
+    assert np.bincount(val["label"]).tolist() == [SYNTH["val_per_class"] // 2] * SYNTH["classes"]
+    assert set(val["key"]).isdisjoint(read_index(out, "test").to_pydict()["key"])
+
+
+def test_index_offsets_point_at_the_arrays(release, shards):
+    table = read_index(shards).to_pydict()
+    for i in range(0, len(table["key"]), 37):
+        data = (shards / table["shard"][i]).read_bytes()
+        for name, shape in (("rgb64", (64, 64, 3)), ("gray28", (28, 28))):
+            at, n = table[f"{name}_offset"][i], table[f"{name}_length"][i]
+            member = f"{table['key'][i]}.{name}.npy"
+            with tarfile.open(shards / table["shard"][i]) as tar:
+                want = np.load(io.BytesIO(tar.extractfile(member).read()))
+            assert np.frombuffer(data[at:at + n], np.uint8).reshape(shape).tolist() == want.tolist()
+
+
+def test_same_input_same_bytes_from_folder_zip_and_tar(release, shards, tmp_path):
+    zip_path, tar_path = tmp_path / "release.zip", tmp_path / "release.tar.gz"
+    with zipfile.ZipFile(zip_path, "w") as zf:
+        for p in sorted(release.rglob("*")):
+            zf.write(p, f"tiny-imagenet-200/{p.relative_to(release)}")
+    with tarfile.open(tar_path, "w:gz") as tf:
+        tf.add(release, "tiny-imagenet-200")
+    want = tree_digest(shards)
+    for src, name in ((release, "again"), (zip_path, "zip"), (tar_path, "tar")):
+        build_shards(src, tmp_path / name, shard_size=SHARD_SIZE, progress=False)
+        got = tree_digest(tmp_path / name)
+        shards_only = {k: v for k, v in got.items() if k.endswith(".tar") or k == "index.parquet"}
+        assert shards_only == {k: v for k, v in want.items() if k in shards_only} and len(shards_only) > 3
+    assert tree_digest(tmp_path / "again") == want  # the manifest too, for the same --src name
+
+
+def test_rebuild_into_same_folder_is_a_no_op_and_other_options_are_refused(release, tmp_path):
+    out = tmp_path / "out"
+    build_shards(release, out, shard_size=SHARD_SIZE, progress=False)
+    before = tree_digest(out)
+    build_shards(release, out, shard_size=SHARD_SIZE, progress=False)
+    assert tree_digest(out) == before
+    result = CliRunner().invoke(main, ["shard", "build", "--src", str(release), "--out", str(out), "--shard-size", "50"])
+    assert result.exit_code == 1
+    assert result.output.strip() == f"error: {out}: already holds a different build (options differ); choose another --out or delete it"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(main, ["shard", "build", "--src", str(release), "--out", str(tmp_path / "other")])
+    assert result.exit_code == 1 and "is not a tinyin shard set (no manifest.json)" in result.output
+    assert tree_digest(out) == before
+
+
+def test_cli_build_prints_counts_and_speed(release, tmp_path):
+    result = CliRunner().invoke(main, ["shard", "build", "--src", str(release), "--out", str(tmp_path / "s"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "train 240, val 30, test 30, unlabeled 30" in result.output and "images/s" in result.output
+    assert json.loads((tmp_path / "s/manifest.json").read_text())["counts"]["train"] == 240

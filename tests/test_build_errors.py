@@ -1,0 +1,119 @@
+"""Bad input: one clear line naming the file, exit code 1, nothing half-written."""
+import io
+import json
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from pipeline.cli import main
+
+
+@pytest.fixture
+def broken(release, tmp_path):
+    """A private copy of the synthetic release to damage."""
+    return shutil.copytree(release, tmp_path / "release")
+
+
+def first_train_image(root):
+    wnid = sorted((root / "wnids.txt").read_text().split())[0]
+    return root / "train" / wnid / "images" / f"{wnid}_0.JPEG"
+
+
+def jpeg_bytes(img, fmt="JPEG"):
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+def build(src, out, *extra):
+    result = CliRunner().invoke(main, ["shard", "build", "--src", str(src), "--out", str(out), "--quiet", *extra])
+    return result.exit_code, result.output.strip()
+
+
+def assert_fails(src, tmp_path, message):
+    out = tmp_path / "out"
+    code, output = build(src, out)
+    assert code == 1, output
+    assert output == f"error: {message}"
+    assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
+
+
+def test_missing_wnids(broken, tmp_path):
+    (broken / "wnids.txt").unlink()
+    assert_fails(broken, tmp_path, f"{broken}: missing wnids.txt (not a Tiny ImageNet release)")
+
+
+def test_missing_split_folder(broken, tmp_path):
+    shutil.rmtree(broken / "val")
+    assert_fails(broken, tmp_path, f"{broken}: missing folder val/")
+
+
+def test_class_folder_not_in_wnids(broken, tmp_path):
+    shutil.copytree(broken / "train" / sorted((broken / "wnids.txt").read_text().split())[0], broken / "train/n99999999")
+    assert_fails(broken, tmp_path, f"{broken}: class folder train/n99999999 is not in wnids.txt")
+
+
+def test_annotation_names_missing_file(broken, tmp_path):
+    (broken / "val/images/val_3.JPEG").unlink()
+    line = next(i for i, l in enumerate((broken / "val/val_annotations.txt").read_text().splitlines(), 1)
+                if l.startswith("val_3.JPEG\t"))
+    assert_fails(broken, tmp_path, f"{broken}: val/images/val_3.JPEG: named in val/val_annotations.txt:{line} but missing")
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ("garbage", "not an image (corrupt JPEG)"),
+    ("truncated", "corrupt or truncated JPEG (image file is truncated"),
+    ("small", "image is 32x32, expected 64x64"),
+    ("png", "PNG data under a .JPEG name"),
+    ("cmyk", "CMYK JPEG, expected RGB or greyscale"),
+])
+def test_bad_images_fail_or_are_skipped(broken, tmp_path, damage, reason):
+    path = first_train_image(broken)
+    data = path.read_bytes()
+    path.write_bytes({
+        "garbage": b"this is not a jpeg" * 20,
+        "truncated": data[: len(data) // 2],
+        "small": jpeg_bytes(Image.new("RGB", (32, 32), "red")),
+        "png": jpeg_bytes(Image.new("RGB", (64, 64), "red"), "PNG"),
+        "cmyk": jpeg_bytes(Image.new("CMYK", (64, 64), (0, 50, 100, 0))),
+    }[damage])
+    rel = str(path.relative_to(broken))
+    out = tmp_path / "out"
+    code, output = build(broken, out)
+    assert code == 1 and output.startswith(f"error: {rel}: {reason}"), output
+    assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
+    code, output = build(broken, out, "--on-error", "skip")
+    assert code == 0, output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["skipped"]) == 1 and manifest["skipped"][0]["source"] == rel
+    assert manifest["skipped"][0]["reason"].startswith(f"{rel}: {reason}")
+    assert manifest["counts"]["train"] == 239 and "skipped 1" in output
+
+
+def test_unreadable_archives(release, tmp_path):
+    tgz = tmp_path / "release.tar.gz"
+    with tarfile.open(tgz, "w:gz") as tf:
+        tf.add(release, "tiny-imagenet-200")
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(tgz.read_bytes()[: tgz.stat().st_size // 2])
+    code, output = build(cut, tmp_path / "out")
+    assert code == 1 and output.startswith(f"error: {cut}: unreadable archive ("), output
+    junk = tmp_path / "junk.zip"
+    junk.write_bytes(np.random.default_rng(0).bytes(5000))
+    code, output = build(junk, tmp_path / "out")
+    assert code == 1 and output == f"error: {junk}: unreadable archive (not a folder, .zip or .tar[.gz])"
+    code, output = build(tmp_path / "nope", tmp_path / "out")
+    assert code == 1 and output == f"error: {tmp_path / 'nope'}: no such file or folder"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failure_in_a_late_shard_leaves_nothing(broken, tmp_path):
+    wnid = sorted((broken / "wnids.txt").read_text().split())[-1]
+    (broken / "train" / wnid / "images" / f"{wnid}_39.JPEG").write_bytes(b"broken")
+    code, output = build(broken, tmp_path / "out", "--shard-size", "16")
+    assert code == 1 and "not an image" in output
+    assert list(tmp_path.iterdir()) == [broken]

@@ -1,0 +1,189 @@
+"""fetch_release against a local HTTP server that may honour Range, ignore it, or hang up."""
+
+import functools
+import hashlib
+import http.server
+import pathlib
+import random
+import socket
+import threading
+import zipfile
+
+import pytest
+
+from pipeline.fetch import FetchError, fetch_release
+
+NAME = "tiny.zip"
+
+
+class RangeHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves files, answering `Range: bytes=N-` with 206 unless the server says otherwise.
+
+    Server attributes: `honour_range` (False: always 200), `cut_after` (hang up after
+    this many body bytes, None: never) and `ranges` (the Range header of each request).
+    """
+
+    def do_GET(self):
+        wanted = self.headers.get("Range")
+        self.server.ranges.append(wanted)
+        path = pathlib.Path(self.translate_path(self.path))
+        if not path.is_file():
+            return self.send_error(404, "File not found")
+        data = path.read_bytes()
+        start = int(wanted.removeprefix("bytes=").removesuffix("-")) if wanted and self.server.honour_range else 0
+        if start >= len(data) > 0:
+            return self.send_error(416)
+        self.send_response(206 if start else 200)
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        self.wfile.write(data[start:][: self.server.cut_after])
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def payload(tmp_path):
+    """The bytes of a small zip (incompressible, so it spans several chunks) served as /tiny.zip."""
+    www = tmp_path / "www"
+    www.mkdir()
+    with zipfile.ZipFile(www / NAME, "w") as z:
+        z.writestr("tiny-imagenet-200/wnids.txt", random.Random(0).randbytes(300_000))
+    return (www / NAME).read_bytes()
+
+
+@pytest.fixture
+def serve(tmp_path):
+    """Start servers of tmp_path/www on 127.0.0.1; all are shut down after the test."""
+    running = []
+
+    def start(honour_range=True, cut_after=None):
+        handler = functools.partial(RangeHandler, directory=str(tmp_path / "www"))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        server.honour_range, server.cut_after, server.ranges = honour_range, cut_after, []
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01})
+        thread.start()
+        running.append((server, thread))
+        return server
+
+    yield start
+    for server, thread in running:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def _url(server):
+    return f"http://127.0.0.1:{server.server_port}/{NAME}"
+
+
+def _fetch(server, out, payload, **kwargs):
+    checks = dict(expected_size=len(payload), md5=hashlib.md5(payload).hexdigest(), chunk_size=1 << 16, progress=False)
+    return fetch_release(out, _url(server), **{**checks, **kwargs})
+
+
+def test_full_download(serve, payload, tmp_path, capsys):
+    server = serve()
+    path = _fetch(server, tmp_path / "out" / "nested", payload, progress=True)
+    assert path == tmp_path / "out" / "nested" / NAME
+    assert path.read_bytes() == payload
+    assert [p.name for p in path.parent.iterdir()] == [NAME]
+    assert server.ranges == [None]
+    assert f"{NAME}.part" in capsys.readouterr().err  # the progress bar
+
+
+def test_md5_mismatch(serve, payload, tmp_path):
+    actual = hashlib.md5(payload).hexdigest()
+    with pytest.raises(FetchError) as info:
+        _fetch(serve(), tmp_path / "out", payload, md5="0" * 32)
+    assert str(info.value) == f"{NAME}: expected md5 {'0' * 32}, got {actual}"
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_size_mismatch(serve, payload, tmp_path):
+    with pytest.raises(FetchError) as info:
+        _fetch(serve(), tmp_path / "out", payload, expected_size=len(payload) + 1)
+    assert str(info.value) == f"{NAME}: expected {len(payload) + 1} bytes, got {len(payload)}"
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_checks_can_be_skipped(serve, payload, tmp_path):
+    path = _fetch(serve(), tmp_path / "out", payload, expected_size=None, md5=None)
+    assert path.read_bytes() == payload
+
+
+def test_resumes_partial_download(serve, payload, tmp_path):
+    server = serve()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / f"{NAME}.part").write_bytes(payload[:100_000])
+    assert _fetch(server, tmp_path / "out", payload).read_bytes() == payload
+    assert server.ranges == ["bytes=100000-"]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [NAME]
+
+
+def test_interrupted_download_keeps_part_and_resumes(serve, payload, tmp_path):
+    server = serve(cut_after=123_456)
+    with pytest.raises(FetchError) as info:
+        _fetch(server, tmp_path / "out", payload)
+    assert str(info.value) == f"cannot download {_url(server)}: connection closed after 123456 of {len(payload)} bytes"
+    assert (tmp_path / "out" / f"{NAME}.part").stat().st_size == 123_456
+    server.cut_after = None
+    assert _fetch(server, tmp_path / "out", payload).read_bytes() == payload
+    assert server.ranges == [None, "bytes=123456-"]
+
+
+def test_server_ignoring_range_restarts_from_zero(serve, payload, tmp_path):
+    server = serve(honour_range=False)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / f"{NAME}.part").write_bytes(b"not the start of the zip")
+    assert _fetch(server, tmp_path / "out", payload).read_bytes() == payload
+    assert server.ranges == [f"bytes={len(b'not the start of the zip')}-"]
+
+
+@pytest.mark.parametrize("expected_size", ["known", None])
+def test_part_already_complete(serve, payload, tmp_path, expected_size):
+    server = serve()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / f"{NAME}.part").write_bytes(payload)
+    size = len(payload) if expected_size else None
+    assert _fetch(server, tmp_path / "out", payload, expected_size=size).read_bytes() == payload
+    # With a known size nothing is asked for; without one the server answers 416.
+    assert server.ranges == ([] if expected_size else [f"bytes={len(payload)}-"])
+
+
+def test_existing_file_is_not_downloaded_again(serve, payload, tmp_path):
+    server = serve()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / NAME).write_bytes(payload)
+    assert _fetch(server, tmp_path / "out", payload).read_bytes() == payload
+    assert server.ranges == []
+
+
+def test_existing_bad_file_is_replaced(serve, payload, tmp_path):
+    server = serve()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / NAME).write_bytes(b"truncated")
+    assert _fetch(server, tmp_path / "out", payload).read_bytes() == payload
+    assert server.ranges == [None]
+
+
+def test_http_error(serve, payload, tmp_path):
+    server = serve()
+    url = f"http://127.0.0.1:{server.server_port}/missing.zip"
+    with pytest.raises(FetchError) as info:
+        fetch_release(tmp_path / "out", url, progress=False)
+    assert str(info.value) == f"cannot download {url}: HTTP 404 File not found"
+
+
+def test_connection_refused(tmp_path):
+    with socket.socket() as s:  # a port that was free a moment ago and has no listener now
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/{NAME}"
+    with pytest.raises(FetchError) as info:
+        fetch_release(tmp_path / "out", url, progress=False)
+    message = str(info.value)
+    assert message.startswith(f"cannot download {url}: ") and "\n" not in message
+    assert info.value.__cause__ is None and info.value.__suppress_context__

@@ -1,0 +1,130 @@
+"""The synthetic dataset has the official Tiny ImageNet layout, is deterministic and learnable."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.synth import synthesize
+
+CLASSES, TRAIN, VAL, TEST = 10, 60, 20, 50
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth") / "release"
+    assert synthesize(out, classes=CLASSES, train_per_class=TRAIN, val_per_class=VAL, test=TEST, progress=False) == out
+    return out
+
+
+def _tree(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _box_ok(fields):
+    x0, y0, x1, y1 = map(int, fields)
+    return 0 <= x0 <= x1 <= 63 and 0 <= y0 <= y1 <= 63
+
+
+def test_layout(release):
+    wnids = (release / "wnids.txt").read_text().splitlines()
+    assert len(wnids) == len(set(wnids)) == CLASSES
+    assert all(len(w) == 9 and w[0] == "n" and w[1:].isdigit() for w in wnids)
+    words = dict(line.split("\t") for line in (release / "words.txt").read_text().splitlines())
+    assert sorted(words) == sorted(wnids)
+    assert sorted(p.name for p in release.iterdir()) == ["test", "train", "val", "wnids.txt", "words.txt"]
+
+    assert sorted(p.name for p in (release / "train").iterdir()) == sorted(wnids)
+    for wnid in wnids:
+        images = release / "train" / wnid / "images"
+        assert sorted(p.name for p in images.iterdir()) == sorted(f"{wnid}_{i}.JPEG" for i in range(TRAIN))
+        lines = (release / "train" / wnid / f"{wnid}_boxes.txt").read_text().splitlines()
+        assert len(lines) == TRAIN
+        for line in lines:
+            name, *box = line.split("\t")
+            assert (images / name).is_file() and _box_ok(box)
+
+    val_images = release / "val" / "images"
+    assert sorted(p.name for p in (release / "val").iterdir()) == ["images", "val_annotations.txt"]
+    assert len(list(val_images.iterdir())) == CLASSES * VAL
+    lines = (release / "val" / "val_annotations.txt").read_text().splitlines()
+    assert [line.split("\t")[0] for line in lines] == [f"val_{i}.JPEG" for i in range(CLASSES * VAL)]
+    labels = []
+    for line in lines:
+        name, wnid, *box = line.split("\t")
+        assert (val_images / name).is_file() and wnid in wnids and _box_ok(box)
+        labels.append(wnid)
+    assert all(labels.count(w) == VAL for w in wnids)
+    assert labels != sorted(labels), "classes should be interleaved like the real val set"
+
+    assert [p.name for p in (release / "test").iterdir()] == ["images"]
+    assert sorted(p.name for p in (release / "test" / "images").iterdir()) == sorted(f"test_{i}.JPEG" for i in range(TEST))
+
+
+def test_images_are_64px_jpegs_some_greyscale(release):
+    modes = []
+    for path in release.rglob("*.JPEG"):
+        with Image.open(path) as image:
+            assert image.format == "JPEG" and image.size == (64, 64)
+            modes.append(image.mode)
+    assert len(modes) == CLASSES * (TRAIN + VAL) + TEST
+    assert set(modes) == {"RGB", "L"}
+    assert 1 <= modes.count("L") <= 0.05 * len(modes)
+
+
+def test_deterministic(tmp_path):
+    kwargs = dict(classes=3, train_per_class=5, val_per_class=3, test=4, progress=False)
+    a, b, c = (synthesize(tmp_path / name, seed=seed, **kwargs) for name, seed in [("a", 7), ("b", 7), ("c", 8)])
+    assert _tree(a) == _tree(b)
+    assert _tree(a) != _tree(c)
+
+
+def test_refuses_non_empty_output(tmp_path):
+    (tmp_path / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError) as info:
+        synthesize(tmp_path, progress=False)
+    assert str(info.value) == f"{tmp_path}: already exists and is not empty"
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_empty_output_dir_is_fine(tmp_path):
+    synthesize(tmp_path, classes=2, train_per_class=1, val_per_class=1, test=0, progress=False)
+    assert (tmp_path / "wnids.txt").read_text().count("\n") == 2
+
+
+def _gray28(path):
+    with Image.open(path) as image:
+        return np.asarray(image.resize((28, 28), Image.BILINEAR).convert("L"), np.float32) / 255 - 0.5
+
+
+def _tensors(labelled):
+    """(N x 1 x 28 x 28 images, N labels) from (path, label) pairs."""
+    return torch.tensor(np.stack([_gray28(p) for p, _ in labelled]))[:, None], torch.tensor([k for _, k in labelled])
+
+
+def test_learnable_at_28px_greyscale(release):
+    wnids = (release / "wnids.txt").read_text().splitlines()
+    train = [(release / "train" / w / "images" / f"{w}_{i}.JPEG", k) for k, w in enumerate(wnids) for i in range(TRAIN)]
+    annotations = (release / "val" / "val_annotations.txt").read_text().splitlines()
+    val = [(release / "val" / "images" / name, wnids.index(wnid)) for name, wnid, *_ in map(str.split, annotations)]
+    x, y = _tensors(train)
+    xv, yv = _tensors(val)
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 5),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8 * 12 * 12, CLASSES),
+    )
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in range(3):
+        for batch in torch.randperm(len(x)).split(32):
+            loss = torch.nn.functional.cross_entropy(net(x[batch]), y[batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        accuracy = (net(xv).argmax(1) == yv).float().mean().item()
+    assert accuracy > 3 / CLASSES

@@ -1,0 +1,36 @@
+"""The hand-assembled tar members are exactly what the standard library would write."""
+import tarfile
+
+import numpy as np
+import pytest
+
+from pipeline.tarshard import tar_header, write_shard
+
+
+@pytest.mark.parametrize("name, size", [("n01443537_0.rgb64.npy", 12416), ("val_9999.json", 77), ("a.cls", 1), ("k.x", 0)])
+def test_header_matches_tarfile(name, size):
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o644
+    assert tar_header(name, size) == info.tobuf(format=tarfile.USTAR_FORMAT)
+
+
+def test_long_names_are_refused():
+    with pytest.raises(ValueError, match="longer than 100 bytes"):
+        tar_header("x" * 101, 1)
+
+
+def test_fixed_stride_and_offsets(tmp_path):
+    rng = np.random.default_rng(0)
+    samples = [(f"key_{i}", rng.integers(0, 255, (64, 64, 3), np.uint8), rng.integers(0, 255, (28, 28), np.uint8),
+                i, b'{"i":%d}' % i) for i in range(5)]
+    sha, size, offsets = write_shard(tmp_path / "s.tar", samples)
+    data = (tmp_path / "s.tar").read_bytes()
+    assert size == len(data) == 5 * 16896 + 1024
+    assert [(b[0] - a[0], b[1] - a[1]) for a, b in zip(offsets, offsets[1:])] == [(16896, 16896)] * 4
+    for (key, rgb, gray, label, meta), (rgb_at, gray_at) in zip(samples, offsets):
+        assert data[rgb_at:rgb_at + rgb.size] == rgb.tobytes() and data[gray_at:gray_at + gray.size] == gray.tobytes()
+    with tarfile.open(tmp_path / "s.tar") as tar:
+        names = tar.getnames()
+        assert names[:4] == ["key_0.rgb64.npy", "key_0.gray28.npy", "key_0.cls", "key_0.json"]
+        assert tar.extractfile("key_3.cls").read() == b"3"
+    assert not (tmp_path / "s.tar.part").exists()

@@ -114,5 +114,46 @@ def shard_inspect(shards, png, max_classes, per_class):
     click.echo(summary["text"])
 
 
+@main.group(cls=_Group)
+def bench():
+    """Measure throughput."""
+
+
+@bench.command("loader")
+@click.option("--shards", required=True, type=click.Path(exists=True, file_okay=False), help="Shard folder.")
+@click.option("--images", required=True, type=click.Path(exists=True, file_okay=False), help="The extracted release (ROOT/train is read by the ImageFolder baseline).")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1))
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="DataLoader workers for the baseline and the stream path.")
+@click.option("--passes", default=3, show_default=True, type=click.IntRange(1), help="Timed passes per loader (median reported).")
+@click.option("--pass-images", default=25_600, show_default=True, type=click.IntRange(1), help="Images per pass for loaders slower than 50k images/s.")
+@click.option("--device", default="cpu", show_default=True, help="Device for the resident path (and the 224 row on CUDA).")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write the rows as JSON.")
+def bench_loader_cmd(shards, images, batch_size, workers, passes, pass_images, device, json_path):
+    """Images/s of the ImageFolder+PIL baseline and tinyin's loaders, side by side."""
+    from .bench import bench_loader, format_table
+
+    rows = bench_loader(shards, images, batch_size=batch_size, workers=workers, passes=passes,
+                        pass_images=pass_images, device=device, log=lambda m: click.echo(m, err=True))
+    click.echo(format_table(rows, "tinyin bench loader " + " ".join(sys.argv[3:]), batch_size))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+@main.command("report")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", default="report", show_default=True, type=click.Path(file_okay=False), help="Folder for report.md and curves.png.")
+def report_cmd(runs, out):
+    """The study's table (Markdown) for training runs, and learning-curve PNGs."""
+    from .report import write_report
+
+    try:
+        md, png = write_report(list(runs), out)
+    except ValueError as e:
+        raise TinyinError(str(e)) from None
+    click.echo(open(md).read().rstrip())
+    click.echo(f"wrote {md} and {png}")
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,132 @@
+"""Loader throughput, side by side in one run: the ImageFolder+PIL baseline, tinyin's three read
+paths, and a numpy-memmap gather of the same bytes as the ceiling. Used by `tinyin bench loader`
+and `tools/bench_loader.py`; prints a Markdown table (images/s = median of the passes)."""
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .loader import make_loader
+from .reader import ShardArrays
+
+SLOW = 50_000  # images/s below which a pass may stop mid-epoch (a full epoch would take minutes)
+FAST_PASS = 100_000  # fast loaders run whole epochs back to back until at least this many images
+
+
+def _time_pass(make_iter, first_epoch, min_images, stop_mid_epoch):
+    """Images/s over whole epochs (or a cut epoch) until at least `min_images` images."""
+    n, epoch, start = 0, first_epoch, time.perf_counter()
+    while n < min_images:
+        for batch in make_iter(epoch):
+            n += len(batch[1])
+            if stop_mid_epoch and n >= min_images:
+                break
+        epoch += 1
+    return n / (time.perf_counter() - start)
+
+
+def _measure(make_iter, passes, pass_images):
+    """Median images/s over `passes` timed passes, after one warm-up pass that also sizes them."""
+    slow = _time_pass(make_iter, 0, pass_images, True) < SLOW
+    size = pass_images if slow else FAST_PASS
+    rates = [_time_pass(make_iter, 1000 * (p + 1), size, slow) for p in range(passes)]
+    return statistics.median(rates), f"{size:,} images" + ("" if slow else " (whole epochs)")
+
+
+def _imagefolder(root, variant, batch_size, workers):
+    from torchvision import datasets, transforms
+
+    steps = [transforms.Resize((28, 28)), transforms.Grayscale()] if variant == "gray28" else []
+    dataset = datasets.ImageFolder(str(Path(root) / "train"), transforms.Compose(steps + [transforms.PILToTensor()]))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                         persistent_workers=workers > 0)
+    return lambda epoch: iter(loader)
+
+
+def _loader(shards, variant, batch_size, workers, path, **kw):
+    loader = make_loader(shards, "train", variant, batch_size, path=path, workers=workers, raw=True, **kw)
+
+    def epoch_iter(epoch):
+        loader.set_epoch(epoch)
+        return iter(loader)
+    return epoch_iter
+
+
+def _ceiling(shards, variant, batch_size):
+    """Random fancy-index gather from one contiguous memory-mapped array of the same pixels."""
+    arrays = ShardArrays(shards, "train", variant)
+    fd, path = tempfile.mkstemp(suffix=".npy")
+    os.close(fd)
+    flat = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(len(arrays), *arrays.shape))
+    flat[:] = arrays.load_all().numpy()
+    flat.flush()
+    flat = np.load(path, mmap_mode="r")
+    os.unlink(path)  # the mapping stays valid; nothing is left behind
+
+    def epoch_iter(epoch):
+        perm = np.random.default_rng(epoch).permutation(len(flat))
+        for start in range(0, len(perm), batch_size):
+            idx = np.sort(perm[start:start + batch_size])
+            yield flat[idx], idx
+    return epoch_iter
+
+
+def bench_loader(shards, images, batch_size=256, workers=2, passes=3, pass_images=25_600,
+                 variants=("rgb64", "gray28"), include_baseline=True, device="cpu", log=print):
+    """Measure every loader for each variant; returns a list of row dicts and logs as it goes."""
+    rows = []
+    for variant in variants:
+        candidates = []
+        if include_baseline:
+            candidates.append(("ImageFolder + PIL (baseline)", workers, lambda: _imagefolder(images, variant, batch_size, workers)))
+        candidates += [
+            ("tinyin stream (webdataset)", workers, lambda: _loader(shards, variant, batch_size, workers, "stream")),
+            ("tinyin fast (mmap gather)", "1 thread", lambda: _loader(shards, variant, batch_size, workers, "fast")),
+            ("tinyin resident", 0, lambda: _loader(shards, variant, batch_size, workers, "resident", device=device)),
+            ("ceiling: numpy memmap gather", 0, lambda: _ceiling(shards, variant, batch_size)),
+        ]
+        if device != "cpu":
+            candidates.append((f"tinyin fast -> {device}, float, 224 upscale", "1 thread",
+                               lambda: _device_loader(shards, variant, batch_size, device)))
+        for name, how, build in candidates:
+            rate, size = _measure(build(), passes, pass_images)
+            row = {"variant": variant, "loader": name, "workers": how, "images_per_s": rate, "pass": size}
+            rows.append(row)
+            log(f"  {variant:<6} {name:<44} {rate:>12,.0f} images/s")
+    for row in rows:
+        base = next((r["images_per_s"] for r in rows if r["variant"] == row["variant"] and "baseline" in r["loader"]), None)
+        ceil = next(r["images_per_s"] for r in rows if r["variant"] == row["variant"] and "ceiling" in r["loader"])
+        row["x_baseline"] = row["images_per_s"] / base if base else None
+        row["of_ceiling"] = row["images_per_s"] / ceil
+    return rows
+
+
+def _device_loader(shards, variant, batch_size, device):
+    loader = make_loader(shards, "train", variant, batch_size, device=device, size=224, channels_last=True,
+                         dtype=torch.bfloat16)
+
+    def epoch_iter(epoch):
+        loader.set_epoch(epoch)
+        for images, labels in loader:
+            yield images, labels
+        torch.cuda.synchronize()
+    return epoch_iter
+
+
+def format_table(rows, command, batch_size):
+    """The Markdown table, headed by the command and machine that produced it."""
+    lines = [f"# {command}",
+             f"# {platform.node()}: {os.cpu_count()} cores, torch {torch.__version__}, batch {batch_size}, "
+             f"train split, shuffled, median of passes",
+             "| variant | loader | workers | images/s | × baseline | of ceiling | pass |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        x = f"{r['x_baseline']:.1f}×" if r["x_baseline"] else "—"
+        lines.append(f"| {r['variant']} | {r['loader']} | {r['workers']} | {r['images_per_s']:,.0f} | {x} | "
+                     f"{r['of_ceiling']:.0%} | {r['pass']} |")
+    return "\n".join(lines)

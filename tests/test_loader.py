@@ -1,0 +1,162 @@
+"""`make_loader`: exactly-once epochs, determinism, exact pixels, device stage, and clear errors."""
+import io
+import shutil
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms import functional as TF
+
+from pipeline.device import DeviceStage
+from pipeline.errors import ShardError
+from pipeline.index import read_index, read_manifest
+from pipeline.loader import make_loader
+from pipeline.source import open_release
+from tests.conftest import needs_real
+
+
+def keys_of(loader):
+    return [k for _, _, keys in loader for k in keys]
+
+
+@pytest.mark.parametrize("path", ["fast", "resident"])
+def test_every_sample_once_per_epoch_and_labels_match_index(shards, path):
+    index = read_index(shards, "train").to_pydict()
+    label_of = dict(zip(index["key"], index["label"]))
+    loader = make_loader(shards, "train", batch_size=50, with_keys=True, path=path, raw=True)
+    seen = []
+    for images, labels, keys in loader:
+        assert images.dtype == torch.uint8 and images.shape[1:] == (64, 64, 3)
+        assert labels.tolist() == [label_of[k] for k in keys]
+        seen += keys
+    assert sorted(seen) == sorted(index["key"]) and len(loader) == -(-len(seen) // 50)
+
+
+def test_order_is_deterministic_per_seed_and_epoch(shards):
+    def order(seed, epoch):
+        return keys_of(make_loader(shards, "train", batch_size=32, seed=seed, epoch=epoch, with_keys=True, raw=True))
+    assert order(0, 0) == order(0, 0)
+    assert order(0, 0) != order(0, 1) and sorted(order(0, 0)) == sorted(order(0, 1))
+    assert order(0, 0) != order(1, 0)
+    loader = make_loader(shards, "train", batch_size=32, with_keys=True, raw=True)
+    loader.set_epoch(1)
+    assert keys_of(loader) == order(0, 1)
+    assert keys_of(make_loader(shards, "val", batch_size=7, shuffle=False, with_keys=True, raw=True)) == \
+        read_index(shards, "val").to_pydict()["key"]
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_ranks_are_disjoint_and_step_together(shards, drop_last):
+    n = read_manifest(shards)["counts"]["train"]
+    loaders = [make_loader(shards, "train", batch_size=32, rank=r, world_size=3, drop_last=drop_last,
+                           with_keys=True, raw=True) for r in range(3)]
+    parts = [keys_of(loader) for loader in loaders]
+    assert all(set(a).isdisjoint(b) for i, a in enumerate(parts) for b in parts[i + 1:])
+    if drop_last:
+        assert {len(p) for p in parts} == {(n // 3) // 32 * 32} and len({len(l) for l in loaders}) == 1
+    else:
+        assert sum(len(p) for p in parts) == n
+
+
+def test_resident_gives_the_same_batches_as_fast(shards):
+    a = list(make_loader(shards, "train", "gray28", batch_size=64, seed=5, path="fast"))
+    b = list(make_loader(shards, "train", "gray28", batch_size=64, seed=5, path="resident"))
+    assert len(a) == len(b) and all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("variant", ["rgb64", "gray28"])
+def test_batch_pixels_equal_the_source_jpegs(release, shards, variant):
+    files = open_release(release)
+    source_of = dict(zip(*(read_index(shards, "val").to_pydict()[c] for c in ("key", "source"))))
+    for images, _, keys in make_loader(shards, "val", variant, batch_size=16, with_keys=True, raw=True):
+        for img, key in zip(images.numpy(), keys):
+            rgb = Image.open(io.BytesIO(files.read(source_of[key]))).convert("RGB")
+            want = rgb if variant == "rgb64" else rgb.resize((28, 28), Image.BILINEAR).convert("L")
+            assert np.array_equal(img, np.asarray(want))
+
+
+def test_device_stage_normalises_with_manifest_stats(shards):
+    stats = read_manifest(shards)["stats"]["rgb64"]
+    raw = next(iter(make_loader(shards, "val", batch_size=8, shuffle=False, raw=True)))[0]
+    x, y = next(iter(make_loader(shards, "val", batch_size=8, shuffle=False)))
+    want = (raw.permute(0, 3, 1, 2).float() / 255 - torch.tensor(stats["mean"]).view(1, 3, 1, 1)) \
+        / torch.tensor(stats["std"]).view(1, 3, 1, 1)
+    assert x.shape == (8, 3, 64, 64) and x.dtype == torch.float32 and torch.allclose(x, want, atol=1e-5)
+    g, _ = next(iter(make_loader(shards, "val", "gray28", batch_size=8, shuffle=False, mean=(0.5,), std=(0.5,))))
+    assert g.shape == (8, 1, 28, 28) and g.min() >= -1 and g.max() <= 1
+    c, _ = next(iter(make_loader(shards, "val", batch_size=8, shuffle=False, size=224, channels_last=True,
+                                 dtype=torch.bfloat16)))
+    assert c.shape == (8, 3, 224, 224) and c.dtype == torch.bfloat16
+    assert c.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_augmentation_is_a_per_sample_padded_crop_and_flip():
+    x = torch.randint(0, 256, (16, 12, 12, 3), dtype=torch.uint8)
+    out = DeviceStage((0, 0, 0), (1, 1, 1), augment=True, pad=2).crop_flip(x, torch.Generator().manual_seed(0))
+    padded = F.pad(x, (0, 0, 2, 2, 2, 2))
+    flips = 0
+    for i in range(16):
+        options = [(dy, dx, f) for dy in range(5) for dx in range(5) for f in (False, True)
+                   if torch.equal(out[i], (lambda c: c.flip(1) if f else c)(padded[i, dy:dy + 12, dx:dx + 12]))]
+        assert options, f"sample {i} is not a crop of its padded input"
+        flips += options[0][2]
+    assert 0 < flips < 16
+
+
+def _pil_resize_224(rgb):
+    return torch.from_numpy(np.array(TF.resize(Image.fromarray(rgb), [224, 224],
+                                                 interpolation=TF.InterpolationMode.BILINEAR))).float()
+
+
+def _check_resize(images):
+    stage = DeviceStage((0, 0, 0), (1 / 255, 1 / 255, 1 / 255), size=224)  # identity scale: output in 0..255
+    got = stage(images).permute(0, 2, 3, 1)
+    want = torch.stack([_pil_resize_224(img.numpy()) for img in images])
+    diff = (got - want).abs()
+    # PIL rounds to uint8 (and uses fixed-point weights); the device stage keeps floats:
+    # never more than one grey level apart, about a third of a level on average.
+    assert diff.max() <= 1.01 and diff.mean() < 0.35, (diff.max(), diff.mean())
+
+
+def test_224_upscale_matches_pil_bilinear_resize(shards):
+    _check_resize(next(iter(make_loader(shards, "val", batch_size=16, raw=True)))[0].clone())
+
+
+@needs_real
+def test_224_upscale_matches_pil_on_real_images(real_shards):
+    _check_resize(next(iter(make_loader(real_shards, "val", batch_size=32, raw=True)))[0].clone())
+
+
+def test_empty_split_and_missing_folder_are_clear(shards, tmp_path):
+    with pytest.raises(ShardError, match=r"no samples for split 'nope' \(splits: train, val, test, unlabeled\)"):
+        make_loader(shards, "nope")
+    with pytest.raises(ShardError, match="not a tinyin shard set"):
+        make_loader(tmp_path, "train", path="fast")
+
+
+def test_truncated_or_modified_shards_are_named(shards, tmp_path):
+    copy = shutil.copytree(shards, tmp_path / "copy")
+    bad = copy / "train-000002.tar"
+    data = bad.read_bytes()
+    bad.write_bytes(data[:-4096])
+    with pytest.raises(ShardError) as e:
+        make_loader(copy, "train", path="fast")
+    assert str(e.value) == f"{bad}: {len(data) - 4096:,} bytes, the manifest says {len(data):,} (truncated or replaced)"
+    bad.write_bytes(data[:100] + b"X" + data[101:])
+    with pytest.raises(ShardError, match=f"{bad}: checksum differs from the manifest"):
+        make_loader(copy, "train", path="resident")
+    bad.unlink()
+    with pytest.raises(ShardError, match=f"{bad}: missing"):
+        make_loader(copy, "train")
+
+
+def test_stream_and_fast_paths_give_the_same_samples(shards):
+    def multiset(path):
+        return Counter((k, int(l), img.numpy().tobytes()) for images, labels, keys in
+                       make_loader(shards, "train", "gray28", batch_size=32, path=path, with_keys=True, raw=True,
+                                   workers=2)
+                       for img, l, k in zip(images, labels, keys))
+    assert multiset("stream") == multiset("fast")

@@ -1,0 +1,70 @@
+#!/usr/bin/env python
+"""Loader images/s side by side: ImageFolder+PIL baseline vs tinyin's paths vs the memmap ceiling.
+
+    .venv/bin/python tools/bench_loader.py                       # the real archive in ../shared/data
+    .venv/bin/python tools/bench_loader.py --src RELEASE.tar.gz  # any release archive or folder
+    .venv/bin/python tools/bench_loader.py --shards DIR --images ROOT
+
+Given an archive, it builds shards and extracts a baseline copy into a temporary folder (removed
+at the end), then runs the same measurement as `tinyin bench loader`.
+"""
+import argparse
+import json
+import shutil
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline.bench import bench_loader, format_table  # noqa: E402
+from pipeline.build import build_shards  # noqa: E402
+from pipeline.source import ROOT_MARKER  # noqa: E402
+
+DEFAULT_SRC = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-imagenet-200.tar.gz"
+
+
+def extract(src, dest):
+    """Extract an archive for the ImageFolder baseline; return the folder holding wnids.txt."""
+    if zipfile.is_zipfile(src):
+        with zipfile.ZipFile(src) as zf:
+            zf.extractall(dest)
+    else:
+        with tarfile.open(src) as tf:
+            tf.extractall(dest, filter="data")
+    return next(Path(dest).rglob(ROOT_MARKER)).parent
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--src", default=str(DEFAULT_SRC), help="release archive or folder (default: %(default)s)")
+    parser.add_argument("--shards", help="an existing shard folder (skips the build)")
+    parser.add_argument("--images", help="an extracted release folder (skips the extraction)")
+    parser.add_argument("--batch-size", type=int, default=256, help="default: %(default)s")
+    parser.add_argument("--workers", type=int, default=2, help="baseline/stream workers (default: %(default)s)")
+    parser.add_argument("--passes", type=int, default=3, help="timed passes per loader (default: %(default)s)")
+    parser.add_argument("--device", default="cpu", help="resident/224 device (default: %(default)s)")
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="tinyin-bench-loader-"))
+    try:
+        shards, images = args.shards, args.images
+        if shards is None:
+            print(f"building shards from {args.src} ...", file=sys.stderr)
+            shards = tmp / "shards"
+            build_shards(args.src, shards, progress=False)
+        if images is None:
+            src = Path(args.src)
+            images = src if src.is_dir() else extract(src, tmp / "images")
+        rows = bench_loader(shards, images, batch_size=args.batch_size, workers=args.workers, passes=args.passes,
+                            device=args.device, log=lambda m: print(m, file=sys.stderr))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(format_table(rows, "python tools/bench_loader.py " + " ".join(sys.argv[1:]), args.batch_size))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -63,7 +63,7 @@ def _ceiling(shards, variant, batch_size):
     fd, path = tempfile.mkstemp(suffix=".npy")
     os.close(fd)
     flat = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(len(arrays), *arrays.shape))
-    flat[:] = arrays.load_all().numpy()
+    flat[:] = arrays.load_all().numpy().reshape(flat.shape)
     flat.flush()
     flat = np.load(path, mmap_mode="r")
     os.unlink(path)  # the mapping stays valid; nothing is left behind

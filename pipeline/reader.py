@@ -37,16 +37,15 @@ def _check_shard(path, entry, checksum):
             raise ShardError(f"{path}: checksum differs from the manifest (corrupt or modified)")
 
 
-def _strided_view(mapped, offsets, shape, path):
-    """A (n, *shape) uint8 view of `mapped` with row i at offsets[i]; offsets must be evenly spaced."""
+def _strided_view(mapped, offsets, size, path):
+    """An (n, size) uint8 view of `mapped` with row i at offsets[i]; offsets must be evenly spaced."""
     n = len(offsets)
     stride = int(offsets[1] - offsets[0]) if n > 1 else 0
     if n > 1 and not np.array_equal(np.diff(offsets), np.full(n - 1, stride)):
         raise ShardError(f"{path}: samples are not evenly spaced (not written by tinyin shard build)")
-    if offsets[-1] + int(np.prod(shape)) > len(mapped):
+    if offsets[-1] + size > len(mapped):
         raise ShardError(f"{path}: index points past the end of the shard")
-    inner = np.lib.stride_tricks.as_strided(np.zeros(shape, np.uint8)).strides  # C-order strides
-    return np.lib.stride_tricks.as_strided(mapped[offsets[0]:], shape=(n, *shape), strides=(stride, *inner))
+    return np.lib.stride_tricks.as_strided(mapped[offsets[0]:], shape=(n, size), strides=(stride, 1))
 
 
 class ShardArrays:
@@ -54,6 +53,9 @@ class ShardArrays:
 
     `labels` (int64), `keys` (list of str) and `len()` follow index order; `gather(idx)` returns
     the images at global positions `idx` as a uint8 tensor (n, *shape).
+
+    Rows are kept flat, (n, bytes per image): torch's `index_select` copies whole 2-D rows with
+    memcpy but walks a 4-D uint8 tensor element by element (measured: 5 M vs 37 k images/s).
     """
 
     def __init__(self, shards, split, variant="rgb64", checksum=True):
@@ -67,6 +69,7 @@ class ShardArrays:
                              f"{', '.join(k for k, v in manifest['counts'].items() if v)})")
         table = read_index(shards, split).to_pydict()
         self.shape = VARIANTS[variant][1]
+        self.row_bytes = int(np.prod(self.shape))
         self.labels = np.asarray(table["label"], np.int64)
         self.keys = table["key"]
         offsets, names = np.asarray(table[f"{variant}_offset"], np.int64), np.asarray(table["shard"])
@@ -80,7 +83,7 @@ class ShardArrays:
             if len(rows):
                 # mode 'c' (copy-on-write) gives torch a writable array; nothing is ever written back.
                 mapped = np.memmap(path, np.uint8, mode="c")
-                self.views.append(torch.from_numpy(_strided_view(mapped, offsets[rows], self.shape, path)))
+                self.views.append(torch.from_numpy(_strided_view(mapped, offsets[rows], self.row_bytes, path)))
                 starts.append(starts[-1] + len(rows))
         if starts[-1] != len(self.labels):
             raise ShardError(f"{shards}: index and manifest disagree on split {split!r}")
@@ -94,17 +97,18 @@ class ShardArrays:
         idx = np.asarray(idx, np.int64)
         if out is None:
             out = torch.empty((len(idx), *self.shape), dtype=torch.uint8)
-        elif out.shape[0] < len(idx) or tuple(out.shape[1:]) != self.shape:
-            raise ValueError(f"out has shape {tuple(out.shape)}, need at least ({len(idx)}, {self.shape})")
+        elif out.shape[0] < len(idx) or tuple(out.shape[1:]) != self.shape or not out.is_contiguous():
+            raise ValueError(f"out has shape {tuple(out.shape)}, need at least ({len(idx)}, {self.shape}), contiguous")
         out = out[: len(idx)]
+        flat = out.view(len(idx), self.row_bytes)
         shard_of = np.searchsorted(self.starts, idx, side="right") - 1
         bounds = np.flatnonzero(np.diff(shard_of)) + 1
         for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(idx)]):
             s = shard_of[lo]
             local = torch.from_numpy(idx[lo:hi] - self.starts[s])
-            torch.index_select(self.views[s], 0, local, out=out[lo:hi])
+            torch.index_select(self.views[s], 0, local, out=flat[lo:hi])
         return out
 
     def load_all(self):
-        """The whole split as one contiguous uint8 tensor (for resident mode)."""
+        """The whole split as one contiguous uint8 tensor (n, bytes per image), for resident mode."""
         return torch.cat(self.views)

@@ -42,6 +42,7 @@ class _FastSource:
         self.epoch, self.device = 0, torch.device(device)
         self.labels = torch.from_numpy(arrays.labels)
         self.resident = arrays.load_all().to(self.device) if resident else None
+        self.resident_labels = self.labels.to(self.device) if resident else None
 
     def order(self):
         return _rank_order(len(self.arrays), self.shuffle, self.seed, self.epoch, self.rank, self.world_size,
@@ -61,7 +62,8 @@ class _FastSource:
         if self.resident is not None:
             for idx in self._batches():
                 index = torch.from_numpy(idx).to(self.device, non_blocking=True)
-                yield self.resident.index_select(0, index), self.labels[idx], idx
+                images = self.resident.index_select(0, index).view(len(idx), *self.arrays.shape)
+                yield images, self.resident_labels.index_select(0, index), idx
             return
         yield from self._threaded()
 

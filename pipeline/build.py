@@ -90,10 +90,17 @@ def _check_out(out, params):
         raise ShardError(f"{out}: already holds a different build (options differ); choose another --out or delete it")
 
 
+TRAIN_ORDER_SEED = 0
+
+
 def _plan_tasks(plan, shard_size):
     tasks = []
     for split in SPLITS:
         items = plan.items[split]
+        if split == "train":
+            # The release lists train images class by class; a fixed shuffle before cutting shards
+            # gives every shard every class, so a streaming reader's shuffle buffer sees a mix.
+            items = [items[i] for i in np.random.default_rng(TRAIN_ORDER_SEED).permutation(len(items))]
         for i, start in enumerate(range(0, len(items), shard_size)):
             tasks.append((SHARD_PATTERN.format(split=split, index=i), split, items[start:start + shard_size]))
     return tasks
@@ -166,6 +173,7 @@ def _manifest(plan, params, tasks, results):
     return {
         "format_version": FORMAT_VERSION,
         "build": params,
+        "train_order": f"shuffled before sharding (numpy default_rng({TRAIN_ORDER_SEED}).permutation)",
         "split_rule": ("first half of each class in val_annotations.txt order -> val, rest -> test"
                        if params["split_seed"] is None else
                        f"random half of each class (seed {params['split_seed']}) -> val, rest -> test"),

@@ -44,6 +44,10 @@ class _FastSource:
         self.resident = arrays.load_all().to(self.device) if resident else None
         self.resident_labels = self.labels.to(self.device) if resident else None
 
+    @property
+    def num_samples(self):
+        return len(self.order())
+
     def order(self):
         return _rank_order(len(self.arrays), self.shuffle, self.seed, self.epoch, self.rank, self.world_size,
                            self.batch_size, self.drop_last)
@@ -71,8 +75,9 @@ class _FastSource:
         """Gather in a background thread (torch releases the GIL while copying) into a ring of
         `prefetch + 1` reused buffers; a buffer is handed back when the next batch is requested."""
         pin = self.device.type == "cuda"
-        ring = [torch.empty((self.batch_size, *self.arrays.shape), dtype=torch.uint8, pin_memory=pin)
-                for _ in range(self.prefetch + 1)]
+        with torch.inference_mode(False):  # the gather thread writes into these: they must be normal tensors
+            ring = [torch.empty((self.batch_size, *self.arrays.shape), dtype=torch.uint8, pin_memory=pin)
+                    for _ in range(self.prefetch + 1)]
         free, ready, stop = queue.Queue(), queue.Queue(self.prefetch), threading.Event()
         for slot in range(len(ring)):
             free.put(slot)
@@ -141,7 +146,7 @@ class Loader:
     @property
     def num_samples(self):
         """Samples this rank sees per epoch."""
-        return getattr(self.source, "num_samples", None) or len(self.source.order())
+        return self.source.num_samples
 
     def __iter__(self):
         generator = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + self.epoch)
@@ -161,7 +166,7 @@ class Loader:
 def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, seed=0, epoch=0, drop_last=False,
                 rank=0, world_size=1, device="cpu", size=None, augment=False, with_keys=False, mean=None, std=None,
                 dtype=torch.float32, channels_last=False, workers=2, path="auto", raw=False, prefetch=4,
-                checksum=True):
+                checksum=True, sample_counts=None):
     """Batches of one split of a shard set, ready for a model on `device`.
 
     shards: a local shard folder (from `tinyin shard build`), or shard URLs / a brace pattern.
@@ -169,6 +174,7 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
     `device`, scaled to [0, 1] and normalised by mean/std (default: the train split's stats
     from the manifest), resized to `size` and augmented when asked; or, with `raw=True`, the
     uint8 (B, H, W[, C]) batch itself (valid until the next batch is requested). Labels int64.
+    For shard URLs, `sample_counts` (per shard, from the manifest) sizes epochs and splits ranks.
     Same (seed, epoch): same order; `set_epoch` reshuffles. With `world_size > 1` ranks get
     disjoint samples and, with `drop_last=True`, the same number of batches.
     """
@@ -187,7 +193,8 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
 
         common = dict(variant=variant, batch_size=batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
                       drop_last=drop_last, rank=rank, world_size=world_size, workers=workers)
-        source = stream_from_folder(shards, split, **common) if local else StreamSource(shards, **common)
+        source = (stream_from_folder(shards, split, **common) if local
+                  else StreamSource(shards, sample_counts=sample_counts, **common))
     else:
         arrays = ShardArrays(shards, split, variant, checksum=checksum)
         keys = arrays.keys

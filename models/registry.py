@@ -1,0 +1,154 @@
+"""A name -> builder registry for the study's four networks.
+
+Each entry also records what the network eats (image variant, channels, the
+sizes it was studied at), where its classification head lives, and which
+ImageNet weights it can start from, so `train.py` can validate `--size` and
+`get_model` can swap heads without knowing any architecture.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ModelSpec",
+    "WeightsUnavailable",
+    "get_model",
+    "list_models",
+    "load_weights_file",
+    "model_input",
+    "model_spec",
+    "register_model",
+]
+
+#: Native resolution of each shard variant; any other size is resized on the device.
+VARIANT_SIZES = {"gray28": 28, "rgb64": 64}
+
+
+class WeightsUnavailable(RuntimeError):
+    """ImageNet weights could not be fetched (no network, bad URL, corrupt download)."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the registry knows about one network.
+
+    ``build(num_classes)`` returns a fresh model; ``build_pretrained(weights)``
+    returns the 1000-class ImageNet model and ``reset_head(model, num_classes)``
+    puts a fresh classifier on it. ``head`` is the state-dict prefix of the last
+    layer (its keys are the ones dropped when a file's class count differs).
+    """
+
+    name: str
+    build: Callable[[int], nn.Module]
+    variant: str
+    channels: int
+    sizes: tuple[int, ...]
+    head: str
+    weights: object | None = None  # a torchvision WeightsEnum member, or None
+    build_pretrained: Callable[[object], nn.Module] | None = None
+    reset_head: Callable[[nn.Module, int], None] | None = None
+
+
+_MODELS: dict[str, ModelSpec] = {}
+
+
+def register_model(name: str, **spec):
+    """Decorator registering ``build(num_classes) -> nn.Module`` under ``name``.
+
+    Keyword arguments are the remaining :class:`ModelSpec` fields (variant,
+    channels, sizes, head, ...). Registering a name twice raises ``ValueError``:
+    silently replacing a model would make results depend on import order.
+    """
+
+    def decorator(build):
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} is already registered")
+        _MODELS[name] = ModelSpec(name=name, build=build, **spec)
+        return build
+
+    return decorator
+
+
+def list_models() -> list[str]:
+    """Names of the registered models, sorted."""
+    return sorted(_MODELS)
+
+
+def model_spec(name: str) -> ModelSpec:
+    """The :class:`ModelSpec` for ``name``; ``ValueError`` for an unknown name."""
+    try:
+        return _MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; choose from: {', '.join(list_models())}") from None
+
+
+def model_input(name: str) -> dict:
+    """What ``name`` takes: ``dict(variant=, channels=, sizes=, native=)``.
+
+    ``native`` is the variant's stored size; other sizes in ``sizes`` are
+    produced by resizing that variant on the device (64 -> 224).
+    """
+    spec = model_spec(name)
+    return dict(variant=spec.variant, channels=spec.channels, sizes=spec.sizes, native=VARIANT_SIZES[spec.variant])
+
+
+def get_model(name: str, num_classes: int = 200, pretrained: bool = False, weights: str | None = None) -> nn.Module:
+    """Build model ``name`` with a ``num_classes``-way head.
+
+    pretrained: start from torchvision's ImageNet weights (downloaded through
+        ``torch.hub``; cached under ``$TORCH_HOME``) and replace the head.
+        Raises :class:`WeightsUnavailable` when the download fails.
+    weights: path of a local state dict, or of a checkpoint dict with a
+        ``'model'`` key (e.g. the ImageNet file downloaded elsewhere, or a
+        ``checkpoint.pth`` of train.py). A head of another class count is dropped.
+    """
+    spec = model_spec(name)
+    if pretrained and weights:
+        raise ValueError("pass either pretrained=True or weights=FILE, not both")
+    if not pretrained:
+        model = spec.build(num_classes)
+        if weights:
+            load_weights_file(model, weights, head=spec.head)
+        return model
+
+    if spec.weights is None:
+        raise ValueError(f"{name} has no pretrained ImageNet weights; train it from scratch")
+    try:
+        model = spec.build_pretrained(spec.weights)
+    except (urllib.error.URLError, OSError, RuntimeError) as e:
+        # URLError is an OSError; RuntimeError is the hub's hash check or a truncated file.
+        # HTTPError prints well ("HTTP Error 404: ..."); other URLErrors are best told by their reason.
+        reason = e if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)
+        raise WeightsUnavailable(
+            f"cannot download ImageNet weights for {name} from {spec.weights.url} ({reason}); "
+            "download the file elsewhere and pass --weights FILE"
+        ) from e
+    spec.reset_head(model, num_classes)
+    return model
+
+
+def load_weights_file(model: nn.Module, path: str | os.PathLike, head: str) -> None:
+    """Load a state dict (or a checkpoint's ``'model'``) from ``path`` into ``model``.
+
+    When the file's head (keys starting with ``head``) has a different shape —
+    typically 1000 ImageNet classes against our 200 — everything but the head
+    is loaded and the model keeps its freshly initialised head.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state:
+        state = state["model"]
+    own = model.state_dict()
+    mismatched = [k for k in state if k.startswith(head) and k in own and state[k].shape != own[k].shape]
+    if mismatched:
+        state = {k: v for k, v in state.items() if not k.startswith(head)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Only the dropped head may be missing; anything else means the wrong file.
+    if unexpected or any(not k.startswith(head) for k in missing) or (missing and not mismatched):
+        raise ValueError(f"{path}: does not fit this model (missing {missing}, unexpected {unexpected})")

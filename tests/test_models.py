@@ -1,0 +1,165 @@
+"""The model registry: shapes at every studied size, weights loading, errors."""
+
+import functools
+import hashlib
+import http.server
+import socket
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import models
+
+EXPECTED_SIZES = {"lenet5": (28,), "alexnet": (64, 224), "squeezenet1_1": (64, 224), "resnet18": (64, 224)}
+
+
+def test_registry_lists_the_study_models():
+    assert models.list_models() == sorted(EXPECTED_SIZES)
+
+
+@pytest.mark.parametrize("name", models.list_models())
+def test_forward_backward_at_each_allowed_size(name):
+    info = models.model_input(name)
+    assert info["sizes"] == EXPECTED_SIZES[name]
+    assert info["channels"] == (1 if name == "lenet5" else 3)
+    torch.manual_seed(0)
+    model = models.get_model(name)
+    for size in info["sizes"]:
+        x = torch.randn(2, info["channels"], size, size)
+        out = model(x)
+        assert out.shape == (2, 200)
+        out.sum().backward()
+        assert all(p.grad is not None for p in model.parameters())
+        model.zero_grad()
+
+
+def test_lenet5_is_the_study_architecture():
+    model = models.get_model("lenet5", num_classes=10)
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    assert shapes == [(16, 1, 5, 5), (16,), (32, 16, 5, 5), (32,), (120, 512), (120,), (84, 120), (84,), (10, 84), (10,)]
+
+
+def test_register_refuses_duplicates():
+    with pytest.raises(ValueError, match="'lenet5' is already registered"):
+        models.register_model("lenet5", variant="gray28", channels=1, sizes=(28,), head="x")(lambda n: None)
+
+
+def test_unknown_name():
+    with pytest.raises(ValueError) as e:
+        models.get_model("vgg16")
+    assert str(e.value) == "unknown model 'vgg16'; choose from: alexnet, lenet5, resnet18, squeezenet1_1"
+
+
+def test_lenet5_has_no_pretrained_weights():
+    with pytest.raises(ValueError, match="lenet5 has no pretrained ImageNet weights"):
+        models.get_model("lenet5", pretrained=True)
+
+
+# --- --weights FILE ---------------------------------------------------------------------
+
+
+def _same(a: nn.Module, b: nn.Module, skip: str | None = None) -> bool:
+    """Equal state dicts, ignoring keys that start with `skip` (a replaced head)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return all(torch.equal(sa[k], sb[k]) for k in sa if not (skip and k.startswith(skip)))
+
+
+def test_weights_file_state_dict_and_checkpoint(tmp_path):
+    src = models.get_model("lenet5", num_classes=10)
+    torch.save(src.state_dict(), tmp_path / "sd.pth")
+    torch.save({"model": src.state_dict(), "epoch": 3, "args": {"arch": "lenet5"}}, tmp_path / "ckpt.pth")
+    for f in ("sd.pth", "ckpt.pth"):
+        assert _same(src, models.get_model("lenet5", num_classes=10, weights=str(tmp_path / f)))
+
+
+def test_weights_file_with_imagenet_head_keeps_a_fresh_head(tmp_path):
+    src = models.get_model("resnet18", num_classes=1000)
+    torch.save(src.state_dict(), tmp_path / "imagenet.pth")
+    model = models.get_model("resnet18", num_classes=200, weights=str(tmp_path / "imagenet.pth"))
+    assert model.fc.out_features == 200
+    assert _same(src, model, skip="fc.")
+
+
+def test_weights_file_of_another_model_is_refused(tmp_path):
+    torch.save(models.get_model("lenet5").state_dict(), tmp_path / "lenet.pth")
+    with pytest.raises(ValueError, match="does not fit this model"):
+        models.get_model("resnet18", weights=str(tmp_path / "lenet.pth"))
+
+
+# --- the real torch.hub download path, against a local HTTP server -------------------------
+
+
+@pytest.fixture
+def weights_server(tmp_path, monkeypatch):
+    """Serve a 1000-class squeezenet1_1 state dict on 127.0.0.1 under a hub-style name.
+
+    torchvision's builders call ``load_state_dict_from_url(check_hash=True)``, which
+    checks the file against the hex digits after the last '-' in its name, so the file
+    is named by its own SHA-256 prefix just like download.pytorch.org's files.
+    """
+    served = tmp_path / "served"
+    served.mkdir()
+    src = models.model_spec("squeezenet1_1").build(1000)
+    torch.save(src.state_dict(), served / "tmp.pth")
+    digest = hashlib.sha256((served / "tmp.pth").read_bytes()).hexdigest()[:8]
+    (served / "tmp.pth").rename(served / f"squeezenet1_1-{digest}.pth")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=served))
+    threading.Thread(target=server.serve_forever, kwargs=dict(poll_interval=0.05), daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # never touch the user's cache
+    weights = models.model_spec("squeezenet1_1").weights
+    set_url = lambda url: monkeypatch.setattr(weights.value, "url", url)  # noqa: E731
+    yield src, base, f"squeezenet1_1-{digest}.pth", set_url
+    server.shutdown()
+
+
+def test_pretrained_downloads_through_torch_hub(weights_server, tmp_path):
+    src, base, name, set_url = weights_server
+    set_url(f"{base}/{name}")
+    model = models.get_model("squeezenet1_1", num_classes=200, pretrained=True)
+    assert (tmp_path / "torch_home" / "hub" / "checkpoints" / name).exists()  # cached where TORCH_HOME says
+    assert model.classifier[1].out_channels == 200 and model.num_classes == 200
+    assert _same(src, model, skip="classifier.1.")
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 200)
+
+
+def test_pretrained_missing_file_is_weights_unavailable(weights_server):
+    _, base, _, set_url = weights_server
+    set_url(f"{base}/squeezenet1_1-0123abcd.pth")
+    with pytest.raises(models.WeightsUnavailable) as e:
+        models.get_model("squeezenet1_1", pretrained=True)
+    assert str(e.value) == (
+        f"cannot download ImageNet weights for squeezenet1_1 from {base}/squeezenet1_1-0123abcd.pth (HTTP Error 404: File not found); "
+        "download the file elsewhere and pass --weights FILE"
+    )
+
+
+def test_pretrained_unreachable_host_is_weights_unavailable(weights_server):
+    _, _, name, set_url = weights_server
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/{name}"
+    set_url(url)
+    with pytest.raises(models.WeightsUnavailable) as e:
+        models.get_model("squeezenet1_1", pretrained=True)
+    assert str(e.value) == (
+        f"cannot download ImageNet weights for squeezenet1_1 from {url} ([Errno 111] Connection refused); "
+        "download the file elsewhere and pass --weights FILE"
+    )
+
+
+def test_pretrained_hash_mismatch_is_weights_unavailable(weights_server, tmp_path):
+    _, base, name, set_url = weights_server
+    bad = "squeezenet1_1-00000000.pth"  # the name's hash prefix no longer matches the content
+    (tmp_path / "served" / name).rename(tmp_path / "served" / bad)
+    set_url(f"{base}/{bad}")
+    with pytest.raises(models.WeightsUnavailable, match="invalid hash value"):
+        models.get_model("squeezenet1_1", pretrained=True)

@@ -118,7 +118,8 @@ def load_data(args, device, world_size):
     mean, std = (v if v is None else v[: info["channels"]] for v in NORMS[args.norm])  # grey: one channel
     common = dict(variant=info["variant"], size=None if args.size == info["native"] else args.size,
                   mean=mean, std=std, batch_size=args.batch_size, seed=args.seed, rank=rank(),
-                  world_size=world_size, device=device, workers=args.workers, channels_last=args.channels_last)
+                  world_size=world_size, device=device, workers=args.workers, channels_last=args.channels_last,
+                  path=args.data_path)
     # drop_last under DDP so every rank takes the same number of steps (DDP all-reduces each one).
     train = make_loader(args.shards, "train", shuffle=True, drop_last=world_size > 1, augment=args.augment,
                         with_keys=args.dump_keys, **common)
@@ -325,7 +326,10 @@ def get_args_parser(add_help=True):
     p.add_argument("--augment", action="store_true", help="random crop with padding + flip on train (default: off)")
     p.add_argument("--norm", choices=tuple(NORMS),
                    help="input normalisation: the train split's mean/std, imagenet, or half (mean = std = 0.5, the study's LeNet-5) (default: imagenet with --pretrained, else dataset)")
-    p.add_argument("-j", "--workers", type=int, default=2, help="loader workers per process (default: 2)")
+    p.add_argument("-j", "--workers", type=int, default=2, help="loader workers per process, stream path only (default: 2)")
+    p.add_argument("--data-path", choices=("auto", "resident", "fast", "stream"), default="auto",
+                   help="loader read path: resident (split copied to the device once), fast (memory-mapped shards), "
+                        "stream (webdataset); auto = resident when the split fits in 2 GiB (default: auto)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (default: off)")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format (default: off)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (default: off)")

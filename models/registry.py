@@ -16,17 +16,6 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = [
-    "ModelSpec",
-    "WeightsUnavailable",
-    "get_model",
-    "list_models",
-    "load_weights_file",
-    "model_input",
-    "model_spec",
-    "register_model",
-]
-
 #: Native resolution of each shard variant; any other size is resized on the device.
 VARIANT_SIZES = {"gray28": 28, "rgb64": 64}
 

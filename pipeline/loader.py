@@ -5,7 +5,10 @@ Three read paths, one output contract:
   (`ShardArrays`) by a background thread into a ring of reused (pinned, on CUDA) buffers.
 - ``resident``: the whole split copied once to the device; shuffling and batching happen there.
 - ``stream``: a stock webdataset pipeline (`stream.StreamSource`) for remote or huge shard sets.
-``auto`` picks ``fast`` for a local shard folder and ``stream`` for URLs.
+``auto`` picks ``resident`` for a local split of at most `RESIDENT_MAX` bytes (1.2 GB for the
+64x64 train split: it fits any modern GPU, and in RAM it is anonymous memory that the kernel
+cannot evict, unlike page-cache pages of a memory map), ``fast`` for a larger local split, and
+``stream`` for URLs.
 Every path ends in the same `DeviceStage` (normalise, augment, resize on the device).
 """
 import queue
@@ -21,6 +24,7 @@ from .reader import ShardArrays
 from .schema import VARIANTS
 
 PATHS = ("auto", "fast", "resident", "stream")
+RESIDENT_MAX = 2 << 30
 
 
 def _rank_order(n, shuffle, seed, epoch, rank, world_size, batch_size, drop_last):
@@ -185,8 +189,8 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
     local = isinstance(shards, (str, Path)) and Path(shards).is_dir()
-    if path == "auto":
-        path = "fast" if local else "stream"
+    if path == "auto" and not local:
+        path = "stream"
     keys = None
     if path == "stream":
         from .stream import StreamSource, stream_from_folder
@@ -198,6 +202,8 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
     else:
         arrays = ShardArrays(shards, split, variant, checksum=checksum)
         keys = arrays.keys
+        if path == "auto":
+            path = "resident" if len(arrays) * arrays.row_bytes <= RESIDENT_MAX else "fast"
         source = _FastSource(arrays, batch_size, shuffle, seed, rank, world_size, drop_last,
                              resident=path == "resident", device=device, prefetch=prefetch)
     if mean is None or std is None:

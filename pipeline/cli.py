@@ -93,11 +93,12 @@ def shard_build(src, out, workers, shard_size, split_seed, on_error, quiet):
 
 @shard.command("verify")
 @click.argument("shards", type=click.Path())
-def shard_verify(shards):
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def shard_verify(shards, quiet):
     """Re-check every shard's checksum and count, and that every sample decodes with the right label."""
     from .verify import verify_shards
 
-    report = verify_shards(shards)
+    report = verify_shards(shards, progress=not quiet)
     click.echo(f"ok: {report['shards']} shards, {report['samples']:,} samples verified")
 
 

@@ -19,10 +19,12 @@ def _sha256(path):
     return digest.hexdigest()
 
 
-def verify_shards(shards):
+def verify_shards(shards, progress=True):
     """Check each shard's sha256 and count against the manifest, and decode every sample with the
     stock webdataset reader, comparing key, label and pixels with the index. Raises ShardError
     naming the first bad shard; returns {'shards': n, 'samples': n}."""
+    from tqdm import tqdm
+
     shards = Path(shards)
     manifest = read_manifest(shards)
     index = read_index(shards).to_pydict()
@@ -30,6 +32,7 @@ def verify_shards(shards):
     for i, (shard, key) in enumerate(zip(index["shard"], index["key"])):
         rows.setdefault(shard, []).append(i)
     total = 0
+    bar = tqdm(total=sum(s["count"] for s in manifest["shards"]), unit="img", desc="verify", disable=not progress)
     for entry in manifest["shards"]:
         path = shards / entry["file"]
         if not path.is_file():
@@ -58,6 +61,8 @@ def verify_shards(shards):
         if n != entry["count"] or n != len(expected):
             raise ShardError(f"{path}: holds {n} samples, the manifest says {entry['count']}")
         total += n
+        bar.update(n)
+    bar.close()
     return {"shards": len(manifest["shards"]), "samples": total}
 
 

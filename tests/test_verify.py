@@ -14,7 +14,7 @@ def run(*args):
 
 
 def test_verify_accepts_a_good_set(shards):
-    code, output = run("shard", "verify", shards)
+    code, output = run("shard", "verify", shards, "--quiet")
     n = sum(read_manifest(shards)["counts"].values())
     assert code == 0 and output == f"ok: {len(read_manifest(shards)['shards'])} shards, {n:,} samples verified"
 
@@ -25,10 +25,10 @@ def test_verify_names_the_first_bad_shard(shards, tmp_path):
     data = bytearray(bad.read_bytes())
     data[5000] ^= 0xFF
     bad.write_bytes(bytes(data))
-    code, output = run("shard", "verify", copy)
+    code, output = run("shard", "verify", copy, "--quiet")
     assert code == 1 and output == f"error: {bad}: checksum differs from the manifest (corrupt or modified)"
     bad.unlink()
-    code, output = run("shard", "verify", copy)
+    code, output = run("shard", "verify", copy, "--quiet")
     assert code == 1 and output == f"error: {bad}: missing"
 
 

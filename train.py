@@ -12,6 +12,7 @@ final.json (test-split accuracy of the final model, total wall time).
 import argparse
 import csv
 import datetime
+import itertools
 import json
 import math
 import os
@@ -73,7 +74,9 @@ def train_one_epoch(model, criterion, optimizer, loader, device, epoch, args, ke
     model.train()
     loader.set_epoch(epoch)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n: no per-step sync
-    bar = tqdm(loader, desc=f"epoch {epoch}", disable=True if rank() else None, leave=False)
+    batches = itertools.islice(loader, args.limit_batches)  # islice(x, None): everything
+    bar = tqdm(batches, desc=f"epoch {epoch}", total=min(len(loader), args.limit_batches or len(loader)),
+               disable=True if rank() else None, leave=False)
     for step, batch in enumerate(bar):
         images, target = batch[0], batch[1]
         if keys is not None:
@@ -99,7 +102,7 @@ def evaluate(model, criterion, loader, device, args):
     """Loss, top-1 and top-5 (%) over the whole split, summed across ranks."""
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*n, top1, top5, n
-    for images, target in loader:
+    for images, target in itertools.islice(loader, args.limit_batches):
         with autocast(device, args):
             output = model(images)
         hits = output.topk(min(5, output.shape[1]), dim=1).indices == target[:, None]  # (B, k), ranked
@@ -327,6 +330,8 @@ def get_args_parser(add_help=True):
     p.add_argument("--norm", choices=tuple(NORMS),
                    help="input normalisation: the train split's mean/std, imagenet, or half (mean = std = 0.5, the study's LeNet-5) (default: imagenet with --pretrained, else dataset)")
     p.add_argument("-j", "--workers", type=int, default=2, help="loader workers per process, stream path only (default: 2)")
+    p.add_argument("--limit-batches", type=int, default=None, metavar="N",
+                   help="quick runs: at most N batches per epoch of each split (default: all)")
     p.add_argument("--data-path", choices=("auto", "resident", "fast", "stream"), default="auto",
                    help="loader read path: resident (split copied to the device once), fast (memory-mapped shards), "
                         "stream (webdataset); auto = resident when the split fits in 2 GiB (default: auto)")

@@ -177,3 +177,9 @@ def test_ddp_two_processes_on_cpu(train_shards, tmp_path):
     assert len(seen[0]) == len(seen[1]) == 500 and not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == sorted(all_keys)
     assert read_jsonl(out / "metrics.jsonl")[0]["epoch"] == 0 and (out / "final.json").exists()
+
+
+def test_limit_batches_caps_every_split(train_shards, tmp_path):
+    run(train_shards, tmp_path, "--arch", "lenet5", "--epochs", "1", "-b", "16", "--limit-batches", "3", "--dump-keys")
+    assert len((tmp_path / "keys-rank0.txt").read_text().splitlines()) == 3 * 16
+    assert read_jsonl(tmp_path / "metrics.jsonl")[0]["epoch"] == 0

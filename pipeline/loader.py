@@ -61,10 +61,14 @@ class _FastSource:
 
     def _batches(self):
         order = self.order()
+        if self.shuffle:
+            # Sorting each batch's members groups them by shard and walks each memory map forward;
+            # a batch is still a random subset, and its order inside is irrelevant to SGD.
+            full = len(order) // self.batch_size * self.batch_size
+            order = np.concatenate([np.sort(order[:full].reshape(-1, self.batch_size), axis=1).ravel(),
+                                    np.sort(order[full:])])
         for start in range(0, len(order), self.batch_size):
-            # Sorting a batch's members groups them by shard and walks each memory map forward;
-            # the batch is still a random subset, and its order inside is irrelevant to SGD.
-            yield np.sort(order[start:start + self.batch_size]) if self.shuffle else order[start:start + self.batch_size]
+            yield order[start:start + self.batch_size]
 
     def __iter__(self):
         if self.resident is not None:

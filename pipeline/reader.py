@@ -99,14 +99,15 @@ class ShardArrays:
             out = torch.empty((len(idx), *self.shape), dtype=torch.uint8)
         elif out.shape[0] < len(idx) or tuple(out.shape[1:]) != self.shape or not out.is_contiguous():
             raise ValueError(f"out has shape {tuple(out.shape)}, need at least ({len(idx)}, {self.shape}), contiguous")
+        if len(idx) > 1 and np.any(idx[1:] < idx[:-1]):
+            raise ValueError("gather needs sorted positions")
         out = out[: len(idx)]
         flat = out.view(len(idx), self.row_bytes)
-        shard_of = np.searchsorted(self.starts, idx, side="right") - 1
-        bounds = np.flatnonzero(np.diff(shard_of)) + 1
-        for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(idx)]):
-            s = shard_of[lo]
-            local = torch.from_numpy(idx[lo:hi] - self.starts[s])
-            torch.index_select(self.views[s], 0, local, out=flat[lo:hi])
+        cuts = np.searchsorted(idx, self.starts).tolist()  # where each shard's rows begin in idx
+        for s, (lo, hi) in enumerate(zip(cuts, cuts[1:])):
+            if lo < hi:
+                local = torch.from_numpy(idx[lo:hi] - self.starts[s])
+                torch.index_select(self.views[s], 0, local, out=flat[lo:hi])
         return out
 
     def load_all(self):

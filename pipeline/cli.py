@@ -52,12 +52,13 @@ def data_synth(out, classes, train_per_class, val_per_class, test_images, seed):
 
 @data.command("fetch")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to download into.")
-@click.option("--url", default=None, help="Archive URL (default: the official cs231n zip).")
-def data_fetch(out, url):
+@click.option("--url", default=None, help="Archive URL [default: the official cs231n zip, with its known size and md5].")
+@click.option("--md5", default=None, help="Expected md5 of a --url download [default: not checked].")
+def data_fetch(out, url, md5):
     """Download the official release archive (resumes a partial download, checks size and md5)."""
     from . import fetch
 
-    kwargs = {} if url is None else {"url": url, "expected_size": None, "md5": None}
+    kwargs = {} if url is None else {"url": url, "expected_size": None, "md5": md5}
     try:
         path = fetch.fetch_release(out, **kwargs)
     except fetch.FetchError as e:

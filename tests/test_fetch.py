@@ -187,3 +187,17 @@ def test_connection_refused(tmp_path):
     message = str(info.value)
     assert message.startswith(f"cannot download {url}: ") and "\n" not in message
     assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_cli_fetch_downloads_and_reports_errors_in_one_line(serve, payload, tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    url = _url(serve())
+    result = CliRunner().invoke(main, ["data", "fetch", "--out", str(tmp_path / "dl"), "--url", url,
+                                       "--md5", hashlib.md5(payload).hexdigest()])
+    assert result.exit_code == 0 and (tmp_path / "dl" / NAME).read_bytes() == payload
+    result = CliRunner().invoke(main, ["data", "fetch", "--out", str(tmp_path / "bad"), "--url", url, "--md5", "0" * 32])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == f"error: {NAME}: expected md5 {'0' * 32}, got {hashlib.md5(payload).hexdigest()}"

@@ -12,8 +12,8 @@ Each epoch, with one `random.Random(f"{seed}:{epoch}")` shared by all ranks:
    epoch, rank, worker), and checks each shard against its expected sample count.
 3. The main process cuts the workers' batches to this rank's plan of batch sizes (`_plan`): full
    batches whichever worker they came from, and the same number of batches on every rank.
-Mixing reaches only as far as the shuffle buffer: shards written class by class give batches
-of few classes; shuffle samples before sharding when training from streams.
+Mixing reaches only as far as the shuffle buffer, which is why `tinyin shard build` shuffles the
+train samples (with a fixed seed) before cutting them into shards.
 """
 import random
 from pathlib import Path

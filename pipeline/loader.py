@@ -2,7 +2,10 @@
 
 Three read paths, one output contract:
 - ``fast``: memory-mapped local shards, gathered a batch at a time at the indexed offsets
-  (`ShardArrays`) by a background thread into a ring of reused (pinned, on CUDA) buffers.
+  (`ShardArrays`) into reused buffers: on CUDA by a background thread into a ring of pinned
+  buffers, so gathering overlaps the GPU's work; on the CPU in the caller's thread, where torch
+  already spreads each copy over every core (a second Python thread measured 2-3x slower there:
+  two OpenMP teams and the GIL contending for the same cores).
 - ``resident``: the whole split copied once to the device; shuffling and batching happen there.
 - ``stream``: a stock webdataset pipeline (`stream.StreamSource`) for remote or huge shard sets.
 ``auto`` picks ``resident`` for a local split of at most `RESIDENT_MAX` bytes (1.2 GB for the
@@ -77,7 +80,14 @@ class _FastSource:
                 images = self.resident.index_select(0, index).view(len(idx), *self.arrays.shape)
                 yield images, self.resident_labels.index_select(0, index), idx
             return
-        yield from self._threaded()
+        yield from self._threaded() if self.prefetch else self._inline()
+
+    def _inline(self):
+        """Gather in the caller's thread into one reused buffer (valid until the next batch)."""
+        buffer = torch.empty((self.batch_size, *self.arrays.shape), dtype=torch.uint8)
+        for idx in self._batches():
+            images = self.arrays.gather(idx, out=buffer)
+            yield images, self.labels[torch.from_numpy(idx)], idx
 
     def _threaded(self):
         """Gather in a background thread (torch releases the GIL while copying) into a ring of
@@ -173,7 +183,7 @@ class Loader:
 
 def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, seed=0, epoch=0, drop_last=False,
                 rank=0, world_size=1, device="cpu", size=None, augment=False, with_keys=False, mean=None, std=None,
-                dtype=torch.float32, channels_last=False, workers=2, path="auto", raw=False, prefetch=4,
+                dtype=torch.float32, channels_last=False, workers=2, path="auto", raw=False, prefetch=None,
                 checksum=True, sample_counts=None):
     """Batches of one split of a shard set, ready for a model on `device`.
 
@@ -183,6 +193,8 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
     from the manifest), resized to `size` and augmented when asked; or, with `raw=True`, the
     uint8 (B, H, W[, C]) batch itself (valid until the next batch is requested). Labels int64.
     For shard URLs, `sample_counts` (per shard, from the manifest) sizes epochs and splits ranks.
+    prefetch: batches the fast path's background thread gathers ahead (default: 4 on CUDA, and
+    0 on the CPU, which gathers in the caller's thread).
     Same (seed, epoch): same order; `set_epoch` reshuffles. With `world_size > 1` ranks get
     disjoint samples and, with `drop_last=True`, the same number of batches.
     """
@@ -208,6 +220,8 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
         keys = arrays.keys
         if path == "auto":
             path = "resident" if len(arrays) * arrays.row_bytes <= RESIDENT_MAX else "fast"
+        if prefetch is None:
+            prefetch = 4 if torch.device(device).type == "cuda" else 0
         source = _FastSource(arrays, batch_size, shuffle, seed, rank, world_size, drop_last,
                              resident=path == "resident", device=device, prefetch=prefetch)
     if mean is None or std is None:

@@ -5,6 +5,7 @@ plain strided array over a memory map and a batch is one `torch.index_select` pe
 touched: no tar parsing, no per-sample Python. The index supplies offsets, labels and keys.
 """
 import hashlib
+import mmap
 import os
 from pathlib import Path
 
@@ -35,6 +36,16 @@ def _check_shard(path, entry, checksum):
             _verified[stamp] = digest.hexdigest()
         if _verified[stamp] != entry["sha256"]:
             raise ShardError(f"{path}: checksum differs from the manifest (corrupt or modified)")
+
+
+def _map(path):
+    """Map a shard privately (a writable array for torch; nothing is ever written back) and, where
+    the OS can, populate the mapping now: one sequential read-ahead instead of a page fault per
+    random 4 KB page during the first epochs (measured: the first epoch ran at half speed)."""
+    flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    return np.frombuffer(mapped, np.uint8)
 
 
 def _strided_view(mapped, offsets, size, path):
@@ -81,8 +92,7 @@ class ShardArrays:
             if len(rows) != entry["count"] or (len(rows) and rows[0] != starts[-1]):
                 raise ShardError(f"{path}: the index lists {len(rows)} samples, the manifest {entry['count']}")
             if len(rows):
-                # mode 'c' (copy-on-write) gives torch a writable array; nothing is ever written back.
-                mapped = np.memmap(path, np.uint8, mode="c")
+                mapped = _map(path)
                 self.views.append(torch.from_numpy(_strided_view(mapped, offsets[rows], self.row_bytes, path)))
                 starts.append(starts[-1] + len(rows))
         if starts[-1] != len(self.labels):

@@ -22,11 +22,11 @@ def keys_of(loader):
     return [k for _, _, keys in loader for k in keys]
 
 
-@pytest.mark.parametrize("path", ["fast", "resident"])
-def test_every_sample_once_per_epoch_and_labels_match_index(shards, path):
+@pytest.mark.parametrize("path, prefetch", [("fast", 0), ("fast", 3), ("resident", None)])
+def test_every_sample_once_per_epoch_and_labels_match_index(shards, path, prefetch):
     index = read_index(shards, "train").to_pydict()
     label_of = dict(zip(index["key"], index["label"]))
-    loader = make_loader(shards, "train", batch_size=50, with_keys=True, path=path, raw=True)
+    loader = make_loader(shards, "train", batch_size=50, with_keys=True, path=path, raw=True, prefetch=prefetch)
     seen = []
     for images, labels, keys in loader:
         assert images.dtype == torch.uint8 and images.shape[1:] == (64, 64, 3)
@@ -62,7 +62,9 @@ def test_ranks_are_disjoint_and_step_together(shards, drop_last):
 
 
 def test_resident_gives_the_same_batches_as_fast(shards):
+    threaded = list(make_loader(shards, "train", "gray28", batch_size=64, seed=5, path="fast", prefetch=2))
     a = list(make_loader(shards, "train", "gray28", batch_size=64, seed=5, path="fast"))
+    assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, threaded))
     b = list(make_loader(shards, "train", "gray28", batch_size=64, seed=5, path="resident"))
     assert len(a) == len(b) and all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
 

@@ -89,7 +89,7 @@ def bench_loader(shards, images, batch_size=256, workers=2, passes=3, pass_image
             candidates.append(("ImageFolder + PIL (baseline)", workers, lambda: _imagefolder(images, variant, batch_size, workers)))
         candidates += [
             ("tinyin stream (webdataset)", workers, lambda: _loader(shards, variant, batch_size, workers, "stream")),
-            ("tinyin fast (mmap gather)", "1 thread", lambda: _loader(shards, variant, batch_size, workers, "fast")),
+            ("tinyin fast (mmap gather)", "0 (inline)", lambda: _loader(shards, variant, batch_size, workers, "fast")),
             ("tinyin resident", 0, lambda: _loader(shards, variant, batch_size, workers, "resident", device=device)),
             ("ceiling: numpy memmap gather", 0, lambda: _ceiling(shards, variant, batch_size)),
         ]

@@ -6,7 +6,6 @@ DEMO   := out/demo
 
 $(BIN)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
@@ -19,7 +18,7 @@ demo: install
 	$(BIN)/tinyin data synth --out $(DEMO)/release
 	$(BIN)/tinyin shard build --src $(DEMO)/release --out $(DEMO)/shards
 	$(BIN)/python train.py --shards $(DEMO)/shards --arch lenet5 --size 28 --epochs 1 --output-dir $(DEMO)/run
-	$(BIN)/tinyin bench loader --shards $(DEMO)/shards --images $(DEMO)/release --passes 3
+	$(BIN)/tinyin bench loader --shards $(DEMO)/shards --images $(DEMO)/release --passes 3 --pass-images 4096
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -55,6 +55,8 @@ def _row(run: dict) -> list[str]:
     epochs = str(len(rows))
     if args.get("epochs") and args["epochs"] != len(rows):
         epochs += f" of {args['epochs']}"  # an unfinished run says so
+    if args.get("limit_batches"):
+        epochs += f" ({args['limit_batches']} batches each)"  # a --limit-batches run saw a subset
     batch = str(args.get("batch_size", "?"))
     if run["env"].get("world_size", 1) > 1:
         batch += f" x {run['env']['world_size']} processes"

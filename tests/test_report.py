@@ -63,3 +63,13 @@ def test_plot_and_write_report(tmp_path, runs):
     assert png == str(tmp_path / "report" / "curves.png")
     text = open(md).read()
     assert render_table(runs) in text and "![learning curves](curves.png)" in text
+
+
+def test_limited_runs_say_so(tmp_path):
+    run = tmp_path / "quick"
+    run.mkdir()
+    (run / "args.json").write_text(json.dumps({"arch": "resnet18", "size": 64, "epochs": 1, "batch_size": 100,
+                                               "limit_batches": 100}))
+    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "train_top1": 1.0, "val_top1": 2.0, "train_loss": 5,
+                                                   "val_loss": 5, "val_top5": 8, "epoch_time_s": 60}) + "\n")
+    assert "| ResNet-18 | 64x64 RGB | 1 (100 batches each) | 100 |" in render_table([run])

@@ -17,7 +17,7 @@ demo: install
 	rm -rf $(DEMO)
 	$(BIN)/tinyin data synth --out $(DEMO)/release
 	$(BIN)/tinyin shard build --src $(DEMO)/release --out $(DEMO)/shards
-	$(BIN)/python train.py --shards $(DEMO)/shards --arch lenet5 --size 28 --epochs 1 --output-dir $(DEMO)/run
+	$(BIN)/python train.py --shards $(DEMO)/shards --arch lenet5 --size 28 --epochs 1 -b 16 --lr 0.05 --output-dir $(DEMO)/run
 	$(BIN)/tinyin bench loader --shards $(DEMO)/shards --images $(DEMO)/release --passes 3 --pass-images 4096
 
 test: install

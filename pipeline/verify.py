@@ -1,6 +1,5 @@
 """`verify_shards` re-checks a shard set end to end; `inspect_shards` summarises it and draws a grid."""
 import hashlib
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +7,7 @@ import webdataset as wds
 
 from .errors import ShardError
 from .index import read_index, read_manifest
-from .schema import CLS, GRAY28, JSON, RGB64, VARIANTS
+from .schema import CLS, JSON, VARIANTS
 
 
 def _sha256(path):
@@ -29,7 +28,7 @@ def verify_shards(shards, progress=True):
     manifest = read_manifest(shards)
     index = read_index(shards).to_pydict()
     rows = {}
-    for i, (shard, key) in enumerate(zip(index["shard"], index["key"])):
+    for i, shard in enumerate(index["shard"]):
         rows.setdefault(shard, []).append(i)
     total = 0
     bar = tqdm(total=sum(s["count"] for s in manifest["shards"]), unit="img", desc="verify", disable=not progress)

@@ -2,13 +2,11 @@
 import hashlib
 import io
 import json
-import shutil
 import tarfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
-import pytest
 import webdataset as wds
 from click.testing import CliRunner
 from PIL import Image

@@ -52,6 +52,8 @@ def _row(run: dict) -> list[str]:
         method += ", ImageNet-pretrained"
     elif args.get("weights"):
         method += f", from {os.path.basename(args['weights'])}"
+    if args.get("augment"):
+        method += " + crop/flip augmentation"
     epochs = str(len(rows))
     if args.get("epochs") and args["epochs"] != len(rows):
         epochs += f" of {args['epochs']}"  # an unfinished run says so

@@ -73,3 +73,13 @@ def test_limited_runs_say_so(tmp_path):
     (run / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "train_top1": 1.0, "val_top1": 2.0, "train_loss": 5,
                                                    "val_loss": 5, "val_top5": 8, "epoch_time_s": 60}) + "\n")
     assert "| ResNet-18 | 64x64 RGB | 1 (100 batches each) | 100 |" in render_table([run])
+
+
+def test_augmented_runs_say_so(tmp_path):
+    run = tmp_path / "aug"
+    run.mkdir()
+    (run / "args.json").write_text(json.dumps({"arch": "lenet5", "size": 28, "epochs": 1, "batch_size": 32,
+                                               "augment": True}))
+    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "train_top1": 1.0, "val_top1": 2.0, "train_loss": 5,
+                                                   "val_loss": 5, "val_top5": 8, "epoch_time_s": 60}) + "\n")
+    assert "| LeNet-5 + crop/flip augmentation | 28x28 grey | 1 | 32 |" in render_table([run])

@@ -224,8 +224,9 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
             prefetch = 4 if torch.device(device).type == "cuda" else 0
         source = _FastSource(arrays, batch_size, shuffle, seed, rank, world_size, drop_last,
                              resident=path == "resident", device=device, prefetch=prefetch)
-    if mean is None or std is None:
-        stats = read_manifest(shards)["stats"][variant] if local else {"mean": [0.5], "std": [0.5]}
+    if mean is None or std is None:  # remote shards without explicit stats: map [0, 1] to [-1, 1]
+        channels = 3 if len(VARIANTS[variant][1]) == 3 else 1
+        stats = read_manifest(shards)["stats"][variant] if local else {"mean": [0.5] * channels, "std": [0.5] * channels}
         mean, std = stats["mean"], stats["std"]
     stage = DeviceStage(mean, std, size=size, augment=augment, pad=4 if variant == "rgb64" else 2,
                         dtype=dtype, channels_last=channels_last)

@@ -162,3 +162,29 @@ def test_stream_and_fast_paths_give_the_same_samples(shards):
                                    workers=2)
                        for img, l, k in zip(images, labels, keys))
     assert multiset("stream") == multiset("fast")
+
+
+def test_shards_over_http_stream_with_default_stats(shards):
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(shards))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01})
+    thread.start()
+    try:
+        train = [s for s in read_manifest(shards)["shards"] if s["split"] == "train"]
+        urls = [f"http://127.0.0.1:{server.server_port}/{s['file']}" for s in train]
+        loader = make_loader(urls, "train", batch_size=64, sample_counts=[s["count"] for s in train],
+                             with_keys=True, workers=0)
+        keys = []
+        for images, _, batch_keys in loader:
+            assert images.shape[1:] == (3, 64, 64) and -1 <= images.min() and images.max() <= 1
+            keys += batch_keys
+        assert sorted(keys) == sorted(read_index(shards, "train").to_pydict()["key"])
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

@@ -126,7 +126,7 @@ def bench():
 @click.option("--images", required=True, type=click.Path(exists=True, file_okay=False), help="The extracted release (ROOT/train is read by the ImageFolder baseline).")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1))
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="DataLoader workers for the baseline and the stream path.")
-@click.option("--passes", default=3, show_default=True, type=click.IntRange(1), help="Timed passes per loader (median reported).")
+@click.option("--passes", default=5, show_default=True, type=click.IntRange(1), help="Timed passes per loader (median reported).")
 @click.option("--pass-images", default=25_600, show_default=True, type=click.IntRange(1), help="Images per pass for loaders slower than 50k images/s.")
 @click.option("--device", default="cpu", show_default=True, help="Device for the resident path (and the 224 row on CUDA).")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write the rows as JSON.")

@@ -43,7 +43,7 @@ def main():
     parser.add_argument("--images", help="an extracted release folder (skips the extraction)")
     parser.add_argument("--batch-size", type=int, default=256, help="default: %(default)s")
     parser.add_argument("--workers", type=int, default=2, help="baseline/stream workers (default: %(default)s)")
-    parser.add_argument("--passes", type=int, default=3, help="timed passes per loader (default: %(default)s)")
+    parser.add_argument("--passes", type=int, default=5, help="timed passes per loader (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="resident/224 device (default: %(default)s)")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()

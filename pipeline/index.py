@@ -3,6 +3,7 @@
 One index row per sample: where its arrays sit inside its tar (byte offset and length per
 variant), so readers can gather pixels without parsing tar headers.
 """
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -22,6 +23,15 @@ SCHEMA = pa.schema([
     ("box", pa.list_(pa.int16())), ("source", pa.string()),
 ])
 LENGTHS = {name: int(np.prod(shape)) for name, (_, shape) in VARIANTS.items()}
+
+
+def file_sha256(path):
+    """The sha256 of a file, read in 4 MiB blocks (the manifest's per-shard checksum)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_json(path, obj):

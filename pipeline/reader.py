@@ -4,7 +4,6 @@ Every sample of a shard sits at a fixed stride (see `tarshard`), so each shard's
 plain strided array over a memory map and a batch is one `torch.index_select` per shard
 touched: no tar parsing, no per-sample Python. The index supplies offsets, labels and keys.
 """
-import hashlib
 import mmap
 import os
 from pathlib import Path
@@ -13,7 +12,7 @@ import numpy as np
 import torch
 
 from .errors import ShardError
-from .index import read_index, read_manifest
+from .index import file_sha256, read_index, read_manifest
 from .schema import VARIANTS
 
 _verified = {}  # (path, size, mtime_ns) -> sha256, so a process hashes each shard at most once
@@ -29,11 +28,7 @@ def _check_shard(path, entry, checksum):
     if checksum:
         stamp = (str(path), st.st_size, st.st_mtime_ns)
         if stamp not in _verified:
-            digest = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    digest.update(block)
-            _verified[stamp] = digest.hexdigest()
+            _verified[stamp] = file_sha256(path)
         if _verified[stamp] != entry["sha256"]:
             raise ShardError(f"{path}: checksum differs from the manifest (corrupt or modified)")
 

@@ -1,21 +1,12 @@
 """`verify_shards` re-checks a shard set end to end; `inspect_shards` summarises it and draws a grid."""
-import hashlib
 from pathlib import Path
 
 import numpy as np
 import webdataset as wds
 
 from .errors import ShardError
-from .index import read_index, read_manifest
+from .index import file_sha256, read_index, read_manifest
 from .schema import CLS, JSON, VARIANTS
-
-
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_shards(shards, progress=True):
@@ -36,7 +27,7 @@ def verify_shards(shards, progress=True):
         path = shards / entry["file"]
         if not path.is_file():
             raise ShardError(f"{path}: missing")
-        if _sha256(path) != entry["sha256"]:
+        if file_sha256(path) != entry["sha256"]:
             raise ShardError(f"{path}: checksum differs from the manifest (corrupt or modified)")
         mapped = np.memmap(path, np.uint8, mode="r")
         expected = rows.get(entry["file"], [])

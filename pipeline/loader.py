@@ -51,6 +51,9 @@ class _FastSource:
         self.resident = arrays.load_all().to(self.device) if resident else None
         self.resident_labels = self.labels.to(self.device) if resident else None
 
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
     @property
     def num_samples(self):
         return len(self.order())
@@ -156,7 +159,7 @@ class Loader:
     def set_epoch(self, epoch):
         """Reshuffle for `epoch`: the same (seed, epoch) always gives the same order."""
         self.epoch = epoch
-        self.source.set_epoch(epoch) if hasattr(self.source, "set_epoch") else setattr(self.source, "epoch", epoch)
+        self.source.set_epoch(epoch)
 
     def __len__(self):
         return len(self.source)

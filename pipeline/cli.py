@@ -1,6 +1,7 @@
 """The `tinyin` command line: thin click wrappers, each calling one library function."""
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -153,7 +154,7 @@ def report_cmd(runs, out):
         md, png = write_report(list(runs), out)
     except ValueError as e:
         raise TinyinError(str(e)) from None
-    click.echo(open(md).read().rstrip())
+    click.echo(Path(md).read_text().rstrip())
     click.echo(f"wrote {md} and {png}")
 
 

@@ -29,26 +29,9 @@ from torch import nn
 from tqdm import tqdm
 
 import models
+from models.recipes import recipe_names, resolve_recipe
 from pipeline import IMAGENET_MEAN, IMAGENET_STD, make_loader, read_manifest
 
-# The study's rows, keyed by (arch, size); `--recipe paper` applies one on top of PAPER_OPTIM
-# (plain SGD, lr 0.001, momentum 0.9, no weight decay, constant lr). The study states LeNet-5's
-# row (40 epochs, batch 32, (0.5,) normalisation) and the pretrained rows' epochs (AlexNet 50,
-# SqueezeNet 10, ResNet-18 50), and lists batch sizes 32/50/100 without saying which row used
-# which. Our mapping of the rest, one rule per column:
-# - epochs: the 64x64 from-scratch rows get LeNet-5's 40, the study's from-scratch budget;
-# - batch: 100 for the 64x64 rows (the largest listed size for the cheapest RGB input) and 50
-#   for 224x224 (12x the pixels per image: half the batch fits the same GPU memory).
-PAPER_OPTIM = dict(lr=0.001, momentum=0.9, wd=0.0, lr_scheduler="none", label_smoothing=0.0)
-RECIPES = {
-    ("lenet5", 28): dict(epochs=40, batch_size=32, norm="half"),
-    ("alexnet", 64): dict(epochs=40, batch_size=100),
-    ("squeezenet1_1", 64): dict(epochs=40, batch_size=100),
-    ("resnet18", 64): dict(epochs=40, batch_size=100),
-    ("alexnet", 224): dict(epochs=50, batch_size=50, pretrained=True, norm="imagenet"),
-    ("squeezenet1_1", 224): dict(epochs=10, batch_size=50, pretrained=True, norm="imagenet"),
-    ("resnet18", 224): dict(epochs=50, batch_size=50, pretrained=True, norm="imagenet"),
-}
 NORMS = {"dataset": (None, None), "imagenet": (IMAGENET_MEAN, IMAGENET_STD), "half": ((0.5,) * 3, (0.5,) * 3)}
 FIELDS = ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "images_per_s", "epoch_time_s"]
 
@@ -316,7 +299,9 @@ def get_args_parser(add_help=True):
     p.add_argument("--arch", "--model", default="resnet18", choices=models.list_models(), help="network (default: resnet18)")
     p.add_argument("--size", type=int, choices=(28, 64, 224),
                    help="input size: 28 grey (lenet5), 64 RGB, 224 = RGB 64 upscaled on the device (default: the arch's native size)")
-    p.add_argument("--recipe", choices=("paper",), help="the study's row for --arch/--size; explicit flags still win (default: none)")
+    p.add_argument("--recipe", choices=recipe_names(),
+                   help="a named recipe for --arch/--size (models/recipes.py): paper = the study's Table 2 and Table 3's "
+                        "10-epoch rows, paper-50 = Table 3's 50-epoch rows; explicit flags still win (default: none)")
     p.add_argument("-b", "--batch-size", type=int, default=128, help="images per step per process (default: 128)")
     p.add_argument("--epochs", type=int, default=30, help="epochs to train (default: 30)")
     p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (default: 0.01)")
@@ -363,8 +348,11 @@ def parse_args(argv=None):
         args.size = info["native"]
     if args.size not in info["sizes"]:
         parser.error(f"argument --size: {args.arch} takes {' or '.join(map(str, info['sizes']))}, not {args.size}")
-    if args.recipe == "paper":
-        recipe = dict(PAPER_OPTIM, **RECIPES[args.arch, args.size])
+    if args.recipe:
+        try:
+            recipe = resolve_recipe(args.recipe, args.arch, args.size)
+        except ValueError as e:
+            parser.error(f"argument --recipe: {e}")
         if "weights" in given:  # a local weights file stands in for the download
             recipe.pop("pretrained", None)
         for k, v in recipe.items():

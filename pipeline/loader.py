@@ -23,21 +23,12 @@ import torch
 
 from .device import DeviceStage
 from .index import read_manifest
+from .order import epoch_order, step_seed
 from .reader import ShardArrays
 from .schema import VARIANTS
 
 PATHS = ("auto", "fast", "resident", "stream")
 RESIDENT_MAX = 2 << 30
-
-
-def _rank_order(n, shuffle, seed, epoch, rank, world_size, batch_size, drop_last):
-    """This rank's sample positions for one epoch, in order. Ranks take interleaved slices of one
-    permutation, so they are disjoint; with drop_last every rank gets the same number of full batches."""
-    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-    mine = order[rank::world_size]
-    if drop_last:
-        mine = mine[: (n // world_size) // batch_size * batch_size]
-    return mine
 
 
 class _FastSource:
@@ -46,21 +37,22 @@ class _FastSource:
     def __init__(self, arrays, batch_size, shuffle, seed, rank, world_size, drop_last, resident, device, prefetch):
         self.arrays, self.batch_size, self.shuffle, self.seed = arrays, batch_size, shuffle, seed
         self.rank, self.world_size, self.drop_last, self.prefetch = rank, world_size, drop_last, prefetch
-        self.epoch, self.device = 0, torch.device(device)
+        self.epoch, self.start, self.device = 0, 0, torch.device(device)
         self.labels = torch.from_numpy(arrays.labels)
         self.resident = arrays.load_all().to(self.device) if resident else None
         self.resident_labels = self.labels.to(self.device) if resident else None
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
 
     @property
     def num_samples(self):
         return len(self.order())
 
     def order(self):
-        return _rank_order(len(self.arrays), self.shuffle, self.seed, self.epoch, self.rank, self.world_size,
-                           self.batch_size, self.drop_last)
+        return epoch_order(len(self.arrays), seed=self.seed, epoch=self.epoch, rank=self.rank,
+                           world_size=self.world_size, batch_size=self.batch_size, shuffle=self.shuffle,
+                           drop_last=self.drop_last, start=self.start)
 
     def __len__(self):
         return -(-len(self.order()) // self.batch_size)
@@ -152,14 +144,20 @@ class _FastSource:
 class Loader:
     """An iterable of `(images, labels)` or `(images, labels, keys)` batches; see `make_loader`."""
 
-    def __init__(self, source, keys, stage, device, with_keys, raw, seed):
+    def __init__(self, source, keys, stage, device, with_keys, raw, seed, rank, world_size, batch_size):
         self.source, self._keys, self.stage, self.device = source, keys, stage, torch.device(device)
-        self.with_keys, self.raw, self.seed, self.epoch = with_keys, raw, seed, 0
+        self.with_keys, self.raw, self.seed, self.epoch, self.start = with_keys, raw, seed, 0, 0
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
 
-    def set_epoch(self, epoch):
-        """Reshuffle for `epoch`: the same (seed, epoch) always gives the same order."""
-        self.epoch = epoch
-        self.source.set_epoch(epoch)
+    def set_epoch(self, epoch, start=0):
+        """Reshuffle for `epoch`: the same (seed, epoch) always gives the same order.
+
+        start: samples of this epoch already consumed, over all ranks (a resumed run's skip:
+        nothing before it is read again). A multiple of batch_size * world_size keeps each
+        batch's augmentation what it was in the uninterrupted run.
+        """
+        self.epoch, self.start = epoch, start
+        self.source.set_epoch(epoch, start)
 
     def __len__(self):
         return len(self.source)
@@ -170,8 +168,11 @@ class Loader:
         return self.source.num_samples
 
     def __iter__(self):
-        generator = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + self.epoch)
-        for images, labels, ids in self.source:
+        generator = torch.Generator(self.device)
+        first_step = self.start // (self.batch_size * self.world_size)
+        for step, (images, labels, ids) in enumerate(self.source, first_step):
+            # Augmentation is drawn per (seed, epoch, rank, step): a resume draws what the uninterrupted run drew.
+            generator.manual_seed(step_seed(self.seed, self.epoch, self.rank, step))
             labels = labels.to(self.device, non_blocking=True)
             if self.device.type != images.device.type:
                 images = images.to(self.device, non_blocking=True)
@@ -233,6 +234,6 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
         mean, std = stats["mean"], stats["std"]
     stage = DeviceStage(mean, std, size=size, augment=augment, pad=4 if variant == "rgb64" else 2,
                         dtype=dtype, channels_last=channels_last)
-    loader = Loader(source, keys, stage, device, with_keys, raw, seed)
+    loader = Loader(source, keys, stage, device, with_keys, raw, seed, rank, world_size, batch_size)
     loader.set_epoch(epoch)
     return loader

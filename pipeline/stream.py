@@ -147,8 +147,10 @@ class StreamSource:
         self.shuffle_buffer = shuffle_buffer if shuffle else 0
         self._plan()  # fail here, not at the first epoch, if the ranks cannot be balanced
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch, start=0):
         """Shuffle shards and samples for `epoch` (deterministically from seed and epoch)."""
+        if start:
+            raise ValueError("the stream path cannot start an epoch part-way yet")
         self.epoch = epoch
 
     def _plan(self):

@@ -56,9 +56,11 @@ def test_recipe_paper_rows():
     assert (args.epochs, args.batch_size, args.lr, args.momentum, args.wd) == (40, 32, 0.001, 0.9, 0.0)
     assert (args.lr_scheduler, args.norm, args.pretrained) == ("none", "half", False)
     args = train.parse_args(["--arch", "squeezenet1_1", "--size", "224", "--recipe", "paper"])
-    assert (args.epochs, args.batch_size, args.pretrained, args.norm) == (10, 50, True, "imagenet")
+    assert (args.epochs, args.batch_size, args.pretrained, args.norm) == (10, 100, True, "imagenet")
+    args = train.parse_args(["--arch", "resnet18", "--size", "224", "--recipe", "paper-50"])
+    assert (args.epochs, args.batch_size, args.pretrained, args.lr) == (50, 100, True, 0.001)
     args = train.parse_args(["--arch", "resnet18", "--recipe", "paper"])
-    assert (args.size, args.epochs, args.batch_size, args.pretrained) == (64, 40, 100, False)
+    assert (args.size, args.epochs, args.batch_size, args.pretrained, args.norm) == (64, 40, 50, False, "imagenet")
 
 
 def test_explicit_flags_beat_the_recipe():
@@ -66,7 +68,7 @@ def test_explicit_flags_beat_the_recipe():
     args = train.parse_args(["--arch", "lenet5", "--recipe", "paper", "--epochs", "2", "--lr", "0.1", "--wd", "5e-4", "-b", "8"])
     assert (args.epochs, args.lr, args.wd, args.batch_size, args.momentum) == (2, 0.1, 5e-4, 8, 0.9)
     args = train.parse_args(["--arch", "alexnet", "--size", "224", "--recipe", "paper", "--weights", "w.pth", "--norm", "dataset"])
-    assert (args.pretrained, args.weights, args.norm, args.epochs) == (False, "w.pth", "dataset", 50)
+    assert (args.pretrained, args.weights, args.norm, args.epochs) == (False, "w.pth", "dataset", 10)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -74,6 +76,9 @@ def test_explicit_flags_beat_the_recipe():
     (["--arch", "alexnet", "--size", "28"], "argument --size: alexnet takes 64 or 224, not 28"),
     (["--arch", "lenet5", "--pretrained"], "argument --pretrained: lenet5 has no pretrained ImageNet weights"),
     (["--arch", "resnet18", "--pretrained", "--weights", "w.pth"], "use --pretrained or --weights FILE, not both"),
+    (["--arch", "lenet5", "--recipe", "paper-50"],
+     "argument --recipe: recipe 'paper-50' has no row for lenet5 at --size 28; it has: alexnet --size 224, "
+     "squeezenet1_1 --size 224, resnet18 --size 224"),
 ])
 def test_bad_combinations_are_one_line_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

@@ -20,9 +20,9 @@ sys.path.insert(0, str(ROOT))  # run from anywhere, installed or not
 
 import models  # noqa: E402
 from pipeline.report import write_report  # noqa: E402
-from train import RECIPES  # noqa: E402
+from models.recipes import RECIPES  # noqa: E402
 
-ROWS = {f"{arch}-{size}": (arch, size) for arch, size in RECIPES}
+ROWS = {f"{arch}-{size}": (arch, size) for arch, size in RECIPES["paper"]}
 
 
 def weights_flags(arch, weights_dir):
@@ -44,7 +44,7 @@ def main(args):
         arch, size = ROWS[name]
         cmd = [sys.executable, str(ROOT / "train.py"), "--shards", args.shards, "--arch", arch, "--size", str(size),
                "--recipe", "paper", "--output-dir", str(Path(args.out) / name), "--resume", "auto"]
-        if RECIPES[arch, size].get("pretrained"):
+        if RECIPES["paper"][arch, size].get("pretrained"):
             try:
                 cmd += weights_flags(arch, args.weights_dir)
             except models.WeightsUnavailable as e:

@@ -1,0 +1,62 @@
+"""`epoch_order`: the epoch order as a pure function of (seed, epoch, rank, world size, batch size, start)."""
+import numpy as np
+import pytest
+
+from pipeline.order import epoch_order, step_seed
+
+
+def test_same_arguments_same_order_and_epochs_differ():
+    a = epoch_order(1000, seed=3, epoch=0)
+    assert np.array_equal(a, epoch_order(1000, seed=3, epoch=0))
+    assert sorted(a.tolist()) == list(range(1000))
+    assert not np.array_equal(a, epoch_order(1000, seed=3, epoch=1))
+    assert not np.array_equal(a, epoch_order(1000, seed=4, epoch=0))
+    assert np.array_equal(epoch_order(10, seed=3, epoch=5, shuffle=False), np.arange(10))
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_ranks_are_disjoint_and_equal_with_drop_last(world_size):
+    parts = [epoch_order(1003, seed=0, epoch=2, rank=r, world_size=world_size, batch_size=16, drop_last=True)
+             for r in range(world_size)]
+    assert len({len(p) for p in parts}) == 1 and len(parts[0]) % 16 == 0
+    assert len(parts[0]) == (1003 // world_size) // 16 * 16
+    together = np.concatenate(parts)
+    assert len(np.unique(together)) == len(together)
+    full = [epoch_order(1003, seed=0, epoch=2, rank=r, world_size=world_size) for r in range(world_size)]
+    assert sorted(np.concatenate(full).tolist()) == list(range(1003))
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (2, 3), (1, 2), (3, 3)])
+def test_a_resume_on_another_world_size_sees_the_rest_exactly_once(before, after):
+    n, batch, steps = 1000, 8, 7
+    consumed = [epoch_order(n, seed=1, epoch=4, rank=r, world_size=before, batch_size=batch, drop_last=True)[: steps * batch]
+                for r in range(before)]
+    start = steps * batch * before
+    rest = [epoch_order(n, seed=1, epoch=4, rank=r, world_size=after, batch_size=batch, start=start)
+            for r in range(after)]
+    seen = np.concatenate(consumed + rest)
+    assert len(seen) == n and sorted(seen.tolist()) == list(range(n))  # every sample exactly once
+    # What was consumed is the permutation's prefix; what follows on one rank is exactly its rest.
+    order = epoch_order(n, seed=1, epoch=4)
+    assert sorted(np.concatenate(consumed).tolist()) == sorted(order[:start].tolist())
+    if after == 1:
+        assert np.array_equal(rest[0], order[start:])
+
+
+def test_same_world_size_resume_continues_the_same_sequence():
+    whole = epoch_order(500, seed=2, epoch=1, rank=1, world_size=2, batch_size=10, drop_last=True)
+    resumed = epoch_order(500, seed=2, epoch=1, rank=1, world_size=2, batch_size=10, drop_last=True, start=60)
+    assert np.array_equal(resumed, whole[30:])
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="need 0 <= rank < world_size, got rank=2, world_size=2"):
+        epoch_order(10, seed=0, epoch=0, rank=2, world_size=2)
+    with pytest.raises(ValueError, match=r"start must be between 0 and 10 \(the split's size\), not 11"):
+        epoch_order(10, seed=0, epoch=0, start=11)
+
+
+def test_step_seed_depends_on_every_part():
+    seeds = {step_seed(s, e, r, t) for s in (0, 1) for e in (0, 1) for r in (0, 1) for t in (0, 1)}
+    assert len(seeds) == 16 and all(0 <= s < 2**63 for s in seeds)
+    assert step_seed(0, 1, 2, 3) == step_seed(0, 1, 2, 3)

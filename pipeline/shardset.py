@@ -1,0 +1,182 @@
+"""`ShardSet`: one shard set, a local folder or a URL, opened once.
+
+It reads the manifest and the Parquet index a single time and answers everything else from them:
+splits, counts, statistics, classes and shard entries. It is also the one place that checks a
+shard against the manifest (present, size, sha256), so every reader words a bad shard the same way.
+
+Remote sets are read through fsspec (`http(s)://`, `s3://`, `gs://`, ...; install the matching
+extra, e.g. `pip install tinyin[s3]`). `pipe:` commands are not shard sets: they stay a stream-path
+input (`make_loader(["pipe:..."], ...)`).
+"""
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .errors import ShardError
+from .schema import FORMAT_VERSION, INDEX_FILE, MANIFEST_FILE
+
+
+def is_url(location):
+    """True for `scheme://...` locations (read through fsspec); False for local paths."""
+    return "://" in str(location) and not str(location).startswith("file://")
+
+
+def file_sha256(path):
+    """The sha256 of a local file, read in 4 MiB blocks (the manifest's per-shard checksum)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# The wording of every shard check, in one place.
+def missing_error(where):
+    return ShardError(f"{where}: missing (listed in the manifest)")
+
+
+def size_error(where, actual, entry):
+    return ShardError(f"{where}: {actual:,} bytes, the manifest says {entry['bytes']:,} (truncated or replaced)")
+
+
+def checksum_error(where):
+    return ShardError(f"{where}: checksum differs from the manifest (corrupt or modified)")
+
+
+class ShardSet:
+    """A shard set written by `tinyin shard build`, at a local folder or a URL.
+
+    `manifest` (dict) and `index` (pyarrow Table, one row per sample) are read once. Use
+    `entries(split)` for the shard entries of a split (dicts with file, split, count, bytes, sha256),
+    `where(entry)` for a shard's path or URL, and `check_*` for the one wording of a bad shard.
+    Raises ShardError when the location holds no complete shard set.
+    """
+
+    def __init__(self, location, storage_options=None):
+        if isinstance(location, ShardSet):
+            raise TypeError("already a ShardSet: use it as it is")
+        self.location = str(location).rstrip("/") if is_url(location) else str(location)
+        self.is_local = not is_url(location)
+        self._fs = None
+        if not self.is_local:
+            import fsspec
+
+            try:
+                self._fs, self._root = fsspec.core.url_to_fs(self.location, **(storage_options or {}))
+            except (ImportError, ValueError) as e:
+                raise ShardError(f"{self.location}: cannot open ({e})") from None
+        self.manifest = self._read_manifest()
+        self.index = self._read_index()
+
+    # --- reading the two small files -----------------------------------------------------------
+    def _read_bytes(self, name):
+        where = self.where_name(name)
+        try:
+            if self.is_local:
+                return Path(where).read_bytes()
+            return self._fs.cat_file(f"{self._root}/{name}")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
+        except OSError as e:
+            raise ShardError(f"{where}: unreadable ({e})") from None
+
+    def _read_manifest(self):
+        data = self._read_bytes(MANIFEST_FILE)
+        if data is None:
+            raise ShardError(f"{self.location}: not a tinyin shard set (no {MANIFEST_FILE}); "
+                             "run `tinyin shard build` first")
+        try:
+            manifest = json.loads(data)
+        except ValueError as e:
+            raise ShardError(f"{self.where_name(MANIFEST_FILE)}: corrupt manifest ({e})") from None
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise ShardError(f"{self.where_name(MANIFEST_FILE)}: format version {manifest.get('format_version')}, "
+                             f"this tinyin reads {FORMAT_VERSION}")
+        return manifest
+
+    def _read_index(self):
+        data = self._read_bytes(INDEX_FILE)
+        if data is None:
+            raise ShardError(f"{self.location}: missing {INDEX_FILE}")
+        try:
+            return pq.read_table(io.BytesIO(data))
+        except (pa.ArrowException, OSError) as e:
+            raise ShardError(f"{self.where_name(INDEX_FILE)}: corrupt index ({e})") from None
+
+    # --- what the set holds ----------------------------------------------------------------------
+    @property
+    def classes(self):
+        """[{'wnid', 'words'}] in label order."""
+        return self.manifest["classes"]
+
+    @property
+    def counts(self):
+        """{split: samples}."""
+        return self.manifest["counts"]
+
+    def stats(self, variant):
+        """{'mean': [...], 'std': [...]} of the train split for `variant`, in [0, 1] units."""
+        return self.manifest["stats"][variant]
+
+    def entries(self, split):
+        """The manifest's shard entries of `split`, in order; ShardError when it has no samples."""
+        entries = [s for s in self.manifest["shards"] if s["split"] == split]
+        if not sum(s["count"] for s in entries):
+            raise ShardError(f"{self.location}: no samples for split {split!r} (splits: "
+                             f"{', '.join(k for k, v in self.counts.items() if v)})")
+        return entries
+
+    def split_index(self, split):
+        """The index rows of `split` (in shard order) as a pyarrow Table."""
+        return self.index.filter(pc.equal(self.index["split"], split))
+
+    def where_name(self, name):
+        """The path or URL of file `name` inside the set."""
+        return f"{self.location}/{name}" if not self.is_local else str(Path(self.location) / name)
+
+    def where(self, entry):
+        """The path or URL of a shard entry."""
+        return self.where_name(entry["file"])
+
+    @property
+    def fs(self):
+        """The fsspec filesystem of a remote set (None for a local folder)."""
+        return self._fs
+
+    # --- the one shard check -----------------------------------------------------------------
+    def check_size(self, entry, actual, where=None):
+        """ShardError unless `actual` bytes is what the manifest lists for `entry`."""
+        if actual != entry["bytes"]:
+            raise size_error(where or self.where(entry), actual, entry)
+
+    def check_sha256(self, entry, digest, where=None):
+        """ShardError unless the hex `digest` is the manifest's sha256 for `entry`."""
+        if digest != entry["sha256"]:
+            raise checksum_error(where or self.where(entry))
+
+    def check_bytes(self, entry, data, where=None):
+        """Check a whole shard held in memory (size, then sha256)."""
+        self.check_size(entry, len(data), where)
+        self.check_sha256(entry, hashlib.sha256(data).hexdigest(), where)
+
+    def check_local_file(self, entry, path=None, checksum=True):
+        """Check a local copy of a shard: present, size, and (with `checksum`) sha256."""
+        path = Path(path or self.where(entry))
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            raise missing_error(path) from None
+        self.check_size(entry, size, path)
+        if checksum:
+            self.check_sha256(entry, file_sha256(path), path)
+
+
+def open_shard_set(shards, storage_options=None):
+    """`shards` as a ShardSet: a ShardSet is returned as it is, a folder or URL is opened."""
+    return shards if isinstance(shards, ShardSet) else ShardSet(shards, storage_options)

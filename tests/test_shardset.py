@@ -71,3 +71,38 @@ def test_the_one_wording_of_a_bad_shard(shards, tmp_path):
     with pytest.raises(ShardError) as e:
         s.check_local_file(entry)
     assert str(e.value) == f"{path}: missing (listed in the manifest)"
+
+
+def test_s3_through_the_real_client(shards):
+    from servers import S3Server
+
+    s3 = S3Server()
+    try:
+        url = s3.upload(shards, "tiny", "sets/synth")
+        remote, local = ShardSet(url), ShardSet(shards)
+        assert remote.manifest == local.manifest and remote.index.equals(local.index)
+        entry = remote.entries("val")[0]
+        assert remote.where(entry) == f"{url}/val-000000.tar"
+        remote.check_bytes(entry, remote.fs.cat_file(remote.where(entry)))
+    finally:
+        s3.close()
+
+
+def test_faulty_http_server_faults(shards):
+    import urllib.request
+
+    from servers import FaultyHTTPServer
+
+    server = FaultyHTTPServer(shards, {"val-000000.tar": "corrupt", "test-000000.tar": "cut-once"})
+    try:
+        good = (shards / "val-000000.tar").read_bytes()
+        got = urllib.request.urlopen(f"{server.url}/val-000000.tar").read()
+        assert len(got) == len(good) and got != good
+        with pytest.raises(Exception):
+            urllib.request.urlopen(f"{server.url}/test-000000.tar").read()
+        assert urllib.request.urlopen(f"{server.url}/test-000000.tar").read() == (shards / "test-000000.tar").read_bytes()
+        request = urllib.request.Request(f"{server.url}/val-000000.tar", headers={"Range": "bytes=10-19"})
+        assert len(urllib.request.urlopen(request).read()) == 10
+        assert server.requests["test-000000.tar"] == 2
+    finally:
+        server.close()

@@ -1,0 +1,129 @@
+"""Servers the remote tests start on loopback: HTTP with injectable faults, and S3 (moto).
+
+`FaultyHTTPServer` serves a folder with Range support (for resumed downloads) and, per file name,
+a fault: "missing" (404), "truncate" (the full Content-Length announced, half the body sent, then
+the connection closed), "corrupt" (one byte flipped, right length), "cut-once" (the first GET of
+the file breaks off mid-body, later ones succeed: a retry must recover). `requests` counts GETs.
+"""
+import http.server
+import os
+import threading
+from collections import Counter
+from pathlib import Path
+
+FAULTS = ("missing", "truncate", "corrupt", "cut-once")
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def _target(self):
+        name = self.path.split("?", 1)[0].lstrip("/")
+        path = Path(self.server.root) / name
+        fault = self.server.faults.get(name)
+        if fault == "missing" or not path.is_file():
+            self.send_error(404)
+            return None, None, None
+        return name, path, fault
+
+    def _range(self, size):
+        spec = self.headers.get("Range")
+        if not spec or not spec.startswith("bytes="):
+            return 0, size
+        first, _, last = spec[6:].partition("-")
+        return int(first), (int(last) + 1 if last else size)
+
+    def do_HEAD(self):
+        name, path, _ = self._target()
+        if name is None:
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(path.stat().st_size))
+        self.send_header("Accept-Ranges", "bytes")
+        self.end_headers()
+
+    def do_GET(self):
+        name, path, fault = self._target()
+        if name is None:
+            return
+        self.server.requests[name] += 1
+        size = path.stat().st_size
+        lo, hi = self._range(size)
+        self.send_response(206 if (lo, hi) != (0, size) else 200)
+        if (lo, hi) != (0, size):
+            self.send_header("Content-Range", f"bytes {lo}-{hi - 1}/{size}")
+        self.send_header("Content-Length", str(hi - lo))
+        self.send_header("Accept-Ranges", "bytes")
+        self.end_headers()
+        with open(path, "rb") as f:
+            f.seek(lo)
+            data = f.read(hi - lo)
+        if fault == "corrupt":
+            data = bytearray(data)
+            data[len(data) // 2] ^= 0xFF
+        if fault == "truncate" or (fault == "cut-once" and self.server.requests[name] == 1):
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(2)  # the client sees the body end early
+            return
+        self.wfile.write(data)
+
+
+class FaultyHTTPServer(http.server.ThreadingHTTPServer):
+    """Serve `root` on 127.0.0.1 (a free port) in a daemon thread; `faults` maps file name -> fault."""
+
+    daemon_threads = True
+
+    def __init__(self, root, faults=None):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.root, self.faults, self.requests = str(root), dict(faults or {}), Counter()
+        assert set(self.faults.values()) <= set(FAULTS), self.faults
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.shutdown()
+        self.server_close()
+
+
+class S3Server:
+    """A moto S3 server on loopback, read through the real boto3/s3fs clients.
+
+    It sets AWS_ENDPOINT_URL (and dummy credentials) in os.environ while open, so `s3://` URLs work
+    with no storage_options, in this process and in subprocesses (torchrun) alike.
+    """
+
+    ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def __init__(self):
+        from moto.server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self._server.start()
+        host, port = self._server.get_host_and_port()
+        self.endpoint = f"http://{host}:{port}"
+        self._saved = {k: os.environ.get(k) for k in (*self.ENV, "AWS_ENDPOINT_URL")}
+        os.environ.update(self.ENV, AWS_ENDPOINT_URL=self.endpoint)
+
+    def upload(self, folder, bucket, prefix):
+        """Copy every file of `folder` to s3://bucket/prefix/; returns that URL."""
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=self.endpoint)
+        client.create_bucket(Bucket=bucket)
+        for path in sorted(Path(folder).iterdir()):
+            if path.is_file():
+                client.upload_file(str(path), bucket, f"{prefix}/{path.name}")
+        return f"s3://{bucket}/{prefix}"
+
+    def close(self):
+        self._server.stop()
+        for k, v in self._saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

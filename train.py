@@ -46,7 +46,7 @@ from tqdm import tqdm
 import models
 from models.recipes import recipe_names, resolve_recipe
 from pipeline import IMAGENET_MEAN, IMAGENET_STD, make_loader, read_manifest
-from pipeline.errors import CheckpointError, ShardError, TinyinError, run_cli
+from pipeline.errors import CheckpointError, ShardError, UsageError, run_cli
 from pipeline.order import step_seed
 
 NORMS = {"dataset": (None, None), "imagenet": (IMAGENET_MEAN, IMAGENET_STD), "half": ((0.5,) * 3, (0.5,) * 3)}
@@ -655,8 +655,16 @@ def positive_float(text):
     return value
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are tinyin's UsageError: one line on stderr, exit code 2 (see pipeline/errors.py),
+    instead of the usage block argparse prints above the line."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
 def get_args_parser(add_help=True):
-    p = argparse.ArgumentParser(prog="train.py", description="Train a CNN on Tiny ImageNet shards", add_help=add_help)
+    p = ArgumentParser(prog="train.py", description="Train a CNN on Tiny ImageNet shards", add_help=add_help)
     p.add_argument("--shards", default="out/shards", help="shard folder from `tinyin shard build` (default: out/shards)")
     p.add_argument("--arch", "--model", default="resnet18", choices=models.list_models(), help="network (default: resnet18)")
     p.add_argument("--size", type=int, choices=(28, 64, 224),

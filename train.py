@@ -52,6 +52,7 @@ from pipeline.order import step_seed
 NORMS = {"dataset": (None, None), "imagenet": (IMAGENET_MEAN, IMAGENET_STD), "half": ((0.5,) * 3, (0.5,) * 3)}
 FIELDS = ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "images_per_s", "epoch_time_s"]
 CHECKPOINT_FORMAT = "tinyin-train-2"  # format 1 (before mid-epoch resume) only held whole epochs
+DEBUG_ONCE = ("--resume", "--stop-after-steps", "--wait-at-step")  # flags the "continue with:" line drops
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # what schedulers send before preemption
 
 
@@ -397,12 +398,12 @@ def resume_path(args):
 def continue_command(args, world_size):
     """The command line that resumes this run (printed when it is interrupted)."""
     argv, skip = [], False
-    for a in args.argv:  # drop --resume X (and the hidden --stop-after-steps N): --resume auto replaces them
+    for a in args.argv:  # drop --resume X and the hidden one-shot flags: --resume auto replaces them
         if skip:
             skip = False
-        elif a in ("--resume", "--stop-after-steps"):
+        elif a in DEBUG_ONCE:
             skip = True
-        elif not a.startswith(("--resume=", "--stop-after-steps=")):
+        elif not a.startswith(tuple(f"{flag}=" for flag in DEBUG_ONCE)):
             argv.append(a)
     launcher = f"torchrun --nproc_per_node {world_size} train.py" if world_size > 1 else "python train.py"
     return f"{launcher} {shlex.join(argv + ['--resume', 'auto'])}"
@@ -565,6 +566,10 @@ def train(parts, state, args, stop):
     def after_step():
         if args.stop_after_steps == state.step:
             stop.request(signal.SIGUSR1)
+        if args.wait_at_step == state.step:  # debug: a test sends a real signal to a run known to be mid-epoch
+            print(f"waiting for a signal at epoch {state.epoch} step {state.epoch_steps}", flush=True)
+            while not stop.signum:
+                time.sleep(0.01)
         if stop.requested():
             return True
         if args.checkpoint_every and state.step % args.checkpoint_every == 0:
@@ -707,6 +712,8 @@ def get_args_parser(add_help=True):
     p.add_argument("--dump-keys", action="store_true", help=argparse.SUPPRESS)  # debug: keys-rank{r}.txt per rank
     # debug: behave as if SIGUSR1 arrived during global step N (a deterministic preemption for tests)
     p.add_argument("--stop-after-steps", type=at_least(1), default=None, help=argparse.SUPPRESS)
+    # debug: after global step N, print a line and wait for SIGTERM/SIGINT/SIGUSR1 (for the real-signal test)
+    p.add_argument("--wait-at-step", type=at_least(1), default=None, help=argparse.SUPPRESS)
     return p
 
 

@@ -40,7 +40,9 @@ def tiny_shards(tmp_path_factory):
 
 
 def run(shards, out, *flags):
-    return train.main(train.parse_args(["--shards", shards, "--device", "cpu", "--output-dir", str(out), "-j", "1", *flags]))
+    """train.py in this process (pytest's), on the CPU."""
+    argv = ["--shards", shards, "--device", "cpu", "--output-dir", out, "-j", "1", *flags]
+    return train.main(train.parse_args([str(a) for a in argv]))
 
 
 def read_jsonl(path):

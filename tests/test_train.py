@@ -341,16 +341,28 @@ def read_keys(out, rank):
     return [(int(e), k) for e, k in (line.split() for line in (out / f"keys-rank{rank}.txt").read_text().splitlines())]
 
 
-def test_ddp_two_processes_on_cpu(train_shards, tmp_path):
+def test_ddp_two_processes_on_cpu_and_a_resume_on_two_is_bit_identical(train_shards, tmp_path):
+    flags = ["--shards", train_shards, "--arch", "lenet5", "--epochs", "2", "-b", "50", "--device", "cpu", "-j", "1",
+             "--augment", "--dump-keys"]
     out = tmp_path / "ddp"
-    result = torchrun(2, "--shards", train_shards, "--arch", "lenet5", "--epochs", "1", "-b", "50", "--device", "cpu",
-                      "-j", "1", "--output-dir", out, "--dump-keys", cwd=tmp_path)
+    result = torchrun(2, *flags, "--output-dir", out, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    seen = [[k for _, k in read_keys(out, r)] for r in (0, 1)]
+    seen = [[k for e, k in read_keys(out, r) if e == 0] for r in (0, 1)]
     # 1000 images, 2 ranks x 10 steps x 50: nothing is dropped, and no image is seen twice.
     assert len(seen[0]) == len(seen[1]) == 500 and not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == sorted(train_keys(train_shards))
-    assert [r["epoch"] for r in read_jsonl(out / "metrics.jsonl")] == [0] and (out / "final.json").exists()
+    assert [r["epoch"] for r in read_jsonl(out / "metrics.jsonl")] == [0, 1]
+
+    # Stopped mid-epoch 1 (global step 13 = its step 3) and resumed on 2 ranks: each rank gets its own
+    # partial sums and RNG stream back, so the run is the uninterrupted one, bit for bit.
+    resumed = tmp_path / "resumed"
+    result = torchrun(2, *flags, "--output-dir", resumed, "--stop-after-steps", "13", cwd=tmp_path)
+    assert f"interrupted at epoch 1 step 3: checkpoint saved to {resumed / 'checkpoint.pth'}" in result.stderr
+    result = torchrun(2, *flags, "--output-dir", resumed, "--resume", "auto", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    _same_run(out, resumed)
+    for r in (0, 1):
+        assert read_keys(resumed, r) == read_keys(out, r)
 
 
 def test_two_rank_run_resumes_on_one_rank_exactly_once(train_shards, tmp_path, capsys):

@@ -5,22 +5,37 @@
     torchrun --nproc_per_node 4 train.py --arch resnet18 --amp    # DDP, one process per GPU
 
 Writes to --output-dir: args.json, env.json, metrics.jsonl/.csv (one row per epoch),
-checkpoint.pth (every epoch; resume with --resume auto), best.pth (best val top-1) and
-final.json (test-split accuracy of the final model, total wall time).
+checkpoint.pth (every epoch, every --checkpoint-every steps, and on SIGTERM/SIGINT/SIGUSR1;
+resume with --resume auto), best.pth (best val top-1) and final.json (test-split accuracy of
+the final model, total wall time).
+
+Preemption: a run's data state is (seed, epoch, samples of the epoch consumed over all ranks),
+because the epoch order is a pure function of (seed, epoch) (pipeline/order.py). A checkpoint
+records that, with the model, optimiser, each rank's partial epoch metrics and RNG state, so
+`--resume auto` continues mid-epoch; on the same number of ranks the result is bit-identical to
+an uninterrupted run, and on another number of ranks the rest of the epoch is dealt out to them.
 """
 
 import argparse
+import contextlib
 import csv
+import dataclasses
 import datetime
+import hashlib
 import itertools
 import json
 import math
 import os
+import pickle
 import platform
 import random
+import shlex
+import signal
 import socket
 import sys
+import threading
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -31,9 +46,17 @@ from tqdm import tqdm
 import models
 from models.recipes import recipe_names, resolve_recipe
 from pipeline import IMAGENET_MEAN, IMAGENET_STD, make_loader, read_manifest
+from pipeline.errors import CheckpointError, ShardError, UsageError, run_cli
+from pipeline.order import step_seed
 
 NORMS = {"dataset": (None, None), "imagenet": (IMAGENET_MEAN, IMAGENET_STD), "half": ((0.5,) * 3, (0.5,) * 3)}
 FIELDS = ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "images_per_s", "epoch_time_s"]
+CHECKPOINT_FORMAT = "tinyin-train-2"  # format 1 (before mid-epoch resume) only held whole epochs
+DEBUG_ONCE = ("--resume", "--stop-after-steps", "--wait-at-step")  # flags the "continue with:" line drops
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # what schedulers send before preemption
+
+
+# --- processes -----------------------------------------------------------------------------
 
 
 def rank() -> int:
@@ -47,37 +70,381 @@ def reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def gather(obj) -> list:
+    """`obj` from every rank, in rank order (a list of one outside DDP)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+@contextlib.contextmanager
+def distributed(args):
+    """Join torchrun's process group when launched by it; yields (device, world_size). The one
+    place the group is torn down, however the run ends (finished, interrupted, or an error)."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size > 1:  # torchrun put RANK, LOCAL_RANK and MASTER_ADDR in the environment
+        if args.device == "cuda":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device(args.device)
+    try:
+        yield device, world_size
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class StopSignals:
+    """Turns SIGTERM, SIGINT and SIGUSR1 into a request to stop at the end of the current step.
+
+    The handler only records the signal: the train loop polls `requested()` after each step,
+    writes a checkpoint there and exits. Repeats are ignored rather than fatal, because torchrun
+    forwards the signal the workers already received from the terminal or the scheduler.
+    Under DDP the ranks agree through an all-reduce (on a gloo group, so CUDA never syncs for it):
+    all stop after the same step, whichever rank the signal reached.
+    """
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+        self._group = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # Python only lets the main thread handle signals
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        if dist.is_initialized():
+            self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        self.signum = self.signum or signum
+
+    def request(self, signum):
+        """Stop as if `signum` had arrived (--stop-after-steps: a deterministic stand-in for a scheduler)."""
+        self._handle(signum, None)
+
+    def requested(self) -> int:
+        """The signal number every rank stops for, or 0 to go on (collective under DDP)."""
+        if self._group is None:
+            return self.signum
+        flag = torch.tensor([self.signum])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        return int(flag)
+
+
+class Interrupted(Exception):
+    """Raised out of the train loop after the stop checkpoint is written; main exits with 128 + signum."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+# --- the run's state -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RunState:
+    """Everything about where a run is, beyond the model and optimiser: what a checkpoint holds.
+
+    `epoch` is the epoch in progress (or the next one, at an epoch boundary) and `samples_done`
+    the samples of it consumed over all ranks: with the (seed, epoch) order that is the data
+    state. `sums` is this rank's partial (loss*n, correct, n) for the epoch's metrics row, so a
+    resumed epoch reports exactly what an uninterrupted one would.
+    """
+
+    epoch: int = 0
+    samples_done: int = 0
+    step: int = 0  # optimiser steps of the whole run (--checkpoint-every counts these)
+    epoch_steps: int = 0  # steps taken in `epoch` (--limit-batches counts these)
+    train_seconds: float = 0.0  # training time of `epoch` spent before the last resume
+    best_acc: float = 0.0
+    history: list = dataclasses.field(default_factory=list)
+    wall_time: float = 0.0  # train + val time of every finished epoch, across resumes
+    sums: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))
+
+    def next_epoch(self):
+        """Move to the start of the next epoch."""
+        self.epoch, self.samples_done, self.epoch_steps, self.train_seconds = self.epoch + 1, 0, 0, 0.0
+        self.sums = torch.zeros_like(self.sums)
+
+    def state_dict(self) -> dict:
+        """Collective under DDP: every rank's partial sums and RNG state (a resume on the same
+        number of ranks gives each rank its own back, which is what keeps it bit-identical)."""
+        own = {k: getattr(self, k) for k in ("epoch", "samples_done", "step", "epoch_steps", "train_seconds",
+                                             "best_acc", "history", "wall_time")}
+        return dict(own, rank_sums=gather(self.sums.tolist()), rng=gather(rng_state()))
+
+    @classmethod
+    def from_state_dict(cls, saved, device, seed):
+        """This rank's state from a checkpoint's `state`, on this run's number of ranks."""
+        state = cls(**{k: saved[k] for k in ("epoch", "samples_done", "step", "epoch_steps", "train_seconds",
+                                             "best_acc", "history", "wall_time")})
+        r, world_size = rank(), dist.get_world_size() if dist.is_initialized() else 1
+        if len(saved["rank_sums"]) == world_size:  # same ranks: each continues its own sums and RNG streams
+            state.sums = torch.tensor(saved["rank_sums"][r], dtype=torch.float64)
+            set_rng_state(saved["rng"][r], device)
+        else:  # elastic: rank 0 carries the epoch's totals so far; RNG streams are new, from the step
+            total = torch.tensor(saved["rank_sums"], dtype=torch.float64).sum(0)
+            state.sums = total if r == 0 else torch.zeros(3, dtype=torch.float64)
+            seed_everything(step_seed(seed, state.epoch, r, state.step))
+        state.sums = state.sums.to(device)
+        return state
+
+
+def rng_state():
+    return dict(torch=torch.get_rng_state(), python=random.getstate(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [])
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# --- data and model ------------------------------------------------------------------------
+
+
 def autocast(device, args):
     """bf16 autocast: a CUDA-only speed-up here (CPU bf16 is slower than fp32 on most CPUs)."""
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda")
 
 
-def train_one_epoch(model, criterion, optimizer, loader, device, epoch, args, keys=None):
-    """One pass over this rank's train split; returns global (loss, top-1 %, images)."""
+def open_shards(path):
+    """The shard set's manifest; ShardError (one line, exit 1) for a missing or foreign folder."""
+    if not Path(path).is_dir():
+        raise ShardError(f"--shards {path}: no such folder")
+    return read_manifest(path)
+
+
+def load_data(args, device, world_size):
+    """Train/val/test loaders for the model's variant, resized on the device when --size asks."""
+    info = models.model_input(args.arch)
+    mean, std = (v if v is None else v[: info["channels"]] for v in NORMS[args.norm])  # grey: one channel
+    common = dict(variant=info["variant"], size=None if args.size == info["native"] else args.size,
+                  mean=mean, std=std, batch_size=args.batch_size, seed=args.seed, rank=rank(),
+                  world_size=world_size, device=device, workers=args.workers, channels_last=args.channels_last,
+                  path=args.data_path)
+    # drop_last under DDP so every rank takes the same number of steps (DDP all-reduces each one).
+    train = make_loader(args.shards, "train", shuffle=True, drop_last=world_size > 1, augment=args.augment,
+                        with_keys=args.dump_keys, **common)
+    val, test = (make_loader(args.shards, split, shuffle=False, **common) for split in ("val", "test"))
+    return train, val, test
+
+
+def build_model(args, num_classes):
+    """The network, from scratch, torchvision's ImageNet weights, or --weights FILE."""
+    try:
+        return models.get_model(args.arch, num_classes, pretrained=args.pretrained, weights=args.weights)
+    except models.WeightsUnavailable as e:
+        raise CheckpointError(str(e)) from None
+    except FileNotFoundError:
+        raise CheckpointError(f"--weights {args.weights}: no such file") from None
+    except (ValueError, RuntimeError, pickle.UnpicklingError, EOFError) as e:
+        raise CheckpointError(f"--weights {args.weights}: {describe_weights(args.weights, args.arch, e)}") from None
+
+
+def describe_weights(path, arch, error):
+    """Why a weights file does not load, in a few words (the full key lists fill a screen)."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - whatever torch.load raised, the file is not weights
+        return f"not a weights file ({error.__class__.__name__})"
+    run_args = saved.get("args") if isinstance(saved, dict) else None
+    other = run_args.get("arch") if isinstance(run_args, dict) else None
+    if other and other != arch:
+        return f"holds {other} weights (a train.py checkpoint), not {arch}"
+    return f"does not fit {arch} (other tensor names or shapes)"
+
+
+def make_scheduler(optimizer, args, last_epoch=-1):
+    """The lr multiplier per epoch in closed form, so a resumed run may extend --epochs exactly."""
+    if args.lr_scheduler == "step":
+        factor = lambda epoch: args.lr_gamma ** (epoch // args.lr_step_size)  # noqa: E731
+    elif args.lr_scheduler == "cosine":
+        factor = lambda epoch: 0.5 * (1 + math.cos(math.pi * epoch / args.epochs))  # noqa: E731
+    else:
+        factor = lambda epoch: 1.0  # noqa: E731
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=last_epoch)
+
+
+@dataclasses.dataclass
+class Parts:
+    """The live objects of a run (what is built, not what is saved: that is RunState)."""
+
+    model: nn.Module  # what is called: DDP- and/or compile-wrapped
+    module: nn.Module  # the bare network: what is saved and loaded
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    train: object
+    val: object
+    test: object
+    identity: dict  # what makes a checkpoint this run's (see run_identity)
+    device: torch.device
+    world_size: int
+    lr_scheduler: object = None
+
+
+def build(args, device, world_size):
+    """Model, optimiser and loaders for this rank; the lr schedule comes with the state (`restore`)."""
+    manifest = open_shards(args.shards)
+    seed_everything(args.seed)  # the same initial weights on every rank
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    module = build_model(args, len(manifest["classes"]))
+    torch.manual_seed(args.seed + rank())  # but different dropout masks
+    module.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+    model = module
+    if world_size > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        model = torch.compile(model)
+    optimizer = torch.optim.SGD(module.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+    train, val, test = load_data(args, device, world_size)
+    return Parts(model, module, nn.CrossEntropyLoss(label_smoothing=args.label_smoothing), optimizer,
+                 train, val, test, run_identity(args, manifest), device, world_size)
+
+
+# --- checkpoints ---------------------------------------------------------------------------
+
+
+def run_identity(args, manifest):
+    """What a checkpoint must share with this run to continue it: the network, its input, the
+    seed (the epoch order and the weights follow from it) and the dataset (classes and size)."""
+    wnids = ",".join(c["wnid"] for c in manifest["classes"])
+    digest = hashlib.sha256(wnids.encode()).hexdigest()[:12]
+    return dict(arch=args.arch, size=args.size, seed=args.seed,
+                dataset=f"{len(manifest['classes'])} classes ({digest}), {manifest['counts']['train']} train")
+
+
+def save_atomic(obj, path):
+    """torch.save to a temp name then rename, so a crash never leaves half a checkpoint."""
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def save_checkpoint(parts, state, args, paths):
+    """Write the checkpoint to each of `paths` (rank 0; collective under DDP: gathers every rank's state)."""
+    ckpt = dict(format=CHECKPOINT_FORMAT, model=parts.module.state_dict(), optimizer=parts.optimizer.state_dict(),
+                lr_scheduler=parts.lr_scheduler.state_dict(), args=vars(args), identity=parts.identity,
+                world_size=parts.world_size, batch_size=args.batch_size, state=state.state_dict())
+    if rank() == 0:
+        for path in paths:
+            save_atomic(ckpt, path)
+
+
+def load_checkpoint(path, identity):
+    """A train.py checkpoint of this run; CheckpointError naming what is wrong otherwise."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"--resume {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path}: not a train.py checkpoint ({e.__class__.__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        found = ckpt.get("format", "none") if isinstance(ckpt, dict) else "none"
+        raise CheckpointError(f"{path}: not a train.py checkpoint of format {CHECKPOINT_FORMAT} (format: {found})")
+    differs = [f"{k} {ckpt['identity'].get(k)} there, {v} here" for k, v in identity.items()
+               if ckpt["identity"].get(k) != v]
+    if differs:
+        raise CheckpointError(f"{path}: a checkpoint of another run ({'; '.join(differs)}); "
+                              "pass the flags it was made with, or another --output-dir")
+    return ckpt
+
+
+def restore(parts, args, ckpt_path):
+    """The run state to start from: a fresh one, or the checkpoint's (model, optimiser, RNG, data
+    position), with the lr schedule rebuilt for this run's --epochs (cosine's length may change)."""
+    state = RunState()
+    state.sums = state.sums.to(parts.device)
+    if ckpt_path:
+        ckpt = load_checkpoint(ckpt_path, parts.identity)
+        if ckpt["world_size"] != parts.world_size and args.data_path == "stream":
+            raise CheckpointError(f"{ckpt_path}: made on {ckpt['world_size']} ranks; the stream path resumes on "
+                                  f"the same number only (this run has {parts.world_size}); use --data-path fast")
+        parts.module.load_state_dict(ckpt["model"])
+        parts.optimizer.load_state_dict(ckpt["optimizer"])
+        state = RunState.from_state_dict(ckpt["state"], parts.device, args.seed)
+        if rank() == 0:
+            where = f"epoch {state.epoch} step {state.epoch_steps}" if state.samples_done else f"the start of epoch {state.epoch}"
+            print(f"resumed from {ckpt_path} at {where} ({state.samples_done} samples of it done, "
+                  f"{ckpt['world_size']} -> {parts.world_size} ranks)")
+    parts.lr_scheduler = make_scheduler(parts.optimizer, args, last_epoch=state.epoch - 1)
+    return state
+
+
+def resume_path(args):
+    """The checkpoint --resume names: 'auto' = OUTPUT_DIR/checkpoint.pth if it exists."""
+    if args.resume == "auto":
+        path = os.path.join(args.output_dir, "checkpoint.pth")
+        return path if os.path.exists(path) else None
+    return args.resume
+
+
+def continue_command(args, world_size):
+    """The command line that resumes this run (printed when it is interrupted)."""
+    argv, skip = [], False
+    for a in args.argv:  # drop --resume X and the hidden one-shot flags: --resume auto replaces them
+        if skip:
+            skip = False
+        elif a in DEBUG_ONCE:
+            skip = True
+        elif not a.startswith(tuple(f"{flag}=" for flag in DEBUG_ONCE)):
+            argv.append(a)
+    launcher = f"torchrun --nproc_per_node {world_size} train.py" if world_size > 1 else "python train.py"
+    return f"{launcher} {shlex.join(argv + ['--resume', 'auto'])}"
+
+
+# --- training ------------------------------------------------------------------------------
+
+
+def train_one_epoch(parts, state, args, after_step, keys=None):
+    """Train `state.epoch` from `state.samples_done` on: the rest of the epoch, or until
+    `after_step()` says stop. Updates `state` after every step; returns True if the epoch finished."""
+    model, loader, device = parts.model, parts.train, parts.device
     model.train()
-    loader.set_epoch(epoch)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n: no per-step sync
-    batches = itertools.islice(loader, args.limit_batches)  # islice(x, None): everything
-    bar = tqdm(batches, desc=f"epoch {epoch}", total=min(len(loader), args.limit_batches or len(loader)),
+    loader.set_epoch(state.epoch, start=state.samples_done)
+    left = None if args.limit_batches is None else max(args.limit_batches - state.epoch_steps, 0)
+    bar = tqdm(itertools.islice(loader, left), desc=f"epoch {state.epoch}", initial=state.epoch_steps,
+               total=state.epoch_steps + min(len(loader), left if left is not None else len(loader)),
                disable=True if rank() else None, leave=False)
-    for step, batch in enumerate(bar):
+    for batch in bar:
         images, target = batch[0], batch[1]
         if keys is not None:
             keys.extend(batch[2])
         with autocast(device, args):
             output = model(images)
-            loss = criterion(output, target)
-        optimizer.zero_grad(set_to_none=True)
+            loss = parts.criterion(output, target)
+        parts.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        parts.optimizer.step()
         n = target.numel()
-        sums[0] += loss.detach() * n
-        sums[1] += (output.argmax(1) == target).sum()
-        sums[2] += n
-        if step % 20 == 0 and not bar.disable:  # .item() syncs with the GPU: only now and then
-            bar.set_postfix(loss=f"{sums[0].item() / sums[2].item():.3f}")
-    loss_sum, correct, n = reduce_sum(sums).tolist()
-    return loss_sum / n, 100 * correct / n, int(n)
+        state.sums[0] += loss.detach() * n  # loss*n, correct, n: no per-step sync
+        state.sums[1] += (output.argmax(1) == target).sum()
+        state.sums[2] += n
+        # Under DDP every rank's batch is full (drop_last), so the global count is n * ranks.
+        state.samples_done += n * parts.world_size
+        state.step += 1
+        state.epoch_steps += 1
+        if state.epoch_steps % 20 == 0 and not bar.disable:  # .item() syncs with the GPU: only now and then
+            bar.set_postfix(loss=f"{state.sums[0].item() / state.sums[2].item():.3f}")
+        if after_step():
+            return False
+    return True
 
 
 @torch.no_grad()  # not inference_mode: the loader's gather thread writes into buffers made here
@@ -98,36 +465,26 @@ def evaluate(model, criterion, loader, device, args):
     return dict(loss=loss_sum / n, top1=100 * top1 / n, top5=100 * top5 / n)
 
 
-def load_data(args, device, world_size):
-    """Train/val/test loaders for the model's variant, resized on the device when --size asks."""
-    info = models.model_input(args.arch)
-    mean, std = (v if v is None else v[: info["channels"]] for v in NORMS[args.norm])  # grey: one channel
-    common = dict(variant=info["variant"], size=None if args.size == info["native"] else args.size,
-                  mean=mean, std=std, batch_size=args.batch_size, seed=args.seed, rank=rank(),
-                  world_size=world_size, device=device, workers=args.workers, channels_last=args.channels_last,
-                  path=args.data_path)
-    # drop_last under DDP so every rank takes the same number of steps (DDP all-reduces each one).
-    train = make_loader(args.shards, "train", shuffle=True, drop_last=world_size > 1, augment=args.augment,
-                        with_keys=args.dump_keys, **common)
-    val, test = (make_loader(args.shards, split, shuffle=False, **common) for split in ("val", "test"))
-    return train, val, test
+def finish_epoch(parts, state, args):
+    """Validate, record the epoch's metrics row, and move `state` to the next epoch; returns (row, is_best)."""
+    t0 = time.time()
+    loss_sum, correct, n = reduce_sum(state.sums.clone()).tolist()
+    val = evaluate(parts.model, parts.criterion, parts.val, parts.device, args)
+    train_seconds = state.train_seconds
+    epoch_time = train_seconds + (time.time() - t0)
+    row = dict(epoch=state.epoch, lr=parts.optimizer.param_groups[0]["lr"], train_loss=loss_sum / n,
+               train_top1=100 * correct / n, val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"],
+               images_per_s=n / train_seconds, epoch_time_s=epoch_time)
+    parts.lr_scheduler.step()
+    is_best = not state.history or val["top1"] > state.best_acc
+    state.history.append(row)
+    state.wall_time += epoch_time
+    state.best_acc = max(state.best_acc, val["top1"])
+    state.next_epoch()
+    return row, is_best
 
 
-def make_scheduler(optimizer, args, last_epoch=-1):
-    """The lr multiplier per epoch in closed form, so a resumed run may extend --epochs exactly."""
-    if args.lr_scheduler == "step":
-        factor = lambda epoch: args.lr_gamma ** (epoch // args.lr_step_size)  # noqa: E731
-    elif args.lr_scheduler == "cosine":
-        factor = lambda epoch: 0.5 * (1 + math.cos(math.pi * epoch / args.epochs))  # noqa: E731
-    else:
-        factor = lambda epoch: 1.0  # noqa: E731
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=last_epoch)
-
-
-def save_atomic(obj, path):
-    """torch.save to a temp name then rename, so a crash never leaves half a checkpoint."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+# --- files ---------------------------------------------------------------------------------
 
 
 def write_metrics(out, history, append=None):
@@ -140,6 +497,15 @@ def write_metrics(out, history, append=None):
         if mode == "w":
             w.writeheader()
         w.writerows(rows)
+
+
+def write_keys(out, epoch, keys):
+    """--dump-keys: append what this rank trained on since the last checkpoint to keys-rank{r}.txt.
+    Flushed only where a checkpoint is written, so the file matches the checkpointed run exactly."""
+    if keys:
+        with open(os.path.join(out, f"keys-rank{rank()}.txt"), "a") as f:
+            f.writelines(f"{epoch} {k}\n" for k in keys)
+        keys.clear()
 
 
 def cpu_name():
@@ -158,143 +524,152 @@ def environment(device, world_size):
                 time=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), argv=sys.argv)
 
 
-def init_distributed(args):
-    """Join torchrun's process group when launched by it; returns (device, world_size)."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size > 1:  # torchrun put RANK, LOCAL_RANK and MASTER_ADDR in the environment
-        if args.device == "cuda":
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
-    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device(args.device)
-    return device, world_size
+def write_run_files(out, args, device, world_size, history):
+    """args.json, env.json, and metrics files rewritten from `history` (a resumed run drops rows past its checkpoint)."""
+    with open(os.path.join(out, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=2)
+    with open(os.path.join(out, "env.json"), "w") as f:
+        json.dump(environment(device, world_size), f, indent=2)
+    write_metrics(out, history)
 
 
-def rng_state(device):
-    return dict(torch=torch.get_rng_state(), python=random.getstate(),
-                cuda=torch.cuda.get_rng_state_all() if device.type == "cuda" else [])
+# --- main ----------------------------------------------------------------------------------
 
 
-def set_rng_state(state, device):
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if device.type == "cuda" and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+def test_only(parts, args):
+    """--test-only: evaluate val and test, write eval.json."""
+    result = {split: evaluate(parts.model, parts.criterion, loader, parts.device, args)
+              for split, loader in (("val", parts.val), ("test", parts.test))}
+    if rank() == 0:
+        print(json.dumps(result))
+        with open(os.path.join(args.output_dir, "eval.json"), "w") as f:
+            json.dump(result, f, indent=2)
+    return result
 
 
-def main(args):
-    device, world_size = init_distributed(args)
-    main_rank = rank() == 0
-    out = args.output_dir
-    os.makedirs(out, exist_ok=True)
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-    num_classes = len(read_manifest(args.shards)["classes"])
-    try:
-        model = models.get_model(args.arch, num_classes, pretrained=args.pretrained, weights=args.weights)
-    except models.WeightsUnavailable as e:
-        sys.exit(f"error: {e}")
-    torch.manual_seed(args.seed + rank())  # but different dropout masks
-    model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
-    model_without_ddp = model
-    if world_size > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        model = torch.compile(model)
-    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    optimizer = torch.optim.SGD(model_without_ddp.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
-    lr_scheduler = make_scheduler(optimizer, args)
-    train_loader, val_loader, test_loader = load_data(args, device, world_size)
-
-    start_epoch, best_acc, history, wall = 0, 0.0, [], 0.0
+def train(parts, state, args, stop):
+    """Epochs from `state` to --epochs, checkpointing at each epoch's end, every --checkpoint-every
+    steps, and when `stop` reports a signal (then raises Interrupted)."""
+    out, main_rank = args.output_dir, rank() == 0
     ckpt_path = os.path.join(out, "checkpoint.pth")
-    resume = ckpt_path if args.resume == "auto" else args.resume
-    if resume and (args.resume != "auto" or os.path.exists(ckpt_path)):
-        ckpt = torch.load(resume, map_location="cpu", weights_only=True)
-        model_without_ddp.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        # Rebuilt, not loaded: the schedule follows this run's --epochs (cosine's length).
-        lr_scheduler = make_scheduler(optimizer, args, last_epoch=ckpt["epoch"])
-        start_epoch, best_acc, history, wall = ckpt["epoch"] + 1, ckpt["best_acc"], ckpt["history"], ckpt["wall_time"]
-        set_rng_state(ckpt["rng"], device)  # so the resumed run continues exactly as an uninterrupted one
+    keys = [] if args.dump_keys else None
+    clock = dict(t0=time.time(), before=state.train_seconds)  # this epoch's training time, across resumes
+
+    def tick():
+        state.train_seconds = clock["before"] + time.time() - clock["t0"]
+
+    def checkpoint(*extra):
+        save_checkpoint(parts, state, args, [ckpt_path, *extra])
+        if keys is not None:
+            write_keys(out, state.epoch if state.samples_done else state.epoch - 1, keys)
+
+    def after_step():
+        if args.stop_after_steps == state.step:
+            stop.request(signal.SIGUSR1)
+        if args.wait_at_step == state.step:  # debug: a test sends a real signal to a run known to be mid-epoch
+            print(f"waiting for a signal at epoch {state.epoch} step {state.epoch_steps}", flush=True)
+            while not stop.signum:
+                time.sleep(0.01)
+        if stop.requested():
+            return True
+        if args.checkpoint_every and state.step % args.checkpoint_every == 0:
+            tick()
+            checkpoint()
+        return False
+
+    if state.step == 0 and state.samples_done == 0:
+        checkpoint()  # the untrained state: a run stopped before its first checkpoint is resumable too
+    while state.epoch < args.epochs:
+        clock.update(t0=time.time(), before=state.train_seconds)
+        finished = train_one_epoch(parts, state, args, after_step, keys)
+        tick()
+        if not finished or stop.requested():  # a signal during the epoch, or during its last step
+            checkpoint()
+            raise Interrupted(stop.requested())
+        row, is_best = finish_epoch(parts, state, args)
         if main_rank:
-            print(f"resumed from {resume} after epoch {ckpt['epoch']}")
+            print(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} top1 {row['train_top1']:.2f} | "
+                  f"val loss {row['val_loss']:.4f} top1 {row['val_top1']:.2f} top5 {row['val_top5']:.2f} | "
+                  f"{row['images_per_s']:.0f} img/s {row['epoch_time_s']:.1f}s")
+            write_metrics(out, state.history, append=row)
+        checkpoint(*([os.path.join(out, "best.pth")] if is_best else []))
+        if stop.requested():  # arrived during validation: the epoch's checkpoint is the stop checkpoint
+            raise Interrupted(stop.requested())
 
-    if args.test_only:
-        result = {split: evaluate(model, criterion, loader, device, args) for split, loader in (("val", val_loader), ("test", test_loader))}
-        if main_rank:
-            print(json.dumps(result))
-            with open(os.path.join(out, "eval.json"), "w") as f:
-                json.dump(result, f, indent=2)
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        return result
 
-    def save_checkpoint(epoch, path=ckpt_path):
-        save_atomic(dict(model=model_without_ddp.state_dict(), optimizer=optimizer.state_dict(),
-                         lr_scheduler=lr_scheduler.state_dict(), epoch=epoch, args=vars(args), best_acc=best_acc,
-                         history=history, wall_time=wall, rng=rng_state(device)), path)
-
-    if main_rank:
-        with open(os.path.join(out, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
-        with open(os.path.join(out, "env.json"), "w") as f:
-            json.dump(environment(device, world_size), f, indent=2)
-        write_metrics(out, history)  # a fresh run truncates; a resumed one drops rows past its checkpoint
-        if start_epoch == 0:
-            save_checkpoint(-1)  # the untrained state, so Ctrl-C in epoch 0 is resumable too
-
-    saved = start_epoch - 1  # the epoch checkpoint.pth ends with
-    try:
-        for epoch in range(start_epoch, args.epochs):
-            t0 = time.time()
-            keys = [] if args.dump_keys else None
-            train_loss, train_top1, n = train_one_epoch(model, criterion, optimizer, train_loader, device, epoch, args, keys)
-            train_time = time.time() - t0
-            val = evaluate(model, criterion, val_loader, device, args)
-            row = dict(epoch=epoch, lr=optimizer.param_groups[0]["lr"], train_loss=train_loss, train_top1=train_top1,
-                       val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"],
-                       images_per_s=n / train_time, epoch_time_s=time.time() - t0)
-            lr_scheduler.step()
-            history.append(row)
-            wall += row["epoch_time_s"]
-            is_best = len(history) == 1 or val["top1"] > best_acc
-            best_acc = max(best_acc, val["top1"])
-            if keys is not None:  # --dump-keys: every rank writes what it trained on
-                with open(os.path.join(out, f"keys-rank{rank()}.txt"), "a") as f:
-                    f.writelines(f"{epoch} {k}\n" for k in keys)
-            if main_rank:
-                print(f"epoch {epoch}: train loss {train_loss:.4f} top1 {train_top1:.2f} | val loss {val['loss']:.4f} "
-                      f"top1 {val['top1']:.2f} top5 {val['top5']:.2f} | {row['images_per_s']:.0f} img/s {row['epoch_time_s']:.1f}s")
-                write_metrics(out, history, append=row)
-                save_checkpoint(epoch)
-                if is_best:
-                    save_checkpoint(epoch, os.path.join(out, "best.pth"))
-            saved = epoch
-    except KeyboardInterrupt:
-        if main_rank:
-            print(f"\ninterrupted: {ckpt_path} holds the state after epoch {saved}; "
-                  f"continue with --resume auto --output-dir {out}", file=sys.stderr)
-        sys.exit(130)
-
-    test = evaluate(model, criterion, test_loader, device, args)
-    last = history[-1] if history else {}
-    final = dict(arch=args.arch, size=args.size, epochs=len(history), test_top1=test["top1"], test_top5=test["top5"],
-                 test_loss=test["loss"], train_top1=last.get("train_top1"), val_top1=last.get("val_top1"),
-                 best_val_top1=best_acc, wall_time_s=wall)  # wall: train + val time of every epoch, across resumes
-    if main_rank:
-        print(f"test top1 {test['top1']:.2f} top5 {test['top5']:.2f} | wall {wall:.1f}s")
-        with open(os.path.join(out, "final.json"), "w") as f:
+def final_test(parts, state, args):
+    """Test-split accuracy of the final model; final.json."""
+    test = evaluate(parts.model, parts.criterion, parts.test, parts.device, args)
+    last = state.history[-1] if state.history else {}
+    final = dict(arch=args.arch, size=args.size, epochs=len(state.history), test_top1=test["top1"],
+                 test_top5=test["top5"], test_loss=test["loss"], train_top1=last.get("train_top1"),
+                 val_top1=last.get("val_top1"), best_val_top1=state.best_acc, wall_time_s=state.wall_time)
+    if rank() == 0:
+        print(f"test top1 {test['top1']:.2f} top5 {test['top5']:.2f} | wall {state.wall_time:.1f}s")
+        with open(os.path.join(args.output_dir, "final.json"), "w") as f:
             json.dump(final, f, indent=2)
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return final
 
 
+def main(args):
+    """Train (or --test-only evaluate) as `args` say; returns final.json's dict. Exits 128 + signum
+    after writing a checkpoint when SIGTERM, SIGINT or SIGUSR1 arrives mid-run."""
+    with distributed(args) as (device, world_size), StopSignals() as stop:
+        parts = build(args, device, world_size)
+        os.makedirs(args.output_dir, exist_ok=True)
+        state = restore(parts, args, resume_path(args))
+        if args.test_only:
+            return test_only(parts, args)
+        if rank() == 0:
+            write_run_files(args.output_dir, args, device, world_size, state.history)
+        try:
+            train(parts, state, args, stop)
+        except Interrupted as e:
+            if rank() == 0:
+                print(f"interrupted at epoch {state.epoch} step {state.epoch_steps}: checkpoint saved to "
+                      f"{os.path.join(args.output_dir, 'checkpoint.pth')}; continue with: "
+                      f"{continue_command(args, world_size)}", file=sys.stderr, flush=True)
+            raise SystemExit(128 + e.signum) from None
+        return final_test(parts, state, args)
+
+
+# --- flags ---------------------------------------------------------------------------------
+
+
+def at_least(low, kind=int):
+    """An argparse type: a number >= low ('must be at least 1, not 0')."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not value >= low:  # also rejects nan
+            raise argparse.ArgumentTypeError(f"must be at least {low}, not {text}")
+        return value
+    return parse
+
+
+def positive_float(text):
+    """An argparse type: a float > 0 ('must be positive, not -1')."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+    return value
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are tinyin's UsageError: one line on stderr, exit code 2 (see pipeline/errors.py),
+    instead of the usage block argparse prints above the line."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
 def get_args_parser(add_help=True):
-    p = argparse.ArgumentParser(prog="train.py", description="Train a CNN on Tiny ImageNet shards", add_help=add_help)
+    p = ArgumentParser(prog="train.py", description="Train a CNN on Tiny ImageNet shards", add_help=add_help)
     p.add_argument("--shards", default="out/shards", help="shard folder from `tinyin shard build` (default: out/shards)")
     p.add_argument("--arch", "--model", default="resnet18", choices=models.list_models(), help="network (default: resnet18)")
     p.add_argument("--size", type=int, choices=(28, 64, 224),
@@ -302,20 +677,20 @@ def get_args_parser(add_help=True):
     p.add_argument("--recipe", choices=recipe_names(),
                    help="a named recipe for --arch/--size (models/recipes.py): paper = the study's Table 2 and Table 3's "
                         "10-epoch rows, paper-50 = Table 3's 50-epoch rows; explicit flags still win (default: none)")
-    p.add_argument("-b", "--batch-size", type=int, default=128, help="images per step per process (default: 128)")
-    p.add_argument("--epochs", type=int, default=30, help="epochs to train (default: 30)")
-    p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (default: 0.01)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
-    p.add_argument("--wd", "--weight-decay", dest="wd", type=float, default=5e-4, help="weight decay (default: 5e-4)")
+    p.add_argument("-b", "--batch-size", type=at_least(1), default=128, help="images per step per process (default: 128)")
+    p.add_argument("--epochs", type=at_least(1), default=30, help="epochs to train (default: 30)")
+    p.add_argument("--lr", type=positive_float, default=0.01, help="SGD learning rate (default: 0.01)")
+    p.add_argument("--momentum", type=at_least(0.0, float), default=0.9, help="SGD momentum (default: 0.9)")
+    p.add_argument("--wd", "--weight-decay", dest="wd", type=at_least(0.0, float), default=5e-4, help="weight decay (default: 5e-4)")
     p.add_argument("--lr-scheduler", choices=("none", "step", "cosine"), default="cosine", help="lr schedule (default: cosine)")
-    p.add_argument("--lr-step-size", type=int, default=10, help="epochs between decays for step (default: 10)")
-    p.add_argument("--lr-gamma", type=float, default=0.1, help="decay factor for step (default: 0.1)")
-    p.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing (default: 0.0)")
+    p.add_argument("--lr-step-size", type=at_least(1), default=10, help="epochs between decays for step (default: 10)")
+    p.add_argument("--lr-gamma", type=positive_float, default=0.1, help="decay factor for step (default: 0.1)")
+    p.add_argument("--label-smoothing", type=at_least(0.0, float), default=0.0, help="cross-entropy label smoothing, below 1 (default: 0.0)")
     p.add_argument("--augment", action="store_true", help="random crop with padding + flip on train (default: off)")
     p.add_argument("--norm", choices=tuple(NORMS),
                    help="input normalisation: the train split's mean/std, imagenet, or half (mean = std = 0.5, the study's LeNet-5) (default: imagenet with --pretrained, else dataset)")
-    p.add_argument("-j", "--workers", type=int, default=2, help="loader workers per process, stream path only (default: 2)")
-    p.add_argument("--limit-batches", type=int, default=None, metavar="N",
+    p.add_argument("-j", "--workers", type=at_least(0), default=2, help="loader workers per process, stream path only (default: 2)")
+    p.add_argument("--limit-batches", type=at_least(1), default=None, metavar="N",
                    help="quick runs: at most N batches per epoch of each split (default: all)")
     p.add_argument("--data-path", choices=("auto", "resident", "fast", "stream"), default="auto",
                    help="loader read path: resident (split copied to the device once), fast (memory-mapped shards), "
@@ -325,17 +700,26 @@ def get_args_parser(add_help=True):
     p.add_argument("--compile", action="store_true", help="torch.compile the model (default: off)")
     p.add_argument("--seed", type=int, default=0, help="seeds the weights, dropout and the shuffle order (default: 0)")
     p.add_argument("--output-dir", help="where logs and checkpoints go (default: runs/ARCH-SIZE)")
-    p.add_argument("--resume", help="checkpoint to continue from, or 'auto' for OUTPUT_DIR/checkpoint.pth if present (default: none)")
+    p.add_argument("--resume", help="checkpoint to continue from, or 'auto' for OUTPUT_DIR/checkpoint.pth if present; "
+                                    "continues mid-epoch, also on another number of ranks (default: none)")
+    p.add_argument("--checkpoint-every", type=at_least(1), default=None, metavar="N",
+                   help="also write checkpoint.pth every N optimiser steps (default: at each epoch's end, and on "
+                        "SIGTERM, SIGINT or SIGUSR1)")
     p.add_argument("--test-only", action="store_true", help="only evaluate val and test, writing eval.json (default: off)")
     p.add_argument("--pretrained", action="store_true", help="start from torchvision's ImageNet weights (default: off)")
     p.add_argument("--weights", metavar="FILE", help="start from a local state dict or checkpoint (default: none)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu (default: cuda if available)")
     p.add_argument("--dump-keys", action="store_true", help=argparse.SUPPRESS)  # debug: keys-rank{r}.txt per rank
+    # debug: behave as if SIGUSR1 arrived during global step N (a deterministic preemption for tests)
+    p.add_argument("--stop-after-steps", type=at_least(1), default=None, help=argparse.SUPPRESS)
+    # debug: after global step N, print a line and wait for SIGTERM/SIGINT/SIGUSR1 (for the real-signal test)
+    p.add_argument("--wait-at-step", type=at_least(1), default=None, help=argparse.SUPPRESS)
     return p
 
 
 def parse_args(argv=None):
     """Parse argv, apply --recipe under the explicit flags, fill derived defaults, validate."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = get_args_parser()
     args = parser.parse_args(argv)
     # Which flags were typed? Parse again with every default None: what is set was given.
@@ -358,14 +742,17 @@ def parse_args(argv=None):
         for k, v in recipe.items():
             if k not in given:
                 setattr(args, k, v)
+    if args.label_smoothing >= 1:
+        parser.error(f"argument --label-smoothing: must be below 1, not {args.label_smoothing}")
     if args.pretrained and args.weights:
         parser.error("use --pretrained or --weights FILE, not both")
     if args.pretrained and models.model_spec(args.arch).weights is None:
         parser.error(f"argument --pretrained: {args.arch} has no pretrained ImageNet weights")
     args.norm = args.norm or ("imagenet" if args.pretrained else "dataset")
     args.output_dir = args.output_dir or os.path.join("runs", f"{args.arch}-{args.size}")
+    args.argv = argv  # for the "continue with:" line of an interrupted run
     return args
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_cli(lambda: main(parse_args()))

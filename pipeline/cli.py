@@ -5,21 +5,16 @@ from pathlib import Path
 
 import click
 
-from .errors import TinyinError
+from .errors import TinyinError, user_errors
 
 
 class _Group(click.Group):
-    """A click group that turns user-facing errors into one line on stderr and exit code 1."""
+    """A click group whose commands report user-facing errors the way train.py does
+    (`errors.user_errors`: one line on stderr, exit code 2 for usage errors and 1 otherwise)."""
 
     def invoke(self, ctx):
-        try:
+        with user_errors():
             return super().invoke(ctx)
-        except TinyinError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

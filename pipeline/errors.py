@@ -1,8 +1,24 @@
-"""Errors the user can act on. The CLI prints their message on one line and exits 1."""
+"""Errors the user can act on, and the one place that turns them into a line on stderr and an exit code.
+
+Both front ends (the `tinyin` click CLI and `train.py`) go through `user_errors()`: a
+`TinyinError` prints as ``error: MESSAGE`` (one line, no traceback) and exits with the error's
+`exit_code`: 2 for a `UsageError` (a bad flag value or combination, as argparse and click use),
+1 for everything else (missing or foreign files, a checkpoint from another run, ...).
+"""
+import contextlib
+import sys
 
 
 class TinyinError(Exception):
     """Base class: a user-facing problem with input, output or options (no traceback shown)."""
+
+    exit_code = 1
+
+
+class UsageError(TinyinError):
+    """A flag value or combination that cannot work (exit code 2, as argparse and click use)."""
+
+    exit_code = 2
 
 
 class SourceError(TinyinError):
@@ -15,3 +31,32 @@ class ImageError(TinyinError):
 
 class ShardError(TinyinError):
     """A shard set is incomplete, corrupt, or disagrees with its manifest."""
+
+
+class CheckpointError(TinyinError):
+    """A checkpoint or weights file that is missing, unreadable, or belongs to another run or network."""
+
+
+def report(error: TinyinError) -> None:
+    """Print `error` as the one line the user sees (stderr) and exit with its code."""
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    sys.exit(error.exit_code)
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Run a command body: a TinyinError becomes one line on stderr and its exit code, and a
+    Ctrl-C outside any handler of the command's own becomes ``interrupted`` and exit code 130."""
+    try:
+        yield
+    except TinyinError as e:
+        report(e)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
+
+
+def run_cli(main, *args, **kwargs):
+    """Call `main(*args, **kwargs)` under `user_errors()` (train.py's ``__main__``)."""
+    with user_errors():
+        return main(*args, **kwargs)

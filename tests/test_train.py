@@ -1,16 +1,21 @@
-"""train.py end to end on tiny synthetic shards: flags, metrics files, resume, DDP on CPU."""
+"""train.py end to end on tiny synthetic shards: flags, errors, metrics files, checkpoints, signals,
+mid-epoch and elastic resume, DDP on CPU."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import train
-from pipeline import build_shards, make_loader
+from pipeline import build_shards, make_loader, read_index, read_manifest
+from pipeline.errors import run_cli
+from pipeline.order import epoch_order, step_seed
 from pipeline.synth import synthesize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,11 +40,30 @@ def tiny_shards(tmp_path_factory):
 
 
 def run(shards, out, *flags):
-    return train.main(train.parse_args(["--shards", shards, "--device", "cpu", "--output-dir", str(out), "-j", "1", *flags]))
+    """train.py in this process (pytest's), on the CPU."""
+    argv = ["--shards", shards, "--device", "cpu", "--output-dir", out, "-j", "1", *flags]
+    return train.main(train.parse_args([str(a) for a in argv]))
 
 
 def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def cli(*argv):
+    """train.py as its __main__ runs it, in this process, for a run that must fail: its exit code."""
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: train.main(train.parse_args([str(a) for a in argv])))
+    return e.value.code
+
+
+def script(*argv, **kw):
+    """train.py in a subprocess (what a user or a scheduler runs)."""
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, argv)], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120, **kw)
+
+
+def train_keys(shards):
+    return read_index(shards, "train").to_pydict()["key"]  # index order = position in the epoch permutation
 
 
 # --- flags -------------------------------------------------------------------------------
@@ -79,12 +103,65 @@ def test_explicit_flags_beat_the_recipe():
     (["--arch", "lenet5", "--recipe", "paper-50"],
      "argument --recipe: recipe 'paper-50' has no row for lenet5 at --size 28; it has: alexnet --size 224, "
      "squeezenet1_1 --size 224, resnet18 --size 224"),
+    (["-b", "0"], "argument -b/--batch-size: must be at least 1, not 0"),
+    (["--lr", "-1"], "argument --lr: must be positive, not -1"),
+    (["--lr", "nan"], "argument --lr: must be positive, not nan"),
+    (["--lr", "fast"], "argument --lr: not a number: 'fast'"),
+    (["--epochs", "0"], "argument --epochs: must be at least 1, not 0"),
+    (["--checkpoint-every", "0"], "argument --checkpoint-every: must be at least 1, not 0"),
+    (["--limit-batches", "0"], "argument --limit-batches: must be at least 1, not 0"),
+    (["--momentum", "-0.5"], "argument --momentum: must be at least 0.0, not -0.5"),
+    (["--label-smoothing", "1"], "argument --label-smoothing: must be below 1, not 1.0"),
+    (["-j", "-1"], "argument -j/--workers: must be at least 0, not -1"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
 ])
-def test_bad_combinations_are_one_line_errors(argv, message, capsys):
-    with pytest.raises(SystemExit) as e:
-        train.parse_args(argv)
-    assert e.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1] == f"train.py: error: {message}"
+def test_bad_flags_are_one_line_errors_with_exit_code_2(argv, message, capsys):
+    assert cli(*argv) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_user_mistakes_are_one_line_errors_with_exit_code_1(train_shards, tiny_shards, tmp_path, capsys):
+    def error(*argv):
+        code = cli("--device", "cpu", "-j", "1", "--epochs", "1", "--output-dir", tmp_path / "out", *argv)
+        return code, capsys.readouterr().err
+
+    assert error("--shards", tmp_path / "nonexistent") == (1, f"error: --shards {tmp_path / 'nonexistent'}: no such folder\n")
+    assert error("--shards", tmp_path) == (
+        1, f"error: {tmp_path}: not a tinyin shard set (no manifest.json); run `tinyin shard build` first\n")
+
+    lenet = tmp_path / "lenet"
+    run(train_shards, lenet, "--arch", "lenet5", "--epochs", "1", "--limit-batches", "1")
+    ckpt = lenet / "checkpoint.pth"
+    assert error("--shards", tiny_shards, "--arch", "resnet18", "--weights", ckpt, "--output-dir", tmp_path / "w") == (
+        1, f"error: --weights {ckpt}: holds lenet5 weights (a train.py checkpoint), not resnet18\n")
+    torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "other.pth")
+    assert error("--shards", train_shards, "--arch", "lenet5", "--weights", tmp_path / "other.pth") == (
+        1, f"error: --weights {tmp_path / 'other.pth'}: does not fit lenet5 (other tensor names or shapes)\n")
+    assert error("--shards", train_shards, "--arch", "lenet5", "--weights", tmp_path / "none.pth") == (
+        1, f"error: --weights {tmp_path / 'none.pth'}: no such file\n")
+
+    # A checkpoint of another run: another seed, or another dataset (the tiny set has 2 classes).
+    assert error("--shards", train_shards, "--arch", "lenet5", "--output-dir", lenet, "--resume", "auto", "--seed", "7") == (
+        1, f"error: {ckpt}: a checkpoint of another run (seed 0 there, 7 here); "
+           "pass the flags it was made with, or another --output-dir\n")
+    there, here = (train.run_identity(train.parse_args(["--arch", "lenet5"]), read_manifest(s))["dataset"]
+                   for s in (train_shards, tiny_shards))
+    assert (there[:10], here[:9]) == ("10 classes", "2 classes")
+    assert error("--shards", tiny_shards, "--arch", "lenet5", "--resume", ckpt) == (
+        1, f"error: {ckpt}: a checkpoint of another run (dataset {there} there, {here} here); "
+           "pass the flags it was made with, or another --output-dir\n")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    assert error("--shards", train_shards, "--arch", "lenet5", "--resume", tmp_path / "junk.pth") == (
+        1, f"error: {tmp_path / 'junk.pth'}: not a train.py checkpoint (UnpicklingError)\n")
+    assert error("--shards", train_shards, "--arch", "lenet5", "--resume", tmp_path / "none.pth") == (
+        1, f"error: --resume {tmp_path / 'none.pth'}: no such file\n")
+
+
+def test_the_script_prints_one_line_and_no_traceback(tmp_path):
+    result = script("--shards", tmp_path / "nonexistent", "--device", "cpu")
+    assert (result.returncode, result.stderr) == (1, f"error: --shards {tmp_path / 'nonexistent'}: no such folder\n")
+    result = script("-b", "0")
+    assert (result.returncode, result.stderr) == (2, "error: argument -b/--batch-size: must be at least 1, not 0\n")
 
 
 # --- training ----------------------------------------------------------------------------
@@ -108,9 +185,13 @@ def test_lenet5_learns_and_writes_its_files(train_shards, tmp_path):
     assert final["epochs"] == 3 and final["train_top1"] == rows[2]["train_top1"] and final["val_top1"] == rows[2]["val_top1"]
     assert 0 <= final["test_top1"] <= final["test_top5"] <= 100 and final["wall_time_s"] > 0
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
-    assert ckpt["epoch"] == 2 and set(ckpt) >= {"model", "optimizer", "lr_scheduler", "args", "rng", "best_acc"}
+    assert set(ckpt) == {"format", "model", "optimizer", "lr_scheduler", "args", "identity", "world_size", "batch_size", "state"}
+    state = ckpt["state"]
+    # 1000 images in batches of 32: 32 steps per epoch (the last one of 8).
+    assert (state["epoch"], state["samples_done"], state["epoch_steps"], state["step"]) == (3, 0, 0, 3 * 32)
+    assert state["history"] == rows and state["rank_sums"] == [[0.0, 0.0, 0.0]] and len(state["rng"]) == 1
     best = torch.load(tmp_path / "best.pth", weights_only=True)
-    assert best["best_acc"] == max(r["val_top1"] for r in rows)
+    assert best["state"]["best_acc"] == max(r["val_top1"] for r in rows)
 
     # --test-only on the final checkpoint reproduces the final test accuracy.
     result = run(train_shards, tmp_path / "eval", "--arch", "lenet5", "--norm", "half", "--test-only",
@@ -119,12 +200,19 @@ def test_lenet5_learns_and_writes_its_files(train_shards, tmp_path):
     assert json.loads((tmp_path / "eval" / "eval.json").read_text()) == result
 
 
+def drop_times(rows):
+    return [{k: v for k, v in r.items() if k not in ("images_per_s", "epoch_time_s")} for r in rows]
+
+
 def _same_run(a, b):
+    """Bit for bit: every tensor of the final model, every metric but the timings."""
     sa, sb = torch.load(a / "checkpoint.pth", weights_only=True), torch.load(b / "checkpoint.pth", weights_only=True)
-    assert sa["epoch"] == sb["epoch"]
-    assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
-    drop_times = lambda rows: [{k: v for k, v in r.items() if k not in ("images_per_s", "epoch_time_s")} for r in rows]  # noqa: E731
-    assert drop_times(read_jsonl(a / "metrics.jsonl")) == drop_times(read_jsonl(b / "metrics.jsonl"))
+    assert sa["state"]["epoch"] == sb["state"]["epoch"] and sa["state"]["step"] == sb["state"]["step"]
+    assert list(sa["model"]) == list(sb["model"]) and len(sa["model"]) > 0
+    unequal = [k for k in sa["model"] if not torch.equal(sa["model"][k], sb["model"][k])]
+    assert unequal == []
+    ra, rb = (drop_times(read_jsonl(d / "metrics.jsonl")) for d in (a, b))
+    assert len(ra) == sa["state"]["epoch"] and ra == rb
     fa, fb = (json.loads((d / "final.json").read_text()) for d in (a, b))
     assert {k: v for k, v in fa.items() if k != "wall_time_s"} == {k: v for k, v in fb.items() if k != "wall_time_s"}
 
@@ -138,50 +226,206 @@ def test_resume_matches_an_uninterrupted_run(train_shards, tmp_path):
     _same_run(tmp_path / "straight", tmp_path / "resumed")
 
 
-def test_ctrl_c_leaves_a_resumable_checkpoint(tiny_shards, tmp_path, monkeypatch, capsys):
-    # squeezenet1_1 has dropout, so this also checks that the RNG state is carried over
+def stop_at(shards, out, step, *flags):
+    """Run until global step `step` as if preempted there (the hidden --stop-after-steps sends no
+    signal but takes the same path as SIGUSR1: checkpoint at that step, exit 138)."""
+    with pytest.raises(SystemExit) as e:
+        run(shards, out, *flags, "--stop-after-steps", str(step))
+    assert e.value.code == 128 + signal.SIGUSR1
+    return torch.load(out / "checkpoint.pth", weights_only=True)
+
+
+@pytest.mark.parametrize("augment", [False, True], ids=["plain", "augment"])
+@pytest.mark.parametrize("path", ["resident", "fast",
+                                  pytest.param("stream", marks=pytest.mark.xfail(
+                                      raises=ValueError, strict=False,
+                                      reason="the stream path's set_epoch(epoch, start>0) is being written (stream.py)"))])
+def test_mid_epoch_resume_is_bit_identical(train_shards, tmp_path, path, augment, capsys):
+    # 1000 images in batches of 64: 16 steps per epoch. Stopped twice: mid-epoch 0 (step 5),
+    # then mid-epoch 1 (global step 21), after periodic checkpoints at steps 7 and 14.
+    flags = ["--arch", "lenet5", "-b", "64", "--epochs", "2", "--data-path", path, "--checkpoint-every", "7",
+             *(["--augment"] if augment else [])]
+    run(train_shards, tmp_path / "straight", *flags)
+    ckpt = stop_at(train_shards, tmp_path / "resumed", 5, *flags)
+    assert (ckpt["state"]["epoch"], ckpt["state"]["epoch_steps"], ckpt["state"]["samples_done"]) == (0, 5, 5 * 64)
+    out = tmp_path / "resumed"
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"interrupted at epoch 0 step 5: checkpoint saved to {out / 'checkpoint.pth'}; continue with: python train.py "
+        f"--shards {train_shards} --device cpu --output-dir {out} -j 1 {' '.join(flags)} --resume auto")
+    ckpt = stop_at(train_shards, out, 21, *flags, "--resume", "auto")
+    assert (ckpt["state"]["epoch"], ckpt["state"]["epoch_steps"], ckpt["state"]["step"]) == (1, 5, 21)
+    assert len(ckpt["state"]["history"]) == 1
+    run(train_shards, out, *flags, "--resume", "auto")
+    _same_run(tmp_path / "straight", out)
+
+
+def test_dropout_rng_is_carried_over(tiny_shards, tmp_path):
+    # squeezenet1_1 has dropout, so this checks that the RNG state is saved at the step and restored
     # (at lr 0.01 its last ReLU dies on this data, and dead units ignore dropout).
     flags = ["--arch", "squeezenet1_1", "-b", "4", "--epochs", "2", "--lr", "0.001"]
     run(tiny_shards, tmp_path / "straight", *flags)
-    real = train.train_one_epoch
-
-    def interrupted(*a, **kw):
-        if a[5] == 1:  # epoch 1: as if Ctrl-C arrived mid-epoch
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(train, "train_one_epoch", interrupted)
-    with pytest.raises(SystemExit) as e:
-        run(tiny_shards, tmp_path / "resumed", *flags)
-    assert e.value.code == 130
-    out = tmp_path / "resumed"
-    assert capsys.readouterr().err.splitlines()[-1] == (
-        f"interrupted: {out / 'checkpoint.pth'} holds the state after epoch 0; continue with --resume auto --output-dir {out}")
-    assert torch.load(tmp_path / "resumed" / "checkpoint.pth", weights_only=True)["epoch"] == 0
-    monkeypatch.setattr(train, "train_one_epoch", real)
+    stop_at(tiny_shards, tmp_path / "resumed", 2, *flags)  # 16 images: 4 steps per epoch
     run(tiny_shards, tmp_path / "resumed", *flags, "--resume", "auto")
     _same_run(tmp_path / "straight", tmp_path / "resumed")
 
 
-@pytest.mark.parametrize("arch, size", [("resnet18", 64), ("squeezenet1_1", 224)])
-def test_rgb_network_smoke(tiny_shards, tmp_path, arch, size):
-    final = run(tiny_shards, tmp_path, "--arch", arch, "--size", str(size), "-b", "8", "--epochs", "1")
+def test_a_crash_resumes_from_the_last_periodic_checkpoint(train_shards, tmp_path, monkeypatch):
+    flags = ["--arch", "lenet5", "-b", "100", "--epochs", "1", "--checkpoint-every", "4", "--dump-keys"]
+    run(train_shards, tmp_path / "straight", *flags)
+    steps = []
+    real_step = torch.optim.SGD.step
+
+    def crash_in_step_7(self, *a, **kw):  # as if the machine died: no handler, no final checkpoint
+        steps.append(1)
+        if len(steps) == 7:
+            raise RuntimeError("machine lost")
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", crash_in_step_7)
+    with pytest.raises(RuntimeError, match="machine lost"):
+        run(train_shards, tmp_path / "resumed", *flags)
+    monkeypatch.setattr(torch.optim.SGD, "step", real_step)
+    state = torch.load(tmp_path / "resumed" / "checkpoint.pth", weights_only=True)["state"]
+    assert (state["epoch"], state["step"], state["samples_done"]) == (0, 4, 400)
+    # keys-rank0.txt holds what the checkpoint holds: steps 5 and 6 are redone, not counted twice.
+    assert len((tmp_path / "resumed" / "keys-rank0.txt").read_text().splitlines()) == 400
+    run(train_shards, tmp_path / "resumed", *flags, "--resume", "auto")
+    _same_run(tmp_path / "straight", tmp_path / "resumed")
+    keys = [line.split()[1] for line in (tmp_path / "resumed" / "keys-rank0.txt").read_text().splitlines()]
+    assert keys == [line.split()[1] for line in (tmp_path / "straight" / "keys-rank0.txt").read_text().splitlines()]
+    assert len(keys) == 1000 and sorted(keys) == sorted(train_keys(train_shards))
+
+
+def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(train_shards, tmp_path):
+    flags = ["--shards", train_shards, "--arch", "lenet5", "-b", "32", "--epochs", "2", "--augment",
+             "--device", "cpu", "-j", "1"]
+    straight = script(*flags, "--output-dir", tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr
+    out = tmp_path / "resumed"
+    # --wait-at-step: the run prints a line after global step 12 of 64 and waits there for a real signal.
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, flags), "--output-dir", str(out),
+                             "--wait-at-step", "12"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        assert proc.stdout.readline() == "waiting for a signal at epoch 0 step 12\n"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143
+    assert err == (f"interrupted at epoch 0 step 12: checkpoint saved to {out / 'checkpoint.pth'}; continue with: "
+                   f"python train.py {' '.join(map(str, flags))} --output-dir {out} --resume auto\n")
+    state = torch.load(out / "checkpoint.pth", weights_only=True)["state"]
+    assert (state["epoch"], state["epoch_steps"], state["samples_done"]) == (0, 12, 12 * 32)
+    resumed = script(*flags, "--output-dir", out, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.splitlines()[0] == f"resumed from {out / 'checkpoint.pth'} at epoch 0 step 12 (384 samples of it done, 1 -> 1 ranks)"
+    _same_run(tmp_path / "straight", out)
+
+
+@pytest.mark.parametrize("rgb_arch, size", [("resnet18", 64), ("squeezenet1_1", 224)])
+def test_rgb_network_smoke(tiny_shards, tmp_path, rgb_arch, size):
+    final = run(tiny_shards, tmp_path, "--arch", rgb_arch, "--size", str(size), "-b", "8", "--epochs", "1")
     assert final["epochs"] == 1 and final["test_top1"] is not None
 
 
-def test_ddp_two_processes_on_cpu(train_shards, tmp_path):
+def torchrun(nproc, *flags, cwd):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(ROOT / "train.py"), *map(str, flags)]
+    return subprocess.run(cmd, cwd=cwd, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=180,
+                          capture_output=True, text=True)
+
+
+def read_keys(out, rank):
+    """--dump-keys of one rank: [(epoch, key)]."""
+    return [(int(e), k) for e, k in (line.split() for line in (out / f"keys-rank{rank}.txt").read_text().splitlines())]
+
+
+def test_ddp_two_processes_on_cpu_and_a_resume_on_two_is_bit_identical(train_shards, tmp_path):
+    flags = ["--shards", train_shards, "--arch", "lenet5", "--epochs", "2", "-b", "50", "--device", "cpu", "-j", "1",
+             "--augment", "--dump-keys"]
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ROOT / "train.py"),
-           "--shards", train_shards, "--arch", "lenet5", "--epochs", "1", "-b", "50", "--device", "cpu", "-j", "1",
-           "--output-dir", str(out), "--dump-keys"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    subprocess.run(cmd, check=True, cwd=tmp_path, env=env, timeout=120, capture_output=True)
-    seen = [[line.split()[1] for line in (out / f"keys-rank{r}.txt").read_text().splitlines()] for r in (0, 1)]
-    all_keys = [k for _, _, keys in make_loader(train_shards, "train", shuffle=False, batch_size=500, with_keys=True) for k in keys]
+    result = torchrun(2, *flags, "--output-dir", out, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    seen = [[k for e, k in read_keys(out, r) if e == 0] for r in (0, 1)]
     # 1000 images, 2 ranks x 10 steps x 50: nothing is dropped, and no image is seen twice.
     assert len(seen[0]) == len(seen[1]) == 500 and not set(seen[0]) & set(seen[1])
-    assert sorted(seen[0] + seen[1]) == sorted(all_keys)
-    assert read_jsonl(out / "metrics.jsonl")[0]["epoch"] == 0 and (out / "final.json").exists()
+    assert sorted(seen[0] + seen[1]) == sorted(train_keys(train_shards))
+    assert [r["epoch"] for r in read_jsonl(out / "metrics.jsonl")] == [0, 1]
+
+    # Stopped mid-epoch 1 (global step 13 = its step 3) and resumed on 2 ranks: each rank gets its own
+    # partial sums and RNG stream back, so the run is the uninterrupted one, bit for bit.
+    resumed = tmp_path / "resumed"
+    result = torchrun(2, *flags, "--output-dir", resumed, "--stop-after-steps", "13", cwd=tmp_path)
+    assert f"interrupted at epoch 1 step 3: checkpoint saved to {resumed / 'checkpoint.pth'}" in result.stderr
+    result = torchrun(2, *flags, "--output-dir", resumed, "--resume", "auto", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    _same_run(out, resumed)
+    for r in (0, 1):
+        assert read_keys(resumed, r) == read_keys(out, r)
+
+
+def test_two_rank_run_resumes_on_one_rank_exactly_once(train_shards, tmp_path, capsys):
+    out, keys = tmp_path / "elastic", train_keys(train_shards)
+    flags = ["--shards", train_shards, "--arch", "lenet5", "--epochs", "2", "-b", "50", "--device", "cpu", "-j", "1",
+             "--output-dir", out, "--dump-keys"]
+    # 2 ranks x 50 per step: stopped after global step 4 = 400 of epoch 0's 1000 samples.
+    result = torchrun(2, *flags, "--stop-after-steps", "4", cwd=tmp_path)
+    assert f"interrupted at epoch 0 step 4: checkpoint saved to {out / 'checkpoint.pth'}; continue with: " \
+           f"torchrun --nproc_per_node 2 train.py " in result.stderr
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert (ckpt["world_size"], ckpt["state"]["samples_done"], len(ckpt["state"]["rank_sums"])) == (2, 400, 2)
+    rank0 = read_keys(out, 0)
+    before = rank0 + read_keys(out, 1)
+    perm = epoch_order(len(keys), seed=0, epoch=0)
+    assert sorted(k for _, k in before) == sorted(keys[i] for i in perm[:400])  # the permutation's first 400
+
+    run(train_shards, out, *flags[2:], "--resume", "auto")  # 1 process
+    assert capsys.readouterr().out.splitlines()[0] == \
+        f"resumed from {out / 'checkpoint.pth'} at epoch 0 step 4 (400 samples of it done, 2 -> 1 ranks)"
+    after = read_keys(out, 0)[len(rank0):]
+    epoch0 = [k for e, k in before + after if e == 0]
+    # Exactly once: the 600 left (a multiple of the batch: nothing dropped) plus the 400 before.
+    assert len(epoch0) == 1000 and sorted(epoch0) == sorted(keys)
+    # Epoch 1 is what one rank does on its own: the whole permutation, in batches of 50 (members sorted).
+    epoch1 = [k for e, k in after if e == 1]
+    want = epoch_order(len(keys), seed=0, epoch=1)
+    assert epoch1 == [keys[i] for b in range(0, 1000, 50) for i in np.sort(want[b:b + 50])]
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [0, 1] and json.loads((out / "final.json").read_text())["epochs"] == 2
+
+
+# --- augmentation randomness ---------------------------------------------------------------
+
+
+def _augment_seeds(loader):
+    """The generator seed each batch's augmentation was drawn with, and the batches."""
+    seeds, batches, stage = [], [], loader.stage
+
+    def recording(images, generator):
+        seeds.append(generator.initial_seed())
+        return stage(images, generator)
+
+    loader.stage = recording
+    batches = [images.clone() for images, _ in loader]
+    return seeds, batches
+
+
+def test_augmentation_is_drawn_per_rank_and_step_and_survives_a_resume(train_shards):
+    def loader(rank, world_size=2):
+        return make_loader(train_shards, "train", "rgb64", batch_size=50, seed=3, rank=rank, world_size=world_size,
+                           drop_last=True, augment=True)
+
+    ranks = [loader(r) for r in (0, 1)]
+    for ld in ranks:
+        ld.set_epoch(2)
+    (s0, b0), (s1, _) = _augment_seeds(ranks[0]), _augment_seeds(ranks[1])
+    assert s0 == [step_seed(3, 2, 0, k) for k in range(10)] and s1 == [step_seed(3, 2, 1, k) for k in range(10)]
+    assert not set(s0) & set(s1)  # two ranks never share a batch's draws
+    resumed = loader(0)
+    resumed.set_epoch(2, start=4 * 50 * 2)  # after 4 steps on 2 ranks
+    s, b = _augment_seeds(resumed)
+    assert s == s0[4:] and len(b) == 6 and all(torch.equal(x, y) for x, y in zip(b, b0[4:], strict=True))
 
 
 def test_limit_batches_caps_every_split(train_shards, tmp_path):

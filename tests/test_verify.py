@@ -1,11 +1,15 @@
 """`tinyin shard verify` and `tinyin shard inspect`."""
+import json
 import shutil
+import tarfile
 
 from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.index import read_manifest
+import pyarrow.parquet as pq
+
+from pipeline.index import file_sha256, read_index, read_manifest
 
 
 def run(*args):
@@ -30,6 +34,50 @@ def test_verify_names_the_first_bad_shard(shards, tmp_path):
     bad.unlink()
     code, output = run("shard", "verify", copy, "--quiet")
     assert code == 1 and output == f"error: {bad}: missing"
+
+
+def _copy_with_rewritten_shard(shards, tmp_path, shard, rewrite):
+    """A copy of `shards` where `rewrite(tar_bytes, tarfile)` changed one shard in place (same size)
+    and the manifest's sha256 says the new bytes are right: only the per-sample checks can object."""
+    copy = shutil.copytree(shards, tmp_path / "copy")
+    path = copy / shard
+    with tarfile.open(path) as tar:
+        data = rewrite(bytearray(path.read_bytes()), tar)
+    path.write_bytes(bytes(data))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    entry = next(e for e in manifest["shards"] if e["file"] == shard)
+    entry["sha256"] = file_sha256(path)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy, path
+
+
+def test_verify_catches_a_sample_whose_label_differs_from_the_index(shards, tmp_path):
+    key = read_index(shards, "train").to_pydict()["key"][2]  # the third sample of train-000000.tar
+
+    def relabel(data, tar):
+        member = tar.getmember(f"{key}.cls")
+        at = member.offset_data
+        old = bytes(data[at:at + member.size])
+        new = str((int(old) + 1) % 6).encode()  # another of the 6 classes, as many digits
+        assert len(new) == len(old)
+        data[at:at + member.size] = new
+        return data
+
+    copy, path = _copy_with_rewritten_shard(shards, tmp_path, "train-000000.tar", relabel)
+    code, output = run("shard", "verify", copy, "--quiet")
+    assert (code, output) == (1, f"error: {path}: sample 3 ({key}) disagrees with the index")
+
+
+def test_verify_catches_an_index_offset_that_points_at_another_sample(shards, tmp_path):
+    copy = shutil.copytree(shards, tmp_path / "copy")
+    table = pq.read_table(copy / "index.parquet")
+    offsets = table.column("gray28_offset").to_pylist()
+    offsets[4] = offsets[5]  # sample 5 of train-000000.tar now claims sample 6's grey pixels
+    table = table.set_column(table.schema.get_field_index("gray28_offset"), "gray28_offset", [offsets])
+    pq.write_table(table, copy / "index.parquet")
+    key = table.column("key")[4].as_py()
+    code, output = run("shard", "verify", copy, "--quiet")
+    assert (code, output) == (1, f"error: {copy / 'train-000000.tar'}: {key}.gray28.npy is not at its indexed offset")
 
 
 def test_verify_rejects_a_folder_that_is_not_a_shard_set(tmp_path):

@@ -7,7 +7,8 @@ Three read paths, one output contract:
   already spreads each copy over every core (a second Python thread measured 2-3x slower there:
   two OpenMP teams and the GIL contending for the same cores).
 - ``resident``: the whole split copied once to the device; shuffling and batching happen there.
-- ``stream``: a stock webdataset pipeline (`stream.StreamSource`) for remote or huge shard sets.
+- ``stream``: whole shards read one after another and sliced in memory (`stream.StreamSource`),
+  for remote or huge shard sets.
 ``auto`` picks ``resident`` for a local split of at most `RESIDENT_MAX` bytes (1.2 GB for the
 64x64 train split: it fits any modern GPU, and in RAM it is anonymous memory that the kernel
 cannot evict, unlike page-cache pages of a memory map), ``fast`` for a larger local split, and
@@ -212,13 +213,12 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
     if path == "auto" and not local:
         path = "stream"
     keys = None
-    if path == "stream":
-        from .stream import StreamSource, stream_from_folder
+    if path == "stream":  # a shard set (folder, URL, ShardSet) or a list of shard URLs with sample_counts
+        from .stream import stream_source
 
-        common = dict(variant=variant, batch_size=batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
-                      drop_last=drop_last, rank=rank, world_size=world_size, workers=workers)
-        source = (stream_from_folder(shards, split, **common) if local
-                  else StreamSource(shards, sample_counts=sample_counts, **common))
+        source = stream_source(shards, split, sample_counts=sample_counts, variant=variant, batch_size=batch_size,
+                               shuffle=shuffle, seed=seed, epoch=epoch, drop_last=drop_last, rank=rank,
+                               world_size=world_size, workers=workers)
     else:
         arrays = ShardArrays(shards, split, variant, checksum=checksum)
         keys = arrays.keys
@@ -230,7 +230,9 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
                              resident=path == "resident", device=device, prefetch=prefetch)
     if mean is None or std is None:  # remote shards without explicit stats: map [0, 1] to [-1, 1]
         channels = 3 if len(VARIANTS[variant][1]) == 3 else 1
-        stats = read_manifest(shards)["stats"][variant] if local else {"mean": [0.5] * channels, "std": [0.5] * channels}
+        shard_set = getattr(source, "shard_set", None)  # the stream path opened the set already
+        stats = (shard_set.stats(variant) if shard_set is not None else read_manifest(shards)["stats"][variant] if local
+                 else {"mean": [0.5] * channels, "std": [0.5] * channels})
         mean, std = stats["mean"], stats["std"]
     stage = DeviceStage(mean, std, size=size, augment=augment, pad=4 if variant == "rgb64" else 2,
                         dtype=dtype, channels_last=channels_last)

@@ -236,10 +236,7 @@ def stop_at(shards, out, step, *flags):
 
 
 @pytest.mark.parametrize("augment", [False, True], ids=["plain", "augment"])
-@pytest.mark.parametrize("path", ["resident", "fast",
-                                  pytest.param("stream", marks=pytest.mark.xfail(
-                                      raises=ValueError, strict=False,
-                                      reason="the stream path's set_epoch(epoch, start>0) is being written (stream.py)"))])
+@pytest.mark.parametrize("path", ["resident", "fast", "stream"])
 def test_mid_epoch_resume_is_bit_identical(train_shards, tmp_path, path, augment, capsys):
     # 1000 images in batches of 64: 16 steps per epoch. Stopped twice: mid-epoch 0 (step 5),
     # then mid-epoch 1 (global step 21), after periodic checkpoints at steps 7 and 14.

@@ -197,7 +197,9 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
     `device`, scaled to [0, 1] and normalised by mean/std (default: the train split's stats
     from the manifest), resized to `size` and augmented when asked; or, with `raw=True`, the
     uint8 (B, H, W[, C]) batch itself (valid until the next batch is requested). Labels int64.
-    For shard URLs, `sample_counts` (per shard, from the manifest) sizes epochs and splits ranks.
+    With path="stream", `shards` may also be a shard set's URL (http(s)://, s3://, gs://: the folder
+    holding manifest.json; counts and stats come from the manifest) or a list of shard URLs /
+    `pipe:` commands with `sample_counts` (per shard, from the manifest) to size epochs and split ranks.
     prefetch: batches the fast path's background thread gathers ahead (default: 4 on CUDA, and
     0 on the CPU, which gathers in the caller's thread).
     Same (seed, epoch): same order; `set_epoch` reshuffles. With `world_size > 1` ranks get

@@ -1,26 +1,30 @@
 """`StreamSource`: one split read shard by shard, each shard whole, for sets that are remote or
 larger than local disk.
 
-Each DataLoader worker reads a shard in one sequential transfer (fsspec for `http(s)://`,
-`s3://`, `gs://` and local paths; webdataset's `gopen` for `pipe:` commands), checks it, and
-slices its samples out of memory: every sample of a tinyin shard occupies the same number of
-bytes (see `tarshard`), so a shard's images are one strided array and a batch is one
-`torch.index_select`, written straight into shared memory (one transfer per batch). No tar
-member is parsed in Python. The shards stay standard tars that stock `webdataset` reads.
+Each DataLoader worker reads a shard in one sequential transfer (urllib `readinto` for plain
+`http(s)://`, fsspec for `s3://`, `gs://` and other URLs, a plain read for paths, webdataset's
+`gopen` for `pipe:` commands), checks it, and slices its samples out of memory: every sample of
+a tinyin shard occupies the same number of bytes (see `tarshard`), so a shard's images are one
+strided array and a batch is one fancy-index gather into a reused shared-memory buffer (one
+transfer per batch). No tar member is parsed in Python; the shards stay standard tars that
+stock `webdataset` reads.
 
 The epoch plan (`plan_epoch`) is a pure function of the per-shard counts and (seed, epoch, rank,
 world_size, batch_size): which shards a rank reads, how their samples are mixed, and how they
-are cut into batches. Workers only carry it out, so the batches do not depend on the number of
+are cut into batches. Workers only carry it out, so the batches are the same with 0, 1 or 2
 workers, and `set_epoch(epoch, start)` resumes mid-epoch with exactly the batches the
-uninterrupted run would have yielded from there.
+uninterrupted run would have yielded from there (on the same number of ranks).
 
 Two inputs:
 - a shard set (folder or URL, opened once as a `ShardSet`): counts, offsets, labels and keys
-  from the manifest and index; each shard checked for size, then sha256, before it is used.
+  from the manifest and index; each shard checked for size, then sha256 (`ShardSet.check_bytes`)
+  before it is used.
 - a list of shard URLs (typically `pipe:` commands) with `sample_counts`: there is no index, so a
   shard's layout is read from its own first sample and checked at every stride (the fixed stride
-  makes a shard self-describing); its size must be exactly what its count implies. There is no
-  checksum to compare against: pass the set's location instead of a URL list to get one.
+  makes a shard self-describing); its size must be exactly what its count implies. Why not
+  demand the manifest: a `pipe:` list is for shards reached only through a command (`aws s3 cp`,
+  `gsutil cat`), where the manifest may not be reachable the same way. There is no checksum to
+  compare against: pass the set's location instead of a URL list to get one.
 """
 import http.client
 import multiprocessing
@@ -278,7 +282,7 @@ def read_layout(data, shard, variant):
     at, members = 0, []
     try:
         for _ in MEMBERS:
-            info = tarfile.TarInfo.frombuf(data[at:at + BLOCK], "ascii", "surrogateescape")
+            info = tarfile.TarInfo.frombuf(bytes(data[at:at + BLOCK]), "ascii", "surrogateescape")
             members.append((info.name, at + BLOCK, info.size))
             at += BLOCK + -(-info.size // BLOCK) * BLOCK
     except tarfile.TarError as e:

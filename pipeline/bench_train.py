@@ -205,8 +205,7 @@ class Feeds:
         dataset = datasets.ImageFolder(str(Path(self.images) / "train"), tf)
         cuda = self.device.type == "cuda"
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True,
-                                             num_workers=self.workers, pin_memory=cuda,
-                                             persistent_workers=self.workers > 0)
+                                             num_workers=self.workers, pin_memory=cuda)
         fmt = torch.channels_last if cuda else torch.contiguous_format
         for images, labels in _forever(loader, "--feeds d"):
             yield (images.to(self.device, non_blocking=True).contiguous(memory_format=fmt),
@@ -261,7 +260,11 @@ def bench_train(shards, images=None, cases=None, device="cpu", warmup=10, steps=
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
             step = make_step(_model(case, device, num_classes, compiled), device)
-            rates = time_windows(step, feeds.batches(case), device, warmup, steps, windows)
+            batches = feeds.batches(case)
+            try:
+                rates = time_windows(step, batches, device, warmup, steps, windows)
+            finally:
+                batches.close()  # now, not at garbage collection: feed d's workers must not run into the next row
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
             row = dict(asdict(case), images_per_s=statistics.median(rates), min=min(rates), max=max(rates),
                        rates=rates, peak_bytes=peak)

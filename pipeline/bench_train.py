@@ -219,6 +219,10 @@ class Feeds:
             return self._imagefolder(case.arch, case.size, case.batch)
         return self._loader(case.feed, case.arch, case.size, case.batch)
 
+    def keep_only(self, feed):
+        """Drop the loaders of other feeds: a resident split left on the GPU would count in every row's peak."""
+        self._loaders = {k: v for k, v in self._loaders.items() if k[0] == feed}
+
     def close(self):
         self._loaders.clear()
 
@@ -256,6 +260,7 @@ def bench_train(shards, images=None, cases=None, device="cpu", warmup=10, steps=
     rows, compiled = [], {}
     try:
         for case in cases or plan():
+            feeds.keep_only(case.feed)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
@@ -265,6 +270,7 @@ def bench_train(shards, images=None, cases=None, device="cpu", warmup=10, steps=
                 rates = time_windows(step, batches, device, warmup, steps, windows)
             finally:
                 batches.close()  # now, not at garbage collection: feed d's workers must not run into the next row
+                del step, batches  # the model and optimiser go before the next row's peak memory is reset
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
             row = dict(asdict(case), images_per_s=statistics.median(rates), min=min(rates), max=max(rates),
                        rates=rates, peak_bytes=peak)

@@ -138,6 +138,50 @@ def bench_loader_cmd(shards, images, batch_size, workers, passes, pass_images, d
             json.dump(rows, f, indent=1)
 
 
+def _csv(kind):
+    """A click type parsing a comma-separated list of `kind` values."""
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            return tuple(kind(v) for v in value.split(",") if v)
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not a comma-separated list") from None
+    return parse
+
+
+@bench.command("train")
+@click.option("--shards", required=True, type=click.Path(exists=True, file_okay=False), help="Shard folder.")
+@click.option("--images", default=None, type=click.Path(exists=True, file_okay=False), help="An extracted release (ROOT/train), for feed d [default: none, feed d off].")
+@click.option("--arch", default=None, callback=_csv(str), help="Networks, comma-separated [default: all four].")
+@click.option("--size", default=None, callback=_csv(int), help="Input sizes, comma-separated (28, 64, 224) [default: all the zoo allows].")
+@click.option("--batch", default="study,256", show_default=True, callback=_csv(str), help="Batch sizes; 'study' is the row's batch in the study.")
+@click.option("--feeds", default=None, callback=_csv(str), help="a ceiling, b resident, c fast, d ImageFolder [default: a,b,c, and d with --images].")
+@click.option("--compile/--no-compile", "compile_", default=None, help="Also run (a) and (b) through torch.compile [default: on CUDA only].")
+@click.option("--device", default=None, help="[default: cuda if available, else cpu]")
+@click.option("--warmup", default=10, show_default=True, type=click.IntRange(0), help="Untimed steps first.")
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(1), help="Steps per timed window.")
+@click.option("--windows", default=3, show_default=True, type=click.IntRange(3), help="Timed windows (median reported).")
+@click.option("--workers", default=None, type=click.IntRange(0), help="DataLoader workers of feed d [default: every core].")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write command, environment and rows as JSON.")
+def bench_train_cmd(shards, images, arch, size, batch, feeds, compile_, device, warmup, steps, windows, workers, json_path):
+    """Images/s of complete SGD steps per network, fed by the ceiling, tinyin's loaders and the study's pipeline."""
+    import torch
+
+    from .bench_train import bench_train, environment, format_table, plan
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    compile_ = device.startswith("cuda") if compile_ is None else compile_
+    feeds = feeds or (("a", "b", "c", "d") if images else ("a", "b", "c"))
+    cases = plan(arch, size, batch, feeds, compile_)
+    rows = bench_train(shards, images, cases, device=device, warmup=warmup, steps=steps, windows=windows,
+                       workers=workers, log=lambda m: click.echo(m, err=True))
+    env, command = environment(device), "tinyin bench train " + " ".join(sys.argv[3:])
+    click.echo(format_table(rows, command, env, warmup, steps, windows))
+    if json_path:
+        Path(json_path).write_text(json.dumps(dict(command=command, env=env, rows=rows), indent=1))
+
+
 @main.command("report")
 @click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--out", default="report", show_default=True, type=click.Path(file_okay=False), help="Folder for report.md and curves.png.")

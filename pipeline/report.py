@@ -11,10 +11,34 @@ from pathlib import Path
 from matplotlib.figure import Figure  # the object API: no pyplot, no global backend switch
 from matplotlib.ticker import MaxNLocator
 
-__all__ = ["read_run", "render_table", "plot_curves", "write_report"]
+__all__ = ["read_run", "render_table", "render_study", "study_row", "plot_curves", "write_report"]
 
 NAMES = {"lenet5": "LeNet-5", "alexnet": "AlexNet", "squeezenet1_1": "SqueezeNet 1.1", "resnet18": "ResNet-18"}
 SCALING = {28: "28x28 grey", 64: "64x64 RGB", 224: "224x224 RGB (64x64 upscaled)"}
+#: The study's figures (../shared/STUDY.md), as fractions. Key: (arch, size, pretrained, epochs of
+#: the table row). "recorded" is what the study's own notebooks saved: (epoch or None, text, value).
+STUDY = {
+    ("lenet5", 28, False, 40): dict(table="Table 2", train=0.218, val=0.220,
+                                    recorded=(30, "val after epoch 30 (lenet.ipynb; it ran 30 epochs)", 0.139)),
+    ("alexnet", 64, False, 40): dict(table="Table 2", train=0.237, val=0.240),
+    ("squeezenet1_1", 64, False, 40): dict(table="Table 2", train=0.233, val=0.230),
+    ("resnet18", 64, False, 40): dict(table="Table 2", train=0.228, val=0.237,
+                                      recorded=(1, "val after epoch 1 (run_models2.ipynb, interrupted)", 0.079)),
+    ("alexnet", 224, True, 10): dict(table="Table 3", train=0.562, val=0.573),
+    ("squeezenet1_1", 224, True, 10): dict(table="Table 3", train=0.589, val=0.586),
+    ("resnet18", 224, True, 10): dict(table="Table 3", train=0.628, val=0.625),
+    ("alexnet", 224, True, 50): dict(table="Table 3", train=0.590, val=0.587),
+    ("squeezenet1_1", 224, True, 50): dict(table="Table 3", train=0.544, val=0.546),
+    ("resnet18", 224, True, 50): dict(table="Table 3", train=0.660, val=0.665),
+}
+# Saved 224 models of run_models.ipynb (epochs not recorded): val / test.
+_SAVED_224 = {"alexnet": (0.570, 0.562), "squeezenet1_1": (0.551, 0.539), "resnet18": (0.667, 0.658)}
+for (_arch, _size, _pre, _epochs), _entry in STUDY.items():
+    if _size == 224:
+        _entry["recorded"] = (None, "saved model, val / test (epochs not recorded)", _SAVED_224[_arch])
+#: LeNet-5's recorded val curve (lenet.ipynb): epoch -> val accuracy.
+LENET_RECORDED = {1: 0.007, 2: 0.007, 3: 0.008, 4: 0.015, 5: 0.020, 10: 0.061, 15: 0.098, 20: 0.115, 25: 0.130,
+                  29: 0.141, 30: 0.139}
 COLUMNS = ["Method", "Image scaling", "Epochs", "Batch size", "Training accuracy",
            "Validation accuracy", "Test accuracy", "Wall time"]
 
@@ -69,6 +93,64 @@ def _row(run: dict) -> list[str]:
             _duration(wall)]
 
 
+def study_row(args: dict):
+    """The study's entry for a run's args (see `STUDY`), or None when the study has no such row.
+    A 224 row is compared with Table 3's 50-epoch row when it asked for 50 epochs or more."""
+    pretrained = bool(args.get("pretrained") or args.get("weights"))
+    arch, size, epochs = args.get("arch"), args.get("size"), args.get("epochs") or 0
+    table_epochs = 40 if size != 224 else (50 if epochs >= 50 else 10)
+    return STUDY.get((arch, size, pretrained, table_epochs))
+
+
+def _fraction(percent) -> str:
+    return "-" if percent is None else f"{percent / 100:.3f}"
+
+
+def _minutes(seconds) -> str:
+    return "-" if seconds is None else f"{seconds / 60:.1f}"
+
+
+def _study_cells(run: dict) -> list[str]:
+    args, rows, final = run["args"], run["rows"], run["final"]
+    study = study_row(args)
+    last = rows[-1] if rows else {}
+    ours = " / ".join(_fraction(v) for v in (last.get("train_top1"), last.get("val_top1"), final.get("test_top1")))
+    wall = final.get("wall_time_s", sum(r.get("epoch_time_s", 0) for r in rows))
+    name = run["name"]
+    if study is None:
+        return [name, _row(run)[2], str(args.get("batch_size", "?")), ours, "no such row in the study", "-", "-",
+                _minutes(wall)]
+    reported = f"{study['train']:.3f} / {study['val']:.3f} ({study['table']})"
+    recorded, at_epoch = "-", "-"
+    if "recorded" in study:
+        epoch, text, value = study["recorded"]
+        recorded = f"{' / '.join(f'{v:.3f}' for v in value) if isinstance(value, tuple) else f'{value:.3f}'}: {text}"
+        if epoch is not None:
+            match = next((r for r in rows if r["epoch"] + 1 == epoch), None)
+            at_epoch = f"val {_fraction(match['val_top1'])} after epoch {epoch}" if match else f"(not at epoch {epoch})"
+        else:
+            at_epoch = f"val / test {_fraction(last.get('val_top1'))} / {_fraction(final.get('test_top1'))}"
+    return [name, _row(run)[2], str(args.get("batch_size", "?")), ours, reported, recorded, at_epoch, _minutes(wall)]
+
+
+STUDY_COLUMNS = ["Row", "Epochs", "Batch", "Ours: train / val / test", "Study reported: train / val",
+                 "Study recorded", "Ours, comparable", "Minutes"]
+
+
+def render_study(run_dirs, not_run=(), wall_s=None) -> str:
+    """Our rows beside the study's reported and (where one exists) recorded values, as fractions;
+    `not_run`: (row name, reason) pairs listed below; `wall_s`: the whole table's wall clock."""
+    runs = [read_run(r) for r in run_dirs]
+    lines = ["| " + " | ".join(STUDY_COLUMNS) + " |", "|" + "|".join("---" for _ in STUDY_COLUMNS) + "|"]
+    lines += ["| " + " | ".join(_study_cells(run)) + " |" for run in runs]
+    lines += [f"| {name} | - | - | not run: {reason} | - | - | - | - |" for name, reason in not_run]
+    total = sum(run["final"].get("wall_time_s", sum(r.get("epoch_time_s", 0) for r in run["rows"])) for run in runs)
+    footer = f"\nTraining time, sum of the rows: {_minutes(total)} min"
+    if wall_s is not None:
+        footer += f"; the whole table, wall clock (start-up, evaluation and test included): {_minutes(wall_s)} min"
+    return "\n".join(lines) + "\n" + footer + ".\n"
+
+
 def render_table(run_dirs) -> str:
     """A Markdown table, one row per run, in the study's column layout (plus test accuracy, wall time)."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
@@ -93,17 +175,27 @@ def plot_curves(run_dirs, out_png) -> str:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
+    if any(read_run(p)["args"].get("arch") == "lenet5" for p in run_dirs):
+        ax_acc.plot(list(LENET_RECORDED), [100 * v for v in LENET_RECORDED.values()], "kx",
+                    label="study's LeNet-5 val (lenet.ipynb)")
     ax_acc.legend(fontsize="small")
     fig.savefig(out_png, dpi=120)
     return str(out_png)
 
 
-def write_report(run_dirs, out_dir) -> tuple[str, str]:
-    """Write ``report.md`` (the table, linking the curves) and ``curves.png`` into ``out_dir``."""
+def write_report(run_dirs, out_dir, not_run=(), wall_s=None) -> tuple[str, str]:
+    """Write ``report.md`` (the table, our rows beside the study's, linking the curves),
+    ``report.json`` (every run's args, metrics and final figures) and ``curves.png`` into ``out_dir``.
+    not_run / wall_s: see `render_study`."""
     table = render_table(run_dirs)  # first, so a bad run dir fails before anything is written
+    study = render_study(run_dirs, not_run, wall_s)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    png = plot_curves(run_dirs, out / "curves.png")
+    png = plot_curves(run_dirs, out / "curves.png") if run_dirs else None
     md = out / "report.md"
-    md.write_text(f"# Tiny ImageNet runs\n\n{table}\n![learning curves](curves.png)\n")
+    curves = "\n![learning curves](curves.png)\n" if png else ""
+    md.write_text(f"# Tiny ImageNet runs\n\n{table}\n## Beside the study\n\n{study}{curves}")
+    runs = [read_run(r) for r in run_dirs]
+    (out / "report.json").write_text(json.dumps(dict(runs=runs, not_run=[list(n) for n in not_run], wall_s=wall_s),
+                                                indent=1))
     return str(md), png

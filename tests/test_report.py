@@ -1,10 +1,15 @@
-"""pipeline.report on hand-written run folders: exact table text, curves, errors."""
+"""pipeline.report on hand-written run folders (exact table text, curves, errors), and
+tools/reproduce.py on the synthetic set (tiny runs of train.py)."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 
-from pipeline.report import plot_curves, render_table, write_report
+from pipeline.report import plot_curves, render_study, render_table, write_report
 
 
 def make_run(root, name, args, rows, final=None, env=None):
@@ -83,3 +88,101 @@ def test_augmented_runs_say_so(tmp_path):
     (run / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "train_top1": 1.0, "val_top1": 2.0, "train_loss": 5,
                                                    "val_loss": 5, "val_top5": 8, "epoch_time_s": 60}) + "\n")
     assert "| LeNet-5 + crop/flip augmentation | 28x28 grey | 1 | 32 |" in render_table([run])
+
+
+def test_render_study_beside_the_study(tmp_path):
+    lenet = make_run(tmp_path, "lenet5-28", dict(arch="lenet5", size=28, epochs=40, batch_size=32),
+                     [row(e, 10.0 + e, 5.0 + e / 4) for e in range(31)], final=dict(test_top1=12.5, wall_time_s=600.0))
+    r224 = make_run(tmp_path, "resnet18-224", dict(arch="resnet18", size=224, epochs=10, batch_size=100,
+                                                   weights="/w/resnet18-f37072fd.pth"),
+                    [row(0, 50.0, 60.0)], final=dict(test_top1=59.0, wall_time_s=90.0))
+    a50 = make_run(tmp_path, "alexnet-224-50", dict(arch="alexnet", size=224, epochs=50, batch_size=100, pretrained=True),
+                   [row(0, 50.0, 60.0, seconds=60.0)])
+    scratch = make_run(tmp_path, "resnet18-224-scratch", dict(arch="resnet18", size=224, epochs=2, batch_size=100),
+                       [row(0, 1.0, 2.0)])
+    assert render_study([lenet, r224, a50, scratch], not_run=[("squeezenet1_1-224", "no ImageNet weights here")],
+                        wall_s=900) == (
+        "| Row | Epochs | Batch | Ours: train / val / test | Study reported: train / val | Study recorded | Ours, comparable | Minutes |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+        "| lenet5-28 | 31 of 40 | 32 | 0.400 / 0.125 / 0.125 | 0.218 / 0.220 (Table 2) | "
+        "0.139: val after epoch 30 (lenet.ipynb; it ran 30 epochs) | val 0.122 after epoch 30 | 10.0 |\n"
+        "| resnet18-224 | 1 of 10 | 100 | 0.500 / 0.600 / 0.590 | 0.628 / 0.625 (Table 3) | "
+        "0.667 / 0.658: saved model, val / test (epochs not recorded) | val / test 0.600 / 0.590 | 1.5 |\n"
+        "| alexnet-224-50 | 1 of 50 | 100 | 0.500 / 0.600 / - | 0.590 / 0.587 (Table 3) | "
+        "0.570 / 0.562: saved model, val / test (epochs not recorded) | val / test 0.600 / - | 1.0 |\n"
+        "| resnet18-224-scratch | 1 of 2 | 100 | 0.010 / 0.020 / - | no such row in the study | - | - | 0.5 |\n"
+        "| squeezenet1_1-224 | - | - | not run: no ImageNet weights here | - | - | - | - |\n"
+        "\n"
+        "Training time, sum of the rows: 13.0 min; the whole table, wall clock (start-up, evaluation and test included): 15.0 min.\n"
+    )
+
+
+def test_recorded_epoch_not_reached(tmp_path):
+    run = make_run(tmp_path, "resnet18-64", dict(arch="resnet18", size=64, epochs=40, batch_size=50), [])
+    assert "| 0.079: val after epoch 1 (run_models2.ipynb, interrupted) | (not at epoch 1) |" in render_study([run])
+
+
+def test_write_report_study_section_and_json(tmp_path, runs):
+    md, _ = write_report(runs, tmp_path / "r", not_run=[("alexnet-224", "no ImageNet weights here")], wall_s=61.0)
+    text = open(md).read()
+    assert "## Beside the study\n\n" + render_study(runs, [("alexnet-224", "no ImageNet weights here")], 61.0) in text
+    data = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert [r["name"] for r in data["runs"]] == ["lenet5-28", "resnet18-224", "alexnet-64"]
+    assert data["not_run"] == [["alexnet-224", "no ImageNet weights here"]] and data["wall_s"] == 61.0
+
+
+REPRODUCE = Path(__file__).resolve().parents[1] / "tools" / "reproduce.py"
+
+
+def reproduce(*args):
+    return subprocess.run([sys.executable, str(REPRODUCE), *args], capture_output=True, text=True)
+
+
+def test_reproduce_smoke_skips_finished_rows(shards, tmp_path):
+    """Table 2's LeNet-5 row for 1 epoch of 2 batches on the synthetic set, and a Table 3 row
+    without weights; a second run does not train the finished row again."""
+    out = tmp_path / "paper"
+    common = ["--shards", str(shards), "--out", str(out), "--rows", "lenet5-28,alexnet-224", "--epochs", "1",
+              "--limit-batches", "2", "--device", "cpu", "--weights-dir", str(tmp_path)]
+    first = reproduce(*common)
+    assert first.returncode == 0, first.stderr
+    assert "== alexnet-224: not run: no ImageNet weights here" in first.stdout
+    final = json.loads((out / "lenet5-28" / "final.json").read_text())
+    args = json.loads((out / "lenet5-28" / "args.json").read_text())
+    assert (final["epochs"], args["batch_size"], args["lr"], args["limit_batches"]) == (1, 32, 0.001, 2)
+    report = (out / "report.md").read_text()
+    assert "| lenet5-28 | 1 of 40 | 32 |" not in report  # --epochs 1 is what the run asked for
+    assert "| lenet5-28 | 1 (2 batches each) | 32 |" in report
+    assert "| alexnet-224 | - | - | not run: no ImageNet weights here |" in report
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    wall = json.loads((out / "lenet5-28" / "reproduce.json").read_text())["wall_s"]
+    second = reproduce(*common)
+    assert second.returncode == 0, second.stderr
+    assert "== lenet5-28: finished earlier, not run again" in second.stdout
+    assert json.loads((out / "lenet5-28" / "reproduce.json").read_text())["wall_s"] == wall
+
+
+def test_reproduce_pretrained_row_with_a_local_weights_file(shards, tmp_path):
+    """A Table 3 row runs from a local ImageNet file (SqueezeNet 1.1: 5 MB) without any download."""
+    from torchvision.models import squeezenet1_1
+
+    torch.manual_seed(0)
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    torch.save(squeezenet1_1(num_classes=1000).state_dict(), weights / "squeezenet1_1-b8a52dc0.pth")
+    out = tmp_path / "paper"
+    result = reproduce("--shards", str(shards), "--out", str(out), "--rows", "squeezenet1_1-224", "--epochs", "1",
+                       "--limit-batches", "1", "--device", "cpu", "--weights-dir", str(weights),
+                       "--train-args", "-b 4")
+    assert result.returncode == 0, result.stderr
+    args = json.loads((out / "squeezenet1_1-224" / "args.json").read_text())
+    assert args["weights"] == str(weights / "squeezenet1_1-b8a52dc0.pth") and not args["pretrained"]
+    assert args["batch_size"] == 4 and args["norm"] == "imagenet"
+    assert "| squeezenet1_1-224 | 1 (1 batches each) | 4 |" in (out / "report.md").read_text()
+    assert "0.589 / 0.586 (Table 3)" in (out / "report.md").read_text()
+
+
+def test_reproduce_unknown_row(tmp_path):
+    result = reproduce("--rows", "vgg16-64", "--out", str(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: unknown row(s) vgg16-64; choose from: lenet5-28, alexnet-64,")

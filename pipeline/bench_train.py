@@ -1,0 +1,337 @@
+"""Training-step throughput: images/s of complete SGD steps (forward, backward, optimiser step)
+for each network and input size of the zoo, fed four ways, side by side in one run:
+
+- (a) ``ceiling``: one uint8 batch already on the device, reused through the device stage
+  (no loader at all: what the model alone can take);
+- (b) ``resident``: `make_loader(path="resident")`, the split copied to the device once;
+- (c) ``fast``: `make_loader(path="fast")`, memory-mapped shards gathered into a pinned ring by
+  a background thread on CUDA (in the caller's thread on the CPU);
+- (d) ``imagefolder``: the study's pipeline, torchvision `ImageFolder` + PIL + CPU transforms
+  through a `DataLoader` with every core as a worker and `pin_memory=True` (on CUDA).
+
+On CUDA the step runs under bf16 autocast with channels_last; (a) and (b) can also run through
+`torch.compile`. Warm-up steps are excluded, CUDA is synchronised around every timed window,
+and a row reports the median (and min-max) of its windows. Used by `tinyin bench train` and
+`tools/bench_train.py`.
+"""
+import contextlib
+import itertools
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import models
+from models.recipes import RECIPES
+
+from .device import IMAGENET_MEAN, IMAGENET_STD, DeviceStage
+from .errors import UsageError
+from .index import read_manifest
+from .loader import make_loader
+from .reader import ShardArrays
+
+#: (arch, size) rows of the zoo, in the study's order.
+ROWS = (("lenet5", 28), ("alexnet", 64), ("squeezenet1_1", 64), ("resnet18", 64),
+        ("alexnet", 224), ("squeezenet1_1", 224), ("resnet18", 224))
+#: feed letter -> name, in table order.
+FEEDS = {"a": "ceiling", "b": "resident", "c": "fast", "d": "imagefolder"}
+FEED_LABELS = {"ceiling": "(a) ceiling: one batch on the device", "resident": "(b) resident loader",
+               "fast": "(c) fast path", "imagefolder": "(d) study: ImageFolder + PIL"}
+COMPILABLE = ("ceiling", "resident")
+NORMS = {"half": ((0.5,) * 3, (0.5,) * 3), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row of the table: a network at an input size and batch, fed one way."""
+
+    arch: str
+    size: int
+    batch: int
+    feed: str
+    compiled: bool = False
+
+
+def study_batch(arch, size):
+    """The study's batch size for this row (`--recipe paper`)."""
+    return RECIPES["paper"][arch, size]["batch_size"]
+
+
+def plan(archs=None, sizes=None, batches=("study", 256), feeds=("a", "b", "c"), compile=False):
+    """The cases to measure, in table order; UsageError for a selection that matches nothing.
+
+    batches: ints and/or "study" (the row's batch in the study). feeds: letters of `FEEDS`.
+    compile: also run (a) and (b) through torch.compile.
+    """
+    for arch in archs or ():
+        if arch not in {a for a, _ in ROWS}:
+            raise UsageError(f"--arch {arch}: unknown; choose from: {', '.join(dict(ROWS))}")
+    bad = [f for f in feeds if f not in FEEDS]
+    if bad:
+        raise UsageError(f"--feeds {','.join(bad)}: unknown; choose from: "
+                         + ", ".join(f"{k} ({v})" for k, v in FEEDS.items()))
+    bad = [str(b) for b in batches if b != "study" and not (str(b).isdigit() and int(b) > 0)]
+    if bad:
+        raise UsageError(f"--batch {','.join(bad)}: need positive integers or 'study'")
+    rows = [(a, s) for a, s in ROWS if (not archs or a in archs) and (not sizes or s in sizes)]
+    if not rows:
+        have = "; ".join(f"{a} at {s}" for a, s in ROWS if not archs or a in archs)
+        raise UsageError(f"--size {','.join(map(str, sizes))}: no such row for {','.join(archs)} (the zoo has: {have})")
+    cases = []
+    for arch, size in rows:
+        sizes_b = dict.fromkeys(study_batch(arch, size) if b == "study" else int(b) for b in batches)
+        for batch in sizes_b:
+            for letter in FEEDS:  # table order, whatever order the feeds were given in
+                if letter in feeds:
+                    cases.append(Case(arch, size, batch, FEEDS[letter]))
+                    if compile and FEEDS[letter] in COMPILABLE:
+                        cases.append(Case(arch, size, batch, FEEDS[letter], compiled=True))
+    return cases
+
+
+# --- the step --------------------------------------------------------------------------------
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # device work is asynchronous: time only what has finished
+
+
+def make_step(model, device):
+    """One complete SGD step (the study's optimiser) as `step(images, labels)`; no host sync in it."""
+    criterion = nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+    amp = device.type == "cuda"
+
+    def step(images, labels):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = criterion(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def time_windows(step, batches, device, warmup, steps, windows):
+    """Images/s of each of `windows` timed windows of `steps` steps, after `warmup` untimed steps.
+    A window's clock includes waiting for the batch: that is the loader's share of the step."""
+    for _ in range(warmup):
+        step(*next(batches))
+    rates = []
+    for _ in range(windows):
+        _sync(device)
+        n, t0 = 0, time.perf_counter()
+        for _ in range(steps):
+            images, labels = next(batches)
+            step(images, labels)
+            n += len(labels)
+        _sync(device)
+        rates.append(n / (time.perf_counter() - t0))
+    return rates
+
+
+# --- the feeds -------------------------------------------------------------------------------
+
+
+def _forever(loader, what, set_epoch=None):
+    """Batches of `loader` over epoch after epoch (reshuffled by `set_epoch(epoch)` where given;
+    a DataLoader reshuffles by itself); UsageError if an epoch holds no full batch."""
+    for epoch in itertools.count():
+        if set_epoch is not None:
+            set_epoch(epoch)
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch[0], batch[1]
+        if empty:
+            raise UsageError(f"{what}: the train split holds fewer images than one batch; use a smaller --batch")
+
+
+class Feeds:
+    """Builds each feed's endless batch iterator, reusing loaders between cases that share them."""
+
+    def __init__(self, shards, images, device, workers):
+        self.shards, self.images, self.device, self.workers = shards, images, device, workers
+        self._loaders = {}
+
+    def _stage_args(self, arch, size):
+        info = models.model_input(arch)
+        mean, std = NORMS[RECIPES["paper"][arch, size]["norm"]]
+        cuda = self.device.type == "cuda"
+        return info, dict(mean=mean[: info["channels"]], std=std[: info["channels"]],
+                          size=None if size == info["native"] else size, channels_last=cuda,
+                          dtype=torch.bfloat16 if cuda else torch.float32)
+
+    def _loader(self, path, arch, size, batch):
+        info, stage = self._stage_args(arch, size)
+        key = (path, info["variant"], batch, tuple(sorted(stage.items())))
+        if key not in self._loaders:
+            # One loader per path at a time: a resident split is 1.2 GB of device memory.
+            self._loaders = {k: v for k, v in self._loaders.items() if k[0] != path}
+            self._loaders[key] = make_loader(self.shards, "train", info["variant"], batch, shuffle=True,
+                                             drop_last=True, device=self.device, path=path, **stage)
+        loader = self._loaders[key]
+        return _forever(loader, f"--feeds {path}", loader.set_epoch)
+
+    def _ceiling(self, arch, size, batch):
+        info, stage = self._stage_args(arch, size)
+        arrays = ShardArrays(self.shards, "train", info["variant"])
+        if len(arrays) < batch:
+            raise UsageError(f"--feeds a: the train split holds {len(arrays)} images, fewer than one batch of {batch}")
+        step = max(len(arrays) // batch, 1)
+        idx = torch.arange(batch) * step  # spread over the split: every class, not one shard's first rows
+        images = arrays.gather(idx.numpy()).to(self.device)
+        labels = torch.from_numpy(arrays.labels[idx.numpy()]).to(self.device)
+        device_stage = DeviceStage(**stage)
+        return ((device_stage(images), labels) for _ in itertools.count())
+
+    def _imagefolder(self, arch, size, batch):
+        from torchvision import datasets, transforms
+
+        if self.images is None:
+            raise UsageError("--feeds d (the study's ImageFolder pipeline) needs --images FOLDER, an extracted release")
+        mean, std = NORMS[RECIPES["paper"][arch, size]["norm"]]
+        steps = {28: [transforms.Resize((28, 28)), transforms.Grayscale()], 224: [transforms.Resize((224, 224))]}
+        channels = models.model_input(arch)["channels"]
+        tf = transforms.Compose(steps.get(size, []) + [transforms.ToTensor(),
+                                                       transforms.Normalize(mean[:channels], std[:channels])])
+        dataset = datasets.ImageFolder(str(Path(self.images) / "train"), tf)
+        cuda = self.device.type == "cuda"
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True,
+                                             num_workers=self.workers, pin_memory=cuda)
+        fmt = torch.channels_last if cuda else torch.contiguous_format
+        for images, labels in _forever(loader, "--feeds d"):
+            yield (images.to(self.device, non_blocking=True).contiguous(memory_format=fmt),
+                   labels.to(self.device, non_blocking=True))
+
+    def batches(self, case):
+        """An endless iterator of model-ready (images, labels) batches for `case`."""
+        if case.feed == "ceiling":
+            return self._ceiling(case.arch, case.size, case.batch)
+        if case.feed == "imagefolder":
+            return self._imagefolder(case.arch, case.size, case.batch)
+        return self._loader(case.feed, case.arch, case.size, case.batch)
+
+    def keep_only(self, feed):
+        """Drop the loaders of other feeds: a resident split left on the GPU would count in every row's peak."""
+        self._loaders = {k: v for k, v in self._loaders.items() if k[0] == feed}
+
+    def close(self):
+        self._loaders.clear()
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+def _model(case, device, num_classes, cache):
+    """A fresh network (same seed for every feed) on `device`; compiled cases share one compiled
+    module per (arch, size, batch), so (a) and (b) pay for compilation once."""
+    if case.compiled and (case.arch, case.size, case.batch) in cache:
+        return cache[case.arch, case.size, case.batch]
+    torch.manual_seed(0)
+    model = models.get_model(case.arch, num_classes)
+    model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
+    model.train()
+    if case.compiled:
+        model = torch.compile(model)
+        cache.clear()
+        cache[case.arch, case.size, case.batch] = model
+    return model
+
+
+def bench_train(shards, images=None, cases=None, device="cpu", warmup=10, steps=50, windows=3,
+                workers=None, log=print):
+    """Measure every case; returns a list of row dicts (the `Case` fields plus images/s median,
+    min, max, the windows' rates, ratio to (a) of the same compile setting, peak GPU memory)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if windows < 3:
+        raise UsageError(f"--windows {windows}: need at least 3 (the median of fewer hides the spread)")
+    num_classes = len(read_manifest(shards)["classes"])
+    feeds = Feeds(shards, images, device, os.cpu_count() if workers is None else workers)
+    rows, compiled = [], {}
+    try:
+        for case in cases or plan():
+            feeds.keep_only(case.feed)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            step = make_step(_model(case, device, num_classes, compiled), device)
+            batches = feeds.batches(case)
+            try:
+                rates = time_windows(step, batches, device, warmup, steps, windows)
+            finally:
+                batches.close()  # now, not at garbage collection: feed d's workers must not run into the next row
+                del step, batches  # the model and optimiser go before the next row's peak memory is reset
+            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+            row = dict(asdict(case), images_per_s=statistics.median(rates), min=min(rates), max=max(rates),
+                       rates=rates, peak_bytes=peak)
+            rows.append(row)
+            log(f"  {case.arch}@{case.size} b{case.batch} {case.feed}{' compiled' if case.compiled else ''}: "
+                f"{row['images_per_s']:,.0f} images/s")
+    finally:
+        feeds.close()
+    for row in rows:
+        ceiling = next((r["images_per_s"] for r in rows if r["feed"] == "ceiling" and r["compiled"] == row["compiled"]
+                        and (r["arch"], r["size"], r["batch"]) == (row["arch"], row["size"], row["batch"])), None)
+        row["of_ceiling"] = row["images_per_s"] / ceiling if ceiling else None
+    return rows
+
+
+# --- what produced the numbers ---------------------------------------------------------------
+
+
+def commit():
+    """The checkout's commit (+"-dirty" with uncommitted changes), or $TINYIN_COMMIT where there is no git."""
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    return os.environ.get("TINYIN_COMMIT", "unknown")
+
+
+def environment(device):
+    """Machine, accelerator and versions, for the table's header and env.json."""
+    import torchvision
+
+    device = torch.device(device)
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, StopIteration):
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return dict(commit=commit(), host=platform.node(), cores=os.cpu_count(), cpu=cpu, device=str(device), gpu=gpu,
+                python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__,
+                cuda=torch.version.cuda if gpu else None,
+                precision="bf16 autocast, channels_last" if gpu else "float32 (no autocast on the CPU)")
+
+
+def _gib(n):
+    return "-" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def format_table(rows, command, env, warmup, steps, windows):
+    """The Markdown table, headed by the command, commit, machine and versions that produced it."""
+    lines = [f"# {command}",
+             f"# commit {env['commit']}; {env['host']}: {env['cores']} cores ({env['cpu']}), "
+             f"{env['gpu'] or 'no GPU'}; torch {env['torch']}, torchvision {env['torchvision']}; {env['precision']}",
+             f"# complete SGD steps (lr 0.001, momentum 0.9); {warmup} warm-up steps excluded; "
+             f"median of {windows} windows of {steps} steps" + (", CUDA synchronised" if env["gpu"] else ""),
+             "| model | input | batch | feed | compiled | images/s | min-max | of (a) | peak GPU memory |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = "-" if r["of_ceiling"] is None else f"{r['of_ceiling']:.0%}"
+        lines.append(f"| {r['arch']} | {r['size']} | {r['batch']} | {FEED_LABELS[r['feed']]} | "
+                     f"{'yes' if r['compiled'] else 'no'} | {r['images_per_s']:,.0f} | "
+                     f"{r['min']:,.0f}-{r['max']:,.0f} | {ratio} | {_gib(r['peak_bytes'])} |")
+    return "\n".join(lines)

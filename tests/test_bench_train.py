@@ -1,0 +1,104 @@
+"""pipeline.bench_train on the synthetic set: the plan of cases, what each feed delivers, the
+one-line errors, and the CLI's table and JSON (a tiny run; no figures are asserted)."""
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipeline.bench_train import Case, Feeds, bench_train, format_table, environment, plan
+from pipeline.cli import main
+from pipeline.device import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.errors import UsageError
+from pipeline.reader import ShardArrays
+
+
+def test_plan_rows_batches_and_compile():
+    cases = plan(["lenet5", "resnet18"], [28, 64], ("study", 256, 32), ("c", "a"), compile=True)
+    assert cases == [
+        Case("lenet5", 28, 32, "ceiling"), Case("lenet5", 28, 32, "ceiling", True), Case("lenet5", 28, 32, "fast"),
+        Case("lenet5", 28, 256, "ceiling"), Case("lenet5", 28, 256, "ceiling", True), Case("lenet5", 28, 256, "fast"),
+        Case("resnet18", 64, 50, "ceiling"), Case("resnet18", 64, 50, "ceiling", True), Case("resnet18", 64, 50, "fast"),
+        Case("resnet18", 64, 256, "ceiling"), Case("resnet18", 64, 256, "ceiling", True), Case("resnet18", 64, 256, "fast"),
+        Case("resnet18", 64, 32, "ceiling"), Case("resnet18", 64, 32, "ceiling", True), Case("resnet18", 64, 32, "fast"),
+    ]
+    # the whole zoo: 7 rows, the 224 rows at the study's batch 100
+    everything = plan()
+    assert sorted({(c.arch, c.size) for c in everything}) == sorted(
+        [("lenet5", 28), ("alexnet", 64), ("squeezenet1_1", 64), ("resnet18", 64),
+         ("alexnet", 224), ("squeezenet1_1", 224), ("resnet18", 224)])
+    assert {c.batch for c in everything if c.size == 224} == {100, 256}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(archs=["vgg16"]), "--arch vgg16: unknown; choose from: lenet5, alexnet, squeezenet1_1, resnet18"),
+    (dict(archs=["lenet5"], sizes=[64]), "--size 64: no such row for lenet5 (the zoo has: lenet5 at 28)"),
+    (dict(feeds=["a", "e"]), "--feeds e: unknown; choose from: a (ceiling), b (resident), c (fast), d (imagefolder)"),
+    (dict(batches=["study", "0", "x"]), "--batch 0,x: need positive integers or 'study'"),
+])
+def test_plan_errors(kwargs, message):
+    with pytest.raises(UsageError) as e:
+        plan(**kwargs)
+    assert str(e.value) == message
+
+
+def test_feeds_deliver_model_ready_batches(shards, release):
+    feeds = Feeds(shards, release, torch.device("cpu"), workers=0)
+    arrays = ShardArrays(shards, "train", "rgb64")
+    for feed in ("ceiling", "resident", "fast", "imagefolder"):
+        images, labels = next(feeds.batches(Case("resnet18", 224, 8, feed)))
+        assert images.shape == (8, 3, 224, 224) and images.dtype == torch.float32, feed
+        assert labels.shape == (8,) and labels.dtype == torch.int64, feed
+        grey, _ = next(feeds.batches(Case("lenet5", 28, 8, feed)))
+        assert grey.shape == (8, 1, 28, 28), feed
+    # (a) is the same batch every step, normalised with the row's (ImageNet) statistics
+    ceiling = feeds.batches(Case("resnet18", 64, 8, "ceiling"))
+    (first, y1), (second, y2) = next(ceiling), next(ceiling)
+    assert torch.equal(first, second) and torch.equal(y1, y2)
+    idx = torch.arange(8) * (len(arrays) // 8)
+    raw = arrays.gather(idx.numpy()).permute(0, 3, 1, 2).float() / 255
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(first, (raw - mean) / std)
+    assert torch.equal(y1, torch.from_numpy(arrays.labels[idx.numpy()]))
+
+
+def test_batch_larger_than_the_split(shards):
+    with pytest.raises(UsageError) as e:
+        bench_train(shards, cases=[Case("lenet5", 28, 1000, "resident")], warmup=0, steps=1)
+    assert str(e.value) == "--feeds resident: the train split holds fewer images than one batch; use a smaller --batch"
+    with pytest.raises(UsageError) as e:
+        bench_train(shards, cases=[Case("lenet5", 28, 1000, "ceiling")], warmup=0, steps=1)
+    assert str(e.value) == "--feeds a: the train split holds 240 images, fewer than one batch of 1000"
+
+
+def test_imagefolder_needs_images(shards):
+    result = CliRunner().invoke(main, ["bench", "train", "--shards", str(shards), "--arch", "lenet5",
+                                       "--feeds", "d", "--batch", "8", "--warmup", "0", "--steps", "1"])
+    assert result.exit_code == 2
+    assert result.output.splitlines()[-1] == (
+        "error: --feeds d (the study's ImageFolder pipeline) needs --images FOLDER, an extracted release")
+
+
+def test_cli_table_and_json(shards, release, tmp_path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, ["bench", "train", "--shards", str(shards), "--images", str(release),
+                                       "--arch", "lenet5", "--batch", "16", "--warmup", "1", "--steps", "1",
+                                       "--workers", "0", "--device", "cpu", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["env"]["torch"] == torch.__version__ and data["env"]["gpu"] is None and data["env"]["commit"]
+    rows = data["rows"]
+    assert [(r["arch"], r["size"], r["batch"], r["feed"], r["compiled"]) for r in rows] == [
+        ("lenet5", 28, 16, feed, False) for feed in ("ceiling", "resident", "fast", "imagefolder")]
+    assert rows[0]["of_ceiling"] == 1.0
+    for r in rows:
+        assert len(r["rates"]) == 3 and r["min"] <= r["images_per_s"] <= r["max"] and r["peak_bytes"] is None
+        assert r["of_ceiling"] == r["images_per_s"] / rows[0]["images_per_s"]
+    lines = [line for line in result.output.splitlines() if line.startswith(("#", "|"))]
+    assert lines[0].startswith("# tinyin bench train")  # then sys.argv, which CliRunner leaves as pytest's
+    assert f"torch {torch.__version__}" in lines[1] and "no GPU" in lines[1]
+    assert lines[2] == "# complete SGD steps (lr 0.001, momentum 0.9); 1 warm-up steps excluded; median of 3 windows of 1 steps"
+    assert lines[3] == "| model | input | batch | feed | compiled | images/s | min-max | of (a) | peak GPU memory |"
+    assert [line.split(" | ")[3] for line in lines[5:]] == [
+        "(a) ceiling: one batch on the device", "(b) resident loader", "(c) fast path", "(d) study: ImageFolder + PIL"]
+    assert lines[5:] == format_table(rows, "x", environment("cpu"), 1, 1, 3).splitlines()[5:]

@@ -88,13 +88,26 @@ def shard_build(src, out, workers, shard_size, split_seed, on_error, quiet):
                f"({n / secs:,.0f} images/s, {secs:.1f} s); skipped {len(manifest['skipped'])}")
 
 
+def _local(shards, split, progress=None):
+    """`shards` itself, or for a set URL the local cached copy of `split` (None: every split)."""
+    from .cache import cached_copy, is_set_url
+    from .shardset import ShardSet
+
+    if not is_set_url(shards):
+        return shards
+    remote = ShardSet(shards)
+    return cached_copy(remote, [split] if split else [k for k, v in remote.counts.items() if v], progress=progress)
+
+
 @shard.command("verify")
 @click.argument("shards", type=click.Path())
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def shard_verify(shards, quiet):
-    """Re-check every shard's checksum and count, and that every sample decodes with the right label."""
+    """Re-check every shard's checksum and count, and that every sample decodes with the right label.
+    SHARDS may be a URL: every split is fetched into the local cache (verified on arrival), then checked."""
     from .verify import verify_shards
 
+    shards = _local(shards, None, progress=not quiet)
     report = verify_shards(shards, progress=not quiet)
     click.echo(f"ok: {report['shards']} shards, {report['samples']:,} samples verified")
 
@@ -105,9 +118,11 @@ def shard_verify(shards, quiet):
 @click.option("--classes", "max_classes", default=20, show_default=True, help="Classes shown in the grid.")
 @click.option("--per-class", default=8, show_default=True, help="Samples per class in the grid.")
 def shard_inspect(shards, png, max_classes, per_class):
-    """Counts per split, classes, bytes, and a PNG grid of samples per class with their words."""
+    """Counts per split, classes, bytes, and a PNG grid of samples per class with their words.
+    SHARDS may be a URL: its train split is fetched into the local cache first."""
     from .verify import inspect_shards
 
+    shards = _local(shards, "train")
     summary = inspect_shards(shards, png=png, max_classes=max_classes, per_class=per_class)
     click.echo(summary["text"])
 

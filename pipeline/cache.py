@@ -17,6 +17,7 @@ import fcntl
 import hashlib
 import http.client
 import json
+import mmap
 import os
 import sys
 import threading
@@ -29,6 +30,7 @@ from .schema import INDEX_FILE, MANIFEST_FILE
 from .shardset import ShardSet, is_url, missing_error, open_shard_set
 
 BLOCK = 4 << 20  # bytes per read; large enough that hashing and writing a block cost far more than a call
+FSSPEC_BLOCK = 32 << 20  # bytes per ranged read through fsspec (a request each: S3 and GCS bill per request)
 RETRIES = 3  # attempts per shard: a cut connection resumes, a bad checksum starts over
 TIMEOUT_S = 60
 WORKERS = 4  # shards fetched at once
@@ -145,46 +147,44 @@ class _Fetch:
 
     def _fetch_shard(self, entry):
         """Fetch one shard into `<file>.part` (resuming what is there), verify it, rename it into place."""
-        url, part = self.remote.where(entry), self.folder / f"{entry['file']}.part"
+        url, part, size = self.remote.where(entry), self.folder / f"{entry['file']}.part", entry["bytes"]
         error = None
         for _ in range(RETRIES):
             if self.stop.is_set():
                 return
-            digest = hashlib.sha256()
             start = part.stat().st_size if part.is_file() else 0
-            if start > entry["bytes"]:
+            if start > size:
                 part.unlink()
                 start = 0
-            with open(part, "ab" if start else "wb") as f:
-                if start:  # the kept bytes count towards the checksum
-                    with open(part, "rb") as kept:
-                        for block in iter(lambda: kept.read(BLOCK), b""):
-                            digest.update(block)
-                try:
-                    if start < entry["bytes"]:  # a full .part (a crash before the rename) only needs its check
-                        self._receive(url, entry, start, f, digest)
-                except FileNotFoundError:
-                    if not part.stat().st_size:
-                        part.unlink()
-                    raise missing_error(url) from None
-                except _Restart as e:
+            digest = _digest_of(part, start)  # the kept bytes count towards the checksum
+            try:
+                if start < size:  # a full .part (a crash before the rename) only needs its check
+                    receive = _http_receive if url.split("://")[0] in ("http", "https") else self._fsspec_receive
+                    receive(url, part, start, size, digest, self._progress, self.stop)
+            except FileNotFoundError:
+                if part.is_file() and not part.stat().st_size:
                     part.unlink()
-                    error = e
-                    continue
-                except (OSError, http.client.HTTPException) as e:
-                    error = e  # a cut connection or a refused request: resume from what arrived
-                    continue
-                except Exception as e:  # noqa: BLE001 - fsspec backends raise their own families
-                    if not _transient(e):
-                        raise ShardError(f"{url}: cannot fetch ({e.__class__.__name__}: {e})") from None
-                    error = e
-                    continue
+                raise missing_error(url) from None
+            except _Restart as e:
+                part.unlink(missing_ok=True)
+                error = e
+                continue
+            except (OSError, http.client.HTTPException) as e:
+                error = e  # a cut connection or a refused request: resume from what arrived
+                continue
+            except Exception as e:  # noqa: BLE001 - fsspec backends raise their own families
+                if not _transient(e):
+                    raise ShardError(f"{url}: cannot fetch ({e.__class__.__name__}: {e})") from None
+                error = e
+                continue
+            if self.stop.is_set():
+                return
             try:
                 self.remote.check_size(entry, part.stat().st_size, url)
                 self.remote.check_sha256(entry, digest.hexdigest(), url)
             except ShardError as e:
                 error = e
-                if part.stat().st_size >= entry["bytes"]:
+                if part.stat().st_size >= size:
                     part.unlink()  # a full-length body with the wrong bytes: start over, never resume it
                 continue
             os.replace(part, self.folder / entry["file"])
@@ -193,19 +193,71 @@ class _Fetch:
             raise error
         raise ShardError(f"{url}: cannot fetch ({_describe(error)}, after {RETRIES} attempts)")
 
-    def _receive(self, url, entry, start, f, digest):
-        """Append bytes `start..` of the shard at `url` to `f`, hashing them as they arrive."""
-        blocks = _http_blocks(url, start, entry["bytes"]) if url.split("://")[0] in ("http", "https") \
-            else _fsspec_blocks(self.remote.fs, url, start, entry["bytes"])
-        with contextlib.closing(blocks):
-            if next(blocks) != start:  # the server ignored the range: it sends the whole file
-                raise _Restart("the server ignored the range request")
-            for block in blocks:
-                if self.stop.is_set():
-                    return
-                digest.update(block)  # releases the GIL: other threads receive meanwhile
+    def _progress(self, n):
+        self.bar.update(n)
+
+    def _fsspec_receive(self, url, part, start, size, digest, progress, stop):
+        """Append bytes `start..size` of `url` to `part` through the set's fsspec filesystem, a ranged
+        read per block, hashing them as they arrive."""
+        with self.remote.fs.open(url, "rb", block_size=FSSPEC_BLOCK, cache_type="none") as src, \
+                open(part, "ab" if start else "wb") as f:
+            src.seek(start)
+            while start < size and not stop.is_set():
+                block = src.read(min(FSSPEC_BLOCK, size - start))
+                if not block:
+                    return  # the body ended early: the size check names it
+                digest.update(block)
                 f.write(block)
-                self.bar.update(len(block))
+                start += len(block)
+                progress(len(block))
+
+
+def _digest_of(part, length):
+    """A sha256 fed with the first `length` bytes of `part`."""
+    digest = hashlib.sha256()
+    if length:
+        with open(part, "rb") as f:
+            for block in iter(lambda: f.read(BLOCK), b""):
+                digest.update(block)
+    return digest
+
+
+def _http_receive(url, part, start, size, digest, progress, stop):
+    """Write bytes `start..size` of `url` into `part` (which holds the first `start`), hashing them as they
+    arrive. The socket is read straight into a memory map of the preallocated file: no copy through a
+    buffer and no write() per block, which measured 0.8-3.2 CPU s/GB here against 0.9 with the map. While
+    it runs the file has its full length; it is cut back to what arrived when the transfer ends, however
+    it ends (a process killed meanwhile leaves a full-length .part that fails its checksum and is fetched
+    again). FileNotFoundError on a 404, OSError on another HTTP error, _Restart if the range is ignored."""
+    parts = urllib.parse.urlsplit(url)
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    conn = kind(parts.netloc, timeout=TIMEOUT_S)
+    try:
+        conn.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""),
+                     headers={"Range": f"bytes={start}-"} if start else {})
+        response = conn.getresponse()
+        if response.status == 404:
+            raise FileNotFoundError(url)
+        if response.status not in (200, 206):
+            raise OSError(f"HTTP {response.status} {response.reason}")
+        if start and response.status != 206:
+            raise _Restart("the server ignored the range request")
+        with open(part, "r+b" if start else "w+b") as f:
+            at = start
+            try:
+                os.posix_fallocate(f.fileno(), 0, size)
+                with mmap.mmap(f.fileno(), size) as mapping, memoryview(mapping) as view:
+                    while at < size and not stop.is_set():
+                        n = response.readinto(view[at:min(at + BLOCK, size)])
+                        if not n:
+                            return  # the body ended early: the size check names it
+                        digest.update(view[at:at + n])  # releases the GIL: other shards arrive meanwhile
+                        at += n
+                        progress(n)
+            finally:
+                f.truncate(at)
+    finally:
+        conn.close()
 
 
 class _Restart(Exception):
@@ -221,44 +273,3 @@ def _transient(error):
 def _describe(error):
     text = str(error) or error.__class__.__name__
     return text.splitlines()[0] if text else "unknown error"
-
-
-def _http_blocks(url, start, size):
-    """Yield the offset served from, then memoryviews of bytes `start..size` of `url` (each valid until the
-    next is requested). FileNotFoundError on a 404; OSError on any other HTTP error."""
-    parts = urllib.parse.urlsplit(url)
-    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    conn = kind(parts.netloc, timeout=TIMEOUT_S)
-    try:
-        conn.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""),
-                     headers={"Range": f"bytes={start}-"} if start else {})
-        response = conn.getresponse()
-        if response.status == 404:
-            raise FileNotFoundError(url)
-        if response.status not in (200, 206):
-            raise OSError(f"HTTP {response.status} {response.reason}")
-        yield start if response.status == 206 else 0
-        buffer = memoryview(bytearray(BLOCK))
-        left = size - start
-        while left > 0:
-            n = response.readinto(buffer[:min(BLOCK, left)])
-            if not n:
-                return  # the body ended early: the size check names it
-            left -= n
-            yield buffer[:n]
-    finally:
-        conn.close()
-
-
-def _fsspec_blocks(fs, url, start, size):
-    """The same as `_http_blocks` through an fsspec filesystem (S3, GCS, ...), a ranged read per block."""
-    with fs.open(url, "rb", block_size=BLOCK * 4, cache_type="none") as f:
-        f.seek(start)
-        yield start
-        left = size - start
-        while left > 0:
-            block = f.read(min(BLOCK * 4, left))
-            if not block:
-                return
-            left -= len(block)
-            yield block

@@ -74,11 +74,14 @@ def test_http_set_yields_the_local_batches_and_a_second_open_fetches_nothing(sha
 def test_s3_set_yields_the_local_batches(shards, cache):
     s3 = S3Server()
     try:
-        url = s3.upload(shards, "tiny", "sets/synth")
+        url = s3.upload(shards, "tiny-cache", "sets/synth")  # moto keeps buckets per process: a name of its own
         assert_same(batches(url, "resident"), batches(shards, "resident"))
         assert cache_folder(url).joinpath(SHARD).read_bytes() == (shards / SHARD).read_bytes()
     finally:
         s3.close()
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()  # fsspec reuses a filesystem per options, not per endpoint
 
 
 def test_a_missing_manifest_names_the_url(serve, cache):

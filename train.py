@@ -46,8 +46,10 @@ from tqdm import tqdm
 import models
 from models.recipes import recipe_names, resolve_recipe
 from pipeline import IMAGENET_MEAN, IMAGENET_STD, make_loader, read_manifest
+from pipeline.cache import cached_copy, is_set_url
 from pipeline.errors import CheckpointError, ShardError, UsageError, run_cli
 from pipeline.order import step_seed
+from pipeline.shardset import ShardSet
 
 NORMS = {"dataset": (None, None), "imagenet": (IMAGENET_MEAN, IMAGENET_STD), "half": ((0.5,) * 3, (0.5,) * 3)}
 FIELDS = ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "images_per_s", "epoch_time_s"]
@@ -224,14 +226,21 @@ def autocast(device, args):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda")
 
 
-def open_shards(path):
-    """The shard set's manifest; ShardError (one line, exit 1) for a missing or foreign folder."""
-    if not Path(path).is_dir():
-        raise ShardError(f"--shards {path}: no such folder")
-    return read_manifest(path)
+def open_shards(args):
+    """(shards, manifest): the folder to read and its manifest; ShardError (one line, exit 1) for a missing
+    or foreign set. A URL's train/val/test splits are fetched into the node's cache first (one download
+    per node, shared by its ranks), except on the stream path, which reads the URL itself."""
+    if is_set_url(args.shards):
+        if args.data_path == "stream":
+            return args.shards, ShardSet(args.shards).manifest
+        shards = cached_copy(args.shards, ("train", "val", "test"))
+        return shards, read_manifest(shards)
+    if not Path(args.shards).is_dir():
+        raise ShardError(f"--shards {args.shards}: no such folder")
+    return args.shards, read_manifest(args.shards)
 
 
-def load_data(args, device, world_size):
+def load_data(args, shards, device, world_size):
     """Train/val/test loaders for the model's variant, resized on the device when --size asks."""
     info = models.model_input(args.arch)
     mean, std = (v if v is None else v[: info["channels"]] for v in NORMS[args.norm])  # grey: one channel
@@ -240,9 +249,9 @@ def load_data(args, device, world_size):
                   world_size=world_size, device=device, workers=args.workers, channels_last=args.channels_last,
                   path=args.data_path)
     # drop_last under DDP so every rank takes the same number of steps (DDP all-reduces each one).
-    train = make_loader(args.shards, "train", shuffle=True, drop_last=world_size > 1, augment=args.augment,
+    train = make_loader(shards, "train", shuffle=True, drop_last=world_size > 1, augment=args.augment,
                         with_keys=args.dump_keys, **common)
-    val, test = (make_loader(args.shards, split, shuffle=False, **common) for split in ("val", "test"))
+    val, test = (make_loader(shards, split, shuffle=False, **common) for split in ("val", "test"))
     return train, val, test
 
 
@@ -301,7 +310,7 @@ class Parts:
 
 def build(args, device, world_size):
     """Model, optimiser and loaders for this rank; the lr schedule comes with the state (`restore`)."""
-    manifest = open_shards(args.shards)
+    shards, manifest = open_shards(args)
     seed_everything(args.seed)  # the same initial weights on every rank
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -314,7 +323,7 @@ def build(args, device, world_size):
     if args.compile:
         model = torch.compile(model)
     optimizer = torch.optim.SGD(module.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
-    train, val, test = load_data(args, device, world_size)
+    train, val, test = load_data(args, shards, device, world_size)
     return Parts(model, module, nn.CrossEntropyLoss(label_smoothing=args.label_smoothing), optimizer,
                  train, val, test, run_identity(args, manifest), device, world_size)
 
@@ -670,7 +679,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def get_args_parser(add_help=True):
     p = ArgumentParser(prog="train.py", description="Train a CNN on Tiny ImageNet shards", add_help=add_help)
-    p.add_argument("--shards", default="out/shards", help="shard folder from `tinyin shard build` (default: out/shards)")
+    p.add_argument("--shards", default="out/shards", help="shard folder from `tinyin shard build`, or its URL (http(s)://, s3://, gs://: fetched once per node into $TINYIN_CACHE, default ~/.cache/tinyin) (default: out/shards)")
     p.add_argument("--arch", "--model", default="resnet18", choices=models.list_models(), help="network (default: resnet18)")
     p.add_argument("--size", type=int, choices=(28, 64, 224),
                    help="input size: 28 grey (lenet5), 64 RGB, 224 = RGB 64 upscaled on the device (default: the arch's native size)")

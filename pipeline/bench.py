@@ -1,9 +1,15 @@
 """Loader throughput, side by side in one run: the ImageFolder+PIL baseline, tinyin's three read
-paths, and a numpy-memmap gather of the same bytes as the ceiling. Used by `tinyin bench loader`
-and `tools/bench_loader.py`; prints a Markdown table (images/s = median of the passes)."""
+paths, and a numpy-memmap gather of the same bytes as the ceiling; with `remote=True` also the set
+served on loopback HTTP: curl's transfer rate (the ceiling), a cold fetch into the cache, and the
+stream path. Used by `tinyin bench loader` and `tools/bench_loader.py`; prints a Markdown table
+(images/s = median of the passes)."""
+import contextlib
 import os
 import platform
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -80,8 +86,9 @@ def _ceiling(shards, variant, batch_size):
 
 
 def bench_loader(shards, images, batch_size=256, workers=2, passes=3, pass_images=25_600,
-                 variants=("rgb64", "gray28"), include_baseline=True, device="cpu", log=print):
-    """Measure every loader for each variant; returns a list of row dicts and logs as it goes."""
+                 variants=("rgb64", "gray28"), include_baseline=True, device="cpu", remote=False, log=print):
+    """Measure every loader for each variant; returns a list of row dicts and logs as it goes.
+    remote: add the loopback-HTTP rows (`bench_remote`) at the end."""
     rows = []
     for variant in variants:
         candidates = []
@@ -106,7 +113,116 @@ def bench_loader(shards, images, batch_size=256, workers=2, passes=3, pass_image
         ceil = next(r["images_per_s"] for r in rows if r["variant"] == row["variant"] and "ceiling" in r["loader"])
         row["x_baseline"] = row["images_per_s"] / base if base else None
         row["of_ceiling"] = row["images_per_s"] / ceil
+    if remote:
+        rows += bench_remote(shards, batch_size, workers, passes, pass_images, log)
     return rows
+
+
+@contextlib.contextmanager
+def serve_folder(folder):
+    """`python -m http.server` serving `folder` on a free loopback port (its own process, as a real
+    server would be: the benchmark's GIL is not the server's); yields the base URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                               "--directory", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):  # up to 10 s for the interpreter to start and bind
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def _curl(urls):
+    """Seconds for one curl process to fetch `urls` one after another into /dev/null, and the bytes."""
+    cmd = ["curl", "-sS", "--fail", "-w", "%{size_download}\\n"]
+    for url in urls:
+        cmd += ["-o", os.devnull, url]
+    start = time.perf_counter()
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return time.perf_counter() - start, sum(int(n) for n in out.split())
+
+
+def bench_remote(shards, batch_size=256, workers=2, passes=3, pass_images=25_600, log=print):
+    """Rows for the train split served on loopback HTTP, measured alternately in one run: curl's
+    transfer rate (the ceiling), `cached_copy` from a cold cache to verified local files, and
+    `make_loader(URL, path="stream")`. Samples/s = bytes/s over the set's bytes per sample."""
+    import shutil
+
+    from .cache import cached_copy
+    from .shardset import ShardSet
+
+    local = ShardSet(shards)
+    entries = local.entries("train")
+    total = sum(e["bytes"] for e in entries)
+    per_sample = total / local.counts["train"]
+    rows = []
+
+    def row(name, how, rate, note, of):
+        rows.append({"variant": "rgb64+gray28" if "stream" not in name else "rgb64", "loader": name, "workers": how,
+                     "images_per_s": rate, "pass": note, "x_baseline": None, "of_ceiling": of})
+        log(f"  remote {name:<44} {rate:>12,.0f} images/s  {note}")
+
+    with serve_folder(shards) as url:
+        curl, fetch = [], []
+        if shutil.which("curl") is None:
+            log("  remote: no curl on PATH; no ceiling row")
+        for _ in range(passes):
+            if shutil.which("curl"):
+                secs, got = _curl([f"{url}/{e['file']}" for e in entries])
+                if got != total:
+                    raise RuntimeError(f"curl fetched {got:,} of {total:,} bytes from {url}")
+                curl.append(total / secs)
+            cache = tempfile.mkdtemp(prefix="tinyin-bench-cache-")
+            try:
+                start = time.perf_counter()
+                cached_copy(url, "train", cache_dir=cache, progress=False)
+                fetch.append(total / (time.perf_counter() - start))
+            finally:
+                shutil.rmtree(cache)
+        gb = lambda rates: ", ".join(f"{r / 1e9:.2f}" for r in rates)  # noqa: E731
+        ceiling = statistics.median(curl) / per_sample if curl else None
+        if curl:
+            row("ceiling: curl, loopback HTTP (1 connection)", "1 process", ceiling,
+                f"{total / 1e9:.2f} GB of train shards x {passes}: {gb(curl)} GB/s", 1.0)
+        rate = statistics.median(fetch) / per_sample
+        row("remote fetch (cold cache -> verified copy)", f"{_fetch_workers()} threads", rate,
+            f"{gb(fetch)} GB/s", rate / ceiling if ceiling else None)
+        try:
+            loader = make_loader(url, "train", path="stream", raw=True, workers=workers, batch_size=batch_size)
+            ok = loader.num_samples == local.counts["train"]
+        except Exception as e:  # noqa: BLE001 - the stream path's own errors, reported as the row's note
+            ok, loader = False, f"{e.__class__.__name__}: {e}"
+        if ok:
+            rate, size = _measure(_epochs(loader), passes, pass_images)
+            row("remote stream (make_loader(URL, path=stream))", workers, rate, size, rate / ceiling if ceiling else None)
+        else:
+            note = loader if isinstance(loader, str) else "its epoch is not the train split's"
+            log(f"  remote stream: skipped, the stream path cannot read a set URL on this branch ({note})")
+            rows.append({"variant": "rgb64", "loader": "remote stream (make_loader(URL, path=stream))",
+                         "workers": workers, "images_per_s": None, "pass": "not on this branch: " + note[:80],
+                         "x_baseline": None, "of_ceiling": None})
+    return rows
+
+
+def _fetch_workers():
+    from .cache import WORKERS
+
+    return WORKERS
+
+
+def _epochs(loader):
+    def epoch_iter(epoch):
+        loader.set_epoch(epoch)
+        return iter(loader)
+    return epoch_iter
 
 
 def _device_loader(shards, variant, batch_size, device):
@@ -130,6 +246,7 @@ def format_table(rows, command, batch_size):
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         x = f"{r['x_baseline']:.1f}×" if r["x_baseline"] else "—"
-        lines.append(f"| {r['variant']} | {r['loader']} | {r['workers']} | {r['images_per_s']:,.0f} | {x} | "
-                     f"{r['of_ceiling']:.0%} | {r['pass']} |")
+        rate = "—" if r["images_per_s"] is None else f"{r['images_per_s']:,.0f}"
+        of = "—" if r["of_ceiling"] is None else f"{r['of_ceiling']:.0%}"
+        lines.append(f"| {r['variant']} | {r['loader']} | {r['workers']} | {rate} | {x} | {of} | {r['pass']} |")
     return "\n".join(lines)

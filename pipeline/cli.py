@@ -88,13 +88,26 @@ def shard_build(src, out, workers, shard_size, split_seed, on_error, quiet):
                f"({n / secs:,.0f} images/s, {secs:.1f} s); skipped {len(manifest['skipped'])}")
 
 
+def _local(shards, split, progress=None):
+    """`shards` itself, or for a set URL the local cached copy of `split` (None: every split)."""
+    from .cache import cached_copy, is_set_url
+    from .shardset import ShardSet
+
+    if not is_set_url(shards):
+        return shards
+    remote = ShardSet(shards)
+    return cached_copy(remote, [split] if split else [k for k, v in remote.counts.items() if v], progress=progress)
+
+
 @shard.command("verify")
 @click.argument("shards", type=click.Path())
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def shard_verify(shards, quiet):
-    """Re-check every shard's checksum and count, and that every sample decodes with the right label."""
+    """Re-check every shard's checksum and count, and that every sample decodes with the right label.
+    SHARDS may be a URL: every split is fetched into the local cache (verified on arrival), then checked."""
     from .verify import verify_shards
 
+    shards = _local(shards, None, progress=not quiet)
     report = verify_shards(shards, progress=not quiet)
     click.echo(f"ok: {report['shards']} shards, {report['samples']:,} samples verified")
 
@@ -105,9 +118,11 @@ def shard_verify(shards, quiet):
 @click.option("--classes", "max_classes", default=20, show_default=True, help="Classes shown in the grid.")
 @click.option("--per-class", default=8, show_default=True, help="Samples per class in the grid.")
 def shard_inspect(shards, png, max_classes, per_class):
-    """Counts per split, classes, bytes, and a PNG grid of samples per class with their words."""
+    """Counts per split, classes, bytes, and a PNG grid of samples per class with their words.
+    SHARDS may be a URL: its train split is fetched into the local cache first."""
     from .verify import inspect_shards
 
+    shards = _local(shards, "train")
     summary = inspect_shards(shards, png=png, max_classes=max_classes, per_class=per_class)
     click.echo(summary["text"])
 
@@ -125,13 +140,14 @@ def bench():
 @click.option("--passes", default=5, show_default=True, type=click.IntRange(1), help="Timed passes per loader (median reported).")
 @click.option("--pass-images", default=25_600, show_default=True, type=click.IntRange(1), help="Images per pass for loaders slower than 50k images/s.")
 @click.option("--device", default="cpu", show_default=True, help="Device for the resident path (and the 224 row on CUDA).")
+@click.option("--remote", is_flag=True, help="Also serve the shards on loopback HTTP: rows for curl's rate (the ceiling), a cold fetch into the cache, and the stream path.")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write the rows as JSON.")
-def bench_loader_cmd(shards, images, batch_size, workers, passes, pass_images, device, json_path):
+def bench_loader_cmd(shards, images, batch_size, workers, passes, pass_images, device, remote, json_path):
     """Images/s of the ImageFolder+PIL baseline and tinyin's loaders, side by side."""
     from .bench import bench_loader, format_table
 
     rows = bench_loader(shards, images, batch_size=batch_size, workers=workers, passes=passes,
-                        pass_images=pass_images, device=device, log=lambda m: click.echo(m, err=True))
+                        pass_images=pass_images, device=device, remote=remote, log=lambda m: click.echo(m, err=True))
     click.echo(format_table(rows, "tinyin bench loader " + " ".join(sys.argv[3:]), batch_size))
     if json_path:
         with open(json_path, "w") as f:

@@ -192,7 +192,9 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
                 checksum=True, sample_counts=None):
     """Batches of one split of a shard set, ready for a model on `device`.
 
-    shards: a local shard folder (from `tinyin shard build`), or shard URLs / a brace pattern.
+    shards: a local shard folder (from `tinyin shard build`), the URL of one (http(s)://, s3://, gs://:
+    the split is fetched into a local cache, see `cache.cached_copy`, unless path="stream"), or shard
+    URLs / a brace pattern (the stream path).
     Yields `(images, labels)` (`+ keys` with `with_keys=True`): images float (B, C, H, W) on
     `device`, scaled to [0, 1] and normalised by mean/std (default: the train split's stats
     from the manifest), resized to `size` and augmented when asked; or, with `raw=True`, the
@@ -211,6 +213,10 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
         raise ValueError(f"path must be one of {PATHS}, not {path!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+    from .cache import cached_copy, is_set_url
+
+    if is_set_url(shards) and path != "stream":  # a URL reads like a folder: its split fetched once per node
+        shards = cached_copy(shards, split)
     local = isinstance(shards, (str, Path)) and Path(shards).is_dir()
     if path == "auto" and not local:
         path = "stream"

@@ -3,7 +3,8 @@
 `FaultyHTTPServer` serves a folder with Range support (for resumed downloads) and, per file name,
 a fault: "missing" (404), "truncate" (the full Content-Length announced, half the body sent, then
 the connection closed), "corrupt" (one byte flipped, right length), "cut-once" (the first GET of
-the file breaks off mid-body, later ones succeed: a retry must recover). `requests` counts GETs.
+the file breaks off mid-body, later ones succeed: a retry must recover). `requests` counts GETs,
+`starts` lists each GET's (name, first byte).
 """
 import http.server
 import os
@@ -52,6 +53,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.server.requests[name] += 1
         size = path.stat().st_size
         lo, hi = self._range(size)
+        self.server.starts.append((name, lo))
         self.send_response(206 if (lo, hi) != (0, size) else 200)
         if (lo, hi) != (0, size):
             self.send_header("Content-Range", f"bytes {lo}-{hi - 1}/{size}")
@@ -80,7 +82,7 @@ class FaultyHTTPServer(http.server.ThreadingHTTPServer):
 
     def __init__(self, root, faults=None):
         super().__init__(("127.0.0.1", 0), _Handler)
-        self.root, self.faults, self.requests = str(root), dict(faults or {}), Counter()
+        self.root, self.faults, self.requests, self.starts = str(root), dict(faults or {}), Counter(), []
         assert set(self.faults.values()) <= set(FAULTS), self.faults
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
         threading.Thread(target=self.serve_forever, daemon=True).start()

@@ -45,6 +45,7 @@ def main():
     parser.add_argument("--workers", type=int, default=2, help="baseline/stream workers (default: %(default)s)")
     parser.add_argument("--passes", type=int, default=5, help="timed passes per loader (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="resident/224 device (default: %(default)s)")
+    parser.add_argument("--remote", action="store_true", help="also the loopback-HTTP rows: curl, remote fetch, remote stream")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="tinyin-bench-loader-"))
@@ -58,7 +59,7 @@ def main():
             src = Path(args.src)
             images = src if src.is_dir() else extract(src, tmp / "images")
         rows = bench_loader(shards, images, batch_size=args.batch_size, workers=args.workers, passes=args.passes,
-                            device=args.device, log=lambda m: print(m, file=sys.stderr))
+                            device=args.device, remote=args.remote, log=lambda m: print(m, file=sys.stderr))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(format_table(rows, "python tools/bench_loader.py " + " ".join(sys.argv[1:]), args.batch_size))

@@ -1,0 +1,275 @@
+"""`cached_copy`: a remote shard set's splits fetched into a local folder, so a URL reads like a folder.
+
+The manifest and index are written first (from the one `ShardSet` open), then each shard of the
+asked splits is fetched to `<file>.part`, hashed while it arrives, checked against the manifest
+(`ShardSet.check_*`, the one wording) and renamed into place. So a file under its own name is
+always a verified copy: a second open fetches nothing, and a broken-off `.part` resumes with a
+range request. One process per cache folder fetches at a time (an `flock` on `.lock`): the ranks
+of a node, or any processes sharing the folder, download each shard once and the others wait.
+
+HTTP(S) shards are read with `http.client` straight into a reused buffer: fsspec's HTTP file
+(aiohttp behind an event-loop thread) measured 0.1-0.2 GB/s on loopback where curl gets 1.3-2 GB/s.
+Other URLs (`s3://`, `gs://`, ...) go through the set's fsspec filesystem in large blocks.
+"""
+import concurrent.futures
+import contextlib
+import fcntl
+import hashlib
+import http.client
+import json
+import mmap
+import os
+import sys
+import threading
+import urllib.parse
+from pathlib import Path
+
+from .errors import ShardError
+from .index import write_json
+from .schema import INDEX_FILE, MANIFEST_FILE
+from .shardset import ShardSet, is_url, missing_error, open_shard_set
+
+BLOCK = 4 << 20  # bytes per read; large enough that hashing and writing a block cost far more than a call
+FSSPEC_BLOCK = 32 << 20  # bytes per ranged read through fsspec (a request each: S3 and GCS bill per request)
+RETRIES = 3  # attempts per shard: a cut connection resumes, a bad checksum starts over
+TIMEOUT_S = 60
+WORKERS = 4  # shards fetched at once
+
+
+def is_set_url(shards):
+    """True for a remote shard-set location (a URL of a folder holding manifest.json), as opposed to a
+    local folder, a ShardSet of a folder, or the stream path's shard URLs and brace patterns."""
+    if isinstance(shards, ShardSet):
+        return not shards.is_local
+    text = str(shards)
+    return isinstance(shards, (str, Path)) and is_url(text) and "{" not in text and not text.endswith(".tar")
+
+
+def cache_folder(location, cache_dir=None):
+    """Where the copy of the set at `location` lives: `<root>/<16 hex digits of the URL's sha256>`,
+    root being `cache_dir`, else $TINYIN_CACHE, else ~/.cache/tinyin."""
+    root = cache_dir or os.environ.get("TINYIN_CACHE") or Path.home() / ".cache" / "tinyin"
+    return Path(root) / hashlib.sha256(str(location).rstrip("/").encode()).hexdigest()[:16]
+
+
+def cached_copy(shards, splits, cache_dir=None, workers=WORKERS, progress=None, storage_options=None):
+    """A local folder holding the manifest, index and verified shards of `splits` of remote set `shards`.
+
+    shards: a URL (http(s)://, s3://, gs://, any fsspec URL) or a remote ShardSet; splits: names.
+    Shards already in the cache are not fetched again; a set rebuilt under the same URL (another
+    manifest) replaces the copies whose checksum changed. progress: a bar on stderr (default: on a
+    terminal, in the process with LOCAL_RANK 0). Raises ShardError naming the URL of a shard that is
+    missing, short, corrupt or unreachable after retries; no file is left looking complete.
+    """
+    remote = open_shard_set(shards, storage_options)
+    entries = [e for split in ([splits] if isinstance(splits, str) else splits) for e in remote.entries(split)]
+    folder = cache_folder(remote.location, cache_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    if progress is None:
+        progress = sys.stderr.isatty() and os.environ.get("LOCAL_RANK", "0") == "0"
+    with _locked(folder / ".lock"):
+        _write_metadata(remote, folder)
+        _Fetch(remote, folder, workers, progress).run(entries)
+    return folder
+
+
+@contextlib.contextmanager
+def _locked(path):
+    """Hold an exclusive flock on `path`: the other processes of the node wait here."""
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _write_metadata(remote, folder):
+    """Write the manifest and index of `remote` into `folder`, dropping copies a new manifest disowns."""
+    import pyarrow.parquet as pq
+
+    path = folder / MANIFEST_FILE
+    try:
+        old = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        old = None
+    if old == remote.manifest:
+        return
+    # Copies the old and the new manifest agree on stay; any other file (or one of unknown origin) goes.
+    pairs = lambda m: {(e["file"], e["sha256"]) for e in m["shards"]}  # noqa: E731
+    keep = pairs(old) & pairs(remote.manifest) if old and "shards" in old else set()
+    for entry in (old or {}).get("shards", []) + remote.manifest["shards"]:
+        if (entry["file"], entry["sha256"]) not in keep:
+            (folder / entry["file"]).unlink(missing_ok=True)
+            (folder / f"{entry['file']}.part").unlink(missing_ok=True)
+    tmp = folder / f"{INDEX_FILE}.part"
+    pq.write_table(remote.index, tmp)
+    os.replace(tmp, folder / INDEX_FILE)
+    write_json(path, remote.manifest)  # last: a folder with a manifest has its index
+
+
+class _Fetch:
+    """The shards of one `cached_copy` call, fetched by a thread pool into `folder`."""
+
+    def __init__(self, remote, folder, workers, progress):
+        self.remote, self.folder, self.workers, self.progress = remote, folder, workers, progress
+        self.stop = threading.Event()  # set on the first failure: the other transfers give up
+        self.bar = None
+
+    def run(self, entries):
+        todo = [e for e in entries if not self._complete(e)]
+        if not todo:
+            return
+        from tqdm import tqdm
+
+        done = sum(self._part_size(e) for e in todo)
+        self.bar = tqdm(total=sum(e["bytes"] for e in todo), initial=done, unit="B", unit_scale=True,
+                        desc=f"fetch {self.remote.location}", disable=not self.progress)
+        try:
+            with concurrent.futures.ThreadPoolExecutor(min(self.workers, len(todo))) as pool:
+                futures = [pool.submit(self._fetch_shard, e) for e in todo]
+                try:
+                    for future in concurrent.futures.as_completed(futures):
+                        future.result()
+                except BaseException:
+                    self.stop.set()
+                    raise
+        finally:
+            self.bar.close()
+
+    def _complete(self, entry):
+        path = self.folder / entry["file"]
+        return path.is_file() and path.stat().st_size == entry["bytes"]
+
+    def _part_size(self, entry):
+        part = self.folder / f"{entry['file']}.part"
+        return min(part.stat().st_size, entry["bytes"]) if part.is_file() else 0
+
+    def _fetch_shard(self, entry):
+        """Fetch one shard into `<file>.part` (resuming what is there), verify it, rename it into place."""
+        url, part, size = self.remote.where(entry), self.folder / f"{entry['file']}.part", entry["bytes"]
+        error = None
+        for _ in range(RETRIES):
+            if self.stop.is_set():
+                return
+            start = part.stat().st_size if part.is_file() else 0
+            if start > size:
+                part.unlink()
+                start = 0
+            digest = _digest_of(part, start)  # the kept bytes count towards the checksum
+            try:
+                if start < size:  # a full .part (a crash before the rename) only needs its check
+                    receive = _http_receive if url.split("://")[0] in ("http", "https") else self._fsspec_receive
+                    receive(url, part, start, size, digest, self._progress, self.stop)
+            except FileNotFoundError:
+                if part.is_file() and not part.stat().st_size:
+                    part.unlink()
+                raise missing_error(url) from None
+            except _Restart as e:
+                part.unlink(missing_ok=True)
+                error = e
+                continue
+            except (OSError, http.client.HTTPException) as e:
+                error = e  # a cut connection or a refused request: resume from what arrived
+                continue
+            except Exception as e:  # noqa: BLE001 - fsspec backends raise their own families
+                if not _transient(e):
+                    raise ShardError(f"{url}: cannot fetch ({e.__class__.__name__}: {e})") from None
+                error = e
+                continue
+            if self.stop.is_set():
+                return
+            try:
+                self.remote.check_size(entry, part.stat().st_size, url)
+                self.remote.check_sha256(entry, digest.hexdigest(), url)
+            except ShardError as e:
+                error = e
+                if part.stat().st_size >= size:
+                    part.unlink()  # a full-length body with the wrong bytes: start over, never resume it
+                continue
+            os.replace(part, self.folder / entry["file"])
+            return
+        if isinstance(error, ShardError):
+            raise error
+        raise ShardError(f"{url}: cannot fetch ({_describe(error)}, after {RETRIES} attempts)")
+
+    def _progress(self, n):
+        self.bar.update(n)
+
+    def _fsspec_receive(self, url, part, start, size, digest, progress, stop):
+        """Append bytes `start..size` of `url` to `part` through the set's fsspec filesystem, a ranged
+        read per block, hashing them as they arrive."""
+        with self.remote.fs.open(url, "rb", block_size=FSSPEC_BLOCK, cache_type="none") as src, \
+                open(part, "ab" if start else "wb") as f:
+            src.seek(start)
+            while start < size and not stop.is_set():
+                block = src.read(min(FSSPEC_BLOCK, size - start))
+                if not block:
+                    return  # the body ended early: the size check names it
+                digest.update(block)
+                f.write(block)
+                start += len(block)
+                progress(len(block))
+
+
+def _digest_of(part, length):
+    """A sha256 fed with the first `length` bytes of `part`."""
+    digest = hashlib.sha256()
+    if length:
+        with open(part, "rb") as f:
+            for block in iter(lambda: f.read(BLOCK), b""):
+                digest.update(block)
+    return digest
+
+
+def _http_receive(url, part, start, size, digest, progress, stop):
+    """Write bytes `start..size` of `url` into `part` (which holds the first `start`), hashing them as they
+    arrive. The socket is read straight into a memory map of the preallocated file: no copy through a
+    buffer and no write() per block, which measured 0.8-3.2 CPU s/GB here against 0.9 with the map. While
+    it runs the file has its full length; it is cut back to what arrived when the transfer ends, however
+    it ends (a process killed meanwhile leaves a full-length .part that fails its checksum and is fetched
+    again). FileNotFoundError on a 404, OSError on another HTTP error, _Restart if the range is ignored."""
+    parts = urllib.parse.urlsplit(url)
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    conn = kind(parts.netloc, timeout=TIMEOUT_S)
+    try:
+        conn.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""),
+                     headers={"Range": f"bytes={start}-"} if start else {})
+        response = conn.getresponse()
+        if response.status == 404:
+            raise FileNotFoundError(url)
+        if response.status not in (200, 206):
+            raise OSError(f"HTTP {response.status} {response.reason}")
+        if start and response.status != 206:
+            raise _Restart("the server ignored the range request")
+        with open(part, "r+b" if start else "w+b") as f:
+            at = start
+            try:
+                os.posix_fallocate(f.fileno(), 0, size)
+                with mmap.mmap(f.fileno(), size) as mapping, memoryview(mapping) as view:
+                    while at < size and not stop.is_set():
+                        n = response.readinto(view[at:min(at + BLOCK, size)])
+                        if not n:
+                            return  # the body ended early: the size check names it
+                        digest.update(view[at:at + n])  # releases the GIL: other shards arrive meanwhile
+                        at += n
+                        progress(n)
+            finally:
+                f.truncate(at)
+    finally:
+        conn.close()
+
+
+class _Restart(Exception):
+    """The transfer cannot continue where the .part ends; the next attempt starts over."""
+
+
+def _transient(error):
+    """Whether an fsspec backend's exception is worth a retry (connection trouble, a timeout)."""
+    name = type(error).__name__.lower()
+    return any(word in name for word in ("connect", "timeout", "payload", "incomplete", "disconnect", "reset"))
+
+
+def _describe(error):
+    text = str(error) or error.__class__.__name__
+    return text.splitlines()[0] if text else "unknown error"

@@ -1,0 +1,184 @@
+"""`cached_copy` and `make_loader(URL)`: a remote set (HTTP, S3) reads like the same folder; faults give
+a retry or a one-line error naming the URL; the cache is reused, resumed, and shared between processes."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.cache import RETRIES, cache_folder, cached_copy
+from pipeline.errors import ShardError
+from pipeline.loader import make_loader
+from pipeline.shardset import ShardSet
+from tests.servers import FaultyHTTPServer, S3Server
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARD = "train-000001.tar"
+
+
+@pytest.fixture()
+def serve(shards):
+    """serve(faults=None, root=shards) -> a FaultyHTTPServer on loopback, closed after the test."""
+    servers = []
+
+    def start(faults=None, root=shards):
+        servers.append(FaultyHTTPServer(root, faults))
+        return servers[-1]
+    yield start
+    for server in servers:
+        server.close()
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TINYIN_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def batches(shards, path, split="train"):
+    """Every batch of one rank of two (seed 5, epoch 1), pixels after the device stage, labels and keys."""
+    loader = make_loader(shards, split, batch_size=32, seed=5, epoch=1, rank=1, world_size=2, drop_last=True,
+                         with_keys=True, path=path, augment=True)
+    return [(images.clone(), labels, keys) for images, labels, keys in loader]
+
+
+def assert_same(a, b):
+    assert len(a) == len(b) > 0
+    for (xa, ya, ka), (xb, yb, kb) in zip(a, b):
+        assert ka == kb and torch.equal(ya, yb) and torch.equal(xa, xb)
+
+
+def shard_gets(server):
+    return {name: n for name, n in server.requests.items() if name.endswith(".tar")}
+
+
+@pytest.mark.parametrize("path", ["resident", "fast"])
+def test_http_set_yields_the_local_batches_and_a_second_open_fetches_nothing(shards, serve, cache, path):
+    server = serve()
+    assert_same(batches(server.url, path), batches(shards, path))
+    assert shard_gets(server) == {f"train-{i:06d}.tar": 1 for i in range(4)}  # the train split only, once each
+    copy = cache_folder(server.url)
+    assert sorted(p.name for p in copy.iterdir()) == [".lock", "index.parquet", "manifest.json"] + \
+        [f"train-{i:06d}.tar" for i in range(4)]
+    assert all((copy / f).read_bytes() == (shards / f).read_bytes() for f in ("train-000000.tar", "train-000003.tar"))
+    assert ShardSet(copy).manifest == ShardSet(shards).manifest
+    batches(server.url, path)
+    assert shard_gets(server) == {f"train-{i:06d}.tar": 1 for i in range(4)}
+
+
+def test_s3_set_yields_the_local_batches(shards, cache):
+    s3 = S3Server()
+    try:
+        url = s3.upload(shards, "tiny-cache", "sets/synth")  # moto keeps buckets per process: a name of its own
+        assert_same(batches(url, "resident"), batches(shards, "resident"))
+        assert cache_folder(url).joinpath(SHARD).read_bytes() == (shards / SHARD).read_bytes()
+    finally:
+        s3.close()
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()  # fsspec reuses a filesystem per options, not per endpoint
+
+
+def test_a_missing_manifest_names_the_url(serve, cache):
+    server = serve({"manifest.json": "missing"})
+    with pytest.raises(ShardError) as e:
+        make_loader(server.url, "train")
+    assert str(e.value) == f"{server.url}: not a tinyin shard set (no manifest.json); run `tinyin shard build` first"
+
+
+def _truncated(size):
+    """(the first byte asked by each of the RETRIES resumed GETs, the bytes there at the end) for a shard
+    whose every GET sends half the asked range."""
+    starts, have = [], 0
+    for _ in range(RETRIES):
+        starts.append(have)
+        have += (size - have) // 2
+    return starts, have
+
+
+@pytest.mark.parametrize("fault", ["missing", "truncate", "corrupt"])
+def test_a_bad_shard_is_one_line_naming_its_url_and_never_left_as_complete(shards, serve, cache, fault):
+    server = serve({SHARD: fault})
+    size = (shards / SHARD).stat().st_size
+    with pytest.raises(ShardError) as e:
+        make_loader(server.url, "train")
+    url = f"{server.url}/{SHARD}"
+    assert str(e.value) == {
+        "missing": f"{url}: missing (listed in the manifest)",
+        "truncate": f"{url}: {_truncated(size)[1]:,} bytes, the manifest says {size:,} (truncated or replaced)",
+        "corrupt": f"{url}: checksum differs from the manifest (corrupt or modified)",
+    }[fault]
+    copy = cache_folder(server.url)
+    assert not (copy / SHARD).exists()
+    if fault == "truncate":  # each attempt resumed where the last broke off
+        assert [s for name, s in server.starts if name == SHARD] == _truncated(size)[0]
+        assert (copy / f"{SHARD}.part").stat().st_size == _truncated(size)[1]
+    else:
+        assert not (copy / f"{SHARD}.part").exists()
+    assert server.requests[SHARD] == {"missing": 0, "truncate": RETRIES, "corrupt": RETRIES}[fault]
+
+
+def test_a_connection_cut_mid_shard_resumes_and_the_epoch_is_whole(shards, serve, cache):
+    server = serve({SHARD: "cut-once"})
+    assert_same(batches(server.url, "fast"), batches(shards, "fast"))
+    size = (shards / SHARD).stat().st_size
+    assert [s for name, s in server.starts if name == SHARD] == [0, size // 2]  # the retry asked for the rest only
+    assert (cache_folder(server.url) / SHARD).read_bytes() == (shards / SHARD).read_bytes()
+
+
+def test_a_partial_file_from_an_earlier_run_is_resumed(shards, serve, cache):
+    server = serve({SHARD: "truncate"})
+    with pytest.raises(ShardError):
+        cached_copy(server.url, "train")
+    kept = (cache_folder(server.url) / f"{SHARD}.part").stat().st_size
+    server.faults.clear()
+    server.starts.clear()
+    copy = cached_copy(server.url, "train")
+    assert [s for s in server.starts if s[0].endswith(".tar")] == [(SHARD, kept)]  # only the rest of the one unfinished shard
+    assert (copy / SHARD).read_bytes() == (shards / SHARD).read_bytes()
+    assert not (copy / f"{SHARD}.part").exists()
+
+
+def test_a_rebuilt_set_under_the_same_url_replaces_the_changed_copy(shards, serve, cache, tmp_path):
+    served = tmp_path / "served"
+    shutil.copytree(shards, served)
+    server = serve(root=served)
+    copy = cached_copy(server.url, "train")
+    data = bytearray((served / SHARD).read_bytes())
+    data[5000] ^= 1
+    (served / SHARD).write_bytes(data)
+    manifest = json.loads((served / "manifest.json").read_text())
+    next(e for e in manifest["shards"] if e["file"] == SHARD)["sha256"] = hashlib.sha256(data).hexdigest()
+    (served / "manifest.json").write_text(json.dumps(manifest))
+    server.requests.clear()
+    cached_copy(server.url, "train")
+    assert shard_gets(server) == {SHARD: 1} and (copy / SHARD).read_bytes() == data
+
+
+def test_two_processes_opening_one_url_download_each_shard_once(serve, tmp_path):
+    server = serve()
+    code = ("import sys; from pipeline.cache import cached_copy; "
+            "print(cached_copy(sys.argv[1], ['train', 'val'], cache_dir=sys.argv[2], workers=2))")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    procs = [subprocess.Popen([sys.executable, "-c", code, server.url, str(tmp_path / "c")], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert outs[0][0] == outs[1][0] == f"{cache_folder(server.url, tmp_path / 'c')}\n"
+    assert shard_gets(server) == {**{f"train-{i:06d}.tar": 1 for i in range(4)}, "val-000000.tar": 1}
+
+
+def test_shard_verify_of_a_url(serve, cache):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    server = serve()
+    result = CliRunner().invoke(main, ["shard", "verify", "--quiet", server.url])
+    assert result.exit_code == 0, result.output
+    assert result.output == "ok: 7 shards, 330 samples verified\n"

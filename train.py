@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 import models
 from models.recipes import recipe_names, resolve_recipe
-from pipeline import IMAGENET_MEAN, IMAGENET_STD, make_loader, read_manifest
+from pipeline import IMAGENET_MEAN, IMAGENET_STD, make_loader
 from pipeline.cache import cached_copy, is_set_url
 from pipeline.errors import CheckpointError, ShardError, UsageError, run_cli
 from pipeline.order import step_seed
@@ -227,31 +227,32 @@ def autocast(device, args):
 
 
 def open_shards(args):
-    """(shards, manifest): the folder to read and its manifest; ShardError (one line, exit 1) for a missing
-    or foreign set. A URL's train/val/test splits are fetched into the node's cache first (one download
-    per node, shared by its ranks), except on the stream path, which reads the URL itself."""
+    """The shard set, opened once (its manifest and index read once per run); ShardError (one line,
+    exit 1) for a missing or foreign set. A URL's train/val/test splits are fetched into the node's
+    cache first (one download per node, shared by its ranks), except on the stream path, which reads
+    the URL itself."""
     if is_set_url(args.shards):
         if args.data_path == "stream":
-            return args.shards, ShardSet(args.shards).manifest
-        shards = cached_copy(args.shards, ("train", "val", "test"))
-        return shards, read_manifest(shards)
+            return ShardSet(args.shards)
+        return ShardSet(cached_copy(args.shards, ("train", "val", "test")))
     if not Path(args.shards).is_dir():
         raise ShardError(f"--shards {args.shards}: no such folder")
-    return args.shards, read_manifest(args.shards)
+    return ShardSet(args.shards)
 
 
-def load_data(args, shards, device, world_size):
+def load_data(args, device, world_size, shard_set):
     """Train/val/test loaders for the model's variant, resized on the device when --size asks."""
     info = models.model_input(args.arch)
     mean, std = (v if v is None else v[: info["channels"]] for v in NORMS[args.norm])  # grey: one channel
     common = dict(variant=info["variant"], size=None if args.size == info["native"] else args.size,
                   mean=mean, std=std, batch_size=args.batch_size, seed=args.seed, rank=rank(),
-                  world_size=world_size, device=device, workers=args.workers, channels_last=args.channels_last,
-                  path=args.data_path)
+                  world_size=world_size, device=device, channels_last=args.channels_last, path=args.data_path)
+    if args.workers is not None:  # only the stream path has workers (parse_args refuses -j otherwise)
+        common["workers"] = args.workers
     # drop_last under DDP so every rank takes the same number of steps (DDP all-reduces each one).
-    train = make_loader(shards, "train", shuffle=True, drop_last=world_size > 1, augment=args.augment,
+    train = make_loader(shard_set, "train", shuffle=True, drop_last=world_size > 1, augment=args.augment,
                         with_keys=args.dump_keys, **common)
-    val, test = (make_loader(shards, split, shuffle=False, **common) for split in ("val", "test"))
+    val, test = (make_loader(shard_set, split, shuffle=False, **common) for split in ("val", "test"))
     return train, val, test
 
 
@@ -310,7 +311,8 @@ class Parts:
 
 def build(args, device, world_size):
     """Model, optimiser and loaders for this rank; the lr schedule comes with the state (`restore`)."""
-    shards, manifest = open_shards(args)
+    shard_set = open_shards(args)
+    manifest = shard_set.manifest
     seed_everything(args.seed)  # the same initial weights on every rank
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -323,7 +325,7 @@ def build(args, device, world_size):
     if args.compile:
         model = torch.compile(model)
     optimizer = torch.optim.SGD(module.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
-    train, val, test = load_data(args, shards, device, world_size)
+    train, val, test = load_data(args, device, world_size, shard_set)
     return Parts(model, module, nn.CrossEntropyLoss(label_smoothing=args.label_smoothing), optimizer,
                  train, val, test, run_identity(args, manifest), device, world_size)
 
@@ -698,7 +700,8 @@ def get_args_parser(add_help=True):
     p.add_argument("--augment", action="store_true", help="random crop with padding + flip on train (default: off)")
     p.add_argument("--norm", choices=tuple(NORMS),
                    help="input normalisation: the train split's mean/std, imagenet, or half (mean = std = 0.5, the study's LeNet-5) (default: imagenet with --pretrained, else dataset)")
-    p.add_argument("-j", "--workers", type=at_least(0), default=2, help="loader workers per process, stream path only (default: 2)")
+    p.add_argument("-j", "--workers", type=at_least(0), default=None,
+                   help="DataLoader workers per process for --data-path stream, the only path with workers (default: 2)")
     p.add_argument("--limit-batches", type=at_least(1), default=None, metavar="N",
                    help="quick runs: at most N batches per epoch of each split (default: all)")
     p.add_argument("--data-path", choices=("auto", "resident", "fast", "stream"), default="auto",
@@ -753,6 +756,9 @@ def parse_args(argv=None):
                 setattr(args, k, v)
     if args.label_smoothing >= 1:
         parser.error(f"argument --label-smoothing: must be below 1, not {args.label_smoothing}")
+    if args.workers is not None and args.data_path != "stream":
+        parser.error(f"argument -j/--workers: only --data-path stream uses loader workers; "
+                     f"--data-path {args.data_path} reads the shards in the training process")
     if args.pretrained and args.weights:
         parser.error("use --pretrained or --weights FILE, not both")
     if args.pretrained and models.model_spec(args.arch).weights is None:

@@ -1,8 +1,14 @@
 """Loader throughput, side by side in one run: the ImageFolder+PIL baseline, tinyin's three read
-paths, and a numpy-memmap gather of the same bytes as the ceiling; with `remote=True` also the set
-served on loopback HTTP: curl's transfer rate (the ceiling), a cold fetch into the cache, and the
-stream path. Used by `tinyin bench loader` and `tools/bench_loader.py`; prints a Markdown table
-(images/s = median of the passes)."""
+paths, and a numpy-memmap gather of the same bytes as the ceiling. Used by `tinyin bench loader`
+and `tools/bench_loader.py`; prints a Markdown table (images/s = median of the passes).
+
+For the local paths it also times the first batch: `make_loader(folder)` called -> first batch
+in hand, with this process's record of already-hashed shards cleared (as in a new process; the
+page cache is whatever the machine has), and when the background data pass (checksums, pages,
+the resident copy) is done. The throughput passes start after that pass.
+
+With `remote=True` also the set served on loopback HTTP: curl's transfer rate (the ceiling), a
+cold fetch into the cache, and the stream path."""
 import contextlib
 import os
 import platform
@@ -17,8 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import reader
 from .loader import make_loader
 from .reader import ShardArrays
+from .shardset import open_shard_set
 
 SLOW = 50_000  # images/s below which a pass may stop mid-epoch (a full epoch would take minutes)
 FAST_PASS = 100_000  # fast loaders run whole epochs back to back until at least this many images
@@ -57,18 +65,31 @@ def _imagefolder(root, variant, batch_size, workers):
     return lambda epoch: iter(loader)
 
 
-def _loader(shards, variant, batch_size, workers, path, **kw):
-    loader = make_loader(shards, "train", variant, batch_size, path=path, workers=workers, raw=True, **kw)
-
+def _epochs(loader):
     def epoch_iter(epoch):
         loader.set_epoch(epoch)
         return iter(loader)
     return epoch_iter
 
 
+def _loader(shards, variant, batch_size, path, **kw):
+    return _epochs(make_loader(shards, "train", variant, batch_size, path=path, raw=True, **kw))
+
+
+def _timed_loader(shards, variant, batch_size, path, **kw):
+    """A local path's loader, with the seconds to its first batch and to the end of its data pass."""
+    reader._verified.clear()  # hash every shard again, as a new process would
+    start = time.perf_counter()
+    loader = make_loader(shards.location, "train", variant, batch_size, path=path, raw=True, **kw)
+    next(iter(loader))
+    first = time.perf_counter() - start
+    loader.wait_ready()
+    return _epochs(loader), {"first_batch_s": first, "data_pass_s": time.perf_counter() - start}
+
+
 def _ceiling(shards, variant, batch_size):
     """Random fancy-index gather from one contiguous memory-mapped array of the same pixels."""
-    arrays = ShardArrays(shards, "train", variant)
+    arrays = ShardArrays(shards, "train", variant, checksum=False)
     fd, path = tempfile.mkstemp(suffix=".npy")
     os.close(fd)
     flat = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(len(arrays), *arrays.shape))
@@ -88,33 +109,39 @@ def _ceiling(shards, variant, batch_size):
 def bench_loader(shards, images, batch_size=256, workers=2, passes=3, pass_images=25_600,
                  variants=("rgb64", "gray28"), include_baseline=True, device="cpu", remote=False, log=print):
     """Measure every loader for each variant; returns a list of row dicts and logs as it goes.
-    remote: add the loopback-HTTP rows (`bench_remote`) at the end."""
+    shards: a local shard folder or ShardSet (opened once here). remote: add the loopback-HTTP rows
+    (`bench_remote`) at the end."""
+    shards = open_shard_set(shards)
     rows = []
     for variant in variants:
         candidates = []
         if include_baseline:
             candidates.append(("ImageFolder + PIL (baseline)", workers, lambda: _imagefolder(images, variant, batch_size, workers)))
         candidates += [
-            ("tinyin stream (webdataset)", workers, lambda: _loader(shards, variant, batch_size, workers, "stream")),
-            ("tinyin fast (mmap gather)", "0 (inline)", lambda: _loader(shards, variant, batch_size, workers, "fast")),
-            ("tinyin resident", 0, lambda: _loader(shards, variant, batch_size, workers, "resident", device=device)),
+            ("tinyin stream (whole shards)", workers, lambda: _loader(shards, variant, batch_size, "stream",
+                                                                    workers=workers)),
+            ("tinyin fast (mmap gather)", "0 (inline)", lambda: _timed_loader(shards, variant, batch_size, "fast")),
+            ("tinyin resident", 0, lambda: _timed_loader(shards, variant, batch_size, "resident", device=device)),
             ("ceiling: numpy memmap gather", 0, lambda: _ceiling(shards, variant, batch_size)),
         ]
         if device != "cpu":
             candidates.append((f"tinyin fast -> {device}, float, 224 upscale", "1 thread",
                                lambda: _device_loader(shards, variant, batch_size, device)))
         for name, how, build in candidates:
-            rate, size = _measure(build(), passes, pass_images)
-            row = {"variant": variant, "loader": name, "workers": how, "images_per_s": rate, "pass": size}
+            built = build()
+            epoch_iter, times = built if isinstance(built, tuple) else (built, {})
+            rate, size = _measure(epoch_iter, passes, pass_images)
+            row = {"variant": variant, "loader": name, "workers": how, "images_per_s": rate, "pass": size, **times}
             rows.append(row)
-            log(f"  {variant:<6} {name:<44} {rate:>12,.0f} images/s")
+            first = f", first batch {times['first_batch_s']:.2f} s" if times else ""
+            log(f"  {variant:<6} {name:<44} {rate:>12,.0f} images/s{first}")
     for row in rows:
         base = next((r["images_per_s"] for r in rows if r["variant"] == row["variant"] and "baseline" in r["loader"]), None)
         ceil = next(r["images_per_s"] for r in rows if r["variant"] == row["variant"] and "ceiling" in r["loader"])
         row["x_baseline"] = row["images_per_s"] / base if base else None
         row["of_ceiling"] = row["images_per_s"] / ceil
     if remote:
-        rows += bench_remote(shards, batch_size, workers, passes, pass_images, log)
+        rows += bench_remote(shards.location, batch_size, workers, passes, pass_images, log)
     return rows
 
 
@@ -218,11 +245,6 @@ def _fetch_workers():
     return WORKERS
 
 
-def _epochs(loader):
-    def epoch_iter(epoch):
-        loader.set_epoch(epoch)
-        return iter(loader)
-    return epoch_iter
 
 
 def _device_loader(shards, variant, batch_size, device):
@@ -242,11 +264,13 @@ def format_table(rows, command, batch_size):
     lines = [f"# {command}",
              f"# {platform.node()}: {os.cpu_count()} cores, torch {torch.__version__}, batch {batch_size}, "
              f"train split, shuffled, median of passes",
-             "| variant | loader | workers | images/s | × baseline | of ceiling | pass |",
-             "|---|---|---|---|---|---|---|"]
+             "| variant | loader | workers | images/s | × baseline | of ceiling | pass | first batch (data pass done) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         x = f"{r['x_baseline']:.1f}×" if r["x_baseline"] else "—"
         rate = "—" if r["images_per_s"] is None else f"{r['images_per_s']:,.0f}"
         of = "—" if r["of_ceiling"] is None else f"{r['of_ceiling']:.0%}"
-        lines.append(f"| {r['variant']} | {r['loader']} | {r['workers']} | {rate} | {x} | {of} | {r['pass']} |")
+        first = (f"{r['first_batch_s']:.2f} s" + (f" ({r['data_pass_s']:.1f} s)" if r.get("data_pass_s") else "")
+                 if r.get("first_batch_s") is not None else "—")
+        lines.append(f"| {r['variant']} | {r['loader']} | {r['workers']} | {rate} | {x} | {of} | {r['pass']} | {first} |")
     return "\n".join(lines)

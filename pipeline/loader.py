@@ -1,8 +1,10 @@
 """`make_loader`: the one loader API (train.py, the benchmark and the tests all use it).
 
-Three read paths, one output contract:
-- ``fast``: memory-mapped local shards, gathered a batch at a time at the indexed offsets
-  (`ShardArrays`) into reused buffers: on CUDA by a background thread into a ring of pinned
+Three read paths, one output contract, built from separate parts: the epoch order
+(`order.epoch_order`, a pure function), the storage (`storage.MappedStorage`,
+`storage.ResidentStorage`) and, for the fast path, the prefetch ring (`ring.prefetch_ring`).
+- ``fast``: memory-mapped local shards, gathered a batch at a time at the indexed offsets into
+  reused buffers: with `prefetch` (default on CUDA) by a background thread into a ring of pinned
   buffers, so gathering overlaps the GPU's work; on the CPU in the caller's thread, where torch
   already spreads each copy over every core (a second Python thread measured 2-3x slower there:
   two OpenMP teams and the GIL contending for the same cores).
@@ -12,36 +14,38 @@ Three read paths, one output contract:
 ``auto`` picks ``resident`` for a local split of at most `RESIDENT_MAX` bytes (1.2 GB for the
 64x64 train split: it fits any modern GPU, and in RAM it is anonymous memory that the kernel
 cannot evict, unlike page-cache pages of a memory map), ``fast`` for a larger local split, and
-``stream`` for URLs.
+``stream`` for a list of shard URLs.
+The local paths check shard checksums in the background during the first epoch (see `storage`):
+the first batch comes at once, and a bad shard raises ShardError before the epoch's last batch.
+An option the chosen path does not use is refused (UsageError), never silently dropped.
 Every path ends in the same `DeviceStage` (normalise, augment, resize on the device).
 """
-import queue
-import threading
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from .device import DeviceStage
-from .index import read_manifest
+from .errors import UsageError
 from .order import epoch_order, step_seed
+from .cache import cached_copy, is_set_url
 from .reader import ShardArrays
+from .ring import prefetch_ring
 from .schema import VARIANTS
+from .shardset import open_shard_set
+from .stream import is_url_list, stream_source
+from .storage import MappedStorage, ResidentStorage
 
 PATHS = ("auto", "fast", "resident", "stream")
 RESIDENT_MAX = 2 << 30
 
 
-class _FastSource:
-    """Raw uint8 batches from `ShardArrays` (fast path) or from a device-resident copy (resident)."""
+class _LocalSource:
+    """Raw uint8 batches of one rank from a storage, in the epoch order, with the data pass guarded."""
 
-    def __init__(self, arrays, batch_size, shuffle, seed, rank, world_size, drop_last, resident, device, prefetch):
-        self.arrays, self.batch_size, self.shuffle, self.seed = arrays, batch_size, shuffle, seed
+    def __init__(self, storage, batch_size, shuffle, seed, rank, world_size, drop_last, device, prefetch):
+        self.storage, self.batch_size, self.shuffle, self.seed = storage, batch_size, shuffle, seed
         self.rank, self.world_size, self.drop_last, self.prefetch = rank, world_size, drop_last, prefetch
         self.epoch, self.start, self.device = 0, 0, torch.device(device)
-        self.labels = torch.from_numpy(arrays.labels)
-        self.resident = arrays.load_all().to(self.device) if resident else None
-        self.resident_labels = self.labels.to(self.device) if resident else None
 
     def set_epoch(self, epoch, start=0):
         self.epoch, self.start = epoch, start
@@ -51,7 +55,7 @@ class _FastSource:
         return len(self.order())
 
     def order(self):
-        return epoch_order(len(self.arrays), seed=self.seed, epoch=self.epoch, rank=self.rank,
+        return epoch_order(len(self.storage), seed=self.seed, epoch=self.epoch, rank=self.rank,
                            world_size=self.world_size, batch_size=self.batch_size, shuffle=self.shuffle,
                            drop_last=self.drop_last, start=self.start)
 
@@ -69,77 +73,30 @@ class _FastSource:
         for start in range(0, len(order), self.batch_size):
             yield order[start:start + self.batch_size]
 
-    def __iter__(self):
-        if self.resident is not None:
+    def _raw(self):
+        storage = self.storage
+        if self.prefetch:
+            for images, idx in prefetch_ring(self._batches(), storage.gather, storage.shape, self.batch_size,
+                                             self.prefetch, self.device):
+                yield images, storage.labels[torch.from_numpy(idx)], idx
+        elif isinstance(storage, MappedStorage):
+            buffer = torch.empty((self.batch_size, *storage.shape), dtype=torch.uint8)  # valid until the next batch
             for idx in self._batches():
-                index = torch.from_numpy(idx).to(self.device, non_blocking=True)
-                images = self.resident.index_select(0, index).view(len(idx), *self.arrays.shape)
-                yield images, self.resident_labels.index_select(0, index), idx
-            return
-        yield from self._threaded() if self.prefetch else self._inline()
+                yield (*storage.batch(idx, out=buffer), idx)
+        else:
+            for idx in self._batches():
+                yield (*storage.batch(idx), idx)
 
-    def _inline(self):
-        """Gather in the caller's thread into one reused buffer (valid until the next batch)."""
-        buffer = torch.empty((self.batch_size, *self.arrays.shape), dtype=torch.uint8)
-        for idx in self._batches():
-            images = self.arrays.gather(idx, out=buffer)
-            yield images, self.labels[torch.from_numpy(idx)], idx
+    def __iter__(self):
+        last, data_pass = len(self) - 1, self.storage.data_pass
+        for i, batch in enumerate(self._raw()):
+            # A bad shard is raised at the next batch after the data pass finds it, and the last
+            # batch waits for the pass: an epoch never ends on unverified data.
+            data_pass.wait() if i == last else data_pass.check()
+            yield batch
 
-    def _threaded(self):
-        """Gather in a background thread (torch releases the GIL while copying) into a ring of
-        `prefetch + 1` reused buffers; a buffer is handed back when the next batch is requested."""
-        pin = self.device.type == "cuda"
-        with torch.inference_mode(False):  # the gather thread writes into these: they must be normal tensors
-            ring = [torch.empty((self.batch_size, *self.arrays.shape), dtype=torch.uint8, pin_memory=pin)
-                    for _ in range(self.prefetch + 1)]
-        free, ready, stop = queue.Queue(), queue.Queue(self.prefetch), threading.Event()
-        for slot in range(len(ring)):
-            free.put(slot)
-
-        def produce():
-            try:
-                for idx in self._batches():
-                    slot = None
-                    while slot is None and not stop.is_set():
-                        try:
-                            slot = free.get(timeout=0.1)
-                        except queue.Empty:
-                            pass
-                    if stop.is_set():
-                        return
-                    self.arrays.gather(idx, out=ring[slot])
-                    ready.put((slot, idx))
-                ready.put(None)
-            except BaseException as e:  # surfaced in the consumer, never a silent hang
-                ready.put(e)
-
-        thread = threading.Thread(target=produce, name="tinyin-gather", daemon=True)
-        thread.start()
-        held, copied = None, {}  # copied: slot -> CUDA event marking the end of its host-to-device copy
-        try:
-            while True:
-                item = ready.get()
-                if held is not None:
-                    if held in copied:
-                        copied.pop(held).synchronize()  # the DMA must finish before the buffer is refilled
-                    free.put(held)
-                    held = None
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                slot, idx = item
-                images = ring[slot][: len(idx)]
-                if self.device.type != "cpu":
-                    images = images.to(self.device, non_blocking=True)
-                    if pin:
-                        copied[slot] = torch.cuda.Event()
-                        copied[slot].record()
-                held = slot
-                yield images, self.labels[torch.from_numpy(idx)], idx
-        finally:
-            stop.set()
-            thread.join()
+    def wait_ready(self):
+        self.storage.data_pass.wait()
 
 
 class Loader:
@@ -168,6 +125,12 @@ class Loader:
         """Samples this rank sees per epoch."""
         return self.source.num_samples
 
+    def wait_ready(self):
+        """Block until the background pass over a local set's data is done (checksums, pages,
+        the resident copy); ShardError naming a bad shard. Iterating never needs this: it is
+        for timing the steady state (the benchmark) and for checking a set up front."""
+        getattr(self.source, "wait_ready", lambda: None)()
+
     def __iter__(self):
         generator = torch.Generator(self.device)
         first_step = self.start // (self.batch_size * self.world_size)
@@ -186,24 +149,38 @@ class Loader:
                 yield images, labels
 
 
+def _refuse_unused(path, auto, local, workers, prefetch, sample_counts, checksum):
+    """UsageError for an option the chosen path (or input) does not use: none is silently dropped."""
+    chosen = f"the {path} path" + (" (chosen by path='auto')" if auto else "")
+    if workers is not None and path != "stream":
+        raise UsageError(f"workers={workers}: {chosen} reads in the calling process; only path='stream' uses workers")
+    if prefetch is not None and path != "fast":
+        raise UsageError(f"prefetch={prefetch}: {chosen} does not prefetch; only path='fast' does")
+    if sample_counts is not None and local:
+        raise UsageError("sample_counts: a shard set's counts come from its manifest; "
+                         "sample_counts is for a list of shard URLs")
+    if not checksum and not local:
+        raise UsageError("checksum=False: a list of shard URLs has no manifest to check against")
+
+
 def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, seed=0, epoch=0, drop_last=False,
                 rank=0, world_size=1, device="cpu", size=None, augment=False, with_keys=False, mean=None, std=None,
-                dtype=torch.float32, channels_last=False, workers=2, path="auto", raw=False, prefetch=None,
+                dtype=torch.float32, channels_last=False, workers=None, path="auto", raw=False, prefetch=None,
                 checksum=True, sample_counts=None):
     """Batches of one split of a shard set, ready for a model on `device`.
 
-    shards: a local shard folder (from `tinyin shard build`), the URL of one (http(s)://, s3://, gs://:
-    the split is fetched into a local cache, see `cache.cached_copy`, unless path="stream"), or shard
-    URLs / a brace pattern (the stream path).
+    shards: a shard set -- a folder from `tinyin shard build`, the URL of one (http(s)://, s3://, gs://:
+    the split is fetched into a local cache first, see `cache.cached_copy`, unless path="stream") or a
+    `ShardSet` (opened once: pass the same ShardSet to the train, val and test loaders) -- or a list of
+    shard URLs / `pipe:` commands / a brace pattern (the stream path; `sample_counts`, per shard, then
+    sizes epochs and splits ranks).
     Yields `(images, labels)` (`+ keys` with `with_keys=True`): images float (B, C, H, W) on
     `device`, scaled to [0, 1] and normalised by mean/std (default: the train split's stats
     from the manifest), resized to `size` and augmented when asked; or, with `raw=True`, the
     uint8 (B, H, W[, C]) batch itself (valid until the next batch is requested). Labels int64.
-    With path="stream", `shards` may also be a shard set's URL (http(s)://, s3://, gs://: the folder
-    holding manifest.json; counts and stats come from the manifest) or a list of shard URLs /
-    `pipe:` commands with `sample_counts` (per shard, from the manifest) to size epochs and split ranks.
-    prefetch: batches the fast path's background thread gathers ahead (default: 4 on CUDA, and
-    0 on the CPU, which gathers in the caller's thread).
+    shards: a shard set -- a folder from `tinyin shard build` or a `ShardSet` (opened once: pass the
+    same ShardSet to the train, val and test loaders) -- or a list of shard URLs / a brace pattern
+    (the stream path; `sample_counts`, per shard, then sizes epochs and splits ranks).
     Same (seed, epoch): same order; `set_epoch` reshuffles. With `world_size > 1` ranks get
     disjoint samples and, with `drop_last=True`, the same number of batches.
     """
@@ -213,34 +190,31 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
         raise ValueError(f"path must be one of {PATHS}, not {path!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
-    from .cache import cached_copy, is_set_url
-
     if is_set_url(shards) and path != "stream":  # a URL reads like a folder: its split fetched once per node
         shards = cached_copy(shards, split)
-    local = isinstance(shards, (str, Path)) and Path(shards).is_dir()
-    if path == "auto" and not local:
-        path = "stream"
+    shard_set = None if is_url_list(shards) else open_shard_set(shards)
+    auto = path == "auto"
+    if auto:
+        split_bytes = shard_set.counts.get(split, 0) * int(np.prod(VARIANTS[variant][1])) if shard_set else 0
+        path = "stream" if shard_set is None else "resident" if split_bytes <= RESIDENT_MAX else "fast"
+    _refuse_unused(path, auto, shard_set is not None, workers, prefetch, sample_counts, checksum)
     keys = None
     if path == "stream":  # a shard set (folder, URL, ShardSet) or a list of shard URLs with sample_counts
-        from .stream import stream_source
-
-        source = stream_source(shards, split, sample_counts=sample_counts, variant=variant, batch_size=batch_size,
-                               shuffle=shuffle, seed=seed, epoch=epoch, drop_last=drop_last, rank=rank,
-                               world_size=world_size, workers=workers)
+        source = stream_source(shards if shard_set is None else shard_set, split, sample_counts=sample_counts,
+                               variant=variant, batch_size=batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
+                               drop_last=drop_last, rank=rank, world_size=world_size,
+                               workers=2 if workers is None else workers)
     else:
-        arrays = ShardArrays(shards, split, variant, checksum=checksum)
+        arrays = ShardArrays(shard_set, split, variant, checksum=False)  # checksums: the storage's data pass
         keys = arrays.keys
-        if path == "auto":
-            path = "resident" if len(arrays) * arrays.row_bytes <= RESIDENT_MAX else "fast"
+        storage = (ResidentStorage(arrays, device, checksum) if path == "resident"
+                   else MappedStorage(arrays, checksum))
         if prefetch is None:
-            prefetch = 4 if torch.device(device).type == "cuda" else 0
-        source = _FastSource(arrays, batch_size, shuffle, seed, rank, world_size, drop_last,
-                             resident=path == "resident", device=device, prefetch=prefetch)
-    if mean is None or std is None:  # remote shards without explicit stats: map [0, 1] to [-1, 1]
+            prefetch = 4 if path == "fast" and torch.device(device).type == "cuda" else 0
+        source = _LocalSource(storage, batch_size, shuffle, seed, rank, world_size, drop_last, device, prefetch)
+    if mean is None or std is None:  # shard URLs without explicit stats: map [0, 1] to [-1, 1]
         channels = 3 if len(VARIANTS[variant][1]) == 3 else 1
-        shard_set = getattr(source, "shard_set", None)  # the stream path opened the set already
-        stats = (shard_set.stats(variant) if shard_set is not None else read_manifest(shards)["stats"][variant] if local
-                 else {"mean": [0.5] * channels, "std": [0.5] * channels})
+        stats = shard_set.stats(variant) if shard_set else {"mean": [0.5] * channels, "std": [0.5] * channels}
         mean, std = stats["mean"], stats["std"]
     stage = DeviceStage(mean, std, size=size, augment=augment, pad=4 if variant == "rgb64" else 2,
                         dtype=dtype, channels_last=channels_last)

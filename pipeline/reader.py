@@ -3,43 +3,33 @@
 Every sample of a shard sits at a fixed stride (see `tarshard`), so each shard's variant is a
 plain strided array over a memory map and a batch is one `torch.index_select` per shard
 touched: no tar parsing, no per-sample Python. The index supplies offsets, labels and keys.
+
+Opening maps the shards and checks that each is present and of its manifest size (a `stat`,
+no data read). Reading every byte once is `verify_shard` (sha256 against the manifest) or
+`touch_shard` (no checksum): either also brings the shard's pages into the mapping, which is
+what the first epoch needs (a page fault per random 4 KB page measured half speed). The loader
+runs that pass in the background (`storage`); `checksum=True` here runs it at once.
 """
+import hashlib
 import mmap
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import ShardError
-from .index import file_sha256, read_index, read_manifest
 from .schema import VARIANTS
+from .shardset import open_shard_set
 
+PAGE = mmap.PAGESIZE
 _verified = {}  # (path, size, mtime_ns) -> sha256, so a process hashes each shard at most once
 
 
-def _check_shard(path, entry, checksum):
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise ShardError(f"{path}: missing (listed in the manifest)") from None
-    if st.st_size != entry["bytes"]:
-        raise ShardError(f"{path}: {st.st_size:,} bytes, the manifest says {entry['bytes']:,} (truncated or replaced)")
-    if checksum:
-        stamp = (str(path), st.st_size, st.st_mtime_ns)
-        if stamp not in _verified:
-            _verified[stamp] = file_sha256(path)
-        if _verified[stamp] != entry["sha256"]:
-            raise ShardError(f"{path}: checksum differs from the manifest (corrupt or modified)")
-
-
 def _map(path):
-    """Map a shard privately (a writable array for torch; nothing is ever written back) and, where
-    the OS can, populate the mapping now: one sequential read-ahead instead of a page fault per
-    random 4 KB page during the first epochs (measured: the first epoch ran at half speed)."""
-    flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
+    """Map a shard privately: a writable array for torch; nothing is ever written back. No
+    MAP_POPULATE: the pages come in with the one pass over the data (`verify_shard`)."""
     with open(path, "rb") as f:
-        mapped = mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        mapped = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     return np.frombuffer(mapped, np.uint8)
 
 
@@ -57,8 +47,10 @@ def _strided_view(mapped, offsets, size, path):
 class ShardArrays:
     """Memory-mapped access to `variant` ('rgb64' or 'gray28') of one split of a local shard set.
 
+    shards: a shard folder or a local `ShardSet` (its manifest and index are not read again).
     `labels` (int64), `keys` (list of str) and `len()` follow index order; `gather(idx)` returns
-    the images at global positions `idx` as a uint8 tensor (n, *shape).
+    the images at global positions `idx` as a uint8 tensor (n, *shape). `entries` and `paths` list
+    the split's shards; `shard_rows(s)` is shard s's (first global row, (n, bytes) view) or None.
 
     Rows are kept flat, (n, bytes per image): torch's `index_select` copies whole 2-D rows with
     memcpy but walks a 4-D uint8 tensor element by element (measured: 5 M vs 37 k images/s).
@@ -67,35 +59,64 @@ class ShardArrays:
     def __init__(self, shards, split, variant="rgb64", checksum=True):
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {sorted(VARIANTS)}, not {variant!r}")
-        shards = Path(shards)
-        manifest = read_manifest(shards)
-        entries = [s for s in manifest["shards"] if s["split"] == split]
-        if not entries or not sum(s["count"] for s in entries):
-            raise ShardError(f"{shards}: no samples for split {split!r} (splits: "
-                             f"{', '.join(k for k, v in manifest['counts'].items() if v)})")
-        table = read_index(shards, split).to_pydict()
+        self.shard_set = shard_set = open_shard_set(shards)
+        if not shard_set.is_local:
+            raise ShardError(f"{shard_set.location}: memory mapping needs a local copy of the shard set")
+        self.entries = shard_set.entries(split)
+        table = shard_set.split_index(split).to_pydict()
         self.shape = VARIANTS[variant][1]
         self.row_bytes = int(np.prod(self.shape))
         self.labels = np.asarray(table["label"], np.int64)
         self.keys = table["key"]
         offsets, names = np.asarray(table[f"{variant}_offset"], np.int64), np.asarray(table["shard"])
-        self.views, starts = [], [0]
-        for entry in entries:
-            path = shards / entry["file"]
-            _check_shard(path, entry, checksum)
+        self.paths, self.maps, self.views, self._view_of, starts = [], [], [], [], [0]
+        for entry in self.entries:
+            path = shard_set.where(entry)
+            shard_set.check_local_file(entry, path, checksum=False)  # present and of its size: a stat
             rows = np.flatnonzero(names == entry["file"])
             if len(rows) != entry["count"] or (len(rows) and rows[0] != starts[-1]):
                 raise ShardError(f"{path}: the index lists {len(rows)} samples, the manifest {entry['count']}")
+            mapped = _map(path)
+            self.paths.append(path)
+            self.maps.append(mapped)
+            self._view_of.append(len(self.views) if len(rows) else None)
             if len(rows):
-                mapped = _map(path)
                 self.views.append(torch.from_numpy(_strided_view(mapped, offsets[rows], self.row_bytes, path)))
                 starts.append(starts[-1] + len(rows))
         if starts[-1] != len(self.labels):
-            raise ShardError(f"{shards}: index and manifest disagree on split {split!r}")
+            raise ShardError(f"{shard_set.location}: index and manifest disagree on split {split!r}")
         self.starts = np.asarray(starts, np.int64)
+        if checksum:
+            for s in range(len(self.entries)):
+                self.verify_shard(s)
 
     def __len__(self):
         return len(self.labels)
+
+    def verify_shard(self, s):
+        """Hash shard `s` through its mapping (reading it in) and check it against the manifest;
+        ShardError naming the shard if it differs. A shard already hashed in this process and
+        unchanged since (same size and mtime) is only touched."""
+        path, mapped = self.paths[s], self.maps[s]
+        st = os.stat(path)
+        stamp = (str(path), st.st_size, st.st_mtime_ns)
+        digest = _verified.get(stamp)
+        if digest is None:
+            # hashlib releases the GIL on large buffers: this runs beside the training thread.
+            digest = hashlib.sha256(memoryview(mapped)).hexdigest()
+        else:
+            self.touch_shard(s)
+        self.shard_set.check_sha256(self.entries[s], digest, path)
+        _verified[stamp] = digest  # only a digest that matched: a bad shard is hashed again
+
+    def shard_rows(self, s):
+        """(first global row, (n, row_bytes) strided view) of shard `s`, or None when it holds no rows."""
+        v = self._view_of[s]
+        return None if v is None else (int(self.starts[v]), self.views[v])
+
+    def touch_shard(self, s):
+        """Read one byte of every page of shard `s`: its pages come into the mapping (no checksum)."""
+        int(self.maps[s][::PAGE].sum())
 
     def gather(self, idx, out=None):
         """Images at sorted global positions `idx` into `out` (or a new tensor): one copy per shard."""
@@ -116,5 +137,5 @@ class ShardArrays:
         return out
 
     def load_all(self):
-        """The whole split as one contiguous uint8 tensor (n, bytes per image), for resident mode."""
+        """The whole split as one contiguous uint8 tensor (n, bytes per image)."""
         return torch.cat(self.views)

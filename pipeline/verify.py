@@ -1,12 +1,23 @@
-"""`verify_shards` re-checks a shard set end to end; `inspect_shards` summarises it and draws a grid."""
+"""`verify_shards` re-checks a shard set end to end; `inspect_shards` summarises it and draws a grid.
+
+Both take a shard folder or a local `ShardSet` (its manifest and index are read once); the
+present/size/sha256 check and its wording are `ShardSet.check_local_file`'s.
+"""
 from pathlib import Path
 
 import numpy as np
 import webdataset as wds
 
 from .errors import ShardError
-from .index import file_sha256, read_index, read_manifest
 from .schema import CLS, JSON, VARIANTS
+from .shardset import open_shard_set
+
+
+def _local(shards):
+    shard_set = open_shard_set(shards)
+    if not shard_set.is_local:
+        raise ShardError(f"{shard_set.location}: verify and inspect read a local copy of the shard set")
+    return shard_set
 
 
 def verify_shards(shards, progress=True):
@@ -15,20 +26,17 @@ def verify_shards(shards, progress=True):
     naming the first bad shard; returns {'shards': n, 'samples': n}."""
     from tqdm import tqdm
 
-    shards = Path(shards)
-    manifest = read_manifest(shards)
-    index = read_index(shards).to_pydict()
+    shard_set = _local(shards)
+    manifest = shard_set.manifest
+    index = shard_set.index.to_pydict()
     rows = {}
     for i, shard in enumerate(index["shard"]):
         rows.setdefault(shard, []).append(i)
     total = 0
     bar = tqdm(total=sum(s["count"] for s in manifest["shards"]), unit="img", desc="verify", disable=not progress)
     for entry in manifest["shards"]:
-        path = shards / entry["file"]
-        if not path.is_file():
-            raise ShardError(f"{path}: missing")
-        if file_sha256(path) != entry["sha256"]:
-            raise ShardError(f"{path}: checksum differs from the manifest (corrupt or modified)")
+        path = Path(shard_set.where(entry))
+        shard_set.check_local_file(entry, path)  # present, size, sha256
         mapped = np.memmap(path, np.uint8, mode="r")
         expected = rows.get(entry["file"], [])
         n = 0
@@ -63,8 +71,8 @@ def inspect_shards(shards, png=None, max_classes=20, per_class=8):
 
     from .reader import ShardArrays
 
-    shards = Path(shards)
-    manifest = read_manifest(shards)
+    shard_set = _local(shards)
+    shards, manifest = Path(shard_set.location), shard_set.manifest
     lines = [f"{shards}: format {manifest['format_version']}, {len(manifest['classes'])} classes, "
              f"{len(manifest['shards'])} shards, {sum(s['bytes'] for s in manifest['shards']):,} bytes"]
     for split, count in manifest["counts"].items():
@@ -73,7 +81,7 @@ def inspect_shards(shards, png=None, max_classes=20, per_class=8):
     for name, stats in manifest["stats"].items():
         lines.append(f"  train {name} mean {stats['mean']} std {stats['std']}")
     lines.append(f"  skipped {len(manifest['skipped'])} inputs")
-    arrays = ShardArrays(shards, "train", "rgb64")
+    arrays = ShardArrays(shard_set, "train", "rgb64")
     labels = arrays.labels
     classes = manifest["classes"][:max_classes]
     cell, text_w = 64, 260

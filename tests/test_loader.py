@@ -11,7 +11,7 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from pipeline.device import DeviceStage
-from pipeline.errors import ShardError
+from pipeline.errors import ShardError, UsageError
 from pipeline.index import read_index, read_manifest
 from pipeline.loader import make_loader
 from pipeline.source import open_release
@@ -150,19 +150,73 @@ def test_truncated_or_modified_shards_are_named(shards, tmp_path):
     with pytest.raises(ShardError) as e:
         make_loader(copy, "train", path="fast")
     assert str(e.value) == f"{bad}: {len(data) - 4096:,} bytes, the manifest says {len(data):,} (truncated or replaced)"
-    bad.write_bytes(data[:100] + b"X" + data[101:])
-    with pytest.raises(ShardError, match=f"{bad}: checksum differs from the manifest"):
-        make_loader(copy, "train", path="resident")
     bad.unlink()
     with pytest.raises(ShardError, match=f"{bad}: missing"):
         make_loader(copy, "train")
+
+
+@pytest.mark.parametrize("path, prefetch", [("fast", None), ("fast", 2), ("resident", None)])
+def test_a_corrupt_shard_is_named_before_the_epoch_ends(shards, tmp_path, path, prefetch):
+    """Checksums are checked in the background: make_loader returns at once, and the epoch raises
+    the shard's one-line error before its last batch (every time it is iterated)."""
+    copy = shutil.copytree(shards, tmp_path / "copy")
+    bad = copy / "train-000002.tar"
+    data = bad.read_bytes()
+    bad.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])  # same size: only the checksum can tell
+    loader = make_loader(copy, "train", batch_size=16, path=path, prefetch=prefetch, raw=True)
+    for _ in range(2):
+        got = 0
+        with pytest.raises(ShardError) as e:
+            for _ in loader:
+                got += 1
+        assert str(e.value) == f"{bad}: checksum differs from the manifest (corrupt or modified)"
+        assert got < len(loader)
+    with pytest.raises(ShardError) as e:
+        make_loader(copy, "train", path=path, prefetch=prefetch).wait_ready()
+    assert str(e.value) == f"{bad}: checksum differs from the manifest (corrupt or modified)"
+    assert len(list(make_loader(copy, "train", batch_size=16, path=path, prefetch=prefetch, raw=True,
+                                checksum=False))) == len(loader)  # asked not to check: it does not
+
+
+def test_resident_serves_the_same_bytes_before_and_after_its_copy_is_complete(shards):
+    from pipeline.reader import ShardArrays
+    from pipeline.storage import ResidentStorage
+
+    storage = ResidentStorage(ShardArrays(shards, "train", "gray28", checksum=False), "cpu")
+    storage.data_pass.wait()
+    idx = np.array([0, 5, 63, 64, 200, 239])
+    after = [t.clone() for t in storage.batch(idx)]
+    storage.complete = False
+    before = storage.batch(idx)
+    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True)) and after[0].shape == (6, 28, 28)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(workers=2), "workers=2: the resident path (chosen by path='auto') reads in the calling process; "
+                      "only path='stream' uses workers"),
+    (dict(path="fast", workers=0), "workers=0: the fast path reads in the calling process; only path='stream' uses workers"),
+    (dict(path="resident", prefetch=2), "prefetch=2: the resident path does not prefetch; only path='fast' does"),
+    (dict(path="stream", prefetch=2), "prefetch=2: the stream path does not prefetch; only path='fast' does"),
+    (dict(sample_counts=[64, 64, 64, 48]),
+     "sample_counts: a shard set's counts come from its manifest; sample_counts is for a list of shard URLs"),
+])
+def test_an_option_the_path_does_not_use_is_refused(shards, kwargs, message):
+    with pytest.raises(UsageError) as e:
+        make_loader(shards, "train", **kwargs)
+    assert str(e.value) == message
+
+
+def test_checksum_off_is_refused_for_shard_urls(shards):
+    with pytest.raises(UsageError) as e:
+        make_loader([str(shards / "train-000000.tar")], "train", checksum=False)
+    assert str(e.value) == "checksum=False: a list of shard URLs has no manifest to check against"
 
 
 def test_stream_and_fast_paths_give_the_same_samples(shards):
     def multiset(path):
         return Counter((k, int(l), img.numpy().tobytes()) for images, labels, keys in
                        make_loader(shards, "train", "gray28", batch_size=32, path=path, with_keys=True, raw=True,
-                                   workers=2)
+                                   **({"workers": 2} if path == "stream" else {}))
                        for img, l, k in zip(images, labels, keys, strict=True))
     assert multiset("stream") == multiset("fast")
 

@@ -29,7 +29,7 @@ def test_two_nodes_train_from_an_http_set_exactly_once(shards, tmp_path):
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                    "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "multinode",
                    str(ROOT / "train.py"), "--shards", server.url, "--arch", "lenet5", "--size", "28",
-                   "--epochs", "1", "-b", "40", "--device", "cpu", "-j", "1", "--output-dir", str(out), "--dump-keys"]
+                   "--epochs", "1", "-b", "40", "--device", "cpu", "--output-dir", str(out), "--dump-keys"]
             env = dict(os.environ, PYTHONPATH=str(ROOT), TINYIN_CACHE=str(tmp_path / f"cache-node{node}"))
             nodes.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, text=True))

@@ -14,7 +14,7 @@ import torch
 import webdataset as wds
 
 from pipeline.build import build_shards
-from pipeline.errors import ShardError
+from pipeline.errors import ShardError, UsageError
 from pipeline.loader import make_loader
 from pipeline.reader import ShardArrays
 from pipeline.stream import plan_epoch, stream_from_set, stream_from_urls
@@ -213,7 +213,7 @@ def test_make_loader_takes_a_set_url(shards, http):
     assert loader.stage.mean == local.stage.mean != (0.5,)  # the manifest's stats
     batches = list(loader)
     assert len(batches) == 4 and [b[2] for b in batches] == [b[2] for b in local]
-    with pytest.raises(ValueError, match="sample_counts is for a list of shard URLs"):
+    with pytest.raises(UsageError, match="sample_counts is for a list of shard URLs"):
         make_loader(http.url, "val", path="stream", sample_counts=[30])
 
 

@@ -41,7 +41,7 @@ def tiny_shards(tmp_path_factory):
 
 def run(shards, out, *flags):
     """train.py in this process (pytest's), on the CPU."""
-    argv = ["--shards", shards, "--device", "cpu", "--output-dir", out, "-j", "1", *flags]
+    argv = ["--shards", shards, "--device", "cpu", "--output-dir", out, *flags]
     return train.main(train.parse_args([str(a) for a in argv]))
 
 
@@ -113,6 +113,10 @@ def test_explicit_flags_beat_the_recipe():
     (["--momentum", "-0.5"], "argument --momentum: must be at least 0.0, not -0.5"),
     (["--label-smoothing", "1"], "argument --label-smoothing: must be below 1, not 1.0"),
     (["-j", "-1"], "argument -j/--workers: must be at least 0, not -1"),
+    (["-j", "2"], "argument -j/--workers: only --data-path stream uses loader workers; "
+                  "--data-path auto reads the shards in the training process"),
+    (["-j", "0", "--data-path", "fast"], "argument -j/--workers: only --data-path stream uses loader workers; "
+                                         "--data-path fast reads the shards in the training process"),
     (["--bogus"], "unrecognized arguments: --bogus"),
 ])
 def test_bad_flags_are_one_line_errors_with_exit_code_2(argv, message, capsys):
@@ -122,7 +126,7 @@ def test_bad_flags_are_one_line_errors_with_exit_code_2(argv, message, capsys):
 
 def test_user_mistakes_are_one_line_errors_with_exit_code_1(train_shards, tiny_shards, tmp_path, capsys):
     def error(*argv):
-        code = cli("--device", "cpu", "-j", "1", "--epochs", "1", "--output-dir", tmp_path / "out", *argv)
+        code = cli("--device", "cpu", "--epochs", "1", "--output-dir", tmp_path / "out", *argv)
         return code, capsys.readouterr().err
 
     assert error("--shards", tmp_path / "nonexistent") == (1, f"error: --shards {tmp_path / 'nonexistent'}: no such folder\n")
@@ -248,7 +252,7 @@ def test_mid_epoch_resume_is_bit_identical(train_shards, tmp_path, path, augment
     out = tmp_path / "resumed"
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"interrupted at epoch 0 step 5: checkpoint saved to {out / 'checkpoint.pth'}; continue with: python train.py "
-        f"--shards {train_shards} --device cpu --output-dir {out} -j 1 {' '.join(flags)} --resume auto")
+        f"--shards {train_shards} --device cpu --output-dir {out} {' '.join(flags)} --resume auto")
     ckpt = stop_at(train_shards, out, 21, *flags, "--resume", "auto")
     assert (ckpt["state"]["epoch"], ckpt["state"]["epoch_steps"], ckpt["state"]["step"]) == (1, 5, 21)
     assert len(ckpt["state"]["history"]) == 1
@@ -295,7 +299,7 @@ def test_a_crash_resumes_from_the_last_periodic_checkpoint(train_shards, tmp_pat
 
 def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(train_shards, tmp_path):
     flags = ["--shards", train_shards, "--arch", "lenet5", "-b", "32", "--epochs", "2", "--augment",
-             "--device", "cpu", "-j", "1"]
+             "--device", "cpu"]
     straight = script(*flags, "--output-dir", tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr
     out = tmp_path / "resumed"
@@ -339,7 +343,7 @@ def read_keys(out, rank):
 
 
 def test_ddp_two_processes_on_cpu_and_a_resume_on_two_is_bit_identical(train_shards, tmp_path):
-    flags = ["--shards", train_shards, "--arch", "lenet5", "--epochs", "2", "-b", "50", "--device", "cpu", "-j", "1",
+    flags = ["--shards", train_shards, "--arch", "lenet5", "--epochs", "2", "-b", "50", "--device", "cpu",
              "--augment", "--dump-keys"]
     out = tmp_path / "ddp"
     result = torchrun(2, *flags, "--output-dir", out, cwd=tmp_path)
@@ -364,7 +368,7 @@ def test_ddp_two_processes_on_cpu_and_a_resume_on_two_is_bit_identical(train_sha
 
 def test_two_rank_run_resumes_on_one_rank_exactly_once(train_shards, tmp_path, capsys):
     out, keys = tmp_path / "elastic", train_keys(train_shards)
-    flags = ["--shards", train_shards, "--arch", "lenet5", "--epochs", "2", "-b", "50", "--device", "cpu", "-j", "1",
+    flags = ["--shards", train_shards, "--arch", "lenet5", "--epochs", "2", "-b", "50", "--device", "cpu",
              "--output-dir", out, "--dump-keys"]
     # 2 ranks x 50 per step: stopped after global step 4 = 400 of epoch 0's 1000 samples.
     result = torchrun(2, *flags, "--stop-after-steps", "4", cwd=tmp_path)
@@ -423,6 +427,39 @@ def test_augmentation_is_drawn_per_rank_and_step_and_survives_a_resume(train_sha
     resumed.set_epoch(2, start=4 * 50 * 2)  # after 4 steps on 2 ranks
     s, b = _augment_seeds(resumed)
     assert s == s0[4:] and len(b) == 6 and all(torch.equal(x, y) for x, y in zip(b, b0[4:], strict=True))
+
+
+@pytest.mark.parametrize("path", ["auto", "fast", "resident"])
+def test_a_run_reads_the_manifest_and_the_index_once(train_shards, monkeypatch, path):
+    """build() opens the shard set once and hands the one ShardSet to the train, val and test loaders."""
+    import builtins
+    import io
+
+    import pyarrow.parquet as pq
+
+    counts = read_manifest(train_shards)["counts"]
+    reads = []
+    real_open, real_read_table = io.open, pq.read_table
+
+    def counting_open(file, *a, **kw):
+        if Path(str(file)).name in ("manifest.json", "index.parquet"):
+            reads.append(Path(str(file)).name)
+        return real_open(file, *a, **kw)
+
+    def counting_read_table(source, *a, **kw):
+        if isinstance(source, (str, Path)):
+            reads.append(Path(source).name)
+        return real_read_table(source, *a, **kw)
+
+    monkeypatch.setattr(io, "open", counting_open)
+    monkeypatch.setattr(builtins, "open", counting_open)
+    monkeypatch.setattr(pq, "read_table", counting_read_table)
+    parts = train.build(train.parse_args(["--shards", train_shards, "--arch", "lenet5", "--data-path", path]),
+                        torch.device("cpu"), 1)
+    assert sorted(reads) == ["index.parquet", "manifest.json"]
+    assert [len(parts.train), len(parts.val), len(parts.test)] == [-(-counts[s] // 128) for s in ("train", "val", "test")]
+    next(iter(parts.val))
+    assert len(reads) == 2
 
 
 def test_limit_batches_caps_every_split(train_shards, tmp_path):

@@ -33,7 +33,11 @@ def test_verify_names_the_first_bad_shard(shards, tmp_path):
     assert code == 1 and output == f"error: {bad}: checksum differs from the manifest (corrupt or modified)"
     bad.unlink()
     code, output = run("shard", "verify", copy, "--quiet")
-    assert code == 1 and output == f"error: {bad}: missing"
+    assert code == 1 and output == f"error: {bad}: missing (listed in the manifest)"
+    bad.write_bytes(bytes(data[:-512]))
+    code, output = run("shard", "verify", copy, "--quiet")
+    assert code == 1 and output == (f"error: {bad}: {len(data) - 512:,} bytes, the manifest says {len(data):,} "
+                                    "(truncated or replaced)")
 
 
 def _copy_with_rewritten_shard(shards, tmp_path, shard, rewrite):

@@ -26,6 +26,7 @@ import torch
 from . import reader
 from .loader import make_loader
 from .reader import ShardArrays
+from .schema import VARIANTS
 from .shardset import open_shard_set
 
 SLOW = 50_000  # images/s below which a pass may stop mid-epoch (a full epoch would take minutes)
@@ -70,6 +71,19 @@ def _epochs(loader):
         loader.set_epoch(epoch)
         return iter(loader)
     return epoch_iter
+
+
+def _stock_webdataset(shards, variant, batch_size, workers):
+    """The peers' way to read these shards: stock `webdataset` parsing tar members and decoding .npy
+    (a shuffle buffer, batches collated in the workers): what the stream path used to be."""
+    import webdataset as wds
+
+    member = VARIANTS[variant][0]
+    urls = [str(shards.where(e)) for e in shards.entries("train")]
+    dataset = (wds.WebDataset(urls, shardshuffle=len(urls), nodesplitter=wds.split_by_node, empty_check=False)
+               .shuffle(2000).decode().to_tuple(member, "cls").batched(batch_size))
+    loader = wds.WebLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
+    return lambda epoch: iter(loader)
 
 
 def _loader(shards, variant, batch_size, path, **kw):
@@ -118,6 +132,8 @@ def bench_loader(shards, images, batch_size=256, workers=2, passes=3, pass_image
         if include_baseline:
             candidates.append(("ImageFolder + PIL (baseline)", workers, lambda: _imagefolder(images, variant, batch_size, workers)))
         candidates += [
+            ("stock webdataset (tar members, npy decode)", workers,
+             lambda: _stock_webdataset(shards, variant, batch_size, workers)),
             ("tinyin stream (whole shards)", workers, lambda: _loader(shards, variant, batch_size, "stream",
                                                                     workers=workers)),
             ("tinyin fast (mmap gather)", "0 (inline)", lambda: _timed_loader(shards, variant, batch_size, "fast")),

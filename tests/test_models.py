@@ -12,10 +12,11 @@ from torch import nn
 
 import models
 
-EXPECTED_SIZES = {"lenet5": (28,), "alexnet": (64, 224), "squeezenet1_1": (64, 224), "resnet18": (64, 224)}
+EXPECTED_SIZES = {"lenet5": (28,), "alexnet": (64, 224), "squeezenet1_1": (64, 224), "resnet18": (64, 224),
+                  "resnet18_64": (64,), "resnet18_64s2": (64,), "resnet10_64s2": (64,)}
 
 
-def test_registry_lists_the_study_models():
+def test_registry_lists_the_study_and_speedrun_models():
     assert models.list_models() == sorted(EXPECTED_SIZES)
 
 
@@ -41,6 +42,19 @@ def test_lenet5_is_the_study_architecture():
     assert shapes == [(16, 1, 5, 5), (16,), (32, 16, 5, 5), (32,), (120, 512), (120,), (84, 120), (84,), (10, 84), (10,)]
 
 
+def test_64px_resnets_keep_64px_maps_in_the_first_stage():
+    # The point of the 3x3 stride-1 stem without max-pool: layer1 sees the full 64x64 image
+    # (torchvision's resnet18 sees 16x16 there); the s2 variants halve that once.
+    seen = {}
+    for name in ("resnet18", "resnet18_64", "resnet18_64s2", "resnet10_64s2"):
+        model = models.get_model(name, num_classes=10)
+        model.layer1.register_forward_hook(lambda m, i, o, name=name: seen.update({name: tuple(o.shape[-2:])}))
+        model(torch.randn(1, 3, 64, 64))
+    assert seen == {"resnet18": (16, 16), "resnet18_64": (64, 64), "resnet18_64s2": (32, 32), "resnet10_64s2": (32, 32)}
+    assert models.get_model("resnet18_64").conv1.kernel_size == (3, 3)
+    assert len(models.get_model("resnet10_64s2").layer3) == 1
+
+
 def test_register_refuses_duplicates():
     with pytest.raises(ValueError, match="'lenet5' is already registered"):
         models.register_model("lenet5", variant="gray28", channels=1, sizes=(28,), head="x")(lambda n: None)
@@ -49,7 +63,7 @@ def test_register_refuses_duplicates():
 def test_unknown_name():
     with pytest.raises(ValueError) as e:
         models.get_model("vgg16")
-    assert str(e.value) == "unknown model 'vgg16'; choose from: alexnet, lenet5, resnet18, squeezenet1_1"
+    assert str(e.value) == "unknown model 'vgg16'; choose from: alexnet, lenet5, resnet10_64s2, resnet18, resnet18_64, resnet18_64s2, squeezenet1_1"
 
 
 def test_lenet5_has_no_pretrained_weights():

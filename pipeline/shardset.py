@@ -19,21 +19,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import ShardError
+from .index import file_sha256
 from .schema import FORMAT_VERSION, INDEX_FILE, MANIFEST_FILE
 
 
 def is_url(location):
     """True for `scheme://...` locations (read through fsspec); False for local paths."""
     return "://" in str(location) and not str(location).startswith("file://")
-
-
-def file_sha256(path):
-    """The sha256 of a local file, read in 4 MiB blocks (the manifest's per-shard checksum)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # The wording of every shard check, in one place.

@@ -123,7 +123,12 @@ class S3Server:
         return f"s3://{bucket}/{prefix}"
 
     def close(self):
+        import s3fs
+
         self._server.stop()
+        # fsspec reuses one filesystem per set of options, not per endpoint: a later server's test
+        # would otherwise talk to this stopped one.
+        s3fs.S3FileSystem.clear_instance_cache()
         for k, v in self._saved.items():
             if v is None:
                 os.environ.pop(k, None)

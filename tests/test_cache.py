@@ -79,9 +79,6 @@ def test_s3_set_yields_the_local_batches(shards, cache):
         assert cache_folder(url).joinpath(SHARD).read_bytes() == (shards / SHARD).read_bytes()
     finally:
         s3.close()
-        import s3fs
-
-        s3fs.S3FileSystem.clear_instance_cache()  # fsspec reuses a filesystem per options, not per endpoint
 
 
 def test_a_missing_manifest_names_the_url(serve, cache):

@@ -9,6 +9,11 @@ checkpoint.pth (every epoch, every --checkpoint-every steps, and on SIGTERM/SIGI
 resume with --resume auto), best.pth (best val top-1) and final.json (test-split accuracy of
 the final model, total wall time).
 
+Beyond the study's plain SGD: --nesterov, a linear --warmup-epochs and a onecycle schedule (both
+per step, in closed form of the step), --ema (validate and test an exponential moving average of
+the weights), --tta (flip test-time augmentation), --mix mixup/cutmix, and --augment crop/rrc on
+the device. `--recipe fast` (models/recipes.py) puts them together for the speedrun.
+
 Preemption: a run's data state is (seed, epoch, samples of the epoch consumed over all ranks),
 because the epoch order is a pure function of (seed, epoch) (pipeline/order.py). A checkpoint
 records that, with the model, optimiser, each rank's partial epoch metrics and RNG state, so
@@ -41,6 +46,7 @@ import torch
 import torch.distributed as dist
 import torchvision
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 import models
@@ -48,11 +54,15 @@ from models.recipes import recipe_names, resolve_recipe
 from pipeline import IMAGENET_MEAN, IMAGENET_STD, make_loader
 from pipeline.cache import cached_copy, is_set_url
 from pipeline.errors import CheckpointError, ShardError, UsageError, run_cli
+from pipeline.mixing import mix_batch, mix_generator
 from pipeline.order import step_seed
 from pipeline.shardset import ShardSet
 
 NORMS = {"dataset": (None, None), "imagenet": (IMAGENET_MEAN, IMAGENET_STD), "half": ((0.5,) * 3, (0.5,) * 3)}
-FIELDS = ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "images_per_s", "epoch_time_s"]
+FIELDS = ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "images_per_s", "epoch_time_s",
+          "eval_model"]  # eval_model: "ema" when --ema validated the average, else "model"
+AUGMENT = {"none": False, "crop": True, "rrc": "rrc"}  # --augment -> make_loader's augment
+MIX_ALPHA = {"mixup": 0.2, "cutmix": 1.0}  # --mix-alpha defaults: the values the mixup and CutMix papers used on ImageNet
 CHECKPOINT_FORMAT = "tinyin-train-2"  # format 1 (before mid-epoch resume) only held whole epochs
 DEBUG_ONCE = ("--resume", "--stop-after-steps", "--wait-at-step")  # flags the "continue with:" line drops
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # what schedulers send before preemption
@@ -250,7 +260,7 @@ def load_data(args, device, world_size, shard_set):
     if args.workers is not None:  # only the stream path has workers (parse_args refuses -j otherwise)
         common["workers"] = args.workers
     # drop_last under DDP so every rank takes the same number of steps (DDP all-reduces each one).
-    train = make_loader(shard_set, "train", shuffle=True, drop_last=world_size > 1, augment=args.augment,
+    train = make_loader(shard_set, "train", shuffle=True, drop_last=world_size > 1, augment=AUGMENT[args.augment],
                         with_keys=args.dump_keys, **common)
     val, test = (make_loader(shard_set, split, shuffle=False, **common) for split in ("val", "test"))
     return train, val, test
@@ -281,15 +291,56 @@ def describe_weights(path, arch, error):
     return f"does not fit {arch} (other tensor names or shapes)"
 
 
-def make_scheduler(optimizer, args, last_epoch=-1):
-    """The lr multiplier per epoch in closed form, so a resumed run may extend --epochs exactly."""
-    if args.lr_scheduler == "step":
-        factor = lambda epoch: args.lr_gamma ** (epoch // args.lr_step_size)  # noqa: E731
-    elif args.lr_scheduler == "cosine":
-        factor = lambda epoch: 0.5 * (1 + math.cos(math.pi * epoch / args.epochs))  # noqa: E731
-    else:
-        factor = lambda epoch: 1.0  # noqa: E731
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=last_epoch)
+def per_step_schedule(args):
+    """Whether the lr changes every step (a warm-up, or onecycle) rather than once an epoch: the
+    study's schedules stay per epoch, so their runs keep the lr they had."""
+    return args.warmup_epochs > 0 or args.lr_scheduler == "onecycle"
+
+
+def lr_factor(args, steps_per_epoch):
+    """The lr multiplier in closed form of the scheduler's counter, so a resumed run may extend
+    --epochs exactly: of the epoch for the per-epoch schedules, of the run's step otherwise.
+
+    Per step: a linear warm-up over the first round(warmup_epochs * steps_per_epoch) steps (from
+    1/warm to 1), then cosine or onecycle's linear decay over the remaining steps (to 0 after the
+    last one), step's decay by epoch, or none's constant.
+    """
+    if not per_step_schedule(args):
+        if args.lr_scheduler == "step":
+            return lambda epoch: args.lr_gamma ** (epoch // args.lr_step_size)
+        if args.lr_scheduler == "cosine":
+            return lambda epoch: 0.5 * (1 + math.cos(math.pi * epoch / args.epochs))
+        return lambda epoch: 1.0
+    warm, total = round(args.warmup_epochs * steps_per_epoch), args.epochs * steps_per_epoch
+
+    def factor(step):
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(total - warm, 1)  # 0 at the warm-up's end, 1 after the last step
+        if args.lr_scheduler == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        if args.lr_scheduler == "onecycle":
+            return 1 - progress
+        if args.lr_scheduler == "step":
+            return args.lr_gamma ** (step // steps_per_epoch // args.lr_step_size)
+        return 1.0
+    return factor
+
+
+def make_scheduler(optimizer, args, steps_per_epoch, last_epoch=-1):
+    """LambdaLR over `lr_factor`; `last_epoch` is the counter's last value (an epoch, or a step)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(args, steps_per_epoch), last_epoch=last_epoch)
+
+
+def schedule_position(state, args, steps_per_epoch, world_size):
+    """The counter a schedule restarts from: the epoch in progress, or for a per-step schedule the
+    step it is at. That is the run's global step on the same number of ranks; on another (an
+    elastic resume: a step holds another number of samples) it is the epoch's samples so far in
+    this run's steps, so the schedule keeps its epochs."""
+    if not per_step_schedule(args):
+        return state.epoch
+    done = -(-state.samples_done // (args.batch_size * world_size))
+    return state.epoch * steps_per_epoch + min(done, steps_per_epoch)
 
 
 @dataclasses.dataclass
@@ -306,6 +357,9 @@ class Parts:
     identity: dict  # what makes a checkpoint this run's (see run_identity)
     device: torch.device
     world_size: int
+    steps_per_epoch: int  # of a whole epoch on this run's ranks (at most --limit-batches): the per-step schedule's unit
+    ema: AveragedModel = None  # --ema: the average (saved and loaded with the model)
+    eval_model: nn.Module = None  # what validation and test call: the EMA's network with --ema, else `model`
     lr_scheduler: object = None
 
 
@@ -324,10 +378,39 @@ def build(args, device, world_size):
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
         model = torch.compile(model)
-    optimizer = torch.optim.SGD(module.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+    ema = make_ema(module, args)
+    eval_model = model if ema is None else torch.compile(ema.module) if args.compile else ema.module
+    optimizer = torch.optim.SGD(module.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd,
+                                nesterov=args.nesterov)
     train, val, test = load_data(args, device, world_size, shard_set)
+    steps_per_epoch = min(len(train), args.limit_batches or len(train))
     return Parts(model, module, nn.CrossEntropyLoss(label_smoothing=args.label_smoothing), optimizer,
-                 train, val, test, run_identity(args, manifest), device, world_size)
+                 train, val, test, run_identity(args, manifest), device, world_size, steps_per_epoch, ema, eval_model)
+
+
+def make_ema(module, args):
+    """--ema: an AveragedModel of `module` (a copy on its device), or None without --ema.
+
+    use_buffers=True averages the BatchNorm statistics along with the weights, so the average is
+    ready to evaluate (no pass over the data to recompute them). Updated every --ema-every steps
+    with decay**every, so the average spans the same number of steps whatever the interval.
+    """
+    if not args.ema:
+        return None
+    return AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(args.ema ** args.ema_every), use_buffers=True)
+
+
+def sync_ema_buffers(parts):
+    """Under DDP, give every rank rank 0's EMA BatchNorm statistics before they are used.
+
+    The weights are the same on every rank (DDP), their averages too; the statistics are not: each
+    rank's BatchNorm updates its own between DDP's broadcasts, and so does each rank's average.
+    Only rank 0's is saved, so evaluating with rank 0's on every rank keeps a resumed DDP run's
+    metrics those of the uninterrupted run (the other ranks' own are never read).
+    """
+    if parts.ema is not None and dist.is_initialized():
+        for buffer in parts.ema.module.buffers():
+            dist.broadcast(buffer, 0)
 
 
 # --- checkpoints ---------------------------------------------------------------------------
@@ -353,6 +436,8 @@ def save_checkpoint(parts, state, args, paths):
     ckpt = dict(format=CHECKPOINT_FORMAT, model=parts.module.state_dict(), optimizer=parts.optimizer.state_dict(),
                 lr_scheduler=parts.lr_scheduler.state_dict(), args=vars(args), identity=parts.identity,
                 world_size=parts.world_size, batch_size=args.batch_size, state=state.state_dict())
+    if parts.ema is not None:
+        ckpt["ema"] = parts.ema.state_dict()  # the average and its update count (rank 0's: see sync_ema_buffers)
     if rank() == 0:
         for path in paths:
             save_atomic(ckpt, path)
@@ -377,8 +462,22 @@ def load_checkpoint(path, identity):
     return ckpt
 
 
+def restore_ema(parts, ckpt, path):
+    """Load the checkpoint's EMA; CheckpointError when the checkpoint and this run disagree on having one
+    (starting an average mid-run, or dropping one, would quietly change what is validated)."""
+    here = parts.ema is not None
+    there = ckpt["args"].get("ema") if "ema" in ckpt else None
+    if here and not there:
+        raise CheckpointError(f"{path}: holds no EMA of the weights (made without --ema); "
+                              "resume it without --ema, or use another --output-dir")
+    if there and not here:
+        raise CheckpointError(f"{path}: holds an EMA of the weights (made with --ema {there}); resume it with --ema {there}")
+    if here:
+        parts.ema.load_state_dict(ckpt["ema"])
+
+
 def restore(parts, args, ckpt_path):
-    """The run state to start from: a fresh one, or the checkpoint's (model, optimiser, RNG, data
+    """The run state to start from: a fresh one, or the checkpoint's (model, EMA, optimiser, RNG, data
     position), with the lr schedule rebuilt for this run's --epochs (cosine's length may change)."""
     state = RunState()
     state.sums = state.sums.to(parts.device)
@@ -388,13 +487,15 @@ def restore(parts, args, ckpt_path):
             raise CheckpointError(f"{ckpt_path}: made on {ckpt['world_size']} ranks; the stream path resumes on "
                                   f"the same number only (this run has {parts.world_size}); use --data-path fast")
         parts.module.load_state_dict(ckpt["model"])
+        restore_ema(parts, ckpt, ckpt_path)
         parts.optimizer.load_state_dict(ckpt["optimizer"])
         state = RunState.from_state_dict(ckpt["state"], parts.device, args.seed)
         if rank() == 0:
             where = f"epoch {state.epoch} step {state.epoch_steps}" if state.samples_done else f"the start of epoch {state.epoch}"
             print(f"resumed from {ckpt_path} at {where} ({state.samples_done} samples of it done, "
                   f"{ckpt['world_size']} -> {parts.world_size} ranks)")
-    parts.lr_scheduler = make_scheduler(parts.optimizer, args, last_epoch=state.epoch - 1)
+    position = schedule_position(state, args, parts.steps_per_epoch, parts.world_size)
+    parts.lr_scheduler = make_scheduler(parts.optimizer, args, parts.steps_per_epoch, last_epoch=position - 1)
     return state
 
 
@@ -433,24 +534,32 @@ def train_one_epoch(parts, state, args, after_step, keys=None):
     bar = tqdm(itertools.islice(loader, left), desc=f"epoch {state.epoch}", initial=state.epoch_steps,
                total=state.epoch_steps + min(len(loader), left if left is not None else len(loader)),
                disable=True if rank() else None, leave=False)
+    per_step = per_step_schedule(args)
     for batch in bar:
         images, target = batch[0], batch[1]
         if keys is not None:
             keys.extend(batch[2])
+        images, target, target_b, lam = mix(images, target, state, args)
         with autocast(device, args):
             output = model(images)
             loss = parts.criterion(output, target)
+            if lam != 1.0:
+                loss = lam * loss + (1 - lam) * parts.criterion(output, target_b)
         parts.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         parts.optimizer.step()
+        if per_step:
+            parts.lr_scheduler.step()
         n = target.numel()
         state.sums[0] += loss.detach() * n  # loss*n, correct, n: no per-step sync
-        state.sums[1] += (output.argmax(1) == target).sum()
+        state.sums[1] += (output.argmax(1) == target).sum()  # under --mix: against target_a, the image's own label
         state.sums[2] += n
         # Under DDP every rank's batch is full (drop_last), so the global count is n * ranks.
         state.samples_done += n * parts.world_size
         state.step += 1
         state.epoch_steps += 1
+        if parts.ema is not None and state.step % args.ema_every == 0:
+            parts.ema.update_parameters(parts.module)
         if state.epoch_steps % 20 == 0 and not bar.disable:  # .item() syncs with the GPU: only now and then
             bar.set_postfix(loss=f"{state.sums[0].item() / state.sums[2].item():.3f}")
         if after_step():
@@ -458,14 +567,36 @@ def train_one_epoch(parts, state, args, after_step, keys=None):
     return True
 
 
+def mix(images, target, state, args):
+    """--mix: (images, target_a, target_b, lam) of this step's mixed batch, drawn for (seed, epoch,
+    rank, step) so a resume mixes what the uninterrupted run did; without --mix the batch itself, lam 1."""
+    if args.mix == "none":
+        return images, target, target, 1.0
+    generator = mix_generator(args.seed, state.epoch, rank(), state.epoch_steps)
+    return mix_batch(images, target, args.mix, args.mix_alpha, generator, prob=args.mix_prob)
+
+
+def predict(model, images, args):
+    """The model's logits, or with --tta the mean of the logits of the image and its mirror image.
+
+    Logits, not probabilities, are averaged: the loss stays the criterion's on logits, the top-k
+    ranking is practically the same, and it costs no softmax per view. In fp32, so bf16's
+    rounding does not decide ties between the views.
+    """
+    if not args.tta:
+        return model(images)
+    return (model(images).float() + model(images.flip(3)).float()) / 2
+
+
 @torch.no_grad()  # not inference_mode: the loader's gather thread writes into buffers made here
 def evaluate(model, criterion, loader, device, args):
-    """Loss, top-1 and top-5 (%) over the whole split, summed across ranks."""
+    """Loss, top-1 and top-5 (%) over the whole split, summed across ranks (on the device: one
+    read-back at the end, so evaluation never waits on the GPU batch by batch)."""
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*n, top1, top5, n
     for images, target in itertools.islice(loader, args.limit_batches):
         with autocast(device, args):
-            output = model(images)
+            output = predict(model, images, args)
         hits = output.topk(min(5, output.shape[1]), dim=1).indices == target[:, None]  # (B, k), ranked
         n = target.numel()
         sums[0] += criterion(output.float(), target) * n
@@ -480,13 +611,16 @@ def finish_epoch(parts, state, args):
     """Validate, record the epoch's metrics row, and move `state` to the next epoch; returns (row, is_best)."""
     t0 = time.time()
     loss_sum, correct, n = reduce_sum(state.sums.clone()).tolist()
-    val = evaluate(parts.model, parts.criterion, parts.val, parts.device, args)
+    sync_ema_buffers(parts)
+    val = evaluate(parts.eval_model, parts.criterion, parts.val, parts.device, args)
     train_seconds = state.train_seconds
     epoch_time = train_seconds + (time.time() - t0)
+    # lr: the epoch's for a per-epoch schedule; a per-step one's at the epoch's end
     row = dict(epoch=state.epoch, lr=parts.optimizer.param_groups[0]["lr"], train_loss=loss_sum / n,
                train_top1=100 * correct / n, val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"],
-               images_per_s=n / train_seconds, epoch_time_s=epoch_time)
-    parts.lr_scheduler.step()
+               images_per_s=n / train_seconds, epoch_time_s=epoch_time, eval_model=eval_model_name(parts))
+    if not per_step_schedule(args):
+        parts.lr_scheduler.step()
     is_best = not state.history or val["top1"] > state.best_acc
     state.history.append(row)
     state.wall_time += epoch_time
@@ -547,9 +681,15 @@ def write_run_files(out, args, device, world_size, history):
 # --- main ----------------------------------------------------------------------------------
 
 
+def eval_model_name(parts):
+    """What validation and test evaluate, for the metrics: "ema" (--ema) or "model"."""
+    return "model" if parts.ema is None else "ema"
+
+
 def test_only(parts, args):
-    """--test-only: evaluate val and test, write eval.json."""
-    result = {split: evaluate(parts.model, parts.criterion, loader, parts.device, args)
+    """--test-only: evaluate val and test (the EMA with --ema), write eval.json."""
+    sync_ema_buffers(parts)
+    result = {split: evaluate(parts.eval_model, parts.criterion, loader, parts.device, args)
               for split, loader in (("val", parts.val), ("test", parts.test))}
     if rank() == 0:
         print(json.dumps(result))
@@ -609,12 +749,14 @@ def train(parts, state, args, stop):
 
 
 def final_test(parts, state, args):
-    """Test-split accuracy of the final model; final.json."""
-    test = evaluate(parts.model, parts.criterion, parts.test, parts.device, args)
+    """Test-split accuracy of the final model (its EMA with --ema); final.json."""
+    sync_ema_buffers(parts)
+    test = evaluate(parts.eval_model, parts.criterion, parts.test, parts.device, args)
     last = state.history[-1] if state.history else {}
     final = dict(arch=args.arch, size=args.size, epochs=len(state.history), test_top1=test["top1"],
                  test_top5=test["top5"], test_loss=test["loss"], train_top1=last.get("train_top1"),
-                 val_top1=last.get("val_top1"), best_val_top1=state.best_acc, wall_time_s=state.wall_time)
+                 val_top1=last.get("val_top1"), best_val_top1=state.best_acc, wall_time_s=state.wall_time,
+                 eval_model=eval_model_name(parts), tta=args.tta)
     if rank() == 0:
         print(f"test top1 {test['top1']:.2f} top5 {test['top5']:.2f} | wall {state.wall_time:.1f}s")
         with open(os.path.join(args.output_dir, "final.json"), "w") as f:
@@ -687,17 +829,42 @@ def get_args_parser(add_help=True):
                    help="input size: 28 grey (lenet5), 64 RGB, 224 = RGB 64 upscaled on the device (default: the arch's native size)")
     p.add_argument("--recipe", choices=recipe_names(),
                    help="a named recipe for --arch/--size (models/recipes.py): paper = the study's Table 2 and Table 3's "
-                        "10-epoch rows, paper-50 = Table 3's 50-epoch rows; explicit flags still win (default: none)")
+                        "10-epoch rows, paper-50 = Table 3's 50-epoch rows, fast = the speedrun's (64-px ResNets; "
+                        "untuned); explicit flags still win (default: none)")
     p.add_argument("-b", "--batch-size", type=at_least(1), default=128, help="images per step per process (default: 128)")
     p.add_argument("--epochs", type=at_least(1), default=30, help="epochs to train (default: 30)")
     p.add_argument("--lr", type=positive_float, default=0.01, help="SGD learning rate (default: 0.01)")
     p.add_argument("--momentum", type=at_least(0.0, float), default=0.9, help="SGD momentum (default: 0.9)")
+    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=False,
+                   help="Nesterov momentum (needs --momentum above 0) (default: off)")
     p.add_argument("--wd", "--weight-decay", dest="wd", type=at_least(0.0, float), default=5e-4, help="weight decay (default: 5e-4)")
-    p.add_argument("--lr-scheduler", choices=("none", "step", "cosine"), default="cosine", help="lr schedule (default: cosine)")
+    p.add_argument("--lr-scheduler", choices=("none", "step", "cosine", "onecycle"), default="cosine",
+                   help="lr schedule: none, step, cosine (to 0 at --epochs), or onecycle (the warm-up, then linear "
+                        "decay to 0 at --epochs); per epoch, but per step with --warmup-epochs or onecycle (default: cosine)")
+    p.add_argument("--warmup-epochs", type=at_least(0.0, float), default=0.0, metavar="F",
+                   help="linear lr warm-up from about 0 over the first F epochs (counted in steps; fractions allowed), "
+                        "then the --lr-scheduler over the rest, per step (default: 0, no warm-up)")
     p.add_argument("--lr-step-size", type=at_least(1), default=10, help="epochs between decays for step (default: 10)")
     p.add_argument("--lr-gamma", type=positive_float, default=0.1, help="decay factor for step (default: 0.1)")
     p.add_argument("--label-smoothing", type=at_least(0.0, float), default=0.0, help="cross-entropy label smoothing, below 1 (default: 0.0)")
-    p.add_argument("--augment", action="store_true", help="random crop with padding + flip on train (default: off)")
+    p.add_argument("--augment", nargs="?", const="crop", default="none", choices=tuple(AUGMENT),
+                   help="train augmentation on the device: crop = random crop with padding + flip (what a bare "
+                        "--augment means), rrc = random-resized crop + flip (default: none)")
+    p.add_argument("--mix", choices=("none", "mixup", "cutmix"), default="none",
+                   help="mix each train batch with a permutation of itself: mixup (weighted sum of images) or cutmix "
+                        "(a pasted box); the loss weighs both labels, train top-1 counts the image's own (default: none)")
+    p.add_argument("--mix-alpha", type=positive_float, default=None, metavar="A",
+                   help="mixing weight ~ Beta(A, A) (default: 0.2 for mixup, 1.0 for cutmix)")
+    p.add_argument("--mix-prob", type=positive_float, default=1.0, metavar="P",
+                   help="share of the train batches that are mixed, at most 1 (default: 1.0)")
+    p.add_argument("--ema", type=at_least(0.0, float), default=0.0, metavar="DECAY",
+                   help="keep an exponential moving average of the weights (and BatchNorm statistics) with this "
+                        "decay per step, below 1, e.g. 0.999, and validate and test it instead; 0 = off (default: 0)")
+    p.add_argument("--ema-every", type=at_least(1), default=1, metavar="N",
+                   help="update the --ema average every N steps, with decay**N (default: 1)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False,
+                   help="flip test-time augmentation: validate and test on the mean logits of each image and its "
+                        "mirror image (default: off)")
     p.add_argument("--norm", choices=tuple(NORMS),
                    help="input normalisation: the train split's mean/std, imagenet, or half (mean = std = 0.5, the study's LeNet-5) (default: imagenet with --pretrained, else dataset)")
     p.add_argument("-j", "--workers", type=at_least(0), default=None,
@@ -707,9 +874,12 @@ def get_args_parser(add_help=True):
     p.add_argument("--data-path", choices=("auto", "resident", "fast", "stream"), default="auto",
                    help="loader read path: resident (split copied to the device once), fast (memory-mapped shards), "
                         "stream (webdataset); auto = resident when the split fits in 2 GiB (default: auto)")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (default: off)")
-    p.add_argument("--channels-last", action="store_true", help="NHWC memory format (default: off)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (default: off)")
+    # --no-X too, so a user can switch off what a recipe switched on
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast on CUDA (default: off)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+                   help="NHWC memory format (default: off)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the model (default: off)")
     p.add_argument("--seed", type=int, default=0, help="seeds the weights, dropout and the shuffle order (default: 0)")
     p.add_argument("--output-dir", help="where logs and checkpoints go (default: runs/ARCH-SIZE)")
     p.add_argument("--resume", help="checkpoint to continue from, or 'auto' for OUTPUT_DIR/checkpoint.pth if present; "
@@ -729,6 +899,24 @@ def get_args_parser(add_help=True):
     return p
 
 
+def check_training_flags(parser, args, given):
+    """Validate the speedrun's flags (after --recipe, which may have set them); fill --mix-alpha."""
+    if args.nesterov and args.momentum == 0:
+        parser.error("argument --nesterov: needs a momentum above 0, not --momentum 0")
+    if args.warmup_epochs >= args.epochs:
+        parser.error(f"argument --warmup-epochs: must be below --epochs ({args.epochs}), not {args.warmup_epochs}")
+    if args.ema >= 1:
+        parser.error(f"argument --ema: must be below 1, not {args.ema}")
+    if args.mix_prob > 1:
+        parser.error(f"argument --mix-prob: must be at most 1, not {args.mix_prob}")
+    for flag, needs, off in (("mix_alpha", "mix", args.mix == "none"), ("mix_prob", "mix", args.mix == "none"),
+                             ("ema_every", "ema", not args.ema)):
+        if flag in given and off:
+            parser.error(f"argument --{flag.replace('_', '-')}: only acts with --{needs}")
+    if args.mix != "none" and args.mix_alpha is None:
+        args.mix_alpha = MIX_ALPHA[args.mix]
+
+
 def parse_args(argv=None):
     """Parse argv, apply --recipe under the explicit flags, fill derived defaults, validate."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -746,7 +934,7 @@ def parse_args(argv=None):
         parser.error(f"argument --size: {args.arch} takes {' or '.join(map(str, info['sizes']))}, not {args.size}")
     if args.recipe:
         try:
-            recipe = resolve_recipe(args.recipe, args.arch, args.size)
+            recipe = resolve_recipe(args.recipe, args.arch, args.size, device=args.device)
         except ValueError as e:
             parser.error(f"argument --recipe: {e}")
         if "weights" in given:  # a local weights file stands in for the download
@@ -756,6 +944,7 @@ def parse_args(argv=None):
                 setattr(args, k, v)
     if args.label_smoothing >= 1:
         parser.error(f"argument --label-smoothing: must be below 1, not {args.label_smoothing}")
+    check_training_flags(parser, args, given)
     if args.workers is not None and args.data_path != "stream":
         parser.error(f"argument -j/--workers: only --data-path stream uses loader workers; "
                      f"--data-path {args.data_path} reads the shards in the training process")

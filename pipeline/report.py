@@ -76,8 +76,11 @@ def _row(run: dict) -> list[str]:
         method += ", ImageNet-pretrained"
     elif args.get("weights"):
         method += f", from {os.path.basename(args['weights'])}"
-    if args.get("augment"):
+    augment = args.get("augment")  # True/False before train.py's --augment took none/crop/rrc
+    if augment in (True, "crop"):
         method += " + crop/flip augmentation"
+    elif augment == "rrc":
+        method += " + random-resized crop/flip augmentation"
     epochs = str(len(rows))
     if args.get("epochs") and args["epochs"] != len(rows):
         epochs += f" of {args['epochs']}"  # an unfinished run says so

@@ -1,0 +1,298 @@
+"""The speedrun's parts of train.py on the CPU: per-step lr schedules, EMA, flip TTA, mixup/CutMix,
+`--recipe fast`, and a bit-identical mid-epoch resume of a run that uses them all."""
+
+import argparse
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from test_train import _same_run, _shards, cli, read_jsonl, run, stop_at
+
+import train
+from pipeline.mixing import cutmix_box, mix_batch, mix_generator
+from pipeline.report import render_table
+
+
+@pytest.fixture(scope="session")
+def small_shards(tmp_path_factory):
+    """4 classes: 120 train (8 steps of 16, the last of 8), 40 val, 10 test images."""
+    return _shards(tmp_path_factory.mktemp("fast"), classes=4, train_per_class=30, val_per_class=10, test=10)
+
+
+def flags(*argv):
+    return train.parse_args(["--device", "cpu", *argv])
+
+
+# --- lr schedule ---------------------------------------------------------------------------
+
+
+def test_warmup_then_cosine_per_step():
+    # 10 epochs of 5 steps: 10 warm-up steps (2 epochs), then cosine over the other 40.
+    factor = train.lr_factor(flags("--epochs", "10", "--warmup-epochs", "2"), steps_per_epoch=5)
+    assert [factor(s) for s in (0, 1, 4, 9)] == [0.1, 0.2, 0.5, 1.0]
+    assert factor(10) == 1.0 and factor(30) == 0.5
+    assert factor(49) == 0.5 * (1 + math.cos(math.pi * 39 / 40)) and factor(50) == 0.0
+
+
+def test_onecycle_is_warmup_then_linear_decay_to_zero():
+    factor = train.lr_factor(flags("--epochs", "10", "--warmup-epochs", "0.4", "--lr-scheduler", "onecycle"), 5)
+    assert [factor(s) for s in (0, 1, 2, 26, 50)] == [0.5, 1.0, 1.0, 0.5, 0.0]  # round(0.4 * 5) = 2 warm-up steps
+    factor = train.lr_factor(flags("--epochs", "4", "--lr-scheduler", "onecycle"), 5)  # no warm-up: decay at once
+    assert [factor(s) for s in (0, 5, 10, 19)] == pytest.approx([1.0, 0.75, 0.5, 0.05], rel=1e-12)
+
+
+def test_warmup_with_step_and_none():
+    factor = train.lr_factor(flags("--epochs", "10", "--warmup-epochs", "1", "--lr-scheduler", "step",
+                                   "--lr-step-size", "3", "--lr-gamma", "0.5"), 4)
+    assert [factor(s) for s in (0, 3, 4, 11, 12, 24)] == [0.25, 1.0, 1.0, 1.0, 0.5, 0.25]
+    factor = train.lr_factor(flags("--epochs", "10", "--warmup-epochs", "1", "--lr-scheduler", "none"), 4)
+    assert [factor(s) for s in (0, 1, 4, 39)] == [0.25, 0.5, 1.0, 1.0]
+
+
+def test_no_warmup_keeps_the_per_epoch_schedules():
+    args = flags("--epochs", "10")
+    assert not train.per_step_schedule(args)
+    factor = train.lr_factor(args, steps_per_epoch=5)  # the counter is the epoch: steps_per_epoch is unused
+    assert [factor(e) for e in range(11)] == [0.5 * (1 + math.cos(math.pi * e / 10)) for e in range(11)]
+    factor = train.lr_factor(flags("--lr-scheduler", "step", "--lr-step-size", "3"), 5)
+    assert [factor(e) for e in (0, 2, 3, 6)] == [1.0, 1.0, 0.1, 0.1 ** 2]
+
+
+def test_a_per_step_run_records_the_lr_at_each_epochs_end(small_shards, tmp_path):
+    run(small_shards, tmp_path, "--arch", "lenet5", "-b", "16", "--epochs", "3", "--lr", "0.1",
+        "--warmup-epochs", "1", "--limit-batches", "4")
+    # 4 steps an epoch (--limit-batches): 4 warm-up steps, then cosine over 8; the lr after step 8 and 12.
+    assert [r["lr"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [0.1, 0.1 * 0.5 * (1 + math.cos(math.pi / 2)), 0.0]
+
+
+# --- EMA -----------------------------------------------------------------------------------
+
+
+def test_ema_follows_the_recurrence_over_weights_and_batchnorm_statistics():
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    ema = train.make_ema(module, argparse.Namespace(ema=0.9, ema_every=1))
+    seen = []
+    for _ in range(3):  # a "step": new weights, new running statistics
+        with torch.no_grad():
+            for p in module.parameters():
+                p.add_(torch.randn_like(p))
+        module(torch.randn(5, 3))
+        ema.update_parameters(module)
+        seen.append({k: v.clone() for k, v in module.state_dict().items()})
+    averaged = ema.module.state_dict()
+    for k in ("0.weight", "0.bias", "1.weight", "1.running_mean", "1.running_var"):
+        want = 0.9 * (0.9 * seen[0][k] + 0.1 * seen[1][k]) + 0.1 * seen[2][k]  # the first update copies
+        torch.testing.assert_close(averaged[k], want, rtol=1e-6, atol=1e-7)
+    assert int(ema.n_averaged) == 3
+    assert train.make_ema(module, argparse.Namespace(ema=0.0, ema_every=1)) is None
+
+
+def test_ema_every_n_steps_and_the_model_it_evaluates(small_shards, tmp_path):
+    final = run(small_shards, tmp_path, "--arch", "lenet5", "-b", "16", "--epochs", "1", "--lr", "0.05",
+                "--ema", "0.9", "--ema-every", "3")
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert int(ckpt["ema"]["n_averaged"]) == 2  # 8 steps: updated after steps 3 and 6
+    assert read_jsonl(tmp_path / "metrics.jsonl")[0]["eval_model"] == "ema" and final["eval_model"] == "ema"
+
+    # The test metrics are the average's, not the trained weights'.
+    parts = train.build(flags("--shards", small_shards, "--arch", "lenet5", "-b", "16"), torch.device("cpu"), 1)
+    args = argparse.Namespace(tta=False, amp=False, limit_batches=None)
+
+    def test_loss(weights):
+        parts.module.load_state_dict(weights)
+        return train.evaluate(parts.module, parts.criterion, parts.test, torch.device("cpu"), args)["loss"]
+
+    ema_weights = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k != "n_averaged"}
+    assert test_loss(ema_weights) == final["test_loss"] != test_loss(ckpt["model"])
+
+
+def test_ema_and_checkpoints_must_agree(small_shards, tmp_path, capsys):
+    base = ["--arch", "lenet5", "-b", "16", "--epochs", "2"]
+
+    def resume_error(out, *extra):
+        capsys.readouterr()
+        assert cli("--shards", small_shards, "--device", "cpu", "--output-dir", out, *base, *extra, "--resume", "auto") == 1
+        return capsys.readouterr().err
+
+    stop_at(small_shards, tmp_path / "plain", 3, *base)
+    assert resume_error(tmp_path / "plain", "--ema", "0.99") == (
+        f"error: {tmp_path / 'plain' / 'checkpoint.pth'}: holds no EMA of the weights (made without --ema); "
+        "resume it without --ema, or use another --output-dir\n")
+    stop_at(small_shards, tmp_path / "ema", 3, *base, "--ema", "0.99")
+    assert resume_error(tmp_path / "ema") == (f"error: {tmp_path / 'ema' / 'checkpoint.pth'}: holds an EMA of the "
+                                              "weights (made with --ema 0.99); resume it with --ema 0.99\n")
+
+
+# --- TTA -----------------------------------------------------------------------------------
+
+
+def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 5, 6))
+    images, target = torch.randn(7, 3, 4, 5), torch.randint(0, 6, (7,))
+    loader = [(images[:4], target[:4]), (images[4:], target[4:])]
+    criterion = nn.CrossEntropyLoss()
+
+    def evaluate(tta):
+        return train.evaluate(model, criterion, loader, torch.device("cpu"),
+                              argparse.Namespace(tta=tta, amp=False, limit_batches=None))
+
+    with torch.no_grad():
+        logits = (model(images) + model(images.flip(3))) / 2
+    plain, tta = evaluate(False), evaluate(True)
+    assert tta["loss"] == pytest.approx(criterion(logits, target).item(), rel=1e-6)
+    assert tta["top1"] == 100 * (logits.argmax(1) == target).sum().item() / 7
+    assert tta["loss"] != plain["loss"]
+
+
+# --- mixing --------------------------------------------------------------------------------
+
+
+def test_mixup_is_the_weighted_sum_of_the_batch_and_its_permutation():
+    x, target = torch.randn(6, 3, 8, 8), torch.arange(6)
+    mixed, a, b, lam = mix_batch(x, target, "mixup", 0.2, mix_generator(0, 1, 0, 5))
+    g = mix_generator(0, 1, 0, 5)  # the same draws, made here by hand
+    want_lam, perm = g.beta(0.2, 0.2), torch.from_numpy(g.permutation(6))
+    assert lam == want_lam and 0 < lam < 1
+    assert torch.equal(mixed, x * lam + x[perm] * (1 - lam))
+    assert torch.equal(a, target) and torch.equal(b, target[perm])
+
+
+class FixedDraws:
+    """A stand-in for the numpy Generator with chosen draws (a box that is clipped at the border)."""
+
+    def __init__(self, lam, perm, centre):
+        self.lam, self.perm, self.centre = lam, perm, list(centre)
+
+    def beta(self, a, b):
+        return self.lam
+
+    def permutation(self, n):
+        return np.array(self.perm)
+
+    def integers(self, n):
+        return self.centre.pop(0)
+
+
+def test_cutmix_pastes_a_box_and_lam_is_its_actual_area():
+    x, target = torch.arange(3 * 8 * 8, dtype=torch.float32).view(3, 1, 8, 8) + 1, torch.tensor([0, 1, 2])
+    # lam 0.75: a 4x4 box centred at (0, 7), clipped to rows 0-1 and columns 5-7: 6 of 64 pixels pasted.
+    mixed, a, b, lam = mix_batch(x, target, "cutmix", 1.0, FixedDraws(0.75, [2, 0, 1], [0, 7]))
+    assert lam == 1 - 6 / 64
+    want = x.clone()
+    want[:, :, 0:2, 5:8] = x[[2, 0, 1], :, 0:2, 5:8]
+    assert torch.equal(mixed, want) and torch.equal(b, torch.tensor([2, 0, 1])) and torch.equal(a, target)
+    assert cutmix_box(8, 8, 0.75, FixedDraws(0, 0, [4, 4])) == (2, 6, 2, 6)  # unclipped: (1 - lam) of the image
+
+
+def test_cutmix_from_the_generator_matches_its_box():
+    x, target = torch.randn(5, 3, 16, 16), torch.arange(5)
+    for step in range(4):
+        mixed, _, b, lam = mix_batch(x, target, "cutmix", 1.0, mix_generator(2, 0, 0, step))
+        g = mix_generator(2, 0, 0, step)  # the same draws, by hand
+        drawn, perm = g.beta(1.0, 1.0), g.permutation(5)
+        y0, y1, x0, x1 = cutmix_box(16, 16, drawn, g)
+        assert lam == 1 - (y1 - y0) * (x1 - x0) / 256 and torch.equal(b, target[perm])
+        pasted = torch.zeros(16, 16, dtype=torch.bool)
+        pasted[y0:y1, x0:x1] = True
+        assert torch.equal(mixed[:, :, pasted], x[perm][:, :, pasted]) and torch.equal(mixed[:, :, ~pasted], x[:, :, ~pasted])
+
+
+def test_mixing_is_deterministic_per_step_and_mix_prob_skips_batches():
+    x, target = torch.randn(4, 3, 8, 8), torch.arange(4)
+    one, two = (mix_batch(x, target, "mixup", 0.2, mix_generator(0, 0, 0, 3)) for _ in range(2))
+    assert one[3] == two[3] and torch.equal(one[0], two[0])
+    assert mix_batch(x, target, "mixup", 0.2, mix_generator(0, 0, 0, 4))[3] != one[3]
+    lams = [mix_batch(x, target, "cutmix", 1.0, mix_generator(0, 0, 0, s), prob=0.5)[3] for s in range(40)]
+    unmixed = [s for s, lam in enumerate(lams) if lam == 1.0]
+    assert 10 < len(unmixed) < 30
+    skipped = mix_batch(x, target, "cutmix", 1.0, mix_generator(0, 0, 0, unmixed[0]), prob=0.5)
+    assert skipped[0] is x and skipped[2] is target
+    with pytest.raises(ValueError, match="mode must be one of"):
+        mix_batch(x, target, "blend", 1.0, mix_generator(0, 0, 0, 0))
+
+
+# --- recipe and flags ------------------------------------------------------------------------
+
+
+def test_recipe_fast_resolves_per_device():
+    args = flags("--arch", "resnet18_64", "--recipe", "fast")
+    assert (args.epochs, args.batch_size, args.lr, args.momentum, args.nesterov, args.wd) == (40, 512, 0.4, 0.9, True, 5e-4)
+    assert (args.label_smoothing, args.lr_scheduler, args.warmup_epochs, args.ema, args.ema_every) == (0.1, "cosine", 2.0, 0.999, 4)
+    assert (args.tta, args.augment, args.mix, args.size) == (True, "rrc", "none", 64)
+    assert (args.amp, args.channels_last, args.compile) == (False, False, False)  # CUDA-only speed-ups: off on the CPU
+    for arch in ("resnet18_64s2", "resnet10_64s2"):
+        assert train.parse_args(["--arch", arch, "--recipe", "fast", "--device", "cuda"]).compile is True
+    args = train.parse_args(["--arch", "resnet18_64", "--recipe", "fast", "--device", "cuda"])
+    assert (args.amp, args.channels_last, args.compile) == (True, True, True)
+
+
+def test_explicit_flags_beat_recipe_fast():
+    args = train.parse_args(["--arch", "resnet18_64", "--recipe", "fast", "--device", "cuda", "--lr", "0.1",
+                             "--epochs", "3", "--no-compile", "--ema", "0", "--augment", "--no-tta", "--mix", "cutmix"])
+    assert (args.lr, args.epochs, args.compile, args.amp, args.ema, args.augment, args.tta) == (0.1, 3, False, True, 0.0, "crop", False)
+    assert (args.mix, args.mix_alpha, args.batch_size) == ("cutmix", 1.0, 512)  # cutmix's default alpha
+    assert flags("--mix", "mixup").mix_alpha == 0.2 and flags("--augment", "none").augment == "none"
+    assert flags().augment == "none" and flags("--augment", "rrc").augment == "rrc"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--nesterov", "--momentum", "0"], "argument --nesterov: needs a momentum above 0, not --momentum 0"),
+    (["--warmup-epochs", "3", "--epochs", "3"], "argument --warmup-epochs: must be below --epochs (3), not 3.0"),
+    (["--arch", "resnet18_64", "--recipe", "fast", "--epochs", "2"],
+     "argument --warmup-epochs: must be below --epochs (2), not 2.0"),
+    (["--ema", "1"], "argument --ema: must be below 1, not 1.0"),
+    (["--mix", "cutmix", "--mix-prob", "1.5"], "argument --mix-prob: must be at most 1, not 1.5"),
+    (["--mix-alpha", "0.4"], "argument --mix-alpha: only acts with --mix"),
+    (["--ema-every", "2"], "argument --ema-every: only acts with --ema"),
+    (["--augment", "flip"], "argument --augment: invalid choice: 'flip' (choose from 'none', 'crop', 'rrc')"),
+    (["--arch", "resnet18", "--recipe", "fast"],
+     "argument --recipe: recipe 'fast' has no row for resnet18 at --size 64; it has: resnet18_64 --size 64, "
+     "resnet18_64s2 --size 64, resnet10_64s2 --size 64"),
+])
+def test_bad_speedrun_flags_are_one_line_errors(argv, message, capsys):
+    assert cli(*argv) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_the_report_names_the_augmentation(tmp_path):
+    def method(augment):
+        run = tmp_path / str(augment)
+        run.mkdir()
+        (run / "args.json").write_text(json.dumps({"arch": "lenet5", "size": 28, "augment": augment}))
+        (run / "metrics.jsonl").write_text("")
+        return render_table([run]).splitlines()[-1].split(" | ")[0].removeprefix("| ")
+
+    assert [method(a) for a in ("none", False, "crop", True, "rrc")] == [
+        "LeNet-5", "LeNet-5", "LeNet-5 + crop/flip augmentation", "LeNet-5 + crop/flip augmentation",
+        "LeNet-5 + random-resized crop/flip augmentation"]
+
+
+# --- resume ----------------------------------------------------------------------------------
+
+
+def test_mid_epoch_resume_of_a_speedrun_style_run_is_bit_identical(small_shards, tmp_path):
+    # 8 steps an epoch; the warm-up is 12 steps. Stopped mid-warm-up (step 3) and mid-epoch 1 (step 11),
+    # after periodic checkpoints at 5 and 10: the lr, the EMA, the momentum, the cutmix draws and the
+    # crops must all continue exactly.
+    run_flags = ["--arch", "lenet5", "-b", "16", "--epochs", "3", "--lr", "0.05", "--nesterov", "--label-smoothing",
+                 "0.1", "--warmup-epochs", "1.5", "--ema", "0.9", "--tta", "--mix", "cutmix", "--augment", "crop",
+                 "--checkpoint-every", "5"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(small_shards, straight, *run_flags)
+    ckpt = stop_at(small_shards, resumed, 3, *run_flags)
+    assert (ckpt["state"]["epoch"], ckpt["state"]["epoch_steps"], int(ckpt["ema"]["n_averaged"])) == (0, 3, 3)
+    ckpt = stop_at(small_shards, resumed, 11, *run_flags, "--resume", "auto")
+    assert (ckpt["state"]["epoch"], ckpt["state"]["epoch_steps"]) == (1, 3)
+    run(small_shards, resumed, *run_flags, "--resume", "auto")
+    _same_run(straight, resumed)
+    a, b = (torch.load(d / "checkpoint.pth", weights_only=True) for d in (straight, resumed))
+    assert list(a["ema"]) == list(b["ema"]) and all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    momenta = [[s["momentum_buffer"] for s in c["optimizer"]["state"].values()] for c in (a, b)]
+    assert len(momenta[0]) > 0 and all(torch.equal(x, y) for x, y in zip(*momenta, strict=True))
+    rows = read_jsonl(straight / "metrics.jsonl")
+    assert [r["eval_model"] for r in rows] == ["ema"] * 3 and rows[-1]["lr"] == 0.0

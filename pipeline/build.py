@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import index as index_io
-from .errors import ImageError, ShardError, SourceError
+from .errors import ImageError, ShardError, SourceError, UsageError
 from .release import plan_release
 from .schema import FORMAT_VERSION, MANIFEST_FILE, SHARD_PATTERN, SPLITS
 from .source import open_release
@@ -129,22 +129,32 @@ def _run_tasks(files, tasks, tmp, workers, on_error, progress):
     return [f.result() for f in futures]
 
 
-def build_shards(src, out, workers=None, shard_size=10000, split_seed=None, on_error="fail", progress=True):
+def build_shards(src, out, workers=None, shard_size=10000, split_seed=None, on_error="fail", progress=True,
+                 classes=None):
     """Build the shard set for release `src` (folder, .zip, .tar[.gz]) into folder `out`.
 
+    `classes=N` builds only the first N classes (labels 0..N-1) and no `unlabeled` split, for
+    quick experiments; the manifest's `build.classes` records it. Each sample is byte for byte
+    the one the full build writes (the train order differs: it is shuffled among fewer samples).
+
     Returns the manifest (also written to `out/manifest.json`). Raises `SourceError`,
-    `ImageError` (with `on_error='fail'`) or `ShardError` with a one-line message.
+    `ImageError` (with `on_error='fail'`), `ShardError` or `UsageError` (`classes` out of range)
+    with a one-line message.
     """
     if on_error not in ("fail", "skip"):
         raise ValueError(f"on_error must be 'fail' or 'skip', not {on_error!r}")
     if shard_size < 1:
         raise ShardError(f"--shard-size must be at least 1, not {shard_size}")
+    if classes is not None and classes < 1:  # checked here too, before the release is read
+        raise UsageError(f"--classes {classes}: must be at least 1")
     out = Path(out)
     params = {"source": Path(src).name, "shard_size": shard_size, "split_seed": split_seed, "on_error": on_error}
+    if classes is not None:  # only then: a full build's manifest stays byte for byte what it was
+        params["classes"] = classes
     _check_out(out, params)
     started = time.perf_counter()
     files = open_release(src)
-    plan = plan_release(files, split_seed)
+    plan = plan_release(files, split_seed, classes)
     if plan.problems and on_error == "fail":
         path, reason = plan.problems[0]
         raise SourceError(f"{files.label}: {path}: {reason}")

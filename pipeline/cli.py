@@ -74,13 +74,17 @@ def shard():
 @click.option("--shard-size", default=10000, show_default=True, type=click.IntRange(1), help="Samples per shard.")
 @click.option("--split-seed", default=None, type=int, help="Draw the per-class 25/25 val/test split at random with this seed [default: first 25 in val_annotations.txt order -> val].")
 @click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True, help="On a bad image: stop, or record it in the manifest and go on.")
+@click.option("--classes", default=None, type=int, metavar="N",
+              help="Only the first N classes (in label order; labels stay 0..N-1), without the unlabeled "
+                   "test/ images (they belong to every class): a small set for quick experiments on the CPU "
+                   "[default: all].")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def shard_build(src, out, workers, shard_size, split_seed, on_error, quiet):
+def shard_build(src, out, workers, shard_size, split_seed, on_error, classes, quiet):
     """Decode a release once into shards of uint8 rgb64 + gray28 arrays, with a Parquet index."""
     from .build import build_shards
 
     manifest = build_shards(src, out, workers=workers, shard_size=shard_size, split_seed=split_seed,
-                            on_error=on_error, progress=not quiet)
+                            on_error=on_error, progress=not quiet, classes=classes)
     counts = ", ".join(f"{k} {v:,}" for k, v in manifest["counts"].items())
     n = sum(manifest["counts"].values())
     secs = manifest["_seconds"]

@@ -4,13 +4,14 @@ Labels are the index of the wnid in `sorted(wnids)` (what `ImageFolder` gives). 
 set is split per class: the first half of each class's images, in `val_annotations.txt` order,
 go to `val`, the rest to `test` (25/25 on the real release, as in the study); `split_seed`
 draws that split at random instead. The official `test/` images are unlabelled (`unlabeled`, -1).
+`classes=N` keeps only the first N classes (labels 0..N-1, the same as in the full plan).
 """
 import re
 from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import SourceError
+from .errors import SourceError, UsageError
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg")
 
@@ -72,7 +73,7 @@ def _read_wnids(files):
     return sorted(wnids), words
 
 
-def _train_items(files, wnids, problems):
+def _train_items(files, wnids, kept, problems):
     label_of = {w: i for i, w in enumerate(wnids)}
     by_class = {w: [] for w in wnids}
     for name in files.names():
@@ -84,7 +85,7 @@ def _train_items(files, wnids, problems):
         if len(parts) == 4 and parts[2] == "images" and _is_image(name):
             by_class[parts[1]].append(name)
     items = []
-    for wnid in wnids:
+    for wnid in wnids[:kept]:
         boxes = {}
         boxes_file = f"train/{wnid}/{wnid}_boxes.txt"
         present = set(by_class[wnid])
@@ -100,7 +101,7 @@ def _train_items(files, wnids, problems):
     return items
 
 
-def _val_test_items(files, wnids, split_seed, problems):
+def _val_test_items(files, wnids, kept, split_seed, problems):
     label_of = {w: i for i, w in enumerate(wnids)}
     present = {n for n in files.names() if n.startswith("val/images/") and _is_image(n)}
     per_class = {w: [] for w in wnids}
@@ -114,6 +115,8 @@ def _val_test_items(files, wnids, split_seed, problems):
         if wnid not in label_of:
             raise SourceError(f"{files.label}: {where}: wnid {wnid} is not in wnids.txt")
         listed[path] = n
+        if label_of[wnid] >= kept:
+            continue
         if path not in present:
             problems.append((path, f"named in {where} but missing"))
             continue
@@ -122,7 +125,8 @@ def _val_test_items(files, wnids, split_seed, problems):
         problems.append((path, "not listed in val/val_annotations.txt"))
     rng = np.random.default_rng(split_seed) if split_seed is not None else None
     val, test = [], []
-    for wnid in wnids:
+    # Classes in label order, so the first `kept` draw the same random halves as in the full plan.
+    for wnid in wnids[:kept]:
         items = per_class[wnid]
         if rng is not None:
             items = [items[i] for i in rng.permutation(len(items))]
@@ -137,18 +141,26 @@ def _with_split(item, split):
     return Item(item.key, split, item.label, item.wnid, item.box, item.path)
 
 
-def plan_release(files, split_seed=None):
-    """Read wnids/words/boxes/annotations and return the `Plan` (raises SourceError on structure)."""
+def plan_release(files, split_seed=None, classes=None):
+    """Read wnids/words/boxes/annotations and return the `Plan` (raises SourceError on structure).
+
+    `classes=N` plans only the first N classes in label order, and no `unlabeled` split: those
+    images belong to every class, so they are no part of a subset (UsageError if N is out of range).
+    """
     wnids, words = _read_wnids(files)
+    if classes is not None and not 1 <= classes <= len(wnids):
+        raise UsageError(f"--classes {classes}: the release has {len(wnids)} classes")
+    kept = len(wnids) if classes is None else classes
     problems = []
-    train = _train_items(files, wnids, problems)
-    val, test = _val_test_items(files, wnids, split_seed, problems)
-    unlabeled = [Item(_stem(p), "unlabeled", -1, "", None, p)
-                 for p in sorted((n for n in files.names() if n.startswith("test/images/") and _is_image(n)),
-                                 key=_natural)]
+    train = _train_items(files, wnids, kept, problems)
+    val, test = _val_test_items(files, wnids, kept, split_seed, problems)
+    unlabeled = [] if classes is not None else [
+        Item(_stem(p), "unlabeled", -1, "", None, p)
+        for p in sorted((n for n in files.names() if n.startswith("test/images/") and _is_image(n)), key=_natural)]
     items = {"train": train, "val": val, "test": test, "unlabeled": unlabeled}
     seen = {}
     for item in train + val + test + unlabeled:
         if seen.setdefault(item.key, item.path) != item.path:
             raise SourceError(f"{files.label}: {item.path} and {seen[item.key]} share the key {item.key}")
+    wnids = wnids[:kept]
     return Plan(wnids, {w: words.get(w, "") for w in wnids}, items, problems)

@@ -24,6 +24,7 @@ Every path ends in the same `DeviceStage` (normalise, augment, resize on the dev
 import numpy as np
 import torch
 
+from .augment import RRC_SCALE, augment_mode
 from .device import DeviceStage
 from .errors import UsageError
 from .order import epoch_order, step_seed
@@ -166,7 +167,7 @@ def _refuse_unused(path, auto, local, workers, prefetch, sample_counts, checksum
 def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, seed=0, epoch=0, drop_last=False,
                 rank=0, world_size=1, device="cpu", size=None, augment=False, with_keys=False, mean=None, std=None,
                 dtype=torch.float32, channels_last=False, workers=None, path="auto", raw=False, prefetch=None,
-                checksum=True, sample_counts=None):
+                checksum=True, sample_counts=None, rrc_scale=RRC_SCALE):
     """Batches of one split of a shard set, ready for a model on `device`.
 
     shards: a shard set -- a folder from `tinyin shard build`, the URL of one (http(s)://, s3://, gs://:
@@ -176,8 +177,9 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
     sizes epochs and splits ranks).
     Yields `(images, labels)` (`+ keys` with `with_keys=True`): images float (B, C, H, W) on
     `device`, scaled to [0, 1] and normalised by mean/std (default: the train split's stats
-    from the manifest), resized to `size` and augmented when asked; or, with `raw=True`, the
-    uint8 (B, H, W[, C]) batch itself (valid until the next batch is requested). Labels int64.
+    from the manifest), resized to `size` and augmented when asked (augment: "none", "crop" or
+    "rrc", with `rrc_scale`, see `DeviceStage`); or, with `raw=True`, the uint8 (B, H, W[, C])
+    batch itself (valid until the next batch is requested). Labels int64.
     shards: a shard set -- a folder from `tinyin shard build` or a `ShardSet` (opened once: pass the
     same ShardSet to the train, val and test loaders) -- or a list of shard URLs / a brace pattern
     (the stream path; `sample_counts`, per shard, then sizes epochs and splits ranks).
@@ -188,6 +190,7 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
         raise ValueError(f"variant must be one of {sorted(VARIANTS)}, not {variant!r}")
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, not {path!r}")
+    augment_mode(augment)  # a bad value is refused before any shard is opened
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
     if is_set_url(shards) and path != "stream":  # a URL reads like a folder: its split fetched once per node
@@ -217,7 +220,7 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
         stats = shard_set.stats(variant) if shard_set else {"mean": [0.5] * channels, "std": [0.5] * channels}
         mean, std = stats["mean"], stats["std"]
     stage = DeviceStage(mean, std, size=size, augment=augment, pad=4 if variant == "rgb64" else 2,
-                        dtype=dtype, channels_last=channels_last)
+                        rrc_scale=rrc_scale, dtype=dtype, channels_last=channels_last)
     loader = Loader(source, keys, stage, device, with_keys, raw, seed, rank, world_size, batch_size)
     loader.set_epoch(epoch)
     return loader

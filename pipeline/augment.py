@@ -1,0 +1,86 @@
+"""Per-sample augmentations of a batch, on the batch's device, drawn from a `torch.Generator`.
+
+- ``crop``: random crop from the zero-padded image + horizontal flip, one gather on the uint8
+  batch (`pad_crop_flip`).
+- ``rrc``: random-resized crop + horizontal flip, one `F.grid_sample` on the float batch
+  (`rrc_boxes` draws the boxes and flips, `rrc_theta` turns them into affine matrices,
+  `resized_crop` samples them), with the flip and the resize to the output size in the same
+  sample.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+AUGMENTS = ("none", "crop", "rrc")
+RRC_SCALE = (0.35, 1.0)
+RRC_RATIO = (3 / 4, 4 / 3)
+
+
+def augment_mode(augment):
+    """The augmentation `augment` names: False/None/"none" -> "none", True/"crop" -> "crop", "rrc"."""
+    if augment is None or augment is False or augment == "none":
+        return "none"
+    if augment is True or augment == "crop":
+        return "crop"
+    if augment == "rrc":
+        return "rrc"
+    raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}; got {augment!r}")
+
+
+def pad_crop_flip(x, pad, generator=None):
+    """Per-sample random crop from the zero-padded image, and random horizontal flip (uint8 NHWC)."""
+    n, h, w, _ = x.shape
+    dev = x.device
+    padded = F.pad(x, (0, 0, pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n, 1), device=dev, generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n, 1), device=dev, generator=generator)
+    flip = torch.rand((n, 1), device=dev, generator=generator) < 0.5
+    cols = torch.arange(w, device=dev).expand(n, w)
+    cols = torch.where(flip, w - 1 - cols, cols) + dx  # the flip folded into the gather: free
+    rows = torch.arange(h, device=dev).expand(n, h) + dy
+    batch = torch.arange(n, device=dev).view(n, 1, 1)
+    return padded[batch, rows.unsqueeze(2), cols.unsqueeze(1)]
+
+
+def rrc_boxes(n, height, width, scale=RRC_SCALE, ratio=RRC_RATIO, generator=None, device=None):
+    """Draw `n` random-resized-crop boxes and flips: (boxes (n, 4) float [x0, y0, w, h] in pixels, flips (n,) bool).
+
+    Like torchvision's RandomResizedCrop: area fraction uniform in `scale`, aspect w/h log-uniform
+    in `ratio`, flip with probability 1/2; but boxes are continuous (sub-pixel) and never rejected:
+    a box wider (taller) than the image is clamped to the image's width (height) and made taller
+    (wider) so that its area is kept. Its aspect then lies between the image's and the drawn one,
+    so it stays in `ratio` when the image's own aspect does (square images: always).
+    """
+    u = torch.rand((n, 5), device=device, generator=generator)  # one draw for all five parameters
+    area = height * width * (scale[0] + (scale[1] - scale[0]) * u[:, 0])
+    aspect = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1])
+    w, h = torch.sqrt(area * aspect), torch.sqrt(area / aspect)
+    # w > width and h > height cannot both hold (area <= height * width): at most one side is clamped.
+    wide, tall = w > width, h > height
+    w, h = (torch.where(wide, width, torch.where(tall, area / height, w)),
+            torch.where(tall, height, torch.where(wide, area / width, h)))
+    x0, y0 = (width - w) * u[:, 2], (height - h) * u[:, 3]
+    return torch.stack([x0, y0, w, h], dim=1), u[:, 4] < 0.5
+
+
+def rrc_theta(boxes, flips, height, width):
+    """(n, 2, 3) matrices for `F.affine_grid(align_corners=False)` that map the output onto each box.
+
+    boxes: (n, 4) [x0, y0, w, h] in pixels, the image spanning [0, width] x [0, height]; flips: (n,)
+    bool, a mirrored box (negative x scale).
+    """
+    x0, y0, w, h = boxes.unbind(1)
+    theta = boxes.new_zeros((len(boxes), 2, 3))
+    theta[:, 0, 0] = torch.where(flips, -w, w) / width
+    theta[:, 0, 2] = (2 * x0 + w) / width - 1  # the box's centre in [-1, 1] coordinates
+    theta[:, 1, 1] = h / height
+    theta[:, 1, 2] = (2 * y0 + h) / height - 1
+    return theta
+
+
+def resized_crop(x, theta, size):
+    """Sample float NCHW `x` through `theta` into (N, C, size, size): bilinear, the edges clamped
+    (padding_mode="border"), as `F.interpolate(bilinear, align_corners=False)` clamps them."""
+    grid = F.affine_grid(theta, (x.shape[0], x.shape[1], size, size), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)

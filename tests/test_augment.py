@@ -1,0 +1,157 @@
+"""On-device augmentation: the padded crop + flip gather, and the random-resized crop + flip sample."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF2
+
+from pipeline import device
+from pipeline.augment import pad_crop_flip, resized_crop, rrc_boxes, rrc_theta
+from pipeline.device import DeviceStage
+from pipeline.loader import make_loader
+
+MEAN, STD = (0.48, 0.45, 0.40), (0.23, 0.22, 0.23)
+# float32 grid coordinates in [-1, 1] place a sample up to ~5e-6 px off its exact point; with a
+# grey level at ~0.017 here and neighbours up to 255 levels apart, that moves a value up to ~4e-5.
+TOL = 5e-5
+
+
+def images(n=6, side=64, channels=3, seed=0):
+    shape = (n, side, side, channels) if channels else (n, side, side)
+    return torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def identity(n, side):
+    return torch.tensor([[0.0, 0.0, side, side]]).repeat(n, 1), torch.zeros(n, dtype=torch.bool)
+
+
+def test_pad_crop_flip_is_a_per_sample_padded_crop_and_flip():
+    x = images(16, 12)
+    out = pad_crop_flip(x, 2, torch.Generator().manual_seed(0))
+    padded = F.pad(x, (0, 0, 2, 2, 2, 2))
+    flips = 0
+    for i in range(16):
+        options = [(dy, dx, f) for dy in range(5) for dx in range(5) for f in (False, True)
+                   if torch.equal(out[i], (lambda c: c.flip(1) if f else c)(padded[i, dy:dy + 12, dx:dx + 12]))]
+        assert options, f"sample {i} is not a crop of its padded input"
+        flips += options[0][2]
+    assert 0 < flips < 16
+
+
+@pytest.mark.parametrize("size", [64, 224])
+def test_the_identity_box_is_the_plain_normalised_and_resized_batch(size):
+    x = images()
+    plain = DeviceStage(MEAN, STD)(x)
+    got = resized_crop(plain, rrc_theta(*identity(6, 64), 64, 64), size)
+    want = DeviceStage(MEAN, STD, size=size)(x)  # F.interpolate(bilinear) when size != 64
+    assert got.shape == (6, 3, size, size) and torch.allclose(got, want, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("size", [64, 224])
+def test_a_flip_mirrors_the_identity_output(size):
+    plain = DeviceStage(MEAN, STD)(images())
+    boxes, no_flip = identity(6, 64)
+    flipped = resized_crop(plain, rrc_theta(boxes, ~no_flip, 64, 64), size)
+    straight = resized_crop(plain, rrc_theta(boxes, no_flip, 64, 64), size)
+    assert (flipped - straight.flip(-1)).abs().max() <= 1e-6
+
+
+def test_a_box_is_a_bilinear_resized_crop_of_that_region():
+    plain = DeviceStage(MEAN, STD)(images())
+    # Downscale: every sample point lies inside the box, so it is torchvision's crop-then-resize.
+    boxes = torch.tensor([[8.0, 16.0, 32.0, 32.0]]).repeat(6, 1)  # x0, y0, w, h
+    got = resized_crop(plain, rrc_theta(boxes, torch.zeros(6, dtype=torch.bool), 64, 64), 16)
+    want = TF2.resized_crop(plain, top=16, left=8, height=32, width=32, size=[16, 16], antialias=False)
+    assert torch.allclose(got, want, atol=TOL, rtol=0)
+    # Upscale the top-left quarter 2x: equal but for the last row and column, whose sample points
+    # lie a quarter pixel past the box's inner edge: the sampler reads a quarter of the pixel beyond,
+    # where crop-then-resize clamps to the box's last pixel.
+    boxes = torch.tensor([[0.0, 0.0, 32.0, 32.0]]).repeat(6, 1)
+    got = resized_crop(plain, rrc_theta(boxes, torch.zeros(6, dtype=torch.bool), 64, 64), 64)
+    want = F.interpolate(plain[..., :32, :32], size=(64, 64), mode="bilinear", align_corners=False)
+    assert torch.allclose(got[..., :-1, :-1], want[..., :-1, :-1], atol=TOL, rtol=0)
+    step = max((plain[..., :33, 32] - plain[..., :33, 31]).abs().max(),
+               (plain[..., 32, :33] - plain[..., 31, :33]).abs().max())  # across the box's inner edges
+    edge = torch.cat([(got - want)[..., -1, :], (got - want)[..., :, -1]], dim=-1).abs().max()
+    assert 0 < edge <= 0.5 * step + TOL  # a quarter of the step per axis, both axes at the corner
+
+
+@pytest.mark.parametrize("scale", [(0.35, 1.0), (0.08, 0.5)])
+def test_drawn_boxes_lie_inside_with_their_area_and_aspect_in_range(scale):
+    n = 20000
+    boxes, flips = rrc_boxes(n, 64, 64, scale, generator=torch.Generator().manual_seed(1))
+    x0, y0, w, h = boxes.unbind(1)
+    assert x0.min() >= 0 and y0.min() >= 0 and (x0 + w).max() <= 64 + 1e-4 and (y0 + h).max() <= 64 + 1e-4
+    area, aspect = w * h / 64 ** 2, w / h
+    assert area.min() >= scale[0] - 1e-5 and area.max() <= scale[1] + 1e-5
+    # Clamping keeps the area, so it stays uniform in the range; it only narrows the aspect.
+    assert abs(area.mean() - sum(scale) / 2) < 0.01
+    assert aspect.min() >= 3 / 4 - 1e-5 and aspect.max() <= 4 / 3 + 1e-5
+    assert abs(aspect.log().mean()) < 0.01  # log-uniform, symmetric about 1
+    assert abs(flips.float().mean() - 0.5) < 0.02
+    room = w < 63
+    assert 0.45 < (x0[room] / (64 - w[room])).mean() < 0.55  # positions spread over the room left
+
+
+def test_large_boxes_are_clamped_to_the_image_keeping_their_area():
+    boxes, _ = rrc_boxes(20000, 64, 64, generator=torch.Generator().manual_seed(2))
+    wide = boxes[:, 2] >= 64 - 1e-4
+    assert wide.sum() > 100  # area * aspect > 1 happens often at scale up to 1
+    assert torch.all(boxes[wide, 0].abs() < 1e-4)  # a full-width box starts at column 0
+
+
+def test_the_stage_draws_from_the_generator():
+    x, stage = images(), DeviceStage(MEAN, STD, augment="rrc")
+    a, b = (stage(x, torch.Generator().manual_seed(7)) for _ in range(2))
+    c = stage(x, torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.allclose(a, c, atol=0.1)
+    assert not torch.allclose(a, DeviceStage(MEAN, STD)(x), atol=0.1)
+
+
+def test_the_stage_samples_the_drawn_boxes(monkeypatch):
+    x = images()
+    boxes, flips = identity(6, 64)
+    flips[::2] = True
+    monkeypatch.setattr(device, "rrc_boxes", lambda *a, **k: (boxes, flips))
+    got = DeviceStage(MEAN, STD, size=224, augment="rrc")(x)
+    want = DeviceStage(MEAN, STD, size=224)(x)
+    want[::2] = want[::2].flip(-1)
+    assert torch.allclose(got, want, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("side, channels, size, mean, out", [
+    (64, 3, None, MEAN, 64), (64, 3, 224, MEAN, 224), (28, 0, None, (0.5,), 28)])
+@pytest.mark.parametrize("channels_last, dtype", [(False, torch.float32), (True, torch.bfloat16)])
+def test_rrc_output_shape_dtype_and_layout(side, channels, size, mean, out, channels_last, dtype):
+    stage = DeviceStage(mean, mean, size=size, augment="rrc", dtype=dtype, channels_last=channels_last)
+    y = stage(images(4, side, channels), torch.Generator().manual_seed(0))
+    assert y.shape == (4, max(channels, 1), out, out) and y.dtype == dtype
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_augment_values():
+    x, seed = images(), 3
+    modes = {v: DeviceStage(MEAN, STD, augment=v).augment for v in (False, None, "none", True, "crop", "rrc")}
+    assert modes == {False: "none", None: "none", "none": "none", True: "crop", "crop": "crop", "rrc": "rrc"}
+    crop = DeviceStage(MEAN, STD, augment="crop")(x, torch.Generator().manual_seed(seed))
+    normalised = DeviceStage(MEAN, STD)(pad_crop_flip(x, 4, torch.Generator().manual_seed(seed)))
+    assert torch.equal(crop, normalised)
+    for bad in ("flip", 1, "RRC"):
+        with pytest.raises(ValueError) as e:
+            DeviceStage(MEAN, STD, augment=bad)
+        assert str(e.value) == f"augment must be one of none, crop, rrc; got {bad!r}"
+    with pytest.raises(ValueError) as e:
+        DeviceStage(MEAN, STD, augment="rrc", rrc_scale=(0.5, 1.5))
+    assert str(e.value) == "rrc_scale must be (low, high) with 0 < low <= high <= 1; got (0.5, 1.5)"
+
+
+def test_make_loader_augments_with_rrc(shards):
+    def first(**kw):
+        return next(iter(make_loader(shards, "val", batch_size=8, shuffle=False, **kw)))[0]
+    a, b = first(augment="rrc"), first(augment="rrc")
+    assert a.shape == (8, 3, 64, 64) and torch.equal(a, b) and not torch.allclose(a, first(), atol=0.1)
+    assert first(augment="rrc", rrc_scale=(1.0, 1.0)).shape == (8, 3, 64, 64)
+    with pytest.raises(ValueError) as e:
+        make_loader(shards, "val", augment="mixup")
+    assert str(e.value) == "augment must be one of none, crop, rrc; got 'mixup'"

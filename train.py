@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 import torchvision
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 import models
@@ -397,7 +397,25 @@ def make_ema(module, args):
     """
     if not args.ema:
         return None
-    return AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(args.ema ** args.ema_every), use_buffers=True)
+    return AveragedModel(module, multi_avg_fn=ema_with_warmup(args.ema ** args.ema_every), use_buffers=True)
+
+
+def ema_with_warmup(decay):
+    """AveragedModel's update for an EMA whose decay warms up: min(decay, (1 + n) / (10 + n)) at the
+    n-th update, as TensorFlow's ExponentialMovingAverage(num_updates=n) does. Without it a short run
+    (a few hundred steps: the CPU, a 10-class subset) evaluates little more than its initial weights,
+    which decay 0.999 takes thousands of updates to forget. n and the decay stay on the device: no sync."""
+
+    @torch.no_grad()
+    def update(averaged, current, n):
+        d = torch.clamp((1 + n) / (10 + n), max=decay).to(averaged[0].dtype if averaged[0].is_floating_point() else torch.float32)
+        if averaged[0].is_floating_point():
+            torch._foreach_lerp_(averaged, current, [1 - d] * len(averaged))
+        else:  # integer buffers (BatchNorm's num_batches_tracked): lerp takes floats only
+            for a, c in zip(averaged, current, strict=True):
+                a.copy_(a * d + c * (1 - d))
+
+    return update
 
 
 def sync_ema_buffers(parts):

@@ -74,9 +74,9 @@ def test_a_per_step_run_records_the_lr_at_each_epochs_end(small_shards, tmp_path
 def test_ema_follows_the_recurrence_over_weights_and_batchnorm_statistics():
     torch.manual_seed(0)
     module = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
-    ema = train.make_ema(module, argparse.Namespace(ema=0.9, ema_every=1))
+    ema = train.make_ema(module, argparse.Namespace(ema=0.5, ema_every=1))
     seen = []
-    for _ in range(3):  # a "step": new weights, new running statistics
+    for _ in range(14):  # a "step": new weights, new running statistics
         with torch.no_grad():
             for p in module.parameters():
                 p.add_(torch.randn_like(p))
@@ -85,9 +85,12 @@ def test_ema_follows_the_recurrence_over_weights_and_batchnorm_statistics():
         seen.append({k: v.clone() for k, v in module.state_dict().items()})
     averaged = ema.module.state_dict()
     for k in ("0.weight", "0.bias", "1.weight", "1.running_mean", "1.running_var"):
-        want = 0.9 * (0.9 * seen[0][k] + 0.1 * seen[1][k]) + 0.1 * seen[2][k]  # the first update copies
-        torch.testing.assert_close(averaged[k], want, rtol=1e-6, atol=1e-7)
-    assert int(ema.n_averaged) == 3
+        want = seen[0][k]  # the first update copies; the n-th after it decays by min(0.5, (1 + n) / (10 + n))
+        for n in range(1, 14):  # 2/11, 3/12, ... up to 0.5 at n = 8, then 0.5
+            d = min(0.5, (1 + n) / (10 + n))
+            want = d * want + (1 - d) * seen[n][k]
+        torch.testing.assert_close(averaged[k], want, rtol=1e-6, atol=1e-6)
+    assert int(ema.n_averaged) == 14
     assert train.make_ema(module, argparse.Namespace(ema=0.0, ema_every=1)) is None
 
 

@@ -27,6 +27,7 @@ Two inputs:
   compare against: pass the set's location instead of a URL list to get one.
 """
 import http.client
+import mmap
 import multiprocessing
 import tarfile
 import time
@@ -227,6 +228,7 @@ def _read_http(url):
 
 # Read buffers of groups already sliced, reused for the next shards of this process: a fresh
 # 169 MB buffer costs its pages' faults and zeroing (the larger part of a worker's system time).
+# A worker also starts with its slots of the source's pool (`_pool`), so its epochs reuse them.
 _SPARE = []
 
 
@@ -240,7 +242,21 @@ def _buffer(size):
 
 def _release(group):
     """Give a sliced group's read buffers back for reuse (only those `_buffer` handed out)."""
-    _SPARE.extend(d.obj for d in group.data if isinstance(d, memoryview) and isinstance(d.obj, bytearray))
+    _SPARE.extend(d.obj for d in group.data if isinstance(d, memoryview) and isinstance(d.obj, (bytearray, mmap.mmap)))
+
+
+def _pool(shards, workers, lanes, mix):
+    """Per worker, read buffers in memory shared with this process (anonymous MAP_SHARED maps,
+    inherited by the forked workers), as many as a worker holds at once: its lanes' groups in use
+    and the next one read, of `mix` shards each. Workers start fresh every epoch; fresh buffers
+    made the kernel fault in and zero every byte read again, 2-2.5 CPU-s/GB on this VM, where
+    the pool's pages, touched in the first epoch, stay resident (for the life of the source).
+    None for a URL list (shard sizes unknown) or no workers (the process keeps its `_SPARE`)."""
+    if not workers or any(s.entry is None for s in shards):
+        return None
+    size = max(s.entry["bytes"] for s in shards)
+    slots = (-(-lanes // workers) + 1) * mix
+    return [[mmap.mmap(-1, size) for _ in range(slots)] for _ in range(workers)]
 
 
 def _why(error):
@@ -386,10 +402,13 @@ class _Lanes(IterableDataset):
     order, reading each group's shards in a background thread one group ahead. Items are
     (seq, worker, slot, images, labels, keys); `free[w]` takes back worker w's ring slots."""
 
-    def __init__(self, plan, shards, variant, shard_set, storage_options, batch_size, free=None):
+    def __init__(self, plan, shards, variant, shard_set, storage_options, batch_size, free=None, buffers=None):
         self.plan, self.shards, self.variant, self.batch_size = plan, shards, variant, batch_size
-        self.shard_set, self.storage_options, self.free = shard_set, storage_options, free
+        self.shard_set, self.storage_options, self.free, self.buffers = shard_set, storage_options, free, buffers
         self.first_ids = np.concatenate([[0], np.cumsum([s.count for s in shards])]).astype(np.int64)
+
+    def __getstate__(self):  # maps do not pickle: a spawned (not forked) worker reads into its own buffers
+        return {**self.__dict__, "buffers": None}
 
     def _load(self, g):
         numbers = sorted(self.plan.groups[g])  # in split order, so `_gather` can search first_ids
@@ -399,6 +418,8 @@ class _Lanes(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        if self.buffers:
+            _SPARE[:0] = self.buffers[worker]
         chunks = [c for c in self.plan.chunks if c.lane % workers == worker]
         needed = list(dict.fromkeys(c.group for c in chunks))  # groups in order of first use
         last_use = {c.group: i for i, c in enumerate(chunks)}
@@ -456,6 +477,7 @@ class StreamSource:
         self.shards, self.variant, self.storage_options, self.shard_set = list(shards), variant, storage_options, shard_set
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.rank, self.world_size, self.workers, self.lanes, self.mix = rank, world_size, workers, lanes, mix
+        self._pool = None  # the workers' read buffers, made at the first epoch (`_pool`)
         self.set_epoch(epoch)  # fails here, not at the first epoch, if the ranks cannot be balanced
 
     def set_epoch(self, epoch, start=0):
@@ -485,8 +507,10 @@ class StreamSource:
             return
         # More workers than lanes would sit idle: the plan has max(lanes, workers) lanes.
         free = [multiprocessing.SimpleQueue() for _ in range(self.workers)]
+        if self.workers and self._pool is None:
+            self._pool = _pool(self.shards, self.workers, max(self.lanes, self.workers), self.mix) or []
         dataset = _Lanes(self.plan, self.shards, self.variant, self.shard_set, self.storage_options,
-                         self.batch_size, free)
+                         self.batch_size, free, self._pool)
         chunks = (iter(DataLoader(dataset, batch_size=None, num_workers=self.workers, persistent_workers=False))
                   if self.workers else iter(dataset))
         try:

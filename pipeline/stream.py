@@ -350,6 +350,10 @@ def load_group(shards, first_ids, variant, shard_set=None, storage_options=None)
 
 
 # --- workers ------------------------------------------------------------------------------------
+def _as_is(item):
+    return item
+
+
 class _Failure:
     """What a worker sends instead of raising: DataLoader would re-wrap the error and bury the URL."""
 
@@ -359,7 +363,7 @@ class _Failure:
 
 def _gather(group, ids, out):
     """Gather one chunk (sorted split positions) into `out` (n, bytes per image); returns its labels
-    (int64 tensor) and keys. One fancy-index gather per shard, from the shard's bytes into `out`
+    (int64 array) and keys. One fancy-index gather per shard, from the shard's bytes into `out`
     (numpy, not `torch.index_select`: on these strided views torch measured 8-10 ms a batch of 256
     with 2 threads, numpy 0.2-0.6 ms)."""
     flat, labels, keys = out.numpy(), np.empty(len(ids), np.int64), []
@@ -370,41 +374,48 @@ def _gather(group, ids, out):
             flat[lo:hi] = group.views[s][local]
             labels[lo:hi] = group.labels[s][local]
             keys += [group.keys[s][i] for i in local]
-    return torch.from_numpy(labels), keys
+    return labels, keys
+
+
+def _ring_buffers(workers, rows, row_bytes, slots=RING):
+    """Per worker, `slots` (rows, row_bytes) batch buffers in shared memory, made by the main
+    process before the workers start: a worker fills a slot and sends only its number, and the
+    main process views its own copy. A fresh shared tensor costs 2.5-5 ms per 3 MB batch (new
+    tmpfs pages, each faulted and zeroed), and sending one costs a connection and an fd per
+    batch, against 0.2 ms for the gather itself."""
+    return [[torch.empty((rows, row_bytes), dtype=torch.uint8).share_memory_() for _ in range(slots)]
+            for _ in range(workers)]
 
 
 class _Ring:
-    """A worker's reused shared-memory batch buffers. A fresh shared tensor costs 2.5-5 ms per
-    3 MB batch (new tmpfs pages, each faulted and zeroed) against 0.2 ms for the gather itself;
-    reusing a few avoids that. The main process hands a slot back (`free`) once the batch that
-    holds it has been replaced by the next; the worker never waits for one: with none free it
-    takes a fresh buffer, so no ordering of the two processes can deadlock."""
+    """A worker's slots of `_ring_buffers`. The main process hands a slot back (`free`) once the
+    batch that holds it has been replaced by the next; the worker never waits for one: with none
+    free it takes a fresh buffer (sent as a tensor), so no ordering of the two processes can deadlock."""
 
-    def __init__(self, free, rows, row_bytes, slots=RING):
-        self.free, self.rows, self.row_bytes, self.slots = free, rows, row_bytes, slots
-        self.buffers, self.idle = [], []
+    def __init__(self, free, buffers):
+        self.free, self.buffers, self.idle = free, buffers, list(range(len(buffers)))
 
     def take(self, n):
         """(slot or None, an (n, row_bytes) uint8 tensor in shared memory)."""
         while not self.free.empty():
             self.idle.append(self.free.get())
-        if n <= self.rows and (self.idle or len(self.buffers) < self.slots):
-            if not self.idle:
-                self.buffers.append(torch.empty((self.rows, self.row_bytes), dtype=torch.uint8).share_memory_())
-                self.idle.append(len(self.buffers) - 1)
+        rows, row_bytes = self.buffers[0].shape
+        if n <= rows and self.idle:
             slot = self.idle.pop()
             return slot, self.buffers[slot][:n]
-        return None, torch.empty((n, self.row_bytes), dtype=torch.uint8).share_memory_()
+        return None, torch.empty((n, row_bytes), dtype=torch.uint8).share_memory_()
 
 
 class _Lanes(IterableDataset):
     """Carries out an EpochPlan: worker w gathers the chunks of lanes w, w + workers, ... in
     order, reading each group's shards in a background thread one group ahead. Items are
-    (seq, worker, slot, images, labels, keys); `free[w]` takes back worker w's ring slots."""
+    (seq, worker, slot, images, labels, keys): images None when they are in ring slot `slot` of
+    `rings[worker]` (`_ring_buffers`), labels an int64 array; `free[w]` takes back worker w's slots."""
 
-    def __init__(self, plan, shards, variant, shard_set, storage_options, batch_size, free=None, buffers=None):
+    def __init__(self, plan, shards, variant, shard_set, storage_options, batch_size, free=None, buffers=None, rings=None):
         self.plan, self.shards, self.variant, self.batch_size = plan, shards, variant, batch_size
         self.shard_set, self.storage_options, self.free, self.buffers = shard_set, storage_options, free, buffers
+        self.rings = rings
         self.first_ids = np.concatenate([[0], np.cumsum([s.count for s in shards])]).astype(np.int64)
 
     def __getstate__(self):  # maps do not pickle: a spawned (not forked) worker reads into its own buffers
@@ -426,7 +437,7 @@ class _Lanes(IterableDataset):
         ahead = len({c.lane for c in chunks}) + 1  # one group in use per lane, and the next one read
         shape = VARIANTS[self.variant][1]
         row_bytes = int(np.prod(shape))
-        ring = _Ring(self.free[worker], self.batch_size, row_bytes) if info is not None else None
+        ring = _Ring(self.free[worker], self.rings[worker]) if info is not None else None
         pool, loads = ThreadPoolExecutor(1, thread_name_prefix="tinyin-read"), {}
         try:
             for i, chunk in enumerate(chunks):
@@ -437,7 +448,8 @@ class _Lanes(IterableDataset):
                 slot, out = ring.take(len(chunk.ids)) if ring else (None, torch.empty((len(chunk.ids), row_bytes),
                                                                                       dtype=torch.uint8))
                 labels, keys = _gather(group, chunk.ids, out)
-                yield chunk.seq, worker, slot, out.view(len(chunk.ids), *shape), labels, keys
+                images = None if slot is not None else out.view(len(chunk.ids), *shape)
+                yield chunk.seq, worker, slot, images, labels, keys
                 if last_use[chunk.group] == i:  # sliced: its buffers serve the next reads
                     _release(loads.pop(chunk.group).result())
                     del group
@@ -477,7 +489,7 @@ class StreamSource:
         self.shards, self.variant, self.storage_options, self.shard_set = list(shards), variant, storage_options, shard_set
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.rank, self.world_size, self.workers, self.lanes, self.mix = rank, world_size, workers, lanes, mix
-        self._pool = None  # the workers' read buffers, made at the first epoch (`_pool`)
+        self._pool = self._rings = None  # the workers' read and batch buffers, made at the first epoch
         self.set_epoch(epoch)  # fails here, not at the first epoch, if the ranks cannot be balanced
 
     def set_epoch(self, epoch, start=0):
@@ -509,9 +521,12 @@ class StreamSource:
         free = [multiprocessing.SimpleQueue() for _ in range(self.workers)]
         if self.workers and self._pool is None:
             self._pool = _pool(self.shards, self.workers, max(self.lanes, self.workers), self.mix) or []
+            self._rings = _ring_buffers(self.workers, self.batch_size, int(np.prod(VARIANTS[self.variant][1])))
         dataset = _Lanes(self.plan, self.shards, self.variant, self.shard_set, self.storage_options,
-                         self.batch_size, free, self._pool)
-        chunks = (iter(DataLoader(dataset, batch_size=None, num_workers=self.workers, persistent_workers=False))
+                         self.batch_size, free, self._pool, self._rings)
+        # collate_fn: items as the workers made them (the default would copy labels into new shared memory)
+        chunks = (iter(DataLoader(dataset, batch_size=None, num_workers=self.workers, persistent_workers=False,
+                                  collate_fn=_as_is))
                   if self.workers else iter(dataset))
         try:
             yield from self._batches(chunks, free)
@@ -529,7 +544,10 @@ class StreamSource:
         for item in chunks:
             if isinstance(item, _Failure):
                 raise ShardError(item.message)
-            early[item[0]] = item[1:]
+            seq, worker, slot, images, labels, keys = item
+            if images is None:
+                images = self._rings[worker][slot][:len(labels)].view(len(labels), *VARIANTS[self.variant][1])
+            early[seq] = (worker, slot, images, torch.from_numpy(labels), keys)
             while next_seq in early:  # workers run side by side: a chunk may arrive before its turn
                 parts.append(early.pop(next_seq))
                 batch = plan.chunks[next_seq].batch

@@ -157,7 +157,7 @@ def bench_loader(shards, images, batch_size=256, workers=2, passes=3, pass_image
         row["x_baseline"] = row["images_per_s"] / base if base else None
         row["of_ceiling"] = row["images_per_s"] / ceil
     if remote:
-        rows += bench_remote(shards.location, batch_size, workers, passes, pass_images, log)
+        rows += bench_remote(shards.location, batch_size, workers, passes, log)
     return rows
 
 
@@ -209,10 +209,11 @@ def _curl(urls):
     return time.perf_counter() - start, sum(int(n) for n in out.split())
 
 
-def bench_remote(shards, batch_size=256, workers=2, passes=3, pass_images=25_600, log=print):
-    """Rows for the train split served on loopback HTTP, measured alternately in one run: curl's
-    transfer rate (the ceiling), `cached_copy` from a cold cache to verified local files, and
-    `make_loader(URL, path="stream")`. Samples/s = bytes/s over the set's bytes per sample."""
+def bench_remote(shards, batch_size=256, workers=2, passes=3, log=print):
+    """Rows for the train split served on loopback HTTP (`serve_folder`), one server for all: curl's
+    transfer rate (the ceiling) and `cached_copy` from a cold cache to verified local files, in
+    alternating passes, then `make_loader(URL, path="stream")` over `passes` whole epochs.
+    Samples/s = bytes/s over the set's bytes per sample."""
     import shutil
 
     from .cache import cached_copy

@@ -26,6 +26,7 @@ Two inputs:
   `gsutil cat`), where the manifest may not be reachable the same way. There is no checksum to
   compare against: pass the set's location instead of a URL list to get one.
 """
+import contextlib
 import http.client
 import mmap
 import multiprocessing
@@ -53,6 +54,7 @@ MIX = 2  # shards per group: a batch draws from the union of this many shards, f
 RETRIES = 3  # reads of a shard before its error is final (a cut connection, a short or bad transfer)
 BACKOFF_S = 0.2  # first wait between reads, doubled each time
 RING = 4  # shared-memory batch buffers a worker reuses (DataLoader holds 2 in flight per worker)
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux's value; Python 3.11's mmap does not name it
 
 
 # --- the epoch plan: a pure function ----------------------------------------------------------
@@ -430,6 +432,11 @@ class _Lanes(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         if self.buffers:
+            for buffer in self.buffers[worker]:
+                # Map all its pages in one call: a new worker would otherwise fault on each 4 KiB page
+                # of the (already resident) pool as it reads, 0.6-0.7 of its CPU-s per epoch here.
+                with contextlib.suppress(OSError):  # kernels before 5.14 do not know the advice
+                    buffer.madvise(MADV_POPULATE_WRITE)
             _SPARE[:0] = self.buffers[worker]
         chunks = [c for c in self.plan.chunks if c.lane % workers == worker]
         needed = list(dict.fromkeys(c.group for c in chunks))  # groups in order of first use

@@ -138,20 +138,27 @@ def bench():
 
 @bench.command("loader")
 @click.option("--shards", required=True, type=click.Path(exists=True, file_okay=False), help="Shard folder.")
-@click.option("--images", required=True, type=click.Path(exists=True, file_okay=False), help="The extracted release (ROOT/train is read by the ImageFolder baseline).")
+@click.option("--images", default=None, type=click.Path(exists=True, file_okay=False), help="The extracted release (ROOT/train is read by the ImageFolder baseline); required unless --remote-only.")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1))
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="DataLoader workers for the baseline and the stream path.")
 @click.option("--passes", default=5, show_default=True, type=click.IntRange(1), help="Timed passes per loader (median reported).")
 @click.option("--pass-images", default=25_600, show_default=True, type=click.IntRange(1), help="Images per pass for loaders slower than 50k images/s.")
 @click.option("--device", default="cpu", show_default=True, help="Device for the resident path (and the 224 row on CUDA).")
 @click.option("--remote", is_flag=True, help="Also serve the shards on loopback HTTP: rows for curl's rate (the ceiling), a cold fetch into the cache, and the stream path.")
+@click.option("--remote-only", is_flag=True, help="Only the loopback-HTTP rows of --remote (curl, fetch, stream; no --images).")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write the rows as JSON.")
-def bench_loader_cmd(shards, images, batch_size, workers, passes, pass_images, device, remote, json_path):
+def bench_loader_cmd(shards, images, batch_size, workers, passes, pass_images, device, remote, remote_only, json_path):
     """Images/s of the ImageFolder+PIL baseline and tinyin's loaders, side by side."""
-    from .bench import bench_loader, format_table
+    from .bench import bench_loader, bench_remote, format_table
 
-    rows = bench_loader(shards, images, batch_size=batch_size, workers=workers, passes=passes,
-                        pass_images=pass_images, device=device, remote=remote, log=lambda m: click.echo(m, err=True))
+    log = lambda m: click.echo(m, err=True)  # noqa: E731
+    if remote_only:
+        rows = bench_remote(shards, batch_size=batch_size, workers=workers, passes=passes, log=log)
+    elif images is None:
+        raise click.UsageError("--images is required (the ImageFolder baseline reads it), unless --remote-only")
+    else:
+        rows = bench_loader(shards, images, batch_size=batch_size, workers=workers, passes=passes,
+                            pass_images=pass_images, device=device, remote=remote, log=log)
     click.echo(format_table(rows, "tinyin bench loader " + " ".join(sys.argv[3:]), batch_size))
     if json_path:
         with open(json_path, "w") as f:

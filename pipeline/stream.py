@@ -26,7 +26,9 @@ Two inputs:
   `gsutil cat`), where the manifest may not be reachable the same way. There is no checksum to
   compare against: pass the set's location instead of a URL list to get one.
 """
+import contextlib
 import http.client
+import mmap
 import multiprocessing
 import tarfile
 import time
@@ -52,6 +54,7 @@ MIX = 2  # shards per group: a batch draws from the union of this many shards, f
 RETRIES = 3  # reads of a shard before its error is final (a cut connection, a short or bad transfer)
 BACKOFF_S = 0.2  # first wait between reads, doubled each time
 RING = 4  # shared-memory batch buffers a worker reuses (DataLoader holds 2 in flight per worker)
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux's value; Python 3.11's mmap does not name it
 
 
 # --- the epoch plan: a pure function ----------------------------------------------------------
@@ -227,6 +230,7 @@ def _read_http(url):
 
 # Read buffers of groups already sliced, reused for the next shards of this process: a fresh
 # 169 MB buffer costs its pages' faults and zeroing (the larger part of a worker's system time).
+# A worker also starts with its slots of the source's pool (`_pool`), so its epochs reuse them.
 _SPARE = []
 
 
@@ -240,7 +244,21 @@ def _buffer(size):
 
 def _release(group):
     """Give a sliced group's read buffers back for reuse (only those `_buffer` handed out)."""
-    _SPARE.extend(d.obj for d in group.data if isinstance(d, memoryview) and isinstance(d.obj, bytearray))
+    _SPARE.extend(d.obj for d in group.data if isinstance(d, memoryview) and isinstance(d.obj, (bytearray, mmap.mmap)))
+
+
+def _pool(shards, workers, lanes, mix):
+    """Per worker, read buffers in memory shared with this process (anonymous MAP_SHARED maps,
+    inherited by the forked workers), as many as a worker holds at once: its lanes' groups in use
+    and the next one read, of `mix` shards each. Workers start fresh every epoch; fresh buffers
+    made the kernel fault in and zero every byte read again, 2-2.5 CPU-s/GB on this VM, where
+    the pool's pages, touched in the first epoch, stay resident (for the life of the source).
+    None for a URL list (shard sizes unknown) or no workers (the process keeps its `_SPARE`)."""
+    if not workers or any(s.entry is None for s in shards):
+        return None
+    size = max(s.entry["bytes"] for s in shards)
+    slots = (-(-lanes // workers) + 1) * mix
+    return [[mmap.mmap(-1, size) for _ in range(slots)] for _ in range(workers)]
 
 
 def _why(error):
@@ -334,6 +352,10 @@ def load_group(shards, first_ids, variant, shard_set=None, storage_options=None)
 
 
 # --- workers ------------------------------------------------------------------------------------
+def _as_is(item):
+    return item
+
+
 class _Failure:
     """What a worker sends instead of raising: DataLoader would re-wrap the error and bury the URL."""
 
@@ -343,7 +365,7 @@ class _Failure:
 
 def _gather(group, ids, out):
     """Gather one chunk (sorted split positions) into `out` (n, bytes per image); returns its labels
-    (int64 tensor) and keys. One fancy-index gather per shard, from the shard's bytes into `out`
+    (int64 array) and keys. One fancy-index gather per shard, from the shard's bytes into `out`
     (numpy, not `torch.index_select`: on these strided views torch measured 8-10 ms a batch of 256
     with 2 threads, numpy 0.2-0.6 ms)."""
     flat, labels, keys = out.numpy(), np.empty(len(ids), np.int64), []
@@ -354,42 +376,52 @@ def _gather(group, ids, out):
             flat[lo:hi] = group.views[s][local]
             labels[lo:hi] = group.labels[s][local]
             keys += [group.keys[s][i] for i in local]
-    return torch.from_numpy(labels), keys
+    return labels, keys
+
+
+def _ring_buffers(workers, rows, row_bytes, slots=RING):
+    """Per worker, `slots` (rows, row_bytes) batch buffers in shared memory, made by the main
+    process before the workers start: a worker fills a slot and sends only its number, and the
+    main process views its own copy. A fresh shared tensor costs 2.5-5 ms per 3 MB batch (new
+    tmpfs pages, each faulted and zeroed), and sending one costs a connection and an fd per
+    batch, against 0.2 ms for the gather itself."""
+    return [[torch.empty((rows, row_bytes), dtype=torch.uint8).share_memory_() for _ in range(slots)]
+            for _ in range(workers)]
 
 
 class _Ring:
-    """A worker's reused shared-memory batch buffers. A fresh shared tensor costs 2.5-5 ms per
-    3 MB batch (new tmpfs pages, each faulted and zeroed) against 0.2 ms for the gather itself;
-    reusing a few avoids that. The main process hands a slot back (`free`) once the batch that
-    holds it has been replaced by the next; the worker never waits for one: with none free it
-    takes a fresh buffer, so no ordering of the two processes can deadlock."""
+    """A worker's slots of `_ring_buffers`. The main process hands a slot back (`free`) once the
+    batch that holds it has been replaced by the next; the worker never waits for one: with none
+    free it takes a fresh buffer (sent as a tensor), so no ordering of the two processes can deadlock."""
 
-    def __init__(self, free, rows, row_bytes, slots=RING):
-        self.free, self.rows, self.row_bytes, self.slots = free, rows, row_bytes, slots
-        self.buffers, self.idle = [], []
+    def __init__(self, free, buffers):
+        self.free, self.buffers, self.idle = free, buffers, list(range(len(buffers)))
 
     def take(self, n):
         """(slot or None, an (n, row_bytes) uint8 tensor in shared memory)."""
         while not self.free.empty():
             self.idle.append(self.free.get())
-        if n <= self.rows and (self.idle or len(self.buffers) < self.slots):
-            if not self.idle:
-                self.buffers.append(torch.empty((self.rows, self.row_bytes), dtype=torch.uint8).share_memory_())
-                self.idle.append(len(self.buffers) - 1)
+        rows, row_bytes = self.buffers[0].shape
+        if n <= rows and self.idle:
             slot = self.idle.pop()
             return slot, self.buffers[slot][:n]
-        return None, torch.empty((n, self.row_bytes), dtype=torch.uint8).share_memory_()
+        return None, torch.empty((n, row_bytes), dtype=torch.uint8).share_memory_()
 
 
 class _Lanes(IterableDataset):
     """Carries out an EpochPlan: worker w gathers the chunks of lanes w, w + workers, ... in
     order, reading each group's shards in a background thread one group ahead. Items are
-    (seq, worker, slot, images, labels, keys); `free[w]` takes back worker w's ring slots."""
+    (seq, worker, slot, images, labels, keys): images None when they are in ring slot `slot` of
+    `rings[worker]` (`_ring_buffers`), labels an int64 array; `free[w]` takes back worker w's slots."""
 
-    def __init__(self, plan, shards, variant, shard_set, storage_options, batch_size, free=None):
+    def __init__(self, plan, shards, variant, shard_set, storage_options, batch_size, free=None, buffers=None, rings=None):
         self.plan, self.shards, self.variant, self.batch_size = plan, shards, variant, batch_size
-        self.shard_set, self.storage_options, self.free = shard_set, storage_options, free
+        self.shard_set, self.storage_options, self.free, self.buffers = shard_set, storage_options, free, buffers
+        self.rings = rings
         self.first_ids = np.concatenate([[0], np.cumsum([s.count for s in shards])]).astype(np.int64)
+
+    def __getstate__(self):  # maps do not pickle: a spawned (not forked) worker reads into its own buffers
+        return {**self.__dict__, "buffers": None}
 
     def _load(self, g):
         numbers = sorted(self.plan.groups[g])  # in split order, so `_gather` can search first_ids
@@ -399,13 +431,20 @@ class _Lanes(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        if self.buffers:
+            for buffer in self.buffers[worker]:
+                # Map all its pages in one call: a new worker would otherwise fault on each 4 KiB page
+                # of the (already resident) pool as it reads, 0.6-0.7 of its CPU-s per epoch here.
+                with contextlib.suppress(OSError):  # kernels before 5.14 do not know the advice
+                    buffer.madvise(MADV_POPULATE_WRITE)
+            _SPARE[:0] = self.buffers[worker]
         chunks = [c for c in self.plan.chunks if c.lane % workers == worker]
         needed = list(dict.fromkeys(c.group for c in chunks))  # groups in order of first use
         last_use = {c.group: i for i, c in enumerate(chunks)}
         ahead = len({c.lane for c in chunks}) + 1  # one group in use per lane, and the next one read
         shape = VARIANTS[self.variant][1]
         row_bytes = int(np.prod(shape))
-        ring = _Ring(self.free[worker], self.batch_size, row_bytes) if info is not None else None
+        ring = _Ring(self.free[worker], self.rings[worker]) if info is not None else None
         pool, loads = ThreadPoolExecutor(1, thread_name_prefix="tinyin-read"), {}
         try:
             for i, chunk in enumerate(chunks):
@@ -416,7 +455,8 @@ class _Lanes(IterableDataset):
                 slot, out = ring.take(len(chunk.ids)) if ring else (None, torch.empty((len(chunk.ids), row_bytes),
                                                                                       dtype=torch.uint8))
                 labels, keys = _gather(group, chunk.ids, out)
-                yield chunk.seq, worker, slot, out.view(len(chunk.ids), *shape), labels, keys
+                images = None if slot is not None else out.view(len(chunk.ids), *shape)
+                yield chunk.seq, worker, slot, images, labels, keys
                 if last_use[chunk.group] == i:  # sliced: its buffers serve the next reads
                     _release(loads.pop(chunk.group).result())
                     del group
@@ -444,6 +484,9 @@ class StreamSource:
       rank with fewer spreads its samples evenly over the nb batches (sizes differ by at most 1).
     A shard that is missing, short, corrupt or cut off mid-transfer is read again (`RETRIES`)
     and then named in a ShardError; an epoch never ends short.
+    With workers, the source keeps their read and batch buffers from its first epoch on (`_pool`,
+    `_ring_buffers`): (lanes per worker + 1) x mix shards per worker, about 1.4 GB for 2 workers
+    over 169 MB shards, held for the life of the source so that every epoch reuses the same pages.
     """
 
     def __init__(self, shards, variant="rgb64", batch_size=256, shuffle=True, seed=0, epoch=0, drop_last=False,
@@ -456,6 +499,7 @@ class StreamSource:
         self.shards, self.variant, self.storage_options, self.shard_set = list(shards), variant, storage_options, shard_set
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.rank, self.world_size, self.workers, self.lanes, self.mix = rank, world_size, workers, lanes, mix
+        self._pool = self._rings = None  # the workers' read and batch buffers, made at the first epoch
         self.set_epoch(epoch)  # fails here, not at the first epoch, if the ranks cannot be balanced
 
     def set_epoch(self, epoch, start=0):
@@ -485,9 +529,14 @@ class StreamSource:
             return
         # More workers than lanes would sit idle: the plan has max(lanes, workers) lanes.
         free = [multiprocessing.SimpleQueue() for _ in range(self.workers)]
+        if self.workers and self._pool is None:
+            self._pool = _pool(self.shards, self.workers, max(self.lanes, self.workers), self.mix) or []
+            self._rings = _ring_buffers(self.workers, self.batch_size, int(np.prod(VARIANTS[self.variant][1])))
         dataset = _Lanes(self.plan, self.shards, self.variant, self.shard_set, self.storage_options,
-                         self.batch_size, free)
-        chunks = (iter(DataLoader(dataset, batch_size=None, num_workers=self.workers, persistent_workers=False))
+                         self.batch_size, free, self._pool, self._rings)
+        # collate_fn: items as the workers made them (the default would copy labels into new shared memory)
+        chunks = (iter(DataLoader(dataset, batch_size=None, num_workers=self.workers, persistent_workers=False,
+                                  collate_fn=_as_is))
                   if self.workers else iter(dataset))
         try:
             yield from self._batches(chunks, free)
@@ -505,7 +554,10 @@ class StreamSource:
         for item in chunks:
             if isinstance(item, _Failure):
                 raise ShardError(item.message)
-            early[item[0]] = item[1:]
+            seq, worker, slot, images, labels, keys = item
+            if images is None:
+                images = self._rings[worker][slot][:len(labels)].view(len(labels), *VARIANTS[self.variant][1])
+            early[seq] = (worker, slot, images, torch.from_numpy(labels), keys)
             while next_seq in early:  # workers run side by side: a chunk may arrive before its turn
                 parts.append(early.pop(next_seq))
                 batch = plan.chunks[next_seq].batch

@@ -30,3 +30,17 @@ def test_remote_rows_fetch_the_train_split_and_name_their_ceiling(shards):
         assert names[0] == "ceiling: curl, loopback HTTP (1 connection)" and rows[0]["of_ceiling"] == 1.0
         assert fetch["of_ceiling"] == fetch["images_per_s"] / rows[0]["images_per_s"]
     assert "| remote fetch (cold cache -> verified copy) |" in format_table(rows, "cmd", 32)
+
+
+def test_bench_loader_remote_only_needs_no_images(shards):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    result = CliRunner().invoke(main, ["bench", "loader", "--shards", str(shards)])
+    assert result.exit_code == 2 and "--images is required (the ImageFolder baseline reads it), unless --remote-only" in result.output
+    result = CliRunner().invoke(main, ["bench", "loader", "--shards", str(shards), "--remote-only", "--passes", "1",
+                                       "--workers", "0", "--batch-size", "32"])
+    assert result.exit_code == 0, result.output
+    loaders = [line.split(" | ")[1] for line in result.stdout.splitlines() if line.startswith("| rgb64")]
+    assert loaders[-2:] == ["remote fetch (cold cache -> verified copy)", "remote stream (make_loader(URL, path=stream))"]

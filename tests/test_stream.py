@@ -351,3 +351,21 @@ def test_early_stop_releases_workers(shards):
     source = stream_from_set(shards, "train", batch_size=16, workers=2)
     for _ in source:
         break  # the autouse fixture checks that no worker process is left behind
+
+
+def test_workers_reuse_their_read_and_batch_buffers_across_epochs(shards, http):
+    inline = stream_from_set(http.url, "train", batch_size=32, workers=0)
+    source = stream_from_set(http.url, "train", batch_size=32, workers=2)
+    first = _epoch(source)
+    pool, rings = source._pool, source._rings
+    # Per worker: its lane's group in use and the next one, of MIX=2 shards, each as large as the largest shard.
+    assert [[len(m) for m in mine] for mine in pool] == [[50 * SAMPLE_BYTES + 1024] * 4] * 2
+    assert [[tuple(t.shape) for t in mine] for mine in rings] == [[(32, 64 * 64 * 3)] * 4] * 2
+    for epoch in (0, 1):
+        inline.set_epoch(epoch)
+        source.set_epoch(epoch)
+        _same(_epoch(source) if epoch else first, _epoch(inline))
+    assert source._pool is pool and source._rings is rings
+    listed = stream_from_urls(_urls(shards), COUNTS, batch_size=32, workers=1)
+    _epoch(listed)
+    assert listed._pool == []  # no manifest sizes: each worker reads into buffers of its own

@@ -20,7 +20,10 @@ H100), for the 64-px ResNets of models/resnet64.py. A first guess, untuned until
 - 40 epochs: at 25-30k images/s (an H100's ResNet-18 at 64 px with bf16 and channels_last, to be
   measured) an epoch of 100k images takes about 4 s, so 40 epochs leave the 10 minutes ample room
   for compiling, validation and the test; the number is the first thing to tune.
-The same row for the three networks; the cheaper ones may afford more epochs in the same time.
+The same row for the three networks; the cheaper ones may afford more epochs in the same time. It
+also has a row for the study's `resnet18` at 64 (torchvision's: stride-2 stem and max-pool, so 16x16
+after the stem, about 15x cheaper than resnet18_64), so recipes can be compared on one network: that is
+how the CPU comparison on a 10-class subset runs (BENCHMARKS.md).
 """
 
 #: a recipe value meaning "on when --device is cuda, off otherwise" (for speed-only flags)
@@ -47,7 +50,7 @@ RECIPES = {
         (arch, 224): dict(PAPER_OPTIM, epochs=50, **_PRETRAINED_224) for arch in ("alexnet", "squeezenet1_1", "resnet18")
     },
     "fast": {
-        (arch, 64): dict(FAST) for arch in ("resnet18_64", "resnet18_64s2", "resnet10_64s2")
+        (arch, 64): dict(FAST) for arch in ("resnet18_64", "resnet18_64s2", "resnet10_64s2", "resnet18")
     },
 }
 

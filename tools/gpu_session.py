@@ -6,12 +6,13 @@
 
 Parts, in order: `bench` (the `tinyin bench train` table), `table2` (tools/reproduce.py, Table 2
 with --recipe paper, plus --amp --channels-last on CUDA), `r224` (ResNet-18 from scratch at 224
-for 2 epochs, its images/s against the bench's ceiling (a)). Work (shards, extracted images, run
-folders with checkpoints) goes to --work; results to --work/results, copied to --out at the end:
-env.json, bench.md, bench.json, table2.md, table2.json, curves.png, r224.md (7 files: the device
-tool returns at most 8). A part whose result is in --work/results is not run again, and
-train.py's --resume auto continues an interrupted row, so a session can split the work into
-several calls of under 10 minutes while the machine stays warm.
+for 2 epochs, its images/s against the bench's ceiling (a)), `speedrun` (issue 9: tools/speedrun.py,
+--recipe fast for two seeds). Work (shards, extracted images, run folders with checkpoints) goes to
+--work; results to --work/results, copied to --out at the end: bench.md, table2.md, curves.png,
+r224.md, speedrun.md, speedrun.png, and json.tar holding env.json, bench.json, table2.json and
+speedrun.json (7 files: the device tool returns at most 8). A part whose result is in
+--work/results is not run again, and train.py's --resume auto continues an interrupted row, so a
+session can split the work into several calls of under 10 minutes while the machine stays warm.
 """
 import argparse
 import json
@@ -27,8 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PARTS = ("bench", "table2", "r224")
-RESULTS = ("env.json", "bench.md", "bench.json", "table2.md", "table2.json", "curves.png", "r224.md")
+PARTS = ("bench", "table2", "r224", "speedrun")
+RESULTS = ("bench.md", "table2.md", "curves.png", "r224.md", "speedrun.md", "speedrun.png")
+JSON = ("env.json", "bench.json", "table2.json", "speedrun.json")  # packed into json.tar
 
 
 def sh(cmd, log=None):
@@ -114,6 +116,15 @@ def part_r224(args, res, shards, work):
     print((res / "r224.md").read_text(), flush=True)
 
 
+def part_speedrun(args, res, shards, work):
+    cmd = [sys.executable, "tools/speedrun.py", "--shards", shards, "--out", work / "speedrun", "--device", args.device]
+    if args.smoke:
+        cmd += ["--arch", "resnet10_64s2", "--seeds", "0", "--train-args", "--epochs 2 --warmup-epochs 1 --limit-batches 1 -b 8"]
+    sh(cmd + shlex.split(args.speedrun_args or ""))
+    for name in ("speedrun.md", "speedrun.json", "speedrun.png"):
+        shutil.copy(work / "speedrun" / name, res / name)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--release", help="the release archive (.tar.gz) or an extracted/synthetic release folder")
@@ -125,6 +136,7 @@ def main():
     p.add_argument("--commit", help="the commit, where the copy has no .git (default: git rev-parse)")
     p.add_argument("--bench-args", help="more `tinyin bench train` flags, e.g. '--arch resnet18 --no-compile'")
     p.add_argument("--train-args", help="more train.py flags for Table 2's rows")
+    p.add_argument("--speedrun-args", help="more tools/speedrun.py flags, e.g. \"--train-args '--epochs 30'\"")
     p.add_argument("--smoke", action="store_true", help="a tiny scale for a CPU dry run (synthetic data)")
     args = p.parse_args()
     if not args.release and not args.shards:
@@ -149,7 +161,7 @@ def main():
     (res / "env.json").write_text(json.dumps(env, indent=1))
     t0 = time.time()
     shards, images = shards_and_images(args, work)
-    done = {"bench": "bench.json", "table2": "table2.md", "r224": "r224.md"}
+    done = {"bench": "bench.json", "table2": "table2.md", "r224": "r224.md", "speedrun": "speedrun.md"}
     for part in parts:
         if (res / done[part]).is_file():
             print(f"== {part}: done earlier ({res / done[part]}), not run again", flush=True)
@@ -159,11 +171,17 @@ def main():
             part_bench(args, res, shards, images)
         elif part == "table2":
             part_table2(args, res, shards, work)
-        else:
+        elif part == "r224":
             part_r224(args, res, shards, work)
+        else:
+            part_speedrun(args, res, shards, work)
     for name in RESULTS:
         if (res / name).is_file():
             shutil.copy(res / name, out / name)
+    with tarfile.open(out / "json.tar", "w") as tf:
+        for name in JSON:
+            if (res / name).is_file():
+                tf.add(res / name, arcname=name)
     print(f"results in {out}: {', '.join(sorted(os.listdir(out)))} ({time.time() - t0:.0f} s)")
 
 

@@ -1,0 +1,50 @@
+"""tools/speedrun.py on the synthetic shards: seeds run once each, the table and the time-to-accuracy curve."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import speedrun  # noqa: E402
+
+TINY = "--epochs 2 --warmup-epochs 1 --limit-batches 1 -b 8 --device cpu"
+
+
+def test_two_seeds_give_a_row_each_a_spread_and_a_curve(shards, tmp_path):
+    out = tmp_path / "sr"
+    speedrun.main(["--shards", str(shards), "--out", str(out), "--arch", "resnet10_64s2", "--seeds", "0,1",
+                   "--train-args", TINY])
+    results = json.loads((out / "speedrun.json").read_text())
+    assert [r["seed"] for r in results] == [0, 1]
+    for r in results:
+        final = json.loads((out / "runs" / f"seed{r['seed']}" / "final.json").read_text())
+        assert r["final"] == final and (final["epochs"], final["eval_model"], final["tta"]) == (2, "ema", True)
+        minutes = [m for m, _ in r["curve"]]
+        assert [top1 for _, top1 in r["curve"]] == [row["val_top1"] for row in r["metrics"]]
+        assert 0 < minutes[0] < minutes[1] <= r["seconds"] / 60 + 1e-9  # the curve ends within the process's time
+    md = (out / "speedrun.md").read_text().splitlines()
+    assert md[0] == f"# python tools/speedrun.py --shards {shards} --out {out} --arch resnet10_64s2 --seeds 0,1 --train-args '{TINY}'"
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in md if line.startswith("| ")][1:]
+    assert [row[0] for row in rows] == ["0", "1", "mean ± spread"]
+    f0, f1 = (r["final"] for r in results)
+    assert rows[0][3:6] == [f"{f0['val_top1']:.2f}", f"{f0['test_top1']:.2f}", "ema + flip TTA"]
+    mean, half = (f0["test_top1"] + f1["test_top1"]) / 2, abs(f0["test_top1"] - f1["test_top1"]) / 2
+    assert rows[2][4] == f"{mean:.2f} ± {half:.2f}"
+    assert (out / "speedrun.png").stat().st_size > 1000
+
+
+def test_a_finished_seed_is_not_run_again(shards, tmp_path, monkeypatch):
+    out = tmp_path / "sr"
+    args = ["--shards", str(shards), "--out", str(out), "--arch", "resnet10_64s2", "--seeds", "0", "--train-args", TINY]
+    speedrun.main(args)
+    before = (out / "runs" / "seed0" / "final.json").stat().st_mtime_ns
+    monkeypatch.setattr(speedrun.subprocess, "run", lambda *a, **k: pytest.fail("ran train.py again"))
+    speedrun.main(args)
+    assert (out / "runs" / "seed0" / "final.json").stat().st_mtime_ns == before
+
+
+def test_bad_seeds_are_a_one_line_error(capsys):
+    with pytest.raises(SystemExit):
+        speedrun.main(["--shards", "x", "--out", "y", "--seeds", "0,a"])
+    assert capsys.readouterr().err.splitlines()[-1] == "speedrun.py: error: --seeds: comma-separated integers, not '0,a'"

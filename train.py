@@ -877,7 +877,8 @@ def get_args_parser(add_help=True):
                    help="share of the train batches that are mixed, at most 1 (default: 1.0)")
     p.add_argument("--ema", type=at_least(0.0, float), default=0.0, metavar="DECAY",
                    help="keep an exponential moving average of the weights (and BatchNorm statistics) with this "
-                        "decay per step, below 1, e.g. 0.999, and validate and test it instead; 0 = off (default: 0)")
+                        "decay per step, below 1, e.g. 0.999 (warming up as min(DECAY, (1+n)/(10+n)) over the first "
+                        "updates), and validate and test it instead; 0 = off (default: 0)")
     p.add_argument("--ema-every", type=at_least(1), default=1, metavar="N",
                    help="update the --ema average every N steps, with decay**N (default: 1)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False,

@@ -54,14 +54,14 @@ from models.recipes import recipe_names, resolve_recipe
 from pipeline import IMAGENET_MEAN, IMAGENET_STD, make_loader
 from pipeline.cache import cached_copy, is_set_url
 from pipeline.errors import CheckpointError, ShardError, UsageError, run_cli
-from pipeline.mixing import mix_batch, mix_generator
+from pipeline.augment import AUGMENTS
+from pipeline.mixing import MODES as MIX_MODES, mix_batch, mix_generator
 from pipeline.order import step_seed
 from pipeline.shardset import ShardSet
 
 NORMS = {"dataset": (None, None), "imagenet": (IMAGENET_MEAN, IMAGENET_STD), "half": ((0.5,) * 3, (0.5,) * 3)}
 FIELDS = ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "images_per_s", "epoch_time_s",
           "eval_model"]  # eval_model: "ema" when --ema validated the average, else "model"
-AUGMENT = {"none": False, "crop": True, "rrc": "rrc"}  # --augment -> make_loader's augment
 MIX_ALPHA = {"mixup": 0.2, "cutmix": 1.0}  # --mix-alpha defaults: the values the mixup and CutMix papers used on ImageNet
 CHECKPOINT_FORMAT = "tinyin-train-2"  # format 1 (before mid-epoch resume) only held whole epochs
 DEBUG_ONCE = ("--resume", "--stop-after-steps", "--wait-at-step")  # flags the "continue with:" line drops
@@ -260,7 +260,7 @@ def load_data(args, device, world_size, shard_set):
     if args.workers is not None:  # only the stream path has workers (parse_args refuses -j otherwise)
         common["workers"] = args.workers
     # drop_last under DDP so every rank takes the same number of steps (DDP all-reduces each one).
-    train = make_loader(shard_set, "train", shuffle=True, drop_last=world_size > 1, augment=AUGMENT[args.augment],
+    train = make_loader(shard_set, "train", shuffle=True, drop_last=world_size > 1, augment=args.augment,
                         with_keys=args.dump_keys, **common)
     val, test = (make_loader(shard_set, split, shuffle=False, **common) for split in ("val", "test"))
     return train, val, test
@@ -408,8 +408,9 @@ def ema_with_warmup(decay):
 
     @torch.no_grad()
     def update(averaged, current, n):
-        d = torch.clamp((1 + n) / (10 + n), max=decay).to(averaged[0].dtype if averaged[0].is_floating_point() else torch.float32)
-        if averaged[0].is_floating_point():
+        floating = averaged[0].is_floating_point()
+        d = torch.clamp((1 + n) / (10 + n), max=decay).to(averaged[0].dtype if floating else torch.float32)
+        if floating:
             torch._foreach_lerp_(averaged, current, [1 - d] * len(averaged))
         else:  # integer buffers (BatchNorm's num_batches_tracked): lerp takes floats only
             for a, c in zip(averaged, current, strict=True):
@@ -865,10 +866,10 @@ def get_args_parser(add_help=True):
     p.add_argument("--lr-step-size", type=at_least(1), default=10, help="epochs between decays for step (default: 10)")
     p.add_argument("--lr-gamma", type=positive_float, default=0.1, help="decay factor for step (default: 0.1)")
     p.add_argument("--label-smoothing", type=at_least(0.0, float), default=0.0, help="cross-entropy label smoothing, below 1 (default: 0.0)")
-    p.add_argument("--augment", nargs="?", const="crop", default="none", choices=tuple(AUGMENT),
+    p.add_argument("--augment", nargs="?", const="crop", default="none", choices=AUGMENTS,
                    help="train augmentation on the device: crop = random crop with padding + flip (what a bare "
                         "--augment means), rrc = random-resized crop + flip (default: none)")
-    p.add_argument("--mix", choices=("none", "mixup", "cutmix"), default="none",
+    p.add_argument("--mix", choices=("none", *MIX_MODES), default="none",
                    help="mix each train batch with a permutation of itself: mixup (weighted sum of images) or cutmix "
                         "(a pasted box); the loss weighs both labels, train top-1 counts the image's own (default: none)")
     p.add_argument("--mix-alpha", type=positive_float, default=None, metavar="A",

@@ -11,6 +11,8 @@ from pathlib import Path
 from matplotlib.figure import Figure  # the object API: no pyplot, no global backend switch
 from matplotlib.ticker import MaxNLocator
 
+from .augment import augment_mode
+
 __all__ = ["read_run", "render_table", "render_study", "study_row", "plot_curves", "write_report"]
 
 NAMES = {"lenet5": "LeNet-5", "alexnet": "AlexNet", "squeezenet1_1": "SqueezeNet 1.1", "resnet18": "ResNet-18"}
@@ -76,8 +78,8 @@ def _row(run: dict) -> list[str]:
         method += ", ImageNet-pretrained"
     elif args.get("weights"):
         method += f", from {os.path.basename(args['weights'])}"
-    augment = args.get("augment")  # True/False before train.py's --augment took none/crop/rrc
-    if augment in (True, "crop"):
+    augment = augment_mode(args.get("augment"))  # True/False before train.py's --augment took none/crop/rrc
+    if augment == "crop":
         method += " + crop/flip augmentation"
     elif augment == "rrc":
         method += " + random-resized crop/flip augmentation"

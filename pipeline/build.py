@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import index as index_io
+from .checksum import file_sum64
 from .errors import ImageError, ShardError, SourceError, UsageError
 from .release import plan_release
 from .schema import FORMAT_VERSION, MANIFEST_FILE, SHARD_PATTERN, SPLITS
@@ -64,7 +65,7 @@ def _write_one_shard(path, split, entries, on_error):
         rgb_hist = np.stack([np.bincount(rgb_all[..., c].ravel(), minlength=256) for c in range(3)])
         gray_hist = np.bincount(np.stack([s[2] for s in samples]).ravel(), minlength=256)
     sha, size, offsets = write_shard(path, samples)
-    return {"sha256": sha, "bytes": size, "rows": rows, "offsets": offsets, "skipped": skipped,
+    return {"sha256": sha, "sum64": file_sum64(path), "bytes": size, "rows": rows, "offsets": offsets, "skipped": skipped,
             "rgb_hist": rgb_hist, "gray_hist": gray_hist}
 
 
@@ -175,7 +176,8 @@ def build_shards(src, out, workers=None, shard_size=10000, split_seed=None, on_e
 
 
 def _manifest(plan, params, tasks, results):
-    shards = [{"file": name, "split": split, "count": len(r["rows"]), "bytes": r["bytes"], "sha256": r["sha256"]}
+    shards = [{"file": name, "split": split, "count": len(r["rows"]), "bytes": r["bytes"], "sha256": r["sha256"],
+               "sum64": r["sum64"]}
               for (name, split, _), r in zip(tasks, results)]
     counts = {s: sum(x["count"] for x in shards if x["split"] == s) for s in SPLITS}
     skipped = [{"source": p, "reason": reason} for p, reason in plan.problems]

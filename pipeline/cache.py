@@ -1,10 +1,11 @@
 """`cached_copy`: a remote shard set's splits fetched into a local folder, so a URL reads like a folder.
 
 The manifest and index are written first (from the one `ShardSet` open), then each shard of the
-asked splits is fetched to `<file>.part`, hashed while it arrives, checked against the manifest
-(`ShardSet.check_*`, the one wording) and renamed into place. So a file under its own name is
-always a verified copy: a second open fetches nothing, and a broken-off `.part` resumes with a
-range request. One process per cache folder fetches at a time (an `flock` on `.lock`): the ranks
+asked splits is fetched to `<file>.part`, checked as every transfer is (size and `sum64`,
+`ShardSet.check_bytes`, the one wording) and renamed into place. So a file under its own name is
+always a checked copy: a second open fetches nothing, and a broken-off `.part` resumes with a
+range request. (sha256 is not computed here: the loader's data pass hashes every local shard
+anyway, beside the first epoch, so hashing here too would pass over the data twice.) One process per cache folder fetches at a time (an `flock` on `.lock`): the ranks
 of a node, or any processes sharing the folder, download each shard once and the others wait.
 
 HTTP(S) shards are read with `http.client` straight into a reused buffer: fsspec's HTTP file
@@ -29,7 +30,7 @@ from .index import write_json
 from .schema import INDEX_FILE, MANIFEST_FILE
 from .shardset import ShardSet, is_url, missing_error, open_shard_set
 
-BLOCK = 4 << 20  # bytes per read; large enough that hashing and writing a block cost far more than a call
+BLOCK = 4 << 20  # bytes per read; large enough that receiving a block costs far more than a call
 FSSPEC_BLOCK = 32 << 20  # bytes per ranged read through fsspec (a request each: S3 and GCS bill per request)
 RETRIES = 3  # attempts per shard: a cut connection resumes, a bad checksum starts over
 TIMEOUT_S = 60
@@ -156,11 +157,10 @@ class _Fetch:
             if start > size:
                 part.unlink()
                 start = 0
-            digest = _digest_of(part, start)  # the kept bytes count towards the checksum
             try:
                 if start < size:  # a full .part (a crash before the rename) only needs its check
                     receive = _http_receive if url.split("://")[0] in ("http", "https") else self._fsspec_receive
-                    receive(url, part, start, size, digest, self._progress, self.stop)
+                    receive(url, part, start, size, self._progress, self.stop)
             except FileNotFoundError:
                 if part.is_file() and not part.stat().st_size:
                     part.unlink()
@@ -181,7 +181,8 @@ class _Fetch:
                 return
             try:
                 self.remote.check_size(entry, part.stat().st_size, url)
-                self.remote.check_sha256(entry, digest.hexdigest(), url)
+                with open(part, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+                    self.remote.check_bytes(entry, mapped, url)
             except ShardError as e:
                 error = e
                 if part.stat().st_size >= size:
@@ -196,9 +197,9 @@ class _Fetch:
     def _progress(self, n):
         self.bar.update(n)
 
-    def _fsspec_receive(self, url, part, start, size, digest, progress, stop):
+    def _fsspec_receive(self, url, part, start, size, progress, stop):
         """Append bytes `start..size` of `url` to `part` through the set's fsspec filesystem, a ranged
-        read per block, hashing them as they arrive."""
+        read per block."""
         with self.remote.fs.open(url, "rb", block_size=FSSPEC_BLOCK, cache_type="none") as src, \
                 open(part, "ab" if start else "wb") as f:
             src.seek(start)
@@ -206,27 +207,15 @@ class _Fetch:
                 block = src.read(min(FSSPEC_BLOCK, size - start))
                 if not block:
                     return  # the body ended early: the size check names it
-                digest.update(block)
                 f.write(block)
                 start += len(block)
                 progress(len(block))
 
 
-def _digest_of(part, length):
-    """A sha256 fed with the first `length` bytes of `part`."""
-    digest = hashlib.sha256()
-    if length:
-        with open(part, "rb") as f:
-            for block in iter(lambda: f.read(BLOCK), b""):
-                digest.update(block)
-    return digest
-
-
-def _http_receive(url, part, start, size, digest, progress, stop):
-    """Write bytes `start..size` of `url` into `part` (which holds the first `start`), hashing them as they
-    arrive. The socket is read straight into a memory map of the preallocated file: no copy through a
-    buffer and no write() per block, which measured 0.8-3.2 CPU s/GB here against 0.9 with the map. While
-    it runs the file has its full length; it is cut back to what arrived when the transfer ends, however
+def _http_receive(url, part, start, size, progress, stop):
+    """Write bytes `start..size` of `url` into `part` (which holds the first `start`). The socket is
+    read straight into a memory map of the preallocated file: no copy through a buffer and no write()
+    per block, which measured 0.8-3.2 CPU s/GB here against 0.9 with the map. While it runs the file has its full length; it is cut back to what arrived when the transfer ends, however
     it ends (a process killed meanwhile leaves a full-length .part that fails its checksum and is fetched
     again). FileNotFoundError on a 404, OSError on another HTTP error, _Restart if the range is ignored."""
     parts = urllib.parse.urlsplit(url)
@@ -251,7 +240,6 @@ def _http_receive(url, part, start, size, digest, progress, stop):
                         n = response.readinto(view[at:min(at + BLOCK, size)])
                         if not n:
                             return  # the body ended early: the size check names it
-                        digest.update(view[at:at + n])  # releases the GIL: other shards arrive meanwhile
                         at += n
                         progress(n)
             finally:

@@ -2,7 +2,9 @@
 
 It reads the manifest and the Parquet index a single time and answers everything else from them:
 splits, counts, statistics, classes and shard entries. It is also the one place that checks a
-shard against the manifest (present, size, sha256), so every reader words a bad shard the same way.
+shard against the manifest (present, size, checksums), so every reader words a bad shard the same way.
+Two checksums: a shard in transit (a stream read, a cache fetch) is checked by `sum64`, fast enough
+for every epoch; a local copy by sha256, the set's identity (see `checksum`).
 
 Remote sets are read through fsspec (`http(s)://`, `s3://`, `gs://`, ...; install the matching
 extra, e.g. `pip install tinyin[s3]`). `pipe:` commands are not shard sets: they stay a stream-path
@@ -12,6 +14,8 @@ import hashlib
 import io
 import json
 import os
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import ShardError
+from .checksum import file_sum64, sum64
 from .index import file_sha256
 from .schema import FORMAT_VERSION, INDEX_FILE, MANIFEST_FILE
 
@@ -45,7 +50,8 @@ class ShardSet:
     """A shard set written by `tinyin shard build`, at a local folder or a URL.
 
     `manifest` (dict) and `index` (pyarrow Table, one row per sample) are read once. Use
-    `entries(split)` for the shard entries of a split (dicts with file, split, count, bytes, sha256),
+    `entries(split)` for the shard entries of a split (dicts with file, split, count, bytes, sha256
+    and, from builds since sum64, sum64),
     `where(entry)` for a shard's path or URL, and `check_*` for the one wording of a bad shard.
     Raises ShardError when the location holds no complete shard set.
     """
@@ -56,6 +62,10 @@ class ShardSet:
         self.location = str(location).rstrip("/") if is_url(location) else str(location)
         self.is_local = not is_url(location)
         self._fs = None
+        # Plain HTTP(S) reads its two small files with urllib, as the shards are read (cache, stream):
+        # fsspec's aiohttp session, shared by every set in the process, hung now and then on loopback
+        # in the test suite (a GET never answered, both ends waiting).
+        self._plain_http = self.location.startswith(("http://", "https://")) and not storage_options
         if not self.is_local:
             import fsspec
 
@@ -72,6 +82,8 @@ class ShardSet:
         try:
             if self.is_local:
                 return Path(where).read_bytes()
+            if self._plain_http:
+                return _http_get(where)
             return self._fs.cat_file(f"{self._root}/{name}")
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
@@ -153,12 +165,18 @@ class ShardSet:
             raise checksum_error(where or self.where(entry))
 
     def check_bytes(self, entry, data, where=None):
-        """Check a whole shard held in memory (size, then sha256)."""
+        """Check a whole shard held in memory, as every transfer is checked: its size, then its
+        `sum64` (its sha256 when the manifest lists no sum64, as in sets built before it)."""
         self.check_size(entry, len(data), where)
-        self.check_sha256(entry, hashlib.sha256(data).hexdigest(), where)
+        if "sum64" in entry:
+            if sum64(data) != entry["sum64"]:
+                raise checksum_error(where or self.where(entry))
+        else:
+            self.check_sha256(entry, hashlib.sha256(data).hexdigest(), where)
 
     def check_local_file(self, entry, path=None, checksum=True):
-        """Check a local copy of a shard: present, size, and (with `checksum`) sha256."""
+        """Check a local copy of a shard: present, size, and (with `checksum`) sha256 and sum64, so a
+        shard that passes here passes every reader's check."""
         path = Path(path or self.where(entry))
         try:
             size = os.stat(path).st_size
@@ -167,6 +185,19 @@ class ShardSet:
         self.check_size(entry, size, path)
         if checksum:
             self.check_sha256(entry, file_sha256(path), path)
+            if "sum64" in entry and file_sum64(path) != entry["sum64"]:
+                raise checksum_error(path)
+
+
+def _http_get(url):
+    """The body of `url`; FileNotFoundError on a 404, OSError on another failure."""
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            return response.read()
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            raise FileNotFoundError(url) from None
+        raise OSError(f"HTTP {e.code} {e.reason}") from None
 
 
 def open_shard_set(shards, storage_options=None):

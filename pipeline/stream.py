@@ -17,8 +17,8 @@ uninterrupted run would have yielded from there (on the same number of ranks).
 
 Two inputs:
 - a shard set (folder or URL, opened once as a `ShardSet`): counts, offsets, labels and keys
-  from the manifest and index; each shard checked for size, then sha256 (`ShardSet.check_bytes`)
-  before it is used.
+  from the manifest and index; each shard checked for size, then `sum64` (`ShardSet.check_bytes`;
+  sha256 for a set built before sum64) before it is used.
 - a list of shard URLs (typically `pipe:` commands) with `sample_counts`: there is no index, so a
   shard's layout is read from its own first sample and checked at every stride (the fixed stride
   makes a shard self-describing); its size must be exactly what its count implies. Why not
@@ -178,7 +178,7 @@ class Shard(NamedTuple):
 
     url: str  # path, fsspec URL or `pipe:` command
     count: int
-    entry: dict = None  # the manifest entry (bytes, sha256) of a shard set; None for a URL list
+    entry: dict = None  # the manifest entry (bytes, checksums) of a shard set; None for a URL list
     offsets: np.ndarray = None  # the variant's byte offsets from the index; None: read the layout
     labels: np.ndarray = None
     keys: list = None
@@ -269,7 +269,7 @@ def _why(error):
 
 def read_checked(shard, variant, shard_set=None, storage_options=None, retries=RETRIES, backoff=BACKOFF_S):
     """`(data, offsets, labels, keys)` of `shard`, read whole and checked: against the manifest
-    (size, then sha256, by `shard_set.check_bytes`) or, for a URL list, against its own layout.
+    (size, then sum64, by `shard_set.check_bytes`) or, for a URL list, against its own layout.
     A failed read is tried again, `retries` reads in all; then the last failure is a ShardError."""
     for attempt in range(retries):
         try:

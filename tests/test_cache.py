@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.checksum import sum64
 from pipeline.cache import RETRIES, cache_folder, cached_copy
 from pipeline.errors import ShardError
 from pipeline.loader import make_loader
@@ -150,7 +151,8 @@ def test_a_rebuilt_set_under_the_same_url_replaces_the_changed_copy(shards, serv
     data[5000] ^= 1
     (served / SHARD).write_bytes(data)
     manifest = json.loads((served / "manifest.json").read_text())
-    next(e for e in manifest["shards"] if e["file"] == SHARD)["sha256"] = hashlib.sha256(data).hexdigest()
+    entry = next(e for e in manifest["shards"] if e["file"] == SHARD)
+    entry.update(sha256=hashlib.sha256(data).hexdigest(), sum64=sum64(data))
     (served / "manifest.json").write_text(json.dumps(manifest))
     server.requests.clear()
     cached_copy(server.url, "train")

@@ -45,9 +45,14 @@ def http(shards):
 @pytest.fixture(autouse=True)
 def no_hang_no_leak():
     """A hang fails the test instead of stalling the suite; no DataLoader worker outlives a test."""
+    def hung(signum, frame):  # without a handler SIGALRM would end the whole pytest process
+        raise TimeoutError("the test hung for 60 s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
     signal.alarm(60)
     yield
     signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
     assert multiprocessing.active_children() == []
 
 

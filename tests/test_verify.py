@@ -9,6 +9,7 @@ from PIL import Image
 from pipeline.cli import main
 import pyarrow.parquet as pq
 
+from pipeline.checksum import file_sum64
 from pipeline.index import file_sha256, read_index, read_manifest
 
 
@@ -42,7 +43,7 @@ def test_verify_names_the_first_bad_shard(shards, tmp_path):
 
 def _copy_with_rewritten_shard(shards, tmp_path, shard, rewrite):
     """A copy of `shards` where `rewrite(tar_bytes, tarfile)` changed one shard in place (same size)
-    and the manifest's sha256 says the new bytes are right: only the per-sample checks can object."""
+    and the manifest's checksums say the new bytes are right: only the per-sample checks can object."""
     copy = shutil.copytree(shards, tmp_path / "copy")
     path = copy / shard
     with tarfile.open(path) as tar:
@@ -50,7 +51,7 @@ def _copy_with_rewritten_shard(shards, tmp_path, shard, rewrite):
     path.write_bytes(bytes(data))
     manifest = json.loads((copy / "manifest.json").read_text())
     entry = next(e for e in manifest["shards"] if e["file"] == shard)
-    entry["sha256"] = file_sha256(path)
+    entry.update(sha256=file_sha256(path), sum64=file_sum64(path))
     (copy / "manifest.json").write_text(json.dumps(manifest))
     return copy, path
 

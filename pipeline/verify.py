@@ -1,7 +1,7 @@
 """`verify_shards` re-checks a shard set end to end; `inspect_shards` summarises it and draws a grid.
 
 Both take a shard folder or a local `ShardSet` (its manifest and index are read once); the
-present/size/sha256 check and its wording are `ShardSet.check_local_file`'s.
+present/size/checksum check and its wording are `ShardSet.check_local_file`'s.
 """
 from pathlib import Path
 
@@ -21,7 +21,7 @@ def _local(shards):
 
 
 def verify_shards(shards, progress=True):
-    """Check each shard's sha256 and count against the manifest, and decode every sample with the
+    """Check each shard's sha256 (and sum64) and count against the manifest, and decode every sample with the
     stock webdataset reader, comparing key, label and pixels with the index. Raises ShardError
     naming the first bad shard; returns {'shards': n, 'samples': n}."""
     from tqdm import tqdm
@@ -36,7 +36,7 @@ def verify_shards(shards, progress=True):
     bar = tqdm(total=sum(s["count"] for s in manifest["shards"]), unit="img", desc="verify", disable=not progress)
     for entry in manifest["shards"]:
         path = Path(shard_set.where(entry))
-        shard_set.check_local_file(entry, path)  # present, size, sha256
+        shard_set.check_local_file(entry, path)  # present, size, sha256, sum64
         mapped = np.memmap(path, np.uint8, mode="r")
         expected = rows.get(entry["file"], [])
         n = 0

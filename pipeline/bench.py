@@ -215,8 +215,9 @@ def bench_remote(shards, batch_size=256, workers=2, passes=3, log=print):
     transfer rate into /dev/null (the link: the ceiling), curl downloading the shards into files (the
     same job as a fetch), and `cached_copy` from a cold cache to checked local files, in alternating
     passes, then `make_loader(URL, path="stream")` over `passes` whole epochs. One untimed fetch comes
-    first: on a VM the first touch of memory the guest has not used yet costs far more than reuse
-    (measured 2.4 against 0.65 CPU-s/GB here), and that is the machine, not the fetch.
+    first: on this project's VM the first write into its ext4 after a pause costs far more than one
+    right after another (2.4 against 0.65 CPU-s/GB; tmpfs shows no such difference), which is the
+    file system, not the fetch. The folders are made by `tempfile` (TMPDIR picks the file system).
     Samples/s = bytes/s over the set's bytes per sample."""
     import shutil
 

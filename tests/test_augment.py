@@ -1,6 +1,4 @@
 """On-device augmentation: the padded crop + flip gather, and the random-resized crop + flip sample."""
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F

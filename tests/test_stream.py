@@ -17,7 +17,8 @@ from pipeline.build import build_shards
 from pipeline.errors import ShardError, UsageError
 from pipeline.loader import make_loader
 from pipeline.reader import ShardArrays
-from pipeline.stream import plan_epoch, stream_from_set, stream_from_urls
+from pipeline.stream import stream_from_set, stream_from_urls
+from pipeline.stream_plan import plan_epoch
 from pipeline.synth import synthesize
 from servers import FaultyHTTPServer
 

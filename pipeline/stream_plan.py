@@ -1,0 +1,130 @@
+"""The stream path's epoch plan: which shards a rank reads, how their samples are mixed and cut into
+batches. A pure function of the per-shard counts and (seed, epoch, rank, world_size, batch_size):
+nothing is read here, and the workers of `stream.StreamSource` only carry a plan out, so the batches
+are the same with 0, 1 or 2 workers and a resumed epoch (`start=`) yields exactly the batches the
+uninterrupted one would have from there (on the same number of ranks).
+
+Why not `order.epoch_order` (the local paths' plan): a stream worker holds a few whole shards in
+memory at a time, so a batch can only draw from the shards being read, and ranks are dealt whole
+shards (one sequential transfer each) instead of interleaved samples.
+"""
+from typing import NamedTuple
+
+import numpy as np
+
+LANES = 2  # shard groups read side by side (one per worker); consecutive batches alternate between them
+MIX = 2  # shards per group: a batch draws from the union of this many shards, fully shuffled
+
+
+class Chunk(NamedTuple):
+    """Samples of one batch that come from one shard group: what a worker gathers in one copy."""
+
+    seq: int  # position in the epoch's chunk sequence
+    batch: int  # the batch it belongs to (a batch that straddles two groups has two chunks)
+    lane: int  # the group's lane: worker `lane % workers` reads it
+    group: int  # index into EpochPlan.groups
+    ids: np.ndarray  # int64 positions in the split (index order), in batch order
+
+
+class EpochPlan(NamedTuple):
+    """One rank's epoch: shard groups (tuples of shard numbers), batch sizes of the whole epoch,
+    the first batch to yield (a resumed epoch skips the others) and the chunks from there on."""
+
+    groups: list
+    sizes: list
+    first: int
+    chunks: list
+
+
+def deal_shards(counts, order, world_size):
+    """Every rank's [(shard, rows)] and sample totals. Shards go largest first to the rank with the
+    fewest samples so far (totals differ by at most one shard's count); with fewer shards than
+    ranks every rank reads every shard and keeps every `world_size`-th sample of each."""
+    if len(order) < world_size:
+        deals = [[(s, np.arange(r, counts[s], world_size)) for s in order] for r in range(world_size)]
+    else:
+        deals, totals = [[] for _ in range(world_size)], [0] * world_size
+        for s in sorted(order, key=lambda s: -counts[s]):  # stable: equal counts keep the shuffled order
+            r = totals.index(min(totals))
+            deals[r].append((s, np.arange(counts[s])))
+            totals[r] += counts[s]
+    return deals, [sum(len(rows) for _, rows in deal) for deal in deals]
+
+
+def batch_sizes(totals, rank, batch_size, drop_last):
+    """This rank's batch sizes; every rank gets the same number of batches.
+
+    drop_last: floor(min(totals) / batch_size) full batches, the rest unused this epoch.
+    Otherwise every sample once in nb = ceil(max(totals) / batch_size) batches: full ones and a
+    short last one, or, on a rank with fewer samples, its samples spread evenly over nb batches.
+    """
+    n, B = totals[rank], batch_size
+    if drop_last:
+        return [B] * (min(totals) // B)
+    nb = -(-max(totals) // B)
+    if min(totals) < nb:
+        raise ValueError(f"ranks hold {totals} samples: not all can fill {nb} batches; "
+                         "use drop_last=True, a larger batch_size or more, smaller shards")
+    if -(-n // B) == nb:
+        return [B] * (n // B) + [n % B] * (n % B > 0)
+    base, extra = divmod(n, nb)
+    return [base + 1] * extra + [base] * (nb - extra)
+
+
+def plan_epoch(counts, *, seed, epoch, rank=0, world_size=1, batch_size=256, shuffle=True, drop_last=False,
+               start=0, lanes=LANES, mix=MIX):
+    """The `EpochPlan` of `rank` for shards of `counts` samples (a pure function, nothing is read).
+
+    1. The shards are shuffled by (seed, epoch), the same on every rank, and dealt (`deal_shards`);
+       a rank shuffles its own shards again and takes them `mix` at a time as groups.
+    2. A group's samples are permuted as a whole (the worker holds them all in memory); groups go
+       round-robin to `lanes`, a lane's samples are cut into pieces of `batch_size`, and the rank's
+       sample sequence takes one piece from each lane in turn (neighbouring batches never share a
+       group, and each lane is one worker's sequential read).
+    3. The sequence is cut into `batch_sizes`; a batch's samples from one group form a chunk.
+    start: samples of this epoch already consumed over all ranks, a multiple of
+    batch_size * world_size: the batches before it are left out, the rest are unchanged.
+    """
+    if not 0 <= rank < world_size or batch_size < 1 or lanes < 1 or mix < 1:
+        raise ValueError(f"need 0 <= rank < world_size, batch_size, lanes, mix >= 1; got rank={rank}, "
+                         f"world_size={world_size}, batch_size={batch_size}, lanes={lanes}, mix={mix}")
+    if start % (batch_size * world_size):
+        raise ValueError(f"start={start} is not a multiple of batch_size * world_size = {batch_size * world_size}")
+    counts = [int(c) for c in counts]
+    first_id = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    order = list(np.random.default_rng([seed, epoch]).permutation(len(counts))) if shuffle else list(range(len(counts)))
+    deals, totals = deal_shards(counts, order, world_size)
+    sizes = batch_sizes(totals, rank, batch_size, drop_last)
+    first = start // (batch_size * world_size)
+    if first > len(sizes):
+        raise ValueError(f"start={start} is past the end of the epoch ({len(sizes)} batches per rank)")
+    mine = deals[rank]
+    if shuffle:
+        mine = [mine[i] for i in np.random.default_rng([seed, epoch, rank]).permutation(len(mine))]
+    groups = [mine[i:i + mix] for i in range(0, len(mine), mix)]
+
+    lane_ids, lane_groups = [[] for _ in range(lanes)], [[] for _ in range(lanes)]
+    for g, group in enumerate(groups):
+        ids = np.concatenate([first_id[s] + rows for s, rows in group])
+        if shuffle:
+            ids = ids[np.random.default_rng([seed, epoch, rank, g]).permutation(len(ids))]
+        lane_ids[g % lanes].append(ids)
+        lane_groups[g % lanes].append(np.full(len(ids), g))
+    pieces = []  # (ids, groups) pieces of batch_size, taken from the lanes in turn
+    for ids, grp in zip(lane_ids, lane_groups):
+        ids, grp = np.concatenate(ids or [np.zeros(0, np.int64)]), np.concatenate(grp or [np.zeros(0, np.int64)])
+        pieces.append([(ids[i:i + batch_size], grp[i:i + batch_size]) for i in range(0, len(ids), batch_size)])
+    turns = [lane[i] for i in range(max(map(len, pieces))) for lane in pieces if i < len(lane)]
+    ids = np.concatenate([t[0] for t in turns]) if turns else np.zeros(0, np.int64)
+    grp = np.concatenate([t[1] for t in turns]) if turns else np.zeros(0, np.int64)
+
+    bounds = np.cumsum([0] + sizes)
+    cuts = np.union1d(bounds, np.flatnonzero(np.diff(grp[: bounds[-1]])) + 1)  # batch and group boundaries
+    chunks = []
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+        batch = int(np.searchsorted(bounds, lo, side="right")) - 1
+        if batch >= first:
+            g = int(grp[lo])
+            # Sorted: a batch is the same random subset, read shard by shard and front to back.
+            chunks.append(Chunk(len(chunks), batch, g % lanes, g, np.sort(ids[lo:hi])))
+    return EpochPlan([tuple(s for s, _ in group) for group in groups], sizes, first, chunks)

@@ -276,7 +276,8 @@ def bench_remote(shards, batch_size=256, workers=2, passes=3, log=print):
         rate = statistics.median(fetch) / per_sample
         of_download = f", {statistics.median(fetch) / statistics.median(download):.1f}x curl -o" if curl else ""
         row("remote fetch (cold cache -> checked copy)", f"{_fetch_workers()} threads", rate,
-            f"{gb(fetch)} GB/s{of_download} (untimed first pass: {warm / 1e9:.2f})", rate / ceiling if ceiling else None)
+            f"{gb(fetch)} GB/s{of_download} (untimed first pass: {warm / 1e9:.2f})",
+            rate / ceiling if ceiling else None)
         try:
             loader = make_loader(url, "train", path="stream", raw=True, workers=workers, batch_size=batch_size)
             ok = loader.num_samples == local.counts["train"]

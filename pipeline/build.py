@@ -65,8 +65,8 @@ def _write_one_shard(path, split, entries, on_error):
         rgb_hist = np.stack([np.bincount(rgb_all[..., c].ravel(), minlength=256) for c in range(3)])
         gray_hist = np.bincount(np.stack([s[2] for s in samples]).ravel(), minlength=256)
     sha, size, offsets = write_shard(path, samples)
-    return {"sha256": sha, "sum64": file_sum64(path), "bytes": size, "rows": rows, "offsets": offsets, "skipped": skipped,
-            "rgb_hist": rgb_hist, "gray_hist": gray_hist}
+    return {"sha256": sha, "sum64": file_sum64(path), "bytes": size, "rows": rows, "offsets": offsets,
+            "skipped": skipped, "rgb_hist": rgb_hist, "gray_hist": gray_hist}
 
 
 def _stats(hist):

@@ -5,7 +5,8 @@ asked splits is fetched to `<file>.part`, checked as every transfer is (size and
 `ShardSet.check_bytes`, the one wording) and renamed into place. So a file under its own name is
 always a checked copy: a second open fetches nothing, and a broken-off `.part` resumes with a
 range request. (sha256 is not computed here: the loader's data pass hashes every local shard
-anyway, beside the first epoch, so hashing here too would pass over the data twice.) One process per cache folder fetches at a time (an `flock` on `.lock`): the ranks
+anyway, beside the first epoch, so hashing here too would pass over the data twice.)
+One process per cache folder fetches at a time (an `flock` on `.lock`): the ranks
 of a node, or any processes sharing the folder, download each shard once and the others wait.
 
 HTTP(S) shards are read with `http.client` straight into a reused buffer: fsspec's HTTP file
@@ -215,7 +216,8 @@ class _Fetch:
 def _http_receive(url, part, start, size, progress, stop):
     """Write bytes `start..size` of `url` into `part` (which holds the first `start`). The socket is
     read straight into a memory map of the preallocated file: no copy through a buffer and no write()
-    per block, which measured 0.8-3.2 CPU s/GB here against 0.9 with the map. While it runs the file has its full length; it is cut back to what arrived when the transfer ends, however
+    per block, which measured 0.8-3.2 CPU s/GB here against 0.9 with the map. While it runs the file
+    has its full length; it is cut back to what arrived when the transfer ends, however
     it ends (a process killed meanwhile leaves a full-length .part that fails its checksum and is fetched
     again). FileNotFoundError on a 404, OSError on another HTTP error, _Restart if the range is ignored."""
     parts = urllib.parse.urlsplit(url)

@@ -16,6 +16,7 @@ caught (an odd key is invertible mod 2**64); moved, dropped or repeated blocks c
 of block sums; other changes slip through only if their keyed sums cancel exactly mod 2**64.
 """
 import hashlib
+import mmap
 
 import numpy as np
 
@@ -29,18 +30,16 @@ def sum64(data):
     raw = np.frombuffer(data, np.uint8)
     whole = len(raw) // (8 * BLOCK_WORDS) * (8 * BLOCK_WORDS)
     blocks = raw[:whole].view("<u8").reshape(-1, BLOCK_WORDS)
-    tail = np.zeros(8 * BLOCK_WORDS, np.uint8)
-    tail[:len(raw) - whole] = raw[whole:]
-    sums = np.einsum("ij,j->i", blocks, _KEYS).astype("<u8")  # integer products wrap mod 2**64
-    if len(raw) > whole:
-        sums = np.append(sums, np.uint64(tail.view("<u8") @ _KEYS)).astype("<u8")
-    return hashlib.sha256(len(raw).to_bytes(8, "little") + sums.tobytes()).hexdigest()[:16]
+    sums = np.einsum("ij,j->i", blocks, _KEYS)  # integer products wrap mod 2**64
+    if whole < len(raw):  # the ragged tail, zero-padded to a whole block
+        tail = np.zeros(8 * BLOCK_WORDS, np.uint8)
+        tail[:len(raw) - whole] = raw[whole:]
+        sums = np.append(sums, tail.view("<u8") @ _KEYS)
+    return hashlib.sha256(len(raw).to_bytes(8, "little") + sums.astype("<u8").tobytes()).hexdigest()[:16]
 
 
 def file_sum64(path):
     """The `sum64` of a file (mapped, not read into a buffer)."""
-    import mmap
-
     with open(path, "rb") as f:
         if not f.seek(0, 2):
             return sum64(b"")

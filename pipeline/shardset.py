@@ -22,8 +22,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .errors import ShardError
 from .checksum import file_sum64, sum64
+from .errors import ShardError
 from .index import file_sha256
 from .schema import FORMAT_VERSION, INDEX_FILE, MANIFEST_FILE
 
@@ -164,13 +164,17 @@ class ShardSet:
         if digest != entry["sha256"]:
             raise checksum_error(where or self.where(entry))
 
+    def check_sum64(self, entry, digest, where=None):
+        """ShardError unless the hex `digest` is the manifest's sum64 for `entry`."""
+        if digest != entry["sum64"]:
+            raise checksum_error(where or self.where(entry))
+
     def check_bytes(self, entry, data, where=None):
         """Check a whole shard held in memory, as every transfer is checked: its size, then its
         `sum64` (its sha256 when the manifest lists no sum64, as in sets built before it)."""
         self.check_size(entry, len(data), where)
         if "sum64" in entry:
-            if sum64(data) != entry["sum64"]:
-                raise checksum_error(where or self.where(entry))
+            self.check_sum64(entry, sum64(data), where)
         else:
             self.check_sha256(entry, hashlib.sha256(data).hexdigest(), where)
 
@@ -185,8 +189,8 @@ class ShardSet:
         self.check_size(entry, size, path)
         if checksum:
             self.check_sha256(entry, file_sha256(path), path)
-            if "sum64" in entry and file_sum64(path) != entry["sum64"]:
-                raise checksum_error(path)
+            if "sum64" in entry:
+                self.check_sum64(entry, file_sum64(path), path)
 
 
 def _http_get(url):

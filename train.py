@@ -101,10 +101,21 @@ def distributed(args):
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device(args.device)
+    together = False  # whether every rank is leaving here at once
     try:
         yield device, world_size
+        together = True
+    except SystemExit as e:  # Interrupted: every rank stops after the same step (StopSignals)
+        together = isinstance(e.code, int) and e.code >= 128
+        raise
     finally:
         if dist.is_initialized():
+            if together:
+                # Why: on torch 2.11 a Gloo worker thread frees a finished collective's tensors under
+                # the GIL, and the process group's destructor (when the model's DDP reducer goes at
+                # exit) joins that thread holding the GIL: ~1 in 4 two-rank runs hung at exit. A
+                # barrier waits with the GIL released, so the workers are idle when the group goes.
+                dist.barrier()
             dist.destroy_process_group()
 
 

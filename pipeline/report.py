@@ -142,9 +142,10 @@ STUDY_COLUMNS = ["Row", "Epochs", "Batch", "Ours: train / val / test", "Study re
                  "Study recorded", "Ours, comparable", "Minutes"]
 
 
-def render_study(run_dirs, not_run=(), wall_s=None) -> str:
+def render_study(run_dirs, not_run=(), wall_s=None, jobs=1) -> str:
     """Our rows beside the study's reported and (where one exists) recorded values, as fractions;
-    `not_run`: (row name, reason) pairs listed below; `wall_s`: the whole table's wall clock."""
+    `not_run`: (row name, reason) pairs listed below; `wall_s`: the whole table's wall clock;
+    `jobs`: how many rows trained side by side (their minutes were measured sharing the machine)."""
     runs = [read_run(r) for r in run_dirs]
     lines = ["| " + " | ".join(STUDY_COLUMNS) + " |", "|" + "|".join("---" for _ in STUDY_COLUMNS) + "|"]
     lines += ["| " + " | ".join(_study_cells(run)) + " |" for run in runs]
@@ -153,6 +154,8 @@ def render_study(run_dirs, not_run=(), wall_s=None) -> str:
     footer = f"\nTraining time, sum of the rows: {_minutes(total)} min"
     if wall_s is not None:
         footer += f"; the whole table, wall clock (start-up, evaluation and test included): {_minutes(wall_s)} min"
+    if jobs > 1:
+        footer += f"; up to {jobs} rows trained side by side, so each row's minutes were measured sharing the machine"
     return "\n".join(lines) + "\n" + footer + ".\n"
 
 
@@ -188,12 +191,12 @@ def plot_curves(run_dirs, out_png) -> str:
     return str(out_png)
 
 
-def write_report(run_dirs, out_dir, not_run=(), wall_s=None) -> tuple[str, str]:
+def write_report(run_dirs, out_dir, not_run=(), wall_s=None, jobs=1) -> tuple[str, str]:
     """Write ``report.md`` (the table, our rows beside the study's, linking the curves),
     ``report.json`` (every run's args, metrics and final figures) and ``curves.png`` into ``out_dir``.
-    not_run / wall_s: see `render_study`."""
+    not_run / wall_s / jobs: see `render_study`."""
     table = render_table(run_dirs)  # first, so a bad run dir fails before anything is written
-    study = render_study(run_dirs, not_run, wall_s)
+    study = render_study(run_dirs, not_run, wall_s, jobs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     png = plot_curves(run_dirs, out / "curves.png") if run_dirs else None
@@ -201,6 +204,6 @@ def write_report(run_dirs, out_dir, not_run=(), wall_s=None) -> tuple[str, str]:
     curves = "\n![learning curves](curves.png)\n" if png else ""
     md.write_text(f"# Tiny ImageNet runs\n\n{table}\n## Beside the study\n\n{study}{curves}")
     runs = [read_run(r) for r in run_dirs]
-    (out / "report.json").write_text(json.dumps(dict(runs=runs, not_run=[list(n) for n in not_run], wall_s=wall_s),
-                                                indent=1))
+    record = dict(runs=runs, not_run=[list(n) for n in not_run], wall_s=wall_s, jobs=jobs)
+    (out / "report.json").write_text(json.dumps(record, indent=1))
     return str(md), png

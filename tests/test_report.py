@@ -132,6 +132,8 @@ def test_write_report_study_section_and_json(tmp_path, runs):
 
 
 REPRODUCE = Path(__file__).resolve().parents[1] / "tools" / "reproduce.py"
+sys.path.insert(0, str(REPRODUCE.parent))
+from reproduce import union_seconds  # noqa: E402
 
 
 def reproduce(*args):
@@ -160,6 +162,58 @@ def test_reproduce_smoke_skips_finished_rows(shards, tmp_path):
     assert second.returncode == 0, second.stderr
     assert "== lenet5-28: finished earlier, not run again" in second.stdout
     assert json.loads((out / "lenet5-28" / "reproduce.json").read_text())["wall_s"] == wall
+
+
+def test_reproduce_rows_side_by_side(shards, tmp_path):
+    """--jobs 2: two rows train at once, each into its own log; a third that fails (a checkpoint of
+    another run in its folder) does not stop them, its log's end is shown and the exit names it; the
+    rerun resumes only that row, and the table's wall clock counts overlapping time once."""
+    out = tmp_path / "paper"
+    (out / "alexnet-64").mkdir(parents=True)
+    (out / "alexnet-64" / "checkpoint.pth").write_bytes(b"not a checkpoint")
+    common = ["--shards", str(shards), "--out", str(out), "--rows", "lenet5-28,squeezenet1_1-64,alexnet-64",
+              "--epochs", "1", "--limit-batches", "2", "--device", "cpu", "--jobs", "2"]
+    first = reproduce(*common)
+    assert first.returncode == 1
+    assert first.stderr.endswith("error: row alexnet-64 failed (exit 1); rerun to resume it\n"), first.stderr
+    assert f"== alexnet-64: the end of {out / 'alexnet-64' / 'train.log'}:\n" in first.stderr
+    assert "checkpoint.pth: not a train.py checkpoint (UnpicklingError)\n" in first.stderr
+    for name in ("lenet5-28", "squeezenet1_1-64"):
+        assert f"(log: {out / name / 'train.log'})" in first.stdout
+        assert f"== {name}: finished after " in first.stdout
+        assert json.loads((out / name / "final.json").read_text())["epochs"] == 1
+        assert "test top1" in (out / name / "train.log").read_text()
+    assert not (out / "report.md").exists()
+    (lenet,), (squeeze,) = (json.loads((out / n / "reproduce.json").read_text())["intervals"]
+                            for n in ("lenet5-28", "squeezenet1_1-64"))
+    assert lenet[0] < squeeze[1] and squeeze[0] < lenet[1], "the two rows did not overlap"
+
+    (out / "alexnet-64" / "checkpoint.pth").unlink()
+    second = reproduce(*common)
+    assert second.returncode == 0, second.stderr
+    assert "== lenet5-28: finished earlier, not run again" in second.stdout
+    assert "== squeezenet1_1-64: finished earlier, not run again" in second.stdout
+    assert "== alexnet-64: finished after " in second.stdout
+    report = json.loads((out / "report.json").read_text())
+    records = [json.loads((out / n / "reproduce.json").read_text()) for n in ("lenet5-28", "squeezenet1_1-64", "alexnet-64")]
+    assert [len(r["intervals"]) for r in records] == [1, 1, 2]  # alexnet: the failed try and the rerun
+    intervals = [i for r in records for i in r["intervals"]]
+    assert report["jobs"] == 2
+    assert report["wall_s"] == pytest.approx(union_seconds(intervals))
+    assert report["wall_s"] < sum(r["wall_s"] for r in records)
+    assert "up to 2 rows trained side by side" in (out / "report.md").read_text()
+
+
+def test_union_seconds():
+    assert union_seconds([]) == 0.0
+    assert union_seconds([(0.0, 10.0), (5.0, 12.0), (20.0, 25.0)]) == 17.0  # overlap counted once
+    assert union_seconds([(20.0, 25.0), (0.0, 10.0), (2.0, 3.0)]) == 15.0  # unsorted; one inside another
+    assert union_seconds([(0.0, 1.0), (1.0, 2.0)]) == 2.0  # end to end: one after another
+
+
+def test_reproduce_bad_jobs(tmp_path):
+    result = reproduce("--rows", "lenet5-28", "--out", str(tmp_path), "--jobs", "0")
+    assert (result.returncode, result.stderr) == (1, "error: --jobs must be at least 1, not 0\n")
 
 
 def test_reproduce_pretrained_row_with_a_local_weights_file(shards, tmp_path):

@@ -5,9 +5,9 @@
     python tools/gpu_session.py --release SYNTH_FOLDER --out OUT --smoke    # a CPU dry run
 
 Parts, in order: `bench` (the `tinyin bench train` table), `table2` (tools/reproduce.py, Table 2
-with --recipe paper, plus --amp --channels-last on CUDA), `r224` (ResNet-18 from scratch at 224
-for 2 epochs, its images/s against the bench's ceiling (a)), `speedrun` (issue 9: tools/speedrun.py,
---recipe fast for two seeds). Work (shards, extracted images, run folders with checkpoints) goes to
+with --recipe paper, plus --amp --channels-last and the four rows side by side on CUDA), `r224`
+(ResNet-18 from scratch at 224 for 2 epochs, its images/s against the bench's ceiling (a)),
+`speedrun` (issue 9: tools/speedrun.py, --recipe fast for two seeds). Work (shards, extracted images, run folders with checkpoints) goes to
 --work; results to --work/results, copied to --out at the end: bench.md, table2.md, curves.png,
 r224.md, speedrun.md, speedrun.png, and json.tar holding env.json, bench.json, table2.json and
 speedrun.json (7 files: the device tool returns at most 8). A part whose result is in
@@ -84,10 +84,14 @@ def part_bench(args, res, shards, images):
 def part_table2(args, res, shards, work):
     cmd = [sys.executable, "tools/reproduce.py", "--shards", shards, "--out", work / "paper",
            "--rows", "lenet5-28,alexnet-64,squeezenet1_1-64,resnet18-64"]
-    train_args = "--amp --channels-last" if args.device.startswith("cuda") else ""
-    if args.smoke:
-        cmd += ["--rows", "lenet5-28", "--epochs", "1", "--limit-batches", "2"]
-    sh(cmd + ["--device", args.device, "--train-args", f"{train_args} {args.train_args or ''}".strip()])
+    on_cuda = args.device.startswith("cuda")
+    train_args = "--amp --channels-last" if on_cuda else ""
+    jobs = args.table2_jobs or (4 if on_cuda else 1)
+    if args.smoke:  # two rows side by side, so the dry run takes the path the GPU run takes
+        cmd += ["--rows", "lenet5-28,squeezenet1_1-64", "--epochs", "1", "--limit-batches", "2"]
+        jobs = args.table2_jobs or 2
+    sh(cmd + ["--device", args.device, "--jobs", jobs,
+              "--train-args", f"{train_args} {args.train_args or ''}".strip()])
     for name, dest in (("report.md", "table2.md"), ("report.json", "table2.json"), ("curves.png", "curves.png")):
         shutil.copy(work / "paper" / name, res / dest)
 
@@ -136,6 +140,8 @@ def main():
     p.add_argument("--commit", help="the commit, where the copy has no .git (default: git rev-parse)")
     p.add_argument("--bench-args", help="more `tinyin bench train` flags, e.g. '--arch resnet18 --no-compile'")
     p.add_argument("--train-args", help="more train.py flags for Table 2's rows")
+    p.add_argument("--table2-jobs", type=int,
+                   help="Table 2 rows trained side by side (tools/reproduce.py --jobs; default: 4 on CUDA, 1 on the CPU)")
     p.add_argument("--speedrun-args", help="more tools/speedrun.py flags, e.g. \"--train-args '--epochs 30'\"")
     p.add_argument("--smoke", action="store_true", help="a tiny scale for a CPU dry run (synthetic data)")
     args = p.parse_args()

@@ -3,6 +3,7 @@
     python tools/reproduce.py --shards out/shards --out runs/paper                  # Table 2 + Table 3
     python tools/reproduce.py --rows lenet5-28 --epochs 1 --limit-batches 5        # a quick look
     python tools/reproduce.py --train-args="--amp --channels-last" --device cuda     # on a GPU
+    python tools/reproduce.py --rows lenet5-28,alexnet-64,squeezenet1_1-64,resnet18-64 --jobs 4
 
 Rows: Table 2 (lenet5-28, alexnet-64, squeezenet1_1-64, resnet18-64: from scratch, 40 epochs) and
 Table 3 (ARCH-224: ImageNet-pretrained, 10 epochs; ARCH-224-50: 50 epochs). Each row trains in its
@@ -12,7 +13,11 @@ need the ImageNet weights as a local file (--weights-dir, or already in the torc
 nothing is downloaded): without one the row is reported as "not run: no ImageNet weights here".
 OUT/report.md (+ report.json, curves.png) puts our rows beside the study's reported and
 recorded values, with minutes per row and the whole table's wall time (OUT/ROW/reproduce.json
-keeps each row's process wall clock, summed over resumes).
+keeps each row's process wall clock, summed over resumes, and when it ran). `--jobs N` trains N
+rows side by side, each row's output in OUT/ROW/train.log. Why: on a GPU, Table 2's small batches
+(32 and 50) should leave it idle between kernel launches (the step is bound by the host's launch
+rate), so rows sharing it should finish the table sooner than one after another (not yet measured
+on a GPU); each row's minutes are then its own process's, measured side by side.
 """
 
 import argparse
@@ -22,6 +27,7 @@ import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,8 +61,9 @@ def finished(run, epochs):
     return final.is_file() and json.loads(final.read_text()).get("epochs") == epochs
 
 
-def run_row(name, args):
-    """Train one row (resuming it if it was interrupted); returns (run folder, None) or (None, reason)."""
+def row_command(name, args):
+    """(run folder, train.py command) for one row; the command is None when the row finished
+    earlier, and the run folder None (with the reason second) when the row cannot run here."""
     recipe, arch, size = ROWS[name]
     run = Path(args.out) / name
     cmd = [sys.executable, str(ROOT / "train.py"), "--shards", args.shards, "--arch", arch, "--size", str(size),
@@ -73,19 +80,69 @@ def run_row(name, args):
     if args.device:
         cmd += ["--device", args.device]
     cmd += shlex.split(args.train_args or "")
-    if finished(run, epochs):
-        print(f"== {name}: finished earlier, not run again", flush=True)
-        return run, None
-    print(f"== {name}: {shlex.join(cmd[1:])}", flush=True)
-    t0 = time.time()
-    code = subprocess.run(cmd).returncode
+    return run, None if finished(run, epochs) else cmd
+
+
+def train_row(name, run, cmd, log=None, env=None):
+    """Run one row's train.py (its output to `log` when given) and add the time it took to
+    run/reproduce.json, as seconds and as a (start, end) interval; returns the exit code."""
+    print(f"== {name}: {shlex.join(cmd[1:])}" + (f" (log: {log})" if log else ""), flush=True)
     run.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    if log:
+        with open(log, "a") as f:
+            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    else:
+        code = subprocess.run(cmd, env=env).returncode
+    t1 = time.time()
     record = run / "reproduce.json"
-    before = json.loads(record.read_text())["wall_s"] if record.is_file() else 0.0
-    record.write_text(json.dumps(dict(wall_s=before + time.time() - t0, command=cmd[1:])))
-    if code != 0:
-        sys.exit(f"error: row {name} failed (exit {code}); rerun to resume it")
-    return run, None
+    before = json.loads(record.read_text()) if record.is_file() else {}
+    record.write_text(json.dumps(dict(wall_s=before.get("wall_s", 0.0) + t1 - t0, command=cmd[1:],
+                                      intervals=before.get("intervals", []) + [[t0, t1]])))
+    if log:
+        print(f"== {name}: {'finished' if code == 0 else f'failed (exit {code})'} after {(t1 - t0) / 60:.1f} min",
+              flush=True)
+    return code
+
+
+def union_seconds(intervals):
+    """The time covered by at least one of the (start, end) intervals: the wall clock of rows that
+    ran one after another, side by side, or both."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def table_wall(runs):
+    """The whole table's wall clock from the rows' reproduce.json files (a record written before
+    intervals were kept counts as time of its own)."""
+    intervals, older = [], 0.0
+    for run in runs:
+        record = run / "reproduce.json"
+        if record.is_file():
+            saved = json.loads(record.read_text())
+            if "intervals" in saved:
+                intervals += saved["intervals"]
+            else:
+                older += saved["wall_s"]
+    return union_seconds(intervals) + older
+
+
+def child_env(jobs):
+    """The environment of each row's process: with rows side by side, the cores are shared out
+    (OMP_NUM_THREADS, unless set) so that they do not fight over them."""
+    if jobs == 1 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    return dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // jobs)))
+
+
+def log_tail(log, lines=5):
+    """The last lines of a row's log, indented, for the error report."""
+    text = Path(log).read_text(errors="replace").rstrip().splitlines()[-lines:]
+    return "\n".join("    " + line for line in text)
 
 
 def main(args):
@@ -93,16 +150,36 @@ def main(args):
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         sys.exit(f"error: unknown row(s) {', '.join(unknown)}; choose from: {', '.join(ROWS)}")
-    done, not_run = [], []
+    if args.jobs < 1:
+        sys.exit(f"error: --jobs must be at least 1, not {args.jobs}")
+    done, not_run, todo = [], [], []
     for name in rows:
-        run, reason = run_row(name, args)
+        run, cmd = row_command(name, args)
         if run is None:
-            print(f"== {name}: not run: {reason}", flush=True)
-            not_run.append((name, reason))
+            print(f"== {name}: not run: {cmd}", flush=True)
+            not_run.append((name, cmd))
+            continue
+        done.append(run)
+        if cmd is None:
+            print(f"== {name}: finished earlier, not run again", flush=True)
         else:
-            done.append(run)
-    wall = sum(json.loads((r / "reproduce.json").read_text())["wall_s"] for r in done if (r / "reproduce.json").is_file())
-    md, png = write_report(done, args.out, not_run=not_run, wall_s=wall if done else None)
+            todo.append((name, run, cmd))
+    # Side by side (--jobs > 1) each row's output goes to its own log; a thread per row is enough,
+    # since each thread only waits on its train.py process.
+    logs = {name: run / "train.log" if args.jobs > 1 else None for name, run, _ in todo}
+    env = child_env(args.jobs)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        codes = list(pool.map(lambda row: train_row(*row, log=logs[row[0]], env=env), todo))
+    failed = [(name, code) for (name, _, _), code in zip(todo, codes) if code != 0]
+    for name, code in failed:
+        if logs[name]:
+            print(f"== {name}: the end of {logs[name]}:\n{log_tail(logs[name])}", file=sys.stderr)
+    if len(failed) == 1:
+        sys.exit(f"error: row {failed[0][0]} failed (exit {failed[0][1]}); rerun to resume it")
+    if failed:
+        sys.exit(f"error: rows {', '.join(f'{name} (exit {code})' for name, code in failed)} failed; rerun to resume them")
+    md, png = write_report(done, args.out, not_run=not_run, wall_s=table_wall(done) if done else None,
+                           jobs=args.jobs)
     print(Path(md).read_text())
     print(f"wrote {md}" + (f" and {png}" if png else ""))
 
@@ -117,6 +194,9 @@ def get_args_parser():
     p.add_argument("--device", help="passed to train.py (default: train.py's, cuda if available)")
     p.add_argument("--weights-dir", help="folder holding the ImageNet .pth files under their torchvision names (default: none)")
     p.add_argument("--train-args", help="more train.py flags, e.g. '--amp --channels-last' (default: none)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="rows trained side by side, each in its own process with its output in OUT/ROW/train.log "
+                        "(default: 1, one after another)")
     return p
 
 

@@ -1,0 +1,39 @@
+"""tools/gpu_session.py's CPU dry run (--smoke) on the synthetic release: every part runs, its
+results reach --out, and a second call runs nothing again. Device time is scarce; this is what
+keeps a GPU session from finding a broken script."""
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import torch
+
+SESSION = Path(__file__).resolve().parents[1] / "tools" / "gpu_session.py"
+
+
+def session(*args):
+    return subprocess.run([sys.executable, str(SESSION), *args], capture_output=True, text=True)
+
+
+def test_smoke_runs_every_part_once(release, tmp_path):
+    common = ["--release", str(release), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"),
+              "--smoke", "--commit", "abc123"]
+    first = session(*common)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["bench.md", "curves.png", "json.tar", "r224.md",
+                                                      "speedrun.md", "speedrun.png", "table2.md"]
+    with tarfile.open(out / "json.tar") as tf:
+        assert sorted(tf.getnames()) == ["bench.json", "env.json", "speedrun.json", "table2.json"]
+        env = json.load(tf.extractfile("env.json"))
+        table2 = json.load(tf.extractfile("table2.json"))
+    assert (env["device"], env["gpu"], env["torch"]) == ("cpu", None, torch.__version__)
+    assert [r["name"] for r in table2["runs"]] == ["lenet5-28", "squeezenet1_1-64"] and table2["jobs"] == 2
+    assert "up to 2 rows trained side by side" in (out / "table2.md").read_text()
+    assert "| 1 |" in (out / "r224.md").read_text()  # one epoch's row
+
+    second = session(*common)
+    assert second.returncode == 0, second.stderr
+    for part in ("bench", "table2", "r224", "speedrun"):
+        assert f"== {part}: done earlier (" in second.stdout

@@ -37,3 +37,11 @@ def test_smoke_runs_every_part_once(release, tmp_path):
     assert second.returncode == 0, second.stderr
     for part in ("bench", "table2", "r224", "speedrun"):
         assert f"== {part}: done earlier (" in second.stdout
+
+    # The ablation after the speedrun: its seeds are not trained again, the variant is.
+    third = session(*common, "--parts", "speedrun", "--speedrun-args", "--ablate ema")
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    assert "== speedrun: done earlier" not in third.stdout and third.stdout.count("/train.py --shards") == 1  # the variant only
+    assert "| EMA of the weights | `--ema 0` |" in (out / "ablation.md").read_text()
+    with tarfile.open(out / "json.tar") as tf:
+        assert [r["variant"] for r in json.load(tf.extractfile("ablation.json"))] == [None, "ema"]

@@ -48,3 +48,31 @@ def test_bad_seeds_are_a_one_line_error(capsys):
     with pytest.raises(SystemExit):
         speedrun.main(["--shards", "x", "--out", "y", "--seeds", "0,a"])
     assert capsys.readouterr().err.splitlines()[-1] == "speedrun.py: error: --seeds: comma-separated integers, not '0,a'"
+
+
+def test_ablation_switches_off_one_part_per_run(shards, tmp_path):
+    out = tmp_path / "sr"
+    speedrun.main(["--shards", str(shards), "--out", str(out), "--arch", "resnet10_64s2", "--seeds", "0",
+                   "--train-args", TINY, "--ablate", "ema,tta"])
+    args = {name: json.loads((out / "runs" / name / "args.json").read_text())
+            for name in ("seed0", "seed0-no-ema", "seed0-no-tta")}
+    assert [(a["ema"], a["tta"], a["label_smoothing"]) for a in args.values()] == \
+        [(0.999, True, 0.1), (0.0, True, 0.1), (0.999, False, 0.1)]
+    finals = [json.loads((out / "runs" / name / "final.json").read_text()) for name in args]
+    assert [(f["eval_model"], f["tta"]) for f in finals] == [("ema", True), ("model", True), ("ema", False)]
+    md = (out / "ablation.md").read_text().splitlines()
+    assert md[1] == "# seed 0; each row: --recipe fast with one part switched off"
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in md if line.startswith("| ")][1:]
+    assert [row[:2] for row in rows] == [["nothing: the full recipe", ""], ["EMA of the weights", "`--ema 0`"],
+                                         ["flip test-time augmentation", "`--no-tta`"]]
+    assert [row[3] for row in rows] == [f"{f['val_top1']:.2f}" for f in finals]
+    assert [row[4] for row in rows[1:]] == [f"{f['val_top1'] - finals[0]['val_top1']:+.2f}" for f in finals[1:]]
+    assert [r["variant"] for r in json.loads((out / "ablation.json").read_text())] == [None, "ema", "tta"]
+
+
+def test_unknown_ablation_is_a_one_line_error(capsys):
+    with pytest.raises(SystemExit):
+        speedrun.main(["--shards", "x", "--out", "y", "--ablate", "ema,dropout"])
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        "speedrun.py: error: --ablate: unknown part(s) dropout; choose from: all, ema, tta, smoothing, augment, " \
+        "nesterov, warmup, amp, channels-last, compile"

@@ -9,8 +9,9 @@ with --recipe paper, plus --amp --channels-last and the four rows side by side o
 (ResNet-18 from scratch at 224 for 2 epochs, its images/s against the bench's ceiling (a)),
 `speedrun` (issue 9: tools/speedrun.py, --recipe fast for two seeds). Work (shards, extracted images, run folders with checkpoints) goes to
 --work; results to --work/results, copied to --out at the end: bench.md, table2.md, curves.png,
-r224.md, speedrun.md, speedrun.png, and json.tar holding env.json, bench.json, table2.json and
-speedrun.json (7 files: the device tool returns at most 8). A part whose result is in
+r224.md, speedrun.md, speedrun.png, ablation.md (with --speedrun-args '--ablate ...'), and json.tar
+holding env.json, bench.json, table2.json, speedrun.json and ablation.json (8 files: the device tool
+returns at most 8). A part whose result is in
 --work/results is not run again, and train.py's --resume auto continues an interrupted row, so a
 session can split the work into several calls of under 10 minutes while the machine stays warm.
 """
@@ -29,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PARTS = ("bench", "table2", "r224", "speedrun")
-RESULTS = ("bench.md", "table2.md", "curves.png", "r224.md", "speedrun.md", "speedrun.png")
-JSON = ("env.json", "bench.json", "table2.json", "speedrun.json")  # packed into json.tar
+RESULTS = ("bench.md", "table2.md", "curves.png", "r224.md", "speedrun.md", "speedrun.png", "ablation.md")
+JSON = ("env.json", "bench.json", "table2.json", "speedrun.json", "ablation.json")  # packed into json.tar
 
 
 def sh(cmd, log=None):
@@ -125,8 +126,9 @@ def part_speedrun(args, res, shards, work):
     if args.smoke:
         cmd += ["--arch", "resnet10_64s2", "--seeds", "0", "--train-args", "--epochs 2 --warmup-epochs 1 --limit-batches 1 -b 8"]
     sh(cmd + shlex.split(args.speedrun_args or ""))
-    for name in ("speedrun.md", "speedrun.json", "speedrun.png"):
-        shutil.copy(work / "speedrun" / name, res / name)
+    for name in ("speedrun.md", "speedrun.json", "speedrun.png", "ablation.md", "ablation.json"):
+        if (work / "speedrun" / name).is_file():  # ablation.*: only with --speedrun-args '--ablate ...'
+            shutil.copy(work / "speedrun" / name, res / name)
 
 
 def main():
@@ -167,7 +169,8 @@ def main():
     (res / "env.json").write_text(json.dumps(env, indent=1))
     t0 = time.time()
     shards, images = shards_and_images(args, work)
-    done = {"bench": "bench.json", "table2": "table2.md", "r224": "r224.md", "speedrun": "speedrun.md"}
+    done = {"bench": "bench.json", "table2": "table2.md", "r224": "r224.md",
+            "speedrun": "ablation.md" if "--ablate" in (args.speedrun_args or "") else "speedrun.md"}
     for part in parts:
         if (res / done[part]).is_file():
             print(f"== {part}: done earlier ({res / done[part]}), not run again", flush=True)

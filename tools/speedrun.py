@@ -2,12 +2,19 @@
 
     python tools/speedrun.py --shards SHARDS --out OUT                      # resnet18_64, seeds 0 and 1
     python tools/speedrun.py --shards S --out O --arch resnet10_64s2 --seeds 0,1,2 --train-args '--epochs 30'
+    python tools/speedrun.py --shards S --out O --ablate ema,tta,smoothing,augment   # + one part off at a time
 
 Each seed is one `train.py` process; its minutes are the process's wall time, from start to the
 final test evaluation (shards already built: the build is not part of a speedrun). Writes
 OUT/speedrun.md (per seed and mean +- spread: minutes, val and test top-1), OUT/speedrun.json and
 OUT/speedrun.png (val top-1 against minutes: the time-to-accuracy curve). Run folders go to
 OUT/runs/; a seed whose final.json is there is not run again.
+
+--ablate (issue 9's table of what each part adds) then trains the first seed again once per named
+part, with only that part switched off (ABLATIONS: the train.py flags that do it, which win over
+the recipe), and writes OUT/ablation.md (+ .json): each variant's minutes and val/test top-1 beside the full
+recipe's on the same seed. One seed a variant: a difference smaller than the seeds' spread in
+speedrun.md is noise.
 """
 import argparse
 import json
@@ -22,14 +29,29 @@ from matplotlib.figure import Figure  # the object API: no pyplot, no global bac
 
 ROOT = Path(__file__).resolve().parents[1]
 
+#: --ablate's variants: name -> (the part switched off, the train.py flags that switch it off)
+ABLATIONS = {
+    "ema": ("EMA of the weights", "--ema 0"),
+    "tta": ("flip test-time augmentation", "--no-tta"),
+    "smoothing": ("label smoothing", "--label-smoothing 0"),
+    "augment": ("augmentation (random-resized crop + flip)", "--augment none"),
+    "nesterov": ("Nesterov momentum", "--no-nesterov"),
+    "warmup": ("lr warm-up", "--warmup-epochs 0"),
+    "amp": ("bf16 autocast", "--no-amp"),
+    "channels-last": ("channels_last", "--no-channels-last"),
+    "compile": ("torch.compile", "--no-compile"),
+}
 
-def run_seed(args, seed, out):
-    """Train one seed (unless done before); its process wall time and run folder."""
-    run = out / "runs" / f"seed{seed}"
+
+def run_seed(args, seed, out, variant=None):
+    """Train one seed (unless done before), the full recipe or with ABLATIONS[variant]'s part
+    switched off; its process wall time, metrics and final figures."""
+    run = out / "runs" / (f"seed{seed}" if variant is None else f"seed{seed}-no-{variant}")
     timing = run / "process_wall.json"
     if not (run / "final.json").is_file() or not timing.is_file():
+        off = shlex.split(ABLATIONS[variant][1]) if variant else []
         cmd = [sys.executable, str(ROOT / "train.py"), "--shards", args.shards, "--arch", args.arch, "--size", "64",
-               "--recipe", "fast", "--seed", str(seed), "--output-dir", str(run), *shlex.split(args.train_args)]
+               "--recipe", "fast", "--seed", str(seed), "--output-dir", str(run), *shlex.split(args.train_args), *off]
         if args.device:
             cmd += ["--device", args.device]
         print(f"$ {shlex.join(cmd)}", flush=True)
@@ -38,7 +60,7 @@ def run_seed(args, seed, out):
         run.mkdir(parents=True, exist_ok=True)
         timing.write_text(json.dumps(dict(seconds=time.time() - t0, command=shlex.join(cmd[1:]))))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return dict(seed=seed, final=json.loads((run / "final.json").read_text()), metrics=rows,
+    return dict(seed=seed, variant=variant, final=json.loads((run / "final.json").read_text()), metrics=rows,
                 **json.loads(timing.read_text()))
 
 
@@ -76,6 +98,23 @@ def render(results, argv):
     return "\n".join(lines) + "\n"
 
 
+def render_ablation(full, variants, argv):
+    """ablation.md: the full recipe's row, then one row per part switched off, with its change in
+    val top-1 against the full recipe on the same seed."""
+    f = full["final"]
+    lines = [f"# python tools/speedrun.py {shlex.join(argv)}",
+             f"# seed {full['seed']}; each row: --recipe fast with one part switched off", "",
+             "| without | train.py flags | minutes (process) | val top-1 (%) | change in val (points) | test top-1 (%) |",
+             "|---|---|---|---|---|---|",
+             f"| nothing: the full recipe | | {full['seconds'] / 60:.2f} | {f['val_top1']:.2f} | | {f['test_top1']:.2f} |"]
+    for r in variants:
+        part, flags = ABLATIONS[r["variant"]]
+        v = r["final"]
+        lines.append(f"| {part} | `{flags}` | {r['seconds'] / 60:.2f} | {v['val_top1']:.2f} | "
+                     f"{v['val_top1'] - f['val_top1']:+.2f} | {v['test_top1']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(results, png):
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
@@ -97,21 +136,33 @@ def main(argv=None):
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds (default: %(default)s)")
     p.add_argument("--device", default=None, help="passed to train.py (default: train.py's)")
     p.add_argument("--train-args", default="", help="more train.py flags, e.g. '--epochs 30' (they win over the recipe)")
+    p.add_argument("--ablate", metavar="PARTS",
+                   help=f"then the first seed once per part switched off: 'all' or comma-separated of {', '.join(ABLATIONS)}")
     args = p.parse_args(argv)
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         p.error(f"--seeds: comma-separated integers, not {args.seeds!r}")
+    variants = [] if not args.ablate else list(ABLATIONS) if args.ablate == "all" else args.ablate.split(",")
+    unknown = [v for v in variants if v not in ABLATIONS]
+    if unknown:
+        p.error(f"--ablate: unknown part(s) {', '.join(unknown)}; choose from: all, {', '.join(ABLATIONS)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    command_line = sys.argv[1:] if argv is None else argv
     try:
         results = [run_seed(args, seed, out) for seed in seeds]
+        (out / "speedrun.md").write_text(render(results, command_line))
+        (out / "speedrun.json").write_text(json.dumps([dict(r, curve=curve(r)) for r in results], indent=1))
+        plot(results, out / "speedrun.png")
+        print((out / "speedrun.md").read_text(), end="")
+        if variants:
+            ablated = [run_seed(args, seeds[0], out, variant) for variant in variants]
+            (out / "ablation.md").write_text(render_ablation(results[0], ablated, command_line))
+            (out / "ablation.json").write_text(json.dumps([results[0], *ablated], indent=1))
+            print((out / "ablation.md").read_text(), end="")
     except subprocess.CalledProcessError as e:
         sys.exit(f"error: train.py failed (exit {e.returncode}); rerun to continue")
-    (out / "speedrun.md").write_text(render(results, sys.argv[1:] if argv is None else argv))
-    (out / "speedrun.json").write_text(json.dumps([dict(r, curve=curve(r)) for r in results], indent=1))
-    plot(results, out / "speedrun.png")
-    print((out / "speedrun.md").read_text(), end="")
 
 
 if __name__ == "__main__":

@@ -111,11 +111,13 @@ def distributed(args):
     finally:
         if dist.is_initialized():
             if together:
-                # Why: on torch 2.11 a Gloo worker thread frees a finished collective's tensors under
-                # the GIL, and the process group's destructor (when the model's DDP reducer goes at
-                # exit) joins that thread holding the GIL: ~1 in 4 two-rank runs hung at exit. A
-                # barrier waits with the GIL released, so the workers are idle when the group goes.
+                # Why: on torch 2.11 a Gloo worker thread frees each finished collective's tensors,
+                # which takes the GIL, and the group's destructor (run when the DDP reducer goes at
+                # exit) joins that thread while holding the GIL: about 1 in 6 two-rank runs hung
+                # there. The barrier ends the last collective on every rank and the sleep releases
+                # the GIL, so the workers have freed everything before the group goes.
                 dist.barrier()
+                time.sleep(0.1)
             dist.destroy_process_group()
 
 

@@ -7,13 +7,13 @@
 Parts, in order: `bench` (the `tinyin bench train` table), `table2` (tools/reproduce.py, Table 2
 with --recipe paper, plus --amp --channels-last and the four rows side by side on CUDA), `r224`
 (ResNet-18 from scratch at 224 for 2 epochs, its images/s against the bench's ceiling (a)),
-`speedrun` (issue 9: tools/speedrun.py, --recipe fast for two seeds). Work (shards, extracted images, run folders with checkpoints) goes to
---work; results to --work/results, copied to --out at the end: bench.md, table2.md, curves.png,
-r224.md, speedrun.md, speedrun.png, ablation.md (with --speedrun-args '--ablate ...'), and json.tar
-holding env.json, bench.json, table2.json, speedrun.json and ablation.json (8 files: the device tool
-returns at most 8). A part whose result is in
---work/results is not run again, and train.py's --resume auto continues an interrupted row, so a
-session can split the work into several calls of under 10 minutes while the machine stays warm.
+`speedrun` (issue 9: tools/speedrun.py, --recipe fast for two seeds). Work (shards, extracted
+images, run folders with checkpoints) goes to --work; results to --work/results, copied to --out at
+the end: bench.md, table2.md, curves.png, r224.md, speedrun.md, speedrun.png, ablation.md (with
+--speedrun-args '--ablate ...'), and json.tar holding env.json, bench.json, table2.json,
+speedrun.json and ablation.json (8 files: the device tool returns at most 8). A part whose result
+is in --work/results is not run again, and train.py's --resume auto continues an interrupted row,
+so a session can split the work into several calls of under 10 minutes while the machine stays warm.
 """
 import argparse
 import json

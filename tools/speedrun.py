@@ -12,9 +12,9 @@ OUT/runs/; a seed whose final.json is there is not run again.
 
 --ablate (issue 9's table of what each part adds) then trains the first seed again once per named
 part, with only that part switched off (ABLATIONS: the train.py flags that do it, which win over
-the recipe), and writes OUT/ablation.md (+ .json): each variant's minutes and val/test top-1 beside the full
-recipe's on the same seed. One seed a variant: a difference smaller than the seeds' spread in
-speedrun.md is noise.
+the recipe), and writes OUT/ablation.md (+ .json): each variant's minutes and val/test top-1
+beside the full recipe's on the same seed. One seed a variant: a difference smaller than the
+seeds' spread in speedrun.md is noise.
 """
 import argparse
 import json

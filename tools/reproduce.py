@@ -177,7 +177,8 @@ def main(args):
     if len(failed) == 1:
         sys.exit(f"error: row {failed[0][0]} failed (exit {failed[0][1]}); rerun to resume it")
     if failed:
-        sys.exit(f"error: rows {', '.join(f'{name} (exit {code})' for name, code in failed)} failed; rerun to resume them")
+        which = ", ".join(f"{name} (exit {code})" for name, code in failed)
+        sys.exit(f"error: rows {which} failed; rerun to resume them")
     md, png = write_report(done, args.out, not_run=not_run, wall_s=table_wall(done) if done else None,
                            jobs=args.jobs)
     print(Path(md).read_text())

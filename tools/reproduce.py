@@ -62,8 +62,8 @@ def finished(run, epochs):
 
 
 def row_command(name, args):
-    """(run folder, train.py command) for one row; the command is None when the row finished
-    earlier, and the run folder None (with the reason second) when the row cannot run here."""
+    """(run folder, train.py command) for one row, the command None when the row finished earlier;
+    None when the row cannot run here (a Table 3 row without its ImageNet weights file)."""
     recipe, arch, size = ROWS[name]
     run = Path(args.out) / name
     cmd = [sys.executable, str(ROOT / "train.py"), "--shards", args.shards, "--arch", arch, "--size", str(size),
@@ -71,7 +71,7 @@ def row_command(name, args):
     if RECIPES[recipe][arch, size].get("pretrained"):
         weights = weights_file(arch, args.weights_dir)
         if weights is None:
-            return None, NO_WEIGHTS
+            return None
         cmd += ["--weights", str(weights)]
     epochs = args.epochs or RECIPES[recipe][arch, size]["epochs"]
     cmd += ["--epochs", str(epochs)]
@@ -154,11 +154,12 @@ def main(args):
         sys.exit(f"error: --jobs must be at least 1, not {args.jobs}")
     done, not_run, todo = [], [], []
     for name in rows:
-        run, cmd = row_command(name, args)
-        if run is None:
-            print(f"== {name}: not run: {cmd}", flush=True)
-            not_run.append((name, cmd))
+        planned = row_command(name, args)
+        if planned is None:
+            print(f"== {name}: not run: {NO_WEIGHTS}", flush=True)
+            not_run.append((name, NO_WEIGHTS))
             continue
+        run, cmd = planned
         done.append(run)
         if cmd is None:
             print(f"== {name}: finished earlier, not run again", flush=True)

@@ -144,12 +144,13 @@ STUDY_COLUMNS = ["Row", "Epochs", "Batch", "Ours: train / val / test", "Study re
 
 def render_study(run_dirs, not_run=(), wall_s=None, jobs=1) -> str:
     """Our rows beside the study's reported and (where one exists) recorded values, as fractions;
-    `not_run`: (row name, reason) pairs listed below; `wall_s`: the whole table's wall clock;
+    `not_run`: (row name, why it has no epoch to show) pairs listed below, e.g. ("alexnet-224",
+    "not run: no ImageNet weights here"); `wall_s`: the whole table's wall clock;
     `jobs`: how many rows trained side by side (their minutes were measured sharing the machine)."""
     runs = [read_run(r) for r in run_dirs]
     lines = ["| " + " | ".join(STUDY_COLUMNS) + " |", "|" + "|".join("---" for _ in STUDY_COLUMNS) + "|"]
     lines += ["| " + " | ".join(_study_cells(run)) + " |" for run in runs]
-    lines += [f"| {name} | - | - | not run: {reason} | - | - | - | - |" for name, reason in not_run]
+    lines += [f"| {name} | - | - | {why} | - | - | - | - |" for name, why in not_run]
     total = sum(run["final"].get("wall_time_s", sum(r.get("epoch_time_s", 0) for r in run["rows"])) for run in runs)
     footer = f"\nTraining time, sum of the rows: {_minutes(total)} min"
     if wall_s is not None:

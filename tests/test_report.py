@@ -100,7 +100,7 @@ def test_render_study_beside_the_study(tmp_path):
                    [row(0, 50.0, 60.0, seconds=60.0)])
     scratch = make_run(tmp_path, "resnet18-224-scratch", dict(arch="resnet18", size=224, epochs=2, batch_size=100),
                        [row(0, 1.0, 2.0)])
-    assert render_study([lenet, r224, a50, scratch], not_run=[("squeezenet1_1-224", "no ImageNet weights here")],
+    assert render_study([lenet, r224, a50, scratch], not_run=[("squeezenet1_1-224", "not run: no ImageNet weights here")],
                         wall_s=900) == (
         "| Row | Epochs | Batch | Ours: train / val / test | Study reported: train / val | Study recorded | Ours, comparable | Minutes |\n"
         "|---|---|---|---|---|---|---|---|\n"
@@ -123,12 +123,12 @@ def test_recorded_epoch_not_reached(tmp_path):
 
 
 def test_write_report_study_section_and_json(tmp_path, runs):
-    md, _ = write_report(runs, tmp_path / "r", not_run=[("alexnet-224", "no ImageNet weights here")], wall_s=61.0)
+    md, _ = write_report(runs, tmp_path / "r", not_run=[("alexnet-224", "not run: no ImageNet weights here")], wall_s=61.0)
     text = open(md).read()
-    assert "## Beside the study\n\n" + render_study(runs, [("alexnet-224", "no ImageNet weights here")], 61.0) in text
+    assert "## Beside the study\n\n" + render_study(runs, [("alexnet-224", "not run: no ImageNet weights here")], 61.0) in text
     data = json.loads((tmp_path / "r" / "report.json").read_text())
     assert [r["name"] for r in data["runs"]] == ["lenet5-28", "resnet18-224", "alexnet-64"]
-    assert data["not_run"] == [["alexnet-224", "no ImageNet weights here"]] and data["wall_s"] == 61.0
+    assert data["not_run"] == [["alexnet-224", "not run: no ImageNet weights here"]] and data["wall_s"] == 61.0
 
 
 REPRODUCE = Path(__file__).resolve().parents[1] / "tools" / "reproduce.py"
@@ -183,7 +183,10 @@ def test_reproduce_rows_side_by_side(shards, tmp_path):
         assert f"== {name}: finished after " in first.stdout
         assert json.loads((out / name / "final.json").read_text())["epochs"] == 1
         assert "test top1" in (out / name / "train.log").read_text()
-    assert not (out / "report.md").exists()
+    report = (out / "report.md").read_text()  # written all the same, with what trained
+    assert "| lenet5-28 | 1 (2 batches each) | 32 |" in report
+    assert "| squeezenet1_1-64 | 1 (2 batches each) | 50 |" in report
+    assert "| alexnet-64 | - | - | no epoch finished: failed (exit 1) | - | - | - | - |" in report
     (lenet,), (squeeze,) = (json.loads((out / n / "reproduce.json").read_text())["intervals"]
                             for n in ("lenet5-28", "squeezenet1_1-64"))
     assert lenet[0] < squeeze[1] and squeeze[0] < lenet[1], "the two rows did not overlap"
@@ -202,6 +205,47 @@ def test_reproduce_rows_side_by_side(shards, tmp_path):
     assert report["wall_s"] == pytest.approx(union_seconds(intervals))
     assert report["wall_s"] < sum(r["wall_s"] for r in records)
     assert "up to 2 rows trained side by side" in (out / "report.md").read_text()
+
+
+def test_reproduce_stopped_by_sigterm_reports_and_resumes(shards, tmp_path):
+    """SIGTERM to reproduce.py alone (as from a scheduler, or gpu_session's --deadline): the two
+    running rows get it passed on and checkpoint mid-epoch 2, the third row never starts, the report
+    shows the rows so far, the exit is 128 + 15; the rerun resumes both and trains the third."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "paper"
+    common = ["--shards", str(shards), "--out", str(out), "--rows", "lenet5-28,squeezenet1_1-64,alexnet-64",
+              "--epochs", "2", "--limit-batches", "2", "--device", "cpu", "--jobs", "2"]
+    proc = subprocess.Popen([sys.executable, str(REPRODUCE), *common, "--train-args", "--wait-at-step 3"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    logs = [out / name / "train.log" for name in ("lenet5-28", "squeezenet1_1-64")]
+    deadline = time.time() + 120
+    while not all(log.is_file() and "waiting for a signal at epoch 1 step 1" in log.read_text() for log in logs):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert stderr.endswith("error: stopped by SIGTERM; lenet5-28, squeezenet1_1-64, alexnet-64 unfinished "
+                           "(the report shows them so far); rerun to resume\n"), stderr
+    assert "== alexnet-64:" not in stdout  # never started
+    report = (out / "report.md").read_text()
+    assert "| lenet5-28 | 1 of 2 (2 batches each) | 32 |" in report
+    assert "| squeezenet1_1-64 | 1 of 2 (2 batches each) | 50 |" in report
+    assert "| alexnet-64 | - | - | not started: stopped by SIGTERM | - | - | - | - |" in report
+    for log in logs:
+        assert "interrupted at epoch 1 step 1: checkpoint saved" in log.read_text()
+
+    second = reproduce(*common)
+    assert second.returncode == 0, second.stderr
+    report = (out / "report.md").read_text()
+    for name, batch in (("lenet5-28", 32), ("squeezenet1_1-64", 50), ("alexnet-64", 50)):
+        assert f"| {name} | 2 (2 batches each) | {batch} |" in report
+    assert [len(json.loads((out / n / "reproduce.json").read_text())["intervals"])
+            for n in ("lenet5-28", "squeezenet1_1-64", "alexnet-64")] == [2, 2, 1]
+    assert "resumed from " in (out / "lenet5-28" / "train.log").read_text()
 
 
 def test_union_seconds():

@@ -18,12 +18,19 @@ rows side by side, each row's output in OUT/ROW/train.log. Why: on a GPU, Table 
 (32 and 50) should leave it idle between kernel launches (the step is bound by the host's launch
 rate), so rows sharing it should finish the table sooner than one after another (not yet measured
 on a GPU); each row's minutes are then its own process's, measured side by side.
+
+A row that fails, and SIGTERM or SIGINT (Ctrl-C, a scheduler, tools/gpu_session.py's --deadline),
+do not lose what trained: on a signal every running row's train.py writes its checkpoint and exits
+(the signal is passed on to them), no further row starts, and the report is written for the rows
+so far (an unfinished row says "12 of 40" epochs) before the exit (128 + signum after a signal).
 """
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -83,17 +90,57 @@ def row_command(name, args):
     return run, None if finished(run, epochs) else cmd
 
 
-def train_row(name, run, cmd, log=None, env=None):
+class Stop:
+    """SIGTERM and SIGINT to the reproduction: recorded, and passed on to the rows' train.py
+    processes, which checkpoint and exit (they take repeats, as from a terminal's Ctrl-C that
+    reached the whole process group, as one); `started` refuses to start a row after one."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum = 0
+        self._running = set()
+
+    def __enter__(self):
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):  # runs in the main thread, between its bytecodes
+        self.signum = self.signum or signum
+        for proc in list(self._running):
+            proc.send_signal(signum)
+
+    def started(self, cmd, **popen):
+        """`subprocess.Popen(cmd, **popen)`, tracked until `ended`; None once a stop was asked for."""
+        if self.signum:
+            return None
+        proc = subprocess.Popen(cmd, **popen)
+        self._running.add(proc)
+        if self.signum:  # the signal came while it started, maybe before it was tracked: pass it on
+            proc.send_signal(self.signum)
+        return proc
+
+    def ended(self, proc):
+        self._running.discard(proc)
+
+
+def train_row(name, run, cmd, stop, log=None, env=None):
     """Run one row's train.py (its output to `log` when given) and add the time it took to
-    run/reproduce.json, as seconds and as a (start, end) interval; returns the exit code."""
-    print(f"== {name}: {shlex.join(cmd[1:])}" + (f" (log: {log})" if log else ""), flush=True)
+    run/reproduce.json, as seconds and as a (start, end) interval; returns the exit code, or None
+    when a stop came before the row started."""
     run.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    if log:
-        with open(log, "a") as f:
-            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
-    else:
-        code = subprocess.run(cmd, env=env).returncode
+    with open(log, "a") if log else contextlib.nullcontext() as f:
+        proc = stop.started(cmd, env=env, **(dict(stdout=f, stderr=subprocess.STDOUT) if log else {}))
+        if proc is None:
+            return None
+        print(f"== {name}: {shlex.join(cmd[1:])}" + (f" (log: {log})" if log else ""), flush=True)
+        code = proc.wait()
+        stop.ended(proc)
     t1 = time.time()
     record = run / "reproduce.json"
     before = json.loads(record.read_text()) if record.is_file() else {}
@@ -169,21 +216,38 @@ def main(args):
     # since each thread only waits on its train.py process.
     logs = {name: run / "train.log" if args.jobs > 1 else None for name, run, _ in todo}
     env = child_env(args.jobs)
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        codes = list(pool.map(lambda row: train_row(*row, log=logs[row[0]], env=env), todo))
-    failed = [(name, code) for (name, _, _), code in zip(todo, codes) if code != 0]
+    with Stop() as stop, ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        codes = list(pool.map(lambda row: train_row(*row, stop, log=logs[row[0]], env=env), todo))
+    codes = {name: code for (name, _, _), code in zip(todo, codes)}
+
+    def stopped(code):  # not started after a stop, or train.py's exit for the signal (128 + signum)
+        return code is None or bool(stop.signum) and code in (128 + stop.signum, -stop.signum)
+
+    failed = [(name, code) for name, code in codes.items() if code != 0 and not stopped(code)]
     for name, code in failed:
         if logs[name]:
             print(f"== {name}: the end of {logs[name]}:\n{log_tail(logs[name])}", file=sys.stderr)
+    # The report of what has trained so far, after a failure or a stop too: nothing trained is lost.
+    reported = [run for run in done if (run / "metrics.jsonl").is_file()]
+    signame = signal.Signals(stop.signum).name if stop.signum else ""
+    missing = [(run.name, "not started: stopped by " + signame if codes[run.name] is None
+                else "no epoch finished: " + (f"stopped by {signame}" if stopped(codes[run.name])
+                                              else f"failed (exit {codes[run.name]})"))
+               for run in done if run not in reported]
+    md, png = write_report(reported, args.out, not_run=missing + [(n, f"not run: {why}") for n, why in not_run],
+                           wall_s=table_wall(done) if done else None, jobs=args.jobs)
+    print(Path(md).read_text())
+    print(f"wrote {md}" + (f" and {png}" if png else ""), flush=True)
+    unfinished = [name for name, code in codes.items() if stopped(code)]
+    if unfinished:
+        print(f"error: stopped by {signame}; {', '.join(unfinished)} unfinished (the report shows them so far); "
+              "rerun to resume", file=sys.stderr)
+        sys.exit(128 + stop.signum)
     if len(failed) == 1:
         sys.exit(f"error: row {failed[0][0]} failed (exit {failed[0][1]}); rerun to resume it")
     if failed:
         which = ", ".join(f"{name} (exit {code})" for name, code in failed)
         sys.exit(f"error: rows {which} failed; rerun to resume them")
-    md, png = write_report(done, args.out, not_run=not_run, wall_s=table_wall(done) if done else None,
-                           jobs=args.jobs)
-    print(Path(md).read_text())
-    print(f"wrote {md}" + (f" and {png}" if png else ""))
 
 
 def get_args_parser():

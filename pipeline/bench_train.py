@@ -249,7 +249,9 @@ def _model(case, device, num_classes, cache):
 def bench_train(shards, images=None, cases=None, device="cpu", warmup=10, steps=50, windows=3,
                 workers=None, log=print):
     """Measure every case; returns a list of row dicts (the `Case` fields plus images/s median,
-    min, max, the windows' rates, ratio to (a) of the same compile setting, peak GPU memory)."""
+    min, max, the windows' rates, ratio to (a) of the same compile setting, peak GPU memory).
+    A KeyboardInterrupt (Ctrl-C; `tinyin bench train` turns SIGTERM into one) ends the run early
+    and returns the rows measured so far, fewer than the cases."""
     device = torch.device(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -257,9 +259,10 @@ def bench_train(shards, images=None, cases=None, device="cpu", warmup=10, steps=
         raise UsageError(f"--windows {windows}: need at least 3 (the median of fewer hides the spread)")
     num_classes = len(read_manifest(shards)["classes"])
     feeds = Feeds(shards, images, device, os.cpu_count() if workers is None else workers)
+    cases = list(cases or plan())
     rows, compiled = [], {}
     try:
-        for case in cases or plan():
+        for case in cases:
             feeds.keep_only(case.feed)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -277,6 +280,8 @@ def bench_train(shards, images=None, cases=None, device="cpu", warmup=10, steps=
             rows.append(row)
             log(f"  {case.arch}@{case.size} b{case.batch} {case.feed}{' compiled' if case.compiled else ''}: "
                 f"{row['images_per_s']:,.0f} images/s")
+    except KeyboardInterrupt:  # a long table stopped: the rows already measured are still worth printing
+        log(f"stopped: {len(rows)} of {len(cases)} rows measured")
     finally:
         feeds.close()
     for row in rows:
@@ -320,13 +325,15 @@ def _gib(n):
     return "-" if n is None else f"{n / 2**30:.2f} GiB"
 
 
-def format_table(rows, command, env, warmup, steps, windows):
-    """The Markdown table, headed by the command, commit, machine and versions that produced it."""
+def format_table(rows, command, env, warmup, steps, windows, planned=None):
+    """The Markdown table, headed by the command, commit, machine and versions that produced it
+    (and, when `planned` cases were more than the rows, by how many were measured)."""
     lines = [f"# {command}",
              f"# commit {env['commit']}; {env['host']}: {env['cores']} cores ({env['cpu']}), "
              f"{env['gpu'] or 'no GPU'}; torch {env['torch']}, torchvision {env['torchvision']}; {env['precision']}",
              f"# complete SGD steps (lr 0.001, momentum 0.9); {warmup} warm-up steps excluded; "
              f"median of {windows} windows of {steps} steps" + (", CUDA synchronised" if env["gpu"] else ""),
+             *([f"# stopped early: {len(rows)} of {planned} rows measured"] if planned and planned > len(rows) else []),
              "| model | input | batch | feed | compiled | images/s | min-max | of (a) | peak GPU memory |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -1,5 +1,6 @@
 """The `tinyin` command line: thin click wrappers, each calling one library function."""
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -202,12 +203,24 @@ def bench_train_cmd(shards, images, arch, size, batch, feeds, compile_, device, 
     compile_ = device.startswith("cuda") if compile_ is None else compile_
     feeds = feeds or (("a", "b", "c", "d") if images else ("a", "b", "c"))
     cases = plan(arch, size, batch, feeds, compile_)
-    rows = bench_train(shards, images, cases, device=device, warmup=warmup, steps=steps, windows=windows,
-                       workers=workers, log=lambda m: click.echo(m, err=True))
+    stopped_by = []
+
+    def stop(signum, frame):  # SIGTERM (a scheduler, a deadline) ends the table early, as Ctrl-C does
+        stopped_by.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        rows = bench_train(shards, images, cases, device=device, warmup=warmup, steps=steps, windows=windows,
+                           workers=workers, log=lambda m: click.echo(m, err=True))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     env, command = environment(device), "tinyin bench train " + " ".join(sys.argv[3:])
-    click.echo(format_table(rows, command, env, warmup, steps, windows))
+    click.echo(format_table(rows, command, env, warmup, steps, windows, planned=len(cases)))
     if json_path:
-        Path(json_path).write_text(json.dumps(dict(command=command, env=env, rows=rows), indent=1))
+        Path(json_path).write_text(json.dumps(dict(command=command, env=env, planned=len(cases), rows=rows), indent=1))
+    if len(rows) < len(cases):
+        raise SystemExit(128 + (stopped_by[0] if stopped_by else signal.SIGINT))
 
 
 @main.command("report")

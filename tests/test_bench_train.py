@@ -1,6 +1,9 @@
 """pipeline.bench_train on the synthetic set: the plan of cases, what each feed delivers, the
 one-line errors, and the CLI's table and JSON (a tiny run; no figures are asserted)."""
 import json
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -102,3 +105,25 @@ def test_cli_table_and_json(shards, release, tmp_path):
     assert [line.split(" | ")[3] for line in lines[5:]] == [
         "(a) ceiling: one batch on the device", "(b) resident loader", "(c) fast path", "(d) study: ImageFolder + PIL"]
     assert lines[5:] == format_table(rows, "x", environment("cpu"), 1, 1, 3).splitlines()[5:]
+
+
+def test_cli_sigterm_keeps_the_rows_measured(shards, tmp_path):
+    """SIGTERM (a scheduler, gpu_session's --deadline) mid-table: the rows measured so far are
+    printed and written, the table says it stopped early, and the exit is 128 + 15."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "bench", "train", "--shards", str(shards),
+                             "--arch", "lenet5", "--batch", "16", "--warmup", "0", "--steps", "300",
+                             "--device", "cpu", "--json", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = proc.stderr.readline()  # the first row's line: the second row is being measured now
+    assert first.startswith("  lenet5@28 b16 ceiling: "), first + proc.stderr.read()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    data = json.loads(out.read_text())
+    measured = len(data["rows"])
+    assert data["planned"] == 3 and 1 <= measured < 3
+    assert f"stopped: {measured} of 3 rows measured" in stderr
+    lines = stdout.splitlines()
+    assert lines[3] == f"# stopped early: {measured} of 3 rows measured"
+    assert len([line for line in lines if line.startswith("| lenet5 |")]) == measured

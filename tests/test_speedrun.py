@@ -1,5 +1,7 @@
 """tools/speedrun.py on the synthetic shards: seeds run once each, the table and the time-to-accuracy curve."""
 import json
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -39,9 +41,36 @@ def test_a_finished_seed_is_not_run_again(shards, tmp_path, monkeypatch):
     args = ["--shards", str(shards), "--out", str(out), "--arch", "resnet10_64s2", "--seeds", "0", "--train-args", TINY]
     speedrun.main(args)
     before = (out / "runs" / "seed0" / "final.json").stat().st_mtime_ns
-    monkeypatch.setattr(speedrun.subprocess, "run", lambda *a, **k: pytest.fail("ran train.py again"))
+    monkeypatch.setattr(speedrun.subprocess, "Popen", lambda *a, **k: pytest.fail("ran train.py again"))
     speedrun.main(args)
     assert (out / "runs" / "seed0" / "final.json").stat().st_mtime_ns == before
+
+
+def test_sigterm_keeps_the_finished_seeds_and_the_stopped_one_trains_again(shards, tmp_path, capfd):
+    """SIGTERM to speedrun.py (a scheduler, gpu_session's --deadline) while seed 1 trains: train.py
+    gets it passed on and checkpoints, speedrun.md keeps seed 0's row, the exit is 128 + 15; the
+    rerun trains seed 1 from its start (its minutes count from its process's start)."""
+    out = tmp_path / "sr"
+    args = ["--shards", str(shards), "--out", str(out), "--arch", "resnet10_64s2", "--train-args"]
+    speedrun.main([*args, TINY, "--seeds", "0"])
+    proc = subprocess.Popen([sys.executable, speedrun.__file__, *args, TINY + " --wait-at-step 1", "--seeds", "0,1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("waiting for a signal"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "interrupted at epoch 0 step 1: checkpoint saved" in stderr
+    assert stderr.endswith("error: train.py failed (exit 143); rerun to train that run again\n")
+    rows = [line.split("|")[1].strip() for line in (out / "speedrun.md").read_text().splitlines() if line.startswith("| ")]
+    assert rows == ["seed", "0"]
+
+    capfd.readouterr()
+    speedrun.main([*args, TINY, "--seeds", "0,1"])
+    assert "resumed from" not in "".join(capfd.readouterr())  # trained again from its start
+    assert [r["seed"] for r in json.loads((out / "speedrun.json").read_text())] == [0, 1]
+    assert [m["epoch"] for m in json.loads((out / "speedrun.json").read_text())[1]["metrics"]] == [0, 1]
 
 
 def test_bad_seeds_are_a_one_line_error(capsys):

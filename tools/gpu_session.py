@@ -14,18 +14,25 @@ the end: bench.md, table2.md, curves.png, r224.md, speedrun.md, speedrun.png, ab
 speedrun.json and ablation.json (8 files: the device tool returns at most 8). A part whose result
 is in --work/results is not run again, and train.py's --resume auto continues an interrupted row,
 so a session can split the work into several calls of under 10 minutes while the machine stays warm.
+
+--deadline S stops the parts S seconds after the start (SIGTERM: train.py checkpoints, the bench
+keeps its rows, reproduce.py and speedrun.py write what finished), so that their results, whole or
+so far, are in --out before the device tool's own limit kills the call; a part that fails does not
+stop the next. Every part's results are copied to --out as soon as it ends.
 """
 import argparse
 import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
 import time
 from pathlib import Path
 
+START = time.time()  # --deadline counts from here
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -34,18 +41,42 @@ RESULTS = ("bench.md", "table2.md", "curves.png", "r224.md", "speedrun.md", "spe
 JSON = ("env.json", "bench.json", "table2.json", "speedrun.json", "ablation.json")  # packed into json.tar
 
 
-def sh(cmd, log=None):
-    """Run `cmd` (a list) from the repo root with PYTHONPATH on it; exit on failure."""
+#: a stopped part's time to write what it has (train.py: finish its step, save a checkpoint)
+GRACE_S = 45
+
+
+def sh(cmd, until=None, log=None):
+    """Run `cmd` (a list) from the repo root with PYTHONPATH on it; its exit code. At `until` (a
+    time.time(), or None) it gets SIGTERM, and whatever of it still runs GRACE_S later is killed."""
     print(f"$ {shlex.join(map(str, cmd))}", flush=True)
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    out = subprocess.run(list(map(str, cmd)), cwd=ROOT, env=env, text=True,
-                         stdout=subprocess.PIPE if log else None)
+    # Its own process group, so that the kill after the grace reaches its train.py processes too.
+    proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE if log else None, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=None if until is None else max(until - time.time(), 0))
+    except subprocess.TimeoutExpired:
+        print(f"== --deadline reached: SIGTERM to {cmd[2] if cmd[1] == '-m' else cmd[1]}", flush=True)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = proc.communicate(timeout=GRACE_S)
+        except subprocess.TimeoutExpired:
+            print(f"== still running {GRACE_S} s later: killed", flush=True)
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+    except KeyboardInterrupt:  # Ctrl-C does not reach a process group of its own: pass it on
+        proc.send_signal(signal.SIGINT)
+        proc.wait()
+        raise
     if log:
-        print(out.stdout, end="", flush=True)
-        Path(log).write_text(out.stdout)
-    if out.returncode != 0:
-        sys.exit(f"error: {cmd[1] if len(cmd) > 1 else cmd[0]} failed (exit {out.returncode}); rerun to continue")
-    return out
+        print(out, end="", flush=True)
+        Path(log).write_text(out)
+    return proc.returncode
+
+
+def existing(*pairs):
+    """{result name: path} of the (name, path) pairs whose path exists: a stopped part's results so far."""
+    return {name: Path(path) for name, path in pairs if Path(path).is_file()}
 
 
 def shards_and_images(args, work):
@@ -73,16 +104,23 @@ def shards_and_images(args, work):
     return shards, next(images.glob("*/wnids.txt")).parent
 
 
-def part_bench(args, res, shards, images):
-    cmd = [sys.executable, "-m", "pipeline.cli", "bench", "train", "--shards", shards, "--json", res / "bench.json"]
+def part_bench(args, res, shards, images, work, until):
+    """The `tinyin bench train` table; None when done (bench.md/.json in `res`), else what it has."""
+    cmd = [sys.executable, "-m", "pipeline.cli", "bench", "train", "--shards", shards, "--json", work / "bench.json"]
     if images:
         cmd += ["--images", images]
     if args.smoke:
         cmd += ["--arch", "lenet5", "--batch", "16", "--warmup", "1", "--steps", "1"]
-    sh(cmd + shlex.split(args.bench_args or ""), log=res / "bench.md")
+    (work / "bench.json").unlink(missing_ok=True)  # an earlier stopped table's
+    if sh(cmd + shlex.split(args.bench_args or ""), until, log=work / "bench.md") == 0:
+        for name in ("bench.md", "bench.json"):
+            shutil.copy(work / name, res / name)
+        return None
+    return existing(("bench.md", work / "bench.md"), ("bench.json", work / "bench.json"))
 
 
-def part_table2(args, res, shards, work):
+def part_table2(args, res, shards, images, work, until):
+    """Table 2 by tools/reproduce.py; None when done, else its report of the rows so far."""
     cmd = [sys.executable, "tools/reproduce.py", "--shards", shards, "--out", work / "paper",
            "--rows", "lenet5-28,alexnet-64,squeezenet1_1-64,resnet18-64"]
     on_cuda = args.device.startswith("cuda")
@@ -91,13 +129,19 @@ def part_table2(args, res, shards, work):
     if args.smoke:  # two rows side by side, so the dry run takes the path the GPU run takes
         cmd += ["--rows", "lenet5-28,squeezenet1_1-64", "--epochs", "1", "--limit-batches", "2"]
         jobs = args.table2_jobs or 2
-    sh(cmd + ["--device", args.device, "--jobs", jobs,
-              "--train-args", f"{train_args} {args.train_args or ''}".strip()])
-    for name, dest in (("report.md", "table2.md"), ("report.json", "table2.json"), ("curves.png", "curves.png")):
-        shutil.copy(work / "paper" / name, res / dest)
+    code = sh(cmd + ["--device", args.device, "--jobs", jobs,
+                     "--train-args", f"{train_args} {args.train_args or ''}".strip()], until)
+    report = {"table2.md": work / "paper" / "report.md", "table2.json": work / "paper" / "report.json",
+              "curves.png": work / "paper" / "curves.png"}
+    if code == 0:
+        for name, path in report.items():
+            shutil.copy(path, res / name)
+        return None
+    return existing(*report.items())
 
 
-def part_r224(args, res, shards, work):
+def part_r224(args, res, shards, images, work, until):
+    """ResNet-18 from scratch at 224 for 2 epochs; r224.md (its images/s against bench (a))."""
     run = work / "resnet18-224-scratch"
     cmd = [sys.executable, "train.py", "--shards", shards, "--arch", "resnet18", "--size", "224", "--epochs", "2",
            "-b", "100", "--lr", "0.001", "--momentum", "0.9", "--wd", "0", "--lr-scheduler", "none",
@@ -106,8 +150,9 @@ def part_r224(args, res, shards, work):
         cmd += ["--amp", "--channels-last"]
     if args.smoke:
         cmd += ["--epochs", "1", "--limit-batches", "2", "-b", "4"]
-    if not (run / "final.json").is_file():
-        sh(cmd)
+    finished = (run / "final.json").is_file() or sh(cmd, until) == 0
+    if not (run / "metrics.jsonl").is_file():
+        return None if finished else {}
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     bench = json.loads((res / "bench.json").read_text())["rows"] if (res / "bench.json").is_file() else []
     ceiling = next((r["images_per_s"] for r in bench if (r["arch"], r["size"], r["batch"], r["feed"], r["compiled"])
@@ -117,18 +162,42 @@ def part_r224(args, res, shards, work):
     for r in rows:
         ratio = f"{r['images_per_s'] / ceiling:.0%}" if ceiling else "- (no bench row)"
         lines.append(f"| {r['epoch'] + 1} | {r['images_per_s']:,.0f} | {ratio} | {r['val_top1']:.2f}% |")
-    (res / "r224.md").write_text("\n".join(lines) + "\n")
-    print((res / "r224.md").read_text(), flush=True)
+    md = (res if finished else work) / "r224.md"
+    md.write_text("\n".join(lines) + "\n")
+    print(md.read_text(), flush=True)
+    return None if finished else {"r224.md": md}
 
 
-def part_speedrun(args, res, shards, work):
+def part_speedrun(args, res, shards, images, work, until):
+    """issue 9's speedrun (and ablation) by tools/speedrun.py; None when done, else the seeds so far."""
     cmd = [sys.executable, "tools/speedrun.py", "--shards", shards, "--out", work / "speedrun", "--device", args.device]
     if args.smoke:
         cmd += ["--arch", "resnet10_64s2", "--seeds", "0", "--train-args", "--epochs 2 --warmup-epochs 1 --limit-batches 1 -b 8"]
-    sh(cmd + shlex.split(args.speedrun_args or ""))
-    for name in ("speedrun.md", "speedrun.json", "speedrun.png", "ablation.md", "ablation.json"):
-        if (work / "speedrun" / name).is_file():  # ablation.*: only with --speedrun-args '--ablate ...'
-            shutil.copy(work / "speedrun" / name, res / name)
+    code = sh(cmd + shlex.split(args.speedrun_args or ""), until)
+    # ablation.*: only with --speedrun-args '--ablate ...'
+    written = existing(*((name, work / "speedrun" / name) for name in
+                         ("speedrun.md", "speedrun.json", "speedrun.png", "ablation.md", "ablation.json")))
+    if code == 0:
+        for name, path in written.items():
+            shutil.copy(path, res / name)
+        return None
+    return written
+
+
+def publish(res, out, partial):
+    """Copy the results to `out`: each finished part's from `res`, a stopped or failed part's so far
+    (`partial`: result name -> path); the JSON files packed into json.tar."""
+    files = {**partial, **{name: res / name for name in RESULTS + JSON if (res / name).is_file()}}
+    for name in RESULTS:
+        if name in files:
+            shutil.copy(files[name], out / name)
+    with tarfile.open(out / "json.tar", "w") as tf:
+        for name in JSON:
+            if name in files:
+                tf.add(files[name], arcname=name)
+
+
+PART_RUNS = {"bench": part_bench, "table2": part_table2, "r224": part_r224, "speedrun": part_speedrun}
 
 
 def main():
@@ -145,6 +214,10 @@ def main():
     p.add_argument("--table2-jobs", type=int,
                    help="Table 2 rows trained side by side (tools/reproduce.py --jobs; default: 4 on CUDA, 1 on the CPU)")
     p.add_argument("--speedrun-args", help="more tools/speedrun.py flags, e.g. \"--train-args '--epochs 30'\"")
+    p.add_argument("--deadline", type=float, metavar="SECONDS",
+                   help=f"stop the parts this long after the start, keeping what they have (SIGTERM; killed "
+                        f"{GRACE_S} s later): give the device call's timeout less {GRACE_S} s and a margin, "
+                        "e.g. 530 for 590 (default: no limit)")
     p.add_argument("--smoke", action="store_true", help="a tiny scale for a CPU dry run (synthetic data)")
     args = p.parse_args()
     if not args.release and not args.shards:
@@ -167,32 +240,31 @@ def main():
     if args.commit and env["commit"] == "unknown":
         env["commit"] = args.commit
     (res / "env.json").write_text(json.dumps(env, indent=1))
-    t0 = time.time()
+    t0 = START
+    until = None if args.deadline is None else t0 + args.deadline
     shards, images = shards_and_images(args, work)
     done = {"bench": "bench.json", "table2": "table2.md", "r224": "r224.md",
             "speedrun": "ablation.md" if "--ablate" in (args.speedrun_args or "") else "speedrun.md"}
+    partial, unfinished = {}, []
     for part in parts:
         if (res / done[part]).is_file():
             print(f"== {part}: done earlier ({res / done[part]}), not run again", flush=True)
             continue
+        if until is not None and time.time() >= until:
+            print(f"== {part}: not started: past the --deadline", flush=True)
+            unfinished.append(f"{part} (not started)")
+            continue
         print(f"== {part} ({time.time() - t0:.0f} s in)", flush=True)
-        if part == "bench":
-            part_bench(args, res, shards, images)
-        elif part == "table2":
-            part_table2(args, res, shards, work)
-        elif part == "r224":
-            part_r224(args, res, shards, work)
-        else:
-            part_speedrun(args, res, shards, work)
-    for name in RESULTS:
-        if (res / name).is_file():
-            shutil.copy(res / name, out / name)
-    with tarfile.open(out / "json.tar", "w") as tf:
-        for name in JSON:
-            if (res / name).is_file():
-                tf.add(res / name, arcname=name)
+        so_far = PART_RUNS[part](args, res, shards, images, work, until)
+        if so_far is not None:
+            partial.update(so_far)
+            unfinished.append(f"{part} ({'stopped at the --deadline' if until and time.time() >= until else 'failed'})")
+        publish(res, out, partial)  # now: a call killed later still brings this part's results back
+    publish(res, out, partial)
     print(f"results in {out}: {', '.join(sorted(os.listdir(out)))} ({time.time() - t0:.0f} s)")
-
+    if unfinished:
+        sys.exit(f"error: unfinished: {', '.join(unfinished)}; their results so far are in {out}; rerun the same "
+                 "command to continue (finished parts and rows are not run again)")
 
 if __name__ == "__main__":
     main()

@@ -186,6 +186,12 @@ def child_env(jobs):
     return dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // jobs)))
 
 
+def has_epochs(run):
+    """Whether `run` finished an epoch (train.py writes metrics.jsonl empty at its start)."""
+    metrics = run / "metrics.jsonl"
+    return metrics.is_file() and bool(metrics.read_text().strip())
+
+
 def log_tail(log, lines=5):
     """The last lines of a row's log, indented, for the error report."""
     text = Path(log).read_text(errors="replace").rstrip().splitlines()[-lines:]
@@ -228,7 +234,7 @@ def main(args):
         if logs[name]:
             print(f"== {name}: the end of {logs[name]}:\n{log_tail(logs[name])}", file=sys.stderr)
     # The report of what has trained so far, after a failure or a stop too: nothing trained is lost.
-    reported = [run for run in done if (run / "metrics.jsonl").is_file()]
+    reported = [run for run in done if has_epochs(run)]
     signame = signal.Signals(stop.signum).name if stop.signum else ""
     missing = [(run.name, "not started: stopped by " + signame if codes[run.name] is None
                 else "no epoch finished: " + (f"stopped by {signame}" if stopped(codes[run.name])

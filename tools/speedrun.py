@@ -19,6 +19,7 @@ seeds' spread in speedrun.md is noise.
 import argparse
 import json
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -56,7 +57,14 @@ def run_seed(args, seed, out, variant=None):
             cmd += ["--device", args.device]
         print(f"$ {shlex.join(cmd)}", flush=True)
         t0 = time.time()
-        subprocess.run(cmd, check=True, cwd=ROOT)
+        proc = subprocess.Popen(cmd, cwd=ROOT)
+        # SIGTERM (a scheduler, gpu_session's --deadline) is passed on: train.py checkpoints and exits.
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
+        try:
+            if proc.wait():
+                raise subprocess.CalledProcessError(proc.returncode, cmd)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         run.mkdir(parents=True, exist_ok=True)
         timing.write_text(json.dumps(dict(seconds=time.time() - t0, command=shlex.join(cmd[1:]))))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -150,19 +158,25 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command_line = sys.argv[1:] if argv is None else argv
+    # The tables are rewritten after every run, so that a stop or a failure keeps the runs so far.
+    results, ablated = [], []
     try:
-        results = [run_seed(args, seed, out) for seed in seeds]
-        (out / "speedrun.md").write_text(render(results, command_line))
-        (out / "speedrun.json").write_text(json.dumps([dict(r, curve=curve(r)) for r in results], indent=1))
-        plot(results, out / "speedrun.png")
+        for seed in seeds:
+            results.append(run_seed(args, seed, out))
+            (out / "speedrun.md").write_text(render(results, command_line))
+            (out / "speedrun.json").write_text(json.dumps([dict(r, curve=curve(r)) for r in results], indent=1))
+            plot(results, out / "speedrun.png")
         print((out / "speedrun.md").read_text(), end="")
-        if variants:
-            ablated = [run_seed(args, seeds[0], out, variant) for variant in variants]
+        for variant in variants:
+            ablated.append(run_seed(args, seeds[0], out, variant))
             (out / "ablation.md").write_text(render_ablation(results[0], ablated, command_line))
             (out / "ablation.json").write_text(json.dumps([results[0], *ablated], indent=1))
+        if variants:
             print((out / "ablation.md").read_text(), end="")
     except subprocess.CalledProcessError as e:
-        sys.exit(f"error: train.py failed (exit {e.returncode}); rerun to continue")
+        # A seed is not resumed: its minutes count from its process's start, so a rerun trains it again.
+        print(f"error: train.py failed (exit {e.returncode}); rerun to train that run again", file=sys.stderr)
+        sys.exit(e.returncode if e.returncode > 128 else 1)  # 128 + signum after a signal, as train.py's
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ Beyond the study's plain SGD: --nesterov, a linear --warmup-epochs and a onecycl
 per step, in closed form of the step), --ema (validate and test an exponential moving average of
 the weights), --tta (flip test-time augmentation), --mix mixup/cutmix, and --augment crop/rrc on
 the device. `--recipe fast` (models/recipes.py) puts them together for the speedrun.
+--time-budget MINUTES fits a run into its minutes: after two epochs it sets --epochs to as many as
+the time left holds (`budget_epochs`).
 
 Preemption: a run's data state is (seed, epoch, samples of the epoch consumed over all ranks),
 because the epoch order is a pure function of (seed, epoch) (pipeline/order.py). A checkpoint
@@ -89,6 +91,32 @@ def gather(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def process_start():
+    """When this process started, on time.time()'s clock (Linux's /proc: importing torch alone takes
+    seconds, which a time budget must count); elsewhere, now."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, in clock ticks after boot
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.time()
+
+
+PROCESS_START = process_start()  # --time-budget counts from here
+
+#: --time-budget decides --epochs after this many epochs: the first compiles (the step and the
+#: evaluation), the second shows the steady epoch time.
+BUDGET_AFTER_EPOCHS = 2
+
+
+def budget_epochs(budget_s, elapsed_s, epoch_s, test_s, done=BUDGET_AFTER_EPOCHS):
+    """--time-budget's --epochs: the `done` epochs, plus as many more of `epoch_s` seconds each as
+    fit in what `budget_s` leaves after `elapsed_s` and the final test (`test_s`); at least `done`."""
+    return done + max(0, math.floor((budget_s - elapsed_s - test_s) / epoch_s))
 
 
 @contextlib.contextmanager
@@ -518,6 +546,8 @@ def restore(parts, args, ckpt_path):
         if ckpt["world_size"] != parts.world_size and args.data_path == "stream":
             raise CheckpointError(f"{ckpt_path}: made on {ckpt['world_size']} ranks; the stream path resumes on "
                                   f"the same number only (this run has {parts.world_size}); use --data-path fast")
+        if args.time_budget and ckpt["args"].get("budget_epochs"):  # decided before the stop: keep it
+            args.epochs = args.budget_epochs = ckpt["args"]["budget_epochs"]
         parts.module.load_state_dict(ckpt["model"])
         restore_ema(parts, ckpt, ckpt_path)
         parts.optimizer.load_state_dict(ckpt["optimizer"])
@@ -762,6 +792,7 @@ def train(parts, state, args, stop):
 
     if state.step == 0 and state.samples_done == 0:
         checkpoint()  # the untrained state: a run stopped before its first checkpoint is resumable too
+    earlier_s, checkpoint_s = state.wall_time, 0.0  # --time-budget: epochs of earlier processes; a save's time
     while state.epoch < args.epochs:
         clock.update(t0=time.time(), before=state.train_seconds)
         finished = train_one_epoch(parts, state, args, after_step, keys)
@@ -769,13 +800,31 @@ def train(parts, state, args, stop):
         if not finished or stop.requested():  # a signal during the epoch, or during its last step
             checkpoint()
             raise Interrupted(stop.requested())
+        train_s = state.train_seconds
         row, is_best = finish_epoch(parts, state, args)
         if main_rank:
             print(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} top1 {row['train_top1']:.2f} | "
                   f"val loss {row['val_loss']:.4f} top1 {row['val_top1']:.2f} top5 {row['val_top5']:.2f} | "
                   f"{row['images_per_s']:.0f} img/s {row['epoch_time_s']:.1f}s")
             write_metrics(out, state.history, append=row)
+        if args.time_budget and not args.budget_epochs and state.epoch == BUDGET_AFTER_EPOCHS:
+            # Before the epoch's checkpoint, so that a resume keeps the decision; the test is
+            # another pass like validation (TTA included), costed as this epoch's.
+            val_s = row["epoch_time_s"] - train_s
+            elapsed = time.time() - PROCESS_START + earlier_s
+            epochs = gather(budget_epochs(60 * args.time_budget, elapsed, row["epoch_time_s"] + checkpoint_s, val_s))[0]
+            args.epochs = args.budget_epochs = epochs  # rank 0's on every rank: their clocks differ
+            parts.lr_scheduler = make_scheduler(parts.optimizer, args, parts.steps_per_epoch,
+                                                last_epoch=schedule_position(state, args, parts.steps_per_epoch,
+                                                                             parts.world_size) - 1)
+            if main_rank:
+                print(f"--time-budget {args.time_budget:g} min: {elapsed:.1f} s so far, an epoch "
+                      f"{row['epoch_time_s'] + checkpoint_s:.1f} s, the test ~{val_s:.1f} s: --epochs {epochs}", flush=True)
+                with open(os.path.join(out, "args.json"), "w") as f:
+                    json.dump(vars(args), f, indent=2)
+        t0 = time.time()
         checkpoint(*([os.path.join(out, "best.pth")] if is_best else []))
+        checkpoint_s = time.time() - t0
         if stop.requested():  # arrived during validation: the epoch's checkpoint is the stop checkpoint
             raise Interrupted(stop.requested())
 
@@ -865,6 +914,13 @@ def get_args_parser(add_help=True):
                         "untuned); explicit flags still win (default: none)")
     p.add_argument("-b", "--batch-size", type=at_least(1), default=128, help="images per step per process (default: 128)")
     p.add_argument("--epochs", type=at_least(1), default=30, help="epochs to train (default: 30)")
+    p.add_argument("--time-budget", type=at_least(0.01, float), default=None, metavar="MINUTES",
+                   help=f"fit the run into MINUTES from the process's start to the end of the test: after "
+                        f"{BUDGET_AFTER_EPOCHS} epochs, --epochs becomes as many as the time left holds, by the last "
+                        f"epoch's time (train, validation, checkpoint) with one more validation's for the test (at "
+                        f"least {BUDGET_AFTER_EPOCHS}); --epochs until then is what the lr schedule starts from, so "
+                        f"give {BUDGET_AFTER_EPOCHS} or more warm-up epochs for a decay that starts after the choice "
+                        f"(default: none)")
     p.add_argument("--lr", type=positive_float, default=0.01, help="SGD learning rate (default: 0.01)")
     p.add_argument("--momentum", type=at_least(0.0, float), default=0.9, help="SGD momentum (default: 0.9)")
     p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=False,
@@ -988,6 +1044,7 @@ def parse_args(argv=None):
     args.norm = args.norm or ("imagenet" if args.pretrained else "dataset")
     args.output_dir = args.output_dir or os.path.join("runs", f"{args.arch}-{args.size}")
     args.argv = argv  # for the "continue with:" line of an interrupted run
+    args.budget_epochs = None  # --time-budget's choice of --epochs, once made
     return args
 
 

@@ -17,9 +17,11 @@ H100), for the 64-px ResNets of models/resnet64.py. A first guess, untuned until
 - random-resized crop + flip on the device; no mixing (it pays over hundreds of epochs, not tens);
 - bf16, channels_last and torch.compile on CUDA only (`ON_CUDA`): on the CPU bf16 is slow, NHWC
   gains nothing and compiling costs minutes, so the same command runs there too;
-- 40 epochs: at 25-30k images/s (an H100's ResNet-18 at 64 px with bf16 and channels_last, to be
-  measured) an epoch of 100k images takes about 4 s, so 40 epochs leave the 10 minutes ample room
-  for compiling, validation and the test; the number is the first thing to tune.
+- 40 epochs. resnet18_64 costs 13.3 GFLOP an image for forward and backward
+  (torch.utils.flop_counter), 1.33 PFLOP an epoch of 100k images: at a third of an H100/H200's
+  ~790 TFLOP/s (bf16) that is about 5 s an epoch (20k images/s), so 40 epochs take 3-4 minutes plus
+  compiling and evaluation. Not measured: `--time-budget 10` (train.py) sets the epochs from the
+  measured epoch time instead, after the 2 warm-up epochs.
 The same row for the three networks; the cheaper ones may afford more epochs in the same time. It
 also has a row for the study's `resnet18` at 64 (torchvision's: stride-2 stem and max-pool, so 16x16
 after the stem, about 15x cheaper than resnet18_64), so recipes can be compared on one network: that is

@@ -299,3 +299,49 @@ def test_mid_epoch_resume_of_a_speedrun_style_run_is_bit_identical(small_shards,
     assert len(momenta[0]) > 0 and all(torch.equal(x, y) for x, y in zip(*momenta, strict=True))
     rows = read_jsonl(straight / "metrics.jsonl")
     assert [r["eval_model"] for r in rows] == ["ema"] * 3 and rows[-1]["lr"] == 0.0
+
+
+# --- --time-budget -------------------------------------------------------------------------
+
+
+def test_budget_epochs_counts_what_is_left():
+    # 600 s, 60 s gone, the test ~5 s: 535 s hold 53 more 10-s epochs after the 2 done.
+    assert train.budget_epochs(600, 60, 10, 5) == 55
+    assert train.budget_epochs(600, 60, 10, 5, done=3) == 56
+    assert train.budget_epochs(600, 590, 10, 5) == 2  # nothing left: the epochs done, not fewer
+    assert train.budget_epochs(600, 700, 10, 5) == 2
+
+
+def test_time_budget_sets_epochs_after_two_and_a_resume_keeps_it(small_shards, tmp_path, monkeypatch, capsys):
+    """The choice (4 here, in place of the measured one) replaces --epochs 9 after epoch 2: the run
+    ends after 4 with the cosine at 0, args.json says so; a run stopped after the choice resumes
+    with it, bit for bit the same as the straight run, without choosing again."""
+    calls = []
+    monkeypatch.setattr(train, "budget_epochs", lambda *a: calls.append(a) or 4)
+    flags = ["--arch", "lenet5", "-b", "16", "--epochs", "9", "--lr", "0.1", "--warmup-epochs", "2",
+             "--limit-batches", "2", "--time-budget", "10"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    final = run(small_shards, straight, *flags)
+    assert final["epochs"] == 4 and len(calls) == 1
+    budget_s, elapsed_s, epoch_s, test_s = calls[0]
+    assert budget_s == 600 and elapsed_s > 0 and 0 < test_s < epoch_s
+    rows = read_jsonl(straight / "metrics.jsonl")
+    assert len(rows) == 4 and rows[-1]["lr"] == 0.0  # the schedule was rebuilt for 4 epochs, not 9
+    saved = json.loads((straight / "args.json").read_text())
+    assert (saved["epochs"], saved["budget_epochs"], saved["time_budget"]) == (4, 4, 10.0)
+    assert f"--time-budget 10 min: {elapsed_s:.1f} s so far, an epoch {epoch_s:.1f} s, the test ~{test_s:.1f} s: " \
+           "--epochs 4" in capsys.readouterr().out
+
+    ckpt = stop_at(small_shards, resumed, 5, *flags)  # epoch 2's first step: after the choice
+    assert (ckpt["args"]["budget_epochs"], ckpt["args"]["epochs"], ckpt["state"]["epoch"]) == (4, 4, 2)
+    monkeypatch.setattr(train, "budget_epochs", lambda *a: pytest.fail("chose again after the resume"))
+    run(small_shards, resumed, *flags, "--resume", "auto")
+    _same_run(straight, resumed)
+
+
+def test_a_spent_time_budget_stops_after_two_epochs(small_shards, tmp_path, capsys):
+    # In pytest's process the budget (0.6 s) was spent long before: the two epochs done, then the test.
+    final = run(small_shards, tmp_path, "--arch", "lenet5", "-b", "16", "--epochs", "5", "--limit-batches", "1",
+                "--time-budget", "0.01")
+    assert final["epochs"] == 2 and len(read_jsonl(tmp_path / "metrics.jsonl")) == 2
+    assert capsys.readouterr().out.count(": --epochs 2\n") == 1

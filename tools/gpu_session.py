@@ -11,9 +11,11 @@ with --recipe paper, plus --amp --channels-last and the four rows side by side o
 images, run folders with checkpoints) goes to --work; results to --work/results, copied to --out at
 the end: bench.md, table2.md, curves.png, r224.md, speedrun.md, speedrun.png, ablation.md (with
 --speedrun-args '--ablate ...'), and json.tar holding env.json, bench.json, table2.json,
-speedrun.json and ablation.json (8 files: the device tool returns at most 8). A part whose result
-is in --work/results is not run again, and train.py's --resume auto continues an interrupted row,
-so a session can split the work into several calls of under 10 minutes while the machine stays warm.
+speedrun.json and ablation.json (8 files: the device tool returns at most 8). The bench is not run
+again once its table is in --work/results; the other parts' tools skip what finished (Table 2's
+rows, the speedrun's seeds and variants, the 224 run), and train.py's --resume auto continues an
+interrupted Table 2 row, so a session can split the work into several calls of under 10 minutes
+while the machine stays warm (e.g. `--speedrun-args '--seeds 0'`, then '--seeds 0,1').
 
 --deadline S stops the parts S seconds after the start (SIGTERM: train.py checkpoints, the bench
 keeps its rows, reproduce.py and speedrun.py write what finished), so that their results, whole or
@@ -243,12 +245,10 @@ def main():
     t0 = START
     until = None if args.deadline is None else t0 + args.deadline
     shards, images = shards_and_images(args, work)
-    done = {"bench": "bench.json", "table2": "table2.md", "r224": "r224.md",
-            "speedrun": "ablation.md" if "--ablate" in (args.speedrun_args or "") else "speedrun.md"}
     partial, unfinished = {}, []
     for part in parts:
-        if (res / done[part]).is_file():
-            print(f"== {part}: done earlier ({res / done[part]}), not run again", flush=True)
+        if part == "bench" and (res / "bench.json").is_file():  # the others' tools skip what finished
+            print(f"== bench: done earlier ({res / 'bench.json'}), not run again", flush=True)
             continue
         if until is not None and time.time() >= until:
             print(f"== {part}: not started: past the --deadline", flush=True)

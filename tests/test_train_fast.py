@@ -305,10 +305,12 @@ def test_mid_epoch_resume_of_a_speedrun_style_run_is_bit_identical(small_shards,
 
 
 def test_budget_epochs_counts_what_is_left():
-    # 600 s, 60 s gone, the test ~5 s: 535 s hold 53 more 10-s epochs after the 2 done.
-    assert train.budget_epochs(600, 60, 10, 5) == 55
-    assert train.budget_epochs(600, 60, 10, 5, done=3) == 56
-    assert train.budget_epochs(600, 590, 10, 5) == 2  # nothing left: the epochs done, not fewer
+    # 600 s less the 5% margin = 570 s; 60 s gone, the test ~5 s: 505 s hold 50 more 10-s epochs.
+    assert train.BUDGET_MARGIN == 0.05
+    assert train.budget_epochs(600, 60, 10, 5) == 52
+    assert train.budget_epochs(600, 60, 10, 5, done=3) == 53
+    assert train.budget_epochs(600, 60, 10, 10.5) == 51  # 499.5 s: just short of 50 more
+    assert train.budget_epochs(600, 560, 10, 5) == 2  # nothing left: the epochs done, not fewer
     assert train.budget_epochs(600, 700, 10, 5) == 2
 
 

@@ -236,10 +236,13 @@ def main(args):
     # The report of what has trained so far, after a failure or a stop too: nothing trained is lost.
     reported = [run for run in done if has_epochs(run)]
     signame = signal.Signals(stop.signum).name if stop.signum else ""
-    missing = [(run.name, "not started: stopped by " + signame if codes[run.name] is None
-                else "no epoch finished: " + (f"stopped by {signame}" if stopped(codes[run.name])
-                                              else f"failed (exit {codes[run.name]})"))
-               for run in done if run not in reported]
+
+    def why_no_epoch(code):
+        if code is None:
+            return f"not started: stopped by {signame}"
+        return "no epoch finished: " + (f"stopped by {signame}" if stopped(code) else f"failed (exit {code})")
+
+    missing = [(run.name, why_no_epoch(codes[run.name])) for run in done if run not in reported]
     md, png = write_report(reported, args.out, not_run=missing + [(n, f"not run: {why}") for n, why in not_run],
                            wall_s=table_wall(done) if done else None, jobs=args.jobs)
     print(Path(md).read_text())

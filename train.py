@@ -815,25 +815,30 @@ def train(parts, state, args, stop):
                   f"{row['images_per_s']:.0f} img/s {row['epoch_time_s']:.1f}s")
             write_metrics(out, state.history, append=row)
         if args.time_budget and not args.budget_epochs and state.epoch == BUDGET_AFTER_EPOCHS:
-            # Before the epoch's checkpoint, so that a resume keeps the decision; the test is
-            # another pass like validation (TTA included), costed as this epoch's.
-            val_s = row["epoch_time_s"] - train_s
-            elapsed = time.time() - PROCESS_START + earlier_s
-            epochs = gather(budget_epochs(60 * args.time_budget, elapsed, row["epoch_time_s"] + checkpoint_s, val_s))[0]
-            args.epochs = args.budget_epochs = epochs  # rank 0's on every rank: their clocks differ
-            parts.lr_scheduler = make_scheduler(parts.optimizer, args, parts.steps_per_epoch,
-                                                last_epoch=schedule_position(state, args, parts.steps_per_epoch,
-                                                                             parts.world_size) - 1)
-            if main_rank:
-                print(f"--time-budget {args.time_budget:g} min: {elapsed:.1f} s so far, an epoch "
-                      f"{row['epoch_time_s'] + checkpoint_s:.1f} s, the test ~{val_s:.1f} s: --epochs {epochs}", flush=True)
-                with open(os.path.join(out, "args.json"), "w") as f:
-                    json.dump(vars(args), f, indent=2)
+            # before the epoch's checkpoint, so that a resume keeps the choice
+            choose_budget_epochs(parts, state, args, time.time() - PROCESS_START + earlier_s,
+                                 row["epoch_time_s"] + checkpoint_s, row["epoch_time_s"] - train_s)
         t0 = time.time()
         checkpoint(*([os.path.join(out, "best.pth")] if is_best else []))
         checkpoint_s = time.time() - t0
         if stop.requested():  # arrived during validation: the epoch's checkpoint is the stop checkpoint
             raise Interrupted(stop.requested())
+
+
+def choose_budget_epochs(parts, state, args, elapsed_s, epoch_s, val_s):
+    """--time-budget's choice (`budget_epochs`), made once: sets --epochs and args.budget_epochs
+    (which the checkpoint and args.json keep) and rebuilds the lr schedule for it. The test is
+    priced as one more validation (TTA included); every rank takes rank 0's choice, since their
+    clocks differ."""
+    epochs = gather(budget_epochs(60 * args.time_budget, elapsed_s, epoch_s, val_s))[0]
+    args.epochs = args.budget_epochs = epochs
+    position = schedule_position(state, args, parts.steps_per_epoch, parts.world_size)
+    parts.lr_scheduler = make_scheduler(parts.optimizer, args, parts.steps_per_epoch, last_epoch=position - 1)
+    if rank() == 0:
+        print(f"--time-budget {args.time_budget:g} min: {elapsed_s:.1f} s so far, an epoch {epoch_s:.1f} s, "
+              f"the test ~{val_s:.1f} s: --epochs {epochs}", flush=True)
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
 
 
 def final_test(parts, state, args):
@@ -923,8 +928,9 @@ def get_args_parser(add_help=True):
     p.add_argument("--epochs", type=at_least(1), default=30, help="epochs to train (default: 30)")
     p.add_argument("--time-budget", type=at_least(0.01, float), default=None, metavar="MINUTES",
                    help=f"fit the run into MINUTES from the process's start to the end of the test: after "
-                        f"{BUDGET_AFTER_EPOCHS} epochs, --epochs becomes as many as the time left holds, by the last "
-                        f"epoch's time (train, validation, checkpoint) with one more validation's for the test (at "
+                        f"{BUDGET_AFTER_EPOCHS} epochs, --epochs becomes as many as the time left (less "
+                        f"{100 * BUDGET_MARGIN:g}%%) holds, by the last epoch's time (train, validation, checkpoint) "
+                        f"with one more validation's for the test (at "
                         f"least {BUDGET_AFTER_EPOCHS}); --epochs until then is what the lr schedule starts from, so "
                         f"give {BUDGET_AFTER_EPOCHS} or more warm-up epochs for a decay that starts after the choice "
                         f"(default: none)")

@@ -50,12 +50,12 @@ def test_smoke_runs_every_part_once(release, tmp_path):
 
 def test_deadline_stops_a_part_and_keeps_what_it_has(shards, tmp_path):
     """--deadline: Table 2's rows (waiting mid-epoch) get SIGTERM and checkpoint, the report so far
-    reaches --out, the next part is not started, the exit says what is unfinished; the same command
-    without the deadline then resumes the rows and runs the rest."""
+    reaches --out, the next part is not started, the exit says what is unfinished. (That the rerun
+    resumes the rows is reproduce.py's test_reproduce_stopped_by_sigterm_reports_and_resumes.)"""
     out, work = tmp_path / "out", tmp_path / "work"
     common = ["--shards", str(shards), "--out", str(out), "--work", str(work), "--smoke", "--commit", "abc123",
               "--parts", "table2,r224"]
-    first = session(*common, "--deadline", "20", "--train-args", "--wait-at-step 1")
+    first = session(*common, "--deadline", "30", "--train-args", "--wait-at-step 1")
     assert first.returncode == 1, first.stdout[-3000:] + first.stderr[-3000:]
     assert "== --deadline reached: SIGTERM to tools/reproduce.py" in first.stdout
     assert "== r224: not started: past the --deadline" in first.stdout
@@ -70,9 +70,3 @@ def test_deadline_stops_a_part_and_keeps_what_it_has(shards, tmp_path):
     with tarfile.open(out / "json.tar") as tf:
         assert sorted(tf.getnames()) == ["env.json", "table2.json"]
 
-    second = session(*common)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["curves.png", "json.tar", "r224.md", "table2.md"]
-    assert "| lenet5-28 | 1 (2 batches each) | 32 |" in (out / "table2.md").read_text()
-    for row in ("lenet5-28", "squeezenet1_1-64"):
-        assert "resumed from " in (work / "paper" / row / "train.log").read_text()

@@ -209,7 +209,7 @@ def test_reproduce_rows_side_by_side(shards, tmp_path):
 
 def test_reproduce_stopped_by_sigterm_reports_and_resumes(shards, tmp_path):
     """SIGTERM to reproduce.py alone (as from a scheduler, or gpu_session's --deadline): the two
-    running rows get it passed on and checkpoint mid-epoch 2, the third row never starts, the report
+    running rows get it passed on and checkpoint in epoch 2, the third row never starts, the report
     shows the rows so far, the exit is 128 + 15; the rerun resumes both and trains the third."""
     import os
     import signal
@@ -217,8 +217,8 @@ def test_reproduce_stopped_by_sigterm_reports_and_resumes(shards, tmp_path):
 
     out = tmp_path / "paper"
     common = ["--shards", str(shards), "--out", str(out), "--rows", "lenet5-28,squeezenet1_1-64,alexnet-64",
-              "--epochs", "2", "--limit-batches", "2", "--device", "cpu", "--jobs", "2"]
-    proc = subprocess.Popen([sys.executable, str(REPRODUCE), *common, "--train-args", "--wait-at-step 3"],
+              "--epochs", "2", "--limit-batches", "1", "--device", "cpu", "--jobs", "2"]
+    proc = subprocess.Popen([sys.executable, str(REPRODUCE), *common, "--train-args", "--wait-at-step 2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     logs = [out / name / "train.log" for name in ("lenet5-28", "squeezenet1_1-64")]
     deadline = time.time() + 120
@@ -232,8 +232,8 @@ def test_reproduce_stopped_by_sigterm_reports_and_resumes(shards, tmp_path):
                            "(the report shows them so far); rerun to resume\n"), stderr
     assert "== alexnet-64:" not in stdout  # never started
     report = (out / "report.md").read_text()
-    assert "| lenet5-28 | 1 of 2 (2 batches each) | 32 |" in report
-    assert "| squeezenet1_1-64 | 1 of 2 (2 batches each) | 50 |" in report
+    assert "| lenet5-28 | 1 of 2 (1 batches each) | 32 |" in report
+    assert "| squeezenet1_1-64 | 1 of 2 (1 batches each) | 50 |" in report
     assert "| alexnet-64 | - | - | not started: stopped by SIGTERM | - | - | - | - |" in report
     for log in logs:
         assert "interrupted at epoch 1 step 1: checkpoint saved" in log.read_text()
@@ -242,7 +242,7 @@ def test_reproduce_stopped_by_sigterm_reports_and_resumes(shards, tmp_path):
     assert second.returncode == 0, second.stderr
     report = (out / "report.md").read_text()
     for name, batch in (("lenet5-28", 32), ("squeezenet1_1-64", 50), ("alexnet-64", 50)):
-        assert f"| {name} | 2 (2 batches each) | {batch} |" in report
+        assert f"| {name} | 2 (1 batches each) | {batch} |" in report
     assert [len(json.loads((out / n / "reproduce.json").read_text())["intervals"])
             for n in ("lenet5-28", "squeezenet1_1-64", "alexnet-64")] == [2, 2, 1]
     assert "resumed from " in (out / "lenet5-28" / "train.log").read_text()

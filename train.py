@@ -738,10 +738,15 @@ def environment(device, world_size):
                 time=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), argv=sys.argv)
 
 
-def write_run_files(out, args, device, world_size, history):
-    """args.json, env.json, and metrics files rewritten from `history` (a resumed run drops rows past its checkpoint)."""
+def write_args(out, args):
+    """args.json: the run's flags (rewritten when --time-budget chooses --epochs)."""
     with open(os.path.join(out, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=2)
+
+
+def write_run_files(out, args, device, world_size, history):
+    """args.json, env.json, and metrics files rewritten from `history` (a resumed run drops rows past its checkpoint)."""
+    write_args(out, args)
     with open(os.path.join(out, "env.json"), "w") as f:
         json.dump(environment(device, world_size), f, indent=2)
     write_metrics(out, history)
@@ -837,8 +842,7 @@ def choose_budget_epochs(parts, state, args, elapsed_s, epoch_s, val_s):
     if rank() == 0:
         print(f"--time-budget {args.time_budget:g} min: {elapsed_s:.1f} s so far, an epoch {epoch_s:.1f} s, "
               f"the test ~{val_s:.1f} s: --epochs {epochs}", flush=True)
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
+        write_args(args.output_dir, args)
 
 
 def final_test(parts, state, args):

@@ -242,10 +242,10 @@ def main():
     if args.commit and env["commit"] == "unknown":
         env["commit"] = args.commit
     (res / "env.json").write_text(json.dumps(env, indent=1))
-    t0 = START
-    until = None if args.deadline is None else t0 + args.deadline
-    shards, images = shards_and_images(args, work)
+    until = None if args.deadline is None else START + args.deadline
     partial, unfinished = {}, []
+    publish(res, out, partial)  # env.json and earlier calls' results, before anything can be killed
+    shards, images = shards_and_images(args, work)
     for part in parts:
         if part == "bench" and (res / "bench.json").is_file():  # the others' tools skip what finished
             print(f"== bench: done earlier ({res / 'bench.json'}), not run again", flush=True)
@@ -254,14 +254,13 @@ def main():
             print(f"== {part}: not started: past the --deadline", flush=True)
             unfinished.append(f"{part} (not started)")
             continue
-        print(f"== {part} ({time.time() - t0:.0f} s in)", flush=True)
+        print(f"== {part} ({time.time() - START:.0f} s in)", flush=True)
         so_far = PART_RUNS[part](args, res, shards, images, work, until)
         if so_far is not None:
             partial.update(so_far)
             unfinished.append(f"{part} ({'stopped at the --deadline' if until and time.time() >= until else 'failed'})")
         publish(res, out, partial)  # now: a call killed later still brings this part's results back
-    publish(res, out, partial)
-    print(f"results in {out}: {', '.join(sorted(os.listdir(out)))} ({time.time() - t0:.0f} s)")
+    print(f"results in {out}: {', '.join(sorted(os.listdir(out)))} ({time.time() - START:.0f} s)")
     if unfinished:
         sys.exit(f"error: unfinished: {', '.join(unfinished)}; their results so far are in {out}; rerun the same "
                  "command to continue (finished parts and rows are not run again)")

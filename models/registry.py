@@ -40,9 +40,15 @@ class ModelSpec:
     channels: int
     sizes: tuple[int, ...]
     head: str
-    weights: object | None = None  # a torchvision WeightsEnum member, or None
+    weights: str | None = None  # torchvision's name of the ImageNet weights, e.g. "ResNet18_Weights.IMAGENET1K_V1"
     build_pretrained: Callable[[object], nn.Module] | None = None
     reset_head: Callable[[nn.Module, int], None] | None = None
+
+    def imagenet_weights(self):
+        """torchvision's weights entry (with ``.url``) that ``weights`` names; imports torchvision."""
+        from torchvision.models import get_weight
+
+        return get_weight(self.weights)
 
 
 _MODELS: dict[str, ModelSpec] = {}
@@ -109,14 +115,15 @@ def get_model(name: str, num_classes: int = 200, pretrained: bool = False, weigh
 
     if spec.weights is None:
         raise ValueError(f"{name} has no pretrained ImageNet weights; train it from scratch")
+    imagenet = spec.imagenet_weights()
     try:
-        model = spec.build_pretrained(spec.weights)
+        model = spec.build_pretrained(imagenet)
     except (urllib.error.URLError, OSError, RuntimeError) as e:
         # URLError is an OSError; RuntimeError is the hub's hash check or a truncated file.
         # HTTPError prints well ("HTTP Error 404: ..."); other URLErrors are best told by their reason.
         reason = e if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)
         raise WeightsUnavailable(
-            f"cannot download ImageNet weights for {name} from {spec.weights.url} ({reason}); "
+            f"cannot download ImageNet weights for {name} from {imagenet.url} ({reason}); "
             "download the file elsewhere and pass --weights FILE"
         ) from e
     spec.reset_head(model, num_classes)

@@ -15,7 +15,6 @@ begins as the identity, which lets short, high-lr schedules train from the first
 """
 
 from torch import nn
-from torchvision.models.resnet import BasicBlock, ResNet
 
 from .registry import register_model
 
@@ -24,6 +23,8 @@ RGB64 = dict(variant="rgb64", channels=3, sizes=(64,), head="fc.")
 
 def resnet_64(layers, num_classes=200, stem_stride=1):
     """torchvision's ResNet with BasicBlocks `layers` and a 3x3 stem of `stem_stride`, no max-pool."""
+    from torchvision.models.resnet import BasicBlock, ResNet  # on first use, as in torchvision_zoo.py
+
     model = ResNet(BasicBlock, list(layers), num_classes=num_classes, zero_init_residual=True)
     model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=stem_stride, padding=1, bias=False)
     nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")  # as ResNet inits its convs

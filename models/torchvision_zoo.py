@@ -6,11 +6,18 @@ the resolution ImageNet weights were trained at).
 """
 
 from torch import nn
-from torchvision import models as tvm
 
 from .registry import register_model
 
 RGB = dict(variant="rgb64", channels=3, sizes=(64, 224))
+
+
+def _torchvision(builder):
+    """torchvision's model builder `builder`, imported on first use: importing torchvision takes
+    ~3 s on a small machine (it pulls in torch._dynamo), which a LeNet-5 run need not wait for."""
+    from torchvision import models
+
+    return getattr(models, builder)
 
 
 def _reset_alexnet(model: nn.Module, num_classes: int) -> None:
@@ -28,27 +35,27 @@ def _reset_resnet(model: nn.Module, num_classes: int) -> None:
 
 
 @register_model(
-    "alexnet", **RGB, head="classifier.6.", weights=tvm.AlexNet_Weights.IMAGENET1K_V1,
-    build_pretrained=lambda w: tvm.alexnet(weights=w), reset_head=_reset_alexnet,
+    "alexnet", **RGB, head="classifier.6.", weights="AlexNet_Weights.IMAGENET1K_V1",
+    build_pretrained=lambda w: _torchvision("alexnet")(weights=w), reset_head=_reset_alexnet,
 )
 def alexnet(num_classes: int = 200) -> nn.Module:
     """torchvision AlexNet (one-GPU variant) with a ``num_classes`` head."""
-    return tvm.alexnet(num_classes=num_classes)
+    return _torchvision("alexnet")(num_classes=num_classes)
 
 
 @register_model(
-    "squeezenet1_1", **RGB, head="classifier.1.", weights=tvm.SqueezeNet1_1_Weights.IMAGENET1K_V1,
-    build_pretrained=lambda w: tvm.squeezenet1_1(weights=w), reset_head=_reset_squeezenet,
+    "squeezenet1_1", **RGB, head="classifier.1.", weights="SqueezeNet1_1_Weights.IMAGENET1K_V1",
+    build_pretrained=lambda w: _torchvision("squeezenet1_1")(weights=w), reset_head=_reset_squeezenet,
 )
 def squeezenet1_1(num_classes: int = 200) -> nn.Module:
     """torchvision SqueezeNet 1.1 with a ``num_classes`` head."""
-    return tvm.squeezenet1_1(num_classes=num_classes)
+    return _torchvision("squeezenet1_1")(num_classes=num_classes)
 
 
 @register_model(
-    "resnet18", **RGB, head="fc.", weights=tvm.ResNet18_Weights.IMAGENET1K_V1,
-    build_pretrained=lambda w: tvm.resnet18(weights=w), reset_head=_reset_resnet,
+    "resnet18", **RGB, head="fc.", weights="ResNet18_Weights.IMAGENET1K_V1",
+    build_pretrained=lambda w: _torchvision("resnet18")(weights=w), reset_head=_reset_resnet,
 )
 def resnet18(num_classes: int = 200) -> nn.Module:
     """torchvision ResNet-18 with a ``num_classes`` head."""
-    return tvm.resnet18(num_classes=num_classes)
+    return _torchvision("resnet18")(num_classes=num_classes)

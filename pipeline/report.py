@@ -11,12 +11,15 @@ from pathlib import Path
 from matplotlib.figure import Figure  # the object API: no pyplot, no global backend switch
 from matplotlib.ticker import MaxNLocator
 
-from .augment import augment_mode
 
 __all__ = ["read_run", "render_table", "render_study", "study_row", "plot_curves", "write_report"]
 
 NAMES = {"lenet5": "LeNet-5", "alexnet": "AlexNet", "squeezenet1_1": "SqueezeNet 1.1", "resnet18": "ResNet-18"}
 SCALING = {28: "28x28 grey", 64: "64x64 RGB", 224: "224x224 RGB (64x64 upscaled)"}
+#: args.json's "augment" -> what the Method column adds. True is "crop" from before --augment took a
+#: name. (Not pipeline.augment.augment_mode: that module imports torch, which the report never needs.)
+AUGMENT_LABELS = {"crop": " + crop/flip augmentation", True: " + crop/flip augmentation",
+                  "rrc": " + random-resized crop/flip augmentation"}
 #: The study's figures (../shared/STUDY.md), as fractions. Key: (arch, size, pretrained, epochs of
 #: the table row). "recorded" is what the study's own notebooks saved: (epoch or None, text, value).
 STUDY = {
@@ -78,11 +81,7 @@ def _row(run: dict) -> list[str]:
         method += ", ImageNet-pretrained"
     elif args.get("weights"):
         method += f", from {os.path.basename(args['weights'])}"
-    augment = augment_mode(args.get("augment"))  # True/False before train.py's --augment took none/crop/rrc
-    if augment == "crop":
-        method += " + crop/flip augmentation"
-    elif augment == "rrc":
-        method += " + random-resized crop/flip augmentation"
+    method += AUGMENT_LABELS.get(args.get("augment"), "")
     epochs = str(len(rows))
     if args.get("epochs") and args["epochs"] != len(rows):
         epochs += f" of {args['epochs']}"  # an unfinished run says so

@@ -1,6 +1,7 @@
 """tools/gpu_session.py's CPU dry run (--smoke) on the synthetic release: every part runs, its
 results reach --out, and a second call trains nothing again. Device time is scarce; this is what
 keeps a GPU session from finding a broken script."""
+import argparse
 import json
 import subprocess
 import sys
@@ -70,3 +71,22 @@ def test_deadline_stops_a_part_and_keeps_what_it_has(shards, tmp_path):
     with tarfile.open(out / "json.tar") as tf:
         assert sorted(tf.getnames()) == ["env.json", "table2.json"]
 
+
+
+def test_r224_ratio_reads_the_rows_of_a_stopped_bench(tmp_path):
+    """A bench stopped at the --deadline leaves its rows so far in --work, not in the results:
+    the 224 run's ratio to (a) reads them (here its run finished earlier, so nothing trains)."""
+    sys.path.insert(0, str(SESSION.parent))
+    import gpu_session
+
+    work = tmp_path / "work"
+    run = work / "resnet18-224-scratch"
+    run.mkdir(parents=True)
+    (work / "results").mkdir()
+    (run / "final.json").write_text("{}")
+    (run / "metrics.jsonl").write_text(json.dumps(dict(epoch=0, images_per_s=900.0, val_top1=1.25)) + "\n")
+    ceiling = dict(arch="resnet18", size=224, batch=100, feed="ceiling", compiled=False, images_per_s=1200.0)
+    (work / "bench.json").write_text(json.dumps(dict(planned=20, rows=[ceiling])))
+    args = argparse.Namespace(device="cuda", smoke=False)
+    assert gpu_session.part_r224(args, work / "results", "shards", None, work, None) is None
+    assert (work / "results" / "r224.md").read_text().splitlines()[-1] == "| 1 | 900 | 75% | 1.25% |"

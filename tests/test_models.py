@@ -4,7 +4,10 @@ import functools
 import hashlib
 import http.server
 import socket
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +21,15 @@ EXPECTED_SIZES = {"lenet5": (28,), "alexnet": (64, 224), "squeezenet1_1": (64, 2
 
 def test_registry_lists_the_study_and_speedrun_models():
     assert models.list_models() == sorted(EXPECTED_SIZES)
+
+
+def test_torch_and_torchvision_are_imported_only_when_needed():
+    """Each takes ~3 s to import on a small machine: the recipes need neither (tools/reproduce.py
+    reads them), LeNet-5 needs no torchvision, a network built from torchvision's imports it."""
+    code = ("import sys, models.recipes; assert 'torch' not in sys.modules; "
+            "models.get_model('lenet5'); assert 'torchvision' not in sys.modules; "
+            "models.get_model('resnet10_64s2'); assert 'torchvision' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
 @pytest.mark.parametrize("name", models.list_models())
@@ -128,7 +140,7 @@ def weights_server(tmp_path, monkeypatch):
     threading.Thread(target=server.serve_forever, kwargs=dict(poll_interval=0.05), daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}"
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # never touch the user's cache
-    weights = models.model_spec("squeezenet1_1").weights
+    weights = models.model_spec("squeezenet1_1").imagenet_weights()
     set_url = lambda url: monkeypatch.setattr(weights.value, "url", url)  # noqa: E731
     yield src, base, f"squeezenet1_1-{digest}.pth", set_url
     server.shutdown()

@@ -156,7 +156,9 @@ def part_r224(args, res, shards, images, work, until):
     if not (run / "metrics.jsonl").is_file():
         return None if finished else {}
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    bench = json.loads((res / "bench.json").read_text())["rows"] if (res / "bench.json").is_file() else []
+    # The finished table's, else the rows a bench stopped at the --deadline measured (its work copy).
+    table = next((p for p in (res / "bench.json", work / "bench.json") if p.is_file()), None)
+    bench = json.loads(table.read_text())["rows"] if table else []
     ceiling = next((r["images_per_s"] for r in bench if (r["arch"], r["size"], r["batch"], r["feed"], r["compiled"])
                     == ("resnet18", 224, 100, "ceiling", False)), None)
     lines = [f"# {shlex.join(map(str, cmd[1:]))}", "| epoch | train images/s | of bench (a), resnet18@224 b100 | val top-1 |",

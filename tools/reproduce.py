@@ -55,7 +55,7 @@ def weights_file(arch, weights_dir):
     """The local ImageNet weights file for `arch` under its torchvision name, or None."""
     import torch
 
-    name = os.path.basename(models.model_spec(arch).weights.url)
+    name = os.path.basename(models.model_spec(arch).imagenet_weights().url)
     for folder in (weights_dir, Path(torch.hub.get_dir()) / "checkpoints"):
         if folder and (Path(folder) / name).is_file():
             return Path(folder) / name

@@ -13,10 +13,10 @@ import speedrun  # noqa: E402
 TINY = "--epochs 2 --warmup-epochs 1 --limit-batches 1 -b 8 --device cpu"
 
 
-def test_two_seeds_give_a_row_each_a_spread_and_a_curve(shards, tmp_path):
+def test_two_seeds_give_a_row_each_a_spread_and_a_curve_and_run_once(shards, tmp_path, monkeypatch):
     out = tmp_path / "sr"
-    speedrun.main(["--shards", str(shards), "--out", str(out), "--arch", "resnet10_64s2", "--seeds", "0,1",
-                   "--train-args", TINY])
+    args = ["--shards", str(shards), "--out", str(out), "--arch", "resnet10_64s2", "--seeds", "0,1", "--train-args", TINY]
+    speedrun.main(args)
     results = json.loads((out / "speedrun.json").read_text())
     assert [r["seed"] for r in results] == [0, 1]
     for r in results:
@@ -35,15 +35,11 @@ def test_two_seeds_give_a_row_each_a_spread_and_a_curve(shards, tmp_path):
     assert rows[2][4] == f"{mean:.2f} ± {half:.2f}"
     assert (out / "speedrun.png").stat().st_size > 1000
 
-
-def test_a_finished_seed_is_not_run_again(shards, tmp_path, monkeypatch):
-    out = tmp_path / "sr"
-    args = ["--shards", str(shards), "--out", str(out), "--arch", "resnet10_64s2", "--seeds", "0", "--train-args", TINY]
-    speedrun.main(args)
-    before = (out / "runs" / "seed0" / "final.json").stat().st_mtime_ns
+    before = (out / "runs" / "seed1" / "final.json").stat().st_mtime_ns
     monkeypatch.setattr(speedrun.subprocess, "Popen", lambda *a, **k: pytest.fail("ran train.py again"))
-    speedrun.main(args)
-    assert (out / "runs" / "seed0" / "final.json").stat().st_mtime_ns == before
+    speedrun.main(args)  # both seeds finished: nothing trains
+    assert (out / "runs" / "seed1" / "final.json").stat().st_mtime_ns == before
+    assert (out / "speedrun.md").read_text().splitlines() == md
 
 
 def test_sigterm_keeps_the_finished_seeds_and_the_stopped_one_trains_again(shards, tmp_path, capfd):

@@ -734,7 +734,7 @@ def environment(device, world_size):
     """What the numbers were measured on (env.json)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return dict(python=platform.python_version(), torch=torch.__version__,
-                torchvision=importlib.metadata.version("torchvision"),  # without importing it (~3 s)
+                torchvision=importlib.metadata.version("torchvision"),  # without importing it: see torchvision_zoo
                 device=str(device), device_name=name, world_size=world_size, hostname=socket.gethostname(),
                 time=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), argv=sys.argv)
 

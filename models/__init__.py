@@ -5,7 +5,7 @@ resnet18_64, resnet18_64s2 and resnet10_64s2 (64-px ResNets for the speedrun, mo
 
 Imports are put off until needed, because torch and torchvision take ~6 s to import on a small
 machine: ``models.recipes`` (plain dicts) is read without either (tools/reproduce.py only launches
-train.py), and torchvision is imported by the first network built from it, never for LeNet-5.
+train.py), and torchvision is imported by the first network built from it, not for LeNet-5.
 Public API (imported lazily, like pipeline's):
 `get_model`, `list_models`, `model_spec`, `model_input`, `register_model`, `load_weights_file`,
 `ModelSpec`, `WeightsUnavailable`.

@@ -28,7 +28,7 @@ class WeightsUnavailable(RuntimeError):
 class ModelSpec:
     """What the registry knows about one network.
 
-    ``build(num_classes)`` returns a fresh model; ``build_pretrained(weights)``
+    ``build(num_classes)`` returns a fresh model; ``build_pretrained(self.imagenet_weights())``
     returns the 1000-class ImageNet model and ``reset_head(model, num_classes)``
     puts a fresh classifier on it. ``head`` is the state-dict prefix of the last
     layer (its keys are the ones dropped when a file's class count differs).

@@ -13,8 +13,10 @@ RGB = dict(variant="rgb64", channels=3, sizes=(64, 224))
 
 
 def _torchvision(builder):
-    """torchvision's model builder `builder`, imported on first use: importing torchvision takes
-    ~3 s on a small machine (it pulls in torch._dynamo), which a LeNet-5 run need not wait for."""
+    """torchvision's model builder `builder`, imported on first use. Importing torchvision takes
+    ~3 s on a small machine, most of it torch._dynamo: a training run's optimizer imports that
+    anyway (LeNet-5's run saves ~0.6 s), but `train.py --help`, a flag error and the tools that only
+    read the registry do not wait for it."""
     from torchvision import models
 
     return getattr(models, builder)

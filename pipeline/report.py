@@ -11,7 +11,6 @@ from pathlib import Path
 from matplotlib.figure import Figure  # the object API: no pyplot, no global backend switch
 from matplotlib.ticker import MaxNLocator
 
-
 __all__ = ["read_run", "render_table", "render_study", "study_row", "plot_curves", "write_report"]
 
 NAMES = {"lenet5": "LeNet-5", "alexnet": "AlexNet", "squeezenet1_1": "SqueezeNet 1.1", "resnet18": "ResNet-18"}

@@ -15,6 +15,7 @@ and a row reports the median (and min-max) of its windows. Used by `tinyin bench
 `tools/bench_train.py`.
 """
 import contextlib
+import importlib.metadata
 import itertools
 import os
 import platform
@@ -307,8 +308,6 @@ def commit():
 
 def environment(device):
     """Machine, accelerator and versions, for the table's header and env.json."""
-    import torchvision
-
     device = torch.device(device)
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError, StopIteration):
@@ -316,7 +315,8 @@ def environment(device):
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return dict(commit=commit(), host=platform.node(), cores=os.cpu_count(), cpu=cpu, device=str(device), gpu=gpu,
-                python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__,
+                python=platform.python_version(), torch=torch.__version__,
+                torchvision=importlib.metadata.version("torchvision"),  # no import: see models/torchvision_zoo.py
                 cuda=torch.version.cuda if gpu else None,
                 precision="bf16 autocast, channels_last" if gpu else "float32 (no autocast on the CPU)")
 

@@ -72,7 +72,6 @@ def test_deadline_stops_a_part_and_keeps_what_it_has(shards, tmp_path):
         assert sorted(tf.getnames()) == ["env.json", "table2.json"]
 
 
-
 def test_r224_ratio_reads_the_rows_of_a_stopped_bench(tmp_path):
     """A bench stopped at the --deadline leaves its rows so far in --work, not in the results:
     the 224 run's ratio to (a) reads them (here its run finished earlier, so nothing trains)."""

@@ -61,12 +61,21 @@ def _write_one_shard(path, split, entries, on_error):
     # Exact integer histograms (train only): mean/std that do not depend on shard order.
     rgb_hist, gray_hist = np.zeros((3, 256), np.int64), np.zeros(256, np.int64)
     if split == "train" and samples:
-        rgb_all = np.stack([s[1] for s in samples])
-        rgb_hist = np.stack([np.bincount(rgb_all[..., c].ravel(), minlength=256) for c in range(3)])
-        gray_hist = np.bincount(np.stack([s[2] for s in samples]).ravel(), minlength=256)
+        planes = np.stack([s[1] for s in samples]).reshape(-1, 3).T.copy()  # one contiguous plane a channel
+        rgb_hist = np.stack([_byte_histogram(plane) for plane in planes])
+        gray_hist = _byte_histogram(np.stack([s[2] for s in samples]).ravel())
     sha, size, offsets = write_shard(path, samples)
     return {"sha256": sha, "sum64": file_sum64(path), "bytes": size, "rows": rows, "offsets": offsets,
             "skipped": skipped, "rgb_hist": rgb_hist, "gray_hist": gray_hist}
+
+
+def _byte_histogram(values):
+    """How often each value 0..255 occurs in the contiguous uint8 array `values`."""
+    # bincount converts its input to int64 first; counting byte pairs (uint16, 65,536 bins) converts
+    # half as many values and runs ~3x faster on a shard's 41 M values per channel.
+    even = len(values) & ~1
+    pairs = np.bincount(values[:even].view(np.uint16), minlength=1 << 16).reshape(256, 256)
+    return pairs.sum(0) + pairs.sum(1) + np.bincount(values[even:], minlength=256)
 
 
 def _stats(hist):

@@ -11,7 +11,7 @@ import webdataset as wds
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.build import build_shards
+from pipeline.build import _byte_histogram, build_shards
 from pipeline.cli import main
 from pipeline.index import read_index, read_manifest
 from tests.conftest import SHARD_SIZE, SYNTH
@@ -50,10 +50,24 @@ def test_counts_layout_and_manifest(release, shards):
         path = shards / s["file"]
         assert hashlib.sha256(path.read_bytes()).hexdigest() == s["sha256"] and path.stat().st_size == s["bytes"]
     assert m["skipped"] == []
-    for name in ("rgb64", "gray28"):
-        assert all(0 < v < 1 for v in m["stats"][name]["mean"] + m["stats"][name]["std"])
-    assert len(m["stats"]["rgb64"]["mean"]) == 3 and len(m["stats"]["gray28"]["mean"]) == 1
     assert not list(shards.parent.glob("*.tmp-*"))
+
+
+def test_stats_are_the_train_split_mean_and_std(shards):
+    """The manifest's normalisation stats: numpy's mean/std over every train pixel, per channel."""
+    samples = read_samples(shards, "train")
+    rgb = np.stack([s["rgb64.npy"] for s in samples]).reshape(-1, 3) / 255.0
+    gray = np.stack([s["gray28.npy"] for s in samples]).reshape(-1, 1) / 255.0
+    stats = read_manifest(shards)["stats"]
+    for name, values in (("rgb64", rgb), ("gray28", gray)):
+        np.testing.assert_allclose(stats[name]["mean"], values.mean(0), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(stats[name]["std"], values.std(0), rtol=0, atol=1e-6)
+
+
+def test_byte_histogram_counts_every_value_at_any_length():
+    values = np.random.default_rng(0).integers(0, 256, 4097, dtype=np.uint8)
+    for n in (0, 1, 2, 3, 4096, 4097):
+        assert _byte_histogram(values[:n]).tolist() == np.bincount(values[:n], minlength=256).tolist()
 
 
 def test_train_samples_are_byte_exact_with_labels_from_folders(release, shards):

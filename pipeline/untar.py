@@ -1,0 +1,103 @@
+"""Every regular file of a tar archive held in memory: `tarfile`'s answer, about ten times faster.
+
+Why not `tarfile` alone: on the real release (120,203 members) its member objects and
+`extractfile` cost ~65 µs a member, 8 s of a ~30 s build spent on one core while the others
+wait. Most of a release's members are 2 KB JPEGs, so the headers are the work. `files_in_tar`
+reads the headers it knows (ustar and GNU, GNU long names, pax `path`/`size` records) and slices
+each file's bytes out of the buffer. For any other kind of member (sparse files, global pax
+headers, base-256 sizes) it raises `Unsupported`, and the caller reads the archive with
+`tarfile` instead. The tests compare both readers on archives written by `tarfile` in each format.
+"""
+BLOCK = 512
+REGULAR = (b"0", b"\0", b"7")  # tarfile's REGULAR_TYPES, less GNU sparse files ('S')
+SKIPPED = (b"1", b"2", b"3", b"4", b"5", b"6", b"K")  # links, devices, folders, fifos, GNU long link names
+POSIX_MAGIC = b"ustar\x0000"
+
+
+class Unsupported(Exception):
+    """A member this reader does not parse; read the archive with `tarfile`."""
+
+
+class Broken(Exception):
+    """The archive is damaged (bad header checksum, data cut short)."""
+
+
+def _text(field):
+    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _octal(field):
+    if field[0] & 0x80:  # base-256: sizes over 8 GiB, not in an image release
+        raise Unsupported("base-256 number")
+    digits = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(digits, 8) if digits else 0
+    except ValueError:
+        raise Broken(f"invalid header field {bytes(field)!r}") from None
+
+
+def _pax_records(data):
+    """The `key=value` records of a pax extended header, as a dict of str (tarfile's rules)."""
+    records, pos = {}, 0
+    while pos < len(data) and data[pos] != 0:
+        try:
+            space = data.index(b" ", pos)
+            length = int(data[pos:space])
+            key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+            records[key.decode("utf-8")] = value.decode("utf-8", "surrogateescape")
+        except ValueError:  # no length, or a key that is not UTF-8 (UnicodeDecodeError)
+            raise Broken("invalid pax header") from None
+        if length < 1:
+            raise Broken("invalid pax header")
+        pos += length
+    return records
+
+
+def files_in_tar(data):
+    """`{member name: bytes}` for the regular files of uncompressed tar `data` (bytes).
+
+    Names are as `tarfile` gives them (ustar prefix joined, GNU long names and pax paths
+    applied). Raises `Unsupported` for members outside the formats above, `Broken` for damage.
+    """
+    files, pos, end = {}, 0, len(data)
+    long_name = pax = None  # extended data that applies to the next header
+    while pos + BLOCK <= end:
+        header = data[pos:pos + BLOCK]
+        if not any(header):
+            break  # end-of-archive marker (tarfile, too, stops at the first zero block)
+        if _octal(header[148:156]) != sum(header) - sum(header[148:156]) + 8 * 32:
+            raise Broken(f"bad checksum in the header at byte {pos:,}")
+        kind, size = header[156:157], _octal(header[124:136])
+        start = pos + BLOCK
+        pos = start + -(-size // BLOCK) * BLOCK
+        if start + size > end:
+            raise Broken("unexpected end of data")
+        if kind == b"L":
+            long_name = _text(data[start:start + size])
+            continue
+        if kind == b"x":
+            pax = _pax_records(data[start:start + size])
+            if any(key.startswith("GNU.sparse") for key in pax):
+                raise Unsupported("pax sparse file")
+            continue
+        name = _text(header[0:100])
+        prefix = _text(header[345:500])
+        if prefix and header[257:265] == POSIX_MAGIC:
+            name = prefix + "/" + name
+        elif prefix:  # GNU headers keep times there; tarfile's rule for that case is not worth copying
+            raise Unsupported("GNU header with a prefix field")
+        if long_name is not None:
+            name = long_name
+        if pax:
+            if "size" in pax:  # the data's real size when the header's field cannot hold it
+                size = int(pax["size"])
+                pos = start + -(-size // BLOCK) * BLOCK
+                if start + size > end:
+                    raise Broken("unexpected end of data")
+            name = pax.get("path", name)
+        long_name = pax = None
+        if kind in REGULAR and not (kind == b"\0" and name.endswith("/")):
+            files[name] = data[start:start + size]
+        elif kind not in SKIPPED and kind != b"\0":
+            raise Unsupported(f"member type {kind!r}")
+    return files

@@ -4,7 +4,7 @@
 (`wnids.txt`, `train/n01443537/images/n01443537_0.JPEG`, ...) to their bytes. Archives are read in
 one sequential pass into memory (the whole release is ~250 MB of JPEG bytes, ~330 MB as a tar),
 which is both the fastest way to read a gzipped tar and what lets the decode workers receive plain
-bytes; `untar` slices the files out of the tar.
+bytes; `unpack` takes the files out of the archive.
 """
 import gzip
 import io
@@ -15,7 +15,7 @@ import zlib
 from pathlib import Path
 
 from .errors import SourceError
-from .untar import Broken, Unsupported, files_in_tar
+from .unpack import Broken, Unsupported, files_in_tar, files_in_zip
 
 ROOT_MARKER = "wnids.txt"
 GZIP_MAGIC = b"\x1f\x8b"
@@ -91,8 +91,12 @@ def _read_tar(path):
 def _read_zip(path):
     try:
         with zipfile.ZipFile(path) as zf:
-            return {i.filename: zf.read(i) for i in zf.infolist() if not i.is_dir()}
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+            members = [i for i in zf.infolist() if not i.is_dir()]
+            try:
+                return files_in_zip(path.read_bytes(), members)
+            except Unsupported:
+                return {i.filename: zf.read(i) for i in members}
+    except (Broken, zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as e:
         raise SourceError(f"{path}: unreadable archive ({e})") from None
 
 

@@ -1,16 +1,17 @@
-"""pipeline.untar against tarfile, the reference, on archives tarfile writes in each format;
-unusual members read through tarfile; damage named."""
+"""pipeline.unpack against the references, tarfile and zipfile, on archives written in each
+format; unusual members read through the standard library; damage named."""
 import io
 import shutil
 import subprocess
 import tarfile
+import zipfile
 from dataclasses import dataclass
 
 import pytest
 
 from pipeline.errors import SourceError
 from pipeline.source import open_release
-from pipeline.untar import Broken, Unsupported, files_in_tar
+from pipeline.unpack import Broken, Unsupported, files_in_tar, files_in_zip
 
 LONG = "tiny-imagenet-200/train/" + "n01443537/" * 12 + "images/n01443537_0.JPEG"  # 147 chars: no ustar name field holds it
 
@@ -39,6 +40,13 @@ def archive(fmt, members, **kw):
 def reference(data):
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         return {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+
+
+def released(path, data):
+    """The files `open_release` reads from archive `data` written to `path`, named as in the archive."""
+    path.write_bytes(data)
+    files = open_release(path)
+    return {"tiny-imagenet-200/" + name: files.read(name) for name in files.names()}
 
 
 MEMBERS = [("tiny-imagenet-200", Kind(tarfile.DIRTYPE)), ("tiny-imagenet-200/wnids.txt", b"n01443537\n"),
@@ -82,10 +90,7 @@ def test_unusual_members_are_left_to_tarfile(kw, members, tmp_path):
     data = archive(fmt, MEMBERS + members, **kw)
     with pytest.raises(Unsupported):
         files_in_tar(data)
-    (tmp_path / "release.tar").write_bytes(data)
-    files = open_release(tmp_path / "release.tar")
-    assert {name: files.read(name) for name in files.names()} == {
-        name.removeprefix("tiny-imagenet-200/"): b for name, b in reference(data).items()}
+    assert released(tmp_path / "release.tar", data) == reference(data)
 
 
 def test_damage_is_named(tmp_path):
@@ -101,3 +106,62 @@ def test_damage_is_named(tmp_path):
     (tmp_path / "cut.tar").write_bytes(cut)
     with pytest.raises(SourceError, match=f"^{tmp_path / 'cut.tar'}: unreadable archive \\(unexpected end of data\\)$"):
         open_release(tmp_path / "cut.tar")
+
+
+def zip_archive(members, compression=zipfile.ZIP_DEFLATED):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression) as zf:
+        for name, content in members:
+            if isinstance(content, Kind):
+                zf.mkdir(name)
+            else:
+                zf.writestr(name, content)
+    return buf.getvalue()
+
+
+def zip_reference(data):
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        return {i.filename: zf.read(i) for i in zf.infolist() if not i.is_dir()}
+
+
+def zip_files(data):
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        return files_in_zip(data, [i for i in zf.infolist() if not i.is_dir()])
+
+
+ZIP_MEMBERS = [(name, content) for name, content in MEMBERS + [(LONG, b"long"), ("tiny-imagenet-200/caf\u00e9", b"utf-8")]
+               if content == Kind(tarfile.DIRTYPE) or not isinstance(content, Kind)]
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED], ids=["stored", "deflated"])
+def test_every_zip_member_as_zipfile_reads_it(compression):
+    data = zip_archive(ZIP_MEMBERS, compression)
+    files = zip_files(data)
+    assert files == zip_reference(data) and len(files) == len(ZIP_MEMBERS) - 1
+
+
+@pytest.mark.skipif(shutil.which("zip") is None, reason="no zip command on this machine")
+def test_a_zip_written_by_the_zip_command(tmp_path):
+    root = tmp_path / "tiny-imagenet-200"
+    (root / "n01443537").mkdir(parents=True)
+    (root / "wnids.txt").write_bytes(b"n01443537\n")
+    (root / "n01443537" / "a.JPEG").write_bytes(bytes(range(256)) * 40)
+    subprocess.run(["zip", "-qr", str(tmp_path / "r.zip"), "tiny-imagenet-200"], cwd=tmp_path, check=True)
+    data = (tmp_path / "r.zip").read_bytes()
+    assert zip_files(data) == zip_reference(data) and len(zip_files(data)) == 2
+
+
+def test_other_zip_compressions_are_left_to_zipfile(tmp_path):
+    data = zip_archive(ZIP_MEMBERS, zipfile.ZIP_BZIP2)
+    with pytest.raises(Unsupported):
+        zip_files(data)
+    assert released(tmp_path / "release.zip", data) == zip_reference(data)
+
+
+def test_zip_damage_is_named(tmp_path):
+    data = bytearray(zip_archive(ZIP_MEMBERS, zipfile.ZIP_STORED))
+    data[data.index(b"z" * 10_000) + 5_000] ^= 1
+    (tmp_path / "bad.zip").write_bytes(data)
+    with pytest.raises(SourceError, match=f"^{tmp_path / 'bad.zip'}: unreadable archive "
+                                          "\\(tiny-imagenet-200/last: bad CRC-32 \\(damaged member\\)\\)$"):
+        open_release(tmp_path / "bad.zip")

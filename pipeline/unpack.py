@@ -1,13 +1,18 @@
-"""Every regular file of a tar archive held in memory: `tarfile`'s answer, about ten times faster.
+"""Every file of a release archive held in memory: what `tarfile`/`zipfile` give, 2-10x faster.
 
-Why not `tarfile` alone: on the real release (120,203 members) its member objects and
-`extractfile` cost ~65 µs a member, 8 s of a ~30 s build spent on one core while the others
-wait. Most of a release's members are 2 KB JPEGs, so the headers are the work. `files_in_tar`
-reads the headers it knows (ustar and GNU, GNU long names, pax `path`/`size` records) and slices
-each file's bytes out of the buffer. For any other kind of member (sparse files, global pax
-headers, base-256 sizes) it raises `Unsupported`, and the caller reads the archive with
-`tarfile` instead. The tests compare both readers on archives written by `tarfile` in each format.
+Why not the standard library's readers alone: a release has 120,203 members, most of them 2 KB
+JPEGs, so per-member overhead is the work. `tarfile`'s member objects and `extractfile` cost ~65 µs
+a member (8 s of a ~40 s build on one core, the others waiting); `zipfile.read` opens a file object
+per member (5 s). `files_in_tar` parses the tar headers it knows (ustar and GNU, GNU long names,
+pax `path`/`size` records) and slices each file out of the buffer; `files_in_zip` takes `zipfile`'s
+member list and inflates each stored or deflated member with `zlib`, checking its CRC. For any
+other kind of member (sparse files, global pax headers, base-256 sizes; other compressions,
+encryption) they raise `Unsupported`, and the caller uses the standard library instead. The tests
+compare both readers with it on archives written in each format.
 """
+import struct
+import zlib
+
 BLOCK = 512
 REGULAR = (b"0", b"\0", b"7")  # tarfile's REGULAR_TYPES, less GNU sparse files ('S')
 SKIPPED = (b"1", b"2", b"3", b"4", b"5", b"6", b"K")  # links, devices, folders, fifos, GNU long link names
@@ -19,7 +24,7 @@ class Unsupported(Exception):
 
 
 class Broken(Exception):
-    """The archive is damaged (bad header checksum, data cut short)."""
+    """The archive is damaged (bad header checksum, data cut short, CRC mismatch)."""
 
 
 def _text(field):
@@ -100,4 +105,31 @@ def files_in_tar(data):
             files[name] = data[start:start + size]
         elif kind not in SKIPPED and kind != b"\0":
             raise Unsupported(f"member type {kind!r}")
+    return files
+
+
+ZIP_LOCAL = struct.Struct("<4s22xHH")  # a local file header: signature, ..., name and extra lengths
+STORED, DEFLATED = 0, 8
+
+
+def files_in_zip(data, members):
+    """`{member name: bytes}` for `members` (`zipfile.ZipInfo` of the files) of zip archive `data`."""
+    files = {}
+    for info in members:
+        if info.flag_bits & 1 or info.compress_type not in (STORED, DEFLATED):
+            raise Unsupported("encrypted member, or a compression other than deflate")
+        if info.header_offset + ZIP_LOCAL.size > len(data):
+            raise Broken("unexpected end of data")
+        signature, name_len, extra_len = ZIP_LOCAL.unpack_from(data, info.header_offset)
+        if signature != b"PK\x03\x04":
+            raise Broken(f"{info.filename}: bad local file header")
+        start = info.header_offset + ZIP_LOCAL.size + name_len + extra_len
+        raw = data[start:start + info.compress_size]
+        try:
+            content = zlib.decompress(raw, -15) if info.compress_type == DEFLATED else raw
+        except zlib.error as e:
+            raise Broken(f"{info.filename}: {e}") from None
+        if len(content) != info.file_size or zlib.crc32(content) != info.CRC:
+            raise Broken(f"{info.filename}: bad CRC-32 (damaged member)")
+        files[info.filename] = content
     return files

@@ -13,10 +13,35 @@ from .errors import ImageError
 
 SIZE = (64, 64)
 MODES = ("RGB", "L")  # greyscale JPEGs (~2% of the release) are normal: replicated to RGB
+PLAIN_FRAMES = (0xC0, 0xC1, 0xC2)  # SOF markers of baseline, extended and progressive Huffman JPEGs
+HEADER_SEGMENTS = (0xC4, 0xDB, 0xDD, 0xFE, *range(0xE0, 0xF0))  # DHT, DQT, DRI, COM, APPn
 
 
-def decode_variants(data, name):
-    """Return `(rgb64, gray28)` uint8 arrays (64x64x3, 28x28) for JPEG bytes; ImageError if unusable."""
+def _plain_mode(data):
+    """'RGB' or 'L' for a plain 8-bit 64x64 JPEG whose header holds only the usual segments, else None.
+
+    Such a JPEG is decoded by PIL's own JPEG decoder directly (`Image.frombytes`), with the arguments
+    `Image.open` would give it: the same pixels, without the ~70 µs of Python header parsing in
+    `Image.open`, a third of the decode. Every other input takes `Image.open`, which names its faults.
+    """
+    if data[:3] != b"\xff\xd8\xff":
+        return None
+    pos = 2
+    while pos + 10 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker in PLAIN_FRAMES:
+            bits, height, width, layers = data[pos + 4], data[pos + 5:pos + 7], data[pos + 7:pos + 9], data[pos + 9]
+            if bits == 8 and height == width == b"\x00\x40" and layers in (1, 3):
+                return "L" if layers == 1 else "RGB"
+            return None
+        if marker not in HEADER_SEGMENTS:
+            return None
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    return None
+
+
+def _open(data, name):
+    """`Image.open(...).convert('RGB')`, with each reason to refuse the image as one ImageError."""
     try:
         img = Image.open(io.BytesIO(data))
         if img.format != "JPEG":
@@ -25,11 +50,23 @@ def decode_variants(data, name):
             raise ImageError(f"{name}: {img.mode} JPEG, expected RGB or greyscale")
         if img.size != SIZE:
             raise ImageError(f"{name}: image is {img.size[0]}x{img.size[1]}, expected 64x64")
-        rgb = img.convert("RGB")
+        return img.convert("RGB")
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image (corrupt JPEG)") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{name}: corrupt or truncated JPEG ({e})") from None
+
+
+def decode_variants(data, name):
+    """Return `(rgb64, gray28)` uint8 arrays (64x64x3, 28x28) for JPEG bytes; ImageError if unusable."""
+    rgb, mode = None, _plain_mode(data)
+    if mode is not None:
+        try:
+            rgb = Image.frombytes(mode, SIZE, data, "jpeg", mode, "").convert("RGB")
+        except (OSError, ValueError):
+            pass  # damaged data: Image.open below says how
+    if rgb is None:
+        rgb = _open(data, name)
     gray = rgb.resize((28, 28), Image.BILINEAR).convert("L")
     # Read-only views of the pixels' bytes: half the cost of np.asarray, which copies them twice.
     return (np.frombuffer(rgb.tobytes(), np.uint8).reshape(64, 64, 3),

@@ -1,0 +1,95 @@
+"""pipeline.variants: the direct decode of plain JPEGs gives what `Image.open` gives, pixel for
+pixel, on every kind of JPEG PIL writes and on damaged ones; everything else goes through `Image.open`."""
+import io
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.errors import ImageError
+from pipeline.variants import _plain_mode, decode_variants
+
+
+def jpeg(img, **kw):
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", **kw)
+    return buf.getvalue()
+
+
+def picture(mode, seed, size=(64, 64)):
+    """Smooth gradients plus noise: entropy data of a realistic length."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size[1], 0:size[0]]
+    rgb = np.stack([x * 4, y * 4, (x + y) * 2], -1) + rng.integers(0, 40, (size[1], size[0], 3))
+    return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)).convert(mode)
+
+
+def reference(data):
+    """What the study's PIL pipeline reads: `Image.open(...).convert('RGB')` and its 28x28 grey, or None."""
+    try:
+        rgb = Image.open(io.BytesIO(data)).convert("RGB")
+    except Exception:
+        return None
+    return np.asarray(rgb), np.asarray(rgb.resize((28, 28), Image.BILINEAR).convert("L"))
+
+
+EXIF = Image.Exif()
+EXIF[0x010E] = "an image description"
+KINDS = {
+    "baseline": (picture("RGB", 0), {}),
+    "quality-95-444": (picture("RGB", 1), dict(quality=95, subsampling=0)),
+    "422": (picture("RGB", 2), dict(subsampling=1)),
+    "progressive": (picture("RGB", 3), dict(progressive=True)),
+    "optimized": (picture("RGB", 4), dict(optimize=True)),
+    "exif-icc-comment": (picture("RGB", 5), dict(exif=EXIF.tobytes(), icc_profile=b"\0" * 300, comment=b"tinyin")),
+    "restart-markers": (picture("RGB", 6), dict(restart_marker_blocks=1)),
+    "greyscale": (picture("L", 7), {}),
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_direct_decode_equals_image_open(kind):
+    img, kw = KINDS[kind]
+    data = jpeg(img, **kw)
+    assert _plain_mode(data) == img.mode
+    rgb, gray = decode_variants(data, "x.JPEG")
+    expected_rgb, expected_gray = reference(data)
+    assert rgb.tobytes() == expected_rgb.tobytes() and gray.tobytes() == expected_gray.tobytes()
+
+
+def test_damaged_jpegs_decode_or_fail_as_image_open_does():
+    rng = random.Random(0)
+    outcomes = set()
+    for seed in range(300):
+        data = bytearray(jpeg(picture(rng.choice(["RGB", "L"]), seed)))
+        at = rng.randrange(2, len(data))
+        damage = rng.choice(["flip", "cut", "zero"])
+        if damage == "flip":
+            data[at] ^= 1 << rng.randrange(8)
+        elif damage == "cut":
+            del data[at:]
+        else:
+            data[at:at + 16] = bytes(len(data[at:at + 16]))
+        expected = reference(bytes(data))
+        if expected is None:
+            with pytest.raises(ImageError):
+                decode_variants(bytes(data), "x.JPEG")
+        else:
+            assert [a.tobytes() for a in decode_variants(bytes(data), "x.JPEG")] == [a.tobytes() for a in expected]
+        outcomes.add((damage, expected is None))
+    # Flipped and zeroed bytes are sometimes decoded (libjpeg warns and goes on), sometimes refused;
+    # PIL refuses every cut JPEG.
+    assert outcomes == {("flip", False), ("flip", True), ("zero", False), ("zero", True), ("cut", True)}
+
+
+@pytest.mark.parametrize("data, message", [
+    (jpeg(picture("RGB", 0, (32, 32))), "x.JPEG: image is 32x32, expected 64x64"),
+    (jpeg(picture("CMYK", 0)), "x.JPEG: CMYK JPEG, expected RGB or greyscale"),
+    (b"this is not a jpeg" * 20, "x.JPEG: not an image (corrupt JPEG)"),
+], ids=["32x32", "cmyk", "garbage"])
+def test_other_inputs_take_image_open_and_its_reasons(data, message):
+    assert _plain_mode(data) is None
+    with pytest.raises(ImageError) as caught:
+        decode_variants(data, "x.JPEG")
+    assert str(caught.value) == message

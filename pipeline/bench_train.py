@@ -20,7 +20,6 @@ import itertools
 import os
 import platform
 import statistics
-import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from models.recipes import RECIPES
 
 from .device import IMAGENET_MEAN, IMAGENET_STD, DeviceStage
 from .errors import UsageError
+from .provenance import commit
 from .index import read_manifest
 from .loader import make_loader
 from .reader import ShardArrays
@@ -46,7 +46,6 @@ FEED_LABELS = {"ceiling": "(a) ceiling: one batch on the device", "resident": "(
                "fast": "(c) fast path", "imagefolder": "(d) study: ImageFolder + PIL"}
 COMPILABLE = ("ceiling", "resident")
 NORMS = {"half": ((0.5,) * 3, (0.5,) * 3), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -293,17 +292,6 @@ def bench_train(shards, images=None, cases=None, device="cpu", warmup=10, steps=
 
 
 # --- what produced the numbers ---------------------------------------------------------------
-
-
-def commit():
-    """The checkout's commit (+"-dirty" with uncommitted changes), or $TINYIN_COMMIT where there is no git."""
-    with contextlib.suppress(OSError, subprocess.CalledProcessError):
-        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return head + ("-dirty" if dirty else "")
-    return os.environ.get("TINYIN_COMMIT", "unknown")
 
 
 def environment(device):

@@ -96,7 +96,8 @@ def _read_zip(path):
                 return files_in_zip(path.read_bytes(), members)
             except Unsupported:
                 return {i.filename: zf.read(i) for i in members}
-    except (Broken, zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as e:
+    except (Broken, zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error,
+            NotImplementedError) as e:  # zipfile's word for a compression it lacks
         raise SourceError(f"{path}: unreadable archive ({e})") from None
 
 

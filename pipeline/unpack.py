@@ -6,8 +6,8 @@ a member (8 s of a ~40 s build on one core, the others waiting); `zipfile.read` 
 per member (5 s). `files_in_tar` parses the tar headers it knows (ustar and GNU, GNU long names,
 pax `path`/`size` records) and slices each file out of the buffer; `files_in_zip` takes `zipfile`'s
 member list and inflates each stored or deflated member with `zlib`, checking its CRC. For any
-other kind of member (sparse files, global pax headers, base-256 sizes; other compressions,
-encryption) they raise `Unsupported`, and the caller uses the standard library instead. The tests
+other kind of member (sparse files, global pax headers, base-256 sizes; other compressions)
+they raise `Unsupported`, and the caller uses the standard library instead. The tests
 compare both readers with it on archives written in each format.
 """
 import struct
@@ -24,7 +24,7 @@ class Unsupported(Exception):
 
 
 class Broken(Exception):
-    """The archive is damaged (bad header checksum, data cut short, CRC mismatch)."""
+    """The archive cannot be read: damaged (bad header checksum, data cut short, CRC mismatch) or encrypted."""
 
 
 def _text(field):
@@ -116,8 +116,10 @@ def files_in_zip(data, members):
     """`{member name: bytes}` for `members` (`zipfile.ZipInfo` of the files) of zip archive `data`."""
     files = {}
     for info in members:
-        if info.flag_bits & 1 or info.compress_type not in (STORED, DEFLATED):
-            raise Unsupported("encrypted member, or a compression other than deflate")
+        if info.flag_bits & 1:
+            raise Broken(f"{info.filename}: encrypted; extract the archive with its password and pass the folder")
+        if info.compress_type not in (STORED, DEFLATED):
+            raise Unsupported("a compression other than deflate")
         if info.header_offset + ZIP_LOCAL.size > len(data):
             raise Broken("unexpected end of data")
         signature, name_len, extra_len = ZIP_LOCAL.unpack_from(data, info.header_offset)

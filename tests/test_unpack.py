@@ -165,3 +165,14 @@ def test_zip_damage_is_named(tmp_path):
     with pytest.raises(SourceError, match=f"^{tmp_path / 'bad.zip'}: unreadable archive "
                                           "\\(tiny-imagenet-200/last: bad CRC-32 \\(damaged member\\)\\)$"):
         open_release(tmp_path / "bad.zip")
+
+
+def test_an_encrypted_zip_is_one_line(tmp_path):
+    data = bytearray(zip_archive([("tiny-imagenet-200/wnids.txt", b"n01443537\n")], zipfile.ZIP_STORED))
+    data[data.index(b"PK\x03\x04") + 6] |= 1  # the 'encrypted' flag, in the local and the central header
+    data[data.index(b"PK\x01\x02") + 8] |= 1
+    (tmp_path / "locked.zip").write_bytes(data)
+    with pytest.raises(SourceError) as caught:
+        open_release(tmp_path / "locked.zip")
+    assert str(caught.value) == (f"{tmp_path / 'locked.zip'}: unreadable archive (tiny-imagenet-200/wnids.txt: "
+                                 "encrypted; extract the archive with its password and pass the folder)")

@@ -29,17 +29,14 @@ import csv
 import dataclasses
 import datetime
 import hashlib
-import importlib.metadata
 import itertools
 import json
 import math
 import os
 import pickle
-import platform
 import random
 import shlex
 import signal
-import socket
 import sys
 import threading
 import time
@@ -54,6 +51,7 @@ from tqdm import tqdm
 import models
 from models.recipes import recipe_names, resolve_recipe
 from pipeline import IMAGENET_MEAN, IMAGENET_STD, make_loader
+from pipeline import provenance
 from pipeline.cache import cached_copy, is_set_url
 from pipeline.errors import CheckpointError, ShardError, UsageError, run_cli
 from pipeline.augment import AUGMENTS
@@ -722,21 +720,10 @@ def write_keys(out, epoch, keys):
         keys.clear()
 
 
-def cpu_name():
-    try:  # Linux names the CPU model here; platform.processor() is often just "x86_64"
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def environment(device, world_size):
-    """What the numbers were measured on (env.json)."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    return dict(python=platform.python_version(), torch=torch.__version__,
-                torchvision=importlib.metadata.version("torchvision"),  # without importing it: see torchvision_zoo
-                device=str(device), device_name=name, world_size=world_size, hostname=socket.gethostname(),
-                time=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), argv=sys.argv)
+    """What the numbers were measured on, and how the run was started (env.json)."""
+    return dict(provenance.environment(device), world_size=world_size, argv=sys.argv,
+                time=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
 
 
 def write_args(out, args):

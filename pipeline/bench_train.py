@@ -14,11 +14,8 @@ On CUDA the step runs under bf16 autocast with channels_last; (a) and (b) can al
 and a row reports the median (and min-max) of its windows. Used by `tinyin bench train` and
 `tools/bench_train.py`.
 """
-import contextlib
-import importlib.metadata
 import itertools
 import os
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -32,7 +29,7 @@ from models.recipes import RECIPES
 
 from .device import IMAGENET_MEAN, IMAGENET_STD, DeviceStage
 from .errors import UsageError
-from .provenance import commit
+from . import provenance
 from .index import read_manifest
 from .loader import make_loader
 from .reader import ShardArrays
@@ -295,18 +292,10 @@ def bench_train(shards, images=None, cases=None, device="cpu", warmup=10, steps=
 
 
 def environment(device):
-    """Machine, accelerator and versions, for the table's header and env.json."""
-    device = torch.device(device)
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError, StopIteration):
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    return dict(commit=commit(), host=platform.node(), cores=os.cpu_count(), cpu=cpu, device=str(device), gpu=gpu,
-                python=platform.python_version(), torch=torch.__version__,
-                torchvision=importlib.metadata.version("torchvision"),  # no import: see models/torchvision_zoo.py
-                cuda=torch.version.cuda if gpu else None,
-                precision="bf16 autocast, channels_last" if gpu else "float32 (no autocast on the CPU)")
+    """Machine, accelerator, versions and commit, for the table's header and env.json."""
+    env = provenance.environment(torch.device(device))
+    env["precision"] = "bf16 autocast, channels_last" if env["gpu"] else "float32 (no autocast on the CPU)"
+    return env
 
 
 def _gib(n):

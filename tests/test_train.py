@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import train
-from pipeline import build_shards, make_loader, read_index, read_manifest
+from pipeline import build_shards, make_loader, provenance, read_index, read_manifest
 from pipeline.errors import run_cli
 from pipeline.order import epoch_order, step_seed
 from pipeline.synth import synthesize
@@ -184,6 +184,7 @@ def test_lenet5_learns_and_writes_its_files(train_shards, tmp_path):
     assert (args["arch"], args["batch_size"], args["lr"], args["norm"], args["epochs"]) == ("lenet5", 32, 0.01, "half", 3)
     env = json.loads((tmp_path / "env.json").read_text())
     assert env["torch"] == torch.__version__ and env["device"] == "cpu" and env["world_size"] == 1
+    assert env["commit"] == provenance.commit() and env["gpu"] is None and env["cpu"]
     on_disk = json.loads((tmp_path / "final.json").read_text())
     assert on_disk == pytest.approx(final)
     assert final["epochs"] == 3 and final["train_top1"] == rows[2]["train_top1"] and final["val_top1"] == rows[2]["val_top1"]

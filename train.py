@@ -50,8 +50,7 @@ from tqdm import tqdm
 
 import models
 from models.recipes import recipe_names, resolve_recipe
-from pipeline import IMAGENET_MEAN, IMAGENET_STD, make_loader
-from pipeline import provenance
+from pipeline import IMAGENET_MEAN, IMAGENET_STD, make_loader, provenance
 from pipeline.cache import cached_copy, is_set_url
 from pipeline.errors import CheckpointError, ShardError, UsageError, run_cli
 from pipeline.augment import AUGMENTS

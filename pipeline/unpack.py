@@ -73,6 +73,8 @@ def files_in_tar(data):
         if _octal(header[148:156]) != sum(header) - sum(header[148:156]) + 8 * 32:
             raise Broken(f"bad checksum in the header at byte {pos:,}")
         kind, size = header[156:157], _octal(header[124:136])
+        if pax and kind not in (b"L", b"x"):  # pax holds the real size where the header's field cannot
+            size = int(pax.get("size", size))
         start = pos + BLOCK
         pos = start + -(-size // BLOCK) * BLOCK
         if start + size > end:
@@ -94,11 +96,6 @@ def files_in_tar(data):
         if long_name is not None:
             name = long_name
         if pax:
-            if "size" in pax:  # the data's real size when the header's field cannot hold it
-                size = int(pax["size"])
-                pos = start + -(-size // BLOCK) * BLOCK
-                if start + size > end:
-                    raise Broken("unexpected end of data")
             name = pax.get("path", name)
         long_name = pax = None
         if kind in REGULAR and not (kind == b"\0" and name.endswith("/")):

@@ -176,3 +176,19 @@ def test_an_encrypted_zip_is_one_line(tmp_path):
         open_release(tmp_path / "locked.zip")
     assert str(caught.value) == (f"{tmp_path / 'locked.zip'}: unreadable archive (tiny-imagenet-200/wnids.txt: "
                                  "encrypted; extract the archive with its password and pass the folder)")
+
+
+def test_a_pax_size_record_overrides_the_header():
+    """Where a size does not fit the header's field (over 8 GiB), pax carries it and the field says 0."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, content, pax in (("big", b"hello", {"size": "5"}), ("next", b"abc", {})):
+            info = tarfile.TarInfo(name)
+            info.size, info.pax_headers = len(content), pax
+            tar.addfile(info, io.BytesIO(content))
+    data = bytearray(buf.getvalue())
+    at = data.index(b"big\0")  # the member's own header (after its pax header)
+    data[at + 124:at + 136] = b"%011o\0" % 0
+    data[at + 148:at + 156] = b" " * 8
+    data[at + 148:at + 156] = b"%06o\0 " % sum(data[at:at + 512])
+    assert files_in_tar(bytes(data)) == reference(bytes(data)) == {"big": b"hello", "next": b"abc"}

@@ -192,3 +192,15 @@ def test_a_pax_size_record_overrides_the_header():
     data[at + 148:at + 156] = b" " * 8
     data[at + 148:at + 156] = b"%06o\0 " % sum(data[at:at + 512])
     assert files_in_tar(bytes(data)) == reference(bytes(data)) == {"big": b"hello", "next": b"abc"}
+
+
+@pytest.mark.parametrize("suffix, mode", [(".tar.xz", "w:xz"), (".tar.bz2", "w:bz2")])
+def test_other_compressions_of_a_tar_go_through_tarfile(tmp_path, suffix, mode):
+    path = tmp_path / f"release{suffix}"
+    with tarfile.open(path, mode) as tar:
+        tar.addfile(tarfile.TarInfo("tiny-imagenet-200/wnids.txt"), io.BytesIO(b""))
+        info = tarfile.TarInfo("tiny-imagenet-200/last")
+        info.size = 10_000
+        tar.addfile(info, io.BytesIO(b"z" * 10_000))
+    files = open_release(path)
+    assert {name: files.read(name) for name in files.names()} == {"wnids.txt": b"", "last": b"z" * 10_000}

@@ -8,6 +8,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
 import torch
 
 SESSION = Path(__file__).resolve().parents[1] / "tools" / "gpu_session.py"
@@ -89,3 +90,28 @@ def test_r224_ratio_reads_the_rows_of_a_stopped_bench(tmp_path):
     args = argparse.Namespace(device="cuda", smoke=False)
     assert gpu_session.part_r224(args, work / "results", "shards", None, work, None) is None
     assert (work / "results" / "r224.md").read_text().splitlines()[-1] == "| 1 | 900 | 75% | 1.25% |"
+
+
+def test_a_release_archive_gives_imagefolder_its_train_folder(release, tmp_path):
+    """Feed (d) reads train/ from files: the archive's train/ and wnids.txt are written, byte for byte,
+    and nothing else; a member whose path leaves the folder stops it."""
+    sys.path.insert(0, str(SESSION.parent))
+    import gpu_session
+
+    tgz = tmp_path / "release.tar.gz"
+    with tarfile.open(tgz, "w:gz") as tf:
+        tf.add(release, "tiny-imagenet-200")
+    folder = tmp_path / "images"
+    count = gpu_session.extract_for_imagefolder(tgz, folder)
+    expected = {p.relative_to(release).as_posix(): p.read_bytes() for p in release.rglob("*")
+                if p.is_file() and p.relative_to(release).parts[0] in ("train", "wnids.txt")}
+    assert {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()} == expected
+    assert count == len(expected) > 200
+
+    evil = tmp_path / "evil.tar"
+    with tarfile.open(evil, "w") as tf:
+        tf.add(release / "wnids.txt", "tiny-imagenet-200/wnids.txt")
+        tf.add(release / "wnids.txt", "tiny-imagenet-200/train/../../outside.txt")
+    with pytest.raises(SystemExit, match="^error: .*evil.tar: train/../../outside.txt: a path out of the release folder$"):
+        gpu_session.extract_for_imagefolder(evil, tmp_path / "evil")
+    assert not (tmp_path / "outside.txt").exists()

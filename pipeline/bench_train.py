@@ -174,6 +174,9 @@ class Feeds:
             self._loaders = {k: v for k, v in self._loaders.items() if k[0] != path}
             self._loaders[key] = make_loader(self.shards, "train", info["variant"], batch, shuffle=True,
                                              drop_last=True, device=self.device, path=path, **stage)
+            # Untimed: the data pass (the shards' pages, the resident copy to the device) runs in the
+            # background, and until it is done batches come the slow way; the rows time the steady state.
+            self._loaders[key].wait_ready()
         loader = self._loaders[key]
         return _forever(loader, f"--feeds {path}", loader.set_epoch)
 

@@ -71,4 +71,11 @@ def prefetch_ring(batches, fill, shape, batch_size, depth, device):
             yield images, idx
     finally:
         stop.set()
+        # A consumer that stops early (islice, an error, SIGTERM) may leave the thread blocked on a full
+        # `ready`: empty it until the thread has seen `stop`, or the join would wait for ever.
+        while thread.is_alive():
+            try:
+                ready.get(timeout=0.05)
+            except queue.Empty:
+                pass
         thread.join()

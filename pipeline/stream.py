@@ -40,7 +40,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .errors import ShardError
@@ -71,6 +70,10 @@ class Shard(NamedTuple):
 def read_whole(url, storage_options=None):
     """A shard's bytes in one sequential read. FileNotFoundError when it is not there."""
     if url.startswith("pipe:"):
+        # webdataset only here and for brace patterns: training from a shard folder needs neither,
+        # and the lent GPU machine's image has no webdataset.
+        import webdataset as wds
+
         with wds.gopen(url, "rb") as stream:  # closing checks the command's exit status
             return stream.read()
     if url.startswith(("http://", "https://")) and not storage_options:
@@ -500,7 +503,11 @@ def stream_from_set(shards, split, variant="rgb64", storage_options=None, **kw):
 def stream_from_urls(urls, sample_counts, **kw):
     """A `StreamSource` over shard URLs (paths, fsspec URLs or `pipe:` commands, or a brace pattern)
     with their sample counts (from the set's manifest): each shard's layout is read from itself."""
-    urls = wds.shardlists.expand_urls(urls) if isinstance(urls, str) else [str(u) for u in urls]
+    if isinstance(urls, str):
+        import webdataset as wds  # see read_whole
+
+        urls = wds.shardlists.expand_urls(urls)
+    urls = [str(u) for u in urls]
     if sample_counts is None:
         raise ValueError("a list of shard URLs needs sample_counts (from the set's manifest) to plan an epoch; "
                          "or pass the shard set's location (the folder or URL holding manifest.json)")

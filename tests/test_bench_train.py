@@ -1,9 +1,12 @@
 """pipeline.bench_train on the synthetic set: the plan of cases, what each feed delivers, the
 one-line errors, and the CLI's table and JSON (a tiny run; no figures are asserted)."""
+import gc
 import json
 import signal
 import subprocess
 import sys
+import time
+import weakref
 
 import pytest
 import torch
@@ -63,6 +66,26 @@ def test_feeds_deliver_model_ready_batches(shards, release):
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     torch.testing.assert_close(first, (raw - mean) / std)
     assert torch.equal(y1, torch.from_numpy(arrays.labels[idx.numpy()]))
+
+
+def test_feeds_time_a_loader_after_its_data_pass_and_free_the_one_they_replace(shards, monkeypatch):
+    """A (b) row is timed on the resident copy, not on the batches served while it is made; the
+    split a row no longer needs is freed when its loader is dropped (the cyclic GC is off here)."""
+    verify = ShardArrays.verify_shard
+    monkeypatch.setattr(ShardArrays, "verify_shard", lambda self, s: (time.sleep(0.1), verify(self, s)))
+    feeds = Feeds(shards, None, torch.device("cpu"), workers=0)
+    next(feeds.batches(Case("resnet18", 64, 8, "resident")))
+    (loader,) = feeds._loaders.values()
+    assert loader.source.storage.complete
+    split = weakref.ref(loader.source.storage.data)
+    del loader
+    gc.collect()
+    gc.disable()
+    try:
+        next(feeds.batches(Case("resnet18", 224, 8, "resident")))  # another device stage: a new loader
+        assert split() is None, "the split of the replaced loader is still held"
+    finally:
+        gc.enable()
 
 
 def test_batch_larger_than_the_split(shards):

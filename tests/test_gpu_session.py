@@ -1,8 +1,10 @@
 """tools/gpu_session.py's CPU dry run (--smoke) on the synthetic release: every part runs, its
 results reach --out, and a second call trains nothing again. Device time is scarce; this is what
-keeps a GPU session from finding a broken script."""
+keeps a GPU session from finding a broken script. It runs as on the GPU machine's image, where
+webdataset is not installed."""
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -13,15 +15,36 @@ import torch
 
 SESSION = Path(__file__).resolve().parents[1] / "tools" / "gpu_session.py"
 
+# On PYTHONPATH, run by every Python process the session starts (gpu_session.py keeps PYTHONPATH for
+# its children): webdataset and its dependency cannot be imported, as on the lent GPU machine.
+NO_WEBDATASET = """import importlib.abc, sys
+class NoWebdataset(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.partition(".")[0] in ("webdataset", "braceexpand"):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked: not on the GPU machine)")
+sys.meta_path.insert(0, NoWebdataset())
+"""
 
-def session(*args):
-    return subprocess.run([sys.executable, str(SESSION), *args], capture_output=True, text=True)
+
+@pytest.fixture(scope="module")
+def gpu_image_env(tmp_path_factory):
+    """The environment of a process on the GPU machine's image: no webdataset (checked here)."""
+    site = tmp_path_factory.mktemp("no-webdataset")
+    (site / "sitecustomize.py").write_text(NO_WEBDATASET)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+    probe = subprocess.run([sys.executable, "-c", "import webdataset"], env=env, capture_output=True, text=True)
+    assert probe.returncode == 1 and "blocked: not on the GPU machine" in probe.stderr, probe.stderr
+    return env
 
 
-def test_smoke_runs_every_part_once(release, tmp_path):
+def session(env, *args):
+    return subprocess.run([sys.executable, str(SESSION), *args], capture_output=True, text=True, env=env)
+
+
+def test_smoke_runs_every_part_once(release, tmp_path, gpu_image_env):
     common = ["--release", str(release), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"),
               "--smoke", "--commit", "abc123"]
-    first = session(*common)
+    first = session(gpu_image_env, *common)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == ["bench.md", "curves.png", "json.tar", "r224.md",
@@ -35,14 +58,14 @@ def test_smoke_runs_every_part_once(release, tmp_path):
     assert "up to 2 rows trained side by side" in (out / "table2.md").read_text()
     assert "| 1 |" in (out / "r224.md").read_text()  # one epoch's row
 
-    second = session(*common)
+    second = session(gpu_image_env, *common)
     assert second.returncode == 0, second.stderr
     assert "== bench: done earlier (" in second.stdout
     assert second.stdout.count(": finished earlier, not run again") == 2  # Table 2's rows
     assert not [line for line in second.stdout.splitlines() if line.startswith("$ ") and "train.py --shards" in line]
 
     # The ablation after the speedrun: its seeds are not trained again, the variant is.
-    third = session(*common, "--parts", "speedrun", "--speedrun-args", "--ablate ema")
+    third = session(gpu_image_env, *common, "--parts", "speedrun", "--speedrun-args", "--ablate ema")
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     assert third.stdout.count("/train.py --shards") == 1  # the variant only
     assert "| EMA of the weights | `--ema 0` |" in (out / "ablation.md").read_text()
@@ -50,14 +73,14 @@ def test_smoke_runs_every_part_once(release, tmp_path):
         assert [r["variant"] for r in json.load(tf.extractfile("ablation.json"))] == [None, "ema"]
 
 
-def test_deadline_stops_a_part_and_keeps_what_it_has(shards, tmp_path):
+def test_deadline_stops_a_part_and_keeps_what_it_has(shards, tmp_path, gpu_image_env):
     """--deadline: Table 2's rows (waiting mid-epoch) get SIGTERM and checkpoint, the report so far
     reaches --out, the next part is not started, the exit says what is unfinished. (That the rerun
     resumes the rows is reproduce.py's test_reproduce_stopped_by_sigterm_reports_and_resumes.)"""
     out, work = tmp_path / "out", tmp_path / "work"
     common = ["--shards", str(shards), "--out", str(out), "--work", str(work), "--smoke", "--commit", "abc123",
               "--parts", "table2,r224"]
-    first = session(*common, "--deadline", "30", "--train-args", "--wait-at-step 1")
+    first = session(gpu_image_env, *common, "--deadline", "30", "--train-args", "--wait-at-step 1")
     assert first.returncode == 1, first.stdout[-3000:] + first.stderr[-3000:]
     assert "== --deadline reached: SIGTERM to tools/reproduce.py" in first.stdout
     assert "== r224: not started: past the --deadline" in first.stdout

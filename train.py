@@ -304,8 +304,10 @@ def load_data(args, device, world_size, shard_set):
                   world_size=world_size, device=device, channels_last=args.channels_last, path=args.data_path)
     if args.workers is not None:  # only the stream path has workers (parse_args refuses -j otherwise)
         common["workers"] = args.workers
-    # drop_last under DDP so every rank takes the same number of steps (DDP all-reduces each one).
-    train = make_loader(shard_set, "train", shuffle=True, drop_last=world_size > 1, augment=args.augment,
+    # drop_last under DDP so every rank takes the same number of steps (DDP all-reduces each one), and
+    # under --compile, where the epoch's last, smaller batch would compile the model again (a dynamic-shape
+    # graph, tens of seconds on a GPU, then serving the full batches too).
+    train = make_loader(shard_set, "train", shuffle=True, drop_last=world_size > 1 or args.compile, augment=args.augment,
                         with_keys=args.dump_keys, **common)
     val, test = (make_loader(shard_set, split, shuffle=False, **common) for split in ("val", "test"))
     return train, val, test
@@ -449,7 +451,8 @@ def ema_with_warmup(decay):
     """AveragedModel's update for an EMA whose decay warms up: min(decay, (1 + n) / (10 + n)) at the
     n-th update, as TensorFlow's ExponentialMovingAverage(num_updates=n) does. Without it a short run
     (a few hundred steps: the CPU, a 10-class subset) evaluates little more than its initial weights,
-    which decay 0.999 takes thousands of updates to forget. n and the decay stay on the device: no sync."""
+    which decay 0.999 takes thousands of updates to forget. The decay is computed on the device;
+    AveragedModel itself reads its count on the host, one sync per update (every --ema-every steps)."""
 
     @torch.no_grad()
     def update(averaged, current, n):
@@ -654,6 +657,15 @@ def predict(model, images, args):
     return (model(images).float() + model(images.flip(3)).float()) / 2
 
 
+def pad_batch(images, size):
+    """`images` followed by zero images up to `size`, in the same memory format. A compiled model
+    evaluates a split's last, smaller batch with the graph it has, not a new one; in eval mode one
+    image's output does not depend on the others'."""
+    padded = torch.zeros_like(images[:1]).expand(size, *images.shape[1:]).clone(memory_format=torch.preserve_format)
+    padded[: len(images)] = images
+    return padded
+
+
 @torch.no_grad()  # not inference_mode: the loader's gather thread writes into buffers made here
 def evaluate(model, criterion, loader, device, args):
     """Loss, top-1 and top-5 (%) over the whole split, summed across ranks (on the device: one
@@ -661,8 +673,10 @@ def evaluate(model, criterion, loader, device, args):
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*n, top1, top5, n
     for images, target in itertools.islice(loader, args.limit_batches):
+        if args.compile and len(images) < loader.batch_size:
+            images = pad_batch(images, loader.batch_size)
         with autocast(device, args):
-            output = predict(model, images, args)
+            output = predict(model, images, args)[: len(target)]
         hits = output.topk(min(5, output.shape[1]), dim=1).indices == target[:, None]  # (B, k), ranked
         n = target.numel()
         sums[0] += criterion(output.float(), target) * n
@@ -768,6 +782,8 @@ def train(parts, state, args, stop):
     clock = dict(t0=time.time(), before=state.train_seconds)  # this epoch's training time, across resumes
 
     def tick():
+        if parts.device.type == "cuda":
+            torch.cuda.synchronize(parts.device)  # the steps queued so far are this epoch's time, not validation's
         state.train_seconds = clock["before"] + time.time() - clock["t0"]
 
     def checkpoint(*extra):
@@ -972,7 +988,8 @@ def get_args_parser(add_help=True):
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
                    help="NHWC memory format (default: off)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile the model (default: off)")
+                   help="torch.compile the model (default: off). It then sees one batch size: each epoch's "
+                        "last, smaller train batch is left out and the last eval batch padded")
     p.add_argument("--seed", type=int, default=0, help="seeds the weights, dropout and the shuffle order (default: 0)")
     p.add_argument("--output-dir", help="where logs and checkpoints go (default: runs/ARCH-SIZE)")
     p.add_argument("--resume", help="checkpoint to continue from, or 'auto' for OUTPUT_DIR/checkpoint.pth if present; "

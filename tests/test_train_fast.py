@@ -103,7 +103,7 @@ def test_ema_every_n_steps_and_the_model_it_evaluates(small_shards, tmp_path):
 
     # The test metrics are the average's, not the trained weights'.
     parts = train.build(flags("--shards", small_shards, "--arch", "lenet5", "-b", "16"), torch.device("cpu"), 1)
-    args = argparse.Namespace(tta=False, amp=False, limit_batches=None)
+    args = argparse.Namespace(tta=False, amp=False, limit_batches=None, compile=False)
 
     def test_loss(weights):
         parts.module.load_state_dict(weights)
@@ -111,6 +111,34 @@ def test_ema_every_n_steps_and_the_model_it_evaluates(small_shards, tmp_path):
 
     ema_weights = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k != "n_averaged"}
     assert test_loss(ema_weights) == final["test_loss"] != test_loss(ckpt["model"])
+
+
+def test_compiled_graphs_see_only_full_batches(small_shards, tmp_path, monkeypatch):
+    """--compile drops the epoch's last, smaller train batch and pads the splits' last eval batches:
+    each new batch size would compile the model again (tens of seconds on a GPU)."""
+    seen = []
+
+    def backend(graph, inputs):  # records the batch sizes of the images each compiled graph is made for
+        seen.extend(t.shape[0] for t in inputs if isinstance(t, torch.Tensor) and t.shape[1:] == (1, 28, 28))
+        return graph.forward
+
+    compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile(model, backend=backend, **kw))
+    torch._dynamo.reset()
+    final = run(small_shards, tmp_path, "--arch", "lenet5", "-b", "16", "--epochs", "2", "--lr", "0.05",
+                "--compile", "--ema", "0.9")
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert seen and set(seen) == {16}, seen  # train batches: 7 of 16 (the 8th, of 8, dropped); val 16, 16, 8; test 10
+    assert [r["epoch"] for r in rows] == [0, 1] and final["eval_model"] == "ema"
+
+    # Padding changes no metric: the same weights evaluated with and without it.
+    parts = train.build(flags("--shards", small_shards, "--arch", "lenet5", "-b", "16"), torch.device("cpu"), 1)
+    parts.module.load_state_dict(torch.load(tmp_path / "checkpoint.pth", weights_only=True)["model"])
+    plain, padded = (train.evaluate(parts.module, parts.criterion, parts.val, torch.device("cpu"),
+                                    argparse.Namespace(tta=False, amp=False, limit_batches=None, compile=pad))
+                     for pad in (False, True))
+    assert (padded["top1"], padded["top5"]) == (plain["top1"], plain["top5"])
+    assert padded["loss"] == pytest.approx(plain["loss"], rel=1e-6)
 
 
 def test_ema_and_checkpoints_must_agree(small_shards, tmp_path, capsys):
@@ -142,7 +170,7 @@ def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror():
 
     def evaluate(tta):
         return train.evaluate(model, criterion, loader, torch.device("cpu"),
-                              argparse.Namespace(tta=tta, amp=False, limit_batches=None))
+                              argparse.Namespace(tta=tta, amp=False, limit_batches=None, compile=False))
 
     with torch.no_grad():
         logits = (model(images) + model(images.flip(3))) / 2

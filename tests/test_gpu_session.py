@@ -5,6 +5,7 @@ webdataset is not installed."""
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -56,13 +57,16 @@ def test_smoke_runs_every_part_once(release, tmp_path, gpu_image_env):
     assert (env["device"], env["gpu"], env["torch"]) == ("cpu", None, torch.__version__)
     assert [r["name"] for r in table2["runs"]] == ["lenet5-28", "squeezenet1_1-64"] and table2["jobs"] == 2
     assert "up to 2 rows trained side by side" in (out / "table2.md").read_text()
-    assert "| 1 |" in (out / "r224.md").read_text()  # one epoch's row
+    # one epoch's row, against the (a) row it measured itself: the smoke bench has no resnet18@224
+    assert "bench train --shards" in first.stdout and "--arch resnet18 --size 224 --batch 4 --feeds a" in first.stdout
+    assert re.fullmatch(r"\| 1 \| [\d,]+ \| \d+% \| [\d.]+% \|", (out / "r224.md").read_text().splitlines()[-1])
 
     second = session(gpu_image_env, *common)
     assert second.returncode == 0, second.stderr
     assert "== bench: done earlier (" in second.stdout
     assert second.stdout.count(": finished earlier, not run again") == 2  # Table 2's rows
     assert not [line for line in second.stdout.splitlines() if line.startswith("$ ") and "train.py --shards" in line]
+    assert "bench train" not in second.stdout  # nor the r224 run's (a) row
 
     # The ablation after the speedrun: its seeds are not trained again, the variant is.
     third = session(gpu_image_env, *common, "--parts", "speedrun", "--speedrun-args", "--ablate ema")
@@ -138,3 +142,31 @@ def test_a_release_archive_gives_imagefolder_its_train_folder(release, tmp_path)
     with pytest.raises(SystemExit, match="^error: .*evil.tar: train/../../outside.txt: a path out of the release folder$"):
         gpu_session.extract_for_imagefolder(evil, tmp_path / "evil")
     assert not (tmp_path / "outside.txt").exists()
+
+
+def test_train_folder_is_extracted_only_for_the_bench(release, shards, tmp_path):
+    """Only the bench's feed (d) reads the extracted train/: other parts do not wait for it."""
+    sys.path.insert(0, str(SESSION.parent))
+    import gpu_session
+
+    tgz = tmp_path / "release.tar.gz"
+    with tarfile.open(tgz, "w:gz") as tf:
+        tf.add(release, "tiny-imagenet-200")
+    args, work = argparse.Namespace(release=str(tgz), shards=str(shards)), tmp_path / "work"
+    assert gpu_session.shards_and_images(args, work, images_needed=False) == (shards, None)
+    assert not work.exists()
+    assert gpu_session.shards_and_images(args, work, images_needed=True) == (shards, work / "images" / "release")
+    assert (work / "images" / "release" / "wnids.txt").read_bytes() == (release / "wnids.txt").read_bytes()
+
+
+def test_a_part_runs_in_a_process_group_of_its_own_in_this_session(tmp_path):
+    """Its group takes the kill after the grace, train.py processes included; a session of its own
+    would outlive the device tool's call."""
+    sys.path.insert(0, str(SESSION.parent))
+    import gpu_session
+
+    ids = tmp_path / "ids"
+    code = f"import os; open({str(ids)!r}, 'w').write(f'{{os.getpid()}} {{os.getpgid(0)}} {{os.getsid(0)}}')"
+    assert gpu_session.sh([sys.executable, "-c", code]) == 0
+    pid, group, session_id = map(int, ids.read_text().split())
+    assert group == pid != os.getpgid(0) and session_id == os.getsid(0)

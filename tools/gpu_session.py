@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 PARTS = ("bench", "table2", "r224", "speedrun")
 RESULTS = ("bench.md", "table2.md", "curves.png", "r224.md", "speedrun.md", "speedrun.png", "ablation.md")
+TABLE2_ROWS = "lenet5-28,alexnet-64,squeezenet1_1-64,resnet18-64"  # the study's from-scratch rows
 JSON = ("env.json", "bench.json", "table2.json", "speedrun.json", "ablation.json")  # packed into json.tar
 
 
@@ -52,9 +53,12 @@ def sh(cmd, until=None, log=None):
     time.time(), or None) it gets SIGTERM, and whatever of it still runs GRACE_S later is killed."""
     print(f"$ {shlex.join(map(str, cmd))}", flush=True)
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    # Its own process group, so that the kill after the grace reaches its train.py processes too.
+    # Its own process group, so that the kill after the grace reaches its train.py processes too; not a
+    # session of its own, which the device tool would leave running after the call (on the GPU) until
+    # the machine goes back.
+    group = dict(process_group=0) if sys.version_info >= (3, 11) else dict(preexec_fn=os.setpgrp)
     proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE if log else None, start_new_session=True)
+                            stdout=subprocess.PIPE if log else None, **group)
     try:
         out, _ = proc.communicate(timeout=None if until is None else max(until - time.time(), 0))
     except subprocess.TimeoutExpired:
@@ -81,8 +85,9 @@ def existing(*pairs):
     return {name: Path(path) for name, path in pairs if Path(path).is_file()}
 
 
-def shards_and_images(args, work):
-    """The shard folder (built with every core if needed) and an extracted release for feed d."""
+def shards_and_images(args, work, images_needed):
+    """The shard folder (built with every core if needed) and, if `images_needed` (the bench's feed
+    d), the release's train/ extracted for ImageFolder; else None."""
     from pipeline.build import build_shards
 
     src = Path(args.release) if args.release else None
@@ -91,7 +96,7 @@ def shards_and_images(args, work):
         t0 = time.time()
         build_shards(src, shards, workers=os.cpu_count(), progress=False)
         print(f"built shards in {time.time() - t0:.1f} s", flush=True)
-    if src is None:
+    if src is None or not images_needed:
         return shards, None
     if src.is_dir():
         return shards, src
@@ -142,14 +147,14 @@ def part_bench(args, res, shards, images, work, until):
 
 def part_table2(args, res, shards, images, work, until):
     """Table 2 by tools/reproduce.py; None when done, else its report of the rows so far."""
-    cmd = [sys.executable, "tools/reproduce.py", "--shards", shards, "--out", work / "paper",
-           "--rows", "lenet5-28,alexnet-64,squeezenet1_1-64,resnet18-64"]
+    # --smoke: two rows side by side, so the dry run takes the path the GPU run takes
+    rows = args.table2_rows or ("lenet5-28,squeezenet1_1-64" if args.smoke else TABLE2_ROWS)
+    cmd = [sys.executable, "tools/reproduce.py", "--shards", shards, "--out", work / "paper", "--rows", rows]
     on_cuda = args.device.startswith("cuda")
     train_args = "--amp --channels-last" if on_cuda else ""
-    jobs = args.table2_jobs or (4 if on_cuda else 1)
-    if args.smoke:  # two rows side by side, so the dry run takes the path the GPU run takes
-        cmd += ["--rows", "lenet5-28,squeezenet1_1-64", "--epochs", "1", "--limit-batches", "2"]
-        jobs = args.table2_jobs or 2
+    jobs = args.table2_jobs or (4 if on_cuda else 2 if args.smoke else 1)
+    if args.smoke:
+        cmd += ["--epochs", "1", "--limit-batches", "2"]
     code = sh(cmd + ["--device", args.device, "--jobs", jobs,
                      "--train-args", f"{train_args} {args.train_args or ''}".strip()], until)
     report = {"table2.md": work / "paper" / "report.md", "table2.json": work / "paper" / "report.json",
@@ -163,32 +168,48 @@ def part_table2(args, res, shards, images, work, until):
 
 def part_r224(args, res, shards, images, work, until):
     """ResNet-18 from scratch at 224 for 2 epochs; r224.md (its images/s against bench (a))."""
-    run = work / "resnet18-224-scratch"
+    run, batch = work / "resnet18-224-scratch", 4 if args.smoke else 100
     cmd = [sys.executable, "train.py", "--shards", shards, "--arch", "resnet18", "--size", "224", "--epochs", "2",
-           "-b", "100", "--lr", "0.001", "--momentum", "0.9", "--wd", "0", "--lr-scheduler", "none",
+           "-b", batch, "--lr", "0.001", "--momentum", "0.9", "--wd", "0", "--lr-scheduler", "none",
            "--norm", "imagenet", "--output-dir", run, "--resume", "auto", "--device", args.device]
     if args.device.startswith("cuda"):
         cmd += ["--amp", "--channels-last"]
     if args.smoke:
-        cmd += ["--epochs", "1", "--limit-batches", "2", "-b", "4"]
+        cmd += ["--epochs", "1", "--limit-batches", "2"]
     finished = (run / "final.json").is_file() or sh(cmd, until) == 0
     if not (run / "metrics.jsonl").is_file():
         return None if finished else {}
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    # The finished table's, else the rows a bench stopped at the --deadline measured (its work copy).
-    table = next((p for p in (res / "bench.json", work / "bench.json") if p.is_file()), None)
-    bench = json.loads(table.read_text())["rows"] if table else []
-    ceiling = next((r["images_per_s"] for r in bench if (r["arch"], r["size"], r["batch"], r["feed"], r["compiled"])
-                    == ("resnet18", 224, 100, "ceiling", False)), None)
-    lines = [f"# {shlex.join(map(str, cmd[1:]))}", "| epoch | train images/s | of bench (a), resnet18@224 b100 | val top-1 |",
-             "|---|---|---|---|"]
+    ceiling = r224_ceiling(args, res, shards, work, batch, until)
+    lines = [f"# {shlex.join(map(str, cmd[1:]))}",
+             f"| epoch | train images/s | of bench (a), resnet18@224 b{batch} | val top-1 |", "|---|---|---|---|"]
     for r in rows:
-        ratio = f"{r['images_per_s'] / ceiling:.0%}" if ceiling else "- (no bench row)"
+        ratio = f"{r['images_per_s'] / ceiling:.0%}" if ceiling else "- (no (a) row)"
         lines.append(f"| {r['epoch'] + 1} | {r['images_per_s']:,.0f} | {ratio} | {r['val_top1']:.2f}% |")
     md = (res if finished else work) / "r224.md"
     md.write_text("\n".join(lines) + "\n")
     print(md.read_text(), flush=True)
     return None if finished else {"r224.md": md}
+
+
+def r224_ceiling(args, res, shards, work, batch, until):
+    """Bench (a)'s images/s for resnet18@224 at `batch`, uncompiled: from the bench's table, finished
+    or stopped at the --deadline (its work copy), else measured now (that one row: seconds)."""
+    def row(table):
+        rows = json.loads(table.read_text())["rows"] if table.is_file() else []
+        return next((r["images_per_s"] for r in rows if (r["arch"], r["size"], r["batch"], r["feed"], r["compiled"])
+                     == ("resnet18", 224, batch, "ceiling", False)), None)
+
+    own = work / "r224-ceiling.json"
+    found = row(res / "bench.json") or row(work / "bench.json") or row(own)
+    if found is None:
+        cmd = [sys.executable, "-m", "pipeline.cli", "bench", "train", "--shards", shards, "--arch", "resnet18",
+               "--size", "224", "--batch", batch, "--feeds", "a", "--no-compile", "--device", args.device, "--json", own]
+        if args.smoke:
+            cmd += ["--warmup", "1", "--steps", "1"]
+        if sh(cmd, until) == 0:
+            found = row(own)
+    return found
 
 
 def part_speedrun(args, res, shards, images, work, until):
@@ -234,6 +255,7 @@ def main():
     p.add_argument("--commit", help="the commit, where the copy has no .git (default: git rev-parse)")
     p.add_argument("--bench-args", help="more `tinyin bench train` flags, e.g. '--arch resnet18 --no-compile'")
     p.add_argument("--train-args", help="more train.py flags for Table 2's rows")
+    p.add_argument("--table2-rows", help=f"Table 2's rows to train (tools/reproduce.py --rows; default: {TABLE2_ROWS})")
     p.add_argument("--table2-jobs", type=int,
                    help="Table 2 rows trained side by side (tools/reproduce.py --jobs; default: 4 on CUDA, 1 on the CPU)")
     p.add_argument("--speedrun-args", help="more tools/speedrun.py flags, e.g. \"--train-args '--epochs 30'\"")
@@ -266,7 +288,7 @@ def main():
     until = None if args.deadline is None else START + args.deadline
     partial, unfinished = {}, []
     publish(res, out, partial)  # env.json and earlier calls' results, before anything can be killed
-    shards, images = shards_and_images(args, work)
+    shards, images = shards_and_images(args, work, images_needed="bench" in parts and not (res / "bench.json").is_file())
     for part in parts:
         if part == "bench" and (res / "bench.json").is_file():  # the others' tools skip what finished
             print(f"== bench: done earlier ({res / 'bench.json'}), not run again", flush=True)

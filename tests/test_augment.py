@@ -128,6 +128,25 @@ def test_rrc_output_shape_dtype_and_layout(side, channels, size, mean, out, chan
     assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+@pytest.mark.parametrize("side, channels, mean, augment", [(64, 3, MEAN, "none"), (64, 3, MEAN, "crop"),
+                                                        (28, 0, (0.5,), "none")])
+@pytest.mark.parametrize("channels_last, dtype", [(False, torch.float32), (True, torch.float32),
+                                                  (False, torch.bfloat16), (True, torch.bfloat16)])
+def test_normalisation_gives_the_models_dtype_and_layout(side, channels, mean, augment, channels_last, dtype):
+    """Without resampling: exactly uint8 -> float32, x * 1/(255 std) - mean/std, then the model's
+    dtype and layout."""
+    x = images(4, side, channels)
+    stage = DeviceStage(mean, mean, augment=augment, dtype=dtype, channels_last=channels_last)
+    y = stage(x, torch.Generator().manual_seed(1))
+    if augment == "crop":
+        x = pad_crop_flip(x, 4, torch.Generator().manual_seed(1))
+    x = (x if x.dim() == 4 else x.unsqueeze(-1)).permute(0, 3, 1, 2)
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    want = torch.addcmul(-m / m, x.float(), 1 / (255 * m)).to(dtype, memory_format=fmt)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=fmt) and torch.equal(y, want)
+
+
 def test_augment_values():
     x, seed = images(), 3
     modes = {v: DeviceStage(MEAN, STD, augment=v).augment for v in (False, None, "none", True, "crop", "rrc")}

@@ -133,11 +133,12 @@ class Loader:
         getattr(self.source, "wait_ready", lambda: None)()
 
     def __iter__(self):
-        generator = torch.Generator(self.device)
+        draws = not self.raw and self.stage.augment != "none"
+        generator = torch.Generator(self.device) if draws else None
         first_step = self.start // (self.batch_size * self.world_size)
         for step, (images, labels, ids) in enumerate(self.source, first_step):
-            # Augmentation is drawn per (seed, epoch, rank, step): a resume draws what the uninterrupted run drew.
-            generator.manual_seed(step_seed(self.seed, self.epoch, self.rank, step))
+            if draws:  # per (seed, epoch, rank, step): a resume draws what the uninterrupted run drew
+                generator.manual_seed(step_seed(self.seed, self.epoch, self.rank, step))
             labels = labels.to(self.device, non_blocking=True)
             if self.device.type != images.device.type:
                 images = images.to(self.device, non_blocking=True)

@@ -6,6 +6,8 @@ slices of it. Because the slices interleave, after k equal steps of `batch_size`
 permutation: the data state of a run is (seed, epoch, samples consumed), and resuming, on the
 same number of ranks or another, is dealing out the rest of the permutation (`start=`).
 """
+import hashlib
+
 import numpy as np
 
 
@@ -30,5 +32,9 @@ def epoch_order(n, *, seed, epoch, rank=0, world_size=1, batch_size=1, shuffle=T
 
 def step_seed(seed, epoch, rank, step):
     """A 63-bit seed for the augmentation of one batch, from (seed, epoch, rank, step) only:
-    where a resume split the epoch does not change what any step draws."""
-    return int(np.random.SeedSequence([seed, epoch, rank, step]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+    where a resume split the epoch does not change what any step draws.
+
+    A hash of the four numbers (~3 µs), not numpy's SeedSequence (~35 µs): it runs once a step,
+    on the host, where a small model's GPU step is a few hundred µs of kernel launches."""
+    digest = hashlib.blake2b(f"{seed},{epoch},{rank},{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1

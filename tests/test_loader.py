@@ -60,6 +60,20 @@ def test_ranks_are_disjoint_and_step_together(shards, drop_last):
         assert sum(len(p) for p in parts) == n
 
 
+@pytest.mark.parametrize("augment", ["none", "crop"])
+def test_a_step_seeds_its_draws_only_when_it_draws(shards, augment, monkeypatch):
+    """A per-step seed costs host time on every step: only an augmenting loader makes one, from
+    (seed, epoch, rank, step)."""
+    import pipeline.loader
+
+    made = []
+    monkeypatch.setattr(pipeline.loader, "step_seed", lambda *key: made.append(key) or 7)
+    loader = make_loader(shards, "train", batch_size=64, seed=5, augment=augment)
+    loader.set_epoch(2)
+    steps = sum(1 for _ in loader)
+    assert made == ([] if augment == "none" else [(5, 2, 0, k) for k in range(steps)])
+
+
 def test_resident_gives_the_same_batches_as_fast(shards):
     def batches(**kw):  # normalised float batches: new tensors, not the fast path's reused buffers
         return list(make_loader(shards, "train", "gray28", batch_size=64, seed=5, **kw))

@@ -408,6 +408,7 @@ def _augment_seeds(loader):
         seeds.append(generator.initial_seed())
         return stage(images, generator)
 
+    recording.augment = stage.augment  # the loader seeds a step's draws only for a stage that draws
     loader.stage = recording
     batches = [images.clone() for images, _ in loader]
     return seeds, batches

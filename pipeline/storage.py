@@ -21,10 +21,28 @@ shard never trains silently to the end of an epoch: the loader raises the pass's
 it hands out an epoch's last batch. Some batches of a corrupt shard may be trained on before the
 error; none after it, and never a whole epoch.
 """
+import atexit
 import threading
 
 import numpy as np
 import torch
+
+
+_threads = []  # (stop event, thread) of each data pass that may still run; joined at exit
+
+
+@atexit.register
+def _stop_data_passes():
+    """At exit (a run that failed or stopped before its passes ended), stop each pass after its
+    shard and wait until its thread is gone. The interpreter's teardown kills a daemon thread that
+    is inside torch then (a copy, or freeing the last reference to the shards' tensors as it ends),
+    and that aborts the process: "terminate called without an active exception", exit -6 instead
+    of the run's own code. The threads, not the passes, are held: a pass's thread may be the one
+    that frees it."""
+    for stop, _ in _threads:
+        stop.set()
+    for _, thread in _threads:
+        thread.join()
 
 
 class DataPass:
@@ -34,13 +52,17 @@ class DataPass:
 
     def __init__(self, arrays, checksum=True, after=None, done=None):
         self.arrays, self.checksum, self._after, self._done = arrays, checksum, after, done
-        self.error, self.finished = None, threading.Event()
+        self.error, self.finished, self._stop = None, threading.Event(), threading.Event()
         self.thread = threading.Thread(target=self._run, name="tinyin-data-pass", daemon=True)
+        _threads[:] = [(stop, thread) for stop, thread in _threads if thread.is_alive()]
+        _threads.append((self._stop, self.thread))
         self.thread.start()
 
     def _run(self):
         try:
             for s in range(len(self.arrays.entries)):
+                if self._stop.is_set():
+                    raise RuntimeError("the data pass was stopped before its end")
                 (self.arrays.verify_shard if self.checksum else self.arrays.touch_shard)(s)
                 if self._after:
                     self._after(s)

@@ -288,9 +288,10 @@ def main():
     until = None if args.deadline is None else START + args.deadline
     partial, unfinished = {}, []
     publish(res, out, partial)  # env.json and earlier calls' results, before anything can be killed
-    shards, images = shards_and_images(args, work, images_needed="bench" in parts and not (res / "bench.json").is_file())
+    bench_done = (res / "bench.json").is_file()  # by an earlier call: not run again (the others' tools skip what finished)
+    shards, images = shards_and_images(args, work, images_needed="bench" in parts and not bench_done)
     for part in parts:
-        if part == "bench" and (res / "bench.json").is_file():  # the others' tools skip what finished
+        if part == "bench" and bench_done:
             print(f"== bench: done earlier ({res / 'bench.json'}), not run again", flush=True)
             continue
         if until is not None and time.time() >= until:

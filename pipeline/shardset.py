@@ -11,7 +11,6 @@ extra, e.g. `pip install tinyin[s3]`). `pipe:` commands are not shard sets: they
 input (`make_loader(["pipe:..."], ...)`).
 """
 import hashlib
-import io
 import json
 import os
 import urllib.error
@@ -44,6 +43,20 @@ def size_error(where, actual, entry):
 
 def checksum_error(where):
     return ShardError(f"{where}: checksum differs from the manifest (corrupt or modified)")
+
+
+def arrow_owned(data):
+    """A copy of `data` (bytes) in a buffer Arrow allocated, to parse from.
+
+    Why not `io.BytesIO(data)` or `pa.py_buffer(data)`: Arrow would read into (or wrap) Python
+    objects, and its reader's async state can be freed later on an Arrow worker thread. Freeing a
+    Python object there takes the GIL; at interpreter exit that thread is stopped inside C++
+    (`pthread_exit` from `take_gil`) and the process aborts with 'terminate called without an active
+    exception', exit -6 (apache/arrow#34314). An Arrow buffer is freed without the GIL.
+    """
+    out = pa.BufferOutputStream()
+    out.write(data)
+    return out.getvalue()
 
 
 class ShardSet:
@@ -109,7 +122,7 @@ class ShardSet:
         if data is None:
             raise ShardError(f"{self.location}: missing {INDEX_FILE}")
         try:
-            return pq.read_table(io.BytesIO(data))
+            return pq.read_table(arrow_owned(data))
         except (pa.ArrowException, OSError) as e:
             raise ShardError(f"{self.where_name(INDEX_FILE)}: corrupt index ({e})") from None
 

@@ -4,8 +4,11 @@ import http.server
 import shutil
 import threading
 
+import numpy as np
+import pyarrow as pa
 import pytest
 
+import pipeline.shardset
 from pipeline.errors import ShardError
 from pipeline.shardset import ShardSet, open_shard_set
 
@@ -32,6 +35,19 @@ def test_local_and_http_answer_the_same(shards, http_url):
     assert len(local.split_index("train")) == 240 and len(local.classes) == 6
     assert open_shard_set(local) is local
 
+
+def test_the_index_is_parsed_from_a_buffer_arrow_owns(shards, monkeypatch):
+    # A reader over Python memory (io.BytesIO, pa.py_buffer) could free it on an Arrow thread at
+    # interpreter exit and abort the process (exit -6, seen in CI); see `arrow_owned`.
+    data = (shards / "index.parquet").read_bytes()
+    monkeypatch.setattr(ShardSet, "_read_bytes", lambda self, name: data if name == "index.parquet"
+                        else (shards / name).read_bytes())
+    sources, read_table = [], pipeline.shardset.pq.read_table
+    monkeypatch.setattr(pipeline.shardset.pq, "read_table", lambda source: sources.append(source) or read_table(source))
+    assert len(ShardSet(shards).index) == 330
+    [source] = sources
+    assert isinstance(source, pa.Buffer) and source.to_pybytes() == data
+    assert source.address != np.frombuffer(data, np.uint8).ctypes.data  # a copy, not a view of `data`
 
 def test_not_a_shard_set(tmp_path, http_url):
     with pytest.raises(ShardError) as e:

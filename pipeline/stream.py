@@ -347,12 +347,18 @@ class _Lanes(IterableDataset):
                 if last_use[chunk.group] == i:  # sliced: its buffers serve the next reads
                     _release(loads.pop(chunk.group).result())
                     del group
+            return
         except ShardError as e:
-            yield _Failure(str(e))
+            failure = _Failure(str(e))
         except Exception as e:  # a bug rather than a bad shard: still one line, naming what was read
-            yield _Failure(f"{self.shards[self.plan.groups[chunk.group][0]].url}: cannot slice ({_why(e)})")
+            failure = _Failure(f"{self.shards[self.plan.groups[chunk.group][0]].url}: cannot slice ({_why(e)})")
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+        # Yielded with the error dropped: a frame suspended holding it (in `e`, or through a future in
+        # `loads`) sits in the error's own traceback, a cycle only the cyclic GC frees, on whichever
+        # thread it runs, the read thread included, which cannot join itself.
+        loads.clear()
+        yield failure
 
 
 # --- the source -----------------------------------------------------------------------------------
@@ -428,9 +434,12 @@ class StreamSource:
         try:
             yield from self._batches(chunks, free)
         finally:
-            # Stop the workers now, also after an error or an early stop: a traceback holding
-            # this frame would otherwise keep them alive.
-            getattr(chunks, "_shutdown_workers", lambda: None)()
+            # Stop the workers (or the in-process read thread) now, also after an error or an early
+            # stop, on this thread: a traceback holding this frame would otherwise keep them alive.
+            if self.workers:
+                chunks._shutdown_workers()
+            else:
+                chunks.close()
             for queue in free:
                 queue.close()
 

@@ -3,9 +3,12 @@ that is a pure function (exactly once, equal batches per rank, mid-epoch starts)
 batches from a folder, HTTP, S3 and `pipe:` commands, and loud (ShardError naming the URL) or
 retried on any missing, short, corrupt or cut-off shard."""
 
+import gc
 import multiprocessing
 import shutil
 import signal
+import threading
+import weakref
 from collections import Counter
 
 import numpy as np
@@ -17,7 +20,7 @@ from pipeline.build import build_shards
 from pipeline.errors import ShardError, UsageError
 from pipeline.loader import make_loader
 from pipeline.reader import ShardArrays
-from pipeline.stream import stream_from_set, stream_from_urls
+from pipeline.stream import _Failure, _Lanes, stream_from_set, stream_from_urls
 from pipeline.stream_plan import plan_epoch
 from pipeline.synth import synthesize
 from servers import FaultyHTTPServer
@@ -239,6 +242,32 @@ def test_faulty_http_shard_is_named(shards, fault, message, workers):
         assert str(err.value) == message.format(url=f"{server.url}/{name}")
         assert server.requests[name] == (0 if fault == "missing" else 3)  # a bad transfer is read 3 times
     finally:
+        server.close()
+
+
+def test_a_failed_epoch_stops_its_read_thread_at_the_error(shards):
+    # Without workers the read thread is the consumer's: it stops when the error is raised, on the
+    # consumer's thread, not when (and on whichever thread) the cyclic GC finds the epoch's frames.
+    server = FaultyHTTPServer(shards, {"train-000002.tar": "missing"})
+    earlier = set(threading.enumerate())  # an earlier test's, left to the GC, is not this one's
+    reading = lambda: [t.name for t in set(threading.enumerate()) - earlier if t.name.startswith("tinyin-read")]  # noqa: E731
+    gc.disable()
+    try:
+        with pytest.raises(ShardError) as err:
+            _epoch(stream_from_set(server.url, "train", batch_size=16, workers=0))
+        assert str(err.value) == f"{server.url}/train-000002.tar: missing (listed in the manifest)"
+        assert reading() == []
+        # A lane dropped after its failure is freed at once (no cycle through the error's traceback).
+        source = stream_from_set(server.url, "train", batch_size=16, workers=0)
+        lanes = iter(_Lanes(source.plan, source.shards, source.variant, source.shard_set, None, 16))
+        item = next(lanes)
+        while not isinstance(item, _Failure):
+            item = next(lanes)
+        assert item.message == str(err.value) and reading() == []  # stopped before the failure is told
+        lanes = weakref.ref(lanes)
+        assert lanes() is None
+    finally:
+        gc.enable()
         server.close()
 
 

@@ -12,6 +12,8 @@ import threading
 
 import torch
 
+from .background import start_thread
+
 
 def prefetch_ring(batches, fill, shape, batch_size, depth, device):
     """Yield `(images, idx)` for each `idx` of `batches`, `depth` batches gathered ahead by a thread.
@@ -28,6 +30,16 @@ def prefetch_ring(batches, fill, shape, batch_size, depth, device):
     for slot in range(len(ring)):
         free.put(slot)
 
+    def hand_over(item):
+        """Put `item` in `ready`; False if told to stop first (the consumer is gone, or the process exits)."""
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
     def produce():
         try:
             for idx in batches:
@@ -40,13 +52,13 @@ def prefetch_ring(batches, fill, shape, batch_size, depth, device):
                 if stop.is_set():
                     return
                 fill(idx, ring[slot])
-                ready.put((slot, idx))
-            ready.put(None)
+                if not hand_over((slot, idx)):
+                    return
+            hand_over(None)
         except BaseException as e:  # surfaced in the consumer
-            ready.put(e)
+            hand_over(e)
 
-    thread = threading.Thread(target=produce, name="tinyin-gather", daemon=True)
-    thread.start()
+    thread = start_thread(produce, "tinyin-gather", stop)  # stopped after its batch at exit
     held, copied = None, {}  # copied: slot -> CUDA event marking the end of its host-to-device copy
     try:
         while True:
@@ -70,12 +82,7 @@ def prefetch_ring(batches, fill, shape, batch_size, depth, device):
             held = slot
             yield images, idx
     finally:
+        # A consumer that stops early (islice, an error, SIGTERM) leaves the thread waiting on a full
+        # `ready` or an empty `free`: it sees `stop` there within 0.1 s.
         stop.set()
-        # A consumer that stops early (islice, an error, SIGTERM) may leave the thread blocked on a full
-        # `ready`: empty it until the thread has seen `stop`, or the join would wait for ever.
-        while thread.is_alive():
-            try:
-                ready.get(timeout=0.05)
-            except queue.Empty:
-                pass
         thread.join()

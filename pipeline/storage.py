@@ -21,28 +21,12 @@ shard never trains silently to the end of an epoch: the loader raises the pass's
 it hands out an epoch's last batch. Some batches of a corrupt shard may be trained on before the
 error; none after it, and never a whole epoch.
 """
-import atexit
 import threading
 
 import numpy as np
 import torch
 
-
-_threads = []  # (stop event, thread) of each data pass that may still run; joined at exit
-
-
-@atexit.register
-def _stop_data_passes():
-    """At exit (a run that failed or stopped before its passes ended), stop each pass after its
-    shard and wait until its thread is gone. The interpreter's teardown kills a daemon thread that
-    is inside torch then (a copy, or freeing the last reference to the shards' tensors as it ends),
-    and that aborts the process: "terminate called without an active exception", exit -6 instead
-    of the run's own code. The threads, not the passes, are held: a pass's thread may be the one
-    that frees it."""
-    for stop, _ in _threads:
-        stop.set()
-    for _, thread in _threads:
-        thread.join()
+from .background import start_thread
 
 
 class DataPass:
@@ -53,10 +37,7 @@ class DataPass:
     def __init__(self, arrays, checksum=True, after=None, done=None):
         self.arrays, self.checksum, self._after, self._done = arrays, checksum, after, done
         self.error, self.finished, self._stop = None, threading.Event(), threading.Event()
-        self.thread = threading.Thread(target=self._run, name="tinyin-data-pass", daemon=True)
-        _threads[:] = [(stop, thread) for stop, thread in _threads if thread.is_alive()]
-        _threads.append((self._stop, self.thread))
-        self.thread.start()
+        self.thread = start_thread(self._run, "tinyin-data-pass", self._stop)  # stopped after its shard at exit
 
     def _run(self):
         try:

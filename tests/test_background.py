@@ -20,40 +20,46 @@ def exit_mid_work(tmp_path, code):
 
 def test_a_data_pass_running_at_exit_finishes_its_shard_and_stops(tmp_path):
     before, after = exit_mid_work(tmp_path, """
-import sys, time
+import sys, threading, time
 from pipeline.storage import DataPass
 
-class Arrays:  # 20 shards of 0.4 s each
+busy = threading.Event()
+
+class Arrays:  # 20 shards of 0.1 s each; the third takes 1 s and the process exits during it
     entries = [None] * 20
     def touch_shard(self, s):
-        time.sleep(0.4)
+        if s == 2:
+            busy.set()
+        time.sleep(1.0 if s == 2 else 0.1)
 
 DataPass(Arrays(), checksum=False, after=lambda s: open(LOG, "a").write(f"{s}\\n"))
-time.sleep(1.0)  # in shard 2
+busy.wait()
 open(LOG, "a").write("exit\\n")
 sys.exit("error: a mistake")
 """)
-    assert before == [str(s) for s in range(len(before))] and after == [str(len(before))]
+    assert (before, after) == (["0", "1"], ["2"])  # the shard in hand, no other
 
 
 def test_a_ring_running_at_exit_finishes_its_batch_and_stops(tmp_path):
     """1 of 30 runs stopped mid-epoch on the real shards (fast path, prefetch 4) aborted so before."""
     before, after = exit_mid_work(tmp_path, """
-import sys, time
+import sys, threading, time
 from pipeline.ring import prefetch_ring
 
-def fill(idx, out):  # 0.4 s a batch
+busy = threading.Event()
+
+def fill(idx, out):  # 0.1 s a batch; the third takes 1 s and the process exits during it
     open(LOG, "a").write(f"start {idx[0]}\\n")
-    time.sleep(0.4)
+    if idx[0] == 2:
+        busy.set()
+    time.sleep(1.0 if idx[0] == 2 else 0.1)
     open(LOG, "a").write(f"end {idx[0]}\\n")
 
-ring = prefetch_ring(([i] for i in range(20)), fill, (1,), 1, 2, "cpu")
+ring = prefetch_ring(([i] for i in range(20)), fill, (1,), 1, 4, "cpu")
 next(ring)
-time.sleep(0.6)  # inside batch 2
+busy.wait()
 open(LOG, "a").write("exit\\n")
 sys.exit("error: a mistake")
 """)
-    *done, last = before
-    n = len(done) // 2
-    assert done == [f"{e} {i}" for i in range(n) for e in ("start", "end")]
-    assert last == f"start {n}" and after == [f"end {n}"]  # the batch in hand, no other
+    assert before == ["start 0", "end 0", "start 1", "end 1", "start 2"]
+    assert after == ["end 2"]  # the batch in hand, no other

@@ -83,6 +83,9 @@ def prefetch_ring(batches, fill, shape, batch_size, depth, device):
             yield images, idx
     finally:
         # A consumer that stops early (islice, an error, SIGTERM) leaves the thread waiting on a full
-        # `ready` or an empty `free`: it sees `stop` there within 0.1 s.
+        # `ready` or an empty `free`: it sees `stop` there within 0.1 s. A consumer dropped in a
+        # reference cycle is closed by whichever thread runs the GC: on the gather thread itself,
+        # `stop` is enough (it returns after the batch in hand), and a join would raise.
         stop.set()
-        thread.join()
+        if thread is not threading.current_thread():
+            thread.join()

@@ -1,5 +1,7 @@
 """The prefetch ring (`pipeline.ring`): batches in order, errors surfaced, and a consumer that stops
 at any point ends the gather thread (it used to hang when it stopped with `depth` batches to come)."""
+import gc
+import sys
 import threading
 import time
 
@@ -73,3 +75,34 @@ def test_an_error_in_fill_reaches_the_consumer_and_ends_the_thread():
 
     in_thread(consume)
     assert seen == [0, 3, 6] and gather_threads() == []
+
+
+def test_a_ring_freed_by_the_gc_on_its_own_gather_thread_stops_it_without_joining_itself():
+    """A consumer dropped in a reference cycle is closed by whichever thread runs the cyclic GC; when
+    that is the gather thread, its `finally` must not join the thread it runs on ("cannot join
+    current thread", printed as an unraisable exception and left to the teardown)."""
+    dropped, unraisable, collected = threading.Event(), [], threading.Event()
+
+    def collecting(idx, out):
+        if idx[0] == 6 and dropped.wait(5):  # the third batch: gathered once the consumer is gone
+            gc.collect()  # frees the consumer here, on the gather thread
+            collected.set()
+        fill(idx, out)
+
+    old_hook, gc_was_on = sys.unraisablehook, gc.isenabled()
+    sys.unraisablehook, _ = unraisable.append, gc.disable()
+    try:
+        ring = prefetch_ring(batches(), collecting, (1,), 3, 2, "cpu")  # 3 buffers: batch 2 is gathered now
+        next(ring)
+        cycle = [ring]
+        cycle.append(cycle)
+        del ring, cycle
+        dropped.set()
+        assert collected.wait(5)
+        for thread in gather_threads():
+            thread.join(5)
+    finally:
+        sys.unraisablehook = old_hook
+        if gc_was_on:
+            gc.enable()
+    assert [str(u.exc_value) for u in unraisable] == [] and gather_threads() == []

@@ -30,11 +30,13 @@ def data():
 
 @data.command("synth")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to create.")
-@click.option("--classes", default=10, show_default=True, help="Number of classes.")
-@click.option("--train-per-class", default=100, show_default=True, help="Train images per class.")
-@click.option("--val-per-class", default=50, show_default=True, help="Val images per class (split half/half into val and test).")
-@click.option("--test", "test_images", default=200, show_default=True, help="Unlabelled test/ images.")
-@click.option("--seed", default=0, show_default=True, help="Random seed: same seed, same bytes.")
+@click.option("--classes", default=10, show_default=True, type=click.IntRange(1), help="Number of classes.")
+@click.option("--train-per-class", default=100, show_default=True, type=click.IntRange(1), help="Train images per class.")
+@click.option("--val-per-class", default=50, show_default=True, type=click.IntRange(2),
+              help="Val images per class (split half/half into val and test, so at least 2).")
+@click.option("--test", "test_images", default=200, show_default=True, type=click.IntRange(1),
+              help="Unlabelled test/ images (the release's test/ folder; `shard build` needs it).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Random seed: same seed, same bytes.")
 def data_synth(out, classes, train_per_class, val_per_class, test_images, seed):
     """Write a small learnable dataset in the official Tiny ImageNet layout."""
     from .synth import synthesize
@@ -55,6 +57,8 @@ def data_fetch(out, url, md5):
     """Download the official release archive (resumes a partial download, checks size and md5)."""
     from . import fetch
 
+    if md5 is not None and url is None:
+        raise click.UsageError("--md5 checks a --url download (the official zip's md5 is built in)")
     kwargs = {} if url is None else {"url": url, "expected_size": None, "md5": md5}
     try:
         path = fetch.fetch_release(out, **kwargs)

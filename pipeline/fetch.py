@@ -40,10 +40,32 @@ def _mismatch(path, name, expected_size, md5):
     return None
 
 
+SCHEMES = ("http", "https", "ftp", "file")  # what urllib opens
+
+
+def _remote_size(url):
+    """The size the server gives for `url` (a HEAD request's Content-Length), or None if it gives none."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=TIMEOUT_S) as response:
+            length = response.headers.get("Content-Length")
+            return int(length) if length and length.isdigit() else None
+    except (OSError, http.client.HTTPException):
+        return None  # the download that follows reports what is wrong
+
+
+def _complete_length(content_range):
+    """N of a 416 answer's `Content-Range: bytes */N` (the file's size), or None."""
+    unit, _, rest = (content_range or "").partition(" ")
+    size = rest.rpartition("/")[2]
+    return int(size) if unit == "bytes" and size.isdigit() else None
+
+
 def _download(url, part, expected_size, chunk_size, progress):
     """Append the rest of `url` to `part`, or rewrite it if the server ignores Range."""
     start = part.stat().st_size if part.exists() else 0
-    if expected_size is not None and start >= expected_size:
+    if expected_size is not None and start > expected_size:
+        start = 0  # longer than the file: not a prefix of it, so start again
+    if expected_size is not None and start == expected_size:
         return  # nothing left to ask for; verification decides whether it is good
     request = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
     try:
@@ -66,6 +88,10 @@ def _download(url, part, expected_size, chunk_size, progress):
     except urllib.error.HTTPError as e:
         if e.code != 416:  # 416: the .part already holds everything the server has
             raise FetchError(f"cannot download {url}: HTTP {e.code} {e.reason}") from None
+        total = _complete_length(e.headers.get("Content-Range"))
+        if total is not None and total < start:  # longer than the file: not a prefix of it, so start again
+            part.unlink()
+            _download(url, part, total, chunk_size, progress)
     except urllib.error.URLError as e:
         raise FetchError(f"cannot download {url}: {e.reason}") from None
     except (OSError, http.client.HTTPException) as e:
@@ -79,18 +105,26 @@ def fetch_release(out, url=OFFICIAL_URL, expected_size=OFFICIAL_SIZE, md5=OFFICI
     `<name>.part`, which a later call resumes with `Range: bytes=N-` (or restarts,
     if the server answers 200). The finished file's size and md5 are checked
     (either check is skipped when its expected value is None) before it is renamed
-    into place. A final file that already matches is returned without downloading.
+    into place; with neither, the size is the one the server gives (HEAD), when it
+    gives one. A final file that already matches is returned without downloading.
 
     Raises FetchError with a one-line message: "cannot download <url>: <reason>" on
     network errors (the .part is kept for resuming), or "<name>: expected ..., got ..."
     on a size or md5 mismatch (the .part is deleted).
     """
-    out = pathlib.Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = pathlib.PurePosixPath(urllib.parse.urlsplit(url).path).name
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in SCHEMES:
+        raise FetchError(f"cannot download {url}: not a URL ({', '.join(s + '://' for s in SCHEMES)})")
+    name = pathlib.PurePosixPath(parts.path).name
     if not name:
         raise FetchError(f"cannot download {url}: no file name in the URL")
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     final, part = out / name, out / f"{name}.part"
+    if expected_size is None and md5 is None:
+        # Nothing to check a file against: take the server's size, so that an unrelated file already
+        # in `out`, or a .part longer than the file, is not taken for the download.
+        expected_size = _remote_size(url)
     if final.is_file() and _mismatch(final, name, expected_size, md5) is None:
         return final
 

@@ -31,8 +31,12 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
             return self.send_error(404, "File not found")
         data = path.read_bytes()
         start = int(wanted.removeprefix("bytes=").removesuffix("-")) if wanted and self.server.honour_range else 0
-        if start >= len(data) > 0:
-            return self.send_error(416)
+        if start >= len(data) > 0:  # as RFC 9110 asks: 416 with the file's size
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(data)}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         self.send_response(206 if start else 200)
         if start:
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
@@ -169,6 +173,34 @@ def test_existing_bad_file_is_replaced(serve, payload, tmp_path):
     assert server.ranges == [None]
 
 
+def test_an_unrelated_file_is_not_taken_for_the_download_when_nothing_is_known_of_it(serve, payload, tmp_path):
+    """With no size and no md5 the server's size (HEAD) is what a file already there must match."""
+    server = serve()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / NAME).write_bytes(b"garbage")
+    assert _fetch(server, tmp_path / "out", payload, expected_size=None, md5=None).read_bytes() == payload
+    assert server.ranges == [None]
+
+
+@pytest.mark.parametrize("checks", [dict(expected_size=None), dict(expected_size=None, md5=None)], ids=["md5", "none"])
+def test_a_part_longer_than_the_file_is_started_again(serve, payload, tmp_path, checks):
+    """Not a prefix of the file: with an md5 the server's 416 gives the size, without one its HEAD does."""
+    server = serve()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / f"{NAME}.part").write_bytes(payload + b"more")
+    assert _fetch(server, tmp_path / "out", payload, **checks).read_bytes() == payload
+    assert server.ranges == ([f"bytes={len(payload) + 4}-", None] if "md5" not in checks else [None])
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [NAME]
+
+
+@pytest.mark.parametrize("url", ["notaurl", "/data/tiny.zip", "gopher://x/tiny.zip"])
+def test_what_is_not_a_url_is_refused_before_anything_is_made(tmp_path, url):
+    with pytest.raises(FetchError) as info:
+        fetch_release(tmp_path / "out", url, progress=False)
+    assert str(info.value) == f"cannot download {url}: not a URL (http://, https://, ftp://, file://)"
+    assert not (tmp_path / "out").exists()
+
+
 def test_http_error(serve, payload, tmp_path):
     server = serve()
     url = f"http://127.0.0.1:{server.server_port}/missing.zip"
@@ -201,3 +233,14 @@ def test_cli_fetch_downloads_and_reports_errors_in_one_line(serve, payload, tmp_
     result = CliRunner().invoke(main, ["data", "fetch", "--out", str(tmp_path / "bad"), "--url", url, "--md5", "0" * 32])
     assert result.exit_code == 1
     assert result.output.strip().splitlines()[-1] == f"error: {NAME}: expected md5 {'0' * 32}, got {hashlib.md5(payload).hexdigest()}"
+
+
+def test_cli_md5_without_url_is_a_usage_error(tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    result = CliRunner().invoke(main, ["data", "fetch", "--out", str(tmp_path / "dl"), "--md5", "0" * 32])
+    assert result.exit_code == 2 and not (tmp_path / "dl").exists()
+    assert result.output.strip().splitlines()[-1] == (
+        "Error: --md5 checks a --url download (the official zip's md5 is built in)")

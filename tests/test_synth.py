@@ -128,3 +128,18 @@ def test_learnable_at_28px_greyscale(release):
     with torch.no_grad():
         accuracy = (net(xv).argmax(1) == yv).float().mean().item()
     assert accuracy > 3 / CLASSES
+
+
+@pytest.mark.parametrize("flag, value, floor", [("--classes", "0", 1), ("--train-per-class", "-5", 1),
+                                                ("--val-per-class", "1", 2), ("--test", "0", 1), ("--seed", "-1", 0)])
+def test_cli_refuses_counts_that_make_no_release_in_one_line(tmp_path, flag, value, floor):
+    """Each of these used to write a release `shard build` refuses (no val, no test/ images), or end
+    in a traceback (numpy's `high <= 0`)."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    result = CliRunner().invoke(main, ["data", "synth", "--out", str(tmp_path / "r"), flag, value])
+    assert result.exit_code == 2 and not (tmp_path / "r").exists()
+    assert result.output.strip().splitlines()[-1] == (
+        f"Error: Invalid value for '{flag}': {value} is not in the range x>={floor}.")

@@ -33,7 +33,6 @@ import itertools
 import json
 import math
 import os
-import pickle
 import random
 import shlex
 import signal
@@ -52,7 +51,8 @@ import models
 from models.recipes import recipe_names, resolve_recipe
 from pipeline import IMAGENET_MEAN, IMAGENET_STD, make_loader, provenance
 from pipeline.cache import cached_copy, is_set_url
-from pipeline.errors import CheckpointError, ShardError, UsageError, run_cli
+from pipeline.device import check_device
+from pipeline.errors import CheckpointError, ShardError, TinyinError, UsageError, run_cli
 from pipeline.augment import AUGMENTS
 from pipeline.mixing import MODES as MIX_MODES, mix_batch, mix_generator
 from pipeline.order import step_seed
@@ -291,7 +291,8 @@ def open_shards(args):
             return ShardSet(args.shards)
         return ShardSet(cached_copy(args.shards, ("train", "val", "test")))
     if not Path(args.shards).is_dir():
-        raise ShardError(f"--shards {args.shards}: no such folder")
+        what = "a file, not a shard folder" if Path(args.shards).exists() else "no such folder"
+        raise ShardError(f"--shards {args.shards}: {what}")
     return ShardSet(args.shards)
 
 
@@ -321,7 +322,9 @@ def build_model(args, num_classes):
         raise CheckpointError(str(e)) from None
     except FileNotFoundError:
         raise CheckpointError(f"--weights {args.weights}: no such file") from None
-    except (ValueError, RuntimeError, pickle.UnpicklingError, EOFError) as e:
+    except IsADirectoryError:
+        raise CheckpointError(f"--weights {args.weights}: a folder, not a weights file") from None
+    except Exception as e:  # noqa: BLE001 - torch.load of an arbitrary file raises nearly anything (KeyError, struct.error...)
         raise CheckpointError(f"--weights {args.weights}: {describe_weights(args.weights, args.arch, e)}") from None
 
 
@@ -430,6 +433,11 @@ def build(args, device, world_size):
     optimizer = torch.optim.SGD(module.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd,
                                 nesterov=args.nesterov)
     train, val, test = load_data(args, device, world_size, shard_set)
+    if len(train) == 0:  # drop_last (DDP, --compile) with a batch larger than a rank's share
+        why = f"{world_size} ranks" if world_size > 1 else "--compile"
+        raise UsageError(f"-b {args.batch_size}: no whole batch to train on: each rank holds about "
+                         f"{manifest['counts']['train'] // world_size} train images, and under {why} an epoch's "
+                         f"last, partial batch is left out; use a smaller --batch-size")
     steps_per_epoch = min(len(train), args.limit_batches or len(train))
     return Parts(model, module, nn.CrossEntropyLoss(label_smoothing=args.label_smoothing), optimizer,
                  train, val, test, run_identity(args, manifest), device, world_size, steps_per_epoch, ema, eval_model)
@@ -512,11 +520,14 @@ def save_checkpoint(parts, state, args, paths):
 
 def load_checkpoint(path, identity):
     """A train.py checkpoint of this run; CheckpointError naming what is wrong otherwise."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"--resume {path}: a folder; pass {os.path.join(path, 'checkpoint.pth')}, "
+                              f"or --resume auto with --output-dir {path}")
     if not os.path.isfile(path):
         raise CheckpointError(f"--resume {path}: no such file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 - torch.load of an arbitrary file raises nearly anything (KeyError, struct.error...)
         raise CheckpointError(f"{path}: not a train.py checkpoint ({e.__class__.__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         found = ckpt.get("format", "none") if isinstance(ckpt, dict) else "none"
@@ -555,17 +566,43 @@ def restore(parts, args, ckpt_path):
                                   f"the same number only (this run has {parts.world_size}); use --data-path fast")
         if args.time_budget and ckpt["args"].get("budget_epochs"):  # decided before the stop: keep it
             args.epochs = args.budget_epochs = ckpt["args"]["budget_epochs"]
+        state = RunState.from_state_dict(ckpt["state"], parts.device, args.seed)
+        if not args.test_only and (state.epoch > args.epochs or (state.epoch == args.epochs and state.samples_done)):
+            raise UsageError(f"--epochs {args.epochs}: {ckpt_path} is past it (at epoch {state.epoch} step "
+                             f"{state.epoch_steps}); resume with --epochs {state.epoch + 1} or more")
         parts.module.load_state_dict(ckpt["model"])
         restore_ema(parts, ckpt, ckpt_path)
         parts.optimizer.load_state_dict(ckpt["optimizer"])
-        state = RunState.from_state_dict(ckpt["state"], parts.device, args.seed)
+        kept = keep_optimizer_flags(args, ckpt["args"])
         if rank() == 0:
             where = f"epoch {state.epoch} step {state.epoch_steps}" if state.samples_done else f"the start of epoch {state.epoch}"
-            print(f"resumed from {ckpt_path} at {where} ({state.samples_done} samples of it done, "
-                  f"{ckpt['world_size']} -> {parts.world_size} ranks)")
+            if args.test_only:
+                print(f"evaluating {ckpt_path}, saved at {where}")
+            else:
+                print(f"resumed from {ckpt_path} at {where} ({state.samples_done} samples of it done, "
+                      f"{ckpt['world_size']} -> {parts.world_size} ranks)")
+            if kept:
+                print(f"note: {kept}", file=sys.stderr)
     position = schedule_position(state, args, parts.steps_per_epoch, parts.world_size)
     parts.lr_scheduler = make_scheduler(parts.optimizer, args, parts.steps_per_epoch, last_epoch=position - 1)
     return state
+
+
+OPTIMIZER_FLAGS = ("lr", "momentum", "wd", "nesterov")  # what the optimiser's state dict restores
+
+
+def keep_optimizer_flags(args, saved):
+    """A resumed run trains on with its checkpoint's optimiser (its state dict holds lr, momentum,
+    weight decay and nesterov): set those flags of `args` to the checkpoint's, so that args.json
+    records what is used, and return the note to print when the command line asked otherwise ('')."""
+    differ = [k for k in OPTIMIZER_FLAGS if k in saved and saved[k] != getattr(args, k)]
+    if not differ:
+        return ""
+    asked = ", ".join(f"--{k} {getattr(args, k)}" for k in differ)
+    used = ", ".join(f"{k} {saved[k]}" for k in differ)
+    for k in differ:
+        setattr(args, k, saved[k])
+    return f"{asked} ignored: a resumed run keeps its checkpoint's optimiser ({used})"
 
 
 def resume_path(args):
@@ -864,13 +901,27 @@ def final_test(parts, state, args):
     return final
 
 
+def make_output_dir(path):
+    """Create --output-dir (and its parents); one line (exit 1) when that cannot be done."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise TinyinError(f"--output-dir {path}: cannot be made a folder ({e.strerror})") from None
+
+
 def main(args):
     """Train (or --test-only evaluate) as `args` say; returns final.json's dict. Exits 128 + signum
     after writing a checkpoint when SIGTERM, SIGINT or SIGUSR1 arrives mid-run."""
+    check_device(args.device)
     with distributed(args) as (device, world_size), StopSignals() as stop:
+        ckpt_path = resume_path(args)
+        if args.test_only and not (ckpt_path or args.weights or args.pretrained):
+            where = f" (no checkpoint.pth in {args.output_dir})" if args.resume == "auto" else ""
+            raise UsageError(f"--test-only evaluates a trained network: give --resume (a checkpoint, or auto)"
+                             f"{where}, --weights FILE or --pretrained")
         parts = build(args, device, world_size)
-        os.makedirs(args.output_dir, exist_ok=True)
-        state = restore(parts, args, resume_path(args))
+        state = restore(parts, args, ckpt_path)
+        make_output_dir(args.output_dir)  # once the flags and files are known to work
         if args.test_only:
             return test_only(parts, args)
         if rank() == 0:
@@ -890,13 +941,13 @@ def main(args):
 
 
 def at_least(low, kind=int):
-    """An argparse type: a number >= low ('must be at least 1, not 0')."""
+    """An argparse type: a finite number >= low ('must be at least 1, not 0')."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not value >= low:  # also rejects nan
+        if not value >= low or value == math.inf:  # also rejects nan
             raise argparse.ArgumentTypeError(f"must be at least {low}, not {text}")
         return value
     return parse
@@ -990,7 +1041,7 @@ def get_args_parser(add_help=True):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the model (default: off). It then sees one batch size: each epoch's "
                         "last, smaller train batch is left out and the last eval batch padded")
-    p.add_argument("--seed", type=int, default=0, help="seeds the weights, dropout and the shuffle order (default: 0)")
+    p.add_argument("--seed", type=at_least(0), default=0, help="seeds the weights, dropout and the shuffle order (default: 0)")
     p.add_argument("--output-dir", help="where logs and checkpoints go (default: runs/ARCH-SIZE)")
     p.add_argument("--resume", help="checkpoint to continue from, or 'auto' for OUTPUT_DIR/checkpoint.pth if present; "
                                     "continues mid-epoch, also on another number of ranks (default: none)")
@@ -1058,6 +1109,7 @@ def parse_args(argv=None):
     if args.workers is not None and args.data_path != "stream":
         parser.error(f"argument -j/--workers: only --data-path stream uses loader workers; "
                      f"--data-path {args.data_path} reads the shards in the training process")
+    check_device(args.device, present=False)  # whether this machine has it: main()
     if args.pretrained and args.weights:
         parser.error("use --pretrained or --weights FILE, not both")
     if args.pretrained and models.model_spec(args.arch).weights is None:

@@ -156,7 +156,9 @@ def bench():
 def bench_loader_cmd(shards, images, batch_size, workers, passes, pass_images, device, remote, remote_only, json_path):
     """Images/s of the ImageFolder+PIL baseline and tinyin's loaders, side by side."""
     from .bench import bench_loader, bench_remote, format_table
+    from .device import check_device
 
+    check_device(device)
     log = lambda m: click.echo(m, err=True)  # noqa: E731
     if remote_only:
         rows = bench_remote(shards, batch_size=batch_size, workers=workers, passes=passes, log=log)
@@ -202,8 +204,10 @@ def bench_train_cmd(shards, images, arch, size, batch, feeds, compile_, device, 
     import torch
 
     from .bench_train import bench_train, environment, format_table, plan
+    from .device import check_device
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(device)
     compile_ = device.startswith("cuda") if compile_ is None else compile_
     feeds = feeds or (("a", "b", "c", "d") if images else ("a", "b", "c"))
     cases = plan(arch, size, batch, feeds, compile_)

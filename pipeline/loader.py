@@ -21,6 +21,8 @@ An option the chosen path does not use is refused (UsageError), never silently d
 Every path ends in the same `DeviceStage` (normalise, augment, resize on the device).
 """
 
+import numbers
+
 import numpy as np
 import torch
 
@@ -115,6 +117,8 @@ class Loader:
         nothing before it is read again). A multiple of batch_size * world_size keeps each
         batch's augmentation what it was in the uninterrupted run.
         """
+        _check_integer("epoch", epoch, 0)
+        _check_integer("start", start, 0)
         self.epoch, self.start = epoch, start
         self.source.set_epoch(epoch, start)
 
@@ -151,6 +155,30 @@ class Loader:
                 yield images, labels
 
 
+def _check_integer(name, value, low):
+    """ValueError unless `value` is an int (not a bool) of at least `low`: what numpy and torch
+    would otherwise reject deep inside the first batch, after the data pass has started."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an integer of at least {low}, not {value!r}")
+
+
+def _check_args(batch_size, seed, epoch, rank, world_size, size, prefetch, std, dtype):
+    """The arguments every path uses, checked before any shard is opened."""
+    for name, value, low in (("batch_size", batch_size, 1), ("seed", seed, 0), ("epoch", epoch, 0),
+                             ("world_size", world_size, 1), ("rank", rank, 0)):
+        _check_integer(name, value, low)
+    if rank >= world_size:
+        raise ValueError(f"need rank < world_size, got rank={rank}, world_size={world_size}")
+    if size is not None:
+        _check_integer("size", size, 1)
+    if prefetch is not None:
+        _check_integer("prefetch", prefetch, 0)
+    if std is not None and not all(float(v) > 0 for v in std):
+        raise ValueError(f"std must be positive (it divides), not {list(std)}")
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point dtype (images are normalised), not {dtype}")
+
+
 def _refuse_unused(path, auto, local, workers, prefetch, sample_counts, checksum):
     """UsageError for an option the chosen path (or input) does not use: none is silently dropped."""
     chosen = f"the {path} path" + (" (chosen by path='auto')" if auto else "")
@@ -181,9 +209,6 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
     from the manifest), resized to `size` and augmented when asked (augment: "none", "crop" or
     "rrc", with `rrc_scale`, see `DeviceStage`); or, with `raw=True`, the uint8 (B, H, W[, C])
     batch itself (valid until the next batch is requested). Labels int64.
-    shards: a shard set -- a folder from `tinyin shard build` or a `ShardSet` (opened once: pass the
-    same ShardSet to the train, val and test loaders) -- or a list of shard URLs / a brace pattern
-    (the stream path; `sample_counts`, per shard, then sizes epochs and splits ranks).
     Same (seed, epoch): same order; `set_epoch` reshuffles. With `world_size > 1` ranks get
     disjoint samples and, with `drop_last=True`, the same number of batches.
     """
@@ -192,8 +217,7 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, not {path!r}")
     augment_mode(augment)  # a bad value is refused before any shard is opened
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+    _check_args(batch_size, seed, epoch, rank, world_size, size, prefetch, std, dtype)
     if is_set_url(shards) and path != "stream":  # a URL reads like a folder: its split fetched once per node
         shards = cached_copy(shards, split)
     shard_set = None if is_url_list(shards) else open_shard_set(shards)

@@ -105,6 +105,20 @@ def test_imagefolder_needs_images(shards):
         "error: --feeds d (the study's ImageFolder pipeline) needs --images FOLDER, an extracted release")
 
 
+@pytest.mark.parametrize("command", ["train", "loader"])
+@pytest.mark.parametrize("device, message", [
+    ("tpu0", "argument --device: 'tpu0' is not a device; use cpu, cuda or cuda:N"),
+    ("mps", "argument --device: tinyin runs on cpu or cuda, not mps"),
+    pytest.param("cuda", f"argument --device: cuda, but torch {torch.__version__} sees no CUDA device here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="the message for a machine without CUDA")),
+])
+def test_a_device_this_machine_lacks_is_one_line(shards, release, command, device, message):
+    """torch's 'Found no NVIDIA driver' (or its list of device types) was a traceback."""
+    extra = ["--arch", "lenet5"] if command == "train" else ["--images", str(release)]
+    result = CliRunner().invoke(main, ["bench", command, "--shards", str(shards), "--device", device, *extra])
+    assert (result.exit_code, result.output.splitlines()[-1]) == (2, f"error: {message}")
+
+
 def test_cli_table_and_json(shards, release, tmp_path):
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(main, ["bench", "train", "--shards", str(shards), "--images", str(release),

@@ -206,6 +206,40 @@ def test_an_option_the_path_does_not_use_is_refused(shards, kwargs, message):
     assert str(e.value) == message
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(path="fast", prefetch=-1), "prefetch must be an integer of at least 0, not -1"),  # hung: a ring of 0 buffers
+    (dict(rank=2, world_size=2), "need rank < world_size, got rank=2, world_size=2"),
+    (dict(rank=-1), "rank must be an integer of at least 0, not -1"),
+    (dict(world_size=0), "world_size must be an integer of at least 1, not 0"),
+    (dict(size=0), "size must be an integer of at least 1, not 0"),
+    (dict(size=100.5), "size must be an integer of at least 1, not 100.5"),
+    (dict(seed=-1), "seed must be an integer of at least 0, not -1"),
+    (dict(seed=None), "seed must be an integer of at least 0, not None"),
+    (dict(epoch=-1), "epoch must be an integer of at least 0, not -1"),
+    (dict(batch_size=64.0), "batch_size must be an integer of at least 1, not 64.0"),
+    (dict(batch_size=0), "batch_size must be an integer of at least 1, not 0"),
+    (dict(mean=[0.5] * 3, std=[0.5, 0, 0.5]), "std must be positive (it divides), not [0.5, 0, 0.5]"),
+    (dict(dtype=torch.int64), "dtype must be a floating-point dtype (images are normalised), not torch.int64"),
+])
+def test_bad_arguments_are_refused_before_any_shard_is_opened(shards, kwargs, message, monkeypatch):
+    """Each used to be accepted, then fail at the first batch deep in numpy or torch (or hang), with
+    the background data pass already started."""
+    monkeypatch.setattr("pipeline.loader.open_shard_set", lambda *a: pytest.fail("a shard set was opened"))
+    with pytest.raises(ValueError) as e:
+        make_loader(shards, "train", **kwargs)
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize("path", ["resident", "stream"])
+def test_set_epoch_refuses_a_negative_epoch_or_start(shards, path):
+    loader = make_loader(shards, "train", path=path, batch_size=64)
+    for args, message in (((-1,), "epoch must be an integer of at least 0, not -1"),
+                          ((0, -64), "start must be an integer of at least 0, not -64")):
+        with pytest.raises(ValueError) as e:
+            loader.set_epoch(*args)
+        assert str(e.value) == message
+
+
 def test_checksum_off_is_refused_for_shard_urls(shards):
     with pytest.raises(UsageError) as e:
         make_loader([str(shards / "train-000000.tar")], "train", checksum=False)

@@ -266,9 +266,18 @@ def test_union_seconds():
     assert union_seconds([(0.0, 1.0), (1.0, 2.0)]) == 2.0  # end to end: one after another
 
 
-def test_reproduce_bad_jobs(tmp_path):
-    result = reproduce("--rows", "lenet5-28", "--out", str(tmp_path), "--jobs", "0")
-    assert (result.returncode, result.stderr) == (1, "error: --jobs must be at least 1, not 0\n")
+@pytest.mark.parametrize("flag", ["--jobs", "--epochs", "--limit-batches"])
+def test_reproduce_bad_counts(tmp_path, flag):
+    """--epochs 0 and --limit-batches 0 read as "not given": the recipe's 40 epochs, every batch."""
+    result = reproduce("--rows", "lenet5-28", "--out", str(tmp_path), flag, "0")
+    assert (result.returncode, result.stderr) == (1, f"error: {flag} must be at least 1, not 0\n")
+
+
+def test_reproduce_checks_the_shards_before_any_row_starts(tmp_path):
+    result = reproduce("--rows", "lenet5-28", "--out", str(tmp_path / "out"), "--shards", str(tmp_path / "none"))
+    assert (result.returncode, result.stderr) == (
+        1, f"error: --shards {tmp_path / 'none'}: not a shard set (no manifest.json); run `tinyin shard build` first\n")
+    assert not (tmp_path / "out" / "lenet5-28").exists()
 
 
 def test_reproduce_pretrained_row_with_a_local_weights_file(shards, tmp_path):

@@ -101,3 +101,15 @@ def test_unknown_ablation_is_a_one_line_error(capsys):
     assert capsys.readouterr().err.splitlines()[-1] == \
         "speedrun.py: error: --ablate: unknown part(s) dropout; choose from: all, ema, tta, smoothing, augment, " \
         "nesterov, warmup, amp, channels-last, compile"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--arch", "lenet5"], "argument --size: lenet5 takes 28, not 64"),
+    (["--train-args", "--epochs 1"], "argument --warmup-epochs: must be below --epochs (1), not 2.0"),
+])
+def test_train_flags_are_checked_before_any_run_starts(tmp_path, capsys, extra, message):
+    """Both used to fail inside train.py, with the advice to rerun that run."""
+    with pytest.raises(SystemExit):
+        speedrun.main(["--shards", "x", "--out", str(tmp_path / "sr"), *extra])
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f": {message}")
+    assert not (tmp_path / "sr").exists()

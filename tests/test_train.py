@@ -117,6 +117,10 @@ def test_explicit_flags_beat_the_recipe():
                   "--data-path auto reads the shards in the training process"),
     (["-j", "0", "--data-path", "fast"], "argument -j/--workers: only --data-path stream uses loader workers; "
                                          "--data-path fast reads the shards in the training process"),
+    (["--momentum", "inf"], "argument --momentum: must be at least 0.0, not inf"),
+    (["--wd", "inf"], "argument --wd/--weight-decay: must be at least 0.0, not inf"),
+    (["--device", "foo"], "argument --device: 'foo' is not a device; use cpu, cuda or cuda:N"),
+    (["--device", "mps"], "argument --device: tinyin runs on cpu or cuda, not mps"),
     (["--bogus"], "unrecognized arguments: --bogus"),
 ])
 def test_bad_flags_are_one_line_errors_with_exit_code_2(argv, message, capsys):
@@ -159,6 +163,65 @@ def test_user_mistakes_are_one_line_errors_with_exit_code_1(train_shards, tiny_s
         1, f"error: {tmp_path / 'junk.pth'}: not a train.py checkpoint (UnpicklingError)\n")
     assert error("--shards", train_shards, "--arch", "lenet5", "--resume", tmp_path / "none.pth") == (
         1, f"error: --resume {tmp_path / 'none.pth'}: no such file\n")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message for a machine without CUDA")
+def test_device_cuda_without_a_gpu_is_a_usage_error(capsys):
+    assert cli("--device", "cuda") == 2
+    assert capsys.readouterr().err == (
+        f"error: argument --device: cuda, but torch {torch.__version__} sees no CUDA device here\n")
+
+
+def test_files_that_are_not_what_a_flag_needs_are_one_line_errors(train_shards, tmp_path, capsys):
+    """Each of these was a traceback: torch.load raises KeyError, IndexError or AttributeError on
+    some short files, IsADirectoryError on a folder; makedirs on a file."""
+    def error(*argv):
+        code = cli("--device", "cpu", "--epochs", "1", "--arch", "lenet5", "--shards", train_shards, *argv)
+        return code, capsys.readouterr().err
+
+    out = tmp_path / "out"
+    (tmp_path / "hello.pth").write_text("hello\n")  # KeyError inside torch.load
+    (tmp_path / "gateway.pth").write_text("bad gateway\n")  # IndexError inside torch.load
+    torch.save([1, 2], tmp_path / "list.pth")  # loads, but is no state dict
+    assert error("--output-dir", out, "--resume", tmp_path / "hello.pth") == (
+        1, f"error: {tmp_path / 'hello.pth'}: not a train.py checkpoint (KeyError)\n")
+    assert error("--output-dir", out, "--weights", tmp_path / "gateway.pth") == (
+        1, f"error: --weights {tmp_path / 'gateway.pth'}: not a weights file (IndexError)\n")
+    assert error("--output-dir", out, "--weights", tmp_path / "list.pth") == (
+        1, f"error: --weights {tmp_path / 'list.pth'}: does not fit lenet5 (other tensor names or shapes)\n")
+    assert error("--output-dir", out, "--weights", tmp_path) == (1, f"error: --weights {tmp_path}: a folder, not a weights file\n")
+    assert error("--output-dir", out, "--resume", tmp_path) == (
+        1, f"error: --resume {tmp_path}: a folder; pass {tmp_path / 'checkpoint.pth'}, or --resume auto with --output-dir {tmp_path}\n")
+    assert error("--output-dir", tmp_path / "hello.pth") == (
+        1, f"error: --output-dir {tmp_path / 'hello.pth'}: cannot be made a folder (File exists)\n")
+    assert error("--output-dir", tmp_path / "hello.pth" / "run") == (
+        1, f"error: --output-dir {tmp_path / 'hello.pth' / 'run'}: cannot be made a folder (Not a directory)\n")
+    assert error("--output-dir", out, "--shards", tmp_path / "hello.pth") == (
+        1, f"error: --shards {tmp_path / 'hello.pth'}: a file, not a shard folder\n")
+    assert not out.exists()
+
+
+def test_test_only_needs_a_trained_network(train_shards, tmp_path, capsys):
+    """It used to evaluate freshly initialised weights (chance level) and write eval.json, exit 0."""
+    base = ["--device", "cpu", "--arch", "lenet5", "--shards", train_shards, "--output-dir", tmp_path, "--test-only"]
+    assert cli(*base) == 2
+    assert capsys.readouterr().err == (
+        "error: --test-only evaluates a trained network: give --resume (a checkpoint, or auto), --weights FILE or --pretrained\n")
+    assert cli(*base, "--resume", "auto") == 2
+    assert capsys.readouterr().err == (
+        f"error: --test-only evaluates a trained network: give --resume (a checkpoint, or auto) (no checkpoint.pth in "
+        f"{tmp_path}), --weights FILE or --pretrained\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_whole_batch_per_rank_is_a_usage_error(train_shards, tmp_path, capsys):
+    """drop_last under --compile (and DDP) with a batch above the split: a ZeroDivisionError at the
+    epoch's end, after an empty epoch, before."""
+    assert cli("--device", "cpu", "--arch", "lenet5", "--shards", train_shards, "--output-dir", tmp_path,
+               "--compile", "-b", "1001") == 2
+    assert capsys.readouterr().err == (
+        "error: -b 1001: no whole batch to train on: each rank holds about 1000 train images, and under --compile an "
+        "epoch's last, partial batch is left out; use a smaller --batch-size\n")
 
 
 def test_the_script_prints_one_line_and_no_traceback(tmp_path):
@@ -229,6 +292,24 @@ def test_resume_matches_an_uninterrupted_run(train_shards, tmp_path):
     run(train_shards, tmp_path / "resumed", *flags, "--epochs", "1")
     run(train_shards, tmp_path / "resumed", *flags, "--epochs", "2", "--resume", "auto")
     _same_run(tmp_path / "straight", tmp_path / "resumed")
+
+
+def test_a_resume_keeps_its_optimizer_and_refuses_an_end_before_its_checkpoint(train_shards, tmp_path, capsys):
+    """The optimiser's state dict sets lr, momentum and weight decay: other values on the command line
+    were ignored without a word while args.json recorded them. And a run stopped mid-epoch 1 resumed
+    with --epochs 1 ended at once, its partial epoch tested but in no metrics row."""
+    flags = ["--arch", "lenet5", "-b", "64", "--epochs", "2"]
+    stop_at(train_shards, tmp_path, 20, *flags)  # 16 steps an epoch: epoch 1 step 4
+    capsys.readouterr()
+    assert cli("--shards", train_shards, "--device", "cpu", "--output-dir", tmp_path, *flags[:-1], "1",
+               "--resume", "auto") == 2
+    assert capsys.readouterr().err == (
+        f"error: --epochs 1: {tmp_path / 'checkpoint.pth'} is past it (at epoch 1 step 4); resume with --epochs 2 or more\n")
+    run(train_shards, tmp_path, *flags, "--lr", "0.2", "--momentum", "0", "--resume", "auto")
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "note: --lr 0.2, --momentum 0.0 ignored: a resumed run keeps its checkpoint's optimiser (lr 0.01, momentum 0.9)")
+    args = json.loads((tmp_path / "args.json").read_text())
+    assert (args["lr"], args["momentum"]) == (0.01, 0.9)
 
 
 def stop_at(shards, out, step, *flags):

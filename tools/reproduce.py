@@ -203,8 +203,10 @@ def main(args):
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         sys.exit(f"error: unknown row(s) {', '.join(unknown)}; choose from: {', '.join(ROWS)}")
-    if args.jobs < 1:
-        sys.exit(f"error: --jobs must be at least 1, not {args.jobs}")
+    for flag in ("epochs", "limit_batches", "jobs"):  # 0 would read as "not given": the recipe's 40 epochs
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            sys.exit(f"error: --{flag.replace('_', '-')} must be at least 1, not {value}")
     done, not_run, todo = [], [], []
     for name in rows:
         planned = row_command(name, args)
@@ -218,6 +220,9 @@ def main(args):
             print(f"== {name}: finished earlier, not run again", flush=True)
         else:
             todo.append((name, run, cmd))
+    if todo and "://" not in args.shards and not (Path(args.shards) / "manifest.json").is_file():
+        # before any row starts: each would fail alike, and the message would tell to "rerun"
+        sys.exit(f"error: --shards {args.shards}: not a shard set (no manifest.json); run `tinyin shard build` first")
     # Side by side (--jobs > 1) each row's output goes to its own log; a thread per row is enough,
     # since each thread only waits on its train.py process.
     logs = {name: run / "train.log" if args.jobs > 1 else None for name, run, _ in todo}

@@ -44,17 +44,38 @@ ABLATIONS = {
 }
 
 
+def train_argv(args, seed, run, variant=None):
+    """train.py's flags for one seed, the full recipe or with ABLATIONS[variant]'s part switched off."""
+    off = shlex.split(ABLATIONS[variant][1]) if variant else []
+    argv = ["--shards", args.shards, "--arch", args.arch, "--size", "64", "--recipe", "fast", "--seed", str(seed),
+            "--output-dir", str(run), *shlex.split(args.train_args), *off]
+    return argv + (["--device", args.device] if args.device else [])
+
+
+def check_train_flags(args, variants):
+    """train.py's own flag checks for every run planned, before the first starts: a mistake (an arch
+    the recipe has no row for, --train-args that clash with it) is one line here, not a failed run
+    after minutes of others with the advice to rerun."""
+    sys.path.insert(0, str(ROOT))
+    import train
+    from pipeline.errors import TinyinError
+
+    for variant in [None, *variants]:
+        try:
+            train.parse_args(train_argv(args, 0, "run", variant))
+        except TinyinError as e:
+            run = "the full recipe" if variant is None else f"--ablate {variant}"
+            print(f"speedrun.py: error: train.py refuses the flags of {run}: {e}", file=sys.stderr)
+            sys.exit(e.exit_code)
+
+
 def run_seed(args, seed, out, variant=None):
     """Train one seed (unless done before), the full recipe or with ABLATIONS[variant]'s part
     switched off; its process wall time, metrics and final figures."""
     run = out / "runs" / (f"seed{seed}" if variant is None else f"seed{seed}-no-{variant}")
     timing = run / "process_wall.json"
     if not (run / "final.json").is_file() or not timing.is_file():
-        off = shlex.split(ABLATIONS[variant][1]) if variant else []
-        cmd = [sys.executable, str(ROOT / "train.py"), "--shards", args.shards, "--arch", args.arch, "--size", "64",
-               "--recipe", "fast", "--seed", str(seed), "--output-dir", str(run), *shlex.split(args.train_args), *off]
-        if args.device:
-            cmd += ["--device", args.device]
+        cmd = [sys.executable, str(ROOT / "train.py"), *train_argv(args, seed, run, variant)]
         print(f"$ {shlex.join(cmd)}", flush=True)
         t0 = time.time()
         proc = subprocess.Popen(cmd, cwd=ROOT)
@@ -155,6 +176,7 @@ def main(argv=None):
     unknown = [v for v in variants if v not in ABLATIONS]
     if unknown:
         p.error(f"--ablate: unknown part(s) {', '.join(unknown)}; choose from: all, {', '.join(ABLATIONS)}")
+    check_train_flags(args, variants)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command_line = sys.argv[1:] if argv is None else argv

@@ -11,6 +11,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import time
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -32,6 +33,10 @@ _progress = None  # per-worker handle on the shared image counter (set by _init_
 def _init_worker(counter):
     global _progress
     _progress = counter
+    # Ctrl-C reaches the whole process group. A worker that took it would return it as its task's
+    # exception and go on to the next task (or die inside the pool's queue and hang the parent);
+    # the parent alone handles it, and the workers finish only the shards they hold.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _tick(n):
@@ -124,17 +129,22 @@ def _run_tasks(files, tasks, tmp, workers, on_error, progress):
     counter = ctx.Value("q", 0)
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(counter,)) as pool, \
             tqdm(total=total, unit="img", desc="build", disable=not progress) as bar:
-        futures = [pool.submit(_write_one_shard, str(tmp / name), split,
-                               [(it, files.read(it.path)) for it in items], on_error)
-                   for name, split, items in tasks]
-        pending = set(futures)
-        while pending:
-            done, pending = wait(pending, timeout=0.25, return_when=FIRST_EXCEPTION)
-            bar.update(counter.value - bar.n)
-            for f in done:
-                if f.exception() is not None:
-                    pool.shutdown(cancel_futures=True)
-                    raise f.exception()
+        try:
+            futures = [pool.submit(_write_one_shard, str(tmp / name), split,
+                                   [(it, files.read(it.path)) for it in items], on_error)
+                       for name, split, items in tasks]
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, timeout=0.25, return_when=FIRST_EXCEPTION)
+                bar.update(counter.value - bar.n)
+                for f in done:
+                    if f.exception() is not None:
+                        raise f.exception()
+        except BaseException:  # a failed shard, Ctrl-C: drop the queued shards, wait only for those in hand
+            # wait=True here: the `with`'s own shutdown would reset the cancel request if the
+            # pool's manager thread had not acted on it yet, and wait for every queued shard.
+            pool.shutdown(cancel_futures=True)
+            raise
         bar.update(total - bar.n)
     return [f.result() for f in futures]
 

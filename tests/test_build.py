@@ -2,7 +2,12 @@
 import hashlib
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -15,6 +20,8 @@ from pipeline.build import _byte_histogram, build_shards
 from pipeline.cli import main
 from pipeline.index import read_index, read_manifest
 from tests.conftest import SHARD_SIZE, SYNTH
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def expected_variants(jpeg_path):
@@ -181,3 +188,69 @@ def test_cli_build_prints_counts_and_speed(release, tmp_path):
     assert result.exit_code == 0, result.output
     assert "train 240, val 30, test 30, unlabeled 30" in result.output and "images/s" in result.output
     assert json.loads((tmp_path / "s/manifest.json").read_text())["counts"]["train"] == 240
+
+
+# `tinyin shard build ARGS` in a child process whose decode workers log each shard they write and,
+# after their first, wait at a gate. The gate opens when the parent cancels a queued shard, i.e. only
+# once it has stopped the build; before that fix, the workers' own Ctrl-C ended their wait.
+# `submitted` marks that the parent has queued every shard and waits for them.
+GATED_BUILD = """
+import sys, time
+from concurrent.futures import Future
+from pathlib import Path
+import pipeline.build as build
+from pipeline.cli import main
+
+log, gate, submitted = (Path(a) for a in sys.argv[1:4])
+write_one_shard, cancel, wait, first = build._write_one_shard, Future.cancel, build.wait, [True]
+
+def gated_write(path, *args):
+    result = write_one_shard(path, *args)
+    with open(log, "a") as f:
+        f.write(Path(path).name + "\\n")
+    if first:
+        first.clear()
+        while not gate.exists():
+            time.sleep(0.01)
+    return result
+
+def cancel_and_open(future):
+    if cancel(future):
+        gate.touch()
+        return True
+    return False
+
+def wait_and_mark(*args, **kwargs):
+    submitted.touch()
+    return wait(*args, **kwargs)
+
+build._write_one_shard, Future.cancel, build.wait = gated_write, cancel_and_open, wait_and_mark
+main(sys.argv[4:], prog_name="tinyin")
+"""
+
+
+def gated_build(tmp_path, *args):
+    """Start GATED_BUILD in its own process group; return it and its log once a shard is written."""
+    log, gate, submitted = tmp_path / "written.log", tmp_path / "gate", tmp_path / "submitted"
+    proc = subprocess.Popen([sys.executable, "-c", GATED_BUILD, str(log), str(gate), str(submitted),
+                             "shard", "build", "--quiet", *map(str, args)], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not (log.exists() and submitted.exists()):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.01)
+    return proc, log
+
+
+def test_ctrl_c_stops_after_the_shards_in_hand(release, tmp_path):
+    """Ctrl-C (SIGINT to the process group) mid-build: the workers finish the shards they hold, the
+    queued ones are dropped, the temporary folder is removed; `interrupted`, exit code 130. (Before:
+    the workers took the signal as a task's error and went on through every queued shard.)"""
+    out = tmp_path / "out"
+    proc, log = gated_build(tmp_path, "--src", release, "--out", out, "--workers", 2, "--shard-size", 4)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert (proc.returncode, stdout, stderr) == (130, "", "interrupted\n")
+    planned = 240 // 4 + 3 * (30 // 4 + 1)
+    # At most the 2 shards being written and the 3 (workers + 1) the pool had queued for its workers.
+    assert 1 <= len(log.read_text().split()) <= 5 < planned
+    assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))

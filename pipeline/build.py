@@ -3,15 +3,17 @@
 The release is read in one pass (`source`), planned into splits (`release`), and cut into
 shards of `shard_size` samples. Each shard is one task for a worker process, which decodes its
 JPEGs (`variants`) and writes the tar (`tarshard`), so decoding and writing use every core and
-the parent only dispatches bytes. Everything is written into a sibling `<out>.tmp-<pid>` folder
+the parent only dispatches bytes. Everything is written into a sibling `<out>.tmp-<host>-<pid>` folder
 that is renamed into place only when the manifest is complete: an interrupted build never leaves
-a shard set that looks complete, and the same input and options give the same bytes.
+a shard set that looks complete, and the same input and options give the same bytes. A build removes
+the temporary folders that killed builds on this host left beside its `out`.
 """
 import json
 import multiprocessing as mp
 import os
 import shutil
 import signal
+import socket
 import time
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -37,6 +39,8 @@ def _init_worker(counter):
     # exception and go on to the next task (or die inside the pool's queue and hang the parent);
     # the parent alone handles it, and the workers finish only the shards they hold.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Not the CLI's SIGTERM handler, which the fork inherits: the pool ends broken workers with SIGTERM.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _tick(n):
@@ -178,7 +182,8 @@ def build_shards(src, out, workers=None, shard_size=10000, split_seed=None, on_e
     if plan.problems and on_error == "fail":
         path, reason = plan.problems[0]
         raise SourceError(f"{files.label}: {path}: {reason}")
-    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+    _remove_dead_builds(out)
+    tmp = out.parent / f"{out.name}.tmp-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -192,6 +197,26 @@ def build_shards(src, out, workers=None, shard_size=10000, split_seed=None, on_e
         shutil.rmtree(tmp, ignore_errors=True)
     manifest["_seconds"] = time.perf_counter() - started
     return manifest
+
+
+def _remove_dead_builds(out):
+    """Remove `<out>.tmp-<host>-<pid>` folders of builds on this host whose process is gone (SIGKILL,
+    a crash). Another host's are left alone: `out` may be on a file system that host shares."""
+    prefix = f"{out.name}.tmp-{socket.gethostname()}-"
+    for folder in out.parent.glob(f"{out.name}.tmp-*"):
+        pid = folder.name[len(prefix):]
+        if folder.name.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, as another user's
+    return True
 
 
 def _manifest(plan, params, tasks, results):

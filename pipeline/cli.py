@@ -6,15 +6,16 @@ from pathlib import Path
 
 import click
 
-from .errors import TinyinError, user_errors
+from .errors import TinyinError, sigterm_interrupts, user_errors
 
 
 class _Group(click.Group):
     """A click group whose commands report user-facing errors the way train.py does
-    (`errors.user_errors`: one line on stderr, exit code 2 for usage errors and 1 otherwise)."""
+    (`errors.user_errors`: one line on stderr, exit code 2 for usage errors and 1 otherwise), and
+    stop on SIGTERM as on Ctrl-C, cleaning up on the way out (exit code 143)."""
 
     def invoke(self, ctx):
-        with user_errors():
+        with user_errors(), sigterm_interrupts():
             return super().invoke(ctx)
 
 

@@ -1,9 +1,11 @@
 """`tinyin shard build`: contents byte for byte, labels and splits, determinism, atomicity."""
+import contextlib
 import hashlib
 import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -241,6 +243,16 @@ def gated_build(tmp_path, *args):
     return proc, log
 
 
+def finish(proc):
+    """The build's (stdout, stderr) once it exits; none of its processes (workers) is left behind."""
+    try:
+        proc.wait(timeout=60)  # its output is a few lines: the pipes do not fill
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.communicate()
+
+
 def test_ctrl_c_stops_after_the_shards_in_hand(release, tmp_path):
     """Ctrl-C (SIGINT to the process group) mid-build: the workers finish the shards they hold, the
     queued ones are dropped, the temporary folder is removed; `interrupted`, exit code 130. (Before:
@@ -248,9 +260,36 @@ def test_ctrl_c_stops_after_the_shards_in_hand(release, tmp_path):
     out = tmp_path / "out"
     proc, log = gated_build(tmp_path, "--src", release, "--out", out, "--workers", 2, "--shard-size", 4)
     os.killpg(proc.pid, signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = finish(proc)
     assert (proc.returncode, stdout, stderr) == (130, "", "interrupted\n")
     planned = 240 // 4 + 3 * (30 // 4 + 1)
     # At most the 2 shards being written and the 3 (workers + 1) the pool had queued for its workers.
     assert 1 <= len(log.read_text().split()) <= 5 < planned
     assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
+
+
+def test_sigterm_cleans_up_as_ctrl_c_does(release, tmp_path):
+    """SIGTERM (`kill`, a scheduler) to the build: the temporary folder is removed, `terminated`, exit
+    code 143. (Before: the process died where it stood and left `out.tmp-<pid>` behind for good.)"""
+    out = tmp_path / "out"
+    proc, log = gated_build(tmp_path, "--src", release, "--out", out, "--workers", 2, "--shard-size", 4)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = finish(proc)
+    assert (proc.returncode, stdout, stderr) == (143, "", "terminated\n")
+    assert 1 <= len(log.read_text().split()) <= 5
+    assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
+
+
+def test_a_build_removes_what_killed_builds_on_this_host_left(release, tmp_path):
+    """Leftovers of builds killed outright (SIGKILL): removed if the process is gone and ran here;
+    a live build's and another host's (a shared file system) are left alone."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    host = socket.gethostname()
+    leftovers = [f"out.tmp-{host}-{dead}", f"out.tmp-{host}-{os.getppid()}", f"out.tmp-{host}x-{dead}",
+                 f"out.tmp-other-{dead}", f"other.tmp-{host}-{dead}"]
+    for name in leftovers:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train-000000.tar").write_bytes(b"half a shard")
+    build_shards(release, tmp_path / "out", shard_size=SHARD_SIZE, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out"] + leftovers[1:])

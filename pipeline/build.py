@@ -24,7 +24,7 @@ from . import index as index_io
 from .checksum import file_sum64
 from .errors import ImageError, ShardError, SourceError, UsageError
 from .release import plan_release
-from .schema import FORMAT_VERSION, MANIFEST_FILE, SHARD_PATTERN, SPLITS
+from .schema import FORMAT_VERSION, INDEX_FILE, MANIFEST_FILE, SHARD_PATTERN, SPLITS
 from .source import open_release
 from .tarshard import write_shard
 from .variants import decode_variants
@@ -161,7 +161,11 @@ def build_shards(src, out, workers=None, shard_size=10000, split_seed=None, on_e
     quick experiments; the manifest's `build.classes` records it. Each sample is byte for byte
     the one the full build writes (the train order differs: it is shuffled among fewer samples).
 
-    Returns the manifest (also written to `out/manifest.json`). Raises `SourceError`,
+    Building again into `out` with the same input and options repairs the set: files missing or
+    damaged there are written again, the others left as they are.
+
+    Returns the manifest (also written to `out/manifest.json`), with `_seconds` (the build's time)
+    and `_repaired` (the files written again into an existing set) added. Raises `SourceError`,
     `ImageError` (with `on_error='fail'`), `ShardError` or `UsageError` (`classes` out of range)
     with a one-line message.
     """
@@ -192,10 +196,11 @@ def build_shards(src, out, workers=None, shard_size=10000, split_seed=None, on_e
         manifest = _manifest(plan, params, tasks, results)
         index_io.write_index(tmp, tasks, results)
         index_io.write_json(tmp / MANIFEST_FILE, manifest)  # written last: its presence marks completion
-        _move_into_place(tmp, out, manifest)
+        repaired = _move_into_place(tmp, out, manifest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     manifest["_seconds"] = time.perf_counter() - started
+    manifest["_repaired"] = repaired
     return manifest
 
 
@@ -243,11 +248,24 @@ def _manifest(plan, params, tasks, results):
 
 
 def _move_into_place(tmp, out, manifest):
+    """Rename `tmp` to `out`. Where `out` already holds this very build, replace only those of its
+    files whose bytes differ from the fresh ones (deleted, damaged) and return their names: the
+    identical ones stay untouched, as their mtimes key the reader's per-process sha256 cache."""
     if out.exists() and any(out.iterdir()):
         old = json.loads((out / MANIFEST_FILE).read_text())
         if old != manifest:
             raise ShardError(f"{out}: already holds a different build (other input); choose another --out or delete it")
-        return  # the same build, byte for byte: leave it as it is
+        repaired = [name for name in [s["file"] for s in manifest["shards"]] + [INDEX_FILE]
+                    if not _same_bytes(out / name, tmp / name)]
+        for name in repaired:
+            os.replace(tmp / name, out / name)
+        return repaired
     if out.exists():
         out.rmdir()
     os.replace(tmp, out)
+    return []
+
+
+def _same_bytes(old, new):
+    """Whether file `old` holds the bytes of file `new` (size, then sum64: any changed word is caught)."""
+    return old.is_file() and old.stat().st_size == new.stat().st_size and file_sum64(old) == file_sum64(new)

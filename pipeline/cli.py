@@ -90,8 +90,9 @@ def shard_build(src, out, workers, shard_size, split_seed, on_error, classes, qu
     counts = ", ".join(f"{k} {v:,}" for k, v in manifest["counts"].items())
     n = sum(manifest["counts"].values())
     secs = manifest["_seconds"]
+    repaired = f"; repaired {', '.join(manifest['_repaired'])}" if manifest["_repaired"] else ""
     click.echo(f"built {len(manifest['shards'])} shards in {out}: {counts} "
-               f"({n / secs:,.0f} images/s, {secs:.1f} s); skipped {len(manifest['skipped'])}")
+               f"({n / secs:,.0f} images/s, {secs:.1f} s); skipped {len(manifest['skipped'])}{repaired}")
 
 
 def _local(shards, split, progress=None):

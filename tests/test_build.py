@@ -185,6 +185,27 @@ def test_rebuild_into_same_folder_is_a_no_op_and_other_options_are_refused(relea
     assert tree_digest(out) == before
 
 
+def test_rebuild_into_same_folder_repairs_missing_and_damaged_files(release, shards, tmp_path):
+    """Building again with the same input and options writes again exactly the files that are gone
+    or differ, and leaves the others untouched (mtime too: it keys the reader's sha256 cache).
+    (Before: `built`, exit 0, and the set stayed broken.)"""
+    out = tmp_path / "out"
+    build_shards(release, out, shard_size=SHARD_SIZE, progress=False)
+    (out / "train-000000.tar").unlink()
+    damaged = bytearray((out / "val-000000.tar").read_bytes())
+    damaged[5000] ^= 1
+    (out / "val-000000.tar").write_bytes(damaged)
+    for p in out.iterdir():
+        os.utime(p, ns=(1_000_000_000, 1_000_000_000))
+    result = CliRunner().invoke(main, ["shard", "build", "--src", str(release), "--out", str(out),
+                                       "--shard-size", str(SHARD_SIZE), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().endswith("; skipped 0; repaired train-000000.tar, val-000000.tar")
+    assert tree_digest(out) == tree_digest(shards)
+    assert sorted(p.name for p in out.iterdir() if p.stat().st_mtime_ns != 1_000_000_000) == [
+        "train-000000.tar", "val-000000.tar"]
+
+
 def test_cli_build_prints_counts_and_speed(release, tmp_path):
     result = CliRunner().invoke(main, ["shard", "build", "--src", str(release), "--out", str(tmp_path / "s"), "--quiet"])
     assert result.exit_code == 0, result.output

@@ -111,6 +111,32 @@ def test_unreadable_archives(release, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_truncated_archives_say_so(release, tmp_path):
+    """A tar cut exactly at or inside a member header (no end-of-archive blocks) and a zip cut short
+    are named as truncated (before: a tar built with fewer images and `skipped 0`, or failed on what
+    the lost part held; a zip was `not a folder, .zip or .tar[.gz]`)."""
+    tar = tmp_path / "release.tar"
+    with tarfile.open(tar, "w", format=tarfile.GNU_FORMAT) as tf:
+        tf.add(release, "tiny-imagenet-200")
+    with tarfile.open(tar) as tf:
+        members = tf.getmembers()
+    member = next(m for m in members if m.name.endswith("_0.JPEG") and "/train/" in m.name)
+    after_last = members[-1].offset_data + -(-members[-1].size // 512) * 512  # every member, no end blocks
+    for cut in (member.offset, member.offset + 100, after_last):
+        path = tmp_path / f"cut-{cut}.tar"
+        path.write_bytes(tar.read_bytes()[:cut])
+        code, output = build(path, tmp_path / "out")
+        assert (code, output) == (1, f"error: {path}: unreadable archive (truncated: it ends at byte {cut:,}, "
+                                     "before tar's end-of-archive blocks)")
+    zipped = tmp_path / "release.zip"
+    shutil.make_archive(str(zipped.with_suffix("")), "zip", release.parent, release.name)
+    cut = tmp_path / "cut.zip"
+    cut.write_bytes(zipped.read_bytes()[:zipped.stat().st_size - 100])
+    code, output = build(cut, tmp_path / "out")
+    assert (code, output) == (1, f"error: {cut}: corrupt or truncated zip (no central directory at its end)")
+    assert sorted(p.name for p in tmp_path.glob("out*")) == []
+
+
 def test_a_failure_in_a_late_shard_leaves_nothing(broken, tmp_path):
     wnid = sorted((broken / "wnids.txt").read_text().split())[-1]
     (broken / "train" / wnid / "images" / f"{wnid}_39.JPEG").write_bytes(b"broken")

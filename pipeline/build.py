@@ -101,12 +101,23 @@ def _check_out(out, params):
     """Refuse an output folder that holds something other than this build."""
     if not out.exists() or not any(out.iterdir()):
         return
-    manifest = out / MANIFEST_FILE
-    if not manifest.is_file():
+    if not (out / MANIFEST_FILE).is_file():
         raise ShardError(f"{out}: exists and is not a tinyin shard set (no {MANIFEST_FILE}); choose an empty folder")
-    old = json.loads(manifest.read_text())
+    old = _read_manifest(out)
     if old.get("format_version") != FORMAT_VERSION or old.get("build") != params:
         raise ShardError(f"{out}: already holds a different build (options differ); choose another --out or delete it")
+
+
+def _read_manifest(out):
+    """The manifest of the shard set in `out`, or ShardError if it is not one (JSON, an object)."""
+    path = out / MANIFEST_FILE
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ShardError(f"{path}: not a tinyin manifest ({e}); choose an empty folder") from None
+    if not isinstance(manifest, dict):
+        raise ShardError(f"{path}: not a tinyin manifest (not a JSON object); choose an empty folder")
+    return manifest
 
 
 TRAIN_ORDER_SEED = 0
@@ -181,16 +192,19 @@ def build_shards(src, out, workers=None, shard_size=10000, split_seed=None, on_e
         params["classes"] = classes
     _check_out(out, params)
     started = time.perf_counter()
-    files = open_release(src)
-    plan = plan_release(files, split_seed, classes)
-    if plan.problems and on_error == "fail":
-        path, reason = plan.problems[0]
-        raise SourceError(f"{files.label}: {path}: {reason}")
     _remove_dead_builds(out)
     tmp = out.parent / f"{out.name}.tmp-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:  # before the release is read (a minute for the real one): a folder that cannot be made fails now
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise ShardError(f"{out}: cannot create the output folder ({e.strerror})") from None
     try:
+        files = open_release(src)
+        plan = plan_release(files, split_seed, classes)
+        if plan.problems and on_error == "fail":
+            path, reason = plan.problems[0]
+            raise SourceError(f"{files.label}: {path}: {reason}")
         tasks = _plan_tasks(plan, shard_size)
         results = _run_tasks(files, tasks, tmp, workers or os.cpu_count() or 1, on_error, progress)
         manifest = _manifest(plan, params, tasks, results)
@@ -252,8 +266,7 @@ def _move_into_place(tmp, out, manifest):
     files whose bytes differ from the fresh ones (deleted, damaged) and return their names: the
     identical ones stay untouched, as their mtimes key the reader's per-process sha256 cache."""
     if out.exists() and any(out.iterdir()):
-        old = json.loads((out / MANIFEST_FILE).read_text())
-        if old != manifest:
+        if _read_manifest(out) != manifest:
             raise ShardError(f"{out}: already holds a different build (other input); choose another --out or delete it")
         repaired = [name for name in [s["file"] for s in manifest["shards"]] + [INDEX_FILE]
                     if not _same_bytes(out / name, tmp / name)]

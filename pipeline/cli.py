@@ -74,7 +74,7 @@ def shard():
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder for shards, index and manifest.")
 @click.option("--workers", default=None, type=click.IntRange(1), help="Decode processes [default: all cores].")
 @click.option("--shard-size", default=10000, show_default=True, type=click.IntRange(1), help="Samples per shard.")
-@click.option("--split-seed", default=None, type=int, help="Draw the per-class 25/25 val/test split at random with this seed [default: first 25 in val_annotations.txt order -> val].")
+@click.option("--split-seed", default=None, type=click.IntRange(0), help="Draw the per-class 25/25 val/test split at random with this seed [default: first 25 in val_annotations.txt order -> val].")
 @click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True, help="On a bad image: stop, or record it in the manifest and go on.")
 @click.option("--classes", default=None, type=int, metavar="N",
               help="Only the first N classes (in label order; labels stay 0..N-1), without the unlabeled "

@@ -1,5 +1,8 @@
 """Bad input: one clear line naming the file, exit code 1, nothing half-written."""
+import errno
 import io
+import os
+import socket
 import json
 import shutil
 import tarfile
@@ -9,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+import pipeline.build
 from pipeline.cli import main
 
 
@@ -143,3 +147,51 @@ def test_a_failure_in_a_late_shard_leaves_nothing(broken, tmp_path):
     code, output = build(broken, tmp_path / "out", "--shard-size", "16")
     assert code == 1 and "not an image" in output
     assert list(tmp_path.iterdir()) == [broken]
+
+
+def test_a_negative_split_seed_is_a_usage_error(release, tmp_path):
+    code, output = build(release, tmp_path / "out", "--split-seed", "-1")
+    assert code == 2 and output.endswith("Invalid value for '--split-seed': -1 is not in the range x>=0.")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("content, reason", [
+    ("not json", "Expecting value: line 1 column 1 (char 0)"),
+    ("[1, 2]", "not a JSON object"),
+])
+def test_an_out_folder_with_a_broken_manifest_is_refused(release, tmp_path, content, reason):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text(content)
+    code, output = build(release, out)
+    assert (code, output) == (1, f"error: {out / 'manifest.json'}: not a tinyin manifest ({reason}); "
+                                 "choose an empty folder")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_an_out_folder_that_cannot_be_made_fails_before_the_release_is_read(tmp_path):
+    (tmp_path / "afile.txt").write_text("a file")
+    out = tmp_path / "afile.txt" / "sub"
+    code, output = build(tmp_path / "no-release-here", out)  # the release would fail, were it read first
+    assert (code, output) == (1, f"error: {out}: cannot create the output folder (Not a directory)")
+
+
+def test_a_full_disk_is_one_line(release, tmp_path, monkeypatch):
+    """An OSError of the environment (here ENOSPC in a worker) is `error: STRERROR: FILE`, exit code 1;
+    others keep their traceback."""
+    def full(path, samples):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    monkeypatch.setattr(pipeline.build, "write_shard", full)  # the workers fork from this process
+    code, output = build(release, tmp_path / "out", "--workers", "1")
+    tmp = tmp_path / f"out.tmp-{socket.gethostname()}-{os.getpid()}"
+    assert (code, output) == (1, f"error: No space left on device: {tmp / 'train-000000.tar'}")
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+    def broken(path, samples):
+        raise OSError(errno.EIO, os.strerror(errno.EIO), path)
+
+    monkeypatch.setattr(pipeline.build, "write_shard", broken)
+    result = CliRunner().invoke(main, ["shard", "build", "--src", str(release), "--out", str(tmp_path / "out"),
+                                       "--quiet", "--workers", "1"])
+    assert result.exit_code == 1 and isinstance(result.exception, OSError) and result.exception.errno == errno.EIO

@@ -104,8 +104,17 @@ def _check_out(out, params):
     if not (out / MANIFEST_FILE).is_file():
         raise ShardError(f"{out}: exists and is not a tinyin shard set (no {MANIFEST_FILE}); choose an empty folder")
     old = _read_manifest(out)
-    if old.get("format_version") != FORMAT_VERSION or old.get("build") != params:
-        raise ShardError(f"{out}: already holds a different build (options differ); choose another --out or delete it")
+    was = {"format_version": old.get("format_version"), **(old.get("build") or {})}
+    now = {"format_version": FORMAT_VERSION, **params}
+    differ = [f"{key}: {_shown(was.get(key))} -> {_shown(now.get(key))}"
+              for key in dict.fromkeys([*now, *was]) if was.get(key) != now.get(key)]
+    if differ:
+        raise ShardError(f"{out}: already holds a different build ({', '.join(differ)}); "
+                         "choose another --out or delete it")
+
+
+def _shown(value):
+    return "none" if value is None else value
 
 
 def _read_manifest(out):

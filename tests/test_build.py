@@ -177,7 +177,16 @@ def test_rebuild_into_same_folder_is_a_no_op_and_other_options_are_refused(relea
     assert tree_digest(out) == before
     result = CliRunner().invoke(main, ["shard", "build", "--src", str(release), "--out", str(out), "--shard-size", "50"])
     assert result.exit_code == 1
-    assert result.output.strip() == f"error: {out}: already holds a different build (options differ); choose another --out or delete it"
+    assert result.output.strip() == (f"error: {out}: already holds a different build (shard_size: {SHARD_SIZE} -> 50); "
+                                     "choose another --out or delete it")
+    tgz = tmp_path / "release.tar.gz"
+    with tarfile.open(tgz, "w:gz") as tf:
+        tf.add(release, "tiny-imagenet-200")
+    result = CliRunner().invoke(main, ["shard", "build", "--src", str(tgz), "--out", str(out), "--split-seed", "3",
+                                       "--shard-size", str(SHARD_SIZE)])
+    assert result.exit_code == 1
+    assert result.output.strip() == (f"error: {out}: already holds a different build (source: release -> "
+                                     "release.tar.gz, split_seed: none -> 3); choose another --out or delete it")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     result = CliRunner().invoke(main, ["shard", "build", "--src", str(release), "--out", str(tmp_path / "other")])

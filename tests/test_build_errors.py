@@ -68,6 +68,30 @@ def test_annotation_names_missing_file(broken, tmp_path):
     assert_fails(broken, tmp_path, f"{broken}: val/images/val_3.JPEG: named in val/val_annotations.txt:{line} but missing")
 
 
+def test_malformed_boxes_name_the_release(broken, tmp_path):
+    wnid = sorted((broken / "wnids.txt").read_text().split())[0]
+    boxes = broken / "train" / wnid / f"{wnid}_boxes.txt"
+    lines = boxes.read_text().splitlines()
+    boxes.write_text("\n".join([lines[0].split("\t")[0] + "\t1\t2\tx\t4"] + lines[1:]) + "\n")
+    assert_fails(broken, tmp_path, f"{broken}: train/{wnid}/{wnid}_boxes.txt:1: malformed box '1 2 x 4'")
+    boxes.write_text("\n".join(lines) + "\n")
+    annotations = broken / "val/val_annotations.txt"
+    first, *rest = annotations.read_text().splitlines()
+    annotations.write_text("\n".join(["\t".join(first.split("\t")[:2] + ["a", "b", "c", "d"])] + rest) + "\n")
+    assert_fails(broken, tmp_path, f"{broken}: val/val_annotations.txt:1: malformed box 'a b c d'")
+
+
+def test_a_class_without_images_fails_or_is_skipped(broken, tmp_path):
+    with open(broken / "wnids.txt", "a") as f:
+        f.write("n99999999\n")
+    reason = "no images of class n99999999 (listed in wnids.txt)"
+    assert_fails(broken, tmp_path, f"{broken}: train/n99999999/images/: {reason}")
+    code, output = build(broken, tmp_path / "out", "--on-error", "skip")
+    assert code == 0 and output.endswith("skipped 1"), output
+    manifest = json.loads((tmp_path / "out/manifest.json").read_text())
+    assert manifest["skipped"] == [{"source": "train/n99999999/images/", "reason": reason}]
+
+
 @pytest.mark.parametrize("damage, reason", [
     ("garbage", "not an image (corrupt JPEG)"),
     ("truncated", "corrupt or truncated JPEG (image file is truncated"),

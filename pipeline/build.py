@@ -29,21 +29,29 @@ from .source import open_release
 from .tarshard import write_shard
 from .variants import decode_variants
 
-_progress = None  # per-worker handle on the shared image counter (set by _init_worker)
+_progress = _stop = None  # per-worker handles on the shared image counter and stop flag (set by _init_worker)
 
 
-def _init_worker(counter):
-    global _progress
-    _progress = counter
+class Stopped(Exception):
+    """A worker's task given up because the parent is leaving the build (Ctrl-C, another shard failed)."""
+
+
+def _init_worker(counter, stop):
+    global _progress, _stop
+    _progress, _stop = counter, stop
     # Ctrl-C reaches the whole process group. A worker that took it would return it as its task's
     # exception and go on to the next task (or die inside the pool's queue and hang the parent);
-    # the parent alone handles it, and the workers finish only the shards they hold.
+    # the parent alone handles it, and sets `stop`.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Not the CLI's SIGTERM handler, which the fork inherits: the pool ends broken workers with SIGTERM.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _tick(n):
+    """Count `n` more images decoded; give up the task if the parent has set the stop flag (checked
+    every 256 images: the shards the pool already handed to its queue cannot be cancelled)."""
+    if _stop is not None and _stop.is_set():
+        raise Stopped
     if _progress is not None:
         with _progress.get_lock():
             _progress.value += n
@@ -150,8 +158,8 @@ def _run_tasks(files, tasks, tmp, workers, on_error, progress):
 
     total = sum(len(items) for _, _, items in tasks)
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-    counter = ctx.Value("q", 0)
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(counter,)) as pool, \
+    counter, stop = ctx.Value("q", 0), ctx.Event()
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(counter, stop)) as pool, \
             tqdm(total=total, unit="img", desc="build", disable=not progress) as bar:
         try:
             futures = [pool.submit(_write_one_shard, str(tmp / name), split,
@@ -167,6 +175,7 @@ def _run_tasks(files, tasks, tmp, workers, on_error, progress):
         except BaseException:  # a failed shard, Ctrl-C: drop the queued shards, wait only for those in hand
             # wait=True here: the `with`'s own shutdown would reset the cancel request if the
             # pool's manager thread had not acted on it yet, and wait for every queued shard.
+            stop.set()
             pool.shutdown(cancel_futures=True)
             raise
         bar.update(total - bar.n)

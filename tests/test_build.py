@@ -292,9 +292,9 @@ def test_ctrl_c_stops_after_the_shards_in_hand(release, tmp_path):
     os.killpg(proc.pid, signal.SIGINT)
     stdout, stderr = finish(proc)
     assert (proc.returncode, stdout, stderr) == (130, "", "interrupted\n")
-    planned = 240 // 4 + 3 * (30 // 4 + 1)
-    # At most the 2 shards being written and the 3 (workers + 1) the pool had queued for its workers.
-    assert 1 <= len(log.read_text().split()) <= 5 < planned
+    # Only the (at most) 2 shards being written of the 84 planned: the 3 the pool had handed to its
+    # queue (workers + 1, not cancellable) see the stop flag and are given up.
+    assert 1 <= len(log.read_text().split()) <= 2
     assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
 
 
@@ -306,7 +306,7 @@ def test_sigterm_cleans_up_as_ctrl_c_does(release, tmp_path):
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = finish(proc)
     assert (proc.returncode, stdout, stderr) == (143, "", "terminated\n")
-    assert 1 <= len(log.read_text().split()) <= 5
+    assert 1 <= len(log.read_text().split()) <= 2
     assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
 
 

@@ -3,14 +3,17 @@
 The release is read in one pass (`source`), planned into splits (`release`), and cut into
 shards of `shard_size` samples. Each shard is one task for a worker process, which decodes its
 JPEGs (`variants`) and writes the tar (`tarshard`), so decoding and writing use every core and
-the parent only dispatches bytes. Everything is written into a sibling `<out>.tmp-<pid>` folder
+the parent only dispatches bytes. Everything is written into a sibling `<out>.tmp-<host>-<pid>` folder
 that is renamed into place only when the manifest is complete: an interrupted build never leaves
-a shard set that looks complete, and the same input and options give the same bytes.
+a shard set that looks complete, and the same input and options give the same bytes. A build removes
+the temporary folders that killed builds on this host left beside its `out`.
 """
 import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
+import socket
 import time
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -21,20 +24,34 @@ from . import index as index_io
 from .checksum import file_sum64
 from .errors import ImageError, ShardError, SourceError, UsageError
 from .release import plan_release
-from .schema import FORMAT_VERSION, MANIFEST_FILE, SHARD_PATTERN, SPLITS
+from .schema import FORMAT_VERSION, INDEX_FILE, MANIFEST_FILE, SHARD_PATTERN, SPLITS
 from .source import open_release
 from .tarshard import write_shard
 from .variants import decode_variants
 
-_progress = None  # per-worker handle on the shared image counter (set by _init_worker)
+_progress = _stop = None  # per-worker handles on the shared image counter and stop flag (set by _init_worker)
 
 
-def _init_worker(counter):
-    global _progress
-    _progress = counter
+class Stopped(Exception):
+    """A worker's task given up because the parent is leaving the build (Ctrl-C, another shard failed)."""
+
+
+def _init_worker(counter, stop):
+    global _progress, _stop
+    _progress, _stop = counter, stop
+    # Ctrl-C reaches the whole process group. A worker that took it would return it as its task's
+    # exception and go on to the next task (or die inside the pool's queue and hang the parent);
+    # the parent alone handles it, and sets `stop`.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Not the CLI's SIGTERM handler, which the fork inherits: the pool ends broken workers with SIGTERM.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _tick(n):
+    """Count `n` more images decoded; give up the task if the parent has set the stop flag (checked
+    every 256 images: the shards the pool already handed to its queue cannot be cancelled)."""
+    if _stop is not None and _stop.is_set():
+        raise Stopped
     if _progress is not None:
         with _progress.get_lock():
             _progress.value += n
@@ -92,12 +109,32 @@ def _check_out(out, params):
     """Refuse an output folder that holds something other than this build."""
     if not out.exists() or not any(out.iterdir()):
         return
-    manifest = out / MANIFEST_FILE
-    if not manifest.is_file():
+    if not (out / MANIFEST_FILE).is_file():
         raise ShardError(f"{out}: exists and is not a tinyin shard set (no {MANIFEST_FILE}); choose an empty folder")
-    old = json.loads(manifest.read_text())
-    if old.get("format_version") != FORMAT_VERSION or old.get("build") != params:
-        raise ShardError(f"{out}: already holds a different build (options differ); choose another --out or delete it")
+    old = _read_manifest(out)
+    was = {"format_version": old.get("format_version"), **(old.get("build") or {})}
+    now = {"format_version": FORMAT_VERSION, **params}
+    differ = [f"{key}: {_shown(was.get(key))} -> {_shown(now.get(key))}"
+              for key in dict.fromkeys([*now, *was]) if was.get(key) != now.get(key)]
+    if differ:
+        raise ShardError(f"{out}: already holds a different build ({', '.join(differ)}); "
+                         "choose another --out or delete it")
+
+
+def _shown(value):
+    return "none" if value is None else value
+
+
+def _read_manifest(out):
+    """The manifest of the shard set in `out`, or ShardError if it is not one (JSON, an object)."""
+    path = out / MANIFEST_FILE
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ShardError(f"{path}: not a tinyin manifest ({e}); choose an empty folder") from None
+    if not isinstance(manifest, dict):
+        raise ShardError(f"{path}: not a tinyin manifest (not a JSON object); choose an empty folder")
+    return manifest
 
 
 TRAIN_ORDER_SEED = 0
@@ -121,20 +158,26 @@ def _run_tasks(files, tasks, tmp, workers, on_error, progress):
 
     total = sum(len(items) for _, _, items in tasks)
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-    counter = ctx.Value("q", 0)
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(counter,)) as pool, \
+    counter, stop = ctx.Value("q", 0), ctx.Event()
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(counter, stop)) as pool, \
             tqdm(total=total, unit="img", desc="build", disable=not progress) as bar:
-        futures = [pool.submit(_write_one_shard, str(tmp / name), split,
-                               [(it, files.read(it.path)) for it in items], on_error)
-                   for name, split, items in tasks]
-        pending = set(futures)
-        while pending:
-            done, pending = wait(pending, timeout=0.25, return_when=FIRST_EXCEPTION)
-            bar.update(counter.value - bar.n)
-            for f in done:
-                if f.exception() is not None:
-                    pool.shutdown(cancel_futures=True)
-                    raise f.exception()
+        try:
+            futures = [pool.submit(_write_one_shard, str(tmp / name), split,
+                                   [(it, files.read(it.path)) for it in items], on_error)
+                       for name, split, items in tasks]
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, timeout=0.25, return_when=FIRST_EXCEPTION)
+                bar.update(counter.value - bar.n)
+                for f in done:
+                    if f.exception() is not None:
+                        raise f.exception()
+        except BaseException:  # a failed shard, Ctrl-C: drop the queued shards, wait only for those in hand
+            # wait=True here: the `with`'s own shutdown would reset the cancel request if the
+            # pool's manager thread had not acted on it yet, and wait for every queued shard.
+            stop.set()
+            pool.shutdown(cancel_futures=True)
+            raise
         bar.update(total - bar.n)
     return [f.result() for f in futures]
 
@@ -147,7 +190,11 @@ def build_shards(src, out, workers=None, shard_size=10000, split_seed=None, on_e
     quick experiments; the manifest's `build.classes` records it. Each sample is byte for byte
     the one the full build writes (the train order differs: it is shuffled among fewer samples).
 
-    Returns the manifest (also written to `out/manifest.json`). Raises `SourceError`,
+    Building again into `out` with the same input and options repairs the set: files missing or
+    damaged there are written again, the others left as they are.
+
+    Returns the manifest (also written to `out/manifest.json`), with `_seconds` (the build's time)
+    and `_repaired` (the files written again into an existing set) added. Raises `SourceError`,
     `ImageError` (with `on_error='fail'`), `ShardError` or `UsageError` (`classes` out of range)
     with a one-line message.
     """
@@ -163,25 +210,50 @@ def build_shards(src, out, workers=None, shard_size=10000, split_seed=None, on_e
         params["classes"] = classes
     _check_out(out, params)
     started = time.perf_counter()
-    files = open_release(src)
-    plan = plan_release(files, split_seed, classes)
-    if plan.problems and on_error == "fail":
-        path, reason = plan.problems[0]
-        raise SourceError(f"{files.label}: {path}: {reason}")
-    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+    _remove_dead_builds(out)
+    tmp = out.parent / f"{out.name}.tmp-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:  # before the release is read (a minute for the real one): a folder that cannot be made fails now
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise ShardError(f"{out}: cannot create the output folder ({e.strerror})") from None
     try:
+        files = open_release(src)
+        plan = plan_release(files, split_seed, classes)
+        if plan.problems and on_error == "fail":
+            path, reason = plan.problems[0]
+            raise SourceError(f"{files.label}: {path}: {reason}")
         tasks = _plan_tasks(plan, shard_size)
         results = _run_tasks(files, tasks, tmp, workers or os.cpu_count() or 1, on_error, progress)
         manifest = _manifest(plan, params, tasks, results)
         index_io.write_index(tmp, tasks, results)
         index_io.write_json(tmp / MANIFEST_FILE, manifest)  # written last: its presence marks completion
-        _move_into_place(tmp, out, manifest)
+        repaired = _move_into_place(tmp, out, manifest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     manifest["_seconds"] = time.perf_counter() - started
+    manifest["_repaired"] = repaired
     return manifest
+
+
+def _remove_dead_builds(out):
+    """Remove `<out>.tmp-<host>-<pid>` folders of builds on this host whose process is gone (SIGKILL,
+    a crash). Another host's are left alone: `out` may be on a file system that host shares."""
+    prefix = f"{out.name}.tmp-{socket.gethostname()}-"
+    for folder in out.parent.glob(f"{out.name}.tmp-*"):
+        pid = folder.name[len(prefix):]
+        if folder.name.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, as another user's
+    return True
 
 
 def _manifest(plan, params, tasks, results):
@@ -208,11 +280,23 @@ def _manifest(plan, params, tasks, results):
 
 
 def _move_into_place(tmp, out, manifest):
+    """Rename `tmp` to `out`. Where `out` already holds this very build, replace only those of its
+    files whose bytes differ from the fresh ones (deleted, damaged) and return their names: the
+    identical ones stay untouched, as their mtimes key the reader's per-process sha256 cache."""
     if out.exists() and any(out.iterdir()):
-        old = json.loads((out / MANIFEST_FILE).read_text())
-        if old != manifest:
+        if _read_manifest(out) != manifest:
             raise ShardError(f"{out}: already holds a different build (other input); choose another --out or delete it")
-        return  # the same build, byte for byte: leave it as it is
+        repaired = [name for name in [s["file"] for s in manifest["shards"]] + [INDEX_FILE]
+                    if not _same_bytes(out / name, tmp / name)]
+        for name in repaired:
+            os.replace(tmp / name, out / name)
+        return repaired
     if out.exists():
         out.rmdir()
     os.replace(tmp, out)
+    return []
+
+
+def _same_bytes(old, new):
+    """Whether file `old` holds the bytes of file `new` (size, then sum64: any changed word is caught)."""
+    return old.is_file() and old.stat().st_size == new.stat().st_size and file_sum64(old) == file_sum64(new)

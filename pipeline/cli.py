@@ -6,15 +6,16 @@ from pathlib import Path
 
 import click
 
-from .errors import TinyinError, user_errors
+from .errors import TinyinError, sigterm_interrupts, user_errors
 
 
 class _Group(click.Group):
     """A click group whose commands report user-facing errors the way train.py does
-    (`errors.user_errors`: one line on stderr, exit code 2 for usage errors and 1 otherwise)."""
+    (`errors.user_errors`: one line on stderr, exit code 2 for usage errors and 1 otherwise), and
+    stop on SIGTERM as on Ctrl-C, cleaning up on the way out (exit code 143)."""
 
     def invoke(self, ctx):
-        with user_errors():
+        with user_errors(), sigterm_interrupts():
             return super().invoke(ctx)
 
 
@@ -77,7 +78,7 @@ def shard():
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder for shards, index and manifest.")
 @click.option("--workers", default=None, type=click.IntRange(1), help="Decode processes [default: all cores].")
 @click.option("--shard-size", default=10000, show_default=True, type=click.IntRange(1), help="Samples per shard.")
-@click.option("--split-seed", default=None, type=int, help="Draw the per-class 25/25 val/test split at random with this seed [default: first 25 in val_annotations.txt order -> val].")
+@click.option("--split-seed", default=None, type=click.IntRange(0), help="Draw the per-class 25/25 val/test split at random with this seed [default: first 25 in val_annotations.txt order -> val].")
 @click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True, help="On a bad image: stop, or record it in the manifest and go on.")
 @click.option("--classes", default=None, type=int, metavar="N",
               help="Only the first N classes (in label order; labels stay 0..N-1), without the unlabeled "
@@ -93,8 +94,9 @@ def shard_build(src, out, workers, shard_size, split_seed, on_error, classes, qu
     counts = ", ".join(f"{k} {v:,}" for k, v in manifest["counts"].items())
     n = sum(manifest["counts"].values())
     secs = manifest["_seconds"]
+    repaired = f"; repaired {', '.join(manifest['_repaired'])}" if manifest["_repaired"] else ""
     click.echo(f"built {len(manifest['shards'])} shards in {out}: {counts} "
-               f"({n / secs:,.0f} images/s, {secs:.1f} s); skipped {len(manifest['skipped'])}")
+               f"({n / secs:,.0f} images/s, {secs:.1f} s); skipped {len(manifest['skipped'])}{repaired}")
 
 
 def _local(shards, split, progress=None):

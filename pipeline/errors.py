@@ -6,7 +6,10 @@ Both front ends (the `tinyin` click CLI and `train.py`) go through `user_errors(
 1 for everything else (missing or foreign files, a checkpoint from another run, ...).
 """
 import contextlib
+import errno
+import signal
 import sys
+import threading
 
 
 class TinyinError(Exception):
@@ -37,6 +40,34 @@ class CheckpointError(TinyinError):
     """A checkpoint or weights file that is missing, unreadable, or belongs to another run or network."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as a Ctrl-C is so that every `finally` cleans up (see `sigterm_interrupts`)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """Within the block, SIGTERM (`kill`, a scheduler) raises `Terminated` in the main thread instead of
+    ending the process where it stands, so temporary files are removed as after a Ctrl-C. A command
+    with a handler of its own installs it inside the block and restores this one after."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# OSErrors that the machine, not the code, causes: a full disk, missing permission, a read-only file
+# system, a file where a folder should be. Other OSErrors keep their traceback: they may be bugs.
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR}
+
+
 def report(error: TinyinError) -> None:
     """Print `error` as the one line the user sees (stderr) and exit with its code."""
     print(f"error: {error}", file=sys.stderr, flush=True)
@@ -45,12 +76,21 @@ def report(error: TinyinError) -> None:
 
 @contextlib.contextmanager
 def user_errors():
-    """Run a command body: a TinyinError becomes one line on stderr and its exit code, and a
-    Ctrl-C outside any handler of the command's own becomes ``interrupted`` and exit code 130."""
+    """Run a command body: a TinyinError becomes one line on stderr and its exit code, as does an
+    OSError of the environment (a full disk, ...: ``error: STRERROR: FILE``, exit code 1); a Ctrl-C
+    outside any handler of the command's own becomes ``interrupted`` and exit code 130 (a SIGTERM
+    turned into `Terminated`: ``terminated``, 143)."""
     try:
         yield
     except TinyinError as e:
         report(e)
+    except OSError as e:
+        if e.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        report(TinyinError(f"{e.strerror}: {e.filename}" if e.filename else e.strerror))
+    except Terminated:
+        print("terminated", file=sys.stderr, flush=True)
+        sys.exit(128 + signal.SIGTERM)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         sys.exit(130)

@@ -86,6 +86,8 @@ def _train_items(files, wnids, kept, problems):
             by_class[parts[1]].append(name)
     items = []
     for wnid in wnids[:kept]:
+        if not by_class[wnid]:  # it would be a class no sample has: a label the network never sees
+            problems.append((f"train/{wnid}/images/", f"no images of class {wnid} (listed in wnids.txt)"))
         boxes = {}
         boxes_file = f"train/{wnid}/{wnid}_boxes.txt"
         present = set(by_class[wnid])
@@ -95,7 +97,7 @@ def _train_items(files, wnids, kept, problems):
             if image not in present:
                 problems.append((image, f"named in {boxes_file}:{n} but missing"))
                 continue
-            boxes[image] = _box(fields[1:5], f"{boxes_file}:{n}")
+            boxes[image] = _box(fields[1:5], f"{files.label}: {boxes_file}:{n}")
         for path in sorted(by_class[wnid], key=_natural):
             items.append(Item(_stem(path), "train", label_of[wnid], wnid, boxes.get(path), path))
     return items
@@ -120,7 +122,8 @@ def _val_test_items(files, wnids, kept, split_seed, problems):
         if path not in present:
             problems.append((path, f"named in {where} but missing"))
             continue
-        per_class[wnid].append(Item(_stem(path), "", label_of[wnid], wnid, _box(fields[2:6], where), path))
+        box = _box(fields[2:6], f"{files.label}: {where}")
+        per_class[wnid].append(Item(_stem(path), "", label_of[wnid], wnid, box, path))
     for path in sorted(present - listed.keys(), key=_natural):
         problems.append((path, "not listed in val/val_annotations.txt"))
     rng = np.random.default_rng(split_seed) if split_seed is not None else None

@@ -19,6 +19,7 @@ from .unpack import Broken, Unsupported, files_in_tar, files_in_zip
 
 ROOT_MARKER = "wnids.txt"
 GZIP_MAGIC = b"\x1f\x8b"
+ZIP_MAGIC = b"PK\x03\x04"  # a zip's first local file header
 
 
 class ReleaseFiles:
@@ -101,6 +102,11 @@ def _read_zip(path):
         raise SourceError(f"{path}: unreadable archive ({e})") from None
 
 
+def _starts_with(path, magic):
+    with open(path, "rb") as f:
+        return f.read(len(magic)) == magic
+
+
 def open_release(src):
     """Open a release given as a folder, a `.zip`, or a `.tar`/`.tar.gz`/`.tgz` file."""
     src = Path(src)
@@ -114,6 +120,8 @@ def open_release(src):
         return ReleaseFiles(str(src), folder=root)
     if zipfile.is_zipfile(src):
         files = _read_zip(src)
+    elif _starts_with(src, ZIP_MAGIC):  # is_zipfile looks for the central directory, at a zip's end
+        raise SourceError(f"{src}: corrupt or truncated zip (no central directory at its end)")
     elif src.name.endswith((".tar", ".tar.gz", ".tgz")) or tarfile.is_tarfile(src):
         files = _read_tar(src)
     else:

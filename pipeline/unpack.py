@@ -62,11 +62,14 @@ def files_in_tar(data):
     """`{member name: bytes}` for the regular files of uncompressed tar `data` (bytes).
 
     Names are as `tarfile` gives them (ustar prefix joined, GNU long names and pax paths
-    applied). Raises `Unsupported` for members outside the formats above, `Broken` for damage.
+    applied). Raises `Unsupported` for members outside the formats above, `Broken` for damage
+    (an archive without its end-of-archive blocks included: it was cut short).
     """
     files, pos, end = {}, 0, len(data)
     long_name = pax = None  # extended data that applies to the next header
-    while pos + BLOCK <= end:
+    while True:
+        if pos + BLOCK > end:  # tarfile stops here quietly, and a cut-short archive looks complete
+            raise Broken(f"truncated: it ends at byte {end:,}, before tar's end-of-archive blocks")
         header = data[pos:pos + BLOCK]
         if not any(header):
             break  # end-of-archive marker (tarfile, too, stops at the first zero block)

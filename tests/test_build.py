@@ -1,8 +1,15 @@
 """`tinyin shard build`: contents byte for byte, labels and splits, determinism, atomicity."""
+import contextlib
 import hashlib
 import io
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -15,6 +22,8 @@ from pipeline.build import _byte_histogram, build_shards
 from pipeline.cli import main
 from pipeline.index import read_index, read_manifest
 from tests.conftest import SHARD_SIZE, SYNTH
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def expected_variants(jpeg_path):
@@ -168,7 +177,16 @@ def test_rebuild_into_same_folder_is_a_no_op_and_other_options_are_refused(relea
     assert tree_digest(out) == before
     result = CliRunner().invoke(main, ["shard", "build", "--src", str(release), "--out", str(out), "--shard-size", "50"])
     assert result.exit_code == 1
-    assert result.output.strip() == f"error: {out}: already holds a different build (options differ); choose another --out or delete it"
+    assert result.output.strip() == (f"error: {out}: already holds a different build (shard_size: {SHARD_SIZE} -> 50); "
+                                     "choose another --out or delete it")
+    tgz = tmp_path / "release.tar.gz"
+    with tarfile.open(tgz, "w:gz") as tf:
+        tf.add(release, "tiny-imagenet-200")
+    result = CliRunner().invoke(main, ["shard", "build", "--src", str(tgz), "--out", str(out), "--split-seed", "3",
+                                       "--shard-size", str(SHARD_SIZE)])
+    assert result.exit_code == 1
+    assert result.output.strip() == (f"error: {out}: already holds a different build (source: release -> "
+                                     "release.tar.gz, split_seed: none -> 3); choose another --out or delete it")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     result = CliRunner().invoke(main, ["shard", "build", "--src", str(release), "--out", str(tmp_path / "other")])
@@ -176,8 +194,132 @@ def test_rebuild_into_same_folder_is_a_no_op_and_other_options_are_refused(relea
     assert tree_digest(out) == before
 
 
+def test_rebuild_into_same_folder_repairs_missing_and_damaged_files(release, shards, tmp_path):
+    """Building again with the same input and options writes again exactly the files that are gone
+    or differ, and leaves the others untouched (mtime too: it keys the reader's sha256 cache).
+    (Before: `built`, exit 0, and the set stayed broken.)"""
+    out = tmp_path / "out"
+    build_shards(release, out, shard_size=SHARD_SIZE, progress=False)
+    (out / "train-000000.tar").unlink()
+    damaged = bytearray((out / "val-000000.tar").read_bytes())
+    damaged[5000] ^= 1
+    (out / "val-000000.tar").write_bytes(damaged)
+    for p in out.iterdir():
+        os.utime(p, ns=(1_000_000_000, 1_000_000_000))
+    result = CliRunner().invoke(main, ["shard", "build", "--src", str(release), "--out", str(out),
+                                       "--shard-size", str(SHARD_SIZE), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().endswith("; skipped 0; repaired train-000000.tar, val-000000.tar")
+    assert tree_digest(out) == tree_digest(shards)
+    assert sorted(p.name for p in out.iterdir() if p.stat().st_mtime_ns != 1_000_000_000) == [
+        "train-000000.tar", "val-000000.tar"]
+
+
 def test_cli_build_prints_counts_and_speed(release, tmp_path):
     result = CliRunner().invoke(main, ["shard", "build", "--src", str(release), "--out", str(tmp_path / "s"), "--quiet"])
     assert result.exit_code == 0, result.output
     assert "train 240, val 30, test 30, unlabeled 30" in result.output and "images/s" in result.output
     assert json.loads((tmp_path / "s/manifest.json").read_text())["counts"]["train"] == 240
+
+
+# `tinyin shard build ARGS` in a child process whose decode workers log each shard they write and,
+# after their first, wait at a gate. The gate opens when the parent cancels a queued shard, i.e. only
+# once it has stopped the build; before that fix, the workers' own Ctrl-C ended their wait.
+# `submitted` marks that the parent has queued every shard and waits for them.
+GATED_BUILD = """
+import sys, time
+from concurrent.futures import Future
+from pathlib import Path
+import pipeline.build as build
+from pipeline.cli import main
+
+log, gate, submitted = (Path(a) for a in sys.argv[1:4])
+write_one_shard, cancel, wait, first = build._write_one_shard, Future.cancel, build.wait, [True]
+
+def gated_write(path, *args):
+    result = write_one_shard(path, *args)
+    with open(log, "a") as f:
+        f.write(Path(path).name + "\\n")
+    if first:
+        first.clear()
+        while not gate.exists():
+            time.sleep(0.01)
+    return result
+
+def cancel_and_open(future):
+    if cancel(future):
+        gate.touch()
+        return True
+    return False
+
+def wait_and_mark(*args, **kwargs):
+    submitted.touch()
+    return wait(*args, **kwargs)
+
+build._write_one_shard, Future.cancel, build.wait = gated_write, cancel_and_open, wait_and_mark
+main(sys.argv[4:], prog_name="tinyin")
+"""
+
+
+def gated_build(tmp_path, *args):
+    """Start GATED_BUILD in its own process group; return it and its log once a shard is written."""
+    log, gate, submitted = tmp_path / "written.log", tmp_path / "gate", tmp_path / "submitted"
+    proc = subprocess.Popen([sys.executable, "-c", GATED_BUILD, str(log), str(gate), str(submitted),
+                             "shard", "build", "--quiet", *map(str, args)], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not (log.exists() and submitted.exists()):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.01)
+    return proc, log
+
+
+def finish(proc):
+    """The build's (stdout, stderr) once it exits; none of its processes (workers) is left behind."""
+    try:
+        proc.wait(timeout=60)  # its output is a few lines: the pipes do not fill
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.communicate()
+
+
+def test_ctrl_c_stops_after_the_shards_in_hand(release, tmp_path):
+    """Ctrl-C (SIGINT to the process group) mid-build: the workers finish the shards they hold, the
+    queued ones are dropped, the temporary folder is removed; `interrupted`, exit code 130. (Before:
+    the workers took the signal as a task's error and went on through every queued shard.)"""
+    out = tmp_path / "out"
+    proc, log = gated_build(tmp_path, "--src", release, "--out", out, "--workers", 2, "--shard-size", 4)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = finish(proc)
+    assert (proc.returncode, stdout, stderr) == (130, "", "interrupted\n")
+    # Only the (at most) 2 shards being written of the 84 planned: the 3 the pool had handed to its
+    # queue (workers + 1, not cancellable) see the stop flag and are given up.
+    assert 1 <= len(log.read_text().split()) <= 2
+    assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
+
+
+def test_sigterm_cleans_up_as_ctrl_c_does(release, tmp_path):
+    """SIGTERM (`kill`, a scheduler) to the build: the temporary folder is removed, `terminated`, exit
+    code 143. (Before: the process died where it stood and left `out.tmp-<pid>` behind for good.)"""
+    out = tmp_path / "out"
+    proc, log = gated_build(tmp_path, "--src", release, "--out", out, "--workers", 2, "--shard-size", 4)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = finish(proc)
+    assert (proc.returncode, stdout, stderr) == (143, "", "terminated\n")
+    assert 1 <= len(log.read_text().split()) <= 2
+    assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
+
+
+def test_a_build_removes_what_killed_builds_on_this_host_left(release, tmp_path):
+    """Leftovers of builds killed outright (SIGKILL): removed if the process is gone and ran here;
+    a live build's and another host's (a shared file system) are left alone."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    host = socket.gethostname()
+    leftovers = [f"out.tmp-{host}-{dead}", f"out.tmp-{host}-{os.getppid()}", f"out.tmp-{host}x-{dead}",
+                 f"out.tmp-other-{dead}", f"other.tmp-{host}-{dead}"]
+    for name in leftovers:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train-000000.tar").write_bytes(b"half a shard")
+    build_shards(release, tmp_path / "out", shard_size=SHARD_SIZE, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out"] + leftovers[1:])

@@ -1,5 +1,8 @@
 """Bad input: one clear line naming the file, exit code 1, nothing half-written."""
+import errno
 import io
+import os
+import socket
 import json
 import shutil
 import tarfile
@@ -9,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+import pipeline.build
 from pipeline.cli import main
 
 
@@ -64,6 +68,30 @@ def test_annotation_names_missing_file(broken, tmp_path):
     assert_fails(broken, tmp_path, f"{broken}: val/images/val_3.JPEG: named in val/val_annotations.txt:{line} but missing")
 
 
+def test_malformed_boxes_name_the_release(broken, tmp_path):
+    wnid = sorted((broken / "wnids.txt").read_text().split())[0]
+    boxes = broken / "train" / wnid / f"{wnid}_boxes.txt"
+    lines = boxes.read_text().splitlines()
+    boxes.write_text("\n".join([lines[0].split("\t")[0] + "\t1\t2\tx\t4"] + lines[1:]) + "\n")
+    assert_fails(broken, tmp_path, f"{broken}: train/{wnid}/{wnid}_boxes.txt:1: malformed box '1 2 x 4'")
+    boxes.write_text("\n".join(lines) + "\n")
+    annotations = broken / "val/val_annotations.txt"
+    first, *rest = annotations.read_text().splitlines()
+    annotations.write_text("\n".join(["\t".join(first.split("\t")[:2] + ["a", "b", "c", "d"])] + rest) + "\n")
+    assert_fails(broken, tmp_path, f"{broken}: val/val_annotations.txt:1: malformed box 'a b c d'")
+
+
+def test_a_class_without_images_fails_or_is_skipped(broken, tmp_path):
+    with open(broken / "wnids.txt", "a") as f:
+        f.write("n99999999\n")
+    reason = "no images of class n99999999 (listed in wnids.txt)"
+    assert_fails(broken, tmp_path, f"{broken}: train/n99999999/images/: {reason}")
+    code, output = build(broken, tmp_path / "out", "--on-error", "skip")
+    assert code == 0 and output.endswith("skipped 1"), output
+    manifest = json.loads((tmp_path / "out/manifest.json").read_text())
+    assert manifest["skipped"] == [{"source": "train/n99999999/images/", "reason": reason}]
+
+
 @pytest.mark.parametrize("damage, reason", [
     ("garbage", "not an image (corrupt JPEG)"),
     ("truncated", "corrupt or truncated JPEG (image file is truncated"),
@@ -111,9 +139,83 @@ def test_unreadable_archives(release, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_truncated_archives_say_so(release, tmp_path):
+    """A tar cut exactly at or inside a member header (no end-of-archive blocks) and a zip cut short
+    are named as truncated (before: a tar built with fewer images and `skipped 0`, or failed on what
+    the lost part held; a zip was `not a folder, .zip or .tar[.gz]`)."""
+    tar = tmp_path / "release.tar"
+    with tarfile.open(tar, "w", format=tarfile.GNU_FORMAT) as tf:
+        tf.add(release, "tiny-imagenet-200")
+    with tarfile.open(tar) as tf:
+        members = tf.getmembers()
+    member = next(m for m in members if m.name.endswith("_0.JPEG") and "/train/" in m.name)
+    after_last = members[-1].offset_data + -(-members[-1].size // 512) * 512  # every member, no end blocks
+    for cut in (member.offset, member.offset + 100, after_last):
+        path = tmp_path / f"cut-{cut}.tar"
+        path.write_bytes(tar.read_bytes()[:cut])
+        code, output = build(path, tmp_path / "out")
+        assert (code, output) == (1, f"error: {path}: unreadable archive (truncated: it ends at byte {cut:,}, "
+                                     "before tar's end-of-archive blocks)")
+    zipped = tmp_path / "release.zip"
+    shutil.make_archive(str(zipped.with_suffix("")), "zip", release.parent, release.name)
+    cut = tmp_path / "cut.zip"
+    cut.write_bytes(zipped.read_bytes()[:zipped.stat().st_size - 100])
+    code, output = build(cut, tmp_path / "out")
+    assert (code, output) == (1, f"error: {cut}: corrupt or truncated zip (no central directory at its end)")
+    assert sorted(p.name for p in tmp_path.glob("out*")) == []
+
+
 def test_a_failure_in_a_late_shard_leaves_nothing(broken, tmp_path):
     wnid = sorted((broken / "wnids.txt").read_text().split())[-1]
     (broken / "train" / wnid / "images" / f"{wnid}_39.JPEG").write_bytes(b"broken")
     code, output = build(broken, tmp_path / "out", "--shard-size", "16")
     assert code == 1 and "not an image" in output
     assert list(tmp_path.iterdir()) == [broken]
+
+
+def test_a_negative_split_seed_is_a_usage_error(release, tmp_path):
+    code, output = build(release, tmp_path / "out", "--split-seed", "-1")
+    assert code == 2 and output.endswith("Invalid value for '--split-seed': -1 is not in the range x>=0.")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("content, reason", [
+    ("not json", "Expecting value: line 1 column 1 (char 0)"),
+    ("[1, 2]", "not a JSON object"),
+])
+def test_an_out_folder_with_a_broken_manifest_is_refused(release, tmp_path, content, reason):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text(content)
+    code, output = build(release, out)
+    assert (code, output) == (1, f"error: {out / 'manifest.json'}: not a tinyin manifest ({reason}); "
+                                 "choose an empty folder")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_an_out_folder_that_cannot_be_made_fails_before_the_release_is_read(tmp_path):
+    (tmp_path / "afile.txt").write_text("a file")
+    out = tmp_path / "afile.txt" / "sub"
+    code, output = build(tmp_path / "no-release-here", out)  # the release would fail, were it read first
+    assert (code, output) == (1, f"error: {out}: cannot create the output folder (Not a directory)")
+
+
+def test_a_full_disk_is_one_line(release, tmp_path, monkeypatch):
+    """An OSError of the environment (here ENOSPC in a worker) is `error: STRERROR: FILE`, exit code 1;
+    others keep their traceback."""
+    def full(path, samples):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    monkeypatch.setattr(pipeline.build, "write_shard", full)  # the workers fork from this process
+    code, output = build(release, tmp_path / "out", "--workers", "1")
+    tmp = tmp_path / f"out.tmp-{socket.gethostname()}-{os.getpid()}"
+    assert (code, output) == (1, f"error: No space left on device: {tmp / 'train-000000.tar'}")
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+    def broken(path, samples):
+        raise OSError(errno.EIO, os.strerror(errno.EIO), path)
+
+    monkeypatch.setattr(pipeline.build, "write_shard", broken)
+    result = CliRunner().invoke(main, ["shard", "build", "--src", str(release), "--out", str(tmp_path / "out"),
+                                       "--quiet", "--workers", "1"])
+    assert result.exit_code == 1 and isinstance(result.exception, OSError) and result.exception.errno == errno.EIO

@@ -108,6 +108,17 @@ def test_damage_is_named(tmp_path):
         open_release(tmp_path / "cut.tar")
 
 
+def test_an_archive_cut_at_a_header_is_truncated():
+    """Cut exactly at or inside a member's header, a tar lacks its end-of-archive blocks: Broken, not
+    the members before the cut (tarfile stops there quietly)."""
+    data = archive(tarfile.USTAR_FORMAT, MEMBERS)
+    at = data.index(b"tiny-imagenet-200/last")
+    for cut in (at, at + 511):
+        with pytest.raises(Broken, match=f"^truncated: it ends at byte {cut:,}, before tar's end-of-archive blocks$"):
+            files_in_tar(data[:cut])
+    assert files_in_tar(data[:data.index(b"z" * 10_000) + 10_240 + 512]) == reference(data)  # one zero block is enough
+
+
 def zip_archive(members, compression=zipfile.ZIP_DEFLATED):
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression) as zf:

@@ -91,6 +91,21 @@ def test_verify_rejects_a_folder_that_is_not_a_shard_set(tmp_path):
     assert output == f"error: {tmp_path}: not a tinyin shard set (no manifest.json); run `tinyin shard build` first"
 
 
+def test_verify_refuses_a_manifest_that_disagrees_with_the_index(shards, tmp_path):
+    # counts are what the loader sizes batches by: an edited count was 'ok' before (ShardSet's checks)
+    copy = shutil.copytree(shards, tmp_path / "copy")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["counts"]["train"] = 5
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    code, output = run("shard", "verify", copy, "--quiet")
+    assert (code, output) == (1, f"error: {copy / 'manifest.json'}: counts says 5 train samples, its train shards hold 240")
+
+
+def test_verify_and_inspect_name_a_folder_that_does_not_exist(tmp_path):
+    for command in ("verify", "inspect"):
+        assert run("shard", command, tmp_path / "nope") == (1, f"error: {tmp_path / 'nope'}: no such folder")
+
+
 def test_inspect_prints_counts_and_draws_a_grid(shards, tmp_path):
     png = tmp_path / "grid.png"
     code, output = run("shard", "inspect", shards, "--png", png, "--per-class", 4)

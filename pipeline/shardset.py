@@ -92,8 +92,8 @@ class ShardSet:
 
             try:
                 self._fs, self._root = fsspec.core.url_to_fs(self.location, **(storage_options or {}))
-            except (ImportError, ValueError) as e:
-                raise ShardError(f"{self.location}: cannot open ({e})") from None
+            except Exception as e:  # any: a missing extra, a bad URL, and some filesystems connect here (ftp)
+                raise ShardError(f"{self.location}: cannot open ({_named(e)})") from None
         self.manifest = self._read_manifest()
         self.index = self._read_index()
         self._check_consistent()
@@ -109,8 +109,8 @@ class ShardSet:
             return self._fs.cat_file(f"{self._root}/{name}")
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
-        except OSError as e:
-            raise ShardError(f"{where}: unreadable ({e})") from None
+        except Exception as e:  # any: each remote client has its own (botocore's NoCredentialsError, socket.gaierror)
+            raise ShardError(f"{where}: unreadable ({_named(e)})") from None
 
     def _read_manifest(self):
         data = self._read_bytes(MANIFEST_FILE)
@@ -278,6 +278,11 @@ def _check_keys(where, obj, keys, name=""):
 
 def _is(value, kind):
     return isinstance(value, kind) and not (kind is int and isinstance(value, bool))  # True is no count
+
+
+def _named(error):
+    """`error` as 'ExceptionClass: message', so a client's terse message still says what failed."""
+    return f"{error.__class__.__name__}: {error}"
 
 
 def _http_get(url):

@@ -211,3 +211,22 @@ def test_manifest_and_index_must_agree(shards, tmp_path):
 def test_a_folder_that_does_not_exist(tmp_path):
     assert _open_error(tmp_path / "nope") == f"{tmp_path / 'nope'}: no such folder"
 
+
+def test_remote_failures_are_one_line(monkeypatch, tmp_path):
+    """A remote client's own errors (not OSError: botocore's) and a filesystem that connects when it is
+    made (ftp) are ShardErrors naming the URL, not tracebacks."""
+    import s3fs
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no credentials anywhere, found at once
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        assert _open_error("s3://bucket/x") == (
+            "s3://bucket/x/manifest.json: unreadable (NoCredentialsError: Unable to locate credentials)")
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+    assert _open_error("ftp://127.0.0.1:1/y") == (
+        "ftp://127.0.0.1:1/y: cannot open (ConnectionRefusedError: [Errno 111] Connection refused)")

@@ -113,3 +113,24 @@ def test_inspect_prints_counts_and_draws_a_grid(shards, tmp_path):
     assert "train           240 samples in 4 shards" in output and "6 classes" in output
     img = Image.open(png)
     assert img.size == (260 + 4 * 66, 6 * 66)
+
+
+def test_inspect_sizes_the_grid_by_what_the_classes_hold(shards, tmp_path):
+    png = tmp_path / "new" / "folder" / "grid.png"  # its folder is created
+    code, output = run("shard", "inspect", shards, "--png", png, "--per-class", 1000)
+    assert code == 0, output
+    assert Image.open(png).size == (260 + 40 * 66, 6 * 66)  # 40 train images per class, not 1000 columns
+    under_a_file = png / "grid.png"
+    assert run("shard", "inspect", shards, "--png", under_a_file) == (
+        1, f"error: {under_a_file}: cannot write (FileExistsError: [Errno 17] File exists: '{png}')")
+
+
+def test_inspect_refuses_counts_below_one_and_a_png_without_an_image_extension(shards, tmp_path):
+    for flag, value in (("--classes", 0), ("--classes", -1), ("--per-class", -2)):
+        code, output = run("shard", "inspect", shards, flag, value, "--png", tmp_path / "g.png")
+        assert (code, output.splitlines()[-1]) == (2, f"Error: Invalid value for '{flag}': {value} is not in the range x>=1.")
+    assert run("shard", "inspect", shards, "--png", tmp_path / "grid") == (
+        2, f"error: --png {tmp_path / 'grid'}: no extension; use .png")
+    assert run("shard", "inspect", shards, "--png", tmp_path / "grid.xyz") == (
+        2, f"error: --png {tmp_path / 'grid.xyz'}: unknown image extension .xyz; use .png")
+    assert not list(tmp_path.iterdir())

@@ -48,7 +48,8 @@ COLUMNS = ["Method", "Image scaling", "Epochs", "Batch size", "Training accuracy
 
 
 def read_run(run) -> dict:
-    """Load a run folder: ``dict(name, args, rows, final, env)``; ``ValueError`` if it has no metrics."""
+    """Load a run folder: ``dict(name, args, rows, final, env)``; ``ValueError`` if it has no metrics.
+    ``final`` is {} while the run is unfinished: no final.json, or one whose epochs differ from the metrics'."""
     run = Path(run)
     if not (run / "metrics.jsonl").is_file():
         raise ValueError(f"{run}: not a training run (no metrics.jsonl)")
@@ -57,7 +58,10 @@ def read_run(run) -> dict:
     def optional(name):
         return json.loads((run / name).read_text()) if (run / name).is_file() else {}
 
-    return dict(name=run.name, args=optional("args.json"), rows=rows, final=optional("final.json"), env=optional("env.json"))
+    final = optional("final.json")
+    if final.get("epochs", len(rows)) != len(rows):
+        final = {}  # an earlier, shorter run's, left by a resume that trained further (train.py now removes it)
+    return dict(name=run.name, args=optional("args.json"), rows=rows, final=final, env=optional("env.json"))
 
 
 def _duration(seconds) -> str:

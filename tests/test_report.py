@@ -80,6 +80,15 @@ def test_limited_runs_say_so(tmp_path):
     assert "| ResNet-18 | 64x64 RGB | 1 (100 batches each) | 100 |" in render_table([run])
 
 
+def test_a_final_json_of_fewer_epochs_than_the_metrics_is_ignored(tmp_path):
+    # A 2-epoch run resumed to --epochs 400 and stopped in epoch 3: train.py (before it removed
+    # final.json at the start) left the 2-epoch run's test figure and wall time, shown as this run's.
+    run = make_run(tmp_path, "resumed", dict(arch="lenet5", size=28, epochs=400, batch_size=32),
+                   [row(0, 5.0, 4.5), row(1, 9.125, 7.0), row(2, 11.0, 8.0)],
+                   final=dict(arch="lenet5", size=28, epochs=2, test_top1=6.875, wall_time_s=61.4))
+    assert render_table([run]).splitlines()[2] == "| LeNet-5 | 28x28 grey | 3 of 400 | 32 | 11.00% | 8.00% | - | 1 min 30 s |"
+
+
 def test_augmented_runs_say_so(tmp_path):
     run = tmp_path / "aug"
     run.mkdir()

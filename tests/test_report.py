@@ -61,6 +61,38 @@ def test_not_a_training_run(tmp_path, runs):
     assert str(e.value) == f"{empty}: not a training run (no metrics.jsonl)"
 
 
+def test_unreadable_run_files_are_one_line_errors_naming_the_file(tmp_path, runs):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    def report(*args):
+        result = CliRunner().invoke(main, ["report", *map(str, args)])
+        return result.exit_code, result.output.strip()
+
+    run = runs[0]
+    good = (run / "metrics.jsonl").read_text()
+    (run / "metrics.jsonl").write_text(good + '{"epoch": 2, "lr": 0.001}\n')
+    assert report(run) == (1, f"error: {run / 'metrics.jsonl'}: line 3: not a metrics row "
+                              "(no train_loss, train_top1, val_loss, val_top1)")
+    (run / "metrics.jsonl").write_text(good + '{"epoch": 2, "lr": 0.001 "train_loss": 1}\n')
+    assert report(run) == (1, f"error: {run / 'metrics.jsonl'}: line 3: not a metrics row "
+                              "(Expecting ',' delimiter: line 1 column 26 (char 25))")
+    (run / "metrics.jsonl").write_text(good + "[]\n")
+    assert report(run) == (1, f"error: {run / 'metrics.jsonl'}: line 3: not a metrics row (a list)")
+    (run / "metrics.jsonl").write_text(good)
+    args = (run / "args.json").read_text()
+    (run / "args.json").write_text("[]")
+    assert report(run) == (1, f"error: {run / 'args.json'}: not a JSON object (a list)")
+    (run / "args.json").write_text(args[:-1])
+    assert report(run) == (1, f"error: {run / 'args.json'}: not a JSON object "
+                              f"(Expecting ',' delimiter: line 1 column {len(args)} (char {len(args) - 1}))")
+    (run / "args.json").write_text(args)
+    out = run / "args.json" / "report"  # under a file
+    assert report(run, "--out", out) == (
+        1, f"error: {out}: cannot write the report (NotADirectoryError: [Errno 20] Not a directory: '{out}')")
+
+
 def test_plot_and_write_report(tmp_path, runs):
     png = plot_curves(runs, tmp_path / "c.png")
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

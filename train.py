@@ -7,7 +7,7 @@
 Writes to --output-dir: args.json, env.json, metrics.jsonl/.csv (one row per epoch),
 checkpoint.pth (every epoch, every --checkpoint-every steps, and on SIGTERM/SIGINT/SIGUSR1;
 resume with --resume auto), best.pth (best val top-1) and final.json (test-split accuracy of
-the final model, total wall time).
+the final model, total wall time; written when the run finishes, removed when training starts).
 
 Beyond the study's plain SGD: --nesterov, a linear --warmup-epochs and a onecycle schedule (both
 per step, in closed form of the step), --ema (validate and test an exponential moving average of
@@ -926,6 +926,10 @@ def main(args):
             return test_only(parts, args)
         if rank() == 0:
             write_run_files(args.output_dir, args, device, world_size, state.history)
+            # Not finished any more (a resume that trains further, or a new run in an old folder):
+            # an earlier final.json would stand beside these metrics until final_test rewrites it.
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(args.output_dir, "final.json"))
         try:
             train(parts, state, args, stop)
         except Interrupted as e:

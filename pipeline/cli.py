@@ -126,9 +126,9 @@ def shard_verify(shards, quiet):
 
 @shard.command("inspect")
 @click.argument("shards", type=click.Path())
-@click.option("--png", default=None, type=click.Path(dir_okay=False), help="Where to write the sample grid [default: SHARDS/samples.png].")
-@click.option("--classes", "max_classes", default=20, show_default=True, help="Classes shown in the grid.")
-@click.option("--per-class", default=8, show_default=True, help="Samples per class in the grid.")
+@click.option("--png", default=None, type=click.Path(dir_okay=False), help="Where to write the sample grid, its folder created; the extension names the format [default: SHARDS/samples.png].")
+@click.option("--classes", "max_classes", default=20, show_default=True, type=click.IntRange(1), help="Classes shown in the grid.")
+@click.option("--per-class", default=8, show_default=True, type=click.IntRange(1), help="Samples per class in the grid (at most what a class holds).")
 def shard_inspect(shards, png, max_classes, per_class):
     """Counts per split, classes, bytes, and a PNG grid of samples per class with their words.
     SHARDS may be a URL: its train split is fetched into the local cache first."""

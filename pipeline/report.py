@@ -48,16 +48,53 @@ COLUMNS = ["Method", "Image scaling", "Epochs", "Batch size", "Training accuracy
 
 
 def read_run(run) -> dict:
-    """Load a run folder: ``dict(name, args, rows, final, env)``; ``ValueError`` if it has no metrics."""
+    """Load a run folder: ``dict(name, args, rows, final, env)``; ``ValueError`` naming the file if it
+    has no metrics or one of its files cannot be read as train.py writes it.
+    ``final`` is {} while the run is unfinished: no final.json, or one whose epochs differ from the metrics'."""
     run = Path(run)
     if not (run / "metrics.jsonl").is_file():
         raise ValueError(f"{run}: not a training run (no metrics.jsonl)")
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = _metrics_rows(run / "metrics.jsonl")
 
     def optional(name):
-        return json.loads((run / name).read_text()) if (run / name).is_file() else {}
+        path = run / name
+        if not path.is_file():
+            return {}
+        try:
+            value = json.loads(path.read_text())
+        except ValueError as e:
+            raise ValueError(f"{path}: not a JSON object ({e})") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"{path}: not a JSON object (a {type(value).__name__})")
+        return value
 
-    return dict(name=run.name, args=optional("args.json"), rows=rows, final=optional("final.json"), env=optional("env.json"))
+    final = optional("final.json")
+    if final.get("epochs", len(rows)) != len(rows):
+        final = {}  # an earlier, shorter run's, left by a resume that trained further (train.py now removes it)
+    return dict(name=run.name, args=optional("args.json"), rows=rows, final=final, env=optional("env.json"))
+
+
+#: What the table and the curves read from every metrics row.
+ROW_KEYS = ("epoch", "train_loss", "train_top1", "val_loss", "val_top1")
+
+
+def _metrics_rows(path) -> list[dict]:
+    """The rows of metrics.jsonl; ValueError naming the line of one that is not a metrics row."""
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"{path}: line {n}: not a metrics row ({e})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: line {n}: not a metrics row (a {type(row).__name__})")
+        missing = [key for key in ROW_KEYS if key not in row]
+        if missing:
+            raise ValueError(f"{path}: line {n}: not a metrics row (no {', '.join(missing)})")
+        rows.append(row)
+    return rows
 
 
 def _duration(seconds) -> str:
@@ -196,13 +233,16 @@ def write_report(run_dirs, out_dir, not_run=(), wall_s=None, jobs=1) -> tuple[st
     not_run / wall_s / jobs: see `render_study`."""
     table = render_table(run_dirs)  # first, so a bad run dir fails before anything is written
     study = render_study(run_dirs, not_run, wall_s, jobs)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    png = plot_curves(run_dirs, out / "curves.png") if run_dirs else None
-    md = out / "report.md"
-    curves = "\n![learning curves](curves.png)\n" if png else ""
-    md.write_text(f"# Tiny ImageNet runs\n\n{table}\n## Beside the study\n\n{study}{curves}")
     runs = [read_run(r) for r in run_dirs]
     record = dict(runs=runs, not_run=[list(n) for n in not_run], wall_s=wall_s, jobs=jobs)
-    (out / "report.json").write_text(json.dumps(record, indent=1))
+    out = Path(out_dir)
+    md = out / "report.md"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        png = plot_curves(run_dirs, out / "curves.png") if run_dirs else None
+        curves = "\n![learning curves](curves.png)\n" if png else ""
+        md.write_text(f"# Tiny ImageNet runs\n\n{table}\n## Beside the study\n\n{study}{curves}")
+        (out / "report.json").write_text(json.dumps(record, indent=1))
+    except OSError as e:  # a folder under a file, no permission, a full disk
+        raise ValueError(f"{out}: cannot write the report ({e.__class__.__name__}: {e})") from None
     return str(md), png

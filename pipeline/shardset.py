@@ -23,8 +23,14 @@ import pyarrow.parquet as pq
 
 from .checksum import file_sum64, sum64
 from .errors import ShardError
-from .index import file_sha256
+from .index import SCHEMA, file_sha256
 from .schema import FORMAT_VERSION, INDEX_FILE, MANIFEST_FILE
+
+#: The manifest's keys every reader relies on, and the type of each; and those of each shard entry.
+MANIFEST_KEYS = {"classes": list, "counts": dict, "stats": dict, "shards": list}
+ENTRY_KEYS = {"file": str, "split": str, "count": int, "bytes": int, "sha256": str}
+CLASS_KEYS = {"wnid": str, "words": str}
+KINDS = {list: "a list", dict: "an object", str: "a string", int: "an integer"}
 
 
 def is_url(location):
@@ -66,7 +72,9 @@ class ShardSet:
     `entries(split)` for the shard entries of a split (dicts with file, split, count, bytes, sha256
     and, from builds since sum64, sum64),
     `where(entry)` for a shard's path or URL, and `check_*` for the one wording of a bad shard.
-    Raises ShardError when the location holds no complete shard set.
+    Raises ShardError when the location holds no complete shard set, or when its manifest and index
+    disagree (see `_check_consistent`: an edited or mismatched manifest is refused at the door, for
+    every reader, rather than mis-sizing batches or labels later).
     """
 
     def __init__(self, location, storage_options=None):
@@ -84,10 +92,11 @@ class ShardSet:
 
             try:
                 self._fs, self._root = fsspec.core.url_to_fs(self.location, **(storage_options or {}))
-            except (ImportError, ValueError) as e:
-                raise ShardError(f"{self.location}: cannot open ({e})") from None
+            except Exception as e:  # any: a missing extra, a bad URL, and some filesystems connect here (ftp)
+                raise ShardError(f"{self.location}: cannot open ({_named(e)})") from None
         self.manifest = self._read_manifest()
         self.index = self._read_index()
+        self._check_consistent()
 
     # --- reading the two small files -----------------------------------------------------------
     def _read_bytes(self, name):
@@ -100,21 +109,35 @@ class ShardSet:
             return self._fs.cat_file(f"{self._root}/{name}")
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
-        except OSError as e:
-            raise ShardError(f"{where}: unreadable ({e})") from None
+        except Exception as e:  # any: each remote client has its own (botocore's NoCredentialsError, socket.gaierror)
+            raise ShardError(f"{where}: unreadable ({_named(e)})") from None
 
     def _read_manifest(self):
         data = self._read_bytes(MANIFEST_FILE)
+        if data is None and self.is_local and not os.path.exists(self.location):
+            raise ShardError(f"{self.location}: no such folder")
         if data is None:
             raise ShardError(f"{self.location}: not a tinyin shard set (no {MANIFEST_FILE}); "
                              "run `tinyin shard build` first")
+        where = self.where_name(MANIFEST_FILE)
         try:
             manifest = json.loads(data)
         except ValueError as e:
-            raise ShardError(f"{self.where_name(MANIFEST_FILE)}: corrupt manifest ({e})") from None
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise ShardError(f"{self.where_name(MANIFEST_FILE)}: format version {manifest.get('format_version')}, "
-                             f"this tinyin reads {FORMAT_VERSION}")
+            raise ShardError(f"{where}: corrupt manifest ({e})") from None
+        if not isinstance(manifest, dict):
+            raise ShardError(f"{where}: malformed (not an object)")
+        if "format_version" not in manifest:
+            raise ShardError(f"{where}: malformed (no format_version)")
+        if manifest["format_version"] != FORMAT_VERSION:  # before the keys: another format may have others
+            raise ShardError(f"{where}: format version {manifest['format_version']}, this tinyin reads {FORMAT_VERSION}")
+        _check_keys(where, manifest, MANIFEST_KEYS)
+        for i, entry in enumerate(manifest["classes"]):
+            _check_keys(where, entry, CLASS_KEYS, f"classes[{i}]")
+        for i, entry in enumerate(manifest["shards"]):
+            _check_keys(where, entry, ENTRY_KEYS, f"shards[{i}]")
+        for split, count in manifest["counts"].items():
+            if not _is(count, int):
+                raise ShardError(f"{where}: malformed (counts.{split} is not an integer)")
         return manifest
 
     def _read_index(self):
@@ -125,6 +148,41 @@ class ShardSet:
             return pq.read_table(arrow_owned(data))
         except (pa.ArrowException, OSError) as e:
             raise ShardError(f"{self.where_name(INDEX_FILE)}: corrupt index ({e})") from None
+
+    def _check_consistent(self):
+        """ShardError unless manifest and index agree: each split's count is the sum of its shards'
+        counts, the index holds exactly `count` rows for each listed shard and none for another, and
+        its labels fit the manifest's classes (-1 for the unlabeled split). Vectorised: a few
+        milliseconds on the full 120,000-row index, so every open can afford it."""
+        manifest, index = self.where_name(MANIFEST_FILE), self.where_name(INDEX_FILE)
+        shards = self.manifest["shards"]
+        for split in dict.fromkeys([*self.counts, *(e["split"] for e in shards)]):
+            total = sum(e["count"] for e in shards if e["split"] == split)
+            if self.counts.get(split, 0) != total:
+                raise ShardError(f"{manifest}: counts says {self.counts.get(split, 0):,} {split} samples, "
+                                 f"its {split} shards hold {total:,}")
+        missing = [name for name in SCHEMA.names if name not in self.index.column_names]
+        if missing:
+            raise ShardError(f"{index}: corrupt index (no column {missing[0]!r})")
+        rows = {r["values"]: r["counts"] for r in pc.value_counts(self.index["shard"]).to_pylist()}
+        listed = set()
+        for entry in shards:
+            if entry["file"] in listed:
+                raise ShardError(f"{manifest}: malformed ({entry['file']} is listed twice)")
+            listed.add(entry["file"])
+            if rows.get(entry["file"], 0) != entry["count"]:
+                raise ShardError(f"{index}: {rows.get(entry['file'], 0):,} rows for {entry['file']}, "
+                                 f"the manifest says {entry['count']:,}")
+        unlisted = sorted(set(rows) - listed)
+        if unlisted:
+            raise ShardError(f"{index}: rows for {unlisted[0]}, which the manifest does not list")
+        n = len(self.classes)
+        for r in self.index.group_by("split").aggregate([("label", "min"), ("label", "max")]).to_pylist():
+            split, labels = r["split"], f"{r['split']} labels run {r['label_min']}..{r['label_max']}"
+            if split == "unlabeled" and (r["label_min"], r["label_max"]) != (-1, -1):
+                raise ShardError(f"{index}: {labels}, not -1")
+            if split != "unlabeled" and (r["label_min"] < 0 or r["label_max"] >= n):
+                raise ShardError(f"{index}: {labels}, the manifest lists {n} classes" + (f" (0..{n - 1})" if n else ""))
 
     # --- what the set holds ----------------------------------------------------------------------
     @property
@@ -204,6 +262,27 @@ class ShardSet:
             self.check_sha256(entry, file_sha256(path), path)
             if "sum64" in entry:
                 self.check_sum64(entry, file_sum64(path), path)
+
+
+def _check_keys(where, obj, keys, name=""):
+    """ShardError unless `obj` (called `name` in the message) is a dict with each of `keys`, of its type."""
+    if not isinstance(obj, dict):
+        raise ShardError(f"{where}: malformed ({name} is not an object)")
+    for key, kind in keys.items():
+        what = f"{name}.{key}" if name else key
+        if key not in obj:
+            raise ShardError(f"{where}: malformed (no {what})")
+        if not _is(obj[key], kind):
+            raise ShardError(f"{where}: malformed ({what} is not {KINDS[kind]})")
+
+
+def _is(value, kind):
+    return isinstance(value, kind) and not (kind is int and isinstance(value, bool))  # True is no count
+
+
+def _named(error):
+    """`error` as 'ExceptionClass: message', so a client's terse message still says what failed."""
+    return f"{error.__class__.__name__}: {error}"
 
 
 def _http_get(url):

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
-from .errors import ShardError
+from .errors import ShardError, TinyinError, UsageError
 from .schema import CLS, JSON, VARIANTS
 from .shardset import open_shard_set
 
@@ -56,7 +56,7 @@ def verify_shards(shards, progress=True):
             raise
         except Exception as e:  # any reader failure means a damaged shard
             raise ShardError(f"{path}: unreadable ({e.__class__.__name__}: {e})") from None
-        if n != entry["count"] or n != len(expected):
+        if n != entry["count"]:  # the index holds `count` rows per shard: ShardSet checked that at open
             raise ShardError(f"{path}: holds {n} samples, the manifest says {entry['count']}")
         total += n
         bar.update(n)
@@ -66,13 +66,16 @@ def verify_shards(shards, progress=True):
 
 def inspect_shards(shards, png=None, max_classes=20, per_class=8):
     """Counts per split, classes and bytes as text, and a PNG grid (one row per class, with its
-    words). Returns {'text': str, 'png': path}."""
+    words; at most `per_class` columns, as many as the fullest class shown holds). The grid's
+    folder is created. Returns {'text': str, 'png': path}."""
     from PIL import Image, ImageDraw
 
     from .reader import ShardArrays
 
     shard_set = _local(shards)
     shards, manifest = Path(shard_set.location), shard_set.manifest
+    png = Path(png) if png else shards / "samples.png"
+    _check_image_name(png)  # before the work, not at the save after it
     lines = [f"{shards}: format {manifest['format_version']}, {len(manifest['classes'])} classes, "
              f"{len(manifest['shards'])} shards, {sum(s['bytes'] for s in manifest['shards']):,} bytes"]
     for split, count in manifest["counts"].items():
@@ -84,15 +87,30 @@ def inspect_shards(shards, png=None, max_classes=20, per_class=8):
     arrays = ShardArrays(shard_set, "train", "rgb64")
     labels = arrays.labels
     classes = manifest["classes"][:max_classes]
+    picks = [np.flatnonzero(labels == row)[:per_class] for row in range(len(classes))]
+    columns = max(len(p) for p in picks)  # what the classes hold, not what was asked for
     cell, text_w = 64, 260
-    grid = Image.new("RGB", (text_w + per_class * (cell + 2), len(classes) * (cell + 2)), "white")
+    grid = Image.new("RGB", (text_w + columns * (cell + 2), len(classes) * (cell + 2)), "white")
     draw = ImageDraw.Draw(grid)
     for row, cls in enumerate(classes):
-        picks = np.flatnonzero(labels == row)[:per_class]
-        for col, img in enumerate(arrays.gather(picks).numpy()):
+        for col, img in enumerate(arrays.gather(picks[row]).numpy()):
             grid.paste(Image.fromarray(img), (text_w + col * (cell + 2), row * (cell + 2)))
         draw.text((4, row * (cell + 2) + 24), f"{row} {cls['wnid']} {cls['words'][:36]}", fill="black")
-    png = Path(png) if png else shards / "samples.png"
-    grid.save(png)
+    try:
+        png.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(png)
+    except OSError as e:  # a parent that is a file, no permission, a full disk
+        raise TinyinError(f"{png}: cannot write ({e.__class__.__name__}: {e})") from None
     lines.append(f"  wrote {png}")
     return {"text": "\n".join(lines), "png": str(png)}
+
+
+def _check_image_name(png):
+    """UsageError unless `png` ends in an extension PIL can write (it picks the format by it)."""
+    from PIL import Image
+
+    Image.init()  # registers every format PIL has, as `save` would
+    writable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+    if png.suffix.lower() not in writable:
+        what = f"unknown image extension {png.suffix}" if png.suffix else "no extension"
+        raise UsageError(f"--png {png}: {what}; use .png")

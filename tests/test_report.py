@@ -61,6 +61,38 @@ def test_not_a_training_run(tmp_path, runs):
     assert str(e.value) == f"{empty}: not a training run (no metrics.jsonl)"
 
 
+def test_unreadable_run_files_are_one_line_errors_naming_the_file(tmp_path, runs):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    def report(*args):
+        result = CliRunner().invoke(main, ["report", *map(str, args)])
+        return result.exit_code, result.output.strip()
+
+    run = runs[0]
+    good = (run / "metrics.jsonl").read_text()
+    (run / "metrics.jsonl").write_text(good + '{"epoch": 2, "lr": 0.001}\n')
+    assert report(run) == (1, f"error: {run / 'metrics.jsonl'}: line 3: not a metrics row "
+                              "(no train_loss, train_top1, val_loss, val_top1)")
+    (run / "metrics.jsonl").write_text(good + '{"epoch": 2, "lr": 0.001 "train_loss": 1}\n')
+    assert report(run) == (1, f"error: {run / 'metrics.jsonl'}: line 3: not a metrics row "
+                              "(Expecting ',' delimiter: line 1 column 26 (char 25))")
+    (run / "metrics.jsonl").write_text(good + "[]\n")
+    assert report(run) == (1, f"error: {run / 'metrics.jsonl'}: line 3: not a metrics row (a list)")
+    (run / "metrics.jsonl").write_text(good)
+    args = (run / "args.json").read_text()
+    (run / "args.json").write_text("[]")
+    assert report(run) == (1, f"error: {run / 'args.json'}: not a JSON object (a list)")
+    (run / "args.json").write_text(args[:-1])
+    assert report(run) == (1, f"error: {run / 'args.json'}: not a JSON object "
+                              f"(Expecting ',' delimiter: line 1 column {len(args)} (char {len(args) - 1}))")
+    (run / "args.json").write_text(args)
+    out = run / "args.json" / "report"  # under a file
+    assert report(run, "--out", out) == (
+        1, f"error: {out}: cannot write the report (NotADirectoryError: [Errno 20] Not a directory: '{out}')")
+
+
 def test_plot_and_write_report(tmp_path, runs):
     png = plot_curves(runs, tmp_path / "c.png")
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
@@ -78,6 +110,15 @@ def test_limited_runs_say_so(tmp_path):
     (run / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "train_top1": 1.0, "val_top1": 2.0, "train_loss": 5,
                                                    "val_loss": 5, "val_top5": 8, "epoch_time_s": 60}) + "\n")
     assert "| ResNet-18 | 64x64 RGB | 1 (100 batches each) | 100 |" in render_table([run])
+
+
+def test_a_final_json_of_fewer_epochs_than_the_metrics_is_ignored(tmp_path):
+    # A 2-epoch run resumed to --epochs 400 and stopped in epoch 3: train.py (before it removed
+    # final.json at the start) left the 2-epoch run's test figure and wall time, shown as this run's.
+    run = make_run(tmp_path, "resumed", dict(arch="lenet5", size=28, epochs=400, batch_size=32),
+                   [row(0, 5.0, 4.5), row(1, 9.125, 7.0), row(2, 11.0, 8.0)],
+                   final=dict(arch="lenet5", size=28, epochs=2, test_top1=6.875, wall_time_s=61.4))
+    assert render_table([run]).splitlines()[2] == "| LeNet-5 | 28x28 grey | 3 of 400 | 32 | 11.00% | 8.00% | - | 1 min 30 s |"
 
 
 def test_augmented_runs_say_so(tmp_path):

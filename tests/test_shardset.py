@@ -122,3 +122,111 @@ def test_faulty_http_server_faults(shards):
         assert server.requests["test-000000.tar"] == 2
     finally:
         server.close()
+
+
+def _edited(shards, tmp_path, edit=None, index=None):
+    """A folder with the manifest and index of `shards` (no shards: opening reads only those two),
+    the manifest changed in place by `edit(manifest)` (or replaced by `edit`, when not callable)
+    and the index replaced by `index(table)`."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "edited"
+    folder.mkdir()
+    manifest = json.loads((shards / "manifest.json").read_text())
+    if callable(edit):
+        edit(manifest)
+    elif edit is not None:
+        manifest = edit
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    table = pq.read_table(shards / "index.parquet")
+    pq.write_table(index(table) if index else table, folder / "index.parquet")
+    return folder
+
+
+def _open_error(folder):
+    with pytest.raises(ShardError) as e:
+        ShardSet(folder)
+    return str(e.value)
+
+
+MALFORMED = [
+    ([], "not an object"),
+    (lambda m: m.pop("format_version"), "no format_version"),
+    (lambda m: m.pop("shards"), "no shards"),
+    (lambda m: m.pop("stats"), "no stats"),
+    (lambda m: m.update(classes={}), "classes is not a list"),
+    (lambda m: m["shards"][1].pop("sha256"), "no shards[1].sha256"),
+    (lambda m: m["shards"][0].update(count="64"), "shards[0].count is not an integer"),
+    (lambda m: m["shards"].__setitem__(2, "train-000002.tar"), "shards[2] is not an object"),
+    (lambda m: m["classes"][0].pop("wnid"), "no classes[0].wnid"),
+    (lambda m: m["counts"].update(val=True), "counts.val is not an integer"),
+]
+
+
+@pytest.mark.parametrize("edit, why", MALFORMED, ids=[why for _, why in MALFORMED])
+def test_a_malformed_manifest_is_one_line(shards, tmp_path, edit, why):
+    folder = _edited(shards, tmp_path, edit)
+    assert _open_error(folder) == f"{folder / 'manifest.json'}: malformed ({why})"
+
+
+def test_manifest_and_index_must_agree(shards, tmp_path):
+    """Edits a tester made by hand, each accepted by `shard verify` before (counts are what the loader
+    sizes batches by; labels index the classes)."""
+    def error(edit=None, index=None):
+        folder = _edited(shards, tmp_path, edit, index)
+        try:
+            return _open_error(folder).replace(str(folder), "SET")
+        finally:
+            shutil.rmtree(folder)
+
+    assert error(lambda m: m["counts"].update(train=5)) == "SET/manifest.json: counts says 5 train samples, its train shards hold 240"
+    assert error(lambda m: m["shards"].pop(0)) == "SET/manifest.json: counts says 240 train samples, its train shards hold 176"
+    assert error(lambda m: m.update(shards=[])) == "SET/manifest.json: counts says 240 train samples, its train shards hold 0"
+    assert error(lambda m: m["shards"].append(m["shards"][0])) == (
+        "SET/manifest.json: counts says 240 train samples, its train shards hold 304")
+
+    def drop_first_shard(m):
+        m["counts"]["train"] -= m["shards"].pop(0)["count"]
+    assert error(drop_first_shard) == "SET/index.parquet: rows for train-000000.tar, which the manifest does not list"
+
+    def listed_twice(m):
+        m["shards"].append(m["shards"][0])
+        m["counts"]["train"] += 64
+    assert error(listed_twice) == "SET/manifest.json: malformed (train-000000.tar is listed twice)"
+    extra = lambda t: pa.concat_tables([t, t.slice(len(t) - 1)])  # noqa: E731 (one more unlabeled row)
+    assert error(index=extra) == "SET/index.parquet: 31 rows for unlabeled-000000.tar, the manifest says 30"
+    assert error(lambda m: m.update(classes=[])) == "SET/index.parquet: train labels run 0..5, the manifest lists 0 classes"
+    assert error(lambda m: m["classes"].pop()) == "SET/index.parquet: train labels run 0..5, the manifest lists 5 classes (0..4)"
+
+    def unlabeled_labelled(t):
+        labels = pa.array([0 if s == "unlabeled" else v for s, v in zip(t["split"].to_pylist(), t["label"].to_pylist())],
+                          pa.int16())
+        return t.set_column(t.schema.get_field_index("label"), "label", labels)
+    assert error(index=unlabeled_labelled) == "SET/index.parquet: unlabeled labels run 0..0, not -1"
+    assert error(index=lambda t: t.drop_columns(["shard"])) == "SET/index.parquet: corrupt index (no column 'shard')"
+
+
+def test_a_folder_that_does_not_exist(tmp_path):
+    assert _open_error(tmp_path / "nope") == f"{tmp_path / 'nope'}: no such folder"
+
+
+def test_remote_failures_are_one_line(monkeypatch, tmp_path):
+    """A remote client's own errors (not OSError: botocore's) and a filesystem that connects when it is
+    made (ftp) are ShardErrors naming the URL, not tracebacks."""
+    import s3fs
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no credentials anywhere, found at once
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        assert _open_error("s3://bucket/x") == (
+            "s3://bucket/x/manifest.json: unreadable (NoCredentialsError: Unable to locate credentials)")
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+    assert _open_error("ftp://127.0.0.1:1/y") == (
+        "ftp://127.0.0.1:1/y: cannot open (ConnectionRefusedError: [Errno 111] Connection refused)")

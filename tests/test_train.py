@@ -549,3 +549,20 @@ def test_limit_batches_caps_every_split(train_shards, tmp_path):
     run(train_shards, tmp_path, "--arch", "lenet5", "--epochs", "1", "-b", "16", "--limit-batches", "3", "--dump-keys")
     assert len((tmp_path / "keys-rank0.txt").read_text().splitlines()) == 3 * 16
     assert read_jsonl(tmp_path / "metrics.jsonl")[0]["epoch"] == 0
+
+
+def test_a_resume_that_trains_further_removes_final_json(tiny_shards, tmp_path):
+    # A finished 1-epoch run, resumed to --epochs 400 and stopped mid-epoch 1: its final.json (the
+    # 1-epoch run's test figure and wall time) was left beside the new metrics, and `tinyin report`
+    # showed it as this run's.
+    from pipeline.report import render_table
+
+    out, flags = tmp_path / "run", ["--arch", "lenet5", "-b", "8"]  # 16 images: 2 steps per epoch
+    run(tiny_shards, out, *flags, "--epochs", "1")
+    assert json.loads((out / "final.json").read_text())["epochs"] == 1
+    stop_at(tiny_shards, out, 3, *flags, "--epochs", "400", "--resume", "auto")
+    assert not (out / "final.json").exists()
+    row = render_table([out]).splitlines()[2].split(" | ")
+    assert row[1:4] == ["28x28 grey", "1 of 400", "8"] and row[6] == "-"  # no test figure: not finished
+    run(tiny_shards, out, *flags, "--epochs", "2", "--resume", "auto")  # finished again: written again
+    assert json.loads((out / "final.json").read_text())["epochs"] == 2

@@ -91,6 +91,21 @@ def test_verify_rejects_a_folder_that_is_not_a_shard_set(tmp_path):
     assert output == f"error: {tmp_path}: not a tinyin shard set (no manifest.json); run `tinyin shard build` first"
 
 
+def test_verify_refuses_a_manifest_that_disagrees_with_the_index(shards, tmp_path):
+    # counts are what the loader sizes batches by: an edited count was 'ok' before (ShardSet's checks)
+    copy = shutil.copytree(shards, tmp_path / "copy")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["counts"]["train"] = 5
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    code, output = run("shard", "verify", copy, "--quiet")
+    assert (code, output) == (1, f"error: {copy / 'manifest.json'}: counts says 5 train samples, its train shards hold 240")
+
+
+def test_verify_and_inspect_name_a_folder_that_does_not_exist(tmp_path):
+    for command in ("verify", "inspect"):
+        assert run("shard", command, tmp_path / "nope") == (1, f"error: {tmp_path / 'nope'}: no such folder")
+
+
 def test_inspect_prints_counts_and_draws_a_grid(shards, tmp_path):
     png = tmp_path / "grid.png"
     code, output = run("shard", "inspect", shards, "--png", png, "--per-class", 4)
@@ -98,3 +113,24 @@ def test_inspect_prints_counts_and_draws_a_grid(shards, tmp_path):
     assert "train           240 samples in 4 shards" in output and "6 classes" in output
     img = Image.open(png)
     assert img.size == (260 + 4 * 66, 6 * 66)
+
+
+def test_inspect_sizes_the_grid_by_what_the_classes_hold(shards, tmp_path):
+    png = tmp_path / "new" / "folder" / "grid.png"  # its folder is created
+    code, output = run("shard", "inspect", shards, "--png", png, "--per-class", 1000)
+    assert code == 0, output
+    assert Image.open(png).size == (260 + 40 * 66, 6 * 66)  # 40 train images per class, not 1000 columns
+    under_a_file = png / "grid.png"
+    assert run("shard", "inspect", shards, "--png", under_a_file) == (
+        1, f"error: {under_a_file}: cannot write (FileExistsError: [Errno 17] File exists: '{png}')")
+
+
+def test_inspect_refuses_counts_below_one_and_a_png_without_an_image_extension(shards, tmp_path):
+    for flag, value in (("--classes", 0), ("--classes", -1), ("--per-class", -2)):
+        code, output = run("shard", "inspect", shards, flag, value, "--png", tmp_path / "g.png")
+        assert (code, output.splitlines()[-1]) == (2, f"Error: Invalid value for '{flag}': {value} is not in the range x>=1.")
+    assert run("shard", "inspect", shards, "--png", tmp_path / "grid") == (
+        2, f"error: --png {tmp_path / 'grid'}: no extension; use .png")
+    assert run("shard", "inspect", shards, "--png", tmp_path / "grid.xyz") == (
+        2, f"error: --png {tmp_path / 'grid.xyz'}: unknown image extension .xyz; use .png")
+    assert not list(tmp_path.iterdir())

@@ -928,8 +928,10 @@ def main(args):
             write_run_files(args.output_dir, args, device, world_size, state.history)
             # Not finished any more (a resume that trains further, or a new run in an old folder):
             # an earlier final.json would stand beside these metrics until final_test rewrites it.
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(args.output_dir, "final.json"))
+            # And a new run's best.pth is its own: an old one would stand until its first epoch ends.
+            for stale in ("final.json",) if ckpt_path else ("final.json", "best.pth"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(args.output_dir, stale))
         try:
             train(parts, state, args, stop)
         except Interrupted as e:

@@ -227,6 +227,9 @@ def build_shards(src, out, workers=None, shard_size=10000, split_seed=None, on_e
         results = _run_tasks(files, tasks, tmp, workers or os.cpu_count() or 1, on_error, progress)
         manifest = _manifest(plan, params, tasks, results)
         index_io.write_index(tmp, tasks, results)
+        # Labels, keys and offsets come from the index: a changed byte there mislabels samples that
+        # the shards' own checksums cannot catch.
+        manifest["index_sha256"] = index_io.file_sha256(tmp / INDEX_FILE)
         index_io.write_json(tmp / MANIFEST_FILE, manifest)  # written last: its presence marks completion
         repaired = _move_into_place(tmp, out, manifest)
     finally:

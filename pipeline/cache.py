@@ -88,8 +88,6 @@ def _locked(path):
 
 def _write_metadata(remote, folder):
     """Write the manifest and index of `remote` into `folder`, dropping copies a new manifest disowns."""
-    import pyarrow.parquet as pq
-
     path = folder / MANIFEST_FILE
     try:
         old = json.loads(path.read_text())
@@ -105,7 +103,7 @@ def _write_metadata(remote, folder):
             (folder / entry["file"]).unlink(missing_ok=True)
             (folder / f"{entry['file']}.part").unlink(missing_ok=True)
     tmp = folder / f"{INDEX_FILE}.part"
-    pq.write_table(remote.index, tmp)
+    tmp.write_bytes(remote.index_bytes)  # the bytes as served: the manifest's index_sha256 holds for them
     os.replace(tmp, folder / INDEX_FILE)
     write_json(path, remote.manifest)  # last: a folder with a manifest has its index
 

@@ -118,6 +118,13 @@ def _row(run: dict) -> list[str]:
     elif args.get("weights"):
         method += f", from {os.path.basename(args['weights'])}"
     method += AUGMENT_LABELS.get(args.get("augment"), "")
+    # What else changes a figure beyond the study's plain SGD: two runs that differ so must not read alike.
+    if args.get("mix") not in (None, "none"):
+        method += f" + {args['mix']}"
+    if args.get("ema"):
+        method += f" + EMA {args['ema']:g}"
+    if args.get("tta"):
+        method += " + flip TTA"
     epochs = str(len(rows))
     if args.get("epochs") and args["epochs"] != len(rows):
         epochs += f" of {args['epochs']}"  # an unfinished run says so

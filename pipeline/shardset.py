@@ -68,7 +68,7 @@ def arrow_owned(data):
 class ShardSet:
     """A shard set written by `tinyin shard build`, at a local folder or a URL.
 
-    `manifest` (dict) and `index` (pyarrow Table, one row per sample) are read once. Use
+    `manifest` (dict) and `index` (pyarrow Table, one row per sample; `index_bytes`, the file) are read once. Use
     `entries(split)` for the shard entries of a split (dicts with file, split, count, bytes, sha256
     and, from builds since sum64, sum64),
     `where(entry)` for a shard's path or URL, and `check_*` for the one wording of a bad shard.
@@ -144,6 +144,9 @@ class ShardSet:
         data = self._read_bytes(INDEX_FILE)
         if data is None:
             raise ShardError(f"{self.location}: missing {INDEX_FILE}")
+        if "index_sha256" in self.manifest and hashlib.sha256(data).hexdigest() != self.manifest["index_sha256"]:
+            raise checksum_error(self.where_name(INDEX_FILE))  # sets built before it have no index_sha256
+        self.index_bytes = data  # the file as read (a cached copy writes these bytes)
         try:
             return pq.read_table(arrow_owned(data))
         except (pa.ArrowException, OSError) as e:

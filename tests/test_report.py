@@ -129,6 +129,11 @@ def test_augmented_runs_say_so(tmp_path):
     (run / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "train_top1": 1.0, "val_top1": 2.0, "train_loss": 5,
                                                    "val_loss": 5, "val_top5": 8, "epoch_time_s": 60}) + "\n")
     assert "| LeNet-5 + crop/flip augmentation | 28x28 grey | 1 | 32 |" in render_table([run])
+    # mixing, an EMA and TTA change the figures too: a run with them read like a plain one
+    args = json.loads((run / "args.json").read_text())
+    (run / "args.json").write_text(json.dumps(dict(args, augment="rrc", mix="cutmix", ema=0.999, tta=True)))
+    assert ("| LeNet-5 + random-resized crop/flip augmentation + cutmix + EMA 0.999 + flip TTA | 28x28 grey | 1 | 32 |"
+            in render_table([run]))
 
 
 def test_render_study_beside_the_study(tmp_path):

@@ -10,6 +10,7 @@ import pytest
 
 import pipeline.shardset
 from pipeline.errors import ShardError
+from pipeline.index import file_sha256
 from pipeline.shardset import ShardSet, open_shard_set
 
 
@@ -139,10 +140,37 @@ def _edited(shards, tmp_path, edit=None, index=None):
         edit(manifest)
     elif edit is not None:
         manifest = edit
-    (folder / "manifest.json").write_text(json.dumps(manifest))
     table = pq.read_table(shards / "index.parquet")
     pq.write_table(index(table) if index else table, folder / "index.parquet")
+    if isinstance(manifest, dict) and "index_sha256" in manifest:  # an edit that keeps the checksum right:
+        manifest["index_sha256"] = file_sha256(folder / "index.parquet")  # what is checked is the agreement
+    (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
+
+
+def test_a_changed_byte_of_the_index_is_named(shards, tmp_path):
+    """Labels, keys and offsets come from the index; a flipped bit there gave a wrong label on every
+    path, with no error (the shards' checksums cannot see it)."""
+    import json
+
+    from pipeline.loader import make_loader
+
+    folder = tmp_path / "set"
+    shutil.copytree(shards, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["index_sha256"] == file_sha256(folder / "index.parquet")
+    data = bytearray((folder / "index.parquet").read_bytes())
+    data[len(data) // 2] ^= 1
+    (folder / "index.parquet").write_bytes(data)
+    message = f"{folder / 'index.parquet'}: checksum differs from the manifest (corrupt or modified)"
+    assert _open_error(folder) == message
+    with pytest.raises(ShardError) as e:
+        make_loader(folder, "train")
+    assert str(e.value) == message
+    del manifest["index_sha256"]  # a set built before the index had a checksum opens as before
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / "index.parquet").write_bytes((shards / "index.parquet").read_bytes())
+    assert ShardSet(folder).counts == manifest["counts"]
 
 
 def _open_error(folder):

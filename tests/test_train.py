@@ -312,6 +312,17 @@ def test_a_resume_keeps_its_optimizer_and_refuses_an_end_before_its_checkpoint(t
     assert (args["lr"], args["momentum"]) == (0.01, 0.9)
 
 
+def test_a_new_run_in_an_old_folder_leaves_none_of_its_results(tiny_shards, tmp_path):
+    """Stopped before its first epoch ends, a new run in a finished run's folder held that run's
+    final.json and best.pth beside its own metrics (`tinyin report` showed the old test figure)."""
+    flags = ["--arch", "lenet5", "-b", "4", "--epochs", "2"]
+    run(tiny_shards, tmp_path, *flags)
+    assert {"final.json", "best.pth"} <= {p.name for p in tmp_path.iterdir()}
+    stop_at(tiny_shards, tmp_path, 1, *flags, "--lr", "0.05")
+    assert not (tmp_path / "final.json").exists() and not (tmp_path / "best.pth").exists()
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
 def stop_at(shards, out, step, *flags):
     """Run until global step `step` as if preempted there (the hidden --stop-after-steps sends no
     signal but takes the same path as SIGUSR1: checkpoint at that step, exit 138)."""

@@ -80,6 +80,10 @@ def test_verify_catches_an_index_offset_that_points_at_another_sample(shards, tm
     offsets[4] = offsets[5]  # sample 5 of train-000000.tar now claims sample 6's grey pixels
     table = table.set_column(table.schema.get_field_index("gray28_offset"), "gray28_offset", [offsets])
     pq.write_table(table, copy / "index.parquet")
+    # with its checksum in the manifest updated too, or the open would stop at that (the offsets are checked here)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["index_sha256"] = file_sha256(copy / "index.parquet")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
     key = table.column("key")[4].as_py()
     code, output = run("shard", "verify", copy, "--quiet")
     assert (code, output) == (1, f"error: {copy / 'train-000000.tar'}: {key}.gray28.npy is not at its indexed offset")

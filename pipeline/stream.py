@@ -30,7 +30,10 @@ import contextlib
 import http.client
 import mmap
 import multiprocessing
+import os
+import signal
 import tarfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -243,6 +246,32 @@ def _as_is(item):
     return item
 
 
+def _ignore_sigterm_but_the_parents(worker_id):
+    """worker_init_fn: a worker ignores SIGTERM unless its own main process sends it.
+
+    A preemption signals every process of the job at once (`kill -TERM -PGID`, Slurm, a scheduler).
+    torch's worker handler died of it, and torch's SIGCHLD handler then raised "DataLoader worker
+    ... is killed by signal" in the main process, in the middle of a step (a crash that lost every
+    step since the last checkpoint) or, if it came to be handled only as the epoch's generator was
+    being finalised, as an "Exception ignored" traceback. Stopping is the main process's job
+    (train.py's StopSignals): it finishes the step, checkpoints and shuts the workers down as it
+    does after any epoch. A SIGTERM from the main process itself (torch's terminate() of a worker
+    slow to stop, multiprocessing's at exit) still ends the worker quietly, as torch's handler does
+    (not SIG_IGN: multiprocessing's exit joins the workers it terminates, and would wait forever).
+    Why a thread: a Python handler is not told the sender, so SIGTERM is blocked in every thread
+    of the worker (threads started later, and `pipe:` commands, inherit the mask: a command reads
+    on and ends with the worker's pipe) and taken by `sigwaitinfo`, which is.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # a forked worker has no other thread yet
+    threading.Thread(target=_exit_on_sigterm_from, args=(os.getppid(),), name="tinyin-sigterm", daemon=True).start()
+
+
+def _exit_on_sigterm_from(parent):
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+        pass
+    os._exit(0)  # what torch's handler does for its parent's SIGTERM: no error for the SIGCHLD handler
+
+
 class _Failure:
     """What a worker sends instead of raising: DataLoader would re-wrap the error and bury the URL."""
 
@@ -429,7 +458,7 @@ class StreamSource:
                          self.batch_size, free, self._pool, self._rings)
         # collate_fn: items as the workers made them (the default would copy labels into new shared memory)
         chunks = (iter(DataLoader(dataset, batch_size=None, num_workers=self.workers, persistent_workers=False,
-                                  collate_fn=_as_is))
+                                  collate_fn=_as_is, worker_init_fn=_ignore_sigterm_but_the_parents))
                   if self.workers else iter(dataset))
         try:
             yield from self._batches(chunks, free)

@@ -4,12 +4,18 @@ batches from a folder, HTTP, S3 and `pipe:` commands, and loud (ShardError namin
 retried on any missing, short, corrupt or cut-off shard."""
 
 import gc
+import itertools
 import multiprocessing
+import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
+import time
 import weakref
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +31,7 @@ from pipeline.stream_plan import plan_epoch
 from pipeline.synth import synthesize
 from servers import FaultyHTTPServer
 
+ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_BYTES = 16896  # one sample's four tar members (see tarshard)
 COUNTS = [50, 50, 50, 50, 40]
 
@@ -386,6 +393,55 @@ def test_early_stop_releases_workers(shards):
     source = stream_from_set(shards, "train", batch_size=16, workers=2)
     for _ in source:
         break  # the autouse fixture checks that no worker process is left behind
+
+
+def test_workers_ignore_a_sigterm_not_from_their_parent_and_end_on_its(shards):
+    # A preemption signals every process of the job (`kill -TERM -PGID`, Slurm): the workers died of it,
+    # and torch's SIGCHLD handler raised "DataLoader worker ... is killed by signal" here. Stopping is
+    # the main process's job: the workers read on, and end when it closes the source or terminates them.
+    expected = _epoch(stream_from_set(shards, "train", batch_size=16, workers=0))
+    source = stream_from_set(shards, "train", batch_size=16, workers=2)
+    batches = iter(source)
+    images, labels, keys = next(batches)
+    workers = multiprocessing.active_children()
+    assert len(workers) == 2
+    subprocess.run(["kill", "-TERM", *(str(w.pid) for w in workers)], check=True)  # from another process
+    _same(_epoch(itertools.chain([(images.clone(), labels, keys)], batches)), expected)
+    batches = iter(source)
+    next(batches)
+    worker = multiprocessing.active_children()[0]
+    worker.terminate()  # torch's fallback for a worker slow to stop: its parent's SIGTERM still ends it, quietly
+    worker.join(5)
+    assert worker.exitcode == 0
+    batches.close()
+
+
+def _running(pid):
+    """Whether process `pid` exists and is not a zombie (an orphan's reaper may be slow or absent)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_workers_end_when_their_parent_is_killed(shards):
+    # SIGKILL leaves no chance to shut the workers down: torch's watchdog in each worker sees its
+    # parent gone within MP_STATUS_CHECK_INTERVAL (5 s) and ends it (SIGTERM from others is ignored).
+    code = ("import multiprocessing, sys; from pipeline.stream import stream_from_set; "
+            "batches = iter(stream_from_set(sys.argv[1], 'train', batch_size=16, workers=2)); next(batches); "
+            "print(*(w.pid for w in multiprocessing.active_children()), flush=True); sys.stdin.read()")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(shards)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        pids = [int(pid) for pid in proc.stdout.readline().split()]
+        assert len(pids) == 2 and all(map(_running, pids))
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 20
+    while any(map(_running, pids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(map(_running, pids))
 
 
 def test_workers_reuse_their_read_and_batch_buffers_across_epochs(shards, http):

@@ -390,19 +390,27 @@ def test_a_crash_resumes_from_the_last_periodic_checkpoint(train_shards, tmp_pat
     assert len(keys) == 1000 and sorted(keys) == sorted(train_keys(train_shards))
 
 
-def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(train_shards, tmp_path):
+@pytest.mark.parametrize("path, group", [((), False), (("--data-path", "stream"), True)],
+                         ids=["to-the-process", "stream-to-the-group"])
+def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(train_shards, tmp_path, path, group):
+    # group: SIGTERM to the whole process group, as `kill -TERM -PGID`, Slurm or a scheduler sends it,
+    # so the stream path's DataLoader workers get it too: they used to die of it, and torch's SIGCHLD
+    # handler raised "DataLoader worker ... is killed by signal" in the main process (exit 1).
     flags = ["--shards", train_shards, "--arch", "lenet5", "-b", "32", "--epochs", "2", "--augment",
-             "--device", "cpu"]
+             "--device", "cpu", *path]
     straight = script(*flags, "--output-dir", tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr
     out = tmp_path / "resumed"
     # --wait-at-step: the run prints a line after global step 12 of 64 and waits there for a real signal.
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, flags), "--output-dir", str(out),
                              "--wait-at-step", "12"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=group)
     try:
         assert proc.stdout.readline() == "waiting for a signal at epoch 0 step 12\n"
-        proc.send_signal(signal.SIGTERM)
+        if group:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()

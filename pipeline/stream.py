@@ -122,19 +122,23 @@ def _read_http(url):
 # 169 MB buffer costs its pages' faults and zeroing (the larger part of a worker's system time).
 # A worker also starts with its slots of the source's pool (`_pool`), so its epochs reuse them.
 _SPARE = []
+_SPARE_LOCK = threading.Lock()  # epochs read in two threads of one process (two in-process loaders) share it
 
 
 def _buffer(size):
     """A writable memoryview of `size` bytes over a spare read buffer if one is large enough."""
-    for i, spare in enumerate(_SPARE):
-        if len(spare) >= size:
-            return memoryview(_SPARE.pop(i))[:size]
+    with _SPARE_LOCK:
+        for i, spare in enumerate(_SPARE):
+            if len(spare) >= size:
+                return memoryview(_SPARE.pop(i))[:size]
     return memoryview(bytearray(size))
 
 
 def _release(group):
     """Give a sliced group's read buffers back for reuse (only those `_buffer` handed out)."""
-    _SPARE.extend(d.obj for d in group.data if isinstance(d, memoryview) and isinstance(d.obj, (bytearray, mmap.mmap)))
+    with _SPARE_LOCK:
+        _SPARE.extend(d.obj for d in group.data
+                      if isinstance(d, memoryview) and isinstance(d.obj, (bytearray, mmap.mmap)))
 
 
 def _pool(shards, workers, lanes, mix):
@@ -422,6 +426,7 @@ class StreamSource:
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.rank, self.world_size, self.workers, self.lanes, self.mix = rank, world_size, workers, lanes, mix
         self._pool = self._rings = None  # the workers' read and batch buffers, made at the first epoch
+        self._lock, self._busy = threading.Lock(), False  # whether an epoch in flight holds them
         self.set_epoch(epoch)  # fails here, not at the first epoch, if the ranks cannot be balanced
 
     def set_epoch(self, epoch, start=0):
@@ -451,17 +456,24 @@ class StreamSource:
             return
         # More workers than lanes would sit idle: the plan has max(lanes, workers) lanes.
         free = [multiprocessing.SimpleQueue() for _ in range(self.workers)]
-        if self.workers and self._pool is None:
-            self._pool = _pool(self.shards, self.workers, max(self.lanes, self.workers), self.mix) or []
-            self._rings = _ring_buffers(self.workers, self.batch_size, int(np.prod(VARIANTS[self.variant][1])))
+        # An epoch in flight beside another (two threads, two iterators of one loader) gets buffers of
+        # its own: sharing them, each overwrote the other's batches (images under the wrong labels).
+        with self._lock:
+            beside, self._busy = self._busy, True
+            pool, rings = self._pool, self._rings
+            if self.workers and (beside or pool is None):
+                pool = _pool(self.shards, self.workers, max(self.lanes, self.workers), self.mix) or []
+                rings = _ring_buffers(self.workers, self.batch_size, int(np.prod(VARIANTS[self.variant][1])))
+                if not beside:
+                    self._pool, self._rings = pool, rings
         dataset = _Lanes(self.plan, self.shards, self.variant, self.shard_set, self.storage_options,
-                         self.batch_size, free, self._pool, self._rings)
+                         self.batch_size, free, pool, rings)
         # collate_fn: items as the workers made them (the default would copy labels into new shared memory)
         chunks = (iter(DataLoader(dataset, batch_size=None, num_workers=self.workers, persistent_workers=False,
                                   collate_fn=_as_is, worker_init_fn=_ignore_sigterm_but_the_parents))
                   if self.workers else iter(dataset))
         try:
-            yield from self._batches(chunks, free)
+            yield from self._batches(chunks, free, rings)
         finally:
             # Stop the workers (or the in-process read thread) now, also after an error or an early
             # stop, on this thread: a traceback holding this frame would otherwise keep them alive.
@@ -471,8 +483,10 @@ class StreamSource:
                 chunks.close()
             for queue in free:
                 queue.close()
+            if not beside:
+                self._busy = False  # last: no worker of this epoch writes into the buffers any more
 
-    def _batches(self, chunks, free):
+    def _batches(self, chunks, free, rings):
         """Put the workers' chunks back in plan order, join the few batches made of two, and hand
         each ring slot back once its batch has been replaced by the next."""
         plan, early, parts, next_seq = self.plan, {}, [], 0
@@ -481,7 +495,7 @@ class StreamSource:
                 raise ShardError(item.message)
             seq, worker, slot, images, labels, keys = item
             if images is None:
-                images = self._rings[worker][slot][:len(labels)].view(len(labels), *VARIANTS[self.variant][1])
+                images = rings[worker][slot][:len(labels)].view(len(labels), *VARIANTS[self.variant][1])
             early[seq] = (worker, slot, images, torch.from_numpy(labels), keys)
             while next_seq in early:  # workers run side by side: a chunk may arrive before its turn
                 parts.append(early.pop(next_seq))

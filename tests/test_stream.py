@@ -110,6 +110,35 @@ def test_same_samples_as_fast_path(shards, variant, workers):
     assert sizes == [32] * 7 + [16]
 
 
+@pytest.mark.parametrize("how", ["zip", "threads"])
+def test_two_epochs_in_flight_at_once_each_get_their_own_batches(shards, how):
+    """Two iterators of one source (zipped, or in two threads) shared its workers' batch buffers:
+    each overwrote the other's images (592 of 2,000 under the wrong key in a tester's run)."""
+    import threading
+
+    source = stream_from_set(shards, "train", batch_size=16, workers=2, seed=7)
+    alone = _epoch(source)
+    if how == "zip":
+        pairs = [(a[0].clone(), a[1], a[2], b[0].clone(), b[1], b[2]) for a, b in zip(source, source)]
+        got = [[(p[0], p[1], p[2]) for p in pairs], [(p[3], p[4], p[5]) for p in pairs]]
+    else:
+        got, start = [None, None], threading.Barrier(2)
+
+        def one(i):
+            start.wait()
+            got[i] = _kept(source)
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    for epoch in got:
+        _same(alone, (alone[0], [k for _, _, keys in epoch for k in keys],
+                      torch.cat([labels for _, labels, _ in epoch]).numpy(),
+                      torch.cat([images for images, _, _ in epoch]).numpy()))
+    assert source._busy is False and source._pool is not None  # the first epoch's buffers, kept for the next
+
+
 def test_batches_do_not_depend_on_workers(shards):
     runs = [_epoch(stream_from_set(shards, "train", batch_size=24, workers=w, seed=5, epoch=1)) for w in (0, 1, 2)]
     _same(runs[0], runs[1])

@@ -105,6 +105,8 @@ def get_model(name: str, num_classes: int = 200, pretrained: bool = False, weigh
         ``checkpoint.pth`` of train.py). A head of another class count is dropped.
     """
     spec = model_spec(name)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, not {num_classes!r}")
     if pretrained and weights:
         raise ValueError("pass either pretrained=True or weights=FILE, not both")
     if not pretrained:
@@ -137,9 +139,16 @@ def load_weights_file(model: nn.Module, path: str | os.PathLike, head: str) -> N
     typically 1000 ImageNet classes against our 200 — everything but the head
     is loaded and the model keeps its freshly initialised head.
     """
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise  # FileNotFoundError and the like: the caller names the path
+    except Exception as e:  # noqa: BLE001 - on an arbitrary file torch.load raises nearly anything (struct.error, KeyError)
+        raise ValueError(f"{path}: not a weights file ({e.__class__.__name__})") from None
     if isinstance(state, dict) and "model" in state:
         state = state["model"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a state dict (a {type(state).__name__})")
     own = model.state_dict()
     mismatched = [k for k in state if k.startswith(head) and k in own and state[k].shape != own[k].shape]
     if mismatched:

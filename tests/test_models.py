@@ -114,6 +114,25 @@ def test_weights_file_of_another_model_is_refused(tmp_path):
         models.get_model("resnet18", weights=str(tmp_path / "lenet.pth"))
 
 
+def test_a_file_that_is_no_state_dict_is_a_value_error(tmp_path):
+    """From the Python API these were struct.error, KeyError or AttributeError from deep inside."""
+    (tmp_path / "text.pth").write_text("bad gateway\n")
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(ValueError) as e:
+        models.get_model("lenet5", weights=str(tmp_path / "text.pth"))
+    assert str(e.value) == f"{tmp_path / 'text.pth'}: not a weights file (IndexError)"
+    with pytest.raises(ValueError) as e:
+        models.get_model("lenet5", weights=str(tmp_path / "list.pth"))
+    assert str(e.value) == f"{tmp_path / 'list.pth'}: not a state dict (a list)"
+
+
+@pytest.mark.parametrize("num_classes", [0, -1, 2.0, True])
+def test_num_classes_must_be_a_positive_integer(num_classes):
+    with pytest.raises(ValueError) as e:
+        models.get_model("lenet5", num_classes=num_classes)
+    assert str(e.value) == f"num_classes must be a positive integer, not {num_classes!r}"
+
+
 # --- the real torch.hub download path, against a local HTTP server -------------------------
 
 

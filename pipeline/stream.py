@@ -266,8 +266,19 @@ def _ignore_sigterm_but_the_parents(worker_id):
     of the worker (threads started later, and `pipe:` commands, inherit the mask: a command reads
     on and ends with the worker's pipe) and taken by `sigwaitinfo`, which is.
     """
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # a forked worker has no other thread yet
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # already, from the fork (_sigterm_blocked)
     threading.Thread(target=_exit_on_sigterm_from, args=(os.getppid(),), name="tinyin-sigterm", daemon=True).start()
+
+
+@contextlib.contextmanager
+def _sigterm_blocked():
+    """SIGTERM blocked in this thread meanwhile; one that arrives is delivered after (a fork inherits
+    the mask, so a worker is never without its SIGTERM rule, from its first instruction on)."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _exit_on_sigterm_from(parent):
@@ -469,9 +480,10 @@ class StreamSource:
         dataset = _Lanes(self.plan, self.shards, self.variant, self.shard_set, self.storage_options,
                          self.batch_size, free, pool, rings)
         # collate_fn: items as the workers made them (the default would copy labels into new shared memory)
-        chunks = (iter(DataLoader(dataset, batch_size=None, num_workers=self.workers, persistent_workers=False,
-                                  collate_fn=_as_is, worker_init_fn=_ignore_sigterm_but_the_parents))
-                  if self.workers else iter(dataset))
+        with _sigterm_blocked():  # the workers fork with it blocked: none dies of one before its init runs
+            chunks = (iter(DataLoader(dataset, batch_size=None, num_workers=self.workers, persistent_workers=False,
+                                      collate_fn=_as_is, worker_init_fn=_ignore_sigterm_but_the_parents))
+                      if self.workers else iter(dataset))
         try:
             yield from self._batches(chunks, free, rings)
         finally:

@@ -445,6 +445,34 @@ def test_workers_ignore_a_sigterm_not_from_their_parent_and_end_on_its(shards):
     batches.close()
 
 
+def test_a_worker_sent_sigterm_before_its_init_runs_does_not_die(shards, monkeypatch):
+    """The workers fork with SIGTERM blocked: between the fork and worker_init_fn (torch installs its
+    own handler first), one signalled by another process died of it (once in a suite run under load)."""
+    import pipeline.stream
+
+    go, real_init = multiprocessing.Event(), pipeline.stream._ignore_sigterm_but_the_parents
+
+    def late_init(worker_id):  # inherited by the fork: the worker waits here, before the real init
+        go.wait(30)
+        real_init(worker_id)
+
+    monkeypatch.setattr(pipeline.stream, "_ignore_sigterm_but_the_parents", late_init)
+    expected = _epoch(stream_from_set(shards, "train", batch_size=16, workers=0))
+    source, got = stream_from_set(shards, "train", batch_size=16, workers=2), []
+    reader = threading.Thread(target=lambda: got.append(_epoch(source)))
+    reader.start()
+    for _ in range(300):
+        if len(multiprocessing.active_children()) == 2:
+            break
+        time.sleep(0.01)
+    subprocess.run(["kill", "-TERM", *(str(w.pid) for w in multiprocessing.active_children())], check=True)
+    time.sleep(0.2)  # delivered by now, to a worker still inside late_init
+    go.set()
+    reader.join(30)
+    assert len(got) == 1
+    _same(got[0], expected)
+
+
 def _running(pid):
     """Whether process `pid` exists and is not a zombie (an orphan's reaper may be slow or absent)."""
     try:

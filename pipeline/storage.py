@@ -21,7 +21,9 @@ shard never trains silently to the end of an epoch: the loader raises the pass's
 it hands out an epoch's last batch. Some batches of a corrupt shard may be trained on before the
 error; none after it, and never a whole epoch.
 """
+import inspect
 import threading
+import weakref
 
 import numpy as np
 import torch
@@ -29,15 +31,30 @@ import torch
 from .background import start_thread
 
 
+def _weak(function):
+    """A callable returning `function`, weakly for a bound method (None once its object is gone)."""
+    return weakref.WeakMethod(function) if inspect.ismethod(function) else (lambda: function)
+
+
 class DataPass:
     """A background thread that reads every shard of `arrays` once (verify or touch), then calls
     `after(s)` per shard and `done()` at the end. `check()` raises its error if it has failed;
-    `wait()` blocks until it has finished (and raises its error)."""
+    `wait()` blocks until it has finished (and raises its error); `stop()` ends it after its shard.
+
+    `after` and `done` are held weakly when they are bound methods (a storage's own): the thread
+    must not keep a dropped loader's storage (a resident split, 1.2 GB) alive, and it stops at the
+    next shard once that storage is gone (a notebook that makes loader after loader had a pass,
+    and its memory, per loader for the seconds each took to finish)."""
 
     def __init__(self, arrays, checksum=True, after=None, done=None):
-        self.arrays, self.checksum, self._after, self._done = arrays, checksum, after, done
+        self.arrays, self.checksum = arrays, checksum
+        self._after, self._done = (None if f is None else _weak(f) for f in (after, done))
         self.error, self.finished, self._stop = None, threading.Event(), threading.Event()
         self.thread = start_thread(self._run, "tinyin-data-pass", self._stop)  # stopped after its shard at exit
+
+    def stop(self):
+        """End the pass after the shard in hand (its owner is gone)."""
+        self._stop.set()
 
     def _run(self):
         try:
@@ -45,17 +62,20 @@ class DataPass:
                 if self._stop.is_set():
                     raise RuntimeError("the data pass was stopped before its end")
                 (self.arrays.verify_shard if self.checksum else self.arrays.touch_shard)(s)
-                if self._after:
-                    self._after(s)
-            if self._done:
-                self._done()
+                self._call(self._after, s)
+            self._call(self._done)
         except BaseException as e:  # raised in the consumer by check() / wait()
             self.error = e
         finally:
-            # `after`/`done` are the storage's own methods: holding them would keep a storage (a resident
-            # split, 1.2 GB of device memory) alive until the cyclic GC runs, after its loader is dropped.
-            self._after = self._done = None
             self.finished.set()
+
+    @staticmethod
+    def _call(ref, *args):
+        if ref is not None:
+            function = ref()
+            if function is None:
+                raise RuntimeError("the data pass's storage was dropped before its end")
+            function(*args)
 
     def check(self):
         if self.error is not None:
@@ -75,6 +95,7 @@ class MappedStorage:
         self.arrays, self.shape = arrays, arrays.shape
         self.labels = torch.from_numpy(arrays.labels)
         self.data_pass = DataPass(arrays, checksum)
+        weakref.finalize(self, self.data_pass.stop)  # a dropped loader's pass reads no further
 
     def __len__(self):
         return len(self.arrays)
@@ -98,6 +119,7 @@ class ResidentStorage:
         self.labels = torch.from_numpy(arrays.labels).to(self.device)
         self.complete = False
         self.data_pass = DataPass(arrays, checksum, after=self._copy, done=self._finish)
+        weakref.finalize(self, self.data_pass.stop)  # a dropped loader's pass reads no further
 
     def __len__(self):
         return len(self.arrays)

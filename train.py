@@ -324,16 +324,16 @@ def build_model(args, num_classes):
         raise CheckpointError(f"--weights {args.weights}: no such file") from None
     except IsADirectoryError:
         raise CheckpointError(f"--weights {args.weights}: a folder, not a weights file") from None
-    except Exception as e:  # noqa: BLE001 - torch.load of an arbitrary file raises nearly anything (KeyError, struct.error...)
-        raise CheckpointError(f"--weights {args.weights}: {describe_weights(args.weights, args.arch, e)}") from None
+    except Exception:  # noqa: BLE001 - torch.load of an arbitrary file raises nearly anything (KeyError, struct.error...)
+        raise CheckpointError(f"--weights {args.weights}: {describe_weights(args.weights, args.arch)}") from None
 
 
-def describe_weights(path, arch, error):
+def describe_weights(path, arch):
     """Why a weights file does not load, in a few words (the full key lists fill a screen)."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - whatever torch.load raised, the file is not weights
-        return f"not a weights file ({error.__class__.__name__})"
+    except Exception as e:  # noqa: BLE001 - whatever torch.load raised, the file is not weights
+        return f"not a weights file ({e.__class__.__name__})"  # torch's own error, not the model's wrapper
     run_args = saved.get("args") if isinstance(saved, dict) else None
     other = run_args.get("arch") if isinstance(run_args, dict) else None
     if other and other != arch:

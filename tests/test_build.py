@@ -227,7 +227,7 @@ def test_cli_build_prints_counts_and_speed(release, tmp_path):
 # once it has stopped the build; before that fix, the workers' own Ctrl-C ended their wait.
 # `submitted` marks that the parent has queued every shard and waits for them.
 GATED_BUILD = """
-import sys, time
+import signal, sys, time
 from concurrent.futures import Future
 from pathlib import Path
 import pipeline.build as build
@@ -257,6 +257,9 @@ def wait_and_mark(*args, **kwargs):
     return wait(*args, **kwargs)
 
 build._write_one_shard, Future.cancel, build.wait = gated_write, cancel_and_open, wait_and_mark
+# Ctrl-C as a terminal delivers it: a suite started in the background (`make test &`) hands its children
+# SIGINT ignored, and Python then installs no handler of its own (the build never stopped: a hang).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 main(sys.argv[4:], prog_name="tinyin")
 """
 

@@ -770,9 +770,10 @@ def write_keys(out, epoch, keys):
         keys.clear()
 
 
-def environment(device, world_size):
-    """What the numbers were measured on, and how the run was started (env.json)."""
-    return dict(provenance.environment(device), world_size=world_size, argv=sys.argv,
+def environment(device, world_size, dataset):
+    """What the numbers were measured on, and how the run was started (env.json). `dataset`: the run
+    identity's (classes and train count), so a report can tell a run on the full release from others."""
+    return dict(provenance.environment(device), world_size=world_size, dataset=dataset, argv=sys.argv,
                 time=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
 
 
@@ -782,11 +783,11 @@ def write_args(out, args):
         json.dump(vars(args), f, indent=2)
 
 
-def write_run_files(out, args, device, world_size, history):
+def write_run_files(out, args, device, world_size, history, dataset):
     """args.json, env.json, and metrics files rewritten from `history` (a resumed run drops rows past its checkpoint)."""
     write_args(out, args)
     with open(os.path.join(out, "env.json"), "w") as f:
-        json.dump(environment(device, world_size), f, indent=2)
+        json.dump(environment(device, world_size, dataset), f, indent=2)
     write_metrics(out, history)
 
 
@@ -925,7 +926,7 @@ def main(args):
         if args.test_only:
             return test_only(parts, args)
         if rank() == 0:
-            write_run_files(args.output_dir, args, device, world_size, state.history)
+            write_run_files(args.output_dir, args, device, world_size, state.history, parts.identity["dataset"])
             # Not finished any more (a resume that trains further, or a new run in an old folder):
             # an earlier final.json would stand beside these metrics until final_test rewrites it.
             # And a new run's best.pth is its own: an old one would stand until its first epoch ends.

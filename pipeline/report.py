@@ -164,9 +164,13 @@ def _study_cells(run: dict) -> list[str]:
     ours = " / ".join(_fraction(v) for v in (last.get("train_top1"), last.get("val_top1"), final.get("test_top1")))
     wall = final.get("wall_time_s", sum(r.get("epoch_time_s", 0) for r in rows))
     name = run["name"]
+    dataset = run["env"].get("dataset")  # "200 classes (<hash>), 100000 train" for the release (runs since it is kept)
+    if study is not None and dataset and not (dataset.startswith("200 classes") and dataset.endswith(" 100000 train")):
+        study, why = None, f"not comparable: trained on {dataset}, the study on the full release"
+    else:
+        why = "no such row in the study"
     if study is None:
-        return [name, _row(run)[2], str(args.get("batch_size", "?")), ours, "no such row in the study", "-", "-",
-                _minutes(wall)]
+        return [name, _row(run)[2], str(args.get("batch_size", "?")), ours, why, "-", "-", _minutes(wall)]
     reported = f"{study['train']:.3f} / {study['val']:.3f} ({study['table']})"
     recorded, at_epoch = "-", "-"
     if "recorded" in study:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.report import plot_curves, render_study, render_table, write_report
+from pipeline.report import STUDY, plot_curves, render_study, render_table, study_row, write_report
 
 
 def make_run(root, name, args, rows, final=None, env=None):
@@ -161,6 +161,17 @@ def test_render_study_beside_the_study(tmp_path):
         "\n"
         "Training time, sum of the rows: 13.0 min; the whole table, wall clock (start-up, evaluation and test included): 15.0 min.\n"
     )
+
+
+def test_a_run_on_other_data_is_not_set_beside_the_study(tmp_path):
+    """A run on 10 synthetic classes sat beside the study's 200-class figures as if comparable."""
+    args, rows = dict(arch="lenet5", size=28, epochs=40, batch_size=32), [row(0, 70.0, 72.0)]
+    small = make_run(tmp_path, "synthetic", args, rows, env=dict(dataset="10 classes (0123456789ab), 1000 train"))
+    full = make_run(tmp_path, "release", args, rows, env=dict(dataset="200 classes (0123456789ab), 100000 train"))
+    lines = render_study([small, full]).splitlines()
+    assert lines[2] == ("| synthetic | 1 of 40 | 32 | 0.700 / 0.720 / - | not comparable: trained on 10 classes "
+                        "(0123456789ab), 1000 train, the study on the full release | - | - | 0.5 |")
+    assert lines[3].startswith("| release | 1 of 40 | 32 | 0.700 / 0.720 / - | 0.218 / 0.220 (Table 2) |")
 
 
 def test_recorded_epoch_not_reached(tmp_path):
@@ -343,7 +354,8 @@ def test_reproduce_pretrained_row_with_a_local_weights_file(shards, tmp_path):
     assert args["weights"] == str(weights / "squeezenet1_1-b8a52dc0.pth") and not args["pretrained"]
     assert args["batch_size"] == 4 and args["norm"] == "imagenet"
     assert "| squeezenet1_1-224 | 1 (1 batches each) | 4 |" in (out / "report.md").read_text()
-    assert "0.589 / 0.586 (Table 3)" in (out / "report.md").read_text()
+    assert study_row(args) is STUDY[("squeezenet1_1", 224, True, 10)]  # a local weights file is the pretrained row
+    assert "| not comparable: trained on 6 classes (" in (out / "report.md").read_text()  # the synthetic set
 
 
 def test_reproduce_unknown_row(tmp_path):

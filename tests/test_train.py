@@ -248,6 +248,8 @@ def test_lenet5_learns_and_writes_its_files(train_shards, tmp_path):
     env = json.loads((tmp_path / "env.json").read_text())
     assert env["torch"] == torch.__version__ and env["device"] == "cpu" and env["world_size"] == 1
     assert env["commit"] == provenance.commit() and env["gpu"] is None and env["cpu"]
+    assert env["dataset"] == train.run_identity(train.parse_args(["--arch", "lenet5"]), read_manifest(train_shards))["dataset"]
+    assert env["dataset"].startswith("10 classes (") and env["dataset"].endswith("), 1000 train")
     on_disk = json.loads((tmp_path / "final.json").read_text())
     assert on_disk == pytest.approx(final)
     assert final["epochs"] == 3 and final["train_top1"] == rows[2]["train_top1"] and final["val_top1"] == rows[2]["val_top1"]

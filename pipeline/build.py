@@ -195,7 +195,7 @@ def build_shards(src, out, workers=None, shard_size=10000, split_seed=None, on_e
 
     Returns the manifest (also written to `out/manifest.json`), with `_seconds` (the build's time)
     and `_repaired` (the files written again into an existing set) added. Raises `SourceError`,
-    `ImageError` (with `on_error='fail'`), `ShardError` or `UsageError` (`classes` out of range)
+    `ImageError` (with `on_error='fail'`), `ShardError` or `UsageError` (`classes` or `split_seed` out of range)
     with a one-line message.
     """
     if on_error not in ("fail", "skip"):
@@ -204,6 +204,8 @@ def build_shards(src, out, workers=None, shard_size=10000, split_seed=None, on_e
         raise ShardError(f"--shard-size must be at least 1, not {shard_size}")
     if classes is not None and classes < 1:  # checked here too, before the release is read
         raise UsageError(f"--classes {classes}: must be at least 1")
+    if split_seed is not None and split_seed < 0:  # numpy's own error comes after the release is read
+        raise UsageError(f"--split-seed {split_seed}: must be at least 0")
     out = Path(out)
     params = {"source": Path(src).name, "shard_size": shard_size, "split_seed": split_seed, "on_error": on_error}
     if classes is not None:  # only then: a full build's manifest stays byte for byte what it was

@@ -13,7 +13,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 import pipeline.build
+from pipeline.build import build_shards
 from pipeline.cli import main
+from pipeline.errors import UsageError
 
 
 @pytest.fixture
@@ -177,6 +179,9 @@ def test_a_negative_split_seed_is_a_usage_error(release, tmp_path):
     code, output = build(release, tmp_path / "out", "--split-seed", "-1")
     assert code == 2 and output.endswith("Invalid value for '--split-seed': -1 is not in the range x>=0.")
     assert not list(tmp_path.iterdir())
+    with pytest.raises(UsageError) as e:  # the Python API too (numpy's ValueError, after the release was read)
+        build_shards(release, tmp_path / "out", split_seed=-1, progress=False)
+    assert str(e.value) == "--split-seed -1: must be at least 0" and not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("content, reason", [

@@ -72,6 +72,9 @@ def inspect_shards(shards, png=None, max_classes=20, per_class=8):
 
     from .reader import ShardArrays
 
+    for name, value in (("max_classes", max_classes), ("per_class", per_class)):
+        if value < 1:  # the CLI's click ranges refuse these; a call from Python gets the same
+            raise UsageError(f"{name} must be at least 1, not {value}")
     shard_set = _local(shards)
     shards, manifest = Path(shard_set.location), shard_set.manifest
     png = Path(png) if png else shards / "samples.png"

@@ -3,14 +3,16 @@ import json
 import shutil
 import tarfile
 
+import pyarrow.parquet as pq
+import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.cli import main
-import pyarrow.parquet as pq
-
 from pipeline.checksum import file_sum64
+from pipeline.cli import main
+from pipeline.errors import UsageError
 from pipeline.index import file_sha256, read_index, read_manifest
+from pipeline.verify import inspect_shards
 
 
 def run(*args):
@@ -137,4 +139,9 @@ def test_inspect_refuses_counts_below_one_and_a_png_without_an_image_extension(s
         2, f"error: --png {tmp_path / 'grid'}: no extension; use .png")
     assert run("shard", "inspect", shards, "--png", tmp_path / "grid.xyz") == (
         2, f"error: --png {tmp_path / 'grid.xyz'}: unknown image extension .xyz; use .png")
+    for kwargs, message in ((dict(max_classes=0), "max_classes must be at least 1, not 0"),
+                            (dict(per_class=-2), "per_class must be at least 1, not -2")):  # from Python too
+        with pytest.raises(UsageError) as e:
+            inspect_shards(shards, png=tmp_path / "g.png", **kwargs)
+        assert str(e.value) == message
     assert not list(tmp_path.iterdir())

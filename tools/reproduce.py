@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))  # run from anywhere, installed or not
 
 import models  # noqa: E402
 from models.recipes import RECIPES  # noqa: E402
+from pipeline.cache import is_set_url  # noqa: E402
 from pipeline.report import write_report  # noqa: E402
 
 TABLE2 = {f"{arch}-{size}": ("paper", arch, size) for arch, size in RECIPES["paper"] if size != 224}
@@ -220,7 +221,7 @@ def main(args):
             print(f"== {name}: finished earlier, not run again", flush=True)
         else:
             todo.append((name, run, cmd))
-    if todo and "://" not in args.shards and not (Path(args.shards) / "manifest.json").is_file():
+    if todo and not is_set_url(args.shards) and not (Path(args.shards) / "manifest.json").is_file():
         # before any row starts: each would fail alike, and the message would tell to "rerun"
         sys.exit(f"error: --shards {args.shards}: not a shard set (no manifest.json); run `tinyin shard build` first")
     # Side by side (--jobs > 1) each row's output goes to its own log; a thread per row is enough,

@@ -66,6 +66,8 @@ def read_manifest(shards):
         manifest = json.loads(path.read_text())
     except ValueError as e:
         raise ShardError(f"{path}: corrupt manifest ({e})") from None
+    if not isinstance(manifest, dict):  # as ShardSet words it
+        raise ShardError(f"{path}: malformed (not an object)")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ShardError(f"{path}: format version {manifest.get('format_version')}, this tinyin reads {FORMAT_VERSION}")
     return manifest

@@ -258,3 +258,14 @@ def test_remote_failures_are_one_line(monkeypatch, tmp_path):
         s3fs.S3FileSystem.clear_instance_cache()
     assert _open_error("ftp://127.0.0.1:1/y") == (
         "ftp://127.0.0.1:1/y: cannot open (ConnectionRefusedError: [Errno 111] Connection refused)")
+
+
+def test_read_manifest_words_a_non_object_manifest_as_shard_set_does(tmp_path):
+    """`pipeline.read_manifest` (public; `bench train` reads class counts with it) raised
+    AttributeError ('list' object has no attribute 'get') on a manifest that is a JSON list."""
+    from pipeline.index import read_manifest
+
+    (tmp_path / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(ShardError) as e:
+        read_manifest(tmp_path)
+    assert str(e.value) == f"{tmp_path / 'manifest.json'}: malformed (not an object)"

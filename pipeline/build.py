@@ -169,8 +169,10 @@ def _run_tasks(files, tasks, tmp, workers, on_error, progress):
             while pending:
                 done, pending = wait(pending, timeout=0.25, return_when=FIRST_EXCEPTION)
                 bar.update(counter.value - bar.n)
-                for f in done:
-                    if f.exception() is not None:
+                # In submission order, not the set's: when several shards failed by the time this thread
+                # woke (a full disk fails them all), the one named is the first, on every run.
+                for f in futures:
+                    if f in done and f.exception() is not None:
                         raise f.exception()
         except BaseException:  # a failed shard, Ctrl-C: drop the queued shards, wait only for those in hand
             # wait=True here: the `with`'s own shutdown would reset the cancel request if the

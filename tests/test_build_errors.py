@@ -1,4 +1,5 @@
 """Bad input: one clear line naming the file, exit code 1, nothing half-written."""
+import concurrent.futures
 import errno
 import io
 import os
@@ -203,6 +204,22 @@ def test_an_out_folder_that_cannot_be_made_fails_before_the_release_is_read(tmp_
     out = tmp_path / "afile.txt" / "sub"
     code, output = build(tmp_path / "no-release-here", out)  # the release would fail, were it read first
     assert (code, output) == (1, f"error: {out}: cannot create the output folder (Not a directory)")
+
+
+def test_when_several_shards_have_failed_the_first_is_named(release, tmp_path, monkeypatch):
+    """A full disk fails every shard; when the build looks only after all have failed (a loaded machine),
+    it names the first in order, not whichever a set yields (CI once named val-000000 here)."""
+    def full(path, samples):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    def late_wait(futures, timeout, return_when):
+        return concurrent.futures.wait(futures, return_when=concurrent.futures.ALL_COMPLETED)
+
+    monkeypatch.setattr(pipeline.build, "write_shard", full)
+    monkeypatch.setattr(pipeline.build, "wait", late_wait)
+    code, output = build(release, tmp_path / "out", "--workers", "2", "--shard-size", "40")
+    tmp = tmp_path / f"out.tmp-{socket.gethostname()}-{os.getpid()}"
+    assert (code, output) == (1, f"error: No space left on device: {tmp / 'train-000000.tar'}")
 
 
 def test_a_full_disk_is_one_line(release, tmp_path, monkeypatch):

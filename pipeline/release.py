@@ -12,8 +12,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import SourceError, UsageError
+from .schema import MEMBERS
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg")
+# A sample's members are `<key>.<member>` in a ustar header's 100-byte ASCII name field, and WebDataset
+# readers take the key to be the name up to its first dot.
+MAX_KEY = 100 - max(len("." + m) for m in MEMBERS)
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,16 @@ def _natural(name):
 
 def _stem(path):
     return path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+
+
+def _key(path, problems):
+    """The sample key of image `path`, or None (and a problem) if its name cannot be one."""
+    key = _stem(path)
+    if key.isascii() and "." not in key and 1 <= len(key) <= MAX_KEY:
+        return key
+    problems.append((path, f"the file name cannot be a sample key (ASCII, no '.' before the extension, "
+                           f"at most {MAX_KEY} characters)"))
+    return None
 
 
 def _is_image(path):
@@ -99,7 +113,9 @@ def _train_items(files, wnids, kept, problems):
                 continue
             boxes[image] = _box(fields[1:5], f"{files.label}: {boxes_file}:{n}")
         for path in sorted(by_class[wnid], key=_natural):
-            items.append(Item(_stem(path), "train", label_of[wnid], wnid, boxes.get(path), path))
+            key = _key(path, problems)
+            if key is not None:
+                items.append(Item(key, "train", label_of[wnid], wnid, boxes.get(path), path))
     return items
 
 
@@ -122,8 +138,9 @@ def _val_test_items(files, wnids, kept, split_seed, problems):
         if path not in present:
             problems.append((path, f"named in {where} but missing"))
             continue
-        box = _box(fields[2:6], f"{files.label}: {where}")
-        per_class[wnid].append(Item(_stem(path), "", label_of[wnid], wnid, box, path))
+        box, key = _box(fields[2:6], f"{files.label}: {where}"), _key(path, problems)
+        if key is not None:
+            per_class[wnid].append(Item(key, "", label_of[wnid], wnid, box, path))
     for path in sorted(present - listed.keys(), key=_natural):
         problems.append((path, "not listed in val/val_annotations.txt"))
     rng = np.random.default_rng(split_seed) if split_seed is not None else None
@@ -157,9 +174,12 @@ def plan_release(files, split_seed=None, classes=None):
     problems = []
     train = _train_items(files, wnids, kept, problems)
     val, test = _val_test_items(files, wnids, kept, split_seed, problems)
-    unlabeled = [] if classes is not None else [
-        Item(_stem(p), "unlabeled", -1, "", None, p)
-        for p in sorted((n for n in files.names() if n.startswith("test/images/") and _is_image(n)), key=_natural)]
+    unlabeled = []
+    if classes is None:
+        for path in sorted((n for n in files.names() if n.startswith("test/images/") and _is_image(n)), key=_natural):
+            key = _key(path, problems)
+            if key is not None:
+                unlabeled.append(Item(key, "unlabeled", -1, "", None, path))
     items = {"train": train, "val": val, "test": test, "unlabeled": unlabeled}
     seen = {}
     for item in train + val + test + unlabeled:

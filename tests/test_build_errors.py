@@ -95,6 +95,29 @@ def test_a_class_without_images_fails_or_is_skipped(broken, tmp_path):
     assert manifest["skipped"] == [{"source": "train/n99999999/images/", "reason": reason}]
 
 
+def test_file_names_that_cannot_be_sample_keys_fail_or_are_skipped(broken, tmp_path):
+    """A key goes into a 100-byte ASCII tar name with its member's suffix, and WebDataset readers end a
+    key at its first dot (before: a non-ASCII or long name was a traceback after the decoding, and
+    `a.b.JPEG` built a shard that `shard verify` and stock readers split into another sample)."""
+    first = first_train_image(broken)
+    shutil.copy(first, first.with_name("caf\u00e9_0.JPEG"))
+    shutil.copy(broken / "val/images/val_3.JPEG", broken / "val/images/val.3.JPEG")
+    annotations = broken / "val/val_annotations.txt"
+    line = next(l for l in annotations.read_text().splitlines() if l.startswith("val_3.JPEG\t"))
+    annotations.write_text(annotations.read_text() + line.replace("val_3", "val.3") + "\n")
+    long_name = "t" * 90 + ".JPEG"  # a key of 90 characters: one too many
+    shutil.copy(broken / "test/images/test_0.JPEG", broken / "test/images" / long_name)
+    reason = "the file name cannot be a sample key (ASCII, no '.' before the extension, at most 89 characters)"
+    wrong = [str(first.with_name("caf\u00e9_0.JPEG").relative_to(broken)), "val/images/val.3.JPEG",
+             f"test/images/{long_name}"]
+    assert_fails(broken, tmp_path, f"{broken}: {wrong[0]}: {reason}")
+    code, output = build(broken, tmp_path / "out", "--on-error", "skip")
+    assert code == 0 and output.endswith("skipped 3"), output
+    manifest = json.loads((tmp_path / "out/manifest.json").read_text())
+    assert manifest["skipped"] == [{"source": path, "reason": reason} for path in wrong]
+    assert manifest["counts"] == {"train": 240, "val": 30, "test": 30, "unlabeled": 30}
+
+
 @pytest.mark.parametrize("damage, reason", [
     ("garbage", "not an image (corrupt JPEG)"),
     ("truncated", "corrupt or truncated JPEG (image file is truncated"),

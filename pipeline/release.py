@@ -59,7 +59,9 @@ def _key(path, problems):
 
 
 def _is_image(path):
-    return path.lower().endswith(IMAGE_SUFFIXES)
+    # `._name.JPEG` is no image: macOS writes such an AppleDouble file (the file's metadata) beside
+    # every file it copies to a FAT or exFAT drive or packs with its Finder or tar.
+    return path.lower().endswith(IMAGE_SUFFIXES) and not path.rsplit("/", 1)[-1].startswith("._")
 
 
 def _box(fields, where):

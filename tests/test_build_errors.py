@@ -7,6 +7,7 @@ import socket
 import json
 import shutil
 import tarfile
+import zipfile
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ import pipeline.build
 from pipeline.build import build_shards
 from pipeline.cli import main
 from pipeline.errors import UsageError
+from tests.conftest import SHARD_SIZE
 
 
 @pytest.fixture
@@ -116,6 +118,27 @@ def test_file_names_that_cannot_be_sample_keys_fail_or_are_skipped(broken, tmp_p
     manifest = json.loads((tmp_path / "out/manifest.json").read_text())
     assert manifest["skipped"] == [{"source": path, "reason": reason} for path in wrong]
     assert manifest["counts"] == {"train": 240, "val": 30, "test": 30, "unlabeled": 30}
+
+
+def test_macos_metadata_files_are_no_images(release, shards, tmp_path):
+    """macOS leaves an AppleDouble `._NAME` beside each file it copies to an exFAT drive or packs, and
+    Finder's zips a `__MACOSX/` folder of them (before: `._val_0.JPEG: not listed in
+    val/val_annotations.txt`, and with --on-error skip every `._` file skipped as not an image)."""
+    broken = shutil.copytree(release, tmp_path / "release")
+    for path in [p for p in broken.rglob("*") if p.is_file()]:
+        (path.parent / f"._{path.name}").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
+    zipped = tmp_path / "release.zip"
+    with zipfile.ZipFile(zipped, "w") as zf:
+        for path in sorted(p for p in broken.rglob("*") if p.is_file()):
+            rel = path.relative_to(broken)
+            zf.write(path, f"tiny-imagenet-200/{rel}")
+            zf.writestr(f"__MACOSX/tiny-imagenet-200/{rel.parent}/._{path.name}", b"\x00\x05\x16\x07")
+    for src in (broken, zipped):
+        out = tmp_path / f"out-{src.suffix}"
+        code, output = build(src, out, "--shard-size", str(SHARD_SIZE))
+        assert code == 0 and output.endswith("skipped 0"), output
+        built, reference = (json.loads((s / "manifest.json").read_text()) for s in (out, shards))
+        assert built["shards"] == reference["shards"] and built["counts"] == reference["counts"]
 
 
 @pytest.mark.parametrize("damage, reason", [

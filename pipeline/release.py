@@ -3,7 +3,8 @@
 Labels are the index of the wnid in `sorted(wnids)` (what `ImageFolder` gives). The official val
 set is split per class: the first half of each class's images, in `val_annotations.txt` order,
 go to `val`, the rest to `test` (25/25 on the real release, as in the study); `split_seed`
-draws that split at random instead. The official `test/` images are unlabelled (`unlabeled`, -1).
+draws that split at random instead; a class with fewer than 2 val images, which would leave val or
+test without it, is a problem. The official `test/` images are unlabelled (`unlabeled`, -1).
 `classes=N` keeps only the first N classes (labels 0..N-1, the same as in the full plan).
 """
 import re
@@ -150,6 +151,9 @@ def _val_test_items(files, wnids, kept, split_seed, problems):
     # Classes in label order, so the first `kept` draw the same random halves as in the full plan.
     for wnid in wnids[:kept]:
         items = per_class[wnid]
+        if len(items) < 2:  # val or test would hold none of the class, and its accuracy go unmeasured there
+            problems.append(("val/val_annotations.txt",
+                             f"class {wnid} has {len(items)} val images; val and test need at least one each"))
         if rng is not None:
             items = [items[i] for i in rng.permutation(len(items))]
         half = len(items) // 2

@@ -92,9 +92,30 @@ def test_a_class_without_images_fails_or_is_skipped(broken, tmp_path):
     reason = "no images of class n99999999 (listed in wnids.txt)"
     assert_fails(broken, tmp_path, f"{broken}: train/n99999999/images/: {reason}")
     code, output = build(broken, tmp_path / "out", "--on-error", "skip")
+    assert code == 0 and output.endswith("skipped 2"), output
+    manifest = json.loads((tmp_path / "out/manifest.json").read_text())
+    assert manifest["skipped"] == [{"source": "train/n99999999/images/", "reason": reason},
+                                   {"source": "val/val_annotations.txt",
+                                    "reason": "class n99999999 has 0 val images; val and test need at least one each"}]
+
+
+@pytest.mark.parametrize("keep", [0, 1])
+def test_a_class_without_val_and_test_images_fails_or_is_skipped(broken, tmp_path, keep):
+    """(before: built, `skipped 0`, with the class absent from val or from test)"""
+    wnid = sorted((broken / "wnids.txt").read_text().split())[2]
+    annotations = broken / "val/val_annotations.txt"
+    lines = annotations.read_text().splitlines()
+    gone = [l for l in lines if l.split("\t")[1] == wnid][keep:]
+    annotations.write_text("".join(f"{l}\n" for l in lines if l not in gone))
+    for line in gone:
+        (broken / "val/images" / line.split("\t")[0]).unlink()
+    reason = f"class {wnid} has {keep} val images; val and test need at least one each"
+    assert_fails(broken, tmp_path, f"{broken}: val/val_annotations.txt: {reason}")
+    code, output = build(broken, tmp_path / "out", "--on-error", "skip")
     assert code == 0 and output.endswith("skipped 1"), output
     manifest = json.loads((tmp_path / "out/manifest.json").read_text())
-    assert manifest["skipped"] == [{"source": "train/n99999999/images/", "reason": reason}]
+    assert manifest["skipped"] == [{"source": "val/val_annotations.txt", "reason": reason}]
+    assert (manifest["counts"]["val"], manifest["counts"]["test"]) == (25, 25 + keep)
 
 
 def test_file_names_that_cannot_be_sample_keys_fail_or_are_skipped(broken, tmp_path):

@@ -15,7 +15,7 @@ import zlib
 from pathlib import Path
 
 from .errors import SourceError
-from .unpack import Broken, Unsupported, files_in_tar, files_in_zip
+from .unpack import BLOCK, Broken, Unsupported, files_in_tar, files_in_zip, truncated
 
 ROOT_MARKER = "wnids.txt"
 GZIP_MAGIC = b"\x1f\x8b"
@@ -84,6 +84,10 @@ def _read_tar(path):
             for member in tar:
                 if member.isfile():
                     files[member.name.lstrip("./")] = tar.extractfile(member).read()
+            # tarfile stops as quietly at a header cut short as at the end-of-archive block it read whole.
+            end = tar.fileobj.tell()  # bytes of tar read (decompressed)
+            if end < tar.offset + BLOCK:
+                raise truncated(end)
         return files
     except (Broken, tarfile.TarError, OSError, EOFError, ValueError, zlib.error) as e:
         raise SourceError(f"{path}: unreadable archive ({e})") from None

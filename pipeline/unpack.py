@@ -58,6 +58,11 @@ def _pax_records(data):
     return records
 
 
+def truncated(end):
+    """The `Broken` of a tar whose data ends at byte `end`, before its end-of-archive blocks."""
+    return Broken(f"truncated: it ends at byte {end:,}, before tar's end-of-archive blocks")
+
+
 def files_in_tar(data):
     """`{member name: bytes}` for the regular files of uncompressed tar `data` (bytes).
 
@@ -69,7 +74,7 @@ def files_in_tar(data):
     long_name = pax = None  # extended data that applies to the next header
     while True:
         if pos + BLOCK > end:  # tarfile stops here quietly, and a cut-short archive looks complete
-            raise Broken(f"truncated: it ends at byte {end:,}, before tar's end-of-archive blocks")
+            raise truncated(end)
         header = data[pos:pos + BLOCK]
         if not any(header):
             break  # end-of-archive marker (tarfile, too, stops at the first zero block)

@@ -5,6 +5,7 @@ import io
 import os
 import socket
 import json
+import lzma
 import shutil
 import tarfile
 import zipfile
@@ -232,6 +233,25 @@ def test_truncated_archives_say_so(release, tmp_path):
     cut.write_bytes(zipped.read_bytes()[:zipped.stat().st_size - 100])
     code, output = build(cut, tmp_path / "out")
     assert (code, output) == (1, f"error: {cut}: corrupt or truncated zip (no central directory at its end)")
+    assert sorted(p.name for p in tmp_path.glob("out*")) == []
+
+
+def test_truncated_archives_that_tarfile_reads_say_so(release, tmp_path):
+    """The archives the fast reader leaves to `tarfile` (other compressions, a pax global header as
+    `git archive` writes, pre-POSIX tars), cut at a member header (before: built from what was left,
+    `skipped 0`)."""
+    plain = tmp_path / "release.tar"
+    with tarfile.open(plain, "w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "a global header"}) as tf:
+        for name in ("wnids.txt", "words.txt", "val", "test", "train"):  # train last: the cut loses images
+            tf.add(release / name, f"tiny-imagenet-200/{name}")
+    with tarfile.open(plain) as tf:
+        cut = [m for m in tf.getmembers() if m.name.endswith(".JPEG")][-1].offset
+    data = plain.read_bytes()[:cut]
+    for path, content in ((tmp_path / "cut.tar", data), (tmp_path / "cut.tar.xz", lzma.compress(data))):
+        path.write_bytes(content)
+        code, output = build(path, tmp_path / "out")
+        assert (code, output) == (1, f"error: {path}: unreadable archive (truncated: it ends at byte {cut:,}, "
+                                     "before tar's end-of-archive blocks)")
     assert sorted(p.name for p in tmp_path.glob("out*")) == []
 
 

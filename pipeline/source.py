@@ -30,9 +30,7 @@ class ReleaseFiles:
         self._files = files  # name -> bytes (archives)
         self._folder = folder  # Path (folders, read lazily)
         if folder is not None:
-            self._names = sorted(
-                str(p.relative_to(folder)).replace(os.sep, "/") for p in folder.rglob("*") if p.is_file()
-            )
+            self._names = _files_under(folder)
         else:
             self._names = sorted(files)
 
@@ -57,6 +55,25 @@ class ReleaseFiles:
         if name not in self:
             raise SourceError(f"{self.label}: missing {name}")
         return [line.strip() for line in self.read(name).decode("utf-8", "replace").splitlines() if line.strip()]
+
+
+def _files_under(folder):
+    """Sorted '/'-joined paths, relative to `folder`, of the files under it, symlinked folders followed
+    (`rglob` does not: a class folder linked in from another disk had no images), each real folder once
+    (a link to a folder above it would loop). A broken link is listed, so that reading it names it."""
+    names, seen = [], {os.path.realpath(folder)}
+    for path, folders, files in os.walk(folder, followlinks=True):
+        rel = os.path.relpath(path, folder)
+        names += [name if rel == "." else f"{rel}/{name}".replace(os.sep, "/") for name in files
+                  if os.path.isfile(os.path.join(path, name)) or os.path.islink(os.path.join(path, name))]
+        kept = []
+        for name in folders:
+            real = os.path.realpath(os.path.join(path, name))
+            if real not in seen:
+                seen.add(real)
+                kept.append(name)
+        folders[:] = kept
+    return sorted(names)
 
 
 def _strip_root(names_to_bytes, label):

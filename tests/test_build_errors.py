@@ -163,6 +163,28 @@ def test_macos_metadata_files_are_no_images(release, shards, tmp_path):
         assert built["shards"] == reference["shards"] and built["counts"] == reference["counts"]
 
 
+def test_symlinked_folders_are_followed(release, shards, tmp_path):
+    """A release with folders linked in from elsewhere builds as the plain one does (before: `no images
+    of class W` for a linked class folder, `named in val/val_annotations.txt:1 but missing` for a linked
+    val/images); a link to a folder above loops no walk, and a broken link is named."""
+    broken = shutil.copytree(release, tmp_path / "release")
+    wnid = sorted((broken / "wnids.txt").read_text().split())[0]
+    elsewhere = tmp_path / "other-disk"
+    elsewhere.mkdir()
+    for folder in (f"train/{wnid}", "val/images"):
+        moved = shutil.move(broken / folder, elsewhere / folder.replace("/", "-"))
+        (broken / folder).symlink_to(moved)
+    (broken / "test/images/loop").symlink_to(broken / "test")
+    code, output = build(broken, tmp_path / "out", "--shard-size", str(SHARD_SIZE))
+    assert code == 0 and output.endswith("skipped 0"), output
+    built, reference = (json.loads((s / "manifest.json").read_text()) for s in (tmp_path / "out", shards))
+    assert built["shards"] == reference["shards"]
+    image = broken / f"train/{wnid}/images/extra_0.JPEG"
+    image.symlink_to(tmp_path / "gone.JPEG")
+    shutil.rmtree(tmp_path / "out")
+    assert_fails(broken, tmp_path, f"{broken}: cannot read {image.relative_to(broken)} (FileNotFoundError)")
+
+
 @pytest.mark.parametrize("damage, reason", [
     ("garbage", "not an image (corrupt JPEG)"),
     ("truncated", "corrupt or truncated JPEG (image file is truncated"),

@@ -85,7 +85,7 @@ def _read_wnids(files):
     words = {}
     if "words.txt" in files:
         for line in files.text("words.txt"):
-            wnid, _, text = line.partition("\t")
+            wnid, text = (line.split(None, 1) + [""])[:2]  # a tab, or spaces where an editor replaced it
             words[wnid] = text.strip()
     return sorted(wnids), words
 
@@ -129,7 +129,7 @@ def _val_test_items(files, wnids, kept, split_seed, problems):
     listed = {}  # path -> position in val_annotations.txt
     for n, line in enumerate(files.text("val/val_annotations.txt"), 1):
         where = f"val/val_annotations.txt:{n}"
-        fields = line.split("\t") if "\t" in line else line.split()
+        fields = [f.strip() for f in line.split("\t")] if "\t" in line else line.split()
         if len(fields) < 6:
             raise SourceError(f"{files.label}: {where}: expected 'file wnid x0 y0 x1 y1', got {line!r}")
         path, wnid = f"val/images/{fields[0]}", fields[1]

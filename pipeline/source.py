@@ -51,10 +51,11 @@ class ReleaseFiles:
             raise SourceError(f"{self.label}: cannot read {name} ({e.__class__.__name__})") from None
 
     def text(self, name):
-        """A text file's lines (stripped, blank lines dropped); missing file -> SourceError."""
+        """A text file's lines (stripped, blank lines dropped); missing file -> SourceError.
+        A UTF-8 byte order mark (Windows editors write one) is dropped: it would be part of the first name."""
         if name not in self:
             raise SourceError(f"{self.label}: missing {name}")
-        return [line.strip() for line in self.read(name).decode("utf-8", "replace").splitlines() if line.strip()]
+        return [line.strip() for line in self.read(name).decode("utf-8-sig", "replace").splitlines() if line.strip()]
 
 
 def _files_under(folder):

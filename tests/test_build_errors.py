@@ -87,6 +87,22 @@ def test_malformed_boxes_name_the_release(broken, tmp_path):
     assert_fails(broken, tmp_path, f"{broken}: val/val_annotations.txt:1: malformed box 'a b c d'")
 
 
+def test_text_files_from_an_editor_build_the_same_set(release, shards, tmp_path):
+    """CRLF, a UTF-8 byte order mark, spaces around the tabs or in place of them (before: the BOM made
+    the first wnid `class folder train/W is not in wnids.txt`, spaces around a tab `wnid ' W ' is not in
+    wnids.txt`, and words.txt with spaces lost every class's words, silently)."""
+    edited = shutil.copytree(release, tmp_path / "release")
+    for name, edit in (("wnids.txt", lambda line: line), ("val/val_annotations.txt", lambda l: l.replace("\t", " \t ")),
+                       ("words.txt", lambda line: line.replace("\t", "    "))):
+        lines = (edited / name).read_text().splitlines()
+        (edited / name).write_bytes(("\ufeff" + "".join(f" {edit(line)} \r\n" for line in lines)).encode())
+    code, output = build(edited, tmp_path / "out", "--shard-size", str(SHARD_SIZE))
+    assert code == 0 and output.endswith("skipped 0"), output
+    built, reference = (json.loads((s / "manifest.json").read_text()) for s in (tmp_path / "out", shards))
+    assert built["shards"] == reference["shards"] and built["classes"] == reference["classes"]
+    assert all(c["words"].startswith("synthetic class ") for c in built["classes"])
+
+
 def test_a_class_without_images_fails_or_is_skipped(broken, tmp_path):
     with open(broken / "wnids.txt", "a") as f:
         f.write("n99999999\n")

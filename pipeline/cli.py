@@ -91,12 +91,26 @@ def shard_build(src, out, workers, shard_size, split_seed, on_error, classes, qu
 
     manifest = build_shards(src, out, workers=workers, shard_size=shard_size, split_seed=split_seed,
                             on_error=on_error, progress=not quiet, classes=classes)
+    _name_skipped(manifest["skipped"])
     counts = ", ".join(f"{k} {v:,}" for k, v in manifest["counts"].items())
     n = sum(manifest["counts"].values())
     secs = manifest["_seconds"]
     repaired = f"; repaired {', '.join(manifest['_repaired'])}" if manifest["_repaired"] else ""
     click.echo(f"built {len(manifest['shards'])} shards in {out}: {counts} "
                f"({n / secs:,.0f} images/s, {secs:.1f} s); skipped {len(manifest['skipped'])}{repaired}")
+
+
+SKIPPED_SHOWN = 20
+
+
+def _name_skipped(skipped):
+    """Name on stderr what a build skipped (`--on-error skip`), the first SKIPPED_SHOWN: a count alone
+    leaves the user to dig the files out of the manifest."""
+    for entry in skipped[:SKIPPED_SHOWN]:
+        source, reason = entry["source"], entry["reason"]
+        click.echo(f"skipped {reason if reason.startswith(source + ': ') else f'{source}: {reason}'}", err=True)
+    if len(skipped) > SKIPPED_SHOWN:
+        click.echo(f"skipped {len(skipped) - SKIPPED_SHOWN:,} more (manifest.json lists them all)", err=True)
 
 
 def _local(shards, split, progress=None):

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import pipeline.build
+import pipeline.cli
 from pipeline.build import build_shards
 from pipeline.cli import main
 from pipeline.errors import UsageError
@@ -229,6 +230,21 @@ def test_bad_images_fail_or_are_skipped(broken, tmp_path, damage, reason):
     assert len(manifest["skipped"]) == 1 and manifest["skipped"][0]["source"] == rel
     assert manifest["skipped"][0]["reason"].startswith(f"{rel}: {reason}")
     assert manifest["counts"]["train"] == 239 and "skipped 1" in output
+
+
+def test_the_build_names_what_it_skipped(broken, tmp_path, monkeypatch):
+    """Each skipped input on stderr, with its reason (before: only `skipped 3`), up to a limit."""
+    images = sorted(first_train_image(broken).parent.glob("*.JPEG"), key=lambda p: int(p.stem.split("_")[1]))[:3]
+    for path in images:
+        path.write_bytes(b"")
+    lines = [f"skipped {p.relative_to(broken)}: not an image (corrupt JPEG)" for p in images]
+    args = ["shard", "build", "--src", str(broken), "--quiet", "--on-error", "skip"]
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0 and result.stderr == "".join(f"{line}\n" for line in lines), result.output
+    assert result.stdout.rstrip().endswith("skipped 3")
+    monkeypatch.setattr(pipeline.cli, "SKIPPED_SHOWN", 1)
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "out2")])
+    assert result.stderr == f"{lines[0]}\nskipped 2 more (manifest.json lists them all)\n"
 
 
 def test_unreadable_archives(release, tmp_path):

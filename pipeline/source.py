@@ -116,9 +116,12 @@ def _read_zip(path):
         with zipfile.ZipFile(path) as zf:
             members = [i for i in zf.infolist() if not i.is_dir()]
             try:
-                return files_in_zip(path.read_bytes(), members)
+                files = files_in_zip(path.read_bytes(), members)
             except Unsupported:
-                return {i.filename: zf.read(i) for i in members}
+                files = {i.filename: zf.read(i) for i in members}
+            # Windows PowerShell 5's Compress-Archive writes '\' between folders, which the zip format
+            # forbids in a name: it can only be a folder separator.
+            return {name.replace("\\", "/"): data for name, data in files.items()}
     except (Broken, zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error,
             NotImplementedError) as e:  # zipfile's word for a compression it lacks
         raise SourceError(f"{path}: unreadable archive ({e})") from None

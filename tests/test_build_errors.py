@@ -180,6 +180,19 @@ def test_macos_metadata_files_are_no_images(release, shards, tmp_path):
         assert built["shards"] == reference["shards"] and built["counts"] == reference["counts"]
 
 
+def test_a_zip_with_backslashes_between_folders_builds(release, shards, tmp_path):
+    """Windows PowerShell 5's Compress-Archive separates folders with '\\' (before: `missing wnids.txt
+    (not a Tiny ImageNet release)`)."""
+    zipped = tmp_path / "release.zip"
+    with zipfile.ZipFile(zipped, "w") as zf:
+        for path in sorted(p for p in release.rglob("*") if p.is_file()):
+            zf.writestr("\\".join(("tiny-imagenet-200", *path.relative_to(release).parts)), path.read_bytes())
+    code, output = build(zipped, tmp_path / "out", "--shard-size", str(SHARD_SIZE))
+    assert code == 0 and output.endswith("skipped 0"), output
+    built, reference = (json.loads((s / "manifest.json").read_text()) for s in (tmp_path / "out", shards))
+    assert built["shards"] == reference["shards"]
+
+
 def test_symlinked_folders_are_followed(release, shards, tmp_path):
     """A release with folders linked in from elsewhere builds as the plain one does (before: `no images
     of class W` for a linked class folder, `named in val/val_annotations.txt:1 but missing` for a linked

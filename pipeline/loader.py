@@ -162,7 +162,7 @@ def _check_integer(name, value, low):
         raise ValueError(f"{name} must be an integer of at least {low}, not {value!r}")
 
 
-def _check_args(batch_size, seed, epoch, rank, world_size, size, prefetch, std, dtype):
+def _check_args(batch_size, seed, epoch, rank, world_size, size, prefetch, mean, std, dtype, variant):
     """The arguments every path uses, checked before any shard is opened."""
     for name, value, low in (("batch_size", batch_size, 1), ("seed", seed, 0), ("epoch", epoch, 0),
                              ("world_size", world_size, 1), ("rank", rank, 0)):
@@ -173,8 +173,15 @@ def _check_args(batch_size, seed, epoch, rank, world_size, size, prefetch, std, 
         _check_integer("size", size, 1)
     if prefetch is not None:
         _check_integer("prefetch", prefetch, 0)
+    if (mean is None) != (std is None):  # one alone was silently replaced by the manifest's pair
+        given, missing = ("mean", "std") if std is None else ("std", "mean")
+        raise ValueError(f"{given} without {missing}: pass both, or neither for the train split's statistics")
     if std is not None and not all(float(v) > 0 for v in std):
         raise ValueError(f"std must be positive (it divides), not {list(std)}")
+    channels = 3 if len(VARIANTS[variant][1]) == 3 else 1
+    if mean is not None and not len(mean) == len(std) == channels:
+        raise ValueError(f"mean and std need one value per channel of {variant} ({channels}), "
+                         f"not {len(mean)} and {len(std)}")
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point dtype (images are normalised), not {dtype}")
 
@@ -205,8 +212,8 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
     shard URLs / `pipe:` commands / a brace pattern (the stream path; `sample_counts`, per shard, then
     sizes epochs and splits ranks).
     Yields `(images, labels)` (`+ keys` with `with_keys=True`): images float (B, C, H, W) on
-    `device`, scaled to [0, 1] and normalised by mean/std (default: the train split's stats
-    from the manifest), resized to `size` and augmented when asked (augment: "none", "crop" or
+    `device`, scaled to [0, 1] and normalised by mean/std (given together, a value per channel;
+    default: the train split's stats from the manifest), resized to `size` and augmented when asked (augment: "none", "crop" or
     "rrc", with `rrc_scale`, see `DeviceStage`); or, with `raw=True`, the uint8 (B, H, W[, C])
     batch itself (valid until the next batch is requested). Labels int64.
     Same (seed, epoch): same order; `set_epoch` reshuffles. With `world_size > 1` ranks get
@@ -217,7 +224,7 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, not {path!r}")
     augment_mode(augment)  # a bad value is refused before any shard is opened
-    _check_args(batch_size, seed, epoch, rank, world_size, size, prefetch, std, dtype)
+    _check_args(batch_size, seed, epoch, rank, world_size, size, prefetch, mean, std, dtype, variant)
     if is_set_url(shards) and path != "stream":  # a URL reads like a folder: its split fetched once per node
         shards = cached_copy(shards, split)
     shard_set = None if is_url_list(shards) else open_shard_set(shards)
@@ -240,7 +247,7 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
         if prefetch is None:
             prefetch = 4 if path == "fast" and torch.device(device).type == "cuda" else 0
         source = _LocalSource(storage, batch_size, shuffle, seed, rank, world_size, drop_last, device, prefetch)
-    if mean is None or std is None:  # shard URLs without explicit stats: map [0, 1] to [-1, 1]
+    if mean is None:  # shard URLs without explicit stats: map [0, 1] to [-1, 1]
         channels = 3 if len(VARIANTS[variant][1]) == 3 else 1
         stats = shard_set.stats(variant) if shard_set else {"mean": [0.5] * channels, "std": [0.5] * channels}
         mean, std = stats["mean"], stats["std"]

@@ -219,6 +219,12 @@ def test_an_option_the_path_does_not_use_is_refused(shards, kwargs, message):
     (dict(batch_size=64.0), "batch_size must be an integer of at least 1, not 64.0"),
     (dict(batch_size=0), "batch_size must be an integer of at least 1, not 0"),
     (dict(mean=[0.5] * 3, std=[0.5, 0, 0.5]), "std must be positive (it divides), not [0.5, 0, 0.5]"),
+    # mean or std alone was replaced by the manifest's pair, silently; a wrong count failed at the first batch
+    (dict(mean=(0.485, 0.456, 0.406)), "mean without std: pass both, or neither for the train split's statistics"),
+    (dict(std=(0.229, 0.224, 0.225)), "std without mean: pass both, or neither for the train split's statistics"),
+    (dict(mean=(0.5,), std=(0.5,)), "mean and std need one value per channel of rgb64 (3), not 1 and 1"),
+    (dict(variant="gray28", mean=(0.5,) * 3, std=(0.5,) * 3),
+     "mean and std need one value per channel of gray28 (1), not 3 and 3"),
     (dict(dtype=torch.int64), "dtype must be a floating-point dtype (images are normalised), not torch.int64"),
 ])
 def test_bad_arguments_are_refused_before_any_shard_is_opened(shards, kwargs, message, monkeypatch):

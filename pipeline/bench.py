@@ -31,15 +31,19 @@ from .shardset import open_shard_set
 
 SLOW = 50_000  # images/s below which a pass may stop mid-epoch (a full epoch would take minutes)
 FAST_PASS = 100_000  # fast loaders run whole epochs back to back until at least this many images
+PROBE_S = 0.5  # the warm-up pass that decides fast or slow lasts at least this long (see `_measure`)
 
 
-def _time_pass(make_iter, first_epoch, min_images, stop_mid_epoch):
-    """Images/s over whole epochs (or a cut epoch) until at least `min_images` images."""
+def _time_pass(make_iter, first_epoch, min_images, stop_mid_epoch, min_seconds=0.0):
+    """Images/s over whole epochs (or a cut epoch) until at least `min_images` images and `min_seconds`."""
     n, epoch, start = 0, first_epoch, time.perf_counter()
-    while n < min_images:
+
+    def done():
+        return n >= min_images and time.perf_counter() - start >= min_seconds
+    while not done():
         for batch in make_iter(epoch):
             n += len(batch[1])
-            if stop_mid_epoch and n >= min_images:
+            if stop_mid_epoch and done():
                 break
         epoch += 1
     return n / (time.perf_counter() - start)
@@ -47,8 +51,12 @@ def _time_pass(make_iter, first_epoch, min_images, stop_mid_epoch):
 
 def _measure(make_iter, passes, pass_images):
     """Median images/s over `passes` timed passes, after warm-up that also sizes them. Fast
-    loaders get a whole warm-up pass so every page they will read is in the page cache."""
-    slow = _time_pass(make_iter, 0, pass_images, True) < SLOW
+    loaders get a whole warm-up pass so every page they will read is in the page cache.
+    The first warm-up pass, which decides, lasts at least `PROBE_S`: a pass of a batch or two is
+    mostly the epoch's start (a permutation, the workers' first shards), so at a small
+    `pass_images` a loader of a million images/s read as slow by chance, and its row, timed over
+    such passes, varied up to 100x between runs."""
+    slow = _time_pass(make_iter, 0, pass_images, True, PROBE_S) < SLOW
     size = pass_images if slow else FAST_PASS
     if not slow:
         _time_pass(make_iter, 1, size, False)

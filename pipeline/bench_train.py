@@ -80,7 +80,8 @@ def plan(archs=None, sizes=None, batches=("study", 256), feeds=("a", "b", "c"), 
     rows = [(a, s) for a, s in ROWS if (not archs or a in archs) and (not sizes or s in sizes)]
     if not rows:
         have = "; ".join(f"{a} at {s}" for a, s in ROWS if not archs or a in archs)
-        raise UsageError(f"--size {','.join(map(str, sizes))}: no such row for {','.join(archs)} (the zoo has: {have})")
+        which = f" for {','.join(archs)}" if archs else ""  # --size alone: any network
+        raise UsageError(f"--size {','.join(map(str, sizes))}: no such row{which} (the zoo has: {have})")
     cases = []
     for arch, size in rows:
         sizes_b = dict.fromkeys(study_batch(arch, size) if b == "study" else int(b) for b in batches)

@@ -39,6 +39,8 @@ def test_plan_rows_batches_and_compile():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(archs=["vgg16"]), "--arch vgg16: unknown; choose from: lenet5, alexnet, squeezenet1_1, resnet18"),
     (dict(archs=["lenet5"], sizes=[64]), "--size 64: no such row for lenet5 (the zoo has: lenet5 at 28)"),
+    (dict(sizes=[100]), "--size 100: no such row (the zoo has: lenet5 at 28; alexnet at 64; squeezenet1_1 at 64; "
+                        "resnet18 at 64; alexnet at 224; squeezenet1_1 at 224; resnet18 at 224)"),  # was a TypeError
     (dict(feeds=["a", "e"]), "--feeds e: unknown; choose from: a (ceiling), b (resident), c (fast), d (imagefolder)"),
     (dict(batches=["study", "0", "x"]), "--batch 0,x: need positive integers or 'study'"),
 ])

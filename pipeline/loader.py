@@ -186,6 +186,15 @@ def _check_args(batch_size, seed, epoch, rank, world_size, size, prefetch, mean,
         raise ValueError(f"dtype must be a floating-point dtype (images are normalised), not {dtype}")
 
 
+def _refuse_stage_options(size, augment, mean, std, dtype, channels_last):
+    """UsageError naming the device stage's options given with raw=True (the stored uint8 images)."""
+    given = [f"{name}={value!r}" for name, value in (("size", size), ("mean", mean), ("std", std)) if value is not None]
+    given += [f"augment={augment!r}"] * (augment_mode(augment) != "none")
+    given += [f"dtype={dtype}"] * (dtype != torch.float32) + ["channels_last=True"] * bool(channels_last)
+    if given:
+        raise UsageError(f"{', '.join(given)}: raw=True yields the stored uint8 images, without the device stage")
+
+
 def _refuse_unused(path, auto, local, workers, prefetch, sample_counts, checksum):
     """UsageError for an option the chosen path (or input) does not use: none is silently dropped."""
     chosen = f"the {path} path" + (" (chosen by path='auto')" if auto else "")
@@ -215,7 +224,8 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
     `device`, scaled to [0, 1] and normalised by mean/std (given together, a value per channel;
     default: the train split's stats from the manifest), resized to `size` and augmented when asked (augment: "none", "crop" or
     "rrc", with `rrc_scale`, see `DeviceStage`); or, with `raw=True`, the uint8 (B, H, W[, C])
-    batch itself (valid until the next batch is requested). Labels int64.
+    batch itself (valid until the next batch is requested; an option of the device stage is refused
+    with it, never dropped). Labels int64.
     Same (seed, epoch): same order; `set_epoch` reshuffles. With `world_size > 1` ranks get
     disjoint samples and, with `drop_last=True`, the same number of batches.
     """
@@ -225,6 +235,8 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
         raise ValueError(f"path must be one of {PATHS}, not {path!r}")
     augment_mode(augment)  # a bad value is refused before any shard is opened
     _check_args(batch_size, seed, epoch, rank, world_size, size, prefetch, mean, std, dtype, variant)
+    if raw:  # raw batches skip the device stage: its options would be dropped silently
+        _refuse_stage_options(size=size, augment=augment, mean=mean, std=std, dtype=dtype, channels_last=channels_last)
     if is_set_url(shards) and path != "stream":  # a URL reads like a folder: its split fetched once per node
         shards = cached_copy(shards, split)
     shard_set = None if is_url_list(shards) else open_shard_set(shards)

@@ -207,6 +207,19 @@ def test_an_option_the_path_does_not_use_is_refused(shards, kwargs, message):
 
 
 @pytest.mark.parametrize("kwargs, message", [
+    (dict(size=224), "size=224"),
+    (dict(augment=True, mean=(0.5,) * 3, std=(0.5,) * 3), "mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), augment=True"),
+    (dict(augment="rrc", dtype=torch.bfloat16, channels_last=True), "augment='rrc', dtype=torch.bfloat16, channels_last=True"),
+])
+def test_an_option_of_the_device_stage_is_refused_with_raw(shards, kwargs, message, monkeypatch):
+    """raw=True yields the stored bytes: these were dropped silently (augment=True gave unaugmented images)."""
+    monkeypatch.setattr("pipeline.loader.open_shard_set", lambda *a: pytest.fail("a shard set was opened"))
+    with pytest.raises(UsageError) as e:
+        make_loader(shards, "train", raw=True, **kwargs)
+    assert str(e.value) == message + ": raw=True yields the stored uint8 images, without the device stage"
+
+
+@pytest.mark.parametrize("kwargs, message", [
     (dict(path="fast", prefetch=-1), "prefetch must be an integer of at least 0, not -1"),  # hung: a ring of 0 buffers
     (dict(rank=2, world_size=2), "need rank < world_size, got rank=2, world_size=2"),
     (dict(rank=-1), "rank must be an integer of at least 0, not -1"),

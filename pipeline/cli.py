@@ -158,9 +158,17 @@ def bench():
     """Measure throughput."""
 
 
+def _release_root(ctx, param, value):
+    """--images of the bench commands: a folder with train/ in it, which the ImageFolder baseline reads
+    (any other folder failed in torchvision with a traceback, after the rows before it had run)."""
+    if value is not None and not (Path(value) / "train").is_dir():
+        raise click.BadParameter(f"{value} has no train/ folder; pass the extracted release (ROOT/train/WNID/images)")
+    return value
+
+
 @bench.command("loader")
 @click.option("--shards", required=True, type=click.Path(exists=True, file_okay=False), help="Shard folder.")
-@click.option("--images", default=None, type=click.Path(exists=True, file_okay=False), help="The extracted release (ROOT/train is read by the ImageFolder baseline); required unless --remote-only.")
+@click.option("--images", default=None, type=click.Path(exists=True, file_okay=False), callback=_release_root, help="The extracted release (ROOT/train is read by the ImageFolder baseline); required unless --remote-only.")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1))
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="DataLoader workers for the baseline and the stream path.")
 @click.option("--passes", default=5, show_default=True, type=click.IntRange(1), help="Timed passes per loader (median reported).")
@@ -203,7 +211,7 @@ def _csv(kind):
 
 @bench.command("train")
 @click.option("--shards", required=True, type=click.Path(exists=True, file_okay=False), help="Shard folder.")
-@click.option("--images", default=None, type=click.Path(exists=True, file_okay=False), help="An extracted release (ROOT/train), for feed d [default: none, feed d off].")
+@click.option("--images", default=None, type=click.Path(exists=True, file_okay=False), callback=_release_root, help="An extracted release (ROOT/train), for feed d [default: none, feed d off].")
 @click.option("--arch", default=None, callback=_csv(str), help="Networks, comma-separated [default: all four].")
 @click.option("--size", default=None, callback=_csv(int), help="Input sizes, comma-separated (28, 64, 224) [default: all the zoo allows].")
 @click.option("--batch", default="study,256", show_default=True, callback=_csv(str), help="Batch sizes; 'study' is the row's batch in the study.")

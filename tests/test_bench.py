@@ -2,6 +2,8 @@
 the loopback-HTTP rows, with curl's rate as their ceiling."""
 import shutil
 
+import pytest
+
 from pipeline import bench
 from pipeline.bench import bench_remote, format_table
 
@@ -62,3 +64,17 @@ def test_a_fast_loader_is_not_read_as_slow_from_a_pass_of_one_batch(monkeypatch)
             clock[0] += 1e-6
             yield None, range(256)
     assert bench._measure(epoch_iter, passes=1, pass_images=256)[1] == "100,000 images (whole epochs)"
+
+
+@pytest.mark.parametrize("command", ["loader", "train"])
+def test_images_without_a_train_folder_is_a_usage_error(shards, tmp_path, command):
+    """It failed in torchvision's ImageFolder with a FileNotFoundError traceback (bench train: after the
+    rows of feeds a to c had run)."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    result = CliRunner().invoke(main, ["bench", command, "--shards", str(shards), "--images", str(tmp_path)])
+    assert result.exit_code == 2
+    assert (f"Invalid value for '--images': {tmp_path} has no train/ folder; pass the extracted release "
+            "(ROOT/train/WNID/images)") in result.output

@@ -261,6 +261,13 @@ def bench_train(shards, images=None, cases=None, device="cpu", warmup=10, steps=
     num_classes = len(read_manifest(shards)["classes"])
     feeds = Feeds(shards, images, device, os.cpu_count() if workers is None else workers)
     cases = list(cases or plan())
+    if images is not None and any(case.feed == "imagefolder" for case in cases):
+        # ImageFolder labels its class folders 0..n-1: more than the network's outputs failed in the
+        # loss (IndexError: Target 4 is out of bounds), after the rows of feeds a to c had run.
+        found = sum(1 for p in (Path(images) / "train").iterdir() if p.is_dir())
+        if found != num_classes:
+            raise UsageError(f"--images {images}: train/ holds {found} classes, the shard set {num_classes}; feed d "
+                             "labels every class folder, so it needs a release of exactly the set's classes")
     rows, compiled = [], {}
     try:
         for case in cases:

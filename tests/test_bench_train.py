@@ -107,6 +107,18 @@ def test_imagefolder_needs_images(shards):
         "error: --feeds d (the study's ImageFolder pipeline) needs --images FOLDER, an extracted release")
 
 
+def test_imagefolder_of_other_classes_than_the_set_is_refused_up_front(shards, tmp_path):
+    """A release of other classes than the set (a `--classes` subset beside its full release) failed in the
+    loss with 'IndexError: Target 4 is out of bounds', a traceback after the rows of feeds a to c."""
+    for wnid in ("n01", "n02"):
+        (tmp_path / "train" / wnid).mkdir(parents=True)
+    result = CliRunner().invoke(main, ["bench", "train", "--shards", str(shards), "--images", str(tmp_path),
+                                       "--arch", "lenet5", "--batch", "8", "--warmup", "0", "--steps", "1"])
+    assert (result.exit_code, result.output.splitlines()[-1]) == (2, (
+        f"error: --images {tmp_path}: train/ holds 2 classes, the shard set 6; feed d "
+        "labels every class folder, so it needs a release of exactly the set's classes"))
+
+
 @pytest.mark.parametrize("command", ["train", "loader"])
 @pytest.mark.parametrize("device, message", [
     ("tpu0", "argument --device: 'tpu0' is not a device; use cpu, cuda or cuda:N"),

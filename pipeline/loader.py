@@ -111,7 +111,8 @@ class Loader:
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
 
     def set_epoch(self, epoch, start=0):
-        """Reshuffle for `epoch`: the same (seed, epoch) always gives the same order.
+        """Reshuffle for `epoch`: the same (seed, epoch) always gives the same order. It applies
+        to the next iteration; one already under way keeps its own order and augmentation draws.
 
         start: samples of this epoch already consumed, over all ranks (a resumed run's skip:
         nothing before it is read again). A multiple of batch_size * world_size keeps each
@@ -139,10 +140,12 @@ class Loader:
     def __iter__(self):
         draws = not self.raw and self.stage.augment != "none"
         generator = torch.Generator(self.device) if draws else None
-        first_step = self.start // (self.batch_size * self.world_size)
+        # The epoch as this iteration starts, as the source's order is: a set_epoch() before it ends
+        # (a prefetcher a batch ahead) must not change the draws of the batches still to come.
+        epoch, first_step = self.epoch, self.start // (self.batch_size * self.world_size)
         for step, (images, labels, ids) in enumerate(self.source, first_step):
             if draws:  # per (seed, epoch, rank, step): a resume draws what the uninterrupted run drew
-                generator.manual_seed(step_seed(self.seed, self.epoch, self.rank, step))
+                generator.manual_seed(step_seed(self.seed, epoch, self.rank, step))
             labels = labels.to(self.device, non_blocking=True)
             if self.device.type != images.device.type:
                 images = images.to(self.device, non_blocking=True)

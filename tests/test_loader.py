@@ -74,6 +74,21 @@ def test_a_step_seeds_its_draws_only_when_it_draws(shards, augment, monkeypatch)
     assert made == ([] if augment == "none" else [(5, 2, 0, k) for k in range(steps)])
 
 
+@pytest.mark.parametrize("path", ["resident", "stream"])
+def test_set_epoch_during_an_epoch_leaves_its_remaining_batches_as_they_were(shards, path):
+    """The rest of an epoch after set_epoch(1) was called during it kept epoch 0's order but took
+    epoch 1's crops and flips: its batches matched neither epoch."""
+    def loader():
+        return make_loader(shards, "train", batch_size=64, seed=5, augment="crop", path=path)
+    whole = [images for images, _ in loader()]
+    interrupted = loader()
+    batches = iter(interrupted)
+    first = next(batches)[0]
+    interrupted.set_epoch(1)
+    rest = [images for images, _ in batches]
+    assert len(whole) == 4 and all(torch.equal(a, b) for a, b in zip(whole, [first] + rest, strict=True))
+
+
 def test_resident_gives_the_same_batches_as_fast(shards):
     def batches(**kw):  # normalised float batches: new tensors, not the fast path's reused buffers
         return list(make_loader(shards, "train", "gray28", batch_size=64, seed=5, **kw))

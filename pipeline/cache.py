@@ -35,6 +35,7 @@ BLOCK = 4 << 20  # bytes per read; large enough that receiving a block costs far
 FSSPEC_BLOCK = 32 << 20  # bytes per ranged read through fsspec (a request each: S3 and GCS bill per request)
 RETRIES = 3  # attempts per shard: a cut connection resumes, a bad checksum starts over
 TIMEOUT_S = 60
+REDIRECTS = 10  # hops followed per request, as many as urllib follows
 WORKERS = 4  # shards fetched at once
 
 
@@ -218,13 +219,8 @@ def _http_receive(url, part, start, size, progress, stop):
     has its full length; it is cut back to what arrived when the transfer ends, however
     it ends (a process killed meanwhile leaves a full-length .part that fails its checksum and is fetched
     again). FileNotFoundError on a 404, OSError on another HTTP error, _Restart if the range is ignored."""
-    parts = urllib.parse.urlsplit(url)
-    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    conn = kind(parts.netloc, timeout=TIMEOUT_S)
+    conn, response = _get(url, start)
     try:
-        conn.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""),
-                     headers={"Range": f"bytes={start}-"} if start else {})
-        response = conn.getresponse()
         if response.status == 404:
             raise FileNotFoundError(url)
         if response.status not in (200, 206):
@@ -246,6 +242,29 @@ def _http_receive(url, part, start, size, progress, stop):
                 f.truncate(at)
     finally:
         conn.close()
+
+
+def _get(url, start):
+    """(connection, response) of a GET of `url` from byte `start`, following redirects as urllib does
+    for the manifest, the index and the stream path's reads: a set served from behind one (http to
+    https, a CDN, a hub's file storage) is cached as it is streamed, the Range header sent on to each hop."""
+    for _ in range(REDIRECTS + 1):
+        parts = urllib.parse.urlsplit(url)
+        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        conn = kind(parts.netloc, timeout=TIMEOUT_S)
+        try:
+            conn.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""),
+                         headers={"Range": f"bytes={start}-"} if start else {})
+            response = conn.getresponse()
+        except BaseException:
+            conn.close()
+            raise
+        location = response.getheader("Location")
+        if response.status not in (301, 302, 303, 307, 308) or not location:
+            return conn, response
+        conn.close()
+        url = urllib.parse.urljoin(url, location)
+    raise OSError(f"HTTP {response.status} {response.reason} (more than {REDIRECTS} redirects)")
 
 
 class _Restart(Exception):

@@ -3,7 +3,8 @@
 `FaultyHTTPServer` serves a folder with Range support (for resumed downloads) and, per file name,
 a fault: "missing" (404), "truncate" (the full Content-Length announced, half the body sent, then
 the connection closed), "corrupt" (one byte flipped, right length), "cut-once" (the first GET of
-the file breaks off mid-body, later ones succeed: a retry must recover). `requests` counts GETs,
+the file breaks off mid-body, later ones succeed: a retry must recover), "redirect" (a GET of the
+file is answered 302, to the same path with a query, which serves it). `requests` counts GETs,
 `starts` lists each GET's (name, first byte).
 """
 import http.server
@@ -13,7 +14,7 @@ import threading
 from collections import Counter
 from pathlib import Path
 
-FAULTS = ("missing", "truncate", "corrupt", "cut-once")
+FAULTS = ("missing", "truncate", "corrupt", "cut-once", "redirect")
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -50,6 +51,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         name, path, fault = self._target()
         if name is None:
+            return
+        if fault == "redirect" and "?" not in self.path:
+            self.send_response(302)
+            self.send_header("Location", f"{self.path}?moved")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
             return
         self.server.requests[name] += 1
         size = path.stat().st_size

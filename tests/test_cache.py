@@ -129,6 +129,12 @@ def test_a_connection_cut_mid_shard_resumes_and_the_epoch_is_whole(shards, serve
     assert (cache_folder(server.url) / SHARD).read_bytes() == (shards / SHARD).read_bytes()
 
 
+def test_a_shard_behind_a_redirect_is_fetched_as_the_stream_path_reads_it(shards, serve, cache):
+    server = serve({SHARD: "redirect"})
+    copy = cached_copy(server.url, "train")
+    assert (copy / SHARD).read_bytes() == (shards / SHARD).read_bytes() and server.requests[SHARD] == 1
+
+
 @pytest.mark.parametrize("workers", [1, 4])
 def test_a_partial_file_from_an_earlier_run_is_resumed(shards, serve, cache, workers):
     server = serve({SHARD: "truncate"})

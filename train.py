@@ -561,12 +561,10 @@ def restore(parts, args, ckpt_path):
     state.sums = state.sums.to(parts.device)
     if ckpt_path:
         ckpt = load_checkpoint(ckpt_path, parts.identity)
-        if ckpt["world_size"] != parts.world_size and args.data_path == "stream":
-            raise CheckpointError(f"{ckpt_path}: made on {ckpt['world_size']} ranks; the stream path resumes on "
-                                  f"the same number only (this run has {parts.world_size}); use --data-path fast")
         if args.time_budget and ckpt["args"].get("budget_epochs"):  # decided before the stop: keep it
             args.epochs = args.budget_epochs = ckpt["args"]["budget_epochs"]
         state = RunState.from_state_dict(ckpt["state"], parts.device, args.seed)
+        check_epoch_order(ckpt, state, args, parts.world_size, ckpt_path)
         if not args.test_only and (state.epoch > args.epochs or (state.epoch == args.epochs and state.samples_done)):
             raise UsageError(f"--epochs {args.epochs}: {ckpt_path} is past it (at epoch {state.epoch} step "
                              f"{state.epoch_steps}); resume with --epochs {state.epoch + 1} or more")
@@ -586,6 +584,24 @@ def restore(parts, args, ckpt_path):
     position = schedule_position(state, args, parts.steps_per_epoch, parts.world_size)
     parts.lr_scheduler = make_scheduler(parts.optimizer, args, parts.steps_per_epoch, last_epoch=position - 1)
     return state
+
+
+def check_epoch_order(ckpt, state, args, world_size, path):
+    """CheckpointError when this run cannot carry on the checkpoint's epoch where it stopped. The rest of
+    an epoch is the rest of the order the checkpoint's data path planned, and the stream path's (whole
+    shards dealt to each rank, `stream_plan`) is neither the resident and fast paths' (`order.epoch_order`)
+    nor its own on another number of ranks: resumed so, some samples would be trained on twice that epoch
+    and others not at all, without a word. At an epoch boundary any path and number of ranks goes on."""
+    if not state.samples_done:
+        return
+    saved = ckpt["args"].get("data_path", "auto")
+    where = f"{path}: stopped mid-epoch (epoch {state.epoch} step {state.epoch_steps})"
+    if (saved == "stream") != (args.data_path == "stream"):
+        raise CheckpointError(f"{where} on --data-path {saved}, whose order of the epoch --data-path "
+                              f"{args.data_path} does not share; resume it with --data-path {saved}")
+    if saved == "stream" and ckpt["world_size"] != world_size:
+        raise CheckpointError(f"{where} on {ckpt['world_size']} ranks; the stream path resumes mid-epoch on "
+                              f"the same number only (this run has {world_size})")
 
 
 OPTIMIZER_FLAGS = ("lr", "momentum", "wd", "nesterov")  # what the optimiser's state dict restores

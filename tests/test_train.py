@@ -355,6 +355,22 @@ def test_mid_epoch_resume_is_bit_identical(train_shards, tmp_path, path, augment
     _same_run(tmp_path / "straight", out)
 
 
+def test_a_mid_epoch_checkpoint_resumes_only_on_its_paths_epoch_order(tiny_shards, tmp_path, capsys):
+    """The stream path's epoch order is not the resident and fast paths': a 2-rank stream run stopped
+    mid-epoch and resumed with --data-path resident trained 62 of 300 samples twice and 82 not at all in
+    that epoch, without a word. At an epoch boundary the path may change."""
+    flags = ["--shards", tiny_shards, "--device", "cpu", "--output-dir", tmp_path, "--arch", "lenet5", "-b", "4"]
+    stop_at(tiny_shards, tmp_path, 1, *flags[4:], "--epochs", "2", "--data-path", "stream", "-j", "0")
+    capsys.readouterr()
+    assert cli(*flags, "--epochs", "2", "--data-path", "resident", "--resume", "auto") == 1
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'checkpoint.pth'}: stopped mid-epoch (epoch 0 step 1) on --data-path stream, whose "
+        "order of the epoch --data-path resident does not share; resume it with --data-path stream\n")
+    run(tiny_shards, tmp_path, *flags[4:], "--epochs", "1", "--data-path", "stream", "-j", "0", "--resume", "auto")
+    run(tiny_shards, tmp_path, *flags[4:], "--epochs", "2", "--data-path", "resident", "--resume", "auto")
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [0, 1]
+
+
 def test_dropout_rng_is_carried_over(tiny_shards, tmp_path):
     # squeezenet1_1 has dropout, so this checks that the RNG state is saved at the step and restored
     # (at lr 0.01 its last ReLU dies on this data, and dead units ignore dropout).

@@ -57,6 +57,7 @@ from pipeline.augment import AUGMENTS
 from pipeline.mixing import MODES as MIX_MODES, mix_batch, mix_generator
 from pipeline.order import step_seed
 from pipeline.shardset import ShardSet
+from pipeline.stream_plan import LANES
 
 NORMS = {"dataset": (None, None), "imagenet": (IMAGENET_MEAN, IMAGENET_STD), "half": ((0.5,) * 3, (0.5,) * 3)}
 FIELDS = ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "images_per_s", "epoch_time_s",
@@ -602,6 +603,14 @@ def check_epoch_order(ckpt, state, args, world_size, path):
     if saved == "stream" and ckpt["world_size"] != world_size:
         raise CheckpointError(f"{where} on {ckpt['world_size']} ranks; the stream path resumes mid-epoch on "
                               f"the same number only (this run has {world_size})")
+    # The stream path plans max(LANES, workers) lanes (more workers than lanes would sit idle), so -j above
+    # LANES orders the epoch otherwise; the loader's default is 2 workers.
+    workers = [2 if w is None else w for w in (ckpt["args"].get("workers"), args.workers)]
+    if saved == "stream" and max(LANES, workers[0]) != max(LANES, workers[1]):
+        fits = f"-j {LANES} or fewer" if workers[0] <= LANES else f"-j {workers[0]}"
+        raise CheckpointError(f"{where} with -j {workers[0]}, whose order of the epoch -j {workers[1]} does not "
+                              f"share (the stream path reads max({LANES}, -j) shard groups side by side); "
+                              f"resume it with {fits}")
 
 
 OPTIMIZER_FLAGS = ("lr", "momentum", "wd", "nesterov")  # what the optimiser's state dict restores

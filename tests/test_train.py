@@ -371,6 +371,21 @@ def test_a_mid_epoch_checkpoint_resumes_only_on_its_paths_epoch_order(tiny_shard
     assert [r["epoch"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [0, 1]
 
 
+def test_a_mid_epoch_stream_checkpoint_resumes_only_with_as_many_lanes(tiny_shards, tmp_path, capsys):
+    """The stream path plans max(2, -j) lanes: a run stopped mid-epoch with -j 3 and resumed with the
+    default -j trained 20 of 300 samples twice and 20 not at all in that epoch, without a word."""
+    flags = ["--shards", tiny_shards, "--device", "cpu", "--output-dir", tmp_path, "--arch", "lenet5", "-b", "4",
+             "--epochs", "1", "--data-path", "stream"]
+    stop_at(tiny_shards, tmp_path, 1, *flags[4:], "-j", "0")
+    capsys.readouterr()
+    assert cli(*flags, "-j", "3", "--resume", "auto") == 1
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'checkpoint.pth'}: stopped mid-epoch (epoch 0 step 1) with -j 0, whose order of the "
+        "epoch -j 3 does not share (the stream path reads max(2, -j) shard groups side by side); "
+        "resume it with -j 2 or fewer\n")
+    run(tiny_shards, tmp_path, *flags[4:], "-j", "1", "--resume", "auto")  # 0, 1 and 2 workers: the same order
+
+
 def test_dropout_rng_is_carried_over(tiny_shards, tmp_path):
     # squeezenet1_1 has dropout, so this checks that the RNG state is saved at the step and restored
     # (at lr 0.01 its last ReLU dies on this data, and dead units ignore dropout).

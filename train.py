@@ -603,6 +603,9 @@ def check_epoch_order(ckpt, state, args, world_size, path):
     if saved == "stream" and ckpt["world_size"] != world_size:
         raise CheckpointError(f"{where} on {ckpt['world_size']} ranks; the stream path resumes mid-epoch on "
                               f"the same number only (this run has {world_size})")
+    if saved == "stream" and ckpt["batch_size"] != args.batch_size:  # the plan cuts its lanes into batches
+        raise CheckpointError(f"{where} with -b {ckpt['batch_size']}, whose order of the epoch -b "
+                              f"{args.batch_size} does not share; resume it with -b {ckpt['batch_size']}")
     # The stream path plans max(LANES, workers) lanes (more workers than lanes would sit idle), so -j above
     # LANES orders the epoch otherwise; the loader's default is 2 workers.
     workers = [2 if w is None else w for w in (ckpt["args"].get("workers"), args.workers)]

@@ -386,6 +386,20 @@ def test_a_mid_epoch_stream_checkpoint_resumes_only_with_as_many_lanes(tiny_shar
     run(tiny_shards, tmp_path, *flags[4:], "-j", "1", "--resume", "auto")  # 0, 1 and 2 workers: the same order
 
 
+def test_a_mid_epoch_stream_checkpoint_resumes_only_with_its_batch_size(tiny_shards, tmp_path, capsys):
+    """The stream plan cuts its lanes into batches: stopped after 5 steps of -b 20 and resumed with -b 10,
+    10 of 300 samples were trained twice and 10 not at all that epoch; with -b 40, a ValueError traceback."""
+    flags = ["--shards", tiny_shards, "--device", "cpu", "--output-dir", tmp_path, "--arch", "lenet5",
+             "--epochs", "1", "--data-path", "stream", "-j", "0"]
+    stop_at(tiny_shards, tmp_path, 1, *flags[4:], "-b", "4")
+    capsys.readouterr()
+    for b in (2, 8):
+        assert cli(*flags, "-b", b, "--resume", "auto") == 1
+        assert capsys.readouterr().err == (
+            f"error: {tmp_path / 'checkpoint.pth'}: stopped mid-epoch (epoch 0 step 1) with -b 4, whose order of "
+            f"the epoch -b {b} does not share; resume it with -b 4\n")
+
+
 def test_dropout_rng_is_carried_over(tiny_shards, tmp_path):
     # squeezenet1_1 has dropout, so this checks that the RNG state is saved at the step and restored
     # (at lr 0.01 its last ReLU dies on this data, and dead units ignore dropout).

@@ -9,8 +9,10 @@ anyway, beside the first epoch, so hashing here too would pass over the data twi
 One process per cache folder fetches at a time (an `flock` on `.lock`): the ranks
 of a node, or any processes sharing the folder, download each shard once and the others wait.
 
-HTTP(S) shards are read with `http.client` straight into a reused buffer: fsspec's HTTP file
+HTTP(S) shards are read with urllib straight into a reused buffer: fsspec's HTTP file
 (aiohttp behind an event-loop thread) measured 0.1-0.2 GB/s on loopback where curl gets 1.3-2 GB/s.
+urllib, as for the manifest, the index and the stream path: the same redirects followed and the
+same proxies (`http_proxy`, `https_proxy`, `no_proxy`) used.
 Other URLs (`s3://`, `gs://`, ...) go through the set's fsspec filesystem in large blocks.
 """
 import concurrent.futures
@@ -23,7 +25,8 @@ import mmap
 import os
 import sys
 import threading
-import urllib.parse
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from .errors import ShardError
@@ -35,7 +38,6 @@ BLOCK = 4 << 20  # bytes per read; large enough that receiving a block costs far
 FSSPEC_BLOCK = 32 << 20  # bytes per ranged read through fsspec (a request each: S3 and GCS bill per request)
 RETRIES = 3  # attempts per shard: a cut connection resumes, a bad checksum starts over
 TIMEOUT_S = 60
-REDIRECTS = 10  # hops followed per request, as many as urllib follows
 WORKERS = 4  # shards fetched at once
 
 
@@ -219,10 +221,17 @@ def _http_receive(url, part, start, size, progress, stop):
     has its full length; it is cut back to what arrived when the transfer ends, however
     it ends (a process killed meanwhile leaves a full-length .part that fails its checksum and is fetched
     again). FileNotFoundError on a 404, OSError on another HTTP error, _Restart if the range is ignored."""
-    conn, response = _get(url, start)
+    request = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
     try:
-        if response.status == 404:
-            raise FileNotFoundError(url)
+        response = urllib.request.urlopen(request, timeout=TIMEOUT_S)
+    except urllib.error.HTTPError as e:
+        e.close()
+        if e.code == 404:
+            raise FileNotFoundError(url) from None
+        raise OSError(f"HTTP {e.code} {e.reason}") from None
+    except urllib.error.URLError as e:  # no connection: the socket's own error (retried)
+        raise e.reason if isinstance(e.reason, OSError) else OSError(str(e.reason)) from None
+    with response:
         if response.status not in (200, 206):
             raise OSError(f"HTTP {response.status} {response.reason}")
         if start and response.status != 206:
@@ -240,31 +249,6 @@ def _http_receive(url, part, start, size, progress, stop):
                         progress(n)
             finally:
                 f.truncate(at)
-    finally:
-        conn.close()
-
-
-def _get(url, start):
-    """(connection, response) of a GET of `url` from byte `start`, following redirects as urllib does
-    for the manifest, the index and the stream path's reads: a set served from behind one (http to
-    https, a CDN, a hub's file storage) is cached as it is streamed, the Range header sent on to each hop."""
-    for _ in range(REDIRECTS + 1):
-        parts = urllib.parse.urlsplit(url)
-        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        conn = kind(parts.netloc, timeout=TIMEOUT_S)
-        try:
-            conn.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""),
-                         headers={"Range": f"bytes={start}-"} if start else {})
-            response = conn.getresponse()
-        except BaseException:
-            conn.close()
-            raise
-        location = response.getheader("Location")
-        if response.status not in (301, 302, 303, 307, 308) or not location:
-            return conn, response
-        conn.close()
-        url = urllib.parse.urljoin(url, location)
-    raise OSError(f"HTTP {response.status} {response.reason} (more than {REDIRECTS} redirects)")
 
 
 class _Restart(Exception):

@@ -4,13 +4,15 @@
 a fault: "missing" (404), "truncate" (the full Content-Length announced, half the body sent, then
 the connection closed), "corrupt" (one byte flipped, right length), "cut-once" (the first GET of
 the file breaks off mid-body, later ones succeed: a retry must recover), "redirect" (a GET of the
-file is answered 302, to the same path with a query, which serves it). `requests` counts GETs,
+file is answered 302, to the same path with a query, which serves it). It answers as a proxy too:
+a request for an absolute URL (`http_proxy` set to the server's URL) is served that URL's path. `requests` counts GETs,
 `starts` lists each GET's (name, first byte).
 """
 import http.server
 import os
 import sys
 import threading
+import urllib.parse
 from collections import Counter
 from pathlib import Path
 
@@ -24,7 +26,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
     def _target(self):
-        name = self.path.split("?", 1)[0].lstrip("/")
+        name = urllib.parse.urlsplit(self.path).path.lstrip("/")
         path = Path(self.server.root) / name
         fault = self.server.faults.get(name)
         if fault == "missing" or not path.is_file():

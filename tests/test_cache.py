@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -133,6 +134,17 @@ def test_a_shard_behind_a_redirect_is_fetched_as_the_stream_path_reads_it(shards
     server = serve({SHARD: "redirect"})
     copy = cached_copy(server.url, "train")
     assert (copy / SHARD).read_bytes() == (shards / SHARD).read_bytes() and server.requests[SHARD] == 1
+
+
+def test_shards_are_fetched_through_the_proxy_the_manifest_is_read_through(shards, serve, cache, monkeypatch):
+    """Nodes that reach the data only through a proxy (http_proxy): the manifest and the stream path
+    (urllib) used it, the cache's own HTTP client did not, and every shard failed 'cannot fetch'."""
+    proxy = serve()
+    monkeypatch.setenv("http_proxy", proxy.url)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.setattr(urllib.request, "_opener", None)  # urlopen's opener reads the proxies once, when made
+    copy = cached_copy("http://tinyin.invalid", "train")  # a host only the proxy knows
+    assert (copy / SHARD).read_bytes() == (shards / SHARD).read_bytes() and proxy.requests[SHARD] == 1
 
 
 @pytest.mark.parametrize("workers", [1, 4])

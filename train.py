@@ -633,6 +633,20 @@ def keep_optimizer_flags(args, saved):
     return f"{asked} ignored: a resumed run keeps its checkpoint's optimiser ({used})"
 
 
+def check_same_start(state, ckpt_path, args):
+    """CheckpointError on every rank unless all ranks start from the same checkpoint step. Each rank
+    finds --resume's file itself: where the nodes do not share --output-dir, `--resume auto` resumed
+    rank 0 and started the other node's ranks afresh, one DDP training two different models (rank 0's
+    saved) until their step counts parted and a collective hung."""
+    starts = gather((state.epoch, state.epoch_steps, state.step) if ckpt_path else None)
+    differs = [r for r, start in enumerate(starts) if start != starts[0]]
+    if differs:
+        said = lambda r: "found no checkpoint" if starts[r] is None else f"resumes epoch {starts[r][0]} step {starts[r][1]}"  # noqa: E731
+        raise CheckpointError(f"--resume {args.resume}: rank 0 {said(0)}, rank {differs[0]} {said(differs[0])} "
+                              f"(--output-dir {args.output_dir}): every node must read the same checkpoint, "
+                              "from an --output-dir they share")
+
+
 def resume_path(args):
     """The checkpoint --resume names: 'auto' = OUTPUT_DIR/checkpoint.pth if it exists."""
     if args.resume == "auto":
@@ -950,6 +964,7 @@ def main(args):
                              f"{where}, --weights FILE or --pretrained")
         parts = build(args, device, world_size)
         state = restore(parts, args, ckpt_path)
+        check_same_start(state, ckpt_path, args)
         make_output_dir(args.output_dir)  # once the flags and files are known to work
         if args.test_only:
             return test_only(parts, args)

@@ -400,6 +400,21 @@ def test_a_mid_epoch_stream_checkpoint_resumes_only_with_its_batch_size(tiny_sha
             f"the epoch -b {b} does not share; resume it with -b 4\n")
 
 
+def test_ranks_that_find_different_checkpoints_are_refused(tiny_shards, tmp_path, monkeypatch, capsys):
+    """Nodes that do not share --output-dir: with --resume auto rank 0 resumed and the other node's ranks
+    started afresh under one DDP (two models trained, until a collective hung). Here the other rank is
+    a stand-in: `gather` answers for it that it found no checkpoint."""
+    flags = ["--shards", tiny_shards, "--device", "cpu", "--output-dir", tmp_path, "--arch", "lenet5", "-b", "4",
+             "--epochs", "2"]
+    stop_at(tiny_shards, tmp_path, 5, *flags[4:])
+    capsys.readouterr()
+    monkeypatch.setattr(train, "gather", lambda obj: [obj, None])
+    assert cli(*flags, "--resume", "auto") == 1
+    assert capsys.readouterr().err == (
+        f"error: --resume auto: rank 0 resumes epoch 1 step 1, rank 1 found no checkpoint (--output-dir {tmp_path}): "
+        "every node must read the same checkpoint, from an --output-dir they share\n")
+
+
 def test_dropout_rng_is_carried_over(tiny_shards, tmp_path):
     # squeezenet1_1 has dropout, so this checks that the RNG state is saved at the step and restored
     # (at lr 0.01 its last ReLU dies on this data, and dead units ignore dropout).

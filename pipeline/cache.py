@@ -32,7 +32,7 @@ from pathlib import Path
 from .errors import ShardError
 from .index import write_json
 from .schema import INDEX_FILE, MANIFEST_FILE
-from .shardset import ShardSet, is_url, missing_error, open_shard_set
+from .shardset import ShardSet, http_request, is_url, missing_error, open_shard_set
 
 BLOCK = 4 << 20  # bytes per read; large enough that receiving a block costs far more than a call
 FSSPEC_BLOCK = 32 << 20  # bytes per ranged read through fsspec (a request each: S3 and GCS bill per request)
@@ -221,9 +221,9 @@ def _http_receive(url, part, start, size, progress, stop):
     has its full length; it is cut back to what arrived when the transfer ends, however
     it ends (a process killed meanwhile leaves a full-length .part that fails its checksum and is fetched
     again). FileNotFoundError on a 404, OSError on another HTTP error, _Restart if the range is ignored."""
-    request = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
     try:
-        response = urllib.request.urlopen(request, timeout=TIMEOUT_S)
+        response = urllib.request.urlopen(http_request(url, {"Range": f"bytes={start}-"} if start else {}),
+                                          timeout=TIMEOUT_S)
     except urllib.error.HTTPError as e:
         e.close()
         if e.code == 404:

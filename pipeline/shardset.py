@@ -10,10 +10,12 @@ Remote sets are read through fsspec (`http(s)://`, `s3://`, `gs://`, ...; instal
 extra, e.g. `pip install tinyin[s3]`). `pipe:` commands are not shard sets: they stay a stream-path
 input (`make_loader(["pipe:..."], ...)`).
 """
+import base64
 import hashlib
 import json
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -288,10 +290,23 @@ def _named(error):
     return f"{error.__class__.__name__}: {error}"
 
 
+def http_request(url, headers=None):
+    """A urllib Request for plain HTTP(S) `url`, its `user:password@` (if any) sent as basic auth, as curl
+    does: urllib would take it for part of the host name. Not sent on to a redirect's target."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return urllib.request.Request(url, headers=headers or {})
+    user, _, host = parts.netloc.rpartition("@")
+    request = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=host)), headers=headers or {})
+    token = base64.b64encode(urllib.parse.unquote(user).encode()).decode()
+    request.add_unredirected_header("Authorization", f"Basic {token}")
+    return request
+
+
 def _http_get(url):
     """The body of `url`; FileNotFoundError on a 404, OSError on another failure."""
     try:
-        with urllib.request.urlopen(url, timeout=60) as response:
+        with urllib.request.urlopen(http_request(url), timeout=60) as response:
             return response.read()
     except urllib.error.HTTPError as e:
         if e.code == 404:

@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .errors import ShardError
 from .reader import _strided_view
 from .schema import CLS, MEMBERS, VARIANTS
-from .shardset import ShardSet, is_url, missing_error, open_shard_set
+from .shardset import ShardSet, http_request, is_url, missing_error, open_shard_set
 from .stream_plan import LANES, MIX, plan_epoch
 from .tarshard import BLOCK, NPY_HEADERS
 
@@ -94,7 +94,7 @@ def _read_http(url):
     measured 450-570 MB/s on loopback at twice the CPU, urllib's `readinto` 800 MB/s, as fast as
     curl; on 2 cores that CPU is what the gather and the server need."""
     try:
-        response = urllib.request.urlopen(url, timeout=60)
+        response = urllib.request.urlopen(http_request(url), timeout=60)
     except urllib.error.HTTPError as e:
         if e.code == 404:
             raise FileNotFoundError(url) from None

@@ -5,9 +5,11 @@ a fault: "missing" (404), "truncate" (the full Content-Length announced, half th
 the connection closed), "corrupt" (one byte flipped, right length), "cut-once" (the first GET of
 the file breaks off mid-body, later ones succeed: a retry must recover), "redirect" (a GET of the
 file is answered 302, to the same path with a query, which serves it). It answers as a proxy too:
-a request for an absolute URL (`http_proxy` set to the server's URL) is served that URL's path. `requests` counts GETs,
+a request for an absolute URL (`http_proxy` set to the server's URL) is served that URL's path.
+With `auth="user:password"` every request without that basic auth is answered 401. `requests` counts GETs,
 `starts` lists each GET's (name, first byte).
 """
+import base64
 import http.server
 import os
 import sys
@@ -29,6 +31,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         name = urllib.parse.urlsplit(self.path).path.lstrip("/")
         path = Path(self.server.root) / name
         fault = self.server.faults.get(name)
+        if self.server.auth and self.headers.get("Authorization") != self.server.auth:
+            self.send_error(401)
+            return None, None, None
         if fault == "missing" or not path.is_file():
             self.send_error(404)
             return None, None, None
@@ -90,9 +95,10 @@ class FaultyHTTPServer(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, root, faults=None):
+    def __init__(self, root, faults=None, auth=None):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.root, self.faults, self.requests, self.starts = str(root), dict(faults or {}), Counter(), []
+        self.auth = auth and f"Basic {base64.b64encode(auth.encode()).decode()}"
         assert set(self.faults.values()) <= set(FAULTS), self.faults
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
         threading.Thread(target=self.serve_forever, daemon=True).start()

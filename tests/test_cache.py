@@ -136,6 +136,18 @@ def test_a_shard_behind_a_redirect_is_fetched_as_the_stream_path_reads_it(shards
     assert (copy / SHARD).read_bytes() == (shards / SHARD).read_bytes() and server.requests[SHARD] == 1
 
 
+@pytest.mark.parametrize("path", ["fast", "stream"])
+def test_a_url_with_user_and_password_logs_in(shards, cache, path):
+    """`http://user:password@host/set` (as curl takes it): urllib read the user and password as part of the
+    host name, and the set failed to open with 'Name or service not known'."""
+    server = FaultyHTTPServer(shards, auth="ann:p@ss")
+    try:
+        url = server.url.replace("://", "://ann:p%40ss@")
+        assert_same(batches(url, path), batches(shards, path))
+    finally:
+        server.close()
+
+
 def test_shards_are_fetched_through_the_proxy_the_manifest_is_read_through(shards, serve, cache, monkeypatch):
     """Nodes that reach the data only through a proxy (http_proxy): the manifest and the stream path
     (urllib) used it, the cache's own HTTP client did not, and every shard failed 'cannot fetch'."""

@@ -217,8 +217,12 @@ class ShardSet:
         return self.index.filter(pc.equal(self.index["split"], split))
 
     def where_name(self, name):
-        """The path or URL of file `name` inside the set."""
-        return f"{self.location}/{name}" if not self.is_local else str(Path(self.location) / name)
+        """The path or URL of file `name` inside the set; a URL's query string (a signed URL's token)
+        stays at its end, asked for with every file."""
+        if self.is_local:
+            return str(Path(self.location) / name)
+        base, mark, query = self.location.partition("?")
+        return f"{base.rstrip('/')}/{name}{mark}{query}"
 
     def where(self, entry):
         """The path or URL of a shard entry."""

@@ -6,7 +6,8 @@ the connection closed), "corrupt" (one byte flipped, right length), "cut-once" (
 the file breaks off mid-body, later ones succeed: a retry must recover), "redirect" (a GET of the
 file is answered 302, to the same path with a query, which serves it). It answers as a proxy too:
 a request for an absolute URL (`http_proxy` set to the server's URL) is served that URL's path.
-With `auth="user:password"` every request without that basic auth is answered 401. `requests` counts GETs,
+With `auth="user:password"` every request without that basic auth is answered 401, with
+`query="sig=..."` (a signed URL's token) every request without that query string 403. `requests` counts GETs,
 `starts` lists each GET's (name, first byte).
 """
 import base64
@@ -33,6 +34,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         fault = self.server.faults.get(name)
         if self.server.auth and self.headers.get("Authorization") != self.server.auth:
             self.send_error(401)
+            return None, None, None
+        if self.server.query and urllib.parse.urlsplit(self.path).query != self.server.query:
+            self.send_error(403)
             return None, None, None
         if fault == "missing" or not path.is_file():
             self.send_error(404)
@@ -95,10 +99,10 @@ class FaultyHTTPServer(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, root, faults=None, auth=None):
+    def __init__(self, root, faults=None, auth=None, query=None):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.root, self.faults, self.requests, self.starts = str(root), dict(faults or {}), Counter(), []
-        self.auth = auth and f"Basic {base64.b64encode(auth.encode()).decode()}"
+        self.auth, self.query = auth and f"Basic {base64.b64encode(auth.encode()).decode()}", query
         assert set(self.faults.values()) <= set(FAULTS), self.faults
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
         threading.Thread(target=self.serve_forever, daemon=True).start()

@@ -148,6 +148,21 @@ def test_a_url_with_user_and_password_logs_in(shards, cache, path):
         server.close()
 
 
+@pytest.mark.parametrize("path", ["fast", "stream"])
+def test_a_url_with_a_token_in_its_query_string_asks_with_it_for_every_file(shards, cache, path):
+    """A signed URL (`https://host/set/?sig=...`, as object stores hand out for a folder): each file's
+    name went after the token (`?sig=.../manifest.json`), and the set did not open."""
+    server = FaultyHTTPServer(shards, query="sv=1&sig=a%2Fb")
+    try:
+        assert_same(batches(f"{server.url}/?sv=1&sig=a%2Fb", path), batches(shards, path))
+        if path == "fast":  # the copy is found again under a new token
+            server.query = "sv=2&sig=c"
+            cached_copy(f"{server.url}?sv=2&sig=c", "train")
+            assert shard_gets(server) == {f"train-{i:06d}.tar": 1 for i in range(4)}
+    finally:
+        server.close()
+
+
 def test_shards_are_fetched_through_the_proxy_the_manifest_is_read_through(shards, serve, cache, monkeypatch):
     """Nodes that reach the data only through a proxy (http_proxy): the manifest and the stream path
     (urllib) used it, the cache's own HTTP client did not, and every shard failed 'cannot fetch'."""

@@ -17,6 +17,7 @@ Other URLs (`s3://`, `gs://`, ...) go through the set's fsspec filesystem in lar
 """
 import concurrent.futures
 import contextlib
+import errno
 import fcntl
 import hashlib
 import http.client
@@ -85,9 +86,17 @@ def cached_copy(shards, splits, cache_dir=None, workers=WORKERS, progress=None, 
 
 @contextlib.contextmanager
 def _locked(path):
-    """Hold an exclusive flock on `path`: the other processes of the node wait here."""
-    with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    """Hold an exclusive flock on `path`: the other processes of the node wait here. In a folder this
+    process may not write (a copy made beforehand, on a read-only mount or by another user), a shared
+    lock on the lock file opened for reading: a complete copy is read as it is, and only a fetch fails."""
+    try:
+        f, how = open(path, "a+"), fcntl.LOCK_EX
+    except OSError as e:
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM) or not path.is_file():
+            raise
+        f, how = open(path, "rb"), fcntl.LOCK_SH
+    with f:
+        fcntl.flock(f, how)
         try:
             yield
         finally:

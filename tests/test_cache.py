@@ -1,5 +1,6 @@
 """`cached_copy` and `make_loader(URL)`: a remote set (HTTP, S3) reads like the same folder; faults give
 a retry or a one-line error naming the URL; the cache is reused, resumed, and shared between processes."""
+import errno
 import hashlib
 import json
 import os
@@ -161,6 +162,22 @@ def test_a_url_with_a_token_in_its_query_string_asks_with_it_for_every_file(shar
             assert shard_gets(server) == {f"train-{i:06d}.tar": 1 for i in range(4)}
     finally:
         server.close()
+
+
+def test_a_complete_copy_in_a_folder_this_process_cannot_write_is_read(serve, cache, monkeypatch):
+    """A cache filled beforehand on a read-only mount, or by another user: opening its lock file to write
+    failed ('error: Read-only file system: .../.lock') though nothing was left to fetch. (The folder is
+    made unwritable by refusing the write-open of its lock: root, running the tests, may write anywhere.)"""
+    server = serve()
+    copy = cached_copy(server.url, "train")
+    server.requests.clear()
+
+    def read_only(path, mode="r", *args, **kwargs):
+        if Path(path).parent == copy and set(mode) & set("wa+"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return open(path, mode, *args, **kwargs)
+    monkeypatch.setattr("pipeline.cache.open", read_only, raising=False)
+    assert cached_copy(server.url, "train") == copy and shard_gets(server) == {}
 
 
 def test_shards_are_fetched_through_the_proxy_the_manifest_is_read_through(shards, serve, cache, monkeypatch):

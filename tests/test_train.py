@@ -415,6 +415,27 @@ def test_ranks_that_find_different_checkpoints_are_refused(tiny_shards, tmp_path
         "every node must read the same checkpoint, from an --output-dir they share\n")
 
 
+def test_a_signal_during_the_fetch_of_a_set_url_stops_it_at_once(tiny_shards, tmp_path, monkeypatch, capsys):
+    """Ctrl-C or SIGTERM while a set URL was fetched into the cache (minutes for the real set on a slow link)
+    waited for the whole fetch and a first step: StopSignals only asks the train loop to stop after a step."""
+    from tests.servers import FaultyHTTPServer
+
+    server, fetch, handler = FaultyHTTPServer(tiny_shards), train.cached_copy, signal.getsignal(signal.SIGTERM)
+
+    def signalled_fetch(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler's arrives, mid-fetch
+        return fetch(*args, **kwargs)
+    monkeypatch.setattr(train, "cached_copy", signalled_fetch)
+    monkeypatch.setenv("TINYIN_CACHE", str(tmp_path / "cache"))
+    try:
+        assert cli("--shards", server.url, "--device", "cpu", "--output-dir", tmp_path / "run", "--arch", "lenet5",
+                   "-b", "4", "--epochs", "1") == 143
+    finally:
+        server.close()
+    assert capsys.readouterr().err == "terminated\n" and not (tmp_path / "run").exists()
+    assert signal.getsignal(signal.SIGTERM) is handler
+
+
 def test_dropout_rng_is_carried_over(tiny_shards, tmp_path):
     # squeezenet1_1 has dropout, so this checks that the RNG state is saved at the step and restored
     # (at lr 0.01 its last ReLU dies on this data, and dead units ignore dropout).

@@ -52,7 +52,7 @@ from models.recipes import recipe_names, resolve_recipe
 from pipeline import IMAGENET_MEAN, IMAGENET_STD, make_loader, provenance
 from pipeline.cache import cached_copy, is_set_url
 from pipeline.device import check_device
-from pipeline.errors import CheckpointError, ShardError, Terminated, TinyinError, UsageError, run_cli
+from pipeline.errors import CheckpointError, ShardError, Terminated, TinyinError, UsageError, hide_password, run_cli
 from pipeline.augment import AUGMENTS
 from pipeline.mixing import MODES as MIX_MODES, mix_batch, mix_generator
 from pipeline.order import step_seed
@@ -531,7 +531,7 @@ def save_atomic(obj, path):
 def save_checkpoint(parts, state, args, paths):
     """Write the checkpoint to each of `paths` (rank 0; collective under DDP: gathers every rank's state)."""
     ckpt = dict(format=CHECKPOINT_FORMAT, model=parts.module.state_dict(), optimizer=parts.optimizer.state_dict(),
-                lr_scheduler=parts.lr_scheduler.state_dict(), args=vars(args), identity=parts.identity,
+                lr_scheduler=parts.lr_scheduler.state_dict(), args=saved_args(args), identity=parts.identity,
                 world_size=parts.world_size, batch_size=args.batch_size, state=state.state_dict())
     if parts.ema is not None:
         ckpt["ema"] = parts.ema.state_dict()  # the average and its update count (rank 0's: see sync_ema_buffers)
@@ -840,10 +840,16 @@ def environment(device, world_size, dataset):
                 time=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
 
 
+def saved_args(args):
+    """The flags as args.json and the checkpoint keep them: a --shards URL's password hidden (run folders
+    are shared and published; the identity a resume checks comes from the set, not from its URL)."""
+    return {**vars(args), "shards": hide_password(args.shards)}
+
+
 def write_args(out, args):
     """args.json: the run's flags (rewritten when --time-budget chooses --epochs)."""
     with open(os.path.join(out, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=2)
+        json.dump(saved_args(args), f, indent=2)
 
 
 def write_run_files(out, args, device, world_size, history, dataset):

@@ -31,7 +31,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from .errors import ShardError
+from .errors import ShardError, hide_password
 from .index import write_json
 from .schema import INDEX_FILE, MANIFEST_FILE
 from .shardset import ShardSet, http_request, is_url, missing_error, open_shard_set
@@ -141,7 +141,7 @@ class _Fetch:
 
         done = sum(self._part_size(e) for e in todo)
         self.bar = tqdm(total=sum(e["bytes"] for e in todo), initial=done, unit="B", unit_scale=True,
-                        desc=f"fetch {self.remote.location}", disable=not self.progress)
+                        desc=f"fetch {hide_password(self.remote.location)}", disable=not self.progress)
         try:
             with concurrent.futures.ThreadPoolExecutor(min(self.workers, len(todo))) as pool:
                 futures = [pool.submit(self._fetch_shard, e) for e in todo]

@@ -7,6 +7,7 @@ Both front ends (the `tinyin` click CLI and `train.py`) go through `user_errors(
 """
 import contextlib
 import errno
+import re
 import signal
 import sys
 import threading
@@ -68,9 +69,19 @@ def sigterm_interrupts():
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR}
 
 
+# The password of `scheme://user:password@host` (percent-encoded, so no '/', '@' or space in it).
+_PASSWORD = re.compile(r"\b([a-z][a-z0-9+.-]*://[^/@\s:]*:)[^/@\s]+@", re.IGNORECASE)
+
+
+def hide_password(text) -> str:
+    """`text` (str() of it) with the password of every `scheme://user:password@` URL shown as `***`, as
+    pip and git show one: error lines and a run's args.json end up in job logs and shared folders."""
+    return _PASSWORD.sub(r"\1***@", str(text))
+
+
 def report(error: TinyinError) -> None:
-    """Print `error` as the one line the user sees (stderr) and exit with its code."""
-    print(f"error: {error}", file=sys.stderr, flush=True)
+    """Print `error` as the one line the user sees (stderr; a URL's password hidden) and exit with its code."""
+    print(f"error: {hide_password(error)}", file=sys.stderr, flush=True)
     sys.exit(error.exit_code)
 
 

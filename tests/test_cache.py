@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 from pipeline.checksum import sum64
 from pipeline.cache import RETRIES, cache_folder, cached_copy
-from pipeline.errors import ShardError
+from pipeline.cli import main
+from pipeline.errors import ShardError, hide_password
 from pipeline.loader import make_loader
 from pipeline.shardset import ShardSet
 from tests.servers import FaultyHTTPServer, S3Server
@@ -147,6 +149,23 @@ def test_a_url_with_user_and_password_logs_in(shards, cache, path):
         assert_same(batches(url, path), batches(shards, path))
     finally:
         server.close()
+
+
+def test_a_urls_password_is_hidden_in_the_error_line(shards, cache):
+    """The error line names the URL, and job logs are read by others: its password shows as ***."""
+    server = FaultyHTTPServer(shards, auth="ann:p@ss")
+    try:
+        result = CliRunner().invoke(main, ["shard", "verify", server.url.replace("://", "://ann:wrong%21pw@")])
+        hidden = server.url.replace("://", "://ann:***@")
+        assert (result.exit_code, result.output) == (
+            1, f"error: {hidden}/manifest.json: unreadable (OSError: HTTP 401 Unauthorized)\n")
+    finally:
+        server.close()
+
+
+def test_hide_password_hides_only_passwords():
+    text = "s3://b/x https://ann:p%40ss@host:8/set?sig=a@b, ftp://bob@h/f and http://h/a:b@c"
+    assert hide_password(text) == "s3://b/x https://ann:***@host:8/set?sig=a@b, ftp://bob@h/f and http://h/a:b@c"
 
 
 @pytest.mark.parametrize("path", ["fast", "stream"])

@@ -1,6 +1,7 @@
 """train.py end to end on tiny synthetic shards: flags, errors, metrics files, checkpoints, signals,
 mid-epoch and elastic resume, DDP on CPU."""
 
+import argparse
 import json
 import os
 import signal
@@ -668,3 +669,9 @@ def test_a_resume_that_trains_further_removes_final_json(tiny_shards, tmp_path):
     assert row[1:4] == ["28x28 grey", "1 of 400", "8"] and row[6] == "-"  # no test figure: not finished
     run(tiny_shards, out, *flags, "--epochs", "2", "--resume", "auto")  # finished again: written again
     assert json.loads((out / "final.json").read_text())["epochs"] == 2
+
+
+def test_args_json_and_the_checkpoint_keep_no_password_of_a_shards_url():
+    args = argparse.Namespace(shards="https://ann:p%40ss@host/tiny?sig=x", lr=0.1)
+    assert train.saved_args(args) == {"shards": "https://ann:***@host/tiny?sig=x", "lr": 0.1}
+    assert args.shards == "https://ann:p%40ss@host/tiny?sig=x"  # the run itself still logs in

@@ -687,7 +687,7 @@ def continue_command(args, world_size):
         elif not a.startswith(tuple(f"{flag}=" for flag in DEBUG_ONCE)):
             argv.append(a)
     launcher = f"torchrun --nproc_per_node {world_size} train.py" if world_size > 1 else "python train.py"
-    return f"{launcher} {shlex.join(argv + ['--resume', 'auto'])}"
+    return hide_password(f"{launcher} {shlex.join(argv + ['--resume', 'auto'])}")  # printed to a job's log
 
 
 # --- training ------------------------------------------------------------------------------
@@ -836,14 +836,16 @@ def write_keys(out, epoch, keys):
 def environment(device, world_size, dataset):
     """What the numbers were measured on, and how the run was started (env.json). `dataset`: the run
     identity's (classes and train count), so a report can tell a run on the full release from others."""
-    return dict(provenance.environment(device), world_size=world_size, dataset=dataset, argv=sys.argv,
+    return dict(provenance.environment(device), world_size=world_size, dataset=dataset,
+                argv=[hide_password(a) for a in sys.argv],
                 time=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
 
 
 def saved_args(args):
-    """The flags as args.json and the checkpoint keep them: a --shards URL's password hidden (run folders
-    are shared and published; the identity a resume checks comes from the set, not from its URL)."""
-    return {**vars(args), "shards": hide_password(args.shards)}
+    """The flags as args.json and the checkpoint keep them, a --shards URL's password hidden (in `shards` and
+    `argv`): run folders are shared and published, and the identity a resume checks comes from the set."""
+    hidden = lambda v: [hide_password(a) for a in v] if isinstance(v, list) else hide_password(v) if isinstance(v, str) else v  # noqa: E731
+    return {k: hidden(v) for k, v in vars(args).items()}
 
 
 def write_args(out, args):

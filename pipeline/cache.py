@@ -33,7 +33,7 @@ from pathlib import Path
 
 from .errors import ShardError, hide_password
 from .index import write_json
-from .schema import INDEX_FILE, MANIFEST_FILE
+from .schema import CACHE_LOCK_FILE, INDEX_FILE, MANIFEST_FILE
 from .shardset import ShardSet, http_request, is_url, missing_error, open_shard_set
 
 BLOCK = 4 << 20  # bytes per read; large enough that receiving a block costs far more than a call
@@ -78,7 +78,7 @@ def cached_copy(shards, splits, cache_dir=None, workers=WORKERS, progress=None, 
     folder.mkdir(parents=True, exist_ok=True)
     if progress is None:
         progress = sys.stderr.isatty() and os.environ.get("LOCAL_RANK", "0") == "0"
-    with _locked(folder / ".lock"):
+    with _locked(folder / CACHE_LOCK_FILE):
         _write_metadata(remote, folder)
         _Fetch(remote, folder, workers, progress).run(entries)
     return folder

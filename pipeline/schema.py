@@ -30,3 +30,5 @@ SHARD_PATTERN = "{split}-{index:06d}.tar"
 
 INDEX_FILE = "index.parquet"
 MANIFEST_FILE = "manifest.json"
+#: The lock file of a cached copy of a remote set (`pipeline.cache`): it also marks such a folder.
+CACHE_LOCK_FILE = ".lock"

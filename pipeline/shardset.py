@@ -11,6 +11,7 @@ extra, e.g. `pip install tinyin[s3]`). `pipe:` commands are not shard sets: they
 input (`make_loader(["pipe:..."], ...)`).
 """
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -26,7 +27,7 @@ import pyarrow.parquet as pq
 from .checksum import file_sum64, sum64
 from .errors import ShardError
 from .index import SCHEMA, file_sha256
-from .schema import FORMAT_VERSION, INDEX_FILE, MANIFEST_FILE
+from .schema import CACHE_LOCK_FILE, FORMAT_VERSION, INDEX_FILE, MANIFEST_FILE
 
 #: The manifest's keys every reader relies on, and the type of each; and those of each shard entry.
 MANIFEST_KEYS = {"classes": list, "counts": dict, "stats": dict, "shards": list}
@@ -84,6 +85,9 @@ class ShardSet:
             raise TypeError("already a ShardSet: use it as it is")
         self.location = str(location).rstrip("/") if is_url(location) else str(location)
         self.is_local = not is_url(location)
+        # A cached copy (pipeline.cache) takes a shard of the right size for complete: a damaged one is removed
+        # where a check finds it, or every later run would fail on it (see `_checksum_error`).
+        self.is_cached_copy = self.is_local and os.path.isfile(os.path.join(self.location, CACHE_LOCK_FILE))
         self._fs = None
         # Plain HTTP(S) reads its two small files with urllib, as the shards are read (cache, stream):
         # fsspec's aiohttp session, shared by every set in the process, hung now and then on loopback
@@ -242,12 +246,26 @@ class ShardSet:
     def check_sha256(self, entry, digest, where=None):
         """ShardError unless the hex `digest` is the manifest's sha256 for `entry`."""
         if digest != entry["sha256"]:
-            raise checksum_error(where or self.where(entry))
+            raise self._checksum_error(where or self.where(entry))
 
     def check_sum64(self, entry, digest, where=None):
         """ShardError unless the hex `digest` is the manifest's sum64 for `entry`."""
         if digest != entry["sum64"]:
-            raise checksum_error(where or self.where(entry))
+            raise self._checksum_error(where or self.where(entry))
+
+    def _checksum_error(self, where):
+        """The ShardError of a shard whose bytes differ. A cached copy's is removed first: the cache checks
+        only the size of a shard it holds (hashing the whole copy on every run would cost more than the
+        run's start), so the damaged file would fail every run until deleted by hand; gone, it is fetched again."""
+        if not self.is_cached_copy:
+            return checksum_error(where)
+        try:
+            with contextlib.suppress(FileNotFoundError):  # another rank of the node found it first
+                os.remove(where)
+            done = "removed: the next run fetches it again"
+        except OSError:  # a read-only copy (pipeline.cache reads one as it is)
+            done = "delete it, and the next run fetches it again"
+        return ShardError(f"{where}: checksum differs from the manifest (a damaged cached copy; {done})")
 
     def check_bytes(self, entry, data, where=None):
         """Check a whole shard held in memory, as every transfer is checked: its size, then its

@@ -76,6 +76,28 @@ def test_http_set_yields_the_local_batches_and_a_second_open_fetches_nothing(sha
     assert shard_gets(server) == {f"train-{i:06d}.tar": 1 for i in range(4)}
 
 
+def test_a_damaged_shard_in_the_cache_is_removed_and_fetched_again(shards, serve, cache):
+    """The cache takes a shard of the right size for complete, so a copy damaged on disk failed every
+    run ('checksum differs') until deleted by hand. The check that finds it now removes it."""
+    server = serve()
+    copy = cached_copy(server.url, "train")
+    with open(copy / SHARD, "r+b") as f:  # one bit, the size kept
+        f.seek(5000)
+        byte = f.read(1)[0]
+        f.seek(5000)
+        f.write(bytes([byte ^ 1]))
+    with pytest.raises(ShardError) as error:
+        batches(server.url, "fast")
+    assert str(error.value) == (f"{copy / SHARD}: checksum differs from the manifest "
+                                "(a damaged cached copy; removed: the next run fetches it again)")
+    assert not (copy / SHARD).exists()
+    assert_same(batches(server.url, "fast"), batches(shards, "fast"))
+    assert shard_gets(server) == {f"train-{i:06d}.tar": 1 + (f"train-{i:06d}.tar" == SHARD) for i in range(4)}
+    with pytest.raises(ShardError, match=r"checksum differs from the manifest \(corrupt or modified\)$"):
+        ShardSet(shards).check_sha256(ShardSet(shards).entries("train")[1], "0" * 64)  # a set of one's own: kept
+    assert (shards / SHARD).is_file()
+
+
 def test_s3_set_yields_the_local_batches(shards, cache):
     s3 = S3Server()
     try:

@@ -77,8 +77,9 @@ def _read_wnids(files):
     wnids = files.text("wnids.txt")
     if not wnids:
         raise SourceError(f"{files.label}: wnids.txt is empty")
-    if len(set(wnids)) != len(wnids):
-        raise SourceError(f"{files.label}: wnids.txt lists a wnid twice")
+    twice = sorted({w for w in wnids if wnids.count(w) > 1})
+    if twice:
+        raise SourceError(f"{files.label}: wnids.txt lists {', '.join(twice)} twice")
     for folder in ("train/", "val/", "test/"):
         if not any(n.startswith(folder) for n in files.names()):
             raise SourceError(f"{files.label}: missing folder {folder}")

@@ -63,6 +63,12 @@ def test_missing_split_folder(broken, tmp_path):
     assert_fails(broken, tmp_path, f"{broken}: missing folder val/")
 
 
+def test_a_wnid_listed_twice_is_named(broken, tmp_path):
+    wnids = (broken / "wnids.txt").read_text().split()
+    (broken / "wnids.txt").write_text("\n".join(wnids + [wnids[3], wnids[1]]) + "\n")
+    assert_fails(broken, tmp_path, f"{broken}: wnids.txt lists {', '.join(sorted([wnids[1], wnids[3]]))} twice")
+
+
 def test_class_folder_not_in_wnids(broken, tmp_path):
     shutil.copytree(broken / "train" / sorted((broken / "wnids.txt").read_text().split())[0], broken / "train/n99999999")
     assert_fails(broken, tmp_path, f"{broken}: class folder train/n99999999 is not in wnids.txt")

@@ -19,6 +19,7 @@ from .unpack import BLOCK, Broken, Unsupported, files_in_tar, files_in_zip, trun
 
 ROOT_MARKER = "wnids.txt"
 GZIP_MAGIC = b"\x1f\x8b"
+TAR_NAMES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")  # what tarfile reads
 ZIP_MAGIC = b"PK\x03\x04"  # a zip's first local file header
 
 
@@ -108,6 +109,8 @@ def _read_tar(path):
                 raise truncated(end)
         return files
     except (Broken, tarfile.TarError, OSError, EOFError, ValueError, zlib.error) as e:
+        if str(e) == "empty file" and data:  # tarfile's word when no whole header came out (a cut .tar.bz2)
+            e = "no tar data in it: truncated or corrupt"
         raise SourceError(f"{path}: unreadable archive ({e})") from None
 
 
@@ -147,7 +150,7 @@ def open_release(src):
         files = _read_zip(src)
     elif _starts_with(src, ZIP_MAGIC):  # is_zipfile looks for the central directory, at a zip's end
         raise SourceError(f"{src}: corrupt or truncated zip (no central directory at its end)")
-    elif src.name.endswith((".tar", ".tar.gz", ".tgz")) or tarfile.is_tarfile(src):
+    elif src.name.endswith(TAR_NAMES) or tarfile.is_tarfile(src):  # the name: is_tarfile fails on a cut one
         files = _read_tar(src)
     else:
         raise SourceError(f"{src}: unreadable archive (not a folder, .zip or .tar[.gz])")

@@ -328,6 +328,17 @@ def test_truncated_archives_that_tarfile_reads_say_so(release, tmp_path):
     assert sorted(p.name for p in tmp_path.glob("out*")) == []
 
 
+def test_a_cut_compressed_tar_is_named_unreadable_not_unknown(release, tmp_path):
+    """A .tar.bz2 cut short (a download that stopped) failed tarfile.is_tarfile, and the build said
+    'not a folder, .zip or .tar[.gz]'; its name says what it is, and the error what is wrong."""
+    path = tmp_path / "release.tar.bz2"
+    with tarfile.open(path, "w:bz2") as tf:
+        tf.add(release, "tiny-imagenet-200")
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    code, output = build(path, tmp_path / "out")
+    assert (code, output) == (1, f"error: {path}: unreadable archive (no tar data in it: truncated or corrupt)")
+
+
 def test_a_failure_in_a_late_shard_leaves_nothing(broken, tmp_path):
     wnid = sorted((broken / "wnids.txt").read_text().split())[-1]
     (broken / "train" / wnid / "images" / f"{wnid}_39.JPEG").write_bytes(b"broken")

@@ -1112,7 +1112,8 @@ def get_args_parser(add_help=True):
                    help="quick runs: at most N batches per epoch of each split (default: all)")
     p.add_argument("--data-path", choices=("auto", "resident", "fast", "stream"), default="auto",
                    help="loader read path: resident (split copied to the device once), fast (memory-mapped shards), "
-                        "stream (webdataset); auto = resident when the split fits in 2 GiB (default: auto)")
+                        "stream (whole shards read by DataLoader workers); auto = resident when the split fits "
+                        "in 2 GiB (default: auto)")
     # --no-X too, so a user can switch off what a recipe switched on
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast on CUDA (default: off)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,

@@ -588,8 +588,9 @@ def restore(parts, args, ckpt_path):
         state = RunState.from_state_dict(ckpt["state"], parts.device, args.seed)
         check_epoch_order(ckpt, state, args, parts.world_size, ckpt_path)
         if not args.test_only and (state.epoch > args.epochs or (state.epoch == args.epochs and state.samples_done)):
+            least = state.epoch + bool(state.samples_done)  # at an epoch's end, that epoch count itself
             raise UsageError(f"--epochs {args.epochs}: {ckpt_path} is past it (at epoch {state.epoch} step "
-                             f"{state.epoch_steps}); resume with --epochs {state.epoch + 1} or more")
+                             f"{state.epoch_steps}); resume with --epochs {least} or more")
         parts.module.load_state_dict(ckpt["model"])
         restore_ema(parts, ckpt, ckpt_path)
         parts.optimizer.load_state_dict(ckpt["optimizer"])

@@ -326,6 +326,18 @@ def test_a_new_run_in_an_old_folder_leaves_none_of_its_results(tiny_shards, tmp_
     assert (tmp_path / "metrics.jsonl").read_text() == ""
 
 
+def test_an_end_before_an_epoch_boundary_checkpoint_names_the_least_epochs_that_resume(train_shards, tmp_path, capsys):
+    """A checkpoint at the end of epoch 2 resumes with --epochs 2 (it only tests); the refusal of
+    --epochs 1 told to give 3 or more, as for a checkpoint in the middle of epoch 2."""
+    flags = ["--arch", "lenet5", "-b", "64", "--limit-batches", "2"]
+    run(train_shards, tmp_path, *flags, "--epochs", "2")
+    capsys.readouterr()
+    assert cli("--shards", train_shards, "--device", "cpu", "--output-dir", tmp_path, *flags, "--epochs", "1",
+               "--resume", "auto") == 2
+    assert capsys.readouterr().err == (
+        f"error: --epochs 1: {tmp_path / 'checkpoint.pth'} is past it (at epoch 2 step 0); resume with --epochs 2 or more\n")
+
+
 def stop_at(shards, out, step, *flags):
     """Run until global step `step` as if preempted there (the hidden --stop-after-steps sends no
     signal but takes the same path as SIGUSR1: checkpoint at that step, exit 138)."""

@@ -19,20 +19,20 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def check_device(name, present=True):
+def check_device(name, present=True, what="argument --device"):
     """A `--device` value as a torch.device: cpu or cuda[:N], and with `present` one this machine has.
     UsageError otherwise (torch's own errors are tracebacks at the first use). `present=False` checks
-    the spelling only: a GPU run's flags parse on any machine."""
+    the spelling only: a GPU run's flags parse on any machine. `what` names the value in the message."""
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"argument --device: {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    except (RuntimeError, TypeError):
+        raise UsageError(f"{what}: {name!r} is not a device; use cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"argument --device: tinyin runs on cpu or cuda, not {device.type}")
+        raise UsageError(f"{what}: tinyin runs on cpu or cuda, not {device.type}")
     if present and device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"argument --device: {name}, but torch {torch.__version__} sees no CUDA device here")
+        raise UsageError(f"{what}: {name}, but torch {torch.__version__} sees no CUDA device here")
     if present and device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UsageError(f"argument --device: {name}, but there are {torch.cuda.device_count()} CUDA devices")
+        raise UsageError(f"{what}: {name}, but there are {torch.cuda.device_count()} CUDA devices")
     return device
 
 

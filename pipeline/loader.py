@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .augment import RRC_SCALE, augment_mode
-from .device import DeviceStage
+from .device import DeviceStage, check_device
 from .errors import UsageError
 from .order import epoch_order, step_seed
 from .cache import cached_copy, is_set_url
@@ -237,6 +237,7 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, not {path!r}")
     augment_mode(augment)  # a bad value is refused before any shard is opened
+    check_device(device, what="device")  # "cuda" without a GPU: torch's traceback at the first batch
     _check_args(batch_size, seed, epoch, rank, world_size, size, prefetch, mean, std, dtype, variant)
     if raw:  # raw batches skip the device stage: its options would be dropped silently
         _refuse_stage_options(size=size, augment=augment, mean=mean, std=std, dtype=dtype, channels_last=channels_last)

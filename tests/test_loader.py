@@ -264,6 +264,21 @@ def test_bad_arguments_are_refused_before_any_shard_is_opened(shards, kwargs, me
     assert str(e.value) == message
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+@pytest.mark.parametrize("device, message", [
+    ("cuda", f"device: cuda, but torch {torch.__version__} sees no CUDA device here"),
+    ("mps", "device: tinyin runs on cpu or cuda, not mps"),
+    ("gpu", "device: 'gpu' is not a device; use cpu, cuda or cuda:N"),
+])
+def test_a_device_this_machine_lacks_is_one_line(shards, device, message, monkeypatch):
+    """README's own snippet (device="cuda") on a machine without a GPU: torch's 'Found no NVIDIA driver'
+    traceback at the first batch, the data pass already started."""
+    monkeypatch.setattr("pipeline.loader.open_shard_set", lambda *a: pytest.fail("a shard set was opened"))
+    with pytest.raises(UsageError) as e:
+        make_loader(shards, "train", device=device)
+    assert str(e.value) == message
+
+
 @pytest.mark.parametrize("path", ["resident", "stream"])
 def test_set_epoch_refuses_a_negative_epoch_or_start(shards, path):
     loader = make_loader(shards, "train", path=path, batch_size=64)

@@ -52,7 +52,8 @@ from models.recipes import recipe_names, resolve_recipe
 from pipeline import IMAGENET_MEAN, IMAGENET_STD, make_loader, provenance
 from pipeline.cache import cached_copy, is_set_url
 from pipeline.device import check_device
-from pipeline.errors import CheckpointError, ShardError, Terminated, TinyinError, UsageError, hide_password, run_cli
+from pipeline.errors import (CheckpointError, ShardError, TinyinError, UsageError, hide_password, run_cli,
+                             sigterm_interrupts)
 from pipeline.augment import AUGMENTS
 from pipeline.mixing import MODES as MIX_MODES, mix_batch, mix_generator
 from pipeline.order import step_seed
@@ -197,26 +198,6 @@ class StopSignals:
         return int(flag)
 
 
-@contextlib.contextmanager
-def stopping_at_once():
-    """Meanwhile SIGTERM and SIGUSR1 raise `Terminated`, SIGINT KeyboardInterrupt (one line, exit 143 or
-    130, as `tinyin` does), instead of asking StopSignals for a stop after the step: for the fetch of a
-    set URL, which has nothing to checkpoint and can take minutes that no signal could cut short. The
-    shards that arrived stay in the cache, and the next run goes on from them."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield
-        return
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
-    previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 class Interrupted(Exception):
     """Raised out of the train loop after the stop checkpoint is written; main exits with 128 + signum."""
 
@@ -310,7 +291,10 @@ def open_shards(args):
     if is_set_url(args.shards):
         if args.data_path == "stream":
             return ShardSet(args.shards)
-        with stopping_at_once():
+        # Not StopSignals' stop after the step: the fetch has nothing to checkpoint and can take minutes that
+        # no signal could cut short. A signal ends it at once (exit 143, or 130 for Ctrl-C); the shards that
+        # arrived stay in the cache, and the next run goes on from them.
+        with sigterm_interrupts(STOP_SIGNALS):
             return ShardSet(cached_copy(args.shards, ("train", "val", "test")))
     if not Path(args.shards).is_dir():
         what = "a file, not a shard folder" if Path(args.shards).exists() else "no such folder"

@@ -50,18 +50,22 @@ def _terminate(signum, frame):
 
 
 @contextlib.contextmanager
-def sigterm_interrupts():
+def sigterm_interrupts(signals=(signal.SIGTERM,)):
     """Within the block, SIGTERM (`kill`, a scheduler) raises `Terminated` in the main thread instead of
     ending the process where it stands, so temporary files are removed as after a Ctrl-C. A command
-    with a handler of its own installs it inside the block and restores this one after."""
+    with a handler of its own installs it inside the block and restores this one after.
+    `signals`: those so handled; SIGINT among them raises KeyboardInterrupt (Python's own handler),
+    any other `Terminated`."""
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    previous = {sig: signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else _terminate)
+                for sig in signals}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # OSErrors that the machine, not the code, causes: a full disk, missing permission, a read-only file

@@ -58,7 +58,7 @@ from pipeline.augment import AUGMENTS
 from pipeline.mixing import MODES as MIX_MODES, mix_batch, mix_generator
 from pipeline.order import step_seed
 from pipeline.shardset import ShardSet
-from pipeline.stream_plan import LANES
+from pipeline.stream_plan import DEAL, LANES
 
 NORMS = {"dataset": (None, None), "imagenet": (IMAGENET_MEAN, IMAGENET_STD), "half": ((0.5,) * 3, (0.5,) * 3)}
 FIELDS = ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "images_per_s", "epoch_time_s",
@@ -516,7 +516,7 @@ def save_checkpoint(parts, state, args, paths):
     """Write the checkpoint to each of `paths` (rank 0; collective under DDP: gathers every rank's state)."""
     ckpt = dict(format=CHECKPOINT_FORMAT, model=parts.module.state_dict(), optimizer=parts.optimizer.state_dict(),
                 lr_scheduler=parts.lr_scheduler.state_dict(), args=saved_args(args), identity=parts.identity,
-                world_size=parts.world_size, batch_size=args.batch_size, state=state.state_dict())
+                world_size=parts.world_size, batch_size=args.batch_size, state=state.state_dict(), stream_deal=DEAL)
     if parts.ema is not None:
         ckpt["ema"] = parts.ema.state_dict()  # the average and its update count (rank 0's: see sync_ema_buffers)
     if rank() == 0:
@@ -609,6 +609,10 @@ def check_epoch_order(ckpt, state, args, world_size, path):
     if saved == "stream" and ckpt["world_size"] != world_size:
         raise CheckpointError(f"{where} on {ckpt['world_size']} ranks; the stream path resumes mid-epoch on "
                               f"the same number only (this run has {world_size})")
+    if saved == "stream" and world_size > 1 and ckpt.get("stream_deal", 1) != DEAL:  # one rank's deal never changed
+        raise CheckpointError(f"{where} on {world_size} ranks by an earlier tinyin, whose stream path dealt the "
+                              f"shards to ranks otherwise (deal {ckpt.get('stream_deal', 1)}, this one's is {DEAL}); "
+                              "finish that epoch with the tinyin that saved it, or start the run again")
     if saved == "stream" and ckpt["batch_size"] != args.batch_size:  # the plan cuts its lanes into batches
         raise CheckpointError(f"{where} with -b {ckpt['batch_size']}, whose order of the epoch -b "
                               f"{args.batch_size} does not share; resume it with -b {ckpt['batch_size']}")

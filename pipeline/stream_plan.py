@@ -5,8 +5,9 @@ are the same with 0, 1 or 2 workers and a resumed epoch (`start=`) yields exactl
 uninterrupted one would have from there (on the same number of ranks).
 
 Why not `order.epoch_order` (the local paths' plan): a stream worker holds a few whole shards in
-memory at a time, so a batch can only draw from the shards being read, and ranks are dealt whole
-shards (one sequential transfer each) instead of interleaved samples.
+memory at a time, so a batch can only draw from the shards being read, and ranks are dealt shards
+(one sequential transfer each; only the few cut to even the ranks out are read by two) instead of
+interleaved samples.
 """
 from typing import NamedTuple
 
@@ -36,19 +37,52 @@ class EpochPlan(NamedTuple):
     chunks: list
 
 
-def deal_shards(counts, order, world_size):
-    """Every rank's [(shard, rows)] and sample totals. Shards go largest first to the rank with the
-    fewest samples so far (totals differ by at most one shard's count); with fewer shards than
-    ranks every rank reads every shard and keeps every `world_size`-th sample of each."""
-    if len(order) < world_size:
-        deals = [[(s, np.arange(r, counts[s], world_size)) for s in order] for r in range(world_size)]
-    else:
-        deals, totals = [[] for _ in range(world_size)], [0] * world_size
-        for s in sorted(order, key=lambda s: -counts[s]):  # stable: equal counts keep the shuffled order
-            r = totals.index(min(totals))
-            deals[r].append((s, np.arange(counts[s])))
-            totals[r] += counts[s]
-    return deals, [sum(len(rows) for _, rows in deal) for deal in deals]
+DEAL = 2  # the deal's version, saved in checkpoints: 1 dealt whole shards only (ranks a shard apart)
+
+
+def deal_shards(counts, order, world_size, rng=None):
+    """Every rank's [(shard, rows)] and sample totals, which differ by at most one.
+
+    Shards go largest first to the rank with the fewest samples so far, whole: one sequential
+    read each. That leaves totals up to one shard apart, and drop_last would cut every rank to
+    the smallest (3 ranks over 10 equal shards: 89,856 of 100,000 samples an epoch). So ranks
+    above their share then hand their surplus, off the end of their last shards, to the ranks
+    below it: a shard cut so is read whole by each rank that holds part of it, at most
+    world_size - 1 extra shard reads an epoch. rng (shuffled epochs) draws which rows move
+    (shards are written in build order); without it they are the shard's last rows.
+    The same holds with fewer shards than ranks: the ranks dealt none take their share from the others.
+    """
+    deals, totals = [[] for _ in range(world_size)], [0] * world_size
+    for s in sorted(order, key=lambda s: -counts[s]):  # stable: equal counts keep the shuffled order
+        r = totals.index(min(totals))
+        deals[r].append((s, np.arange(counts[s])))
+        totals[r] += counts[s]
+    # Each rank's share: the extra ones go to the ranks holding most, so the fewest rows move.
+    base, extra = divmod(sum(totals), world_size)
+    share = [base] * world_size
+    for r in sorted(range(world_size), key=lambda r: -totals[r])[:extra]:
+        share[r] += 1
+    surplus = []  # (shard, rows) handed on, in rank order
+    for r in range(world_size):
+        while totals[r] > share[r]:
+            s, rows = deals[r].pop()
+            if rng is not None:
+                rows = rows[rng.permutation(len(rows))]
+            give = min(totals[r] - share[r], len(rows))
+            keep, moved = np.sort(rows[: len(rows) - give]), np.sort(rows[len(rows) - give:])
+            if len(keep):
+                deals[r].append((s, keep))
+            surplus.append((s, moved))
+            totals[r] -= give
+    for r in range(world_size):
+        while totals[r] < share[r]:
+            s, rows = surplus.pop(0)
+            take = min(share[r] - totals[r], len(rows))
+            deals[r].append((s, rows[:take]))
+            if take < len(rows):
+                surplus.insert(0, (s, rows[take:]))
+            totals[r] += take
+    return deals, totals
 
 
 def batch_sizes(totals, rank, batch_size, drop_last):
@@ -75,7 +109,8 @@ def plan_epoch(counts, *, seed, epoch, rank=0, world_size=1, batch_size=256, shu
                start=0, lanes=LANES, mix=MIX):
     """The `EpochPlan` of `rank` for shards of `counts` samples (a pure function, nothing is read).
 
-    1. The shards are shuffled by (seed, epoch), the same on every rank, and dealt (`deal_shards`);
+    1. The shards are shuffled by (seed, epoch), the same on every rank, and dealt (`deal_shards`:
+       every rank gets as many samples as any other, give or take one);
        a rank shuffles its own shards again and takes them `mix` at a time as groups.
     2. A group's samples are permuted as a whole (the worker holds them all in memory); groups go
        round-robin to `lanes`, a lane's samples are cut into pieces of `batch_size`, and the rank's
@@ -93,7 +128,8 @@ def plan_epoch(counts, *, seed, epoch, rank=0, world_size=1, batch_size=256, shu
     counts = [int(c) for c in counts]
     first_id = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     order = list(np.random.default_rng([seed, epoch]).permutation(len(counts))) if shuffle else list(range(len(counts)))
-    deals, totals = deal_shards(counts, order, world_size)
+    deals, totals = deal_shards(counts, order, world_size,
+                                np.random.default_rng([seed, epoch, world_size]) if shuffle else None)
     sizes = batch_sizes(totals, rank, batch_size, drop_last)
     first = start // (batch_size * world_size)
     if first > len(sizes):

@@ -27,7 +27,7 @@ from pipeline.errors import ShardError, UsageError
 from pipeline.loader import make_loader
 from pipeline.reader import ShardArrays
 from pipeline.stream import _Failure, _Lanes, stream_from_set, stream_from_urls
-from pipeline.stream_plan import plan_epoch
+from pipeline.stream_plan import deal_shards, plan_epoch
 from pipeline.synth import synthesize
 from servers import FaultyHTTPServer
 
@@ -192,6 +192,29 @@ def test_plan_is_exactly_once_with_equal_batches(drop_last):
         plan_epoch(counts, seed=0, epoch=0, batch_size=64, world_size=2, start=64)
 
 
+def test_ranks_get_even_shares_of_uneven_shards():
+    """Whole shards only, 3 ranks over the real train split's 10 shards used 89,856 of 100,000 samples an
+    epoch with drop_last (4 or 8 ranks 79,872): every rank was cut to the rank dealt the fewest. Ranks
+    above their share now hand the surplus on, so every rank holds 100,000 / world_size, give or take one."""
+    counts = [10000] * 10
+    used = {}
+    for world_size in (1, 2, 3, 4, 8, 12):
+        plans = [plan_epoch(counts, seed=0, epoch=1, rank=r, world_size=world_size, batch_size=256, drop_last=True)
+                 for r in range(world_size)]
+        ids = np.concatenate([c.ids for p in plans for c in p.chunks])
+        assert len(np.unique(ids)) == len(ids)
+        used[world_size] = len(ids)
+        held = deal_shards(counts, list(range(10)), world_size)[1]
+        assert max(held) - min(held) <= 1
+        reads = sum(len({s for g in p.groups for s in g}) for p in plans)
+        assert reads <= 10 + world_size - 1  # a shard cut between ranks is read by each
+    assert used == {1: 99840, 2: 99840, 3: 99840, 4: 99328, 8: 98304, 12: 98304}
+    assert [[(s, rows.tolist()) for s, rows in deal] for deal in deal_shards([3, 3, 3, 3], [2, 0, 3, 1], 2)[0]] \
+        == [[(2, [0, 1, 2]), (3, [0, 1, 2])], [(0, [0, 1, 2]), (1, [0, 1, 2])]]  # even already: whole shards
+    moved = [deal_shards(counts, list(range(10)), 3, np.random.default_rng([0, e]))[0][2][-1] for e in range(2)]
+    assert moved[0][0] == moved[1][0] and not np.array_equal(moved[0][1], moved[1][1])  # drawn, not the tail
+
+
 def test_plan_start_is_the_uninterrupted_tail():
     counts = [1000] * 9 + [337]
     for world_size, drop_last in ((1, False), (2, True), (3, False)):
@@ -227,6 +250,27 @@ def test_ranks_and_workers(shards, split, world_size, workers, drop_last):
     else:
         assert sorted(all_keys) == sorted(ShardArrays(shards, split).keys)  # every sample once
         assert all(0 < s <= batch for sizes, _ in runs for s in sizes)
+
+
+def test_ranks_read_shards_cut_between_them(shards):
+    """3 ranks over 4 shards (64, 64, 64, 48 samples): shards cut to even the ranks out are read by two
+    ranks, each slicing out its own rows; together every sample once, byte for byte."""
+    arrays = ShardArrays(shards, "train")
+    at = {k: i for i, k in enumerate(arrays.keys)}
+    keys, by_rank = [], []
+    for rank in range(3):
+        source = stream_from_set(shards, "train", batch_size=16, workers=2, rank=rank, world_size=3,
+                                 drop_last=True, seed=5, epoch=1)
+        sizes, rank_keys, labels, images = _epoch(source)
+        assert sizes == [16] * 5  # 80 samples a rank: whole shards only gave the ranks 64 each
+        idx = np.array([at[k] for k in rank_keys])
+        assert np.array_equal(labels, arrays.labels[idx])
+        order = np.argsort(idx)
+        assert np.array_equal(images[order], arrays.gather(idx[order]).numpy())
+        keys += rank_keys
+        by_rank.append({at[k] // 64 for k in rank_keys})
+    assert sorted(keys) == sorted(arrays.keys)
+    assert sum(len(s) for s in by_rank) > 4  # some shard was cut between ranks
 
 
 @pytest.mark.parametrize("world_size,drop_last", [(1, False), (2, True)])

@@ -256,7 +256,8 @@ def test_lenet5_learns_and_writes_its_files(train_shards, tmp_path):
     assert final["epochs"] == 3 and final["train_top1"] == rows[2]["train_top1"] and final["val_top1"] == rows[2]["val_top1"]
     assert 0 <= final["test_top1"] <= final["test_top5"] <= 100 and final["wall_time_s"] > 0
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
-    assert set(ckpt) == {"format", "model", "optimizer", "lr_scheduler", "args", "identity", "world_size", "batch_size", "state"}
+    assert set(ckpt) == {"format", "model", "optimizer", "lr_scheduler", "args", "identity", "world_size", "batch_size", "state",
+                         "stream_deal"}
     state = ckpt["state"]
     # 1000 images in batches of 32: 32 steps per epoch (the last one of 8).
     assert (state["epoch"], state["samples_done"], state["epoch_steps"], state["step"]) == (3, 0, 0, 3 * 32)
@@ -357,6 +358,7 @@ def test_mid_epoch_resume_is_bit_identical(train_shards, tmp_path, path, augment
     run(train_shards, tmp_path / "straight", *flags)
     ckpt = stop_at(train_shards, tmp_path / "resumed", 5, *flags)
     assert (ckpt["state"]["epoch"], ckpt["state"]["epoch_steps"], ckpt["state"]["samples_done"]) == (0, 5, 5 * 64)
+    assert ckpt["stream_deal"] == 2  # whatever the path: a later resume may be on the stream path at a boundary
     out = tmp_path / "resumed"
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"interrupted at epoch 0 step 5: checkpoint saved to {out / 'checkpoint.pth'}; continue with: python train.py "
@@ -411,6 +413,23 @@ def test_a_mid_epoch_stream_checkpoint_resumes_only_with_its_batch_size(tiny_sha
         assert capsys.readouterr().err == (
             f"error: {tmp_path / 'checkpoint.pth'}: stopped mid-epoch (epoch 0 step 1) with -b 4, whose order of "
             f"the epoch -b {b} does not share; resume it with -b 4\n")
+
+
+def test_a_mid_epoch_multi_rank_stream_checkpoint_of_the_earlier_deal_is_refused():
+    """Deal 1 gave ranks whole shards only; deal 2 evens the ranks out, so on several ranks the rest of an
+    epoch a deal-1 checkpoint stopped in is another order now. One rank's deal is the same in both."""
+    state = train.RunState(epoch=3, samples_done=128, epoch_steps=4)
+    args = argparse.Namespace(data_path="stream", batch_size=16, workers=2)
+    old = dict(args=dict(data_path="stream", workers=2), world_size=2, batch_size=16)
+    with pytest.raises(train.CheckpointError) as e:
+        train.check_epoch_order(old, state, args, 2, "runs/x/checkpoint.pth")
+    assert str(e.value) == (
+        "runs/x/checkpoint.pth: stopped mid-epoch (epoch 3 step 4) on 2 ranks by an earlier tinyin, whose stream "
+        "path dealt the shards to ranks otherwise (deal 1, this one's is 2); finish that epoch with the tinyin "
+        "that saved it, or start the run again")
+    train.check_epoch_order({**old, "stream_deal": 2}, state, args, 2, "runs/x/checkpoint.pth")
+    train.check_epoch_order({**old, "world_size": 1}, state, args, 1, "runs/x/checkpoint.pth")
+    train.check_epoch_order(old, train.RunState(epoch=3), args, 2, "runs/x/checkpoint.pth")  # at a boundary
 
 
 def test_ranks_that_find_different_checkpoints_are_refused(tiny_shards, tmp_path, monkeypatch, capsys):

@@ -2,7 +2,9 @@
 
 Standard library only (plus tqdm), so fetching needs nothing beyond the base
 install. A 248 MB file over a slow link must survive interruptions, so bytes go
-to `<name>.part` and a later call resumes it with an HTTP Range request.
+to `<name>.part` and a later call resumes it with an HTTP Range request, sent with
+`If-Range` (RFC 9110 13.1.5) so that a file changed on the server meanwhile is sent whole
+again instead of being appended to the start of the old one.
 """
 
 import hashlib
@@ -60,24 +62,57 @@ def _complete_length(content_range):
     return int(size) if unit == "bytes" and size.isdigit() else None
 
 
-def _download(url, part, expected_size, chunk_size, progress):
-    """Append the rest of `url` to `part`, or rewrite it if the server ignores Range."""
+def _validator(headers):
+    """What identifies this version of the file for If-Range: its strong ETag, else its Last-Modified
+    (a weak ETag may not be sent in If-Range), or None if the server gives neither."""
+    etag = headers.get("ETag")
+    if etag and not etag.startswith("W/"):
+        return etag
+    return headers.get("Last-Modified")
+
+
+def _validator_file(part):
+    """The file beside `part` holding the validator of the response that began it (one line)."""
+    return part.with_name(f"{part.name}.validator")
+
+
+class _Changed(Exception):
+    """A 206 for another version of the file than the .part's (a server that ignores If-Range)."""
+
+
+def _download(url, part, expected_size, md5, chunk_size, progress):
+    """Append the rest of `url` to `part`, or rewrite it if the server sends the whole file (it ignores
+    Range, or If-Range tells it the file changed since `part` began)."""
     start = part.stat().st_size if part.exists() else 0
     if expected_size is not None and start > expected_size:
         start = 0  # longer than the file: not a prefix of it, so start again
     if expected_size is not None and start == expected_size:
         return  # nothing left to ask for; verification decides whether it is good
-    request = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
+    saved = _validator_file(part)
+    validator = saved.read_text("latin-1").strip() if start and saved.is_file() else None  # as headers are
+    if start and validator is None and md5 is None:
+        # Nothing would tell whether the server's file is still the one `part` began with: resumed,
+        # a changed file would come out as the old file's start joined to the new one's end, and the
+        # size check alone passes that when the sizes agree. Downloading again costs time, not data.
+        start = 0
+    headers = {"Range": f"bytes={start}-", **({"If-Range": validator} if validator else {})} if start else {}
+    request = urllib.request.Request(url, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
             if response.status != 206:
                 start = 0  # a full answer (200) replaces whatever we had
+            elif validator and _validator(response.headers) not in (None, validator):
+                raise _Changed
             length = response.headers.get("Content-Length")
             total = expected_size if expected_size is not None else (start + int(length) if length else None)
             bar = tqdm(total=total, initial=start, desc=part.name, unit="B", unit_scale=True,
                        unit_divisor=1024, disable=not progress)
             received = 0
             with part.open("ab" if start else "wb") as f, bar:
+                if not start:  # after `part` is emptied: a validator never stands beside older bytes
+                    saved.unlink(missing_ok=True)
+                    if new := _validator(response.headers):
+                        saved.write_text(f"{new}\n", "latin-1")
                 while chunk := response.read(chunk_size):
                     f.write(chunk)
                     received += len(chunk)
@@ -91,7 +126,10 @@ def _download(url, part, expected_size, chunk_size, progress):
         total = _complete_length(e.headers.get("Content-Range"))
         if total is not None and total < start:  # longer than the file: not a prefix of it, so start again
             part.unlink()
-            _download(url, part, total, chunk_size, progress)
+            _download(url, part, total, md5, chunk_size, progress)
+    except _Changed:  # the server sent the rest of another file: start again
+        part.unlink()
+        _download(url, part, expected_size, md5, chunk_size, progress)
     except urllib.error.URLError as e:
         raise FetchError(f"cannot download {url}: {e.reason}") from None
     except (OSError, http.client.HTTPException) as e:
@@ -102,10 +140,13 @@ def fetch_release(out, url=OFFICIAL_URL, expected_size=OFFICIAL_SIZE, md5=OFFICI
     """Download `url` into directory `out` (created) and return the path of the file.
 
     The file is named after the last component of the URL's path. Bytes go to
-    `<name>.part`, which a later call resumes with `Range: bytes=N-` (or restarts,
-    if the server answers 200). The finished file's size and md5 are checked
-    (either check is skipped when its expected value is None) before it is renamed
-    into place; with neither, the size is the one the server gives (HEAD), when it
+    `<name>.part`, which a later call resumes with `Range: bytes=N-` and `If-Range: V`, V the
+    validator (strong ETag, else Last-Modified) of the answer that began the .part, kept in
+    `<name>.part.validator`; it restarts if the server answers 200 (the file changed, or Range is
+    ignored). A .part with no validator known is resumed only when `md5` is given (it would catch a
+    mix of two versions of the file); otherwise it is downloaded again. The finished file's size
+    and md5 are checked (either check is skipped when its expected value is None) before it is
+    renamed into place; with neither, the size is the one the server gives (HEAD), when it
     gives one. A final file that already matches is returned without downloading.
 
     Raises FetchError with a one-line message: "cannot download <url>: <reason>" on
@@ -128,10 +169,12 @@ def fetch_release(out, url=OFFICIAL_URL, expected_size=OFFICIAL_SIZE, md5=OFFICI
     if final.is_file() and _mismatch(final, name, expected_size, md5) is None:
         return final
 
-    _download(url, part, expected_size, chunk_size, progress)
+    _download(url, part, expected_size, md5, chunk_size, progress)
     problem = _mismatch(part, name, expected_size, md5)
     if problem:
         part.unlink()
+        _validator_file(part).unlink(missing_ok=True)
         raise FetchError(problem)
     os.replace(part, final)
+    _validator_file(part).unlink(missing_ok=True)
     return final

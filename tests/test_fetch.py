@@ -1,7 +1,9 @@
 """fetch_release against a local HTTP server that may honour Range, ignore it, or hang up."""
 
+import email.utils
 import functools
 import hashlib
+import os
 import http.server
 import pathlib
 import random
@@ -16,20 +18,36 @@ from pipeline.fetch import FetchError, fetch_release
 NAME = "tiny.zip"
 
 
+def validator_of(kind, path, data):
+    """(header, value) a server of `validator` kind answers for file `path` holding `data`."""
+    if kind in ("etag", "weak-etag"):
+        return "ETag", ("W/" if kind == "weak-etag" else "") + f'"{hashlib.md5(data).hexdigest()}"'
+    if kind == "last-modified":
+        return "Last-Modified", email.utils.formatdate(path.stat().st_mtime, usegmt=True)
+    return None, None
+
+
 class RangeHandler(http.server.SimpleHTTPRequestHandler):
     """Serves files, answering `Range: bytes=N-` with 206 unless the server says otherwise.
 
     Server attributes: `honour_range` (False: always 200), `cut_after` (hang up after
-    this many body bytes, None: never) and `ranges` (the Range header of each request).
+    this many body bytes, None: never), `ranges` (the Range header of each request),
+    `validator` (what a GET answers with: "etag" a strong ETag, the file's md5; "weak-etag";
+    "last-modified" the file's mtime; None neither), `honour_if_range` (False: Range is served
+    whatever If-Range says) and `if_ranges` (the If-Range header of each request).
     """
 
     def do_GET(self):
-        wanted = self.headers.get("Range")
+        wanted, if_range = self.headers.get("Range"), self.headers.get("If-Range")
         self.server.ranges.append(wanted)
+        self.server.if_ranges.append(if_range)
         path = pathlib.Path(self.translate_path(self.path))
         if not path.is_file():
             return self.send_error(404, "File not found")
         data = path.read_bytes()
+        header, validator = validator_of(self.server.validator, path, data)
+        if if_range is not None and if_range != validator and self.server.honour_if_range:
+            wanted = None  # RFC 9110 13.1.5: the file changed, so the whole of it
         start = int(wanted.removeprefix("bytes=").removesuffix("-")) if wanted and self.server.honour_range else 0
         if start >= len(data) > 0:  # as RFC 9110 asks: 416 with the file's size
             self.send_response(416)
@@ -41,6 +59,8 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
         if start:
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         self.send_header("Content-Length", str(len(data) - start))
+        if validator:
+            self.send_header(header, validator)
         self.end_headers()
         self.wfile.write(data[start:][: self.server.cut_after])
 
@@ -63,10 +83,11 @@ def serve(tmp_path):
     """Start servers of tmp_path/www on 127.0.0.1; all are shut down after the test."""
     running = []
 
-    def start(honour_range=True, cut_after=None):
+    def start(honour_range=True, cut_after=None, validator=None, honour_if_range=True):
         handler = functools.partial(RangeHandler, directory=str(tmp_path / "www"))
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         server.honour_range, server.cut_after, server.ranges = honour_range, cut_after, []
+        server.validator, server.honour_if_range, server.if_ranges = validator, honour_if_range, []
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01})
         thread.start()
         running.append((server, thread))
@@ -136,6 +157,60 @@ def test_interrupted_download_keeps_part_and_resumes(serve, payload, tmp_path):
     server.cut_after = None
     assert _fetch(server, tmp_path / "out", payload).read_bytes() == payload
     assert server.ranges == [None, "bytes=123456-"]
+
+
+def _cut_then_change(server, out, payload, tmp_path):
+    """Download from `server` until it hangs up at byte 123456, then replace its file by another of the
+    same size (a new mtime too); returns the new file's bytes and the If-Range validator of the old."""
+    with pytest.raises(FetchError):
+        _fetch(server, out, payload, expected_size=None, md5=None)
+    old = validator_of(server.validator, tmp_path / "www" / NAME, payload)[1]
+    changed = random.Random(1).randbytes(len(payload))
+    (tmp_path / "www" / NAME).write_bytes(changed)
+    os.utime(tmp_path / "www" / NAME, (1e9, 1e9))
+    server.cut_after = None
+    return changed, old
+
+
+@pytest.mark.parametrize("validator", ["etag", "last-modified"])
+def test_a_file_changed_on_the_server_since_the_part_began_is_downloaded_again(serve, payload, tmp_path, validator):
+    """No md5 to catch it: the .part of the old file was resumed with the rest of the new one, and the
+    spliced file (right size) taken for the download. If-Range with the validator that began the
+    .part makes the server send the new file whole."""
+    server, out = serve(cut_after=123_456, validator=validator), tmp_path / "out"
+    changed, old = _cut_then_change(server, out, payload, tmp_path)
+    assert (out / f"{NAME}.part.validator").read_text() == f"{old}\n"
+    assert _fetch(server, out, payload, expected_size=None, md5=None).read_bytes() == changed
+    assert (server.ranges, server.if_ranges) == ([None, "bytes=123456-"], [None, old])
+    assert [p.name for p in out.iterdir()] == [NAME]
+
+
+def test_an_unchanged_file_with_a_validator_resumes(serve, payload, tmp_path):
+    server, out = serve(cut_after=123_456, validator="etag"), tmp_path / "out"
+    with pytest.raises(FetchError):
+        _fetch(server, out, payload, expected_size=None, md5=None)
+    server.cut_after = None
+    assert _fetch(server, out, payload, expected_size=None, md5=None).read_bytes() == payload
+    etag = f'"{hashlib.md5(payload).hexdigest()}"'
+    assert (server.ranges, server.if_ranges) == ([None, "bytes=123456-"], [None, etag])
+    assert [p.name for p in out.iterdir()] == [NAME]
+
+
+@pytest.mark.parametrize("validator", [None, "weak-etag"])
+def test_a_part_with_no_validator_and_no_md5_is_downloaded_again(serve, payload, tmp_path, validator):
+    """Nothing could tell a changed file from the old one: resuming risks a splice, so start over."""
+    server, out = serve(cut_after=123_456, validator=validator), tmp_path / "out"
+    changed, _ = _cut_then_change(server, out, payload, tmp_path)
+    assert _fetch(server, out, payload, expected_size=None, md5=None).read_bytes() == changed
+    assert (server.ranges, server.if_ranges) == ([None, None], [None, None])
+
+
+def test_a_server_ignoring_if_range_is_caught_by_the_validator_of_its_answer(serve, payload, tmp_path):
+    """A 206 whose ETag is not the .part's is the rest of another file: asked again from the start."""
+    server, out = serve(cut_after=123_456, validator="etag", honour_if_range=False), tmp_path / "out"
+    changed, old = _cut_then_change(server, out, payload, tmp_path)
+    assert _fetch(server, out, payload, expected_size=None, md5=None).read_bytes() == changed
+    assert (server.ranges, server.if_ranges) == ([None, "bytes=123456-", None], [None, old, None])
 
 
 def test_server_ignoring_range_restarts_from_zero(serve, payload, tmp_path):

@@ -666,7 +666,9 @@ def resume_path(args):
 
 
 def continue_command(args, world_size):
-    """The command line that resumes this run (printed when it is interrupted)."""
+    """The command line that resumes this run (printed when it is interrupted). A URL's password and
+    token show as `***` in it, as in every line printed: it goes to job logs, so it is not runnable
+    verbatim for such a URL, and a signed URL's token may have expired by the rerun anyway."""
     argv, skip = [], False
     for a in args.argv:  # drop --resume X and the hidden one-shot flags: --resume auto replaces them
         if skip:
@@ -831,7 +833,7 @@ def environment(device, world_size, dataset):
 
 
 def saved_args(args):
-    """The flags as args.json and the checkpoint keep them, a --shards URL's password hidden (in `shards` and
+    """The flags as args.json and the checkpoint keep them, a --shards URL's password and token hidden (in `shards` and
     `argv`): run folders are shared and published, and the identity a resume checks comes from the set."""
     hidden = lambda v: [hide_password(a) for a in v] if isinstance(v, list) else hide_password(v) if isinstance(v, str) else v  # noqa: E731
     return {k: hidden(v) for k, v in vars(args).items()}

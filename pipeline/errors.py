@@ -75,12 +75,20 @@ ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, err
 
 # The password of `scheme://user:password@host` (percent-encoded, so no '/', '@' or space in it).
 _PASSWORD = re.compile(r"\b([a-z][a-z0-9+.-]*://[^/@\s:]*:)[^/@\s]+@", re.IGNORECASE)
+_URL = re.compile(r"\b[a-z][a-z0-9+.-]*://\S+", re.IGNORECASE)
+# A query parameter of a URL whose name ends in a word for a credential: a signed URL's signature or
+# token (`sig`, `Signature`, `X-Amz-Signature`, `X-Amz-Credential`, `X-Amz-Security-Token`,
+# `X-Goog-Signature`, `access_token`, `key`, ...). Its value ends at the next parameter, fragment, space
+# or quote, less trailing punctuation of the text around it (`URL: reason`, `URL,`).
+_TOKEN = re.compile(r"([?&;][^=&#\s]*(?:sig|signature|token|credential|secret|password|key|auth)=)"
+                    r"[^&#\s'\"]*[^&#\s'\":,;.)]", re.IGNORECASE)
 
 
 def hide_password(text) -> str:
     """`text` (str() of it) with the password of every `scheme://user:password@` URL shown as `***`, as
-    pip and git show one: error lines and a run's args.json end up in job logs and shared folders."""
-    return _PASSWORD.sub(r"\1***@", str(text))
+    pip and git show one, and the value of every query parameter naming a credential (`?sig=***`):
+    error lines and a run's args.json end up in job logs and shared folders."""
+    return _URL.sub(lambda url: _TOKEN.sub(r"\1***", _PASSWORD.sub(r"\1***@", url[0])), str(text))
 
 
 def report(error: TinyinError) -> None:

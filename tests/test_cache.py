@@ -185,9 +185,41 @@ def test_a_urls_password_is_hidden_in_the_error_line(shards, cache):
         server.close()
 
 
-def test_hide_password_hides_only_passwords():
+def test_a_signed_urls_token_is_hidden_in_the_error_line(shards, cache):
+    """A signed URL's token is as much a secret as a password (whoever reads the job log could use it
+    until it expires): the error line showed it in full."""
+    server = FaultyHTTPServer(shards, query="sv=1&sig=a%2Fb")
+    try:
+        result = CliRunner().invoke(main, ["shard", "verify", f"{server.url}/?sv=1&sig=wrong"])
+        assert (result.exit_code, result.output) == (
+            1, f"error: {server.url}/manifest.json?sv=1&sig=***: unreadable (OSError: HTTP 403 Forbidden)\n")
+    finally:
+        server.close()
+
+
+def test_hide_password_hides_only_passwords_and_tokens():
     text = "s3://b/x https://ann:p%40ss@host:8/set?sig=a@b, ftp://bob@h/f and http://h/a:b@c"
-    assert hide_password(text) == "s3://b/x https://ann:***@host:8/set?sig=a@b, ftp://bob@h/f and http://h/a:b@c"
+    assert hide_password(text) == "s3://b/x https://ann:***@host:8/set?sig=***, ftp://bob@h/f and http://h/a:b@c"
+
+
+@pytest.mark.parametrize("url, hidden", [
+    ("https://b.s3.amazonaws.com/t.zip?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIA%2F20240101"
+     "&X-Amz-Date=20240101T000000Z&X-Amz-SignedHeaders=host&X-Amz-Security-Token=IQo%2Bx&X-Amz-Signature=0a1b",
+     "https://b.s3.amazonaws.com/t.zip?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=***"
+     "&X-Amz-Date=20240101T000000Z&X-Amz-SignedHeaders=host&X-Amz-Security-Token=***&X-Amz-Signature=***"),
+    ("https://a.blob.core.windows.net/c/tiny?sv=2021-06-08&se=2024-01-01T00:00:00Z&sp=rl&sig=ab%2Bc%3D",
+     "https://a.blob.core.windows.net/c/tiny?sv=2021-06-08&se=2024-01-01T00:00:00Z&sp=rl&sig=***"),
+    ("https://storage.googleapis.com/b/t?X-Goog-Credential=sa%40p&X-Goog-Signature=0a1b#top",
+     "https://storage.googleapis.com/b/t?X-Goog-Credential=***&X-Goog-Signature=***#top"),
+    ("https://d1.cloudfront.net/t.zip?Expires=1&Signature=a~b&Key-Pair-Id=K2",
+     "https://d1.cloudfront.net/t.zip?Expires=1&Signature=***&Key-Pair-Id=K2"),
+    ("--shards=https://h/x?access_token=Zz==&page=2&api_key=k;", "--shards=https://h/x?access_token=***&page=2&api_key=***;"),
+    ("cannot download https://h/t.zip?token=abc: HTTP 403 Forbidden", "cannot download https://h/t.zip?token=***: HTTP 403 Forbidden"),
+    ("--shards 'https://u:p@h/x?sig=abc' --lr 0.1", "--shards 'https://u:***@h/x?sig=***' --lr 0.1"),
+    ("not a URL: ?sig=abc token=abc", "not a URL: ?sig=abc token=abc"),
+], ids=["s3", "azure", "gcs", "cloudfront", "generic", "error-line", "shell", "no-url"])
+def test_hide_password_hides_a_signed_urls_token(url, hidden):
+    assert hide_password(url) == hidden
 
 
 @pytest.mark.parametrize("path", ["fast", "stream"])

@@ -702,10 +702,12 @@ def test_a_resume_that_trains_further_removes_final_json(tiny_shards, tmp_path):
     assert json.loads((out / "final.json").read_text())["epochs"] == 2
 
 
-def test_args_json_and_the_checkpoint_keep_no_password_of_a_shards_url():
-    url = "https://ann:p%40ss@host/tiny?sig=x"
+def test_args_json_and_the_checkpoint_keep_no_password_or_token_of_a_shards_url():
+    url = "https://ann:p%40ss@host/tiny?sv=1&sig=x"
     args = argparse.Namespace(shards=url, lr=0.1, argv=["--shards", url, "--lr", "0.1"])
-    assert train.saved_args(args) == {"shards": "https://ann:***@host/tiny?sig=x", "lr": 0.1,
-                                      "argv": ["--shards", "https://ann:***@host/tiny?sig=x", "--lr", "0.1"]}
-    assert train.continue_command(args, 1) == "python train.py --shards 'https://ann:***@host/tiny?sig=x' --lr 0.1 --resume auto"
-    assert args.shards == "https://ann:p%40ss@host/tiny?sig=x"  # the run itself still logs in
+    assert train.saved_args(args) == {"shards": "https://ann:***@host/tiny?sv=1&sig=***", "lr": 0.1,
+                                      "argv": ["--shards", "https://ann:***@host/tiny?sv=1&sig=***", "--lr", "0.1"]}
+    # Hidden in the line to rerun as well: rerun it with the password and a token (a new one if this expired).
+    assert train.continue_command(args, 1) == (
+        "python train.py --shards 'https://ann:***@host/tiny?sv=1&sig=***' --lr 0.1 --resume auto")
+    assert args.shards == "https://ann:p%40ss@host/tiny?sv=1&sig=x"  # the run itself still logs in

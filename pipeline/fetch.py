@@ -1,10 +1,11 @@
 """Download the official Tiny ImageNet 200 release, resumably, and verify it.
 
-Standard library only (plus tqdm), so fetching needs nothing beyond the base
-install. A 248 MB file over a slow link must survive interruptions, so bytes go
-to `<name>.part` and a later call resumes it with an HTTP Range request, sent with
-`If-Range` (RFC 9110 13.1.5) so that a file changed on the server meanwhile is sent whole
-again instead of being appended to the start of the old one.
+urllib and tqdm, so fetching needs nothing beyond the base install; a URL's
+`user:password@` is sent as basic auth, as for a shard set's URL. A 248 MB file
+over a slow link must survive interruptions, so bytes go to `<name>.part` and a
+later call resumes it with an HTTP Range request, sent with `If-Range` (RFC 9110
+13.1.5) so that a file changed on the server meanwhile is sent whole again
+instead of being appended to the start of the old one.
 """
 
 import hashlib
@@ -16,6 +17,8 @@ import urllib.parse
 import urllib.request
 
 from tqdm import tqdm
+
+from .shardset import http_request
 
 OFFICIAL_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 OFFICIAL_SIZE = 248100043  # bytes of the official zip
@@ -45,10 +48,22 @@ def _mismatch(path, name, expected_size, md5):
 SCHEMES = ("http", "https", "ftp", "file")  # what urllib opens
 
 
+def _request(url, headers=None, method=None):
+    """A urllib Request for `url`. Over HTTP(S) its `user:password@` goes as basic auth (urllib would take
+    it for part of the host name: 'Name or service not known'); ftp:// reads it itself."""
+    if urllib.parse.urlsplit(url).scheme in ("http", "https"):
+        request = http_request(url, headers)
+    else:
+        request = urllib.request.Request(url, headers=headers or {})
+    if method:
+        request.method = method
+    return request
+
+
 def _remote_size(url):
     """The size the server gives for `url` (a HEAD request's Content-Length), or None if it gives none."""
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=TIMEOUT_S) as response:
+        with urllib.request.urlopen(_request(url, method="HEAD"), timeout=TIMEOUT_S) as response:
             length = response.headers.get("Content-Length")
             return int(length) if length and length.isdigit() else None
     except (OSError, http.client.HTTPException):
@@ -96,9 +111,8 @@ def _download(url, part, expected_size, md5, chunk_size, progress):
         # size check alone passes that when the sizes agree. Downloading again costs time, not data.
         start = 0
     headers = {"Range": f"bytes={start}-", **({"If-Range": validator} if validator else {})} if start else {}
-    request = urllib.request.Request(url, headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+        with urllib.request.urlopen(_request(url, headers), timeout=TIMEOUT_S) as response:
             if response.status != 206:
                 start = 0  # a full answer (200) replaces whatever we had
             elif validator and _validator(response.headers) not in (None, validator):

@@ -14,6 +14,7 @@ import zipfile
 import pytest
 
 from pipeline.fetch import FetchError, fetch_release
+from tests.servers import FaultyHTTPServer
 
 NAME = "tiny.zip"
 
@@ -282,6 +283,20 @@ def test_http_error(serve, payload, tmp_path):
     with pytest.raises(FetchError) as info:
         fetch_release(tmp_path / "out", url, progress=False)
     assert str(info.value) == f"cannot download {url}: HTTP 404 File not found"
+
+
+@pytest.mark.parametrize("checks", [dict(expected_size=None, md5=None), {}], ids=["size-by-head", "md5"])
+def test_a_url_with_user_and_password_logs_in(payload, tmp_path, checks):
+    """`http://user:password@host/file` (as curl takes it, and as a shard set's URL works): urllib read
+    the user and password as part of the host name, and failed with 'Name or service not known'."""
+    server = FaultyHTTPServer(tmp_path / "www", auth="ann:p@ss")
+    try:
+        url = f"{server.url.replace('://', '://ann:p%40ss@')}/{NAME}"
+        checks = {"expected_size": len(payload), "md5": hashlib.md5(payload).hexdigest(), **checks}
+        assert fetch_release(tmp_path / "out", url, progress=False, **checks).read_bytes() == payload
+        assert server.requests[NAME] == 1
+    finally:
+        server.close()
 
 
 def test_connection_refused(tmp_path):

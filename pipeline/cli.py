@@ -1,5 +1,6 @@
 """The `tinyin` command line: thin click wrappers, each calling one library function."""
 import json
+import re
 import signal
 import sys
 from pathlib import Path
@@ -50,10 +51,18 @@ def data_synth(out, classes, train_per_class, val_per_class, test_images, seed):
     click.echo(f"wrote synthetic release to {path}")
 
 
+def _md5(ctx, param, value):
+    """--md5 of `data fetch`: 32 hex digits, checked before the download (a pasted `md5sum` line or a
+    digit short was found wrong only once the whole file had arrived, and the file was deleted)."""
+    if value is not None and not re.fullmatch(r"[0-9a-fA-F]{32}", value):
+        raise click.BadParameter(f"{value!r} is not an md5 (32 hex digits)")
+    return value
+
+
 @data.command("fetch")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to download into.")
 @click.option("--url", default=None, help="Archive URL [default: the official cs231n zip, with its known size and md5].")
-@click.option("--md5", default=None, help="Expected md5 of a --url download [default: not checked].")
+@click.option("--md5", default=None, callback=_md5, help="Expected md5 of a --url download [default: not checked].")
 def data_fetch(out, url, md5):
     """Download the official release archive (resumes a partial download, checks size and md5)."""
     from . import fetch

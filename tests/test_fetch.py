@@ -334,3 +334,16 @@ def test_cli_md5_without_url_is_a_usage_error(tmp_path):
     assert result.exit_code == 2 and not (tmp_path / "dl").exists()
     assert result.output.strip().splitlines()[-1] == (
         "Error: --md5 checks a --url download (the official zip's md5 is built in)")
+
+
+@pytest.mark.parametrize("md5", ["90528d7ca1a48142e341f4ef8d21d0d", "90528d7ca1a48142e341f4ef8d21d0de  tiny.zip"])
+def test_cli_a_malformed_md5_is_refused_before_downloading(serve, tmp_path, md5):
+    """A digit short, or a pasted `md5sum` line: the whole file was downloaded, found not to match, deleted."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    server = serve()
+    result = CliRunner().invoke(main, ["data", "fetch", "--out", str(tmp_path / "dl"), "--url", _url(server), "--md5", md5])
+    assert result.exit_code == 2 and not (tmp_path / "dl").exists() and server.ranges == []
+    assert result.output.strip().splitlines()[-1] == f"Error: Invalid value for '--md5': {md5!r} is not an md5 (32 hex digits)"

@@ -167,7 +167,10 @@ def fetch_release(out, url=OFFICIAL_URL, expected_size=OFFICIAL_SIZE, md5=OFFICI
     network errors (the .part is kept for resuming), or "<name>: expected ..., got ..."
     on a size or md5 mismatch (the .part is deleted).
     """
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as e:  # a bracket left open: 'Invalid IPv6 URL'
+        raise FetchError(f"cannot download {url}: {e}") from None
     if parts.scheme not in SCHEMES:
         raise FetchError(f"cannot download {url}: not a URL ({', '.join(s + '://' for s in SCHEMES)})")
     name = pathlib.PurePosixPath(parts.path).name

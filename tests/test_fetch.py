@@ -277,6 +277,14 @@ def test_what_is_not_a_url_is_refused_before_anything_is_made(tmp_path, url):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_url_urllib_cannot_parse_is_one_line(tmp_path):
+    """A typo in an IPv6 address ended in urlsplit's ValueError traceback."""
+    with pytest.raises(FetchError) as info:
+        fetch_release(tmp_path / "out", "http://[::1/tiny.zip", progress=False)
+    assert str(info.value) == "cannot download http://[::1/tiny.zip: Invalid IPv6 URL"
+    assert not (tmp_path / "out").exists()
+
+
 def test_http_error(serve, payload, tmp_path):
     server = serve()
     url = f"http://127.0.0.1:{server.server_port}/missing.zip"

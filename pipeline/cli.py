@@ -7,17 +7,22 @@ from pathlib import Path
 
 import click
 
-from .errors import TinyinError, sigterm_interrupts, user_errors
+from .errors import TinyinError, hide_password, sigterm_interrupts, user_errors
 
 
 class _Group(click.Group):
     """A click group whose commands report user-facing errors the way train.py does
     (`errors.user_errors`: one line on stderr, exit code 2 for usage errors and 1 otherwise), and
-    stop on SIGTERM as on Ctrl-C, cleaning up on the way out (exit code 143)."""
+    stop on SIGTERM as on Ctrl-C, cleaning up on the way out (exit code 143). click's own errors
+    (a bad flag value) hide a URL's password and token as those do."""
 
     def invoke(self, ctx):
         with user_errors(), sigterm_interrupts():
-            return super().invoke(ctx)
+            try:
+                return super().invoke(ctx)
+            except click.ClickException as e:  # `Error: Invalid value for '--shards': Directory 'URL' ...`
+                e.message = hide_password(e.message)
+                raise
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

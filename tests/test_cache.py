@@ -197,6 +197,13 @@ def test_a_signed_urls_token_is_hidden_in_the_error_line(shards, cache):
         server.close()
 
 
+def test_a_urls_password_and_token_are_hidden_in_clicks_own_errors(tmp_path):
+    """A URL given to a flag that takes a folder: click's 'Invalid value' line showed it whole."""
+    result = CliRunner().invoke(main, ["bench", "loader", "--shards", "https://ann:pw@h/tiny?sig=S", "--remote-only"])
+    assert (result.exit_code, result.output.splitlines()[-1]) == (
+        2, "Error: Invalid value for '--shards': Directory 'https://ann:***@h/tiny?sig=***' does not exist.")
+
+
 def test_hide_password_hides_only_passwords_and_tokens():
     text = "s3://b/x https://ann:p%40ss@host:8/set?sig=a@b, ftp://bob@h/f and http://h/a:b@c"
     assert hide_password(text) == "s3://b/x https://ann:***@host:8/set?sig=***, ftp://bob@h/f and http://h/a:b@c"

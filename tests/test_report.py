@@ -197,6 +197,17 @@ def reproduce(*args):
     return subprocess.run([sys.executable, str(REPRODUCE), *args], capture_output=True, text=True)
 
 
+def test_reproduce_hides_a_shards_urls_password_and_token(tmp_path, capsys):
+    """The '== ROW: train.py ...' line and ROW/reproduce.json showed a --shards URL whole."""
+    from reproduce import Stop, train_row
+
+    cmd = [sys.executable, "-c", "pass", "--shards", "https://ann:pw@h/tiny?sig=S"]
+    assert train_row("row", tmp_path / "row", cmd, Stop()) == 0
+    assert capsys.readouterr().out == "== row: -c pass --shards 'https://ann:***@h/tiny?sig=***'\n"
+    record = json.loads((tmp_path / "row" / "reproduce.json").read_text())
+    assert record["command"] == ["-c", "pass", "--shards", "https://ann:***@h/tiny?sig=***"]
+
+
 def test_reproduce_smoke_skips_finished_rows(shards, tmp_path):
     """Table 2's LeNet-5 row for 1 epoch of 2 batches on the synthetic set; a second run does not
     train the finished row again."""

@@ -1,4 +1,5 @@
 """tools/speedrun.py on the synthetic shards: seeds run once each, the table and the time-to-accuracy curve."""
+import argparse
 import json
 import signal
 import subprocess
@@ -113,3 +114,29 @@ def test_train_flags_are_checked_before_any_run_starts(tmp_path, capsys, extra, 
         speedrun.main(["--shards", "x", "--out", str(tmp_path / "sr"), *extra])
     assert capsys.readouterr().err.splitlines()[-1].endswith(f": {message}")
     assert not (tmp_path / "sr").exists()
+
+
+def test_a_shards_urls_password_and_token_are_hidden_in_what_is_printed_and_written(tmp_path, monkeypatch, capsys):
+    """speedrun.md, process_wall.json and the '$ train.py ...' line showed a --shards URL whole: results
+    are published, logs shared."""
+    url, hidden = "https://ann:pw@h/tiny?sv=1&sig=S", "https://ann:***@h/tiny?sv=1&sig=***"
+    args = argparse.Namespace(shards=url, arch="resnet18_64", train_args="", device=None)
+
+    class Done:  # train.py, finished at once
+        def __init__(self, cmd, cwd):
+            run = Path(cmd[cmd.index("--output-dir") + 1])
+            run.mkdir(parents=True)
+            (run / "final.json").write_text(json.dumps(dict(epochs=1, val_top1=1.0, test_top1=2.0, eval_model="ema")))
+            (run / "metrics.jsonl").write_text("")
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(speedrun.subprocess, "Popen", Done)
+    result = speedrun.run_seed(args, 0, tmp_path)
+    run = tmp_path / "runs" / "seed0"
+    train_args = f"--shards '{hidden}' --arch resnet18_64 --size 64 --recipe fast --seed 0 --output-dir {run}"
+    assert capsys.readouterr().out == f"$ {sys.executable} {speedrun.ROOT / 'train.py'} {train_args}\n"
+    assert json.loads((run / "process_wall.json").read_text())["command"] == f"{speedrun.ROOT / 'train.py'} {train_args}"
+    assert speedrun.render([result], ["--shards", url, "--out", "o"]).splitlines()[:2] == [
+        f"# python tools/speedrun.py --shards '{hidden}' --out o", f"# train.py {train_args}"]

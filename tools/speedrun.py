@@ -29,6 +29,9 @@ from pathlib import Path
 from matplotlib.figure import Figure  # the object API: no pyplot, no global backend switch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # train.py and pipeline/, run from anywhere, installed or not
+
+from pipeline.errors import TinyinError, hide_password  # noqa: E402
 
 #: --ablate's variants: name -> (the part switched off, the train.py flags that switch it off)
 ABLATIONS = {
@@ -56,9 +59,7 @@ def check_train_flags(args, variants):
     """train.py's own flag checks for every run planned, before the first starts: a mistake (an arch
     the recipe has no row for, --train-args that clash with it) is one line here, not a failed run
     after minutes of others with the advice to rerun."""
-    sys.path.insert(0, str(ROOT))
     import train
-    from pipeline.errors import TinyinError
 
     for variant in [None, *variants]:
         try:
@@ -76,7 +77,7 @@ def run_seed(args, seed, out, variant=None):
     timing = run / "process_wall.json"
     if not (run / "final.json").is_file() or not timing.is_file():
         cmd = [sys.executable, str(ROOT / "train.py"), *train_argv(args, seed, run, variant)]
-        print(f"$ {shlex.join(cmd)}", flush=True)
+        print(f"$ {hide_password(shlex.join(cmd))}", flush=True)  # a --shards URL's password and token: ***
         t0 = time.time()
         proc = subprocess.Popen(cmd, cwd=ROOT)
         # SIGTERM (a scheduler, gpu_session's --deadline) is passed on: train.py checkpoints and exits.
@@ -87,7 +88,7 @@ def run_seed(args, seed, out, variant=None):
         finally:
             signal.signal(signal.SIGTERM, previous)
         run.mkdir(parents=True, exist_ok=True)
-        timing.write_text(json.dumps(dict(seconds=time.time() - t0, command=shlex.join(cmd[1:]))))
+        timing.write_text(json.dumps(dict(seconds=time.time() - t0, command=hide_password(shlex.join(cmd[1:])))))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return dict(seed=seed, variant=variant, final=json.loads((run / "final.json").read_text()), metrics=rows,
                 **json.loads(timing.read_text()))
@@ -112,7 +113,7 @@ def spread(values):
 
 def render(results, argv):
     """speedrun.md: the command, one row per seed, then the mean +- spread."""
-    lines = [f"# python tools/speedrun.py {shlex.join(argv)}",
+    lines = [f"# python tools/speedrun.py {hide_password(shlex.join(argv))}",
              f"# train.py {results[0]['command'].split(' ', 1)[1]}", "",
              "| seed | minutes (process) | epochs | val top-1 (%) | test top-1 (%) | evaluated |",
              "|---|---|---|---|---|---|"]
@@ -131,7 +132,7 @@ def render_ablation(full, variants, argv):
     """ablation.md: the full recipe's row, then one row per part switched off, with its change in
     val top-1 against the full recipe on the same seed."""
     f = full["final"]
-    lines = [f"# python tools/speedrun.py {shlex.join(argv)}",
+    lines = [f"# python tools/speedrun.py {hide_password(shlex.join(argv))}",
              f"# seed {full['seed']}; each row: --recipe fast with one part switched off", "",
              "| without | train.py flags | minutes (process) | val top-1 (%) | change in val (points) | test top-1 (%) |",
              "|---|---|---|---|---|---|",

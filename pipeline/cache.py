@@ -34,7 +34,7 @@ from pathlib import Path
 from .errors import ShardError, hide_password
 from .index import write_json
 from .schema import CACHE_LOCK_FILE, INDEX_FILE, MANIFEST_FILE
-from .shardset import ShardSet, http_request, is_url, missing_error, open_shard_set
+from .shardset import ShardSet, http_request, is_url, missing_error, names_a_tar, open_shard_set
 
 BLOCK = 4 << 20  # bytes per read; large enough that receiving a block costs far more than a call
 FSSPEC_BLOCK = 32 << 20  # bytes per ranged read through fsspec (a request each: S3 and GCS bill per request)
@@ -49,7 +49,7 @@ def is_set_url(shards):
     if isinstance(shards, ShardSet):
         return not shards.is_local
     text = str(shards)
-    return isinstance(shards, (str, Path)) and is_url(text) and "{" not in text and not text.endswith(".tar")
+    return isinstance(shards, (str, Path)) and is_url(text) and "{" not in text and not names_a_tar(text)
 
 
 def cache_folder(location, cache_dir=None):

@@ -41,6 +41,13 @@ def is_url(location):
     return "://" in str(location) and not str(location).startswith("file://")
 
 
+def names_a_tar(location):
+    """True when `location` names one `.tar` (a shard, not a set's folder): by its path, so a signed
+    URL's query string (`.../train-000000.tar?sig=...`) does not hide it."""
+    text = str(location)
+    return (urllib.parse.urlsplit(text).path if is_url(text) else text).endswith(".tar")
+
+
 # The wording of every shard check, in one place.
 def missing_error(where):
     return ShardError(f"{where}: missing (listed in the manifest)")

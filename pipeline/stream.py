@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .errors import ShardError
 from .reader import _strided_view
 from .schema import CLS, MEMBERS, VARIANTS
-from .shardset import ShardSet, http_request, is_url, missing_error, open_shard_set
+from .shardset import ShardSet, http_request, is_url, missing_error, names_a_tar, open_shard_set
 from .stream_plan import LANES, MIX, plan_epoch
 from .tarshard import BLOCK, NPY_HEADERS
 
@@ -586,7 +586,7 @@ def is_url_list(shards):
     if isinstance(shards, (list, tuple)):
         return True
     text = str(shards)
-    return not isinstance(shards, ShardSet) and (text.startswith("pipe:") or "{" in text or text.endswith(".tar"))
+    return not isinstance(shards, ShardSet) and (text.startswith("pipe:") or "{" in text or names_a_tar(text))
 
 
 def stream_source(shards, split, sample_counts=None, **kw):

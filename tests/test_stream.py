@@ -26,7 +26,8 @@ from pipeline.build import build_shards
 from pipeline.errors import ShardError, UsageError
 from pipeline.loader import make_loader
 from pipeline.reader import ShardArrays
-from pipeline.stream import _Failure, _Lanes, stream_from_set, stream_from_urls
+from pipeline.cache import is_set_url
+from pipeline.stream import _Failure, _Lanes, is_url_list, stream_from_set, stream_from_urls
 from pipeline.stream_plan import deal_shards, plan_epoch
 from pipeline.synth import synthesize
 from servers import FaultyHTTPServer
@@ -304,6 +305,17 @@ def test_make_loader_takes_a_set_url(shards, http):
     assert len(batches) == 4 and [b[2] for b in batches] == [b[2] for b in local]
     with pytest.raises(UsageError, match="sample_counts is for a list of shard URLs"):
         make_loader(http.url, "val", path="stream", sample_counts=[30])
+
+
+def test_a_signed_shard_url_is_one_shard_not_a_set(shards, http):
+    """`.../val-000000.tar?sig=...` was taken for a set's folder (its text does not end in .tar): the
+    shard itself was refused with 'sample_counts is for a list of shard URLs'."""
+    url = f"{http.url}/val-000000.tar?sig=abc"
+    assert is_url_list(url) and not is_set_url(url) and is_set_url(f"{http.url}/?sig=abc")
+    loader = make_loader(url, "val", variant="gray28", path="stream", batch_size=8, with_keys=True, workers=0,
+                         sample_counts=[30], mean=(0.5,), std=(0.25,))
+    local = make_loader(shards, "val", variant="gray28", path="stream", batch_size=8, with_keys=True, workers=0)
+    assert [b[2] for b in loader] == [b[2] for b in local]
 
 
 @pytest.mark.parametrize("fault,message", [

@@ -16,9 +16,6 @@ same proxies (`http_proxy`, `https_proxy`, `no_proxy`) used.
 Other URLs (`s3://`, `gs://`, ...) go through the set's fsspec filesystem in large blocks.
 """
 import concurrent.futures
-import contextlib
-import errno
-import fcntl
 import hashlib
 import http.client
 import json
@@ -32,6 +29,7 @@ import urllib.request
 from pathlib import Path
 
 from .errors import ShardError, hide_password
+from .locks import locked
 from .index import write_json
 from .schema import CACHE_LOCK_FILE, INDEX_FILE, MANIFEST_FILE
 from .shardset import ShardSet, http_request, is_url, missing_error, names_a_tar, open_shard_set
@@ -78,29 +76,10 @@ def cached_copy(shards, splits, cache_dir=None, workers=WORKERS, progress=None, 
     folder.mkdir(parents=True, exist_ok=True)
     if progress is None:
         progress = sys.stderr.isatty() and os.environ.get("LOCAL_RANK", "0") == "0"
-    with _locked(folder / CACHE_LOCK_FILE):
+    with locked(folder / CACHE_LOCK_FILE):
         _write_metadata(remote, folder)
         _Fetch(remote, folder, workers, progress).run(entries)
     return folder
-
-
-@contextlib.contextmanager
-def _locked(path):
-    """Hold an exclusive flock on `path`: the other processes of the node wait here. In a folder this
-    process may not write (a copy made beforehand, on a read-only mount or by another user), a shared
-    lock on the lock file opened for reading: a complete copy is read as it is, and only a fetch fails."""
-    try:
-        f, how = open(path, "a+"), fcntl.LOCK_EX
-    except OSError as e:
-        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM) or not path.is_file():
-            raise
-        f, how = open(path, "rb"), fcntl.LOCK_SH
-    with f:
-        fcntl.flock(f, how)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _write_metadata(remote, folder):

@@ -12,12 +12,14 @@ import hashlib
 import http.client
 import os
 import pathlib
+import sys
 import urllib.error
 import urllib.parse
 import urllib.request
 
 from tqdm import tqdm
 
+from .locks import locked
 from .shardset import http_request
 
 OFFICIAL_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
@@ -161,7 +163,9 @@ def fetch_release(out, url=OFFICIAL_URL, expected_size=OFFICIAL_SIZE, md5=OFFICI
     mix of two versions of the file); otherwise it is downloaded again. The finished file's size
     and md5 are checked (either check is skipped when its expected value is None) before it is
     renamed into place; with neither, the size is the one the server gives (HEAD), when it
-    gives one. A final file that already matches is returned without downloading.
+    gives one. A final file that already matches is returned without downloading. One call at a
+    time downloads into `out` (an flock on `.<name>.lock`, removed after): another waits, saying so
+    on stderr, and then returns the file the first one downloaded.
 
     Raises FetchError with a one-line message: "cannot download <url>: <reason>" on
     network errors (the .part is kept for resuming), or "<name>: expected ..., got ..."
@@ -183,15 +187,18 @@ def fetch_release(out, url=OFFICIAL_URL, expected_size=OFFICIAL_SIZE, md5=OFFICI
         # Nothing to check a file against: take the server's size, so that an unrelated file already
         # in `out`, or a .part longer than the file, is not taken for the download.
         expected_size = _remote_size(url)
-    if final.is_file() and _mismatch(final, name, expected_size, md5) is None:
-        return final
-
-    _download(url, part, expected_size, md5, chunk_size, progress)
-    problem = _mismatch(part, name, expected_size, md5)
-    if problem:
-        part.unlink()
+    # Two fetches into one folder (a job per node on shared storage) would append to one .part: the
+    # second waits here, then finds the first one's file.
+    waiting = lambda: print(f"waiting for another download of {name} into {out}", file=sys.stderr, flush=True)  # noqa: E731
+    with locked(out / f".{name}.lock", waiting, remove=True):
+        if final.is_file() and _mismatch(final, name, expected_size, md5) is None:
+            return final
+        _download(url, part, expected_size, md5, chunk_size, progress)
+        problem = _mismatch(part, name, expected_size, md5)
+        if problem:
+            part.unlink()
+            _validator_file(part).unlink(missing_ok=True)
+            raise FetchError(problem)
+        os.replace(part, final)
         _validator_file(part).unlink(missing_ok=True)
-        raise FetchError(problem)
-    os.replace(part, final)
-    _validator_file(part).unlink(missing_ok=True)
-    return final
+        return final

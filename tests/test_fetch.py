@@ -14,6 +14,7 @@ import zipfile
 import pytest
 
 from pipeline.fetch import FetchError, fetch_release
+from pipeline.locks import locked
 from tests.servers import FaultyHTTPServer
 
 NAME = "tiny.zip"
@@ -239,6 +240,25 @@ def test_existing_file_is_not_downloaded_again(serve, payload, tmp_path):
     (tmp_path / "out" / NAME).write_bytes(payload)
     assert _fetch(server, tmp_path / "out", payload).read_bytes() == payload
     assert server.ranges == []
+
+
+def test_a_second_fetch_into_the_folder_waits_for_the_first_and_takes_its_file(serve, payload, tmp_path, capsys):
+    """Two fetches into one folder (one per node on shared storage) appended to one .part, and the md5
+    check then deleted it; now the second waits on the first's lock, then finds its file."""
+    server, out = serve(), tmp_path / "out"
+    out.mkdir()
+    asked = threading.Event()
+    result = {}
+    with locked(out / f".{NAME}.lock", remove=True):  # the first fetch, still downloading
+        thread = threading.Thread(target=lambda: result.update(path=_fetch(server, out, payload)))
+        thread.start()
+        while f"waiting for another download of {NAME} into {out}\n" not in capsys.readouterr().err:
+            assert thread.is_alive()
+            asked.wait(0.01)
+        (out / NAME).write_bytes(payload)  # what the first one leaves
+    thread.join()
+    assert result["path"].read_bytes() == payload and server.ranges == []  # nothing downloaded again
+    assert [p.name for p in out.iterdir()] == [NAME]  # no lock file left
 
 
 def test_existing_bad_file_is_replaced(serve, payload, tmp_path):

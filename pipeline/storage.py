@@ -55,6 +55,16 @@ class DataPass:
     def stop(self):
         """End the pass after the shard in hand (its owner is gone)."""
         self._stop.set()
+        self._forget_traceback()
+
+    def _forget_traceback(self):
+        """Once the owner is gone and the pass has ended, drop its error's traceback: nobody will
+        raise it, and it holds `_run`'s frame and through it this pass and its maps, a cycle that
+        only the cyclic GC frees (a notebook's dropped loaders kept their maps and file
+        descriptors, 10 each on the real train split, until it ran). Called at both events, as
+        either may come last."""
+        if self._stop.is_set() and self.finished.is_set() and self.error is not None:
+            self.error.__traceback__ = None
 
     def _run(self):
         try:
@@ -68,6 +78,7 @@ class DataPass:
             self.error = e
         finally:
             self.finished.set()
+            self._forget_traceback()
 
     @staticmethod
     def _call(ref, *args):

@@ -58,9 +58,11 @@ def prefetch_ring(batches, fill, shape, batch_size, depth, device):
         except BaseException as e:  # surfaced in the consumer
             hand_over(e)
 
-    thread = start_thread(produce, "tinyin-gather", stop)  # stopped after its batch at exit
-    held, copied = None, {}  # copied: slot -> CUDA event marking the end of its host-to-device copy
+    thread, held, copied = None, None, {}  # copied: slot -> CUDA event marking the end of its host-to-device copy
     try:
+        # Started inside the `try`: a Ctrl-C as it starts (in `Thread.start`, or as that returns)
+        # must still set `stop`, or the thread polls on, holding the maps and the ring, for good.
+        thread = start_thread(produce, "tinyin-gather", stop)  # stopped after its batch at exit
         while True:
             item = ready.get()
             if held is not None:
@@ -87,5 +89,5 @@ def prefetch_ring(batches, fill, shape, batch_size, depth, device):
         # reference cycle is closed by whichever thread runs the GC: on the gather thread itself,
         # `stop` is enough (it returns after the batch in hand), and a join would raise.
         stop.set()
-        if thread is not threading.current_thread():
+        if thread not in (None, threading.current_thread()):
             thread.join()

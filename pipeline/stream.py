@@ -267,6 +267,8 @@ def _ignore_sigterm_but_the_parents(worker_id):
     on and ends with the worker's pipe) and taken by `sigwaitinfo`, which is.
     """
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # already, from the fork (_sigterm_blocked)
+    if _held_sigint:  # forked while `_sigint_deferred` held Ctrl-C back: the worker's is the process's own
+        signal.signal(signal.SIGINT, _held_sigint[0])
     threading.Thread(target=_exit_on_sigterm_from, args=(os.getppid(),), name="tinyin-sigterm", daemon=True).start()
 
 
@@ -279,6 +281,33 @@ def _sigterm_blocked():
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+_held_sigint = []  # the SIGINT handler that `_sigint_deferred` stands in for, while it does (one at most)
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """A Ctrl-C (SIGINT) that arrives meanwhile is raised again after the block, for the handler it
+    would have met. For the start of the workers: torch's DataLoader iterator, interrupted there,
+    is left half made and cannot shut down the workers it had started: one idled for the life of
+    the process, holding the source's shared read buffers (1.3 GB on the real train split).
+    Main thread only (the one Python runs handlers in), as is the stand-in; a worker forked
+    meanwhile gets the real handler back (`_ignore_sigterm_but_the_parents`)."""
+    handler = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or handler is None:  # None: not set from Python
+        yield
+        return
+    caught = []
+    try:
+        _held_sigint[:] = [handler]
+        signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        _held_sigint.clear()
+        if caught:
+            signal.raise_signal(signal.SIGINT)
 
 
 def _exit_on_sigterm_from(parent):
@@ -467,31 +496,35 @@ class StreamSource:
             return
         # More workers than lanes would sit idle: the plan has max(lanes, workers) lanes.
         free = [multiprocessing.SimpleQueue() for _ in range(self.workers)]
-        # An epoch in flight beside another (two threads, two iterators of one loader) gets buffers of
-        # its own: sharing them, each overwrote the other's batches (images under the wrong labels).
-        with self._lock:
-            beside, self._busy = self._busy, True
-            pool, rings = self._pool, self._rings
-            if self.workers and (beside or pool is None):
-                pool = _pool(self.shards, self.workers, max(self.lanes, self.workers), self.mix) or []
-                rings = _ring_buffers(self.workers, self.batch_size, int(np.prod(VARIANTS[self.variant][1])))
-                if not beside:
-                    self._pool, self._rings = pool, rings
-        dataset = _Lanes(self.plan, self.shards, self.variant, self.shard_set, self.storage_options,
-                         self.batch_size, free, pool, rings)
-        # collate_fn: items as the workers made them (the default would copy labels into new shared memory)
-        with _sigterm_blocked():  # the workers fork with it blocked: none dies of one before its init runs
-            chunks = (iter(DataLoader(dataset, batch_size=None, num_workers=self.workers, persistent_workers=False,
-                                      collate_fn=_as_is, worker_init_fn=_ignore_sigterm_but_the_parents))
-                      if self.workers else iter(dataset))
+        # Everything from here inside the `try`: a Ctrl-C at any point must still stop the workers and
+        # give the buffers back (`_busy` left set, every later epoch made and faulted in new ones).
+        chunks, beside = None, True  # beside: until this epoch has claimed the source's buffers
         try:
+            # An epoch in flight beside another (two threads, two iterators of one loader) gets buffers of
+            # its own: sharing them, each overwrote the other's batches (images under the wrong labels).
+            with self._lock:
+                beside, self._busy = self._busy, True
+                pool, rings = self._pool, self._rings
+                if self.workers and (beside or pool is None):
+                    pool = _pool(self.shards, self.workers, max(self.lanes, self.workers), self.mix) or []
+                    rings = _ring_buffers(self.workers, self.batch_size, int(np.prod(VARIANTS[self.variant][1])))
+                    if not beside:
+                        self._pool, self._rings = pool, rings
+            dataset = _Lanes(self.plan, self.shards, self.variant, self.shard_set, self.storage_options,
+                             self.batch_size, free, pool, rings)
+            # collate_fn: items as the workers made them (the default would copy labels into new shared memory).
+            # SIGTERM blocked: the workers fork with it blocked, none dies of one before its init runs.
+            with _sigint_deferred(), _sigterm_blocked():
+                chunks = (iter(DataLoader(dataset, batch_size=None, num_workers=self.workers, persistent_workers=False,
+                                          collate_fn=_as_is, worker_init_fn=_ignore_sigterm_but_the_parents))
+                          if self.workers else iter(dataset))
             yield from self._batches(chunks, free, rings)
         finally:
             # Stop the workers (or the in-process read thread) now, also after an error or an early
             # stop, on this thread: a traceback holding this frame would otherwise keep them alive.
-            if self.workers:
+            if self.workers and chunks is not None:
                 chunks._shutdown_workers()
-            else:
+            elif chunks is not None:
                 chunks.close()
             for queue in free:
                 queue.close()

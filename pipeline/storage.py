@@ -97,6 +97,20 @@ class DataPass:
         self.check()
 
 
+def _stop_when_dropped(storage):
+    """Stop `storage`'s data pass once the storage is gone (a dropped loader's pass reads no further).
+    The finalizer holds the pass weakly: held strongly, it kept the pass's error, and the error, once
+    raised in the consumer, its traceback's frames, the loader's, which hold the storage: a storage
+    whose pass had failed was never freed, not even by the cyclic GC (maps, fds, a resident copy)."""
+    weakref.finalize(storage, _stop_pass, weakref.ref(storage.data_pass))
+
+
+def _stop_pass(ref):
+    data_pass = ref()
+    if data_pass is not None:  # gone already: then its thread has ended (it holds the pass while it runs)
+        data_pass.stop()
+
+
 class MappedStorage:
     """Batches gathered from the memory-mapped shards into a buffer on the CPU (the fast path)."""
 
@@ -106,7 +120,7 @@ class MappedStorage:
         self.arrays, self.shape = arrays, arrays.shape
         self.labels = torch.from_numpy(arrays.labels)
         self.data_pass = DataPass(arrays, checksum)
-        weakref.finalize(self, self.data_pass.stop)  # a dropped loader's pass reads no further
+        _stop_when_dropped(self)
 
     def __len__(self):
         return len(self.arrays)
@@ -130,7 +144,7 @@ class ResidentStorage:
         self.labels = torch.from_numpy(arrays.labels).to(self.device)
         self.complete = False
         self.data_pass = DataPass(arrays, checksum, after=self._copy, done=self._finish)
-        weakref.finalize(self, self.data_pass.stop)  # a dropped loader's pass reads no further
+        _stop_when_dropped(self)
 
     def __len__(self):
         return len(self.arrays)

@@ -1,6 +1,8 @@
 """`make_loader`: exactly-once epochs, determinism, exact pixels, device stage, and clear errors."""
+import gc
 import io
 import shutil
+import weakref
 from collections import Counter
 
 import numpy as np
@@ -191,6 +193,24 @@ def test_a_corrupt_shard_is_named_before_the_epoch_ends(shards, tmp_path, path, 
     assert str(e.value) == f"{bad}: checksum differs from the manifest (corrupt or modified)"
     assert len(list(make_loader(copy, "train", batch_size=16, path=path, prefetch=prefetch, raw=True,
                                 checksum=False))) == len(loader)  # asked not to check: it does not
+
+
+@pytest.mark.parametrize("path", ["fast", "resident"])
+def test_a_loader_dropped_after_its_shard_error_is_freed(shards, tmp_path, path):
+    """The storage's finalizer held its data pass, the pass its error, and the error, raised in the
+    loop, the loader's frames: a loader that had named a corrupt shard was never freed, even by
+    gc.collect() (its maps and file descriptors, the resident copy of the split)."""
+    copy = shutil.copytree(shards, tmp_path / "copy")
+    bad = copy / "train-000002.tar"
+    data = bad.read_bytes()
+    bad.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    loader = make_loader(copy, "train", batch_size=16, path=path, raw=True)
+    with pytest.raises(ShardError):
+        list(loader)
+    storage = weakref.ref(loader.source.storage)
+    del loader
+    gc.collect()
+    assert storage() is None
 
 
 def test_resident_serves_the_same_bytes_before_and_after_its_copy_is_complete(shards):

@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -36,15 +37,25 @@ class Stopped(Exception):
     """A worker's task given up because the parent is leaving the build (Ctrl-C, another shard failed)."""
 
 
-def _init_worker(counter, stop):
+def _init_worker(counter, stop, parent):
     global _progress, _stop
     _progress, _stop = counter, stop
+    # A parent killed outright (SIGKILL, the OOM killer) cannot stop its workers, and they never see
+    # their task queue close (each holds its write end too, from the fork): they idled for good.
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), name="tinyin-orphan", daemon=True).start()
     # Ctrl-C reaches the whole process group. A worker that took it would return it as its task's
     # exception and go on to the next task (or die inside the pool's queue and hang the parent);
     # the parent alone handles it, and sets `stop`.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Not the CLI's SIGTERM handler, which the fork inherits: the pool ends broken workers with SIGTERM.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _exit_when_orphaned(parent, every=0.5):
+    """End this worker once process `parent` is gone (the worker is then adopted: its parent pid changes)."""
+    while os.getppid() == parent:
+        time.sleep(every)
+    os._exit(1)
 
 
 def _tick(n):
@@ -159,7 +170,8 @@ def _run_tasks(files, tasks, tmp, workers, on_error, progress):
     total = sum(len(items) for _, _, items in tasks)
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
     counter, stop = ctx.Value("q", 0), ctx.Event()
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(counter, stop)) as pool, \
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(counter, stop, os.getpid())) as pool, \
             tqdm(total=total, unit="img", desc="build", disable=not progress) as bar:
         try:
             futures = [pool.submit(_write_one_shard, str(tmp / name), split,

@@ -326,3 +326,32 @@ def test_a_build_removes_what_killed_builds_on_this_host_left(release, tmp_path)
         (tmp_path / name / "train-000000.tar").write_bytes(b"half a shard")
     build_shards(release, tmp_path / "out", shard_size=SHARD_SIZE, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out"] + leftovers[1:])
+
+
+def live_members(group):
+    """Pids of the processes of process group `group` that still run (zombies, awaiting their reaper, do not)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+            if int(fields[2]) == group and fields[0] != "Z":
+                pids.append(int(stat.parent.name))
+    return pids
+
+
+def test_workers_exit_when_the_build_is_killed_outright(release, tmp_path):
+    """SIGKILL (the OOM killer, `kill -9`) to the build's main process alone: its decode workers, one
+    waiting at the gate inside a shard, the other for a task, exit within about a second. (Before: both
+    idled for good, holding their memory: each holds the write end of its own task queue, from the fork.)"""
+    out = tmp_path / "out"
+    proc, log = gated_build(tmp_path, "--src", release, "--out", out, "--workers", 2, "--shard-size", 4)
+    assert len(live_members(proc.pid)) == 3
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 30  # not a timing: only how long to wait before calling it a hang
+    while live_members(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = live_members(proc.pid)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert left == []

@@ -7,6 +7,7 @@ Both front ends (the `tinyin` click CLI and `train.py`) go through `user_errors(
 """
 import contextlib
 import errno
+import os
 import re
 import signal
 import sys
@@ -71,6 +72,18 @@ def sigterm_interrupts(signals=(signal.SIGTERM,)):
 # OSErrors that the machine, not the code, causes: a full disk, missing permission, a read-only file
 # system, a file where a folder should be. Other OSErrors keep their traceback: they may be bugs.
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR}
+
+
+@contextlib.contextmanager
+def naming(path):
+    """Within the block, an OSError that names no file names `path`: a write's or a close's (a full disk:
+    ``No space left on device``, and no word of where) and pyarrow's (its own wording, the errno kept)."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None or e.errno is None:
+            raise
+        raise OSError(e.errno, os.strerror(e.errno), str(path)) from e
 
 
 # The password of `scheme://user:password@host` (percent-encoded, so no '/', '@' or space in it).

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import ShardError
+from .errors import ShardError, naming
 from .schema import FORMAT_VERSION, INDEX_FILE, MANIFEST_FILE, VARIANTS
 
 SCHEMA = pa.schema([
@@ -37,7 +37,8 @@ def file_sha256(path):
 def write_json(path, obj):
     """Write JSON under a temporary name, then rename: readers never see half a file."""
     tmp = f"{path}.part"
-    Path(tmp).write_text(json.dumps(obj, indent=1) + "\n")
+    with naming(path):
+        Path(tmp).write_text(json.dumps(obj, indent=1) + "\n")
     os.replace(tmp, path)
 
 
@@ -53,7 +54,8 @@ def write_index(folder, tasks, results):
                                 ("box", list(item.box) if item.box else None), ("source", item.path)):
                 cols[name].append(value)
     tmp = Path(folder) / f"{INDEX_FILE}.part"
-    pq.write_table(pa.table(cols, schema=SCHEMA), tmp)
+    with naming(Path(folder) / INDEX_FILE):
+        pq.write_table(pa.table(cols, schema=SCHEMA), tmp)
     os.replace(tmp, Path(folder) / INDEX_FILE)
 
 

@@ -17,6 +17,7 @@ import tarfile
 
 import numpy as np
 
+from .errors import naming
 from .schema import CLS, GRAY28, JSON, RGB64, VARIANTS
 
 BLOCK = 512
@@ -73,7 +74,7 @@ def write_shard(path, samples):
     """
     digest, offsets, pos = hashlib.sha256(), [], 0
     tmp = f"{path}.part"
-    with open(tmp, "wb") as f:
+    with naming(path), open(tmp, "wb") as f:
         for key, rgb, gray, label, meta_json in samples:
             data, rgb_at, gray_at = sample_bytes(key, rgb, gray, label, meta_json)
             offsets.append((pos + rgb_at, pos + gray_at))

@@ -20,6 +20,9 @@ import pipeline.cli
 from pipeline.build import build_shards
 from pipeline.cli import main
 from pipeline.errors import UsageError
+from pipeline.index import write_index, write_json
+from pipeline.schema import INDEX_FILE, MANIFEST_FILE
+from pipeline.tarshard import write_shard
 from tests.conftest import SHARD_SIZE
 
 
@@ -412,3 +415,20 @@ def test_a_full_disk_is_one_line(release, tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["shard", "build", "--src", str(release), "--out", str(tmp_path / "out"),
                                        "--quiet", "--workers", "1"])
     assert result.exit_code == 1 and isinstance(result.exception, OSError) and result.exception.errno == errno.EIO
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux), where every write fails for a full disk")
+@pytest.mark.parametrize("name, write", [
+    ("train-000000.tar", lambda path: write_shard(path, [])),
+    (INDEX_FILE, lambda path: write_index(path.parent, [], [])),
+    (MANIFEST_FILE, lambda path: write_json(path, {})),
+])
+def test_a_full_disk_names_the_file_being_written(tmp_path, name, write):
+    """A write that fails on a full disk names no file (OSError(28, 'No space left on device'); pyarrow's
+    for the index: 'Error writing bytes to file. Detail: [errno 28] ...'), so a real full disk was
+    `error: No space left on device`, with no word of where: each write now names its file."""
+    (tmp_path / f"{name}.part").symlink_to("/dev/full")
+    with pytest.raises(OSError) as e:
+        write(tmp_path / name)
+    assert (e.value.errno, e.value.strerror, e.value.filename) == (errno.ENOSPC, "No space left on device",
+                                                                   str(tmp_path / name))

@@ -220,11 +220,14 @@ def build_shards(src, out, workers=None, shard_size=10000, split_seed=None, on_e
         raise UsageError(f"--classes {classes}: must be at least 1")
     if split_seed is not None and split_seed < 0:  # numpy's own error comes after the release is read
         raise UsageError(f"--split-seed {split_seed}: must be at least 0")
-    out = Path(out)
+    # Resolved: the build writes beside `out` and renames into it, so beside the folder itself, not
+    # inside it (`--out .`) nor beside a symlink to it (on another disk; or dangling: its target is made).
+    out = Path(os.path.realpath(out))
     params = {"source": Path(src).name, "shard_size": shard_size, "split_seed": split_seed, "on_error": on_error}
     if classes is not None:  # only then: a full build's manifest stays byte for byte what it was
         params["classes"] = classes
     _check_out(out, params)
+    _check_replaceable(out)
     started = time.perf_counter()
     _remove_dead_builds(out)
     tmp = out.parent / f"{out.name}.tmp-{socket.gethostname()}-{os.getpid()}"
@@ -298,11 +301,24 @@ def _manifest(plan, params, tasks, results):
     }
 
 
+def _check_replaceable(out):
+    """Refuse, before the work, an `out` that the finished build could not be renamed into: a mount point
+    (EBUSY; and a repair's files would cross file systems) and an empty current folder (it would be
+    replaced, leaving the shell in a deleted folder that shows no shards)."""
+    if os.path.ismount(out):
+        raise ShardError(f"{out}: a mount point (the build writes beside --out, then renames); "
+                         f"build into a folder inside it, e.g. --out {out / 'shards'}")
+    if out.is_dir() and not any(out.iterdir()) and os.path.samefile(out, "."):
+        raise ShardError(f"{out}: the current folder, which the build would replace (it writes beside --out, "
+                         f"then renames); run it from the parent folder with --out {out.name}")
+
+
 def _move_into_place(tmp, out, manifest):
     """Rename `tmp` to `out`. Where `out` already holds this very build, replace only those of its
     files whose bytes differ from the fresh ones (deleted, damaged) and return their names: the
     identical ones stay untouched, as their mtimes key the reader's per-process sha256 cache."""
     if out.exists() and any(out.iterdir()):
+        _check_out(out, manifest["build"])  # files came meanwhile: another build's (say how it differs), the user's
         if _read_manifest(out) != manifest:
             raise ShardError(f"{out}: already holds a different build (other input); choose another --out or delete it")
         repaired = [name for name in [s["file"] for s in manifest["shards"]] + [INDEX_FILE]

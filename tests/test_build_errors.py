@@ -432,3 +432,42 @@ def test_a_full_disk_names_the_file_being_written(tmp_path, name, write):
         write(tmp_path / name)
     assert (e.value.errno, e.value.strerror, e.value.filename) == (errno.ENOSPC, "No space left on device",
                                                                    str(tmp_path / name))
+
+
+def test_an_out_that_is_a_symlink_builds_into_its_target(release, shards, tmp_path):
+    """`--out` a symlink to an empty folder (on a bigger disk), or to none yet: the set lands in the target
+    and the link stays. (Before: the whole build, then `error: Not a directory`; the temporary folder
+    was written beside the link, on the link's disk, and a repair through a link across disks failed
+    with an EXDEV traceback.)"""
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "disk" / "empty").mkdir()
+    for link, target in (("link", "disk/empty"), ("dangling", "disk/later")):
+        (tmp_path / link).symlink_to(tmp_path / target)
+        assert build(release, tmp_path / link, "--shard-size", str(SHARD_SIZE))[0] == 0
+        assert (tmp_path / link).is_symlink()
+        assert sorted(p.name for p in (tmp_path / target).iterdir()) == sorted(p.name for p in shards.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "disk", "link"]
+    assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["empty", "later"]
+
+
+def test_an_out_that_cannot_be_renamed_into_is_refused_before_the_work(release, tmp_path, monkeypatch):
+    """`--out .` in an empty folder: the build would replace it (the shell left in a deleted folder); a
+    mount point: rename fails. Both refused before the release is read. (Before: the whole build, then a
+    FileNotFoundError traceback for `.`, an EBUSY one for a mount point.) `--out .` in the set itself repairs."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert build(tmp_path / "no-release-here", ".") == (
+        1, f"error: {here}: the current folder, which the build would replace (it writes beside --out, "
+           "then renames); run it from the parent folder with --out here")
+    monkeypatch.setattr(os.path, "ismount", lambda path: str(path) == str(here))
+    assert build(tmp_path / "no-release-here", here) == (
+        1, f"error: {here}: a mount point (the build writes beside --out, then renames); "
+           f"build into a folder inside it, e.g. --out {here / 'shards'}")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"] and not list(here.iterdir())
+    build_shards(release, here, shard_size=SHARD_SIZE, progress=False)
+    (here / "val-000000.tar").unlink()
+    monkeypatch.chdir(here)
+    assert build(release, ".", "--shard-size", str(SHARD_SIZE))[1].endswith("; repaired val-000000.tar")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]

@@ -223,7 +223,8 @@ def build_shards(src, out, workers=None, shard_size=10000, split_seed=None, on_e
     # Resolved: the build writes beside `out` and renames into it, so beside the folder itself, not
     # inside it (`--out .`) nor beside a symlink to it (on another disk; or dangling: its target is made).
     out = Path(os.path.realpath(out))
-    params = {"source": Path(src).name, "shard_size": shard_size, "split_seed": split_seed, "on_error": on_error}
+    # The name of the release, however it is spelled: `--src .` (in the release folder) was "", `..` "..".
+    params = {"source": Path(os.path.abspath(src)).name, "shard_size": shard_size, "split_seed": split_seed, "on_error": on_error}
     if classes is not None:  # only then: a full build's manifest stays byte for byte what it was
         params["classes"] = classes
     _check_out(out, params)

@@ -471,3 +471,18 @@ def test_an_out_that_cannot_be_renamed_into_is_refused_before_the_work(release, 
     monkeypatch.chdir(here)
     assert build(release, ".", "--shard-size", str(SHARD_SIZE))[1].endswith("; repaired val-000000.tar")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]
+
+
+def test_the_source_is_named_however_the_release_is_spelled(release, tmp_path, monkeypatch):
+    """`--src .` from inside the release folder, `--src ..` from below it: the manifest names the release
+    (`release`), so that a build with the release spelled otherwise repairs that set. (Before: source ""
+    or "..", and the repair was refused: `already holds a different build (source:  -> release)`.)"""
+    out = tmp_path / "out"
+    monkeypatch.chdir(release)
+    assert build(".", out, "--shard-size", str(SHARD_SIZE))[0] == 0
+    assert json.loads((out / "manifest.json").read_text())["build"]["source"] == "release"
+    (out / "val-000000.tar").unlink()
+    monkeypatch.chdir(release / "train")
+    assert build("..", out, "--shard-size", str(SHARD_SIZE))[1].endswith("; repaired val-000000.tar")
+    (out / "val-000000.tar").unlink()
+    assert build(release, out, "--shard-size", str(SHARD_SIZE))[1].endswith("; repaired val-000000.tar")

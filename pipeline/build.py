@@ -8,6 +8,7 @@ that is renamed into place only when the manifest is complete: an interrupted bu
 a shard set that looks complete, and the same input and options give the same bytes. A build removes
 the temporary folders that killed builds on this host left beside its `out`.
 """
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -164,6 +165,30 @@ def _plan_tasks(plan, shard_size):
     return tasks
 
 
+@contextlib.contextmanager
+def _signals_held(signals=(signal.SIGINT, signal.SIGTERM)):
+    """Within the block, a Ctrl-C or SIGTERM is noted, and raised again right after it for the handler
+    it would have met. For the pool's calls that must not stop halfway, or the build hung for good:
+    `submit` forking the workers (a worker forked before the pool's manager thread started was never
+    stopped, and the exit waited on it) and `wait` taking its futures' locks one by one (those left
+    held stopped the manager thread, and the shutdown waited on it). Main thread only, as handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = []
+    previous = {sig: handler for sig in signals
+                if (handler := signal.getsignal(sig)) is not None}  # None: a handler not set from Python
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if held:
+            signal.raise_signal(held[0])
+
+
 def _run_tasks(files, tasks, tmp, workers, on_error, progress):
     from tqdm import tqdm
 
@@ -174,12 +199,15 @@ def _run_tasks(files, tasks, tmp, workers, on_error, progress):
                              initargs=(counter, stop, os.getpid())) as pool, \
             tqdm(total=total, unit="img", desc="build", disable=not progress) as bar:
         try:
-            futures = [pool.submit(_write_one_shard, str(tmp / name), split,
-                                   [(it, files.read(it.path)) for it in items], on_error)
-                       for name, split, items in tasks]
+            futures = []
+            for name, split, items in tasks:
+                entries = [(it, files.read(it.path)) for it in items]
+                with _signals_held():  # the first submit forks the workers
+                    futures.append(pool.submit(_write_one_shard, str(tmp / name), split, entries, on_error))
             pending = set(futures)
             while pending:
-                done, pending = wait(pending, timeout=0.25, return_when=FIRST_EXCEPTION)
+                with _signals_held():  # for at most its timeout
+                    done, pending = wait(pending, timeout=0.25, return_when=FIRST_EXCEPTION)
                 bar.update(counter.value - bar.n)
                 # In submission order, not the set's: when several shards failed by the time this thread
                 # woke (a full disk fails them all), the one named is the first, on every run.

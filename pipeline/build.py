@@ -8,7 +8,6 @@ that is renamed into place only when the manifest is complete: an interrupted bu
 a shard set that looks complete, and the same input and options give the same bytes. A build removes
 the temporary folders that killed builds on this host left beside its `out`.
 """
-import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -24,7 +23,7 @@ import numpy as np
 
 from . import index as index_io
 from .checksum import file_sum64
-from .errors import ImageError, ShardError, SourceError, UsageError
+from .errors import ImageError, ShardError, SourceError, UsageError, signals_deferred
 from .release import plan_release
 from .schema import FORMAT_VERSION, INDEX_FILE, MANIFEST_FILE, SHARD_PATTERN, SPLITS
 from .source import open_release
@@ -165,30 +164,6 @@ def _plan_tasks(plan, shard_size):
     return tasks
 
 
-@contextlib.contextmanager
-def _signals_held(signals=(signal.SIGINT, signal.SIGTERM)):
-    """Within the block, a Ctrl-C or SIGTERM is noted, and raised again right after it for the handler
-    it would have met. For the pool's calls that must not stop halfway, or the build hung for good:
-    `submit` forking the workers (a worker forked before the pool's manager thread started was never
-    stopped, and the exit waited on it) and `wait` taking its futures' locks one by one (those left
-    held stopped the manager thread, and the shutdown waited on it). Main thread only, as handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held = []
-    previous = {sig: handler for sig in signals
-                if (handler := signal.getsignal(sig)) is not None}  # None: a handler not set from Python
-    for sig in previous:
-        signal.signal(sig, lambda signum, frame: held.append(signum))
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if held:
-            signal.raise_signal(held[0])
-
-
 def _run_tasks(files, tasks, tmp, workers, on_error, progress):
     from tqdm import tqdm
 
@@ -202,11 +177,11 @@ def _run_tasks(files, tasks, tmp, workers, on_error, progress):
             futures = []
             for name, split, items in tasks:
                 entries = [(it, files.read(it.path)) for it in items]
-                with _signals_held():  # the first submit forks the workers
+                with signals_deferred():  # the first submit forks the workers
                     futures.append(pool.submit(_write_one_shard, str(tmp / name), split, entries, on_error))
             pending = set(futures)
             while pending:
-                with _signals_held():  # for at most its timeout
+                with signals_deferred():  # for at most its timeout
                     done, pending = wait(pending, timeout=0.25, return_when=FIRST_EXCEPTION)
                 bar.update(counter.value - bar.n)
                 # In submission order, not the set's: when several shards failed by the time this thread

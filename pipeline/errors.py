@@ -69,6 +69,30 @@ def sigterm_interrupts(signals=(signal.SIGTERM,)):
             signal.signal(sig, handler)
 
 
+@contextlib.contextmanager
+def signals_deferred(signals=(signal.SIGINT, signal.SIGTERM)):
+    """Within the block, `signals` are noted, and the first raised again right after it for the handler
+    it would have met. For calls that must not stop halfway: a process pool's `submit` forking its
+    workers and `wait` taking its futures' locks one by one (stopped there, the build hung for good),
+    torch's DataLoader starting its workers (left half made, a worker idled for the life of the process).
+    Yields {signal: the handler stood in for} (a process forked meanwhile puts them back). Main thread
+    only, as handlers; a handler not set from Python (getsignal: None) is left alone."""
+    if threading.current_thread() is not threading.main_thread():
+        yield {}
+        return
+    held = []
+    previous = {sig: handler for sig in signals if (handler := signal.getsignal(sig)) is not None}
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: held.append(signum))
+    try:
+        yield previous
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if held:
+            signal.raise_signal(held[0])
+
+
 # OSErrors that the machine, not the code, causes: a full disk, missing permission, a read-only file
 # system, a file where a folder should be. Other OSErrors keep their traceback: they may be bugs.
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR}

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .errors import ShardError
+from .errors import ShardError, signals_deferred
 from .reader import _strided_view
 from .schema import CLS, MEMBERS, VARIANTS
 from .shardset import ShardSet, http_request, is_url, missing_error, names_a_tar, open_shard_set
@@ -267,8 +267,8 @@ def _ignore_sigterm_but_the_parents(worker_id):
     on and ends with the worker's pipe) and taken by `sigwaitinfo`, which is.
     """
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # already, from the fork (_sigterm_blocked)
-    if _held_sigint:  # forked while `_sigint_deferred` held Ctrl-C back: the worker's is the process's own
-        signal.signal(signal.SIGINT, _held_sigint[0])
+    if signal.SIGINT in _held_sigint:  # forked while `_sigint_deferred` held Ctrl-C back: the process's own
+        signal.signal(signal.SIGINT, _held_sigint[signal.SIGINT])
     threading.Thread(target=_exit_on_sigterm_from, args=(os.getppid(),), name="tinyin-sigterm", daemon=True).start()
 
 
@@ -283,31 +283,21 @@ def _sigterm_blocked():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-_held_sigint = []  # the SIGINT handler that `_sigint_deferred` stands in for, while it does (one at most)
+_held_sigint = {}  # while `_sigint_deferred` holds Ctrl-C back: {SIGINT: the handler it stands in for}
 
 
 @contextlib.contextmanager
 def _sigint_deferred():
-    """A Ctrl-C (SIGINT) that arrives meanwhile is raised again after the block, for the handler it
-    would have met. For the start of the workers: torch's DataLoader iterator, interrupted there,
-    is left half made and cannot shut down the workers it had started: one idled for the life of
-    the process, holding the source's shared read buffers (1.3 GB on the real train split).
-    Main thread only (the one Python runs handlers in), as is the stand-in; a worker forked
-    meanwhile gets the real handler back (`_ignore_sigterm_but_the_parents`)."""
-    handler = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or handler is None:  # None: not set from Python
-        yield
-        return
-    caught = []
-    try:
-        _held_sigint[:] = [handler]
-        signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-        yield
-    finally:
-        signal.signal(signal.SIGINT, handler)
-        _held_sigint.clear()
-        if caught:
-            signal.raise_signal(signal.SIGINT)
+    """`errors.signals_deferred` for Ctrl-C, around the start of the workers: torch's DataLoader
+    iterator, interrupted there, is left half made and cannot shut down the workers it had started:
+    one idled for the life of the process, holding the source's shared read buffers (1.3 GB on the
+    real train split). A worker forked meanwhile gets the real handler back (`_ignore_sigterm_but_the_parents`)."""
+    with signals_deferred((signal.SIGINT,)) as standing_in:
+        _held_sigint.update(standing_in)
+        try:
+            yield
+        finally:
+            _held_sigint.clear()
 
 
 def _exit_on_sigterm_from(parent):

@@ -25,14 +25,13 @@ import sys
 import threading
 import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 from .errors import ShardError, hide_password
 from .locks import locked
 from .index import write_json
 from .schema import CACHE_LOCK_FILE, INDEX_FILE, MANIFEST_FILE
-from .shardset import ShardSet, http_request, is_url, missing_error, names_a_tar, open_shard_set
+from .shardset import ShardSet, http_open, is_url, missing_error, names_a_tar, open_shard_set
 
 BLOCK = 4 << 20  # bytes per read; large enough that receiving a block costs far more than a call
 FSSPEC_BLOCK = 32 << 20  # bytes per ranged read through fsspec (a request each: S3 and GCS bill per request)
@@ -215,13 +214,7 @@ def _http_receive(url, part, start, size, progress, stop):
     it ends (a process killed meanwhile leaves a full-length .part that fails its checksum and is fetched
     again). FileNotFoundError on a 404, OSError on another HTTP error, _Restart if the range is ignored."""
     try:
-        response = urllib.request.urlopen(http_request(url, {"Range": f"bytes={start}-"} if start else {}),
-                                          timeout=TIMEOUT_S)
-    except urllib.error.HTTPError as e:
-        e.close()
-        if e.code == 404:
-            raise FileNotFoundError(url) from None
-        raise OSError(f"HTTP {e.code} {e.reason}") from None
+        response = http_open(url, {"Range": f"bytes={start}-"} if start else {}, timeout=TIMEOUT_S)
     except urllib.error.URLError as e:  # no connection: the socket's own error (retried)
         raise e.reason if isinstance(e.reason, OSError) else OSError(str(e.reason)) from None
     with response:

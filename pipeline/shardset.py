@@ -332,15 +332,22 @@ def http_request(url, headers=None):
     return request
 
 
-def _http_get(url):
-    """The body of `url`; FileNotFoundError on a 404, OSError on another failure."""
+def http_open(url, headers=None, timeout=60):
+    """The response to a GET of plain HTTP(S) `url` (`http_request`); FileNotFoundError on a 404,
+    OSError('HTTP <code> <reason>') on another error status."""
     try:
-        with urllib.request.urlopen(http_request(url), timeout=60) as response:
-            return response.read()
+        return urllib.request.urlopen(http_request(url, headers), timeout=timeout)
     except urllib.error.HTTPError as e:
+        e.close()
         if e.code == 404:
             raise FileNotFoundError(url) from None
         raise OSError(f"HTTP {e.code} {e.reason}") from None
+
+
+def _http_get(url):
+    """The body of `url`; FileNotFoundError on a 404, OSError on another failure."""
+    with http_open(url) as response:
+        return response.read()
 
 
 def open_shard_set(shards, storage_options=None):

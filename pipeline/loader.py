@@ -165,6 +165,11 @@ def _check_integer(name, value, low):
         raise ValueError(f"{name} must be an integer of at least {low}, not {value!r}")
 
 
+def _channels(variant):
+    """Colour channels of `variant`'s images: (H, W, 3) or (H, W)."""
+    return 3 if len(VARIANTS[variant][1]) == 3 else 1
+
+
 def _check_args(batch_size, seed, epoch, rank, world_size, size, prefetch, mean, std, dtype, variant):
     """The arguments every path uses, checked before any shard is opened."""
     for name, value, low in (("batch_size", batch_size, 1), ("seed", seed, 0), ("epoch", epoch, 0),
@@ -181,7 +186,7 @@ def _check_args(batch_size, seed, epoch, rank, world_size, size, prefetch, mean,
         raise ValueError(f"{given} without {missing}: pass both, or neither for the train split's statistics")
     if std is not None and not all(float(v) > 0 for v in std):
         raise ValueError(f"std must be positive (it divides), not {list(std)}")
-    channels = 3 if len(VARIANTS[variant][1]) == 3 else 1
+    channels = _channels(variant)
     if mean is not None and not len(mean) == len(std) == channels:
         raise ValueError(f"mean and std need one value per channel of {variant} ({channels}), "
                          f"not {len(mean)} and {len(std)}")
@@ -264,7 +269,7 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
             prefetch = 4 if path == "fast" and torch.device(device).type == "cuda" else 0
         source = _LocalSource(storage, batch_size, shuffle, seed, rank, world_size, drop_last, device, prefetch)
     if mean is None:  # shard URLs without explicit stats: map [0, 1] to [-1, 1]
-        channels = 3 if len(VARIANTS[variant][1]) == 3 else 1
+        channels = _channels(variant)
         stats = shard_set.stats(variant) if shard_set else {"mean": [0.5] * channels, "std": [0.5] * channels}
         mean, std = stats["mean"], stats["std"]
     stage = DeviceStage(mean, std, size=size, augment=augment, pad=4 if variant == "rgb64" else 2,

@@ -626,10 +626,10 @@ def restore(parts, args, ckpt_path):
 
 def check_epoch_order(ckpt, state, args, world_size, path):
     """CheckpointError when this run cannot carry on the checkpoint's epoch where it stopped. The rest of
-    an epoch is the rest of the order the checkpoint's data path planned, and the stream path's (whole
-    shards dealt to each rank, `stream_plan`) is neither the resident and fast paths' (`order.epoch_order`)
-    nor its own on another number of ranks: resumed so, some samples would be trained on twice that epoch
-    and others not at all, without a word. At an epoch boundary any path and number of ranks goes on."""
+    an epoch is the rest of the order the checkpoint's data path planned, and the stream path's (shards
+    dealt to ranks, `stream_plan`) is neither the resident and fast paths' (`order.epoch_order`) nor its
+    own on another number of ranks, batch size or lane count: resumed so, some samples would be trained
+    on twice that epoch and others not at all, without a word. At an epoch boundary anything goes on."""
     if not state.samples_done:
         return
     saved = ckpt["args"].get("data_path", "auto")
@@ -637,20 +637,22 @@ def check_epoch_order(ckpt, state, args, world_size, path):
     if (saved == "stream") != (args.data_path == "stream"):
         raise CheckpointError(f"{where} on --data-path {saved}, whose order of the epoch --data-path "
                               f"{args.data_path} does not share; resume it with --data-path {saved}")
-    if saved == "stream" and ckpt["world_size"] != world_size:
+    if saved != "stream":  # the resident and fast paths' order goes on from any position, on any ranks
+        return
+    if ckpt["world_size"] != world_size:
         raise CheckpointError(f"{where} on {ckpt['world_size']} ranks; the stream path resumes mid-epoch on "
                               f"the same number only (this run has {world_size})")
-    if saved == "stream" and world_size > 1 and ckpt.get("stream_deal", 1) != DEAL:  # one rank's deal never changed
+    if world_size > 1 and ckpt.get("stream_deal", 1) != DEAL:  # one rank's deal never changed
         raise CheckpointError(f"{where} on {world_size} ranks by an earlier tinyin, whose stream path dealt the "
                               f"shards to ranks otherwise (deal {ckpt.get('stream_deal', 1)}, this one's is {DEAL}); "
                               "finish that epoch with the tinyin that saved it, or start the run again")
-    if saved == "stream" and ckpt["batch_size"] != args.batch_size:  # the plan cuts its lanes into batches
+    if ckpt["batch_size"] != args.batch_size:  # the plan cuts its lanes into batches
         raise CheckpointError(f"{where} with -b {ckpt['batch_size']}, whose order of the epoch -b "
                               f"{args.batch_size} does not share; resume it with -b {ckpt['batch_size']}")
     # The stream path plans max(LANES, workers) lanes (more workers than lanes would sit idle), so -j above
     # LANES orders the epoch otherwise; the loader's default is 2 workers.
     workers = [2 if w is None else w for w in (ckpt["args"].get("workers"), args.workers)]
-    if saved == "stream" and max(LANES, workers[0]) != max(LANES, workers[1]):
+    if max(LANES, workers[0]) != max(LANES, workers[1]):
         fits = f"-j {LANES} or fewer" if workers[0] <= LANES else f"-j {workers[0]}"
         raise CheckpointError(f"{where} with -j {workers[0]}, whose order of the epoch -j {workers[1]} does not "
                               f"share (the stream path reads max({LANES}, -j) shard groups side by side); "

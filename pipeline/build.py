@@ -8,6 +8,7 @@ that is renamed into place only when the manifest is complete: an interrupted bu
 a shard set that looks complete, and the same input and options give the same bytes. A build removes
 the temporary folders that killed builds on this host left beside its `out`.
 """
+import errno
 import json
 import multiprocessing as mp
 import os
@@ -321,19 +322,23 @@ def _move_into_place(tmp, out, manifest):
     """Rename `tmp` to `out`. Where `out` already holds this very build, replace only those of its
     files whose bytes differ from the fresh ones (deleted, damaged) and return their names: the
     identical ones stay untouched, as their mtimes key the reader's per-process sha256 cache."""
-    if out.exists() and any(out.iterdir()):
-        _check_out(out, manifest["build"])  # files came meanwhile: another build's (say how it differs), the user's
-        if _read_manifest(out) != manifest:
-            raise ShardError(f"{out}: already holds a different build (other input); choose another --out or delete it")
-        repaired = [name for name in [s["file"] for s in manifest["shards"]] + [INDEX_FILE]
-                    if not _same_bytes(out / name, tmp / name)]
-        for name in repaired:
-            os.replace(tmp / name, out / name)
-        return repaired
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
-    return []
+    if not (out.exists() and any(out.iterdir())):
+        try:
+            os.replace(tmp, out)  # onto a missing or an empty folder (rename(2) replaces an empty one)
+            return []
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            # Files came since the look above: another build of this input (another shell, a job array)
+            # finished first. It is compared with below, as any set already there is.
+    _check_out(out, manifest["build"])  # files came meanwhile: another build's (say how it differs), the user's
+    if _read_manifest(out) != manifest:
+        raise ShardError(f"{out}: already holds a different build (other input); choose another --out or delete it")
+    repaired = [name for name in [s["file"] for s in manifest["shards"]] + [INDEX_FILE]
+                if not _same_bytes(out / name, tmp / name)]
+    for name in repaired:
+        os.replace(tmp / name, out / name)
+    return repaired
 
 
 def _same_bytes(old, new):

@@ -403,3 +403,32 @@ def test_sigterm_inside_the_pool_does_not_hang_the_build(release, tmp_path, wher
     stdout, stderr = finish(proc)
     assert (proc.returncode, stdout, stderr) == (143, "", "terminated\n")
     assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
+
+
+@pytest.mark.parametrize("out_there", [False, True])
+def test_two_builds_finishing_at_once_both_succeed(release, shards, tmp_path, monkeypatch, out_there):
+    """Another build of the same input into the same `out` (another shell, a job array) may rename its
+    finished set into place between this build's look at `out` and its own rename. This build then
+    finds its twin there and leaves it as it is. (Before: a traceback, `OSError: [Errno 39] Directory
+    not empty`, from the rename.)"""
+    import pipeline.build as build
+
+    out = tmp_path / "out"
+    if out_there:
+        out.mkdir()  # made beforehand, empty: the rename replaces it
+    rename = os.replace
+    twin = tmp_path / "twin"
+
+    def twin_finishes_first(src, dst):
+        if Path(dst) == out and not twin.exists():
+            subprocess.run(["cp", "-a", str(shards), str(twin)], check=True)
+            if out.exists():
+                out.rmdir()
+            rename(twin, out)  # the twin's own rename, a moment before this build's
+        rename(src, dst)
+
+    monkeypatch.setattr(build.os, "replace", twin_finishes_first)
+    manifest = build_shards(release, out, shard_size=SHARD_SIZE, progress=False)
+    assert manifest["_repaired"] == []
+    assert tree_digest(out) == tree_digest(shards)
+    assert not list(tmp_path.glob("out.tmp-*"))

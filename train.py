@@ -52,7 +52,7 @@ from models.recipes import recipe_names, resolve_recipe
 from pipeline import IMAGENET_MEAN, IMAGENET_STD, make_loader, provenance
 from pipeline.cache import cached_copy, is_set_url
 from pipeline.device import check_device
-from pipeline.errors import (CheckpointError, ShardError, TinyinError, UsageError, hide_password, run_cli,
+from pipeline.errors import (CheckpointError, ShardError, TinyinError, UsageError, hide_password, naming, run_cli,
                              sigterm_interrupts)
 from pipeline.augment import AUGMENTS
 from pipeline.mixing import MODES as MIX_MODES, mix_batch, mix_generator
@@ -538,9 +538,19 @@ def run_identity(args, manifest):
 
 
 def save_atomic(obj, path):
-    """torch.save to a temp name then rename, so a crash never leaves half a checkpoint."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    """torch.save to a temp name then rename, so a crash never leaves half a checkpoint. A write that
+    fails (a full disk) removes the temp file and raises OSError naming `path`."""
+    tmp = path + ".tmp"
+    try:
+        # Into a file object, not to the path: torch's own file writer turns a full disk into a
+        # RuntimeError ("unexpected pos ..."), a traceback, where Python's write raises ENOSPC.
+        with naming(path), open(tmp, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)  # half a checkpoint, filling the disk it ran out of
+        raise
 
 
 def save_checkpoint(parts, state, args, paths):

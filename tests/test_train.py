@@ -505,6 +505,17 @@ def test_a_crash_resumes_from_the_last_periodic_checkpoint(train_shards, tmp_pat
     assert len(keys) == 1000 and sorted(keys) == sorted(train_keys(train_shards))
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full, a disk that is always full")
+def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_temp_file(train_shards, tmp_path, capsys):
+    """torch.save(obj, path) turned the full disk into a RuntimeError ("unexpected pos ..."), a traceback,
+    and left the half-written checkpoint.pth.tmp taking up the space."""
+    tmp_path.joinpath("checkpoint.pth.tmp").symlink_to("/dev/full")  # where the checkpoint is written first
+    assert cli("--shards", train_shards, "--device", "cpu", "--arch", "lenet5", "--epochs", "1",
+               "--output-dir", tmp_path) == 1
+    assert capsys.readouterr().err == f"error: No space left on device: {tmp_path / 'checkpoint.pth'}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["args.json", "env.json", "metrics.csv", "metrics.jsonl"]
+
+
 @pytest.mark.parametrize("path, group", [((), False), (("--data-path", "stream"), True)],
                          ids=["to-the-process", "stream-to-the-group"])
 def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(train_shards, tmp_path, path, group):

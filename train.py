@@ -612,6 +612,7 @@ def restore(parts, args, ckpt_path):
             args.epochs = args.budget_epochs = ckpt["args"]["budget_epochs"]
         state = RunState.from_state_dict(ckpt["state"], parts.device, args.seed)
         check_epoch_order(ckpt, state, args, parts.world_size, ckpt_path)
+        check_limit_batches(ckpt["args"].get("limit_batches"), args, ckpt_path)
         if not args.test_only and (state.epoch > args.epochs or (state.epoch == args.epochs and state.samples_done)):
             least = state.epoch + bool(state.samples_done)  # at an epoch's end, that epoch count itself
             raise UsageError(f"--epochs {args.epochs}: {ckpt_path} is past it (at epoch {state.epoch} step "
@@ -667,6 +668,19 @@ def check_epoch_order(ckpt, state, args, world_size, path):
         raise CheckpointError(f"{where} with -j {workers[0]}, whose order of the epoch -j {workers[1]} does not "
                               f"share (the stream path reads max({LANES}, -j) shard groups side by side); "
                               f"resume it with {fits}")
+
+
+def check_limit_batches(saved, args, path):
+    """CheckpointError unless this run caps its epochs at the checkpoint's --limit-batches (`saved`), or
+    only evaluates. A quick look resumed without it (tools/reproduce.py's rows share an --out with the
+    real run) mixed epochs of a few batches with whole ones in one run's metrics, and args.json, from
+    which `tinyin report` labels a run's epochs, named only the last command's."""
+    if saved == args.limit_batches or args.test_only:
+        return
+    said = lambda n: "no --limit-batches" if n is None else f"--limit-batches {n}"  # noqa: E731
+    fix = "without --limit-batches" if saved is None else f"with --limit-batches {saved}"
+    raise CheckpointError(f"{path}: made with {said(saved)}, this run has {said(args.limit_batches)}, and one run's "
+                          f"epochs must see the same batches; resume it {fix}, or use another --output-dir")
 
 
 OPTIMIZER_FLAGS = ("lr", "momentum", "wd", "nesterov")  # what the optimiser's state dict restores

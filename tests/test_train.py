@@ -720,6 +720,29 @@ def test_limit_batches_caps_every_split(train_shards, tmp_path):
     assert read_jsonl(tmp_path / "metrics.jsonl")[0]["epoch"] == 0
 
 
+def test_a_resume_with_another_limit_batches_is_refused(train_shards, tmp_path, capsys):
+    """A --limit-batches 2 quick look resumed without it trained on, its 2-batch epoch 0 among the whole
+    ones, and `tinyin report` (from the last args.json) called every epoch whole; the reverse, too."""
+    base = ["--shards", train_shards, "--device", "cpu", "--arch", "lenet5", "-b", "64", "--output-dir", tmp_path]
+    run(train_shards, tmp_path, "--arch", "lenet5", "-b", "64", "--epochs", "1", "--limit-batches", "2")
+    capsys.readouterr()
+    ckpt = tmp_path / "checkpoint.pth"
+    assert cli(*base, "--epochs", "2", "--resume", "auto") == 1
+    assert capsys.readouterr().err == (
+        f"error: {ckpt}: made with --limit-batches 2, this run has no --limit-batches, and one run's epochs must "
+        "see the same batches; resume it with --limit-batches 2, or use another --output-dir\n")
+    assert cli(*base, "--epochs", "2", "--limit-batches", "3", "--resume", "auto") == 1
+    assert capsys.readouterr().err.startswith(f"error: {ckpt}: made with --limit-batches 2, this run has --limit-batches 3,")
+    assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 1
+    assert set(run(train_shards, tmp_path, "--arch", "lenet5", "--test-only", "--resume", "auto")) == {"val", "test"}
+    whole = tmp_path / "whole"
+    run(train_shards, whole, "--arch", "lenet5", "-b", "500", "--epochs", "1")
+    assert cli(*base[:-1], whole, "--epochs", "2", "--limit-batches", "1", "--resume", "auto") == 1
+    assert capsys.readouterr().err == (
+        f"error: {whole / 'checkpoint.pth'}: made with no --limit-batches, this run has --limit-batches 1, and one "
+        "run's epochs must see the same batches; resume it without --limit-batches, or use another --output-dir\n")
+
+
 def test_a_resume_that_trains_further_removes_final_json(tiny_shards, tmp_path):
     # A finished 1-epoch run, resumed to --epochs 400 and stopped mid-epoch 1: its final.json (the
     # 1-epoch run's test figure and wall time) was left beside the new metrics, and `tinyin report`

@@ -1,7 +1,7 @@
 """Re-run the study's tables with `train.py --recipe paper`, then write the report beside the study's.
 
     python tools/reproduce.py --shards out/shards --out runs/paper                  # Table 2 + Table 3
-    python tools/reproduce.py --rows lenet5-28 --epochs 1 --limit-batches 5        # a quick look
+    python tools/reproduce.py --rows lenet5-28 --epochs 1 --limit-batches 5 --out runs/look  # a quick look
     python tools/reproduce.py --train-args="--amp --channels-last" --device cuda     # on a GPU
     python tools/reproduce.py --rows lenet5-28,alexnet-64,squeezenet1_1-64,resnet18-64 --jobs 4
 

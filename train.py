@@ -1091,6 +1091,14 @@ def positive_float(text):
     return value
 
 
+def path_text(text):
+    """An argparse type: a path that is not empty. An empty one (an unset shell variable: `--resume "$CKPT"`)
+    read as "not given": a fresh run, or no --weights, in place of the one asked for, without a word."""
+    if not text:
+        raise argparse.ArgumentTypeError("empty; give a path")
+    return text
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are tinyin's UsageError: one line on stderr, exit code 2 (see pipeline/errors.py),
     instead of the usage block argparse prints above the line."""
@@ -1170,15 +1178,16 @@ def get_args_parser(add_help=True):
                    help="torch.compile the model (default: off). It then sees one batch size: each epoch's "
                         "last, smaller train batch is left out and the last eval batch padded")
     p.add_argument("--seed", type=at_least(0), default=0, help="seeds the weights, dropout and the shuffle order (default: 0)")
-    p.add_argument("--output-dir", help="where logs and checkpoints go (default: runs/ARCH-SIZE)")
-    p.add_argument("--resume", help="checkpoint to continue from, or 'auto' for OUTPUT_DIR/checkpoint.pth if present; "
-                                    "continues mid-epoch, also on another number of ranks (default: none)")
+    p.add_argument("--output-dir", type=path_text, help="where logs and checkpoints go (default: runs/ARCH-SIZE)")
+    p.add_argument("--resume", type=path_text,
+                   help="checkpoint to continue from, or 'auto' for OUTPUT_DIR/checkpoint.pth if present; "
+                        "continues mid-epoch, also on another number of ranks (default: none)")
     p.add_argument("--checkpoint-every", type=at_least(1), default=None, metavar="N",
                    help="also write checkpoint.pth every N optimiser steps (default: at each epoch's end, and on "
                         "SIGTERM, SIGINT or SIGUSR1)")
     p.add_argument("--test-only", action="store_true", help="only evaluate val and test, writing eval.json (default: off)")
     p.add_argument("--pretrained", action="store_true", help="start from torchvision's ImageNet weights (default: off)")
-    p.add_argument("--weights", metavar="FILE", help="start from a local state dict or checkpoint (default: none)")
+    p.add_argument("--weights", metavar="FILE", type=path_text, help="start from a local state dict or checkpoint (default: none)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu (default: cuda if available)")
     p.add_argument("--dump-keys", action="store_true", help=argparse.SUPPRESS)  # debug: keys-rank{r}.txt per rank
     # debug: behave as if SIGUSR1 arrived during global step N (a deterministic preemption for tests)

@@ -123,6 +123,10 @@ def test_explicit_flags_beat_the_recipe():
     (["--device", "foo"], "argument --device: 'foo' is not a device; use cpu, cuda or cuda:N"),
     (["--device", "mps"], "argument --device: tinyin runs on cpu or cuda, not mps"),
     (["--bogus"], "unrecognized arguments: --bogus"),
+    # An empty value (an unset shell variable) read as not given: a fresh run over the one to resume.
+    (["--resume", ""], "argument --resume: empty; give a path"),
+    (["--weights", ""], "argument --weights: empty; give a path"),
+    (["--output-dir", ""], "argument --output-dir: empty; give a path"),
 ])
 def test_bad_flags_are_one_line_errors_with_exit_code_2(argv, message, capsys):
     assert cli(*argv) == 2

@@ -1203,6 +1203,9 @@ def check_training_flags(parser, args, given):
         parser.error("argument --nesterov: needs a momentum above 0, not --momentum 0")
     if args.warmup_epochs >= args.epochs:
         parser.error(f"argument --warmup-epochs: must be below --epochs ({args.epochs}), not {args.warmup_epochs}")
+    if args.time_budget and args.epochs < BUDGET_AFTER_EPOCHS:  # the run would end before the choice, the budget unused
+        parser.error(f"argument --time-budget: chooses --epochs after {BUDGET_AFTER_EPOCHS} epochs; give --epochs "
+                     f"{BUDGET_AFTER_EPOCHS} or more, not {args.epochs}")
     if args.ema >= 1:
         parser.error(f"argument --ema: must be below 1, not {args.ema}")
     if args.mix_prob > 1:

@@ -277,6 +277,9 @@ def test_explicit_flags_beat_recipe_fast():
     (["--arch", "resnet18_64", "--recipe", "fast", "--epochs", "2"],
      "argument --warmup-epochs: must be below --epochs (2), not 2.0"),
     (["--ema", "1"], "argument --ema: must be below 1, not 1.0"),
+    # It trained the one epoch and ignored the budget: the choice comes after epoch 2.
+    (["--time-budget", "10", "--epochs", "1"],
+     "argument --time-budget: chooses --epochs after 2 epochs; give --epochs 2 or more, not 1"),
     (["--mix", "cutmix", "--mix-prob", "1.5"], "argument --mix-prob: must be at most 1, not 1.5"),
     (["--mix-alpha", "0.4"], "argument --mix-alpha: only acts with --mix"),
     (["--ema-every", "2"], "argument --ema-every: only acts with --ema"),

@@ -50,9 +50,10 @@ from tqdm import tqdm
 import models
 from models.recipes import recipe_names, resolve_recipe
 from pipeline import IMAGENET_MEAN, IMAGENET_STD, make_loader, provenance
+from pipeline.atomic import atomic_file, write_json
 from pipeline.cache import cached_copy, is_set_url
 from pipeline.device import check_device
-from pipeline.errors import (CheckpointError, ShardError, TinyinError, UsageError, hide_password, naming, run_cli,
+from pipeline.errors import (CheckpointError, ShardError, TinyinError, UsageError, hide_password, run_cli,
                              sigterm_interrupts)
 from pipeline.augment import AUGMENTS
 from pipeline.mixing import MODES as MIX_MODES, mix_batch, mix_generator
@@ -540,17 +541,10 @@ def run_identity(args, manifest):
 def save_atomic(obj, path):
     """torch.save to a temp name then rename, so a crash never leaves half a checkpoint. A write that
     fails (a full disk) removes the temp file and raises OSError naming `path`."""
-    tmp = path + ".tmp"
-    try:
-        # Into a file object, not to the path: torch's own file writer turns a full disk into a
-        # RuntimeError ("unexpected pos ..."), a traceback, where Python's write raises ENOSPC.
-        with naming(path), open(tmp, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)  # half a checkpoint, filling the disk it ran out of
-        raise
+    # Into a file object, not to the path: torch's own file writer turns a full disk into a
+    # RuntimeError ("unexpected pos ..."), a traceback, where Python's write raises ENOSPC.
+    with atomic_file(path, "wb", suffix=".tmp") as f:
+        torch.save(obj, f)
 
 
 def save_checkpoint(parts, state, args, paths):
@@ -898,15 +892,13 @@ def saved_args(args):
 
 def write_args(out, args):
     """args.json: the run's flags (rewritten when --time-budget chooses --epochs)."""
-    with open(os.path.join(out, "args.json"), "w") as f:
-        json.dump(saved_args(args), f, indent=2)
+    write_json(os.path.join(out, "args.json"), saved_args(args), indent=2)
 
 
 def write_run_files(out, args, device, world_size, history, dataset):
     """args.json, env.json, and metrics files rewritten from `history` (a resumed run drops rows past its checkpoint)."""
     write_args(out, args)
-    with open(os.path.join(out, "env.json"), "w") as f:
-        json.dump(environment(device, world_size, dataset), f, indent=2)
+    write_json(os.path.join(out, "env.json"), environment(device, world_size, dataset), indent=2)
     write_metrics(out, history)
 
 
@@ -925,8 +917,7 @@ def test_only(parts, args):
               for split, loader in (("val", parts.val), ("test", parts.test))}
     if rank() == 0:
         print(json.dumps(result))
-        with open(os.path.join(args.output_dir, "eval.json"), "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(os.path.join(args.output_dir, "eval.json"), result, indent=2)
     return result
 
 
@@ -1016,8 +1007,7 @@ def final_test(parts, state, args):
                  eval_model=eval_model_name(parts), tta=args.tta)
     if rank() == 0:
         print(f"test top1 {test['top1']:.2f} top5 {test['top5']:.2f} | wall {state.wall_time:.1f}s")
-        with open(os.path.join(args.output_dir, "final.json"), "w") as f:
-            json.dump(final, f, indent=2)
+        write_json(os.path.join(args.output_dir, "final.json"), final, indent=2)
     return final
 
 

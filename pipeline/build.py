@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from . import index as index_io
+from .atomic import write_json
 from .checksum import file_sum64
 from .errors import ImageError, ShardError, SourceError, UsageError, signals_deferred
 from .release import plan_release
@@ -254,7 +255,7 @@ def build_shards(src, out, workers=None, shard_size=10000, split_seed=None, on_e
         # Labels, keys and offsets come from the index: a changed byte there mislabels samples that
         # the shards' own checksums cannot catch.
         manifest["index_sha256"] = index_io.file_sha256(tmp / INDEX_FILE)
-        index_io.write_json(tmp / MANIFEST_FILE, manifest)  # written last: its presence marks completion
+        write_json(tmp / MANIFEST_FILE, manifest)  # written last: its presence marks completion
         repaired = _move_into_place(tmp, out, manifest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

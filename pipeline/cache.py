@@ -27,9 +27,9 @@ import urllib.error
 import urllib.parse
 from pathlib import Path
 
+from .atomic import atomic_file, write_json
 from .errors import ShardError, hide_password
 from .locks import locked
-from .index import write_json
 from .schema import CACHE_LOCK_FILE, INDEX_FILE, MANIFEST_FILE
 from .shardset import ShardSet, http_open, is_url, missing_error, names_a_tar, open_shard_set
 
@@ -97,9 +97,8 @@ def _write_metadata(remote, folder):
         if (entry["file"], entry["sha256"]) not in keep:
             (folder / entry["file"]).unlink(missing_ok=True)
             (folder / f"{entry['file']}.part").unlink(missing_ok=True)
-    tmp = folder / f"{INDEX_FILE}.part"
-    tmp.write_bytes(remote.index_bytes)  # the bytes as served: the manifest's index_sha256 holds for them
-    os.replace(tmp, folder / INDEX_FILE)
+    with atomic_file(folder / INDEX_FILE, "wb") as f:
+        f.write(remote.index_bytes)  # the bytes as served: the manifest's index_sha256 holds for them
     write_json(path, remote.manifest)  # last: a folder with a manifest has its index
 
 

@@ -5,14 +5,14 @@ variant), so readers can gather pixels without parsing tar headers.
 """
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import ShardError, naming
+from .atomic import atomic_file
+from .errors import ShardError
 from .schema import FORMAT_VERSION, INDEX_FILE, MANIFEST_FILE, VARIANTS
 
 SCHEMA = pa.schema([
@@ -34,14 +34,6 @@ def file_sha256(path):
     return digest.hexdigest()
 
 
-def write_json(path, obj):
-    """Write JSON under a temporary name, then rename: readers never see half a file."""
-    tmp = f"{path}.part"
-    with naming(path):
-        Path(tmp).write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def write_index(folder, tasks, results):
     """Write `index.parquet` from the build's tasks [(shard, split, items)] and worker results."""
     cols = {name: [] for name in SCHEMA.names}
@@ -53,10 +45,8 @@ def write_index(folder, tasks, results):
                                 ("gray28_offset", gray_at), ("gray28_length", LENGTHS["gray28"]),
                                 ("box", list(item.box) if item.box else None), ("source", item.path)):
                 cols[name].append(value)
-    tmp = Path(folder) / f"{INDEX_FILE}.part"
-    with naming(Path(folder) / INDEX_FILE):
-        pq.write_table(pa.table(cols, schema=SCHEMA), tmp)
-    os.replace(tmp, Path(folder) / INDEX_FILE)
+    with atomic_file(Path(folder) / INDEX_FILE, "wb") as f:
+        pq.write_table(pa.table(cols, schema=SCHEMA), f)
 
 
 def read_manifest(shards):

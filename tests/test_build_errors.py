@@ -20,7 +20,8 @@ import pipeline.cli
 from pipeline.build import build_shards
 from pipeline.cli import main
 from pipeline.errors import UsageError
-from pipeline.index import write_index, write_json
+from pipeline.atomic import write_json
+from pipeline.index import write_index
 from pipeline.schema import INDEX_FILE, MANIFEST_FILE
 from pipeline.tarshard import write_shard
 from tests.conftest import SHARD_SIZE

@@ -520,6 +520,19 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_temp_file(tra
     assert sorted(p.name for p in tmp_path.iterdir()) == ["args.json", "env.json", "metrics.csv", "metrics.jsonl"]
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full, a disk that is always full")
+def test_a_full_disk_while_writing_final_json_is_one_line_and_leaves_no_half_file(train_shards, tmp_path, capsys):
+    """final.json (as args.json, env.json, eval.json) was written in place: a full disk gave `error: No space
+    left on device`, no word of which file, and left a truncated final.json, on which tools/reproduce.py's
+    check for a finished row failed with a JSONDecodeError traceback."""
+    tmp_path.joinpath("final.json.part").symlink_to("/dev/full")  # where final.json is written first
+    assert cli("--shards", train_shards, "--device", "cpu", "--arch", "lenet5", "--epochs", "1",
+               "--output-dir", tmp_path) == 1
+    assert capsys.readouterr().err == f"error: No space left on device: {tmp_path / 'final.json'}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["args.json", "best.pth", "checkpoint.pth", "env.json",
+                                                          "metrics.csv", "metrics.jsonl"]
+
+
 @pytest.mark.parametrize("path, group", [((), False), (("--data-path", "stream"), True)],
                          ids=["to-the-process", "stream-to-the-group"])
 def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(train_shards, tmp_path, path, group):

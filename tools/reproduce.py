@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))  # run from anywhere, installed or not
 
 import models  # noqa: E402
 from models.recipes import RECIPES  # noqa: E402
+from pipeline.atomic import write_json  # noqa: E402
 from pipeline.cache import is_set_url  # noqa: E402
 from pipeline.errors import hide_password  # noqa: E402
 from pipeline.report import write_report  # noqa: E402
@@ -146,9 +147,9 @@ def train_row(name, run, cmd, stop, log=None, env=None):
     t1 = time.time()
     record = run / "reproduce.json"
     before = json.loads(record.read_text()) if record.is_file() else {}
-    record.write_text(json.dumps(dict(wall_s=before.get("wall_s", 0.0) + t1 - t0,
-                                      command=[hide_password(a) for a in cmd[1:]],  # a --shards URL's password, token
-                                      intervals=before.get("intervals", []) + [[t0, t1]])))
+    write_json(record, dict(wall_s=before.get("wall_s", 0.0) + t1 - t0,
+                            command=[hide_password(a) for a in cmd[1:]],  # a --shards URL's password, token
+                            intervals=before.get("intervals", []) + [[t0, t1]]), indent=None)
     if log:
         print(f"== {name}: {'finished' if code == 0 else f'failed (exit {code})'} after {(t1 - t0) / 60:.1f} min",
               flush=True)

@@ -1,0 +1,30 @@
+"""Files written whole or not at all: under a temporary name beside the file, then renamed over it, so
+that a reader (a loader, `tinyin report`, tools/reproduce.py's check for a finished row) never sees half
+a file, and a write that fails (a full disk, a signal) leaves neither half a file nor its temporary twin."""
+import contextlib
+import json
+import os
+
+from .errors import naming
+
+
+@contextlib.contextmanager
+def atomic_file(path, mode="w", suffix=".part"):
+    """A file object on `<path><suffix>`, renamed over `path` once the block ends without an error. On an
+    error the temporary file is removed (half a file, on the very disk that filled up), and an OSError
+    naming no file names `path`."""
+    tmp = f"{path}{suffix}"
+    try:
+        with naming(path), open(tmp, mode) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path, obj, indent=1):
+    """Write `obj` as JSON (and a final newline) to `path`, whole or not at all."""
+    with atomic_file(path) as f:
+        f.write(json.dumps(obj, indent=indent) + "\n")

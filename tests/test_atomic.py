@@ -1,0 +1,45 @@
+"""`pipeline.atomic`: a file is replaced whole or not at all, and a failed write leaves nothing behind."""
+import errno
+import json
+import os
+
+import pytest
+
+from pipeline.atomic import atomic_file, write_json
+
+
+def test_the_file_appears_whole_and_its_temporary_twin_goes(tmp_path):
+    path = tmp_path / "final.json"
+    path.write_text("old")
+    write_json(path, {"epochs": 3}, indent=2)
+    assert path.read_text() == '{\n  "epochs": 3\n}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final.json"]
+
+
+def test_an_error_inside_leaves_the_old_file_and_no_temporary_one(tmp_path):
+    """A signal or a bug between the first write and the last: readers keep the old file, whole."""
+    path = tmp_path / "args.json"
+    path.write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_file(path) as f:
+            f.write('{"half": ')
+            raise KeyboardInterrupt
+    assert path.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["args.json"]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux), where every write fails for a full disk")
+def test_a_full_disk_names_the_file_and_frees_the_temporary_one(tmp_path):
+    path = tmp_path / "checkpoint.pth"
+    (tmp_path / "checkpoint.pth.tmp").symlink_to("/dev/full")  # a disk that is always full
+    with pytest.raises(OSError) as e:
+        with atomic_file(path, "wb", suffix=".tmp") as f:
+            f.write(bytes(1 << 16))
+    assert (e.value.errno, e.value.filename) == (errno.ENOSPC, str(path))
+    assert list(tmp_path.iterdir()) == []  # the half file (here the link to it) is gone, and no checkpoint.pth
+
+
+def test_json_round_trips(tmp_path):
+    obj = {"wall_s": 1.5, "intervals": [[0, 1.5]], "command": ["--arch", "lenet5"]}
+    write_json(tmp_path / "reproduce.json", obj, indent=None)
+    assert json.loads((tmp_path / "reproduce.json").read_text()) == obj

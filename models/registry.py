@@ -112,7 +112,7 @@ def get_model(name: str, num_classes: int = 200, pretrained: bool = False, weigh
     if not pretrained:
         model = spec.build(num_classes)
         if weights:
-            load_weights_file(model, weights, head=spec.head)
+            load_weights_file(model, weights, head=spec.head, arch=name)
         return model
 
     if spec.weights is None:
@@ -132,12 +132,14 @@ def get_model(name: str, num_classes: int = 200, pretrained: bool = False, weigh
     return model
 
 
-def load_weights_file(model: nn.Module, path: str | os.PathLike, head: str) -> None:
+def load_weights_file(model: nn.Module, path: str | os.PathLike, head: str, arch: str | None = None) -> None:
     """Load a state dict (or a checkpoint's ``'model'``) from ``path`` into ``model``.
 
     When the file's head (keys starting with ``head``) has a different shape —
     typically 1000 ImageNet classes against our 200 — everything but the head
     is loaded and the model keeps its freshly initialised head.
+    arch: the registry name of ``model``; a train.py checkpoint of another network is refused
+    (resnet18_64 and resnet18_64s2 have the same tensors, so their shapes cannot tell).
     """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -146,6 +148,10 @@ def load_weights_file(model: nn.Module, path: str | os.PathLike, head: str) -> N
     except Exception as e:  # noqa: BLE001 - on an arbitrary file torch.load raises nearly anything (struct.error, KeyError)
         raise ValueError(f"{path}: not a weights file ({e.__class__.__name__})") from None
     if isinstance(state, dict) and "model" in state:
+        saved_args = state.get("args")
+        other = saved_args.get("arch") if isinstance(saved_args, dict) else None
+        if arch and other and other != arch:
+            raise ValueError(f"{path}: holds {other} weights (a train.py checkpoint), not {arch}")
         state = state["model"]
     if not isinstance(state, dict):
         raise ValueError(f"{path}: not a state dict (a {type(state).__name__})")

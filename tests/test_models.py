@@ -114,6 +114,17 @@ def test_weights_file_of_another_model_is_refused(tmp_path):
         models.get_model("resnet18", weights=str(tmp_path / "lenet.pth"))
 
 
+def test_a_checkpoint_of_another_network_with_the_same_tensors_is_refused(tmp_path):
+    """resnet18_64 and resnet18_64s2 differ only in conv1's stride: one's checkpoint loaded into the
+    other without a word (train.py --weights too), a network that was never trained so."""
+    src = models.get_model("resnet18_64s2", num_classes=10)
+    torch.save({"model": src.state_dict(), "args": {"arch": "resnet18_64s2"}}, tmp_path / "ckpt.pth")
+    with pytest.raises(ValueError) as e:
+        models.get_model("resnet18_64", num_classes=10, weights=str(tmp_path / "ckpt.pth"))
+    assert str(e.value) == f"{tmp_path / 'ckpt.pth'}: holds resnet18_64s2 weights (a train.py checkpoint), not resnet18_64"
+    assert _same(src, models.get_model("resnet18_64s2", num_classes=10, weights=str(tmp_path / "ckpt.pth")))
+
+
 def test_a_file_that_is_no_state_dict_is_a_value_error(tmp_path):
     """From the Python API these were struct.error, KeyError or AttributeError from deep inside."""
     (tmp_path / "text.pth").write_text("bad gateway\n")

@@ -1177,7 +1177,8 @@ def get_args_parser(add_help=True):
                         "SIGTERM, SIGINT or SIGUSR1)")
     p.add_argument("--test-only", action="store_true", help="only evaluate val and test, writing eval.json (default: off)")
     p.add_argument("--pretrained", action="store_true", help="start from torchvision's ImageNet weights (default: off)")
-    p.add_argument("--weights", metavar="FILE", type=path_text, help="start from a local state dict or checkpoint (default: none)")
+    p.add_argument("--weights", metavar="FILE", type=path_text,
+                   help="start from a local state dict or checkpoint (an --ema run's: its average) (default: none)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu (default: cuda if available)")
     p.add_argument("--dump-keys", action="store_true", help=argparse.SUPPRESS)  # debug: keys-rank{r}.txt per rank
     # debug: behave as if SIGUSR1 arrived during global step N (a deterministic preemption for tests)

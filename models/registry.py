@@ -102,7 +102,8 @@ def get_model(name: str, num_classes: int = 200, pretrained: bool = False, weigh
         Raises :class:`WeightsUnavailable` when the download fails.
     weights: path of a local state dict, or of a checkpoint dict with a
         ``'model'`` key (e.g. the ImageNet file downloaded elsewhere, or a
-        ``checkpoint.pth`` of train.py). A head of another class count is dropped.
+        ``checkpoint.pth`` of train.py: of an ``--ema`` run, its average). A head of another
+        class count is dropped.
     """
     spec = model_spec(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -135,6 +136,9 @@ def get_model(name: str, num_classes: int = 200, pretrained: bool = False, weigh
 def load_weights_file(model: nn.Module, path: str | os.PathLike, head: str, arch: str | None = None) -> None:
     """Load a state dict (or a checkpoint's ``'model'``) from ``path`` into ``model``.
 
+    A train.py checkpoint of an ``--ema`` run gives its average of the weights (its ``'ema'``), the
+    network whose accuracy the run reported and whose best val top-1 made it ``best.pth``.
+
     When the file's head (keys starting with ``head``) has a different shape —
     typically 1000 ImageNet classes against our 200 — everything but the head
     is loaded and the model keeps its freshly initialised head.
@@ -152,7 +156,10 @@ def load_weights_file(model: nn.Module, path: str | os.PathLike, head: str, arch
         other = saved_args.get("arch") if isinstance(saved_args, dict) else None
         if arch and other and other != arch:
             raise ValueError(f"{path}: holds {other} weights (a train.py checkpoint), not {arch}")
-        state = state["model"]
+        if isinstance(state.get("ema"), dict):  # --ema: the average is what the run validated, tested and kept as best
+            state = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
+        else:
+            state = state["model"]
     if not isinstance(state, dict):
         raise ValueError(f"{path}: not a state dict (a {type(state).__name__})")
     own = model.state_dict()

@@ -112,6 +112,12 @@ def test_ema_every_n_steps_and_the_model_it_evaluates(small_shards, tmp_path):
     ema_weights = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k != "n_averaged"}
     assert test_loss(ema_weights) == final["test_loss"] != test_loss(ckpt["model"])
 
+    # --weights of its checkpoint is the average too: --test-only reported the trained weights' accuracy
+    # (not the run's), and a fine-tune from best.pth started from weights other than the best ones.
+    result = run(small_shards, tmp_path / "eval", "--arch", "lenet5", "-b", "16", "--test-only",
+                 "--weights", tmp_path / "checkpoint.pth")
+    assert result["test"]["loss"] == final["test_loss"]
+
 
 def test_compiled_graphs_see_only_full_batches(small_shards, tmp_path, monkeypatch):
     """--compile drops the epoch's last, smaller train batch and pads the splits' last eval batches:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import urllib.error
+import urllib.parse
 from dataclasses import dataclass
 from typing import Callable
 
@@ -119,9 +120,19 @@ def get_model(name: str, num_classes: int = 200, pretrained: bool = False, weigh
     if spec.weights is None:
         raise ValueError(f"{name} has no pretrained ImageNet weights; train it from scratch")
     imagenet = spec.imagenet_weights()
+    # Where torch.hub keeps the file: once there it is loaded without a download or a hash check.
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urllib.parse.urlparse(imagenet.url).path))
+    was_cached = os.path.isfile(cached)
     try:
         model = spec.build_pretrained(imagenet)
-    except (urllib.error.URLError, OSError, RuntimeError) as e:
+    except Exception as e:  # noqa: BLE001 - torch.load of a damaged or foreign file raises nearly anything
+        if was_cached:  # nothing was downloaded: the file there is damaged or another one
+            raise WeightsUnavailable(
+                f"{cached}: torch.hub's cached ImageNet weights for {name} do not load ({e.__class__.__name__}); "
+                "delete the file to download it again, or pass --weights FILE"
+            ) from e
+        if not isinstance(e, (urllib.error.URLError, OSError, RuntimeError)):
+            raise
         # URLError is an OSError; RuntimeError is the hub's hash check or a truncated file.
         # HTTPError prints well ("HTTP Error 404: ..."); other URLErrors are best told by their reason.
         reason = e if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)

@@ -219,3 +219,28 @@ def test_pretrained_hash_mismatch_is_weights_unavailable(weights_server, tmp_pat
     set_url(f"{base}/{bad}")
     with pytest.raises(models.WeightsUnavailable, match="invalid hash value"):
         models.get_model("squeezenet1_1", pretrained=True)
+
+
+@pytest.mark.parametrize("content, error", [(b"bad gateway\n", "UnpicklingError"), (b"", "EOFError"), ("list", "TypeError"),
+                                            ("resnet18", "RuntimeError")])
+def test_a_damaged_file_in_the_hub_cache_is_named(weights_server, tmp_path, content, error):
+    """torch.hub loads a cached file without a hash check. A damaged one (a text page, an empty file, a list, or
+    another network's weights put there by hand) was a traceback, or train.py's 'error: --weights None: not a
+    weights file', or 'cannot download' for a file nothing downloaded."""
+    src, base, name, set_url = weights_server
+    set_url(f"{base}/{name}")
+    cached = tmp_path / "torch_home" / "hub" / "checkpoints" / name
+    cached.parent.mkdir(parents=True)
+    if content == "list":
+        torch.save([1, 2], cached)
+    elif content == "resnet18":
+        torch.save(models.model_spec("resnet18").build(1000).state_dict(), cached)
+    else:
+        cached.write_bytes(content)
+    with pytest.raises(models.WeightsUnavailable) as e:
+        models.get_model("squeezenet1_1", pretrained=True)
+    assert str(e.value) == (f"{cached}: torch.hub's cached ImageNet weights for squeezenet1_1 do not load ({error}); "
+                            "delete the file to download it again, or pass --weights FILE")
+    torch.save(src.state_dict(), cached)  # a good one loads without the network
+    set_url(f"http://127.0.0.1:9/{name}")
+    assert _same(src, models.get_model("squeezenet1_1", pretrained=True), skip="classifier.1.")

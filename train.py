@@ -322,9 +322,14 @@ def load_data(args, device, world_size, shard_set):
 
 
 def build_model(args, num_classes):
-    """The network, from scratch, torchvision's ImageNet weights, or --weights FILE."""
+    """The network, from scratch, torchvision's ImageNet weights, or --weights FILE; under --test-only the
+    file's head must fit (another class count's is replaced by a fresh one, which scores chance), unless a
+    --resume checkpoint replaces the weights anyway (the training command with --test-only added)."""
     try:
-        return models.get_model(args.arch, num_classes, pretrained=args.pretrained, weights=args.weights)
+        if not (args.test_only and args.weights and not resume_path(args)):
+            return models.get_model(args.arch, num_classes, pretrained=args.pretrained, weights=args.weights)
+        model = models.get_model(args.arch, num_classes)
+        dropped = models.load_weights_file(model, args.weights, models.model_spec(args.arch).head, arch=args.arch)
     except models.WeightsUnavailable as e:
         raise CheckpointError(str(e)) from None
     except FileNotFoundError:
@@ -333,6 +338,10 @@ def build_model(args, num_classes):
         raise CheckpointError(f"--weights {args.weights}: a folder, not a weights file") from None
     except Exception:  # noqa: BLE001 - torch.load of an arbitrary file raises nearly anything (KeyError, struct.error...)
         raise CheckpointError(f"--weights {args.weights}: {describe_weights(args.weights, args.arch)}") from None
+    if dropped:
+        raise CheckpointError(f"--weights {args.weights}: its head is not for these shards' {num_classes} classes, and "
+                              "--test-only would evaluate a fresh one (chance level); train from it first")
+    return model
 
 
 def describe_weights(path, arch):
@@ -1025,10 +1034,13 @@ def main(args):
     check_device(args.device)
     with distributed(args) as (device, world_size), StopSignals() as stop:
         ckpt_path = resume_path(args)
+        if args.test_only and args.pretrained and not ckpt_path:  # the ImageNet head has 1000 classes: replaced
+            raise UsageError("--test-only evaluates a trained network: --pretrained gives ImageNet's weights a fresh "
+                             "head (chance level); train from them first")
         if args.test_only and not (ckpt_path or args.weights or args.pretrained):
             where = f" (no checkpoint.pth in {args.output_dir})" if args.resume == "auto" else ""
             raise UsageError(f"--test-only evaluates a trained network: give --resume (a checkpoint, or auto)"
-                             f"{where}, --weights FILE or --pretrained")
+                             f"{where} or --weights FILE")
         parts = build(args, device, world_size)
         state = restore(parts, args, ckpt_path)
         check_same_start(state, ckpt_path, args)

@@ -144,7 +144,7 @@ def get_model(name: str, num_classes: int = 200, pretrained: bool = False, weigh
     return model
 
 
-def load_weights_file(model: nn.Module, path: str | os.PathLike, head: str, arch: str | None = None) -> None:
+def load_weights_file(model: nn.Module, path: str | os.PathLike, head: str, arch: str | None = None) -> list[str]:
     """Load a state dict (or a checkpoint's ``'model'``) from ``path`` into ``model``.
 
     A train.py checkpoint of an ``--ema`` run gives its average of the weights (its ``'ema'``), the
@@ -152,7 +152,8 @@ def load_weights_file(model: nn.Module, path: str | os.PathLike, head: str, arch
 
     When the file's head (keys starting with ``head``) has a different shape —
     typically 1000 ImageNet classes against our 200 — everything but the head
-    is loaded and the model keeps its freshly initialised head.
+    is loaded and the model keeps its freshly initialised head: the file's head keys that were
+    left out are returned (``[]`` when the whole file was loaded).
     arch: the registry name of ``model``; a train.py checkpoint of another network is refused
     (resnet18_64 and resnet18_64s2 have the same tensors, so their shapes cannot tell).
     """
@@ -181,3 +182,4 @@ def load_weights_file(model: nn.Module, path: str | os.PathLike, head: str, arch
     # Only the dropped head may be missing; anything else means the wrong file.
     if unexpected or any(not k.startswith(head) for k in missing) or (missing and not mismatched):
         raise ValueError(f"{path}: does not fit this model (missing {missing}, unexpected {unexpected})")
+    return mismatched

@@ -211,12 +211,32 @@ def test_test_only_needs_a_trained_network(train_shards, tmp_path, capsys):
     base = ["--device", "cpu", "--arch", "lenet5", "--shards", train_shards, "--output-dir", tmp_path, "--test-only"]
     assert cli(*base) == 2
     assert capsys.readouterr().err == (
-        "error: --test-only evaluates a trained network: give --resume (a checkpoint, or auto), --weights FILE or --pretrained\n")
+        "error: --test-only evaluates a trained network: give --resume (a checkpoint, or auto) or --weights FILE\n")
     assert cli(*base, "--resume", "auto") == 2
     assert capsys.readouterr().err == (
         f"error: --test-only evaluates a trained network: give --resume (a checkpoint, or auto) (no checkpoint.pth in "
-        f"{tmp_path}), --weights FILE or --pretrained\n")
+        f"{tmp_path}) or --weights FILE\n")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_test_only_refuses_a_fresh_head(train_shards, tmp_path, capsys):
+    """--pretrained, or --weights of another class count (the ImageNet file, a run on other shards), replace the
+    head with a freshly initialised one: --test-only evaluated that (chance level) and wrote eval.json, exit 0."""
+    out = tmp_path / "out"
+    base = ["--device", "cpu", "--shards", train_shards, "--output-dir", out, "--test-only"]
+    assert cli(*base, "--arch", "squeezenet1_1", "--pretrained") == 2
+    assert capsys.readouterr().err == ("error: --test-only evaluates a trained network: --pretrained gives ImageNet's "
+                                       "weights a fresh head (chance level); train from them first\n")
+    torch.save(train.models.get_model("lenet5", num_classes=1000).state_dict(), tmp_path / "imagenet.pth")
+    assert cli(*base, "--arch", "lenet5", "--weights", tmp_path / "imagenet.pth") == 1
+    assert capsys.readouterr().err == (
+        f"error: --weights {tmp_path / 'imagenet.pth'}: its head is not for these shards' 10 classes, and --test-only "
+        "would evaluate a fresh one (chance level); train from it first\n")
+    assert not out.exists()
+    # The training command with --test-only added evaluates its checkpoint: the file's head does not matter there.
+    run(train_shards, out, "--arch", "lenet5", "--weights", tmp_path / "imagenet.pth", "--epochs", "1", "--limit-batches", "1")
+    assert run(train_shards, out, "--arch", "lenet5", "--weights", tmp_path / "imagenet.pth", "--test-only",
+               "--resume", "auto", "--limit-batches", "1")["val"]["top1"] >= 0
 
 
 def test_no_whole_batch_per_rank_is_a_usage_error(train_shards, tmp_path, capsys):

@@ -99,7 +99,8 @@ def get_model(name: str, num_classes: int = 200, pretrained: bool = False, weigh
     """Build model ``name`` with a ``num_classes``-way head.
 
     pretrained: start from torchvision's ImageNet weights (downloaded through
-        ``torch.hub``; cached under ``$TORCH_HOME``) and replace the head.
+        ``torch.hub``; cached under ``$TORCH_HOME``) and replace the head (kept for 1000
+        classes: ImageNet's own classifier, as a ``weights`` file's head of the right shape is).
         Raises :class:`WeightsUnavailable` when the download fails.
     weights: path of a local state dict, or of a checkpoint dict with a
         ``'model'`` key (e.g. the ImageNet file downloaded elsewhere, or a
@@ -140,7 +141,8 @@ def get_model(name: str, num_classes: int = 200, pretrained: bool = False, weigh
             f"cannot download ImageNet weights for {name} from {imagenet.url} ({reason}); "
             "download the file elsewhere and pass --weights FILE"
         ) from e
-    spec.reset_head(model, num_classes)
+    if num_classes != len(imagenet.meta["categories"]):
+        spec.reset_head(model, num_classes)
     return model
 
 

@@ -186,6 +186,13 @@ def test_pretrained_downloads_through_torch_hub(weights_server, tmp_path):
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 200)
 
 
+def test_pretrained_with_imagenets_1000_classes_keeps_its_head(weights_server):
+    """It was replaced by a freshly initialised 1000-class one: ImageNet's classifier, silently random."""
+    src, base, name, set_url = weights_server
+    set_url(f"{base}/{name}")
+    assert _same(src, models.get_model("squeezenet1_1", num_classes=1000, pretrained=True))
+
+
 def test_pretrained_missing_file_is_weights_unavailable(weights_server):
     _, base, _, set_url = weights_server
     set_url(f"{base}/squeezenet1_1-0123abcd.pth")

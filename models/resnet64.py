@@ -6,7 +6,7 @@ epochs) keeps the body and makes the stem a 3x3 stride-1 conv without max-pool, 
 64, 32, 16 and 8 px: about 16x the compute of `resnet18` at 64 px. The cheaper variants trade
 some of that back for speed:
 
-- `resnet18_64`: 3x3 stride-1 stem, no max-pool (2.2 GFLOPs per image, forward).
+- `resnet18_64`: 3x3 stride-1 stem, no max-pool (2.2 G multiply-adds, 4.4 GFLOP, per image forward).
 - `resnet18_64s2`: the same with a stride-2 stem (stages at 32..4 px, about a quarter of the cost).
 - `resnet10_64s2`: one BasicBlock per stage and a stride-2 stem (about half of `resnet18_64s2`).
 

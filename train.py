@@ -323,10 +323,13 @@ def load_data(args, device, world_size, shard_set):
 
 def build_model(args, num_classes):
     """The network, from scratch, torchvision's ImageNet weights, or --weights FILE; under --test-only the
-    file's head must fit (another class count's is replaced by a fresh one, which scores chance), unless a
-    --resume checkpoint replaces the weights anyway (the training command with --test-only added)."""
+    file's head must fit (another class count's is replaced by a fresh one, which scores chance). Resuming,
+    from scratch: the checkpoint replaces every weight, so a resume (a preempted job requeued on an offline
+    node) needs neither the ImageNet download nor the --weights file any more."""
+    if resume_path(args):
+        return models.get_model(args.arch, num_classes)
     try:
-        if not (args.test_only and args.weights and not resume_path(args)):
+        if not (args.test_only and args.weights):
             return models.get_model(args.arch, num_classes, pretrained=args.pretrained, weights=args.weights)
         model = models.get_model(args.arch, num_classes)
         dropped = models.load_weights_file(model, args.weights, models.model_spec(args.arch).head, arch=args.arch)

@@ -338,6 +338,22 @@ def test_mid_epoch_resume_of_a_speedrun_style_run_is_bit_identical(small_shards,
     assert [r["eval_model"] for r in rows] == ["ema"] * 3 and rows[-1]["lr"] == 0.0
 
 
+def test_a_resume_needs_no_longer_the_weights_it_started_from(small_shards, tmp_path):
+    """The checkpoint replaces every weight, yet a resume loaded --weights FILE (or downloaded --pretrained's
+    ImageNet file) first: a preempted fine-tune requeued where the file is gone (a scratch folder, an offline
+    node without torch.hub's cache) failed with 'error: --weights FILE: no such file'."""
+    run(small_shards, tmp_path / "source", "--arch", "lenet5", "-b", "16", "--epochs", "1")
+    weights = tmp_path / "start.pth"
+    (tmp_path / "source" / "best.pth").rename(weights)
+    flags = ["--arch", "lenet5", "-b", "16", "--epochs", "2", "--weights", weights]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(small_shards, straight, *flags)
+    stop_at(small_shards, resumed, 11, *flags)
+    weights.unlink()
+    run(small_shards, resumed, *flags, "--resume", "auto")
+    _same_run(straight, resumed)
+
+
 # --- --time-budget -------------------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ import base64
 import contextlib
 import hashlib
 import json
+import math
 import os
 import urllib.error
 import urllib.parse
@@ -27,7 +28,7 @@ import pyarrow.parquet as pq
 from .checksum import file_sum64, sum64
 from .errors import ShardError
 from .index import SCHEMA, file_sha256
-from .schema import CACHE_LOCK_FILE, FORMAT_VERSION, INDEX_FILE, MANIFEST_FILE
+from .schema import CACHE_LOCK_FILE, FORMAT_VERSION, INDEX_FILE, MANIFEST_FILE, VARIANTS
 
 #: The manifest's keys every reader relies on, and the type of each; and those of each shard entry.
 MANIFEST_KEYS = {"classes": list, "counts": dict, "stats": dict, "shards": list}
@@ -151,6 +152,8 @@ class ShardSet:
         for split, count in manifest["counts"].items():
             if not _is(count, int):
                 raise ShardError(f"{where}: malformed (counts.{split} is not an integer)")
+        for variant, (_, shape) in VARIANTS.items():
+            _check_stats(where, manifest["stats"], variant, shape[2] if len(shape) == 3 else 1)
         return manifest
 
     def _read_index(self):
@@ -308,6 +311,20 @@ def _check_keys(where, obj, keys, name=""):
             raise ShardError(f"{where}: malformed (no {what})")
         if not _is(obj[key], kind):
             raise ShardError(f"{where}: malformed ({what} is not {KINDS[kind]})")
+
+
+def _check_stats(where, stats, variant, channels):
+    """ShardError unless `stats` holds, for `variant`, a finite mean and a positive std per channel: the
+    loader normalises by them unchecked (an edited std of 0 or NaN gave NaN images without an error, a
+    missing or short one a traceback at the first batch)."""
+    if variant not in stats:
+        raise ShardError(f"{where}: malformed (no stats.{variant})")
+    _check_keys(where, stats[variant], {"mean": list, "std": list}, f"stats.{variant}")
+    for key, low in (("mean", -math.inf), ("std", 0)):
+        values = stats[variant][key]
+        if len(values) != channels or not all((_is(v, int) or _is(v, float)) and low < v < math.inf for v in values):
+            kind = ("positive" if key == "std" else "finite") + (" number" if channels == 1 else " numbers")
+            raise ShardError(f"{where}: malformed (stats.{variant}.{key} is not {channels} {kind})")
 
 
 def _is(value, kind):

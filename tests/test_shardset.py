@@ -190,6 +190,12 @@ MALFORMED = [
     (lambda m: m["shards"].__setitem__(2, "train-000002.tar"), "shards[2] is not an object"),
     (lambda m: m["classes"][0].pop("wnid"), "no classes[0].wnid"),
     (lambda m: m["counts"].update(val=True), "counts.val is not an integer"),
+    # the loader normalises by these: a std of 0 or NaN gave NaN images and no error, the others a traceback
+    (lambda m: m["stats"]["rgb64"].update(std=[0, 0, 0]), "stats.rgb64.std is not 3 positive numbers"),
+    (lambda m: m["stats"]["gray28"].update(std=[float("nan")]), "stats.gray28.std is not 1 positive number"),
+    (lambda m: m["stats"]["rgb64"].update(mean=[0.5]), "stats.rgb64.mean is not 3 finite numbers"),
+    (lambda m: m["stats"]["rgb64"].update(mean=float("nan")), "stats.rgb64.mean is not a list"),
+    (lambda m: m["stats"].pop("gray28"), "no stats.gray28"),
 ]
 
 

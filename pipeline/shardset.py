@@ -291,14 +291,15 @@ class ShardSet:
         shard that passes here passes every reader's check."""
         path = Path(path or self.where(entry))
         try:
-            size = os.stat(path).st_size
+            self.check_size(entry, os.stat(path).st_size, path)
+            if checksum:
+                self.check_sha256(entry, file_sha256(path), path)
+                if "sum64" in entry:
+                    self.check_sum64(entry, file_sum64(path), path)
         except FileNotFoundError:
             raise missing_error(path) from None
-        self.check_size(entry, size, path)
-        if checksum:
-            self.check_sha256(entry, file_sha256(path), path)
-            if "sum64" in entry:
-                self.check_sum64(entry, file_sum64(path), path)
+        except OSError as e:  # a symlink loop, a stale NFS handle, a failing disk: one line naming the shard
+            raise ShardError(f"{path}: unreadable ({_named(e)})") from None
 
 
 def _check_keys(where, obj, keys, name=""):

@@ -145,3 +145,20 @@ def test_inspect_refuses_counts_below_one_and_a_png_without_an_image_extension(s
             inspect_shards(shards, png=tmp_path / "g.png", **kwargs)
         assert str(e.value) == message
     assert not list(tmp_path.iterdir())
+
+
+def test_a_shard_that_cannot_be_read_is_one_line_naming_it(shards, tmp_path):
+    """A symlink loop where a shard should be (a stale NFS handle and a failing disk fail the same
+    way) was an OSError traceback from verify and from make_loader."""
+    from pipeline.errors import ShardError
+    from pipeline.loader import make_loader
+
+    copy = shutil.copytree(shards, tmp_path / "copy")
+    bad = copy / "train-000001.tar"
+    bad.unlink()
+    bad.symlink_to(bad.name)
+    message = f"{bad}: unreadable (OSError: [Errno 40] Too many levels of symbolic links: '{bad}')"
+    assert run("shard", "verify", copy, "--quiet") == (1, f"error: {message}")
+    with pytest.raises(ShardError) as e:
+        make_loader(copy, "train")
+    assert str(e.value) == message

@@ -31,7 +31,7 @@ from .index import SCHEMA, file_sha256
 from .schema import CACHE_LOCK_FILE, FORMAT_VERSION, INDEX_FILE, MANIFEST_FILE, VARIANTS
 
 #: The manifest's keys every reader relies on, and the type of each; and those of each shard entry.
-MANIFEST_KEYS = {"classes": list, "counts": dict, "stats": dict, "shards": list}
+MANIFEST_KEYS = {"classes": list, "counts": dict, "stats": dict, "shards": list, "skipped": list}
 ENTRY_KEYS = {"file": str, "split": str, "count": int, "bytes": int, "sha256": str}
 CLASS_KEYS = {"wnid": str, "words": str}
 KINDS = {list: "a list", dict: "an object", str: "a string", int: "an integer"}

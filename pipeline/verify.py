@@ -84,7 +84,8 @@ def inspect_shards(shards, png=None, max_classes=20, per_class=8):
     for split, count in manifest["counts"].items():
         n_shards = sum(1 for s in manifest["shards"] if s["split"] == split)
         lines.append(f"  {split:<10} {count:>8,} samples in {n_shards} shards")
-    for name, stats in manifest["stats"].items():
+    for name in VARIANTS:  # those ShardSet checked: another key there is no reader's
+        stats = shard_set.stats(name)
         lines.append(f"  train {name} mean {stats['mean']} std {stats['std']}")
     lines.append(f"  skipped {len(manifest['skipped'])} inputs")
     arrays = ShardArrays(shard_set, "train", "rgb64")

@@ -196,6 +196,8 @@ MALFORMED = [
     (lambda m: m["stats"]["rgb64"].update(mean=[0.5]), "stats.rgb64.mean is not 3 finite numbers"),
     (lambda m: m["stats"]["rgb64"].update(mean=float("nan")), "stats.rgb64.mean is not a list"),
     (lambda m: m["stats"].pop("gray28"), "no stats.gray28"),
+    (lambda m: m.pop("skipped"), "no skipped"),  # `shard inspect` counts them: a KeyError traceback
+    (lambda m: m.update(skipped=None), "skipped is not a list"),
 ]
 
 

@@ -162,3 +162,17 @@ def test_a_shard_that_cannot_be_read_is_one_line_naming_it(shards, tmp_path):
     with pytest.raises(ShardError) as e:
         make_loader(copy, "train")
     assert str(e.value) == message
+
+
+def test_inspect_prints_the_stats_of_the_variants_only(shards, tmp_path):
+    """A key in the manifest's stats that is not a variant (a note a user added) is no reader's: the
+    loader ignores it, and inspect printed every key, a TypeError traceback for one not a dict."""
+    copy = shutil.copytree(shards, tmp_path / "copy")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["stats"]["note"] = "computed on train"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    code, output = run("shard", "inspect", copy, "--png", tmp_path / "grid.png")
+    assert code == 0, output
+    assert [line for line in output.splitlines() if "mean" in line] == [
+        f"  train {name} mean {manifest['stats'][name]['mean']} std {manifest['stats'][name]['std']}"
+        for name in ("rgb64", "gray28")]

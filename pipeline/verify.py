@@ -9,7 +9,7 @@ import numpy as np
 import webdataset as wds
 
 from .errors import ShardError, TinyinError, UsageError
-from .schema import CLS, JSON, VARIANTS
+from .schema import CLS, JSON, MANIFEST_FILE, VARIANTS
 from .shardset import open_shard_set
 
 
@@ -22,7 +22,8 @@ def _local(shards):
 
 def verify_shards(shards, progress=True):
     """Check each shard's sha256 (and sum64) and count against the manifest, and decode every sample with the
-    stock webdataset reader, comparing key, label and pixels with the index. Raises ShardError
+    stock webdataset reader, comparing key, label and pixels with the index and its class (wnid) with the
+    manifest's class of that label. Raises ShardError
     naming the first bad shard; returns {'shards': n, 'samples': n}."""
     from tqdm import tqdm
 
@@ -47,6 +48,11 @@ def verify_shards(shards, progress=True):
                     raise ShardError(f"{path}: sample {n} ({sample['__key__']}) disagrees with the index")
                 if sample[JSON]["split"] != entry["split"]:
                     raise ShardError(f"{path}: sample {sample['__key__']} is marked split {sample[JSON]['split']}")
+                label = index["label"][i]  # the class list names the labels: reordered, a model's classes are misnamed
+                wnid = manifest["classes"][label]["wnid"] if label >= 0 else None
+                if sample[JSON]["wnid"] != wnid:
+                    raise ShardError(f"{shard_set.where_name(MANIFEST_FILE)}: classes[{label}] is {wnid}, "
+                                     f"its samples are {sample[JSON]['wnid']} ({sample['__key__']} in {path.name})")
                 for name, (member, shape) in VARIANTS.items():
                     at, length = index[f"{name}_offset"][i], index[f"{name}_length"][i]
                     if sample[member].shape != shape or not np.array_equal(

@@ -176,3 +176,19 @@ def test_inspect_prints_the_stats_of_the_variants_only(shards, tmp_path):
     assert [line for line in output.splitlines() if "mean" in line] == [
         f"  train {name} mean {manifest['stats'][name]['mean']} std {manifest['stats'][name]['std']}"
         for name in ("rgb64", "gray28")]
+
+
+def test_verify_catches_classes_reordered_in_the_manifest(shards, tmp_path):
+    """The manifest's class list names the labels (a model's outputs, a run's dataset identity);
+    two classes swapped there was 'ok': each sample's own wnid, in its checksummed shard, disagrees."""
+    copy = shutil.copytree(shards, tmp_path / "copy")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    classes = manifest["classes"]
+    classes[0], classes[1] = classes[1], classes[0]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    index = read_index(shards, "train").to_pydict()
+    first = next(i for i, label in enumerate(index["label"]) if label in (0, 1))
+    label, key, shard = index["label"][first], index["key"][first], index["shard"][first]
+    assert run("shard", "verify", copy, "--quiet") == (
+        1, f"error: {copy / 'manifest.json'}: classes[{label}] is {classes[label]['wnid']}, "
+           f"its samples are {index['wnid'][first]} ({key} in {shard})")

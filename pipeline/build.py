@@ -91,12 +91,17 @@ def _write_one_shard(path, split, entries, on_error):
     # Exact integer histograms (train only): mean/std that do not depend on shard order.
     rgb_hist, gray_hist = np.zeros((3, 256), np.int64), np.zeros(256, np.int64)
     if split == "train" and samples:
-        planes = np.stack([s[1] for s in samples]).reshape(-1, 3).T.copy()  # one contiguous plane a channel
-        rgb_hist = np.stack([_byte_histogram(plane) for plane in planes])
-        gray_hist = _byte_histogram(np.stack([s[2] for s in samples]).ravel())
+        rgb_hist, gray_hist = histograms([s[1] for s in samples], [s[2] for s in samples])
     sha, size, offsets = write_shard(path, samples)
     return {"sha256": sha, "sum64": file_sum64(path), "bytes": size, "rows": rows, "offsets": offsets,
             "skipped": skipped, "rgb_hist": rgb_hist, "gray_hist": gray_hist}
+
+
+def histograms(rgbs, grays):
+    """Per-channel 256-bin histograms (int64) of the rgb64 and gray28 images `rgbs` and `grays` (non-empty
+    lists): the manifest's stats are `_stats` of their sums over the train shards (`shard verify` redoes it)."""
+    planes = np.stack(rgbs).reshape(-1, 3).T.copy()  # one contiguous plane a channel
+    return np.stack([_byte_histogram(plane) for plane in planes]), _byte_histogram(np.stack(grays).ravel())
 
 
 def _byte_histogram(values):

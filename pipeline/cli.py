@@ -142,7 +142,8 @@ def _local(shards, split, progress=None):
 @click.argument("shards", type=click.Path())
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def shard_verify(shards, quiet):
-    """Re-check every shard's checksum and count, and that every sample decodes with the right label.
+    """Re-check every shard's checksum and count, that every sample decodes with the right label and class,
+    and the manifest's train mean and std.
     SHARDS may be a URL: every split is fetched into the local cache (size and sum64 checked on
     arrival), then checked here, sha256 included."""
     from .verify import verify_shards

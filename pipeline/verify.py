@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
+from .build import _stats, histograms
 from .errors import ShardError, TinyinError, UsageError
-from .schema import CLS, JSON, MANIFEST_FILE, VARIANTS
+from .schema import CLS, GRAY28, JSON, MANIFEST_FILE, RGB64, VARIANTS
 from .shardset import open_shard_set
 
 
@@ -23,8 +24,8 @@ def _local(shards):
 def verify_shards(shards, progress=True):
     """Check each shard's sha256 (and sum64) and count against the manifest, and decode every sample with the
     stock webdataset reader, comparing key, label and pixels with the index and its class (wnid) with the
-    manifest's class of that label. Raises ShardError
-    naming the first bad shard; returns {'shards': n, 'samples': n}."""
+    manifest's class of that label; then the train split's mean and std against the manifest's stats.
+    Raises ShardError naming the first bad shard (or the manifest); returns {'shards': n, 'samples': n}."""
     from tqdm import tqdm
 
     shard_set = _local(shards)
@@ -33,14 +34,14 @@ def verify_shards(shards, progress=True):
     rows = {}
     for i, shard in enumerate(index["shard"]):
         rows.setdefault(shard, []).append(i)
-    total = 0
+    total, hist = 0, {"rgb64": 0, "gray28": 0}  # the train split's, summed as the build sums them
     bar = tqdm(total=sum(s["count"] for s in manifest["shards"]), unit="img", desc="verify", disable=not progress)
     for entry in manifest["shards"]:
         path = Path(shard_set.where(entry))
         shard_set.check_local_file(entry, path)  # present, size, sha256, sum64
         mapped = np.memmap(path, np.uint8, mode="r")
         expected = rows.get(entry["file"], [])
-        n = 0
+        n, images = 0, {RGB64: [], GRAY28: []}
         try:
             for n, sample in enumerate(wds.WebDataset(str(path), shardshuffle=False).decode(), 1):
                 i = expected[n - 1] if n <= len(expected) else None
@@ -58,15 +59,28 @@ def verify_shards(shards, progress=True):
                     if sample[member].shape != shape or not np.array_equal(
                             sample[member].ravel(), mapped[at:at + length]):
                         raise ShardError(f"{path}: {sample['__key__']}.{member} is not at its indexed offset")
+                    if entry["split"] == "train":
+                        images[member].append(sample[member])
         except ShardError:
             raise
         except Exception as e:  # any reader failure means a damaged shard
             raise ShardError(f"{path}: unreadable ({e.__class__.__name__}: {e})") from None
         if n != entry["count"]:  # the index holds `count` rows per shard: ShardSet checked that at open
             raise ShardError(f"{path}: holds {n} samples, the manifest says {entry['count']}")
+        if images[RGB64]:
+            rgb_hist, gray_hist = histograms(images[RGB64], images[GRAY28])
+            hist["rgb64"], hist["gray28"] = hist["rgb64"] + rgb_hist, hist["gray28"] + gray_hist
         total += n
         bar.update(n)
     bar.close()
+    # The loader normalises by the stats, which no checksum covers. Both sides are rounded to 6 places;
+    # give or take 1 in the last, as another numpy's build may round.
+    for name in VARIANTS:
+        computed = _stats(hist[name])
+        for key in ("mean", "std"):
+            if not np.allclose(shard_set.stats(name)[key], computed[key], rtol=0, atol=1.5e-6):
+                raise ShardError(f"{shard_set.where_name(MANIFEST_FILE)}: stats.{name}.{key} is "
+                                 f"{shard_set.stats(name)[key]}, the train split's is {computed[key]}")
     return {"shards": len(manifest["shards"]), "samples": total}
 
 

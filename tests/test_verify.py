@@ -192,3 +192,19 @@ def test_verify_catches_classes_reordered_in_the_manifest(shards, tmp_path):
     assert run("shard", "verify", copy, "--quiet") == (
         1, f"error: {copy / 'manifest.json'}: classes[{label}] is {classes[label]['wnid']}, "
            f"its samples are {index['wnid'][first]} ({key} in {shard})")
+
+
+def test_verify_catches_stats_edited_in_the_manifest(shards, tmp_path):
+    """The loader normalises by the manifest's stats, which no checksum covers: an edited mean was 'ok'.
+    verify recomputes them from the train shards, as the build does."""
+    copy = shutil.copytree(shards, tmp_path / "copy")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    right = manifest["stats"]["gray28"]["std"]
+    manifest["stats"]["gray28"]["std"] = [round(right[0] + 2e-6, 6)]  # beyond the rounding of the 6 places
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert run("shard", "verify", copy, "--quiet") == (
+        1, f"error: {copy / 'manifest.json'}: stats.gray28.std is {manifest['stats']['gray28']['std']}, "
+           f"the train split's is {right}")
+    manifest["stats"]["gray28"]["std"] = [round(right[0] + 1e-6, 6)]  # within it: as a build elsewhere may round
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert run("shard", "verify", copy, "--quiet")[0] == 0

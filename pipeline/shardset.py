@@ -170,8 +170,8 @@ class ShardSet:
 
     def _check_consistent(self):
         """ShardError unless manifest and index agree: each split's count is the sum of its shards'
-        counts, the index holds exactly `count` rows for each listed shard and none for another, and
-        its labels fit the manifest's classes (-1 for the unlabeled split). Vectorised: a few
+        counts, the index holds exactly `count` rows for each listed shard and none for another, in the
+        manifest's order (`_check_order`), and its labels fit the manifest's classes (-1 for the unlabeled split). Vectorised: a few
         milliseconds on the full 120,000-row index, so every open can afford it."""
         manifest, index = self.where_name(MANIFEST_FILE), self.where_name(INDEX_FILE)
         shards = self.manifest["shards"]
@@ -195,6 +195,7 @@ class ShardSet:
         unlisted = sorted(set(rows) - listed)
         if unlisted:
             raise ShardError(f"{index}: rows for {unlisted[0]}, which the manifest does not list")
+        self._check_order(index)
         n = len(self.classes)
         for r in self.index.group_by("split").aggregate([("label", "min"), ("label", "max")]).to_pylist():
             split, labels = r["split"], f"{r['split']} labels run {r['label_min']}..{r['label_max']}"
@@ -202,6 +203,26 @@ class ShardSet:
                 raise ShardError(f"{index}: {labels}, not -1")
             if split != "unlabeled" and (r["label_min"] < 0 or r["label_max"] >= n):
                 raise ShardError(f"{index}: {labels}, the manifest lists {n} classes" + (f" (0..{n - 1})" if n else ""))
+
+    def _check_order(self, index):
+        """ShardError unless each shard's index rows are together and, within each split, in the manifest's
+        order of its shards: the readers take a split's rows in that order (a manifest with two shards
+        swapped was 'ok' to verify, which reads rows by shard, and refused by the loader as 'the index
+        lists 25 samples, the manifest 25')."""
+        files = self.index["shard"]
+        if not len(files):
+            return
+        runs = [files[0].as_py(), *pc.filter(files[1:], pc.not_equal(files[1:], files[:-1])).to_pylist()]
+        split_of = {e["file"]: e["split"] for e in self.manifest["shards"]}
+        for split in dict.fromkeys(split_of.values()):
+            held = [f for f in runs if split_of[f] == split]
+            listed = [e["file"] for e in self.manifest["shards"] if e["split"] == split and e["count"]]
+            k = next((k for k, f in enumerate(held) if k >= len(listed) or f != listed[k]), None)
+            if k is not None and held[k] in held[:k]:
+                raise ShardError(f"{index}: the rows of {held[k]} are not together")
+            if k is not None:
+                raise ShardError(f"{index}: rows for {held[k]} come where the manifest lists {listed[k]} "
+                                 "(its shards are in another order)")
 
     # --- what the set holds ----------------------------------------------------------------------
     @property

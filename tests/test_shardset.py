@@ -179,6 +179,15 @@ def _open_error(folder):
     return str(e.value)
 
 
+def _edit_error(shards, tmp_path, edit=None, index=None):
+    """The open error of `_edited(shards, tmp_path, edit, index)`, its folder written SET (and removed)."""
+    folder = _edited(shards, tmp_path, edit, index)
+    try:
+        return _open_error(folder).replace(str(folder), "SET")
+    finally:
+        shutil.rmtree(folder)
+
+
 MALFORMED = [
     ([], "not an object"),
     (lambda m: m.pop("format_version"), "no format_version"),
@@ -210,12 +219,7 @@ def test_a_malformed_manifest_is_one_line(shards, tmp_path, edit, why):
 def test_manifest_and_index_must_agree(shards, tmp_path):
     """Edits a tester made by hand, each accepted by `shard verify` before (counts are what the loader
     sizes batches by; labels index the classes)."""
-    def error(edit=None, index=None):
-        folder = _edited(shards, tmp_path, edit, index)
-        try:
-            return _open_error(folder).replace(str(folder), "SET")
-        finally:
-            shutil.rmtree(folder)
+    error = functools.partial(_edit_error, shards, tmp_path)
 
     assert error(lambda m: m["counts"].update(train=5)) == "SET/manifest.json: counts says 5 train samples, its train shards hold 240"
     assert error(lambda m: m["shards"].pop(0)) == "SET/manifest.json: counts says 240 train samples, its train shards hold 176"
@@ -242,6 +246,21 @@ def test_manifest_and_index_must_agree(shards, tmp_path):
         return t.set_column(t.schema.get_field_index("label"), "label", labels)
     assert error(index=unlabeled_labelled) == "SET/index.parquet: unlabeled labels run 0..0, not -1"
     assert error(index=lambda t: t.drop_columns(["shard"])) == "SET/index.parquet: corrupt index (no column 'shard')"
+
+
+def test_the_index_must_hold_each_split_in_the_manifests_shard_order(shards, tmp_path):
+    """Two shards swapped in the manifest were 'ok' to verify (it reads rows by shard) and refused by
+    the loader as 'the index lists 64 samples, the manifest 64'."""
+    error = functools.partial(_edit_error, shards, tmp_path)
+
+    def swap(m):
+        m["shards"][0], m["shards"][1] = m["shards"][1], m["shards"][0]
+    assert error(swap) == ("SET/index.parquet: rows for train-000000.tar come where the manifest lists "
+                           "train-000001.tar (its shards are in another order)")
+    first_row_last = lambda t: pa.concat_tables([t.slice(1, 100), t.slice(0, 1), t.slice(101)])  # noqa: E731
+    assert error(index=first_row_last) == "SET/index.parquet: the rows of train-000000.tar are not together"
+    folder = _edited(shards, tmp_path, lambda m: m["shards"].insert(0, m["shards"].pop(-1)))
+    assert ShardSet(folder).entries("unlabeled")  # the splits' own order in the list does not matter
 
 
 def test_a_folder_that_does_not_exist(tmp_path):

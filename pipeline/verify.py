@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import webdataset as wds
+from webdataset import tariterators
 
 from .build import _stats, histograms
 from .errors import ShardError, TinyinError, UsageError
@@ -43,7 +44,7 @@ def verify_shards(shards, progress=True):
         expected = rows.get(entry["file"], [])
         n, images = 0, {RGB64: [], GRAY28: []}
         try:
-            for n, sample in enumerate(wds.WebDataset(str(path), shardshuffle=False).decode(), 1):
+            for n, sample in enumerate(_samples(path), 1):
                 i = expected[n - 1] if n <= len(expected) else None
                 if i is None or sample["__key__"] != index["key"][i] or int(sample[CLS]) != index["label"][i]:
                     raise ShardError(f"{path}: sample {n} ({sample['__key__']}) disagrees with the index")
@@ -82,6 +83,15 @@ def verify_shards(shards, progress=True):
                 raise ShardError(f"{shard_set.where_name(MANIFEST_FILE)}: stats.{name}.{key} is "
                                  f"{shard_set.stats(name)[key]}, the train split's is {computed[key]}")
     return {"shards": len(manifest["shards"]), "samples": total}
+
+
+def _samples(path):
+    """The decoded samples of local shard `path`, read from the open file by the stock webdataset reader.
+    Not `WebDataset(path)`: that takes a path for a URL pattern, so a folder named with braces or '::'
+    was read as other files and one with '?' or '#' cut short (a good set was 'unreadable')."""
+    with open(path, "rb") as stream:
+        yield from wds.DataPipeline(lambda: iter([{"url": str(path), "stream": stream}]),
+                                    tariterators.tar_file_expander, tariterators.group_by_keys, wds.decode())
 
 
 def inspect_shards(shards, png=None, max_classes=20, per_class=8):

@@ -208,3 +208,13 @@ def test_verify_catches_stats_edited_in_the_manifest(shards, tmp_path):
     manifest["stats"]["gray28"]["std"] = [round(right[0] + 1e-6, 6)]  # within it: as a build elsewhere may round
     (copy / "manifest.json").write_text(json.dumps(manifest))
     assert run("shard", "verify", copy, "--quiet")[0] == 0
+
+
+def test_verify_reads_a_set_whose_folder_name_has_url_pattern_characters(shards, tmp_path):
+    """webdataset took the shard's path for a URL pattern: braces and '::' expanded to other files,
+    '?' and '#' cut the name short, and a good set failed as 'unreadable'."""
+    manifest = read_manifest(shards)
+    ok = f"ok: {len(manifest['shards'])} shards, {sum(manifest['counts'].values()):,} samples verified"
+    for name in ("set {a,b}", "set a::b", "set ?x#y"):
+        copy = shutil.copytree(shards, tmp_path / name)
+        assert run("shard", "verify", copy, "--quiet") == (0, ok), name

@@ -605,11 +605,14 @@ def stream_from_urls(urls, sample_counts, **kw):
 
 def is_url_list(shards):
     """True when `shards` names shards one by one (a list, a brace pattern, a `pipe:` command or
-    a `.tar`), False when it names a whole shard set (a folder, a URL of one, a ShardSet)."""
+    a `.tar`), False when it names a whole shard set (a folder, a URL of one, a ShardSet). A local
+    folder is a set whatever its name (one named `run {1,2}` was taken for a brace pattern)."""
     if isinstance(shards, (list, tuple)):
         return True
     text = str(shards)
-    return not isinstance(shards, ShardSet) and (text.startswith("pipe:") or "{" in text or names_a_tar(text))
+    if isinstance(shards, ShardSet) or (not is_url(text) and os.path.isdir(text)):
+        return False
+    return text.startswith("pipe:") or "{" in text or names_a_tar(text)
 
 
 def stream_source(shards, split, sample_counts=None, **kw):

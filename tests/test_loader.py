@@ -159,6 +159,16 @@ def test_empty_split_and_missing_folder_are_clear(shards, tmp_path):
         make_loader(tmp_path, "train", path="fast")
 
 
+def test_a_folder_named_like_a_brace_pattern_is_a_shard_set(shards, tmp_path):
+    """A folder `run {1,2}` was taken for a brace pattern of shard URLs: path='auto' and 'stream' asked
+    for sample_counts, 'fast' and 'resident' failed as 'None: no such folder'."""
+    copy = shutil.copytree(shards, tmp_path / "run {1,2}")
+    want = read_index(shards, "val").to_pydict()["key"]
+    for path in ("auto", "fast", "resident", "stream"):
+        loader = make_loader(copy, "val", batch_size=8, shuffle=False, path=path, with_keys=True, raw=True)
+        assert [k for _, _, keys in loader for k in keys] == want, path
+
+
 def test_truncated_or_modified_shards_are_named(shards, tmp_path):
     copy = shutil.copytree(shards, tmp_path / "copy")
     bad = copy / "train-000002.tar"

@@ -206,6 +206,9 @@ def _refuse_stage_options(size, augment, mean, std, dtype, channels_last):
 def _refuse_unused(path, auto, local, workers, prefetch, sample_counts, checksum):
     """UsageError for an option the chosen path (or input) does not use: none is silently dropped."""
     chosen = f"the {path} path" + (" (chosen by path='auto')" if auto else "")
+    if not local and path != "stream":  # it had no set to map: 'None: no such folder'
+        raise UsageError(f"path={path!r}: a list of shard URLs is read by the stream path only; "
+                         "the fast and resident paths map a shard set's folder")
     if workers is not None and path != "stream":
         raise UsageError(f"workers={workers}: {chosen} reads in the calling process; only path='stream' uses workers")
     if prefetch is not None and path != "fast":

@@ -169,6 +169,15 @@ def test_a_folder_named_like_a_brace_pattern_is_a_shard_set(shards, tmp_path):
         assert [k for _, _, keys in loader for k in keys] == want, path
 
 
+def test_a_list_of_shard_urls_is_refused_by_the_local_paths(shards):
+    for path in ("fast", "resident"):
+        for urls in ([shards / "val-000000.tar"], f"{shards}/val-{{000000..000000}}.tar"):
+            with pytest.raises(UsageError) as e:
+                make_loader(urls, "val", path=path, sample_counts=[30])
+            assert str(e.value) == (f"path={path!r}: a list of shard URLs is read by the stream path only; "
+                                    "the fast and resident paths map a shard set's folder")
+
+
 def test_truncated_or_modified_shards_are_named(shards, tmp_path):
     copy = shutil.copytree(shards, tmp_path / "copy")
     bad = copy / "train-000002.tar"

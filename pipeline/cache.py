@@ -16,6 +16,8 @@ same proxies (`http_proxy`, `https_proxy`, `no_proxy`) used.
 Other URLs (`s3://`, `gs://`, ...) go through the set's fsspec filesystem in large blocks.
 """
 import concurrent.futures
+import contextlib
+import errno
 import hashlib
 import http.client
 import json
@@ -30,7 +32,7 @@ from pathlib import Path
 from .atomic import atomic_file, write_json
 from .errors import ShardError, hide_password
 from .locks import locked
-from .schema import CACHE_LOCK_FILE, INDEX_FILE, MANIFEST_FILE
+from .schema import CACHE_LOCK_FILE, CACHE_MARK_FILE, INDEX_FILE, MANIFEST_FILE
 from .shardset import ShardSet, http_open, is_url, missing_error, names_a_tar, open_shard_set
 
 BLOCK = 4 << 20  # bytes per read; large enough that receiving a block costs far more than a call
@@ -76,9 +78,24 @@ def cached_copy(shards, splits, cache_dir=None, workers=WORKERS, progress=None, 
     if progress is None:
         progress = sys.stderr.isatty() and os.environ.get("LOCAL_RANK", "0") == "0"
     with locked(folder / CACHE_LOCK_FILE):
+        _mark(folder, remote)
         _write_metadata(remote, folder)
         _Fetch(remote, folder, workers, progress).run(entries)
     return folder
+
+
+def _mark(folder, remote):
+    """Mark `folder` as the cache's copy of `remote` (`ShardSet.is_cached_copy`: a damaged shard there is
+    removed, to be fetched again), naming the folder itself, where it is."""
+    mark = {"folder": os.path.realpath(folder), "url": hide_password(remote.location)}
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        if json.loads((folder / CACHE_MARK_FILE).read_text()) == mark:
+            return
+    try:
+        write_json(folder / CACHE_MARK_FILE, mark)
+    except OSError as e:  # a copy made beforehand on a read-only mount, read as it is: nothing there is removed
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
 
 
 def _write_metadata(remote, folder):

@@ -30,5 +30,8 @@ SHARD_PATTERN = "{split}-{index:06d}.tar"
 
 INDEX_FILE = "index.parquet"
 MANIFEST_FILE = "manifest.json"
-#: The lock file of a cached copy of a remote set (`pipeline.cache`): it also marks such a folder.
+#: The lock file of a cached copy of a remote set (`pipeline.cache`).
 CACHE_LOCK_FILE = ".lock"
+#: What marks a folder as such a copy: JSON naming the folder itself, so that a copy of it made elsewhere
+#: (or a folder holding another tool's `.lock`) is the user's own set, none of whose files is ever removed.
+CACHE_MARK_FILE = ".tinyin-cache.json"

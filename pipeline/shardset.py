@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from .checksum import file_sum64, sum64
 from .errors import ShardError
 from .index import SCHEMA, file_sha256
-from .schema import CACHE_LOCK_FILE, FORMAT_VERSION, INDEX_FILE, MANIFEST_FILE, VARIANTS
+from .schema import CACHE_MARK_FILE, FORMAT_VERSION, INDEX_FILE, MANIFEST_FILE, VARIANTS
 
 #: The manifest's keys every reader relies on, and the type of each; and those of each shard entry.
 MANIFEST_KEYS = {"classes": list, "counts": dict, "stats": dict, "shards": list, "skipped": list}
@@ -95,7 +95,7 @@ class ShardSet:
         self.is_local = not is_url(location)
         # A cached copy (pipeline.cache) takes a shard of the right size for complete: a damaged one is removed
         # where a check finds it, or every later run would fail on it (see `_checksum_error`).
-        self.is_cached_copy = self.is_local and os.path.isfile(os.path.join(self.location, CACHE_LOCK_FILE))
+        self.is_cached_copy = self.is_local and _is_cached_copy(self.location)
         self._fs = None
         # Plain HTTP(S) reads its two small files with urllib, as the shards are read (cache, stream):
         # fsspec's aiohttp session, shared by every set in the process, hung now and then on loopback
@@ -321,6 +321,17 @@ class ShardSet:
             raise missing_error(path) from None
         except OSError as e:  # a symlink loop, a stale NFS handle, a failing disk: one line naming the shard
             raise ShardError(f"{path}: unreadable ({_named(e)})") from None
+
+
+def _is_cached_copy(folder):
+    """Whether `folder` is pipeline.cache's copy of a remote set, where the cache made it: its mark names this
+    very folder. (The cache's `.lock` marked it: a copy of the folder made elsewhere as one's own set, or a
+    folder holding another tool's `.lock`, had a damaged shard removed, said to be fetched again.)"""
+    try:
+        mark = json.loads(Path(folder, CACHE_MARK_FILE).read_text())
+        return os.path.realpath(mark["folder"]) == os.path.realpath(folder)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _check_keys(where, obj, keys, name=""):

@@ -19,6 +19,7 @@ from pipeline.cache import RETRIES, cache_folder, cached_copy
 from pipeline.cli import main
 from pipeline.errors import ShardError, hide_password
 from pipeline.loader import make_loader
+from pipeline.schema import CACHE_MARK_FILE
 from pipeline.shardset import ShardSet
 from tests.servers import FaultyHTTPServer, S3Server
 
@@ -68,7 +69,7 @@ def test_http_set_yields_the_local_batches_and_a_second_open_fetches_nothing(sha
     assert_same(batches(server.url, path), batches(shards, path))
     assert shard_gets(server) == {f"train-{i:06d}.tar": 1 for i in range(4)}  # the train split only, once each
     copy = cache_folder(server.url)
-    assert sorted(p.name for p in copy.iterdir()) == [".lock", "index.parquet", "manifest.json"] + \
+    assert sorted(p.name for p in copy.iterdir()) == [".lock", ".tinyin-cache.json", "index.parquet", "manifest.json"] + \
         [f"train-{i:06d}.tar" for i in range(4)]
     assert all((copy / f).read_bytes() == (shards / f).read_bytes() for f in ("train-000000.tar", "train-000003.tar"))
     assert ShardSet(copy).manifest == ShardSet(shards).manifest
@@ -96,6 +97,25 @@ def test_a_damaged_shard_in_the_cache_is_removed_and_fetched_again(shards, serve
     with pytest.raises(ShardError, match=r"checksum differs from the manifest \(corrupt or modified\)$"):
         ShardSet(shards).check_sha256(ShardSet(shards).entries("train")[1], "0" * 64)  # a set of one's own: kept
     assert (shards / SHARD).is_file()
+
+
+def test_a_copy_of_the_cache_made_elsewhere_is_ones_own_set_and_keeps_its_files(serve, cache, tmp_path):
+    """The cache's `.lock` marked a folder as its copy: a cache folder copied out as one's own set (or a
+    folder with another tool's `.lock`) had a damaged shard deleted, 'removed: the next run fetches it again',
+    which no run would. The mark now names the cache's folder itself."""
+    server = serve()
+    copy = cached_copy(server.url, "train")
+    mine = tmp_path / "mine"
+    shutil.copytree(copy, mine)
+    with open(mine / SHARD, "r+b") as f:  # one bit, the size kept
+        f.seek(5000)
+        byte = f.read(1)[0]
+        f.seek(5000)
+        f.write(bytes([byte ^ 1]))
+    with pytest.raises(ShardError) as error:
+        batches(mine, "fast")
+    assert str(error.value) == f"{mine / SHARD}: checksum differs from the manifest (corrupt or modified)"
+    assert (mine / SHARD).is_file() and ShardSet(copy).is_cached_copy and not ShardSet(mine).is_cached_copy
 
 
 def test_s3_set_yields_the_local_batches(shards, cache):
@@ -258,6 +278,10 @@ def test_a_complete_copy_in_a_folder_this_process_cannot_write_is_read(serve, ca
         return open(path, mode, *args, **kwargs)
     monkeypatch.setattr("pipeline.cache.open", read_only, raising=False)
     assert cached_copy(server.url, "train") == copy and shard_gets(server) == {}
+    (copy / CACHE_MARK_FILE).unlink()  # one filled by a tinyin before the mark, then mounted read-only
+    monkeypatch.setattr("pipeline.atomic.open", read_only, raising=False)
+    assert cached_copy(server.url, "train") == copy and shard_gets(server) == {}
+    assert not (copy / CACHE_MARK_FILE).exists()
 
 
 def test_shards_are_fetched_through_the_proxy_the_manifest_is_read_through(shards, serve, cache, monkeypatch):

@@ -77,16 +77,21 @@ def test_http_set_yields_the_local_batches_and_a_second_open_fetches_nothing(sha
     assert shard_gets(server) == {f"train-{i:06d}.tar": 1 for i in range(4)}
 
 
+def flip_a_bit(path, at=5000):
+    """Damage file `path` by one bit, its size kept (what the cache's size check cannot see)."""
+    with open(path, "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)[0]
+        f.seek(at)
+        f.write(bytes([byte ^ 1]))
+
+
 def test_a_damaged_shard_in_the_cache_is_removed_and_fetched_again(shards, serve, cache):
     """The cache takes a shard of the right size for complete, so a copy damaged on disk failed every
     run ('checksum differs') until deleted by hand. The check that finds it now removes it."""
     server = serve()
     copy = cached_copy(server.url, "train")
-    with open(copy / SHARD, "r+b") as f:  # one bit, the size kept
-        f.seek(5000)
-        byte = f.read(1)[0]
-        f.seek(5000)
-        f.write(bytes([byte ^ 1]))
+    flip_a_bit(copy / SHARD)
     with pytest.raises(ShardError) as error:
         batches(server.url, "fast")
     assert str(error.value) == (f"{copy / SHARD}: checksum differs from the manifest "
@@ -107,11 +112,7 @@ def test_a_copy_of_the_cache_made_elsewhere_is_ones_own_set_and_keeps_its_files(
     copy = cached_copy(server.url, "train")
     mine = tmp_path / "mine"
     shutil.copytree(copy, mine)
-    with open(mine / SHARD, "r+b") as f:  # one bit, the size kept
-        f.seek(5000)
-        byte = f.read(1)[0]
-        f.seek(5000)
-        f.write(bytes([byte ^ 1]))
+    flip_a_bit(mine / SHARD)
     with pytest.raises(ShardError) as error:
         batches(mine, "fast")
     assert str(error.value) == f"{mine / SHARD}: checksum differs from the manifest (corrupt or modified)"

@@ -58,7 +58,7 @@ from pipeline.errors import (CheckpointError, ShardError, TinyinError, UsageErro
 from pipeline.augment import AUGMENTS
 from pipeline.mixing import MODES as MIX_MODES, mix_batch, mix_generator
 from pipeline.order import step_seed
-from pipeline.shardset import ShardSet
+from pipeline.shardset import ShardSet, local_path
 from pipeline.stream_plan import DEAL, LANES
 
 NORMS = {"dataset": (None, None), "imagenet": (IMAGENET_MEAN, IMAGENET_STD), "half": ((0.5,) * 3, (0.5,) * 3)}
@@ -297,8 +297,9 @@ def open_shards(args):
         # arrived stay in the cache, and the next run goes on from them.
         with sigterm_interrupts(STOP_SIGNALS):
             return ShardSet(cached_copy(args.shards, ("train", "val", "test")))
-    if not Path(args.shards).is_dir():
-        what = "a file, not a shard folder" if Path(args.shards).exists() else "no such folder"
+    folder = Path(local_path(args.shards))  # a file:// URL's too
+    if not folder.is_dir():
+        what = "a file, not a shard folder" if folder.exists() else "no such folder"
         raise ShardError(f"--shards {args.shards}: {what}")
     return ShardSet(args.shards)
 

@@ -38,8 +38,20 @@ KINDS = {list: "a list", dict: "an object", str: "a string", int: "an integer"}
 
 
 def is_url(location):
-    """True for `scheme://...` locations (read through fsspec); False for local paths."""
+    """True for `scheme://...` locations (read through fsspec); False for local paths (`file://` too)."""
     return "://" in str(location) and not str(location).startswith("file://")
+
+
+def local_path(location):
+    """Local `location` as a path: a `file://` URL's (what fsspec, a browser or a config file may give;
+    it was read as a folder named `file:`, 'no such folder'), anything else as it is."""
+    text = str(location)
+    if not text.startswith("file://"):
+        return text
+    parts = urllib.parse.urlsplit(text)
+    if parts.netloc not in ("", "localhost"):
+        raise ShardError(f"{text}: a file:// URL of host {parts.netloc!r}; give a path on this machine")
+    return urllib.request.url2pathname(parts.path)
 
 
 def names_a_tar(location):
@@ -91,7 +103,7 @@ class ShardSet:
     def __init__(self, location, storage_options=None):
         if isinstance(location, ShardSet):
             raise TypeError("already a ShardSet: use it as it is")
-        self.location = str(location).rstrip("/") if is_url(location) else str(location)
+        self.location = str(location).rstrip("/") if is_url(location) else local_path(location)
         self.is_local = not is_url(location)
         # A cached copy (pipeline.cache) takes a shard of the right size for complete: a damaged one is removed
         # where a check finds it, or every later run would fail on it (see `_checksum_error`).

@@ -296,3 +296,16 @@ def test_read_manifest_words_a_non_object_manifest_as_shard_set_does(tmp_path):
     with pytest.raises(ShardError) as e:
         read_manifest(tmp_path)
     assert str(e.value) == f"{tmp_path / 'manifest.json'}: malformed (not an object)"
+
+
+def test_a_file_url_names_the_local_folder(shards, tmp_path):
+    """`file:///data/shards` (what fsspec, a browser or a config file gives) was read as a folder named
+    `file:`: 'no such folder', from the loader, `shard verify` and train.py alike."""
+    from pipeline.shardset import local_path
+
+    url = shards.resolve().as_uri()
+    assert ShardSet(url).location == str(shards.resolve()) and ShardSet(url).manifest == ShardSet(shards).manifest
+    assert local_path("file://localhost/data/a%20b") == "/data/a b" and local_path("rel/shards") == "rel/shards"
+    with pytest.raises(ShardError) as e:
+        ShardSet("file://nas/data/shards")
+    assert str(e.value) == "file://nas/data/shards: a file:// URL of host 'nas'; give a path on this machine"

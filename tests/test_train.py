@@ -806,3 +806,9 @@ def test_args_json_and_the_checkpoint_keep_no_password_or_token_of_a_shards_url(
     assert train.continue_command(args, 1) == (
         "python train.py --shards 'https://ann:***@host/tiny?sv=1&sig=***' --lr 0.1 --resume auto")
     assert args.shards == "https://ann:p%40ss@host/tiny?sv=1&sig=x"  # the run itself still logs in
+
+
+def test_shards_as_a_file_url_is_the_folder(train_shards):
+    """--shards file:///data/shards was 'error: --shards file:///...: no such folder'."""
+    shard_set = train.open_shards(train.parse_args(["--shards", Path(train_shards).resolve().as_uri(), "--arch", "lenet5"]))
+    assert shard_set.location == str(Path(train_shards).resolve()) and shard_set.counts["train"] == 1000

@@ -618,6 +618,10 @@ def restore(parts, args, ckpt_path):
         if args.time_budget and ckpt["args"].get("budget_epochs"):  # decided before the stop: keep it
             args.epochs = args.budget_epochs = ckpt["args"]["budget_epochs"]
         state = RunState.from_state_dict(ckpt["state"], parts.device, args.seed)
+        if args.time_budget and not args.budget_epochs and state.epoch >= BUDGET_AFTER_EPOCHS and not args.test_only:
+            # the choice comes at the end of epoch 2: it would never be made, the budget silently unused
+            raise UsageError(f"--time-budget: {ckpt_path} is at epoch {state.epoch}, past the choice of --epochs "
+                             f"(made after {BUDGET_AFTER_EPOCHS} epochs); resume it with --epochs N instead")
         check_epoch_order(ckpt, state, args, parts.world_size, ckpt_path)
         check_limit_batches(ckpt["args"].get("limit_batches"), args, ckpt_path)
         if not args.test_only and (state.epoch > args.epochs or (state.epoch == args.epochs and state.samples_done)):

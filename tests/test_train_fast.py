@@ -394,6 +394,18 @@ def test_time_budget_sets_epochs_after_two_and_a_resume_keeps_it(small_shards, t
     _same_run(straight, resumed)
 
 
+def test_a_time_budget_given_to_a_resume_past_its_choice_is_refused(small_shards, tmp_path, capsys):
+    """--time-budget chooses --epochs at the end of epoch 2: added to the resume of a run past it, the choice
+    was never made, and the run went on to its --epochs with the budget silently unused."""
+    flags = ["--arch", "lenet5", "-b", "16", "--limit-batches", "1"]
+    run(small_shards, tmp_path, *flags, "--epochs", "2")
+    assert cli("--shards", small_shards, "--device", "cpu", "--output-dir", tmp_path, *flags, "--epochs", "9",
+               "--time-budget", "10", "--resume", "auto") == 2
+    assert capsys.readouterr().err.endswith(
+        f"error: --time-budget: {tmp_path / 'checkpoint.pth'} is at epoch 2, past the choice of --epochs (made after "
+        "2 epochs); resume it with --epochs N instead\n")
+
+
 def test_a_spent_time_budget_stops_after_two_epochs(small_shards, tmp_path, capsys):
     # In pytest's process the budget (0.6 s) was spent long before: the two epochs done, then the test.
     final = run(small_shards, tmp_path, "--arch", "lenet5", "-b", "16", "--epochs", "5", "--limit-batches", "1",

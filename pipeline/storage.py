@@ -21,6 +21,7 @@ shard never trains silently to the end of an epoch: the loader raises the pass's
 it hands out an epoch's last batch. Some batches of a corrupt shard may be trained on before the
 error; none after it, and never a whole epoch.
 """
+import copy
 import inspect
 import threading
 import weakref
@@ -90,11 +91,25 @@ class DataPass:
 
     def check(self):
         if self.error is not None:
-            raise self.error
+            raise _fresh(self.error)
 
     def wait(self):
         self.finished.wait()
         self.check()
+
+
+def _fresh(error):
+    """A copy of `error` to raise in the consumer, with the pass's traceback. Raising the stored error itself
+    added the consumer's frames to its traceback, the loader's among them, which hold the storage and so this
+    pass, which holds the error: a loader whose pass had failed (a damaged shard) was freed, with its maps or
+    its resident copy of the split, only when the cyclic GC ran."""
+    try:
+        fresh = copy.copy(error)
+    except Exception:  # noqa: BLE001 - an exception type that cannot be rebuilt from its args: raised itself
+        return error
+    fresh.__cause__, fresh.__context__, fresh.__suppress_context__ = (
+        error.__cause__, error.__context__, error.__suppress_context__)
+    return fresh.with_traceback(error.__traceback__)
 
 
 def _stop_when_dropped(storage):

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def exit_mid_work(tmp_path, code):
     """Run `code`, which writes what its thread does to the file `LOG`, then "exit" and a one-line
@@ -115,3 +117,36 @@ def test_a_dropped_storage_frees_its_maps_without_the_cyclic_gc(shards):
         assert (data_pass(), maps()) == (None, None)
     finally:
         gc.enable()
+
+
+def test_a_loader_whose_data_pass_failed_is_freed_without_the_cyclic_gc(shards, tmp_path):
+    """The pass raised its stored error in the consumer, whose frames (the loader's) were then added to the
+    error's traceback: loader -> storage -> pass -> error -> loader, so a loader that had met a damaged shard
+    kept its maps (or its resident copy of the split) until the cyclic GC ran."""
+    import gc
+    import shutil
+    import weakref
+
+    from pipeline import make_loader
+    from pipeline.errors import ShardError
+
+    damaged = tmp_path / "shards"
+    shutil.copytree(shards, damaged)
+    shard = damaged / "train-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[3000] ^= 1  # a pixel byte, the size kept: only the pass's checksum finds it
+    shard.write_bytes(data)
+    for path in ("fast", "resident"):
+        gc.disable()
+        try:
+            loader = make_loader(damaged, "train", batch_size=16, path=path)
+            storage = weakref.ref(loader.source.storage)
+            with pytest.raises(ShardError, match="train-000001.tar: checksum differs from the manifest"):
+                for epoch in range(2):
+                    loader.set_epoch(epoch)
+                    for _ in loader:
+                        pass
+            del loader
+            assert storage() is None, path
+        finally:
+            gc.enable()

@@ -119,7 +119,8 @@ class ShardArrays:
         int(self.maps[s][::PAGE].sum())
 
     def gather(self, idx, out=None):
-        """Images at sorted global positions `idx` into `out` (or a new tensor): one copy per shard."""
+        """Images at sorted global positions `idx` (each in 0..len-1; IndexError otherwise) into `out`
+        (or a new tensor): one copy per shard."""
         idx = np.asarray(idx, np.int64)
         if out is None:
             out = torch.empty((len(idx), *self.shape), dtype=torch.uint8)
@@ -127,6 +128,11 @@ class ShardArrays:
             raise ValueError(f"out has shape {tuple(out.shape)}, need at least ({len(idx)}, {self.shape}), contiguous")
         if len(idx) > 1 and np.any(idx[1:] < idx[:-1]):
             raise ValueError("gather needs sorted positions")
+        # Sorted, so the ends bound them all: a position outside the split fell in no shard's
+        # range below and its row was left as `out` held it (uninitialised memory), silently.
+        if len(idx) and (idx[0] < 0 or idx[-1] >= len(self)):
+            raise IndexError(f"positions must be in 0..{len(self) - 1} (the split's samples), "
+                             f"got {idx[0] if idx[0] < 0 else idx[-1]}")
         out = out[: len(idx)]
         flat = out.view(len(idx), self.row_bytes)
         cuts = np.searchsorted(idx, self.starts).tolist()  # where each shard's rows begin in idx

@@ -245,6 +245,17 @@ def test_resident_serves_the_same_bytes_before_and_after_its_copy_is_complete(sh
     assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True)) and after[0].shape == (6, 28, 28)
 
 
+@pytest.mark.parametrize("idx, bad", [([0, 240], 240), ([-1, 5], -1), ([239, 10**6], 10**6)])
+def test_shard_arrays_refuses_a_position_outside_the_split(shards, idx, bad):
+    """A position past the split (or negative) fell in no shard's range: its row came back as whatever
+    the fresh buffer held, uninitialised memory, with no error."""
+    from pipeline.reader import ShardArrays
+
+    with pytest.raises(IndexError) as e:
+        ShardArrays(shards, "train", "gray28", checksum=False).gather(idx)
+    assert str(e.value) == f"positions must be in 0..239 (the split's samples), got {bad}"
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(workers=2), "workers=2: the resident path (chosen by path='auto') reads in the calling process; "
                       "only path='stream' uses workers"),

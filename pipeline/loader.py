@@ -29,7 +29,7 @@ import torch
 from .augment import RRC_SCALE, augment_mode
 from .device import DeviceStage, check_device
 from .errors import UsageError
-from .order import epoch_order, step_seed
+from .order import check_start, epoch_order, step_seed
 from .cache import cached_copy, is_set_url
 from .reader import ShardArrays
 from .ring import prefetch_ring
@@ -51,6 +51,7 @@ class _LocalSource:
         self.epoch, self.start, self.device = 0, 0, torch.device(device)
 
     def set_epoch(self, epoch, start=0):
+        check_start(len(self.storage), start)  # here, not at the next len() or iteration
         self.epoch, self.start = epoch, start
 
     @property
@@ -120,8 +121,10 @@ class Loader:
         """
         _check_integer("epoch", epoch, 0)
         _check_integer("start", start, 0)
-        self.epoch, self.start = epoch, start
+        # The source first: a start it refuses leaves the loader as it was (its epoch set before,
+        # the next epoch read the old order with the new epoch's augmentation draws).
         self.source.set_epoch(epoch, start)
+        self.epoch, self.start = epoch, start
 
     def __len__(self):
         return len(self.source)

@@ -20,14 +20,19 @@ def epoch_order(n, *, seed, epoch, rank=0, world_size=1, batch_size=1, shuffle=T
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    if not 0 <= start <= n:
-        raise ValueError(f"start must be between 0 and {n} (the split's size), not {start}")
+    check_start(n, start)
     order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n, dtype=np.int64)
     rest = order[start:]
     mine = rest[rank::world_size]
     if drop_last:
         mine = mine[: (len(rest) // world_size) // batch_size * batch_size]
     return mine
+
+
+def check_start(n, start):
+    """ValueError unless `start` (samples of the epoch already consumed) lies within an `n`-sample split."""
+    if not 0 <= start <= n:
+        raise ValueError(f"start must be between 0 and {n} (the split's size), not {start}")
 
 
 def step_seed(seed, epoch, rank, step):

@@ -464,11 +464,11 @@ class StreamSource:
         consumed over all ranks, a multiple of batch_size * world_size; the batches after it are
         exactly those an uninterrupted epoch yields from there (this run's world_size must be the
         one that consumed them)."""
-        self.epoch, self.start = epoch, start
         self.plan = plan_epoch([s.count for s in self.shards], seed=self.seed, epoch=epoch, rank=self.rank,
                                world_size=self.world_size, batch_size=self.batch_size, shuffle=self.shuffle,
                                drop_last=self.drop_last, start=start, lanes=max(self.lanes, self.workers),
                                mix=self.mix)
+        self.epoch, self.start = epoch, start  # after the plan: a refused start changes nothing
 
     def __len__(self):
         """Batches still to come this epoch (after `start`)."""

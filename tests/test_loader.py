@@ -339,6 +339,28 @@ def test_set_epoch_refuses_a_negative_epoch_or_start(shards, path):
         assert str(e.value) == message
 
 
+@pytest.mark.parametrize("path, start, message", [
+    ("fast", 241, "start must be between 0 and 240 (the split's size), not 241"),
+    ("stream", 10, "start=10 is not a multiple of batch_size * world_size = 64"),
+])
+def test_a_refused_set_epoch_leaves_the_loader_as_it_was(shards, path, start, message):
+    """The stream path's refusal came after the loader had taken the new epoch: the next epoch read
+    epoch 0's order with epoch 3's augmentation draws, and `loader.epoch` said 3. The local paths took
+    any start and refused it only at the next len() or iteration."""
+    def epoch(loader):
+        return [(keys, images.clone()) for images, _, keys in loader]
+
+    kwargs = dict(variant="gray28", batch_size=64, path=path, augment=True, with_keys=True,
+                  **({"workers": 0} if path == "stream" else {}))
+    loader = make_loader(shards, "train", **kwargs)
+    with pytest.raises(ValueError) as e:
+        loader.set_epoch(3, start=start)
+    assert str(e.value) == message and (loader.epoch, loader.start) == (0, 0)
+    got, want = epoch(loader), epoch(make_loader(shards, "train", **kwargs))
+    assert [k for k, _ in got] == [k for k, _ in want]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, want, strict=True))
+
+
 def test_checksum_off_is_refused_for_shard_urls(shards):
     with pytest.raises(UsageError) as e:
         make_loader([str(shards / "train-000000.tar")], "train", checksum=False)

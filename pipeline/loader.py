@@ -21,6 +21,7 @@ An option the chosen path does not use is refused (UsageError), never silently d
 Every path ends in the same `DeviceStage` (normalise, augment, resize on the device).
 """
 
+import math
 import numbers
 
 import numpy as np
@@ -184,17 +185,33 @@ def _check_args(batch_size, seed, epoch, rank, world_size, size, prefetch, mean,
         _check_integer("size", size, 1)
     if prefetch is not None:
         _check_integer("prefetch", prefetch, 0)
+    _check_stats(mean, std, variant)
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point dtype (images are normalised), not {dtype}")
+
+
+def _check_stats(mean, std, variant):
+    """ValueError unless mean and std are given together, as finite numbers (std positive), one per channel."""
     if (mean is None) != (std is None):  # one alone was silently replaced by the manifest's pair
         given, missing = ("mean", "std") if std is None else ("std", "mean")
         raise ValueError(f"{given} without {missing}: pass both, or neither for the train split's statistics")
-    if std is not None and not all(float(v) > 0 for v in std):
+    if mean is None:
+        return
+    for name, values in (("mean", mean), ("std", std)):
+        try:
+            if isinstance(values, (str, bytes)):  # iterable, but its characters are no statistics
+                raise TypeError
+            finite = all(math.isfinite(float(v)) for v in values)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a sequence of numbers, one per channel, not {values!r}") from None
+        if not finite:  # a NaN mean made every image NaN, an infinite std every image 0: no error anywhere
+            raise ValueError(f"{name} must be finite, not {list(values)}")
+    if not all(float(v) > 0 for v in std):
         raise ValueError(f"std must be positive (it divides), not {list(std)}")
     channels = _channels(variant)
-    if mean is not None and not len(mean) == len(std) == channels:
+    if not len(mean) == len(std) == channels:
         raise ValueError(f"mean and std need one value per channel of {variant} ({channels}), "
                          f"not {len(mean)} and {len(std)}")
-    if not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating-point dtype (images are normalised), not {dtype}")
 
 
 def _refuse_stage_options(size, augment, mean, std, dtype, channels_last):

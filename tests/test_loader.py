@@ -301,6 +301,13 @@ def test_an_option_of_the_device_stage_is_refused_with_raw(shards, kwargs, messa
     (dict(mean=(0.485, 0.456, 0.406)), "mean without std: pass both, or neither for the train split's statistics"),
     (dict(std=(0.229, 0.224, 0.225)), "std without mean: pass both, or neither for the train split's statistics"),
     (dict(mean=(0.5,), std=(0.5,)), "mean and std need one value per channel of rgb64 (3), not 1 and 1"),
+    # a NaN mean gave NaN images and an infinite std images of 0, without a word; a scalar or a string
+    # failed with numpy's or torch's own words, the latter at the first batch
+    (dict(mean=[float("nan")] * 3, std=[0.5] * 3), "mean must be finite, not [nan, nan, nan]"),
+    (dict(mean=[0.5] * 3, std=[0.5, float("inf"), 0.5]), "std must be finite, not [0.5, inf, 0.5]"),
+    (dict(mean=0.5, std=0.5), "mean must be a sequence of numbers, one per channel, not 0.5"),
+    (dict(mean=[0.5] * 3, std="0.2"), "std must be a sequence of numbers, one per channel, not '0.2'"),
+    (dict(mean=[0.5, 0.5, "x"], std=[0.5] * 3), "mean must be a sequence of numbers, one per channel, not [0.5, 0.5, 'x']"),
     (dict(variant="gray28", mean=(0.5,) * 3, std=(0.5,) * 3),
      "mean and std need one value per channel of gray28 (1), not 3 and 3"),
     (dict(dtype=torch.int64), "dtype must be a floating-point dtype (images are normalised), not torch.int64"),

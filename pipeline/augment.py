@@ -28,6 +28,17 @@ def augment_mode(augment):
     raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}; got {augment!r}")
 
 
+def check_rrc_scale(scale):
+    """`scale` as a tuple (low, high); ValueError unless it is two numbers with 0 < low <= high <= 1."""
+    try:
+        low, high = (float(v) for v in scale)
+    except (TypeError, ValueError):  # None, one number, three: Python's unpacking error said nothing of rrc_scale
+        low = high = math.nan
+    if not 0 < low <= high <= 1:
+        raise ValueError(f"rrc_scale must be (low, high) with 0 < low <= high <= 1; got {scale!r}")
+    return tuple(scale)
+
+
 def pad_crop_flip(x, pad, generator=None):
     """Per-sample random crop from the zero-padded image, and random horizontal flip (uint8 NHWC)."""
     n, h, w, _ = x.shape

@@ -12,7 +12,7 @@ there is no GPU):
 import torch
 import torch.nn.functional as F
 
-from .augment import RRC_SCALE, augment_mode, pad_crop_flip, resized_crop, rrc_boxes, rrc_theta
+from .augment import RRC_SCALE, augment_mode, check_rrc_scale, pad_crop_flip, resized_crop, rrc_boxes, rrc_theta
 from .errors import UsageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -47,10 +47,8 @@ class DeviceStage:
 
     def __init__(self, mean, std, size=None, augment=False, pad=4, rrc_scale=RRC_SCALE, dtype=torch.float32,
                  channels_last=False):
-        if not 0 < rrc_scale[0] <= rrc_scale[1] <= 1:
-            raise ValueError(f"rrc_scale must be (low, high) with 0 < low <= high <= 1; got {rrc_scale!r}")
         self.mean, self.std = tuple(mean), tuple(std)
-        self.size, self.augment, self.pad, self.rrc_scale = size, augment_mode(augment), pad, tuple(rrc_scale)
+        self.size, self.augment, self.pad, self.rrc_scale = size, augment_mode(augment), pad, check_rrc_scale(rrc_scale)
         self.dtype, self.channels_last = dtype, channels_last
         self._affine = {}  # device -> (scale, shift) tensors, built once
 

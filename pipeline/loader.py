@@ -27,7 +27,7 @@ import numbers
 import numpy as np
 import torch
 
-from .augment import RRC_SCALE, augment_mode
+from .augment import RRC_SCALE, augment_mode, check_rrc_scale
 from .device import DeviceStage, check_device
 from .errors import UsageError
 from .order import check_start, epoch_order, step_seed
@@ -174,7 +174,8 @@ def _channels(variant):
     return 3 if len(VARIANTS[variant][1]) == 3 else 1
 
 
-def _check_args(batch_size, seed, epoch, rank, world_size, size, prefetch, mean, std, dtype, variant):
+def _check_args(batch_size, seed, epoch, rank, world_size, size, prefetch, workers, mean, std, dtype, variant,
+                rrc_scale):
     """The arguments every path uses, checked before any shard is opened."""
     for name, value, low in (("batch_size", batch_size, 1), ("seed", seed, 0), ("epoch", epoch, 0),
                              ("world_size", world_size, 1), ("rank", rank, 0)):
@@ -185,7 +186,12 @@ def _check_args(batch_size, seed, epoch, rank, world_size, size, prefetch, mean,
         _check_integer("size", size, 1)
     if prefetch is not None:
         _check_integer("prefetch", prefetch, 0)
+    if workers is not None:  # 1.5 failed inside torch's DataLoader, -1 named every argument of the stream source
+        _check_integer("workers", workers, 0)
     _check_stats(mean, std, variant)
+    check_rrc_scale(rrc_scale)  # the device stage checks it too, but only once the shards are open
+    if not isinstance(dtype, torch.dtype):  # "float16" or np.float16: AttributeError 'is_floating_point'
+        raise ValueError(f"dtype must be a torch dtype such as torch.float32 or torch.bfloat16, not {dtype!r}")
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point dtype (images are normalised), not {dtype}")
 
@@ -266,7 +272,8 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
         raise ValueError(f"path must be one of {PATHS}, not {path!r}")
     augment_mode(augment)  # a bad value is refused before any shard is opened
     check_device(device, what="device")  # "cuda" without a GPU: torch's traceback at the first batch
-    _check_args(batch_size, seed, epoch, rank, world_size, size, prefetch, mean, std, dtype, variant)
+    _check_args(batch_size, seed, epoch, rank, world_size, size, prefetch, workers, mean, std, dtype, variant,
+                rrc_scale)
     if raw:  # raw batches skip the device stage: its options would be dropped silently
         _refuse_stage_options(size=size, augment=augment, mean=mean, std=std, dtype=dtype, channels_last=channels_last)
     if is_set_url(shards) and path != "stream":  # a URL reads like a folder: its split fetched once per node

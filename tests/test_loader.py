@@ -311,6 +311,15 @@ def test_an_option_of_the_device_stage_is_refused_with_raw(shards, kwargs, messa
     (dict(variant="gray28", mean=(0.5,) * 3, std=(0.5,) * 3),
      "mean and std need one value per channel of gray28 (1), not 3 and 3"),
     (dict(dtype=torch.int64), "dtype must be a floating-point dtype (images are normalised), not torch.int64"),
+    # each of these failed deep inside with Python's, numpy's or torch's own words (the rrc_scale ones only
+    # once the shards were open)
+    (dict(dtype="float16"), "dtype must be a torch dtype such as torch.float32 or torch.bfloat16, not 'float16'"),
+    (dict(dtype=np.float32), "dtype must be a torch dtype such as torch.float32 or torch.bfloat16, not <class 'numpy.float32'>"),
+    (dict(path="stream", workers=1.5), "workers must be an integer of at least 0, not 1.5"),
+    (dict(path="stream", workers=-1), "workers must be an integer of at least 0, not -1"),
+    (dict(augment="rrc", rrc_scale=(0.5,)), "rrc_scale must be (low, high) with 0 < low <= high <= 1; got (0.5,)"),
+    (dict(augment="rrc", rrc_scale=None), "rrc_scale must be (low, high) with 0 < low <= high <= 1; got None"),
+    (dict(augment="rrc", rrc_scale=(0, 1)), "rrc_scale must be (low, high) with 0 < low <= high <= 1; got (0, 1)"),
 ])
 def test_bad_arguments_are_refused_before_any_shard_is_opened(shards, kwargs, message, monkeypatch):
     """Each used to be accepted, then fail at the first batch deep in numpy or torch (or hang), with

@@ -30,6 +30,7 @@ import contextlib
 import http.client
 import mmap
 import multiprocessing
+import numbers
 import os
 import signal
 import tarfile
@@ -600,6 +601,10 @@ def stream_from_urls(urls, sample_counts, **kw):
                          "or pass the shard set's location (the folder or URL holding manifest.json)")
     if len(sample_counts) != len(urls):
         raise ValueError(f"sample_counts has {len(sample_counts)} entries for {len(urls)} urls")
+    for count in sample_counts:  # -1 was refused as 'ranks hold [-4] samples', a dict by int() of its keys
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
+            raise ValueError(f"sample_counts must hold each shard's number of samples, an integer of at least 0, "
+                             f"not {count!r}")
     return StreamSource([Shard(u, int(c)) for u, c in zip(urls, sample_counts) if int(c)], **kw)
 
 

@@ -414,6 +414,16 @@ def test_pipe_urls_read_their_own_layout(shards):
         stream_from_urls(pattern, None)
 
 
+@pytest.mark.parametrize("counts, bad", [([50, 50, -1, 50, 40], "-1"), ([50, 50, 50.5, 50, 40], "50.5"),
+                                         ({"a": 1, "b": 2, "c": 3, "d": 4, "e": 5}, "'a'")])
+def test_sample_counts_that_are_not_counts_are_named(shards, counts, bad):
+    """-1 was refused as 'ranks hold [...] samples: not all can fill 0 batches', 50.5 taken as 50 and a
+    dict (URL -> count) failed in int() of its first key."""
+    with pytest.raises(ValueError) as e:
+        make_loader(_urls(shards), "train", path="stream", sample_counts=counts)
+    assert str(e.value) == f"sample_counts must hold each shard's number of samples, an integer of at least 0, not {bad}"
+
+
 def _damaged(shards, tmp_path, how):
     urls = _urls(shards)
     bad = tmp_path / "train-000002.tar"

@@ -80,12 +80,14 @@ class _LocalSource:
 
     def _raw(self):
         storage = self.storage
+        # No batch holds more than the split: batch_size=10**8 ("all in one batch") made a 1.2 TB buffer.
+        rows = min(self.batch_size, len(storage))
         if self.prefetch:
-            for images, idx in prefetch_ring(self._batches(), storage.gather, storage.shape, self.batch_size,
+            for images, idx in prefetch_ring(self._batches(), storage.gather, storage.shape, rows,
                                              self.prefetch, self.device):
                 yield images, storage.labels[torch.from_numpy(idx)], idx
         elif isinstance(storage, MappedStorage):
-            buffer = torch.empty((self.batch_size, *storage.shape), dtype=torch.uint8)  # valid until the next batch
+            buffer = torch.empty((rows, *storage.shape), dtype=torch.uint8)  # valid until the next batch
             for idx in self._batches():
                 yield (*storage.batch(idx, out=buffer), idx)
         else:

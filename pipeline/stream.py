@@ -498,7 +498,8 @@ class StreamSource:
                 pool, rings = self._pool, self._rings
                 if self.workers and (beside or pool is None):
                     pool = _pool(self.shards, self.workers, max(self.lanes, self.workers), self.mix) or []
-                    rings = _ring_buffers(self.workers, self.batch_size, int(np.prod(VARIANTS[self.variant][1])))
+                    rows = min(self.batch_size, sum(s.count for s in self.shards))  # no batch holds more
+                    rings = _ring_buffers(self.workers, rows, int(np.prod(VARIANTS[self.variant][1])))
                     if not beside:
                         self._pool, self._rings = pool, rings
             dataset = _Lanes(self.plan, self.shards, self.variant, self.shard_set, self.storage_options,

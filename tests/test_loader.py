@@ -377,6 +377,16 @@ def test_a_refused_set_epoch_leaves_the_loader_as_it_was(shards, path, start, me
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, want, strict=True))
 
 
+@pytest.mark.parametrize("path, kwargs", [("fast", {}), ("fast", {"prefetch": 1}), ("stream", {"workers": 1})])
+def test_a_batch_size_beyond_the_split_gives_one_batch_of_it(shards, path, kwargs):
+    """'Everything in one batch': the fast path's buffers and the stream workers' batch buffers were
+    made for batch_size rows, whatever the split held: 10**8 asked for 1.2 TB and failed in torch's
+    allocator (10**5 on a 30-sample split: 1.2 GB a buffer, 8 of them in shared memory for 2 stream workers)."""
+    loader = make_loader(shards, "val", batch_size=10**8, path=path, raw=True, with_keys=True, **kwargs)
+    batches = [(images.shape, sorted(keys)) for images, _, keys in loader]
+    assert batches == [((30, 64, 64, 3), sorted(read_index(shards, "val")["key"].to_pylist()))]
+
+
 def test_checksum_off_is_refused_for_shard_urls(shards):
     with pytest.raises(UsageError) as e:
         make_loader([str(shards / "train-000000.tar")], "train", checksum=False)

@@ -124,6 +124,7 @@ class Loader:
         """
         _check_integer("epoch", epoch, 0)
         _check_integer("start", start, 0)
+        epoch, start = int(epoch), int(start)  # numpy integers too (see make_loader)
         # The source first: a start it refuses leaves the loader as it was (its epoch set before,
         # the next epoch read the old order with the new epoch's augmentation draws).
         self.source.set_epoch(epoch, start)
@@ -276,6 +277,10 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
     check_device(device, what="device")  # "cuda" without a GPU: torch's traceback at the first batch
     _check_args(batch_size, seed, epoch, rank, world_size, size, prefetch, workers, mean, std, dtype, variant,
                 rrc_scale)
+    # numpy integers pass the checks; Python ints from here on (the stream plan multiplied a list by a
+    # numpy bool made of batch_size=np.int64(32): TypeError deep inside).
+    batch_size, seed, epoch, rank, world_size = (int(v) for v in (batch_size, seed, epoch, rank, world_size))
+    size, prefetch, workers = (None if v is None else int(v) for v in (size, prefetch, workers))
     if raw:  # raw batches skip the device stage: its options would be dropped silently
         _refuse_stage_options(size=size, augment=augment, mean=mean, std=std, dtype=dtype, channels_last=channels_last)
     if is_set_url(shards) and path != "stream":  # a URL reads like a folder: its split fetched once per node

@@ -387,6 +387,20 @@ def test_a_batch_size_beyond_the_split_gives_one_batch_of_it(shards, path, kwarg
     assert batches == [((30, 64, 64, 3), sorted(read_index(shards, "val")["key"].to_pylist()))]
 
 
+@pytest.mark.parametrize("path", ["fast", "resident", "stream"])
+def test_numpy_integers_give_what_python_ints_give(shards, path):
+    """np.int64 arguments (a sweep's np.arange, a config read by numpy) passed the checks, then the stream
+    path failed inside its plan: 'can't multiply sequence by non-int of type numpy.bool'."""
+    def epoch(np_int, start):
+        kwargs = dict(batch_size=np_int(40), seed=np_int(7), epoch=np_int(1), rank=np_int(1), world_size=np_int(2),
+                      path=path, raw=True, with_keys=True, **({"workers": np_int(0)} if path == "stream" else {}))
+        loader = make_loader(shards, "train", "gray28", **kwargs)
+        loader.set_epoch(np_int(2), start=np_int(start))
+        return len(loader), [(keys, labels.tolist()) for _, labels, keys in loader]
+
+    assert epoch(np.int64, 80) == epoch(int, 80)
+
+
 def test_checksum_off_is_refused_for_shard_urls(shards):
     with pytest.raises(UsageError) as e:
         make_loader([str(shards / "train-000000.tar")], "train", checksum=False)

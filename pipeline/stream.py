@@ -592,10 +592,10 @@ def stream_from_set(shards, split, variant="rgb64", storage_options=None, **kw):
 def stream_from_urls(urls, sample_counts, **kw):
     """A `StreamSource` over shard URLs (paths, fsspec URLs or `pipe:` commands, or a brace pattern)
     with their sample counts (from the set's manifest): each shard's layout is read from itself."""
-    if isinstance(urls, str):
+    if isinstance(urls, (str, os.PathLike)):  # a Path to one .tar too: it was iterated ('not iterable')
         import webdataset as wds  # see read_whole
 
-        urls = wds.shardlists.expand_urls(urls)
+        urls = wds.shardlists.expand_urls(str(urls))
     urls = [str(u) for u in urls]
     if sample_counts is None:
         raise ValueError("a list of shard URLs needs sample_counts (from the set's manifest) to plan an epoch; "

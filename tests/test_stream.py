@@ -414,6 +414,16 @@ def test_pipe_urls_read_their_own_layout(shards):
         stream_from_urls(pattern, None)
 
 
+def test_a_path_to_one_shard_streams_it_as_its_name_does(shards):
+    """make_loader(Path('.../train-000001.tar')) was taken for a list of URLs, as its str is, then
+    iterated as one: TypeError 'PosixPath' object is not iterable."""
+    def keys(one):
+        return [k for _, _, batch in make_loader(one, "train", sample_counts=[COUNTS[1]], batch_size=64, workers=0,
+                                                 raw=True, with_keys=True) for k in batch]
+    url = _urls(shards)[1]
+    assert keys(Path(url)) == keys(url) and len(keys(url)) == COUNTS[1]
+
+
 @pytest.mark.parametrize("counts, bad", [([50, 50, -1, 50, 40], "-1"), ([50, 50, 50.5, 50, 40], "50.5"),
                                          ({"a": 1, "b": 2, "c": 3, "d": 4, "e": 5}, "'a'")])
 def test_sample_counts_that_are_not_counts_are_named(shards, counts, bad):

@@ -247,6 +247,9 @@ def _refuse_unused(path, auto, local, workers, prefetch, sample_counts, checksum
                          "sample_counts is for a list of shard URLs")
     if not checksum and not local:
         raise UsageError("checksum=False: a list of shard URLs has no manifest to check against")
+    if not checksum and path == "stream":  # it was dropped: every shard still checked
+        raise UsageError(f"checksum=False: {chosen} checks each shard as it reads it, every epoch; "
+                         "only the fast and resident paths skip their checksum pass")
 
 
 def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, seed=0, epoch=0, drop_last=False,

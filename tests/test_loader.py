@@ -262,6 +262,9 @@ def test_shard_arrays_refuses_a_position_outside_the_split(shards, idx, bad):
     (dict(path="fast", workers=0), "workers=0: the fast path reads in the calling process; only path='stream' uses workers"),
     (dict(path="resident", prefetch=2), "prefetch=2: the resident path does not prefetch; only path='fast' does"),
     (dict(path="stream", prefetch=2), "prefetch=2: the stream path does not prefetch; only path='fast' does"),
+    (dict(path="stream", checksum=False),  # dropped: the shards were checked all the same
+     "checksum=False: the stream path checks each shard as it reads it, every epoch; "
+     "only the fast and resident paths skip their checksum pass"),
     (dict(sample_counts=[64, 64, 64, 48]),
      "sample_counts: a shard set's counts come from its manifest; sample_counts is for a list of shard URLs"),
 ])

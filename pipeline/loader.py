@@ -272,6 +272,8 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
     Same (seed, epoch): same order; `set_epoch` reshuffles. With `world_size > 1` ranks get
     disjoint samples and, with `drop_last=True`, the same number of batches.
     """
+    if not isinstance(split, str):  # a list of splits failed as "unhashable type: 'list'"
+        raise ValueError(f"split must be one split's name, such as 'train', not {split!r}")
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {sorted(VARIANTS)}, not {variant!r}")
     if path not in PATHS:

@@ -333,6 +333,14 @@ def test_bad_arguments_are_refused_before_any_shard_is_opened(shards, kwargs, me
     assert str(e.value) == message
 
 
+@pytest.mark.parametrize("split", [["train", "val"], None])
+def test_a_split_that_is_not_a_name_is_refused(shards, split):
+    """A list of splits failed as "TypeError: unhashable type: 'list'"."""
+    with pytest.raises(ValueError) as e:
+        make_loader(shards, split)
+    assert str(e.value) == f"split must be one split's name, such as 'train', not {split!r}"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
 @pytest.mark.parametrize("device, message", [
     ("cuda", f"device: cuda, but torch {torch.__version__} sees no CUDA device here"),

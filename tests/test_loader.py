@@ -451,3 +451,15 @@ def test_shards_over_http_stream_with_default_stats(shards):
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+def test_the_package_exports_what_its_docstring_names():
+    """make_loader's docstring tells users to pass a ShardSet, which `pipeline` did not export; and the
+    lazy names were missing from dir(pipeline) (a notebook's tab completion)."""
+    import re
+
+    import pipeline
+
+    named = set(re.findall(r"`(\w+)`", pipeline.__doc__))
+    assert {"ShardSet", "open_shard_set", "make_loader"} <= named <= set(dir(pipeline))
+    assert all(getattr(pipeline, name) is not None for name in named)

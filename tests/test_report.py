@@ -152,9 +152,9 @@ def test_render_study_beside_the_study(tmp_path):
         "|---|---|---|---|---|---|---|---|\n"
         "| lenet5-28 | 31 of 40 | 32 | 0.400 / 0.125 / 0.125 | 0.218 / 0.220 (Table 2) | "
         "0.139: val after epoch 30 (lenet.ipynb; it ran 30 epochs) | val 0.122 after epoch 30 | 10.0 |\n"
-        "| resnet18-224 | 1 of 10 | 100 | 0.500 / 0.600 / 0.590 | 0.628 / 0.625 (Table 3) | "
+        "| resnet18-224 | 1 of 10 | 100 | 0.500 / 0.600 / 0.590 | 0.628 / 0.625 (Table 3, 10 epochs) | "
         "0.667 / 0.658: saved model, val / test (epochs not recorded) | val / test 0.600 / 0.590 | 1.5 |\n"
-        "| alexnet-224-50 | 1 of 50 | 100 | 0.500 / 0.600 / - | 0.590 / 0.587 (Table 3) | "
+        "| alexnet-224-50 | 1 of 50 | 100 | 0.500 / 0.600 / - | 0.590 / 0.587 (Table 3, 50 epochs) | "
         "0.570 / 0.562: saved model, val / test (epochs not recorded) | val / test 0.600 / - | 1.0 |\n"
         "| resnet18-224-scratch | 1 of 2 | 100 | 0.010 / 0.020 / - | no such row in the study | - | - | 0.5 |\n"
         "| squeezenet1_1-224 | - | - | not run: no ImageNet weights here | - | - | - | - |\n"
@@ -373,3 +373,15 @@ def test_reproduce_unknown_row(tmp_path):
     result = reproduce("--rows", "vgg16-64", "--out", str(tmp_path))
     assert result.returncode == 1
     assert result.stderr.startswith("error: unknown row(s) vgg16-64; choose from: lenet5-28, alexnet-64,")
+
+
+def test_a_table3_row_is_the_recipes_and_says_its_epochs(tmp_path):
+    """`reproduce.py --rows resnet18-224-50 --epochs 1` (a quick look at the 50-epoch row) set its
+    run beside Table 3's 10-epoch figures, labelled only "(Table 3)"."""
+    args = dict(arch="resnet18", size=224, epochs=1, batch_size=100, recipe="paper-50", weights="/w/resnet18-f37072fd.pth")
+    assert study_row(args) is STUDY[("resnet18", 224, True, 50)]
+    assert study_row(dict(args, recipe="paper")) is STUDY[("resnet18", 224, True, 10)]
+    assert study_row(dict(args, recipe=None, epochs=50)) is STUDY[("resnet18", 224, True, 50)]
+    run = make_run(tmp_path, "resnet18-224-50", args, [row(0, 50.0, 60.0)])
+    assert render_study([run]).splitlines()[2].startswith(
+        "| resnet18-224-50 | 1 | 100 | 0.500 / 0.600 / - | 0.660 / 0.665 (Table 3, 50 epochs) |")

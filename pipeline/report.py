@@ -171,8 +171,9 @@ def _study_cells(run: dict) -> list[str]:
         study, why = None, f"not comparable: trained on {dataset}, the study on the full release"
     else:
         why = "no such row in the study"
+    epochs, batch = _row(run)[2:4]  # as the run table says them: "12 of 40", "16 x 2 processes"
     if study is None:
-        return [name, _row(run)[2], str(args.get("batch_size", "?")), ours, why, "-", "-", _minutes(wall)]
+        return [name, epochs, batch, ours, why, "-", "-", _minutes(wall)]
     reported = f"{study['train']:.3f} / {study['val']:.3f} ({study['table']})"
     recorded, at_epoch = "-", "-"
     if "recorded" in study:
@@ -183,7 +184,7 @@ def _study_cells(run: dict) -> list[str]:
             at_epoch = f"val {_fraction(match['val_top1'])} after epoch {epoch}" if match else f"(not at epoch {epoch})"
         else:
             at_epoch = f"val / test {_fraction(last.get('val_top1'))} / {_fraction(final.get('test_top1'))}"
-    return [name, _row(run)[2], str(args.get("batch_size", "?")), ours, reported, recorded, at_epoch, _minutes(wall)]
+    return [name, epochs, batch, ours, reported, recorded, at_epoch, _minutes(wall)]
 
 
 STUDY_COLUMNS = ["Row", "Epochs", "Batch", "Ours: train / val / test", "Study reported: train / val",

@@ -385,3 +385,11 @@ def test_a_table3_row_is_the_recipes_and_says_its_epochs(tmp_path):
     run = make_run(tmp_path, "resnet18-224-50", args, [row(0, 50.0, 60.0)])
     assert render_study([run]).splitlines()[2].startswith(
         "| resnet18-224-50 | 1 | 100 | 0.500 / 0.600 / - | 0.660 / 0.665 (Table 3, 50 epochs) |")
+
+
+def test_the_study_table_gives_a_ddp_runs_batch_per_process(tmp_path):
+    """A 2-process run of batch 16 each (the study's 32 in all) read "16" in the study table's
+    Batch column, where the run table says "16 x 2 processes"."""
+    run = make_run(tmp_path, "lenet5-28", dict(arch="lenet5", size=28, epochs=1, batch_size=16), [row(0, 5.0, 4.5)],
+                   env=dict(world_size=2))
+    assert render_study([run]).splitlines()[2].startswith("| lenet5-28 | 1 | 16 x 2 processes | 0.050 / 0.045 / - |")

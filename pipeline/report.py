@@ -11,6 +11,8 @@ from pathlib import Path
 from matplotlib.figure import Figure  # the object API: no pyplot, no global backend switch
 from matplotlib.ticker import MaxNLocator
 
+from models.recipes import RECIPES  # plain dicts: no torch
+
 __all__ = ["read_run", "render_table", "render_study", "study_row", "plot_curves", "write_report"]
 
 NAMES = {"lenet5": "LeNet-5", "alexnet": "AlexNet", "squeezenet1_1": "SqueezeNet 1.1", "resnet18": "ResNet-18"}
@@ -44,6 +46,11 @@ for (_arch, _size, _pre, _epochs), _entry in STUDY.items():
 #: LeNet-5's recorded val curve (lenet.ipynb): epoch -> val accuracy.
 LENET_RECORDED = {1: 0.007, 2: 0.007, 3: 0.008, 4: 0.015, 5: 0.020, 10: 0.061, 15: 0.098, 20: 0.115, 25: 0.130,
                   29: 0.141, 30: 0.139}
+#: What the study's recipe is beyond `--recipe paper`'s flags (which leave these at train.py's
+#: defaults): no Nesterov, warm-up, augmentation, mixing, EMA or TTA.
+STUDY_PLAIN = dict(nesterov=False, warmup_epochs=0.0, augment="none", mix="none", ema=0.0, tta=False)
+#: The flags that change a run's figures, compared with the study's recipe, in the order they are named.
+RECIPE_FLAGS = ("batch_size", "lr", "momentum", "wd", "lr_scheduler", "label_smoothing", *STUDY_PLAIN, "norm")
 COLUMNS = ["Method", "Image scaling", "Epochs", "Batch size", "Training accuracy",
            "Validation accuracy", "Test accuracy", "Wall time"]
 
@@ -151,6 +158,22 @@ def study_row(args: dict):
     return STUDY.get((arch, size, pretrained, table_epochs))
 
 
+def _recipe_difference(run: dict) -> str:
+    """How a run's flags differ from the study's recipe for its row, as the "not comparable" text;
+    '' when they do not. Flags its args.json does not hold (an older train.py's) are not compared."""
+    args = run["args"]
+    # paper-50's 224 rows differ from paper's in their epochs only, which are not compared
+    study = {**RECIPES["paper"][args["arch"], args["size"]], **STUDY_PLAIN}
+    ours = dict(args, batch_size=args.get("batch_size", 0) * run["env"].get("world_size", 1))  # the study's in all
+    if ours.get("augment") in (True, False):  # args.json from before --augment took a name
+        ours["augment"] = "crop" if ours["augment"] else "none"
+    differ = [k for k in RECIPE_FLAGS if k in args and ours[k] != study[k]]
+    if not differ:
+        return ""
+    said = lambda values: ", ".join(f"{'batch' if k == 'batch_size' else k} {values[k]}" for k in differ)  # noqa: E731
+    return f"not comparable: trained with {said(ours)}; the study's recipe (--recipe paper): {said(study)}"
+
+
 def _fraction(percent) -> str:
     return "-" if percent is None else f"{percent / 100:.3f}"
 
@@ -167,10 +190,11 @@ def _study_cells(run: dict) -> list[str]:
     wall = final.get("wall_time_s", sum(r.get("epoch_time_s", 0) for r in rows))
     name = run["name"]
     dataset = run["env"].get("dataset")  # "200 classes (<hash>), 100000 train" for the release (runs since it is kept)
+    why = "no such row in the study"
     if study is not None and dataset and not (dataset.startswith("200 classes") and dataset.endswith(" 100000 train")):
         study, why = None, f"not comparable: trained on {dataset}, the study on the full release"
-    else:
-        why = "no such row in the study"
+    elif study is not None and (differ := _recipe_difference(run)):  # another batch, lr, schedule, augmentation...
+        study, why = None, differ
     epochs, batch = _row(run)[2:4]  # as the run table says them: "12 of 40", "16 x 2 processes"
     if study is None:
         return [name, epochs, batch, ours, why, "-", "-", _minutes(wall)]

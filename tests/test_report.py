@@ -393,3 +393,33 @@ def test_the_study_table_gives_a_ddp_runs_batch_per_process(tmp_path):
     run = make_run(tmp_path, "lenet5-28", dict(arch="lenet5", size=28, epochs=1, batch_size=16), [row(0, 5.0, 4.5)],
                    env=dict(world_size=2))
     assert render_study([run]).splitlines()[2].startswith("| lenet5-28 | 1 | 16 x 2 processes | 0.050 / 0.045 / - |")
+
+
+def test_a_run_of_another_recipe_is_not_set_beside_the_study(tmp_path):
+    """A LeNet-5 run on train.py's defaults (batch 128, lr 0.01, weight decay, cosine schedule), and
+    a --recipe fast ResNet-18, sat beside the study's figures, their val "comparable" with its
+    notebooks' curve."""
+    plain = dict(lr=0.001, momentum=0.9, wd=0.0, lr_scheduler="none", label_smoothing=0.0, nesterov=False,
+                 warmup_epochs=0.0, augment="none", mix="none", ema=0.0, tta=False)
+    paper = dict(plain, arch="lenet5", size=28, epochs=40, batch_size=32, norm="half")
+    rows = [row(0, 1.0, 0.75)]
+    ok = make_run(tmp_path, "paper", paper, rows)
+    ddp = make_run(tmp_path, "paper-ddp", dict(paper, batch_size=16), rows, env=dict(world_size=2))
+    old = make_run(tmp_path, "old", dict(paper, augment=False), rows)  # args.json from before --augment took a name
+    default = make_run(tmp_path, "default", dict(paper, epochs=30, batch_size=128, lr=0.01, wd=5e-4,
+                                                 lr_scheduler="cosine", norm="dataset"), rows)
+    fast = make_run(tmp_path, "fast", dict(plain, arch="resnet18", size=64, epochs=40, batch_size=512, lr=0.4, wd=5e-4,
+                                           lr_scheduler="cosine", label_smoothing=0.1, nesterov=True, warmup_epochs=2.0,
+                                           augment="rrc", ema=0.999, tta=True, norm="imagenet"), rows)
+    lines = render_study([ok, ddp, old, default, fast]).splitlines()
+    for line, name in zip(lines[2:5], ("paper", "paper-ddp", "old")):
+        assert line.split(" | ")[4] == "0.218 / 0.220 (Table 2)", name
+    assert lines[5] == (
+        "| default | 1 of 30 | 128 | 0.010 / 0.007 / - | not comparable: trained with batch 128, lr 0.01, wd 0.0005, "
+        "lr_scheduler cosine, norm dataset; the study's recipe (--recipe paper): batch 32, lr 0.001, wd 0.0, "
+        "lr_scheduler none, norm half | - | - | 0.5 |")
+    assert lines[6].split(" | ")[4] == (
+        "not comparable: trained with batch 512, lr 0.4, wd 0.0005, lr_scheduler cosine, label_smoothing 0.1, "
+        "nesterov True, warmup_epochs 2.0, augment rrc, ema 0.999, tta True; the study's recipe (--recipe paper): "
+        "batch 50, lr 0.001, wd 0.0, lr_scheduler none, label_smoothing 0.0, nesterov False, warmup_epochs 0.0, "
+        "augment none, ema 0.0, tta False")

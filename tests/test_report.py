@@ -423,3 +423,16 @@ def test_a_run_of_another_recipe_is_not_set_beside_the_study(tmp_path):
         "nesterov True, warmup_epochs 2.0, augment rrc, ema 0.999, tta True; the study's recipe (--recipe paper): "
         "batch 50, lr 0.001, wd 0.0, lr_scheduler none, label_smoothing 0.0, nesterov False, warmup_epochs 0.0, "
         "augment none, ema 0.0, tta False")
+
+
+def test_reproduce_does_not_take_a_quick_look_for_the_finished_row(tmp_path):
+    """A row finished by `--epochs 1 --limit-batches 5` (a quick look) counted as finished for a rerun
+    of `--epochs 1` in the same --out: "finished earlier, not run again", its 5 batches reported."""
+    from reproduce import get_args_parser, row_command
+
+    make_run(tmp_path, "lenet5-28", dict(arch="lenet5", size=28, epochs=1, batch_size=32, limit_batches=5),
+             [row(0, 1.0, 1.0)], final=dict(epochs=1))
+    plan = lambda *flags: row_command("lenet5-28", get_args_parser().parse_args(["--out", str(tmp_path), *flags]))  # noqa: E731
+    assert plan("--epochs", "1", "--limit-batches", "5")[1] is None  # the same run: finished
+    assert plan("--epochs", "1")[1] is not None  # train.py then refuses to resume it without --limit-batches
+    assert plan("--epochs", "1", "--limit-batches", "2")[1] is not None

@@ -8,9 +8,10 @@
 Rows: Table 2 (lenet5-28, alexnet-64, squeezenet1_1-64, resnet18-64: from scratch, 40 epochs) and
 Table 3 (ARCH-224: ImageNet-pretrained, 10 epochs; ARCH-224-50: 50 epochs). Each row trains in its
 own train.py subprocess into OUT/ROW with `--resume auto`: an interrupted reproduction picks up
-where it stopped, and a finished row (final.json with its epochs) is not run again. Table 3 rows
-need the ImageNet weights as a local file (--weights-dir, or already in the torch.hub cache;
-nothing is downloaded): without one the row is reported as "not run: no ImageNet weights here".
+where it stopped, and a finished row (final.json with its epochs, args.json with its --limit-batches)
+is not run again. Table 3 rows need the ImageNet weights as a local file (--weights-dir, or already
+in the torch.hub cache; nothing is downloaded): without one the row is reported as "not run: no
+ImageNet weights here".
 OUT/report.md (+ report.json, curves.png) puts our rows beside the study's reported and
 recorded values, with minutes per row and the whole table's wall time (OUT/ROW/reproduce.json
 keeps each row's process wall clock, summed over resumes, and when it ran). `--jobs N` trains N
@@ -65,10 +66,13 @@ def weights_file(arch, weights_dir):
     return None
 
 
-def finished(run, epochs):
-    """Whether `run` already holds a finished training of `epochs` epochs."""
-    final = run / "final.json"
-    return final.is_file() and json.loads(final.read_text()).get("epochs") == epochs
+def finished(run, epochs, limit_batches=None):
+    """Whether `run` already holds a finished training of `epochs` epochs of `limit_batches` batches
+    (None: whole epochs). A quick look's run of as many epochs is not the one asked for: its row
+    runs again, and train.py refuses to resume it with another --limit-batches."""
+    final, args = run / "final.json", run / "args.json"
+    return (final.is_file() and json.loads(final.read_text()).get("epochs") == epochs
+            and args.is_file() and json.loads(args.read_text()).get("limit_batches") == limit_batches)
 
 
 def row_command(name, args):
@@ -90,7 +94,7 @@ def row_command(name, args):
     if args.device:
         cmd += ["--device", args.device]
     cmd += shlex.split(args.train_args or "")
-    return run, None if finished(run, epochs) else cmd
+    return run, None if finished(run, epochs, args.limit_batches) else cmd
 
 
 class Stop:

@@ -170,3 +170,23 @@ def test_a_part_runs_in_a_process_group_of_its_own_in_this_session(tmp_path):
     assert gpu_session.sh([sys.executable, "-c", code]) == 0
     pid, group, session_id = map(int, ids.read_text().split())
     assert group == pid != os.getpgid(0) and session_id == os.getsid(0)
+
+
+def test_a_device_it_cannot_use_is_refused_in_one_line(tmp_path, monkeypatch):
+    """A mistyped --device (or cuda where torch sees none) was torch's traceback from env.json's GPU name."""
+    sys.path.insert(0, str(SESSION.parent))
+    import gpu_session
+    from pipeline.errors import UsageError
+
+    monkeypatch.setattr(sys, "argv", ["gpu_session.py", "--shards", "s", "--out", str(tmp_path / "out"), "--device", "cdua"])
+    with pytest.raises(UsageError, match=r"^argument --device: 'cdua' is not a device; use cpu, cuda or cuda:N$"):
+        gpu_session.main()
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_release_is_one_line(tmp_path, gpu_image_env):
+    """Step 5 of the runbook on a cold machine (no release in /tmp): the error, not a traceback."""
+    missing = tmp_path / "tiny-imagenet-200.tar.gz"
+    done = session(gpu_image_env, "--release", str(missing), "--out", str(tmp_path / "out"), "--work",
+                   str(tmp_path / "work"), "--parts", "table2,r224", "--device", "cpu")
+    assert (done.returncode, done.stderr) == (1, f"error: {missing}: no such file or folder\n")

@@ -271,8 +271,10 @@ def main():
     if set(parts) - set(PARTS):
         p.error(f"--parts: choose from {', '.join(PARTS)}")
     import torch
+    from pipeline.device import check_device
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(args.device)  # one line, not torch's traceback from env.json's GPU name
     if args.commit:
         os.environ["TINYIN_COMMIT"] = args.commit
     from pipeline.bench_train import environment
@@ -310,4 +312,6 @@ def main():
                  "command to continue (finished parts and rows are not run again)")
 
 if __name__ == "__main__":
-    main()
+    from pipeline.errors import run_cli
+
+    run_cli(main)  # an error the operator can act on (no release at --release, a bad --device): one line

@@ -6,9 +6,11 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -190,3 +192,48 @@ def test_a_missing_release_is_one_line(tmp_path, gpu_image_env):
     done = session(gpu_image_env, "--release", str(missing), "--out", str(tmp_path / "out"), "--work",
                    str(tmp_path / "work"), "--parts", "table2,r224", "--device", "cpu")
     assert (done.returncode, done.stderr) == (1, f"error: {missing}: no such file or folder\n")
+
+
+def test_sigterm_stops_the_part_running_and_keeps_what_it_has(shards, tmp_path, gpu_image_env):
+    """SIGTERM to the session's process group (the device tool's limit: `timeout`'s signal) reaches the
+    part running in its own group as at the --deadline: Table 2's row checkpoints, the report so far
+    reaches --out, nothing more starts, exit 143. Before, the script died at once, its part's results
+    never copied to --out and the part's processes left running."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    stdout, stderr = tmp_path / "stdout", tmp_path / "stderr"  # files: a pipe would wait for any process left
+    with stdout.open("w") as so, stderr.open("w") as se:
+        proc = subprocess.Popen([sys.executable, str(SESSION), "--shards", str(shards), "--out", str(out), "--work",
+                                 str(work), "--smoke", "--commit", "abc123", "--parts", "table2,r224", "--table2-rows",
+                                 "lenet5-28", "--train-args", "--wait-at-step 1"],
+                                env=gpu_image_env, stdout=so, stderr=se, text=True, start_new_session=True)
+    log = work / "paper" / "lenet5-28" / "train.log"
+    try:
+        deadline = time.monotonic() + 300  # a guard against a hang, not a measurement
+        while not (log.is_file() and "waiting for a signal at epoch 0 step 1" in log.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, stdout.read_text() + stderr.read_text()
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=300)
+        left = [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if session_of(pid) == proc.pid]
+    finally:  # whatever is left of the session: ended
+        for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+            if session_of(pid) == proc.pid:
+                os.kill(pid, signal.SIGKILL)
+    assert left == []
+    assert proc.returncode == 143, stdout.read_text()[-3000:] + stderr.read_text()[-3000:]
+    assert "== SIGTERM received: passed on to tools/reproduce.py" in stdout.read_text()
+    assert "== r224: not started: stopped by SIGTERM" in stdout.read_text()
+    assert stderr.read_text().splitlines()[-1] == (
+        f"error: unfinished: table2 (stopped by SIGTERM), r224 (not started); their results so far are in "
+        f"{out}; rerun the same command to continue (finished parts and rows are not run again)")
+    assert sorted(p.name for p in out.iterdir()) == ["json.tar", "table2.md"]
+    assert "| lenet5-28 | - | - | no epoch finished: stopped by SIGTERM |" in (out / "table2.md").read_text()
+    assert "interrupted at epoch 0 step 1: checkpoint saved" in log.read_text()
+
+
+def session_of(pid):
+    """The session id of process `pid`, or None once it is gone."""
+    try:
+        return os.getsid(pid)
+    except ProcessLookupError:
+        return None

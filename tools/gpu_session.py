@@ -20,7 +20,9 @@ while the machine stays warm (e.g. `--speedrun-args '--seeds 0'`, then '--seeds 
 --deadline S stops the parts S seconds after the start (SIGTERM: train.py checkpoints, the bench
 keeps its rows, reproduce.py and speedrun.py write what finished), so that their results, whole or
 so far, are in --out before the device tool's own limit kills the call; a part that fails does not
-stop the next. Every part's results are copied to --out as soon as it ends.
+stop the next. Every part's results are copied to --out as soon as it ends. SIGTERM to this script
+(`timeout`'s, which does not reach the part's process group) stops the part running as the
+--deadline does, starts nothing more, and exits 143 once the results so far are in --out.
 """
 import argparse
 import json
@@ -46,23 +48,37 @@ JSON = ("env.json", "bench.json", "table2.json", "speedrun.json", "ablation.json
 
 #: a stopped part's time to write what it has (train.py: finish its step, save a checkpoint)
 GRACE_S = 45
+#: "SIGTERM" once this script got one (the device tool's limit, a scheduler): the part running is
+#: stopped as at the --deadline, and no other starts
+STOPPED = []
 
 
 def sh(cmd, until=None, log=None):
     """Run `cmd` (a list) from the repo root with PYTHONPATH on it; its exit code. At `until` (a
-    time.time(), or None) it gets SIGTERM, and whatever of it still runs GRACE_S later is killed."""
+    time.time(), or None), or when this script gets SIGTERM, it gets SIGTERM, and whatever of it
+    still runs GRACE_S later is killed. Nothing is started once this script got SIGTERM."""
+    from pipeline.errors import Terminated
+
+    if STOPPED:
+        print(f"== not started: {shlex.join(map(str, cmd))} (stopped by SIGTERM)", flush=True)
+        return 128 + signal.SIGTERM
     print(f"$ {shlex.join(map(str, cmd))}", flush=True)
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     # Its own process group, so that the kill after the grace reaches its train.py processes too; not a
     # session of its own, which the device tool would leave running after the call (on the GPU) until
-    # the machine goes back.
+    # the machine goes back. A group of its own does not get the SIGTERM sent to this script's group
+    # (`timeout`'s): this script passes it on.
     group = dict(process_group=0) if sys.version_info >= (3, 11) else dict(preexec_fn=os.setpgrp)
     proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE if log else None, **group)
+    name = cmd[2] if cmd[1] == "-m" else cmd[1]
     try:
         out, _ = proc.communicate(timeout=None if until is None else max(until - time.time(), 0))
-    except subprocess.TimeoutExpired:
-        print(f"== --deadline reached: SIGTERM to {cmd[2] if cmd[1] == '-m' else cmd[1]}", flush=True)
+    except (subprocess.TimeoutExpired, Terminated) as e:
+        if isinstance(e, Terminated):  # sigterm_interrupts in main()
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop: another SIGTERM would cut the grace short
+            STOPPED.append("SIGTERM")
+        print(f"== SIGTERM received: passed on to {name}" if STOPPED else f"== --deadline reached: SIGTERM to {name}", flush=True)
         proc.send_signal(signal.SIGTERM)
         try:
             out, _ = proc.communicate(timeout=GRACE_S)
@@ -296,22 +312,26 @@ def main():
         if part == "bench" and bench_done:
             print(f"== bench: done earlier ({res / 'bench.json'}), not run again", flush=True)
             continue
-        if until is not None and time.time() >= until:
-            print(f"== {part}: not started: past the --deadline", flush=True)
+        if STOPPED or until is not None and time.time() >= until:
+            print(f"== {part}: not started: {'stopped by SIGTERM' if STOPPED else 'past the --deadline'}", flush=True)
             unfinished.append(f"{part} (not started)")
             continue
         print(f"== {part} ({time.time() - START:.0f} s in)", flush=True)
         so_far = PART_RUNS[part](args, res, shards, images, work, until)
         if so_far is not None:
             partial.update(so_far)
-            unfinished.append(f"{part} ({'stopped at the --deadline' if until and time.time() >= until else 'failed'})")
+            why = "stopped by SIGTERM" if STOPPED else "stopped at the --deadline" if until and time.time() >= until else "failed"
+            unfinished.append(f"{part} ({why})")
         publish(res, out, partial)  # now: a call killed later still brings this part's results back
     print(f"results in {out}: {', '.join(sorted(os.listdir(out)))} ({time.time() - START:.0f} s)")
     if unfinished:
-        sys.exit(f"error: unfinished: {', '.join(unfinished)}; their results so far are in {out}; rerun the same "
-                 "command to continue (finished parts and rows are not run again)")
+        print(f"error: unfinished: {', '.join(unfinished)}; their results so far are in {out}; rerun the same "
+              "command to continue (finished parts and rows are not run again)", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM if STOPPED else 1)  # 128 + signum after a signal, as train.py's
+
 
 if __name__ == "__main__":
-    from pipeline.errors import run_cli
+    from pipeline.errors import run_cli, sigterm_interrupts
 
-    run_cli(main)  # an error the operator can act on (no release at --release, a bad --device): one line
+    with sigterm_interrupts():  # SIGTERM stops the running part as the --deadline does (sh)
+        run_cli(main)  # an error the operator can act on (no release at --release, a bad --device): one line

@@ -237,3 +237,18 @@ def session_of(pid):
         return os.getsid(pid)
     except ProcessLookupError:
         return None
+
+
+def test_table2_train_args_of_one_flag_reach_reproduce(tmp_path, monkeypatch):
+    """`--train-args=--no-amp` on the CPU (no --amp --channels-last before it) was handed on as
+    `--train-args --no-amp`, which reproduce.py refused: 'expected one argument'."""
+    sys.path.insert(0, str(SESSION.parent))
+    import gpu_session
+    import reproduce
+
+    commands = []
+    monkeypatch.setattr(gpu_session, "sh", lambda cmd, until: commands.append(cmd) or 1)
+    args = argparse.Namespace(table2_rows="lenet5-28", smoke=False, device="cpu", table2_jobs=None, train_args="--no-amp")
+    assert gpu_session.part_table2(args, tmp_path, "shards", None, tmp_path, None) == {}
+    parsed = reproduce.get_args_parser().parse_args(list(map(str, commands[0][2:])))
+    assert (parsed.rows, parsed.train_args, parsed.device) == ("lenet5-28", "--no-amp", "cpu")

@@ -171,8 +171,9 @@ def part_table2(args, res, shards, images, work, until):
     jobs = args.table2_jobs or (4 if on_cuda else 2 if args.smoke else 1)
     if args.smoke:
         cmd += ["--epochs", "1", "--limit-batches", "2"]
+    # `=`: a value of one flag ('--no-amp' on the CPU) is not taken for a flag of reproduce.py's own
     code = sh(cmd + ["--device", args.device, "--jobs", jobs,
-                     "--train-args", f"{train_args} {args.train_args or ''}".strip()], until)
+                     "--train-args=" + f"{train_args} {args.train_args or ''}".strip()], until)
     report = {"table2.md": work / "paper" / "report.md", "table2.json": work / "paper" / "report.json",
               "curves.png": work / "paper" / "curves.png"}
     if code == 0:

@@ -252,3 +252,23 @@ def test_table2_train_args_of_one_flag_reach_reproduce(tmp_path, monkeypatch):
     assert gpu_session.part_table2(args, tmp_path, "shards", None, tmp_path, None) == {}
     parsed = reproduce.get_args_parser().parse_args(list(map(str, commands[0][2:])))
     assert (parsed.rows, parsed.train_args, parsed.device) == ("lenet5-28", "--no-amp", "cpu")
+
+
+def test_a_part_stopped_now_wins_over_an_earlier_calls_result(tmp_path):
+    """The runbook's compiled bench rows (`rm results/bench.json`, then `--bench-args '--compile ...'`)
+    stopped at the --deadline: --out got the earlier eager table's bench.md beside the new bench.json."""
+    sys.path.insert(0, str(SESSION.parent))
+    import gpu_session
+
+    res, work, out = tmp_path / "results", tmp_path / "work", tmp_path / "out"
+    for folder in (res, work, out):
+        folder.mkdir()
+    (res / "bench.md").write_text("eager table, an earlier call's\n")
+    (res / "env.json").write_text("{}")
+    (work / "bench.md").write_text("compiled rows so far\n")
+    (work / "bench.json").write_text('{"rows": []}')
+    gpu_session.publish(res, out, {"bench.md": work / "bench.md", "bench.json": work / "bench.json"})
+    assert (out / "bench.md").read_text() == "compiled rows so far\n"
+    with tarfile.open(out / "json.tar") as tf:
+        assert sorted(tf.getnames()) == ["bench.json", "env.json"]
+        assert tf.extractfile("bench.json").read() == b'{"rows": []}'

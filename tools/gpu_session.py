@@ -247,8 +247,10 @@ def part_speedrun(args, res, shards, images, work, until):
 
 def publish(res, out, partial):
     """Copy the results to `out`: each finished part's from `res`, a stopped or failed part's so far
-    (`partial`: result name -> path); the JSON files packed into json.tar."""
-    files = {**partial, **{name: res / name for name in RESULTS + JSON if (res / name).is_file()}}
+    (`partial`: result name -> path); the JSON files packed into json.tar. A part stopped in this call
+    is newer than what an earlier call finished: its results so far win over `res` (the runbook's
+    compiled bench rows, after `rm results/bench.json`, over the eager table's bench.md)."""
+    files = {**{name: res / name for name in RESULTS + JSON if (res / name).is_file()}, **partial}
     for name in RESULTS:
         if name in files:
             shutil.copy(files[name], out / name)

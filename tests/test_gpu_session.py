@@ -97,7 +97,7 @@ def test_deadline_stops_a_part_and_keeps_what_it_has(shards, tmp_path, gpu_image
     report = (out / "table2.md").read_text()
     for row in ("lenet5-28", "squeezenet1_1-64"):
         assert f"| {row} | - | - | no epoch finished: stopped by SIGTERM |" in report
-        assert "interrupted at epoch 0 step 1: checkpoint saved" in (work / "paper" / row / "train.log").read_text()
+        assert "interrupted at epoch 0 step 1: checkpoint saved" in (work / "smoke" / "paper" / row / "train.log").read_text()
     with tarfile.open(out / "json.tar") as tf:
         assert sorted(tf.getnames()) == ["env.json", "table2.json"]
 
@@ -206,7 +206,7 @@ def test_sigterm_stops_the_part_running_and_keeps_what_it_has(shards, tmp_path, 
                                  str(work), "--smoke", "--commit", "abc123", "--parts", "table2,r224", "--table2-rows",
                                  "lenet5-28", "--train-args", "--wait-at-step 1"],
                                 env=gpu_image_env, stdout=so, stderr=se, text=True, start_new_session=True)
-    log = work / "paper" / "lenet5-28" / "train.log"
+    log = work / "smoke" / "paper" / "lenet5-28" / "train.log"
     try:
         deadline = time.monotonic() + 300  # a guard against a hang, not a measurement
         while not (log.is_file() and "waiting for a signal at epoch 0 step 1" in log.read_text()):
@@ -272,3 +272,35 @@ def test_a_part_stopped_now_wins_over_an_earlier_calls_result(tmp_path):
     with tarfile.open(out / "json.tar") as tf:
         assert sorted(tf.getnames()) == ["bench.json", "env.json"]
         assert tf.extractfile("bench.json").read() == b'{"rows": []}'
+
+
+def test_a_smoke_run_is_not_taken_for_the_real_one(shards, tmp_path, monkeypatch):
+    """--smoke, then the real run in the same --work (a careful operator's first GPU call): the real
+    run took the smoke's finished 224 run (2 batches of 4) for its own and reported its numbers as
+    the 2 epochs at batch 100 (the speedrun's seeds and the bench likewise). Here train.py is a stand-in
+    that writes what a finished run leaves."""
+    sys.path.insert(0, str(SESSION.parent))
+    import gpu_session
+
+    trained = []
+
+    def fake_sh(cmd, until=None, log=None):
+        cmd = list(map(str, cmd))
+        if cmd[1] != "train.py":
+            return 1  # the bench's (a) row: not measured here
+        run, batch = Path(cmd[cmd.index("--output-dir") + 1]), int(cmd[cmd.index("-b") + 1])
+        trained.append(batch)
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "final.json").write_text("{}")
+        (run / "metrics.jsonl").write_text(json.dumps(dict(epoch=0, images_per_s=float(batch), val_top1=1.0)) + "\n")
+        return 0
+
+    monkeypatch.setattr(gpu_session, "sh", fake_sh)
+    common = ["gpu_session.py", "--shards", str(shards), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"),
+              "--parts", "r224", "--device", "cpu"]
+    for smoke in (["--smoke"], []):
+        monkeypatch.setattr(sys, "argv", common + smoke)
+        gpu_session.main()
+    assert trained == [4, 100]
+    assert (tmp_path / "out" / "r224.md").read_text().splitlines()[-1] == "| 1 | 100 | - (no (a) row) | 1.00% |"
+    assert (tmp_path / "work" / "smoke" / "resnet18-224-scratch" / "final.json").is_file()

@@ -15,7 +15,9 @@ speedrun.json and ablation.json (8 files: the device tool returns at most 8). Th
 again once its table is in --work/results; the other parts' tools skip what finished (Table 2's
 rows, the speedrun's seeds and variants, the 224 run), and train.py's --resume auto continues an
 interrupted Table 2 row, so a session can split the work into several calls of under 10 minutes
-while the machine stays warm (e.g. `--speedrun-args '--seeds 0'`, then '--seeds 0,1').
+while the machine stays warm (e.g. `--speedrun-args '--seeds 0'`, then '--seeds 0,1'). A --smoke
+run keeps its runs and results in --work/smoke (the shards and images are shared): a real run in
+the same --work would take them for its own, finished.
 
 --deadline S stops the parts S seconds after the start (SIGTERM: train.py checkpoints, the bench
 keeps its rows, reproduce.py and speedrun.py write what finished), so that their results, whole or
@@ -282,7 +284,8 @@ def main():
                    help=f"stop the parts this long after the start, keeping what they have (SIGTERM; killed "
                         f"{GRACE_S} s later): give the device call's timeout less {GRACE_S} s and a margin, "
                         "e.g. 530 for 590 (default: no limit)")
-    p.add_argument("--smoke", action="store_true", help="a tiny scale for a CPU dry run (synthetic data)")
+    p.add_argument("--smoke", action="store_true",
+                   help="a tiny scale for a CPU dry run (synthetic data); its runs and results in --work/smoke")
     args = p.parse_args()
     if not args.release and not args.shards:
         p.error("give --release or --shards")
@@ -299,7 +302,9 @@ def main():
     from pipeline.bench_train import environment
 
     work, out = Path(args.work), Path(args.out)
-    res = work / "results"
+    # A smoke run's finished runs and results apart: a real run would skip them as done and report them
+    runs = work / "smoke" if args.smoke else work
+    res = runs / "results"
     res.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     env = environment(args.device)
@@ -320,7 +325,7 @@ def main():
             unfinished.append(f"{part} (not started)")
             continue
         print(f"== {part} ({time.time() - START:.0f} s in)", flush=True)
-        so_far = PART_RUNS[part](args, res, shards, images, work, until)
+        so_far = PART_RUNS[part](args, res, shards, images, runs, until)
         if so_far is not None:
             partial.update(so_far)
             why = "stopped by SIGTERM" if STOPPED else "stopped at the --deadline" if until and time.time() >= until else "failed"

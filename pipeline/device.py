@@ -5,7 +5,8 @@ there is no GPU):
 1. ``augment="crop"``: a per-sample padded crop + flip, one gather on the uint8 batch (a byte
    per pixel, the flip folded into the gather's indices).
 2. scale + normalise: one fused multiply-add, uint8 -> float32.
-3. the resize to the model's size (e.g. 224): `F.interpolate(bilinear)`; or, with
+3. the resize to the model's size (e.g. 224): `F.interpolate(bilinear)`, antialiased when it
+   shrinks (as torchvision's `resize` and PIL are); or, with
    ``augment="rrc"``, the random-resized crop, its flip and that resize are one `F.grid_sample`
    of the normalised batch (one read of it, one write of the output), see `augment`.
 """
@@ -75,6 +76,8 @@ class DeviceStage:
             boxes, flips = rrc_boxes(n, h, w, self.rrc_scale, generator=generator, device=x.device)
             x = resized_crop(x, rrc_theta(boxes, flips, h, w), size)
         elif size != w:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+            # A shrink without antialias samples 4 pixels of each output's footprint and aliases (64 -> 32:
+            # up to 68 grey levels from torchvision's resize); an upscale keeps the plain, faster kernel.
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=size < w)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         return x.to(dtype=self.dtype, memory_format=fmt)

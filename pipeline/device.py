@@ -54,11 +54,13 @@ class DeviceStage:
         self._affine = {}  # device -> (scale, shift) tensors, built once
 
     def _scale_shift(self, device, channels):
+        # Checked on every batch, not only when the tensors are built: a later batch of another channel
+        # count broadcast against them silently (grey through an RGB stage came out as 3 channels).
+        if len(self.mean) != channels:
+            raise ValueError(f"mean/std have {len(self.mean)} channels, images have {channels}")
         if device not in self._affine:
             mean = torch.tensor(self.mean, dtype=torch.float32, device=device)
             std = torch.tensor(self.std, dtype=torch.float32, device=device)
-            if len(mean) != channels:
-                raise ValueError(f"mean/std have {len(mean)} channels, images have {channels}")
             # (x / 255 - mean) / std == x * scale + shift
             self._affine[device] = ((1 / (255 * std)).view(1, -1, 1, 1), (-mean / std).view(1, -1, 1, 1))
         return self._affine[device]

@@ -182,3 +182,14 @@ def test_the_resize_is_torchvisions_bilinear_resize_shrinking_or_growing(size):
     got = DeviceStage((0, 0, 0), (1 / 255,) * 3, size=size)(x)  # identity scale: grey levels 0..255
     want = TF2.resize(x.permute(0, 3, 1, 2).float(), [size, size], antialias=True)
     assert got.shape == (4, 3, size, size) and (got - want).abs().max() < 1e-3
+
+
+def test_every_batch_must_have_the_stages_channel_count():
+    """Not only the first on a device: a grey batch after an RGB one came out as 3 channels."""
+    rgb, grey = DeviceStage(MEAN, STD), DeviceStage((0.5,), (0.5,))
+    assert rgb(images(2)).shape == (2, 3, 64, 64) and grey(images(2, 28, 0)).shape == (2, 1, 28, 28)
+    for stage, x, message in ((rgb, images(2, 28, 0), "mean/std have 3 channels, images have 1"),
+                              (grey, images(2), "mean/std have 1 channels, images have 3")):
+        with pytest.raises(ValueError) as e:
+            stage(x)
+        assert str(e.value) == message

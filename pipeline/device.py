@@ -66,6 +66,8 @@ class DeviceStage:
         return self._affine[device]
 
     def __call__(self, images, generator=None):
+        if images.dtype.is_floating_point:  # float images in [0, 1] were divided by 255 again: every pixel ~ -mean/std
+            raise ValueError(f"images must be uint8 (0..255), not {images.dtype}")
         x = images if images.dim() == 4 else images.unsqueeze(-1)  # greyscale: (N, H, W) -> (N, H, W, 1)
         if self.augment == "crop":
             x = pad_crop_flip(x, self.pad, generator)

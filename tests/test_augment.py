@@ -193,3 +193,11 @@ def test_every_batch_must_have_the_stages_channel_count():
         with pytest.raises(ValueError) as e:
             stage(x)
         assert str(e.value) == message
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float_images_are_refused(dtype):
+    """Float images in [0, 1] were scaled by 1/255 once more: a near-constant batch of -mean/std."""
+    with pytest.raises(ValueError) as e:
+        DeviceStage(MEAN, STD)(images(2).to(dtype) / 255)
+    assert str(e.value) == f"images must be uint8 (0..255), not {dtype}"

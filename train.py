@@ -406,7 +406,8 @@ def schedule_position(state, args, steps_per_epoch, world_size):
     """The counter a schedule restarts from: the epoch in progress, or for a per-step schedule the
     step it is at. That is the run's global step on the same number of ranks; on another (an
     elastic resume: a step holds another number of samples) it is the epoch's samples so far in
-    this run's steps, so the schedule keeps its epochs."""
+    this run's steps, so the schedule keeps its epochs (the rest of that epoch may take a step more
+    or fewer: `finish_epoch` puts the counter back on the epoch's end)."""
     if not per_step_schedule(args):
         return state.epoch
     done = -(-state.samples_done // (args.batch_size * world_size))
@@ -854,6 +855,11 @@ def finish_epoch(parts, state, args):
     val = evaluate(parts.eval_model, parts.criterion, parts.val, parts.device, args)
     train_seconds = state.train_seconds
     epoch_time = train_seconds + (time.time() - t0)
+    end = (state.epoch + 1) * parts.steps_per_epoch
+    if per_step_schedule(args) and parts.lr_scheduler.last_epoch != end:
+        # A mid-epoch resume on another number of ranks or another -b took the epoch's rest in other steps
+        # than `schedule_position` counted: without this the schedule stayed shifted for the rest of the run.
+        parts.lr_scheduler = make_scheduler(parts.optimizer, args, parts.steps_per_epoch, last_epoch=end - 1)
     # lr: the epoch's for a per-epoch schedule; a per-step one's at the epoch's end
     row = dict(epoch=state.epoch, lr=parts.optimizer.param_groups[0]["lr"], train_loss=loss_sum / n,
                train_top1=100 * correct / n, val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"],

@@ -68,6 +68,23 @@ def test_a_per_step_run_records_the_lr_at_each_epochs_end(small_shards, tmp_path
     assert [r["lr"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [0.1, 0.1 * 0.5 * (1 + math.cos(math.pi / 2)), 0.0]
 
 
+def test_a_resume_on_another_batch_keeps_the_per_step_schedule_on_its_epochs(small_shards, tmp_path, monkeypatch):
+    """A mid-epoch resume with another -b (or on another number of ranks) takes the rest of the epoch
+    in other steps than `schedule_position` counted for it: the counter stayed a step ahead for the
+    rest of the run, onecycle's last step trained at lr 0 and the metrics recorded a negative lr."""
+    lrs, step = [], torch.optim.SGD.step
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda self, *a, **k: lrs.append(self.param_groups[0]["lr"]) or
+                        step(self, *a, **k))
+    flags = ["--arch", "lenet5", "--epochs", "2", "--lr", "0.1", "--lr-scheduler", "onecycle"]
+    stop_at(small_shards, tmp_path, 3, *flags, "-b", "16")
+    lrs.clear()
+    run(small_shards, tmp_path, *flags, "-b", "20", "--resume", "auto")
+    # -b 20: 6 steps an epoch, 12 in all. Epoch 0's 48 samples done count as 3 steps (ceil(48 / 20)) and
+    # its other 72 take 4 more (20, 20, 20, 12); epoch 1 then has steps 6 to 11 of the schedule, not 7 to 12.
+    assert lrs == [0.1 * (1 - s / 12) for s in (3, 4, 5, 6, *range(6, 12))]
+    assert [r["lr"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [0.1 * (1 - 6 / 12), 0.0]
+
+
 # --- EMA -----------------------------------------------------------------------------------
 
 

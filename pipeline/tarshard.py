@@ -12,12 +12,11 @@ arrays straight out of a memory map at the offsets recorded here. Stock readers 
 import functools
 import hashlib
 import io
-import os
 import tarfile
 
 import numpy as np
 
-from .errors import naming
+from .atomic import atomic_file
 from .schema import CLS, GRAY28, JSON, RGB64, VARIANTS
 
 BLOCK = 512
@@ -73,8 +72,7 @@ def write_shard(path, samples):
     the absolute byte offsets of sample i's array data inside the tar.
     """
     digest, offsets, pos = hashlib.sha256(), [], 0
-    tmp = f"{path}.part"
-    with naming(path), open(tmp, "wb") as f:
+    with atomic_file(path, "wb") as f:
         for key, rgb, gray, label, meta_json in samples:
             data, rgb_at, gray_at = sample_bytes(key, rgb, gray, label, meta_json)
             offsets.append((pos + rgb_at, pos + gray_at))
@@ -85,5 +83,4 @@ def write_shard(path, samples):
         f.write(end)
         digest.update(end)
         pos += len(end)
-    os.replace(tmp, path)
     return digest.hexdigest(), pos, offsets

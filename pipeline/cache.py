@@ -17,7 +17,6 @@ Other URLs (`s3://`, `gs://`, ...) go through the set's fsspec filesystem in lar
 """
 import concurrent.futures
 import contextlib
-import errno
 import hashlib
 import http.client
 import json
@@ -30,7 +29,7 @@ import urllib.parse
 from pathlib import Path
 
 from .atomic import atomic_file, write_json
-from .errors import ShardError, hide_password
+from .errors import READ_ONLY_ERRNOS, ShardError, hide_password
 from .locks import locked
 from .schema import CACHE_LOCK_FILE, CACHE_MARK_FILE, INDEX_FILE, MANIFEST_FILE
 from .shardset import ShardSet, http_open, is_url, missing_error, names_a_tar, open_shard_set
@@ -94,7 +93,7 @@ def _mark(folder, remote):
     try:
         write_json(folder / CACHE_MARK_FILE, mark)
     except OSError as e:  # a copy made beforehand on a read-only mount, read as it is: nothing there is removed
-        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+        if e.errno not in READ_ONLY_ERRNOS:
             raise
 
 

@@ -96,6 +96,8 @@ def signals_deferred(signals=(signal.SIGINT, signal.SIGTERM)):
 # OSErrors that the machine, not the code, causes: a full disk, missing permission, a read-only file
 # system, a file where a folder should be. Other OSErrors keep their traceback: they may be bugs.
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR}
+# Those of a write to a folder this process may only read (a read-only mount, another user's folder).
+READ_ONLY_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 @contextlib.contextmanager

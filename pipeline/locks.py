@@ -1,9 +1,10 @@
 """`locked`: an exclusive `flock` on a lock file, so that one process at a time fills a folder (the
 cache's copy of a remote set, `data fetch`'s download); the others wait, then find the work done."""
 import contextlib
-import errno
 import fcntl
 import os
+
+from .errors import READ_ONLY_ERRNOS
 
 
 def _open(path):
@@ -13,7 +14,7 @@ def _open(path):
     try:
         return open(path, "a+"), fcntl.LOCK_EX
     except OSError as e:
-        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM) or not path.is_file():
+        if e.errno not in READ_ONLY_ERRNOS or not path.is_file():
             raise
         return open(path, "rb"), fcntl.LOCK_SH
 

@@ -51,6 +51,12 @@ class ModelSpec:
 
         return get_weight(self.weights)
 
+    def hub_cache_file(self) -> str:
+        """Where torch.hub keeps the ImageNet weights file (there or not): once there, it is loaded
+        without a download or a hash check."""
+        name = os.path.basename(urllib.parse.urlparse(self.imagenet_weights().url).path)
+        return os.path.join(torch.hub.get_dir(), "checkpoints", name)
+
 
 _MODELS: dict[str, ModelSpec] = {}
 
@@ -121,8 +127,7 @@ def get_model(name: str, num_classes: int = 200, pretrained: bool = False, weigh
     if spec.weights is None:
         raise ValueError(f"{name} has no pretrained ImageNet weights; train it from scratch")
     imagenet = spec.imagenet_weights()
-    # Where torch.hub keeps the file: once there it is loaded without a download or a hash check.
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urllib.parse.urlparse(imagenet.url).path))
+    cached = spec.hub_cache_file()
     was_cached = os.path.isfile(cached)
     try:
         model = spec.build_pretrained(imagenet)

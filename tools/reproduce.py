@@ -56,13 +56,12 @@ NO_WEIGHTS = "no ImageNet weights here"
 
 
 def weights_file(arch, weights_dir):
-    """The local ImageNet weights file for `arch` under its torchvision name, or None."""
-    import torch
-
-    name = os.path.basename(models.model_spec(arch).imagenet_weights().url)
-    for folder in (weights_dir, Path(torch.hub.get_dir()) / "checkpoints"):
-        if folder and (Path(folder) / name).is_file():
-            return Path(folder) / name
+    """The local ImageNet weights file for `arch` under its torchvision name (in `weights_dir`, else
+    torch.hub's cache), or None."""
+    cached = Path(models.model_spec(arch).hub_cache_file())
+    for path in (Path(weights_dir) / cached.name if weights_dir else None, cached):
+        if path and path.is_file():
+            return path
     return None
 
 

@@ -5,7 +5,8 @@
 - ``rrc``: random-resized crop + horizontal flip, one `F.grid_sample` on the float batch
   (`rrc_boxes` draws the boxes and flips, `rrc_theta` turns them into affine matrices,
   `resized_crop` samples them), with the flip and the resize to the output size in the same
-  sample.
+  sample. To an output smaller than the image (a box may then shrink), `antialiased_resized_crop`
+  instead: torchvision's antialiased crop-then-resize, as two per-sample weight matrices.
 """
 import math
 
@@ -95,3 +96,33 @@ def resized_crop(x, theta, size):
     (padding_mode="border"), as `F.interpolate(bilinear, align_corners=False)` clamps them."""
     grid = F.affine_grid(theta, (x.shape[0], x.shape[1], size, size), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _axis_weights(start, length, side, size):
+    """(n, size, side) weights of torchvision's antialiased bilinear resize (a triangle filter
+    widened by the shrink factor, normalised over the pixels it covers) of each box [start, start +
+    length) of an axis of `side` pixels to `size` outputs; only pixels overlapping the box count, as
+    if cropped first. Where a box grows, this is plain bilinear with its edges clamped."""
+    scale = (length / size).unsqueeze(1)  # (n, 1): box pixels per output pixel
+    centre = start.unsqueeze(1) + (torch.arange(size, device=start.device) + 0.5) * scale  # (n, size)
+    pixel = torch.arange(side, device=start.device, dtype=start.dtype)  # left edges
+    weights = (1 - (pixel + 0.5 - centre.unsqueeze(2)).abs() / scale.clamp(min=1).unsqueeze(2)).clamp(min=0)
+    inside = (pixel + 1 > start.view(-1, 1, 1)) & (pixel < (start + length).view(-1, 1, 1))
+    weights = weights * inside
+    return weights / weights.sum(2, keepdim=True)
+
+
+def antialiased_resized_crop(x, boxes, flips, size):
+    """Each box of float NCHW `x` resized to (size, size), antialiased where it shrinks, mirrored
+    where `flips`: for whole-pixel boxes, torchvision's `resized_crop(..., antialias=True)`.
+
+    Why not `resized_crop` here: `F.grid_sample` reads the 4 pixels nearest each output's centre,
+    so a box larger than the output aliases (a whole 64-px image to 28: up to 136 grey levels from
+    torchvision's resize, which the validation batches, resized by `F.interpolate`, do get). Two
+    batched products with the per-sample weights of each axis (`_axis_weights`) filter it instead.
+    """
+    x0, y0, w, h = boxes.unbind(1)
+    rows = _axis_weights(y0, h, x.shape[2], size)
+    cols = _axis_weights(x0, w, x.shape[3], size)
+    cols = torch.where(flips.view(-1, 1, 1), cols.flip(1), cols)  # a flip reverses the output columns
+    return rows.unsqueeze(1) @ x @ cols.transpose(1, 2).unsqueeze(1)

@@ -8,12 +8,14 @@ there is no GPU):
 3. the resize to the model's size (e.g. 224): `F.interpolate(bilinear)`, antialiased when it
    shrinks (as torchvision's `resize` and PIL are); or, with
    ``augment="rrc"``, the random-resized crop, its flip and that resize are one `F.grid_sample`
-   of the normalised batch (one read of it, one write of the output), see `augment`.
+   of the normalised batch (one read of it, one write of the output), see `augment`; to a size
+   below the stored one, antialiased too (`augment.antialiased_resized_crop`).
 """
 import torch
 import torch.nn.functional as F
 
-from .augment import RRC_SCALE, augment_mode, check_rrc_scale, pad_crop_flip, resized_crop, rrc_boxes, rrc_theta
+from .augment import (RRC_SCALE, antialiased_resized_crop, augment_mode, check_rrc_scale, pad_crop_flip, resized_crop,
+                      rrc_boxes, rrc_theta)
 from .errors import UsageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -78,7 +80,10 @@ class DeviceStage:
         size = h if self.size is None else self.size
         if self.augment == "rrc":
             boxes, flips = rrc_boxes(n, h, w, self.rrc_scale, generator=generator, device=x.device)
-            x = resized_crop(x, rrc_theta(boxes, flips, h, w), size)
+            if size < max(h, w):  # a box may be larger than the output: the sampler would alias
+                x = antialiased_resized_crop(x, boxes, flips, size)
+            else:  # every box grows (none exceeds the image): one bilinear sample
+                x = resized_crop(x, rrc_theta(boxes, flips, h, w), size)
         elif size != w:
             # A shrink without antialias samples 4 pixels of each output's footprint and aliases (64 -> 32:
             # up to 68 grey levels from torchvision's resize); an upscale keeps the plain, faster kernel.

@@ -201,3 +201,22 @@ def test_float_images_are_refused(dtype):
     with pytest.raises(ValueError) as e:
         DeviceStage(MEAN, STD)(images(2).to(dtype) / 255)
     assert str(e.value) == f"images must be uint8 (0..255), not {dtype}"
+
+
+@pytest.mark.parametrize("size", [28, 48])
+def test_rrc_to_a_smaller_size_is_torchvisions_antialiased_resized_crop(size, monkeypatch):
+    """Below the stored size a box may shrink: `F.grid_sample` read 4 pixels per output and aliased (the
+    whole image to 28 was up to 136 grey levels from the resize the validation batches get)."""
+    x = images(6)
+    # x0, y0, w, h: the whole image (as a validation batch is resized), larger and smaller than the output
+    boxes = torch.tensor([[0, 0, 64, 64], [0, 0, 64, 64], [5, 9, 50, 40], [20, 3, 44, 60], [30, 30, 20, 24],
+                          [1, 2, 40, 40]], dtype=torch.float32)
+    flips = torch.tensor([False, True, False, True, False, True])
+    monkeypatch.setattr(device, "rrc_boxes", lambda *a, **k: (boxes, flips))
+    got = DeviceStage((0, 0, 0), (1 / 255,) * 3, size=size, augment="rrc")(x)  # identity scale: grey levels
+    plain = DeviceStage((0, 0, 0), (1 / 255,) * 3, size=size)(x)
+    assert (got[0] - plain[0]).abs().max() < 1e-3 and (got[1] - plain[1].flip(-1)).abs().max() < 1e-3
+    for i, (left, top, width, height) in enumerate(boxes.int().tolist()):
+        want = TF2.resized_crop(x[i].permute(2, 0, 1).float(), top=top, left=left, height=height, width=width,
+                                size=[size, size], antialias=True)
+        assert (got[i] - (want.flip(-1) if flips[i] else want)).abs().max() < 1e-3

@@ -134,6 +134,8 @@ def _val_test_items(files, wnids, kept, split_seed, problems):
         if len(fields) < 6:
             raise SourceError(f"{files.label}: {where}: expected 'file wnid x0 y0 x1 y1', got {line!r}")
         path, wnid = f"val/images/{fields[0]}", fields[1]
+        if path in listed:  # it would be two samples of one image under one key, and with two wnids, two labels
+            raise SourceError(f"{files.label}: {where}: {fields[0]} is listed again (first at line {listed[path]})")
         if wnid not in label_of:
             raise SourceError(f"{files.label}: {where}: wnid {wnid} is not in wnids.txt")
         listed[path] = n

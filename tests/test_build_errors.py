@@ -85,6 +85,18 @@ def test_annotation_names_missing_file(broken, tmp_path):
     assert_fails(broken, tmp_path, f"{broken}: val/images/val_3.JPEG: named in val/val_annotations.txt:{line} but missing")
 
 
+@pytest.mark.parametrize("relabel", [False, True])
+def test_a_val_image_listed_twice_is_refused(broken, tmp_path, relabel):
+    # It built: the image twice under one key (val 1 more than the release has), with `relabel` under two labels.
+    annotations = broken / "val/val_annotations.txt"
+    lines = annotations.read_text().splitlines()
+    name, wnid, *box = lines[4].split("\t")
+    other = next(w for w in sorted((broken / "wnids.txt").read_text().split()) if w != wnid) if relabel else wnid
+    annotations.write_text("\n".join(lines + ["\t".join([name, other, *box])]) + "\n")
+    assert_fails(broken, tmp_path,
+                 f"{broken}: val/val_annotations.txt:{len(lines) + 1}: {name} is listed again (first at line 5)")
+
+
 def test_malformed_boxes_name_the_release(broken, tmp_path):
     wnid = sorted((broken / "wnids.txt").read_text().split())[0]
     boxes = broken / "train" / wnid / f"{wnid}_boxes.txt"

@@ -84,7 +84,15 @@ def _strip_root(names_to_bytes, label):
     if not roots:
         raise SourceError(f"{label}: missing {ROOT_MARKER} (not a Tiny ImageNet release)")
     prefix = roots[0][: -len(ROOT_MARKER)]
+    _one_release(label, [prefix] + [r[: -len(ROOT_MARKER)] for r in roots if not r.startswith(prefix)])
     return {n[len(prefix):]: b for n, b in names_to_bytes.items() if n.startswith(prefix)}
+
+
+def _one_release(label, roots):
+    """Refuse a --src that holds several releases side by side (`roots`, their '/'-ended paths): building
+    the first and ignoring the others took one of them, unsaid, for the one the user meant."""
+    if len(roots) > 1:
+        raise SourceError(f"{label}: holds {len(roots)} releases ({', '.join(roots)}); pass the one to build")
 
 
 def _read_tar(path):
@@ -141,10 +149,11 @@ def open_release(src):
     if not src.exists():
         raise SourceError(f"{src}: no such file or folder")
     if src.is_dir():
-        root = src if (src / ROOT_MARKER).is_file() else next(
-            (p.parent for p in sorted(src.glob("*/" + ROOT_MARKER))), None)
-        if root is None:
+        roots = [src] if (src / ROOT_MARKER).is_file() else sorted(p.parent for p in src.glob("*/" + ROOT_MARKER))
+        if not roots:
             raise SourceError(f"{src}: missing {ROOT_MARKER} (not a Tiny ImageNet release)")
+        root = roots[0]
+        _one_release(src, [f"{p.name}/" for p in roots])
         return ReleaseFiles(str(src), folder=root)
     if zipfile.is_zipfile(src):
         files = _read_zip(src)

@@ -62,6 +62,19 @@ def test_missing_wnids(broken, tmp_path):
     assert_fails(broken, tmp_path, f"{broken}: missing wnids.txt (not a Tiny ImageNet release)")
 
 
+def test_a_src_holding_two_releases_is_refused(release, tmp_path):
+    # It built the first (in name order; in an archive, the shorter path) and ignored the other, unsaid.
+    both = tmp_path / "both"
+    for name in ("tiny-imagenet-200", "a"):
+        shutil.copytree(release, both / name)
+    assert_fails(both, tmp_path, f"{both}: holds 2 releases (a/, tiny-imagenet-200/); pass the one to build")
+    archive = tmp_path / "both.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(both.rglob("*")):
+            zf.write(path, path.relative_to(both))
+    assert_fails(archive, tmp_path, f"{archive}: holds 2 releases (a/, tiny-imagenet-200/); pass the one to build")
+
+
 def test_missing_split_folder(broken, tmp_path):
     shutil.rmtree(broken / "val")
     assert_fails(broken, tmp_path, f"{broken}: missing folder val/")

@@ -111,6 +111,8 @@ def _read_tar(path):
             for member in tar:
                 if member.isfile():
                     files[member.name.lstrip("./")] = tar.extractfile(member).read()
+                elif member.islnk() and member.linkname.lstrip("./") in files:  # a hard link: bytes stored before
+                    files[member.name.lstrip("./")] = files[member.linkname.lstrip("./")]
             # tarfile stops as quietly at a header cut short as at the end-of-archive block it read whole.
             end = tar.fileobj.tell()  # bytes of tar read (decompressed)
             if end < tar.offset + BLOCK:

@@ -20,6 +20,7 @@ LONG = "tiny-imagenet-200/train/" + "n01443537/" * 12 + "images/n01443537_0.JPEG
 class Kind:
     """A member without data, of this tarfile type (tarfile's type constants are bytes, as file contents are)."""
     type: bytes
+    linkname: str = "tiny-imagenet-200/wnids.txt"
 
 
 def archive(fmt, members, **kw):
@@ -29,7 +30,7 @@ def archive(fmt, members, **kw):
         for name, content in members:
             info = tarfile.TarInfo(name)
             if isinstance(content, Kind):
-                info.type, info.linkname = content.type, "tiny-imagenet-200/wnids.txt"
+                info.type, info.linkname = content.type, content.linkname
                 tar.addfile(info)
             else:
                 info.size = len(content)
@@ -38,8 +39,9 @@ def archive(fmt, members, **kw):
 
 
 def reference(data):
+    """What extracting `data` gives: its files, and its hard links with their targets' bytes (tar stores them once)."""
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        return {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+        return {m.name: tar.extractfile(m).read() for m in tar if m.isfile() or m.islnk()}
 
 
 def released(path, data):
@@ -59,14 +61,19 @@ MEMBERS = [("tiny-imagenet-200", Kind(tarfile.DIRTYPE)), ("tiny-imagenet-200/wni
 
 @pytest.mark.parametrize("fmt, extra", [
     (tarfile.USTAR_FORMAT, []),
-    (tarfile.GNU_FORMAT, [(LONG, b"GNU long name"), ("tiny-imagenet-200/caf\u00e9", b"utf-8 name")]),
-    (tarfile.PAX_FORMAT, [(LONG, b"pax path"), ("tiny-imagenet-200/caf\u00e9", b"pax utf-8 path")]),
+    (tarfile.GNU_FORMAT, [(LONG, b"GNU long name"), ("tiny-imagenet-200/caf\u00e9", b"utf-8 name"),
+                          ("tiny-imagenet-200/hard-long", Kind(tarfile.LNKTYPE, LONG))]),
+    (tarfile.PAX_FORMAT, [(LONG, b"pax path"), ("tiny-imagenet-200/caf\u00e9", b"pax utf-8 path"),
+                          ("tiny-imagenet-200/hard-long", Kind(tarfile.LNKTYPE, LONG))]),
 ], ids=["ustar", "gnu", "pax"])
 def test_every_regular_file_as_tarfile_reads_it(fmt, extra):
+    # Hard links were skipped: a release whose duplicate images were hard-linked (fdupes -L, rdfind) lost them.
     data = archive(fmt, MEMBERS + extra)
     files = files_in_tar(data)
     assert files == reference(data)
-    assert sorted(files) == sorted(name for name, content in MEMBERS + extra if not isinstance(content, Kind))
+    assert sorted(files) == sorted(name for name, content in MEMBERS + extra
+                                   if not isinstance(content, Kind) or content.type == tarfile.LNKTYPE)
+    assert files["tiny-imagenet-200/hard"] == b"n01443537\n"
 
 
 @pytest.mark.skipif(shutil.which("tar") is None, reason="no tar command on this machine")

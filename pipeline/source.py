@@ -157,6 +157,8 @@ def open_release(src):
         root = roots[0]
         _one_release(src, [f"{p.name}/" for p in roots])
         return ReleaseFiles(str(src), folder=root)
+    if not src.is_file():  # a pipe (`--src <(curl URL)`, /dev/stdin) or a device: the readers seek in the archive
+        raise SourceError(f"{src}: not a file or folder (a pipe?); save the archive to a file and pass that")
     if zipfile.is_zipfile(src):
         files = _read_zip(src)
     elif _starts_with(src, ZIP_MAGIC):  # is_zipfile looks for the central directory, at a zip's end

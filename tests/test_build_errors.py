@@ -7,6 +7,7 @@ import socket
 import json
 import lzma
 import shutil
+import signal
 import tarfile
 import zipfile
 
@@ -310,6 +311,24 @@ def test_unreadable_archives(release, tmp_path):
     code, output = build(tmp_path / "nope", tmp_path / "out")
     assert code == 1 and output == f"error: {tmp_path / 'nope'}: no such file or folder"
     assert not (tmp_path / "out").exists()
+
+
+def test_a_pipe_is_refused_in_one_line(tmp_path):
+    # `--src <(curl URL)` or /dev/stdin: a .tar.gz gave tarfile's traceback (Illegal seek), a zip "corrupt or
+    # truncated zip"; and a pipe with no writer yet was opened, which waits for one for good.
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+
+    def hung(signum, frame):  # the old code's wait: fail the test instead of stalling the suite
+        pytest.fail("the build opened the pipe and waited for a writer")  # not an OSError, which the readers catch
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(10)
+    try:
+        assert_fails(pipe, tmp_path, f"{pipe}: not a file or folder (a pipe?); save the archive to a file and pass that")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def test_truncated_archives_say_so(release, tmp_path):

@@ -186,6 +186,8 @@ def _run_tasks(files, tasks, tmp, workers, on_error, progress):
                 entries = [(it, files.read(it.path)) for it in items]
                 with signals_deferred():  # the first submit forks the workers
                     futures.append(pool.submit(_write_one_shard, str(tmp / name), split, entries, on_error))
+                # A folder is read here, as its shards are handed out: from a slow disk, most of the build.
+                bar.update(counter.value - bar.n)
             pending = set(futures)
             while pending:
                 with signals_deferred():  # for at most its timeout

@@ -15,13 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tqdm
 import webdataset as wds
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.build import _byte_histogram, build_shards
+from pipeline.build import _byte_histogram, _plan_tasks, _run_tasks, build_shards
 from pipeline.cli import main
 from pipeline.index import read_index, read_manifest
+from pipeline.release import plan_release
+from pipeline.source import open_release
 from tests.conftest import SHARD_SIZE, SYNTH
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,6 +224,36 @@ def test_cli_build_prints_counts_and_speed(release, tmp_path):
     assert result.exit_code == 0, result.output
     assert "train 240, val 30, test 30, unlabeled 30" in result.output and "images/s" in result.output
     assert json.loads((tmp_path / "s/manifest.json").read_text())["counts"]["train"] == 240
+
+
+def test_the_bar_counts_shards_written_while_a_folder_is_still_read(release, tmp_path, monkeypatch):
+    # A folder is read as its shards are handed out, from a slow disk most of the build: the bar stood at 0
+    # until the last shard was handed out, however many had been written.
+    bars = []
+
+    class Bar(tqdm.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    files = open_release(release)
+    tasks = _plan_tasks(plan_release(files), SHARD_SIZE)
+    first_of = {items[0].path: i for i, (_, _, items) in enumerate(tasks)}
+    read = files.read
+
+    def slow_read(name):
+        if first_of.get(name) == 1:  # the disk is slow: shard 0 is written before shard 1 is read
+            for _ in range(6000):  # (a bound for a worker that never writes it: the assert below fails then)
+                if (tmp_path / tasks[0][0]).exists():
+                    break
+                time.sleep(0.01)
+        if first_of.get(name) == 2:
+            assert bars[0].n >= len(tasks[0][2])  # shard 1 may be written by now too
+        return read(name)
+
+    monkeypatch.setattr(files, "read", slow_read)
+    _run_tasks(files, tasks, tmp_path, 1, "fail", progress=True)
 
 
 # `tinyin shard build ARGS` in a child process whose decode workers log each shard they write and,

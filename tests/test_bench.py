@@ -83,32 +83,38 @@ def test_images_without_a_train_folder_is_a_usage_error(shards, tmp_path, comman
             "(ROOT/train/WNID/images)") in result.output
 
 
-def _run_bench_loader_script(monkeypatch, *argv):
-    """tools/bench_loader.py run as a script, in this process: the SystemExit it ends with."""
+def _run_tool(monkeypatch, script, *argv):
+    """tools/`script` run as a script with `argv`, in this process: the SystemExit it ends with."""
     import runpy
     import sys
     from pathlib import Path
 
-    monkeypatch.setattr(sys, "argv", ["bench_loader.py", *map(str, argv)])
+    monkeypatch.setattr(sys, "argv", [script, *map(str, argv)])
     with pytest.raises(SystemExit) as stopped:
-        runpy.run_path(str(Path(__file__).resolve().parents[1] / "tools" / "bench_loader.py"), run_name="__main__")
+        runpy.run_path(str(Path(__file__).resolve().parents[1] / "tools" / script), run_name="__main__")
     return stopped.value
 
 
 def test_bench_loader_script_without_the_release_is_one_line(monkeypatch, tmp_path):
     """README's `tools/bench_loader.py` on a machine without ../shared/data: a SourceError traceback."""
     missing = tmp_path / "tiny-imagenet-200.tar.gz"
-    assert _run_bench_loader_script(monkeypatch, "--src", missing).code == f"error: {missing}: not found (pass --src)"
+    assert _run_tool(monkeypatch, "bench_loader.py", "--src", missing).code == f"error: {missing}: not found (pass --src)"
 
 
 def test_bench_loader_script_on_a_folder_that_is_no_set_is_one_line(monkeypatch, capsys, release, tmp_path):
     """It was a ShardError traceback."""
-    assert _run_bench_loader_script(monkeypatch, "--shards", tmp_path, "--images", release).code == 1
+    assert _run_tool(monkeypatch, "bench_loader.py", "--shards", tmp_path, "--images", release).code == 1
     assert capsys.readouterr().err == (f"error: {tmp_path}: not a tinyin shard set (no manifest.json); "
                                        "run `tinyin shard build` first\n")
 
 
 def test_bench_loader_script_images_without_a_train_folder_is_one_line(monkeypatch, shards, tmp_path):
     """It was torchvision's FileNotFoundError traceback, as `tinyin bench loader`'s was."""
-    assert _run_bench_loader_script(monkeypatch, "--shards", shards, "--images", tmp_path).code == (
+    assert _run_tool(monkeypatch, "bench_loader.py", "--shards", shards, "--images", tmp_path).code == (
         f"error: --images {tmp_path} has no train/ folder; pass the extracted release (ROOT/train/WNID/images)")
+
+
+def test_bench_build_script_on_a_folder_that_is_no_release_is_one_line(monkeypatch, capsys, tmp_path):
+    """tools/bench_build.py --src FOLDER (the shards, say, not the release): a SourceError traceback."""
+    assert _run_tool(monkeypatch, "bench_build.py", "--src", tmp_path, "--repeat", 1).code == 1
+    assert capsys.readouterr().err == f"error: {tmp_path}: missing wnids.txt (not a Tiny ImageNet release)\n"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.build import build_shards  # noqa: E402
+from pipeline.errors import run_cli  # noqa: E402
 from pipeline.provenance import commit  # noqa: E402
 
 DEFAULT_SRC = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-imagenet-200.tar.gz"
@@ -50,4 +51,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a --src that is no release (a SourceError, an ImageError): one line

@@ -17,6 +17,7 @@ import signal
 import socket
 import threading
 import time
+import warnings
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from pathlib import Path
 
@@ -171,10 +172,22 @@ def _plan_tasks(plan, shard_size):
     return tasks
 
 
+#: The start of the DeprecationWarning of Python 3.12+ for a fork of a process with threads (see `_run_tasks`).
+_FORK_WARNING = r"This process \(pid=\d+\) is multi-threaded, use of fork\(\) may lead to deadlocks"
+
+
 def _run_tasks(files, tasks, tmp, workers, on_error, progress):
     from tqdm import tqdm
 
     total = sum(len(items) for _, _, items in tasks)
+    # fork on purpose: a worker starts in milliseconds (a spawned one imports numpy, PIL and pyarrow again,
+    # ~0.7 s on this machine, every build), is born with the parent's deferred Ctrl-C (a spawned one takes it
+    # as a KeyboardInterrupt traceback while it imports), and is this process's child (a forkserver's is not:
+    # `_exit_when_orphaned` watches this pid). Python 3.12 warns that the fork copies a process with threads:
+    # numpy's OpenBLAS pool and pyarrow's jemalloc thread (both started at import), and tqdm's monitor. None
+    # is a hazard here: a worker decodes (PIL), does integer numpy (no BLAS) and writes files, never calls
+    # pyarrow or tqdm, and OpenBLAS and jemalloc make themselves safe across a fork (pthread_atfork). So that
+    # one warning is silenced at the forks (`_FORK_WARNING`), for the users and test runs that show it.
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
     counter, stop = ctx.Value("q", 0), ctx.Event()
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
@@ -184,7 +197,8 @@ def _run_tasks(files, tasks, tmp, workers, on_error, progress):
             futures = []
             for name, split, items in tasks:
                 entries = [(it, files.read(it.path)) for it in items]
-                with signals_deferred():  # the first submit forks the workers
+                with signals_deferred(), warnings.catch_warnings():  # the first submit forks the workers
+                    warnings.filterwarnings("ignore", _FORK_WARNING, DeprecationWarning)
                     futures.append(pool.submit(_write_one_shard, str(tmp / name), split, entries, on_error))
                 # A folder is read here, as its shards are handed out: from a slow disk, most of the build.
                 bar.update(counter.value - bar.n)

@@ -17,13 +17,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @functools.lru_cache(maxsize=None)  # a process runs one checkout: ask git once
 def commit():
-    """The checkout's commit (+"-dirty" with uncommitted changes), or $TINYIN_COMMIT where there is no git."""
+    """The checkout's commit (+"-dirty" with uncommitted changes), or $TINYIN_COMMIT where there is no git
+    checkout of tinyin (a copy without .git; an installed copy)."""
     with contextlib.suppress(OSError, subprocess.CalledProcessError):
-        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return head + ("-dirty" if dirty else "")
+        top, head = subprocess.run(["git", "rev-parse", "--show-toplevel", "--short=12", "HEAD"], cwd=ROOT,
+                                   capture_output=True, text=True, check=True).stdout.splitlines()
+        # Only tinyin's own checkout: a copy installed into a venv inside the user's project is in that
+        # project's work tree, and its commit would be named as the one behind the figures.
+        if Path(top).resolve() == ROOT:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                   capture_output=True, text=True, check=True).stdout.strip()
+            return head + ("-dirty" if dirty else "")
     return os.environ.get("TINYIN_COMMIT", "unknown")
 
 

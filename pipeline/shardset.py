@@ -114,8 +114,11 @@ class ShardSet:
         # in the test suite (a GET never answered, both ends waiting).
         self._plain_http = self.location.startswith(("http://", "https://")) and not storage_options
         if not self.is_local:
-            import fsspec
-
+            try:
+                import fsspec
+            except ImportError:  # a plain `pip install tinyin`: the extras bring it (setup.cfg)
+                raise ShardError(f"{self.location}: cannot open: a URL needs fsspec and its protocol's driver "
+                                 "(pip install 'tinyin[http]', '[s3]' or '[gcs]')") from None
             try:
                 self._fs, self._root = fsspec.core.url_to_fs(self.location, **(storage_options or {}))
             except Exception as e:  # any: a missing extra, a bad URL, and some filesystems connect here (ftp)

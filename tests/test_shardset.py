@@ -2,6 +2,7 @@
 import functools
 import http.server
 import shutil
+import sys
 import threading
 
 import numpy as np
@@ -285,6 +286,14 @@ def test_remote_failures_are_one_line(monkeypatch, tmp_path):
         s3fs.S3FileSystem.clear_instance_cache()
     assert _open_error("ftp://127.0.0.1:1/y") == (
         "ftp://127.0.0.1:1/y: cannot open (ConnectionRefusedError: [Errno 111] Connection refused)")
+
+
+def test_a_url_without_the_extras_installed_is_one_line(monkeypatch):
+    """`pip install tinyin` without `[http]`/`[s3]`/`[gcs]`, then a URL: a ModuleNotFoundError traceback."""
+    monkeypatch.setitem(sys.modules, "fsspec", None)  # as if not installed: its import raises ModuleNotFoundError
+    assert _open_error("https://host.example/tiny") == (
+        "https://host.example/tiny: cannot open: a URL needs fsspec and its protocol's driver "
+        "(pip install 'tinyin[http]', '[s3]' or '[gcs]')")
 
 
 def test_read_manifest_words_a_non_object_manifest_as_shard_set_does(tmp_path):

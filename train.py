@@ -373,7 +373,8 @@ def lr_factor(args, steps_per_epoch):
 
     Per step: a linear warm-up over the first round(warmup_epochs * steps_per_epoch) steps (from
     1/warm to 1), then cosine or onecycle's linear decay over the remaining steps (to 0 after the
-    last one), step's decay by epoch, or none's constant.
+    last one), step's decay every --lr-step-size epochs counted from the warm-up's end (as
+    torchvision's references chain them: SequentialLR, milestones=[warmup]), or none's constant.
     """
     if not per_step_schedule(args):
         if args.lr_scheduler == "step":
@@ -392,7 +393,9 @@ def lr_factor(args, steps_per_epoch):
         if args.lr_scheduler == "onecycle":
             return 1 - progress
         if args.lr_scheduler == "step":
-            return args.lr_gamma ** (step // steps_per_epoch // args.lr_step_size)
+            # from the warm-up's end, like cosine's progress: counted from epoch 0, the decays that fell in
+            # the warm-up all came at once after it (warm-up 2, step size 1: the peak lr for one step, then 1%)
+            return args.lr_gamma ** ((step - warm) // (steps_per_epoch * args.lr_step_size))
         return 1.0
     return factor
 
@@ -1154,7 +1157,7 @@ def get_args_parser(add_help=True):
     p.add_argument("--warmup-epochs", type=at_least(0.0, float), default=0.0, metavar="F",
                    help="linear lr warm-up from about 0 over the first F epochs (counted in steps; fractions allowed), "
                         "then the --lr-scheduler over the rest, per step (default: 0, no warm-up)")
-    p.add_argument("--lr-step-size", type=at_least(1), default=10, help="epochs between decays for step (default: 10)")
+    p.add_argument("--lr-step-size", type=at_least(1), default=10, help="epochs between decays for step, after the warm-up (default: 10)")
     p.add_argument("--lr-gamma", type=positive_float, default=0.1, help="decay factor for step (default: 0.1)")
     p.add_argument("--label-smoothing", type=at_least(0.0, float), default=0.0, help="cross-entropy label smoothing, below 1 (default: 0.0)")
     p.add_argument("--augment", nargs="?", const="crop", default="none", choices=AUGMENTS,

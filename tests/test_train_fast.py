@@ -45,9 +45,15 @@ def test_onecycle_is_warmup_then_linear_decay_to_zero():
 
 
 def test_warmup_with_step_and_none():
+    # 4 warm-up steps, then a decay every 3 epochs (12 steps) counted from the warm-up's end, as torchvision's
+    # references chain them (SequentialLR, milestones=[warmup]): at steps 16 and 28, not 12 and 24.
     factor = train.lr_factor(flags("--epochs", "10", "--warmup-epochs", "1", "--lr-scheduler", "step",
                                    "--lr-step-size", "3", "--lr-gamma", "0.5"), 4)
-    assert [factor(s) for s in (0, 3, 4, 11, 12, 24)] == [0.25, 1.0, 1.0, 1.0, 0.5, 0.25]
+    assert [factor(s) for s in (0, 3, 4, 15, 16, 27, 28)] == [0.25, 1.0, 1.0, 1.0, 0.5, 0.5, 0.25]
+    # A warm-up longer than a step's size: counted from epoch 0, its decays came all at once after it (0.01).
+    factor = train.lr_factor(flags("--epochs", "5", "--warmup-epochs", "2", "--lr-scheduler", "step",
+                                   "--lr-step-size", "1"), 4)
+    assert [factor(s) for s in (7, 8, 11, 12)] == [1.0, 1.0, 1.0, 0.1]
     factor = train.lr_factor(flags("--epochs", "10", "--warmup-epochs", "1", "--lr-scheduler", "none"), 4)
     assert [factor(s) for s in (0, 1, 4, 39)] == [0.25, 0.5, 1.0, 1.0]
 

@@ -598,9 +598,10 @@ def load_checkpoint(path, identity):
     return ckpt
 
 
-def restore_ema(parts, ckpt, path):
+def restore_ema(parts, ckpt, path, args):
     """Load the checkpoint's EMA; CheckpointError when the checkpoint and this run disagree on having one
-    (starting an average mid-run, or dropping one, would quietly change what is validated)."""
+    (starting an average mid-run, or dropping one, would quietly change what is validated), or on its
+    --ema or --ema-every (one average of two decays: the state dict keeps the average, not its decay)."""
     here = parts.ema is not None
     there = ckpt["args"].get("ema") if "ema" in ckpt else None
     if here and not there:
@@ -608,6 +609,13 @@ def restore_ema(parts, ckpt, path):
                               "resume it without --ema, or use another --output-dir")
     if there and not here:
         raise CheckpointError(f"{path}: holds an EMA of the weights (made with --ema {there}); resume it with --ema {there}")
+    saved = (there, ckpt["args"].get("ema_every", 1))
+    if here and saved != (args.ema, args.ema_every) and not args.test_only:  # evaluating it needs no decay
+        named = saved[1] != args.ema_every  # --ema-every only where it differs
+        said = lambda ema, every: f"--ema {ema}" + (f" --ema-every {every}" if named else "")  # noqa: E731
+        raise CheckpointError(f"{path}: holds an EMA of the weights made with {said(*saved)}, this run has "
+                              f"{said(args.ema, args.ema_every)}, and one average must keep its decay; resume it "
+                              f"with {said(*saved)}, or use another --output-dir")
     if here:
         parts.ema.load_state_dict(ckpt["ema"])
 
@@ -633,7 +641,7 @@ def restore(parts, args, ckpt_path):
             raise UsageError(f"--epochs {args.epochs}: {ckpt_path} is past it (at epoch {state.epoch} step "
                              f"{state.epoch_steps}); resume with --epochs {least} or more")
         parts.module.load_state_dict(ckpt["model"])
-        restore_ema(parts, ckpt, ckpt_path)
+        restore_ema(parts, ckpt, ckpt_path, args)
         parts.optimizer.load_state_dict(ckpt["optimizer"])
         kept = keep_optimizer_flags(args, ckpt["args"])
         if rank() == 0:

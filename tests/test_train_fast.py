@@ -185,6 +185,14 @@ def test_ema_and_checkpoints_must_agree(small_shards, tmp_path, capsys):
     stop_at(small_shards, tmp_path / "ema", 3, *base, "--ema", "0.99")
     assert resume_error(tmp_path / "ema") == (f"error: {tmp_path / 'ema' / 'checkpoint.pth'}: holds an EMA of the "
                                               "weights (made with --ema 0.99); resume it with --ema 0.99\n")
+    # Another decay was taken without a word: the average then mixed two decays.
+    assert resume_error(tmp_path / "ema", "--ema", "0.999") == (
+        f"error: {tmp_path / 'ema' / 'checkpoint.pth'}: holds an EMA of the weights made with --ema 0.99, this run "
+        "has --ema 0.999, and one average must keep its decay; resume it with --ema 0.99, or use another --output-dir\n")
+    assert resume_error(tmp_path / "ema", "--ema", "0.99", "--ema-every", "4") == (
+        f"error: {tmp_path / 'ema' / 'checkpoint.pth'}: holds an EMA of the weights made with --ema 0.99 --ema-every 1, "
+        "this run has --ema 0.99 --ema-every 4, and one average must keep its decay; resume it with --ema 0.99 "
+        "--ema-every 1, or use another --output-dir\n")
 
 
 # --- TTA -----------------------------------------------------------------------------------

@@ -1027,6 +1027,11 @@ def choose_budget_epochs(parts, state, args, elapsed_s, epoch_s, val_s):
     if rank() == 0:
         print(f"--time-budget {args.time_budget:g} min: {elapsed_s:.1f} s so far, an epoch {epoch_s:.1f} s, "
               f"the test ~{val_s:.1f} s: --epochs {epochs}", flush=True)
+        # parse_args refuses --warmup-epochs at or past --epochs; a choice can land there after the fact
+        if epochs < args.warmup_epochs or (epochs == args.warmup_epochs and args.lr_scheduler != "none"):
+            print(f"note: --time-budget {args.time_budget:g} min holds {epochs} epochs, no more than --warmup-epochs "
+                  f"{args.warmup_epochs:g}: the run ends in its warm-up, the lr never decays (give fewer warm-up "
+                  "epochs or more minutes)", file=sys.stderr, flush=True)
         write_args(args.output_dir, args)
 
 

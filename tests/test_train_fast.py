@@ -443,3 +443,13 @@ def test_a_spent_time_budget_stops_after_two_epochs(small_shards, tmp_path, caps
                 "--time-budget", "0.01")
     assert final["epochs"] == 2 and len(read_jsonl(tmp_path / "metrics.jsonl")) == 2
     assert capsys.readouterr().out.count(": --epochs 2\n") == 1
+
+
+def test_a_time_budget_that_ends_within_the_warm_up_says_so(small_shards, tmp_path, capsys):
+    """A choice of no more epochs than --warmup-epochs ended the run at the peak lr, never decayed, without a word."""
+    final = run(small_shards, tmp_path, "--arch", "lenet5", "-b", "16", "--epochs", "5", "--limit-batches", "1",
+                "--warmup-epochs", "2", "--time-budget", "0.01")  # spent: the choice is the 2 epochs done
+    assert final["epochs"] == 2 and read_jsonl(tmp_path / "metrics.jsonl")[-1]["lr"] == 0.01  # the peak
+    assert capsys.readouterr().err.endswith(
+        "note: --time-budget 0.01 min holds 2 epochs, no more than --warmup-epochs 2: the run ends in its warm-up, "
+        "the lr never decays (give fewer warm-up epochs or more minutes)\n")

@@ -322,11 +322,13 @@ def load_data(args, device, world_size, shard_set):
     return train, val, test
 
 
-def build_model(args, num_classes):
+def build_model(args, manifest):
     """The network, from scratch, torchvision's ImageNet weights, or --weights FILE; under --test-only the
-    file's head must fit (another class count's is replaced by a fresh one, which scores chance). Resuming,
+    file's head must fit (another class count's is replaced by a fresh one, which scores chance), and a
+    train.py checkpoint's classes must be the shards' (other classes' outputs are scored against other labels). Resuming,
     from scratch: the checkpoint replaces every weight, so a resume (a preempted job requeued on an offline
     node) needs neither the ImageNet download nor the --weights file any more."""
+    num_classes = len(manifest["classes"])
     if resume_path(args):
         return models.get_model(args.arch, num_classes)
     try:
@@ -345,7 +347,24 @@ def build_model(args, num_classes):
     if dropped:
         raise CheckpointError(f"--weights {args.weights}: its head is not for these shards' {num_classes} classes, and "
                               "--test-only would evaluate a fresh one (chance level); train from it first")
+    trained_on = weights_classes(args.weights)
+    if trained_on not in (None, classes_of(manifest)):  # a plain state dict does not say
+        raise CheckpointError(f"--weights {args.weights}: trained on {trained_on}, not these shards' "
+                              f"{classes_of(manifest)}, and --test-only would score its outputs against other "
+                              "labels; give the shards it was trained on")
     return model
+
+
+def weights_classes(path):
+    """The classes a train.py checkpoint was trained on (`classes_of` its shards), or None for a file that
+    does not record them. Memory-mapped: only the small identity is read of a file already loaded once."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - a legacy (not zip) file cannot be mapped; it is no train.py checkpoint
+        return None
+    identity = saved.get("identity") if isinstance(saved, dict) else None
+    dataset = identity.get("dataset") if isinstance(identity, dict) else None
+    return dataset.rsplit(", ", 1)[0] if isinstance(dataset, str) else None
 
 
 def describe_weights(path, arch):
@@ -473,7 +492,7 @@ def build(args, device, world_size):
     seed_everything(args.seed)  # the same initial weights on every rank
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    module = build_model(args, len(manifest["classes"]))
+    module = build_model(args, manifest)
     torch.manual_seed(args.seed + rank())  # but different dropout masks
     module.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
     model = module
@@ -546,13 +565,17 @@ def sync_ema_buffers(parts):
 # --- checkpoints ---------------------------------------------------------------------------
 
 
+def classes_of(manifest):
+    """The shards' classes in label order, short: "10 classes (<12 hex digits of their wnids' sha256>)"."""
+    wnids = ",".join(c["wnid"] for c in manifest["classes"])
+    return f"{len(manifest['classes'])} classes ({hashlib.sha256(wnids.encode()).hexdigest()[:12]})"
+
+
 def run_identity(args, manifest):
     """What a checkpoint must share with this run to continue it: the network, its input, the
     seed (the epoch order and the weights follow from it) and the dataset (classes and size)."""
-    wnids = ",".join(c["wnid"] for c in manifest["classes"])
-    digest = hashlib.sha256(wnids.encode()).hexdigest()[:12]
     return dict(arch=args.arch, size=args.size, seed=args.seed,
-                dataset=f"{len(manifest['classes'])} classes ({digest}), {manifest['counts']['train']} train")
+                dataset=f"{classes_of(manifest)}, {manifest['counts']['train']} train")
 
 
 def save_atomic(obj, path):

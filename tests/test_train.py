@@ -239,6 +239,22 @@ def test_test_only_refuses_a_fresh_head(train_shards, tmp_path, capsys):
                "--resume", "auto", "--limit-batches", "1")["val"]["top1"] >= 0
 
 
+def test_test_only_refuses_a_checkpoint_of_other_classes(train_shards, tmp_path, capsys):
+    """A run on another 10 classes has a head that fits: --test-only scored its outputs against these labels
+    (val top-1 0-10%) and exited 0. A train.py checkpoint records its classes; a plain state dict does not."""
+    other = _shards(tmp_path / "other", classes=10, train_per_class=2, val_per_class=2, test=1, seed=1)
+    run(other, tmp_path / "run", "--arch", "lenet5", "--epochs", "1", "--limit-batches", "1")
+    base = ["--device", "cpu", "--arch", "lenet5", "--shards", train_shards, "--output-dir", tmp_path / "eval",
+            "--test-only", "--limit-batches", "1"]
+    assert cli(*base, "--weights", tmp_path / "run" / "best.pth") == 1
+    there, here = (train.classes_of(read_manifest(s)) for s in (other, train_shards))
+    assert there != here and capsys.readouterr().err == (
+        f"error: --weights {tmp_path / 'run' / 'best.pth'}: trained on {there}, not these shards' {here}, and "
+        "--test-only would score its outputs against other labels; give the shards it was trained on\n")
+    assert run(other, tmp_path / "eval", "--arch", "lenet5", "--test-only", "--limit-batches", "1",
+               "--weights", tmp_path / "run" / "best.pth")["val"]["top1"] >= 0  # its own classes
+
+
 def test_no_whole_batch_per_rank_is_a_usage_error(train_shards, tmp_path, capsys):
     """drop_last under --compile (and DDP) with a batch above the split: a ZeroDivisionError at the
     epoch's end, after an empty epoch, before."""

@@ -74,6 +74,9 @@ def read_run(run) -> dict:
             raise ValueError(f"{path}: not a JSON object ({e})") from None
         if not isinstance(value, dict):
             raise ValueError(f"{path}: not a JSON object (a {type(value).__name__})")
+        bad = _bad_field(value, FIELD_KINDS[name])
+        if bad:
+            raise ValueError(f"{path}: {bad}")
         return value
 
     final = optional("final.json")
@@ -84,6 +87,24 @@ def read_run(run) -> dict:
 
 #: What the table and the curves read from every metrics row.
 ROW_KEYS = ("epoch", "train_loss", "train_top1", "val_loss", "val_top1")
+_WHOLE, _NUMBER, _TEXT = ((int,), "a whole number"), ((int, float), "a number"), ((str,), "text")
+#: The fields of a run's files that the report computes with, and the JSON types train.py writes there:
+#: a hand-edited value of another type (env.json's `"world_size": null`) failed with a traceback.
+FIELD_KINDS = {
+    "args.json": dict(arch=_TEXT, size=_WHOLE, epochs=_WHOLE, batch_size=_WHOLE, ema=_NUMBER,
+                      weights=((str, type(None)), "text or null"), augment=((str, bool), "text")),
+    "env.json": dict(world_size=_WHOLE, dataset=_TEXT),
+    "final.json": dict(epochs=_WHOLE, test_top1=_NUMBER, wall_time_s=_NUMBER),
+    "metrics.jsonl": dict(epoch=_WHOLE, **dict.fromkeys(ROW_KEYS[1:], _NUMBER)),
+}
+
+
+def _bad_field(value: dict, kinds: dict) -> str:
+    """What is wrong with the first field of `value` that is not of its kind in `kinds` ('' if none is)."""
+    for key, (types, said) in kinds.items():
+        if key in value and not isinstance(value[key], types):
+            return f"{key} is not {said} ({json.dumps(value[key])})"
+    return ""
 
 
 def _metrics_rows(path) -> list[dict]:
@@ -101,6 +122,9 @@ def _metrics_rows(path) -> list[dict]:
         missing = [key for key in ROW_KEYS if key not in row]
         if missing:
             raise ValueError(f"{path}: line {n}: not a metrics row (no {', '.join(missing)})")
+        bad = _bad_field(row, FIELD_KINDS["metrics.jsonl"])
+        if bad:
+            raise ValueError(f"{path}: line {n}: not a metrics row ({bad})")
         rows.append(row)
     return rows
 

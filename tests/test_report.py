@@ -88,6 +88,14 @@ def test_unreadable_run_files_are_one_line_errors_naming_the_file(tmp_path, runs
     assert report(run) == (1, f"error: {run / 'args.json'}: not a JSON object "
                               f"(Expecting ',' delimiter: line 1 column {len(args)} (char {len(args) - 1}))")
     (run / "args.json").write_text(args)
+    # A value of another type than train.py writes (a hand edit) was a traceback from the middle of the table.
+    (run / "env.json").write_text('{"world_size": null}')
+    assert report(run) == (1, f"error: {run / 'env.json'}: world_size is not a whole number (null)")
+    (run / "env.json").write_text('{"world_size": 1}')
+    (run / "metrics.jsonl").write_text(good + json.dumps(row(2, "9%", 7.0)) + "\n")
+    assert report(run) == (1, f"error: {run / 'metrics.jsonl'}: line 3: not a metrics row (train_top1 is not a "
+                              'number ("9%"))')
+    (run / "metrics.jsonl").write_text(good)
     out = run / "args.json" / "report"  # under a file
     assert report(run, "--out", out) == (
         1, f"error: {out}: cannot write the report (NotADirectoryError: [Errno 20] Not a directory: '{out}')")

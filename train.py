@@ -347,24 +347,26 @@ def build_model(args, manifest):
     if dropped:
         raise CheckpointError(f"--weights {args.weights}: its head is not for these shards' {num_classes} classes, and "
                               "--test-only would evaluate a fresh one (chance level); train from it first")
-    trained_on = weights_classes(args.weights)
+    trained_on, norm = weights_run(args.weights)
     if trained_on not in (None, classes_of(manifest)):  # a plain state dict does not say
         raise CheckpointError(f"--weights {args.weights}: trained on {trained_on}, not these shards' "
                               f"{classes_of(manifest)}, and --test-only would score its outputs against other "
                               "labels; give the shards it was trained on")
+    check_norm(norm, args, f"--weights {args.weights}")
     return model
 
 
-def weights_classes(path):
-    """The classes a train.py checkpoint was trained on (`classes_of` its shards), or None for a file that
-    does not record them. Memory-mapped: only the small identity is read of a file already loaded once."""
+def weights_run(path):
+    """(the classes (`classes_of` its shards), --norm) a train.py checkpoint was trained with; None for
+    what a file does not record. Memory-mapped: only the small records are read of a file already loaded once."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001 - a legacy (not zip) file cannot be mapped; it is no train.py checkpoint
-        return None
-    identity = saved.get("identity") if isinstance(saved, dict) else None
+        return None, None
+    identity, run_args = (saved.get(k) if isinstance(saved, dict) else None for k in ("identity", "args"))
     dataset = identity.get("dataset") if isinstance(identity, dict) else None
-    return dataset.rsplit(", ", 1)[0] if isinstance(dataset, str) else None
+    return (dataset.rsplit(", ", 1)[0] if isinstance(dataset, str) else None,
+            run_args.get("norm") if isinstance(run_args, dict) else None)
 
 
 def describe_weights(path, arch):
@@ -659,6 +661,7 @@ def restore(parts, args, ckpt_path):
                              f"(made after {BUDGET_AFTER_EPOCHS} epochs); resume it with --epochs N instead")
         check_epoch_order(ckpt, state, args, parts.world_size, ckpt_path)
         check_limit_batches(ckpt["args"].get("limit_batches"), args, ckpt_path)
+        check_norm(ckpt["args"].get("norm"), args, ckpt_path)
         if not args.test_only and (state.epoch > args.epochs or (state.epoch == args.epochs and state.samples_done)):
             least = state.epoch + bool(state.samples_done)  # at an epoch's end, that epoch count itself
             raise UsageError(f"--epochs {args.epochs}: {ckpt_path} is past it (at epoch {state.epoch} step "
@@ -727,6 +730,17 @@ def check_limit_batches(saved, args, path):
     fix = "without --limit-batches" if saved is None else f"with --limit-batches {saved}"
     raise CheckpointError(f"{path}: made with {said(saved)}, this run has {said(args.limit_batches)}, and one run's "
                           f"epochs must see the same batches; resume it {fix}, or use another --output-dir")
+
+
+def check_norm(saved, args, path):
+    """CheckpointError unless this run normalises its inputs as the checkpoint's (`saved`) did, also under
+    --test-only (and there for --weights of a checkpoint too): the weights are for those inputs. A resume or evaluation without the --recipe the run was
+    made with (paper: --norm half for lenet5, imagenet for the others) took the default, the shards' own
+    statistics, without a word: training went on, or was scored, on inputs shifted and scaled otherwise."""
+    if saved is None or saved == args.norm:  # None: a checkpoint that does not say
+        return
+    raise CheckpointError(f"{path}: made with --norm {saved}, this run has --norm {args.norm}, and the weights are for "
+                          f"inputs normalised as they were trained; give --norm {saved}")
 
 
 OPTIMIZER_FLAGS = ("lr", "momentum", "wd", "nesterov")  # what the optimiser's state dict restores

@@ -796,6 +796,24 @@ def test_a_resume_with_another_limit_batches_is_refused(train_shards, tmp_path, 
         "run's epochs must see the same batches; resume it without --limit-batches, or use another --output-dir\n")
 
 
+def test_a_resume_or_evaluation_with_another_norm_is_refused(tiny_shards, tmp_path, capsys):
+    """A --recipe paper run (lenet5: --norm half) resumed or evaluated without the recipe took --norm dataset
+    without a word: it trained on, or was scored, on inputs its weights were not trained for (a 3-epoch run's
+    best.pth: val loss 1.59 against its own 1.22)."""
+    run(tiny_shards, tmp_path, "--arch", "lenet5", "--epochs", "1", "--norm", "half")
+    base = ["--shards", tiny_shards, "--device", "cpu", "--arch", "lenet5", "--output-dir", tmp_path]
+    said = "made with --norm half, this run has --norm dataset, and the weights are for inputs normalised as they " \
+           "were trained; give --norm half\n"
+    capsys.readouterr()
+    for flags in (["--epochs", "2", "--resume", "auto"], ["--test-only", "--resume", "auto"]):
+        assert cli(*base, *flags) == 1
+        assert capsys.readouterr().err == f"error: {tmp_path / 'checkpoint.pth'}: {said}"
+    assert cli(*base, "--test-only", "--weights", tmp_path / "best.pth") == 1
+    assert capsys.readouterr().err == f"error: --weights {tmp_path / 'best.pth'}: {said}"
+    assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 1
+    assert set(run(tiny_shards, tmp_path, "--arch", "lenet5", "--norm", "half", "--test-only", "--resume", "auto")) == {"val", "test"}
+
+
 def test_a_resume_that_trains_further_removes_final_json(tiny_shards, tmp_path):
     # A finished 1-epoch run, resumed to --epochs 400 and stopped mid-epoch 1: its final.json (the
     # 1-epoch run's test figure and wall time) was left beside the new metrics, and `tinyin report`

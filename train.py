@@ -7,7 +7,8 @@
 Writes to --output-dir: args.json, env.json, metrics.jsonl/.csv (one row per epoch),
 checkpoint.pth (every epoch, every --checkpoint-every steps, and on SIGTERM/SIGINT/SIGUSR1;
 resume with --resume auto), best.pth (best val top-1) and final.json (test-split accuracy of
-the final model, total wall time; written when the run finishes, removed when training starts).
+the final model, total wall time; written when the run finishes, removed when training starts), and
+.train.lock (locked while a run trains there: a second one is refused).
 
 Beyond the study's plain SGD: --nesterov, a linear --warmup-epochs and a onecycle schedule (both
 per step, in closed form of the step), --ema (validate and test an exponential moving average of
@@ -28,6 +29,8 @@ import contextlib
 import csv
 import dataclasses
 import datetime
+import errno
+import fcntl
 import hashlib
 import itertools
 import json
@@ -1087,6 +1090,36 @@ def final_test(parts, state, args):
     return final
 
 
+#: what a training run holds locked in its --output-dir (rank 0), so that a second one there is refused
+LOCK_FILE = ".train.lock"
+
+
+@contextlib.contextmanager
+def output_dir_lock(args):
+    """Hold an exclusive lock on OUTPUT_DIR/.train.lock while this run trains (rank 0; collective under
+    DDP). TinyinError on every rank when another process holds it: two runs in one folder (a command
+    typed twice, a job requeued while the first still runs) each appended their rows to one
+    metrics.jsonl (epochs 0, 0, 1, 1, ...) and overwrote each other's checkpoints, without a word. The
+    kernel drops the lock when its holder exits, however it exits (kill -9 included). A POSIX lock
+    (lockf), not flock: the stream path's forked loader workers would share an flock, and outlive a
+    killed run by seconds, refusing its resume meanwhile; NFS also takes POSIX locks."""
+    f, busy = None, False
+    if rank() == 0:
+        f = open(os.path.join(args.output_dir, LOCK_FILE), "a")
+        try:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            busy = e.errno in (errno.EACCES, errno.EAGAIN)  # else a file system without locks: train unguarded
+    try:
+        if gather(busy)[0]:
+            raise TinyinError(f"--output-dir {args.output_dir}: another train.py is training there (it holds "
+                              f"{LOCK_FILE}); let it finish, or use another --output-dir")
+        yield
+    finally:
+        if f is not None:
+            f.close()  # releases the lock
+
+
 def make_output_dir(path):
     """Create --output-dir (and its parents); one line (exit 1) when that cannot be done."""
     try:
@@ -1099,7 +1132,7 @@ def main(args):
     """Train (or --test-only evaluate) as `args` say; returns final.json's dict. Exits 128 + signum
     after writing a checkpoint when SIGTERM, SIGINT or SIGUSR1 arrives mid-run."""
     check_device(args.device)
-    with distributed(args) as (device, world_size), StopSignals() as stop:
+    with distributed(args) as (device, world_size), StopSignals() as stop, contextlib.ExitStack() as held:
         ckpt_path = resume_path(args)
         if args.test_only and args.pretrained and not ckpt_path:  # the ImageNet head has 1000 classes: replaced
             raise UsageError("--test-only evaluates a trained network: --pretrained gives ImageNet's weights a fresh "
@@ -1112,8 +1145,9 @@ def main(args):
         state = restore(parts, args, ckpt_path)
         check_same_start(state, ckpt_path, args)
         make_output_dir(args.output_dir)  # once the flags and files are known to work
-        if args.test_only:
+        if args.test_only:  # writes eval.json only: it may look at a run while that run trains on
             return test_only(parts, args)
+        held.enter_context(output_dir_lock(args))
         if rank() == 0:
             write_run_files(args.output_dir, args, device, world_size, state.history, parts.identity["dataset"])
             # Not finished any more (a resume that trains further, or a new run in an old folder):

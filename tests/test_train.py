@@ -553,7 +553,8 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_temp_file(tra
     assert cli("--shards", train_shards, "--device", "cpu", "--arch", "lenet5", "--epochs", "1",
                "--output-dir", tmp_path) == 1
     assert capsys.readouterr().err == f"error: No space left on device: {tmp_path / 'checkpoint.pth'}\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["args.json", "env.json", "metrics.csv", "metrics.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".train.lock", "args.json", "env.json", "metrics.csv",
+                                                          "metrics.jsonl"]
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full, a disk that is always full")
@@ -565,8 +566,8 @@ def test_a_full_disk_while_writing_final_json_is_one_line_and_leaves_no_half_fil
     assert cli("--shards", train_shards, "--device", "cpu", "--arch", "lenet5", "--epochs", "1",
                "--output-dir", tmp_path) == 1
     assert capsys.readouterr().err == f"error: No space left on device: {tmp_path / 'final.json'}\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["args.json", "best.pth", "checkpoint.pth", "env.json",
-                                                          "metrics.csv", "metrics.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".train.lock", "args.json", "best.pth", "checkpoint.pth",
+                                                          "env.json", "metrics.csv", "metrics.jsonl"]
 
 
 @pytest.mark.parametrize("path, group", [((), False), (("--data-path", "stream"), True)],
@@ -812,6 +813,61 @@ def test_a_resume_or_evaluation_with_another_norm_is_refused(tiny_shards, tmp_pa
     assert capsys.readouterr().err == f"error: --weights {tmp_path / 'best.pth'}: {said}"
     assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 1
     assert set(run(tiny_shards, tmp_path, "--arch", "lenet5", "--norm", "half", "--test-only", "--resume", "auto")) == {"val", "test"}
+
+
+def hold_lock(path):
+    """Another process holding `path`'s lock as a training run's rank 0 does (a POSIX lock: this process's own
+    would not exclude itself); it lets go when its stdin closes."""
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'a'); "
+                               "fcntl.lockf(f, fcntl.LOCK_EX); print(flush=True); sys.stdin.read()", str(path)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    holder.stdout.readline()
+    return holder
+
+
+def lock_is_free(path):
+    """Whether another process could take `path`'s lock now."""
+    return subprocess.run([sys.executable, "-c", "import fcntl, sys; fcntl.lockf(open(sys.argv[1], 'a'), "
+                           "fcntl.LOCK_EX | fcntl.LOCK_NB)", str(path)], capture_output=True, timeout=10).returncode == 0
+
+
+def test_a_second_run_in_a_folder_where_one_trains_is_refused(tiny_shards, tmp_path, capsys):
+    """The same command typed twice: both runs appended their rows to one metrics.jsonl (epochs 0, 0, 1, 1, 2,
+    2) and overwrote each other's checkpoints, final.json and best.pth, without a word. --test-only, which
+    writes eval.json only, may look at a run while it trains."""
+    run(tiny_shards, tmp_path, "--arch", "lenet5", "--epochs", "1")
+    base = ["--shards", tiny_shards, "--device", "cpu", "--arch", "lenet5", "--output-dir", tmp_path]
+    holder = hold_lock(tmp_path / ".train.lock")
+    try:
+        capsys.readouterr()
+        assert cli(*base, "--epochs", "2", "--resume", "auto") == 1
+        assert capsys.readouterr().err == (f"error: --output-dir {tmp_path}: another train.py is training there "
+                                           "(it holds .train.lock); let it finish, or use another --output-dir\n")
+        assert set(run(tiny_shards, tmp_path, "--arch", "lenet5", "--test-only", "--resume", "auto")) == {"val", "test"}
+    finally:
+        holder.communicate(timeout=10)
+    assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 1
+    assert run(tiny_shards, tmp_path, "--arch", "lenet5", "--epochs", "2", "--resume", "auto")["epochs"] == 2
+
+
+def test_the_output_dir_lock_goes_with_the_run_not_with_its_forked_children(tmp_path):
+    """The stream path's loader workers are forked while the lock is held: an flock, which they shared,
+    outlived a kill -9 of the run by their seconds of shutdown, and its immediate resume was refused."""
+    child = None
+    try:
+        with train.output_dir_lock(argparse.Namespace(output_dir=str(tmp_path))):
+            child = os.fork()
+            if child == 0:  # a worker: it only lives on
+                try:
+                    signal.pause()
+                finally:
+                    os._exit(0)
+            held = not lock_is_free(tmp_path / ".train.lock")
+        assert held and lock_is_free(tmp_path / ".train.lock")  # the run is gone, its child not yet
+    finally:
+        if child:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
 
 
 def test_a_resume_that_trains_further_removes_final_json(tiny_shards, tmp_path):

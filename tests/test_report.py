@@ -356,6 +356,40 @@ def test_reproduce_checks_the_shards_before_any_row_starts(tmp_path):
     assert not (tmp_path / "out" / "lenet5-28").exists()
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--train-args", "--ema 0.5 --ema-every 0"], "argument --ema-every: must be at least 1, not 0"),
+    (["--device", "cuda"], f"argument --device: cuda, but torch {torch.__version__} sees no CUDA device here"),
+])
+def test_reproduce_checks_train_flags_before_any_row_starts(shards, tmp_path, monkeypatch, capsys, flags, message):
+    """Both used to start the row, which train.py refused (exit 2), then said "rerun to resume it":
+    the rerun was refused alike. Now one line before any row starts, exit 2 as train.py's."""
+    import reproduce
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same line on a GPU machine
+    with pytest.raises(SystemExit) as exit:
+        reproduce.main(reproduce.get_args_parser().parse_args(
+            ["--shards", str(shards), "--out", str(tmp_path / "out"), "--rows", "lenet5-28,alexnet-64", *flags]))
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == f"error: train.py refuses the flags of row lenet5-28: {message}\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_reproduce_a_row_refused_by_train_py_is_not_told_to_rerun(shards, tmp_path, monkeypatch, capsys):
+    """A refusal only the row's run finds (exit 2: an --epochs before its checkpoint's step) said
+    "rerun to resume it", which train.py refuses alike; the report said "failed (exit 2)"."""
+    import reproduce
+
+    monkeypatch.setattr(reproduce, "train_row", lambda name, run, cmd, stop, log=None, env=None: 2)
+    with pytest.raises(SystemExit) as exit:
+        reproduce.main(reproduce.get_args_parser().parse_args(
+            ["--shards", str(shards), "--out", str(tmp_path / "out"), "--rows", "lenet5-28,alexnet-64"]))
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == ("error: train.py refused the flags of rows lenet5-28, alexnet-64 (see train.py's "
+                                       "error above); a rerun with them is refused alike: change them\n")
+    assert "| lenet5-28 | - | - | no epoch finished: train.py refused its flags (exit 2) |" in \
+        (tmp_path / "out" / "report.md").read_text()
+
+
 def test_reproduce_pretrained_row_with_a_local_weights_file(shards, tmp_path):
     """A Table 3 row runs from a local ImageNet file (SqueezeNet 1.1: 5 MB) without any download."""
     from torchvision.models import squeezenet1_1

@@ -116,6 +116,33 @@ def test_train_flags_are_checked_before_any_run_starts(tmp_path, capsys, extra, 
     assert not (tmp_path / "sr").exists()
 
 
+def test_a_device_train_py_lacks_is_refused_before_any_run_starts(tmp_path, monkeypatch, capsys):
+    """`--device cuda` on a machine without one: train.py refused it (exit 2) and speedrun.py told
+    to "rerun to train that run again", which train.py refuses alike."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit:
+        speedrun.main(["--shards", "x", "--out", str(tmp_path / "sr"), "--device", "cuda"])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == ("speedrun.py: error: train.py refuses the flags of the full recipe: argument "
+                                       f"--device: cuda, but torch {torch.__version__} sees no CUDA device here\n")
+    assert not (tmp_path / "sr").exists()
+
+
+def test_a_run_train_py_refuses_is_not_told_to_rerun(tmp_path, monkeypatch, capsys):
+    """A refusal only train.py's run finds (exit 2) is not a failure a rerun mends."""
+    def refused(args, seed, out, variant=None):
+        raise subprocess.CalledProcessError(2, ["train.py"])
+
+    monkeypatch.setattr(speedrun, "run_seed", refused)
+    with pytest.raises(SystemExit) as exit:
+        speedrun.main(["--shards", "x", "--out", str(tmp_path / "sr"), "--device", "cpu"])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == ("error: train.py refused its flags (see its error above); a rerun with them is "
+                                       "refused alike: change them\n")
+
+
 def test_a_shards_urls_password_and_token_are_hidden_in_what_is_printed_and_written(tmp_path, monkeypatch, capsys):
     """speedrun.md, process_wall.json and the '$ train.py ...' line showed a --shards URL whole: results
     are published, logs shared."""

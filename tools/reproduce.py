@@ -11,7 +11,8 @@ own train.py subprocess into OUT/ROW with `--resume auto`: an interrupted reprod
 where it stopped, and a finished row (final.json with its epochs, args.json with its --limit-batches)
 is not run again. Table 3 rows need the ImageNet weights as a local file (--weights-dir, or already
 in the torch.hub cache; nothing is downloaded): without one the row is reported as "not run: no
-ImageNet weights here".
+ImageNet weights here". Before the first row starts, train.py's own checks of every row's flags
+run (a bad --train-args or a --device this machine lacks is one line, exit 2, nothing trained).
 OUT/report.md (+ report.json, curves.png) puts our rows beside the study's reported and
 recorded values, with minutes per row and the whole table's wall time (OUT/ROW/reproduce.json
 keeps each row's process wall clock, summed over resumes, and when it ran). `--jobs N` trains N
@@ -45,7 +46,7 @@ import models  # noqa: E402
 from models.recipes import RECIPES  # noqa: E402
 from pipeline.atomic import write_json  # noqa: E402
 from pipeline.cache import is_set_url  # noqa: E402
-from pipeline.errors import hide_password  # noqa: E402
+from pipeline.errors import TinyinError, UsageError, hide_password  # noqa: E402
 from pipeline.report import write_report  # noqa: E402
 
 TABLE2 = {f"{arch}-{size}": ("paper", arch, size) for arch, size in RECIPES["paper"] if size != 224}
@@ -205,6 +206,21 @@ def log_tail(log, lines=5):
     return "\n".join("    " + line for line in text)
 
 
+def check_train_flags(todo):
+    """train.py's own flag checks for every row to run, before the first starts: a mistake in
+    --train-args or --device is one line here, not a failed row (or all of them) with the advice to
+    rerun, which train.py would refuse alike."""
+    import train  # torch and the models: the rows' own imports, once
+    from pipeline.device import check_device
+
+    for name, _, cmd in todo:
+        try:
+            check_device(train.parse_args(cmd[2:]).device)  # less the interpreter and train.py; a GPU it lacks
+        except TinyinError as e:
+            print(f"error: train.py refuses the flags of row {name}: {e}", file=sys.stderr)
+            sys.exit(e.exit_code)
+
+
 def main(args):
     rows = args.rows.split(",") if args.rows else list(ROWS)
     unknown = [r for r in rows if r not in ROWS]
@@ -230,6 +246,7 @@ def main(args):
     if todo and not is_set_url(args.shards) and not (Path(args.shards) / "manifest.json").is_file():
         # before any row starts: each would fail alike, and the message would tell to "rerun"
         sys.exit(f"error: --shards {args.shards}: not a shard set (no manifest.json); run `tinyin shard build` first")
+    check_train_flags(todo)
     # Side by side (--jobs > 1) each row's output goes to its own log; a thread per row is enough,
     # since each thread only waits on its train.py process.
     logs = {name: run / "train.log" if args.jobs > 1 else None for name, run, _ in todo}
@@ -252,6 +269,8 @@ def main(args):
     def why_no_epoch(code):
         if code is None:
             return f"not started: stopped by {signame}"
+        if code == UsageError.exit_code:
+            return f"no epoch finished: train.py refused its flags (exit {code})"
         return "no epoch finished: " + (f"stopped by {signame}" if stopped(code) else f"failed (exit {code})")
 
     missing = [(run.name, why_no_epoch(codes[run.name])) for run in done if run not in reported]
@@ -264,11 +283,20 @@ def main(args):
         print(f"error: stopped by {signame}; {', '.join(unfinished)} unfinished (the report shows them so far); "
               "rerun to resume", file=sys.stderr)
         sys.exit(128 + stop.signum)
+    # Exit 2 is train.py's UsageError that only the row's own run finds (an --epochs before its
+    # checkpoint's step, ...): a rerun with the same flags is refused alike.
+    refused = [name for name, code in failed if code == UsageError.exit_code]
+    failed = [(name, code) for name, code in failed if code != UsageError.exit_code]
+    if refused:
+        print(f"error: train.py refused the flags of row{'s' * (len(refused) > 1)} {', '.join(refused)} (see train.py's "
+              "error above); a rerun with them is refused alike: change them", file=sys.stderr)
     if len(failed) == 1:
         sys.exit(f"error: row {failed[0][0]} failed (exit {failed[0][1]}); rerun to resume it")
     if failed:
         which = ", ".join(f"{name} (exit {code})" for name, code in failed)
         sys.exit(f"error: rows {which} failed; rerun to resume them")
+    if refused:
+        sys.exit(UsageError.exit_code)
 
 
 def get_args_parser():

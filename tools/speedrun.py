@@ -31,7 +31,7 @@ from matplotlib.figure import Figure  # the object API: no pyplot, no global bac
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # train.py and pipeline/, run from anywhere, installed or not
 
-from pipeline.errors import TinyinError, hide_password  # noqa: E402
+from pipeline.errors import TinyinError, UsageError, hide_password  # noqa: E402
 
 #: --ablate's variants: name -> (the part switched off, the train.py flags that switch it off)
 ABLATIONS = {
@@ -60,10 +60,11 @@ def check_train_flags(args, variants):
     the recipe has no row for, --train-args that clash with it) is one line here, not a failed run
     after minutes of others with the advice to rerun."""
     import train
+    from pipeline.device import check_device
 
     for variant in [None, *variants]:
         try:
-            train.parse_args(train_argv(args, 0, "run", variant))
+            check_device(train.parse_args(train_argv(args, 0, "run", variant)).device)  # also a GPU it lacks
         except TinyinError as e:
             run = "the full recipe" if variant is None else f"--ablate {variant}"
             print(f"speedrun.py: error: train.py refuses the flags of {run}: {e}", file=sys.stderr)
@@ -197,6 +198,10 @@ def main(argv=None):
         if variants:
             print((out / "ablation.md").read_text(), end="")
     except subprocess.CalledProcessError as e:
+        if e.returncode == UsageError.exit_code:  # train.py's UsageError, found in its run: not a rerun's fix
+            print("error: train.py refused its flags (see its error above); a rerun with them is refused alike: "
+                  "change them", file=sys.stderr)
+            sys.exit(e.returncode)
         # A seed is not resumed: its minutes count from its process's start, so a rerun trains it again.
         print(f"error: train.py failed (exit {e.returncode}); rerun to train that run again", file=sys.stderr)
         sys.exit(e.returncode if e.returncode > 128 else 1)  # 128 + signum after a signal, as train.py's

@@ -1,5 +1,6 @@
 """tools/speedrun.py on the synthetic shards: seeds run once each, the table and the time-to-accuracy curve."""
 import argparse
+import importlib
 import json
 import signal
 import subprocess
@@ -43,6 +44,14 @@ def test_two_seeds_give_a_row_each_a_spread_and_a_curve_and_run_once(shards, tmp
     assert (out / "speedrun.md").read_text().splitlines() == md
 
 
+def as_if_trained_with(run, train_args, instead):
+    """Make `run`'s record say it was trained with --train-args `instead` (a finished seed is reused
+    only under the flags it was trained with; --wait-at-step holds a run that is not stopped)."""
+    timing = run / "process_wall.json"
+    saved = json.loads(timing.read_text())
+    timing.write_text(json.dumps(dict(saved, command=saved["command"].replace(train_args, instead))))
+
+
 def test_sigterm_keeps_the_finished_seeds_and_the_stopped_one_trains_again(shards, tmp_path, capfd):
     """SIGTERM to speedrun.py (a scheduler, gpu_session's --deadline) while seed 1 trains: train.py
     gets it passed on and checkpoints, speedrun.md keeps seed 0's row, the exit is 128 + 15; the
@@ -50,6 +59,7 @@ def test_sigterm_keeps_the_finished_seeds_and_the_stopped_one_trains_again(shard
     out = tmp_path / "sr"
     args = ["--shards", str(shards), "--out", str(out), "--arch", "resnet10_64s2", "--train-args"]
     speedrun.main([*args, TINY, "--seeds", "0"])
+    as_if_trained_with(out / "runs" / "seed0", TINY, TINY + " --wait-at-step 1")  # it would wait there
     proc = subprocess.Popen([sys.executable, speedrun.__file__, *args, TINY + " --wait-at-step 1", "--seeds", "0,1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
@@ -64,10 +74,44 @@ def test_sigterm_keeps_the_finished_seeds_and_the_stopped_one_trains_again(shard
     assert rows == ["seed", "0"]
 
     capfd.readouterr()
+    as_if_trained_with(out / "runs" / "seed0", TINY + " --wait-at-step 1", TINY)
     speedrun.main([*args, TINY, "--seeds", "0,1"])
     assert "resumed from" not in "".join(capfd.readouterr())  # trained again from its start
     assert [r["seed"] for r in json.loads((out / "speedrun.json").read_text())] == [0, 1]
     assert [m["epoch"] for m in json.loads((out / "speedrun.json").read_text())[1]["metrics"]] == [0, 1]
+
+
+def finished_run(run, arch):
+    """The files speedrun.py reads of a finished train.py run of `arch` (one epoch)."""
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "metrics.jsonl").write_text(json.dumps(dict(epoch=0, val_top1=10.0, epoch_time_s=1.0)) + "\n")
+    (run / "final.json").write_text(json.dumps(dict(arch=arch, epochs=1, val_top1=10.0, test_top1=9.0, eval_model="ema")))
+
+
+def test_a_seed_trained_with_other_flags_in_the_same_out_trains_again(tmp_path, monkeypatch, capsys):
+    """A second speedrun into the same --out with another --arch (or --train-args) reused seed 0's
+    run of the first: resnet10_64s2's figures under a `--arch resnet18_64` header, no word said."""
+    out, started = tmp_path / "sr", []
+    earlier = "train.py --arch resnet10_64s2 --seed 0"
+    finished_run(out / "runs" / "seed0", "resnet10_64s2")
+    (out / "runs" / "seed0" / "process_wall.json").write_text(json.dumps(dict(seconds=60.0, command=earlier)))
+
+    class TrainPy:  # stands in for train.py's process: a finished run of the --arch it is given
+        def __init__(self, cmd, cwd):
+            started.append(cmd)
+            finished_run(Path(cmd[cmd.index("--output-dir") + 1]), cmd[cmd.index("--arch") + 1])
+
+        def wait(self):
+            return 0
+
+    importlib.import_module("train")  # before Popen is replaced: importing torch starts processes
+    monkeypatch.setattr(speedrun.subprocess, "Popen", TrainPy)
+    speedrun.main(["--shards", "x", "--out", str(out), "--seeds", "0", "--arch", "resnet18_64", "--device", "cpu"])
+    assert f"{out / 'runs' / 'seed0'}: trained with other flags ({earlier}); training it again\n" in capsys.readouterr().out
+    assert len(started) == 1
+    assert json.loads((out / "speedrun.json").read_text())[0]["final"]["arch"] == "resnet18_64"
+    assert json.loads((out / "runs" / "seed0" / "process_wall.json").read_text())["command"].endswith(
+        f"--arch resnet18_64 --size 64 --recipe fast --seed 0 --output-dir {out / 'runs' / 'seed0'} --device cpu")
 
 
 def test_bad_seeds_are_a_one_line_error(capsys):

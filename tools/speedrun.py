@@ -8,7 +8,8 @@ Each seed is one `train.py` process; its minutes are the process's wall time, fr
 final test evaluation (shards already built: the build is not part of a speedrun). Writes
 OUT/speedrun.md (per seed and mean +- spread: minutes, val and test top-1), OUT/speedrun.json and
 OUT/speedrun.png (val top-1 against minutes: the time-to-accuracy curve). Run folders go to
-OUT/runs/; a seed whose final.json is there is not run again.
+OUT/runs/; a seed whose final.json is there, trained with the same train.py flags, is not run again
+(with other flags, from another --arch or --train-args in the same --out, it trains afresh).
 
 --ablate (issue 9's table of what each part adds) then trains the first seed again once per named
 part, with only that part switched off (ABLATIONS: the train.py flags that do it, which win over
@@ -76,9 +77,16 @@ def run_seed(args, seed, out, variant=None):
     switched off; its process wall time, metrics and final figures."""
     run = out / "runs" / (f"seed{seed}" if variant is None else f"seed{seed}-no-{variant}")
     timing = run / "process_wall.json"
-    if not (run / "final.json").is_file() or not timing.is_file():
-        cmd = [sys.executable, str(ROOT / "train.py"), *train_argv(args, seed, run, variant)]
+    cmd = [sys.executable, str(ROOT / "train.py"), *train_argv(args, seed, run, variant)]
+    command = hide_password(shlex.join(cmd[1:]))
+    # A run of other flags in the folder (another --arch or --train-args, the same --out) is not
+    # this one: its figures stood in the new command's table. train.py starts it afresh.
+    earlier = json.loads(timing.read_text())["command"] if timing.is_file() else None
+    if earlier is not None and earlier != command and (run / "final.json").is_file():
+        print(f"{run}: trained with other flags ({earlier}); training it again", flush=True)
+    if not (run / "final.json").is_file() or earlier != command:
         print(f"$ {hide_password(shlex.join(cmd))}", flush=True)  # a --shards URL's password and token: ***
+        timing.unlink(missing_ok=True)  # until this run's is written, the earlier run's flags do not stand for its final.json
         t0 = time.time()
         proc = subprocess.Popen(cmd, cwd=ROOT)
         # SIGTERM (a scheduler, gpu_session's --deadline) is passed on: train.py checkpoints and exits.
@@ -89,7 +97,7 @@ def run_seed(args, seed, out, variant=None):
         finally:
             signal.signal(signal.SIGTERM, previous)
         run.mkdir(parents=True, exist_ok=True)
-        timing.write_text(json.dumps(dict(seconds=time.time() - t0, command=hide_password(shlex.join(cmd[1:])))))
+        timing.write_text(json.dumps(dict(seconds=time.time() - t0, command=command)))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return dict(seed=seed, variant=variant, final=json.loads((run / "final.json").read_text()), metrics=rows,
                 **json.loads(timing.read_text()))

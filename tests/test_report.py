@@ -472,9 +472,26 @@ def test_reproduce_does_not_take_a_quick_look_for_the_finished_row(tmp_path):
     of `--epochs 1` in the same --out: "finished earlier, not run again", its 5 batches reported."""
     from reproduce import get_args_parser, row_command
 
-    make_run(tmp_path, "lenet5-28", dict(arch="lenet5", size=28, epochs=1, batch_size=32, limit_batches=5),
-             [row(0, 1.0, 1.0)], final=dict(epochs=1))
+    make_run(tmp_path, "lenet5-28", dict(arch="lenet5", size=28, epochs=1, batch_size=32, limit_batches=5,
+                                         shards="out/shards"), [row(0, 1.0, 1.0)], final=dict(epochs=1))
     plan = lambda *flags: row_command("lenet5-28", get_args_parser().parse_args(["--out", str(tmp_path), *flags]))  # noqa: E731
     assert plan("--epochs", "1", "--limit-batches", "5")[1] is None  # the same run: finished
     assert plan("--epochs", "1")[1] is not None  # train.py then refuses to resume it without --limit-batches
     assert plan("--epochs", "1", "--limit-batches", "2")[1] is not None
+
+
+def test_reproduce_does_not_take_a_row_finished_on_another_shard_set(tmp_path):
+    """`reproduce.py --shards subset` (a `--classes 10` trial), then `--shards release`, both into the
+    default --out: every row was "finished earlier, not run again", the subset's figures reported as
+    the release's. Now the row runs (and train.py refuses the other set's checkpoint in one line)."""
+    from reproduce import get_args_parser, row_command
+
+    for name, shards in (("lenet5-28", "subset"), ("alexnet-64", "https://ann:***@h/tiny?sig=***")):
+        make_run(tmp_path, name, dict(arch=name.split("-")[0], size=int(name.split("-")[1]), epochs=40,
+                                      limit_batches=None, shards=shards), [row(0, 1.0, 1.0)], final=dict(epochs=40))
+    plan = lambda name, shards: row_command(name, get_args_parser().parse_args(  # noqa: E731
+        ["--out", str(tmp_path), "--shards", shards]))[1]
+    assert plan("lenet5-28", "subset") is None
+    assert plan("lenet5-28", "release") is not None
+    assert plan("alexnet-64", "https://ann:pw@h/tiny?sig=S2") is None  # train.py keeps the URL so: the same set
+    assert plan("alexnet-64", "https://h/other") is not None

@@ -66,13 +66,18 @@ def weights_file(arch, weights_dir):
     return None
 
 
-def finished(run, epochs, limit_batches=None):
-    """Whether `run` already holds a finished training of `epochs` epochs of `limit_batches` batches
-    (None: whole epochs). A quick look's run of as many epochs is not the one asked for: its row
-    runs again, and train.py refuses to resume it with another --limit-batches."""
+def finished(run, shards, epochs, limit_batches=None):
+    """Whether `run` already holds a finished training on `shards` of `epochs` epochs of `limit_batches`
+    batches (None: whole epochs). A quick look's run of as many epochs is not the one asked for: its row
+    runs again, and train.py refuses to resume it with another --limit-batches. Nor is a run on another
+    shard set (a trial on a `--classes 10` subset, then the release, both into the default --out): its
+    row runs, and train.py refuses the checkpoint of another set."""
     final, args = run / "final.json", run / "args.json"
-    return (final.is_file() and json.loads(final.read_text()).get("epochs") == epochs
-            and args.is_file() and json.loads(args.read_text()).get("limit_batches") == limit_batches)
+    if not (final.is_file() and args.is_file()):
+        return False
+    saved = json.loads(args.read_text())
+    return (json.loads(final.read_text()).get("epochs") == epochs and saved.get("limit_batches") == limit_batches
+            and saved.get("shards") == hide_password(shards))  # as train.py keeps it: a URL's password hidden
 
 
 def row_command(name, args):
@@ -94,7 +99,7 @@ def row_command(name, args):
     if args.device:
         cmd += ["--device", args.device]
     cmd += shlex.split(args.train_args or "")
-    return run, None if finished(run, epochs, args.limit_batches) else cmd
+    return run, None if finished(run, args.shards, epochs, args.limit_batches) else cmd
 
 
 class Stop:

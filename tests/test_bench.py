@@ -1,6 +1,9 @@
 """`bench_loader` on the synthetic set: every row measured, the local paths' first batch timed; `bench_remote`:
 the loopback-HTTP rows, with curl's rate as their ceiling."""
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -108,13 +111,16 @@ def test_bench_loader_script_on_a_folder_that_is_no_set_is_one_line(monkeypatch,
                                        "run `tinyin shard build` first\n")
 
 
-def test_bench_loader_script_images_without_a_train_folder_is_one_line(monkeypatch, shards, tmp_path):
-    """It was torchvision's FileNotFoundError traceback, as `tinyin bench loader`'s was."""
-    assert _run_tool(monkeypatch, "bench_loader.py", "--shards", shards, "--images", tmp_path).code == (
-        f"error: --images {tmp_path} has no train/ folder; pass the extracted release (ROOT/train/WNID/images)")
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 
-def test_bench_build_script_on_a_folder_that_is_no_release_is_one_line(monkeypatch, capsys, tmp_path):
-    """tools/bench_build.py --src FOLDER (the shards, say, not the release): a SourceError traceback."""
-    assert _run_tool(monkeypatch, "bench_build.py", "--src", tmp_path, "--repeat", 1).code == 1
-    assert capsys.readouterr().err == f"error: {tmp_path}: missing wnids.txt (not a Tiny ImageNet release)\n"
+@pytest.mark.parametrize("tool, args, code, message", [
+    ("bench_build.py", ["--src", "{shards}"], 1, "{shards}: missing wnids.txt (not a Tiny ImageNet release)"),
+    ("bench_loader.py", ["--shards", "{shards}", "--images", "{tmp}"], 2,
+     "--images {tmp}: no train/ folder; pass the extracted release (ROOT/train/WNID/images)"),
+])
+def test_the_bench_tools_name_a_users_mistake_in_one_line(shards, tmp_path, tool, args, code, message):
+    """Both were tracebacks: the build's SourceError, and torchvision's FileNotFoundError after the build."""
+    fill = lambda text: text.format(shards=shards, tmp=tmp_path)  # noqa: E731
+    result = subprocess.run([sys.executable, str(TOOLS / tool), *map(fill, args)], capture_output=True, text=True)
+    assert (result.returncode, result.stderr) == (code, f"error: {fill(message)}\n")

@@ -51,4 +51,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run_cli(main)  # a --src that is no release (a SourceError, an ImageError): one line
+    run_cli(main)  # a user's mistake (--src not a release): one line, not a traceback

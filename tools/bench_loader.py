@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.bench import bench_loader, format_table  # noqa: E402
 from pipeline.build import build_shards  # noqa: E402
-from pipeline.errors import run_cli  # noqa: E402
+from pipeline.errors import UsageError, run_cli  # noqa: E402
 from pipeline.source import ROOT_MARKER  # noqa: E402
 
 DEFAULT_SRC = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-imagenet-200.tar.gz"
@@ -61,8 +61,8 @@ def main():
         if images is None:
             src = Path(args.src)
             images = src if src.is_dir() else extract(src, tmp / "images")
-        if not (Path(images) / "train").is_dir():  # torchvision's ImageFolder fails with a traceback, after rows ran
-            sys.exit(f"error: --images {images} has no train/ folder; pass the extracted release (ROOT/train/WNID/images)")
+        if not (Path(images) / "train").is_dir():  # found by torchvision, a traceback, after the build
+            raise UsageError(f"--images {images}: no train/ folder; pass the extracted release (ROOT/train/WNID/images)")
         rows = bench_loader(shards, images, batch_size=args.batch_size, workers=args.workers, passes=args.passes,
                             device=args.device, remote=args.remote, log=lambda m: print(m, file=sys.stderr))
     finally:
@@ -73,4 +73,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run_cli(main)  # a user's mistake (a --shards folder that is no set, a damaged release): one line
+    run_cli(main)  # a user's mistake (no such --shards or --src, not a release): one line, not a traceback

@@ -2,6 +2,7 @@
 import argparse
 import importlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -112,6 +113,36 @@ def test_a_seed_trained_with_other_flags_in_the_same_out_trains_again(tmp_path, 
     assert json.loads((out / "speedrun.json").read_text())[0]["final"]["arch"] == "resnet18_64"
     assert json.loads((out / "runs" / "seed0" / "process_wall.json").read_text())["command"].endswith(
         f"--arch resnet18_64 --size 64 --recipe fast --seed 0 --output-dir {out / 'runs' / 'seed0'} --device cpu")
+
+
+def test_ctrl_c_is_passed_on_to_train_py_and_ends_in_one_line(tmp_path, monkeypatch, capsys):
+    """SIGINT (Ctrl-C) while a seed trains was a KeyboardInterrupt traceback out of speedrun.py, whose
+    train.py, if the signal reached speedrun.py alone, trained on without it. Now it is passed on, as
+    SIGTERM is, and the exit is train.py's 130."""
+    sent = []
+
+    class TrainPy:  # stands in for train.py's process: Ctrl-C comes while it trains; it checkpoints, exits 130
+        def __init__(self, cmd, cwd):
+            pass
+
+        def send_signal(self, signum):
+            sent.append(signum)
+
+        def wait(self):
+            os.kill(os.getpid(), signal.SIGINT)  # its handler runs before the next line
+            self.returncode = 128 + signal.SIGINT
+            return self.returncode
+
+    importlib.import_module("train")  # before Popen is replaced: importing torch starts processes
+    monkeypatch.setattr(speedrun.subprocess, "Popen", TrainPy)
+    try:
+        with pytest.raises(SystemExit) as exit:
+            speedrun.main(["--shards", "x", "--out", str(tmp_path / "sr"), "--seeds", "0", "--device", "cpu"])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C went through speedrun.py as a traceback, train.py not told")
+    assert (exit.value.code, sent) == (130, [signal.SIGINT])
+    assert capsys.readouterr().err == "error: train.py failed (exit 130); rerun to train that run again\n"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 
 def test_bad_seeds_are_a_one_line_error(capsys):

@@ -89,13 +89,17 @@ def run_seed(args, seed, out, variant=None):
         timing.unlink(missing_ok=True)  # until this run's is written, the earlier run's flags do not stand for its final.json
         t0 = time.time()
         proc = subprocess.Popen(cmd, cwd=ROOT)
-        # SIGTERM (a scheduler, gpu_session's --deadline) is passed on: train.py checkpoints and exits.
-        previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
+        # SIGTERM (a scheduler, gpu_session's --deadline) and SIGINT (Ctrl-C) are passed on: train.py
+        # checkpoints and exits (a Ctrl-C that reached it too counts once). SIGINT was a KeyboardInterrupt
+        # traceback here, and, sent to this process alone, left train.py training on without it.
+        previous = {sig: signal.signal(sig, lambda signum, frame: proc.send_signal(signum))
+                    for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             if proc.wait():
                 raise subprocess.CalledProcessError(proc.returncode, cmd)
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         run.mkdir(parents=True, exist_ok=True)
         timing.write_text(json.dumps(dict(seconds=time.time() - t0, command=command)))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -417,6 +417,18 @@ def test_reproduce_unknown_row(tmp_path):
     assert result.stderr.startswith("error: unknown row(s) vgg16-64; choose from: lenet5-28, alexnet-64,")
 
 
+def test_reproduce_empty_rows(tmp_path, capsys):
+    """`--rows "$ROWS"` with the variable unset trained every row of the study (hours), as if not given."""
+    import reproduce
+
+    with pytest.raises(SystemExit) as exit:
+        reproduce.main(reproduce.get_args_parser().parse_args(["--rows", "", "--out", str(tmp_path / "out")]))
+    assert exit.value.code == "error: --rows: empty; name rows (lenet5-28, alexnet-64, squeezenet1_1-64, resnet18-64, " \
+        "alexnet-224, squeezenet1_1-224, resnet18-224, alexnet-224-50, squeezenet1_1-224-50, resnet18-224-50), or leave " \
+        "it out for all"
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_table3_row_is_the_recipes_and_says_its_epochs(tmp_path):
     """`reproduce.py --rows resnet18-224-50 --epochs 1` (a quick look at the 50-epoch row) set its
     run beside Table 3's 10-epoch figures, labelled only "(Table 3)"."""

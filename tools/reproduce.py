@@ -227,6 +227,8 @@ def check_train_flags(todo):
 
 
 def main(args):
+    if args.rows == "":  # an unset shell variable (`--rows "$ROWS"`) read as "not given": every row of the study
+        sys.exit(f"error: --rows: empty; name rows ({', '.join(ROWS)}), or leave it out for all")
     rows = args.rows.split(",") if args.rows else list(ROWS)
     unknown = [r for r in rows if r not in ROWS]
     if unknown:

@@ -429,6 +429,21 @@ def test_reproduce_empty_rows(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_reproduce_a_row_named_twice_trains_once(shards, tmp_path, monkeypatch):
+    """`--rows lenet5-28,lenet5-28 --jobs 2` trained two train.py processes into one folder at once; the
+    report showed the row twice, and its minutes summed both processes' time."""
+    import reproduce
+
+    trained = []
+    monkeypatch.setattr(reproduce, "train_row", lambda name, run, cmd, stop, log=None, env=None: trained.append(name) or 0)
+    reproduce.main(reproduce.get_args_parser().parse_args(
+        ["--shards", str(shards), "--out", str(tmp_path / "out"), "--rows", "lenet5-28,alexnet-64,lenet5-28",
+         "--jobs", "2"]))
+    assert sorted(trained) == ["alexnet-64", "lenet5-28"]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert report.count("| lenet5-28 |") == 1
+
+
 def test_a_table3_row_is_the_recipes_and_says_its_epochs(tmp_path):
     """`reproduce.py --rows resnet18-224-50 --epochs 1` (a quick look at the 50-epoch row) set its
     run beside Table 3's 10-epoch figures, labelled only "(Table 3)"."""

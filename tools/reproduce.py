@@ -229,7 +229,9 @@ def check_train_flags(todo):
 def main(args):
     if args.rows == "":  # an unset shell variable (`--rows "$ROWS"`) read as "not given": every row of the study
         sys.exit(f"error: --rows: empty; name rows ({', '.join(ROWS)}), or leave it out for all")
-    rows = args.rows.split(",") if args.rows else list(ROWS)
+    # A row named twice trained twice: side by side (--jobs) two train.py processes wrote one folder at once,
+    # and the report listed it twice, its minutes summed over both.
+    rows = list(dict.fromkeys(args.rows.split(","))) if args.rows else list(ROWS)
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         sys.exit(f"error: unknown row(s) {', '.join(unknown)}; choose from: {', '.join(ROWS)}")

@@ -444,6 +444,17 @@ def test_reproduce_a_row_named_twice_trains_once(shards, tmp_path, monkeypatch):
     assert report.count("| lenet5-28 |") == 1
 
 
+def test_reproduce_out_that_is_a_file(shards, tmp_path, capsys):
+    """A NotADirectoryError traceback, out of the first row's thread."""
+    import reproduce
+
+    (tmp_path / "out").write_text("")
+    with pytest.raises(SystemExit) as exit:
+        reproduce.main(reproduce.get_args_parser().parse_args(
+            ["--shards", str(shards), "--out", str(tmp_path / "out"), "--rows", "lenet5-28"]))
+    assert exit.value.code == f"error: --out {tmp_path / 'out'}: cannot be made a folder (File exists)"
+
+
 def test_a_table3_row_is_the_recipes_and_says_its_epochs(tmp_path):
     """`reproduce.py --rows resnet18-224-50 --epochs 1` (a quick look at the 50-epoch row) set its
     run beside Table 3's 10-epoch figures, labelled only "(Table 3)"."""

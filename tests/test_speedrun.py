@@ -145,6 +145,14 @@ def test_ctrl_c_is_passed_on_to_train_py_and_ends_in_one_line(tmp_path, monkeypa
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 
+def test_out_that_is_a_file(tmp_path):
+    """A FileExistsError traceback."""
+    (tmp_path / "sr").write_text("")
+    with pytest.raises(SystemExit) as exit:
+        speedrun.main(["--shards", "x", "--out", str(tmp_path / "sr"), "--device", "cpu"])
+    assert exit.value.code == f"error: --out {tmp_path / 'sr'}: cannot be made a folder (File exists)"
+
+
 def test_bad_seeds_are_a_one_line_error(capsys):
     with pytest.raises(SystemExit):
         speedrun.main(["--shards", "x", "--out", "y", "--seeds", "0,a"])

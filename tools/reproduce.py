@@ -256,6 +256,10 @@ def main(args):
         # before any row starts: each would fail alike, and the message would tell to "rerun"
         sys.exit(f"error: --shards {args.shards}: not a shard set (no manifest.json); run `tinyin shard build` first")
     check_train_flags(todo)
+    try:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file of that name, a read-only place: was a traceback out of a row's thread
+        sys.exit(f"error: --out {args.out}: cannot be made a folder ({e.strerror})")
     # Side by side (--jobs > 1) each row's output goes to its own log; a thread per row is enough,
     # since each thread only waits on its train.py process.
     logs = {name: run / "train.log" if args.jobs > 1 else None for name, run, _ in todo}

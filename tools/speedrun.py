@@ -192,7 +192,10 @@ def main(argv=None):
         p.error(f"--ablate: unknown part(s) {', '.join(unknown)}; choose from: all, {', '.join(ABLATIONS)}")
     check_train_flags(args, variants)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file of that name, a read-only place: was a traceback
+        sys.exit(f"error: --out {out}: cannot be made a folder ({e.strerror})")
     command_line = sys.argv[1:] if argv is None else argv
     # The tables are rewritten after every run, so that a stop or a failure keeps the runs so far.
     results, ablated = [], []

@@ -100,11 +100,12 @@ def test_batch_larger_than_the_split(shards):
 
 
 def test_imagefolder_needs_images(shards):
+    """Up front: found at feed d's first row, the error lost the rows of feeds a to c measured before it."""
     result = CliRunner().invoke(main, ["bench", "train", "--shards", str(shards), "--arch", "lenet5",
-                                       "--feeds", "d", "--batch", "8", "--warmup", "0", "--steps", "1"])
+                                       "--feeds", "a,d", "--batch", "8", "--warmup", "0", "--steps", "1"])
     assert result.exit_code == 2
-    assert result.output.splitlines()[-1] == (
-        "error: --feeds d (the study's ImageFolder pipeline) needs --images FOLDER, an extracted release")
+    assert result.output == (
+        "error: --feeds d (the study's ImageFolder pipeline) needs --images FOLDER, an extracted release\n")
 
 
 def test_imagefolder_of_other_classes_than_the_set_is_refused_up_front(shards, tmp_path):

@@ -153,6 +153,21 @@ def test_out_that_is_a_file(tmp_path):
     assert exit.value.code == f"error: --out {tmp_path / 'sr'}: cannot be made a folder (File exists)"
 
 
+def test_a_seed_named_twice_is_one_row(tmp_path, monkeypatch):
+    """`--seeds 0,0` gave seed 0's row twice and a mean ± spread of 0.00 minutes and points over them."""
+    class TrainPy:  # stands in for train.py's process: a finished run
+        def __init__(self, cmd, cwd):
+            finished_run(Path(cmd[cmd.index("--output-dir") + 1]), cmd[cmd.index("--arch") + 1])
+
+        def wait(self):
+            return 0
+
+    importlib.import_module("train")  # before Popen is replaced: importing torch starts processes
+    monkeypatch.setattr(speedrun.subprocess, "Popen", TrainPy)
+    speedrun.main(["--shards", "x", "--out", str(tmp_path / "sr"), "--seeds", "0,1,0", "--device", "cpu"])
+    assert [r["seed"] for r in json.loads((tmp_path / "sr" / "speedrun.json").read_text())] == [0, 1]
+
+
 def test_bad_seeds_are_a_one_line_error(capsys):
     with pytest.raises(SystemExit):
         speedrun.main(["--shards", "x", "--out", "y", "--seeds", "0,a"])

@@ -183,7 +183,7 @@ def main(argv=None):
                    help=f"then the first seed once per part switched off: 'all' or comma-separated of {', '.join(ABLATIONS)}")
     args = p.parse_args(argv)
     try:
-        seeds = [int(s) for s in args.seeds.split(",")]
+        seeds = list(dict.fromkeys(int(s) for s in args.seeds.split(",")))  # '0,0': one run, not a row twice and no spread
     except ValueError:
         p.error(f"--seeds: comma-separated integers, not {args.seeds!r}")
     variants = [] if not args.ablate else list(ABLATIONS) if args.ablate == "all" else args.ablate.split(",")

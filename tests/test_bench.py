@@ -118,9 +118,12 @@ TOOLS = Path(__file__).resolve().parents[1] / "tools"
     ("bench_build.py", ["--src", "{shards}"], 1, "{shards}: missing wnids.txt (not a Tiny ImageNet release)"),
     ("bench_loader.py", ["--shards", "{shards}", "--images", "{tmp}"], 2,
      "--images {tmp}: no train/ folder; pass the extracted release (ROOT/train/WNID/images)"),
+    ("bench_loader.py", ["--shards", "{shards}", "--images", "{tmp}", "--device", "mps"], 2,
+     "argument --device: tinyin runs on cpu or cuda, not mps"),
 ])
 def test_the_bench_tools_name_a_users_mistake_in_one_line(shards, tmp_path, tool, args, code, message):
-    """Both were tracebacks: the build's SourceError, and torchvision's FileNotFoundError after the build."""
+    """Tracebacks: the build's SourceError, torchvision's FileNotFoundError after the build, and a --device
+    the loaders refuse found only at the resident row, after the baseline's minutes."""
     fill = lambda text: text.format(shards=shards, tmp=tmp_path)  # noqa: E731
     result = subprocess.run([sys.executable, str(TOOLS / tool), *map(fill, args)], capture_output=True, text=True)
     assert (result.returncode, result.stderr) == (code, f"error: {fill(message)}\n")

@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.bench import bench_loader, format_table  # noqa: E402
 from pipeline.build import build_shards  # noqa: E402
+from pipeline.device import check_device  # noqa: E402
 from pipeline.errors import UsageError, run_cli  # noqa: E402
 from pipeline.source import ROOT_MARKER  # noqa: E402
 
@@ -49,6 +50,7 @@ def main():
     parser.add_argument("--remote", action="store_true", help="also the loopback-HTTP rows: curl, remote fetch, remote stream")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
+    check_device(args.device)  # found by the resident row, after the baseline's minutes
     if (args.shards is None or args.images is None) and not Path(args.src).exists():
         sys.exit(f"error: {args.src}: not found (pass --src)")  # as tools/bench_build.py says it
     tmp = Path(tempfile.mkdtemp(prefix="tinyin-bench-loader-"))

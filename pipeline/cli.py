@@ -181,6 +181,14 @@ def _release_root(ctx, param, value):
     return value
 
 
+def _json_file(ctx, param, value):
+    """--json of the bench commands: a file in a folder that is there. Written after the measuring, a
+    missing folder was a FileNotFoundError traceback then, the rows left only on stdout."""
+    if value is not None and not Path(value).absolute().parent.is_dir():
+        raise click.BadParameter(f"{value}: no folder {Path(value).parent} to write it in")
+    return value
+
+
 @bench.command("loader")
 @click.option("--shards", required=True, type=click.Path(exists=True, file_okay=False), help="Shard folder.")
 @click.option("--images", default=None, type=click.Path(exists=True, file_okay=False), callback=_release_root, help="The extracted release (ROOT/train is read by the ImageFolder baseline); required unless --remote-only.")
@@ -191,7 +199,7 @@ def _release_root(ctx, param, value):
 @click.option("--device", default="cpu", show_default=True, help="Device for the resident path (and the 224 row on CUDA).")
 @click.option("--remote", is_flag=True, help="Also serve the shards on loopback HTTP: rows for curl's rate (the ceiling), a cold fetch into the cache, and the stream path.")
 @click.option("--remote-only", is_flag=True, help="Only the loopback-HTTP rows of --remote (curl, fetch, stream; no --images).")
-@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write the rows as JSON.")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), callback=_json_file, help="Also write the rows as JSON.")
 def bench_loader_cmd(shards, images, batch_size, workers, passes, pass_images, device, remote, remote_only, json_path):
     """Images/s of the ImageFolder+PIL baseline and tinyin's loaders, side by side."""
     from .bench import bench_loader, bench_remote, format_table
@@ -237,7 +245,7 @@ def _csv(kind):
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(1), help="Steps per timed window.")
 @click.option("--windows", default=3, show_default=True, type=click.IntRange(3), help="Timed windows (median reported).")
 @click.option("--workers", default=None, type=click.IntRange(0), help="DataLoader workers of feed d [default: every core].")
-@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write command, environment and rows as JSON.")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), callback=_json_file, help="Also write command, environment and rows as JSON.")
 def bench_train_cmd(shards, images, arch, size, batch, feeds, compile_, device, warmup, steps, windows, workers, json_path):
     """Images/s of complete SGD steps per network, fed by the ceiling, tinyin's loaders and the study's pipeline."""
     import torch

@@ -51,6 +51,8 @@ def main():
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
     check_device(args.device)  # found by the resident row, after the baseline's minutes
+    if args.json and not Path(args.json).absolute().parent.is_dir():  # found after the measuring: a traceback
+        raise UsageError(f"--json {args.json}: no folder {Path(args.json).parent} to write it in")
     if (args.shards is None or args.images is None) and not Path(args.src).exists():
         sys.exit(f"error: {args.src}: not found (pass --src)")  # as tools/bench_build.py says it
     tmp = Path(tempfile.mkdtemp(prefix="tinyin-bench-loader-"))

@@ -1322,15 +1322,21 @@ def check_training_flags(parser, args, given):
         args.mix_alpha = MIX_ALPHA[args.mix]
 
 
+def given_flags(argv):
+    """The flags (as dests: "output_dir") that `argv` names, however spelled (`--outp X`, `--seed=1`);
+    UsageError for an argv train.py refuses."""
+    # Parse with every default None: what is set was given.
+    probe = get_args_parser()
+    probe.set_defaults(**dict.fromkeys(vars(probe.parse_args([]))))
+    return {k for k, v in vars(probe.parse_args(argv)).items() if v is not None}
+
+
 def parse_args(argv=None):
     """Parse argv, apply --recipe under the explicit flags, fill derived defaults, validate."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    # Which flags were typed? Parse again with every default None: what is set was given.
-    probe = get_args_parser()
-    probe.set_defaults(**dict.fromkeys(vars(args)))
-    given = {k for k, v in vars(probe.parse_args(argv)).items() if v is not None}
+    given = given_flags(argv)
 
     info = models.model_input(args.arch)
     if args.size is None:

@@ -374,6 +374,22 @@ def test_reproduce_checks_train_flags_before_any_row_starts(shards, tmp_path, mo
     assert not (tmp_path / "out").exists()
 
 
+def test_reproduce_train_args_may_not_set_what_reproduce_sets_for_each_row(shards, tmp_path, capsys):
+    """They won over the row's own: `--train-args '--epochs 5'` trained rows that never counted as finished
+    (against the recipe's 40), `--output-dir D` every row into D."""
+    import reproduce
+
+    with pytest.raises(SystemExit) as exit:
+        reproduce.main(reproduce.get_args_parser().parse_args(
+            ["--shards", str(shards), "--out", str(tmp_path / "out"), "--rows", "lenet5-28",
+             "--train-args", "-b 4 --epochs 5 --output-dir D"]))
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: --train-args: --epochs, --output-dir: set by reproduce.py for each row (from its --shards, --out, "
+        "--epochs and --limit-batches; the row's --arch, --size and --recipe; --resume auto)\n")
+    assert not (tmp_path / "out").exists()
+
+
 def test_reproduce_a_row_refused_by_train_py_is_not_told_to_rerun(shards, tmp_path, monkeypatch, capsys):
     """A refusal only the row's run finds (exit 2: an --epochs before its checkpoint's step) said
     "rerun to resume it", which train.py refuses alike; the report said "failed (exit 2)"."""

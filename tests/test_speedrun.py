@@ -214,6 +214,18 @@ def test_train_flags_are_checked_before_any_run_starts(tmp_path, capsys, extra, 
     assert not (tmp_path / "sr").exists()
 
 
+def test_train_args_may_not_set_what_speedrun_sets_for_each_run(tmp_path, capsys):
+    """`--train-args '--seed 5'` won over each run's --seed: seeds 0 and 1 both trained seed 5, a spread
+    of 0 in the table; `--outp X` (abbreviated) sent both into X."""
+    with pytest.raises(SystemExit) as exit:
+        speedrun.main(["--shards", "x", "--out", str(tmp_path / "sr"), "--train-args", "--epochs 3 --seed=5 --outp X"])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == (
+        "speedrun.py: error: --train-args: --output-dir, --seed: set by speedrun.py for each run (from its --shards, "
+        "--arch, --seeds and --out; --recipe fast, --size 64)\n")
+    assert not (tmp_path / "sr").exists()
+
+
 def test_a_device_train_py_lacks_is_refused_before_any_run_starts(tmp_path, monkeypatch, capsys):
     """`--device cuda` on a machine without one: train.py refused it (exit 2) and speedrun.py told
     to "rerun to train that run again", which train.py refuses alike."""

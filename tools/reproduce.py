@@ -211,13 +211,25 @@ def log_tail(log, lines=5):
     return "\n".join("    " + line for line in text)
 
 
-def check_train_flags(todo):
+def check_train_flags(todo, train_args):
     """train.py's own flag checks for every row to run, before the first starts: a mistake in
     --train-args or --device is one line here, not a failed row (or all of them) with the advice to
-    rerun, which train.py would refuse alike."""
+    rerun, which train.py would refuse alike. And --train-args must leave alone what is set per row."""
     import train  # torch and the models: the rows' own imports, once
     from pipeline.device import check_device
 
+    try:
+        # They would win: '--output-dir D' trained every row into D; '--epochs 5' rows that never count
+        # as finished (against the recipe's 40).
+        clash = sorted(train.given_flags(shlex.split(train_args or "")) & {
+            "shards", "arch", "size", "recipe", "output_dir", "resume", "epochs", "limit_batches"})
+    except TinyinError:
+        clash = []  # refused below, with the row it is in
+    if clash:
+        print(f"error: --train-args: {', '.join('--' + f.replace('_', '-') for f in clash)}: set by reproduce.py "
+              "for each row (from its --shards, --out, --epochs and --limit-batches; the row's --arch, --size and "
+              "--recipe; --resume auto)", file=sys.stderr)
+        sys.exit(UsageError.exit_code)
     for name, _, cmd in todo:
         try:
             check_device(train.parse_args(cmd[2:]).device)  # less the interpreter and train.py; a GPU it lacks
@@ -255,7 +267,7 @@ def main(args):
     if todo and not is_set_url(args.shards) and not (Path(args.shards) / "manifest.json").is_file():
         # before any row starts: each would fail alike, and the message would tell to "rerun"
         sys.exit(f"error: --shards {args.shards}: not a shard set (no manifest.json); run `tinyin shard build` first")
-    check_train_flags(todo)
+    check_train_flags(todo, args.train_args)
     try:
         Path(args.out).mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file of that name, a read-only place: was a traceback out of a row's thread

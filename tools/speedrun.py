@@ -63,6 +63,17 @@ def check_train_flags(args, variants):
     import train
     from pipeline.device import check_device
 
+    try:
+        # Flags set for each run would win from --train-args: '--seed 5' trained every "seed" alike.
+        clash = sorted(train.given_flags(shlex.split(args.train_args)) & {"shards", "arch", "size", "recipe", "seed",
+                                                                            "output_dir"})
+    except TinyinError:
+        clash = []  # refused below, with the message of the run it is in
+    if clash:
+        print(f"speedrun.py: error: --train-args: {', '.join('--' + f.replace('_', '-') for f in clash)}: set by "
+              "speedrun.py for each run (from its --shards, --arch, --seeds and --out; --recipe fast, --size 64)",
+              file=sys.stderr)
+        sys.exit(UsageError.exit_code)
     for variant in [None, *variants]:
         try:
             check_device(train.parse_args(train_argv(args, 0, "run", variant)).device)  # also a GPU it lacks

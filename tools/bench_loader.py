@@ -50,6 +50,9 @@ def main():
     parser.add_argument("--remote", action="store_true", help="also the loopback-HTTP rows: curl, remote fetch, remote stream")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
+    for flag, low in (("batch_size", 1), ("passes", 1), ("workers", 0)):  # --passes 0: a traceback after the warm-up
+        if getattr(args, flag) < low:
+            raise UsageError(f"argument --{flag.replace('_', '-')}: must be at least {low}, not {getattr(args, flag)}")
     check_device(args.device)  # found by the resident row, after the baseline's minutes
     if args.json and not Path(args.json).absolute().parent.is_dir():  # found after the measuring: a traceback
         raise UsageError(f"--json {args.json}: no folder {Path(args.json).parent} to write it in")

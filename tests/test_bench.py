@@ -145,3 +145,23 @@ def test_bench_json_in_no_folder_is_refused_before_measuring(shards, tmp_path, c
     assert result.exit_code == 2
     assert f"Invalid value for '--json': {tmp_path / 'no' / 'r.json'}: no folder {tmp_path / 'no'} to write it in" \
         in result.output
+
+
+def test_bench_build_stopped_by_sigterm_removes_its_temporary_build(release, tmp_path):
+    """SIGTERM (kill, timeout, a scheduler) ended tools/bench_build.py at once and left its temporary
+    folder, the partial build in it (on the real release up to 1.5 GB in /tmp), as Ctrl-C does not."""
+    import os
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, str(TOOLS / "bench_build.py"), "--src", str(release), "--repeat", "100"],
+                            env=dict(os.environ, TMPDIR=str(tmp_path)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob("tinyin-bench-build-*")):  # a build is under way
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert (proc.returncode, stderr) == (128 + signal.SIGTERM, "terminated\n")
+    assert list(tmp_path.iterdir()) == []

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.build import build_shards  # noqa: E402
-from pipeline.errors import run_cli  # noqa: E402
+from pipeline.errors import run_cli, sigterm_interrupts  # noqa: E402
 from pipeline.provenance import commit  # noqa: E402
 
 DEFAULT_SRC = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-imagenet-200.tar.gz"
@@ -51,4 +51,5 @@ def main():
 
 
 if __name__ == "__main__":
-    run_cli(main)  # a user's mistake (--src not a release): one line, not a traceback
+    with sigterm_interrupts():  # SIGTERM (kill, timeout, a scheduler) removes the temporary folder, as Ctrl-C does
+        run_cli(main)  # a user's mistake (--src not a release): one line, not a traceback

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.bench import bench_loader, format_table  # noqa: E402
 from pipeline.build import build_shards  # noqa: E402
 from pipeline.device import check_device  # noqa: E402
-from pipeline.errors import UsageError, run_cli  # noqa: E402
+from pipeline.errors import UsageError, run_cli, sigterm_interrupts  # noqa: E402
 from pipeline.source import ROOT_MARKER  # noqa: E402
 
 DEFAULT_SRC = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-imagenet-200.tar.gz"
@@ -80,4 +80,5 @@ def main():
 
 
 if __name__ == "__main__":
-    run_cli(main)  # a user's mistake (no such --shards or --src, not a release): one line, not a traceback
+    with sigterm_interrupts():  # SIGTERM (kill, timeout, a scheduler) removes the temporary folder, as Ctrl-C does
+        run_cli(main)  # a user's mistake (no such --shards or --src, not a release): one line, not a traceback

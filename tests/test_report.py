@@ -406,6 +406,18 @@ def test_reproduce_a_row_refused_by_train_py_is_not_told_to_rerun(shards, tmp_pa
         (tmp_path / "out" / "report.md").read_text()
 
 
+def test_reproduce_weights_dir_that_is_no_folder(tmp_path):
+    """A mistyped --weights-dir read as a folder without the files: every Table 3 row "not run: no
+    ImageNet weights here", exit 0."""
+    import reproduce
+
+    with pytest.raises(SystemExit) as exit:
+        reproduce.main(reproduce.get_args_parser().parse_args(
+            ["--out", str(tmp_path / "out"), "--rows", "alexnet-224", "--weights-dir", str(tmp_path / "wieghts")]))
+    assert exit.value.code == f"error: --weights-dir {tmp_path / 'wieghts'}: no such folder"
+    assert not (tmp_path / "out").exists()
+
+
 def test_reproduce_pretrained_row_with_a_local_weights_file(shards, tmp_path):
     """A Table 3 row runs from a local ImageNet file (SqueezeNet 1.1: 5 MB) without any download."""
     from torchvision.models import squeezenet1_1

@@ -251,6 +251,8 @@ def main(args):
         value = getattr(args, flag)
         if value is not None and value < 1:
             sys.exit(f"error: --{flag.replace('_', '-')} must be at least 1, not {value}")
+    if args.weights_dir and not Path(args.weights_dir).is_dir():  # a typo read as "no weights": Table 3 not run
+        sys.exit(f"error: --weights-dir {args.weights_dir}: no such folder")
     done, not_run, todo = [], [], []
     for name in rows:
         planned = row_command(name, args)

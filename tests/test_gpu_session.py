@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import re
+import runpy
 import signal
 import subprocess
 import sys
@@ -304,3 +305,22 @@ def test_a_smoke_run_is_not_taken_for_the_real_one(shards, tmp_path, monkeypatch
     assert trained == [4, 100]
     assert (tmp_path / "out" / "r224.md").read_text().splitlines()[-1] == "| 1 | 100 | - (no (a) row) | 1.00% |"
     assert (tmp_path / "work" / "smoke" / "resnet18-224-scratch" / "final.json").is_file()
+
+
+def test_flag_values_of_one_flag_need_no_equals_sign(tmp_path, monkeypatch, capsys):
+    """`--bench-args --no-compile` (the runbook's kind of value, one flag) stopped argparse ("expected one
+    argument"); every option whose value is more flags now takes it so, as it took `--bench-args=--no-compile`."""
+    sys.path.insert(0, str(SESSION.parent))
+    import gpu_session
+    import reproduce
+
+    monkeypatch.setattr(sys, "argv", ["gpu_session.py", "--out", str(tmp_path), "--bench-args", "--no-compile",
+                                      "--train-args", "--amp", "--speedrun-args", "--seeds=0"])
+    with pytest.raises(SystemExit) as exit:
+        gpu_session.main()  # parsed: refused only for want of a release
+    assert (exit.value.code, capsys.readouterr().err.splitlines()[-1]) == (2, "gpu_session.py: error: give --release or --shards")
+    monkeypatch.setattr(sys, "argv", ["reproduce.py", "--shards", str(tmp_path / "none"), "--train-args", "--amp"])
+    with pytest.raises(SystemExit) as exit:  # parsed as its __main__ parses, refused for want of a shard set
+        runpy.run_path(reproduce.__file__, run_name="__main__")
+    assert exit.value.code == (f"error: --shards {tmp_path / 'none'}: not a shard set (no manifest.json); "
+                               "run `tinyin shard build` first")

@@ -214,14 +214,17 @@ def test_train_flags_are_checked_before_any_run_starts(tmp_path, capsys, extra, 
     assert not (tmp_path / "sr").exists()
 
 
-def test_train_args_may_not_set_what_speedrun_sets_for_each_run(tmp_path, capsys):
+@pytest.mark.parametrize("train_args, named", [("--epochs 3 --seed=5 --outp X", "--output-dir, --seed"),
+                                               ("--seed=5", "--seed")])
+def test_train_args_may_not_set_what_speedrun_sets_for_each_run(tmp_path, capsys, train_args, named):
     """`--train-args '--seed 5'` won over each run's --seed: seeds 0 and 1 both trained seed 5, a spread
-    of 0 in the table; `--outp X` (abbreviated) sent both into X."""
+    of 0 in the table; `--outp X` (abbreviated) sent both into X. A value of one word (`--train-args
+    --seed=5`, no '=' after --train-args) was argparse's "expected one argument" (tools/flag_values.py)."""
     with pytest.raises(SystemExit) as exit:
-        speedrun.main(["--shards", "x", "--out", str(tmp_path / "sr"), "--train-args", "--epochs 3 --seed=5 --outp X"])
+        speedrun.main(["--shards", "x", "--out", str(tmp_path / "sr"), "--train-args", train_args])
     assert exit.value.code == 2
     assert capsys.readouterr().err == (
-        "speedrun.py: error: --train-args: --output-dir, --seed: set by speedrun.py for each run (from its --shards, "
+        f"speedrun.py: error: --train-args: {named}: set by speedrun.py for each run (from its --shards, "
         "--arch, --seeds and --out; --recipe fast, --size 64)\n")
     assert not (tmp_path / "sr").exists()
 
@@ -277,3 +280,4 @@ def test_a_shards_urls_password_and_token_are_hidden_in_what_is_printed_and_writ
     assert json.loads((run / "process_wall.json").read_text())["command"] == f"{speedrun.ROOT / 'train.py'} {train_args}"
     assert speedrun.render([result], ["--shards", url, "--out", "o"]).splitlines()[:2] == [
         f"# python tools/speedrun.py --shards '{hidden}' --out o", f"# train.py {train_args}"]
+

@@ -42,6 +42,8 @@ START = time.time()  # --deadline counts from here
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from flag_values import joined  # noqa: E402  (beside this file)
+
 PARTS = ("bench", "table2", "r224", "speedrun")
 RESULTS = ("bench.md", "table2.md", "curves.png", "r224.md", "speedrun.md", "speedrun.png", "ablation.md")
 TABLE2_ROWS = "lenet5-28,alexnet-64,squeezenet1_1-64,resnet18-64"  # the study's from-scratch rows
@@ -286,7 +288,7 @@ def main():
                         "e.g. 530 for 590 (default: no limit)")
     p.add_argument("--smoke", action="store_true",
                    help="a tiny scale for a CPU dry run (synthetic data); its runs and results in --work/smoke")
-    args = p.parse_args()
+    args = p.parse_args(joined(sys.argv[1:], ("--bench-args", "--train-args", "--speedrun-args")))
     if not args.release and not args.shards:
         p.error("give --release or --shards")
     parts = args.parts.split(",")

@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from anywhere, installed or not
 
 import models  # noqa: E402
+from flag_values import joined  # noqa: E402
 from models.recipes import RECIPES  # noqa: E402
 from pipeline.atomic import write_json  # noqa: E402
 from pipeline.cache import is_set_url  # noqa: E402
@@ -343,4 +344,4 @@ def get_args_parser():
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    main(get_args_parser().parse_args(joined(sys.argv[1:], ("--train-args",))))

@@ -32,6 +32,7 @@ from matplotlib.figure import Figure  # the object API: no pyplot, no global bac
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # train.py and pipeline/, run from anywhere, installed or not
 
+from flag_values import joined  # noqa: E402
 from pipeline.errors import TinyinError, UsageError, hide_password  # noqa: E402
 
 #: --ablate's variants: name -> (the part switched off, the train.py flags that switch it off)
@@ -192,7 +193,7 @@ def main(argv=None):
     p.add_argument("--train-args", default="", help="more train.py flags, e.g. '--epochs 30' (they win over the recipe)")
     p.add_argument("--ablate", metavar="PARTS",
                    help=f"then the first seed once per part switched off: 'all' or comma-separated of {', '.join(ABLATIONS)}")
-    args = p.parse_args(argv)
+    args = p.parse_args(joined(sys.argv[1:] if argv is None else argv, ("--train-args",)))
     try:
         seeds = list(dict.fromkeys(int(s) for s in args.seeds.split(",")))  # '0,0': one run, not a row twice and no spread
     except ValueError:

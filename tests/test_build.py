@@ -134,6 +134,21 @@ def test_val_test_split_is_first_half_per_class_in_annotation_order(release, sha
     assert len(unlabeled) == SYNTH["test"] and all(s["cls"] == -1 and s["json"]["box"] is None for s in unlabeled)
 
 
+def test_train_and_unlabeled_are_in_their_recorded_order(release, shards):
+    """The order of the samples fixes every shard's bytes (the set's identity, which a resume checks):
+    train is the class folders' images, class by class in label order and by natural name order within
+    each (`_2` before `_10`), shuffled as the manifest's `train_order` says; unlabeled, the test/ images
+    in natural name order. (Neither was pinned: a build with no shuffle, every shard one or two classes,
+    or with `test_10` before `test_2`, passed every test.)"""
+    wnids = sorted((release / "wnids.txt").read_text().split())
+    listed = [f"{w}_{i}" for w in wnids for i in range(SYNTH["train_per_class"])]
+    manifest = read_manifest(shards)
+    assert manifest["train_order"] == "shuffled before sharding (numpy default_rng(0).permutation)"
+    train = read_index(shards, "train").to_pydict()["key"]
+    assert train == [listed[i] for i in np.random.default_rng(0).permutation(len(listed))]
+    assert read_index(shards, "unlabeled").to_pydict()["key"] == [f"test_{i}" for i in range(SYNTH["test"])]
+
+
 def test_split_seed_draws_a_recorded_random_half(release, shards, tmp_path):
     out = tmp_path / "seeded"
     m = build_shards(release, out, split_seed=7, shard_size=SHARD_SIZE, progress=False)

@@ -160,6 +160,22 @@ def test_split_seed_draws_a_recorded_random_half(release, shards, tmp_path):
     assert set(val["key"]).isdisjoint(read_index(out, "test").to_pydict()["key"])
 
 
+def test_the_index_says_what_each_samples_own_members_say(shards):
+    """Each index row's split, label, wnid, box and source are those in its sample's `cls` and `json` (the
+    members the tests above check against the release): the index's boxes, wnids and sources were
+    checked nowhere, and a build that wrote no box there passed."""
+    index = read_index(shards).to_pydict()
+    row = {key: i for i, key in enumerate(index["key"])}
+    samples = [s for split in ("train", "val", "test", "unlabeled") for s in read_samples(shards, split)]
+    assert len(samples) == len(row)
+    for s in samples:
+        i = row[s["__key__"]]
+        assert (index["split"][i], index["label"][i], index["wnid"][i] or None, index["box"][i],
+                index["source"][i].rsplit("/", 1)[-1]) == (s["json"]["split"], s["cls"], s["json"]["wnid"],
+                                                          s["json"]["box"], s["json"]["source"])
+        assert index["source"][i].startswith({"train": "train/", "unlabeled": "test/"}.get(s["json"]["split"], "val/"))
+
+
 def test_index_offsets_point_at_the_arrays(release, shards):
     table = read_index(shards).to_pydict()
     for i in range(0, len(table["key"]), 37):

@@ -4,6 +4,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -248,6 +249,22 @@ def test_rebuild_into_same_folder_repairs_missing_and_damaged_files(release, sha
     assert tree_digest(out) == tree_digest(shards)
     assert sorted(p.name for p in out.iterdir() if p.stat().st_mtime_ns != 1_000_000_000) == [
         "train-000000.tar", "val-000000.tar"]
+
+
+def test_rebuild_of_a_changed_release_with_the_same_options_is_refused(release, shards, tmp_path):
+    """The options and the release's name match, its content does not (an image replaced): not a repair.
+    (Without the manifest comparison the changed shard and the index were put in beside the old
+    manifest, whose checksums then named a good shard corrupt: exit 0, a broken set.)"""
+    changed = shutil.copytree(release, tmp_path / "new" / release.name)
+    wnid = sorted((changed / "wnids.txt").read_text().split())[0]
+    image = changed / "train" / wnid / "images" / f"{wnid}_0.JPEG"
+    Image.open(image).transpose(Image.FLIP_LEFT_RIGHT).save(image, "JPEG")
+    out = shutil.copytree(shards, tmp_path / "out")
+    result = CliRunner().invoke(main, ["shard", "build", "--src", str(changed), "--out", str(out),
+                                       "--shard-size", str(SHARD_SIZE), "--quiet"])
+    assert (result.exit_code, result.output.strip()) == (
+        1, f"error: {out}: already holds a different build (other input); choose another --out or delete it")
+    assert tree_digest(out) == tree_digest(shards)
 
 
 def test_cli_build_prints_counts_and_speed(release, tmp_path):

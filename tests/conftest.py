@@ -1,10 +1,14 @@
 """Shared fixtures: a small synthetic release and its shards (built once per session), and the
 real release from ../shared/data when it is there (tests that need it skip with a reason)."""
+import json
+import shutil
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.build import build_shards
+from pipeline.index import file_sha256
 from pipeline.synth import synthesize
 
 REAL_RELEASE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tiny-imagenet-200.tar.gz"
@@ -38,3 +42,19 @@ def real_shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("real") / "shards"
     build_shards(REAL_RELEASE, out, progress=False)
     return out
+
+
+def copy_with_edited_index(shards, tmp_path, column, row, value):
+    """A copy of `shards` with `column` of index row `row` set to `value` and the manifest's index_sha256
+    updated to match, so that the open accepts it and only the checks of what the index says can object.
+    Returns (the copy, the row's key)."""
+    copy = shutil.copytree(shards, tmp_path / "copy")
+    table = pq.read_table(copy / "index.parquet")
+    values = table.column(column).to_pylist()
+    values[row] = value
+    table = table.set_column(table.schema.get_field_index(column), column, [values])
+    pq.write_table(table, copy / "index.parquet")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["index_sha256"] = file_sha256(copy / "index.parquet")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy, table.column("key")[row].as_py()

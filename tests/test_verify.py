@@ -3,7 +3,6 @@ import json
 import shutil
 import tarfile
 
-import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from PIL import Image
@@ -12,7 +11,12 @@ from pipeline.checksum import file_sum64
 from pipeline.cli import main
 from pipeline.errors import UsageError
 from pipeline.index import file_sha256, read_index, read_manifest
+from pipeline.tarshard import tar_header
 from pipeline.verify import inspect_shards
+from tests.conftest import copy_with_edited_index
+
+
+SAMPLE_BYTES = 16896  # every sample's four members, padded (see pipeline.tarshard)
 
 
 def run(*args):
@@ -44,8 +48,8 @@ def test_verify_names_the_first_bad_shard(shards, tmp_path):
 
 
 def _copy_with_rewritten_shard(shards, tmp_path, shard, rewrite):
-    """A copy of `shards` where `rewrite(tar_bytes, tarfile)` changed one shard in place (same size)
-    and the manifest's checksums say the new bytes are right: only the per-sample checks can object."""
+    """A copy of `shards` where `rewrite(tar_bytes, tarfile)` changed one shard in place and the
+    manifest's size and checksums say the new bytes are right: only the per-sample checks can object."""
     copy = shutil.copytree(shards, tmp_path / "copy")
     path = copy / shard
     with tarfile.open(path) as tar:
@@ -53,7 +57,7 @@ def _copy_with_rewritten_shard(shards, tmp_path, shard, rewrite):
     path.write_bytes(bytes(data))
     manifest = json.loads((copy / "manifest.json").read_text())
     entry = next(e for e in manifest["shards"] if e["file"] == shard)
-    entry.update(sha256=file_sha256(path), sum64=file_sum64(path))
+    entry.update(bytes=path.stat().st_size, sha256=file_sha256(path), sum64=file_sum64(path))
     (copy / "manifest.json").write_text(json.dumps(manifest))
     return copy, path
 
@@ -75,18 +79,43 @@ def test_verify_catches_a_sample_whose_label_differs_from_the_index(shards, tmp_
     assert (code, output) == (1, f"error: {path}: sample 3 ({key}) disagrees with the index")
 
 
+def test_verify_catches_a_shard_that_ends_before_its_index_rows(shards, tmp_path):
+    """Its last sample cut off (a valid tar, its checksums in the manifest right): the index and the
+    manifest's count still list it, and only the count check sees it."""
+    count = next(e["count"] for e in read_manifest(shards)["shards"] if e["file"] == "val-000000.tar")
+    copy, path = _copy_with_rewritten_shard(shards, tmp_path, "val-000000.tar",
+                                            lambda data, tar: data[:-(SAMPLE_BYTES + 1024)] + bytes(1024))
+    assert run("shard", "verify", copy, "--quiet") == (
+        1, f"error: {path}: holds {count - 1} samples, the manifest says {count}")
+
+
+def test_verify_catches_a_sample_marked_with_another_split(shards, tmp_path):
+    key = read_index(shards, "val").to_pydict()["key"][1]
+
+    def mark_as_test(data, tar):  # the json member rewritten, header and all; it still fits its 512 bytes
+        member = tar.getmember(f"{key}.json")
+        meta = json.loads(bytes(data[member.offset_data:member.offset_data + member.size]))
+        assert meta["split"] == "val"
+        new = json.dumps(dict(meta, split="test"), separators=(",", ":")).encode()
+        data[member.offset:member.offset + 1024] = tar_header(member.name, len(new)) + new.ljust(512, b"\0")
+        return data
+
+    copy, path = _copy_with_rewritten_shard(shards, tmp_path, "val-000000.tar", mark_as_test)
+    assert run("shard", "verify", copy, "--quiet") == (1, f"error: {path}: sample {key} is marked split test")
+
+
+def test_verify_catches_an_index_length_short_of_the_array(shards, tmp_path):
+    """The index's lengths are what a reader outside tinyin takes the arrays' extents from: a half
+    length passed a check that compared only the first bytes."""
+    copy, key = copy_with_edited_index(shards, tmp_path, "rgb64_length", 7, 64 * 64 * 3 // 2)
+    assert run("shard", "verify", copy, "--quiet") == (
+        1, f"error: {copy / 'train-000000.tar'}: {key}.rgb64.npy is not at its indexed offset")
+
+
 def test_verify_catches_an_index_offset_that_points_at_another_sample(shards, tmp_path):
-    copy = shutil.copytree(shards, tmp_path / "copy")
-    table = pq.read_table(copy / "index.parquet")
-    offsets = table.column("gray28_offset").to_pylist()
-    offsets[4] = offsets[5]  # sample 5 of train-000000.tar now claims sample 6's grey pixels
-    table = table.set_column(table.schema.get_field_index("gray28_offset"), "gray28_offset", [offsets])
-    pq.write_table(table, copy / "index.parquet")
-    # with its checksum in the manifest updated too, or the open would stop at that (the offsets are checked here)
-    manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["index_sha256"] = file_sha256(copy / "index.parquet")
-    (copy / "manifest.json").write_text(json.dumps(manifest))
-    key = table.column("key")[4].as_py()
+    # sample 5 of train-000000.tar now claims sample 6's grey pixels
+    sixth = read_index(shards).column("gray28_offset")[5].as_py()
+    copy, key = copy_with_edited_index(shards, tmp_path, "gray28_offset", 4, sixth)
     code, output = run("shard", "verify", copy, "--quiet")
     assert (code, output) == (1, f"error: {copy / 'train-000000.tar'}: {key}.gray28.npy is not at its indexed offset")
 

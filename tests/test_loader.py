@@ -1,6 +1,7 @@
 """`make_loader`: exactly-once epochs, determinism, exact pixels, device stage, and clear errors."""
 import gc
 import io
+import os
 import shutil
 import weakref
 from collections import Counter
@@ -16,7 +17,7 @@ from pipeline.errors import ShardError, UsageError
 from pipeline.index import read_index, read_manifest
 from pipeline.loader import make_loader
 from pipeline.source import open_release
-from tests.conftest import needs_real
+from tests.conftest import copy_with_edited_index, needs_real
 
 
 def keys_of(loader):
@@ -254,6 +255,35 @@ def test_shard_arrays_refuses_a_position_outside_the_split(shards, idx, bad):
     with pytest.raises(IndexError) as e:
         ShardArrays(shards, "train", "gray28", checksum=False).gather(idx)
     assert str(e.value) == f"positions must be in 0..239 (the split's samples), got {bad}"
+
+
+def test_an_index_whose_offsets_break_the_stride_is_refused(shards, tmp_path):
+    """The fast and resident paths read a shard as a strided array, from its first offset at the stride
+    of the first two: an index row elsewhere would be silently ignored, its pixels not the index's."""
+    from pipeline.reader import ShardArrays
+
+    fifth = read_index(shards).column("rgb64_offset")[4].as_py()
+    copy, _ = copy_with_edited_index(shards, tmp_path, "rgb64_offset", 3, fifth)
+    with pytest.raises(ShardError) as e:
+        ShardArrays(copy, "train", "rgb64", checksum=False)
+    assert str(e.value) == f"{copy / 'train-000000.tar'}: samples are not evenly spaced (not written by tinyin shard build)"
+
+
+def test_a_shard_changed_after_this_process_verified_it_is_hashed_again(shards, tmp_path):
+    """Each process hashes a shard once, keyed by (path, size, mtime): one damaged in place after a
+    loader verified it, its size kept, is hashed again (keyed without its mtime it passed as verified)."""
+    from pipeline.reader import ShardArrays
+
+    copy = shutil.copytree(shards, tmp_path / "copy")
+    ShardArrays(copy, "train", "gray28")  # every train shard hashed and found good
+    path = copy / "train-000001.tar"
+    data, mtime = bytearray(path.read_bytes()), path.stat().st_mtime_ns
+    data[5000] ^= 1
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(mtime + 10**9, mtime + 10**9))  # later, whatever the file system's time resolution
+    with pytest.raises(ShardError) as e:
+        ShardArrays(copy, "train", "gray28")
+    assert str(e.value) == f"{path}: checksum differs from the manifest (corrupt or modified)"
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -472,11 +472,15 @@ def test_shards_over_http_stream_with_default_stats(shards):
         urls = [f"http://127.0.0.1:{server.server_port}/{s['file']}" for s in train]
         loader = make_loader(urls, "train", batch_size=64, sample_counts=[s["count"] for s in train],
                              with_keys=True, workers=0)
+        stored = {k: img for images, _, keys in make_loader(shards, "train", batch_size=64, raw=True, with_keys=True)
+                  for k, img in zip(keys, images.clone(), strict=True)}
         keys = []
         for images, _, batch_keys in loader:
-            assert images.shape[1:] == (3, 64, 64) and images.abs().max() <= 1 + 1e-5  # 0.5/0.5: [-1, 1]
+            # mean 0.5, std 0.5: [0, 255] onto [-1, 1] (a bound on the values passed with std 1, [-0.5, 0.5])
+            want = torch.stack([stored[k] for k in batch_keys]).permute(0, 3, 1, 2).float() / 127.5 - 1
+            assert images.shape[1:] == (3, 64, 64) and torch.allclose(images, want, rtol=0, atol=1e-6)
             keys += batch_keys
-        assert sorted(keys) == sorted(read_index(shards, "train").to_pydict()["key"])
+        assert sorted(keys) == sorted(stored)
     finally:
         server.shutdown()
         server.server_close()

@@ -317,6 +317,18 @@ def test_a_partial_file_from_an_earlier_run_is_resumed(shards, serve, cache, wor
     assert not list(copy.glob("*.part"))
 
 
+def test_a_copy_cut_short_in_the_cache_is_fetched_again(shards, serve, cache):
+    """A shard under its own name is taken for complete by its size alone (no checksum on a second open):
+    one cut short there (a disk that filled, a copy by hand) is fetched again, not served short."""
+    server = serve()
+    copy = cached_copy(server.url, "train")
+    data = (copy / SHARD).read_bytes()
+    (copy / SHARD).write_bytes(data[:len(data) // 2])
+    server.requests.clear()
+    assert cached_copy(server.url, "train") == copy
+    assert shard_gets(server) == {SHARD: 1} and (copy / SHARD).read_bytes() == (shards / SHARD).read_bytes()
+
+
 def test_a_rebuilt_set_under_the_same_url_replaces_the_changed_copy(shards, serve, cache, tmp_path):
     served = tmp_path / "served"
     shutil.copytree(shards, served)

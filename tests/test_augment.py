@@ -25,16 +25,18 @@ def identity(n, side):
 
 
 def test_pad_crop_flip_is_a_per_sample_padded_crop_and_flip():
-    x = images(16, 12)
+    x = images(64, 12)
     out = pad_crop_flip(x, 2, torch.Generator().manual_seed(0))
     padded = F.pad(x, (0, 0, 2, 2, 2, 2))
-    flips = 0
-    for i in range(16):
+    drawn = []
+    for i in range(64):
         options = [(dy, dx, f) for dy in range(5) for dx in range(5) for f in (False, True)
                    if torch.equal(out[i], (lambda c: c.flip(1) if f else c)(padded[i, dy:dy + 12, dx:dx + 12]))]
         assert options, f"sample {i} is not a crop of its padded input"
-        flips += options[0][2]
-    assert 0 < flips < 16
+        drawn.append(options[0])
+    # Every shift, both ends included (a draw of 0..2*pad-1 never reached the right and bottom padding).
+    assert {d[0] for d in drawn} == {d[1] for d in drawn} == set(range(5))
+    assert 0 < sum(d[2] for d in drawn) < 64
 
 
 @pytest.mark.parametrize("size", [64, 224])

@@ -145,6 +145,8 @@ class ShardSet:
         data = self._read_bytes(MANIFEST_FILE)
         if data is None and self.is_local and not os.path.exists(self.location):
             raise ShardError(f"{self.location}: no such folder")
+        if data is None and self.is_local and os.path.isfile(self.location):  # the manifest itself, say
+            raise ShardError(f"{self.location}: a file, not a shard set's folder; pass the folder that holds it")
         if data is None:
             raise ShardError(f"{self.location}: not a tinyin shard set (no {MANIFEST_FILE}); "
                              "run `tinyin shard build` first")

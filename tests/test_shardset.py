@@ -268,6 +268,12 @@ def test_a_folder_that_does_not_exist(tmp_path):
     assert _open_error(tmp_path / "nope") == f"{tmp_path / 'nope'}: no such folder"
 
 
+def test_a_file_of_the_set_for_its_folder_says_so(shards):
+    """`make_loader("SET/manifest.json")` said "not a tinyin shard set (no manifest.json)" of the manifest."""
+    manifest = shards / "manifest.json"
+    assert _open_error(manifest) == f"{manifest}: a file, not a shard set's folder; pass the folder that holds it"
+
+
 def test_remote_failures_are_one_line(monkeypatch, tmp_path):
     """A remote client's own errors (not OSError: botocore's) and a filesystem that connects when it is
     made (ftp) are ShardErrors naming the URL, not tracebacks."""

@@ -194,6 +194,19 @@ def test_ablation_switches_off_one_part_per_run(shards, tmp_path):
     assert [r["variant"] for r in json.loads((out / "ablation.json").read_text())] == [None, "ema", "tta"]
 
 
+def test_a_part_named_twice_in_ablate_is_one_run(monkeypatch):
+    """`--ablate ema,tta,ema` planned the no-ema run twice: ablation.md got its row twice."""
+    planned = []
+
+    def stop_at_the_check(args, variants):
+        planned.append(variants)
+        raise SystemExit(0)
+    monkeypatch.setattr(speedrun, "check_train_flags", stop_at_the_check)
+    with pytest.raises(SystemExit):
+        speedrun.main(["--shards", "x", "--out", "y", "--ablate", "ema,tta,ema"])
+    assert planned == [["ema", "tta"]]
+
+
 def test_unknown_ablation_is_a_one_line_error(capsys):
     with pytest.raises(SystemExit):
         speedrun.main(["--shards", "x", "--out", "y", "--ablate", "ema,dropout"])

@@ -198,7 +198,8 @@ def main(argv=None):
         seeds = list(dict.fromkeys(int(s) for s in args.seeds.split(",")))  # '0,0': one run, not a row twice and no spread
     except ValueError:
         p.error(f"--seeds: comma-separated integers, not {args.seeds!r}")
-    variants = [] if not args.ablate else list(ABLATIONS) if args.ablate == "all" else args.ablate.split(",")
+    # 'ema,ema': one run, not its row twice
+    variants = [] if not args.ablate else list(ABLATIONS) if args.ablate == "all" else list(dict.fromkeys(args.ablate.split(",")))
     unknown = [v for v in variants if v not in ABLATIONS]
     if unknown:
         p.error(f"--ablate: unknown part(s) {', '.join(unknown)}; choose from: all, {', '.join(ABLATIONS)}")

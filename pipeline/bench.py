@@ -25,6 +25,7 @@ import torch
 
 from . import reader
 from .loader import make_loader
+from .provenance import commit
 from .reader import ShardArrays
 from .schema import VARIANTS
 from .shardset import open_shard_set
@@ -336,9 +337,9 @@ def _device_loader(shards, variant, batch_size, device):
 
 
 def format_table(rows, command, batch_size):
-    """The Markdown table, headed by the command and machine that produced it."""
+    """The Markdown table, headed by the command, commit and machine that produced it."""
     lines = [f"# {command}",
-             f"# {platform.node()}: {os.cpu_count()} cores, torch {torch.__version__}, batch {batch_size}, "
+             f"# commit {commit()}; {platform.node()}: {os.cpu_count()} cores, torch {torch.__version__}, batch {batch_size}, "
              f"train split, shuffled, median of passes",
              "| variant | loader | workers | images/s | × baseline | of ceiling | pass | first batch (data pass done) |",
              "|---|---|---|---|---|---|---|---|"]

@@ -1,14 +1,18 @@
 """`bench_loader` on the synthetic set: every row measured, the local paths' first batch timed; `bench_remote`:
 the loopback-HTTP rows, with curl's rate as their ceiling."""
+import os
+import platform
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline import bench
 from pipeline.bench import bench_remote, format_table
+from pipeline.provenance import commit
 
 
 def test_loader_table_has_the_first_batch_of_the_local_paths(shards, monkeypatch):
@@ -26,6 +30,8 @@ def test_loader_table_has_the_first_batch_of_the_local_paths(shards, monkeypatch
     # 2.5-3.5x below its rate over whole epochs (real set: 14-20k against 50-56k rgb64 images/s).
     assert {r["loader"]: r["pass"] for r in rows}["tinyin stream (whole shards)"] == "240 images (whole epochs)"
     table = bench.format_table(rows, "test", 64).splitlines()
+    assert table[:2] == ["# test", f"# commit {commit()}; {platform.node()}: {os.cpu_count()} cores, torch "
+                         f"{torch.__version__}, batch 64, train split, shuffled, median of passes"]
     assert table[2].endswith("| pass | first batch (data pass done) |")
     assert table[4].endswith("| — |") and table[5].endswith("| — |") and table[6].endswith(" s) |") and table[8].endswith("| — |")
 

@@ -65,11 +65,18 @@ def _is_image(path):
     return path.lower().endswith(IMAGE_SUFFIXES) and not path.rsplit("/", 1)[-1].startswith("._")
 
 
+#: The index stores box coordinates as int16: a larger one failed the finished build with pyarrow's traceback.
+BOX_LIMITS = (int(np.iinfo(np.int16).min), int(np.iinfo(np.int16).max))
+
+
 def _box(fields, where):
     try:
         x0, y0, x1, y1 = (int(v) for v in fields)
     except ValueError:
         raise SourceError(f"{where}: malformed box {' '.join(fields)!r}") from None
+    if not all(BOX_LIMITS[0] <= v <= BOX_LIMITS[1] for v in (x0, y0, x1, y1)):
+        raise SourceError(f"{where}: malformed box {' '.join(fields)!r} (coordinates must lie in "
+                          f"{BOX_LIMITS[0]}..{BOX_LIMITS[1]})")
     return (x0, y0, x1, y1)
 
 

@@ -124,6 +124,17 @@ def test_malformed_boxes_name_the_release(broken, tmp_path):
     assert_fails(broken, tmp_path, f"{broken}: val/val_annotations.txt:1: malformed box 'a b c d'")
 
 
+def test_a_box_too_large_for_the_index_names_its_line(broken, tmp_path):
+    """The index holds boxes as int16: a coordinate of 40000 failed the build after every shard was
+    written, with pyarrow's traceback (ArrowInvalid: Value 40000 too large to fit in C integer type)."""
+    wnid = sorted((broken / "wnids.txt").read_text().split())[0]
+    boxes = broken / "train" / wnid / f"{wnid}_boxes.txt"
+    lines = boxes.read_text().splitlines()
+    boxes.write_text("\n".join([lines[0].split("\t")[0] + "\t1\t2\t40000\t4"] + lines[1:]) + "\n")
+    assert_fails(broken, tmp_path, f"{broken}: train/{wnid}/{wnid}_boxes.txt:1: malformed box '1 2 40000 4' "
+                                   "(coordinates must lie in -32768..32767)")
+
+
 def test_text_files_from_an_editor_build_the_same_set(release, shards, tmp_path):
     """CRLF, a UTF-8 byte order mark, spaces around the tabs or in place of them (before: the BOM made
     the first wnid `class folder train/W is not in wnids.txt`, spaces around a tab `wnid ' W ' is not in

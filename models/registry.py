@@ -111,7 +111,7 @@ def get_model(name: str, num_classes: int = 200, pretrained: bool = False, weigh
     weights: path of a local state dict, or of a checkpoint dict with a
         ``'model'`` key (e.g. the ImageNet file downloaded elsewhere, or a
         ``checkpoint.pth`` of train.py: of an ``--ema`` run, its average). A head of another
-        class count is dropped.
+        class count is dropped, and a fresh one put on as ``pretrained=True`` does.
     """
     spec = model_spec(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -120,8 +120,10 @@ def get_model(name: str, num_classes: int = 200, pretrained: bool = False, weigh
         raise ValueError("pass either pretrained=True or weights=FILE, not both")
     if not pretrained:
         model = spec.build(num_classes)
-        if weights:
-            load_weights_file(model, weights, head=spec.head, arch=name)
+        if weights and load_weights_file(model, weights, head=spec.head, arch=name) and spec.reset_head:
+            # The builder's head is not always the one pretrained=True puts on (SqueezeNet's is N(0, 0.01) with
+            # zero bias, reset_head's PyTorch's default, as the study's): the ImageNet file by hand must train alike.
+            spec.reset_head(model, num_classes)
         return model
 
     if spec.weights is None:

@@ -108,6 +108,21 @@ def test_weights_file_with_imagenet_head_keeps_a_fresh_head(tmp_path):
     assert _same(src, model, skip="fc.")
 
 
+def test_weights_file_with_imagenet_head_gets_the_head_pretrained_puts_on(tmp_path):
+    """SqueezeNet's builder starts its head at N(0, 0.01) with zero bias, --pretrained's (the study's) at
+    PyTorch's default: Table 3's rows of tools/reproduce.py, which pass the ImageNet file as --weights,
+    fine-tuned another start than `--recipe paper` (and the study) did."""
+    spec = models.model_spec("squeezenet1_1")
+    torch.save(spec.build(1000).state_dict(), tmp_path / "imagenet.pth")
+    torch.manual_seed(0)
+    model = models.get_model("squeezenet1_1", num_classes=200, weights=str(tmp_path / "imagenet.pth"))
+    torch.manual_seed(0)
+    expected = spec.build(200)  # loading a file draws no random numbers: reset_head draws what it did
+    spec.reset_head(expected, 200)
+    assert _same(expected, model, skip="features.")
+    assert model.classifier[1].bias.abs().min() > 0
+
+
 def test_weights_file_of_another_model_is_refused(tmp_path):
     torch.save(models.get_model("lenet5").state_dict(), tmp_path / "lenet.pth")
     with pytest.raises(ValueError, match="does not fit this model"):

@@ -1141,6 +1141,8 @@ def main(args):
             where = f" (no checkpoint.pth in {args.output_dir})" if args.resume == "auto" else ""
             raise UsageError(f"--test-only evaluates a trained network: give --resume (a checkpoint, or auto)"
                              f"{where} or --weights FILE")
+        if rank() == 0 and (note := recipe_batch_note(args, world_size)):
+            print(note, file=sys.stderr, flush=True)
         parts = build(args, device, world_size)
         state = restore(parts, args, ckpt_path)
         check_same_start(state, ckpt_path, args)
@@ -1329,6 +1331,16 @@ def given_flags(argv):
     probe = get_args_parser()
     probe.set_defaults(**dict.fromkeys(vars(probe.parse_args([]))))
     return {k for k, v in vars(probe.parse_args(argv)).items() if v is not None}
+
+
+def recipe_batch_note(args, world_size):
+    """The note for a --recipe's batch under torchrun ('' otherwise): -b is per process, so N processes step
+    on N times the recipe's row (the study's batch 32, 50 or 100), which `tinyin report` then calls not
+    comparable; said at the start, not after the run."""
+    if world_size == 1 or not args.recipe or args.test_only or "batch_size" in given_flags(args.argv):
+        return ""
+    return (f"note: --recipe {args.recipe} sets -b {args.batch_size} per process: {world_size} processes train on "
+            f"{args.batch_size * world_size} images a step, not the recipe's {args.batch_size}")
 
 
 def parse_args(argv=None):

@@ -2,6 +2,7 @@
 mid-epoch and elastic resume, DDP on CPU."""
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -86,6 +87,27 @@ def test_recipe_paper_rows():
     assert (args.epochs, args.batch_size, args.pretrained, args.lr) == (50, 100, True, 0.001)
     args = train.parse_args(["--arch", "resnet18", "--recipe", "paper"])
     assert (args.size, args.epochs, args.batch_size, args.pretrained, args.norm) == (64, 40, 50, False, "imagenet")
+
+
+@pytest.mark.parametrize("world_size, extra, note", [
+    (2, [], "note: --recipe paper sets -b 32 per process: 2 processes train on 64 images a step, not the recipe's 32\n"),
+    (2, ["-b", "16"], ""),  # the user's own -b: 16 x 2 is the study's 32
+    (1, [], ""),
+])
+def test_a_recipes_batch_under_torchrun_is_said_to_be_per_process(monkeypatch, capsys, tmp_path, world_size, extra, note):
+    """torchrun with --recipe paper stepped on world_size x the study's batch without a word; only `tinyin
+    report`, after the run, called it not comparable."""
+    class Built(Exception):
+        pass
+
+    def build(*_):
+        raise Built
+    monkeypatch.setattr(train, "distributed", lambda args: contextlib.nullcontext((torch.device("cpu"), world_size)))
+    monkeypatch.setattr(train, "build", build)
+    with pytest.raises(Built):
+        train.main(train.parse_args(["--arch", "lenet5", "--recipe", "paper", "--device", "cpu",
+                                     "--output-dir", str(tmp_path), *extra]))
+    assert capsys.readouterr().err == note
 
 
 def test_explicit_flags_beat_the_recipe():

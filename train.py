@@ -51,7 +51,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 import models
-from models.recipes import recipe_names, resolve_recipe
+from models.recipes import RECIPES, recipe_names, resolve_recipe
 from pipeline import IMAGENET_MEAN, IMAGENET_STD, make_loader, provenance
 from pipeline.atomic import atomic_file, write_json
 from pipeline.cache import cached_copy, is_set_url
@@ -664,6 +664,7 @@ def restore(parts, args, ckpt_path):
                              f"(made after {BUDGET_AFTER_EPOCHS} epochs); resume it with --epochs N instead")
         check_epoch_order(ckpt, state, args, parts.world_size, ckpt_path)
         check_limit_batches(ckpt["args"].get("limit_batches"), args, ckpt_path)
+        check_recipe(ckpt["args"], args, ckpt_path)  # before the norm: its advice alone resumed without the recipe
         check_norm(ckpt["args"].get("norm"), args, ckpt_path)
         if not args.test_only and (state.epoch > args.epochs or (state.epoch == args.epochs and state.samples_done)):
             least = state.epoch + bool(state.samples_done)  # at an epoch's end, that epoch count itself
@@ -733,6 +734,27 @@ def check_limit_batches(saved, args, path):
     fix = "without --limit-batches" if saved is None else f"with --limit-batches {saved}"
     raise CheckpointError(f"{path}: made with {said(saved)}, this run has {said(args.limit_batches)}, and one run's "
                           f"epochs must see the same batches; resume it {fix}, or use another --output-dir")
+
+
+def recipe_row(name, args):
+    """--recipe `name`'s flags for this run's --arch and --size, less its --epochs; {} for no recipe."""
+    row = dict(RECIPES.get(name, {}).get((args.arch, args.size), {}))
+    row.pop("epochs", None)
+    return row
+
+
+def check_recipe(saved_args, args, path):
+    """CheckpointError unless a training resume names the --recipe its checkpoint was made with (`saved_args`'
+    "recipe"; a checkpoint from before --recipe is not checked). Without it train.py's defaults came back
+    mid-run: a --recipe paper LeNet-5 resumed with the --norm half the norm check asks for trained on at -b 128
+    on a cosine schedule over 30 epochs, not at 32 with a constant lr for 40, and only a note about lr and wd."""
+    saved = saved_args.get("recipe")
+    if args.test_only or "recipe" not in saved_args or recipe_row(saved, args) == recipe_row(args.recipe, args):
+        return  # paper's 224 rows and paper-50's differ in their epochs only, which a resume may change
+    said = lambda r: f"--recipe {r}" if r else "no --recipe"  # noqa: E731
+    fix = f"with --recipe {saved}" if saved else "without --recipe"
+    raise CheckpointError(f"{path}: made with {said(saved)}, this run has {said(args.recipe)}, which changes its batch, "
+                          f"epochs, lr schedule or normalisation mid-run; resume it {fix}, or use another --output-dir")
 
 
 def check_norm(saved, args, path):

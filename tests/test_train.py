@@ -837,6 +837,26 @@ def test_a_resume_or_evaluation_with_another_norm_is_refused(tiny_shards, tmp_pa
     assert set(run(tiny_shards, tmp_path, "--arch", "lenet5", "--norm", "half", "--test-only", "--resume", "auto")) == {"val", "test"}
 
 
+def test_a_resume_without_the_runs_recipe_is_refused(tiny_shards, tmp_path, capsys):
+    """A --recipe paper run resumed without the recipe, with the --norm half the norm check asked for, trained
+    on with train.py's defaults (-b 128, cosine over 30 epochs: its next epoch's lr 0.0005), and only the lr and
+    wd were named, in a note."""
+    run(tiny_shards, tmp_path, "--arch", "lenet5", "--recipe", "paper", "--epochs", "1")
+    base = ["--shards", tiny_shards, "--device", "cpu", "--arch", "lenet5", "--output-dir", tmp_path, "--resume", "auto"]
+    capsys.readouterr()
+    assert cli(*base, "--epochs", "2", "--norm", "half") == 1
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'checkpoint.pth'}: made with --recipe paper, this run has no --recipe, which changes its "
+        "batch, epochs, lr schedule or normalisation mid-run; resume it with --recipe paper, or use another --output-dir\n")
+    assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 1
+    # an evaluation trains nothing: the norm is all it needs
+    assert set(run(tiny_shards, tmp_path, "--arch", "lenet5", "--norm", "half", "--test-only", "--resume", "auto")) == {"val", "test"}
+    assert run(tiny_shards, tmp_path, "--arch", "lenet5", "--recipe", "paper", "--epochs", "2", "--resume", "auto")["epochs"] == 2
+    # Table 3's rows of paper and paper-50 differ in their epochs only: a 10-epoch run may go on to 50 as either
+    at_224 = train.parse_args(["--arch", "resnet18", "--size", "224"])
+    assert train.recipe_row("paper", at_224) == train.recipe_row("paper-50", at_224) != train.recipe_row(None, at_224) == {}
+
+
 def hold_lock(path):
     """Another process holding `path`'s lock as a training run's rank 0 does (a POSIX lock: this process's own
     would not exclude itself); it lets go when its stdin closes."""

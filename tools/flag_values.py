@@ -2,8 +2,10 @@
 
 argparse reads a lone value that starts with '-' (`--train-args --no-amp`) as an option of its own
 and stops: "expected one argument", so a value of one flag needed the `=` form. `joined` writes
-such a pair in that form before the parse, so both spellings work.
+such a pair in that form before the parse, so both spellings work. `flags_among`: which of
+those flags a tool sets itself for each run.
 """
+import shlex
 
 
 def joined(argv, options):
@@ -13,3 +15,18 @@ def joined(argv, options):
         value = next(words, None) if word in options else None
         out.append(word if value is None else f"{word}={value}")
     return out
+
+
+def flags_among(train_args, dests):
+    """The train.py flags that `train_args` (one string, as --train-args takes it) names among `dests`
+    (argparse's names: "output_dir"), as typed ("--output-dir"), sorted; none where train.py refuses
+    `train_args` (its own check of each run's flags says why, naming the run). A tool's --train-args
+    come last and would win over the flags it sets for each run."""
+    import train  # torch and the models: the runs' own imports, once
+    from pipeline.errors import TinyinError
+
+    try:
+        given = train.given_flags(shlex.split(train_args or ""))
+    except TinyinError:
+        return []
+    return ["--" + dest.replace("_", "-") for dest in sorted(given & set(dests))]

@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from anywhere, installed or not
 
 import models  # noqa: E402
-from flag_values import joined  # noqa: E402
+from flag_values import flags_among, joined  # noqa: E402
 from models.recipes import RECIPES  # noqa: E402
 from pipeline.atomic import write_json  # noqa: E402
 from pipeline.cache import is_set_url  # noqa: E402
@@ -219,15 +219,12 @@ def check_train_flags(todo, train_args):
     import train  # torch and the models: the rows' own imports, once
     from pipeline.device import check_device
 
-    try:
-        # They would win: '--output-dir D' trained every row into D; '--epochs 5' rows that never count
-        # as finished (against the recipe's 40).
-        clash = sorted(train.given_flags(shlex.split(train_args or "")) & {
-            "shards", "arch", "size", "recipe", "output_dir", "resume", "epochs", "limit_batches"})
-    except TinyinError:
-        clash = []  # refused below, with the row it is in
+    # They would win: '--output-dir D' trained every row into D; '--epochs 5' rows that never count
+    # as finished (against the recipe's 40).
+    clash = flags_among(train_args, {"shards", "arch", "size", "recipe", "output_dir", "resume", "epochs",
+                                     "limit_batches"})
     if clash:
-        print(f"error: --train-args: {', '.join('--' + f.replace('_', '-') for f in clash)}: set by reproduce.py "
+        print(f"error: --train-args: {', '.join(clash)}: set by reproduce.py "
               "for each row (from its --shards, --out, --epochs and --limit-batches; the row's --arch, --size and "
               "--recipe; --resume auto)", file=sys.stderr)
         sys.exit(UsageError.exit_code)

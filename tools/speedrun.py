@@ -32,7 +32,7 @@ from matplotlib.figure import Figure  # the object API: no pyplot, no global bac
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # train.py and pipeline/, run from anywhere, installed or not
 
-from flag_values import joined  # noqa: E402
+from flag_values import flags_among, joined  # noqa: E402
 from pipeline.errors import TinyinError, UsageError, hide_password  # noqa: E402
 
 #: --ablate's variants: name -> (the part switched off, the train.py flags that switch it off)
@@ -64,14 +64,10 @@ def check_train_flags(args, variants):
     import train
     from pipeline.device import check_device
 
-    try:
-        # Flags set for each run would win from --train-args: '--seed 5' trained every "seed" alike.
-        clash = sorted(train.given_flags(shlex.split(args.train_args)) & {"shards", "arch", "size", "recipe", "seed",
-                                                                            "output_dir"})
-    except TinyinError:
-        clash = []  # refused below, with the message of the run it is in
+    # Flags set for each run would win from --train-args: '--seed 5' trained every "seed" alike.
+    clash = flags_among(args.train_args, {"shards", "arch", "size", "recipe", "seed", "output_dir"})
     if clash:
-        print(f"speedrun.py: error: --train-args: {', '.join('--' + f.replace('_', '-') for f in clash)}: set by "
+        print(f"speedrun.py: error: --train-args: {', '.join(clash)}: set by "
               "speedrun.py for each run (from its --shards, --arch, --seeds and --out; --recipe fast, --size 64)",
               file=sys.stderr)
         sys.exit(UsageError.exit_code)

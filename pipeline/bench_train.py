@@ -261,10 +261,9 @@ def bench_train(shards, images=None, cases=None, device="cpu", warmup=10, steps=
     num_classes = len(read_manifest(shards)["classes"])
     feeds = Feeds(shards, images, device, os.cpu_count() if workers is None else workers)
     cases = list(cases or plan())
-    if images is None and any(case.feed == "imagefolder" for case in cases):
-        # Found at feed d's first row, the error ended the run and lost the rows of feeds a to c before it.
-        raise UsageError("--feeds d (the study's ImageFolder pipeline) needs --images FOLDER, an extracted release")
-    if images is not None and any(case.feed == "imagefolder" for case in cases):
+    if any(case.feed == "imagefolder" for case in cases):
+        if images is None:  # found at feed d's first row, the error ended the run and lost feeds a to c's rows
+            raise UsageError("--feeds d (the study's ImageFolder pipeline) needs --images FOLDER, an extracted release")
         # ImageFolder labels its class folders 0..n-1: more than the network's outputs failed in the
         # loss (IndexError: Target 4 is out of bounds), after the rows of feeds a to c had run.
         found = sum(1 for p in (Path(images) / "train").iterdir() if p.is_dir())

@@ -666,6 +666,7 @@ def restore(parts, args, ckpt_path):
         check_limit_batches(ckpt["args"].get("limit_batches"), args, ckpt_path)
         check_recipe(ckpt["args"], args, ckpt_path)  # before the norm: its advice alone resumed without the recipe
         check_norm(ckpt["args"].get("norm"), args, ckpt_path)
+        check_plan(ckpt["args"], args, ckpt_path)
         if not args.test_only and (state.epoch > args.epochs or (state.epoch == args.epochs and state.samples_done)):
             least = state.epoch + bool(state.samples_done)  # at an epoch's end, that epoch count itself
             raise UsageError(f"--epochs {args.epochs}: {ckpt_path} is past it (at epoch {state.epoch} step "
@@ -673,7 +674,6 @@ def restore(parts, args, ckpt_path):
         parts.module.load_state_dict(ckpt["model"])
         restore_ema(parts, ckpt, ckpt_path, args)
         parts.optimizer.load_state_dict(ckpt["optimizer"])
-        kept = keep_optimizer_flags(args, ckpt["args"])
         if rank() == 0:
             where = f"epoch {state.epoch} step {state.epoch_steps}" if state.samples_done else f"the start of epoch {state.epoch}"
             if args.test_only:
@@ -681,8 +681,6 @@ def restore(parts, args, ckpt_path):
             else:
                 print(f"resumed from {ckpt_path} at {where} ({state.samples_done} samples of it done, "
                       f"{ckpt['world_size']} -> {parts.world_size} ranks)")
-            if kept:
-                print(f"note: {kept}", file=sys.stderr)
     position = schedule_position(state, args, parts.steps_per_epoch, parts.world_size)
     parts.lr_scheduler = make_scheduler(parts.optimizer, args, parts.steps_per_epoch, last_epoch=position - 1)
     return state
@@ -768,21 +766,40 @@ def check_norm(saved, args, path):
                           f"inputs normalised as they were trained; give --norm {saved}")
 
 
-OPTIMIZER_FLAGS = ("lr", "momentum", "wd", "nesterov")  # what the optimiser's state dict restores
+#: What a training resume must keep of its checkpoint's run, beyond what is checked on its own (the identity,
+#: --recipe, --norm, --ema, --limit-batches): the flags that decide what is trained (the optimiser, the lr schedule,
+#: the loss, the augmentation and mixing) and what validation measures (--tta). Resumed with others, a run went on
+#: to another plan without a word, two plans in one metrics.jsonl and final.json and args.json naming the last.
+PLAN_FLAGS = ("lr", "momentum", "wd", "nesterov", "lr_scheduler", "warmup_epochs", "lr_step_size", "lr_gamma",
+              "label_smoothing", "augment", "mix", "mix_alpha", "mix_prob", "tta")
 
 
-def keep_optimizer_flags(args, saved):
-    """A resumed run trains on with its checkpoint's optimiser (its state dict holds lr, momentum,
-    weight decay and nesterov): set those flags of `args` to the checkpoint's, so that args.json
-    records what is used, and return the note to print when the command line asked otherwise ('')."""
-    differ = [k for k in OPTIMIZER_FLAGS if k in saved and saved[k] != getattr(args, k)]
+def flag_text(dest, value):
+    """`dest` set to `value` as a command line says it: "--lr-scheduler step", "--no-tta"; '' for None
+    (--mix-alpha without --mix)."""
+    flag = "--" + dest.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else f"--no-{flag[2:]}"
+    return "" if value is None else f"{flag} {value}"
+
+
+def check_plan(saved_args, args, path):
+    """CheckpointError unless a training resume has its checkpoint's `PLAN_FLAGS` (`saved_args`), given or
+    defaulted alike, as the other checks compare them; --test-only trains nothing and needs none. A flag a
+    checkpoint does not hold (an older train.py's) was its default then."""
+    if args.test_only:
+        return
+    parser = get_args_parser()
+    saved = {k: saved_args.get(k, parser.get_default(k)) for k in PLAN_FLAGS}
+    if saved["augment"] in (True, False):  # from before --augment took a name: a bare --augment was crop
+        saved["augment"] = "crop" if saved["augment"] else "none"
+    differ = [k for k in PLAN_FLAGS if saved[k] != getattr(args, k)]
     if not differ:
-        return ""
-    asked = ", ".join(f"--{k} {getattr(args, k)}" for k in differ)
-    used = ", ".join(f"{k} {saved[k]}" for k in differ)
-    for k in differ:
-        setattr(args, k, saved[k])
-    return f"{asked} ignored: a resumed run keeps its checkpoint's optimiser ({used})"
+        return
+    said = lambda values: " ".join(filter(None, (flag_text(k, values[k]) for k in differ)))  # noqa: E731
+    raise CheckpointError(f"{path}: made with {said(saved)}, this run has {said(vars(args))}, and one run trains to "
+                          f"one plan; resume it with {said(saved)}, or use another --output-dir (--weights {path} "
+                          "starts a new run from its weights)")
 
 
 def check_same_start(state, ckpt_path, args):

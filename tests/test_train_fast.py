@@ -385,6 +385,52 @@ def test_a_resume_needs_no_longer_the_weights_it_started_from(small_shards, tmp_
     _same_run(straight, resumed)
 
 
+def test_a_resume_with_another_plan_is_refused(small_shards, tmp_path, capsys):
+    """A resume took another lr schedule, loss, augmentation, mixing or --tta without a word (and another --lr,
+    --momentum, --wd or --nesterov with a note, keeping the checkpoint's): a step-schedule run with label
+    smoothing, mixup and TTA resumed without them went on with cosine and none of them, two plans in one
+    metrics.jsonl and args.json naming the second only."""
+    plan = ["--lr-scheduler", "step", "--lr-step-size", "1", "--label-smoothing", "0.1", "--mix", "mixup", "--tta"]
+    base = ["--arch", "lenet5", "-b", "16", "--epochs", "2", "--limit-batches", "2"]
+    stop_at(small_shards, tmp_path, 1, *base, *plan)
+    ckpt = tmp_path / "checkpoint.pth"
+    tail = f", or use another --output-dir (--weights {ckpt} starts a new run from its weights)\n"
+
+    def resume_error(*extra):
+        capsys.readouterr()
+        assert cli("--shards", small_shards, "--device", "cpu", "--output-dir", tmp_path, *base, *extra,
+                   "--resume", "auto") == 1
+        return capsys.readouterr().err
+
+    assert resume_error() == (
+        f"error: {ckpt}: made with --lr-scheduler step --lr-step-size 1 --label-smoothing 0.1 --mix mixup --mix-alpha "
+        "0.2 --tta, this run has --lr-scheduler cosine --lr-step-size 10 --label-smoothing 0.0 --mix none --no-tta, and "
+        "one run trains to one plan; resume it with --lr-scheduler step --lr-step-size 1 --label-smoothing 0.1 --mix "
+        "mixup --mix-alpha 0.2 --tta" + tail)
+    said = ("--lr 0.01 --momentum 0.9 --wd 0.0005 --no-nesterov --warmup-epochs 0.0 --lr-gamma 0.1 --augment none "
+            "--mix-alpha 0.2 --mix-prob 1.0 --tta")
+    assert resume_error(*plan, "--lr", "0.2", "--momentum", "0.5", "--wd", "0", "--nesterov", "--warmup-epochs", "1",
+                        "--lr-gamma", "0.5", "--augment", "--mix-alpha", "0.4", "--mix-prob", "0.5", "--no-tta") == (
+        f"error: {ckpt}: made with {said}, this run has --lr 0.2 --momentum 0.5 --wd 0.0 --nesterov --warmup-epochs 1.0 "
+        "--lr-gamma 0.5 --augment crop --mix-alpha 0.4 --mix-prob 0.5 --no-tta, and one run trains to one plan; resume "
+        f"it with {said}" + tail)
+    assert not (tmp_path / "metrics.jsonl").read_text()
+    # an evaluation trains nothing (the speedrun-style run's bit-identical resume shows the plan's own flags resume it)
+    assert set(run(small_shards, tmp_path, "--arch", "lenet5", "--test-only", "--resume", "auto")) == {"val", "test"}
+
+
+def test_a_checkpoint_without_a_plan_flag_was_made_with_its_default():
+    """An older train.py's checkpoint holds no --mix-prob, --tta or --warmup-epochs (their defaults are what it
+    did), and its --augment was on or off (on: crop)."""
+    args = flags("--augment")
+    saved = {k: v for k, v in vars(args).items() if k not in ("mix_prob", "tta", "warmup_epochs")}
+    train.check_plan(dict(saved, augment=True), args, "old.pth")
+    with pytest.raises(train.CheckpointError, match="^old.pth: made with --augment none, this run has --augment crop,"):
+        train.check_plan(dict(saved, augment=False), args, "old.pth")
+    with pytest.raises(train.CheckpointError, match="^old.pth: made with --no-tta, this run has --tta,"):
+        train.check_plan(dict(saved, augment=True), flags("--augment", "--tta"), "old.pth")
+
+
 # --- --time-budget -------------------------------------------------------------------------
 
 

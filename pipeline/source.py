@@ -6,9 +6,11 @@ one sequential pass into memory (the whole release is ~250 MB of JPEG bytes, ~33
 which is both the fastest way to read a gzipped tar and what lets the decode workers receive plain
 bytes; `unpack` takes the files out of the archive.
 """
+import bisect
 import gzip
 import io
 import os
+import stat
 import tarfile
 import zipfile
 import zlib
@@ -21,6 +23,7 @@ ROOT_MARKER = "wnids.txt"
 GZIP_MAGIC = b"\x1f\x8b"
 TAR_NAMES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")  # what tarfile reads
 ZIP_MAGIC = b"PK\x03\x04"  # a zip's first local file header
+MAX_HOPS = 40  # links followed on the way to one file before it is a loop (Linux's limit)
 
 
 class ReleaseFiles:
@@ -46,7 +49,10 @@ class ReleaseFiles:
     def read(self, name):
         try:
             if self._files is not None:
-                return self._files[name]
+                data = self._files[name]
+                if isinstance(data, _Unreadable):
+                    raise SourceError(f"{self.label}: cannot read {name} ({data})")
+                return data
             return (self._folder / name).read_bytes()
         except (KeyError, OSError) as e:
             raise SourceError(f"{self.label}: cannot read {name} ({e.__class__.__name__})") from None
@@ -78,6 +84,66 @@ def _files_under(folder):
     return sorted(names)
 
 
+class _Unreadable(str):
+    """In place of an archive member's bytes, why it has none: a symbolic link that leads to no file there."""
+
+
+def _follow_links(files, links):
+    """`files` ({name: bytes}) with the symbolic links `links` ({name: target}) read as extracting the archive
+    and reading them would: a link to a file is its bytes (a target relative to the link's folder, every link
+    on the way followed), a link to a folder every file under it, each folder once (a link to a folder above
+    it would loop; the folder walk does the same). A link to no file of the archive (outside it, missing, in
+    a loop) is listed with an `_Unreadable` reason: reading it fails, naming it, as a folder's broken link does."""
+    if not links:
+        return files
+    names = sorted(set(files) | set(links))
+
+    def real(path, hops=0):
+        """`path` with every link on it followed, or ValueError(why not)."""
+        parts = []
+        for part in path.split("/"):
+            if part == "..":
+                if not parts:
+                    raise ValueError("outside the archive")
+                parts.pop()
+            elif part not in ("", "."):
+                parts.append(part)
+                if "/".join(parts) in links:
+                    if hops == MAX_HOPS:
+                        raise ValueError("in a loop of links")
+                    target = links["/".join(parts)]
+                    if target.startswith("/"):
+                        raise ValueError("outside the archive")
+                    parts = [p for p in real("/".join(parts[:-1] + [target]), hops + 1).split("/") if p]
+        return "/".join(parts)
+
+    out, expanded = dict(files), set()
+    todo = [(name, links[name]) for name in sorted(links, reverse=True)]  # (link's name, its target)
+    while todo:
+        name, shown = todo.pop()
+        try:
+            target = real(name)
+        except ValueError as e:
+            out[name] = _Unreadable(f"a symbolic link to {shown}, {e}")
+            continue
+        if target in files:
+            out[name] = files[target]
+            continue
+        prefix = target + "/" if target else ""
+        first = bisect.bisect_left(names, prefix)
+        if first == len(names) or not names[first].startswith(prefix):
+            out[name] = _Unreadable(f"a symbolic link to {shown}, which the archive does not hold")
+        elif target not in expanded and not (real(name.rpartition("/")[0]) + "/").startswith(prefix):
+            expanded.add(target)
+            for member in names[first:bisect.bisect_left(names, prefix + "\U0010ffff")]:
+                inside = name + "/" + member[len(prefix):]
+                if member in files:
+                    out[inside] = files[member]
+                else:
+                    todo.append((inside, links[member]))
+    return out
+
+
 def _strip_root(names_to_bytes, label):
     """Re-key archive members relative to the folder holding wnids.txt (e.g. `tiny-imagenet-200/`)."""
     roots = sorted((n for n in names_to_bytes if n == ROOT_MARKER or n.endswith("/" + ROOT_MARKER)), key=len)
@@ -102,22 +168,27 @@ def _read_tar(path):
             data = gzip.decompress(data)
         if data[257:262] == b"ustar":
             try:
-                return {name.lstrip("./"): b for name, b in files_in_tar(data).items()}
+                links = {}
+                files = files_in_tar(data, links)
+                return _follow_links({name.lstrip("./"): b for name, b in files.items()},
+                                     {name.lstrip("./"): target for name, target in links.items()})
             except Unsupported:
                 pass  # an unusual member: tarfile reads the whole archive instead
         # bz2, xz, pre-POSIX tars, unusual members. Stream mode ('r|*'): one pass, no seeking.
-        files = {}
+        files, links = {}, {}
         with tarfile.open(fileobj=io.BytesIO(data), mode="r|*") as tar:
             for member in tar:
                 if member.isfile():
                     files[member.name.lstrip("./")] = tar.extractfile(member).read()
                 elif member.islnk() and member.linkname.lstrip("./") in files:  # a hard link: bytes stored before
                     files[member.name.lstrip("./")] = files[member.linkname.lstrip("./")]
+                elif member.issym():
+                    links[member.name.lstrip("./")] = member.linkname
             # tarfile stops as quietly at a header cut short as at the end-of-archive block it read whole.
             end = tar.fileobj.tell()  # bytes of tar read (decompressed)
             if end < tar.offset + BLOCK:
                 raise truncated(end)
-        return files
+        return _follow_links(files, links)
     except (Broken, tarfile.TarError, OSError, EOFError, ValueError, zlib.error) as e:
         if str(e) == "empty file" and data:  # tarfile's word when no whole header came out (a cut .tar.bz2)
             e = "no tar data in it: truncated or corrupt"
@@ -134,7 +205,12 @@ def _read_zip(path):
                 files = {i.filename: zf.read(i) for i in members}
             # Windows PowerShell 5's Compress-Archive writes '\' between folders, which the zip format
             # forbids in a name: it can only be a folder separator.
-            return {name.replace("\\", "/"): data for name, data in files.items()}
+            files = {name.replace("\\", "/"): data for name, data in files.items()}
+            # A symbolic link (`zip -y`, macOS's Archive Utility) is stored as a file of its target's path,
+            # marked so in its Unix mode: read as such it was 'not an image (corrupt JPEG)'.
+            links = {i.filename.replace("\\", "/") for i in members if stat.S_ISLNK(i.external_attr >> 16)}
+            return _follow_links({name: data for name, data in files.items() if name not in links},
+                                 {name: files[name].decode("utf-8", "surrogateescape") for name in links})
     except (Broken, zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error,
             NotImplementedError) as e:  # zipfile's word for a compression it lacks
         raise SourceError(f"{path}: unreadable archive ({e})") from None

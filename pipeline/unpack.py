@@ -4,8 +4,8 @@ Why not the standard library's readers alone: a release has 120,203 members, mos
 JPEGs, so per-member overhead is the work. `tarfile`'s member objects and `extractfile` cost ~65 µs
 a member (8 s of a ~40 s build on one core, the others waiting); `zipfile.read` opens a file object
 per member (5 s). `files_in_tar` parses the tar headers it knows (ustar and GNU, GNU long names
-and link names, pax `path`/`linkpath`/`size` records, hard links) and slices each file out of the
-buffer; `files_in_zip` takes `zipfile`'s member list and inflates each stored or deflated member
+and link names, pax `path`/`linkpath`/`size` records, hard and symbolic links) and slices each file out
+of the buffer; `files_in_zip` takes `zipfile`'s member list and inflates each stored or deflated member
 with `zlib`, checking its CRC. For any other kind of member (sparse files, global pax headers,
 base-256 sizes; other compressions) they raise `Unsupported`, and the caller uses the standard
 library instead. The tests compare both readers with it on archives written in each format.
@@ -16,7 +16,8 @@ import zlib
 BLOCK = 512
 REGULAR = (b"0", b"\0", b"7")  # tarfile's REGULAR_TYPES, less GNU sparse files ('S')
 HARD_LINK = b"1"  # a file named again: tar stores the bytes of hard-linked copies once, at the first
-SKIPPED = (HARD_LINK, b"2", b"3", b"4", b"5", b"6")  # links (hard: to no file before it), devices, folders, fifos
+SYMLINK = b"2"  # its target path, relative to the link's folder: the caller resolves it (`links`)
+SKIPPED = (HARD_LINK, b"3", b"4", b"5", b"6")  # hard links to no file before it, devices, folders, fifos
 POSIX_MAGIC = b"ustar\x0000"
 
 
@@ -64,11 +65,12 @@ def truncated(end):
     return Broken(f"truncated: it ends at byte {end:,}, before tar's end-of-archive blocks")
 
 
-def files_in_tar(data):
+def files_in_tar(data, links=None):
     """`{member name: bytes}` for the regular files of uncompressed tar `data` (bytes).
 
     Names are as `tarfile` gives them (ustar prefix joined, GNU long names and pax paths
     applied); a hard link to a file before it is that file's bytes again, as extracting it gives.
+    Symbolic links go into the dict `links` given, `{name: target}` (their target may come later).
     Raises `Unsupported` for members outside the formats above, `Broken` for damage
     (an archive without its end-of-archive blocks included: it was cut short).
     """
@@ -117,6 +119,9 @@ def files_in_tar(data):
             files[name] = data[start:start + size]
         elif kind == HARD_LINK and target in files:  # skipped, it was a missing image (or in test/, a lost one)
             files[name] = files[target]
+        elif kind == SYMLINK:
+            if links is not None:
+                links[name] = target
         elif kind not in SKIPPED and kind != b"\0":
             raise Unsupported(f"member type {kind!r}")
     return files

@@ -1,7 +1,9 @@
 """pipeline.unpack against the references, tarfile and zipfile, on archives written in each
 format; unusual members read through the standard library; damage named."""
 import io
+import os
 import shutil
+import stat
 import subprocess
 import tarfile
 import zipfile
@@ -38,10 +40,11 @@ def archive(fmt, members, **kw):
     return buf.getvalue()
 
 
-def reference(data):
-    """What extracting `data` gives: its files, and its hard links with their targets' bytes (tar stores them once)."""
+def reference(data, symlinks=False):
+    """What extracting `data` gives: its files, and its hard links with their targets' bytes (tar stores them once);
+    with `symlinks`, its symbolic links too (which `files_in_tar` leaves to its caller), with their targets' bytes."""
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        return {m.name: tar.extractfile(m).read() for m in tar if m.isfile() or m.islnk()}
+        return {m.name: tar.extractfile(m).read() for m in tar if m.isfile() or m.islnk() or symlinks and m.issym()}
 
 
 def released(path, data):
@@ -54,7 +57,7 @@ def released(path, data):
 MEMBERS = [("tiny-imagenet-200", Kind(tarfile.DIRTYPE)), ("tiny-imagenet-200/wnids.txt", b"n01443537\n"),
            ("tiny-imagenet-200/empty", b""), ("tiny-imagenet-200/a511", b"a" * 511),
            ("tiny-imagenet-200/b512", b"b" * 512), ("tiny-imagenet-200/c513", bytes(range(256)) * 2 + b"c"),
-           ("tiny-imagenet-200/link", Kind(tarfile.SYMTYPE)), ("tiny-imagenet-200/hard", Kind(tarfile.LNKTYPE)),
+           ("tiny-imagenet-200/link", Kind(tarfile.SYMTYPE, "wnids.txt")), ("tiny-imagenet-200/hard", Kind(tarfile.LNKTYPE)),
            ("tiny-imagenet-200/" + "d" * 90 + "/" + "e" * 90, b"split between the ustar prefix and name fields"),
            ("tiny-imagenet-200/fifo", Kind(tarfile.FIFOTYPE)), ("tiny-imagenet-200/last", b"z" * 10_000)]
 
@@ -97,7 +100,7 @@ def test_unusual_members_are_left_to_tarfile(kw, members, tmp_path):
     data = archive(fmt, MEMBERS + members, **kw)
     with pytest.raises(Unsupported):
         files_in_tar(data)
-    assert released(tmp_path / "release.tar", data) == reference(data)
+    assert released(tmp_path / "release.tar", data) == reference(data, symlinks=True)
 
 
 def test_damage_is_named(tmp_path):
@@ -222,3 +225,72 @@ def test_other_compressions_of_a_tar_go_through_tarfile(tmp_path, suffix, mode):
         tar.addfile(info, io.BytesIO(b"z" * 10_000))
     files = open_release(path)
     assert {name: files.read(name) for name in files.names()} == {"wnids.txt": b"", "last": b"z" * 10_000}
+
+
+def zip_of(root, path):
+    """Zip folder `root` into `path` (outside it) as `zip -ry` does: a symbolic link stored as its target's
+    path, S_IFLNK in its mode."""
+    assert root not in path.parents
+    with zipfile.ZipFile(path, "w") as zf:
+        for name in sorted(p.relative_to(root).as_posix() for p in root.rglob("*")):
+            if (root / name).is_symlink():
+                info = zipfile.ZipInfo(name)
+                info.external_attr = (stat.S_IFLNK | 0o777) << 16
+                zf.writestr(info, os.readlink(root / name))
+            elif (root / name).is_file():
+                zf.write(root / name, name)
+    return path
+
+
+def test_symbolic_links_are_read_as_extracting_gives(tmp_path):
+    """An image that is a link to another file of the archive (a duplicate, `test/` to a train image) was
+    skipped in a tar with no word (fewer unlabeled images) and read as its target's path in a zip ('not an
+    image'). Each now reads as the folder the archive extracts to: links in chains, through linked folders,
+    out of the release's folder but inside the archive; a link to a folder above it is not walked again."""
+    root = tmp_path / "root"
+    release, dups = root / "tiny-imagenet-200", root / "dups"
+    (release / "test/images").mkdir(parents=True)
+    dups.mkdir()
+    (release / "wnids.txt").write_bytes(b"n01443537\n")
+    (release / "a.JPEG").write_bytes(b"a" * 600)
+    (dups / "d.JPEG").write_bytes(b"d" * 700)
+    for name, target in [("test/images/same.JPEG", "../../a.JPEG"), ("test/images/chain.JPEG", "same.JPEG"),
+                         ("test/images/side.JPEG", "../../../dups/d.JPEG"), ("linked", "../dups"),
+                         ("via.JPEG", "linked/d.JPEG"), ("test/loop", "..")]:
+        (release / name).symlink_to(target)
+    expected = {"wnids.txt", "a.JPEG", "test/images/same.JPEG", "test/images/chain.JPEG", "test/images/side.JPEG",
+                "linked/d.JPEG", "via.JPEG"}
+    folder = open_release(release)
+    assert set(folder.names()) == expected
+    archives = [zip_of(root, tmp_path / "release.zip")]
+    for suffix, mode, fmt in [(".tar", "w", tarfile.GNU_FORMAT), (".tar", "w", tarfile.PAX_FORMAT),
+                              (".tar.bz2", "w:bz2", tarfile.PAX_FORMAT)]:  # bz2: tarfile's reader
+        archives.append(tmp_path / f"{fmt}{suffix}")
+        with tarfile.open(archives[-1], mode, format=fmt) as tar:
+            tar.add(root, "")
+    for path in archives:
+        files = open_release(path)
+        assert {name: files.read(name) for name in files.names()} == {name: folder.read(name) for name in expected}
+
+
+def test_a_symbolic_link_to_no_file_of_the_archive_is_named(tmp_path):
+    """Outside the archive, to a member it lacks, in a loop: listed, and reading it says why (as a
+    folder's broken link: `cannot read NAME (FileNotFoundError)`), never skipped unsaid."""
+    root = tmp_path / "root" / "tiny-imagenet-200"
+    root.mkdir(parents=True)
+    (root / "wnids.txt").write_bytes(b"n01443537\n")
+    bad = {"abs.JPEG": ("/etc/hostname", "outside the archive"), "up.JPEG": ("../../x.JPEG", "outside the archive"),
+           "gone.JPEG": ("none.JPEG", "which the archive does not hold"),
+           "ring1.JPEG": ("ring2.JPEG", "in a loop of links"), "ring2.JPEG": ("ring1.JPEG", "in a loop of links")}
+    for name, (target, _) in bad.items():
+        (root / name).symlink_to(target)
+    tarred = tmp_path / "release.tar"
+    with tarfile.open(tarred, "w") as tar:
+        tar.add(root, root.name)
+    for path in (tarred, zip_of(root.parent, tmp_path / "release.zip")):
+        files = open_release(path)
+        assert files.names() == sorted(bad) + ["wnids.txt"]
+        for name, (target, why) in bad.items():
+            with pytest.raises(SourceError) as caught:
+                files.read(name)
+            assert str(caught.value) == f"{path}: cannot read {name} (a symbolic link to {target}, {why})"

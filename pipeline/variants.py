@@ -3,6 +3,9 @@
 `rgb64` is exactly `PIL.Image.open(f).convert('RGB')` and `gray28` exactly
 `rgb.resize((28, 28), Image.BILINEAR).convert('L')` (torchvision's `Resize((28, 28))` then
 `Grayscale()` on a PIL image, the study's LeNet-5 input): tests compare them byte for byte.
+So an image is taken in whatever PIL opens it as, as the study's `ImageFolder` loader takes it: a
+CMYK JPEG (full ImageNet holds a few), a PNG or GIF saved under a .JPEG name, any mode `convert`
+turns into RGB. Only its size must be 64x64.
 """
 import io
 
@@ -12,7 +15,6 @@ from PIL import Image, UnidentifiedImageError
 from .errors import ImageError
 
 SIZE = (64, 64)
-MODES = ("RGB", "L")  # greyscale JPEGs (~2% of the release) are normal: replicated to RGB
 PLAIN_FRAMES = (0xC0, 0xC1, 0xC2)  # SOF markers of baseline, extended and progressive Huffman JPEGs
 HEADER_SEGMENTS = (0xC4, 0xDB, 0xDD, 0xFE, *range(0xE0, 0xF0))  # DHT, DQT, DRI, COM, APPn
 
@@ -42,19 +44,19 @@ def _plain_mode(data):
 
 def _open(data, name):
     """`Image.open(...).convert('RGB')`, with each reason to refuse the image as one ImageError."""
+    kind = "JPEG"
     try:
         img = Image.open(io.BytesIO(data))
-        if img.format != "JPEG":
-            raise ImageError(f"{name}: {img.format} data under a .JPEG name")
-        if img.mode not in MODES:
-            raise ImageError(f"{name}: {img.mode} JPEG, expected RGB or greyscale")
+        kind = img.format
         if img.size != SIZE:
             raise ImageError(f"{name}: image is {img.size[0]}x{img.size[1]}, expected 64x64")
         return img.convert("RGB")
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image (corrupt JPEG)") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{name}: corrupt or truncated JPEG ({e})") from None
+    except ImageError:
+        raise
+    except Exception as e:  # OSError, SyntaxError, ValueError; the decoders of other formats raise more kinds
+        raise ImageError(f"{name}: corrupt or truncated {kind} ({e})") from None
 
 
 def decode_variants(data, name):

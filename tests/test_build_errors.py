@@ -266,8 +266,6 @@ def test_symlinked_folders_are_followed(release, shards, tmp_path):
     ("garbage", "not an image (corrupt JPEG)"),
     ("truncated", "corrupt or truncated JPEG (image file is truncated"),
     ("small", "image is 32x32, expected 64x64"),
-    ("png", "PNG data under a .JPEG name"),
-    ("cmyk", "CMYK JPEG, expected RGB or greyscale"),
 ])
 def test_bad_images_fail_or_are_skipped(broken, tmp_path, damage, reason):
     path = first_train_image(broken)
@@ -276,8 +274,6 @@ def test_bad_images_fail_or_are_skipped(broken, tmp_path, damage, reason):
         "garbage": b"this is not a jpeg" * 20,
         "truncated": data[: len(data) // 2],
         "small": jpeg_bytes(Image.new("RGB", (32, 32), "red")),
-        "png": jpeg_bytes(Image.new("RGB", (64, 64), "red"), "PNG"),
-        "cmyk": jpeg_bytes(Image.new("CMYK", (64, 64), (0, 50, 100, 0))),
     }[damage])
     rel = str(path.relative_to(broken))
     out = tmp_path / "out"

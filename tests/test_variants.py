@@ -83,11 +83,34 @@ def test_damaged_jpegs_decode_or_fail_as_image_open_does():
     assert outcomes == {("flip", False), ("flip", True), ("zero", False), ("zero", True), ("cut", True)}
 
 
+def saved(img, fmt):
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+SIXTEEN_BITS = Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16))  # mode I;16
+
+
+@pytest.mark.parametrize("fmt, img", [
+    ("JPEG", picture("CMYK", 8)), ("TIFF", picture("CMYK", 8)), ("PNG", picture("1", 8)), ("PNG", picture("LA", 8)),
+    ("PNG", picture("P", 8)), ("PNG", picture("RGBA", 8)), ("PNG", SIXTEEN_BITS), ("GIF", picture("P", 8)),
+], ids=lambda v: v if isinstance(v, str) else v.mode)
+def test_any_image_pil_opens_is_what_the_studys_loader_reads(fmt, img):
+    """A CMYK JPEG (full ImageNet holds a few) or a PNG saved under a .JPEG name was refused, though the
+    study's `ImageFolder` loader, `Image.open(f).convert('RGB')`, reads it: each is now that, byte for byte."""
+    data = saved(img, fmt)
+    assert Image.open(io.BytesIO(data)).mode == img.mode
+    rgb, gray = decode_variants(data, "x.JPEG")
+    expected_rgb, expected_gray = reference(data)
+    assert rgb.tobytes() == expected_rgb.tobytes() and gray.tobytes() == expected_gray.tobytes()
+
+
 @pytest.mark.parametrize("data, message", [
     (jpeg(picture("RGB", 0, (32, 32))), "x.JPEG: image is 32x32, expected 64x64"),
-    (jpeg(picture("CMYK", 0)), "x.JPEG: CMYK JPEG, expected RGB or greyscale"),
+    (saved(picture("RGB", 0), "PNG")[:3000], "x.JPEG: corrupt or truncated PNG (image file is truncated)"),
     (b"this is not a jpeg" * 20, "x.JPEG: not an image (corrupt JPEG)"),
-], ids=["32x32", "cmyk", "garbage"])
+], ids=["32x32", "cut-png", "garbage"])
 def test_other_inputs_take_image_open_and_its_reasons(data, message):
     assert _plain_mode(data) is None
     with pytest.raises(ImageError) as caught:

@@ -15,7 +15,9 @@ import numpy as np
 from .errors import SourceError, UsageError
 from .schema import MEMBERS
 
-IMAGE_SUFFIXES = (".jpeg", ".jpg")
+# torchvision's IMG_EXTENSIONS, the files the study's ImageFolder loader reads (in any case): a PNG put in
+# the layout was left out unsaid. Each is decoded as that loader decodes it (`variants`).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # A sample's members are `<key>.<member>` in a ustar header's 100-byte ASCII name field, and WebDataset
 # readers take the key to be the name up to its first dot.
 MAX_KEY = 100 - max(len("." + m) for m in MEMBERS)

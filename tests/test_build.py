@@ -103,6 +103,23 @@ def test_train_samples_are_byte_exact_with_labels_from_folders(release, shards):
     assert first["json"]["box"] == [int(v) for v in boxes[first["json"]["source"]].split()]
 
 
+def test_every_image_file_the_studys_loader_reads_is_planned(release, tmp_path):
+    """A PNG (or BMP, TIFF, WEBP) put in the layout was left out with no word; the study's ImageFolder
+    reads it, as any name torchvision's IMG_EXTENSIONS ends, in any case. Other files stay out."""
+    copy = shutil.copytree(release, tmp_path / "release")
+    wnid = sorted((copy / "wnids.txt").read_text().split())[0]
+    images = [f"train/{wnid}/images/extra_{i}{suffix}" for i, suffix in enumerate((".png", ".JPG", ".bmp", ".webp"))]
+    images += ["test/images/extra_4.tiff", "test/images/extra_5.PNG", "test/images/extra_6.jpeg"]
+    others = [f"train/{wnid}/images/.DS_Store", f"train/{wnid}/images/Thumbs.db", "test/images/extra_7.txt"]
+    for name in images + others:
+        (copy / name).write_bytes(b"")
+    plan = plan_release(open_release(copy))
+    planned = {item.path for items in plan.items.values() for item in items}
+    assert planned.issuperset(images) and planned.isdisjoint(others) and plan.problems == []
+    assert len(planned) == sum(SYNTH[k] for k in ("train_per_class", "val_per_class")) * SYNTH["classes"] \
+        + SYNTH["test"] + len(images)
+
+
 def test_greyscale_jpegs_are_replicated_to_rgb(release, shards):
     grey = [p for p in release.rglob("*.JPEG") if Image.open(p).mode == "L"]
     assert grey, "the synthetic release should contain greyscale JPEGs"

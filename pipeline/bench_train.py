@@ -250,7 +250,9 @@ def _model(case, device, num_classes, cache):
 def bench_train(shards, images=None, cases=None, device="cpu", warmup=10, steps=50, windows=3,
                 workers=None, log=print):
     """Measure every case; returns a list of row dicts (the `Case` fields plus images/s median,
-    min, max, the windows' rates, ratio to (a) of the same compile setting, peak GPU memory).
+    min, max, the windows' rates, ratio to (a) of the same compile setting, peak GPU memory, and
+    `skipped`: None, or why the row was not measured, its figures None, e.g. a batch larger than the
+    train split).
     A KeyboardInterrupt (Ctrl-C; `tinyin bench train` turns SIGTERM into one) ends the run early
     and returns the rows measured so far, fewer than the cases."""
     device = torch.device(device)
@@ -258,7 +260,8 @@ def bench_train(shards, images=None, cases=None, device="cpu", warmup=10, steps=
         torch.backends.cudnn.benchmark = True
     if windows < 3:
         raise UsageError(f"--windows {windows}: need at least 3 (the median of fewer hides the spread)")
-    num_classes = len(read_manifest(shards)["classes"])
+    manifest = read_manifest(shards)
+    num_classes, n_train = len(manifest["classes"]), manifest["counts"]["train"]
     feeds = Feeds(shards, images, device, os.cpu_count() if workers is None else workers)
     cases = list(cases or plan())
     if any(case.feed == "imagefolder" for case in cases):
@@ -273,6 +276,15 @@ def bench_train(shards, images=None, cases=None, device="cpu", warmup=10, steps=
     rows, compiled = [], {}
     try:
         for case in cases:
+            name = f"{case.arch}@{case.size} b{case.batch} {case.feed}{' compiled' if case.compiled else ''}"
+            if case.batch > n_train:
+                # A small set (`data synth`, `shard build --classes`) under the default --batch study,256: the
+                # row's error ended the run and lost the rows measured before it. Now a row that says why.
+                rows.append(dict(asdict(case), images_per_s=None, min=None, max=None, rates=[], peak_bytes=None,
+                                 skipped=f"not measured: the train split holds {n_train} images, "
+                                         f"fewer than one batch of {case.batch}"))
+                log(f"  {name}: {rows[-1]['skipped']}")
+                continue
             feeds.keep_only(case.feed)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -286,10 +298,9 @@ def bench_train(shards, images=None, cases=None, device="cpu", warmup=10, steps=
                 del step, batches  # the model and optimiser go before the next row's peak memory is reset
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
             row = dict(asdict(case), images_per_s=statistics.median(rates), min=min(rates), max=max(rates),
-                       rates=rates, peak_bytes=peak)
+                       rates=rates, peak_bytes=peak, skipped=None)
             rows.append(row)
-            log(f"  {case.arch}@{case.size} b{case.batch} {case.feed}{' compiled' if case.compiled else ''}: "
-                f"{row['images_per_s']:,.0f} images/s")
+            log(f"  {name}: {row['images_per_s']:,.0f} images/s")
     except KeyboardInterrupt:  # a long table stopped: the rows already measured are still worth printing
         log(f"stopped: {len(rows)} of {len(cases)} rows measured")
     finally:
@@ -297,7 +308,7 @@ def bench_train(shards, images=None, cases=None, device="cpu", warmup=10, steps=
     for row in rows:
         ceiling = next((r["images_per_s"] for r in rows if r["feed"] == "ceiling" and r["compiled"] == row["compiled"]
                         and (r["arch"], r["size"], r["batch"]) == (row["arch"], row["size"], row["batch"])), None)
-        row["of_ceiling"] = row["images_per_s"] / ceiling if ceiling else None
+        row["of_ceiling"] = row["images_per_s"] / ceiling if ceiling and row["images_per_s"] else None
     return rows
 
 
@@ -327,8 +338,10 @@ def format_table(rows, command, env, warmup, steps, windows, planned=None):
              "| model | input | batch | feed | compiled | images/s | min-max | of (a) | peak GPU memory |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        case = f"| {r['arch']} | {r['size']} | {r['batch']} | {FEED_LABELS[r['feed']]} | {'yes' if r['compiled'] else 'no'} |"
+        if r["skipped"]:  # the reason in the images/s column: a row is never left out without a word
+            lines.append(f"{case} {r['skipped']} | - | - | - |")
+            continue
         ratio = "-" if r["of_ceiling"] is None else f"{r['of_ceiling']:.0%}"
-        lines.append(f"| {r['arch']} | {r['size']} | {r['batch']} | {FEED_LABELS[r['feed']]} | "
-                     f"{'yes' if r['compiled'] else 'no'} | {r['images_per_s']:,.0f} | "
-                     f"{r['min']:,.0f}-{r['max']:,.0f} | {ratio} | {_gib(r['peak_bytes'])} |")
+        lines.append(f"{case} {r['images_per_s']:,.0f} | {r['min']:,.0f}-{r['max']:,.0f} | {ratio} | {_gib(r['peak_bytes'])} |")
     return "\n".join(lines)

@@ -91,12 +91,29 @@ def test_feeds_time_a_loader_after_its_data_pass_and_free_the_one_they_replace(s
 
 
 def test_batch_larger_than_the_split(shards):
+    feeds = Feeds(shards, None, torch.device("cpu"), workers=0)
     with pytest.raises(UsageError) as e:
-        bench_train(shards, cases=[Case("lenet5", 28, 1000, "resident")], warmup=0, steps=1)
+        next(feeds.batches(Case("lenet5", 28, 1000, "resident")))
     assert str(e.value) == "--feeds resident: the train split holds fewer images than one batch; use a smaller --batch"
     with pytest.raises(UsageError) as e:
-        bench_train(shards, cases=[Case("lenet5", 28, 1000, "ceiling")], warmup=0, steps=1)
+        feeds.batches(Case("lenet5", 28, 1000, "ceiling"))
     assert str(e.value) == "--feeds a: the train split holds 240 images, fewer than one batch of 1000"
+
+
+def test_a_batch_larger_than_the_split_is_a_row_that_says_so(shards):
+    """A small set under the default --batch study,256: the batch-256 row's error ended the run, its
+    table and JSON lost, the rows measured before it only in the log. Now every row is in the table."""
+    log = []
+    rows = bench_train(shards, cases=[Case("lenet5", 28, 8, "ceiling"), Case("lenet5", 28, 256, "ceiling"),
+                                      Case("lenet5", 28, 256, "fast")], warmup=0, steps=1, log=log.append)
+    reason = "not measured: the train split holds 240 images, fewer than one batch of 256"
+    assert [r["skipped"] for r in rows] == [None, reason, reason]
+    assert rows[0]["images_per_s"] > 0 and rows[0]["of_ceiling"] == 1.0
+    assert [(r["images_per_s"], r["rates"], r["of_ceiling"]) for r in rows[1:]] == [(None, [], None)] * 2
+    assert log[1:] == [f"  lenet5@28 b256 ceiling: {reason}", f"  lenet5@28 b256 fast: {reason}"]
+    assert format_table(rows, "x", environment("cpu"), 0, 1, 3).splitlines()[6:] == [
+        f"| lenet5 | 28 | 256 | (a) ceiling: one batch on the device | no | {reason} | - | - | - |",
+        f"| lenet5 | 28 | 256 | (c) fast path | no | {reason} | - | - | - |"]
 
 
 def test_imagefolder_needs_images(shards):

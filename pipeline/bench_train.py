@@ -329,9 +329,10 @@ def _gib(n):
 def format_table(rows, command, env, warmup, steps, windows, planned=None):
     """The Markdown table, headed by the command, commit, machine and versions that produced it
     (and, when `planned` cases were more than the rows, by how many were measured)."""
+    gpu = f" ({env['gpu']})" if env["gpu"] else ""  # the device measured: it said "no GPU" under --device cpu
     lines = [f"# {command}",
              f"# commit {env['commit']}; {env['host']}: {env['cores']} cores ({env['cpu']}), "
-             f"{env['gpu'] or 'no GPU'}; torch {env['torch']}, torchvision {env['torchvision']}; {env['precision']}",
+             f"device {env['device']}{gpu}; torch {env['torch']}, torchvision {env['torchvision']}; {env['precision']}",
              f"# complete SGD steps (lr 0.001, momentum 0.9); {warmup} warm-up steps excluded; "
              f"median of {windows} windows of {steps} steps" + (", CUDA synchronised" if env["gpu"] else ""),
              *([f"# stopped early: {len(rows)} of {planned} rows measured"] if planned and planned > len(rows) else []),

@@ -168,12 +168,25 @@ def test_cli_table_and_json(shards, release, tmp_path):
         assert r["of_ceiling"] == r["images_per_s"] / rows[0]["images_per_s"]
     lines = [line for line in result.output.splitlines() if line.startswith(("#", "|"))]
     assert lines[0].startswith("# tinyin bench train")  # then sys.argv, which CliRunner leaves as pytest's
-    assert f"torch {torch.__version__}" in lines[1] and "no GPU" in lines[1]
+    # what was measured: the device asked for (it said "no GPU" under --device cpu, on any machine)
+    assert f"), device cpu; torch {torch.__version__}, " in lines[1]
     assert lines[2] == "# complete SGD steps (lr 0.001, momentum 0.9); 1 warm-up steps excluded; median of 3 windows of 1 steps"
     assert lines[3] == "| model | input | batch | feed | compiled | images/s | min-max | of (a) | peak GPU memory |"
     assert [line.split(" | ")[3] for line in lines[5:]] == [
         "(a) ceiling: one batch on the device", "(b) resident loader", "(c) fast path", "(d) study: ImageFolder + PIL"]
     assert lines[5:] == format_table(rows, "x", environment("cpu"), 1, 1, 3).splitlines()[5:]
+
+
+@pytest.mark.parametrize("env, shown", [
+    (dict(device="cpu", gpu=None), "device cpu"),
+    (dict(device="cuda:1", gpu="NVIDIA H100 80GB HBM3"), "device cuda:1 (NVIDIA H100 80GB HBM3)"),
+])
+def test_header_names_the_device_measured(env, shown):
+    """Not "no GPU" under --device cpu on a machine with one: the device the rows ran on, and its GPU's name."""
+    env = dict(environment("cpu"), **env)
+    header = format_table([], "x", env, 0, 1, 3).splitlines()[1]
+    assert header == (f"# commit {env['commit']}; {env['host']}: {env['cores']} cores ({env['cpu']}), {shown}; "
+                      f"torch {env['torch']}, torchvision {env['torchvision']}; {env['precision']}")
 
 
 def test_cli_sigterm_keeps_the_rows_measured(shards, tmp_path):

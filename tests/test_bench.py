@@ -122,6 +122,8 @@ TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 @pytest.mark.parametrize("tool, args, code, message", [
     ("bench_build.py", ["--src", "{shards}"], 1, "{shards}: missing wnids.txt (not a Tiny ImageNet release)"),
+    ("bench_build.py", ["--src", "{shards}", "--repeat", "0"], 2, "argument --repeat: must be at least 1, not 0"),
+    ("bench_build.py", ["--src", "{shards}", "--workers", "-1"], 2, "argument --workers: must be at least 1, not -1"),
     ("bench_loader.py", ["--shards", "{shards}", "--images", "{tmp}"], 2,
      "--images {tmp}: no train/ folder; pass the extracted release (ROOT/train/WNID/images)"),
     ("bench_loader.py", ["--shards", "{shards}", "--images", "{tmp}", "--device", "mps"], 2,
@@ -132,7 +134,8 @@ TOOLS = Path(__file__).resolve().parents[1] / "tools"
      "--json {tmp}/no/rows.json: no folder {tmp}/no to write it in"),
 ])
 def test_the_bench_tools_name_a_users_mistake_in_one_line(shards, tmp_path, tool, args, code, message):
-    """Tracebacks: the build's SourceError, torchvision's FileNotFoundError after the build, a --device
+    """bench_build's --repeat 0 printed an empty table, its --workers -1 was a ValueError traceback.
+    Tracebacks: the build's SourceError, torchvision's FileNotFoundError after the build, a --device
     the loaders refuse found only at the resident row, after the baseline's minutes, --passes 0 (no median)
     after the baseline's warm-up, and a --json in no folder, found after all the measuring."""
     fill = lambda text: text.format(shards=shards, tmp=tmp_path)  # noqa: E731

@@ -74,6 +74,8 @@ def plan(archs=None, sizes=None, batches=("study", 256), feeds=("a", "b", "c"), 
     if bad:
         raise UsageError(f"--feeds {','.join(bad)}: unknown; choose from: "
                          + ", ".join(f"{k} ({v})" for k, v in FEEDS.items()))
+    if not batches:  # `--batch ""`: no case, and bench_train, given none, ran the whole default plan
+        raise UsageError("--batch: no batch size given; need positive integers or 'study'")
     bad = [str(b) for b in batches if b != "study" and not (str(b).isdigit() and int(b) > 0)]
     if bad:
         raise UsageError(f"--batch {','.join(bad)}: need positive integers or 'study'")
@@ -263,7 +265,7 @@ def bench_train(shards, images=None, cases=None, device="cpu", warmup=10, steps=
     manifest = read_manifest(shards)
     num_classes, n_train = len(manifest["classes"]), manifest["counts"]["train"]
     feeds = Feeds(shards, images, device, os.cpu_count() if workers is None else workers)
-    cases = list(cases or plan())
+    cases = list(plan() if cases is None else cases)
     if any(case.feed == "imagefolder" for case in cases):
         if images is None:  # found at feed d's first row, the error ended the run and lost feeds a to c's rows
             raise UsageError("--feeds d (the study's ImageFolder pipeline) needs --images FOLDER, an extracted release")

@@ -43,11 +43,18 @@ def test_plan_rows_batches_and_compile():
                         "resnet18 at 64; alexnet at 224; squeezenet1_1 at 224; resnet18 at 224)"),  # was a TypeError
     (dict(feeds=["a", "e"]), "--feeds e: unknown; choose from: a (ceiling), b (resident), c (fast), d (imagefolder)"),
     (dict(batches=["study", "0", "x"]), "--batch 0,x: need positive integers or 'study'"),
+    # `--batch ""` (a script's empty variable): no case, and bench_train ran the whole zoo at the default batches
+    (dict(archs=["lenet5"], batches=()), "--batch: no batch size given; need positive integers or 'study'"),
 ])
 def test_plan_errors(kwargs, message):
     with pytest.raises(UsageError) as e:
         plan(**kwargs)
     assert str(e.value) == message
+
+
+def test_no_cases_are_no_rows(shards):
+    """Not the whole default plan (7 networks at 2 batches, hours on a CPU) in their place."""
+    assert bench_train(shards, cases=[], log=None) == []
 
 
 def test_feeds_deliver_model_ready_batches(shards, release):

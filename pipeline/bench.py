@@ -125,11 +125,13 @@ def _ceiling(shards, variant, batch_size):
     arrays = ShardArrays(shards, "train", variant, checksum=False)
     fd, path = tempfile.mkstemp(suffix=".npy")
     os.close(fd)
-    flat = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(len(arrays), *arrays.shape))
-    flat[:] = arrays.load_all().numpy().reshape(flat.shape)
-    flat.flush()
-    flat = np.load(path, mmap_mode="r")
-    os.unlink(path)  # the mapping stays valid; nothing is left behind
+    try:  # a Ctrl-C while the copy is written (seconds) left it, the whole split (1.2 GB of rgb64), in /tmp
+        flat = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(len(arrays), *arrays.shape))
+        flat[:] = arrays.load_all().numpy().reshape(flat.shape)
+        flat.flush()
+        flat = np.load(path, mmap_mode="r")
+    finally:
+        os.unlink(path)  # the mapping stays valid; nothing is left behind
 
     def epoch_iter(epoch):
         perm = np.random.default_rng(epoch).permutation(len(flat))

@@ -62,6 +62,18 @@ def test_bench_loader_remote_only_needs_no_images(shards):
     assert loaders[-2:] == ["remote fetch (cold cache -> checked copy)", "remote stream (make_loader(URL, path=stream))"]
 
 
+def test_the_ceilings_copy_of_the_split_is_removed_when_stopped(shards, tmp_path, monkeypatch):
+    """A Ctrl-C while the ceiling row wrote its flat copy of the split left the file (real set: 1.2 GB) in /tmp."""
+    monkeypatch.setattr(bench.tempfile, "tempdir", str(tmp_path))
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bench.ShardArrays, "load_all", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bench._ceiling(shards, "gray28", 64)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_fast_loader_is_not_read_as_slow_from_a_pass_of_one_batch(monkeypatch):
     """At `--pass-images 256` the deciding pass was one batch, mostly the epoch's start: a loader of
     ~250k images/s (10 batches of 256 an epoch, 10 ms to start one) read as 25k/s, slow, and was timed

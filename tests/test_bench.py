@@ -144,12 +144,14 @@ TOOLS = Path(__file__).resolve().parents[1] / "tools"
      "argument --passes: must be at least 1, not 0"),
     ("bench_loader.py", ["--shards", "{shards}", "--images", "{tmp}", "--json", "{tmp}/no/rows.json"], 2,
      "--json {tmp}/no/rows.json: no folder {tmp}/no to write it in"),
+    ("bench_loader.py", ["--shards", "{shards}", "--images", "{tmp}", "--json", "{tmp}"], 2,
+     "--json {tmp}: a folder; name a file in it to write the rows in"),
 ])
 def test_the_bench_tools_name_a_users_mistake_in_one_line(shards, tmp_path, tool, args, code, message):
     """bench_build's --repeat 0 printed an empty table, its --workers -1 was a ValueError traceback.
     Tracebacks: the build's SourceError, torchvision's FileNotFoundError after the build, a --device
     the loaders refuse found only at the resident row, after the baseline's minutes, --passes 0 (no median)
-    after the baseline's warm-up, and a --json in no folder, found after all the measuring."""
+    after the baseline's warm-up, and a --json in no folder or naming one, found after all the measuring."""
     fill = lambda text: text.format(shards=shards, tmp=tmp_path)  # noqa: E731
     result = subprocess.run([sys.executable, str(TOOLS / tool), *map(fill, args)], capture_output=True, text=True)
     assert (result.returncode, result.stderr) == (code, f"error: {fill(message)}\n")

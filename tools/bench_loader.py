@@ -56,6 +56,8 @@ def main():
     check_device(args.device)  # found by the resident row, after the baseline's minutes
     if args.json and not Path(args.json).absolute().parent.is_dir():  # found after the measuring: a traceback
         raise UsageError(f"--json {args.json}: no folder {Path(args.json).parent} to write it in")
+    if args.json and Path(args.json).is_dir():  # as `tinyin bench loader` refuses it: IsADirectoryError at the end
+        raise UsageError(f"--json {args.json}: a folder; name a file in it to write the rows in")
     if (args.shards is None or args.images is None) and not Path(args.src).exists():
         sys.exit(f"error: {args.src}: not found (pass --src)")  # as tools/bench_build.py says it
     tmp = Path(tempfile.mkdtemp(prefix="tinyin-bench-loader-"))

@@ -129,6 +129,21 @@ def test_bench_loader_script_on_a_folder_that_is_no_set_is_one_line(monkeypatch,
                                        "run `tinyin shard build` first\n")
 
 
+def test_bench_loader_script_on_an_archive_of_no_release_is_one_line(monkeypatch, capsys, shards, tmp_path):
+    """With --shards given, no build read --src first: it was a StopIteration traceback (an archive
+    without wnids.txt) or tarfile's ReadError (no archive at all), after the extraction."""
+    import tarfile
+
+    (tmp_path / "notes.txt").write_text("not a release")
+    archive = tmp_path / "other.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(tmp_path / "notes.txt", "notes.txt")
+    for src, message in ((archive, "missing wnids.txt (not a Tiny ImageNet release)"),
+                         (tmp_path / "notes.txt", "unreadable archive (not a folder, .zip or .tar[.gz])")):
+        assert _run_tool(monkeypatch, "bench_loader.py", "--shards", shards, "--src", src).code == 1
+        assert capsys.readouterr().err == f"error: {src}: {message}\n"
+
+
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 

@@ -222,3 +222,32 @@ def test_rrc_to_a_smaller_size_is_torchvisions_antialiased_resized_crop(size, mo
         want = TF2.resized_crop(x[i].permute(2, 0, 1).float(), top=top, left=left, height=height, width=width,
                                 size=[size, size], antialias=True)
         assert (got[i] - (want.flip(-1) if flips[i] else want)).abs().max() < 1e-3
+
+
+def test_rrc_theta_maps_the_output_onto_the_box_of_a_non_square_image():
+    """Exact matrices: x is scaled and centred by the width, y by the height (square images could not tell)."""
+    boxes = torch.tensor([[8.0, 4.0, 32.0, 16.0]]).repeat(2, 1)  # x0, y0, w, h on a 48-high, 64-wide image
+    theta = rrc_theta(boxes, torch.tensor([False, True]), 48, 64)
+    want = torch.tensor([[[0.5, 0, -0.25], [0, 16 / 48, -0.5]], [[-0.5, 0, -0.25], [0, 16 / 48, -0.5]]])
+    torch.testing.assert_close(theta, want, rtol=0, atol=1e-7)
+
+
+def test_a_boxs_column_and_row_are_drawn_independently():
+    """One draw for both placed every box on the image's diagonal (top-left to bottom-right)."""
+    boxes, _ = rrc_boxes(20000, 64, 64, generator=torch.Generator().manual_seed(3))
+    x0, y0, w, h = boxes.unbind(1)
+    room = (w < 63) & (h < 63)
+    across, down = x0[room] / (64 - w[room]), y0[room] / (64 - h[room])
+    assert 0.45 < down.mean() < 0.55 and abs(torch.corrcoef(torch.stack([across, down]))[0, 1]) < 0.05
+
+
+@pytest.mark.parametrize("height, width", [(48, 64), (64, 48)])
+def test_boxes_of_a_non_square_image_keep_their_area_when_clamped(height, width):
+    """A box clamped to the height of a wide image takes its width from that height, and the other
+    way round (square images could not tell the two apart)."""
+    boxes, _ = rrc_boxes(20000, height, width, generator=torch.Generator().manual_seed(4))
+    x0, y0, w, h = boxes.unbind(1)
+    assert ((h >= height - 1e-4) | (w >= width - 1e-4)).sum() > 100  # the long side never reaches the edge
+    assert x0.min() >= 0 and y0.min() >= 0 and (x0 + w).max() <= width + 1e-4 and (y0 + h).max() <= height + 1e-4
+    area = w * h / (height * width)
+    assert area.min() >= 0.35 - 1e-5 and area.max() <= 1 + 1e-5 and abs(area.mean() - 0.675) < 0.01  # uniform

@@ -251,3 +251,14 @@ def test_boxes_of_a_non_square_image_keep_their_area_when_clamped(height, width)
     assert x0.min() >= 0 and y0.min() >= 0 and (x0 + w).max() <= width + 1e-4 and (y0 + h).max() <= height + 1e-4
     area = w * h / (height * width)
     assert area.min() >= 0.35 - 1e-5 and area.max() <= 1 + 1e-5 and abs(area.mean() - 0.675) < 0.01  # uniform
+
+
+def test_rrc_at_the_stored_size_is_one_bilinear_sample(monkeypatch):
+    """No box is larger than the output there: the stage samples the boxes with `resized_crop` (the
+    antialiased crop-then-resize would clamp each box's last row and column instead)."""
+    x = images()
+    boxes, flips = torch.tensor([[8.0, 16.0, 32.0, 40.0]]).repeat(6, 1), torch.tensor([False, True] * 3)
+    monkeypatch.setattr(device, "rrc_boxes", lambda *a, **k: (boxes, flips))
+    got = DeviceStage(MEAN, STD, augment="rrc")(x)
+    want = resized_crop(DeviceStage(MEAN, STD)(x), rrc_theta(boxes, flips, 64, 64), 64)
+    assert torch.allclose(got, want, atol=TOL, rtol=0)

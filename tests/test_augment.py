@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torchvision.models import get_model_weights
 from torchvision.transforms.v2 import functional as TF2
 
 from pipeline import device
@@ -262,3 +263,10 @@ def test_rrc_at_the_stored_size_is_one_bilinear_sample(monkeypatch):
     got = DeviceStage(MEAN, STD, augment="rrc")(x)
     want = resized_crop(DeviceStage(MEAN, STD)(x), rrc_theta(boxes, flips, 64, 64), 64)
     assert torch.allclose(got, want, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["alexnet", "squeezenet1_1", "resnet18"])
+def test_imagenet_statistics_are_those_of_torchvisions_pretrained_weights(arch):
+    """--norm imagenet (the study's 224 rows, from these weights) must normalise as they were trained."""
+    transforms = get_model_weights(arch).IMAGENET1K_V1.transforms()
+    assert (device.IMAGENET_MEAN, device.IMAGENET_STD) == (tuple(transforms.mean), tuple(transforms.std))

@@ -40,6 +40,8 @@ def test_warmup_then_cosine_per_step():
 def test_onecycle_is_warmup_then_linear_decay_to_zero():
     factor = train.lr_factor(flags("--epochs", "10", "--warmup-epochs", "0.4", "--lr-scheduler", "onecycle"), 5)
     assert [factor(s) for s in (0, 1, 2, 26, 50)] == [0.5, 1.0, 1.0, 0.5, 0.0]  # round(0.4 * 5) = 2 warm-up steps
+    factor = train.lr_factor(flags("--epochs", "4", "--warmup-epochs", "0.875", "--lr-scheduler", "onecycle"), 4)
+    assert [factor(s) for s in (0, 2, 3, 4)] == [0.25, 0.75, 1.0, 1.0]  # round(3.5) = 4 warm-up steps, not 3
     factor = train.lr_factor(flags("--epochs", "4", "--lr-scheduler", "onecycle"), 5)  # no warm-up: decay at once
     assert [factor(s) for s in (0, 5, 10, 19)] == pytest.approx([1.0, 0.75, 0.5, 0.05], rel=1e-12)
 
@@ -94,10 +96,12 @@ def test_a_resume_on_another_batch_keeps_the_per_step_schedule_on_its_epochs(sma
 # --- EMA -----------------------------------------------------------------------------------
 
 
-def test_ema_follows_the_recurrence_over_weights_and_batchnorm_statistics():
+@pytest.mark.parametrize("every", [1, 2])
+def test_ema_follows_the_recurrence_over_weights_and_batchnorm_statistics(every):
+    """Updated every `every` steps, the average decays by 0.5 ** every per update (the same span of steps)."""
     torch.manual_seed(0)
     module = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
-    ema = train.make_ema(module, argparse.Namespace(ema=0.5, ema_every=1))
+    ema = train.make_ema(module, argparse.Namespace(ema=0.5, ema_every=every))
     seen = []
     for _ in range(14):  # a "step": new weights, new running statistics
         with torch.no_grad():
@@ -108,9 +112,9 @@ def test_ema_follows_the_recurrence_over_weights_and_batchnorm_statistics():
         seen.append({k: v.clone() for k, v in module.state_dict().items()})
     averaged = ema.module.state_dict()
     for k in ("0.weight", "0.bias", "1.weight", "1.running_mean", "1.running_var"):
-        want = seen[0][k]  # the first update copies; the n-th after it decays by min(0.5, (1 + n) / (10 + n))
-        for n in range(1, 14):  # 2/11, 3/12, ... up to 0.5 at n = 8, then 0.5
-            d = min(0.5, (1 + n) / (10 + n))
+        want = seen[0][k]  # the first update copies; the n-th after it decays by min(0.5 ** every, (1 + n) / (10 + n))
+        for n in range(1, 14):  # 2/11, 3/12, ... up to 0.5 at n = 8 (0.25 at n = 2), then that
+            d = min(0.5 ** every, (1 + n) / (10 + n))
             want = d * want + (1 - d) * seen[n][k]
         torch.testing.assert_close(averaged[k], want, rtol=1e-6, atol=1e-6)
     assert int(ema.n_averaged) == 14
@@ -118,10 +122,11 @@ def test_ema_follows_the_recurrence_over_weights_and_batchnorm_statistics():
 
 
 def test_ema_every_n_steps_and_the_model_it_evaluates(small_shards, tmp_path):
-    final = run(small_shards, tmp_path, "--arch", "lenet5", "-b", "16", "--epochs", "1", "--lr", "0.05",
+    final = run(small_shards, tmp_path, "--arch", "lenet5", "-b", "16", "--epochs", "2", "--lr", "0.05",
                 "--ema", "0.9", "--ema-every", "3")
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
-    assert int(ckpt["ema"]["n_averaged"]) == 2  # 8 steps: updated after steps 3 and 6
+    # 8 steps an epoch: updated after steps 3, 6, 9, 12 and 15 of the run (counted per epoch: 3, 6, 3, 6)
+    assert int(ckpt["ema"]["n_averaged"]) == 5
     assert read_jsonl(tmp_path / "metrics.jsonl")[0]["eval_model"] == "ema" and final["eval_model"] == "ema"
 
     # The test metrics are the average's, not the trained weights'.

@@ -289,6 +289,64 @@ def test_mixing_is_deterministic_per_step_and_mix_prob_skips_batches():
         mix_batch(x, target, "blend", 1.0, mix_generator(0, 0, 0, 0))
 
 
+def test_mix_prob_is_the_share_of_batches_mixed():
+    """Not the share left unmixed: at 0.5 (the test above) the two read alike."""
+    x, target = torch.randn(2, 3, 4, 4), torch.arange(2)
+    lams = [mix_batch(x, target, "mixup", 1.0, mix_generator(0, 0, 0, s), prob=0.25)[3] for s in range(100)]
+    assert 15 < sum(lam != 1.0 for lam in lams) < 35
+
+
+def test_a_cutmix_box_is_clipped_to_each_sides_own_length():
+    """On a 4 x 8 image (square ones could not tell the sides apart): lam 0 asks for the whole image."""
+    assert cutmix_box(4, 8, 0.0, FixedDraws(0, 0, [3, 7])) == (1, 4, 3, 8)
+
+
+def test_train_top1_counts_each_images_own_label_under_mix(small_shards, tmp_path, monkeypatch):
+    """Under --mix a step has two targets; its top-1 is counted against the image's own (target_a),
+    not its partner's: a partner label the model can never predict changes nothing."""
+    argv = ("--arch", "lenet5", "-b", "16", "--epochs", "1", "--limit-batches", "3")
+    run(small_shards, tmp_path / "plain", *argv)
+    monkeypatch.setattr(train, "mix", lambda images, target, state, args: (images, target, target - 100, 1.0))
+    run(small_shards, tmp_path / "partner", *argv)
+    plain, partner = (read_jsonl(tmp_path / name / "metrics.jsonl")[0]["train_top1"] for name in ("plain", "partner"))
+    assert partner == plain > 0
+
+
+class TargetMean(nn.Module):
+    """A stand-in criterion whose value is the mean label: it shows which target a loss term used."""
+
+    def __init__(self, **kw):
+        super().__init__()
+
+    def forward(self, output, target):
+        return output.sum() * 0 + target.float().mean()
+
+
+def test_a_mixed_steps_loss_weighs_each_target_by_its_share(small_shards, tmp_path, monkeypatch):
+    """lam * loss(target_a) + (1 - lam) * loss(target_b): the partner's label at (1 - lam), not lam."""
+    monkeypatch.setattr(train.nn, "CrossEntropyLoss", TargetMean)
+    argv = ("--arch", "lenet5", "-b", "16", "--epochs", "1", "--limit-batches", "3")
+    run(small_shards, tmp_path / "plain", *argv)
+    monkeypatch.setattr(train, "mix", lambda images, target, state, args: (images, target, target + 10, 0.75))
+    run(small_shards, tmp_path / "mixed", *argv)
+    plain, mixed = (read_jsonl(tmp_path / name / "metrics.jsonl")[0]["train_loss"] for name in ("plain", "mixed"))
+    assert mixed - plain == pytest.approx(0.25 * 10, rel=1e-6)
+
+
+def test_label_smoothing_reaches_the_criterion(small_shards):
+    args = flags("--shards", small_shards, "--arch", "lenet5", "--label-smoothing", "0.1")
+    assert train.build(args, torch.device("cpu"), 1).criterion.label_smoothing == 0.1
+
+
+def test_each_step_of_each_epoch_mixes_with_its_own_draws():
+    """train.mix draws for (seed, epoch, rank, step of the epoch): a fixed epoch mixed every epoch alike."""
+    x, target = torch.randn(4, 3, 8, 8), torch.arange(4)
+    args = argparse.Namespace(mix="mixup", mix_alpha=0.2, mix_prob=1.0, seed=3)
+    for epoch, step in ((0, 2), (1, 2), (1, 5)):
+        lam = train.mix(x, target, argparse.Namespace(epoch=epoch, epoch_steps=step), args)[3]
+        assert lam == mix_generator(3, epoch, 0, step).beta(0.2, 0.2)
+
+
 # --- recipe and flags ------------------------------------------------------------------------
 
 

@@ -40,6 +40,13 @@ def test_batches_arrive_in_order_with_their_images():
     assert gather_threads() == []
 
 
+def test_a_short_batch_gets_only_its_own_images():
+    """The ring's buffers hold batch_size images: a short last batch is the first len(idx) of them, not
+    the whole buffer (whose other rows are a previous batch's)."""
+    got = [(images[:, 0].tolist(), idx.tolist()) for images, idx in
+           prefetch_ring([np.arange(3), np.arange(3, 5)], fill, (1,), 3, DEPTH, "cpu")]
+    assert got == [([0, 1, 2], [0, 1, 2]), ([3, 4], [3, 4])]
+
 @pytest.mark.parametrize("taken", range(BATCHES + 1))
 def test_stopping_after_any_batch_ends_the_thread(taken):
     exhausted = threading.Event()

@@ -53,6 +53,12 @@ def as_if_trained_with(run, train_args, instead):
     timing.write_text(json.dumps(dict(saved, command=saved["command"].replace(train_args, instead))))
 
 
+def test_the_curve_puts_the_start_up_before_the_first_epoch():
+    """The time not spent in epochs (imports, shards, compiling) comes first: each point is the minutes
+    from the process's start, and the last one its whole time."""
+    result = dict(seconds=150.0, metrics=[dict(epoch_time_s=30.0, val_top1=10.0), dict(epoch_time_s=60.0, val_top1=20.0)])
+    assert speedrun.curve(result) == [(1.5, 10.0), (2.5, 20.0)]  # 60 s of start-up, then 30 s and 60 s
+
 def test_sigterm_keeps_the_finished_seeds_and_the_stopped_one_trains_again(shards, tmp_path, capfd):
     """SIGTERM to speedrun.py (a scheduler, gpu_session's --deadline) while seed 1 trains: train.py
     gets it passed on and checkpoints, speedrun.md keeps seed 0's row, the exit is 128 + 15; the

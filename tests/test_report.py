@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.report import STUDY, plot_curves, render_study, render_table, study_row, write_report
+from pipeline.report import LENET_RECORDED, STUDY, plot_curves, render_study, render_table, study_row, write_report
 
 
 def make_run(root, name, args, rows, final=None, env=None):
@@ -170,6 +170,35 @@ def test_render_study_beside_the_study(tmp_path):
         "Training time, sum of the rows: 13.0 min; the whole table, wall clock (start-up, evaluation and test included): 15.0 min.\n"
     )
 
+
+def test_the_table_gives_the_last_epochs_accuracies(tmp_path):
+    """The study's tables give the trained model's accuracy: the last epoch's, not the best one seen."""
+    run = make_run(tmp_path, "lenet5-28", dict(arch="lenet5", size=28, epochs=2, batch_size=32),
+                   [row(0, 5.0, 9.0), row(1, 4.0, 8.0)])
+    assert render_table([run]).splitlines()[2].split(" | ")[4:6] == ["4.00%", "8.00%"]
+    assert render_study([run]).splitlines()[2].split(" | ")[3] == "0.040 / 0.080 / -"
+
+def test_every_study_row_says_the_studys_figures(tmp_path):
+    """Each row's reported and recorded figures as ../shared/STUDY.md gives them (the tests above show 4
+    of the 10 rows): a mistyped figure set every run of its row beside a number the study never had."""
+    saved = ": saved model, val / test (epochs not recorded)"
+    want = {  # (arch, size, epochs, pretrained): (reported, recorded), in STUDY.md's figures
+        ("lenet5", 28, 40, False): ("0.218 / 0.220 (Table 2)", "0.139: val after epoch 30 (lenet.ipynb; it ran 30 epochs)"),
+        ("alexnet", 64, 40, False): ("0.237 / 0.240 (Table 2)", "-"),
+        ("squeezenet1_1", 64, 40, False): ("0.233 / 0.230 (Table 2)", "-"),
+        ("resnet18", 64, 40, False): ("0.228 / 0.237 (Table 2)", "0.079: val after epoch 1 (run_models2.ipynb, interrupted)"),
+        ("alexnet", 224, 10, True): ("0.562 / 0.573 (Table 3, 10 epochs)", "0.570 / 0.562" + saved),
+        ("squeezenet1_1", 224, 10, True): ("0.589 / 0.586 (Table 3, 10 epochs)", "0.551 / 0.539" + saved),
+        ("resnet18", 224, 10, True): ("0.628 / 0.625 (Table 3, 10 epochs)", "0.667 / 0.658" + saved),
+        ("alexnet", 224, 50, True): ("0.590 / 0.587 (Table 3, 50 epochs)", "0.570 / 0.562" + saved),
+        ("squeezenet1_1", 224, 50, True): ("0.544 / 0.546 (Table 3, 50 epochs)", "0.551 / 0.539" + saved),
+        ("resnet18", 224, 50, True): ("0.660 / 0.665 (Table 3, 50 epochs)", "0.667 / 0.658" + saved),
+    }
+    runs = [make_run(tmp_path, f"{arch}-{size}-{epochs}", dict(arch=arch, size=size, epochs=epochs, pretrained=pretrained),
+                     [row(0, 1.0, 2.0)]) for arch, size, epochs, pretrained in want]
+    assert [line.split(" | ")[4:6] for line in render_study(runs).splitlines()[2:12]] == [list(v) for v in want.values()]
+    assert LENET_RECORDED == {1: 0.007, 2: 0.007, 3: 0.008, 4: 0.015, 5: 0.020, 10: 0.061, 15: 0.098, 20: 0.115,
+                              25: 0.130, 29: 0.141, 30: 0.139}  # the curve plotted beside LeNet-5 runs
 
 def test_a_run_on_other_data_is_not_set_beside_the_study(tmp_path):
     """A run on 10 synthetic classes sat beside the study's 200-class figures as if comparable."""

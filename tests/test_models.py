@@ -67,6 +67,17 @@ def test_64px_resnets_keep_64px_maps_in_the_first_stage():
     assert len(models.get_model("resnet10_64s2").layer3) == 1
 
 
+@pytest.mark.parametrize("name, blocks", [("resnet18_64", 2), ("resnet18_64s2", 2), ("resnet10_64s2", 1)])
+def test_64px_resnets_blocks_and_initialisation(name, blocks):
+    """Their BasicBlocks per stage, each block's last BatchNorm at zero (zero_init_residual: every block
+    starts as the identity), and the 3x3 stem initialised as ResNet's other convs (fan_out, relu)."""
+    torch.manual_seed(0)
+    model = models.get_model(name, num_classes=10)
+    stages = [model.layer1, model.layer2, model.layer3, model.layer4]
+    assert [len(stage) for stage in stages] == [blocks] * 4
+    assert all(torch.all(block.bn2.weight == 0) for stage in stages for block in stage)
+    assert model.conv1.weight.std().item() == pytest.approx((2 / (64 * 3 * 3)) ** 0.5, rel=0.1)
+
 def test_register_refuses_duplicates():
     with pytest.raises(ValueError, match="'lenet5' is already registered"):
         models.register_model("lenet5", variant="gray28", channels=1, sizes=(28,), head="x")(lambda n: None)

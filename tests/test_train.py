@@ -87,6 +87,9 @@ def test_recipe_paper_rows():
     assert (args.epochs, args.batch_size, args.pretrained, args.lr) == (50, 100, True, 0.001)
     args = train.parse_args(["--arch", "resnet18", "--recipe", "paper"])
     assert (args.size, args.epochs, args.batch_size, args.pretrained, args.norm) == (64, 40, 50, False, "imagenet")
+    for arch in ("alexnet", "squeezenet1_1"):  # Table 2's other 64x64 rows: batch 50 too (STUDY.md)
+        args = train.parse_args(["--arch", arch, "--size", "64", "--recipe", "paper"])
+        assert (args.epochs, args.batch_size, args.pretrained, args.norm) == (40, 50, False, "imagenet")
 
 
 @pytest.mark.parametrize("world_size, extra, note", [

@@ -667,6 +667,7 @@ def restore(parts, args, ckpt_path):
         check_recipe(ckpt["args"], args, ckpt_path)  # before the norm: its advice alone resumed without the recipe
         check_norm(ckpt["args"].get("norm"), args, ckpt_path)
         check_plan(ckpt["args"], args, ckpt_path)
+        start_note = keep_start(ckpt["args"], args) if not args.test_only else ""
         if not args.test_only and (state.epoch > args.epochs or (state.epoch == args.epochs and state.samples_done)):
             least = state.epoch + bool(state.samples_done)  # at an epoch's end, that epoch count itself
             raise UsageError(f"--epochs {args.epochs}: {ckpt_path} is past it (at epoch {state.epoch} step "
@@ -681,6 +682,8 @@ def restore(parts, args, ckpt_path):
             else:
                 print(f"resumed from {ckpt_path} at {where} ({state.samples_done} samples of it done, "
                       f"{ckpt['world_size']} -> {parts.world_size} ranks)")
+                if start_note:
+                    print(f"note: {start_note}", file=sys.stderr)
     position = schedule_position(state, args, parts.steps_per_epoch, parts.world_size)
     parts.lr_scheduler = make_scheduler(parts.optimizer, args, parts.steps_per_epoch, last_epoch=position - 1)
     return state
@@ -800,6 +803,24 @@ def check_plan(saved_args, args, path):
     raise CheckpointError(f"{path}: made with {said(saved)}, this run has {said(vars(args))}, and one run trains to "
                           f"one plan; resume it with {said(saved)}, or use another --output-dir (--weights {path} "
                           "starts a new run from its weights)")
+
+
+START_FLAGS = ("pretrained", "weights")  # where a run's weights came from, which `tinyin report` labels it by
+
+
+def keep_start(saved_args, args):
+    """Set `args`' START_FLAGS to the checkpoint's (`saved_args`): a resumed run goes on from its checkpoint's
+    weights, so it started where that run started, whatever the resume command names. args.json kept the
+    command's: a from-scratch run resumed with --weights FILE was reported "from FILE" beside the study's
+    fine-tuned rows. Returns the note to print when the command named another start ('' when it did not)."""
+    saved = {k: saved_args.get(k, get_args_parser().get_default(k)) for k in START_FLAGS}
+    named = {k: getattr(args, k) for k in START_FLAGS}
+    vars(args).update(saved)
+    if named == saved or not any(named.values()):  # the start not repeated: nothing of the command is dropped
+        return ""
+    said = f"--weights {named['weights']}" if named["weights"] else "--pretrained"
+    began = saved["weights"] or ("ImageNet weights" if saved["pretrained"] else "scratch")
+    return f"{said} not used: a resumed run goes on from its checkpoint's weights (the run started from {began})"
 
 
 def check_same_start(state, ckpt_path, args):

@@ -482,6 +482,26 @@ def test_a_resume_with_another_plan_is_refused(small_shards, tmp_path, capsys):
     assert set(run(small_shards, tmp_path, "--arch", "lenet5", "--test-only", "--resume", "auto")) == {"val", "test"}
 
 
+def test_a_resume_keeps_the_runs_start_in_args_json(small_shards, tmp_path, capsys):
+    """A resume takes every weight from its checkpoint, but args.json took --pretrained / --weights from the
+    resume command: a from-scratch run resumed with --weights FILE was reported "from FILE" (`tinyin report`)."""
+    base = ["--arch", "lenet5", "-b", "16", "--epochs", "2", "--limit-batches", "2"]
+    stop_at(small_shards, tmp_path / "scratch", 1, *base)
+    capsys.readouterr()
+    run(small_shards, tmp_path / "scratch", *base, "--weights", tmp_path / "absent.pth", "--resume", "auto")
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f"note: --weights {tmp_path / 'absent.pth'} not used: a resumed run goes on from its checkpoint's weights "
+        "(the run started from scratch)")
+    assert json.loads((tmp_path / "scratch" / "args.json").read_text())["weights"] is None
+    # a run started from a weights file keeps it, named again or not
+    weights = str(tmp_path / "scratch" / "best.pth")
+    stop_at(small_shards, tmp_path / "tuned", 1, *base, "--weights", weights)
+    capsys.readouterr()
+    run(small_shards, tmp_path / "tuned", *base, "--resume", "auto")
+    assert "note:" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "tuned" / "args.json").read_text())["weights"] == weights
+
+
 def test_a_checkpoint_without_a_plan_flag_was_made_with_its_default():
     """An older train.py's checkpoint holds no --mix-prob, --tta or --warmup-epochs (their defaults are what it
     did), and its --augment was on or off (on: crop)."""

@@ -109,7 +109,9 @@ def _train_items(files, wnids, kept, problems):
             continue
         if parts[1] not in label_of:
             raise SourceError(f"{files.label}: class folder train/{parts[1]} is not in wnids.txt")
-        if len(parts) == 4 and parts[2] == "images" and _is_image(name):
+        # Any image under train/W/, as the study's ImageFolder reads its class folders (os.walk): one put
+        # beside images/ or in a folder within it was left out with no word.
+        if _is_image(name):
             by_class[parts[1]].append(name)
     items = []
     for wnid in wnids[:kept]:
@@ -198,6 +200,13 @@ def plan_release(files, split_seed=None, classes=None):
             key = _key(path, problems)
             if key is not None:
                 unlabeled.append(Item(key, "unlabeled", -1, "", None, path))
+    # val/ and test/ keep their images in images/ (val's labels name them there): one elsewhere would be
+    # left out with no word, so it is a problem (the build fails, or with --on-error skip lists it skipped).
+    read = ("val", "test") if classes is None else ("val",)  # a subset reads nothing of test/
+    for name in files.names():
+        top, _, rest = name.partition("/")
+        if top in read and _is_image(name) and not rest.startswith("images/"):
+            problems.append((name, f"outside {top}/images/, where the release keeps the {top} images"))
     items = {"train": train, "val": val, "test": test, "unlabeled": unlabeled}
     seen = {}
     for item in train + val + test + unlabeled:

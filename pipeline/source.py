@@ -44,7 +44,10 @@ class ReleaseFiles:
     def __contains__(self, name):
         if self._files is not None:
             return name in self._files
-        return (self._folder / name).is_file()
+        # A broken link is present (as `names()` lists it), so that reading it names it: a dangling
+        # W_boxes.txt or words.txt read as absent, the boxes or words left out with no word.
+        path = self._folder / name
+        return path.is_file() or path.is_symlink()
 
     def read(self, name):
         try:

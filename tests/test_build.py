@@ -23,6 +23,7 @@ from PIL import Image
 
 from pipeline.build import _byte_histogram, _plan_tasks, _run_tasks, build_shards
 from pipeline.cli import main
+from pipeline.errors import SourceError
 from pipeline.index import read_index, read_manifest
 from pipeline.release import plan_release
 from pipeline.source import open_release
@@ -136,6 +137,18 @@ def test_an_image_outside_the_layout_is_read_as_imagefolder_does_or_named(releas
                              ("val/stray_2.JPEG", "outside val/images/, where the release keeps the val images")]
     # a subset reads nothing of test/
     assert [p for p, _ in plan_release(open_release(copy), classes=2).problems] == ["val/stray_2.JPEG"]
+
+
+def test_a_broken_link_to_a_list_of_a_folder_release_is_named(release, tmp_path):
+    """A W_boxes.txt (or words.txt) that is a link to no file read as absent: the class's boxes left out unsaid."""
+    copy = shutil.copytree(release, tmp_path / "release")
+    wnid = sorted((copy / "wnids.txt").read_text().split())[0]
+    boxes = copy / "train" / wnid / f"{wnid}_boxes.txt"
+    boxes.unlink()
+    boxes.symlink_to(tmp_path / "gone.txt")
+    with pytest.raises(SourceError) as e:
+        plan_release(open_release(copy))
+    assert str(e.value) == f"{copy}: cannot read train/{wnid}/{wnid}_boxes.txt (FileNotFoundError)"
 
 
 def test_greyscale_jpegs_are_replicated_to_rgb(release, shards):

@@ -26,7 +26,7 @@ import numpy as np
 from . import index as index_io
 from .atomic import write_json
 from .checksum import file_sum64
-from .errors import ImageError, ShardError, SourceError, UsageError, signals_deferred
+from .errors import FORK_WARNING, ImageError, ShardError, SourceError, UsageError, signals_deferred
 from .release import plan_release
 from .schema import FORMAT_VERSION, INDEX_FILE, MANIFEST_FILE, SHARD_PATTERN, SPLITS
 from .source import open_release
@@ -172,10 +172,6 @@ def _plan_tasks(plan, shard_size):
     return tasks
 
 
-#: The start of the DeprecationWarning of Python 3.12+ for a fork of a process with threads (see `_run_tasks`).
-_FORK_WARNING = r"This process \(pid=\d+\) is multi-threaded, use of fork\(\) may lead to deadlocks"
-
-
 def _run_tasks(files, tasks, tmp, workers, on_error, progress):
     from tqdm import tqdm
 
@@ -187,7 +183,7 @@ def _run_tasks(files, tasks, tmp, workers, on_error, progress):
     # numpy's OpenBLAS pool and pyarrow's jemalloc thread (both started at import), and tqdm's monitor. None
     # is a hazard here: a worker decodes (PIL), does integer numpy (no BLAS) and writes files, never calls
     # pyarrow or tqdm, and OpenBLAS and jemalloc make themselves safe across a fork (pthread_atfork). So that
-    # one warning is silenced at the forks (`_FORK_WARNING`), for the users and test runs that show it.
+    # one warning is silenced at the forks (`FORK_WARNING`), for the users and test runs that show it.
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
     counter, stop = ctx.Value("q", 0), ctx.Event()
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
@@ -198,7 +194,7 @@ def _run_tasks(files, tasks, tmp, workers, on_error, progress):
             for name, split, items in tasks:
                 entries = [(it, files.read(it.path)) for it in items]
                 with signals_deferred(), warnings.catch_warnings():  # the first submit forks the workers
-                    warnings.filterwarnings("ignore", _FORK_WARNING, DeprecationWarning)
+                    warnings.filterwarnings("ignore", FORK_WARNING, DeprecationWarning)
                     futures.append(pool.submit(_write_one_shard, str(tmp / name), split, entries, on_error))
                 # A folder is read here, as its shards are handed out: from a slow disk, most of the build.
                 bar.update(counter.value - bar.n)

@@ -93,6 +93,11 @@ def signals_deferred(signals=(signal.SIGINT, signal.SIGTERM)):
             signal.raise_signal(held[0])
 
 
+#: Python 3.12+'s DeprecationWarning at a fork of a process with threads, which the shard build's
+#: and the stream path's worker forks silence (`build._run_tasks` and `stream.StreamSource.__iter__` say why).
+FORK_WARNING = r"This process \(pid=\d+\) is multi-threaded, use of fork\(\) may lead to deadlocks"
+
+
 # OSErrors that the machine, not the code, causes: a full disk, missing permission, a read-only file
 # system, a file where a folder should be. Other OSErrors keep their traceback: they may be bugs.
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR}

@@ -38,6 +38,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
@@ -46,7 +47,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .errors import ShardError, signals_deferred
+from .errors import FORK_WARNING, ShardError, signals_deferred
 from .reader import _strided_view
 from .schema import CLS, MEMBERS, VARIANTS
 from .shardset import ShardSet, http_request, is_url, missing_error, names_a_tar, open_shard_set
@@ -506,7 +507,18 @@ class StreamSource:
                              self.batch_size, free, pool, rings)
             # collate_fn: items as the workers made them (the default would copy labels into new shared memory).
             # SIGTERM blocked: the workers fork with it blocked, none dies of one before its init runs.
-            with _sigint_deferred(), _sigterm_blocked():
+            # Forked, as torch does on Linux: Python 3.12 warns that the process has threads. Found at train.py's
+            # forks (torch 2.11): numpy's OpenBLAS server, pyarrow's jemalloc thread and 2 Arrow pool threads (the
+            # index read), tqdm's monitor (the epoch bar) and torch's OpenMP (GNU libgomp) worker, all idle. The
+            # one real hazard is libgomp: a forked child that runs a parallel torch op after the parent used the
+            # pool hangs for good (measured: with 2 threads it hangs, with 1 it runs); torch's worker loop sets 1
+            # thread before any of our code, and a worker only reads, gathers with numpy (no BLAS) and allocates
+            # tensors; it never calls pyarrow or tqdm. Spawned or forkserver workers would dodge the threads but
+            # cost 4.4-6.4 s per loader start (train and val, every epoch) against 0.5-0.8 s forked (val split, 2
+            # workers, load 7), lose the shared read buffers (`_pool`), and a forkserver's is not this process's
+            # child (`_exit_on_sigterm_from`). So the warning is silenced here, for 3.12 test runs and -W default.
+            with _sigint_deferred(), _sigterm_blocked(), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", FORK_WARNING, DeprecationWarning)
                 chunks = (iter(DataLoader(dataset, batch_size=None, num_workers=self.workers, persistent_workers=False,
                                           collate_fn=_as_is, worker_init_fn=_ignore_sigterm_but_the_parents))
                           if self.workers else iter(dataset))

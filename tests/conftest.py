@@ -1,7 +1,9 @@
 """Shared fixtures: a small synthetic release and its shards (built once per session), and the
 real release from ../shared/data when it is there (tests that need it skip with a reason)."""
 import json
+import os
 import shutil
+import warnings
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -42,6 +44,19 @@ def real_shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("real") / "shards"
     build_shards(REAL_RELEASE, out, progress=False)
     return out
+
+
+@pytest.fixture
+def fork_warns_as_on_3_12(monkeypatch):
+    """os.fork warns, as Python 3.12's does in a process with threads, on any Python (DeprecationWarning)."""
+    fork = os.fork
+
+    def fork_as_on_3_12():
+        warnings.warn(f"This process (pid={os.getpid()}) is multi-threaded, use of fork() may lead to deadlocks "
+                      "in the child.", DeprecationWarning, stacklevel=2)
+        return fork()
+
+    monkeypatch.setattr(os, "fork", fork_as_on_3_12)
 
 
 def copy_with_edited_index(shards, tmp_path, column, row, value):

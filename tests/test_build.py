@@ -563,20 +563,12 @@ def test_two_builds_finishing_at_once_both_succeed(release, shards, tmp_path, mo
     assert not list(tmp_path.glob("out.tmp-*"))
 
 
-def test_the_workers_are_forked_without_python_3_12s_thread_warning(release, tmp_path, monkeypatch):
+def test_the_workers_are_forked_without_python_3_12s_thread_warning(release, tmp_path, fork_warns_as_on_3_12):
     """Python 3.12 warns (DeprecationWarning) at each worker's fork that the process has threads (numpy's,
     pyarrow's, tqdm's: harmless to the workers, see `build._run_tasks`): two lines in every 3.12 test run's
     summary, and on stderr with -W default. Here os.fork warns as 3.12's does, on any Python."""
     import warnings
 
-    fork = os.fork
-
-    def fork_as_on_3_12():
-        warnings.warn(f"This process (pid={os.getpid()}) is multi-threaded, use of fork() may lead to deadlocks "
-                      "in the child.", DeprecationWarning, stacklevel=2)
-        return fork()
-
-    monkeypatch.setattr(os, "fork", fork_as_on_3_12)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         build_shards(release, tmp_path / "shards", workers=2, shard_size=SHARD_SIZE, progress=False)

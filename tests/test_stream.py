@@ -500,6 +500,19 @@ def test_early_stop_releases_workers(shards):
         break  # the autouse fixture checks that no worker process is left behind
 
 
+def test_the_workers_are_forked_without_python_3_12s_thread_warning(shards, fork_warns_as_on_3_12):
+    """Python 3.12 warns (DeprecationWarning) at each worker's fork that the process has threads (numpy's,
+    pyarrow's, tqdm's, torch's OpenMP pool: harmless to the workers, see `StreamSource.__iter__`): in every
+    3.12 test run's summary, and on stderr of a train.py --data-path stream run with -W default. Here
+    os.fork warns as 3.12's does, on any Python."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = len(_kept(stream_from_set(shards, "val", batch_size=16, workers=2)))
+    assert (batches, [str(w.message) for w in caught]) == (2, [])
+
+
 def test_workers_ignore_a_sigterm_not_from_their_parent_and_end_on_its(shards):
     # A preemption signals every process of the job (`kill -TERM -PGID`, Slurm): the workers died of it,
     # and torch's SIGCHLD handler raised "DataLoader worker ... is killed by signal" here. Stopping is

@@ -61,7 +61,7 @@ from pipeline.errors import (CheckpointError, ShardError, TinyinError, UsageErro
 from pipeline.augment import AUGMENTS
 from pipeline.mixing import MODES as MIX_MODES, mix_batch, mix_generator
 from pipeline.order import step_seed
-from pipeline.shardset import ShardSet, local_path
+from pipeline.shardset import ShardSet, local_path, no_folder_error
 from pipeline.stream_plan import DEAL, LANES
 
 NORMS = {"dataset": (None, None), "imagenet": (IMAGENET_MEAN, IMAGENET_STD), "half": ((0.5,) * 3, (0.5,) * 3)}
@@ -302,8 +302,9 @@ def open_shards(args):
             return ShardSet(cached_copy(args.shards, ("train", "val", "test")))
     folder = Path(local_path(args.shards))  # a file:// URL's too
     if not folder.is_dir():
-        what = "a file, not a shard folder" if folder.exists() else "no such folder"
-        raise ShardError(f"--shards {args.shards}: {what}")
+        if not folder.exists():
+            raise no_folder_error(f"--shards {args.shards}", folder)
+        raise ShardError(f"--shards {args.shards}: a file, not a shard folder")
     return ShardSet(args.shards)
 
 

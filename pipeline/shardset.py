@@ -12,6 +12,7 @@ input (`make_loader(["pipe:..."], ...)`).
 """
 import base64
 import contextlib
+import glob
 import hashlib
 import json
 import math
@@ -64,6 +65,18 @@ def names_a_tar(location):
 # The wording of every shard check, in one place.
 def missing_error(where):
     return ShardError(f"{where}: missing (listed in the manifest)")
+
+
+def no_folder_error(where, folder):
+    """'no such folder' for the shard set `folder` (`where`: how the user gave it), naming the temporary
+    folders (`<name>.tmp-<host>-<pid>`) that builds into it left beside it: a build killed outright
+    (kill -9, the OOM killer) leaves one, up to 1.9 GB, that only a build into the same folder removes."""
+    folder = Path(os.path.abspath(folder))
+    left = sorted(p.name for p in folder.parent.glob(f"{glob.escape(folder.name)}.tmp-*") if p.is_dir())
+    if not left:
+        return ShardError(f"{where}: no such folder")
+    return ShardError(f"{where}: no such folder; beside it, {', '.join(left)} is a build into it that has not "
+                      "finished (still running, or killed): building into it again removes a killed one's")
 
 
 def size_error(where, actual, entry):
@@ -144,7 +157,7 @@ class ShardSet:
     def _read_manifest(self):
         data = self._read_bytes(MANIFEST_FILE)
         if data is None and self.is_local and not os.path.exists(self.location):
-            raise ShardError(f"{self.location}: no such folder")
+            raise no_folder_error(self.location, self.location)
         if data is None and self.is_local and os.path.isfile(self.location):  # the manifest itself, say
             raise ShardError(f"{self.location}: a file, not a shard set's folder; pass the folder that holds it")
         if data is None:

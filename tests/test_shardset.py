@@ -268,6 +268,18 @@ def test_a_folder_that_does_not_exist(tmp_path):
     assert _open_error(tmp_path / "nope") == f"{tmp_path / 'nope'}: no such folder"
 
 
+def test_a_missing_set_names_what_a_killed_build_into_it_left(tmp_path):
+    """A build killed outright (kill -9, the OOM killer) leaves `<out>.tmp-<host>-<pid>` (up to 1.9 GB)
+    that only a build into the same --out removes; `shard verify`, `make_loader` and train.py said only
+    'no such folder' of that --out. Another set's temporary folder and a file of that name are not named."""
+    for name in ("shards.tmp-vm-4242", "shards-v2.tmp-vm-17"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "shards.tmp-notes.txt").write_text("mine\n")
+    assert _open_error(tmp_path / "shards") == (
+        f"{tmp_path / 'shards'}: no such folder; beside it, shards.tmp-vm-4242 is a build into it that has not "
+        "finished (still running, or killed): building into it again removes a killed one's")
+
+
 def test_a_file_of_the_set_for_its_folder_says_so(shards):
     """`make_loader("SET/manifest.json")` said "not a tinyin shard set (no manifest.json)" of the manifest."""
     manifest = shards / "manifest.json"

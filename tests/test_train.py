@@ -164,6 +164,10 @@ def test_user_mistakes_are_one_line_errors_with_exit_code_1(train_shards, tiny_s
         return code, capsys.readouterr().err
 
     assert error("--shards", tmp_path / "nonexistent") == (1, f"error: --shards {tmp_path / 'nonexistent'}: no such folder\n")
+    (tmp_path / "killed.tmp-vm-4242").mkdir()  # what a build killed outright left (see test_shardset)
+    assert error("--shards", tmp_path / "killed") == (
+        1, f"error: --shards {tmp_path / 'killed'}: no such folder; beside it, killed.tmp-vm-4242 is a build into it "
+           "that has not finished (still running, or killed): building into it again removes a killed one's\n")
     assert error("--shards", tmp_path) == (
         1, f"error: {tmp_path}: not a tinyin shard set (no manifest.json); run `tinyin shard build` first\n")
 

@@ -252,6 +252,10 @@ def _as_is(item):
     return item
 
 
+#: The workers' start method (`StreamSource.__iter__` says why fork), where the platform has it.
+_FORK = multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
+
+
 def _ignore_sigterm_but_the_parents(worker_id):
     """worker_init_fn: a worker ignores SIGTERM unless its own main process sends it.
 
@@ -517,10 +521,13 @@ class StreamSource:
             # cost 4.4-6.4 s per loader start (train and val, every epoch) against 0.5-0.8 s forked (val split, 2
             # workers, load 7), lose the shared read buffers (`_pool`), and a forkserver's is not this process's
             # child (`_exit_on_sigterm_from`). So the warning is silenced here, for 3.12 test runs and -W default.
+            # And fork is asked for, not taken from multiprocessing's default: Python 3.14 makes that forkserver
+            # on Linux (as does a program's own set_start_method), and the workers lost all of the above.
             with _sigint_deferred(), _sigterm_blocked(), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", FORK_WARNING, DeprecationWarning)
                 chunks = (iter(DataLoader(dataset, batch_size=None, num_workers=self.workers, persistent_workers=False,
-                                          collate_fn=_as_is, worker_init_fn=_ignore_sigterm_but_the_parents))
+                                          collate_fn=_as_is, worker_init_fn=_ignore_sigterm_but_the_parents,
+                                          multiprocessing_context=_FORK))
                           if self.workers else iter(dataset))
             yield from self._batches(chunks, free, rings)
         finally:

@@ -513,6 +513,29 @@ def test_the_workers_are_forked_without_python_3_12s_thread_warning(shards, fork
     assert (batches, [str(w.message) for w in caught]) == (2, [])
 
 
+def test_the_workers_are_forked_whatever_multiprocessings_default(shards, monkeypatch):
+    """Python 3.14 makes forkserver multiprocessing's default start method on Linux (a program may set it too):
+    the workers were then the forkserver's children, not this process's (so without the SIGTERM rule that
+    watches their parent, and without the shared read buffers), and took 2.8 s a loader start against 0.1 s."""
+    import pipeline.stream
+
+    contexts = []
+
+    class Recorded(pipeline.stream.DataLoader):
+        def __init__(self, *args, **kw):
+            contexts.append(kw.get("multiprocessing_context"))
+            super().__init__(*args, **kw)
+
+    monkeypatch.setattr(pipeline.stream, "DataLoader", Recorded)
+    default = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method("forkserver", force=True)
+    try:
+        batches = len(_kept(stream_from_set(shards, "val", batch_size=16, workers=2)))
+    finally:
+        multiprocessing.set_start_method(default, force=True)
+    assert (batches, [c.get_start_method() for c in contexts]) == (2, ["fork"])
+
+
 def test_workers_ignore_a_sigterm_not_from_their_parent_and_end_on_its(shards):
     # A preemption signals every process of the job (`kill -TERM -PGID`, Slurm): the workers died of it,
     # and torch's SIGCHLD handler raised "DataLoader worker ... is killed by signal" here. Stopping is

@@ -304,7 +304,8 @@ def bench_train(shards, images=None, cases=None, device="cpu", warmup=10, steps=
             rows.append(row)
             log(f"  {name}: {row['images_per_s']:,.0f} images/s")
     except KeyboardInterrupt:  # a long table stopped: the rows already measured are still worth printing
-        log(f"stopped: {len(rows)} of {len(cases)} rows measured")
+        # "after N rows", not "N measured": the N count the rows that said why they were not measured
+        log(f"stopped after {len(rows)} of {len(cases)} rows")
     finally:
         feeds.close()
     for row in rows:
@@ -330,14 +331,14 @@ def _gib(n):
 
 def format_table(rows, command, env, warmup, steps, windows, planned=None):
     """The Markdown table, headed by the command, commit, machine and versions that produced it
-    (and, when `planned` cases were more than the rows, by how many were measured)."""
+    (and, when `planned` cases were more than the rows, by how many rows it stopped after)."""
     gpu = f" ({env['gpu']})" if env["gpu"] else ""  # the device measured: it said "no GPU" under --device cpu
     lines = [f"# {command}",
              f"# commit {env['commit']}; {env['host']}: {env['cores']} cores ({env['cpu']}), "
              f"device {env['device']}{gpu}; torch {env['torch']}, torchvision {env['torchvision']}; {env['precision']}",
              f"# complete SGD steps (lr 0.001, momentum 0.9); {warmup} warm-up steps excluded; "
              f"median of {windows} windows of {steps} steps" + (", CUDA synchronised" if env["gpu"] else ""),
-             *([f"# stopped early: {len(rows)} of {planned} rows measured"] if planned and planned > len(rows) else []),
+             *([f"# stopped early after {len(rows)} of {planned} rows"] if planned and planned > len(rows) else []),
              "| model | input | batch | feed | compiled | images/s | min-max | of (a) | peak GPU memory |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -123,6 +123,23 @@ def test_a_batch_larger_than_the_split_is_a_row_that_says_so(shards):
         f"| lenet5 | 28 | 256 | (c) fast path | no | {reason} | - | - | - |"]
 
 
+def test_a_stopped_table_does_not_count_a_row_not_measured_as_measured(shards):
+    """Stopped right after a row that says it was not measured (a batch larger than the split), the log
+    and the table's header said "2 of 3 rows measured": one was."""
+    log = []
+
+    def stop_after_the_batch_256_row(line):
+        log.append(line)
+        if line.startswith("  lenet5@28 b256 "):
+            raise KeyboardInterrupt
+    rows = bench_train(shards, cases=[Case("lenet5", 28, 8, "ceiling"), Case("lenet5", 28, 256, "ceiling"),
+                                      Case("lenet5", 28, 8, "fast")], warmup=0, steps=1, log=stop_after_the_batch_256_row)
+    assert [r["skipped"] is None for r in rows] == [True, False]
+    assert log[2:] == ["stopped after 2 of 3 rows"]
+    assert format_table(rows, "x", environment("cpu"), 0, 1, 3, planned=3).splitlines()[3] == \
+        "# stopped early after 2 of 3 rows"
+
+
 def test_imagefolder_needs_images(shards):
     """Up front: found at feed d's first row, the error lost the rows of feeds a to c measured before it."""
     result = CliRunner().invoke(main, ["bench", "train", "--shards", str(shards), "--arch", "lenet5",
@@ -212,7 +229,7 @@ def test_cli_sigterm_keeps_the_rows_measured(shards, tmp_path):
     data = json.loads(out.read_text())
     measured = len(data["rows"])
     assert data["planned"] == 3 and 1 <= measured < 3
-    assert f"stopped: {measured} of 3 rows measured" in stderr
+    assert f"stopped after {measured} of 3 rows" in stderr
     lines = stdout.splitlines()
-    assert lines[3] == f"# stopped early: {measured} of 3 rows measured"
+    assert lines[3] == f"# stopped early after {measured} of 3 rows"
     assert len([line for line in lines if line.startswith("| lenet5 |")]) == measured

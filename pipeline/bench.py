@@ -12,6 +12,7 @@ cold fetch into the cache, and the stream path."""
 import contextlib
 import os
 import platform
+import shutil
 import socket
 import statistics
 import subprocess
@@ -141,43 +142,56 @@ def _ceiling(shards, variant, batch_size):
     return epoch_iter
 
 
+def planned_rows(variants=("rgb64", "gray28"), include_baseline=True, device="cpu", remote=False):
+    """How many rows `bench_loader` makes with these arguments (`variants=()`, `remote=True`: `bench_remote`):
+    the M of a stopped table's "stopped early after N of M rows"."""
+    local = 5 + include_baseline + (device != "cpu")  # bench_loader's loaders of a variant
+    return len(variants) * local + (remote and (4 if shutil.which("curl") else 2))  # bench_remote's rows
+
+
 def bench_loader(shards, images, batch_size=256, workers=2, passes=3, pass_images=25_600,
                  variants=("rgb64", "gray28"), include_baseline=True, device="cpu", remote=False, log=print):
     """Measure every loader for each variant; returns a list of row dicts and logs as it goes.
     shards: a local shard folder or ShardSet (opened once here). remote: add the loopback-HTTP rows
-    (`bench_remote`) at the end."""
+    (`bench_remote`) at the end.
+    A KeyboardInterrupt (Ctrl-C; `tinyin bench loader` turns SIGTERM into one) ends the run early
+    and returns the rows measured so far, fewer than `planned_rows`."""
     shards = open_shard_set(shards)
     rows = []
-    for variant in variants:
-        candidates = []
-        if include_baseline:
-            candidates.append(("ImageFolder + PIL (baseline)", workers, lambda: _imagefolder(images, variant, batch_size, workers)))
-        candidates += [
-            ("stock webdataset (tar members, npy decode)", workers,
-             lambda: _stock_webdataset(shards, variant, batch_size, workers)),
-            ("tinyin stream (whole shards)", workers, lambda: _stream_loader(shards, variant, batch_size, workers)),
-            ("tinyin fast (mmap gather)", "0 (inline)", lambda: _timed_loader(shards, variant, batch_size, "fast")),
-            ("tinyin resident", 0, lambda: _timed_loader(shards, variant, batch_size, "resident", device=device)),
-            ("ceiling: numpy memmap gather", 0, lambda: _ceiling(shards, variant, batch_size)),
-        ]
-        if device != "cpu":
-            candidates.append((f"tinyin fast -> {device}, float, 224 upscale", "1 thread",
-                               lambda: _device_loader(shards, variant, batch_size, device)))
-        for name, how, build in candidates:
-            built = build()
-            epoch_iter, times = built if isinstance(built, tuple) else (built, {})
-            whole = times.pop("whole_epochs_of", None)  # the stream path: timed over whole epochs of so many images
-            rate, size = (_measure_epochs(epoch_iter, passes, whole) if whole
-                          else _measure(epoch_iter, passes, pass_images))
-            row = {"variant": variant, "loader": name, "workers": how, "images_per_s": rate, "pass": size, **times}
-            rows.append(row)
-            first = f", first batch {times['first_batch_s']:.2f} s" if times else ""
-            log(f"  {variant:<6} {name:<44} {rate:>12,.0f} images/s{first}")
+    try:
+        for variant in variants:
+            candidates = []
+            if include_baseline:
+                candidates.append(("ImageFolder + PIL (baseline)", workers, lambda: _imagefolder(images, variant, batch_size, workers)))
+            candidates += [
+                ("stock webdataset (tar members, npy decode)", workers,
+                 lambda: _stock_webdataset(shards, variant, batch_size, workers)),
+                ("tinyin stream (whole shards)", workers, lambda: _stream_loader(shards, variant, batch_size, workers)),
+                ("tinyin fast (mmap gather)", "0 (inline)", lambda: _timed_loader(shards, variant, batch_size, "fast")),
+                ("tinyin resident", 0, lambda: _timed_loader(shards, variant, batch_size, "resident", device=device)),
+                ("ceiling: numpy memmap gather", 0, lambda: _ceiling(shards, variant, batch_size)),
+            ]
+            if device != "cpu":
+                candidates.append((f"tinyin fast -> {device}, float, 224 upscale", "1 thread",
+                                   lambda: _device_loader(shards, variant, batch_size, device)))
+            for name, how, build in candidates:
+                built = build()
+                epoch_iter, times = built if isinstance(built, tuple) else (built, {})
+                whole = times.pop("whole_epochs_of", None)  # the stream path: timed over whole epochs of so many images
+                rate, size = (_measure_epochs(epoch_iter, passes, whole) if whole
+                              else _measure(epoch_iter, passes, pass_images))
+                row = {"variant": variant, "loader": name, "workers": how, "images_per_s": rate, "pass": size, **times}
+                rows.append(row)
+                first = f", first batch {times['first_batch_s']:.2f} s" if times else ""
+                log(f"  {variant:<6} {name:<44} {rate:>12,.0f} images/s{first}")
+    except KeyboardInterrupt:  # a long table stopped: the rows already measured are still worth printing
+        log(f"stopped after {len(rows)} of {planned_rows(variants, include_baseline, device, remote)} rows")
+        remote = False  # no remote rows after a stop
     for row in rows:
         base = next((r["images_per_s"] for r in rows if r["variant"] == row["variant"] and "baseline" in r["loader"]), None)
-        ceil = next(r["images_per_s"] for r in rows if r["variant"] == row["variant"] and "ceiling" in r["loader"])
+        ceil = next((r["images_per_s"] for r in rows if r["variant"] == row["variant"] and "ceiling" in r["loader"]), None)
         row["x_baseline"] = row["images_per_s"] / base if base else None
-        row["of_ceiling"] = row["images_per_s"] / ceil
+        row["of_ceiling"] = row["images_per_s"] / ceil if ceil else None  # None: stopped before the ceiling's row
     if remote:
         rows += bench_remote(shards.location, batch_size, workers, passes, log)
     return rows
@@ -240,9 +254,7 @@ def bench_remote(shards, batch_size=256, workers=2, passes=3, log=print):
     first: on this project's VM the first write into its ext4 after a pause costs far more than one
     right after another (2.4 against 0.65 CPU-s/GB; tmpfs shows no such difference), which is the
     file system, not the fetch. The folders are made by `tempfile` (TMPDIR picks the file system).
-    Samples/s = bytes/s over the set's bytes per sample."""
-    import shutil
-
+    Samples/s = bytes/s over the set's bytes per sample. A KeyboardInterrupt ends it early, as `bench_loader`."""
     from .cache import cached_copy
     from .shardset import ShardSet
 
@@ -276,45 +288,48 @@ def bench_remote(shards, batch_size=256, workers=2, passes=3, log=print):
     def fetch_into(folder):
         cached_copy(url, "train", cache_dir=folder, progress=False)
 
-    with serve_folder(shards) as url:
-        curl, download, fetch = [], [], []
-        has_curl = shutil.which("curl") is not None
-        if not has_curl:
-            log("  remote: no curl on PATH; no ceiling row")
-        warm = timed_into_new_folder(fetch_into)
-        for _ in range(passes):
-            if has_curl:
-                curl.append(curl_into(None))
-                download.append(timed_into_new_folder(curl_into))
-            fetch.append(timed_into_new_folder(fetch_into))
-        gb = lambda rates: ", ".join(f"{r / 1e9:.2f}" for r in rates)  # noqa: E731
-        ceiling = statistics.median(curl) / per_sample if curl else None
-        if curl:
-            row("ceiling: curl, loopback HTTP (1 connection)", "1 process", ceiling,
-                f"{total / 1e9:.2f} GB of train shards x {passes} to /dev/null: {gb(curl)} GB/s", 1.0)
-            rate = statistics.median(download) / per_sample
-            row("curl -o: the shards downloaded into files", "1 process", rate, f"{gb(download)} GB/s",
-                rate / ceiling)
-        rate = statistics.median(fetch) / per_sample
-        of_download = f", {statistics.median(fetch) / statistics.median(download):.1f}x curl -o" if curl else ""
-        row("remote fetch (cold cache -> checked copy)", f"{_fetch_workers()} threads", rate,
-            f"{gb(fetch)} GB/s{of_download} (untimed first pass: {warm / 1e9:.2f})",
-            rate / ceiling if ceiling else None)
-        try:
-            loader = make_loader(url, "train", path="stream", raw=True, workers=workers, batch_size=batch_size)
-            ok = loader.num_samples == local.counts["train"]
-        except Exception as e:  # noqa: BLE001 - the stream path's own errors, reported as the row's note
-            ok, loader = False, f"{e.__class__.__name__}: {e}"
-        if ok:
-            # Whole epochs, each from its workers' start: what a training epoch costs on this path.
-            rate, size = _measure_epochs(_epochs(loader), passes, loader.num_samples)
-            row("remote stream (make_loader(URL, path=stream))", workers, rate, size, rate / ceiling if ceiling else None)
-        else:
-            note = loader if isinstance(loader, str) else "its epoch is not the train split's"
-            log(f"  remote stream: skipped, the stream path cannot read a set URL on this branch ({note})")
-            rows.append({"variant": "rgb64", "loader": "remote stream (make_loader(URL, path=stream))",
-                         "workers": workers, "images_per_s": None, "pass": "not on this branch: " + note[:80],
-                         "x_baseline": None, "of_ceiling": None})
+    try:
+        with serve_folder(shards) as url:
+            curl, download, fetch = [], [], []
+            has_curl = shutil.which("curl") is not None
+            if not has_curl:
+                log("  remote: no curl on PATH; no ceiling row")
+            warm = timed_into_new_folder(fetch_into)
+            for _ in range(passes):
+                if has_curl:
+                    curl.append(curl_into(None))
+                    download.append(timed_into_new_folder(curl_into))
+                fetch.append(timed_into_new_folder(fetch_into))
+            gb = lambda rates: ", ".join(f"{r / 1e9:.2f}" for r in rates)  # noqa: E731
+            ceiling = statistics.median(curl) / per_sample if curl else None
+            if curl:
+                row("ceiling: curl, loopback HTTP (1 connection)", "1 process", ceiling,
+                    f"{total / 1e9:.2f} GB of train shards x {passes} to /dev/null: {gb(curl)} GB/s", 1.0)
+                rate = statistics.median(download) / per_sample
+                row("curl -o: the shards downloaded into files", "1 process", rate, f"{gb(download)} GB/s",
+                    rate / ceiling)
+            rate = statistics.median(fetch) / per_sample
+            of_download = f", {statistics.median(fetch) / statistics.median(download):.1f}x curl -o" if curl else ""
+            row("remote fetch (cold cache -> checked copy)", f"{_fetch_workers()} threads", rate,
+                f"{gb(fetch)} GB/s{of_download} (untimed first pass: {warm / 1e9:.2f})",
+                rate / ceiling if ceiling else None)
+            try:
+                loader = make_loader(url, "train", path="stream", raw=True, workers=workers, batch_size=batch_size)
+                ok = loader.num_samples == local.counts["train"]
+            except Exception as e:  # noqa: BLE001 - the stream path's own errors, reported as the row's note
+                ok, loader = False, f"{e.__class__.__name__}: {e}"
+            if ok:
+                # Whole epochs, each from its workers' start: what a training epoch costs on this path.
+                rate, size = _measure_epochs(_epochs(loader), passes, loader.num_samples)
+                row("remote stream (make_loader(URL, path=stream))", workers, rate, size, rate / ceiling if ceiling else None)
+            else:
+                note = loader if isinstance(loader, str) else "its epoch is not the train split's"
+                log(f"  remote stream: skipped, the stream path cannot read a set URL on this branch ({note})")
+                rows.append({"variant": "rgb64", "loader": "remote stream (make_loader(URL, path=stream))",
+                             "workers": workers, "images_per_s": None, "pass": "not on this branch: " + note[:80],
+                             "x_baseline": None, "of_ceiling": None})
+    except KeyboardInterrupt:  # as bench_loader's: the rows so far
+        log(f"stopped after {len(rows)} of {planned_rows((), remote=True)} remote rows")
     return rows
 
 
@@ -338,11 +353,13 @@ def _device_loader(shards, variant, batch_size, device):
     return epoch_iter
 
 
-def format_table(rows, command, batch_size):
-    """The Markdown table, headed by the command, commit and machine that produced it."""
+def format_table(rows, command, batch_size, planned=None):
+    """The Markdown table, headed by the command, commit and machine that produced it (and, when
+    `planned` rows were more than the rows, by how many rows it stopped after)."""
     lines = [f"# {command}",
              f"# commit {commit()}; {platform.node()}: {os.cpu_count()} cores, torch {torch.__version__}, batch {batch_size}, "
              f"train split, shuffled, median of passes",
+             *([f"# stopped early after {len(rows)} of {planned} rows"] if planned and planned > len(rows) else []),
              "| variant | loader | workers | images/s | × baseline | of ceiling | pass | first batch (data pass done) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -1,13 +1,12 @@
 """The `tinyin` command line: thin click wrappers, each calling one library function."""
 import json
 import re
-import signal
 import sys
 from pathlib import Path
 
 import click
 
-from .errors import TinyinError, hide_password, sigterm_interrupts, user_errors
+from .errors import TinyinError, hide_password, sigterm_interrupts, sigterm_noted, stop_code, user_errors
 
 
 class _Group(click.Group):
@@ -202,22 +201,26 @@ def _json_file(ctx, param, value):
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), callback=_json_file, help="Also write the rows as JSON.")
 def bench_loader_cmd(shards, images, batch_size, workers, passes, pass_images, device, remote, remote_only, json_path):
     """Images/s of the ImageFolder+PIL baseline and tinyin's loaders, side by side."""
-    from .bench import bench_loader, bench_remote, format_table
+    from .bench import bench_loader, bench_remote, format_table, planned_rows
     from .device import check_device
 
     check_device(device)
     log = lambda m: click.echo(m, err=True)  # noqa: E731
-    if remote_only:
-        rows = bench_remote(shards, batch_size=batch_size, workers=workers, passes=passes, log=log)
-    elif images is None:
-        raise click.UsageError("--images is required (the ImageFolder baseline reads it), unless --remote-only")
-    else:
-        rows = bench_loader(shards, images, batch_size=batch_size, workers=workers, passes=passes,
-                            pass_images=pass_images, device=device, remote=remote, log=log)
-    click.echo(format_table(rows, "tinyin bench loader " + " ".join(sys.argv[3:]), batch_size))
+    planned = planned_rows((), remote=True) if remote_only else planned_rows(device=device, remote=remote)
+    with sigterm_noted() as stopped_by:  # SIGTERM ends the table early, as Ctrl-C does: the rows so far are kept
+        if remote_only:
+            rows = bench_remote(shards, batch_size=batch_size, workers=workers, passes=passes, log=log)
+        elif images is None:
+            raise click.UsageError("--images is required (the ImageFolder baseline reads it), unless --remote-only")
+        else:
+            rows = bench_loader(shards, images, batch_size=batch_size, workers=workers, passes=passes,
+                                pass_images=pass_images, device=device, remote=remote, log=log)
+    click.echo(format_table(rows, "tinyin bench loader " + " ".join(sys.argv[3:]), batch_size, planned))
     if json_path:
         with open(json_path, "w") as f:
             json.dump(rows, f, indent=1)
+    if len(rows) < planned:
+        raise SystemExit(stop_code(stopped_by))
 
 
 def _csv(kind):
@@ -258,24 +261,15 @@ def bench_train_cmd(shards, images, arch, size, batch, feeds, compile_, device, 
     compile_ = device.startswith("cuda") if compile_ is None else compile_
     feeds = feeds or (("a", "b", "c", "d") if images else ("a", "b", "c"))
     cases = plan(arch, size, batch, feeds, compile_)
-    stopped_by = []
-
-    def stop(signum, frame):  # SIGTERM (a scheduler, a deadline) ends the table early, as Ctrl-C does
-        stopped_by.append(signum)
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
+    with sigterm_noted() as stopped_by:  # SIGTERM (a scheduler, a deadline) ends the table early, as Ctrl-C does
         rows = bench_train(shards, images, cases, device=device, warmup=warmup, steps=steps, windows=windows,
                            workers=workers, log=lambda m: click.echo(m, err=True))
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     env, command = environment(device), "tinyin bench train " + " ".join(sys.argv[3:])
     click.echo(format_table(rows, command, env, warmup, steps, windows, planned=len(cases)))
     if json_path:
         Path(json_path).write_text(json.dumps(dict(command=command, env=env, planned=len(cases), rows=rows), indent=1))
     if len(rows) < len(cases):
-        raise SystemExit(128 + (stopped_by[0] if stopped_by else signal.SIGINT))
+        raise SystemExit(stop_code(stopped_by))
 
 
 @main.command("report")

@@ -70,6 +70,28 @@ def sigterm_interrupts(signals=(signal.SIGTERM,)):
 
 
 @contextlib.contextmanager
+def sigterm_noted():
+    """Within the block SIGTERM raises KeyboardInterrupt, as Ctrl-C does, and is noted in the list yielded:
+    for a command that catches the interrupt to end early with what it has (the bench tables: the rows
+    so far) and then exits with `stop_code` of that list."""
+    noted = []
+
+    def stop(signum, frame):
+        noted.append(signum)
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield noted
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def stop_code(noted):
+    """The exit code of a command stopped early: 128 + the signal, SIGTERM if `sigterm_noted` noted one, else Ctrl-C's."""
+    return 128 + (noted[0] if noted else signal.SIGINT)
+
+
+@contextlib.contextmanager
 def signals_deferred(signals=(signal.SIGINT, signal.SIGTERM)):
     """Within the block, `signals` are noted, and the first raised again right after it for the handler
     it would have met. For calls that must not stop halfway: a process pool's `submit` forking its

@@ -1,8 +1,10 @@
 """`bench_loader` on the synthetic set: every row measured, the local paths' first batch timed; `bench_remote`:
 the loopback-HTTP rows, with curl's rate as their ceiling."""
+import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +23,7 @@ def test_loader_table_has_the_first_batch_of_the_local_paths(shards, monkeypatch
     rows = bench.bench_loader(shards, None, batch_size=64, workers=0, passes=1, pass_images=240, variants=("gray28",),
                               include_baseline=False, log=lambda m: None)
     first = {r["loader"]: r.get("first_batch_s") for r in rows}
+    assert len(rows) == bench.planned_rows(("gray28",), include_baseline=False)
     assert list(first) == ["stock webdataset (tar members, npy decode)", "tinyin stream (whole shards)", "tinyin fast (mmap gather)", "tinyin resident",
                            "ceiling: numpy memmap gather"]
     assert first["tinyin fast (mmap gather)"] > 0 and first["tinyin resident"] > 0
@@ -39,6 +42,7 @@ def test_loader_table_has_the_first_batch_of_the_local_paths(shards, monkeypatch
 def test_remote_rows_fetch_the_train_split_and_name_their_ceiling(shards):
     rows = bench_remote(shards, batch_size=32, workers=0, passes=1, log=lambda m: None)
     names = [r["loader"] for r in rows]
+    assert len(rows) == bench.planned_rows((), remote=True)
     fetch = rows[names.index("remote fetch (cold cache -> checked copy)")]
     assert names[-1] == "remote stream (make_loader(URL, path=stream))" and fetch["images_per_s"] > 0
     if shutil.which("curl"):
@@ -203,3 +207,84 @@ def test_bench_build_stopped_by_sigterm_removes_its_temporary_build(release, tmp
     _, stderr = proc.communicate(timeout=60)
     assert (proc.returncode, stderr) == (128 + signal.SIGTERM, "terminated\n")
     assert list(tmp_path.iterdir()) == []
+
+
+def _stop_the_loader_bench_at_row(monkeypatch, stop_at, stop):
+    """bench_loader's loaders and their timing faked: row i (from 1) measures 1,000 * i images/s, and
+    the `stop_at`-th calls `stop()` instead (a Ctrl-C or a SIGTERM in the middle of its passes)."""
+    rows = []
+
+    def measure(epoch_iter, passes, pass_images):
+        rows.append(pass_images)
+        if len(rows) == stop_at:
+            stop()
+        return 1000.0 * len(rows), f"{pass_images:,} images"
+    for name in ("_imagefolder", "_stock_webdataset", "_stream_loader", "_timed_loader", "_ceiling"):
+        monkeypatch.setattr(bench, name, lambda *args, **kwargs: (lambda epoch: iter(())))
+    monkeypatch.setattr(bench, "_measure", measure)
+
+
+def _ctrl_c():
+    raise KeyboardInterrupt
+
+
+# The table's rows when stopped in gray28's second row (of 12 planned): rgb64's six, gray28's baseline. Ratios
+# to a row not measured (gray28's ceiling) are '—'.
+STOPPED_ROWS = [
+    "| rgb64 | ImageFolder + PIL (baseline) | 2 | 1,000 | 1.0× | 17% | 25,600 images | — |",
+    "| rgb64 | stock webdataset (tar members, npy decode) | 2 | 2,000 | 2.0× | 33% | 25,600 images | — |",
+    "| rgb64 | tinyin stream (whole shards) | 2 | 3,000 | 3.0× | 50% | 25,600 images | — |",
+    "| rgb64 | tinyin fast (mmap gather) | 0 (inline) | 4,000 | 4.0× | 67% | 25,600 images | — |",
+    "| rgb64 | tinyin resident | 0 | 5,000 | 5.0× | 83% | 25,600 images | — |",
+    "| rgb64 | ceiling: numpy memmap gather | 0 | 6,000 | 6.0× | 100% | 25,600 images | — |",
+    "| gray28 | ImageFolder + PIL (baseline) | 2 | 7,000 | 1.0× | — | 25,600 images | — |",
+]
+
+
+@pytest.mark.parametrize("stop, code", [(_ctrl_c, 130), (lambda: signal.raise_signal(signal.SIGTERM), 143)])
+def test_bench_loader_stopped_keeps_the_rows_measured(shards, release, tmp_path, monkeypatch, stop, code):
+    """A Ctrl-C or SIGTERM in the middle printed `interrupted` (`terminated`) and lost the table and the
+    --json rows, those measured only in the stderr log. Now they are printed and written, the table says
+    it stopped early, and the exit is 128 + the signal."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    _stop_the_loader_bench_at_row(monkeypatch, 8, stop)
+    out = tmp_path / "rows.json"
+    result = CliRunner().invoke(main, ["bench", "loader", "--shards", str(shards), "--images", str(release),
+                                       "--json", str(out)])
+    assert result.exit_code == code, result.output
+    lines = result.stdout.splitlines()
+    assert lines[2] == "# stopped early after 7 of 12 rows"
+    assert lines[5:] == STOPPED_ROWS
+    assert result.stderr.splitlines()[-1] == "stopped after 7 of 12 rows"
+    rows = json.loads(out.read_text())
+    assert [(r["variant"], r["images_per_s"], r["x_baseline"], r["of_ceiling"]) for r in rows[5:]] == [
+        ("rgb64", 6000.0, 6.0, 1.0), ("gray28", 7000.0, 1.0, None)]
+
+
+def test_bench_loader_script_stopped_keeps_the_rows_measured(shards, release, tmp_path, monkeypatch, capsys):
+    """tools/bench_loader.py, as `tinyin bench loader`: its own table and --json were lost as well."""
+    _stop_the_loader_bench_at_row(monkeypatch, 8, lambda: signal.raise_signal(signal.SIGTERM))
+    out = tmp_path / "rows.json"
+    assert _run_tool(monkeypatch, "bench_loader.py", "--shards", shards, "--images", release, "--json", out).code == 143
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == "# stopped early after 7 of 12 rows"
+    assert lines[5:] == STOPPED_ROWS
+    assert len(json.loads(out.read_text())) == 7
+
+
+def test_remote_rows_stopped_keep_the_rows_measured(shards, monkeypatch):
+    """A Ctrl-C in the remote stream row's passes lost the rows of curl and the fetch measured before it."""
+    def stop(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bench, "_measure_epochs", stop)
+    log = []
+    try:
+        rows = bench_remote(shards, batch_size=32, workers=0, passes=1, log=log.append)
+    except KeyboardInterrupt:  # not out of the test: it would end the pytest session
+        pytest.fail("the interrupt went through bench_remote: its rows were lost")
+    planned = bench.planned_rows((), remote=True)
+    assert [r["loader"] for r in rows][-1] == "remote fetch (cold cache -> checked copy)" and len(rows) == planned - 1
+    assert log[-1] == f"stopped after {planned - 1} of {planned} remote rows"

@@ -787,14 +787,19 @@ def flag_text(dest, value):
     return "" if value is None else f"{flag} {value}"
 
 
+def saved_flags(saved_args, dests):
+    """A checkpoint's values (`saved_args`) of the flags `dests`; one it does not hold (an older train.py's)
+    at its default, which is what that run did."""
+    parser = get_args_parser()
+    return {k: saved_args.get(k, parser.get_default(k)) for k in dests}
+
+
 def check_plan(saved_args, args, path):
     """CheckpointError unless a training resume has its checkpoint's `PLAN_FLAGS` (`saved_args`), given or
-    defaulted alike, as the other checks compare them; --test-only trains nothing and needs none. A flag a
-    checkpoint does not hold (an older train.py's) was its default then."""
+    defaulted alike, as the other checks compare them; --test-only trains nothing and needs none."""
     if args.test_only:
         return
-    parser = get_args_parser()
-    saved = {k: saved_args.get(k, parser.get_default(k)) for k in PLAN_FLAGS}
+    saved = saved_flags(saved_args, PLAN_FLAGS)
     if saved["augment"] in (True, False):  # from before --augment took a name: a bare --augment was crop
         saved["augment"] = "crop" if saved["augment"] else "none"
     differ = [k for k in PLAN_FLAGS if saved[k] != getattr(args, k)]
@@ -814,7 +819,7 @@ def keep_start(saved_args, args):
     weights, so it started where that run started, whatever the resume command names. args.json kept the
     command's: a from-scratch run resumed with --weights FILE was reported "from FILE" beside the study's
     fine-tuned rows. Returns the note to print when the command named another start ('' when it did not)."""
-    saved = {k: saved_args.get(k, get_args_parser().get_default(k)) for k in START_FLAGS}
+    saved = saved_flags(saved_args, START_FLAGS)
     named = {k: getattr(args, k) for k in START_FLAGS}
     vars(args).update(saved)
     if named == saved or not any(named.values()):  # the start not repeated: nothing of the command is dropped

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .errors import TinyinError, hide_password, sigterm_interrupts, sigterm_noted, stop_code, user_errors
+from .errors import TinyinError, hide_password, sigterm_interrupts, stop_code, user_errors
 
 
 class _Group(click.Group):
@@ -207,7 +207,7 @@ def bench_loader_cmd(shards, images, batch_size, workers, passes, pass_images, d
     check_device(device)
     log = lambda m: click.echo(m, err=True)  # noqa: E731
     planned = planned_rows((), remote=True) if remote_only else planned_rows(device=device, remote=remote)
-    with sigterm_noted() as stopped_by:  # SIGTERM ends the table early, as Ctrl-C does: the rows so far are kept
+    with sigterm_interrupts() as stopped_by:  # SIGTERM ends the table early, as Ctrl-C does: the rows so far are kept
         if remote_only:
             rows = bench_remote(shards, batch_size=batch_size, workers=workers, passes=passes, log=log)
         elif images is None:
@@ -261,7 +261,7 @@ def bench_train_cmd(shards, images, arch, size, batch, feeds, compile_, device, 
     compile_ = device.startswith("cuda") if compile_ is None else compile_
     feeds = feeds or (("a", "b", "c", "d") if images else ("a", "b", "c"))
     cases = plan(arch, size, batch, feeds, compile_)
-    with sigterm_noted() as stopped_by:  # SIGTERM (a scheduler, a deadline) ends the table early, as Ctrl-C does
+    with sigterm_interrupts() as stopped_by:  # SIGTERM (a scheduler, a deadline) ends the table early, as Ctrl-C does
         rows = bench_train(shards, images, cases, device=device, warmup=warmup, steps=steps, windows=windows,
                            workers=workers, log=lambda m: click.echo(m, err=True))
     env, command = environment(device), "tinyin bench train " + " ".join(sys.argv[3:])

@@ -46,48 +46,34 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised as a Ctrl-C is so that every `finally` cleans up (see `sigterm_interrupts`)."""
 
 
-def _terminate(signum, frame):
-    raise Terminated
-
-
 @contextlib.contextmanager
 def sigterm_interrupts(signals=(signal.SIGTERM,)):
     """Within the block, SIGTERM (`kill`, a scheduler) raises `Terminated` in the main thread instead of
     ending the process where it stands, so temporary files are removed as after a Ctrl-C. A command
     with a handler of its own installs it inside the block and restores this one after.
     `signals`: those so handled; SIGINT among them raises KeyboardInterrupt (Python's own handler),
-    any other `Terminated`."""
+    any other `Terminated`. Yields the list of the signals it raised as `Terminated`: a command that
+    catches the interrupt to end early with what it has (the bench tables: the rows so far) exits
+    with `stop_code` of it."""
+    noted = []
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield
+        yield noted
         return
-    previous = {sig: signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else _terminate)
+
+    def terminate(signum, frame):
+        noted.append(signum)
+        raise Terminated
+    previous = {sig: signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else terminate)
                 for sig in signals}
     try:
-        yield
+        yield noted
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-@contextlib.contextmanager
-def sigterm_noted():
-    """Within the block SIGTERM raises KeyboardInterrupt, as Ctrl-C does, and is noted in the list yielded:
-    for a command that catches the interrupt to end early with what it has (the bench tables: the rows
-    so far) and then exits with `stop_code` of that list."""
-    noted = []
-
-    def stop(signum, frame):
-        noted.append(signum)
-        raise KeyboardInterrupt
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield noted
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def stop_code(noted):
-    """The exit code of a command stopped early: 128 + the signal, SIGTERM if `sigterm_noted` noted one, else Ctrl-C's."""
+    """The exit code of a command stopped early: 128 + the signal, SIGTERM if `sigterm_interrupts` noted one, else Ctrl-C's."""
     return 128 + (noted[0] if noted else signal.SIGINT)
 
 

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.bench import bench_loader, format_table, planned_rows  # noqa: E402
 from pipeline.build import build_shards  # noqa: E402
 from pipeline.device import check_device  # noqa: E402
-from pipeline.errors import SourceError, UsageError, run_cli, sigterm_interrupts, sigterm_noted, stop_code  # noqa: E402
+from pipeline.errors import SourceError, UsageError, run_cli, sigterm_interrupts, stop_code  # noqa: E402
 from pipeline.source import ROOT_MARKER  # noqa: E402
 
 DEFAULT_SRC = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-imagenet-200.tar.gz"
@@ -80,7 +80,7 @@ def main():
             images = src if src.is_dir() else extract(src, tmp / "images")
         if not (Path(images) / "train").is_dir():  # found by torchvision, a traceback, after the build
             raise UsageError(f"--images {images}: no train/ folder; pass the extracted release (ROOT/train/WNID/images)")
-        with sigterm_noted() as stopped_by:  # SIGTERM ends the table early, as Ctrl-C does: the rows so far are kept
+        with sigterm_interrupts() as stopped_by:  # SIGTERM ends the table early, as Ctrl-C does: the rows so far are kept
             rows = bench_loader(shards, images, batch_size=args.batch_size, workers=args.workers, passes=args.passes,
                                 device=args.device, remote=args.remote, log=lambda m: print(m, file=sys.stderr))
     finally:

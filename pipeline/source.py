@@ -147,11 +147,21 @@ def _follow_links(files, links):
     return out
 
 
+def not_a_release(src):
+    """The error of a folder or archive `src` that holds no wnids.txt."""
+    return SourceError(f"{src}: missing {ROOT_MARKER} (not a Tiny ImageNet release)")
+
+
+def not_an_archive(src):
+    """The error of a file `src` that is neither a zip nor a tar."""
+    return SourceError(f"{src}: unreadable archive (not a folder, .zip or .tar[.gz])")
+
+
 def _strip_root(names_to_bytes, label):
     """Re-key archive members relative to the folder holding wnids.txt (e.g. `tiny-imagenet-200/`)."""
     roots = sorted((n for n in names_to_bytes if n == ROOT_MARKER or n.endswith("/" + ROOT_MARKER)), key=len)
     if not roots:
-        raise SourceError(f"{label}: missing {ROOT_MARKER} (not a Tiny ImageNet release)")
+        raise not_a_release(label)
     prefix = roots[0][: -len(ROOT_MARKER)]
     _one_release(label, [prefix] + [r[: -len(ROOT_MARKER)] for r in roots if not r.startswith(prefix)])
     return {n[len(prefix):]: b for n, b in names_to_bytes.items() if n.startswith(prefix)}
@@ -232,7 +242,7 @@ def open_release(src):
     if src.is_dir():
         roots = [src] if (src / ROOT_MARKER).is_file() else sorted(p.parent for p in src.glob("*/" + ROOT_MARKER))
         if not roots:
-            raise SourceError(f"{src}: missing {ROOT_MARKER} (not a Tiny ImageNet release)")
+            raise not_a_release(src)
         root = roots[0]
         _one_release(src, [f"{p.name}/" for p in roots])
         return ReleaseFiles(str(src), folder=root)
@@ -245,5 +255,5 @@ def open_release(src):
     elif src.name.endswith(TAR_NAMES) or tarfile.is_tarfile(src):  # the name: is_tarfile fails on a cut one
         files = _read_tar(src)
     else:
-        raise SourceError(f"{src}: unreadable archive (not a folder, .zip or .tar[.gz])")
+        raise not_an_archive(src)
     return ReleaseFiles(str(src), files=_strip_root(files, src))

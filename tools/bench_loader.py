@@ -21,16 +21,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.bench import bench_loader, format_table, planned_rows  # noqa: E402
 from pipeline.build import build_shards  # noqa: E402
 from pipeline.device import check_device  # noqa: E402
-from pipeline.errors import SourceError, UsageError, run_cli, sigterm_interrupts, stop_code  # noqa: E402
-from pipeline.source import ROOT_MARKER  # noqa: E402
+from pipeline.errors import UsageError, run_cli, sigterm_interrupts, stop_code  # noqa: E402
+from pipeline.source import ROOT_MARKER, not_a_release, not_an_archive  # noqa: E402
 
 DEFAULT_SRC = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-imagenet-200.tar.gz"
 
 
 def extract(src, dest):
     """Extract an archive for the ImageFolder baseline; return the folder holding wnids.txt.
-    SourceError, in the build's words, for a file that is no archive or an archive of no release
-    (with --shards given no build ran to say it first: they were a ReadError or StopIteration traceback)."""
+    The build's own SourceError (`not_an_archive`, `not_a_release`) for a file that is no archive or an
+    archive of no release (with --shards given no build ran to say it first: they were a ReadError or
+    StopIteration traceback)."""
     if zipfile.is_zipfile(src):
         with zipfile.ZipFile(src) as zf:
             zf.extractall(dest)
@@ -39,10 +40,10 @@ def extract(src, dest):
             with tarfile.open(src) as tf:
                 tf.extractall(dest, filter="data")
         except tarfile.ReadError:
-            raise SourceError(f"{src}: unreadable archive (not a folder, .zip or .tar[.gz])") from None
+            raise not_an_archive(src) from None
     root = next(Path(dest).rglob(ROOT_MARKER), None)
     if root is None:
-        raise SourceError(f"{src}: missing {ROOT_MARKER} (not a Tiny ImageNet release)")
+        raise not_a_release(src)
     return root.parent
 
 

@@ -31,13 +31,11 @@ import dataclasses
 import datetime
 import errno
 import fcntl
-import hashlib
 import itertools
 import json
 import math
 import os
 import random
-import shlex
 import signal
 import sys
 import threading
@@ -51,10 +49,13 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 import models
-from models.recipes import RECIPES, recipe_names, resolve_recipe
+from models.recipes import recipe_names, resolve_recipe
 from pipeline import IMAGENET_MEAN, IMAGENET_STD, make_loader, provenance
-from pipeline.atomic import atomic_file, write_json
+from pipeline.atomic import write_json
 from pipeline.cache import cached_copy, is_set_url
+from pipeline.checkpoint import (CHECKPOINT_FORMAT, check_epoch_order, check_limit_batches, check_norm, check_plan,
+                                 check_recipe, classes_of, continue_command, keep_start, load_checkpoint, restore_ema,
+                                 resume_path, run_identity, save_atomic, weights_run)
 from pipeline.device import check_device
 from pipeline.errors import (CheckpointError, ShardError, TinyinError, UsageError, hide_password, run_cli,
                              sigterm_interrupts)
@@ -62,14 +63,12 @@ from pipeline.augment import AUGMENTS
 from pipeline.mixing import MODES as MIX_MODES, mix_batch, mix_generator
 from pipeline.order import step_seed
 from pipeline.shardset import ShardSet, local_path, no_folder_error
-from pipeline.stream_plan import DEAL, LANES
+from pipeline.stream_plan import DEAL
 
 NORMS = {"dataset": (None, None), "imagenet": (IMAGENET_MEAN, IMAGENET_STD), "half": ((0.5,) * 3, (0.5,) * 3)}
 FIELDS = ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "images_per_s", "epoch_time_s",
           "eval_model"]  # eval_model: "ema" when --ema validated the average, else "model"
 MIX_ALPHA = {"mixup": 0.2, "cutmix": 1.0}  # --mix-alpha defaults: the values the mixup and CutMix papers used on ImageNet
-CHECKPOINT_FORMAT = "tinyin-train-2"  # format 1 (before mid-epoch resume) only held whole epochs
-DEBUG_ONCE = ("--resume", "--stop-after-steps", "--wait-at-step")  # flags the "continue with:" line drops
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # what schedulers send before preemption
 
 
@@ -360,19 +359,6 @@ def build_model(args, manifest):
     return model
 
 
-def weights_run(path):
-    """(the classes (`classes_of` its shards), --norm) a train.py checkpoint was trained with; None for
-    what a file does not record. Memory-mapped: only the small records are read of a file already loaded once."""
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - a legacy (not zip) file cannot be mapped; it is no train.py checkpoint
-        return None, None
-    identity, run_args = (saved.get(k) if isinstance(saved, dict) else None for k in ("identity", "args"))
-    dataset = identity.get("dataset") if isinstance(identity, dict) else None
-    return (dataset.rsplit(", ", 1)[0] if isinstance(dataset, str) else None,
-            run_args.get("norm") if isinstance(run_args, dict) else None)
-
-
 def describe_weights(path, arch):
     """Why a weights file does not load, in a few words (the full key lists fill a screen)."""
     try:
@@ -571,28 +557,6 @@ def sync_ema_buffers(parts):
 # --- checkpoints ---------------------------------------------------------------------------
 
 
-def classes_of(manifest):
-    """The shards' classes in label order, short: "10 classes (<12 hex digits of their wnids' sha256>)"."""
-    wnids = ",".join(c["wnid"] for c in manifest["classes"])
-    return f"{len(manifest['classes'])} classes ({hashlib.sha256(wnids.encode()).hexdigest()[:12]})"
-
-
-def run_identity(args, manifest):
-    """What a checkpoint must share with this run to continue it: the network, its input, the
-    seed (the epoch order and the weights follow from it) and the dataset (classes and size)."""
-    return dict(arch=args.arch, size=args.size, seed=args.seed,
-                dataset=f"{classes_of(manifest)}, {manifest['counts']['train']} train")
-
-
-def save_atomic(obj, path):
-    """torch.save to a temp name then rename, so a crash never leaves half a checkpoint. A write that
-    fails (a full disk) removes the temp file and raises OSError naming `path`."""
-    # Into a file object, not to the path: torch's own file writer turns a full disk into a
-    # RuntimeError ("unexpected pos ..."), a traceback, where Python's write raises ENOSPC.
-    with atomic_file(path, "wb", suffix=".tmp") as f:
-        torch.save(obj, f)
-
-
 def save_checkpoint(parts, state, args, paths):
     """Write the checkpoint to each of `paths` (rank 0; collective under DDP: gathers every rank's state)."""
     ckpt = dict(format=CHECKPOINT_FORMAT, model=parts.module.state_dict(), optimizer=parts.optimizer.state_dict(),
@@ -603,50 +567,6 @@ def save_checkpoint(parts, state, args, paths):
     if rank() == 0:
         for path in paths:
             save_atomic(ckpt, path)
-
-
-def load_checkpoint(path, identity):
-    """A train.py checkpoint of this run; CheckpointError naming what is wrong otherwise."""
-    if os.path.isdir(path):
-        raise CheckpointError(f"--resume {path}: a folder; pass {os.path.join(path, 'checkpoint.pth')}, "
-                              f"or --resume auto with --output-dir {path}")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"--resume {path}: no such file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch.load of an arbitrary file raises nearly anything (KeyError, struct.error...)
-        raise CheckpointError(f"{path}: not a train.py checkpoint ({e.__class__.__name__})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        found = ckpt.get("format", "none") if isinstance(ckpt, dict) else "none"
-        raise CheckpointError(f"{path}: not a train.py checkpoint of format {CHECKPOINT_FORMAT} (format: {found})")
-    differs = [f"{k} {ckpt['identity'].get(k)} there, {v} here" for k, v in identity.items()
-               if ckpt["identity"].get(k) != v]
-    if differs:
-        raise CheckpointError(f"{path}: a checkpoint of another run ({'; '.join(differs)}); "
-                              "pass the flags it was made with, or another --output-dir")
-    return ckpt
-
-
-def restore_ema(parts, ckpt, path, args):
-    """Load the checkpoint's EMA; CheckpointError when the checkpoint and this run disagree on having one
-    (starting an average mid-run, or dropping one, would quietly change what is validated), or on its
-    --ema or --ema-every (one average of two decays: the state dict keeps the average, not its decay)."""
-    here = parts.ema is not None
-    there = ckpt["args"].get("ema") if "ema" in ckpt else None
-    if here and not there:
-        raise CheckpointError(f"{path}: holds no EMA of the weights (made without --ema); "
-                              "resume it without --ema, or use another --output-dir")
-    if there and not here:
-        raise CheckpointError(f"{path}: holds an EMA of the weights (made with --ema {there}); resume it with --ema {there}")
-    saved = (there, ckpt["args"].get("ema_every", 1))
-    if here and saved != (args.ema, args.ema_every) and not args.test_only:  # evaluating it needs no decay
-        named = saved[1] != args.ema_every  # --ema-every only where it differs
-        said = lambda ema, every: f"--ema {ema}" + (f" --ema-every {every}" if named else "")  # noqa: E731
-        raise CheckpointError(f"{path}: holds an EMA of the weights made with {said(*saved)}, this run has "
-                              f"{said(args.ema, args.ema_every)}, and one average must keep its decay; resume it "
-                              f"with {said(*saved)}, or use another --output-dir")
-    if here:
-        parts.ema.load_state_dict(ckpt["ema"])
 
 
 def restore(parts, args, ckpt_path):
@@ -667,8 +587,8 @@ def restore(parts, args, ckpt_path):
         check_limit_batches(ckpt["args"].get("limit_batches"), args, ckpt_path)
         check_recipe(ckpt["args"], args, ckpt_path)  # before the norm: its advice alone resumed without the recipe
         check_norm(ckpt["args"].get("norm"), args, ckpt_path)
-        check_plan(ckpt["args"], args, ckpt_path)
-        start_note = keep_start(ckpt["args"], args) if not args.test_only else ""
+        check_plan(ckpt["args"], args, ckpt_path, get_args_parser())
+        start_note = keep_start(ckpt["args"], args, get_args_parser()) if not args.test_only else ""
         if not args.test_only and (state.epoch > args.epochs or (state.epoch == args.epochs and state.samples_done)):
             least = state.epoch + bool(state.samples_done)  # at an epoch's end, that epoch count itself
             raise UsageError(f"--epochs {args.epochs}: {ckpt_path} is past it (at epoch {state.epoch} step "
@@ -690,145 +610,6 @@ def restore(parts, args, ckpt_path):
     return state
 
 
-def check_epoch_order(ckpt, state, args, world_size, path):
-    """CheckpointError when this run cannot carry on the checkpoint's epoch where it stopped. The rest of
-    an epoch is the rest of the order the checkpoint's data path planned, and the stream path's (shards
-    dealt to ranks, `stream_plan`) is neither the resident and fast paths' (`order.epoch_order`) nor its
-    own on another number of ranks, batch size or lane count: resumed so, some samples would be trained
-    on twice that epoch and others not at all, without a word. At an epoch boundary anything goes on."""
-    if not state.samples_done:
-        return
-    saved = ckpt["args"].get("data_path", "auto")
-    where = f"{path}: stopped mid-epoch (epoch {state.epoch} step {state.epoch_steps})"
-    if (saved == "stream") != (args.data_path == "stream"):
-        raise CheckpointError(f"{where} on --data-path {saved}, whose order of the epoch --data-path "
-                              f"{args.data_path} does not share; resume it with --data-path {saved}")
-    if saved != "stream":  # the resident and fast paths' order goes on from any position, on any ranks
-        return
-    if ckpt["world_size"] != world_size:
-        raise CheckpointError(f"{where} on {ckpt['world_size']} ranks; the stream path resumes mid-epoch on "
-                              f"the same number only (this run has {world_size})")
-    if world_size > 1 and ckpt.get("stream_deal", 1) != DEAL:  # one rank's deal never changed
-        raise CheckpointError(f"{where} on {world_size} ranks by an earlier tinyin, whose stream path dealt the "
-                              f"shards to ranks otherwise (deal {ckpt.get('stream_deal', 1)}, this one's is {DEAL}); "
-                              "finish that epoch with the tinyin that saved it, or start the run again")
-    if ckpt["batch_size"] != args.batch_size:  # the plan cuts its lanes into batches
-        raise CheckpointError(f"{where} with -b {ckpt['batch_size']}, whose order of the epoch -b "
-                              f"{args.batch_size} does not share; resume it with -b {ckpt['batch_size']}")
-    # The stream path plans max(LANES, workers) lanes (more workers than lanes would sit idle), so -j above
-    # LANES orders the epoch otherwise; the loader's default is 2 workers.
-    workers = [2 if w is None else w for w in (ckpt["args"].get("workers"), args.workers)]
-    if max(LANES, workers[0]) != max(LANES, workers[1]):
-        fits = f"-j {LANES} or fewer" if workers[0] <= LANES else f"-j {workers[0]}"
-        raise CheckpointError(f"{where} with -j {workers[0]}, whose order of the epoch -j {workers[1]} does not "
-                              f"share (the stream path reads max({LANES}, -j) shard groups side by side); "
-                              f"resume it with {fits}")
-
-
-def check_limit_batches(saved, args, path):
-    """CheckpointError unless this run caps its epochs at the checkpoint's --limit-batches (`saved`), or
-    only evaluates. A quick look resumed without it (tools/reproduce.py's rows share an --out with the
-    real run) mixed epochs of a few batches with whole ones in one run's metrics, and args.json, from
-    which `tinyin report` labels a run's epochs, named only the last command's."""
-    if saved == args.limit_batches or args.test_only:
-        return
-    said = lambda n: "no --limit-batches" if n is None else f"--limit-batches {n}"  # noqa: E731
-    fix = "without --limit-batches" if saved is None else f"with --limit-batches {saved}"
-    raise CheckpointError(f"{path}: made with {said(saved)}, this run has {said(args.limit_batches)}, and one run's "
-                          f"epochs must see the same batches; resume it {fix}, or use another --output-dir")
-
-
-def recipe_row(name, args):
-    """--recipe `name`'s flags for this run's --arch and --size, less its --epochs; {} for no recipe."""
-    row = dict(RECIPES.get(name, {}).get((args.arch, args.size), {}))
-    row.pop("epochs", None)
-    return row
-
-
-def check_recipe(saved_args, args, path):
-    """CheckpointError unless a training resume names the --recipe its checkpoint was made with (`saved_args`'
-    "recipe"; a checkpoint from before --recipe is not checked). Without it train.py's defaults came back
-    mid-run: a --recipe paper LeNet-5 resumed with the --norm half the norm check asks for trained on at -b 128
-    on a cosine schedule over 30 epochs, not at 32 with a constant lr for 40, and only a note about lr and wd."""
-    saved = saved_args.get("recipe")
-    if args.test_only or "recipe" not in saved_args or recipe_row(saved, args) == recipe_row(args.recipe, args):
-        return  # paper's 224 rows and paper-50's differ in their epochs only, which a resume may change
-    said = lambda r: f"--recipe {r}" if r else "no --recipe"  # noqa: E731
-    fix = f"with --recipe {saved}" if saved else "without --recipe"
-    raise CheckpointError(f"{path}: made with {said(saved)}, this run has {said(args.recipe)}, which changes its batch, "
-                          f"epochs, lr schedule or normalisation mid-run; resume it {fix}, or use another --output-dir")
-
-
-def check_norm(saved, args, path):
-    """CheckpointError unless this run normalises its inputs as the checkpoint's (`saved`) did, also under
-    --test-only (and there for --weights of a checkpoint too): the weights are for those inputs. A resume or evaluation without the --recipe the run was
-    made with (paper: --norm half for lenet5, imagenet for the others) took the default, the shards' own
-    statistics, without a word: training went on, or was scored, on inputs shifted and scaled otherwise."""
-    if saved is None or saved == args.norm:  # None: a checkpoint that does not say
-        return
-    raise CheckpointError(f"{path}: made with --norm {saved}, this run has --norm {args.norm}, and the weights are for "
-                          f"inputs normalised as they were trained; give --norm {saved}")
-
-
-#: What a training resume must keep of its checkpoint's run, beyond what is checked on its own (the identity,
-#: --recipe, --norm, --ema, --limit-batches): the flags that decide what is trained (the optimiser, the lr schedule,
-#: the loss, the augmentation and mixing) and what validation measures (--tta). Resumed with others, a run went on
-#: to another plan without a word, two plans in one metrics.jsonl and final.json and args.json naming the last.
-PLAN_FLAGS = ("lr", "momentum", "wd", "nesterov", "lr_scheduler", "warmup_epochs", "lr_step_size", "lr_gamma",
-              "label_smoothing", "augment", "mix", "mix_alpha", "mix_prob", "tta")
-
-
-def flag_text(dest, value):
-    """`dest` set to `value` as a command line says it: "--lr-scheduler step", "--no-tta"; '' for None
-    (--mix-alpha without --mix)."""
-    flag = "--" + dest.replace("_", "-")
-    if isinstance(value, bool):
-        return flag if value else f"--no-{flag[2:]}"
-    return "" if value is None else f"{flag} {value}"
-
-
-def saved_flags(saved_args, dests):
-    """A checkpoint's values (`saved_args`) of the flags `dests`; one it does not hold (an older train.py's)
-    at its default, which is what that run did."""
-    parser = get_args_parser()
-    return {k: saved_args.get(k, parser.get_default(k)) for k in dests}
-
-
-def check_plan(saved_args, args, path):
-    """CheckpointError unless a training resume has its checkpoint's `PLAN_FLAGS` (`saved_args`), given or
-    defaulted alike, as the other checks compare them; --test-only trains nothing and needs none."""
-    if args.test_only:
-        return
-    saved = saved_flags(saved_args, PLAN_FLAGS)
-    if saved["augment"] in (True, False):  # from before --augment took a name: a bare --augment was crop
-        saved["augment"] = "crop" if saved["augment"] else "none"
-    differ = [k for k in PLAN_FLAGS if saved[k] != getattr(args, k)]
-    if not differ:
-        return
-    said = lambda values: " ".join(filter(None, (flag_text(k, values[k]) for k in differ)))  # noqa: E731
-    raise CheckpointError(f"{path}: made with {said(saved)}, this run has {said(vars(args))}, and one run trains to "
-                          f"one plan; resume it with {said(saved)}, or use another --output-dir (--weights {path} "
-                          "starts a new run from its weights)")
-
-
-START_FLAGS = ("pretrained", "weights")  # where a run's weights came from, which `tinyin report` labels it by
-
-
-def keep_start(saved_args, args):
-    """Set `args`' START_FLAGS to the checkpoint's (`saved_args`): a resumed run goes on from its checkpoint's
-    weights, so it started where that run started, whatever the resume command names. args.json kept the
-    command's: a from-scratch run resumed with --weights FILE was reported "from FILE" beside the study's
-    fine-tuned rows. Returns the note to print when the command named another start ('' when it did not)."""
-    saved = saved_flags(saved_args, START_FLAGS)
-    named = {k: getattr(args, k) for k in START_FLAGS}
-    vars(args).update(saved)
-    if named == saved or not any(named.values()):  # the start not repeated: nothing of the command is dropped
-        return ""
-    said = f"--weights {named['weights']}" if named["weights"] else "--pretrained"
-    began = saved["weights"] or ("ImageNet weights" if saved["pretrained"] else "scratch")
-    return f"{said} not used: a resumed run goes on from its checkpoint's weights (the run started from {began})"
-
-
 def check_same_start(state, ckpt_path, args):
     """CheckpointError on every rank unless all ranks start from the same checkpoint step. Each rank
     finds --resume's file itself: where the nodes do not share --output-dir, `--resume auto` resumed
@@ -841,30 +622,6 @@ def check_same_start(state, ckpt_path, args):
         raise CheckpointError(f"--resume {args.resume}: rank 0 {said(0)}, rank {differs[0]} {said(differs[0])} "
                               f"(--output-dir {args.output_dir}): every node must read the same checkpoint, "
                               "from an --output-dir they share")
-
-
-def resume_path(args):
-    """The checkpoint --resume names: 'auto' = OUTPUT_DIR/checkpoint.pth if it exists."""
-    if args.resume == "auto":
-        path = os.path.join(args.output_dir, "checkpoint.pth")
-        return path if os.path.exists(path) else None
-    return args.resume
-
-
-def continue_command(args, world_size):
-    """The command line that resumes this run (printed when it is interrupted). A URL's password and
-    token show as `***` in it, as in every line printed: it goes to job logs, so it is not runnable
-    verbatim for such a URL, and a signed URL's token may have expired by the rerun anyway."""
-    argv, skip = [], False
-    for a in args.argv:  # drop --resume X and the hidden one-shot flags: --resume auto replaces them
-        if skip:
-            skip = False
-        elif a in DEBUG_ONCE:
-            skip = True
-        elif not a.startswith(tuple(f"{flag}=" for flag in DEBUG_ONCE)):
-            argv.append(a)
-    launcher = f"torchrun --nproc_per_node {world_size} train.py" if world_size > 1 else "python train.py"
-    return hide_password(f"{launcher} {shlex.join(argv + ['--resume', 'auto'])}")  # printed to a job's log
 
 
 # --- training ------------------------------------------------------------------------------

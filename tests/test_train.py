@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import train
-from pipeline import build_shards, make_loader, provenance, read_index, read_manifest
+from pipeline import build_shards, checkpoint, make_loader, provenance, read_index, read_manifest
 from pipeline.errors import run_cli
 from pipeline.order import epoch_order, step_seed
 from pipeline.synth import synthesize
@@ -186,7 +186,7 @@ def test_user_mistakes_are_one_line_errors_with_exit_code_1(train_shards, tiny_s
     assert error("--shards", train_shards, "--arch", "lenet5", "--output-dir", lenet, "--resume", "auto", "--seed", "7") == (
         1, f"error: {ckpt}: a checkpoint of another run (seed 0 there, 7 here); "
            "pass the flags it was made with, or another --output-dir\n")
-    there, here = (train.run_identity(train.parse_args(["--arch", "lenet5"]), read_manifest(s))["dataset"]
+    there, here = (checkpoint.run_identity(train.parse_args(["--arch", "lenet5"]), read_manifest(s))["dataset"]
                    for s in (train_shards, tiny_shards))
     assert (there[:10], here[:9]) == ("10 classes", "2 classes")
     assert error("--shards", tiny_shards, "--arch", "lenet5", "--resume", ckpt) == (
@@ -276,7 +276,7 @@ def test_test_only_refuses_a_checkpoint_of_other_classes(train_shards, tmp_path,
     base = ["--device", "cpu", "--arch", "lenet5", "--shards", train_shards, "--output-dir", tmp_path / "eval",
             "--test-only", "--limit-batches", "1"]
     assert cli(*base, "--weights", tmp_path / "run" / "best.pth") == 1
-    there, here = (train.classes_of(read_manifest(s)) for s in (other, train_shards))
+    there, here = (checkpoint.classes_of(read_manifest(s)) for s in (other, train_shards))
     assert there != here and capsys.readouterr().err == (
         f"error: --weights {tmp_path / 'run' / 'best.pth'}: trained on {there}, not these shards' {here}, and "
         "--test-only would score its outputs against other labels; give the shards it was trained on\n")
@@ -318,7 +318,8 @@ def test_lenet5_learns_and_writes_its_files(train_shards, tmp_path):
     env = json.loads((tmp_path / "env.json").read_text())
     assert env["torch"] == torch.__version__ and env["device"] == "cpu" and env["world_size"] == 1
     assert env["commit"] == provenance.commit() and env["gpu"] is None and env["cpu"]
-    assert env["dataset"] == train.run_identity(train.parse_args(["--arch", "lenet5"]), read_manifest(train_shards))["dataset"]
+    identity = checkpoint.run_identity(train.parse_args(["--arch", "lenet5"]), read_manifest(train_shards))
+    assert env["dataset"] == identity["dataset"]
     assert env["dataset"].startswith("10 classes (") and env["dataset"].endswith("), 1000 train")
     on_disk = json.loads((tmp_path / "final.json").read_text())
     assert on_disk == pytest.approx(final)
@@ -494,14 +495,14 @@ def test_a_mid_epoch_multi_rank_stream_checkpoint_of_the_earlier_deal_is_refused
     args = argparse.Namespace(data_path="stream", batch_size=16, workers=2)
     old = dict(args=dict(data_path="stream", workers=2), world_size=2, batch_size=16)
     with pytest.raises(train.CheckpointError) as e:
-        train.check_epoch_order(old, state, args, 2, "runs/x/checkpoint.pth")
+        checkpoint.check_epoch_order(old, state, args, 2, "runs/x/checkpoint.pth")
     assert str(e.value) == (
         "runs/x/checkpoint.pth: stopped mid-epoch (epoch 3 step 4) on 2 ranks by an earlier tinyin, whose stream "
         "path dealt the shards to ranks otherwise (deal 1, this one's is 2); finish that epoch with the tinyin "
         "that saved it, or start the run again")
-    train.check_epoch_order({**old, "stream_deal": 2}, state, args, 2, "runs/x/checkpoint.pth")
-    train.check_epoch_order({**old, "world_size": 1}, state, args, 1, "runs/x/checkpoint.pth")
-    train.check_epoch_order(old, train.RunState(epoch=3), args, 2, "runs/x/checkpoint.pth")  # at a boundary
+    checkpoint.check_epoch_order({**old, "stream_deal": 2}, state, args, 2, "runs/x/checkpoint.pth")
+    checkpoint.check_epoch_order({**old, "world_size": 1}, state, args, 1, "runs/x/checkpoint.pth")
+    checkpoint.check_epoch_order(old, train.RunState(epoch=3), args, 2, "runs/x/checkpoint.pth")  # at a boundary
 
 
 def test_ranks_that_find_different_checkpoints_are_refused(tiny_shards, tmp_path, monkeypatch, capsys):
@@ -864,7 +865,8 @@ def test_a_resume_without_the_runs_recipe_is_refused(tiny_shards, tmp_path, caps
     assert run(tiny_shards, tmp_path, "--arch", "lenet5", "--recipe", "paper", "--epochs", "2", "--resume", "auto")["epochs"] == 2
     # Table 3's rows of paper and paper-50 differ in their epochs only: a 10-epoch run may go on to 50 as either
     at_224 = train.parse_args(["--arch", "resnet18", "--size", "224"])
-    assert train.recipe_row("paper", at_224) == train.recipe_row("paper-50", at_224) != train.recipe_row(None, at_224) == {}
+    row = lambda recipe: checkpoint.recipe_row(recipe, at_224)  # noqa: E731
+    assert row("paper") == row("paper-50") != row(None) == {}
 
 
 def hold_lock(path):
@@ -945,7 +947,7 @@ def test_args_json_and_the_checkpoint_keep_no_password_or_token_of_a_shards_url(
     assert train.saved_args(args) == {"shards": "https://ann:***@host/tiny?sv=1&sig=***", "lr": 0.1,
                                       "argv": ["--shards", "https://ann:***@host/tiny?sv=1&sig=***", "--lr", "0.1"]}
     # Hidden in the line to rerun as well: rerun it with the password and a token (a new one if this expired).
-    assert train.continue_command(args, 1) == (
+    assert checkpoint.continue_command(args, 1) == (
         "python train.py --shards 'https://ann:***@host/tiny?sv=1&sig=***' --lr 0.1 --resume auto")
     assert args.shards == "https://ann:p%40ss@host/tiny?sv=1&sig=x"  # the run itself still logs in
 

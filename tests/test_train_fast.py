@@ -12,6 +12,7 @@ from torch import nn
 from test_train import _same_run, _shards, cli, read_jsonl, run, stop_at
 
 import train
+from pipeline import checkpoint
 from pipeline.mixing import cutmix_box, mix_batch, mix_generator
 from pipeline.report import render_table
 
@@ -507,11 +508,12 @@ def test_a_checkpoint_without_a_plan_flag_was_made_with_its_default():
     did), and its --augment was on or off (on: crop)."""
     args = flags("--augment")
     saved = {k: v for k, v in vars(args).items() if k not in ("mix_prob", "tta", "warmup_epochs")}
-    train.check_plan(dict(saved, augment=True), args, "old.pth")
+    parser = train.get_args_parser()  # its defaults stand for the flags a checkpoint lacks
+    checkpoint.check_plan(dict(saved, augment=True), args, "old.pth", parser)
     with pytest.raises(train.CheckpointError, match="^old.pth: made with --augment none, this run has --augment crop,"):
-        train.check_plan(dict(saved, augment=False), args, "old.pth")
+        checkpoint.check_plan(dict(saved, augment=False), args, "old.pth", parser)
     with pytest.raises(train.CheckpointError, match="^old.pth: made with --no-tta, this run has --tta,"):
-        train.check_plan(dict(saved, augment=True), flags("--augment", "--tta"), "old.pth")
+        checkpoint.check_plan(dict(saved, augment=True), flags("--augment", "--tta"), "old.pth", parser)
 
 
 # --- --time-budget -------------------------------------------------------------------------

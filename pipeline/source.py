@@ -147,6 +147,13 @@ def _follow_links(files, links):
     return out
 
 
+def _lost(hard_links):
+    """`{name: _Unreadable}` for the hard links `{name: target}` to no file or symbolic link before them, which
+    extracting the archive fails for ('Cannot hard link'): listed, reading one names it (one was skipped unsaid)."""
+    return {name: _Unreadable(f"a hard link to {target}, with no file or symbolic link of that name before it in the archive")
+            for name, target in hard_links.items()}
+
+
 def not_a_release(src):
     """The error of a folder or archive `src` that holds no wnids.txt."""
     return SourceError(f"{src}: missing {ROOT_MARKER} (not a Tiny ImageNet release)")
@@ -181,27 +188,32 @@ def _read_tar(path):
             data = gzip.decompress(data)
         if data[257:262] == b"ustar":
             try:
-                links = {}
-                files = files_in_tar(data, links)
-                return _follow_links({name.lstrip("./"): b for name, b in files.items()},
+                links, lost = {}, {}
+                files = files_in_tar(data, links, lost)
+                return _follow_links({name.lstrip("./"): b for name, b in {**_lost(lost), **files}.items()},
                                      {name.lstrip("./"): target for name, target in links.items()})
             except Unsupported:
                 pass  # an unusual member: tarfile reads the whole archive instead
         # bz2, xz, pre-POSIX tars, unusual members. Stream mode ('r|*'): one pass, no seeking.
-        files, links = {}, {}
+        files, links, lost = {}, {}, {}
         with tarfile.open(fileobj=io.BytesIO(data), mode="r|*") as tar:
             for member in tar:
+                name, target = member.name.lstrip("./"), member.linkname.lstrip("./")
                 if member.isfile():
-                    files[member.name.lstrip("./")] = tar.extractfile(member).read()
-                elif member.islnk() and member.linkname.lstrip("./") in files:  # a hard link: bytes stored before
-                    files[member.name.lstrip("./")] = files[member.linkname.lstrip("./")]
+                    files[name] = tar.extractfile(member).read()
+                elif member.islnk() and target in files:  # a hard link: bytes stored before
+                    files[name] = files[target]
+                elif member.islnk() and target in links:  # to a symbolic link: that link again (`files_in_tar`)
+                    links[name] = links[target]
+                elif member.islnk():
+                    lost[name] = member.linkname
                 elif member.issym():
-                    links[member.name.lstrip("./")] = member.linkname
+                    links[name] = member.linkname
             # tarfile stops as quietly at a header cut short as at the end-of-archive block it read whole.
             end = tar.fileobj.tell()  # bytes of tar read (decompressed)
             if end < tar.offset + BLOCK:
                 raise truncated(end)
-        return _follow_links(files, links)
+        return _follow_links({**_lost(lost), **files}, links)
     except (Broken, tarfile.TarError, OSError, EOFError, ValueError, zlib.error) as e:
         if str(e) == "empty file" and data:  # tarfile's word when no whole header came out (a cut .tar.bz2)
             e = "no tar data in it: truncated or corrupt"

@@ -17,7 +17,7 @@ BLOCK = 512
 REGULAR = (b"0", b"\0", b"7")  # tarfile's REGULAR_TYPES, less GNU sparse files ('S')
 HARD_LINK = b"1"  # a file named again: tar stores the bytes of hard-linked copies once, at the first
 SYMLINK = b"2"  # its target path, relative to the link's folder: the caller resolves it (`links`)
-SKIPPED = (HARD_LINK, b"3", b"4", b"5", b"6")  # hard links to no file before it, devices, folders, fifos
+SKIPPED = (b"3", b"4", b"5", b"6")  # devices, folders, fifos
 POSIX_MAGIC = b"ustar\x0000"
 
 
@@ -65,12 +65,15 @@ def truncated(end):
     return Broken(f"truncated: it ends at byte {end:,}, before tar's end-of-archive blocks")
 
 
-def files_in_tar(data, links=None):
+def files_in_tar(data, links=None, lost=None):
     """`{member name: bytes}` for the regular files of uncompressed tar `data` (bytes).
 
     Names are as `tarfile` gives them (ustar prefix joined, GNU long names and pax paths
     applied); a hard link to a file before it is that file's bytes again, as extracting it gives.
-    Symbolic links go into the dict `links` given, `{name: target}` (their target may come later).
+    Symbolic links go into the dict `links` given, `{name: target}` (their target may come later); a hard
+    link to a symbolic link before it is that link again (one inode: its target is read from the hard
+    link's folder, as extracting it makes it). A hard link to no file or symbolic link before it, which
+    extracting fails for, goes into the dict `lost` given, `{name: target}`.
     Raises `Unsupported` for members outside the formats above, `Broken` for damage
     (an archive without its end-of-archive blocks included: it was cut short).
     """
@@ -117,8 +120,13 @@ def files_in_tar(data, links=None):
         long_name = long_link = pax = None
         if kind in REGULAR and not (kind == b"\0" and name.endswith("/")):
             files[name] = data[start:start + size]
-        elif kind == HARD_LINK and target in files:  # skipped, it was a missing image (or in test/, a lost one)
+        elif kind == HARD_LINK and target in files:
             files[name] = files[target]
+        elif kind == HARD_LINK:  # each was skipped with no word: an image lost from the build
+            if links is not None and target in links:
+                links[name] = links[target]
+            elif lost is not None:
+                lost[name] = target
         elif kind == SYMLINK:
             if links is not None:
                 links[name] = target

@@ -1,5 +1,6 @@
 """pipeline.unpack against the references, tarfile and zipfile, on archives written in each
 format; unusual members read through the standard library; damage named."""
+import bz2
 import io
 import os
 import shutil
@@ -294,3 +295,28 @@ def test_a_symbolic_link_to_no_file_of_the_archive_is_named(tmp_path):
             with pytest.raises(SourceError) as caught:
                 files.read(name)
             assert str(caught.value) == f"{path}: cannot read {name} (a symbolic link to {target}, {why})"
+
+
+def test_a_hard_link_to_a_symbolic_link_or_to_nothing_is_not_skipped(tmp_path):
+    """A hard link to no file before it was skipped with no word. To a symbolic link (`ln` of a link, then
+    `tar -c`) it is that link again, its target read from the hard link's own folder, as `tar -x` makes it;
+    to no member before it (`tar --delete` of its file), where `tar -x` fails, it is listed and reading it
+    names it. Both readers: ours (.tar) and tarfile's (.tar.bz2)."""
+    members = [("r/wnids.txt", b"n01443537\n"), ("r/a/f", b"A"), ("r/b/f", b"B"),
+               ("r/a/s", Kind(tarfile.SYMTYPE, "f")), ("r/b/h", Kind(tarfile.LNKTYPE, "r/a/s")),
+               ("r/b/h2", Kind(tarfile.LNKTYPE, "r/b/h")), ("r/gone", Kind(tarfile.LNKTYPE, "r/none"))]
+    data = archive(tarfile.GNU_FORMAT, members)
+    links, lost = {}, {}
+    assert sorted(files_in_tar(data, links, lost)) == ["r/a/f", "r/b/f", "r/wnids.txt"]
+    assert links == {"r/a/s": "f", "r/b/h": "f", "r/b/h2": "f"} and lost == {"r/gone": "r/none"}
+    (tmp_path / "release.tar.bz2").write_bytes(bz2.compress(data))
+    for path in (tmp_path / "release.tar", tmp_path / "release.tar.bz2"):
+        if path.suffix == ".tar":
+            path.write_bytes(data)
+        files = open_release(path)
+        assert files.names() == ["a/f", "a/s", "b/f", "b/h", "b/h2", "gone", "wnids.txt"]
+        assert [files.read(name) for name in ("a/s", "b/h", "b/h2")] == [b"A", b"B", b"B"]
+        with pytest.raises(SourceError) as caught:
+            files.read("gone")
+        assert str(caught.value) == (f"{path}: cannot read gone (a hard link to r/none, with no file or symbolic "
+                                     "link of that name before it in the archive)")

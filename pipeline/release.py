@@ -200,13 +200,16 @@ def plan_release(files, split_seed=None, classes=None):
             key = _key(path, problems)
             if key is not None:
                 unlabeled.append(Item(key, "unlabeled", -1, "", None, path))
-    # val/ and test/ keep their images in images/ (val's labels name them there): one elsewhere would be
-    # left out with no word, so it is a problem (the build fails, or with --on-error skip lists it skipped).
+    # val/ and test/ keep their images in images/ (val's labels name them there), train/ in its class folders
+    # (the folder is the class): one elsewhere would be left out with no word, so it is a problem (the build
+    # fails, or with --on-error skip lists it skipped).
     read = ("val", "test") if classes is None else ("val",)  # a subset reads nothing of test/
     for name in files.names():
         top, _, rest = name.partition("/")
         if top in read and _is_image(name) and not rest.startswith("images/"):
             problems.append((name, f"outside {top}/images/, where the release keeps the {top} images"))
+        elif top == "train" and "/" not in rest and _is_image(name):
+            problems.append((name, "outside the class folders train/WNID/, where the release keeps the train images"))
     items = {"train": train, "val": val, "test": test, "unlabeled": unlabeled}
     seen = {}
     for item in train + val + test + unlabeled:

@@ -124,19 +124,23 @@ def test_every_image_file_the_studys_loader_reads_is_planned(release, tmp_path):
 def test_an_image_outside_the_layout_is_read_as_imagefolder_does_or_named(release, tmp_path):
     """An image beside train/W/images/ or in a folder within it was left out with no word (a class holding only
     such images failed as 'no images of class W'); the study's ImageFolder reads every image under a class
-    folder. One in val/ or test/ outside images/ has no place in the plan: it is named, not dropped unsaid."""
+    folder. One in val/ or test/ outside images/, or in train/ outside a class folder (ImageFolder reads none
+    such: it has no class), has no place in the plan: it is named, not dropped unsaid."""
     copy = shutil.copytree(release, tmp_path / "release")
     wnid = sorted((copy / "wnids.txt").read_text().split())[0]
     (copy / "train" / wnid / "images" / "more").mkdir()
     train = [f"train/{wnid}/beside_0.JPEG", f"train/{wnid}/images/more/within_1.JPEG"]
-    for name in train + ["val/stray_2.JPEG", "test/stray_3.JPEG"]:
+    for name in train + ["val/stray_2.JPEG", "test/stray_3.JPEG", "train/stray_4.JPEG"]:
         (copy / name).write_bytes(b"")
     plan = plan_release(open_release(copy))
     assert {it.path for it in plan.items["train"] if it.wnid == wnid}.issuperset(train)
     assert plan.problems == [("test/stray_3.JPEG", "outside test/images/, where the release keeps the test images"),
+                             ("train/stray_4.JPEG",
+                              "outside the class folders train/WNID/, where the release keeps the train images"),
                              ("val/stray_2.JPEG", "outside val/images/, where the release keeps the val images")]
     # a subset reads nothing of test/
-    assert [p for p, _ in plan_release(open_release(copy), classes=2).problems] == ["val/stray_2.JPEG"]
+    assert [p for p, _ in plan_release(open_release(copy), classes=2).problems] == ["train/stray_4.JPEG",
+                                                                                     "val/stray_2.JPEG"]
 
 
 def test_a_broken_link_to_a_list_of_a_folder_release_is_named(release, tmp_path):

@@ -1,4 +1,5 @@
 """The `tinyin` command line: thin click wrappers, each calling one library function."""
+import contextlib
 import json
 import re
 import sys
@@ -6,22 +7,40 @@ from pathlib import Path
 
 import click
 
-from .errors import TinyinError, hide_password, sigterm_interrupts, stop_code, user_errors
+from .errors import TinyinError, UsageError, hide_password, sigterm_interrupts, stop_code, user_errors
+
+# click's word that a group was called with no command (click 8.2+): it shows the group's help, as asked.
+_NO_COMMAND = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+@contextlib.contextmanager
+def _one_line():
+    """click's usage errors (a bad flag value, a missing flag) as tinyin's `UsageError`: one line, as train.py's
+    argparse ones are (click printed its usage and a hint above it: `--out FILE` was four lines), a URL's
+    password and token hidden in them and in click's other errors."""
+    try:
+        yield
+    except _NO_COMMAND:
+        raise
+    except click.UsageError as e:  # `error: Invalid value for '--out': Directory 'FILE' is a file.`
+        raise UsageError(hide_password(e.format_message())) from None
+    except click.ClickException as e:
+        e.message = hide_password(e.message)
+        raise
 
 
 class _Group(click.Group):
     """A click group whose commands report user-facing errors the way train.py does
-    (`errors.user_errors`: one line on stderr, exit code 2 for usage errors and 1 otherwise), and
-    stop on SIGTERM as on Ctrl-C, cleaning up on the way out (exit code 143). click's own errors
-    (a bad flag value) hide a URL's password and token as those do."""
+    (`errors.user_errors`: one line on stderr, exit code 2 for usage errors and 1 otherwise; click's own
+    too, `_one_line`), and stop on SIGTERM as on Ctrl-C, cleaning up on the way out (exit code 143)."""
+
+    def parse_args(self, ctx, args):  # the top group's own flags are parsed before any `invoke`
+        with user_errors(), _one_line():
+            return super().parse_args(ctx, args)
 
     def invoke(self, ctx):
-        with user_errors(), sigterm_interrupts():
-            try:
-                return super().invoke(ctx)
-            except click.ClickException as e:  # `Error: Invalid value for '--shards': Directory 'URL' ...`
-                e.message = hide_password(e.message)
-                raise
+        with user_errors(), sigterm_interrupts(), _one_line():
+            return super().invoke(ctx)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -402,9 +402,36 @@ def test_a_failure_in_a_late_shard_leaves_nothing(broken, tmp_path):
     assert list(tmp_path.iterdir()) == [broken]
 
 
+@pytest.mark.parametrize("args, flag, wrong", [
+    (["shard", "build", "--src", "R", "--out", "FILE"], "--out", "Directory '{}' is a file"),
+    (["data", "synth", "--out", "FILE"], "--out", "Directory '{}' is a file"),
+    (["data", "fetch", "--out", "FILE"], "--out", "Directory '{}' is a file"),
+    (["report", "DIR", "--out", "FILE"], "--out", "Directory '{}' is a file"),
+    (["shard", "inspect", "DIR", "--png", "DIR"], "--png", "File '{}' is a directory"),
+    (["bench", "loader", "--shards", "DIR", "--remote-only", "--json", "DIR"], "--json", "File '{}' is a directory"),
+    (["bench", "train", "--shards", "DIR", "--json", "DIR"], "--json", "File '{}' is a directory"),
+], ids=lambda v: "-".join(v[:2]) if isinstance(v, list) else None)
+def test_an_output_of_the_wrong_kind_is_one_line(tmp_path, args, flag, wrong):
+    """A file given for an output folder, a folder for an output file: click's usage and hint above the
+    error line, four lines, where every other mistake is one (train.py's argparse ones too)."""
+    (tmp_path / "file").write_bytes(b"")
+    paths = {"R": str(tmp_path), "FILE": str(tmp_path / "file"), "DIR": str(tmp_path)}
+    result = CliRunner().invoke(main, [paths.get(a, a) for a in args])
+    bad = paths[args[args.index(flag) + 1]]
+    assert (result.exit_code, result.output) == (2, f"error: Invalid value for '{flag}': {wrong.format(bad)}.\n")
+
+
+def test_clicks_usage_errors_are_one_line(tmp_path):
+    """Any flag, the top group's own too."""
+    for args, message in ((["--bogus"], "No such option '--bogus'."), (["shard", "build"], "Missing option '--src'."),
+                          (["shard", "bild"], "No such command 'bild'. Did you mean 'build'?")):
+        result = CliRunner().invoke(main, args)
+        assert (result.exit_code, result.output) == (2, f"error: {message}\n")
+
+
 def test_a_negative_split_seed_is_a_usage_error(release, tmp_path):
     code, output = build(release, tmp_path / "out", "--split-seed", "-1")
-    assert code == 2 and output.endswith("Invalid value for '--split-seed': -1 is not in the range x>=0.")
+    assert (code, output) == (2, "error: Invalid value for '--split-seed': -1 is not in the range x>=0.")
     assert not list(tmp_path.iterdir())
     with pytest.raises(UsageError) as e:  # the Python API too (numpy's ValueError, after the release was read)
         build_shards(release, tmp_path / "out", split_seed=-1, progress=False)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from . import reader
+from .errors import UsageError
 from .loader import make_loader
 from .provenance import commit
 from .reader import ShardArrays
@@ -34,6 +35,26 @@ from .shardset import open_shard_set
 SLOW = 50_000  # images/s below which a pass may stop mid-epoch (a full epoch would take minutes)
 FAST_PASS = 100_000  # fast loaders run whole epochs back to back until at least this many images
 PROBE_S = 0.5  # the warm-up pass that decides fast or slow lasts at least this long (see `_measure`)
+
+
+def check_images(images):
+    """--images of the bench commands and tools/bench_loader.py: a folder with train/ in it, which the
+    ImageFolder baseline reads (any other folder failed in torchvision with a traceback, after the rows
+    before it had run). One check, so that the command and the tool say the same. Returns `images`."""
+    if images is not None and not (Path(images) / "train").is_dir():
+        raise UsageError(f"--images {images}: no train/ folder; pass the extracted release (ROOT/train/WNID/images)")
+    return images
+
+
+def check_json(path):
+    """--json of the bench commands and tools/bench_loader.py: a file in a folder that is there. Written after
+    the measuring, a missing folder or a folder named was a traceback then, the rows left only on stdout.
+    Returns `path`."""
+    if path is not None and not Path(path).absolute().parent.is_dir():
+        raise UsageError(f"--json {path}: no folder {Path(path).parent} to write it in")
+    if path is not None and Path(path).is_dir():
+        raise UsageError(f"--json {path}: a folder; name a file in it to write the rows in")
+    return path
 
 
 def _time_pass(make_iter, first_epoch, min_images, stop_mid_epoch, min_seconds=0.0):

@@ -192,24 +192,22 @@ def bench():
 
 
 def _release_root(ctx, param, value):
-    """--images of the bench commands: a folder with train/ in it, which the ImageFolder baseline reads
-    (any other folder failed in torchvision with a traceback, after the rows before it had run)."""
-    if value is not None and not (Path(value) / "train").is_dir():
-        raise click.BadParameter(f"{value} has no train/ folder; pass the extracted release (ROOT/train/WNID/images)")
-    return value
+    """--images of the bench commands: `bench.check_images`, as tools/bench_loader.py checks it."""
+    from .bench import check_images
+
+    return check_images(value)
 
 
 def _json_file(ctx, param, value):
-    """--json of the bench commands: a file in a folder that is there. Written after the measuring, a
-    missing folder was a FileNotFoundError traceback then, the rows left only on stdout."""
-    if value is not None and not Path(value).absolute().parent.is_dir():
-        raise click.BadParameter(f"{value}: no folder {Path(value).parent} to write it in")
-    return value
+    """--json of the bench commands: `bench.check_json`, as tools/bench_loader.py checks it."""
+    from .bench import check_json
+
+    return check_json(value)
 
 
 @bench.command("loader")
 @click.option("--shards", required=True, type=click.Path(exists=True, file_okay=False), help="Shard folder.")
-@click.option("--images", default=None, type=click.Path(exists=True, file_okay=False), callback=_release_root, help="The extracted release (ROOT/train is read by the ImageFolder baseline); required unless --remote-only.")
+@click.option("--images", default=None, type=click.Path(), metavar="DIRECTORY", callback=_release_root, help="The extracted release (ROOT/train is read by the ImageFolder baseline); required unless --remote-only.")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1))
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="DataLoader workers for the baseline and the stream path.")
 @click.option("--passes", default=5, show_default=True, type=click.IntRange(1), help="Timed passes per loader (median reported).")
@@ -217,7 +215,7 @@ def _json_file(ctx, param, value):
 @click.option("--device", default="cpu", show_default=True, help="Device for the resident path (and the 224 row on CUDA).")
 @click.option("--remote", is_flag=True, help="Also serve the shards on loopback HTTP: rows for curl's rate (the ceiling), a cold fetch into the cache, and the stream path.")
 @click.option("--remote-only", is_flag=True, help="Only the loopback-HTTP rows of --remote (curl, fetch, stream; no --images).")
-@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), callback=_json_file, help="Also write the rows as JSON.")
+@click.option("--json", "json_path", default=None, type=click.Path(), metavar="FILE", callback=_json_file, help="Also write the rows as JSON.")
 def bench_loader_cmd(shards, images, batch_size, workers, passes, pass_images, device, remote, remote_only, json_path):
     """Images/s of the ImageFolder+PIL baseline and tinyin's loaders, side by side."""
     from .bench import bench_loader, bench_remote, format_table, planned_rows
@@ -256,7 +254,7 @@ def _csv(kind):
 
 @bench.command("train")
 @click.option("--shards", required=True, type=click.Path(exists=True, file_okay=False), help="Shard folder.")
-@click.option("--images", default=None, type=click.Path(exists=True, file_okay=False), callback=_release_root, help="An extracted release (ROOT/train), for feed d [default: none, feed d off].")
+@click.option("--images", default=None, type=click.Path(), metavar="DIRECTORY", callback=_release_root, help="An extracted release (ROOT/train), for feed d [default: none, feed d off].")
 @click.option("--arch", default=None, callback=_csv(str), help="Networks, comma-separated [default: all four].")
 @click.option("--size", default=None, callback=_csv(int), help="Input sizes, comma-separated (28, 64, 224) [default: all the zoo allows].")
 @click.option("--batch", default="study,256", show_default=True, callback=_csv(str), help="Batch sizes; 'study' is the row's batch in the study.")
@@ -267,7 +265,7 @@ def _csv(kind):
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(1), help="Steps per timed window.")
 @click.option("--windows", default=3, show_default=True, type=click.IntRange(3), help="Timed windows (median reported).")
 @click.option("--workers", default=None, type=click.IntRange(0), help="DataLoader workers of feed d [default: every core].")
-@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), callback=_json_file, help="Also write command, environment and rows as JSON.")
+@click.option("--json", "json_path", default=None, type=click.Path(), metavar="FILE", callback=_json_file, help="Also write command, environment and rows as JSON.")
 def bench_train_cmd(shards, images, arch, size, batch, feeds, compile_, device, warmup, steps, windows, workers, json_path):
     """Images/s of complete SGD steps per network, fed by the ceiling, tinyin's loaders and the study's pipeline."""
     import torch

@@ -103,9 +103,8 @@ def test_images_without_a_train_folder_is_a_usage_error(shards, tmp_path, comman
     from pipeline.cli import main
 
     result = CliRunner().invoke(main, ["bench", command, "--shards", str(shards), "--images", str(tmp_path)])
-    assert result.exit_code == 2
-    assert (f"Invalid value for '--images': {tmp_path} has no train/ folder; pass the extracted release "
-            "(ROOT/train/WNID/images)") in result.output
+    assert (result.exit_code, result.output) == (
+        2, f"error: --images {tmp_path}: no train/ folder; pass the extracted release (ROOT/train/WNID/images)\n")
 
 
 def _run_tool(monkeypatch, script, *argv):
@@ -151,6 +150,22 @@ def test_bench_loader_script_on_an_archive_of_no_release_is_one_line(monkeypatch
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 
+@pytest.mark.parametrize("flag, value", [("--images", "{tmp}"), ("--images", "{tmp}/none"), ("--images", "{tmp}/file"),
+                                         ("--json", "{tmp}/no/rows.json"), ("--json", "{tmp}")])
+def test_the_bench_command_and_tool_name_a_mistake_alike(monkeypatch, capsys, shards, release, tmp_path, flag, value):
+    """`tinyin bench loader` and tools/bench_loader.py checked --images and --json each in its own words: one
+    mistake, two messages (`Invalid value for '--json': File 'DIR' is a directory.`, `--json DIR: a folder; ...`)."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    (tmp_path / "file").write_bytes(b"")
+    args = ["--shards", str(shards), "--images", str(release), flag, value.format(tmp=tmp_path)]
+    result = CliRunner().invoke(main, ["bench", "loader", *args])
+    assert (_run_tool(monkeypatch, "bench_loader.py", *args).code, capsys.readouterr().err) == (2, result.output)
+    assert result.exit_code == 2 and result.output.startswith(f"error: {flag} {value.format(tmp=tmp_path)}: ")
+
+
 @pytest.mark.parametrize("tool, args, code, message", [
     ("bench_build.py", ["--src", "{shards}"], 1, "{shards}: missing wnids.txt (not a Tiny ImageNet release)"),
     ("bench_build.py", ["--src", "{shards}", "--repeat", "0"], 2, "argument --repeat: must be at least 1, not 0"),
@@ -184,9 +199,8 @@ def test_bench_json_in_no_folder_is_refused_before_measuring(shards, tmp_path, c
     from pipeline.cli import main
 
     result = CliRunner().invoke(main, ["bench", command, "--shards", str(shards), "--json", str(tmp_path / "no" / "r.json")])
-    assert result.exit_code == 2
-    assert f"Invalid value for '--json': {tmp_path / 'no' / 'r.json'}: no folder {tmp_path / 'no'} to write it in" \
-        in result.output
+    assert (result.exit_code, result.output) == (
+        2, f"error: --json {tmp_path / 'no' / 'r.json'}: no folder {tmp_path / 'no'} to write it in\n")
 
 
 def test_bench_build_stopped_by_sigterm_removes_its_temporary_build(release, tmp_path):

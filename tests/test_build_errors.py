@@ -408,17 +408,20 @@ def test_a_failure_in_a_late_shard_leaves_nothing(broken, tmp_path):
     (["data", "fetch", "--out", "FILE"], "--out", "Directory '{}' is a file"),
     (["report", "DIR", "--out", "FILE"], "--out", "Directory '{}' is a file"),
     (["shard", "inspect", "DIR", "--png", "DIR"], "--png", "File '{}' is a directory"),
-    (["bench", "loader", "--shards", "DIR", "--remote-only", "--json", "DIR"], "--json", "File '{}' is a directory"),
-    (["bench", "train", "--shards", "DIR", "--json", "DIR"], "--json", "File '{}' is a directory"),
+    (["bench", "loader", "--shards", "DIR", "--remote-only", "--json", "DIR"], "--json", ""),
+    (["bench", "train", "--shards", "DIR", "--json", "DIR"], "--json", ""),
 ], ids=lambda v: "-".join(v[:2]) if isinstance(v, list) else None)
 def test_an_output_of_the_wrong_kind_is_one_line(tmp_path, args, flag, wrong):
     """A file given for an output folder, a folder for an output file: click's usage and hint above the
-    error line, four lines, where every other mistake is one (train.py's argparse ones too)."""
+    error line, four lines, where every other mistake is one (train.py's argparse ones too). The bench
+    commands' --json in tools/bench_loader.py's words (`bench.check_json`)."""
     (tmp_path / "file").write_bytes(b"")
     paths = {"R": str(tmp_path), "FILE": str(tmp_path / "file"), "DIR": str(tmp_path)}
     result = CliRunner().invoke(main, [paths.get(a, a) for a in args])
     bad = paths[args[args.index(flag) + 1]]
-    assert (result.exit_code, result.output) == (2, f"error: Invalid value for '{flag}': {wrong.format(bad)}.\n")
+    message = (f"Invalid value for '{flag}': {wrong.format(bad)}." if wrong else
+               f"--json {bad}: a folder; name a file in it to write the rows in")
+    assert (result.exit_code, result.output) == (2, f"error: {message}\n")
 
 
 def test_clicks_usage_errors_are_one_line(tmp_path):

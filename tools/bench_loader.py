@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.bench import bench_loader, format_table, planned_rows  # noqa: E402
+from pipeline.bench import bench_loader, check_images, check_json, format_table, planned_rows  # noqa: E402
 from pipeline.build import build_shards  # noqa: E402
 from pipeline.device import check_device  # noqa: E402
 from pipeline.errors import UsageError, run_cli, sigterm_interrupts, stop_code  # noqa: E402
@@ -63,10 +63,7 @@ def main():
         if getattr(args, flag) < low:
             raise UsageError(f"argument --{flag.replace('_', '-')}: must be at least {low}, not {getattr(args, flag)}")
     check_device(args.device)  # found by the resident row, after the baseline's minutes
-    if args.json and not Path(args.json).absolute().parent.is_dir():  # found after the measuring: a traceback
-        raise UsageError(f"--json {args.json}: no folder {Path(args.json).parent} to write it in")
-    if args.json and Path(args.json).is_dir():  # as `tinyin bench loader` refuses it: IsADirectoryError at the end
-        raise UsageError(f"--json {args.json}: a folder; name a file in it to write the rows in")
+    check_json(args.json)  # as `tinyin bench loader` checks it
     if (args.shards is None or args.images is None) and not Path(args.src).exists():
         sys.exit(f"error: {args.src}: not found (pass --src)")  # as tools/bench_build.py says it
     tmp = Path(tempfile.mkdtemp(prefix="tinyin-bench-loader-"))
@@ -79,8 +76,7 @@ def main():
         if images is None:
             src = Path(args.src)
             images = src if src.is_dir() else extract(src, tmp / "images")
-        if not (Path(images) / "train").is_dir():  # found by torchvision, a traceback, after the build
-            raise UsageError(f"--images {images}: no train/ folder; pass the extracted release (ROOT/train/WNID/images)")
+        check_images(images)  # as `tinyin bench loader` checks it
         with sigterm_interrupts() as stopped_by:  # SIGTERM ends the table early, as Ctrl-C does: the rows so far are kept
             rows = bench_loader(shards, images, batch_size=args.batch_size, workers=args.workers, passes=args.passes,
                                 device=args.device, remote=args.remote, log=lambda m: print(m, file=sys.stderr))

@@ -107,8 +107,10 @@ FORK_WARNING = r"This process \(pid=\d+\) is multi-threaded, use of fork\(\) may
 
 
 # OSErrors that the machine, not the code, causes: a full disk, missing permission, a read-only file
-# system, a file where a folder should be. Other OSErrors keep their traceback: they may be bugs.
-ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR}
+# system, a file where a folder should be, a name longer than the file system takes (a `--out` pasted
+# wrong). Other OSErrors keep their traceback: they may be bugs.
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR,
+                      errno.ENAMETOOLONG}
 # Those of a write to a folder this process may only read (a read-only mount, another user's folder).
 READ_ONLY_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM}
 

@@ -424,6 +424,15 @@ def test_an_output_of_the_wrong_kind_is_one_line(tmp_path, args, flag, wrong):
     assert (result.exit_code, result.output) == (2, f"error: {message}\n")
 
 
+@pytest.mark.parametrize("args", [["shard", "build", "--src", "R", "--out", "LONG", "--quiet"],
+                                  ["data", "synth", "--out", "LONG"]], ids=lambda args: "-".join(args[:2]))
+def test_an_output_name_too_long_for_the_file_system_is_one_line(tmp_path, args):
+    """It was OSError's traceback, `[Errno 36] File name too long`."""
+    long = tmp_path / ("a" * 300)
+    result = CliRunner().invoke(main, [{"R": str(tmp_path), "LONG": str(long)}.get(a, a) for a in args])
+    assert (result.exit_code, result.output) == (1, f"error: File name too long: {long}\n")
+
+
 def test_clicks_usage_errors_are_one_line(tmp_path):
     """Any flag, the top group's own too."""
     for args, message in ((["--bogus"], "No such option '--bogus'."), (["shard", "build"], "Missing option '--src'."),

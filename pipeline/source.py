@@ -199,10 +199,9 @@ def _read_tar(path):
         with tarfile.open(fileobj=io.BytesIO(data), mode="r|*") as tar:
             for member in tar:
                 name, target = member.name.lstrip("./"), member.linkname.lstrip("./")
-                if member.isfile():
-                    files[name] = tar.extractfile(member).read()
-                elif member.islnk() and target in files:  # a hard link: bytes stored before
-                    files[name] = files[target]
+                if member.isfile() or member.islnk() and target in files:  # a hard link: bytes stored before
+                    files[name] = tar.extractfile(member).read() if member.isfile() else files[target]
+                    links.pop(name, None)  # over a symbolic link before it (`tar -r`): extracting leaves the file
                 elif member.islnk() and target in links:  # to a symbolic link: that link again (`files_in_tar`)
                     links[name] = links[target]
                 elif member.islnk():

@@ -118,10 +118,11 @@ def files_in_tar(data, links=None, lost=None):
             name = pax.get("path", name)
             target = pax.get("linkpath", target)
         long_name = long_link = pax = None
-        if kind in REGULAR and not (kind == b"\0" and name.endswith("/")):
-            files[name] = data[start:start + size]
-        elif kind == HARD_LINK and target in files:
-            files[name] = files[target]
+        is_file = kind in REGULAR and not (kind == b"\0" and name.endswith("/"))
+        if is_file or kind == HARD_LINK and target in files:
+            files[name] = data[start:start + size] if is_file else files[target]
+            if links:  # over a symbolic link before it (`tar -r` of a real copy): extracting leaves the file
+                links.pop(name, None)
         elif kind == HARD_LINK:  # each was skipped with no word: an image lost from the build
             if links is not None and target in links:
                 links[name] = links[target]

@@ -320,3 +320,18 @@ def test_a_hard_link_to_a_symbolic_link_or_to_nothing_is_not_skipped(tmp_path):
             files.read("gone")
         assert str(caught.value) == (f"{path}: cannot read gone (a hard link to r/none, with no file or symbolic "
                                      "link of that name before it in the archive)")
+
+
+def test_a_file_appended_over_a_symbolic_link_is_read_as_extracting_gives(tmp_path):
+    """`tar -r` of a real copy in place of a symbolic link (or a hard link of that name to a file): extracting
+    leaves the last member, the file, but the link was read (its target's bytes, silently another image)."""
+    members = [("r/wnids.txt", b"n01443537\n"), ("r/a", b"A"), ("r/b", b"B"),
+               ("r/s", Kind(tarfile.SYMTYPE, "a")), ("r/h", Kind(tarfile.SYMTYPE, "a")),
+               ("r/s", b"S"), ("r/h", Kind(tarfile.LNKTYPE, "r/b"))]
+    data = archive(tarfile.GNU_FORMAT, members)
+    (tmp_path / "release.tar").write_bytes(data)
+    (tmp_path / "release.tar.bz2").write_bytes(bz2.compress(data))
+    for path in (tmp_path / "release.tar", tmp_path / "release.tar.bz2"):
+        files = open_release(path)
+        assert {name: files.read(name) for name in files.names()} == {
+            "wnids.txt": b"n01443537\n", "a": b"A", "b": b"B", "s": b"S", "h": b"B"}

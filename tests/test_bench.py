@@ -125,6 +125,13 @@ def test_bench_loader_script_without_the_release_is_one_line(monkeypatch, tmp_pa
     assert _run_tool(monkeypatch, "bench_loader.py", "--src", missing).code == f"error: {missing}: not found (pass --src)"
 
 
+def test_bench_loader_script_checks_images_before_the_build(monkeypatch, capsys, release, tmp_path):
+    """--images with no train/ was found after the build of --src (a minute on the real release)."""
+    assert _run_tool(monkeypatch, "bench_loader.py", "--src", release, "--images", tmp_path).code == 2
+    assert capsys.readouterr().err == (f"error: --images {tmp_path}: no train/ folder; pass the extracted release "
+                                       "(ROOT/train/WNID/images)\n")
+
+
 def test_bench_loader_script_on_a_folder_that_is_no_set_is_one_line(monkeypatch, capsys, release, tmp_path):
     """It was a ShardError traceback."""
     assert _run_tool(monkeypatch, "bench_loader.py", "--shards", tmp_path, "--images", release).code == 1

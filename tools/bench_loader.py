@@ -64,6 +64,7 @@ def main():
             raise UsageError(f"argument --{flag.replace('_', '-')}: must be at least {low}, not {getattr(args, flag)}")
     check_device(args.device)  # found by the resident row, after the baseline's minutes
     check_json(args.json)  # as `tinyin bench loader` checks it
+    check_images(args.images)  # before the build of --src, as the command does (found after it, the build was lost)
     if (args.shards is None or args.images is None) and not Path(args.src).exists():
         sys.exit(f"error: {args.src}: not found (pass --src)")  # as tools/bench_build.py says it
     tmp = Path(tempfile.mkdtemp(prefix="tinyin-bench-loader-"))

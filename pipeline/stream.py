@@ -25,226 +25,33 @@ Two inputs:
   demand the manifest: a `pipe:` list is for shards reached only through a command (`aws s3 cp`,
   `gsutil cat`), where the manifest may not be reachable the same way. There is no checksum to
   compare against: pass the set's location instead of a URL list to get one.
+
+Two modules beside this one: `stream_plan` (the epoch plan), `stream_read` (one shard read
+whole and checked, and the read buffers reused). Here: the workers' part of the plan (`_Lanes`),
+their shared-memory batch buffers (`_ring_buffers`), their signals and the source itself.
 """
 import contextlib
-import http.client
-import mmap
 import multiprocessing
 import numbers
 import os
 import signal
-import tarfile
 import threading
-import time
-import urllib.error
-import urllib.request
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .errors import FORK_WARNING, ShardError, signals_deferred
-from .reader import _strided_view
-from .schema import CLS, MEMBERS, VARIANTS
-from .shardset import ShardSet, http_request, is_url, missing_error, names_a_tar, open_shard_set
+from .schema import VARIANTS
+from .shardset import ShardSet, is_url, missing_error, names_a_tar, open_shard_set
 from .stream_plan import LANES, MIX, plan_epoch
-from .tarshard import BLOCK, NPY_HEADERS
+from .stream_read import (Shard, adopt_read_buffers, describe_error, load_group, recycle_buffers,
+                          shared_read_buffers)
 
-RETRIES = 3  # reads of a shard before its error is final (a cut connection, a short or bad transfer)
-BACKOFF_S = 0.2  # first wait between reads, doubled each time
 RING = 4  # shared-memory batch buffers a worker reuses (DataLoader holds 2 in flight per worker)
-MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux's value; Python 3.11's mmap does not name it
-
-
-# --- reading one shard whole --------------------------------------------------------------------
-class Shard(NamedTuple):
-    """What a worker needs to read and slice one shard."""
-
-    url: str  # path, fsspec URL or `pipe:` command
-    count: int
-    entry: dict = None  # the manifest entry (bytes, checksums) of a shard set; None for a URL list
-    offsets: np.ndarray = None  # the variant's byte offsets from the index; None: read the layout
-    labels: np.ndarray = None
-    keys: list = None
-
-
-def read_whole(url, storage_options=None):
-    """A shard's bytes in one sequential read. FileNotFoundError when it is not there."""
-    if url.startswith("pipe:"):
-        # webdataset only here and for brace patterns: training from a shard folder needs neither,
-        # and the lent GPU machine's image has no webdataset.
-        import webdataset as wds
-
-        with wds.gopen(url, "rb") as stream:  # closing checks the command's exit status
-            return stream.read()
-    if url.startswith(("http://", "https://")) and not storage_options:
-        return _read_http(url)
-    if is_url(url):
-        import fsspec
-
-        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-        return fs.cat_file(path)
-    return Path(url).read_bytes()
-
-
-def _read_http(url):
-    """GET `url` into one buffer of its Content-Length. Why not fsspec here: its aiohttp client
-    measured 450-570 MB/s on loopback at twice the CPU, urllib's `readinto` 800 MB/s, as fast as
-    curl; on 2 cores that CPU is what the gather and the server need."""
-    try:
-        response = urllib.request.urlopen(http_request(url), timeout=60)
-    except urllib.error.HTTPError as e:
-        if e.code == 404:
-            raise FileNotFoundError(url) from None
-        raise
-    with response:
-        size = response.length
-        if size is None:  # no Content-Length (chunked): the size check catches a short body
-            return response.read()
-        view, got = _buffer(size), 0
-        try:
-            while got < size:
-                n = response.readinto(view[got:])
-                if not n:
-                    break
-                got += n
-        except http.client.IncompleteRead:
-            pass
-        if got < size:
-            _SPARE.append(view.obj)
-            raise ShardError(f"{url}: transfer broke off after {got:,} of {size:,} bytes")
-    return view
-
-
-# Read buffers of groups already sliced, reused for the next shards of this process: a fresh
-# 169 MB buffer costs its pages' faults and zeroing (the larger part of a worker's system time).
-# A worker also starts with its slots of the source's pool (`_pool`), so its epochs reuse them.
-_SPARE = []
-_SPARE_LOCK = threading.Lock()  # epochs read in two threads of one process (two in-process loaders) share it
-
-
-def _buffer(size):
-    """A writable memoryview of `size` bytes over a spare read buffer if one is large enough."""
-    with _SPARE_LOCK:
-        for i, spare in enumerate(_SPARE):
-            if len(spare) >= size:
-                return memoryview(_SPARE.pop(i))[:size]
-    return memoryview(bytearray(size))
-
-
-def _release(group):
-    """Give a sliced group's read buffers back for reuse (only those `_buffer` handed out)."""
-    with _SPARE_LOCK:
-        _SPARE.extend(d.obj for d in group.data
-                      if isinstance(d, memoryview) and isinstance(d.obj, (bytearray, mmap.mmap)))
-
-
-def _pool(shards, workers, lanes, mix):
-    """Per worker, read buffers in memory shared with this process (anonymous MAP_SHARED maps,
-    inherited by the forked workers), as many as a worker holds at once: its lanes' groups in use
-    and the next one read, of `mix` shards each. Workers start fresh every epoch; fresh buffers
-    made the kernel fault in and zero every byte read again, 2-2.5 CPU-s/GB on this VM, where
-    the pool's pages, touched in the first epoch, stay resident (for the life of the source).
-    None for a URL list (shard sizes unknown) or no workers (the process keeps its `_SPARE`)."""
-    if not workers or any(s.entry is None for s in shards):
-        return None
-    size = max(s.entry["bytes"] for s in shards)
-    slots = (-(-lanes // workers) + 1) * mix
-    return [[mmap.mmap(-1, size) for _ in range(slots)] for _ in range(workers)]
-
-
-def _why(error):
-    """A short description of a read error for a one-line message."""
-    why = error.strerror if isinstance(error, OSError) and error.strerror else (str(error) or "")
-    return f"{type(error).__name__}: {why}" if why else type(error).__name__
-
-
-def read_checked(shard, variant, shard_set=None, storage_options=None, retries=RETRIES, backoff=BACKOFF_S):
-    """`(data, offsets, labels, keys)` of `shard`, read whole and checked: against the manifest
-    (size, then sum64, by `shard_set.check_bytes`) or, for a URL list, against its own layout.
-    A failed read is tried again, `retries` reads in all; then the last failure is a ShardError."""
-    for attempt in range(retries):
-        try:
-            data = read_whole(shard.url, storage_options)
-            if shard.entry is None:
-                return (data, *read_layout(data, shard, variant))
-            shard_set.check_bytes(shard.entry, data, shard.url)
-            return data, shard.offsets, shard.labels, shard.keys
-        except FileNotFoundError:
-            raise missing_error(shard.url) from None  # asking again will not make it appear
-        except ShardError as e:  # short or corrupt: a transfer can go wrong, read it again
-            error = e
-        except Exception as e:  # a connection cut mid-transfer, a failing command, ...
-            error = ShardError(f"{shard.url}: unreadable shard ({_why(e)})")
-        if attempt + 1 < retries:
-            time.sleep(backoff * 2 ** attempt)
-    raise error
-
-
-def read_layout(data, shard, variant):
-    """Offsets of `variant`, labels and keys of a shard held in memory, without an index.
-
-    The first sample's four tar headers give the stride; the shard must be exactly `count`
-    samples of it plus the end-of-archive blocks, and every sample must carry the same member
-    names and `.npy` header at the same places.
-    """
-    url, count = shard.url, shard.count
-    at, members = 0, []
-    try:
-        for _ in MEMBERS:
-            info = tarfile.TarInfo.frombuf(bytes(data[at:at + BLOCK]), "ascii", "surrogateescape")
-            members.append((info.name, at + BLOCK, info.size))
-            at += BLOCK + -(-info.size // BLOCK) * BLOCK
-    except tarfile.TarError as e:
-        raise ShardError(f"{url}: not a tinyin shard ({e})") from None
-    stride, expected = at, count * at + 2 * BLOCK
-    if len(data) != expected:
-        raise ShardError(f"{url}: {len(data):,} bytes, {count} samples take {expected:,} (truncated or not this shard)")
-    rows = np.frombuffer(data, np.uint8, count * stride).reshape(count, stride)
-    member, shape = VARIANTS[variant]
-    found = {name.split(".", 1)[-1]: (pos, size) for name, pos, size in members}
-    if set(found) != set(MEMBERS):
-        raise ShardError(f"{url}: not a tinyin shard (members {sorted(found)})")
-    header, (pos, _) = np.frombuffer(NPY_HEADERS[member], np.uint8), found[member]
-    names = [bytes(r).rstrip(b"\0").decode("ascii", "replace") for r in rows[:, :100]]
-    keys = [n.split(".", 1)[0] for n in names]
-    if (not np.array_equal(rows[:, pos:pos + len(header)], np.broadcast_to(header, (count, len(header))))
-            or any(n != f"{k}.{MEMBERS[0]}" for n, k in zip(names, keys))):
-        raise ShardError(f"{url}: samples are not evenly spaced (not written by tinyin shard build)")
-    cls_at = found[CLS][0]
-    try:
-        labels = np.array([int(bytes(r).rstrip(b"\0")) for r in rows[:, cls_at:cls_at + 16]], np.int64)
-    except ValueError:
-        raise ShardError(f"{url}: a sample's {CLS} is not a number") from None
-    return np.arange(count, dtype=np.int64) * stride + pos + len(header), labels, keys
-
-
-class Group(NamedTuple):
-    """The shards of one group in memory, in split order: each shard's images as a strided numpy
-    (n, bytes per image) view of its raw bytes (no copy), with labels, keys and first split position."""
-
-    views: list
-    labels: list
-    keys: list
-    first_ids: np.ndarray
-    data: list  # the raw shard buffers under `views`
-
-
-def load_group(shards, first_ids, variant, shard_set=None, storage_options=None):
-    """Read and check the shards of one group and view their images in place."""
-    size = int(np.prod(VARIANTS[variant][1]))
-    views, labels, keys, raw = [], [], [], []
-    for shard in shards:
-        data, offsets, shard_labels, shard_keys = read_checked(shard, variant, shard_set, storage_options)
-        views.append(_strided_view(np.frombuffer(data, np.uint8), offsets, size, shard.url))
-        labels.append(np.asarray(shard_labels, np.int64))
-        keys.append(shard_keys)
-        raw.append(data)
-    return Group(views, labels, keys, np.asarray(first_ids, np.int64), raw)
 
 
 # --- workers ------------------------------------------------------------------------------------
@@ -368,16 +175,18 @@ class _Lanes(IterableDataset):
     """Carries out an EpochPlan: worker w gathers the chunks of lanes w, w + workers, ... in
     order, reading each group's shards in a background thread one group ahead. Items are
     (seq, worker, slot, images, labels, keys): images None when they are in ring slot `slot` of
-    `rings[worker]` (`_ring_buffers`), labels an int64 array; `free[w]` takes back worker w's slots."""
+    `rings[worker]` (`_ring_buffers`), labels an int64 array; `free[w]` takes back worker w's slots.
+    read_buffers[w]: worker w's slots of `shared_read_buffers` (None: each worker makes its own)."""
 
-    def __init__(self, plan, shards, variant, shard_set, storage_options, batch_size, free=None, buffers=None, rings=None):
+    def __init__(self, plan, shards, variant, shard_set, storage_options, batch_size, free=None, read_buffers=None,
+                 rings=None):
         self.plan, self.shards, self.variant, self.batch_size = plan, shards, variant, batch_size
-        self.shard_set, self.storage_options, self.free, self.buffers = shard_set, storage_options, free, buffers
-        self.rings = rings
+        self.shard_set, self.storage_options, self.free = shard_set, storage_options, free
+        self.read_buffers, self.rings = read_buffers, rings
         self.first_ids = np.concatenate([[0], np.cumsum([s.count for s in shards])]).astype(np.int64)
 
     def __getstate__(self):  # maps do not pickle: a spawned (not forked) worker reads into its own buffers
-        return {**self.__dict__, "buffers": None}
+        return {**self.__dict__, "read_buffers": None}
 
     def _load(self, g):
         numbers = sorted(self.plan.groups[g])  # in split order, so `_gather` can search first_ids
@@ -387,13 +196,8 @@ class _Lanes(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        if self.buffers:
-            for buffer in self.buffers[worker]:
-                # Map all its pages in one call: a new worker would otherwise fault on each 4 KiB page
-                # of the (already resident) pool as it reads, 0.6-0.7 of its CPU-s per epoch here.
-                with contextlib.suppress(OSError):  # kernels before 5.14 do not know the advice
-                    buffer.madvise(MADV_POPULATE_WRITE)
-            _SPARE[:0] = self.buffers[worker]
+        if self.read_buffers:
+            adopt_read_buffers(self.read_buffers[worker])
         chunks = [c for c in self.plan.chunks if c.lane % workers == worker]
         needed = list(dict.fromkeys(c.group for c in chunks))  # groups in order of first use
         last_use = {c.group: i for i, c in enumerate(chunks)}
@@ -401,12 +205,12 @@ class _Lanes(IterableDataset):
         shape = VARIANTS[self.variant][1]
         row_bytes = int(np.prod(shape))
         ring = _Ring(self.free[worker], self.rings[worker]) if info is not None else None
-        pool, loads = ThreadPoolExecutor(1, thread_name_prefix="tinyin-read"), {}
+        read_ahead, loads = ThreadPoolExecutor(1, thread_name_prefix="tinyin-read"), {}
         try:
             for i, chunk in enumerate(chunks):
                 for g in needed[:needed.index(chunk.group) + ahead]:
                     if g not in loads and last_use[g] >= i:
-                        loads[g] = pool.submit(self._load, g)
+                        loads[g] = read_ahead.submit(self._load, g)
                 group = loads[chunk.group].result()
                 slot, out = ring.take(len(chunk.ids)) if ring else (None, torch.empty((len(chunk.ids), row_bytes),
                                                                                       dtype=torch.uint8))
@@ -414,15 +218,15 @@ class _Lanes(IterableDataset):
                 images = None if slot is not None else out.view(len(chunk.ids), *shape)
                 yield chunk.seq, worker, slot, images, labels, keys
                 if last_use[chunk.group] == i:  # sliced: its buffers serve the next reads
-                    _release(loads.pop(chunk.group).result())
+                    recycle_buffers(loads.pop(chunk.group).result())
                     del group
             return
         except ShardError as e:
             failure = _Failure(str(e))
         except Exception as e:  # a bug rather than a bad shard: still one line, naming what was read
-            failure = _Failure(f"{self.shards[self.plan.groups[chunk.group][0]].url}: cannot slice ({_why(e)})")
+            failure = _Failure(f"{self.shards[self.plan.groups[chunk.group][0]].url}: cannot slice ({describe_error(e)})")
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            read_ahead.shutdown(wait=True, cancel_futures=True)
         # Yielded with the error dropped: a frame suspended holding it (in `e`, or through a future in
         # `loads`) sits in the error's own traceback, a cycle only the cyclic GC frees, on whichever
         # thread it runs, the read thread included, which cannot join itself.
@@ -444,11 +248,12 @@ class StreamSource:
     - drop_last=False: every sample exactly once, in nb = ceil(max_rank_samples / batch_size)
       batches. A rank with enough samples for nb batches yields full ones and a short last one; a
       rank with fewer spreads its samples evenly over the nb batches (sizes differ by at most 1).
-    A shard that is missing, short, corrupt or cut off mid-transfer is read again (`RETRIES`)
-    and then named in a ShardError; an epoch never ends short.
-    With workers, the source keeps their read and batch buffers from its first epoch on (`_pool`,
-    `_ring_buffers`): (lanes per worker + 1) x mix shards per worker, about 1.4 GB for 2 workers
-    over 169 MB shards, held for the life of the source so that every epoch reuses the same pages.
+    A shard that is missing, short, corrupt or cut off mid-transfer is read again
+    (`stream_read.RETRIES`) and then named in a ShardError; an epoch never ends short.
+    With workers, the source keeps their read and batch buffers from its first epoch on
+    (`shared_read_buffers`, `_ring_buffers`): (lanes per worker + 1) x mix shards per worker,
+    about 1.4 GB for 2 workers over 169 MB shards, held for the life of the source so that every
+    epoch reuses the same pages.
     """
 
     def __init__(self, shards, variant="rgb64", batch_size=256, shuffle=True, seed=0, epoch=0, drop_last=False,
@@ -502,7 +307,8 @@ class StreamSource:
                 beside, self._busy = self._busy, True
                 pool, rings = self._pool, self._rings
                 if self.workers and (beside or pool is None):
-                    pool = _pool(self.shards, self.workers, max(self.lanes, self.workers), self.mix) or []
+                    lanes = max(self.lanes, self.workers)  # as planned
+                    pool = shared_read_buffers(self.shards, self.workers, lanes, self.mix) or []
                     rows = min(self.batch_size, sum(s.count for s in self.shards))  # no batch holds more
                     rings = _ring_buffers(self.workers, rows, int(np.prod(VARIANTS[self.variant][1])))
                     if not beside:
@@ -519,8 +325,9 @@ class StreamSource:
             # thread before any of our code, and a worker only reads, gathers with numpy (no BLAS) and allocates
             # tensors; it never calls pyarrow or tqdm. Spawned or forkserver workers would dodge the threads but
             # cost 4.4-6.4 s per loader start (train and val, every epoch) against 0.5-0.8 s forked (val split, 2
-            # workers, load 7), lose the shared read buffers (`_pool`), and a forkserver's is not this process's
-            # child (`_exit_on_sigterm_from`). So the warning is silenced here, for 3.12 test runs and -W default.
+            # workers, load 7), lose the shared read buffers (`shared_read_buffers`), and a forkserver's is not
+            # this process's child (`_exit_on_sigterm_from`). So the warning is silenced here, for 3.12 test runs
+            # and -W default.
             # And fork is asked for, not taken from multiprocessing's default: Python 3.14 makes that forkserver
             # on Linux (as does a program's own set_start_method), and the workers lost all of the above.
             with _sigint_deferred(), _sigterm_blocked(), warnings.catch_warnings():

@@ -102,7 +102,7 @@ def signals_deferred(signals=(signal.SIGINT, signal.SIGTERM)):
 
 
 #: Python 3.12+'s DeprecationWarning at a fork of a process with threads, which the shard build's
-#: and the stream path's worker forks silence (`build._run_tasks` and `stream.StreamSource.__iter__` say why).
+#: and the stream path's worker forks silence (`build._run_tasks` and `stream_workers.FORK` say why).
 FORK_WARNING = r"This process \(pid=\d+\) is multi-threaded, use of fork\(\) may lead to deadlocks"
 
 

@@ -26,17 +26,15 @@ Two inputs:
   `gsutil cat`), where the manifest may not be reachable the same way. There is no checksum to
   compare against: pass the set's location instead of a URL list to get one.
 
-Two modules beside this one: `stream_plan` (the epoch plan), `stream_read` (one shard read
-whole and checked, and the read buffers reused). Here: the workers' part of the plan (`_Lanes`),
-their shared-memory batch buffers (`_ring_buffers`), their signals and the source itself.
+Three modules beside this one: `stream_plan` (the epoch plan), `stream_read` (one shard read
+whole and checked, and the read buffers reused), `stream_workers` (how the worker processes start
+and stop: fork, signals). Here: the workers' part of the plan (`_Lanes`), their shared-memory
+batch buffers (`_ring_buffers`) and the source itself.
 """
-import contextlib
 import multiprocessing
 import numbers
 import os
-import signal
 import threading
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -44,79 +42,21 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .errors import FORK_WARNING, ShardError, signals_deferred
+from .errors import ShardError
 from .schema import VARIANTS
 from .shardset import ShardSet, is_url, missing_error, names_a_tar, open_shard_set
 from .stream_plan import LANES, MIX, plan_epoch
 from .stream_read import (Shard, adopt_read_buffers, describe_error, load_group, recycle_buffers,
                           shared_read_buffers)
+from .stream_workers import FORK, ignore_sigterm_but_the_parents, starting_workers
 
 RING = 4  # shared-memory batch buffers a worker reuses (DataLoader holds 2 in flight per worker)
 
 
 # --- workers ------------------------------------------------------------------------------------
 def _as_is(item):
+    """collate_fn: an item as the worker made it (the default would copy labels into new shared memory)."""
     return item
-
-
-#: The workers' start method (`StreamSource.__iter__` says why fork), where the platform has it.
-_FORK = multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
-
-
-def _ignore_sigterm_but_the_parents(worker_id):
-    """worker_init_fn: a worker ignores SIGTERM unless its own main process sends it.
-
-    A preemption signals every process of the job at once (`kill -TERM -PGID`, Slurm, a scheduler).
-    torch's worker handler died of it, and torch's SIGCHLD handler then raised "DataLoader worker
-    ... is killed by signal" in the main process, in the middle of a step (a crash that lost every
-    step since the last checkpoint) or, if it came to be handled only as the epoch's generator was
-    being finalised, as an "Exception ignored" traceback. Stopping is the main process's job
-    (train.py's StopSignals): it finishes the step, checkpoints and shuts the workers down as it
-    does after any epoch. A SIGTERM from the main process itself (torch's terminate() of a worker
-    slow to stop, multiprocessing's at exit) still ends the worker quietly, as torch's handler does
-    (not SIG_IGN: multiprocessing's exit joins the workers it terminates, and would wait forever).
-    Why a thread: a Python handler is not told the sender, so SIGTERM is blocked in every thread
-    of the worker (threads started later, and `pipe:` commands, inherit the mask: a command reads
-    on and ends with the worker's pipe) and taken by `sigwaitinfo`, which is.
-    """
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # already, from the fork (_sigterm_blocked)
-    if signal.SIGINT in _held_sigint:  # forked while `_sigint_deferred` held Ctrl-C back: the process's own
-        signal.signal(signal.SIGINT, _held_sigint[signal.SIGINT])
-    threading.Thread(target=_exit_on_sigterm_from, args=(os.getppid(),), name="tinyin-sigterm", daemon=True).start()
-
-
-@contextlib.contextmanager
-def _sigterm_blocked():
-    """SIGTERM blocked in this thread meanwhile; one that arrives is delivered after (a fork inherits
-    the mask, so a worker is never without its SIGTERM rule, from its first instruction on)."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-_held_sigint = {}  # while `_sigint_deferred` holds Ctrl-C back: {SIGINT: the handler it stands in for}
-
-
-@contextlib.contextmanager
-def _sigint_deferred():
-    """`errors.signals_deferred` for Ctrl-C, around the start of the workers: torch's DataLoader
-    iterator, interrupted there, is left half made and cannot shut down the workers it had started:
-    one idled for the life of the process, holding the source's shared read buffers (1.3 GB on the
-    real train split). A worker forked meanwhile gets the real handler back (`_ignore_sigterm_but_the_parents`)."""
-    with signals_deferred((signal.SIGINT,)) as standing_in:
-        _held_sigint.update(standing_in)
-        try:
-            yield
-        finally:
-            _held_sigint.clear()
-
-
-def _exit_on_sigterm_from(parent):
-    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
-        pass
-    os._exit(0)  # what torch's handler does for its parent's SIGTERM: no error for the SIGCHLD handler
 
 
 class _Failure:
@@ -315,26 +255,11 @@ class StreamSource:
                         self._pool, self._rings = pool, rings
             dataset = _Lanes(self.plan, self.shards, self.variant, self.shard_set, self.storage_options,
                              self.batch_size, free, pool, rings)
-            # collate_fn: items as the workers made them (the default would copy labels into new shared memory).
-            # SIGTERM blocked: the workers fork with it blocked, none dies of one before its init runs.
-            # Forked, as torch does on Linux: Python 3.12 warns that the process has threads. Found at train.py's
-            # forks (torch 2.11): numpy's OpenBLAS server, pyarrow's jemalloc thread and 2 Arrow pool threads (the
-            # index read), tqdm's monitor (the epoch bar) and torch's OpenMP (GNU libgomp) worker, all idle. The
-            # one real hazard is libgomp: a forked child that runs a parallel torch op after the parent used the
-            # pool hangs for good (measured: with 2 threads it hangs, with 1 it runs); torch's worker loop sets 1
-            # thread before any of our code, and a worker only reads, gathers with numpy (no BLAS) and allocates
-            # tensors; it never calls pyarrow or tqdm. Spawned or forkserver workers would dodge the threads but
-            # cost 4.4-6.4 s per loader start (train and val, every epoch) against 0.5-0.8 s forked (val split, 2
-            # workers, load 7), lose the shared read buffers (`shared_read_buffers`), and a forkserver's is not
-            # this process's child (`_exit_on_sigterm_from`). So the warning is silenced here, for 3.12 test runs
-            # and -W default.
-            # And fork is asked for, not taken from multiprocessing's default: Python 3.14 makes that forkserver
-            # on Linux (as does a program's own set_start_method), and the workers lost all of the above.
-            with _sigint_deferred(), _sigterm_blocked(), warnings.catch_warnings():
-                warnings.filterwarnings("ignore", FORK_WARNING, DeprecationWarning)
+            # Forked, whatever multiprocessing's default, each worker with its SIGTERM rule (`stream_workers`).
+            with starting_workers():
                 chunks = (iter(DataLoader(dataset, batch_size=None, num_workers=self.workers, persistent_workers=False,
-                                          collate_fn=_as_is, worker_init_fn=_ignore_sigterm_but_the_parents,
-                                          multiprocessing_context=_FORK))
+                                          collate_fn=_as_is, worker_init_fn=ignore_sigterm_but_the_parents,
+                                          multiprocessing_context=FORK))
                           if self.workers else iter(dataset))
             yield from self._batches(chunks, free, rings)
         finally:

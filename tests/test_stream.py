@@ -502,7 +502,7 @@ def test_early_stop_releases_workers(shards):
 
 def test_the_workers_are_forked_without_python_3_12s_thread_warning(shards, fork_warns_as_on_3_12):
     """Python 3.12 warns (DeprecationWarning) at each worker's fork that the process has threads (numpy's,
-    pyarrow's, tqdm's, torch's OpenMP pool: harmless to the workers, see `StreamSource.__iter__`): in every
+    pyarrow's, tqdm's, torch's OpenMP pool: harmless to the workers, see `stream_workers.FORK`): in every
     3.12 test run's summary, and on stderr of a train.py --data-path stream run with -W default. Here
     os.fork warns as 3.12's does, on any Python."""
     import warnings
@@ -562,13 +562,13 @@ def test_a_worker_sent_sigterm_before_its_init_runs_does_not_die(shards, monkeyp
     own handler first), one signalled by another process died of it (once in a suite run under load)."""
     import pipeline.stream
 
-    go, real_init = multiprocessing.Event(), pipeline.stream._ignore_sigterm_but_the_parents
+    go, real_init = multiprocessing.Event(), pipeline.stream.ignore_sigterm_but_the_parents
 
     def late_init(worker_id):  # inherited by the fork: the worker waits here, before the real init
         go.wait(30)
         real_init(worker_id)
 
-    monkeypatch.setattr(pipeline.stream, "_ignore_sigterm_but_the_parents", late_init)
+    monkeypatch.setattr(pipeline.stream, "ignore_sigterm_but_the_parents", late_init)
     expected = _epoch(stream_from_set(shards, "train", batch_size=16, workers=0))
     source, got = stream_from_set(shards, "train", batch_size=16, workers=2), []
     reader = threading.Thread(target=lambda: got.append(_epoch(source)))
@@ -592,7 +592,7 @@ def test_a_ctrl_c_as_the_workers_start_stops_them(shards, monkeypatch):
     later epoch made and faulted in new ones). The Ctrl-C now comes once the workers have started."""
     import pipeline.stream
 
-    start, init, handler = multiprocessing.process.BaseProcess.start, pipeline.stream._ignore_sigterm_but_the_parents, \
+    start, init, handler = multiprocessing.process.BaseProcess.start, pipeline.stream.ignore_sigterm_but_the_parents, \
         signal.getsignal(signal.SIGINT)
     started, seen = [], multiprocessing.SimpleQueue()
 
@@ -606,7 +606,7 @@ def test_a_ctrl_c_as_the_workers_start_stops_them(shards, monkeypatch):
         init(worker_id)
         seen.put(signal.getsignal(signal.SIGINT) is handler)
 
-    monkeypatch.setattr(pipeline.stream, "_ignore_sigterm_but_the_parents", init_and_tell)
+    monkeypatch.setattr(pipeline.stream, "ignore_sigterm_but_the_parents", init_and_tell)
     monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", start_then_interrupt)
     expected = _epoch(stream_from_set(shards, "train", batch_size=16, workers=0))
     source = stream_from_set(shards, "train", batch_size=16, workers=2)

@@ -59,17 +59,24 @@ def _open(data, name):
         raise ImageError(f"{name}: corrupt or truncated {kind} ({e})") from None
 
 
-def decode_variants(data, name):
-    """Return `(rgb64, gray28)` uint8 arrays (64x64x3, 28x28) for JPEG bytes; ImageError if unusable."""
+def decode_images(data, name):
+    """Return `(rgb64, gray28)` PIL images (modes RGB and L) for JPEG bytes; ImageError if unusable."""
     rgb, mode = None, _plain_mode(data)
     if mode is not None:
         try:
-            rgb = Image.frombytes(mode, SIZE, data, "jpeg", mode, "").convert("RGB")
+            rgb = Image.frombytes(mode, SIZE, data, "jpeg", mode, "")
+            if mode != "RGB":  # `convert` into the image's own mode is a copy
+                rgb = rgb.convert("RGB")
         except (OSError, ValueError):
             pass  # damaged data: Image.open below says how
     if rgb is None:
         rgb = _open(data, name)
-    gray = rgb.resize((28, 28), Image.BILINEAR).convert("L")
+    return rgb, rgb.resize((28, 28), Image.BILINEAR).convert("L")
+
+
+def decode_variants(data, name):
+    """Return `(rgb64, gray28)` uint8 arrays (64x64x3, 28x28) for JPEG bytes; ImageError if unusable."""
+    rgb, gray = decode_images(data, name)
     # Read-only views of the pixels' bytes: half the cost of np.asarray, which copies them twice.
     return (np.frombuffer(rgb.tobytes(), np.uint8).reshape(64, 64, 3),
             np.frombuffer(gray.tobytes(), np.uint8).reshape(28, 28))

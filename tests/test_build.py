@@ -21,12 +21,15 @@ import webdataset as wds
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.build import _byte_histogram, _plan_tasks, _run_tasks, build_shards
+from pipeline import build
+from pipeline.build import _byte_histogram, _plan_tasks, _run_tasks, build_shards, histograms
 from pipeline.cli import main
 from pipeline.errors import SourceError
 from pipeline.index import read_index, read_manifest
-from pipeline.release import plan_release
+from pipeline.release import Item, plan_release
 from pipeline.source import open_release
+from pipeline.tarshard import write_shard
+from pipeline.variants import decode_variants
 from tests.conftest import SHARD_SIZE, SYNTH
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,6 +86,33 @@ def test_byte_histogram_counts_every_value_at_any_length():
     values = np.random.default_rng(0).integers(0, 256, 4097, dtype=np.uint8)
     for n in (0, 1, 2, 3, 4096, 4097):
         assert _byte_histogram(values[:n]).tolist() == np.bincount(values[:n], minlength=256).tolist()
+
+
+def test_a_shard_of_several_chunks_is_its_images_one_by_one(tmp_path, monkeypatch):
+    """The worker decodes a chunk of images at a time (into strips); the shard and its histograms are what
+    each image's own decode gives, across chunks, a chunk of only unusable images and a last partial one."""
+    monkeypatch.setattr(build, "CHUNK", 4)
+    rng = np.random.default_rng(0)
+    entries = []
+    for i in range(14):
+        pixels = rng.integers(0, 256, (64, 64, 3), np.uint8)
+        img = Image.fromarray(pixels).convert("L" if i % 5 == 0 else "RGB")
+        buf = io.BytesIO()
+        img.save(buf, "JPEG" if i % 3 else "PNG")  # a PNG takes Image.open
+        data = buf.getvalue() if i not in (4, 5, 6, 7, 12) else b"not an image"
+        entries.append((Item(f"k_{i}", "train", i % 3, f"n{i}", (1, 2, 3, 4) if i % 2 else None, f"a/k_{i}.JPEG"), data))
+    result = build._write_one_shard(str(tmp_path / "s.tar"), "train", entries, "skip")
+    kept = [(item, decode_variants(data, item.path)) for item, data in entries if data != b"not an image"]
+    meta = [json.dumps({"wnid": it.wnid, "split": "train", "box": list(it.box) if it.box else None,
+                        "source": it.path.rsplit("/", 1)[-1]}, separators=(",", ":")).encode() for it, _ in kept]
+    expected = write_shard(tmp_path / "expected.tar", [(it.key, rgb, gray, it.label, m)
+                                                        for (it, (rgb, gray)), m in zip(kept, meta)])
+    assert (tmp_path / "s.tar").read_bytes() == (tmp_path / "expected.tar").read_bytes()
+    assert (result["sha256"], result["bytes"], result["offsets"]) == expected
+    assert result["rows"] == [it for it, _ in kept]
+    assert [s["source"] for s in result["skipped"]] == [f"a/k_{i}.JPEG" for i in (4, 5, 6, 7, 12)]
+    rgb_hist, gray_hist = histograms([rgb for _, (rgb, _) in kept], [gray for _, (_, gray) in kept])
+    assert result["rgb_hist"].tolist() == rgb_hist.tolist() and result["gray_hist"].tolist() == gray_hist.tolist()
 
 
 def test_train_samples_are_byte_exact_with_labels_from_folders(release, shards):

@@ -208,22 +208,26 @@ def _run_tasks(files, tasks, tmp, workers, on_error, progress):
                              initargs=(counter, stop, os.getpid())) as pool, \
             tqdm(total=total, unit="img", desc="build", disable=not progress) as bar:
         try:
-            futures = []
-            for name, split, items in tasks:
+            # The longest shards first, the shorter ones (val and test of the real release) last: they fill in
+            # beside the last long one, where in release order `unlabeled` came last, one worker writing it alone
+            # while the others waited (~0.7 s of a build on 2 cores).
+            futures = {}  # task index -> future, in submission order
+            for i in sorted(range(len(tasks)), key=lambda j: -len(tasks[j][2])):
+                name, split, items = tasks[i]
                 entries = [(it, files.read(it.path)) for it in items]
                 with signals_deferred(), warnings.catch_warnings():  # the first submit forks the workers
                     warnings.filterwarnings("ignore", FORK_WARNING, DeprecationWarning)
-                    futures.append(pool.submit(_write_one_shard, str(tmp / name), split, entries, on_error))
+                    futures[i] = pool.submit(_write_one_shard, str(tmp / name), split, entries, on_error)
                 # A folder is read here, as its shards are handed out: from a slow disk, most of the build.
                 bar.update(counter.value - bar.n)
-            pending = set(futures)
+            pending = set(futures.values())
             while pending:
                 with signals_deferred():  # for at most its timeout
                     done, pending = wait(pending, timeout=0.25, return_when=FIRST_EXCEPTION)
                 bar.update(counter.value - bar.n)
                 # In submission order, not the set's: when several shards failed by the time this thread
                 # woke (a full disk fails them all), the one named is the first, on every run.
-                for f in futures:
+                for f in futures.values():
                     if f in done and f.exception() is not None:
                         raise f.exception()
         except BaseException:  # a failed shard, Ctrl-C: drop the queued shards, wait only for those in hand
@@ -233,7 +237,7 @@ def _run_tasks(files, tasks, tmp, workers, on_error, progress):
             pool.shutdown(cancel_futures=True)
             raise
         bar.update(total - bar.n)
-    return [f.result() for f in futures]
+    return [futures[i].result() for i in range(len(tasks))]
 
 
 def build_shards(src, out, workers=None, shard_size=10000, split_seed=None, on_error="fail", progress=True,

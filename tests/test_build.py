@@ -115,6 +115,26 @@ def test_a_shard_of_several_chunks_is_its_images_one_by_one(tmp_path, monkeypatc
     assert result["rgb_hist"].tolist() == rgb_hist.tolist() and result["gray_hist"].tolist() == gray_hist.tolist()
 
 
+def test_the_longest_shards_are_handed_out_first_and_returned_in_task_order(release, tmp_path, monkeypatch):
+    """A short shard handed out last fills in beside the last long one; handed out last, a long one was
+    written by one worker alone while the others waited."""
+    submitted = []
+
+    class Recording(build.ProcessPoolExecutor):
+        def submit(self, fn, path, *args, **kwargs):
+            submitted.append(Path(path).name)
+            return super().submit(fn, path, *args, **kwargs)
+
+    monkeypatch.setattr(build, "ProcessPoolExecutor", Recording)
+    files = open_release(release)
+    items = plan_release(files).items["val"]
+    tasks = [("a.tar", "val", items[:1]), ("b.tar", "val", items[:3]), ("c.tar", "val", items[1:3]),
+             ("d.tar", "val", items[3:6])]
+    results = _run_tasks(files, tasks, tmp_path, 1, "fail", progress=False)
+    assert submitted == ["b.tar", "d.tar", "c.tar", "a.tar"]
+    assert [r["rows"] for r in results] == [items[:1], items[:3], items[1:3], items[3:6]]
+
+
 def test_train_samples_are_byte_exact_with_labels_from_folders(release, shards):
     wnids = sorted((release / "wnids.txt").read_text().split())
     samples = read_samples(shards, "train")

@@ -6,6 +6,7 @@ import os
 import shutil
 import stat
 import subprocess
+import threading
 import tarfile
 import zipfile
 from dataclasses import dataclass
@@ -335,3 +336,84 @@ def test_a_file_appended_over_a_symbolic_link_is_read_as_extracting_gives(tmp_pa
         files = open_release(path)
         assert {name: files.read(name) for name in files.names()} == {
             "wnids.txt": b"n01443537\n", "a": b"A", "b": b"B", "s": b"S", "h": b"B"}
+
+
+def rewritten(data, at, field, value):
+    """`data` with header field `field` (a slice) of the header at byte `at` set to `value`, its checksum made good."""
+    data = bytearray(data)
+    data[at + field.start:at + field.stop] = value
+    data[at + 148:at + 156] = b" " * 8
+    data[at + 148:at + 156] = b"%06o\0 " % sum(data[at:at + 512])
+    return bytes(data)
+
+
+def test_full_width_name_link_and_prefix_fields_are_read_whole():
+    """A ustar name or link name of exactly 100 bytes and a prefix of exactly 155 fill their fields with no
+    NUL after them: each is read to the field's end, as tarfile reads it."""
+    name100 = "tiny-imagenet-200/" + "n" * 82
+    prefixed = "tiny-imagenet-200/" + "d" * 137 + "/f.JPEG"  # split as a 155-byte prefix and 'f.JPEG'
+    data = archive(tarfile.USTAR_FORMAT, [(name100, b"full name"), (prefixed, b"full prefix"),
+                                          ("tiny-imagenet-200/hard", Kind(tarfile.LNKTYPE, name100))])
+    assert len(name100) == 100 and data.index(b"d" * 137) + 137 - data.index(b"tiny-imagenet-200/d") == 155
+    assert files_in_tar(data) == reference(data) == {name100: b"full name", prefixed: b"full prefix",
+                                                      "tiny-imagenet-200/hard": b"full name"}
+
+
+def test_an_old_style_folder_is_no_file():
+    """A pre-POSIX tar marks a folder as a regular file ('\\0') whose name ends in '/': tarfile reads a folder."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        info = tarfile.TarInfo("tiny-imagenet-200/old-folder/")
+        info.type = tarfile.AREGTYPE
+        tar.addfile(info)
+        tar.addfile(tarfile.TarInfo("tiny-imagenet-200/old-folder/empty"), io.BytesIO(b""))
+    data = buf.getvalue()
+    assert data[156:157] == b"\0"
+    assert files_in_tar(data) == reference(data) == {"tiny-imagenet-200/old-folder/empty": b""}
+
+
+def test_members_this_reader_would_misread_are_left_to_tarfile(tmp_path):
+    """A pax sparse file (its bytes are a sparse map, then data), a base-256 size: Unsupported, and tarfile
+    reads the archive."""
+    sparse = tarfile.TarInfo("tiny-imagenet-200/sparse")
+    stored = b"1\n0\n10\n".ljust(512, b"\0") + b"s" * 10  # sparse format 1.0: the map, then the data
+    sparse.size, sparse.pax_headers = len(stored), {"GNU.sparse.major": "1", "GNU.sparse.minor": "0",
+                                                    "GNU.sparse.name": "tiny-imagenet-200/sparse",
+                                                    "GNU.sparse.realsize": "10"}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(tarfile.TarInfo("tiny-imagenet-200/wnids.txt"), io.BytesIO(b""))
+        tar.addfile(sparse, io.BytesIO(stored))
+    gnu = archive(tarfile.GNU_FORMAT, [("tiny-imagenet-200/wnids.txt", b""), ("tiny-imagenet-200/a", b"abc")])
+    at = gnu.index(b"tiny-imagenet-200/a")
+    cases = {"pax-sparse": buf.getvalue(), "base-256": rewritten(gnu, at, slice(124, 136), b"\x80" + (3).to_bytes(11, "big"))}
+    for name, data in cases.items():
+        with pytest.raises(Unsupported):
+            files_in_tar(data)
+        assert released(tmp_path / f"{name}.tar", data) == reference(data), name
+    assert reference(cases["pax-sparse"])["tiny-imagenet-200/sparse"] == b"s" * 10
+    assert reference(cases["base-256"])["tiny-imagenet-200/a"] == b"abc"
+
+
+def test_a_pax_record_of_length_zero_is_broken():
+    """A record's length counts from its own first byte: 0 (or less) never moves on, and the parse looped forever."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("tiny-imagenet-200/wnids.txt")
+        info.pax_headers = {"comment": "x"}
+        tar.addfile(info, io.BytesIO(b""))
+    data = bytearray(buf.getvalue())
+    record = data.index(b"13 comment=x\n")
+    data[record:record + 13] = b"0 comment=xx\n"
+    result = []
+
+    def parse():
+        try:
+            files_in_tar(bytes(data))
+        except Broken as e:
+            result.append(str(e))
+    thread = threading.Thread(target=parse, daemon=True)  # a daemon: a loop that never ends must not hold the run
+    thread.start()
+    thread.join(10)
+    assert result == ["invalid pax header"]
+

@@ -17,8 +17,9 @@ BLOCK = 512
 REGULAR = (b"0", b"\0", b"7")  # tarfile's REGULAR_TYPES, less GNU sparse files ('S')
 HARD_LINK = b"1"  # a file named again: tar stores the bytes of hard-linked copies once, at the first
 SYMLINK = b"2"  # its target path, relative to the link's folder: the caller resolves it (`links`)
-SKIPPED = (b"3", b"4", b"5", b"6")  # devices, folders, fifos
+SKIPPED = (b"3", b"4", b"5", b"6", b"D")  # devices, folders, fifos, GNU dumpdirs (`tar -G`: a folder and its listing)
 POSIX_MAGIC = b"ustar\x0000"
+GNU_MAGIC = b"ustar  \0"
 
 
 class Unsupported(Exception):
@@ -109,8 +110,11 @@ def files_in_tar(data, links=None, lost=None):
         prefix = _text(header[345:500])
         if prefix and header[257:265] == POSIX_MAGIC:
             name = prefix + "/" + name
-        elif prefix:  # GNU headers keep times there; tarfile's rule for that case is not worth copying
-            raise Unsupported("GNU header with a prefix field")
+        elif prefix and header[257:265] != GNU_MAGIC:  # neither ustar nor GNU: tarfile's rule, whatever it is
+            raise Unsupported("header with a prefix field")
+        # GNU headers keep the access and change times there (`tar -G`), which GNU tar does not read as a name.
+        # Left to tarfile, which does, each file of such an archive was named under its access time, and all
+        # but those with wnids.txt's fell outside the release's folder: dropped unsaid.
         if long_name is not None:
             name = long_name
         target = _text(header[157:257]) if long_link is None else long_link

@@ -417,3 +417,24 @@ def test_a_pax_record_of_length_zero_is_broken():
     thread.join(10)
     assert result == ["invalid pax header"]
 
+
+def test_an_incremental_gnu_archive_reads_as_gnu_tar_lists_it(tmp_path):
+    """`tar -G` (GNU incremental, as backup tools write) keeps each member's access and change times where
+    ustar keeps its name prefix, and stores folders as dumpdirs ('D'). tarfile takes the times for a prefix
+    (`13602760400/tiny-imagenet-200/a`): every file whose access time was not wnids.txt's was dropped unsaid.
+    Each is now named as GNU tar lists it."""
+    data = archive(tarfile.GNU_FORMAT, [("tiny-imagenet-200/", b"Ya\0Ywnids.txt\0\0"),
+                                        ("tiny-imagenet-200/wnids.txt", b"n01443537\n"), ("tiny-imagenet-200/a", b"abc")])
+    data = rewritten(data, 0, slice(156, 157), b"D")
+    for name, atime in (("tiny-imagenet-200/", b"15305323443"), ("tiny-imagenet-200/wnids.txt", b"15305323443"),
+                        ("tiny-imagenet-200/a", b"13602760400")):
+        at = data.index(name.encode() + b"\0")
+        data = rewritten(data, at, slice(345, 369), atime + b"\0" + atime + b"\0")
+    expected = {"tiny-imagenet-200/wnids.txt": b"n01443537\n", "tiny-imagenet-200/a": b"abc"}
+    assert files_in_tar(data) == expected
+    assert released(tmp_path / "incremental.tar", data) == expected
+    if shutil.which("tar"):
+        (tmp_path / "incremental.tar").write_bytes(data)
+        listed = subprocess.run(["tar", "-tf", str(tmp_path / "incremental.tar")], check=True, capture_output=True,
+                                text=True).stdout.split()
+        assert listed == ["tiny-imagenet-200/", *expected]

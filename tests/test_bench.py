@@ -309,3 +309,59 @@ def test_remote_rows_stopped_keep_the_rows_measured(shards, monkeypatch):
     planned = bench.planned_rows((), remote=True)
     assert [r["loader"] for r in rows][-1] == "remote fetch (cold cache -> checked copy)" and len(rows) == planned - 1
     assert log[-1] == f"stopped after {planned - 1} of {planned} remote rows"
+
+
+def fake_loader(monkeypatch, rate_of_epoch, epoch_images=20_000, batch=1_000):
+    """An epoch_iter over a fake clock: `epoch_images` images an epoch, read at `rate_of_epoch(epoch)` images/s.
+    Returns it and the list of epochs asked for."""
+    clock, asked = [0.0], []
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+
+    def epoch_iter(epoch):
+        asked.append(epoch)
+        for _ in range(epoch_images // batch):
+            clock[0] += batch / rate_of_epoch(epoch)
+            yield None, range(batch)
+    return epoch_iter, asked
+
+
+def test_a_loaders_rate_is_the_median_of_its_timed_passes_after_untimed_warm_up(monkeypatch):
+    """The deciding pass lasts at least PROBE_S (here 2.5 epochs at 100k/s), a whole warm-up pass of FAST_PASS
+    images follows, then `passes` timed passes of FAST_PASS images: the row is their median, not their mean,
+    and no warm-up epoch (slow here) is timed."""
+    rates = {0: 1e5, 1: 1e6, 2: 4e6, 3: 2e6}
+    epoch_iter, asked = fake_loader(monkeypatch, lambda epoch: rates[epoch // 1000] if epoch >= 1000 else rates[0])
+    rate, note = bench._measure(epoch_iter, passes=3, pass_images=25_600)
+    assert rate == pytest.approx(2e6, rel=1e-9) and note == "100,000 images (whole epochs)"
+    assert asked == [0, 1, 2] + [1, 2, 3, 4, 5] + [p * 1000 + e for p in (1, 2, 3) for e in range(5)]
+
+
+def test_the_stream_paths_rate_is_the_median_of_whole_epochs_after_an_untimed_one(monkeypatch):
+    rates = {0: 1e3, 1: 1e6, 2: 4e6, 3: 2e6}
+    epoch_iter, asked = fake_loader(monkeypatch, lambda epoch: rates[epoch // 1000])
+    rate, note = bench._measure_epochs(epoch_iter, passes=3, n=20_000)
+    assert rate == pytest.approx(2e6, rel=1e-9) and note == "20,000 images (whole epochs)"
+    assert asked == [0, 1000, 2000, 3000]
+
+
+def test_each_rows_ratios_are_to_its_own_variants_baseline_and_ceiling(shards, monkeypatch):
+    """x baseline and of ceiling divide a row's rate by those of the same variant's baseline and ceiling rows."""
+    rates = {"rgb64": {"baseline": 100, "webdataset": 150, "stream": 400, "fast": 800, "resident": 900, "ceiling": 1000},
+             "gray28": {"baseline": 50, "webdataset": 100, "stream": 200, "fast": 2000, "resident": 3000, "ceiling": 4000}}
+    monkeypatch.setattr(bench, "_imagefolder", lambda root, variant, *a: lambda epoch: rates[variant]["baseline"])
+    monkeypatch.setattr(bench, "_stock_webdataset", lambda s, variant, *a: lambda epoch: rates[variant]["webdataset"])
+    monkeypatch.setattr(bench, "_stream_loader", lambda s, variant, *a: (lambda epoch: rates[variant]["stream"],
+                                                                          {"whole_epochs_of": 240}))
+    monkeypatch.setattr(bench, "_timed_loader", lambda s, variant, b, path, **kw: (
+        lambda epoch: rates[variant][path], {"first_batch_s": 0.5, "data_pass_s": 1.5}))
+    monkeypatch.setattr(bench, "_ceiling", lambda s, variant, b: lambda epoch: rates[variant]["ceiling"])
+    monkeypatch.setattr(bench, "_measure", lambda epoch_iter, passes, pass_images: (epoch_iter(0), "passes"))
+    monkeypatch.setattr(bench, "_measure_epochs", lambda epoch_iter, passes, n: (epoch_iter(0), f"epochs of {n}"))
+    rows = bench.bench_loader(shards, None, log=lambda line: None)
+    assert [(r["variant"], r["images_per_s"], r["x_baseline"], r["of_ceiling"]) for r in rows] == [
+        (variant, rate, rate / by[0], rate / by[-1]) for variant, named in rates.items()
+        for rate, by in ((rate, list(named.values())) for rate in named.values())]
+    assert [r["pass"] for r in rows[:3]] == ["passes", "passes", "epochs of 240"]
+    table = format_table(rows, "tinyin bench loader", 256, planned=len(rows)).splitlines()
+    assert table[2] == "| variant | loader | workers | images/s | × baseline | of ceiling | pass | first batch (data pass done) |"
+    assert table[7] == "| rgb64 | tinyin fast (mmap gather) | 0 (inline) | 800 | 8.0× | 80% | passes | 0.50 s (1.5 s) |"

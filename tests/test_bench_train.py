@@ -12,6 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import pipeline.bench_train as bt
 from pipeline.bench_train import Case, Feeds, bench_train, format_table, environment, plan
 from pipeline.cli import main
 from pipeline.device import IMAGENET_MEAN, IMAGENET_STD
@@ -233,3 +234,42 @@ def test_cli_sigterm_keeps_the_rows_measured(shards, tmp_path):
     lines = stdout.splitlines()
     assert lines[3] == f"# stopped early after {measured} of 3 rows"
     assert len([line for line in lines if line.startswith("| lenet5 |")]) == measured
+
+
+def test_time_windows_times_only_its_windows_after_the_warm_up(monkeypatch):
+    """Warm-up steps (slow here: compilation, cudnn's search) are not timed; each window counts its images
+    over its own steps."""
+    clock, calls = [0.0], []
+    monkeypatch.setattr(bt.time, "perf_counter", lambda: clock[0])
+
+    def step(images, labels):
+        calls.append(len(labels))
+        clock[0] += 100.0 if len(calls) <= 2 else 0.5 * len(calls)  # warm-up steps cost 100 s each
+
+    batches = iter([(None, range(8))] * 2 + [(None, range(4))] * 6)
+    rates = bt.time_windows(step, batches, torch.device("cpu"), warmup=2, steps=2, windows=3)
+    assert calls == [8, 8, 4, 4, 4, 4, 4, 4]
+    assert rates == [8 / (1.5 + 2.0), 8 / (2.5 + 3.0), 8 / (3.5 + 4.0)]
+
+
+def test_a_row_is_the_median_of_its_windows_and_its_share_of_its_own_ceiling(shards, monkeypatch):
+    """images/s is the windows' median (not their mean), min-max their range, and `of (a)` divides by the
+    ceiling row of the same network, size, batch and compile setting; a batch of the whole split is measured."""
+    windows = {("ceiling", 8, False): [10, 30, 20], ("fast", 8, False): [1, 9, 2], ("ceiling", 8, True): [40, 60, 50],
+               ("resident", 8, True): [5, 5, 5], ("ceiling", 16, False): [100, 100, 100],
+               ("fast", 16, False): [10, 10, 10], ("ceiling", 240, False): [7, 7, 7]}
+
+    def batches(self, case):
+        yield case
+    monkeypatch.setattr(bt.Feeds, "batches", batches)
+    monkeypatch.setattr(bt, "_model", lambda case, device, num_classes, cache: None)
+    monkeypatch.setattr(bt, "make_step", lambda model, device: None)
+    monkeypatch.setattr(bt, "time_windows", lambda step, batches, device, warmup, steps, windows_:
+                        list(windows[(case := next(batches)).feed, case.batch, case.compiled]))
+    cases = [Case("lenet5", 28, batch, feed, compiled) for feed, batch, compiled in windows]
+    rows = bt.bench_train(shards, cases=cases, log=lambda line: None)
+    assert [(r["feed"], r["batch"], r["compiled"], r["images_per_s"], r["min"], r["max"], r["of_ceiling"], r["skipped"])
+            for r in rows] == [("ceiling", 8, False, 20, 10, 30, 1.0, None), ("fast", 8, False, 2, 1, 9, 0.1, None),
+                               ("ceiling", 8, True, 50, 40, 60, 1.0, None), ("resident", 8, True, 5, 5, 5, 0.1, None),
+                               ("ceiling", 16, False, 100, 100, 100, 1.0, None), ("fast", 16, False, 10, 10, 10, 0.1, None),
+                               ("ceiling", 240, False, 7, 7, 7, 1.0, None)]

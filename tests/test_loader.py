@@ -92,6 +92,36 @@ def test_set_epoch_during_an_epoch_leaves_its_remaining_batches_as_they_were(sha
     assert len(whole) == 4 and all(torch.equal(a, b) for a, b in zip(whole, [first] + rest, strict=True))
 
 
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_a_resumed_epoch_draws_the_augmentation_of_the_uninterrupted_one(shards, world_size):
+    """Resumed at start (samples over all ranks), a rank's batches are the uninterrupted epoch's from its step
+    start // (batch_size * world_size) on, crops and flips included: each step's draws are seeded by its number."""
+    def batches(start):
+        loader = make_loader(shards, "train", "gray28", batch_size=32, seed=5, epoch=1, rank=world_size - 1,
+                             world_size=world_size, augment="crop", with_keys=True)
+        loader.set_epoch(1, start=start)
+        return [(images, keys) for images, _, keys in loader]
+    whole, resumed = batches(0), batches(2 * 32 * world_size)
+    assert len(resumed) == len(whole) - 2 >= 2
+    assert all(keys == want_keys and torch.equal(images, want)
+               for (images, keys), (want, want_keys) in zip(resumed, whole[2:], strict=True))
+
+
+@pytest.mark.parametrize("variant, pad", [("rgb64", 4), ("gray28", 2)])
+def test_the_crop_pads_each_variant_by_its_own_margin(shards, variant, pad):
+    """augment='crop' crops from the image zero-padded by 4 pixels at 64x64, by 2 at 28x28: over an epoch some
+    image is shifted by the whole margin, none further (rows of padding: 0 normalised by mean 0.5, std 0.5)."""
+    channels = 3 if variant == "rgb64" else 1
+    loader = make_loader(shards, "train", variant, batch_size=64, seed=5, augment="crop",
+                         mean=(0.5,) * channels, std=(0.5,) * channels)
+    shifts = []
+    for images, _ in loader:
+        blank = (images == -1).all(dim=(1, 3))  # (B, H): rows that are padding only
+        for rows in blank.tolist():
+            shifts.append(max(next((i for i, b in enumerate(r) if not b), len(r)) for r in (rows, rows[::-1])))
+    assert max(shifts) == pad
+
+
 def test_resident_gives_the_same_batches_as_fast(shards):
     def batches(**kw):  # normalised float batches: new tensors, not the fast path's reused buffers
         return list(make_loader(shards, "train", "gray28", batch_size=64, seed=5, **kw))
@@ -334,6 +364,7 @@ def test_an_option_of_the_device_stage_is_refused_with_raw(shards, kwargs, messa
     (dict(mean=(0.485, 0.456, 0.406)), "mean without std: pass both, or neither for the train split's statistics"),
     (dict(std=(0.229, 0.224, 0.225)), "std without mean: pass both, or neither for the train split's statistics"),
     (dict(mean=(0.5,), std=(0.5,)), "mean and std need one value per channel of rgb64 (3), not 1 and 1"),
+    (dict(mean=(0.5,) * 3, std=(0.5,) * 2), "mean and std need one value per channel of rgb64 (3), not 3 and 2"),
     # a NaN mean gave NaN images and an infinite std images of 0, without a word; a scalar or a string
     # failed with numpy's or torch's own words, the latter at the first batch
     (dict(mean=[float("nan")] * 3, std=[0.5] * 3), "mean must be finite, not [nan, nan, nan]"),

@@ -26,7 +26,7 @@ from pipeline.build import _byte_histogram, _plan_tasks, _run_tasks, build_shard
 from pipeline.cli import main
 from pipeline.errors import SourceError
 from pipeline.index import read_index, read_manifest
-from pipeline.release import Item, plan_release
+from pipeline.release import MAX_KEY, Item, plan_release
 from pipeline.source import open_release
 from pipeline.tarshard import write_shard
 from pipeline.variants import decode_variants
@@ -159,9 +159,10 @@ def test_every_image_file_the_studys_loader_reads_is_planned(release, tmp_path):
     reads it, as any name torchvision's IMG_EXTENSIONS ends, in any case. Other files stay out."""
     copy = shutil.copytree(release, tmp_path / "release")
     wnid = sorted((copy / "wnids.txt").read_text().split())[0]
-    images = [f"train/{wnid}/images/extra_{i}{suffix}" for i, suffix in enumerate((".png", ".JPG", ".bmp", ".webp"))]
-    images += ["test/images/extra_4.tiff", "test/images/extra_5.PNG", "test/images/extra_6.jpeg"]
-    others = [f"train/{wnid}/images/.DS_Store", f"train/{wnid}/images/Thumbs.db", "test/images/extra_7.txt"]
+    images = [f"train/{wnid}/images/extra_{i}{suffix}" for i, suffix in enumerate((".png", ".JPG", ".bmp", ".webp",
+                                                                                   ".ppm", ".PGM", ".tif"))]
+    images += ["test/images/extra_7.tiff", "test/images/extra_8.PNG", "test/images/extra_9.jpeg"]
+    others = [f"train/{wnid}/images/.DS_Store", f"train/{wnid}/images/Thumbs.db", "test/images/extra_10.txt"]
     for name in images + others:
         (copy / name).write_bytes(b"")
     plan = plan_release(open_release(copy))
@@ -169,6 +170,31 @@ def test_every_image_file_the_studys_loader_reads_is_planned(release, tmp_path):
     assert planned.issuperset(images) and planned.isdisjoint(others) and plan.problems == []
     assert len(planned) == sum(SYNTH[k] for k in ("train_per_class", "val_per_class")) * SYNTH["classes"] \
         + SYNTH["test"] + len(images)
+
+
+def test_a_key_of_the_longest_length_is_planned(release, tmp_path):
+    """A key may fill its tar name field with the longest member's suffix (MAX_KEY, 89 characters): one that
+    long is a sample, one longer a problem."""
+    copy = shutil.copytree(release, tmp_path / "release")
+    wnid = sorted((copy / "wnids.txt").read_text().split())[0]
+    for key in ("k" * MAX_KEY, "l" * (MAX_KEY + 1)):
+        (copy / f"train/{wnid}/images/{key}.JPEG").write_bytes(b"")
+    plan = plan_release(open_release(copy))
+    assert MAX_KEY == 89 and "k" * MAX_KEY in {item.key for item in plan.items["train"]}
+    assert [path for path, _ in plan.problems] == [f"train/{wnid}/images/{'l' * (MAX_KEY + 1)}.JPEG"]
+
+
+def test_a_box_at_the_index_limits_is_kept(release, tmp_path):
+    """The index holds boxes as int16: -32768 and 32767 fit, and are kept as they are."""
+    copy = shutil.copytree(release, tmp_path / "release")
+    wnid = sorted((copy / "wnids.txt").read_text().split())[0]
+    boxes = copy / "train" / wnid / f"{wnid}_boxes.txt"
+    lines = boxes.read_text().splitlines()
+    image = lines[0].split("\t")[0]
+    boxes.write_text("\n".join([f"{image}\t-32768\t0\t32767\t32767"] + lines[1:]) + "\n")
+    plan = plan_release(open_release(copy))
+    assert plan.problems == []
+    assert next(it.box for it in plan.items["train"] if it.path.endswith("/" + image)) == (-32768, 0, 32767, 32767)
 
 
 def test_an_image_outside_the_layout_is_read_as_imagefolder_does_or_named(release, tmp_path):

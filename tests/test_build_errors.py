@@ -136,14 +136,15 @@ def test_a_box_too_large_for_the_index_names_its_line(broken, tmp_path):
 
 
 def test_text_files_from_an_editor_build_the_same_set(release, shards, tmp_path):
-    """CRLF, a UTF-8 byte order mark, spaces around the tabs or in place of them (before: the BOM made
+    """CRLF, a UTF-8 byte order mark, blank lines, spaces around the tabs or in place of them (before: the BOM made
     the first wnid `class folder train/W is not in wnids.txt`, spaces around a tab `wnid ' W ' is not in
     wnids.txt`, and words.txt with spaces lost every class's words, silently)."""
     edited = shutil.copytree(release, tmp_path / "release")
     for name, edit in (("wnids.txt", lambda line: line), ("val/val_annotations.txt", lambda l: l.replace("\t", " \t ")),
                        ("words.txt", lambda line: line.replace("\t", "    "))):
         lines = (edited / name).read_text().splitlines()
-        (edited / name).write_bytes(("\ufeff" + "".join(f" {edit(line)} \r\n" for line in lines)).encode())
+        text = "".join(f" {edit(line)} \r\n" + " \r\n" * (i == 1) for i, line in enumerate(lines))  # a blank line
+        (edited / name).write_bytes(("\ufeff" + text + "\t\r\n").encode())
     code, output = build(edited, tmp_path / "out", "--shard-size", str(SHARD_SIZE))
     assert code == 0 and output.endswith("skipped 0"), output
     built, reference = (json.loads((s / "manifest.json").read_text()) for s in (tmp_path / "out", shards))

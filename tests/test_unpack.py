@@ -438,3 +438,20 @@ def test_an_incremental_gnu_archive_reads_as_gnu_tar_lists_it(tmp_path):
         listed = subprocess.run(["tar", "-tf", str(tmp_path / "incremental.tar")], check=True, capture_output=True,
                                 text=True).stdout.split()
         assert listed == ["tiny-imagenet-200/", *expected]
+
+
+def test_a_chain_of_more_than_40_links_is_a_loop(tmp_path):
+    """As Linux follows links (ELOOP past 40): a chain of 40 links to a file reads as the file, one of 41 is named."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        tar.addfile(tarfile.TarInfo("tiny-imagenet-200/wnids.txt"), io.BytesIO(b""))
+        for k in range(1, 42):
+            info = tarfile.TarInfo(f"tiny-imagenet-200/l{k}")
+            info.type, info.linkname = tarfile.SYMTYPE, f"l{k + 1}" if k < 41 else "wnids.txt"
+            tar.addfile(info)
+    (tmp_path / "links.tar").write_bytes(buf.getvalue())
+    files = open_release(tmp_path / "links.tar")
+    assert files.read("l2") == b""
+    with pytest.raises(SourceError) as caught:
+        files.read("l1")
+    assert str(caught.value) == f"{tmp_path / 'links.tar'}: cannot read l1 (a symbolic link to l2, in a loop of links)"

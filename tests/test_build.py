@@ -172,6 +172,20 @@ def test_every_image_file_the_studys_loader_reads_is_planned(release, tmp_path):
         + SYNTH["test"] + len(images)
 
 
+@pytest.mark.parametrize("seed", [0, 7])
+def test_a_split_seed_draws_each_classs_halves_at_random_seed_0_too(release, seed):
+    """`split_seed` draws each class's val half with default_rng(seed), classes in label order, each split then
+    kept in annotation order; a seed of 0 is a seed (not the first-half split of no seed)."""
+    rows = val_annotations(release)
+    rng, want = np.random.default_rng(seed), set()
+    for wnid in sorted((release / "wnids.txt").read_text().split()):
+        mine = [r[0] for r in rows if r[1] == wnid]
+        want.update(mine[i] for i in rng.permutation(len(mine))[:len(mine) // 2])
+    plan = plan_release(open_release(release), split_seed=seed)
+    assert [it.path for it in plan.items["val"]] == [f"val/images/{r[0]}" for r in rows if r[0] in want]
+    assert [it.path for it in plan.items["test"]] == [f"val/images/{r[0]}" for r in rows if r[0] not in want]
+
+
 def test_a_key_of_the_longest_length_is_planned(release, tmp_path):
     """A key may fill its tar name field with the longest member's suffix (MAX_KEY, 89 characters): one that
     long is a sample, one longer a problem."""

@@ -20,10 +20,12 @@ import pipeline.build
 import pipeline.cli
 from pipeline.build import build_shards
 from pipeline.cli import main
-from pipeline.errors import UsageError
+from pipeline.errors import SourceError, UsageError
 from pipeline.atomic import write_json
 from pipeline.index import write_index
+from pipeline.release import plan_release
 from pipeline.schema import INDEX_FILE, MANIFEST_FILE
+from pipeline.source import open_release
 from pipeline.tarshard import write_shard
 from tests.conftest import SHARD_SIZE
 
@@ -150,6 +152,17 @@ def test_text_files_from_an_editor_build_the_same_set(release, shards, tmp_path)
     built, reference = (json.loads((s / "manifest.json").read_text()) for s in (tmp_path / "out", shards))
     assert built["shards"] == reference["shards"] and built["classes"] == reference["classes"]
     assert all(c["words"].startswith("synthetic class ") for c in built["classes"])
+
+
+def test_an_annotation_line_short_of_a_field_is_named(broken):
+    """Five fields (a coordinate missing): the line is named as it is, not read as a malformed box of three."""
+    annotations = broken / "val/val_annotations.txt"
+    lines = annotations.read_text().splitlines()
+    short = lines[0].rsplit("\t", 1)[0]
+    annotations.write_text("\n".join([short] + lines[1:]) + "\n")
+    with pytest.raises(SourceError) as caught:
+        plan_release(open_release(broken))
+    assert str(caught.value) == f"{broken}: val/val_annotations.txt:1: expected 'file wnid x0 y0 x1 y1', got {short!r}"
 
 
 def test_a_class_without_images_fails_or_is_skipped(broken, tmp_path):

@@ -1,4 +1,5 @@
 """`tinyin shard build --classes N`: the first N classes only, each sample as the full build writes it."""
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -77,3 +78,14 @@ def test_out_of_range_is_a_one_line_usage_error(release, tmp_path, n, message):
 def test_help_explains_it():
     result = CliRunner().invoke(main, ["shard", "build", "--help"])
     assert "--classes N" in result.output and "quick experiments on the CPU" in " ".join(result.output.split())
+
+
+def test_a_subset_reads_nothing_of_the_classes_it_leaves_out(release, tmp_path):
+    """A val image missing from class N (label N, the first one left out) is a problem of the full plan only."""
+    copy = shutil.copytree(release, tmp_path / "release")
+    outside = sorted((copy / "wnids.txt").read_text().split())[N]
+    name = next(line.split("\t")[0] for line in (copy / "val/val_annotations.txt").read_text().splitlines()
+                if line.split("\t")[1] == outside)
+    (copy / "val/images" / name).unlink()
+    assert plan_release(open_release(copy), classes=N).problems == []
+    assert [path for path, _ in plan_release(open_release(copy)).problems] == [f"val/images/{name}"]

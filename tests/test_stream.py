@@ -434,6 +434,14 @@ def test_sample_counts_that_are_not_counts_are_named(shards, counts, bad):
     assert str(e.value) == f"sample_counts must hold each shard's number of samples, an integer of at least 0, not {bad}"
 
 
+def _rename_first_member(f, sample):
+    """Give sample `sample`'s first member another suffix, in place (its bytes and spacing unchanged)."""
+    f.seek(sample * SAMPLE_BYTES)
+    name = f.read(100)
+    f.seek(sample * SAMPLE_BYTES + name.index(b".") + 1)
+    f.write(b"X")
+
+
 def _damaged(shards, tmp_path, how):
     urls = _urls(shards)
     bad = tmp_path / "train-000002.tar"
@@ -448,6 +456,7 @@ def _damaged(shards, tmp_path, how):
                                                      f"{50 * SAMPLE_BYTES + 1024:,} (truncated or not this shard)"),
     (lambda f: (f.seek(10 * SAMPLE_BYTES + 512), f.write(b"XXXX")), "samples are not evenly spaced"),
     (lambda f: (f.seek(0), f.write(b"\0" * 512)), "not a tinyin shard"),
+    (lambda f: _rename_first_member(f, 10), "samples are not evenly spaced"),
 ])
 def test_damaged_listed_shard_is_named(shards, tmp_path, how, message):
     urls, bad = _damaged(shards, tmp_path, how)
@@ -665,3 +674,22 @@ def test_workers_reuse_their_read_and_batch_buffers_across_epochs(shards, http):
     listed = stream_from_urls(_urls(shards), COUNTS, batch_size=32, workers=1)
     _epoch(listed)
     assert listed._pool == []  # no manifest sizes: each worker reads into buffers of its own
+
+
+def test_an_epoch_cut_short_by_its_reader_is_an_error_not_a_short_epoch(shards, monkeypatch):
+    """Were a worker to end quietly before its last chunk, the batches it had not sent would be missing from the
+    epoch: the source counts the chunks it put back in order and names the shortfall."""
+    whole = _Lanes.__iter__
+
+    def one_chunk_only(self):
+        chunks = whole(self)
+        try:
+            yield next(chunks)
+        finally:
+            chunks.close()
+    monkeypatch.setattr(_Lanes, "__iter__", one_chunk_only)
+    source = stream_from_set(shards, "train", batch_size=32, workers=0)
+    with pytest.raises(ShardError) as caught:
+        list(source)
+    assert str(caught.value) == (f"{source.shards[0].url} (and {len(source.shards) - 1} more): the epoch ended after "
+                                 f"1 of {len(source.plan.chunks)} chunks")

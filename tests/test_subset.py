@@ -57,12 +57,14 @@ def test_samples_are_byte_identical_to_the_full_build(shards, subset):
     assert all(mine[k] == full[k] for k in kept)  # arrays, label and json, byte for byte
 
 
-def test_a_seeded_split_draws_the_same_halves_as_the_full_plan(release):
+@pytest.mark.parametrize("n", [N, SYNTH["classes"]])
+def test_a_seeded_split_draws_the_same_halves_as_the_full_plan(release, n):
+    """Also with every class kept (`--classes` of the release's count: a subset all the same, no unlabeled split)."""
     files = open_release(release)
-    full, mine = plan_release(files, split_seed=7), plan_release(files, split_seed=7, classes=N)
+    full, mine = plan_release(files, split_seed=7), plan_release(files, split_seed=7, classes=n)
     for split in ("train", "val", "test"):
-        assert mine.items[split] == [it for it in full.items[split] if it.label < N]
-    assert mine.items["unlabeled"] == [] and mine.wnids == full.wnids[:N]
+        assert mine.items[split] == [it for it in full.items[split] if it.label < n]
+    assert mine.items["unlabeled"] == [] and mine.wnids == full.wnids[:n]
 
 
 @pytest.mark.parametrize("n, message", [(SYNTH["classes"] + 1, f"the release has {SYNTH['classes']} classes"),

@@ -693,3 +693,13 @@ def test_an_epoch_cut_short_by_its_reader_is_an_error_not_a_short_epoch(shards, 
         list(source)
     assert str(caught.value) == (f"{source.shards[0].url} (and {len(source.shards) - 1} more): the epoch ended after "
                                  f"1 of {len(source.plan.chunks)} chunks")
+
+
+def test_more_workers_than_lanes_add_lanes(shards):
+    """Workers beyond the plan's lanes would sit idle: the plan has max(lanes, workers) lanes (3 workers, 3 lanes)."""
+    source = stream_from_set(shards, "train", batch_size=16, workers=3)
+    assert {chunk.lane for chunk in source.plan.chunks} == {0, 1, 2}
+    want = plan_epoch([s.count for s in source.shards], seed=0, epoch=0, rank=0, world_size=1, batch_size=16,
+                      shuffle=True, drop_last=False, lanes=3)
+    assert [(c.seq, c.batch, c.lane, c.group, c.ids.tolist()) for c in source.plan.chunks] == \
+        [(c.seq, c.batch, c.lane, c.group, c.ids.tolist()) for c in want.chunks]

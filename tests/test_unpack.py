@@ -455,3 +455,13 @@ def test_a_chain_of_more_than_40_links_is_a_loop(tmp_path):
     with pytest.raises(SourceError) as caught:
         files.read("l1")
     assert str(caught.value) == f"{tmp_path / 'links.tar'}: cannot read l1 (a symbolic link to l2, in a loop of links)"
+
+
+def test_a_link_to_the_archives_top_and_a_nested_wnids_txt(tmp_path):
+    """The release is the shallowest folder holding wnids.txt (a copy deeper in it is one of its files, not a
+    second release), and a link to the archive's top folder, above the release, is not walked (as a folder's)."""
+    data = archive(tarfile.USTAR_FORMAT, [("tiny-imagenet-200/wnids.txt", b"n01443537\n"),
+                                          ("tiny-imagenet-200/backup/wnids.txt", b"old\n"),
+                                          ("tiny-imagenet-200/top", Kind(tarfile.SYMTYPE, ".."))])
+    assert released(tmp_path / "release.tar", data) == {"tiny-imagenet-200/wnids.txt": b"n01443537\n",
+                                                        "tiny-imagenet-200/backup/wnids.txt": b"old\n"}

@@ -186,6 +186,14 @@ def test_a_split_seed_draws_each_classs_halves_at_random_seed_0_too(release, see
     assert [it.path for it in plan.items["test"]] == [f"val/images/{r[0]}" for r in rows if r[0] not in want]
 
 
+def test_a_val_image_its_annotations_do_not_list_is_named(release, tmp_path):
+    """It has no label: a problem (the build fails, or skips it and says so), never left out unsaid."""
+    copy = shutil.copytree(release, tmp_path / "release")
+    shutil.copy(copy / "val/images/val_0.JPEG", copy / "val/images/val_extra.JPEG")
+    assert plan_release(open_release(copy)).problems == [("val/images/val_extra.JPEG",
+                                                          "not listed in val/val_annotations.txt")]
+
+
 def test_a_key_of_the_longest_length_is_planned(release, tmp_path):
     """A key may fill its tar name field with the longest member's suffix (MAX_KEY, 89 characters): one that
     long is a sample, one longer a problem."""

@@ -703,3 +703,13 @@ def test_more_workers_than_lanes_add_lanes(shards):
                       shuffle=True, drop_last=False, lanes=3)
     assert [(c.seq, c.batch, c.lane, c.group, c.ids.tolist()) for c in source.plan.chunks] == \
         [(c.seq, c.batch, c.lane, c.group, c.ids.tolist()) for c in want.chunks]
+
+
+def test_a_listed_shard_of_no_samples_is_never_read(shards, tmp_path):
+    """A count of 0 (a split's empty last shard, as a manifest may list one) is a count: that shard adds nothing,
+    and is not read (here it does not even exist): the epoch is the one without it."""
+    urls, empty = _urls(shards), str(tmp_path / "train-000009.tar")
+    with_empty = _epoch(stream_from_urls(urls[:2] + [empty] + urls[2:], COUNTS[:2] + [0] + COUNTS[2:], batch_size=32,
+                                         workers=0))
+    without = _epoch(stream_from_urls(urls, COUNTS, batch_size=32, workers=0))
+    _same(with_empty, without)

@@ -194,6 +194,17 @@ def test_a_val_image_its_annotations_do_not_list_is_named(release, tmp_path):
                                                           "not listed in val/val_annotations.txt")]
 
 
+def test_a_box_of_a_missing_train_image_is_named(release, tmp_path):
+    """A line of W_boxes.txt naming no image of the class: the image is missing, and that is a problem."""
+    copy = shutil.copytree(release, tmp_path / "release")
+    wnid = sorted((copy / "wnids.txt").read_text().split())[0]
+    boxes = copy / "train" / wnid / f"{wnid}_boxes.txt"
+    lines = boxes.read_text().splitlines()
+    boxes.write_text("\n".join(lines + [f"{wnid}_gone.JPEG\t1\t2\t3\t4"]) + "\n")
+    assert plan_release(open_release(copy)).problems == [
+        (f"train/{wnid}/images/{wnid}_gone.JPEG", f"named in train/{wnid}/{wnid}_boxes.txt:{len(lines) + 1} but missing")]
+
+
 def test_a_key_of_the_longest_length_is_planned(release, tmp_path):
     """A key may fill its tar name field with the longest member's suffix (MAX_KEY, 89 characters): one that
     long is a sample, one longer a problem."""

@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline import synth
 from pipeline.synth import synthesize
 
 CLASSES, TRAIN, VAL, TEST = 10, 60, 20, 50
@@ -142,3 +143,23 @@ def test_cli_refuses_counts_that_make_no_release_in_one_line(tmp_path, flag, val
     result = CliRunner().invoke(main, ["data", "synth", "--out", str(tmp_path / "r"), flag, value])
     assert result.exit_code == 2 and not (tmp_path / "r").exists()
     assert result.output == f"error: Invalid value for '{flag}': {value} is not in the range x>={floor}.\n"
+
+
+def test_the_annotated_box_is_exactly_the_marker():
+    """The marker is white on dark classes and black on bright ones, and fills its box, edges included: pixels
+    that bright (or dark) occur nowhere else, so they span exactly the annotated box."""
+    rng = np.random.default_rng(3)
+    for spec in synth._class_specs(rng, 8):
+        for _ in range(5):
+            pixels, (x0, y0, x1, y1) = synth._render(rng, spec)
+            marker = pixels.min(2) >= 200 if spec["level"] < 115 else pixels.max(2) <= 55
+            ys, xs = np.nonzero(marker)
+            assert (xs.min(), ys.min(), xs.max(), ys.max()) == (x0, y0, x1, y1)
+            assert marker.sum() == (x1 - x0 + 1) * (y1 - y0 + 1)
+
+
+def test_val_images_of_all_classes_are_shuffled_together(release):
+    """val/ is not class after class (a reader taking its first images would see one class)."""
+    wnids = [line.split("\t")[1] for line in (release / "val/val_annotations.txt").read_text().splitlines()]
+    assert sorted(wnids) == sorted((release / "wnids.txt").read_text().split() * VAL)
+    assert sum(a != b for a, b in zip(wnids, wnids[1:])) > CLASSES * VAL // 2

@@ -264,6 +264,15 @@ def test_the_index_must_hold_each_split_in_the_manifests_shard_order(shards, tmp
     assert ShardSet(folder).entries("unlabeled")  # the splits' own order in the list does not matter
 
 
+def test_a_listed_shard_of_no_samples_has_no_place_in_the_index_order(shards, tmp_path):
+    """An empty shard (0 samples) has no index rows: listed between two others, it is no break in their order."""
+    def empty_between(m):
+        m["shards"].insert(1, dict(m["shards"][0], file="train-empty.tar", count=0, bytes=1024))
+    shard_set = ShardSet(_edited(shards, tmp_path, empty_between))
+    assert [(e["file"], e["count"]) for e in shard_set.entries("train")[:3]] == [
+        ("train-000000.tar", 64), ("train-empty.tar", 0), ("train-000001.tar", 64)]
+
+
 def test_a_folder_that_does_not_exist(tmp_path):
     assert _open_error(tmp_path / "nope") == f"{tmp_path / 'nope'}: no such folder"
 

@@ -15,6 +15,7 @@ import torch
 from pipeline import bench
 from pipeline.bench import bench_remote, format_table
 from pipeline.provenance import commit
+from pipeline.shardset import ShardSet
 
 
 def test_loader_table_has_the_first_batch_of_the_local_paths(shards, monkeypatch):
@@ -365,3 +366,32 @@ def test_each_rows_ratios_are_to_its_own_variants_baseline_and_ceiling(shards, m
     table = format_table(rows, "tinyin bench loader", 256, planned=len(rows)).splitlines()
     assert table[2] == "| variant | loader | workers | images/s | × baseline | of ceiling | pass | first batch (data pass done) |"
     assert table[7] == "| rgb64 | tinyin fast (mmap gather) | 0 (inline) | 800 | 8.0× | 80% | passes | 0.50 s (1.5 s) |"
+
+
+def test_remote_rows_are_medians_of_their_passes(shards, monkeypatch):
+    """Each remote row is the median of its passes (fake transfers on a fake clock: seconds per pass), the
+    untimed first fetch left out; of ceiling divides by curl's rate into /dev/null."""
+    import contextlib
+
+    import pipeline.cache
+
+    clock, total = [0.0], sum(e["bytes"] for e in ShardSet(shards).entries("train"))
+    curl_secs, fetch_secs = [1.0, 2.0, 4.0, 8.0, 2.0, 4.0], [10.0, 4.0, 16.0, 8.0]  # curl: /dev/null, files, ...
+
+    def fake_curl(urls, folder=None):
+        clock[0] += curl_secs[0]
+        return curl_secs.pop(0), total
+
+    def fake_fetch(*args, **kwargs):
+        clock[0] += fetch_secs.pop(0)
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(bench, "serve_folder", contextlib.contextmanager(lambda folder: (yield "http://loopback")))
+    monkeypatch.setattr(bench.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(bench, "_curl", fake_curl)
+    monkeypatch.setattr(pipeline.cache, "cached_copy", fake_fetch)
+    monkeypatch.setattr(bench, "make_loader", lambda *a, **kw: "no loader")  # its row: not measured
+    rows = bench_remote(shards, passes=3, log=lambda line: None)
+    n = ShardSet(shards).counts["train"]  # images/s = bytes/s over the bytes of a sample
+    assert [(r["images_per_s"], r["of_ceiling"]) for r in rows[:3]] == [
+        pytest.approx((n / 2, 1.0)), pytest.approx((n / 4, 0.5)), pytest.approx((n / 8, 0.25))]
+    assert rows[2]["pass"].endswith(f"(untimed first pass: {total / 10 / 1e9:.2f})") and not curl_secs + fetch_secs

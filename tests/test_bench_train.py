@@ -58,6 +58,14 @@ def test_no_cases_are_no_rows(shards):
     assert bench_train(shards, cases=[], log=None) == []
 
 
+def test_fewer_than_three_windows_are_refused(shards):
+    """A median of two windows is their mean, and hides which one was off: three at least (three are fine)."""
+    with pytest.raises(UsageError) as caught:
+        bench_train(shards, cases=[], windows=2, log=None)
+    assert str(caught.value) == "--windows 2: need at least 3 (the median of fewer hides the spread)"
+    assert bench_train(shards, cases=[], windows=3, log=None) == []
+
+
 def test_feeds_deliver_model_ready_batches(shards, release):
     feeds = Feeds(shards, release, torch.device("cpu"), workers=0)
     arrays = ShardArrays(shards, "train", "rgb64")

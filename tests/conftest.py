@@ -36,6 +36,18 @@ def shards(release, tmp_path_factory):
     return out
 
 
+@pytest.fixture
+def macos_copy(release, tmp_path):
+    """`release` as macOS copies it to an exFAT drive or packs it: an AppleDouble `._NAME` (the file's metadata,
+    which PIL cannot open) beside each file, and a `.DS_Store` in each folder."""
+    copy = shutil.copytree(release, tmp_path / "macos-copy")
+    for path in [p for p in copy.rglob("*") if p.is_file()]:
+        (path.parent / f"._{path.name}").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
+    for folder in [copy, *(p for p in copy.rglob("*") if p.is_dir())]:
+        (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    return copy
+
+
 @pytest.fixture(scope="session")
 def real_shards(tmp_path_factory):
     """The real release built into shards once per session (about half a minute)."""

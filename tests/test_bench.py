@@ -395,3 +395,11 @@ def test_remote_rows_are_medians_of_their_passes(shards, monkeypatch):
     assert [(r["images_per_s"], r["of_ceiling"]) for r in rows[:3]] == [
         pytest.approx((n / 2, 1.0)), pytest.approx((n / 4, 0.5)), pytest.approx((n / 8, 0.25))]
     assert rows[2]["pass"].endswith(f"(untimed first pass: {total / 10 / 1e9:.2f})") and not curl_secs + fetch_secs
+
+
+def test_imagefolder_baseline_reads_a_macos_copy_as_the_build_does(macos_copy):
+    """A release copied on macOS holds an AppleDouble `._NAME.JPEG` beside each image: ImageFolder took them for
+    images, and the baseline row failed in PIL with an UnidentifiedImageError traceback (after the rows before
+    it). It reads the images `shard build` reads: 40 of each of the 6 classes."""
+    labels = torch.cat([batch[1] for batch in bench._imagefolder(macos_copy, "rgb64", 64, 0)(0)])
+    assert labels.bincount().tolist() == [40] * 6

@@ -281,3 +281,11 @@ def test_a_row_is_the_median_of_its_windows_and_its_share_of_its_own_ceiling(sha
                                ("ceiling", 8, True, 50, 40, 60, 1.0, None), ("resident", 8, True, 5, 5, 5, 0.1, None),
                                ("ceiling", 16, False, 100, 100, 100, 1.0, None), ("fast", 16, False, 10, 10, 10, 0.1, None),
                                ("ceiling", 240, False, 7, 7, 7, 1.0, None)]
+
+
+def test_imagefolder_feed_reads_a_macos_copy_as_the_build_does(shards, macos_copy):
+    """Feed (d) over a release copied on macOS (an AppleDouble `._NAME.JPEG` beside each image) failed in PIL with
+    an UnidentifiedImageError traceback: a batch of all 240 train images is the build's 40 of each class."""
+    torch.manual_seed(0)
+    images, labels = next(Feeds(shards, macos_copy, torch.device("cpu"), workers=0)._imagefolder("lenet5", 28, 240))
+    assert images.shape == (240, 1, 28, 28) and labels.bincount().tolist() == [40] * 6

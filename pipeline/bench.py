@@ -29,7 +29,7 @@ from .errors import UsageError
 from .loader import make_loader
 from .provenance import commit
 from .reader import ShardArrays
-from .release import _is_image
+from .release import is_image
 from .schema import VARIANTS
 from .shardset import open_shard_set
 
@@ -101,10 +101,10 @@ def _imagefolder(root, variant, batch_size, workers):
     from torchvision import datasets, transforms
 
     steps = [transforms.Resize((28, 28)), transforms.Grayscale()] if variant == "gray28" else []
-    # `_is_image`: ImageFolder's own files less the AppleDouble `._*` ones of a macOS copy, which PIL cannot open
+    # `is_image`: ImageFolder's own files less the AppleDouble `._*` ones of a macOS copy, which PIL cannot open
     # (the row failed with a traceback): the images `shard build` reads.
     dataset = datasets.ImageFolder(str(Path(root) / "train"), transforms.Compose(steps + [transforms.PILToTensor()]),
-                                   is_valid_file=_is_image)
+                                   is_valid_file=is_image)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
                                          persistent_workers=workers > 0)
     return lambda epoch: iter(loader)

@@ -33,7 +33,7 @@ from . import provenance
 from .index import read_manifest
 from .loader import make_loader
 from .reader import ShardArrays
-from .release import _is_image
+from .release import is_image
 
 #: (arch, size) rows of the zoo, in the study's order.
 ROWS = (("lenet5", 28), ("alexnet", 64), ("squeezenet1_1", 64), ("resnet18", 64),
@@ -207,7 +207,7 @@ class Feeds:
         tf = transforms.Compose(steps.get(size, []) + [transforms.ToTensor(),
                                                        transforms.Normalize(mean[:channels], std[:channels])])
         # The images `shard build` reads: not the AppleDouble `._*` files of a macOS copy, which PIL cannot open.
-        dataset = datasets.ImageFolder(str(Path(self.images) / "train"), tf, is_valid_file=_is_image)
+        dataset = datasets.ImageFolder(str(Path(self.images) / "train"), tf, is_valid_file=is_image)
         cuda = self.device.type == "cuda"
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True,
                                              num_workers=self.workers, pin_memory=cuda)

@@ -61,7 +61,9 @@ def _key(path, problems):
     return None
 
 
-def _is_image(path):
+def is_image(path):
+    """Whether the release's file `path` is an image the build reads: torchvision's IMG_EXTENSIONS, as the
+    study's ImageFolder, less macOS's AppleDouble files (the benches' ImageFolder rows take it too)."""
     # `._name.JPEG` is no image: macOS writes such an AppleDouble file (the file's metadata) beside
     # every file it copies to a FAT or exFAT drive or packs with its Finder or tar.
     return path.lower().endswith(IMAGE_SUFFIXES) and not path.rsplit("/", 1)[-1].startswith("._")
@@ -111,7 +113,7 @@ def _train_items(files, wnids, kept, problems):
             raise SourceError(f"{files.label}: class folder train/{parts[1]} is not in wnids.txt")
         # Any image under train/W/, as the study's ImageFolder reads its class folders (os.walk): one put
         # beside images/ or in a folder within it was left out with no word.
-        if _is_image(name):
+        if is_image(name):
             by_class[parts[1]].append(name)
     items = []
     for wnid in wnids[:kept]:
@@ -136,7 +138,7 @@ def _train_items(files, wnids, kept, problems):
 
 def _val_test_items(files, wnids, kept, split_seed, problems):
     label_of = {w: i for i, w in enumerate(wnids)}
-    present = {n for n in files.names() if n.startswith("val/images/") and _is_image(n)}
+    present = {n for n in files.names() if n.startswith("val/images/") and is_image(n)}
     per_class = {w: [] for w in wnids}
     listed = {}  # path -> position in val_annotations.txt
     for n, line in enumerate(files.text("val/val_annotations.txt"), 1):
@@ -196,7 +198,7 @@ def plan_release(files, split_seed=None, classes=None):
     val, test = _val_test_items(files, wnids, kept, split_seed, problems)
     unlabeled = []
     if classes is None:
-        for path in sorted((n for n in files.names() if n.startswith("test/images/") and _is_image(n)), key=_natural):
+        for path in sorted((n for n in files.names() if n.startswith("test/images/") and is_image(n)), key=_natural):
             key = _key(path, problems)
             if key is not None:
                 unlabeled.append(Item(key, "unlabeled", -1, "", None, path))
@@ -206,9 +208,9 @@ def plan_release(files, split_seed=None, classes=None):
     read = ("val", "test") if classes is None else ("val",)  # a subset reads nothing of test/
     for name in files.names():
         top, _, rest = name.partition("/")
-        if top in read and _is_image(name) and not rest.startswith("images/"):
+        if top in read and is_image(name) and not rest.startswith("images/"):
             problems.append((name, f"outside {top}/images/, where the release keeps the {top} images"))
-        elif top == "train" and "/" not in rest and _is_image(name):
+        elif top == "train" and "/" not in rest and is_image(name):
             problems.append((name, "outside the class folders train/WNID/, where the release keeps the train images"))
     items = {"train": train, "val": val, "test": test, "unlabeled": unlabeled}
     seen = {}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.build import build_shards  # noqa: E402
-from pipeline.errors import UsageError, run_cli, sigterm_interrupts  # noqa: E402
+from pipeline.errors import UsageError, run_cli, signals_deferred, sigterm_interrupts  # noqa: E402
 from pipeline.provenance import commit  # noqa: E402
 
 DEFAULT_SRC = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-imagenet-200.tar.gz"
@@ -36,14 +36,19 @@ def main():
         sys.exit(f"error: {args.src}: not found (pass --src)")
     rows = []
     for run in range(args.repeat):
-        tmp = Path(tempfile.mkdtemp(prefix="tinyin-bench-build-"))
+        tmp = None
         try:
+            # A SIGTERM (Ctrl-C) deferred: one just after the folder was made, before `tmp` named it, left it.
+            with signals_deferred():
+                tmp = Path(tempfile.mkdtemp(prefix="tinyin-bench-build-"))
             t = time.perf_counter()
             manifest = build_shards(args.src, tmp / "shards", workers=args.workers, shard_size=args.shard_size,
                                     progress=False)
             seconds = time.perf_counter() - t
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                with signals_deferred():  # stopped halfway, the removal left the rest of the build
+                    shutil.rmtree(tmp, ignore_errors=True)
         n = sum(manifest["counts"].values())
         rows.append((run + 1, n, seconds, n / seconds))
     print(f"# tinyin shard build: {' '.join(sys.argv)}")

@@ -22,6 +22,7 @@ from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
+from numpy.random import default_rng
 from PIL import Image
 
 from . import index as index_io
@@ -184,7 +185,10 @@ def _plan_tasks(plan, shard_size):
         if split == "train":
             # The release lists train images class by class; a fixed shuffle before cutting shards
             # gives every shard every class, so a streaming reader's shuffle buffer sees a mix.
-            items = [items[i] for i in np.random.default_rng(TRAIN_ORDER_SEED).permutation(len(items))]
+            # `default_rng` imported with this module: numpy imports numpy.random at its first use, and a
+            # SIGTERM (Ctrl-C) that came while it did was lost (Cython's module setup runs a bare `except:
+            # pass`), the build going on to the end and exiting 0.
+            items = [items[i] for i in default_rng(TRAIN_ORDER_SEED).permutation(len(items))]
         for i, start in enumerate(range(0, len(items), shard_size)):
             tasks.append((SHARD_PATTERN.format(split=split, index=i), split, items[start:start + shard_size]))
     return tasks

@@ -17,7 +17,7 @@ import zlib
 from pathlib import Path
 
 from .errors import SourceError
-from .unpack import BLOCK, Broken, Unsupported, files_in_tar, files_in_zip, truncated
+from .unpack import BLOCK, Broken, Unsupported, enter_file, enter_hard_link, files_in_tar, files_in_zip, truncated
 
 ROOT_MARKER = "wnids.txt"
 GZIP_MAGIC = b"\x1f\x8b"
@@ -154,6 +154,13 @@ def _lost(hard_links):
             for name, target in hard_links.items()}
 
 
+def _extracted(files, links, lost):
+    """A tar's members (`unpack.enter_file`, `enter_hard_link`; names as the archive has them) as extracting it
+    gives them, `./` taken off the names, its links followed and its lost hard links listed."""
+    return _follow_links({name.lstrip("./"): b for name, b in {**_lost(lost), **files}.items()},
+                         {name.lstrip("./"): target for name, target in links.items()})
+
+
 def not_a_release(src):
     """The error of a folder or archive `src` that holds no wnids.txt."""
     return SourceError(f"{src}: missing {ROOT_MARKER} (not a Tiny ImageNet release)")
@@ -190,29 +197,24 @@ def _read_tar(path):
             try:
                 links, lost = {}, {}
                 files = files_in_tar(data, links, lost)
-                return _follow_links({name.lstrip("./"): b for name, b in {**_lost(lost), **files}.items()},
-                                     {name.lstrip("./"): target for name, target in links.items()})
+                return _extracted(files, links, lost)
             except Unsupported:
                 pass  # an unusual member: tarfile reads the whole archive instead
         # bz2, xz, pre-POSIX tars, unusual members. Stream mode ('r|*'): one pass, no seeking.
         files, links, lost = {}, {}, {}
         with tarfile.open(fileobj=io.BytesIO(data), mode="r|*") as tar:
             for member in tar:
-                name, target = member.name.lstrip("./"), member.linkname.lstrip("./")
-                if member.isfile() or member.islnk() and target in files:  # a hard link: bytes stored before
-                    files[name] = tar.extractfile(member).read() if member.isfile() else files[target]
-                    links.pop(name, None)  # over a symbolic link before it (`tar -r`): extracting leaves the file
-                elif member.islnk() and target in links:  # to a symbolic link: that link again (`files_in_tar`)
-                    links[name] = links[target]
+                if member.isfile():
+                    enter_file(files, links, member.name, tar.extractfile(member).read())
                 elif member.islnk():
-                    lost[name] = member.linkname
+                    enter_hard_link(files, links, lost, member.name, member.linkname)
                 elif member.issym():
-                    links[name] = member.linkname
+                    links[member.name] = member.linkname
             # tarfile stops as quietly at a header cut short as at the end-of-archive block it read whole.
             end = tar.fileobj.tell()  # bytes of tar read (decompressed)
             if end < tar.offset + BLOCK:
                 raise truncated(end)
-        return _follow_links({**_lost(lost), **files}, links)
+        return _extracted(files, links, lost)
     except (Broken, tarfile.TarError, OSError, EOFError, ValueError, zlib.error) as e:
         if str(e) == "empty file" and data:  # tarfile's word when no whole header came out (a cut .tar.bz2)
             e = "no tar data in it: truncated or corrupt"

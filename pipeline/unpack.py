@@ -79,6 +79,7 @@ def files_in_tar(data, links=None, lost=None):
     (an archive without its end-of-archive blocks included: it was cut short).
     """
     files, pos, end = {}, 0, len(data)
+    links, lost = {} if links is None else links, {} if lost is None else lost
     long_name = long_link = pax = None  # extended data that applies to the next header
     while True:
         if pos + BLOCK > end:  # tarfile stops here quietly, and a cut-short archive looks complete
@@ -122,22 +123,39 @@ def files_in_tar(data, links=None, lost=None):
             name = pax.get("path", name)
             target = pax.get("linkpath", target)
         long_name = long_link = pax = None
-        is_file = kind in REGULAR and not (kind == b"\0" and name.endswith("/"))
-        if is_file or kind == HARD_LINK and target in files:
-            files[name] = data[start:start + size] if is_file else files[target]
-            if links:  # over a symbolic link before it (`tar -r` of a real copy): extracting leaves the file
-                links.pop(name, None)
-        elif kind == HARD_LINK:  # each was skipped with no word: an image lost from the build
-            if links is not None and target in links:
-                links[name] = links[target]
-            elif lost is not None:
-                lost[name] = target
+        if kind in REGULAR and not (kind == b"\0" and name.endswith("/")):
+            enter_file(files, links, name, data[start:start + size])
+        elif kind == HARD_LINK:
+            enter_hard_link(files, links, lost, name, target)
         elif kind == SYMLINK:
-            if links is not None:
-                links[name] = target
+            links[name] = target
         elif kind not in SKIPPED and kind != b"\0":
             raise Unsupported(f"member type {kind!r}")
     return files
+
+
+# How `tar -x` leaves the members of an archive, in archive order; `files_in_tar` and source.py's tarfile
+# reader (bz2, xz, unusual members) enter theirs alike.
+
+
+def enter_file(files, links, name, data):
+    """A file's bytes, or a hard link's to a file before it: it replaces a symbolic link of its name before it
+    (`tar -r` of a real copy), as extracting leaves the file (the link's target was read: another image)."""
+    files[name] = data
+    links.pop(name, None)
+
+
+def enter_hard_link(files, links, lost, name, target):
+    """A hard link: tar stores the bytes of hard-linked copies once, at the first. To a file before it, that
+    file's bytes again; to a symbolic link, that link again (one inode: its target is read from the hard link's
+    folder, as extracting makes it); to neither, which extracting fails for, into `lost` (each was skipped with
+    no word: an image lost from the build)."""
+    if target in files:
+        enter_file(files, links, name, files[target])
+    elif target in links:
+        links[name] = links[target]
+    else:
+        lost[name] = target
 
 
 ZIP_LOCAL = struct.Struct("<4s22xHH")  # a local file header: signature, ..., name and extra lengths

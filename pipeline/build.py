@@ -119,7 +119,9 @@ def _write_one_shard(path, split, entries, on_error):
 
 def histograms(rgbs, grays):
     """Per-channel 256-bin histograms (int64) of the rgb64 and gray28 images `rgbs` and `grays` (non-empty
-    lists): the manifest's stats are `_stats` of their sums over the train shards (`shard verify` redoes it)."""
+    lists): the manifest's stats are `_stats` of their sums over the train shards. `shard verify` recounts
+    the shards with it; the build counts the same bytes a strip of images at a time (`_write_one_shard`),
+    and a test holds the two equal."""
     planes = np.stack(rgbs).reshape(-1, 3).T.copy()  # one contiguous plane a channel
     return np.stack([_byte_histogram(plane) for plane in planes]), _byte_histogram(np.stack(grays).ravel())
 

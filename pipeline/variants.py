@@ -9,7 +9,6 @@ turns into RGB. Only its size must be 64x64.
 """
 import io
 
-import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import ImageError
@@ -73,10 +72,3 @@ def decode_images(data, name):
         rgb = _open(data, name)
     return rgb, rgb.resize((28, 28), Image.BILINEAR).convert("L")
 
-
-def decode_variants(data, name):
-    """Return `(rgb64, gray28)` uint8 arrays (64x64x3, 28x28) for JPEG bytes; ImageError if unusable."""
-    rgb, gray = decode_images(data, name)
-    # Read-only views of the pixels' bytes: half the cost of np.asarray, which copies them twice.
-    return (np.frombuffer(rgb.tobytes(), np.uint8).reshape(64, 64, 3),
-            np.frombuffer(gray.tobytes(), np.uint8).reshape(28, 28))

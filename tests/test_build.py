@@ -29,7 +29,7 @@ from pipeline.index import read_index, read_manifest
 from pipeline.release import MAX_KEY, Item, plan_release
 from pipeline.source import open_release
 from pipeline.tarshard import write_shard
-from pipeline.variants import decode_variants
+from pipeline.variants import decode_images
 from tests.conftest import SHARD_SIZE, SYNTH
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,7 +102,8 @@ def test_a_shard_of_several_chunks_is_its_images_one_by_one(tmp_path, monkeypatc
         data = buf.getvalue() if i not in (4, 5, 6, 7, 12) else b"not an image"
         entries.append((Item(f"k_{i}", "train", i % 3, f"n{i}", (1, 2, 3, 4) if i % 2 else None, f"a/k_{i}.JPEG"), data))
     result = build._write_one_shard(str(tmp_path / "s.tar"), "train", entries, "skip")
-    kept = [(item, decode_variants(data, item.path)) for item, data in entries if data != b"not an image"]
+    kept = [(item, [np.asarray(img) for img in decode_images(data, item.path)]) for item, data in entries
+            if data != b"not an image"]
     meta = [json.dumps({"wnid": it.wnid, "split": "train", "box": list(it.box) if it.box else None,
                         "source": it.path.rsplit("/", 1)[-1]}, separators=(",", ":")).encode() for it, _ in kept]
     expected = write_shard(tmp_path / "expected.tar", [(it.key, rgb, gray, it.label, m)

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import ImageError
-from pipeline.variants import _plain_mode, decode_variants
+from pipeline.variants import _plain_mode, decode_images
 
 
 def jpeg(img, **kw):
@@ -53,7 +53,7 @@ def test_the_direct_decode_equals_image_open(kind):
     img, kw = KINDS[kind]
     data = jpeg(img, **kw)
     assert _plain_mode(data) == img.mode
-    rgb, gray = decode_variants(data, "x.JPEG")
+    rgb, gray = decode_images(data, "x.JPEG")
     expected_rgb, expected_gray = reference(data)
     assert rgb.tobytes() == expected_rgb.tobytes() and gray.tobytes() == expected_gray.tobytes()
 
@@ -74,9 +74,9 @@ def test_damaged_jpegs_decode_or_fail_as_image_open_does():
         expected = reference(bytes(data))
         if expected is None:
             with pytest.raises(ImageError):
-                decode_variants(bytes(data), "x.JPEG")
+                decode_images(bytes(data), "x.JPEG")
         else:
-            assert [a.tobytes() for a in decode_variants(bytes(data), "x.JPEG")] == [a.tobytes() for a in expected]
+            assert [a.tobytes() for a in decode_images(bytes(data), "x.JPEG")] == [a.tobytes() for a in expected]
         outcomes.add((damage, expected is None))
     # Flipped and zeroed bytes are sometimes decoded (libjpeg warns and goes on), sometimes refused;
     # PIL refuses every cut JPEG.
@@ -101,7 +101,7 @@ def test_any_image_pil_opens_is_what_the_studys_loader_reads(fmt, img):
     study's `ImageFolder` loader, `Image.open(f).convert('RGB')`, reads it: each is now that, byte for byte."""
     data = saved(img, fmt)
     assert Image.open(io.BytesIO(data)).mode == img.mode
-    rgb, gray = decode_variants(data, "x.JPEG")
+    rgb, gray = decode_images(data, "x.JPEG")
     expected_rgb, expected_gray = reference(data)
     assert rgb.tobytes() == expected_rgb.tobytes() and gray.tobytes() == expected_gray.tobytes()
 
@@ -114,5 +114,5 @@ def test_any_image_pil_opens_is_what_the_studys_loader_reads(fmt, img):
 def test_other_inputs_take_image_open_and_its_reasons(data, message):
     assert _plain_mode(data) is None
     with pytest.raises(ImageError) as caught:
-        decode_variants(data, "x.JPEG")
+        decode_images(data, "x.JPEG")
     assert str(caught.value) == message

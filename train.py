@@ -40,7 +40,6 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -57,12 +56,12 @@ from pipeline.checkpoint import (CHECKPOINT_FORMAT, check_epoch_order, check_lim
                                  check_recipe, classes_of, continue_command, keep_start, load_checkpoint, restore_ema,
                                  resume_path, run_identity, save_atomic, weights_run)
 from pipeline.device import check_device
-from pipeline.errors import (CheckpointError, ShardError, TinyinError, UsageError, hide_password, run_cli,
+from pipeline.errors import (CheckpointError, TinyinError, UsageError, hide_password, run_cli,
                              sigterm_interrupts)
 from pipeline.augment import AUGMENTS
 from pipeline.mixing import MODES as MIX_MODES, mix_batch, mix_generator
 from pipeline.order import step_seed
-from pipeline.shardset import ShardSet, local_path, no_folder_error
+from pipeline.shardset import ShardSet, local_folder
 from pipeline.stream_plan import DEAL
 
 NORMS = {"dataset": (None, None), "imagenet": (IMAGENET_MEAN, IMAGENET_STD), "half": ((0.5,) * 3, (0.5,) * 3)}
@@ -299,11 +298,7 @@ def open_shards(args):
         # arrived stay in the cache, and the next run goes on from them.
         with sigterm_interrupts(STOP_SIGNALS):
             return ShardSet(cached_copy(args.shards, ("train", "val", "test")))
-    folder = Path(local_path(args.shards))  # a file:// URL's too
-    if not folder.is_dir():
-        if not folder.exists():
-            raise no_folder_error(f"--shards {args.shards}", folder)
-        raise ShardError(f"--shards {args.shards}: a file, not a shard folder")
+    local_folder("--shards", args.shards)
     return ShardSet(args.shards)
 
 

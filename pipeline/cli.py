@@ -198,6 +198,14 @@ def _release_root(ctx, param, value):
     return check_images(value)
 
 
+def _shard_folder(ctx, param, value):
+    """--shards of the bench commands: `shardset.local_folder`, train.py's check and words (exit 1), which
+    tools/bench_loader.py uses too."""
+    from .shardset import local_folder
+
+    return local_folder("--shards", value)
+
+
 def _json_file(ctx, param, value):
     """--json of the bench commands: `bench.check_json`, as tools/bench_loader.py checks it."""
     from .bench import check_json
@@ -206,7 +214,7 @@ def _json_file(ctx, param, value):
 
 
 @bench.command("loader")
-@click.option("--shards", required=True, type=click.Path(exists=True, file_okay=False), help="Shard folder.")
+@click.option("--shards", required=True, type=click.Path(), callback=_shard_folder, help="Shard folder.")
 @click.option("--images", default=None, type=click.Path(), metavar="DIRECTORY", callback=_release_root, help="The extracted release (ROOT/train is read by the ImageFolder baseline); required unless --remote-only.")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1))
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="DataLoader workers for the baseline and the stream path.")
@@ -253,7 +261,7 @@ def _csv(kind):
 
 
 @bench.command("train")
-@click.option("--shards", required=True, type=click.Path(exists=True, file_okay=False), help="Shard folder.")
+@click.option("--shards", required=True, type=click.Path(), callback=_shard_folder, help="Shard folder.")
 @click.option("--images", default=None, type=click.Path(), metavar="DIRECTORY", callback=_release_root, help="An extracted release (ROOT/train), for feed d [default: none, feed d off].")
 @click.option("--arch", default=None, callback=_csv(str), help="Networks, comma-separated [default: all four].")
 @click.option("--size", default=None, callback=_csv(int), help="Input sizes, comma-separated (28, 64, 224) [default: all the zoo allows].")

@@ -79,6 +79,19 @@ def no_folder_error(where, folder):
                       "finished (still running, or killed): building into it again removes a killed one's")
 
 
+def local_folder(flag, location):
+    """The folder of a local shard set given as `flag LOCATION` (`--shards out/shards`; a `file://` URL's
+    too), as a path; ShardError naming the flag when it is no folder: 'no such folder' (`no_folder_error`)
+    or 'a file, not a shard folder'. train.py's and the bench commands' one check, so they say it alike
+    (click's `Path(exists=True)` said it as a usage error, exit 2, in its own words)."""
+    folder = Path(local_path(location))
+    if not folder.is_dir():
+        if not folder.exists():
+            raise no_folder_error(f"{flag} {location}", folder)
+        raise ShardError(f"{flag} {location}: a file, not a shard folder")
+    return str(folder)
+
+
 def size_error(where, actual, entry):
     return ShardError(f"{where}: {actual:,} bytes, the manifest says {entry['bytes']:,} (truncated or replaced)")
 

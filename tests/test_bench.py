@@ -155,6 +155,23 @@ def test_bench_loader_script_on_an_archive_of_no_release_is_one_line(monkeypatch
         assert capsys.readouterr().err == f"error: {src}: {message}\n"
 
 
+@pytest.mark.parametrize("name, reason", [("none", "no such folder"), ("file", "a file, not a shard folder")])
+def test_bench_shards_that_is_no_folder_is_said_as_train_says_it(monkeypatch, capsys, release, tmp_path, name, reason):
+    """The bench commands' --shards was click's usage error (exit 2, `Invalid value for '--shards': Directory
+    '...' does not exist.`), where train.py and `shard verify` say a missing set in their words, exit 1."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    (tmp_path / "file").write_bytes(b"")
+    expected = f"error: --shards {tmp_path / name}: {reason}\n"
+    for command in ("loader", "train"):
+        result = CliRunner().invoke(main, ["bench", command, "--shards", str(tmp_path / name)])
+        assert (result.exit_code, result.output) == (1, expected)
+    assert _run_tool(monkeypatch, "bench_loader.py", "--shards", tmp_path / name, "--images", release).code == 1
+    assert capsys.readouterr().err == expected
+
+
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 

@@ -220,9 +220,11 @@ def test_a_signed_urls_token_is_hidden_in_the_error_line(shards, cache):
 
 def test_a_urls_password_and_token_are_hidden_in_clicks_own_errors(tmp_path):
     """A URL given to a flag that takes a folder: click's 'Invalid value' line showed it whole."""
-    result = CliRunner().invoke(main, ["bench", "loader", "--shards", "https://ann:pw@h/tiny?sig=S", "--remote-only"])
+    result = CliRunner().invoke(main, ["report", "https://ann:pw@h/run?sig=S"])
     assert (result.exit_code, result.output) == (
-        2, "error: Invalid value for '--shards': Directory 'https://ann:***@h/tiny?sig=***' does not exist.\n")
+        2, "error: Invalid value for 'RUNS...': Directory 'https://ann:***@h/run?sig=***' does not exist.\n")
+    result = CliRunner().invoke(main, ["bench", "loader", "--shards", "https://ann:pw@h/tiny?sig=S", "--remote-only"])
+    assert (result.exit_code, result.output) == (1, "error: --shards https://ann:***@h/tiny?sig=***: no such folder\n")
 
 
 def test_hide_password_hides_only_passwords_and_tokens():

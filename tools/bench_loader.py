@@ -23,6 +23,7 @@ from pipeline.build import build_shards  # noqa: E402
 from pipeline.device import check_device  # noqa: E402
 from pipeline.errors import UsageError, run_cli, sigterm_interrupts, stop_code  # noqa: E402
 from pipeline.source import ROOT_MARKER, not_a_release, not_an_archive  # noqa: E402
+from pipeline.shardset import local_folder  # noqa: E402
 
 DEFAULT_SRC = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-imagenet-200.tar.gz"
 
@@ -65,6 +66,8 @@ def main():
     check_device(args.device)  # found by the resident row, after the baseline's minutes
     check_json(args.json)  # as `tinyin bench loader` checks it
     check_images(args.images)  # before the build of --src, as the command does (found after it, the build was lost)
+    if args.shards is not None:
+        local_folder("--shards", args.shards)  # as `tinyin bench loader` and train.py check it
     if (args.shards is None or args.images is None) and not Path(args.src).exists():
         sys.exit(f"error: {args.src}: not found (pass --src)")  # as tools/bench_build.py says it
     tmp = Path(tempfile.mkdtemp(prefix="tinyin-bench-loader-"))

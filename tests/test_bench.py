@@ -191,6 +191,21 @@ def test_the_bench_command_and_tool_name_a_mistake_alike(monkeypatch, capsys, sh
     assert result.exit_code == 2 and result.output.startswith(f"error: {flag} {value.format(tmp=tmp_path)}: ")
 
 
+@pytest.mark.parametrize("flag, value", [("--passes", "0"), ("--batch-size", "-1"), ("--workers", "-1"),
+                                         ("--passes", "x")])
+def test_the_bench_command_and_tool_name_a_bad_number_alike(monkeypatch, capsys, shards, release, flag, value):
+    """tools/bench_loader.py said `argument --passes: must be at least 1, not 0` (argparse's words; `--passes x`:
+    its usage and `invalid int value`, three lines), `tinyin bench loader` click's: one mistake, two messages."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    args = ["--shards", str(shards), "--images", str(release), flag, value]
+    result = CliRunner().invoke(main, ["bench", "loader", *args])
+    assert (_run_tool(monkeypatch, "bench_loader.py", *args).code, capsys.readouterr().err) == (2, result.output)
+    assert result.exit_code == 2 and result.output.startswith(f"error: Invalid value for '{flag}': ")
+
+
 @pytest.mark.parametrize("tool, args, code, message", [
     ("bench_build.py", ["--src", "{shards}"], 1, "{shards}: missing wnids.txt (not a Tiny ImageNet release)"),
     ("bench_build.py", ["--src", "{shards}", "--repeat", "0"], 2, "argument --repeat: must be at least 1, not 0"),
@@ -200,7 +215,7 @@ def test_the_bench_command_and_tool_name_a_mistake_alike(monkeypatch, capsys, sh
     ("bench_loader.py", ["--shards", "{shards}", "--images", "{tmp}", "--device", "mps"], 2,
      "argument --device: tinyin runs on cpu or cuda, not mps"),
     ("bench_loader.py", ["--shards", "{shards}", "--images", "{tmp}", "--passes", "0"], 2,
-     "argument --passes: must be at least 1, not 0"),
+     "Invalid value for '--passes': 0 is not in the range x>=1."),
     ("bench_loader.py", ["--shards", "{shards}", "--images", "{tmp}", "--json", "{tmp}/no/rows.json"], 2,
      "--json {tmp}/no/rows.json: no folder {tmp}/no to write it in"),
     ("bench_loader.py", ["--shards", "{shards}", "--images", "{tmp}", "--json", "{tmp}"], 2,

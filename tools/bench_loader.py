@@ -17,9 +17,12 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+import click
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.bench import bench_loader, check_images, check_json, format_table, planned_rows  # noqa: E402
 from pipeline.build import build_shards  # noqa: E402
+from pipeline.cli import bench_loader_cmd  # noqa: E402
 from pipeline.device import check_device  # noqa: E402
 from pipeline.errors import UsageError, run_cli, sigterm_interrupts, stop_code  # noqa: E402
 from pipeline.source import ROOT_MARKER, not_a_release, not_an_archive  # noqa: E402
@@ -48,21 +51,33 @@ def extract(src, dest):
     return root.parent
 
 
+def checked_as_the_command(args, names):
+    """`args`' values of `names` (argparse's dests), as typed, read by `tinyin bench loader`'s own options:
+    one range, and one message for one mistake (click's, `Invalid value for '--passes': 0 is not in the
+    range x>=1.`; the tool said it in argparse's words, `argument --passes: must be at least 1, not 0`)."""
+    ctx = click.Context(bench_loader_cmd)
+    for param in bench_loader_cmd.params:
+        if param.name in names:
+            try:
+                setattr(args, param.name, param.type_cast_value(ctx, getattr(args, param.name)))
+            except click.BadParameter as e:  # as the command's `_one_line` turns it into a line
+                raise UsageError(e.format_message()) from None
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--src", default=str(DEFAULT_SRC), help="release archive or folder (default: %(default)s)")
     parser.add_argument("--shards", help="an existing shard folder (skips the build)")
     parser.add_argument("--images", help="an extracted release folder (skips the extraction)")
-    parser.add_argument("--batch-size", type=int, default=256, help="default: %(default)s")
-    parser.add_argument("--workers", type=int, default=2, help="baseline/stream workers (default: %(default)s)")
-    parser.add_argument("--passes", type=int, default=5, help="timed passes per loader (default: %(default)s)")
+    # Numbers as typed: `checked_as_the_command` reads them.
+    parser.add_argument("--batch-size", default=256, help="default: %(default)s")
+    parser.add_argument("--workers", default=2, help="baseline/stream workers (default: %(default)s)")
+    parser.add_argument("--passes", default=5, help="timed passes per loader (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="resident/224 device (default: %(default)s)")
     parser.add_argument("--remote", action="store_true", help="also the loopback-HTTP rows: curl, remote fetch, remote stream")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
-    for flag, low in (("batch_size", 1), ("passes", 1), ("workers", 0)):  # --passes 0: a traceback after the warm-up
-        if getattr(args, flag) < low:
-            raise UsageError(f"argument --{flag.replace('_', '-')}: must be at least {low}, not {getattr(args, flag)}")
+    checked_as_the_command(args, ("batch_size", "workers", "passes"))  # --passes 0: a traceback after the warm-up
     check_device(args.device)  # found by the resident row, after the baseline's minutes
     check_json(args.json)  # as `tinyin bench loader` checks it
     check_images(args.images)  # before the build of --src, as the command does (found after it, the build was lost)

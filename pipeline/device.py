@@ -43,6 +43,10 @@ class DeviceStage:
     """Turn uint8 images (N, H, W, C) or (N, H, W) on any device into normalised (N, C, H', W').
 
     mean/std: per-channel, in [0, 1] units. size: output side (None keeps the stored size).
+    The images are square (H == W), as every variant of a shard set is (rgb64, gray28: the build refuses
+    an image of another size), so every batch `make_loader` gives: the output is size x size, or H x H for
+    size=None. A non-square batch of one's own is not supported (it would come out stretched to a square,
+    or, at W == size, not resized).
     augment: per sample, drawn from `generator`: False/None/"none" (off); True/"crop" (random crop
     with padding `pad`, and horizontal flip); "rrc" (random-resized crop of area fraction in
     `rrc_scale`, aspect in (3/4, 4/3), and horizontal flip).

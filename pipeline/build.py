@@ -257,8 +257,9 @@ def build_shards(src, out, workers=None, shard_size=10000, split_seed=None, on_e
     Building again into `out` with the same input and options repairs the set: files missing or
     damaged there are written again, the others left as they are.
 
-    Returns the manifest (also written to `out/manifest.json`), with `_seconds` (the build's time)
-    and `_repaired` (the files written again into an existing set) added. Raises `SourceError`,
+    Returns the manifest (also written to `out/manifest.json`), with `_seconds` (the build's time),
+    `_repaired` (the files written again into an existing set) and `_ignored` (the release's images
+    outside train/, val/ and test/, in no split: `Plan.ignored`) added. Raises `SourceError`,
     `ImageError` (with `on_error='fail'`), `ShardError` or `UsageError` (`classes` or `split_seed` out of range)
     with a one-line message.
     """
@@ -306,6 +307,7 @@ def build_shards(src, out, workers=None, shard_size=10000, split_seed=None, on_e
         shutil.rmtree(tmp, ignore_errors=True)
     manifest["_seconds"] = time.perf_counter() - started
     manifest["_repaired"] = repaired
+    manifest["_ignored"] = plan.ignored
     return manifest
 
 

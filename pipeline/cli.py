@@ -128,8 +128,11 @@ def shard_build(src, out, workers, shard_size, split_seed, on_error, classes, qu
     n = sum(manifest["counts"].values())
     secs = manifest["_seconds"]
     repaired = f"; repaired {', '.join(manifest['_repaired'])}" if manifest["_repaired"] else ""
+    ignored = manifest["_ignored"]  # not an error: in no split's folder, they belong to none
+    ignored = (f"; ignored {len(ignored):,} image{'s' * (len(ignored) > 1)} outside train/, val/ and test/ ({ignored[0]}"
+               f"{', ...' if len(ignored) > 1 else ''})") if ignored else ""
     click.echo(f"built {len(manifest['shards'])} shards in {out}: {counts} "
-               f"({n / secs:,.0f} images/s, {secs:.1f} s); skipped {len(manifest['skipped'])}{repaired}")
+               f"({n / secs:,.0f} images/s, {secs:.1f} s); skipped {len(manifest['skipped'])}{repaired}{ignored}")
 
 
 SKIPPED_SHOWN = 20

@@ -41,6 +41,7 @@ class Plan:
     words: dict
     items: dict       # split -> [Item]
     problems: list    # (path, reason) of items that cannot be written
+    ignored: list     # images outside train/, val/ and test/ (the release has none there): in no split, not written
 
 
 def _natural(name):
@@ -206,16 +207,22 @@ def plan_release(files, split_seed=None, classes=None):
     # (the folder is the class): one elsewhere would be left out with no word, so it is a problem (the build
     # fails, or with --on-error skip lists it skipped).
     read = ("val", "test") if classes is None else ("val",)  # a subset reads nothing of test/
+    # One at the top or in a folder of its own belongs to no split: not a problem, but `shard build` counts
+    # them in its summary (a user who put images there may have meant them used). `is_image`: a littered
+    # archive's `._*` files (and `__MACOSX/`'s, all such) are none.
+    ignored = []
     for name in files.names():
         top, _, rest = name.partition("/")
         if top in read and is_image(name) and not rest.startswith("images/"):
             problems.append((name, f"outside {top}/images/, where the release keeps the {top} images"))
         elif top == "train" and "/" not in rest and is_image(name):
             problems.append((name, "outside the class folders train/WNID/, where the release keeps the train images"))
+        elif top not in ("train", "val", "test") and is_image(name):
+            ignored.append(name)
     items = {"train": train, "val": val, "test": test, "unlabeled": unlabeled}
     seen = {}
     for item in train + val + test + unlabeled:
         if seen.setdefault(item.key, item.path) != item.path:
             raise SourceError(f"{files.label}: {item.path} and {seen[item.key]} share the key {item.key}")
     wnids = wnids[:kept]
-    return Plan(wnids, {w: words.get(w, "") for w in wnids}, items, problems)
+    return Plan(wnids, {w: words.get(w, "") for w in wnids}, items, problems, ignored)

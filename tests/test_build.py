@@ -253,6 +253,24 @@ def test_an_image_outside_the_layout_is_read_as_imagefolder_does_or_named(releas
                                                                                      "val/stray_2.JPEG"]
 
 
+def test_images_outside_the_splits_are_counted_in_the_summary(release, tmp_path):
+    """An image at the release's top or in a folder of its own (no split's) was left out without a word. Not an
+    error (it belongs to no split), the build's summary counts them now; a littered archive's junk (`._*`,
+    `__MACOSX/`, `.DS_Store`, `Thumbs.db`) and files that are no image stay unsaid."""
+    copy = shutil.copytree(release, tmp_path / "release")
+    (copy / "extra").mkdir()
+    (copy / "__MACOSX").mkdir()
+    for name in ("extra/b.JPEG", "top.png", "._top.png", "__MACOSX/._b.JPEG", ".DS_Store", "Thumbs.db", "notes.txt"):
+        (copy / name).write_bytes(b"")
+    assert plan_release(open_release(copy)).ignored == ["extra/b.JPEG", "top.png"]
+    for out, said in (("two", "2 images outside train/, val/ and test/ (extra/b.JPEG, ...)"),
+                      ("one", "1 image outside train/, val/ and test/ (extra/b.JPEG)")):
+        result = CliRunner().invoke(main, ["shard", "build", "--src", str(copy), "--out", str(tmp_path / out),
+                                           "--classes", "1", "--quiet"])
+        assert result.exit_code == 0 and result.output.endswith(f"; skipped 0; ignored {said}\n"), result.output
+        (copy / "top.png").unlink(missing_ok=True)  # the second build: one image
+
+
 def test_a_broken_link_to_a_list_of_a_folder_release_is_named(release, tmp_path):
     """A W_boxes.txt (or words.txt) that is a link to no file read as absent: the class's boxes left out unsaid."""
     copy = shutil.copytree(release, tmp_path / "release")

@@ -49,6 +49,7 @@ from tqdm import tqdm
 
 import models
 from models.recipes import recipe_names, resolve_recipe
+from models.registry import DAMAGED, damaged_member
 from pipeline import IMAGENET_MEAN, IMAGENET_STD, make_loader, provenance
 from pipeline.atomic import write_json
 from pipeline.cache import cached_copy, is_set_url
@@ -356,6 +357,9 @@ def build_model(args, manifest):
 
 def describe_weights(path, arch):
     """Why a weights file does not load, in a few words (the full key lists fill a screen)."""
+    member = damaged_member(path)
+    if member:
+        return DAMAGED.format(member=member)
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - whatever torch.load raised, the file is not weights

@@ -18,6 +18,7 @@ import shlex
 import torch
 
 from models.recipes import RECIPES
+from models.registry import DAMAGED, damaged_member
 
 from .atomic import atomic_file
 from .errors import CheckpointError, hide_password
@@ -75,6 +76,9 @@ def load_checkpoint(path, identity):
                               f"or --resume auto with --output-dir {path}")
     if not os.path.isfile(path):
         raise CheckpointError(f"--resume {path}: no such file")
+    member = damaged_member(path)  # torch.load does not check: the run went on from damaged weights
+    if member:
+        raise CheckpointError(f"{path}: {DAMAGED.format(member=member)}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch.load of an arbitrary file raises nearly anything (KeyError, struct.error...)

@@ -3,7 +3,9 @@ real release from ../shared/data when it is there (tests that need it skip with 
 import json
 import os
 import shutil
+import struct
 import warnings
+import zipfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -85,3 +87,16 @@ def copy_with_edited_index(shards, tmp_path, column, row, value):
     manifest["index_sha256"] = file_sha256(copy / "index.parquet")
     (copy / "manifest.json").write_text(json.dumps(manifest))
     return copy, table.column("key")[row].as_py()
+
+
+def damage_torch_file(path, source):
+    """Copy torch file `source` (a zip, as torch.save writes) to `path` with one byte of its largest member's
+    data flipped, as a bad copy or disk leaves it; returns that member's name (what its CRC-32 check names)."""
+    data = bytearray(Path(source).read_bytes())
+    with zipfile.ZipFile(source) as archive:
+        member = max(archive.infolist(), key=lambda info: info.file_size)
+    name_len, extra_len = struct.unpack_from("<HH", data, member.header_offset + 26)  # the local header's
+    start = member.header_offset + 30 + name_len + extra_len  # stored, not deflated: the bytes as they are
+    data[start + member.file_size // 2] ^= 0xFF
+    Path(path).write_bytes(data)
+    return member.filename

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import models
+from tests.conftest import damage_torch_file
 
 EXPECTED_SIZES = {"lenet5": (28,), "alexnet": (64, 224), "squeezenet1_1": (64, 224), "resnet18": (64, 224),
                   "resnet18_64": (64,), "resnet18_64s2": (64,), "resnet10_64s2": (64,)}
@@ -149,6 +150,20 @@ def test_a_checkpoint_of_another_network_with_the_same_tensors_is_refused(tmp_pa
         models.get_model("resnet18_64", num_classes=10, weights=str(tmp_path / "ckpt.pth"))
     assert str(e.value) == f"{tmp_path / 'ckpt.pth'}: holds resnet18_64s2 weights (a train.py checkpoint), not resnet18_64"
     assert _same(src, models.get_model("resnet18_64s2", num_classes=10, weights=str(tmp_path / "ckpt.pth")))
+
+
+def test_a_damaged_weights_file_is_refused_naming_its_member(tmp_path):
+    """torch.load does not check a file's CRC-32s: with one byte of its tensors flipped, a weights file
+    loaded without a word, and was trained from or evaluated as it was."""
+    src = models.get_model("lenet5", num_classes=10)
+    torch.save(src.state_dict(), tmp_path / "good.pth")
+    member = damage_torch_file(tmp_path / "bad.pth", tmp_path / "good.pth")
+    assert len(torch.load(tmp_path / "bad.pth", weights_only=True)) == len(src.state_dict())  # torch reads it
+    with pytest.raises(ValueError) as e:
+        models.get_model("lenet5", num_classes=10, weights=str(tmp_path / "bad.pth"))
+    assert str(e.value) == (f"{tmp_path / 'bad.pth'}: damaged: its {member} fails its CRC-32 check "
+                            "(a bad copy, or a failing disk)")
+    assert _same(src, models.get_model("lenet5", num_classes=10, weights=str(tmp_path / "good.pth")))
 
 
 def test_a_file_that_is_no_state_dict_is_a_value_error(tmp_path):

@@ -19,6 +19,7 @@ from pipeline import build_shards, checkpoint, make_loader, provenance, read_ind
 from pipeline.errors import run_cli
 from pipeline.order import epoch_order, step_seed
 from pipeline.synth import synthesize
+from tests.conftest import damage_torch_file
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -192,6 +193,15 @@ def test_user_mistakes_are_one_line_errors_with_exit_code_1(train_shards, tiny_s
     assert error("--shards", tiny_shards, "--arch", "lenet5", "--resume", ckpt) == (
         1, f"error: {ckpt}: a checkpoint of another run (dataset {there} there, {here} here); "
            "pass the flags it was made with, or another --output-dir\n")
+    # One byte flipped in a tensor (a bad copy, a failing disk): torch.load reads it without a word, and the
+    # run went on from, or evaluated, weights that were never trained.
+    member = damage_torch_file(tmp_path / "damaged.pth", ckpt)
+    damaged = f"damaged: its {member} fails its CRC-32 check (a bad copy, or a failing disk)"
+    assert error("--shards", train_shards, "--arch", "lenet5", "--resume", tmp_path / "damaged.pth") == (
+        1, f"error: {tmp_path / 'damaged.pth'}: {damaged}\n")
+    for test_only in ((), ("--test-only",)):
+        assert error("--shards", train_shards, "--arch", "lenet5", "--weights", tmp_path / "damaged.pth", *test_only) == (
+            1, f"error: --weights {tmp_path / 'damaged.pth'}: {damaged}\n")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     assert error("--shards", train_shards, "--arch", "lenet5", "--resume", tmp_path / "junk.pth") == (
         1, f"error: {tmp_path / 'junk.pth'}: not a train.py checkpoint (UnpicklingError)\n")

@@ -132,6 +132,10 @@ def get_model(name: str, num_classes: int = 200, pretrained: bool = False, weigh
     imagenet = spec.imagenet_weights()
     cached = spec.hub_cache_file()
     was_cached = os.path.isfile(cached)
+    member = damaged_member(cached) if was_cached else None  # neither torch.hub nor torch.load checks a cached file
+    if member:
+        raise WeightsUnavailable(f"{cached}: torch.hub's cached ImageNet weights for {name} are {DAMAGED.format(member=member)}; "
+                                 "delete the file to download it again, or pass --weights FILE")
     try:
         model = spec.build_pretrained(imagenet)
     except Exception as e:  # noqa: BLE001 - torch.load of a damaged or foreign file raises nearly anything

@@ -269,6 +269,22 @@ def test_pretrained_hash_mismatch_is_weights_unavailable(weights_server, tmp_pat
         models.get_model("squeezenet1_1", pretrained=True)
 
 
+def test_a_cached_file_whose_bytes_fail_their_crc_is_named(weights_server, tmp_path):
+    """A cached file with one byte of its tensors flipped loaded without a word (no hash check there, none in
+    torch.load): ImageNet weights that are not ImageNet's, fine-tuned from."""
+    src, base, name, set_url = weights_server
+    set_url(f"{base}/{name}")
+    cached = tmp_path / "torch_home" / "hub" / "checkpoints" / name
+    cached.parent.mkdir(parents=True)
+    torch.save(src.state_dict(), tmp_path / "good.pth")
+    member = damage_torch_file(cached, tmp_path / "good.pth")
+    with pytest.raises(models.WeightsUnavailable) as e:
+        models.get_model("squeezenet1_1", pretrained=True)
+    assert str(e.value) == (f"{cached}: torch.hub's cached ImageNet weights for squeezenet1_1 are damaged: its {member} "
+                            "fails its CRC-32 check (a bad copy, or a failing disk); delete the file to download it "
+                            "again, or pass --weights FILE")
+
+
 @pytest.mark.parametrize("content, error", [(b"bad gateway\n", "UnpicklingError"), (b"", "EOFError"), ("list", "TypeError"),
                                             ("resnet18", "RuntimeError")])
 def test_a_damaged_file_in_the_hub_cache_is_named(weights_server, tmp_path, content, error):

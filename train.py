@@ -831,7 +831,9 @@ def train(parts, state, args, stop):
         state.train_seconds = clock["before"] + time.time() - clock["t0"]
 
     def checkpoint(*extra):
-        save_checkpoint(parts, state, args, [ckpt_path, *extra])
+        # best.pth before checkpoint.pth: a run killed between the two resumes before the epoch and writes
+        # best.pth again, where one resumed after it counted the epoch best and never wrote its weights.
+        save_checkpoint(parts, state, args, [*extra, ckpt_path])
         if keys is not None:
             write_keys(out, state.epoch if state.samples_done else state.epoch - 1, keys)
 

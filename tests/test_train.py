@@ -588,6 +588,30 @@ def test_a_crash_resumes_from_the_last_periodic_checkpoint(train_shards, tmp_pat
     assert len(keys) == 1000 and sorted(keys) == sorted(train_keys(train_shards))
 
 
+def test_a_crash_while_best_pth_is_written_loses_no_best_epoch(tiny_shards, tmp_path, monkeypatch):
+    """The epoch's checkpoint.pth was written before best.pth: a run killed (kill -9, the OOM killer) while
+    best.pth was written resumed after that epoch, already counted as the best, and never wrote best.pth
+    again; best.pth held an earlier epoch's weights (here, a new run's only epoch: none at all) without a word."""
+    flags = ["--arch", "lenet5", "-b", "4", "--epochs", "1"]
+    run(tiny_shards, tmp_path / "straight", *flags)
+    real_save = train.save_atomic
+
+    def crash_at_best(obj, path):  # as if the machine died: no handler, no final checkpoint
+        if Path(path).name == "best.pth":
+            raise RuntimeError("machine lost")
+        return real_save(obj, path)
+
+    monkeypatch.setattr(train, "save_atomic", crash_at_best)
+    with pytest.raises(RuntimeError, match="machine lost"):
+        run(tiny_shards, tmp_path / "resumed", *flags)
+    monkeypatch.setattr(train, "save_atomic", real_save)
+    run(tiny_shards, tmp_path / "resumed", *flags, "--resume", "auto")
+    _same_run(tmp_path / "straight", tmp_path / "resumed")
+    straight, resumed = (torch.load(tmp_path / d / "best.pth", weights_only=True) for d in ("straight", "resumed"))
+    assert resumed["state"]["best_acc"] == straight["state"]["best_acc"]
+    assert all(torch.equal(resumed["model"][k], straight["model"][k]) for k in straight["model"])
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full, a disk that is always full")
 def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_temp_file(train_shards, tmp_path, capsys):
     """torch.save(obj, path) turned the full disk into a RuntimeError ("unexpected pos ..."), a traceback,

@@ -442,6 +442,7 @@ class Parts:
     device: torch.device
     world_size: int
     steps_per_epoch: int  # of a whole epoch on this run's ranks (at most --limit-batches): the per-step schedule's unit
+    shard_counts: list  # the train shards' samples, in order: the stream path's epoch plan follows them
     ema: AveragedModel = None  # --ema: the average (saved and loaded with the model)
     eval_model: nn.Module = None  # what validation and test call: the EMA's network with --ema, else `model`
     lr_scheduler: object = None
@@ -505,7 +506,8 @@ def build(args, device, world_size):
                          f"last, partial batch is left out; use a smaller --batch-size")
     steps_per_epoch = min(len(train), args.limit_batches or len(train))
     return Parts(model, module, nn.CrossEntropyLoss(label_smoothing=args.label_smoothing), optimizer,
-                 train, val, test, run_identity(args, manifest), device, world_size, steps_per_epoch, ema, eval_model)
+                 train, val, test, run_identity(args, manifest), device, world_size, steps_per_epoch,
+                 [e["count"] for e in shard_set.entries("train")], ema, eval_model)
 
 
 def make_ema(module, args):
@@ -560,7 +562,8 @@ def save_checkpoint(parts, state, args, paths):
     """Write the checkpoint to each of `paths` (rank 0; collective under DDP: gathers every rank's state)."""
     ckpt = dict(format=CHECKPOINT_FORMAT, model=parts.module.state_dict(), optimizer=parts.optimizer.state_dict(),
                 lr_scheduler=parts.lr_scheduler.state_dict(), args=saved_args(args), identity=parts.identity,
-                world_size=parts.world_size, batch_size=args.batch_size, state=state.state_dict(), stream_deal=DEAL)
+                world_size=parts.world_size, batch_size=args.batch_size, state=state.state_dict(), stream_deal=DEAL,
+                stream_counts=parts.shard_counts)
     if parts.ema is not None:
         ckpt["ema"] = parts.ema.state_dict()  # the average and its update count (rank 0's: see sync_ema_buffers)
     if rank() == 0:
@@ -582,7 +585,7 @@ def restore(parts, args, ckpt_path):
             # the choice comes at the end of epoch 2: it would never be made, the budget silently unused
             raise UsageError(f"--time-budget: {ckpt_path} is at epoch {state.epoch}, past the choice of --epochs "
                              f"(made after {BUDGET_AFTER_EPOCHS} epochs); resume it with --epochs N instead")
-        check_epoch_order(ckpt, state, args, parts.world_size, ckpt_path)
+        check_epoch_order(ckpt, state, args, parts.world_size, ckpt_path, parts.shard_counts)
         check_limit_batches(ckpt["args"].get("limit_batches"), args, ckpt_path)
         check_recipe(ckpt["args"], args, ckpt_path)  # before the norm: its advice alone resumed without the recipe
         check_norm(ckpt["args"].get("norm"), args, ckpt_path)

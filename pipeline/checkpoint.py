@@ -119,12 +119,14 @@ def restore_ema(parts, ckpt, path, args):
 # --- what a resume must agree with ---------------------------------------------------------
 
 
-def check_epoch_order(ckpt, state, args, world_size, path):
+def check_epoch_order(ckpt, state, args, world_size, path, counts=None):
     """CheckpointError when this run cannot carry on the checkpoint's epoch where it stopped. The rest of
     an epoch is the rest of the order the checkpoint's data path planned, and the stream path's (shards
     dealt to ranks, `stream_plan`) is neither the resident and fast paths' (`order.epoch_order`) nor its
-    own on another number of ranks, batch size or lane count: resumed so, some samples would be trained
-    on twice that epoch and others not at all, without a word. At an epoch boundary anything goes on."""
+    own on another number of ranks, batch size or lane count, or on shards of other sizes (`counts`: this
+    run's train shards' samples; the same release built with another --shard-size is the same run):
+    resumed so, some samples would be trained on twice that epoch and others not at all, without a word.
+    At an epoch boundary anything goes on."""
     if not state.samples_done:
         return
     saved = ckpt["args"].get("data_path", "auto")
@@ -141,6 +143,12 @@ def check_epoch_order(ckpt, state, args, world_size, path):
         raise CheckpointError(f"{where} on {world_size} ranks by an earlier tinyin, whose stream path dealt the "
                               f"shards to ranks otherwise (deal {ckpt.get('stream_deal', 1)}, this one's is {DEAL}); "
                               "finish that epoch with the tinyin that saved it, or start the run again")
+    saved_counts = ckpt.get("stream_counts")  # None: a checkpoint from before they were saved
+    if saved_counts is not None and counts is not None and list(saved_counts) != list(counts):
+        said = lambda c: ", ".join(f"{n:,}" for n in c[:4]) + (f", ... ({len(c)} shards)" if len(c) > 4 else "")  # noqa: E731
+        raise CheckpointError(f"{where} on train shards of {said(saved_counts)} samples, whose order of the epoch "
+                              f"shards of {said(counts)} (these) do not share (the stream path reads whole shards); "
+                              "resume it on the shards it was made with")
     if ckpt["batch_size"] != args.batch_size:  # the plan cuts its lanes into batches
         raise CheckpointError(f"{where} with -b {ckpt['batch_size']}, whose order of the epoch -b "
                               f"{args.batch_size} does not share; resume it with -b {ckpt['batch_size']}")

@@ -337,7 +337,7 @@ def test_lenet5_learns_and_writes_its_files(train_shards, tmp_path):
     assert 0 <= final["test_top1"] <= final["test_top5"] <= 100 and final["wall_time_s"] > 0
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert set(ckpt) == {"format", "model", "optimizer", "lr_scheduler", "args", "identity", "world_size", "batch_size", "state",
-                         "stream_deal"}
+                         "stream_deal", "stream_counts"}
     state = ckpt["state"]
     # 1000 images in batches of 32: 32 steps per epoch (the last one of 8).
     assert (state["epoch"], state["samples_done"], state["epoch_steps"], state["step"]) == (3, 0, 0, 3 * 32)
@@ -496,6 +496,24 @@ def test_a_mid_epoch_stream_checkpoint_resumes_only_with_its_batch_size(tiny_sha
         assert capsys.readouterr().err == (
             f"error: {tmp_path / 'checkpoint.pth'}: stopped mid-epoch (epoch 0 step 1) with -b 4, whose order of "
             f"the epoch -b {b} does not share; resume it with -b 4\n")
+
+
+def test_a_mid_epoch_stream_checkpoint_resumes_only_on_shards_of_its_sizes(train_shards, tmp_path, capsys):
+    """The stream plan deals and mixes whole shards: a run stopped mid-epoch and resumed on the same release
+    built again with another --shard-size (the same classes and train count, so the same run) trained 267 of
+    1,000 samples twice that epoch and 267 not at all, without a word."""
+    resharded = tmp_path / "resharded"
+    build_shards(Path(train_shards).parent / "release", resharded, workers=1, shard_size=300, progress=False)
+    flags = ["--device", "cpu", "--output-dir", tmp_path / "run", "--arch", "lenet5", "-b", "50", "--epochs", "1",
+             "--data-path", "stream", "-j", "0"]
+    stop_at(train_shards, tmp_path / "run", 10, *flags)
+    capsys.readouterr()
+    assert cli("--shards", resharded, *flags, "--resume", "auto") == 1
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'run' / 'checkpoint.pth'}: stopped mid-epoch (epoch 0 step 10) on train shards of "
+        "1,000 samples, whose order of the epoch shards of 300, 300, 300, 100 (these) do not share (the stream "
+        "path reads whole shards); resume it on the shards it was made with\n")
+    run(train_shards, tmp_path / "run", *flags, "--resume", "auto")  # its own shards, wherever they are
 
 
 def test_a_mid_epoch_multi_rank_stream_checkpoint_of_the_earlier_deal_is_refused():

@@ -201,6 +201,23 @@ class StopSignals:
         return int(flag)
 
 
+def stop_when_the_launcher_dies(every=0.5):
+    """Under torchrun, send this process SIGTERM (`StopSignals`: the step finished, a checkpoint, exit 143) once
+    torchrun is gone. torchrun starts each worker in a session of its own, where no signal to torchrun's group
+    reaches: killed outright (kill -9, the OOM killer), it left its workers training on to the end, unseen, holding
+    --output-dir's lock. A thread that polls the parent, as the shard build's workers do (`build._exit_when_orphaned`)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:  # torchrun's: a plain run may outlive its shell (nohup) on purpose
+        return
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(every)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="tinyin-launcher", daemon=True).start()
+
+
 class Interrupted(Exception):
     """Raised out of the train loop after the stop checkpoint is written; main exits with 128 + signum."""
 
@@ -959,6 +976,7 @@ def main(args):
     """Train (or --test-only evaluate) as `args` say; returns final.json's dict. Exits 128 + signum
     after writing a checkpoint when SIGTERM, SIGINT or SIGUSR1 arrives mid-run."""
     check_device(args.device)
+    stop_when_the_launcher_dies()
     with distributed(args) as (device, world_size), StopSignals() as stop, contextlib.ExitStack() as held:
         ckpt_path = resume_path(args)
         if args.test_only and args.pretrained and not ckpt_path:  # the ImageNet head has 1000 classes: replaced

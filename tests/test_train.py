@@ -655,6 +655,41 @@ def test_a_full_disk_while_writing_final_json_is_one_line_and_leaves_no_half_fil
                                                           "env.json", "metrics.csv", "metrics.jsonl"]
 
 
+# A stand-in for torchrun: starts train.py in a session of its own, with torchrun's TORCHELASTIC_RUN_ID, passing
+# on its stdout and stderr, prints the worker's pid and waits (to be killed).
+LAUNCHER = """
+import os, subprocess, sys, time
+worker = subprocess.Popen(sys.argv[1:], env=dict(os.environ, TORCHELASTIC_RUN_ID="test"), start_new_session=True)
+print(worker.pid, flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_worker_whose_torchrun_is_killed_checkpoints_and_stops(tiny_shards, tmp_path):
+    """torchrun starts its workers in sessions of their own: killed outright (kill -9, the OOM killer, which README
+    named the way to stop at once), it left them training on, unseen, to the end of the run, holding the output
+    folder's lock (a resume was refused meanwhile)."""
+    out = tmp_path / "run"
+    flags = ["--shards", tiny_shards, "--arch", "lenet5", "-b", "4", "--epochs", "50", "--device", "cpu",
+             "--output-dir", out]
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, sys.executable, str(ROOT / "train.py"),
+                                 *map(str, flags), "--wait-at-step", "1"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    worker = int(launcher.stdout.readline())
+    try:
+        assert launcher.stdout.readline() == "waiting for a signal at epoch 0 step 1\n"
+        launcher.kill()
+        _, err = launcher.communicate(timeout=60)  # the pipes close when the worker has exited too
+    finally:
+        launcher.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGKILL)
+    assert err == (f"interrupted at epoch 0 step 1: checkpoint saved to {out / 'checkpoint.pth'}; continue with: "
+                   f"python train.py {' '.join(map(str, flags))} --resume auto\n")
+    state = torch.load(out / "checkpoint.pth", weights_only=True)["state"]
+    assert (state["epoch"], state["epoch_steps"]) == (0, 1)
+
+
 @pytest.mark.parametrize("path, group", [((), False), (("--data-path", "stream"), True)],
                          ids=["to-the-process", "stream-to-the-group"])
 def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(train_shards, tmp_path, path, group):

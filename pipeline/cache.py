@@ -6,6 +6,7 @@ asked splits is fetched to `<file>.part`, checked as every transfer is (size and
 always a checked copy: a second open fetches nothing, and a broken-off `.part` resumes with a
 range request. (sha256 is not computed here: the loader's data pass hashes every local shard
 anyway, beside the first epoch, so hashing here too would pass over the data twice.)
+While the set's URL cannot be opened, a complete copy is used as it is (a note on stderr says so).
 One process per cache folder fetches at a time (an `flock` on `.lock`): the ranks
 of a node, or any processes sharing the folder, download each shard once and the others wait.
 
@@ -70,8 +71,19 @@ def cached_copy(shards, splits, cache_dir=None, workers=WORKERS, progress=None, 
     terminal, in the process with LOCAL_RANK 0). Raises ShardError naming the URL of a shard that is
     missing, short, corrupt or unreachable after retries; no file is left looking complete.
     """
-    remote = open_shard_set(shards, storage_options)
-    entries = [e for split in ([splits] if isinstance(splits, str) else splits) for e in remote.entries(split)]
+    splits = [splits] if isinstance(splits, str) else list(splits)
+    try:
+        remote = open_shard_set(shards, storage_options)
+    except ShardError as e:
+        # A server or object store down, or a node without the network: a complete copy trains as it is (a
+        # preempted job requeued meanwhile failed, every file it needed at hand).
+        folder = None if isinstance(shards, ShardSet) else _complete_copy(cache_folder(shards, cache_dir), splits)
+        if folder is None:
+            raise
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # one note per node
+            print(f"note: {hide_password(e)}; reading its copy fetched before, {folder}", file=sys.stderr, flush=True)
+        return folder
+    entries = [e for split in splits for e in remote.entries(split)]
     folder = cache_folder(remote.location, cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
     if progress is None:
@@ -81,6 +93,21 @@ def cached_copy(shards, splits, cache_dir=None, workers=WORKERS, progress=None, 
         _write_metadata(remote, folder)
         _Fetch(remote, folder, workers, progress).run(entries)
     return folder
+
+
+def _complete_copy(folder, splits):
+    """`folder` when it holds a copy of `splits` as `_Fetch` leaves a complete one (the manifest, the index and
+    every shard of its size; the loader's data pass checks their sha256), else None."""
+    if not (folder / MANIFEST_FILE).is_file():
+        return None
+    try:
+        with locked(folder / CACHE_LOCK_FILE):  # not while another process fills it
+            copy = ShardSet(folder)
+            entries = [e for split in splits for e in copy.entries(split)]
+            sizes = [(folder / e["file"]).stat().st_size == e["bytes"] for e in entries]
+    except (ShardError, OSError):  # not a set, a split it lacks, a shard not there
+        return None
+    return folder if all(sizes) else None
 
 
 def _mark(folder, remote):

@@ -287,6 +287,26 @@ def test_a_complete_copy_in_a_folder_this_process_cannot_write_is_read(serve, ca
     assert not (copy / CACHE_MARK_FILE).exists()
 
 
+def test_a_complete_copy_is_read_while_its_url_cannot_be_reached(shards, serve, cache, capsys):
+    """A run resumed (a preempted job requeued) while the server or object store was down, or on a node
+    without the network, failed 'manifest.json: unreadable (Connection refused)' though every file it
+    needed was in the cache. A copy missing a shard is still an error: nothing could fill it."""
+    server = serve()
+    copy = cached_copy(server.url, "train")
+    url = server.url
+    server.close()
+    capsys.readouterr()
+    assert cached_copy(url, "train") == copy
+    err = capsys.readouterr().err
+    assert err.startswith(f"note: {url}/manifest.json: unreadable (URLError: ") and err.endswith(
+        f"; reading its copy fetched before, {copy}\n")
+    with pytest.raises(ShardError, match=r"/manifest.json: unreadable \(URLError: "):
+        cached_copy(url, ("train", "val"))  # val was never fetched
+    (copy / SHARD).write_bytes(b"cut short")
+    with pytest.raises(ShardError, match=r"/manifest.json: unreadable \(URLError: "):
+        cached_copy(url, "train")
+
+
 def test_shards_are_fetched_through_the_proxy_the_manifest_is_read_through(shards, serve, cache, monkeypatch):
     """Nodes that reach the data only through a proxy (http_proxy): the manifest and the stream path
     (urllib) used it, the cache's own HTTP client did not, and every shard failed 'cannot fetch'."""

@@ -31,6 +31,7 @@ import dataclasses
 import datetime
 import errno
 import fcntl
+import hashlib
 import itertools
 import json
 import math
@@ -57,7 +58,7 @@ from pipeline.checkpoint import (CHECKPOINT_FORMAT, check_epoch_order, check_lim
                                  check_recipe, classes_of, continue_command, keep_start, load_checkpoint, restore_ema,
                                  resume_path, run_identity, save_atomic, weights_run)
 from pipeline.device import check_device
-from pipeline.errors import (CheckpointError, TinyinError, UsageError, hide_password, run_cli,
+from pipeline.errors import (CheckpointError, ShardError, TinyinError, UsageError, hide_password, run_cli,
                              sigterm_interrupts)
 from pipeline.augment import AUGMENTS
 from pipeline.mixing import MODES as MIX_MODES, mix_batch, mix_generator
@@ -494,10 +495,23 @@ def rank_ordered_mean(received, bucket):
     return dist.all_gather(parts, grads, async_op=True).get_future().then(mean)
 
 
+def check_same_set(manifest, args):
+    """ShardError on every rank unless all ranks opened the same shard set, told by its shards' sha256 (a build is
+    byte for byte the same on every machine). Each node reads its own --shards: a node holding another build (a
+    stale copy, the release fetched or synthesised again) trained its ranks on that set's samples at their positions
+    of the epoch order, and validated on its val split, without a word; with other counts, gloo aborted a collective."""
+    sets = gather(hashlib.sha256(" ".join(e["sha256"] for e in manifest["shards"]).encode()).hexdigest())
+    differs = [r for r, other in enumerate(sets) if other != sets[0]]
+    if differs:
+        raise ShardError(f"--shards {args.shards}: rank {differs[0]} opened another shard set than rank 0 (other "
+                         "shards, by their sha256); every node must read the same set")
+
+
 def build(args, device, world_size):
     """Model, optimiser and loaders for this rank; the lr schedule comes with the state (`restore`)."""
     shard_set = open_shards(args)
     manifest = shard_set.manifest
+    check_same_set(manifest, args)
     seed_everything(args.seed)  # the same initial weights on every rank
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

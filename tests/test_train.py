@@ -541,11 +541,24 @@ def test_ranks_that_find_different_checkpoints_are_refused(tiny_shards, tmp_path
              "--epochs", "2"]
     stop_at(tiny_shards, tmp_path, 5, *flags[4:])
     capsys.readouterr()
-    monkeypatch.setattr(train, "gather", lambda obj: [obj, None])
+    monkeypatch.setattr(train, "gather", lambda obj: [obj, obj if isinstance(obj, str) else None])  # the same set
     assert cli(*flags, "--resume", "auto") == 1
     assert capsys.readouterr().err == (
         f"error: --resume auto: rank 0 resumes epoch 1 step 1, rank 1 found no checkpoint (--output-dir {tmp_path}): "
         "every node must read the same checkpoint, from an --output-dir they share\n")
+
+
+def test_ranks_that_open_different_shard_sets_are_refused(train_shards, tmp_path, monkeypatch, capsys):
+    """Each node reads its own --shards: one holding another build (a stale copy, the release synthesised or
+    fetched again) trained its ranks on that set's samples, without a word (two nodes, synth seeds 0 and 1:
+    exit 0 on both), or with other train counts aborted in a collective (SIGABRT, a traceback from gloo).
+    Here the other rank is a stand-in: `gather` answers for it with another set."""
+    monkeypatch.setattr(train, "gather", lambda obj: [obj, "0" * 64])
+    assert cli("--shards", train_shards, "--device", "cpu", "--output-dir", tmp_path, "--arch", "lenet5") == 1
+    assert capsys.readouterr().err == (
+        f"error: --shards {train_shards}: rank 1 opened another shard set than rank 0 (other shards, by their "
+        "sha256); every node must read the same set\n")
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
 
 
 def test_a_signal_during_the_fetch_of_a_set_url_stops_it_at_once(tiny_shards, tmp_path, monkeypatch, capsys):

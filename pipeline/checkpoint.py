@@ -61,11 +61,12 @@ def weights_run(path):
 
 
 def save_atomic(obj, path):
-    """torch.save to a temp name then rename, so a crash never leaves half a checkpoint. A write that
-    fails (a full disk) removes the temp file and raises OSError naming `path`."""
+    """torch.save to a temp name, synced to the disk, then rename, so a crash (of the process, or of the
+    machine) never leaves half a checkpoint. A write that fails (a full disk) removes the temp file and
+    raises OSError naming `path`."""
     # Into a file object, not to the path: torch's own file writer turns a full disk into a
     # RuntimeError ("unexpected pos ..."), a traceback, where Python's write raises ENOSPC.
-    with atomic_file(path, "wb", suffix=".tmp") as f:
+    with atomic_file(path, "wb", suffix=".tmp", durable=True) as f:
         torch.save(obj, f)
 
 

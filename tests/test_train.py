@@ -78,6 +78,12 @@ def test_defaults_and_native_size():
     assert train.parse_args(["--arch", "alexnet", "--size", "224"]).size == 224
 
 
+def test_the_norm_defaults_to_imagenets_with_pretrained_weights():
+    """ImageNet's weights were trained on inputs normalised with ImageNet's statistics; an explicit --norm wins."""
+    assert train.parse_args(["--arch", "resnet18", "--pretrained"]).norm == "imagenet"
+    assert train.parse_args(["--arch", "resnet18", "--pretrained", "--norm", "dataset"]).norm == "dataset"
+
+
 def test_recipe_paper_rows():
     args = train.parse_args(["--arch", "lenet5", "--recipe", "paper"])
     assert (args.epochs, args.batch_size, args.lr, args.momentum, args.wd) == (40, 32, 0.001, 0.9, 0.0)
@@ -97,6 +103,7 @@ def test_recipe_paper_rows():
     (2, [], "note: --recipe paper sets -b 32 per process: 2 processes train on 64 images a step, not the recipe's 32\n"),
     (2, ["-b", "16"], ""),  # the user's own -b: 16 x 2 is the study's 32
     (1, [], ""),
+    (2, ["--test-only", "--weights", "w.pth"], ""),  # an evaluation steps on no batch
 ])
 def test_a_recipes_batch_under_torchrun_is_said_to_be_per_process(monkeypatch, capsys, tmp_path, world_size, extra, note):
     """torchrun with --recipe paper stepped on world_size x the study's batch without a word; only `tinyin
@@ -531,6 +538,57 @@ def test_a_mid_epoch_multi_rank_stream_checkpoint_of_the_earlier_deal_is_refused
     checkpoint.check_epoch_order({**old, "stream_deal": 2}, state, args, 2, "runs/x/checkpoint.pth")
     checkpoint.check_epoch_order({**old, "world_size": 1}, state, args, 1, "runs/x/checkpoint.pth")
     checkpoint.check_epoch_order(old, train.RunState(epoch=3), args, 2, "runs/x/checkpoint.pth")  # at a boundary
+
+
+def test_a_mid_epoch_checkpoint_names_what_its_stream_order_needs():
+    """The stream path resumes mid-epoch on as many ranks only (also fewer is refused), and a checkpoint of the
+    default -j planned 2 lanes; the resident and fast paths' order goes on on any ranks and batch size."""
+    state = train.RunState(epoch=1, samples_done=64, epoch_steps=2)
+    saved = dict(args=dict(data_path="stream", workers=None), world_size=2, batch_size=16, stream_deal=2)
+    where = "c.pth: stopped mid-epoch (epoch 1 step 2)"
+    with pytest.raises(train.CheckpointError) as e:
+        checkpoint.check_epoch_order(saved, state, argparse.Namespace(data_path="stream", batch_size=16, workers=None),
+                                     1, "c.pth")
+    assert str(e.value) == f"{where} on 2 ranks; the stream path resumes mid-epoch on the same number only (this run has 1)"
+    with pytest.raises(train.CheckpointError) as e:
+        checkpoint.check_epoch_order(saved, state, argparse.Namespace(data_path="stream", batch_size=16, workers=3),
+                                     2, "c.pth")
+    assert str(e.value) == (f"{where} with -j 2, whose order of the epoch -j 3 does not share (the stream path reads "
+                            "max(2, -j) shard groups side by side); resume it with -j 2 or fewer")
+    fast = dict(saved, args=dict(data_path="fast", workers=None))
+    checkpoint.check_epoch_order(fast, state, argparse.Namespace(data_path="resident", batch_size=8, workers=None),
+                                 1, "c.pth")
+
+
+def test_the_elastic_resume_of_a_rank_past_the_first_starts_its_sums_and_rng_afresh(monkeypatch):
+    """On another number of ranks rank 0 carries the epoch's sums so far: rank 1 carrying them too counted
+    them twice in the epoch's train loss and top-1. Its RNG streams start from (seed, epoch, rank, step)."""
+    monkeypatch.setattr(train.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(train.dist, "get_world_size", lambda *a: 2)
+    saved = dict(epoch=1, samples_done=96, step=9, epoch_steps=3, train_seconds=1.0, best_acc=5.0, history=[],
+                 wall_time=2.0, rank_sums=[[6.0, 10.0, 96.0]], rng=[train.rng_state()])  # of 1 rank
+    for r, sums in ((0, [6.0, 10.0, 96.0]), (1, [0.0, 0.0, 0.0])):
+        monkeypatch.setattr(train.dist, "get_rank", lambda *a, r=r: r)
+        state = train.RunState.from_state_dict(saved, torch.device("cpu"), seed=7)
+        assert (state.sums.tolist(), state.epoch, state.samples_done, state.step) == (sums, 1, 96, 9)
+        assert torch.initial_seed() == step_seed(7, 1, r, 9)
+
+
+def test_an_elastic_resume_restarts_a_per_step_schedule_at_the_epochs_samples_in_its_own_steps():
+    """96 samples of epoch 2 done: 3 steps of 2 ranks x 16, 6 of one rank's."""
+    args = argparse.Namespace(warmup_epochs=1.0, lr_scheduler="cosine", batch_size=16)
+    state = train.RunState(epoch=2, samples_done=96)
+    assert [train.schedule_position(state, args, 10, ranks) for ranks in (1, 2)] == [26, 23]
+
+
+def test_ranks_of_which_only_another_than_rank_0_finds_a_checkpoint_are_refused(tiny_shards, tmp_path, monkeypatch,
+                                                                                capsys):
+    monkeypatch.setattr(train, "gather", lambda obj: [obj, (1, 1, 5)])  # rank 1 found one, rank 0 none
+    assert cli("--shards", tiny_shards, "--device", "cpu", "--output-dir", tmp_path / "run", "--arch", "lenet5",
+               "--resume", "auto") == 1
+    assert capsys.readouterr().err == (
+        f"error: --resume auto: rank 0 found no checkpoint, rank 1 resumes epoch 1 step 1 (--output-dir "
+        f"{tmp_path / 'run'}): every node must read the same checkpoint, from an --output-dir they share\n")
 
 
 def test_ranks_that_find_different_checkpoints_are_refused(tiny_shards, tmp_path, monkeypatch, capsys):
@@ -1039,6 +1097,57 @@ def test_a_resume_that_trains_further_removes_final_json(tiny_shards, tmp_path):
     assert row[1:4] == ["28x28 grey", "1 of 400", "8"] and row[6] == "-"  # no test figure: not finished
     run(tiny_shards, out, *flags, "--epochs", "2", "--resume", "auto")  # finished again: written again
     assert json.loads((out / "final.json").read_text())["epochs"] == 2
+
+
+def test_test_only_evaluates_each_split_of_a_checkpoint_past_its_epochs(tiny_shards, tmp_path):
+    """An evaluation trains nothing: a checkpoint past --epochs (the default 30 against a 40-epoch run) is
+    evaluated, not refused, and its val figures are the last metrics row's, its test figure final.json's."""
+    flags = ["--arch", "lenet5", "-b", "4", "--limit-batches", "1"]
+    final = run(tiny_shards, tmp_path, *flags, "--epochs", "2")
+    result = run(tiny_shards, tmp_path, *flags, "--epochs", "1", "--test-only", "--resume", "auto")
+    row = read_jsonl(tmp_path / "metrics.jsonl")[-1]
+    assert result["val"] == dict(loss=row["val_loss"], top1=row["val_top1"], top5=row["val_top5"])
+    assert (result["test"]["loss"], result["test"]["top1"]) == (final["test_loss"], final["test_top1"])
+
+
+def test_the_metrics_are_summed_over_the_ranks(tiny_shards, tmp_path, monkeypatch):
+    """Under DDP each rank trains and evaluates its share: the train and val rows and the test figure are
+    of every rank's sums (`reduce_sum`). Here another rank stands in that took as many images as this one
+    and got none right at no loss: every figure halves, exactly."""
+    flags = ["--arch", "lenet5", "-b", "4", "--epochs", "1", "--limit-batches", "2"]
+    alone = run(tiny_shards, tmp_path / "alone", *flags)
+
+    def with_a_rank_that_got_none_right(t):
+        t = t.clone()
+        t[-1] *= 2  # the images counted twice, the loss and the hits once
+        return t
+
+    monkeypatch.setattr(train, "reduce_sum", with_a_rank_that_got_none_right)
+    both = run(tiny_shards, tmp_path / "both", *flags)
+    rows = [read_jsonl(tmp_path / out / "metrics.jsonl")[0] for out in ("alone", "both")]
+    for key in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5"):
+        assert rows[1][key] == rows[0][key] / 2, key
+    assert [both[k] for k in ("test_loss", "test_top1", "test_top5")] == [
+        alone[k] / 2 for k in ("test_loss", "test_top1", "test_top5")]
+
+
+def test_final_json_keeps_the_best_val_top1_beside_the_last(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "evaluate", lambda *a: dict(loss=1.5, top1=30.0, top5=80.0))
+    parts = argparse.Namespace(ema=None, eval_model=None, criterion=None, test=None, device=torch.device("cpu"))
+    state = train.RunState(history=[dict(train_top1=20.0, val_top1=50.0), dict(train_top1=40.0, val_top1=45.0)],
+                           best_acc=50.0, wall_time=12.0)
+    args = argparse.Namespace(arch="lenet5", size=28, tta=False, output_dir=str(tmp_path))
+    want = dict(arch="lenet5", size=28, epochs=2, test_top1=30.0, test_top5=80.0, test_loss=1.5, train_top1=40.0,
+                val_top1=45.0, best_val_top1=50.0, wall_time_s=12.0, eval_model="model", tta=False)
+    assert train.final_test(parts, state, args) == want
+    assert json.loads((tmp_path / "final.json").read_text()) == want
+
+
+def test_env_json_keeps_no_password_or_token_of_a_shards_url(monkeypatch):
+    url = "https://ann:p%40ss@host/tiny?sv=1&sig=x"
+    monkeypatch.setattr(sys, "argv", ["train.py", "--shards", url])
+    assert train.environment(torch.device("cpu"), 1, "2 classes")["argv"] == [
+        "train.py", "--shards", "https://ann:***@host/tiny?sv=1&sig=***"]
 
 
 def test_args_json_and_the_checkpoint_keep_no_password_or_token_of_a_shards_url():

@@ -384,6 +384,7 @@ def test_explicit_flags_beat_recipe_fast():
     (["--mix", "cutmix", "--mix-prob", "1.5"], "argument --mix-prob: must be at most 1, not 1.5"),
     (["--mix-alpha", "0.4"], "argument --mix-alpha: only acts with --mix"),
     (["--ema-every", "2"], "argument --ema-every: only acts with --ema"),
+    (["--mix-prob", "0.5"], "argument --mix-prob: only acts with --mix"),
     (["--augment", "flip"], "argument --augment: invalid choice: 'flip' (choose from 'none', 'crop', 'rrc')"),
     (["--arch", "alexnet", "--size", "64", "--recipe", "fast"],
      "argument --recipe: recipe 'fast' has no row for alexnet at --size 64; it has: resnet18_64 --size 64, "
@@ -556,6 +557,11 @@ def test_time_budget_sets_epochs_after_two_and_a_resume_keeps_it(small_shards, t
     _same_run(straight, resumed)
 
 
+def test_a_time_budget_with_as_many_epochs_as_it_waits_for_is_accepted():
+    """--epochs 2 reaches the choice after epoch 2; 1 would end before it (refused)."""
+    assert (flags("--time-budget", "10", "--epochs", "2").epochs, train.BUDGET_AFTER_EPOCHS) == (2, 2)
+
+
 def test_a_time_budget_given_to_a_resume_past_its_choice_is_refused(small_shards, tmp_path, capsys):
     """--time-budget chooses --epochs at the end of epoch 2: added to the resume of a run past it, the choice
     was never made, and the run went on to its --epochs with the budget silently unused."""
@@ -584,3 +590,16 @@ def test_a_time_budget_that_ends_within_the_warm_up_says_so(small_shards, tmp_pa
     assert capsys.readouterr().err.endswith(
         "note: --time-budget 0.01 min holds 2 epochs, no more than --warmup-epochs 2: the run ends in its warm-up, "
         "the lr never decays (give fewer warm-up epochs or more minutes)\n")
+
+
+def test_a_resume_that_names_another_start_says_where_the_run_started():
+    """The checkpoint's start stands (args.json says it); the note names it."""
+    parser = train.get_args_parser()
+    args = argparse.Namespace(pretrained=False, weights="w.pth")
+    assert checkpoint.keep_start(dict(pretrained=True, weights=None), args, parser) == (
+        "--weights w.pth not used: a resumed run goes on from its checkpoint's weights (the run started from ImageNet "
+        "weights)")
+    assert (args.pretrained, args.weights) == (True, None)
+    args = argparse.Namespace(pretrained=True, weights=None)
+    assert checkpoint.keep_start(dict(pretrained=False, weights=None), args, parser) == (
+        "--pretrained not used: a resumed run goes on from its checkpoint's weights (the run started from scratch)")

@@ -455,6 +455,20 @@ def test_clicks_usage_errors_are_one_line(tmp_path):
         assert (result.exit_code, result.output) == (2, f"error: {message}\n")
 
 
+def test_a_group_without_its_command_shows_its_help_not_an_error():
+    """Not one of the usage errors made one line: `tinyin` or `tinyin shard` alone asks what there is."""
+    for args, first in (([], "Usage: main [OPTIONS] COMMAND [ARGS]..."), (["shard"], "Usage: main shard [OPTIONS] COMMAND [ARGS]...")):
+        result = CliRunner().invoke(main, args)
+        assert (result.exit_code, result.output.splitlines()[0]) == (2, first)
+
+
+def test_synth_into_a_folder_with_files_is_one_line(tmp_path):
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "x").write_text("")
+    result = CliRunner().invoke(main, ["data", "synth", "--out", str(tmp_path / "old")])
+    assert (result.exit_code, result.output) == (1, f"error: {tmp_path / 'old'}: already exists and is not empty\n")
+
+
 def test_a_negative_split_seed_is_a_usage_error(release, tmp_path):
     code, output = build(release, tmp_path / "out", "--split-seed", "-1")
     assert (code, output) == (2, "error: Invalid value for '--split-seed': -1 is not in the range x>=0.")

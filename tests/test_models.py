@@ -178,6 +178,32 @@ def test_a_file_that_is_no_state_dict_is_a_value_error(tmp_path):
     assert str(e.value) == f"{tmp_path / 'list.pth'}: not a state dict (a list)"
 
 
+def test_an_ema_checkpoint_gives_its_average(tmp_path):
+    """A train.py checkpoint of an --ema run: the average is the network the run validated and tested."""
+    model, average = (models.get_model("lenet5", num_classes=10) for _ in range(2))
+    ema = {"module." + k: v for k, v in average.state_dict().items()}
+    torch.save({"model": model.state_dict(), "ema": dict(ema, n_averaged=torch.tensor(3)), "args": {"arch": "lenet5"}},
+               tmp_path / "ckpt.pth")
+    assert _same(average, models.get_model("lenet5", num_classes=10, weights=str(tmp_path / "ckpt.pth")))
+
+
+def test_a_file_without_the_head_does_not_fit(tmp_path):
+    """Only a head of another class count is left out (and a fresh one kept); a file that has none is not the
+    network's weights."""
+    spec = models.model_spec("lenet5")
+    body = {k: v for k, v in models.get_model("lenet5", num_classes=10).state_dict().items() if not k.startswith(spec.head)}
+    torch.save(body, tmp_path / "body.pth")
+    with pytest.raises(ValueError) as e:
+        models.get_model("lenet5", num_classes=10, weights=str(tmp_path / "body.pth"))
+    assert str(e.value).startswith(f"{tmp_path / 'body.pth'}: does not fit this model (missing ['{spec.head}")
+
+
+def test_pretrained_and_a_weights_file_are_one_or_the_other(tmp_path):
+    with pytest.raises(ValueError) as e:
+        models.get_model("resnet18", pretrained=True, weights=str(tmp_path / "w.pth"))
+    assert str(e.value) == "pass either pretrained=True or weights=FILE, not both"
+
+
 @pytest.mark.parametrize("num_classes", [0, -1, 2.0, True])
 def test_num_classes_must_be_a_positive_integer(num_classes):
     with pytest.raises(ValueError) as e:

@@ -324,3 +324,39 @@ def test_flag_values_of_one_flag_need_no_equals_sign(tmp_path, monkeypatch, caps
         runpy.run_path(reproduce.__file__, run_name="__main__")
     assert exit.value.code == (f"error: --shards {tmp_path / 'none'}: not a shard set (no manifest.json); "
                                "run `tinyin shard build` first")
+
+
+def test_flags_among_reads_train_args_as_a_shell_does_and_names_them_sorted():
+    """A quoted value with a space (`--output-dir 'my runs'`) was split at the space: train.py refused the
+    words, so no clash was found, and the tool's runs all trained into that one folder."""
+    sys.path.insert(0, str(SESSION.parent))
+    from flag_values import flags_among
+
+    assert flags_among("--output-dir 'my runs' --amp", {"output_dir"}) == ["--output-dir"]
+    every = {"shards", "arch", "size", "recipe", "seed", "output_dir"}
+    assert flags_among("--seed 1 --size 64 --recipe fast --output-dir o --arch resnet18 --shards s", every) == [
+        "--arch", "--output-dir", "--recipe", "--seed", "--shards", "--size"]
+
+
+def test_table2_trains_its_rows_one_after_another_on_the_cpu(tmp_path, monkeypatch):
+    sys.path.insert(0, str(SESSION.parent))
+    import gpu_session
+
+    commands = []
+    monkeypatch.setattr(gpu_session, "sh", lambda cmd, until: commands.append(list(map(str, cmd))) or 1)
+    for device, smoke, jobs in (("cpu", False, "1"), ("cpu", True, "2"), ("cuda", False, "4")):
+        args = argparse.Namespace(table2_rows=None, smoke=smoke, device=device, table2_jobs=None, train_args=None)
+        gpu_session.part_table2(args, tmp_path, "shards", None, tmp_path, None)
+        assert commands[-1][commands[-1].index("--jobs") + 1] == jobs
+
+
+def test_an_empty_part_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    """`--parts bench,` (a trailing comma) named a part ''."""
+    sys.path.insert(0, str(SESSION.parent))
+    import gpu_session
+
+    monkeypatch.setattr(sys, "argv", ["gpu_session.py", "--shards", "s", "--out", str(tmp_path), "--parts", "bench,"])
+    with pytest.raises(SystemExit) as exit:
+        gpu_session.main()
+    assert (exit.value.code, capsys.readouterr().err.splitlines()[-1]) == (
+        2, "gpu_session.py: error: --parts: choose from bench, table2, r224, speedrun")

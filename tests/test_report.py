@@ -2,6 +2,7 @@
 tools/reproduce.py on the synthetic set (tiny runs of train.py)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -227,7 +228,7 @@ def test_write_report_study_section_and_json(tmp_path, runs):
 
 REPRODUCE = Path(__file__).resolve().parents[1] / "tools" / "reproduce.py"
 sys.path.insert(0, str(REPRODUCE.parent))
-from reproduce import union_seconds  # noqa: E402
+from reproduce import child_env, union_seconds  # noqa: E402
 
 
 def reproduce(*args):
@@ -278,6 +279,32 @@ def test_reproduce_lists_a_table3_row_without_weights_as_not_run(tmp_path, monke
         ["--shards", str(tmp_path), "--out", str(out), "--rows", "alexnet-224", "--weights-dir", str(tmp_path)]))
     assert "== alexnet-224: not run: no ImageNet weights here\n" in capsys.readouterr().out
     assert "| alexnet-224 | - | - | not run: no ImageNet weights here |" in (out / "report.md").read_text()
+
+
+def test_reproduce_takes_the_weights_dirs_file_before_the_hub_caches(tmp_path, monkeypatch):
+    import reproduce
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    cached = Path(reproduce.models.model_spec("alexnet").hub_cache_file())
+    given = tmp_path / "weights" / cached.name
+    for path in (cached, given):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+    assert reproduce.weights_file("alexnet", given.parent) == given
+    assert reproduce.weights_file("alexnet", None) == cached
+
+
+def test_reproduce_names_each_failed_row(shards, tmp_path, monkeypatch):
+    import reproduce
+
+    monkeypatch.setattr(reproduce, "train_row", lambda name, run, cmd, stop, log=None, env=None: 1)
+    for rows, message in (("lenet5-28", "error: row lenet5-28 failed (exit 1); rerun to resume it"),
+                          ("lenet5-28,alexnet-64",
+                           "error: rows lenet5-28 (exit 1), alexnet-64 (exit 1) failed; rerun to resume them")):
+        with pytest.raises(SystemExit) as exit:
+            reproduce.main(reproduce.get_args_parser().parse_args(
+                ["--shards", str(shards), "--out", str(tmp_path / rows), "--rows", rows, "--device", "cpu"]))
+        assert exit.value.code == message
 
 
 def test_reproduce_rows_side_by_side(shards, tmp_path):
@@ -362,6 +389,17 @@ def test_reproduce_stopped_by_sigterm_reports_and_resumes(shards, tmp_path):
     assert [len(json.loads((out / n / "reproduce.json").read_text())["intervals"])
             for n in ("lenet5-28", "squeezenet1_1-64", "alexnet-64")] == [2, 2, 1]
     assert "resumed from " in (out / "lenet5-28" / "train.log").read_text()
+
+
+def test_rows_side_by_side_share_the_cores_unless_the_user_set_the_threads(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert child_env(1) is None
+    assert [child_env(jobs)["OMP_NUM_THREADS"] for jobs in (2, 4)] == ["1", "1"]  # never 0
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert child_env(4)["OMP_NUM_THREADS"] == "4"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert child_env(4) is None  # the user's own setting stands
 
 
 def test_union_seconds():

@@ -3,6 +3,7 @@ mid-epoch and elastic resume, DDP on CPU."""
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -1041,6 +1042,36 @@ def lock_is_free(path):
     """Whether another process could take `path`'s lock now."""
     return subprocess.run([sys.executable, "-c", "import fcntl, sys; fcntl.lockf(open(sys.argv[1], 'a'), "
                            "fcntl.LOCK_EX | fcntl.LOCK_NB)", str(path)], capture_output=True, timeout=10).returncode == 0
+
+
+def test_a_file_system_without_locks_trains_unguarded_and_a_held_lock_refuses(tmp_path, monkeypatch):
+    """Only "another holds it" (EACCES, EAGAIN) refuses the run; a file system that takes no locks (ENOLCK)
+    trains as before the lock existed."""
+    args = argparse.Namespace(output_dir=str(tmp_path))
+    for code in (errno.ENOLCK, errno.EAGAIN):
+        def lockf(f, how, code=code):
+            raise OSError(code, os.strerror(code))
+        monkeypatch.setattr(train.fcntl, "lockf", lockf)
+        with contextlib.ExitStack() as stack:
+            if code == errno.EAGAIN:
+                stack.enter_context(pytest.raises(train.TinyinError, match="another train.py is training there"))
+            with train.output_dir_lock(args):
+                pass
+
+
+def test_test_only_goes_on_to_the_checkpoint_of_a_pretrained_runs_command(tmp_path, monkeypatch):
+    """The training command with --test-only added: its --pretrained names where the run started, the checkpoint's
+    weights are what is evaluated (refused only without a checkpoint: ImageNet's weights with a fresh head)."""
+    class Built(Exception):
+        pass
+
+    def build(*_):
+        raise Built
+    monkeypatch.setattr(train, "build", build)
+    (tmp_path / "checkpoint.pth").write_bytes(b"")
+    with pytest.raises(Built):
+        train.main(train.parse_args(["--arch", "resnet18", "--pretrained", "--device", "cpu", "--test-only",
+                                     "--output-dir", str(tmp_path), "--resume", "auto"]))
 
 
 def test_a_second_run_in_a_folder_where_one_trains_is_refused(tiny_shards, tmp_path, capsys):

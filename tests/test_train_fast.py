@@ -603,3 +603,44 @@ def test_a_resume_that_names_another_start_says_where_the_run_started():
     args = argparse.Namespace(pretrained=True, weights=None)
     assert checkpoint.keep_start(dict(pretrained=False, weights=None), args, parser) == (
         "--pretrained not used: a resumed run goes on from its checkpoint's weights (the run started from scratch)")
+
+
+def test_a_resume_may_name_a_recipe_whose_row_differs_in_its_epochs_only():
+    """paper's 224 rows and paper-50's: a 10-epoch run goes on to 50 under paper-50; another recipe's row is refused."""
+    args = argparse.Namespace(recipe="paper-50", arch="resnet18", size=224, test_only=False)
+    checkpoint.check_recipe(dict(recipe="paper"), args, "c.pth")
+    with pytest.raises(train.CheckpointError, match="^c.pth: made with --recipe fast, this run has --recipe paper-50,"):
+        checkpoint.check_recipe(dict(recipe="fast"), args, "c.pth")
+
+
+def test_a_checkpoint_that_names_no_norm_resumes_with_any():
+    checkpoint.check_norm(None, argparse.Namespace(norm="half"), "c.pth")  # an older train.py's: it does not say
+
+
+def test_the_continue_line_drops_the_one_shot_flags_in_either_spelling():
+    args = argparse.Namespace(argv=["--lr", "0.1", "--stop-after-steps=5", "--wait-at-step", "3", "--resume=old.pth"])
+    assert checkpoint.continue_command(args, 1) == "python train.py --lr 0.1 --resume auto"
+
+
+def test_an_ema_checkpoint_is_evaluated_whatever_the_decay_given():
+    """--test-only of an --ema run's checkpoint evaluates its average: the decay the command names does not matter;
+    a training resume must keep it."""
+    loaded = []
+    parts = argparse.Namespace(ema=argparse.Namespace(load_state_dict=loaded.append))
+    ckpt = dict(args=dict(ema=0.999, ema_every=4), ema={"n_averaged": 3})
+    checkpoint.restore_ema(parts, ckpt, "c.pth", argparse.Namespace(ema=0.99, ema_every=1, test_only=True))
+    assert loaded == [{"n_averaged": 3}]
+    with pytest.raises(train.CheckpointError) as e:
+        checkpoint.restore_ema(parts, ckpt, "c.pth", argparse.Namespace(ema=0.99, ema_every=1, test_only=False))
+    assert str(e.value) == (
+        "c.pth: holds an EMA of the weights made with --ema 0.999 --ema-every 4, this run has --ema 0.99 --ema-every "
+        "1, and one average must keep its decay; resume it with --ema 0.999 --ema-every 4, or use another --output-dir")
+
+
+def test_a_file_of_another_format_is_no_checkpoint_to_resume(tmp_path):
+    torch.save({"format": "tinyin-train-1", "identity": {}}, tmp_path / "old.pth")
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "weights.pth")
+    for name, found in (("old.pth", "tinyin-train-1"), ("weights.pth", "none")):
+        with pytest.raises(train.CheckpointError) as e:
+            checkpoint.load_checkpoint(str(tmp_path / name), {})
+        assert str(e.value) == f"{tmp_path / name}: not a train.py checkpoint of format tinyin-train-2 (format: {found})"

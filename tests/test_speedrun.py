@@ -211,6 +211,18 @@ def test_a_part_named_twice_in_ablate_is_one_run(monkeypatch):
     with pytest.raises(SystemExit):
         speedrun.main(["--shards", "x", "--out", "y", "--ablate", "ema,tta,ema"])
     assert planned == [["ema", "tta"]]
+    with pytest.raises(SystemExit):
+        speedrun.main(["--shards", "x", "--out", "y", "--ablate", "all"])
+    assert planned[-1] == list(speedrun.ABLATIONS)
+
+
+def test_a_variant_switches_its_part_off_whatever_the_train_args():
+    """--train-args apply to every run; the variant's own flags come after them, so they win."""
+    import train
+
+    args = argparse.Namespace(shards="s", arch="resnet18_64", train_args="--ema 0.99 --tta", device="cpu")
+    assert [(a.ema, a.tta) for a in (train.parse_args(speedrun.train_argv(args, 0, "run", variant))
+                                     for variant in (None, "ema", "tta"))] == [(0.99, True), (0.0, True), (0.99, False)]
 
 
 def test_unknown_ablation_is_a_one_line_error(capsys):
@@ -224,6 +236,8 @@ def test_unknown_ablation_is_a_one_line_error(capsys):
 @pytest.mark.parametrize("extra, message", [
     (["--arch", "lenet5"], "argument --size: lenet5 takes 28, not 64"),
     (["--train-args", "--epochs 1"], "argument --warmup-epochs: must be below --epochs (1), not 2.0"),
+    # the full recipe takes it; its variant without the EMA refuses it ("... the flags of --ablate ema: ...")
+    (["--ablate", "ema", "--train-args", "--ema-every 2"], "argument --ema-every: only acts with --ema"),
 ])
 def test_train_flags_are_checked_before_any_run_starts(tmp_path, capsys, extra, message):
     """Both used to fail inside train.py, with the advice to rerun that run."""

@@ -77,6 +77,21 @@ def test_a_per_step_run_records_the_lr_at_each_epochs_end(small_shards, tmp_path
     assert [r["lr"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [0.1, 0.1 * 0.5 * (1 + math.cos(math.pi / 2)), 0.0]
 
 
+def test_a_per_step_schedule_counts_the_steps_limit_batches_leaves(small_shards, tmp_path, monkeypatch):
+    """The rows' lr is put back on each epoch's end; within an epoch each step's lr is of --limit-batches' steps
+    (2 here, not the split's 8): 2 warm-up steps, then onecycle's decay over the other 2."""
+    used, step = [], torch.optim.SGD.step
+
+    def recording_step(self, *a, **kw):
+        used.append(self.param_groups[0]["lr"])
+        return step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", recording_step)
+    run(small_shards, tmp_path, "--arch", "lenet5", "-b", "16", "--epochs", "2", "--warmup-epochs", "1",
+        "--lr-scheduler", "onecycle", "--limit-batches", "2")
+    assert used == [0.01 * f for f in (0.5, 1.0, 1.0, 0.5)]
+
+
 def test_a_resume_on_another_batch_keeps_the_per_step_schedule_on_its_epochs(small_shards, tmp_path, monkeypatch):
     """A mid-epoch resume with another -b (or on another number of ranks) takes the rest of the epoch
     in other steps than `schedule_position` counted for it: the counter stayed a step ahead for the

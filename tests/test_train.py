@@ -141,6 +141,8 @@ def test_explicit_flags_beat_the_recipe():
     (["-b", "0"], "argument -b/--batch-size: must be at least 1, not 0"),
     (["--lr", "-1"], "argument --lr: must be positive, not -1"),
     (["--lr", "nan"], "argument --lr: must be positive, not nan"),
+    (["--lr", "inf"], "argument --lr: must be positive, not inf"),
+    (["--momentum", "nan"], "argument --momentum: must be at least 0.0, not nan"),
     (["--lr", "fast"], "argument --lr: not a number: 'fast'"),
     (["--epochs", "0"], "argument --epochs: must be at least 1, not 0"),
     (["--checkpoint-every", "0"], "argument --checkpoint-every: must be at least 1, not 0"),

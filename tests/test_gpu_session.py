@@ -360,3 +360,19 @@ def test_an_empty_part_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
         gpu_session.main()
     assert (exit.value.code, capsys.readouterr().err.splitlines()[-1]) == (
         2, "gpu_session.py: error: --parts: choose from bench, table2, r224, speedrun")
+
+
+def test_commit_names_the_commit_of_a_copy_without_git(shards, tmp_path, monkeypatch):
+    """The device tool's copy of the tree has no .git: env.json said commit "unknown" unless --commit named it."""
+    sys.path.insert(0, str(SESSION.parent))
+    import gpu_session
+    from pipeline import bench_train
+
+    monkeypatch.setattr(bench_train, "environment", lambda device: dict(commit="unknown", device=device))
+    monkeypatch.setattr(gpu_session, "PART_RUNS", dict(gpu_session.PART_RUNS, r224=lambda *a: None))
+    monkeypatch.setattr(sys, "argv", ["gpu_session.py", "--shards", str(shards), "--out", str(tmp_path / "out"),
+                                      "--work", str(tmp_path / "work"), "--parts", "r224", "--device", "cpu",
+                                      "--commit", "abc1234"])
+    monkeypatch.setenv("TINYIN_COMMIT", "")  # main() sets it: put back after the test
+    gpu_session.main()
+    assert json.loads((tmp_path / "work" / "results" / "env.json").read_text()) == dict(commit="abc1234", device="cpu")

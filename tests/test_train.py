@@ -420,6 +420,20 @@ def test_a_new_run_in_an_old_folder_leaves_none_of_its_results(tiny_shards, tmp_
     assert (tmp_path / "metrics.jsonl").read_text() == ""
 
 
+def test_a_new_run_replaces_an_old_folders_checkpoint_before_its_first_step(tiny_shards, tmp_path, monkeypatch):
+    """The untrained checkpoint is written first: a new run in a finished run's folder that crashed in its first
+    step left that run's checkpoint.pth, which `--resume auto` then continued as if it were the new run's."""
+    (tmp_path / "checkpoint.pth").write_bytes(b"a finished run's")
+
+    def crash(self, *a, **kw):  # as if the machine died: no handler, no stop checkpoint
+        raise RuntimeError("machine lost")
+    monkeypatch.setattr(torch.optim.SGD, "step", crash)
+    with pytest.raises(RuntimeError, match="machine lost"):
+        run(tiny_shards, tmp_path, "--arch", "lenet5", "-b", "4", "--epochs", "2")
+    state = torch.load(tmp_path / "checkpoint.pth", weights_only=True)["state"]
+    assert (state["epoch"], state["step"], state["history"]) == (0, 0, [])
+
+
 def test_an_end_before_an_epoch_boundary_checkpoint_names_the_least_epochs_that_resume(train_shards, tmp_path, capsys):
     """A checkpoint at the end of epoch 2 resumes with --epochs 2 (it only tests); the refusal of
     --epochs 1 told to give 3 or more, as for a checkpoint in the middle of epoch 2."""

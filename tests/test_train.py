@@ -600,7 +600,8 @@ def test_an_elastic_resume_restarts_a_per_step_schedule_at_the_epochs_samples_in
 
 def test_ranks_of_which_only_another_than_rank_0_finds_a_checkpoint_are_refused(tiny_shards, tmp_path, monkeypatch,
                                                                                 capsys):
-    monkeypatch.setattr(train, "gather", lambda obj: [obj, (1, 1, 5)])  # rank 1 found one, rank 0 none
+    # the same set (its hash, a str), and rank 1 found a checkpoint where rank 0 found none
+    monkeypatch.setattr(train, "gather", lambda obj: [obj, obj if isinstance(obj, str) else (1, 1, 5)])
     assert cli("--shards", tiny_shards, "--device", "cpu", "--output-dir", tmp_path / "run", "--arch", "lenet5",
                "--resume", "auto") == 1
     assert capsys.readouterr().err == (

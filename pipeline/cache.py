@@ -33,11 +33,10 @@ from .atomic import atomic_file, write_json
 from .errors import READ_ONLY_ERRNOS, ShardError, hide_password
 from .locks import locked
 from .schema import CACHE_LOCK_FILE, CACHE_MARK_FILE, INDEX_FILE, MANIFEST_FILE
-from .shardset import ShardSet, http_open, is_url, missing_error, names_a_tar, open_shard_set
+from .shardset import ShardSet, http_open, is_url, missing_error, names_a_tar, open_shard_set, retry_waits
 
 BLOCK = 4 << 20  # bytes per read; large enough that receiving a block costs far more than a call
 FSSPEC_BLOCK = 32 << 20  # bytes per ranged read through fsspec (a request each: S3 and GCS bill per request)
-RETRIES = 3  # attempts per shard: a cut connection resumes, a bad checksum starts over
 TIMEOUT_S = 60
 WORKERS = 4  # shards fetched at once
 
@@ -69,7 +68,8 @@ def cached_copy(shards, splits, cache_dir=None, workers=WORKERS, progress=None, 
     Shards already in the cache are not fetched again; a set rebuilt under the same URL (another
     manifest) replaces the copies whose checksum changed. progress: a bar on stderr (default: on a
     terminal, in the process with LOCAL_RANK 0). Raises ShardError naming the URL of a shard that is
-    missing, short, corrupt or unreachable after retries; no file is left looking complete.
+    missing (at once), short, corrupt or unreachable after retries (5 attempts over about 8 s,
+    `shardset.retry_waits`); no file is left looking complete.
     """
     splits = [splits] if isinstance(splits, str) else list(splits)
     try:
@@ -185,10 +185,13 @@ class _Fetch:
     def _fetch_shard(self, entry):
         """Fetch one shard into `<file>.part` (resuming what is there), verify it, rename it into place."""
         url, part, size = self.remote.where(entry), self.folder / f"{entry['file']}.part", entry["bytes"]
-        error = None
-        for _ in range(RETRIES):
-            if self.stop.is_set():
+        # Attempts per shard as the stream path's (`retry_waits`): a cut connection resumes, a bad checksum
+        # starts over. Waits end at once on a stop (a failure elsewhere, Ctrl-C, SIGTERM).
+        waits, error, wait = retry_waits(), None, 0
+        for attempt in range(len(waits) + 1):
+            if self.stop.wait(wait):
                 return
+            wait = waits[attempt] if attempt < len(waits) else 0  # before the next; none after a server's whole answer
             start = part.stat().st_size if part.is_file() else 0
             if start > size:
                 part.unlink()
@@ -203,7 +206,7 @@ class _Fetch:
                 raise missing_error(url) from None
             except _Restart as e:
                 part.unlink(missing_ok=True)
-                error = e
+                error, wait = e, 0
                 continue
             except (OSError, http.client.HTTPException) as e:
                 error = e  # a cut connection or a refused request: resume from what arrived
@@ -223,12 +226,13 @@ class _Fetch:
                 error = e
                 if part.stat().st_size >= size:
                     part.unlink()  # a full-length body with the wrong bytes: start over, never resume it
+                    wait = 0
                 continue
             os.replace(part, self.folder / entry["file"])
             return
         if isinstance(error, ShardError):
             raise error
-        raise ShardError(f"{url}: cannot fetch ({_describe(error)}, after {RETRIES} attempts)")
+        raise ShardError(f"{url}: cannot fetch ({_describe(error)}, after {len(waits) + 1} attempts)")
 
     def _progress(self, n):
         self.bar.update(n)

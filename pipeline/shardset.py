@@ -412,6 +412,27 @@ def _named(error):
     return f"{error.__class__.__name__}: {error}"
 
 
+# A remote shard's transfer that fails (the stream path's reads, the cache's fetches) is tried again,
+# RETRIES attempts in all, waiting BACKOFF_S and then twice as long each time: 0.5 + 1 + 2 + 4 = 7.5 s of
+# waits, about 8-10 s with the attempts. Why so long: a server's restart, a load balancer's blip or a DNS
+# hiccup lasts seconds, and giving up ends a training run (3 attempts over 0.6 s of waits, or with no
+# wait, ended runs within 2 s); why no longer: a server that is really gone is named within seconds, not hours later
+# by a job's time limit; why doubling: a cut connection is tried again soon, a server coming back up is
+# not hammered. A missing file is final at once and a body that arrived whole but wrong is read again at
+# once: waiting would change neither.
+RETRIES = 5
+BACKOFF_S = 0.5
+
+
+def retry_waits(retries=None, backoff=None):
+    """The seconds to wait after each failed attempt at a remote shard but the last: `backoff` (BACKOFF_S)
+    doubled each time, `retries` (RETRIES) attempts in all. The module's values are read when called, so a
+    test lowering them lowers them for every path (forked stream workers too, when set before the fork)."""
+    retries = RETRIES if retries is None else retries
+    backoff = BACKOFF_S if backoff is None else backoff
+    return [backoff * 2 ** attempt for attempt in range(retries - 1)]
+
+
 def http_request(url, headers=None):
     """A urllib Request for plain HTTP(S) `url`, its `user:password@` (if any) sent as basic auth, as curl
     does: urllib would take it for part of the host name. Not sent on to a redirect's target."""

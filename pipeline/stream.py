@@ -128,10 +128,10 @@ class _Lanes(IterableDataset):
     def __getstate__(self):  # maps do not pickle: a spawned (not forked) worker reads into its own buffers
         return {**self.__dict__, "read_buffers": None}
 
-    def _load(self, g):
+    def _load(self, g, stop):
         numbers = sorted(self.plan.groups[g])  # in split order, so `_gather` can search first_ids
         return load_group([self.shards[s] for s in numbers], self.first_ids[numbers], self.variant,
-                          self.shard_set, self.storage_options)
+                          self.shard_set, self.storage_options, stop)
 
     def __iter__(self):
         info = get_worker_info()
@@ -146,11 +146,12 @@ class _Lanes(IterableDataset):
         row_bytes = int(np.prod(shape))
         ring = _Ring(self.free[worker], self.rings[worker]) if info is not None else None
         read_ahead, loads = ThreadPoolExecutor(1, thread_name_prefix="tinyin-read"), {}
+        stop = threading.Event()  # set as the lanes end: a read waiting to try a shard again gives up at once
         try:
             for i, chunk in enumerate(chunks):
                 for g in needed[:needed.index(chunk.group) + ahead]:
                     if g not in loads and last_use[g] >= i:
-                        loads[g] = read_ahead.submit(self._load, g)
+                        loads[g] = read_ahead.submit(self._load, g, stop)
                 group = loads[chunk.group].result()
                 slot, out = ring.take(len(chunk.ids)) if ring else (None, torch.empty((len(chunk.ids), row_bytes),
                                                                                       dtype=torch.uint8))
@@ -166,6 +167,7 @@ class _Lanes(IterableDataset):
         except Exception as e:  # a bug rather than a bad shard: still one line, naming what was read
             failure = _Failure(f"{self.shards[self.plan.groups[chunk.group][0]].url}: cannot slice ({describe_error(e)})")
         finally:
+            stop.set()
             read_ahead.shutdown(wait=True, cancel_futures=True)
         # Yielded with the error dropped: a frame suspended holding it (in `e`, or through a future in
         # `loads`) sits in the error's own traceback, a cycle only the cyclic GC frees, on whichever
@@ -188,8 +190,9 @@ class StreamSource:
     - drop_last=False: every sample exactly once, in nb = ceil(max_rank_samples / batch_size)
       batches. A rank with enough samples for nb batches yields full ones and a short last one; a
       rank with fewer spreads its samples evenly over the nb batches (sizes differ by at most 1).
-    A shard that is missing, short, corrupt or cut off mid-transfer is read again
-    (`stream_read.RETRIES`) and then named in a ShardError; an epoch never ends short.
+    A shard that is short, corrupt, cut off mid-transfer or unreachable is read again (5 reads over
+    about 8 s, `shardset.retry_waits`: a server's restart is ridden out) and then named in a ShardError;
+    a missing one is named at once; an epoch never ends short.
     With workers, the source keeps their read and batch buffers from its first epoch on
     (`shared_read_buffers`, `_ring_buffers`): (lanes per worker + 1) x mix shards per worker,
     about 1.4 GB for 2 workers over 169 MB shards, held for the life of the source so that every

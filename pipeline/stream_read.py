@@ -4,8 +4,8 @@
 `http(s)://`, fsspec for `s3://`, `gs://` and other URLs, a plain read for paths, webdataset's
 `gopen` for `pipe:` commands) and checks it: against the manifest (size, then `sum64`) for a shard
 set, against its own fixed-stride layout (`read_layout`) for a URL list. A failed read is tried
-again (`RETRIES`), then named in a ShardError. `load_group` reads the shards of one group of the
-epoch plan and views their images in place.
+again (`shardset.retry_waits`: 5 reads over about 8 s), then named in a ShardError. `load_group`
+reads the shards of one group of the epoch plan and views their images in place.
 
 Read buffers are reused: a group's go back to this process once it is sliced (`recycle_buffers`),
 and a DataLoader worker starts with its slots of buffers its source keeps for every epoch
@@ -27,11 +27,9 @@ import numpy as np
 from .errors import ShardError
 from .reader import _strided_view
 from .schema import CLS, MEMBERS, VARIANTS
-from .shardset import http_request, is_url, missing_error
+from .shardset import http_request, is_url, missing_error, retry_waits
 from .tarshard import BLOCK, NPY_HEADERS
 
-RETRIES = 3  # reads of a shard before its error is final (a cut connection, a short or bad transfer)
-BACKOFF_S = 0.2  # first wait between reads, doubled each time
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux's value; Python 3.11's mmap does not name it
 
 
@@ -46,11 +44,15 @@ class Shard(NamedTuple):
     keys: list = None
 
 
-def read_checked(shard, variant, shard_set=None, storage_options=None, retries=RETRIES, backoff=BACKOFF_S):
+def read_checked(shard, variant, shard_set=None, storage_options=None, retries=None, backoff=None, stop=None):
     """`(data, offsets, labels, keys)` of `shard`, read whole and checked: against the manifest
     (size, then sum64, by `shard_set.check_bytes`) or, for a URL list, against its own layout.
-    A failed read is tried again, `retries` reads in all; then the last failure is a ShardError."""
-    for attempt in range(retries):
+    A failed read is tried again, `retries` reads in all, waiting `backoff` s and then twice as long
+    each time (`shardset.retry_waits`; a body that arrived whole but wrong is read again at once);
+    then the last failure is a ShardError. `stop` (an Event), when set, ends a wait at once."""
+    waits = retry_waits(retries, backoff)
+    for attempt in range(len(waits) + 1):
+        data = None
         try:
             data = read_whole(shard.url, storage_options)
             if shard.entry is None:
@@ -63,8 +65,13 @@ def read_checked(shard, variant, shard_set=None, storage_options=None, retries=R
             error = e
         except Exception as e:  # a connection cut mid-transfer, a failing command, ...
             error = ShardError(f"{shard.url}: unreadable shard ({describe_error(e)})")
-        if attempt + 1 < retries:
-            time.sleep(backoff * 2 ** attempt)
+        # The server answered in full: it is up, so the next read need not wait for it.
+        whole = data is not None and (shard.entry is None or len(data) == shard.entry["bytes"])
+        if attempt < len(waits) and not whole:
+            if stop is None:
+                time.sleep(waits[attempt])
+            elif stop.wait(waits[attempt]):
+                break
     raise error
 
 
@@ -171,12 +178,12 @@ class Group(NamedTuple):
     data: list  # the raw shard buffers under `views`
 
 
-def load_group(shards, first_ids, variant, shard_set=None, storage_options=None):
-    """Read and check the shards of one group and view their images in place."""
+def load_group(shards, first_ids, variant, shard_set=None, storage_options=None, stop=None):
+    """Read and check the shards of one group and view their images in place (`stop`: see `read_checked`)."""
     size = int(np.prod(VARIANTS[variant][1]))
     views, labels, keys, raw = [], [], [], []
     for shard in shards:
-        data, offsets, shard_labels, shard_keys = read_checked(shard, variant, shard_set, storage_options)
+        data, offsets, shard_labels, shard_keys = read_checked(shard, variant, shard_set, storage_options, stop=stop)
         views.append(_strided_view(np.frombuffer(data, np.uint8), offsets, size, shard.url))
         labels.append(np.asarray(shard_labels, np.int64))
         keys.append(shard_keys)

@@ -61,6 +61,14 @@ def real_shards(tmp_path_factory):
 
 
 @pytest.fixture
+def quick_retries(monkeypatch):
+    """Remote shard transfers tried again 1 ms apart, not over the seconds that ride out a server's restart
+    (`shardset.retry_waits`): for a test that drives a read to its final failure. Set before any fork, so
+    stream workers inherit it."""
+    monkeypatch.setattr("pipeline.shardset.BACKOFF_S", 0.001)
+
+
+@pytest.fixture
 def fork_warns_as_on_3_12(monkeypatch):
     """os.fork warns, as Python 3.12's does in a process with threads, on any Python (DeprecationWarning)."""
     fork = os.fork

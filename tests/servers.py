@@ -8,11 +8,12 @@ file is answered 302, to the same path with a query, which serves it). It answer
 a request for an absolute URL (`http_proxy` set to the server's URL) is served that URL's path.
 With `auth="user:password"` every request without that basic auth is answered 401, with
 `query="sig=..."` (a signed URL's token) every request without that query string 403. `requests` counts GETs,
-`starts` lists each GET's (name, first byte).
+`starts` lists each GET's (name, first byte). `down_for(seconds)` refuses connections a while (a restart).
 """
 import base64
 import http.server
 import os
+import socket
 import sys
 import threading
 import urllib.parse
@@ -113,7 +114,24 @@ class FaultyHTTPServer(http.server.ThreadingHTTPServer):
         if not isinstance(sys.exc_info()[1], ConnectionError):
             super().handle_error(request, client_address)
 
+    def down_for(self, seconds):
+        """Stop listening now (connections are refused) and listen again on the same port after `seconds`:
+        a server's restart, a load balancer's blip, as a client sees it."""
+        self.shutdown()
+        self.socket.close()
+
+        def back():
+            self.socket = socket.socket(self.address_family, self.socket_type)
+            self.server_bind()  # the same port: `server_address` holds the one bound first
+            self.server_activate()
+            threading.Thread(target=self.serve_forever, daemon=True).start()
+        self._back = threading.Timer(seconds, back)
+        self._back.start()
+
     def close(self):
+        if getattr(self, "_back", None):
+            self._back.cancel()
+            self._back.join()
         self.shutdown()
         self.server_close()
 

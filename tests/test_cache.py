@@ -5,8 +5,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -15,12 +17,12 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.checksum import sum64
-from pipeline.cache import RETRIES, cache_folder, cached_copy
+from pipeline.cache import cache_folder, cached_copy
 from pipeline.cli import main
 from pipeline.errors import ShardError, hide_password
 from pipeline.loader import make_loader
 from pipeline.schema import CACHE_MARK_FILE
-from pipeline.shardset import ShardSet
+from pipeline.shardset import RETRIES, ShardSet
 from tests.servers import FaultyHTTPServer, S3Server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,7 +149,8 @@ def _truncated(size):
 
 
 @pytest.mark.parametrize("fault", ["missing", "truncate", "corrupt"])
-def test_a_bad_shard_is_one_line_naming_its_url_and_never_left_as_complete(shards, serve, cache, fault):
+def test_a_bad_shard_is_one_line_naming_its_url_and_never_left_as_complete(shards, serve, cache, fault,
+                                                                             quick_retries):
     server = serve({SHARD: fault})
     size = (shards / SHARD).stat().st_size
     with pytest.raises(ShardError) as e:
@@ -166,6 +169,47 @@ def test_a_bad_shard_is_one_line_naming_its_url_and_never_left_as_complete(shard
     else:
         assert not (copy / f"{SHARD}.part").exists()
     assert server.requests[SHARD] == {"missing": 0, "truncate": RETRIES, "corrupt": RETRIES}[fault]
+
+
+def test_a_server_down_for_a_second_is_waited_for(shards, serve, cache):
+    """A server's restart, a load balancer's blip: the fetch tried each shard 3 times with no wait between,
+    and the run ended 'cannot fetch (Connection refused, after 3 attempts)' at once. Fetches are now
+    tried over 7.5 s of waits, doubling from 0.5 s (`shardset.retry_waits`), as the stream path's reads."""
+    server = serve()
+    remote = ShardSet(server.url)  # the manifest and index read
+    server.down_for(1.0)
+    copy = cached_copy(remote, "train")
+    for entry in remote.entries("train"):
+        assert (copy / entry["file"]).read_bytes() == (shards / entry["file"]).read_bytes()
+
+
+def test_a_server_that_stays_down_is_named_after_every_attempt(serve, cache, quick_retries):
+    server = serve()
+    remote = ShardSet(server.url)
+    server.close()
+    with pytest.raises(ShardError) as e:
+        cached_copy(remote, "train", workers=1)
+    assert str(e.value) == f"{server.url}/train-000000.tar: cannot fetch ([Errno 111] Connection refused, after 5 attempts)"
+
+
+def test_a_ctrl_c_while_a_fetch_waits_to_try_again_stops_it(serve, cache, monkeypatch):
+    """Fetches wait seconds to try a shard again: a Ctrl-C (or SIGTERM) must not wait for their every try."""
+    monkeypatch.setattr("pipeline.shardset.BACKOFF_S", 2.0)  # a fetch that kept trying: 5 tries over 30 s
+    remote, tries = ShardSet(serve().url), []
+    ctrl_c = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
+
+    def refused(url, *args):
+        tries.append(url)
+        if len(tries) == 1:  # the Ctrl-C, soon after the server is found down (the main thread waiting)
+            ctrl_c.start()
+        raise ConnectionRefusedError(111, "Connection refused")
+    monkeypatch.setattr("pipeline.cache._http_receive", refused)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cached_copy(remote, "train", workers=1)
+    finally:
+        ctrl_c.cancel()  # a read that failed without it must not interrupt the next test
+    assert len(tries) == 1
 
 
 def test_a_connection_cut_mid_shard_resumes_and_the_epoch_is_whole(shards, serve, cache):
@@ -319,7 +363,7 @@ def test_shards_are_fetched_through_the_proxy_the_manifest_is_read_through(shard
 
 
 @pytest.mark.parametrize("workers", [1, 4])
-def test_a_partial_file_from_an_earlier_run_is_resumed(shards, serve, cache, workers):
+def test_a_partial_file_from_an_earlier_run_is_resumed(shards, serve, cache, workers, quick_retries):
     server = serve({SHARD: "truncate"})
     with pytest.raises(ShardError):
         cached_copy(server.url, "train", workers=workers)

@@ -324,7 +324,7 @@ def test_a_signed_shard_url_is_one_shard_not_a_set(shards, http):
     ("corrupt", "{url}: checksum differs from the manifest (corrupt or modified)"),
 ])
 @pytest.mark.parametrize("workers", [0, 2])
-def test_faulty_http_shard_is_named(shards, fault, message, workers):
+def test_faulty_http_shard_is_named(shards, fault, message, workers, quick_retries):
     name = "train-000002.tar"
     server = FaultyHTTPServer(shards, {name: fault})
     try:
@@ -332,9 +332,43 @@ def test_faulty_http_shard_is_named(shards, fault, message, workers):
         with pytest.raises(ShardError) as err:
             _epoch(source)
         assert str(err.value) == message.format(url=f"{server.url}/{name}")
-        assert server.requests[name] == (0 if fault == "missing" else 3)  # a bad transfer is read 3 times
+        assert server.requests[name] == (0 if fault == "missing" else 5)  # a bad transfer is read 5 times
     finally:
         server.close()
+
+
+def test_a_server_down_for_a_second_is_waited_for(shards):
+    """A server's restart, a load balancer's blip: 3 reads 0.2 and 0.4 s apart all found it down, and the
+    epoch (a training run) ended 'unreadable shard (URLError: ... Connection refused)' within a second.
+    Reads are now tried over 7.5 s of waits, doubling from 0.5 s (`shardset.retry_waits`)."""
+    server = FaultyHTTPServer(shards)
+    try:
+        source = stream_from_set(server.url, "train", batch_size=16, workers=0, seed=4)  # the manifest read
+        server.down_for(1.0)
+        _same(_epoch(source), _epoch(stream_from_set(shards, "train", batch_size=16, workers=0, seed=4)))
+    finally:
+        server.close()
+
+
+def test_a_ctrl_c_while_a_read_waits_to_try_again_stops_it(shards, monkeypatch):
+    """Reads wait seconds to try a shard again (`shardset.retry_waits`): without workers, a Ctrl-C in one
+    waited for the read thread's every remaining try (7.5 s of waits) before the epoch stopped."""
+    monkeypatch.setattr("pipeline.shardset.BACKOFF_S", 2.0)  # without the stop, 30 s and 5 reads
+    reads = []
+    ctrl_c = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
+
+    def refused(url, storage_options=None):
+        reads.append(url)
+        if len(reads) == 1:  # the Ctrl-C, soon after the server is found down (the main thread waiting on the read)
+            ctrl_c.start()
+        raise ConnectionRefusedError(111, "Connection refused")
+    monkeypatch.setattr("pipeline.stream_read.read_whole", refused)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _epoch(stream_from_set(shards, "train", batch_size=16, workers=0))
+    finally:
+        ctrl_c.cancel()  # a read that failed without it must not interrupt the next test
+    assert len(reads) == 1
 
 
 def test_a_failed_epoch_stops_its_read_thread_at_the_error(shards):
@@ -465,7 +499,7 @@ def test_damaged_listed_shard_is_named(shards, tmp_path, how, message):
     assert str(err.value).startswith(f"{bad}: ") and message in str(err.value)
 
 
-def test_failing_pipe_and_missing_file_are_named(shards, tmp_path):
+def test_failing_pipe_and_missing_file_are_named(shards, tmp_path, quick_retries):
     missing = str(tmp_path / "train-000009.tar")
     with pytest.raises(ShardError, match=f"^{missing}: missing"):
         _epoch(stream_from_urls(_urls(shards)[:4] + [missing], COUNTS, workers=2))

@@ -1,0 +1,51 @@
+"""`pipeline.locks.locked`: one holder at a time, a lock file its holder removes taken afresh, and a folder
+this process may only read (a copy made beforehand on a read-only mount) read under a shared lock."""
+import errno
+import os
+import threading
+
+import pytest
+
+from pipeline.locks import locked
+
+
+def test_a_waiter_whose_lock_file_the_holder_removed_locks_a_fresh_one(tmp_path):
+    """The waiter opened the lock file before its holder removed it: the lock it then gets is on a file no
+    newcomer opens, which excludes no one. It must take the lock afresh, on the file under the name."""
+    path, seen, waiting = tmp_path / ".lock", {}, threading.Event()
+
+    def second():
+        with locked(path, waiting=waiting.set, remove=True):
+            seen["there"] = path.exists()
+    with locked(path, remove=True):
+        thread = threading.Thread(target=second)
+        thread.start()
+        assert waiting.wait(10)
+    thread.join(10)
+    assert seen == {"there": True} and not path.exists()
+
+
+@pytest.fixture
+def read_only(monkeypatch, tmp_path):
+    """The lock's folder as one this process may not write (root, running the tests, may write anywhere)."""
+    def refuse_writes(path, mode="r", *args, **kwargs):
+        if set(mode) & set("wa+"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return open(path, mode, *args, **kwargs)
+    monkeypatch.setattr("pipeline.locks.open", refuse_writes, raising=False)
+    return tmp_path
+
+
+def test_in_a_read_only_folder_an_existing_lock_file_is_held_for_reading(read_only):
+    (read_only / ".lock").write_bytes(b"")
+    with locked(read_only / ".lock"):
+        entered = True
+    assert entered and (read_only / ".lock").exists()
+
+
+def test_in_a_read_only_folder_a_missing_lock_file_is_the_write_error(read_only):
+    """Not FileNotFoundError from the fallback's read-open: the user is told the folder is read-only."""
+    with pytest.raises(OSError) as caught:
+        with locked(read_only / ".lock"):
+            pass
+    assert (caught.value.errno, caught.value.filename) == (errno.EROFS, str(read_only / ".lock"))

@@ -108,9 +108,11 @@ def test_any_image_pil_opens_is_what_the_studys_loader_reads(fmt, img):
 
 @pytest.mark.parametrize("data, message", [
     (jpeg(picture("RGB", 0, (32, 32))), "x.JPEG: image is 32x32, expected 64x64"),
+    # 64 high, 32 wide: PIL's JPEG decoder, given the size 64x64, decoded it "whole" into a 64x64 image
+    (jpeg(picture("RGB", 0, (32, 64))), "x.JPEG: image is 32x64, expected 64x64"),
     (saved(picture("RGB", 0), "PNG")[:3000], "x.JPEG: corrupt or truncated PNG (image file is truncated)"),
     (b"this is not a jpeg" * 20, "x.JPEG: not an image (corrupt JPEG)"),
-], ids=["32x32", "cut-png", "garbage"])
+], ids=["32x32", "32x64", "cut-png", "garbage"])
 def test_other_inputs_take_image_open_and_its_reasons(data, message):
     assert _plain_mode(data) is None
     with pytest.raises(ImageError) as caught:

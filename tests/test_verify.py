@@ -9,11 +9,12 @@ from PIL import Image
 
 from pipeline.checksum import file_sum64
 from pipeline.cli import main
-from pipeline.errors import UsageError
+from pipeline.errors import ShardError, UsageError
 from pipeline.index import file_sha256, read_index, read_manifest
 from pipeline.tarshard import tar_header
-from pipeline.verify import inspect_shards
+from pipeline.verify import inspect_shards, verify_shards
 from tests.conftest import copy_with_edited_index
+from tests.servers import FaultyHTTPServer
 
 
 SAMPLE_BYTES = 16896  # every sample's four members, padded (see pipeline.tarshard)
@@ -247,3 +248,15 @@ def test_verify_reads_a_set_whose_folder_name_has_url_pattern_characters(shards,
     for name in ("set {a,b}", "set a::b", "set ?x#y"):
         copy = shutil.copytree(shards, tmp_path / name)
         assert run("shard", "verify", copy, "--quiet") == (0, ok), name
+
+
+def test_verify_and_inspect_refuse_a_remote_set_in_one_line(shards):
+    """They read the shards as local files: a URL is named, not taken for a path that does not exist."""
+    server = FaultyHTTPServer(shards)
+    try:
+        for command in (verify_shards, inspect_shards):
+            with pytest.raises(ShardError) as caught:
+                command(server.url)
+            assert str(caught.value) == f"{server.url}: verify and inspect read a local copy of the shard set"
+    finally:
+        server.close()

@@ -25,27 +25,30 @@ def test_a_waiter_whose_lock_file_the_holder_removed_locks_a_fresh_one(tmp_path)
     assert seen == {"there": True} and not path.exists()
 
 
-@pytest.fixture
-def read_only(monkeypatch, tmp_path):
-    """The lock's folder as one this process may not write (root, running the tests, may write anywhere)."""
+@pytest.fixture(params=[errno.EROFS, errno.EACCES, errno.EPERM], ids=["read-only-mount", "eacces", "eperm"])
+def read_only(monkeypatch, tmp_path, request):
+    """The lock's folder as one this process may not write: a read-only mount, another user's folder (root,
+    running the tests, may write anywhere). The folder, and the errno of a write-open there."""
     def refuse_writes(path, mode="r", *args, **kwargs):
         if set(mode) & set("wa+"):
-            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+            raise OSError(request.param, os.strerror(request.param), str(path))
         return open(path, mode, *args, **kwargs)
     monkeypatch.setattr("pipeline.locks.open", refuse_writes, raising=False)
-    return tmp_path
+    return tmp_path, request.param
 
 
 def test_in_a_read_only_folder_an_existing_lock_file_is_held_for_reading(read_only):
-    (read_only / ".lock").write_bytes(b"")
-    with locked(read_only / ".lock"):
+    folder, _ = read_only
+    (folder / ".lock").write_bytes(b"")
+    with locked(folder / ".lock"):
         entered = True
-    assert entered and (read_only / ".lock").exists()
+    assert entered and (folder / ".lock").exists()
 
 
 def test_in_a_read_only_folder_a_missing_lock_file_is_the_write_error(read_only):
     """Not FileNotFoundError from the fallback's read-open: the user is told the folder is read-only."""
+    folder, code = read_only
     with pytest.raises(OSError) as caught:
-        with locked(read_only / ".lock"):
+        with locked(folder / ".lock"):
             pass
-    assert (caught.value.errno, caught.value.filename) == (errno.EROFS, str(read_only / ".lock"))
+    assert (caught.value.errno, caught.value.filename) == (code, str(folder / ".lock"))

@@ -1,0 +1,44 @@
+"""`pipeline.errors`: which errors become one line and which exit code, and the file an OSError names."""
+import errno
+import os
+
+import pytest
+
+from pipeline.errors import naming, user_errors
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR,
+                                  errno.ENAMETOOLONG])
+def test_an_oserror_of_the_environment_is_one_line_naming_its_file(code, capsys):
+    """A full disk or quota, no permission, a read-only file system, a file for a folder, a name too long:
+    the machine's doing, told in one line."""
+    with pytest.raises(SystemExit) as caught:
+        with user_errors():
+            raise OSError(code, os.strerror(code), "/data/out/manifest.json")
+    assert (caught.value.code, capsys.readouterr().err) == (1, f"error: {os.strerror(code)}: /data/out/manifest.json\n")
+
+
+def test_another_oserror_keeps_its_traceback():
+    """EIO and the like may be bugs (or a failing disk): not hidden behind one line."""
+    error = OSError(errno.EIO, os.strerror(errno.EIO), "/data/out/manifest.json")
+    with pytest.raises(OSError) as caught:
+        with user_errors():
+            raise error
+    assert caught.value is error
+
+
+def test_naming_keeps_the_file_an_error_names_and_an_error_without_errno(tmp_path):
+    """Only an OSError that names no file (a write's ENOSPC) is given the path: one that names a file names
+    the right one, and one with no errno (no strerror to give) goes on as it is."""
+    named = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "other"))
+    bare = OSError("no errno")
+    for error in (named, bare):
+        with pytest.raises(OSError) as caught:
+            with naming(tmp_path / "file"):
+                raise error
+        assert caught.value is error
+    with pytest.raises(OSError) as caught:
+        with naming(tmp_path / "file"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert (caught.value.errno, caught.value.strerror, caught.value.filename) == (
+        errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "file"))

@@ -260,3 +260,16 @@ def test_verify_and_inspect_refuse_a_remote_set_in_one_line(shards):
             assert str(caught.value) == f"{server.url}: verify and inspect read a local copy of the shard set"
     finally:
         server.close()
+
+
+def test_verify_catches_an_index_key_that_names_another_sample(shards, tmp_path):
+    """A renamed key with the label unchanged: the key, not only the label, must agree."""
+    key = read_index(shards, "train").to_pydict()["key"][2]
+    copy, _ = copy_with_edited_index(shards, tmp_path, "key", 2, "n00000000_99999")
+    assert run("shard", "verify", copy, "--quiet") == (
+        1, f"error: {copy / 'train-000000.tar'}: sample 3 ({key}) disagrees with the index")
+
+
+def test_inspect_takes_an_image_extension_in_capitals(shards, tmp_path):
+    result = inspect_shards(shards, png=tmp_path / "grid.PNG", max_classes=2, per_class=1)
+    assert result["png"] == str(tmp_path / "grid.PNG") and Image.open(tmp_path / "grid.PNG").format == "PNG"

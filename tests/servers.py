@@ -4,7 +4,8 @@
 a fault: "missing" (404), "truncate" (the full Content-Length announced, half the body sent, then
 the connection closed), "corrupt" (one byte flipped, right length), "cut-once" (the first GET of
 the file breaks off mid-body, later ones succeed: a retry must recover), "redirect" (a GET of the
-file is answered 302, to the same path with a query, which serves it). It answers as a proxy too:
+file is answered 302, to the same path with a query, which serves it), "no-range" (a Range request is
+answered 200 with the whole file, as by a server without range support). It answers as a proxy too:
 a request for an absolute URL (`http_proxy` set to the server's URL) is served that URL's path.
 With `auth="user:password"` every request without that basic auth is answered 401, with
 `query="sig=..."` (a signed URL's token) every request without that query string 403. `requests` counts GETs,
@@ -72,7 +73,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         self.server.requests[name] += 1
         size = path.stat().st_size
-        lo, hi = self._range(size)
+        lo, hi = (0, size) if fault == "no-range" else self._range(size)
         self.server.starts.append((name, lo))
         self.send_response(206 if (lo, hi) != (0, size) else 200)
         if (lo, hi) != (0, size):

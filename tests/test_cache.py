@@ -17,12 +17,12 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.checksum import sum64
-from pipeline.cache import cache_folder, cached_copy
+from pipeline.cache import cache_folder, cached_copy, is_set_url
 from pipeline.cli import main
 from pipeline.errors import ShardError, hide_password
 from pipeline.loader import make_loader
 from pipeline.schema import CACHE_MARK_FILE
-from pipeline.shardset import RETRIES, ShardSet
+from pipeline.shardset import RETRIES, ShardSet, open_shard_set
 from tests.servers import FaultyHTTPServer, S3Server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -434,3 +434,56 @@ def test_shard_verify_of_a_url(serve, cache):
     result = CliRunner().invoke(main, ["shard", "verify", "--quiet", server.url])
     assert result.exit_code == 0, result.output
     assert result.output == "ok: 7 shards, 330 samples verified\n"
+
+
+def test_a_sets_cache_folder_does_not_change_with_its_credentials_query_or_final_slash(tmp_path):
+    """Passwords and signed tokens change between runs; the copy they name is the same one."""
+    folder = cache_folder("https://h:8/sets/tiny", tmp_path)
+    assert folder.parent == tmp_path and len(folder.name) == 16
+    for same in ("https://ann:pw@h:8/sets/tiny", "https://h:8/sets/tiny?sv=1&sig=abc", "https://h:8/sets/tiny/"):
+        assert cache_folder(same, tmp_path) == folder
+    assert cache_folder("https://h:8/sets/other", tmp_path) != folder
+
+
+def test_a_part_of_a_copy_a_rebuilt_set_disowns_is_not_resumed(shards, serve, cache, tmp_path):
+    """A fetch broken off (its .part kept) before the set was rebuilt under its URL: the .part holds the old
+    shard's bytes, and resuming it cost a transfer that failed its checksum; it goes with its manifest."""
+    served = tmp_path / "served"
+    shutil.copytree(shards, served)
+    server = serve(root=served)
+    copy = cached_copy(server.url, "train")
+    old = (copy / SHARD).read_bytes()
+    (copy / SHARD).unlink()
+    (copy / f"{SHARD}.part").write_bytes(old[:len(old) // 2])
+    data = bytearray(old)
+    data[-5000] ^= 1
+    (served / SHARD).write_bytes(data)
+    manifest = json.loads((served / "manifest.json").read_text())
+    entry = next(e for e in manifest["shards"] if e["file"] == SHARD)
+    entry.update(sha256=hashlib.sha256(data).hexdigest(), sum64=sum64(data))
+    (served / "manifest.json").write_text(json.dumps(manifest))
+    server.requests.clear()
+    server.starts.clear()
+    cached_copy(server.url, "train")
+    assert [s for s in server.starts if s[0] == SHARD] == [(SHARD, 0)] and (copy / SHARD).read_bytes() == data
+
+
+def test_a_part_a_server_will_not_resume_is_fetched_again_from_the_start(shards, serve, cache):
+    """A server that ignores Range answers a resume with the whole file: the .part is dropped and the next
+    attempt starts over; kept, every attempt asked to resume it again, and the shard failed."""
+    server = serve()
+    copy = cached_copy(server.url, "train")
+    data = (copy / SHARD).read_bytes()
+    (copy / SHARD).unlink()
+    (copy / f"{SHARD}.part").write_bytes(data[:len(data) // 2])
+    server.faults[SHARD] = "no-range"
+    server.requests.clear()
+    assert cached_copy(server.url, "train") == copy
+    assert shard_gets(server) == {SHARD: 2}  # the resume answered whole, then the shard from its start
+    assert (copy / SHARD).read_bytes() == data and not list(copy.glob("*.part"))
+
+
+def test_a_shard_set_object_is_a_set_url_when_it_is_remote(shards, serve):
+    """make_loader takes an open ShardSet too: a remote one is fetched into the cache, a local one read in place."""
+    server = serve()
+    assert not is_set_url(ShardSet(shards)) and is_set_url(open_shard_set(server.url))

@@ -273,3 +273,19 @@ def test_verify_catches_an_index_key_that_names_another_sample(shards, tmp_path)
 def test_inspect_takes_an_image_extension_in_capitals(shards, tmp_path):
     result = inspect_shards(shards, png=tmp_path / "grid.PNG", max_classes=2, per_class=1)
     assert result["png"] == str(tmp_path / "grid.PNG") and Image.open(tmp_path / "grid.PNG").format == "PNG"
+
+
+def test_verify_catches_an_array_whose_npy_header_names_another_shape(shards, tmp_path):
+    """(64, 192) for (64, 64, 3): the same bytes, so the offsets hold, but a stock reader gets the wrong array."""
+    key = read_index(shards, "train").to_pydict()["key"][1]
+
+    def reshape(data, tar):
+        at = tar.getmember(f"{key}.rgb64.npy").offset_data
+        end = data.index(b"\n", at) + 1
+        header = bytes(data[at:end])
+        assert b"(64, 64, 3)" in header
+        data[at:end] = header.replace(b"(64, 64, 3), }", b"(64, 192), }  ")
+        return data
+
+    copy, path = _copy_with_rewritten_shard(shards, tmp_path, "train-000000.tar", reshape)
+    assert run("shard", "verify", copy, "--quiet") == (1, f"error: {path}: {key}.rgb64.npy is not at its indexed offset")

@@ -1,5 +1,6 @@
 """`tinyin shard build`: contents byte for byte, labels and splits, determinism, atomicity."""
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -24,7 +25,7 @@ from PIL import Image
 from pipeline import build
 from pipeline.build import _byte_histogram, _plan_tasks, _run_tasks, build_shards, histograms
 from pipeline.cli import main
-from pipeline.errors import SourceError
+from pipeline.errors import ShardError, SourceError
 from pipeline.index import read_index, read_manifest
 from pipeline.release import MAX_KEY, Item, plan_release
 from pipeline.source import open_release
@@ -417,6 +418,7 @@ def test_rebuild_into_same_folder_repairs_missing_and_damaged_files(release, sha
     out = tmp_path / "out"
     build_shards(release, out, shard_size=SHARD_SIZE, progress=False)
     (out / "train-000000.tar").unlink()
+    (out / "index.parquet").unlink()  # labels and offsets that no shard's checksum covers
     damaged = bytearray((out / "val-000000.tar").read_bytes())
     damaged[5000] ^= 1
     (out / "val-000000.tar").write_bytes(damaged)
@@ -425,10 +427,10 @@ def test_rebuild_into_same_folder_repairs_missing_and_damaged_files(release, sha
     result = CliRunner().invoke(main, ["shard", "build", "--src", str(release), "--out", str(out),
                                        "--shard-size", str(SHARD_SIZE), "--quiet"])
     assert result.exit_code == 0, result.output
-    assert result.output.strip().endswith("; skipped 0; repaired train-000000.tar, val-000000.tar")
+    assert result.output.strip().endswith("; skipped 0; repaired train-000000.tar, val-000000.tar, index.parquet")
     assert tree_digest(out) == tree_digest(shards)
     assert sorted(p.name for p in out.iterdir() if p.stat().st_mtime_ns != 1_000_000_000) == [
-        "train-000000.tar", "val-000000.tar"]
+        "index.parquet", "train-000000.tar", "val-000000.tar"]
 
 
 def test_rebuild_of_a_changed_release_with_the_same_options_is_refused(release, shards, tmp_path):
@@ -581,8 +583,9 @@ def test_a_build_removes_what_killed_builds_on_this_host_left(release, tmp_path)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True).stdout.strip()
     host = socket.gethostname()
+    other = "x" * len(host)  # another host of a name as long: its pid sits where this host's would
     leftovers = [f"out.tmp-{host}-{dead}", f"out.tmp-{host}-{os.getppid()}", f"out.tmp-{host}x-{dead}",
-                 f"out.tmp-other-{dead}", f"other.tmp-{host}-{dead}"]
+                 f"out.tmp-other-{dead}", f"out.tmp-{other}-{dead}", f"other.tmp-{host}-{dead}"]
     for name in leftovers:
         (tmp_path / name).mkdir()
         (tmp_path / name / "train-000000.tar").write_bytes(b"half a shard")
@@ -705,3 +708,41 @@ def test_the_workers_are_forked_without_python_3_12s_thread_warning(release, tmp
         warnings.simplefilter("always")
         build_shards(release, tmp_path / "shards", workers=2, shard_size=SHARD_SIZE, progress=False)
     assert [str(w.message) for w in caught] == []
+
+
+def test_a_leftover_of_another_users_live_build_is_left_alone(tmp_path, monkeypatch):
+    """Signal 0 to another user's process is refused (EPERM): it runs, and its build folder is in use."""
+    host = socket.gethostname()
+    (tmp_path / f"out.tmp-{host}-4242").mkdir()
+
+    def refused(pid, sig):
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+    monkeypatch.setattr("pipeline.build.os.kill", refused)
+    build._remove_dead_builds(tmp_path / "out")
+    assert [p.name for p in tmp_path.iterdir()] == [f"out.tmp-{host}-4242"]
+
+
+def test_the_manifest_holds_the_indexs_sha256(shards):
+    """Labels, keys and offsets come from the index, which no shard's checksum covers: without its sha256 in the
+    manifest, a changed byte there mislabels samples unseen."""
+    index_bytes = (shards / "index.parquet").read_bytes()
+    assert read_manifest(shards)["index_sha256"] == hashlib.sha256(index_bytes).hexdigest()
+
+
+def test_a_full_builds_manifest_records_no_classes(shards):
+    """build.classes only for a --classes build: a full build's manifest stays what builds before --classes
+    wrote, so that building again into such a set repairs it instead of refusing it as other input."""
+    assert sorted(read_manifest(shards)["build"]) == ["on_error", "shard_size", "source", "split_seed"]
+
+
+def test_a_full_build_into_a_subsets_folder_is_refused_naming_the_classes(release, tmp_path):
+    """An option only the set there records (build.classes of a --classes build) differs too, and is named before
+    the work: not found out after the whole build as 'other input'."""
+    out = tmp_path / "out"
+    out.mkdir()
+    build = {"source": release.name, "shard_size": SHARD_SIZE, "split_seed": None, "on_error": "fail", "classes": 2}
+    (out / "manifest.json").write_text(json.dumps({"format_version": 1, "build": build}))
+    with pytest.raises(ShardError) as e:
+        build_shards(release, out, shard_size=SHARD_SIZE, progress=False)
+    assert str(e.value) == (f"{out}: already holds a different build (classes: 2 -> none); "
+                            "choose another --out or delete it")

@@ -659,3 +659,29 @@ def test_a_file_of_another_format_is_no_checkpoint_to_resume(tmp_path):
         with pytest.raises(train.CheckpointError) as e:
             checkpoint.load_checkpoint(str(tmp_path / name), {})
         assert str(e.value) == f"{tmp_path / name}: not a train.py checkpoint of format tinyin-train-2 (format: {found})"
+
+
+def test_a_stream_checkpoint_of_the_default_workers_names_them_as_two():
+    """-j not given is the loader's 2 workers: a refusal names -j 2 (what the run read with), not a None or a 0."""
+    state, path = train.RunState(epoch=0, samples_done=4, epoch_steps=1), "runs/x/checkpoint.pth"
+    default = dict(args=dict(data_path="stream", workers=None), world_size=1, batch_size=4)
+    with pytest.raises(train.CheckpointError) as e:
+        checkpoint.check_epoch_order(default, state, argparse.Namespace(data_path="stream", batch_size=4, workers=3), 1, path)
+    assert str(e.value) == (
+        f"{path}: stopped mid-epoch (epoch 0 step 1) with -j 2, whose order of the epoch -j 3 does not share (the "
+        "stream path reads max(2, -j) shard groups side by side); resume it with -j 2 or fewer")
+    with pytest.raises(train.CheckpointError) as e:
+        checkpoint.check_epoch_order(dict(default, args=dict(data_path="stream", workers=3)), state,
+                                     argparse.Namespace(data_path="stream", batch_size=4, workers=None), 1, path)
+    assert str(e.value).endswith("with -j 3, whose order of the epoch -j 2 does not share (the stream path reads "
+                                 "max(2, -j) shard groups side by side); resume it with -j 3")
+
+
+def test_weights_that_do_not_say_their_norm_and_a_checkpoint_from_before_recipe_are_taken():
+    """--weights of a file that records no --norm (a torchvision state dict) is used with any --norm; a
+    checkpoint from before --recipe is resumed with one. Another recorded --norm is refused."""
+    args = flags("--arch", "resnet18", "--norm", "imagenet", "--recipe", "paper")
+    checkpoint.check_norm(None, args, "w.pth")
+    checkpoint.check_recipe({"lr": 0.1}, args, "c.pth")
+    with pytest.raises(train.CheckpointError, match=r"^w\.pth: made with --norm half, this run has --norm imagenet,"):
+        checkpoint.check_norm("half", args, "w.pth")

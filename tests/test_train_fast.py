@@ -685,3 +685,20 @@ def test_weights_that_do_not_say_their_norm_and_a_checkpoint_from_before_recipe_
     checkpoint.check_recipe({"lr": 0.1}, args, "c.pth")
     with pytest.raises(train.CheckpointError, match=r"^w\.pth: made with --norm half, this run has --norm imagenet,"):
         checkpoint.check_norm("half", args, "w.pth")
+
+
+def test_resume_auto_is_the_output_dirs_checkpoint_once_there_is_one(tmp_path):
+    args = argparse.Namespace(resume="auto", output_dir=str(tmp_path))
+    assert checkpoint.resume_path(args) is None  # a first run starts afresh
+    (tmp_path / "checkpoint.pth").write_bytes(b"")
+    assert checkpoint.resume_path(args) == str(tmp_path / "checkpoint.pth")
+    assert checkpoint.resume_path(argparse.Namespace(resume="runs/x.pth", output_dir=str(tmp_path))) == "runs/x.pth"
+
+
+def test_the_continue_command_drops_the_one_shot_flags_and_resumes_auto():
+    """A --stop-after-steps kept in it stopped the resumed run again; --resume X is replaced by --resume auto."""
+    argv = ["--arch", "lenet5", "--resume", "old.pth", "--stop-after-steps", "3", "--wait-at-step=2", "-b", "8"]
+    args = argparse.Namespace(argv=argv)
+    assert checkpoint.continue_command(args, 1) == "python train.py --arch lenet5 -b 8 --resume auto"
+    assert checkpoint.continue_command(args, 2) == (
+        "torchrun --nproc_per_node 2 train.py --arch lenet5 -b 8 --resume auto")

@@ -1,10 +1,11 @@
 """`pipeline.errors`: which errors become one line and which exit code, and the file an OSError names."""
 import errno
 import os
+import signal
 
 import pytest
 
-from pipeline.errors import naming, user_errors
+from pipeline.errors import Terminated, naming, sigterm_interrupts, stop_code, user_errors
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR,
@@ -42,3 +43,16 @@ def test_naming_keeps_the_file_an_error_names_and_an_error_without_errno(tmp_pat
             raise OSError(errno.ENOSPC, "No space left on device")
     assert (caught.value.errno, caught.value.strerror, caught.value.filename) == (
         errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "file"))
+
+
+def test_sigterm_interrupts_raises_terminated_for_sigterm_and_keyboardinterrupt_for_ctrl_c():
+    """A bench stopped by Ctrl-C exits 130, by `kill` 143: each signal keeps its own exception and code."""
+    with pytest.raises(KeyboardInterrupt) as caught:
+        with sigterm_interrupts((signal.SIGTERM, signal.SIGINT)) as noted:
+            signal.raise_signal(signal.SIGINT)
+    assert type(caught.value) is KeyboardInterrupt and noted == [] and stop_code(noted) == 130
+    with pytest.raises(Terminated):
+        with sigterm_interrupts((signal.SIGTERM, signal.SIGINT)) as noted:
+            signal.raise_signal(signal.SIGTERM)
+    assert noted == [signal.SIGTERM] and stop_code(noted) == 143
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers put back

@@ -271,8 +271,10 @@ def test_verify_catches_an_index_key_that_names_another_sample(shards, tmp_path)
 
 
 def test_inspect_takes_an_image_extension_in_capitals(shards, tmp_path):
+    """(And the grid is as many rows as --max-classes and columns as --per-class: 260 pixels of words, 66 a cell.)"""
     result = inspect_shards(shards, png=tmp_path / "grid.PNG", max_classes=2, per_class=1)
-    assert result["png"] == str(tmp_path / "grid.PNG") and Image.open(tmp_path / "grid.PNG").format == "PNG"
+    grid = Image.open(tmp_path / "grid.PNG")
+    assert (result["png"], grid.format, grid.size) == (str(tmp_path / "grid.PNG"), "PNG", (260 + 66, 2 * 66))
 
 
 def test_verify_catches_an_array_whose_npy_header_names_another_shape(shards, tmp_path):

@@ -746,3 +746,14 @@ def test_a_full_build_into_a_subsets_folder_is_refused_naming_the_classes(releas
         build_shards(release, out, shard_size=SHARD_SIZE, progress=False)
     assert str(e.value) == (f"{out}: already holds a different build (classes: 2 -> none); "
                             "choose another --out or delete it")
+
+
+def test_a_leftover_under_this_processs_own_name_is_cleared_first(release, tmp_path):
+    """A killed build whose pid this process now has (pids are reused) left `out.tmp-<host>-<pid>`: it is this
+    build's folder now, emptied first, not 'cannot create the output folder (File exists)'."""
+    stale = tmp_path / f"out.tmp-{socket.gethostname()}-{os.getpid()}"
+    stale.mkdir()
+    (stale / "train-000000.tar").write_bytes(b"half a shard")
+    build_shards(release, tmp_path / "out", shard_size=SHARD_SIZE, progress=False, classes=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (tmp_path / "out" / "train-000000.tar").read_bytes() != b"half a shard"

@@ -5,7 +5,8 @@ a fault: "missing" (404), "truncate" (the full Content-Length announced, half th
 the connection closed), "corrupt" (one byte flipped, right length), "cut-once" (the first GET of
 the file breaks off mid-body, later ones succeed: a retry must recover), "redirect" (a GET of the
 file is answered 302, to the same path with a query, which serves it), "no-range" (a Range request is
-answered 200 with the whole file, as by a server without range support). It answers as a proxy too:
+answered 200 with the whole file, as by a server without range support), "busy-once" (the first GET of the
+file is answered 503 Service Unavailable, later ones served). It answers as a proxy too:
 a request for an absolute URL (`http_proxy` set to the server's URL) is served that URL's path.
 With `auth="user:password"` every request without that basic auth is answered 401, with
 `query="sig=..."` (a signed URL's token) every request without that query string 403. `requests` counts GETs,
@@ -21,7 +22,7 @@ import urllib.parse
 from collections import Counter
 from pathlib import Path
 
-FAULTS = ("missing", "truncate", "corrupt", "cut-once", "redirect")
+FAULTS = ("missing", "truncate", "corrupt", "cut-once", "redirect", "no-range", "busy-once")
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -72,6 +73,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             return
         self.server.requests[name] += 1
+        if fault == "busy-once" and self.server.requests[name] == 1:
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         size = path.stat().st_size
         lo, hi = (0, size) if fault == "no-range" else self._range(size)
         self.server.starts.append((name, lo))

@@ -487,3 +487,10 @@ def test_a_shard_set_object_is_a_set_url_when_it_is_remote(shards, serve):
     """make_loader takes an open ShardSet too: a remote one is fetched into the cache, a local one read in place."""
     server = serve()
     assert not is_set_url(ShardSet(shards)) and is_set_url(open_shard_set(server.url))
+
+
+def test_a_shard_answered_503_once_is_asked_for_again(shards, serve, cache):
+    """An HTTP error status is the server's passing trouble (a 503 under load): retried as a cut connection is."""
+    server = serve({SHARD: "busy-once"})
+    copy = cached_copy(server.url, "train")
+    assert shard_gets(server)[SHARD] == 2 and (copy / SHARD).read_bytes() == (shards / SHARD).read_bytes()

@@ -5,7 +5,7 @@ import signal
 
 import pytest
 
-from pipeline.errors import Terminated, naming, sigterm_interrupts, stop_code, user_errors
+from pipeline.errors import Terminated, hide_password, naming, sigterm_interrupts, stop_code, user_errors
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR,
@@ -56,3 +56,8 @@ def test_sigterm_interrupts_raises_terminated_for_sigterm_and_keyboardinterrupt_
             signal.raise_signal(signal.SIGTERM)
     assert noted == [signal.SIGTERM] and stop_code(noted) == 143
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers put back
+
+
+def test_hide_password_hides_a_password_after_a_scheme_in_capitals():
+    """URL schemes are case-insensitive: HTTPS://user:password@ is a login as https:// is."""
+    assert hide_password("HTTPS://ann:pw@h/x and Http://bob:secret@h/y") == "HTTPS://ann:***@h/x and Http://bob:***@h/y"

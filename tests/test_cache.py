@@ -2,6 +2,7 @@
 a retry or a one-line error naming the URL; the cache is reused, resumed, and shared between processes."""
 import errno
 import hashlib
+import http.client
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.checksum import sum64
-from pipeline.cache import cache_folder, cached_copy, is_set_url
+from pipeline.cache import _transient, cache_folder, cached_copy, is_set_url
 from pipeline.cli import main
 from pipeline.errors import ShardError, hide_password
 from pipeline.loader import make_loader
@@ -494,3 +495,12 @@ def test_a_shard_answered_503_once_is_asked_for_again(shards, serve, cache):
     server = serve({SHARD: "busy-once"})
     copy = cached_copy(server.url, "train")
     assert shard_gets(server)[SHARD] == 2 and (copy / SHARD).read_bytes() == (shards / SHARD).read_bytes()
+
+
+def test_an_fsspec_backends_timeout_or_cut_connection_is_retried_and_other_errors_are_not():
+    """Backends raise their own families: by name, connection trouble and timeouts are worth another attempt."""
+    class ReadTimeoutError(Exception):
+        pass
+    retried = [TimeoutError(), ConnectionResetError(), ReadTimeoutError(), http.client.IncompleteRead(b"")]
+    assert [_transient(e) for e in retried] == [True] * 4
+    assert not _transient(PermissionError()) and not _transient(ValueError())

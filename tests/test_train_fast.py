@@ -702,3 +702,21 @@ def test_the_continue_command_drops_the_one_shot_flags_and_resumes_auto():
     assert checkpoint.continue_command(args, 1) == "python train.py --arch lenet5 -b 8 --resume auto"
     assert checkpoint.continue_command(args, 2) == (
         "torchrun --nproc_per_node 2 train.py --arch lenet5 -b 8 --resume auto")
+
+
+def test_a_runs_classes_are_named_by_their_wnids_in_label_order():
+    """The identity a checkpoint keeps (its format unchanged, or every earlier checkpoint is 'of another run'):
+    the same classes in another order label the samples otherwise, so they are another dataset."""
+    manifest = {"classes": [{"wnid": "n01443537"}, {"wnid": "n01629819"}]}
+    assert checkpoint.classes_of(manifest) == "2 classes (ae8c556285e6)"
+    assert checkpoint.classes_of({"classes": manifest["classes"][::-1]}) != checkpoint.classes_of(manifest)
+
+
+def test_a_stream_checkpoint_resumes_mid_epoch_only_on_as_many_ranks():
+    state = train.RunState(epoch=1, samples_done=64, epoch_steps=4)
+    saved = dict(args=dict(data_path="stream", workers=2), world_size=2, batch_size=16, stream_deal=2)
+    with pytest.raises(train.CheckpointError) as e:
+        checkpoint.check_epoch_order(saved, state, argparse.Namespace(data_path="stream", batch_size=16, workers=2),
+                                     1, "c.pth")
+    assert str(e.value) == ("c.pth: stopped mid-epoch (epoch 1 step 4) on 2 ranks; the stream path resumes mid-epoch "
+                            "on the same number only (this run has 1)")

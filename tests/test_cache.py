@@ -396,6 +396,15 @@ def test_a_copy_cut_short_in_the_cache_is_fetched_again(shards, serve, cache):
     assert shard_gets(server) == {SHARD: 1} and (copy / SHARD).read_bytes() == (shards / SHARD).read_bytes()
 
 
+def rebuild_served_shard(served, data):
+    """The served set's SHARD replaced by `data` and its manifest entry to match: the set rebuilt under its URL."""
+    (served / SHARD).write_bytes(data)
+    manifest = json.loads((served / "manifest.json").read_text())
+    entry = next(e for e in manifest["shards"] if e["file"] == SHARD)
+    entry.update(sha256=hashlib.sha256(data).hexdigest(), sum64=sum64(data))
+    (served / "manifest.json").write_text(json.dumps(manifest))
+
+
 def test_a_rebuilt_set_under_the_same_url_replaces_the_changed_copy(shards, serve, cache, tmp_path):
     served = tmp_path / "served"
     shutil.copytree(shards, served)
@@ -403,11 +412,7 @@ def test_a_rebuilt_set_under_the_same_url_replaces_the_changed_copy(shards, serv
     copy = cached_copy(server.url, "train")
     data = bytearray((served / SHARD).read_bytes())
     data[5000] ^= 1
-    (served / SHARD).write_bytes(data)
-    manifest = json.loads((served / "manifest.json").read_text())
-    entry = next(e for e in manifest["shards"] if e["file"] == SHARD)
-    entry.update(sha256=hashlib.sha256(data).hexdigest(), sum64=sum64(data))
-    (served / "manifest.json").write_text(json.dumps(manifest))
+    rebuild_served_shard(served, data)
     server.requests.clear()
     cached_copy(server.url, "train")
     assert shard_gets(server) == {SHARD: 1} and (copy / SHARD).read_bytes() == data
@@ -458,11 +463,7 @@ def test_a_part_of_a_copy_a_rebuilt_set_disowns_is_not_resumed(shards, serve, ca
     (copy / f"{SHARD}.part").write_bytes(old[:len(old) // 2])
     data = bytearray(old)
     data[-5000] ^= 1
-    (served / SHARD).write_bytes(data)
-    manifest = json.loads((served / "manifest.json").read_text())
-    entry = next(e for e in manifest["shards"] if e["file"] == SHARD)
-    entry.update(sha256=hashlib.sha256(data).hexdigest(), sum64=sum64(data))
-    (served / "manifest.json").write_text(json.dumps(manifest))
+    rebuild_served_shard(served, data)
     server.requests.clear()
     server.starts.clear()
     cached_copy(server.url, "train")

@@ -59,7 +59,7 @@ from pipeline.checkpoint import (CHECKPOINT_FORMAT, check_epoch_order, check_lim
                                  resume_path, run_identity, save_atomic, weights_run)
 from pipeline.device import check_device
 from pipeline.errors import (CheckpointError, ShardError, TinyinError, UsageError, hide_password, run_cli,
-                             sigterm_interrupts)
+                             sigterm_interrupts, when_orphaned)
 from pipeline.augment import AUGMENTS
 from pipeline.mixing import MODES as MIX_MODES, mix_batch, mix_generator
 from pipeline.order import step_seed
@@ -206,17 +206,10 @@ def stop_when_the_launcher_dies(every=0.5):
     """Under torchrun, send this process SIGTERM (`StopSignals`: the step finished, a checkpoint, exit 143) once
     torchrun is gone. torchrun starts each worker in a session of its own, where no signal to torchrun's group
     reaches: killed outright (kill -9, the OOM killer), it left its workers training on to the end, unseen, holding
-    --output-dir's lock. A thread that polls the parent, as the shard build's workers do (`build._exit_when_orphaned`)."""
+    --output-dir's lock. A thread that polls the parent, as the shard build's workers do (`errors.when_orphaned`)."""
     if "TORCHELASTIC_RUN_ID" not in os.environ:  # torchrun's: a plain run may outlive its shell (nohup) on purpose
         return
-    parent = os.getppid()
-
-    def watch():
-        while os.getppid() == parent:
-            time.sleep(every)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="tinyin-launcher", daemon=True).start()
+    when_orphaned(os.getppid(), lambda: os.kill(os.getpid(), signal.SIGTERM), "tinyin-launcher", every)
 
 
 class Interrupted(Exception):

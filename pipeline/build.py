@@ -15,7 +15,6 @@ import os
 import shutil
 import signal
 import socket
-import threading
 import time
 import warnings
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
@@ -28,7 +27,7 @@ from PIL import Image
 from . import index as index_io
 from .atomic import write_json
 from .checksum import file_sum64
-from .errors import FORK_WARNING, ImageError, ShardError, SourceError, UsageError, signals_deferred
+from .errors import FORK_WARNING, ImageError, ShardError, SourceError, UsageError, signals_deferred, when_orphaned
 from .release import plan_release
 from .schema import FORMAT_VERSION, INDEX_FILE, MANIFEST_FILE, SHARD_PATTERN, SPLITS
 from .source import open_release
@@ -47,20 +46,13 @@ def _init_worker(counter, stop, parent):
     _progress, _stop = counter, stop
     # A parent killed outright (SIGKILL, the OOM killer) cannot stop its workers, and they never see
     # their task queue close (each holds its write end too, from the fork): they idled for good.
-    threading.Thread(target=_exit_when_orphaned, args=(parent,), name="tinyin-orphan", daemon=True).start()
+    when_orphaned(parent, lambda: os._exit(1), "tinyin-orphan")
     # Ctrl-C reaches the whole process group. A worker that took it would return it as its task's
     # exception and go on to the next task (or die inside the pool's queue and hang the parent);
     # the parent alone handles it, and sets `stop`.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Not the CLI's SIGTERM handler, which the fork inherits: the pool ends broken workers with SIGTERM.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def _exit_when_orphaned(parent, every=0.5):
-    """End this worker once process `parent` is gone (the worker is then adopted: its parent pid changes)."""
-    while os.getppid() == parent:
-        time.sleep(every)
-    os._exit(1)
 
 
 def _tick(n):
@@ -203,7 +195,7 @@ def _run_tasks(files, tasks, tmp, workers, on_error, progress):
     # fork on purpose: a worker starts in milliseconds (a spawned one imports numpy, PIL and pyarrow again,
     # ~0.7 s on this machine, every build), is born with the parent's deferred Ctrl-C (a spawned one takes it
     # as a KeyboardInterrupt traceback while it imports), and is this process's child (a forkserver's is not:
-    # `_exit_when_orphaned` watches this pid). Python 3.12 warns that the fork copies a process with threads:
+    # `when_orphaned` watches this pid). Python 3.12 warns that the fork copies a process with threads:
     # numpy's OpenBLAS pool and pyarrow's jemalloc thread (both started at import), and tqdm's monitor. None
     # is a hazard here: a worker decodes (PIL), does integer numpy (no BLAS) and writes files, never calls
     # pyarrow or tqdm, and OpenBLAS and jemalloc make themselves safe across a fork (pthread_atfork). So that

@@ -12,6 +12,7 @@ import re
 import signal
 import sys
 import threading
+import time
 
 
 class TinyinError(Exception):
@@ -75,6 +76,19 @@ def sigterm_interrupts(signals=(signal.SIGTERM,)):
 def stop_code(noted):
     """The exit code of a command stopped early: 128 + the signal, SIGTERM if `sigterm_interrupts` noted one, else Ctrl-C's."""
     return 128 + (noted[0] if noted else signal.SIGINT)
+
+
+def when_orphaned(parent, action, name, every=0.5):
+    """Call `action()` in a daemon thread (named `name`) once process `parent` is gone: this process is then
+    adopted, and its parent pid changes. For a parent that can die without a word to its children, killed
+    outright (SIGKILL, the OOM killer): the shard build's workers, a torchrun worker. `parent` is the pid
+    to watch, taken when the child was made (a child that reads it late may already be adopted)."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(every)
+        action()
+
+    threading.Thread(target=watch, name=name, daemon=True).start()
 
 
 @contextlib.contextmanager

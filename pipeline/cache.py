@@ -104,10 +104,17 @@ def _complete_copy(folder, splits):
         with locked(folder / CACHE_LOCK_FILE):  # not while another process fills it
             copy = ShardSet(folder)
             entries = [e for split in splits for e in copy.entries(split)]
-            sizes = [(folder / e["file"]).stat().st_size == e["bytes"] for e in entries]
-    except (ShardError, OSError):  # not a set, a split it lacks, a shard not there
+            complete = all(_fetched(folder, e) for e in entries)
+    except (ShardError, OSError):  # not a set, or a split it lacks
         return None
-    return folder if all(sizes) else None
+    return folder if complete else None
+
+
+def _fetched(folder, entry):
+    """Whether `folder` holds shard `entry` as a fetch leaves it: renamed into place at its full size (a
+    transfer is checked before its rename; the loader's data pass checks its sha256)."""
+    path = folder / entry["file"]
+    return path.is_file() and path.stat().st_size == entry["bytes"]
 
 
 def _mark(folder, remote):
@@ -154,7 +161,7 @@ class _Fetch:
         self.bar = None
 
     def run(self, entries):
-        todo = [e for e in entries if not self._complete(e)]
+        todo = [e for e in entries if not _fetched(self.folder, e)]
         if not todo:
             return
         from tqdm import tqdm
@@ -173,10 +180,6 @@ class _Fetch:
                     raise
         finally:
             self.bar.close()
-
-    def _complete(self, entry):
-        path = self.folder / entry["file"]
-        return path.is_file() and path.stat().st_size == entry["bytes"]
 
     def _part_size(self, entry):
         part = self.folder / f"{entry['file']}.part"

@@ -971,6 +971,20 @@ def output_dir_lock(args):
             f.close()  # releases the lock
 
 
+def check_no_run_replaced(args, ckpt_path):
+    """CheckpointError (collective under DDP) when this run would replace a checkpoint.pth in --output-dir
+    that it does not resume: a job script requeued without --resume auto started the preempted run again
+    and its first checkpoint replaced the one left, hours of training lost without a word (and a new run
+    in a finished run's folder its results). --overwrite says to start afresh there all the same."""
+    own = os.path.join(args.output_dir, "checkpoint.pth")
+    replaced = (rank() == 0 and not args.overwrite and os.path.isfile(own)
+                and not (ckpt_path and os.path.isfile(ckpt_path) and os.path.samefile(ckpt_path, own)))
+    if gather(replaced)[0]:
+        raise CheckpointError(f"--output-dir {args.output_dir} holds a run's checkpoint.pth, which this run would "
+                              "replace: continue that run with --resume auto, start afresh over it with --overwrite, "
+                              "or use another --output-dir")
+
+
 def make_output_dir(path):
     """Create --output-dir (and its parents); one line (exit 1) when that cannot be done."""
     try:
@@ -993,6 +1007,8 @@ def main(args):
             where = f" (no checkpoint.pth in {args.output_dir})" if args.resume == "auto" else ""
             raise UsageError(f"--test-only evaluates a trained network: give --resume (a checkpoint, or auto)"
                              f"{where} or --weights FILE")
+        if not args.test_only:  # before the data loads: a mistake is told at once
+            check_no_run_replaced(args, ckpt_path)
         if rank() == 0 and (note := recipe_batch_note(args, world_size)):
             print(note, file=sys.stderr, flush=True)
         parts = build(args, device, world_size)
@@ -1139,6 +1155,9 @@ def get_args_parser(add_help=True):
     p.add_argument("--resume", type=path_text,
                    help="checkpoint to continue from, or 'auto' for OUTPUT_DIR/checkpoint.pth if present; "
                         "continues mid-epoch, also on another number of ranks (default: none)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --output-dir that holds a checkpoint.pth, replacing that run "
+                        "(without it such a folder is refused unless --resume continues its run) (default: off)")
     p.add_argument("--checkpoint-every", type=at_least(1), default=None, metavar="N",
                    help="also write checkpoint.pth every N optimiser steps (default: at each epoch's end, and on "
                         "SIGTERM, SIGINT or SIGUSR1)")

@@ -118,7 +118,7 @@ def test_a_seed_trained_with_other_flags_in_the_same_out_trains_again(tmp_path, 
     assert len(started) == 1
     assert json.loads((out / "speedrun.json").read_text())[0]["final"]["arch"] == "resnet18_64"
     assert json.loads((out / "runs" / "seed0" / "process_wall.json").read_text())["command"].endswith(
-        f"--arch resnet18_64 --size 64 --recipe fast --seed 0 --output-dir {out / 'runs' / 'seed0'} --device cpu")
+        f"--arch resnet18_64 --size 64 --recipe fast --seed 0 --output-dir {out / 'runs' / 'seed0'} --overwrite --device cpu")
 
 
 def test_ctrl_c_is_passed_on_to_train_py_and_ends_in_one_line(tmp_path, monkeypatch, capsys):
@@ -308,7 +308,7 @@ def test_a_shards_urls_password_and_token_are_hidden_in_what_is_printed_and_writ
     monkeypatch.setattr(speedrun.subprocess, "Popen", Done)
     result = speedrun.run_seed(args, 0, tmp_path)
     run = tmp_path / "runs" / "seed0"
-    train_args = f"--shards '{hidden}' --arch resnet18_64 --size 64 --recipe fast --seed 0 --output-dir {run}"
+    train_args = f"--shards '{hidden}' --arch resnet18_64 --size 64 --recipe fast --seed 0 --output-dir {run} --overwrite"
     assert capsys.readouterr().out == f"$ {sys.executable} {speedrun.ROOT / 'train.py'} {train_args}\n"
     assert json.loads((run / "process_wall.json").read_text())["command"] == f"{speedrun.ROOT / 'train.py'} {train_args}"
     assert speedrun.render([result], ["--shards", url, "--out", "o"]).splitlines()[:2] == [

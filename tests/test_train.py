@@ -415,7 +415,7 @@ def test_a_new_run_in_an_old_folder_leaves_none_of_its_results(tiny_shards, tmp_
     flags = ["--arch", "lenet5", "-b", "4", "--epochs", "2"]
     run(tiny_shards, tmp_path, *flags)
     assert {"final.json", "best.pth"} <= {p.name for p in tmp_path.iterdir()}
-    stop_at(tiny_shards, tmp_path, 1, *flags, "--lr", "0.05")
+    stop_at(tiny_shards, tmp_path, 1, *flags, "--lr", "0.05", "--overwrite")
     assert not (tmp_path / "final.json").exists() and not (tmp_path / "best.pth").exists()
     assert (tmp_path / "metrics.jsonl").read_text() == ""
 
@@ -429,9 +429,29 @@ def test_a_new_run_replaces_an_old_folders_checkpoint_before_its_first_step(tiny
         raise RuntimeError("machine lost")
     monkeypatch.setattr(torch.optim.SGD, "step", crash)
     with pytest.raises(RuntimeError, match="machine lost"):
-        run(tiny_shards, tmp_path, "--arch", "lenet5", "-b", "4", "--epochs", "2")
+        run(tiny_shards, tmp_path, "--arch", "lenet5", "-b", "4", "--epochs", "2", "--overwrite")
     state = torch.load(tmp_path / "checkpoint.pth", weights_only=True)["state"]
     assert (state["epoch"], state["step"], state["history"]) == (0, 0, [])
+
+
+@pytest.mark.parametrize("resume", [None, "another"])
+def test_a_run_that_would_replace_its_folders_checkpoint_is_refused(tiny_shards, tmp_path, capsys, resume):
+    """A job script requeued without --resume auto started the preempted run again, and its first checkpoint
+    replaced the one left there: hours of training lost without a word. So did a resume of another folder's
+    checkpoint into it. Refused before anything is read or written; --overwrite starts afresh (above)."""
+    flags = ["--arch", "lenet5", "-b", "4", "--epochs", "2", "--limit-batches", "1"]
+    out, other = tmp_path / "run", tmp_path / "other"
+    run(tiny_shards, other, *flags)
+    out.mkdir()
+    (out / "checkpoint.pth").write_bytes(b"a preempted run's")
+    again = ["--resume", other / "checkpoint.pth"] if resume else []
+    capsys.readouterr()
+    assert cli("--shards", tiny_shards, "--device", "cpu", "--output-dir", out, *flags, *again) == 1
+    assert capsys.readouterr().err == (
+        f"error: --output-dir {out} holds a run's checkpoint.pth, which this run would replace: continue that run "
+        "with --resume auto, start afresh over it with --overwrite, or use another --output-dir\n")
+    assert [p.name for p in out.iterdir()] == ["checkpoint.pth"]
+    assert (out / "checkpoint.pth").read_bytes() == b"a preempted run's"
 
 
 def test_an_end_before_an_epoch_boundary_checkpoint_names_the_least_epochs_that_resume(train_shards, tmp_path, capsys):

@@ -52,8 +52,10 @@ ABLATIONS = {
 def train_argv(args, seed, run, variant=None):
     """train.py's flags for one seed, the full recipe or with ABLATIONS[variant]'s part switched off."""
     off = shlex.split(ABLATIONS[variant][1]) if variant else []
+    # --overwrite: a seed is trained again from its start (its minutes count from its process's start), also
+    # over the checkpoint a stopped one left
     argv = ["--shards", args.shards, "--arch", args.arch, "--size", "64", "--recipe", "fast", "--seed", str(seed),
-            "--output-dir", str(run), *shlex.split(args.train_args), *off]
+            "--output-dir", str(run), "--overwrite", *shlex.split(args.train_args), *off]
     return argv + (["--device", args.device] if args.device else [])
 
 

@@ -1157,7 +1157,8 @@ def get_args_parser(add_help=True):
                         "continues mid-epoch, also on another number of ranks (default: none)")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --output-dir that holds a checkpoint.pth, replacing that run "
-                        "(without it such a folder is refused unless --resume continues its run) (default: off)")
+                        "(without it such a folder is refused unless --resume continues its run, which wins "
+                        "when both are given) (default: off)")
     p.add_argument("--checkpoint-every", type=at_least(1), default=None, metavar="N",
                    help="also write checkpoint.pth every N optimiser steps (default: at each epoch's end, and on "
                         "SIGTERM, SIGINT or SIGUSR1)")

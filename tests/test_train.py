@@ -454,6 +454,15 @@ def test_a_run_that_would_replace_its_folders_checkpoint_is_refused(tiny_shards,
     assert (out / "checkpoint.pth").read_bytes() == b"a preempted run's"
 
 
+def test_resume_wins_over_overwrite(tiny_shards, tmp_path, capsys):
+    """Both given (a continue command from a run started with --overwrite): the run goes on, nothing is lost."""
+    flags = ["--arch", "lenet5", "-b", "4", "--epochs", "2", "--overwrite"]
+    stop_at(tiny_shards, tmp_path, 3, *flags)
+    capsys.readouterr()
+    run(tiny_shards, tmp_path, *flags, "--resume", "auto")
+    assert capsys.readouterr().out.splitlines()[0].startswith(f"resumed from {tmp_path / 'checkpoint.pth'} at epoch 0 step 3 ")
+
+
 def test_an_end_before_an_epoch_boundary_checkpoint_names_the_least_epochs_that_resume(train_shards, tmp_path, capsys):
     """A checkpoint at the end of epoch 2 resumes with --epochs 2 (it only tests); the refusal of
     --epochs 1 told to give 3 or more, as for a checkpoint in the middle of epoch 2."""

@@ -19,7 +19,6 @@ Other URLs (`s3://`, `gs://`, ...) go through the set's fsspec filesystem in lar
 import concurrent.futures
 import contextlib
 import hashlib
-import http.client
 import json
 import mmap
 import os
@@ -33,7 +32,8 @@ from .atomic import atomic_file, write_json
 from .errors import READ_ONLY_ERRNOS, ShardError, hide_password
 from .locks import locked
 from .schema import CACHE_LOCK_FILE, CACHE_MARK_FILE, INDEX_FILE, MANIFEST_FILE
-from .shardset import ShardSet, http_open, is_url, missing_error, names_a_tar, open_shard_set, retry_waits
+from .shardset import (ShardSet, http_open, is_url, missing_error, names_a_tar, open_shard_set, retry_waits,
+                       worth_retrying)
 
 BLOCK = 4 << 20  # bytes per read; large enough that receiving a block costs far more than a call
 FSSPEC_BLOCK = 32 << 20  # bytes per ranged read through fsspec (a request each: S3 and GCS bill per request)
@@ -211,13 +211,10 @@ class _Fetch:
                 part.unlink(missing_ok=True)
                 error, wait = e, 0
                 continue
-            except (OSError, http.client.HTTPException) as e:
-                error = e  # a cut connection or a refused request: resume from what arrived
-                continue
             except Exception as e:  # noqa: BLE001 - fsspec backends raise their own families
-                if not _transient(e):
+                if not worth_retrying(e):
                     raise ShardError(f"{url}: cannot fetch ({e.__class__.__name__}: {e})") from None
-                error = e
+                error = e  # a cut connection or a refused request: resume from what arrived
                 continue
             if self.stop.is_set():
                 return
@@ -288,12 +285,6 @@ def _http_receive(url, part, start, size, progress, stop):
 
 class _Restart(Exception):
     """The transfer cannot continue where the .part ends; the next attempt starts over."""
-
-
-def _transient(error):
-    """Whether an fsspec backend's exception is worth a retry (connection trouble, a timeout)."""
-    name = type(error).__name__.lower()
-    return any(word in name for word in ("connect", "timeout", "payload", "incomplete", "disconnect", "reset"))
 
 
 def _describe(error):

@@ -14,9 +14,11 @@ import base64
 import contextlib
 import glob
 import hashlib
+import http.client
 import json
 import math
 import os
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -155,17 +157,25 @@ class ShardSet:
 
     # --- reading the two small files -----------------------------------------------------------
     def _read_bytes(self, name):
+        """The bytes of file `name` of the set, None when it is not there. A remote read that fails is tried
+        again as a shard's transfer is (`retry_waits`, `worth_retrying`): a server's blip at the start of a run
+        ended it at once, where the same blip a minute later was ridden out."""
         where = self.where_name(name)
-        try:
-            if self.is_local:
-                return Path(where).read_bytes()
-            if self._plain_http:
-                return _http_get(where)
-            return self._fs.cat_file(f"{self._root}/{name}")
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            return None
-        except Exception as e:  # any: each remote client has its own (botocore's NoCredentialsError, socket.gaierror)
-            raise ShardError(f"{where}: unreadable ({_named(e)})") from None
+        waits = [] if self.is_local else retry_waits()
+        for attempt in range(len(waits) + 1):
+            try:
+                if self.is_local:
+                    return Path(where).read_bytes()
+                if self._plain_http:
+                    return _http_get(where)
+                return self._fs.cat_file(f"{self._root}/{name}")
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                return None
+            except Exception as e:  # any: each remote client has its own (botocore's NoCredentialsError, socket.gaierror)
+                if attempt == len(waits) or not worth_retrying(e):
+                    tries = f", after {attempt + 1} attempts" if attempt else ""
+                    raise ShardError(f"{where}: unreadable ({_named(e)}{tries})") from None
+            time.sleep(waits[attempt])
 
     def _read_manifest(self):
         data = self._read_bytes(MANIFEST_FILE)
@@ -431,6 +441,19 @@ def retry_waits(retries=None, backoff=None):
     retries = RETRIES if retries is None else retries
     backoff = BACKOFF_S if backoff is None else backoff
     return [backoff * 2 ** attempt for attempt in range(retries - 1)]
+
+
+def worth_retrying(error):
+    """Whether a remote transfer that raised `error` is worth another attempt: a cut or refused connection, an
+    HTTP error status (`http_open`: a 503 under load, a proxy's 502), a timeout, and by name an fsspec
+    backend's connection trouble; not a missing file (FileNotFoundError), nor a client's own error (a bad
+    argument, a missing credential), which asking again would not change."""
+    if isinstance(error, FileNotFoundError):
+        return False
+    if isinstance(error, (OSError, http.client.HTTPException)):
+        return True
+    name = type(error).__name__.lower()
+    return any(word in name for word in ("connect", "timeout", "payload", "incomplete", "disconnect", "reset"))
 
 
 def http_request(url, headers=None):

@@ -17,13 +17,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import pipeline.shardset
 from pipeline.checksum import sum64
-from pipeline.cache import _transient, cache_folder, cached_copy, is_set_url
+from pipeline.cache import cache_folder, cached_copy, is_set_url
 from pipeline.cli import main
 from pipeline.errors import ShardError, hide_password
 from pipeline.loader import make_loader
 from pipeline.schema import CACHE_MARK_FILE
-from pipeline.shardset import RETRIES, ShardSet, open_shard_set
+from pipeline.shardset import RETRIES, ShardSet, open_shard_set, worth_retrying
 from tests.servers import FaultyHTTPServer, S3Server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,6 +185,38 @@ def test_a_server_down_for_a_second_is_waited_for(shards, serve, cache):
         assert (copy / entry["file"]).read_bytes() == (shards / entry["file"]).read_bytes()
 
 
+def test_a_server_down_a_moment_as_the_set_is_opened_is_waited_for(shards, serve):
+    """A server's blip at the very start of a run (`--shards http://...`): the manifest's read failed at
+    once, 'manifest.json: unreadable (URLError: ... Connection refused)', where a shard's read or fetch
+    rode it out. The set's two files are now read as a shard is (`shardset.retry_waits`)."""
+    server = serve()
+    server.down_for(0.4)  # back before the second attempt, 0.5 s on
+    remote = ShardSet(server.url)
+    assert remote.manifest == ShardSet(shards).manifest and remote.index_bytes == (shards / "index.parquet").read_bytes()
+
+
+def test_a_manifest_and_index_answered_503_once_are_asked_for_again(shards, serve, quick_retries):
+    server = serve({"manifest.json": "busy-once", "index.parquet": "busy-once"})
+    assert ShardSet(server.url).manifest == ShardSet(shards).manifest
+    assert dict(server.requests) == {"manifest.json": 2, "index.parquet": 2}
+
+
+def test_a_set_whose_server_stays_down_is_named_after_every_attempt_and_a_404_after_one(serve, quick_retries,
+                                                                                       monkeypatch):
+    server = serve({"manifest.json": "missing"})
+    url, gets, get = server.url, [], pipeline.shardset._http_get
+    monkeypatch.setattr(pipeline.shardset, "_http_get", lambda where: gets.append(where) or get(where))
+    with pytest.raises(ShardError, match=r": not a tinyin shard set \(no manifest.json\)"):
+        ShardSet(url)
+    assert gets == [f"{url}/manifest.json"]  # a missing file is final at once
+    server.close()
+    with pytest.raises(ShardError) as e:
+        ShardSet(url)
+    assert str(e.value) == (f"{url}/manifest.json: unreadable (URLError: <urlopen error [Errno 111] "
+                            "Connection refused>, after 5 attempts)")
+    assert gets == [f"{url}/manifest.json"] * 6
+
+
 def test_a_server_that_stays_down_is_named_after_every_attempt(serve, cache, quick_retries):
     server = serve()
     remote = ShardSet(server.url)
@@ -239,26 +272,26 @@ def test_a_url_with_user_and_password_logs_in(shards, cache, path):
         server.close()
 
 
-def test_a_urls_password_is_hidden_in_the_error_line(shards, cache):
+def test_a_urls_password_is_hidden_in_the_error_line(shards, cache, quick_retries):
     """The error line names the URL, and job logs are read by others: its password shows as ***."""
     server = FaultyHTTPServer(shards, auth="ann:p@ss")
     try:
         result = CliRunner().invoke(main, ["shard", "verify", server.url.replace("://", "://ann:wrong%21pw@")])
         hidden = server.url.replace("://", "://ann:***@")
         assert (result.exit_code, result.output) == (
-            1, f"error: {hidden}/manifest.json: unreadable (OSError: HTTP 401 Unauthorized)\n")
+            1, f"error: {hidden}/manifest.json: unreadable (OSError: HTTP 401 Unauthorized, after 5 attempts)\n")
     finally:
         server.close()
 
 
-def test_a_signed_urls_token_is_hidden_in_the_error_line(shards, cache):
+def test_a_signed_urls_token_is_hidden_in_the_error_line(shards, cache, quick_retries):
     """A signed URL's token is as much a secret as a password (whoever reads the job log could use it
     until it expires): the error line showed it in full."""
     server = FaultyHTTPServer(shards, query="sv=1&sig=a%2Fb")
     try:
         result = CliRunner().invoke(main, ["shard", "verify", f"{server.url}/?sv=1&sig=wrong"])
         assert (result.exit_code, result.output) == (
-            1, f"error: {server.url}/manifest.json?sv=1&sig=***: unreadable (OSError: HTTP 403 Forbidden)\n")
+            1, f"error: {server.url}/manifest.json?sv=1&sig=***: unreadable (OSError: HTTP 403 Forbidden, after 5 attempts)\n")
     finally:
         server.close()
 
@@ -332,7 +365,7 @@ def test_a_complete_copy_in_a_folder_this_process_cannot_write_is_read(serve, ca
     assert not (copy / CACHE_MARK_FILE).exists()
 
 
-def test_a_complete_copy_is_read_while_its_url_cannot_be_reached(shards, serve, cache, capsys):
+def test_a_complete_copy_is_read_while_its_url_cannot_be_reached(shards, serve, cache, capsys, quick_retries):
     """A run resumed (a preempted job requeued) while the server or object store was down, or on a node
     without the network, failed 'manifest.json: unreadable (Connection refused)' though every file it
     needed was in the cache. A copy missing a shard is still an error: nothing could fill it."""
@@ -503,5 +536,5 @@ def test_an_fsspec_backends_timeout_or_cut_connection_is_retried_and_other_error
     class ReadTimeoutError(Exception):
         pass
     retried = [TimeoutError(), ConnectionResetError(), ReadTimeoutError(), http.client.IncompleteRead(b"")]
-    assert [_transient(e) for e in retried] == [True] * 4
-    assert not _transient(PermissionError()) and not _transient(ValueError())
+    assert [worth_retrying(e) for e in retried] == [True] * 4
+    assert not worth_retrying(FileNotFoundError()) and not worth_retrying(ValueError())

@@ -29,7 +29,7 @@ import urllib.parse
 from pathlib import Path
 
 from .atomic import atomic_file, write_json
-from .errors import READ_ONLY_ERRNOS, ShardError, hide_password
+from .errors import FULL_DISK_ERRNOS, READ_ONLY_ERRNOS, ShardError, hide_password
 from .locks import locked
 from .schema import CACHE_LOCK_FILE, CACHE_MARK_FILE, INDEX_FILE, MANIFEST_FILE
 from .shardset import (ShardSet, http_open, is_url, missing_error, names_a_tar, open_shard_set, retry_waits,
@@ -69,7 +69,8 @@ def cached_copy(shards, splits, cache_dir=None, workers=WORKERS, progress=None, 
     manifest) replaces the copies whose checksum changed. progress: a bar on stderr (default: on a
     terminal, in the process with LOCAL_RANK 0). Raises ShardError naming the URL of a shard that is
     missing (at once), short, corrupt or unreachable after retries (5 attempts over about 8 s,
-    `shardset.retry_waits`); no file is left looking complete.
+    `shardset.retry_waits`), and OSError naming the file in the cache folder where its disk is full (at
+    once); no file is left looking complete.
     """
     splits = [splits] if isinstance(splits, str) else list(splits)
     try:
@@ -212,6 +213,10 @@ class _Fetch:
                 error, wait = e, 0
                 continue
             except Exception as e:  # noqa: BLE001 - fsspec backends raise their own families
+                if isinstance(e, OSError) and e.errno in FULL_DISK_ERRNOS:
+                    # This machine's disk, not the server: no wait frees it (5 attempts took 8 s), and the user
+                    # must know which disk to clean (the error named the shard's URL).
+                    raise OSError(e.errno, e.strerror, str(part)) from None
                 if not worth_retrying(e):
                     raise ShardError(f"{url}: cannot fetch ({e.__class__.__name__}: {e})") from None
                 error = e  # a cut connection or a refused request: resume from what arrived

@@ -127,6 +127,8 @@ ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, err
                       errno.ENAMETOOLONG}
 # Those of a write to a folder this process may only read (a read-only mount, another user's folder).
 READ_ONLY_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM}
+# Those of a write to a disk (or a quota) that is full.
+FULL_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 
 
 @contextlib.contextmanager

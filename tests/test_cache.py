@@ -226,6 +226,22 @@ def test_a_server_that_stays_down_is_named_after_every_attempt(serve, cache, qui
     assert str(e.value) == f"{server.url}/train-000000.tar: cannot fetch ([Errno 111] Connection refused, after 5 attempts)"
 
 
+def test_a_full_disk_names_the_cache_folders_file_at_once(serve, cache, monkeypatch):
+    """A cache on a full disk: the fetch tried again for 8 s, then named the server's URL, 'cannot fetch
+    ([Errno 28] No space left on device, after 5 attempts)', not the disk to clean."""
+    server, tries = serve(), []
+
+    def full(fd, offset, size):
+        tries.append(os.readlink(f"/proc/self/fd/{fd}"))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr("pipeline.cache.os.posix_fallocate", full)
+    with pytest.raises(OSError) as e:
+        cached_copy(server.url, "train", workers=1)
+    part = cache_folder(server.url) / "train-000000.tar.part"
+    assert str(e.value) == f"[Errno 28] No space left on device: '{part}'"
+    assert tries.count(str(part)) == 1
+
+
 def test_a_ctrl_c_while_a_fetch_waits_to_try_again_stops_it(serve, cache, monkeypatch):
     """Fetches wait seconds to try a shard again: a Ctrl-C (or SIGTERM) must not wait for their every try."""
     monkeypatch.setattr("pipeline.shardset.BACKOFF_S", 2.0)  # a fetch that kept trying: 5 tries over 30 s

@@ -252,13 +252,17 @@ def build_shards(src, out, workers=None, shard_size=10000, split_seed=None, on_e
     Returns the manifest (also written to `out/manifest.json`), with `_seconds` (the build's time),
     `_repaired` (the files written again into an existing set) and `_ignored` (the release's images
     outside train/, val/ and test/, in no split: `Plan.ignored`) added. Raises `SourceError`,
-    `ImageError` (with `on_error='fail'`), `ShardError` or `UsageError` (`classes` or `split_seed` out of range)
+    `ImageError` (with `on_error='fail'`), `ShardError` or `UsageError` (`shard_size`, `workers`, `classes` or
+    `split_seed` out of range)
     with a one-line message.
     """
     if on_error not in ("fail", "skip"):
         raise ValueError(f"on_error must be 'fail' or 'skip', not {on_error!r}")
+    # A bad argument is a UsageError (exit 2), as the CLI's own range checks make it: a ShardError says a set is bad.
     if shard_size < 1:
-        raise ShardError(f"--shard-size must be at least 1, not {shard_size}")
+        raise UsageError(f"--shard-size {shard_size}: must be at least 1")
+    if workers is not None and workers < 1:  # 0 built with every core, -1 failed in the process pool's traceback
+        raise UsageError(f"--workers {workers}: must be at least 1")
     if classes is not None and classes < 1:  # checked here too, before the release is read
         raise UsageError(f"--classes {classes}: must be at least 1")
     if split_seed is not None and split_seed < 0:  # numpy's own error comes after the release is read

@@ -20,7 +20,7 @@ import pipeline.build
 import pipeline.cli
 from pipeline.build import build_shards
 from pipeline.cli import main
-from pipeline.errors import ShardError, SourceError, UsageError
+from pipeline.errors import SourceError, UsageError
 from pipeline.atomic import write_json
 from pipeline.index import write_index
 from pipeline.release import plan_release
@@ -479,11 +479,19 @@ def test_a_negative_split_seed_is_a_usage_error(release, tmp_path):
 
 
 
-def test_a_shard_size_of_zero_from_python_is_one_line(release, tmp_path):
-    """The CLI's range refuses it; the Python API's own check does (range() refused step 0 in a traceback)."""
-    with pytest.raises(ShardError) as e:
-        build_shards(release, tmp_path / "out", shard_size=0, progress=False)
-    assert str(e.value) == "--shard-size must be at least 1, not 0" and not list(tmp_path.iterdir())
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(shard_size=0), "--shard-size 0: must be at least 1"),
+    (dict(workers=0), "--workers 0: must be at least 1"),
+    (dict(workers=-1), "--workers -1: must be at least 1"),
+    (dict(classes=0), "--classes 0: must be at least 1"),
+])
+def test_a_bad_argument_from_python_is_a_usage_error(release, tmp_path, kwargs, message):
+    """The CLI's ranges refuse them (exit 2); the Python API's own checks do, each a UsageError as the CLI's: a
+    shard size of 0 was a ShardError (exit 1, '--shard-size must be at least 1, not 0'; range() had refused
+    step 0 in a traceback), workers=0 built with every core and workers=-1 failed in the process pool's ValueError."""
+    with pytest.raises(UsageError) as e:
+        build_shards(release, tmp_path / "out", progress=False, **kwargs)
+    assert (type(e.value), str(e.value)) == (UsageError, message) and not list(tmp_path.iterdir())
 @pytest.mark.parametrize("content, reason", [
     ("not json", "Expecting value: line 1 column 1 (char 0)"),
     ("[1, 2]", "not a JSON object"),

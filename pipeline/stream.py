@@ -215,7 +215,7 @@ class StreamSource:
 
     def set_epoch(self, epoch, start=0):
         """Plan `epoch` (deterministically from seed and epoch). start: samples of this epoch already
-        consumed over all ranks, a multiple of batch_size * world_size; the batches after it are
+        consumed over all ranks, a multiple of batch_size * world_size or the whole epoch; the batches after it are
         exactly those an uninterrupted epoch yields from there (this run's world_size must be the
         one that consumed them)."""
         self.plan = plan_epoch([s.count for s in self.shards], seed=self.seed, epoch=epoch, rank=self.rank,

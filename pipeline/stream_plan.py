@@ -118,12 +118,16 @@ def plan_epoch(counts, *, seed, epoch, rank=0, world_size=1, batch_size=256, shu
        group, and each lane is one worker's sequential read).
     3. The sequence is cut into `batch_sizes`; a batch's samples from one group form a chunk.
     start: samples of this epoch already consumed over all ranks, a multiple of
-    batch_size * world_size: the batches before it are left out, the rest are unchanged.
+    batch_size * world_size (or, without drop_last, the whole epoch: nothing is left): the batches before
+    it are left out, the rest are unchanged.
     """
     if not 0 <= rank < world_size or batch_size < 1 or lanes < 1 or mix < 1:
         raise ValueError(f"need 0 <= rank < world_size, batch_size, lanes, mix >= 1; got rank={rank}, "
                          f"world_size={world_size}, batch_size={batch_size}, lanes={lanes}, mix={mix}")
-    if start % (batch_size * world_size):
+    # The whole epoch, its last batch short (train.py's checkpoint before validation, or at the epoch's last
+    # step): refused as no multiple, a resume from it failed in a traceback.
+    whole = not drop_last and start == sum(counts)
+    if start % (batch_size * world_size) and not whole:
         raise ValueError(f"start={start} is not a multiple of batch_size * world_size = {batch_size * world_size}")
     counts = [int(c) for c in counts]
     first_id = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -131,7 +135,7 @@ def plan_epoch(counts, *, seed, epoch, rank=0, world_size=1, batch_size=256, shu
     deals, totals = deal_shards(counts, order, world_size,
                                 np.random.default_rng([seed, epoch, world_size]) if shuffle else None)
     sizes = batch_sizes(totals, rank, batch_size, drop_last)
-    first = start // (batch_size * world_size)
+    first = len(sizes) if whole else start // (batch_size * world_size)
     if first > len(sizes):
         raise ValueError(f"start={start} is past the end of the epoch ({len(sizes)} batches per rank)")
     mine = deals[rank]

@@ -427,6 +427,17 @@ def test_set_epoch_refuses_a_negative_epoch_or_start(shards, path):
         assert str(e.value) == message
 
 
+@pytest.mark.parametrize("path", ["resident", "fast", "stream"])
+def test_a_start_at_the_epochs_end_after_a_short_last_batch_leaves_nothing(shards, path):
+    """240 samples in batches of 64: the epoch ends after 3 * 64 + 48. train.py resumes from there (its checkpoint at
+    the epoch's last step, before validation): the local paths took it, the stream path refused it as no multiple of
+    64 ('start=240 is not a multiple of batch_size * world_size = 64', a traceback)."""
+    loader = make_loader(shards, "train", path=path, batch_size=64, **({"workers": 0} if path == "stream" else {}))
+    assert sum(len(labels) for _, labels in loader) == 240
+    loader.set_epoch(0, start=240)
+    assert (len(loader), list(loader)) == (0, [])
+
+
 @pytest.mark.parametrize("path, start, message", [
     ("fast", 241, "start must be between 0 and 240 (the split's size), not 241"),
     ("stream", 10, "start=10 is not a multiple of batch_size * world_size = 64"),

@@ -229,6 +229,8 @@ def test_plan_start_is_the_uninterrupted_tail():
                 tail = [c for c in whole.chunks if c.batch >= k]
                 assert [(c.batch, c.group, c.ids.tolist()) for c in part.chunks] == \
                        [(c.batch, c.group, c.ids.tolist()) for c in tail]
+    whole = plan_epoch(counts, seed=7, epoch=1, batch_size=50, start=sum(counts))  # 186 batches of 50 and one of 37
+    assert (whole.first, len(whole.sizes), whole.chunks) == (187, 187, [])
 
 
 @pytest.mark.parametrize("drop_last", [False, True])

@@ -41,6 +41,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -765,7 +766,11 @@ def finish_epoch(parts, state, args):
                train_top1=100 * correct / n, val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"],
                images_per_s=n / train_seconds, epoch_time_s=epoch_time, eval_model=eval_model_name(parts))
     if not per_step_schedule(args):
-        parts.lr_scheduler.step()
+        with warnings.catch_warnings():
+            # A resume from the epoch's checkpoint before validation (the stream path's) steps no optimiser in
+            # this process: torch warned of a first lr skipped, which a schedule rebuilt at its position is not.
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before", UserWarning)
+            parts.lr_scheduler.step()
     is_best = not state.history or val["top1"] > state.best_acc
     state.history.append(row)
     state.wall_time += epoch_time
@@ -889,6 +894,14 @@ def train(parts, state, args, stop):
             checkpoint()
             raise Interrupted(stop.requested())
         train_s = state.train_seconds
+        t0 = time.time()
+        if args.data_path == "stream" and not (args.checkpoint_every and state.step % args.checkpoint_every == 0):
+            # The epoch's training, before its validation reads the val shards again (over the network from
+            # a URL): a failure there (a server gone, a shard unreadable) lost the whole epoch's training. A
+            # resume from here trains no more and validates. Not on the other paths, whose val split is
+            # local and checked, where a second save an epoch would only cost time.
+            checkpoint()
+        before_val_s = time.time() - t0
         row, is_best = finish_epoch(parts, state, args)
         if main_rank:
             print(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} top1 {row['train_top1']:.2f} | "
@@ -898,7 +911,7 @@ def train(parts, state, args, stop):
         if args.time_budget and not args.budget_epochs and state.epoch == BUDGET_AFTER_EPOCHS:
             # before the epoch's checkpoint, so that a resume keeps the choice
             choose_budget_epochs(parts, state, args, time.time() - PROCESS_START + earlier_s,
-                                 row["epoch_time_s"] + checkpoint_s, row["epoch_time_s"] - train_s)
+                                 row["epoch_time_s"] + before_val_s + checkpoint_s, row["epoch_time_s"] - train_s)
         t0 = time.time()
         checkpoint(*([os.path.join(out, "best.pth")] if is_best else []))
         checkpoint_s = time.time() - t0

@@ -17,7 +17,7 @@ import torch
 
 import train
 from pipeline import build_shards, checkpoint, make_loader, provenance, read_index, read_manifest
-from pipeline.errors import run_cli
+from pipeline.errors import ShardError, run_cli
 from pipeline.order import epoch_order, step_seed
 from pipeline.synth import synthesize
 from tests.conftest import damage_torch_file
@@ -746,6 +746,33 @@ def test_a_crash_while_best_pth_is_written_loses_no_best_epoch(tiny_shards, tmp_
     straight, resumed = (torch.load(tmp_path / d / "best.pth", weights_only=True) for d in ("straight", "resumed"))
     assert resumed["state"]["best_acc"] == straight["state"]["best_acc"]
     assert all(torch.equal(resumed["model"][k], straight["model"][k]) for k in straight["model"])
+
+
+def test_a_stream_run_whose_validation_fails_keeps_the_epochs_training(train_shards, tmp_path, monkeypatch):
+    """On the stream path validation reads the val shards again (over the network from a URL): a failure there
+    (a server gone, a shard unreadable) ended the run with the epoch's checkpoint not yet written, and the
+    resume trained the whole epoch again. The epoch's training is now checkpointed before its validation; the
+    resume validates it once, and the run is the uninterrupted one's, its metrics row written once."""
+    flags = ["--arch", "lenet5", "-b", "64", "--epochs", "1", "--data-path", "stream", "--dump-keys"]  # 15 * 64 + 40
+    run(train_shards, tmp_path / "straight", *flags)
+    real_evaluate, evaluated = train.evaluate, []
+
+    def val_unreadable(*args):
+        raise ShardError("val-000000.tar: unreadable shard (ConnectionResetError)")
+    monkeypatch.setattr(train, "evaluate", val_unreadable)
+    with pytest.raises(ShardError, match="val-000000.tar: unreadable"):
+        run(train_shards, tmp_path / "resumed", *flags)
+    state = torch.load(tmp_path / "resumed" / "checkpoint.pth", weights_only=True)["state"]
+    assert (state["epoch"], state["step"], state["samples_done"], state["history"]) == (0, 16, 1000, [])
+    assert (tmp_path / "resumed" / "metrics.jsonl").read_text() == ""
+    assert len((tmp_path / "resumed" / "keys-rank0.txt").read_text().splitlines()) == 1000
+    monkeypatch.setattr(train, "evaluate", lambda *args: evaluated.append(args) or real_evaluate(*args))
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda *a, **kw: pytest.fail("trained again"))
+    run(train_shards, tmp_path / "resumed", *flags, "--resume", "auto")
+    assert len(evaluated) == 2  # validated once, then the final test
+    _same_run(tmp_path / "straight", tmp_path / "resumed")
+    assert [(d / "keys-rank0.txt").read_text() for d in (tmp_path / "straight", tmp_path / "resumed")] == \
+        [(tmp_path / "straight" / "keys-rank0.txt").read_text()] * 2
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full, a disk that is always full")

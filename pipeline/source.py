@@ -34,7 +34,7 @@ class ReleaseFiles:
         self._files = files  # name -> bytes (archives)
         self._folder = folder  # Path (folders, read lazily)
         if folder is not None:
-            self._names = _files_under(folder)
+            self._names = _files_under(folder, label)
         else:
             self._names = sorted(files)
 
@@ -68,12 +68,19 @@ class ReleaseFiles:
         return [line.strip() for line in self.read(name).decode("utf-8-sig", "replace").splitlines() if line.strip()]
 
 
-def _files_under(folder):
+def _files_under(folder, label):
     """Sorted '/'-joined paths, relative to `folder`, of the files under it, symlinked folders followed
     (`rglob` does not: a class folder linked in from another disk had no images), each real folder once
-    (a link to a folder above it would loop). A broken link is listed, so that reading it names it."""
+    (a link to a folder above it would loop). A broken link is listed, so that reading it names it.
+    A folder that cannot be listed is a SourceError naming it (`label`: the --src given)."""
+    def unlisted(error):
+        # os.walk skips such a folder without a word: another user's class folder (mode 700) lost its
+        # images from a build that said "skipped 0", as an unreadable image would not have been.
+        rel = os.path.relpath(error.filename, folder).replace(os.sep, "/")
+        raise SourceError(f"{label}: cannot read folder {rel}/ ({error.__class__.__name__})")
+
     names, seen = [], {os.path.realpath(folder)}
-    for path, folders, files in os.walk(folder, followlinks=True):
+    for path, folders, files in os.walk(folder, onerror=unlisted, followlinks=True):
         rel = os.path.relpath(path, folder)
         names += [name if rel == "." else f"{rel}/{name}".replace(os.sep, "/") for name in files
                   if os.path.isfile(os.path.join(path, name)) or os.path.islink(os.path.join(path, name))]

@@ -619,3 +619,24 @@ def test_the_source_is_named_however_the_release_is_spelled(release, tmp_path, m
     assert build("..", out, "--shard-size", str(SHARD_SIZE))[1].endswith("; repaired val-000000.tar")
     (out / "val-000000.tar").unlink()
     assert build(release, out, "--shard-size", str(SHARD_SIZE))[1].endswith("; repaired val-000000.tar")
+
+
+def test_a_folder_that_cannot_be_listed_fails_the_build_naming_it(tmp_path, monkeypatch):
+    """A folder of a release folder this user may not list (another user's, mode 700) was skipped by
+    os.walk without a word: the build left its images out and said "skipped 0". (As root no mode stops a
+    listing: the refusal is os.scandir's.)"""
+    root = tmp_path / "release"
+    locked = root / "train" / "n01" / "extra"
+    locked.mkdir(parents=True)
+    (root / "wnids.txt").write_text("n01\n")
+    scandir = os.scandir
+
+    def refusing(path="."):
+        if os.fspath(path) == str(locked):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    with pytest.raises(SourceError) as e:
+        open_release(root)
+    assert str(e.value) == f"{root}: cannot read folder train/n01/extra/ (PermissionError)"

@@ -213,6 +213,13 @@ class _Fetch:
                 error, wait = e, 0
                 continue
             except Exception as e:  # noqa: BLE001 - fsspec backends raise their own families
+                if (isinstance(e, OSError) and e.errno in READ_ONLY_ERRNOS
+                        and str(e.filename).startswith(str(part.parent))):
+                    # The cache's own file (a folder another user filled, a read-only mount): no retry
+                    # mends it, and it is no fault of the URL's (it was tried 5 times, then named that). A store's
+                    # own refusal (s3fs's PermissionError for AccessDenied) is not the cache's.
+                    raise ShardError(f"{e.filename}: cannot write ({e.strerror}); the cache folder is another "
+                                     "user's or read-only: set $TINYIN_CACHE to a folder of your own") from None
                 if isinstance(e, OSError) and e.errno in FULL_DISK_ERRNOS:
                     # This machine's disk, not the server: no wait frees it (5 attempts took 8 s), and the user
                     # must know which disk to clean (the error named the shard's URL).

@@ -381,6 +381,28 @@ def test_a_complete_copy_in_a_folder_this_process_cannot_write_is_read(serve, ca
     assert not (copy / CACHE_MARK_FILE).exists()
 
 
+def test_a_shard_the_cache_folder_cannot_take_fails_at_once_naming_the_file(serve, cache, monkeypatch,
+                                                                          quick_retries):
+    """A split not yet in a copy another user filled (their folder, mode 755): writing its .part was
+    refused, and was retried as a cut connection is (6 attempts, about 10 s on the real set), then
+    reported as 'URL: cannot fetch' though the URL was fine. (As root the refusal is the open's.)"""
+    server = serve()
+    opens = []
+
+    def refused(path, mode="r", *args, **kwargs):
+        if str(path).endswith(".part"):
+            opens.append(path)
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return open(path, mode, *args, **kwargs)
+    monkeypatch.setattr("pipeline.cache.open", refused, raising=False)
+    with pytest.raises(ShardError) as e:
+        cached_copy(server.url, "val", workers=1)
+    part = cache_folder(server.url) / "val-000000.tar.part"
+    assert opens == [part]
+    assert str(e.value) == (f"{part}: cannot write (Permission denied); the cache folder is another user's or "
+                            "read-only: set $TINYIN_CACHE to a folder of your own")
+
+
 def test_a_complete_copy_is_read_while_its_url_cannot_be_reached(shards, serve, cache, capsys, quick_retries):
     """A run resumed (a preempted job requeued) while the server or object store was down, or on a node
     without the network, failed 'manifest.json: unreadable (Connection refused)' though every file it

@@ -8,6 +8,7 @@ that is renamed into place only when the manifest is complete: an interrupted bu
 a shard set that looks complete, and the same input and options give the same bytes. A build removes
 the temporary folders that killed builds on this host left beside its `out`.
 """
+import contextlib
 import errno
 import json
 import multiprocessing as mp
@@ -15,6 +16,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import time
 import warnings
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
@@ -284,6 +286,7 @@ def build_shards(src, out, workers=None, shard_size=10000, split_seed=None, on_e
         tmp.mkdir(parents=True)
     except OSError as e:
         raise ShardError(f"{out}: cannot create the output folder ({e.strerror})") from None
+    _take_on_folder(tmp, out)
     try:
         files = open_release(src)
         plan = plan_release(files, split_seed, classes)
@@ -360,6 +363,22 @@ def _check_replaceable(out):
     if out.is_dir() and not any(out.iterdir()) and os.path.samefile(out, "."):
         raise ShardError(f"{out}: the current folder, which the build would replace (it writes beside --out, "
                          f"then renames); run it from the parent folder with --out {out.name}")
+
+
+def _take_on_folder(tmp, out):
+    """Give `tmp` the group and mode (its setgid bit included) of `out`, where `out` is a folder already: the
+    rename puts `tmp` in its place. A folder made for a shared set (group `lab`, mode 2770) became the
+    builder's own group and umask's mode, its files unreadable by the group, where files written into it
+    (cp, tar -x) take its group. Set before any file is written, so that they take the group as there."""
+    try:
+        st = out.stat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        return
+    with contextlib.suppress(PermissionError):  # a group this user is not in: the folder keeps the user's
+        os.chown(tmp, -1, st.st_gid)
+    os.chmod(tmp, stat.S_IMODE(st.st_mode))
 
 
 def _move_into_place(tmp, out, manifest):

@@ -757,3 +757,20 @@ def test_a_leftover_under_this_processs_own_name_is_cleared_first(release, tmp_p
     build_shards(release, tmp_path / "out", shard_size=SHARD_SIZE, progress=False, classes=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert (tmp_path / "out" / "train-000000.tar").read_bytes() != b"half a shard"
+
+
+def test_a_folder_made_for_the_set_keeps_its_group_and_mode(release, tmp_path):
+    """`--out` made beforehand for a shared set (group `lab`, setgid, mode 2750): the build renamed its
+    own folder over it, of the builder's group and umask's mode, so the group could no longer read the
+    set; files written into that folder (cp, tar -x) take its group. The set now keeps both."""
+    others = [g for g in os.getgroups() if g != os.getegid()]
+    if not others and os.geteuid() != 0:
+        pytest.skip("no group other than this user's own to give the folder (root may give any)")
+    group = others[0] if others else os.getegid() + 4242
+    out = tmp_path / "out"
+    out.mkdir()
+    os.chown(out, -1, group)
+    os.chmod(out, 0o2750)
+    build_shards(release, out, shard_size=SHARD_SIZE, progress=False)
+    assert (oct(out.stat().st_mode & 0o7777), out.stat().st_gid) == (oct(0o2750), group)
+    assert {p.stat().st_gid for p in out.iterdir()} == {group}

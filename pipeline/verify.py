@@ -3,6 +3,7 @@
 Both take a shard folder or a local `ShardSet` (its manifest and index are read once); the
 present/size/checksum check and its wording are `ShardSet.check_local_file`'s.
 """
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +110,7 @@ def inspect_shards(shards, png=None, max_classes=20, per_class=8):
     shards, manifest = Path(shard_set.location), shard_set.manifest
     png = Path(png) if png else shards / "samples.png"
     _check_image_name(png)  # before the work, not at the save after it
+    _check_writable(png)
     lines = [f"{shards}: format {manifest['format_version']}, {len(manifest['classes'])} classes, "
              f"{len(manifest['shards'])} shards, {sum(s['bytes'] for s in manifest['shards']):,} bytes"]
     for split, count in manifest["counts"].items():
@@ -131,12 +133,26 @@ def inspect_shards(shards, png=None, max_classes=20, per_class=8):
             grid.paste(Image.fromarray(img), (text_w + col * (cell + 2), row * (cell + 2)))
         draw.text((4, row * (cell + 2) + 24), f"{row} {cls['wnid']} {cls['words'][:36]}", fill="black")
     try:
-        png.parent.mkdir(parents=True, exist_ok=True)
         grid.save(png)
-    except OSError as e:  # a parent that is a file, no permission, a full disk
+    except OSError as e:  # no permission on png itself, a full disk
         raise TinyinError(f"{png}: cannot write ({e.__class__.__name__}: {e})") from None
     lines.append(f"  wrote {png}")
     return {"text": "\n".join(lines), "png": str(png)}
+
+
+def _check_writable(png):
+    """TinyinError unless a file can be made in `png`'s folder (created now). The default, SHARDS/samples.png,
+    is refused on a shared set (another user's, a read-only mount): that showed after the work (10 s on the
+    real set), and the counts were never printed."""
+    try:
+        png.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a parent that is a file, no permission
+        raise TinyinError(f"{png}: cannot write ({e.__class__.__name__}: {e})") from None
+    try:
+        with tempfile.TemporaryFile(dir=png.parent):  # made and gone (O_TMPFILE): nothing left there
+            pass
+    except OSError as e:
+        raise TinyinError(f"{png}: cannot write in {png.parent} ({e.strerror}); name another file with --png") from None
 
 
 def _check_image_name(png):

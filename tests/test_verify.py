@@ -1,5 +1,7 @@
 """`tinyin shard verify` and `tinyin shard inspect`."""
+import errno
 import json
+import os
 import shutil
 import tarfile
 
@@ -159,6 +161,27 @@ def test_inspect_sizes_the_grid_by_what_the_classes_hold(shards, tmp_path):
     under_a_file = png / "grid.png"
     assert run("shard", "inspect", shards, "--png", under_a_file) == (
         1, f"error: {under_a_file}: cannot write (FileExistsError: [Errno 17] File exists: '{png}')")
+
+
+def test_inspect_of_a_set_it_may_not_write_in_is_refused_before_the_work(shards, monkeypatch):
+    """The default grid, SHARDS/samples.png, in a shared set (another user's, a read-only mount): the save
+    failed after the work (10 s on the real set) and the counts were never printed. (The refusal is the
+    kernel's to any write-open there, as a read-only mount gives; root, running the tests, may write anywhere.)"""
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):
+        if os.fspath(path).startswith(str(shards)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def work(*args, **kwargs):
+        raise AssertionError("the samples were read")
+
+    monkeypatch.setattr(os, "open", read_only)
+    monkeypatch.setattr("pipeline.reader.ShardArrays", work)
+    assert run("shard", "inspect", shards) == (
+        1, f"error: {shards / 'samples.png'}: cannot write in {shards} (Read-only file system); "
+           "name another file with --png")
 
 
 def test_inspect_refuses_counts_below_one_and_a_png_without_an_image_extension(shards, tmp_path):

@@ -226,6 +226,27 @@ def test_device_cuda_without_a_gpu_is_a_usage_error(capsys):
         f"error: argument --device: cuda, but torch {torch.__version__} sees no CUDA device here\n")
 
 
+def test_a_checkpoint_or_weights_file_it_may_not_read_is_not_called_no_checkpoint(train_shards, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """Another user's run folder (checkpoint.pth mode 600): '--resume' said 'not a train.py checkpoint
+    (PermissionError)' and '--weights' 'not a weights file (PermissionError)', words against a good file
+    that invite deleting it. (As root the refusal is the open's: root may read any file.)"""
+    ckpt = tmp_path / "checkpoint.pth"
+    torch.save({"format": checkpoint.CHECKPOINT_FORMAT}, ckpt)
+    real_open = open
+
+    def refused(path, *args, **kwargs):
+        if os.fspath(path) == str(ckpt):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", refused)
+    for flag, named in (("--resume", ""), ("--weights", "--weights ")):
+        assert cli("--device", "cpu", "--arch", "lenet5", "--shards", train_shards, "--output-dir", tmp_path / "out",
+                   flag, ckpt) == 1
+        assert capsys.readouterr().err == f"error: {named}{ckpt}: cannot read (Permission denied)\n"
+
+
 def test_files_that_are_not_what_a_flag_needs_are_one_line_errors(train_shards, tmp_path, capsys):
     """Each of these was a traceback: torch.load raises KeyError, IndexError or AttributeError on
     some short files, IsADirectoryError on a folder; makedirs on a file."""

@@ -4,6 +4,7 @@ a file, and a write that fails (a full disk, a signal) leaves neither half a fil
 import contextlib
 import json
 import os
+import tempfile
 
 from .errors import naming
 
@@ -41,3 +42,14 @@ def write_json(path, obj, indent=1):
     """Write `obj` as JSON (and a final newline) to `path`, whole or not at all."""
     with atomic_file(path) as f:
         f.write(json.dumps(obj, indent=indent) + "\n")
+
+
+def refusal(folder):
+    """Why no file can be made in `folder` (its strerror: another user's folder, a read-only mount), or None.
+    The kernel is asked with a file made and gone at once (O_TMPFILE: nothing is left there), so that an
+    output written after minutes of work is refused before them."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as e:
+        return e.strerror

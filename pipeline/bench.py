@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from . import reader
+from .atomic import refusal
 from .errors import UsageError
 from .loader import make_loader
 from .provenance import commit
@@ -55,6 +56,9 @@ def check_json(path):
         raise UsageError(f"--json {path}: no folder {Path(path).parent} to write it in")
     if path is not None and Path(path).is_dir():
         raise UsageError(f"--json {path}: a folder; name a file in it to write the rows in")
+    why = path is not None and refusal(Path(path).absolute().parent)
+    if why:  # another user's folder, a read-only mount: found after the measuring, the JSON lost
+        raise UsageError(f"--json {path}: cannot write in {Path(path).parent} ({why})")
     return path
 
 

@@ -3,13 +3,13 @@
 Both take a shard folder or a local `ShardSet` (its manifest and index are read once); the
 present/size/checksum check and its wording are `ShardSet.check_local_file`'s.
 """
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import webdataset as wds
 from webdataset import tariterators
 
+from .atomic import refusal
 from .build import _stats, histograms
 from .errors import ShardError, TinyinError, UsageError
 from .schema import CLS, GRAY28, JSON, MANIFEST_FILE, RGB64, VARIANTS
@@ -148,11 +148,9 @@ def _check_writable(png):
         png.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a parent that is a file, no permission
         raise TinyinError(f"{png}: cannot write ({e.__class__.__name__}: {e})") from None
-    try:
-        with tempfile.TemporaryFile(dir=png.parent):  # made and gone (O_TMPFILE): nothing left there
-            pass
-    except OSError as e:
-        raise TinyinError(f"{png}: cannot write in {png.parent} ({e.strerror}); name another file with --png") from None
+    why = refusal(png.parent)
+    if why:
+        raise TinyinError(f"{png}: cannot write in {png.parent} ({why}); name another file with --png")
 
 
 def _check_image_name(png):

@@ -1,5 +1,6 @@
 """`bench_loader` on the synthetic set: every row measured, the local paths' first batch timed; `bench_remote`:
 the loopback-HTTP rows, with curl's rate as their ceiling."""
+import errno
 import json
 import os
 import platform
@@ -241,6 +242,31 @@ def test_bench_json_in_no_folder_is_refused_before_measuring(shards, tmp_path, c
     result = CliRunner().invoke(main, ["bench", command, "--shards", str(shards), "--json", str(tmp_path / "no" / "r.json")])
     assert (result.exit_code, result.output) == (
         2, f"error: --json {tmp_path / 'no' / 'r.json'}: no folder {tmp_path / 'no'} to write it in\n")
+
+
+@pytest.mark.parametrize("command", ["loader", "train"])
+def test_bench_json_in_a_folder_it_may_not_write_in_is_refused_before_measuring(shards, tmp_path, command,
+                                                                                monkeypatch):
+    """A --json in a shared results folder of another user's (or on a read-only mount) failed after the
+    measuring (minutes of it): 'error: Permission denied: FILE', bench train's command and environment lost.
+    (The refusal is the kernel's to any write-open there; root, running the tests, may write anywhere.)"""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    folder = tmp_path / "theirs"
+    folder.mkdir()
+    real_open = os.open
+
+    def refused(path, flags, *args, **kwargs):
+        if os.fspath(path).startswith(str(folder)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refused)
+    result = CliRunner().invoke(main, ["bench", command, "--shards", str(shards), "--json", str(folder / "r.json")])
+    assert (result.exit_code, result.output) == (
+        2, f"error: --json {folder / 'r.json'}: cannot write in {folder} (Permission denied)\n")
 
 
 def test_bench_build_stopped_by_sigterm_removes_its_temporary_build(release, tmp_path):

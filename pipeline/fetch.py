@@ -163,7 +163,8 @@ def fetch_release(out, url=OFFICIAL_URL, expected_size=OFFICIAL_SIZE, md5=OFFICI
     mix of two versions of the file); otherwise it is downloaded again. The finished file's size
     and md5 are checked (either check is skipped when its expected value is None) before it is
     renamed into place; with neither, the size is the one the server gives (HEAD), when it
-    gives one. A final file that already matches is returned without downloading. One call at a
+    gives one. A final file that already matches is returned without downloading (also from a folder
+    this user may not write in). One call at a
     time downloads into `out` (an flock on `.<name>.lock`, removed after): another waits, saying so
     on stderr, and then returns the file the first one downloaded.
 
@@ -190,6 +191,11 @@ def fetch_release(out, url=OFFICIAL_URL, expected_size=OFFICIAL_SIZE, md5=OFFICI
     # Two fetches into one folder (a job per node on shared storage) would append to one .part: the
     # second waits here, then finds the first one's file.
     waiting = lambda: print(f"waiting for another download of {name} into {out}", file=sys.stderr, flush=True)  # noqa: E731
+    if final.is_file() and _mismatch(final, name, expected_size, md5) is None:
+        # Before the lock, whose file this user may not make in a shared data folder (another user's, a
+        # read-only mount): a job script's fetch-if-needed failed there on a complete copy. A final file is
+        # only ever renamed into place whole, so the look needs no lock.
+        return final
     with locked(out / f".{name}.lock", waiting, remove=True):
         if final.is_file() and _mismatch(final, name, expected_size, md5) is None:
             return final

@@ -1,6 +1,7 @@
 """fetch_release against a local HTTP server that may honour Range, ignore it, or hang up."""
 
 import email.utils
+import errno
 import functools
 import hashlib
 import os
@@ -240,6 +241,22 @@ def test_existing_file_is_not_downloaded_again(serve, payload, tmp_path):
     (tmp_path / "out" / NAME).write_bytes(payload)
     assert _fetch(server, tmp_path / "out", payload).read_bytes() == payload
     assert server.ranges == []
+
+
+def test_a_complete_file_in_a_folder_this_user_may_not_write_is_returned(serve, payload, tmp_path, monkeypatch):
+    """The release in a shared data folder (another user's, a read-only mount): the lock file could not be
+    made there, and 'data fetch' failed, 'error: Permission denied: OUT/.tiny.zip.lock', on a complete copy.
+    (The refusal is the lock's open: root, running the tests, may write anywhere.)"""
+    server, out = serve(), tmp_path / "out"
+    out.mkdir()
+    (out / NAME).write_bytes(payload)
+
+    def refused(path, mode="r", *args, **kwargs):
+        if set(mode) & set("wa+"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return open(path, mode, *args, **kwargs)
+    monkeypatch.setattr("pipeline.locks.open", refused, raising=False)
+    assert _fetch(server, out, payload) == out / NAME and server.ranges == []
 
 
 def test_a_second_fetch_into_the_folder_waits_for_the_first_and_takes_its_file(serve, payload, tmp_path, capsys):

@@ -1,5 +1,6 @@
 """Shared fixtures: a small synthetic release and its shards (built once per session), and the
 real release from ../shared/data when it is there (tests that need it skip with a reason)."""
+import errno
 import json
 import os
 import shutil
@@ -79,6 +80,18 @@ def fork_warns_as_on_3_12(monkeypatch):
         return fork()
 
     monkeypatch.setattr(os, "fork", fork_as_on_3_12)
+
+
+def refuse_writes_in(monkeypatch, folder, code=errno.EACCES):
+    """Make any os.open to write or create under `folder` fail with errno `code`, as the kernel refuses another
+    user's folder (EACCES) or a read-only mount (EROFS): root, running the tests, may write anywhere."""
+    real_open = os.open
+
+    def refusing(path, flags, *args, **kwargs):
+        if os.fspath(path).startswith(str(folder)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(code, os.strerror(code), os.fspath(path))  # OSError gives the errno's subclass
+        return real_open(path, flags, *args, **kwargs)
+    monkeypatch.setattr(os, "open", refusing)
 
 
 def copy_with_edited_index(shards, tmp_path, column, row, value):

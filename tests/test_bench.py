@@ -1,6 +1,5 @@
 """`bench_loader` on the synthetic set: every row measured, the local paths' first batch timed; `bench_remote`:
 the loopback-HTTP rows, with curl's rate as their ceiling."""
-import errno
 import json
 import os
 import platform
@@ -17,6 +16,7 @@ from pipeline import bench
 from pipeline.bench import bench_remote, format_table
 from pipeline.provenance import commit
 from pipeline.shardset import ShardSet
+from tests.conftest import refuse_writes_in
 
 
 def test_loader_table_has_the_first_batch_of_the_local_paths(shards, monkeypatch):
@@ -256,14 +256,7 @@ def test_bench_json_in_a_folder_it_may_not_write_in_is_refused_before_measuring(
 
     folder = tmp_path / "theirs"
     folder.mkdir()
-    real_open = os.open
-
-    def refused(path, flags, *args, **kwargs):
-        if os.fspath(path).startswith(str(folder)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
-        return real_open(path, flags, *args, **kwargs)
-
-    monkeypatch.setattr(os, "open", refused)
+    refuse_writes_in(monkeypatch, folder)
     result = CliRunner().invoke(main, ["bench", command, "--shards", str(shards), "--json", str(folder / "r.json")])
     assert (result.exit_code, result.output) == (
         2, f"error: --json {folder / 'r.json'}: cannot write in {folder} (Permission denied)\n")

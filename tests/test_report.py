@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pipeline.report import LENET_RECORDED, STUDY, plot_curves, render_study, render_table, study_row, write_report
+from tests.conftest import refuse_writes_in
 
 
 def make_run(root, name, args, rows, final=None, env=None):
@@ -548,6 +549,18 @@ def test_reproduce_out_that_is_a_file(shards, tmp_path, capsys):
         reproduce.main(reproduce.get_args_parser().parse_args(
             ["--shards", str(shards), "--out", str(tmp_path / "out"), "--rows", "lenet5-28"]))
     assert exit.value.code == f"error: --out {tmp_path / 'out'}: cannot be made a folder (File exists)"
+
+
+def test_reproduce_out_it_may_not_write_in(shards, tmp_path, monkeypatch):
+    """An --out there but another user's, or read-only: a PermissionError traceback out of the first row's thread."""
+    import reproduce
+
+    (tmp_path / "out").mkdir()
+    refuse_writes_in(monkeypatch, tmp_path / "out")
+    with pytest.raises(SystemExit) as exit:
+        reproduce.main(reproduce.get_args_parser().parse_args(
+            ["--shards", str(shards), "--out", str(tmp_path / "out"), "--rows", "lenet5-28"]))
+    assert exit.value.code == f"error: --out {tmp_path / 'out'}: cannot write in it (Permission denied)"
 
 
 def test_a_table3_row_is_the_recipes_and_says_its_epochs(tmp_path):

@@ -1,5 +1,6 @@
 """tools/speedrun.py on the synthetic shards: seeds run once each, the table and the time-to-accuracy curve."""
 import argparse
+import errno
 import importlib
 import json
 import os
@@ -12,6 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import speedrun  # noqa: E402
+from tests.conftest import refuse_writes_in  # noqa: E402
 
 TINY = "--epochs 2 --warmup-epochs 1 --limit-batches 1 -b 8 --device cpu"
 
@@ -157,6 +159,16 @@ def test_out_that_is_a_file(tmp_path):
     with pytest.raises(SystemExit) as exit:
         speedrun.main(["--shards", "x", "--out", str(tmp_path / "sr"), "--device", "cpu"])
     assert exit.value.code == f"error: --out {tmp_path / 'sr'}: cannot be made a folder (File exists)"
+
+
+def test_out_it_may_not_write_in(tmp_path, monkeypatch):
+    """An --out there but another user's, or read-only: each seed's train.py failed to make its run folder,
+    and the advice was 'rerun to train that run again'."""
+    (tmp_path / "sr").mkdir()
+    refuse_writes_in(monkeypatch, tmp_path / "sr", errno.EROFS)
+    with pytest.raises(SystemExit) as exit:
+        speedrun.main(["--shards", "x", "--out", str(tmp_path / "sr"), "--device", "cpu"])
+    assert exit.value.code == f"error: --out {tmp_path / 'sr'}: cannot write in it (Read-only file system)"
 
 
 def test_a_seed_named_twice_is_one_row(tmp_path, monkeypatch):

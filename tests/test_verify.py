@@ -1,7 +1,6 @@
 """`tinyin shard verify` and `tinyin shard inspect`."""
 import errno
 import json
-import os
 import shutil
 import tarfile
 
@@ -15,7 +14,7 @@ from pipeline.errors import ShardError, UsageError
 from pipeline.index import file_sha256, read_index, read_manifest
 from pipeline.tarshard import tar_header
 from pipeline.verify import inspect_shards, verify_shards
-from tests.conftest import copy_with_edited_index
+from tests.conftest import copy_with_edited_index, refuse_writes_in
 from tests.servers import FaultyHTTPServer
 
 
@@ -167,17 +166,10 @@ def test_inspect_of_a_set_it_may_not_write_in_is_refused_before_the_work(shards,
     """The default grid, SHARDS/samples.png, in a shared set (another user's, a read-only mount): the save
     failed after the work (10 s on the real set) and the counts were never printed. (The refusal is the
     kernel's to any write-open there, as a read-only mount gives; root, running the tests, may write anywhere.)"""
-    real_open = os.open
-
-    def read_only(path, flags, *args, **kwargs):
-        if os.fspath(path).startswith(str(shards)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
-            raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(path))
-        return real_open(path, flags, *args, **kwargs)
-
     def work(*args, **kwargs):
         raise AssertionError("the samples were read")
 
-    monkeypatch.setattr(os, "open", read_only)
+    refuse_writes_in(monkeypatch, shards, errno.EROFS)
     monkeypatch.setattr("pipeline.reader.ShardArrays", work)
     assert run("shard", "inspect", shards) == (
         1, f"error: {shards / 'samples.png'}: cannot write in {shards} (Read-only file system); "

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # train.py and pipeline/, run from anywhere, installed or not
 
 from flag_values import flags_among, joined  # noqa: E402
+from pipeline.atomic import refusal  # noqa: E402
 from pipeline.errors import TinyinError, UsageError, hide_password  # noqa: E402
 
 #: --ablate's variants: name -> (the part switched off, the train.py flags that switch it off)
@@ -207,6 +208,9 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file of that name, a read-only place: was a traceback
         sys.exit(f"error: --out {out}: cannot be made a folder ({e.strerror})")
+    why = refusal(out)
+    if why:  # there, but another user's or read-only: each run failed, and the advice was to rerun it
+        sys.exit(f"error: --out {out}: cannot write in it ({why})")
     command_line = sys.argv[1:] if argv is None else argv
     # The tables are rewritten after every run, so that a stop or a failure keeps the runs so far.
     results, ablated = [], []

@@ -378,7 +378,7 @@ def _take_on_folder(tmp, out):
         return
     with contextlib.suppress(PermissionError):  # a group this user is not in: the folder keeps the user's
         os.chown(tmp, -1, st.st_gid)
-    os.chmod(tmp, stat.S_IMODE(st.st_mode))
+    os.chmod(tmp, stat.S_IMODE(st.st_mode) | stat.S_IRWXU)  # the build writes in it: a 0555 --out was renamed over
 
 
 def _move_into_place(tmp, out, manifest):

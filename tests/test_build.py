@@ -774,3 +774,13 @@ def test_a_folder_made_for_the_set_keeps_its_group_and_mode(release, tmp_path):
     build_shards(release, out, shard_size=SHARD_SIZE, progress=False)
     assert (oct(out.stat().st_mode & 0o7777), out.stat().st_gid) == (oct(0o2750), group)
     assert {p.stat().st_gid for p in out.iterdir()} == {group}
+
+
+def test_a_folder_made_read_only_for_its_owner_is_built_in_all_the_same(release, tmp_path):
+    """An empty --out of mode 0555 was renamed over, as any empty folder: taking on its mode must not take
+    the builder's own right to write its files there (refused to anyone but root)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    os.chmod(out, 0o555)
+    build_shards(release, out, shard_size=SHARD_SIZE, progress=False)
+    assert oct(out.stat().st_mode & 0o7777) == oct(0o755)

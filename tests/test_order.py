@@ -70,3 +70,21 @@ def test_step_seed_depends_on_every_part():
     seeds = {step_seed(s, e, r, t) for s in (0, 1) for e in (0, 1) for r in (0, 1) for t in (0, 1)}
     assert len(seeds) == 16 and all(0 <= s < 2**63 for s in seeds)
     assert step_seed(0, 1, 2, 3) == step_seed(0, 1, 2, 3)
+
+
+def test_with_drop_last_a_rank_with_one_sample_more_gets_no_extra_batch():
+    """26 samples on 3 ranks deal 9, 9 and 8: with batches of 3 the first two ranks could fill 3 batches,
+    the third only 2. Every rank must stop after 2 (a rank with a step more than the others waits
+    forever in its all-reduce), and the 8 samples left out are the permutation's last ones."""
+    parts = [epoch_order(26, seed=0, epoch=0, rank=r, world_size=3, batch_size=3, drop_last=True) for r in range(3)]
+    assert [len(p) for p in parts] == [6, 6, 6]
+    order = epoch_order(26, seed=0, epoch=0)
+    assert sorted(np.concatenate(parts).tolist()) == sorted(order[:18].tolist())
+
+
+def test_start_may_be_the_whole_split_and_not_below_zero():
+    """A checkpoint at the end of an epoch resumes with start == n: nothing left, not an error; a
+    negative start would deal the permutation's last samples, so it is refused."""
+    assert epoch_order(10, seed=0, epoch=0, start=10).tolist() == []
+    with pytest.raises(ValueError, match=r"^start must be between 0 and 10 \(the split's size\), not -3$"):
+        epoch_order(10, seed=0, epoch=0, start=-3)

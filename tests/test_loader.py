@@ -299,6 +299,116 @@ def test_an_index_whose_offsets_break_the_stride_is_refused(shards, tmp_path):
     assert str(e.value) == f"{copy / 'train-000000.tar'}: samples are not evenly spaced (not written by tinyin shard build)"
 
 
+def test_a_shard_of_two_samples_is_viewed_at_its_own_stride():
+    """The last shard of a split can hold two samples (a split of 66 at 64 a shard): its stride is the
+    distance between those two, not the 0 of a one-sample shard (which refused it as unevenly spaced)."""
+    from pipeline.reader import _strided_view
+
+    data = np.arange(100, dtype=np.uint8)
+    assert _strided_view(data, np.array([10, 30]), 5, "s.tar").tolist() == [[10, 11, 12, 13, 14], [30, 31, 32, 33, 34]]
+    assert _strided_view(data, np.array([40]), 3, "s.tar").tolist() == [[40, 41, 42]]
+
+
+def test_a_view_that_would_end_past_the_shard_is_refused():
+    """The last row must end inside the shard: as_strided checks nothing, and a row reaching past the end
+    would read whatever memory follows the map."""
+    from pipeline.reader import _strided_view
+
+    with pytest.raises(ShardError) as e:
+        _strided_view(np.arange(100, dtype=np.uint8), np.array([80, 93]), 8, "s.tar")
+    assert str(e.value) == "s.tar: index points past the end of the shard"
+    assert _strided_view(np.arange(100, dtype=np.uint8), np.array([80, 92]), 8, "s.tar")[1, -1] == 99
+
+
+def test_an_index_row_whose_split_names_another_split_than_its_shards_is_refused(shards, tmp_path):
+    """The index's split column is not checked against the shard a row names when the set opens: the first
+    test row marked 'val' came last among val's rows, a label with no image (the loader's last position
+    read no shard, its image whatever the buffer held) with no error."""
+    from pipeline.reader import ShardArrays
+
+    first_test = read_index(shards).column("split").to_pylist().index("test")
+    copy, _ = copy_with_edited_index(shards, tmp_path, "split", first_test, "val")
+    with pytest.raises(ShardError) as e:
+        ShardArrays(copy, "val", "gray28", checksum=False)
+    assert str(e.value) == f"{copy}: index and manifest disagree on split 'val'"
+
+
+def test_an_unchanged_shard_is_hashed_once_a_process(shards, tmp_path, monkeypatch):
+    """Every loader of a split (each epoch's val loader, a test pass) checks its shards: one this process
+    already hashed, unchanged since, is only read in, not hashed again (a second of CPU per GB)."""
+    import hashlib
+    import types
+
+    import pipeline.reader
+    from pipeline.reader import ShardArrays
+
+    hashed = []
+    monkeypatch.setattr(pipeline.reader, "hashlib", types.SimpleNamespace(
+        sha256=lambda data: hashed.append(len(data)) or hashlib.sha256(data)))
+    copy = shutil.copytree(shards, tmp_path / "copy")
+    first = ShardArrays(copy, "train", "gray28")
+    assert len(hashed) == len(first.entries) == 4
+    ShardArrays(copy, "train", "gray28")
+    assert len(hashed) == 4
+
+
+def test_gather_refuses_an_out_buffer_too_small_for_its_positions(shards):
+    from pipeline.reader import ShardArrays
+
+    arrays = ShardArrays(shards, "train", "gray28", checksum=False)
+    with pytest.raises(ValueError) as e:
+        arrays.gather([0, 1, 2], out=torch.empty((2, 28, 28), dtype=torch.uint8))
+    assert str(e.value) == "out has shape (2, 28, 28), need at least (3, (28, 28)), contiguous"
+    with pytest.raises(ValueError) as e:
+        arrays.gather([0, 1, 2], out=torch.empty((3, 28, 56), dtype=torch.uint8)[:, :, ::2])
+    assert str(e.value) == "out has shape (3, 28, 28), need at least (3, (28, 28)), contiguous"
+    out = torch.empty((4, 28, 28), dtype=torch.uint8)
+    assert torch.equal(arrays.gather([0, 1, 2], out=out), arrays.gather([0, 1, 2]))
+
+
+def test_gather_refuses_positions_out_of_order(shards):
+    """Each shard's rows are cut out of the positions by where its first row falls in them: unsorted, the
+    cuts were wrong and images went to other positions' places, without an error."""
+    from pipeline.reader import ShardArrays
+
+    arrays = ShardArrays(shards, "train", "gray28", checksum=False)
+    with pytest.raises(ValueError) as e:
+        arrays.gather([70, 5, 130])
+    assert str(e.value) == "gather needs sorted positions"
+
+
+def test_shard_arrays_names_the_variants_it_has(shards):
+    from pipeline.reader import ShardArrays
+
+    with pytest.raises(ValueError) as e:
+        ShardArrays(shards, "train", "rgb32")
+    assert str(e.value) == "variant must be one of ['gray28', 'rgb64'], not 'rgb32'"
+
+
+def test_a_listed_shard_of_no_samples_has_no_rows_to_copy(shards, tmp_path):
+    """A split's empty last shard (count 0, as a manifest may list one) has no view: the resident path's
+    data pass copies nothing for it (it was handed a view index past the last, an IndexError)."""
+    import hashlib
+    import json
+
+    from pipeline.checksum import sum64
+    from pipeline.reader import ShardArrays
+    from pipeline.storage import ResidentStorage
+
+    copy = shutil.copytree(shards, tmp_path / "copy")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    last = max(i for i, e in enumerate(manifest["shards"]) if e["split"] == "train")
+    (copy / "train-empty.tar").write_bytes(bytes(1024))
+    manifest["shards"].insert(last + 1, dict(manifest["shards"][last], file="train-empty.tar", count=0, bytes=1024,
+                                             sha256=hashlib.sha256(bytes(1024)).hexdigest(), sum64=sum64(bytes(1024))))
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    arrays = ShardArrays(copy, "train", "gray28")
+    assert [rows is None for rows in map(arrays.shard_rows, range(5))] == [False, False, False, False, True]
+    storage = ResidentStorage(arrays, "cpu")
+    storage.data_pass.wait()
+    assert storage.complete and torch.equal(storage.batch(np.arange(240))[0], arrays.gather(np.arange(240)))
+
+
 def test_a_shard_changed_after_this_process_verified_it_is_hashed_again(shards, tmp_path):
     """Each process hashes a shard once, keyed by (path, size, mtime): one damaged in place after a
     loader verified it, its size kept, is hashed again (keyed without its mtime it passed as verified)."""

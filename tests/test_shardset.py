@@ -38,6 +38,16 @@ def test_local_and_http_answer_the_same(shards, http_url):
     assert open_shard_set(local) is local
 
 
+def test_memory_mapping_a_remote_set_is_refused_in_one_line(shards, http_url):
+    """The fast path maps local files: given a set's URL (from the Python API) it says so, not an error
+    about a file the URL does not name."""
+    from pipeline.reader import ShardArrays
+
+    with pytest.raises(ShardError) as e:
+        ShardArrays(http_url, "train", checksum=False)
+    assert str(e.value) == f"{http_url}: memory mapping needs a local copy of the shard set"
+
+
 def test_the_index_is_parsed_from_a_buffer_arrow_owns(shards, monkeypatch):
     # A reader over Python memory (io.BytesIO, pa.py_buffer) could free it on an Arrow thread at
     # interpreter exit and abort the process (exit -6, seen in CI); see `arrow_owned`.

@@ -150,3 +150,22 @@ def test_a_loader_whose_data_pass_failed_is_freed_without_the_cyclic_gc(shards, 
             assert storage() is None, path
         finally:
             gc.enable()
+
+
+def test_only_threads_still_running_are_kept_for_the_exit():
+    """Each epoch starts threads (a ring, a data pass): the ones that ended are let go as the next starts,
+    not kept (with their stop events) for the life of the process."""
+    import threading
+
+    from pipeline import background
+
+    stops = [threading.Event() for _ in range(3)]
+    for stop in stops[:2]:
+        background.start_thread(lambda: None, "tinyin-test", stop).join()
+    hold = threading.Event()
+    thread = background.start_thread(hold.wait, "tinyin-test", stops[2])
+    try:
+        assert [s for s, t in background._threads if t.name == "tinyin-test"] == [stops[2]]
+    finally:
+        hold.set()
+        thread.join()

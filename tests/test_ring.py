@@ -27,11 +27,22 @@ def gather_threads():
 
 
 def in_thread(work, seconds=20):
-    """Run `work` in a thread; fail (rather than hang the suite) if it has not returned in time."""
-    done = threading.Thread(target=work, daemon=True)
+    """Run `work` in a thread; fail (rather than hang the suite) if it has not returned in time, and with
+    its error if it raised one (a thread's exception is otherwise only a warning: the test passed)."""
+    errors = []
+
+    def run():
+        try:
+            work()
+        except BaseException as e:  # noqa: BLE001 - raised again in the test's own thread
+            errors.append(e)
+
+    done = threading.Thread(target=run, daemon=True)
     done.start()
     done.join(seconds)
     assert not done.is_alive(), "prefetch_ring did not let go of its gather thread"
+    if errors:
+        raise errors[0]
 
 
 def test_batches_arrive_in_order_with_their_images():
@@ -46,6 +57,31 @@ def test_a_short_batch_gets_only_its_own_images():
     got = [(images[:, 0].tolist(), idx.tolist()) for images, idx in
            prefetch_ring([np.arange(3), np.arange(3, 5)], fill, (1,), 3, DEPTH, "cpu")]
     assert got == [([0, 1, 2], [0, 1, 2]), ([3, 4], [3, 4])]
+
+def test_the_batch_in_hand_is_not_refilled_until_the_next_is_asked_for():
+    """On the CPU the images are a view of a ring buffer: valid until the consumer asks for the next batch.
+    With depth 1 (two buffers) the thread, gone as far ahead as it may, waits for the consumer's buffer;
+    handing it back as it was yielded let the thread gather batch 2 into the batch-0 images in hand."""
+    asked, refilled = threading.Event(), threading.Event()
+
+    def indices():
+        yield from batches(2)
+        asked.set()  # the thread asks for batch 2 once batch 1 is handed over
+        yield np.arange(6, 9)
+
+    def fill_and_tell(idx, out):
+        fill(idx, out)
+        if idx[0] == 6:
+            refilled.set()
+
+    ring = prefetch_ring(indices(), fill_and_tell, (1,), 3, 1, "cpu")
+    images, idx = next(ring)
+    assert asked.wait(20)
+    refilled.wait(1)  # long enough for the thread to gather it if it had a buffer; it must not have one
+    assert (images[:, 0].tolist(), idx.tolist(), refilled.is_set()) == ([0, 1, 2], [0, 1, 2], False)
+    assert [i.tolist() for _, i in ring] == [[3, 4, 5], [6, 7, 8]]
+    assert gather_threads() == []
+
 
 @pytest.mark.parametrize("taken", range(BATCHES + 1))
 def test_stopping_after_any_batch_ends_the_thread(taken):
@@ -82,6 +118,22 @@ def test_an_error_in_fill_reaches_the_consumer_and_ends_the_thread():
 
     in_thread(consume)
     assert seen == [0, 3, 6] and gather_threads() == []
+
+
+def test_a_keyboard_interrupt_in_fill_reaches_the_consumer():
+    """Not only an Exception: a Ctrl-C or SystemExit raised on the gather thread, kept there, left the
+    consumer waiting for a batch that would never come."""
+    def interrupted(idx, out):
+        if idx[0] == 3:
+            raise KeyboardInterrupt
+        fill(idx, out)
+
+    def consume():
+        with pytest.raises(KeyboardInterrupt):
+            list(prefetch_ring(batches(), interrupted, (1,), 3, DEPTH, "cpu"))
+
+    in_thread(consume)
+    assert gather_threads() == []
 
 
 def test_a_ring_freed_by_the_gc_on_its_own_gather_thread_stops_it_without_joining_itself():

@@ -52,6 +52,13 @@ def test_sum64_catches_a_flipped_byte_anywhere_a_longer_body_and_swapped_blocks(
     assert sum64(swapped) != digest
 
 
+def test_file_sum64_of_an_empty_file_is_that_of_no_bytes(tmp_path):
+    """A shard truncated to nothing (a copy that failed at once) must be checked like any other file, not
+    be a ValueError from mmap, which cannot map an empty file."""
+    (tmp_path / "empty.tar").write_bytes(b"")
+    assert file_sum64(tmp_path / "empty.tar") == sum64(b"") == "af5570f5a1810b7a"
+
+
 def test_the_build_lists_each_shards_sum64(shards):
     for entry in read_manifest(shards)["shards"]:
         path = shards / entry["file"]

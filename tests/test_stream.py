@@ -501,6 +501,53 @@ def test_damaged_listed_shard_is_named(shards, tmp_path, how, message):
     assert str(err.value).startswith(f"{bad}: ") and message in str(err.value)
 
 
+def test_a_url_list_count_below_its_shards_samples_is_refused(shards):
+    """A URL list's counts are the user's word: one too small for its shard (50 samples, said 49) read only
+    the first 49 and dropped the last without a word. The shard must be exactly that many samples."""
+    url = _urls(shards)[0]
+    with pytest.raises(ShardError) as err:
+        _epoch(stream_from_urls([url], [49], batch_size=16, workers=0))
+    assert str(err.value) == (f"{url}: {50 * SAMPLE_BYTES + 1024:,} bytes, 49 samples take {49 * SAMPLE_BYTES + 1024:,} "
+                              "(truncated or not this shard)")
+
+
+def test_a_url_list_shard_of_other_members_is_named(shards, tmp_path):
+    """A sample whose members are not tinyin's four (here gray28.npz for gray28.npy, its header valid) is
+    not a tinyin shard: said so, not a KeyError read again as an 'unreadable shard'."""
+    import tarfile
+
+    bad = tmp_path / "train-000000.tar"
+    data = bytearray(Path(_urls(shards)[0]).read_bytes())
+    at = 13312  # the first sample's second member: its rgb64 member (header and array) comes first
+    info = tarfile.TarInfo.frombuf(bytes(data[at:at + 512]), "ascii", "surrogateescape")
+    info.name = info.name.replace("gray28.npy", "gray28.npz")
+    data[at:at + 512] = info.tobuf(tarfile.USTAR_FORMAT)
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ShardError) as err:
+        _epoch(stream_from_urls([str(bad)], [50], batch_size=16, workers=0))
+    assert str(err.value) == f"{bad}: not a tinyin shard (members ['cls', 'gray28.npz', 'json', 'rgb64.npy'])"
+
+
+def test_a_url_list_shard_is_read_with_labels_of_every_width(tmp_path):
+    """A URL list's labels come from each sample's .cls member: 199 is three digits (the synthetic sets have
+    six classes, one digit), and the images are each sample's own."""
+    from pipeline.stream_read import Shard, read_layout
+    from pipeline.tarshard import write_shard
+
+    labels = [7, 42, 199, 0]
+    samples = [(f"k{i}", np.full((64, 64, 3), i, np.uint8), np.full((28, 28), 10 + i, np.uint8), label, b"{}")
+               for i, label in enumerate(labels)]
+    write_shard(tmp_path / "s.tar", samples)
+    data = (tmp_path / "s.tar").read_bytes()
+    offsets, got, keys = read_layout(data, Shard(str(tmp_path / "s.tar"), 4), "gray28")
+    assert (got.tolist(), keys) == (labels, ["k0", "k1", "k2", "k3"])
+    assert [data[at:at + 784] for at in offsets] == [bytes([10 + i]) * 784 for i in range(4)]
+    write_shard(tmp_path / "s.tar", [(*samples[0][:3], "\0", b"{}")])  # a .cls of a NUL byte: no number
+    with pytest.raises(ShardError) as e:
+        read_layout((tmp_path / "s.tar").read_bytes(), Shard(str(tmp_path / "s.tar"), 1), "gray28")
+    assert str(e.value) == f"{tmp_path / 's.tar'}: a sample's cls is not a number"
+
+
 def test_failing_pipe_and_missing_file_are_named(shards, tmp_path, quick_retries):
     missing = str(tmp_path / "train-000009.tar")
     with pytest.raises(ShardError, match=f"^{missing}: missing"):
@@ -749,3 +796,103 @@ def test_a_listed_shard_of_no_samples_is_never_read(shards, tmp_path):
                                          workers=0))
     without = _epoch(stream_from_urls(urls, COUNTS, batch_size=32, workers=0))
     _same(with_empty, without)
+
+
+class _Waits:
+    """A `stop` event for `read_checked` that records each wait between reads and never stops one."""
+
+    def __init__(self):
+        self.waits = []
+
+    def wait(self, seconds):
+        self.waits.append(seconds)
+        return False
+
+
+def _listed_shard(shards, name="train-000000.tar", folder=None):
+    """(Shard, ShardSet) of shard `name` of `shards` (its file read from `folder`, when given), as the
+    stream path's workers read it."""
+    from pipeline.shardset import ShardSet
+    from pipeline.stream_read import Shard
+
+    shard_set = ShardSet(shards)
+    entry = next(e for e in shard_set.manifest["shards"] if e["file"] == name)
+    return Shard(str(Path(folder or shards) / name), entry["count"], entry), shard_set
+
+
+def test_a_missing_shard_is_not_waited_for_and_a_whole_but_wrong_one_is_read_again_at_once(shards, tmp_path):
+    """Asking again does not make a missing file appear: one read, no wait. A body that arrived whole (the
+    server is up) but failed its check is read again with no wait before it; only a short one waits."""
+    from pipeline.stream_read import read_checked
+
+    missing, shard_set = _listed_shard(shards, folder=tmp_path)
+    stop = _Waits()
+    with pytest.raises(ShardError) as e:
+        read_checked(missing, "gray28", shard_set, retries=3, backoff=7, stop=stop)
+    assert (str(e.value), stop.waits) == (f"{tmp_path / 'train-000000.tar'}: missing (listed in the manifest)", [])
+    data = bytearray((shards / "train-000000.tar").read_bytes())
+    data[5000] ^= 1
+    (tmp_path / "train-000000.tar").write_bytes(bytes(data))
+    with pytest.raises(ShardError) as e:
+        read_checked(missing, "gray28", shard_set, retries=3, backoff=7, stop=stop)
+    assert (str(e.value), stop.waits) == (f"{tmp_path / 'train-000000.tar'}: checksum differs from the manifest "
+                                          "(corrupt or modified)", [])
+    (tmp_path / "train-000000.tar").write_bytes(bytes(data[:-512]))
+    with pytest.raises(ShardError):
+        read_checked(missing, "gray28", shard_set, retries=3, backoff=7, stop=stop)
+    assert stop.waits == [7, 14]
+    with pytest.raises(ShardError) as e:  # with no stop event it sleeps between reads
+        read_checked(missing, "gray28", shard_set, retries=2, backoff=0.001)
+    assert str(e.value).startswith(f"{tmp_path / 'train-000000.tar'}: ")
+
+
+def test_a_spare_buffer_larger_than_a_shard_gives_exactly_the_shards_bytes(shards, http, monkeypatch):
+    """Read buffers are reused across shards of different sizes (a split's last shard is smaller): one
+    larger than the shard is cut to its size, or the read came back with the old shard's tail after it."""
+    from pipeline import stream_read
+
+    small = _urls(shards)[-1]  # 40 samples, the others 50
+    monkeypatch.setattr(stream_read, "_SPARE", [bytearray(b"\xff" * (50 * SAMPLE_BYTES + 1024))])
+    data = stream_read.read_whole(f"{http.url}/{Path(small).name}")
+    assert bytes(data) == Path(small).read_bytes() and stream_read._SPARE == []
+
+
+def test_each_worker_gets_read_buffers_for_its_lanes_groups_and_the_next(monkeypatch):
+    """3 lanes on 2 workers: a worker holds up to 2 lanes' groups and reads the next, of 2 shards each: 6
+    buffers of the largest shard's size, or its reads fall back to fresh buffers each epoch."""
+    from pipeline.stream_read import Shard, shared_read_buffers
+
+    listed = [Shard(f"s{i}.tar", 1, {"bytes": size}) for i, size in enumerate((8192, 12288, 4096))]
+    buffers = shared_read_buffers(listed, workers=2, lanes=3, mix=2)
+    assert [[len(b) for b in worker] for worker in buffers] == [[12288] * 6] * 2
+    assert shared_read_buffers([Shard("s.tar", 1)], workers=2, lanes=3, mix=2) is None  # a URL list: sizes unknown
+
+
+def test_a_kernel_without_the_populate_advice_is_no_error(monkeypatch):
+    """MADV_POPULATE_WRITE came in Linux 5.14: before it, madvise raises EINVAL, and the buffer is used
+    without the advice (its pages fault in as it is read)."""
+    import errno
+
+    from pipeline import stream_read
+
+    class OldKernelMap:
+        def madvise(self, advice):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+
+    buffer = OldKernelMap()
+    monkeypatch.setattr(stream_read, "_SPARE", [])
+    stream_read.adopt_read_buffers([buffer])
+    assert stream_read._SPARE == [buffer]
+
+
+def test_starting_the_workers_leaves_sigterm_and_ctrl_c_as_they_were():
+    """SIGTERM is blocked only while the workers fork (they inherit the mask): left blocked, the main process
+    never saw a preemption's SIGTERM, and trained on instead of checkpointing and stopping."""
+    from pipeline import stream_workers
+
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    with stream_workers.starting_workers():
+        assert signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        assert signal.SIGINT in stream_workers._held_sigint
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before and signal.SIGTERM not in before
+    assert stream_workers._held_sigint == {}

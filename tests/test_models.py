@@ -53,6 +53,25 @@ def test_lenet5_is_the_study_architecture():
     model = models.get_model("lenet5", num_classes=10)
     shapes = [tuple(p.shape) for p in model.parameters()]
     assert shapes == [(16, 1, 5, 5), (16,), (32, 16, 5, 5), (32,), (120, 512), (120,), (84, 120), (84,), (10, 84), (10,)]
+    # The layers without parameters too: an average pool or a lost ReLU keeps every shape above.
+    assert [type(m).__name__ for m in (*model.features, *model.classifier)] == [
+        "Conv2d", "ReLU", "MaxPool2d", "Conv2d", "ReLU", "MaxPool2d", "Linear", "ReLU", "Linear", "ReLU", "Linear"]
+
+
+@pytest.mark.parametrize("name", models.list_models())
+def test_each_models_head_names_its_last_layer(name):
+    """`head` is what a weights file of another class count loses (and a fresh one replaces): the last
+    layer, whose outputs are the classes. Another prefix dropped the wrong layer's tensors, and the file
+    did not fit."""
+    head = models.model_spec(name).head
+    weights = models.get_model(name, num_classes=7).state_dict()
+    assert [k for k in weights if k.startswith(head)] == [f"{head}weight", f"{head}bias"]
+    assert weights[f"{head}weight"].shape[0] == 7 and list(weights)[-1] == f"{head}bias"
+    spec = models.model_spec(name)
+    if spec.reset_head:  # pretrained=True's head on the 1000-class network: the builder's layer, for 7 classes
+        imagenet = spec.build(1000)
+        spec.reset_head(imagenet, 7)
+        assert {k: v.shape for k, v in imagenet.state_dict().items()} == {k: v.shape for k, v in weights.items()}
 
 
 def test_64px_resnets_keep_64px_maps_in_the_first_stage():

@@ -344,6 +344,16 @@ def test_read_manifest_words_a_non_object_manifest_as_shard_set_does(tmp_path):
     assert str(e.value) == f"{tmp_path / 'manifest.json'}: malformed (not an object)"
 
 
+def test_read_manifest_refuses_another_format_version(tmp_path):
+    """A set of another shard format (a later tinyin's) is not read as this one's layout."""
+    from pipeline.index import read_manifest
+
+    (tmp_path / "manifest.json").write_text('{"format_version": 2, "shards": []}')
+    with pytest.raises(ShardError) as e:
+        read_manifest(tmp_path)
+    assert str(e.value) == f"{tmp_path / 'manifest.json'}: format version 2, this tinyin reads 1"
+
+
 def test_a_file_url_names_the_local_folder(shards, tmp_path):
     """`file:///data/shards` (what fsspec, a browser or a config file gives) was read as a folder named
     `file:`: 'no such folder', from the loader, `shard verify` and train.py alike."""

@@ -321,6 +321,15 @@ def test_what_is_not_a_url_is_refused_before_anything_is_made(tmp_path, url):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/", "http://127.0.0.1:9"])
+def test_a_url_without_a_file_name_is_refused_before_anything_is_made(tmp_path, url):
+    """Named after nothing, the download would be `out/.part`, renamed onto the folder itself."""
+    with pytest.raises(FetchError) as info:
+        fetch_release(tmp_path / "out", url, progress=False)
+    assert str(info.value) == f"cannot download {url}: no file name in the URL"
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_url_urllib_cannot_parse_is_one_line(tmp_path):
     """A typo in an IPv6 address ended in urlsplit's ValueError traceback."""
     with pytest.raises(FetchError) as info:

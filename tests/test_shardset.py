@@ -344,14 +344,19 @@ def test_read_manifest_words_a_non_object_manifest_as_shard_set_does(tmp_path):
     assert str(e.value) == f"{tmp_path / 'manifest.json'}: malformed (not an object)"
 
 
-def test_read_manifest_refuses_another_format_version(tmp_path):
-    """A set of another shard format (a later tinyin's) is not read as this one's layout."""
+def test_read_manifest_refuses_another_format_version_and_a_corrupt_file(tmp_path):
+    """A set of another shard format (a later tinyin's) is not read as this one's layout; a manifest that is
+    no JSON is a one-line ShardError, not a JSONDecodeError's traceback."""
     from pipeline.index import read_manifest
 
     (tmp_path / "manifest.json").write_text('{"format_version": 2, "shards": []}')
     with pytest.raises(ShardError) as e:
         read_manifest(tmp_path)
     assert str(e.value) == f"{tmp_path / 'manifest.json'}: format version 2, this tinyin reads 1"
+    (tmp_path / "manifest.json").write_text('{"format_version": 1,')  # cut off mid-write
+    with pytest.raises(ShardError) as e:
+        read_manifest(tmp_path)
+    assert str(e.value).startswith(f"{tmp_path / 'manifest.json'}: corrupt manifest (Expecting property name")
 
 
 def test_a_file_url_names_the_local_folder(shards, tmp_path):

@@ -896,3 +896,14 @@ def test_starting_the_workers_leaves_sigterm_and_ctrl_c_as_they_were():
         assert signal.SIGINT in stream_workers._held_sigint
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before and signal.SIGTERM not in before
     assert stream_workers._held_sigint == {}
+
+
+def test_a_read_error_is_described_by_its_type_and_reason():
+    """What an 'unreadable shard' message says of its cause: the type and the reason, or the type alone."""
+    import errno
+
+    from pipeline.stream_read import describe_error
+
+    assert describe_error(OSError(errno.EIO, os.strerror(errno.EIO))) == f"OSError: {os.strerror(errno.EIO)}"
+    assert describe_error(ValueError("bad header")) == "ValueError: bad header"
+    assert describe_error(EOFError()) == "EOFError"

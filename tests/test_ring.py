@@ -58,6 +58,7 @@ def test_a_short_batch_gets_only_its_own_images():
            prefetch_ring([np.arange(3), np.arange(3, 5)], fill, (1,), 3, DEPTH, "cpu")]
     assert got == [([0, 1, 2], [0, 1, 2]), ([3, 4], [3, 4])]
 
+
 def test_the_batch_in_hand_is_not_refilled_until_the_next_is_asked_for():
     """On the CPU the images are a view of a ring buffer: valid until the consumer asks for the next batch.
     With depth 1 (two buffers) the thread, gone as far ahead as it may, waits for the consumer's buffer;

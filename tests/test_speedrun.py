@@ -123,6 +123,30 @@ def test_a_seed_trained_with_other_flags_in_the_same_out_trains_again(tmp_path, 
         f"--arch resnet18_64 --size 64 --recipe fast --seed 0 --output-dir {out / 'runs' / 'seed0'} --overwrite --device cpu")
 
 
+def test_relative_shards_and_out_are_the_callers(tmp_path, monkeypatch):
+    """`--shards shards --out sr` run from another folder than the repo's root: train.py ran in the repo's root,
+    so it read the repo's `shards` (or found none: 'no such folder') and wrote its run where speedrun.py did
+    not look. It runs in the caller's folder, as speedrun.py does."""
+    seen = []
+
+    class TrainPy:  # stands in for train.py's process: where its relative paths lead, and a finished run there
+        def __init__(self, cmd, cwd):
+            where = Path(cwd or os.getcwd())
+            seen.append([where / cmd[cmd.index(flag) + 1] for flag in ("--shards", "--output-dir")])
+            if where == tmp_path:  # never into the repo's root
+                finished_run(where / cmd[cmd.index("--output-dir") + 1], "resnet18_64")
+
+        def wait(self):
+            return 0
+
+    importlib.import_module("train")  # before Popen is replaced: importing torch starts processes
+    monkeypatch.setattr(speedrun.subprocess, "Popen", TrainPy)
+    monkeypatch.chdir(tmp_path)
+    speedrun.main(["--shards", "shards", "--out", "s r", "--seeds", "0", "--device", "cpu"])
+    assert seen == [[tmp_path / "shards", tmp_path / "s r" / "runs" / "seed0"]]
+    assert json.loads((tmp_path / "s r" / "speedrun.json").read_text())[0]["final"]["arch"] == "resnet18_64"
+
+
 def test_ctrl_c_is_passed_on_to_train_py_and_ends_in_one_line(tmp_path, monkeypatch, capsys):
     """SIGINT (Ctrl-C) while a seed trains was a KeyboardInterrupt traceback out of speedrun.py, whose
     train.py, if the signal reached speedrun.py alone, trained on without it. Now it is passed on, as

@@ -54,11 +54,13 @@ def cache_folder(location, cache_dir=None):
     """Where the copy of the set at `location` lives: `<root>/<16 hex digits of the URL's sha256>`,
     root being `cache_dir`, else $TINYIN_CACHE, else ~/.cache/tinyin. The URL is taken without its
     user:password@ and query string: credentials and tokens that change between runs name the same
-    set (a set that differs all the same has another manifest, and its copies are replaced)."""
+    set (a set that differs all the same has another manifest, and its copies are replaced). A leading `~` of
+    the root is the home folder, as for $HF_HOME and $TORCH_HOME: a shell leaves it as it is in quotes, and a
+    Dockerfile's ENV or a .env file never expands it."""
     root = cache_dir or os.environ.get("TINYIN_CACHE") or Path.home() / ".cache" / "tinyin"
     parts = urllib.parse.urlsplit(str(location))
     key = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2], query="")).rstrip("/")
-    return Path(root) / hashlib.sha256(key.encode()).hexdigest()[:16]
+    return Path(root).expanduser() / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def cached_copy(shards, splits, cache_dir=None, workers=WORKERS, progress=None, storage_options=None):

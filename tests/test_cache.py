@@ -522,6 +522,14 @@ def test_a_sets_cache_folder_does_not_change_with_its_credentials_query_or_final
     assert cache_folder("https://h:8/sets/other", tmp_path) != folder
 
 
+def test_a_tilde_in_tinyin_cache_is_the_home_folder(tmp_path, monkeypatch):
+    """TINYIN_CACHE='~/cache' (quoted in a job script, a Dockerfile's ENV, a .env file: no shell expands it)
+    was a folder named `~` in the current folder: each job's folder fetched the whole set again."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TINYIN_CACHE", "~/cache")
+    assert cache_folder("https://h:8/sets/tiny").parent == tmp_path / "home" / "cache"
+
+
 def test_a_part_of_a_copy_a_rebuilt_set_disowns_is_not_resumed(shards, serve, cache, tmp_path):
     """A fetch broken off (its .part kept) before the set was rebuilt under its URL: the .part holds the old
     shard's bytes, and resuming it cost a transfer that failed its checksum; it goes with its manifest."""

@@ -447,8 +447,9 @@ def worth_retrying(error):
     """Whether a remote transfer that raised `error` is worth another attempt: a cut or refused connection, an
     HTTP error status (`http_open`: a 503 under load, a proxy's 502), a timeout, and by name an fsspec
     backend's connection trouble; not a missing file (FileNotFoundError), nor a client's own error (a bad
-    argument, a missing credential), which asking again would not change."""
-    if isinstance(error, FileNotFoundError):
+    argument, a missing credential), which asking again would not change: a URL urllib refuses to send
+    (`http.client.InvalidURL`: a space in it, to write as %20) took 5 attempts and 10 s to say so."""
+    if isinstance(error, (FileNotFoundError, http.client.InvalidURL)):
         return False
     if isinstance(error, (OSError, http.client.HTTPException)):
         return True

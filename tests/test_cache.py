@@ -577,6 +577,16 @@ def test_a_shard_answered_503_once_is_asked_for_again(shards, serve, cache):
     assert shard_gets(server)[SHARD] == 2 and (copy / SHARD).read_bytes() == (shards / SHARD).read_bytes()
 
 
+def test_a_url_with_a_space_is_refused_at_once(monkeypatch):
+    """A set's URL pasted with a space (`.../dir with space/`, not %20): urllib refuses to send it, and it
+    was tried 5 times over 10 s, 'after 5 attempts', as if the server might answer next time."""
+    monkeypatch.setattr(pipeline.shardset.time, "sleep", lambda s: pytest.fail("waited to try again"))
+    with pytest.raises(ShardError) as e:
+        ShardSet("http://127.0.0.1:9/dir with space/")
+    assert str(e.value) == ("http://127.0.0.1:9/dir with space/manifest.json: unreadable (InvalidURL: URL can't "
+                            "contain control characters. '/dir with space/manifest.json' (found at least ' '))")
+
+
 def test_an_fsspec_backends_timeout_or_cut_connection_is_retried_and_other_errors_are_not():
     """Backends raise their own families: by name, connection trouble and timeouts are worth another attempt."""
     class ReadTimeoutError(Exception):

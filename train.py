@@ -1047,7 +1047,7 @@ def main(args):
             if rank() == 0:
                 print(f"interrupted at epoch {state.epoch} step {state.epoch_steps}: checkpoint saved to "
                       f"{os.path.join(args.output_dir, 'checkpoint.pth')}; continue with: "
-                      f"{continue_command(args, world_size)}", file=sys.stderr, flush=True)
+                      f"{continue_command(args, world_size, __file__)}", file=sys.stderr, flush=True)
             raise SystemExit(128 + e.signum) from None
         return final_test(parts, state, args)
 

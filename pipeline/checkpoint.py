@@ -281,10 +281,12 @@ def resume_path(args):
     return args.resume
 
 
-def continue_command(args, world_size):
+def continue_command(args, world_size, script="train.py"):
     """The command line that resumes this run (printed when it is interrupted). A URL's password and
     token show as `***` in it, as in every line printed: it goes to job logs, so it is not runnable
-    verbatim for such a URL, and a signed URL's token may have expired by the rerun anyway."""
+    verbatim for such a URL, and a signed URL's token may have expired by the rerun anyway.
+    `script`: train.py's path; named `train.py` in its own folder, else by its absolute path (a job's
+    `python ~/tinyin/train.py` in a folder of its own was told `python train.py`: no such file there)."""
     argv, skip = [], False
     for a in args.argv:  # drop --resume X and the hidden one-shot flags: --resume auto replaces them
         if skip:
@@ -293,5 +295,7 @@ def continue_command(args, world_size):
             skip = True
         elif not a.startswith(tuple(f"{flag}=" for flag in DEBUG_ONCE)):
             argv.append(a)
-    launcher = f"torchrun --nproc_per_node {world_size} train.py" if world_size > 1 else "python train.py"
+    script = "train.py" if os.path.samefile(os.path.dirname(os.path.abspath(script)), ".") else os.path.abspath(script)
+    launcher = f"torchrun --nproc_per_node {world_size}" if world_size > 1 else "python"
+    launcher = f"{launcher} {shlex.quote(script)}"
     return hide_password(f"{launcher} {shlex.join(argv + ['--resume', 'auto'])}")  # printed to a job's log

@@ -964,7 +964,7 @@ def test_two_rank_run_resumes_on_one_rank_exactly_once(train_shards, tmp_path, c
     # 2 ranks x 50 per step: stopped after global step 4 = 400 of epoch 0's 1000 samples.
     result = torchrun(2, *flags, "--stop-after-steps", "4", cwd=tmp_path)
     assert f"interrupted at epoch 0 step 4: checkpoint saved to {out / 'checkpoint.pth'}; continue with: " \
-           f"torchrun --nproc_per_node 2 train.py " in result.stderr
+           f"torchrun --nproc_per_node 2 {ROOT / 'train.py'} " in result.stderr  # run in tmp_path: train.py is not there
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
     assert (ckpt["world_size"], ckpt["state"]["samples_done"], len(ckpt["state"]["rank_sums"])) == (2, 400, 2)
     rank0 = read_keys(out, 0)

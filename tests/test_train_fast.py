@@ -727,6 +727,21 @@ def test_the_continue_command_drops_the_one_shot_flags_and_resumes_auto():
         "torchrun --nproc_per_node 2 train.py --arch lenet5 -b 8 --resume auto")
 
 
+def test_the_continue_command_names_train_py_where_it_is(tmp_path, monkeypatch):
+    """`python ~/my repo/train.py` run in a job's own folder was told to continue with `python train.py`:
+    no such file there. It is named by its path (quoted for the shell) unless it is in the current folder."""
+    script = tmp_path / "my repo" / "train.py"
+    script.parent.mkdir()
+    args = argparse.Namespace(argv=["--output-dir", "run 1"])
+    monkeypatch.chdir(tmp_path)
+    assert checkpoint.continue_command(args, 1, str(script)) == (
+        f"python '{script}' --output-dir 'run 1' --resume auto")
+    assert checkpoint.continue_command(args, 2, str(script)) == (
+        f"torchrun --nproc_per_node 2 '{script}' --output-dir 'run 1' --resume auto")
+    monkeypatch.chdir(script.parent)
+    assert checkpoint.continue_command(args, 1, str(script)) == "python train.py --output-dir 'run 1' --resume auto"
+
+
 def test_a_runs_classes_are_named_by_their_wnids_in_label_order():
     """The identity a checkpoint keeps (its format unchanged, or every earlier checkpoint is 'of another run'):
     the same classes in another order label the samples otherwise, so they are another dataset."""

@@ -2,6 +2,7 @@
 import contextlib
 import json
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -27,6 +28,12 @@ def _one_line():
     except click.ClickException as e:
         e.message = hide_password(e.message)
         raise
+
+
+def _command_line(command):
+    """`tinyin COMMAND` and the flags it was given, quoted for a shell: a bench table's header, run again by
+    pasting it (a path with a space in it was split in two)."""
+    return f"tinyin {command} {shlex.join(sys.argv[3:])}"
 
 
 class _Group(click.Group):
@@ -243,7 +250,7 @@ def bench_loader_cmd(shards, images, batch_size, workers, passes, pass_images, d
         else:
             rows = bench_loader(shards, images, batch_size=batch_size, workers=workers, passes=passes,
                                 pass_images=pass_images, device=device, remote=remote, log=log)
-    click.echo(format_table(rows, "tinyin bench loader " + " ".join(sys.argv[3:]), batch_size, planned))
+    click.echo(format_table(rows, _command_line("bench loader"), batch_size, planned))
     if json_path:
         with open(json_path, "w") as f:
             json.dump(rows, f, indent=1)
@@ -292,7 +299,7 @@ def bench_train_cmd(shards, images, arch, size, batch, feeds, compile_, device, 
     with sigterm_interrupts() as stopped_by:  # SIGTERM (a scheduler, a deadline) ends the table early, as Ctrl-C does
         rows = bench_train(shards, images, cases, device=device, warmup=warmup, steps=steps, windows=windows,
                            workers=workers, log=lambda m: click.echo(m, err=True))
-    env, command = environment(device), "tinyin bench train " + " ".join(sys.argv[3:])
+    env, command = environment(device), _command_line("bench train")
     click.echo(format_table(rows, command, env, warmup, steps, windows, planned=len(cases)))
     if json_path:
         Path(json_path).write_text(json.dumps(dict(command=command, env=env, planned=len(cases), rows=rows), indent=1))

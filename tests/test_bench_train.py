@@ -289,3 +289,17 @@ def test_imagefolder_feed_reads_a_macos_copy_as_the_build_does(shards, macos_cop
     torch.manual_seed(0)
     images, labels = next(Feeds(shards, macos_copy, torch.device("cpu"), workers=0)._imagefolder("lenet5", 28, 240))
     assert images.shape == (240, 1, 28, 28) and labels.bincount().tolist() == [40] * 6
+
+
+def test_the_tables_header_is_the_command_quoted_for_a_shell(tmp_path, monkeypatch):
+    """The header `# tinyin bench train ...` is what a rerun pastes: a --shards or --json path with a space was
+    written unquoted, and a shell split it in two."""
+    argv = ["--shards", str(tmp_path / "my shards"), "--arch", "lenet5", "--device", "cpu", "--json", "b é.json"]
+    monkeypatch.setattr(sys, "argv", ["tinyin", "bench", "train", *argv])
+    monkeypatch.setattr(bt, "bench_train", lambda *a, **k: [])  # no row measured: the header is the point
+    (tmp_path / "my shards").mkdir()
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["bench", "train", *argv])
+    assert result.output.splitlines()[0] == (
+        f"# tinyin bench train --shards '{tmp_path}/my shards' --arch lenet5 --device cpu --json 'b é.json'")
+    assert json.loads((tmp_path / "b é.json").read_text())["command"] == result.output.splitlines()[0][2:]

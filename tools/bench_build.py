@@ -8,6 +8,7 @@ Each run builds into a fresh temporary folder (page cache warm after the first r
 import argparse
 import os
 import platform
+import shlex
 import shutil
 import sys
 import tempfile
@@ -51,7 +52,7 @@ def main():
                     shutil.rmtree(tmp, ignore_errors=True)
         n = sum(manifest["counts"].values())
         rows.append((run + 1, n, seconds, n / seconds))
-    print(f"# tinyin shard build: {' '.join(sys.argv)}")
+    print(f"# tinyin shard build: {shlex.join(sys.argv)}")
     print(f"# commit {commit()}; {platform.node()}, {os.cpu_count()} cores, workers={args.workers or os.cpu_count()}, src={args.src}")
     print("| run | images | seconds | images/s |\n|---|---|---|---|")
     for run, n, seconds, rate in rows:

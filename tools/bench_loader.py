@@ -10,6 +10,7 @@ at the end), then runs the same measurement as `tinyin bench loader`.
 """
 import argparse
 import json
+import shlex
 import shutil
 import sys
 import tarfile
@@ -102,7 +103,7 @@ def main():
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     planned = planned_rows(device=args.device, remote=args.remote)
-    print(format_table(rows, "python tools/bench_loader.py " + " ".join(sys.argv[1:]), args.batch_size, planned))
+    print(format_table(rows, "python tools/bench_loader.py " + shlex.join(sys.argv[1:]), args.batch_size, planned))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     if len(rows) < planned:

@@ -235,6 +235,12 @@ def _study_cells(run: dict) -> list[str]:
     return [name, epochs, batch, ours, reported, recorded, at_epoch, _minutes(wall)]
 
 
+def _table_row(cells) -> str:
+    """A Markdown table row of `cells`, a `|` in one (a run folder's or a weights file's name) escaped: it ended
+    the cell, and every figure after it stood in the next column."""
+    return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
+
+
 STUDY_COLUMNS = ["Row", "Epochs", "Batch", "Ours: train / val / test", "Study reported: train / val",
                  "Study recorded", "Ours, comparable", "Minutes"]
 
@@ -246,7 +252,7 @@ def render_study(run_dirs, not_run=(), wall_s=None, jobs=1) -> str:
     `jobs`: how many rows trained side by side (their minutes were measured sharing the machine)."""
     runs = [read_run(r) for r in run_dirs]
     lines = ["| " + " | ".join(STUDY_COLUMNS) + " |", "|" + "|".join("---" for _ in STUDY_COLUMNS) + "|"]
-    lines += ["| " + " | ".join(_study_cells(run)) + " |" for run in runs]
+    lines += [_table_row(_study_cells(run)) for run in runs]
     lines += [f"| {name} | - | - | {why} | - | - | - | - |" for name, why in not_run]
     total = sum(run["final"].get("wall_time_s", sum(r.get("epoch_time_s", 0) for r in run["rows"])) for run in runs)
     footer = f"\nTraining time, sum of the rows: {_minutes(total)} min"
@@ -260,7 +266,7 @@ def render_study(run_dirs, not_run=(), wall_s=None, jobs=1) -> str:
 def render_table(run_dirs) -> str:
     """A Markdown table, one row per run, in the study's column layout (plus test accuracy, wall time)."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
-    lines += ["| " + " | ".join(_row(read_run(run))) + " |" for run in run_dirs]
+    lines += [_table_row(_row(read_run(run))) for run in run_dirs]
     return "\n".join(lines) + "\n"
 
 

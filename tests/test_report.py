@@ -213,6 +213,16 @@ def test_a_run_on_other_data_is_not_set_beside_the_study(tmp_path):
     assert lines[3].startswith("| release | 1 of 40 | 32 | 0.700 / 0.720 / - | 0.218 / 0.220 (Table 2) |")
 
 
+def test_a_bar_in_a_runs_or_weights_name_stays_in_its_cell(tmp_path):
+    """A run folder `lr|0.1` (or weights `a|b.pth`) ended its cell at the `|`: its epochs stood under Batch, its
+    batch under the accuracies, one cell too many. It is escaped, as Markdown allows in a table."""
+    args = dict(arch="alexnet", size=64, epochs=1, batch_size=100, pretrained=False, weights="/w/a|b.pth")
+    run = make_run(tmp_path, "lr|0.1", args, [row(0, 1.0, 2.0, seconds=7.25)], final=dict(test_top1=1.5))
+    assert render_table([run]).splitlines()[2] == (
+        "| AlexNet, from a\\|b.pth | 64x64 RGB | 1 | 100 | 1.00% | 2.00% | 1.50% | 7.2 s |")
+    assert render_study([run]).splitlines()[2].startswith("| lr\\|0.1 | 1 | 100 | 0.010 / 0.020 / 0.015 |")
+
+
 def test_recorded_epoch_not_reached(tmp_path):
     run = make_run(tmp_path, "resnet18-64", dict(arch="resnet18", size=64, epochs=40, batch_size=50), [])
     assert "| 0.079: val after epoch 1 (run_models2.ipynb, interrupted) | (not at epoch 1) |" in render_study([run])

@@ -307,6 +307,30 @@ def test_a_smoke_run_is_not_taken_for_the_real_one(shards, tmp_path, monkeypatch
     assert (tmp_path / "work" / "smoke" / "resnet18-224-scratch" / "final.json").is_file()
 
 
+def test_relative_shards_and_work_are_the_callers(shards, tmp_path, monkeypatch):
+    """`--shards s --work w` from a folder other than the repo's root: the parts run there (`sh`), so train.py
+    read the repo's `s` (or none) and wrote its runs in the repo's `w`, where the results were not looked for."""
+    sys.path.insert(0, str(SESSION.parent))
+    import gpu_session
+
+    seen = []
+
+    def fake_sh(cmd, until=None, log=None):
+        cmd = list(map(str, cmd))
+        if cmd[1] == "train.py":
+            seen.append([cmd[cmd.index(flag) + 1] for flag in ("--shards", "--output-dir")])
+        return 1
+
+    (tmp_path / "s").symlink_to(shards)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(gpu_session, "sh", fake_sh)
+    monkeypatch.setattr(sys, "argv", ["gpu_session.py", "--shards", "s", "--out", "o", "--work", "w", "--parts", "r224",
+                                      "--device", "cpu"])
+    with pytest.raises(SystemExit):  # the stand-in's runs failed
+        gpu_session.main()
+    assert seen == [[str(tmp_path / "s"), str(tmp_path / "w" / "resnet18-224-scratch")]]
+
+
 def test_flag_values_of_one_flag_need_no_equals_sign(tmp_path, monkeypatch, capsys):
     """`--bench-args --no-compile` (the runbook's kind of value, one flag) stopped argparse ("expected one
     argument"); every option whose value is more flags now takes it so, as it took `--bench-args=--no-compile`."""

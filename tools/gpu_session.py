@@ -291,6 +291,11 @@ def main():
     args = p.parse_args(joined(sys.argv[1:], ("--bench-args", "--train-args", "--speedrun-args")))
     if not args.release and not args.shards:
         p.error("give --release or --shards")
+    # The parts run from the repo's root (`sh`): a relative path is the caller's, made absolute here (the
+    # parts read another folder's `shards`, or none, and wrote their runs where the results were not looked for).
+    for name in ("release", "shards", "work"):
+        if getattr(args, name):
+            setattr(args, name, os.path.abspath(getattr(args, name)))
     parts = args.parts.split(",")
     if set(parts) - set(PARTS):
         p.error(f"--parts: choose from {', '.join(PARTS)}")

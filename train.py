@@ -375,7 +375,8 @@ def describe_weights(path, arch):
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - whatever torch.load raised, the file is not weights
-        if isinstance(e, OSError) and e.strerror:  # another user's file (mode 600): no word against its bytes
+        if isinstance(e, OSError) and e.strerror and e.filename is not None:  # its open: another user's file (mode
+            # 600), no word against its bytes. A copy cut short is torch's OSError(EINVAL) naming no file: its bytes.
             return f"cannot read ({e.strerror})"
         return f"not a weights file ({e.__class__.__name__})"  # torch's own error, not the model's wrapper
     run_args = saved.get("args") if isinstance(saved, dict) else None

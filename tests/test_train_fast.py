@@ -2,6 +2,7 @@
 `--recipe fast`, and a bit-identical mid-epoch resume of a run that uses them all."""
 
 import argparse
+import errno
 import json
 import math
 
@@ -682,6 +683,22 @@ def test_a_file_of_another_format_is_no_checkpoint_to_resume(tmp_path):
         with pytest.raises(train.CheckpointError) as e:
             checkpoint.load_checkpoint(str(tmp_path / name), {})
         assert str(e.value) == f"{tmp_path / name}: not a train.py checkpoint of format tinyin-train-2 (format: {found})"
+
+
+def test_a_checkpoint_or_weights_file_cut_short_is_not_called_unreadable(tmp_path):
+    """A copy cut short by a few bytes (an interrupted scp): torch.load's seek for the zip's end raises
+    OSError(EINVAL) with no file named, which read 'cannot read (Invalid argument)', as if the disk or the
+    file's mode were at fault. Only an OSError naming the file (its open: another user's, mode 600) is that."""
+    torch.save({"format": checkpoint.CHECKPOINT_FORMAT, "model": {"w": torch.zeros(1000)}}, tmp_path / "c.pth")
+    path = tmp_path / "c.pth"
+    path.write_bytes(path.read_bytes()[:-30])
+    with pytest.raises(OSError) as e:
+        torch.load(path, weights_only=True)
+    assert (e.value.errno, e.value.filename) == (errno.EINVAL, None)  # what torch does with such a file
+    with pytest.raises(train.CheckpointError) as e:
+        checkpoint.load_checkpoint(str(path), {})
+    assert str(e.value) == f"{path}: not a train.py checkpoint (OSError)"
+    assert train.describe_weights(path, "lenet5") == "not a weights file (OSError)"
 
 
 def test_a_stream_checkpoint_of_the_default_workers_names_them_as_two():

@@ -484,6 +484,36 @@ def test_resume_wins_over_overwrite(tiny_shards, tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[0].startswith(f"resumed from {tmp_path / 'checkpoint.pth'} at epoch 0 step 3 ")
 
 
+def test_a_resume_of_the_folders_own_checkpoint_by_another_spelling_goes_on(tiny_shards, tmp_path, capsys):
+    """`--output-dir run --resume ./run/checkpoint.pth`: the same file, not a checkpoint this run would replace."""
+    flags = ["--arch", "lenet5", "-b", "4", "--epochs", "2"]
+    stop_at(tiny_shards, tmp_path, 3, *flags)
+    capsys.readouterr()
+    ckpt = f"{tmp_path}/../{tmp_path.name}/checkpoint.pth"
+    run(tiny_shards, tmp_path, *flags, "--resume", ckpt)
+    assert capsys.readouterr().out.splitlines()[0].startswith(f"resumed from {ckpt} at epoch 0 step 3 ")
+
+
+def test_a_resume_of_a_missing_file_into_a_runs_folder_is_refused_as_replacing_it(tiny_shards, tmp_path, capsys):
+    """A mistyped --resume where a run's checkpoint.pth is: the one-line refusal, before anything is read."""
+    (tmp_path / "checkpoint.pth").write_bytes(b"a preempted run's")
+    assert cli("--shards", tiny_shards, "--device", "cpu", "--output-dir", tmp_path, "--arch", "lenet5",
+               "--resume", tmp_path / "chekpoint.pth") == 1
+    assert capsys.readouterr().err == (
+        f"error: --output-dir {tmp_path} holds a run's checkpoint.pth, which this run would replace: continue that "
+        "run with --resume auto, start afresh over it with --overwrite, or use another --output-dir\n")
+
+
+def test_test_only_in_a_runs_folder_evaluates_another_checkpoint(tiny_shards, tmp_path):
+    """--test-only writes no checkpoint: a run's folder is no reason to refuse evaluating another file there."""
+    flags = ["--arch", "lenet5", "-b", "4", "--epochs", "1", "--limit-batches", "1"]
+    run(tiny_shards, tmp_path / "a", *flags)
+    run(tiny_shards, tmp_path / "b", *flags)
+    before = (tmp_path / "b" / "checkpoint.pth").read_bytes()
+    assert run(tiny_shards, tmp_path / "b", *flags, "--test-only", "--resume", tmp_path / "a" / "checkpoint.pth")
+    assert (tmp_path / "b" / "checkpoint.pth").read_bytes() == before
+
+
 def test_an_end_before_an_epoch_boundary_checkpoint_names_the_least_epochs_that_resume(train_shards, tmp_path, capsys):
     """A checkpoint at the end of epoch 2 resumes with --epochs 2 (it only tests); the refusal of
     --epochs 1 told to give 3 or more, as for a checkpoint in the middle of epoch 2."""
@@ -769,7 +799,7 @@ def test_a_crash_while_best_pth_is_written_loses_no_best_epoch(tiny_shards, tmp_
     assert all(torch.equal(resumed["model"][k], straight["model"][k]) for k in straight["model"])
 
 
-def test_a_stream_run_whose_validation_fails_keeps_the_epochs_training(train_shards, tmp_path, monkeypatch):
+def test_a_stream_run_whose_validation_fails_keeps_the_epochs_training(train_shards, tmp_path, monkeypatch, recwarn):
     """On the stream path validation reads the val shards again (over the network from a URL): a failure there
     (a server gone, a shard unreadable) ended the run with the epoch's checkpoint not yet written, and the
     resume trained the whole epoch again. The epoch's training is now checkpointed before its validation; the
@@ -789,11 +819,30 @@ def test_a_stream_run_whose_validation_fails_keeps_the_epochs_training(train_sha
     assert len((tmp_path / "resumed" / "keys-rank0.txt").read_text().splitlines()) == 1000
     monkeypatch.setattr(train, "evaluate", lambda *args: evaluated.append(args) or real_evaluate(*args))
     monkeypatch.setattr(torch.optim.SGD, "step", lambda *a, **kw: pytest.fail("trained again"))
+    recwarn.clear()
     run(train_shards, tmp_path / "resumed", *flags, "--resume", "auto")
     assert len(evaluated) == 2  # validated once, then the final test
+    assert [str(w.message) for w in recwarn if "lr_scheduler" in str(w.message)] == []  # no step here: no lr skipped
     _same_run(tmp_path / "straight", tmp_path / "resumed")
     assert [(d / "keys-rank0.txt").read_text() for d in (tmp_path / "straight", tmp_path / "resumed")] == \
         [(tmp_path / "straight" / "keys-rank0.txt").read_text()] * 2
+
+
+@pytest.mark.parametrize("path,every,steps", [
+    ("fast", None, [0, 4]),  # a local val split: no save before validation
+    ("fast", 3, [0, 3, 4]),
+    ("stream", None, [0, 4, 4]),  # the epoch's training, then the epoch's checkpoint after validation
+    ("stream", 3, [0, 3, 4, 4]),
+    ("stream", 4, [0, 4, 4]),  # --checkpoint-every just saved the epoch's last step: not twice
+])
+def test_only_the_stream_path_checkpoints_before_validation_and_not_twice(tiny_shards, tmp_path, monkeypatch, path,
+                                                                         every, steps):
+    saved, real = [], train.save_checkpoint
+    monkeypatch.setattr(train, "save_checkpoint", lambda parts, state, args, paths: saved.append(state.step)
+                        or real(parts, state, args, paths))
+    run(tiny_shards, tmp_path, "--arch", "lenet5", "-b", "4", "--epochs", "1", "--data-path", path,
+        *(["--checkpoint-every", every] if every else []))
+    assert saved == steps  # 16 images in batches of 4
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full, a disk that is always full")

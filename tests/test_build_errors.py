@@ -640,3 +640,6 @@ def test_a_folder_that_cannot_be_listed_fails_the_build_naming_it(tmp_path, monk
     with pytest.raises(SourceError) as e:
         open_release(root)
     assert str(e.value) == f"{root}: cannot read folder train/n01/extra/ (PermissionError)"
+    with pytest.raises(SourceError) as e:  # --src the folder holding the release: named as given, as elsewhere
+        open_release(tmp_path)
+    assert str(e.value) == f"{tmp_path}: cannot read folder train/n01/extra/ (PermissionError)"

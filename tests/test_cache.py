@@ -242,6 +242,24 @@ def test_a_full_disk_names_the_cache_folders_file_at_once(serve, cache, monkeypa
     assert tries.count(str(part)) == 1
 
 
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+def test_a_full_disk_or_quota_as_the_part_is_made_names_that_file_at_once(serve, cache, monkeypatch, code):
+    """Out of inodes (ENOSPC from the open that creates the .part) or over quota: the disk's error naming the
+    file, not the cache folder called another user's, nor the URL after 5 attempts."""
+    server, opens = serve(), []
+
+    def full(path, mode="r", *args, **kwargs):
+        if str(path).endswith(".part"):
+            opens.append(path)
+            raise OSError(code, os.strerror(code), str(path))
+        return open(path, mode, *args, **kwargs)
+    monkeypatch.setattr("pipeline.cache.open", full, raising=False)
+    with pytest.raises(OSError) as e:
+        cached_copy(server.url, "val", workers=1)
+    part = cache_folder(server.url) / "val-000000.tar.part"
+    assert (type(e.value), str(e.value), opens) == (OSError, f"[Errno {code}] {os.strerror(code)}: '{part}'", [part])
+
+
 def test_a_ctrl_c_while_a_fetch_waits_to_try_again_stops_it(serve, cache, monkeypatch):
     """Fetches wait seconds to try a shard again: a Ctrl-C (or SIGTERM) must not wait for their every try."""
     monkeypatch.setattr("pipeline.shardset.BACKOFF_S", 2.0)  # a fetch that kept trying: 5 tries over 30 s
@@ -401,6 +419,19 @@ def test_a_shard_the_cache_folder_cannot_take_fails_at_once_naming_the_file(serv
     assert opens == [part]
     assert str(e.value) == (f"{part}: cannot write (Permission denied); the cache folder is another user's or "
                             "read-only: set $TINYIN_CACHE to a folder of your own")
+
+
+def test_a_stores_own_refusal_is_not_blamed_on_the_cache_folder(serve, cache, monkeypatch, quick_retries):
+    """s3fs turns a bucket's AccessDenied into PermissionError: the URL's fault, named as such (not the
+    cache folder's, which took the .part)."""
+    server = serve()
+
+    def denied(url, part, *args):
+        raise PermissionError(errno.EACCES, "Access Denied")
+    monkeypatch.setattr("pipeline.cache._http_receive", denied)
+    with pytest.raises(ShardError) as e:
+        cached_copy(server.url, "val", workers=1)
+    assert str(e.value) == f"{server.url}/val-000000.tar: cannot fetch ([Errno 13] Access Denied, after 5 attempts)"
 
 
 def test_a_complete_copy_is_read_while_its_url_cannot_be_reached(shards, serve, cache, capsys, quick_retries):
@@ -591,6 +622,9 @@ def test_an_fsspec_backends_timeout_or_cut_connection_is_retried_and_other_error
     """Backends raise their own families: by name, connection trouble and timeouts are worth another attempt."""
     class ReadTimeoutError(Exception):
         pass
-    retried = [TimeoutError(), ConnectionResetError(), ReadTimeoutError(), http.client.IncompleteRead(b"")]
-    assert [worth_retrying(e) for e in retried] == [True] * 4
+    retried = [TimeoutError(), ConnectionResetError(), ReadTimeoutError(), http.client.IncompleteRead(b""),
+               http.client.BadStatusLine("")]  # a proxy's garbage: any HTTPException
+    retried += [type(name, (Exception,), {})() for name in (  # aiohttp's, botocore's and h2's, by name
+        "ClientConnectorError", "ClientPayloadError", "IncompleteReadError", "StreamResetError")]
+    assert [worth_retrying(e) for e in retried] == [True] * 9
     assert not worth_retrying(FileNotFoundError()) and not worth_retrying(ValueError())

@@ -370,3 +370,14 @@ def test_a_file_url_names_the_local_folder(shards, tmp_path):
     with pytest.raises(ShardError) as e:
         ShardSet("file://nas/data/shards")
     assert str(e.value) == "file://nas/data/shards: a file:// URL of host 'nas'; give a path on this machine"
+
+
+def test_a_local_sets_unreadable_manifest_is_one_line_at_once(tmp_path, monkeypatch):
+    """A local disk's error (a symlink loop; a stale NFS handle, a failing disk) is not a server's blip: no
+    retries over 8 s, no 'after 5 attempts'."""
+    monkeypatch.setattr(pipeline.shardset.time, "sleep", lambda s: pytest.fail("waited to read a local file again"))
+    bad = tmp_path / "manifest.json"
+    bad.symlink_to(bad.name)
+    with pytest.raises(ShardError) as e:
+        ShardSet(tmp_path)
+    assert str(e.value) == f"{bad}: unreadable (OSError: [Errno 40] Too many levels of symbolic links: '{bad}')"

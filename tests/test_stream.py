@@ -231,6 +231,11 @@ def test_plan_start_is_the_uninterrupted_tail():
                        [(c.batch, c.group, c.ids.tolist()) for c in tail]
     whole = plan_epoch(counts, seed=7, epoch=1, batch_size=50, start=sum(counts))  # 186 batches of 50 and one of 37
     assert (whole.first, len(whole.sizes), whole.chunks) == (187, 187, [])
+    for start, message in ((188 * 50, "start=9400 is past the end of the epoch (187 batches per rank)"),
+                           (sum(counts) + 1, "start=9338 is not a multiple of batch_size * world_size = 50")):
+        with pytest.raises(ValueError) as e:  # a batch past the end, or a sample past the whole epoch
+            plan_epoch(counts, seed=7, epoch=1, batch_size=50, start=start)
+        assert str(e.value) == message
 
 
 @pytest.mark.parametrize("drop_last", [False, True])

@@ -1,6 +1,7 @@
 """`tinyin shard verify` and `tinyin shard inspect`."""
 import errno
 import json
+import os
 import shutil
 import tarfile
 
@@ -162,6 +163,16 @@ def test_inspect_sizes_the_grid_by_what_the_classes_hold(shards, tmp_path):
         1, f"error: {under_a_file}: cannot write (FileExistsError: [Errno 17] File exists: '{png}')")
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full, a disk that is always full")
+def test_inspect_on_a_full_disk_is_one_line(shards, tmp_path):
+    """The folder takes a new file, and the grid's own write then fails (a full disk): one line, as for a
+    file it may not write."""
+    png = tmp_path / "grid.png"
+    png.symlink_to("/dev/full")
+    assert run("shard", "inspect", shards, "--png", png, "--per-class", 1) == (
+        1, f"error: {png}: cannot write (OSError: [Errno 28] No space left on device)")
+
+
 def test_inspect_of_a_set_it_may_not_write_in_is_refused_before_the_work(shards, monkeypatch):
     """The default grid, SHARDS/samples.png, in a shared set (another user's, a read-only mount): the save
     failed after the work (10 s on the real set) and the counts were never printed. (The refusal is the
@@ -180,10 +191,11 @@ def test_inspect_refuses_counts_below_one_and_a_png_without_an_image_extension(s
     for flag, value in (("--classes", 0), ("--classes", -1), ("--per-class", -2)):
         code, output = run("shard", "inspect", shards, flag, value, "--png", tmp_path / "g.png")
         assert (code, output) == (2, f"error: Invalid value for '{flag}': {value} is not in the range x>=1.")
-    assert run("shard", "inspect", shards, "--png", tmp_path / "grid") == (
-        2, f"error: --png {tmp_path / 'grid'}: no extension; use .png")
-    assert run("shard", "inspect", shards, "--png", tmp_path / "grid.xyz") == (
-        2, f"error: --png {tmp_path / 'grid.xyz'}: unknown image extension .xyz; use .png")
+    new = tmp_path / "new"  # a refused name makes no folder for it
+    assert run("shard", "inspect", shards, "--png", new / "grid") == (
+        2, f"error: --png {new / 'grid'}: no extension; use .png")
+    assert run("shard", "inspect", shards, "--png", new / "grid.xyz") == (
+        2, f"error: --png {new / 'grid.xyz'}: unknown image extension .xyz; use .png")
     for kwargs, message in ((dict(max_classes=0), "max_classes must be at least 1, not 0"),
                             (dict(per_class=-2), "per_class must be at least 1, not -2")):  # from Python too
         with pytest.raises(UsageError) as e:

@@ -161,9 +161,11 @@ def test_augment_values():
         with pytest.raises(ValueError) as e:
             DeviceStage(MEAN, STD, augment=bad)
         assert str(e.value) == f"augment must be one of none, crop, rrc; got {bad!r}"
-    with pytest.raises(ValueError) as e:
-        DeviceStage(MEAN, STD, augment="rrc", rrc_scale=(0.5, 1.5))
-    assert str(e.value) == "rrc_scale must be (low, high) with 0 < low <= high <= 1; got (0.5, 1.5)"
+    # an area of 0 (a box of no pixels: NaN weights), or what is no pair of numbers (Python's unpacking error)
+    for bad in ((0.5, 1.5), (0, 1), (0.5,), ("low", "high"), None):
+        with pytest.raises(ValueError) as e:
+            DeviceStage(MEAN, STD, augment="rrc", rrc_scale=bad)
+        assert str(e.value) == f"rrc_scale must be (low, high) with 0 < low <= high <= 1; got {bad!r}"
 
 
 def test_make_loader_augments_with_rrc(shards):
@@ -206,7 +208,7 @@ def test_float_images_are_refused(dtype):
     assert str(e.value) == f"images must be uint8 (0..255), not {dtype}"
 
 
-@pytest.mark.parametrize("size", [28, 48])
+@pytest.mark.parametrize("size", [28, 48, 63])  # 63: a shrink by the least
 def test_rrc_to_a_smaller_size_is_torchvisions_antialiased_resized_crop(size, monkeypatch):
     """Below the stored size a box may shrink: `F.grid_sample` read 4 pixels per output and aliased (the
     whole image to 28 was up to 136 grey levels from the resize the validation batches get)."""

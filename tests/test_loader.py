@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
 
-from pipeline.device import DeviceStage
+from pipeline.device import DeviceStage, check_device
 from pipeline.errors import ShardError, UsageError
 from pipeline.index import read_index, read_manifest
 from pipeline.loader import make_loader
@@ -525,6 +525,21 @@ def test_a_device_this_machine_lacks_is_one_line(shards, device, message, monkey
     with pytest.raises(UsageError) as e:
         make_loader(shards, "train", device=device)
     assert str(e.value) == message
+
+
+def test_check_device_refuses_what_is_no_device_and_a_gpu_index_past_the_last(monkeypatch):
+    """torch.device's TypeError (None, a float from Python) is the same one line as its RuntimeError; on a
+    machine with one GPU, cuda:0 is it and cuda:1 is refused."""
+    for value in (None, 1.5):
+        with pytest.raises(UsageError) as e:
+            check_device(value)
+        assert str(e.value) == f"argument --device: {value} is not a device; use cpu, cuda or cuda:N"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert check_device("cuda:0") == torch.device("cuda", 0) and check_device("cuda") == torch.device("cuda")
+    with pytest.raises(UsageError) as e:
+        check_device("cuda:1")
+    assert str(e.value) == "argument --device: cuda:1, but there are 1 CUDA devices"
 
 
 @pytest.mark.parametrize("path", ["resident", "stream"])

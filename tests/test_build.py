@@ -776,6 +776,19 @@ def test_a_folder_made_for_the_set_keeps_its_group_and_mode(release, tmp_path):
     assert {p.stat().st_gid for p in out.iterdir()} == {group}
 
 
+def test_a_folder_of_a_group_the_builder_is_not_in_keeps_its_mode(release, tmp_path, monkeypatch):
+    """The kernel refuses a chown to a group this user is not in (EPERM): the set is built all the same,
+    of the user's own group, in the folder's mode."""
+    def refused(path, uid, gid):
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(path))
+    monkeypatch.setattr("pipeline.build.os.chown", refused)
+    out = tmp_path / "out"
+    out.mkdir()
+    os.chmod(out, 0o2750)
+    build_shards(release, out, shard_size=SHARD_SIZE, progress=False)
+    assert (oct(out.stat().st_mode & 0o7777), out.stat().st_gid) == (oct(0o2750), os.getegid())
+
+
 def test_a_folder_made_read_only_for_its_owner_is_built_in_all_the_same(release, tmp_path):
     """An empty --out of mode 0555 was renamed over, as any empty folder: taking on its mode must not take
     the builder's own right to write its files there (refused to anyone but root)."""

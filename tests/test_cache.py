@@ -434,6 +434,28 @@ def test_a_stores_own_refusal_is_not_blamed_on_the_cache_folder(serve, cache, mo
     assert str(e.value) == f"{server.url}/val-000000.tar: cannot fetch ([Errno 13] Access Denied, after 5 attempts)"
 
 
+def test_a_fetch_retries_an_http_exception_and_not_a_clients_own_error(shards, serve, cache, monkeypatch,
+                                                                       quick_retries):
+    """An IncompleteRead (no errno) is a cut transfer, tried again; a client's own error (a bad argument, no
+    credentials) is final at once, not 'after 5 attempts'."""
+    server, calls, receive = serve(), [], pipeline.cache._http_receive
+
+    def cut_once(url, part, *args):
+        calls.append(url)
+        if len(calls) == 1:
+            raise http.client.IncompleteRead(b"")
+        return receive(url, part, *args)
+    monkeypatch.setattr("pipeline.cache._http_receive", cut_once)
+    copy = cached_copy(server.url, "val", workers=1)
+    assert len(calls) == 2 and (copy / "val-000000.tar").read_bytes() == (shards / "val-000000.tar").read_bytes()
+    calls.clear()
+    monkeypatch.setattr("pipeline.cache._http_receive", lambda url, *args: calls.append(url) or 1 / 0)
+    with pytest.raises(ShardError) as e:
+        cached_copy(server.url, "test", workers=1)
+    url = f"{server.url}/test-000000.tar"
+    assert (str(e.value), calls) == (f"{url}: cannot fetch (ZeroDivisionError: division by zero)", [url])
+
+
 def test_a_complete_copy_is_read_while_its_url_cannot_be_reached(shards, serve, cache, capsys, quick_retries):
     """A run resumed (a preempted job requeued) while the server or object store was down, or on a node
     without the network, failed 'manifest.json: unreadable (Connection refused)' though every file it

@@ -236,6 +236,9 @@ def test_plan_start_is_the_uninterrupted_tail():
         with pytest.raises(ValueError) as e:  # a batch past the end, or a sample past the whole epoch
             plan_epoch(counts, seed=7, epoch=1, batch_size=50, start=start)
         assert str(e.value) == message
+    with pytest.raises(ValueError) as e:  # drop_last drops the short batch: no run consumes the whole epoch
+        plan_epoch(counts, seed=7, epoch=1, batch_size=50, drop_last=True, start=sum(counts))
+    assert str(e.value) == "start=9337 is not a multiple of batch_size * world_size = 50"
 
 
 @pytest.mark.parametrize("drop_last", [False, True])

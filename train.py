@@ -59,8 +59,8 @@ from pipeline.checkpoint import (CHECKPOINT_FORMAT, check_epoch_order, check_lim
                                  check_recipe, classes_of, continue_command, keep_start, load_checkpoint, restore_ema,
                                  resume_path, run_identity, save_atomic, weights_run)
 from pipeline.device import check_device
-from pipeline.errors import (CheckpointError, ShardError, TinyinError, UsageError, hide_password, run_cli,
-                             sigterm_interrupts, when_orphaned)
+from pipeline.errors import (CheckpointError, ShardError, TinyinError, UsageError, hide_password, refused_open,
+                             run_cli, sigterm_interrupts, when_orphaned)
 from pipeline.augment import AUGMENTS
 from pipeline.mixing import MODES as MIX_MODES, mix_batch, mix_generator
 from pipeline.order import step_seed
@@ -375,9 +375,8 @@ def describe_weights(path, arch):
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - whatever torch.load raised, the file is not weights
-        if isinstance(e, OSError) and e.strerror and e.filename is not None:  # its open: another user's file (mode
-            # 600), no word against its bytes. A copy cut short is torch's OSError(EINVAL) naming no file: its bytes.
-            return f"cannot read ({e.strerror})"
+        if why := refused_open(e):  # another user's file: no word against its bytes
+            return f"cannot read ({why})"
         return f"not a weights file ({e.__class__.__name__})"  # torch's own error, not the model's wrapper
     run_args = saved.get("args") if isinstance(saved, dict) else None
     other = run_args.get("arch") if isinstance(run_args, dict) else None

@@ -21,7 +21,7 @@ from models.recipes import RECIPES
 from models.registry import DAMAGED, damaged_member
 
 from .atomic import atomic_file
-from .errors import CheckpointError, hide_password
+from .errors import CheckpointError, hide_password, refused_open
 from .stream_plan import DEAL, LANES
 
 CHECKPOINT_FORMAT = "tinyin-train-2"  # format 1 (before mid-epoch resume) only held whole epochs
@@ -83,9 +83,8 @@ def load_checkpoint(path, identity):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch.load of an arbitrary file raises nearly anything (KeyError, struct.error...)
-        if isinstance(e, OSError) and e.strerror and e.filename is not None:  # its open: another user's file (mode
-            # 600), no word against its bytes. A copy cut short is torch's OSError(EINVAL) naming no file: its bytes.
-            raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+        if why := refused_open(e):  # another user's file: no word against its bytes
+            raise CheckpointError(f"{path}: cannot read ({why})") from None
         raise CheckpointError(f"{path}: not a train.py checkpoint ({e.__class__.__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         found = ckpt.get("format", "none") if isinstance(ckpt, dict) else "none"

@@ -131,6 +131,15 @@ READ_ONLY_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM}
 FULL_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 
 
+def refused_open(error):
+    """Why the open of a file was refused (`error`'s strerror: another user's file, mode 600), or None where
+    `error` is not that: an OSError naming no file is about the bytes read (torch.load's EINVAL on a copy cut
+    short), which "cannot read" would blame on the file's mode or the disk."""
+    if isinstance(error, OSError) and error.strerror and error.filename is not None:
+        return error.strerror
+    return None
+
+
 @contextlib.contextmanager
 def naming(path):
     """Within the block, an OSError that names no file names `path`: a write's or a close's (a full disk:

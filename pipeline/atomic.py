@@ -53,3 +53,15 @@ def refusal(folder):
             return None
     except OSError as e:
         return e.strerror
+
+
+def folder_refusal(folder):
+    """Make `folder` (and its parents) for a tool's outputs; why it cannot take them ('cannot be made a folder
+    (File exists)', 'cannot write in it (Permission denied)': another user's, a read-only mount), or None.
+    Found before the work, not at its first write (a traceback out of a worker thread, a failed run)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        return f"cannot be made a folder ({e.strerror})"
+    why = refusal(folder)
+    return f"cannot write in it ({why})" if why else None

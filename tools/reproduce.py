@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))  # run from anywhere, installed or not
 import models  # noqa: E402
 from flag_values import flags_among, joined  # noqa: E402
 from models.recipes import RECIPES  # noqa: E402
-from pipeline.atomic import refusal, write_json  # noqa: E402
+from pipeline.atomic import folder_refusal, write_json  # noqa: E402
 from pipeline.cache import is_set_url  # noqa: E402
 from pipeline.errors import TinyinError, UsageError, hide_password  # noqa: E402
 from pipeline.report import write_report  # noqa: E402
@@ -268,13 +268,8 @@ def main(args):
         # before any row starts: each would fail alike, and the message would tell to "rerun"
         sys.exit(f"error: --shards {args.shards}: not a shard set (no manifest.json); run `tinyin shard build` first")
     check_train_flags(todo, args.train_args)
-    try:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a file of that name, a read-only place: was a traceback out of a row's thread
-        sys.exit(f"error: --out {args.out}: cannot be made a folder ({e.strerror})")
-    why = refusal(args.out)
-    if why:  # there, but another user's or read-only: a traceback out of the first row's thread
-        sys.exit(f"error: --out {args.out}: cannot write in it ({why})")
+    if why := folder_refusal(args.out):  # was a traceback out of the first row's thread
+        sys.exit(f"error: --out {args.out}: {why}")
     # Side by side (--jobs > 1) each row's output goes to its own log; a thread per row is enough,
     # since each thread only waits on its train.py process.
     logs = {name: run / "train.log" if args.jobs > 1 else None for name, run, _ in todo}

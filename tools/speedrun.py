@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # train.py and pipeline/, run from anywhere, installed or not
 
 from flag_values import flags_among, joined  # noqa: E402
-from pipeline.atomic import refusal  # noqa: E402
+from pipeline.atomic import folder_refusal  # noqa: E402
 from pipeline.errors import TinyinError, UsageError, hide_password  # noqa: E402
 
 #: --ablate's variants: name -> (the part switched off, the train.py flags that switch it off)
@@ -206,13 +206,8 @@ def main(argv=None):
         p.error(f"--ablate: unknown part(s) {', '.join(unknown)}; choose from: all, {', '.join(ABLATIONS)}")
     check_train_flags(args, variants)
     out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a file of that name, a read-only place: was a traceback
-        sys.exit(f"error: --out {out}: cannot be made a folder ({e.strerror})")
-    why = refusal(out)
-    if why:  # there, but another user's or read-only: each run failed, and the advice was to rerun it
-        sys.exit(f"error: --out {out}: cannot write in it ({why})")
+    if why := folder_refusal(out):  # was a traceback, or each run failed with the advice to rerun it
+        sys.exit(f"error: --out {out}: {why}")
     command_line = sys.argv[1:] if argv is None else argv
     # The tables are rewritten after every run, so that a stop or a failure keeps the runs so far.
     results, ablated = [], []

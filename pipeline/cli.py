@@ -1,6 +1,7 @@
 """The `tinyin` command line: thin click wrappers, each calling one library function."""
 import contextlib
 import json
+import os
 import re
 import shlex
 import sys
@@ -36,6 +37,16 @@ def _command_line(command):
     return f"tinyin {command} {shlex.join(sys.argv[3:])}"
 
 
+class _Path(click.Path):
+    """click's Path with a leading `~` or `~user` read as that home folder (`os.path.expanduser`), as pip, git
+    and train.py read it. A shell expands it only at a word's start: `--out=~/shards`, a quoted "~/shards" or a
+    job script's value arrived as typed, and a folder named `~` was made in the current one. A URL (SHARDS of
+    `shard verify` and `shard inspect`) never starts with `~`: it stays as it is."""
+
+    def convert(self, value, param, ctx):
+        return super().convert(os.path.expanduser(value), param, ctx)
+
+
 class _Group(click.Group):
     """A click group whose commands report user-facing errors the way train.py does
     (`errors.user_errors`: one line on stderr, exit code 2 for usage errors and 1 otherwise; click's own
@@ -61,7 +72,7 @@ def data():
 
 
 @data.command("synth")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to create.")
+@click.option("--out", required=True, type=_Path(file_okay=False), help="Folder to create.")
 @click.option("--classes", default=10, show_default=True, type=click.IntRange(1), help="Number of classes.")
 @click.option("--train-per-class", default=100, show_default=True, type=click.IntRange(1), help="Train images per class.")
 @click.option("--val-per-class", default=50, show_default=True, type=click.IntRange(2),
@@ -90,7 +101,7 @@ def _md5(ctx, param, value):
 
 
 @data.command("fetch")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to download into.")
+@click.option("--out", required=True, type=_Path(file_okay=False), help="Folder to download into.")
 @click.option("--url", default=None, help="Archive URL [default: the official cs231n zip, with its known size and md5].")
 @click.option("--md5", default=None, callback=_md5, help="Expected md5 of a --url download [default: not checked].")
 def data_fetch(out, url, md5):
@@ -113,8 +124,8 @@ def shard():
 
 
 @shard.command("build")
-@click.option("--src", required=True, type=click.Path(), help="Release folder, .zip or .tar[.gz] (read without extracting).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder for shards, index and manifest.")
+@click.option("--src", required=True, type=_Path(), help="Release folder, .zip or .tar[.gz] (read without extracting).")
+@click.option("--out", required=True, type=_Path(file_okay=False), help="Output folder for shards, index and manifest.")
 @click.option("--workers", default=None, type=click.IntRange(1), help="Decode processes [default: all cores].")
 @click.option("--shard-size", default=10000, show_default=True, type=click.IntRange(1), help="Samples per shard.")
 @click.option("--split-seed", default=None, type=click.IntRange(0), help="Draw the per-class 25/25 val/test split at random with this seed [default: first 25 in val_annotations.txt order -> val].")
@@ -167,7 +178,7 @@ def _local(shards, split, progress=None):
 
 
 @shard.command("verify")
-@click.argument("shards", type=click.Path())
+@click.argument("shards", type=_Path())
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def shard_verify(shards, quiet):
     """Re-check every shard's checksum and count, that every sample decodes with the right label and class,
@@ -182,8 +193,8 @@ def shard_verify(shards, quiet):
 
 
 @shard.command("inspect")
-@click.argument("shards", type=click.Path())
-@click.option("--png", default=None, type=click.Path(dir_okay=False), help="Where to write the sample grid, its folder created; the extension names the format [default: SHARDS/samples.png].")
+@click.argument("shards", type=_Path())
+@click.option("--png", default=None, type=_Path(dir_okay=False), help="Where to write the sample grid, its folder created; the extension names the format [default: SHARDS/samples.png].")
 @click.option("--classes", "max_classes", default=20, show_default=True, type=click.IntRange(1), help="Classes shown in the grid.")
 @click.option("--per-class", default=8, show_default=True, type=click.IntRange(1), help="Samples per class in the grid (at most what a class holds).")
 def shard_inspect(shards, png, max_classes, per_class):
@@ -224,8 +235,8 @@ def _json_file(ctx, param, value):
 
 
 @bench.command("loader")
-@click.option("--shards", required=True, type=click.Path(), callback=_shard_folder, help="Shard folder.")
-@click.option("--images", default=None, type=click.Path(), metavar="DIRECTORY", callback=_release_root, help="The extracted release (ROOT/train is read by the ImageFolder baseline); required unless --remote-only.")
+@click.option("--shards", required=True, type=_Path(), callback=_shard_folder, help="Shard folder.")
+@click.option("--images", default=None, type=_Path(), metavar="DIRECTORY", callback=_release_root, help="The extracted release (ROOT/train is read by the ImageFolder baseline); required unless --remote-only.")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1))
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="DataLoader workers for the baseline and the stream path.")
 @click.option("--passes", default=5, show_default=True, type=click.IntRange(1), help="Timed passes per loader (median reported).")
@@ -233,7 +244,7 @@ def _json_file(ctx, param, value):
 @click.option("--device", default="cpu", show_default=True, help="Device for the resident path (and the 224 row on CUDA).")
 @click.option("--remote", is_flag=True, help="Also serve the shards on loopback HTTP: rows for curl's rate (the ceiling), a cold fetch into the cache, and the stream path.")
 @click.option("--remote-only", is_flag=True, help="Only the loopback-HTTP rows of --remote (curl, fetch, stream; no --images).")
-@click.option("--json", "json_path", default=None, type=click.Path(), metavar="FILE", callback=_json_file, help="Also write the rows as JSON.")
+@click.option("--json", "json_path", default=None, type=_Path(), metavar="FILE", callback=_json_file, help="Also write the rows as JSON.")
 def bench_loader_cmd(shards, images, batch_size, workers, passes, pass_images, device, remote, remote_only, json_path):
     """Images/s of the ImageFolder+PIL baseline and tinyin's loaders, side by side."""
     from .bench import bench_loader, bench_remote, format_table, planned_rows
@@ -271,8 +282,8 @@ def _csv(kind):
 
 
 @bench.command("train")
-@click.option("--shards", required=True, type=click.Path(), callback=_shard_folder, help="Shard folder.")
-@click.option("--images", default=None, type=click.Path(), metavar="DIRECTORY", callback=_release_root, help="An extracted release (ROOT/train), for feed d [default: none, feed d off].")
+@click.option("--shards", required=True, type=_Path(), callback=_shard_folder, help="Shard folder.")
+@click.option("--images", default=None, type=_Path(), metavar="DIRECTORY", callback=_release_root, help="An extracted release (ROOT/train), for feed d [default: none, feed d off].")
 @click.option("--arch", default=None, callback=_csv(str), help="Networks, comma-separated [default: all four].")
 @click.option("--size", default=None, callback=_csv(int), help="Input sizes, comma-separated (28, 64, 224) [default: all the zoo allows].")
 @click.option("--batch", default="study,256", show_default=True, callback=_csv(str), help="Batch sizes; 'study' is the row's batch in the study.")
@@ -283,7 +294,7 @@ def _csv(kind):
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(1), help="Steps per timed window.")
 @click.option("--windows", default=3, show_default=True, type=click.IntRange(3), help="Timed windows (median reported).")
 @click.option("--workers", default=None, type=click.IntRange(0), help="DataLoader workers of feed d [default: every core].")
-@click.option("--json", "json_path", default=None, type=click.Path(), metavar="FILE", callback=_json_file, help="Also write command, environment and rows as JSON.")
+@click.option("--json", "json_path", default=None, type=_Path(), metavar="FILE", callback=_json_file, help="Also write command, environment and rows as JSON.")
 def bench_train_cmd(shards, images, arch, size, batch, feeds, compile_, device, warmup, steps, windows, workers, json_path):
     """Images/s of complete SGD steps per network, fed by the ceiling, tinyin's loaders and the study's pipeline."""
     import torch
@@ -308,8 +319,8 @@ def bench_train_cmd(shards, images, arch, size, batch, feeds, compile_, device, 
 
 
 @main.command("report")
-@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--out", default="report", show_default=True, type=click.Path(file_okay=False), help="Folder for report.md and curves.png.")
+@click.argument("runs", nargs=-1, required=True, type=_Path(exists=True, file_okay=False))
+@click.option("--out", default="report", show_default=True, type=_Path(file_okay=False), help="Folder for report.md and curves.png.")
 def report_cmd(runs, out):
     """The study's table (Markdown) for training runs, and learning-curve PNGs."""
     from .report import write_report

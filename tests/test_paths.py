@@ -1,0 +1,58 @@
+"""A leading `~` of a path flag is the home folder, in every parser: a shell expands it only at a word's start,
+so `--out=~/shards`, a quoted "~/shards" or a job script's value arrive as typed, and were a folder named `~`
+in the current one. URLs are left as they are."""
+import click
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import main as tinyin
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """HOME in `tmp_path/home`, the current folder `tmp_path/cwd` (where a folder named `~` would appear)."""
+    (tmp_path / "home").mkdir()
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path / "cwd")
+    return tmp_path / "home"
+
+
+def path_params(group, names=()):
+    """(command words, param) of every option and argument of the `tinyin` commands whose type is a click.Path."""
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from path_params(command, (*names, name))
+        else:
+            for param in command.params:
+                if isinstance(param.type, click.Path):
+                    yield f"{' '.join((*names, name))} {param.opts[0]}", command, param
+
+
+def test_every_path_of_the_cli_takes_a_tilde_as_home_and_leaves_a_url(home):
+    (home / "run").mkdir()
+    params = list(path_params(tinyin))
+    assert len(params) == 15
+    for where, command, param in params:
+        ctx = click.Context(command)
+        value = "~/run" if param.type.exists else "~/new"
+        assert param.type.convert(value, param, ctx) == str(home / value[2:]), where
+        if not param.type.exists:
+            assert param.type.convert("runs/~", param, ctx) == "runs/~", where  # not at the start: a name
+    verify = dict((where, param) for where, _, param in params)["shard verify shards"]
+    for url in ("http://host/~/shards", "s3://bucket/shards", "pipe:cat ~/shards/train-000000.tar"):
+        assert verify.type.convert(url, verify, None) == url
+
+
+def test_synth_and_build_into_tilde_paths_land_in_home(home):
+    result = CliRunner().invoke(tinyin, ["data", "synth", "--out=~/release", "--classes", "2", "--train-per-class", "2",
+                                         "--val-per-class", "2", "--test", "1"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"wrote synthetic release to {home / 'release'}\n"
+    result = CliRunner().invoke(tinyin, ["shard", "build", "--src", "~/release", "--out=~/shards", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"built 4 shards in {home / 'shards'}: ")
+    assert sorted(p.name for p in home.iterdir()) == ["release", "shards"]
+    assert list(home.parent.joinpath("cwd").iterdir()) == []  # no folder named ~
+    result = CliRunner().invoke(tinyin, ["bench", "train", "--shards=~/nowhere"])
+    assert result.exit_code == 1 and result.output == f"error: --shards {home / 'nowhere'}: no such folder\n"

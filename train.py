@@ -1081,7 +1081,8 @@ def positive_float(text):
 
 def path_text(text):
     """An argparse type: a path that is not empty. An empty one (an unset shell variable: `--resume "$CKPT"`)
-    read as "not given": a fresh run, or no --weights, in place of the one asked for, without a word."""
+    read as "not given": a fresh run, or no --weights, in place of the one asked for, without a word; an empty
+    --shards was the current folder, 'error: : no such folder'."""
     if not text:
         raise argparse.ArgumentTypeError("empty; give a path")
     return text
@@ -1097,7 +1098,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def get_args_parser(add_help=True):
     p = ArgumentParser(prog="train.py", description="Train a CNN on Tiny ImageNet shards", add_help=add_help)
-    p.add_argument("--shards", default="out/shards", help="shard folder from `tinyin shard build`, or its URL (http(s)://, s3://, gs://: fetched once per node into $TINYIN_CACHE, default ~/.cache/tinyin) (default: out/shards)")
+    p.add_argument("--shards", default="out/shards", type=path_text, help="shard folder from `tinyin shard build`, or its URL (http(s)://, s3://, gs://: fetched once per node into $TINYIN_CACHE, default ~/.cache/tinyin) (default: out/shards)")
     p.add_argument("--arch", "--model", default="resnet18", choices=models.list_models(), help="network (default: resnet18)")
     p.add_argument("--size", type=int, choices=(28, 64, 224),
                    help="input size: 28 grey (lenet5), 64 RGB, 224 = RGB 64 upscaled on the device (default: the arch's native size)")

@@ -163,6 +163,7 @@ def test_explicit_flags_beat_the_recipe():
     (["--resume", ""], "argument --resume: empty; give a path"),
     (["--weights", ""], "argument --weights: empty; give a path"),
     (["--output-dir", ""], "argument --output-dir: empty; give a path"),
+    (["--shards", ""], "argument --shards: empty; give a path"),
 ])
 def test_bad_flags_are_one_line_errors_with_exit_code_2(argv, message, capsys):
     assert cli(*argv) == 2

@@ -1080,12 +1080,14 @@ def positive_float(text):
 
 
 def path_text(text):
-    """An argparse type: a path that is not empty. An empty one (an unset shell variable: `--resume "$CKPT"`)
-    read as "not given": a fresh run, or no --weights, in place of the one asked for, without a word; an empty
-    --shards was the current folder, 'error: : no such folder'."""
+    """An argparse type: a path that is not empty, a leading `~` or `~user` its home folder (`os.path.expanduser`,
+    as the tinyin commands' paths; a URL never starts with one). An empty one (an unset shell variable:
+    `--resume "$CKPT"`) read as "not given": a fresh run, or no --weights, in place of the one asked for, without a
+    word; an empty --shards was the current folder, 'error: : no such folder'. A shell expands `~` only at a word's
+    start: `--output-dir=~/runs/a`, a quoted "~/runs/a" or a job script's value put the run in a folder named `~`."""
     if not text:
         raise argparse.ArgumentTypeError("empty; give a path")
-    return text
+    return os.path.expanduser(text)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -495,6 +495,27 @@ def test_a_resume_of_the_folders_own_checkpoint_by_another_spelling_goes_on(tiny
     assert capsys.readouterr().out.splitlines()[0].startswith(f"resumed from {ckpt} at epoch 0 step 3 ")
 
 
+def test_a_tilde_in_a_path_flag_is_the_home_folder(tiny_shards, tmp_path, monkeypatch, capsys):
+    """`--output-dir=~/runs/a` (the = form; a quoted "~/runs/a", a job script's value) reached train.py as typed, and
+    the run went into a folder named `~` in the current one. --shards, --output-dir, --resume and --weights read a
+    leading ~ as the home folder, as the tinyin commands do; --resume auto stays auto."""
+    home = tmp_path / "home"
+    (home / "data").mkdir(parents=True)
+    (home / "data" / "shards").symlink_to(tiny_shards)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    flags = ["--shards=~/data/shards", "--device", "cpu", "--arch", "lenet5", "-b", "8", "--epochs", "1"]
+    with pytest.raises(SystemExit):  # preempted at step 1 (see stop_at)
+        train.main(train.parse_args([*flags, "--output-dir=~/runs/a", "--stop-after-steps", "1"]))
+    assert (home / "runs" / "a" / "checkpoint.pth").is_file() and not (tmp_path / "~").exists()
+    capsys.readouterr()
+    train.main(train.parse_args([*flags, "--output-dir=~/runs/a", "--resume=~/runs/a/checkpoint.pth"]))
+    assert capsys.readouterr().out.splitlines()[0].startswith(f"resumed from {home}/runs/a/checkpoint.pth at epoch 0 ")
+    assert (home / "runs" / "a" / "final.json").is_file() and not (tmp_path / "~").exists()
+    args = train.parse_args(["--weights", "~/w.pth", "--resume", "auto"])
+    assert (args.weights, args.resume, args.output_dir) == (f"{home}/w.pth", "auto", "runs/resnet18-64")
+
+
 def test_a_resume_of_a_missing_file_into_a_runs_folder_is_refused_as_replacing_it(tiny_shards, tmp_path, capsys):
     """A mistyped --resume where a run's checkpoint.pth is: the one-line refusal, before anything is read."""
     (tmp_path / "checkpoint.pth").write_bytes(b"a preempted run's")

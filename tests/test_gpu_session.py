@@ -307,9 +307,12 @@ def test_a_smoke_run_is_not_taken_for_the_real_one(shards, tmp_path, monkeypatch
     assert (tmp_path / "work" / "smoke" / "resnet18-224-scratch" / "final.json").is_file()
 
 
-def test_relative_shards_and_work_are_the_callers(shards, tmp_path, monkeypatch):
+@pytest.mark.parametrize("prefix", ["", "~/"], ids=["relative", "tilde"])
+def test_relative_shards_and_work_are_the_callers(shards, tmp_path, monkeypatch, prefix):
     """`--shards s --work w` from a folder other than the repo's root: the parts run there (`sh`), so train.py
-    read the repo's `s` (or none) and wrote its runs in the repo's `w`, where the results were not looked for."""
+    read the repo's `s` (or none) and wrote its runs in the repo's `w`, where the results were not looked for.
+    `--work=~/w` (the = form; a quoted "~/w", a job script's value) was made absolute as typed: the runs went into
+    a folder named `~` in the current one, and `--shards=~/s` was no shard folder. A leading ~ is the home folder."""
     sys.path.insert(0, str(SESSION.parent))
     import gpu_session
 
@@ -321,14 +324,18 @@ def test_relative_shards_and_work_are_the_callers(shards, tmp_path, monkeypatch)
             seen.append([cmd[cmd.index(flag) + 1] for flag in ("--shards", "--output-dir")])
         return 1
 
-    (tmp_path / "s").symlink_to(shards)
+    (tmp_path / "home").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    where = tmp_path / "home" if prefix else tmp_path
+    (where / "s").symlink_to(shards)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(gpu_session, "sh", fake_sh)
-    monkeypatch.setattr(sys, "argv", ["gpu_session.py", "--shards", "s", "--out", "o", "--work", "w", "--parts", "r224",
-                                      "--device", "cpu"])
+    monkeypatch.setattr(sys, "argv", ["gpu_session.py", f"--shards={prefix}s", f"--out={prefix}o", f"--work={prefix}w",
+                                      "--parts", "r224", "--device", "cpu"])
     with pytest.raises(SystemExit):  # the stand-in's runs failed
         gpu_session.main()
-    assert seen == [[str(tmp_path / "s"), str(tmp_path / "w" / "resnet18-224-scratch")]]
+    assert seen == [[str(where / "s"), str(where / "w" / "resnet18-224-scratch")]]
+    assert (where / "o" / "json.tar").is_file() and not (tmp_path / "~").exists()
 
 
 def test_flag_values_of_one_flag_need_no_equals_sign(tmp_path, monkeypatch, capsys):

@@ -1,11 +1,17 @@
 """A leading `~` of a path flag is the home folder, in every parser: a shell expands it only at a word's start,
 so `--out=~/shards`, a quoted "~/shards" or a job script's value arrive as typed, and were a folder named `~`
 in the current one. URLs are left as they are."""
+import runpy
+import sys
+from pathlib import Path
+
 import click
 import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main as tinyin
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 
 @pytest.fixture
@@ -56,3 +62,30 @@ def test_synth_and_build_into_tilde_paths_land_in_home(home):
     assert list(home.parent.joinpath("cwd").iterdir()) == []  # no folder named ~
     result = CliRunner().invoke(tinyin, ["bench", "train", "--shards=~/nowhere"])
     assert result.exit_code == 1 and result.output == f"error: --shards {home / 'nowhere'}: no such folder\n"
+
+
+@pytest.mark.parametrize("tool, argv, message", [
+    ("bench_build.py", ["--src=~/nowhere"], "error: {home}/nowhere: not found (pass --src)"),
+    ("bench_loader.py", ["--src=~/nowhere"], "error: {home}/nowhere: not found (pass --src)"),
+    ("bench_loader.py", ["--shards=~/nowhere"], "error: --shards {home}/nowhere: no such folder\n"),
+    ("bench_loader.py", ["--images=~/nowhere"], 
+     "error: --images {home}/nowhere: no train/ folder; pass the extracted release (ROOT/train/WNID/images)\n"),
+    ("bench_loader.py", ["--json=~/no/rows.json"], "error: --json {home}/no/rows.json: no folder {home}/no to write it in\n"),
+    ("reproduce.py", ["--weights-dir=~/nowhere"], "error: --weights-dir {home}/nowhere: no such folder"),
+    ("reproduce.py", ["--shards=~/nowhere"],
+     "error: --shards {home}/nowhere: not a shard set (no manifest.json); run `tinyin shard build` first"),
+    ("reproduce.py", ["--shards=~/shards", "--out=~/file", "--rows", "lenet5-28"],
+     "error: --out {home}/file: cannot be made a folder (File exists)"),
+], ids=["bench_build --src", "bench_loader --src", "bench_loader --shards", "bench_loader --images", "bench_loader --json",
+        "reproduce --weights-dir", "reproduce --shards", "reproduce --out"])
+def test_the_tools_take_a_tilde_as_home(home, shards, monkeypatch, capsys, tool, argv, message):
+    """tools/: their path flags, as the tinyin commands' (a message ending in a newline is on stderr)."""
+    (home / "shards").symlink_to(shards)
+    (home / "file").write_text("")
+    monkeypatch.setattr(sys, "argv", [tool, *argv])
+    monkeypatch.syspath_prepend(str(TOOLS))  # as a script's folder is
+    with pytest.raises(SystemExit) as stopped:
+        runpy.run_path(str(TOOLS / tool), run_name="__main__")
+    said = capsys.readouterr().err if isinstance(stopped.value.code, int) else stopped.value.code
+    assert said == message.format(home=home)
+    assert list(home.parent.joinpath("cwd").iterdir()) == []  # no folder named ~

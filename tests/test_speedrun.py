@@ -147,6 +147,30 @@ def test_relative_shards_and_out_are_the_callers(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "s r" / "speedrun.json").read_text())[0]["final"]["arch"] == "resnet18_64"
 
 
+def test_a_tilde_in_shards_and_out_is_the_home_folder(tmp_path, monkeypatch):
+    """`--out=~/sr` (the = form; a quoted "~/sr", a job script's value) reached speedrun.py as typed: its tables and
+    runs went into a folder named `~` in the current one. A leading ~ is the home folder, as for train.py."""
+    seen = []
+
+    class TrainPy:  # stands in for train.py's process: the paths it is given, and a finished run there
+        def __init__(self, cmd, cwd):
+            seen.append([cmd[cmd.index(flag) + 1] for flag in ("--shards", "--output-dir")])
+            finished_run(Path(seen[-1][1]), "resnet18_64")
+
+        def wait(self):
+            return 0
+
+    importlib.import_module("train")  # before Popen is replaced: importing torch starts processes
+    monkeypatch.setattr(speedrun.subprocess, "Popen", TrainPy)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    speedrun.main(["--shards=~/shards", "--out=~/sr", "--seeds", "0", "--device", "cpu"])
+    assert seen == [[f"{tmp_path}/home/shards", f"{tmp_path}/home/sr/runs/seed0"]]
+    assert json.loads((tmp_path / "home" / "sr" / "speedrun.json").read_text())[0]["final"]["arch"] == "resnet18_64"
+    assert list((tmp_path / "cwd").iterdir()) == []
+
+
 def test_ctrl_c_is_passed_on_to_train_py_and_ends_in_one_line(tmp_path, monkeypatch, capsys):
     """SIGINT (Ctrl-C) while a seed trains was a KeyboardInterrupt traceback out of speedrun.py, whose
     train.py, if the signal reached speedrun.py alone, trained on without it. Now it is passed on, as

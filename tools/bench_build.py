@@ -25,7 +25,7 @@ DEFAULT_SRC = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-im
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--src", default=str(DEFAULT_SRC), help="release folder/zip/tar (default: %(default)s)")
+    parser.add_argument("--src", default=str(DEFAULT_SRC), type=os.path.expanduser, help="release folder/zip/tar (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=None, help="decode processes (default: all cores)")
     parser.add_argument("--shard-size", type=int, default=10000, help="samples per shard (default: %(default)s)")
     parser.add_argument("--repeat", type=int, default=2, help="builds to time (default: %(default)s)")

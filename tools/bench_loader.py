@@ -10,6 +10,7 @@ at the end), then runs the same measurement as `tinyin bench loader`.
 """
 import argparse
 import json
+import os
 import shlex
 import shutil
 import sys
@@ -67,16 +68,16 @@ def checked_as_the_command(args, names):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--src", default=str(DEFAULT_SRC), help="release archive or folder (default: %(default)s)")
-    parser.add_argument("--shards", help="an existing shard folder (skips the build)")
-    parser.add_argument("--images", help="an extracted release folder (skips the extraction)")
+    parser.add_argument("--src", default=str(DEFAULT_SRC), type=os.path.expanduser, help="release archive or folder (default: %(default)s)")
+    parser.add_argument("--shards", type=os.path.expanduser, help="an existing shard folder (skips the build)")
+    parser.add_argument("--images", type=os.path.expanduser, help="an extracted release folder (skips the extraction)")
     # Numbers as typed: `checked_as_the_command` reads them.
     parser.add_argument("--batch-size", default=256, help="default: %(default)s")
     parser.add_argument("--workers", default=2, help="baseline/stream workers (default: %(default)s)")
     parser.add_argument("--passes", default=5, help="timed passes per loader (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="resident/224 device (default: %(default)s)")
     parser.add_argument("--remote", action="store_true", help="also the loopback-HTTP rows: curl, remote fetch, remote stream")
-    parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--json", type=os.path.expanduser, help="also write the rows here")
     args = parser.parse_args()
     checked_as_the_command(args, ("batch_size", "workers", "passes"))  # --passes 0: a traceback after the warm-up
     check_device(args.device)  # found by the resident row, after the baseline's minutes

@@ -269,10 +269,10 @@ PART_RUNS = {"bench": part_bench, "table2": part_table2, "r224": part_r224, "spe
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--release", help="the release archive (.tar.gz) or an extracted/synthetic release folder")
-    p.add_argument("--shards", help="an existing shard folder (skips the build)")
-    p.add_argument("--out", required=True, help="where the result files are copied (e.g. $OUT)")
-    p.add_argument("--work", default="/tmp/tinyin-gpu", help="shards, images, runs, results (default: %(default)s)")
+    p.add_argument("--release", type=os.path.expanduser, help="the release archive (.tar.gz) or an extracted/synthetic release folder")
+    p.add_argument("--shards", type=os.path.expanduser, help="an existing shard folder (skips the build)")
+    p.add_argument("--out", required=True, type=os.path.expanduser, help="where the result files are copied (e.g. $OUT)")
+    p.add_argument("--work", default="/tmp/tinyin-gpu", type=os.path.expanduser, help="shards, images, runs, results (default: %(default)s)")
     p.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of: %(default)s")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--commit", help="the commit, where the copy has no .git (default: git rev-parse)")

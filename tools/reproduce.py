@@ -324,13 +324,13 @@ def main(args):
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="Reproduce the study's tables with train.py --recipe paper")
-    p.add_argument("--shards", default="out/shards", help="shard folder (default: out/shards)")
-    p.add_argument("--out", default="runs/paper", help="one sub-folder per row, plus report.md (default: runs/paper)")
+    p.add_argument("--shards", default="out/shards", type=os.path.expanduser, help="shard folder (default: out/shards)")
+    p.add_argument("--out", default="runs/paper", type=os.path.expanduser, help="one sub-folder per row, plus report.md (default: runs/paper)")
     p.add_argument("--rows", help=f"comma-separated subset of: {', '.join(ROWS)} (default: all)")
     p.add_argument("--epochs", type=int, help="override every row's epochs, for a quick run (default: the recipe's)")
     p.add_argument("--limit-batches", type=int, help="passed to train.py: batches per epoch and per evaluation (default: all)")
     p.add_argument("--device", help="passed to train.py (default: train.py's, cuda if available)")
-    p.add_argument("--weights-dir", help="folder holding the ImageNet .pth files under their torchvision names (default: none)")
+    p.add_argument("--weights-dir", type=os.path.expanduser, help="folder holding the ImageNet .pth files under their torchvision names (default: none)")
     p.add_argument("--train-args", help="more train.py flags, e.g. '--amp --channels-last' (default: none)")
     p.add_argument("--jobs", type=int, default=1,
                    help="rows trained side by side, each in its own process with its output in OUT/ROW/train.log "

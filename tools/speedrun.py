@@ -19,6 +19,7 @@ seeds' spread in speedrun.md is noise.
 """
 import argparse
 import json
+import os
 import shlex
 import signal
 import statistics
@@ -186,8 +187,8 @@ def plot(results, png):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="speedrun.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shards", required=True, help="the shard folder (or URL) train.py reads")
-    p.add_argument("--out", required=True, help="where speedrun.md/.json/.png and runs/ go")
+    p.add_argument("--shards", required=True, type=os.path.expanduser, help="the shard folder (or URL) train.py reads")
+    p.add_argument("--out", required=True, type=os.path.expanduser, help="where speedrun.md/.json/.png and runs/ go")
     p.add_argument("--arch", default="resnet18_64", help="a network the fast recipe has a row for (default: %(default)s)")
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds (default: %(default)s)")
     p.add_argument("--device", default=None, help="passed to train.py (default: train.py's)")

@@ -1,6 +1,7 @@
 """A leading `~` of a path flag is the home folder, in every parser: a shell expands it only at a word's start,
 so `--out=~/shards`, a quoted "~/shards" or a job script's value arrive as typed, and were a folder named `~`
 in the current one. URLs are left as they are."""
+import pwd
 import runpy
 import sys
 from pathlib import Path
@@ -44,6 +45,7 @@ def test_every_path_of_the_cli_takes_a_tilde_as_home_and_leaves_a_url(home):
         value = "~/run" if param.type.exists else "~/new"
         assert param.type.convert(value, param, ctx) == str(home / value[2:]), where
         if not param.type.exists:
+            assert param.type.convert("~root/new", param, ctx) == f"{pwd.getpwnam('root').pw_dir}/new", where
             assert param.type.convert("runs/~", param, ctx) == "runs/~", where  # not at the start: a name
     verify = dict((where, param) for where, _, param in params)["shard verify shards"]
     for url in ("http://host/~/shards", "s3://bucket/shards", "pipe:cat ~/shards/train-000000.tar"):

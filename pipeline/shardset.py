@@ -443,13 +443,22 @@ def retry_waits(retries=None, backoff=None):
     return [backoff * 2 ** attempt for attempt in range(retries - 1)]
 
 
+# 4xx statuses that a later attempt may get past: Request Timeout, Too Early, Too Many Requests.
+RETRIED_CLIENT_STATUSES = (408, 425, 429)
+
+
 def worth_retrying(error):
     """Whether a remote transfer that raised `error` is worth another attempt: a cut or refused connection, an
     HTTP error status (`http_open`: a 503 under load, a proxy's 502), a timeout, and by name an fsspec
     backend's connection trouble; not a missing file (FileNotFoundError), nor a client's own error (a bad
     argument, a missing credential), which asking again would not change: a URL urllib refuses to send
-    (`http.client.InvalidURL`: a space in it, to write as %20) took 5 attempts and 10 s to say so."""
+    (`http.client.InvalidURL`: a space in it, to write as %20) took 5 attempts and 10 s to say so, and a
+    4xx status (a wrong password's 401, an expired signed URL's 403) as long, but for those that say
+    "later" (RETRIED_CLIENT_STATUSES)."""
     if isinstance(error, (FileNotFoundError, http.client.InvalidURL)):
+        return False
+    status = getattr(error, "status", None)  # `http_open`'s OSError, aiohttp's ClientResponseError
+    if isinstance(status, int) and 400 <= status < 500 and status not in RETRIED_CLIENT_STATUSES:
         return False
     if isinstance(error, (OSError, http.client.HTTPException)):
         return True
@@ -472,14 +481,16 @@ def http_request(url, headers=None):
 
 def http_open(url, headers=None, timeout=60):
     """The response to a GET of plain HTTP(S) `url` (`http_request`); FileNotFoundError on a 404,
-    OSError('HTTP <code> <reason>') on another error status."""
+    OSError('HTTP <code> <reason>') on another error status, the code its `status` (`worth_retrying`)."""
     try:
         return urllib.request.urlopen(http_request(url, headers), timeout=timeout)
     except urllib.error.HTTPError as e:
         e.close()
         if e.code == 404:
             raise FileNotFoundError(url) from None
-        raise OSError(f"HTTP {e.code} {e.reason}") from None
+        error = OSError(f"HTTP {e.code} {e.reason}")
+        error.status = e.code
+        raise error from None
 
 
 def _http_get(url):

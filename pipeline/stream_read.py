@@ -4,7 +4,8 @@
 `http(s)://`, fsspec for `s3://`, `gs://` and other URLs, a plain read for paths, webdataset's
 `gopen` for `pipe:` commands) and checks it: against the manifest (size, then `sum64`) for a shard
 set, against its own fixed-stride layout (`read_layout`) for a URL list. A failed read is tried
-again (`shardset.retry_waits`: 5 reads over about 8 s), then named in a ShardError. `load_group`
+again (`shardset.retry_waits`: 5 reads over about 8 s), then named in a ShardError; a missing file or
+a client's own error (`shardset.worth_retrying`: a 401, a bad URL) is named at once. `load_group`
 reads the shards of one group of the epoch plan and views their images in place.
 
 Read buffers are reused: a group's go back to this process once it is sliced (`recycle_buffers`),
@@ -17,8 +18,6 @@ import mmap
 import tarfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import NamedTuple
 
@@ -27,7 +26,7 @@ import numpy as np
 from .errors import ShardError
 from .reader import _strided_view
 from .schema import CLS, MEMBERS, VARIANTS
-from .shardset import http_request, is_url, missing_error, retry_waits
+from .shardset import http_open, is_url, missing_error, retry_waits, worth_retrying
 from .tarshard import BLOCK, NPY_HEADERS
 
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux's value; Python 3.11's mmap does not name it
@@ -47,7 +46,7 @@ class Shard(NamedTuple):
 def read_checked(shard, variant, shard_set=None, storage_options=None, retries=None, backoff=None, stop=None):
     """`(data, offsets, labels, keys)` of `shard`, read whole and checked: against the manifest
     (size, then sum64, by `shard_set.check_bytes`) or, for a URL list, against its own layout.
-    A failed read is tried again, `retries` reads in all, waiting `backoff` s and then twice as long
+    A failed read worth it (`shardset.worth_retrying`) is tried again, `retries` reads in all, waiting `backoff` s and then twice as long
     each time (`shardset.retry_waits`; a body that arrived whole but wrong is read again at once);
     then the last failure is a ShardError. `stop` (an Event), when set, ends a wait at once."""
     waits = retry_waits(retries, backoff)
@@ -65,6 +64,8 @@ def read_checked(shard, variant, shard_set=None, storage_options=None, retries=N
             error = e
         except Exception as e:  # a connection cut mid-transfer, a failing command, ...
             error = ShardError(f"{shard.url}: unreadable shard ({describe_error(e)})")
+            if not worth_retrying(e):  # a client's own error (a 401, a bad URL): asking again changes nothing
+                raise error from None
         # The server answered in full: it is up, so the next read need not wait for it.
         whole = data is not None and (shard.entry is None or len(data) == shard.entry["bytes"])
         if attempt < len(waits) and not whole:
@@ -104,13 +105,7 @@ def _read_http(url):
     """GET `url` into one buffer of its Content-Length. Why not fsspec here: its aiohttp client
     measured 450-570 MB/s on loopback at twice the CPU, urllib's `readinto` 800 MB/s, as fast as
     curl; on 2 cores that CPU is what the gather and the server need."""
-    try:
-        response = urllib.request.urlopen(http_request(url), timeout=60)
-    except urllib.error.HTTPError as e:
-        if e.code == 404:
-            raise FileNotFoundError(url) from None
-        raise
-    with response:
+    with http_open(url) as response:
         size = response.length
         if size is None:  # no Content-Length (chunked): the size check catches a short body
             return response.read()

@@ -854,6 +854,29 @@ def test_a_missing_shard_is_not_waited_for_and_a_whole_but_wrong_one_is_read_aga
     assert str(e.value).startswith(f"{tmp_path / 'train-000000.tar'}: ")
 
 
+@pytest.mark.parametrize("refusal,message", [
+    (dict(auth="ann:p@ss"), "HTTP 401 Unauthorized"), (dict(query="sig=a"), "HTTP 403 Forbidden")])
+def test_a_clients_own_http_error_is_named_at_once_and_a_busy_server_is_asked_again(shards, refusal, message):
+    """A wrong password's 401 or an expired signed URL's 403 was read 5 times over 7.5 s of waits, as a cut
+    connection is: asking again changes neither (`shardset.worth_retrying`). A 503 is still asked again."""
+    from pipeline.stream_read import read_checked
+
+    name = "train-000000.tar"
+    server = FaultyHTTPServer(shards, {name: "busy-once"}, **refusal)
+    try:
+        shard, shard_set = _listed_shard(shards)
+        shard = shard._replace(url=f"{server.url}/{name}")
+        stop = _Waits()
+        with pytest.raises(ShardError) as e:
+            read_checked(shard, "gray28", shard_set, retries=3, backoff=7, stop=stop)
+        assert (str(e.value), stop.waits) == (f"{server.url}/{name}: unreadable shard (OSError: {message})", [])
+        server.auth = server.query = None
+        data = read_checked(shard, "gray28", shard_set, retries=3, backoff=7, stop=stop)[0]
+        assert (bytes(data), stop.waits) == ((shards / name).read_bytes(), [7])  # 503, then served
+    finally:
+        server.close()
+
+
 def test_a_spare_buffer_larger_than_a_shard_gives_exactly_the_shards_bytes(shards, http, monkeypatch):
     """Read buffers are reused across shards of different sizes (a split's last shard is smaller): one
     larger than the shard is cut to its size, or the read came back with the old shard's tail after it."""

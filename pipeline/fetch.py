@@ -12,6 +12,7 @@ import hashlib
 import http.client
 import os
 import pathlib
+import stat
 import sys
 import urllib.error
 import urllib.parse
@@ -45,6 +46,15 @@ def _mismatch(path, name, expected_size, md5):
         if digest.hexdigest() != md5.lower():
             return f"{name}: expected md5 {md5}, got {digest.hexdigest()}"
     return None
+
+
+def _identity(path):
+    """What tells file `path` from another renamed into its place (inode, size, mtime), None if no file is there."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
 
 
 SCHEMES = ("http", "https", "ftp", "file")  # what urllib opens
@@ -191,13 +201,16 @@ def fetch_release(out, url=OFFICIAL_URL, expected_size=OFFICIAL_SIZE, md5=OFFICI
     # Two fetches into one folder (a job per node on shared storage) would append to one .part: the
     # second waits here, then finds the first one's file.
     waiting = lambda: print(f"waiting for another download of {name} into {out}", file=sys.stderr, flush=True)  # noqa: E731
-    if final.is_file() and _mismatch(final, name, expected_size, md5) is None:
+    seen = _identity(final)
+    if seen and _mismatch(final, name, expected_size, md5) is None:
         # Before the lock, whose file this user may not make in a shared data folder (another user's, a
         # read-only mount): a job script's fetch-if-needed failed there on a complete copy. A final file is
         # only ever renamed into place whole, so the look needs no lock.
         return final
     with locked(out / f".{name}.lock", waiting, remove=True):
-        if final.is_file() and _mismatch(final, name, expected_size, md5) is None:
+        # Another fetch's file, renamed into place while this one waited. The one looked at above is not
+        # checked again: a damaged 248 MB file's md5 took its seconds twice.
+        if _identity(final) not in (None, seen) and _mismatch(final, name, expected_size, md5) is None:
             return final
         _download(url, part, expected_size, md5, chunk_size, progress)
         problem = _mismatch(part, name, expected_size, md5)

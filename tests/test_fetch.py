@@ -293,6 +293,19 @@ def test_existing_bad_file_is_replaced(serve, payload, tmp_path):
     assert server.ranges == [None]
 
 
+def test_a_damaged_file_is_checked_once_before_it_is_replaced(serve, payload, tmp_path, monkeypatch):
+    """A file of the right size but a wrong md5 (a byte flipped on disk) had its md5 taken twice, before the
+    lock and again inside it, before the download began: seconds each on the 248 MB release."""
+    import pipeline.fetch
+
+    server, out, checked, mismatch = serve(), tmp_path / "out", [], pipeline.fetch._mismatch
+    out.mkdir()
+    (out / NAME).write_bytes(payload[:-1] + bytes([payload[-1] ^ 1]))
+    monkeypatch.setattr(pipeline.fetch, "_mismatch", lambda path, *args: checked.append(path.name) or mismatch(path, *args))
+    assert _fetch(server, out, payload).read_bytes() == payload
+    assert (checked, server.ranges) == ([NAME, f"{NAME}.part"], [None])
+
+
 def test_an_unrelated_file_is_not_taken_for_the_download_when_nothing_is_known_of_it(serve, payload, tmp_path):
     """With no size and no md5 the server's size (HEAD) is what a file already there must match."""
     server = serve()

@@ -111,11 +111,12 @@ def data_fetch(out, url, md5):
     if md5 is not None and url is None:
         raise click.UsageError("--md5 checks a --url download (the official zip's md5 is built in)")
     kwargs = {} if url is None else {"url": url, "expected_size": None, "md5": md5}
+    matched = []
     try:
-        path = fetch.fetch_release(out, **kwargs)
+        path = fetch.fetch_release(out, found=matched.append, **kwargs)
     except fetch.FetchError as e:
         raise TinyinError(str(e)) from None
-    click.echo(f"downloaded {path}")
+    click.echo(f"already have {path} ({matched[0]})" if matched else f"downloaded {path}")
 
 
 @main.group(cls=_Group)

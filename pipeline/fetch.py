@@ -57,6 +57,13 @@ def _identity(path):
     return (st.st_ino, st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
 
 
+def _found(final, expected_size, md5, found):
+    """`final`, already there, after telling `found` (if given) what it matched."""
+    if found is not None:
+        found("md5 ok" if md5 is not None else "size ok" if expected_size is not None else "nothing to check it against")
+    return final
+
+
 SCHEMES = ("http", "https", "ftp", "file")  # what urllib opens
 
 
@@ -162,7 +169,8 @@ def _download(url, part, expected_size, md5, chunk_size, progress):
         raise FetchError(f"cannot download {url}: {str(e) or type(e).__name__}") from None
 
 
-def fetch_release(out, url=OFFICIAL_URL, expected_size=OFFICIAL_SIZE, md5=OFFICIAL_MD5, chunk_size=1 << 20, progress=True):
+def fetch_release(out, url=OFFICIAL_URL, expected_size=OFFICIAL_SIZE, md5=OFFICIAL_MD5, chunk_size=1 << 20, progress=True,
+                  found=None):
     """Download `url` into directory `out` (created) and return the path of the file.
 
     The file is named after the last component of the URL's path. Bytes go to
@@ -174,7 +182,8 @@ def fetch_release(out, url=OFFICIAL_URL, expected_size=OFFICIAL_SIZE, md5=OFFICI
     and md5 are checked (either check is skipped when its expected value is None) before it is
     renamed into place; with neither, the size is the one the server gives (HEAD), when it
     gives one. A final file that already matches is returned without downloading (also from a folder
-    this user may not write in). One call at a
+    this user may not write in), and `found`, when given, is called with what matched ('md5 ok',
+    'size ok', or 'nothing to check it against'). One call at a
     time downloads into `out` (an flock on `.<name>.lock`, removed after): another waits, saying so
     on stderr, and then returns the file the first one downloaded.
 
@@ -206,12 +215,12 @@ def fetch_release(out, url=OFFICIAL_URL, expected_size=OFFICIAL_SIZE, md5=OFFICI
         # Before the lock, whose file this user may not make in a shared data folder (another user's, a
         # read-only mount): a job script's fetch-if-needed failed there on a complete copy. A final file is
         # only ever renamed into place whole, so the look needs no lock.
-        return final
+        return _found(final, expected_size, md5, found)
     with locked(out / f".{name}.lock", waiting, remove=True):
         # Another fetch's file, renamed into place while this one waited. The one looked at above is not
         # checked again: a damaged 248 MB file's md5 took its seconds twice.
         if _identity(final) not in (None, seen) and _mismatch(final, name, expected_size, md5) is None:
-            return final
+            return _found(final, expected_size, md5, found)
         _download(url, part, expected_size, md5, chunk_size, progress)
         problem = _mismatch(part, name, expected_size, md5)
         if problem:

@@ -409,6 +409,32 @@ def test_cli_fetch_downloads_and_reports_errors_in_one_line(serve, payload, tmp_
     assert result.output.strip().splitlines()[-1] == f"error: {NAME}: expected md5 {'0' * 32}, got {hashlib.md5(payload).hexdigest()}"
 
 
+def test_cli_says_a_file_already_there_is_not_downloaded(serve, payload, tmp_path):
+    """A second `data fetch` of a complete file said 'downloaded PATH', though nothing was: it says what it
+    found, and what the file matched (the md5, or without --md5 the size the server gives)."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    server, out, md5 = serve(), tmp_path / "dl", hashlib.md5(payload).hexdigest()
+    fetch = ["data", "fetch", "--out", str(out), "--url", _url(server)]
+    results = [CliRunner().invoke(main, args) for args in (fetch + ["--md5", md5], fetch + ["--md5", md5], fetch)]
+    assert [(r.exit_code, r.stdout) for r in results] == [  # the progress bar on stderr
+        (0, f"downloaded {out / NAME}\n"), (0, f"already have {out / NAME} (md5 ok)\n"),
+        (0, f"already have {out / NAME} (size ok)\n")]
+    assert server.ranges == [None]  # one download
+
+
+def test_a_file_already_there_says_what_it_matched_and_a_download_says_nothing(serve, payload, tmp_path, monkeypatch):
+    server, out, found = serve(), tmp_path / "out", []
+    _fetch(server, out, payload, found=found.append)
+    for checks in ({}, dict(md5=None), dict(md5=None, expected_size=None)):
+        _fetch(server, out, payload, found=found.append, **checks)
+    monkeypatch.setattr("pipeline.fetch._remote_size", lambda url: None)  # a server that gives no size
+    _fetch(server, out, payload, found=found.append, md5=None, expected_size=None)
+    assert found == ["md5 ok", "size ok", "size ok", "nothing to check it against"]
+
+
 def test_cli_md5_without_url_is_a_usage_error(tmp_path):
     from click.testing import CliRunner
 

@@ -9,7 +9,7 @@ import numpy as np
 import webdataset as wds
 from webdataset import tariterators
 
-from .atomic import refusal
+from .atomic import folder_refusal
 from .build import _stats, histograms
 from .errors import ShardError, TinyinError, UsageError
 from .schema import CLS, GRAY28, JSON, MANIFEST_FILE, RGB64, VARIANTS
@@ -141,16 +141,12 @@ def inspect_shards(shards, png=None, max_classes=20, per_class=8):
 
 
 def _check_writable(png):
-    """TinyinError unless a file can be made in `png`'s folder (created now). The default, SHARDS/samples.png,
-    is refused on a shared set (another user's, a read-only mount): that showed after the work (10 s on the
-    real set), and the counts were never printed."""
-    try:
-        png.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a parent that is a file, no permission
-        raise TinyinError(f"{png}: cannot write ({e.__class__.__name__}: {e})") from None
-    why = refusal(png.parent)
+    """TinyinError unless a file can be made in `png`'s folder (created now: `folder_refusal`). The default,
+    SHARDS/samples.png, is refused on a shared set (another user's, a read-only mount): that showed after the
+    work (10 s on the real set), and the counts were never printed."""
+    why = folder_refusal(png.parent)
     if why:
-        raise TinyinError(f"{png}: cannot write in {png.parent} ({why}); name another file with --png")
+        raise TinyinError(f"{png.parent}: {why}, for {png.name}; name another file with --png")
 
 
 def _check_image_name(png):

@@ -22,9 +22,6 @@ VARIANTS = {
 #: Splits written by `tinyin shard build`. `unlabeled` is the official test/ folder (label -1).
 SPLITS = ("train", "val", "test", "unlabeled")
 
-#: Images per class of the official val set that go to our `val` split; the rest go to `test`.
-VAL_PER_CLASS = 25
-
 #: Shard file name pattern (WebDataset convention).
 SHARD_PATTERN = "{split}-{index:06d}.tar"
 

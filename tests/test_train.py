@@ -851,14 +851,16 @@ def test_a_stream_run_whose_validation_fails_keeps_the_epochs_training(train_sha
 
 
 @pytest.mark.parametrize("path,every,steps", [
-    ("fast", None, [0, 4]),  # a local val split: no save before validation
-    ("fast", 3, [0, 3, 4]),
-    ("stream", None, [0, 4, 4]),  # the epoch's training, then the epoch's checkpoint after validation
+    ("resident", None, [0, 4, 4]),  # the epoch's training, then the epoch's checkpoint after validation
+    ("fast", None, [0, 4, 4]),
+    ("fast", 3, [0, 3, 4, 4]),
+    ("fast", 4, [0, 4, 4]),  # --checkpoint-every just saved the epoch's last step: not twice
+    ("stream", None, [0, 4, 4]),
     ("stream", 3, [0, 3, 4, 4]),
-    ("stream", 4, [0, 4, 4]),  # --checkpoint-every just saved the epoch's last step: not twice
+    ("stream", 4, [0, 4, 4]),
 ])
-def test_only_the_stream_path_checkpoints_before_validation_and_not_twice(tiny_shards, tmp_path, monkeypatch, path,
-                                                                         every, steps):
+def test_every_path_checkpoints_before_validation_and_not_twice(tiny_shards, tmp_path, monkeypatch, path, every,
+                                                                steps):
     saved, real = [], train.save_checkpoint
     monkeypatch.setattr(train, "save_checkpoint", lambda parts, state, args, paths: saved.append(state.step)
                         or real(parts, state, args, paths))

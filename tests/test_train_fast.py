@@ -450,6 +450,14 @@ def test_the_report_names_the_augmentation(tmp_path):
 # --- resume ----------------------------------------------------------------------------------
 
 
+def _same_ema_and_momenta(a, b):
+    """Bit for bit, beyond `_same_run`'s model: the final checkpoints' EMA and SGD momenta."""
+    a, b = (torch.load(d / "checkpoint.pth", weights_only=True) for d in (a, b))
+    assert list(a["ema"]) == list(b["ema"]) and all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    momenta = [[s["momentum_buffer"] for s in c["optimizer"]["state"].values()] for c in (a, b)]
+    assert len(momenta[0]) > 0 and all(torch.equal(x, y) for x, y in zip(*momenta, strict=True))
+
+
 def test_mid_epoch_resume_of_a_speedrun_style_run_is_bit_identical(small_shards, tmp_path):
     # 8 steps an epoch; the warm-up is 12 steps. Stopped mid-warm-up (step 3) and mid-epoch 1 (step 11),
     # after periodic checkpoints at 5 and 10: the lr, the EMA, the momentum, the cutmix draws and the
@@ -465,12 +473,45 @@ def test_mid_epoch_resume_of_a_speedrun_style_run_is_bit_identical(small_shards,
     assert (ckpt["state"]["epoch"], ckpt["state"]["epoch_steps"]) == (1, 3)
     run(small_shards, resumed, *run_flags, "--resume", "auto")
     _same_run(straight, resumed)
-    a, b = (torch.load(d / "checkpoint.pth", weights_only=True) for d in (straight, resumed))
-    assert list(a["ema"]) == list(b["ema"]) and all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
-    momenta = [[s["momentum_buffer"] for s in c["optimizer"]["state"].values()] for c in (a, b)]
-    assert len(momenta[0]) > 0 and all(torch.equal(x, y) for x, y in zip(*momenta, strict=True))
+    _same_ema_and_momenta(straight, resumed)
     rows = read_jsonl(straight / "metrics.jsonl")
     assert [r["eval_model"] for r in rows] == ["ema"] * 3 and rows[-1]["lr"] == 0.0
+
+
+class Killed(BaseException):
+    """A kill -9 as the run sees it: nothing after it runs (no handler catches a BaseException of its own)."""
+
+
+@pytest.mark.parametrize("path", ["resident", "fast"])
+def test_a_run_killed_during_validation_keeps_the_epochs_training(small_shards, tmp_path, monkeypatch, path):
+    """kill -9 (the OOM killer; a scheduler's SIGKILL after its SIGTERM's grace, shorter than a CPU run's
+    validation) while the local paths validated: the epoch's checkpoint came after validation, and the resume
+    trained the whole epoch again (only the stream path saved before it). Now the resume trains no more,
+    validates once, and the run is the uninterrupted one's, bit for bit: the EMA, the momenta, the per-step lr."""
+    flags = ["--arch", "lenet5", "-b", "16", "--epochs", "2", "--lr", "0.05", "--nesterov", "--label-smoothing", "0.1",
+             "--warmup-epochs", "1.5", "--ema", "0.9", "--tta", "--augment", "crop", "--data-path", path]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(small_shards, straight, *flags)
+    real_evaluate, evaluated = train.evaluate, []
+
+    def killed_in_epoch_1(*args):
+        evaluated.append(args)
+        if len(evaluated) == 2:
+            raise Killed
+        return real_evaluate(*args)
+    monkeypatch.setattr(train, "evaluate", killed_in_epoch_1)
+    with pytest.raises(Killed):
+        run(small_shards, resumed, *flags)
+    state = torch.load(resumed / "checkpoint.pth", weights_only=True)["state"]
+    assert (state["epoch"], state["step"], state["samples_done"], len(state["history"])) == (1, 16, 120, 1)
+    assert len(read_jsonl(resumed / "metrics.jsonl")) == 1
+    evaluated.clear()
+    monkeypatch.setattr(train, "evaluate", lambda *args: evaluated.append(args) or real_evaluate(*args))
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda *a, **kw: pytest.fail("trained again"))
+    run(small_shards, resumed, *flags, "--resume", "auto")
+    assert len(evaluated) == 2  # validated once, then the final test
+    _same_run(straight, resumed)
+    _same_ema_and_momenta(straight, resumed)
 
 
 def test_a_resume_needs_no_longer_the_weights_it_started_from(small_shards, tmp_path):

@@ -53,7 +53,7 @@ import models
 from models.recipes import recipe_names, resolve_recipe
 from models.registry import DAMAGED, damaged_member
 from pipeline import IMAGENET_MEAN, IMAGENET_STD, make_loader, provenance
-from pipeline.atomic import write_json
+from pipeline.atomic import folder_refusal, write_json
 from pipeline.cache import cached_copy, is_set_url
 from pipeline.checkpoint import (CHECKPOINT_FORMAT, check_epoch_order, check_limit_batches, check_norm, check_plan,
                                  check_recipe, classes_of, continue_command, keep_start, load_checkpoint, restore_ema,
@@ -1003,11 +1003,10 @@ def check_no_run_replaced(args, ckpt_path):
 
 
 def make_output_dir(path):
-    """Create --output-dir (and its parents); one line (exit 1) when that cannot be done."""
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise TinyinError(f"--output-dir {path}: cannot be made a folder ({e.strerror})") from None
+    """Create --output-dir (and its parents); one line (exit 1) when that cannot be done, or when it takes no file
+    (another user's folder, a read-only mount: `folder_refusal`)."""
+    if why := folder_refusal(path):
+        raise TinyinError(f"--output-dir {path}: {why}")
 
 
 def main(args):

@@ -20,7 +20,7 @@ from pipeline import build_shards, checkpoint, make_loader, provenance, read_ind
 from pipeline.errors import ShardError, run_cli
 from pipeline.order import epoch_order, step_seed
 from pipeline.synth import synthesize
-from tests.conftest import damage_torch_file
+from tests.conftest import damage_torch_file, refuse_writes_in
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -275,6 +275,18 @@ def test_files_that_are_not_what_a_flag_needs_are_one_line_errors(train_shards, 
     assert error("--output-dir", out, "--shards", tmp_path / "hello.pth") == (
         1, f"error: --shards {tmp_path / 'hello.pth'}: a file, not a shard folder\n")
     assert not out.exists()
+
+
+def test_an_output_dir_that_takes_no_file_is_one_line_naming_it(tiny_shards, tmp_path, capsys, monkeypatch):
+    """Another user's folder, a read-only mount: --output-dir was made (it was there) and the run went on to
+    its lock file's open, which named the lock file; it is asked as the tools ask their --out
+    (`atomic.folder_refusal`). (The refusal is the kernel's to any write-open there; root may write anywhere.)"""
+    out = tmp_path / "shared"
+    out.mkdir()
+    refuse_writes_in(monkeypatch, out, errno.EROFS)
+    assert cli("--shards", tiny_shards, "--device", "cpu", "--arch", "lenet5", "--epochs", "1", "--output-dir", out) == 1
+    assert capsys.readouterr().err == f"error: --output-dir {out}: cannot write in it (Read-only file system)\n"
+    assert list(out.iterdir()) == []
 
 
 def test_test_only_needs_a_trained_network(train_shards, tmp_path, capsys):

@@ -53,7 +53,7 @@ import models
 from models.recipes import recipe_names, resolve_recipe
 from models.registry import DAMAGED, damaged_member
 from pipeline import IMAGENET_MEAN, IMAGENET_STD, make_loader, provenance
-from pipeline.atomic import folder_refusal, write_json
+from pipeline.atomic import folder_refusal, long_name, write_json
 from pipeline.cache import cached_copy, is_set_url
 from pipeline.checkpoint import (CHECKPOINT_FORMAT, check_epoch_order, check_limit_batches, check_norm, check_plan,
                                  check_recipe, classes_of, continue_command, keep_start, load_checkpoint, restore_ema,
@@ -1269,6 +1269,8 @@ def parse_args(argv=None):
         parser.error(f"argument --pretrained: {args.arch} has no pretrained ImageNet weights")
     args.norm = args.norm or ("imagenet" if args.pretrained else "dataset")
     args.output_dir = args.output_dir or os.path.join("runs", f"{args.arch}-{args.size}")
+    if why := long_name(args.output_dir):  # found by its makedirs after the data's load, naming no name
+        parser.error(f"--output-dir {args.output_dir}: {why}; choose a shorter name")
     args.argv = argv  # for the "continue with:" line of an interrupted run
     args.budget_epochs = None  # --time-budget's choice of --epochs, once made
     return args

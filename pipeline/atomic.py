@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import tempfile
+from pathlib import Path
 
 from .errors import naming
 
@@ -65,3 +66,35 @@ def folder_refusal(folder):
         return f"cannot be made a folder ({e.strerror})"
     why = refusal(folder)
     return f"cannot write in it ({why})" if why else None
+
+
+def long_name(path, suffix=""):
+    """Why folder or file `path` cannot be made: a name in it longer than its file system takes (NAME_MAX, 255
+    bytes on most), or its last with `suffix` added (a temporary twin made beside it), named; None when all fit.
+    The kernel's ENAMETOOLONG names neither the name nor the limit, and a twin's came out as the user's name's."""
+    names = Path(os.path.abspath(path)).parts[1:]
+    limit = _name_max(path)
+    for name in names:
+        if len(os.fsencode(name)) > limit:
+            return f"the name {_shown(name)} is {len(os.fsencode(name))} bytes, more than the {limit} a name may have"
+    size = len(os.fsencode(names[-1] + suffix)) if names else 0
+    if suffix and size > limit:
+        return (f"the name {_shown(names[-1])} leaves no room for {suffix!r} after it (its temporary twin beside it): "
+                f"{size} bytes, more than the {limit} a name may have")
+    return None
+
+
+def _name_max(path):
+    """NAME_MAX of the file system `path` would be made on (its nearest folder there), 255 if it cannot say."""
+    folder = os.path.abspath(path)
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def _shown(name):
+    """A long name shown by its start and end, enough to find it."""
+    return repr(name) if len(name) <= 40 else repr(f"{name[:24]}...{name[-8:]}")

@@ -27,7 +27,7 @@ from numpy.random import default_rng
 from PIL import Image
 
 from . import index as index_io
-from .atomic import write_json
+from .atomic import long_name, write_json
 from .checksum import file_sum64
 from .errors import FORK_WARNING, ImageError, ShardError, SourceError, UsageError, signals_deferred, when_orphaned
 from .release import plan_release
@@ -240,6 +240,11 @@ def _run_tasks(files, tasks, tmp, workers, on_error, progress):
     return [futures[i].result() for i in range(len(tasks))]
 
 
+def _temp_suffix():
+    """What the name of the folder a build writes into adds to --out's (`<out>.tmp-<host>-<pid>`)."""
+    return f".tmp-{socket.gethostname()}-{os.getpid()}"
+
+
 def build_shards(src, out, workers=None, shard_size=10000, split_seed=None, on_error="fail", progress=True,
                  classes=None):
     """Build the shard set for release `src` (folder, .zip, .tar[.gz]) into folder `out`.
@@ -272,6 +277,8 @@ def build_shards(src, out, workers=None, shard_size=10000, split_seed=None, on_e
     # Resolved: the build writes beside `out` and renames into it, so beside the folder itself, not
     # inside it (`--out .`) nor beside a symlink to it (on another disk; or dangling: its target is made).
     out = Path(os.path.realpath(out))
+    if why := long_name(out, _temp_suffix()):  # found by the temporary folder's mkdir, naming neither
+        raise UsageError(f"--out {out}: {why}; choose a shorter name")
     # The name of the release, however it is spelled: `--src .` (in the release folder) was "", `..` "..".
     params = {"source": Path(os.path.abspath(src)).name, "shard_size": shard_size, "split_seed": split_seed, "on_error": on_error}
     if classes is not None:  # only then: a full build's manifest stays byte for byte what it was
@@ -280,7 +287,7 @@ def build_shards(src, out, workers=None, shard_size=10000, split_seed=None, on_e
     _check_replaceable(out)
     started = time.perf_counter()
     _remove_dead_builds(out)
-    tmp = out.parent / f"{out.name}.tmp-{socket.gethostname()}-{os.getpid()}"
+    tmp = out.parent / f"{out.name}{_temp_suffix()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:  # before the release is read (a minute for the real one): a folder that cannot be made fails now
         tmp.mkdir(parents=True)

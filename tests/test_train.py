@@ -289,6 +289,17 @@ def test_an_output_dir_that_takes_no_file_is_one_line_naming_it(tiny_shards, tmp
     assert list(out.iterdir()) == []
 
 
+def test_an_output_dir_name_longer_than_the_file_system_takes_is_named_at_once(tiny_shards, tmp_path, capsys,
+                                                                               monkeypatch):
+    """A name over NAME_MAX (255 bytes) in --output-dir: the data was loaded and the network built, then its
+    makedirs said '--output-dir PATH: cannot be made a folder (File name too long)', naming no name."""
+    monkeypatch.setattr(train, "build", lambda *a: pytest.fail("the data was loaded"))
+    out = tmp_path / ("r" * 300) / "run"
+    assert cli("--shards", tiny_shards, "--device", "cpu", "--arch", "lenet5", "--output-dir", out) == 2
+    assert capsys.readouterr().err == (f"error: --output-dir {out}: the name '{'r' * 24}...{'r' * 8}' is 300 bytes, "
+                                       "more than the 255 a name may have; choose a shorter name\n")
+
+
 def test_test_only_needs_a_trained_network(train_shards, tmp_path, capsys):
     """It used to evaluate freshly initialised weights (chance level) and write eval.json, exit 0."""
     base = ["--device", "cpu", "--arch", "lenet5", "--shards", train_shards, "--output-dir", tmp_path, "--test-only"]

@@ -171,11 +171,39 @@ def _ceiling(shards, variant, batch_size):
     return epoch_iter
 
 
+def _loaders(shards, images, variant, batch_size, workers, include_baseline, device):
+    """`bench_loader`'s rows of `variant`, in order: (loader, workers, a function that builds it). Nothing is
+    built here, so `planned_rows` counts them with no set."""
+    loaders = []
+    if include_baseline:
+        loaders.append(("ImageFolder + PIL (baseline)", workers, lambda: _imagefolder(images, variant, batch_size, workers)))
+    loaders += [
+        ("stock webdataset (tar members, npy decode)", workers,
+         lambda: _stock_webdataset(shards, variant, batch_size, workers)),
+        ("tinyin stream (whole shards)", workers, lambda: _stream_loader(shards, variant, batch_size, workers)),
+        ("tinyin fast (mmap gather)", "0 (inline)", lambda: _timed_loader(shards, variant, batch_size, "fast")),
+        ("tinyin resident", 0, lambda: _timed_loader(shards, variant, batch_size, "resident", device=device)),
+        ("ceiling: numpy memmap gather", 0, lambda: _ceiling(shards, variant, batch_size)),
+    ]
+    if device != "cpu":
+        loaders.append((f"tinyin fast -> {device}, float, 224 upscale", "1 thread",
+                        lambda: _device_loader(shards, variant, batch_size, device)))
+    return loaders
+
+
+# `bench_remote`'s rows, in order; the two of CURL_ROWS only with curl on PATH.
+CURL_CEILING, CURL_DOWNLOAD = "ceiling: curl, loopback HTTP (1 connection)", "curl -o: the shards downloaded into files"
+REMOTE_FETCH, REMOTE_STREAM = "remote fetch (cold cache -> checked copy)", "remote stream (make_loader(URL, path=stream))"
+CURL_ROWS = (CURL_CEILING, CURL_DOWNLOAD)
+REMOTE_ROWS = (*CURL_ROWS, REMOTE_FETCH, REMOTE_STREAM)
+
+
 def planned_rows(variants=("rgb64", "gray28"), include_baseline=True, device="cpu", remote=False):
     """How many rows `bench_loader` makes with these arguments (`variants=()`, `remote=True`: `bench_remote`):
     the M of a stopped table's "stopped early after N of M rows"."""
-    local = 5 + include_baseline + (device != "cpu")  # bench_loader's loaders of a variant
-    return len(variants) * local + (remote and (4 if shutil.which("curl") else 2))  # bench_remote's rows
+    local = len(_loaders(None, None, None, 0, 0, include_baseline, device))  # bench_loader's rows of a variant
+    remote_rows = len(REMOTE_ROWS) - (0 if shutil.which("curl") else len(CURL_ROWS))
+    return len(variants) * local + (remote and remote_rows)
 
 
 def bench_loader(shards, images, batch_size=256, workers=2, passes=3, pass_images=25_600,
@@ -189,21 +217,7 @@ def bench_loader(shards, images, batch_size=256, workers=2, passes=3, pass_image
     rows = []
     try:
         for variant in variants:
-            candidates = []
-            if include_baseline:
-                candidates.append(("ImageFolder + PIL (baseline)", workers, lambda: _imagefolder(images, variant, batch_size, workers)))
-            candidates += [
-                ("stock webdataset (tar members, npy decode)", workers,
-                 lambda: _stock_webdataset(shards, variant, batch_size, workers)),
-                ("tinyin stream (whole shards)", workers, lambda: _stream_loader(shards, variant, batch_size, workers)),
-                ("tinyin fast (mmap gather)", "0 (inline)", lambda: _timed_loader(shards, variant, batch_size, "fast")),
-                ("tinyin resident", 0, lambda: _timed_loader(shards, variant, batch_size, "resident", device=device)),
-                ("ceiling: numpy memmap gather", 0, lambda: _ceiling(shards, variant, batch_size)),
-            ]
-            if device != "cpu":
-                candidates.append((f"tinyin fast -> {device}, float, 224 upscale", "1 thread",
-                                   lambda: _device_loader(shards, variant, batch_size, device)))
-            for name, how, build in candidates:
+            for name, how, build in _loaders(shards, images, variant, batch_size, workers, include_baseline, device):
                 built = build()
                 epoch_iter, times = built if isinstance(built, tuple) else (built, {})
                 whole = times.pop("whole_epochs_of", None)  # the stream path: timed over whole epochs of so many images
@@ -332,14 +346,14 @@ def bench_remote(shards, batch_size=256, workers=2, passes=3, log=print):
             gb = lambda rates: ", ".join(f"{r / 1e9:.2f}" for r in rates)  # noqa: E731
             ceiling = statistics.median(curl) / per_sample if curl else None
             if curl:
-                row("ceiling: curl, loopback HTTP (1 connection)", "1 process", ceiling,
+                row(CURL_CEILING, "1 process", ceiling,
                     f"{total / 1e9:.2f} GB of train shards x {passes} to /dev/null: {gb(curl)} GB/s", 1.0)
                 rate = statistics.median(download) / per_sample
-                row("curl -o: the shards downloaded into files", "1 process", rate, f"{gb(download)} GB/s",
+                row(CURL_DOWNLOAD, "1 process", rate, f"{gb(download)} GB/s",
                     rate / ceiling)
             rate = statistics.median(fetch) / per_sample
             of_download = f", {statistics.median(fetch) / statistics.median(download):.1f}x curl -o" if curl else ""
-            row("remote fetch (cold cache -> checked copy)", f"{_fetch_workers()} threads", rate,
+            row(REMOTE_FETCH, f"{_fetch_workers()} threads", rate,
                 f"{gb(fetch)} GB/s{of_download} (untimed first pass: {warm / 1e9:.2f})",
                 rate / ceiling if ceiling else None)
             try:
@@ -350,11 +364,11 @@ def bench_remote(shards, batch_size=256, workers=2, passes=3, log=print):
             if ok:
                 # Whole epochs, each from its workers' start: what a training epoch costs on this path.
                 rate, size = _measure_epochs(_epochs(loader), passes, loader.num_samples)
-                row("remote stream (make_loader(URL, path=stream))", workers, rate, size, rate / ceiling if ceiling else None)
+                row(REMOTE_STREAM, workers, rate, size, rate / ceiling if ceiling else None)
             else:
                 note = loader if isinstance(loader, str) else "its epoch is not the train split's"
                 log(f"  remote stream: skipped, the stream path cannot read a set URL on this branch ({note})")
-                rows.append({"variant": "rgb64", "loader": "remote stream (make_loader(URL, path=stream))",
+                rows.append({"variant": "rgb64", "loader": REMOTE_STREAM,
                              "workers": workers, "images_per_s": None, "pass": "not on this branch: " + note[:80],
                              "x_baseline": None, "of_ceiling": None})
     except KeyboardInterrupt:  # as bench_loader's: the rows so far

@@ -41,6 +41,22 @@ def test_loader_table_has_the_first_batch_of_the_local_paths(shards, monkeypatch
     assert table[4].endswith("| — |") and table[5].endswith("| — |") and table[6].endswith(" s) |") and table[8].endswith("| — |")
 
 
+def test_the_planned_rows_are_counted_from_the_loaders_the_table_measures(shards, monkeypatch):
+    """planned_rows restated bench_loader's loaders as a number (5, one more with the baseline, one with a
+    device) and bench_remote's rows as another (4, 2 without curl): it counts the same lists now, so a loader
+    added to the table is in the plan of a stopped one."""
+    assert [bench.planned_rows(device=device) for device in ("cpu", "cuda:0")] == [12, 14]  # 2 variants
+    assert bench.planned_rows((), remote=True) == len(bench.REMOTE_ROWS) - (not shutil.which("curl")) * 2
+    monkeypatch.setattr(bench, "FAST_PASS", 1000)
+    monkeypatch.setattr(bench, "PROBE_S", 0)
+    loaders = bench._loaders
+    extra = ("extra", 0, lambda: lambda epoch: [(None, [0] * 240)])
+    monkeypatch.setattr(bench, "_loaders", lambda *args: [*loaders(*args), extra])
+    rows = bench.bench_loader(shards, None, batch_size=64, workers=0, passes=1, pass_images=240, variants=("gray28",),
+                              include_baseline=False, log=lambda m: None)
+    assert [len(rows), rows[-1]["loader"]] == [bench.planned_rows(("gray28",), include_baseline=False), "extra"] == [6, "extra"]
+
+
 def test_remote_rows_fetch_the_train_split_and_name_their_ceiling(shards):
     rows = bench_remote(shards, batch_size=32, workers=0, passes=1, log=lambda m: None)
     names = [r["loader"] for r in rows]

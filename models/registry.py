@@ -135,14 +135,14 @@ def get_model(name: str, num_classes: int = 200, pretrained: bool = False, weigh
     member = damaged_member(cached) if was_cached else None  # neither torch.hub nor torch.load checks a cached file
     if member:
         raise WeightsUnavailable(f"{cached}: torch.hub's cached ImageNet weights for {name} are {DAMAGED.format(member=member)}; "
-                                 "delete the file to download it again, or pass --weights FILE")
+                                 "delete the file to download it again, or pass --weights FILE --norm imagenet")
     try:
         model = spec.build_pretrained(imagenet)
     except Exception as e:  # noqa: BLE001 - torch.load of a damaged or foreign file raises nearly anything
         if was_cached:  # nothing was downloaded: the file there is damaged or another one
             raise WeightsUnavailable(
                 f"{cached}: torch.hub's cached ImageNet weights for {name} do not load ({e.__class__.__name__}); "
-                "delete the file to download it again, or pass --weights FILE"
+                "delete the file to download it again, or pass --weights FILE --norm imagenet"
             ) from e
         if not isinstance(e, (urllib.error.URLError, OSError, RuntimeError)):
             raise
@@ -151,7 +151,7 @@ def get_model(name: str, num_classes: int = 200, pretrained: bool = False, weigh
         reason = e if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)
         raise WeightsUnavailable(
             f"cannot download ImageNet weights for {name} from {imagenet.url} ({reason}); "
-            "download the file elsewhere and pass --weights FILE"
+            "download the file elsewhere and pass --weights FILE --norm imagenet"
         ) from e
     if num_classes != len(imagenet.meta["categories"]):
         spec.reset_head(model, num_classes)

@@ -286,7 +286,7 @@ def test_pretrained_missing_file_is_weights_unavailable(weights_server):
         models.get_model("squeezenet1_1", pretrained=True)
     assert str(e.value) == (
         f"cannot download ImageNet weights for squeezenet1_1 from {base}/squeezenet1_1-0123abcd.pth (HTTP Error 404: File not found); "
-        "download the file elsewhere and pass --weights FILE"
+        "download the file elsewhere and pass --weights FILE --norm imagenet"
     )
 
 
@@ -301,7 +301,7 @@ def test_pretrained_unreachable_host_is_weights_unavailable(weights_server):
         models.get_model("squeezenet1_1", pretrained=True)
     assert str(e.value) == (
         f"cannot download ImageNet weights for squeezenet1_1 from {url} ([Errno 111] Connection refused); "
-        "download the file elsewhere and pass --weights FILE"
+        "download the file elsewhere and pass --weights FILE --norm imagenet"
     )
 
 
@@ -327,7 +327,7 @@ def test_a_cached_file_whose_bytes_fail_their_crc_is_named(weights_server, tmp_p
         models.get_model("squeezenet1_1", pretrained=True)
     assert str(e.value) == (f"{cached}: torch.hub's cached ImageNet weights for squeezenet1_1 are damaged: its {member} "
                             "fails its CRC-32 check (a bad copy, or a failing disk); delete the file to download it "
-                            "again, or pass --weights FILE")
+                            "again, or pass --weights FILE --norm imagenet")
 
 
 @pytest.mark.parametrize("content, error", [(b"bad gateway\n", "UnpicklingError"), (b"", "EOFError"), ("list", "TypeError"),
@@ -349,7 +349,7 @@ def test_a_damaged_file_in_the_hub_cache_is_named(weights_server, tmp_path, cont
     with pytest.raises(models.WeightsUnavailable) as e:
         models.get_model("squeezenet1_1", pretrained=True)
     assert str(e.value) == (f"{cached}: torch.hub's cached ImageNet weights for squeezenet1_1 do not load ({error}); "
-                            "delete the file to download it again, or pass --weights FILE")
+                            "delete the file to download it again, or pass --weights FILE --norm imagenet")
     torch.save(src.state_dict(), cached)  # a good one loads without the network
     set_url(f"http://127.0.0.1:9/{name}")
     assert _same(src, models.get_model("squeezenet1_1", pretrained=True), skip="classifier.1.")

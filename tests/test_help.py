@@ -1,17 +1,55 @@
 """Every script's --help prints and exits 0: argparse formats help strings with %, so a stray one
-(a "5%" in a help text) turns --help into a traceback."""
+(a "5%" in a help text) turns --help into a traceback. And every option of theirs and of `tinyin`'s
+commands says what it sets."""
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
+
+from pipeline.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _argparse_options(text):
+    """[flags, help] of each option in argparse's --help `text`: its first line, and the indented lines under it."""
+    options = []
+    for line in text.split("\noptions:\n", 1)[1].splitlines():
+        if line.startswith("  -"):
+            flags, _, words = line.strip().partition("  ")
+            options.append([flags, words.strip()])
+        elif line.startswith("   ") and options:
+            options[-1][1] = f"{options[-1][1]} {line.strip()}".strip()
+    return options
+
+
 @pytest.mark.parametrize("script, flag", [("train.py", "--time-budget MINUTES"), ("tools/reproduce.py", "--jobs"),
-                                          ("tools/speedrun.py", "--ablate"), ("tools/gpu_session.py", "--deadline")])
+                                          ("tools/speedrun.py", "--ablate"), ("tools/gpu_session.py", "--deadline"),
+                                          ("tools/bench_build.py", "--repeat"), ("tools/bench_loader.py", "--remote")])
 def test_help_prints(script, flag):
+    """And every option says what it sets: one whose help was only its default (tools/bench_loader.py's
+    `--batch-size  default: 256`, tools/gpu_session.py's --device) left the user to guess."""
     result = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, cwd=ROOT)
     assert (result.returncode, result.stderr) == (0, ""), result.stderr[-2000:]
     assert flag in result.stdout
+    options = _argparse_options(result.stdout)
+    assert len(options) > 4
+    assert [flags for flags, words in options if not words or words.startswith("default:")] == []
+
+
+def _commands(group, path=("tinyin",)):
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*path, name))
+        else:
+            yield " ".join((*path, name)), command
+
+
+def test_every_tinyin_option_says_what_it_is():
+    """`tinyin bench loader --batch-size` had no help at all and `tinyin bench train --device` only its default."""
+    bare = [f"{name} {param.opts[0]}" for name, command in _commands(main) for param in command.params
+            if isinstance(param, click.Option) and not re.sub(r"\[default: [^]]*\]\.?", "", param.help or "").strip()]
+    assert bare == []

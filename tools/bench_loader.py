@@ -72,7 +72,7 @@ def main():
     parser.add_argument("--shards", type=os.path.expanduser, help="an existing shard folder (skips the build)")
     parser.add_argument("--images", type=os.path.expanduser, help="an extracted release folder (skips the extraction)")
     # Numbers as typed: `checked_as_the_command` reads them.
-    parser.add_argument("--batch-size", default=256, help="default: %(default)s")
+    parser.add_argument("--batch-size", default=256, help="images per batch (default: %(default)s)")
     parser.add_argument("--workers", default=2, help="baseline/stream workers (default: %(default)s)")
     parser.add_argument("--passes", default=5, help="timed passes per loader (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="resident/224 device (default: %(default)s)")

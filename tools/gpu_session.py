@@ -274,7 +274,7 @@ def main():
     p.add_argument("--out", required=True, type=os.path.expanduser, help="where the result files are copied (e.g. $OUT)")
     p.add_argument("--work", default="/tmp/tinyin-gpu", type=os.path.expanduser, help="shards, images, runs, results (default: %(default)s)")
     p.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of: %(default)s")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--device", default=None, help="the device every part runs on (default: cuda if available, else cpu)")
     p.add_argument("--commit", help="the commit, where the copy has no .git (default: git rev-parse)")
     p.add_argument("--bench-args", help="more `tinyin bench train` flags, e.g. '--arch resnet18 --no-compile'")
     p.add_argument("--train-args", help="more train.py flags for Table 2's rows")

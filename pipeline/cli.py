@@ -47,10 +47,10 @@ class _Path(click.Path):
         return super().convert(os.path.expanduser(value), param, ctx)
 
 
-class _Group(click.Group):
-    """A click group whose commands report user-facing errors the way train.py does
+class _OneLine:
+    """A click group or command that reports user-facing errors the way train.py does
     (`errors.user_errors`: one line on stderr, exit code 2 for usage errors and 1 otherwise; click's own
-    too, `_one_line`), and stop on SIGTERM as on Ctrl-C, cleaning up on the way out (exit code 143)."""
+    too, `_one_line`), and stops on SIGTERM as on Ctrl-C, cleaning up on the way out (exit code 143)."""
 
     def parse_args(self, ctx, args):  # the top group's own flags are parsed before any `invoke`
         with user_errors(), _one_line():
@@ -59,6 +59,23 @@ class _Group(click.Group):
     def invoke(self, ctx):
         with user_errors(), sigterm_interrupts(), _one_line():
             return super().invoke(ctx)
+
+
+class _Group(_OneLine, click.Group):
+    """A `tinyin` group: its commands' errors one line each (`_OneLine`)."""
+
+
+class _Command(_OneLine, click.Command):
+    """A `tinyin` command run as a script of its own (`run_alone`)."""
+
+
+def run_alone(command, prog_name, args):
+    """Run `command`, one of tinyin's subcommands, as the script `prog_name` (tools/bench_train.py), on `args`:
+    its --help's usage names the script alone (through the group it read `tools/bench_train.py bench train
+    [OPTIONS]`, and those words typed after the script were refused as extra arguments)."""
+    alone = _Command(prog_name, context_settings=main.context_settings, callback=command.callback,
+                     params=command.params, help=command.help)
+    alone.main(args, prog_name=prog_name)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

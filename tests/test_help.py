@@ -53,3 +53,14 @@ def test_every_tinyin_option_says_what_it_is():
     bare = [f"{name} {param.opts[0]}" for name, command in _commands(main) for param in command.params
             if isinstance(param, click.Option) and not re.sub(r"\[default: [^]]*\]\.?", "", param.help or "").strip()]
     assert bare == []
+
+
+def test_bench_train_tool_names_itself_alone():
+    """tools/bench_train.py's usage read `tools/bench_train.py bench train [OPTIONS]`, and those two words
+    typed after the script were refused as extra arguments. Its errors stay one line, as `tinyin`'s."""
+    def tool(*args):
+        return subprocess.run([sys.executable, str(ROOT / "tools/bench_train.py"), *args], capture_output=True, text=True)
+    assert tool("-h").stdout.splitlines()[0] == "Usage: tools/bench_train.py [OPTIONS]"
+    wrong = tool("--windows", "1")
+    assert (wrong.returncode, wrong.stdout, wrong.stderr) == (2, "", "error: Invalid value for '--windows': 1 is not in "
+                                                                      "the range x>=3.\n")

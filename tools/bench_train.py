@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.cli import main  # noqa: E402
+from pipeline.cli import bench_train_cmd, run_alone  # noqa: E402
 
 if __name__ == "__main__":
     sys.argv = ["tinyin", "bench", "train", *sys.argv[1:]]  # the table's header echoes sys.argv[3:]
-    main(sys.argv[1:], prog_name="tools/bench_train.py")
+    run_alone(bench_train_cmd, "tools/bench_train.py", sys.argv[3:])

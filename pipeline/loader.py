@@ -266,11 +266,17 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
     Yields `(images, labels)` (`+ keys` with `with_keys=True`): images float (B, C, H, W) on
     `device`, scaled to [0, 1] and normalised by mean/std (given together, a value per channel;
     default: the train split's stats from the manifest), resized to `size` and augmented when asked (augment: "none", "crop" or
-    "rrc", with `rrc_scale`, see `DeviceStage`); or, with `raw=True`, the uint8 (B, H, W[, C])
+    "rrc", with `rrc_scale`, see `DeviceStage`; True means "crop"), as `dtype` (torch.bfloat16 halves them), in
+    `channels_last` memory format if asked; or, with `raw=True`, the uint8 (B, H, W[, C])
     batch itself (valid until the next batch is requested; an option of the device stage is refused
     with it, never dropped). Labels int64.
     Same (seed, epoch): same order; `set_epoch` reshuffles. With `world_size > 1` ranks get
     disjoint samples and, with `drop_last=True`, the same number of batches.
+    path: "resident" (the split copied to `device` once), "fast" (memory-mapped shards, each batch gathered
+    `prefetch` batches ahead by a background thread: default 4 on CUDA, else 0, inline), "stream" (`workers`
+    DataLoader processes, default 2, each reading whole shards) or "auto": resident for a local split of up to
+    2 GiB, else fast; stream for a list of shard URLs. An option the chosen path does not use is refused.
+    checksum=False skips the resident and fast paths' background sha256 pass over the split's shards.
     """
     if not isinstance(split, str):  # a list of splits failed as "unhashable type: 'list'"
         raise ValueError(f"split must be one split's name, such as 'train', not {split!r}")

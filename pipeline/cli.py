@@ -338,9 +338,9 @@ def bench_train_cmd(shards, images, arch, size, batch, feeds, compile_, device, 
 
 @main.command("report")
 @click.argument("runs", nargs=-1, required=True, type=_Path(exists=True, file_okay=False))
-@click.option("--out", default="report", show_default=True, type=_Path(file_okay=False), help="Folder for report.md and curves.png.")
+@click.option("--out", default="report", show_default=True, type=_Path(file_okay=False), help="Folder for report.md, report.json (every run's args, metrics and final figures) and curves.png.")
 def report_cmd(runs, out):
-    """The study's table (Markdown) for training runs, and learning-curve PNGs."""
+    """The study's table (Markdown) for train.py's run folders RUNS, and their learning curves in one PNG."""
     from .report import write_report
 
     try:

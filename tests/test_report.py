@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.cli import report_cmd
 from pipeline.report import LENET_RECORDED, STUDY, plot_curves, render_study, render_table, study_row, write_report
 from tests.conftest import refuse_writes_in
 
@@ -110,6 +111,13 @@ def test_plot_and_write_report(tmp_path, runs):
     assert png == str(tmp_path / "report" / "curves.png")
     text = open(md).read()
     assert render_table(runs) in text and "![learning curves](curves.png)" in text
+
+
+def test_the_report_commands_help_names_every_file_it_writes(tmp_path, runs):
+    """`tinyin report --help` named report.md and curves.png, not report.json."""
+    write_report(runs, tmp_path / "report")
+    help_ = next(param.help for param in report_cmd.params if param.name == "out")
+    assert [name for name in sorted(os.listdir(tmp_path / "report")) if name not in help_] == []
 
 
 def test_limited_runs_say_so(tmp_path):

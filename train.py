@@ -1023,8 +1023,13 @@ def main(args):
             where = f" (no checkpoint.pth in {args.output_dir})" if args.resume == "auto" else ""
             raise UsageError(f"--test-only evaluates a trained network: give --resume (a checkpoint, or auto)"
                              f"{where} or --weights FILE")
+        locked = False
         if not args.test_only:  # before the data loads: a mistake is told at once
             check_no_run_replaced(args, ckpt_path)
+            # A second run in a folder where one trains: refused before it loads the data and says "resumed from"
+            # (a folder without the lock file has no run training there, and gets the file only once the run starts).
+            if locked := gather(rank() == 0 and os.path.isfile(os.path.join(args.output_dir, LOCK_FILE)))[0]:
+                held.enter_context(output_dir_lock(args))
         if rank() == 0 and (note := recipe_batch_note(args, world_size)):
             print(note, file=sys.stderr, flush=True)
         parts = build(args, device, world_size)
@@ -1033,7 +1038,8 @@ def main(args):
         make_output_dir(args.output_dir)  # once the flags and files are known to work
         if args.test_only:  # writes eval.json only: it may look at a run while that run trains on
             return test_only(parts, args)
-        held.enter_context(output_dir_lock(args))
+        if not locked:  # a new folder, made just now
+            held.enter_context(output_dir_lock(args))
         if rank() == 0:
             write_run_files(args.output_dir, args, device, world_size, state.history, parts.identity["dataset"])
             # Not finished any more (a resume that trains further, or a new run in an old folder):

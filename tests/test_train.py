@@ -1273,8 +1273,8 @@ def test_a_second_run_in_a_folder_where_one_trains_is_refused(tiny_shards, tmp_p
     holder = hold_lock(tmp_path / ".train.lock")
     try:
         capsys.readouterr()
-        assert cli(*base, "--epochs", "2", "--resume", "auto") == 1
-        assert capsys.readouterr().err == (f"error: --output-dir {tmp_path}: another train.py is training there "
+        assert cli(*base, "--epochs", "2", "--resume", "auto") == 1  # one line: it said "resumed from" first
+        assert capsys.readouterr() == ("", f"error: --output-dir {tmp_path}: another train.py is training there "
                                            "(it holds .train.lock); let it finish, or use another --output-dir\n")
         assert set(run(tiny_shards, tmp_path, "--arch", "lenet5", "--test-only", "--resume", "auto")) == {"val", "test"}
     finally:

@@ -1179,7 +1179,8 @@ def get_args_parser(add_help=True):
     p.add_argument("--output-dir", type=path_text, help="where logs and checkpoints go (default: runs/ARCH-SIZE)")
     p.add_argument("--resume", type=path_text,
                    help="checkpoint to continue from, or 'auto' for OUTPUT_DIR/checkpoint.pth if present; "
-                        "continues mid-epoch, also on another number of ranks (default: none)")
+                        "continues mid-epoch, also on another number of ranks (a stream-path checkpoint taken mid-epoch: "
+                        "on as many only) (default: none)")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --output-dir that holds a checkpoint.pth, replacing that run "
                         "(without it such a folder is refused unless --resume continues its run, which wins "

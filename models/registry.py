@@ -1,4 +1,4 @@
-"""A name -> builder registry for the study's four networks.
+"""A name -> builder registry for the study's four networks and the speedrun's 64-px ResNets (`list_models()`).
 
 Each entry also records what the network eats (image variant, channels, the
 sizes it was studied at), where its classification head lives, and which

@@ -43,29 +43,33 @@ import threading
 import time
 import warnings
 
-import torch
-import torch.distributed as dist
-from torch import nn
-from torch.optim.swa_utils import AveragedModel
-from tqdm import tqdm
+from pipeline.errors import stopped_at_once
 
-import models
-from models.recipes import recipe_names, resolve_recipe
-from models.registry import DAMAGED, damaged_member
-from pipeline import IMAGENET_MEAN, IMAGENET_STD, make_loader, provenance
-from pipeline.atomic import folder_refusal, long_name, write_json
-from pipeline.cache import cached_copy, is_set_url
-from pipeline.checkpoint import (CHECKPOINT_FORMAT, check_epoch_order, check_limit_batches, check_norm, check_plan,
-                                 check_recipe, classes_of, continue_command, keep_start, load_checkpoint, restore_ema,
-                                 resume_path, run_identity, save_atomic, weights_run)
-from pipeline.device import check_device
-from pipeline.errors import (CheckpointError, ShardError, TinyinError, UsageError, hide_password, refused_open,
-                             run_cli, sigterm_interrupts, when_orphaned)
-from pipeline.augment import AUGMENTS
-from pipeline.mixing import MODES as MIX_MODES, mix_batch, mix_generator
-from pipeline.order import step_seed
-from pipeline.shardset import ShardSet, local_folder
-from pipeline.stream_plan import DEAL
+with stopped_at_once():  # the imports (torch's: seconds): a signal ends them in one line, 130 or 143
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+    from torch.optim.swa_utils import AveragedModel
+    from tqdm import tqdm
+
+    import models
+    from models.recipes import recipe_names, resolve_recipe
+    from models.registry import DAMAGED, damaged_member
+    from pipeline import IMAGENET_MEAN, IMAGENET_STD, make_loader, provenance
+    from pipeline.atomic import folder_refusal, long_name, write_json
+    from pipeline.cache import cached_copy, is_set_url
+    from pipeline.checkpoint import (CHECKPOINT_FORMAT, check_epoch_order, check_limit_batches, check_norm,
+                                     check_plan, check_recipe, classes_of, continue_command, keep_start,
+                                     load_checkpoint, restore_ema, resume_path, run_identity, save_atomic,
+                                     weights_run)
+    from pipeline.device import check_device
+    from pipeline.errors import (CheckpointError, ShardError, TinyinError, UsageError, hide_password, refused_open,
+                                 run_cli, sigterm_interrupts, when_orphaned)
+    from pipeline.augment import AUGMENTS
+    from pipeline.mixing import MODES as MIX_MODES, mix_batch, mix_generator
+    from pipeline.order import step_seed
+    from pipeline.shardset import ShardSet, local_folder
+    from pipeline.stream_plan import DEAL
 
 NORMS = {"dataset": (None, None), "imagenet": (IMAGENET_MEAN, IMAGENET_STD), "half": ((0.5,) * 3, (0.5,) * 3)}
 FIELDS = ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "images_per_s", "epoch_time_s",

@@ -73,6 +73,33 @@ def sigterm_interrupts(signals=(signal.SIGTERM,)):
             signal.signal(sig, handler)
 
 
+#: The line a command stopped by a signal ends with (`user_errors`, `stopped_at_once`).
+STOPPED = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
+
+
+@contextlib.contextmanager
+def stopped_at_once():
+    """Within the block (a program's imports, before any handler of its own: torch's take seconds), Ctrl-C
+    and SIGTERM end the process at once, with `user_errors`' line and exit code (`interrupted`, 130;
+    `terminated`, 143). Ctrl-C there was a KeyboardInterrupt traceback out of torch's import, SIGTERM a
+    death by the signal, which speedrun.py took for its train.py's failure (exit 1). At once (os._exit):
+    nothing is made yet that needs cleaning up, and no library's bare `except:` around an import can
+    swallow it. Main thread only, as handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        print(STOPPED[signum], file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+    previous = {sig: signal.signal(sig, stop) for sig in STOPPED}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def stop_code(noted):
     """The exit code of a command stopped early: 128 + the signal, SIGTERM if `sigterm_interrupts` noted one, else Ctrl-C's."""
     return 128 + (noted[0] if noted else signal.SIGINT)
@@ -191,10 +218,10 @@ def user_errors():
             raise
         report(TinyinError(f"{e.strerror}: {e.filename}" if e.filename else e.strerror))
     except Terminated:
-        print("terminated", file=sys.stderr, flush=True)
+        print(STOPPED[signal.SIGTERM], file=sys.stderr, flush=True)
         sys.exit(128 + signal.SIGTERM)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr, flush=True)
+        print(STOPPED[signal.SIGINT], file=sys.stderr, flush=True)
         sys.exit(130)
 
 

@@ -952,6 +952,36 @@ def test_a_worker_whose_torchrun_is_killed_checkpoints_and_stops(tiny_shards, tm
     assert (state["epoch"], state["epoch_steps"]) == (0, 1)
 
 
+# train.py run as a script that sends itself the signal argv[1] as it starts to import torch (seconds of it).
+SIGNAL_AT_TORCH_IMPORT = """
+import os, runpy, sys
+
+signum = int(sys.argv[1])
+
+class SignalAtTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signum)
+        return None
+
+sys.meta_path.insert(0, SignalAtTorch())
+sys.argv = ["train.py", "--help"]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("signum, code, line", [(signal.SIGINT, 130, "interrupted\n"),
+                                                (signal.SIGTERM, 143, "terminated\n")], ids=["ctrl-c", "sigterm"])
+def test_a_signal_while_train_py_imports_torch_ends_it_in_one_line(signum, code, line):
+    """Ctrl-C or SIGTERM in train.py's first seconds, while it imports torch: one line and 130 or 143. (Before:
+    Ctrl-C was a KeyboardInterrupt traceback, SIGTERM a death by the signal, which speedrun.py reported as its
+    train.py's failure, `exit -15`, and exited 1.)"""
+    done = subprocess.run([sys.executable, "-c", SIGNAL_AT_TORCH_IMPORT, str(int(signum))], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (code, "", line)
+
+
 @pytest.mark.parametrize("path, group", [((), False), (("--data-path", "stream"), True)],
                          ids=["to-the-process", "stream-to-the-group"])
 def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(train_shards, tmp_path, path, group):

@@ -171,21 +171,23 @@ def test_a_tilde_in_shards_and_out_is_the_home_folder(tmp_path, monkeypatch):
     assert list((tmp_path / "cwd").iterdir()) == []
 
 
-def test_ctrl_c_is_passed_on_to_train_py_and_ends_in_one_line(tmp_path, monkeypatch, capsys):
-    """SIGINT (Ctrl-C) while a seed trains was a KeyboardInterrupt traceback out of speedrun.py, whose
-    train.py, if the signal reached speedrun.py alone, trained on without it. Now it is passed on, as
-    SIGTERM is, and the exit is train.py's 130."""
+def ctrl_c_to_speedrun(tmp_path, monkeypatch, when):
+    """speedrun.main with a stand-in for train.py's process that Ctrl-C reaches `when` ("start": as it is
+    started, "train": while it trains) and that checkpoints and exits 130 on it; (the exit code, the signals
+    speedrun.py passed on to train.py)."""
     sent = []
 
-    class TrainPy:  # stands in for train.py's process: Ctrl-C comes while it trains; it checkpoints, exits 130
+    class TrainPy:
         def __init__(self, cmd, cwd):
-            pass
+            if when == "start":
+                os.kill(os.getpid(), signal.SIGINT)  # a handler runs before the next line
 
         def send_signal(self, signum):
             sent.append(signum)
 
         def wait(self):
-            os.kill(os.getpid(), signal.SIGINT)  # its handler runs before the next line
+            if when == "train":
+                os.kill(os.getpid(), signal.SIGINT)
             self.returncode = 128 + signal.SIGINT
             return self.returncode
 
@@ -195,8 +197,22 @@ def test_ctrl_c_is_passed_on_to_train_py_and_ends_in_one_line(tmp_path, monkeypa
         with pytest.raises(SystemExit) as exit:
             speedrun.main(["--shards", "x", "--out", str(tmp_path / "sr"), "--seeds", "0", "--device", "cpu"])
     except KeyboardInterrupt:
-        pytest.fail("Ctrl-C went through speedrun.py as a traceback, train.py not told")
-    assert (exit.value.code, sent) == (130, [signal.SIGINT])
+        pytest.fail(f"Ctrl-C at train.py's {when} went through speedrun.py as a traceback, train.py not told")
+    return exit.value.code, sent
+
+
+def test_a_signal_as_train_py_starts_is_passed_on_to_it(tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM) the moment a seed's train.py had started, before speedrun.py passed signals on: a
+    KeyboardInterrupt traceback (SIGTERM: speedrun.py died of it), and train.py, never told, trained on alone,
+    orphaned. Now the handlers are set before its start, and the signal is passed on to it."""
+    assert ctrl_c_to_speedrun(tmp_path, monkeypatch, "start") == (130, [signal.SIGINT])
+
+
+def test_ctrl_c_is_passed_on_to_train_py_and_ends_in_one_line(tmp_path, monkeypatch, capsys):
+    """SIGINT (Ctrl-C) while a seed trains was a KeyboardInterrupt traceback out of speedrun.py, whose
+    train.py, if the signal reached speedrun.py alone, trained on without it. Now it is passed on, as
+    SIGTERM is, and the exit is train.py's 130."""
+    assert ctrl_c_to_speedrun(tmp_path, monkeypatch, "train") == (130, [signal.SIGINT])
     assert capsys.readouterr().err == "error: train.py failed (exit 130); rerun to train that run again\n"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 

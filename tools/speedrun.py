@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import shlex
-import signal
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,7 @@ sys.path.insert(0, str(ROOT))  # train.py and pipeline/, run from anywhere, inst
 from flag_values import flags_among, joined  # noqa: E402
 from pipeline.atomic import folder_refusal  # noqa: E402
 from pipeline.errors import TinyinError, UsageError, hide_password  # noqa: E402
+from reproduce import Stop  # noqa: E402
 
 #: --ablate's variants: name -> (the part switched off, the train.py flags that switch it off)
 ABLATIONS = {
@@ -102,18 +102,19 @@ def run_seed(args, seed, out, variant=None):
         t0 = time.time()
         # In the caller's folder, as the tool itself runs: a relative --shards and --out are the user's (run from
         # the repo's root, train.py read its own out/shards, or found none, and wrote runs where no one looked).
-        proc = subprocess.Popen(cmd, cwd=None)
         # SIGTERM (a scheduler, gpu_session's --deadline) and SIGINT (Ctrl-C) are passed on: train.py
         # checkpoints and exits (a Ctrl-C that reached it too counts once). SIGINT was a KeyboardInterrupt
-        # traceback here, and, sent to this process alone, left train.py training on without it.
-        previous = {sig: signal.signal(sig, lambda signum, frame: proc.send_signal(signum))
-                    for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            if proc.wait():
-                raise subprocess.CalledProcessError(proc.returncode, cmd)
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        # traceback here, and, sent to this process alone, left train.py training on without it. From
+        # before its start (`Stop.started`): one that came as it started, before the handlers were set,
+        # ended speedrun.py (a traceback, or SIGTERM's death) and left train.py training on, orphaned.
+        with Stop() as stop:
+            proc = stop.started(cmd, cwd=None)
+            if proc is None:  # the signal came before train.py was started: it is not
+                raise subprocess.CalledProcessError(128 + stop.signum, cmd)
+            code = proc.wait()
+            stop.ended(proc)
+        if code:
+            raise subprocess.CalledProcessError(code, cmd)
         run.mkdir(parents=True, exist_ok=True)
         timing.write_text(json.dumps(dict(seconds=time.time() - t0, command=command)))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]

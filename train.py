@@ -1041,7 +1041,13 @@ def main(args):
         check_same_start(state, ckpt_path, args)
         make_output_dir(args.output_dir)  # once the flags and files are known to work
         if args.test_only:  # writes eval.json only: it may look at a run while that run trains on
-            return test_only(parts, args)
+            # Not StopSignals' stop after a training step, which never comes here: an evaluation has nothing
+            # to checkpoint, and ran on to its end (minutes for the test split at 224 on a CPU). A signal
+            # ends it at once (exit 143, or 130 for Ctrl-C), and one noted already ends it before it starts.
+            with sigterm_interrupts(STOP_SIGNALS):
+                if stop.signum:
+                    signal.raise_signal(stop.signum)
+                return test_only(parts, args)
         if not locked:  # a new folder, made just now
             held.enter_context(output_dir_lock(args))
         if rank() == 0:

@@ -783,6 +783,25 @@ def test_a_signal_during_the_fetch_of_a_set_url_stops_it_at_once(tiny_shards, tm
     assert signal.getsignal(signal.SIGTERM) is handler
 
 
+def test_a_signal_during_a_test_only_evaluation_stops_it_at_once(tiny_shards, tmp_path, monkeypatch, capsys):
+    """Ctrl-C or SIGTERM while --test-only evaluated (minutes for the test split at 224 on a CPU) was only noted,
+    for a stop after a training step that never comes there: the evaluation ran on to its end, wrote eval.json
+    and exited 0."""
+    out = tmp_path / "run"
+    run(tiny_shards, out, "--arch", "lenet5", "-b", "4", "--epochs", "1")
+    evaluate, handler = train.evaluate, signal.getsignal(signal.SIGTERM)
+
+    def signalled_evaluate(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler's arrives, mid-evaluation
+        return evaluate(*args, **kwargs)
+    monkeypatch.setattr(train, "evaluate", signalled_evaluate)
+    capsys.readouterr()
+    assert cli("--shards", tiny_shards, "--device", "cpu", "--output-dir", out, "--arch", "lenet5", "-b", "4",
+               "--test-only", "--resume", "auto") == 143
+    assert capsys.readouterr().err == "terminated\n" and not (out / "eval.json").exists()
+    assert signal.getsignal(signal.SIGTERM) is handler
+
+
 def test_dropout_rng_is_carried_over(tiny_shards, tmp_path):
     # squeezenet1_1 has dropout, so this checks that the RNG state is saved at the step and restored
     # (at lr 0.01 its last ReLU dies on this data, and dead units ignore dropout).

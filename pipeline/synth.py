@@ -12,6 +12,7 @@ angle, marker shift and size, pixel noise) keeps the task from being memorisatio
 """
 
 import pathlib
+import shutil
 
 import numpy as np
 from PIL import Image
@@ -86,7 +87,17 @@ def synthesize(out, classes=10, train_per_class=100, val_per_class=50, test=200,
     out = pathlib.Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: already exists and is not empty")
+    made = not out.exists()
+    try:
+        _write(out, classes, train_per_class, val_per_class, test, seed, progress)
+    except BaseException:  # Ctrl-C, SIGTERM (the CLI's Terminated), a full disk: no half a release is left
+        _remove_written(out, made)
+        raise
+    return out
 
+
+def _write(out, classes, train_per_class, val_per_class, test, seed, progress):
+    """`synthesize`'s files, written into the folder `out` (made if missing)."""
     rng = np.random.default_rng(seed)
     wnids = [f"n{n:08d}" for n in rng.choice(10**8, size=classes, replace=False)]
     specs = _class_specs(rng, classes)
@@ -125,4 +136,17 @@ def synthesize(out, classes=10, train_per_class=100, val_per_class=50, test=200,
         for k, (w, s) in enumerate(zip(wnids, specs))
     ]
     (out / "words.txt").write_text("".join(words))
-    return out
+
+
+def _remove_written(out, made):
+    """Remove what a stopped `synthesize` wrote in `out`: the folder itself where it `made` it, else (a folder
+    that was empty) what it holds. Left there, half a release blocked the rerun ('already exists and is not
+    empty') until the user found and deleted it."""
+    if made:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for child in out.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)

@@ -93,6 +93,27 @@ def test_empty_output_dir_is_fine(tmp_path):
     assert (tmp_path / "wnids.txt").read_text().count("\n") == 2
 
 
+@pytest.mark.parametrize("made", [True, False], ids=["its-folder", "an-empty-folder"])
+def test_a_stopped_synthesize_leaves_no_half_a_release(tmp_path, monkeypatch, made):
+    """Ctrl-C (or SIGTERM, which the CLI raises as one) halfway: what it wrote is removed, and an empty --out given
+    stays, empty. (Before: half a release stayed, and the rerun was refused: 'already exists and is not empty'.)"""
+    out = tmp_path / "release"
+    if not made:
+        out.mkdir()
+    save, saved = Image.Image.save, []
+
+    def interrupted_save(image, *args, **kwargs):
+        if len(saved) == 5:
+            raise KeyboardInterrupt
+        saved.append(save(image, *args, **kwargs))
+    monkeypatch.setattr(Image.Image, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        synthesize(out, classes=2, train_per_class=5, val_per_class=2, test=2, progress=False)
+    assert sorted(tmp_path.rglob("*")) == ([] if made else [out])
+    monkeypatch.undo()
+    assert synthesize(out, classes=2, train_per_class=5, val_per_class=2, test=2, progress=False) == out
+
+
 def _gray28(path):
     with Image.open(path) as image:
         return np.asarray(image.resize((28, 28), Image.BILINEAR).convert("L"), np.float32) / 255 - 0.5

@@ -33,6 +33,7 @@ from .reader import ShardArrays
 from .release import is_image
 from .schema import VARIANTS
 from .shardset import open_shard_set
+from .stream_workers import WORKER_RULE, started
 
 SLOW = 50_000  # images/s below which a pass may stop mid-epoch (a full epoch would take minutes)
 FAST_PASS = 100_000  # fast loaders run whole epochs back to back until at least this many images
@@ -109,9 +110,11 @@ def _imagefolder(root, variant, batch_size, workers):
     # (the row failed with a traceback): the images `shard build` reads.
     dataset = datasets.ImageFolder(str(Path(root) / "train"), transforms.Compose(steps + [transforms.PILToTensor()]),
                                    is_valid_file=is_image)
+    # The stream path's rule for its workers: a SIGTERM to the process group (a scheduler's, `kill -TERM -PGID`)
+    # killed them, and torch raised "DataLoader worker (pid N) is killed by signal: Terminated." as a traceback.
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
-                                         persistent_workers=workers > 0)
-    return lambda epoch: iter(loader)
+                                         persistent_workers=workers > 0, **(WORKER_RULE if workers else {}))
+    return lambda epoch: started(loader)
 
 
 def _epochs(loader):
@@ -130,8 +133,9 @@ def _stock_webdataset(shards, variant, batch_size, workers):
     urls = [str(shards.where(e)) for e in shards.entries("train")]
     dataset = (wds.WebDataset(urls, shardshuffle=len(urls), nodesplitter=wds.split_by_node, empty_check=False)
                .shuffle(2000).decode().to_tuple(member, "cls").batched(batch_size))
-    loader = wds.WebLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
-    return lambda epoch: iter(loader)
+    loader = wds.WebLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
+                           **(WORKER_RULE if workers else {}))  # as _imagefolder's
+    return lambda epoch: started(loader)
 
 
 def _stream_loader(shards, variant, batch_size, workers):

@@ -41,6 +41,13 @@ def starting_workers():
         yield
 
 
+def started(loader):
+    """iter(`loader`), a DataLoader given `WORKER_RULE`, its workers started within `starting_workers`: for the
+    benches' own loaders (ImageFolder, stock webdataset), whose workers a group's SIGTERM reaches as well."""
+    with starting_workers():
+        return iter(loader)
+
+
 def ignore_sigterm_but_the_parents(worker_id):
     """worker_init_fn: a worker ignores SIGTERM unless its own main process sends it.
 
@@ -61,6 +68,10 @@ def ignore_sigterm_but_the_parents(worker_id):
     if signal.SIGINT in _held_sigint:  # forked while `_sigint_deferred` held Ctrl-C back: the process's own
         signal.signal(signal.SIGINT, _held_sigint[signal.SIGINT])
     threading.Thread(target=_exit_on_sigterm_from, args=(os.getppid(),), name="tinyin-sigterm", daemon=True).start()
+
+
+#: DataLoader keyword arguments that give its workers the stream path's start and SIGTERM rule (`started`).
+WORKER_RULE = dict(worker_init_fn=ignore_sigterm_but_the_parents, multiprocessing_context=FORK)
 
 
 @contextlib.contextmanager

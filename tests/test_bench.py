@@ -1,6 +1,7 @@
 """`bench_loader` on the synthetic set: every row measured, the local paths' first batch timed; `bench_remote`:
 the loopback-HTTP rows, with curl's rate as their ceiling."""
 import json
+import multiprocessing
 import os
 import platform
 import shutil
@@ -15,8 +16,8 @@ import torch
 from pipeline import bench
 from pipeline.bench import bench_remote, format_table
 from pipeline.provenance import commit
-from pipeline.shardset import ShardSet
-from tests.conftest import refuse_writes_in
+from pipeline.shardset import ShardSet, open_shard_set
+from tests.conftest import SYNTH, refuse_writes_in
 
 
 def test_loader_table_has_the_first_batch_of_the_local_paths(shards, monkeypatch):
@@ -513,6 +514,23 @@ def test_remote_rows_are_medians_of_their_passes(shards, monkeypatch):
     assert [(r["images_per_s"], r["of_ceiling"]) for r in rows[:3]] == [
         pytest.approx((n / 2, 1.0)), pytest.approx((n / 4, 0.5)), pytest.approx((n / 8, 0.25))]
     assert rows[2]["pass"].endswith(f"(untimed first pass: {total / 10 / 1e9:.2f})") and not curl_secs + fetch_secs
+
+
+@pytest.mark.parametrize("row", ["_imagefolder", "_stock_webdataset"])
+def test_the_baselines_workers_read_on_through_a_sigterm_to_the_group(release, shards, row):
+    """A SIGTERM to the process group (a scheduler's `kill -TERM -PGID`) reaches the baselines' DataLoader workers
+    too: they died of it, and torch raised "DataLoader worker (pid N) is killed by signal: Terminated." (a traceback
+    under `tinyin bench loader`'s 'terminated'). They now take the stream path's rule: stopping is the main
+    process's job."""
+    source = release if row == "_imagefolder" else open_shard_set(shards)
+    make_iter = getattr(bench, row)(source, "rgb64", 16, 2)
+    batches = make_iter(0)
+    seen = len(next(batches)[1])
+    workers = multiprocessing.active_children()
+    assert len(workers) == 2
+    subprocess.run(["kill", "-TERM", *(str(w.pid) for w in workers)], check=True)  # from another process
+    seen += sum(len(batch[1]) for batch in batches)
+    assert seen == SYNTH["classes"] * SYNTH["train_per_class"]
 
 
 def test_imagefolder_baseline_reads_a_macos_copy_as_the_build_does(macos_copy):

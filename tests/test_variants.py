@@ -101,18 +101,28 @@ def test_any_image_pil_opens_is_what_the_studys_loader_reads(fmt, img):
     study's `ImageFolder` loader, `Image.open(f).convert('RGB')`, reads it: each is now that, byte for byte."""
     data = saved(img, fmt)
     assert Image.open(io.BytesIO(data)).mode == img.mode
+    assert _plain_mode(data) is None  # a CMYK JPEG's 4 layers are no plain JPEG's: Image.open converts them
     rgb, gray = decode_images(data, "x.JPEG")
     expected_rgb, expected_gray = reference(data)
     assert rgb.tobytes() == expected_rgb.tobytes() and gray.tobytes() == expected_gray.tobytes()
+
+
+def twelve_bits(data):
+    """`data` with its frame header's sample precision 12 bits, which PIL does not read: not the plain path."""
+    at = data.index(b"\xff\xc0") + 4
+    return data[:at] + bytes([12]) + data[at + 1:]
 
 
 @pytest.mark.parametrize("data, message", [
     (jpeg(picture("RGB", 0, (32, 32))), "x.JPEG: image is 32x32, expected 64x64"),
     # 64 high, 32 wide: PIL's JPEG decoder, given the size 64x64, decoded it "whole" into a 64x64 image
     (jpeg(picture("RGB", 0, (32, 64))), "x.JPEG: image is 32x64, expected 64x64"),
+    # 64 wide, 32 high: not the plain path (its height is not 64), and Image.open's size is refused as well
+    (jpeg(picture("RGB", 0, (64, 32))), "x.JPEG: image is 64x32, expected 64x64"),
     (saved(picture("RGB", 0), "PNG")[:3000], "x.JPEG: corrupt or truncated PNG (image file is truncated)"),
     (b"this is not a jpeg" * 20, "x.JPEG: not an image (corrupt JPEG)"),
-], ids=["32x32", "32x64", "cut-png", "garbage"])
+    (twelve_bits(jpeg(picture("RGB", 0))), "x.JPEG: not an image (corrupt JPEG)"),
+], ids=["32x32", "32x64", "64x32", "cut-png", "garbage", "12-bit"])
 def test_other_inputs_take_image_open_and_its_reasons(data, message):
     assert _plain_mode(data) is None
     with pytest.raises(ImageError) as caught:

@@ -1,4 +1,5 @@
 """The hand-assembled tar members are exactly what the standard library would write."""
+import hashlib
 import tarfile
 
 import numpy as np
@@ -7,7 +8,8 @@ import pytest
 from pipeline.tarshard import tar_header, write_shard
 
 
-@pytest.mark.parametrize("name, size", [("n01443537_0.rgb64.npy", 12416), ("val_9999.json", 77), ("a.cls", 1), ("k.x", 0)])
+@pytest.mark.parametrize("name, size", [("n01443537_0.rgb64.npy", 12416), ("val_9999.json", 77), ("a.cls", 1), ("k.x", 0),
+                                        ("n" * 100, 5)])  # a name of 100 bytes fills its field: no NUL is needed
 def test_header_matches_tarfile(name, size):
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = size, 0, 0o644
@@ -53,3 +55,17 @@ def test_every_name_of_the_schema_is_read_somewhere():
             elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "schema":
                 read.add(node.attr)
     assert sorted(name for name in vars(schema) if name.isupper() and name not in read) == []
+
+
+def test_the_returned_checksum_is_the_files_and_a_whole_block_is_not_padded(tmp_path):
+    """The sha256 write_shard returns goes into the manifest: it is the file's, end-of-archive blocks included.
+    A member of a whole number of blocks (here a 512-byte json) takes no padding, as tarfile writes it."""
+    rng = np.random.default_rng(1)
+    samples = [(f"k{i}", rng.integers(0, 255, (64, 64, 3), np.uint8), rng.integers(0, 255, (28, 28), np.uint8), i,
+                b" " * 512) for i in range(2)]
+    sha, size, _ = write_shard(tmp_path / "s.tar", samples)
+    data = (tmp_path / "s.tar").read_bytes()
+    assert sha == hashlib.sha256(data).hexdigest() and size == len(data) == 2 * 16896 + 1024  # the json: a header and its 512 bytes
+    with tarfile.open(tmp_path / "s.tar") as tar:
+        assert [(m.name, m.size) for m in tar.getmembers()][2:4] == [("k0.cls", 1), ("k0.json", 512)]
+        assert tar.extractfile("k1.json").read() == b" " * 512

@@ -46,6 +46,8 @@ def test_json_round_trips(tmp_path):
     obj = {"wall_s": 1.5, "intervals": [[0, 1.5]], "command": ["--arch", "lenet5"]}
     write_json(tmp_path / "reproduce.json", obj, indent=None)
     assert json.loads((tmp_path / "reproduce.json").read_text()) == obj
+    write_json(tmp_path / "final.json", {"epochs": 3, "test_top1": 5.5})  # indented by one by default, as run files are
+    assert (tmp_path / "final.json").read_text() == '{\n "epochs": 3,\n "test_top1": 5.5\n}\n'
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names a file descriptor's file by /proc (Linux)")
@@ -66,3 +68,17 @@ def test_a_checkpoint_is_on_the_disk_before_its_name_and_its_name_before_the_ret
     write_json(tmp_path / "final.json", {})
     assert events == [("replace", str(tmp_path / "final.json"))]
 
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names a file descriptor's file by /proc (Linux)")
+def test_a_durable_file_holds_all_its_bytes_when_it_is_synced(tmp_path, monkeypatch):
+    """The fsync must find the bytes in the file, not in Python's buffer: synced before the buffer is
+    flushed, the disk could keep a file short of what was written (the flush comes at the close)."""
+    sizes = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: (sizes.append((os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_size)),
+                                                        real_fsync(fd)))
+    path = tmp_path / "best.pth"
+    with atomic_file(path, "wb", suffix=".tmp", durable=True) as f:
+        f.write(bytes(1000))
+    assert sizes[0] == (str(path) + ".tmp", 1000)

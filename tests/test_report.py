@@ -56,6 +56,15 @@ def test_render_table_exact(runs):
     )
 
 
+def test_a_runs_time_is_seconds_below_a_minute_minutes_below_an_hour_then_hours(tmp_path):
+    """At the bounds (a minute, an hour) and rounded to the second, not cut: 90.6 s is 1 min 31 s."""
+    times = [59.9, 60.0, 90.6, 3599.4, 3600.0, 5430.0]
+    dirs = [make_run(tmp_path, f"run{i}", dict(arch="lenet5", size=28, epochs=1), [row(0, 5.0, 4.5)],
+                     final=dict(test_top1=1.0, wall_time_s=t)) for i, t in enumerate(times)]
+    walls = [line.rsplit("|", 2)[1].strip() for line in render_table(dirs).splitlines()[2:]]
+    assert walls == ["59.9 s", "1 min 00 s", "1 min 31 s", "59 min 59 s", "1 h 00 min", "1 h 30 min"]
+
+
 def test_not_a_training_run(tmp_path, runs):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -139,6 +148,21 @@ def test_a_final_json_of_fewer_epochs_than_the_metrics_is_ignored(tmp_path):
     assert render_table([run]).splitlines()[2] == "| LeNet-5 | 28x28 grey | 3 of 400 | 32 | 11.00% | 8.00% | - | 1 min 30 s |"
 
 
+def test_a_final_json_of_more_epochs_than_the_metrics_is_ignored(tmp_path):
+    """A 3-epoch run resumed from its epoch-1 checkpoint and stopped: its metrics are rewritten to the checkpoint's
+    epoch, and the 3-epoch run's final.json, left there, is not this run's test figure or time."""
+    run = make_run(tmp_path, "rewound", dict(arch="lenet5", size=28, epochs=3, batch_size=32), [row(0, 5.0, 4.5)],
+                   final=dict(arch="lenet5", size=28, epochs=3, test_top1=6.875, wall_time_s=91.4))
+    assert render_table([run]).splitlines()[2] == "| LeNet-5 | 28x28 grey | 1 of 3 | 32 | 5.00% | 4.50% | - | 30.0 s |"
+
+
+def test_blank_lines_in_the_metrics_are_skipped(tmp_path):
+    """An editor's trailing blank line (or one between rows) is no metrics row, and no error."""
+    run = make_run(tmp_path, "edited", dict(arch="lenet5", size=28, epochs=2, batch_size=32), [])
+    (run / "metrics.jsonl").write_text(json.dumps(row(0, 5.0, 4.5)) + "\n\n" + json.dumps(row(1, 9.0, 7.0)) + "\n  \n")
+    assert render_table([run]).splitlines()[2] == "| LeNet-5 | 28x28 grey | 2 | 32 | 9.00% | 7.00% | - | 1 min 00 s |"
+
+
 def test_augmented_runs_say_so(tmp_path):
     run = tmp_path / "aug"
     run.mkdir()
@@ -215,6 +239,10 @@ def test_a_run_on_other_data_is_not_set_beside_the_study(tmp_path):
     args, rows = dict(arch="lenet5", size=28, epochs=40, batch_size=32), [row(0, 70.0, 72.0)]
     small = make_run(tmp_path, "synthetic", args, rows, env=dict(dataset="10 classes (0123456789ab), 1000 train"))
     full = make_run(tmp_path, "release", args, rows, env=dict(dataset="200 classes (0123456789ab), 100000 train"))
+    # a build with --on-error skip that left images out: all the classes, not all the train images
+    skipped = make_run(tmp_path, "skipped", args, rows, env=dict(dataset="200 classes (0123456789ab), 99990 train"))
+    assert "| not comparable: trained on 200 classes (0123456789ab), 99990 train, the study on the full release |" in (
+        render_study([skipped]).splitlines()[2])
     lines = render_study([small, full]).splitlines()
     assert lines[2] == ("| synthetic | 1 of 40 | 32 | 0.700 / 0.720 / - | not comparable: trained on 10 classes "
                         "(0123456789ab), 1000 train, the study on the full release | - | - | 0.5 |")

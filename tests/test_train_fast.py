@@ -277,6 +277,9 @@ def test_cutmix_pastes_a_box_and_lam_is_its_actual_area():
     want[:, :, 0:2, 5:8] = x[[2, 0, 1], :, 0:2, 5:8]
     assert torch.equal(mixed, want) and torch.equal(b, torch.tensor([2, 0, 1])) and torch.equal(a, target)
     assert cutmix_box(8, 8, 0.75, FixedDraws(0, 0, [4, 4])) == (2, 6, 2, 6)  # unclipped: (1 - lam) of the image
+    # An odd cut (int(8 * 0.4) = 3) spans cut // 2 each side of the centre, as the CutMix paper's code (rand_bbox)
+    # draws it: 2 x 2 here, the pasted share then what lam is corrected to.
+    assert cutmix_box(8, 8, 0.84, FixedDraws(0, 0, [4, 4])) == (3, 5, 3, 5)
 
 
 def test_cutmix_from_the_generator_matches_its_box():
@@ -311,6 +314,24 @@ def test_mix_prob_is_the_share_of_batches_mixed():
     x, target = torch.randn(2, 3, 4, 4), torch.arange(2)
     lams = [mix_batch(x, target, "mixup", 1.0, mix_generator(0, 0, 0, s), prob=0.25)[3] for s in range(100)]
     assert 15 < sum(lam != 1.0 for lam in lams) < 35
+
+
+def test_cutmix_on_a_non_square_batch_weighs_by_the_share_of_its_pixels():
+    """lam is 1 - the pasted area over h * w: on a square batch h * h reads alike."""
+    x, target = torch.arange(3 * 4 * 8, dtype=torch.float32).view(3, 1, 4, 8), torch.tensor([0, 1, 2])
+    # lam 0.75: a 2 x 4 box centred at (0, 7), clipped to row 0 and columns 5-7: 3 of 32 pixels pasted.
+    mixed, _, _, lam = mix_batch(x, target, "cutmix", 1.0, FixedDraws(0.75, [2, 0, 1], [0, 7]))
+    assert lam == 1 - 3 / 32
+    want = x.clone()
+    want[:, :, 0:1, 5:8] = x[[2, 0, 1], :, 0:1, 5:8]
+    assert torch.equal(mixed, want)
+
+
+def test_the_mixing_draws_stay_what_checkpoints_were_made_with():
+    """A checkpoint holds (seed, epoch, step), not the draws: another stream for (seed, epoch, rank, step), a
+    constant or their order changed, would resume a mixed run on other boxes, weights and partners."""
+    g = mix_generator(1, 2, 3, 4)
+    assert g.integers(1000, size=4).tolist() == [988, 167, 330, 803] and g.beta(1.0, 1.0) == 0.5532978341615111
 
 
 def test_a_cutmix_box_is_clipped_to_each_sides_own_length():

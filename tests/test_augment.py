@@ -38,6 +38,11 @@ def test_pad_crop_flip_is_a_per_sample_padded_crop_and_flip():
     # Every shift, both ends included (a draw of 0..2*pad-1 never reached the right and bottom padding).
     assert {d[0] for d in drawn} == {d[1] for d in drawn} == set(range(5))
     assert 0 < sum(d[2] for d in drawn) < 64
+    # They are the generator's draws: the rows' shifts, the columns', then a flip where a uniform is below 1/2.
+    g = torch.Generator().manual_seed(0)
+    dy, dx = (torch.randint(0, 5, (64,), generator=g).tolist() for _ in range(2))
+    flips = (torch.rand(64, generator=g) < 0.5).tolist()
+    assert drawn == list(zip(dy, dx, flips))
 
 
 @pytest.mark.parametrize("size", [64, 224])

@@ -189,8 +189,47 @@ def test_plan_is_exactly_once_with_equal_batches(drop_last):
     assert plan_epoch(counts, seed=0, epoch=0, batch_size=256).sizes == [256] * 36 + [9337 - 36 * 256]
     with pytest.raises(ValueError, match="not all can fill"):
         plan_epoch([1000, 1], seed=0, epoch=0, batch_size=1, world_size=2)
+    # as many samples as batches: one each, no refusal (3 and 2 samples in 2 batches of 2)
+    assert plan_epoch([3, 2], seed=0, epoch=0, batch_size=2, world_size=2, rank=1).sizes == [1, 1]
+    # with drop_last every rank steps alike: rank 0's 3 samples would fill a batch of 3, rank 1's 2 cannot, so none
+    assert [plan_epoch([3, 2], seed=0, epoch=0, batch_size=3, world_size=2, rank=r, drop_last=True).sizes
+            for r in range(2)] == [[], []]
     with pytest.raises(ValueError, match="not a multiple of batch_size"):
         plan_epoch(counts, seed=0, epoch=0, batch_size=64, world_size=2, start=64)
+
+
+def test_the_stream_plan_stays_what_checkpoints_were_made_with():
+    """A stream checkpoint holds (seed, epoch, samples consumed, DEAL), not the plan: a change in the deal (which
+    rank gets which shard, which rows move), the shuffles, the lanes or the spread of a short rank's batches
+    would resume a run on other samples, some twice and some never. 3 ranks, shards of uneven counts: shard 0
+    and shard 3 cut between ranks, a rank of two groups (a batch straddling them), a rank's batches spread."""
+    got = []
+    for rank in range(3):
+        plan = plan_epoch([9, 3, 5, 2, 6, 4], seed=4, epoch=1, rank=rank, world_size=3, batch_size=3)
+        got.append(([tuple(int(s) for s in g) for g in plan.groups], plan.sizes,
+                    [(c.batch, c.lane, c.group, c.ids.tolist()) for c in plan.chunks]))
+    assert got == [
+        ([(3, 0)], [3, 3, 3, 1], [(0, 0, 0, [3, 6, 8]), (1, 0, 0, [0, 1, 4]), (2, 0, 0, [2, 5, 18]), (3, 0, 0, [7])]),
+        ([(1, 3), (4,)], [3, 3, 3, 1], [(0, 0, 0, [10, 11, 17]), (1, 1, 1, [19, 20, 22]), (2, 0, 0, [9]),
+                                        (2, 1, 1, [23, 24]), (3, 1, 1, [21])]),
+        ([(5, 2)], [3, 2, 2, 2], [(0, 0, 0, [12, 16, 28]), (1, 0, 0, [15, 27]), (2, 0, 0, [13, 14]), (3, 0, 0, [25, 26])]),
+    ]
+    # 4 ranks: shard 4 cut three ways (rows it keeps and rows it hands on, both in row order), a rank of two groups
+    plans = [plan_epoch([8, 10, 11, 6, 7, 8], seed=4, epoch=1, rank=r, world_size=4, batch_size=3) for r in range(4)]
+    assert [([tuple(int(s) for s in g) for g in p.groups], p.sizes, [(c.batch, c.ids.tolist()) for c in p.chunks])
+            for p in plans] == [
+        ([(4, 2)], [3, 3, 2, 2, 2], [(0, [26, 27, 36]), (1, [18, 21, 24]), (2, [19, 22]), (3, [23, 28]), (4, [20, 25])]),
+        ([(4, 3), (1,)], [3, 3, 2, 2, 2], [(0, [31, 41]), (0, [13]), (1, [8, 11, 15]), (2, [9, 12]), (3, [14, 16]),
+                                           (4, [10, 17])]),
+        ([(4, 5)], [3, 3, 3, 3, 1], [(0, [40, 44, 49]), (1, [38, 39, 45]), (2, [37, 47, 48]), (3, [42, 43, 46]), (4, [35])]),
+        ([(3, 0)], [3, 3, 3, 3, 1], [(0, [0, 6, 33]), (1, [1, 7, 32]), (2, [4, 29, 34]), (3, [2, 5, 30]), (4, [3])]),
+    ]
+    # 17 samples dealt 6, 5, 6: the one extra sample each goes to the ranks holding most (0 and 2), so none moves
+    assert [[tuple(int(s) for s in g) for g in plan_epoch([6, 5, 4, 2], seed=0, epoch=0, rank=r, world_size=3,
+                                                            batch_size=2, shuffle=False).groups] for r in range(3)] == [
+        [(0,)], [(1,)], [(2, 3)]]
+    with pytest.raises(ValueError, match="need 0 <= rank < world_size"):
+        plan_epoch([6, 5, 4, 2], seed=0, epoch=0, rank=3, world_size=3)
 
 
 def test_ranks_get_even_shares_of_uneven_shards():

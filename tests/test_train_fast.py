@@ -78,6 +78,14 @@ def test_a_per_step_run_records_the_lr_at_each_epochs_end(small_shards, tmp_path
     assert [r["lr"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [0.1, 0.1 * 0.5 * (1 + math.cos(math.pi / 2)), 0.0]
 
 
+def test_a_per_epoch_schedule_moves_once_an_epoch_not_at_each_step(small_shards, tmp_path):
+    run(small_shards, tmp_path, "--arch", "lenet5", "-b", "16", "--epochs", "3", "--lr", "0.1", "--limit-batches", "2")
+    # cosine over 3 epochs, whatever the steps in each: the lr each epoch trained at (stepped at every step, the
+    # epoch counter ran 2 steps ahead an epoch)
+    assert [r["lr"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == pytest.approx(
+        [0.1 * 0.5 * (1 + math.cos(math.pi * e / 3)) for e in (0, 1, 2)], rel=1e-12)
+
+
 def test_a_per_step_schedule_counts_the_steps_limit_batches_leaves(small_shards, tmp_path, monkeypatch):
     """The rows' lr is put back on each epoch's end; within an epoch each step's lr is of --limit-batches' steps
     (2 here, not the split's 8): 2 warm-up steps, then onecycle's decay over the other 2."""

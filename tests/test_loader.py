@@ -516,6 +516,7 @@ def test_a_split_that_is_not_a_name_is_refused(shards, split):
 @pytest.mark.parametrize("device, message", [
     ("cuda", f"device: cuda, but torch {torch.__version__} sees no CUDA device here"),
     ("mps", "device: tinyin runs on cpu or cuda, not mps"),
+    ("meta", "device: tinyin runs on cpu or cuda, not meta"),  # torch's device of shapes without data
     ("gpu", "device: 'gpu' is not a device; use cpu, cuda or cuda:N"),
 ])
 def test_a_device_this_machine_lacks_is_one_line(shards, device, message, monkeypatch):

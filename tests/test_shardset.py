@@ -353,6 +353,10 @@ def test_read_manifest_refuses_another_format_version_and_a_corrupt_file(tmp_pat
     with pytest.raises(ShardError) as e:
         read_manifest(tmp_path)
     assert str(e.value) == f"{tmp_path / 'manifest.json'}: format version 2, this tinyin reads 1"
+    (tmp_path / "manifest.json").write_text('{"shards": []}')  # no version at all: not read as this one's either
+    with pytest.raises(ShardError) as e:
+        read_manifest(tmp_path)
+    assert str(e.value) == f"{tmp_path / 'manifest.json'}: format version None, this tinyin reads 1"
     (tmp_path / "manifest.json").write_text('{"format_version": 1,')  # cut off mid-write
     with pytest.raises(ShardError) as e:
         read_manifest(tmp_path)

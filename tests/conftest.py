@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import struct
 import warnings
 import zipfile
@@ -15,6 +16,13 @@ import pytest
 from pipeline.build import build_shards
 from pipeline.index import file_sha256
 from pipeline.synth import synthesize
+
+# Ctrl-C tests raise SIGINT in this process or send it to a command they start. A shell starts a background
+# job (`make test &`, a runner's script) with SIGINT ignored, and then Python installs no KeyboardInterrupt
+# handler, here or in the commands (an ignored signal stays ignored across exec): those tests failed there, or
+# waited on a command that never stopped. Python's own handler, as an interactive start gives.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REAL_RELEASE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tiny-imagenet-200.tar.gz"
 needs_real = pytest.mark.skipif(not REAL_RELEASE.is_file(),

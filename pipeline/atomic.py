@@ -59,7 +59,10 @@ def refusal(folder):
 def folder_refusal(folder):
     """Make `folder` (and its parents) for a tool's outputs; why it cannot take them ('cannot be made a folder
     (File exists)', 'cannot write in it (Permission denied)': another user's, a read-only mount), or None.
-    Found before the work, not at its first write (a traceback out of a worker thread, a failed run)."""
+    Found before the work, not at its first write (a traceback out of a worker thread, a failed run). A name
+    longer than the file system takes is named (`long_name`), where makedirs said 'File name too long'."""
+    if why := long_name(folder):
+        return why
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:

@@ -225,6 +225,16 @@ def test_out_that_is_a_file(tmp_path):
     assert exit.value.code == f"error: --out {tmp_path / 'sr'}: cannot be made a folder (File exists)"
 
 
+def test_out_with_a_name_longer_than_the_file_system_takes(tmp_path):
+    """makedirs said 'cannot be made a folder (File name too long)', naming neither the name nor the limit."""
+    out = tmp_path / ("o" * 300) / "sr"
+    with pytest.raises(SystemExit) as exit:
+        speedrun.main(["--shards", "x", "--out", str(out), "--device", "cpu"])
+    assert exit.value.code == (f"error: --out {out}: the name '{'o' * 24}...{'o' * 8}' is 300 bytes, more than the "
+                               "255 a name may have")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_out_it_may_not_write_in(tmp_path, monkeypatch):
     """An --out there but another user's, or read-only: each seed's train.py failed to make its run folder,
     and the advice was 'rerun to train that run again'."""

@@ -454,8 +454,9 @@ def worth_retrying(error):
     argument, a missing credential), which asking again would not change: a URL urllib refuses to send
     (`http.client.InvalidURL`: a space in it, to write as %20) took 5 attempts and 10 s to say so, and a
     4xx status (a wrong password's 401, an expired signed URL's 403) as long, but for those that say
-    "later" (RETRIED_CLIENT_STATUSES)."""
-    if isinstance(error, (FileNotFoundError, http.client.InvalidURL)):
+    "later" (RETRIED_CLIENT_STATUSES); nor a refusal (PermissionError: s3fs's for a bucket's 403
+    AccessDenied, a bad key's InvalidAccessKeyId, as the HTTP 403 is)."""
+    if isinstance(error, (FileNotFoundError, PermissionError, http.client.InvalidURL)):
         return False
     status = getattr(error, "status", None)  # `http_open`'s OSError, aiohttp's ClientResponseError
     if isinstance(status, int) and 400 <= status < 500 and status not in RETRIED_CLIENT_STATUSES:

@@ -14,11 +14,13 @@ With `auth="user:password"` every request without that basic auth is answered 40
 """
 import base64
 import http.server
+import json
 import os
 import socket
 import sys
 import threading
 import urllib.parse
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -173,9 +175,37 @@ class S3Server:
                 client.upload_file(str(path), bucket, f"{prefix}/{path.name}")
         return f"s3://{bucket}/{prefix}"
 
+    def deny_reads(self, bucket, allowed=()):
+        """Turn on moto's access checks and make a user that may list `bucket` and get only the keys in
+        `allowed`: any other GET is refused (403 AccessDenied, which s3fs raises as PermissionError), as
+        a bucket without the reader's grant is. `s3://` URLs sign as that user from then on (os.environ)."""
+        import boto3
+        import s3fs
+
+        iam = boto3.client("iam", endpoint_url=self.endpoint)
+        user = f"reader-{bucket}"  # moto keeps users per process, as it keeps buckets
+        statements = [{"Effect": "Allow", "Action": "s3:ListBucket", "Resource": f"arn:aws:s3:::{bucket}"}]
+        if allowed:
+            statements.append({"Effect": "Allow", "Action": "s3:GetObject",
+                               "Resource": [f"arn:aws:s3:::{bucket}/{key}" for key in allowed]})
+        iam.create_user(UserName=user)
+        iam.put_user_policy(UserName=user, PolicyName="read", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": statements}))
+        key = iam.create_access_key(UserName=user)["AccessKey"]
+        self._set_auth("0")  # every request from now on is checked
+        os.environ.update(AWS_ACCESS_KEY_ID=key["AccessKeyId"], AWS_SECRET_ACCESS_KEY=key["SecretAccessKey"])
+        s3fs.S3FileSystem.clear_instance_cache()  # one made before signs as the old user
+
+    def _set_auth(self, unchecked):
+        """Let the next `unchecked` requests through unchecked ("inf": all of them, moto's default)."""
+        request = urllib.request.Request(f"{self.endpoint}/moto-api/reset-auth", data=unchecked.encode(),
+                                         method="POST", headers={"Content-Type": "text/plain"})
+        urllib.request.urlopen(request, timeout=10).close()
+
     def close(self):
         import s3fs
 
+        self._set_auth("inf")  # the setting is the process's: a later server must not inherit it
         self._server.stop()
         # fsspec reuses one filesystem per set of options, not per endpoint: a later server's test
         # would otherwise talk to this stopped one.

@@ -17,7 +17,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import pipeline.cache
 import pipeline.shardset
+import pipeline.stream_read
 from pipeline.checksum import sum64
 from pipeline.cache import cache_folder, cached_copy, is_set_url
 from pipeline.cli import main
@@ -422,17 +424,62 @@ def test_a_shard_the_cache_folder_cannot_take_fails_at_once_naming_the_file(serv
                             "read-only: set $TINYIN_CACHE to a folder of your own")
 
 
-def test_a_stores_own_refusal_is_not_blamed_on_the_cache_folder(serve, cache, monkeypatch, quick_retries):
-    """s3fs turns a bucket's AccessDenied into PermissionError: the URL's fault, named as such (not the
-    cache folder's, which took the .part)."""
-    server = serve()
+def val_failures(url, monkeypatch):
+    """{path: (the error line, the shard URLs asked, in order)} of the val split of the set at `url` (an s3://
+    one) fetched by the cache ("fetch") and read by the stream path ("stream")."""
+    asked = {"fetch": [], "stream": []}
+    receive, read_whole = pipeline.cache._Fetch._fsspec_receive, pipeline.stream_read.read_whole
+    monkeypatch.setattr(pipeline.cache._Fetch, "_fsspec_receive",
+                        lambda self, url, *args: asked["fetch"].append(url) or receive(self, url, *args))
+    monkeypatch.setattr(pipeline.stream_read, "read_whole",
+                        lambda url, *args: asked["stream"].append(url) or read_whole(url, *args))
+    failures = {}
+    for path, run in (("fetch", lambda: cached_copy(url, "val", workers=1)),
+                      ("stream", lambda: next(iter(make_loader(url, "val", path="stream", workers=0))))):
+        with pytest.raises(ShardError) as e:
+            run()
+        failures[path] = (str(e.value), asked[path])
+    return failures
 
-    def denied(url, part, *args):
-        raise PermissionError(errno.EACCES, "Access Denied")
-    monkeypatch.setattr("pipeline.cache._http_receive", denied)
-    with pytest.raises(ShardError) as e:
-        cached_copy(server.url, "val", workers=1)
-    assert str(e.value) == f"{server.url}/val-000000.tar: cannot fetch ([Errno 13] Access Denied, after 5 attempts)"
+
+def test_an_s3_access_denied_is_final_at_once_and_not_blamed_on_the_cache_folder(shards, cache, monkeypatch,
+                                                                               quick_retries):
+    """s3fs raises a bucket's 403 AccessDenied as PermissionError, and it was tried again as a cut connection
+    is: 5 attempts over 7.5 s of waits, then '..., after 5 attempts', where an HTTP 403 is final at once
+    (`worth_retrying`). One attempt now, named as the 403 is: the URL's fault, not the cache folder's (which
+    took the .part), on the manifest, the cache's fetch and the stream path's read alike."""
+    s3 = S3Server()
+    try:
+        url = s3.upload(shards, "tiny-denied", "set")
+        s3.deny_reads("tiny-denied", allowed=("set/manifest.json", "set/index.parquet"))
+        result = CliRunner().invoke(main, ["shard", "verify", "s3://tiny-denied/other"])
+        assert (result.exit_code, result.output) == (
+            1, "error: s3://tiny-denied/other/manifest.json: unreadable (PermissionError: Forbidden)\n")
+        shard = f"{url}/val-000000.tar"
+        assert val_failures(url, monkeypatch) == {
+            "fetch": (f"{shard}: cannot fetch (PermissionError: Forbidden)", [shard]),
+            "stream": (f"{shard}: unreadable shard (PermissionError: Forbidden)", [shard])}
+    finally:
+        s3.close()
+
+
+def test_an_s3_missing_key_or_bucket_is_final_at_once(shards, cache, monkeypatch):
+    """NoSuchKey and NoSuchBucket (s3fs's FileNotFoundError) are named at the first answer, as an HTTP 404 is."""
+    s3 = S3Server()
+    try:
+        url = s3.upload(shards, "tiny-gone", "set")
+        boto3 = pytest.importorskip("boto3")
+        boto3.client("s3", endpoint_url=s3.endpoint).delete_object(Bucket="tiny-gone", Key="set/val-000000.tar")
+        for missing in ("s3://tiny-no-such-bucket/set", "s3://tiny-gone/other"):
+            with pytest.raises(ShardError) as e:
+                ShardSet(missing)
+            assert str(e.value) == f"{missing}: not a tinyin shard set (no manifest.json); run `tinyin shard build` first"
+        shard = f"{url}/val-000000.tar"
+        assert val_failures(url, monkeypatch) == {
+            "fetch": (f"{shard}: missing (listed in the manifest)", [shard]),
+            "stream": (f"{shard}: missing (listed in the manifest)", [shard])}
+    finally:
+        s3.close()
 
 
 def test_a_fetch_retries_an_http_exception_and_not_a_clients_own_error(shards, serve, cache, monkeypatch,

@@ -127,15 +127,18 @@ def test_images_without_a_train_folder_is_a_usage_error(shards, tmp_path, comman
 
 
 def _run_tool(monkeypatch, script, *argv):
-    """tools/`script` run as a script with `argv`, in this process: the SystemExit it ends with."""
+    """tools/`script` run as a script with `argv`, in this process: the SystemExit it ends with (code None
+    when it returns)."""
     import runpy
     import sys
     from pathlib import Path
 
     monkeypatch.setattr(sys, "argv", [script, *map(str, argv)])
-    with pytest.raises(SystemExit) as stopped:
+    try:
         runpy.run_path(str(Path(__file__).resolve().parents[1] / "tools" / script), run_name="__main__")
-    return stopped.value
+    except SystemExit as stopped:
+        return stopped
+    return SystemExit()
 
 
 def test_bench_loader_script_without_the_release_is_one_line(monkeypatch, tmp_path):
@@ -414,6 +417,50 @@ def test_bench_loader_script_stopped_keeps_the_rows_measured(shards, release, tm
     assert lines[2] == "# stopped early after 7 of 12 rows"
     assert lines[5:] == STOPPED_ROWS
     assert len(json.loads(out.read_text())) == 7
+
+
+def test_the_bench_tool_takes_the_commands_pass_images(shards, release, monkeypatch, capsys):
+    """tools/bench_loader.py had no --pass-images (`tinyin bench loader` has): 'unrecognized arguments'. It takes
+    it now, read as the command reads it: the same rows, each pass of the images asked, and the same refusal."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    args = ["--shards", str(shards), "--images", str(release), "--pass-images", "512"]
+    _stop_the_loader_bench_at_row(monkeypatch, 0, _ctrl_c)  # never stopped
+    result = CliRunner().invoke(main, ["bench", "loader", *args])
+    _stop_the_loader_bench_at_row(monkeypatch, 0, _ctrl_c)  # counting from the first row again
+    assert _run_tool(monkeypatch, "bench_loader.py", *args).code is None
+    table = capsys.readouterr().out.splitlines()
+    assert table[2:] == result.stdout.splitlines()[2:] and len(table) == 2 + 2 + 12
+    assert all(line.endswith("| 512 images | — |") for line in table[4:])
+    args[-1] = "0"
+    result = CliRunner().invoke(main, ["bench", "loader", *args])
+    assert (_run_tool(monkeypatch, "bench_loader.py", *args).code, capsys.readouterr().err) == (2, result.output)
+    assert result.output == "error: Invalid value for '--pass-images': 0 is not in the range x>=1.\n"
+
+
+def test_the_bench_tool_takes_the_commands_remote_only(shards, tmp_path, monkeypatch, capsys):
+    """tools/bench_loader.py had no --remote-only (`tinyin bench loader` has): the remote rows alone, with no
+    --images and so no release to extract one from. It takes it now: the same rows, from `bench_remote`."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    asked = []
+
+    def remote(shards, **kwargs):
+        asked.append((shards, kwargs.pop("log") and kwargs))
+        return [{"variant": "rgb64", "loader": name, "workers": 0, "images_per_s": 1000.0, "pass": "1 epoch",
+                 "x_baseline": None, "of_ceiling": None} for name in bench.REMOTE_ROWS]
+    monkeypatch.setattr(bench, "bench_remote", remote)
+    monkeypatch.setattr(bench, "planned_rows", lambda variants=(), remote=False, **kwargs: len(bench.REMOTE_ROWS))
+    args = ["--shards", str(shards), "--remote-only", "--passes", "1", "--workers", "0", "--batch-size", "32"]
+    result = CliRunner().invoke(main, ["bench", "loader", *args])
+    assert _run_tool(monkeypatch, "bench_loader.py", *args, "--src", tmp_path / "none.tar.gz").code is None
+    table = capsys.readouterr().out.splitlines()
+    assert table[2:] == result.stdout.splitlines()[2:] and len(table) == 2 + 2 + len(bench.REMOTE_ROWS)
+    assert asked == [(str(shards), {"batch_size": 32, "workers": 0, "passes": 1})] * 2
 
 
 def test_remote_rows_stopped_keep_the_rows_measured(shards, monkeypatch):

@@ -4,6 +4,7 @@
     .venv/bin/python tools/bench_loader.py                       # the real archive in ../shared/data
     .venv/bin/python tools/bench_loader.py --src RELEASE.tar.gz  # any release archive or folder
     .venv/bin/python tools/bench_loader.py --shards DIR --images ROOT
+    .venv/bin/python tools/bench_loader.py --shards DIR --remote-only   # the loopback-HTTP rows alone
 
 Given an archive, it builds shards and extracts a baseline copy into a temporary folder (removed
 at the end), then runs the same measurement as `tinyin bench loader`.
@@ -22,7 +23,7 @@ from pathlib import Path
 import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.bench import bench_loader, check_images, check_json, format_table, planned_rows  # noqa: E402
+from pipeline.bench import bench_loader, bench_remote, check_images, check_json, format_table, planned_rows  # noqa: E402
 from pipeline.build import build_shards  # noqa: E402
 from pipeline.cli import bench_loader_cmd  # noqa: E402
 from pipeline.device import check_device  # noqa: E402
@@ -66,26 +67,38 @@ def checked_as_the_command(args, names):
                 raise UsageError(e.format_message()) from None
 
 
+# The options the tool shares with `tinyin bench loader`: its flags, defaults and help, read from the command.
+COMMAND_OPTIONS = ("batch_size", "workers", "passes", "pass_images", "device", "remote", "remote_only")
+
+
+def add_command_option(parser, name):
+    """`tinyin bench loader`'s option `name` (click's name, argparse's dest) on `parser`: its flag, default and
+    help, so the tool takes it with the same meaning. Numbers as typed: `checked_as_the_command` reads them."""
+    param = next(p for p in bench_loader_cmd.params if p.name == name)
+    text = param.help.replace("%", "%%")
+    if param.is_flag:
+        parser.add_argument(*param.opts, action="store_true", help=text)
+    else:
+        parser.add_argument(*param.opts, default=param.default, help=f"{text}  [default: %(default)s]")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--src", default=str(DEFAULT_SRC), type=os.path.expanduser, help="release archive or folder (default: %(default)s)")
     parser.add_argument("--shards", type=os.path.expanduser, help="an existing shard folder (skips the build)")
     parser.add_argument("--images", type=os.path.expanduser, help="an extracted release folder (skips the extraction)")
-    # Numbers as typed: `checked_as_the_command` reads them.
-    parser.add_argument("--batch-size", default=256, help="images per batch (default: %(default)s)")
-    parser.add_argument("--workers", default=2, help="baseline/stream workers (default: %(default)s)")
-    parser.add_argument("--passes", default=5, help="timed passes per loader (default: %(default)s)")
-    parser.add_argument("--device", default="cpu", help="resident/224 device (default: %(default)s)")
-    parser.add_argument("--remote", action="store_true", help="also the loopback-HTTP rows: curl, remote fetch, remote stream")
+    for name in COMMAND_OPTIONS:
+        add_command_option(parser, name)
     parser.add_argument("--json", type=os.path.expanduser, help="also write the rows here")
     args = parser.parse_args()
-    checked_as_the_command(args, ("batch_size", "workers", "passes"))  # --passes 0: a traceback after the warm-up
+    checked_as_the_command(args, ("batch_size", "workers", "passes", "pass_images"))  # --passes 0: a traceback after the warm-up
     check_device(args.device)  # found by the resident row, after the baseline's minutes
     check_json(args.json)  # as `tinyin bench loader` checks it
     check_images(args.images)  # before the build of --src, as the command does (found after it, the build was lost)
     if args.shards is not None:
         local_folder("--shards", args.shards)  # as `tinyin bench loader` and train.py check it
-    if (args.shards is None or args.images is None) and not Path(args.src).exists():
+    needs_images = args.images is None and not args.remote_only  # the remote rows read no images
+    if (args.shards is None or needs_images) and not Path(args.src).exists():
         sys.exit(f"error: {args.src}: not found (pass --src)")  # as tools/bench_build.py says it
     tmp = Path(tempfile.mkdtemp(prefix="tinyin-bench-loader-"))
     try:
@@ -94,16 +107,20 @@ def main():
             print(f"building shards from {args.src} ...", file=sys.stderr)
             shards = tmp / "shards"
             build_shards(args.src, shards, progress=False)
-        if images is None:
+        if needs_images:
             src = Path(args.src)
             images = src if src.is_dir() else extract(src, tmp / "images")
         check_images(images)  # as `tinyin bench loader` checks it
+        log = lambda m: print(m, file=sys.stderr)  # noqa: E731
         with sigterm_interrupts() as stopped_by:  # SIGTERM ends the table early, as Ctrl-C does: the rows so far are kept
-            rows = bench_loader(shards, images, batch_size=args.batch_size, workers=args.workers, passes=args.passes,
-                                device=args.device, remote=args.remote, log=lambda m: print(m, file=sys.stderr))
+            if args.remote_only:
+                rows = bench_remote(shards, batch_size=args.batch_size, workers=args.workers, passes=args.passes, log=log)
+            else:
+                rows = bench_loader(shards, images, batch_size=args.batch_size, workers=args.workers, passes=args.passes,
+                                    pass_images=args.pass_images, device=args.device, remote=args.remote, log=log)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    planned = planned_rows(device=args.device, remote=args.remote)
+    planned = planned_rows((), remote=True) if args.remote_only else planned_rows(device=args.device, remote=args.remote)
     print(format_table(rows, "python tools/bench_loader.py " + shlex.join(sys.argv[1:]), args.batch_size, planned))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -135,21 +135,26 @@ def _mark(folder, remote):
 
 
 def _write_metadata(remote, folder):
-    """Write the manifest and index of `remote` into `folder`, dropping copies a new manifest disowns."""
+    """Write the manifest and index of `remote` into `folder`, dropping copies a new manifest disowns. An index
+    changed or removed under the same manifest (a disk's error, a clean-up by hand) is written again: every
+    open of the copy failed on it till the folder was deleted by hand."""
     path = folder / MANIFEST_FILE
     try:
         old = json.loads(path.read_text())
     except (FileNotFoundError, ValueError):
         old = None
     if old == remote.manifest:
-        return
-    # Copies the old and the new manifest agree on stay; any other file (or one of unknown origin) goes.
-    pairs = lambda m: {(e["file"], e["sha256"]) for e in m["shards"]}  # noqa: E731
-    keep = pairs(old) & pairs(remote.manifest) if old and "shards" in old else set()
-    for entry in (old or {}).get("shards", []) + remote.manifest["shards"]:
-        if (entry["file"], entry["sha256"]) not in keep:
-            (folder / entry["file"]).unlink(missing_ok=True)
-            (folder / f"{entry['file']}.part").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            if (folder / INDEX_FILE).read_bytes() == remote.index_bytes:
+                return
+    else:
+        # Copies the old and the new manifest agree on stay; any other file (or one of unknown origin) goes.
+        pairs = lambda m: {(e["file"], e["sha256"]) for e in m["shards"]}  # noqa: E731
+        keep = pairs(old) & pairs(remote.manifest) if old and "shards" in old else set()
+        for entry in (old or {}).get("shards", []) + remote.manifest["shards"]:
+            if (entry["file"], entry["sha256"]) not in keep:
+                (folder / entry["file"]).unlink(missing_ok=True)
+                (folder / f"{entry['file']}.part").unlink(missing_ok=True)
     with atomic_file(folder / INDEX_FILE, "wb") as f:
         f.write(remote.index_bytes)  # the bytes as served: the manifest's index_sha256 holds for them
     write_json(path, remote.manifest)  # last: a folder with a manifest has its index

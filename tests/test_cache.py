@@ -125,6 +125,23 @@ def test_a_copy_of_the_cache_made_elsewhere_is_ones_own_set_and_keeps_its_files(
     assert (mine / SHARD).is_file() and ShardSet(copy).is_cached_copy and not ShardSet(mine).is_cached_copy
 
 
+@pytest.mark.parametrize("damage", ["changed", "removed"])
+def test_a_damaged_or_removed_index_in_the_copy_is_written_again(shards, serve, cache, damage):
+    """The copy's manifest alone was compared with the set's: an index changed or removed in the copy (a disk's
+    error, a clean-up by hand) failed every later run, 'index.parquet: checksum differs from the manifest'
+    or 'missing index.parquet', until the folder was deleted by hand. It is written again, no shard fetched."""
+    server = serve()
+    copy = cached_copy(server.url, "train")
+    server.requests.clear()
+    if damage == "changed":
+        (copy / "index.parquet").write_bytes(b"PAR1 not an index")
+    else:
+        (copy / "index.parquet").unlink()
+    assert_same(batches(server.url, "fast"), batches(shards, "fast"))
+    assert (copy / "index.parquet").read_bytes() == (shards / "index.parquet").read_bytes()
+    assert shard_gets(server) == {}
+
+
 def test_s3_set_yields_the_local_batches(shards, cache):
     s3 = S3Server()
     try:

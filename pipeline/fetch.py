@@ -20,6 +20,7 @@ import urllib.request
 
 from tqdm import tqdm
 
+from .errors import FULL_DISK_ERRNOS
 from .locks import locked
 from .shardset import http_request
 
@@ -166,6 +167,10 @@ def _download(url, part, expected_size, md5, chunk_size, progress):
     except urllib.error.URLError as e:
         raise FetchError(f"cannot download {url}: {e.reason}") from None
     except (OSError, http.client.HTTPException) as e:
+        if isinstance(e, OSError) and e.errno in FULL_DISK_ERRNOS:
+            # This machine's disk, not the server: the user must know which disk to clean (a write's error
+            # names no file). The .part is kept: what arrived resumes once there is room.
+            raise OSError(e.errno, e.strerror, str(part)) from None
         raise FetchError(f"cannot download {url}: {str(e) or type(e).__name__}") from None
 
 
@@ -189,7 +194,8 @@ def fetch_release(out, url=OFFICIAL_URL, expected_size=OFFICIAL_SIZE, md5=OFFICI
 
     Raises FetchError with a one-line message: "cannot download <url>: <reason>" on
     network errors (the .part is kept for resuming), or "<name>: expected ..., got ..."
-    on a size or md5 mismatch (the .part is deleted).
+    on a size or md5 mismatch (the .part is deleted); OSError naming the .part where its disk or
+    quota is full (the .part is kept).
     """
     try:
         parts = urllib.parse.urlsplit(url)

@@ -409,6 +409,45 @@ def test_cli_fetch_downloads_and_reports_errors_in_one_line(serve, payload, tmp_
     assert result.output.strip().splitlines()[-1] == f"error: {NAME}: expected md5 {'0' * 32}, got {hashlib.md5(payload).hexdigest()}"
 
 
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+def test_a_full_disk_names_the_part_not_the_url(serve, payload, tmp_path, monkeypatch, code):
+    """The disk (or quota) filling mid-download said 'error: cannot download URL: [Errno 28] No space left on
+    device': the server blamed, and not a word of which disk to clean. It is the machine's error naming the
+    .part, kept (what arrived resumes once there is room)."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    real_open = pathlib.Path.open
+
+    class Full:
+        """A file on a disk that is full: its writes fail."""
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(code, os.strerror(code))
+
+    def opened(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return Full(f) if path.name.endswith(".part") else f
+    monkeypatch.setattr(pathlib.Path, "open", opened)
+    out = tmp_path / "dl"
+    result = CliRunner().invoke(main, ["data", "fetch", "--out", str(out), "--url", _url(serve()),
+                                       "--md5", hashlib.md5(payload).hexdigest()])
+    last = result.output.splitlines()[-1]  # after the progress bar's
+    assert (result.exit_code, last) == (1, f"error: {os.strerror(code)}: {out / NAME}.part")
+    monkeypatch.undo()
+    assert (out / f"{NAME}.part").is_file()
+    assert _fetch(serve(), out, payload).read_bytes() == payload
+
+
 def test_cli_says_a_file_already_there_is_not_downloaded(serve, payload, tmp_path):
     """A second `data fetch` of a complete file said 'downloaded PATH', though nothing was: it says what it
     found, and what the file matched (the md5, or without --md5 the size the server gives)."""

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .errors import FULL_DISK_ERRNOS
 from .locks import locked
-from .shardset import http_request
+from .shardset import http_request, status_line
 
 OFFICIAL_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 OFFICIAL_SIZE = 248100043  # bytes of the official zip
@@ -156,7 +156,7 @@ def _download(url, part, expected_size, md5, chunk_size, progress):
                 raise FetchError(f"cannot download {url}: connection closed after {received} of {length} bytes")
     except urllib.error.HTTPError as e:
         if e.code != 416:  # 416: the .part already holds everything the server has
-            raise FetchError(f"cannot download {url}: HTTP {e.code} {e.reason}") from None
+            raise FetchError(f"cannot download {url}: {status_line(e)}") from None
         total = _complete_length(e.headers.get("Content-Range"))
         if total is not None and total < start:  # longer than the file: not a prefix of it, so start again
             part.unlink()

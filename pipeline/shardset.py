@@ -455,11 +455,12 @@ def worth_retrying(error):
     (`http.client.InvalidURL`: a space in it, to write as %20) took 5 attempts and 10 s to say so, and a
     4xx status (a wrong password's 401, an expired signed URL's 403) as long, but for those that say
     "later" (RETRIED_CLIENT_STATUSES); nor a refusal (PermissionError: s3fs's for a bucket's 403
-    AccessDenied, a bad key's InvalidAccessKeyId, as the HTTP 403 is)."""
+    AccessDenied, a bad key's InvalidAccessKeyId, as the HTTP 403 is); nor a redirect urllib would not
+    follow (a 3xx status: a loop, or more than 10), asked again 5 times over 7.5 s."""
     if isinstance(error, (FileNotFoundError, PermissionError, http.client.InvalidURL)):
         return False
     status = getattr(error, "status", None)  # `http_open`'s OSError, aiohttp's ClientResponseError
-    if isinstance(status, int) and 400 <= status < 500 and status not in RETRIED_CLIENT_STATUSES:
+    if isinstance(status, int) and 300 <= status < 500 and status not in RETRIED_CLIENT_STATUSES:
         return False
     if isinstance(error, (OSError, http.client.HTTPException)):
         return True
@@ -480,6 +481,13 @@ def http_request(url, headers=None):
     return request
 
 
+def status_line(error):
+    """'HTTP <code> <reason>' of urllib's HTTPError `error`, in one line: its reason for a redirect it gives up on
+    runs over three ('... would lead to an infinite loop.\nThe last 30x error message was:\nFound')."""
+    reason = str(error.reason).strip().splitlines()
+    return f"HTTP {error.code} {reason[0]}" if reason else f"HTTP {error.code}"
+
+
 def http_open(url, headers=None, timeout=60):
     """The response to a GET of plain HTTP(S) `url` (`http_request`); FileNotFoundError on a 404,
     OSError('HTTP <code> <reason>') on another error status, the code its `status` (`worth_retrying`)."""
@@ -489,7 +497,7 @@ def http_open(url, headers=None, timeout=60):
         e.close()
         if e.code == 404:
             raise FileNotFoundError(url) from None
-        error = OSError(f"HTTP {e.code} {e.reason}")
+        error = OSError(status_line(e))
         error.status = e.code
         raise error from None
 

@@ -4,7 +4,8 @@
 a fault: "missing" (404), "truncate" (the full Content-Length announced, half the body sent, then
 the connection closed), "corrupt" (one byte flipped, right length), "cut-once" (the first GET of
 the file breaks off mid-body, later ones succeed: a retry must recover), "redirect" (a GET of the
-file is answered 302, to the same path with a query, which serves it), "no-range" (a Range request is
+file is answered 302, to the same path with a query, which serves it), "redirect-loop" (every GET of the file is
+answered 302 to itself, as a misconfigured server does), "no-range" (a Range request is
 answered 200 with the whole file, as by a server without range support), "busy-once" (the first GET of the
 file is answered 503 Service Unavailable, later ones served). It answers as a proxy too:
 a request for an absolute URL (`http_proxy` set to the server's URL) is served that URL's path.
@@ -24,7 +25,7 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
-FAULTS = ("missing", "truncate", "corrupt", "cut-once", "redirect", "no-range", "busy-once")
+FAULTS = ("missing", "truncate", "corrupt", "cut-once", "redirect", "redirect-loop", "no-range", "busy-once")
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -68,9 +69,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         name, path, fault = self._target()
         if name is None:
             return
-        if fault == "redirect" and "?" not in self.path:
+        if fault == "redirect-loop" or (fault == "redirect" and "?" not in self.path):
             self.send_response(302)
-            self.send_header("Location", f"{self.path}?moved")
+            self.send_header("Location", self.path if fault == "redirect-loop" else f"{self.path}?moved")
             self.send_header("Content-Length", "0")
             self.end_headers()
             return

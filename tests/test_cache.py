@@ -338,6 +338,18 @@ def test_a_urls_password_is_hidden_in_the_error_line(shards, cache, quick_retrie
         server.close()
 
 
+def test_a_redirect_loop_is_one_line_and_final_at_once(shards, serve, cache, monkeypatch):
+    """A server that redirects a file to itself: urllib gives up after 5 redirects with a reason of three lines
+    ('... would lead to an infinite loop.\nThe last 30x error message was:\nFound'), and the read was tried
+    again 5 times over 7.5 s of waits, as if the server might answer next time. One line now, at once."""
+    monkeypatch.setattr(pipeline.shardset.time, "sleep", lambda s: pytest.fail("waited to try again"))
+    server = serve({"manifest.json": "redirect-loop"})
+    result = CliRunner().invoke(main, ["shard", "verify", server.url])
+    assert (result.exit_code, result.output) == (
+        1, f"error: {server.url}/manifest.json: unreadable (OSError: HTTP 302 The HTTP server returned a redirect "
+           "error that would lead to an infinite loop.)\n")
+
+
 def test_a_signed_urls_token_is_hidden_in_the_error_line(shards, cache, quick_retries):
     """A signed URL's token is as much a secret as a password (whoever reads the job log could use it
     until it expires): the error line showed it in full."""
@@ -724,7 +736,7 @@ def test_an_http_status_is_retried_but_a_clients_own_error():
         error = OSError(f"HTTP {code}")
         error.status = code
         return error
-    codes = (400, 401, 403, 405, 408, 410, 425, 429, 500, 502, 503)
+    codes = (302, 400, 401, 403, 405, 408, 410, 425, 429, 500, 502, 503)
     assert {code: worth_retrying(status(code)) for code in codes} == {
-        400: False, 401: False, 403: False, 405: False, 408: True, 410: False, 425: True, 429: True,
+        302: False, 400: False, 401: False, 403: False, 405: False, 408: True, 410: False, 425: True, 429: True,
         500: True, 502: True, 503: True}

@@ -448,6 +448,24 @@ def test_a_full_disk_names_the_part_not_the_url(serve, payload, tmp_path, monkey
     assert _fetch(serve(), out, payload).read_bytes() == payload
 
 
+def test_a_redirect_loop_is_one_line(payload, tmp_path):
+    """urllib's reason for a redirect it gives up on runs over three lines: 'error: cannot download URL: HTTP 302
+    The HTTP server returned a redirect error that would lead to an infinite loop.\nThe last 30x error ...'."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    server = FaultyHTTPServer(tmp_path / "www", {NAME: "redirect-loop"})
+    try:
+        result = CliRunner().invoke(main, ["data", "fetch", "--out", str(tmp_path / "dl"), "--url", f"{server.url}/{NAME}",
+                                           "--md5", hashlib.md5(payload).hexdigest()])
+    finally:
+        server.close()
+    assert (result.exit_code, result.output) == (
+        1, f"error: cannot download {server.url}/{NAME}: HTTP 302 The HTTP server returned a redirect error that "
+           "would lead to an infinite loop.\n")
+
+
 def test_cli_says_a_file_already_there_is_not_downloaded(serve, payload, tmp_path):
     """A second `data fetch` of a complete file said 'downloaded PATH', though nothing was: it says what it
     found, and what the file matched (the md5, or without --md5 the size the server gives)."""

@@ -209,6 +209,8 @@ def fetch_release(out, url=OFFICIAL_URL, expected_size=OFFICIAL_SIZE, md5=OFFICI
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     final, part = out / name, out / f"{name}.part"
+    if final.is_dir():  # an archive unpacked under its own name: its rename failed once the whole file had come
+        raise FetchError(f"{final}: a folder, not a file; move it away to download {name} here")
     if expected_size is None and md5 is None:
         # Nothing to check a file against: take the server's size, so that an unrelated file already
         # in `out`, or a .part longer than the file, is not taken for the download.

@@ -466,6 +466,22 @@ def test_a_redirect_loop_is_one_line(payload, tmp_path):
            "would lead to an infinite loop.\n")
 
 
+def test_a_folder_where_the_download_goes_is_refused_before_downloading(serve, payload, tmp_path):
+    """OUT/NAME a folder (an archive unpacked under its own name): the whole file was downloaded, then its rename
+    into place was an IsADirectoryError traceback."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    server, out = serve(), tmp_path / "dl"
+    (out / NAME).mkdir(parents=True)
+    result = CliRunner().invoke(main, ["data", "fetch", "--out", str(out), "--url", _url(server),
+                                       "--md5", hashlib.md5(payload).hexdigest()])
+    assert (result.exit_code, result.output) == (
+        1, f"error: {out / NAME}: a folder, not a file; move it away to download {NAME} here\n")
+    assert server.ranges == [] and sorted(p.name for p in out.iterdir()) == [NAME]
+
+
 def test_cli_says_a_file_already_there_is_not_downloaded(serve, payload, tmp_path):
     """A second `data fetch` of a complete file said 'downloaded PATH', though nothing was: it says what it
     found, and what the file matched (the md5, or without --md5 the size the server gives)."""

@@ -18,6 +18,7 @@ import http.client
 import json
 import math
 import os
+import ssl
 import time
 import urllib.error
 import urllib.parse
@@ -456,8 +457,12 @@ def worth_retrying(error):
     4xx status (a wrong password's 401, an expired signed URL's 403) as long, but for those that say
     "later" (RETRIED_CLIENT_STATUSES); nor a refusal (PermissionError: s3fs's for a bucket's 403
     AccessDenied, a bad key's InvalidAccessKeyId, as the HTTP 403 is); nor a redirect urllib would not
-    follow (a 3xx status: a loop, or more than 10), asked again 5 times over 7.5 s."""
+    follow (a 3xx status: a loop, or more than 10), asked again 5 times over 7.5 s; nor an https server's
+    certificate that fails verification (self-signed, expired, another host's: urllib's URLError around
+    ssl's SSLCertVerificationError), asked again as long."""
     if isinstance(error, (FileNotFoundError, PermissionError, http.client.InvalidURL)):
+        return False
+    if any(isinstance(e, ssl.SSLCertVerificationError) for e in (error, getattr(error, "reason", None))):
         return False
     status = getattr(error, "status", None)  # `http_open`'s OSError, aiohttp's ClientResponseError
     if isinstance(status, int) and 300 <= status < 500 and status not in RETRIED_CLIENT_STATUSES:

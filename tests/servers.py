@@ -12,6 +12,7 @@ a request for an absolute URL (`http_proxy` set to the server's URL) is served t
 With `auth="user:password"` every request without that basic auth is answered 401, with
 `query="sig=..."` (a signed URL's token) every request without that query string 403. `requests` counts GETs,
 `starts` lists each GET's (name, first byte). `down_for(seconds)` refuses connections a while (a restart).
+With `tls=True` it answers HTTPS only, with a self-signed certificate no client trusts.
 """
 import base64
 import http.server
@@ -110,12 +111,16 @@ class FaultyHTTPServer(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, root, faults=None, auth=None, query=None):
+    def __init__(self, root, faults=None, auth=None, query=None, tls=False):
         super().__init__(("127.0.0.1", 0), _Handler)
+        if tls:
+            from werkzeug.serving import generate_adhoc_ssl_context  # moto[server]'s, in the test extra
+
+            self.socket = generate_adhoc_ssl_context().wrap_socket(self.socket, server_side=True)
         self.root, self.faults, self.requests, self.starts = str(root), dict(faults or {}), Counter(), []
         self.auth, self.query = auth and f"Basic {base64.b64encode(auth.encode()).decode()}", query
         assert set(self.faults.values()) <= set(FAULTS), self.faults
-        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.server_address[1]}"
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
     def handle_error(self, request, client_address):

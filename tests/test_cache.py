@@ -5,8 +5,10 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -348,6 +350,31 @@ def test_a_redirect_loop_is_one_line_and_final_at_once(shards, serve, cache, mon
     assert (result.exit_code, result.output) == (
         1, f"error: {server.url}/manifest.json: unreadable (OSError: HTTP 302 The HTTP server returned a redirect "
            "error that would lead to an infinite loop.)\n")
+
+
+def test_a_certificate_no_one_trusts_is_final_at_once(shards, monkeypatch, tmp_path):
+    """An https server whose certificate fails verification (self-signed, expired, another host's): asking again
+    changes nothing, and the read was tried 5 times over 7.5 s, then named '..., after 5 attempts'. Now at once,
+    for the set's manifest and the stream path's shard alike."""
+    server = FaultyHTTPServer(shards, tls=True)
+    try:
+        monkeypatch.setattr(pipeline.shardset.time, "sleep", lambda s: pytest.fail("waited to try again"))
+        result = CliRunner().invoke(main, ["shard", "verify", server.url])
+        assert result.exit_code == 1 and result.output.startswith(
+            f"error: {server.url}/manifest.json: unreadable (URLError: <urlopen error [SSL: CERTIFICATE_VERIFY_FAILED] "
+            "certificate verify failed: self-signed certificate (")
+        assert result.output.endswith(")>)\n") and result.output.count("\n") == 1
+        reads, read_whole = [], pipeline.stream_read.read_whole
+        monkeypatch.setattr(pipeline.stream_read, "read_whole", lambda url, *a: reads.append(url) or read_whole(url, *a))
+        url = f"{server.url}/val-000000.tar"
+        with pytest.raises(ShardError, match="^" + re.escape(f"{url}: unreadable shard (URLError: ")):
+            next(iter(make_loader([url], "val", path="stream", sample_counts=[60], workers=0)))
+        assert reads == [url]
+        with pytest.raises(ssl.SSLCertVerificationError) as e:  # the cache's fetch, as it sees the failure
+            pipeline.cache._http_receive(url, tmp_path / "part", 0, 10, lambda n: None, threading.Event())
+        assert not worth_retrying(e.value)
+    finally:
+        server.close()
 
 
 def test_a_signed_urls_token_is_hidden_in_the_error_line(shards, cache, quick_retries):

@@ -170,7 +170,11 @@ class ShardSet:
                 if self._plain_http:
                     return _http_get(where)
                 return self._fs.cat_file(f"{self._root}/{name}")
-            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+                if not self.is_local and e.errno is None and str(e) not in ("", where, f"{self._root}/{name}"):
+                    # The store's own word for what is missing, not the file (s3fs's 'The specified bucket does
+                    # not exist'): a mistyped bucket was 'not a tinyin shard set; run `tinyin shard build` first'.
+                    raise ShardError(f"{self.location}: cannot open ({_named(e)})") from None
                 return None
             except Exception as e:  # any: each remote client has its own (botocore's NoCredentialsError, socket.gaierror)
                 if attempt == len(waits) or not worth_retrying(e):

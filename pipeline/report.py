@@ -130,10 +130,13 @@ def _metrics_rows(path) -> list[dict]:
 
 
 def _duration(seconds) -> str:
+    """A run's wall time: tenths of a second below a minute, minutes and seconds below an hour, then hours and
+    minutes; in the larger unit where it rounds up to its bound: 59.96 s is '1 min 00 s' (it was '60.0 s')."""
     if seconds is None:
         return "-"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
+    tenths = f"{seconds:.1f}"
+    if float(tenths) < 60:
+        return f"{tenths} s"
     m, s = divmod(round(seconds), 60)
     return f"{m} min {s:02d} s" if m < 60 else f"{m // 60} h {m % 60:02d} min"
 

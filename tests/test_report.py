@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.cli import report_cmd
-from pipeline.report import LENET_RECORDED, STUDY, plot_curves, render_study, render_table, study_row, write_report
+from pipeline.report import LENET_RECORDED, STUDY, _duration, plot_curves, render_study, render_table, study_row, write_report
 from tests.conftest import refuse_writes_in
 
 
@@ -63,6 +63,15 @@ def test_a_runs_time_is_seconds_below_a_minute_minutes_below_an_hour_then_hours(
                      final=dict(test_top1=1.0, wall_time_s=t)) for i, t in enumerate(times)]
     walls = [line.rsplit("|", 2)[1].strip() for line in render_table(dirs).splitlines()[2:]]
     assert walls == ["59.9 s", "1 min 00 s", "1 min 31 s", "59 min 59 s", "1 h 00 min", "1 h 30 min"]
+
+
+@pytest.mark.parametrize("seconds, said", [
+    (59.94, "59.9 s"), (59.95, "1 min 00 s"), (59.96, "1 min 00 s"), (59.99, "1 min 00 s"),
+    (119.4, "1 min 59 s"), (119.5, "2 min 00 s"), (3599.4, "59 min 59 s"), (3599.5, "1 h 00 min"),
+    (3599.9, "1 h 00 min")])
+def test_a_runs_time_that_rounds_up_to_a_units_bound_is_said_in_the_larger_unit(seconds, said):
+    """59.96 s printed '60.0 s'."""
+    assert _duration(seconds) == said
 
 
 def test_not_a_training_run(tmp_path, runs):

@@ -131,14 +131,18 @@ def _metrics_rows(path) -> list[dict]:
 
 def _duration(seconds) -> str:
     """A run's wall time: tenths of a second below a minute, minutes and seconds below an hour, then hours and
-    minutes; in the larger unit where it rounds up to its bound: 59.96 s is '1 min 00 s' (it was '60.0 s')."""
+    minutes, each rounded to its last place; in the larger unit where it rounds up to its bound: 59.96 s is
+    '1 min 00 s' (it was '60.0 s')."""
     if seconds is None:
         return "-"
     tenths = f"{seconds:.1f}"
     if float(tenths) < 60:
         return f"{tenths} s"
     m, s = divmod(round(seconds), 60)
-    return f"{m} min {s:02d} s" if m < 60 else f"{m // 60} h {m % 60:02d} min"
+    if m < 60:
+        return f"{m} min {s:02d} s"
+    h, m = divmod(round(seconds / 60), 60)  # rounded to the minute, as the seconds above: 7199 s was '1 h 59 min'
+    return f"{h} h {m:02d} min"
 
 
 def _percent(value) -> str:

@@ -68,9 +68,10 @@ def test_a_runs_time_is_seconds_below_a_minute_minutes_below_an_hour_then_hours(
 @pytest.mark.parametrize("seconds, said", [
     (59.94, "59.9 s"), (59.95, "1 min 00 s"), (59.96, "1 min 00 s"), (59.99, "1 min 00 s"),
     (119.4, "1 min 59 s"), (119.5, "2 min 00 s"), (3599.4, "59 min 59 s"), (3599.5, "1 h 00 min"),
-    (3599.9, "1 h 00 min")])
+    (3599.9, "1 h 00 min"), (3629.9, "1 h 00 min"), (3659.0, "1 h 01 min"), (7169.9, "1 h 59 min"),
+    (7199.0, "2 h 00 min"), (86399.6, "24 h 00 min")])
 def test_a_runs_time_that_rounds_up_to_a_units_bound_is_said_in_the_larger_unit(seconds, said):
-    """59.96 s printed '60.0 s'."""
+    """59.96 s printed '60.0 s', and the hours cut their minutes: 7199 s (1 h 59 min 59 s) was '1 h 59 min'."""
     assert _duration(seconds) == said
 
 

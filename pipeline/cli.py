@@ -99,8 +99,11 @@ def data():
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Random seed: same seed, same bytes.")
 def data_synth(out, classes, train_per_class, val_per_class, test_images, seed):
     """Write a small learnable dataset in the official Tiny ImageNet layout."""
+    from .atomic import long_name
     from .synth import synthesize
 
+    if why := long_name(out):  # mkdir's 'File name too long: PATH' named neither the name nor the limit
+        raise UsageError(f"--out {out}: {why}; choose a shorter name")
     try:
         path = synthesize(out, classes=classes, train_per_class=train_per_class,
                           val_per_class=val_per_class, test=test_images, seed=seed)

@@ -88,8 +88,18 @@ def data():
     """Get a release: synthesise a small one, or fetch the official archive."""
 
 
+def _name_fits(ctx, param, value):
+    """--out of the data commands: a name over NAME_MAX in it named (`atomic.long_name`), as shard build's --out
+    and train.py's --output-dir are, where mkdir's 'File name too long: PATH' named neither the name nor the limit."""
+    from .atomic import long_name
+
+    if why := long_name(value):
+        raise UsageError(f"{param.opts[0]} {value}: {why}; choose a shorter name")
+    return value
+
+
 @data.command("synth")
-@click.option("--out", required=True, type=_Path(file_okay=False), help="Folder to create.")
+@click.option("--out", required=True, type=_Path(file_okay=False), callback=_name_fits, help="Folder to create.")
 @click.option("--classes", default=10, show_default=True, type=click.IntRange(1), help="Number of classes.")
 @click.option("--train-per-class", default=100, show_default=True, type=click.IntRange(1), help="Train images per class.")
 @click.option("--val-per-class", default=50, show_default=True, type=click.IntRange(2),
@@ -99,11 +109,8 @@ def data():
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Random seed: same seed, same bytes.")
 def data_synth(out, classes, train_per_class, val_per_class, test_images, seed):
     """Write a small learnable dataset in the official Tiny ImageNet layout."""
-    from .atomic import long_name
     from .synth import synthesize
 
-    if why := long_name(out):  # mkdir's 'File name too long: PATH' named neither the name nor the limit
-        raise UsageError(f"--out {out}: {why}; choose a shorter name")
     try:
         path = synthesize(out, classes=classes, train_per_class=train_per_class,
                           val_per_class=val_per_class, test=test_images, seed=seed)
@@ -121,7 +128,7 @@ def _md5(ctx, param, value):
 
 
 @data.command("fetch")
-@click.option("--out", required=True, type=_Path(file_okay=False), help="Folder to download into.")
+@click.option("--out", required=True, type=_Path(file_okay=False), callback=_name_fits, help="Folder to download into.")
 @click.option("--url", default=None, help="Archive URL [default: the official cs231n zip, with its known size and md5].")
 @click.option("--md5", default=None, callback=_md5, help="Expected md5 of a --url download [default: not checked].")
 def data_fetch(out, url, md5):

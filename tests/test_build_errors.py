@@ -438,7 +438,8 @@ def test_an_output_of_the_wrong_kind_is_one_line(tmp_path, args, flag, wrong):
     assert (result.exit_code, result.output) == (2, f"error: {message}\n")
 
 
-@pytest.mark.parametrize("args", [["data", "synth", "--out", "LONG"]], ids=lambda args: "-".join(args[:2]))
+@pytest.mark.parametrize("args", [["data", "synth", "--out", "LONG"], ["data", "fetch", "--out", "LONG"]],
+                         ids=lambda args: "-".join(args[:2]))
 def test_an_output_name_too_long_for_the_file_system_is_one_line(tmp_path, args):
     """It was OSError's traceback, `[Errno 36] File name too long`, then 'File name too long: PATH', naming
     neither the name nor the limit; it names them as shard build's --out and train.py's --output-dir do."""

@@ -63,8 +63,8 @@ with stopped_at_once():  # the imports (torch's: seconds): a signal ends them in
                                      load_checkpoint, restore_ema, resume_path, run_identity, save_atomic,
                                      weights_run)
     from pipeline.device import check_device
-    from pipeline.errors import (CheckpointError, ShardError, TinyinError, UsageError, hide_password, refused_open,
-                                 run_cli, sigterm_interrupts, when_orphaned)
+    from pipeline.errors import (CheckpointError, ShardError, TinyinError, UsageError, hide_password, plural,
+                                 refused_open, run_cli, sigterm_interrupts, when_orphaned)
     from pipeline.augment import AUGMENTS
     from pipeline.mixing import MODES as MIX_MODES, mix_batch, mix_generator
     from pipeline.order import step_seed
@@ -360,7 +360,7 @@ def build_model(args, manifest):
     except Exception:  # noqa: BLE001 - torch.load of an arbitrary file raises nearly anything (KeyError, struct.error...)
         raise CheckpointError(f"--weights {args.weights}: {describe_weights(args.weights, args.arch)}") from None
     if dropped:
-        raise CheckpointError(f"--weights {args.weights}: its head is not for these shards' {num_classes} classes, and "
+        raise CheckpointError(f"--weights {args.weights}: its head is not for these shards' {num_classes} {plural(num_classes, 'class')}, and "
                               "--test-only would evaluate a fresh one (chance level); train from it first")
     trained_on, norm = weights_run(args.weights)
     if trained_on not in (None, classes_of(manifest)):  # a plain state dict does not say
@@ -532,8 +532,9 @@ def build(args, device, world_size):
     train, val, test = load_data(args, device, world_size, shard_set)
     if len(train) == 0:  # drop_last (DDP, --compile) with a batch larger than a rank's share
         why = f"{world_size} ranks" if world_size > 1 else "--compile"
+        held = manifest["counts"]["train"] // world_size
         raise UsageError(f"-b {args.batch_size}: no whole batch to train on: each rank holds about "
-                         f"{manifest['counts']['train'] // world_size} train images, and under {why} an epoch's "
+                         f"{held} train {plural(held, 'image')}, and under {why} an epoch's "
                          f"last, partial batch is left out; use a smaller --batch-size")
     steps_per_epoch = min(len(train), args.limit_batches or len(train))
     return Parts(model, module, nn.CrossEntropyLoss(label_smoothing=args.label_smoothing), optimizer,
@@ -634,8 +635,8 @@ def restore(parts, args, ckpt_path):
             if args.test_only:
                 print(f"evaluating {ckpt_path}, saved at {where}")
             else:
-                print(f"resumed from {ckpt_path} at {where} ({state.samples_done} samples of it done, "
-                      f"{ckpt['world_size']} -> {parts.world_size} ranks)")
+                print(f"resumed from {ckpt_path} at {where} ({state.samples_done} {plural(state.samples_done, 'sample')} "
+                      f"of it done, {ckpt['world_size']} -> {parts.world_size} {plural(parts.world_size, 'rank')})")
                 if start_note:
                     print(f"note: {start_note}", file=sys.stderr)
     position = schedule_position(state, args, parts.steps_per_epoch, parts.world_size)
@@ -941,7 +942,7 @@ def choose_budget_epochs(parts, state, args, elapsed_s, epoch_s, val_s):
               f"the test ~{val_s:.1f} s: --epochs {epochs}", flush=True)
         # parse_args refuses --warmup-epochs at or past --epochs; a choice can land there after the fact
         if epochs < args.warmup_epochs or (epochs == args.warmup_epochs and args.lr_scheduler != "none"):
-            print(f"note: --time-budget {args.time_budget:g} min holds {epochs} epochs, no more than --warmup-epochs "
+            print(f"note: --time-budget {args.time_budget:g} min holds {epochs} {plural(epochs, 'epoch')}, no more than --warmup-epochs "
                   f"{args.warmup_epochs:g}: the run ends in its warm-up, the lr never decays (give fewer warm-up "
                   "epochs or more minutes)", file=sys.stderr, flush=True)
         write_args(args.output_dir, args)

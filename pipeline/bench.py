@@ -26,7 +26,7 @@ import torch
 
 from . import reader
 from .atomic import refusal
-from .errors import UsageError
+from .errors import UsageError, plural
 from .loader import make_loader
 from .provenance import commit
 from .reader import ShardArrays
@@ -90,7 +90,7 @@ def _measure(make_iter, passes, pass_images):
     if not slow:
         _time_pass(make_iter, 1, size, False)
     rates = [_time_pass(make_iter, 1000 * (p + 1), size, slow) for p in range(passes)]
-    return statistics.median(rates), f"{size:,} images" + ("" if slow else " (whole epochs)")
+    return statistics.median(rates), f"{size:,} {plural(size, 'image')}" + ("" if slow else " (whole epochs)")
 
 
 def _measure_epochs(make_iter, passes, n):
@@ -99,7 +99,7 @@ def _measure_epochs(make_iter, passes, n):
     25,600 images timed mostly that start, and read 2.5-3.5x below the path's rate over an epoch."""
     _time_pass(make_iter, 0, n, False)
     rates = [_time_pass(make_iter, 1000 * (p + 1), n, False) for p in range(passes)]
-    return statistics.median(rates), f"{n:,} images (whole epochs)"
+    return statistics.median(rates), f"{n:,} {plural(n, 'image')} (whole epochs)"
 
 
 def _imagefolder(root, variant, batch_size, workers):
@@ -404,7 +404,7 @@ def format_table(rows, command, batch_size, planned=None):
     """The Markdown table, headed by the command, commit and machine that produced it (and, when
     `planned` rows were more than the rows, by how many rows it stopped after)."""
     lines = [f"# {command}",
-             f"# commit {commit()}; {platform.node()}: {os.cpu_count()} cores, torch {torch.__version__}, batch {batch_size}, "
+             f"# commit {commit()}; {platform.node()}: {os.cpu_count()} {plural(os.cpu_count(), 'core')}, torch {torch.__version__}, batch {batch_size}, "
              f"train split, shuffled, median of passes",
              *([f"# stopped early after {len(rows)} of {planned} rows"] if planned and planned > len(rows) else []),
              "| variant | loader | workers | images/s | × baseline | of ceiling | pass | first batch (data pass done) |",

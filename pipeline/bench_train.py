@@ -28,7 +28,7 @@ import models
 from models.recipes import RECIPES
 
 from .device import IMAGENET_MEAN, IMAGENET_STD, DeviceStage
-from .errors import UsageError
+from .errors import UsageError, plural
 from . import provenance
 from .index import read_manifest
 from .loader import make_loader
@@ -188,7 +188,7 @@ class Feeds:
         info, stage = self._stage_args(arch, size)
         arrays = ShardArrays(self.shards, "train", info["variant"])
         if len(arrays) < batch:
-            raise UsageError(f"--feeds a: the train split holds {len(arrays)} images, fewer than one batch of {batch}")
+            raise UsageError(f"--feeds a: the train split holds {len(arrays)} {plural(len(arrays), 'image')}, fewer than one batch of {batch}")
         step = max(len(arrays) // batch, 1)
         idx = torch.arange(batch) * step  # spread over the split: every class, not one shard's first rows
         images = arrays.gather(idx.numpy()).to(self.device)
@@ -275,7 +275,7 @@ def bench_train(shards, images=None, cases=None, device="cpu", warmup=10, steps=
         # loss (IndexError: Target 4 is out of bounds), after the rows of feeds a to c had run.
         found = sum(1 for p in (Path(images) / "train").iterdir() if p.is_dir())
         if found != num_classes:
-            raise UsageError(f"--images {images}: train/ holds {found} classes, the shard set {num_classes}; feed d "
+            raise UsageError(f"--images {images}: train/ holds {found} {plural(found, 'class')}, the shard set {num_classes}; feed d "
                              "labels every class folder, so it needs a release of exactly the set's classes")
     rows, compiled = [], {}
     try:
@@ -285,7 +285,7 @@ def bench_train(shards, images=None, cases=None, device="cpu", warmup=10, steps=
                 # A small set (`data synth`, `shard build --classes`) under the default --batch study,256: the
                 # row's error ended the run and lost the rows measured before it. Now a row that says why.
                 rows.append(dict(asdict(case), images_per_s=None, min=None, max=None, rates=[], peak_bytes=None,
-                                 skipped=f"not measured: the train split holds {n_train} images, "
+                                 skipped=f"not measured: the train split holds {n_train} {plural(n_train, 'image')}, "
                                          f"fewer than one batch of {case.batch}"))
                 log(f"  {name}: {rows[-1]['skipped']}")
                 continue
@@ -307,7 +307,7 @@ def bench_train(shards, images=None, cases=None, device="cpu", warmup=10, steps=
             log(f"  {name}: {row['images_per_s']:,.0f} images/s")
     except KeyboardInterrupt:  # a long table stopped: the rows already measured are still worth printing
         # "after N rows", not "N measured": the N count the rows that said why they were not measured
-        log(f"stopped after {len(rows)} of {len(cases)} rows")
+        log(f"stopped after {len(rows)} of {len(cases)} {plural(len(cases), 'row')}")
     finally:
         feeds.close()
     for row in rows:
@@ -336,11 +336,11 @@ def format_table(rows, command, env, warmup, steps, windows, planned=None):
     (and, when `planned` cases were more than the rows, by how many rows it stopped after)."""
     gpu = f" ({env['gpu']})" if env["gpu"] else ""  # the device measured: it said "no GPU" under --device cpu
     lines = [f"# {command}",
-             f"# commit {env['commit']}; {env['host']}: {env['cores']} cores ({env['cpu']}), "
+             f"# commit {env['commit']}; {env['host']}: {env['cores']} {plural(env['cores'], 'core')} ({env['cpu']}), "
              f"device {env['device']}{gpu}; torch {env['torch']}, torchvision {env['torchvision']}; {env['precision']}",
-             f"# complete SGD steps (lr 0.001, momentum 0.9); {warmup} warm-up steps excluded; "
-             f"median of {windows} windows of {steps} steps" + (", CUDA synchronised" if env["gpu"] else ""),
-             *([f"# stopped early after {len(rows)} of {planned} rows"] if planned and planned > len(rows) else []),
+             f"# complete SGD steps (lr 0.001, momentum 0.9); {warmup} {plural(warmup, 'warm-up step')} excluded; "
+             f"median of {windows} windows of {steps} {plural(steps, 'step')}" + (", CUDA synchronised" if env["gpu"] else ""),
+             *([f"# stopped early after {len(rows)} of {planned} {plural(planned, 'row')}"] if planned and planned > len(rows) else []),
              "| model | input | batch | feed | compiled | images/s | min-max | of (a) | peak GPU memory |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

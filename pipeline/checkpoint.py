@@ -21,7 +21,7 @@ from models.recipes import RECIPES
 from models.registry import DAMAGED, damaged_member
 
 from .atomic import atomic_file
-from .errors import CheckpointError, hide_password, refused_open
+from .errors import CheckpointError, hide_password, plural, refused_open
 from .stream_plan import DEAL, LANES
 
 CHECKPOINT_FORMAT = "tinyin-train-2"  # format 1 (before mid-epoch resume) only held whole epochs
@@ -140,8 +140,9 @@ def check_epoch_order(ckpt, state, args, world_size, path, counts=None):
     if saved != "stream":  # the resident and fast paths' order goes on from any position, on any ranks
         return
     if ckpt["world_size"] != world_size:
-        raise CheckpointError(f"{where} on {ckpt['world_size']} ranks; the stream path resumes mid-epoch on "
-                              f"the same number only (this run has {world_size})")
+        saved_ranks = ckpt["world_size"]
+        raise CheckpointError(f"{where} on {saved_ranks} {plural(saved_ranks, 'rank')}; the stream path resumes "
+                              f"mid-epoch on the same number only (this run has {world_size})")
     if world_size > 1 and ckpt.get("stream_deal", 1) != DEAL:  # one rank's deal never changed
         raise CheckpointError(f"{where} on {world_size} ranks by an earlier tinyin, whose stream path dealt the "
                               f"shards to ranks otherwise (deal {ckpt.get('stream_deal', 1)}, this one's is {DEAL}); "

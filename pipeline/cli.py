@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .errors import TinyinError, UsageError, hide_password, sigterm_interrupts, stop_code, user_errors
+from .errors import TinyinError, UsageError, hide_password, plural, sigterm_interrupts, stop_code, user_errors
 
 # click's word that a group was called with no command (click 8.2+): it shows the group's help, as asked.
 _NO_COMMAND = getattr(click.exceptions, "NoArgsIsHelpError", ())
@@ -175,9 +175,10 @@ def shard_build(src, out, workers, shard_size, split_seed, on_error, classes, qu
     secs = manifest["_seconds"]
     repaired = f"; repaired {', '.join(manifest['_repaired'])}" if manifest["_repaired"] else ""
     ignored = manifest["_ignored"]  # not an error: in no split's folder, they belong to none
-    ignored = (f"; ignored {len(ignored):,} image{'s' * (len(ignored) > 1)} outside train/, val/ and test/ ({ignored[0]}"
+    ignored = (f"; ignored {len(ignored):,} {plural(len(ignored), 'image')} outside train/, val/ and test/ ({ignored[0]}"
                f"{', ...' if len(ignored) > 1 else ''})") if ignored else ""
-    click.echo(f"built {len(manifest['shards'])} shards in {out}: {counts} "
+    shards = len(manifest["shards"])
+    click.echo(f"built {shards} {plural(shards, 'shard')} in {out}: {counts} "
                f"({n / secs:,.0f} images/s, {secs:.1f} s); skipped {len(manifest['skipped'])}{repaired}{ignored}")
 
 
@@ -217,7 +218,8 @@ def shard_verify(shards, quiet):
 
     shards = _local(shards, None, progress=not quiet)
     report = verify_shards(shards, progress=not quiet)
-    click.echo(f"ok: {report['shards']} shards, {report['samples']:,} samples verified")
+    files, samples = report["shards"], report["samples"]
+    click.echo(f"ok: {files} {plural(files, 'shard')}, {samples:,} {plural(samples, 'sample')} verified")
 
 
 @shard.command("inspect")

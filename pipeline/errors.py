@@ -15,6 +15,12 @@ import threading
 import time
 
 
+def plural(n, noun) -> str:
+    """`noun` after a count of exactly 1, else its plural ('shards', 'classes', 'batches'): a message's 'N shards'
+    said '1 shards' ('has 1 val images', '1 warm-up steps'). The caller writes the count itself, in its format."""
+    return noun if n == 1 else noun + ("es" if noun.endswith(("s", "x", "sh", "tch")) else "s")  # 'epochs', not 'epoches'
+
+
 class TinyinError(Exception):
     """Base class: a user-facing problem with input, output or options (no traceback shown)."""
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import SourceError, UsageError
+from .errors import SourceError, UsageError, plural
 from .schema import MEMBERS
 
 # torchvision's IMG_EXTENSIONS, the files the study's ImageFolder loader reads (in any case): a PNG put in
@@ -170,7 +170,7 @@ def _val_test_items(files, wnids, kept, split_seed, problems):
         items = per_class[wnid]
         if len(items) < 2:  # val or test would hold none of the class, and its accuracy go unmeasured there
             problems.append(("val/val_annotations.txt",
-                             f"class {wnid} has {len(items)} val images; val and test need at least one each"))
+                             f"class {wnid} has {len(items)} val {plural(len(items), 'image')}; val and test need at least one each"))
         if rng is not None:
             items = [items[i] for i in rng.permutation(len(items))]
         half = len(items) // 2
@@ -192,7 +192,7 @@ def plan_release(files, split_seed=None, classes=None):
     """
     wnids, words = _read_wnids(files)
     if classes is not None and not 1 <= classes <= len(wnids):
-        raise UsageError(f"--classes {classes}: the release has {len(wnids)} classes")
+        raise UsageError(f"--classes {classes}: the release has {len(wnids)} {plural(len(wnids), 'class')}")
     kept = len(wnids) if classes is None else classes
     problems = []
     train = _train_items(files, wnids, kept, problems)

@@ -13,6 +13,8 @@ from matplotlib.ticker import MaxNLocator
 
 from models.recipes import RECIPES  # plain dicts: no torch
 
+from .errors import plural
+
 __all__ = ["read_run", "render_table", "render_study", "study_row", "plot_curves", "write_report"]
 
 NAMES = {"lenet5": "LeNet-5", "alexnet": "AlexNet", "squeezenet1_1": "SqueezeNet 1.1", "resnet18": "ResNet-18"}
@@ -168,7 +170,8 @@ def _row(run: dict) -> list[str]:
     if args.get("epochs") and args["epochs"] != len(rows):
         epochs += f" of {args['epochs']}"  # an unfinished run says so
     if args.get("limit_batches"):
-        epochs += f" ({args['limit_batches']} batches each)"  # a --limit-batches run saw a subset
+        limit = args["limit_batches"]
+        epochs += f" ({limit} {plural(limit, 'batch')} each)"  # a --limit-batches run saw a subset
     batch = str(args.get("batch_size", "?"))
     if run["env"].get("world_size", 1) > 1:
         batch += f" x {run['env']['world_size']} processes"

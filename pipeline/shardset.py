@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .checksum import file_sum64, sum64
-from .errors import ShardError
+from .errors import ShardError, plural
 from .index import SCHEMA, file_sha256
 from .schema import CACHE_MARK_FILE, FORMAT_VERSION, INDEX_FILE, MANIFEST_FILE, VARIANTS
 
@@ -96,7 +96,8 @@ def local_folder(flag, location):
 
 
 def size_error(where, actual, entry):
-    return ShardError(f"{where}: {actual:,} bytes, the manifest says {entry['bytes']:,} (truncated or replaced)")
+    return ShardError(f"{where}: {actual:,} {plural(actual, 'byte')}, the manifest says {entry['bytes']:,} "
+                      "(truncated or replaced)")
 
 
 def checksum_error(where):
@@ -236,7 +237,8 @@ class ShardSet:
         for split in dict.fromkeys([*self.counts, *(e["split"] for e in shards)]):
             total = sum(e["count"] for e in shards if e["split"] == split)
             if self.counts.get(split, 0) != total:
-                raise ShardError(f"{manifest}: counts says {self.counts.get(split, 0):,} {split} samples, "
+                said = self.counts.get(split, 0)
+                raise ShardError(f"{manifest}: counts says {said:,} {split} {plural(said, 'sample')}, "
                                  f"its {split} shards hold {total:,}")
         missing = [name for name in SCHEMA.names if name not in self.index.column_names]
         if missing:
@@ -248,7 +250,8 @@ class ShardSet:
                 raise ShardError(f"{manifest}: malformed ({entry['file']} is listed twice)")
             listed.add(entry["file"])
             if rows.get(entry["file"], 0) != entry["count"]:
-                raise ShardError(f"{index}: {rows.get(entry['file'], 0):,} rows for {entry['file']}, "
+                found = rows.get(entry["file"], 0)
+                raise ShardError(f"{index}: {found:,} {plural(found, 'row')} for {entry['file']}, "
                                  f"the manifest says {entry['count']:,}")
         unlisted = sorted(set(rows) - listed)
         if unlisted:
@@ -260,7 +263,7 @@ class ShardSet:
             if split == "unlabeled" and (r["label_min"], r["label_max"]) != (-1, -1):
                 raise ShardError(f"{index}: {labels}, not -1")
             if split != "unlabeled" and (r["label_min"] < 0 or r["label_max"] >= n):
-                raise ShardError(f"{index}: {labels}, the manifest lists {n} classes" + (f" (0..{n - 1})" if n else ""))
+                raise ShardError(f"{index}: {labels}, the manifest lists {n} {plural(n, 'class')}" + (f" (0..{n - 1})" if n else ""))
 
     def _check_order(self, index):
         """ShardError unless each shard's index rows are together and, within each split, in the manifest's
@@ -414,7 +417,7 @@ def _check_stats(where, stats, variant, channels):
     for key, low in (("mean", -math.inf), ("std", 0)):
         values = stats[variant][key]
         if len(values) != channels or not all((_is(v, int) or _is(v, float)) and low < v < math.inf for v in values):
-            kind = ("positive" if key == "std" else "finite") + (" number" if channels == 1 else " numbers")
+            kind = f"{'positive' if key == 'std' else 'finite'} {plural(channels, 'number')}"
             raise ShardError(f"{where}: malformed (stats.{variant}.{key} is not {channels} {kind})")
 
 

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .errors import ShardError
+from .errors import ShardError, plural
 from .schema import VARIANTS
 from .shardset import ShardSet, is_url, missing_error, names_a_tar, open_shard_set
 from .stream_plan import LANES, MIX, plan_epoch
@@ -329,7 +329,7 @@ def stream_from_set(shards, split, variant="rgb64", storage_options=None, **kw):
     for entry in entries:
         rows = np.flatnonzero(names == entry["file"])
         if len(rows) != entry["count"] or (len(rows) and rows[0] != at):
-            raise ShardError(f"{shard_set.where(entry)}: the index lists {len(rows)} samples, the manifest {entry['count']}")
+            raise ShardError(f"{shard_set.where(entry)}: the index lists {len(rows)} {plural(len(rows), 'sample')}, the manifest {entry['count']}")
         if rows.size:
             out.append(Shard(str(shard_set.where(entry)), entry["count"], entry, offsets[rows], labels[rows],
                              keys[at:at + len(rows)]))

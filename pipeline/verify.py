@@ -11,7 +11,7 @@ from webdataset import tariterators
 
 from .atomic import folder_refusal
 from .build import _stats, histograms
-from .errors import ShardError, TinyinError, UsageError
+from .errors import ShardError, TinyinError, UsageError, plural
 from .schema import CLS, GRAY28, JSON, MANIFEST_FILE, RGB64, VARIANTS
 from .shardset import open_shard_set
 
@@ -68,7 +68,7 @@ def verify_shards(shards, progress=True):
         except Exception as e:  # any reader failure means a damaged shard
             raise ShardError(f"{path}: unreadable ({e.__class__.__name__}: {e})") from None
         if n != entry["count"]:  # the index holds `count` rows per shard: ShardSet checked that at open
-            raise ShardError(f"{path}: holds {n} samples, the manifest says {entry['count']}")
+            raise ShardError(f"{path}: holds {n} {plural(n, 'sample')}, the manifest says {entry['count']}")
         if images[RGB64]:
             rgb_hist, gray_hist = histograms(images[RGB64], images[GRAY28])
             hist["rgb64"], hist["gray28"] = hist["rgb64"] + rgb_hist, hist["gray28"] + gray_hist
@@ -111,15 +111,17 @@ def inspect_shards(shards, png=None, max_classes=20, per_class=8):
     png = Path(png) if png else shards / "samples.png"
     _check_image_name(png)  # before the work, not at the save after it
     _check_writable(png)
-    lines = [f"{shards}: format {manifest['format_version']}, {len(manifest['classes'])} classes, "
-             f"{len(manifest['shards'])} shards, {sum(s['bytes'] for s in manifest['shards']):,} bytes"]
+    n_classes, n_files = len(manifest["classes"]), len(manifest["shards"])
+    lines = [f"{shards}: format {manifest['format_version']}, {n_classes} {plural(n_classes, 'class')}, "
+             f"{n_files} {plural(n_files, 'shard')}, {sum(s['bytes'] for s in manifest['shards']):,} bytes"]
     for split, count in manifest["counts"].items():
         n_shards = sum(1 for s in manifest["shards"] if s["split"] == split)
-        lines.append(f"  {split:<10} {count:>8,} samples in {n_shards} shards")
+        lines.append(f"  {split:<10} {count:>8,} {plural(count, 'sample')} in {n_shards} {plural(n_shards, 'shard')}")
     for name in VARIANTS:  # those ShardSet checked: another key there is no reader's
         stats = shard_set.stats(name)
         lines.append(f"  train {name} mean {stats['mean']} std {stats['std']}")
-    lines.append(f"  skipped {len(manifest['skipped'])} inputs")
+    skipped = len(manifest["skipped"])
+    lines.append(f"  skipped {skipped} {plural(skipped, 'input')}")
     arrays = ShardArrays(shard_set, "train", "rgb64")
     labels = arrays.labels
     classes = manifest["classes"][:max_classes]

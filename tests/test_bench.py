@@ -36,10 +36,19 @@ def test_loader_table_has_the_first_batch_of_the_local_paths(shards, monkeypatch
     # 2.5-3.5x below its rate over whole epochs (real set: 14-20k against 50-56k rgb64 images/s).
     assert {r["loader"]: r["pass"] for r in rows}["tinyin stream (whole shards)"] == "240 images (whole epochs)"
     table = bench.format_table(rows, "test", 64).splitlines()
-    assert table[:2] == ["# test", f"# commit {commit()}; {platform.node()}: {os.cpu_count()} cores, torch "
+    cores = f"{os.cpu_count()} core{'s' * (os.cpu_count() != 1)}"
+    assert table[:2] == ["# test", f"# commit {commit()}; {platform.node()}: {cores}, torch "
                          f"{torch.__version__}, batch 64, train split, shuffled, median of passes"]
     assert table[2].endswith("| pass | first batch (data pass done) |")
     assert table[4].endswith("| — |") and table[5].endswith("| — |") and table[6].endswith(" s) |") and table[8].endswith("| — |")
+
+
+@pytest.mark.parametrize("cores, said", [(1, "1 core"), (2, "2 cores")])
+def test_the_tables_header_says_one_core_in_the_singular(monkeypatch, cores, said):
+    monkeypatch.setattr(bench.os, "cpu_count", lambda: cores)
+    assert bench.format_table([], "test", 64).splitlines()[1] == (
+        f"# commit {commit()}; {platform.node()}: {said}, torch {torch.__version__}, batch 64, train split, shuffled, "
+        "median of passes")
 
 
 def test_the_planned_rows_are_counted_from_the_loaders_the_table_measures(shards, monkeypatch):

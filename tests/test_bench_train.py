@@ -203,7 +203,7 @@ def test_cli_table_and_json(shards, release, tmp_path):
     assert lines[0].startswith("# tinyin bench train")  # then sys.argv, which CliRunner leaves as pytest's
     # what was measured: the device asked for (it said "no GPU" under --device cpu, on any machine)
     assert f"), device cpu; torch {torch.__version__}, " in lines[1]
-    assert lines[2] == "# complete SGD steps (lr 0.001, momentum 0.9); 1 warm-up steps excluded; median of 3 windows of 1 steps"
+    assert lines[2] == "# complete SGD steps (lr 0.001, momentum 0.9); 1 warm-up step excluded; median of 3 windows of 1 step"
     assert lines[3] == "| model | input | batch | feed | compiled | images/s | min-max | of (a) | peak GPU memory |"
     assert [line.split(" | ")[3] for line in lines[5:]] == [
         "(a) ceiling: one batch on the device", "(b) resident loader", "(c) fast path", "(d) study: ImageFolder + PIL"]
@@ -211,15 +211,24 @@ def test_cli_table_and_json(shards, release, tmp_path):
 
 
 @pytest.mark.parametrize("env, shown", [
-    (dict(device="cpu", gpu=None), "device cpu"),
-    (dict(device="cuda:1", gpu="NVIDIA H100 80GB HBM3"), "device cuda:1 (NVIDIA H100 80GB HBM3)"),
+    (dict(device="cpu", gpu=None, cores=2), "2 cores ({cpu}), device cpu"),
+    (dict(device="cuda:1", gpu="NVIDIA H100 80GB HBM3", cores=1), "1 core ({cpu}), device cuda:1 (NVIDIA H100 80GB HBM3)"),
 ])
 def test_header_names_the_device_measured(env, shown):
     """Not "no GPU" under --device cpu on a machine with one: the device the rows ran on, and its GPU's name."""
     env = dict(environment("cpu"), **env)
     header = format_table([], "x", env, 0, 1, 3).splitlines()[1]
-    assert header == (f"# commit {env['commit']}; {env['host']}: {env['cores']} cores ({env['cpu']}), {shown}; "
+    assert header == (f"# commit {env['commit']}; {env['host']}: {shown.format(cpu=env['cpu'])}; "
                       f"torch {env['torch']}, torchvision {env['torchvision']}; {env['precision']}")
+
+
+@pytest.mark.parametrize("n, steps, rows", [
+    (1, "1 warm-up step excluded; median of 3 windows of 1 step", "0 of 1 row"),
+    (2, "2 warm-up steps excluded; median of 3 windows of 2 steps", "0 of 2 rows")])
+def test_the_header_counts_its_steps_and_rows_in_the_singular_for_one(n, steps, rows):
+    """It said '1 warm-up steps', 'of 1 steps', 'after 0 of 1 rows'."""
+    lines = format_table([], "x", environment("cpu"), n, n, 3, planned=n).splitlines()
+    assert lines[2:4] == [f"# complete SGD steps (lr 0.001, momentum 0.9); {steps}", f"# stopped early after {rows}"]
 
 
 def test_cli_sigterm_keeps_the_rows_measured(shards, tmp_path):

@@ -178,9 +178,9 @@ def test_a_class_without_images_fails_or_is_skipped(broken, tmp_path):
                                     "reason": "class n99999999 has 0 val images; val and test need at least one each"}]
 
 
-@pytest.mark.parametrize("keep", [0, 1])
-def test_a_class_without_val_and_test_images_fails_or_is_skipped(broken, tmp_path, keep):
-    """(before: built, `skipped 0`, with the class absent from val or from test)"""
+@pytest.mark.parametrize("keep, held", [(0, "0 val images"), (1, "1 val image")])
+def test_a_class_without_val_and_test_images_fails_or_is_skipped(broken, tmp_path, keep, held):
+    """(before: built, `skipped 0`, with the class absent from val or from test; one image was '1 val images')"""
     wnid = sorted((broken / "wnids.txt").read_text().split())[2]
     annotations = broken / "val/val_annotations.txt"
     lines = annotations.read_text().splitlines()
@@ -188,7 +188,7 @@ def test_a_class_without_val_and_test_images_fails_or_is_skipped(broken, tmp_pat
     annotations.write_text("".join(f"{l}\n" for l in lines if l not in gone))
     for line in gone:
         (broken / "val/images" / line.split("\t")[0]).unlink()
-    reason = f"class {wnid} has {keep} val images; val and test need at least one each"
+    reason = f"class {wnid} has {held}; val and test need at least one each"
     assert_fails(broken, tmp_path, f"{broken}: val/val_annotations.txt: {reason}")
     code, output = build(broken, tmp_path / "out", "--on-error", "skip")
     assert code == 0 and output.endswith("skipped 1"), output

@@ -5,7 +5,7 @@ import signal
 
 import pytest
 
-from pipeline.errors import Terminated, hide_password, naming, sigterm_interrupts, stop_code, user_errors
+from pipeline.errors import Terminated, hide_password, naming, plural, sigterm_interrupts, stop_code, user_errors
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR,
@@ -56,6 +56,15 @@ def test_sigterm_interrupts_raises_terminated_for_sigterm_and_keyboardinterrupt_
             signal.raise_signal(signal.SIGTERM)
     assert noted == [signal.SIGTERM] and stop_code(noted) == 143
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers put back
+
+
+@pytest.mark.parametrize("n, noun, said", [
+    (1, "shard", "1 shard"), (2, "shard", "2 shards"), (0, "shard", "0 shards"), (1, "class", "1 class"),
+    (2, "class", "2 classes"), (1, "batch", "1 batch"), (2, "batch", "2 batches"), (2, "epoch", "2 epochs"),
+    (1, "warm-up step", "1 warm-up step"), (2, "warm-up step", "2 warm-up steps")])
+def test_plural_is_the_noun_after_one_and_its_plural_after_any_other_count(n, noun, said):
+    """Messages said '1 shards', 'has 1 val images', '1 warm-up steps'."""
+    assert f"{n} {plural(n, noun)}" == said
 
 
 def test_hide_password_hides_a_password_after_a_scheme_in_capitals():

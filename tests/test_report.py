@@ -432,8 +432,8 @@ def test_reproduce_stopped_by_sigterm_reports_and_resumes(shards, tmp_path):
                            "(the report shows them so far); rerun to resume\n"), stderr
     assert "== alexnet-64:" not in stdout  # never started
     report = (out / "report.md").read_text()
-    assert "| lenet5-28 | 1 of 2 (1 batches each) | 32 |" in report
-    assert "| squeezenet1_1-64 | 1 of 2 (1 batches each) | 50 |" in report
+    assert "| lenet5-28 | 1 of 2 (1 batch each) | 32 |" in report
+    assert "| squeezenet1_1-64 | 1 of 2 (1 batch each) | 50 |" in report
     assert "| alexnet-64 | - | - | not started: stopped by SIGTERM | - | - | - | - |" in report
     for log in logs:
         assert "interrupted at epoch 1 step 1: checkpoint saved" in log.read_text()
@@ -442,7 +442,7 @@ def test_reproduce_stopped_by_sigterm_reports_and_resumes(shards, tmp_path):
     assert second.returncode == 0, second.stderr
     report = (out / "report.md").read_text()
     for name, batch in (("lenet5-28", 32), ("squeezenet1_1-64", 50), ("alexnet-64", 50)):
-        assert f"| {name} | 2 (1 batches each) | {batch} |" in report
+        assert f"| {name} | 2 (1 batch each) | {batch} |" in report
     assert [len(json.loads((out / n / "reproduce.json").read_text())["intervals"])
             for n in ("lenet5-28", "squeezenet1_1-64", "alexnet-64")] == [2, 2, 1]
     assert "resumed from " in (out / "lenet5-28" / "train.log").read_text()
@@ -558,15 +558,19 @@ def test_reproduce_pretrained_row_with_a_local_weights_file(shards, tmp_path):
     args = json.loads((out / "squeezenet1_1-224" / "args.json").read_text())
     assert args["weights"] == str(weights / "squeezenet1_1-b8a52dc0.pth") and not args["pretrained"]
     assert args["batch_size"] == 4 and args["norm"] == "imagenet"
-    assert "| squeezenet1_1-224 | 1 (1 batches each) | 4 |" in (out / "report.md").read_text()
+    assert "| squeezenet1_1-224 | 1 (1 batch each) | 4 |" in (out / "report.md").read_text()
     assert study_row(args) is STUDY[("squeezenet1_1", 224, True, 10)]  # a local weights file is the pretrained row
     assert "| not comparable: trained on 6 classes (" in (out / "report.md").read_text()  # the synthetic set
 
 
 def test_reproduce_unknown_row(tmp_path):
+    """It said 'unknown row(s)' for one row and for two."""
     result = reproduce("--rows", "vgg16-64", "--out", str(tmp_path))
     assert result.returncode == 1
-    assert result.stderr.startswith("error: unknown row(s) vgg16-64; choose from: lenet5-28, alexnet-64,")
+    assert result.stderr.startswith("error: unknown row vgg16-64; choose from: lenet5-28, alexnet-64,")
+    result = reproduce("--rows", "vgg16-64,lenet5-28,vgg11-64", "--out", str(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: unknown rows vgg16-64, vgg11-64; choose from: lenet5-28, alexnet-64,")
 
 
 def test_reproduce_empty_rows(tmp_path, capsys):

@@ -12,7 +12,7 @@ import pytest
 import pipeline.shardset
 from pipeline.errors import ShardError
 from pipeline.index import file_sha256
-from pipeline.shardset import ShardSet, open_shard_set
+from pipeline.shardset import ShardSet, open_shard_set, size_error
 
 
 @pytest.fixture()
@@ -227,12 +227,19 @@ def test_a_malformed_manifest_is_one_line(shards, tmp_path, edit, why):
     assert _open_error(folder) == f"{folder / 'manifest.json'}: malformed ({why})"
 
 
+@pytest.mark.parametrize("size, said", [(1, "1 byte"), (2, "2 bytes")])
+def test_a_shard_cut_to_a_byte_is_said_in_the_singular(size, said):
+    assert str(size_error("SET/train-000000.tar", size, {"bytes": 2048})) == (
+        f"SET/train-000000.tar: {said}, the manifest says 2,048 (truncated or replaced)")
+
+
 def test_manifest_and_index_must_agree(shards, tmp_path):
     """Edits a tester made by hand, each accepted by `shard verify` before (counts are what the loader
     sizes batches by; labels index the classes)."""
     error = functools.partial(_edit_error, shards, tmp_path)
 
     assert error(lambda m: m["counts"].update(train=5)) == "SET/manifest.json: counts says 5 train samples, its train shards hold 240"
+    assert error(lambda m: m["counts"].update(train=1)) == "SET/manifest.json: counts says 1 train sample, its train shards hold 240"
     assert error(lambda m: m["shards"].pop(0)) == "SET/manifest.json: counts says 240 train samples, its train shards hold 176"
     assert error(lambda m: m.update(shards=[])) == "SET/manifest.json: counts says 240 train samples, its train shards hold 0"
     assert error(lambda m: m["shards"].append(m["shards"][0])) == (
@@ -250,6 +257,8 @@ def test_manifest_and_index_must_agree(shards, tmp_path):
     assert error(index=extra) == "SET/index.parquet: 31 rows for unlabeled-000000.tar, the manifest says 30"
     assert error(lambda m: m.update(classes=[])) == "SET/index.parquet: train labels run 0..5, the manifest lists 0 classes"
     assert error(lambda m: m["classes"].pop()) == "SET/index.parquet: train labels run 0..5, the manifest lists 5 classes (0..4)"
+    assert error(lambda m: m.update(classes=m["classes"][:1])) == (
+        "SET/index.parquet: train labels run 0..5, the manifest lists 1 class (0..0)")
 
     def unlabeled_labelled(t):
         labels = pa.array([0 if s == "unlabeled" else v for s, v in zip(t["split"].to_pylist(), t["label"].to_pylist())],

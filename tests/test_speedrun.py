@@ -311,11 +311,13 @@ def test_a_variant_switches_its_part_off_whatever_the_train_args():
                                      for variant in (None, "ema", "tta"))] == [(0.99, True), (0.0, True), (0.99, False)]
 
 
-def test_unknown_ablation_is_a_one_line_error(capsys):
+@pytest.mark.parametrize("ablate, said", [("ema,dropout", "part dropout"), ("dropout,ema,mixup", "parts dropout, mixup")])
+def test_unknown_ablation_is_a_one_line_error(capsys, ablate, said):
+    """It said 'unknown part(s)' for one part and for two."""
     with pytest.raises(SystemExit):
-        speedrun.main(["--shards", "x", "--out", "y", "--ablate", "ema,dropout"])
+        speedrun.main(["--shards", "x", "--out", "y", "--ablate", ablate])
     assert capsys.readouterr().err.splitlines()[-1] == \
-        "speedrun.py: error: --ablate: unknown part(s) dropout; choose from: all, ema, tta, smoothing, augment, " \
+        f"speedrun.py: error: --ablate: unknown {said}; choose from: all, ema, tta, smoothing, augment, " \
         "nesterov, warmup, amp, channels-last, compile"
 
 

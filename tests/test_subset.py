@@ -12,6 +12,7 @@ from pipeline.cli import main
 from pipeline.index import read_index, read_manifest
 from pipeline.release import plan_release
 from pipeline.source import open_release
+from pipeline.synth import synthesize
 from pipeline.verify import verify_shards
 from tests.conftest import SHARD_SIZE, SYNTH
 
@@ -75,6 +76,16 @@ def test_out_of_range_is_a_one_line_usage_error(release, tmp_path, n, message):
                                        "--classes", str(n), "--quiet"])
     assert (result.exit_code, result.output) == (2, f"error: --classes {n}: {message}\n")
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("classes, said", [(1, "1 class"), (2, "2 classes")])
+def test_out_of_range_names_the_releases_classes_in_the_singular_for_one(tmp_path, classes, said):
+    """A release of one class said 'the release has 1 classes'."""
+    release = synthesize(tmp_path / "release", classes=classes, train_per_class=1, val_per_class=2, test=1,
+                         progress=False)
+    result = CliRunner().invoke(main, ["shard", "build", "--src", str(release), "--out", str(tmp_path / "out"),
+                                       "--classes", str(classes + 1), "--quiet"])
+    assert (result.exit_code, result.output) == (2, f"error: --classes {classes + 1}: the release has {said}\n")
 
 
 def test_help_explains_it():

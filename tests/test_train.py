@@ -1032,7 +1032,7 @@ def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(train_shards,
     assert (state["epoch"], state["epoch_steps"], state["samples_done"]) == (0, 12, 12 * 32)
     resumed = script(*flags, "--output-dir", out, "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr
-    assert resumed.stdout.splitlines()[0] == f"resumed from {out / 'checkpoint.pth'} at epoch 0 step 12 (384 samples of it done, 1 -> 1 ranks)"
+    assert resumed.stdout.splitlines()[0] == f"resumed from {out / 'checkpoint.pth'} at epoch 0 step 12 (384 samples of it done, 1 -> 1 rank)"
     _same_run(tmp_path / "straight", out)
 
 
@@ -1119,7 +1119,7 @@ def test_two_rank_run_resumes_on_one_rank_exactly_once(train_shards, tmp_path, c
 
     run(train_shards, out, *flags[2:], "--resume", "auto")  # 1 process
     assert capsys.readouterr().out.splitlines()[0] == \
-        f"resumed from {out / 'checkpoint.pth'} at epoch 0 step 4 (400 samples of it done, 2 -> 1 ranks)"
+        f"resumed from {out / 'checkpoint.pth'} at epoch 0 step 4 (400 samples of it done, 2 -> 1 rank)"
     after = read_keys(out, 0)[len(rank0):]
     epoch0 = [k for e, k in before + after if e == 0]
     # Exactly once: the 600 left (a multiple of the batch: nothing dropped) plus the 400 before.

@@ -848,3 +848,8 @@ def test_a_stream_checkpoint_resumes_mid_epoch_only_on_as_many_ranks():
                                      1, "c.pth")
     assert str(e.value) == ("c.pth: stopped mid-epoch (epoch 1 step 4) on 2 ranks; the stream path resumes mid-epoch "
                             "on the same number only (this run has 1)")
+    with pytest.raises(train.CheckpointError) as e:  # it said 'on 1 ranks'
+        checkpoint.check_epoch_order(dict(saved, world_size=1), state,
+                                     argparse.Namespace(data_path="stream", batch_size=16, workers=2), 2, "c.pth")
+    assert str(e.value) == ("c.pth: stopped mid-epoch (epoch 1 step 4) on 1 rank; the stream path resumes mid-epoch "
+                            "on the same number only (this run has 2)")

@@ -149,6 +149,7 @@ def test_inspect_prints_counts_and_draws_a_grid(shards, tmp_path):
     code, output = run("shard", "inspect", shards, "--png", png, "--per-class", 4)
     assert code == 0, output
     assert "train           240 samples in 4 shards" in output and "6 classes" in output
+    assert "\n  val              30 samples in 1 shard\n" in output  # it said '1 shards'
     img = Image.open(png)
     assert img.size == (260 + 4 * 66, 6 * 66)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.build import build_shards  # noqa: E402
-from pipeline.errors import UsageError, run_cli, signals_deferred, sigterm_interrupts  # noqa: E402
+from pipeline.errors import UsageError, plural, run_cli, signals_deferred, sigterm_interrupts  # noqa: E402
 from pipeline.provenance import commit  # noqa: E402
 
 DEFAULT_SRC = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-imagenet-200.tar.gz"
@@ -53,7 +53,7 @@ def main():
         n = sum(manifest["counts"].values())
         rows.append((run + 1, n, seconds, n / seconds))
     print(f"# tinyin shard build: {shlex.join(sys.argv)}")
-    print(f"# commit {commit()}; {platform.node()}, {os.cpu_count()} cores, workers={args.workers or os.cpu_count()}, src={args.src}")
+    print(f"# commit {commit()}; {platform.node()}, {os.cpu_count()} {plural(os.cpu_count(), 'core')}, workers={args.workers or os.cpu_count()}, src={args.src}")
     print("| run | images | seconds | images/s |\n|---|---|---|---|")
     for run, n, seconds, rate in rows:
         print(f"| {run} | {n:,} | {seconds:.1f} | {rate:,.0f} |")

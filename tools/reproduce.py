@@ -47,7 +47,7 @@ from flag_values import flags_among, joined  # noqa: E402
 from models.recipes import RECIPES  # noqa: E402
 from pipeline.atomic import folder_refusal, write_json  # noqa: E402
 from pipeline.cache import is_set_url  # noqa: E402
-from pipeline.errors import TinyinError, UsageError, hide_password  # noqa: E402
+from pipeline.errors import TinyinError, UsageError, hide_password, plural  # noqa: E402
 from pipeline.report import write_report  # noqa: E402
 
 TABLE2 = {f"{arch}-{size}": ("paper", arch, size) for arch, size in RECIPES["paper"] if size != 224}
@@ -244,7 +244,7 @@ def main(args):
     rows = list(dict.fromkeys(args.rows.split(","))) if args.rows else list(ROWS)
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
-        sys.exit(f"error: unknown row(s) {', '.join(unknown)}; choose from: {', '.join(ROWS)}")
+        sys.exit(f"error: unknown {plural(len(unknown), 'row')} {', '.join(unknown)}; choose from: {', '.join(ROWS)}")
     for flag in ("epochs", "limit_batches", "jobs"):  # 0 would read as "not given": the recipe's 40 epochs
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -311,7 +311,7 @@ def main(args):
     refused = [name for name, code in failed if code == UsageError.exit_code]
     failed = [(name, code) for name, code in failed if code != UsageError.exit_code]
     if refused:
-        print(f"error: train.py refused the flags of row{'s' * (len(refused) > 1)} {', '.join(refused)} (see train.py's "
+        print(f"error: train.py refused the flags of {plural(len(refused), 'row')} {', '.join(refused)} (see train.py's "
               "error above); a rerun with them is refused alike: change them", file=sys.stderr)
     if len(failed) == 1:
         sys.exit(f"error: row {failed[0][0]} failed (exit {failed[0][1]}); rerun to resume it")

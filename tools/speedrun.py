@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))  # train.py and pipeline/, run from anywhere, inst
 
 from flag_values import flags_among, joined  # noqa: E402
 from pipeline.atomic import folder_refusal  # noqa: E402
-from pipeline.errors import TinyinError, UsageError, hide_password  # noqa: E402
+from pipeline.errors import TinyinError, UsageError, hide_password, plural  # noqa: E402
 from reproduce import Stop  # noqa: E402
 
 #: --ablate's variants: name -> (the part switched off, the train.py flags that switch it off)
@@ -205,7 +205,7 @@ def main(argv=None):
     variants = [] if not args.ablate else list(ABLATIONS) if args.ablate == "all" else list(dict.fromkeys(args.ablate.split(",")))
     unknown = [v for v in variants if v not in ABLATIONS]
     if unknown:
-        p.error(f"--ablate: unknown part(s) {', '.join(unknown)}; choose from: all, {', '.join(ABLATIONS)}")
+        p.error(f"--ablate: unknown {plural(len(unknown), 'part')} {', '.join(unknown)}; choose from: all, {', '.join(ABLATIONS)}")
     check_train_flags(args, variants)
     out = Path(args.out)
     if why := folder_refusal(out):  # was a traceback, or each run failed with the advice to rerun it

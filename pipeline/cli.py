@@ -211,13 +211,18 @@ def _local(shards, split, progress=None):
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def shard_verify(shards, quiet):
     """Re-check every shard's checksum and count, that every sample decodes with the right label and class,
-    and the manifest's train mean and std.
+    and the manifest's train mean and std; every problem is named, a line each, then their count.
     SHARDS may be a URL: every split is fetched into the local cache (size and sum64 checked on
     arrival), then checked here, sha256 included."""
-    from .verify import verify_shards
+    from .verify import Problems, verify_shards
 
     shards = _local(shards, None, progress=not quiet)
-    report = verify_shards(shards, progress=not quiet)
+    try:
+        report = verify_shards(shards, progress=not quiet)
+    except Problems as e:  # a line each, as fsck and `sha256sum -c` name every bad file, then the count
+        for problem in e.problems:
+            click.echo(f"error: {hide_password(problem)}", err=True)
+        raise TinyinError(e.summary) from None
     files, samples = report["shards"], report["samples"]
     click.echo(f"ok: {files} {plural(files, 'shard')}, {samples:,} {plural(samples, 'sample')} verified")
 

@@ -23,11 +23,23 @@ def _local(shards):
     return shard_set
 
 
+class Problems(ShardError):
+    """What `verify_shards` found wrong when it was more than one thing: `problems`, a line each (a
+    ShardError's), and `summary`, the line that counts them; its message is all of them, a line each."""
+
+    def __init__(self, problems, summary):
+        self.problems, self.summary = problems, summary
+        super().__init__("\n".join([*problems, summary]))
+
+
 def verify_shards(shards, progress=True):
     """Check each shard's sha256 (and sum64) and count against the manifest, and decode every sample with the
     stock webdataset reader, comparing key, label and pixels with the index and its class (wnid) with the
     manifest's class of that label; then the train split's mean and std against the manifest's stats.
-    Raises ShardError naming the first bad shard (or the manifest); returns {'shards': n, 'samples': n}."""
+    Every problem is found, as fsck and `sha256sum -c` find them (one named the first bad shard, and the
+    user repairing a set found the next one a run later): a shard's first, each class of the manifest's
+    that its samples disagree with once, the stats (when every train shard could be read). Raises the
+    ShardError of a lone problem, `Problems` of several; returns {'shards': n, 'samples': n}."""
     from tqdm import tqdm
 
     shard_set = _local(shards)
@@ -37,53 +49,74 @@ def verify_shards(shards, progress=True):
     for i, shard in enumerate(index["shard"]):
         rows.setdefault(shard, []).append(i)
     total, hist = 0, {"rgb64": 0, "gray28": 0}  # the train split's, summed as the build sums them
+    problems, classes = [], {}  # classes: label -> the manifest's problem with its class, named once
+    train_read = True
     bar = tqdm(total=sum(s["count"] for s in manifest["shards"]), unit="img", desc="verify", disable=not progress)
     for entry in manifest["shards"]:
-        path = Path(shard_set.where(entry))
-        shard_set.check_local_file(entry, path)  # present, size, sha256, sum64
-        mapped = np.memmap(path, np.uint8, mode="r")
-        expected = rows.get(entry["file"], [])
-        n, images = 0, {RGB64: [], GRAY28: []}
         try:
-            for n, sample in enumerate(_samples(path), 1):
-                i = expected[n - 1] if n <= len(expected) else None
-                if i is None or sample["__key__"] != index["key"][i] or int(sample[CLS]) != index["label"][i]:
-                    raise ShardError(f"{path}: sample {n} ({sample['__key__']}) disagrees with the index")
-                if sample[JSON]["split"] != entry["split"]:
-                    raise ShardError(f"{path}: sample {sample['__key__']} is marked split {sample[JSON]['split']}")
-                label = index["label"][i]  # the class list names the labels: reordered, a model's classes are misnamed
-                wnid = manifest["classes"][label]["wnid"] if label >= 0 else None
-                if sample[JSON]["wnid"] != wnid:
-                    raise ShardError(f"{shard_set.where_name(MANIFEST_FILE)}: classes[{label}] is {wnid}, "
-                                     f"its samples are {sample[JSON]['wnid']} ({sample['__key__']} in {path.name})")
-                for name, (member, shape) in VARIANTS.items():
-                    at, length = index[f"{name}_offset"][i], index[f"{name}_length"][i]
-                    if sample[member].shape != shape or not np.array_equal(
-                            sample[member].ravel(), mapped[at:at + length]):
-                        raise ShardError(f"{path}: {sample['__key__']}.{member} is not at its indexed offset")
-                    if entry["split"] == "train":
-                        images[member].append(sample[member])
-        except ShardError:
-            raise
-        except Exception as e:  # any reader failure means a damaged shard
-            raise ShardError(f"{path}: unreadable ({e.__class__.__name__}: {e})") from None
-        if n != entry["count"]:  # the index holds `count` rows per shard: ShardSet checked that at open
-            raise ShardError(f"{path}: holds {n} {plural(n, 'sample')}, the manifest says {entry['count']}")
+            n, images = _verify_shard(shard_set, entry, index, rows.get(entry["file"], []), classes)
+        except ShardError as e:
+            problems.append(str(e))
+            train_read = train_read and entry["split"] != "train"
+            bar.update(entry["count"])
+            continue
         if images[RGB64]:
             rgb_hist, gray_hist = histograms(images[RGB64], images[GRAY28])
             hist["rgb64"], hist["gray28"] = hist["rgb64"] + rgb_hist, hist["gray28"] + gray_hist
         total += n
         bar.update(n)
     bar.close()
+    problems += classes.values()
     # The loader normalises by the stats, which no checksum covers. Both sides are rounded to 6 places;
-    # give or take 1 in the last, as another numpy's build may round.
-    for name in VARIANTS:
+    # give or take 1 in the last, as another numpy's build may round. A train shard unread leaves them unchecked.
+    for name in VARIANTS if train_read else ():
         computed = _stats(hist[name])
         for key in ("mean", "std"):
             if not np.allclose(shard_set.stats(name)[key], computed[key], rtol=0, atol=1.5e-6):
-                raise ShardError(f"{shard_set.where_name(MANIFEST_FILE)}: stats.{name}.{key} is "
-                                 f"{shard_set.stats(name)[key]}, the train split's is {computed[key]}")
+                problems.append(f"{shard_set.where_name(MANIFEST_FILE)}: stats.{name}.{key} is "
+                                f"{shard_set.stats(name)[key]}, the train split's is {computed[key]}")
+    if len(problems) == 1:
+        raise ShardError(problems[0])
+    if problems:
+        raise Problems(problems, f"{shard_set.location}: {len(problems)} problems, each named above")
     return {"shards": len(manifest["shards"]), "samples": total}
+
+
+def _verify_shard(shard_set, entry, index, expected, classes):
+    """`verify_shards`' check of the shard of manifest entry `entry`, whose rows of `index` are `expected`:
+    ShardError at its first problem; a sample's wnid that is not its label's class of the manifest is put in
+    `classes` (label -> the problem), the first for each label, and the check goes on. Returns its count and,
+    for a train shard, its arrays ({RGB64: [...], GRAY28: [...]})."""
+    manifest = shard_set.manifest
+    path = Path(shard_set.where(entry))
+    shard_set.check_local_file(entry, path)  # present, size, sha256, sum64
+    mapped = np.memmap(path, np.uint8, mode="r")
+    n, images = 0, {RGB64: [], GRAY28: []}
+    try:
+        for n, sample in enumerate(_samples(path), 1):
+            i = expected[n - 1] if n <= len(expected) else None
+            if i is None or sample["__key__"] != index["key"][i] or int(sample[CLS]) != index["label"][i]:
+                raise ShardError(f"{path}: sample {n} ({sample['__key__']}) disagrees with the index")
+            if sample[JSON]["split"] != entry["split"]:
+                raise ShardError(f"{path}: sample {sample['__key__']} is marked split {sample[JSON]['split']}")
+            label = index["label"][i]  # the class list names the labels: reordered, a model's classes are misnamed
+            wnid = manifest["classes"][label]["wnid"] if label >= 0 else None
+            if sample[JSON]["wnid"] != wnid and label not in classes:  # the manifest's problem, not the shard's
+                classes[label] = (f"{shard_set.where_name(MANIFEST_FILE)}: classes[{label}] is {wnid}, "
+                                  f"its samples are {sample[JSON]['wnid']} ({sample['__key__']} in {path.name})")
+            for name, (member, shape) in VARIANTS.items():
+                at, length = index[f"{name}_offset"][i], index[f"{name}_length"][i]
+                if sample[member].shape != shape or not np.array_equal(sample[member].ravel(), mapped[at:at + length]):
+                    raise ShardError(f"{path}: {sample['__key__']}.{member} is not at its indexed offset")
+                if entry["split"] == "train":
+                    images[member].append(sample[member])
+    except ShardError:
+        raise
+    except Exception as e:  # any reader failure means a damaged shard
+        raise ShardError(f"{path}: unreadable ({e.__class__.__name__}: {e})") from None
+    if n != entry["count"]:  # the index holds `count` rows per shard: ShardSet checked that at open
+        raise ShardError(f"{path}: holds {n} {plural(n, 'sample')}, the manifest says {entry['count']}")
+    return n, images
 
 
 def _samples(path):

@@ -50,6 +50,26 @@ def test_verify_names_the_first_bad_shard(shards, tmp_path):
                                     "(truncated or replaced)")
 
 
+def test_verify_names_every_bad_shard_then_counts_them(shards, tmp_path):
+    """It named the first alone: a user repairing a set found the next bad shard a run later. Now every one, a
+    line each, then their count (exit 1 as before); the manifest's stats go unchecked while a train shard is
+    unread (its images would be missing from the mean, not wrong in the manifest)."""
+    copy = shutil.copytree(shards, tmp_path / "copy")
+    corrupt, gone = copy / "train-000001.tar", copy / "val-000000.tar"
+    data = bytearray(corrupt.read_bytes())
+    data[5000] ^= 0xFF
+    corrupt.write_bytes(bytes(data))
+    gone.unlink()
+    assert run("shard", "verify", copy, "--quiet") == (1, "\n".join([
+        f"error: {corrupt}: checksum differs from the manifest (corrupt or modified)",
+        f"error: {gone}: missing (listed in the manifest)",
+        f"error: {copy}: 2 problems, each named above"]))
+    with pytest.raises(ShardError) as e:
+        verify_shards(copy, progress=False)
+    assert str(e.value) == (f"{corrupt}: checksum differs from the manifest (corrupt or modified)\n"
+                            f"{gone}: missing (listed in the manifest)\n{copy}: 2 problems, each named above")
+
+
 def _copy_with_rewritten_shard(shards, tmp_path, shard, rewrite):
     """A copy of `shards` where `rewrite(tar_bytes, tarfile)` changed one shard in place and the
     manifest's size and checksums say the new bytes are right: only the per-sample checks can object."""
@@ -244,11 +264,14 @@ def test_verify_catches_classes_reordered_in_the_manifest(shards, tmp_path):
     classes[0], classes[1] = classes[1], classes[0]
     (copy / "manifest.json").write_text(json.dumps(manifest))
     index = read_index(shards, "train").to_pydict()
-    first = next(i for i, label in enumerate(index["label"]) if label in (0, 1))
-    label, key, shard = index["label"][first], index["key"][first], index["shard"][first]
+    firsts = sorted(index["label"].index(label) for label in (0, 1))  # each class named once, at its first sample
+
+    def named(first):
+        label, key, shard = index["label"][first], index["key"][first], index["shard"][first]
+        return (f"error: {copy / 'manifest.json'}: classes[{label}] is {classes[label]['wnid']}, "
+                f"its samples are {index['wnid'][first]} ({key} in {shard})")
     assert run("shard", "verify", copy, "--quiet") == (
-        1, f"error: {copy / 'manifest.json'}: classes[{label}] is {classes[label]['wnid']}, "
-           f"its samples are {index['wnid'][first]} ({key} in {shard})")
+        1, "\n".join([*map(named, firsts), f"error: {copy}: 2 problems, each named above"]))
 
 
 def test_verify_catches_stats_edited_in_the_manifest(shards, tmp_path):

@@ -89,7 +89,7 @@ def data():
 
 
 def _name_fits(ctx, param, value):
-    """--out of the data commands: a name over NAME_MAX in it named (`atomic.long_name`), as shard build's --out
+    """--out of the data commands and report: a name over NAME_MAX in it named (`atomic.long_name`), as shard build's --out
     and train.py's --output-dir are, where mkdir's 'File name too long: PATH' named neither the name nor the limit."""
     from .atomic import long_name
 
@@ -355,7 +355,7 @@ def bench_train_cmd(shards, images, arch, size, batch, feeds, compile_, device, 
 
 @main.command("report")
 @click.argument("runs", nargs=-1, required=True, type=_Path(exists=True, file_okay=False))
-@click.option("--out", default="report", show_default=True, type=_Path(file_okay=False), help="Folder for report.md, report.json (every run's args, metrics and final figures) and curves.png.")
+@click.option("--out", default="report", show_default=True, type=_Path(file_okay=False), callback=_name_fits, help="Folder for report.md, report.json (every run's args, metrics and final figures) and curves.png.")
 def report_cmd(runs, out):
     """The study's table (Markdown) for train.py's run folders RUNS, and their learning curves in one PNG."""
     from .report import write_report

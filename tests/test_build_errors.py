@@ -438,16 +438,20 @@ def test_an_output_of_the_wrong_kind_is_one_line(tmp_path, args, flag, wrong):
     assert (result.exit_code, result.output) == (2, f"error: {message}\n")
 
 
-@pytest.mark.parametrize("args", [["data", "synth", "--out", "LONG"], ["data", "fetch", "--out", "LONG"]],
+@pytest.mark.parametrize("args", [["data", "synth", "--out", "LONG"], ["data", "fetch", "--out", "LONG"],
+                                  ["report", "R", "--out", "LONG"]],
                          ids=lambda args: "-".join(args[:2]))
 def test_an_output_name_too_long_for_the_file_system_is_one_line(tmp_path, args):
-    """It was OSError's traceback, `[Errno 36] File name too long`, then 'File name too long: PATH', naming
-    neither the name nor the limit; it names them as shard build's --out and train.py's --output-dir do."""
-    long = tmp_path / ("a" * 300) / "release"
-    result = CliRunner().invoke(main, [{"R": str(tmp_path), "LONG": str(long)}.get(a, a) for a in args])
+    """It was OSError's traceback, `[Errno 36] File name too long`, then 'File name too long: PATH' (report:
+    'cannot write the report (OSError: [Errno 36] File name too long: PATH)'), naming neither the name nor the
+    limit; it names them as shard build's --out and train.py's --output-dir do."""
+    long, run = tmp_path / ("a" * 300) / "release", tmp_path / "run"  # run: a training run's folder, for report
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"epoch": 0, "train_loss": 1, "train_top1": 1, "val_loss": 1, "val_top1": 1}\n')
+    result = CliRunner().invoke(main, [{"R": str(run), "LONG": str(long)}.get(a, a) for a in args])
     assert (result.exit_code, result.output) == (2, f"error: --out {long}: the name '{'a' * 24}...{'a' * 8}' is 300 "
                                                     "bytes, more than the 255 a name may have; choose a shorter name\n")
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
 
 
 def test_clicks_usage_errors_are_one_line(tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import webdataset as wds
 from webdataset import tariterators
 
-from .atomic import folder_refusal
+from .atomic import folder_refusal, long_name
 from .build import _stats, histograms
 from .errors import ShardError, TinyinError, UsageError, plural
 from .schema import CLS, GRAY28, JSON, MANIFEST_FILE, RGB64, VARIANTS
@@ -178,10 +178,13 @@ def inspect_shards(shards, png=None, max_classes=20, per_class=8):
 def _check_writable(png):
     """TinyinError unless a file can be made in `png`'s folder (created now: `folder_refusal`). The default,
     SHARDS/samples.png, is refused on a shared set (another user's, a read-only mount): that showed after the
-    work (10 s on the real set), and the counts were never printed."""
+    work (10 s on the real set), and the counts were never printed. A name over NAME_MAX for the file itself
+    (UsageError) was found by the save too: 'cannot write (OSError: [Errno 36] File name too long: ...)'."""
     why = folder_refusal(png.parent)
     if why:
         raise TinyinError(f"{png.parent}: {why}, for {png.name}; name another file with --png")
+    if why := long_name(png):  # the folder's names fit (folder_refusal): the file's own is too long
+        raise UsageError(f"--png {png}: {why}; choose a shorter name")
 
 
 def _check_image_name(png):

@@ -184,6 +184,16 @@ def test_inspect_sizes_the_grid_by_what_the_classes_hold(shards, tmp_path):
         1, f"error: {png}: cannot be made a folder (File exists), for grid.png; name another file with --png")
 
 
+def test_inspect_names_a_png_name_over_name_max_before_the_work(shards, tmp_path, monkeypatch):
+    """The save found it, after the work: 'cannot write (OSError: [Errno 36] File name too long: PATH)'."""
+    monkeypatch.setattr("pipeline.reader.ShardArrays", lambda *a: pytest.fail("the shards were read"))
+    png = tmp_path / ("g" * 300 + ".png")
+    assert run("shard", "inspect", shards, "--png", png) == (
+        2, f"error: --png {png}: the name '{'g' * 24}...{'g' * 4}.png' is 304 bytes, more than the 255 a name may "
+           "have; choose a shorter name")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full, a disk that is always full")
 def test_inspect_on_a_full_disk_is_one_line(shards, tmp_path):
     """The folder takes a new file, and the grid's own write then fails (a full disk): one line, as for a

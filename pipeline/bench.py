@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import reader
-from .atomic import refusal
+from .atomic import long_name, refusal
 from .errors import UsageError, plural
 from .loader import make_loader
 from .provenance import commit
@@ -52,7 +52,9 @@ def check_images(images):
 def check_json(path):
     """--json of the bench commands and tools/bench_loader.py: a file in a folder that is there. Written after
     the measuring, a missing folder or a folder named was a traceback then, the rows left only on stdout.
-    Returns `path`."""
+    Returns `path`. A name over NAME_MAX is named (`long_name`): it was 'File name too long: PATH'."""
+    if path is not None and (why := long_name(path)):
+        raise UsageError(f"--json {path}: {why}; choose a shorter name")
     if path is not None and not Path(path).absolute().parent.is_dir():
         raise UsageError(f"--json {path}: no folder {Path(path).parent} to write it in")
     if path is not None and Path(path).is_dir():

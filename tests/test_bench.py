@@ -206,7 +206,8 @@ TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 
 @pytest.mark.parametrize("flag, value", [("--images", "{tmp}"), ("--images", "{tmp}/none"), ("--images", "{tmp}/file"),
-                                         ("--json", "{tmp}/no/rows.json"), ("--json", "{tmp}")])
+                                         ("--json", "{tmp}/no/rows.json"), ("--json", "{tmp}"),
+                                         ("--json", "{tmp}/" + "j" * 300 + ".json")])
 def test_the_bench_command_and_tool_name_a_mistake_alike(monkeypatch, capsys, shards, release, tmp_path, flag, value):
     """`tinyin bench loader` and tools/bench_loader.py checked --images and --json each in its own words: one
     mistake, two messages (`Invalid value for '--json': File 'DIR' is a directory.`, `--json DIR: a folder; ...`)."""
@@ -271,6 +272,20 @@ def test_bench_json_in_no_folder_is_refused_before_measuring(shards, tmp_path, c
     result = CliRunner().invoke(main, ["bench", command, "--shards", str(shards), "--json", str(tmp_path / "no" / "r.json")])
     assert (result.exit_code, result.output) == (
         2, f"error: --json {tmp_path / 'no' / 'r.json'}: no folder {tmp_path / 'no'} to write it in\n")
+
+
+@pytest.mark.parametrize("command", ["loader", "train"])
+def test_bench_json_with_a_name_over_name_max_is_named(shards, tmp_path, command):
+    """It said 'File name too long: PATH' (exit 1), naming neither the name nor the limit, as --out elsewhere did."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    path = tmp_path / ("j" * 300 + ".json")
+    result = CliRunner().invoke(main, ["bench", command, "--shards", str(shards), "--json", str(path)])
+    assert (result.exit_code, result.output) == (
+        2, f"error: --json {path}: the name '{'j' * 24}...{'j' * 3}.json' is 305 bytes, more than the 255 a name may "
+           "have; choose a shorter name\n")
 
 
 @pytest.mark.parametrize("command", ["loader", "train"])

@@ -75,7 +75,7 @@ def read_run(run) -> dict:
         except ValueError as e:
             raise ValueError(f"{path}: not a JSON object ({e})") from None
         if not isinstance(value, dict):
-            raise ValueError(f"{path}: not a JSON object (a {type(value).__name__})")
+            raise ValueError(f"{path}: not a JSON object ({_kind(value)})")
         bad = _bad_field(value, FIELD_KINDS[name])
         if bad:
             raise ValueError(f"{path}: {bad}")
@@ -101,6 +101,14 @@ FIELD_KINDS = {
 }
 
 
+def _kind(value) -> str:
+    """What a JSON value that is no object is, in the words of `FIELD_KINDS`: Python's name of its type said
+    'a int', 'a float', 'a str' and 'a NoneType' to the user who wrote 3, "x" or null in a file."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    return "a list" if isinstance(value, list) else "text" if isinstance(value, str) else "a number"
+
+
 def _bad_field(value: dict, kinds: dict) -> str:
     """What is wrong with the first field of `value` that is not of its kind in `kinds` ('' if none is)."""
     for key, (types, said) in kinds.items():
@@ -120,7 +128,7 @@ def _metrics_rows(path) -> list[dict]:
         except ValueError as e:
             raise ValueError(f"{path}: line {n}: not a metrics row ({e})") from None
         if not isinstance(row, dict):
-            raise ValueError(f"{path}: line {n}: not a metrics row (a {type(row).__name__})")
+            raise ValueError(f"{path}: line {n}: not a metrics row ({_kind(row)})")
         missing = [key for key in ROW_KEYS if key not in row]
         if missing:
             raise ValueError(f"{path}: line {n}: not a metrics row (no {', '.join(missing)})")

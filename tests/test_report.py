@@ -102,10 +102,15 @@ def test_unreadable_run_files_are_one_line_errors_naming_the_file(tmp_path, runs
                               "(Expecting ',' delimiter: line 1 column 26 (char 25))")
     (run / "metrics.jsonl").write_text(good + "[]\n")
     assert report(run) == (1, f"error: {run / 'metrics.jsonl'}: line 3: not a metrics row (a list)")
+    for line, kind in (("3", "a number"), ("2.5", "a number"), ('"x"', "text"), ("null", "null"), ("true", "true")):
+        (run / "metrics.jsonl").write_text(good + line + "\n")  # Python's names: 'a int', 'a str', 'a NoneType'
+        assert report(run) == (1, f"error: {run / 'metrics.jsonl'}: line 3: not a metrics row ({kind})")
     (run / "metrics.jsonl").write_text(good)
     args = (run / "args.json").read_text()
     (run / "args.json").write_text("[]")
     assert report(run) == (1, f"error: {run / 'args.json'}: not a JSON object (a list)")
+    (run / "args.json").write_text("40")
+    assert report(run) == (1, f"error: {run / 'args.json'}: not a JSON object (a number)")
     (run / "args.json").write_text(args[:-1])
     assert report(run) == (1, f"error: {run / 'args.json'}: not a JSON object "
                               f"(Expecting ',' delimiter: line 1 column {len(args)} (char {len(args) - 1}))")

@@ -206,8 +206,10 @@ def load_weights_file(model: nn.Module, path: str | os.PathLike, head: str, arch
             state = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
         else:
             state = state["model"]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: not a state dict (a {type(state).__name__})")
+    if not isinstance(state, dict):  # its type with its article: it said 'a int', 'a NoneType'
+        kind = type(state).__name__
+        said = "None" if state is None else f"{'an' if kind[0].lower() in 'aeiou' else 'a'} {kind}"
+        raise ValueError(f"{path}: not a state dict ({said})")
     own = model.state_dict()
     mismatched = [k for k in state if k.startswith(head) and k in own and state[k].shape != own[k].shape]
     if mismatched:

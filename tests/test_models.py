@@ -195,6 +195,11 @@ def test_a_file_that_is_no_state_dict_is_a_value_error(tmp_path):
     with pytest.raises(ValueError) as e:
         models.get_model("lenet5", weights=str(tmp_path / "list.pth"))
     assert str(e.value) == f"{tmp_path / 'list.pth'}: not a state dict (a list)"
+    for value, said in ((3, "an int"), (None, "None"), (torch.zeros(1), "a Tensor")):  # it said 'a int', 'a NoneType'
+        torch.save(value, tmp_path / "other.pth")
+        with pytest.raises(ValueError) as e:
+            models.get_model("lenet5", weights=str(tmp_path / "other.pth"))
+        assert str(e.value) == f"{tmp_path / 'other.pth'}: not a state dict ({said})"
 
 
 def test_an_ema_checkpoint_gives_its_average(tmp_path):

@@ -149,6 +149,12 @@ def test_a_stopped_table_does_not_count_a_row_not_measured_as_measured(shards):
         "# stopped early after 2 of 3 rows"
 
 
+def test_a_size_that_is_no_integer_is_named_in_clicks_words(shards):
+    """`--size 28,x` said ''28,x' is not a comma-separated list', which it is; the item that is no integer now."""
+    result = CliRunner().invoke(main, ["bench", "train", "--shards", str(shards), "--size", "28,x"])
+    assert (result.exit_code, result.output) == (2, "error: Invalid value for '--size': 'x' is not a valid integer.\n")
+
+
 def test_imagefolder_needs_images(shards):
     """Up front: found at feed d's first row, the error lost the rows of feeds a to c measured before it."""
     result = CliRunner().invoke(main, ["bench", "train", "--shards", str(shards), "--arch", "lenet5",

@@ -1074,12 +1074,13 @@ def main(args):
 
 
 def at_least(low, kind=int):
-    """An argparse type: a finite number >= low ('must be at least 1, not 0')."""
+    """An argparse type: a finite number >= low ('must be at least 1, not 0'); of an int flag, a whole one (`--epochs
+    1.5` said 'not a number: '1.5'')."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+            raise argparse.ArgumentTypeError(f"not {'a whole' if kind is int else 'a'} number: {text!r}") from None
         if not value >= low or value == math.inf:  # also rejects nan
             raise argparse.ArgumentTypeError(f"must be at least {low}, not {text}")
         return value

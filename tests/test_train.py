@@ -144,6 +144,8 @@ def test_explicit_flags_beat_the_recipe():
     (["--lr", "inf"], "argument --lr: must be positive, not inf"),
     (["--momentum", "nan"], "argument --momentum: must be at least 0.0, not nan"),
     (["--lr", "fast"], "argument --lr: not a number: 'fast'"),
+    (["--epochs", "1.5"], "argument --epochs: not a whole number: '1.5'"),  # it said 'not a number'
+    (["-b", "x"], "argument -b/--batch-size: not a whole number: 'x'"),
     (["--epochs", "0"], "argument --epochs: must be at least 1, not 0"),
     (["--checkpoint-every", "0"], "argument --checkpoint-every: must be at least 1, not 0"),
     (["--limit-batches", "0"], "argument --limit-batches: must be at least 1, not 0"),

@@ -1082,7 +1082,7 @@ def at_least(low, kind=int):
         except ValueError:
             raise argparse.ArgumentTypeError(f"not {'a whole' if kind is int else 'a'} number: {text!r}") from None
         if not value >= low or value == math.inf:  # also rejects nan
-            raise argparse.ArgumentTypeError(f"must be at least {low}, not {text}")
+            raise argparse.ArgumentTypeError(f"must be at least {low:g}, not {text}")  # 'at least 0', not '0.0'
         return value
     return parse
 
@@ -1218,14 +1218,14 @@ def check_training_flags(parser, args, given):
     if args.nesterov and args.momentum == 0:
         parser.error("argument --nesterov: needs a momentum above 0, not --momentum 0")
     if args.warmup_epochs >= args.epochs:
-        parser.error(f"argument --warmup-epochs: must be below --epochs ({args.epochs}), not {args.warmup_epochs}")
+        parser.error(f"argument --warmup-epochs: must be below --epochs ({args.epochs}), not {args.warmup_epochs:g}")
     if args.time_budget and args.epochs < BUDGET_AFTER_EPOCHS:  # the run would end before the choice, the budget unused
         parser.error(f"argument --time-budget: chooses --epochs after {BUDGET_AFTER_EPOCHS} epochs; give --epochs "
                      f"{BUDGET_AFTER_EPOCHS} or more, not {args.epochs}")
     if args.ema >= 1:
-        parser.error(f"argument --ema: must be below 1, not {args.ema}")
+        parser.error(f"argument --ema: must be below 1, not {args.ema:g}")
     if args.mix_prob > 1:
-        parser.error(f"argument --mix-prob: must be at most 1, not {args.mix_prob}")
+        parser.error(f"argument --mix-prob: must be at most 1, not {args.mix_prob:g}")
     for flag, needs, off in (("mix_alpha", "mix", args.mix == "none"), ("mix_prob", "mix", args.mix == "none"),
                              ("ema_every", "ema", not args.ema)):
         if flag in given and off:
@@ -1276,7 +1276,7 @@ def parse_args(argv=None):
             if k not in given:
                 setattr(args, k, v)
     if args.label_smoothing >= 1:
-        parser.error(f"argument --label-smoothing: must be below 1, not {args.label_smoothing}")
+        parser.error(f"argument --label-smoothing: must be below 1, not {args.label_smoothing:g}")  # '1', not '1.0'
     check_training_flags(parser, args, given)
     if args.workers is not None and args.data_path != "stream":
         parser.error(f"argument -j/--workers: only --data-path stream uses loader workers; "

@@ -445,14 +445,15 @@ def test_explicit_flags_beat_recipe_fast():
 
 @pytest.mark.parametrize("argv, message", [
     (["--nesterov", "--momentum", "0"], "argument --nesterov: needs a momentum above 0, not --momentum 0"),
-    (["--warmup-epochs", "3", "--epochs", "3"], "argument --warmup-epochs: must be below --epochs (3), not 3.0"),
+    (["--warmup-epochs", "3", "--epochs", "3"], "argument --warmup-epochs: must be below --epochs (3), not 3"),
     (["--arch", "resnet18_64", "--recipe", "fast", "--epochs", "2"],
-     "argument --warmup-epochs: must be below --epochs (2), not 2.0"),
-    (["--ema", "1"], "argument --ema: must be below 1, not 1.0"),
+     "argument --warmup-epochs: must be below --epochs (2), not 2"),
+    (["--ema", "1"], "argument --ema: must be below 1, not 1"),
     # It trained the one epoch and ignored the budget: the choice comes after epoch 2.
     (["--time-budget", "10", "--epochs", "1"],
      "argument --time-budget: chooses --epochs after 2 epochs; give --epochs 2 or more, not 1"),
     (["--mix", "cutmix", "--mix-prob", "1.5"], "argument --mix-prob: must be at most 1, not 1.5"),
+    (["--mix", "cutmix", "--mix-prob", "2"], "argument --mix-prob: must be at most 1, not 2"),  # it said '2.0'
     (["--mix-alpha", "0.4"], "argument --mix-alpha: only acts with --mix"),
     (["--ema-every", "2"], "argument --ema-every: only acts with --ema"),
     (["--mix-prob", "0.5"], "argument --mix-prob: only acts with --mix"),

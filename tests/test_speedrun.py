@@ -302,6 +302,18 @@ def test_a_part_named_twice_in_ablate_is_one_run(monkeypatch):
     assert planned[-1] == list(speedrun.ABLATIONS)
 
 
+def test_all_among_the_ablated_parts_is_every_part(monkeypatch, capsys):
+    """'--ablate all,ema' said 'unknown part all; choose from: all, ema, ...', refusing what it offered."""
+    planned = []
+    monkeypatch.setattr(speedrun, "check_train_flags", lambda args, variants: planned.append(variants) or sys.exit(0))
+    with pytest.raises(SystemExit):
+        speedrun.main(["--shards", "x", "--out", "y", "--ablate", "ema,all"])
+    assert planned == [list(speedrun.ABLATIONS)]
+    with pytest.raises(SystemExit):
+        speedrun.main(["--shards", "x", "--out", "y", "--ablate", "all,dropout"])
+    assert capsys.readouterr().err.splitlines()[-1].startswith("speedrun.py: error: --ablate: unknown part dropout; ")
+
+
 def test_a_variant_switches_its_part_off_whatever_the_train_args():
     """--train-args apply to every run; the variant's own flags come after them, so they win."""
     import train

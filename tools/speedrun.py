@@ -201,8 +201,10 @@ def main(argv=None):
         seeds = list(dict.fromkeys(int(s) for s in args.seeds.split(",")))  # '0,0': one run, not a row twice and no spread
     except ValueError:
         p.error(f"--seeds: comma-separated integers, not {args.seeds!r}")
-    # 'ema,ema': one run, not its row twice
-    variants = [] if not args.ablate else list(ABLATIONS) if args.ablate == "all" else list(dict.fromkeys(args.ablate.split(",")))
+    # 'ema,ema': one run, not its row twice; 'all' among parts is every one ('all,ema' was refused as 'unknown part
+    # all; choose from: all, ...')
+    parts = list(dict.fromkeys(args.ablate.split(","))) if args.ablate else []
+    variants = [*ABLATIONS, *(v for v in parts if v not in ABLATIONS and v != "all")] if "all" in parts else parts
     unknown = [v for v in variants if v not in ABLATIONS]
     if unknown:
         p.error(f"--ablate: unknown {plural(len(unknown), 'part')} {', '.join(unknown)}; choose from: all, {', '.join(ABLATIONS)}")

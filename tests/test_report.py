@@ -473,9 +473,11 @@ def test_union_seconds():
 
 @pytest.mark.parametrize("flag", ["--jobs", "--epochs", "--limit-batches"])
 def test_reproduce_bad_counts(tmp_path, flag):
-    """--epochs 0 and --limit-batches 0 read as "not given": the recipe's 40 epochs, every batch."""
+    """--epochs 0 and --limit-batches 0 read as "not given": the recipe's 40 epochs, every batch. Refused, they
+    said '--epochs must be at least 1, not 0' (exit 1), where '--epochs x' and train.py's '--epochs 0' say
+    'argument --epochs: ...' (exit 2)."""
     result = reproduce("--rows", "lenet5-28", "--out", str(tmp_path), flag, "0")
-    assert (result.returncode, result.stderr) == (1, f"error: {flag} must be at least 1, not 0\n")
+    assert (result.returncode, result.stderr) == (2, f"error: argument {flag}: must be at least 1, not 0\n")
 
 
 def test_reproduce_checks_the_shards_before_any_row_starts(tmp_path):

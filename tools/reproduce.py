@@ -247,8 +247,9 @@ def main(args):
         sys.exit(f"error: unknown {plural(len(unknown), 'row')} {', '.join(unknown)}; choose from: {', '.join(ROWS)}")
     for flag in ("epochs", "limit_batches", "jobs"):  # 0 would read as "not given": the recipe's 40 epochs
         value = getattr(args, flag)
-        if value is not None and value < 1:
-            sys.exit(f"error: --{flag.replace('_', '-')} must be at least 1, not {value}")
+        if value is not None and value < 1:  # in argparse's form and exit, as its own '--epochs x' and train.py's
+            print(f"error: argument --{flag.replace('_', '-')}: must be at least 1, not {value}", file=sys.stderr)
+            sys.exit(UsageError.exit_code)
     if args.weights_dir and not Path(args.weights_dir).is_dir():  # a typo read as "no weights": Table 3 not run
         sys.exit(f"error: --weights-dir {args.weights_dir}: no such folder")
     done, not_run, todo = [], [], []

@@ -34,6 +34,7 @@ from .index import read_manifest
 from .loader import make_loader
 from .reader import ShardArrays
 from .release import is_image
+from .stream_workers import WORKER_RULE, started
 
 #: (arch, size) rows of the zoo, in the study's order.
 ROWS = (("lenet5", 28), ("alexnet", 64), ("squeezenet1_1", 64), ("resnet18", 64),
@@ -141,14 +142,15 @@ def time_windows(step, batches, device, warmup, steps, windows):
 # --- the feeds -------------------------------------------------------------------------------
 
 
-def _forever(loader, what, set_epoch=None):
+def _forever(loader, what, set_epoch=None, start=iter):
     """Batches of `loader` over epoch after epoch (reshuffled by `set_epoch(epoch)` where given;
-    a DataLoader reshuffles by itself); UsageError if an epoch holds no full batch."""
+    a DataLoader reshuffles by itself), each epoch's iterator `start(loader)`; UsageError if an
+    epoch holds no full batch."""
     for epoch in itertools.count():
         if set_epoch is not None:
             set_epoch(epoch)
         empty = True
-        for batch in loader:
+        for batch in start(loader):
             empty = False
             yield batch[0], batch[1]
         if empty:
@@ -209,10 +211,14 @@ class Feeds:
         # The images `shard build` reads: not the AppleDouble `._*` files of a macOS copy, which PIL cannot open.
         dataset = datasets.ImageFolder(str(Path(self.images) / "train"), tf, is_valid_file=is_image)
         cuda = self.device.type == "cuda"
+        # The stream path's rule for its workers, as `bench loader`'s baseline: a SIGTERM to the process group
+        # (a scheduler's, `kill -TERM -PGID`) killed them, and torch raised "DataLoader worker (pid(s) N) exited
+        # unexpectedly" as a traceback.
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True,
-                                             num_workers=self.workers, pin_memory=cuda)
+                                             num_workers=self.workers, pin_memory=cuda,
+                                             **(WORKER_RULE if self.workers else {}))
         fmt = torch.channels_last if cuda else torch.contiguous_format
-        for images, labels in _forever(loader, "--feeds d"):
+        for images, labels in _forever(loader, "--feeds d", start=started):
             yield (images.to(self.device, non_blocking=True).contiguous(memory_format=fmt),
                    labels.to(self.device, non_blocking=True))
 

@@ -1,7 +1,9 @@
 """pipeline.bench_train on the synthetic set: the plan of cases, what each feed delivers, the
 one-line errors, and the CLI's table and JSON (a tiny run; no figures are asserted)."""
 import gc
+import itertools
 import json
+import multiprocessing
 import signal
 import subprocess
 import sys
@@ -18,6 +20,7 @@ from pipeline.cli import main
 from pipeline.device import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.errors import UsageError
 from pipeline.reader import ShardArrays
+from tests.conftest import SYNTH
 
 
 def test_plan_rows_batches_and_compile():
@@ -304,6 +307,23 @@ def test_imagefolder_feed_reads_a_macos_copy_as_the_build_does(shards, macos_cop
     torch.manual_seed(0)
     images, labels = next(Feeds(shards, macos_copy, torch.device("cpu"), workers=0)._imagefolder("lenet5", 28, 240))
     assert images.shape == (240, 1, 28, 28) and labels.bincount().tolist() == [40] * 6
+
+
+def test_the_imagefolder_feeds_workers_read_on_through_a_sigterm_to_the_group(shards, release):
+    """A SIGTERM to the process group (a scheduler's `kill -TERM -PGID`, gpu_session's --deadline) reaches feed (d)'s
+    DataLoader workers too: they died of it, and torch raised "DataLoader worker (pid(s) N) exited unexpectedly"
+    as a traceback in the middle of the row. They now take the stream path's rule, as `tinyin bench loader`'s
+    ImageFolder baseline does: stopping is the main process's job."""
+    batches = Feeds(shards, release, torch.device("cpu"), workers=2)._imagefolder("lenet5", 28, 16)
+    try:
+        seen = len(next(batches)[1])
+        workers = multiprocessing.active_children()
+        assert len(workers) == 2
+        subprocess.run(["kill", "-TERM", *(str(w.pid) for w in workers)], check=True)  # from another process
+        seen += sum(len(labels) for _, labels in itertools.islice(batches, 14))  # the rest of the epoch
+    finally:
+        batches.close()
+    assert seen == SYNTH["classes"] * SYNTH["train_per_class"]
 
 
 def test_the_tables_header_is_the_command_quoted_for_a_shell(tmp_path, monkeypatch):

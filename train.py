@@ -172,12 +172,14 @@ class StopSignals:
     forwards the signal the workers already received from the terminal or the scheduler.
     Under DDP the ranks agree through an all-reduce (on a gloo group, so CUDA never syncs for it):
     all stop after the same step, whichever rank the signal reached.
+    The wait for the next batch is cut short by a signal (`waited`): it has no step to finish.
     """
 
     def __init__(self):
         self.signum = 0
         self._previous = {}
         self._group = None
+        self._waiting = False  # whether a signal now raises StopWaiting (`waited`)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # Python only lets the main thread handle signals
@@ -193,6 +195,29 @@ class StopSignals:
 
     def _handle(self, signum, frame):
         self.signum = self.signum or signum
+        if self._waiting:
+            self._waiting = False  # once: a repeat must not cut short the cleanup that StopWaiting runs
+            raise StopWaiting
+
+    def waited(self, batches):
+        """`batches`, where a signal (or one noted already) ends the wait for the next one with `StopWaiting`.
+        On the stream path the wait is for a worker's shard read, which a slow or hung server can hold for
+        minutes: the signal was only noted, for a stop after the step that batch would make. There is no step
+        in progress during the wait (the last one's state is whole, as at a stop after a step), and the
+        epoch's iterators end in their `finally` (the workers shut down). Not under DDP: every rank must
+        stop after the same step, and the others would wait for this rank's gradients."""
+        batches = iter(batches)
+        while True:
+            self._waiting = self._group is None and bool(self._previous)  # handlers: the main thread's only
+            try:
+                if self._waiting and self.signum:
+                    raise StopWaiting
+                batch = next(batches)
+            except StopIteration:
+                return
+            finally:
+                self._waiting = False
+            yield batch
 
     def request(self, signum):
         """Stop as if `signum` had arrived (--stop-after-steps: a deterministic stand-in for a scheduler)."""
@@ -215,6 +240,12 @@ def stop_when_the_launcher_dies(every=0.5):
     if "TORCHELASTIC_RUN_ID" not in os.environ:  # torchrun's: a plain run may outlive its shell (nohup) on purpose
         return
     when_orphaned(os.getppid(), lambda: os.kill(os.getpid(), signal.SIGTERM), "tinyin-launcher", every)
+
+
+class StopWaiting(KeyboardInterrupt):
+    """A signal while the train loop waited for a batch (`StopSignals.waited`): raised as a Ctrl-C is, so that
+    every `finally` on the way runs and no `except Exception` (torch's DataLoader, the stream's lanes) takes
+    it for a failure of the read."""
 
 
 class Interrupted(Exception):
@@ -661,9 +692,10 @@ def check_same_start(state, ckpt_path, args):
 # --- training ------------------------------------------------------------------------------
 
 
-def train_one_epoch(parts, state, args, after_step, keys=None):
+def train_one_epoch(parts, state, args, stop, after_step, keys=None):
     """Train `state.epoch` from `state.samples_done` on: the rest of the epoch, or until
-    `after_step()` says stop. Updates `state` after every step; returns True if the epoch finished."""
+    `after_step()` says stop or `stop` ends the wait for a batch (`StopSignals.waited`). Updates
+    `state` after every step; returns True if the epoch finished."""
     model, loader, device = parts.model, parts.train, parts.device
     model.train()
     loader.set_epoch(state.epoch, start=state.samples_done)
@@ -672,7 +704,7 @@ def train_one_epoch(parts, state, args, after_step, keys=None):
                total=state.epoch_steps + min(len(loader), left if left is not None else len(loader)),
                disable=True if rank() else None, leave=False)
     per_step = per_step_schedule(args)
-    for batch in bar:
+    for batch in stop.waited(bar):
         images, target = batch[0], batch[1]
         if keys is not None:
             keys.extend(batch[2])
@@ -895,7 +927,10 @@ def train(parts, state, args, stop):
     earlier_s, checkpoint_s = state.wall_time, 0.0  # --time-budget: epochs of earlier processes; a save's time
     while state.epoch < args.epochs:
         clock.update(t0=time.time(), before=state.train_seconds)
-        finished = train_one_epoch(parts, state, args, after_step, keys)
+        try:
+            finished = train_one_epoch(parts, state, args, stop, after_step, keys)
+        except StopWaiting:  # a signal while the epoch waited for a batch: the last step's state is whole
+            finished = False
         tick()
         if not finished or stop.requested():  # a signal during the epoch, or during its last step
             checkpoint()

@@ -5,10 +5,12 @@ import argparse
 import contextlib
 import errno
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -786,6 +788,35 @@ def test_a_signal_during_the_fetch_of_a_set_url_stops_it_at_once(tiny_shards, tm
         server.close()
     assert capsys.readouterr().err == "terminated\n" and not (tmp_path / "run").exists()
     assert signal.getsignal(signal.SIGTERM) is handler
+
+
+def test_a_signal_while_the_stream_waits_for_a_batch_stops_the_run_at_once(tiny_shards, tmp_path, monkeypatch, capsys):
+    """On the stream path the training process waits for a worker's batch, which a slow or hung server can hold
+    for minutes: Ctrl-C or SIGTERM there was only noted, for a stop after the step that batch would make, and
+    the run waited on (here for good). The wait now ends at the signal, and the run stops as after a step:
+    the checkpoint of the last step, its line, 143."""
+    def hung(url, storage_options=None):  # in the worker, which the run's one batch waits for
+        os.kill(os.getppid(), signal.SIGTERM)  # as a scheduler's arrives, mid-wait
+        threading.Event().wait()  # a server that never answers
+
+    def hang(signum, frame):  # the wait before the fix: a failure, not a stalled suite
+        raise TimeoutError("the run waited on for the batch")
+    monkeypatch.setattr("pipeline.stream_read.read_whole", hung)
+    previous = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(60)
+    out = tmp_path / "run"
+    flags = ["--shards", tiny_shards, "--device", "cpu", "--output-dir", out, "--arch", "lenet5", "-b", "4",
+             "--epochs", "1", "--data-path", "stream", "-j", "1"]
+    try:
+        assert cli(*flags) == 143
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert capsys.readouterr().err == (f"interrupted at epoch 0 step 0: checkpoint saved to {out / 'checkpoint.pth'}; "
+                                       f"continue with: python train.py {' '.join(map(str, flags))} --resume auto\n")
+    state = torch.load(out / "checkpoint.pth", weights_only=True)["state"]
+    assert (state["epoch"], state["step"], state["samples_done"]) == (0, 0, 0)
+    assert multiprocessing.active_children() == []  # the worker, stuck in its read, stopped with the run
 
 
 def test_a_signal_during_a_test_only_evaluation_stops_it_at_once(tiny_shards, tmp_path, monkeypatch, capsys):

@@ -137,7 +137,9 @@ def budget_epochs(budget_s, elapsed_s, epoch_s, test_s, done=BUDGET_AFTER_EPOCHS
 @contextlib.contextmanager
 def distributed(args):
     """Join torchrun's process group when launched by it; yields (device, world_size). The one
-    place the group is torn down, however the run ends (finished, interrupted, or an error)."""
+    place the group is torn down, however the run ends (finished, interrupted, or an error).
+    The join waits for every rank (a node that starts late: minutes) in C++: main enters it
+    within `stopped_at_once`."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size > 1:  # torchrun put RANK, LOCAL_RANK and MASTER_ADDR in the environment
         if args.device == "cuda":
@@ -1052,9 +1054,12 @@ def make_output_dir(path):
 def main(args):
     """Train (or --test-only evaluate) as `args` say; returns final.json's dict. Exits 128 + signum
     after writing a checkpoint when SIGTERM, SIGINT or SIGUSR1 arrives mid-run."""
-    check_device(args.device)
-    stop_when_the_launcher_dies()
-    with distributed(args) as (device, world_size), StopSignals() as stop, contextlib.ExitStack() as held:
+    with contextlib.ExitStack() as run:
+        with stopped_at_once():  # the join of the other ranks: a signal ends it in one line, 130 or 143
+            check_device(args.device)
+            stop_when_the_launcher_dies()
+            device, world_size = run.enter_context(distributed(args))
+        stop, held = run.enter_context(StopSignals()), run.enter_context(contextlib.ExitStack())
         ckpt_path = resume_path(args)
         if args.test_only and args.pretrained and not ckpt_path:  # the ImageNet head has 1000 classes: replaced
             raise UsageError("--test-only evaluates a trained network: --pretrained gives ImageNet's weights a fresh "

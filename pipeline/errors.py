@@ -85,25 +85,45 @@ STOPPED = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
 
 @contextlib.contextmanager
 def stopped_at_once():
-    """Within the block (a program's imports, before any handler of its own: torch's take seconds), Ctrl-C
-    and SIGTERM end the process at once, with `user_errors`' line and exit code (`interrupted`, 130;
-    `terminated`, 143). Ctrl-C there was a KeyboardInterrupt traceback out of torch's import, SIGTERM a
-    death by the signal, which speedrun.py took for its train.py's failure (exit 1). At once (os._exit):
-    nothing is made yet that needs cleaning up, and no library's bare `except:` around an import can
-    swallow it. Main thread only, as handlers."""
+    """Within the block (a program's imports, before any handler of its own: torch's take seconds; train.py's
+    join of the other ranks), Ctrl-C and SIGTERM end the process at once, with `user_errors`' line and exit
+    code (`interrupted`, 130; `terminated`, 143). Ctrl-C there was a KeyboardInterrupt traceback out of
+    torch's import, SIGTERM a death by the signal, which speedrun.py took for its train.py's failure (exit
+    1). At once (os._exit): nothing is made yet that needs cleaning up, and no library's bare `except:`
+    around an import can swallow it. Also from a thread of its own, woken by the signal (set_wakeup_fd):
+    a Python handler runs only between the main thread's bytecodes, and a wait in C++ that releases the
+    GIL holds those off for good (torch.distributed's join: Ctrl-C did nothing until its 30-minute
+    timeout). Main thread only, as handlers."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def stop(signum, frame):
-        print(STOPPED[signum], file=sys.stderr, flush=True)
-        os._exit(128 + signum)
+    stopping = threading.Lock()  # one line: the handler and the thread may both take the signal
+
+    def stop(signum, frame=None):
+        if stopping.acquire(blocking=False):  # else the other is on it (a repeat in the handler: not a deadlock)
+            print(STOPPED[signum], file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+
+    def watch():  # each signal with a Python handler writes its number to `wake`; closed, it reads b""
+        while woken := os.read(read, 1):
+            if woken[0] in STOPPED:
+                stop(woken[0])
+    read, wake = os.pipe()
+    os.set_blocking(wake, False)  # as set_wakeup_fd asks
     previous = {sig: signal.signal(sig, stop) for sig in STOPPED}
+    previous_fd = signal.set_wakeup_fd(wake)
+    watcher = threading.Thread(target=watch, name="tinyin-stop", daemon=True)
+    watcher.start()
     try:
         yield
     finally:
+        signal.set_wakeup_fd(previous_fd)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        os.close(wake)
+        watcher.join()
+        os.close(read)
 
 
 def stop_code(noted):

@@ -769,12 +769,14 @@ def pad_batch(images, size):
 
 
 @torch.no_grad()  # not inference_mode: the loader's gather thread writes into buffers made here
-def evaluate(model, criterion, loader, device, args):
+def evaluate(model, criterion, loader, device, args, stop=None):
     """Loss, top-1 and top-5 (%) over the whole split, summed across ranks (on the device: one
-    read-back at the end, so evaluation never waits on the GPU batch by batch)."""
+    read-back at the end, so evaluation never waits on the GPU batch by batch). With `stop`
+    (StopSignals), a signal ends it at the wait for its next batch (`StopSignals.waited`)."""
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*n, top1, top5, n
-    for images, target in itertools.islice(loader, args.limit_batches):
+    batches = itertools.islice(loader, args.limit_batches)
+    for images, target in batches if stop is None else stop.waited(batches):
         if args.compile and len(images) < loader.batch_size:
             images = pad_batch(images, loader.batch_size)
         with autocast(device, args):
@@ -789,12 +791,13 @@ def evaluate(model, criterion, loader, device, args):
     return dict(loss=loss_sum / n, top1=100 * top1 / n, top5=100 * top5 / n)
 
 
-def finish_epoch(parts, state, args):
-    """Validate, record the epoch's metrics row, and move `state` to the next epoch; returns (row, is_best)."""
+def finish_epoch(parts, state, args, stop):
+    """Validate, record the epoch's metrics row, and move `state` to the next epoch; returns (row, is_best).
+    StopWaiting (`StopSignals.waited`) when a signal ends the validation, with `state` as it was."""
     t0 = time.time()
     loss_sum, correct, n = reduce_sum(state.sums.clone()).tolist()
     sync_ema_buffers(parts)
-    val = evaluate(parts.eval_model, parts.criterion, parts.val, parts.device, args)
+    val = evaluate(parts.eval_model, parts.criterion, parts.val, parts.device, args, stop)
     train_seconds = state.train_seconds
     epoch_time = train_seconds + (time.time() - t0)
     end = (state.epoch + 1) * parts.steps_per_epoch
@@ -948,7 +951,10 @@ def train(parts, state, args, stop):
             # 135 MB resnet18_64 checkpoint (momenta, EMA) took 0.3-0.8 s here. --time-budget counts it.
             checkpoint()
         before_val_s = time.time() - t0
-        row, is_best = finish_epoch(parts, state, args)
+        try:
+            row, is_best = finish_epoch(parts, state, args, stop)
+        except StopWaiting:  # the checkpoint just written is the stop checkpoint: a resume from it validates
+            raise Interrupted(stop.requested()) from None
         if main_rank:
             print(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} top1 {row['train_top1']:.2f} | "
                   f"val loss {row['val_loss']:.4f} top1 {row['val_top1']:.2f} top5 {row['val_top5']:.2f} | "

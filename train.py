@@ -991,10 +991,15 @@ def choose_budget_epochs(parts, state, args, elapsed_s, epoch_s, val_s):
         write_args(args.output_dir, args)
 
 
-def final_test(parts, state, args):
-    """Test-split accuracy of the final model (its EMA with --ema); final.json."""
+def final_test(parts, state, args, stop=None):
+    """Test-split accuracy of the final model (its EMA with --ema); final.json. Interrupted when a signal
+    ends the test (`StopSignals.waited`): the last epoch's checkpoint is the stop checkpoint, and a resume
+    from it tests."""
     sync_ema_buffers(parts)
-    test = evaluate(parts.eval_model, parts.criterion, parts.test, parts.device, args)
+    try:
+        test = evaluate(parts.eval_model, parts.criterion, parts.test, parts.device, args, stop)
+    except StopWaiting:
+        raise Interrupted(stop.requested()) from None
     last = state.history[-1] if state.history else {}
     final = dict(arch=args.arch, size=args.size, epochs=len(state.history), test_top1=test["top1"],
                  test_top5=test["top5"], test_loss=test["loss"], train_top1=last.get("train_top1"),
@@ -1107,13 +1112,13 @@ def main(args):
                     os.remove(os.path.join(args.output_dir, stale))
         try:
             train(parts, state, args, stop)
+            return final_test(parts, state, args, stop)
         except Interrupted as e:
             if rank() == 0:
                 print(f"interrupted at epoch {state.epoch} step {state.epoch_steps}: checkpoint saved to "
                       f"{os.path.join(args.output_dir, 'checkpoint.pth')}; continue with: "
                       f"{continue_command(args, world_size, __file__)}", file=sys.stderr, flush=True)
             raise SystemExit(128 + e.signum) from None
-        return final_test(parts, state, args)
 
 
 # --- flags ---------------------------------------------------------------------------------

@@ -819,28 +819,46 @@ def test_a_signal_while_the_stream_waits_for_a_batch_stops_the_run_at_once(tiny_
     assert multiprocessing.active_children() == []  # the worker, stuck in its read, stopped with the run
 
 
-def test_a_signal_during_validation_stops_the_run_with_the_epochs_checkpoint(tiny_shards, tmp_path, monkeypatch,
-                                                                            capsys):
+def signalled_at_sync(shards, out, epochs, call, where, capsys):
+    """A run of lenet5 (-b 4, `epochs`) that gets SIGTERM as its `call`-th sync_ema_buffers starts (the first thing
+    of a validation, and of the final test): it exits 143 with the stop line at `where` ('epoch E step S')."""
+    sync, calls = train.sync_ema_buffers, []
+
+    def signalled_sync(parts):
+        calls.append(parts)
+        if len(calls) == call:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler's arrives
+        return sync(parts)
+    flags = ["--shards", shards, "--device", "cpu", "--output-dir", out, "--arch", "lenet5", "-b", "4",
+             "--epochs", epochs]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "sync_ema_buffers", signalled_sync)
+        assert cli(*flags) == 143
+    assert capsys.readouterr().err == (f"interrupted at {where}: checkpoint saved to {out / 'checkpoint.pth'}; "
+                                       f"continue with: python train.py {' '.join(map(str, flags))} --resume auto\n")
+
+
+def test_a_signal_during_validation_stops_the_run_with_the_epochs_checkpoint(tiny_shards, tmp_path, capsys):
     """Ctrl-C or SIGTERM during an epoch's validation (minutes for the val split at 224 on a CPU, or for good on the
     stream path while a val shard's server hangs) was only noted: the validation ran on to its end. The epoch's
     checkpoint is written before its validation, and a resume from it validates: the run now stops at the next
     batch of the validation, with that checkpoint's line."""
-    sync = train.sync_ema_buffers
-
-    def signalled_sync(parts):  # the first thing of the validation
-        os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler's arrives, mid-validation
-        return sync(parts)
-    monkeypatch.setattr(train, "sync_ema_buffers", signalled_sync)
     out = tmp_path / "run"
-    flags = ["--shards", tiny_shards, "--device", "cpu", "--output-dir", out, "--arch", "lenet5", "-b", "4",
-             "--epochs", "2"]
-    assert cli(*flags) == 143
-    assert capsys.readouterr().err == (f"interrupted at epoch 0 step 4: checkpoint saved to {out / 'checkpoint.pth'}; "
-                                       f"continue with: python train.py {' '.join(map(str, flags))} --resume auto\n")
+    signalled_at_sync(tiny_shards, out, 2, 1, "epoch 0 step 4", capsys)
     assert read_jsonl(out / "metrics.jsonl") == []  # no row: the epoch is not validated
-    monkeypatch.setattr(train, "sync_ema_buffers", sync)
     run(tiny_shards, out, "--arch", "lenet5", "-b", "4", "--epochs", "2", "--resume", "auto")
     assert [row["epoch"] for row in read_jsonl(out / "metrics.jsonl")] == [0, 1]  # the resume validated epoch 0
+
+
+def test_a_signal_during_the_final_test_stops_the_run_with_the_last_epochs_checkpoint(tiny_shards, tmp_path, capsys):
+    """Ctrl-C or SIGTERM during the final test (minutes for the test split at 224 on a CPU) was only noted, for a stop
+    after a training step that never comes there: the test ran on to its end, wrote final.json and exited 0. The
+    last epoch's checkpoint stands, and a resume from it tests: the run now stops at the next batch of the test."""
+    out = tmp_path / "run"
+    signalled_at_sync(tiny_shards, out, 1, 2, "epoch 1 step 0", capsys)  # the 1st: epoch 0's validation
+    assert not (out / "final.json").exists()
+    final = run(tiny_shards, out, "--arch", "lenet5", "-b", "4", "--epochs", "1", "--resume", "auto")
+    assert json.loads((out / "final.json").read_text()) == final and final["epochs"] == 1  # tested, not trained
 
 
 def test_a_signal_during_a_test_only_evaluation_stops_it_at_once(tiny_shards, tmp_path, monkeypatch, capsys):

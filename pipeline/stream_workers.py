@@ -33,10 +33,10 @@ FORK = multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_
 
 @contextlib.contextmanager
 def starting_workers():
-    """Around the start of the workers: Ctrl-C held back (`_sigint_deferred`); SIGTERM blocked
+    """Around the start of the workers: Ctrl-C and SIGUSR1 held back (`_interrupts_deferred`); SIGTERM blocked
     (`_sigterm_blocked`): the workers fork with it blocked, none dies of one before its init runs;
     Python 3.12's warning at a fork of a process with threads silenced (`FORK` says why)."""
-    with _sigint_deferred(), _sigterm_blocked(), warnings.catch_warnings():
+    with _interrupts_deferred(), _sigterm_blocked(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", FORK_WARNING, DeprecationWarning)
         yield
 
@@ -65,8 +65,8 @@ def ignore_sigterm_but_the_parents(worker_id):
     on and ends with the worker's pipe) and taken by `sigwaitinfo`, which is.
     """
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # already, from the fork (_sigterm_blocked)
-    if signal.SIGINT in _held_sigint:  # forked while `_sigint_deferred` held Ctrl-C back: the process's own
-        signal.signal(signal.SIGINT, _held_sigint[signal.SIGINT])
+    for sig, handler in _held.items():  # forked while `_interrupts_deferred` held them back: the process's own
+        signal.signal(sig, handler)
     threading.Thread(target=_exit_on_sigterm_from, args=(os.getppid(),), name="tinyin-sigterm", daemon=True).start()
 
 
@@ -85,21 +85,23 @@ def _sigterm_blocked():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-_held_sigint = {}  # while `_sigint_deferred` holds Ctrl-C back: {SIGINT: the handler it stands in for}
+_held = {}  # while `_interrupts_deferred` holds signals back: {signal: the handler it stands in for}
 
 
 @contextlib.contextmanager
-def _sigint_deferred():
-    """`errors.signals_deferred` for Ctrl-C, around the start of the workers: torch's DataLoader
-    iterator, interrupted there, is left half made and cannot shut down the workers it had started:
-    one idled for the life of the process, holding the source's shared read buffers (1.3 GB on the
-    real train split). A worker forked meanwhile gets the real handler back (`ignore_sigterm_but_the_parents`)."""
-    with signals_deferred((signal.SIGINT,)) as standing_in:
-        _held_sigint.update(standing_in)
+def _interrupts_deferred():
+    """`errors.signals_deferred` for Ctrl-C and SIGUSR1 (which train.py's handler, as its Ctrl-C's, turns into
+    an interrupt while it waits for a batch: `StopSignals.waited`), around the start of the workers: torch's
+    DataLoader iterator, interrupted there, is left half made and cannot shut down the workers it had started:
+    one idled for the life of the process, holding the source's shared read buffers (1.3 GB on the real train
+    split), and torch printed an "Exception ignored" traceback as the iterator went. A worker forked meanwhile
+    gets the real handlers back (`ignore_sigterm_but_the_parents`)."""
+    with signals_deferred((signal.SIGINT, signal.SIGUSR1)) as standing_in:
+        _held.update(standing_in)
         try:
             yield
         finally:
-            _held_sigint.clear()
+            _held.clear()
 
 
 def _exit_on_sigterm_from(parent):

@@ -724,26 +724,46 @@ def test_a_worker_sent_sigterm_before_its_init_runs_does_not_die(shards, monkeyp
     _same(got[0], expected)
 
 
-def test_a_ctrl_c_as_the_workers_start_stops_them(shards, monkeypatch):
+class _Stopped(KeyboardInterrupt):
+    """What train.py's StopSignals raises for SIGUSR1 (as for Ctrl-C and SIGTERM) while it waits for a batch."""
+
+
+def _stop_waiting(signum, frame):
+    raise _Stopped
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGUSR1], ids=["ctrl-c", "sigusr1"])
+def test_a_ctrl_c_as_the_workers_start_stops_them(shards, monkeypatch, signum):
     """torch's DataLoader iterator, interrupted while it started its workers, was left half made: a
     worker it had started idled for the life of the process, holding the source's shared read
     buffers (1.3 GB on the real train split), and the source's buffers stayed marked busy (every
-    later epoch made and faulted in new ones). The Ctrl-C now comes once the workers have started."""
+    later epoch made and faulted in new ones). The Ctrl-C now comes once the workers have started.
+    So does SIGUSR1, which train.py's handler turns into an interrupt while it waits for a batch (it
+    was left half made there, and torch printed an "Exception ignored" traceback as it went)."""
+    previous = signal.signal(signum, _stop_waiting) if signum == signal.SIGUSR1 else None
+    try:
+        _a_signal_as_the_workers_start_stops_them(shards, monkeypatch, signum)
+    finally:
+        if previous is not None:
+            signal.signal(signum, previous)
+
+
+def _a_signal_as_the_workers_start_stops_them(shards, monkeypatch, signum):
     import pipeline.stream
 
     start, init, handler = multiprocessing.process.BaseProcess.start, pipeline.stream.ignore_sigterm_but_the_parents, \
-        signal.getsignal(signal.SIGINT)
+        signal.getsignal(signum)
     started, seen = [], multiprocessing.SimpleQueue()
 
-    def start_then_interrupt(process):  # a Ctrl-C just after the first worker has started
+    def start_then_interrupt(process):  # the signal just after the first worker has started
         start(process)
         started.append(process)
         if len(started) == 1:
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signum)
 
     def init_and_tell(worker_id):  # a worker forked meanwhile still has the process's own handler
         init(worker_id)
-        seen.put(signal.getsignal(signal.SIGINT) is handler)
+        seen.put(signal.getsignal(signum) is handler)
 
     monkeypatch.setattr(pipeline.stream, "ignore_sigterm_but_the_parents", init_and_tell)
     monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", start_then_interrupt)
@@ -963,9 +983,9 @@ def test_starting_the_workers_leaves_sigterm_and_ctrl_c_as_they_were():
     before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     with stream_workers.starting_workers():
         assert signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])
-        assert signal.SIGINT in stream_workers._held_sigint
+        assert signal.SIGINT in stream_workers._held and signal.SIGUSR1 in stream_workers._held
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before and signal.SIGTERM not in before
-    assert stream_workers._held_sigint == {}
+    assert stream_workers._held == {}
 
 
 def test_a_read_error_is_described_by_its_type_and_reason():

@@ -152,6 +152,32 @@ def test_a_loader_whose_data_pass_failed_is_freed_without_the_cyclic_gc(shards, 
             gc.enable()
 
 
+def test_a_storage_dropped_after_its_pass_failed_frees_its_maps_without_the_cyclic_gc(shards):
+    """The pass had ended on a damaged shard before its storage was dropped: stopping it then must let go
+    of its error's traceback, which holds the pass's frame and through it the pass and its maps."""
+    import gc
+    import weakref
+
+    from pipeline.errors import ShardError
+    from pipeline.reader import ShardArrays
+    from pipeline.storage import MappedStorage
+
+    def verify(s):
+        raise ShardError("train-000000.tar: checksum differs from the manifest")
+
+    arrays = ShardArrays(shards, "train", checksum=False)
+    arrays.verify_shard = verify
+    storage = MappedStorage(arrays)
+    assert storage.data_pass.finished.wait(10)
+    maps, data_pass = weakref.ref(arrays), weakref.ref(storage.data_pass)
+    gc.disable()
+    try:
+        del arrays, storage
+        assert (data_pass(), maps()) == (None, None)
+    finally:
+        gc.enable()
+
+
 def test_only_threads_still_running_are_kept_for_the_exit():
     """Each epoch starts threads (a ring, a data pass): the ones that ended are let go as the next starts,
     not kept (with their stop events) for the life of the process."""

@@ -178,6 +178,35 @@ def test_a_storage_dropped_after_its_pass_failed_frees_its_maps_without_the_cycl
         gc.enable()
 
 
+def test_a_pass_error_is_raised_in_the_consumer_with_its_cause_and_traceback():
+    """The consumer raises a copy of the pass's error (`_fresh`): a copy of an exception drops its cause,
+    its context and its traceback, which then showed neither the failed read under it ("The above exception
+    was the direct cause") nor where in the pass it was raised."""
+    import traceback
+
+    from pipeline.errors import ShardError
+    from pipeline.storage import DataPass
+
+    class Arrays:
+        entries = [0]
+
+        def verify_shard(self, s):
+            try:
+                raise OSError(5, "Input/output error")
+            except OSError as e:
+                raise ShardError("train-000000.tar: unreadable") from e
+
+    data_pass = DataPass(Arrays())
+    with pytest.raises(ShardError) as caught:
+        data_pass.wait()
+    error = caught.value
+    assert error is not data_pass.error and str(error) == "train-000000.tar: unreadable"
+    assert (error.__cause__, error.__context__, error.__suppress_context__) == (
+        data_pass.error.__cause__, data_pass.error.__cause__, True)
+    assert str(error.__cause__) == "[Errno 5] Input/output error"
+    assert [frame.name for frame in traceback.extract_tb(error.__traceback__)][-3:] == ["check", "_run", "verify_shard"]
+
+
 def test_only_threads_still_running_are_kept_for_the_exit():
     """Each epoch starts threads (a ring, a data pass): the ones that ended are let go as the next starts,
     not kept (with their stop events) for the life of the process."""

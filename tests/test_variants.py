@@ -58,6 +58,20 @@ def test_the_direct_decode_equals_image_open(kind):
     assert rgb.tobytes() == expected_rgb.tobytes() and gray.tobytes() == expected_gray.tobytes()
 
 
+def test_an_extended_huffman_frame_and_a_restart_interval_before_it_are_plain():
+    """SOF1 (extended sequential Huffman, 8-bit: decoded as baseline) and a DRI segment before the frame
+    (libjpeg writes it after, other encoders before) are a plain JPEG's: the direct decode, not Image.open."""
+    data = jpeg(picture("RGB", 8))
+    sof = data.index(b"\xff\xc0")
+    extended = data[:sof + 1] + b"\xc1" + data[sof + 2:]
+    restart = data[:2] + b"\xff\xdd\x00\x04\x00\x00" + extended[2:]  # an interval of 0: no restart markers
+    for case in (extended, restart):
+        assert _plain_mode(case) == "RGB"
+        rgb, gray = decode_images(case, "x.JPEG")
+        expected_rgb, expected_gray = reference(case)
+        assert rgb.tobytes() == expected_rgb.tobytes() and gray.tobytes() == expected_gray.tobytes()
+
+
 def test_damaged_jpegs_decode_or_fail_as_image_open_does():
     rng = random.Random(0)
     outcomes = set()

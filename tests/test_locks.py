@@ -45,6 +45,23 @@ def test_in_a_read_only_folder_an_existing_lock_file_is_held_for_reading(read_on
     assert entered and (folder / ".lock").exists()
 
 
+def test_in_a_read_only_folder_two_readers_hold_the_lock_at_once(read_only):
+    """A shared lock: a reader of a complete copy does not wait for another reader to finish."""
+    folder, _ = read_only
+    (folder / ".lock").write_bytes(b"")
+    waited, entered = [], threading.Event()
+
+    def second():
+        with locked(folder / ".lock", waiting=lambda: waited.append(True)):
+            entered.set()
+    with locked(folder / ".lock"):
+        thread = threading.Thread(target=second)
+        thread.start()
+        assert entered.wait(10)
+    thread.join(10)
+    assert waited == []
+
+
 def test_in_a_read_only_folder_a_missing_lock_file_is_the_write_error(read_only):
     """Not FileNotFoundError from the fallback's read-open: the user is told the folder is read-only."""
     folder, code = read_only

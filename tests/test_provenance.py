@@ -64,6 +64,20 @@ def test_the_cpu_is_named_by_its_model_name_line(monkeypatch):
     assert provenance.cpu_name() == "Intel(R) Xeon(R) CPU @ 2.20GHz"
 
 
+def test_without_a_model_name_line_the_cpu_is_platforms_processor_else_the_machine(monkeypatch):
+    """An ARM kernel's /proc/cpuinfo names no model (and macOS has none): platform.processor() names the CPU
+    where it can ("arm"), the machine ("aarch64") where it is empty."""
+    import platform
+
+    monkeypatch.setattr("pipeline.provenance.open", lambda path: io.StringIO("processor\t: 0\nBogoMIPS\t: 50.00\n"),
+                        raising=False)
+    monkeypatch.setattr(platform, "processor", lambda: "arm")
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert provenance.cpu_name() == "arm"
+    monkeypatch.setattr(platform, "processor", lambda: "")
+    assert provenance.cpu_name() == "aarch64"
+
+
 def test_a_figure_measured_on_the_cpu_names_no_gpu_and_no_cuda():
     """A CUDA build of torch on a CPU run: the CUDA version would name a toolkit the figure never used."""
     import torch

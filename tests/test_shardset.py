@@ -353,6 +353,28 @@ def test_read_manifest_words_a_non_object_manifest_as_shard_set_does(tmp_path):
     assert str(e.value) == f"{tmp_path / 'manifest.json'}: malformed (not an object)"
 
 
+def test_read_index_names_a_corrupt_index_and_a_read_error(tmp_path, monkeypatch):
+    """`pipeline.read_index` (public): a file that is no Parquet is pyarrow's ArrowInvalid, a failed read its
+    OSError (pyarrow's ArrowIOError is no ArrowException); each is one ShardError naming the index."""
+    import errno
+
+    from pipeline.index import read_index
+
+    path = tmp_path / "index.parquet"
+    path.write_bytes(b"PAR")
+    with pytest.raises(ShardError) as e:
+        read_index(tmp_path)
+    assert str(e.value) == (f"{path}: corrupt index (Could not open Parquet input source '{path}': Parquet file size "
+                            "is 3 bytes, smaller than the minimum file footer (8 bytes))")
+
+    def unreadable(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr("pipeline.index.pq.read_table", unreadable)
+    with pytest.raises(ShardError) as e:
+        read_index(tmp_path, "train")
+    assert str(e.value) == f"{path}: corrupt index ([Errno 5] Input/output error)"
+
+
 def test_read_manifest_refuses_another_format_version_and_a_corrupt_file(tmp_path):
     """A set of another shard format (a later tinyin's) is not read as this one's layout; a manifest that is
     no JSON is a one-line ShardError, not a JSONDecodeError's traceback."""

@@ -25,6 +25,50 @@ def test_a_waiter_whose_lock_file_the_holder_removed_locks_a_fresh_one(tmp_path)
     assert seen == {"there": True} and not path.exists()
 
 
+def test_a_waiter_that_must_wait_again_for_a_newcomer_says_so_once(tmp_path, monkeypatch):
+    """The holder removed the lock file, and a newcomer locked the new one before the waiter took it afresh: the
+    waiter waits a second time, and `waiting` (its line that another process holds the lock) is not said twice."""
+    import fcntl
+
+    path, said, threads = tmp_path / ".lock", [], []
+    newcomer_in, release, blocked = threading.Event(), threading.Event(), threading.Semaphore(0)
+    real_flock = fcntl.flock
+
+    def flock(f, how):  # each wait for the lock is counted
+        if not how & fcntl.LOCK_NB:
+            blocked.release()
+        return real_flock(f, how)
+    monkeypatch.setattr(fcntl, "flock", flock)
+
+    def start(target):
+        threads.append(threading.Thread(target=target))
+        threads[-1].start()
+
+    def newcomer():
+        with locked(path, remove=True):
+            newcomer_in.set()
+            assert release.wait(10)
+
+    def waiter():
+        with locked(path, waiting=lambda: said.append("waiting"), remove=True):
+            pass
+
+    class Handover(type(path)):  # the holder's lock file: the newcomer takes the new one between its removal and the unlock
+        def unlink(self, missing_ok=False):
+            super().unlink(missing_ok=missing_ok)
+            start(newcomer)
+            assert newcomer_in.wait(10)
+
+    with locked(Handover(path), remove=True):
+        start(waiter)
+        assert blocked.acquire(timeout=10)  # the waiter waits on the holder's file
+    assert blocked.acquire(timeout=10)  # then on the newcomer's
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    assert said == ["waiting"] and not path.exists()
+
+
 @pytest.fixture(params=[errno.EROFS, errno.EACCES, errno.EPERM], ids=["read-only-mount", "eacces", "eperm"])
 def read_only(monkeypatch, tmp_path, request):
     """The lock's folder as one this process may not write: a read-only mount, another user's folder (root,

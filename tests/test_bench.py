@@ -366,6 +366,32 @@ def test_bench_build_sigterm_at_its_temporary_folder_removes_it(tmp_path, monkey
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
+def test_bench_build_tables_each_builds_images_seconds_and_rate(tmp_path, monkeypatch, capsys):
+    """The table's figures, over a fake clock: a run's images are the manifest's counts, its rate images over
+    seconds; the header names the workers asked for, or all cores."""
+    import importlib.util
+    import tempfile
+    import time
+
+    spec = importlib.util.spec_from_file_location("bench_build", TOOLS / "bench_build.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    monkeypatch.setattr(tool, "build_shards", lambda src, out, **kwargs: {"counts": {"train": 3000, "val": 1000}})
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    for argv, workers in (["--repeat", "2", "--workers", "3"], 3), ([], os.cpu_count()):
+        clock = iter([100.0, 102.0, 110.0, 114.0])  # the builds take 2 s and 4 s
+        monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
+        monkeypatch.setattr(sys, "argv", ["bench_build.py", "--src", str(tmp_path), *argv])
+        tool.main()
+        rows = ["| 1 | 4,000 | 2.0 | 2,000 |", "| 2 | 4,000 | 4.0 | 1,000 |"]
+        assert capsys.readouterr().out.splitlines() == [
+            f"# tinyin shard build: bench_build.py --src {tmp_path}{''.join(' ' + a for a in argv)}",
+            f"# commit {commit()}; {platform.node()}, {os.cpu_count()} cores, workers={workers}, src={tmp_path}",
+            "| run | images | seconds | images/s |", "|---|---|---|---|", *rows]
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
 def test_build_imports_numpy_random_with_its_module():
     """numpy imports numpy.random at its first use, and the build's first (the train order) came under
     the SIGTERM handler: a SIGTERM while it imported was lost (Cython's module setup wraps a call in a

@@ -228,6 +228,19 @@ def test_ema_and_checkpoints_must_agree(small_shards, tmp_path, capsys):
 # --- TTA -----------------------------------------------------------------------------------
 
 
+def test_evaluate_counts_the_top5_and_the_loss_of_every_image_over_batches_of_any_size():
+    """Top-5 is the target among the five highest logits (of 7 classes: ranked 5th it counts, 6th not); the loss
+    is the mean over the split's images, not over its batches (here of 3 images and 1)."""
+    logits = torch.tensor([[6.0, 5, 4, 3, 2, 1, 0]] * 4)
+    target = torch.tensor([0, 4, 5, 1])  # ranked 1st, 5th, 6th and 2nd
+    loader = [(logits[:3], target[:3]), (logits[3:], target[3:])]
+    criterion = nn.CrossEntropyLoss()
+    result = train.evaluate(nn.Identity(), criterion, loader, torch.device("cpu"),
+                            argparse.Namespace(tta=False, amp=False, limit_batches=None, compile=False))
+    assert (result["top1"], result["top5"]) == (25.0, 75.0)
+    assert result["loss"] == pytest.approx(criterion(logits, target).item(), rel=1e-6)
+
+
 def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 5, 6))

@@ -200,6 +200,20 @@ def test_compiled_graphs_see_only_full_batches(small_shards, tmp_path, monkeypat
     assert padded["loss"] == pytest.approx(plain["loss"], rel=1e-6)
 
 
+def test_a_compiled_evaluation_pads_a_last_batch_one_image_short():
+    """Every last batch smaller than the loader's is padded (one short of it too): each new size compiles anew."""
+    class Loader(list):
+        batch_size = 4
+
+    seen = []
+    model = nn.Linear(3, 5)
+    model.register_forward_hook(lambda module, inputs, output: seen.append(len(inputs[0])))
+    images, target = torch.randn(7, 3), torch.tensor([0, 1, 2, 3, 4, 0, 1])
+    train.evaluate(model, nn.CrossEntropyLoss(), Loader([(images[:4], target[:4]), (images[4:], target[4:])]),
+                   torch.device("cpu"), argparse.Namespace(tta=False, amp=False, limit_batches=None, compile=True))
+    assert seen == [4, 4]
+
+
 def test_ema_and_checkpoints_must_agree(small_shards, tmp_path, capsys):
     base = ["--arch", "lenet5", "-b", "16", "--epochs", "2"]
 

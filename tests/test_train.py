@@ -142,6 +142,7 @@ def test_explicit_flags_beat_the_recipe():
      "squeezenet1_1 --size 224, resnet18 --size 224"),
     (["-b", "0"], "argument -b/--batch-size: must be at least 1, not 0"),
     (["--lr", "-1"], "argument --lr: must be positive, not -1"),
+    (["--lr", "0"], "argument --lr: must be positive, not 0"),  # a run that never moves its weights
     (["--lr", "nan"], "argument --lr: must be positive, not nan"),
     (["--lr", "inf"], "argument --lr: must be positive, not inf"),
     (["--momentum", "nan"], "argument --momentum: must be at least 0, not nan"),

@@ -214,6 +214,16 @@ def test_a_compiled_evaluation_pads_a_last_batch_one_image_short():
     assert seen == [4, 4]
 
 
+def test_a_later_epoch_that_only_ties_the_best_val_top1_keeps_the_first_best_pth(small_shards, tmp_path, monkeypatch):
+    """best.pth is the first epoch to reach the best val top-1: a tie later is no better, and fine-tuning or
+    evaluating best.pth takes the earlier weights."""
+    tops = iter([50.0, 60.0, 60.0, 10.0])  # the three epochs' validation, then the test
+    monkeypatch.setattr(train, "evaluate", lambda *args: dict(loss=1.0, top1=next(tops), top5=100.0))
+    run(small_shards, tmp_path, "--arch", "lenet5", "-b", "16", "--epochs", "3", "--limit-batches", "1")
+    best = torch.load(tmp_path / "best.pth", weights_only=True)
+    assert (best["state"]["epoch"], best["state"]["best_acc"]) == (2, 60.0)
+
+
 def test_ema_and_checkpoints_must_agree(small_shards, tmp_path, capsys):
     base = ["--arch", "lenet5", "-b", "16", "--epochs", "2"]
 

@@ -222,6 +222,17 @@ def test_a_file_without_the_head_does_not_fit(tmp_path):
     assert str(e.value).startswith(f"{tmp_path / 'body.pth'}: does not fit this model (missing ['{spec.head}")
 
 
+def test_a_file_with_a_tensor_the_head_lacks_does_not_fit(tmp_path):
+    """A key under the head's prefix that the network has no tensor for (another head's layer) is one the file
+    has too many: the same ValueError as any other, not a KeyError from the check of the head's shapes."""
+    spec = models.model_spec("lenet5")
+    state = dict(models.get_model("lenet5", num_classes=10).state_dict(), **{spec.head + "scale": torch.ones(10)})
+    torch.save(state, tmp_path / "extra.pth")
+    with pytest.raises(ValueError) as e:
+        models.get_model("lenet5", num_classes=10, weights=str(tmp_path / "extra.pth"))
+    assert str(e.value) == f"{tmp_path / 'extra.pth'}: does not fit this model (missing [], unexpected ['{spec.head}scale'])"
+
+
 def test_pretrained_and_a_weights_file_are_one_or_the_other(tmp_path):
     with pytest.raises(ValueError) as e:
         models.get_model("resnet18", pretrained=True, weights=str(tmp_path / "w.pth"))

@@ -19,6 +19,14 @@ def test_an_oserror_of_the_environment_is_one_line_naming_its_file(code, capsys)
     assert (caught.value.code, capsys.readouterr().err) == (1, f"error: {os.strerror(code)}: /data/out/manifest.json\n")
 
 
+def test_an_oserror_of_the_environment_naming_no_file_is_its_reason_alone(capsys):
+    """A write's full disk that nothing named a file for: its reason, not 'No space left on device: None'."""
+    with pytest.raises(SystemExit) as caught:
+        with user_errors():
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert (caught.value.code, capsys.readouterr().err) == (1, f"error: {os.strerror(errno.ENOSPC)}\n")
+
+
 def test_another_oserror_keeps_its_traceback():
     """EIO and the like may be bugs (or a failing disk): not hidden behind one line."""
     error = OSError(errno.EIO, os.strerror(errno.EIO), "/data/out/manifest.json")

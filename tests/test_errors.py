@@ -75,6 +75,18 @@ def test_plural_is_the_noun_after_one_and_its_plural_after_any_other_count(n, no
     assert f"{n} {plural(n, noun)}" == said
 
 
+def test_signals_deferred_raises_the_first_signal_held_after_the_block():
+    """Ctrl-C then SIGTERM during the block: the Ctrl-C comes after it (the first), as it would have at once."""
+    from pipeline.errors import signals_deferred
+
+    with pytest.raises(KeyboardInterrupt) as caught:
+        with sigterm_interrupts((signal.SIGTERM, signal.SIGINT)) as noted:
+            with signals_deferred():
+                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(signal.SIGTERM)
+    assert type(caught.value) is KeyboardInterrupt and noted == []
+
+
 def test_hide_password_hides_a_password_after_a_scheme_in_capitals():
     """URL schemes are case-insensitive: HTTPS://user:password@ is a login as https:// is."""
     assert hide_password("HTTPS://ann:pw@h/x and Http://bob:secret@h/y") == "HTTPS://ann:***@h/x and Http://bob:***@h/y"

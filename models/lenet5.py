@@ -32,6 +32,11 @@ class LeNet5(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Any other size reached the classifier as the wrong number of features: torch's 'mat1 and mat2
+        # shapes cannot be multiplied (2x800 and 512x120)', naming neither the input nor the size it needs.
+        if x.dim() != 4 or tuple(x.shape[1:]) != (1, 28, 28):
+            raise ValueError(f"LeNet-5 takes (N, 1, 28, 28) batches (the gray28 variant, size 28), "
+                             f"not {tuple(x.shape)}")
         return self.classifier(torch.flatten(self.features(x), 1))
 
 

@@ -58,6 +58,13 @@ def test_lenet5_is_the_study_architecture():
         "Conv2d", "ReLU", "MaxPool2d", "Conv2d", "ReLU", "MaxPool2d", "Linear", "ReLU", "Linear", "ReLU", "Linear"]
 
 
+@pytest.mark.parametrize("shape", [(2, 1, 32, 32), (2, 1, 64, 64), (2, 3, 28, 28), (1, 28, 28)])
+def test_lenet5_names_the_input_it_takes(shape):
+    with pytest.raises(ValueError) as e:
+        models.get_model("lenet5")(torch.zeros(shape))
+    assert str(e.value) == f"LeNet-5 takes (N, 1, 28, 28) batches (the gray28 variant, size 28), not {shape}"
+
+
 @pytest.mark.parametrize("name", models.list_models())
 def test_each_models_head_names_its_last_layer(name):
     """`head` is what a weights file of another class count loses (and a fresh one replaces): the last

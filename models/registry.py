@@ -8,6 +8,7 @@ ImageNet weights it can start from, so `train.py` can validate `--size` and
 
 from __future__ import annotations
 
+import numbers
 import os
 import urllib.error
 import urllib.parse
@@ -115,8 +116,10 @@ def get_model(name: str, num_classes: int = 200, pretrained: bool = False, weigh
         class count is dropped, and a fresh one put on as ``pretrained=True`` does.
     """
     spec = model_spec(name)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    # numpy's integers too (`labels.max() + 1`, a count read from an array), as make_loader takes them
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, not {num_classes!r}")
+    num_classes = int(num_classes)
     if pretrained and weights:
         raise ValueError("pass either pretrained=True or weights=FILE, not both")
     if not pretrained:

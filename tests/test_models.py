@@ -9,6 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -251,6 +252,11 @@ def test_num_classes_must_be_a_positive_integer(num_classes):
     with pytest.raises(ValueError) as e:
         models.get_model("lenet5", num_classes=num_classes)
     assert str(e.value) == f"num_classes must be a positive integer, not {num_classes!r}"
+
+
+def test_num_classes_may_be_a_numpy_integer():
+    model = models.get_model("lenet5", num_classes=np.int64(10))
+    assert model.classifier[4].out_features == 10 and type(model.classifier[4].out_features) is int
 
 
 # --- the real torch.hub download path, against a local HTTP server -------------------------

@@ -172,6 +172,13 @@ def _check_integer(name, value, low):
         raise ValueError(f"{name} must be an integer of at least {low}, not {value!r}")
 
 
+def _check_flag(name, value):
+    """ValueError unless `value` is True or False (numpy's too): a string is truthy, so shuffle="no" or
+    drop_last="False" (a config file's value) did the opposite of what it said, without a word."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, not {value!r}")
+
+
 def _channels(variant):
     """Colour channels of `variant`'s images: (H, W, 3) or (H, W)."""
     return 3 if len(VARIANTS[variant][1]) == 3 else 1
@@ -284,6 +291,9 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
         raise ValueError(f"variant must be one of {sorted(VARIANTS)}, not {variant!r}")
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, not {path!r}")
+    for name, value in (("shuffle", shuffle), ("drop_last", drop_last), ("with_keys", with_keys),
+                        ("channels_last", channels_last), ("raw", raw), ("checksum", checksum)):
+        _check_flag(name, value)
     augment_mode(augment)  # a bad value is refused before any shard is opened
     check_device(device, what="device")  # "cuda" without a GPU: torch's traceback at the first batch
     _check_args(batch_size, seed, epoch, rank, world_size, size, prefetch, workers, mean, std, dtype, variant,

@@ -494,6 +494,13 @@ def test_an_option_of_the_device_stage_is_refused_with_raw(shards, kwargs, messa
     (dict(augment="rrc", rrc_scale=(0.5,)), "rrc_scale must be (low, high) with 0 < low <= high <= 1; got (0.5,)"),
     (dict(augment="rrc", rrc_scale=None), "rrc_scale must be (low, high) with 0 < low <= high <= 1; got None"),
     (dict(augment="rrc", rrc_scale=(0, 1)), "rrc_scale must be (low, high) with 0 < low <= high <= 1; got (0, 1)"),
+    # a string is truthy: each did the opposite of what it said, without a word
+    (dict(shuffle="no"), "shuffle must be True or False, not 'no'"),
+    (dict(drop_last="False"), "drop_last must be True or False, not 'False'"),
+    (dict(with_keys="false"), "with_keys must be True or False, not 'false'"),
+    (dict(channels_last=None), "channels_last must be True or False, not None"),
+    (dict(raw="0"), "raw must be True or False, not '0'"),
+    (dict(checksum="off"), "checksum must be True or False, not 'off'"),
 ])
 def test_bad_arguments_are_refused_before_any_shard_is_opened(shards, kwargs, message, monkeypatch):
     """Each used to be accepted, then fail at the first batch deep in numpy or torch (or hang), with

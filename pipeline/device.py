@@ -11,6 +11,9 @@ there is no GPU):
    of the normalised batch (one read of it, one write of the output), see `augment`; to a size
    below the stored one, antialiased too (`augment.antialiased_resized_crop`).
 """
+import math
+import numbers
+
 import torch
 import torch.nn.functional as F
 
@@ -39,6 +42,36 @@ def check_device(name, present=True, what="argument --device"):
     return device
 
 
+def check_integer(name, value, low):
+    """ValueError unless `value` is an int (not a bool) of at least `low`: what numpy and torch
+    would otherwise reject deep inside the first batch, after the data pass has started."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an integer of at least {low}, not {value!r}")
+
+
+def check_stats(mean, std):
+    """ValueError unless mean and std are sequences of finite numbers, std positive (their count: the caller's)."""
+    for name, values in (("mean", mean), ("std", std)):
+        try:
+            if isinstance(values, (str, bytes)):  # iterable, but its characters are no statistics
+                raise TypeError
+            finite = all(math.isfinite(float(v)) for v in values)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a sequence of numbers, one per channel, not {values!r}") from None
+        if not finite:  # a NaN mean made every image NaN, an infinite std every image 0: no error anywhere
+            raise ValueError(f"{name} must be finite, not {list(values)}")
+    if not all(float(v) > 0 for v in std):
+        raise ValueError(f"std must be positive (it divides), not {list(std)}")
+
+
+def check_dtype(dtype):
+    """ValueError unless `dtype` is a floating-point torch dtype (the images are normalised)."""
+    if not isinstance(dtype, torch.dtype):  # "float16" or np.float16: AttributeError 'is_floating_point'
+        raise ValueError(f"dtype must be a torch dtype such as torch.float32 or torch.bfloat16, not {dtype!r}")
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point dtype (images are normalised), not {dtype}")
+
+
 class DeviceStage:
     """Turn uint8 images (N, H, W, C) or (N, H, W) on any device into normalised (N, C, H', W').
 
@@ -54,6 +87,14 @@ class DeviceStage:
 
     def __init__(self, mean, std, size=None, augment=False, pad=4, rrc_scale=RRC_SCALE, dtype=torch.float32,
                  channels_last=False):
+        # Checked here, as make_loader checks them: a size of 0, a std of 0 or "float16" failed at the first
+        # batch with torch's own words (or gave NaN images), and mean and std of other lengths broadcast there.
+        check_stats(mean, std)
+        if len(mean) != len(std):
+            raise ValueError(f"mean and std need one value per channel each, not {len(mean)} and {len(std)}")
+        if size is not None:
+            check_integer("size", size, 1)
+        check_dtype(dtype)
         self.mean, self.std = tuple(mean), tuple(std)
         self.size, self.augment, self.pad, self.rrc_scale = size, augment_mode(augment), pad, check_rrc_scale(rrc_scale)
         self.dtype, self.channels_last = dtype, channels_last

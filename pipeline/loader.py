@@ -21,14 +21,12 @@ An option the chosen path does not use is refused (UsageError), never silently d
 Every path ends in the same `DeviceStage` (normalise, augment, resize on the device).
 """
 
-import math
-import numbers
 
 import numpy as np
 import torch
 
 from .augment import RRC_SCALE, augment_mode, check_rrc_scale
-from .device import DeviceStage, check_device
+from .device import DeviceStage, check_device, check_dtype, check_integer, check_stats
 from .errors import UsageError
 from .order import check_start, epoch_order, step_seed
 from .cache import cached_copy, is_set_url
@@ -122,8 +120,8 @@ class Loader:
         nothing before it is read again). A multiple of batch_size * world_size keeps each
         batch's augmentation what it was in the uninterrupted run.
         """
-        _check_integer("epoch", epoch, 0)
-        _check_integer("start", start, 0)
+        check_integer("epoch", epoch, 0)
+        check_integer("start", start, 0)
         epoch, start = int(epoch), int(start)  # numpy integers too (see make_loader)
         # The source first: a start it refuses leaves the loader as it was (its epoch set before,
         # the next epoch read the old order with the new epoch's augmentation draws).
@@ -165,13 +163,6 @@ class Loader:
                 yield images, labels
 
 
-def _check_integer(name, value, low):
-    """ValueError unless `value` is an int (not a bool) of at least `low`: what numpy and torch
-    would otherwise reject deep inside the first batch, after the data pass has started."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{name} must be an integer of at least {low}, not {value!r}")
-
-
 def _check_flag(name, value):
     """ValueError unless `value` is True or False (numpy's too): a string is truthy, so shuffle="no" or
     drop_last="False" (a config file's value) did the opposite of what it said, without a word."""
@@ -189,21 +180,18 @@ def _check_args(batch_size, seed, epoch, rank, world_size, size, prefetch, worke
     """The arguments every path uses, checked before any shard is opened."""
     for name, value, low in (("batch_size", batch_size, 1), ("seed", seed, 0), ("epoch", epoch, 0),
                              ("world_size", world_size, 1), ("rank", rank, 0)):
-        _check_integer(name, value, low)
+        check_integer(name, value, low)
     if rank >= world_size:
         raise ValueError(f"need rank < world_size, got rank={rank}, world_size={world_size}")
     if size is not None:
-        _check_integer("size", size, 1)
+        check_integer("size", size, 1)
     if prefetch is not None:
-        _check_integer("prefetch", prefetch, 0)
+        check_integer("prefetch", prefetch, 0)
     if workers is not None:  # 1.5 failed inside torch's DataLoader, -1 named every argument of the stream source
-        _check_integer("workers", workers, 0)
+        check_integer("workers", workers, 0)
     _check_stats(mean, std, variant)
     check_rrc_scale(rrc_scale)  # the device stage checks it too, but only once the shards are open
-    if not isinstance(dtype, torch.dtype):  # "float16" or np.float16: AttributeError 'is_floating_point'
-        raise ValueError(f"dtype must be a torch dtype such as torch.float32 or torch.bfloat16, not {dtype!r}")
-    if not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating-point dtype (images are normalised), not {dtype}")
+    check_dtype(dtype)
 
 
 def _check_stats(mean, std, variant):
@@ -213,17 +201,7 @@ def _check_stats(mean, std, variant):
         raise ValueError(f"{given} without {missing}: pass both, or neither for the train split's statistics")
     if mean is None:
         return
-    for name, values in (("mean", mean), ("std", std)):
-        try:
-            if isinstance(values, (str, bytes)):  # iterable, but its characters are no statistics
-                raise TypeError
-            finite = all(math.isfinite(float(v)) for v in values)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name} must be a sequence of numbers, one per channel, not {values!r}") from None
-        if not finite:  # a NaN mean made every image NaN, an infinite std every image 0: no error anywhere
-            raise ValueError(f"{name} must be finite, not {list(values)}")
-    if not all(float(v) > 0 for v in std):
-        raise ValueError(f"std must be positive (it divides), not {list(std)}")
+    check_stats(mean, std)
     channels = _channels(variant)
     if not len(mean) == len(std) == channels:
         raise ValueError(f"mean and std need one value per channel of {variant} ({channels}), "

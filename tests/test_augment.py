@@ -173,6 +173,23 @@ def test_augment_values():
         assert str(e.value) == f"rrc_scale must be (low, high) with 0 < low <= high <= 1; got {bad!r}"
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    # each failed at the first batch with torch's own words, or gave NaN images without one
+    (dict(size=0), "size must be an integer of at least 1, not 0"),
+    (dict(size=56.5), "size must be an integer of at least 1, not 56.5"),
+    (dict(std=(0.5, 0, 0.5)), "std must be positive (it divides), not [0.5, 0, 0.5]"),
+    (dict(mean=(0.5, float("nan"), 0.5)), "mean must be finite, not [0.5, nan, 0.5]"),
+    (dict(mean="abc"), "mean must be a sequence of numbers, one per channel, not 'abc'"),
+    (dict(std=(0.5, 0.5)), "mean and std need one value per channel each, not 3 and 2"),
+    (dict(dtype="bfloat16"), "dtype must be a torch dtype such as torch.float32 or torch.bfloat16, not 'bfloat16'"),
+    (dict(dtype=torch.uint8), "dtype must be a floating-point dtype (images are normalised), not torch.uint8"),
+])
+def test_the_stages_arguments_are_checked_when_it_is_made(kwargs, message):
+    with pytest.raises(ValueError) as e:
+        DeviceStage(**{"mean": MEAN, "std": STD, **kwargs})
+    assert str(e.value) == message
+
+
 def test_make_loader_augments_with_rrc(shards):
     def first(**kw):
         return next(iter(make_loader(shards, "val", batch_size=8, shuffle=False, **kw)))[0]

@@ -78,7 +78,7 @@ class DeviceStage:
     mean/std: per-channel, in [0, 1] units. size: output side (None keeps the stored size).
     The images are square (H == W), as every variant of a shard set is (rgb64, gray28: the build refuses
     an image of another size), so every batch `make_loader` gives: the output is size x size, or H x H for
-    size=None. A non-square batch of one's own is not supported (it would come out stretched to a square,
+    size=None. A non-square batch of one's own is refused (it would come out stretched to a square,
     or, at W == size, not resized).
     augment: per sample, drawn from `generator`: False/None/"none" (off); True/"crop" (random crop
     with padding `pad`, and horizontal flip); "rrc" (random-resized crop of area fraction in
@@ -113,6 +113,14 @@ class DeviceStage:
         return self._affine[device]
 
     def __call__(self, images, generator=None):
+        # A numpy batch was an AttributeError ('is_floating_point'); a channels-first (N, C, H, W) batch or one
+        # (H, W, C) image read as 64 or 1 channels ('mean/std have 3 channels, images have 64').
+        if not isinstance(images, torch.Tensor):
+            raise ValueError(f"images must be a torch tensor (torch.from_numpy for a numpy array), "
+                             f"not a {type(images).__name__}")
+        if images.dim() not in (3, 4) or images.shape[1] != images.shape[2]:
+            raise ValueError(f"images must be a batch of square images, (N, H, H, C) channels last or (N, H, H), "
+                             f"not {tuple(images.shape)}")
         if images.dtype.is_floating_point:  # float images in [0, 1] were divided by 255 again: every pixel ~ -mean/std
             raise ValueError(f"images must be uint8 (0..255), not {images.dtype}")
         x = images if images.dim() == 4 else images.unsqueeze(-1)  # greyscale: (N, H, W) -> (N, H, W, 1)

@@ -1,4 +1,5 @@
 """On-device augmentation: the padded crop + flip gather, and the random-resized crop + flip sample."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -220,6 +221,23 @@ def test_every_batch_must_have_the_stages_channel_count():
         with pytest.raises(ValueError) as e:
             stage(x)
         assert str(e.value) == message
+
+
+@pytest.mark.parametrize("x, message", [
+    (np.zeros((2, 64, 64, 3), np.uint8), "images must be a torch tensor (torch.from_numpy for a numpy array), not a ndarray"),
+    (images(2).permute(0, 3, 1, 2), "images must be a batch of square images, (N, H, H, C) channels last or (N, H, H), "
+                                    "not (2, 3, 64, 64)"),
+    (images(1)[0], "images must be a batch of square images, (N, H, H, C) channels last or (N, H, H), not (64, 64, 3)"),
+    (images(1)[0, :, :, 0], "images must be a batch of square images, (N, H, H, C) channels last or (N, H, H), not (64, 64)"),
+    (images(2)[:, :48], "images must be a batch of square images, (N, H, H, C) channels last or (N, H, H), "
+                        "not (2, 48, 64, 3)"),
+])
+def test_what_is_no_batch_of_square_images_is_refused(x, message):
+    """A numpy batch failed as AttributeError 'is_floating_point'; a channels-first batch as 'mean/std have 3
+    channels, images have 64'; one (H, W, C) image as 'images have 1'; a wide batch came out stretched."""
+    with pytest.raises(ValueError) as e:
+        DeviceStage(MEAN, STD)(x)
+    assert str(e.value) == message
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import json
 import multiprocessing as mp
+import numbers
 import os
 import shutil
 import signal
@@ -266,14 +267,16 @@ def build_shards(src, out, workers=None, shard_size=10000, split_seed=None, on_e
     if on_error not in ("fail", "skip"):
         raise ValueError(f"on_error must be 'fail' or 'skip', not {on_error!r}")
     # A bad argument is a UsageError (exit 2), as the CLI's own range checks make it: a ShardError says a set is bad.
-    if shard_size < 1:
-        raise UsageError(f"--shard-size {shard_size}: must be at least 1")
-    if workers is not None and workers < 1:  # 0 built with every core, -1 failed in the process pool's traceback
-        raise UsageError(f"--workers {workers}: must be at least 1")
-    if classes is not None and classes < 1:  # checked here too, before the release is read
-        raise UsageError(f"--classes {classes}: must be at least 1")
-    if split_seed is not None and split_seed < 0:  # numpy's own error comes after the release is read
-        raise UsageError(f"--split-seed {split_seed}: must be at least 0")
+    # workers=0 built with every core, -1 failed in the process pool's traceback; a split seed's numpy error came
+    # after the release was read; shard_size="64" or 64.5 (the CLI's ranges never give one) failed in Python's words.
+    for flag, value, low in (("--shard-size", shard_size, 1), ("--workers", workers, 1), ("--classes", classes, 1),
+                             ("--split-seed", split_seed, 0)):
+        if value is None and flag != "--shard-size":
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise UsageError(f"{flag} {value!r}: must be an integer of at least {low}")
+        if value < low:
+            raise UsageError(f"{flag} {value}: must be at least {low}")
     # Resolved: the build writes beside `out` and renames into it, so beside the folder itself, not
     # inside it (`--out .`) nor beside a symlink to it (on another disk; or dangling: its target is made).
     out = Path(os.path.realpath(out))

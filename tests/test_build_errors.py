@@ -511,6 +511,12 @@ def test_a_negative_split_seed_is_a_usage_error(release, tmp_path):
     (dict(workers=0), "--workers 0: must be at least 1"),
     (dict(workers=-1), "--workers -1: must be at least 1"),
     (dict(classes=0), "--classes 0: must be at least 1"),
+    # no integer: each failed in Python's own words ("'<' not supported between instances of 'str' and 'int'")
+    (dict(shard_size="64"), "--shard-size '64': must be an integer of at least 1"),
+    (dict(shard_size=64.5), "--shard-size 64.5: must be an integer of at least 1"),
+    (dict(workers=2.0), "--workers 2.0: must be an integer of at least 1"),
+    (dict(classes="3"), "--classes '3': must be an integer of at least 1"),
+    (dict(split_seed=True), "--split-seed True: must be an integer of at least 0"),
 ])
 def test_a_bad_argument_from_python_is_a_usage_error(release, tmp_path, kwargs, message):
     """The CLI's ranges refuse them (exit 2); the Python API's own checks do, each a UsageError as the CLI's: a

@@ -22,6 +22,8 @@ Every path ends in the same `DeviceStage` (normalise, augment, resize on the dev
 """
 
 
+import os
+
 import numpy as np
 import torch
 
@@ -33,7 +35,7 @@ from .cache import cached_copy, is_set_url
 from .reader import ShardArrays
 from .ring import prefetch_ring
 from .schema import VARIANTS
-from .shardset import open_shard_set
+from .shardset import ShardSet, open_shard_set
 from .stream import is_url_list, stream_source
 from .storage import MappedStorage, ResidentStorage
 
@@ -263,6 +265,13 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
     2 GiB, else fast; stream for a list of shard URLs. An option the chosen path does not use is refused.
     checksum=False skips the resident and fast paths' background sha256 pass over the split's shards.
     """
+    # None or 3 was "None: no such folder", a dict "a list of shard URLs needs sample_counts", a list of
+    # numbers was taken, to fail in the stream's workers
+    location = (str, os.PathLike, ShardSet)
+    if not isinstance(shards, location) and not (isinstance(shards, (list, tuple))
+                                                and all(isinstance(url, (str, os.PathLike)) for url in shards)):
+        raise ValueError(f"shards must be a shard set (its folder or URL, or a ShardSet) or a list of shard URLs, "
+                         f"not {shards!r}")
     if not isinstance(split, str):  # a list of splits failed as "unhashable type: 'list'"
         raise ValueError(f"split must be one split's name, such as 'train', not {split!r}")
     if variant not in VARIANTS:

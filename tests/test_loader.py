@@ -511,6 +511,16 @@ def test_bad_arguments_are_refused_before_any_shard_is_opened(shards, kwargs, me
     assert str(e.value) == message
 
 
+@pytest.mark.parametrize("where", [None, 3, b"shards", {"train": "shards"}, [1, 2]])
+def test_shards_that_name_no_shard_set_nor_shard_urls_are_refused(where):
+    """None or 3 said 'None: no such folder', a dict 'a list of shard URLs needs sample_counts', and a
+    list of numbers was taken, to fail in the stream's workers."""
+    with pytest.raises(ValueError) as e:
+        make_loader(where, "train", sample_counts=[1, 1])
+    assert str(e.value) == ("shards must be a shard set (its folder or URL, or a ShardSet) or a list of shard URLs, "
+                            f"not {where!r}")
+
+
 @pytest.mark.parametrize("split", [["train", "val"], None])
 def test_a_split_that_is_not_a_name_is_refused(shards, split):
     """A list of splits failed as "TypeError: unhashable type: 'list'"."""

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from .atomic import atomic_file
 from .errors import ShardError
-from .schema import FORMAT_VERSION, INDEX_FILE, MANIFEST_FILE, VARIANTS
+from .schema import FORMAT_VERSION, INDEX_FILE, MANIFEST_FILE, SPLITS, VARIANTS
 
 SCHEMA = pa.schema([
     ("key", pa.string()), ("split", pa.string()), ("label", pa.int16()), ("wnid", pa.string()),
@@ -66,7 +66,10 @@ def read_manifest(shards):
 
 
 def read_index(shards, split=None):
-    """The index as a pyarrow Table, optionally only the rows of one split (in shard order)."""
+    """The index as a pyarrow Table, optionally only the rows of one split (in shard order); ValueError
+    for a split that is none of SPLITS."""
+    if split is not None and split not in SPLITS:  # 'Val' or 'training' gave an empty table, without a word
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
     path = Path(shards) / INDEX_FILE
     if not path.is_file():
         raise ShardError(f"{shards}: missing {INDEX_FILE}")

@@ -375,6 +375,17 @@ def test_read_index_names_a_corrupt_index_and_a_read_error(tmp_path, monkeypatch
     assert str(e.value) == f"{path}: corrupt index ([Errno 5] Input/output error)"
 
 
+@pytest.mark.parametrize("split", ["Val", "training", ""])
+def test_read_index_refuses_a_split_that_is_none_of_the_sets(shards, split):
+    """`pipeline.read_index` (public) gave an empty table for a misspelt split, without a word."""
+    from pipeline.index import read_index
+
+    with pytest.raises(ValueError) as e:
+        read_index(shards, split)
+    assert str(e.value) == f"split must be one of train, val, test, unlabeled, not {split!r}"
+    assert read_index(shards, "val").num_rows == 30 and read_index(shards).num_rows == 330
+
+
 def test_read_manifest_refuses_another_format_version_and_a_corrupt_file(tmp_path):
     """A set of another shard format (a later tinyin's) is not read as this one's layout; a manifest that is
     no JSON is a one-line ShardError, not a JSONDecodeError's traceback."""

@@ -120,6 +120,8 @@ def get_model(name: str, num_classes: int = 200, pretrained: bool = False, weigh
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, not {num_classes!r}")
     num_classes = int(num_classes)
+    if not isinstance(pretrained, bool):  # a string is truthy: pretrained="no" (a config file's value) downloaded
+        raise ValueError(f"pretrained must be True or False, not {pretrained!r}")
     if pretrained and weights:
         raise ValueError("pass either pretrained=True or weights=FILE, not both")
     if not pretrained:

@@ -254,6 +254,14 @@ def test_num_classes_must_be_a_positive_integer(num_classes):
     assert str(e.value) == f"num_classes must be a positive integer, not {num_classes!r}"
 
 
+@pytest.mark.parametrize("pretrained", ["no", "False", 0, None])
+def test_pretrained_must_be_true_or_false(pretrained):
+    """A string is truthy: pretrained="no" (a config file's value) started from ImageNet's weights."""
+    with pytest.raises(ValueError) as e:
+        models.get_model("resnet18_64", pretrained=pretrained)
+    assert str(e.value) == f"pretrained must be True or False, not {pretrained!r}"
+
+
 def test_num_classes_may_be_a_numpy_integer():
     model = models.get_model("lenet5", num_classes=np.int64(10))
     assert model.classifier[4].out_features == 10 and type(model.classifier[4].out_features) is int

@@ -277,6 +277,9 @@ def build_shards(src, out, workers=None, shard_size=10000, split_seed=None, on_e
             raise UsageError(f"{flag} {value!r}: must be an integer of at least {low}")
         if value < low:
             raise UsageError(f"{flag} {value}: must be at least {low}")
+    # A leading `~` is the home folder, as the CLI's flags read it: from Python, out="~/shards" was built into a
+    # folder named `~` in the current one, and src="~/release" was 'no such file or folder'.
+    src, out = os.path.expanduser(src), os.path.expanduser(out)
     # Resolved: the build writes beside `out` and renames into it, so beside the folder itself, not
     # inside it (`--out .`) nor beside a symlink to it (on another disk; or dangling: its target is made).
     out = Path(os.path.realpath(out))

@@ -10,6 +10,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from pipeline.build import build_shards
 from pipeline.cli import main as tinyin
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
@@ -64,6 +65,14 @@ def test_synth_and_build_into_tilde_paths_land_in_home(home):
     assert list(home.parent.joinpath("cwd").iterdir()) == []  # no folder named ~
     result = CliRunner().invoke(tinyin, ["bench", "train", "--shards=~/nowhere"])
     assert result.exit_code == 1 and result.output == f"error: --shards {home / 'nowhere'}: no such folder\n"
+
+
+def test_build_shards_from_python_takes_a_tilde_as_home(home, release):
+    """build_shards(src, "~/shards") was built into a folder named `~` in the current one."""
+    (home / "release").symlink_to(release)
+    manifest = build_shards("~/release", "~/shards", progress=False)
+    assert (home / "shards" / "manifest.json").is_file() and manifest["build"]["source"] == "release"
+    assert list(home.parent.joinpath("cwd").iterdir()) == []  # no folder named ~
 
 
 @pytest.mark.parametrize("tool, argv, message", [

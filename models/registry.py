@@ -193,6 +193,7 @@ def load_weights_file(model: nn.Module, path: str | os.PathLike, head: str, arch
     arch: the registry name of ``model``; a train.py checkpoint of another network is refused
     (resnet18_64 and resnet18_64s2 have the same tensors, so their shapes cannot tell).
     """
+    path = os.path.expanduser(path)  # a leading ~ as train.py's --weights reads it
     member = damaged_member(path)
     if member:
         raise ValueError(f"{path}: {DAMAGED.format(member=member)}")

@@ -51,7 +51,7 @@ def write_index(folder, tasks, results):
 
 def read_manifest(shards):
     """The manifest of shard folder `shards` as a dict; ShardError if it is not a complete shard set."""
-    path = Path(shards) / MANIFEST_FILE
+    path = Path(shards).expanduser() / MANIFEST_FILE  # a leading ~ as the CLI reads it
     if not path.is_file():
         raise ShardError(f"{shards}: not a tinyin shard set (no {MANIFEST_FILE}); run `tinyin shard build` first")
     try:
@@ -70,7 +70,7 @@ def read_index(shards, split=None):
     for a split that is none of SPLITS."""
     if split is not None and split not in SPLITS:  # 'Val' or 'training' gave an empty table, without a word
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
-    path = Path(shards) / INDEX_FILE
+    path = Path(shards).expanduser() / INDEX_FILE
     if not path.is_file():
         raise ShardError(f"{shards}: missing {INDEX_FILE}")
     try:

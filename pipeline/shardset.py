@@ -48,8 +48,9 @@ def is_url(location):
 
 def local_path(location):
     """Local `location` as a path: a `file://` URL's (what fsspec, a browser or a config file may give;
-    it was read as a folder named `file:`, 'no such folder'), anything else as it is."""
-    text = str(location)
+    it was read as a folder named `file:`, 'no such folder'), a leading `~` the home folder (as the CLI's
+    flags read it: make_loader("~/shards") was 'no such folder'), anything else as it is."""
+    text = os.path.expanduser(str(location))
     if not text.startswith("file://"):
         return text
     parts = urllib.parse.urlsplit(text)

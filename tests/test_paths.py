@@ -8,8 +8,11 @@ from pathlib import Path
 
 import click
 import pytest
+import torch
 from click.testing import CliRunner
 
+import models
+from pipeline import ShardArrays, make_loader, open_shard_set, read_index, read_manifest
 from pipeline.build import build_shards
 from pipeline.cli import main as tinyin
 
@@ -73,6 +76,21 @@ def test_build_shards_from_python_takes_a_tilde_as_home(home, release):
     manifest = build_shards("~/release", "~/shards", progress=False)
     assert (home / "shards" / "manifest.json").is_file() and manifest["build"]["source"] == "release"
     assert list(home.parent.joinpath("cwd").iterdir()) == []  # no folder named ~
+
+
+def test_the_python_api_reads_a_tilde_as_home(home, shards):
+    """make_loader("~/shards"), open_shard_set, ShardArrays, read_manifest and read_index said 'no such folder'
+    (or 'not a tinyin shard set') and get_model(weights="~/w.pth") 'No such file or directory', where the CLI's
+    and train.py's flags read a leading ~ as the home folder."""
+    (home / "shards").symlink_to(shards)
+    loader = make_loader("~/shards", "val", batch_size=32)
+    assert sum(len(labels) for _, labels in loader) == 30
+    assert open_shard_set("~/shards").location == str(home / "shards")
+    assert len(ShardArrays(Path("~/shards"), "val")) == 30
+    assert read_manifest("~/shards")["counts"]["val"] == 30 and read_index("~/shards", "val").num_rows == 30
+    torch.save(models.get_model("lenet5").state_dict(), home / "w.pth")
+    assert isinstance(models.get_model("lenet5", weights="~/w.pth"), torch.nn.Module)
+    assert list(home.parent.joinpath("cwd").iterdir()) == []
 
 
 @pytest.mark.parametrize("tool, argv, message", [

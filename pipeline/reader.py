@@ -121,7 +121,13 @@ class ShardArrays:
     def gather(self, idx, out=None):
         """Images at sorted global positions `idx` (each in 0..len-1; IndexError otherwise) into `out`
         (or a new tensor): one copy per shard."""
-        idx = np.asarray(idx, np.int64)
+        idx = np.asarray(idx)
+        # Cast as they came, a boolean mask was positions 0 and 1 (every True the image at 1), 2.7 was 2 and
+        # a single position failed as 'len() of unsized object'.
+        if idx.ndim != 1 or (idx.dtype.kind not in "iu" and len(idx)):
+            raise ValueError(f"positions must be a 1-D sequence of integers (np.flatnonzero(mask) for a mask), "
+                             f"not {idx.dtype} of shape {idx.shape}")
+        idx = idx.astype(np.int64, copy=False)
         if out is None:
             out = torch.empty((len(idx), *self.shape), dtype=torch.uint8)
         elif out.shape[0] < len(idx) or tuple(out.shape[1:]) != self.shape or not out.is_contiguous():

@@ -366,6 +366,21 @@ def test_gather_refuses_an_out_buffer_too_small_for_its_positions(shards):
     assert torch.equal(arrays.gather([0, 1, 2], out=out), arrays.gather([0, 1, 2]))
 
 
+@pytest.mark.parametrize("idx, kind", [(np.ones(240, bool), "bool of shape (240,)"),
+                                       (np.array([0.5, 2.7]), "float64 of shape (2,)"),
+                                       (3, "int64 of shape ()"), ([[0, 1]], "int64 of shape (1, 2)")])
+def test_gather_refuses_what_are_no_positions(shards, idx, kind):
+    """A boolean mask was cast to positions 0 and 1 (every True the image at 1), 2.7 to 2, and one position
+    failed as 'len() of unsized object'."""
+    from pipeline.reader import ShardArrays
+
+    arrays = ShardArrays(shards, "train", "gray28", checksum=False)
+    with pytest.raises(ValueError) as e:
+        arrays.gather(idx)
+    assert str(e.value) == f"positions must be a 1-D sequence of integers (np.flatnonzero(mask) for a mask), not {kind}"
+    assert arrays.gather([]).shape == (0, 28, 28) and arrays.gather(torch.tensor([3, 9])).shape == (2, 28, 28)
+
+
 def test_gather_refuses_positions_out_of_order(shards):
     """Each shard's rows are cut out of the positions by where its first row falls in them: unsorted, the
     cuts were wrong and images went to other positions' places, without an error."""

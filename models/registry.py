@@ -122,6 +122,8 @@ def get_model(name: str, num_classes: int = 200, pretrained: bool = False, weigh
     num_classes = int(num_classes)
     if not isinstance(pretrained, bool):  # a string is truthy: pretrained="no" (a config file's value) downloaded
         raise ValueError(f"pretrained must be True or False, not {pretrained!r}")
+    if weights is not None and not str(weights):  # an unset variable's "" trained from scratch, without a word
+        raise ValueError("weights is empty: give a file's path, or None to start from scratch")
     if pretrained and weights:
         raise ValueError("pass either pretrained=True or weights=FILE, not both")
     if not pretrained:

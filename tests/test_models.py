@@ -262,6 +262,14 @@ def test_pretrained_must_be_true_or_false(pretrained):
     assert str(e.value) == f"pretrained must be True or False, not {pretrained!r}"
 
 
+def test_an_empty_weights_path_is_refused():
+    """weights="" (an unset variable's value: os.environ.get("WEIGHTS", "")) started from scratch without a word,
+    where train.py refuses an empty --weights for that reason."""
+    with pytest.raises(ValueError) as e:
+        models.get_model("lenet5", weights="")
+    assert str(e.value) == "weights is empty: give a file's path, or None to start from scratch"
+
+
 def test_num_classes_may_be_a_numpy_integer():
     model = models.get_model("lenet5", num_classes=np.int64(10))
     assert model.classifier[4].out_features == 10 and type(model.classifier[4].out_features) is int

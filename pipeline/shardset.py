@@ -134,6 +134,8 @@ class ShardSet:
     def __init__(self, location, storage_options=None):
         if isinstance(location, ShardSet):
             raise TypeError("already a ShardSet: use it as it is")
+        if not str(location):  # an unset variable's "" said ': no such folder', naming nothing
+            raise ShardError("an empty path: give the shard set's folder or URL")
         self.location = str(location).rstrip("/") if is_url(location) else local_path(location)
         self.is_local = not is_url(location)
         # A cached copy (pipeline.cache) takes a shard of the right size for complete: a damaged one is removed

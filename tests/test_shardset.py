@@ -296,6 +296,16 @@ def test_a_folder_that_does_not_exist(tmp_path):
     assert _open_error(tmp_path / "nope") == f"{tmp_path / 'nope'}: no such folder"
 
 
+def test_an_empty_path_is_named_so(shards):
+    """make_loader("") (an unset variable's value) said ': no such folder', naming nothing."""
+    from pipeline.loader import make_loader
+
+    assert _open_error("") == "an empty path: give the shard set's folder or URL"
+    with pytest.raises(ShardError) as e:
+        make_loader("", "train")
+    assert str(e.value) == "an empty path: give the shard set's folder or URL"
+
+
 def test_a_missing_set_names_what_a_killed_build_into_it_left(tmp_path):
     """A build killed outright (kill -9, the OOM killer) leaves `<out>.tmp-<host>-<pid>` (up to 1.9 GB)
     that only a build into the same --out removes; `shard verify`, `make_loader` and train.py said only

@@ -277,6 +277,12 @@ def build_shards(src, out, workers=None, shard_size=10000, split_seed=None, on_e
             raise UsageError(f"{flag} {value!r}: must be an integer of at least {low}")
         if value < low:
             raise UsageError(f"{flag} {value}: must be at least {low}")
+    # An unset variable's "" was the current folder: src="" built it (or said it 'holds 5 releases'), out="" was
+    # refused as '/home/me: exists and is not a tinyin shard set'.
+    for flag, value, what in (("--src", src, "the release: a folder, .zip or .tar[.gz]"),
+                              ("--out", out, "the folder to build into")):
+        if not str(value):
+            raise UsageError(f"{flag} is empty: give {what}")
     # A leading `~` is the home folder, as the CLI's flags read it: from Python, out="~/shards" was built into a
     # folder named `~` in the current one, and src="~/release" was 'no such file or folder'.
     src, out = os.path.expanduser(src), os.path.expanduser(out)

@@ -517,13 +517,17 @@ def test_a_negative_split_seed_is_a_usage_error(release, tmp_path):
     (dict(workers=2.0), "--workers 2.0: must be an integer of at least 1"),
     (dict(classes="3"), "--classes '3': must be an integer of at least 1"),
     (dict(split_seed=True), "--split-seed True: must be an integer of at least 0"),
+    # an unset variable's "" was the current folder: src="" built it, out="" was refused naming it
+    (dict(src=""), "--src is empty: give the release: a folder, .zip or .tar[.gz]"),
+    (dict(out=""), "--out is empty: give the folder to build into"),
 ])
-def test_a_bad_argument_from_python_is_a_usage_error(release, tmp_path, kwargs, message):
+def test_a_bad_argument_from_python_is_a_usage_error(release, tmp_path, monkeypatch, kwargs, message):
     """The CLI's ranges refuse them (exit 2); the Python API's own checks do, each a UsageError as the CLI's: a
     shard size of 0 was a ShardError (exit 1, '--shard-size must be at least 1, not 0'; range() had refused
     step 0 in a traceback), workers=0 built with every core and workers=-1 failed in the process pool's ValueError."""
+    monkeypatch.chdir(release)  # the current folder: a release, that src="" built
     with pytest.raises(UsageError) as e:
-        build_shards(release, tmp_path / "out", progress=False, **kwargs)
+        build_shards(**{"src": release, "out": tmp_path / "out", **kwargs}, progress=False)
     assert (type(e.value), str(e.value)) == (UsageError, message) and not list(tmp_path.iterdir())
 @pytest.mark.parametrize("content, reason", [
     ("not json", "Expecting value: line 1 column 1 (char 0)"),

@@ -225,5 +225,11 @@ def load_weights_file(model: nn.Module, path: str | os.PathLike, head: str, arch
     missing, unexpected = model.load_state_dict(state, strict=False)
     # Only the dropped head may be missing; anything else means the wrong file.
     if unexpected or any(not k.startswith(head) for k in missing) or (missing and not mismatched):
-        raise ValueError(f"{path}: does not fit this model (missing {missing}, unexpected {unexpected})")
+        raise ValueError(f"{path}: does not fit this model (missing {_first(missing)}, unexpected {_first(unexpected)})")
     return mismatched
+
+
+def _first(keys, n=4):
+    """`keys` as a list, its first `n` only and a count of the rest: another network's file listed every key, an
+    error of 3,000 characters (AlexNet's file for ResNet-18)."""
+    return f"{keys}" if len(keys) <= n else f"{keys[:n]} and {len(keys) - n} more"

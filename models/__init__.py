@@ -23,3 +23,7 @@ def __getattr__(name):
             importlib.import_module(f".{module}", __name__)
         return getattr(importlib.import_module(".registry", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))  # the lazy names too (tab completion in a notebook), as pipeline's

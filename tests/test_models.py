@@ -25,6 +25,12 @@ def test_registry_lists_the_study_and_speedrun_models():
     assert models.list_models() == sorted(EXPECTED_SIZES)
 
 
+def test_the_package_lists_its_lazy_names():
+    """dir(models) named none of them (a notebook's tab completion offered no get_model), where dir(pipeline)
+    names its own."""
+    assert set(models.__all__) <= set(dir(models)) and "get_model" in models.__all__
+
+
 def test_torch_and_torchvision_are_imported_only_when_needed():
     """Each takes ~3 s to import on a small machine: the recipes need neither (tools/reproduce.py
     reads them), LeNet-5 needs no torchvision, a network built from torchvision's imports it."""

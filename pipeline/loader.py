@@ -34,7 +34,7 @@ from .order import check_start, epoch_order, step_seed
 from .cache import cached_copy, is_set_url
 from .reader import ShardArrays
 from .ring import prefetch_ring
-from .schema import VARIANTS
+from .schema import VARIANTS, check_variant
 from .shardset import ShardSet, open_shard_set
 from .stream import is_url_list, stream_source
 from .storage import MappedStorage, ResidentStorage
@@ -274,8 +274,7 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
                          f"not {shards!r}")
     if not isinstance(split, str):  # a list of splits failed as "unhashable type: 'list'"
         raise ValueError(f"split must be one split's name, such as 'train', not {split!r}")
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {sorted(VARIANTS)}, not {variant!r}")
+    check_variant(variant)
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, not {path!r}")
     for name, value in (("shuffle", shuffle), ("drop_last", drop_last), ("with_keys", with_keys),

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .errors import ShardError, plural
-from .schema import VARIANTS
+from .schema import VARIANTS, check_variant
 from .shardset import open_shard_set
 
 PAGE = mmap.PAGESIZE
@@ -57,8 +57,7 @@ class ShardArrays:
     """
 
     def __init__(self, shards, split, variant="rgb64", checksum=True):
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {sorted(VARIANTS)}, not {variant!r}")
+        check_variant(variant)
         self.shard_set = shard_set = open_shard_set(shards)
         if not shard_set.is_local:
             raise ShardError(f"{shard_set.location}: memory mapping needs a local copy of the shard set")

@@ -19,6 +19,14 @@ VARIANTS = {
     "gray28": (GRAY28, (28, 28)),
 }
 
+
+
+def check_variant(variant):
+    """ValueError unless `variant` names one of VARIANTS: the one wording of every reader's check."""
+    if not isinstance(variant, str) or variant not in VARIANTS:  # a list was "unhashable type: 'list'"
+        raise ValueError(f"variant must be one of {sorted(VARIANTS)}, not {variant!r}")
+
+
 #: Splits written by `tinyin shard build`. `unlabeled` is the official test/ folder (label -1).
 SPLITS = ("train", "val", "test", "unlabeled")
 

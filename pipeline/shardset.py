@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from .checksum import file_sum64, sum64
 from .errors import ShardError, plural
 from .index import SCHEMA, file_sha256
-from .schema import CACHE_MARK_FILE, FORMAT_VERSION, INDEX_FILE, MANIFEST_FILE, VARIANTS
+from .schema import CACHE_MARK_FILE, FORMAT_VERSION, INDEX_FILE, MANIFEST_FILE, VARIANTS, check_variant
 
 #: The manifest's keys every reader relies on, and the type of each; and those of each shard entry.
 MANIFEST_KEYS = {"classes": list, "counts": dict, "stats": dict, "shards": list, "skipped": list}
@@ -301,6 +301,7 @@ class ShardSet:
 
     def stats(self, variant):
         """{'mean': [...], 'std': [...]} of the train split for `variant`, in [0, 1] units."""
+        check_variant(variant)  # 'rgb32' was a KeyError
         return self.manifest["stats"][variant]
 
     def entries(self, split):

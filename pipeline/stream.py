@@ -43,7 +43,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .errors import ShardError, plural
-from .schema import VARIANTS
+from .schema import VARIANTS, check_variant
 from .shardset import ShardSet, is_url, missing_error, names_a_tar, open_shard_set
 from .stream_plan import LANES, MIX, plan_epoch
 from .stream_read import (Shard, adopt_read_buffers, describe_error, load_group, recycle_buffers,
@@ -201,8 +201,7 @@ class StreamSource:
 
     def __init__(self, shards, variant="rgb64", batch_size=256, shuffle=True, seed=0, epoch=0, drop_last=False,
                  rank=0, world_size=1, workers=2, storage_options=None, shard_set=None, lanes=LANES, mix=MIX):
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {sorted(VARIANTS)}, not {variant!r}")
+        check_variant(variant)
         if not shards or batch_size < 1 or not 0 <= rank < world_size or workers < 0:
             raise ValueError(f"need shards, batch_size >= 1, 0 <= rank < world_size, workers >= 0; got {len(shards)} "
                              f"shards, batch_size={batch_size}, rank={rank}, world_size={world_size}, workers={workers}")
@@ -318,8 +317,7 @@ def stream_from_set(shards, split, variant="rgb64", storage_options=None, **kw):
     """A `StreamSource` over `split` of a shard set (folder, URL or ShardSet), opened once: counts,
     offsets, labels and keys from its manifest and index, shards checked against the manifest."""
     shard_set = open_shard_set(shards, storage_options)
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {sorted(VARIANTS)}, not {variant!r}")
+    check_variant(variant)
     entries = shard_set.entries(split)
     table = shard_set.split_index(split)
     names = np.asarray(table["shard"].to_pylist())

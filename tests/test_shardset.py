@@ -396,6 +396,15 @@ def test_read_index_refuses_a_split_that_is_none_of_the_sets(shards, split):
     assert read_index(shards, "val").num_rows == 30 and read_index(shards).num_rows == 330
 
 
+@pytest.mark.parametrize("variant", ["rgb32", ["rgb64"]])
+def test_stats_names_the_variants(shards, variant):
+    """ShardSet.stats('rgb32') was a KeyError; the readers name the variants."""
+    with pytest.raises(ValueError) as e:
+        ShardSet(shards).stats(variant)
+    assert str(e.value) == f"variant must be one of ['gray28', 'rgb64'], not {variant!r}"
+    assert len(ShardSet(shards).stats("gray28")["mean"]) == 1
+
+
 def test_read_manifest_refuses_another_format_version_and_a_corrupt_file(tmp_path):
     """A set of another shard format (a later tinyin's) is not read as this one's layout; a manifest that is
     no JSON is a one-line ShardError, not a JSONDecodeError's traceback."""

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from .atomic import atomic_file
 from .errors import ShardError
-from .schema import FORMAT_VERSION, INDEX_FILE, MANIFEST_FILE, SPLITS, VARIANTS
+from .schema import FORMAT_VERSION, INDEX_FILE, MANIFEST_FILE, VARIANTS, check_split
 
 SCHEMA = pa.schema([
     ("key", pa.string()), ("split", pa.string()), ("label", pa.int16()), ("wnid", pa.string()),
@@ -68,8 +68,8 @@ def read_manifest(shards):
 def read_index(shards, split=None):
     """The index as a pyarrow Table, optionally only the rows of one split (in shard order); ValueError
     for a split that is none of SPLITS."""
-    if split is not None and split not in SPLITS:  # 'Val' or 'training' gave an empty table, without a word
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
+    if split is not None:  # 'Val' or 'training' gave an empty table, without a word
+        check_split(split)
     path = Path(shards).expanduser() / INDEX_FILE
     if not path.is_file():
         raise ShardError(f"{shards}: missing {INDEX_FILE}")

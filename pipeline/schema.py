@@ -30,6 +30,14 @@ def check_variant(variant):
 #: Splits written by `tinyin shard build`. `unlabeled` is the official test/ folder (label -1).
 SPLITS = ("train", "val", "test", "unlabeled")
 
+
+
+def check_split(split):
+    """ValueError unless `split` names one of SPLITS (a misspelt one selected no rows, without a word)."""
+    if not isinstance(split, str) or split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
+
+
 #: Shard file name pattern (WebDataset convention).
 SHARD_PATTERN = "{split}-{index:06d}.tar"
 

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from .checksum import file_sum64, sum64
 from .errors import ShardError, plural
 from .index import SCHEMA, file_sha256
-from .schema import CACHE_MARK_FILE, FORMAT_VERSION, INDEX_FILE, MANIFEST_FILE, VARIANTS, check_variant
+from .schema import CACHE_MARK_FILE, FORMAT_VERSION, INDEX_FILE, MANIFEST_FILE, VARIANTS, check_split, check_variant
 
 #: The manifest's keys every reader relies on, and the type of each; and those of each shard entry.
 MANIFEST_KEYS = {"classes": list, "counts": dict, "stats": dict, "shards": list, "skipped": list}
@@ -313,7 +313,8 @@ class ShardSet:
         return entries
 
     def split_index(self, split):
-        """The index rows of `split` (in shard order) as a pyarrow Table."""
+        """The index rows of `split` (in shard order) as a pyarrow Table; ValueError for a split that is none of SPLITS."""
+        check_split(split)  # 'Val' gave an empty table, without a word
         return self.index.filter(pc.equal(self.index["split"], split))
 
     def where_name(self, name):

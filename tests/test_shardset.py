@@ -396,6 +396,15 @@ def test_read_index_refuses_a_split_that_is_none_of_the_sets(shards, split):
     assert read_index(shards, "val").num_rows == 30 and read_index(shards).num_rows == 330
 
 
+@pytest.mark.parametrize("split", ["Val", "training"])
+def test_split_index_refuses_a_split_that_is_none_of_the_sets(shards, split):
+    """ShardSet.split_index (public) gave an empty table for a misspelt split, without a word."""
+    with pytest.raises(ValueError) as e:
+        ShardSet(shards).split_index(split)
+    assert str(e.value) == f"split must be one of train, val, test, unlabeled, not {split!r}"
+    assert ShardSet(shards).split_index("val").num_rows == 30
+
+
 @pytest.mark.parametrize("variant", ["rgb32", ["rgb64"]])
 def test_stats_names_the_variants(shards, variant):
     """ShardSet.stats('rgb32') was a KeyError; the readers name the variants."""

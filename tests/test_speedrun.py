@@ -61,6 +61,13 @@ def test_the_curve_puts_the_start_up_before_the_first_epoch():
     result = dict(seconds=150.0, metrics=[dict(epoch_time_s=30.0, val_top1=10.0), dict(epoch_time_s=60.0, val_top1=20.0)])
     assert speedrun.curve(result) == [(1.5, 10.0), (2.5, 20.0)]  # 60 s of start-up, then 30 s and 60 s
 
+
+def test_the_curve_of_a_seed_trained_again_starts_at_its_first_epoch():
+    """A seed stopped and trained again: its process time is the second process's, its epochs both's, so
+    they can sum to more; the start-up is then none, not a negative time before the first epoch."""
+    result = dict(seconds=50.0, metrics=[dict(epoch_time_s=30.0, val_top1=10.0), dict(epoch_time_s=30.0, val_top1=20.0)])
+    assert speedrun.curve(result) == [(0.5, 10.0), (1.0, 20.0)]
+
 def test_sigterm_keeps_the_finished_seeds_and_the_stopped_one_trains_again(shards, tmp_path, capfd):
     """SIGTERM to speedrun.py (a scheduler, gpu_session's --deadline) while seed 1 trains: train.py
     gets it passed on and checkpoints, speedrun.md keeps seed 0's row, the exit is 128 + 15; the

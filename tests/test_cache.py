@@ -740,6 +740,12 @@ def test_a_shard_answered_503_once_is_asked_for_again(shards, serve, cache):
     assert shard_gets(server)[SHARD] == 2 and (copy / SHARD).read_bytes() == (shards / SHARD).read_bytes()
 
 
+def test_a_brace_pattern_of_shard_urls_is_no_set_url():
+    """The stream path's pattern ends in its brace group, not in '.tar': it names shards, not a set's folder."""
+    assert is_set_url("https://host/set/{train-000000.tar,train-000001.tar}") is False
+    assert is_set_url("https://host/set") is True
+
+
 def test_a_url_with_a_space_is_refused_at_once(monkeypatch):
     """A set's URL pasted with a space (`.../dir with space/`, not %20): urllib refuses to send it, and it
     was tried 5 times over 10 s, 'after 5 attempts', as if the server might answer next time."""

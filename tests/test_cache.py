@@ -746,6 +746,18 @@ def test_a_brace_pattern_of_shard_urls_is_no_set_url():
     assert is_set_url("https://host/set") is True
 
 
+def test_a_fetch_error_without_a_message_is_named_by_its_class(shards, serve, cache, monkeypatch, quick_retries):
+    """A cut connection raised with no words (ConnectionResetError()) every attempt: its class names it."""
+    server = serve()
+
+    def cut(*args):
+        raise ConnectionResetError()
+    monkeypatch.setattr("pipeline.cache._http_receive", cut)
+    with pytest.raises(ShardError) as e:
+        cached_copy(server.url, "test", workers=1)
+    assert str(e.value) == f"{server.url}/test-000000.tar: cannot fetch (ConnectionResetError, after {RETRIES} attempts)"
+
+
 def test_a_url_with_a_space_is_refused_at_once(monkeypatch):
     """A set's URL pasted with a space (`.../dir with space/`, not %20): urllib refuses to send it, and it
     was tried 5 times over 10 s, 'after 5 attempts', as if the server might answer next time."""

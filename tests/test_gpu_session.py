@@ -369,6 +369,16 @@ def test_flags_among_reads_train_args_as_a_shell_does_and_names_them_sorted():
         "--arch", "--output-dir", "--recipe", "--seed", "--shards", "--size"]
 
 
+def test_each_option_whose_value_is_flags_takes_a_lone_value_that_starts_with_a_dash():
+    """gpu_session's three such options, each followed by a value argparse would take for an option."""
+    sys.path.insert(0, str(SESSION.parent))
+    from flag_values import joined
+
+    argv = ["--bench-args", "--repeat 2", "--train-args", "--no-amp", "--speedrun-args", "--seeds 0", "--deadline", "5"]
+    assert joined(argv, ("--bench-args", "--train-args", "--speedrun-args")) == [
+        "--bench-args=--repeat 2", "--train-args=--no-amp", "--speedrun-args=--seeds 0", "--deadline", "5"]
+
+
 def test_table2_trains_its_rows_one_after_another_on_the_cpu(tmp_path, monkeypatch):
     sys.path.insert(0, str(SESSION.parent))
     import gpu_session

@@ -290,7 +290,7 @@ def test_write_report_study_section_and_json(tmp_path, runs):
 
 REPRODUCE = Path(__file__).resolve().parents[1] / "tools" / "reproduce.py"
 sys.path.insert(0, str(REPRODUCE.parent))
-from reproduce import child_env, union_seconds  # noqa: E402
+from reproduce import child_env, table_wall, union_seconds  # noqa: E402
 
 
 def reproduce(*args):
@@ -462,6 +462,15 @@ def test_rows_side_by_side_share_the_cores_unless_the_user_set_the_threads(monke
     assert child_env(4)["OMP_NUM_THREADS"] == "4"
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert child_env(4) is None  # the user's own setting stands
+
+
+def test_a_rows_record_from_before_intervals_counts_its_wall_time_of_its_own(tmp_path):
+    """reproduce.json written before intervals were kept holds only wall_s: it adds to the others' union."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    for run, record in ((old, dict(wall_s=30.0)), (new, dict(wall_s=20.0, intervals=[[0.0, 10.0], [5.0, 20.0]]))):
+        run.mkdir()
+        (run / "reproduce.json").write_text(json.dumps(record))
+    assert table_wall([old, new, tmp_path / "never-run"]) == 50.0
 
 
 def test_union_seconds():

@@ -21,7 +21,6 @@ An option the chosen path does not use is refused (UsageError), never silently d
 Every path ends in the same `DeviceStage` (normalise, augment, resize on the device).
 """
 
-
 import os
 
 import numpy as np

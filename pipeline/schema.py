@@ -20,7 +20,6 @@ VARIANTS = {
 }
 
 
-
 def check_variant(variant):
     """ValueError unless `variant` names one of VARIANTS: the one wording of every reader's check."""
     if not isinstance(variant, str) or variant not in VARIANTS:  # a list was "unhashable type: 'list'"
@@ -29,7 +28,6 @@ def check_variant(variant):
 
 #: Splits written by `tinyin shard build`. `unlabeled` is the official test/ folder (label -1).
 SPLITS = ("train", "val", "test", "unlabeled")
-
 
 
 def check_split(split):

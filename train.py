@@ -393,7 +393,8 @@ def build_model(args, manifest):
     except Exception:  # noqa: BLE001 - torch.load of an arbitrary file raises nearly anything (KeyError, struct.error...)
         raise CheckpointError(f"--weights {args.weights}: {describe_weights(args.weights, args.arch)}") from None
     if dropped:
-        raise CheckpointError(f"--weights {args.weights}: its head is not for these shards' {num_classes} {plural(num_classes, 'class')}, and "
+        raise CheckpointError(f"--weights {args.weights}: its head is not for these shards' "
+                              f"{num_classes} {plural(num_classes, 'class')}, and "
                               "--test-only would evaluate a fresh one (chance level); train from it first")
     trained_on, norm = weights_run(args.weights)
     if trained_on not in (None, classes_of(manifest)):  # a plain state dict does not say
@@ -668,7 +669,8 @@ def restore(parts, args, ckpt_path):
             if args.test_only:
                 print(f"evaluating {ckpt_path}, saved at {where}")
             else:
-                print(f"resumed from {ckpt_path} at {where} ({state.samples_done} {plural(state.samples_done, 'sample')} "
+                print(f"resumed from {ckpt_path} at {where} ({state.samples_done} "
+                      f"{plural(state.samples_done, 'sample')} "
                       f"of it done, {ckpt['world_size']} -> {parts.world_size} {plural(parts.world_size, 'rank')})")
                 if start_note:
                     print(f"note: {start_note}", file=sys.stderr)
@@ -985,7 +987,8 @@ def choose_budget_epochs(parts, state, args, elapsed_s, epoch_s, val_s):
               f"the test ~{val_s:.1f} s: --epochs {epochs}", flush=True)
         # parse_args refuses --warmup-epochs at or past --epochs; a choice can land there after the fact
         if epochs < args.warmup_epochs or (epochs == args.warmup_epochs and args.lr_scheduler != "none"):
-            print(f"note: --time-budget {args.time_budget:g} min holds {epochs} {plural(epochs, 'epoch')}, no more than --warmup-epochs "
+            print(f"note: --time-budget {args.time_budget:g} min holds {epochs} "
+                  f"{plural(epochs, 'epoch')}, no more than --warmup-epochs "
                   f"{args.warmup_epochs:g}: the run ends in its warm-up, the lr never decays (give fewer warm-up "
                   "epochs or more minutes)", file=sys.stderr, flush=True)
         write_args(args.output_dir, args)

@@ -406,7 +406,8 @@ def format_table(rows, command, batch_size, planned=None):
     """The Markdown table, headed by the command, commit and machine that produced it (and, when
     `planned` rows were more than the rows, by how many rows it stopped after)."""
     lines = [f"# {command}",
-             f"# commit {commit()}; {platform.node()}: {os.cpu_count()} {plural(os.cpu_count(), 'core')}, torch {torch.__version__}, batch {batch_size}, "
+             f"# commit {commit()}; {platform.node()}: {os.cpu_count()} "
+             f"{plural(os.cpu_count(), 'core')}, torch {torch.__version__}, batch {batch_size}, "
              f"train split, shuffled, median of passes",
              *([f"# stopped early after {len(rows)} of {planned} rows"] if planned and planned > len(rows) else []),
              "| variant | loader | workers | images/s | × baseline | of ceiling | pass | first batch (data pass done) |",

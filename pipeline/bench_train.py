@@ -190,7 +190,8 @@ class Feeds:
         info, stage = self._stage_args(arch, size)
         arrays = ShardArrays(self.shards, "train", info["variant"])
         if len(arrays) < batch:
-            raise UsageError(f"--feeds a: the train split holds {len(arrays)} {plural(len(arrays), 'image')}, fewer than one batch of {batch}")
+            raise UsageError(f"--feeds a: the train split holds {len(arrays)} "
+                             f"{plural(len(arrays), 'image')}, fewer than one batch of {batch}")
         step = max(len(arrays) // batch, 1)
         idx = torch.arange(batch) * step  # spread over the split: every class, not one shard's first rows
         images = arrays.gather(idx.numpy()).to(self.device)
@@ -281,8 +282,9 @@ def bench_train(shards, images=None, cases=None, device="cpu", warmup=10, steps=
         # loss (IndexError: Target 4 is out of bounds), after the rows of feeds a to c had run.
         found = sum(1 for p in (Path(images) / "train").iterdir() if p.is_dir())
         if found != num_classes:
-            raise UsageError(f"--images {images}: train/ holds {found} {plural(found, 'class')}, the shard set {num_classes}; feed d "
-                             "labels every class folder, so it needs a release of exactly the set's classes")
+            raise UsageError(f"--images {images}: train/ holds {found} {plural(found, 'class')}, the "
+                             f"shard set {num_classes}; feed d labels every class folder, so it needs a release of "
+                             "exactly the set's classes")
     rows, compiled = [], {}
     try:
         for case in cases:
@@ -345,8 +347,10 @@ def format_table(rows, command, env, warmup, steps, windows, planned=None):
              f"# commit {env['commit']}; {env['host']}: {env['cores']} {plural(env['cores'], 'core')} ({env['cpu']}), "
              f"device {env['device']}{gpu}; torch {env['torch']}, torchvision {env['torchvision']}; {env['precision']}",
              f"# complete SGD steps (lr 0.001, momentum 0.9); {warmup} {plural(warmup, 'warm-up step')} excluded; "
-             f"median of {windows} windows of {steps} {plural(steps, 'step')}" + (", CUDA synchronised" if env["gpu"] else ""),
-             *([f"# stopped early after {len(rows)} of {planned} {plural(planned, 'row')}"] if planned and planned > len(rows) else []),
+             f"median of {windows} windows of {steps} {plural(steps, 'step')}"
+             + (", CUDA synchronised" if env["gpu"] else ""),
+             *([f"# stopped early after {len(rows)} of {planned} {plural(planned, 'row')}"]
+               if planned and planned > len(rows) else []),
              "| model | input | batch | feed | compiled | images/s | min-max | of (a) | peak GPU memory |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -74,7 +74,8 @@ class ShardArrays:
             shard_set.check_local_file(entry, path, checksum=False)  # present and of its size: a stat
             rows = np.flatnonzero(names == entry["file"])
             if len(rows) != entry["count"] or (len(rows) and rows[0] != starts[-1]):
-                raise ShardError(f"{path}: the index lists {len(rows)} {plural(len(rows), 'sample')}, the manifest {entry['count']}")
+                raise ShardError(f"{path}: the index lists {len(rows)} {plural(len(rows), 'sample')}, "
+                                 f"the manifest {entry['count']}")
             mapped = _map(path)
             self.paths.append(path)
             self.maps.append(mapped)

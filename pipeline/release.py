@@ -170,7 +170,8 @@ def _val_test_items(files, wnids, kept, split_seed, problems):
         items = per_class[wnid]
         if len(items) < 2:  # val or test would hold none of the class, and its accuracy go unmeasured there
             problems.append(("val/val_annotations.txt",
-                             f"class {wnid} has {len(items)} val {plural(len(items), 'image')}; val and test need at least one each"))
+                             f"class {wnid} has {len(items)} val {plural(len(items), 'image')}; val and "
+                             "test need at least one each"))
         if rng is not None:
             items = [items[i] for i in rng.permutation(len(items))]
         half = len(items) // 2

@@ -266,7 +266,8 @@ class ShardSet:
             if split == "unlabeled" and (r["label_min"], r["label_max"]) != (-1, -1):
                 raise ShardError(f"{index}: {labels}, not -1")
             if split != "unlabeled" and (r["label_min"] < 0 or r["label_max"] >= n):
-                raise ShardError(f"{index}: {labels}, the manifest lists {n} {plural(n, 'class')}" + (f" (0..{n - 1})" if n else ""))
+                raise ShardError(f"{index}: {labels}, the manifest lists {n} "
+                                 f"{plural(n, 'class')}" + (f" (0..{n - 1})" if n else ""))
 
     def _check_order(self, index):
         """ShardError unless each shard's index rows are together and, within each split, in the manifest's

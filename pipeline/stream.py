@@ -327,7 +327,8 @@ def stream_from_set(shards, split, variant="rgb64", storage_options=None, **kw):
     for entry in entries:
         rows = np.flatnonzero(names == entry["file"])
         if len(rows) != entry["count"] or (len(rows) and rows[0] != at):
-            raise ShardError(f"{shard_set.where(entry)}: the index lists {len(rows)} {plural(len(rows), 'sample')}, the manifest {entry['count']}")
+            raise ShardError(f"{shard_set.where(entry)}: the index lists {len(rows)} "
+                             f"{plural(len(rows), 'sample')}, the manifest {entry['count']}")
         if rows.size:
             out.append(Shard(str(shard_set.where(entry)), entry["count"], entry, offsets[rows], labels[rows],
                              keys[at:at + len(rows)]))

@@ -142,7 +142,8 @@ def read_layout(data, shard, variant):
         raise ShardError(f"{url}: not a tinyin shard ({e})") from None
     stride, expected = at, count * at + 2 * BLOCK
     if len(data) != expected:
-        raise ShardError(f"{url}: {len(data):,} {plural(len(data), 'byte')}, {count} {plural(count, 'sample')} take {expected:,} (truncated or not this shard)")
+        raise ShardError(f"{url}: {len(data):,} {plural(len(data), 'byte')}, {count} "
+                         f"{plural(count, 'sample')} take {expected:,} (truncated or not this shard)")
     rows = np.frombuffer(data, np.uint8, count * stride).reshape(count, stride)
     member, shape = VARIANTS[variant]
     found = {name.split(".", 1)[-1]: (pos, size) for name, pos, size in members}

@@ -53,7 +53,8 @@ def main():
         n = sum(manifest["counts"].values())
         rows.append((run + 1, n, seconds, n / seconds))
     print(f"# tinyin shard build: {shlex.join(sys.argv)}")
-    print(f"# commit {commit()}; {platform.node()}, {os.cpu_count()} {plural(os.cpu_count(), 'core')}, workers={args.workers or os.cpu_count()}, src={args.src}")
+    print(f"# commit {commit()}; {platform.node()}, {os.cpu_count()} {plural(os.cpu_count(), 'core')}, "
+          f"workers={args.workers or os.cpu_count()}, src={args.src}")
     print("| run | images | seconds | images/s |\n|---|---|---|---|")
     for run, n, seconds, rate in rows:
         print(f"| {run} | {n:,} | {seconds:.1f} | {rate:,.0f} |")

@@ -207,7 +207,8 @@ def main(argv=None):
     variants = [*ABLATIONS, *(v for v in parts if v not in ABLATIONS and v != "all")] if "all" in parts else parts
     unknown = [v for v in variants if v not in ABLATIONS]
     if unknown:
-        p.error(f"--ablate: unknown {plural(len(unknown), 'part')} {', '.join(unknown)}; choose from: all, {', '.join(ABLATIONS)}")
+        p.error(f"--ablate: unknown {plural(len(unknown), 'part')} {', '.join(unknown)}; choose from: "
+                f"all, {', '.join(ABLATIONS)}")
     check_train_flags(args, variants)
     out = Path(args.out)
     if why := folder_refusal(out):  # was a traceback, or each run failed with the advice to rerun it

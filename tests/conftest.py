@@ -15,6 +15,7 @@ import pytest
 
 from pipeline.build import build_shards
 from pipeline.index import file_sha256
+from pipeline.locks import locked
 from pipeline.synth import synthesize
 
 # Ctrl-C tests raise SIGINT in this process or send it to a command they start. A shell starts a background
@@ -64,8 +65,16 @@ def real_shards(tmp_path_factory):
     """The real release built into shards once per session (about half a minute)."""
     if not REAL_RELEASE.is_file():
         pytest.skip(f"real Tiny ImageNet release not found at {REAL_RELEASE}")
-    out = tmp_path_factory.mktemp("real") / "shards"
-    build_shards(REAL_RELEASE, out, progress=False)
+    # Under pytest-xdist (`make test`) the workers share one build, in the folder above their own: the first to
+    # need it builds it, under the lock, and the others wait for it (each building its own took twice the ~20 s
+    # and the 1.9 GB). The build renames its folder into place only once complete: a manifest marks one.
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    out = root / "real-shards"
+    with locked(root / "real-shards.lock"):
+        if not (out / "manifest.json").is_file():
+            build_shards(REAL_RELEASE, out, progress=False)
     return out
 
 

@@ -45,7 +45,7 @@ import warnings
 
 from pipeline.errors import stopped_at_once
 
-with stopped_at_once():  # the imports (torch's: seconds): a signal ends them in one line, 130 or 143
+with stopped_at_once():  # the imports (torch's: seconds): a signal ends them in one line, 130, 143 or 138
     import torch
     import torch.distributed as dist
     from torch import nn
@@ -1069,7 +1069,7 @@ def main(args):
     """Train (or --test-only evaluate) as `args` say; returns final.json's dict. Exits 128 + signum
     after writing a checkpoint when SIGTERM, SIGINT or SIGUSR1 arrives mid-run."""
     with contextlib.ExitStack() as run:
-        with stopped_at_once():  # the join of the other ranks: a signal ends it in one line, 130 or 143
+        with stopped_at_once():  # the join of the other ranks: a signal ends it in one line, 130, 143 or 138
             check_device(args.device)
             stop_when_the_launcher_dies()
             device, world_size = run.enter_context(distributed(args))

@@ -79,21 +79,22 @@ def sigterm_interrupts(signals=(signal.SIGTERM,)):
             signal.signal(sig, handler)
 
 
-#: The line a command stopped by a signal ends with (`user_errors`, `stopped_at_once`).
-STOPPED = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
+#: The line a command stopped by a signal ends with (`user_errors`, `stopped_at_once`): SIGUSR1 is train.py's third
+#: stop signal (what schedulers send before they preempt: `StopSignals`).
+STOPPED = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated", signal.SIGUSR1: "stopped by SIGUSR1"}
 
 
 @contextlib.contextmanager
 def stopped_at_once():
     """Within the block (a program's imports, before any handler of its own: torch's take seconds; train.py's
-    join of the other ranks), Ctrl-C and SIGTERM end the process at once, with `user_errors`' line and exit
-    code (`interrupted`, 130; `terminated`, 143). Ctrl-C there was a KeyboardInterrupt traceback out of
-    torch's import, SIGTERM a death by the signal, which speedrun.py took for its train.py's failure (exit
-    1). At once (os._exit): nothing is made yet that needs cleaning up, and no library's bare `except:`
-    around an import can swallow it. Also from a thread of its own, woken by the signal (set_wakeup_fd):
-    a Python handler runs only between the main thread's bytecodes, and a wait in C++ that releases the
-    GIL holds those off for good (torch.distributed's join: Ctrl-C did nothing until its 30-minute
-    timeout). Main thread only, as handlers."""
+    join of the other ranks), Ctrl-C, SIGTERM and SIGUSR1 end the process at once, with `user_errors`' line
+    and exit code (`interrupted`, 130; `terminated`, 143; `stopped by SIGUSR1`, 138). Ctrl-C there was a
+    KeyboardInterrupt traceback out of torch's import, SIGTERM and SIGUSR1 a death by the signal, which
+    speedrun.py took for its train.py's failure (exit 1). At once (os._exit): nothing is made yet that needs
+    cleaning up, and no library's bare `except:` around an import can swallow it. Also from a thread of its
+    own, woken by the signal (set_wakeup_fd): a Python handler runs only between the main thread's bytecodes,
+    and a wait in C++ that releases the GIL holds those off for good (torch.distributed's join: Ctrl-C did
+    nothing until its 30-minute timeout). Main thread only, as handlers."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

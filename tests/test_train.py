@@ -1034,13 +1034,16 @@ runpy.run_path("train.py", run_name="__main__")
 
 
 @pytest.mark.parametrize("signum, code, line", [(signal.SIGINT, 130, "interrupted\n"),
-                                                (signal.SIGTERM, 143, "terminated\n")], ids=["ctrl-c", "sigterm"])
+                                                (signal.SIGTERM, 143, "terminated\n"),
+                                                (signal.SIGUSR1, 138, "stopped by SIGUSR1\n")],
+                         ids=["ctrl-c", "sigterm", "sigusr1"])
 def test_a_signal_while_a_rank_waits_for_the_others_to_join_ends_it_in_one_line(tiny_shards, tmp_path, signum, code,
                                                                                 line):
     """Under torchrun a rank first waits for every other (a node that starts late: minutes), in C++, where Python's
     handlers never run: Ctrl-C did nothing until the join's 30-minute timeout, SIGTERM killed the run outright
-    (exit -15, which speedrun.py reports as a failure). Nothing is made yet that needs cleaning up: one line and
-    130 or 143, as during the imports."""
+    (exit -15, which speedrun.py reports as a failure), and so did SIGUSR1 (-10), left to its default when SIGTERM
+    was handled. Nothing is made yet that needs cleaning up: one line and 130, 143 or 138, as during the
+    imports."""
     from tests.test_multinode import free_port
 
     env = dict(os.environ, PYTHONPATH=str(ROOT), WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
@@ -1107,11 +1110,13 @@ runpy.run_path("train.py", run_name="__main__")
 
 
 @pytest.mark.parametrize("signum, code, line", [(signal.SIGINT, 130, "interrupted\n"),
-                                                (signal.SIGTERM, 143, "terminated\n")], ids=["ctrl-c", "sigterm"])
+                                                (signal.SIGTERM, 143, "terminated\n"),
+                                                (signal.SIGUSR1, 138, "stopped by SIGUSR1\n")],
+                         ids=["ctrl-c", "sigterm", "sigusr1"])
 def test_a_signal_while_train_py_imports_torch_ends_it_in_one_line(signum, code, line):
-    """Ctrl-C or SIGTERM in train.py's first seconds, while it imports torch: one line and 130 or 143. (Before:
-    Ctrl-C was a KeyboardInterrupt traceback, SIGTERM a death by the signal, which speedrun.py reported as its
-    train.py's failure, `exit -15`, and exited 1.)"""
+    """Ctrl-C, SIGTERM or SIGUSR1 in train.py's first seconds, while it imports torch: one line and 130, 143 or 138.
+    (Before: Ctrl-C was a KeyboardInterrupt traceback, SIGTERM a death by the signal, which speedrun.py reported as
+    its train.py's failure, `exit -15`, and exited 1; SIGUSR1, left to its default when SIGTERM was handled, too.)"""
     done = subprocess.run([sys.executable, "-c", SIGNAL_AT_TORCH_IMPORT, str(int(signum))], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout, done.stderr) == (code, "", line)

@@ -344,8 +344,8 @@ def open_shards(args):
         if args.data_path == "stream":
             return ShardSet(args.shards)
         # Not StopSignals' stop after the step: the fetch has nothing to checkpoint and can take minutes that
-        # no signal could cut short. A signal ends it at once (exit 143, or 130 for Ctrl-C); the shards that
-        # arrived stay in the cache, and the next run goes on from them.
+        # no signal could cut short. A signal ends it at once (128 + the signal: 143, 130 for Ctrl-C, 138 for
+        # SIGUSR1); the shards that arrived stay in the cache, and the next run goes on from them.
         with sigterm_interrupts(STOP_SIGNALS):
             return ShardSet(cached_copy(args.shards, ("train", "val", "test")))
     local_folder("--shards", args.shards)
@@ -1097,8 +1097,9 @@ def main(args):
         make_output_dir(args.output_dir)  # once the flags and files are known to work
         if args.test_only:  # writes eval.json only: it may look at a run while that run trains on
             # Not StopSignals' stop after a training step, which never comes here: an evaluation has nothing
-            # to checkpoint, and ran on to its end (minutes for the test split at 224 on a CPU). A signal
-            # ends it at once (exit 143, or 130 for Ctrl-C), and one noted already ends it before it starts.
+            # to checkpoint, and ran on to its end (minutes for the test split at 224 on a CPU). A signal ends it
+            # at once (128 + the signal: 143, 130 for Ctrl-C, 138 for SIGUSR1), and one noted already ends it
+            # before it starts.
             with sigterm_interrupts(STOP_SIGNALS):
                 if stop.signum:
                     signal.raise_signal(stop.signum)

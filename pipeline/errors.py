@@ -50,7 +50,12 @@ class CheckpointError(TinyinError):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised as a Ctrl-C is so that every `finally` cleans up (see `sigterm_interrupts`)."""
+    """SIGTERM, raised as a Ctrl-C is so that every `finally` cleans up (see `sigterm_interrupts`); `signum`: the
+    signal, SIGTERM or another that the block handles so (train.py's SIGUSR1), whose code `user_errors` exits with."""
+
+    def __init__(self, signum=signal.SIGTERM):
+        super().__init__()
+        self.signum = signum
 
 
 @contextlib.contextmanager
@@ -69,7 +74,7 @@ def sigterm_interrupts(signals=(signal.SIGTERM,)):
 
     def terminate(signum, frame):
         noted.append(signum)
-        raise Terminated
+        raise Terminated(signum)
     previous = {sig: signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else terminate)
                 for sig in signals}
     try:
@@ -235,7 +240,7 @@ def user_errors():
     """Run a command body: a TinyinError becomes one line on stderr and its exit code, as does an
     OSError of the environment (a full disk, ...: ``error: STRERROR: FILE``, exit code 1); a Ctrl-C
     outside any handler of the command's own becomes ``interrupted`` and exit code 130 (a SIGTERM
-    turned into `Terminated`: ``terminated``, 143)."""
+    turned into `Terminated`: ``terminated``, 143; train.py's SIGUSR1: ``stopped by SIGUSR1``, 138)."""
     try:
         yield
     except TinyinError as e:
@@ -244,9 +249,9 @@ def user_errors():
         if e.errno not in ENVIRONMENT_ERRNOS:
             raise
         report(TinyinError(f"{e.strerror}: {e.filename}" if e.filename else e.strerror))
-    except Terminated:
-        print(STOPPED[signal.SIGTERM], file=sys.stderr, flush=True)
-        sys.exit(128 + signal.SIGTERM)
+    except Terminated as e:
+        print(STOPPED[e.signum], file=sys.stderr, flush=True)
+        sys.exit(128 + e.signum)
     except KeyboardInterrupt:
         print(STOPPED[signal.SIGINT], file=sys.stderr, flush=True)
         sys.exit(130)

@@ -66,6 +66,19 @@ def test_sigterm_interrupts_raises_terminated_for_sigterm_and_keyboardinterrupt_
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers put back
 
 
+@pytest.mark.parametrize("signum, code, line", [(signal.SIGTERM, 143, "terminated\n"),
+                                                (signal.SIGUSR1, 138, "stopped by SIGUSR1\n"),
+                                                (signal.SIGINT, 130, "interrupted\n")],
+                         ids=["sigterm", "sigusr1", "ctrl-c"])
+def test_a_signal_sigterm_interrupts_raises_ends_the_command_with_its_line_and_code(signum, code, line, capsys):
+    """128 + the signal, as README says: train.py's SIGUSR1 (its fetch of a set URL, --test-only) said `terminated`
+    and exited 143, as SIGTERM does."""
+    with pytest.raises(SystemExit) as caught:
+        with user_errors(), sigterm_interrupts((signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)):
+            signal.raise_signal(signum)
+    assert (caught.value.code, capsys.readouterr().err) == (code, line)
+
+
 @pytest.mark.parametrize("n, noun, said", [
     (1, "shard", "1 shard"), (2, "shard", "2 shards"), (0, "shard", "0 shards"), (1, "class", "1 class"),
     (2, "class", "2 classes"), (1, "batch", "1 batch"), (2, "batch", "2 batches"), (2, "epoch", "2 epochs"),

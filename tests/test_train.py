@@ -770,25 +770,33 @@ def test_ranks_that_open_different_shard_sets_are_refused(train_shards, tmp_path
     assert list(tmp_path.iterdir()) == []  # refused before anything was written
 
 
-def test_a_signal_during_the_fetch_of_a_set_url_stops_it_at_once(tiny_shards, tmp_path, monkeypatch, capsys):
+STOPPED_BY = pytest.mark.parametrize("signum, code, line", [(signal.SIGTERM, 143, "terminated\n"),
+                                                            (signal.SIGUSR1, 138, "stopped by SIGUSR1\n")],
+                                     ids=["sigterm", "sigusr1"])
+
+
+@STOPPED_BY
+def test_a_signal_during_the_fetch_of_a_set_url_stops_it_at_once(tiny_shards, tmp_path, monkeypatch, capsys, signum,
+                                                                  code, line):
     """Ctrl-C or SIGTERM while a set URL was fetched into the cache (minutes for the real set on a slow link)
-    waited for the whole fetch and a first step: StopSignals only asks the train loop to stop after a step."""
+    waited for the whole fetch and a first step: StopSignals only asks the train loop to stop after a step.
+    SIGUSR1 there then said `terminated` and exited 143, where README gives every signal 128 + its number (138)."""
     from tests.servers import FaultyHTTPServer
 
-    server, fetch, handler = FaultyHTTPServer(tiny_shards), train.cached_copy, signal.getsignal(signal.SIGTERM)
+    server, fetch, handler = FaultyHTTPServer(tiny_shards), train.cached_copy, signal.getsignal(signum)
 
     def signalled_fetch(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler's arrives, mid-fetch
+        os.kill(os.getpid(), signum)  # as a scheduler's arrives, mid-fetch
         return fetch(*args, **kwargs)
     monkeypatch.setattr(train, "cached_copy", signalled_fetch)
     monkeypatch.setenv("TINYIN_CACHE", str(tmp_path / "cache"))
     try:
         assert cli("--shards", server.url, "--device", "cpu", "--output-dir", tmp_path / "run", "--arch", "lenet5",
-                   "-b", "4", "--epochs", "1") == 143
+                   "-b", "4", "--epochs", "1") == code
     finally:
         server.close()
-    assert capsys.readouterr().err == "terminated\n" and not (tmp_path / "run").exists()
-    assert signal.getsignal(signal.SIGTERM) is handler
+    assert capsys.readouterr().err == line and not (tmp_path / "run").exists()
+    assert signal.getsignal(signum) is handler
 
 
 def test_a_signal_while_the_stream_waits_for_a_batch_stops_the_run_at_once(tiny_shards, tmp_path, monkeypatch, capsys):
@@ -862,23 +870,25 @@ def test_a_signal_during_the_final_test_stops_the_run_with_the_last_epochs_check
     assert json.loads((out / "final.json").read_text()) == final and final["epochs"] == 1  # tested, not trained
 
 
-def test_a_signal_during_a_test_only_evaluation_stops_it_at_once(tiny_shards, tmp_path, monkeypatch, capsys):
+@STOPPED_BY
+def test_a_signal_during_a_test_only_evaluation_stops_it_at_once(tiny_shards, tmp_path, monkeypatch, capsys, signum,
+                                                                 code, line):
     """Ctrl-C or SIGTERM while --test-only evaluated (minutes for the test split at 224 on a CPU) was only noted,
     for a stop after a training step that never comes there: the evaluation ran on to its end, wrote eval.json
-    and exited 0."""
+    and exited 0. SIGUSR1 there then said `terminated` and exited 143, where README gives it 138."""
     out = tmp_path / "run"
     run(tiny_shards, out, "--arch", "lenet5", "-b", "4", "--epochs", "1")
-    evaluate, handler = train.evaluate, signal.getsignal(signal.SIGTERM)
+    evaluate, handler = train.evaluate, signal.getsignal(signum)
 
     def signalled_evaluate(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler's arrives, mid-evaluation
+        os.kill(os.getpid(), signum)  # as a scheduler's arrives, mid-evaluation
         return evaluate(*args, **kwargs)
     monkeypatch.setattr(train, "evaluate", signalled_evaluate)
     capsys.readouterr()
     assert cli("--shards", tiny_shards, "--device", "cpu", "--output-dir", out, "--arch", "lenet5", "-b", "4",
-               "--test-only", "--resume", "auto") == 143
-    assert capsys.readouterr().err == "terminated\n" and not (out / "eval.json").exists()
-    assert signal.getsignal(signal.SIGTERM) is handler
+               "--test-only", "--resume", "auto") == code
+    assert capsys.readouterr().err == line and not (out / "eval.json").exists()
+    assert signal.getsignal(signum) is handler
 
 
 def test_dropout_rng_is_carried_over(tiny_shards, tmp_path):

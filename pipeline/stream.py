@@ -48,7 +48,7 @@ from .shardset import ShardSet, is_url, missing_error, names_a_tar, open_shard_s
 from .stream_plan import LANES, MIX, plan_epoch
 from .stream_read import (Shard, adopt_read_buffers, describe_error, load_group, recycle_buffers,
                           shared_read_buffers)
-from .stream_workers import FORK, ignore_sigterm_but_the_parents, starting_workers
+from .stream_workers import FORK, ignore_sigterm_but_the_parents, shut_down, starting_workers
 
 RING = 4  # shared-memory batch buffers a worker reuses (DataLoader holds 2 in flight per worker)
 
@@ -268,7 +268,7 @@ class StreamSource:
             # Stop the workers (or the in-process read thread) now, also after an error or an early
             # stop, on this thread: a traceback holding this frame would otherwise keep them alive.
             if self.workers and chunks is not None:
-                chunks._shutdown_workers()
+                shut_down(chunks)  # the workers waited for together, not each in turn
             elif chunks is not None:
                 chunks.close()
             for queue in free:

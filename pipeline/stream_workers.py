@@ -3,12 +3,15 @@
 They are forked (`FORK`), inside `starting_workers`, and each one's worker_init_fn
 (`ignore_sigterm_but_the_parents`) makes it ignore a SIGTERM that its main process did not send:
 stopping (finishing the step, checkpointing, shutting the workers down) is the main process's job.
+The stream path shuts them down together (`shut_down`), not each in turn.
 """
 import contextlib
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import threading
+import time
 import warnings
 
 from .errors import FORK_WARNING, signals_deferred
@@ -72,6 +75,34 @@ def ignore_sigterm_but_the_parents(worker_id):
 
 #: DataLoader keyword arguments that give its workers the stream path's start and SIGTERM rule (`started`).
 WORKER_RULE = dict(worker_init_fn=ignore_sigterm_but_the_parents, multiprocessing_context=FORK)
+
+
+def shut_down(chunks):
+    """torch's `_shutdown_workers` of the DataLoader iterator `chunks` (the stream path's: no pin-memory thread), with
+    one deadline for all its workers. torch tells them to stop, then joins each in turn with a timeout of its own
+    (MP_STATUS_CHECK_INTERVAL, 5 s) and terminates those still running only after: a stop while N workers were stuck
+    in a read (a hung server) waited 5 s x N. Here they are told, then waited for together, for that interval in all,
+    and those still running terminated (their parent's SIGTERM ends them at once: `ignore_sigterm_but_the_parents`);
+    torch's shutdown then does the rest, as before: it joins them, and terminates any that is still running (also
+    after a second Ctrl-C in the wait here)."""
+    from torch.utils.data import _utils
+
+    running = []
+    try:
+        if not chunks._shutdown and _utils.python_exit_status is False:  # as torch's: not again, nor at the exit
+            chunks._workers_done_event.set()
+            for worker_id in range(len(chunks._workers)):
+                if chunks._workers_status[worker_id]:
+                    chunks._mark_worker_as_unavailable(worker_id, shutdown=True)
+            deadline, running = time.monotonic() + _utils.MP_STATUS_CHECK_INTERVAL, chunks._workers
+            while running := [w for w in running if w.is_alive()]:
+                if not multiprocessing.connection.wait([w.sentinel for w in running],
+                                                       max(0, deadline - time.monotonic())):
+                    break  # the interval is over
+    finally:
+        for w in running:
+            w.terminate()
+        chunks._shutdown_workers()
 
 
 @contextlib.contextmanager

@@ -780,6 +780,43 @@ def _a_signal_as_the_workers_start_stops_them(shards, monkeypatch, signum):
     assert len(told) >= 2 and all(told)  # this epoch's two workers, and any of the first that got so far
 
 
+def test_workers_stuck_in_a_read_are_waited_for_together_when_the_epoch_stops(shards, monkeypatch):
+    """A stop while every worker is stuck in a read (a hung server; train.py's StopWaiting, a Ctrl-C): torch's
+    shutdown joined the workers one after another, each with a timeout of its own (MP_STATUS_CHECK_INTERVAL, 5 s),
+    before it terminated those still running: 5 s per stuck worker (-j 8: 40 s). They are now waited for
+    together, for that interval in all: one wait that runs out, for both of them, and none is left behind."""
+    import multiprocessing.connection
+
+    from torch.utils.data import _utils
+
+    monkeypatch.setattr(_utils, "MP_STATUS_CHECK_INTERVAL", 0.2)  # quick either way: what counts is the waits
+    stuck = multiprocessing.SimpleQueue()  # each worker puts its pid there as it starts its hung read
+
+    def hung(url, storage_options=None):  # in the workers
+        stuck.put(os.getpid())
+        threading.Event().wait()
+
+    def ctrl_c_once_all_are_stuck():
+        pids = set()
+        while len(pids) < 2:
+            pids.add(stuck.get())
+        os.kill(os.getpid(), signal.SIGINT)
+    wait, ran_out = multiprocessing.connection.wait, []
+
+    def counted_wait(objects, timeout=None):  # a join's wait for a worker (its sentinel: an int) that ran out
+        ready = wait(objects, timeout)
+        if not ready and all(isinstance(o, int) for o in objects):
+            ran_out.append(len(objects))
+        return ready
+    monkeypatch.setattr("pipeline.stream_read.read_whole", hung)
+    monkeypatch.setattr(multiprocessing.connection, "wait", counted_wait)
+    threading.Thread(target=ctrl_c_once_all_are_stuck, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        _epoch(stream_from_set(shards, "train", batch_size=16, workers=2))
+    assert ran_out == [2]  # before: [1, 1]
+    # and no_hang_no_leak: no worker left
+
+
 def _running(pid):
     """Whether process `pid` exists and is not a zombie (an orphan's reaper may be slow or absent)."""
     try:

@@ -5,7 +5,9 @@ urllib and tqdm, so fetching needs nothing beyond the base install; a URL's
 over a slow link must survive interruptions, so bytes go to `<name>.part` and a
 later call resumes it with an HTTP Range request, sent with `If-Range` (RFC 9110
 13.1.5) so that a file changed on the server meanwhile is sent whole again
-instead of being appended to the start of the old one.
+instead of being appended to the start of the old one. A transfer that fails on the way (a cut
+connection, a 503, a reset) is tried again as a remote shard's is (`shardset.retry_waits`,
+`shardset.worth_retrying`), each attempt resuming from the bytes the .part holds.
 """
 
 import hashlib
@@ -14,15 +16,16 @@ import os
 import pathlib
 import stat
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 
 from tqdm import tqdm
 
-from .errors import FULL_DISK_ERRNOS
+from .errors import FULL_DISK_ERRNOS, plural
 from .locks import locked
-from .shardset import http_request, status_line
+from .shardset import http_request, retry_waits, status_line, worth_retrying
 
 OFFICIAL_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 OFFICIAL_SIZE = 248100043  # bytes of the official zip
@@ -111,6 +114,15 @@ def _validator_file(part):
     return part.with_name(f"{part.name}.validator")
 
 
+class _Failed(Exception):
+    """One attempt at the download failed: `reason` (one line), and whether another attempt may get past it
+    (`retry`, by `shardset.worth_retrying`)."""
+
+    def __init__(self, reason, retry):
+        super().__init__(reason)
+        self.reason, self.retry = reason, retry
+
+
 class _Changed(Exception):
     """A 206 for another version of the file than the .part's (a server that ignores If-Range)."""
 
@@ -153,10 +165,10 @@ def _download(url, part, expected_size, md5, chunk_size, progress):
                     bar.update(len(chunk))
             # http.client ends a short body quietly; the .part stays for the next call to resume.
             if length and received < int(length):
-                raise FetchError(f"cannot download {url}: connection closed after {received} of {length} bytes")
+                raise _Failed(f"connection closed after {received} of {length} bytes", retry=True)
     except urllib.error.HTTPError as e:
         if e.code != 416:  # 416: the .part already holds everything the server has
-            raise FetchError(f"cannot download {url}: {status_line(e)}") from None
+            raise _Failed(status_line(e), worth_retrying(e)) from None
         total = _complete_length(e.headers.get("Content-Range"))
         if total is not None and total < start:  # longer than the file: not a prefix of it, so start again
             part.unlink()
@@ -165,13 +177,34 @@ def _download(url, part, expected_size, md5, chunk_size, progress):
         part.unlink()
         _download(url, part, expected_size, md5, chunk_size, progress)
     except urllib.error.URLError as e:
-        raise FetchError(f"cannot download {url}: {e.reason}") from None
+        raise _Failed(str(e.reason), worth_retrying(e)) from None
     except (OSError, http.client.HTTPException) as e:
         if isinstance(e, OSError) and e.errno in FULL_DISK_ERRNOS:
             # This machine's disk, not the server: the user must know which disk to clean (a write's error
             # names no file). The .part is kept: what arrived resumes once there is room.
             raise OSError(e.errno, e.strerror, str(part)) from None
-        raise FetchError(f"cannot download {url}: {str(e) or type(e).__name__}") from None
+        raise _Failed(str(e) or type(e).__name__, worth_retrying(e)) from None
+
+
+def _download_retried(url, part, expected_size, md5, chunk_size, progress):
+    """`_download`, tried again as a remote shard's transfer is (`shardset.retry_waits`: 5 attempts over about
+    8 s) while its failure is worth it (`shardset.worth_retrying`: a cut connection, a 5xx, a reset; not a 404),
+    each attempt resuming from what the .part holds. FetchError after the last, saying whether a rerun resumes."""
+    waits = retry_waits()
+    for attempt in range(len(waits) + 1):
+        try:
+            return _download(url, part, expected_size, md5, chunk_size, progress)
+        except _Failed as e:
+            if not e.retry or attempt == len(waits):
+                failure = e
+                break
+        time.sleep(waits[attempt])
+    tries = f" (after {attempt + 1} {plural(attempt + 1, 'attempt')})" if attempt else ""
+    kept = part.stat().st_size if failure.retry and part.is_file() else 0
+    # A rerun resumes the .part where something would catch a mix of two versions of the file (`_download`).
+    resumes = kept and (md5 is not None or _validator_file(part).is_file())
+    again = f"; rerun the same command to resume from the {kept:,} bytes in {part}" if resumes else ""
+    raise FetchError(f"cannot download {url}: {failure.reason}{tries}{again}") from None
 
 
 def fetch_release(out, url=OFFICIAL_URL, expected_size=OFFICIAL_SIZE, md5=OFFICIAL_MD5, chunk_size=1 << 20, progress=True,
@@ -192,8 +225,11 @@ def fetch_release(out, url=OFFICIAL_URL, expected_size=OFFICIAL_SIZE, md5=OFFICI
     time downloads into `out` (an flock on `.<name>.lock`, removed after): another waits, saying so
     on stderr, and then returns the file the first one downloaded.
 
+    A transfer that fails on the way (a cut connection, a 5xx) is tried again, 5 attempts over about 8 s
+    (`shardset.retry_waits`), each resuming from the .part; a final answer (a 404) is not.
     Raises FetchError with a one-line message: "cannot download <url>: <reason>" on
-    network errors (the .part is kept for resuming), or "<name>: expected ..., got ..."
+    network errors (the .part is kept for resuming; after the last attempt the message says how many, and
+    where a rerun resumes, from how many bytes), or "<name>: expected ..., got ..."
     on a size or md5 mismatch (the .part is deleted); OSError naming the .part where its disk or
     quota is full (the .part is kept).
     """
@@ -229,7 +265,7 @@ def fetch_release(out, url=OFFICIAL_URL, expected_size=OFFICIAL_SIZE, md5=OFFICI
         # checked again: a damaged 248 MB file's md5 took its seconds twice.
         if _identity(final) not in (None, seen) and _mismatch(final, name, expected_size, md5) is None:
             return _found(final, expected_size, md5, found)
-        _download(url, part, expected_size, md5, chunk_size, progress)
+        _download_retried(url, part, expected_size, md5, chunk_size, progress)
         problem = _mismatch(part, name, expected_size, md5)
         if problem:
             part.unlink()

@@ -16,6 +16,7 @@ import pytest
 
 from pipeline.fetch import FetchError, fetch_release
 from pipeline.locks import locked
+from pipeline.shardset import RETRIES
 from tests.servers import FaultyHTTPServer
 
 NAME = "tiny.zip"
@@ -103,6 +104,13 @@ def serve(tmp_path):
         thread.join()
 
 
+@pytest.fixture
+def one_attempt(monkeypatch):
+    """A fetch gives up at its first failure (`shardset.RETRIES` 1), as one killed mid-transfer would: what it
+    left is for the next call to resume."""
+    monkeypatch.setattr("pipeline.shardset.RETRIES", 1)
+
+
 def _url(server):
     return f"http://127.0.0.1:{server.server_port}/{NAME}"
 
@@ -158,11 +166,13 @@ def test_resumes_partial_download(serve, payload, tmp_path):
     assert [p.name for p in (tmp_path / "out").iterdir()] == [NAME]
 
 
-def test_interrupted_download_keeps_part_and_resumes(serve, payload, tmp_path):
+def test_interrupted_download_keeps_part_and_resumes(serve, payload, tmp_path, one_attempt):
     server = serve(cut_after=123_456)
     with pytest.raises(FetchError) as info:
         _fetch(server, tmp_path / "out", payload)
-    assert str(info.value) == f"cannot download {_url(server)}: connection closed after 123456 of {len(payload)} bytes"
+    assert str(info.value) == (f"cannot download {_url(server)}: connection closed after 123456 of {len(payload)} "
+                               f"bytes; rerun the same command to resume from the 123,456 bytes in "
+                               f"{tmp_path / 'out' / NAME}.part")
     assert (tmp_path / "out" / f"{NAME}.part").stat().st_size == 123_456
     server.cut_after = None
     assert _fetch(server, tmp_path / "out", payload).read_bytes() == payload
@@ -183,7 +193,8 @@ def _cut_then_change(server, out, payload, tmp_path):
 
 
 @pytest.mark.parametrize("validator", ["etag", "last-modified"])
-def test_a_file_changed_on_the_server_since_the_part_began_is_downloaded_again(serve, payload, tmp_path, validator):
+def test_a_file_changed_on_the_server_since_the_part_began_is_downloaded_again(serve, payload, tmp_path, validator,
+                                                                               one_attempt):
     """No md5 to catch it: the .part of the old file was resumed with the rest of the new one, and the
     spliced file (right size) taken for the download. If-Range with the validator that began the
     .part makes the server send the new file whole."""
@@ -195,7 +206,7 @@ def test_a_file_changed_on_the_server_since_the_part_began_is_downloaded_again(s
     assert [p.name for p in out.iterdir()] == [NAME]
 
 
-def test_an_unchanged_file_with_a_validator_resumes(serve, payload, tmp_path):
+def test_an_unchanged_file_with_a_validator_resumes(serve, payload, tmp_path, one_attempt):
     server, out = serve(cut_after=123_456, validator="etag"), tmp_path / "out"
     with pytest.raises(FetchError):
         _fetch(server, out, payload, expected_size=None, md5=None)
@@ -207,7 +218,7 @@ def test_an_unchanged_file_with_a_validator_resumes(serve, payload, tmp_path):
 
 
 @pytest.mark.parametrize("validator", [None, "weak-etag"])
-def test_a_part_with_no_validator_and_no_md5_is_downloaded_again(serve, payload, tmp_path, validator):
+def test_a_part_with_no_validator_and_no_md5_is_downloaded_again(serve, payload, tmp_path, validator, one_attempt):
     """Nothing could tell a changed file from the old one: resuming risks a splice, so start over."""
     server, out = serve(cut_after=123_456, validator=validator), tmp_path / "out"
     changed, _ = _cut_then_change(server, out, payload, tmp_path)
@@ -215,7 +226,7 @@ def test_a_part_with_no_validator_and_no_md5_is_downloaded_again(serve, payload,
     assert (server.ranges, server.if_ranges) == ([None, None], [None, None])
 
 
-def test_a_server_ignoring_if_range_is_caught_by_the_validator_of_its_answer(serve, payload, tmp_path):
+def test_a_server_ignoring_if_range_is_caught_by_the_validator_of_its_answer(serve, payload, tmp_path, one_attempt):
     """A 206 whose ETag is not the .part's is the rest of another file: asked again from the start."""
     server, out = serve(cut_after=123_456, validator="etag", honour_if_range=False), tmp_path / "out"
     changed, old = _cut_then_change(server, out, payload, tmp_path)
@@ -383,7 +394,7 @@ def test_an_https_url_with_user_and_password_sends_them_as_basic_auth():
     assert request.headers == {"Range": "bytes=5-"}
 
 
-def test_connection_refused(tmp_path):
+def test_connection_refused(tmp_path, quick_retries):
     with socket.socket() as s:  # a port that was free a moment ago and has no listener now
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -391,7 +402,8 @@ def test_connection_refused(tmp_path):
     with pytest.raises(FetchError) as info:
         fetch_release(tmp_path / "out", url, progress=False)
     # urllib's reason, not its '<urlopen error ...>' wrapping of it
-    assert str(info.value) == f"cannot download {url}: [Errno {errno.ECONNREFUSED}] {os.strerror(errno.ECONNREFUSED)}"
+    assert str(info.value) == (f"cannot download {url}: [Errno {errno.ECONNREFUSED}] {os.strerror(errno.ECONNREFUSED)} "
+                               f"(after {RETRIES} attempts)")  # nothing arrived: no word of resuming
     assert info.value.__cause__ is None and info.value.__suppress_context__
 
 
@@ -529,3 +541,43 @@ def test_cli_a_malformed_md5_is_refused_before_downloading(serve, tmp_path, md5)
     result = CliRunner().invoke(main, ["data", "fetch", "--out", str(tmp_path / "dl"), "--url", _url(server), "--md5", md5])
     assert result.exit_code == 2 and not (tmp_path / "dl").exists() and server.ranges == []
     assert result.output == f"error: Invalid value for '--md5': {md5!r} is not an md5 (32 hex digits)\n"
+
+
+@pytest.mark.parametrize("fault", ["cut-once", "busy-once"])
+def test_a_transfer_cut_or_refused_once_is_tried_again_from_what_arrived(payload, tmp_path, fault):
+    """A connection cut mid-body, or a 503 from a server under load, ended `data fetch` at once ('cannot download
+    URL: ...'), where a remote shard's transfer was tried again. It is tried again as a shard's is
+    (`shardset.retry_waits`), resuming from the bytes the .part holds."""
+    server = FaultyHTTPServer(tmp_path / "www", {NAME: fault})
+    try:
+        path = fetch_release(tmp_path / "out", f"{server.url}/{NAME}", expected_size=len(payload),
+                             md5=hashlib.md5(payload).hexdigest(), progress=False)
+    finally:
+        server.close()
+    assert path.read_bytes() == payload and [p.name for p in path.parent.iterdir()] == [NAME]
+    # the cut one resumed from the half its first answer brought
+    assert server.starts == {"cut-once": [(NAME, 0), (NAME, len(payload) // 2)], "busy-once": [(NAME, 0)]}[fault]
+
+
+def test_a_transfer_cut_at_every_attempt_says_how_many_and_that_a_rerun_resumes(serve, payload, tmp_path,
+                                                                                   quick_retries):
+    """Each attempt resumes from the last one's bytes; after the last, the error says so, and the rerun does."""
+    server, out = serve(cut_after=50_000), tmp_path / "out"
+    with pytest.raises(FetchError) as info:
+        _fetch(server, out, payload)
+    assert str(info.value) == (
+        f"cannot download {_url(server)}: connection closed after 50000 of {len(payload) - 200_000} bytes "
+        f"(after {RETRIES} attempts); rerun the same command to resume from the 250,000 bytes in {out / NAME}.part")
+    assert server.ranges == [None] + [f"bytes={n}-" for n in range(50_000, 250_000, 50_000)]
+    server.cut_after = None
+    assert _fetch(server, out, payload).read_bytes() == payload
+    assert server.ranges[RETRIES:] == ["bytes=250000-"]
+
+
+def test_a_final_answer_is_not_asked_again(serve, payload, tmp_path, monkeypatch):
+    """A 404 (or a wrong password's 401) is the server's last word: one request, no wait (`worth_retrying`)."""
+    monkeypatch.setattr("pipeline.fetch.time.sleep", lambda s: pytest.fail("waited to try again"))
+    server = serve()
+    with pytest.raises(FetchError) as info:
+        fetch_release(tmp_path / "out", f"http://127.0.0.1:{server.server_port}/missing.zip", progress=False)
+    assert str(info.value).endswith(": HTTP 404 File not found") and server.ranges == [None]

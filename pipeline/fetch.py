@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from .errors import FULL_DISK_ERRNOS, plural
 from .locks import locked
-from .shardset import http_request, retry_waits, status_line, worth_retrying
+from .shardset import http_request, retry_waits, status_line, unknown_host, worth_retrying
 
 OFFICIAL_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 OFFICIAL_SIZE = 248100043  # bytes of the official zip
@@ -177,7 +177,7 @@ def _download(url, part, expected_size, md5, chunk_size, progress):
         part.unlink()
         _download(url, part, expected_size, md5, chunk_size, progress)
     except urllib.error.URLError as e:
-        raise _Failed(str(e.reason), worth_retrying(e)) from None
+        raise _Failed(unknown_host(e, url) or str(e.reason), worth_retrying(e)) from None
     except (OSError, http.client.HTTPException) as e:
         if isinstance(e, OSError) and e.errno in FULL_DISK_ERRNOS:
             # This machine's disk, not the server: the user must know which disk to clean (a write's error

@@ -18,6 +18,7 @@ import http.client
 import json
 import math
 import os
+import socket
 import ssl
 import time
 import urllib.error
@@ -183,7 +184,7 @@ class ShardSet:
             except Exception as e:  # any: each remote client has its own (botocore's NoCredentialsError, socket.gaierror)
                 if attempt == len(waits) or not worth_retrying(e):
                     tries = f", after {attempt + 1} attempts" if attempt else ""
-                    raise ShardError(f"{where}: unreadable ({_named(e)}{tries})") from None
+                    raise ShardError(f"{where}: unreadable ({unknown_host(e, where) or _named(e)}{tries})") from None
             time.sleep(waits[attempt])
 
     def _read_manifest(self):
@@ -457,6 +458,27 @@ def retry_waits(retries=None, backoff=None):
     return [backoff * 2 ** attempt for attempt in range(retries - 1)]
 
 
+# getaddrinfo's answers that a host name does not exist, or has no address: a mistyped host, and asking again
+# gets the same answer. 'Temporary failure in name resolution' (EAI_AGAIN: no resolver answered) is worth it.
+UNKNOWN_HOST_ERRORS = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
+
+
+def _unresolved(error):
+    """The socket.gaierror saying that a host name does not resolve, where `error` is one, or holds one (urllib's
+    URLError as its `reason`, aiohttp's connector errors as their `os_error`); else None."""
+    for e in (error, getattr(error, "reason", None), getattr(error, "os_error", None)):
+        if isinstance(e, socket.gaierror) and e.errno in UNKNOWN_HOST_ERRORS:
+            return e
+    return None
+
+
+def unknown_host(error, url):
+    """'unknown host NAME: the resolver's words' where `error`, raised by a request for `url`, says that its
+    host does not resolve (`_unresolved`); else None."""
+    e = _unresolved(error)
+    return None if e is None else f"unknown host {urllib.parse.urlsplit(url).hostname}: {e.strerror}"
+
+
 # 4xx statuses that a later attempt may get past: Request Timeout, Too Early, Too Many Requests.
 RETRIED_CLIENT_STATUSES = (408, 425, 429)
 
@@ -472,8 +494,9 @@ def worth_retrying(error):
     AccessDenied, a bad key's InvalidAccessKeyId, as the HTTP 403 is); nor a redirect urllib would not
     follow (a 3xx status: a loop, or more than 10), asked again 5 times over 7.5 s; nor an https server's
     certificate that fails verification (self-signed, expired, another host's: urllib's URLError around
-    ssl's SSLCertVerificationError), asked again as long."""
-    if isinstance(error, (FileNotFoundError, PermissionError, http.client.InvalidURL)):
+    ssl's SSLCertVerificationError), asked again as long; nor a host name that does not resolve (`_unresolved`:
+    a mistyped host, 'Name or service not known', asked again 5 times over 7.5 s)."""
+    if isinstance(error, (FileNotFoundError, PermissionError, http.client.InvalidURL)) or _unresolved(error):
         return False
     if any(isinstance(e, ssl.SSLCertVerificationError) for e in (error, getattr(error, "reason", None))):
         return False

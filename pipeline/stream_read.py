@@ -26,7 +26,7 @@ import numpy as np
 from .errors import ShardError, plural
 from .reader import _strided_view
 from .schema import CLS, MEMBERS, VARIANTS
-from .shardset import http_open, is_url, missing_error, retry_waits, worth_retrying
+from .shardset import http_open, is_url, missing_error, retry_waits, unknown_host, worth_retrying
 from .tarshard import BLOCK, NPY_HEADERS
 
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux's value; Python 3.11's mmap does not name it
@@ -63,7 +63,7 @@ def read_checked(shard, variant, shard_set=None, storage_options=None, retries=N
         except ShardError as e:  # short or corrupt: a transfer can go wrong, read it again
             error = e
         except Exception as e:  # a connection cut mid-transfer, a failing command, ...
-            error = ShardError(f"{shard.url}: unreadable shard ({describe_error(e)})")
+            error = ShardError(f"{shard.url}: unreadable shard ({unknown_host(e, shard.url) or describe_error(e)})")
             if not worth_retrying(e):  # a client's own error (a 401, a bad URL): asking again changes nothing
                 raise error from None
         # The server answered in full: it is up, so the next read need not wait for it.

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import struct
 import warnings
 import zipfile
@@ -84,6 +85,21 @@ def quick_retries(monkeypatch):
     (`shardset.retry_waits`): for a test that drives a read to its final failure. Set before any fork, so
     stream workers inherit it."""
     monkeypatch.setattr("pipeline.shardset.BACKOFF_S", 0.001)
+
+
+@pytest.fixture
+def no_such_host(monkeypatch):
+    """(host, the resolver's words for it) of a host name that never resolves ('.invalid', RFC 2606), with no
+    proxy set, so that the name looked up is the URL's own. Skips where no resolver says it does not exist."""
+    for proxy in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
+    host = "nosuch.invalid"
+    try:
+        socket.getaddrinfo(host, 80)
+    except socket.gaierror as e:
+        if e.errno == socket.EAI_NONAME:
+            return host, e.strerror
+    pytest.skip(f"no resolver here says that {host} does not exist")
 
 
 @pytest.fixture

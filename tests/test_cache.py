@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -791,3 +792,28 @@ def test_an_http_status_is_retried_but_a_clients_own_error():
     assert {code: worth_retrying(status(code)) for code in codes} == {
         302: False, 400: False, 401: False, 403: False, 405: False, 408: True, 410: False, 425: True, 429: True,
         500: True, 502: True, 503: True}
+
+
+def test_a_set_url_whose_host_does_not_resolve_is_named_at_once(monkeypatch, no_such_host):
+    """A mistyped host was asked again 5 times over 7.5 s, then named as 'unreadable (URLError: <urlopen error
+    [Errno -2] Name or service not known>, after 5 attempts)'; no resolver answers otherwise: it is named at once."""
+    monkeypatch.setattr(pipeline.shardset.time, "sleep", lambda s: pytest.fail("waited to try again"))
+    host, words = no_such_host
+    with pytest.raises(ShardError) as e:
+        ShardSet(f"http://{host}/set")
+    assert str(e.value) == f"http://{host}/set/manifest.json: unreadable (unknown host {host}: {words})"
+
+
+def test_an_unknown_host_is_final_and_a_resolver_that_did_not_answer_is_not():
+    """By the socket's own error, urllib's URLError around it, or aiohttp's connector error (its `os_error`)."""
+    import urllib.error
+
+    def gai(code):
+        return socket.gaierror(code, "words")
+    aiohttp_like = type("ClientConnectorDNSError", (OSError,), {})()
+    aiohttp_like.os_error = gai(socket.EAI_NONAME)
+    final = [gai(socket.EAI_NONAME), urllib.error.URLError(gai(socket.EAI_NONAME)), aiohttp_like]
+    if hasattr(socket, "EAI_NODATA"):  # 'No address associated with hostname'
+        final.append(urllib.error.URLError(gai(socket.EAI_NODATA)))
+    assert [worth_retrying(e) for e in final] == [False] * len(final)
+    assert worth_retrying(urllib.error.URLError(gai(socket.EAI_AGAIN)))  # 'Temporary failure in name resolution'

@@ -950,6 +950,20 @@ def test_a_missing_shard_is_not_waited_for_and_a_whole_but_wrong_one_is_read_aga
     assert str(e.value).startswith(f"{tmp_path / 'train-000000.tar'}: ")
 
 
+def test_a_shard_url_whose_host_does_not_resolve_is_named_at_once(shards, no_such_host):
+    """A mistyped host in a shard's URL was read 5 times over 7.5 s of waits, then 'unreadable shard (URLError:
+    <urlopen error [Errno -2] Name or service not known>)': no resolver answers otherwise (`worth_retrying`)."""
+    from pipeline.stream_read import read_checked
+
+    host, words = no_such_host
+    shard, shard_set = _listed_shard(shards)
+    shard = shard._replace(url=f"http://{host}/train-000000.tar")
+    stop = _Waits()
+    with pytest.raises(ShardError) as e:
+        read_checked(shard, "gray28", shard_set, retries=3, backoff=7, stop=stop)
+    assert (str(e.value), stop.waits) == (f"{shard.url}: unreadable shard (unknown host {host}: {words})", [])
+
+
 @pytest.mark.parametrize("refusal,message", [
     (dict(auth="ann:p@ss"), "HTTP 401 Unauthorized"), (dict(query="sig=a"), "HTTP 403 Forbidden")])
 def test_a_clients_own_http_error_is_named_at_once_and_a_busy_server_is_asked_again(shards, refusal, message):

@@ -23,6 +23,7 @@ import urllib.request
 
 from tqdm import tqdm
 
+from .atomic import long_name
 from .errors import FULL_DISK_ERRNOS, plural
 from .locks import locked
 from .shardset import http_request, retry_waits, status_line, unknown_host, worth_retrying
@@ -243,9 +244,8 @@ def fetch_release(out, url=OFFICIAL_URL, expected_size=OFFICIAL_SIZE, md5=OFFICI
     if not name:
         raise FetchError(f"cannot download {url}: no file name in the URL")
     out = pathlib.Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     final, part = out / name, out / f"{name}.part"
-    if final.is_dir():  # an archive unpacked under its own name: its rename failed once the whole file had come
+    if os.path.isdir(final):  # an archive unpacked under its own name: its rename failed once the whole file had come
         raise FetchError(f"{final}: a folder, not a file; move it away to download {name} here")
     if expected_size is None and md5 is None:
         # Nothing to check a file against: take the server's size, so that an unrelated file already
@@ -260,6 +260,11 @@ def fetch_release(out, url=OFFICIAL_URL, expected_size=OFFICIAL_SIZE, md5=OFFICI
         # read-only mount): a job script's fetch-if-needed failed there on a complete copy. A final file is
         # only ever renamed into place whole, so the look needs no lock.
         return _found(final, expected_size, md5, found)
+    # The longest name made beside the file is its .part's validator (`.NAME.lock` and NAME.part are shorter): a name
+    # with no room for it failed as 'File name too long: OUT/.NAME.lock', or with room for those once the answer came.
+    if why := long_name(final, ".part.validator"):
+        raise FetchError(f"cannot download {url}: {why}")
+    out.mkdir(parents=True, exist_ok=True)
     with locked(out / f".{name}.lock", waiting, remove=True):
         # Another fetch's file, renamed into place while this one waited. The one looked at above is not
         # checked again: a damaged 248 MB file's md5 took its seconds twice.

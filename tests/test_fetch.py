@@ -593,3 +593,35 @@ def test_a_host_that_does_not_resolve_is_named_at_once(tmp_path, monkeypatch, no
         fetch_release(tmp_path / "out", url, progress=False)
     assert str(info.value) == f"cannot download {url}: unknown host {host}: {words}"
     assert not (tmp_path / "out" / f"{NAME}.part").exists()
+
+
+@pytest.mark.parametrize("length", [251, 245])
+def test_a_file_name_with_no_room_for_its_part_is_refused_before_anything_is_made(serve, payload, tmp_path, length):
+    """A URL's file name that fits NAME_MAX (255 bytes) but not with '.part' after it failed as 'File name too long:
+    OUT/.NAME.lock' (its lock's name), naming neither the name nor the limit; with room for '.part' but not for the
+    .part's '.validator' (a server that sends an ETag), once the answer came, over 5 attempts. It is refused at once
+    as a long --out is (`atomic.long_name`)."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    name = "a" * (length - 4) + ".zip"
+    server, out = serve(validator="etag"), tmp_path / "dl"
+    (tmp_path / "www" / name).write_bytes(b"data")
+    result = CliRunner().invoke(main, ["data", "fetch", "--out", str(out), "--url", f"{_url(server)[:-len(NAME)]}{name}"])
+    assert (result.exit_code, result.output) == (1, (
+        f"error: cannot download {_url(server)[:-len(NAME)]}{name}: the name {'a' * 24 + '...' + 'aaaa.zip'!r} leaves "
+        f"no room for '.part.validator' after it (its temporary twin beside it): {length + 15} bytes, more than "
+        "the 255 a name may have\n"))
+    assert not out.exists() and server.ranges == []
+
+
+def test_a_file_already_there_under_a_name_with_no_room_for_its_part_is_returned(serve, payload, tmp_path):
+    """No .part is made for it: its name leaving no room for one is no reason to refuse it."""
+    name, out = "a" * 241 + ".zip", tmp_path / "dl"
+    out.mkdir()
+    (out / name).write_bytes(payload)
+    server = serve()
+    url = f"{_url(server)[:-len(NAME)]}{name}"
+    assert fetch_release(out, url, expected_size=len(payload), md5=None, progress=False) == out / name
+    assert server.ranges == [] and [p.name for p in out.iterdir()] == [name]

@@ -236,9 +236,15 @@ def check_train_flags(todo, train_args):
             sys.exit(e.exit_code)
 
 
+def flag_error(flag, why):
+    """Refuse flag `--flag`'s value in argparse's form and exit, as its own ('--epochs x') and train.py's are."""
+    print(f"error: argument --{flag.replace('_', '-')}: {why}", file=sys.stderr)
+    sys.exit(UsageError.exit_code)
+
+
 def main(args):
     if args.rows == "":  # an unset shell variable (`--rows "$ROWS"`) read as "not given": every row of the study
-        sys.exit(f"error: --rows: empty; name rows ({', '.join(ROWS)}), or leave it out for all")
+        flag_error("rows", f"empty; name rows ({', '.join(ROWS)}), or leave it out for all")
     # A row named twice trained twice: side by side (--jobs) two train.py processes wrote one folder at once,
     # and the report listed it twice, its minutes summed over both.
     rows = list(dict.fromkeys(args.rows.split(","))) if args.rows else list(ROWS)
@@ -247,9 +253,8 @@ def main(args):
         sys.exit(f"error: unknown {plural(len(unknown), 'row')} {', '.join(unknown)}; choose from: {', '.join(ROWS)}")
     for flag in ("epochs", "limit_batches", "jobs"):  # 0 would read as "not given": the recipe's 40 epochs
         value = getattr(args, flag)
-        if value is not None and value < 1:  # in argparse's form and exit, as its own '--epochs x' and train.py's
-            print(f"error: argument --{flag.replace('_', '-')}: must be at least 1, not {value}", file=sys.stderr)
-            sys.exit(UsageError.exit_code)
+        if value is not None and value < 1:
+            flag_error(flag, f"must be at least 1, not {value}")
     if args.weights_dir and not Path(args.weights_dir).is_dir():  # a typo read as "no weights": Table 3 not run
         sys.exit(f"error: --weights-dir {args.weights_dir}: no such folder")
     done, not_run, todo = [], [], []

@@ -473,6 +473,23 @@ def test_a_rows_record_from_before_intervals_counts_its_wall_time_of_its_own(tmp
     assert table_wall([old, new, tmp_path / "never-run"]) == 50.0
 
 
+def test_a_row_resumed_from_a_record_from_before_intervals_keeps_its_earlier_wall_time(tmp_path, capsys):
+    """The resume added its interval to the record, and from then on the table counted the intervals alone: the
+    30 s of the row's runs before intervals were kept were lost from the whole table's wall clock."""
+    from reproduce import Stop, train_row
+
+    run = tmp_path / "row"
+    run.mkdir()
+    (run / "reproduce.json").write_text(json.dumps(dict(wall_s=30.0, command=["train.py"])))
+    assert train_row("row", run, [sys.executable, "-c", "pass"], Stop()) == 0
+    record = json.loads((run / "reproduce.json").read_text())
+    [[start, end]] = record["intervals"]
+    assert record["wall_s"] == pytest.approx(30.0 + end - start)
+    assert table_wall([run]) == pytest.approx(30.0 + end - start)
+    (run / "reproduce.json").write_text(json.dumps(dict(wall_s=50.0, intervals=[[100.0, 110.0], [200.0, 210.0]])))
+    assert table_wall([run]) == 50.0  # 30 s before the intervals, 2 x 10 s in them
+
+
 def test_union_seconds():
     assert union_seconds([]) == 0.0
     assert union_seconds([(0.0, 10.0), (5.0, 12.0), (20.0, 25.0)]) == 17.0  # overlap counted once

@@ -178,17 +178,17 @@ def union_seconds(intervals):
 
 
 def table_wall(runs):
-    """The whole table's wall clock from the rows' reproduce.json files (a record written before
-    intervals were kept counts as time of its own)."""
+    """The whole table's wall clock from the rows' reproduce.json files. The time of a record written before
+    intervals were kept, and of a row's runs before its record had them (its wall_s beyond its intervals: a row
+    resumed from such a record adds an interval to the older seconds), counts as time of its own."""
     intervals, older = [], 0.0
     for run in runs:
         record = run / "reproduce.json"
         if record.is_file():
             saved = json.loads(record.read_text())
-            if "intervals" in saved:
-                intervals += saved["intervals"]
-            else:
-                older += saved["wall_s"]
+            kept = saved.get("intervals", [])
+            intervals += kept
+            older += max(0.0, saved["wall_s"] - sum(end - start for start, end in kept))
     return union_seconds(intervals) + older
 
 

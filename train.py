@@ -960,7 +960,7 @@ def train(parts, state, args, stop):
         if main_rank:
             print(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} top1 {row['train_top1']:.2f} | "
                   f"val loss {row['val_loss']:.4f} top1 {row['val_top1']:.2f} top5 {row['val_top5']:.2f} | "
-                  f"{row['images_per_s']:.0f} img/s {row['epoch_time_s']:.1f}s")
+                  f"{row['images_per_s']:.0f} img/s {row['epoch_time_s']:.1f} s")
             write_metrics(out, state.history, append=row)
         if args.time_budget and not args.budget_epochs and state.epoch == BUDGET_AFTER_EPOCHS:
             # before the epoch's checkpoint, so that a resume keeps the choice
@@ -1009,7 +1009,7 @@ def final_test(parts, state, args, stop=None):
                  val_top1=last.get("val_top1"), best_val_top1=state.best_acc, wall_time_s=state.wall_time,
                  eval_model=eval_model_name(parts), tta=args.tta)
     if rank() == 0:
-        print(f"test top1 {test['top1']:.2f} top5 {test['top5']:.2f} | wall {state.wall_time:.1f}s")
+        print(f"test top1 {test['top1']:.2f} top5 {test['top5']:.2f} | wall {state.wall_time:.1f} s")
         write_json(os.path.join(args.output_dir, "final.json"), final, indent=2)
     return final
 

@@ -7,6 +7,7 @@ import errno
 import json
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -49,6 +50,17 @@ def run(shards, out, *flags):
     """train.py in this process (pytest's), on the CPU."""
     argv = ["--shards", shards, "--device", "cpu", "--output-dir", out, *flags]
     return train.main(train.parse_args([str(a) for a in argv]))
+
+
+def test_the_logs_durations_are_written_with_a_space_before_their_unit(tiny_shards, tmp_path, capsys):
+    """The epoch's line and the test's ended '... 86 img/s 0.4s' and '| wall 1.2s', where train.py's other lines (and
+    the rest of the project) write '0.4 s'."""
+    run(tiny_shards, tmp_path, "--arch", "lenet5", "-b", "4", "--epochs", "1", "--limit-batches", "1")
+    lines = capsys.readouterr().out.splitlines()
+    epoch = next(line for line in lines if line.startswith("epoch 0: "))
+    test = next(line for line in lines if line.startswith("test top1 "))
+    assert re.fullmatch(r"epoch 0: .* \| \d+ img/s \d+\.\d s", epoch), epoch
+    assert re.fullmatch(r"test top1 \d+\.\d\d top5 \d+\.\d\d \| wall \d+\.\d s", test), test
 
 
 def read_jsonl(path):

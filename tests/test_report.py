@@ -597,13 +597,15 @@ def test_reproduce_pretrained_row_with_a_local_weights_file(shards, tmp_path):
 
 
 def test_reproduce_unknown_row(tmp_path):
-    """It said 'unknown row(s)' for one row and for two."""
+    """It said 'unknown row(s)' for one row and for two. It exited 1, as a failed row does, for the user's own
+    mistake; it is a usage error, exit 2, as train.py's '--arch vgg16' is."""
     result = reproduce("--rows", "vgg16-64", "--out", str(tmp_path))
-    assert result.returncode == 1
-    assert result.stderr.startswith("error: unknown row vgg16-64; choose from: lenet5-28, alexnet-64,")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: argument --rows: unknown row vgg16-64; choose from: lenet5-28, alexnet-64,")
     result = reproduce("--rows", "vgg16-64,lenet5-28,vgg11-64", "--out", str(tmp_path))
-    assert result.returncode == 1
-    assert result.stderr.startswith("error: unknown rows vgg16-64, vgg11-64; choose from: lenet5-28, alexnet-64,")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: argument --rows: unknown rows vgg16-64, vgg11-64; choose from: lenet5-28, "
+                                    "alexnet-64,")
 
 
 def test_reproduce_empty_rows(tmp_path, capsys):

@@ -249,8 +249,8 @@ def main(args):
     # and the report listed it twice, its minutes summed over both.
     rows = list(dict.fromkeys(args.rows.split(","))) if args.rows else list(ROWS)
     unknown = [r for r in rows if r not in ROWS]
-    if unknown:
-        sys.exit(f"error: unknown {plural(len(unknown), 'row')} {', '.join(unknown)}; choose from: {', '.join(ROWS)}")
+    if unknown:  # as train.py's '--arch vgg16' (argparse's choices)
+        flag_error("rows", f"unknown {plural(len(unknown), 'row')} {', '.join(unknown)}; choose from: {', '.join(ROWS)}")
     for flag in ("epochs", "limit_batches", "jobs"):  # 0 would read as "not given": the recipe's 40 epochs
         value = getattr(args, flag)
         if value is not None and value < 1:

@@ -473,10 +473,19 @@ def _unresolved(error):
 
 
 def unknown_host(error, url):
-    """'unknown host NAME: the resolver's words' where `error`, raised by a request for `url`, says that its
-    host does not resolve (`_unresolved`); else None."""
+    """'unknown host NAME: the resolver's words' where `error`, raised by a request for `url`, says that the host
+    it looked up does not resolve (`_unresolved`); else None. The host is the URL's, or for urllib the proxy's
+    where one is set for the URL ($http_proxy, $https_proxy, less the hosts of $no_proxy): a mistyped proxy was
+    named as the data's host."""
     e = _unresolved(error)
-    return None if e is None else f"unknown host {urllib.parse.urlsplit(url).hostname}: {e.strerror}"
+    if e is None:
+        return None
+    parts = urllib.parse.urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme) if isinstance(error, urllib.error.URLError) else None
+    if proxy and not urllib.request.proxy_bypass(parts.hostname or ""):
+        proxy_host = urllib.parse.urlsplit(proxy if "://" in proxy else f"//{proxy}").hostname
+        return f"unknown host {proxy_host} (the proxy in ${parts.scheme}_proxy): {e.strerror}"
+    return f"unknown host {parts.hostname}: {e.strerror}"
 
 
 # 4xx statuses that a later attempt may get past: Request Timeout, Too Early, Too Many Requests.

@@ -10,6 +10,7 @@ import pathlib
 import random
 import socket
 import threading
+import urllib.request
 import zipfile
 
 import pytest
@@ -593,6 +594,23 @@ def test_a_host_that_does_not_resolve_is_named_at_once(tmp_path, monkeypatch, no
         fetch_release(tmp_path / "out", url, progress=False)
     assert str(info.value) == f"cannot download {url}: unknown host {host}: {words}"
     assert not (tmp_path / "out" / f"{NAME}.part").exists()
+
+
+def test_a_proxy_that_does_not_resolve_is_named_and_not_the_urls_host(serve, payload, tmp_path, monkeypatch,
+                                                                      no_such_host):
+    """The name looked up is the proxy's ($http_proxy): the URL's own host is no unknown host."""
+    monkeypatch.setattr("pipeline.fetch.time.sleep", lambda s: pytest.fail("waited to try again"))
+    host, words = no_such_host
+    monkeypatch.setenv("http_proxy", f"http://{host}:3128")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.setattr(urllib.request, "_opener", None)  # urlopen's opener reads the proxies once, when made
+    url = _url(serve())
+    with pytest.raises(FetchError) as info:
+        fetch_release(tmp_path / "out", url, progress=False)
+    assert str(info.value) == f"cannot download {url}: unknown host {host} (the proxy in $http_proxy): {words}"
+    monkeypatch.setenv("no_proxy", "127.0.0.1")  # the URL's host goes round it
+    assert _fetch(serve(), tmp_path / "out", payload).read_bytes() == payload
 
 
 @pytest.mark.parametrize("length", [251, 245])

@@ -87,7 +87,9 @@ def test_deadline_stops_a_part_and_keeps_what_it_has(shards, tmp_path, gpu_image
     out, work = tmp_path / "out", tmp_path / "work"
     common = ["--shards", str(shards), "--out", str(out), "--work", str(work), "--smoke", "--commit", "abc123",
               "--parts", "table2,r224"]
-    first = session(gpu_image_env, *common, "--deadline", "30", "--train-args", "--wait-at-step 1")
+    # 60 s: two rows side by side reach their step 1 in ~10 s alone, and took over 30 s under a loaded suite's
+    # (a deadline before it stopped them in their imports: 'terminated', no checkpoint, and the test failed)
+    first = session(gpu_image_env, *common, "--deadline", "60", "--train-args", "--wait-at-step 1")
     assert first.returncode == 1, first.stdout[-3000:] + first.stderr[-3000:]
     assert "== --deadline reached: SIGTERM to tools/reproduce.py" in first.stdout
     assert "== r224: not started: past the --deadline" in first.stdout

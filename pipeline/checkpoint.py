@@ -67,7 +67,14 @@ def save_atomic(obj, path):
     # Into a file object, not to the path: torch's own file writer turns a full disk into a
     # RuntimeError ("unexpected pos ..."), a traceback, where Python's write raises ENOSPC.
     with atomic_file(path, "wb", suffix=".tmp", durable=True) as f:
-        torch.save(obj, f)
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:
+            # A write that failed leaves the zip writer a step behind: its end-of-file check (run on the way
+            # out, into Python's buffer) raises "unexpected pos ..." over the write's OSError, the one to say.
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
 
 
 def load_checkpoint(path, identity):

@@ -355,8 +355,7 @@ def test_flag_values_of_one_flag_need_no_equals_sign(tmp_path, monkeypatch, caps
     monkeypatch.setattr(sys, "argv", ["reproduce.py", "--shards", str(tmp_path / "none"), "--train-args", "--amp"])
     with pytest.raises(SystemExit) as exit:  # parsed as its __main__ parses, refused for want of a shard set
         runpy.run_path(reproduce.__file__, run_name="__main__")
-    assert exit.value.code == (f"error: --shards {tmp_path / 'none'}: not a shard set (no manifest.json); "
-                               "run `tinyin shard build` first")
+    assert exit.value.code == f"error: --shards {tmp_path / 'none'}: no such folder"
 
 
 def test_flags_among_reads_train_args_as_a_shell_does_and_names_them_sorted():

@@ -507,9 +507,15 @@ def test_reproduce_bad_counts(tmp_path, flag):
 
 
 def test_reproduce_checks_the_shards_before_any_row_starts(tmp_path):
+    """A --shards that does not exist said 'not a shard set (no manifest.json)', where train.py, `shard verify`
+    and the benches say 'no such folder' (and name a killed build's temporary folder beside it)."""
     result = reproduce("--rows", "lenet5-28", "--out", str(tmp_path / "out"), "--shards", str(tmp_path / "none"))
+    assert (result.returncode, result.stderr) == (1, f"error: --shards {tmp_path / 'none'}: no such folder\n")
+    assert not (tmp_path / "out" / "lenet5-28").exists()
+    (tmp_path / "release").mkdir()
+    result = reproduce("--rows", "lenet5-28", "--out", str(tmp_path / "out"), "--shards", str(tmp_path / "release"))
     assert (result.returncode, result.stderr) == (
-        1, f"error: --shards {tmp_path / 'none'}: not a shard set (no manifest.json); run `tinyin shard build` first\n")
+        1, f"error: --shards {tmp_path / 'release'}: not a shard set (no manifest.json); run `tinyin shard build` first\n")
     assert not (tmp_path / "out" / "lenet5-28").exists()
 
 

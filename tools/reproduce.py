@@ -49,6 +49,7 @@ from pipeline.atomic import folder_refusal, write_json  # noqa: E402
 from pipeline.cache import is_set_url  # noqa: E402
 from pipeline.errors import TinyinError, UsageError, hide_password, plural  # noqa: E402
 from pipeline.report import write_report  # noqa: E402
+from pipeline.shardset import local_folder  # noqa: E402
 
 TABLE2 = {f"{arch}-{size}": ("paper", arch, size) for arch, size in RECIPES["paper"] if size != 224}
 TABLE3 = {**{f"{arch}-{size}": ("paper", arch, size) for arch, size in RECIPES["paper"] if size == 224},
@@ -270,9 +271,13 @@ def main(args):
             print(f"== {name}: finished earlier, not run again", flush=True)
         else:
             todo.append((name, run, cmd))
-    if todo and not is_set_url(args.shards) and not (Path(args.shards) / "manifest.json").is_file():
-        # before any row starts: each would fail alike, and the message would tell to "rerun"
-        sys.exit(f"error: --shards {args.shards}: not a shard set (no manifest.json); run `tinyin shard build` first")
+    if todo and not is_set_url(args.shards):  # before any row starts: each would fail alike, and tell to "rerun"
+        try:
+            folder = local_folder("--shards", args.shards)  # 'no such folder', as train.py says it
+        except TinyinError as e:
+            sys.exit(f"error: {e}")
+        if not (Path(folder) / "manifest.json").is_file():
+            sys.exit(f"error: --shards {args.shards}: not a shard set (no manifest.json); run `tinyin shard build` first")
     check_train_flags(todo, args.train_args)
     if why := folder_refusal(args.out):  # was a traceback out of the first row's thread
         sys.exit(f"error: --out {args.out}: {why}")

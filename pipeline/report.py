@@ -13,7 +13,7 @@ from matplotlib.ticker import MaxNLocator
 
 from models.recipes import RECIPES  # plain dicts: no torch
 
-from .errors import plural
+from .errors import hide_password, plural
 
 __all__ = ["read_run", "render_table", "render_study", "study_row", "plot_curves", "write_report"]
 
@@ -61,6 +61,9 @@ def read_run(run) -> dict:
     """Load a run folder: ``dict(name, args, rows, final, env)``; ``ValueError`` naming the file if it
     has no metrics or one of its files cannot be read as train.py writes it.
     ``final`` is {} while the run is unfinished: no final.json, or one whose epochs differ from the metrics'."""
+    if not Path(run).is_dir():  # a typo, or a URL: said as train.py says a missing --shards folder
+        where = hide_password(str(run))
+        raise ValueError(f"{where}: a file, not a run folder" if Path(run).exists() else f"{where}: no such folder")
     run = Path(run)
     if not (run / "metrics.jsonl").is_file():
         raise ValueError(f"{run}: not a training run (no metrics.jsonl)")

@@ -391,10 +391,13 @@ def test_a_signed_urls_token_is_hidden_in_the_error_line(shards, cache, quick_re
 
 
 def test_a_urls_password_and_token_are_hidden_in_clicks_own_errors(tmp_path):
-    """A URL given to a flag that takes a folder: click's 'Invalid value' line showed it whole."""
+    """A URL given to a flag that takes a folder: click's 'Invalid value' line showed it whole (report's own
+    'no such folder' hides them too)."""
     result = CliRunner().invoke(main, ["report", "https://ann:pw@h/run?sig=S"])
+    assert (result.exit_code, result.output) == (1, "error: https://ann:***@h/run?sig=***: no such folder\n")
+    result = CliRunner().invoke(main, ["shard", "build", "--src", "x", "--out", "y", "--on-error", "https://ann:pw@h/x?sig=S"])
     assert (result.exit_code, result.output) == (
-        2, "error: Invalid value for 'RUNS...': Directory 'https://ann:***@h/run?sig=***' does not exist.\n")
+        2, "error: Invalid value for '--on-error': 'https://ann:***@h/x?sig=***' is not one of 'fail', 'skip'.\n")
     result = CliRunner().invoke(main, ["bench", "loader", "--shards", "https://ann:pw@h/tiny?sig=S", "--remote-only"])
     assert (result.exit_code, result.output) == (1, "error: --shards https://ann:***@h/tiny?sig=***: no such folder\n")
 

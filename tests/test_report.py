@@ -83,6 +83,21 @@ def test_not_a_training_run(tmp_path, runs):
     assert str(e.value) == f"{empty}: not a training run (no metrics.jsonl)"
 
 
+def test_a_run_folder_that_is_not_there_is_said_as_a_missing_shards_folder_is(tmp_path, runs):
+    """`tinyin report runs/lenet5-82` (a typo) was click's usage error, exit 2: "Invalid value for 'RUNS...':
+    Directory '...' does not exist.", where a folder that is no run, train.py's missing --shards and the
+    benches' are tinyin's one line, exit 1 (README, Errors)."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    (tmp_path / "file").write_text("")
+    for missing, said in ((tmp_path / "none", "no such folder"), (tmp_path / "file", "a file, not a run folder")):
+        result = CliRunner().invoke(main, ["report", str(runs[0]), str(missing), "--out", str(tmp_path / "report")])
+        assert (result.exit_code, result.output) == (1, f"error: {missing}: {said}\n")
+    assert not (tmp_path / "report").exists()
+
+
 def test_unreadable_run_files_are_one_line_errors_naming_the_file(tmp_path, runs):
     from click.testing import CliRunner
 

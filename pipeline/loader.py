@@ -29,7 +29,7 @@ import torch
 from .augment import RRC_SCALE, augment_mode, check_rrc_scale
 from .device import DeviceStage, check_device, check_dtype, check_integer, check_stats
 from .errors import UsageError
-from .order import check_start, epoch_order, step_seed
+from .order import batch_sizes, epoch_order, step_seed
 from .cache import cached_copy, is_set_url
 from .reader import ShardArrays
 from .ring import prefetch_ring
@@ -49,14 +49,18 @@ class _LocalSource:
         self.storage, self.batch_size, self.shuffle, self.seed = storage, batch_size, shuffle, seed
         self.rank, self.world_size, self.drop_last, self.prefetch = rank, world_size, drop_last, prefetch
         self.epoch, self.start, self.device = 0, 0, torch.device(device)
+        self.set_epoch(0)
 
     def set_epoch(self, epoch, start=0):
-        check_start(len(self.storage), start)  # here, not at the next len() or iteration
+        # Here, not at the next len() or iteration: a start past the split, ranks that cannot take as many batches
+        # as each other. The batches depend on start only, not on the epoch.
+        self.sizes = batch_sizes(len(self.storage), rank=self.rank, world_size=self.world_size,
+                                 batch_size=self.batch_size, drop_last=self.drop_last, start=start)
         self.epoch, self.start = epoch, start
 
     @property
     def num_samples(self):
-        return len(self.order())
+        return sum(self.sizes)
 
     def order(self):
         return epoch_order(len(self.storage), seed=self.seed, epoch=self.epoch, rank=self.rank,
@@ -64,18 +68,14 @@ class _LocalSource:
                            drop_last=self.drop_last, start=self.start)
 
     def __len__(self):
-        return -(-len(self.order()) // self.batch_size)
+        return len(self.sizes)
 
     def _batches(self):
-        order = self.order()
-        if self.shuffle:
+        order, bounds = self.order(), np.cumsum([0, *self.sizes])
+        for start, end in zip(bounds[:-1], bounds[1:]):
             # Sorting each batch's members groups them by shard and walks each memory map forward;
             # a batch is still a random subset, and its order inside is irrelevant to SGD.
-            full = len(order) // self.batch_size * self.batch_size
-            order = np.concatenate([np.sort(order[:full].reshape(-1, self.batch_size), axis=1).ravel(),
-                                    np.sort(order[full:])])
-        for start in range(0, len(order), self.batch_size):
-            yield order[start:start + self.batch_size]
+            yield np.sort(order[start:end]) if self.shuffle else order[start:end]
 
     def _raw(self):
         storage = self.storage
@@ -257,7 +257,8 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
     batch itself (valid until the next batch is requested; an option of the device stage is refused
     with it, never dropped). Labels int64.
     Same (seed, epoch): same order; `set_epoch` reshuffles. With `world_size > 1` ranks get
-    disjoint samples and, with `drop_last=True`, the same number of batches.
+    disjoint samples and the same number of batches (full ones with `drop_last=True`; see `order.batch_sizes`
+    and `stream_plan.batch_sizes`): a split that cannot give each rank as many is refused (ValueError).
     path: "resident" (the split copied to `device` once), "fast" (memory-mapped shards, each batch gathered
     `prefetch` batches ahead by a background thread: default 4 on CUDA, else 0, inline), "stream" (`workers`
     DataLoader processes, default 2, each reading whole shards) or "auto": resident for a local split of up to

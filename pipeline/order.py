@@ -10,6 +10,8 @@ import hashlib
 
 import numpy as np
 
+from .errors import plural
+
 
 def epoch_order(n, *, seed, epoch, rank=0, world_size=1, batch_size=1, shuffle=True, drop_last=False, start=0):
     """This rank's sample positions (int64) for one epoch of an `n`-sample split, in order.
@@ -27,6 +29,37 @@ def epoch_order(n, *, seed, epoch, rank=0, world_size=1, batch_size=1, shuffle=T
     if drop_last:
         mine = mine[: (len(rest) // world_size) // batch_size * batch_size]
     return mine
+
+
+def batch_sizes(n, *, rank=0, world_size=1, batch_size=1, drop_last=False, start=0):
+    """The sizes of the batches this rank cuts its `epoch_order` into: the same number on every rank, as DDP
+    needs (a rank with a batch fewer never joins the others' last all-reduce: they wait on it for good).
+
+    With `drop_last` every batch is full. Otherwise every sample is read once: the ranks' shares differ by at most
+    one sample, so where a share one short of the others' is a whole number of batches, those ranks have a batch
+    fewer: each splits its last batch in two (every batch before it stays full, so the first k * batch_size *
+    world_size samples of the permutation are still those of the first k steps). A rank with no batch to split
+    (fewer samples than ranks, or batch_size=1) cannot take as many batches as the others: ValueError, the same
+    on every rank, as the stream path refuses it (`stream_plan.batch_sizes`).
+    """
+    check_start(n, start)
+    share, longer = divmod(n - start, world_size)  # `longer` ranks hold share + 1 samples
+    mine = share + (rank < longer)
+    if drop_last:
+        return [batch_size] * (share // batch_size)
+    batches = -(-(share + (longer > 0)) // batch_size)
+    if share == 0 and longer:
+        raise ValueError(f"world_size={world_size}: {world_size - longer} of the ranks would have no batch of the "
+                         f"{n - start} {plural(n - start, 'sample')} to read, and DDP would wait on them for good; "
+                         f"use at most {longer} {plural(longer, 'rank')}")
+    if share < batches:  # batch_size=1: the ranks one sample short have no batch to split
+        raise ValueError(f"batch_size=1: {world_size - longer} of the {world_size} ranks hold a sample fewer than "
+                         "the others, so a batch fewer, and DDP would wait on them for good; use a batch_size of "
+                         "at least 2, or drop_last=True")
+    full, last = divmod(mine, batch_size)
+    if full + (last > 0) == batches:
+        return [batch_size] * full + [last] * (last > 0)
+    return [batch_size] * (full - 1) + [batch_size - batch_size // 2, batch_size // 2]
 
 
 def check_start(n, start):

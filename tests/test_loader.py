@@ -63,6 +63,38 @@ def test_ranks_are_disjoint_and_step_together(shards, drop_last):
         assert sum(len(p) for p in parts) == n
 
 
+@pytest.mark.parametrize("path", ["resident", "fast", "stream"])
+def test_without_drop_last_every_rank_takes_as_many_batches(shards, path):
+    """The 30 val samples on 4 ranks are 8, 8, 7 and 7: in batches of 7 the local paths gave ranks 0 and 1 two
+    batches and ranks 2 and 3 one, and under DDP those two never joined the others' last all-reduce (a hang).
+    Each of those splits its one batch in two, as the stream path spreads its samples, and every sample is read once."""
+    loaders = [make_loader(shards, "val", batch_size=7, rank=r, world_size=4, path=path, raw=True, with_keys=True,
+                           **({"workers": 0} if path == "stream" else {})) for r in range(4)]
+    sizes = [[len(keys) for _, _, keys in loader] for loader in loaders]
+    assert sizes == [[7, 1], [7, 1], [4, 3], [4, 3]] and [len(loader) for loader in loaders] == [2] * 4
+    every = sorted(read_index(shards, "val")["key"].to_pylist())
+    assert sorted(k for loader in loaders for k in keys_of(loader)) == every
+
+
+@pytest.mark.parametrize("path", ["resident", "fast"])
+@pytest.mark.parametrize("world_size, batch_size, message", [
+    (32, 8, "world_size=32: 2 of the ranks would have no batch of the 30 samples to read, and DDP would wait on "
+            "them for good; use at most 30 ranks"),
+    (4, 1, "batch_size=1: 2 of the 4 ranks hold a sample fewer than the others, so a batch fewer, and DDP would "
+           "wait on them for good; use a batch_size of at least 2, or drop_last=True"),
+])
+def test_ranks_that_cannot_take_as_many_batches_as_the_others_are_refused(shards, path, world_size, batch_size,
+                                                                          message):
+    """More ranks than samples (30 val samples on 32 ranks): ranks 30 and 31 had no batch, the others one; every
+    rank, the last one too, now refuses it at once, as the stream path does."""
+    for rank in (0, world_size - 1):
+        with pytest.raises(ValueError) as e:
+            make_loader(shards, "val", batch_size=batch_size, rank=rank, world_size=world_size, path=path)
+        assert str(e.value) == message
+    assert len(make_loader(shards, "val", batch_size=batch_size, rank=world_size - 1, world_size=world_size,
+                           path=path, drop_last=True)) == (0 if world_size == 32 else 7)
+
+
 @pytest.mark.parametrize("augment", ["none", "crop"])
 def test_a_step_seeds_its_draws_only_when_it_draws(shards, augment, monkeypatch):
     """A per-step seed costs host time on every step: only an augmenting loader makes one, from

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from pipeline.order import epoch_order, step_seed
+from pipeline.order import batch_sizes, epoch_order, step_seed
 
 
 def test_same_arguments_same_order_and_epochs_differ():
@@ -88,3 +88,16 @@ def test_start_may_be_the_whole_split_and_not_below_zero():
     assert epoch_order(10, seed=0, epoch=0, start=10).tolist() == []
     with pytest.raises(ValueError, match=r"^start must be between 0 and 10 \(the split's size\), not -3$"):
         epoch_order(10, seed=0, epoch=0, start=-3)
+
+
+def test_a_rank_a_sample_short_splits_its_last_batch_and_a_resume_before_it_sees_the_same_batches():
+    """97 samples on 2 ranks in batches of 16: 49 and 48, so rank 0 has 3 batches and one of a sample; rank 1
+    splits its last batch so that it takes 4 too. Every batch before stays full: resumed after 1 or 2 steps
+    (start 32, 64), each rank's batches are those of the uninterrupted epoch from there."""
+    def batches(rank, start):
+        order = epoch_order(97, seed=1, epoch=0, rank=rank, world_size=2, batch_size=16, start=start)
+        sizes = batch_sizes(97, rank=rank, world_size=2, batch_size=16, start=start)
+        return [part.tolist() for part in np.split(order, np.cumsum(sizes)[:-1])]
+    assert [[len(b) for b in batches(r, 0)] for r in (0, 1)] == [[16, 16, 16, 1], [16, 16, 8, 8]]
+    for start, step in ((32, 1), (64, 2)):
+        assert all(batches(r, start) == batches(r, 0)[step:] for r in (0, 1))

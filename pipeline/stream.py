@@ -353,6 +353,11 @@ def stream_from_urls(urls, sample_counts, **kw):
     if sample_counts is None:
         raise ValueError("a list of shard URLs needs sample_counts (from the set's manifest) to plan an epoch; "
                          "or pass the shard set's location (the folder or URL holding manifest.json)")
+    # A string was counted by its characters: "128" as 3 shards of 1, 2 and 8 samples, or refused as
+    # 'sample_counts has 3 entries for 1 urls'; a lone number failed as "object of type 'int' has no len()".
+    if isinstance(sample_counts, (str, bytes)) or not hasattr(sample_counts, "__len__"):
+        raise ValueError(f"sample_counts must be a list of each shard's number of samples, one per URL, "
+                         f"not {sample_counts!r}")
     if len(sample_counts) != len(urls):
         raise ValueError(f"sample_counts has {len(sample_counts)} entries for {len(urls)} urls")
     for count in sample_counts:  # -1 was refused as 'ranks hold [-4] samples', a dict by int() of its keys

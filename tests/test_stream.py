@@ -517,6 +517,17 @@ def test_sample_counts_that_are_not_counts_are_named(shards, counts, bad):
     assert str(e.value) == f"sample_counts must hold each shard's number of samples, an integer of at least 0, not {bad}"
 
 
+@pytest.mark.parametrize("counts", ["128", b"30", 30])
+def test_sample_counts_that_are_no_list_are_named(shards, counts):
+    """A string was counted by its characters: "128" over 3 URLs as shards of 1, 2 and 8 samples (refused as 'not
+    '1''), over 1 URL as 'sample_counts has 3 entries for 1 urls'; a lone number failed in len()."""
+    urls = _urls(shards)[: 3 if counts == "128" else 1]
+    with pytest.raises(ValueError) as e:
+        make_loader(urls, "train", path="stream", sample_counts=counts)
+    assert str(e.value) == ("sample_counts must be a list of each shard's number of samples, one per URL, "
+                            f"not {counts!r}")
+
+
 def _rename_first_member(f, sample):
     """Give sample `sample`'s first member another suffix, in place (its bytes and spacing unchanged)."""
     f.seek(sample * SAMPLE_BYTES)

@@ -628,6 +628,16 @@ def test_a_start_at_the_epochs_end_after_a_short_last_batch_leaves_nothing(shard
     assert (len(loader), list(loader)) == (0, [])
 
 
+@pytest.mark.parametrize("path", ["resident", "fast", "stream"])
+def test_a_start_past_the_split_is_refused_on_every_path(shards, path):
+    """256 of 240 samples in batches of 64 is a whole batch past the epoch's short last one (48): the stream path
+    took it for the epoch's end (no batch left), where the resident and fast paths refused it."""
+    loader = make_loader(shards, "train", path=path, batch_size=64, **({"workers": 0} if path == "stream" else {}))
+    with pytest.raises(ValueError) as e:
+        loader.set_epoch(0, start=256)
+    assert str(e.value) == "start must be between 0 and 240 (the split's size), not 256"
+
+
 @pytest.mark.parametrize("path, start, message", [
     ("fast", 241, "start must be between 0 and 240 (the split's size), not 241"),
     ("stream", 10, "start=10 is not a multiple of batch_size * world_size = 64"),

@@ -261,20 +261,19 @@ def test_plan_start_is_the_uninterrupted_tail():
         for rank in range(world_size):
             whole = plan_epoch(counts, seed=7, epoch=1, rank=rank, world_size=world_size, batch_size=50,
                                drop_last=drop_last)
-            for k in (0, 1, 37, len(whole.sizes) - 1, len(whole.sizes)):
+            for k in (0, 1, 37, len(whole.sizes) - 1, len(whole.sizes)):  # the end: the epoch, or its full batches
                 part = plan_epoch(counts, seed=7, epoch=1, rank=rank, world_size=world_size, batch_size=50,
-                                  drop_last=drop_last, start=k * 50 * world_size)
+                                  drop_last=drop_last, start=min(k * 50 * world_size, sum(counts)))
                 assert part.first == k and part.sizes == whole.sizes
                 tail = [c for c in whole.chunks if c.batch >= k]
                 assert [(c.batch, c.group, c.ids.tolist()) for c in part.chunks] == \
                        [(c.batch, c.group, c.ids.tolist()) for c in tail]
     whole = plan_epoch(counts, seed=7, epoch=1, batch_size=50, start=sum(counts))  # 186 batches of 50 and one of 37
     assert (whole.first, len(whole.sizes), whole.chunks) == (187, 187, [])
-    for start, message in ((188 * 50, "start=9400 is past the end of the epoch (187 batches per rank)"),
-                           (sum(counts) + 1, "start=9338 is not a multiple of batch_size * world_size = 50")):
-        with pytest.raises(ValueError) as e:  # a batch past the end, or a sample past the whole epoch
+    for start in (187 * 50, 188 * 50, sum(counts) + 1):  # the end of the short last batch, a batch past it, a sample
+        with pytest.raises(ValueError) as e:
             plan_epoch(counts, seed=7, epoch=1, batch_size=50, start=start)
-        assert str(e.value) == message
+        assert str(e.value) == f"start must be between 0 and 9337 (the split's size), not {start}"
     with pytest.raises(ValueError) as e:  # drop_last drops the short batch: no run consumes the whole epoch
         plan_epoch(counts, seed=7, epoch=1, batch_size=50, drop_last=True, start=sum(counts))
     assert str(e.value) == "start=9337 is not a multiple of batch_size * world_size = 50"

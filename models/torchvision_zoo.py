@@ -5,6 +5,8 @@ stored 64x64 images and on 224x224 (the 64x64 images upscaled on the device,
 the resolution ImageNet weights were trained at).
 """
 
+import functools
+
 from torch import nn
 
 from .registry import register_model
@@ -20,6 +22,27 @@ def _torchvision(builder):
     from torchvision import models
 
     return getattr(models, builder)
+
+
+def _smallest(title: str, side: int):
+    """Wrap a builder: its network refuses, in one line naming `side`, a batch whose images are smaller than
+    `side` pixels a side (as LeNet-5 refuses a size other than 28). torchvision's own error came from deep in
+    the forward pass, naming neither the input nor the size it needs: AlexNet at 62 pixels, 'Given input size:
+    (256x2x2). Calculated output size: (256x0x0). Output size is too small'."""
+    def check(module: nn.Module, args: tuple) -> None:
+        x = args[0]
+        if x.dim() != 4 or min(x.shape[-2:]) < side:
+            raise ValueError(f"{title} takes (N, 3, H, W) batches with H and W of at least {side} (the rgb64 "
+                             f"variant, size 64 or 224), not {tuple(x.shape)}")
+
+    def wrap(build):
+        @functools.wraps(build)
+        def built(*args, **kwargs) -> nn.Module:
+            model = build(*args, **kwargs)
+            model.register_forward_pre_hook(check)
+            return model
+        return built
+    return wrap
 
 
 def _reset_alexnet(model: nn.Module, num_classes: int) -> None:
@@ -38,8 +61,9 @@ def _reset_resnet(model: nn.Module, num_classes: int) -> None:
 
 @register_model(
     "alexnet", **RGB, head="classifier.6.", weights="AlexNet_Weights.IMAGENET1K_V1",
-    build_pretrained=lambda w: _torchvision("alexnet")(weights=w), reset_head=_reset_alexnet,
+    build_pretrained=_smallest("AlexNet", 63)(lambda w: _torchvision("alexnet")(weights=w)), reset_head=_reset_alexnet,
 )
+@_smallest("AlexNet", 63)
 def alexnet(num_classes: int = 200) -> nn.Module:
     """torchvision AlexNet (one-GPU variant) with a ``num_classes`` head."""
     return _torchvision("alexnet")(num_classes=num_classes)
@@ -47,8 +71,10 @@ def alexnet(num_classes: int = 200) -> nn.Module:
 
 @register_model(
     "squeezenet1_1", **RGB, head="classifier.1.", weights="SqueezeNet1_1_Weights.IMAGENET1K_V1",
-    build_pretrained=lambda w: _torchvision("squeezenet1_1")(weights=w), reset_head=_reset_squeezenet,
+    build_pretrained=_smallest("SqueezeNet 1.1", 17)(lambda w: _torchvision("squeezenet1_1")(weights=w)),
+    reset_head=_reset_squeezenet,
 )
+@_smallest("SqueezeNet 1.1", 17)
 def squeezenet1_1(num_classes: int = 200) -> nn.Module:
     """torchvision SqueezeNet 1.1 with a ``num_classes`` head."""
     return _torchvision("squeezenet1_1")(num_classes=num_classes)

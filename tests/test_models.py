@@ -72,6 +72,22 @@ def test_lenet5_names_the_input_it_takes(shape):
     assert str(e.value) == f"LeNet-5 takes (N, 1, 28, 28) batches (the gray28 variant, size 28), not {shape}"
 
 
+@pytest.mark.parametrize("name, title, side, shape", [
+    ("alexnet", "AlexNet", 63, (2, 3, 62, 62)), ("alexnet", "AlexNet", 63, (2, 3, 64, 32)),
+    ("alexnet", "AlexNet", 63, (3, 64, 64)), ("squeezenet1_1", "SqueezeNet 1.1", 17, (2, 3, 16, 16)),
+])
+def test_a_network_names_the_smallest_input_it_takes(name, title, side, shape):
+    """AlexNet below 63 pixels (make_loader's size=32) failed deep in its forward pass with torchvision's 'Given
+    input size: (256x2x2). Calculated output size: (256x0x0). Output size is too small'; SqueezeNet 1.1 below 17."""
+    model = models.get_model(name, num_classes=10)
+    for network in (model, models.model_spec(name).build_pretrained(None)):  # pretrained=True's builder, no weights
+        with pytest.raises(ValueError) as e:
+            network(torch.zeros(shape))
+        assert str(e.value) == (f"{title} takes (N, 3, H, W) batches with H and W of at least {side} (the rgb64 "
+                                f"variant, size 64 or 224), not {shape}")
+    assert model(torch.zeros(1, 3, side, side)).shape == (1, 10)
+
+
 @pytest.mark.parametrize("name", models.list_models())
 def test_each_models_head_names_its_last_layer(name):
     """`head` is what a weights file of another class count loses (and a fresh one replaces): the last

@@ -262,7 +262,9 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
     path: "resident" (the split copied to `device` once), "fast" (memory-mapped shards, each batch gathered
     `prefetch` batches ahead by a background thread: default 4 on CUDA, else 0, inline), "stream" (`workers`
     DataLoader processes, default 2, each reading whole shards) or "auto": resident for a local split of up to
-    2 GiB, else fast; stream for a list of shard URLs. An option the chosen path does not use is refused.
+    2 GiB, else fast; stream for a list of shard URLs. An option the chosen path does not use, or that does not fit
+    the shards given (sample_counts missing with shard URLs, or given with a shard set), is refused as a UsageError
+    (as a device this machine lacks is); a value no argument can take is a ValueError (check_integer, check_variant).
     checksum=False skips the resident and fast paths' background sha256 pass over the split's shards.
     """
     # None or 3 was "None: no such folder", a dict "a list of shard URLs needs sample_counts", a list of

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .errors import ShardError, plural
+from .errors import ShardError, UsageError, plural
 from .schema import VARIANTS, check_variant
 from .shardset import ShardSet, is_url, missing_error, names_a_tar, open_shard_set
 from .stream_plan import LANES, MIX, plan_epoch
@@ -350,16 +350,19 @@ def stream_from_urls(urls, sample_counts, **kw):
 
         urls = wds.shardlists.expand_urls(str(urls))
     urls = [str(u) for u in urls]
+    # UsageError, as make_loader refuses sample_counts given with a shard set (`loader._refuse_unused`): this was a
+    # ValueError, so one `except` caught the one mistake and not its mirror.
     if sample_counts is None:
-        raise ValueError("a list of shard URLs needs sample_counts (from the set's manifest) to plan an epoch; "
+        raise UsageError("a list of shard URLs needs sample_counts (from the set's manifest) to plan an epoch; "
                          "or pass the shard set's location (the folder or URL holding manifest.json)")
     # A string was counted by its characters: "128" as 3 shards of 1, 2 and 8 samples, or refused as
     # 'sample_counts has 3 entries for 1 urls'; a lone number failed as "object of type 'int' has no len()".
     if isinstance(sample_counts, (str, bytes)) or not hasattr(sample_counts, "__len__"):
         raise ValueError(f"sample_counts must be a list of each shard's number of samples, one per URL, "
                          f"not {sample_counts!r}")
-    if len(sample_counts) != len(urls):
-        raise ValueError(f"sample_counts has {len(sample_counts)} entries for {len(urls)} urls")
+    if len(sample_counts) != len(urls):  # '3 entries for 1 urls'
+        raise UsageError(f"sample_counts has {len(sample_counts)} {plural(len(sample_counts), 'count')} for "
+                         f"{len(urls)} shard {plural(len(urls), 'URL')}: give one per URL")
     for count in sample_counts:  # -1 was refused as 'ranks hold [-4] samples', a dict by int() of its keys
         if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
             raise ValueError(f"sample_counts must hold each shard's number of samples, an integer of at least 0, "
@@ -383,8 +386,6 @@ def stream_source(shards, split, sample_counts=None, **kw):
     """The stream path's source for `make_loader`: a shard set or a list of shard URLs."""
     if is_url_list(shards):
         return stream_from_urls(shards, sample_counts, **kw)
-    if sample_counts is not None:
-        raise ValueError("sample_counts is for a list of shard URLs; a shard set's counts come from its manifest")
-    return stream_from_set(shards, split, **kw)
+    return stream_from_set(shards, split, **kw)  # make_loader refused sample_counts with a set (`_refuse_unused`)
 
 

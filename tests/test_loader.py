@@ -684,6 +684,19 @@ def test_numpy_integers_give_what_python_ints_give(shards, path):
     assert epoch(np.int64, 80) == epoch(int, 80)
 
 
+@pytest.mark.parametrize("counts, message", [
+    (None, "a list of shard URLs needs sample_counts (from the set's manifest) to plan an epoch; "
+           "or pass the shard set's location (the folder or URL holding manifest.json)"),
+    ([64, 64], "sample_counts has 2 counts for 1 shard URL: give one per URL"),
+])
+def test_sample_counts_that_do_not_fit_the_shard_urls_are_a_usage_error(shards, counts, message):
+    """The mirror of sample_counts given with a shard set (a UsageError, as every option that does not fit the
+    shards given is) was a ValueError: one `except` caught the one mistake and not the other."""
+    with pytest.raises(UsageError) as e:
+        make_loader([str(shards / "train-000000.tar")], "train", sample_counts=counts)
+    assert str(e.value) == message
+
+
 def test_checksum_off_is_refused_for_shard_urls(shards):
     with pytest.raises(UsageError) as e:
         make_loader([str(shards / "train-000000.tar")], "train", checksum=False)

@@ -492,7 +492,7 @@ def test_pipe_urls_read_their_own_layout(shards):
     loader = make_loader([f"pipe:cat {u}" for u in _urls(shards)], "train", path="stream", sample_counts=COUNTS,
                          raw=True, with_keys=True, batch_size=64, workers=0, seed=6)
     assert sum(len(b[2]) for b in loader) == 240
-    with pytest.raises(ValueError, match="needs sample_counts"):
+    with pytest.raises(UsageError, match="needs sample_counts"):
         stream_from_urls(pattern, None)
 
 

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .checksum import file_sum64, sum64
-from .errors import ShardError, plural
+from .errors import ShardError, UsageError, plural
 from .index import SCHEMA, file_sha256
 from .schema import CACHE_MARK_FILE, FORMAT_VERSION, INDEX_FILE, MANIFEST_FILE, VARIANTS, check_split, check_variant
 
@@ -139,6 +139,12 @@ class ShardSet:
             raise ShardError("an empty path: give the shard set's folder or URL")
         self.location = str(location).rstrip("/") if is_url(location) else local_path(location)
         self.is_local = not is_url(location)
+        # They were dropped without a word: options meant for a URL (an endpoint, credentials) with a folder are a
+        # URL that lost its scheme, or options meant for another set; a UsageError, as make_loader's options that do
+        # not fit the shards given (an empty dict, no options, passes).
+        if storage_options and self.is_local:
+            raise UsageError(f"storage_options: {self.location} is a local folder, read from this machine's disk; "
+                             "storage_options are for a URL's file system (s3://, gs://, http(s)://)")
         # A cached copy (pipeline.cache) takes a shard of the right size for complete: a damaged one is removed
         # where a check finds it, or every later run would fail on it (see `_checksum_error`).
         self.is_cached_copy = self.is_local and _is_cached_copy(self.location)
@@ -560,4 +566,7 @@ def _http_get(url):
 
 def open_shard_set(shards, storage_options=None):
     """`shards` as a ShardSet: a ShardSet is returned as it is, a folder or URL is opened."""
+    if isinstance(shards, ShardSet) and storage_options:  # dropped without a word: the set's own were used
+        raise UsageError(f"storage_options: {shards.location} is an open ShardSet, which reads with the options "
+                         "it was opened with; pass them to open_shard_set with its location")
     return shards if isinstance(shards, ShardSet) else ShardSet(shards, storage_options)

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 import pipeline.shardset
-from pipeline.errors import ShardError
+from pipeline.errors import ShardError, UsageError
 from pipeline.index import file_sha256
 from pipeline.shardset import ShardSet, open_shard_set, size_error
 
@@ -304,6 +304,22 @@ def test_an_empty_path_is_named_so(shards):
     with pytest.raises(ShardError) as e:
         make_loader("", "train")
     assert str(e.value) == "an empty path: give the shard set's folder or URL"
+
+
+@pytest.mark.parametrize("scheme", ["", "file://"])
+def test_storage_options_with_a_local_folder_are_refused(shards, scheme):
+    """An endpoint or credentials given with a folder (a URL that lost its scheme, options meant for another set)
+    were dropped without a word; so were options given with a set already open. No options, or {}, pass."""
+    with pytest.raises(UsageError) as e:
+        open_shard_set(f"{scheme}{shards}", storage_options={"anon": True})
+    assert str(e.value) == (f"storage_options: {shards} is a local folder, read from this machine's disk; "
+                            "storage_options are for a URL's file system (s3://, gs://, http(s)://)")
+    opened = ShardSet(f"{scheme}{shards}", storage_options={})
+    with pytest.raises(UsageError) as e:
+        open_shard_set(opened, storage_options={"anon": True})
+    assert str(e.value) == (f"storage_options: {shards} is an open ShardSet, which reads with the options it was "
+                            "opened with; pass them to open_shard_set with its location")
+    assert open_shard_set(opened) is opened and open_shard_set(opened, {}) is opened
 
 
 def test_a_missing_set_names_what_a_killed_build_into_it_left(tmp_path):

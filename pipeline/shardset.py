@@ -139,6 +139,7 @@ class ShardSet:
             raise ShardError("an empty path: give the shard set's folder or URL")
         self.location = str(location).rstrip("/") if is_url(location) else local_path(location)
         self.is_local = not is_url(location)
+        self.storage_options = storage_options  # the stream path reads the shards with them too
         # They were dropped without a word: options meant for a URL (an endpoint, credentials) with a folder are a
         # URL that lost its scheme, or options meant for another set; a UsageError, as make_loader's options that do
         # not fit the shards given (an empty dict, no options, passes).

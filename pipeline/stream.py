@@ -339,7 +339,9 @@ def stream_from_set(shards, split, variant="rgb64", storage_options=None, **kw):
             if not path.is_file():
                 raise missing_error(path)
             shard_set.check_size(shard.entry, path.stat().st_size, path)
-    return StreamSource(out, variant=variant, storage_options=storage_options, shard_set=shard_set, **kw)
+    # The set's own: a ShardSet opened with an endpoint or credentials (make_loader's way to pass them) read its
+    # manifest and index with them, then each shard without, from the default endpoint.
+    return StreamSource(out, variant=variant, storage_options=shard_set.storage_options, shard_set=shard_set, **kw)
 
 
 def stream_from_urls(urls, sample_counts, **kw):

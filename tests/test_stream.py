@@ -24,8 +24,10 @@ import webdataset as wds
 
 from pipeline.build import build_shards
 from pipeline.errors import ShardError, UsageError
+from pipeline.index import read_index
 from pipeline.loader import make_loader
 from pipeline.reader import ShardArrays
+from pipeline.shardset import open_shard_set
 from pipeline.cache import is_set_url
 from pipeline.stream import _Failure, _Lanes, is_url_list, stream_from_set, stream_from_urls
 from pipeline.stream_plan import deal_shards, plan_epoch
@@ -478,6 +480,26 @@ def test_s3_set_yields_the_same_batches(shards):
         # environment, and an earlier test's S3 server is gone.
         remote = stream_from_set(url, "val", storage_options={"endpoint_url": s3.endpoint}, **kw)
         _same(_epoch(remote), _epoch(stream_from_set(shards, "val", **kw)))
+    finally:
+        s3.close()
+
+
+def test_a_set_opened_with_storage_options_streams_its_shards_with_them(shards, quick_retries):
+    """make_loader takes storage_options through a ShardSet opened with them: the set's manifest and index were read
+    with its endpoint, then every shard without it, from AWS's ('Could not connect to the endpoint URL:
+    "https://tinyin.s3.amazonaws.com/synth/val-000000.tar"')."""
+    pytest.importorskip("moto")
+    pytest.importorskip("s3fs")
+    from servers import S3Server
+
+    s3 = S3Server()
+    try:
+        url = s3.upload(shards, "tinyin", "synth")
+        del os.environ["AWS_ENDPOINT_URL"]  # the endpoint in the options only (close() puts back what was before)
+        remote = open_shard_set(url, storage_options={"endpoint_url": s3.endpoint})
+        keys = [k for _, _, batch in make_loader(remote, "val", path="stream", workers=0, raw=True, with_keys=True)
+                for k in batch]
+        assert sorted(keys) == sorted(read_index(shards, "val")["key"].to_pylist())
     finally:
         s3.close()
 

@@ -40,26 +40,36 @@ def batch_sizes(n, *, rank=0, world_size=1, batch_size=1, drop_last=False, start
     fewer: each splits its last batch in two (every batch before it stays full, so the first k * batch_size *
     world_size samples of the permutation are still those of the first k steps). A rank with no batch to split
     (fewer samples than ranks, or batch_size=1) cannot take as many batches as the others: ValueError, the same
-    on every rank, as the stream path refuses it (`stream_plan.batch_sizes`).
+    on every rank and on the stream path (`check_even_batches`).
     """
     check_start(n, start)
     share, longer = divmod(n - start, world_size)  # `longer` ranks hold share + 1 samples
     mine = share + (rank < longer)
     if drop_last:
         return [batch_size] * (share // batch_size)
-    batches = -(-(share + (longer > 0)) // batch_size)
-    if share == 0 and longer:
-        raise ValueError(f"world_size={world_size}: {world_size - longer} of the ranks would have no batch of the "
-                         f"{n - start} {plural(n - start, 'sample')} to read, and DDP would wait on them for good; "
-                         f"use at most {longer} {plural(longer, 'rank')}")
-    if share < batches:  # batch_size=1: the ranks one sample short have no batch to split
-        raise ValueError(f"batch_size=1: {world_size - longer} of the {world_size} ranks hold a sample fewer than "
-                         "the others, so a batch fewer, and DDP would wait on them for good; use a batch_size of "
-                         "at least 2, or drop_last=True")
+    batches = check_even_batches(n - start, world_size, batch_size)
     full, last = divmod(mine, batch_size)
     if full + (last > 0) == batches:
         return [batch_size] * full + [last] * (last > 0)
     return [batch_size] * (full - 1) + [batch_size - batch_size // 2, batch_size // 2]
+
+
+def check_even_batches(n, world_size, batch_size):
+    """The batches each rank takes of `n` samples dealt to `world_size` ranks a sample apart at most (the local
+    paths' interleaved deal, the stream path's shards), without drop_last: as many as the ranks holding most need.
+    ValueError, the same on every rank, where the others cannot take that many: a rank with no sample, or, in
+    batches of 1, the ranks holding a sample fewer."""
+    share, longer = divmod(n, world_size)  # `longer` ranks hold share + 1 samples
+    batches = -(-(share + (longer > 0)) // batch_size)
+    if share == 0 and longer:
+        raise ValueError(f"world_size={world_size}: {world_size - longer} of the ranks would have no batch of the "
+                         f"{n} {plural(n, 'sample')} to read, and DDP would wait on them for good; "
+                         f"use at most {longer} {plural(longer, 'rank')}")
+    if share < batches:  # batch_size=1: the ranks one sample short have no batch to split or spread
+        raise ValueError(f"batch_size=1: {world_size - longer} of the {world_size} ranks would take a batch fewer "
+                         "than the others (they hold a sample fewer), and DDP would wait on them for good; use a "
+                         "batch_size of at least 2, or drop_last=True")
+    return batches
 
 
 def check_start(n, start):

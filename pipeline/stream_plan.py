@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .order import check_start
+from .order import check_even_batches, check_start
 
 LANES = 2  # shard groups read side by side (one per worker); consecutive batches alternate between them
 MIX = 2  # shards per group: a batch draws from the union of this many shards, fully shuffled
@@ -97,10 +97,7 @@ def batch_sizes(totals, rank, batch_size, drop_last):
     n, B = totals[rank], batch_size
     if drop_last:
         return [B] * (min(totals) // B)
-    nb = -(-max(totals) // B)
-    if min(totals) < nb:
-        raise ValueError(f"ranks hold {totals} samples: not all can fill {nb} batches; "
-                         "use drop_last=True, a larger batch_size or more, smaller shards")
+    nb = check_even_batches(sum(totals), len(totals), B)  # the local paths' refusal: totals are a sample apart
     if -(-n // B) == nb:
         return [B] * (n // B) + [n % B] * (n % B > 0)
     base, extra = divmod(n, nb)

@@ -76,23 +76,27 @@ def test_without_drop_last_every_rank_takes_as_many_batches(shards, path):
     assert sorted(k for loader in loaders for k in keys_of(loader)) == every
 
 
-@pytest.mark.parametrize("path", ["resident", "fast"])
+@pytest.mark.parametrize("path", ["resident", "fast", "stream"])
 @pytest.mark.parametrize("world_size, batch_size, message", [
     (32, 8, "world_size=32: 2 of the ranks would have no batch of the 30 samples to read, and DDP would wait on "
             "them for good; use at most 30 ranks"),
-    (4, 1, "batch_size=1: 2 of the 4 ranks hold a sample fewer than the others, so a batch fewer, and DDP would "
-           "wait on them for good; use a batch_size of at least 2, or drop_last=True"),
+    (4, 1, "batch_size=1: 2 of the 4 ranks would take a batch fewer than the others (they hold a sample fewer), "
+           "and DDP would wait on them for good; use a batch_size of at least 2, or drop_last=True"),
 ])
 def test_ranks_that_cannot_take_as_many_batches_as_the_others_are_refused(shards, path, world_size, batch_size,
                                                                           message):
-    """More ranks than samples (30 val samples on 32 ranks): ranks 30 and 31 had no batch, the others one; every
-    rank, the last one too, now refuses it at once, as the stream path does."""
+    """More ranks than samples (30 val samples on 32 ranks): on the local paths ranks 30 and 31 had no batch, the
+    others one; every rank, the last one too, now refuses it at once, as the stream path did, in the same words
+    (the stream path's were 'ranks hold [1, 1, ..., 0] samples: not all can fill 1 batches; use drop_last=True, a
+    larger batch_size or more, smaller shards': every rank's count, and remedies that cannot help)."""
+    kwargs = dict(batch_size=batch_size, world_size=world_size, path=path,
+                  **({"workers": 0} if path == "stream" else {}))
     for rank in (0, world_size - 1):
         with pytest.raises(ValueError) as e:
-            make_loader(shards, "val", batch_size=batch_size, rank=rank, world_size=world_size, path=path)
+            make_loader(shards, "val", rank=rank, **kwargs)
         assert str(e.value) == message
-    assert len(make_loader(shards, "val", batch_size=batch_size, rank=world_size - 1, world_size=world_size,
-                           path=path, drop_last=True)) == (0 if world_size == 32 else 7)
+    full_batches = 0 if world_size == 32 else 7  # drop_last: what every rank can take, here none or 7
+    assert len(make_loader(shards, "val", rank=world_size - 1, drop_last=True, **kwargs)) == full_batches
 
 
 @pytest.mark.parametrize("augment", ["none", "crop"])

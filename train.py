@@ -67,7 +67,7 @@ with stopped_at_once():  # the imports (torch's: seconds): a signal ends them in
                                  refused_open, run_cli, sigterm_interrupts, when_orphaned)
     from pipeline.augment import AUGMENTS
     from pipeline.mixing import MODES as MIX_MODES, mix_batch, mix_generator
-    from pipeline.order import step_seed
+    from pipeline.order import check_even_batches, step_seed
     from pipeline.shardset import ShardSet, local_folder
     from pipeline.stream_plan import DEAL
 
@@ -541,11 +541,29 @@ def check_same_set(manifest, args):
                          "shards, by their sha256); every node must read the same set")
 
 
+def check_eval_batches(manifest, args, world_size):
+    """UsageError unless every rank takes as many val and test batches as the others (every image is scored:
+    no drop_last), which the loader refuses otherwise (`order.check_even_batches`), in its own words: a
+    ValueError's traceback here. Before any model is built: with more ranks than images a rank had no batch."""
+    for split in ("val", "test"):
+        count = manifest["counts"].get(split, 0)
+        try:
+            check_even_batches(count, world_size, args.batch_size)
+        except ValueError:
+            if count < world_size:
+                raise UsageError(f"{world_size} ranks: the {split} split holds {count} {plural(count, 'image')}, too "
+                                 "few for a batch on every rank (DDP would wait on a rank without one for good); run "
+                                 f"on at most {count} {plural(count, 'rank')}") from None
+            raise UsageError(f"-b 1 on {world_size} ranks: the {split} split's {count} images leave some ranks a "
+                             "batch fewer than the others (DDP would wait on them for good); use -b 2 or more") from None
+
+
 def build(args, device, world_size):
     """Model, optimiser and loaders for this rank; the lr schedule comes with the state (`restore`)."""
     shard_set = open_shards(args)
     manifest = shard_set.manifest
     check_same_set(manifest, args)
+    check_eval_batches(manifest, args, world_size)
     seed_everything(args.seed)  # the same initial weights on every rank
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

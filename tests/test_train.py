@@ -20,7 +20,7 @@ import torch
 
 import train
 from pipeline import build_shards, checkpoint, make_loader, provenance, read_index, read_manifest
-from pipeline.errors import ShardError, run_cli
+from pipeline.errors import ShardError, UsageError, run_cli
 from pipeline.order import epoch_order, step_seed
 from pipeline.synth import synthesize
 from tests.conftest import damage_torch_file, refuse_writes_in
@@ -377,6 +377,25 @@ def test_no_whole_batch_per_rank_is_a_usage_error(train_shards, tmp_path, capsys
     assert capsys.readouterr().err == (
         "error: -b 1001: no whole batch to train on: each rank holds about 1000 train images, and under --compile an "
         "epoch's last, partial batch is left out; use a smaller --batch-size\n")
+
+
+@pytest.mark.parametrize("batch, world_size, message", [
+    (32, 6, "6 ranks: the val split holds 4 images, too few for a batch on every rank (DDP would wait on a rank "
+            "without one for good); run on at most 4 ranks"),
+    (1, 3, "-b 1 on 3 ranks: the val split's 4 images leave some ranks a batch fewer than the others (DDP would wait "
+           "on them for good); use -b 2 or more"),
+])
+def test_ranks_that_cannot_take_as_many_eval_batches_are_a_usage_error(tiny_shards, tmp_path, batch, world_size,
+                                                                       message):
+    """The val and test loaders read every image (no drop_last): with more ranks than images the loader refuses
+    (a rank would have no batch, and DDP wait on it), in its own words, a ValueError traceback out of train.py."""
+    counts = read_manifest(tiny_shards)["counts"]
+    assert (counts["val"], counts["test"]) == (4, 4)
+    args = train.parse_args(["--device", "cpu", "--arch", "lenet5", "--shards", tiny_shards, "--output-dir",
+                             str(tmp_path), "-b", str(batch)])
+    with pytest.raises(UsageError) as e:  # before the model is built (DDP needs the process group)
+        train.build(args, torch.device("cpu"), world_size)
+    assert str(e.value) == message
 
 
 def test_the_script_prints_one_line_and_no_traceback(tmp_path):

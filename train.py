@@ -63,8 +63,8 @@ with stopped_at_once():  # the imports (torch's: seconds): a signal ends them in
                                      load_checkpoint, restore_ema, resume_path, run_identity, save_atomic,
                                      weights_run)
     from pipeline.device import check_device
-    from pipeline.errors import (CheckpointError, ShardError, TinyinError, UsageError, hide_password, plural,
-                                 refused_open, run_cli, sigterm_interrupts, when_orphaned)
+    from pipeline.errors import (ArgumentParser, CheckpointError, ShardError, TinyinError, UsageError, hide_password,
+                                 plural, refused_open, run_cli, sigterm_interrupts, when_orphaned)
     from pipeline.augment import AUGMENTS
     from pipeline.mixing import MODES as MIX_MODES, mix_batch, mix_generator
     from pipeline.order import check_even_batches, step_seed
@@ -1180,14 +1180,6 @@ def path_text(text):
     if not text:
         raise argparse.ArgumentTypeError("empty; give a path")
     return os.path.expanduser(text)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are tinyin's UsageError: one line on stderr, exit code 2 (see pipeline/errors.py),
-    instead of the usage block argparse prints above the line."""
-
-    def error(self, message):
-        raise UsageError(message)
 
 
 def get_args_parser(add_help=True):

@@ -5,6 +5,7 @@ Both front ends (the `tinyin` click CLI and `train.py`) go through `user_errors(
 `exit_code`: 2 for a `UsageError` (a bad flag value or combination, as argparse and click use),
 1 for everything else (missing or foreign files, a checkpoint from another run, ...).
 """
+import argparse
 import contextlib
 import errno
 import os
@@ -31,6 +32,14 @@ class UsageError(TinyinError):
     """A flag value or combination that cannot work (exit code 2, as argparse and click use)."""
 
     exit_code = 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are a UsageError: one line on stderr, exit code 2 (under `user_errors()`), instead
+    of the usage block argparse prints above the line. train.py's and the tools' parsers."""
+
+    def error(self, message):
+        raise UsageError(message)
 
 
 class SourceError(TinyinError):

@@ -346,12 +346,13 @@ def test_flag_values_of_one_flag_need_no_equals_sign(tmp_path, monkeypatch, caps
     sys.path.insert(0, str(SESSION.parent))
     import gpu_session
     import reproduce
+    from pipeline.errors import run_cli
 
     monkeypatch.setattr(sys, "argv", ["gpu_session.py", "--out", str(tmp_path), "--bench-args", "--no-compile",
                                       "--train-args", "--amp", "--speedrun-args", "--seeds=0"])
     with pytest.raises(SystemExit) as exit:
-        gpu_session.main()  # parsed: refused only for want of a release
-    assert (exit.value.code, capsys.readouterr().err.splitlines()[-1]) == (2, "gpu_session.py: error: give --release or --shards")
+        run_cli(gpu_session.main)  # parsed: refused only for want of a release
+    assert (exit.value.code, capsys.readouterr().err) == (2, "error: give --release or --shards\n")
     monkeypatch.setattr(sys, "argv", ["reproduce.py", "--shards", str(tmp_path / "none"), "--train-args", "--amp"])
     with pytest.raises(SystemExit) as exit:  # parsed as its __main__ parses, refused for want of a shard set
         runpy.run_path(reproduce.__file__, run_name="__main__")
@@ -396,12 +397,12 @@ def test_an_empty_part_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
     """`--parts bench,` (a trailing comma) named a part ''."""
     sys.path.insert(0, str(SESSION.parent))
     import gpu_session
+    from pipeline.errors import run_cli
 
     monkeypatch.setattr(sys, "argv", ["gpu_session.py", "--shards", "s", "--out", str(tmp_path), "--parts", "bench,"])
     with pytest.raises(SystemExit) as exit:
-        gpu_session.main()
-    assert (exit.value.code, capsys.readouterr().err.splitlines()[-1]) == (
-        2, "gpu_session.py: error: --parts: choose from bench, table2, r224, speedrun")
+        run_cli(gpu_session.main)
+    assert (exit.value.code, capsys.readouterr().err) == (2, "error: --parts: choose from bench, table2, r224, speedrun\n")
 
 
 def test_commit_names_the_commit_of_a_copy_without_git(shards, tmp_path, monkeypatch):

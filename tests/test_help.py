@@ -26,18 +26,26 @@ def _argparse_options(text):
     return options
 
 
-@pytest.mark.parametrize("script, flag", [("train.py", "--time-budget MINUTES"), ("tools/reproduce.py", "--jobs"),
-                                          ("tools/speedrun.py", "--ablate"), ("tools/gpu_session.py", "--deadline"),
-                                          ("tools/bench_build.py", "--repeat"), ("tools/bench_loader.py", "--remote")])
-def test_help_prints(script, flag):
+@pytest.mark.parametrize("script, flag, wrong, error", [
+    ("train.py", "--time-budget MINUTES", ["--time-budget", "x"], "argument --time-budget: not a number: 'x'"),
+    ("tools/reproduce.py", "--jobs", ["--jobs", "x"], "argument --jobs: invalid int value: 'x'"),
+    ("tools/speedrun.py", "--ablate", ["--ablate"], "argument --ablate: expected one argument"),
+    ("tools/gpu_session.py", "--deadline", ["--deadline", "x"], "argument --deadline: invalid float value: 'x'"),
+    ("tools/bench_build.py", "--repeat", ["--repeat", "x"], "argument --repeat: invalid int value: 'x'"),
+    ("tools/bench_loader.py", "--remote", ["--remote", "x"], "unrecognized arguments: x"),
+])
+def test_help_prints(script, flag, wrong, error):
     """And every option says what it sets: one whose help was only its default (tools/bench_loader.py's
-    `--batch-size  default: 256`, tools/gpu_session.py's --device) left the user to guess."""
+    `--batch-size  default: 256`, tools/gpu_session.py's --device) left the user to guess. A wrong flag is one
+    line, exit 2, as train.py's: the tools printed argparse's whole usage block above it."""
     result = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, cwd=ROOT)
     assert (result.returncode, result.stderr) == (0, ""), result.stderr[-2000:]
     assert flag in result.stdout
     options = _argparse_options(result.stdout)
     assert len(options) > 4
     assert [flags for flags, words in options if not words or words.startswith("default:")] == []
+    result = subprocess.run([sys.executable, str(ROOT / script), *wrong], capture_output=True, text=True, cwd=ROOT)
+    assert (result.returncode, result.stdout, result.stderr) == (2, "", f"error: {error}\n")
 
 
 def _commands(group, path=("tinyin",)):

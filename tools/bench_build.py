@@ -17,14 +17,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.build import build_shards  # noqa: E402
-from pipeline.errors import UsageError, plural, run_cli, signals_deferred, sigterm_interrupts  # noqa: E402
+from pipeline.errors import ArgumentParser, UsageError, plural, run_cli, signals_deferred, sigterm_interrupts  # noqa: E402
 from pipeline.provenance import commit  # noqa: E402
 
 DEFAULT_SRC = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-imagenet-200.tar.gz"
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--src", default=str(DEFAULT_SRC), type=os.path.expanduser, help="release folder/zip/tar (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=None, help="decode processes (default: all cores)")
     parser.add_argument("--shard-size", type=int, default=10000, help="samples per shard (default: %(default)s)")

@@ -27,7 +27,7 @@ from pipeline.bench import bench_loader, bench_remote, check_images, check_json,
 from pipeline.build import build_shards  # noqa: E402
 from pipeline.cli import bench_loader_cmd  # noqa: E402
 from pipeline.device import check_device  # noqa: E402
-from pipeline.errors import UsageError, run_cli, sigterm_interrupts, stop_code  # noqa: E402
+from pipeline.errors import ArgumentParser, UsageError, run_cli, sigterm_interrupts, stop_code  # noqa: E402
 from pipeline.source import ROOT_MARKER, not_a_release, not_an_archive  # noqa: E402
 from pipeline.shardset import local_folder  # noqa: E402
 
@@ -83,7 +83,7 @@ def add_command_option(parser, name):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--src", default=str(DEFAULT_SRC), type=os.path.expanduser, help="release archive or folder (default: %(default)s)")
     parser.add_argument("--shards", type=os.path.expanduser, help="an existing shard folder (skips the build)")
     parser.add_argument("--images", type=os.path.expanduser, help="an extracted release folder (skips the extraction)")

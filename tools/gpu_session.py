@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from flag_values import joined  # noqa: E402  (beside this file)
+from pipeline.errors import ArgumentParser  # noqa: E402
 
 PARTS = ("bench", "table2", "r224", "speedrun")
 RESULTS = ("bench.md", "table2.md", "curves.png", "r224.md", "speedrun.md", "speedrun.png", "ablation.md")
@@ -268,7 +269,7 @@ PART_RUNS = {"bench": part_bench, "table2": part_table2, "r224": part_r224, "spe
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--release", type=os.path.expanduser, help="the release archive (.tar.gz) or an extracted/synthetic release folder")
     p.add_argument("--shards", type=os.path.expanduser, help="an existing shard folder (skips the build)")
     p.add_argument("--out", required=True, type=os.path.expanduser, help="where the result files are copied (e.g. $OUT)")

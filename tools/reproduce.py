@@ -27,7 +27,6 @@ do not lose what trained: on a signal every running row's train.py writes its ch
 so far (an unfinished row says "12 of 40" epochs) before the exit (128 + signum after a signal).
 """
 
-import argparse
 import contextlib
 import json
 import os
@@ -47,7 +46,7 @@ from flag_values import flags_among, joined  # noqa: E402
 from models.recipes import RECIPES  # noqa: E402
 from pipeline.atomic import folder_refusal, write_json  # noqa: E402
 from pipeline.cache import is_set_url  # noqa: E402
-from pipeline.errors import TinyinError, UsageError, hide_password, plural  # noqa: E402
+from pipeline.errors import ArgumentParser, TinyinError, UsageError, hide_password, plural, user_errors  # noqa: E402
 from pipeline.report import write_report  # noqa: E402
 from pipeline.shardset import local_folder  # noqa: E402
 
@@ -334,7 +333,7 @@ def main(args):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Reproduce the study's tables with train.py --recipe paper")
+    p = ArgumentParser(description="Reproduce the study's tables with train.py --recipe paper")
     p.add_argument("--shards", default="out/shards", type=os.path.expanduser, help="shard folder (default: out/shards)")
     p.add_argument("--out", default="runs/paper", type=os.path.expanduser, help="one sub-folder per row, plus report.md (default: runs/paper)")
     p.add_argument("--rows", help=f"comma-separated subset of: {', '.join(ROWS)} (default: all)")
@@ -350,4 +349,6 @@ def get_args_parser():
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args(joined(sys.argv[1:], ("--train-args",))))
+    with user_errors():  # a bad flag: one line, exit 2, as train.py's
+        parsed = get_args_parser().parse_args(joined(sys.argv[1:], ("--train-args",)))
+    main(parsed)

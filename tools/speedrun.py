@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))  # train.py and pipeline/, run from anywhere, inst
 
 from flag_values import flags_among, joined  # noqa: E402
 from pipeline.atomic import folder_refusal  # noqa: E402
-from pipeline.errors import TinyinError, UsageError, hide_password, plural  # noqa: E402
+from pipeline.errors import ArgumentParser, TinyinError, UsageError, hide_password, plural, user_errors  # noqa: E402
 from reproduce import Stop  # noqa: E402
 
 #: --ablate's variants: name -> (the part switched off, the train.py flags that switch it off)
@@ -187,7 +187,7 @@ def plot(results, png):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="speedrun.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="speedrun.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", required=True, type=os.path.expanduser, help="the shard folder (or URL) train.py reads")
     p.add_argument("--out", required=True, type=os.path.expanduser, help="where speedrun.md/.json/.png and runs/ go")
     p.add_argument("--arch", default="resnet18_64", help="a network the fast recipe has a row for (default: %(default)s)")
@@ -196,19 +196,20 @@ def main(argv=None):
     p.add_argument("--train-args", default="", help="more train.py flags, e.g. '--epochs 30' (they win over the recipe)")
     p.add_argument("--ablate", metavar="PARTS",
                    help=f"then the first seed once per part switched off: 'all' or comma-separated of {', '.join(ABLATIONS)}")
-    args = p.parse_args(joined(sys.argv[1:] if argv is None else argv, ("--train-args",)))
-    try:
-        seeds = list(dict.fromkeys(int(s) for s in args.seeds.split(",")))  # '0,0': one run, not a row twice and no spread
-    except ValueError:
-        p.error(f"--seeds: comma-separated integers, not {args.seeds!r}")
-    # 'ema,ema': one run, not its row twice; 'all' among parts is every one ('all,ema' was refused as 'unknown part
-    # all; choose from: all, ...')
-    parts = list(dict.fromkeys(args.ablate.split(","))) if args.ablate else []
-    variants = [*ABLATIONS, *(v for v in parts if v not in ABLATIONS and v != "all")] if "all" in parts else parts
-    unknown = [v for v in variants if v not in ABLATIONS]
-    if unknown:
-        p.error(f"--ablate: unknown {plural(len(unknown), 'part')} {', '.join(unknown)}; choose from: "
-                f"all, {', '.join(ABLATIONS)}")
+    with user_errors():  # a bad flag: one line, exit 2, as train.py's
+        args = p.parse_args(joined(sys.argv[1:] if argv is None else argv, ("--train-args",)))
+        try:
+            seeds = list(dict.fromkeys(int(s) for s in args.seeds.split(",")))  # '0,0': one run, not a row twice
+        except ValueError:
+            p.error(f"--seeds: comma-separated integers, not {args.seeds!r}")
+        # 'ema,ema': one run, not its row twice; 'all' among parts is every one ('all,ema' was refused as 'unknown
+        # part all; choose from: all, ...')
+        parts = list(dict.fromkeys(args.ablate.split(","))) if args.ablate else []
+        variants = [*ABLATIONS, *(v for v in parts if v not in ABLATIONS and v != "all")] if "all" in parts else parts
+        unknown = [v for v in variants if v not in ABLATIONS]
+        if unknown:
+            p.error(f"--ablate: unknown {plural(len(unknown), 'part')} {', '.join(unknown)}; choose from: "
+                    f"all, {', '.join(ABLATIONS)}")
     check_train_flags(args, variants)
     out = Path(args.out)
     if why := folder_refusal(out):  # was a traceback, or each run failed with the advice to rerun it

@@ -104,7 +104,7 @@ def finished_run(run, arch):
     (run / "final.json").write_text(json.dumps(dict(arch=arch, epochs=1, val_top1=10.0, test_top1=9.0, eval_model="ema")))
 
 
-def test_a_seed_trained_with_other_flags_in_the_same_out_trains_again(tmp_path, monkeypatch, capsys):
+def test_a_seed_trained_with_other_flags_in_the_same_out_trains_again(shards, tmp_path, monkeypatch, capsys):
     """A second speedrun into the same --out with another --arch (or --train-args) reused seed 0's
     run of the first: resnet10_64s2's figures under a `--arch resnet18_64` header, no word said."""
     out, started = tmp_path / "sr", []
@@ -122,7 +122,7 @@ def test_a_seed_trained_with_other_flags_in_the_same_out_trains_again(tmp_path, 
 
     importlib.import_module("train")  # before Popen is replaced: importing torch starts processes
     monkeypatch.setattr(speedrun.subprocess, "Popen", TrainPy)
-    speedrun.main(["--shards", "x", "--out", str(out), "--seeds", "0", "--arch", "resnet18_64", "--device", "cpu"])
+    speedrun.main(["--shards", str(shards), "--out", str(out), "--seeds", "0", "--arch", "resnet18_64", "--device", "cpu"])
     assert f"{out / 'runs' / 'seed0'}: trained with other flags ({earlier}); training it again\n" in capsys.readouterr().out
     assert len(started) == 1
     assert json.loads((out / "speedrun.json").read_text())[0]["final"]["arch"] == "resnet18_64"
@@ -130,7 +130,7 @@ def test_a_seed_trained_with_other_flags_in_the_same_out_trains_again(tmp_path, 
         f"--arch resnet18_64 --size 64 --recipe fast --seed 0 --output-dir {out / 'runs' / 'seed0'} --overwrite --device cpu")
 
 
-def test_relative_shards_and_out_are_the_callers(tmp_path, monkeypatch):
+def test_relative_shards_and_out_are_the_callers(shards, tmp_path, monkeypatch):
     """`--shards shards --out sr` run from another folder than the repo's root: train.py ran in the repo's root,
     so it read the repo's `shards` (or found none: 'no such folder') and wrote its run where speedrun.py did
     not look. It runs in the caller's folder, as speedrun.py does."""
@@ -149,12 +149,13 @@ def test_relative_shards_and_out_are_the_callers(tmp_path, monkeypatch):
     importlib.import_module("train")  # before Popen is replaced: importing torch starts processes
     monkeypatch.setattr(speedrun.subprocess, "Popen", TrainPy)
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "shards").symlink_to(shards)
     speedrun.main(["--shards", "shards", "--out", "s r", "--seeds", "0", "--device", "cpu"])
     assert seen == [[tmp_path / "shards", tmp_path / "s r" / "runs" / "seed0"]]
     assert json.loads((tmp_path / "s r" / "speedrun.json").read_text())[0]["final"]["arch"] == "resnet18_64"
 
 
-def test_a_tilde_in_shards_and_out_is_the_home_folder(tmp_path, monkeypatch):
+def test_a_tilde_in_shards_and_out_is_the_home_folder(shards, tmp_path, monkeypatch):
     """`--out=~/sr` (the = form; a quoted "~/sr", a job script's value) reached speedrun.py as typed: its tables and
     runs went into a folder named `~` in the current one. A leading ~ is the home folder, as for train.py."""
     seen = []
@@ -170,6 +171,8 @@ def test_a_tilde_in_shards_and_out_is_the_home_folder(tmp_path, monkeypatch):
     importlib.import_module("train")  # before Popen is replaced: importing torch starts processes
     monkeypatch.setattr(speedrun.subprocess, "Popen", TrainPy)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "shards").symlink_to(shards)
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
     speedrun.main(["--shards=~/shards", "--out=~/sr", "--seeds", "0", "--device", "cpu"])
@@ -178,7 +181,7 @@ def test_a_tilde_in_shards_and_out_is_the_home_folder(tmp_path, monkeypatch):
     assert list((tmp_path / "cwd").iterdir()) == []
 
 
-def ctrl_c_to_speedrun(tmp_path, monkeypatch, when):
+def ctrl_c_to_speedrun(shards, tmp_path, monkeypatch, when):
     """speedrun.main with a stand-in for train.py's process that Ctrl-C reaches `when` ("start": as it is
     started, "train": while it trains) and that checkpoints and exits 130 on it; (the exit code, the signals
     speedrun.py passed on to train.py)."""
@@ -202,57 +205,57 @@ def ctrl_c_to_speedrun(tmp_path, monkeypatch, when):
     monkeypatch.setattr(speedrun.subprocess, "Popen", TrainPy)
     try:
         with pytest.raises(SystemExit) as exit:
-            speedrun.main(["--shards", "x", "--out", str(tmp_path / "sr"), "--seeds", "0", "--device", "cpu"])
+            speedrun.main(["--shards", str(shards), "--out", str(tmp_path / "sr"), "--seeds", "0", "--device", "cpu"])
     except KeyboardInterrupt:
         pytest.fail(f"Ctrl-C at train.py's {when} went through speedrun.py as a traceback, train.py not told")
     return exit.value.code, sent
 
 
-def test_a_signal_as_train_py_starts_is_passed_on_to_it(tmp_path, monkeypatch):
+def test_a_signal_as_train_py_starts_is_passed_on_to_it(shards, tmp_path, monkeypatch):
     """Ctrl-C (or SIGTERM) the moment a seed's train.py had started, before speedrun.py passed signals on: a
     KeyboardInterrupt traceback (SIGTERM: speedrun.py died of it), and train.py, never told, trained on alone,
     orphaned. Now the handlers are set before its start, and the signal is passed on to it."""
-    assert ctrl_c_to_speedrun(tmp_path, monkeypatch, "start") == (130, [signal.SIGINT])
+    assert ctrl_c_to_speedrun(shards, tmp_path, monkeypatch, "start") == (130, [signal.SIGINT])
 
 
-def test_ctrl_c_is_passed_on_to_train_py_and_ends_in_one_line(tmp_path, monkeypatch, capsys):
+def test_ctrl_c_is_passed_on_to_train_py_and_ends_in_one_line(shards, tmp_path, monkeypatch, capsys):
     """SIGINT (Ctrl-C) while a seed trains was a KeyboardInterrupt traceback out of speedrun.py, whose
     train.py, if the signal reached speedrun.py alone, trained on without it. Now it is passed on, as
     SIGTERM is, and the exit is train.py's 130."""
-    assert ctrl_c_to_speedrun(tmp_path, monkeypatch, "train") == (130, [signal.SIGINT])
+    assert ctrl_c_to_speedrun(shards, tmp_path, monkeypatch, "train") == (130, [signal.SIGINT])
     assert capsys.readouterr().err == "error: train.py failed (exit 130); rerun to train that run again\n"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 
-def test_out_that_is_a_file(tmp_path):
+def test_out_that_is_a_file(shards, tmp_path):
     """A FileExistsError traceback."""
     (tmp_path / "sr").write_text("")
     with pytest.raises(SystemExit) as exit:
-        speedrun.main(["--shards", "x", "--out", str(tmp_path / "sr"), "--device", "cpu"])
+        speedrun.main(["--shards", str(shards), "--out", str(tmp_path / "sr"), "--device", "cpu"])
     assert exit.value.code == f"error: --out {tmp_path / 'sr'}: cannot be made a folder (File exists)"
 
 
-def test_out_with_a_name_longer_than_the_file_system_takes(tmp_path):
+def test_out_with_a_name_longer_than_the_file_system_takes(shards, tmp_path):
     """makedirs said 'cannot be made a folder (File name too long)', naming neither the name nor the limit."""
     out = tmp_path / ("o" * 300) / "sr"
     with pytest.raises(SystemExit) as exit:
-        speedrun.main(["--shards", "x", "--out", str(out), "--device", "cpu"])
+        speedrun.main(["--shards", str(shards), "--out", str(out), "--device", "cpu"])
     assert exit.value.code == (f"error: --out {out}: the name '{'o' * 24}...{'o' * 8}' is 300 bytes, more than the "
                                "255 a name may have")
     assert list(tmp_path.iterdir()) == []
 
 
-def test_out_it_may_not_write_in(tmp_path, monkeypatch):
+def test_out_it_may_not_write_in(shards, tmp_path, monkeypatch):
     """An --out there but another user's, or read-only: each seed's train.py failed to make its run folder,
     and the advice was 'rerun to train that run again'."""
     (tmp_path / "sr").mkdir()
     refuse_writes_in(monkeypatch, tmp_path / "sr", errno.EROFS)
     with pytest.raises(SystemExit) as exit:
-        speedrun.main(["--shards", "x", "--out", str(tmp_path / "sr"), "--device", "cpu"])
+        speedrun.main(["--shards", str(shards), "--out", str(tmp_path / "sr"), "--device", "cpu"])
     assert exit.value.code == f"error: --out {tmp_path / 'sr'}: cannot write in it (Read-only file system)"
 
 
-def test_a_seed_named_twice_is_one_row(tmp_path, monkeypatch):
+def test_a_seed_named_twice_is_one_row(shards, tmp_path, monkeypatch):
     """`--seeds 0,0` gave seed 0's row twice and a mean ± spread of 0.00 minutes and points over them."""
     class TrainPy:  # stands in for train.py's process: a finished run
         def __init__(self, cmd, cwd):
@@ -263,7 +266,7 @@ def test_a_seed_named_twice_is_one_row(tmp_path, monkeypatch):
 
     importlib.import_module("train")  # before Popen is replaced: importing torch starts processes
     monkeypatch.setattr(speedrun.subprocess, "Popen", TrainPy)
-    speedrun.main(["--shards", "x", "--out", str(tmp_path / "sr"), "--seeds", "0,1,0", "--device", "cpu"])
+    speedrun.main(["--shards", str(shards), "--out", str(tmp_path / "sr"), "--seeds", "0,1,0", "--device", "cpu"])
     assert [r["seed"] for r in json.loads((tmp_path / "sr" / "speedrun.json").read_text())] == [0, 1]
 
 
@@ -382,14 +385,28 @@ def test_a_device_train_py_lacks_is_refused_before_any_run_starts(tmp_path, monk
     assert not (tmp_path / "sr").exists()
 
 
-def test_a_run_train_py_refuses_is_not_told_to_rerun(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("name, reason", [("none", "no such folder"), ("file", "a file, not a shard folder"),
+                                          ("empty", "not a shard set (no manifest.json); run `tinyin shard build` first")])
+def test_shards_that_is_no_set_is_refused_before_any_run_starts(tmp_path, monkeypatch, name, reason):
+    """`--shards nope` (a typo) started train.py, which refused it, and speedrun.py then said "train.py failed;
+    rerun to train that run again". It is checked first, as tools/reproduce.py checks it."""
+    (tmp_path / "file").write_bytes(b"")
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr(speedrun, "run_seed", lambda *a, **k: pytest.fail("a run started"))
+    with pytest.raises(SystemExit) as exit:
+        speedrun.main(["--shards", str(tmp_path / name), "--out", str(tmp_path / "sr"), "--device", "cpu"])
+    assert exit.value.code == f"error: --shards {tmp_path / name}: {reason}"
+    assert not (tmp_path / "sr").exists()
+
+
+def test_a_run_train_py_refuses_is_not_told_to_rerun(shards, tmp_path, monkeypatch, capsys):
     """A refusal only train.py's run finds (exit 2) is not a failure a rerun mends."""
     def refused(args, seed, out, variant=None):
         raise subprocess.CalledProcessError(2, ["train.py"])
 
     monkeypatch.setattr(speedrun, "run_seed", refused)
     with pytest.raises(SystemExit) as exit:
-        speedrun.main(["--shards", "x", "--out", str(tmp_path / "sr"), "--device", "cpu"])
+        speedrun.main(["--shards", str(shards), "--out", str(tmp_path / "sr"), "--device", "cpu"])
     assert exit.value.code == 2
     assert capsys.readouterr().err == ("error: train.py refused its flags (see its error above); a rerun with them is "
                                        "refused alike: change them\n")

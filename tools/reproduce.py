@@ -236,6 +236,19 @@ def check_train_flags(todo, train_args):
             sys.exit(e.exit_code)
 
 
+def check_shards(shards):
+    """Refuse a local --shards that is no shard set, before any run starts: each run would fail alike, and the
+    advice after it was to rerun. A URL's set is train.py's to fetch (speedrun.py's check too)."""
+    if is_set_url(shards):
+        return
+    try:
+        folder = local_folder("--shards", shards)  # 'no such folder', as train.py says it
+    except TinyinError as e:
+        sys.exit(f"error: {e}")
+    if not (Path(folder) / "manifest.json").is_file():
+        sys.exit(f"error: --shards {shards}: not a shard set (no manifest.json); run `tinyin shard build` first")
+
+
 def flag_error(flag, why):
     """Refuse flag `--flag`'s value in argparse's form and exit, as its own ('--epochs x') and train.py's are."""
     print(f"error: argument --{flag.replace('_', '-')}: {why}", file=sys.stderr)
@@ -270,13 +283,8 @@ def main(args):
             print(f"== {name}: finished earlier, not run again", flush=True)
         else:
             todo.append((name, run, cmd))
-    if todo and not is_set_url(args.shards):  # before any row starts: each would fail alike, and tell to "rerun"
-        try:
-            folder = local_folder("--shards", args.shards)  # 'no such folder', as train.py says it
-        except TinyinError as e:
-            sys.exit(f"error: {e}")
-        if not (Path(folder) / "manifest.json").is_file():
-            sys.exit(f"error: --shards {args.shards}: not a shard set (no manifest.json); run `tinyin shard build` first")
+    if todo:
+        check_shards(args.shards)
     check_train_flags(todo, args.train_args)
     if why := folder_refusal(args.out):  # was a traceback out of the first row's thread
         sys.exit(f"error: --out {args.out}: {why}")

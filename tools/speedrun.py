@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))  # train.py and pipeline/, run from anywhere, inst
 from flag_values import flags_among, joined  # noqa: E402
 from pipeline.atomic import folder_refusal  # noqa: E402
 from pipeline.errors import ArgumentParser, TinyinError, UsageError, hide_password, plural, user_errors  # noqa: E402
-from reproduce import Stop  # noqa: E402
+from reproduce import Stop, check_shards  # noqa: E402
 
 #: --ablate's variants: name -> (the part switched off, the train.py flags that switch it off)
 ABLATIONS = {
@@ -211,6 +211,7 @@ def main(argv=None):
             p.error(f"--ablate: unknown {plural(len(unknown), 'part')} {', '.join(unknown)}; choose from: "
                     f"all, {', '.join(ABLATIONS)}")
     check_train_flags(args, variants)
+    check_shards(args.shards)  # before any run starts: a typo failed the first run, which told to "rerun"
     out = Path(args.out)
     if why := folder_refusal(out):  # was a traceback, or each run failed with the advice to rerun it
         sys.exit(f"error: --out {out}: {why}")

@@ -1100,6 +1100,8 @@ def main(args):
             where = f" (no checkpoint.pth in {args.output_dir})" if args.resume == "auto" else ""
             raise UsageError(f"--test-only evaluates a trained network: give --resume (a checkpoint, or auto)"
                              f"{where} or --weights FILE")
+        if not is_set_url(args.shards):  # a typo said first: not a checkpoint in --output-dir it would replace
+            local_folder("--shards", args.shards)  # (whose advice, --resume auto, met the missing folder next)
         locked = False
         if not args.test_only:  # before the data loads: a mistake is told at once
             check_no_run_replaced(args, ckpt_path)

@@ -131,8 +131,8 @@ def test_a_recipes_batch_under_torchrun_is_said_to_be_per_process(monkeypatch, c
     monkeypatch.setattr(train, "distributed", lambda args: contextlib.nullcontext((torch.device("cpu"), world_size)))
     monkeypatch.setattr(train, "build", build)
     with pytest.raises(Built):
-        train.main(train.parse_args(["--arch", "lenet5", "--recipe", "paper", "--device", "cpu",
-                                     "--output-dir", str(tmp_path), *extra]))
+        train.main(train.parse_args(["--arch", "lenet5", "--recipe", "paper", "--device", "cpu", "--shards", str(tmp_path),
+                                     "--output-dir", str(tmp_path), *extra]))  # a folder there: build() is not run
     assert capsys.readouterr().err == note
 
 
@@ -396,6 +396,16 @@ def test_ranks_that_cannot_take_as_many_eval_batches_are_a_usage_error(tiny_shar
     with pytest.raises(UsageError) as e:  # before the model is built (DDP needs the process group)
         train.build(args, torch.device("cpu"), world_size)
     assert str(e.value) == message
+
+
+def test_a_missing_shards_folder_is_said_before_a_checkpoint_it_would_replace(tmp_path, monkeypatch, capsys):
+    """`train.py --shards nope` (a typo) where the default --arch's runs/resnet18-64 holds a checkpoint.pth said
+    the checkpoint's error (continue it with --resume auto, or --overwrite), whose advice met the missing folder next."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "resnet18-64").mkdir(parents=True)
+    (tmp_path / "runs" / "resnet18-64" / "checkpoint.pth").write_bytes(b"")
+    assert cli("--shards", "nope", "--device", "cpu") == 1
+    assert capsys.readouterr().err == "error: --shards nope: no such folder\n"
 
 
 def test_the_script_prints_one_line_and_no_traceback(tmp_path):
@@ -1472,7 +1482,7 @@ def test_test_only_goes_on_to_the_checkpoint_of_a_pretrained_runs_command(tmp_pa
     (tmp_path / "checkpoint.pth").write_bytes(b"")
     with pytest.raises(Built):
         train.main(train.parse_args(["--arch", "resnet18", "--pretrained", "--device", "cpu", "--test-only",
-                                     "--output-dir", str(tmp_path), "--resume", "auto"]))
+                                     "--shards", str(tmp_path), "--output-dir", str(tmp_path), "--resume", "auto"]))
 
 
 def test_a_second_run_in_a_folder_where_one_trains_is_refused(tiny_shards, tmp_path, capsys):

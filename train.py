@@ -67,7 +67,7 @@ with stopped_at_once():  # the imports (torch's: seconds): a signal ends them in
                                  plural, refused_open, run_cli, sigterm_interrupts, when_orphaned)
     from pipeline.augment import AUGMENTS
     from pipeline.mixing import MODES as MIX_MODES, mix_batch, mix_generator
-    from pipeline.order import check_even_batches, step_seed
+    from pipeline.order import MoreRanksThanSamples, UnevenBatchesOfOne, check_even_batches, step_seed
     from pipeline.shardset import ShardSet, local_folder
     from pipeline.stream_plan import DEAL
 
@@ -549,11 +549,11 @@ def check_eval_batches(manifest, args, world_size):
         count = manifest["counts"].get(split, 0)
         try:
             check_even_batches(count, world_size, args.batch_size)
-        except ValueError:
-            if count < world_size:
-                raise UsageError(f"{world_size} ranks: the {split} split holds {count} {plural(count, 'image')}, too "
-                                 "few for a batch on every rank (DDP would wait on a rank without one for good); run "
-                                 f"on at most {count} {plural(count, 'rank')}") from None
+        except MoreRanksThanSamples:
+            raise UsageError(f"{world_size} ranks: the {split} split holds {count} {plural(count, 'image')}, too "
+                             "few for a batch on every rank (DDP would wait on a rank without one for good); run "
+                             f"on at most {count} {plural(count, 'rank')}") from None
+        except UnevenBatchesOfOne:
             raise UsageError(f"-b 1 on {world_size} ranks: the {split} split's {count} images leave some ranks a "
                              "batch fewer than the others (DDP would wait on them for good); use -b 2 or more") from None
 

@@ -54,19 +54,28 @@ def batch_sizes(n, *, rank=0, world_size=1, batch_size=1, drop_last=False, start
     return [batch_size] * (full - 1) + [batch_size - batch_size // 2, batch_size // 2]
 
 
+class MoreRanksThanSamples(ValueError):
+    """`check_even_batches`: some ranks would hold no sample, so no batch."""
+
+
+class UnevenBatchesOfOne(ValueError):
+    """`check_even_batches`: in batches of 1, the ranks holding a sample fewer would take a batch fewer."""
+
+
 def check_even_batches(n, world_size, batch_size):
     """The batches each rank takes of `n` samples dealt to `world_size` ranks a sample apart at most (the local
     paths' interleaved deal, the stream path's shards), without drop_last: as many as the ranks holding most need.
-    ValueError, the same on every rank, where the others cannot take that many: a rank with no sample, or, in
-    batches of 1, the ranks holding a sample fewer."""
+    A ValueError, the same on every rank, where the others cannot take that many, one class per cause (a caller
+    words its own advice by the class, without this rule again): `MoreRanksThanSamples`, a rank with no sample;
+    `UnevenBatchesOfOne`, in batches of 1, the ranks holding a sample fewer."""
     share, longer = divmod(n, world_size)  # `longer` ranks hold share + 1 samples
     batches = -(-(share + (longer > 0)) // batch_size)
     if share == 0 and longer:
-        raise ValueError(f"world_size={world_size}: {world_size - longer} of the ranks would have no batch of the "
+        raise MoreRanksThanSamples(f"world_size={world_size}: {world_size - longer} of the ranks would have no batch of the "
                          f"{n} {plural(n, 'sample')} to read, and DDP would wait on them for good; "
                          f"use at most {longer} {plural(longer, 'rank')}")
     if share < batches:  # batch_size=1: the ranks one sample short have no batch to split or spread
-        raise ValueError(f"batch_size=1: {world_size - longer} of the {world_size} ranks would take a batch fewer "
+        raise UnevenBatchesOfOne(f"batch_size=1: {world_size - longer} of the {world_size} ranks would take a batch fewer "
                          "than the others (they hold a sample fewer), and DDP would wait on them for good; use a "
                          "batch_size of at least 2, or drop_last=True")
     return batches

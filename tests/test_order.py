@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from pipeline.order import batch_sizes, epoch_order, step_seed
+from pipeline.order import (MoreRanksThanSamples, UnevenBatchesOfOne, batch_sizes, check_even_batches,
+                            epoch_order, step_seed)
 
 
 def test_same_arguments_same_order_and_epochs_differ():
@@ -101,3 +102,18 @@ def test_a_rank_a_sample_short_splits_its_last_batch_and_a_resume_before_it_sees
     assert [[len(b) for b in batches(r, 0)] for r in (0, 1)] == [[16, 16, 16, 1], [16, 16, 8, 8]]
     for start, step in ((32, 1), (64, 2)):
         assert all(batches(r, start) == batches(r, 0)[step:] for r in (0, 1))
+
+
+def test_ranks_that_cannot_take_as_many_batches_are_told_apart_by_the_class_of_the_refusal():
+    """train.py words its own advice for each cause: it caught check_even_batches' ValueError and told the two
+    apart by `count < world_size`, the rule written a second time. Each cause is now a ValueError class of its own."""
+    with pytest.raises(MoreRanksThanSamples, match=r"^world_size=32: 2 of the ranks would have no batch of the 30 "):
+        check_even_batches(30, 32, 8)
+    with pytest.raises(MoreRanksThanSamples):  # no sample on a rank, whatever the batch size
+        check_even_batches(30, 32, 1)
+    with pytest.raises(UnevenBatchesOfOne, match=r"^batch_size=1: 2 of the 4 ranks would take a batch fewer "):
+        check_even_batches(30, 4, 1)
+    assert not issubclass(MoreRanksThanSamples, UnevenBatchesOfOne) and not issubclass(UnevenBatchesOfOne,
+                                                                                       MoreRanksThanSamples)
+    assert issubclass(MoreRanksThanSamples, ValueError) and issubclass(UnevenBatchesOfOne, ValueError)
+    assert [check_even_batches(30, 4, 7), check_even_batches(32, 32, 1), check_even_batches(0, 4, 1)] == [2, 1, 0]

@@ -257,8 +257,8 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
     batch itself (valid until the next batch is requested; an option of the device stage is refused
     with it, never dropped). Labels int64.
     Same (seed, epoch): same order; `set_epoch` reshuffles. With `world_size > 1` ranks get
-    disjoint samples and the same number of batches (full ones with `drop_last=True`; see `order.batch_sizes`
-    and `stream_plan.batch_sizes`): a split that cannot give each rank as many is refused (ValueError).
+    disjoint samples and the same number of batches (full ones with `drop_last=True`; see
+    `order.rank_batch_sizes`): a split that cannot give each rank as many is refused (ValueError).
     path: "resident" (the split copied to `device` once), "fast" (memory-mapped shards, each batch gathered
     `prefetch` batches ahead by a background thread: default 4 on CUDA, else 0, inline), "stream" (`workers`
     DataLoader processes, default 2, each reading whole shards) or "auto": resident for a local split of up to

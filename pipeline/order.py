@@ -32,25 +32,45 @@ def epoch_order(n, *, seed, epoch, rank=0, world_size=1, batch_size=1, shuffle=T
 
 
 def batch_sizes(n, *, rank=0, world_size=1, batch_size=1, drop_last=False, start=0):
-    """The sizes of the batches this rank cuts its `epoch_order` into: the same number on every rank, as DDP
-    needs (a rank with a batch fewer never joins the others' last all-reduce: they wait on it for good).
-
-    With `drop_last` every batch is full. Otherwise every sample is read once: the ranks' shares differ by at most
-    one sample, so where a share one short of the others' is a whole number of batches, those ranks have a batch
-    fewer: each splits its last batch in two (every batch before it stays full, so the first k * batch_size *
-    world_size samples of the permutation are still those of the first k steps). A rank with no batch to split
-    (fewer samples than ranks, or batch_size=1) cannot take as many batches as the others: ValueError, the same
-    on every rank and on the stream path (`check_even_batches`).
+    """The sizes of the batches this rank cuts its `epoch_order` into (`rank_batch_sizes`: the same number on every
+    rank): the rest of the split after `start` is dealt a sample apart, the first `(n - start) % world_size` ranks
+    holding one more. A rank a batch short of the others splits its last batch in two, so that every batch before it
+    stays full (`rank_batch_sizes` says why these paths need that, and the stream path does not).
     """
     check_start(n, start)
     share, longer = divmod(n - start, world_size)  # `longer` ranks hold share + 1 samples
-    mine = share + (rank < longer)
+    return rank_batch_sizes(share + (rank < longer), n - start, world_size, batch_size, drop_last)
+
+
+def rank_batch_sizes(held, n, world_size, batch_size, drop_last, spread=False):
+    """The sizes of the batches a rank holding `held` of `n` samples, dealt to `world_size` ranks a sample apart at
+    most, cuts them into: the same number on every rank, as DDP needs (a rank with a batch fewer never joins the
+    others' last all-reduce: they wait on it for good). The resident and fast paths' rule (`batch_sizes`) and the
+    stream path's (`stream_plan.plan_epoch`, `spread=True`), which differ in one case only.
+
+    With `drop_last` every batch is full: n // world_size // batch_size of them, the rest unused this epoch.
+    Otherwise every sample is read once, in as many batches as the ranks holding most need (`check_even_batches`,
+    which refuses ranks that cannot take that many): full ones and a short last one. Where a rank holding a sample
+    fewer than the others holds a whole number of batches, it has a batch too few, and makes it up so:
+    - the resident and fast paths (`spread=False`) split its last batch in two. Every batch before it stays full, so
+      after k steps the ranks have read exactly the first k * batch_size * world_size samples of the permutation:
+      the `start` a resume deals the rest from, on these ranks or on another number of them (a rank that spread its
+      samples would have read fewer by then, and a resume from there leave the others unread that epoch).
+    - the stream path (`spread=True`) spreads its samples evenly over the batches (97 samples on 2 ranks in batches
+      of 16: 48 in 4 batches of 12, where the local paths cut 16, 16, 8, 8). It resumes by batch, on the same ranks
+      only, so needs no full batches; and a stream checkpoint holds no plan, only where the epoch stopped: a rank
+      cut otherwise would resume an epoch saved by an earlier tinyin on other samples (the checkpoint's deal
+      version, `stream_plan.DEAL`, would have to change with it).
+    """
     if drop_last:
-        return [batch_size] * (share // batch_size)
-    batches = check_even_batches(n - start, world_size, batch_size)
-    full, last = divmod(mine, batch_size)
+        return [batch_size] * (n // world_size // batch_size)
+    batches = check_even_batches(n, world_size, batch_size)
+    full, last = divmod(held, batch_size)
     if full + (last > 0) == batches:
         return [batch_size] * full + [last] * (last > 0)
+    if spread:
+        base, extra = divmod(held, batches)
+        return [base + 1] * extra + [base] * (batches - extra)
     return [batch_size] * (full - 1) + [batch_size - batch_size // 2, batch_size // 2]
 
 

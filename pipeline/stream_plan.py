@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .order import check_even_batches, check_start
+from .order import check_start, rank_batch_sizes
 
 LANES = 2  # shard groups read side by side (one per worker); consecutive batches alternate between them
 MIX = 2  # shards per group: a batch draws from the union of this many shards, fully shuffled
@@ -87,23 +87,6 @@ def deal_shards(counts, order, world_size, rng=None):
     return deals, totals
 
 
-def batch_sizes(totals, rank, batch_size, drop_last):
-    """This rank's batch sizes; every rank gets the same number of batches.
-
-    drop_last: floor(min(totals) / batch_size) full batches, the rest unused this epoch.
-    Otherwise every sample once in nb = ceil(max(totals) / batch_size) batches: full ones and a
-    short last one, or, on a rank with fewer samples, its samples spread evenly over nb batches.
-    """
-    n, B = totals[rank], batch_size
-    if drop_last:
-        return [B] * (min(totals) // B)
-    nb = check_even_batches(sum(totals), len(totals), B)  # the local paths' refusal: totals are a sample apart
-    if -(-n // B) == nb:
-        return [B] * (n // B) + [n % B] * (n % B > 0)
-    base, extra = divmod(n, nb)
-    return [base + 1] * extra + [base] * (nb - extra)
-
-
 def plan_epoch(counts, *, seed, epoch, rank=0, world_size=1, batch_size=256, shuffle=True, drop_last=False,
                start=0, lanes=LANES, mix=MIX):
     """The `EpochPlan` of `rank` for shards of `counts` samples (a pure function, nothing is read).
@@ -115,7 +98,9 @@ def plan_epoch(counts, *, seed, epoch, rank=0, world_size=1, batch_size=256, shu
        round-robin to `lanes`, a lane's samples are cut into pieces of `batch_size`, and the rank's
        sample sequence takes one piece from each lane in turn (neighbouring batches never share a
        group, and each lane is one worker's sequential read).
-    3. The sequence is cut into `batch_sizes`; a batch's samples from one group form a chunk.
+    3. The sequence is cut into batches (`order.rank_batch_sizes`: as many on every rank; a rank a batch short of
+       the others spreads its samples over them, where the local paths split their last); a batch's samples from
+       one group form a chunk.
     start: samples of this epoch already consumed over all ranks, a multiple of
     batch_size * world_size (or, without drop_last, the whole epoch: nothing is left): the batches before
     it are left out, the rest are unchanged.
@@ -136,7 +121,7 @@ def plan_epoch(counts, *, seed, epoch, rank=0, world_size=1, batch_size=256, shu
     order = list(np.random.default_rng([seed, epoch]).permutation(len(counts))) if shuffle else list(range(len(counts)))
     deals, totals = deal_shards(counts, order, world_size,
                                 np.random.default_rng([seed, epoch, world_size]) if shuffle else None)
-    sizes = batch_sizes(totals, rank, batch_size, drop_last)
+    sizes = rank_batch_sizes(totals[rank], sum(totals), world_size, batch_size, drop_last, spread=True)
     first = len(sizes) if whole else start // (batch_size * world_size)  # at most len(sizes), start within the split
     mine = deals[rank]
     if shuffle:

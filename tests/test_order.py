@@ -4,6 +4,7 @@ import pytest
 
 from pipeline.order import (MoreRanksThanSamples, UnevenBatchesOfOne, batch_sizes, check_even_batches,
                             epoch_order, step_seed)
+from pipeline.stream_plan import plan_epoch
 
 
 def test_same_arguments_same_order_and_epochs_differ():
@@ -117,3 +118,21 @@ def test_ranks_that_cannot_take_as_many_batches_are_told_apart_by_the_class_of_t
                                                                                        MoreRanksThanSamples)
     assert issubclass(MoreRanksThanSamples, ValueError) and issubclass(UnevenBatchesOfOne, ValueError)
     assert [check_even_batches(30, 4, 7), check_even_batches(32, 32, 1), check_even_batches(0, 4, 1)] == [2, 1, 0]
+
+
+def test_a_rank_a_batch_short_splits_its_last_batch_on_the_local_paths_and_spreads_it_on_the_stream():
+    """One rule for both (`rank_batch_sizes`), with one difference that each path needs. 97 samples on 2 ranks in
+    batches of 16 are 49 and 48: rank 1 holds 3 batches of the 4 rank 0 takes. The resident and fast paths split its
+    last batch (16, 16, 8, 8): a resume deals the rest from start = steps * 16 * 2, on any number of ranks, so every
+    batch before that one must be full. The stream path spreads its 48 over 4 batches of 12: it resumes by batch on
+    the same ranks only, and its plan is what stream checkpoints were made with."""
+    assert [batch_sizes(97, rank=r, world_size=2, batch_size=16) for r in (0, 1)] == [[16, 16, 16, 1], [16, 16, 8, 8]]
+    assert [plan_epoch([49, 48], seed=0, epoch=0, rank=r, world_size=2, batch_size=16).sizes
+            for r in (0, 1)] == [[16, 16, 16, 1], [12, 12, 12, 12]]
+    # The local paths' reason: after k full steps the ranks have read the first k * 32 samples of the permutation.
+    permutation = epoch_order(97, seed=1, epoch=0)
+    orders = [epoch_order(97, seed=1, epoch=0, rank=r, world_size=2) for r in (0, 1)]
+    for steps in (1, 2):
+        read = np.concatenate([orders[r][:sum(batch_sizes(97, rank=r, world_size=2, batch_size=16)[:steps])]
+                               for r in (0, 1)])
+        assert sorted(read) == sorted(permutation[:steps * 32])

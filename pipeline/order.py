@@ -91,13 +91,13 @@ def check_even_batches(n, world_size, batch_size):
     share, longer = divmod(n, world_size)  # `longer` ranks hold share + 1 samples
     batches = -(-(share + (longer > 0)) // batch_size)
     if share == 0 and longer:
-        raise MoreRanksThanSamples(f"world_size={world_size}: {world_size - longer} of the ranks would have no batch of the "
-                         f"{n} {plural(n, 'sample')} to read, and DDP would wait on them for good; "
-                         f"use at most {longer} {plural(longer, 'rank')}")
+        raise MoreRanksThanSamples(f"world_size={world_size}: {world_size - longer} of the ranks would have no batch "
+                                   f"of the {n} {plural(n, 'sample')} to read, and DDP would wait on them for good; "
+                                   f"use at most {longer} {plural(longer, 'rank')}")
     if share < batches:  # batch_size=1: the ranks one sample short have no batch to split or spread
-        raise UnevenBatchesOfOne(f"batch_size=1: {world_size - longer} of the {world_size} ranks would take a batch fewer "
-                         "than the others (they hold a sample fewer), and DDP would wait on them for good; use a "
-                         "batch_size of at least 2, or drop_last=True")
+        raise UnevenBatchesOfOne(f"batch_size=1: {world_size - longer} of the {world_size} ranks would take a batch "
+                                 "fewer than the others (they hold a sample fewer), and DDP would wait on them for "
+                                 "good; use a batch_size of at least 2, or drop_last=True")
     return batches
 
 

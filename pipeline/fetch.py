@@ -84,14 +84,35 @@ def _request(url, headers=None, method=None):
     return request
 
 
-def _remote_size(url):
-    """The size the server gives for `url` (a HEAD request's Content-Length), or None if it gives none."""
+def _head(url):
+    """The Content-Length of a HEAD request for `url`, or None if the answer gives none; `_Failed` if it fails.
+    501 (Not Implemented: a server that takes GET alone) is the server's last word on HEAD, as a 405 is."""
     try:
         with urllib.request.urlopen(_request(url, method="HEAD"), timeout=TIMEOUT_S) as response:
             length = response.headers.get("Content-Length")
             return int(length) if length and length.isdigit() else None
-    except (OSError, http.client.HTTPException):
-        return None  # the download that follows reports what is wrong
+    except urllib.error.HTTPError as e:
+        e.close()
+        if e.code == 501:
+            raise _Failed(status_line(e), retry=False) from None
+        raise _failed(e, url) from None
+    except (OSError, http.client.HTTPException) as e:
+        raise _failed(e, url) from None
+
+
+def _remote_size(url, part, final):
+    """The size the server gives for `url` (a HEAD request's Content-Length), or None if it gives none. The HEAD
+    is tried again as the download is (`_retried`): a blip on it went on without the size, and a file already
+    in `out` of any size was taken for the download. None after a final answer (a 404, a 401, a host that
+    does not resolve, a server that takes no HEAD): the download that follows says what is wrong, or gets the
+    file. When every attempt failed, None where file `final` is there (a job's fetch-if-needed on a node
+    without the network takes it, as it did), else FetchError (`_given_up`): the download would try as long."""
+    try:
+        return _retried(lambda: _head(url))
+    except _Failed as e:
+        if e.retry and not final.is_file():
+            raise _given_up(url, part, None, e) from None  # no md5: one would have been the check
+        return None
 
 
 def _complete_length(content_range):
@@ -122,6 +143,15 @@ class _Failed(Exception):
     def __init__(self, reason, retry):
         super().__init__(reason)
         self.reason, self.retry = reason, retry
+
+
+def _failed(error, url):
+    """`error`, raised by a request for `url` (urllib's HTTPError or URLError, a cut connection), as `_Failed`."""
+    if isinstance(error, urllib.error.HTTPError):
+        return _Failed(status_line(error), worth_retrying(error))
+    if isinstance(error, urllib.error.URLError):
+        return _Failed(unknown_host(error, url) or str(error.reason), worth_retrying(error))
+    return _Failed(str(error) or type(error).__name__, worth_retrying(error))
 
 
 class _Changed(Exception):
@@ -169,7 +199,7 @@ def _download(url, part, expected_size, md5, chunk_size, progress):
                 raise _Failed(f"connection closed after {received} of {length} bytes", retry=True)
     except urllib.error.HTTPError as e:
         if e.code != 416:  # 416: the .part already holds everything the server has
-            raise _Failed(status_line(e), worth_retrying(e)) from None
+            raise _failed(e, url) from None
         total = _complete_length(e.headers.get("Content-Range"))
         if total is not None and total < start:  # longer than the file: not a prefix of it, so start again
             part.unlink()
@@ -177,35 +207,46 @@ def _download(url, part, expected_size, md5, chunk_size, progress):
     except _Changed:  # the server sent the rest of another file: start again
         part.unlink()
         _download(url, part, expected_size, md5, chunk_size, progress)
-    except urllib.error.URLError as e:
-        raise _Failed(unknown_host(e, url) or str(e.reason), worth_retrying(e)) from None
-    except (OSError, http.client.HTTPException) as e:
+    except (OSError, http.client.HTTPException) as e:  # urllib's URLError too
         if isinstance(e, OSError) and e.errno in FULL_DISK_ERRNOS:
             # This machine's disk, not the server: the user must know which disk to clean (a write's error
             # names no file). The .part is kept: what arrived resumes once there is room.
             raise OSError(e.errno, e.strerror, str(part)) from None
-        raise _Failed(str(e) or type(e).__name__, worth_retrying(e)) from None
+        raise _failed(e, url) from None
 
 
-def _download_retried(url, part, expected_size, md5, chunk_size, progress):
-    """`_download`, tried again as a remote shard's transfer is (`shardset.retry_waits`: 5 attempts over about
-    8 s) while its failure is worth it (`shardset.worth_retrying`: a cut connection, a 5xx, a reset; not a 404),
-    each attempt resuming from what the .part holds. FetchError after the last, saying whether a rerun resumes."""
+def _retried(attempt):
+    """`attempt()`'s value, tried again as a remote shard's transfer is (`shardset.retry_waits`: 5 attempts over
+    about 8 s) while the `_Failed` it raises is worth it (`shardset.worth_retrying`: a cut connection, a 5xx, a
+    reset; not a 404). After the last, or a final one, that `_Failed`, its `attempts` set."""
     waits = retry_waits()
-    for attempt in range(len(waits) + 1):
+    for n in range(len(waits) + 1):
         try:
-            return _download(url, part, expected_size, md5, chunk_size, progress)
+            return attempt()
         except _Failed as e:
-            if not e.retry or attempt == len(waits):
-                failure = e
-                break
-        time.sleep(waits[attempt])
-    tries = f" (after {attempt + 1} {plural(attempt + 1, 'attempt')})" if attempt else ""
+            if not e.retry or n == len(waits):
+                e.attempts = n + 1
+                raise
+        time.sleep(waits[n])
+
+
+def _given_up(url, part, md5, failure):
+    """The FetchError of `failure` (`_retried`'s): how many attempts, and whether a rerun resumes."""
+    tries = f" (after {failure.attempts} {plural(failure.attempts, 'attempt')})" if failure.attempts > 1 else ""
     kept = part.stat().st_size if failure.retry and part.is_file() else 0
     # A rerun resumes the .part where something would catch a mix of two versions of the file (`_download`).
     resumes = kept and (md5 is not None or _validator_file(part).is_file())
     again = f"; rerun the same command to resume from the {kept:,} bytes in {part}" if resumes else ""
-    raise FetchError(f"cannot download {url}: {failure.reason}{tries}{again}") from None
+    return FetchError(f"cannot download {url}: {failure.reason}{tries}{again}")
+
+
+def _download_retried(url, part, expected_size, md5, chunk_size, progress):
+    """`_download`, tried again (`_retried`), each attempt resuming from what the .part holds. FetchError after
+    the last, saying whether a rerun resumes."""
+    try:
+        return _retried(lambda: _download(url, part, expected_size, md5, chunk_size, progress))
+    except _Failed as e:
+        raise _given_up(url, part, md5, e) from None
 
 
 def fetch_release(out, url=OFFICIAL_URL, expected_size=OFFICIAL_SIZE, md5=OFFICIAL_MD5, chunk_size=1 << 20, progress=True,
@@ -219,8 +260,8 @@ def fetch_release(out, url=OFFICIAL_URL, expected_size=OFFICIAL_SIZE, md5=OFFICI
     ignored). A .part with no validator known is resumed only when `md5` is given (it would catch a
     mix of two versions of the file); otherwise it is downloaded again. The finished file's size
     and md5 are checked (either check is skipped when its expected value is None) before it is
-    renamed into place; with neither, the size is the one the server gives (HEAD), when it
-    gives one. A final file that already matches is returned without downloading (also from a folder
+    renamed into place; with neither, the size is the one the server gives (HEAD, tried again as
+    the download is), when it gives one. A final file that already matches is returned without downloading (also from a folder
     this user may not write in), and `found`, when given, is called with what matched ('md5 ok',
     'size ok', or 'nothing to check it against'). One call at a
     time downloads into `out` (an flock on `.<name>.lock`, removed after): another waits, saying so
@@ -250,7 +291,7 @@ def fetch_release(out, url=OFFICIAL_URL, expected_size=OFFICIAL_SIZE, md5=OFFICI
     if expected_size is None and md5 is None:
         # Nothing to check a file against: take the server's size, so that an unrelated file already
         # in `out`, or a .part longer than the file, is not taken for the download.
-        expected_size = _remote_size(url)
+        expected_size = _remote_size(url, part, final)
     # Two fetches into one folder (a job per node on shared storage) would append to one .part: the
     # second waits here, then finds the first one's file.
     waiting = lambda: print(f"waiting for another download of {name} into {out}", file=sys.stderr, flush=True)  # noqa: E731

@@ -39,8 +39,19 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
     this many body bytes, None: never), `ranges` (the Range header of each request),
     `validator` (what a GET answers with: "etag" a strong ETag, the file's md5; "weak-etag";
     "last-modified" the file's mtime; None neither), `honour_if_range` (False: Range is served
-    whatever If-Range says) and `if_ranges` (the If-Range header of each request).
+    whatever If-Range says) and `if_ranges` (the If-Range header of each request). A HEAD is answered with the
+    status `head_errors` pops (a 503 of a server under load, 501 of one that takes no HEAD) while it holds one;
+    `heads` counts them.
     """
+
+    def do_HEAD(self):
+        self.server.heads += 1
+        if self.server.head_errors:
+            self.send_response(self.server.head_errors.pop(0))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        super().do_HEAD()
 
     def do_GET(self):
         wanted, if_range = self.headers.get("Range"), self.headers.get("If-Range")
@@ -88,11 +99,12 @@ def serve(tmp_path):
     """Start servers of tmp_path/www on 127.0.0.1; all are shut down after the test."""
     running = []
 
-    def start(honour_range=True, cut_after=None, validator=None, honour_if_range=True):
+    def start(honour_range=True, cut_after=None, validator=None, honour_if_range=True, head_errors=()):
         handler = functools.partial(RangeHandler, directory=str(tmp_path / "www"))
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         server.honour_range, server.cut_after, server.ranges = honour_range, cut_after, []
         server.validator, server.honour_if_range, server.if_ranges = validator, honour_if_range, []
+        server.head_errors, server.heads = list(head_errors), 0
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01})
         thread.start()
         running.append((server, thread))
@@ -327,6 +339,46 @@ def test_an_unrelated_file_is_not_taken_for_the_download_when_nothing_is_known_o
     assert server.ranges == [None]
 
 
+def test_a_head_refused_once_is_asked_again_for_the_size_a_file_already_there_must_match(serve, payload, tmp_path):
+    """The HEAD that gives the size was asked once: a 503 (or a cut connection) on it went on without the size,
+    and a file already there of any size was taken for the download ('already have ... (nothing to check it
+    against)'). It is tried again as the download is."""
+    server = serve(head_errors=[503])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / NAME).write_bytes(b"garbage")
+    assert _fetch(server, tmp_path / "out", payload, expected_size=None, md5=None).read_bytes() == payload
+    assert (server.heads, server.ranges) == (2, [None])
+
+
+def test_a_head_refused_at_every_attempt_says_so_before_anything_is_made(serve, payload, tmp_path, quick_retries):
+    server = serve(head_errors=[503] * RETRIES)
+    with pytest.raises(FetchError) as info:
+        _fetch(server, tmp_path / "out", payload, expected_size=None, md5=None)
+    assert str(info.value) == (f"cannot download {_url(server)}: HTTP 503 Service Unavailable "
+                               f"(after {RETRIES} attempts)")
+    assert (server.heads, server.ranges) == (RETRIES, []) and not (tmp_path / "out").exists()
+
+
+def test_a_file_already_there_is_taken_where_no_head_gets_through(serve, payload, tmp_path, quick_retries):
+    """A job's fetch-if-needed on a node without the network: the file it fetched before is taken, as it was
+    before the HEAD was tried again, with nothing to check it against."""
+    server, found = serve(head_errors=[503] * RETRIES), []
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / NAME).write_bytes(payload)
+    assert _fetch(server, tmp_path / "out", payload, expected_size=None, md5=None, found=found.append).read_bytes() == payload
+    assert (server.heads, server.ranges, found) == (RETRIES, [], ["nothing to check it against"])
+
+
+@pytest.mark.parametrize("status", [404, 405, 501])
+def test_a_final_answer_to_the_head_is_not_asked_again(serve, payload, tmp_path, monkeypatch, status):
+    """A HEAD the server does not take (405, or 501 from one that serves GET alone) leaves the size unknown
+    and the download goes on; a 404 is the download's to say. None is asked again, nor waited for."""
+    monkeypatch.setattr("pipeline.fetch.time.sleep", lambda s: pytest.fail("waited to try again"))
+    server = serve(head_errors=[status])
+    assert _fetch(server, tmp_path / "out", payload, expected_size=None, md5=None).read_bytes() == payload
+    assert (server.heads, server.ranges) == (1, [None])
+
+
 @pytest.mark.parametrize("checks", [dict(expected_size=None), dict(expected_size=None, md5=None)], ids=["md5", "none"])
 def test_a_part_longer_than_the_file_is_started_again(serve, payload, tmp_path, checks):
     """Not a prefix of the file: with an md5 the server's 416 gives the size, without one its HEAD does."""
@@ -516,7 +568,7 @@ def test_a_file_already_there_says_what_it_matched_and_a_download_says_nothing(s
     _fetch(server, out, payload, found=found.append)
     for checks in ({}, dict(md5=None), dict(md5=None, expected_size=None)):
         _fetch(server, out, payload, found=found.append, **checks)
-    monkeypatch.setattr("pipeline.fetch._remote_size", lambda url: None)  # a server that gives no size
+    monkeypatch.setattr("pipeline.fetch._remote_size", lambda url, part, final: None)  # a server that gives no size
     _fetch(server, out, payload, found=found.append, md5=None, expected_size=None)
     assert found == ["md5 ok", "size ok", "size ok", "nothing to check it against"]
 

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -139,10 +140,13 @@ def data_fetch(out, url, md5):
         raise click.UsageError("--md5 checks a --url download (the official zip's md5 is built in)")
     kwargs = {} if url is None else {"url": url, "expected_size": None, "md5": md5}
     matched = []
-    try:
-        path = fetch.fetch_release(out, found=matched.append, **kwargs)
-    except fetch.FetchError as e:
-        raise TinyinError(str(e)) from None
+    # SIGUSR1 as SIGTERM, as train.py's fetch of a set URL takes it (a scheduler's word before it preempts a job):
+    # it killed the fetch where it stood, without a line, and left the lock file. The .part stays to resume.
+    with sigterm_interrupts((signal.SIGTERM, signal.SIGUSR1)):
+        try:
+            path = fetch.fetch_release(out, found=matched.append, **kwargs)
+        except fetch.FetchError as e:
+            raise TinyinError(str(e)) from None
     click.echo(f"already have {path} ({matched[0]})" if matched else f"downloaded {path}")
 
 

@@ -8,8 +8,12 @@ import os
 import http.server
 import pathlib
 import random
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 import urllib.request
 import zipfile
 
@@ -21,6 +25,7 @@ from pipeline.shardset import RETRIES
 from tests.servers import FaultyHTTPServer
 
 NAME = "tiny.zip"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def validator_of(kind, path, data):
@@ -41,7 +46,8 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
     "last-modified" the file's mtime; None neither), `honour_if_range` (False: Range is served
     whatever If-Range says) and `if_ranges` (the If-Range header of each request). A HEAD is answered with the
     status `head_errors` pops (a 503 of a server under load, 501 of one that takes no HEAD) while it holds one;
-    `heads` counts them.
+    `heads` counts them. With `stall_after` N a GET sends N bytes of the body, sets `stalled` and hangs up once
+    `release` is set (a link gone quiet).
     """
 
     def do_HEAD(self):
@@ -78,6 +84,12 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
         if validator:
             self.send_header(header, validator)
         self.end_headers()
+        if self.server.stall_after is not None:
+            self.wfile.write(data[start:][: self.server.stall_after])
+            self.wfile.flush()
+            self.server.stalled.set()
+            self.server.release.wait(60)
+            return
         self.wfile.write(data[start:][: self.server.cut_after])
 
     def log_message(self, *args):
@@ -99,12 +111,14 @@ def serve(tmp_path):
     """Start servers of tmp_path/www on 127.0.0.1; all are shut down after the test."""
     running = []
 
-    def start(honour_range=True, cut_after=None, validator=None, honour_if_range=True, head_errors=()):
+    def start(honour_range=True, cut_after=None, validator=None, honour_if_range=True, head_errors=(),
+              stall_after=None):
         handler = functools.partial(RangeHandler, directory=str(tmp_path / "www"))
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         server.honour_range, server.cut_after, server.ranges = honour_range, cut_after, []
         server.validator, server.honour_if_range, server.if_ranges = validator, honour_if_range, []
         server.head_errors, server.heads = list(head_errors), 0
+        server.stall_after, server.stalled, server.release = stall_after, threading.Event(), threading.Event()
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01})
         thread.start()
         running.append((server, thread))
@@ -112,6 +126,7 @@ def serve(tmp_path):
 
     yield start
     for server, thread in running:
+        server.release.set()
         server.shutdown()
         server.server_close()
         thread.join()
@@ -472,6 +487,45 @@ def test_cli_fetch_downloads_and_reports_errors_in_one_line(serve, payload, tmp_
     result = CliRunner().invoke(main, ["data", "fetch", "--out", str(tmp_path / "bad"), "--url", url, "--md5", "0" * 32])
     assert result.exit_code == 1
     assert result.output.strip().splitlines()[-1] == f"error: {NAME}: expected md5 {'0' * 32}, got {hashlib.md5(payload).hexdigest()}"
+
+
+# `tinyin data fetch ARGS`, its Ctrl-C taken as a terminal delivers it: a suite started in the background hands its
+# children SIGINT ignored, and Python then installs no handler of its own.
+FETCH = """
+import signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
+from pipeline.cli import main
+main(sys.argv[1:], prog_name="tinyin")
+"""
+
+
+@pytest.mark.parametrize("signum, line", [(signal.SIGTERM, "terminated"), (signal.SIGINT, "interrupted"),
+                                          (signal.SIGUSR1, "stopped by SIGUSR1")])
+def test_a_signal_stops_the_fetch_in_one_line_and_the_rerun_resumes(serve, tmp_path, signum, line):
+    """SIGUSR1 (a scheduler's word before it preempts a job, which train.py's fetch of a set URL takes as SIGTERM)
+    killed `data fetch` where it stood: no line, and its lock file left. Each stop is now one line and 128 + the
+    signal, and what arrived stays in the .part for the rerun."""
+    (tmp_path / "www").mkdir()
+    data = random.Random(1).randbytes(3 << 19)  # 1.5 MiB: the first 1 MiB chunk reaches the .part, then the link stalls
+    (tmp_path / "www" / NAME).write_bytes(data)
+    server, out, md5 = serve(stall_after=(1 << 20) + 1000), tmp_path / "out", hashlib.md5(data).hexdigest()
+    proc = subprocess.Popen([sys.executable, "-c", FETCH, "data", "fetch", "--out", str(out), "--url", _url(server),
+                             "--md5", md5], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    part = out / f"{NAME}.part"
+    try:
+        while not (part.is_file() and part.stat().st_size == 1 << 20):
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.01)
+        proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        server.release.set()
+    assert (proc.returncode, stdout, stderr.splitlines()[-1]) == (128 + signum, "", line)  # after the progress bar
+    assert [p.name for p in out.iterdir()] == [part.name] and part.stat().st_size == 1 << 20  # no lock file left
+    server.stall_after = None
+    assert fetch_release(out, _url(server), len(data), md5, progress=False).read_bytes() == data
+    assert server.ranges == [None, f"bytes={1 << 20}-"]
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])

@@ -25,16 +25,19 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def check_device(name, present=True, what="argument --device"):
+def check_device(name, present=True, what="argument --device", error=UsageError):
     """A `--device` value as a torch.device: cpu or cuda[:N], and with `present` one this machine has.
     UsageError otherwise (torch's own errors are tracebacks at the first use). `present=False` checks
-    the spelling only: a GPU run's flags parse on any machine. `what` names the value in the message."""
+    the spelling only: a GPU run's flags parse on any machine. `what` names the value in the message;
+    `error` is the class of the refusal of a value that is no device tinyin runs on ('gpu', 'mps'): make_loader's
+    is a ValueError, as its other values that no argument takes are; a device this machine lacks is a
+    UsageError whatever `error` is."""
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
-        raise UsageError(f"{what}: {name!r} is not a device; use cpu, cuda or cuda:N") from None
+        raise error(f"{what}: {name!r} is not a device; use cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"{what}: tinyin runs on cpu or cuda, not {device.type}")
+        raise error(f"{what}: tinyin runs on cpu or cuda, not {device.type}")
     if present and device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"{what}: {name}, but torch {torch.__version__} sees no CUDA device here")
     if present and device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():

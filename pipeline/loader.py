@@ -264,7 +264,8 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
     DataLoader processes, default 2, each reading whole shards) or "auto": resident for a local split of up to
     2 GiB, else fast; stream for a list of shard URLs. An option the chosen path does not use, or that does not fit
     the shards given (sample_counts missing with shard URLs, or given with a shard set), is refused as a UsageError
-    (as a device this machine lacks is); a value no argument can take is a ValueError (check_integer, check_variant).
+    (as a device this machine lacks is); a value no argument can take is a ValueError (check_integer, check_variant;
+    a device that is none, 'gpu', or that tinyin does not run on, 'mps').
     checksum=False skips the resident and fast paths' background sha256 pass over the split's shards.
     """
     # None or 3 was "None: no such folder", a dict "a list of shard URLs needs sample_counts", a list of
@@ -283,7 +284,7 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
                         ("channels_last", channels_last), ("raw", raw), ("checksum", checksum)):
         _check_flag(name, value)
     augment_mode(augment)  # a bad value is refused before any shard is opened
-    check_device(device, what="device")  # "cuda" without a GPU: torch's traceback at the first batch
+    check_device(device, what="device", error=ValueError)  # "cuda" without a GPU: torch's traceback at the first batch
     _check_args(batch_size, seed, epoch, rank, world_size, size, prefetch, workers, mean, std, dtype, variant,
                 rrc_scale)
     # numpy integers pass the checks; Python ints from here on (the stream plan multiplied a list by a

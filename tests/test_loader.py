@@ -581,17 +581,26 @@ def test_a_split_that_is_not_a_name_is_refused(shards, split):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
-@pytest.mark.parametrize("device, message", [
-    ("cuda", f"device: cuda, but torch {torch.__version__} sees no CUDA device here"),
-    ("mps", "device: tinyin runs on cpu or cuda, not mps"),
-    ("meta", "device: tinyin runs on cpu or cuda, not meta"),  # torch's device of shapes without data
-    ("gpu", "device: 'gpu' is not a device; use cpu, cuda or cuda:N"),
-])
-def test_a_device_this_machine_lacks_is_one_line(shards, device, message, monkeypatch):
+def test_a_device_this_machine_lacks_is_one_line(shards, monkeypatch):
     """README's own snippet (device="cuda") on a machine without a GPU: torch's 'Found no NVIDIA driver'
     traceback at the first batch, the data pass already started."""
     monkeypatch.setattr("pipeline.loader.open_shard_set", lambda *a: pytest.fail("a shard set was opened"))
     with pytest.raises(UsageError) as e:
+        make_loader(shards, "train", device="cuda")
+    assert str(e.value) == f"device: cuda, but torch {torch.__version__} sees no CUDA device here"
+
+
+@pytest.mark.parametrize("device, message", [
+    ("mps", "device: tinyin runs on cpu or cuda, not mps"),
+    ("meta", "device: tinyin runs on cpu or cuda, not meta"),  # torch's device of shapes without data
+    ("gpu", "device: 'gpu' is not a device; use cpu, cuda or cuda:N"),
+    (None, "device: None is not a device; use cpu, cuda or cuda:N"),
+])
+def test_a_device_that_no_machine_gives_is_a_value_error_as_a_path_that_is_none_is(shards, device, message, monkeypatch):
+    """make_loader(device="gpu") was a UsageError and make_loader(path="gpu") a ValueError: a value that no
+    argument takes is a ValueError (make_loader's docstring), a device this machine lacks a UsageError."""
+    monkeypatch.setattr("pipeline.loader.open_shard_set", lambda *a: pytest.fail("a shard set was opened"))
+    with pytest.raises(ValueError) as e:
         make_loader(shards, "train", device=device)
     assert str(e.value) == message
 

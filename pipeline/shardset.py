@@ -314,7 +314,9 @@ class ShardSet:
         return self.manifest["stats"][variant]
 
     def entries(self, split):
-        """The manifest's shard entries of `split`, in order; ShardError when it has no samples."""
+        """The manifest's shard entries of `split`, in order; ShardError when it has no samples, ValueError for a split
+        that is none of SPLITS (`split_index`'s)."""
+        check_split(split)  # 'Val' was a ShardError, 'no samples for split', as if the set lacked one
         entries = [s for s in self.manifest["shards"] if s["split"] == split]
         if not sum(s["count"] for s in entries):
             raise ShardError(f"{self.location}: no samples for split {split!r} (splits: "

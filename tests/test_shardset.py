@@ -71,10 +71,21 @@ def test_not_a_shard_set(tmp_path, http_url):
                             "run `tinyin shard build` first")
 
 
-def test_a_split_without_samples(shards):
+def test_a_split_without_samples(release, tmp_path):
+    """A set of the first classes (`--classes`) holds no unlabeled images: the set's own lack, a ShardError."""
+    from pipeline.build import build_shards
+
+    build_shards(release, tmp_path / "sub", workers=1, shard_size=1000, classes=2, progress=False)
     with pytest.raises(ShardError) as e:
+        ShardSet(tmp_path / "sub").entries("unlabeled")
+    assert str(e.value) == f"{tmp_path / 'sub'}: no samples for split 'unlabeled' (splits: train, val, test)"
+
+
+def test_a_split_that_is_none_of_the_splits_is_a_value_error(shards):
+    """'nope' (or 'Val') said 'no samples for split', a ShardError, as if the set lacked a split it could hold."""
+    with pytest.raises(ValueError) as e:
         ShardSet(shards).entries("nope")
-    assert str(e.value) == f"{shards}: no samples for split 'nope' (splits: train, val, test, unlabeled)"
+    assert str(e.value) == "split must be one of train, val, test, unlabeled, not 'nope'"
 
 
 def test_the_one_wording_of_a_bad_shard(shards, tmp_path):

@@ -194,9 +194,12 @@ def _download(url, part, expected_size, md5, chunk_size, progress):
                     f.write(chunk)
                     received += len(chunk)
                     bar.update(len(chunk))
-            # http.client ends a short body quietly; the .part stays for the next call to resume.
-            if length and received < int(length):
-                raise _Failed(f"connection closed after {received} of {length} bytes", retry=True)
+            # http.client ends a short body quietly, and one without a Content-Length (its end the connection's
+            # close) as if it were whole: the size known says so then, where the .part was deleted as a file of
+            # the wrong size. The .part stays for the next attempt to resume.
+            wanted = int(length) if length else None if expected_size is None else expected_size - start
+            if wanted is not None and received < wanted:
+                raise _Failed(f"connection closed after {received} of {wanted} bytes", retry=True)
     except urllib.error.HTTPError as e:
         if e.code != 416:  # 416: the .part already holds everything the server has
             raise _failed(e, url) from None

@@ -46,7 +46,8 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
     "last-modified" the file's mtime; None neither), `honour_if_range` (False: Range is served
     whatever If-Range says) and `if_ranges` (the If-Range header of each request). A HEAD is answered with the
     status `head_errors` pops (a 503 of a server under load, 501 of one that takes no HEAD) while it holds one;
-    `heads` counts them. With `stall_after` N a GET sends N bytes of the body, sets `stalled` and hangs up once
+    `heads` counts them. `send_length` False: no Content-Length, the body's end the connection's close (HTTP/1.0).
+    With `stall_after` N a GET sends N bytes of the body, sets `stalled` and hangs up once
     `release` is set (a link gone quiet).
     """
 
@@ -80,7 +81,8 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
         self.send_response(206 if start else 200)
         if start:
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        self.send_header("Content-Length", str(len(data) - start))
+        if self.server.send_length:
+            self.send_header("Content-Length", str(len(data) - start))
         if validator:
             self.send_header(header, validator)
         self.end_headers()
@@ -112,12 +114,12 @@ def serve(tmp_path):
     running = []
 
     def start(honour_range=True, cut_after=None, validator=None, honour_if_range=True, head_errors=(),
-              stall_after=None):
+              stall_after=None, send_length=True):
         handler = functools.partial(RangeHandler, directory=str(tmp_path / "www"))
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         server.honour_range, server.cut_after, server.ranges = honour_range, cut_after, []
         server.validator, server.honour_if_range, server.if_ranges = validator, honour_if_range, []
-        server.head_errors, server.heads = list(head_errors), 0
+        server.head_errors, server.heads, server.send_length = list(head_errors), 0, send_length
         server.stall_after, server.stalled, server.release = stall_after, threading.Event(), threading.Event()
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01})
         thread.start()
@@ -679,6 +681,20 @@ def test_a_transfer_cut_at_every_attempt_says_how_many_and_that_a_rerun_resumes(
     server.cut_after = None
     assert _fetch(server, out, payload).read_bytes() == payload
     assert server.ranges[RETRIES:] == ["bytes=250000-"]
+
+
+def test_a_body_without_a_length_cut_short_is_tried_again_and_not_deleted(serve, payload, tmp_path, quick_retries):
+    """A server that sends no Content-Length ends the body by closing the connection, and a cut one looked whole:
+    the .part was deleted as 'tiny.zip: expected 300152 bytes, got 50000'. The size known tells it is short."""
+    server, out = serve(cut_after=50_000, send_length=False), tmp_path / "out"
+    with pytest.raises(FetchError) as info:
+        _fetch(server, out, payload)
+    assert str(info.value) == (
+        f"cannot download {_url(server)}: connection closed after 50000 of {len(payload) - 200_000} bytes "
+        f"(after {RETRIES} attempts); rerun the same command to resume from the 250,000 bytes in {out / NAME}.part")
+    server.cut_after = None
+    assert _fetch(server, out, payload).read_bytes() == payload
+    assert server.ranges == [None] + [f"bytes={n}-" for n in range(50_000, 300_000, 50_000)]
 
 
 def test_a_final_answer_is_not_asked_again(serve, payload, tmp_path, monkeypatch):

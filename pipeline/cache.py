@@ -277,7 +277,8 @@ def _http_receive(url, part, start, size, progress, stop):
     per block, which measured 0.8-3.2 CPU s/GB here against 0.9 with the map. While it runs the file
     has its full length; it is cut back to what arrived when the transfer ends, however
     it ends (a process killed meanwhile leaves a full-length .part that fails its checksum and is fetched
-    again). FileNotFoundError on a 404, OSError on another HTTP error, _Restart if the range is ignored."""
+    again). FileNotFoundError on a 404, OSError on another HTTP error, ConnectionError where the body ends before
+    its Content-Length, _Restart if the range is ignored."""
     try:
         response = http_open(url, {"Range": f"bytes={start}-"} if start else {}, timeout=TIMEOUT_S)
     except urllib.error.URLError as e:  # no connection: the socket's own error (retried)
@@ -294,8 +295,10 @@ def _http_receive(url, part, start, size, progress, stop):
                 with mmap.mmap(f.fileno(), size) as mapping, memoryview(mapping) as view:
                     while at < size and not stop.is_set():
                         n = response.readinto(view[at:min(at + BLOCK, size)])
+                        if not n and response.length:  # before its Content-Length: a cut connection, resumed
+                            raise ConnectionError(f"the connection closed at byte {at:,} of {size:,}")
                         if not n:
-                            return  # the body ended early: the size check names it
+                            return  # a whole body, shorter than the manifest's size: the size check names it
                         at += n
                         progress(n)
             finally:

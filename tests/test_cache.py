@@ -180,9 +180,12 @@ def test_a_bad_shard_is_one_line_naming_its_url_and_never_left_as_complete(shard
     with pytest.raises(ShardError) as e:
         make_loader(server.url, "train")
     url = f"{server.url}/{SHARD}"
+    # A connection cut at every attempt was named as the file's fault, as if the server's were short: 'URL:
+    # 492,032 bytes, the manifest says 507,904 (truncated or replaced)'.
     assert str(e.value) == {
         "missing": f"{url}: missing (listed in the manifest)",
-        "truncate": f"{url}: {_truncated(size)[1]:,} bytes, the manifest says {size:,} (truncated or replaced)",
+        "truncate": f"{url}: cannot fetch (the connection closed at byte {_truncated(size)[1]:,} of {size:,}, "
+                    f"after {RETRIES} attempts)",
         "corrupt": f"{url}: checksum differs from the manifest (corrupt or modified)",
     }[fault]
     copy = cache_folder(server.url)
@@ -193,6 +196,18 @@ def test_a_bad_shard_is_one_line_naming_its_url_and_never_left_as_complete(shard
     else:
         assert not (copy / f"{SHARD}.part").exists()
     assert server.requests[SHARD] == {"missing": 0, "truncate": RETRIES, "corrupt": RETRIES}[fault]
+
+
+def test_a_shard_shorter_on_the_server_than_the_manifest_says_is_named_so(shards, serve, cache, tmp_path,
+                                                                          quick_retries):
+    """The whole body arrived (its Content-Length), short of the manifest's size: the file's fault, not the link's."""
+    www = shutil.copytree(shards, tmp_path / "www")
+    size = (www / SHARD).stat().st_size
+    os.truncate(www / SHARD, size - 4096)
+    server = serve(root=www)
+    with pytest.raises(ShardError) as e:
+        make_loader(server.url, "train")
+    assert str(e.value) == f"{server.url}/{SHARD}: {size - 4096:,} bytes, the manifest says {size:,} (truncated or replaced)"
 
 
 def test_a_server_down_for_a_second_is_waited_for(shards, serve, cache):

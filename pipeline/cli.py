@@ -12,6 +12,11 @@ import click
 
 from .errors import TinyinError, UsageError, hide_password, plural, sigterm_interrupts, stop_code, user_errors
 
+#: The signals a download stops on as on SIGTERM (`sigterm_interrupts`: one line, 128 + the signal, what arrived kept for
+#: the rerun): SIGUSR1 too, as train.py's fetch of a set URL takes it (a scheduler's word before it preempts a job),
+#: where it killed `data fetch` and a `shard verify URL`'s fetch where they stood, without a line.
+FETCH_STOPS = (signal.SIGTERM, signal.SIGUSR1)
+
 # click's word that a group was called with no command (click 8.2+): it shows the group's help, as asked.
 _NO_COMMAND = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
@@ -140,9 +145,7 @@ def data_fetch(out, url, md5):
         raise click.UsageError("--md5 checks a --url download (the official zip's md5 is built in)")
     kwargs = {} if url is None else {"url": url, "expected_size": None, "md5": md5}
     matched = []
-    # SIGUSR1 as SIGTERM, as train.py's fetch of a set URL takes it (a scheduler's word before it preempts a job):
-    # it killed the fetch where it stood, without a line, and left the lock file. The .part stays to resume.
-    with sigterm_interrupts((signal.SIGTERM, signal.SIGUSR1)):
+    with sigterm_interrupts(FETCH_STOPS):  # the .part stays to resume, and the lock file goes
         try:
             path = fetch.fetch_release(out, found=matched.append, **kwargs)
         except fetch.FetchError as e:
@@ -207,7 +210,8 @@ def _local(shards, split, progress=None):
     if not is_set_url(shards):
         return shards
     remote = ShardSet(shards)
-    return cached_copy(remote, [split] if split else [k for k, v in remote.counts.items() if v], progress=progress)
+    with sigterm_interrupts(FETCH_STOPS):
+        return cached_copy(remote, [split] if split else [k for k, v in remote.counts.items() if v], progress=progress)
 
 
 @shard.command("verify")

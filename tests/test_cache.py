@@ -13,6 +13,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -295,6 +296,41 @@ def test_a_full_disk_or_quota_as_the_part_is_made_names_that_file_at_once(serve,
         cached_copy(server.url, "val", workers=1)
     part = cache_folder(server.url) / "val-000000.tar.part"
     assert (type(e.value), str(e.value), opens) == (OSError, f"[Errno {code}] {os.strerror(code)}: '{part}'", [part])
+
+
+# `tinyin ARGS` whose every shard transfer marks file argv[1] and waits for the fetch's stop (a transfer under
+# way), its Ctrl-C taken as a terminal delivers it.
+MID_TRANSFER = """
+import pathlib, signal, sys
+import pipeline.cache
+from pipeline.cli import main
+
+def receive(url, part, start, size, progress, stop):
+    # Not in this thread: the main one takes it (a signal a pool's thread takes wakes no wait of the main one's).
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    pathlib.Path(sys.argv[1]).touch()
+    stop.wait(60)
+pipeline.cache._http_receive = receive
+signal.signal(signal.SIGINT, signal.default_int_handler)
+main(sys.argv[2:], prog_name="tinyin")
+"""
+
+
+def test_sigusr1_stops_the_fetch_of_shard_verify_url_in_one_line(serve, cache, tmp_path):
+    """SIGUSR1, which train.py's fetch of a set URL takes as SIGTERM, killed `shard verify URL`'s fetch where it
+    stood, without a line (as `data fetch`: `cli.FETCH_STOPS`). It stops as on SIGTERM now."""
+    marker = tmp_path / "receiving"
+    proc = subprocess.Popen([sys.executable, "-c", MID_TRANSFER, str(marker), "shard", "verify", "--quiet",
+                             serve().url], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGUSR1)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert (proc.returncode, stdout, stderr) == (128 + signal.SIGUSR1, "", "stopped by SIGUSR1\n")
 
 
 def test_a_ctrl_c_while_a_fetch_waits_to_try_again_stops_it(serve, cache, monkeypatch):

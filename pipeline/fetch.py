@@ -164,8 +164,10 @@ def _download(url, part, expected_size, md5, chunk_size, progress):
     start = part.stat().st_size if part.exists() else 0
     if expected_size is not None and start > expected_size:
         start = 0  # longer than the file: not a prefix of it, so start again
-    if expected_size is not None and start == expected_size:
-        return  # nothing left to ask for; verification decides whether it is good
+    if expected_size is not None and start == expected_size and part.is_file():
+        # Nothing left to ask for; verification decides whether it is good. Not without a .part: a file of 0
+        # bytes (a HEAD's size) was never asked for, and the check of a .part never made was a traceback.
+        return
     saved = _validator_file(part)
     validator = saved.read_text("latin-1").strip() if start and saved.is_file() else None  # as headers are
     if start and validator is None and md5 is None:

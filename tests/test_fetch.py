@@ -697,6 +697,19 @@ def test_a_body_without_a_length_cut_short_is_tried_again_and_not_deleted(serve,
     assert server.ranges == [None] + [f"bytes={n}-" for n in range(50_000, 300_000, 50_000)]
 
 
+@pytest.mark.parametrize("checks", [dict(expected_size=0, md5=None), dict(expected_size=None, md5=None)],
+                         ids=["size", "head"])
+def test_an_empty_file_is_downloaded(serve, tmp_path, checks):
+    """A size of 0 (given, or the HEAD's) asked for nothing, and the check of the .part never made was a
+    traceback: 'FileNotFoundError: [Errno 2] No such file or directory: OUT/empty.zip.part'."""
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "empty.zip").write_bytes(b"")
+    server = serve()
+    path = fetch_release(tmp_path / "out", f"http://127.0.0.1:{server.server_port}/empty.zip", progress=False, **checks)
+    assert path.read_bytes() == b"" and [p.name for p in path.parent.iterdir()] == ["empty.zip"]
+    assert server.ranges == [None]
+
+
 def test_a_final_answer_is_not_asked_again(serve, payload, tmp_path, monkeypatch):
     """A 404 (or a wrong password's 401) is the server's last word: one request, no wait (`worth_retrying`)."""
     monkeypatch.setattr("pipeline.fetch.time.sleep", lambda s: pytest.fail("waited to try again"))

@@ -719,14 +719,16 @@ def test_a_final_answer_is_not_asked_again(serve, payload, tmp_path, monkeypatch
     assert str(info.value).endswith(": HTTP 404 File not found") and server.ranges == [None]
 
 
-def test_a_host_that_does_not_resolve_is_named_at_once(tmp_path, monkeypatch, no_such_host):
+@pytest.mark.parametrize("checks", [{}, dict(expected_size=None, md5=None)], ids=["known-size", "head"])
+def test_a_host_that_does_not_resolve_is_named_at_once(tmp_path, monkeypatch, no_such_host, checks):
     """A mistyped host ('Name or service not known') was asked again as a cut connection is, 5 times over 7.5 s,
-    though no resolver will answer otherwise: it is named at once ('.invalid' never resolves, RFC 2606)."""
+    though no resolver will answer otherwise: it is named at once ('.invalid' never resolves, RFC 2606); also
+    by the HEAD asked first for the size of a --url download without an md5."""
     monkeypatch.setattr("pipeline.fetch.time.sleep", lambda s: pytest.fail("waited to try again"))
     host, words = no_such_host
     url = f"http://{host}/{NAME}"
     with pytest.raises(FetchError) as info:
-        fetch_release(tmp_path / "out", url, progress=False)
+        fetch_release(tmp_path / "out", url, progress=False, **checks)
     assert str(info.value) == f"cannot download {url}: unknown host {host}: {words}"
     assert not (tmp_path / "out" / f"{NAME}.part").exists()
 

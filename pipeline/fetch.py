@@ -160,14 +160,15 @@ class _Changed(Exception):
 
 def _download(url, part, expected_size, md5, chunk_size, progress):
     """Append the rest of `url` to `part`, or rewrite it if the server sends the whole file (it ignores
-    Range, or If-Range tells it the file changed since `part` began)."""
+    Range, or If-Range tells it the file changed since `part` began). Returns the file's size as a whole
+    answer (200) gives it, else None."""
     start = part.stat().st_size if part.exists() else 0
     if expected_size is not None and start > expected_size:
         start = 0  # longer than the file: not a prefix of it, so start again
     if expected_size is not None and start == expected_size and part.is_file():
         # Nothing left to ask for; verification decides whether it is good. Not without a .part: a file of 0
         # bytes (a HEAD's size) was never asked for, and the check of a .part never made was a traceback.
-        return
+        return None
     saved = _validator_file(part)
     validator = saved.read_text("latin-1").strip() if start and saved.is_file() else None  # as headers are
     if start and validator is None and md5 is None:
@@ -202,22 +203,24 @@ def _download(url, part, expected_size, md5, chunk_size, progress):
             wanted = int(length) if length else None if expected_size is None else expected_size - start
             if wanted is not None and received < wanted:
                 raise _Failed(f"connection closed after {received} of {wanted} bytes", retry=True)
+            return received if response.status == 200 and length else None
     except urllib.error.HTTPError as e:
         if e.code != 416:  # 416: the .part already holds everything the server has
             raise _failed(e, url) from None
         total = _complete_length(e.headers.get("Content-Range"))
         if total is not None and total < start:  # longer than the file: not a prefix of it, so start again
             part.unlink()
-            _download(url, part, total, md5, chunk_size, progress)
+            return _download(url, part, total, md5, chunk_size, progress)
     except _Changed:  # the server sent the rest of another file: start again
         part.unlink()
-        _download(url, part, expected_size, md5, chunk_size, progress)
+        return _download(url, part, expected_size, md5, chunk_size, progress)
     except (OSError, http.client.HTTPException) as e:  # urllib's URLError too
         if isinstance(e, OSError) and e.errno in FULL_DISK_ERRNOS:
             # This machine's disk, not the server: the user must know which disk to clean (a write's error
             # names no file). The .part is kept: what arrived resumes once there is room.
             raise OSError(e.errno, e.strerror, str(part)) from None
         raise _failed(e, url) from None
+    return None
 
 
 def _retried(attempt):
@@ -246,8 +249,8 @@ def _given_up(url, part, md5, failure):
 
 
 def _download_retried(url, part, expected_size, md5, chunk_size, progress):
-    """`_download`, tried again (`_retried`), each attempt resuming from what the .part holds. FetchError after
-    the last, saying whether a rerun resumes."""
+    """`_download`, tried again (`_retried`), each attempt resuming from what the .part holds; its value. FetchError
+    after the last, saying whether a rerun resumes."""
     try:
         return _retried(lambda: _download(url, part, expected_size, md5, chunk_size, progress))
     except _Failed as e:
@@ -266,7 +269,7 @@ def fetch_release(out, url=OFFICIAL_URL, expected_size=OFFICIAL_SIZE, md5=OFFICI
     mix of two versions of the file); otherwise it is downloaded again. The finished file's size
     and md5 are checked (either check is skipped when its expected value is None) before it is
     renamed into place; with neither, the size is the one the server gives (HEAD, tried again as
-    the download is), when it gives one. A final file that already matches is returned without downloading (also from a folder
+    the download is; a whole answer's own size, newer, stands over it), when it gives one. A final file that already matches is returned without downloading (also from a folder
     this user may not write in), and `found`, when given, is called with what matched ('md5 ok',
     'size ok', or 'nothing to check it against'). One call at a
     time downloads into `out` (an flock on `.<name>.lock`, removed after): another waits, saying so
@@ -293,7 +296,8 @@ def fetch_release(out, url=OFFICIAL_URL, expected_size=OFFICIAL_SIZE, md5=OFFICI
     final, part = out / name, out / f"{name}.part"
     if os.path.isdir(final):  # an archive unpacked under its own name: its rename failed once the whole file had come
         raise FetchError(f"{final}: a folder, not a file; move it away to download {name} here")
-    if expected_size is None and md5 is None:
+    sized_by_head = expected_size is None and md5 is None
+    if sized_by_head:
         # Nothing to check a file against: take the server's size, so that an unrelated file already
         # in `out`, or a .part longer than the file, is not taken for the download.
         expected_size = _remote_size(url, part, final)
@@ -316,7 +320,11 @@ def fetch_release(out, url=OFFICIAL_URL, expected_size=OFFICIAL_SIZE, md5=OFFICI
         # checked again: a damaged 248 MB file's md5 took its seconds twice.
         if _identity(final) not in (None, seen) and _mismatch(final, name, expected_size, md5) is None:
             return _found(final, expected_size, md5, found)
-        _download_retried(url, part, expected_size, md5, chunk_size, progress)
+        sent = _download_retried(url, part, expected_size, md5, chunk_size, progress)
+        if sized_by_head and sent is not None:
+            # The file whole, its size the GET's: newer than the HEAD's. A file replaced on the server between
+            # the two arrived whole and was deleted as 'NAME: expected 2000000 bytes, got 2500000', sizes never given.
+            expected_size = sent
         problem = _mismatch(part, name, expected_size, md5)
         if problem:
             part.unlink()

@@ -513,8 +513,10 @@ def worth_retrying(error):
     follow (a 3xx status: a loop, or more than 10), asked again 5 times over 7.5 s; nor an https server's
     certificate that fails verification (self-signed, expired, another host's: urllib's URLError around
     ssl's SSLCertVerificationError), asked again as long; nor a host name that does not resolve (`_unresolved`:
-    a mistyped host, 'Name or service not known', asked again 5 times over 7.5 s)."""
-    if isinstance(error, (FileNotFoundError, PermissionError, http.client.InvalidURL)) or _unresolved(error):
+    a mistyped host, 'Name or service not known', asked again 5 times over 7.5 s); also where urllib's URLError
+    holds such an error as its reason (a file:// URL's missing file, asked again as long)."""
+    if any(isinstance(e, (FileNotFoundError, PermissionError, http.client.InvalidURL))
+           for e in (error, getattr(error, "reason", None))) or _unresolved(error):
         return False
     if any(isinstance(e, ssl.SSLCertVerificationError) for e in (error, getattr(error, "reason", None))):
         return False

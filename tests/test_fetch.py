@@ -739,6 +739,17 @@ def test_a_final_answer_is_not_asked_again(serve, payload, tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("checks", [{}, dict(expected_size=None, md5=None)], ids=["known-size", "head"])
+def test_a_missing_file_of_a_file_url_is_named_at_once(tmp_path, monkeypatch, checks):
+    """urllib's URLError around the FileNotFoundError: asked again as a cut connection, 5 times over 7.5 s."""
+    monkeypatch.setattr("pipeline.fetch.time.sleep", lambda s: pytest.fail("waited to try again"))
+    url = f"file://{tmp_path}/{NAME}"
+    with pytest.raises(FetchError) as info:
+        fetch_release(tmp_path / "out", url, progress=False, **checks)
+    assert str(info.value) == (f"cannot download {url}: [Errno {errno.ENOENT}] {os.strerror(errno.ENOENT)}: "
+                               f"'{tmp_path / NAME}'")
+
+
+@pytest.mark.parametrize("checks", [{}, dict(expected_size=None, md5=None)], ids=["known-size", "head"])
 def test_a_host_that_does_not_resolve_is_named_at_once(tmp_path, monkeypatch, no_such_host, checks):
     """A mistyped host ('Name or service not known') was asked again as a cut connection is, 5 times over 7.5 s,
     though no resolver will answer otherwise: it is named at once ('.invalid' never resolves, RFC 2606); also

@@ -146,10 +146,7 @@ def data_fetch(out, url, md5):
     kwargs = {} if url is None else {"url": url, "expected_size": None, "md5": md5}
     matched = []
     with sigterm_interrupts(FETCH_STOPS):  # the .part stays to resume, and the lock file goes
-        try:
-            path = fetch.fetch_release(out, found=matched.append, **kwargs)
-        except fetch.FetchError as e:
-            raise TinyinError(str(e)) from None
+        path = fetch.fetch_release(out, found=matched.append, **kwargs)
     click.echo(f"already have {path} ({matched[0]})" if matched else f"downloaded {path}")
 
 

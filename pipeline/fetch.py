@@ -24,7 +24,7 @@ import urllib.request
 from tqdm import tqdm
 
 from .atomic import long_name
-from .errors import FULL_DISK_ERRNOS, plural
+from .errors import FULL_DISK_ERRNOS, TinyinError, plural
 from .locks import locked
 from .shardset import http_request, retry_waits, status_line, unknown_host, worth_retrying
 
@@ -34,8 +34,10 @@ OFFICIAL_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 TIMEOUT_S = 60
 
 
-class FetchError(Exception):
-    """A download failed or its result did not verify; the message is one line."""
+class FetchError(TinyinError):
+    """A download failed or its result did not verify; the message is one line. A TinyinError, as every other
+    problem the Python API names is (a shard set's ShardError, a bad flag's UsageError): `except TinyinError` missed
+    it, and the CLI turned it into one (exit 1) itself."""
 
 
 def _mismatch(path, name, expected_size, md5):

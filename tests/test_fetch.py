@@ -19,6 +19,7 @@ import zipfile
 
 import pytest
 
+from pipeline.errors import TinyinError
 from pipeline.fetch import FetchError, fetch_release
 from pipeline.locks import locked
 from pipeline.shardset import RETRIES
@@ -428,7 +429,7 @@ def test_a_part_longer_than_the_file_is_started_again(serve, payload, tmp_path, 
 
 @pytest.mark.parametrize("url", ["notaurl", "/data/tiny.zip", "gopher://x/tiny.zip"])
 def test_what_is_not_a_url_is_refused_before_anything_is_made(tmp_path, url):
-    with pytest.raises(FetchError) as info:
+    with pytest.raises(TinyinError) as info:  # a FetchError: every problem the Python API names is a TinyinError
         fetch_release(tmp_path / "out", url, progress=False)
     assert str(info.value) == f"cannot download {url}: not a URL (http://, https://, ftp://, file://)"
     assert not (tmp_path / "out").exists()

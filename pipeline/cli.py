@@ -2,7 +2,6 @@
 import contextlib
 import json
 import os
-import re
 import shlex
 import signal
 import sys
@@ -126,10 +125,11 @@ def data_synth(out, classes, train_per_class, val_per_class, test_images, seed):
 
 
 def _md5(ctx, param, value):
-    """--md5 of `data fetch`: 32 hex digits, checked before the download (a pasted `md5sum` line or a
-    digit short was found wrong only once the whole file had arrived, and the file was deleted)."""
-    if value is not None and not re.fullmatch(r"[0-9a-fA-F]{32}", value):
-        raise click.BadParameter(f"{value!r} is not an md5 (32 hex digits)")
+    """--md5 of `data fetch`: 32 hex digits, checked before the download (`fetch.md5_problem`)."""
+    from .fetch import md5_problem
+
+    if value is not None and (problem := md5_problem(value)):
+        raise click.BadParameter(problem)
     return value
 
 

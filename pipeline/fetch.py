@@ -14,6 +14,7 @@ import hashlib
 import http.client
 import os
 import pathlib
+import re
 import stat
 import sys
 import time
@@ -38,6 +39,15 @@ class FetchError(TinyinError):
     """A download failed or its result did not verify; the message is one line. A TinyinError, as every other
     problem the Python API names is (a shard set's ShardError, a bad flag's UsageError): `except TinyinError` missed
     it, and the CLI turned it into one (exit 1) itself."""
+
+
+def md5_problem(md5):
+    """Why `md5` is no md5, or None for 32 hex digits: `data fetch --md5` and fetch_release's md5 are checked before
+    the download (a pasted `md5sum` line or a digit short was found wrong only once the whole file had arrived,
+    and the file was deleted)."""
+    if isinstance(md5, str) and re.fullmatch(r"[0-9a-fA-F]{32}", md5):
+        return None
+    return f"{md5!r} is not an md5 (32 hex digits)"
 
 
 def _mismatch(path, name, expected_size, md5):
@@ -285,6 +295,8 @@ def fetch_release(out, url=OFFICIAL_URL, expected_size=OFFICIAL_SIZE, md5=OFFICI
     on a size or md5 mismatch (the .part is deleted); OSError naming the .part where its disk or
     quota is full (the .part is kept).
     """
+    if md5 is not None and (problem := md5_problem(md5)):  # a value no argument takes: a ValueError, as make_loader's
+        raise ValueError(f"md5: {problem}")
     try:
         parts = urllib.parse.urlsplit(url)
     except ValueError as e:  # a bracket left open: 'Invalid IPv6 URL'

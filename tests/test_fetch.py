@@ -672,6 +672,16 @@ def test_cli_a_malformed_md5_is_refused_before_downloading(serve, tmp_path, md5)
     assert result.output == f"error: Invalid value for '--md5': {md5!r} is not an md5 (32 hex digits)\n"
 
 
+@pytest.mark.parametrize("md5", ["90528d7ca1a48142e341f4ef8d21d0d", 0x90528D7CA1A48142E341F4EF8D21D0DE])
+def test_a_malformed_md5_from_python_is_refused_before_downloading(serve, tmp_path, md5):
+    """The CLI's check of --md5, fetch_release's own: a ValueError, as make_loader's values that no argument takes."""
+    server = serve()
+    with pytest.raises(ValueError) as info:
+        fetch_release(tmp_path / "dl", _url(server), md5=md5, progress=False)
+    assert str(info.value) == f"md5: {md5!r} is not an md5 (32 hex digits)"
+    assert not (tmp_path / "dl").exists() and server.ranges == []
+
+
 @pytest.mark.parametrize("fault", ["cut-once", "busy-once"])
 def test_a_transfer_cut_or_refused_once_is_tried_again_from_what_arrived(payload, tmp_path, fault):
     """A connection cut mid-body, or a 503 from a server under load, ended `data fetch` at once ('cannot download

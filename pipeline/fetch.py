@@ -281,11 +281,12 @@ def fetch_release(out, url=OFFICIAL_URL, expected_size=OFFICIAL_SIZE, md5=OFFICI
     mix of two versions of the file); otherwise it is downloaded again. The finished file's size
     and md5 are checked (either check is skipped when its expected value is None) before it is
     renamed into place; with neither, the size is the one the server gives (HEAD, tried again as
-    the download is; a whole answer's own size, newer, stands over it), when it gives one. A final file that already matches is returned without downloading (also from a folder
-    this user may not write in), and `found`, when given, is called with what matched ('md5 ok',
-    'size ok', or 'nothing to check it against'). One call at a
-    time downloads into `out` (an flock on `.<name>.lock`, removed after): another waits, saying so
-    on stderr, and then returns the file the first one downloaded.
+    the download is; a whole answer's own size, newer, stands over it), when it gives one. A final
+    file that already matches is returned without downloading (also from a folder this user may not
+    write in), and `found`, when given, is called with what matched ('md5 ok', 'size ok', or
+    'nothing to check it against'). One call at a time downloads into `out` (an flock on
+    `.<name>.lock`, removed after): another waits, saying so on stderr, and then returns the file
+    the first one downloaded.
 
     A transfer that fails on the way (a cut connection, a 5xx) is tried again, 5 attempts over about 8 s
     (`shardset.retry_waits`), each resuming from the .part; a final answer (a 404) is not.
@@ -293,7 +294,7 @@ def fetch_release(out, url=OFFICIAL_URL, expected_size=OFFICIAL_SIZE, md5=OFFICI
     network errors (the .part is kept for resuming; after the last attempt the message says how many, and
     where a rerun resumes, from how many bytes), or "<name>: expected ..., got ..."
     on a size or md5 mismatch (the .part is deleted); OSError naming the .part where its disk or
-    quota is full (the .part is kept).
+    quota is full (the .part is kept). ValueError, before anything is asked, for an `md5` that is no md5.
     """
     if md5 is not None and (problem := md5_problem(md5)):  # a value no argument takes: a ValueError, as make_loader's
         raise ValueError(f"md5: {problem}")

@@ -63,8 +63,9 @@ with stopped_at_once():  # the imports (torch's: seconds): a signal ends them in
                                      load_checkpoint, restore_ema, resume_path, run_identity, save_atomic,
                                      weights_run)
     from pipeline.device import check_device
-    from pipeline.errors import (ArgumentParser, CheckpointError, ShardError, TinyinError, UsageError, hide_password,
-                                 plural, refused_open, run_cli, sigterm_interrupts, when_orphaned)
+    from pipeline.errors import (ArgumentParser, CheckpointError, ShardError, TinyinError, UsageError, at_least,
+                                 hide_password, plural, positive_float, refused_open, run_cli, sigterm_interrupts,
+                                 when_orphaned)
     from pipeline.augment import AUGMENTS
     from pipeline.mixing import MODES as MIX_MODES, mix_batch, mix_generator
     from pipeline.order import MoreRanksThanSamples, UnevenBatchesOfOne, check_even_batches, step_seed
@@ -1146,31 +1147,6 @@ def main(args):
 
 
 # --- flags ---------------------------------------------------------------------------------
-
-
-def at_least(low, kind=int):
-    """An argparse type: a finite number >= low ('must be at least 1, not 0'); of an int flag, a whole one (`--epochs
-    1.5` said 'not a number: '1.5'')."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not {'a whole' if kind is int else 'a'} number: {text!r}") from None
-        if not value >= low or value == math.inf:  # also rejects nan
-            raise argparse.ArgumentTypeError(f"must be at least {low:g}, not {text}")  # 'at least 0', not '0.0'
-        return value
-    return parse
-
-
-def positive_float(text):
-    """An argparse type: a float > 0 ('must be positive, not -1')."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
-    return value
 
 
 def path_text(text):

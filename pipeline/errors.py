@@ -8,6 +8,7 @@ Both front ends (the `tinyin` click CLI and `train.py`) go through `user_errors(
 import argparse
 import contextlib
 import errno
+import math
 import os
 import re
 import signal
@@ -40,6 +41,32 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UsageError(message)
+
+
+def at_least(low, kind=int):
+    """An argparse type: a finite number >= low ('must be at least 1, not 0'); of an int flag, a whole one (`--epochs
+    1.5` said 'not a number: '1.5''). train.py's and the tools' number flags: one mistake, one message (the tools'
+    said argparse's 'invalid int value: 'x'', where train.py says 'not a whole number: 'x'')."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'a whole' if kind is int else 'a'} number: {text!r}") from None
+        if not value >= low or value == math.inf:  # also rejects nan
+            raise argparse.ArgumentTypeError(f"must be at least {low:g}, not {text}")  # 'at least 0', not '0.0'
+        return value
+    return parse
+
+
+def positive_float(text):
+    """An argparse type: a float > 0 ('must be positive, not -1')."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+    return value
 
 
 class SourceError(TinyinError):

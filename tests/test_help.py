@@ -28,10 +28,10 @@ def _argparse_options(text):
 
 @pytest.mark.parametrize("script, flag, wrong, error", [
     ("train.py", "--time-budget MINUTES", ["--time-budget", "x"], "argument --time-budget: not a number: 'x'"),
-    ("tools/reproduce.py", "--jobs", ["--jobs", "x"], "argument --jobs: invalid int value: 'x'"),
+    ("tools/reproduce.py", "--jobs", ["--jobs", "x"], "argument --jobs: not a whole number: 'x'"),
     ("tools/speedrun.py", "--ablate", ["--ablate"], "argument --ablate: expected one argument"),
-    ("tools/gpu_session.py", "--deadline", ["--deadline", "x"], "argument --deadline: invalid float value: 'x'"),
-    ("tools/bench_build.py", "--repeat", ["--repeat", "x"], "argument --repeat: invalid int value: 'x'"),
+    ("tools/gpu_session.py", "--deadline", ["--deadline", "x"], "argument --deadline: not a number: 'x'"),
+    ("tools/bench_build.py", "--repeat", ["--repeat", "x"], "argument --repeat: not a whole number: 'x'"),
     ("tools/bench_loader.py", "--remote", ["--remote", "x"], "unrecognized arguments: x"),
 ])
 def test_help_prints(script, flag, wrong, error):
@@ -45,6 +45,25 @@ def test_help_prints(script, flag, wrong, error):
     assert len(options) > 4
     assert [flags for flags, words in options if not words or words.startswith("default:")] == []
     result = subprocess.run([sys.executable, str(ROOT / script), *wrong], capture_output=True, text=True, cwd=ROOT)
+    assert (result.returncode, result.stdout, result.stderr) == (2, "", f"error: {error}\n")
+
+
+@pytest.mark.parametrize("script, wrong, error", [
+    ("train.py", ["--epochs", "1.5"], "argument --epochs: not a whole number: '1.5'"),
+    ("tools/reproduce.py", ["--epochs", "1.5"], "argument --epochs: not a whole number: '1.5'"),
+    ("tools/bench_build.py", ["--workers", "2.5"], "argument --workers: not a whole number: '2.5'"),
+    ("tools/bench_build.py", ["--shard-size", "0"], "argument --shard-size: must be at least 1, not 0"),
+    ("tools/gpu_session.py", ["--out", "o", "--shards", "s", "--table2-jobs", "0"],
+     "argument --table2-jobs: must be at least 1, not 0"),
+    ("tools/gpu_session.py", ["--out", "o", "--shards", "s", "--deadline", "-1"],
+     "argument --deadline: must be positive, not -1"),
+])
+def test_the_tools_name_a_bad_number_in_train_pys_words(tmp_path, script, wrong, error):
+    """One mistake, one message: the tools said argparse's 'invalid int value: '1.5'' where train.py says 'not a
+    whole number'; bench_build's --shard-size 0 said the build's '--shard-size 0: must be at least 1', and
+    gpu_session took --table2-jobs 0 (refused by reproduce.py after the bench's minutes) and --deadline -1 (every
+    part 'not started: past the --deadline')."""
+    result = subprocess.run([sys.executable, str(ROOT / script), *wrong], capture_output=True, text=True, cwd=tmp_path)
     assert (result.returncode, result.stdout, result.stderr) == (2, "", f"error: {error}\n")
 
 

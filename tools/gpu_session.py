@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from flag_values import joined  # noqa: E402  (beside this file)
-from pipeline.errors import ArgumentParser  # noqa: E402
+from pipeline.errors import ArgumentParser, at_least, positive_float  # noqa: E402
 
 PARTS = ("bench", "table2", "r224", "speedrun")
 RESULTS = ("bench.md", "table2.md", "curves.png", "r224.md", "speedrun.md", "speedrun.png", "ablation.md")
@@ -280,10 +280,10 @@ def main():
     p.add_argument("--bench-args", help="more `tinyin bench train` flags, e.g. '--arch resnet18 --no-compile'")
     p.add_argument("--train-args", help="more train.py flags for Table 2's rows")
     p.add_argument("--table2-rows", help=f"Table 2's rows to train (tools/reproduce.py --rows; default: {TABLE2_ROWS})")
-    p.add_argument("--table2-jobs", type=int,
+    p.add_argument("--table2-jobs", type=at_least(1),
                    help="Table 2 rows trained side by side (tools/reproduce.py --jobs; default: 4 on CUDA, 1 on the CPU)")
     p.add_argument("--speedrun-args", help="more tools/speedrun.py flags, e.g. \"--train-args '--epochs 30'\"")
-    p.add_argument("--deadline", type=float, metavar="SECONDS",
+    p.add_argument("--deadline", type=positive_float, metavar="SECONDS",
                    help=f"stop the parts this long after the start, keeping what they have (SIGTERM; killed "
                         f"{GRACE_S} s later): give the device call's timeout less {GRACE_S} s and a margin, "
                         "e.g. 530 for 590 (default: no limit)")

@@ -46,7 +46,8 @@ from flag_values import flags_among, joined  # noqa: E402
 from models.recipes import RECIPES  # noqa: E402
 from pipeline.atomic import folder_refusal, write_json  # noqa: E402
 from pipeline.cache import is_set_url  # noqa: E402
-from pipeline.errors import ArgumentParser, TinyinError, UsageError, hide_password, plural, user_errors  # noqa: E402
+from pipeline.errors import (ArgumentParser, TinyinError, UsageError, at_least, hide_password, plural,  # noqa: E402
+                             user_errors)
 from pipeline.report import write_report  # noqa: E402
 from pipeline.shardset import local_folder  # noqa: E402
 
@@ -264,10 +265,6 @@ def main(args):
     unknown = [r for r in rows if r not in ROWS]
     if unknown:  # as train.py's '--arch vgg16' (argparse's choices)
         flag_error("rows", f"unknown {plural(len(unknown), 'row')} {', '.join(unknown)}; choose from: {', '.join(ROWS)}")
-    for flag in ("epochs", "limit_batches", "jobs"):  # 0 would read as "not given": the recipe's 40 epochs
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            flag_error(flag, f"must be at least 1, not {value}")
     if args.weights_dir and not Path(args.weights_dir).is_dir():  # a typo read as "no weights": Table 3 not run
         sys.exit(f"error: --weights-dir {args.weights_dir}: no such folder")
     done, not_run, todo = [], [], []
@@ -345,12 +342,13 @@ def get_args_parser():
     p.add_argument("--shards", default="out/shards", type=os.path.expanduser, help="shard folder (default: out/shards)")
     p.add_argument("--out", default="runs/paper", type=os.path.expanduser, help="one sub-folder per row, plus report.md (default: runs/paper)")
     p.add_argument("--rows", help=f"comma-separated subset of: {', '.join(ROWS)} (default: all)")
-    p.add_argument("--epochs", type=int, help="override every row's epochs, for a quick run (default: the recipe's)")
-    p.add_argument("--limit-batches", type=int, help="passed to train.py: batches per epoch and per evaluation (default: all)")
+    # at least 1: 0 would read as "not given", the recipe's 40 epochs, every batch
+    p.add_argument("--epochs", type=at_least(1), help="override every row's epochs, for a quick run (default: the recipe's)")
+    p.add_argument("--limit-batches", type=at_least(1), help="passed to train.py: batches per epoch and per evaluation (default: all)")
     p.add_argument("--device", help="passed to train.py (default: train.py's, cuda if available)")
     p.add_argument("--weights-dir", type=os.path.expanduser, help="folder holding the ImageNet .pth files under their torchvision names (default: none)")
     p.add_argument("--train-args", help="more train.py flags, e.g. '--amp --channels-last' (default: none)")
-    p.add_argument("--jobs", type=int, default=1,
+    p.add_argument("--jobs", type=at_least(1), default=1,
                    help="rows trained side by side, each in its own process with its output in OUT/ROW/train.log "
                         "(default: 1, one after another)")
     return p

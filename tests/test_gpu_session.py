@@ -253,8 +253,8 @@ def test_table2_train_args_of_one_flag_reach_reproduce(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_session, "sh", lambda cmd, until: commands.append(cmd) or 1)
     args = argparse.Namespace(table2_rows="lenet5-28", smoke=False, device="cpu", table2_jobs=None, train_args="--no-amp")
     assert gpu_session.part_table2(args, tmp_path, "shards", None, tmp_path, None) == {}
-    parsed = reproduce.get_args_parser().parse_args(list(map(str, commands[0][2:])))
-    assert (parsed.rows, parsed.train_args, parsed.device) == ("lenet5-28", "--no-amp", "cpu")
+    parsed = reproduce.parse_args(list(map(str, commands[0][2:])))
+    assert (parsed.rows, parsed.train_args, parsed.device) == (["lenet5-28"], "--no-amp", "cpu")
 
 
 def test_a_part_stopped_now_wins_over_an_earlier_calls_result(tmp_path):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pipeline.cli import report_cmd
+from pipeline.errors import user_errors
 from pipeline.report import LENET_RECORDED, STUDY, _duration, plot_curves, render_study, render_table, study_row, write_report
 from tests.conftest import refuse_writes_in
 
@@ -352,7 +353,7 @@ def test_reproduce_lists_a_table3_row_without_weights_as_not_run(tmp_path, monke
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # not the user's cache
     out = tmp_path / "paper"
-    reproduce.main(reproduce.get_args_parser().parse_args(
+    reproduce.main(reproduce.parse_args(
         ["--shards", str(tmp_path), "--out", str(out), "--rows", "alexnet-224", "--weights-dir", str(tmp_path)]))
     assert "== alexnet-224: not run: no ImageNet weights here\n" in capsys.readouterr().out
     assert "| alexnet-224 | - | - | not run: no ImageNet weights here |" in (out / "report.md").read_text()
@@ -379,7 +380,7 @@ def test_reproduce_names_each_failed_row(shards, tmp_path, monkeypatch):
                           ("lenet5-28,alexnet-64",
                            "error: rows lenet5-28 (exit 1), alexnet-64 (exit 1) failed; rerun to resume them")):
         with pytest.raises(SystemExit) as exit:
-            reproduce.main(reproduce.get_args_parser().parse_args(
+            reproduce.main(reproduce.parse_args(
                 ["--shards", str(shards), "--out", str(tmp_path / rows), "--rows", rows, "--device", "cpu"]))
         assert exit.value.code == message
 
@@ -545,7 +546,7 @@ def test_reproduce_checks_train_flags_before_any_row_starts(shards, tmp_path, mo
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same line on a GPU machine
     with pytest.raises(SystemExit) as exit:
-        reproduce.main(reproduce.get_args_parser().parse_args(
+        reproduce.main(reproduce.parse_args(
             ["--shards", str(shards), "--out", str(tmp_path / "out"), "--rows", "lenet5-28,alexnet-64", *flags]))
     assert exit.value.code == 2
     assert capsys.readouterr().err == f"error: train.py refuses the flags of row lenet5-28: {message}\n"
@@ -558,7 +559,7 @@ def test_reproduce_train_args_may_not_set_what_reproduce_sets_for_each_row(shard
     import reproduce
 
     with pytest.raises(SystemExit) as exit:
-        reproduce.main(reproduce.get_args_parser().parse_args(
+        reproduce.main(reproduce.parse_args(
             ["--shards", str(shards), "--out", str(tmp_path / "out"), "--rows", "lenet5-28",
              "--train-args", "-b 4 --epochs 5 --output-dir D"]))
     assert exit.value.code == 2
@@ -575,7 +576,7 @@ def test_reproduce_a_row_refused_by_train_py_is_not_told_to_rerun(shards, tmp_pa
 
     monkeypatch.setattr(reproduce, "train_row", lambda name, run, cmd, stop, log=None, env=None: 2)
     with pytest.raises(SystemExit) as exit:
-        reproduce.main(reproduce.get_args_parser().parse_args(
+        reproduce.main(reproduce.parse_args(
             ["--shards", str(shards), "--out", str(tmp_path / "out"), "--rows", "lenet5-28,alexnet-64"]))
     assert exit.value.code == 2
     assert capsys.readouterr().err == ("error: train.py refused the flags of rows lenet5-28, alexnet-64 (see train.py's "
@@ -590,7 +591,7 @@ def test_reproduce_weights_dir_that_is_no_folder(tmp_path):
     import reproduce
 
     with pytest.raises(SystemExit) as exit:
-        reproduce.main(reproduce.get_args_parser().parse_args(
+        reproduce.main(reproduce.parse_args(
             ["--out", str(tmp_path / "out"), "--rows", "alexnet-224", "--weights-dir", str(tmp_path / "wieghts")]))
     assert exit.value.code == f"error: --weights-dir {tmp_path / 'wieghts'}: no such folder"
     assert not (tmp_path / "out").exists()
@@ -629,18 +630,23 @@ def test_reproduce_unknown_row(tmp_path):
                                     "alexnet-64,")
 
 
-def test_reproduce_empty_rows(tmp_path, capsys):
+ALL_ROWS = ("lenet5-28, alexnet-64, squeezenet1_1-64, resnet18-64, alexnet-224, squeezenet1_1-224, resnet18-224, "
+            "alexnet-224-50, squeezenet1_1-224-50, resnet18-224-50")
+
+
+@pytest.mark.parametrize("rows, message", [
+    ("", f"empty; name rows ({ALL_ROWS}), or leave it out for all"),
+    ("vgg16-64,lenet5-28,vgg11-64", f"unknown rows vgg16-64, vgg11-64; choose from: {ALL_ROWS}"),
+])
+def test_reproduce_refuses_bad_rows_as_it_parses_its_flags(tmp_path, capsys, rows, message):
     """`--rows "$ROWS"` with the variable unset trained every row of the study (hours), as if not given. Refused, it
-    exited 1, as a failed row does; it is the user's mistake: exit 2, in argparse's form, as '--epochs 0' is."""
+    exited 1, as a failed row does; it is the user's mistake: exit 2, in argparse's form, as '--epochs 0' is. Both
+    refusals are the parse's, as '--epochs 0' is (they were main's own copy of argparse's line and exit)."""
     import reproduce
 
-    with pytest.raises(SystemExit) as exit:
-        reproduce.main(reproduce.get_args_parser().parse_args(["--rows", "", "--out", str(tmp_path / "out")]))
-    assert (exit.value.code, capsys.readouterr().err) == (2, (
-        "error: argument --rows: empty; name rows (lenet5-28, alexnet-64, squeezenet1_1-64, resnet18-64, alexnet-224, "
-        "squeezenet1_1-224, resnet18-224, alexnet-224-50, squeezenet1_1-224-50, resnet18-224-50), or leave it out for "
-        "all\n"))
-    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as exit, user_errors():  # as the script runs it
+        reproduce.parse_args(["--rows", rows, "--out", str(tmp_path / "out")])
+    assert (exit.value.code, capsys.readouterr().err) == (2, f"error: argument --rows: {message}\n")
     assert not (tmp_path / "out").exists()
 
 
@@ -651,7 +657,7 @@ def test_reproduce_a_row_named_twice_trains_once(shards, tmp_path, monkeypatch):
 
     trained = []
     monkeypatch.setattr(reproduce, "train_row", lambda name, run, cmd, stop, log=None, env=None: trained.append(name) or 0)
-    reproduce.main(reproduce.get_args_parser().parse_args(
+    reproduce.main(reproduce.parse_args(
         ["--shards", str(shards), "--out", str(tmp_path / "out"), "--rows", "lenet5-28,alexnet-64,lenet5-28",
          "--jobs", "2"]))
     assert sorted(trained) == ["alexnet-64", "lenet5-28"]
@@ -665,7 +671,7 @@ def test_reproduce_out_that_is_a_file(shards, tmp_path, capsys):
 
     (tmp_path / "out").write_text("")
     with pytest.raises(SystemExit) as exit:
-        reproduce.main(reproduce.get_args_parser().parse_args(
+        reproduce.main(reproduce.parse_args(
             ["--shards", str(shards), "--out", str(tmp_path / "out"), "--rows", "lenet5-28"]))
     assert exit.value.code == f"error: --out {tmp_path / 'out'}: cannot be made a folder (File exists)"
 
@@ -677,7 +683,7 @@ def test_reproduce_out_it_may_not_write_in(shards, tmp_path, monkeypatch):
     (tmp_path / "out").mkdir()
     refuse_writes_in(monkeypatch, tmp_path / "out")
     with pytest.raises(SystemExit) as exit:
-        reproduce.main(reproduce.get_args_parser().parse_args(
+        reproduce.main(reproduce.parse_args(
             ["--shards", str(shards), "--out", str(tmp_path / "out"), "--rows", "lenet5-28"]))
     assert exit.value.code == f"error: --out {tmp_path / 'out'}: cannot write in it (Permission denied)"
 

@@ -27,6 +27,7 @@ do not lose what trained: on a signal every running row's train.py writes its ch
 so far (an unfinished row says "12 of 40" epochs) before the exit (128 + signum after a signal).
 """
 
+import argparse
 import contextlib
 import json
 import os
@@ -250,21 +251,22 @@ def check_shards(shards):
         sys.exit(f"error: --shards {shards}: not a shard set (no manifest.json); run `tinyin shard build` first")
 
 
-def flag_error(flag, why):
-    """Refuse flag `--flag`'s value in argparse's form and exit, as its own ('--epochs x') and train.py's are."""
-    print(f"error: argument --{flag.replace('_', '-')}: {why}", file=sys.stderr)
-    sys.exit(UsageError.exit_code)
+def row_names(text):
+    """An argparse type: --rows' names (comma-separated), each once, in their order. A row named twice trained
+    twice: side by side (--jobs) two train.py processes wrote one folder at once, and the report listed it
+    twice, its minutes summed over both."""
+    if not text:  # an unset shell variable (`--rows "$ROWS"`) read as "not given": every row of the study
+        raise argparse.ArgumentTypeError(f"empty; name rows ({', '.join(ROWS)}), or leave it out for all")
+    rows = list(dict.fromkeys(text.split(",")))
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:  # as train.py's '--arch vgg16' (argparse's choices)
+        raise argparse.ArgumentTypeError(f"unknown {plural(len(unknown), 'row')} {', '.join(unknown)}; "
+                                         f"choose from: {', '.join(ROWS)}")
+    return rows
 
 
 def main(args):
-    if args.rows == "":  # an unset shell variable (`--rows "$ROWS"`) read as "not given": every row of the study
-        flag_error("rows", f"empty; name rows ({', '.join(ROWS)}), or leave it out for all")
-    # A row named twice trained twice: side by side (--jobs) two train.py processes wrote one folder at once,
-    # and the report listed it twice, its minutes summed over both.
-    rows = list(dict.fromkeys(args.rows.split(","))) if args.rows else list(ROWS)
-    unknown = [r for r in rows if r not in ROWS]
-    if unknown:  # as train.py's '--arch vgg16' (argparse's choices)
-        flag_error("rows", f"unknown {plural(len(unknown), 'row')} {', '.join(unknown)}; choose from: {', '.join(ROWS)}")
+    rows = args.rows or list(ROWS)
     if args.weights_dir and not Path(args.weights_dir).is_dir():  # a typo read as "no weights": Table 3 not run
         sys.exit(f"error: --weights-dir {args.weights_dir}: no such folder")
     done, not_run, todo = [], [], []
@@ -341,7 +343,7 @@ def get_args_parser():
     p = ArgumentParser(description="Reproduce the study's tables with train.py --recipe paper")
     p.add_argument("--shards", default="out/shards", type=os.path.expanduser, help="shard folder (default: out/shards)")
     p.add_argument("--out", default="runs/paper", type=os.path.expanduser, help="one sub-folder per row, plus report.md (default: runs/paper)")
-    p.add_argument("--rows", help=f"comma-separated subset of: {', '.join(ROWS)} (default: all)")
+    p.add_argument("--rows", type=row_names, help=f"comma-separated subset of: {', '.join(ROWS)} (default: all)")
     # at least 1: 0 would read as "not given", the recipe's 40 epochs, every batch
     p.add_argument("--epochs", type=at_least(1), help="override every row's epochs, for a quick run (default: the recipe's)")
     p.add_argument("--limit-batches", type=at_least(1), help="passed to train.py: batches per epoch and per evaluation (default: all)")
@@ -354,7 +356,12 @@ def get_args_parser():
     return p
 
 
+def parse_args(argv):
+    """The flags of `argv` (a list of str, as sys.argv[1:]); a mistake in one raises its UsageError."""
+    return get_args_parser().parse_args(joined(argv, ("--train-args",)))
+
+
 if __name__ == "__main__":
     with user_errors():  # a bad flag: one line, exit 2, as train.py's
-        parsed = get_args_parser().parse_args(joined(sys.argv[1:], ("--train-args",)))
+        parsed = parse_args(sys.argv[1:])
     main(parsed)

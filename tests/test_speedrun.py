@@ -366,7 +366,7 @@ def test_train_args_may_not_set_what_speedrun_sets_for_each_run(tmp_path, capsys
         speedrun.main(["--shards", "x", "--out", str(tmp_path / "sr"), "--train-args", train_args])
     assert exit.value.code == 2
     assert capsys.readouterr().err == (
-        f"speedrun.py: error: --train-args: {named}: set by speedrun.py for each run (from its --shards, "
+        f"error: --train-args: {named}: set by speedrun.py for each run (from its --shards, "
         "--arch, --seeds and --out; --recipe fast, --size 64)\n")
     assert not (tmp_path / "sr").exists()
 
@@ -380,7 +380,7 @@ def test_a_device_train_py_lacks_is_refused_before_any_run_starts(tmp_path, monk
     with pytest.raises(SystemExit) as exit:
         speedrun.main(["--shards", "x", "--out", str(tmp_path / "sr"), "--device", "cuda"])
     assert exit.value.code == 2
-    assert capsys.readouterr().err == ("speedrun.py: error: train.py refuses the flags of the full recipe: argument "
+    assert capsys.readouterr().err == ("error: train.py refuses the flags of the full recipe: argument "
                                        f"--device: cuda, but torch {torch.__version__} sees no CUDA device here\n")
     assert not (tmp_path / "sr").exists()
 

@@ -71,7 +71,7 @@ def check_train_flags(args, variants):
     # Flags set for each run would win from --train-args: '--seed 5' trained every "seed" alike.
     clash = flags_among(args.train_args, {"shards", "arch", "size", "recipe", "seed", "output_dir"})
     if clash:
-        print(f"speedrun.py: error: --train-args: {', '.join(clash)}: set by "
+        print(f"error: --train-args: {', '.join(clash)}: set by "
               "speedrun.py for each run (from its --shards, --arch, --seeds and --out; --recipe fast, --size 64)",
               file=sys.stderr)
         sys.exit(UsageError.exit_code)
@@ -80,7 +80,7 @@ def check_train_flags(args, variants):
             check_device(train.parse_args(train_argv(args, 0, "run", variant)).device)  # also a GPU it lacks
         except TinyinError as e:
             run = "the full recipe" if variant is None else f"--ablate {variant}"
-            print(f"speedrun.py: error: train.py refuses the flags of {run}: {e}", file=sys.stderr)
+            print(f"error: train.py refuses the flags of {run}: {e}", file=sys.stderr)
             sys.exit(e.exit_code)
 
 

@@ -405,6 +405,24 @@ def test_an_empty_part_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
     assert (exit.value.code, capsys.readouterr().err) == (2, "error: --parts: choose from bench, table2, r224, speedrun\n")
 
 
+@pytest.mark.parametrize("name, reason", [("none", "no such folder"),
+                                          ("empty", "not a shard set (no manifest.json); run `tinyin shard build` first")])
+def test_shards_that_is_no_set_without_a_release_is_refused_in_one_line(tmp_path, monkeypatch, name, reason):
+    """--shards (no --release to build it from) that does not exist or holds no set: a TypeError traceback out of
+    the build, after --out and env.json were made. Now the line reproduce.py and speedrun.py say, before anything."""
+    sys.path.insert(0, str(SESSION.parent))
+    import gpu_session
+    from pipeline.errors import run_cli
+
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr(sys, "argv", ["gpu_session.py", "--shards", str(tmp_path / name), "--out", str(tmp_path / "out"),
+                                      "--work", str(tmp_path / "work"), "--device", "cpu"])
+    with pytest.raises(SystemExit) as exit:
+        run_cli(gpu_session.main)
+    assert exit.value.code == f"error: --shards {tmp_path / name}: {reason}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
 def test_commit_names_the_commit_of_a_copy_without_git(shards, tmp_path, monkeypatch):
     """The device tool's copy of the tree has no .git: env.json said commit "unknown" unless --commit named it."""
     sys.path.insert(0, str(SESSION.parent))

@@ -300,6 +300,10 @@ def main():
     parts = args.parts.split(",")
     if set(parts) - set(PARTS):
         p.error(f"--parts: choose from {', '.join(PARTS)}")
+    if args.shards and not args.release:  # nothing to build it from: was the build's TypeError traceback
+        from reproduce import check_shards  # as reproduce.py and speedrun.py check it
+
+        check_shards(args.shards)
     import torch
     from pipeline.device import check_device
 

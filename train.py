@@ -64,8 +64,8 @@ with stopped_at_once():  # the imports (torch's: seconds): a signal ends them in
                                      weights_run)
     from pipeline.device import check_device
     from pipeline.errors import (ArgumentParser, CheckpointError, ShardError, TinyinError, UsageError, at_least,
-                                 hide_password, plural, positive_float, refused_open, run_cli, sigterm_interrupts,
-                                 when_orphaned)
+                                 hide_password, path_text, plural, positive_float, refused_open, run_cli,
+                                 sigterm_interrupts, when_orphaned)
     from pipeline.augment import AUGMENTS
     from pipeline.mixing import MODES as MIX_MODES, mix_batch, mix_generator
     from pipeline.order import MoreRanksThanSamples, UnevenBatchesOfOne, check_even_batches, step_seed
@@ -1147,17 +1147,6 @@ def main(args):
 
 
 # --- flags ---------------------------------------------------------------------------------
-
-
-def path_text(text):
-    """An argparse type: a path that is not empty, a leading `~` or `~user` its home folder (`os.path.expanduser`,
-    as the tinyin commands' paths; a URL never starts with one). An empty one (an unset shell variable:
-    `--resume "$CKPT"`) read as "not given": a fresh run, or no --weights, in place of the one asked for, without a
-    word; an empty --shards was the current folder, 'error: : no such folder'. A shell expands `~` only at a word's
-    start: `--output-dir=~/runs/a`, a quoted "~/runs/a" or a job script's value put the run in a folder named `~`."""
-    if not text:
-        raise argparse.ArgumentTypeError("empty; give a path")
-    return os.path.expanduser(text)
 
 
 def get_args_parser(add_help=True):

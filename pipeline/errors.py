@@ -69,6 +69,18 @@ def positive_float(text):
     return value
 
 
+def path_text(text):
+    """An argparse type: a path that is not empty, a leading `~` or `~user` its home folder (`os.path.expanduser`,
+    as the tinyin commands' paths; a URL never starts with one). An empty one (an unset shell variable:
+    `--resume "$CKPT"`) read as "not given": a fresh run, or no --weights, in place of the one asked for, without a
+    word; an empty --shards was the current folder, 'error: : no such folder'. A shell expands `~` only at a word's
+    start: `--output-dir=~/runs/a`, a quoted "~/runs/a" or a job script's value put the run in a folder named `~`.
+    train.py's path flags and the tools' (whose empty --out wrote into the current folder)."""
+    if not text:
+        raise argparse.ArgumentTypeError("empty; give a path")
+    return os.path.expanduser(text)
+
+
 class SourceError(TinyinError):
     """The release (folder, zip or tar) is missing something or cannot be read."""
 

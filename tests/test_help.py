@@ -67,6 +67,32 @@ def test_the_tools_name_a_bad_number_in_train_pys_words(tmp_path, script, wrong,
     assert (result.returncode, result.stdout, result.stderr) == (2, "", f"error: {error}\n")
 
 
+@pytest.mark.parametrize("script, flag", [
+    ("reproduce.py", "--shards"), ("reproduce.py", "--out"), ("reproduce.py", "--weights-dir"),
+    ("speedrun.py", "--shards"), ("speedrun.py", "--out"),
+    ("gpu_session.py", "--release"), ("gpu_session.py", "--shards"), ("gpu_session.py", "--out"),
+    ("gpu_session.py", "--work"),
+    ("bench_build.py", "--src"),
+    ("bench_loader.py", "--src"), ("bench_loader.py", "--shards"), ("bench_loader.py", "--images"),
+    ("bench_loader.py", "--json"),
+])
+def test_the_tools_refuse_an_empty_path_in_train_pys_words(tmp_path, monkeypatch, capsys, script, flag):
+    """An empty path (an unset shell variable: `--out "$OUT"`) is train.py's 'argument --shards: empty; give a
+    path', exit 2. The tools took it: --out '' wrote the results into the current folder (gpu_session's --work ''
+    built and trained there), reproduce.py's --weights-dir '' read as not given, and --shards '' said
+    'error: --shards : not a shard set' (speedrun.py: train.py's refusal, 'speedrun.py: error: train.py refuses
+    the flags of the full recipe: ...'); bench_build's --src '' said the build's '--src is empty: give the release'."""
+    import runpy
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))  # as a script's own folder is: flag_values, reproduce
+    monkeypatch.setattr(sys, "argv", [script, flag, ""])
+    with pytest.raises(SystemExit) as exit:
+        runpy.run_path(str(ROOT / "tools" / script), run_name="__main__")
+    assert (exit.value.code, capsys.readouterr().err) == (2, f"error: argument {flag}: empty; give a path\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 def _commands(group, path=("tinyin",)):
     for name, command in group.commands.items():
         if isinstance(command, click.Group):

@@ -17,7 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.build import build_shards  # noqa: E402
-from pipeline.errors import ArgumentParser, at_least, plural, run_cli, signals_deferred, sigterm_interrupts  # noqa: E402
+from pipeline.errors import (ArgumentParser, at_least, path_text, plural, run_cli, signals_deferred,  # noqa: E402
+                             sigterm_interrupts)
 from pipeline.provenance import commit  # noqa: E402
 
 DEFAULT_SRC = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-imagenet-200.tar.gz"
@@ -25,7 +26,7 @@ DEFAULT_SRC = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-im
 
 def main():
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--src", default=str(DEFAULT_SRC), type=os.path.expanduser, help="release folder/zip/tar (default: %(default)s)")
+    parser.add_argument("--src", default=str(DEFAULT_SRC), type=path_text, help="release folder/zip/tar (default: %(default)s)")
     # at least 1: --repeat 0 printed an empty table, --workers -1 was a traceback
     parser.add_argument("--workers", type=at_least(1), default=None, help="decode processes (default: all cores)")
     parser.add_argument("--shard-size", type=at_least(1), default=10000, help="samples per shard (default: %(default)s)")

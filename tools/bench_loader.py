@@ -11,7 +11,6 @@ at the end), then runs the same measurement as `tinyin bench loader`.
 """
 import argparse
 import json
-import os
 import shlex
 import shutil
 import sys
@@ -27,7 +26,7 @@ from pipeline.bench import bench_loader, bench_remote, check_images, check_json,
 from pipeline.build import build_shards  # noqa: E402
 from pipeline.cli import bench_loader_cmd  # noqa: E402
 from pipeline.device import check_device  # noqa: E402
-from pipeline.errors import ArgumentParser, UsageError, run_cli, sigterm_interrupts, stop_code  # noqa: E402
+from pipeline.errors import ArgumentParser, UsageError, path_text, run_cli, sigterm_interrupts, stop_code  # noqa: E402
 from pipeline.source import ROOT_MARKER, not_a_release, not_an_archive  # noqa: E402
 from pipeline.shardset import local_folder  # noqa: E402
 
@@ -84,12 +83,12 @@ def add_command_option(parser, name):
 
 def main():
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--src", default=str(DEFAULT_SRC), type=os.path.expanduser, help="release archive or folder (default: %(default)s)")
-    parser.add_argument("--shards", type=os.path.expanduser, help="an existing shard folder (skips the build)")
-    parser.add_argument("--images", type=os.path.expanduser, help="an extracted release folder (skips the extraction)")
+    parser.add_argument("--src", default=str(DEFAULT_SRC), type=path_text, help="release archive or folder (default: %(default)s)")
+    parser.add_argument("--shards", type=path_text, help="an existing shard folder (skips the build)")
+    parser.add_argument("--images", type=path_text, help="an extracted release folder (skips the extraction)")
     for name in COMMAND_OPTIONS:
         add_command_option(parser, name)
-    parser.add_argument("--json", type=os.path.expanduser, help="also write the rows here")
+    parser.add_argument("--json", type=path_text, help="also write the rows here")
     args = parser.parse_args()
     checked_as_the_command(args, ("batch_size", "workers", "passes", "pass_images"))  # --passes 0: a traceback after the warm-up
     check_device(args.device)  # found by the resident row, after the baseline's minutes

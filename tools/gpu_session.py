@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from flag_values import joined  # noqa: E402  (beside this file)
-from pipeline.errors import ArgumentParser, at_least, positive_float  # noqa: E402
+from pipeline.errors import ArgumentParser, at_least, path_text, positive_float  # noqa: E402
 
 PARTS = ("bench", "table2", "r224", "speedrun")
 RESULTS = ("bench.md", "table2.md", "curves.png", "r224.md", "speedrun.md", "speedrun.png", "ablation.md")
@@ -270,10 +270,10 @@ PART_RUNS = {"bench": part_bench, "table2": part_table2, "r224": part_r224, "spe
 
 def main():
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--release", type=os.path.expanduser, help="the release archive (.tar.gz) or an extracted/synthetic release folder")
-    p.add_argument("--shards", type=os.path.expanduser, help="an existing shard folder (skips the build)")
-    p.add_argument("--out", required=True, type=os.path.expanduser, help="where the result files are copied (e.g. $OUT)")
-    p.add_argument("--work", default="/tmp/tinyin-gpu", type=os.path.expanduser, help="shards, images, runs, results (default: %(default)s)")
+    p.add_argument("--release", type=path_text, help="the release archive (.tar.gz) or an extracted/synthetic release folder")
+    p.add_argument("--shards", type=path_text, help="an existing shard folder (skips the build)")
+    p.add_argument("--out", required=True, type=path_text, help="where the result files are copied (e.g. $OUT)")
+    p.add_argument("--work", default="/tmp/tinyin-gpu", type=path_text, help="shards, images, runs, results (default: %(default)s)")
     p.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of: %(default)s")
     p.add_argument("--device", default=None, help="the device every part runs on (default: cuda if available, else cpu)")
     p.add_argument("--commit", help="the commit, where the copy has no .git (default: git rev-parse)")

@@ -47,8 +47,8 @@ from flag_values import flags_among, joined  # noqa: E402
 from models.recipes import RECIPES  # noqa: E402
 from pipeline.atomic import folder_refusal, write_json  # noqa: E402
 from pipeline.cache import is_set_url  # noqa: E402
-from pipeline.errors import (ArgumentParser, TinyinError, UsageError, at_least, hide_password, plural,  # noqa: E402
-                             user_errors)
+from pipeline.errors import (ArgumentParser, TinyinError, UsageError, at_least, hide_password, path_text,  # noqa: E402
+                             plural, user_errors)
 from pipeline.report import write_report  # noqa: E402
 from pipeline.shardset import local_folder  # noqa: E402
 
@@ -341,14 +341,14 @@ def main(args):
 
 def get_args_parser():
     p = ArgumentParser(description="Reproduce the study's tables with train.py --recipe paper")
-    p.add_argument("--shards", default="out/shards", type=os.path.expanduser, help="shard folder (default: out/shards)")
-    p.add_argument("--out", default="runs/paper", type=os.path.expanduser, help="one sub-folder per row, plus report.md (default: runs/paper)")
+    p.add_argument("--shards", default="out/shards", type=path_text, help="shard folder (default: out/shards)")
+    p.add_argument("--out", default="runs/paper", type=path_text, help="one sub-folder per row, plus report.md (default: runs/paper)")
     p.add_argument("--rows", type=row_names, help=f"comma-separated subset of: {', '.join(ROWS)} (default: all)")
     # at least 1: 0 would read as "not given", the recipe's 40 epochs, every batch
     p.add_argument("--epochs", type=at_least(1), help="override every row's epochs, for a quick run (default: the recipe's)")
     p.add_argument("--limit-batches", type=at_least(1), help="passed to train.py: batches per epoch and per evaluation (default: all)")
     p.add_argument("--device", help="passed to train.py (default: train.py's, cuda if available)")
-    p.add_argument("--weights-dir", type=os.path.expanduser, help="folder holding the ImageNet .pth files under their torchvision names (default: none)")
+    p.add_argument("--weights-dir", type=path_text, help="folder holding the ImageNet .pth files under their torchvision names (default: none)")
     p.add_argument("--train-args", help="more train.py flags, e.g. '--amp --channels-last' (default: none)")
     p.add_argument("--jobs", type=at_least(1), default=1,
                    help="rows trained side by side, each in its own process with its output in OUT/ROW/train.log "

@@ -19,7 +19,6 @@ seeds' spread in speedrun.md is noise.
 """
 import argparse
 import json
-import os
 import shlex
 import statistics
 import subprocess
@@ -34,7 +33,8 @@ sys.path.insert(0, str(ROOT))  # train.py and pipeline/, run from anywhere, inst
 
 from flag_values import flags_among, joined  # noqa: E402
 from pipeline.atomic import folder_refusal  # noqa: E402
-from pipeline.errors import ArgumentParser, TinyinError, UsageError, hide_password, plural, user_errors  # noqa: E402
+from pipeline.errors import (ArgumentParser, TinyinError, UsageError, hide_password, path_text, plural,  # noqa: E402
+                             user_errors)
 from reproduce import Stop, check_shards  # noqa: E402
 
 #: --ablate's variants: name -> (the part switched off, the train.py flags that switch it off)
@@ -188,8 +188,8 @@ def plot(results, png):
 
 def main(argv=None):
     p = ArgumentParser(prog="speedrun.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shards", required=True, type=os.path.expanduser, help="the shard folder (or URL) train.py reads")
-    p.add_argument("--out", required=True, type=os.path.expanduser, help="where speedrun.md/.json/.png and runs/ go")
+    p.add_argument("--shards", required=True, type=path_text, help="the shard folder (or URL) train.py reads")
+    p.add_argument("--out", required=True, type=path_text, help="where speedrun.md/.json/.png and runs/ go")
     p.add_argument("--arch", default="resnet18_64", help="a network the fast recipe has a row for (default: %(default)s)")
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds (default: %(default)s)")
     p.add_argument("--device", default=None, help="passed to train.py (default: train.py's)")

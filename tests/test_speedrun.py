@@ -270,10 +270,14 @@ def test_a_seed_named_twice_is_one_row(shards, tmp_path, monkeypatch):
     assert [r["seed"] for r in json.loads((tmp_path / "sr" / "speedrun.json").read_text())] == [0, 1]
 
 
-def test_bad_seeds_are_a_one_line_error(capsys):
-    with pytest.raises(SystemExit):
-        speedrun.main(["--shards", "x", "--out", "y", "--seeds", "0,a"])
-    assert capsys.readouterr().err == "error: --seeds: comma-separated integers, not '0,a'\n"
+@pytest.mark.parametrize("seeds, message", [("0,a", "not a whole number: 'a'"), ("0,-1", "must be at least 0, not -1"),
+                                           ("", "not a whole number: ''")])
+def test_bad_seeds_are_a_one_line_error(capsys, seeds, message):
+    """In train.py's words for its --seed: '0,a' said 'comma-separated integers, not '0,a''; '0,-1' trained seed 0
+    (the flags were checked with it alone), then train.py refused -1, and speedrun.py said to rerun."""
+    with pytest.raises(SystemExit) as exit:
+        speedrun.main(["--shards", "x", "--out", "y", "--seeds", seeds])
+    assert (exit.value.code, capsys.readouterr().err) == (2, f"error: argument --seeds: {message}\n")
 
 
 def test_ablation_switches_off_one_part_per_run(shards, tmp_path):

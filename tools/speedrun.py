@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT))  # train.py and pipeline/, run from anywhere, inst
 
 from flag_values import flags_among, joined  # noqa: E402
 from pipeline.atomic import folder_refusal  # noqa: E402
-from pipeline.errors import (ArgumentParser, TinyinError, UsageError, hide_password, path_text, plural,  # noqa: E402
-                             user_errors)
+from pipeline.errors import (ArgumentParser, TinyinError, UsageError, at_least, hide_password, path_text,  # noqa: E402
+                             plural, user_errors)
 from reproduce import Stop, check_shards  # noqa: E402
 
 #: --ablate's variants: name -> (the part switched off, the train.py flags that switch it off)
@@ -59,6 +59,14 @@ def train_argv(args, seed, run, variant=None):
     argv = ["--shards", args.shards, "--arch", args.arch, "--size", "64", "--recipe", "fast", "--seed", str(seed),
             "--output-dir", str(run), "--overwrite", *shlex.split(args.train_args), *off]
     return argv + (["--device", args.device] if args.device else [])
+
+
+def seed_list(text):
+    """An argparse type: --seeds' seeds (comma-separated), each once ('0,0': one run, not a row twice), each one that
+    train.py's --seed takes, in its words: '--seeds 0,-1' trained seed 0, then train.py refused -1 (its flags are
+    checked with seed 0's); '0,a' said 'comma-separated integers, not '0,a'', where --seed a says 'not a whole
+    number: 'a''."""
+    return list(dict.fromkeys(map(at_least(0), text.split(","))))
 
 
 def check_train_flags(args, variants):
@@ -191,17 +199,13 @@ def main(argv=None):
     p.add_argument("--shards", required=True, type=path_text, help="the shard folder (or URL) train.py reads")
     p.add_argument("--out", required=True, type=path_text, help="where speedrun.md/.json/.png and runs/ go")
     p.add_argument("--arch", default="resnet18_64", help="a network the fast recipe has a row for (default: %(default)s)")
-    p.add_argument("--seeds", default="0,1", help="comma-separated seeds (default: %(default)s)")
+    p.add_argument("--seeds", default="0,1", type=seed_list, help="comma-separated seeds (default: %(default)s)")
     p.add_argument("--device", default=None, help="passed to train.py (default: train.py's)")
     p.add_argument("--train-args", default="", help="more train.py flags, e.g. '--epochs 30' (they win over the recipe)")
     p.add_argument("--ablate", metavar="PARTS",
                    help=f"then the first seed once per part switched off: 'all' or comma-separated of {', '.join(ABLATIONS)}")
     with user_errors():  # a bad flag: one line, exit 2, as train.py's
         args = p.parse_args(joined(sys.argv[1:] if argv is None else argv, ("--train-args",)))
-        try:
-            seeds = list(dict.fromkeys(int(s) for s in args.seeds.split(",")))  # '0,0': one run, not a row twice
-        except ValueError:
-            p.error(f"--seeds: comma-separated integers, not {args.seeds!r}")
         # 'ema,ema': one run, not its row twice; 'all' among parts is every one ('all,ema' was refused as 'unknown
         # part all; choose from: all, ...')
         parts = list(dict.fromkeys(args.ablate.split(","))) if args.ablate else []
@@ -219,14 +223,14 @@ def main(argv=None):
     # The tables are rewritten after every run, so that a stop or a failure keeps the runs so far.
     results, ablated = [], []
     try:
-        for seed in seeds:
+        for seed in args.seeds:
             results.append(run_seed(args, seed, out))
             (out / "speedrun.md").write_text(render(results, command_line))
             (out / "speedrun.json").write_text(json.dumps([dict(r, curve=curve(r)) for r in results], indent=1))
             plot(results, out / "speedrun.png")
         print((out / "speedrun.md").read_text(), end="")
         for variant in variants:
-            ablated.append(run_seed(args, seeds[0], out, variant))
+            ablated.append(run_seed(args, args.seeds[0], out, variant))
             (out / "ablation.md").write_text(render_ablation(results[0], ablated, command_line))
             (out / "ablation.json").write_text(json.dumps([results[0], *ablated], indent=1))
         if variants:

@@ -81,6 +81,26 @@ def path_text(text):
     return os.path.expanduser(text)
 
 
+def names_among(choices, noun, unset):
+    """An argparse type: comma-separated names among `choices` (each a `noun`: 'row'), each once, in their order
+    (a name twice ran its work twice). An empty value (an unset shell variable: `--rows "$ROWS"`) is refused, not
+    read as not given, naming `unset`: what leaving the flag out does ('all'). One form for the tools' lists
+    (reproduce.py's --rows, speedrun.py's --ablate, gpu_session.py's --parts), whose words for one mistake differed:
+    'argument --rows: unknown row vgg16-64; choose from: ...', '--ablate: unknown part ...', '--parts: choose from
+    ...' (not naming the part)."""
+    def parse(text):
+        if not text:
+            raise argparse.ArgumentTypeError(f"empty; name {plural(2, noun)} ({', '.join(choices)}), "
+                                             f"or leave it out for {unset}")
+        names = list(dict.fromkeys(text.split(",")))
+        unknown = [name or repr(name) for name in names if name not in choices]  # 'bench,': the part ''
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {plural(len(unknown), noun)} {', '.join(unknown)}; "
+                                             f"choose from: {', '.join(choices)}")
+        return names
+    return parse
+
+
 class SourceError(TinyinError):
     """The release (folder, zip or tar) is missing something or cannot be read."""
 

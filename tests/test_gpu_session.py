@@ -393,16 +393,22 @@ def test_table2_trains_its_rows_one_after_another_on_the_cpu(tmp_path, monkeypat
         assert commands[-1][commands[-1].index("--jobs") + 1] == jobs
 
 
-def test_an_empty_part_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
-    """`--parts bench,` (a trailing comma) named a part ''."""
+@pytest.mark.parametrize("parts, said", [
+    ("bench,", "unknown part ''; choose from: bench, table2, r224, speedrun"),
+    ("bench,tabel2", "unknown part tabel2; choose from: bench, table2, r224, speedrun"),
+    ("", "empty; name parts (bench, table2, r224, speedrun), or leave it out for all"),
+])
+def test_an_empty_part_is_refused_in_one_line(tmp_path, monkeypatch, capsys, parts, said):
+    """`--parts bench,` (a trailing comma) named a part ''. Refused, it said '--parts: choose from ...', naming no
+    part, where reproduce.py's --rows and speedrun.py's --ablate name theirs in argparse's form."""
     sys.path.insert(0, str(SESSION.parent))
     import gpu_session
     from pipeline.errors import run_cli
 
-    monkeypatch.setattr(sys, "argv", ["gpu_session.py", "--shards", "s", "--out", str(tmp_path), "--parts", "bench,"])
+    monkeypatch.setattr(sys, "argv", ["gpu_session.py", "--shards", "s", "--out", str(tmp_path), "--parts", parts])
     with pytest.raises(SystemExit) as exit:
         run_cli(gpu_session.main)
-    assert (exit.value.code, capsys.readouterr().err) == (2, "error: --parts: choose from bench, table2, r224, speedrun\n")
+    assert (exit.value.code, capsys.readouterr().err) == (2, f"error: argument --parts: {said}\n")
 
 
 @pytest.mark.parametrize("name, reason", [("none", "no such folder"),

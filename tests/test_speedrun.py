@@ -325,7 +325,7 @@ def test_all_among_the_ablated_parts_is_every_part(monkeypatch, capsys):
     assert planned == [list(speedrun.ABLATIONS)]
     with pytest.raises(SystemExit):
         speedrun.main(["--shards", "x", "--out", "y", "--ablate", "all,dropout"])
-    assert capsys.readouterr().err.startswith("error: --ablate: unknown part dropout; ")
+    assert capsys.readouterr().err.startswith("error: argument --ablate: unknown part dropout; ")
 
 
 def test_a_variant_switches_its_part_off_whatever_the_train_args():
@@ -337,13 +337,20 @@ def test_a_variant_switches_its_part_off_whatever_the_train_args():
                                      for variant in (None, "ema", "tta"))] == [(0.99, True), (0.0, True), (0.99, False)]
 
 
-@pytest.mark.parametrize("ablate, said", [("ema,dropout", "part dropout"), ("dropout,ema,mixup", "parts dropout, mixup")])
+ABLATE = "all, ema, tta, smoothing, augment, nesterov, warmup, amp, channels-last, compile"
+
+
+@pytest.mark.parametrize("ablate, said", [("ema,dropout", f"unknown part dropout; choose from: {ABLATE}"),
+                                          ("dropout,ema,mixup", f"unknown parts dropout, mixup; choose from: {ABLATE}"),
+                                          ("ema,", f"unknown part ''; choose from: {ABLATE}"),
+                                          ("", f"empty; name parts ({ABLATE}), or leave it out for no ablation")])
 def test_unknown_ablation_is_a_one_line_error(capsys, ablate, said):
-    """It said 'unknown part(s)' for one part and for two."""
-    with pytest.raises(SystemExit):
+    """It said 'unknown part(s)' for one part and for two; in argparse's form, as reproduce.py's --rows and
+    gpu_session.py's --parts say theirs (it said '--ablate: unknown part ...'). An empty one (an unset shell
+    variable) read as not given: no ablation, without a word."""
+    with pytest.raises(SystemExit) as exit:
         speedrun.main(["--shards", "x", "--out", "y", "--ablate", ablate])
-    assert capsys.readouterr().err == f"error: --ablate: unknown {said}; choose from: all, ema, tta, smoothing, " \
-        "augment, nesterov, warmup, amp, channels-last, compile\n"
+    assert (exit.value.code, capsys.readouterr().err) == (2, f"error: argument --ablate: {said}\n")
 
 
 @pytest.mark.parametrize("extra, message", [

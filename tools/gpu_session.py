@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from flag_values import joined  # noqa: E402  (beside this file)
-from pipeline.errors import ArgumentParser, at_least, path_text, positive_float  # noqa: E402
+from pipeline.errors import ArgumentParser, at_least, names_among, path_text, positive_float  # noqa: E402
 
 PARTS = ("bench", "table2", "r224", "speedrun")
 RESULTS = ("bench.md", "table2.md", "curves.png", "r224.md", "speedrun.md", "speedrun.png", "ablation.md")
@@ -274,7 +274,7 @@ def main():
     p.add_argument("--shards", type=path_text, help="an existing shard folder (skips the build)")
     p.add_argument("--out", required=True, type=path_text, help="where the result files are copied (e.g. $OUT)")
     p.add_argument("--work", default="/tmp/tinyin-gpu", type=path_text, help="shards, images, runs, results (default: %(default)s)")
-    p.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of: %(default)s")
+    p.add_argument("--parts", default=",".join(PARTS), type=names_among(PARTS, "part", "all"), help="comma-separated subset of: %(default)s")
     p.add_argument("--device", default=None, help="the device every part runs on (default: cuda if available, else cpu)")
     p.add_argument("--commit", help="the commit, where the copy has no .git (default: git rev-parse)")
     p.add_argument("--bench-args", help="more `tinyin bench train` flags, e.g. '--arch resnet18 --no-compile'")
@@ -297,9 +297,7 @@ def main():
     for name in ("release", "shards", "work"):
         if getattr(args, name):
             setattr(args, name, os.path.abspath(getattr(args, name)))
-    parts = args.parts.split(",")
-    if set(parts) - set(PARTS):
-        p.error(f"--parts: choose from {', '.join(PARTS)}")
+    parts = args.parts
     if args.shards and not args.release:  # nothing to build it from: was the build's TypeError traceback
         from reproduce import check_shards  # as reproduce.py and speedrun.py check it
 

@@ -27,7 +27,6 @@ do not lose what trained: on a signal every running row's train.py writes its ch
 so far (an unfinished row says "12 of 40" epochs) before the exit (128 + signum after a signal).
 """
 
-import argparse
 import contextlib
 import json
 import os
@@ -47,8 +46,8 @@ from flag_values import flags_among, joined  # noqa: E402
 from models.recipes import RECIPES  # noqa: E402
 from pipeline.atomic import folder_refusal, write_json  # noqa: E402
 from pipeline.cache import is_set_url  # noqa: E402
-from pipeline.errors import (ArgumentParser, TinyinError, UsageError, at_least, hide_password, path_text,  # noqa: E402
-                             plural, user_errors)
+from pipeline.errors import (ArgumentParser, TinyinError, UsageError, at_least, hide_password, names_among,  # noqa: E402
+                             path_text, plural, user_errors)
 from pipeline.report import write_report  # noqa: E402
 from pipeline.shardset import local_folder  # noqa: E402
 
@@ -251,20 +250,6 @@ def check_shards(shards):
         sys.exit(f"error: --shards {shards}: not a shard set (no manifest.json); run `tinyin shard build` first")
 
 
-def row_names(text):
-    """An argparse type: --rows' names (comma-separated), each once, in their order. A row named twice trained
-    twice: side by side (--jobs) two train.py processes wrote one folder at once, and the report listed it
-    twice, its minutes summed over both."""
-    if not text:  # an unset shell variable (`--rows "$ROWS"`) read as "not given": every row of the study
-        raise argparse.ArgumentTypeError(f"empty; name rows ({', '.join(ROWS)}), or leave it out for all")
-    rows = list(dict.fromkeys(text.split(",")))
-    unknown = [r for r in rows if r not in ROWS]
-    if unknown:  # as train.py's '--arch vgg16' (argparse's choices)
-        raise argparse.ArgumentTypeError(f"unknown {plural(len(unknown), 'row')} {', '.join(unknown)}; "
-                                         f"choose from: {', '.join(ROWS)}")
-    return rows
-
-
 def main(args):
     rows = args.rows or list(ROWS)
     if args.weights_dir and not Path(args.weights_dir).is_dir():  # a typo read as "no weights": Table 3 not run
@@ -343,7 +328,9 @@ def get_args_parser():
     p = ArgumentParser(description="Reproduce the study's tables with train.py --recipe paper")
     p.add_argument("--shards", default="out/shards", type=path_text, help="shard folder (default: out/shards)")
     p.add_argument("--out", default="runs/paper", type=path_text, help="one sub-folder per row, plus report.md (default: runs/paper)")
-    p.add_argument("--rows", type=row_names, help=f"comma-separated subset of: {', '.join(ROWS)} (default: all)")
+    # A row named twice trained twice: side by side (--jobs) two train.py processes wrote one folder at once, and
+    # the report listed it twice, its minutes summed over both. Empty ("$ROWS" unset) read as not given: every row.
+    p.add_argument("--rows", type=names_among(ROWS, "row", "all"), help=f"comma-separated subset of: {', '.join(ROWS)} (default: all)")
     # at least 1: 0 would read as "not given", the recipe's 40 epochs, every batch
     p.add_argument("--epochs", type=at_least(1), help="override every row's epochs, for a quick run (default: the recipe's)")
     p.add_argument("--limit-batches", type=at_least(1), help="passed to train.py: batches per epoch and per evaluation (default: all)")

@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT))  # train.py and pipeline/, run from anywhere, inst
 
 from flag_values import flags_among, joined  # noqa: E402
 from pipeline.atomic import folder_refusal  # noqa: E402
-from pipeline.errors import (ArgumentParser, TinyinError, UsageError, at_least, hide_password, path_text,  # noqa: E402
-                             plural, user_errors)
+from pipeline.errors import (ArgumentParser, TinyinError, UsageError, at_least, hide_password, names_among,  # noqa: E402
+                             path_text, user_errors)
 from reproduce import Stop, check_shards  # noqa: E402
 
 #: --ablate's variants: name -> (the part switched off, the train.py flags that switch it off)
@@ -202,18 +202,12 @@ def main(argv=None):
     p.add_argument("--seeds", default="0,1", type=seed_list, help="comma-separated seeds (default: %(default)s)")
     p.add_argument("--device", default=None, help="passed to train.py (default: train.py's)")
     p.add_argument("--train-args", default="", help="more train.py flags, e.g. '--epochs 30' (they win over the recipe)")
-    p.add_argument("--ablate", metavar="PARTS",
+    p.add_argument("--ablate", metavar="PARTS", type=names_among(("all", *ABLATIONS), "part", "no ablation"),
                    help=f"then the first seed once per part switched off: 'all' or comma-separated of {', '.join(ABLATIONS)}")
     with user_errors():  # a bad flag: one line, exit 2, as train.py's
         args = p.parse_args(joined(sys.argv[1:] if argv is None else argv, ("--train-args",)))
-        # 'ema,ema': one run, not its row twice; 'all' among parts is every one ('all,ema' was refused as 'unknown
-        # part all; choose from: all, ...')
-        parts = list(dict.fromkeys(args.ablate.split(","))) if args.ablate else []
-        variants = [*ABLATIONS, *(v for v in parts if v not in ABLATIONS and v != "all")] if "all" in parts else parts
-        unknown = [v for v in variants if v not in ABLATIONS]
-        if unknown:
-            p.error(f"--ablate: unknown {plural(len(unknown), 'part')} {', '.join(unknown)}; choose from: "
-                    f"all, {', '.join(ABLATIONS)}")
+    # 'all' among parts is every one ('all,ema' was refused as 'unknown part all; choose from: all, ...')
+    variants = list(ABLATIONS) if "all" in (args.ablate or []) else args.ablate or []
     check_train_flags(args, variants)
     check_shards(args.shards)  # before any run starts: a typo failed the first run, which told to "rerun"
     out = Path(args.out)

@@ -82,14 +82,31 @@ def test_the_tools_refuse_an_empty_path_in_train_pys_words(tmp_path, monkeypatch
     built and trained there), reproduce.py's --weights-dir '' read as not given, and --shards '' said
     'error: --shards : not a shard set' (speedrun.py: train.py's refusal, 'speedrun.py: error: train.py refuses
     the flags of the full recipe: ...'); bench_build's --src '' said the build's '--src is empty: give the release'."""
+    assert _run_tool(monkeypatch, tmp_path, capsys, script, flag, "") == (2, f"error: argument {flag}: empty; give a path\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _run_tool(monkeypatch, tmp_path, capsys, script, *argv):
+    """tools/`script` run as a script with `argv` in `tmp_path`, in this process: (its exit code, its stderr)."""
     import runpy
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(ROOT / "tools"))  # as a script's own folder is: flag_values, reproduce
-    monkeypatch.setattr(sys, "argv", [script, flag, ""])
+    monkeypatch.setattr(sys, "argv", [script, *argv])
     with pytest.raises(SystemExit) as exit:
         runpy.run_path(str(ROOT / "tools" / script), run_name="__main__")
-    assert (exit.value.code, capsys.readouterr().err) == (2, f"error: argument {flag}: empty; give a path\n")
+    return exit.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script, flag", [("reproduce.py", "--train-args"), ("speedrun.py", "--train-args"),
+                                          ("gpu_session.py", "--bench-args"), ("gpu_session.py", "--train-args"),
+                                          ("gpu_session.py", "--speedrun-args")])
+@pytest.mark.parametrize("value, why", [("--amp '", "no closing quotation"), ("--amp \\", "no escaped character")])
+def test_the_tools_refuse_flags_a_shell_cannot_split(tmp_path, monkeypatch, capsys, script, flag, value, why):
+    """An unclosed quote in a value of more flags was shlex's 'ValueError: No closing quotation' traceback: out of
+    the parse (reproduce.py, speedrun.py), or out of gpu_session.py's part after the parts before it had run."""
+    argv = ["--shards", str(tmp_path / "none"), "--out", str(tmp_path / "out"), f"{flag}={value}"]
+    assert _run_tool(monkeypatch, tmp_path, capsys, script, *argv) == (2, f"error: argument {flag}: {why} in {value!r}\n")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -3,8 +3,9 @@
 argparse reads a lone value that starts with '-' (`--train-args --no-amp`) as an option of its own
 and stops: "expected one argument", so a value of one flag needed the `=` form. `joined` writes
 such a pair in that form before the parse, so both spellings work. `flags_among`: which of
-those flags a tool sets itself for each run.
+those flags a tool sets itself for each run. `flag_words`: their argparse type.
 """
+import argparse
 import shlex
 
 
@@ -15,6 +16,17 @@ def joined(argv, options):
         value = next(words, None) if word in options else None
         out.append(word if value is None else f"{word}={value}")
     return out
+
+
+def flag_words(text):
+    """An argparse type: a value of more flags (`--train-args`), as given, once shlex splits it as a shell would.
+    An unclosed quote (`--train-args "--amp '"`) was shlex's 'ValueError: No closing quotation' traceback: out of
+    the parse (reproduce.py, speedrun.py), or out of gpu_session.py's part, after the parts before it."""
+    try:
+        shlex.split(text)
+    except ValueError as e:  # 'No closing quotation', 'No escaped character' (a trailing backslash)
+        raise argparse.ArgumentTypeError(f"{str(e)[:1].lower()}{str(e)[1:]} in {text!r}") from None
+    return text
 
 
 def flags_among(train_args, dests):

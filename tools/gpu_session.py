@@ -42,7 +42,7 @@ START = time.time()  # --deadline counts from here
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flag_values import joined  # noqa: E402  (beside this file)
+from flag_values import flag_words, joined  # noqa: E402  (beside this file)
 from pipeline.errors import ArgumentParser, at_least, names_among, path_text, positive_float  # noqa: E402
 
 PARTS = ("bench", "table2", "r224", "speedrun")
@@ -277,12 +277,12 @@ def main():
     p.add_argument("--parts", default=",".join(PARTS), type=names_among(PARTS, "part", "all"), help="comma-separated subset of: %(default)s")
     p.add_argument("--device", default=None, help="the device every part runs on (default: cuda if available, else cpu)")
     p.add_argument("--commit", help="the commit, where the copy has no .git (default: git rev-parse)")
-    p.add_argument("--bench-args", help="more `tinyin bench train` flags, e.g. '--arch resnet18 --no-compile'")
-    p.add_argument("--train-args", help="more train.py flags for Table 2's rows")
+    p.add_argument("--bench-args", type=flag_words, help="more `tinyin bench train` flags, e.g. '--arch resnet18 --no-compile'")
+    p.add_argument("--train-args", type=flag_words, help="more train.py flags for Table 2's rows")
     p.add_argument("--table2-rows", help=f"Table 2's rows to train (tools/reproduce.py --rows; default: {TABLE2_ROWS})")
     p.add_argument("--table2-jobs", type=at_least(1),
                    help="Table 2 rows trained side by side (tools/reproduce.py --jobs; default: 4 on CUDA, 1 on the CPU)")
-    p.add_argument("--speedrun-args", help="more tools/speedrun.py flags, e.g. \"--train-args '--epochs 30'\"")
+    p.add_argument("--speedrun-args", type=flag_words, help="more tools/speedrun.py flags, e.g. \"--train-args '--epochs 30'\"")
     p.add_argument("--deadline", type=positive_float, metavar="SECONDS",
                    help=f"stop the parts this long after the start, keeping what they have (SIGTERM; killed "
                         f"{GRACE_S} s later): give the device call's timeout less {GRACE_S} s and a margin, "

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from anywhere, installed or not
 
 import models  # noqa: E402
-from flag_values import flags_among, joined  # noqa: E402
+from flag_values import flag_words, flags_among, joined  # noqa: E402
 from models.recipes import RECIPES  # noqa: E402
 from pipeline.atomic import folder_refusal, write_json  # noqa: E402
 from pipeline.cache import is_set_url  # noqa: E402
@@ -336,7 +336,7 @@ def get_args_parser():
     p.add_argument("--limit-batches", type=at_least(1), help="passed to train.py: batches per epoch and per evaluation (default: all)")
     p.add_argument("--device", help="passed to train.py (default: train.py's, cuda if available)")
     p.add_argument("--weights-dir", type=path_text, help="folder holding the ImageNet .pth files under their torchvision names (default: none)")
-    p.add_argument("--train-args", help="more train.py flags, e.g. '--amp --channels-last' (default: none)")
+    p.add_argument("--train-args", type=flag_words, help="more train.py flags, e.g. '--amp --channels-last' (default: none)")
     p.add_argument("--jobs", type=at_least(1), default=1,
                    help="rows trained side by side, each in its own process with its output in OUT/ROW/train.log "
                         "(default: 1, one after another)")

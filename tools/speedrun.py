@@ -31,7 +31,7 @@ from matplotlib.figure import Figure  # the object API: no pyplot, no global bac
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # train.py and pipeline/, run from anywhere, installed or not
 
-from flag_values import flags_among, joined  # noqa: E402
+from flag_values import flag_words, flags_among, joined  # noqa: E402
 from pipeline.atomic import folder_refusal  # noqa: E402
 from pipeline.errors import (ArgumentParser, TinyinError, UsageError, at_least, hide_password, names_among,  # noqa: E402
                              path_text, user_errors)
@@ -201,7 +201,7 @@ def main(argv=None):
     p.add_argument("--arch", default="resnet18_64", help="a network the fast recipe has a row for (default: %(default)s)")
     p.add_argument("--seeds", default="0,1", type=seed_list, help="comma-separated seeds (default: %(default)s)")
     p.add_argument("--device", default=None, help="passed to train.py (default: train.py's)")
-    p.add_argument("--train-args", default="", help="more train.py flags, e.g. '--epochs 30' (they win over the recipe)")
+    p.add_argument("--train-args", default="", type=flag_words, help="more train.py flags, e.g. '--epochs 30' (they win over the recipe)")
     p.add_argument("--ablate", metavar="PARTS", type=names_among(("all", *ABLATIONS), "part", "no ablation"),
                    help=f"then the first seed once per part switched off: 'all' or comma-separated of {', '.join(ABLATIONS)}")
     with user_errors():  # a bad flag: one line, exit 2, as train.py's

@@ -429,6 +429,29 @@ def test_shards_that_is_no_set_without_a_release_is_refused_in_one_line(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
 
 
+@pytest.mark.parametrize("rows, said", [
+    ("lenet5-28,alexnet64", "unknown row alexnet64; choose from: lenet5-28, alexnet-64, squeezenet1_1-64, resnet18-64, "
+                            "alexnet-224, squeezenet1_1-224, resnet18-224, alexnet-224-50, squeezenet1_1-224-50, "
+                            "resnet18-224-50"),
+    ("", "empty; name rows (lenet5-28, alexnet-64, squeezenet1_1-64, resnet18-64, alexnet-224, squeezenet1_1-224, "
+         "resnet18-224, alexnet-224-50, squeezenet1_1-224-50, resnet18-224-50), or leave it out for Table 2's "
+         "(lenet5-28,alexnet-64,squeezenet1_1-64,resnet18-64)"),
+])
+def test_table2_rows_are_checked_before_any_part_runs(tmp_path, monkeypatch, capsys, rows, said):
+    """A mistyped row was reproduce.py's refusal in the table2 part, after the bench's minutes on the GPU; an empty
+    one (an unset shell variable) read as not given. Now reproduce.py's words for its --rows, before anything."""
+    sys.path.insert(0, str(SESSION.parent))
+    import gpu_session
+    from pipeline.errors import run_cli
+
+    monkeypatch.setattr(sys, "argv", ["gpu_session.py", "--shards", str(tmp_path / "none"), "--out",
+                                      str(tmp_path / "out"), "--table2-rows", rows])
+    with pytest.raises(SystemExit) as exit:
+        run_cli(gpu_session.main)
+    assert (exit.value.code, capsys.readouterr().err) == (2, f"error: argument --table2-rows: {said}\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_commit_names_the_commit_of_a_copy_without_git(shards, tmp_path, monkeypatch):
     """The device tool's copy of the tree has no .git: env.json said commit "unknown" unless --commit named it."""
     sys.path.insert(0, str(SESSION.parent))

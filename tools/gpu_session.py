@@ -58,6 +58,15 @@ GRACE_S = 45
 STOPPED = []
 
 
+def table2_rows(text):
+    """An argparse type: --table2-rows, as given, once reproduce.py's --rows takes it (in its words): a row name
+    mistyped was reproduce.py's refusal in the table2 part, after the bench's minutes."""
+    from reproduce import ROWS  # torch and the models (main imports them next): only when the flag is given
+
+    names_among(ROWS, "row", f"Table 2's ({TABLE2_ROWS})")(text)
+    return text
+
+
 def sh(cmd, until=None, log=None):
     """Run `cmd` (a list) from the repo root with PYTHONPATH on it; its exit code. At `until` (a
     time.time(), or None), or when this script gets SIGTERM, it gets SIGTERM, and whatever of it
@@ -279,7 +288,7 @@ def main():
     p.add_argument("--commit", help="the commit, where the copy has no .git (default: git rev-parse)")
     p.add_argument("--bench-args", type=flag_words, help="more `tinyin bench train` flags, e.g. '--arch resnet18 --no-compile'")
     p.add_argument("--train-args", type=flag_words, help="more train.py flags for Table 2's rows")
-    p.add_argument("--table2-rows", help=f"Table 2's rows to train (tools/reproduce.py --rows; default: {TABLE2_ROWS})")
+    p.add_argument("--table2-rows", type=table2_rows, help=f"Table 2's rows to train (tools/reproduce.py --rows; default: {TABLE2_ROWS})")
     p.add_argument("--table2-jobs", type=at_least(1),
                    help="Table 2 rows trained side by side (tools/reproduce.py --jobs; default: 4 on CUDA, 1 on the CPU)")
     p.add_argument("--speedrun-args", type=flag_words, help="more tools/speedrun.py flags, e.g. \"--train-args '--epochs 30'\"")

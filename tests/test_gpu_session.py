@@ -452,6 +452,25 @@ def test_table2_rows_are_checked_before_any_part_runs(tmp_path, monkeypatch, cap
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("flag", ["--out", "--work"])
+def test_out_or_work_that_is_a_file_is_one_line(tmp_path, monkeypatch, flag):
+    """--out a file: a FileExistsError traceback; --work a file: 'error: Not a directory: WORK/results'. Now the
+    words reproduce.py and speedrun.py say of their --out."""
+    sys.path.insert(0, str(SESSION.parent))
+    import gpu_session
+    from pipeline.errors import run_cli
+
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "manifest.json").write_text("{}")
+    (tmp_path / "file").write_text("")
+    folders = {"--out": str(tmp_path / "out"), "--work": str(tmp_path / "work"), flag: str(tmp_path / "file")}
+    monkeypatch.setattr(sys, "argv", ["gpu_session.py", "--shards", str(tmp_path / "shards"), "--device", "cpu",
+                                      "--parts", "r224", *(word for pair in folders.items() for word in pair)])
+    with pytest.raises(SystemExit) as exit:
+        run_cli(gpu_session.main)
+    assert exit.value.code == f"error: {flag} {tmp_path / 'file'}: cannot be made a folder (File exists)"
+
+
 def test_commit_names_the_commit_of_a_copy_without_git(shards, tmp_path, monkeypatch):
     """The device tool's copy of the tree has no .git: env.json said commit "unknown" unless --commit named it."""
     sys.path.insert(0, str(SESSION.parent))

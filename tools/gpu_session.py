@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from flag_values import flag_words, joined  # noqa: E402  (beside this file)
+from pipeline.atomic import folder_refusal  # noqa: E402
 from pipeline.errors import ArgumentParser, at_least, names_among, path_text, positive_float  # noqa: E402
 
 PARTS = ("bench", "table2", "r224", "speedrun")
@@ -324,8 +325,12 @@ def main():
     # A smoke run's finished runs and results apart: a real run would skip them as done and report them
     runs = work / "smoke" if args.smoke else work
     res = runs / "results"
+    # As reproduce.py and speedrun.py check their --out: an --out that is a file was a FileExistsError traceback, a
+    # --work that is one 'error: Not a directory: WORK/results'
+    for flag, folder in (("--work", work), ("--out", out)):
+        if why := folder_refusal(folder):
+            sys.exit(f"error: {flag} {folder}: {why}")
     res.mkdir(parents=True, exist_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
     env = environment(args.device)
     if args.commit and env["commit"] == "unknown":
         env["commit"] = args.commit

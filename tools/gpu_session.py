@@ -308,15 +308,15 @@ def main():
         if getattr(args, name):
             setattr(args, name, os.path.abspath(getattr(args, name)))
     parts = args.parts
-    if args.shards and not args.release:  # nothing to build it from: was the build's TypeError traceback
-        from reproduce import check_shards  # as reproduce.py and speedrun.py check it
-
-        check_shards(args.shards)
     import torch
     from pipeline.device import check_device
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_device(args.device)  # one line, not torch's traceback from env.json's GPU name
+    if args.shards and not args.release:  # nothing to build it from: was the build's TypeError traceback (after the flags' own refusals)
+        from reproduce import check_shards  # as reproduce.py and speedrun.py check it
+
+        check_shards(args.shards)
     if args.commit:
         os.environ["TINYIN_COMMIT"] = args.commit
     from pipeline.bench_train import environment

@@ -59,8 +59,8 @@ with stopped_at_once():  # the imports (torch's: seconds): a signal ends them in
     from pipeline.atomic import folder_refusal, long_name, write_json
     from pipeline.cache import cached_copy, is_set_url
     from pipeline.checkpoint import (CHECKPOINT_FORMAT, check_epoch_order, check_limit_batches, check_norm,
-                                     check_plan, check_recipe, classes_of, continue_command, keep_start,
-                                     load_checkpoint, restore_ema, resume_path, run_identity, save_atomic,
+                                     check_plan, check_recipe, check_resume_file, classes_of, continue_command,
+                                     keep_start, load_checkpoint, restore_ema, resume_path, run_identity, save_atomic,
                                      weights_run)
     from pipeline.device import check_device
     from pipeline.errors import (ArgumentParser, CheckpointError, ShardError, TinyinError, UsageError, at_least,
@@ -1103,6 +1103,8 @@ def main(args):
                              f"{where} or --weights FILE")
         if not is_set_url(args.shards):  # a typo said first: not a checkpoint in --output-dir it would replace
             local_folder("--shards", args.shards)  # (whose advice, --resume auto, met the missing folder next)
+        if ckpt_path and args.resume != "auto":  # so is a --resume typo: it is no run's checkpoint to continue
+            check_resume_file(ckpt_path)
         locked = False
         if not args.test_only:  # before the data loads: a mistake is told at once
             check_no_run_replaced(args, ckpt_path)

@@ -77,13 +77,20 @@ def save_atomic(obj, path):
             raise
 
 
-def load_checkpoint(path, identity):
-    """A train.py checkpoint of this run; CheckpointError naming what is wrong otherwise."""
+def check_resume_file(path):
+    """CheckpointError when the --resume file is a folder or is not there: said before anything else reads the
+    run's files (a typo's `--resume run/checkpont.pth` was told that --output-dir run holds a checkpoint.pth the
+    run would replace: 'continue that run with --resume auto', to one trying to continue it)."""
     if os.path.isdir(path):
         raise CheckpointError(f"--resume {path}: a folder; pass {os.path.join(path, 'checkpoint.pth')}, "
                               f"or --resume auto with --output-dir {path}")
     if not os.path.isfile(path):
         raise CheckpointError(f"--resume {path}: no such file")
+
+
+def load_checkpoint(path, identity):
+    """A train.py checkpoint of this run; CheckpointError naming what is wrong otherwise."""
+    check_resume_file(path)
     member = damaged_member(path)  # torch.load does not check: the run went on from damaged weights
     if member:
         raise CheckpointError(f"{path}: {DAMAGED.format(member=member)}")

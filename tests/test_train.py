@@ -588,14 +588,18 @@ def test_a_tilde_in_a_path_flag_is_the_home_folder(tiny_shards, tmp_path, monkey
     assert (args.weights, args.resume, args.output_dir) == (f"{home}/w.pth", "auto", "runs/resnet18-64")
 
 
-def test_a_resume_of_a_missing_file_into_a_runs_folder_is_refused_as_replacing_it(tiny_shards, tmp_path, capsys):
-    """A mistyped --resume where a run's checkpoint.pth is: the one-line refusal, before anything is read."""
+def test_a_resume_of_a_missing_file_into_a_runs_folder_is_refused_naming_the_file(tiny_shards, tmp_path, capsys):
+    """A mistyped --resume where a run's checkpoint.pth is: the one-line refusal names the missing file, before
+    anything is read (the checkpoint there is kept). It said that the folder holds a checkpoint.pth this run would
+    replace, 'continue that run with --resume auto', to one trying to continue it."""
     (tmp_path / "checkpoint.pth").write_bytes(b"a preempted run's")
-    assert cli("--shards", tiny_shards, "--device", "cpu", "--output-dir", tmp_path, "--arch", "lenet5",
-               "--resume", tmp_path / "chekpoint.pth") == 1
-    assert capsys.readouterr().err == (
-        f"error: --output-dir {tmp_path} holds a run's checkpoint.pth, which this run would replace: continue that "
-        "run with --resume auto, start afresh over it with --overwrite, or use another --output-dir\n")
+    base = ("--shards", tiny_shards, "--device", "cpu", "--output-dir", tmp_path, "--arch", "lenet5")
+    assert cli(*base, "--resume", tmp_path / "chekpoint.pth") == 1
+    assert capsys.readouterr().err == f"error: --resume {tmp_path / 'chekpoint.pth'}: no such file\n"
+    assert cli(*base, "--resume", tmp_path) == 1  # the run's folder, not its file
+    assert capsys.readouterr().err == (f"error: --resume {tmp_path}: a folder; pass {tmp_path / 'checkpoint.pth'}, "
+                                       f"or --resume auto with --output-dir {tmp_path}\n")
+    assert (tmp_path / "checkpoint.pth").read_bytes() == b"a preempted run's"
 
 
 def test_test_only_in_a_runs_folder_evaluates_another_checkpoint(tiny_shards, tmp_path):

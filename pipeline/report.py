@@ -13,6 +13,7 @@ from matplotlib.ticker import MaxNLocator
 
 from models.recipes import RECIPES  # plain dicts: no torch
 
+from .atomic import folder_refusal
 from .errors import hide_password, plural
 
 __all__ = ["read_run", "render_table", "render_study", "study_row", "plot_curves", "write_report"]
@@ -326,8 +327,9 @@ def write_report(run_dirs, out_dir, not_run=(), wall_s=None, jobs=1) -> tuple[st
     record = dict(runs=runs, not_run=[list(n) for n in not_run], wall_s=wall_s, jobs=jobs)
     out = Path(out_dir)
     md = out / "report.md"
+    if why := folder_refusal(out):  # said as reproduce.py says it: 'cannot write in it (Read-only file system)'
+        raise ValueError(f"--out {out}: {why}")
     try:
-        out.mkdir(parents=True, exist_ok=True)
         png = plot_curves(run_dirs, out / "curves.png") if run_dirs else None
         curves = "\n![learning curves](curves.png)\n" if png else ""
         md.write_text(f"# Tiny ImageNet runs\n\n{table}\n## Beside the study\n\n{study}{curves}")

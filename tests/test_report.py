@@ -1,6 +1,7 @@
 """pipeline.report on hand-written run folders (exact table text, curves, errors), and
 tools/reproduce.py on the synthetic set (tiny runs of train.py)."""
 
+import errno
 import json
 import os
 import subprocess
@@ -140,8 +141,7 @@ def test_unreadable_run_files_are_one_line_errors_naming_the_file(tmp_path, runs
                               'number ("9%"))')
     (run / "metrics.jsonl").write_text(good)
     out = run / "args.json" / "report"  # under a file
-    assert report(run, "--out", out) == (
-        1, f"error: {out}: cannot write the report (NotADirectoryError: [Errno 20] Not a directory: '{out}')")
+    assert report(run, "--out", out) == (1, f"error: --out {out}: cannot be made a folder (Not a directory)")
 
 
 def test_plot_and_write_report(tmp_path, runs):
@@ -674,6 +674,22 @@ def test_reproduce_out_that_is_a_file(shards, tmp_path, capsys):
         reproduce.main(reproduce.parse_args(
             ["--shards", str(shards), "--out", str(tmp_path / "out"), "--rows", "lenet5-28"]))
     assert exit.value.code == f"error: --out {tmp_path / 'out'}: cannot be made a folder (File exists)"
+
+
+def test_report_out_it_may_not_write_in(runs, tmp_path, monkeypatch):
+    """`tinyin report RUN --out X` with X read-only (a mount, another user's folder) said 'X: cannot write the report
+    (OSError: [Errno 30] Read-only file system: 'X')', the path twice and a class name, where reproduce.py says
+    '--out X: cannot write in it (...)'."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    (tmp_path / "out").mkdir()
+    refuse_writes_in(monkeypatch, tmp_path / "out", errno.EROFS)
+    result = CliRunner().invoke(main, ["report", str(runs[0]), "--out", str(tmp_path / "out")])
+    assert (result.exit_code, result.output) == (
+        1, f"error: --out {tmp_path / 'out'}: cannot write in it (Read-only file system)\n")
+    assert os.listdir(tmp_path / "out") == []
 
 
 def test_reproduce_out_it_may_not_write_in(shards, tmp_path, monkeypatch):

@@ -663,6 +663,7 @@ def restore(parts, args, ckpt_path):
     state.sums = state.sums.to(parts.device)
     if ckpt_path:
         ckpt = load_checkpoint(ckpt_path, parts.identity)
+        kept_epochs = keep_epochs(ckpt["args"], args)
         if args.time_budget and ckpt["args"].get("budget_epochs"):  # decided before the stop: keep it
             args.epochs = args.budget_epochs = ckpt["args"]["budget_epochs"]
         state = RunState.from_state_dict(ckpt["state"], parts.device, args.seed)
@@ -693,9 +694,24 @@ def restore(parts, args, ckpt_path):
                       f"of it done, {ckpt['world_size']} -> {parts.world_size} {plural(parts.world_size, 'rank')})")
                 if start_note:
                     print(f"note: {start_note}", file=sys.stderr)
+                if kept_epochs:
+                    print(f"note: {kept_epochs}", file=sys.stderr)
     position = schedule_position(state, args, parts.steps_per_epoch, parts.world_size)
     parts.lr_scheduler = make_scheduler(parts.optimizer, args, parts.steps_per_epoch, last_epoch=position - 1)
     return state
+
+
+def keep_epochs(saved_args, args):
+    """A training resume without --epochs goes on to its run's own (`saved_args`'), not to train.py's default or its
+    recipe's: a run of --epochs 2 resumed with `--resume auto` trained on to 30, its final.json removed. Another
+    --recipe's epochs still apply (paper's 10-epoch run goes on to 50 under paper-50). Returns the note to print
+    when the run's differ from what the command alone would have run ('' when they do not)."""
+    saved = saved_args.get("epochs")
+    if (args.test_only or saved is None or saved == args.epochs or "epochs" in given_flags(args.argv)
+            or args.recipe != saved_args.get("recipe") or (args.time_budget and saved_args.get("budget_epochs"))):
+        return ""  # (a --time-budget's choice is kept as such, without a note)
+    default, args.epochs = args.epochs, saved
+    return f"--epochs {saved} kept from the run (not {default}); give --epochs N to train it further"
 
 
 def check_same_start(state, ckpt_path, args):

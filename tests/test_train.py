@@ -602,6 +602,24 @@ def test_a_resume_of_a_missing_file_into_a_runs_folder_is_refused_naming_the_fil
     assert (tmp_path / "checkpoint.pth").read_bytes() == b"a preempted run's"
 
 
+def test_a_resume_without_epochs_goes_on_to_the_runs_own(tiny_shards, tmp_path, capsys):
+    """`--resume auto` without --epochs took train.py's default: a finished run of --epochs 1 trained on to 30, its
+    final.json removed as it started. It keeps the run's own now, and a given --epochs still trains further."""
+    flags = ["--arch", "lenet5", "-b", "4", "--limit-batches", "1"]
+    run(tiny_shards, tmp_path, *flags, "--epochs", "1")
+    capsys.readouterr()
+    run(tiny_shards, tmp_path, *flags, "--resume", "auto")
+    out, err = capsys.readouterr()
+    assert out.startswith(f"resumed from {tmp_path / 'checkpoint.pth'} at the start of epoch 1 ")
+    assert err == "note: --epochs 1 kept from the run (not 30); give --epochs N to train it further\n"
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+    assert json.loads((tmp_path / "final.json").read_text())["epochs"] == 1
+    assert json.loads((tmp_path / "args.json").read_text())["epochs"] == 1
+    run(tiny_shards, tmp_path, *flags, "--resume", "auto", "--epochs", "2")
+    assert capsys.readouterr().err == ""
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
 def test_test_only_in_a_runs_folder_evaluates_another_checkpoint(tiny_shards, tmp_path):
     """--test-only writes no checkpoint: a run's folder is no reason to refuse evaluating another file there."""
     flags = ["--arch", "lenet5", "-b", "4", "--epochs", "1", "--limit-batches", "1"]

@@ -763,6 +763,23 @@ def test_a_resume_may_name_a_recipe_whose_row_differs_in_its_epochs_only():
         checkpoint.check_recipe(dict(recipe="fast"), args, "c.pth")
 
 
+def test_a_resume_keeps_its_runs_epochs_unless_the_command_names_them_or_another_recipe():
+    """Without --epochs a resume goes on to its run's own, also under the run's recipe (whose 40 replaced a given
+    --epochs 5); another recipe's epochs (paper's 10-epoch run under paper-50) and a given --epochs still apply."""
+    def kept(saved, argv, epochs, recipe=None, time_budget=None):
+        args = argparse.Namespace(argv=argv, epochs=epochs, recipe=recipe, test_only=False, time_budget=time_budget)
+        return train.keep_epochs(saved, args), args.epochs
+
+    note = "--epochs 5 kept from the run (not {}); give --epochs N to train it further"
+    assert kept(dict(epochs=5, recipe=None), [], 30) == (note.format(30), 5)
+    assert kept(dict(epochs=5, recipe="paper"), ["--recipe", "paper"], 40, "paper") == (note.format(40), 5)
+    assert kept(dict(epochs=10, recipe="paper"), ["--recipe", "paper-50"], 50, "paper-50") == ("", 50)
+    assert kept(dict(epochs=5, recipe=None), ["--epochs", "8"], 8) == ("", 8)
+    assert kept(dict(epochs=30, recipe=None), [], 30) == ("", 30)
+    budget = ["--recipe", "fast", "--time-budget", "10"]  # its choice is restore's to keep, as before, without a note
+    assert kept(dict(epochs=4, recipe="fast", budget_epochs=4), budget, 40, "fast", 10.0) == ("", 40)
+
+
 def test_a_checkpoint_that_names_no_norm_resumes_with_any():
     checkpoint.check_norm(None, argparse.Namespace(norm="half"), "c.pth")  # an older train.py's: it does not say
 

@@ -1127,6 +1127,7 @@ def main(args):
             # A second run in a folder where one trains: refused before it loads the data and says "resumed from"
             # (a folder without the lock file has no run training there, and gets the file only once the run starts).
             if locked := gather(rank() == 0 and os.path.isfile(os.path.join(args.output_dir, LOCK_FILE)))[0]:
+                make_output_dir(args.output_dir)  # read-only: said as for a new run, not by the lock file's open
                 held.enter_context(output_dir_lock(args))
         if rank() == 0 and (note := recipe_batch_note(args, world_size)):
             print(note, file=sys.stderr, flush=True)

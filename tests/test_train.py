@@ -309,6 +309,19 @@ def test_an_output_dir_that_takes_no_file_is_one_line_naming_it(tiny_shards, tmp
     assert list(out.iterdir()) == []
 
 
+def test_a_resume_in_an_output_dir_that_takes_no_file_is_one_line_naming_it(tiny_shards, tmp_path, capsys, monkeypatch):
+    """A run's folder gone read-only (a mount) or another user's: a resume there said 'error: Read-only file system:
+    .../.train.lock', the lock file's open, where a new run is told '--output-dir X: cannot write in it (...)'."""
+    out = tmp_path / "shared"
+    out.mkdir()
+    (out / "checkpoint.pth").write_bytes(b"a preempted run's")
+    (out / ".train.lock").write_bytes(b"")
+    refuse_writes_in(monkeypatch, out, errno.EROFS)
+    assert cli("--shards", tiny_shards, "--device", "cpu", "--arch", "lenet5", "--output-dir", out, "--resume", "auto") == 1
+    assert capsys.readouterr().err == f"error: --output-dir {out}: cannot write in it (Read-only file system)\n"
+    assert sorted(p.name for p in out.iterdir()) == [".train.lock", "checkpoint.pth"]
+
+
 def test_an_output_dir_name_longer_than_the_file_system_takes_is_named_at_once(tiny_shards, tmp_path, capsys,
                                                                                monkeypatch):
     """A name over NAME_MAX (255 bytes) in --output-dir: the data was loaded and the network built, then its

@@ -151,7 +151,7 @@ def distributed(args):
     try:
         yield device, world_size
         together = True
-    except SystemExit as e:  # Interrupted: every rank stops after the same step (StopSignals)
+    except SystemExit as e:  # Interrupted: every rank stops at the same wait for a batch (StopSignals)
         together = isinstance(e.code, int) and e.code >= 128
         raise
     finally:
@@ -173,13 +173,15 @@ class StopSignals:
     The handler only records the signal: the train loop polls `requested()` after each step,
     writes a checkpoint there and exits. Repeats are ignored rather than fatal, because torchrun
     forwards the signal the workers already received from the terminal or the scheduler.
-    Under DDP the ranks agree through an all-reduce (on a gloo group, so CUDA never syncs for it):
-    all stop after the same step, whichever rank the signal reached.
     The wait for the next batch is cut short by a signal (`waited`): it has no step to finish.
+    Under DDP the ranks agree after every such wait, of training, validation and the test, through
+    an all-reduce (on a gloo group, so CUDA never syncs for it): all stop before the same step or
+    batch, whichever rank the signal reached, and none waits in a collective the others left.
     """
 
     def __init__(self):
         self.signum = 0
+        self.agreed = 0  # under DDP: the signal the ranks agreed on at the last wait (`waited`)
         self._previous = {}
         self._group = None
         self._waiting = False  # whether a signal now raises StopWaiting (`waited`)
@@ -207,19 +209,28 @@ class StopSignals:
         On the stream path the wait is for a worker's shard read, which a slow or hung server can hold for
         minutes: the signal was only noted, for a stop after the step that batch would make. There is no step
         in progress during the wait (the last one's state is whole, as at a stop after a step), and the
-        epoch's iterators end in their `finally` (the workers shut down). Not under DDP: every rank must
-        stop after the same step, and the others would wait for this rank's gradients."""
-        batches = iter(batches)
+        epoch's iterators end in their `finally` (the workers shut down).
+        Under DDP every wait, for a batch or the end, ends in the ranks' agreement: a rank stopped in its wait
+        takes part in it, and all raise `StopWaiting` together, before any of them starts the step (whose
+        gradients the others would wait for) or leaves for the next collective."""
+        batches, end = iter(batches), object()
         while True:
-            self._waiting = self._group is None and bool(self._previous)  # handlers: the main thread's only
             try:
+                self._waiting = bool(self._previous)  # handlers: the main thread's only
                 if self._waiting and self.signum:
                     raise StopWaiting
-                batch = next(batches)
-            except StopIteration:
-                return
+                batch = next(batches, end)
+                self._waiting = False  # in the `try`: a signal before it is this wait's StopWaiting
+            except StopWaiting:
+                if self._group is None:
+                    raise
+                batch = end  # the others learn of it in the agreement, which stops them all
             finally:
                 self._waiting = False
+            if self._group is not None and self._agree():
+                raise StopWaiting
+            if batch is end:
+                return
             yield batch
 
     def request(self, signum):
@@ -227,12 +238,16 @@ class StopSignals:
         self._handle(signum, None)
 
     def requested(self) -> int:
-        """The signal number every rank stops for, or 0 to go on (collective under DDP)."""
-        if self._group is None:
-            return self.signum
+        """The signal number to stop for, or 0 to go on; under DDP the one every rank agreed on at the last
+        wait (`waited`), where they stop."""
+        return self.signum if self._group is None else self.agreed
+
+    def _agree(self) -> int:
+        """The signal number every rank stops for, or 0 to go on (collective: an all-reduce MAX)."""
         flag = torch.tensor([self.signum])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-        return int(flag)
+        self.agreed = int(flag)
+        return self.agreed
 
 
 def stop_when_the_launcher_dies(every=0.5):
@@ -937,6 +952,7 @@ def train(parts, state, args, stop):
     ckpt_path = os.path.join(out, "checkpoint.pth")
     keys = [] if args.dump_keys else None
     clock = dict(t0=time.time(), before=state.train_seconds)  # this epoch's training time, across resumes
+    saved = {}  # (epoch, step) of the last checkpoint written
 
     def tick():
         if parts.device.type == "cuda":
@@ -947,6 +963,7 @@ def train(parts, state, args, stop):
         # best.pth before checkpoint.pth: a run killed between the two resumes before the epoch and writes
         # best.pth again, where one resumed after it counted the epoch best and never wrote its weights.
         save_checkpoint(parts, state, args, [*extra, ckpt_path])
+        saved.update(at=(state.epoch, state.step))
         if keys is not None:
             write_keys(out, state.epoch if state.samples_done else state.epoch - 1, keys)
 
@@ -975,7 +992,8 @@ def train(parts, state, args, stop):
             finished = False
         tick()
         if not finished or stop.requested():  # a signal during the epoch, or during its last step
-            checkpoint()
+            if saved.get("at") != (state.epoch, state.step):  # under DDP the stop comes at the wait after the step,
+                checkpoint()  # where --checkpoint-every or the untrained state's checkpoint may have just been written
             raise Interrupted(stop.requested())
         train_s = state.train_seconds
         t0 = time.time()

@@ -179,10 +179,16 @@ class _Fetch:
                         desc=f"fetch {hide_password(self.remote.location)}", disable=not self.progress)
         try:
             with concurrent.futures.ThreadPoolExecutor(min(self.workers, len(todo))) as pool:
-                futures = [pool.submit(self._fetch_shard, e) for e in todo]
-                try:
-                    for future in concurrent.futures.as_completed(futures):
-                        future.result()
+                try:  # a signal while the transfers are handed out stops those begun too (they waited for good)
+                    pending = {pool.submit(self._fetch_shard, e) for e in todo}
+                    while pending:
+                        # Awake now and then: the kernel may give SIGTERM to a transfer's thread, and Python runs
+                        # its handler only once the main thread runs code; a wait without a timeout slept until a
+                        # shard came (a hung server's: for good).
+                        finished, pending = concurrent.futures.wait(pending, timeout=0.5,
+                                                                    return_when=concurrent.futures.FIRST_COMPLETED)
+                        for future in finished:
+                            future.result()
                 except BaseException:
                     self.stop.set()
                     raise

@@ -299,15 +299,18 @@ def test_a_full_disk_or_quota_as_the_part_is_made_names_that_file_at_once(serve,
 
 
 # `tinyin ARGS` whose every shard transfer marks file argv[1] and waits for the fetch's stop (a transfer under
-# way), its Ctrl-C taken as a terminal delivers it.
+# way), its Ctrl-C taken as a terminal delivers it. SIGUSR1 reaches a transfer's thread, never the main one: the
+# kernel gives a process's signal to any thread that does not block it (the main one blocks it here before any
+# thread starts, and the transfers unblock it), and Python runs the handler only once the main thread runs code.
 MID_TRANSFER = """
-import pathlib, signal, sys
+import signal
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})  # first: threads started later inherit the mask
+import pathlib, sys
 import pipeline.cache
 from pipeline.cli import main
 
 def receive(url, part, start, size, progress, stop):
-    # Not in this thread: the main one takes it (a signal a pool's thread takes wakes no wait of the main one's).
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
     pathlib.Path(sys.argv[1]).touch()
     stop.wait(60)
 pipeline.cache._http_receive = receive
@@ -318,7 +321,9 @@ main(sys.argv[2:], prog_name="tinyin")
 
 def test_sigusr1_stops_the_fetch_of_shard_verify_url_in_one_line(serve, cache, tmp_path):
     """SIGUSR1, which train.py's fetch of a set URL takes as SIGTERM, killed `shard verify URL`'s fetch where it
-    stood, without a line (as `data fetch`: `cli.FETCH_STOPS`). It stops as on SIGTERM now."""
+    stood, without a line (as `data fetch`: `cli.FETCH_STOPS`). It stops as on SIGTERM now, also where the kernel
+    gives the signal to a transfer's thread: the main thread waited for the transfers without a timeout, and
+    slept through it until a shard came (here: for good)."""
     marker = tmp_path / "receiving"
     proc = subprocess.Popen([sys.executable, "-c", MID_TRANSFER, str(marker), "shard", "verify", "--quiet",
                              serve().url], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -61,7 +61,7 @@ with stopped_at_once():  # the imports (torch's: seconds): a signal ends them in
     from pipeline.checkpoint import (CHECKPOINT_FORMAT, check_epoch_order, check_limit_batches, check_norm,
                                      check_plan, check_recipe, check_resume_file, classes_of, continue_command,
                                      keep_start, load_checkpoint, restore_ema, resume_path, run_identity, save_atomic,
-                                     weights_run)
+                                     saved_records, weights_run)
     from pipeline.device import check_device
     from pipeline.errors import (ArgumentParser, CheckpointError, ShardError, TinyinError, UsageError, at_least,
                                  hide_password, path_text, plural, positive_float, refused_open, run_cli,
@@ -671,14 +671,14 @@ def save_checkpoint(parts, state, args, paths):
             save_atomic(ckpt, path)
 
 
-def restore(parts, args, ckpt_path):
+def restore(parts, args, ckpt_path, notes=()):
     """The run state to start from: a fresh one, or the checkpoint's (model, EMA, optimiser, RNG, data
-    position), with the lr schedule rebuilt for this run's --epochs (cosine's length may change)."""
+    position), with the lr schedule rebuilt for this run's --epochs (cosine's length may change). `notes`:
+    `keep_run_flags`', said after the line that names the checkpoint."""
     state = RunState()
     state.sums = state.sums.to(parts.device)
     if ckpt_path:
         ckpt = load_checkpoint(ckpt_path, parts.identity)
-        kept_epochs = keep_epochs(ckpt["args"], args)
         if args.time_budget and ckpt["args"].get("budget_epochs"):  # decided before the stop: keep it
             args.epochs = args.budget_epochs = ckpt["args"]["budget_epochs"]
         state = RunState.from_state_dict(ckpt["state"], parts.device, args.seed)
@@ -707,26 +707,44 @@ def restore(parts, args, ckpt_path):
                 print(f"resumed from {ckpt_path} at {where} ({state.samples_done} "
                       f"{plural(state.samples_done, 'sample')} "
                       f"of it done, {ckpt['world_size']} -> {parts.world_size} {plural(parts.world_size, 'rank')})")
-                if start_note:
-                    print(f"note: {start_note}", file=sys.stderr)
-                if kept_epochs:
-                    print(f"note: {kept_epochs}", file=sys.stderr)
+                for note in (start_note, *notes):
+                    if note:
+                        print(f"note: {note}", file=sys.stderr)
     position = schedule_position(state, args, parts.steps_per_epoch, parts.world_size)
     parts.lr_scheduler = make_scheduler(parts.optimizer, args, parts.steps_per_epoch, last_epoch=position - 1)
     return state
 
 
+def keep_run_flags(saved_args, args):
+    """Set the flags a training resume's command leaves out to its run's own (`saved_args`: the checkpoint's),
+    --epochs (`keep_epochs`) and -b, before the loaders are built; returns {dest: the note to print} for
+    those whose run's value differs from what the command alone would have run."""
+    kept = dict(epochs=keep_epochs(saved_args, args), batch_size=keep_flag(saved_args, args, "batch_size", "-b"))
+    return {dest: note for dest, note in kept.items() if note}
+
+
+def keep_flag(saved_args, args, dest, flag):
+    """Set args.`dest` to its run's value (`saved_args`'), unless the resume's command gives `flag` (or trains
+    nothing): train.py's default, or its recipe's, is not the run's. A run of -b 64 resumed with `--resume auto`
+    trained on at 128, with the same lr (a mid-epoch stream checkpoint was refused: 'resume it with -b 64').
+    Returns the note to print when the two differ ('' when they do not)."""
+    saved = saved_args.get(dest)
+    if args.test_only or saved is None or saved == getattr(args, dest) or dest in given_flags(args.argv):
+        return ""
+    default = getattr(args, dest)
+    setattr(args, dest, saved)
+    return f"{flag} {saved} kept from the run (not {default})"
+
+
 def keep_epochs(saved_args, args):
-    """A training resume without --epochs goes on to its run's own (`saved_args`'), not to train.py's default or its
+    """A training resume without --epochs goes on to its run's own (`keep_flag`), not to train.py's default or its
     recipe's: a run of --epochs 2 resumed with `--resume auto` trained on to 30, its final.json removed. Another
     --recipe's epochs still apply (paper's 10-epoch run goes on to 50 under paper-50). Returns the note to print
     when the run's differ from what the command alone would have run ('' when they do not)."""
-    saved = saved_args.get("epochs")
-    if (args.test_only or saved is None or saved == args.epochs or "epochs" in given_flags(args.argv)
-            or args.recipe != saved_args.get("recipe") or (args.time_budget and saved_args.get("budget_epochs"))):
+    if args.recipe != saved_args.get("recipe") or (args.time_budget and saved_args.get("budget_epochs")):
         return ""  # (a --time-budget's choice is kept as such, without a note)
-    default, args.epochs = args.epochs, saved
-    return f"--epochs {saved} kept from the run (not {default}); give --epochs N to train it further"
+    note = keep_flag(saved_args, args, "epochs", "--epochs")
+    return note and f"{note}; give --epochs N to train it further"
 
 
 def check_same_start(state, ckpt_path, args):
@@ -1147,10 +1165,12 @@ def main(args):
             if locked := gather(rank() == 0 and os.path.isfile(os.path.join(args.output_dir, LOCK_FILE)))[0]:
                 make_output_dir(args.output_dir)  # read-only: said as for a new run, not by the lock file's open
                 held.enter_context(output_dir_lock(args))
-        if rank() == 0 and (note := recipe_batch_note(args, world_size)):
-            print(note, file=sys.stderr, flush=True)
+        # A resume's run's own flags where the command leaves them out: -b before the loaders take it
+        kept = keep_run_flags(saved_records(ckpt_path, "args")[0] or {}, args) if ckpt_path else {}
+        if rank() == 0 and "batch_size" not in kept and (note := recipe_batch_note(args, world_size)):
+            print(note, file=sys.stderr, flush=True)  # (a kept -b is the run's, not the recipe's)
         parts = build(args, device, world_size)
-        state = restore(parts, args, ckpt_path)
+        state = restore(parts, args, ckpt_path, kept.values())
         check_same_start(state, ckpt_path, args)
         make_output_dir(args.output_dir)  # once the flags and files are known to work
         if args.test_only:  # writes eval.json only: it may look at a run while that run trains on

@@ -44,17 +44,24 @@ def run_identity(args, manifest):
                 dataset=f"{classes_of(manifest)}, {manifest['counts']['train']} train")
 
 
-def weights_run(path):
-    """(the classes (`classes_of` its shards), --norm) a train.py checkpoint was trained with; None for
-    what a file does not record. Memory-mapped: only the small records are read of a file already loaded once."""
+def saved_records(path, *keys):
+    """A train.py checkpoint's records `keys` (its "identity", its "args": dicts), each None where `path` holds
+    none. Memory-mapped: only the small records are read, of a file that is loaded (or refused) in full later."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001 - a legacy (not zip) file cannot be mapped; it is no train.py checkpoint
-        return None, None
-    identity, run_args = (saved.get(k) if isinstance(saved, dict) else None for k in ("identity", "args"))
-    dataset = identity.get("dataset") if isinstance(identity, dict) else None
+        saved = None
+    records = (saved.get(k) if isinstance(saved, dict) else None for k in keys)
+    return [r if isinstance(r, dict) else None for r in records]
+
+
+def weights_run(path):
+    """(the classes (`classes_of` its shards), --norm) a train.py checkpoint was trained with; None for
+    what a file does not record."""
+    identity, run_args = saved_records(path, "identity", "args")
+    dataset = identity.get("dataset") if identity else None
     return (dataset.rsplit(", ", 1)[0] if isinstance(dataset, str) else None,
-            run_args.get("norm") if isinstance(run_args, dict) else None)
+            run_args.get("norm") if run_args else None)
 
 
 # --- the file ------------------------------------------------------------------------------

@@ -136,6 +136,23 @@ def test_a_recipes_batch_under_torchrun_is_said_to_be_per_process(monkeypatch, c
     assert capsys.readouterr().err == note
 
 
+def test_a_resume_under_torchrun_says_no_recipe_batch_for_the_runs_own(monkeypatch, capsys, tmp_path):
+    """A 2-rank --recipe paper run of -b 16 resumed without -b goes on at its 16 (its loaders are built so), and
+    the recipe's note, which named -b 32, is not said."""
+    built = []
+
+    def build(args, *_):
+        built.append(args.batch_size)
+        raise RuntimeError("built")
+    monkeypatch.setattr(train, "distributed", lambda args: contextlib.nullcontext((torch.device("cpu"), 2)))
+    monkeypatch.setattr(train, "build", build)
+    torch.save(dict(args=dict(batch_size=16, recipe="paper")), tmp_path / "checkpoint.pth")
+    with pytest.raises(RuntimeError, match="built"):
+        train.main(train.parse_args(["--arch", "lenet5", "--recipe", "paper", "--device", "cpu", "--shards",
+                                     str(tmp_path), "--output-dir", str(tmp_path), "--resume", "auto"]))
+    assert (built, capsys.readouterr().err) == ([16], "")
+
+
 def test_explicit_flags_beat_the_recipe():
     # --wd 5e-4 equals the parser default: it must still count as given.
     args = train.parse_args(["--arch", "lenet5", "--recipe", "paper", "--epochs", "2", "--lr", "0.1", "--wd", "5e-4", "-b", "8"])
@@ -631,6 +648,22 @@ def test_a_resume_without_epochs_goes_on_to_the_runs_own(tiny_shards, tmp_path, 
     run(tiny_shards, tmp_path, *flags, "--resume", "auto", "--epochs", "2")
     assert capsys.readouterr().err == ""
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_resume_without_b_trains_on_at_the_runs_own_batch(tiny_shards, tmp_path, capsys):
+    """`--resume auto` without -b took train.py's default: a run of -b 4 went on at 128 with the same lr, from an
+    epoch's end or mid-epoch, without a word (a mid-epoch stream checkpoint was refused: 'resume it with -b 4').
+    It keeps the run's own now, with a note, and trains what the uninterrupted run did."""
+    flags = ["--arch", "lenet5", "--epochs", "2"]
+    run(tiny_shards, tmp_path / "straight", *flags, "-b", "4")
+    run(tiny_shards, tmp_path / "boundary", *flags[:2], "--epochs", "1", "-b", "4")
+    stop_at(tiny_shards, tmp_path / "mid", 2, *flags, "-b", "4")
+    capsys.readouterr()
+    for resumed in ("boundary", "mid"):
+        run(tiny_shards, tmp_path / resumed, *flags, "--resume", "auto")
+        assert capsys.readouterr().err == "note: -b 4 kept from the run (not 128)\n"
+        assert json.loads((tmp_path / resumed / "args.json").read_text())["batch_size"] == 4
+        _same_run(tmp_path / "straight", tmp_path / resumed)
 
 
 def test_test_only_in_a_runs_folder_evaluates_another_checkpoint(tiny_shards, tmp_path):

@@ -780,6 +780,24 @@ def test_a_resume_keeps_its_runs_epochs_unless_the_command_names_them_or_another
     assert kept(dict(epochs=4, recipe="fast", budget_epochs=4), budget, 40, "fast", 10.0) == ("", 40)
 
 
+def test_a_resume_keeps_its_runs_batch_unless_the_command_names_one():
+    """Without -b a resume goes on at its run's batch, also under its recipe; a given -b (however spelled) still
+    applies, and an evaluation takes its own."""
+    def kept(saved, argv, batch, recipe=None, test_only=False):
+        args = argparse.Namespace(argv=argv, batch_size=batch, epochs=30, recipe=recipe, test_only=test_only,
+                                  time_budget=None)
+        return train.keep_run_flags(dict(saved, epochs=30, recipe=recipe), args), args.batch_size
+
+    assert kept(dict(batch_size=64), [], 128) == ({"batch_size": "-b 64 kept from the run (not 128)"}, 64)
+    assert kept(dict(batch_size=16), ["--recipe", "paper"], 32, "paper") == (
+        {"batch_size": "-b 16 kept from the run (not 32)"}, 16)
+    assert kept(dict(batch_size=32), ["--recipe", "paper"], 32, "paper") == ({}, 32)
+    assert kept(dict(batch_size=64), ["-b", "128"], 128) == ({}, 128)
+    assert kept(dict(batch_size=64), ["--batch-size=8"], 8) == ({}, 8)
+    assert kept(dict(batch_size=64), ["--test-only"], 128, test_only=True) == ({}, 128)
+    assert kept({}, [], 128) == ({}, 128)  # a checkpoint whose args do not say
+
+
 def test_a_checkpoint_that_names_no_norm_resumes_with_any():
     checkpoint.check_norm(None, argparse.Namespace(norm="half"), "c.pth")  # an older train.py's: it does not say
 

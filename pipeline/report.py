@@ -159,6 +159,14 @@ def _duration(seconds) -> str:
     return f"{h} h {m:02d} min"
 
 
+def _wall(run: dict):
+    """A run's wall time in seconds: final.json's, else its finished epochs' (an unfinished run); None for a run
+    stopped before its first epoch ended, which recorded none (it was said '0.0 s')."""
+    if "wall_time_s" in run["final"]:
+        return run["final"]["wall_time_s"]
+    return sum(r.get("epoch_time_s", 0) for r in run["rows"]) if run["rows"] else None
+
+
 def _percent(value) -> str:
     return "-" if value is None else f"{value:.2f}%"
 
@@ -188,10 +196,9 @@ def _row(run: dict) -> list[str]:
     if run["env"].get("world_size", 1) > 1:
         batch += f" x {run['env']['world_size']} processes"
     last = rows[-1] if rows else {}
-    wall = final.get("wall_time_s", sum(r.get("epoch_time_s", 0) for r in rows))
     return [method, SCALING.get(args.get("size"), str(args.get("size", "?"))), epochs, batch,
             _percent(last.get("train_top1")), _percent(last.get("val_top1")), _percent(final.get("test_top1")),
-            _duration(wall)]
+            _duration(_wall(run))]
 
 
 def study_row(args: dict):
@@ -233,7 +240,7 @@ def _study_cells(run: dict) -> list[str]:
     study = study_row(args)
     last = rows[-1] if rows else {}
     ours = " / ".join(_fraction(v) for v in (last.get("train_top1"), last.get("val_top1"), final.get("test_top1")))
-    wall = final.get("wall_time_s", sum(r.get("epoch_time_s", 0) for r in rows))
+    wall = _wall(run)
     name = run["name"]
     dataset = run["env"].get("dataset")  # "200 classes (<hash>), 100000 train" for the release (runs since it is kept)
     why = "no such row in the study"
@@ -276,8 +283,8 @@ def render_study(run_dirs, not_run=(), wall_s=None, jobs=1) -> str:
     lines = ["| " + " | ".join(STUDY_COLUMNS) + " |", "|" + "|".join("---" for _ in STUDY_COLUMNS) + "|"]
     lines += [_table_row(_study_cells(run)) for run in runs]
     lines += [f"| {name} | - | - | {why} | - | - | - | - |" for name, why in not_run]
-    total = sum(run["final"].get("wall_time_s", sum(r.get("epoch_time_s", 0) for r in run["rows"])) for run in runs)
-    footer = f"\nTraining time, sum of the rows: {_minutes(total)} min"
+    walls = [w for w in map(_wall, runs) if w is not None]
+    footer = f"\nTraining time, sum of the rows: {f'{_minutes(sum(walls))} min' if walls else '-'}"
     if wall_s is not None:
         footer += f"; the whole table, wall clock (start-up, evaluation and test included): {_minutes(wall_s)} min"
     if jobs > 1:

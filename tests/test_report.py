@@ -187,6 +187,20 @@ def test_a_final_json_of_more_epochs_than_the_metrics_is_ignored(tmp_path):
     assert render_table([run]).splitlines()[2] == "| LeNet-5 | 28x28 grey | 1 of 3 | 32 | 5.00% | 4.50% | - | 30.0 s |"
 
 
+def test_a_run_stopped_before_its_first_epoch_ended_says_no_time(tmp_path):
+    """A run stopped in its first epoch has no metrics row nor final.json: nothing records its time, which the
+    tables said as '0.0 s' and '0.0' minutes, and the study's footer as '0.0 min'."""
+    run = make_run(tmp_path, "stopped", dict(arch="lenet5", size=28, epochs=40, batch_size=32), [])
+    assert render_table([run]).splitlines()[2] == "| LeNet-5 | 28x28 grey | 0 of 40 | 32 | - | - | - | - |"
+    lines = render_study([run]).splitlines()
+    assert lines[2] == ("| stopped | 0 of 40 | 32 | - / - / - | 0.218 / 0.220 (Table 2) | 0.139: val after epoch 30 "
+                        "(lenet.ipynb; it ran 30 epochs) | (not at epoch 30) | - |")
+    assert lines[4] == "Training time, sum of the rows: -."
+    finished = make_run(tmp_path, "finished", dict(arch="lenet5", size=28, epochs=1, batch_size=32), [row(0, 5.0, 4.5)],
+                        final=dict(test_top1=1.0, wall_time_s=90.0))
+    assert render_study([run, finished]).splitlines()[5] == "Training time, sum of the rows: 1.5 min."
+
+
 def test_blank_lines_in_the_metrics_are_skipped(tmp_path):
     """An editor's trailing blank line (or one between rows) is no metrics row, and no error."""
     run = make_run(tmp_path, "edited", dict(arch="lenet5", size=28, epochs=2, batch_size=32), [])

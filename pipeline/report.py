@@ -6,6 +6,7 @@ per epoch), final.json (test accuracy and wall time, once the run has finished).
 
 import json
 import os
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 from matplotlib.figure import Figure  # the object API: no pyplot, no global backend switch
@@ -143,19 +144,29 @@ def _metrics_rows(path) -> list[dict]:
     return rows
 
 
+def _half_up(seconds, places=0, unit=1) -> Decimal:
+    """`seconds` (as its JSON file writes them) in `unit`s of seconds (60: minutes), rounded half up to `places`
+    decimals. Python's round and format round half to even, and the float's binary value, not the number written:
+    0.25 s was '0.2 s' but 0.45 s '0.5 s', 90.5 s '1 min 30 s' but 91.5 s '1 min 32 s', 5430 s (1 h 30 min 30 s)
+    '1 h 30 min', and 9 s '0.1' minutes but 27 s '0.5'."""
+    exact = Decimal(repr(float(seconds))) / unit
+    return exact.quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP)
+
+
 def _duration(seconds) -> str:
     """A run's wall time: tenths of a second below a minute, minutes and seconds below an hour, then hours and
-    minutes, each rounded to its last place; in the larger unit where it rounds up to its bound: 59.96 s is
-    '1 min 00 s' (it was '60.0 s')."""
+    minutes, each rounded half up to its last place; in the larger unit where it rounds up to its bound: 59.96 s
+    is '1 min 00 s' (it was '60.0 s')."""
     if seconds is None:
         return "-"
-    tenths = f"{seconds:.1f}"
-    if float(tenths) < 60:
+    tenths = _half_up(seconds, 1)
+    if tenths < 60:
         return f"{tenths} s"
-    m, s = divmod(round(seconds), 60)
+    m, s = divmod(int(_half_up(seconds)), 60)
     if m < 60:
         return f"{m} min {s:02d} s"
-    h, m = divmod(round(seconds / 60), 60)  # rounded to the minute, as the seconds above: 7199 s was '1 h 59 min'
+    # rounded to the minute, as the seconds above: 7199 s was '1 h 59 min'
+    h, m = divmod(int(_half_up(seconds, unit=60)), 60)
     return f"{h} h {m:02d} min"
 
 
@@ -232,7 +243,7 @@ def _fraction(percent) -> str:
 
 
 def _minutes(seconds) -> str:
-    return "-" if seconds is None else f"{seconds / 60:.1f}"
+    return "-" if seconds is None else str(_half_up(seconds, 1, unit=60))
 
 
 def _study_cells(run: dict) -> list[str]:

@@ -54,17 +54,32 @@ def test_render_table_exact(runs):
         "|---|---|---|---|---|---|---|---|\n"
         "| LeNet-5 | 28x28 grey | 2 | 32 | 9.12% | 7.00% | 6.88% | 1 min 01 s |\n"
         "| ResNet-18, ImageNet-pretrained | 224x224 RGB (64x64 upscaled) | 2 of 50 | 50 x 2 processes | 60.00% | 61.25% | - | 1 h 03 min |\n"
-        "| AlexNet, from alexnet-owt-7be5be79.pth | 64x64 RGB | 1 | 100 | 1.00% | 2.00% | 1.50% | 7.2 s |\n"
+        "| AlexNet, from alexnet-owt-7be5be79.pth | 64x64 RGB | 1 | 100 | 1.00% | 2.00% | 1.50% | 7.3 s |\n"
     )
 
 
 def test_a_runs_time_is_seconds_below_a_minute_minutes_below_an_hour_then_hours(tmp_path):
     """At the bounds (a minute, an hour) and rounded to the second, not cut: 90.6 s is 1 min 31 s."""
-    times = [59.9, 60.0, 90.6, 3599.4, 3600.0, 5430.0]
+    times = [59.9, 60.0, 90.6, 3599.4, 3600.0, 5400.0]
     dirs = [make_run(tmp_path, f"run{i}", dict(arch="lenet5", size=28, epochs=1), [row(0, 5.0, 4.5)],
                      final=dict(test_top1=1.0, wall_time_s=t)) for i, t in enumerate(times)]
     walls = [line.rsplit("|", 2)[1].strip() for line in render_table(dirs).splitlines()[2:]]
     assert walls == ["59.9 s", "1 min 00 s", "1 min 31 s", "59 min 59 s", "1 h 00 min", "1 h 30 min"]
+
+
+@pytest.mark.parametrize("seconds, said, minutes", [
+    (0.25, "0.3 s", "0.0"), (0.35, "0.4 s", "0.0"), (0.45, "0.5 s", "0.0"), (12.25, "12.3 s", "0.2"),
+    (9, "9.0 s", "0.2"), (27, "27.0 s", "0.5"), (90.5, "1 min 31 s", "1.5"), (91.5, "1 min 32 s", "1.5"),
+    (150.5, "2 min 31 s", "2.5"), (5430, "1 h 31 min", "90.5"), (5490, "1 h 32 min", "91.5"),
+    (5429.5, "1 h 30 min", "90.5")])
+def test_a_runs_time_at_a_half_rounds_up(tmp_path, seconds, said, minutes):
+    """Python's round and format round half to even, on the float's binary value: 0.25 s was '0.2 s' but 0.45 s
+    '0.5 s', 90.5 s '1 min 30 s' but 91.5 s '1 min 32 s', 5430 s '1 h 30 min' but 5490 s '1 h 32 min', and the
+    study table's minutes of 9 s '0.1' but of 27 s '0.5'."""
+    run = make_run(tmp_path, "run", dict(arch="resnet18", size=64, epochs=1, batch_size=100), [row(0, 5.0, 4.5)],
+                   final=dict(test_top1=1.0, wall_time_s=seconds))
+    assert render_table([run]).splitlines()[2].endswith(f" | {said} |")
+    assert render_study([run]).splitlines()[2].endswith(f" | {minutes} |")
 
 
 @pytest.mark.parametrize("seconds, said", [
@@ -300,7 +315,7 @@ def test_a_bar_in_a_runs_or_weights_name_stays_in_its_cell(tmp_path):
     args = dict(arch="alexnet", size=64, epochs=1, batch_size=100, pretrained=False, weights="/w/a|b.pth")
     run = make_run(tmp_path, "lr|0.1", args, [row(0, 1.0, 2.0, seconds=7.25)], final=dict(test_top1=1.5))
     assert render_table([run]).splitlines()[2] == (
-        "| AlexNet, from a\\|b.pth | 64x64 RGB | 1 | 100 | 1.00% | 2.00% | 1.50% | 7.2 s |")
+        "| AlexNet, from a\\|b.pth | 64x64 RGB | 1 | 100 | 1.00% | 2.00% | 1.50% | 7.3 s |")
     assert render_study([run]).splitlines()[2].startswith("| lr\\|0.1 | 1 | 100 | 0.010 / 0.020 / 0.015 |")
 
 

@@ -12,14 +12,13 @@ there is no GPU):
    below the stored one, antialiased too (`augment.antialiased_resized_crop`).
 """
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
 
 from .augment import (RRC_SCALE, antialiased_resized_crop, augment_mode, check_rrc_scale, pad_crop_flip, resized_crop,
                       rrc_boxes, rrc_theta)
-from .errors import UsageError
+from .errors import UsageError, check_integer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -43,13 +42,6 @@ def check_device(name, present=True, what="argument --device", error=UsageError)
     if present and device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise UsageError(f"{what}: {name}, but there are {torch.cuda.device_count()} CUDA devices")
     return device
-
-
-def check_integer(name, value, low):
-    """ValueError unless `value` is an int (not a bool) of at least `low`: what numpy and torch
-    would otherwise reject deep inside the first batch, after the data pass has started."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{name} must be an integer of at least {low}, not {value!r}")
 
 
 def check_stats(mean, std):

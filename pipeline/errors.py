@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import errno
 import math
+import numbers
 import os
 import re
 import signal
@@ -41,6 +42,23 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UsageError(message)
+
+
+def check_integer(name, value, low):
+    """ValueError unless `value` is an int (not a bool) of at least `low`: what numpy and torch
+    would otherwise reject deep inside the first batch, after the data pass has started. The Python API's
+    integer arguments (make_loader's, fetch_release's)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an integer of at least {low}, not {value!r}")
+
+
+def check_flag(name, value):
+    """ValueError unless `value` is True or False (numpy's too): a string is truthy, so shuffle="no" or
+    drop_last="False" (a config file's value) did the opposite of what it said, without a word."""
+    import numpy as np  # here: the CLI's start does not need it
+
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, not {value!r}")
 
 
 def at_least(low, kind=int):

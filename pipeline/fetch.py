@@ -25,7 +25,7 @@ import urllib.request
 from tqdm import tqdm
 
 from .atomic import long_name
-from .errors import FULL_DISK_ERRNOS, TinyinError, plural
+from .errors import FULL_DISK_ERRNOS, TinyinError, check_flag, check_integer, plural
 from .locks import locked
 from .shardset import http_request, retry_waits, status_line, unknown_host, worth_retrying
 
@@ -269,6 +269,25 @@ def _download_retried(url, part, expected_size, md5, chunk_size, progress):
         raise _given_up(url, part, md5, e) from None
 
 
+def _check_args(out, url, expected_size, md5, chunk_size, progress, found):
+    """ValueError for a value no argument of `fetch_release` takes, as make_loader's, before anything is asked: a
+    size given as a string ("5") was a TypeError traceback, a negative one or True a download deleted as 'NAME:
+    expected -1 bytes, got N', chunk_size=0 five attempts that each read nothing, progress="no" a bar, a `found`
+    that is no function a TypeError once the file was there."""
+    if not isinstance(out, (str, os.PathLike)) or not os.fspath(out):  # None: a TypeError; '': the current folder
+        raise ValueError(f"out must be a folder's path, not {out!r}")
+    if not isinstance(url, str):
+        raise ValueError(f"url must be a URL (a string), not {url!r}")
+    if expected_size is not None:
+        check_integer("expected_size", expected_size, 0)
+    if md5 is not None and (problem := md5_problem(md5)):
+        raise ValueError(f"md5: {problem}")
+    check_integer("chunk_size", chunk_size, 1)
+    check_flag("progress", progress)
+    if found is not None and not callable(found):
+        raise ValueError(f"found must be a function or None, not {found!r}")
+
+
 def fetch_release(out, url=OFFICIAL_URL, expected_size=OFFICIAL_SIZE, md5=OFFICIAL_MD5, chunk_size=1 << 20, progress=True,
                   found=None):
     """Download `url` into directory `out` (created) and return the path of the file.
@@ -294,10 +313,10 @@ def fetch_release(out, url=OFFICIAL_URL, expected_size=OFFICIAL_SIZE, md5=OFFICI
     network errors (the .part is kept for resuming; after the last attempt the message says how many, and
     where a rerun resumes, from how many bytes), or "<name>: expected ..., got ..."
     on a size or md5 mismatch (the .part is deleted); OSError naming the .part where its disk or
-    quota is full (the .part is kept). ValueError, before anything is asked, for an `md5` that is no md5.
+    quota is full (the .part is kept). ValueError, before anything is asked, for a value no argument takes (an
+    `md5` that is no md5, a size that is no whole number of bytes; see `_check_args`).
     """
-    if md5 is not None and (problem := md5_problem(md5)):  # a value no argument takes: a ValueError, as make_loader's
-        raise ValueError(f"md5: {problem}")
+    _check_args(out, url, expected_size, md5, chunk_size, progress, found)
     try:
         parts = urllib.parse.urlsplit(url)
     except ValueError as e:  # a bracket left open: 'Invalid IPv6 URL'

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from .augment import RRC_SCALE, augment_mode, check_rrc_scale
-from .device import DeviceStage, check_device, check_dtype, check_integer, check_stats
-from .errors import UsageError
+from .device import DeviceStage, check_device, check_dtype, check_stats
+from .errors import UsageError, check_flag, check_integer
 from .order import batch_sizes, epoch_order, step_seed
 from .cache import cached_copy, is_set_url
 from .reader import ShardArrays
@@ -164,13 +164,6 @@ class Loader:
                 yield images, labels
 
 
-def _check_flag(name, value):
-    """ValueError unless `value` is True or False (numpy's too): a string is truthy, so shuffle="no" or
-    drop_last="False" (a config file's value) did the opposite of what it said, without a word."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name} must be True or False, not {value!r}")
-
-
 def _channels(variant):
     """Colour channels of `variant`'s images: (H, W, 3) or (H, W)."""
     return 3 if len(VARIANTS[variant][1]) == 3 else 1
@@ -282,7 +275,7 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
         raise ValueError(f"path must be one of {PATHS}, not {path!r}")
     for name, value in (("shuffle", shuffle), ("drop_last", drop_last), ("with_keys", with_keys),
                         ("channels_last", channels_last), ("raw", raw), ("checksum", checksum)):
-        _check_flag(name, value)
+        check_flag(name, value)
     augment_mode(augment)  # a bad value is refused before any shard is opened
     check_device(device, what="device", error=ValueError)  # "cuda" without a GPU: torch's traceback at the first batch
     _check_args(batch_size, seed, epoch, rank, world_size, size, prefetch, workers, mean, std, dtype, variant,

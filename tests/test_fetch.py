@@ -682,6 +682,29 @@ def test_a_malformed_md5_from_python_is_refused_before_downloading(serve, tmp_pa
     assert not (tmp_path / "dl").exists() and server.ranges == []
 
 
+@pytest.mark.parametrize("given, message", [
+    (dict(expected_size="5"), "expected_size must be an integer of at least 0, not '5'"),
+    (dict(expected_size=-1), "expected_size must be an integer of at least 0, not -1"),
+    (dict(expected_size=True), "expected_size must be an integer of at least 0, not True"),
+    (dict(chunk_size=0), "chunk_size must be an integer of at least 1, not 0"),
+    (dict(progress="no"), "progress must be True or False, not 'no'"),
+    (dict(found="x"), "found must be a function or None, not 'x'"),
+    (dict(url=None), "url must be a URL (a string), not None"),
+    (dict(out=None), "out must be a folder's path, not None"),
+])
+def test_a_value_no_argument_takes_is_refused_before_downloading(serve, payload, tmp_path, given, message):
+    """As md5's: expected_size="5" was a TypeError traceback ("'>' not supported"), -1 or True a download deleted
+    as 'tiny.zip: expected -1 bytes, got 300152', chunk_size=0 five attempts that each read nothing
+    ('connection closed after 0 of N bytes'), progress="no" a bar, found="x" a TypeError once the file was there,
+    out=None a TypeError: ValueErrors, as make_loader's, before anything is asked."""
+    server = serve()
+    args = {**dict(out=tmp_path / "dl", url=_url(server), expected_size=len(payload), md5=None, progress=False), **given}
+    with pytest.raises(ValueError) as info:
+        fetch_release(**args)
+    assert str(info.value) == message
+    assert not (tmp_path / "dl").exists() and server.ranges == [] and server.heads == 0
+
+
 @pytest.mark.parametrize("fault", ["cut-once", "busy-once"])
 def test_a_transfer_cut_or_refused_once_is_tried_again_from_what_arrived(payload, tmp_path, fault):
     """A connection cut mid-body, or a 503 from a server under load, ended `data fetch` at once ('cannot download

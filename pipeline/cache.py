@@ -86,6 +86,8 @@ def cached_copy(shards, splits, cache_dir=None, workers=WORKERS, progress=None, 
         if os.environ.get("LOCAL_RANK", "0") == "0":  # one note per node
             print(f"note: {hide_password(e)}; reading its copy fetched before, {folder}", file=sys.stderr, flush=True)
         return folder
+    for split in splits:  # before any file is fetched: a split it lacks is the caller's choice (UsageError)
+        remote.check_holds(split)
     entries = [e for split in splits for e in remote.entries(split)]
     folder = cache_folder(remote.location, cache_dir)
     folder.mkdir(parents=True, exist_ok=True)

@@ -256,8 +256,8 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
     `prefetch` batches ahead by a background thread: default 4 on CUDA, else 0, inline), "stream" (`workers`
     DataLoader processes, default 2, each reading whole shards) or "auto": resident for a local split of up to
     2 GiB, else fast; stream for a list of shard URLs. An option the chosen path does not use, or that does not fit
-    the shards given (sample_counts missing with shard URLs, or given with a shard set), is refused as a UsageError
-    (as a device this machine lacks is); a value no argument can take is a ValueError (check_integer, check_variant;
+    the shards given (sample_counts missing with shard URLs, or given with a shard set; a split the set lacks, such
+    as a --classes set's 'unlabeled'), is refused as a UsageError (as a device this machine lacks is); a value no argument can take is a ValueError (check_integer, check_variant;
     a device that is none, 'gpu', or that tinyin does not run on, 'mps').
     checksum=False skips the resident and fast paths' background sha256 pass over the split's shards.
     """
@@ -289,6 +289,8 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
     if is_set_url(shards) and path != "stream":  # a URL reads like a folder: its split fetched once per node
         shards = cached_copy(shards, split)
     shard_set = None if is_url_list(shards) else open_shard_set(shards)
+    if shard_set is not None:  # on every path: the set lacks it ('unlabeled' of a --classes set), a UsageError
+        shard_set.check_holds(split)
     auto = path == "auto"
     if auto:
         split_bytes = shard_set.counts.get(split, 0) * int(np.prod(VARIANTS[variant][1])) if shard_set else 0

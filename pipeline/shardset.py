@@ -308,6 +308,21 @@ class ShardSet:
         """{split: samples}."""
         return self.manifest["counts"]
 
+    @property
+    def splits(self):
+        """The splits that hold samples, in the manifest's order (a set built with `--classes` has no unlabeled one)."""
+        return [k for k, v in self.counts.items() if v]
+
+    def check_holds(self, split):
+        """UsageError unless the set holds samples of `split`, ValueError for a split that is none of SPLITS: a split
+        asked for (make_loader's, a cached copy's) that the set lacks is a choice that does not fit it. `entries` says
+        a lack it meets the set's own way (ShardError)."""
+        check_split(split)
+        if split not in self.splits:
+            subset = self.manifest.get("build", {}).get("classes")
+            why = f" (a set of the first {subset} classes holds no unlabeled images)" if subset and split == "unlabeled" else ""
+            raise UsageError(f"{self.location} has no split {split!r}{why}; its splits: {', '.join(self.splits)}")
+
     def stats(self, variant):
         """{'mean': [...], 'std': [...]} of the train split for `variant`, in [0, 1] units."""
         check_variant(variant)  # 'rgb32' was a KeyError
@@ -319,8 +334,7 @@ class ShardSet:
         check_split(split)  # 'Val' was a ShardError, 'no samples for split', as if the set lacked one
         entries = [s for s in self.manifest["shards"] if s["split"] == split]
         if not sum(s["count"] for s in entries):
-            raise ShardError(f"{self.location}: no samples for split {split!r} (splits: "
-                             f"{', '.join(k for k, v in self.counts.items() if v)})")
+            raise ShardError(f"{self.location}: no samples for split {split!r} (splits: {', '.join(self.splits)})")
         return entries
 
     def split_index(self, split):

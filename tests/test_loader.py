@@ -229,6 +229,29 @@ def test_empty_split_and_missing_folder_are_clear(shards, tmp_path):
         make_loader(tmp_path, "train", path="fast")
 
 
+def test_a_split_the_set_lacks_is_a_usage_error_on_every_path(release, tmp_path, monkeypatch):
+    """A set of the first classes (`--classes`) has no unlabeled split: each path said the set's own lack, a
+    ShardError ('SET: no samples for split 'unlabeled''), where make_loader's docstring refuses a choice that does
+    not fit the shards as a UsageError. Each path, and a URL of the set (cached first, or streamed), says so."""
+    from pipeline.build import build_shards
+    from tests.servers import FaultyHTTPServer
+
+    subset = tmp_path / "sub"
+    build_shards(release, subset, workers=1, shard_size=1000, classes=2, progress=False)
+    monkeypatch.setenv("TINYIN_CACHE", str(tmp_path / "cache"))
+    server = FaultyHTTPServer(subset)
+    try:
+        for shards, path in [(subset, p) for p in ("auto", "fast", "resident", "stream")] + [
+                (server.url, "auto"), (server.url, "stream")]:
+            with pytest.raises(UsageError) as e:
+                make_loader(shards, "unlabeled", path=path, workers=0 if path == "stream" else None)
+            assert str(e.value) == (f"{shards} has no split 'unlabeled' (a set of the first 2 classes holds no "
+                                    "unlabeled images); its splits: train, val, test"), path
+        assert not (tmp_path / "cache").exists()  # nothing fetched for it
+    finally:
+        server.close()
+
+
 def test_a_folder_named_like_a_brace_pattern_is_a_shard_set(shards, tmp_path):
     """A folder `run {1,2}` was taken for a brace pattern of shard URLs: path='auto' and 'stream' asked
     for sample_counts, 'fast' and 'resident' failed as 'None: no such folder'."""

@@ -48,7 +48,8 @@ def read_checked(shard, variant, shard_set=None, storage_options=None, retries=N
     (size, then sum64, by `shard_set.check_bytes`) or, for a URL list, against its own layout.
     A failed read worth it (`shardset.worth_retrying`) is tried again, `retries` reads in all, waiting `backoff` s and then twice as long
     each time (`shardset.retry_waits`; a body that arrived whole but wrong is read again at once);
-    then the last failure is a ShardError. `stop` (an Event), when set, ends a wait at once."""
+    then the last failure is a ShardError, saying how many reads were tried where none came whole (a transfer that
+    broke off each time). `stop` (an Event), when set, ends a wait at once."""
     waits = retry_waits(retries, backoff)
     for attempt in range(len(waits) + 1):
         data = None
@@ -60,10 +61,11 @@ def read_checked(shard, variant, shard_set=None, storage_options=None, retries=N
             return data, shard.offsets, shard.labels, shard.keys
         except FileNotFoundError:
             raise missing_error(shard.url) from None  # asking again will not make it appear
-        except ShardError as e:  # short or corrupt: a transfer can go wrong, read it again
-            error = e
+        except ShardError as e:  # broken off, short or corrupt: a transfer can go wrong, read it again
+            error, why = e, None
         except Exception as e:  # a connection cut mid-transfer, a failing command, ...
-            error = ShardError(f"{shard.url}: unreadable shard ({unknown_host(e, shard.url) or describe_error(e)})")
+            why = unknown_host(e, shard.url) or describe_error(e)
+            error = ShardError(f"{shard.url}: unreadable shard ({why})")
             if not worth_retrying(e):  # a client's own error (a 401, a bad URL): asking again changes nothing
                 raise error from None
         # The server answered in full: it is up, so the next read need not wait for it.
@@ -73,6 +75,9 @@ def read_checked(shard, variant, shard_set=None, storage_options=None, retries=N
                 time.sleep(waits[attempt])
             elif stop.wait(waits[attempt]):
                 break
+    if data is None and attempt:  # no transfer came whole: how many were tried, as fetch's and the cache's last word says
+        after = f"after {attempt + 1} attempts"
+        raise ShardError(f"{shard.url}: unreadable shard ({why}, {after})" if why else f"{error} ({after})")
     raise error
 
 

@@ -27,10 +27,11 @@ from pipeline.errors import ShardError, UsageError
 from pipeline.index import read_index
 from pipeline.loader import make_loader
 from pipeline.reader import ShardArrays
-from pipeline.shardset import open_shard_set
+from pipeline.shardset import RETRIES, open_shard_set
 from pipeline.cache import is_set_url
 from pipeline.stream import _Failure, _Lanes, is_url_list, stream_from_set, stream_from_urls
 from pipeline.stream_plan import deal_shards, plan_epoch
+from pipeline.stream_read import Shard, read_checked
 from pipeline.synth import synthesize
 from servers import FaultyHTTPServer
 
@@ -370,7 +371,8 @@ def test_a_signed_shard_url_is_one_shard_not_a_set(shards, http):
 
 @pytest.mark.parametrize("fault,message", [
     ("missing", "{url}: missing (listed in the manifest)"),
-    ("truncate", f"{{url}}: transfer broke off after {(50 * SAMPLE_BYTES + 1024) // 2:,} of {50 * SAMPLE_BYTES + 1024:,} bytes"),
+    ("truncate", f"{{url}}: transfer broke off after {(50 * SAMPLE_BYTES + 1024) // 2:,} of {50 * SAMPLE_BYTES + 1024:,} bytes "
+                 f"(after {RETRIES} attempts)"),
     ("corrupt", "{url}: checksum differs from the manifest (corrupt or modified)"),
 ])
 @pytest.mark.parametrize("workers", [0, 2])
@@ -385,6 +387,26 @@ def test_faulty_http_shard_is_named(shards, fault, message, workers, quick_retri
         assert server.requests[name] == (0 if fault == "missing" else 5)  # a bad transfer is read 5 times
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("retries", [2, 3])
+def test_a_transfer_that_fails_each_time_says_how_many_were_tried(shards, retries):
+    """The last word on a shard whose transfer broke off at each read said 'transfer broke off after N of M
+    bytes', where fetch's and the cache's say after how many attempts: it says so now, from the reads made
+    (`retries`), as does a connection refused each time."""
+    server = FaultyHTTPServer(shards, {"val-000000.tar": "truncate"})
+    try:
+        url, size = f"{server.url}/val-000000.tar", (shards / "val-000000.tar").stat().st_size
+        with pytest.raises(ShardError) as e:
+            read_checked(Shard(url, 30), "gray28", retries=retries, backoff=0.001)
+        assert str(e.value) == f"{url}: transfer broke off after {size // 2:,} of {size:,} bytes (after {retries} attempts)"
+        assert server.requests["val-000000.tar"] == retries
+    finally:
+        server.close()
+    with pytest.raises(ShardError) as e:  # nothing listens there now
+        read_checked(Shard(url, 30), "gray28", retries=retries, backoff=0.001)
+    assert str(e.value) == (f"{url}: unreadable shard (URLError: <urlopen error [Errno 111] Connection refused>, "
+                            f"after {retries} attempts)")
 
 
 def test_a_server_down_for_a_second_is_waited_for(shards):

@@ -26,8 +26,9 @@ def epoch_order(n, *, seed, epoch, rank=0, world_size=1, batch_size=1, shuffle=T
     order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n, dtype=np.int64)
     rest = order[start:]
     mine = rest[rank::world_size]
-    if drop_last:
-        mine = mine[: (len(rest) // world_size) // batch_size * batch_size]
+    if drop_last:  # as many as this rank's full batches take (`rank_batch_sizes`), the same on every rank
+        mine = mine[: sum(batch_sizes(n, rank=rank, world_size=world_size, batch_size=batch_size, drop_last=True,
+                                      start=start))]
     return mine
 
 

@@ -84,6 +84,18 @@ def test_with_drop_last_a_rank_with_one_sample_more_gets_no_extra_batch():
     assert sorted(np.concatenate(parts).tolist()) == sorted(order[:18].tolist())
 
 
+def test_each_rank_orders_as_many_samples_as_its_batches_take():
+    """The loader cuts a rank's `epoch_order` into `batch_sizes`: samples past their sum were never read, a sum past
+    the order's end cut short batches. With drop_last the order's length was its own rule, written beside
+    `rank_batch_sizes`' (n // world_size // batch_size batches); `epoch_order` now takes it from there."""
+    for n, world_size, batch_size, start in [(1003, 3, 16, 0), (26, 3, 3, 0), (97, 2, 16, 32), (500, 4, 7, 61),
+                                             (10, 4, 3, 0), (10, 1, 20, 4), (30, 4, 7, 30), (96, 2, 16, 0)]:
+        for drop_last in (True, False):
+            for rank in range(world_size):
+                args = dict(rank=rank, world_size=world_size, batch_size=batch_size, drop_last=drop_last, start=start)
+                assert len(epoch_order(n, seed=5, epoch=1, **args)) == sum(batch_sizes(n, **args)), (n, args)
+
+
 def test_start_may_be_the_whole_split_and_not_below_zero():
     """A checkpoint at the end of an epoch resumes with start == n: nothing left, not an error; a
     negative start would deal the permutation's last samples, so it is refused."""

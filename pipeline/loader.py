@@ -262,9 +262,10 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
     checksum=False skips the resident and fast paths' background sha256 pass over the split's shards.
     """
     # None or 3 was "None: no such folder", a dict "a list of shard URLs needs sample_counts", a list of
-    # numbers was taken, to fail in the stream's workers
+    # numbers was taken, to fail in the stream's workers, and an empty one named every argument of the stream's source
+    # ('need shards, batch_size >= 1, ...; got 0 shards, batch_size=256, ...')
     location = (str, os.PathLike, ShardSet)
-    if not isinstance(shards, location) and not (isinstance(shards, (list, tuple))
+    if not isinstance(shards, location) and not (isinstance(shards, (list, tuple)) and shards
                                                 and all(isinstance(url, (str, os.PathLike)) for url in shards)):
         raise ValueError(f"shards must be a shard set (its folder or URL, or a ShardSet) or a list of shard URLs, "
                          f"not {shards!r}")

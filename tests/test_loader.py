@@ -588,10 +588,11 @@ def test_bad_arguments_are_refused_before_any_shard_is_opened(shards, kwargs, me
     assert str(e.value) == message
 
 
-@pytest.mark.parametrize("where", [None, 3, b"shards", {"train": "shards"}, [1, 2]])
+@pytest.mark.parametrize("where", [None, 3, b"shards", {"train": "shards"}, [1, 2], [], ()])
 def test_shards_that_name_no_shard_set_nor_shard_urls_are_refused(where):
-    """None or 3 said 'None: no such folder', a dict 'a list of shard URLs needs sample_counts', and a
-    list of numbers was taken, to fail in the stream's workers."""
+    """None or 3 said 'None: no such folder', a dict 'a list of shard URLs needs sample_counts', a
+    list of numbers was taken, to fail in the stream's workers, and an empty one named every argument of the stream's
+    source: 'need shards, batch_size >= 1, 0 <= rank < world_size, workers >= 0; got 0 shards, batch_size=256, ...'."""
     with pytest.raises(ValueError) as e:
         make_loader(where, "train", sample_counts=[1, 1])
     assert str(e.value) == ("shards must be a shard set (its folder or URL, or a ShardSet) or a list of shard URLs, "

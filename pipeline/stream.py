@@ -369,6 +369,9 @@ def stream_from_urls(urls, sample_counts, **kw):
         if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
             raise ValueError(f"sample_counts must hold each shard's number of samples, an integer of at least 0, "
                              f"not {count!r}")
+    if not any(sample_counts):  # nothing to read: it named every argument of StreamSource ('need shards, ...')
+        raise UsageError(f"sample_counts: every count is 0, no sample to read in the {len(urls)} shard "
+                         f"{plural(len(urls), 'URL')}")
     return StreamSource([Shard(u, int(c)) for u, c in zip(urls, sample_counts) if int(c)], **kw)
 
 

@@ -728,6 +728,7 @@ def test_numpy_integers_give_what_python_ints_give(shards, path):
     (None, "a list of shard URLs needs sample_counts (from the set's manifest) to plan an epoch; "
            "or pass the shard set's location (the folder or URL holding manifest.json)"),
     ([64, 64], "sample_counts has 2 counts for 1 shard URL: give one per URL"),
+    ([0], "sample_counts: every count is 0, no sample to read in the 1 shard URL"),  # it said 'need shards, ...'
 ])
 def test_sample_counts_that_do_not_fit_the_shard_urls_are_a_usage_error(shards, counts, message):
     """The mirror of sample_counts given with a shard set (a UsageError, as every option that does not fit the

@@ -24,7 +24,7 @@ import urllib.request
 
 from tqdm import tqdm
 
-from .atomic import long_name
+from .atomic import folder_refusal, long_name
 from .errors import FULL_DISK_ERRNOS, TinyinError, check_flag, check_integer, plural
 from .locks import locked
 from .shardset import http_request, retry_waits, status_line, unknown_host, worth_retrying
@@ -305,7 +305,8 @@ def fetch_release(out, url=OFFICIAL_URL, expected_size=OFFICIAL_SIZE, md5=OFFICI
     write in), and `found`, when given, is called with what matched ('md5 ok', 'size ok', or
     'nothing to check it against'). One call at a time downloads into `out` (an flock on
     `.<name>.lock`, removed after): another waits, saying so on stderr, and then returns the file
-    the first one downloaded.
+    the first one downloaded. An `out` that cannot be made a folder, or written in, is a FetchError before anything
+    is asked: "<out>: cannot be made a folder (File exists)", "<out>: cannot write in it (Permission denied)".
 
     A transfer that fails on the way (a cut connection, a 5xx) is tried again, 5 attempts over about 8 s
     (`shardset.retry_waits`), each resuming from the .part; a final answer (a 404) is not.
@@ -348,7 +349,8 @@ def fetch_release(out, url=OFFICIAL_URL, expected_size=OFFICIAL_SIZE, md5=OFFICI
     # with no room for it failed as 'File name too long: OUT/.NAME.lock', or with room for those once the answer came.
     if why := long_name(final, ".part.validator"):
         raise FetchError(f"cannot download {url}: {why}")
-    out.mkdir(parents=True, exist_ok=True)
+    if why := folder_refusal(out):  # a file, a folder under one ('Not a directory'), another user's, a read-only mount
+        raise FetchError(f"{out}: {why}")  # were OSError tracebacks out of the mkdir or the lock file's open
     with locked(out / f".{name}.lock", waiting, remove=True):
         # Another fetch's file, renamed into place while this one waited. The one looked at above is not
         # checked again: a damaged 248 MB file's md5 took its seconds twice.

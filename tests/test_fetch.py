@@ -317,6 +317,25 @@ def test_a_complete_file_in_a_folder_this_user_may_not_write_is_returned(serve, 
     assert _fetch(server, out, payload) == out / NAME and server.ranges == []
 
 
+@pytest.mark.parametrize("where, why", [("file", "cannot be made a folder (File exists)"),
+                                        ("file/sub", "cannot be made a folder (Not a directory)"),
+                                        ("read-only", "cannot write in it (Permission denied)")])
+def test_an_out_that_cannot_take_the_file_is_named_before_downloading(serve, payload, tmp_path, monkeypatch, where,
+                                                                       why):
+    """An `out` that is a file, under a file, or another user's folder (a read-only mount) was an OSError traceback
+    out of its mkdir, or of its lock file's open ('Permission denied: OUT/.tiny.zip.lock'): a FetchError in one line
+    now, as the tools say of their --out, before anything is asked."""
+    from tests.conftest import refuse_writes_in
+
+    server = serve()
+    (tmp_path / "file").write_text("")
+    (tmp_path / "read-only").mkdir()
+    refuse_writes_in(monkeypatch, tmp_path / "read-only")
+    with pytest.raises(FetchError) as info:
+        _fetch(server, tmp_path / where, payload)
+    assert str(info.value) == f"{tmp_path / where}: {why}" and server.ranges == [] and server.heads == 0
+
+
 def test_a_second_fetch_into_the_folder_waits_for_the_first_and_takes_its_file(serve, payload, tmp_path, capsys):
     """Two fetches into one folder (one per node on shared storage) appended to one .part, and the md5
     check then deleted it; now the second waits on the first's lock, then finds its file."""

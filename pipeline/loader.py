@@ -202,10 +202,16 @@ def _check_stats(mean, std, variant):
                          f"not {len(mean)} and {len(std)}")
 
 
-def _refuse_stage_options(size, augment, mean, std, dtype, channels_last):
+def _rrc_scale_given(rrc_scale):
+    """Whether `rrc_scale` (checked) is another than the default, RRC_SCALE."""
+    return tuple(float(v) for v in rrc_scale) != RRC_SCALE
+
+
+def _refuse_stage_options(size, augment, mean, std, dtype, channels_last, rrc_scale):
     """UsageError naming the device stage's options given with raw=True (the stored uint8 images)."""
     given = [f"{name}={value!r}" for name, value in (("size", size), ("mean", mean), ("std", std)) if value is not None]
     given += [f"augment={augment!r}"] * (augment_mode(augment) != "none")
+    given += [f"rrc_scale={rrc_scale!r}"] * _rrc_scale_given(rrc_scale)
     given += [f"dtype={dtype}"] * (dtype != torch.float32) + ["channels_last=True"] * bool(channels_last)
     if given:
         raise UsageError(f"{', '.join(given)}: raw=True yields the stored uint8 images, without the device stage")
@@ -245,7 +251,7 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
     Yields `(images, labels)` (`+ keys` with `with_keys=True`): images float (B, C, H, W) on
     `device`, scaled to [0, 1] and normalised by mean/std (given together, a value per channel;
     default: the train split's stats from the manifest), resized to `size` and augmented when asked (augment: "none", "crop" or
-    "rrc", with `rrc_scale`, see `DeviceStage`; True means "crop"), as `dtype` (torch.bfloat16 halves them), in
+    "rrc", with `rrc_scale`, refused with another, see `DeviceStage`; True means "crop"), as `dtype` (torch.bfloat16 halves them), in
     `channels_last` memory format if asked; or, with `raw=True`, the uint8 (B, H, W[, C])
     batch itself (valid until the next batch is requested; an option of the device stage is refused
     with it, never dropped). Labels int64.
@@ -286,7 +292,11 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
     batch_size, seed, epoch, rank, world_size = (int(v) for v in (batch_size, seed, epoch, rank, world_size))
     size, prefetch, workers = (None if v is None else int(v) for v in (size, prefetch, workers))
     if raw:  # raw batches skip the device stage: its options would be dropped silently
-        _refuse_stage_options(size=size, augment=augment, mean=mean, std=std, dtype=dtype, channels_last=channels_last)
+        _refuse_stage_options(size=size, augment=augment, mean=mean, std=std, dtype=dtype, channels_last=channels_last,
+                              rrc_scale=rrc_scale)
+    elif augment_mode(augment) != "rrc" and _rrc_scale_given(rrc_scale):  # dropped: crops at the default scale, or none
+        raise UsageError(f"rrc_scale={rrc_scale!r}: augment={augment!r} draws no random-resized crop; "
+                         "only augment='rrc' uses rrc_scale")
     if is_set_url(shards) and path != "stream":  # a URL reads like a folder: its split fetched once per node
         shards = cached_copy(shards, split)
     shard_set = None if is_url_list(shards) else open_shard_set(shards)

@@ -521,10 +521,24 @@ def test_an_option_the_path_does_not_use_is_refused(shards, kwargs, message):
     assert str(e.value) == message
 
 
+@pytest.mark.parametrize("augment", [False, "none", True, "crop"])
+def test_an_rrc_scale_without_the_random_resized_crop_is_refused(shards, augment, monkeypatch):
+    """rrc_scale is the random-resized crop's: with another augment it was dropped without a word (crops at the pad's
+    place, or none), where an option the loader does not use is refused; rrc_scale at its default is not one given."""
+    monkeypatch.setattr("pipeline.loader.open_shard_set", lambda *a: pytest.fail("a shard set was opened"))
+    with pytest.raises(UsageError) as e:
+        make_loader(shards, "train", augment=augment, rrc_scale=[0.5, 1])
+    assert str(e.value) == (f"rrc_scale=[0.5, 1]: augment={augment!r} draws no random-resized crop; "
+                            "only augment='rrc' uses rrc_scale")
+    monkeypatch.undo()
+    assert len(make_loader(shards, "train", augment=augment, rrc_scale=(0.35, 1), batch_size=64)) == 4
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(size=224), "size=224"),
     (dict(augment=True, mean=(0.5,) * 3, std=(0.5,) * 3), "mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), augment=True"),
     (dict(augment="rrc", dtype=torch.bfloat16, channels_last=True), "augment='rrc', dtype=torch.bfloat16, channels_last=True"),
+    (dict(rrc_scale=(0.5, 1.0)), "rrc_scale=(0.5, 1.0)"),  # dropped silently too
 ])
 def test_an_option_of_the_device_stage_is_refused_with_raw(shards, kwargs, message, monkeypatch):
     """raw=True yields the stored bytes: these were dropped silently (augment=True gave unaugmented images)."""

@@ -61,6 +61,7 @@ class ShardArrays:
         self.shard_set = shard_set = open_shard_set(shards)
         if not shard_set.is_local:
             raise ShardError(f"{shard_set.location}: memory mapping needs a local copy of the shard set")
+        shard_set.check_holds(split)  # a split the set lacks: the caller's choice, as make_loader says it
         self.entries = shard_set.entries(split)
         table = shard_set.split_index(split).to_pydict()
         self.shape = VARIANTS[variant][1]

@@ -16,6 +16,7 @@ from pipeline.device import DeviceStage, check_device
 from pipeline.errors import ShardError, UsageError
 from pipeline.index import read_index, read_manifest
 from pipeline.loader import make_loader
+from pipeline.reader import ShardArrays
 from pipeline.source import open_release
 from tests.conftest import copy_with_edited_index, needs_real
 
@@ -248,6 +249,10 @@ def test_a_split_the_set_lacks_is_a_usage_error_on_every_path(release, tmp_path,
             assert str(e.value) == (f"{shards} has no split 'unlabeled' (a set of the first 2 classes holds no "
                                     "unlabeled images); its splits: train, val, test"), path
         assert not (tmp_path / "cache").exists()  # nothing fetched for it
+        with pytest.raises(UsageError) as e:  # the memory maps under the fast path, public themselves
+            ShardArrays(subset, "unlabeled")
+        assert str(e.value) == (f"{subset} has no split 'unlabeled' (a set of the first 2 classes holds no unlabeled "
+                                "images); its splits: train, val, test")
     finally:
         server.close()
 

@@ -34,18 +34,19 @@ def _argparse_options(text):
     ("tools/bench_build.py", "--repeat", ["--repeat", "x"], "argument --repeat: not a whole number: 'x'"),
     ("tools/bench_loader.py", "--remote", ["--remote", "x"], "unrecognized arguments: x"),
 ])
-def test_help_prints(script, flag, wrong, error):
+def test_help_prints(script, flag, wrong, error, monkeypatch, capsys):
     """And every option says what it sets: one whose help was only its default (tools/bench_loader.py's
     `--batch-size  default: 256`, tools/gpu_session.py's --device) left the user to guess. A wrong flag is one
-    line, exit 2, as train.py's: the tools printed argparse's whole usage block above it."""
+    line, exit 2, as train.py's: the tools printed argparse's whole usage block above it. (--help in a process of
+    its own: each script starts as one; the wrong flag in this one, as _run_script runs it.)"""
     result = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, cwd=ROOT)
     assert (result.returncode, result.stderr) == (0, ""), result.stderr[-2000:]
     assert flag in result.stdout
     options = _argparse_options(result.stdout)
     assert len(options) > 4
     assert [flags for flags, words in options if not words or words.startswith("default:")] == []
-    result = subprocess.run([sys.executable, str(ROOT / script), *wrong], capture_output=True, text=True, cwd=ROOT)
-    assert (result.returncode, result.stdout, result.stderr) == (2, "", f"error: {error}\n")
+    monkeypatch.chdir(ROOT)
+    assert _run_script(monkeypatch, capsys, script, *wrong) == (2, "", f"error: {error}\n")
 
 
 @pytest.mark.parametrize("script, wrong, error", [
@@ -58,13 +59,26 @@ def test_help_prints(script, flag, wrong, error):
     ("tools/gpu_session.py", ["--out", "o", "--shards", "s", "--deadline", "-1"],
      "argument --deadline: must be positive, not -1"),
 ])
-def test_the_tools_name_a_bad_number_in_train_pys_words(tmp_path, script, wrong, error):
+def test_the_tools_name_a_bad_number_in_train_pys_words(tmp_path, monkeypatch, capsys, script, wrong, error):
     """One mistake, one message: the tools said argparse's 'invalid int value: '1.5'' where train.py says 'not a
     whole number'; bench_build's --shard-size 0 said the build's '--shard-size 0: must be at least 1', and
     gpu_session took --table2-jobs 0 (refused by reproduce.py after the bench's minutes) and --deadline -1 (every
     part 'not started: past the --deadline')."""
-    result = subprocess.run([sys.executable, str(ROOT / script), *wrong], capture_output=True, text=True, cwd=tmp_path)
-    assert (result.returncode, result.stdout, result.stderr) == (2, "", f"error: {error}\n")
+    monkeypatch.chdir(tmp_path)
+    assert _run_script(monkeypatch, capsys, script, *wrong) == (2, "", f"error: {error}\n")
+
+
+def _run_script(monkeypatch, capsys, script, *argv):
+    """`script` (train.py or tools/NAME) run as a script with `argv`, in this process (a process of its own pays
+    torch's import, seconds, for a parse): (its exit code, its stdout, its stderr)."""
+    import runpy
+
+    monkeypatch.syspath_prepend(str((ROOT / script).parent))  # as a script's own folder is: flag_values, reproduce
+    monkeypatch.setattr(sys, "argv", [str(ROOT / script), *argv])
+    with pytest.raises(SystemExit) as exit:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    captured = capsys.readouterr()
+    return exit.value.code, captured.out, captured.err
 
 
 @pytest.mark.parametrize("script, flag", [
@@ -88,14 +102,9 @@ def test_the_tools_refuse_an_empty_path_in_train_pys_words(tmp_path, monkeypatch
 
 def _run_tool(monkeypatch, tmp_path, capsys, script, *argv):
     """tools/`script` run as a script with `argv` in `tmp_path`, in this process: (its exit code, its stderr)."""
-    import runpy
-
     monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(ROOT / "tools"))  # as a script's own folder is: flag_values, reproduce
-    monkeypatch.setattr(sys, "argv", [script, *argv])
-    with pytest.raises(SystemExit) as exit:
-        runpy.run_path(str(ROOT / "tools" / script), run_name="__main__")
-    return exit.value.code, capsys.readouterr().err
+    code, _, err = _run_script(monkeypatch, capsys, f"tools/{script}", *argv)
+    return code, err
 
 
 @pytest.mark.parametrize("script, flag", [("reproduce.py", "--train-args"), ("speedrun.py", "--train-args"),

@@ -252,14 +252,15 @@ def test_the_bench_command_and_tool_name_a_bad_number_alike(monkeypatch, capsys,
     ("bench_loader.py", ["--shards", "{shards}", "--images", "{tmp}", "--json", "{tmp}"], 2,
      "--json {tmp}: a folder; name a file in it to write the rows in"),
 ])
-def test_the_bench_tools_name_a_users_mistake_in_one_line(shards, tmp_path, tool, args, code, message):
+def test_the_bench_tools_name_a_users_mistake_in_one_line(shards, tmp_path, monkeypatch, capsys, tool, args, code,
+                                                          message):
     """bench_build's --repeat 0 printed an empty table, its --workers -1 was a ValueError traceback.
     Tracebacks: the build's SourceError, torchvision's FileNotFoundError after the build, a --device
     the loaders refuse found only at the resident row, after the baseline's minutes, --passes 0 (no median)
-    after the baseline's warm-up, and a --json in no folder or naming one, found after all the measuring."""
+    after the baseline's warm-up, and a --json in no folder or naming one, found after all the measuring.
+    (In this process: a process of its own paid torch's import for each; test_help runs each tool as one.)"""
     fill = lambda text: text.format(shards=shards, tmp=tmp_path)  # noqa: E731
-    result = subprocess.run([sys.executable, str(TOOLS / tool), *map(fill, args)], capture_output=True, text=True)
-    assert (result.returncode, result.stderr) == (code, f"error: {fill(message)}\n")
+    assert (_run_tool(monkeypatch, tool, *map(fill, args)).code, capsys.readouterr().err) == (code, f"error: {fill(message)}\n")
 
 
 @pytest.mark.parametrize("command", ["loader", "train"])

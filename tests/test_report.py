@@ -342,6 +342,20 @@ def reproduce(*args):
     return subprocess.run([sys.executable, str(REPRODUCE), *args], capture_output=True, text=True)
 
 
+def reproduce_here(monkeypatch, capsys, *args):
+    """tools/reproduce.py run as a script with `args` in this process, for a call it refuses (a process of its own
+    paid its start for a one-line refusal): (its exit code, its stderr)."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", [str(REPRODUCE), *args])
+    with pytest.raises(SystemExit) as exit:
+        runpy.run_path(str(REPRODUCE), run_name="__main__")
+    code, err = exit.value.code, capsys.readouterr().err
+    if isinstance(code, str):  # as Python ends a process on sys.exit("..."): the text on stderr, exit code 1
+        code, err = 1, f"{err}{code}\n"
+    return code, err
+
+
 def test_reproduce_hides_a_shards_urls_password_and_token(tmp_path, capsys):
     """The '== ROW: train.py ...' line and ROW/reproduce.json showed a --shards URL whole."""
     from reproduce import Stop, train_row
@@ -543,23 +557,25 @@ def test_union_seconds():
 
 
 @pytest.mark.parametrize("flag", ["--jobs", "--epochs", "--limit-batches"])
-def test_reproduce_bad_counts(tmp_path, flag):
+def test_reproduce_bad_counts(tmp_path, monkeypatch, capsys, flag):
     """--epochs 0 and --limit-batches 0 read as "not given": the recipe's 40 epochs, every batch. Refused, they
     said '--epochs must be at least 1, not 0' (exit 1), where '--epochs x' and train.py's '--epochs 0' say
     'argument --epochs: ...' (exit 2)."""
-    result = reproduce("--rows", "lenet5-28", "--out", str(tmp_path), flag, "0")
-    assert (result.returncode, result.stderr) == (2, f"error: argument {flag}: must be at least 1, not 0\n")
+    assert reproduce_here(monkeypatch, capsys, "--rows", "lenet5-28", "--out", str(tmp_path), flag, "0") == (
+        2, f"error: argument {flag}: must be at least 1, not 0\n")
 
 
-def test_reproduce_checks_the_shards_before_any_row_starts(tmp_path):
+def test_reproduce_checks_the_shards_before_any_row_starts(tmp_path, monkeypatch, capsys):
     """A --shards that does not exist said 'not a shard set (no manifest.json)', where train.py, `shard verify`
     and the benches say 'no such folder' (and name a killed build's temporary folder beside it)."""
-    result = reproduce("--rows", "lenet5-28", "--out", str(tmp_path / "out"), "--shards", str(tmp_path / "none"))
-    assert (result.returncode, result.stderr) == (1, f"error: --shards {tmp_path / 'none'}: no such folder\n")
+    result = reproduce_here(monkeypatch, capsys, "--rows", "lenet5-28", "--out", str(tmp_path / "out"), "--shards",
+                            str(tmp_path / "none"))
+    assert result == (1, f"error: --shards {tmp_path / 'none'}: no such folder\n")
     assert not (tmp_path / "out" / "lenet5-28").exists()
     (tmp_path / "release").mkdir()
-    result = reproduce("--rows", "lenet5-28", "--out", str(tmp_path / "out"), "--shards", str(tmp_path / "release"))
-    assert (result.returncode, result.stderr) == (
+    result = reproduce_here(monkeypatch, capsys, "--rows", "lenet5-28", "--out", str(tmp_path / "out"), "--shards",
+                            str(tmp_path / "release"))
+    assert result == (
         1, f"error: --shards {tmp_path / 'release'}: not a shard set (no manifest.json); run `tinyin shard build` first\n")
     assert not (tmp_path / "out" / "lenet5-28").exists()
 
@@ -647,15 +663,15 @@ def test_reproduce_pretrained_row_with_a_local_weights_file(shards, tmp_path):
     assert "| not comparable: trained on 6 classes (" in (out / "report.md").read_text()  # the synthetic set
 
 
-def test_reproduce_unknown_row(tmp_path):
+def test_reproduce_unknown_row(tmp_path, monkeypatch, capsys):
     """It said 'unknown row(s)' for one row and for two. It exited 1, as a failed row does, for the user's own
     mistake; it is a usage error, exit 2, as train.py's '--arch vgg16' is."""
-    result = reproduce("--rows", "vgg16-64", "--out", str(tmp_path))
-    assert result.returncode == 2
-    assert result.stderr.startswith("error: argument --rows: unknown row vgg16-64; choose from: lenet5-28, alexnet-64,")
-    result = reproduce("--rows", "vgg16-64,lenet5-28,vgg11-64", "--out", str(tmp_path))
-    assert result.returncode == 2
-    assert result.stderr.startswith("error: argument --rows: unknown rows vgg16-64, vgg11-64; choose from: lenet5-28, "
+    code, err = reproduce_here(monkeypatch, capsys, "--rows", "vgg16-64", "--out", str(tmp_path))
+    assert code == 2
+    assert err.startswith("error: argument --rows: unknown row vgg16-64; choose from: lenet5-28, alexnet-64,")
+    code, err = reproduce_here(monkeypatch, capsys, "--rows", "vgg16-64,lenet5-28,vgg11-64", "--out", str(tmp_path))
+    assert code == 2
+    assert err.startswith("error: argument --rows: unknown rows vgg16-64, vgg11-64; choose from: lenet5-28, "
                                     "alexnet-64,")
 
 

@@ -52,8 +52,9 @@ def _init_worker(counter, stop, parent):
     when_orphaned(parent, lambda: os._exit(1), "tinyin-orphan")
     # Ctrl-C reaches the whole process group. A worker that took it would return it as its task's
     # exception and go on to the next task (or die inside the pool's queue and hang the parent);
-    # the parent alone handles it, and sets `stop`.
+    # the parent alone handles it, and sets `stop`. So with SIGUSR1 (a scheduler's, to every process of the job).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     # Not the CLI's SIGTERM handler, which the fork inherits: the pool ends broken workers with SIGTERM.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 

@@ -3,18 +3,12 @@ import contextlib
 import json
 import os
 import shlex
-import signal
 import sys
 from pathlib import Path
 
 import click
 
-from .errors import TinyinError, UsageError, hide_password, plural, sigterm_interrupts, stop_code, user_errors
-
-#: The signals a download stops on as on SIGTERM (`sigterm_interrupts`: one line, 128 + the signal, what arrived kept for
-#: the rerun): SIGUSR1 too, as train.py's fetch of a set URL takes it (a scheduler's word before it preempts a job),
-#: where it killed `data fetch` and a `shard verify URL`'s fetch where they stood, without a line.
-FETCH_STOPS = (signal.SIGTERM, signal.SIGUSR1)
+from .errors import STOPS, TinyinError, UsageError, hide_password, plural, sigterm_interrupts, stop_code, user_errors
 
 # click's word that a group was called with no command (click 8.2+): it shows the group's help, as asked.
 _NO_COMMAND = getattr(click.exceptions, "NoArgsIsHelpError", ())
@@ -55,14 +49,15 @@ class _Path(click.Path):
 class _OneLine:
     """A click group or command that reports user-facing errors the way train.py does
     (`errors.user_errors`: one line on stderr, exit code 2 for usage errors and 1 otherwise; click's own
-    too, `_one_line`), and stops on SIGTERM as on Ctrl-C, cleaning up on the way out (exit code 143)."""
+    too, `_one_line`), and stops on SIGTERM and SIGUSR1 (`STOPS`) as on Ctrl-C, cleaning up on the way out (exit code
+    143, 138)."""
 
     def parse_args(self, ctx, args):  # the top group's own flags are parsed before any `invoke`
         with user_errors(), _one_line():
             return super().parse_args(ctx, args)
 
     def invoke(self, ctx):
-        with user_errors(), sigterm_interrupts(), _one_line():
+        with user_errors(), sigterm_interrupts(STOPS), _one_line():
             return super().invoke(ctx)
 
 
@@ -145,8 +140,7 @@ def data_fetch(out, url, md5):
         raise click.UsageError("--md5 checks a --url download (the official zip's md5 is built in)")
     kwargs = {} if url is None else {"url": url, "expected_size": None, "md5": md5}
     matched = []
-    with sigterm_interrupts(FETCH_STOPS):  # the .part stays to resume, and the lock file goes
-        path = fetch.fetch_release(out, found=matched.append, **kwargs)
+    path = fetch.fetch_release(out, found=matched.append, **kwargs)  # stopped (`STOPS`): the .part stays, the lock goes
     click.echo(f"already have {path} ({matched[0]})" if matched else f"downloaded {path}")
 
 
@@ -207,8 +201,7 @@ def _local(shards, split, progress=None):
     if not is_set_url(shards):
         return shards
     remote = ShardSet(shards)
-    with sigterm_interrupts(FETCH_STOPS):
-        return cached_copy(remote, [split] if split else [k for k, v in remote.counts.items() if v], progress=progress)
+    return cached_copy(remote, [split] if split else [k for k, v in remote.counts.items() if v], progress=progress)
 
 
 @shard.command("verify")
@@ -293,7 +286,7 @@ def bench_loader_cmd(shards, images, batch_size, workers, passes, pass_images, d
     check_device(device)
     log = lambda m: click.echo(m, err=True)  # noqa: E731
     planned = planned_rows((), remote=True) if remote_only else planned_rows(device=device, remote=remote)
-    with sigterm_interrupts() as stopped_by:  # SIGTERM ends the table early, as Ctrl-C does: the rows so far are kept
+    with sigterm_interrupts(STOPS) as stopped_by:  # SIGTERM ends the table early, as Ctrl-C does: the rows so far are kept
         if remote_only:
             rows = bench_remote(shards, batch_size=batch_size, workers=workers, passes=passes, log=log)
         elif images is None:
@@ -345,7 +338,7 @@ def bench_train_cmd(shards, images, arch, size, batch, feeds, compile_, device, 
     compile_ = device.startswith("cuda") if compile_ is None else compile_
     feeds = feeds or (("a", "b", "c", "d") if images else ("a", "b", "c"))
     cases = plan(arch, size, batch, feeds, compile_)
-    with sigterm_interrupts() as stopped_by:  # SIGTERM (a scheduler, a deadline) ends the table early, as Ctrl-C does
+    with sigterm_interrupts(STOPS) as stopped_by:  # SIGTERM (a scheduler, a deadline) ends the table early, as Ctrl-C does
         rows = bench_train(shards, images, cases, device=device, warmup=warmup, steps=steps, windows=windows,
                            workers=workers, log=lambda m: click.echo(m, err=True))
     env, command = environment(device), _command_line("bench train")

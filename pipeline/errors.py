@@ -175,6 +175,13 @@ def sigterm_interrupts(signals=(signal.SIGTERM,)):
 STOPPED = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated", signal.SIGUSR1: "stopped by SIGUSR1"}
 
 
+#: The signals the `tinyin` commands stop on as on Ctrl-C (`sigterm_interrupts(STOPS)`: one line, 128 + the signal, the
+#: cleanup done, a download's arrivals kept for the rerun, a bench table's rows so far kept): SIGUSR1 too, as train.py
+#: takes it, where it killed `shard build` (its temporary folder left), `bench` (its rows lost) and `report` where they
+#: stood, without a line.
+STOPS = (signal.SIGTERM, signal.SIGUSR1)
+
+
 @contextlib.contextmanager
 def stopped_at_once():
     """Within the block (a program's imports, before any handler of its own: torch's take seconds; train.py's
@@ -237,11 +244,12 @@ def when_orphaned(parent, action, name, every=0.5):
 
 
 @contextlib.contextmanager
-def signals_deferred(signals=(signal.SIGINT, signal.SIGTERM)):
+def signals_deferred(signals=tuple(STOPPED)):
     """Within the block, `signals` are noted, and the first raised again right after it for the handler
     it would have met. For calls that must not stop halfway: a process pool's `submit` forking its
     workers and `wait` taking its futures' locks one by one (stopped there, the build hung for good),
     torch's DataLoader starting its workers (left half made, a worker idled for the life of the process).
+    By default the three a command stops on (`STOPPED`): Ctrl-C, SIGTERM and SIGUSR1.
     Yields {signal: the handler stood in for} (a process forked meanwhile puts them back). Main thread
     only, as handlers; a handler not set from Python (getsignal: None) is left alone."""
     if threading.current_thread() is not threading.main_thread():

@@ -459,6 +459,24 @@ def test_bench_loader_stopped_keeps_the_rows_measured(shards, release, tmp_path,
         ("rgb64", 6000.0, 6.0, 1.0), ("gray28", 7000.0, 1.0, None)]
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_bench_loader_stopped_by_a_signal_keeps_the_rows_measured(shards, release, tmp_path, signum):
+    """SIGTERM, and SIGUSR1 (a scheduler's word before it preempts a job), to `tinyin bench loader` as it measures:
+    the rows so far printed and written, exit 128 + the signal. (SIGUSR1 killed it where it stood, without a line,
+    the rows measured lost.)"""
+    out = tmp_path / "rows.json"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "bench", "loader", "--shards", str(shards),
+                             "--images", str(release), "--pass-images", "256", "--workers", "0", "--json", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = proc.stderr.readline()  # the baseline's row: the next one is being measured now
+    assert first.startswith("  rgb64  ImageFolder + PIL (baseline) "), first + proc.stderr.read()
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=60)
+    measured = len(json.loads(out.read_text()))
+    assert (proc.returncode, stderr, stdout.splitlines()[2]) == (
+        128 + signum, f"stopped after {measured} of 12 rows\n", f"# stopped early after {measured} of 12 rows")
+
+
 def test_bench_loader_script_stopped_keeps_the_rows_measured(shards, release, tmp_path, monkeypatch, capsys):
     """tools/bench_loader.py, as `tinyin bench loader`: its own table and --json were lost as well."""
     _stop_the_loader_bench_at_row(monkeypatch, 8, lambda: signal.raise_signal(signal.SIGTERM))

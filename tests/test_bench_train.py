@@ -240,9 +240,11 @@ def test_the_header_counts_its_steps_and_rows_in_the_singular_for_one(n, steps, 
     assert lines[2:4] == [f"# complete SGD steps (lr 0.001, momentum 0.9); {steps}", f"# stopped early after {rows}"]
 
 
-def test_cli_sigterm_keeps_the_rows_measured(shards, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_cli_sigterm_keeps_the_rows_measured(shards, tmp_path, signum):
     """SIGTERM (a scheduler, gpu_session's --deadline) mid-table: the rows measured so far are
-    printed and written, the table says it stopped early, and the exit is 128 + 15."""
+    printed and written, the table says it stopped early, and the exit is 128 + 15. SIGUSR1 (a scheduler's
+    word before it preempts a job) as well, 128 + 10: it killed the bench where it stood, the rows lost."""
     out = tmp_path / "bench.json"
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "bench", "train", "--shards", str(shards),
                              "--arch", "lenet5", "--batch", "16", "--warmup", "0", "--steps", "300",
@@ -250,13 +252,13 @@ def test_cli_sigterm_keeps_the_rows_measured(shards, tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = proc.stderr.readline()  # the first row's line: the second row is being measured now
     assert first.startswith("  lenet5@28 b16 ceiling: "), first + proc.stderr.read()
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert proc.returncode == 128 + signum, stderr
     data = json.loads(out.read_text())
     measured = len(data["rows"])
     assert data["planned"] == 3 and 1 <= measured < 3
-    assert f"stopped after {measured} of 3 rows" in stderr
+    assert stderr.endswith(f"stopped after {measured} of 3 rows\n"), stderr
     lines = stdout.splitlines()
     assert lines[3] == f"# stopped early after {measured} of 3 rows"
     assert len([line for line in lines if line.startswith("| lenet5 |")]) == measured

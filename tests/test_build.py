@@ -565,14 +565,18 @@ def test_ctrl_c_stops_after_the_shards_in_hand(release, tmp_path):
     assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
 
 
-def test_sigterm_cleans_up_as_ctrl_c_does(release, tmp_path):
-    """SIGTERM (`kill`, a scheduler) to the build: the temporary folder is removed, `terminated`, exit
-    code 143. (Before: the process died where it stood and left `out.tmp-<pid>` behind for good.)"""
+@pytest.mark.parametrize("signum, line", [(signal.SIGTERM, "terminated"), (signal.SIGUSR1, "stopped by SIGUSR1")])
+@pytest.mark.parametrize("to_group", [False, True])
+def test_sigterm_cleans_up_as_ctrl_c_does(release, tmp_path, signum, line, to_group):
+    """SIGTERM (`kill`, a scheduler) to the build, or to its process group: the temporary folder is removed,
+    `terminated`, exit code 143. (Before: the process died where it stood and left `out.tmp-<pid>` behind for
+    good.) SIGUSR1 (a scheduler's word before it preempts a job) as well: `stopped by SIGUSR1`, 138, where it
+    killed the build (and its workers) where it stood, without a line, the temporary folder left."""
     out = tmp_path / "out"
     proc, log = gated_build(tmp_path, "--src", release, "--out", out, "--workers", 2, "--shard-size", 4)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signum) if to_group else proc.send_signal(signum)
     stdout, stderr = finish(proc)
-    assert (proc.returncode, stdout, stderr) == (143, "", "terminated\n")
+    assert (proc.returncode, stdout, stderr) == (128 + signum, "", f"{line}\n")
     assert 1 <= len(log.read_text().split()) <= 2
     assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
 
@@ -630,12 +634,12 @@ import os, signal, sys
 import concurrent.futures._base as base, concurrent.futures.process as process
 from pipeline.cli import main
 
-where, sent = sys.argv[1], []
+where, signum, sent = sys.argv[1], int(sys.argv[2]), []
 
 def send(name):
     if name == where and not sent:
         sent.append(name)
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signum)
 
 spawn_process = process.ProcessPoolExecutor._spawn_process
 
@@ -650,22 +654,23 @@ def acquire_futures(self):
             send("acquire")
 
 process.ProcessPoolExecutor._spawn_process, base._AcquireFutures.__enter__ = spawn, acquire_futures
-main(sys.argv[2:], prog_name="tinyin")
+main(sys.argv[3:], prog_name="tinyin")
 """
 
 
+@pytest.mark.parametrize("signum, line", [(signal.SIGTERM, "terminated"), (signal.SIGUSR1, "stopped by SIGUSR1")])
 @pytest.mark.parametrize("where", ["spawn", "acquire"])
-def test_sigterm_inside_the_pool_does_not_hang_the_build(release, tmp_path, where):
-    """SIGTERM (or Ctrl-C) as the pool forks its workers, or as `wait` takes its futures' locks: `terminated`,
-    exit code 143, nothing left. (Before: a hang for good, seen once in ~400 signals at random: at exit,
-    joining a worker that nothing stopped; in the shutdown, joining the pool's manager thread, which
+def test_sigterm_inside_the_pool_does_not_hang_the_build(release, tmp_path, where, signum, line):
+    """SIGTERM (or Ctrl-C, SIGUSR1) as the pool forks its workers, or as `wait` takes its futures' locks:
+    `terminated`, exit code 143, nothing left. (Before: a hang for good, seen once in ~400 signals at random: at
+    exit, joining a worker that nothing stopped; in the shutdown, joining the pool's manager thread, which
     waited on a future's lock that the interrupted `wait` had left held.)"""
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-c", SIGTERM_INSIDE_THE_POOL, where, "shard", "build", "--quiet",
+    proc = subprocess.Popen([sys.executable, "-c", SIGTERM_INSIDE_THE_POOL, where, str(signum), "shard", "build", "--quiet",
                              "--src", str(release), "--out", str(out), "--workers", "2", "--shard-size", "4"],
                             cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stdout, stderr = finish(proc)
-    assert (proc.returncode, stdout, stderr) == (143, "", "terminated\n")
+    assert (proc.returncode, stdout, stderr) == (128 + signum, "", f"{line}\n")
     assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
 
 

@@ -321,7 +321,7 @@ main(sys.argv[2:], prog_name="tinyin")
 
 def test_sigusr1_stops_the_fetch_of_shard_verify_url_in_one_line(serve, cache, tmp_path):
     """SIGUSR1, which train.py's fetch of a set URL takes as SIGTERM, killed `shard verify URL`'s fetch where it
-    stood, without a line (as `data fetch`: `cli.FETCH_STOPS`). It stops as on SIGTERM now, also where the kernel
+    stood, without a line (as `data fetch`: `errors.STOPS`). It stops as on SIGTERM now, also where the kernel
     gives the signal to a transfer's thread: the main thread waited for the transfers without a timeout, and
     slept through it until a shard came (here: for good)."""
     marker = tmp_path / "receiving"

@@ -4,6 +4,7 @@ tools/reproduce.py on the synthetic set (tiny runs of train.py)."""
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -735,6 +736,32 @@ def test_report_out_it_may_not_write_in(runs, tmp_path, monkeypatch):
     assert (result.exit_code, result.output) == (
         1, f"error: --out {tmp_path / 'out'}: cannot write in it (Read-only file system)\n")
     assert os.listdir(tmp_path / "out") == []
+
+
+# `tinyin report ARGS` in a child process that sends itself the signal argv[1] as the report's figure is saved.
+SIGNALLED_AT_THE_PLOT = """
+import os, signal, sys
+from matplotlib.figure import Figure
+from pipeline.cli import main
+
+def savefig(self, *args, **kwargs):
+    os.kill(os.getpid(), int(sys.argv[1]))
+    raise AssertionError("the signal did not stop the report")
+
+Figure.savefig = savefig
+main(sys.argv[2:], prog_name="tinyin")
+"""
+
+
+@pytest.mark.parametrize("signum, line", [(signal.SIGTERM, "terminated"), (signal.SIGUSR1, "stopped by SIGUSR1")])
+def test_a_report_stopped_by_a_signal_says_so_in_one_line(runs, tmp_path, signum, line):
+    """SIGUSR1 (a scheduler's word before it preempts a job) killed `tinyin report` where it stood, without a line:
+    it stops as on SIGTERM now, `stopped by SIGUSR1`, exit 128 + 10, what it wrote left as SIGTERM leaves it."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", SIGNALLED_AT_THE_PLOT, str(signum), "report", str(runs[0]),
+                           "--out", str(out)], cwd=Path(__file__).parent.parent, capture_output=True, text=True)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (128 + signum, "", f"{line}\n")
+    assert os.listdir(out) == []
 
 
 def test_reproduce_out_it_may_not_write_in(shards, tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
 """The `tinyin` command line: thin click wrappers, each calling one library function."""
+import argparse
 import contextlib
 import json
 import os
@@ -8,7 +9,8 @@ from pathlib import Path
 
 import click
 
-from .errors import STOPS, TinyinError, UsageError, hide_password, plural, sigterm_interrupts, stop_code, user_errors
+from .errors import (STOPS, TinyinError, UsageError, hide_password, path_text, plural, sigterm_interrupts, stop_code,
+                     user_errors)
 
 # click's word that a group was called with no command (click 8.2+): it shows the group's help, as asked.
 _NO_COMMAND = getattr(click.exceptions, "NoArgsIsHelpError", ())
@@ -254,9 +256,14 @@ def _release_root(ctx, param, value):
 
 def _shard_folder(ctx, param, value):
     """--shards of the bench commands: `shardset.local_folder`, train.py's check and words (exit 1), which
-    tools/bench_loader.py uses too."""
+    tools/bench_loader.py uses too; an empty one (an unset shell variable), the current folder to it, refused
+    first as train.py refuses it (`errors.path_text`, exit 2)."""
     from .shardset import local_folder
 
+    try:
+        path_text(value)
+    except argparse.ArgumentTypeError as e:
+        raise UsageError(f"argument {param.opts[0]}: {e}") from None
     return local_folder("--shards", value)
 
 

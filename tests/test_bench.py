@@ -135,6 +135,20 @@ def test_images_without_a_train_folder_is_a_usage_error(shards, tmp_path, comman
         2, f"error: --images {tmp_path}: no train/ folder; pass the extracted release (ROOT/train/WNID/images)\n")
 
 
+@pytest.mark.parametrize("command", ["loader", "train"])
+def test_an_empty_shards_is_refused_as_train_py_refuses_it(shards, tmp_path, monkeypatch, command):
+    """`--shards ''` (an unset shell variable) was the current folder: a set in it was measured, or a loader
+    refused a folder named nowhere (`error: : no such folder` and the like). train.py refuses it."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    monkeypatch.chdir(shards)
+    result = CliRunner().invoke(main, ["bench", command, "--shards", "", "--remote-only" if command == "loader" else
+                                       "--arch=lenet5"])
+    assert (result.exit_code, result.output) == (2, "error: argument --shards: empty; give a path\n")
+
+
 def _run_tool(monkeypatch, script, *argv):
     """tools/`script` run as a script with `argv`, in this process: the SystemExit it ends with (code None
     when it returns)."""

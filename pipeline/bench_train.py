@@ -69,13 +69,18 @@ def plan(archs=None, sizes=None, batches=("study", 256), feeds=("a", "b", "c"), 
     batches: ints and/or "study" (the row's batch in the study). feeds: letters of `FEEDS`.
     compile: also run (a) and (b) through torch.compile.
     """
+    arch_choices, feed_choices = ", ".join(dict(ROWS)), ", ".join(f"{k} ({v})" for k, v in FEEDS.items())
+    size_choices = ", ".join(map(str, sorted({s for _, s in ROWS})))
+    for flag, given, noun, choices in (("--arch", archs, "network", arch_choices), ("--size", sizes, "size", size_choices),
+                                       ("--feeds", feeds, "feed", feed_choices)):
+        if given is not None and not given:  # `--arch ,` (a script's empty variable): read as not given, all four ran
+            raise UsageError(f"{flag}: no {noun} given; choose from: {choices}")
     for arch in archs or ():
         if arch not in {a for a, _ in ROWS}:
-            raise UsageError(f"--arch {arch}: unknown; choose from: {', '.join(dict(ROWS))}")
+            raise UsageError(f"--arch {arch}: unknown; choose from: {arch_choices}")
     bad = [f for f in feeds if f not in FEEDS]
     if bad:
-        raise UsageError(f"--feeds {','.join(bad)}: unknown; choose from: "
-                         + ", ".join(f"{k} ({v})" for k, v in FEEDS.items()))
+        raise UsageError(f"--feeds {','.join(bad)}: unknown; choose from: {feed_choices}")
     if not batches:  # `--batch ""`: no case, and bench_train, given none, ran the whole default plan
         raise UsageError("--batch: no batch size given; need positive integers or 'study'")
     bad = [str(b) for b in batches if b != "study" and not (str(b).isdigit() and int(b) > 0)]

@@ -343,7 +343,7 @@ def bench_train_cmd(shards, images, arch, size, batch, feeds, compile_, device, 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_device(device)
     compile_ = device.startswith("cuda") if compile_ is None else compile_
-    feeds = feeds or (("a", "b", "c", "d") if images else ("a", "b", "c"))
+    feeds = (("a", "b", "c", "d") if images else ("a", "b", "c")) if feeds is None else feeds  # `--feeds ,`: plan's
     cases = plan(arch, size, batch, feeds, compile_)
     with sigterm_interrupts(STOPS) as stopped_by:  # SIGTERM (a scheduler, a deadline) ends the table early, as Ctrl-C does
         rows = bench_train(shards, images, cases, device=device, warmup=warmup, steps=steps, windows=windows,

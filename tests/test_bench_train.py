@@ -49,6 +49,8 @@ def test_plan_rows_batches_and_compile():
     (dict(batches=["study", "0", "x"]), "--batch 0,x: need positive integers or 'study'"),
     # `--batch ""` (a script's empty variable): no case, and bench_train ran the whole zoo at the default batches
     (dict(archs=["lenet5"], batches=()), "--batch: no batch size given; need positive integers or 'study'"),
+    (dict(archs=[]), "--arch: no network given; choose from: lenet5, alexnet, squeezenet1_1, resnet18"),  # all four ran
+    (dict(feeds=()), "--feeds: no feed given; choose from: a (ceiling), b (resident), c (fast), d (imagefolder)"),
 ])
 def test_plan_errors(kwargs, message):
     with pytest.raises(UsageError) as e:
@@ -326,6 +328,20 @@ def test_the_imagefolder_feeds_workers_read_on_through_a_sigterm_to_the_group(sh
     finally:
         batches.close()
     assert seen == SYNTH["classes"] * SYNTH["train_per_class"]
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--arch", ",", "--arch: no network given; choose from: lenet5, alexnet, squeezenet1_1, resnet18"),
+    ("--arch", "", "--arch: no network given; choose from: lenet5, alexnet, squeezenet1_1, resnet18"),
+    ("--feeds", ",", "--feeds: no feed given; choose from: a (ceiling), b (resident), c (fast), d (imagefolder)"),
+    ("--size", ",,", "--size: no size given; choose from: 28, 64, 224"),
+    ("--batch", ",", "--batch: no batch size given; need positive integers or 'study'")])
+def test_a_list_of_none_is_a_usage_error(shards, monkeypatch, flag, value, message):
+    """`--arch ,` (or a script's empty variable) was read as not given: all four networks ran, and `--feeds ,` all
+    the feeds, where `--batch ,` was refused (`plan`). They are refused so too."""
+    monkeypatch.setattr(bt, "bench_train", lambda *a, **k: [])  # before, the rows it ran: not measured here
+    result = CliRunner().invoke(main, ["bench", "train", "--shards", str(shards), "--device", "cpu", f"{flag}={value}"])
+    assert (result.exit_code, result.output) == (2, f"error: {message}\n")
 
 
 def test_the_tables_header_is_the_command_quoted_for_a_shell(tmp_path, monkeypatch):

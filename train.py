@@ -69,7 +69,7 @@ with stopped_at_once():  # the imports (torch's: seconds): a signal ends them in
     from pipeline.augment import AUGMENTS
     from pipeline.mixing import MODES as MIX_MODES, mix_batch, mix_generator
     from pipeline.order import MoreRanksThanSamples, UnevenBatchesOfOne, check_even_batches, step_seed
-    from pipeline.shardset import ShardSet, local_folder
+    from pipeline.shardset import DEFAULT_SHARDS, ShardSet, local_folder
     from pipeline.stream_plan import DEAL
 
 NORMS = {"dataset": (None, None), "imagenet": (IMAGENET_MEAN, IMAGENET_STD), "half": ((0.5,) * 3, (0.5,) * 3)}
@@ -364,7 +364,7 @@ def open_shards(args):
         # SIGUSR1); the shards that arrived stay in the cache, and the next run goes on from them.
         with sigterm_interrupts(STOP_SIGNALS):
             return ShardSet(cached_copy(args.shards, ("train", "val", "test")))
-    local_folder("--shards", args.shards)
+    local_folder("--shards", args.shards, DEFAULT_SHARDS)
     return ShardSet(args.shards)
 
 
@@ -1154,7 +1154,7 @@ def main(args):
             raise UsageError(f"--test-only evaluates a trained network: give --resume (a checkpoint, or auto)"
                              f"{where} or --weights FILE")
         if not is_set_url(args.shards):  # a typo said first: not a checkpoint in --output-dir it would replace
-            local_folder("--shards", args.shards)  # (whose advice, --resume auto, met the missing folder next)
+            local_folder("--shards", args.shards, DEFAULT_SHARDS)  # (whose advice, --resume auto, met the missing folder next)
         if ckpt_path and args.resume != "auto":  # so is a --resume typo: it is no run's checkpoint to continue
             check_resume_file(ckpt_path)
         locked = False
@@ -1208,7 +1208,7 @@ def main(args):
 
 def get_args_parser(add_help=True):
     p = ArgumentParser(prog="train.py", description="Train a CNN on Tiny ImageNet shards", add_help=add_help)
-    p.add_argument("--shards", default="out/shards", type=path_text, help="shard folder from `tinyin shard build`, or its URL (http(s)://, s3://, gs://: fetched once per node into $TINYIN_CACHE, default ~/.cache/tinyin) (default: out/shards)")
+    p.add_argument("--shards", default=DEFAULT_SHARDS, type=path_text, help="shard folder from `tinyin shard build`, or its URL (http(s)://, s3://, gs://: fetched once per node into $TINYIN_CACHE, default ~/.cache/tinyin) (default: %(default)s)")
     p.add_argument("--arch", "--model", default="resnet18", choices=models.list_models(), help="network (default: resnet18)")
     p.add_argument("--size", type=int, choices=(28, 64, 224),
                    help="input size: 28 grey (lenet5), 64 RGB, 224 = RGB 64 upscaled on the device (default: the arch's native size)")

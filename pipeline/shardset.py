@@ -41,6 +41,10 @@ ENTRY_KEYS = {"file": str, "split": str, "count": int, "bytes": int, "sha256": s
 CLASS_KEYS = {"wnid": str, "words": str}
 KINDS = {list: "a list", dict: "an object", str: "a string", int: "an integer"}
 
+#: --shards when it is not given (train.py, tools/reproduce.py): README's folder, which its `shard build` writes
+#: (data/ is in .gitignore), so that its commands run as written.
+DEFAULT_SHARDS = "data/shards"
+
 
 def is_url(location):
     """True for `scheme://...` locations (read through fsspec); False for local paths (`file://` too)."""
@@ -72,28 +76,36 @@ def missing_error(where):
     return ShardError(f"{where}: missing (listed in the manifest)")
 
 
-def no_folder_error(where, folder):
+def no_folder_error(where, folder, alone="no such folder"):
     """'no such folder' for the shard set `folder` (`where`: how the user gave it), naming the temporary
     folders (`<name>.tmp-<host>-<pid>`) that builds into it left beside it: a build killed outright
-    (kill -9, the OOM killer) leaves one, up to 1.9 GB, that only a build into the same folder removes."""
+    (kill -9, the OOM killer) leaves one, up to 1.9 GB, that only a build into the same folder removes.
+    `alone`: what is said where there is none."""
     folder = Path(os.path.abspath(folder))
     left = sorted(p.name for p in folder.parent.glob(f"{glob.escape(folder.name)}.tmp-*") if p.is_dir())
     if not left:
-        return ShardError(f"{where}: no such folder")
+        return ShardError(f"{where}: {alone}")
     return ShardError(f"{where}: no such folder; beside it, {', '.join(left)} is a build into it that has not "
                       "finished (still running, or killed): building into it again removes a killed one's")
 
 
-def local_folder(flag, location):
-    """The folder of a local shard set given as `flag LOCATION` (`--shards out/shards`; a `file://` URL's
+def local_folder(flag, location, default=None):
+    """The folder of a local shard set given as `flag LOCATION` (`--shards data/shards`; a `file://` URL's
     too), as a path; ShardError naming the flag when it is no folder: 'no such folder' (`no_folder_error`)
     or 'a file, not a shard folder'. train.py's and the bench commands' one check, so they say it alike
-    (click's `Path(exists=True)` said it as a usage error, exit 2, in its own words)."""
+    (click's `Path(exists=True)` said it as a usage error, exit 2, in its own words). `default`: the flag's
+    default, where it has one (`DEFAULT_SHARDS`): that one missing is said to be the default, and how to make
+    a set there (a first run without --shards was told 'no such folder' of a folder it never named)."""
     folder = Path(local_path(location))
     if not folder.is_dir():
+        where, alone = f"{flag} {location}", ()
+        if location == default:
+            where += " (the default)"
+            alone = (f"no shard set there; build one with `tinyin shard build --src RELEASE --out {location}`, "
+                     f"or pass {flag}",)
         if not folder.exists():
-            raise no_folder_error(f"{flag} {location}", folder)
-        raise ShardError(f"{flag} {location}: a file, not a shard folder")
+            raise no_folder_error(where, folder, *alone)
+        raise ShardError(f"{where}: a file, not a shard folder")
     return str(folder)
 
 

@@ -15,6 +15,7 @@ import torch
 from pipeline.cli import report_cmd
 from pipeline.errors import user_errors
 from pipeline.report import LENET_RECORDED, STUDY, _duration, plot_curves, render_study, render_table, study_row, write_report
+from pipeline.shardset import DEFAULT_SHARDS
 from tests.conftest import refuse_writes_in
 
 
@@ -566,6 +567,14 @@ def test_reproduce_bad_counts(tmp_path, monkeypatch, capsys, flag):
         2, f"error: argument {flag}: must be at least 1, not 0\n")
 
 
+def test_reproduce_without_shards_says_its_default_and_how_to_make_a_set_there(tmp_path, monkeypatch, capsys):
+    """Its default was out/shards, where README's commands build data/shards (train.py's default, one constant)."""
+    monkeypatch.chdir(tmp_path)
+    assert reproduce_here(monkeypatch, capsys, "--rows", "lenet5-28", "--out", str(tmp_path / "out")) == (
+        1, "error: --shards data/shards (the default): no shard set there; build one with "
+           "`tinyin shard build --src RELEASE --out data/shards`, or pass --shards\n")
+
+
 def test_reproduce_checks_the_shards_before_any_row_starts(tmp_path, monkeypatch, capsys):
     """A --shards that does not exist said 'not a shard set (no manifest.json)', where train.py, `shard verify`
     and the benches say 'no such folder' (and name a killed build's temporary folder beside it)."""
@@ -832,7 +841,7 @@ def test_reproduce_does_not_take_a_quick_look_for_the_finished_row(tmp_path):
     from reproduce import get_args_parser, row_command
 
     make_run(tmp_path, "lenet5-28", dict(arch="lenet5", size=28, epochs=1, batch_size=32, limit_batches=5,
-                                         shards="out/shards"), [row(0, 1.0, 1.0)], final=dict(epochs=1))
+                                         shards=DEFAULT_SHARDS), [row(0, 1.0, 1.0)], final=dict(epochs=1))
     plan = lambda *flags: row_command("lenet5-28", get_args_parser().parse_args(["--out", str(tmp_path), *flags]))  # noqa: E731
     assert plan("--epochs", "1", "--limit-batches", "5")[1] is None  # the same run: finished
     assert plan("--epochs", "1")[1] is not None  # train.py then refuses to resume it without --limit-batches

@@ -438,6 +438,23 @@ def test_a_missing_shards_folder_is_said_before_a_checkpoint_it_would_replace(tm
     assert capsys.readouterr().err == "error: --shards nope: no such folder\n"
 
 
+def test_without_shards_the_default_is_said_with_how_to_make_a_set_there(tmp_path, monkeypatch, capsys):
+    """`train.py` without --shards read out/shards, where README's commands build data/shards: its commands run
+    without the flag were told 'error: --shards out/shards: no such folder', of a folder they never named. The
+    default is README's folder now, and a missing one is said to be the default, with how to make a set there;
+    a build's leftover beside it is still named."""
+    monkeypatch.chdir(tmp_path)
+    assert cli("--device", "cpu") == 1
+    assert capsys.readouterr().err == (
+        "error: --shards data/shards (the default): no shard set there; build one with "
+        "`tinyin shard build --src RELEASE --out data/shards`, or pass --shards\n")
+    (tmp_path / "data" / "shards.tmp-vm-4242").mkdir(parents=True)
+    assert cli("--device", "cpu") == 1
+    assert capsys.readouterr().err == (
+        "error: --shards data/shards (the default): no such folder; beside it, shards.tmp-vm-4242 is a build into it "
+        "that has not finished (still running, or killed): building into it again removes a killed one's\n")
+
+
 def test_the_script_prints_one_line_and_no_traceback(tmp_path):
     result = script("--shards", tmp_path / "nonexistent", "--device", "cpu")
     assert (result.returncode, result.stderr) == (1, f"error: --shards {tmp_path / 'nonexistent'}: no such folder\n")

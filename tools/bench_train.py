@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Training-step images/s per network and feed: the same as `tinyin bench train` (see its --help).
 
-    python tools/bench_train.py --shards out/shards --images out/release --arch lenet5,resnet18 --size 28,64
+    python tools/bench_train.py --shards data/shards --images data/tiny-imagenet-200 --arch lenet5,resnet18 --size 28,64
 """
 import sys
 from pathlib import Path

@@ -1,6 +1,6 @@
 """Re-run the study's tables with `train.py --recipe paper`, then write the report beside the study's.
 
-    python tools/reproduce.py --shards out/shards --out runs/paper                  # Table 2 + Table 3
+    python tools/reproduce.py --shards data/shards --out runs/paper                  # Table 2 + Table 3
     python tools/reproduce.py --rows lenet5-28 --epochs 1 --limit-batches 5 --out runs/look  # a quick look
     python tools/reproduce.py --train-args="--amp --channels-last" --device cuda     # on a GPU
     python tools/reproduce.py --rows lenet5-28,alexnet-64,squeezenet1_1-64,resnet18-64 --jobs 4
@@ -49,7 +49,7 @@ from pipeline.cache import is_set_url  # noqa: E402
 from pipeline.errors import (ArgumentParser, TinyinError, UsageError, at_least, hide_password, names_among,  # noqa: E402
                              path_text, plural, user_errors)
 from pipeline.report import write_report  # noqa: E402
-from pipeline.shardset import local_folder  # noqa: E402
+from pipeline.shardset import DEFAULT_SHARDS, local_folder  # noqa: E402
 
 TABLE2 = {f"{arch}-{size}": ("paper", arch, size) for arch, size in RECIPES["paper"] if size != 224}
 TABLE3 = {**{f"{arch}-{size}": ("paper", arch, size) for arch, size in RECIPES["paper"] if size == 224},
@@ -243,7 +243,7 @@ def check_shards(shards):
     if is_set_url(shards):
         return
     try:
-        folder = local_folder("--shards", shards)  # 'no such folder', as train.py says it
+        folder = local_folder("--shards", shards, DEFAULT_SHARDS)  # 'no such folder', as train.py says it
     except TinyinError as e:
         sys.exit(f"error: {e}")
     if not (Path(folder) / "manifest.json").is_file():
@@ -326,7 +326,7 @@ def main(args):
 
 def get_args_parser():
     p = ArgumentParser(description="Reproduce the study's tables with train.py --recipe paper")
-    p.add_argument("--shards", default="out/shards", type=path_text, help="shard folder (default: out/shards)")
+    p.add_argument("--shards", default=DEFAULT_SHARDS, type=path_text, help="shard folder (default: %(default)s)")
     p.add_argument("--out", default="runs/paper", type=path_text, help="one sub-folder per row, plus report.md (default: runs/paper)")
     # A row named twice trained twice: side by side (--jobs) two train.py processes wrote one folder at once, and
     # the report listed it twice, its minutes summed over both. Empty ("$ROWS" unset) read as not given: every row.

@@ -321,11 +321,11 @@ def test_bench_json_in_a_folder_it_may_not_write_in_is_refused_before_measuring(
         2, f"error: --json {folder / 'r.json'}: cannot write in {folder} (Permission denied)\n")
 
 
-def test_bench_build_stopped_by_sigterm_removes_its_temporary_build(release, tmp_path):
+@pytest.mark.parametrize("signum, line", [(signal.SIGTERM, "terminated"), (signal.SIGUSR1, "stopped by SIGUSR1")])
+def test_bench_build_stopped_by_sigterm_removes_its_temporary_build(release, tmp_path, signum, line):
     """SIGTERM (kill, timeout, a scheduler) ended tools/bench_build.py at once and left its temporary
-    folder, the partial build in it (on the real release up to 1.5 GB in /tmp), as Ctrl-C does not."""
-    import os
-    import signal
+    folder, the partial build in it (on the real release up to 1.5 GB in /tmp), as Ctrl-C does not. So did
+    SIGUSR1 (a scheduler's word before it preempts a job), without a line."""
     import time
 
     proc = subprocess.Popen([sys.executable, str(TOOLS / "bench_build.py"), "--src", str(release), "--repeat", "100"],
@@ -335,9 +335,9 @@ def test_bench_build_stopped_by_sigterm_removes_its_temporary_build(release, tmp
     while not list(tmp_path.glob("tinyin-bench-build-*")):  # a build is under way
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=60)
-    assert (proc.returncode, stderr) == (128 + signal.SIGTERM, "terminated\n")
+    assert (proc.returncode, stderr) == (128 + signum, f"{line}\n")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -474,12 +474,13 @@ def test_bench_loader_stopped_keeps_the_rows_measured(shards, release, tmp_path,
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
-def test_bench_loader_stopped_by_a_signal_keeps_the_rows_measured(shards, release, tmp_path, signum):
-    """SIGTERM, and SIGUSR1 (a scheduler's word before it preempts a job), to `tinyin bench loader` as it measures:
-    the rows so far printed and written, exit 128 + the signal. (SIGUSR1 killed it where it stood, without a line,
-    the rows measured lost.)"""
+@pytest.mark.parametrize("command", [["-m", "pipeline.cli", "bench", "loader"], [str(TOOLS / "bench_loader.py")]])
+def test_bench_loader_stopped_by_a_signal_keeps_the_rows_measured(shards, release, tmp_path, signum, command):
+    """SIGTERM, and SIGUSR1 (a scheduler's word before it preempts a job), to `tinyin bench loader` (and
+    tools/bench_loader.py) as it measures: the rows so far printed and written, exit 128 + the signal. (SIGUSR1
+    killed it where it stood, without a line, the rows measured lost.)"""
     out = tmp_path / "rows.json"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "bench", "loader", "--shards", str(shards),
+    proc = subprocess.Popen([sys.executable, *command, "--shards", str(shards),
                              "--images", str(release), "--pass-images", "256", "--workers", "0", "--json", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = proc.stderr.readline()  # the baseline's row: the next one is being measured now

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.build import build_shards  # noqa: E402
-from pipeline.errors import (ArgumentParser, at_least, path_text, plural, run_cli, signals_deferred,  # noqa: E402
+from pipeline.errors import (STOPS, ArgumentParser, at_least, path_text, plural, run_cli, signals_deferred,  # noqa: E402
                              sigterm_interrupts)
 from pipeline.provenance import commit  # noqa: E402
 
@@ -60,5 +60,5 @@ def main():
 
 
 if __name__ == "__main__":
-    with sigterm_interrupts():  # SIGTERM (kill, timeout, a scheduler) removes the temporary folder, as Ctrl-C does
+    with sigterm_interrupts(STOPS):  # SIGTERM (kill, timeout, a scheduler; its SIGUSR1) removes the temporary folder, as Ctrl-C does
         run_cli(main)  # a user's mistake (--src not a release): one line, not a traceback

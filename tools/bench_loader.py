@@ -26,7 +26,7 @@ from pipeline.bench import bench_loader, bench_remote, check_images, check_json,
 from pipeline.build import build_shards  # noqa: E402
 from pipeline.cli import bench_loader_cmd  # noqa: E402
 from pipeline.device import check_device  # noqa: E402
-from pipeline.errors import ArgumentParser, UsageError, path_text, run_cli, sigterm_interrupts, stop_code  # noqa: E402
+from pipeline.errors import STOPS, ArgumentParser, UsageError, path_text, run_cli, sigterm_interrupts, stop_code  # noqa: E402
 from pipeline.source import ROOT_MARKER, not_a_release, not_an_archive  # noqa: E402
 from pipeline.shardset import local_folder  # noqa: E402
 
@@ -111,7 +111,7 @@ def main():
             images = src if src.is_dir() else extract(src, tmp / "images")
         check_images(images)  # as `tinyin bench loader` checks it
         log = lambda m: print(m, file=sys.stderr)  # noqa: E731
-        with sigterm_interrupts() as stopped_by:  # SIGTERM ends the table early, as Ctrl-C does: the rows so far are kept
+        with sigterm_interrupts(STOPS) as stopped_by:  # SIGTERM (SIGUSR1) ends the table early, as Ctrl-C does: the rows so far are kept
             if args.remote_only:
                 rows = bench_remote(shards, batch_size=args.batch_size, workers=args.workers, passes=args.passes, log=log)
             else:
@@ -128,5 +128,5 @@ def main():
 
 
 if __name__ == "__main__":
-    with sigterm_interrupts():  # SIGTERM (kill, timeout, a scheduler) removes the temporary folder, as Ctrl-C does
+    with sigterm_interrupts(STOPS):  # SIGTERM (kill, timeout, a scheduler; its SIGUSR1) removes the temporary folder, as Ctrl-C does
         run_cli(main)  # a user's mistake (no such --shards or --src, not a release): one line, not a traceback

@@ -203,7 +203,7 @@ def _local(shards, split, progress=None):
     if not is_set_url(shards):
         return shards
     remote = ShardSet(shards)
-    return cached_copy(remote, [split] if split else [k for k, v in remote.counts.items() if v], progress=progress)
+    return cached_copy(remote, [split] if split else remote.splits, progress=progress)
 
 
 @shard.command("verify")

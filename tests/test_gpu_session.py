@@ -64,17 +64,16 @@ def test_smoke_runs_every_part_once(release, tmp_path, gpu_image_env):
     assert "bench train --shards" in first.stdout and "--arch resnet18 --size 224 --batch 4 --feeds a" in first.stdout
     assert re.fullmatch(r"\| 1 \| [\d,]+ \| \d+% \| [\d.]+% \|", (out / "r224.md").read_text().splitlines()[-1])
 
-    second = session(gpu_image_env, *common)
-    assert second.returncode == 0, second.stderr
+    # The second call: nothing finished runs again; with the ablation, whose variant is the one run trained
+    # (the speedrun's seed is not trained again). One call for both: each call starts torch in 5 processes.
+    second = session(gpu_image_env, *common, "--speedrun-args", "--ablate ema")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "== bench: done earlier (" in second.stdout
     assert second.stdout.count(": finished earlier, not run again") == 2  # Table 2's rows
-    assert not [line for line in second.stdout.splitlines() if line.startswith("$ ") and "train.py --shards" in line]
+    trained = [line for line in second.stdout.splitlines()  # a command run: `sh`'s "$ ", a row's "== ROW: "
+               if line.startswith(("$ ", "== ")) and "train.py --shards" in line]
+    assert len(trained) == 1 and "--seed 0 " in trained[0] and "--ema 0" in trained[0], trained  # the variant only
     assert "bench train" not in second.stdout  # nor the r224 run's (a) row
-
-    # The ablation after the speedrun: its seeds are not trained again, the variant is.
-    third = session(gpu_image_env, *common, "--parts", "speedrun", "--speedrun-args", "--ablate ema")
-    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
-    assert third.stdout.count("/train.py --shards") == 1  # the variant only
     assert "| EMA of the weights | `--ema 0` |" in (out / "ablation.md").read_text()
     with tarfile.open(out / "json.tar") as tf:
         assert [r["variant"] for r in json.load(tf.extractfile("ablation.json"))] == [None, "ema"]
@@ -83,26 +82,71 @@ def test_smoke_runs_every_part_once(release, tmp_path, gpu_image_env):
 def test_deadline_stops_a_part_and_keeps_what_it_has(shards, tmp_path, gpu_image_env):
     """--deadline: Table 2's rows (waiting mid-epoch) get SIGTERM and checkpoint, the report so far
     reaches --out, the next part is not started, the exit says what is unfinished. (That the rerun
-    resumes the rows is reproduce.py's test_reproduce_stopped_by_sigterm_reports_and_resumes.)"""
+    resumes the rows is reproduce.py's test_reproduce_stopped_by_sigterm_reports_and_resumes.)
+    The deadline's timer is SIGALRM (`deadline_timer`): the test rings it once both rows wait at
+    their step 1, where a --deadline long enough for a loaded suite (rows that took over 30 s to get
+    there) kept the test idle for a minute."""
     out, work = tmp_path / "out", tmp_path / "work"
-    common = ["--shards", str(shards), "--out", str(out), "--work", str(work), "--smoke", "--commit", "abc123",
-              "--parts", "table2,r224"]
-    # 60 s: two rows side by side reach their step 1 in ~10 s alone, and took over 30 s under a loaded suite's
-    # (a deadline before it stopped them in their imports: 'terminated', no checkpoint, and the test failed)
-    first = session(gpu_image_env, *common, "--deadline", "60", "--train-args", "--wait-at-step 1")
-    assert first.returncode == 1, first.stdout[-3000:] + first.stderr[-3000:]
-    assert "== --deadline reached: SIGTERM to tools/reproduce.py" in first.stdout
-    assert "== r224: not started: past the --deadline" in first.stdout
-    assert first.stderr.splitlines()[-1] == (
+    stdout, stderr = tmp_path / "stdout", tmp_path / "stderr"
+    with stdout.open("w") as so, stderr.open("w") as se:
+        proc = subprocess.Popen([sys.executable, str(SESSION), "--shards", str(shards), "--out", str(out), "--work",
+                                 str(work), "--smoke", "--commit", "abc123", "--parts", "table2,r224", "--deadline",
+                                 "3600", "--train-args", "--wait-at-step 1"],
+                                env=gpu_image_env, stdout=so, stderr=se, text=True, start_new_session=True)
+    logs = [work / "smoke" / "paper" / row / "train.log" for row in ("lenet5-28", "squeezenet1_1-64")]
+    try:
+        guard = time.monotonic() + 300  # against a hang, not a measurement
+        while not all(log.is_file() and "waiting for a signal at epoch 0 step 1" in log.read_text() for log in logs):
+            assert proc.poll() is None and time.monotonic() < guard, stdout.read_text() + stderr.read_text()
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGALRM)  # the session alone: its parts' processes are not the timer's
+        proc.wait(timeout=300)
+    finally:
+        for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+            if session_of(pid) == proc.pid:
+                os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == 1, stdout.read_text()[-3000:] + stderr.read_text()[-3000:]
+    assert "== --deadline reached: SIGTERM to tools/reproduce.py" in stdout.read_text()
+    assert "== r224: not started: past the --deadline" in stdout.read_text()
+    assert stderr.read_text().splitlines()[-1] == (
         f"error: unfinished: table2 (stopped at the --deadline), r224 (not started); their results so far are in "
         f"{out}; rerun the same command to continue (finished parts and rows are not run again)")
     assert sorted(p.name for p in out.iterdir()) == ["json.tar", "table2.md"]
     report = (out / "table2.md").read_text()
-    for row in ("lenet5-28", "squeezenet1_1-64"):
+    for row, log in zip(("lenet5-28", "squeezenet1_1-64"), logs):
         assert f"| {row} | - | - | no epoch finished: stopped by SIGTERM |" in report
-        assert "interrupted at epoch 0 step 1: checkpoint saved" in (work / "smoke" / "paper" / row / "train.log").read_text()
+        assert "interrupted at epoch 0 step 1: checkpoint saved" in log.read_text()
     with tarfile.open(out / "json.tar") as tf:
         assert sorted(tf.getnames()) == ["env.json", "table2.json"]
+
+
+def test_the_deadline_timer_is_set_for_the_time_left_from_the_start(monkeypatch):
+    monkeypatch.syspath_prepend(str(SESSION.parent))
+    import gpu_session
+
+    monkeypatch.setattr(gpu_session, "PAST_DEADLINE", [])
+    monkeypatch.setattr(gpu_session, "START", time.time() - 100)  # the imports took 100 s
+    handler = signal.getsignal(signal.SIGALRM)
+    try:
+        gpu_session.deadline_timer(3600)
+        left, interval = signal.setitimer(signal.ITIMER_REAL, 0)  # read and disarmed
+        assert 3490 < left <= 3500 and interval == 0 and gpu_session.PAST_DEADLINE == []
+    finally:
+        signal.signal(signal.SIGALRM, handler)
+
+
+def test_a_deadline_past_before_the_parts_starts_none(shards, tmp_path):
+    """--deadline shorter than the imports: no part starts (and none is killed in its start-up)."""
+    done = subprocess.run([sys.executable, str(SESSION), "--shards", str(shards), "--out", str(tmp_path / "out"),
+                           "--work", str(tmp_path / "work"), "--parts", "table2,r224", "--device", "cpu",
+                           "--deadline", "0.001"], capture_output=True, text=True)
+    assert done.returncode == 1, done.stderr
+    assert "== table2: not started: past the --deadline" in done.stdout
+    assert "== r224: not started: past the --deadline" in done.stdout
+    assert "$ " not in done.stdout
+    assert done.stderr.splitlines()[-1] == (
+        f"error: unfinished: table2 (not started), r224 (not started); their results so far are in "
+        f"{tmp_path / 'out'}; rerun the same command to continue (finished parts and rows are not run again)")
 
 
 def test_r224_ratio_reads_the_rows_of_a_stopped_bench(tmp_path):
@@ -120,7 +164,7 @@ def test_r224_ratio_reads_the_rows_of_a_stopped_bench(tmp_path):
     ceiling = dict(arch="resnet18", size=224, batch=100, feed="ceiling", compiled=False, images_per_s=1200.0)
     (work / "bench.json").write_text(json.dumps(dict(planned=20, rows=[ceiling])))
     args = argparse.Namespace(device="cuda", smoke=False)
-    assert gpu_session.part_r224(args, work / "results", "shards", None, work, None) is None
+    assert gpu_session.part_r224(args, work / "results", "shards", None, work) is None
     assert (work / "results" / "r224.md").read_text().splitlines()[-1] == "| 1 | 900 | 75% | 1.25% |"
 
 
@@ -250,9 +294,9 @@ def test_table2_train_args_of_one_flag_reach_reproduce(tmp_path, monkeypatch):
     import reproduce
 
     commands = []
-    monkeypatch.setattr(gpu_session, "sh", lambda cmd, until: commands.append(cmd) or 1)
+    monkeypatch.setattr(gpu_session, "sh", lambda cmd: commands.append(cmd) or 1)
     args = argparse.Namespace(table2_rows="lenet5-28", smoke=False, device="cpu", table2_jobs=None, train_args="--no-amp")
-    assert gpu_session.part_table2(args, tmp_path, "shards", None, tmp_path, None) == {}
+    assert gpu_session.part_table2(args, tmp_path, "shards", None, tmp_path) == {}
     parsed = reproduce.parse_args(list(map(str, commands[0][2:])))
     assert (parsed.rows, parsed.train_args, parsed.device) == (["lenet5-28"], "--no-amp", "cpu")
 
@@ -287,7 +331,7 @@ def test_a_smoke_run_is_not_taken_for_the_real_one(shards, tmp_path, monkeypatch
 
     trained = []
 
-    def fake_sh(cmd, until=None, log=None):
+    def fake_sh(cmd, log=None):
         cmd = list(map(str, cmd))
         if cmd[1] != "train.py":
             return 1  # the bench's (a) row: not measured here
@@ -320,7 +364,7 @@ def test_relative_shards_and_work_are_the_callers(shards, tmp_path, monkeypatch,
 
     seen = []
 
-    def fake_sh(cmd, until=None, log=None):
+    def fake_sh(cmd, log=None):
         cmd = list(map(str, cmd))
         if cmd[1] == "train.py":
             seen.append([cmd[cmd.index(flag) + 1] for flag in ("--shards", "--output-dir")])
@@ -386,10 +430,10 @@ def test_table2_trains_its_rows_one_after_another_on_the_cpu(tmp_path, monkeypat
     import gpu_session
 
     commands = []
-    monkeypatch.setattr(gpu_session, "sh", lambda cmd, until: commands.append(list(map(str, cmd))) or 1)
+    monkeypatch.setattr(gpu_session, "sh", lambda cmd: commands.append(list(map(str, cmd))) or 1)
     for device, smoke, jobs in (("cpu", False, "1"), ("cpu", True, "2"), ("cuda", False, "4")):
         args = argparse.Namespace(table2_rows=None, smoke=smoke, device=device, table2_jobs=None, train_args=None)
-        gpu_session.part_table2(args, tmp_path, "shards", None, tmp_path, None)
+        gpu_session.part_table2(args, tmp_path, "shards", None, tmp_path)
         assert commands[-1][commands[-1].index("--jobs") + 1] == jobs
 
 

@@ -57,6 +57,33 @@ GRACE_S = 45
 #: "SIGTERM" once this script got one (the device tool's limit, a scheduler): the part running is
 #: stopped as at the --deadline, and no other starts
 STOPPED = []
+#: not empty once the --deadline's timer rang (`deadline_timer`): the part running is stopped, no other starts
+PAST_DEADLINE = []
+#: the command `sh` waits for, while it waits: the one the timer stops
+WAITING = []
+
+
+class DeadlineReached(Exception):
+    """The --deadline's timer rang while `sh` waited for a part's command."""
+
+
+def deadline_timer(seconds):
+    """Ring at START + `seconds` (SIGALRM): mark PAST_DEADLINE and, if `sh` is waiting for a command, stop
+    it. One timer, not a timeout at each wait: one clock for the parts and the checks between them, and a
+    test rings it once its rows wait (a deadline long enough for a loaded machine left it idle a minute)."""
+    def ring(signum, frame):
+        first = not PAST_DEADLINE
+        PAST_DEADLINE.append(signum)
+        # Not once the command has ended: its output is read and its code is the part's
+        if first and WAITING and WAITING[-1].returncode is None:
+            raise DeadlineReached
+
+    signal.signal(signal.SIGALRM, ring)
+    left = START + seconds - time.time()
+    if left > 0:
+        signal.setitimer(signal.ITIMER_REAL, left)
+    else:  # past already (the imports took that long): nothing is waited for yet
+        ring(signal.SIGALRM, None)
 
 
 def table2_rows(text):
@@ -68,14 +95,15 @@ def table2_rows(text):
     return text
 
 
-def sh(cmd, until=None, log=None):
-    """Run `cmd` (a list) from the repo root with PYTHONPATH on it; its exit code. At `until` (a
-    time.time(), or None), or when this script gets SIGTERM, it gets SIGTERM, and whatever of it
-    still runs GRACE_S later is killed. Nothing is started once this script got SIGTERM."""
+def sh(cmd, log=None):
+    """Run `cmd` (a list) from the repo root with PYTHONPATH on it; its exit code. At the --deadline
+    (`deadline_timer`), or when this script gets SIGTERM, it gets SIGTERM, and whatever of it still
+    runs GRACE_S later is killed. Nothing is started after either."""
     from pipeline.errors import Terminated
 
-    if STOPPED:
-        print(f"== not started: {shlex.join(map(str, cmd))} (stopped by SIGTERM)", flush=True)
+    if STOPPED or PAST_DEADLINE:
+        print(f"== not started: {shlex.join(map(str, cmd))} "
+              f"({'stopped by SIGTERM' if STOPPED else 'past the --deadline'})", flush=True)
         return 128 + signal.SIGTERM
     print(f"$ {shlex.join(map(str, cmd))}", flush=True)
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
@@ -88,8 +116,12 @@ def sh(cmd, until=None, log=None):
                             stdout=subprocess.PIPE if log else None, **group)
     name = cmd[2] if cmd[1] == "-m" else cmd[1]
     try:
-        out, _ = proc.communicate(timeout=None if until is None else max(until - time.time(), 0))
-    except (subprocess.TimeoutExpired, Terminated) as e:
+        WAITING.append(proc)
+        if PAST_DEADLINE:  # the timer rang between the check above and now
+            raise DeadlineReached
+        out, _ = proc.communicate()
+    except (DeadlineReached, Terminated) as e:
+        WAITING.clear()  # the timer ringing in the grace below does not cut it short
         if isinstance(e, Terminated):  # sigterm_interrupts in main()
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop: another SIGTERM would cut the grace short
             STOPPED.append("SIGTERM")
@@ -105,6 +137,8 @@ def sh(cmd, until=None, log=None):
         proc.send_signal(signal.SIGINT)
         proc.wait()
         raise
+    finally:
+        WAITING.clear()
     if log:
         print(out, end="", flush=True)
         Path(log).write_text(out)
@@ -161,7 +195,7 @@ def extract_for_imagefolder(src, folder):
     return len(wanted)
 
 
-def part_bench(args, res, shards, images, work, until):
+def part_bench(args, res, shards, images, work):
     """The `tinyin bench train` table; None when done (bench.md/.json in `res`), else what it has."""
     cmd = [sys.executable, "-m", "pipeline.cli", "bench", "train", "--shards", shards, "--json", work / "bench.json"]
     if images:
@@ -169,14 +203,14 @@ def part_bench(args, res, shards, images, work, until):
     if args.smoke:
         cmd += ["--arch", "lenet5", "--batch", "16", "--warmup", "1", "--steps", "1"]
     (work / "bench.json").unlink(missing_ok=True)  # an earlier stopped table's
-    if sh(cmd + shlex.split(args.bench_args or ""), until, log=work / "bench.md") == 0:
+    if sh(cmd + shlex.split(args.bench_args or ""), log=work / "bench.md") == 0:
         for name in ("bench.md", "bench.json"):
             shutil.copy(work / name, res / name)
         return None
     return existing(("bench.md", work / "bench.md"), ("bench.json", work / "bench.json"))
 
 
-def part_table2(args, res, shards, images, work, until):
+def part_table2(args, res, shards, images, work):
     """Table 2 by tools/reproduce.py; None when done, else its report of the rows so far."""
     # --smoke: two rows side by side, so the dry run takes the path the GPU run takes
     rows = args.table2_rows or ("lenet5-28,squeezenet1_1-64" if args.smoke else TABLE2_ROWS)
@@ -188,7 +222,7 @@ def part_table2(args, res, shards, images, work, until):
         cmd += ["--epochs", "1", "--limit-batches", "2"]
     # `=`: a value of one flag ('--no-amp' on the CPU) is not taken for a flag of reproduce.py's own
     code = sh(cmd + ["--device", args.device, "--jobs", jobs,
-                     "--train-args=" + f"{train_args} {args.train_args or ''}".strip()], until)
+                     "--train-args=" + f"{train_args} {args.train_args or ''}".strip()])
     report = {"table2.md": work / "paper" / "report.md", "table2.json": work / "paper" / "report.json",
               "curves.png": work / "paper" / "curves.png"}
     if code == 0:
@@ -198,7 +232,7 @@ def part_table2(args, res, shards, images, work, until):
     return existing(*report.items())
 
 
-def part_r224(args, res, shards, images, work, until):
+def part_r224(args, res, shards, images, work):
     """ResNet-18 from scratch at 224 for 2 epochs; r224.md (its images/s against bench (a))."""
     run, batch = work / "resnet18-224-scratch", 4 if args.smoke else 100
     cmd = [sys.executable, "train.py", "--shards", shards, "--arch", "resnet18", "--size", "224", "--epochs", "2",
@@ -208,11 +242,11 @@ def part_r224(args, res, shards, images, work, until):
         cmd += ["--amp", "--channels-last"]
     if args.smoke:
         cmd += ["--epochs", "1", "--limit-batches", "2"]
-    finished = (run / "final.json").is_file() or sh(cmd, until) == 0
+    finished = (run / "final.json").is_file() or sh(cmd) == 0
     if not (run / "metrics.jsonl").is_file():
         return None if finished else {}
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    ceiling = r224_ceiling(args, res, shards, work, batch, until)
+    ceiling = r224_ceiling(args, res, shards, work, batch)
     lines = [f"# {shlex.join(map(str, cmd[1:]))}",
              f"| epoch | train images/s | of bench (a), resnet18@224 b{batch} | val top-1 |", "|---|---|---|---|"]
     for r in rows:
@@ -224,7 +258,7 @@ def part_r224(args, res, shards, images, work, until):
     return None if finished else {"r224.md": md}
 
 
-def r224_ceiling(args, res, shards, work, batch, until):
+def r224_ceiling(args, res, shards, work, batch):
     """Bench (a)'s images/s for resnet18@224 at `batch`, uncompiled: from the bench's table, finished
     or stopped at the --deadline (its work copy), else measured now (that one row: seconds)."""
     def row(table):
@@ -239,17 +273,17 @@ def r224_ceiling(args, res, shards, work, batch, until):
                "--size", "224", "--batch", batch, "--feeds", "a", "--no-compile", "--device", args.device, "--json", own]
         if args.smoke:
             cmd += ["--warmup", "1", "--steps", "1"]
-        if sh(cmd, until) == 0:
+        if sh(cmd) == 0:
             found = row(own)
     return found
 
 
-def part_speedrun(args, res, shards, images, work, until):
+def part_speedrun(args, res, shards, images, work):
     """issue 9's speedrun (and ablation) by tools/speedrun.py; None when done, else the seeds so far."""
     cmd = [sys.executable, "tools/speedrun.py", "--shards", shards, "--out", work / "speedrun", "--device", args.device]
     if args.smoke:
         cmd += ["--arch", "resnet10_64s2", "--seeds", "0", "--train-args", "--epochs 2 --warmup-epochs 1 --limit-batches 1 -b 8"]
-    code = sh(cmd + shlex.split(args.speedrun_args or ""), until)
+    code = sh(cmd + shlex.split(args.speedrun_args or ""))
     # ablation.*: only with --speedrun-args '--ablate ...'
     written = existing(*((name, work / "speedrun" / name) for name in
                          ("speedrun.md", "speedrun.json", "speedrun.png", "ablation.md", "ablation.json")))
@@ -335,7 +369,8 @@ def main():
     if args.commit and env["commit"] == "unknown":
         env["commit"] = args.commit
     (res / "env.json").write_text(json.dumps(env, indent=1))
-    until = None if args.deadline is None else START + args.deadline
+    if args.deadline is not None:
+        deadline_timer(args.deadline)
     partial, unfinished = {}, []
     publish(res, out, partial)  # env.json and earlier calls' results, before anything can be killed
     bench_done = (res / "bench.json").is_file()  # by an earlier call: not run again (the others' tools skip what finished)
@@ -344,15 +379,15 @@ def main():
         if part == "bench" and bench_done:
             print(f"== bench: done earlier ({res / 'bench.json'}), not run again", flush=True)
             continue
-        if STOPPED or until is not None and time.time() >= until:
+        if STOPPED or PAST_DEADLINE:
             print(f"== {part}: not started: {'stopped by SIGTERM' if STOPPED else 'past the --deadline'}", flush=True)
             unfinished.append(f"{part} (not started)")
             continue
         print(f"== {part} ({time.time() - START:.0f} s in)", flush=True)
-        so_far = PART_RUNS[part](args, res, shards, images, runs, until)
+        so_far = PART_RUNS[part](args, res, shards, images, runs)
         if so_far is not None:
             partial.update(so_far)
-            why = "stopped by SIGTERM" if STOPPED else "stopped at the --deadline" if until and time.time() >= until else "failed"
+            why = "stopped by SIGTERM" if STOPPED else "stopped at the --deadline" if PAST_DEADLINE else "failed"
             unfinished.append(f"{part} ({why})")
         publish(res, out, partial)  # now: a call killed later still brings this part's results back
     print(f"results in {out}: {', '.join(sorted(os.listdir(out)))} ({time.time() - START:.0f} s)")

@@ -208,6 +208,31 @@ def test_train_folder_is_extracted_only_for_the_bench(release, shards, tmp_path)
     assert (work / "images" / "release" / "wnids.txt").read_bytes() == (release / "wnids.txt").read_bytes()
 
 
+def test_sigusr1_stops_the_part_running_and_no_other_starts(monkeypatch, capsys):
+    """SIGUSR1 (a scheduler's warning) killed the session at once, its part left running in its own group and
+    the results so far never copied to --out. It is SIGTERM's stop now, passed on as SIGUSR1 (every part's
+    tool stops on it), exit 138. The part here sends it to the session itself once its handler is set."""
+    monkeypatch.syspath_prepend(str(SESSION.parent))
+    import gpu_session
+    from pipeline.errors import STOPS, sigterm_interrupts
+
+    monkeypatch.setattr(gpu_session, "STOPPED", [])
+    part = ("import os, signal, sys, time; signal.signal(signal.SIGUSR1, lambda *a: sys.exit(128 + signal.SIGUSR1)); "
+            "os.kill(os.getppid(), signal.SIGUSR1); time.sleep(60)")
+    handlers = {sig: signal.getsignal(sig) for sig in STOPS}
+    try:
+        with sigterm_interrupts(STOPS):
+            assert gpu_session.sh([sys.executable, "-c", part]) == 138
+            assert gpu_session.sh([sys.executable, "-c", "pass"]) == 138
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert gpu_session.STOPPED == [signal.SIGUSR1]
+    said = capsys.readouterr().out.splitlines()
+    assert said[1:] == ["== SIGUSR1 received: passed on to -c",
+                        f"== not started: {sys.executable} -c pass (stopped by SIGUSR1)"], said
+
+
 def test_a_part_runs_in_a_process_group_of_its_own_in_this_session(tmp_path):
     """Its group takes the kill after the grace, train.py processes included; a session of its own
     would outlive the device tool's call."""

@@ -24,7 +24,8 @@ keeps its rows, reproduce.py and speedrun.py write what finished), so that their
 so far, are in --out before the device tool's own limit kills the call; a part that fails does not
 stop the next. Every part's results are copied to --out as soon as it ends. SIGTERM to this script
 (`timeout`'s, which does not reach the part's process group) stops the part running as the
---deadline does, starts nothing more, and exits 143 once the results so far are in --out.
+--deadline does, starts nothing more, and exits 143 once the results so far are in --out; SIGUSR1
+(a scheduler's warning) alike, passed on as SIGUSR1 (every part's tool stops on it), exit 138.
 """
 import argparse
 import json
@@ -54,8 +55,8 @@ JSON = ("env.json", "bench.json", "table2.json", "speedrun.json", "ablation.json
 
 #: a stopped part's time to write what it has (train.py: finish its step, save a checkpoint)
 GRACE_S = 45
-#: "SIGTERM" once this script got one (the device tool's limit, a scheduler): the part running is
-#: stopped as at the --deadline, and no other starts
+#: the signal, once this script got one of errors.STOPS (SIGTERM: the device tool's limit, a scheduler; SIGUSR1: a
+#: scheduler's warning): the part running is stopped as at the --deadline, and no other starts
 STOPPED = []
 #: not empty once the --deadline's timer rang (`deadline_timer`): the part running is stopped, no other starts
 PAST_DEADLINE = []
@@ -65,6 +66,11 @@ WAITING = []
 
 class DeadlineReached(Exception):
     """The --deadline's timer rang while `sh` waited for a part's command."""
+
+
+def stopped_by():
+    """'stopped by SIGTERM' (or SIGUSR1): the words for a part or command that STOPPED's signal stopped."""
+    return f"stopped by {STOPPED[0].name}"
 
 
 def deadline_timer(seconds):
@@ -97,14 +103,14 @@ def table2_rows(text):
 
 def sh(cmd, log=None):
     """Run `cmd` (a list) from the repo root with PYTHONPATH on it; its exit code. At the --deadline
-    (`deadline_timer`), or when this script gets SIGTERM, it gets SIGTERM, and whatever of it still
-    runs GRACE_S later is killed. Nothing is started after either."""
-    from pipeline.errors import Terminated
+    (`deadline_timer`) it gets SIGTERM, and when this script gets SIGTERM or SIGUSR1 that signal; whatever of
+    it still runs GRACE_S later is killed. Nothing is started after either."""
+    from pipeline.errors import STOPS, Terminated
 
     if STOPPED or PAST_DEADLINE:
         print(f"== not started: {shlex.join(map(str, cmd))} "
-              f"({'stopped by SIGTERM' if STOPPED else 'past the --deadline'})", flush=True)
-        return 128 + signal.SIGTERM
+              f"({stopped_by() if STOPPED else 'past the --deadline'})", flush=True)
+        return 128 + (STOPPED[0] if STOPPED else signal.SIGTERM)
     print(f"$ {shlex.join(map(str, cmd))}", flush=True)
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     # Its own process group, so that the kill after the grace reaches its train.py processes too; not a
@@ -123,10 +129,12 @@ def sh(cmd, log=None):
     except (DeadlineReached, Terminated) as e:
         WAITING.clear()  # the timer ringing in the grace below does not cut it short
         if isinstance(e, Terminated):  # sigterm_interrupts in main()
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop: another SIGTERM would cut the grace short
-            STOPPED.append("SIGTERM")
-        print(f"== SIGTERM received: passed on to {name}" if STOPPED else f"== --deadline reached: SIGTERM to {name}", flush=True)
-        proc.send_signal(signal.SIGTERM)
+            for sig in STOPS:  # one stop: another would cut the grace short
+                signal.signal(sig, signal.SIG_IGN)
+            STOPPED.append(signal.Signals(e.signum))
+        print(f"== {STOPPED[0].name} received: passed on to {name}" if STOPPED
+              else f"== --deadline reached: SIGTERM to {name}", flush=True)
+        proc.send_signal(STOPPED[0] if STOPPED else signal.SIGTERM)
         try:
             out, _ = proc.communicate(timeout=GRACE_S)
         except subprocess.TimeoutExpired:
@@ -380,25 +388,25 @@ def main():
             print(f"== bench: done earlier ({res / 'bench.json'}), not run again", flush=True)
             continue
         if STOPPED or PAST_DEADLINE:
-            print(f"== {part}: not started: {'stopped by SIGTERM' if STOPPED else 'past the --deadline'}", flush=True)
+            print(f"== {part}: not started: {stopped_by() if STOPPED else 'past the --deadline'}", flush=True)
             unfinished.append(f"{part} (not started)")
             continue
         print(f"== {part} ({time.time() - START:.0f} s in)", flush=True)
         so_far = PART_RUNS[part](args, res, shards, images, runs)
         if so_far is not None:
             partial.update(so_far)
-            why = "stopped by SIGTERM" if STOPPED else "stopped at the --deadline" if PAST_DEADLINE else "failed"
+            why = stopped_by() if STOPPED else "stopped at the --deadline" if PAST_DEADLINE else "failed"
             unfinished.append(f"{part} ({why})")
         publish(res, out, partial)  # now: a call killed later still brings this part's results back
     print(f"results in {out}: {', '.join(sorted(os.listdir(out)))} ({time.time() - START:.0f} s)")
     if unfinished:
         print(f"error: unfinished: {', '.join(unfinished)}; their results so far are in {out}; rerun the same "
               "command to continue (finished parts and rows are not run again)", file=sys.stderr)
-        sys.exit(128 + signal.SIGTERM if STOPPED else 1)  # 128 + signum after a signal, as train.py's
+        sys.exit(128 + STOPPED[0] if STOPPED else 1)  # 128 + signum after a signal, as train.py's
 
 
 if __name__ == "__main__":
-    from pipeline.errors import run_cli, sigterm_interrupts
+    from pipeline.errors import STOPS, run_cli, sigterm_interrupts
 
-    with sigterm_interrupts():  # SIGTERM stops the running part as the --deadline does (sh)
+    with sigterm_interrupts(STOPS):  # SIGTERM and SIGUSR1 stop the running part as the --deadline does (sh)
         run_cli(main)  # an error the operator can act on (no release at --release, a bad --device): one line

@@ -68,7 +68,7 @@ with stopped_at_once():  # the imports (torch's: seconds): a signal ends them in
                                  sigterm_interrupts, when_orphaned)
     from pipeline.augment import AUGMENTS
     from pipeline.mixing import MODES as MIX_MODES, mix_batch, mix_generator
-    from pipeline.order import MoreRanksThanSamples, UnevenBatchesOfOne, check_even_batches, step_seed
+    from pipeline.order import MoreRanksThanSamples, NoFullBatch, UnevenBatchesOfOne, check_even_batches, step_seed
     from pipeline.shardset import DEFAULT_SHARDS, ShardSet, local_folder
     from pipeline.stream_plan import DEAL
 
@@ -380,8 +380,15 @@ def load_data(args, device, world_size, shard_set):
     # drop_last under DDP so every rank takes the same number of steps (DDP all-reduces each one), and
     # under --compile, where the epoch's last, smaller batch would compile the model again (a dynamic-shape
     # graph, tens of seconds on a GPU, then serving the full batches too).
-    train = make_loader(shard_set, "train", shuffle=True, drop_last=world_size > 1 or args.compile, augment=args.augment,
-                        with_keys=args.dump_keys, **common)
+    try:
+        train = make_loader(shard_set, "train", shuffle=True, drop_last=world_size > 1 or args.compile,
+                            augment=args.augment, with_keys=args.dump_keys, **common)
+    except NoFullBatch:  # the loader's words name its arguments, not train.py's flags
+        why = f"{world_size} ranks" if world_size > 1 else "--compile"
+        held = shard_set.counts["train"] // world_size
+        raise UsageError(f"-b {args.batch_size}: no whole batch to train on: each rank holds about "
+                         f"{held} train {plural(held, 'image')}, and under {why} an epoch's "
+                         f"last, partial batch is left out; use a smaller --batch-size") from None
     val, test = (make_loader(shard_set, split, shuffle=False, **common) for split in ("val", "test"))
     return train, val, test
 
@@ -598,12 +605,6 @@ def build(args, device, world_size):
     optimizer = torch.optim.SGD(module.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd,
                                 nesterov=args.nesterov)
     train, val, test = load_data(args, device, world_size, shard_set)
-    if len(train) == 0:  # drop_last (DDP, --compile) with a batch larger than a rank's share
-        why = f"{world_size} ranks" if world_size > 1 else "--compile"
-        held = manifest["counts"]["train"] // world_size
-        raise UsageError(f"-b {args.batch_size}: no whole batch to train on: each rank holds about "
-                         f"{held} train {plural(held, 'image')}, and under {why} an epoch's "
-                         f"last, partial batch is left out; use a smaller --batch-size")
     steps_per_epoch = min(len(train), args.limit_batches or len(train))
     return Parts(model, module, nn.CrossEntropyLoss(label_smoothing=args.label_smoothing), optimizer,
                  train, val, test, run_identity(args, manifest), device, world_size, steps_per_epoch,

@@ -29,7 +29,7 @@ import torch
 from .augment import RRC_SCALE, augment_mode, check_rrc_scale
 from .device import DeviceStage, check_device, check_dtype, check_stats
 from .errors import UsageError, check_flag, check_integer
-from .order import batch_sizes, epoch_order, step_seed
+from .order import NoFullBatch, batch_sizes, epoch_order, step_seed
 from .cache import cached_copy, is_set_url
 from .reader import ShardArrays
 from .ring import prefetch_ring
@@ -237,6 +237,17 @@ def _refuse_unused(path, auto, local, workers, prefetch, sample_counts, checksum
                          "only the fast and resident paths skip their checksum pass")
 
 
+def _check_a_full_batch(batches, drop_last, samples, split, batch_size, world_size):
+    """`NoFullBatch` (a ValueError) where drop_last leaves an epoch no batch: a loop over the loader trained on
+    nothing, without a word."""
+    if drop_last and batches == 0:
+        whose = (f"no rank's share of the {split} split's {samples:,} samples ({world_size} ranks) fills a batch"
+                 if world_size > 1 else f"the {split} split's {samples:,} samples fill no batch")
+        more = ", fewer ranks" if world_size > 1 else ""
+        raise NoFullBatch(f"batch_size={batch_size}, drop_last=True: {whose}, so every epoch would be empty; use a "
+                         f"smaller batch_size{more}, or drop_last=False")
+
+
 def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, seed=0, epoch=0, drop_last=False,
                 rank=0, world_size=1, device="cpu", size=None, augment=False, with_keys=False, mean=None, std=None,
                 dtype=torch.float32, channels_last=False, workers=None, path="auto", raw=False, prefetch=None,
@@ -257,7 +268,8 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
     with it, never dropped). Labels int64.
     Same (seed, epoch): same order; `set_epoch` reshuffles. With `world_size > 1` ranks get
     disjoint samples and the same number of batches (full ones with `drop_last=True`; see
-    `order.rank_batch_sizes`): a split that cannot give each rank as many is refused (ValueError).
+    `order.rank_batch_sizes`): a split that cannot give each rank as many is refused (ValueError), as is a
+    batch_size that leaves drop_last no batch at all (`order.NoFullBatch`).
     path: "resident" (the split copied to `device` once), "fast" (memory-mapped shards, each batch gathered
     `prefetch` batches ahead by a background thread: default 4 on CUDA, else 0, inline), "stream" (`workers`
     DataLoader processes, default 2, each reading whole shards) or "auto": resident for a local split of up to
@@ -313,7 +325,12 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
                                variant=variant, batch_size=batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
                                drop_last=drop_last, rank=rank, world_size=world_size,
                                workers=2 if workers is None else workers)
+        samples = shard_set.counts[split] if shard_set else sum(sample_counts)  # (stream_source checked them)
+        _check_a_full_batch(len(source), drop_last, samples, split, batch_size, world_size)
     else:
+        samples = shard_set.counts[split]
+        _check_a_full_batch(len(batch_sizes(samples, world_size=world_size, batch_size=batch_size, drop_last=True)),
+                            drop_last, samples, split, batch_size, world_size)  # before the storage's data pass starts
         arrays = ShardArrays(shard_set, split, variant, checksum=False)  # checksums: the storage's data pass
         keys = arrays.keys
         storage = (ResidentStorage(arrays, device, checksum) if path == "resident"

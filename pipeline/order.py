@@ -83,6 +83,10 @@ class UnevenBatchesOfOne(ValueError):
     """`check_even_batches`: in batches of 1, the ranks holding a sample fewer would take a batch fewer."""
 
 
+class NoFullBatch(ValueError):
+    """`loader.make_loader`: with drop_last, an epoch would hold no batch (a batch_size above a rank's share)."""
+
+
 def check_even_batches(n, world_size, batch_size):
     """The batches each rank takes of `n` samples dealt to `world_size` ranks a sample apart at most (the local
     paths' interleaved deal, the stream path's shards), without drop_last: as many as the ranks holding most need.

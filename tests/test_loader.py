@@ -16,6 +16,7 @@ from pipeline.device import DeviceStage, check_device
 from pipeline.errors import ShardError, UsageError
 from pipeline.index import read_index, read_manifest
 from pipeline.loader import make_loader
+from pipeline.order import NoFullBatch
 from pipeline.reader import ShardArrays
 from pipeline.source import open_release
 from tests.conftest import copy_with_edited_index, needs_real
@@ -96,8 +97,29 @@ def test_ranks_that_cannot_take_as_many_batches_as_the_others_are_refused(shards
         with pytest.raises(ValueError) as e:
             make_loader(shards, "val", rank=rank, **kwargs)
         assert str(e.value) == message
-    full_batches = 0 if world_size == 32 else 7  # drop_last: what every rank can take, here none or 7
-    assert len(make_loader(shards, "val", rank=world_size - 1, drop_last=True, **kwargs)) == full_batches
+    if world_size == 4:  # drop_last: what every rank can take
+        assert len(make_loader(shards, "val", rank=world_size - 1, drop_last=True, **kwargs)) == 7
+    else:  # none: refused (`test_drop_last_that_leaves_no_batch_is_refused`)
+        with pytest.raises(NoFullBatch):
+            make_loader(shards, "val", rank=world_size - 1, drop_last=True, **kwargs)
+
+
+@pytest.mark.parametrize("path", ["resident", "fast", "stream"])
+@pytest.mark.parametrize("world_size, batch_size, message", [
+    (1, 31, "batch_size=31, drop_last=True: the val split's 30 samples fill no batch, so every epoch would be "
+            "empty; use a smaller batch_size, or drop_last=False"),
+    (4, 8, "batch_size=8, drop_last=True: no rank's share of the val split's 30 samples (4 ranks) fills a batch, "
+           "so every epoch would be empty; use a smaller batch_size, fewer ranks, or drop_last=False"),
+])
+def test_drop_last_that_leaves_no_batch_is_refused(shards, path, world_size, batch_size, message):
+    """A batch_size above the split (or a rank's share of it) with drop_last gave a loader of no batch: a loop
+    over it trained on nothing, without a word."""
+    kwargs = dict(batch_size=batch_size, world_size=world_size, path=path, **({"workers": 0} if path == "stream" else {}))
+    for rank in range(world_size):
+        with pytest.raises(NoFullBatch) as e:
+            make_loader(shards, "val", rank=rank, drop_last=True, **kwargs)
+        assert str(e.value) == message
+    assert len(make_loader(shards, "val", drop_last=True, **dict(kwargs, batch_size=batch_size - 1))) >= 1
 
 
 @pytest.mark.parametrize("augment", ["none", "crop"])

@@ -69,7 +69,8 @@ with stopped_at_once():  # the imports (torch's: seconds): a signal ends them in
     from pipeline.augment import AUGMENTS
     from pipeline.mixing import MODES as MIX_MODES, mix_batch, mix_generator
     from pipeline.order import MoreRanksThanSamples, NoFullBatch, UnevenBatchesOfOne, check_even_batches, step_seed
-    from pipeline.shardset import DEFAULT_SHARDS, ShardSet, local_folder
+    from pipeline.schema import DEFAULT_SHARDS
+    from pipeline.shardset import ShardSet, local_folder
     from pipeline.stream_plan import DEAL
 
 NORMS = {"dataset": (None, None), "imagenet": (IMAGENET_MEAN, IMAGENET_STD), "half": ((0.5,) * 3, (0.5,) * 3)}

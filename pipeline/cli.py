@@ -11,6 +11,7 @@ import click
 
 from .errors import (STOPS, TinyinError, UsageError, hide_password, path_text, plural, sigterm_interrupts, stop_code,
                      user_errors)
+from .schema import DEFAULT_SHARDS
 
 # click's word that a group was called with no command (click 8.2+): it shows the group's help, as asked.
 _NO_COMMAND = getattr(click.exceptions, "NoArgsIsHelpError", ())
@@ -264,7 +265,7 @@ def _shard_folder(ctx, param, value):
         path_text(value)
     except argparse.ArgumentTypeError as e:
         raise UsageError(f"argument {param.opts[0]}: {e}") from None
-    return local_folder("--shards", value)
+    return local_folder("--shards", value, DEFAULT_SHARDS)
 
 
 def _json_file(ctx, param, value):
@@ -275,7 +276,7 @@ def _json_file(ctx, param, value):
 
 
 @bench.command("loader")
-@click.option("--shards", required=True, type=_Path(), callback=_shard_folder, help="Shard folder.")
+@click.option("--shards", default=DEFAULT_SHARDS, show_default=True, type=_Path(), callback=_shard_folder, help="Shard folder, from `tinyin shard build`.")
 @click.option("--images", default=None, type=_Path(), metavar="DIRECTORY", callback=_release_root, help="The extracted release (ROOT/train is read by the ImageFolder baseline); required unless --remote-only.")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1), help="Images per batch.")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="DataLoader workers for the baseline and the stream path.")
@@ -320,7 +321,7 @@ def _csv(kind):
 
 
 @bench.command("train")
-@click.option("--shards", required=True, type=_Path(), callback=_shard_folder, help="Shard folder.")
+@click.option("--shards", default=DEFAULT_SHARDS, show_default=True, type=_Path(), callback=_shard_folder, help="Shard folder, from `tinyin shard build`.")
 @click.option("--images", default=None, type=_Path(), metavar="DIRECTORY", callback=_release_root, help="An extracted release (ROOT/train), for feed d [default: none, feed d off].")
 @click.option("--arch", default=None, callback=_csv(click.STRING), help="Networks, comma-separated [default: all four].")
 @click.option("--size", default=None, callback=_csv(click.INT), help="Input sizes, comma-separated (28, 64, 224) [default: all the zoo allows].")

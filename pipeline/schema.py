@@ -6,6 +6,11 @@ on-disk layout is described in exactly one place (FFCV's habit of named fields).
 
 FORMAT_VERSION = 1
 
+#: --shards when it is not given (train.py, the bench commands, tools/reproduce.py): README's folder, which its
+#: `shard build` writes (data/ is in .gitignore), so that its commands run as written. Here, not in shardset.py:
+#: the CLI's options name it without importing pyarrow.
+DEFAULT_SHARDS = "data/shards"
+
 #: Sample members in a shard, in the order they are written to the tar.
 RGB64 = "rgb64.npy"
 GRAY28 = "gray28.npy"

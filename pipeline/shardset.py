@@ -41,9 +41,6 @@ ENTRY_KEYS = {"file": str, "split": str, "count": int, "bytes": int, "sha256": s
 CLASS_KEYS = {"wnid": str, "words": str}
 KINDS = {list: "a list", dict: "an object", str: "a string", int: "an integer"}
 
-#: --shards when it is not given (train.py, tools/reproduce.py): README's folder, which its `shard build` writes
-#: (data/ is in .gitignore), so that its commands run as written.
-DEFAULT_SHARDS = "data/shards"
 
 
 def is_url(location):

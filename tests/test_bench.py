@@ -149,6 +149,30 @@ def test_an_empty_shards_is_refused_as_train_py_refuses_it(shards, tmp_path, mon
     assert (result.exit_code, result.output) == (2, "error: argument --shards: empty; give a path\n")
 
 
+@pytest.mark.parametrize("command", ["loader", "train"])
+def test_shards_defaults_to_readmes_folder_as_train_pys_does(shards, tmp_path, monkeypatch, command):
+    """`--shards` was required of the bench commands alone: README's `tinyin shard build --out data/shards` and
+    train.py's default did not carry over. A missing default is said to be one, with how to make it."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["bench", command, *(["--remote-only"] if command == "loader" else ["--arch", "lenet5", "--size", "28",
+            "--batch", "8", "--feeds", "a", "--warmup", "0", "--steps", "1", "--json", "rows.json"])]
+    result = CliRunner().invoke(main, argv)
+    assert (result.exit_code, result.output) == (
+        1, "error: --shards data/shards (the default): no shard set there; build one with "
+           "`tinyin shard build --src RELEASE --out data/shards`, or pass --shards\n")
+    if command == "train":  # the default read: a row measured (the loader's rows serve the set over HTTP: slower)
+        (tmp_path / "data").mkdir()
+        (tmp_path / "data" / "shards").symlink_to(shards)
+        result = CliRunner().invoke(main, argv)
+        assert result.exit_code == 0, result.output
+        assert [(r["arch"], r["feed"]) for r in json.loads((tmp_path / "rows.json").read_text())["rows"]] == [
+            ("lenet5", "ceiling")]
+
+
 def _run_tool(monkeypatch, script, *argv):
     """tools/`script` run as a script with `argv`, in this process: the SystemExit it ends with (code None
     when it returns)."""

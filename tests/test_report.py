@@ -15,7 +15,7 @@ import torch
 from pipeline.cli import report_cmd
 from pipeline.errors import user_errors
 from pipeline.report import LENET_RECORDED, STUDY, _duration, plot_curves, render_study, render_table, study_row, write_report
-from pipeline.shardset import DEFAULT_SHARDS
+from pipeline.schema import DEFAULT_SHARDS
 from tests.conftest import refuse_writes_in
 
 

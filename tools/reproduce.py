@@ -49,7 +49,8 @@ from pipeline.cache import is_set_url  # noqa: E402
 from pipeline.errors import (ArgumentParser, TinyinError, UsageError, at_least, hide_password, names_among,  # noqa: E402
                              path_text, plural, user_errors)
 from pipeline.report import write_report  # noqa: E402
-from pipeline.shardset import DEFAULT_SHARDS, local_folder  # noqa: E402
+from pipeline.schema import DEFAULT_SHARDS  # noqa: E402
+from pipeline.shardset import local_folder  # noqa: E402
 
 TABLE2 = {f"{arch}-{size}": ("paper", arch, size) for arch, size in RECIPES["paper"] if size != 224}
 TABLE3 = {**{f"{arch}-{size}": ("paper", arch, size) for arch, size in RECIPES["paper"] if size == 224},

@@ -417,6 +417,32 @@ def test_reproduce_takes_the_weights_dirs_file_before_the_hub_caches(tmp_path, m
     assert reproduce.weights_file("alexnet", None) == cached
 
 
+def test_sigusr1_is_passed_on_to_the_rows_as_sigterm_is():
+    """SIGUSR1 (a scheduler's warning before its limit; train.py checkpoints and stops on it) ended
+    reproduce.py and speedrun.py at once, their train.py left running without them, no report written.
+    Their `Stop` passes it on, records it and starts nothing after it, as it does SIGTERM and SIGINT."""
+    from reproduce import Stop
+
+    row = ("import signal, sys, time; signal.signal(signal.SIGUSR1, lambda *a: sys.exit(128 + signal.SIGUSR1)); "
+           "print('ready', flush=True); time.sleep(60)")
+    outside = signal.signal(signal.SIGUSR1, lambda *a: None)  # where Stop lets it through: not pytest's death
+    try:
+        with Stop() as stop:
+            proc = stop.started([sys.executable, "-c", row], stdout=subprocess.PIPE, text=True)
+            assert proc.stdout.readline() == "ready\n"
+            os.kill(os.getpid(), signal.SIGUSR1)
+            try:
+                assert proc.wait(timeout=30) == 138
+            finally:
+                proc.kill()
+                proc.stdout.close()
+            stop.ended(proc)
+            assert stop.signum == signal.SIGUSR1
+            assert stop.started([sys.executable, "-c", "pass"]) is None
+    finally:
+        signal.signal(signal.SIGUSR1, outside)
+
+
 def test_reproduce_names_each_failed_row(shards, tmp_path, monkeypatch):
     import reproduce
 

@@ -21,7 +21,7 @@ rows side by side, each row's output in OUT/ROW/train.log. Why: on a GPU, Table 
 rate), so rows sharing it should finish the table sooner than one after another (not yet measured
 on a GPU); each row's minutes are then its own process's, measured side by side.
 
-A row that fails, and SIGTERM or SIGINT (Ctrl-C, a scheduler, tools/gpu_session.py's --deadline),
+A row that fails, and SIGTERM, SIGINT or SIGUSR1 (Ctrl-C, a scheduler, gpu_session.py's --deadline),
 do not lose what trained: on a signal every running row's train.py writes its checkpoint and exits
 (the signal is passed on to them), no further row starts, and the report is written for the rows
 so far (an unfinished row says "12 of 40" epochs) before the exit (128 + signum after a signal).
@@ -106,11 +106,13 @@ def row_command(name, args):
 
 
 class Stop:
-    """SIGTERM and SIGINT to the reproduction: recorded, and passed on to the rows' train.py
+    """SIGTERM, SIGINT and SIGUSR1 to the reproduction: recorded, and passed on to the rows' train.py
     processes, which checkpoint and exit (they take repeats, as from a terminal's Ctrl-C that
-    reached the whole process group, as one); `started` refuses to start a row after one."""
+    reached the whole process group, as one); `started` refuses to start a row after one. SIGUSR1
+    (a scheduler's warning before its limit, train.py's third stop) ended this process at once, its
+    rows left training on without it, no report written."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
     def __init__(self):
         self.signum = 0

@@ -4,6 +4,7 @@ import errno
 import importlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,12 +19,75 @@ from tests.conftest import refuse_writes_in  # noqa: E402
 TINY = "--epochs 2 --warmup-epochs 1 --limit-batches 1 -b 8 --device cpu"
 
 
-def test_two_seeds_give_a_row_each_a_spread_and_a_curve_and_run_once(shards, tmp_path, monkeypatch):
+def as_if_trained_with(run, train_args, instead):
+    """Make `run`'s record say it was trained with --train-args `instead` (a finished seed is reused
+    only under the flags it was trained with; --wait-at-step holds a run that is not stopped), or
+    into another --out (`train_args`, `instead`: the two folders)."""
+    timing = run / "process_wall.json"
+    saved = json.loads(timing.read_text())
+    timing.write_text(json.dumps(dict(saved, command=saved["command"].replace(train_args, instead))))
+
+
+@pytest.fixture(scope="module")
+def seed0(shards, tmp_path_factory):
+    """The --out of a speedrun of seed 0 alone (--train-args TINY), trained once for the tests that start
+    from it (a train.py process each: seconds): treat as read-only, take a copy (`copy_seed0`)."""
+    out = tmp_path_factory.mktemp("seed0") / "sr"
+    speedrun.main(["--shards", str(shards), "--out", str(out), "--arch", "resnet10_64s2", "--seeds", "0",
+                   "--train-args", TINY])
+    return out
+
+
+def copy_seed0(seed0, out):
+    """`seed0`'s run of seed 0 in `out`/runs, as if trained there: a speedrun into `out` reuses it."""
+    shutil.copytree(seed0 / "runs" / "seed0", out / "runs" / "seed0")
+    as_if_trained_with(out / "runs" / "seed0", str(seed0), str(out))
+
+
+def test_the_curve_puts_the_start_up_before_the_first_epoch():
+    """The time not spent in epochs (imports, shards, compiling) comes first: each point is the minutes
+    from the process's start, and the last one its whole time."""
+    result = dict(seconds=150.0, metrics=[dict(epoch_time_s=30.0, val_top1=10.0), dict(epoch_time_s=60.0, val_top1=20.0)])
+    assert speedrun.curve(result) == [(1.5, 10.0), (2.5, 20.0)]  # 60 s of start-up, then 30 s and 60 s
+
+
+def test_the_curve_of_a_seed_trained_again_starts_at_its_first_epoch():
+    """A seed stopped and trained again: its process time is the second process's, its epochs both's, so
+    they can sum to more; the start-up is then none, not a negative time before the first epoch."""
+    result = dict(seconds=50.0, metrics=[dict(epoch_time_s=30.0, val_top1=10.0), dict(epoch_time_s=30.0, val_top1=20.0)])
+    assert speedrun.curve(result) == [(0.5, 10.0), (1.0, 20.0)]
+
+def test_sigterm_keeps_the_finished_seeds_and_the_stopped_one_trains_again(seed0, shards, tmp_path, capfd,
+                                                                            monkeypatch):
+    """SIGTERM to speedrun.py (a scheduler, gpu_session's --deadline) while seed 1 trains: train.py
+    gets it passed on and checkpoints, speedrun.md keeps seed 0's row, the exit is 128 + 15; the
+    rerun trains seed 1 from its start (its minutes count from its process's start). Two seeds then
+    give a row each, a mean ± spread and a curve, and a run again trains nothing."""
     out = tmp_path / "sr"
-    args = ["--shards", str(shards), "--out", str(out), "--arch", "resnet10_64s2", "--seeds", "0,1", "--train-args", TINY]
-    speedrun.main(args)
+    copy_seed0(seed0, out)  # seed 0 finished (trained with TINY into `out`)
+    args = ["--shards", str(shards), "--out", str(out), "--arch", "resnet10_64s2", "--seeds", "0,1", "--train-args"]
+    as_if_trained_with(out / "runs" / "seed0", TINY, TINY + " --wait-at-step 1")  # it would wait there
+    proc = subprocess.Popen([sys.executable, speedrun.__file__, *args, TINY + " --wait-at-step 1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("waiting for a signal"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "interrupted at epoch 0 step 1: checkpoint saved" in stderr
+    assert stderr.endswith("error: train.py failed (exit 143); rerun to train that run again\n")
+    rows = [line.split("|")[1].strip() for line in (out / "speedrun.md").read_text().splitlines() if line.startswith("| ")]
+    assert rows == ["seed", "0"]
+
+    capfd.readouterr()
+    as_if_trained_with(out / "runs" / "seed0", TINY + " --wait-at-step 1", TINY)
+    speedrun.main([*args, TINY])
+    assert "resumed from" not in "".join(capfd.readouterr())  # trained again from its start
     results = json.loads((out / "speedrun.json").read_text())
     assert [r["seed"] for r in results] == [0, 1]
+    assert [m["epoch"] for m in results[1]["metrics"]] == [0, 1]
+
     for r in results:
         final = json.loads((out / "runs" / f"seed{r['seed']}" / "final.json").read_text())
         assert r["final"] == final and (final["epochs"], final["eval_model"], final["tta"]) == (2, "ema", True)
@@ -42,59 +106,30 @@ def test_two_seeds_give_a_row_each_a_spread_and_a_curve_and_run_once(shards, tmp
 
     before = (out / "runs" / "seed1" / "final.json").stat().st_mtime_ns
     monkeypatch.setattr(speedrun.subprocess, "Popen", lambda *a, **k: pytest.fail("ran train.py again"))
-    speedrun.main(args)  # both seeds finished: nothing trains
+    speedrun.main([*args, TINY])  # both seeds finished: nothing trains
     assert (out / "runs" / "seed1" / "final.json").stat().st_mtime_ns == before
     assert (out / "speedrun.md").read_text().splitlines() == md
 
 
-def as_if_trained_with(run, train_args, instead):
-    """Make `run`'s record say it was trained with --train-args `instead` (a finished seed is reused
-    only under the flags it was trained with; --wait-at-step holds a run that is not stopped)."""
-    timing = run / "process_wall.json"
-    saved = json.loads(timing.read_text())
-    timing.write_text(json.dumps(dict(saved, command=saved["command"].replace(train_args, instead))))
-
-
-def test_the_curve_puts_the_start_up_before_the_first_epoch():
-    """The time not spent in epochs (imports, shards, compiling) comes first: each point is the minutes
-    from the process's start, and the last one its whole time."""
-    result = dict(seconds=150.0, metrics=[dict(epoch_time_s=30.0, val_top1=10.0), dict(epoch_time_s=60.0, val_top1=20.0)])
-    assert speedrun.curve(result) == [(1.5, 10.0), (2.5, 20.0)]  # 60 s of start-up, then 30 s and 60 s
-
-
-def test_the_curve_of_a_seed_trained_again_starts_at_its_first_epoch():
-    """A seed stopped and trained again: its process time is the second process's, its epochs both's, so
-    they can sum to more; the start-up is then none, not a negative time before the first epoch."""
-    result = dict(seconds=50.0, metrics=[dict(epoch_time_s=30.0, val_top1=10.0), dict(epoch_time_s=30.0, val_top1=20.0)])
-    assert speedrun.curve(result) == [(0.5, 10.0), (1.0, 20.0)]
-
-def test_sigterm_keeps_the_finished_seeds_and_the_stopped_one_trains_again(shards, tmp_path, capfd):
-    """SIGTERM to speedrun.py (a scheduler, gpu_session's --deadline) while seed 1 trains: train.py
-    gets it passed on and checkpoints, speedrun.md keeps seed 0's row, the exit is 128 + 15; the
-    rerun trains seed 1 from its start (its minutes count from its process's start)."""
+def test_ablation_switches_off_one_part_per_run(seed0, shards, tmp_path):
     out = tmp_path / "sr"
-    args = ["--shards", str(shards), "--out", str(out), "--arch", "resnet10_64s2", "--train-args"]
-    speedrun.main([*args, TINY, "--seeds", "0"])
-    as_if_trained_with(out / "runs" / "seed0", TINY, TINY + " --wait-at-step 1")  # it would wait there
-    proc = subprocess.Popen([sys.executable, speedrun.__file__, *args, TINY + " --wait-at-step 1", "--seeds", "0,1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if line.startswith("waiting for a signal"):
-            break
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM, stderr
-    assert "interrupted at epoch 0 step 1: checkpoint saved" in stderr
-    assert stderr.endswith("error: train.py failed (exit 143); rerun to train that run again\n")
-    rows = [line.split("|")[1].strip() for line in (out / "speedrun.md").read_text().splitlines() if line.startswith("| ")]
-    assert rows == ["seed", "0"]
-
-    capfd.readouterr()
-    as_if_trained_with(out / "runs" / "seed0", TINY + " --wait-at-step 1", TINY)
-    speedrun.main([*args, TINY, "--seeds", "0,1"])
-    assert "resumed from" not in "".join(capfd.readouterr())  # trained again from its start
-    assert [r["seed"] for r in json.loads((out / "speedrun.json").read_text())] == [0, 1]
-    assert [m["epoch"] for m in json.loads((out / "speedrun.json").read_text())[1]["metrics"]] == [0, 1]
+    copy_seed0(seed0, out)  # the full recipe's run, finished
+    speedrun.main(["--shards", str(shards), "--out", str(out), "--arch", "resnet10_64s2", "--seeds", "0",
+                   "--train-args", TINY, "--ablate", "ema,tta"])
+    args = {name: json.loads((out / "runs" / name / "args.json").read_text())
+            for name in ("seed0", "seed0-no-ema", "seed0-no-tta")}
+    assert [(a["ema"], a["tta"], a["label_smoothing"]) for a in args.values()] == \
+        [(0.999, True, 0.1), (0.0, True, 0.1), (0.999, False, 0.1)]
+    finals = [json.loads((out / "runs" / name / "final.json").read_text()) for name in args]
+    assert [(f["eval_model"], f["tta"]) for f in finals] == [("ema", True), ("model", True), ("ema", False)]
+    md = (out / "ablation.md").read_text().splitlines()
+    assert md[1] == "# seed 0; each row: --recipe fast with one part switched off"
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in md if line.startswith("| ")][1:]
+    assert [row[:2] for row in rows] == [["nothing: the full recipe", ""], ["EMA of the weights", "`--ema 0`"],
+                                         ["flip test-time augmentation", "`--no-tta`"]]
+    assert [row[3] for row in rows] == [f"{f['val_top1']:.2f}" for f in finals]
+    assert [row[4] for row in rows[1:]] == [f"{f['val_top1'] - finals[0]['val_top1']:+.2f}" for f in finals[1:]]
+    assert [r["variant"] for r in json.loads((out / "ablation.json").read_text())] == [None, "ema", "tta"]
 
 
 def finished_run(run, arch):
@@ -278,26 +313,6 @@ def test_bad_seeds_are_a_one_line_error(capsys, seeds, message):
     with pytest.raises(SystemExit) as exit:
         speedrun.main(["--shards", "x", "--out", "y", "--seeds", seeds])
     assert (exit.value.code, capsys.readouterr().err) == (2, f"error: argument --seeds: {message}\n")
-
-
-def test_ablation_switches_off_one_part_per_run(shards, tmp_path):
-    out = tmp_path / "sr"
-    speedrun.main(["--shards", str(shards), "--out", str(out), "--arch", "resnet10_64s2", "--seeds", "0",
-                   "--train-args", TINY, "--ablate", "ema,tta"])
-    args = {name: json.loads((out / "runs" / name / "args.json").read_text())
-            for name in ("seed0", "seed0-no-ema", "seed0-no-tta")}
-    assert [(a["ema"], a["tta"], a["label_smoothing"]) for a in args.values()] == \
-        [(0.999, True, 0.1), (0.0, True, 0.1), (0.999, False, 0.1)]
-    finals = [json.loads((out / "runs" / name / "final.json").read_text()) for name in args]
-    assert [(f["eval_model"], f["tta"]) for f in finals] == [("ema", True), ("model", True), ("ema", False)]
-    md = (out / "ablation.md").read_text().splitlines()
-    assert md[1] == "# seed 0; each row: --recipe fast with one part switched off"
-    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in md if line.startswith("| ")][1:]
-    assert [row[:2] for row in rows] == [["nothing: the full recipe", ""], ["EMA of the weights", "`--ema 0`"],
-                                         ["flip test-time augmentation", "`--no-tta`"]]
-    assert [row[3] for row in rows] == [f"{f['val_top1']:.2f}" for f in finals]
-    assert [row[4] for row in rows[1:]] == [f"{f['val_top1'] - finals[0]['val_top1']:+.2f}" for f in finals[1:]]
-    assert [r["variant"] for r in json.loads((out / "ablation.json").read_text())] == [None, "ema", "tta"]
 
 
 def test_a_part_named_twice_in_ablate_is_one_run(monkeypatch):

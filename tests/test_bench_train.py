@@ -249,7 +249,7 @@ def test_cli_sigterm_keeps_the_rows_measured(shards, tmp_path, signum):
     word before it preempts a job) as well, 128 + 10: it killed the bench where it stood, the rows lost."""
     out = tmp_path / "bench.json"
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "bench", "train", "--shards", str(shards),
-                             "--arch", "lenet5", "--batch", "16", "--warmup", "0", "--steps", "300",
+                             "--arch", "lenet5", "--batch", "16", "--warmup", "0", "--steps", "20",
                              "--device", "cpu", "--json", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = proc.stderr.readline()  # the first row's line: the second row is being measured now

@@ -461,6 +461,15 @@ def _ctrl_c():
     raise KeyboardInterrupt
 
 
+def _signal(signum):
+    """A stop: `signum` raised in this process, as if sent to it, for the bench's handler to take (with none,
+    SIGUSR1's default would end pytest itself: a failure instead)."""
+    def stop():
+        assert callable(signal.getsignal(signum)), f"{signal.Signals(signum).name} would end the process where it stands"
+        signal.raise_signal(signum)
+    return stop
+
+
 # The table's rows when stopped in gray28's second row (of 12 planned): rgb64's six, gray28's baseline. Ratios
 # to a row not measured (gray28's ceiling) are '—'.
 STOPPED_ROWS = [
@@ -474,11 +483,12 @@ STOPPED_ROWS = [
 ]
 
 
-@pytest.mark.parametrize("stop, code", [(_ctrl_c, 130), (lambda: signal.raise_signal(signal.SIGTERM), 143)])
+@pytest.mark.parametrize("stop, code", [(_ctrl_c, 130), (_signal(signal.SIGTERM), 143), (_signal(signal.SIGUSR1), 138)])
 def test_bench_loader_stopped_keeps_the_rows_measured(shards, release, tmp_path, monkeypatch, stop, code):
     """A Ctrl-C or SIGTERM in the middle printed `interrupted` (`terminated`) and lost the table and the
     --json rows, those measured only in the stderr log. Now they are printed and written, the table says
-    it stopped early, and the exit is 128 + the signal."""
+    it stopped early, and the exit is 128 + the signal. SIGUSR1 as well (a process of the command stopped
+    by it: `test_bench_loader_stopped_by_a_signal_keeps_the_rows_measured`)."""
     from click.testing import CliRunner
 
     from pipeline.cli import main
@@ -497,15 +507,17 @@ def test_bench_loader_stopped_keeps_the_rows_measured(shards, release, tmp_path,
         ("rgb64", 6000.0, 6.0, 1.0), ("gray28", 7000.0, 1.0, None)]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
-@pytest.mark.parametrize("command", [["-m", "pipeline.cli", "bench", "loader"], [str(TOOLS / "bench_loader.py")]])
+@pytest.mark.parametrize("command, signum", [(["-m", "pipeline.cli", "bench", "loader"], signal.SIGTERM),
+                                             ([str(TOOLS / "bench_loader.py")], signal.SIGUSR1)])
 def test_bench_loader_stopped_by_a_signal_keeps_the_rows_measured(shards, release, tmp_path, signum, command):
     """SIGTERM, and SIGUSR1 (a scheduler's word before it preempts a job), to `tinyin bench loader` (and
     tools/bench_loader.py) as it measures: the rows so far printed and written, exit 128 + the signal. (SIGUSR1
-    killed it where it stood, without a line, the rows measured lost.)"""
+    killed it where it stood, without a line, the rows measured lost.) A process each, one signal each (a
+    process costs seconds, torch's import); each signal to each of them, raised in this process:
+    `test_bench_loader_stopped_keeps_the_rows_measured`, `test_bench_loader_script_stopped_keeps_the_rows_measured`."""
     out = tmp_path / "rows.json"
-    proc = subprocess.Popen([sys.executable, *command, "--shards", str(shards),
-                             "--images", str(release), "--pass-images", "256", "--workers", "0", "--json", str(out)],
+    proc = subprocess.Popen([sys.executable, *command, "--shards", str(shards), "--images", str(release),
+                             "--pass-images", "256", "--passes", "1", "--workers", "0", "--json", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = proc.stderr.readline()  # the baseline's row: the next one is being measured now
     assert first.startswith("  rgb64  ImageFolder + PIL (baseline) "), first + proc.stderr.read()
@@ -516,11 +528,13 @@ def test_bench_loader_stopped_by_a_signal_keeps_the_rows_measured(shards, releas
         128 + signum, f"stopped after {measured} of 12 rows\n", f"# stopped early after {measured} of 12 rows")
 
 
-def test_bench_loader_script_stopped_keeps_the_rows_measured(shards, release, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_bench_loader_script_stopped_keeps_the_rows_measured(shards, release, tmp_path, monkeypatch, capsys, signum):
     """tools/bench_loader.py, as `tinyin bench loader`: its own table and --json were lost as well."""
-    _stop_the_loader_bench_at_row(monkeypatch, 8, lambda: signal.raise_signal(signal.SIGTERM))
+    _stop_the_loader_bench_at_row(monkeypatch, 8, _signal(signum))
     out = tmp_path / "rows.json"
-    assert _run_tool(monkeypatch, "bench_loader.py", "--shards", shards, "--images", release, "--json", out).code == 143
+    assert _run_tool(monkeypatch, "bench_loader.py", "--shards", shards, "--images", release, "--json", out).code == \
+        128 + signum
     lines = capsys.readouterr().out.splitlines()
     assert lines[2] == "# stopped early after 7 of 12 rows"
     assert lines[5:] == STOPPED_ROWS

@@ -249,10 +249,12 @@ def test_cli_sigterm_keeps_the_rows_measured(shards, tmp_path):
     signum = signal.SIGTERM
     out = tmp_path / "bench.json"
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "bench", "train", "--shards", str(shards),
-                             "--arch", "lenet5", "--batch", "16", "--warmup", "0", "--steps", "20",
+                             "--arch", "lenet5", "--batch", "16", "--warmup", "0", "--steps", "50",
                              "--device", "cpu", "--json", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = proc.stderr.readline()  # the first row's line: the second row is being measured now
+    # the first row's line: the second row is being measured now (rows two and three: 300 steps, some seconds
+    # here, against the signal's microseconds; 20 steps a window left a fast machine a margin it could lose)
+    first = proc.stderr.readline()
     assert first.startswith("  lenet5@28 b16 ceiling: "), first + proc.stderr.read()
     proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=60)

@@ -369,28 +369,6 @@ def test_reproduce_hides_a_shards_urls_password_and_token(tmp_path, capsys):
     assert record["command"] == ["-c", "pass", "--shards", "https://ann:***@h/tiny?sig=***"]
 
 
-def test_reproduce_smoke_skips_finished_rows(shards, tmp_path):
-    """Table 2's LeNet-5 row for 1 epoch of 2 batches on the synthetic set; a second run does not
-    train the finished row again."""
-    out = tmp_path / "paper"
-    common = ["--shards", str(shards), "--out", str(out), "--rows", "lenet5-28", "--epochs", "1",
-              "--limit-batches", "2", "--device", "cpu"]
-    first = reproduce(*common)
-    assert first.returncode == 0, first.stderr
-    final = json.loads((out / "lenet5-28" / "final.json").read_text())
-    args = json.loads((out / "lenet5-28" / "args.json").read_text())
-    assert (final["epochs"], args["batch_size"], args["lr"], args["limit_batches"]) == (1, 32, 0.001, 2)
-    report = (out / "report.md").read_text()
-    assert "| lenet5-28 | 1 of 40 | 32 |" not in report  # --epochs 1 is what the run asked for
-    assert "| lenet5-28 | 1 (2 batches each) | 32 |" in report
-    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    wall = json.loads((out / "lenet5-28" / "reproduce.json").read_text())["wall_s"]
-    second = reproduce(*common)
-    assert second.returncode == 0, second.stderr
-    assert "== lenet5-28: finished earlier, not run again" in second.stdout
-    assert json.loads((out / "lenet5-28" / "reproduce.json").read_text())["wall_s"] == wall
-
-
 def test_reproduce_lists_a_table3_row_without_weights_as_not_run(tmp_path, monkeypatch, capsys):
     """No ImageNet weights file in --weights-dir nor in the torch.hub cache: the row is reported, not
     run (in this process: the weights' file name comes from torchvision, which pytest has imported)."""
@@ -459,7 +437,8 @@ def test_reproduce_names_each_failed_row(shards, tmp_path, monkeypatch):
 def test_reproduce_rows_side_by_side(shards, tmp_path):
     """--jobs 2: two rows train at once, each into its own log; a third that fails (a checkpoint of
     another run in its folder) does not stop them, its log's end is shown and the exit names it; the
-    rerun resumes only that row, and the table's wall clock counts overlapping time once."""
+    rerun resumes only that row (the finished rows are not trained again), and the table's wall clock
+    counts overlapping time once. Table 2's LeNet-5 row for 1 epoch of 2 batches is the smoke row."""
     out = tmp_path / "paper"
     (out / "alexnet-64").mkdir(parents=True)
     (out / "alexnet-64" / "checkpoint.pth").write_bytes(b"not a checkpoint")
@@ -475,19 +454,26 @@ def test_reproduce_rows_side_by_side(shards, tmp_path):
         assert f"== {name}: finished after " in first.stdout
         assert json.loads((out / name / "final.json").read_text())["epochs"] == 1
         assert "test top1" in (out / name / "train.log").read_text()
+    final = json.loads((out / "lenet5-28" / "final.json").read_text())
+    args = json.loads((out / "lenet5-28" / "args.json").read_text())
+    assert (final["epochs"], args["batch_size"], args["lr"], args["limit_batches"]) == (1, 32, 0.001, 2)
     report = (out / "report.md").read_text()  # written all the same, with what trained
+    assert "| lenet5-28 | 1 of 40 | 32 |" not in report  # --epochs 1 is what the run asked for
     assert "| lenet5-28 | 1 (2 batches each) | 32 |" in report
     assert "| squeezenet1_1-64 | 1 (2 batches each) | 50 |" in report
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| alexnet-64 | - | - | no epoch finished: failed (exit 1) | - | - | - | - |" in report
     (lenet,), (squeeze,) = (json.loads((out / n / "reproduce.json").read_text())["intervals"]
                             for n in ("lenet5-28", "squeezenet1_1-64"))
     assert lenet[0] < squeeze[1] and squeeze[0] < lenet[1], "the two rows did not overlap"
 
     (out / "alexnet-64" / "checkpoint.pth").unlink()
+    wall = json.loads((out / "lenet5-28" / "reproduce.json").read_text())["wall_s"]
     second = reproduce(*common)
     assert second.returncode == 0, second.stderr
     assert "== lenet5-28: finished earlier, not run again" in second.stdout
     assert "== squeezenet1_1-64: finished earlier, not run again" in second.stdout
+    assert json.loads((out / "lenet5-28" / "reproduce.json").read_text())["wall_s"] == wall
     assert "== alexnet-64: finished after " in second.stdout
     report = json.loads((out / "report.json").read_text())
     records = [json.loads((out / n / "reproduce.json").read_text()) for n in ("lenet5-28", "squeezenet1_1-64", "alexnet-64")]

@@ -434,11 +434,13 @@ def test_reproduce_names_each_failed_row(shards, tmp_path, monkeypatch):
         assert exit.value.code == message
 
 
-def test_reproduce_rows_side_by_side(shards, tmp_path):
+def test_reproduce_rows_side_by_side(shards, tmp_path, capsys):
     """--jobs 2: two rows train at once, each into its own log; a third that fails (a checkpoint of
     another run in its folder) does not stop them, its log's end is shown and the exit names it; the
     rerun resumes only that row (the finished rows are not trained again), and the table's wall clock
     counts overlapping time once. Table 2's LeNet-5 row for 1 epoch of 2 batches is the smoke row."""
+    import reproduce as script  # `reproduce` runs it in a process of its own
+
     out = tmp_path / "paper"
     # The third row is resnet18-64, not alexnet-64: AlexNet's 57M weights made every epoch write ~0.9 GB
     # (checkpoint.pth and best.pth), for nothing these tests ask of the row.
@@ -471,12 +473,12 @@ def test_reproduce_rows_side_by_side(shards, tmp_path):
 
     (out / "resnet18-64" / "checkpoint.pth").unlink()
     wall = json.loads((out / "lenet5-28" / "reproduce.json").read_text())["wall_s"]
-    second = reproduce(*common)
-    assert second.returncode == 0, second.stderr
-    assert "== lenet5-28: finished earlier, not run again" in second.stdout
-    assert "== squeezenet1_1-64: finished earlier, not run again" in second.stdout
+    script.main(script.parse_args(common))  # in this process (the rows' train.py in their own): no SystemExit, exit 0
+    second = capsys.readouterr().out
+    assert "== lenet5-28: finished earlier, not run again" in second
+    assert "== squeezenet1_1-64: finished earlier, not run again" in second
     assert json.loads((out / "lenet5-28" / "reproduce.json").read_text())["wall_s"] == wall
-    assert "== resnet18-64: finished after " in second.stdout
+    assert "== resnet18-64: finished after " in second
     report = json.loads((out / "report.json").read_text())
     records = [json.loads((out / n / "reproduce.json").read_text()) for n in ("lenet5-28", "squeezenet1_1-64", "resnet18-64")]
     assert [len(r["intervals"]) for r in records] == [1, 1, 2]  # resnet18: the failed try and the rerun
@@ -494,6 +496,8 @@ def test_reproduce_stopped_by_sigterm_reports_and_resumes(shards, tmp_path):
     import os
     import signal
     import time
+
+    import reproduce
 
     out = tmp_path / "paper"
     common = ["--shards", str(shards), "--out", str(out), "--rows", "lenet5-28,squeezenet1_1-64,resnet18-64",
@@ -518,8 +522,7 @@ def test_reproduce_stopped_by_sigterm_reports_and_resumes(shards, tmp_path):
     for log in logs:
         assert "interrupted at epoch 1 step 1: checkpoint saved" in log.read_text()
 
-    second = reproduce(*common)
-    assert second.returncode == 0, second.stderr
+    reproduce.main(reproduce.parse_args(common))  # in this process (the rows' train.py in their own): exit 0
     report = (out / "report.md").read_text()
     for name, batch in (("lenet5-28", 32), ("squeezenet1_1-64", 50), ("resnet18-64", 50)):
         assert f"| {name} | 2 (1 batch each) | {batch} |" in report
@@ -670,15 +673,16 @@ def test_reproduce_pretrained_row_with_a_local_weights_file(shards, tmp_path):
     """A Table 3 row runs from a local ImageNet file (SqueezeNet 1.1: 5 MB) without any download."""
     from torchvision.models import squeezenet1_1
 
+    import reproduce
+
     torch.manual_seed(0)
     weights = tmp_path / "weights"
     weights.mkdir()
     torch.save(squeezenet1_1(num_classes=1000).state_dict(), weights / "squeezenet1_1-b8a52dc0.pth")
     out = tmp_path / "paper"
-    result = reproduce("--shards", str(shards), "--out", str(out), "--rows", "squeezenet1_1-224", "--epochs", "1",
-                       "--limit-batches", "1", "--device", "cpu", "--weights-dir", str(weights),
-                       "--train-args", "-b 4")
-    assert result.returncode == 0, result.stderr
+    reproduce.main(reproduce.parse_args(  # in this process (the row's train.py in its own): no SystemExit, exit 0
+        ["--shards", str(shards), "--out", str(out), "--rows", "squeezenet1_1-224", "--epochs", "1",
+         "--limit-batches", "1", "--device", "cpu", "--weights-dir", str(weights), "--train-args", "-b 4"]))
     args = json.loads((out / "squeezenet1_1-224" / "args.json").read_text())
     assert args["weights"] == str(weights / "squeezenet1_1-b8a52dc0.pth") and not args["pretrained"]
     assert args["batch_size"] == 4 and args["norm"] == "imagenet"

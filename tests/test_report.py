@@ -340,10 +340,6 @@ sys.path.insert(0, str(REPRODUCE.parent))
 from reproduce import child_env, table_wall, union_seconds  # noqa: E402
 
 
-def reproduce(*args):
-    return subprocess.run([sys.executable, str(REPRODUCE), *args], capture_output=True, text=True)
-
-
 def reproduce_here(monkeypatch, capsys, *args):
     """tools/reproduce.py run as a script with `args` in this process, for a call it refuses (a process of its own
     paid its start for a one-line refusal): (its exit code, its stderr)."""
@@ -439,7 +435,7 @@ def test_reproduce_rows_side_by_side(shards, tmp_path, capsys):
     another run in its folder) does not stop them, its log's end is shown and the exit names it; the
     rerun resumes only that row (the finished rows are not trained again), and the table's wall clock
     counts overlapping time once. Table 2's LeNet-5 row for 1 epoch of 2 batches is the smoke row."""
-    import reproduce as script  # `reproduce` runs it in a process of its own
+    import reproduce
 
     out = tmp_path / "paper"
     # The third row is resnet18-64, not alexnet-64: AlexNet's 57M weights made every epoch write ~0.9 GB
@@ -448,14 +444,16 @@ def test_reproduce_rows_side_by_side(shards, tmp_path, capsys):
     (out / "resnet18-64" / "checkpoint.pth").write_bytes(b"not a checkpoint")
     common = ["--shards", str(shards), "--out", str(out), "--rows", "lenet5-28,squeezenet1_1-64,resnet18-64",
               "--epochs", "1", "--limit-batches", "2", "--device", "cpu", "--jobs", "2"]
-    first = reproduce(*common)
-    assert first.returncode == 1
-    assert first.stderr.endswith("error: row resnet18-64 failed (exit 1); rerun to resume it\n"), first.stderr
-    assert f"== resnet18-64: the end of {out / 'resnet18-64' / 'train.log'}:\n" in first.stderr
-    assert "checkpoint.pth: not a train.py checkpoint (UnpicklingError)\n" in first.stderr
+    with pytest.raises(SystemExit) as exit:  # in this process (the rows' train.py in their own)
+        reproduce.main(reproduce.parse_args(common))
+    first = capsys.readouterr()
+    # A text as the exit code: Python writes it on stderr after all else, and exits 1.
+    assert exit.value.code == "error: row resnet18-64 failed (exit 1); rerun to resume it"
+    assert f"== resnet18-64: the end of {out / 'resnet18-64' / 'train.log'}:\n" in first.err
+    assert "checkpoint.pth: not a train.py checkpoint (UnpicklingError)\n" in first.err
     for name in ("lenet5-28", "squeezenet1_1-64"):
-        assert f"(log: {out / name / 'train.log'})" in first.stdout
-        assert f"== {name}: finished after " in first.stdout
+        assert f"(log: {out / name / 'train.log'})" in first.out
+        assert f"== {name}: finished after " in first.out
         assert json.loads((out / name / "final.json").read_text())["epochs"] == 1
         assert "test top1" in (out / name / "train.log").read_text()
     final = json.loads((out / "lenet5-28" / "final.json").read_text())
@@ -473,7 +471,7 @@ def test_reproduce_rows_side_by_side(shards, tmp_path, capsys):
 
     (out / "resnet18-64" / "checkpoint.pth").unlink()
     wall = json.loads((out / "lenet5-28" / "reproduce.json").read_text())["wall_s"]
-    script.main(script.parse_args(common))  # in this process (the rows' train.py in their own): no SystemExit, exit 0
+    reproduce.main(reproduce.parse_args(common))  # no SystemExit: exit 0
     second = capsys.readouterr().out
     assert "== lenet5-28: finished earlier, not run again" in second
     assert "== squeezenet1_1-64: finished earlier, not run again" in second

@@ -63,6 +63,22 @@ def test_the_logs_durations_are_written_with_a_space_before_their_unit(tiny_shar
     assert re.fullmatch(r"test top1 \d+\.\d\d top5 \d+\.\d\d \| wall \d+\.\d s", test), test
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """straight(shards, *flags): the folder of an uninterrupted in-process run with those flags, made once in the
+    module, the reference of the resume tests that share its flags (read only: they resume into folders of their
+    own)."""
+    runs = {}
+
+    def made(shards, *flags):
+        key = (str(shards), *map(str, flags))
+        if key not in runs:
+            runs[key] = tmp_path_factory.mktemp("straight")
+            run(shards, runs[key], *flags)
+        return runs[key]
+    return made
+
+
 def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
@@ -520,13 +536,12 @@ def _same_run(a, b):
     assert {k: v for k, v in fa.items() if k != "wall_time_s"} == {k: v for k, v in fb.items() if k != "wall_time_s"}
 
 
-def test_resume_matches_an_uninterrupted_run(train_shards, tmp_path):
+def test_resume_matches_an_uninterrupted_run(train_shards, tmp_path, straight):
     # The default cosine schedule depends on --epochs: extending a 1-epoch run to 2 must still match.
-    flags = ["--arch", "lenet5", "-b", "64", "--augment"]
-    run(train_shards, tmp_path / "straight", *flags, "--epochs", "2")
+    flags = ["--arch", "lenet5", "-b", "64", "--augment", "--checkpoint-every", "7"]
     run(train_shards, tmp_path / "resumed", *flags, "--epochs", "1")
     run(train_shards, tmp_path / "resumed", *flags, "--epochs", "2", "--resume", "auto")
-    _same_run(tmp_path / "straight", tmp_path / "resumed")
+    _same_run(straight(train_shards, *flags, "--epochs", "2"), tmp_path / "resumed")
 
 
 def test_a_resume_refuses_another_optimizer_and_an_end_before_its_checkpoint(train_shards, tmp_path, capsys):
@@ -716,12 +731,12 @@ def stop_at(shards, out, step, *flags):
 
 @pytest.mark.parametrize("augment", [False, True], ids=["plain", "augment"])
 @pytest.mark.parametrize("path", ["resident", "fast", "stream"])
-def test_mid_epoch_resume_is_bit_identical(train_shards, tmp_path, path, augment, capsys):
+def test_mid_epoch_resume_is_bit_identical(train_shards, tmp_path, path, augment, capsys, straight):
     # 1000 images in batches of 64: 16 steps per epoch. Stopped twice: mid-epoch 0 (step 5),
     # then mid-epoch 1 (global step 21), after periodic checkpoints at steps 7 and 14.
-    flags = ["--arch", "lenet5", "-b", "64", "--epochs", "2", "--data-path", path, "--checkpoint-every", "7",
-             *(["--augment"] if augment else [])]
-    run(train_shards, tmp_path / "straight", *flags)
+    flags = ["--arch", "lenet5", "-b", "64", *(["--augment"] if augment else []), "--checkpoint-every", "7",
+             "--epochs", "2", "--data-path", path]
+    reference = straight(train_shards, *flags)
     ckpt = stop_at(train_shards, tmp_path / "resumed", 5, *flags)
     assert (ckpt["state"]["epoch"], ckpt["state"]["epoch_steps"], ckpt["state"]["samples_done"]) == (0, 5, 5 * 64)
     assert ckpt["stream_deal"] == 2  # whatever the path: a later resume may be on the stream path at a boundary
@@ -733,7 +748,7 @@ def test_mid_epoch_resume_is_bit_identical(train_shards, tmp_path, path, augment
     assert (ckpt["state"]["epoch"], ckpt["state"]["epoch_steps"], ckpt["state"]["step"]) == (1, 5, 21)
     assert len(ckpt["state"]["history"]) == 1
     run(train_shards, out, *flags, "--resume", "auto")
-    _same_run(tmp_path / "straight", out)
+    _same_run(reference, out)
 
 
 def test_a_mid_epoch_checkpoint_resumes_only_on_its_paths_epoch_order(tiny_shards, tmp_path, capsys):
@@ -1260,16 +1275,17 @@ def test_a_signal_while_train_py_imports_torch_ends_it_in_one_line(signum, code,
 
 @pytest.mark.parametrize("path, group", [((), False), (("--data-path", "stream"), True)],
                          ids=["to-the-process", "stream-to-the-group"])
-def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(train_shards, tmp_path, path, group):
+def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(train_shards, tmp_path, path, group, capsys,
+                                                                   straight):
     # group: SIGTERM to the whole process group, as `kill -TERM -PGID`, Slurm or a scheduler sends it,
     # so the stream path's DataLoader workers get it too: they used to die of it, and torch's SIGCHLD
     # handler raised "DataLoader worker ... is killed by signal" in the main process (exit 1).
-    flags = ["--shards", train_shards, "--arch", "lenet5", "-b", "32", "--epochs", "2", "--augment",
-             "--device", "cpu", *path]
-    straight = script(*flags, "--output-dir", tmp_path / "straight")
-    assert straight.returncode == 0, straight.stderr
+    # The signal goes to a train.py process; the uninterrupted run (shared with the other resume tests: the
+    # same flags) and the resume run in this one.
+    run_flags = ["--arch", "lenet5", "-b", "64", "--augment", "--checkpoint-every", "7", "--epochs", "2", *path]
+    flags = ["--shards", train_shards, *run_flags, "--device", "cpu"]
     out = tmp_path / "resumed"
-    # --wait-at-step: the run prints a line after global step 12 of 64 and waits there for a real signal.
+    # --wait-at-step: the run prints a line after global step 12 of 32 and waits there for a real signal.
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, flags), "--output-dir", str(out),
                              "--wait-at-step", "12"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=group)
@@ -1286,11 +1302,13 @@ def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(train_shards,
     assert err == (f"interrupted at epoch 0 step 12: checkpoint saved to {out / 'checkpoint.pth'}; continue with: "
                    f"python train.py {' '.join(map(str, flags))} --output-dir {out} --resume auto\n")
     state = torch.load(out / "checkpoint.pth", weights_only=True)["state"]
-    assert (state["epoch"], state["epoch_steps"], state["samples_done"]) == (0, 12, 12 * 32)
-    resumed = script(*flags, "--output-dir", out, "--resume", "auto")
-    assert resumed.returncode == 0, resumed.stderr
-    assert resumed.stdout.splitlines()[0] == f"resumed from {out / 'checkpoint.pth'} at epoch 0 step 12 (384 samples of it done, 1 -> 1 rank)"
-    _same_run(tmp_path / "straight", out)
+    assert (state["epoch"], state["epoch_steps"], state["samples_done"]) == (0, 12, 12 * 64)
+    reference = straight(train_shards, *run_flags)
+    capsys.readouterr()
+    run(train_shards, out, *run_flags, "--resume", "auto")
+    assert capsys.readouterr().out.splitlines()[0] == \
+        f"resumed from {out / 'checkpoint.pth'} at epoch 0 step 12 (768 samples of it done, 1 -> 1 rank)"
+    _same_run(reference, out)
 
 
 @pytest.mark.parametrize("rgb_arch, size", [("resnet18", 64), ("squeezenet1_1", 224)])

@@ -1324,6 +1324,32 @@ def torchrun(nproc, *flags, cwd):
                           capture_output=True, text=True)
 
 
+def ranks(nproc, *flags, cwd):
+    """train.py on `nproc` ranks of this machine in the environment torchrun --standalone gives its workers (one
+    thread each unless OMP_NUM_THREADS says otherwise), without torchrun's own process, one more import of torch (a
+    real torchrun: `torchrun` above, test_multinode): the first failing rank's exit code, every rank's stderr."""
+    from tests.test_multinode import free_port
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    cmd = [sys.executable, str(ROOT / "train.py"), *map(str, flags)]
+    procs = [subprocess.Popen(cmd, cwd=cwd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(nproc)]
+    try:
+        done = [p.communicate(timeout=180) for p in procs]
+    except subprocess.TimeoutExpired:  # a rank that failed leaves the others waiting for it: their stderr
+        for p in procs:
+            p.kill()
+        done = [p.communicate() for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    codes = [p.returncode for p in procs]
+    return subprocess.CompletedProcess(cmd, next((c for c in codes if c), 0), "".join(out for out, _ in done),
+                                       "".join(err for _, err in done))
+
+
 def read_keys(out, rank):
     """--dump-keys of one rank: [(epoch, key)]."""
     return [(int(e), k) for e, k in (line.split() for line in (out / f"keys-rank{rank}.txt").read_text().splitlines())]
@@ -1333,7 +1359,7 @@ def test_ddp_two_processes_on_cpu_and_a_resume_on_two_is_bit_identical(train_sha
     flags = ["--shards", train_shards, "--arch", "lenet5", "--epochs", "2", "-b", "50", "--device", "cpu",
              "--augment", "--dump-keys"]
     out = tmp_path / "ddp"
-    result = torchrun(2, *flags, "--output-dir", out, cwd=tmp_path)
+    result = ranks(2, *flags, "--output-dir", out, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     seen = [[k for e, k in read_keys(out, r) if e == 0] for r in (0, 1)]
     # 1000 images, 2 ranks x 10 steps x 50: nothing is dropped, and no image is seen twice.
@@ -1344,9 +1370,9 @@ def test_ddp_two_processes_on_cpu_and_a_resume_on_two_is_bit_identical(train_sha
     # Stopped mid-epoch 1 (global step 13 = its step 3) and resumed on 2 ranks: each rank gets its own
     # partial sums and RNG stream back, so the run is the uninterrupted one, bit for bit.
     resumed = tmp_path / "resumed"
-    result = torchrun(2, *flags, "--output-dir", resumed, "--stop-after-steps", "13", cwd=tmp_path)
+    result = ranks(2, *flags, "--output-dir", resumed, "--stop-after-steps", "13", cwd=tmp_path)
     assert f"interrupted at epoch 1 step 3: checkpoint saved to {resumed / 'checkpoint.pth'}" in result.stderr
-    result = torchrun(2, *flags, "--output-dir", resumed, "--resume", "auto", cwd=tmp_path)
+    result = ranks(2, *flags, "--output-dir", resumed, "--resume", "auto", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     _same_run(out, resumed)
     for r in (0, 1):
@@ -1364,13 +1390,13 @@ def test_ddp_three_ranks_on_the_stream_path_use_even_shares_and_resume_bit_ident
     flags = ["--shards", shards, "--arch", "lenet5", "--epochs", "2", "-b", "40", "--device", "cpu", "--augment",
              "--dump-keys", "--data-path", "stream", "-j", "0"]
     out, resumed = tmp_path / "ddp", tmp_path / "resumed"
-    result = torchrun(3, *flags, "--output-dir", out, cwd=tmp_path)
+    result = ranks(3, *flags, "--output-dir", out, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     seen = [k for r in range(3) for e, k in read_keys(out, r) if e == 0]
     assert len(seen) == len(set(seen)) == 3 * 8 * 40
-    result = torchrun(3, *flags, "--output-dir", resumed, "--stop-after-steps", "11", cwd=tmp_path)
+    result = ranks(3, *flags, "--output-dir", resumed, "--stop-after-steps", "11", cwd=tmp_path)
     assert f"interrupted at epoch 1 step 3: checkpoint saved to {resumed / 'checkpoint.pth'}" in result.stderr
-    result = torchrun(3, *flags, "--output-dir", resumed, "--resume", "auto", cwd=tmp_path)
+    result = ranks(3, *flags, "--output-dir", resumed, "--resume", "auto", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     _same_run(out, resumed)
     for r in range(3):

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -1334,20 +1335,26 @@ def ranks(nproc, *flags, cwd):
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     env.setdefault("OMP_NUM_THREADS", "1")
     cmd = [sys.executable, str(ROOT / "train.py"), *map(str, flags)]
-    procs = [subprocess.Popen(cmd, cwd=cwd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for r in range(nproc)]
+    # Files, not pipes: a rank whose pipe filled while this waited on another's would block, and the other on it
+    logs = [(Path(cwd) / f"rank{r}.stdout", Path(cwd) / f"rank{r}.stderr") for r in range(nproc)]
+    procs = []
     try:
-        done = [p.communicate(timeout=180) for p in procs]
-    except subprocess.TimeoutExpired:  # a rank that failed leaves the others waiting for it: their stderr
+        for r, (out, err) in enumerate(logs):
+            with out.open("w") as o, err.open("w") as e:
+                procs.append(subprocess.Popen(cmd, cwd=cwd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=o,
+                                              stderr=e, text=True))
+        guard = time.monotonic() + 180  # a rank that failed can leave the others waiting for it: then all killed
         for p in procs:
-            p.kill()
-        done = [p.communicate() for p in procs]
+            p.wait(timeout=max(guard - time.monotonic(), 0))
+    except subprocess.TimeoutExpired:
+        pass
     finally:
         for p in procs:
             p.kill()
+            p.wait()
     codes = [p.returncode for p in procs]
-    return subprocess.CompletedProcess(cmd, next((c for c in codes if c), 0), "".join(out for out, _ in done),
-                                       "".join(err for _, err in done))
+    return subprocess.CompletedProcess(cmd, next((c for c in codes if c), 0), "".join(o.read_text() for o, _ in logs),
+                                       "".join(e.read_text() for _, e in logs))
 
 
 def read_keys(out, rank):

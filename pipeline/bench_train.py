@@ -32,6 +32,7 @@ from .errors import UsageError, plural
 from . import provenance
 from .index import read_manifest
 from .loader import make_loader
+from .order import NoFullBatch
 from .reader import ShardArrays
 from .release import is_image
 from .stream_workers import WORKER_RULE, started
@@ -159,7 +160,11 @@ def _forever(loader, what, set_epoch=None, start=iter):
             empty = False
             yield batch[0], batch[1]
         if empty:
-            raise UsageError(f"{what}: the train split holds fewer images than one batch; use a smaller --batch")
+            raise _fewer_than_a_batch(what)
+
+
+def _fewer_than_a_batch(what):
+    return UsageError(f"{what}: the train split holds fewer images than one batch; use a smaller --batch")
 
 
 class Feeds:
@@ -183,8 +188,11 @@ class Feeds:
         if key not in self._loaders:
             # One loader per path at a time: a resident split is 1.2 GB of device memory.
             self._loaders = {k: v for k, v in self._loaders.items() if k[0] != path}
-            self._loaders[key] = make_loader(self.shards, "train", info["variant"], batch, shuffle=True,
-                                             drop_last=True, device=self.device, path=path, **stage)
+            try:
+                self._loaders[key] = make_loader(self.shards, "train", info["variant"], batch, shuffle=True,
+                                                 drop_last=True, device=self.device, path=path, **stage)
+            except NoFullBatch:  # its words name make_loader's arguments, not the bench's flags
+                raise _fewer_than_a_batch(f"--feeds {path}") from None
             # Untimed: the data pass (the shards' pages, the resident copy to the device) runs in the
             # background, and until it is done batches come the slow way; the rows time the steady state.
             self._loaders[key].wait_ready()

@@ -42,7 +42,6 @@ CLASS_KEYS = {"wnid": str, "words": str}
 KINDS = {list: "a list", dict: "an object", str: "a string", int: "an integer"}
 
 
-
 def is_url(location):
     """True for `scheme://...` locations (read through fsspec); False for local paths (`file://` too)."""
     return "://" in str(location) and not str(location).startswith("file://")

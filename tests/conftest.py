@@ -115,6 +115,15 @@ def fork_warns_as_on_3_12(monkeypatch):
     monkeypatch.setattr(os, "fork", fork_as_on_3_12)
 
 
+def stop_by(signum):
+    """A stop: `signum` raised in this process, as if sent to it, for the handler of the code under test to take
+    (with none, SIGUSR1's default would end pytest itself: a failure instead)."""
+    def stop():
+        assert callable(signal.getsignal(signum)), f"{signal.Signals(signum).name} would end the process where it stands"
+        signal.raise_signal(signum)
+    return stop
+
+
 def refuse_writes_in(monkeypatch, folder, code=errno.EACCES):
     """Make any os.open to write or create under `folder` fail with errno `code`, as the kernel refuses another
     user's folder (EACCES) or a read-only mount (EROFS): root, running the tests, may write anywhere."""

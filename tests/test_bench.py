@@ -17,7 +17,7 @@ from pipeline import bench
 from pipeline.bench import bench_remote, format_table
 from pipeline.provenance import commit
 from pipeline.shardset import ShardSet, open_shard_set
-from tests.conftest import SYNTH, refuse_writes_in
+from tests.conftest import SYNTH, refuse_writes_in, stop_by
 
 
 def test_loader_table_has_the_first_batch_of_the_local_paths(shards, monkeypatch):
@@ -461,15 +461,6 @@ def _ctrl_c():
     raise KeyboardInterrupt
 
 
-def _signal(signum):
-    """A stop: `signum` raised in this process, as if sent to it, for the bench's handler to take (with none,
-    SIGUSR1's default would end pytest itself: a failure instead)."""
-    def stop():
-        assert callable(signal.getsignal(signum)), f"{signal.Signals(signum).name} would end the process where it stands"
-        signal.raise_signal(signum)
-    return stop
-
-
 # The table's rows when stopped in gray28's second row (of 12 planned): rgb64's six, gray28's baseline. Ratios
 # to a row not measured (gray28's ceiling) are '—'.
 STOPPED_ROWS = [
@@ -483,7 +474,7 @@ STOPPED_ROWS = [
 ]
 
 
-@pytest.mark.parametrize("stop, code", [(_ctrl_c, 130), (_signal(signal.SIGTERM), 143), (_signal(signal.SIGUSR1), 138)])
+@pytest.mark.parametrize("stop, code", [(_ctrl_c, 130), (stop_by(signal.SIGTERM), 143), (stop_by(signal.SIGUSR1), 138)])
 def test_bench_loader_stopped_keeps_the_rows_measured(shards, release, tmp_path, monkeypatch, stop, code):
     """A Ctrl-C or SIGTERM in the middle printed `interrupted` (`terminated`) and lost the table and the
     --json rows, those measured only in the stderr log. Now they are printed and written, the table says
@@ -531,7 +522,7 @@ def test_bench_loader_stopped_by_a_signal_keeps_the_rows_measured(shards, releas
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
 def test_bench_loader_script_stopped_keeps_the_rows_measured(shards, release, tmp_path, monkeypatch, capsys, signum):
     """tools/bench_loader.py, as `tinyin bench loader`: its own table and --json were lost as well."""
-    _stop_the_loader_bench_at_row(monkeypatch, 8, _signal(signum))
+    _stop_the_loader_bench_at_row(monkeypatch, 8, stop_by(signum))
     out = tmp_path / "rows.json"
     assert _run_tool(monkeypatch, "bench_loader.py", "--shards", shards, "--images", release, "--json", out).code == \
         128 + signum

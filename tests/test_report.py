@@ -16,7 +16,7 @@ from pipeline.cli import report_cmd
 from pipeline.errors import user_errors
 from pipeline.report import LENET_RECORDED, STUDY, _duration, plot_curves, render_study, render_table, study_row, write_report
 from pipeline.schema import DEFAULT_SHARDS
-from tests.conftest import refuse_writes_in
+from tests.conftest import refuse_writes_in, stop_by
 
 
 def make_run(root, name, args, rows, final=None, env=None):
@@ -399,22 +399,18 @@ def test_sigusr1_is_passed_on_to_the_rows_as_sigterm_is():
 
     row = ("import signal, sys, time; signal.signal(signal.SIGUSR1, lambda *a: sys.exit(128 + signal.SIGUSR1)); "
            "print('ready', flush=True); time.sleep(60)")
-    outside = signal.signal(signal.SIGUSR1, lambda *a: None)  # where Stop lets it through: not pytest's death
-    try:
-        with Stop() as stop:
-            proc = stop.started([sys.executable, "-c", row], stdout=subprocess.PIPE, text=True)
+    with Stop() as stop:
+        proc = stop.started([sys.executable, "-c", row], stdout=subprocess.PIPE, text=True)
+        try:
             assert proc.stdout.readline() == "ready\n"
-            os.kill(os.getpid(), signal.SIGUSR1)
-            try:
-                assert proc.wait(timeout=30) == 138
-            finally:
-                proc.kill()
-                proc.stdout.close()
-            stop.ended(proc)
-            assert stop.signum == signal.SIGUSR1
-            assert stop.started([sys.executable, "-c", "pass"]) is None
-    finally:
-        signal.signal(signal.SIGUSR1, outside)
+            stop_by(signal.SIGUSR1)()  # fails, not pytest's death, where Stop lets it through
+            assert proc.wait(timeout=30) == 138
+        finally:
+            proc.kill()
+            proc.stdout.close()
+        stop.ended(proc)
+        assert stop.signum == signal.SIGUSR1
+        assert stop.started([sys.executable, "-c", "pass"]) is None
 
 
 def test_reproduce_names_each_failed_row(shards, tmp_path, monkeypatch):

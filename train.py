@@ -59,9 +59,9 @@ with stopped_at_once():  # the imports (torch's: seconds): a signal ends them in
     from pipeline.atomic import folder_refusal, long_name, write_json
     from pipeline.cache import cached_copy, is_set_url
     from pipeline.checkpoint import (CHECKPOINT_FORMAT, check_epoch_order, check_limit_batches, check_norm,
-                                     check_plan, check_recipe, check_resume_file, classes_of, continue_command,
-                                     keep_start, load_checkpoint, restore_ema, resume_path, run_identity, save_atomic,
-                                     saved_records, weights_run)
+                                     check_plan, check_recipe, check_resume_file, check_same_run, classes_of,
+                                     continue_command, keep_start, load_checkpoint, restore_ema, resume_path,
+                                     run_identity, save_atomic, saved_records, weights_run)
     from pipeline.device import check_device
     from pipeline.errors import (ArgumentParser, CheckpointError, ShardError, TinyinError, UsageError, at_least,
                                  hide_password, path_text, plural, positive_float, refused_open, run_cli,
@@ -582,9 +582,10 @@ def check_eval_batches(manifest, args, world_size):
                              "batch fewer than the others (DDP would wait on them for good); use -b 2 or more") from None
 
 
-def build(args, device, world_size):
-    """Model, optimiser and loaders for this rank; the lr schedule comes with the state (`restore`)."""
-    shard_set = open_shards(args)
+def build(args, device, world_size, shard_set=None):
+    """Model, optimiser and loaders for this rank, from `shard_set` (`open_shards`' by default); the lr schedule
+    comes with the state (`restore`)."""
+    shard_set = open_shards(args) if shard_set is None else shard_set
     manifest = shard_set.manifest
     check_same_set(manifest, args)
     check_eval_batches(manifest, args, world_size)
@@ -715,6 +716,16 @@ def restore(parts, args, ckpt_path, notes=()):
     position = schedule_position(state, args, parts.steps_per_epoch, parts.world_size)
     parts.lr_scheduler = make_scheduler(parts.optimizer, args, parts.steps_per_epoch, last_epoch=position - 1)
     return state
+
+
+def resume_flags(ckpt_path, args, manifest):
+    """`keep_run_flags` of the checkpoint at `ckpt_path`, once it is known to be this run's (`manifest`: the shards'):
+    a checkpoint of another run kept its -b first, and a run of -b 64 resumed on a set of 16 images under --compile
+    was told '-b 64: no whole batch to train on', a flag never given, for a checkpoint of another dataset."""
+    identity, saved_args = saved_records(ckpt_path, "identity", "args")
+    if identity is not None:  # (a file without one is no train.py checkpoint: `load_checkpoint` says so)
+        check_same_run(ckpt_path, identity, run_identity(args, manifest))
+    return keep_run_flags(saved_args or {}, args)
 
 
 def keep_run_flags(saved_args, args):
@@ -1167,11 +1178,12 @@ def main(args):
             if locked := gather(rank() == 0 and os.path.isfile(os.path.join(args.output_dir, LOCK_FILE)))[0]:
                 make_output_dir(args.output_dir)  # read-only: said as for a new run, not by the lock file's open
                 held.enter_context(output_dir_lock(args))
+        shard_set = open_shards(args)
         # A resume's run's own flags where the command leaves them out: -b before the loaders take it
-        kept = keep_run_flags(saved_records(ckpt_path, "args")[0] or {}, args) if ckpt_path else {}
+        kept = resume_flags(ckpt_path, args, shard_set.manifest) if ckpt_path else {}
         if rank() == 0 and "batch_size" not in kept and (note := recipe_batch_note(args, world_size)):
             print(note, file=sys.stderr, flush=True)  # (a kept -b is the run's, not the recipe's)
-        parts = build(args, device, world_size)
+        parts = build(args, device, world_size, shard_set)
         state = restore(parts, args, ckpt_path, kept.values())
         check_same_start(state, ckpt_path, args)
         make_output_dir(args.output_dir)  # once the flags and files are known to work

@@ -110,12 +110,16 @@ def load_checkpoint(path, identity):
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         found = ckpt.get("format", "none") if isinstance(ckpt, dict) else "none"
         raise CheckpointError(f"{path}: not a train.py checkpoint of format {CHECKPOINT_FORMAT} (format: {found})")
-    differs = [f"{k} {ckpt['identity'].get(k)} there, {v} here" for k, v in identity.items()
-               if ckpt["identity"].get(k) != v]
+    check_same_run(path, ckpt["identity"], identity)
+    return ckpt
+
+
+def check_same_run(path, saved, identity):
+    """CheckpointError unless a checkpoint's identity (`saved`, its `run_identity`) is this run's (`identity`)."""
+    differs = [f"{k} {saved.get(k)} there, {v} here" for k, v in identity.items() if saved.get(k) != v]
     if differs:
         raise CheckpointError(f"{path}: a checkpoint of another run ({'; '.join(differs)}); "
                               "pass the flags it was made with, or another --output-dir")
-    return ckpt
 
 
 def restore_ema(parts, ckpt, path, args):

@@ -64,6 +64,13 @@ def test_the_logs_durations_are_written_with_a_space_before_their_unit(tiny_shar
     assert re.fullmatch(r"test top1 \d+\.\d\d top5 \d+\.\d\d \| wall \d+\.\d s", test), test
 
 
+@pytest.fixture
+def no_shards_read(monkeypatch):
+    """train.py's tests of what it does before the data: its shard set opened as one with no manifest, where a
+    test's --shards folder holds none (a test stops train.py at its `build`, before anything reads one)."""
+    monkeypatch.setattr(train, "open_shards", lambda args: argparse.Namespace(manifest=None))
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     """straight(shards, *flags): the folder of an uninterrupted in-process run with those flags, made once in the
@@ -137,7 +144,8 @@ def test_recipe_paper_rows():
     (1, [], ""),
     (2, ["--test-only", "--weights", "w.pth"], ""),  # an evaluation steps on no batch
 ])
-def test_a_recipes_batch_under_torchrun_is_said_to_be_per_process(monkeypatch, capsys, tmp_path, world_size, extra, note):
+def test_a_recipes_batch_under_torchrun_is_said_to_be_per_process(monkeypatch, no_shards_read, capsys, tmp_path, world_size,
+                                                                  extra, note):
     """torchrun with --recipe paper stepped on world_size x the study's batch without a word; only `tinyin
     report`, after the run, called it not comparable."""
     class Built(Exception):
@@ -153,7 +161,7 @@ def test_a_recipes_batch_under_torchrun_is_said_to_be_per_process(monkeypatch, c
     assert capsys.readouterr().err == note
 
 
-def test_a_resume_under_torchrun_says_no_recipe_batch_for_the_runs_own(monkeypatch, capsys, tmp_path):
+def test_a_resume_under_torchrun_says_no_recipe_batch_for_the_runs_own(monkeypatch, no_shards_read, capsys, tmp_path):
     """A 2-rank --recipe paper run of -b 16 resumed without -b goes on at its 16 (its loaders are built so), and
     the recipe's note, which named -b 32, is not said."""
     built = []
@@ -255,9 +263,12 @@ def test_user_mistakes_are_one_line_errors_with_exit_code_1(train_shards, tiny_s
     there, here = (checkpoint.run_identity(train.parse_args(["--arch", "lenet5"]), read_manifest(s))["dataset"]
                    for s in (train_shards, tiny_shards))
     assert (there[:10], here[:9]) == ("10 classes", "2 classes")
-    assert error("--shards", tiny_shards, "--arch", "lenet5", "--resume", ckpt) == (
-        1, f"error: {ckpt}: a checkpoint of another run (dataset {there} there, {here} here); "
-           "pass the flags it was made with, or another --output-dir\n")
+    # Said before the run's -b (128, kept where the command gives none) meets the tiny set's 16 images: under
+    # --compile (drop_last) it said '-b 128: no whole batch to train on', a flag never given.
+    for compile_ in ((), ("--compile",)):
+        assert error("--shards", tiny_shards, "--arch", "lenet5", "--resume", ckpt, *compile_) == (
+            1, f"error: {ckpt}: a checkpoint of another run (dataset {there} there, {here} here); "
+               "pass the flags it was made with, or another --output-dir\n")
     # One byte flipped in a tensor (a bad copy, a failing disk): torch.load reads it without a word, and the
     # run went on from, or evaluated, weights that were never trained.
     member = damage_torch_file(tmp_path / "damaged.pth", ckpt)
@@ -1711,7 +1722,7 @@ def test_a_file_system_without_locks_trains_unguarded_and_a_held_lock_refuses(tm
                 pass
 
 
-def test_test_only_goes_on_to_the_checkpoint_of_a_pretrained_runs_command(tmp_path, monkeypatch):
+def test_test_only_goes_on_to_the_checkpoint_of_a_pretrained_runs_command(tmp_path, monkeypatch, no_shards_read):
     """The training command with --test-only added: its --pretrained names where the run started, the checkpoint's
     weights are what is evaluated (refused only without a checkpoint: ImageNet's weights with a fresh head)."""
     class Built(Exception):

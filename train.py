@@ -587,7 +587,6 @@ def build(args, device, world_size, shard_set=None):
     comes with the state (`restore`)."""
     shard_set = open_shards(args) if shard_set is None else shard_set
     manifest = shard_set.manifest
-    check_same_set(manifest, args)
     check_eval_batches(manifest, args, world_size)
     seed_everything(args.seed)  # the same initial weights on every rank
     if device.type == "cuda":
@@ -1179,6 +1178,7 @@ def main(args):
                 make_output_dir(args.output_dir)  # read-only: said as for a new run, not by the lock file's open
                 held.enter_context(output_dir_lock(args))
         shard_set = open_shards(args)
+        check_same_set(shard_set.manifest, args)  # first: a node's stale set is no checkpoint "of another run"
         # A resume's run's own flags where the command leaves them out: -b before the loaders take it
         kept = resume_flags(ckpt_path, args, shard_set.manifest) if ckpt_path else {}
         if rank() == 0 and "batch_size" not in kept and (note := recipe_batch_note(args, world_size)):

@@ -910,7 +910,7 @@ def test_ranks_that_find_different_checkpoints_are_refused(tiny_shards, tmp_path
         "every node must read the same checkpoint, from an --output-dir they share\n")
 
 
-def test_ranks_that_open_different_shard_sets_are_refused(train_shards, tmp_path, monkeypatch, capsys):
+def test_ranks_that_open_different_shard_sets_are_refused(train_shards, tiny_shards, tmp_path, monkeypatch, capsys):
     """Each node reads its own --shards: one holding another build (a stale copy, the release synthesised or
     fetched again) trained its ranks on that set's samples, without a word (two nodes, synth seeds 0 and 1:
     exit 0 on both), or with other train counts aborted in a collective (SIGABRT, a traceback from gloo).
@@ -921,6 +921,16 @@ def test_ranks_that_open_different_shard_sets_are_refused(train_shards, tmp_path
         f"error: --shards {train_shards}: rank 1 opened another shard set than rank 0 (other shards, by their "
         "sha256); every node must read the same set\n")
     assert list(tmp_path.iterdir()) == []  # refused before anything was written
+    # Said so on a resume too, where this node's set is not the one its checkpoint was trained on: the set is
+    # what is wrong there, not the checkpoint (not 'a checkpoint of another run (dataset ...)').
+    monkeypatch.undo()
+    run(train_shards, tmp_path / "run", "--arch", "lenet5", "--epochs", "1", "--limit-batches", "1")
+    monkeypatch.setattr(train, "gather", lambda obj: [obj, "0" * 64])
+    assert cli("--shards", tiny_shards, "--device", "cpu", "--output-dir", tmp_path / "run", "--arch", "lenet5",
+               "--resume", "auto") == 1
+    assert capsys.readouterr().err == (
+        f"error: --shards {tiny_shards}: rank 1 opened another shard set than rank 0 (other shards, by their "
+        "sha256); every node must read the same set\n")
 
 
 STOPPED_BY = pytest.mark.parametrize("signum, code, line", [(signal.SIGTERM, 143, "terminated\n"),

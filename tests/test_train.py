@@ -66,9 +66,9 @@ def test_the_logs_durations_are_written_with_a_space_before_their_unit(tiny_shar
 
 @pytest.fixture
 def no_shards_read(monkeypatch):
-    """train.py's tests of what it does before the data: its shard set opened as one with no manifest, where a
+    """train.py's tests of what it does before the data: its shard set opened as one of no shards, where a
     test's --shards folder holds none (a test stops train.py at its `build`, before anything reads one)."""
-    monkeypatch.setattr(train, "open_shards", lambda args: argparse.Namespace(manifest=None))
+    monkeypatch.setattr(train, "open_shards", lambda args: argparse.Namespace(manifest={"shards": []}))
 
 
 @pytest.fixture(scope="module")

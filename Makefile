@@ -21,9 +21,11 @@ demo: install
 	$(BIN)/tinyin bench loader --shards $(DEMO)/shards --images $(DEMO)/release --passes 3 --pass-images 4096
 
 # Spread over the cores (at most 4): most tests wait on a subprocess (train.py, a server), so two
-# workers on 2 cores take ~2/3 of the time one does. One file alone: `$(BIN)/python -m pytest tests/FILE`.
+# workers on 2 cores take ~2/3 of the time one does. `--dist worksteal`: a worker that runs out takes
+# tests queued for the other (under the default `load`, one sat idle ~50 s while the other worked
+# through its queue of multi-rank runs). One file alone: `$(BIN)/python -m pytest tests/FILE`.
 test: install
-	$(BIN)/python -m pytest -q -n auto --maxprocesses 4
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist worksteal
 
 clean:
 	rm -rf $(VENV) out *.egg-info

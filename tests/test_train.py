@@ -144,8 +144,8 @@ def test_recipe_paper_rows():
     (1, [], ""),
     (2, ["--test-only", "--weights", "w.pth"], ""),  # an evaluation steps on no batch
 ])
-def test_a_recipes_batch_under_torchrun_is_said_to_be_per_process(monkeypatch, no_shards_read, capsys, tmp_path, world_size,
-                                                                  extra, note):
+def test_a_recipes_batch_under_torchrun_is_said_to_be_per_process(monkeypatch, no_shards_read, capsys, tmp_path,
+                                                                  world_size, extra, note):
     """torchrun with --recipe paper stepped on world_size x the study's batch without a word; only `tinyin
     report`, after the run, called it not comparable."""
     class Built(Exception):

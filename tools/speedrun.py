@@ -110,9 +110,9 @@ def run_seed(args, seed, out, variant=None):
         t0 = time.time()
         # In the caller's folder, as the tool itself runs: a relative --shards and --out are the user's (run from
         # the repo's root, train.py read its own data/shards, or found none, and wrote runs where no one looked).
-        # SIGTERM and SIGUSR1 (a scheduler, gpu_session's --deadline) and SIGINT (Ctrl-C) are passed on: train.py
-        # checkpoints and exits (a Ctrl-C that reached it too counts once). SIGINT was a KeyboardInterrupt
-        # traceback here, and, sent to this process alone, left train.py training on without it. From
+        # SIGTERM (a scheduler, gpu_session's --deadline), SIGUSR1 (a scheduler's warning) and SIGINT (Ctrl-C) are
+        # passed on: train.py checkpoints and exits (a Ctrl-C that reached it too counts once). SIGINT was a
+        # KeyboardInterrupt traceback here, and, sent to this process alone, left train.py training on without it. From
         # before its start (`Stop.started`): one that came as it started, before the handlers were set,
         # ended speedrun.py (a traceback, or SIGTERM's death) and left train.py training on, orphaned.
         with Stop() as stop:

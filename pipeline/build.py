@@ -403,8 +403,8 @@ def _take_on_folder(tmp, out):
 
 def _move_into_place(tmp, out, manifest):
     """Rename `tmp` to `out`. Where `out` already holds this very build, replace only those of its
-    files whose bytes differ from the fresh ones (deleted, damaged) and return their names: the
-    identical ones stay untouched, as their mtimes key the reader's per-process sha256 cache."""
+    files whose bytes differ from the fresh ones (deleted, damaged; the manifest, where it alone differs) and
+    return their names: the identical ones stay untouched, as their mtimes key the reader's per-process sha256 cache."""
     if not (out.exists() and any(out.iterdir())):
         try:
             os.replace(tmp, out)  # onto a missing or an empty folder (rename(2) replaces an empty one)
@@ -415,10 +415,14 @@ def _move_into_place(tmp, out, manifest):
             # Files came since the look above: another build of this input (another shell, a job array)
             # finished first. It is compared with below, as any set already there is.
     _check_out(out, manifest["build"])  # files came meanwhile: another build's (say how it differs), the user's
-    if _read_manifest(out) != manifest:
-        raise ShardError(f"{out}: already holds a different build (other input); choose another --out or delete it")
     repaired = [name for name in [s["file"] for s in manifest["shards"]] + [INDEX_FILE]
                 if not _same_bytes(out / name, tmp / name)]
+    if _read_manifest(out) != manifest:
+        if repaired:
+            raise ShardError(f"{out}: already holds a different build (other input); choose another --out or delete it")
+        # Every shard and the index are this build's: the manifest alone was damaged or edited since (a changed
+        # checksum there had `shard verify` name a good shard corrupt, and this repair refused it as 'other input').
+        repaired = [MANIFEST_FILE]
     for name in repaired:
         os.replace(tmp / name, out / name)
     return repaired

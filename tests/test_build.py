@@ -433,6 +433,21 @@ def test_rebuild_into_same_folder_repairs_missing_and_damaged_files(release, sha
         "index.parquet", "train-000000.tar", "val-000000.tar"]
 
 
+def test_rebuild_into_same_folder_repairs_a_damaged_manifest(release, shards, tmp_path):
+    """A changed checksum in manifest.json has `shard verify` name a good shard corrupt; the repair it calls for
+    writes the manifest again when every shard and the index are this build's. (Before: refused as 'already
+    holds a different build (other input)', the set left broken.)"""
+    out = shutil.copytree(shards, tmp_path / "out")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["shards"][0]["sha256"] = "0" * 64
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    result = CliRunner().invoke(main, ["shard", "build", "--src", str(release), "--out", str(out),
+                                       "--shard-size", str(SHARD_SIZE), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().endswith("; skipped 0; repaired manifest.json")
+    assert tree_digest(out) == tree_digest(shards)
+
+
 def test_rebuild_of_a_changed_release_with_the_same_options_is_refused(release, shards, tmp_path):
     """The options and the release's name match, its content does not (an image replaced): not a repair.
     (Without the manifest comparison the changed shard and the index were put in beside the old

@@ -1013,7 +1013,9 @@ def train(parts, state, args, stop):
 
     if state.step == 0 and state.samples_done == 0:
         checkpoint()  # the untrained state: a run stopped before its first checkpoint is resumable too
-    earlier_s, checkpoint_s = state.wall_time, 0.0  # --time-budget: epochs of earlier processes; a save's time
+    # --time-budget: what earlier processes spent (their finished epochs, and their training of the epoch resumed,
+    # which this one's clock misses: its epoch time counts it); a save's time
+    earlier_s, checkpoint_s = state.wall_time + state.train_seconds, 0.0
     while state.epoch < args.epochs:
         clock.update(t0=time.time(), before=state.train_seconds)
         try:

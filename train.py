@@ -1387,6 +1387,10 @@ def parse_args(argv=None):
         parser.error(f"argument -j/--workers: only --data-path stream uses loader workers; "
                      f"--data-path {args.data_path} reads the shards in the training process")
     check_device(args.device, present=False)  # whether this machine has it: main()
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and torch.device(args.device).index is not None \
+            and torch.device(args.device).type == "cuda":  # `distributed` gives each rank its own GPU for "cuda" only
+        parser.error(f"argument --device: {args.device} under torchrun, where each process takes the GPU of its "
+                     "LOCAL_RANK; give --device cuda")
     if args.pretrained and args.weights:
         parser.error("use --pretrained or --weights FILE, not both")
     if args.pretrained and models.model_spec(args.arch).weights is None:

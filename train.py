@@ -1013,7 +1013,9 @@ def train(parts, state, args, stop):
 
     if state.step == 0 and state.samples_done == 0:
         checkpoint()  # the untrained state: a run stopped before its first checkpoint is resumable too
-    earlier_s, checkpoint_s = state.wall_time, 0.0  # --time-budget: epochs of earlier processes; a save's time
+    # --time-budget: what earlier processes spent (their finished epochs, and their training of the epoch resumed,
+    # which this one's clock misses: its epoch time counts it); a save's time
+    earlier_s, checkpoint_s = state.wall_time + state.train_seconds, 0.0
     while state.epoch < args.epochs:
         clock.update(t0=time.time(), before=state.train_seconds)
         try:
@@ -1385,6 +1387,10 @@ def parse_args(argv=None):
         parser.error(f"argument -j/--workers: only --data-path stream uses loader workers; "
                      f"--data-path {args.data_path} reads the shards in the training process")
     check_device(args.device, present=False)  # whether this machine has it: main()
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and torch.device(args.device).index is not None \
+            and torch.device(args.device).type == "cuda":  # `distributed` gives each rank its own GPU for "cuda" only
+        parser.error(f"argument --device: {args.device} under torchrun, where each process takes the GPU of its "
+                     "LOCAL_RANK; give --device cuda")
     if args.pretrained and args.weights:
         parser.error("use --pretrained or --weights FILE, not both")
     if args.pretrained and models.model_spec(args.arch).weights is None:

@@ -292,6 +292,17 @@ def test_device_cuda_without_a_gpu_is_a_usage_error(capsys):
         f"error: argument --device: cuda, but torch {torch.__version__} sees no CUDA device here\n")
 
 
+@pytest.mark.parametrize("device", ["cuda:0", "cuda:1"])
+def test_a_gpu_named_by_its_index_under_torchrun_is_a_usage_error(device, capsys, monkeypatch):
+    """Under torchrun each rank takes the GPU of its LOCAL_RANK with --device cuda; --device cuda:N put every rank
+    on GPU N, their gradients all-reduced through gloo, without a word."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli("--device", device) == 2
+    assert capsys.readouterr().err == (
+        f"error: argument --device: {device} under torchrun, where each process takes the GPU of its LOCAL_RANK; "
+        "give --device cuda\n")
+
+
 def test_a_checkpoint_or_weights_file_it_may_not_read_is_not_called_no_checkpoint(train_shards, tmp_path, capsys,
                                                                                   monkeypatch):
     """Another user's run folder (checkpoint.pth mode 600): '--resume' said 'not a train.py checkpoint

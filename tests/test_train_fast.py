@@ -707,6 +707,24 @@ def test_time_budget_sets_epochs_after_two_and_a_resume_keeps_it(small_shards, t
     _same_run(straight, resumed)
 
 
+def test_a_time_budget_counts_the_training_an_earlier_process_did_of_the_epoch_it_resumes(small_shards, tmp_path,
+                                                                                          monkeypatch):
+    """A run stopped mid-epoch before the choice: the time so far counted this process and the earlier ones'
+    finished epochs, not the earlier process's training of the epoch resumed (up to an epoch's, more epochs
+    chosen than the minutes hold)."""
+    calls = []
+    monkeypatch.setattr(train, "budget_epochs", lambda *a: calls.append(a) or 2)
+    flags = ["--arch", "lenet5", "-b", "16", "--epochs", "3", "--limit-batches", "2", "--time-budget", "10"]
+    stop_at(small_shards, tmp_path, 3, *flags)  # epoch 1's first step
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert (ckpt["state"]["epoch"], ckpt["state"]["epoch_steps"]) == (1, 1)
+    ckpt["state"]["train_seconds"] = 5000.0  # epoch 1's training in the stopped process, as if it took that long
+    torch.save(ckpt, tmp_path / "checkpoint.pth")
+    monkeypatch.setattr(train, "PROCESS_START", train.time.time())  # this process: a second or so
+    run(small_shards, tmp_path, *flags, "--resume", "auto")
+    assert len(calls) == 1 and calls[0][1] > 5000 + ckpt["state"]["wall_time"]
+
+
 def test_a_time_budget_with_as_many_epochs_as_it_waits_for_is_accepted():
     """--epochs 2 reaches the choice after epoch 2; 1 would end before it (refused)."""
     assert (flags("--time-budget", "10", "--epochs", "2").epochs, train.BUDGET_AFTER_EPOCHS) == (2, 2)

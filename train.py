@@ -448,9 +448,8 @@ def describe_weights(path, arch):
 
 
 def per_step_schedule(args):
-    """Whether the lr changes every step (a warm-up, or onecycle) rather than once an epoch: the
-    study's schedules stay per epoch, so their runs keep the lr they had."""
-    return args.warmup_epochs > 0 or args.lr_scheduler == "onecycle"
+    """Whether the lr changes every step rather than once an epoch (--lr-per, which `parse_args` fills in)."""
+    return args.lr_per == "step"
 
 
 def lr_factor(args, steps_per_epoch):
@@ -1249,7 +1248,10 @@ def get_args_parser(add_help=True):
     p.add_argument("--wd", "--weight-decay", dest="wd", type=at_least(0.0, float), default=5e-4, help="weight decay (default: 5e-4)")
     p.add_argument("--lr-scheduler", choices=("none", "step", "cosine", "onecycle"), default="cosine",
                    help="lr schedule: none, step, cosine (to 0 at --epochs), or onecycle (the warm-up, then linear "
-                        "decay to 0 at --epochs); per epoch, but per step with --warmup-epochs or onecycle (default: cosine)")
+                        "decay to 0 at --epochs) (default: cosine)")
+    p.add_argument("--lr-per", choices=("epoch", "step"),
+                   help="change the lr once an epoch or every step (default: per step with --warmup-epochs or "
+                        "onecycle, per epoch otherwise, as the study's schedules were)")
     p.add_argument("--warmup-epochs", type=at_least(0.0, float), default=0.0, metavar="F",
                    help="linear lr warm-up from about 0 over the first F epochs (counted in steps; fractions allowed), "
                         "then the --lr-scheduler over the rest, per step (default: 0, no warm-up)")
@@ -1324,6 +1326,13 @@ def check_training_flags(parser, args, given):
         parser.error("argument --nesterov: needs a momentum above 0, not --momentum 0")
     if args.warmup_epochs >= args.epochs:
         parser.error(f"argument --warmup-epochs: must be below --epochs ({args.epochs}), not {args.warmup_epochs:g}")
+    per_step_only = ("--warmup-epochs" if args.warmup_epochs
+                     else "--lr-scheduler onecycle" if args.lr_scheduler == "onecycle" else "")
+    if args.lr_per == "epoch" and per_step_only:
+        parser.error(f"argument --lr-per: epoch, but {per_step_only} changes the lr every step")
+    # Resolved here, so a warm-up's ablation (--warmup-epochs 0 under --recipe fast, whose --lr-per is step) keeps
+    # its cosine per step: by the default alone, taking the warm-up away also made the cosine per epoch.
+    args.lr_per = args.lr_per or ("step" if per_step_only else "epoch")
     if args.time_budget and args.epochs < BUDGET_AFTER_EPOCHS:  # the run would end before the choice, the budget unused
         parser.error(f"argument --time-budget: chooses --epochs after {BUDGET_AFTER_EPOCHS} epochs; give --epochs "
                      f"{BUDGET_AFTER_EPOCHS} or more, not {args.epochs}")

@@ -34,7 +34,7 @@ ON_CUDA = "on-cuda"
 PAPER_OPTIM = dict(lr=0.001, momentum=0.9, wd=0.0, lr_scheduler="none", label_smoothing=0.0)
 _PRETRAINED_224 = dict(batch_size=100, pretrained=True, norm="imagenet")
 FAST = dict(epochs=40, batch_size=512, lr=0.4, momentum=0.9, nesterov=True, wd=5e-4, label_smoothing=0.1,
-            lr_scheduler="cosine", warmup_epochs=2.0, ema=0.999, ema_every=4, tta=True, augment="rrc",
+            lr_scheduler="cosine", lr_per="step", warmup_epochs=2.0, ema=0.999, ema_every=4, tta=True, augment="rrc",
             amp=ON_CUDA, channels_last=ON_CUDA, compile=ON_CUDA)
 
 #: recipe name -> {(arch, size): flags}

@@ -240,8 +240,8 @@ def check_norm(saved, args, path):
 #: --recipe, --norm, --ema, --limit-batches): the flags that decide what is trained (the optimiser, the lr schedule,
 #: the loss, the augmentation and mixing) and what validation measures (--tta). Resumed with others, a run went on
 #: to another plan without a word, two plans in one metrics.jsonl and final.json and args.json naming the last.
-PLAN_FLAGS = ("lr", "momentum", "wd", "nesterov", "lr_scheduler", "warmup_epochs", "lr_step_size", "lr_gamma",
-              "label_smoothing", "augment", "mix", "mix_alpha", "mix_prob", "tta")
+PLAN_FLAGS = ("lr", "momentum", "wd", "nesterov", "lr_scheduler", "lr_per", "warmup_epochs", "lr_step_size",
+              "lr_gamma", "label_smoothing", "augment", "mix", "mix_alpha", "mix_prob", "tta")
 
 
 def flag_text(dest, value):
@@ -268,6 +268,8 @@ def check_plan(saved_args, args, path, parser):
     saved = saved_flags(saved_args, PLAN_FLAGS, parser)
     if saved["augment"] in (True, False):  # from before --augment took a name: a bare --augment was crop
         saved["augment"] = "crop" if saved["augment"] else "none"
+    if saved["lr_per"] is None:  # from before --lr-per: the warm-up or onecycle alone made a schedule per step
+        saved["lr_per"] = "step" if saved["warmup_epochs"] or saved["lr_scheduler"] == "onecycle" else "epoch"
     differ = [k for k in PLAN_FLAGS if saved[k] != getattr(args, k)]
     if not differ:
         return

@@ -890,7 +890,7 @@ def test_the_elastic_resume_of_a_rank_past_the_first_starts_its_sums_and_rng_afr
 
 def test_an_elastic_resume_restarts_a_per_step_schedule_at_the_epochs_samples_in_its_own_steps():
     """96 samples of epoch 2 done: 3 steps of 2 ranks x 16, 6 of one rank's."""
-    args = argparse.Namespace(warmup_epochs=1.0, lr_scheduler="cosine", batch_size=16)
+    args = argparse.Namespace(lr_per="step", batch_size=16)
     state = train.RunState(epoch=2, samples_done=96)
     assert [train.schedule_position(state, args, 10, ranks) for ranks in (1, 2)] == [26, 23]
 

@@ -71,6 +71,19 @@ def test_no_warmup_keeps_the_per_epoch_schedules():
     assert [factor(e) for e in (0, 2, 3, 6)] == [1.0, 1.0, 0.1, 0.1 ** 2]
 
 
+def test_lr_per_step_without_a_warmup_keeps_the_cosine_per_step():
+    """--recipe fast's lr is per step, with its warm-up or without: the speedrun's warm-up ablation (--warmup-epochs
+    0) also made its cosine per epoch (the default's rule), two parts switched off where the table named one."""
+    args = flags("--arch", "resnet18_64", "--recipe", "fast", "--warmup-epochs", "0")
+    assert (args.lr_per, train.per_step_schedule(args)) == ("step", True)
+    factor = train.lr_factor(flags("--epochs", "10", "--lr-per", "step"), steps_per_epoch=5)
+    assert [factor(s) for s in (0, 25, 50)] == [1.0, 0.5, 0.0]
+    assert factor(1) == 0.5 * (1 + math.cos(math.pi / 50))
+    # the default: per step with a warm-up or onecycle, per epoch otherwise (the study's runs keep their lr)
+    assert [flags(*argv).lr_per for argv in ([], ["--warmup-epochs", "1"], ["--lr-scheduler", "onecycle"])] == [
+        "epoch", "step", "step"]
+
+
 def test_a_per_step_run_records_the_lr_at_each_epochs_end(small_shards, tmp_path):
     run(small_shards, tmp_path, "--arch", "lenet5", "-b", "16", "--epochs", "3", "--lr", "0.1",
         "--warmup-epochs", "1", "--limit-batches", "4")
@@ -437,6 +450,7 @@ def test_recipe_fast_resolves_per_device():
     args = flags("--arch", "resnet18_64", "--recipe", "fast")
     assert (args.epochs, args.batch_size, args.lr, args.momentum, args.nesterov, args.wd) == (40, 512, 0.4, 0.9, True, 5e-4)
     assert (args.label_smoothing, args.lr_scheduler, args.warmup_epochs, args.ema, args.ema_every) == (0.1, "cosine", 2.0, 0.999, 4)
+    assert args.lr_per == "step"
     assert (args.tta, args.augment, args.mix, args.size) == (True, "rrc", "none", 64)
     assert (args.amp, args.channels_last, args.compile) == (False, False, False)  # CUDA-only speed-ups: off on the CPU
     for arch in ("resnet18_64s2", "resnet10_64s2"):
@@ -486,6 +500,10 @@ def test_explicit_flags_beat_recipe_fast():
     (["--arch", "resnet18_64", "--recipe", "fast", "--epochs", "2"],
      "argument --warmup-epochs: must be below --epochs (2), not 2"),
     (["--ema", "1"], "argument --ema: must be below 1, not 1"),
+    (["--lr-per", "epoch", "--warmup-epochs", "1"],
+     "argument --lr-per: epoch, but --warmup-epochs changes the lr every step"),
+    (["--lr-per", "epoch", "--lr-scheduler", "onecycle"],
+     "argument --lr-per: epoch, but --lr-scheduler onecycle changes the lr every step"),
     # It trained the one epoch and ignored the budget: the choice comes after epoch 2.
     (["--time-budget", "10", "--epochs", "1"],
      "argument --time-budget: chooses --epochs after 2 epochs; give --epochs 2 or more, not 1"),
@@ -622,12 +640,12 @@ def test_a_resume_with_another_plan_is_refused(small_shards, tmp_path, capsys):
         "0.2 --tta, this run has --lr-scheduler cosine --lr-step-size 10 --label-smoothing 0.0 --mix none --no-tta, and "
         "one run trains to one plan; resume it with --lr-scheduler step --lr-step-size 1 --label-smoothing 0.1 --mix "
         "mixup --mix-alpha 0.2 --tta" + tail)
-    said = ("--lr 0.01 --momentum 0.9 --wd 0.0005 --no-nesterov --warmup-epochs 0.0 --lr-gamma 0.1 --augment none "
-            "--mix-alpha 0.2 --mix-prob 1.0 --tta")
+    said = ("--lr 0.01 --momentum 0.9 --wd 0.0005 --no-nesterov --lr-per epoch --warmup-epochs 0.0 --lr-gamma 0.1 "
+            "--augment none --mix-alpha 0.2 --mix-prob 1.0 --tta")
     assert resume_error(*plan, "--lr", "0.2", "--momentum", "0.5", "--wd", "0", "--nesterov", "--warmup-epochs", "1",
                         "--lr-gamma", "0.5", "--augment", "--mix-alpha", "0.4", "--mix-prob", "0.5", "--no-tta") == (
-        f"error: {ckpt}: made with {said}, this run has --lr 0.2 --momentum 0.5 --wd 0.0 --nesterov --warmup-epochs 1.0 "
-        "--lr-gamma 0.5 --augment crop --mix-alpha 0.4 --mix-prob 0.5 --no-tta, and one run trains to one plan; resume "
+        f"error: {ckpt}: made with {said}, this run has --lr 0.2 --momentum 0.5 --wd 0.0 --nesterov --lr-per step "
+        "--warmup-epochs 1.0 --lr-gamma 0.5 --augment crop --mix-alpha 0.4 --mix-prob 0.5 --no-tta, and one run trains to one plan; resume "
         f"it with {said}" + tail)
     assert not (tmp_path / "metrics.jsonl").read_text()
     # an evaluation trains nothing (the speedrun-style run's bit-identical resume shows the plan's own flags resume it)
@@ -655,12 +673,14 @@ def test_a_resume_keeps_the_runs_start_in_args_json(small_shards, tmp_path, caps
 
 
 def test_a_checkpoint_without_a_plan_flag_was_made_with_its_default():
-    """An older train.py's checkpoint holds no --mix-prob, --tta or --warmup-epochs (their defaults are what it
-    did), and its --augment was on or off (on: crop)."""
+    """An older train.py's checkpoint holds no --mix-prob, --tta, --warmup-epochs or --lr-per (their defaults are
+    what it did: --lr-per's was per step with a warm-up), and its --augment was on or off (on: crop)."""
     args = flags("--augment")
-    saved = {k: v for k, v in vars(args).items() if k not in ("mix_prob", "tta", "warmup_epochs")}
+    saved = {k: v for k, v in vars(args).items() if k not in ("mix_prob", "tta", "warmup_epochs", "lr_per")}
     parser = train.get_args_parser()  # its defaults stand for the flags a checkpoint lacks
     checkpoint.check_plan(dict(saved, augment=True), args, "old.pth", parser)
+    warm = flags("--augment", "--warmup-epochs", "1")  # a --recipe fast run of before: per step, as now
+    checkpoint.check_plan(dict(saved, augment=True, warmup_epochs=1.0), warm, "old.pth", parser)
     with pytest.raises(train.CheckpointError, match="^old.pth: made with --augment none, this run has --augment crop,"):
         checkpoint.check_plan(dict(saved, augment=False), args, "old.pth", parser)
     with pytest.raises(train.CheckpointError, match="^old.pth: made with --no-tta, this run has --tta,"):

@@ -1308,7 +1308,8 @@ def get_args_parser(add_help=True):
                    help="also write checkpoint.pth every N optimiser steps (default: at each epoch's end, and on "
                         "SIGTERM, SIGINT or SIGUSR1)")
     p.add_argument("--test-only", action="store_true", help="only evaluate val and test, writing eval.json (default: off)")
-    p.add_argument("--pretrained", action="store_true", help="start from torchvision's ImageNet weights (default: off)")
+    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False,
+                   help="start from torchvision's ImageNet weights (default: off; --recipe paper's 224 rows: on)")
     p.add_argument("--weights", metavar="FILE", type=path_text,
                    help="start from a local state dict or checkpoint (an --ema run's: its average) (default: none)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu (default: cuda if available)")

@@ -899,6 +899,21 @@ def test_workers_end_when_their_parent_is_killed(shards):
     assert not any(map(_running, pids))
 
 
+def test_an_epoch_left_unfinished_until_the_interpreter_exits_stops_its_workers_quietly(shards, monkeypatch):
+    """A script that exits holding an unfinished epoch (`it = iter(loader); next(it)` beside a function of its
+    own) had it finalised in the interpreter's teardown, once sys.modules is emptied and sys.meta_path is None:
+    the shutdown imported torch's `_utils` there and printed "Exception ignored ... ImportError: sys.meta_path is
+    None, Python is likely shutting down" as the script ended, its own shutdown of the workers skipped."""
+    batches = iter(stream_from_set(shards, "train", batch_size=16, workers=2))
+    next(batches)
+    for name in [m for m in sys.modules if m == "torch.utils.data" or m.startswith("torch.utils.data.")]:
+        monkeypatch.delitem(sys.modules, name)  # as the teardown leaves sys.modules: nothing to import from
+    monkeypatch.setattr(sys, "meta_path", None)
+    batches.close()  # raised the ImportError
+    monkeypatch.undo()
+    assert multiprocessing.active_children() == []
+
+
 def test_workers_reuse_their_read_and_batch_buffers_across_epochs(shards, http):
     inline = stream_from_set(http.url, "train", batch_size=32, workers=0)
     source = stream_from_set(http.url, "train", batch_size=32, workers=2)

@@ -154,8 +154,10 @@ def check_epoch_order(ckpt, state, args, world_size, path, counts=None):
     own on another number of ranks, batch size or lane count, or on shards of other sizes (`counts`: this
     run's train shards' samples; the same release built with another --shard-size is the same run):
     resumed so, some samples would be trained on twice that epoch and others not at all, without a word.
-    At an epoch boundary anything goes on."""
-    if not state.samples_done:
+    At an epoch boundary anything goes on, and so it does where the epoch was trained whole (its checkpoint before
+    validation, one rank without drop_last): no rest is left to share. That was refused as 'stopped mid-epoch', a
+    run killed in its validation told to resume with the -b, -j and --data-path of an epoch with nothing left."""
+    if not state.samples_done or (counts is not None and state.samples_done == sum(counts)):
         return
     saved = ckpt["args"].get("data_path", "auto")
     where = f"{path}: stopped mid-epoch (epoch {state.epoch} step {state.epoch_steps})"

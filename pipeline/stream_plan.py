@@ -102,7 +102,7 @@ def plan_epoch(counts, *, seed, epoch, rank=0, world_size=1, batch_size=256, shu
        the others spreads its samples over them, where the local paths split their last); a batch's samples from
        one group form a chunk.
     start: samples of this epoch already consumed over all ranks, a multiple of
-    batch_size * world_size (or, without drop_last, the whole epoch: nothing is left): the batches before
+    batch_size * world_size (or the whole epoch, also with drop_last: nothing is left): the batches before
     it are left out, the rest are unchanged.
     """
     if not 0 <= rank < world_size or batch_size < 1 or lanes < 1 or mix < 1:
@@ -112,8 +112,9 @@ def plan_epoch(counts, *, seed, epoch, rank=0, world_size=1, batch_size=256, shu
     # epoch (4 batches, the last of 48), where the resident and fast paths refused it.
     check_start(sum(counts), start)
     # The whole epoch, its last batch short (train.py's checkpoint before validation, or at the epoch's last
-    # step): refused as no multiple, a resume from it failed in a traceback.
-    whole = not drop_last and start == sum(counts)
+    # step): refused as no multiple, a resume from it failed in a traceback. With drop_last too: a run without it
+    # (train.py without --compile) consumed the whole epoch, and its resume under --compile (drop_last) failed so.
+    whole = start == sum(counts)
     if start % (batch_size * world_size) and not whole:
         raise ValueError(f"start={start} is not a multiple of batch_size * world_size = {batch_size * world_size}")
     counts = [int(c) for c in counts]

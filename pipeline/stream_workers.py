@@ -14,6 +14,8 @@ import threading
 import time
 import warnings
 
+from torch.utils.data import _utils
+
 from .errors import FORK_WARNING, signals_deferred
 
 
@@ -85,8 +87,6 @@ def shut_down(chunks):
     and those still running terminated (their parent's SIGTERM ends them at once: `ignore_sigterm_but_the_parents`);
     torch's shutdown then does the rest, as before: it joins them, and terminates any that is still running (also
     after a second Ctrl-C in the wait here)."""
-    from torch.utils.data import _utils
-
     running = []
     try:
         if not chunks._shutdown and _utils.python_exit_status is False:  # as torch's: not again, nor at the exit

@@ -857,6 +857,25 @@ def test_a_mid_epoch_multi_rank_stream_checkpoint_of_the_earlier_deal_is_refused
     checkpoint.check_epoch_order(old, train.RunState(epoch=3), args, 2, "runs/x/checkpoint.pth")  # at a boundary
 
 
+def test_a_stream_checkpoint_of_an_epoch_trained_whole_resumes_with_any_order():
+    """The checkpoint before validation of a one-rank run holds the epoch trained whole (240 of 240 samples): no rest
+    is left, so no order to share. It was refused as 'stopped mid-epoch (epoch 1 step 5) with -b 50, whose order of
+    the epoch -b 64 does not share', and so with another -j, number of ranks or --data-path: a run killed in its
+    validation was told to resume with them. One sample short of the whole, the epoch is still under way."""
+    counts = [64, 64, 64, 48]
+    saved = dict(args=dict(data_path="stream", workers=None), world_size=1, batch_size=50, stream_deal=2,
+                 stream_counts=counts)
+    for data_path, batch_size, workers, world_size in (("stream", 64, 3, 2), ("auto", 50, None, 1)):
+        checkpoint.check_epoch_order(saved, train.RunState(epoch=1, samples_done=240, epoch_steps=5),
+                                     argparse.Namespace(data_path=data_path, batch_size=batch_size, workers=workers),
+                                     world_size, "c.pth", counts)
+    with pytest.raises(train.CheckpointError) as e:
+        checkpoint.check_epoch_order(saved, train.RunState(epoch=1, samples_done=239, epoch_steps=5),
+                                     argparse.Namespace(data_path="stream", batch_size=64, workers=None), 1, "c.pth",
+                                     counts)
+    assert str(e.value).startswith("c.pth: stopped mid-epoch (epoch 1 step 5) with -b 50, whose order")
+
+
 def test_a_mid_epoch_checkpoint_names_what_its_stream_order_needs():
     """The stream path resumes mid-epoch on as many ranks only (also fewer is refused), and a checkpoint of the
     default -j planned 2 lanes; the resident and fast paths' order goes on on any ranks and batch size."""

@@ -867,7 +867,9 @@ def test_workers_stuck_in_a_read_are_waited_for_together_when_the_epoch_stops(sh
     threading.Thread(target=ctrl_c_once_all_are_stuck, daemon=True).start()
     with pytest.raises(KeyboardInterrupt):
         _epoch(stream_from_set(shards, "train", batch_size=16, workers=2))
-    assert ran_out == [2]  # before: [1, 1]
+    # before: [1, 1]. After the one wait for both, torch's own join of the workers, just terminated, may run out
+    # too where a loaded machine takes longer than the patched 0.2 s to end one (seen: [2, 1] beside 3 test runs).
+    assert ran_out[0] == 2
     # and no_hang_no_leak: no worker left
 
 

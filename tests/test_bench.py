@@ -699,3 +699,14 @@ def test_imagefolder_baseline_reads_a_macos_copy_as_the_build_does(macos_copy):
     it). It reads the images `shard build` reads: 40 of each of the 6 classes."""
     labels = torch.cat([batch[1] for batch in bench._imagefolder(macos_copy, "rgb64", 64, 0)(0)])
     assert labels.bincount().tolist() == [40] * 6
+
+
+def test_the_device_row_reads_the_fast_path_it_names(shards, monkeypatch):
+    """The CUDA row "tinyin fast -> cuda, float, 224 upscale" called make_loader with path "auto", which takes the
+    resident path for a split of up to 2 GiB (the 64x64 train split too): it measured the resident loader."""
+    made = []
+    monkeypatch.setattr(bench, "make_loader", lambda *args, **kw: made.append(kw) or object())
+    (name, how, build), = [row for row in bench._loaders(open_shard_set(shards), None, "rgb64", 64, 0, False, "cuda")
+                           if "cuda" in row[0]]
+    build()
+    assert (name, how, made[0].get("path", "auto")) == ("tinyin fast -> cuda, float, 224 upscale", "1 thread", "fast")

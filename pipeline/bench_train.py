@@ -271,12 +271,29 @@ def _model(case, device, num_classes, cache):
     return model
 
 
+def _not_measured(case, why):
+    """The row of a case not measured: `why` instead of its figures."""
+    return dict(asdict(case), images_per_s=None, min=None, max=None, rates=[], peak_bytes=None, skipped=why)
+
+
+def _measure(case, feeds, device, num_classes, compiled, warmup, steps, windows):
+    """The windows' images/s of `case` (`time_windows`), its model, optimiser and feed gone afterwards."""
+    step = make_step(_model(case, device, num_classes, compiled), device)
+    batches = feeds.batches(case)
+    try:
+        return time_windows(step, batches, device, warmup, steps, windows)
+    finally:
+        batches.close()  # now, not at garbage collection: feed d's workers must not run into the next row
+        del step, batches  # the model and optimiser go before the next row's peak memory is reset
+
+
 def bench_train(shards, images=None, cases=None, device="cpu", warmup=10, steps=50, windows=3,
                 workers=None, log=print):
     """Measure every case; returns a list of row dicts (the `Case` fields plus images/s median,
     min, max, the windows' rates, ratio to (a) of the same compile setting, peak GPU memory, and
     `skipped`: None, or why the row was not measured, its figures None, e.g. a batch larger than the
-    train split).
+    train split, or a row that failed: "failed: OutOfMemoryError: CUDA out of memory. ...", the rows
+    after it measured all the same).
     A KeyboardInterrupt (Ctrl-C; `tinyin bench train` turns SIGTERM into one) ends the run early
     and returns the rows measured so far, fewer than the cases."""
     device = torch.device(device)
@@ -305,22 +322,24 @@ def bench_train(shards, images=None, cases=None, device="cpu", warmup=10, steps=
             if case.batch > n_train:
                 # A small set (`data synth`, `shard build --classes`) under the default --batch study,256: the
                 # row's error ended the run and lost the rows measured before it. Now a row that says why.
-                rows.append(dict(asdict(case), images_per_s=None, min=None, max=None, rates=[], peak_bytes=None,
-                                 skipped=f"not measured: the train split holds {n_train} {plural(n_train, 'image')}, "
-                                         f"fewer than one batch of {case.batch}"))
+                rows.append(_not_measured(case, f"not measured: the train split holds {n_train} "
+                                                f"{plural(n_train, 'image')}, fewer than one batch of {case.batch}"))
                 log(f"  {name}: {rows[-1]['skipped']}")
                 continue
             feeds.keep_only(case.feed)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
-            step = make_step(_model(case, device, num_classes, compiled), device)
-            batches = feeds.batches(case)
             try:
-                rates = time_windows(step, batches, device, warmup, steps, windows)
-            finally:
-                batches.close()  # now, not at garbage collection: feed d's workers must not run into the next row
-                del step, batches  # the model and optimiser go before the next row's peak memory is reset
+                rates = _measure(case, feeds, device, num_classes, compiled, warmup, steps, windows)
+            except UsageError:
+                raise
+            except Exception as e:  # noqa: BLE001 - an OOM, a compiler's error: ended the run, the rows before it lost
+                compiled.clear()  # a compiled model that failed is not reused
+                lines = str(e).strip().splitlines()
+                rows.append(_not_measured(case, f"failed: {type(e).__name__}" + (f": {lines[0]}" if lines else "")))
+                log(f"  {name}: {rows[-1]['skipped']}")
+                continue
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
             row = dict(asdict(case), images_per_s=statistics.median(rates), min=min(rates), max=max(rates),
                        rates=rates, peak_bytes=peak, skipped=None)

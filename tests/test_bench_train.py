@@ -384,3 +384,25 @@ def test_the_tables_header_is_the_command_quoted_for_a_shell(tmp_path, monkeypat
     assert result.output.splitlines()[0] == (
         f"# tinyin bench train --shards '{tmp_path}/my shards' --arch lenet5 --device cpu --json 'b é.json'")
     assert json.loads((tmp_path / "b é.json").read_text())["command"] == result.output.splitlines()[0][2:]
+
+
+def test_a_row_that_fails_is_a_row_that_says_so_and_the_rows_after_it_are_measured(shards, monkeypatch):
+    """A row out of GPU memory (or a compiler's error) ended the run in a traceback, its table and JSON lost, the
+    rows measured before it only in the log: the row now says why, and the next rows are measured."""
+    windows = bt.time_windows
+
+    def out_of_memory_in_the_second_row(*args):
+        started.append(args)
+        if len(started) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore words")
+        return windows(*args)
+    started, log = [], []
+    monkeypatch.setattr(bt, "time_windows", out_of_memory_in_the_second_row)
+    rows = bench_train(shards, cases=[Case("lenet5", 28, 8, "ceiling"), Case("lenet5", 28, 8, "resident"),
+                                      Case("lenet5", 28, 8, "fast")], warmup=0, steps=1, log=log.append)
+    reason = "failed: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB."
+    assert [r["skipped"] for r in rows] == [None, reason, None]
+    assert (rows[1]["images_per_s"], rows[1]["of_ceiling"]) == (None, None) and rows[2]["of_ceiling"] > 0
+    assert log[1] == f"  lenet5@28 b8 resident: {reason}"
+    assert format_table(rows, "x", environment("cpu"), 0, 1, 3).splitlines()[6] == (
+        f"| lenet5 | 28 | 8 | (b) resident loader | no | {reason} | - | - | - |")

@@ -265,8 +265,12 @@ def _model(case, device, num_classes, cache):
     model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
     model.train()
     if case.compiled:
-        model = torch.compile(model)
         cache.clear()
+        # What torch.compile kept of the rows before, as in a new process (train.py --compile): a network compiled
+        # again at another batch or size took it for a shape that changes, and was compiled for any (dynamic
+        # shapes, not the static ones of a run), and every compile counted toward the recompile limit.
+        torch._dynamo.reset()
+        model = torch.compile(model)
         cache[case.arch, case.size, case.batch] = model
     return model
 

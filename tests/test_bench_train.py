@@ -406,3 +406,23 @@ def test_a_row_that_fails_is_a_row_that_says_so_and_the_rows_after_it_are_measur
     assert log[1] == f"  lenet5@28 b8 resident: {reason}"
     assert format_table(rows, "x", environment("cpu"), 0, 1, 3).splitlines()[6] == (
         f"| lenet5 | 28 | 8 | (b) resident loader | no | {reason} | - | - | - |")
+
+
+def test_a_network_compiled_again_at_another_batch_is_compiled_for_its_shapes_alone(monkeypatch):
+    """torch.compile kept what it had seen in the rows before: the second compiled lenet5 row (another batch) was
+    compiled for any batch size (a SymInt in its graph's inputs), not for its own as train.py --compile's is."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append([type(x).__name__ for x in example_inputs if not isinstance(x, torch.Tensor)])
+        return gm.forward
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: compile_(model, backend=backend))
+    cache = {}
+    try:
+        for batch in (8, 16):  # as bench_train's rows get their networks
+            model = bt._model(Case("lenet5", 28, batch, "ceiling", True), torch.device("cpu"), 6, cache)
+            model(torch.zeros(batch, 1, 28, 28))
+    finally:
+        torch._dynamo.reset()  # the graphs of this test's backend are no other test's
+    assert graphs == [[], []]

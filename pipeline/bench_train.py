@@ -68,7 +68,7 @@ def plan(archs=None, sizes=None, batches=("study", 256), feeds=("a", "b", "c"), 
     """The cases to measure, in table order; UsageError for a selection that matches nothing.
 
     batches: ints and/or "study" (the row's batch in the study). feeds: letters of `FEEDS`.
-    compile: also run (a) and (b) through torch.compile.
+    compile: also run (a) and (b) through torch.compile, after the rows of the same batch run without it.
     """
     arch_choices, feed_choices = ", ".join(dict(ROWS)), ", ".join(f"{k} ({v})" for k, v in FEEDS.items())
     size_choices = ", ".join(map(str, sorted({s for _, s in ROWS})))
@@ -96,11 +96,12 @@ def plan(archs=None, sizes=None, batches=("study", 256), feeds=("a", "b", "c"), 
     for arch, size in rows:
         sizes_b = dict.fromkeys(study_batch(arch, size) if b == "study" else int(b) for b in batches)
         for batch in sizes_b:
-            for letter in FEEDS:  # table order, whatever order the feeds were given in
-                if letter in feeds:
-                    cases.append(Case(arch, size, batch, FEEDS[letter]))
-                    if compile and FEEDS[letter] in COMPILABLE:
-                        cases.append(Case(arch, size, batch, FEEDS[letter], compiled=True))
+            # The compiled (a) and (b) back to back: they share one compiled network (`_model`), and no other row
+            # holds it (kept through the eager rows between and after them, it counted in their peak memory).
+            for compiled in (False, True) if compile else (False,):
+                for letter in FEEDS:  # table order, whatever order the feeds were given in
+                    if letter in feeds and (not compiled or FEEDS[letter] in COMPILABLE):
+                        cases.append(Case(arch, size, batch, FEEDS[letter], compiled))
     return cases
 
 
@@ -331,6 +332,8 @@ def bench_train(shards, images=None, cases=None, device="cpu", warmup=10, steps=
                 log(f"  {name}: {rows[-1]['skipped']}")
                 continue
             feeds.keep_only(case.feed)
+            if not (case.compiled and (case.arch, case.size, case.batch) in compiled):
+                compiled.clear()  # no row but its own holds a compiled network (its weights, its gradients)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)

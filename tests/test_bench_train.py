@@ -26,11 +26,11 @@ from tests.conftest import SYNTH, stop_by
 def test_plan_rows_batches_and_compile():
     cases = plan(["lenet5", "resnet18"], [28, 64], ("study", 256, 32), ("c", "a"), compile=True)
     assert cases == [
-        Case("lenet5", 28, 32, "ceiling"), Case("lenet5", 28, 32, "ceiling", True), Case("lenet5", 28, 32, "fast"),
-        Case("lenet5", 28, 256, "ceiling"), Case("lenet5", 28, 256, "ceiling", True), Case("lenet5", 28, 256, "fast"),
-        Case("resnet18", 64, 50, "ceiling"), Case("resnet18", 64, 50, "ceiling", True), Case("resnet18", 64, 50, "fast"),
-        Case("resnet18", 64, 256, "ceiling"), Case("resnet18", 64, 256, "ceiling", True), Case("resnet18", 64, 256, "fast"),
-        Case("resnet18", 64, 32, "ceiling"), Case("resnet18", 64, 32, "ceiling", True), Case("resnet18", 64, 32, "fast"),
+        Case("lenet5", 28, 32, "ceiling"), Case("lenet5", 28, 32, "fast"), Case("lenet5", 28, 32, "ceiling", True),
+        Case("lenet5", 28, 256, "ceiling"), Case("lenet5", 28, 256, "fast"), Case("lenet5", 28, 256, "ceiling", True),
+        Case("resnet18", 64, 50, "ceiling"), Case("resnet18", 64, 50, "fast"), Case("resnet18", 64, 50, "ceiling", True),
+        Case("resnet18", 64, 256, "ceiling"), Case("resnet18", 64, 256, "fast"), Case("resnet18", 64, 256, "ceiling", True),
+        Case("resnet18", 64, 32, "ceiling"), Case("resnet18", 64, 32, "fast"), Case("resnet18", 64, 32, "ceiling", True),
     ]
     # the whole zoo: 7 rows, the 224 rows at the study's batch 100
     everything = plan()
@@ -426,3 +426,32 @@ def test_a_network_compiled_again_at_another_batch_is_compiled_for_its_shapes_al
     finally:
         torch._dynamo.reset()  # the graphs of this test's backend are no other test's
     assert graphs == [[], []]
+
+
+def test_a_compiled_network_is_held_by_its_own_rows_alone(shards, monkeypatch):
+    """The compiled network that (a) and (b) share was kept until the next one was compiled: its weights and
+    gradients were in the memory (and the peak) of the eager (b), (c) and (d) rows between and after them. The two
+    compiled rows now run back to back, after the eager ones, and no other row holds it."""
+    compiled, held = [], []
+    compile_ = torch.compile
+
+    def compile_and_note(model):
+        compiled.append(weakref.ref(model := compile_(model)))
+        return model
+
+    def note_the_compiled_networks_alive(model, *args):
+        alive = [ref() for ref in compiled if ref() is not None]
+        held.append((model in alive, len(alive), len(compiled)))
+        return [1.0, 1.0, 1.0]
+    monkeypatch.setattr(torch, "compile", compile_and_note)
+    monkeypatch.setattr(bt, "make_step", lambda model, device: model)  # what each row's steps would train
+    monkeypatch.setattr(bt.Feeds, "batches", lambda self, case: (batch for batch in ()))
+    monkeypatch.setattr(bt, "time_windows", note_the_compiled_networks_alive)
+    cases = plan(["lenet5"], None, ("8", "16"), ("a", "b", "c"), compile=True)
+    rows = bench_train(shards, cases=cases, log=lambda line: None)
+    assert [(r["batch"], r["feed"], r["compiled"], r["skipped"]) for r in rows] == [
+        (batch, feed, compiled, None) for batch in (8, 16) for feed, compiled in (
+            ("ceiling", False), ("resident", False), ("fast", False), ("ceiling", True), ("resident", True))]
+    # (its own network compiled, compiled networks alive, compiled so far), row by row
+    assert held == [(False, 0, 0), (False, 0, 0), (False, 0, 0), (True, 1, 1), (True, 1, 1),
+                    (False, 0, 1), (False, 0, 1), (False, 0, 1), (True, 1, 2), (True, 1, 2)]

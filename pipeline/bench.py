@@ -400,7 +400,7 @@ def _device_loader(shards, variant, batch_size, device):
         loader.set_epoch(epoch)
         for images, labels in loader:
             yield images, labels
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)  # its own: the current device's (cuda:0) did not wait for --device cuda:1
     return epoch_iter
 
 

@@ -710,3 +710,17 @@ def test_the_device_row_reads_the_fast_path_it_names(shards, monkeypatch):
                            if "cuda" in row[0]]
     build()
     assert (name, how, made[0].get("path", "auto")) == ("tinyin fast -> cuda, float, 224 upscale", "1 thread", "fast")
+
+
+def test_the_device_rows_epoch_ends_when_its_own_device_is_done(monkeypatch):
+    """The pass's clock stopped at torch.cuda.synchronize() of the current device (cuda:0): under --device cuda:1
+    the row's batches queued there were not waited for."""
+    synced = []
+
+    class Loader(list):
+        def set_epoch(self, epoch):
+            pass
+    monkeypatch.setattr(bench, "make_loader", lambda *args, **kw: Loader([(None, [0] * 8)]))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    assert len(list(bench._device_loader(None, "rgb64", 8, "cuda:1")(0))) == 1
+    assert synced == ["cuda:1"]

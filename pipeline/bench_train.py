@@ -68,7 +68,7 @@ def plan(archs=None, sizes=None, batches=("study", 256), feeds=("a", "b", "c"), 
     """The cases to measure, in table order; UsageError for a selection that matches nothing.
 
     batches: ints and/or "study" (the row's batch in the study). feeds: letters of `FEEDS`.
-    compile: also run (a) and (b) through torch.compile.
+    compile: also run (a) and (b) through torch.compile, after the rows of the same batch run without it.
     """
     arch_choices, feed_choices = ", ".join(dict(ROWS)), ", ".join(f"{k} ({v})" for k, v in FEEDS.items())
     size_choices = ", ".join(map(str, sorted({s for _, s in ROWS})))
@@ -96,11 +96,12 @@ def plan(archs=None, sizes=None, batches=("study", 256), feeds=("a", "b", "c"), 
     for arch, size in rows:
         sizes_b = dict.fromkeys(study_batch(arch, size) if b == "study" else int(b) for b in batches)
         for batch in sizes_b:
-            for letter in FEEDS:  # table order, whatever order the feeds were given in
-                if letter in feeds:
-                    cases.append(Case(arch, size, batch, FEEDS[letter]))
-                    if compile and FEEDS[letter] in COMPILABLE:
-                        cases.append(Case(arch, size, batch, FEEDS[letter], compiled=True))
+            # The compiled (a) and (b) back to back: they share one compiled network (`_model`), and no other row
+            # holds it (kept through the eager rows between and after them, it counted in their peak memory).
+            for compiled in (False, True) if compile else (False,):
+                for letter in FEEDS:  # table order, whatever order the feeds were given in
+                    if letter in feeds and (not compiled or FEEDS[letter] in COMPILABLE):
+                        cases.append(Case(arch, size, batch, FEEDS[letter], compiled))
     return cases
 
 
@@ -265,10 +266,30 @@ def _model(case, device, num_classes, cache):
     model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
     model.train()
     if case.compiled:
-        model = torch.compile(model)
         cache.clear()
+        # What torch.compile kept of the rows before, as in a new process (train.py --compile): a network compiled
+        # again at another batch or size took it for a shape that changes, and was compiled for any (dynamic
+        # shapes, not the static ones of a run), and every compile counted toward the recompile limit.
+        torch._dynamo.reset()
+        model = torch.compile(model)
         cache[case.arch, case.size, case.batch] = model
     return model
+
+
+def _not_measured(case, why):
+    """The row of a case not measured: `why` instead of its figures."""
+    return dict(asdict(case), images_per_s=None, min=None, max=None, rates=[], peak_bytes=None, skipped=why)
+
+
+def _measure(case, feeds, device, num_classes, compiled, warmup, steps, windows):
+    """The windows' images/s of `case` (`time_windows`), its model, optimiser and feed gone afterwards."""
+    step = make_step(_model(case, device, num_classes, compiled), device)
+    batches = feeds.batches(case)
+    try:
+        return time_windows(step, batches, device, warmup, steps, windows)
+    finally:
+        batches.close()  # now, not at garbage collection: feed d's workers must not run into the next row
+        del step, batches  # the model and optimiser go before the next row's peak memory is reset
 
 
 def bench_train(shards, images=None, cases=None, device="cpu", warmup=10, steps=50, windows=3,
@@ -276,7 +297,8 @@ def bench_train(shards, images=None, cases=None, device="cpu", warmup=10, steps=
     """Measure every case; returns a list of row dicts (the `Case` fields plus images/s median,
     min, max, the windows' rates, ratio to (a) of the same compile setting, peak GPU memory, and
     `skipped`: None, or why the row was not measured, its figures None, e.g. a batch larger than the
-    train split).
+    train split, or a row that failed: "failed: OutOfMemoryError: CUDA out of memory. ...", the rows
+    after it measured all the same).
     A KeyboardInterrupt (Ctrl-C; `tinyin bench train` turns SIGTERM into one) ends the run early
     and returns the rows measured so far, fewer than the cases."""
     device = torch.device(device)
@@ -305,22 +327,26 @@ def bench_train(shards, images=None, cases=None, device="cpu", warmup=10, steps=
             if case.batch > n_train:
                 # A small set (`data synth`, `shard build --classes`) under the default --batch study,256: the
                 # row's error ended the run and lost the rows measured before it. Now a row that says why.
-                rows.append(dict(asdict(case), images_per_s=None, min=None, max=None, rates=[], peak_bytes=None,
-                                 skipped=f"not measured: the train split holds {n_train} {plural(n_train, 'image')}, "
-                                         f"fewer than one batch of {case.batch}"))
+                rows.append(_not_measured(case, f"not measured: the train split holds {n_train} "
+                                                f"{plural(n_train, 'image')}, fewer than one batch of {case.batch}"))
                 log(f"  {name}: {rows[-1]['skipped']}")
                 continue
             feeds.keep_only(case.feed)
+            if not (case.compiled and (case.arch, case.size, case.batch) in compiled):
+                compiled.clear()  # no row but its own holds a compiled network (its weights, its gradients)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
-            step = make_step(_model(case, device, num_classes, compiled), device)
-            batches = feeds.batches(case)
             try:
-                rates = time_windows(step, batches, device, warmup, steps, windows)
-            finally:
-                batches.close()  # now, not at garbage collection: feed d's workers must not run into the next row
-                del step, batches  # the model and optimiser go before the next row's peak memory is reset
+                rates = _measure(case, feeds, device, num_classes, compiled, warmup, steps, windows)
+            except UsageError:
+                raise
+            except Exception as e:  # noqa: BLE001 - an OOM, a compiler's error: ended the run, the rows before it lost
+                compiled.clear()  # a compiled model that failed is not reused
+                lines = str(e).strip().splitlines()
+                rows.append(_not_measured(case, f"failed: {type(e).__name__}" + (f": {lines[0]}" if lines else "")))
+                log(f"  {name}: {rows[-1]['skipped']}")
+                continue
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
             row = dict(asdict(case), images_per_s=statistics.median(rates), min=min(rates), max=max(rates),
                        rates=rates, peak_bytes=peak, skipped=None)

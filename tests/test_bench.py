@@ -699,3 +699,28 @@ def test_imagefolder_baseline_reads_a_macos_copy_as_the_build_does(macos_copy):
     it). It reads the images `shard build` reads: 40 of each of the 6 classes."""
     labels = torch.cat([batch[1] for batch in bench._imagefolder(macos_copy, "rgb64", 64, 0)(0)])
     assert labels.bincount().tolist() == [40] * 6
+
+
+def test_the_device_row_reads_the_fast_path_it_names(shards, monkeypatch):
+    """The CUDA row "tinyin fast -> cuda, float, 224 upscale" called make_loader with path "auto", which takes the
+    resident path for a split of up to 2 GiB (the 64x64 train split too): it measured the resident loader."""
+    made = []
+    monkeypatch.setattr(bench, "make_loader", lambda *args, **kw: made.append(kw) or object())
+    (name, how, build), = [row for row in bench._loaders(open_shard_set(shards), None, "rgb64", 64, 0, False, "cuda")
+                           if "cuda" in row[0]]
+    build()
+    assert (name, how, made[0].get("path", "auto")) == ("tinyin fast -> cuda, float, 224 upscale", "1 thread", "fast")
+
+
+def test_the_device_rows_epoch_ends_when_its_own_device_is_done(monkeypatch):
+    """The pass's clock stopped at torch.cuda.synchronize() of the current device (cuda:0): under --device cuda:1
+    the row's batches queued there were not waited for."""
+    synced = []
+
+    class Loader(list):
+        def set_epoch(self, epoch):
+            pass
+    monkeypatch.setattr(bench, "make_loader", lambda *args, **kw: Loader([(None, [0] * 8)]))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    assert len(list(bench._device_loader(None, "rgb64", 8, "cuda:1")(0))) == 1
+    assert synced == ["cuda:1"]

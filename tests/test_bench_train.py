@@ -26,11 +26,11 @@ from tests.conftest import SYNTH, stop_by
 def test_plan_rows_batches_and_compile():
     cases = plan(["lenet5", "resnet18"], [28, 64], ("study", 256, 32), ("c", "a"), compile=True)
     assert cases == [
-        Case("lenet5", 28, 32, "ceiling"), Case("lenet5", 28, 32, "ceiling", True), Case("lenet5", 28, 32, "fast"),
-        Case("lenet5", 28, 256, "ceiling"), Case("lenet5", 28, 256, "ceiling", True), Case("lenet5", 28, 256, "fast"),
-        Case("resnet18", 64, 50, "ceiling"), Case("resnet18", 64, 50, "ceiling", True), Case("resnet18", 64, 50, "fast"),
-        Case("resnet18", 64, 256, "ceiling"), Case("resnet18", 64, 256, "ceiling", True), Case("resnet18", 64, 256, "fast"),
-        Case("resnet18", 64, 32, "ceiling"), Case("resnet18", 64, 32, "ceiling", True), Case("resnet18", 64, 32, "fast"),
+        Case("lenet5", 28, 32, "ceiling"), Case("lenet5", 28, 32, "fast"), Case("lenet5", 28, 32, "ceiling", True),
+        Case("lenet5", 28, 256, "ceiling"), Case("lenet5", 28, 256, "fast"), Case("lenet5", 28, 256, "ceiling", True),
+        Case("resnet18", 64, 50, "ceiling"), Case("resnet18", 64, 50, "fast"), Case("resnet18", 64, 50, "ceiling", True),
+        Case("resnet18", 64, 256, "ceiling"), Case("resnet18", 64, 256, "fast"), Case("resnet18", 64, 256, "ceiling", True),
+        Case("resnet18", 64, 32, "ceiling"), Case("resnet18", 64, 32, "fast"), Case("resnet18", 64, 32, "ceiling", True),
     ]
     # the whole zoo: 7 rows, the 224 rows at the study's batch 100
     everything = plan()
@@ -384,3 +384,74 @@ def test_the_tables_header_is_the_command_quoted_for_a_shell(tmp_path, monkeypat
     assert result.output.splitlines()[0] == (
         f"# tinyin bench train --shards '{tmp_path}/my shards' --arch lenet5 --device cpu --json 'b é.json'")
     assert json.loads((tmp_path / "b é.json").read_text())["command"] == result.output.splitlines()[0][2:]
+
+
+def test_a_row_that_fails_is_a_row_that_says_so_and_the_rows_after_it_are_measured(shards, monkeypatch):
+    """A row out of GPU memory (or a compiler's error) ended the run in a traceback, its table and JSON lost, the
+    rows measured before it only in the log: the row now says why, and the next rows are measured."""
+    windows = bt.time_windows
+
+    def out_of_memory_in_the_second_row(*args):
+        started.append(args)
+        if len(started) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore words")
+        return windows(*args)
+    started, log = [], []
+    monkeypatch.setattr(bt, "time_windows", out_of_memory_in_the_second_row)
+    rows = bench_train(shards, cases=[Case("lenet5", 28, 8, "ceiling"), Case("lenet5", 28, 8, "resident"),
+                                      Case("lenet5", 28, 8, "fast")], warmup=0, steps=1, log=log.append)
+    reason = "failed: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB."
+    assert [r["skipped"] for r in rows] == [None, reason, None]
+    assert (rows[1]["images_per_s"], rows[1]["of_ceiling"]) == (None, None) and rows[2]["of_ceiling"] > 0
+    assert log[1] == f"  lenet5@28 b8 resident: {reason}"
+    assert format_table(rows, "x", environment("cpu"), 0, 1, 3).splitlines()[6] == (
+        f"| lenet5 | 28 | 8 | (b) resident loader | no | {reason} | - | - | - |")
+
+
+def test_a_network_compiled_again_at_another_batch_is_compiled_for_its_shapes_alone(monkeypatch):
+    """torch.compile kept what it had seen in the rows before: the second compiled lenet5 row (another batch) was
+    compiled for any batch size (a SymInt in its graph's inputs), not for its own as train.py --compile's is."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append([type(x).__name__ for x in example_inputs if not isinstance(x, torch.Tensor)])
+        return gm.forward
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: compile_(model, backend=backend))
+    cache = {}
+    try:
+        for batch in (8, 16):  # as bench_train's rows get their networks
+            model = bt._model(Case("lenet5", 28, batch, "ceiling", True), torch.device("cpu"), 6, cache)
+            model(torch.zeros(batch, 1, 28, 28))
+    finally:
+        torch._dynamo.reset()  # the graphs of this test's backend are no other test's
+    assert graphs == [[], []]
+
+
+def test_a_compiled_network_is_held_by_its_own_rows_alone(shards, monkeypatch):
+    """The compiled network that (a) and (b) share was kept until the next one was compiled: its weights and
+    gradients were in the memory (and the peak) of the eager (b), (c) and (d) rows between and after them. The two
+    compiled rows now run back to back, after the eager ones, and no other row holds it."""
+    compiled, held = [], []
+    compile_ = torch.compile
+
+    def compile_and_note(model):
+        compiled.append(weakref.ref(model := compile_(model)))
+        return model
+
+    def note_the_compiled_networks_alive(model, *args):
+        alive = [ref() for ref in compiled if ref() is not None]
+        held.append((model in alive, len(alive), len(compiled)))
+        return [1.0, 1.0, 1.0]
+    monkeypatch.setattr(torch, "compile", compile_and_note)
+    monkeypatch.setattr(bt, "make_step", lambda model, device: model)  # what each row's steps would train
+    monkeypatch.setattr(bt.Feeds, "batches", lambda self, case: (batch for batch in ()))
+    monkeypatch.setattr(bt, "time_windows", note_the_compiled_networks_alive)
+    cases = plan(["lenet5"], None, ("8", "16"), ("a", "b", "c"), compile=True)
+    rows = bench_train(shards, cases=cases, log=lambda line: None)
+    assert [(r["batch"], r["feed"], r["compiled"], r["skipped"]) for r in rows] == [
+        (batch, feed, compiled, None) for batch in (8, 16) for feed, compiled in (
+            ("ceiling", False), ("resident", False), ("fast", False), ("ceiling", True), ("resident", True))]
+    # (its own network compiled, compiled networks alive, compiled so far), row by row
+    assert held == [(False, 0, 0), (False, 0, 0), (False, 0, 0), (True, 1, 1), (True, 1, 1),
+                    (False, 0, 1), (False, 0, 1), (False, 0, 1), (True, 1, 2), (True, 1, 2)]

@@ -397,7 +397,8 @@ def load_data(args, device, world_size, shard_set):
 def build_model(args, manifest):
     """The network, from scratch, torchvision's ImageNet weights, or --weights FILE; under --test-only the
     file's head must fit (another class count's is replaced by a fresh one, which scores chance), and a
-    train.py checkpoint's classes must be the shards' (other classes' outputs are scored against other labels). Resuming,
+    train.py checkpoint's classes must be the shards' (other classes' outputs are scored against other labels),
+    its --size and --norm this run's. Resuming,
     from scratch: the checkpoint replaces every weight, so a resume (a preempted job requeued on an offline
     node) needs neither the ImageNet download nor the --weights file any more."""
     num_classes = len(manifest["classes"])
@@ -420,11 +421,14 @@ def build_model(args, manifest):
         raise CheckpointError(f"--weights {args.weights}: its head is not for these shards' "
                               f"{num_classes} {plural(num_classes, 'class')}, and "
                               "--test-only would evaluate a fresh one (chance level); train from it first")
-    trained_on, norm = weights_run(args.weights)
+    trained_on, size, norm = weights_run(args.weights)
     if trained_on not in (None, classes_of(manifest)):  # a plain state dict does not say
         raise CheckpointError(f"--weights {args.weights}: trained on {trained_on}, not these shards' "
                               f"{classes_of(manifest)}, and --test-only would score its outputs against other "
                               "labels; give the shards it was trained on")
+    if size not in (None, args.size):  # 64 against 224 (as --resume refuses it): the figures of another input
+        raise CheckpointError(f"--weights {args.weights}: trained at --size {size}, this run has --size {args.size}, "
+                              f"and --test-only would score it on inputs of another size; give --size {size}")
     check_norm(norm, args, f"--weights {args.weights}")
     return model
 

@@ -56,11 +56,12 @@ def saved_records(path, *keys):
 
 
 def weights_run(path):
-    """(the classes (`classes_of` its shards), --norm) a train.py checkpoint was trained with; None for
+    """(the classes (`classes_of` its shards), --size, --norm) a train.py checkpoint was trained with; None for
     what a file does not record."""
     identity, run_args = saved_records(path, "identity", "args")
     dataset = identity.get("dataset") if identity else None
     return (dataset.rsplit(", ", 1)[0] if isinstance(dataset, str) else None,
+            identity.get("size") if identity else None,
             run_args.get("norm") if run_args else None)
 
 

@@ -441,6 +441,24 @@ def test_test_only_refuses_a_checkpoint_of_other_classes(train_shards, tmp_path,
                "--weights", tmp_path / "run" / "best.pth")["val"]["top1"] >= 0  # its own classes
 
 
+def test_test_only_refuses_a_checkpoint_of_another_size(tiny_shards, tmp_path, capsys):
+    """A 224 run's best.pth evaluated with --weights and no --size was scored at 64 px without a word (a squeezenet1_1
+    checkpoint's test loss 1.379 against its final.json's 1.363), where --resume refuses another --size."""
+    flags = ["--arch", "squeezenet1_1", "--norm", "imagenet", "--size", "224"]
+    identity = checkpoint.run_identity(train.parse_args(flags), read_manifest(tiny_shards))
+    torch.save({"model": train.models.get_model("squeezenet1_1", num_classes=2).state_dict(), "identity": identity,
+                "args": dict(vars(train.parse_args(flags)), argv=flags)}, tmp_path / "best.pth")
+    base = ["--device", "cpu", "--shards", tiny_shards, "--output-dir", tmp_path / "eval", "--test-only", "-b", "2",
+            "--limit-batches", "1", "--weights", tmp_path / "best.pth", *flags[:-2]]
+    assert cli(*base) == 1
+    assert capsys.readouterr().err == (
+        f"error: --weights {tmp_path / 'best.pth'}: trained at --size 224, this run has --size 64, and --test-only "
+        "would score it on inputs of another size; give --size 224\n")
+    assert not (tmp_path / "eval").exists()
+    model = train.build_model(train.parse_args([str(a) for a in (*base, "--size", "224")]), read_manifest(tiny_shards))
+    assert model.classifier[1].out_channels == 2  # the file's network, evaluated at its own size
+
+
 def test_no_whole_batch_per_rank_is_a_usage_error(train_shards, tmp_path, capsys):
     """drop_last under --compile (and DDP) with a batch above the split: a ZeroDivisionError at the
     epoch's end, after an empty epoch, before."""

@@ -13,7 +13,7 @@ OUT/runs/; a seed whose final.json is there, trained with the same train.py flag
 
 --ablate (issue 9's table of what each part adds) then trains the first seed again once per named
 part, with only that part switched off (ABLATIONS: the train.py flags that do it, which win over
-the recipe), and writes OUT/ablation.md (+ .json): each variant's minutes and val/test top-1
+the recipe), and writes OUT/ablation.md (+ .json): each variant's minutes, epochs and val/test top-1
 beside the full recipe's on the same seed. One seed a variant: a difference smaller than the
 seeds' spread in speedrun.md is noise.
 """
@@ -166,17 +166,21 @@ def render(results, argv):
 
 def render_ablation(full, variants, argv):
     """ablation.md: the full recipe's row, then one row per part switched off, with its change in
-    val top-1 against the full recipe on the same seed."""
+    val top-1 against the full recipe on the same seed. Each row says its epochs: under --time-budget
+    each run sets its own from its measured epoch time (a variant without compile, bf16 or
+    channels_last trains fewer in the same minutes), which the table did not show."""
     f = full["final"]
     lines = [f"# python tools/speedrun.py {hide_password(shlex.join(argv))}",
              f"# seed {full['seed']}; each row: --recipe fast with one part switched off", "",
-             "| without | train.py flags | minutes (process) | val top-1 (%) | change in val (points) | test top-1 (%) |",
-             "|---|---|---|---|---|---|",
-             f"| nothing: the full recipe | | {full['seconds'] / 60:.2f} | {f['val_top1']:.2f} | | {f['test_top1']:.2f} |"]
+             "| without | train.py flags | minutes (process) | epochs | val top-1 (%) | change in val (points) "
+             "| test top-1 (%) |",
+             "|---|---|---|---|---|---|---|",
+             f"| nothing: the full recipe | | {full['seconds'] / 60:.2f} | {f['epochs']} | {f['val_top1']:.2f} | | "
+             f"{f['test_top1']:.2f} |"]
     for r in variants:
         part, flags = ABLATIONS[r["variant"]]
         v = r["final"]
-        lines.append(f"| {part} | `{flags}` | {r['seconds'] / 60:.2f} | {v['val_top1']:.2f} | "
+        lines.append(f"| {part} | `{flags}` | {r['seconds'] / 60:.2f} | {v['epochs']} | {v['val_top1']:.2f} | "
                      f"{v['val_top1'] - f['val_top1']:+.2f} | {v['test_top1']:.2f} |")
     return "\n".join(lines) + "\n"
 

@@ -51,6 +51,14 @@ def test_the_curve_puts_the_start_up_before_the_first_epoch():
     assert speedrun.curve(result) == [(1.5, 10.0), (2.5, 20.0)]  # 60 s of start-up, then 30 s and 60 s
 
 
+def test_the_curve_puts_each_epoch_at_the_end_of_its_validation_from_the_process_start():
+    """train.py's process_s: each epoch's two checkpoints and the test, outside the epochs' time, were put
+    before the first epoch, and every point but the last stood later than when its accuracy was known."""
+    result = dict(seconds=150.0, metrics=[dict(epoch_time_s=30.0, val_top1=10.0, process_s=42.0),
+                                          dict(epoch_time_s=60.0, val_top1=20.0, process_s=108.0)])
+    assert speedrun.curve(result) == [(0.7, 10.0), (1.8, 20.0)]
+
+
 def test_the_curve_of_a_seed_trained_again_starts_at_its_first_epoch():
     """A seed stopped and trained again: its process time is the second process's, its epochs both's, so
     they can sum to more; the start-up is then none, not a negative time before the first epoch."""

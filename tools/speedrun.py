@@ -131,8 +131,13 @@ def run_seed(args, seed, out, variant=None):
 
 
 def curve(result):
-    """(minutes, val top-1) after each epoch: the epochs' train+val time summed, plus the start-up
-    (the process's time not spent in epochs, put before the first: imports, shards, compiling)."""
+    """(minutes, val top-1) after each epoch: the minutes from the process's start to the end of the epoch's
+    validation (train.py's process_s). A run from before train.py wrote it: the epochs' train+val time summed,
+    plus the start-up (the process's time not spent in epochs, put before the first: imports, shards,
+    compiling, but also each epoch's two checkpoints and the test, which put every point late)."""
+    times = [r.get("process_s") for r in result["metrics"]]
+    if None not in times and times == sorted(times):  # one process's (a seed is trained again from its start)
+        return [(t / 60, r["val_top1"]) for t, r in zip(times, result["metrics"])]
     spent = sum(r["epoch_time_s"] for r in result["metrics"])
     t = max(result["seconds"] - spent, 0.0)
     points = []

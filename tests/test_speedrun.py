@@ -165,6 +165,33 @@ def finished_run(run, arch):
     (run / "final.json").write_text(json.dumps(dict(arch=arch, epochs=1, val_top1=10.0, test_top1=9.0, eval_model="ema")))
 
 
+def test_each_run_compiles_from_a_cache_of_its_own(tmp_path, monkeypatch):
+    """torch.compile's caches (on by default, one folder for every process): the first run compiled cold and
+    the second seed and each --ablate variant from its cache, in seconds, which under --time-budget bought
+    them more epochs than the run they were set beside."""
+    caches = []
+
+    class Started(speedrun.Stop):
+        def started(self, cmd, **popen):
+            folder = Path(popen["env"]["TORCHINDUCTOR_CACHE_DIR"])
+            caches.append((folder, sorted(os.listdir(folder))))
+            (folder / "fxgraph").mkdir()  # what a compile leaves there
+            finished_run(Path(cmd[cmd.index("--output-dir") + 1]), "resnet18_64")
+            return Finished()
+
+    class Finished:  # train.py's process, ended
+        def wait(self):
+            return 0
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setattr(speedrun, "Stop", Started)
+    args = argparse.Namespace(shards="shards", arch="resnet18_64", train_args="", device=None)
+    for seed, variant in ((0, None), (1, None), (0, "tta")):
+        speedrun.run_seed(args, seed, tmp_path, variant)
+    assert len({folder for folder, _ in caches}) == 3 and [listing for _, listing in caches] == [[], [], []]
+    assert [folder.exists() for folder, _ in caches] == [False] * 3  # removed after its run
+
+
 def test_a_seed_trained_with_other_flags_in_the_same_out_trains_again(shards, tmp_path, monkeypatch, capsys):
     """A second speedrun into the same --out with another --arch (or --train-args) reused seed 0's
     run of the first: resnet10_64s2's figures under a `--arch resnet18_64` header, no word said."""
@@ -174,7 +201,7 @@ def test_a_seed_trained_with_other_flags_in_the_same_out_trains_again(shards, tm
     (out / "runs" / "seed0" / "process_wall.json").write_text(json.dumps(dict(seconds=60.0, command=earlier)))
 
     class TrainPy:  # stands in for train.py's process: a finished run of the --arch it is given
-        def __init__(self, cmd, cwd):
+        def __init__(self, cmd, cwd, env=None):
             started.append(cmd)
             finished_run(Path(cmd[cmd.index("--output-dir") + 1]), cmd[cmd.index("--arch") + 1])
 
@@ -198,7 +225,7 @@ def test_relative_shards_and_out_are_the_callers(shards, tmp_path, monkeypatch):
     seen = []
 
     class TrainPy:  # stands in for train.py's process: where its relative paths lead, and a finished run there
-        def __init__(self, cmd, cwd):
+        def __init__(self, cmd, cwd, env=None):
             where = Path(cwd or os.getcwd())
             seen.append([where / cmd[cmd.index(flag) + 1] for flag in ("--shards", "--output-dir")])
             if where == tmp_path:  # never into the repo's root
@@ -222,7 +249,7 @@ def test_a_tilde_in_shards_and_out_is_the_home_folder(shards, tmp_path, monkeypa
     seen = []
 
     class TrainPy:  # stands in for train.py's process: the paths it is given, and a finished run there
-        def __init__(self, cmd, cwd):
+        def __init__(self, cmd, cwd, env=None):
             seen.append([cmd[cmd.index(flag) + 1] for flag in ("--shards", "--output-dir")])
             finished_run(Path(seen[-1][1]), "resnet18_64")
 
@@ -249,7 +276,7 @@ def ctrl_c_to_speedrun(shards, tmp_path, monkeypatch, when):
     sent = []
 
     class TrainPy:
-        def __init__(self, cmd, cwd):
+        def __init__(self, cmd, cwd, env=None):
             if when == "start":
                 os.kill(os.getpid(), signal.SIGINT)  # a handler runs before the next line
 
@@ -319,7 +346,7 @@ def test_out_it_may_not_write_in(shards, tmp_path, monkeypatch):
 def test_a_seed_named_twice_is_one_row(shards, tmp_path, monkeypatch):
     """`--seeds 0,0` gave seed 0's row twice and a mean ± spread of 0.00 minutes and points over them."""
     class TrainPy:  # stands in for train.py's process: a finished run
-        def __init__(self, cmd, cwd):
+        def __init__(self, cmd, cwd, env=None):
             finished_run(Path(cmd[cmd.index("--output-dir") + 1]), cmd[cmd.index("--arch") + 1])
 
         def wait(self):
@@ -471,7 +498,7 @@ def test_a_shards_urls_password_and_token_are_hidden_in_what_is_printed_and_writ
     args = argparse.Namespace(shards=url, arch="resnet18_64", train_args="", device=None)
 
     class Done:  # train.py, finished at once
-        def __init__(self, cmd, cwd):
+        def __init__(self, cmd, cwd, env=None):
             run = Path(cmd[cmd.index("--output-dir") + 1])
             run.mkdir(parents=True)
             (run / "final.json").write_text(json.dumps(dict(epochs=1, val_top1=1.0, test_top1=2.0, eval_model="ema")))

@@ -5,7 +5,8 @@
     python tools/speedrun.py --shards S --out O --ablate ema,tta,smoothing,augment   # + one part off at a time
 
 Each seed is one `train.py` process; its minutes are the process's wall time, from start to the
-final test evaluation (shards already built: the build is not part of a speedrun). Writes
+final test evaluation (shards already built: the build is not part of a speedrun), compiling
+included: each run compiles cold, from a torch.compile cache of its own, as on a fresh machine. Writes
 OUT/speedrun.md (per seed and mean +- spread: minutes, val and test top-1), OUT/speedrun.json and
 OUT/speedrun.png (val top-1 against minutes: the time-to-accuracy curve). Run folders go to
 OUT/runs/; a seed whose final.json is there, trained with the same train.py flags, is not run again
@@ -18,11 +19,14 @@ beside the full recipe's on the same seed. One seed a variant: a difference smal
 seeds' spread in speedrun.md is noise.
 """
 import argparse
+import contextlib
 import json
+import os
 import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -92,6 +96,21 @@ def check_train_flags(args, variants):
             sys.exit(e.exit_code)
 
 
+@contextlib.contextmanager
+def compile_cache():
+    """The environment of one run's train.py: torch.compile's caches (inductor's FX graph and AOT autograd
+    caches, Triton's kernels: on by default, in /tmp/torchinductor_USER) in a fresh folder of its own, removed
+    after. Shared, the first run compiled cold and every later one (the second seed, each --ablate variant,
+    a run of the next call on a warm machine) from its cache: their minutes, and under --time-budget their
+    epochs, were not measured alike. None (this process's environment) when TORCHINDUCTOR_CACHE_DIR is set:
+    the runs share the cache asked for."""
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="speedrun-compile-cache-", ignore_cleanup_errors=True) as folder:
+        yield dict(os.environ, TORCHINDUCTOR_CACHE_DIR=folder)
+
+
 def run_seed(args, seed, out, variant=None):
     """Train one seed (unless done before), the full recipe or with ABLATIONS[variant]'s part
     switched off; its process wall time, metrics and final figures."""
@@ -115,16 +134,17 @@ def run_seed(args, seed, out, variant=None):
         # KeyboardInterrupt traceback here, and, sent to this process alone, left train.py training on without it. From
         # before its start (`Stop.started`): one that came as it started, before the handlers were set,
         # ended speedrun.py (a traceback, or SIGTERM's death) and left train.py training on, orphaned.
-        with Stop() as stop:
-            proc = stop.started(cmd, cwd=None)
+        with Stop() as stop, compile_cache() as env:
+            proc = stop.started(cmd, cwd=None, env=env)
             if proc is None:  # the signal came before train.py was started: it is not
                 raise subprocess.CalledProcessError(128 + stop.signum, cmd)
             code = proc.wait()
+            seconds = time.time() - t0  # not the cache's removal after it
             stop.ended(proc)
         if code:
             raise subprocess.CalledProcessError(code, cmd)
         run.mkdir(parents=True, exist_ok=True)
-        timing.write_text(json.dumps(dict(seconds=time.time() - t0, command=command)))
+        timing.write_text(json.dumps(dict(seconds=seconds, command=command)))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return dict(seed=seed, variant=variant, final=json.loads((run / "final.json").read_text()), metrics=rows,
                 **json.loads(timing.read_text()))

@@ -75,7 +75,8 @@ with stopped_at_once():  # the imports (torch's: seconds): a signal ends them in
 
 NORMS = {"dataset": (None, None), "imagenet": (IMAGENET_MEAN, IMAGENET_STD), "half": ((0.5,) * 3, (0.5,) * 3)}
 FIELDS = ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "images_per_s", "epoch_time_s",
-          "eval_model"]  # eval_model: "ema" when --ema validated the average, else "model"
+          "eval_model", "process_s"]  # eval_model: "ema" when --ema validated the average, else "model"; process_s:
+# seconds from the start of the process that validated the epoch (PROCESS_START) to the validation's end
 MIX_ALPHA = {"mixup": 0.2, "cutmix": 1.0}  # --mix-alpha defaults: the values the mixup and CutMix papers used on ImageNet
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # what schedulers send before preemption
 
@@ -883,8 +884,8 @@ def finish_epoch(parts, state, args, stop):
     loss_sum, correct, n = reduce_sum(state.sums.clone()).tolist()
     sync_ema_buffers(parts)
     val = evaluate(parts.eval_model, parts.criterion, parts.val, parts.device, args, stop)
-    train_seconds = state.train_seconds
-    epoch_time = train_seconds + (time.time() - t0)
+    train_seconds, now = state.train_seconds, time.time()
+    epoch_time = train_seconds + (now - t0)
     end = (state.epoch + 1) * parts.steps_per_epoch
     if per_step_schedule(args) and parts.lr_scheduler.last_epoch != end:
         # A mid-epoch resume on another number of ranks or another -b took the epoch's rest in other steps
@@ -893,7 +894,8 @@ def finish_epoch(parts, state, args, stop):
     # lr: the epoch's for a per-epoch schedule; a per-step one's at the epoch's end
     row = dict(epoch=state.epoch, lr=parts.optimizer.param_groups[0]["lr"], train_loss=loss_sum / n,
                train_top1=100 * correct / n, val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"],
-               images_per_s=n / train_seconds, epoch_time_s=epoch_time, eval_model=eval_model_name(parts))
+               images_per_s=n / train_seconds, epoch_time_s=epoch_time, eval_model=eval_model_name(parts),
+               process_s=now - PROCESS_START)
     if not per_step_schedule(args):
         with warnings.catch_warnings():
             # A resume from the epoch's checkpoint before validation steps no optimiser in

@@ -51,6 +51,14 @@ def test_the_curve_puts_the_start_up_before_the_first_epoch():
     assert speedrun.curve(result) == [(1.5, 10.0), (2.5, 20.0)]  # 60 s of start-up, then 30 s and 60 s
 
 
+def test_the_curve_puts_each_epoch_at_the_end_of_its_validation_from_the_process_start():
+    """train.py's process_s: each epoch's two checkpoints and the test, outside the epochs' time, were put
+    before the first epoch, and every point but the last stood later than when its accuracy was known."""
+    result = dict(seconds=150.0, metrics=[dict(epoch_time_s=30.0, val_top1=10.0, process_s=42.0),
+                                          dict(epoch_time_s=60.0, val_top1=20.0, process_s=108.0)])
+    assert speedrun.curve(result) == [(0.7, 10.0), (1.8, 20.0)]
+
+
 def test_the_curve_of_a_seed_trained_again_starts_at_its_first_epoch():
     """A seed stopped and trained again: its process time is the second process's, its epochs both's, so
     they can sum to more; the start-up is then none, not a negative time before the first epoch."""
@@ -127,9 +135,27 @@ def test_ablation_switches_off_one_part_per_run(seed0, shards, tmp_path):
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in md if line.startswith("| ")][1:]
     assert [row[:2] for row in rows] == [["nothing: the full recipe", ""], ["EMA of the weights", "`--ema 0`"],
                                          ["flip test-time augmentation", "`--no-tta`"]]
-    assert [row[3] for row in rows] == [f"{f['val_top1']:.2f}" for f in finals]
-    assert [row[4] for row in rows[1:]] == [f"{f['val_top1'] - finals[0]['val_top1']:+.2f}" for f in finals[1:]]
+    assert [row[3] for row in rows] == [str(f["epochs"]) for f in finals]
+    assert [row[4] for row in rows] == [f"{f['val_top1']:.2f}" for f in finals]
+    assert [row[5] for row in rows[1:]] == [f"{f['val_top1'] - finals[0]['val_top1']:+.2f}" for f in finals[1:]]
     assert [r["variant"] for r in json.loads((out / "ablation.json").read_text())] == [None, "ema", "tta"]
+
+
+def test_each_ablation_row_says_its_epochs():
+    """Under --time-budget each run sets its own epochs from its measured epoch time: a variant without
+    torch.compile trained 7 epochs where the full recipe trained 12, and the table said only its minutes
+    and its 4 points less, as if switching the part off alone had cost them."""
+    def result(variant, epochs, val):
+        return dict(seed=0, variant=variant, seconds=180.0,
+                    final=dict(epochs=epochs, val_top1=val, test_top1=val - 1))
+
+    md = speedrun.render_ablation(result(None, 12, 40.0), [result("compile", 7, 36.0)], ["--ablate", "compile"])
+    assert md.splitlines()[3:] == [
+        "| without | train.py flags | minutes (process) | epochs | val top-1 (%) | change in val (points) "
+        "| test top-1 (%) |",
+        "|---|---|---|---|---|---|---|",
+        "| nothing: the full recipe | | 3.00 | 12 | 40.00 | | 39.00 |",
+        "| torch.compile | `--no-compile` | 3.00 | 7 | 36.00 | -4.00 | 35.00 |"]
 
 
 def finished_run(run, arch):
@@ -137,6 +163,33 @@ def finished_run(run, arch):
     run.mkdir(parents=True, exist_ok=True)
     (run / "metrics.jsonl").write_text(json.dumps(dict(epoch=0, val_top1=10.0, epoch_time_s=1.0)) + "\n")
     (run / "final.json").write_text(json.dumps(dict(arch=arch, epochs=1, val_top1=10.0, test_top1=9.0, eval_model="ema")))
+
+
+def test_each_run_compiles_from_a_cache_of_its_own(tmp_path, monkeypatch):
+    """torch.compile's caches (on by default, one folder for every process): the first run compiled cold and
+    the second seed and each --ablate variant from its cache, in seconds, which under --time-budget bought
+    them more epochs than the run they were set beside."""
+    caches = []
+
+    class Started(speedrun.Stop):
+        def started(self, cmd, **popen):
+            folder = Path(popen["env"]["TORCHINDUCTOR_CACHE_DIR"])
+            caches.append((folder, sorted(os.listdir(folder))))
+            (folder / "fxgraph").mkdir()  # what a compile leaves there
+            finished_run(Path(cmd[cmd.index("--output-dir") + 1]), "resnet18_64")
+            return Finished()
+
+    class Finished:  # train.py's process, ended
+        def wait(self):
+            return 0
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setattr(speedrun, "Stop", Started)
+    args = argparse.Namespace(shards="shards", arch="resnet18_64", train_args="", device=None)
+    for seed, variant in ((0, None), (1, None), (0, "tta")):
+        speedrun.run_seed(args, seed, tmp_path, variant)
+    assert len({folder for folder, _ in caches}) == 3 and [listing for _, listing in caches] == [[], [], []]
+    assert [folder.exists() for folder, _ in caches] == [False] * 3  # removed after its run
 
 
 def test_a_seed_trained_with_other_flags_in_the_same_out_trains_again(shards, tmp_path, monkeypatch, capsys):
@@ -148,7 +201,7 @@ def test_a_seed_trained_with_other_flags_in_the_same_out_trains_again(shards, tm
     (out / "runs" / "seed0" / "process_wall.json").write_text(json.dumps(dict(seconds=60.0, command=earlier)))
 
     class TrainPy:  # stands in for train.py's process: a finished run of the --arch it is given
-        def __init__(self, cmd, cwd):
+        def __init__(self, cmd, cwd, env=None):
             started.append(cmd)
             finished_run(Path(cmd[cmd.index("--output-dir") + 1]), cmd[cmd.index("--arch") + 1])
 
@@ -172,7 +225,7 @@ def test_relative_shards_and_out_are_the_callers(shards, tmp_path, monkeypatch):
     seen = []
 
     class TrainPy:  # stands in for train.py's process: where its relative paths lead, and a finished run there
-        def __init__(self, cmd, cwd):
+        def __init__(self, cmd, cwd, env=None):
             where = Path(cwd or os.getcwd())
             seen.append([where / cmd[cmd.index(flag) + 1] for flag in ("--shards", "--output-dir")])
             if where == tmp_path:  # never into the repo's root
@@ -196,7 +249,7 @@ def test_a_tilde_in_shards_and_out_is_the_home_folder(shards, tmp_path, monkeypa
     seen = []
 
     class TrainPy:  # stands in for train.py's process: the paths it is given, and a finished run there
-        def __init__(self, cmd, cwd):
+        def __init__(self, cmd, cwd, env=None):
             seen.append([cmd[cmd.index(flag) + 1] for flag in ("--shards", "--output-dir")])
             finished_run(Path(seen[-1][1]), "resnet18_64")
 
@@ -223,7 +276,7 @@ def ctrl_c_to_speedrun(shards, tmp_path, monkeypatch, when):
     sent = []
 
     class TrainPy:
-        def __init__(self, cmd, cwd):
+        def __init__(self, cmd, cwd, env=None):
             if when == "start":
                 os.kill(os.getpid(), signal.SIGINT)  # a handler runs before the next line
 
@@ -293,7 +346,7 @@ def test_out_it_may_not_write_in(shards, tmp_path, monkeypatch):
 def test_a_seed_named_twice_is_one_row(shards, tmp_path, monkeypatch):
     """`--seeds 0,0` gave seed 0's row twice and a mean ± spread of 0.00 minutes and points over them."""
     class TrainPy:  # stands in for train.py's process: a finished run
-        def __init__(self, cmd, cwd):
+        def __init__(self, cmd, cwd, env=None):
             finished_run(Path(cmd[cmd.index("--output-dir") + 1]), cmd[cmd.index("--arch") + 1])
 
         def wait(self):
@@ -445,7 +498,7 @@ def test_a_shards_urls_password_and_token_are_hidden_in_what_is_printed_and_writ
     args = argparse.Namespace(shards=url, arch="resnet18_64", train_args="", device=None)
 
     class Done:  # train.py, finished at once
-        def __init__(self, cmd, cwd):
+        def __init__(self, cmd, cwd, env=None):
             run = Path(cmd[cmd.index("--output-dir") + 1])
             run.mkdir(parents=True)
             (run / "final.json").write_text(json.dumps(dict(epochs=1, val_top1=1.0, test_top1=2.0, eval_model="ema")))

@@ -5,7 +5,8 @@
     python tools/speedrun.py --shards S --out O --ablate ema,tta,smoothing,augment   # + one part off at a time
 
 Each seed is one `train.py` process; its minutes are the process's wall time, from start to the
-final test evaluation (shards already built: the build is not part of a speedrun). Writes
+final test evaluation (shards already built: the build is not part of a speedrun), compiling
+included: each run compiles cold, from a torch.compile cache of its own, as on a fresh machine. Writes
 OUT/speedrun.md (per seed and mean +- spread: minutes, val and test top-1), OUT/speedrun.json and
 OUT/speedrun.png (val top-1 against minutes: the time-to-accuracy curve). Run folders go to
 OUT/runs/; a seed whose final.json is there, trained with the same train.py flags, is not run again
@@ -13,16 +14,19 @@ OUT/runs/; a seed whose final.json is there, trained with the same train.py flag
 
 --ablate (issue 9's table of what each part adds) then trains the first seed again once per named
 part, with only that part switched off (ABLATIONS: the train.py flags that do it, which win over
-the recipe), and writes OUT/ablation.md (+ .json): each variant's minutes and val/test top-1
+the recipe), and writes OUT/ablation.md (+ .json): each variant's minutes, epochs and val/test top-1
 beside the full recipe's on the same seed. One seed a variant: a difference smaller than the
 seeds' spread in speedrun.md is noise.
 """
 import argparse
+import contextlib
 import json
+import os
 import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -92,6 +96,21 @@ def check_train_flags(args, variants):
             sys.exit(e.exit_code)
 
 
+@contextlib.contextmanager
+def compile_cache():
+    """The environment of one run's train.py: torch.compile's caches (inductor's FX graph and AOT autograd
+    caches, Triton's kernels: on by default, in /tmp/torchinductor_USER) in a fresh folder of its own, removed
+    after. Shared, the first run compiled cold and every later one (the second seed, each --ablate variant,
+    a run of the next call on a warm machine) from its cache: their minutes, and under --time-budget their
+    epochs, were not measured alike. None (this process's environment) when TORCHINDUCTOR_CACHE_DIR is set:
+    the runs share the cache asked for."""
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="speedrun-compile-cache-", ignore_cleanup_errors=True) as folder:
+        yield dict(os.environ, TORCHINDUCTOR_CACHE_DIR=folder)
+
+
 def run_seed(args, seed, out, variant=None):
     """Train one seed (unless done before), the full recipe or with ABLATIONS[variant]'s part
     switched off; its process wall time, metrics and final figures."""
@@ -115,24 +134,30 @@ def run_seed(args, seed, out, variant=None):
         # KeyboardInterrupt traceback here, and, sent to this process alone, left train.py training on without it. From
         # before its start (`Stop.started`): one that came as it started, before the handlers were set,
         # ended speedrun.py (a traceback, or SIGTERM's death) and left train.py training on, orphaned.
-        with Stop() as stop:
-            proc = stop.started(cmd, cwd=None)
+        with Stop() as stop, compile_cache() as env:
+            proc = stop.started(cmd, cwd=None, env=env)
             if proc is None:  # the signal came before train.py was started: it is not
                 raise subprocess.CalledProcessError(128 + stop.signum, cmd)
             code = proc.wait()
+            seconds = time.time() - t0  # not the cache's removal after it
             stop.ended(proc)
         if code:
             raise subprocess.CalledProcessError(code, cmd)
         run.mkdir(parents=True, exist_ok=True)
-        timing.write_text(json.dumps(dict(seconds=time.time() - t0, command=command)))
+        timing.write_text(json.dumps(dict(seconds=seconds, command=command)))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return dict(seed=seed, variant=variant, final=json.loads((run / "final.json").read_text()), metrics=rows,
                 **json.loads(timing.read_text()))
 
 
 def curve(result):
-    """(minutes, val top-1) after each epoch: the epochs' train+val time summed, plus the start-up
-    (the process's time not spent in epochs, put before the first: imports, shards, compiling)."""
+    """(minutes, val top-1) after each epoch: the minutes from the process's start to the end of the epoch's
+    validation (train.py's process_s). A run from before train.py wrote it: the epochs' train+val time summed,
+    plus the start-up (the process's time not spent in epochs, put before the first: imports, shards,
+    compiling, but also each epoch's two checkpoints and the test, which put every point late)."""
+    times = [r.get("process_s") for r in result["metrics"]]
+    if None not in times and times == sorted(times):  # one process's (a seed is trained again from its start)
+        return [(t / 60, r["val_top1"]) for t, r in zip(times, result["metrics"])]
     spent = sum(r["epoch_time_s"] for r in result["metrics"])
     t = max(result["seconds"] - spent, 0.0)
     points = []
@@ -166,17 +191,21 @@ def render(results, argv):
 
 def render_ablation(full, variants, argv):
     """ablation.md: the full recipe's row, then one row per part switched off, with its change in
-    val top-1 against the full recipe on the same seed."""
+    val top-1 against the full recipe on the same seed. Each row says its epochs: under --time-budget
+    each run sets its own from its measured epoch time (a variant without compile, bf16 or
+    channels_last trains fewer in the same minutes), which the table did not show."""
     f = full["final"]
     lines = [f"# python tools/speedrun.py {hide_password(shlex.join(argv))}",
              f"# seed {full['seed']}; each row: --recipe fast with one part switched off", "",
-             "| without | train.py flags | minutes (process) | val top-1 (%) | change in val (points) | test top-1 (%) |",
-             "|---|---|---|---|---|---|",
-             f"| nothing: the full recipe | | {full['seconds'] / 60:.2f} | {f['val_top1']:.2f} | | {f['test_top1']:.2f} |"]
+             "| without | train.py flags | minutes (process) | epochs | val top-1 (%) | change in val (points) "
+             "| test top-1 (%) |",
+             "|---|---|---|---|---|---|---|",
+             f"| nothing: the full recipe | | {full['seconds'] / 60:.2f} | {f['epochs']} | {f['val_top1']:.2f} | | "
+             f"{f['test_top1']:.2f} |"]
     for r in variants:
         part, flags = ABLATIONS[r["variant"]]
         v = r["final"]
-        lines.append(f"| {part} | `{flags}` | {r['seconds'] / 60:.2f} | {v['val_top1']:.2f} | "
+        lines.append(f"| {part} | `{flags}` | {r['seconds'] / 60:.2f} | {v['epochs']} | {v['val_top1']:.2f} | "
                      f"{v['val_top1'] - f['val_top1']:+.2f} | {v['test_top1']:.2f} |")
     return "\n".join(lines) + "\n"
 

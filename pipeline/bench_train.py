@@ -258,7 +258,8 @@ class Feeds:
 
 def _model(case, device, num_classes, cache):
     """A fresh network (same seed for every feed) on `device`; compiled cases share one compiled
-    module per (arch, size, batch), so (a) and (b) pay for compilation once."""
+    module per (arch, size, batch), so (a) and (b) pay for compilation once (`bench_train` empties `cache` for
+    any other row, so it holds one at most)."""
     if case.compiled and (case.arch, case.size, case.batch) in cache:
         return cache[case.arch, case.size, case.batch]
     torch.manual_seed(0)
@@ -266,7 +267,6 @@ def _model(case, device, num_classes, cache):
     model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
     model.train()
     if case.compiled:
-        cache.clear()
         # What torch.compile kept of the rows before, as in a new process (train.py --compile): a network compiled
         # again at another batch or size took it for a shape that changes, and was compiled for any (dynamic
         # shapes, not the static ones of a run), and every compile counted toward the recompile limit.

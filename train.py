@@ -1402,9 +1402,9 @@ def parse_args(argv=None):
     if args.workers is not None and args.data_path != "stream":
         parser.error(f"argument -j/--workers: only --data-path stream uses loader workers; "
                      f"--data-path {args.data_path} reads the shards in the training process")
-    check_device(args.device, present=False)  # whether this machine has it: main()
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and torch.device(args.device).index is not None \
-            and torch.device(args.device).type == "cuda":  # `distributed` gives each rank its own GPU for "cuda" only
+    device = check_device(args.device, present=False)  # whether this machine has it: main()
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and device.type == "cuda" and device.index is not None:
+        # `distributed` gives each rank its own GPU for "cuda" only
         parser.error(f"argument --device: {args.device} under torchrun, where each process takes the GPU of its "
                      "LOCAL_RANK; give --device cuda")
     if args.pretrained and args.weights:

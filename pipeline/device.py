@@ -48,7 +48,9 @@ def check_stats(mean, std):
     """ValueError unless mean and std are sequences of finite numbers, std positive (their count: the caller's)."""
     for name, values in (("mean", mean), ("std", std)):
         try:
-            if isinstance(values, (str, bytes)):  # iterable, but its characters are no statistics
+            # A str is iterable, but its characters are no statistics; a number as text ("0.5", a config file's)
+            # passed float() and failed at the first batch with torch's words ('too many dimensions 'str'').
+            if isinstance(values, (str, bytes)) or any(isinstance(v, (str, bytes)) for v in values):
                 raise TypeError
             finite = all(math.isfinite(float(v)) for v in values)
         except (TypeError, ValueError):

@@ -181,6 +181,7 @@ def test_augment_values():
     (dict(std=(0.5, 0, 0.5)), "std must be positive (it divides), not [0.5, 0, 0.5]"),
     (dict(mean=(0.5, float("nan"), 0.5)), "mean must be finite, not [0.5, nan, 0.5]"),
     (dict(mean="abc"), "mean must be a sequence of numbers, one per channel, not 'abc'"),
+    (dict(mean=("0.5",) * 3), "mean must be a sequence of numbers, one per channel, not ('0.5', '0.5', '0.5')"),
     (dict(std=(0.5, 0.5)), "mean and std need one value per channel each, not 3 and 2"),
     (dict(dtype="bfloat16"), "dtype must be a torch dtype such as torch.float32 or torch.bfloat16, not 'bfloat16'"),
     (dict(dtype=torch.uint8), "dtype must be a floating-point dtype (images are normalised), not torch.uint8"),

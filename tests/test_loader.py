@@ -600,6 +600,7 @@ def test_an_option_of_the_device_stage_is_refused_with_raw(shards, kwargs, messa
     (dict(mean=0.5, std=0.5), "mean must be a sequence of numbers, one per channel, not 0.5"),
     (dict(mean=[0.5] * 3, std="0.2"), "std must be a sequence of numbers, one per channel, not '0.2'"),
     (dict(mean=[0.5, 0.5, "x"], std=[0.5] * 3), "mean must be a sequence of numbers, one per channel, not [0.5, 0.5, 'x']"),
+    (dict(mean=[0.5] * 3, std=["0.2"] * 3), "std must be a sequence of numbers, one per channel, not ['0.2', '0.2', '0.2']"),
     (dict(variant="gray28", mean=(0.5,) * 3, std=(0.5,) * 3),
      "mean and std need one value per channel of gray28 (1), not 3 and 3"),
     (dict(dtype=torch.int64), "dtype must be a floating-point dtype (images are normalised), not torch.int64"),

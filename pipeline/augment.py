@@ -32,6 +32,8 @@ def augment_mode(augment):
 def check_rrc_scale(scale):
     """`scale` as a tuple (low, high); ValueError unless it is two numbers with 0 < low <= high <= 1."""
     try:
+        if any(isinstance(v, (str, bytes)) for v in scale):  # ("0.2", "1"): float() took them, the first batch not
+            raise TypeError
         low, high = (float(v) for v in scale)
     except (TypeError, ValueError):  # None, one number, three: Python's unpacking error said nothing of rrc_scale
         low = high = math.nan

@@ -168,7 +168,8 @@ def test_augment_values():
             DeviceStage(MEAN, STD, augment=bad)
         assert str(e.value) == f"augment must be one of none, crop, rrc; got {bad!r}"
     # an area of 0 (a box of no pixels: NaN weights), or what is no pair of numbers (Python's unpacking error)
-    for bad in ((0.5, 1.5), (0, 1), (0.5,), ("low", "high"), None):
+    # numbers as text: the first batch failed with 'unsupported operand type(s) for -: 'str' and 'str''
+    for bad in ((0.5, 1.5), (0, 1), (0.5,), ("low", "high"), None, ("0.2", "1")):
         with pytest.raises(ValueError) as e:
             DeviceStage(MEAN, STD, augment="rrc", rrc_scale=bad)
         assert str(e.value) == f"rrc_scale must be (low, high) with 0 < low <= high <= 1; got {bad!r}"

@@ -611,6 +611,8 @@ def test_an_option_of_the_device_stage_is_refused_with_raw(shards, kwargs, messa
     (dict(path="stream", workers=1.5), "workers must be an integer of at least 0, not 1.5"),
     (dict(path="stream", workers=-1), "workers must be an integer of at least 0, not -1"),
     (dict(augment="rrc", rrc_scale=(0.5,)), "rrc_scale must be (low, high) with 0 < low <= high <= 1; got (0.5,)"),
+    (dict(augment="rrc", rrc_scale=["0.2", "1"]),
+     "rrc_scale must be (low, high) with 0 < low <= high <= 1; got ['0.2', '1']"),
     (dict(augment="rrc", rrc_scale=None), "rrc_scale must be (low, high) with 0 < low <= high <= 1; got None"),
     (dict(augment="rrc", rrc_scale=(0, 1)), "rrc_scale must be (low, high) with 0 < low <= high <= 1; got (0, 1)"),
     # a string is truthy: each did the opposite of what it said, without a word

@@ -91,6 +91,7 @@ class DeviceStage:
             raise ValueError(f"mean and std need one value per channel each, not {len(mean)} and {len(std)}")
         if size is not None:
             check_integer("size", size, 1)
+        check_integer("pad", pad, 0)  # -1 failed at the first crop ('random_ expects 'from' to be less than 'to''), 1.5 too
         check_dtype(dtype)
         self.mean, self.std = tuple(mean), tuple(std)
         self.size, self.augment, self.pad, self.rrc_scale = size, augment_mode(augment), pad, check_rrc_scale(rrc_scale)

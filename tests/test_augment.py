@@ -179,6 +179,8 @@ def test_augment_values():
     # each failed at the first batch with torch's own words, or gave NaN images without one
     (dict(size=0), "size must be an integer of at least 1, not 0"),
     (dict(size=56.5), "size must be an integer of at least 1, not 56.5"),
+    (dict(augment="crop", pad=-1), "pad must be an integer of at least 0, not -1"),
+    (dict(augment="crop", pad=1.5), "pad must be an integer of at least 0, not 1.5"),
     (dict(std=(0.5, 0, 0.5)), "std must be positive (it divides), not [0.5, 0, 0.5]"),
     (dict(mean=(0.5, float("nan"), 0.5)), "mean must be finite, not [0.5, nan, 0.5]"),
     (dict(mean="abc"), "mean must be a sequence of numbers, one per channel, not 'abc'"),

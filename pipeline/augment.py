@@ -66,7 +66,9 @@ def rrc_boxes(n, height, width, scale=RRC_SCALE, ratio=RRC_RATIO, generator=None
     (wider) so that its area is kept. Its aspect then lies between the image's and the drawn one,
     so it stays in `ratio` when the image's own aspect does (square images: always).
     """
-    u = torch.rand((n, 5), device=device, generator=generator)  # one draw for all five parameters
+    # One draw for all five parameters; float32 whatever torch's default dtype (float64 made boxes and weights that
+    # float32 images cannot be sampled or multiplied with: 'expected scalar type Float but found Double').
+    u = torch.rand((n, 5), device=device, generator=generator, dtype=torch.float32)
     area = height * width * (scale[0] + (scale[1] - scale[0]) * u[:, 0])
     aspect = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1])
     w, h = torch.sqrt(area * aspect), torch.sqrt(area / aspect)
@@ -106,7 +108,7 @@ def _axis_weights(start, length, side, size):
     length) of an axis of `side` pixels to `size` outputs; only pixels overlapping the box count, as
     if cropped first. Where a box grows, this is plain bilinear with its edges clamped."""
     scale = (length / size).unsqueeze(1)  # (n, 1): box pixels per output pixel
-    centre = start.unsqueeze(1) + (torch.arange(size, device=start.device) + 0.5) * scale  # (n, size)
+    centre = start.unsqueeze(1) + (torch.arange(size, device=start.device, dtype=start.dtype) + 0.5) * scale  # (n, size)
     pixel = torch.arange(side, device=start.device, dtype=start.dtype)  # left edges
     weights = (1 - (pixel + 0.5 - centre.unsqueeze(2)).abs() / scale.clamp(min=1).unsqueeze(2)).clamp(min=0)
     inside = (pixel + 1 > start.view(-1, 1, 1)) & (pixel < (start + length).view(-1, 1, 1))

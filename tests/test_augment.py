@@ -316,3 +316,18 @@ def test_imagenet_statistics_are_those_of_torchvisions_pretrained_weights(arch):
     """--norm imagenet (the study's 224 rows, from these weights) must normalise as they were trained."""
     transforms = get_model_weights(arch).IMAGENET1K_V1.transforms()
     assert (device.IMAGENET_MEAN, device.IMAGENET_STD) == (tuple(transforms.mean), tuple(transforms.std))
+
+
+@pytest.mark.parametrize("size", [None, 32, 224])
+def test_rrc_under_a_float64_default_dtype_draws_and_samples_as_under_float32(size):
+    """torch.set_default_dtype(torch.float64) (a notebook's) made the boxes and the antialiased weights float64,
+    and the float32 batch could not be sampled with them: 'expected scalar type Float but found Double'."""
+    stage = DeviceStage(MEAN, STD, size=size, augment="rrc")
+    want = stage(images(), torch.Generator().manual_seed(4))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = stage(images(), torch.Generator().manual_seed(4))
+    finally:
+        torch.set_default_dtype(default)
+    assert got.dtype == torch.float32 and torch.equal(got, want)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .augment import (RRC_SCALE, antialiased_resized_crop, augment_mode, check_rrc_scale, pad_crop_flip, resized_crop,
                       rrc_boxes, rrc_theta)
-from .errors import UsageError, check_integer
+from .errors import UsageError, check_flag, check_integer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -93,6 +93,7 @@ class DeviceStage:
             check_integer("size", size, 1)
         check_integer("pad", pad, 0)  # -1 failed at the first crop ('random_ expects 'from' to be less than 'to''), 1.5 too
         check_dtype(dtype)
+        check_flag("channels_last", channels_last)  # "no" is truthy: the batches came channels_last, without a word
         self.mean, self.std = tuple(mean), tuple(std)
         self.size, self.augment, self.pad, self.rrc_scale = size, augment_mode(augment), pad, check_rrc_scale(rrc_scale)
         self.dtype, self.channels_last = dtype, channels_last

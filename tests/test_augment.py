@@ -188,6 +188,7 @@ def test_augment_values():
     (dict(std=(0.5, 0.5)), "mean and std need one value per channel each, not 3 and 2"),
     (dict(dtype="bfloat16"), "dtype must be a torch dtype such as torch.float32 or torch.bfloat16, not 'bfloat16'"),
     (dict(dtype=torch.uint8), "dtype must be a floating-point dtype (images are normalised), not torch.uint8"),
+    (dict(channels_last="no"), "channels_last must be True or False, not 'no'"),  # truthy: channels_last batches
 ])
 def test_the_stages_arguments_are_checked_when_it_is_made(kwargs, message):
     with pytest.raises(ValueError) as e:

@@ -311,6 +311,29 @@ def test_a_run_on_other_data_is_not_set_beside_the_study(tmp_path):
     assert lines[3].startswith("| release | 1 of 40 | 32 | 0.700 / 0.720 / - | 0.218 / 0.220 (Table 2) |")
 
 
+def test_a_run_on_some_batches_of_each_epoch_is_not_set_beside_the_study(tmp_path):
+    """`reproduce.py --rows resnet18-64 --epochs 1 --limit-batches 5` (its quick look) on the release set the val
+    accuracy of 5 batches of training, on 5 batches of val, beside the study's recorded 0.079 as "comparable". A
+    limit that the epoch does not reach (batch 50 x 2000 = the 100000 images) trained on all of them."""
+    full = dict(dataset="200 classes (0123456789ab), 100000 train")
+    args = dict(arch="resnet18", size=64, epochs=1, batch_size=50, norm="imagenet")
+    quick = make_run(tmp_path, "quick", dict(args, limit_batches=5), [row(0, 1.0, 2.0)], env=full)
+    ddp = make_run(tmp_path, "ddp", dict(args, batch_size=25, limit_batches=1999), [row(0, 1.0, 2.0)],
+                   env=dict(full, world_size=2))
+    whole = make_run(tmp_path, "whole", dict(args, limit_batches=2000), [row(0, 1.0, 2.0)], env=full)
+    lines = render_study([quick, ddp, whole]).splitlines()
+    assert lines[2] == ("| quick | 1 (5 batches each) | 50 | 0.010 / 0.020 / - | not comparable: trained and evaluated on "
+                        "--limit-batches 5 (250 of the 100000 train images an epoch), the study on every image "
+                        "| - | - | 0.5 |")
+    assert "| not comparable: trained and evaluated on --limit-batches 1999 (99950 of the 100000 train images an " in (
+        lines[3])
+    assert lines[4].startswith("| whole | 1 (2000 batches each) | 50 | 0.010 / 0.020 / - | 0.228 / 0.237 (Table 2) | "
+                               "0.079: val after epoch 1 (run_models2.ipynb, interrupted) | val 0.020 after epoch 1 |")
+    (quick / "args.json").write_text(json.dumps(dict(args, limit_batches="5")))  # by hand
+    with pytest.raises(ValueError, match=r'/quick/args.json: limit_batches is not a whole number or null \("5"\)$'):
+        render_study([quick])
+
+
 def test_a_bar_in_a_runs_or_weights_name_stays_in_its_cell(tmp_path):
     """A run folder `lr|0.1` (or weights `a|b.pth`) ended its cell at the `|`: its epochs stood under Batch, its
     batch under the accuracies, one cell too many. It is escaped, as Markdown allows in a table."""

@@ -898,3 +898,28 @@ def test_reproduce_does_not_take_a_row_finished_on_another_shard_set(tmp_path):
     assert plan("lenet5-28", "release") is not None
     assert plan("alexnet-64", "https://ann:pw@h/tiny?sig=S2") is None  # train.py keeps the URL so: the same set
     assert plan("alexnet-64", "https://h/other") is not None
+
+
+def test_reproduce_reads_a_rows_damaged_files_without_a_traceback(tmp_path, capsys):
+    """A finished row's final.json or args.json that is no JSON object (a hand edit, a disk's damage) was a traceback
+    before any row ran: such a row is not taken as finished (train.py's resume writes them anew). A metrics.jsonl
+    line that is no metrics row was a traceback after the rows ran, as `tinyin report` says it in one line."""
+    import reproduce
+
+    args = dict(arch="lenet5", size=28, epochs=1, batch_size=32, limit_batches=None, shards="set")
+    plan = lambda: reproduce.row_command("lenet5-28", reproduce.parse_args(  # noqa: E731
+        ["--out", str(tmp_path), "--shards", "set", "--epochs", "1"]))[1]
+    run = make_run(tmp_path, "lenet5-28", args, [row(0, 1.0, 1.0)], final=dict(epochs=1))
+    assert plan() is None  # finished
+    for name, text in (("final.json", '{"epochs": 1'), ("final.json", "[1]"), ("args.json", "null")):
+        saved = (run / name).read_text()
+        (run / name).write_text(text)
+        assert plan() is not None, (name, text)
+        (run / name).write_text(saved)
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"epoch": 1, "train_loss": 1\n')
+    with pytest.raises(SystemExit) as exit:
+        reproduce.main(reproduce.parse_args(["--out", str(tmp_path), "--shards", "set", "--epochs", "1",
+                                             "--rows", "lenet5-28", "--device", "cpu"]))
+    assert exit.value.code == (f"error: {run / 'metrics.jsonl'}: line 2: not a metrics row "
+                               "(Expecting ',' delimiter: line 1 column 29 (char 28))")

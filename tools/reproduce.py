@@ -74,12 +74,18 @@ def finished(run, shards, epochs, limit_batches=None):
     batches (None: whole epochs). A quick look's run of as many epochs is not the one asked for: its row
     runs again, and train.py refuses to resume it with another --limit-batches. Nor is a run on another
     shard set (a trial on a `--classes 10` subset, then the release, both into the default --out): its
-    row runs, and train.py refuses the checkpoint of another set."""
+    row runs, and train.py refuses the checkpoint of another set. Nor is a run whose final.json or args.json
+    is no JSON object (damaged, edited): its row runs, and train.py's resume writes them anew."""
     final, args = run / "final.json", run / "args.json"
     if not (final.is_file() and args.is_file()):
         return False
-    saved = json.loads(args.read_text())
-    return (json.loads(final.read_text()).get("epochs") == epochs and saved.get("limit_batches") == limit_batches
+    try:
+        final, saved = json.loads(final.read_text()), json.loads(args.read_text())
+    except ValueError:
+        return False
+    if not (isinstance(final, dict) and isinstance(saved, dict)):
+        return False
+    return (final.get("epochs") == epochs and saved.get("limit_batches") == limit_batches
             and saved.get("shards") == hide_password(shards))  # as train.py keeps it: a URL's password hidden
 
 
@@ -302,8 +308,11 @@ def main(args):
         return "no epoch finished: " + (f"stopped by {signame}" if stopped(code) else f"failed (exit {code})")
 
     missing = [(run.name, why_no_epoch(codes[run.name])) for run in done if run not in reported]
-    md, png = write_report(reported, args.out, not_run=missing + [(n, f"not run: {why}") for n, why in not_run],
-                           wall_s=table_wall(done) if done else None, jobs=args.jobs)
+    try:
+        md, png = write_report(reported, args.out, not_run=missing + [(n, f"not run: {why}") for n, why in not_run],
+                               wall_s=table_wall(done) if done else None, jobs=args.jobs)
+    except ValueError as e:  # a row's file that is not as train.py writes it: one line, as `tinyin report` says it
+        sys.exit(f"error: {e}")
     print(Path(md).read_text())
     print(f"wrote {md}" + (f" and {png}" if png else ""), flush=True)
     unfinished = [name for name, code in codes.items() if stopped(code)]

@@ -923,3 +923,20 @@ def test_reproduce_reads_a_rows_damaged_files_without_a_traceback(tmp_path, caps
                                              "--rows", "lenet5-28", "--device", "cpu"]))
     assert exit.value.code == (f"error: {run / 'metrics.jsonl'}: line 2: not a metrics row "
                                "(Expecting ',' delimiter: line 1 column 29 (char 28))")
+
+
+def test_reproduce_runs_a_finished_row_whose_metrics_are_gone(tmp_path):
+    """A finished row whose metrics.jsonl was gone or empty (deleted by hand) was "finished earlier, not run
+    again", then a KeyError out of the report's list of rows with no epoch. Its row runs: train.py's resume
+    writes the metrics anew from its checkpoint."""
+    import reproduce
+
+    args = dict(arch="lenet5", size=28, epochs=1, batch_size=32, limit_batches=None, shards="set")
+    run = make_run(tmp_path, "lenet5-28", args, [row(0, 1.0, 1.0)], final=dict(epochs=1))
+    plan = lambda: reproduce.row_command("lenet5-28", reproduce.parse_args(  # noqa: E731
+        ["--out", str(tmp_path), "--shards", "set", "--epochs", "1"]))[1]
+    assert plan() is None
+    (run / "metrics.jsonl").write_text("\n")
+    assert plan() is not None
+    (run / "metrics.jsonl").unlink()
+    assert plan() is not None

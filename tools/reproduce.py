@@ -75,9 +75,10 @@ def finished(run, shards, epochs, limit_batches=None):
     runs again, and train.py refuses to resume it with another --limit-batches. Nor is a run on another
     shard set (a trial on a `--classes 10` subset, then the release, both into the default --out): its
     row runs, and train.py refuses the checkpoint of another set. Nor is a run whose final.json or args.json
-    is no JSON object (damaged, edited): its row runs, and train.py's resume writes them anew."""
+    is no JSON object (damaged, edited), or whose metrics are gone: its row runs, and train.py's resume writes
+    them anew."""
     final, args = run / "final.json", run / "args.json"
-    if not (final.is_file() and args.is_file()):
+    if not (final.is_file() and args.is_file() and has_epochs(run)):
         return False
     try:
         final, saved = json.loads(final.read_text()), json.loads(args.read_text())

@@ -684,6 +684,14 @@ def test_reproduce_weights_dir_that_is_no_folder(tmp_path):
             ["--out", str(tmp_path / "out"), "--rows", "alexnet-224", "--weights-dir", str(tmp_path / "wieghts")]))
     assert exit.value.code == f"error: --weights-dir {tmp_path / 'wieghts'}: no such folder"
     assert not (tmp_path / "out").exists()
+    # the weights file itself, given for its folder, was "no such folder" too
+    (tmp_path / "alexnet-owt-7be5be79.pth").write_bytes(b"")
+    with pytest.raises(SystemExit) as exit:
+        reproduce.main(reproduce.parse_args(["--out", str(tmp_path / "out"), "--rows", "alexnet-224",
+                                             "--weights-dir", str(tmp_path / "alexnet-owt-7be5be79.pth")]))
+    assert exit.value.code == (f"error: --weights-dir {tmp_path / 'alexnet-owt-7be5be79.pth'}: a file, not a folder; "
+                               "give the folder that holds the weights files")
+    assert not (tmp_path / "out").exists()
 
 
 def test_reproduce_pretrained_row_with_a_local_weights_file(shards, tmp_path):

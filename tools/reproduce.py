@@ -263,6 +263,9 @@ def check_shards(shards):
 def main(args):
     rows = args.rows or list(ROWS)
     if args.weights_dir and not Path(args.weights_dir).is_dir():  # a typo read as "no weights": Table 3 not run
+        if Path(args.weights_dir).exists():  # the weights file itself
+            sys.exit(f"error: --weights-dir {args.weights_dir}: a file, not a folder; "
+                     "give the folder that holds the weights files")
         sys.exit(f"error: --weights-dir {args.weights_dir}: no such folder")
     done, not_run, todo = [], [], []
     for name in rows:

@@ -559,6 +559,25 @@ def test_rows_side_by_side_share_the_cores_unless_the_user_set_the_threads(monke
     assert child_env(4) is None  # the user's own setting stands
 
 
+def test_the_cores_are_shared_by_the_rows_that_run(shards, tmp_path, monkeypatch):
+    """`--jobs 4` with one row left to train (the others finished earlier, or not asked for) gave that row a
+    quarter of the cores: the threads are shared by the rows that train side by side, not by --jobs."""
+    import reproduce
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    envs = {}
+    monkeypatch.setattr(reproduce, "train_row", lambda name, run, cmd, stop, log=None, env=None: envs.update({name: env}) or 0)
+    monkeypatch.setattr(reproduce, "write_report", lambda *a, **k: (tmp_path / "report.md", None))
+    (tmp_path / "report.md").write_text("")
+    for rows, threads in (("lenet5-28", None), ("lenet5-28,squeezenet1_1-64", "8"),
+                          ("lenet5-28,squeezenet1_1-64,resnet18-64,alexnet-64,alexnet-224-50", "4")):
+        envs.clear()
+        reproduce.main(reproduce.parse_args(["--shards", str(shards), "--out", str(tmp_path / "out"), "--rows", rows,
+                                             "--device", "cpu", "--jobs", "4"]))
+        assert {env and env["OMP_NUM_THREADS"] for env in envs.values()} == {threads}, rows
+
+
 def test_a_rows_record_from_before_intervals_counts_its_wall_time_of_its_own(tmp_path):
     """reproduce.json written before intervals were kept holds only wall_s: it adds to the others' union."""
     old, new = tmp_path / "old", tmp_path / "new"

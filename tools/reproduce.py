@@ -206,7 +206,7 @@ def table_wall(runs):
 def child_env(jobs):
     """The environment of each row's process: with rows side by side, the cores are shared out
     (OMP_NUM_THREADS, unless set) so that they do not fight over them."""
-    if jobs == 1 or "OMP_NUM_THREADS" in os.environ:
+    if jobs <= 1 or "OMP_NUM_THREADS" in os.environ:
         return None
     return dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // jobs)))
 
@@ -288,7 +288,7 @@ def main(args):
     # Side by side (--jobs > 1) each row's output goes to its own log; a thread per row is enough,
     # since each thread only waits on its train.py process.
     logs = {name: run / "train.log" if args.jobs > 1 else None for name, run, _ in todo}
-    env = child_env(args.jobs)
+    env = child_env(min(args.jobs, len(todo)))  # the rows that train side by side share the cores
     with Stop() as stop, ThreadPoolExecutor(max_workers=args.jobs) as pool:
         codes = list(pool.map(lambda row: train_row(*row, stop, log=logs[row[0]], env=env), todo))
     codes = {name: code for (name, _, _), code in zip(todo, codes)}

@@ -360,7 +360,7 @@ def test_write_report_study_section_and_json(tmp_path, runs):
 
 REPRODUCE = Path(__file__).resolve().parents[1] / "tools" / "reproduce.py"
 sys.path.insert(0, str(REPRODUCE.parent))
-from reproduce import child_env, table_wall, union_seconds  # noqa: E402
+from reproduce import child_env, table_times, union_seconds  # noqa: E402
 
 
 def reproduce_here(monkeypatch, capsys, *args):
@@ -578,13 +578,37 @@ def test_the_cores_are_shared_by_the_rows_that_run(shards, tmp_path, monkeypatch
         assert {env and env["OMP_NUM_THREADS"] for env in envs.values()} == {threads}, rows
 
 
+def test_the_report_says_how_many_rows_trained_side_by_side_from_their_records(tmp_path, capsys):
+    """The footer's "up to N rows trained side by side" was --jobs N of the call that wrote the report: `--jobs 4`
+    with rows one after another said 4, and a rerun that found the rows finished said nothing of the 2 that had
+    trained at once. It is the most rows whose recorded times overlap."""
+    import reproduce
+
+    for most, intervals in ((2, [[0, 10], [5, 15]]), (1, [[0, 10], [10, 20], [20, 30]]), (3, [[0, 10], [0, 10], [9, 11]])):
+        out = tmp_path / f"{most}-{len(intervals)}"
+        out.mkdir()
+        names = ("lenet5-28", "squeezenet1_1-64", "resnet18-64")[:len(intervals)]
+        for name, interval in zip(names, intervals):
+            run = make_run(out, name, dict(arch=name.split("-")[0], size=int(name.split("-")[1]), epochs=1,
+                                           batch_size=32, limit_batches=None, shards="set"),
+                           [row(0, 1.0, 1.0)], final=dict(epochs=1))
+            (run / "reproduce.json").write_text(json.dumps(dict(wall_s=10.0, intervals=[interval])))
+        said = (f" min; up to {most} rows trained side by side, so each row's minutes were measured sharing the "
+                "machine." if most > 1 else " min.")
+        for jobs in ("1", "4"):
+            reproduce.main(reproduce.parse_args(["--out", str(out), "--shards", "set", "--epochs", "1", "--rows",
+                                                 ",".join(names), "--jobs", jobs]))
+            assert (out / "report.md").read_text().split("\n\n![learning curves]")[0].endswith(said), (intervals, jobs)
+    capsys.readouterr()
+
+
 def test_a_rows_record_from_before_intervals_counts_its_wall_time_of_its_own(tmp_path):
     """reproduce.json written before intervals were kept holds only wall_s: it adds to the others' union."""
     old, new = tmp_path / "old", tmp_path / "new"
     for run, record in ((old, dict(wall_s=30.0)), (new, dict(wall_s=20.0, intervals=[[0.0, 10.0], [5.0, 20.0]]))):
         run.mkdir()
         (run / "reproduce.json").write_text(json.dumps(record))
-    assert table_wall([old, new, tmp_path / "never-run"]) == 50.0
+    assert table_times([old, new, tmp_path / "never-run"])[0] == 50.0
 
 
 def test_a_row_resumed_from_a_record_from_before_intervals_keeps_its_earlier_wall_time(tmp_path, capsys):
@@ -599,9 +623,9 @@ def test_a_row_resumed_from_a_record_from_before_intervals_keeps_its_earlier_wal
     record = json.loads((run / "reproduce.json").read_text())
     [[start, end]] = record["intervals"]
     assert record["wall_s"] == pytest.approx(30.0 + end - start)
-    assert table_wall([run]) == pytest.approx(30.0 + end - start)
+    assert table_times([run])[0] == pytest.approx(30.0 + end - start)
     (run / "reproduce.json").write_text(json.dumps(dict(wall_s=50.0, intervals=[[100.0, 110.0], [200.0, 210.0]])))
-    assert table_wall([run]) == 50.0  # 30 s before the intervals, 2 x 10 s in them
+    assert table_times([run])[0] == 50.0  # 30 s before the intervals, 2 x 10 s in them
 
 
 def test_union_seconds():

@@ -188,10 +188,21 @@ def union_seconds(intervals):
     return total
 
 
-def table_wall(runs):
-    """The whole table's wall clock from the rows' reproduce.json files. The time of a record written before
-    intervals were kept, and of a row's runs before its record had them (its wall_s beyond its intervals: a row
-    resumed from such a record adds an interval to the older seconds), counts as time of its own."""
+def most_at_once(intervals):
+    """The most of the (start, end) intervals that cover one moment (0 for none): how many rows trained
+    side by side. One that ends when another starts is not beside it."""
+    most = at_once = 0
+    for _, change in sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals]):
+        at_once += change
+        most = max(most, at_once)
+    return most
+
+
+def table_times(runs):
+    """(the whole table's wall clock, the most rows that trained side by side) from the rows' reproduce.json
+    files. The time of a record written before intervals were kept, and of a row's runs before its record had
+    them (its wall_s beyond its intervals: a row resumed from such a record adds an interval to the older
+    seconds), counts as time of its own."""
     intervals, older = [], 0.0
     for run in runs:
         record = run / "reproduce.json"
@@ -200,7 +211,7 @@ def table_wall(runs):
             kept = saved.get("intervals", [])
             intervals += kept
             older += max(0.0, saved["wall_s"] - sum(end - start for start, end in kept))
-    return union_seconds(intervals) + older
+    return union_seconds(intervals) + older, most_at_once(intervals)
 
 
 def child_env(jobs):
@@ -312,9 +323,12 @@ def main(args):
         return "no epoch finished: " + (f"stopped by {signame}" if stopped(code) else f"failed (exit {code})")
 
     missing = [(run.name, why_no_epoch(codes[run.name])) for run in done if run not in reported]
+    # The rows' minutes were measured sharing the machine where their recorded times overlap: --jobs N said so of
+    # one row alone, and a rerun with the rows finished earlier said nothing of those that had.
+    wall_s, jobs = table_times(done) if done else (None, 1)
     try:
         md, png = write_report(reported, args.out, not_run=missing + [(n, f"not run: {why}") for n, why in not_run],
-                               wall_s=table_wall(done) if done else None, jobs=args.jobs)
+                               wall_s=wall_s, jobs=max(1, jobs))
     except ValueError as e:  # a row's file that is not as train.py writes it: one line, as `tinyin report` says it
         sys.exit(f"error: {e}")
     print(Path(md).read_text())

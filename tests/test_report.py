@@ -667,6 +667,20 @@ def test_reproduce_checks_the_shards_before_any_row_starts(tmp_path, monkeypatch
     assert not (tmp_path / "out" / "lenet5-28").exists()
 
 
+def test_reproduce_interrupted_before_the_rows_start_says_so_in_one_line(shards, tmp_path, monkeypatch, capsys):
+    """A Ctrl-C in the seconds before the first row starts (train.py's checks of the rows' flags, torch's import)
+    was a KeyboardInterrupt traceback: it is 'interrupted', exit 130, as train.py's and the other tools'."""
+    import train
+
+    def ctrl_c(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "parse_args", ctrl_c)
+    assert reproduce_here(monkeypatch, capsys, "--rows", "lenet5-28", "--out", str(tmp_path / "out"), "--shards",
+                          str(shards), "--device", "cpu") == (130, "interrupted\n")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--train-args", "--ema 0.5 --ema-every 0"], "argument --ema-every: must be at least 1, not 0"),
     (["--device", "cuda"], f"argument --device: cuda, but torch {torch.__version__} sees no CUDA device here"),

@@ -379,6 +379,7 @@ def parse_args(argv):
 
 
 if __name__ == "__main__":
-    with user_errors():  # a bad flag: one line, exit 2, as train.py's
-        parsed = parse_args(sys.argv[1:])
-    main(parsed)
+    # A bad flag: one line, exit 2, as train.py's. A Ctrl-C before the rows start (or after they end, while the
+    # report is written): 'interrupted', exit 130, not a traceback; while they train, `Stop` takes it.
+    with user_errors():
+        main(parse_args(sys.argv[1:]))

@@ -47,6 +47,8 @@ _SAVED_224 = {"alexnet": (0.570, 0.562), "squeezenet1_1": (0.551, 0.539), "resne
 for (_arch, _size, _pre, _epochs), _entry in STUDY.items():
     if _size == 224:
         _entry["recorded"] = (None, "saved model, val / test (epochs not recorded)", _SAVED_224[_arch])
+#: The study's train split: the release's every train image (a run on fewer is not set beside its figures).
+STUDY_TRAIN_IMAGES = 100000
 #: LeNet-5's recorded val curve (lenet.ipynb): epoch -> val accuracy.
 LENET_RECORDED = {1: 0.007, 2: 0.007, 3: 0.008, 4: 0.015, 5: 0.020, 10: 0.061, 15: 0.098, 20: 0.115, 25: 0.130,
                   29: 0.141, 30: 0.139}
@@ -99,7 +101,8 @@ _WHOLE, _NUMBER, _TEXT = ((int,), "a whole number"), ((int, float), "a number"),
 #: a hand-edited value of another type (env.json's `"world_size": null`) failed with a traceback.
 FIELD_KINDS = {
     "args.json": dict(arch=_TEXT, size=_WHOLE, epochs=_WHOLE, batch_size=_WHOLE, ema=_NUMBER,
-                      weights=((str, type(None)), "text or null"), augment=((str, bool), "text")),
+                      weights=((str, type(None)), "text or null"), augment=((str, bool), "text"),
+                      limit_batches=((int, type(None)), "a whole number or null")),
     "env.json": dict(world_size=_WHOLE, dataset=_TEXT),
     "final.json": dict(epochs=_WHOLE, test_top1=_NUMBER, wall_time_s=_NUMBER),
     "metrics.jsonl": dict(epoch=_WHOLE, **dict.fromkeys(ROW_KEYS[1:], _NUMBER)),
@@ -255,8 +258,15 @@ def _study_cells(run: dict) -> list[str]:
     name = run["name"]
     dataset = run["env"].get("dataset")  # "200 classes (<hash>), 100000 train" for the release (runs since it is kept)
     why = "no such row in the study"
-    if study is not None and dataset and not (dataset.startswith("200 classes") and dataset.endswith(" 100000 train")):
+    # --limit-batches: the batches of each epoch (and evaluation) it took, over all processes, where they are fewer
+    limit = args.get("limit_batches") or 0
+    seen = limit * args.get("batch_size", 1) * run["env"].get("world_size", 1)
+    if study is not None and dataset and not (dataset.startswith("200 classes")
+                                              and dataset.endswith(f" {STUDY_TRAIN_IMAGES} train")):
         study, why = None, f"not comparable: trained on {dataset}, the study on the full release"
+    elif study is not None and limit and seen < STUDY_TRAIN_IMAGES:  # a quick look: its val is of a few batches too
+        study, why = None, (f"not comparable: trained and evaluated on --limit-batches {limit} ({seen} of the "
+                            f"{STUDY_TRAIN_IMAGES} train images an epoch), the study on every image")
     elif study is not None and (differ := _recipe_difference(run)):  # another batch, lr, schedule, augmentation...
         study, why = None, differ
     epochs, batch = _row(run)[2:4]  # as the run table says them: "12 of 40", "16 x 2 processes"

@@ -311,6 +311,29 @@ def test_a_run_on_other_data_is_not_set_beside_the_study(tmp_path):
     assert lines[3].startswith("| release | 1 of 40 | 32 | 0.700 / 0.720 / - | 0.218 / 0.220 (Table 2) |")
 
 
+def test_a_run_on_some_batches_of_each_epoch_is_not_set_beside_the_study(tmp_path):
+    """`reproduce.py --rows resnet18-64 --epochs 1 --limit-batches 5` (its quick look) on the release set the val
+    accuracy of 5 batches of training, on 5 batches of val, beside the study's recorded 0.079 as "comparable". A
+    limit that the epoch does not reach (batch 50 x 2000 = the 100000 images) trained on all of them."""
+    full = dict(dataset="200 classes (0123456789ab), 100000 train")
+    args = dict(arch="resnet18", size=64, epochs=1, batch_size=50, norm="imagenet")
+    quick = make_run(tmp_path, "quick", dict(args, limit_batches=5), [row(0, 1.0, 2.0)], env=full)
+    ddp = make_run(tmp_path, "ddp", dict(args, batch_size=25, limit_batches=1999), [row(0, 1.0, 2.0)],
+                   env=dict(full, world_size=2))
+    whole = make_run(tmp_path, "whole", dict(args, limit_batches=2000), [row(0, 1.0, 2.0)], env=full)
+    lines = render_study([quick, ddp, whole]).splitlines()
+    assert lines[2] == ("| quick | 1 (5 batches each) | 50 | 0.010 / 0.020 / - | not comparable: trained and evaluated on "
+                        "--limit-batches 5 (250 of the 100000 train images an epoch), the study on every image "
+                        "| - | - | 0.5 |")
+    assert "| not comparable: trained and evaluated on --limit-batches 1999 (99950 of the 100000 train images an " in (
+        lines[3])
+    assert lines[4].startswith("| whole | 1 (2000 batches each) | 50 | 0.010 / 0.020 / - | 0.228 / 0.237 (Table 2) | "
+                               "0.079: val after epoch 1 (run_models2.ipynb, interrupted) | val 0.020 after epoch 1 |")
+    (quick / "args.json").write_text(json.dumps(dict(args, limit_batches="5")))  # by hand
+    with pytest.raises(ValueError, match=r'/quick/args.json: limit_batches is not a whole number or null \("5"\)$'):
+        render_study([quick])
+
+
 def test_a_bar_in_a_runs_or_weights_name_stays_in_its_cell(tmp_path):
     """A run folder `lr|0.1` (or weights `a|b.pth`) ended its cell at the `|`: its epochs stood under Batch, its
     batch under the accuracies, one cell too many. It is escaped, as Markdown allows in a table."""
@@ -337,7 +360,7 @@ def test_write_report_study_section_and_json(tmp_path, runs):
 
 REPRODUCE = Path(__file__).resolve().parents[1] / "tools" / "reproduce.py"
 sys.path.insert(0, str(REPRODUCE.parent))
-from reproduce import child_env, table_wall, union_seconds  # noqa: E402
+from reproduce import child_env, table_times, union_seconds  # noqa: E402
 
 
 def reproduce_here(monkeypatch, capsys, *args):
@@ -536,13 +559,56 @@ def test_rows_side_by_side_share_the_cores_unless_the_user_set_the_threads(monke
     assert child_env(4) is None  # the user's own setting stands
 
 
+def test_the_cores_are_shared_by_the_rows_that_run(shards, tmp_path, monkeypatch):
+    """`--jobs 4` with one row left to train (the others finished earlier, or not asked for) gave that row a
+    quarter of the cores: the threads are shared by the rows that train side by side, not by --jobs."""
+    import reproduce
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    envs = {}
+    monkeypatch.setattr(reproduce, "train_row", lambda name, run, cmd, stop, log=None, env=None: envs.update({name: env}) or 0)
+    monkeypatch.setattr(reproduce, "write_report", lambda *a, **k: (tmp_path / "report.md", None))
+    (tmp_path / "report.md").write_text("")
+    for rows, threads in (("lenet5-28", None), ("lenet5-28,squeezenet1_1-64", "8"),
+                          ("lenet5-28,squeezenet1_1-64,resnet18-64,alexnet-64,alexnet-224-50", "4")):
+        envs.clear()
+        reproduce.main(reproduce.parse_args(["--shards", str(shards), "--out", str(tmp_path / "out"), "--rows", rows,
+                                             "--device", "cpu", "--jobs", "4"]))
+        assert {env and env["OMP_NUM_THREADS"] for env in envs.values()} == {threads}, rows
+
+
+def test_the_report_says_how_many_rows_trained_side_by_side_from_their_records(tmp_path, capsys):
+    """The footer's "up to N rows trained side by side" was --jobs N of the call that wrote the report: `--jobs 4`
+    with rows one after another said 4, and a rerun that found the rows finished said nothing of the 2 that had
+    trained at once. It is the most rows whose recorded times overlap."""
+    import reproduce
+
+    for most, intervals in ((2, [[0, 10], [5, 15]]), (1, [[0, 10], [10, 20], [20, 30]]), (3, [[0, 10], [0, 10], [9, 11]])):
+        out = tmp_path / f"{most}-{len(intervals)}"
+        out.mkdir()
+        names = ("lenet5-28", "squeezenet1_1-64", "resnet18-64")[:len(intervals)]
+        for name, interval in zip(names, intervals):
+            run = make_run(out, name, dict(arch=name.split("-")[0], size=int(name.split("-")[1]), epochs=1,
+                                           batch_size=32, limit_batches=None, shards="set"),
+                           [row(0, 1.0, 1.0)], final=dict(epochs=1))
+            (run / "reproduce.json").write_text(json.dumps(dict(wall_s=10.0, intervals=[interval])))
+        said = (f" min; up to {most} rows trained side by side, so each row's minutes were measured sharing the "
+                "machine." if most > 1 else " min.")
+        for jobs in ("1", "4"):
+            reproduce.main(reproduce.parse_args(["--out", str(out), "--shards", "set", "--epochs", "1", "--rows",
+                                                 ",".join(names), "--jobs", jobs]))
+            assert (out / "report.md").read_text().split("\n\n![learning curves]")[0].endswith(said), (intervals, jobs)
+    capsys.readouterr()
+
+
 def test_a_rows_record_from_before_intervals_counts_its_wall_time_of_its_own(tmp_path):
     """reproduce.json written before intervals were kept holds only wall_s: it adds to the others' union."""
     old, new = tmp_path / "old", tmp_path / "new"
     for run, record in ((old, dict(wall_s=30.0)), (new, dict(wall_s=20.0, intervals=[[0.0, 10.0], [5.0, 20.0]]))):
         run.mkdir()
         (run / "reproduce.json").write_text(json.dumps(record))
-    assert table_wall([old, new, tmp_path / "never-run"]) == 50.0
+    assert table_times([old, new, tmp_path / "never-run"])[0] == 50.0
 
 
 def test_a_row_resumed_from_a_record_from_before_intervals_keeps_its_earlier_wall_time(tmp_path, capsys):
@@ -557,9 +623,9 @@ def test_a_row_resumed_from_a_record_from_before_intervals_keeps_its_earlier_wal
     record = json.loads((run / "reproduce.json").read_text())
     [[start, end]] = record["intervals"]
     assert record["wall_s"] == pytest.approx(30.0 + end - start)
-    assert table_wall([run]) == pytest.approx(30.0 + end - start)
+    assert table_times([run])[0] == pytest.approx(30.0 + end - start)
     (run / "reproduce.json").write_text(json.dumps(dict(wall_s=50.0, intervals=[[100.0, 110.0], [200.0, 210.0]])))
-    assert table_wall([run]) == 50.0  # 30 s before the intervals, 2 x 10 s in them
+    assert table_times([run])[0] == 50.0  # 30 s before the intervals, 2 x 10 s in them
 
 
 def test_union_seconds():
@@ -599,6 +665,20 @@ def test_reproduce_checks_the_shards_before_any_row_starts(tmp_path, monkeypatch
     assert result == (
         1, f"error: --shards {tmp_path / 'release'}: not a shard set (no manifest.json); run `tinyin shard build` first\n")
     assert not (tmp_path / "out" / "lenet5-28").exists()
+
+
+def test_reproduce_interrupted_before_the_rows_start_says_so_in_one_line(shards, tmp_path, monkeypatch, capsys):
+    """A Ctrl-C in the seconds before the first row starts (train.py's checks of the rows' flags, torch's import)
+    was a KeyboardInterrupt traceback: it is 'interrupted', exit 130, as train.py's and the other tools'."""
+    import train
+
+    def ctrl_c(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "parse_args", ctrl_c)
+    assert reproduce_here(monkeypatch, capsys, "--rows", "lenet5-28", "--out", str(tmp_path / "out"), "--shards",
+                          str(shards), "--device", "cpu") == (130, "interrupted\n")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -660,6 +740,14 @@ def test_reproduce_weights_dir_that_is_no_folder(tmp_path):
         reproduce.main(reproduce.parse_args(
             ["--out", str(tmp_path / "out"), "--rows", "alexnet-224", "--weights-dir", str(tmp_path / "wieghts")]))
     assert exit.value.code == f"error: --weights-dir {tmp_path / 'wieghts'}: no such folder"
+    assert not (tmp_path / "out").exists()
+    # the weights file itself, given for its folder, was "no such folder" too
+    (tmp_path / "alexnet-owt-7be5be79.pth").write_bytes(b"")
+    with pytest.raises(SystemExit) as exit:
+        reproduce.main(reproduce.parse_args(["--out", str(tmp_path / "out"), "--rows", "alexnet-224",
+                                             "--weights-dir", str(tmp_path / "alexnet-owt-7be5be79.pth")]))
+    assert exit.value.code == (f"error: --weights-dir {tmp_path / 'alexnet-owt-7be5be79.pth'}: a file, not a folder; "
+                               "give the folder that holds the weights files")
     assert not (tmp_path / "out").exists()
 
 
@@ -875,3 +963,45 @@ def test_reproduce_does_not_take_a_row_finished_on_another_shard_set(tmp_path):
     assert plan("lenet5-28", "release") is not None
     assert plan("alexnet-64", "https://ann:pw@h/tiny?sig=S2") is None  # train.py keeps the URL so: the same set
     assert plan("alexnet-64", "https://h/other") is not None
+
+
+def test_reproduce_reads_a_rows_damaged_files_without_a_traceback(tmp_path, capsys):
+    """A finished row's final.json or args.json that is no JSON object (a hand edit, a disk's damage) was a traceback
+    before any row ran: such a row is not taken as finished (train.py's resume writes them anew). A metrics.jsonl
+    line that is no metrics row was a traceback after the rows ran, as `tinyin report` says it in one line."""
+    import reproduce
+
+    args = dict(arch="lenet5", size=28, epochs=1, batch_size=32, limit_batches=None, shards="set")
+    plan = lambda: reproduce.row_command("lenet5-28", reproduce.parse_args(  # noqa: E731
+        ["--out", str(tmp_path), "--shards", "set", "--epochs", "1"]))[1]
+    run = make_run(tmp_path, "lenet5-28", args, [row(0, 1.0, 1.0)], final=dict(epochs=1))
+    assert plan() is None  # finished
+    for name, text in (("final.json", '{"epochs": 1'), ("final.json", "[1]"), ("args.json", "null")):
+        saved = (run / name).read_text()
+        (run / name).write_text(text)
+        assert plan() is not None, (name, text)
+        (run / name).write_text(saved)
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"epoch": 1, "train_loss": 1\n')
+    with pytest.raises(SystemExit) as exit:
+        reproduce.main(reproduce.parse_args(["--out", str(tmp_path), "--shards", "set", "--epochs", "1",
+                                             "--rows", "lenet5-28", "--device", "cpu"]))
+    assert exit.value.code == (f"error: {run / 'metrics.jsonl'}: line 2: not a metrics row "
+                               "(Expecting ',' delimiter: line 1 column 29 (char 28))")
+
+
+def test_reproduce_runs_a_finished_row_whose_metrics_are_gone(tmp_path):
+    """A finished row whose metrics.jsonl was gone or empty (deleted by hand) was "finished earlier, not run
+    again", then a KeyError out of the report's list of rows with no epoch. Its row runs: train.py's resume
+    writes the metrics anew from its checkpoint."""
+    import reproduce
+
+    args = dict(arch="lenet5", size=28, epochs=1, batch_size=32, limit_batches=None, shards="set")
+    run = make_run(tmp_path, "lenet5-28", args, [row(0, 1.0, 1.0)], final=dict(epochs=1))
+    plan = lambda: reproduce.row_command("lenet5-28", reproduce.parse_args(  # noqa: E731
+        ["--out", str(tmp_path), "--shards", "set", "--epochs", "1"]))[1]
+    assert plan() is None
+    (run / "metrics.jsonl").write_text("\n")
+    assert plan() is not None
+    (run / "metrics.jsonl").unlink()
+    assert plan() is not None

@@ -74,12 +74,19 @@ def finished(run, shards, epochs, limit_batches=None):
     batches (None: whole epochs). A quick look's run of as many epochs is not the one asked for: its row
     runs again, and train.py refuses to resume it with another --limit-batches. Nor is a run on another
     shard set (a trial on a `--classes 10` subset, then the release, both into the default --out): its
-    row runs, and train.py refuses the checkpoint of another set."""
+    row runs, and train.py refuses the checkpoint of another set. Nor is a run whose final.json or args.json
+    is no JSON object (damaged, edited), or whose metrics are gone: its row runs, and train.py's resume writes
+    them anew."""
     final, args = run / "final.json", run / "args.json"
-    if not (final.is_file() and args.is_file()):
+    if not (final.is_file() and args.is_file() and has_epochs(run)):
         return False
-    saved = json.loads(args.read_text())
-    return (json.loads(final.read_text()).get("epochs") == epochs and saved.get("limit_batches") == limit_batches
+    try:
+        final, saved = json.loads(final.read_text()), json.loads(args.read_text())
+    except ValueError:
+        return False
+    if not (isinstance(final, dict) and isinstance(saved, dict)):
+        return False
+    return (final.get("epochs") == epochs and saved.get("limit_batches") == limit_batches
             and saved.get("shards") == hide_password(shards))  # as train.py keeps it: a URL's password hidden
 
 
@@ -181,10 +188,21 @@ def union_seconds(intervals):
     return total
 
 
-def table_wall(runs):
-    """The whole table's wall clock from the rows' reproduce.json files. The time of a record written before
-    intervals were kept, and of a row's runs before its record had them (its wall_s beyond its intervals: a row
-    resumed from such a record adds an interval to the older seconds), counts as time of its own."""
+def most_at_once(intervals):
+    """The most of the (start, end) intervals that cover one moment (0 for none): how many rows trained
+    side by side. One that ends when another starts is not beside it."""
+    most = at_once = 0
+    for _, change in sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals]):
+        at_once += change
+        most = max(most, at_once)
+    return most
+
+
+def table_times(runs):
+    """(the whole table's wall clock, the most rows that trained side by side) from the rows' reproduce.json
+    files. The time of a record written before intervals were kept, and of a row's runs before its record had
+    them (its wall_s beyond its intervals: a row resumed from such a record adds an interval to the older
+    seconds), counts as time of its own."""
     intervals, older = [], 0.0
     for run in runs:
         record = run / "reproduce.json"
@@ -193,13 +211,13 @@ def table_wall(runs):
             kept = saved.get("intervals", [])
             intervals += kept
             older += max(0.0, saved["wall_s"] - sum(end - start for start, end in kept))
-    return union_seconds(intervals) + older
+    return union_seconds(intervals) + older, most_at_once(intervals)
 
 
 def child_env(jobs):
     """The environment of each row's process: with rows side by side, the cores are shared out
     (OMP_NUM_THREADS, unless set) so that they do not fight over them."""
-    if jobs == 1 or "OMP_NUM_THREADS" in os.environ:
+    if jobs <= 1 or "OMP_NUM_THREADS" in os.environ:
         return None
     return dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // jobs)))
 
@@ -256,6 +274,9 @@ def check_shards(shards):
 def main(args):
     rows = args.rows or list(ROWS)
     if args.weights_dir and not Path(args.weights_dir).is_dir():  # a typo read as "no weights": Table 3 not run
+        if Path(args.weights_dir).exists():  # the weights file itself
+            sys.exit(f"error: --weights-dir {args.weights_dir}: a file, not a folder; "
+                     "give the folder that holds the weights files")
         sys.exit(f"error: --weights-dir {args.weights_dir}: no such folder")
     done, not_run, todo = [], [], []
     for name in rows:
@@ -278,7 +299,7 @@ def main(args):
     # Side by side (--jobs > 1) each row's output goes to its own log; a thread per row is enough,
     # since each thread only waits on its train.py process.
     logs = {name: run / "train.log" if args.jobs > 1 else None for name, run, _ in todo}
-    env = child_env(args.jobs)
+    env = child_env(min(args.jobs, len(todo)))  # the rows that train side by side share the cores
     with Stop() as stop, ThreadPoolExecutor(max_workers=args.jobs) as pool:
         codes = list(pool.map(lambda row: train_row(*row, stop, log=logs[row[0]], env=env), todo))
     codes = {name: code for (name, _, _), code in zip(todo, codes)}
@@ -302,8 +323,14 @@ def main(args):
         return "no epoch finished: " + (f"stopped by {signame}" if stopped(code) else f"failed (exit {code})")
 
     missing = [(run.name, why_no_epoch(codes[run.name])) for run in done if run not in reported]
-    md, png = write_report(reported, args.out, not_run=missing + [(n, f"not run: {why}") for n, why in not_run],
-                           wall_s=table_wall(done) if done else None, jobs=args.jobs)
+    # The rows' minutes were measured sharing the machine where their recorded times overlap: --jobs N said so of
+    # one row alone, and a rerun with the rows finished earlier said nothing of those that had.
+    wall_s, jobs = table_times(done) if done else (None, 1)
+    try:
+        md, png = write_report(reported, args.out, not_run=missing + [(n, f"not run: {why}") for n, why in not_run],
+                               wall_s=wall_s, jobs=max(1, jobs))
+    except ValueError as e:  # a row's file that is not as train.py writes it: one line, as `tinyin report` says it
+        sys.exit(f"error: {e}")
     print(Path(md).read_text())
     print(f"wrote {md}" + (f" and {png}" if png else ""), flush=True)
     unfinished = [name for name, code in codes.items() if stopped(code)]
@@ -352,6 +379,7 @@ def parse_args(argv):
 
 
 if __name__ == "__main__":
-    with user_errors():  # a bad flag: one line, exit 2, as train.py's
-        parsed = parse_args(sys.argv[1:])
-    main(parsed)
+    # A bad flag: one line, exit 2, as train.py's. A Ctrl-C before the rows start (or after they end, while the
+    # report is written): 'interrupted', exit 130, not a traceback; while they train, `Stop` takes it.
+    with user_errors():
+        main(parse_args(sys.argv[1:]))

@@ -27,7 +27,7 @@ import pipeline.stream_read
 from pipeline.checksum import sum64
 from pipeline.cache import cache_folder, cached_copy, is_set_url
 from pipeline.cli import main
-from pipeline.errors import ShardError, hide_password
+from pipeline.errors import ShardError, UsageError, hide_password
 from pipeline.loader import make_loader
 from pipeline.schema import CACHE_MARK_FILE
 from pipeline.shardset import RETRIES, ShardSet, open_shard_set, worth_retrying
@@ -85,6 +85,21 @@ def test_http_set_yields_the_local_batches_and_a_second_open_fetches_nothing(sha
     assert ShardSet(copy).manifest == ShardSet(shards).manifest
     batches(server.url, path)
     assert shard_gets(server) == {f"train-{i:06d}.tar": 1 for i in range(4)}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(workers=2), "workers=2: the resident path (chosen by path='auto') reads in the calling process; "
+                      "only path='stream' uses workers"),
+    (dict(path="resident", prefetch=2), "prefetch=2: the resident path does not prefetch; only path='fast' does"),
+    (dict(sample_counts=[64, 64, 64, 48]),
+     "sample_counts: a shard set's counts come from its manifest; sample_counts is for a list of shard URLs"),
+])
+def test_an_option_the_path_does_not_use_is_refused_before_the_split_is_fetched(serve, cache, kwargs, message):
+    """A set URL's split was fetched whole into the cache (the real train split: 1.7 GB), then the option refused."""
+    server = serve()
+    with pytest.raises(UsageError) as e:
+        make_loader(server.url, "train", **kwargs)
+    assert (str(e.value), shard_gets(server), cache.exists()) == (message, {}, False)
 
 
 def flip_a_bit(path, at=5000):

@@ -63,7 +63,7 @@ def cache_folder(location, cache_dir=None):
     return Path(root).expanduser() / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def cached_copy(shards, splits, cache_dir=None, workers=WORKERS, progress=None, storage_options=None):
+def cached_copy(shards, splits, cache_dir=None, workers=WORKERS, progress=None, storage_options=None, check=None):
     """A local folder holding the manifest, index and verified shards of `splits` of remote set `shards`.
 
     shards: a URL (http(s)://, s3://, gs://, any fsspec URL) or a remote ShardSet; splits: names.
@@ -72,7 +72,8 @@ def cached_copy(shards, splits, cache_dir=None, workers=WORKERS, progress=None, 
     terminal, in the process with LOCAL_RANK 0). Raises ShardError naming the URL of a shard that is
     missing (at once), short, corrupt or unreachable after retries (5 attempts over about 8 s,
     `shardset.retry_waits`), and OSError naming the file in the cache folder where its disk is full (at
-    once); no file is left looking complete.
+    once); no file is left looking complete. check: called with the remote ShardSet once it is open, before any
+    shard is fetched (make_loader refuses there an option its read path does not use, not after the download).
     """
     splits = [splits] if isinstance(splits, str) else list(splits)
     try:
@@ -88,6 +89,8 @@ def cached_copy(shards, splits, cache_dir=None, workers=WORKERS, progress=None, 
         return folder
     for split in splits:  # before any file is fetched: a split it lacks is the caller's choice (UsageError)
         remote.check_holds(split)
+    if check is not None:
+        check(remote)
     entries = [e for split in splits for e in remote.entries(split)]
     folder = cache_folder(remote.location, cache_dir)
     folder.mkdir(parents=True, exist_ok=True)

@@ -309,16 +309,29 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
     elif augment_mode(augment) != "rrc" and _rrc_scale_given(rrc_scale):  # dropped: crops at the default scale, or none
         raise UsageError(f"rrc_scale={rrc_scale!r}: augment={augment!r} draws no random-resized crop; "
                          "only augment='rrc' uses rrc_scale")
+
+    def choose(shard_set):
+        """The read path for `shard_set` (None: shard URLs), an option it does not use refused, and on the resident
+        and fast paths a batch_size or world_size the split cannot serve: before their storage's data pass starts, and
+        before a set URL's split is fetched."""
+        chosen = path
+        if path == "auto":
+            split_bytes = shard_set.counts.get(split, 0) * int(np.prod(VARIANTS[variant][1])) if shard_set else 0
+            chosen = "stream" if shard_set is None else "resident" if split_bytes <= RESIDENT_MAX else "fast"
+        _refuse_unused(chosen, path == "auto", shard_set is not None, workers, prefetch, sample_counts, checksum)
+        if chosen != "stream":
+            samples = shard_set.counts[split]
+            _check_a_full_batch(len(batch_sizes(samples, world_size=world_size, batch_size=batch_size, drop_last=True)),
+                                drop_last, samples, split, batch_size, world_size)
+            batch_sizes(samples, world_size=world_size, batch_size=batch_size, drop_last=drop_last)  # even batches
+        return chosen
+
     if is_set_url(shards) and path != "stream":  # a URL reads like a folder: its split fetched once per node
-        shards = cached_copy(shards, split)
+        shards = cached_copy(shards, split, check=choose)  # an option is refused before the download, not after it
     shard_set = None if is_url_list(shards) else open_shard_set(shards)
     if shard_set is not None:  # on every path: the set lacks it ('unlabeled' of a --classes set), a UsageError
         shard_set.check_holds(split)
-    auto = path == "auto"
-    if auto:
-        split_bytes = shard_set.counts.get(split, 0) * int(np.prod(VARIANTS[variant][1])) if shard_set else 0
-        path = "stream" if shard_set is None else "resident" if split_bytes <= RESIDENT_MAX else "fast"
-    _refuse_unused(path, auto, shard_set is not None, workers, prefetch, sample_counts, checksum)
+    path = choose(shard_set)
     keys = None
     if path == "stream":  # a shard set (folder, URL, ShardSet) or a list of shard URLs with sample_counts
         source = stream_source(shards if shard_set is None else shard_set, split, sample_counts=sample_counts,
@@ -327,10 +340,7 @@ def make_loader(shards, split, variant="rgb64", batch_size=256, shuffle=True, se
                                workers=2 if workers is None else workers)
         samples = shard_set.counts[split] if shard_set else sum(sample_counts)  # (stream_source checked them)
         _check_a_full_batch(len(source), drop_last, samples, split, batch_size, world_size)
-    else:
-        samples = shard_set.counts[split]
-        _check_a_full_batch(len(batch_sizes(samples, world_size=world_size, batch_size=batch_size, drop_last=True)),
-                            drop_last, samples, split, batch_size, world_size)  # before the storage's data pass starts
+    else:  # (`choose` checked the batches)
         arrays = ShardArrays(shard_set, split, variant, checksum=False)  # checksums: the storage's data pass
         keys = arrays.keys
         storage = (ResidentStorage(arrays, device, checksum) if path == "resident"

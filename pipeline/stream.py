@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .errors import ShardError, UsageError, plural
 from .schema import VARIANTS, check_variant
-from .shardset import ShardSet, is_url, missing_error, names_a_tar, open_shard_set
+from .shardset import ShardSet, is_url, local_path, missing_error, names_a_tar, open_shard_set
 from .stream_plan import LANES, MIX, plan_epoch
 from .stream_read import (Shard, adopt_read_buffers, describe_error, load_group, recycle_buffers,
                           shared_read_buffers)
@@ -378,11 +378,12 @@ def stream_from_urls(urls, sample_counts, **kw):
 def is_url_list(shards):
     """True when `shards` names shards one by one (a list, a brace pattern, a `pipe:` command or
     a `.tar`), False when it names a whole shard set (a folder, a URL of one, a ShardSet). A local
-    folder is a set whatever its name (one named `run {1,2}` was taken for a brace pattern)."""
+    folder is a set whatever its name (one named `run {1,2}` was taken for a brace pattern), also as
+    `~/run {1,2}` or `file:///.../run {1,2}`, which ShardSet reads as that folder (`local_path`)."""
     if isinstance(shards, (list, tuple)):
         return True
     text = str(shards)
-    if isinstance(shards, ShardSet) or (not is_url(text) and os.path.isdir(text)):
+    if isinstance(shards, ShardSet) or (not is_url(text) and os.path.isdir(local_path(text))):
         return False
     return text.startswith("pipe:") or "{" in text or names_a_tar(text)
 

@@ -59,8 +59,10 @@ def read_checked(shard, variant, shard_set=None, storage_options=None, retries=N
                 return (data, *read_layout(data, shard, variant))
             shard_set.check_bytes(shard.entry, data, shard.url)
             return data, shard.offsets, shard.labels, shard.keys
-        except FileNotFoundError:
-            raise missing_error(shard.url) from None  # asking again will not make it appear
+        except FileNotFoundError:  # asking again will not make it appear
+            # A URL list has no manifest: 'missing (listed in the manifest)' sent its user looking for one.
+            missing = missing_error(shard.url) if shard.entry is not None else ShardError(f"{shard.url}: not found")
+            raise missing from None
         except ShardError as e:  # broken off, short or corrupt: a transfer can go wrong, read it again
             error, why = e, None
         except Exception as e:  # a connection cut mid-transfer, a failing command, ...

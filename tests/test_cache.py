@@ -27,8 +27,9 @@ import pipeline.stream_read
 from pipeline.checksum import sum64
 from pipeline.cache import cache_folder, cached_copy, is_set_url
 from pipeline.cli import main
-from pipeline.errors import ShardError, hide_password
+from pipeline.errors import ShardError, UsageError, hide_password
 from pipeline.loader import make_loader
+from pipeline.order import MoreRanksThanSamples, NoFullBatch
 from pipeline.schema import CACHE_MARK_FILE
 from pipeline.shardset import RETRIES, ShardSet, open_shard_set, worth_retrying
 from tests.servers import FaultyHTTPServer, S3Server
@@ -85,6 +86,28 @@ def test_http_set_yields_the_local_batches_and_a_second_open_fetches_nothing(sha
     assert ShardSet(copy).manifest == ShardSet(shards).manifest
     batches(server.url, path)
     assert shard_gets(server) == {f"train-{i:06d}.tar": 1 for i in range(4)}
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(workers=2), UsageError, "workers=2: the resident path (chosen by path='auto') reads in the calling process; "
+                                  "only path='stream' uses workers"),
+    (dict(path="resident", prefetch=2), UsageError,
+     "prefetch=2: the resident path does not prefetch; only path='fast' does"),
+    (dict(sample_counts=[64, 64, 64, 48]), UsageError,
+     "sample_counts: a shard set's counts come from its manifest; sample_counts is for a list of shard URLs"),
+    (dict(batch_size=241, drop_last=True), NoFullBatch,
+     "batch_size=241, drop_last=True: the train split's 240 samples fill no batch, so every epoch would be empty; "
+     "use a smaller batch_size, or drop_last=False"),
+    (dict(world_size=241), MoreRanksThanSamples, "world_size=241: 1 of the ranks would have no batch of the 240 "
+                                                 "samples to read, and DDP would wait on them for good; use at most 240 ranks"),
+])
+def test_an_option_the_path_does_not_use_is_refused_before_the_split_is_fetched(serve, cache, kwargs, error, message):
+    """A set URL's split was fetched whole into the cache (the real train split: 1.7 GB), then the option refused
+    (or the batch_size or world_size that the split cannot serve)."""
+    server = serve()
+    with pytest.raises(error) as e:
+        make_loader(server.url, "train", **kwargs)
+    assert (str(e.value), shard_gets(server), cache.exists()) == (message, {}, False)
 
 
 def flip_a_bit(path, at=5000):

@@ -279,14 +279,19 @@ def test_a_split_the_set_lacks_is_a_usage_error_on_every_path(release, tmp_path,
         server.close()
 
 
-def test_a_folder_named_like_a_brace_pattern_is_a_shard_set(shards, tmp_path):
+def test_a_folder_named_like_a_brace_pattern_is_a_shard_set(shards, tmp_path, monkeypatch):
     """A folder `run {1,2}` was taken for a brace pattern of shard URLs: path='auto' and 'stream' asked
-    for sample_counts, 'fast' and 'resident' failed as 'None: no such folder'."""
+    for sample_counts, 'fast' and 'resident' failed as 'None: no such folder'. So it still was as
+    `~/run {1,2}` or `file://.../run {1,2}`, which a folder of another name is read as."""
     copy = shutil.copytree(shards, tmp_path / "run {1,2}")
     want = read_index(shards, "val").to_pydict()["key"]
     for path in ("auto", "fast", "resident", "stream"):
         loader = make_loader(copy, "val", batch_size=8, shuffle=False, path=path, with_keys=True, raw=True)
         assert [k for _, _, keys in loader for k in keys] == want, path
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for where in ("~/run {1,2}", f"file://{copy}"):
+        loader = make_loader(where, "val", batch_size=8, shuffle=False, with_keys=True, raw=True)
+        assert [k for _, _, keys in loader for k in keys] == want, where
 
 
 def test_a_list_of_shard_urls_is_refused_by_the_local_paths(shards):

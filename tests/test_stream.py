@@ -649,10 +649,15 @@ def test_a_url_list_shard_is_read_with_labels_of_every_width(tmp_path):
     assert str(e.value) == f"{tmp_path / 's.tar'}: a sample's cls is not a number"
 
 
-def test_failing_pipe_and_missing_file_are_named(shards, tmp_path, quick_retries):
+def test_failing_pipe_and_missing_file_are_named(shards, tmp_path, quick_retries, http):
+    """A shard of a URL list that is not there was 'missing (listed in the manifest)': a list has none."""
     missing = str(tmp_path / "train-000009.tar")
-    with pytest.raises(ShardError, match=f"^{missing}: missing"):
+    with pytest.raises(ShardError) as e:
         _epoch(stream_from_urls(_urls(shards)[:4] + [missing], COUNTS, workers=2))
+    assert str(e.value) == f"{missing}: not found"
+    with pytest.raises(ShardError) as e:  # a 404
+        _epoch(stream_from_urls([f"{http.url}/train-000009.tar"], [50], workers=0))
+    assert str(e.value) == f"{http.url}/train-000009.tar: not found"
     with pytest.raises(ShardError, match=f"^pipe:cat {missing}: unreadable shard"):
         _epoch(stream_from_urls([f"pipe:cat {missing}"], [50], workers=0))
 

@@ -450,16 +450,28 @@ def test_each_option_whose_value_is_flags_takes_a_lone_value_that_starts_with_a_
         "--bench-args=--repeat 2", "--train-args=--no-amp", "--speedrun-args=--seeds 0", "--deadline", "5"]
 
 
-def test_table2_trains_its_rows_one_after_another_on_the_cpu(tmp_path, monkeypatch):
+def test_table2_trains_its_rows_one_after_another_on_the_cpu(tmp_path, monkeypatch, capsys):
+    """And --help says the defaults as they are: it gave '1 on the CPU' and the four rows, where --smoke trains
+    two rows side by side."""
     sys.path.insert(0, str(SESSION.parent))
     import gpu_session
 
     commands = []
     monkeypatch.setattr(gpu_session, "sh", lambda cmd: commands.append(list(map(str, cmd))) or 1)
-    for device, smoke, jobs in (("cpu", False, "1"), ("cpu", True, "2"), ("cuda", False, "4")):
+    for device, smoke, jobs, rows in (("cpu", False, "1", "lenet5-28,alexnet-64,squeezenet1_1-64,resnet18-64"),
+                                      ("cpu", True, "2", "lenet5-28,squeezenet1_1-64"),
+                                      ("cuda", False, "4", "lenet5-28,alexnet-64,squeezenet1_1-64,resnet18-64")):
         args = argparse.Namespace(table2_rows=None, smoke=smoke, device=device, table2_jobs=None, train_args=None)
         gpu_session.part_table2(args, tmp_path, "shards", None, tmp_path)
         assert commands[-1][commands[-1].index("--jobs") + 1] == jobs
+        assert commands[-1][commands[-1].index("--rows") + 1] == rows
+    monkeypatch.setattr(sys, "argv", ["gpu_session.py", "--help"])
+    with pytest.raises(SystemExit):
+        gpu_session.main()
+    said = " ".join(capsys.readouterr().out.split())
+    assert ("--rows; default: lenet5-28,alexnet-64,squeezenet1_1-64,resnet18-64; with --smoke "
+            "lenet5-28,squeezenet1_1-64)") in said
+    assert "--jobs; default: 4 on CUDA; on the CPU 1, 2 with --smoke)" in said
 
 
 @pytest.mark.parametrize("parts, said", [

@@ -50,6 +50,7 @@ from pipeline.errors import ArgumentParser, at_least, names_among, path_text, po
 PARTS = ("bench", "table2", "r224", "speedrun")
 RESULTS = ("bench.md", "table2.md", "curves.png", "r224.md", "speedrun.md", "speedrun.png", "ablation.md")
 TABLE2_ROWS = "lenet5-28,alexnet-64,squeezenet1_1-64,resnet18-64"  # the study's from-scratch rows
+SMOKE_TABLE2_ROWS = "lenet5-28,squeezenet1_1-64"  # --smoke's: two rows side by side, as on the GPU
 JSON = ("env.json", "bench.json", "table2.json", "speedrun.json", "ablation.json")  # packed into json.tar
 
 
@@ -221,7 +222,7 @@ def part_bench(args, res, shards, images, work):
 def part_table2(args, res, shards, images, work):
     """Table 2 by tools/reproduce.py; None when done, else its report of the rows so far."""
     # --smoke: two rows side by side, so the dry run takes the path the GPU run takes
-    rows = args.table2_rows or ("lenet5-28,squeezenet1_1-64" if args.smoke else TABLE2_ROWS)
+    rows = args.table2_rows or (SMOKE_TABLE2_ROWS if args.smoke else TABLE2_ROWS)
     cmd = [sys.executable, "tools/reproduce.py", "--shards", shards, "--out", work / "paper", "--rows", rows]
     on_cuda = args.device.startswith("cuda")
     train_args = "--amp --channels-last" if on_cuda else ""
@@ -331,9 +332,9 @@ def main():
     p.add_argument("--commit", help="the commit, where the copy has no .git (default: git rev-parse)")
     p.add_argument("--bench-args", type=flag_words, help="more `tinyin bench train` flags, e.g. '--arch resnet18 --no-compile'")
     p.add_argument("--train-args", type=flag_words, help="more train.py flags for Table 2's rows")
-    p.add_argument("--table2-rows", type=table2_rows, help=f"Table 2's rows to train (tools/reproduce.py --rows; default: {TABLE2_ROWS})")
+    p.add_argument("--table2-rows", type=table2_rows, help=f"Table 2's rows to train (tools/reproduce.py --rows; default: {TABLE2_ROWS}; with --smoke {SMOKE_TABLE2_ROWS})")
     p.add_argument("--table2-jobs", type=at_least(1),
-                   help="Table 2 rows trained side by side (tools/reproduce.py --jobs; default: 4 on CUDA, 1 on the CPU)")
+                   help="Table 2 rows trained side by side (tools/reproduce.py --jobs; default: 4 on CUDA; on the CPU 1, 2 with --smoke)")
     p.add_argument("--speedrun-args", type=flag_words, help="more tools/speedrun.py flags, e.g. \"--train-args '--epochs 30'\"")
     p.add_argument("--deadline", type=positive_float, metavar="SECONDS",
                    help=f"stop the parts this long after the start, keeping what they have (SIGTERM; killed "

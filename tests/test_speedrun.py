@@ -149,13 +149,44 @@ def test_each_ablation_row_says_its_epochs():
         return dict(seed=0, variant=variant, seconds=180.0,
                     final=dict(epochs=epochs, val_top1=val, test_top1=val - 1))
 
-    md = speedrun.render_ablation(result(None, 12, 40.0), [result("compile", 7, 36.0)], ["--ablate", "compile"])
+    md = speedrun.render_ablation(result(None, 12, 40.0), [result("compile", 7, 36.0)], ["--ablate", "compile"],
+                                  argparse.Namespace(augment="rrc"))
     assert md.splitlines()[3:] == [
         "| without | train.py flags | minutes (process) | epochs | val top-1 (%) | change in val (points) "
         "| test top-1 (%) |",
         "|---|---|---|---|---|---|---|",
         "| nothing: the full recipe | | 3.00 | 12 | 40.00 | | 39.00 |",
         "| torch.compile | `--no-compile` | 3.00 | 7 | 36.00 | -4.00 | 35.00 |"]
+
+
+def trained_at_once(monkeypatch):
+    """speedrun.run_seed as if each run had trained (a minute, two epochs, val top-1 40, test 39), and no curve
+    drawn: for what speedrun.py writes of the runs it plans."""
+    def run_seed(args, seed, out, variant=None):
+        return dict(seed=seed, variant=variant, seconds=60.0, command="train.py --seed 0",
+                    final=dict(arch=args.arch, epochs=2, val_top1=40.0, test_top1=39.0, eval_model="ema"),
+                    metrics=[dict(epoch=e, val_top1=40.0, epoch_time_s=1.0, process_s=30.0 * e) for e in (1, 2)])
+
+    monkeypatch.setattr(speedrun, "run_seed", run_seed)
+    monkeypatch.setattr(speedrun, "plot", lambda results, png: None)
+
+
+def ablation_rows(out):
+    """ablation.md's rows (their cells), less the header."""
+    md = (out / "ablation.md").read_text().splitlines()
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in md if line.startswith("| ")][1:]
+
+
+def test_the_augmentation_row_names_the_augmentation_the_full_recipe_used(shards, tmp_path, monkeypatch):
+    """`--train-args '--augment crop'`: the full recipe trained with the padded crop (args.json), and ablation.md
+    said "without augmentation (random-resized crop + flip)", the recipe's, which no run used."""
+    trained_at_once(monkeypatch)
+    for augment, named in (("--augment crop", "random crop with padding + flip"), ("", "random-resized crop + flip")):
+        speedrun.main(["--shards", str(shards), "--out", str(tmp_path / "sr"), "--seeds", "0", "--device", "cpu",
+                       "--train-args", augment, "--ablate", "augment,ema"])
+        assert [row[:2] for row in ablation_rows(tmp_path / "sr")] == [
+            ["nothing: the full recipe", ""], [f"augmentation ({named})", "`--augment none`"],
+            ["EMA of the weights", "`--ema 0`"]]
 
 
 def finished_run(run, arch):

@@ -46,13 +46,22 @@ ABLATIONS = {
     "ema": ("EMA of the weights", "--ema 0"),
     "tta": ("flip test-time augmentation", "--no-tta"),
     "smoothing": ("label smoothing", "--label-smoothing 0"),
-    "augment": ("augmentation (random-resized crop + flip)", "--augment none"),
+    "augment": ("augmentation", "--augment none"),  # + the full recipe's, in words (AUGMENT_NAMES)
     "nesterov": ("Nesterov momentum", "--no-nesterov"),
     "warmup": ("lr warm-up", "--warmup-epochs 0"),
     "amp": ("bf16 autocast", "--no-amp"),
     "channels-last": ("channels_last", "--no-channels-last"),
     "compile": ("torch.compile", "--no-compile"),
 }
+#: train.py's --augment values, in its --help's words: "augmentation (random crop with padding + flip)"
+AUGMENT_NAMES = {"none": "none", "crop": "random crop with padding + flip", "rrc": "random-resized crop + flip"}
+
+
+def part_name(variant, recipe):
+    """ABLATIONS[variant]'s part, as the full recipe's run (`recipe`: its train.py args) has it: its augmentation
+    named, which --train-args may change ('--augment crop': the table said "random-resized crop + flip")."""
+    part = ABLATIONS[variant][0]
+    return f"{part} ({AUGMENT_NAMES[recipe.augment]})" if variant == "augment" else part
 
 
 def train_argv(args, seed, run, variant=None):
@@ -76,7 +85,7 @@ def seed_list(text):
 def check_train_flags(args, variants):
     """train.py's own flag checks for every run planned, before the first starts: a mistake (an arch
     the recipe has no row for, --train-args that clash with it) is one line here, not a failed run
-    after minutes of others with the advice to rerun."""
+    after minutes of others with the advice to rerun. Returns each run's train.py args (the full recipe's: None)."""
     import train
     from pipeline.device import check_device
 
@@ -87,13 +96,16 @@ def check_train_flags(args, variants):
               "speedrun.py for each run (from its --shards, --arch, --seeds and --out; --recipe fast, --size 64)",
               file=sys.stderr)
         sys.exit(UsageError.exit_code)
+    planned = {}
     for variant in [None, *variants]:
         try:
-            check_device(train.parse_args(train_argv(args, 0, "run", variant)).device)  # also a GPU it lacks
+            planned[variant] = train.parse_args(train_argv(args, 0, "run", variant))
+            check_device(planned[variant].device)  # also a GPU it lacks
         except TinyinError as e:
             run = "the full recipe" if variant is None else f"--ablate {variant}"
             print(f"error: train.py refuses the flags of {run}: {e}", file=sys.stderr)
             sys.exit(e.exit_code)
+    return planned
 
 
 @contextlib.contextmanager
@@ -189,11 +201,12 @@ def render(results, argv):
     return "\n".join(lines) + "\n"
 
 
-def render_ablation(full, variants, argv):
-    """ablation.md: the full recipe's row, then one row per part switched off, with its change in
-    val top-1 against the full recipe on the same seed. Each row says its epochs: under --time-budget
-    each run sets its own from its measured epoch time (a variant without compile, bf16 or
-    channels_last trains fewer in the same minutes), which the table did not show."""
+def render_ablation(full, variants, argv, recipe):
+    """ablation.md: the full recipe's row, then one row per part switched off (`part_name` of the full
+    recipe's train.py args, `recipe`), with its change in val top-1 against the full recipe on the same
+    seed. Each row says its epochs: under --time-budget each run sets its own from its measured epoch time
+    (a variant without compile, bf16 or channels_last trains fewer in the same minutes), which the table
+    did not show."""
     f = full["final"]
     lines = [f"# python tools/speedrun.py {hide_password(shlex.join(argv))}",
              f"# seed {full['seed']}; each row: --recipe fast with one part switched off", "",
@@ -203,9 +216,9 @@ def render_ablation(full, variants, argv):
              f"| nothing: the full recipe | | {full['seconds'] / 60:.2f} | {f['epochs']} | {f['val_top1']:.2f} | | "
              f"{f['test_top1']:.2f} |"]
     for r in variants:
-        part, flags = ABLATIONS[r["variant"]]
         v = r["final"]
-        lines.append(f"| {part} | `{flags}` | {r['seconds'] / 60:.2f} | {v['epochs']} | {v['val_top1']:.2f} | "
+        lines.append(f"| {part_name(r['variant'], recipe)} | `{ABLATIONS[r['variant']][1]}` | "
+                     f"{r['seconds'] / 60:.2f} | {v['epochs']} | {v['val_top1']:.2f} | "
                      f"{v['val_top1'] - f['val_top1']:+.2f} | {v['test_top1']:.2f} |")
     return "\n".join(lines) + "\n"
 
@@ -237,7 +250,7 @@ def main(argv=None):
         args = p.parse_args(joined(sys.argv[1:] if argv is None else argv, ("--train-args",)))
     # 'all' among parts is every one ('all,ema' was refused as 'unknown part all; choose from: all, ...')
     variants = list(ABLATIONS) if "all" in (args.ablate or []) else args.ablate or []
-    check_train_flags(args, variants)
+    planned = check_train_flags(args, variants)
     check_shards(args.shards)  # before any run starts: a typo failed the first run, which told to "rerun"
     out = Path(args.out)
     if why := folder_refusal(out):  # was a traceback, or each run failed with the advice to rerun it
@@ -254,7 +267,7 @@ def main(argv=None):
         print((out / "speedrun.md").read_text(), end="")
         for variant in variants:
             ablated.append(run_seed(args, args.seeds[0], out, variant))
-            (out / "ablation.md").write_text(render_ablation(results[0], ablated, command_line))
+            (out / "ablation.md").write_text(render_ablation(results[0], ablated, command_line, planned[None]))
             (out / "ablation.json").write_text(json.dumps([results[0], *ablated], indent=1))
         if variants:
             print((out / "ablation.md").read_text(), end="")

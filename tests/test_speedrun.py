@@ -161,14 +161,17 @@ def test_each_ablation_row_says_its_epochs():
 
 def trained_at_once(monkeypatch):
     """speedrun.run_seed as if each run had trained (a minute, two epochs, val top-1 40, test 39), and no curve
-    drawn: for what speedrun.py writes of the runs it plans."""
+    drawn: for what speedrun.py writes of the runs it plans. Returns the variants it runs (the full recipe: None)."""
     def run_seed(args, seed, out, variant=None):
+        runs.append(variant)
         return dict(seed=seed, variant=variant, seconds=60.0, command="train.py --seed 0",
                     final=dict(arch=args.arch, epochs=2, val_top1=40.0, test_top1=39.0, eval_model="ema"),
                     metrics=[dict(epoch=e, val_top1=40.0, epoch_time_s=1.0, process_s=30.0 * e) for e in (1, 2)])
 
+    runs = []
     monkeypatch.setattr(speedrun, "run_seed", run_seed)
     monkeypatch.setattr(speedrun, "plot", lambda results, png: None)
+    return runs
 
 
 def ablation_rows(out):
@@ -187,6 +190,26 @@ def test_the_augmentation_row_names_the_augmentation_the_full_recipe_used(shards
         assert [row[:2] for row in ablation_rows(tmp_path / "sr")] == [
             ["nothing: the full recipe", ""], [f"augmentation ({named})", "`--augment none`"],
             ["EMA of the weights", "`--ema 0`"]]
+
+
+def test_a_part_the_full_recipe_has_off_too_is_not_run(shards, tmp_path, monkeypatch, capsys):
+    """On the CPU the recipe has no bf16 (on CUDA only), and `--train-args --no-tta` none of the flip TTA:
+    `--ablate amp,tta` trained the full recipe twice more, and the table's rows said 'without bf16 autocast:
+    +0.00', as if it added nothing. They are not run, and named."""
+    runs = trained_at_once(monkeypatch)
+    speedrun.main(["--shards", str(shards), "--out", str(tmp_path / "sr"), "--seeds", "0", "--device", "cpu",
+                   "--train-args", "--no-tta", "--ablate", "amp,ema,tta"])
+    assert runs == [None, "ema"]
+    assert [row[:2] for row in ablation_rows(tmp_path / "sr")] == [["nothing: the full recipe", ""],
+                                                                  ["EMA of the weights", "`--ema 0`"]]
+    assert (tmp_path / "sr" / "ablation.md").read_text().splitlines()[-1] == (
+        "Not run, off in the full recipe too (its train.py flags are the same without them): "
+        "bf16 autocast (`--no-amp`), flip test-time augmentation (`--no-tta`)")
+    assert capsys.readouterr().out.splitlines()[:2] == [
+        "--ablate amp: bf16 autocast is off in the full recipe too (`--no-amp` changes none of its train.py flags): "
+        "not run",
+        "--ablate tta: flip test-time augmentation is off in the full recipe too (`--no-tta` changes none of its "
+        "train.py flags): not run"]
 
 
 def finished_run(run, arch):

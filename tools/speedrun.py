@@ -54,14 +54,15 @@ ABLATIONS = {
     "compile": ("torch.compile", "--no-compile"),
 }
 #: train.py's --augment values, in its --help's words: "augmentation (random crop with padding + flip)"
-AUGMENT_NAMES = {"none": "none", "crop": "random crop with padding + flip", "rrc": "random-resized crop + flip"}
+AUGMENT_NAMES = {"crop": "random crop with padding + flip", "rrc": "random-resized crop + flip"}
 
 
 def part_name(variant, recipe):
     """ABLATIONS[variant]'s part, as the full recipe's run (`recipe`: its train.py args) has it: its augmentation
     named, which --train-args may change ('--augment crop': the table said "random-resized crop + flip")."""
     part = ABLATIONS[variant][0]
-    return f"{part} ({AUGMENT_NAMES[recipe.augment]})" if variant == "augment" else part
+    named = AUGMENT_NAMES.get(recipe.augment) if variant == "augment" else None  # --augment none: no name
+    return f"{part} ({named})" if named else part
 
 
 def train_argv(args, seed, run, variant=None):
@@ -201,12 +202,21 @@ def render(results, argv):
     return "\n".join(lines) + "\n"
 
 
-def render_ablation(full, variants, argv, recipe):
+def switch_nothing_off(planned):
+    """The --ablate parts whose run would be the full recipe's again (`planned`: check_train_flags'): off in it
+    too, on the CPU the recipe's bf16, channels_last and torch.compile (on CUDA only), or switched off by
+    --train-args ('--no-tta'). Each was trained as a variant, and its row's change in val, +0.00 or the
+    noise of a second run, read as what the part adds."""
+    full = dict(vars(planned[None]), argv=None)
+    return [variant for variant in planned if variant and dict(vars(planned[variant]), argv=None) == full]
+
+
+def render_ablation(full, variants, argv, recipe, off=()):
     """ablation.md: the full recipe's row, then one row per part switched off (`part_name` of the full
     recipe's train.py args, `recipe`), with its change in val top-1 against the full recipe on the same
-    seed. Each row says its epochs: under --time-budget each run sets its own from its measured epoch time
-    (a variant without compile, bf16 or channels_last trains fewer in the same minutes), which the table
-    did not show."""
+    seed, and a line naming the parts not run (`off`: `switch_nothing_off`). Each row says its epochs: under
+    --time-budget each run sets its own from its measured epoch time (a variant without compile, bf16 or
+    channels_last trains fewer in the same minutes), which the table did not show."""
     f = full["final"]
     lines = [f"# python tools/speedrun.py {hide_password(shlex.join(argv))}",
              f"# seed {full['seed']}; each row: --recipe fast with one part switched off", "",
@@ -220,6 +230,9 @@ def render_ablation(full, variants, argv, recipe):
         lines.append(f"| {part_name(r['variant'], recipe)} | `{ABLATIONS[r['variant']][1]}` | "
                      f"{r['seconds'] / 60:.2f} | {v['epochs']} | {v['val_top1']:.2f} | "
                      f"{v['val_top1'] - f['val_top1']:+.2f} | {v['test_top1']:.2f} |")
+    if off:
+        lines += ["", "Not run, off in the full recipe too (its train.py flags are the same without them): " +
+                  ", ".join(f"{part_name(variant, recipe)} (`{ABLATIONS[variant][1]}`)" for variant in off)]
     return "\n".join(lines) + "\n"
 
 
@@ -255,6 +268,10 @@ def main(argv=None):
     out = Path(args.out)
     if why := folder_refusal(out):  # was a traceback, or each run failed with the advice to rerun it
         sys.exit(f"error: --out {out}: {why}")
+    off = switch_nothing_off(planned)
+    for variant in off:
+        print(f"--ablate {variant}: {part_name(variant, planned[None])} is off in the full recipe too "
+              f"(`{ABLATIONS[variant][1]}` changes none of its train.py flags): not run", flush=True)
     command_line = sys.argv[1:] if argv is None else argv
     # The tables are rewritten after every run, so that a stop or a failure keeps the runs so far.
     results, ablated = [], []
@@ -265,9 +282,10 @@ def main(argv=None):
             (out / "speedrun.json").write_text(json.dumps([dict(r, curve=curve(r)) for r in results], indent=1))
             plot(results, out / "speedrun.png")
         print((out / "speedrun.md").read_text(), end="")
-        for variant in variants:
-            ablated.append(run_seed(args, args.seeds[0], out, variant))
-            (out / "ablation.md").write_text(render_ablation(results[0], ablated, command_line, planned[None]))
+        for variant in [None, *(v for v in variants if v not in off)] if variants else []:
+            if variant:
+                ablated.append(run_seed(args, args.seeds[0], out, variant))
+            (out / "ablation.md").write_text(render_ablation(results[0], ablated, command_line, planned[None], off))
             (out / "ablation.json").write_text(json.dumps([results[0], *ablated], indent=1))
         if variants:
             print((out / "ablation.md").read_text(), end="")

@@ -504,6 +504,20 @@ def test_train_args_may_not_set_what_speedrun_sets_for_each_run(tmp_path, capsys
     assert not (tmp_path / "sr").exists()
 
 
+@pytest.mark.parametrize("train_args, named", [("--resume auto", "--resume"),
+                                               ("--test-only --weights w.pth", "--test-only")])
+def test_train_args_that_would_not_train_from_the_start_are_refused(tmp_path, capsys, train_args, named):
+    """`--resume auto` won over each run's --overwrite: a seed stopped and rerun went on from its checkpoint, and its
+    minutes were the second process's alone; `--test-only` trained nothing, then a FileNotFoundError traceback
+    (metrics.jsonl, final.json: it writes eval.json)."""
+    with pytest.raises(SystemExit) as exit:
+        speedrun.main(["--shards", "x", "--out", str(tmp_path / "sr"), "--train-args", train_args])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == (f"error: --train-args: {named}: a speedrun trains each run from its start "
+                                       "(--overwrite), its minutes counted from its process's start\n")
+    assert not (tmp_path / "sr").exists()
+
+
 def test_a_device_train_py_lacks_is_refused_before_any_run_starts(tmp_path, monkeypatch, capsys):
     """`--device cuda` on a machine without one: train.py refused it (exit 2) and speedrun.py told
     to "rerun to train that run again", which train.py refuses alike."""

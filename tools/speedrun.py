@@ -90,13 +90,17 @@ def check_train_flags(args, variants):
     import train
     from pipeline.device import check_device
 
-    # Flags set for each run would win from --train-args: '--seed 5' trained every "seed" alike.
-    clash = flags_among(args.train_args, {"shards", "arch", "size", "recipe", "seed", "output_dir"})
-    if clash:
-        print(f"error: --train-args: {', '.join(clash)}: set by "
-              "speedrun.py for each run (from its --shards, --arch, --seeds and --out; --recipe fast, --size 64)",
-              file=sys.stderr)
-        sys.exit(UsageError.exit_code)
+    # Flags set for each run would win from --train-args: '--seed 5' trained every "seed" alike. --resume won over each
+    # run's --overwrite: a stopped seed went on from its checkpoint, its minutes the second process's alone; and
+    # --test-only trained nothing, then a traceback (no final.json).
+    for dests, why in (({"shards", "arch", "size", "recipe", "seed", "output_dir"},
+                        "set by speedrun.py for each run (from its --shards, --arch, --seeds and --out; --recipe fast, "
+                        "--size 64)"),
+                       ({"resume", "test_only"}, "a speedrun trains each run from its start (--overwrite), its minutes "
+                                                 "counted from its process's start")):
+        if clash := flags_among(args.train_args, dests):
+            print(f"error: --train-args: {', '.join(clash)}: {why}", file=sys.stderr)
+            sys.exit(UsageError.exit_code)
     planned = {}
     for variant in [None, *variants]:
         try:

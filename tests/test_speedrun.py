@@ -84,7 +84,7 @@ def test_sigterm_keeps_the_finished_seeds_and_the_stopped_one_trains_again(seed0
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, stderr
     assert "interrupted at epoch 0 step 1: checkpoint saved" in stderr
-    assert stderr.endswith("error: train.py failed (exit 143); rerun to train that run again\n")
+    assert stderr.endswith("error: train.py of seed 1 failed (exit 143); rerun to train that run again\n")
     rows = [line.split("|")[1].strip() for line in (out / "speedrun.md").read_text().splitlines() if line.startswith("| ")]
     assert rows == ["seed", "0"]
 
@@ -159,11 +159,14 @@ def test_each_ablation_row_says_its_epochs():
         "| torch.compile | `--no-compile` | 3.00 | 7 | 36.00 | -4.00 | 35.00 |"]
 
 
-def trained_at_once(monkeypatch):
+def trained_at_once(monkeypatch, fails={}):
     """speedrun.run_seed as if each run had trained (a minute, two epochs, val top-1 40, test 39), and no curve
-    drawn: for what speedrun.py writes of the runs it plans. Returns the variants it runs (the full recipe: None)."""
+    drawn: for what speedrun.py writes of the runs it plans; a (seed, variant) of `fails` fails with its exit code.
+    Returns the variants it runs (the full recipe: None)."""
     def run_seed(args, seed, out, variant=None):
         runs.append(variant)
+        if (seed, variant) in fails:
+            raise subprocess.CalledProcessError(fails[seed, variant], ["train.py"])
         return dict(seed=seed, variant=variant, seconds=60.0, command="train.py --seed 0",
                     final=dict(arch=args.arch, epochs=2, val_top1=40.0, test_top1=39.0, eval_model="ema"),
                     metrics=[dict(epoch=e, val_top1=40.0, epoch_time_s=1.0, process_s=30.0 * e) for e in (1, 2)])
@@ -190,6 +193,32 @@ def test_the_augmentation_row_names_the_augmentation_the_full_recipe_used(shards
         assert [row[:2] for row in ablation_rows(tmp_path / "sr")] == [
             ["nothing: the full recipe", ""], [f"augmentation ({named})", "`--augment none`"],
             ["EMA of the weights", "`--ema 0`"]]
+
+
+def test_a_failed_or_stopped_run_and_those_not_run_are_named(shards, tmp_path, monkeypatch, capsys):
+    """--seeds 0,1,2 whose seed 1 failed: speedrun.md held seed 0's row alone, not a word of 1 and 2 (with seed 2
+    failed, a mean ± spread of two seeds as if of all), and the error line named no run."""
+    out = tmp_path / "sr"
+    base = ["--shards", str(shards), "--out", str(out), "--device", "cpu", "--ablate", "ema,tta,smoothing"]
+    trained_at_once(monkeypatch, fails={(1, None): 1})
+    with pytest.raises(SystemExit) as exit:
+        speedrun.main([*base, "--seeds", "0,1,2"])
+    assert exit.value.code == 1
+    assert capsys.readouterr().err == "error: train.py of seed 1 failed (exit 1); rerun to train that run again\n"
+    md = (out / "speedrun.md").read_text().splitlines()
+    assert [line.split("|")[1].strip() for line in md if line.startswith("| ")] == ["seed", "0"]
+    assert md[-2:] == ["", "Not finished: seed 1 (train.py exit 1), seed 2 (not run)"]
+
+    trained_at_once(monkeypatch, fails={(0, "tta"): 143})  # stopped (SIGTERM) in the ablation
+    with pytest.raises(SystemExit) as exit:
+        speedrun.main([*base, "--seeds", "0"])
+    assert exit.value.code == 143
+    assert capsys.readouterr().err == ("error: train.py of seed 0 without flip test-time augmentation failed "
+                                       "(exit 143); rerun to train that run again\n")
+    assert [row[0] for row in ablation_rows(out)] == ["nothing: the full recipe", "EMA of the weights"]
+    assert (out / "ablation.md").read_text().splitlines()[-2:] == [
+        "", "Not finished: seed 0 without flip test-time augmentation (train.py exit 143), "
+        "seed 0 without label smoothing (not run)"]
 
 
 def test_a_part_the_full_recipe_has_off_too_is_not_run(shards, tmp_path, monkeypatch, capsys):
@@ -365,7 +394,7 @@ def test_ctrl_c_is_passed_on_to_train_py_and_ends_in_one_line(shards, tmp_path, 
     train.py, if the signal reached speedrun.py alone, trained on without it. Now it is passed on, as
     SIGTERM is, and the exit is train.py's 130."""
     assert ctrl_c_to_speedrun(shards, tmp_path, monkeypatch, "train") == (130, [signal.SIGINT])
-    assert capsys.readouterr().err == "error: train.py failed (exit 130); rerun to train that run again\n"
+    assert capsys.readouterr().err == "error: train.py of seed 0 failed (exit 130); rerun to train that run again\n"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 

@@ -278,7 +278,7 @@ def main(argv=None):
               f"(`{ABLATIONS[variant][1]}` changes none of its train.py flags): not run", flush=True)
     command_line = sys.argv[1:] if argv is None else argv
     # The tables are rewritten after every run, so that a stop or a failure keeps the runs so far.
-    results, ablated = [], []
+    results, ablated, todo = [], [], [v for v in variants if v not in off]
     try:
         for seed in args.seeds:
             results.append(run_seed(args, seed, out))
@@ -286,7 +286,7 @@ def main(argv=None):
             (out / "speedrun.json").write_text(json.dumps([dict(r, curve=curve(r)) for r in results], indent=1))
             plot(results, out / "speedrun.png")
         print((out / "speedrun.md").read_text(), end="")
-        for variant in [None, *(v for v in variants if v not in off)] if variants else []:
+        for variant in [None, *todo] if variants else []:
             if variant:
                 ablated.append(run_seed(args, args.seeds[0], out, variant))
             (out / "ablation.md").write_text(render_ablation(results[0], ablated, command_line, planned[None], off))
@@ -294,12 +294,23 @@ def main(argv=None):
         if variants:
             print((out / "ablation.md").read_text(), end="")
     except subprocess.CalledProcessError as e:
+        # The run that failed or was stopped, and those after it, not run: named under the table of the runs so
+        # far, which left them out without a word (a mean ± spread of two seeds of --seeds 0,1,2).
+        if len(results) < len(args.seeds):
+            table, runs = out / "speedrun.md", [f"seed {seed}" for seed in args.seeds[len(results):]]
+        else:
+            table = out / "ablation.md"
+            runs = [f"seed {args.seeds[0]} without {part_name(v, planned[None])}" for v in todo[len(ablated):]]
+        if results:  # else no table of this command's runs: none finished
+            table.write_text(table.read_text() + f"\nNot finished: {runs[0]} (train.py exit {e.returncode})" +
+                             "".join(f", {run} (not run)" for run in runs[1:]) + "\n")
         if e.returncode == UsageError.exit_code:  # train.py's UsageError, found in its run: not a rerun's fix
             print("error: train.py refused its flags (see its error above); a rerun with them is refused alike: "
                   "change them", file=sys.stderr)
             sys.exit(e.returncode)
         # A seed is not resumed: its minutes count from its process's start, so a rerun trains it again.
-        print(f"error: train.py failed (exit {e.returncode}); rerun to train that run again", file=sys.stderr)
+        print(f"error: train.py of {runs[0]} failed (exit {e.returncode}); rerun to train that run again",
+              file=sys.stderr)
         sys.exit(e.returncode if e.returncode > 128 else 1)  # 128 + signum after a signal, as train.py's
 
 

@@ -4,6 +4,7 @@ import errno
 import importlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -20,12 +21,16 @@ TINY = "--epochs 2 --warmup-epochs 1 --limit-batches 1 -b 8 --device cpu"
 
 
 def as_if_trained_with(run, train_args, instead):
-    """Make `run`'s record say it was trained with --train-args `instead` (a finished seed is reused
-    only under the flags it was trained with; --wait-at-step holds a run that is not stopped), or
-    into another --out (`train_args`, `instead`: the two folders)."""
+    """Make `run`'s record (process_wall.json's command, args.json) say it was trained with --train-args
+    `instead` (a finished seed is reused only under the flags it was trained with; --wait-at-step holds a
+    run that is not stopped), or into another --out (`train_args`, `instead`: the two folders)."""
+    import train
+
     timing = run / "process_wall.json"
     saved = json.loads(timing.read_text())
-    timing.write_text(json.dumps(dict(saved, command=saved["command"].replace(train_args, instead))))
+    command = saved["command"].replace(train_args, instead)
+    timing.write_text(json.dumps(dict(saved, command=command)))
+    (run / "args.json").write_text(json.dumps(train.saved_args(train.parse_args(shlex.split(command)[1:]))))  # its values
 
 
 @pytest.fixture(scope="module")
@@ -299,6 +304,41 @@ def test_a_seed_trained_with_other_flags_in_the_same_out_trains_again(shards, tm
     assert json.loads((out / "speedrun.json").read_text())[0]["final"]["arch"] == "resnet18_64"
     assert json.loads((out / "runs" / "seed0" / "process_wall.json").read_text())["command"].endswith(
         f"--arch resnet18_64 --size 64 --recipe fast --seed 0 --output-dir {out / 'runs' / 'seed0'} --overwrite --device cpu")
+
+
+def test_a_seed_trained_with_the_same_flags_under_another_recipe_trains_again(tmp_path, monkeypatch, capsys):
+    """The same command after the fast recipe was tuned (lr 0.4 to 0.8 in models/recipes.py): seed 0's run at lr 0.4
+    was reused as the new recipe's, and with every seed finished the tuning never ran. A run whose args.json the
+    command still gives is reused, also the epochs a --time-budget chose."""
+    import train
+    from models.recipes import FAST, RECIPES
+
+    started = []
+
+    class TrainPy:  # stands in for train.py's process: a finished run
+        def __init__(self, cmd, cwd, env=None):
+            started.append(cmd)
+            finished_run(Path(cmd[cmd.index("--output-dir") + 1]), "resnet18_64")
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(speedrun.subprocess, "Popen", TrainPy)
+    args = argparse.Namespace(shards="shards", arch="resnet18_64", train_args="--time-budget 5", device="cpu")
+    run, argv = tmp_path / "runs" / "seed0", speedrun.train_argv(args, 0, tmp_path / "runs" / "seed0")
+    finished_run(run, "resnet18_64")
+    command = shlex.join([str(speedrun.ROOT / "train.py"), *argv])
+    (run / "process_wall.json").write_text(json.dumps(dict(seconds=60.0, command=command)))
+    saved = train.saved_args(train.parse_args(argv))
+    (run / "args.json").write_text(json.dumps(dict(saved, epochs=12, budget_epochs=12)))  # the budget's choice
+    speedrun.run_seed(args, 0, tmp_path)
+    assert started == []
+
+    monkeypatch.setitem(RECIPES["fast"], ("resnet18_64", 64), dict(FAST, lr=0.8))
+    speedrun.run_seed(args, 0, tmp_path)
+    assert len(started) == 1
+    assert capsys.readouterr().out.splitlines()[0] == (f"{run}: trained with the same flags but other values: "
+                                                       "--lr 0.4 (now 0.8); training it again")
 
 
 def test_relative_shards_and_out_are_the_callers(shards, tmp_path, monkeypatch):

@@ -10,7 +10,8 @@ included: each run compiles cold, from a torch.compile cache of its own, as on a
 OUT/speedrun.md (per seed and mean +- spread: minutes, val and test top-1), OUT/speedrun.json and
 OUT/speedrun.png (val top-1 against minutes: the time-to-accuracy curve). Run folders go to
 OUT/runs/; a seed whose final.json is there, trained with the same train.py flags, is not run again
-(with other flags, from another --arch or --train-args in the same --out, it trains afresh).
+(with other flags, from another --arch or --train-args in the same --out, it trains afresh; so it does
+where its args.json holds other values than the flags give now: a recipe tuned since).
 
 --ablate (issue 9's table of what each part adds) then trains the first seed again once per named
 part, with only that part switched off (ABLATIONS: the train.py flags that do it, which win over
@@ -128,6 +129,28 @@ def compile_cache():
         yield dict(os.environ, TORCHINDUCTOR_CACHE_DIR=folder)
 
 
+def other_values(run, argv):
+    """Why `run`, trained with train.py's flags `argv` (process_wall.json's command), is not the run they give
+    now ('' when it is): the values of its args.json that they no longer give, as '--lr 0.4 (now 0.8)'. The
+    same command under a recipe tuned since (models/recipes.py) or another default (train.py's --device: cuda
+    where there is one) was reused: its figures stood in the table as this command's, beside seeds trained
+    with the new values, or alone (all seeds reused: the tuning never measured). The epochs a --time-budget
+    chose are the run's own; --shards, --output-dir and argv are the command's."""
+    import train
+
+    planned = json.loads(json.dumps(train.saved_args(train.parse_args(argv))))  # as args.json keeps them
+    try:
+        saved = json.loads((run / "args.json").read_text())
+    except (OSError, ValueError):
+        saved = None
+    if not isinstance(saved, dict):
+        return "its args.json (what it was trained with) is gone or damaged"
+    mine = {"argv", "shards", "output_dir", *(("epochs", "budget_epochs") if planned["time_budget"] else ())}
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)} (now {v})" for k, v in planned.items()
+               if k not in mine and saved.get(k) != v]
+    return f"trained with the same flags but other values: {', '.join(changed)}" if changed else ""
+
+
 def run_seed(args, seed, out, variant=None):
     """Train one seed (unless done before), the full recipe or with ABLATIONS[variant]'s part
     switched off; its process wall time, metrics and final figures."""
@@ -138,9 +161,13 @@ def run_seed(args, seed, out, variant=None):
     # A run of other flags in the folder (another --arch or --train-args, the same --out) is not
     # this one: its figures stood in the new command's table. train.py starts it afresh.
     earlier = json.loads(timing.read_text())["command"] if timing.is_file() else None
-    if earlier is not None and earlier != command and (run / "final.json").is_file():
+    finished = (run / "final.json").is_file()
+    if finished and earlier is not None and earlier != command:
         print(f"{run}: trained with other flags ({earlier}); training it again", flush=True)
-    if not (run / "final.json").is_file() or earlier != command:
+    changed = other_values(run, cmd[2:]) if finished and earlier == command else ""
+    if changed:
+        print(f"{run}: {changed}; training it again", flush=True)
+    if not finished or earlier != command or changed:
         print(f"$ {hide_password(shlex.join(cmd))}", flush=True)  # a --shards URL's password and token: ***
         timing.unlink(missing_ok=True)  # until this run's is written, the earlier run's flags do not stand for its final.json
         t0 = time.time()

@@ -226,6 +226,14 @@ def test_a_failed_or_stopped_run_and_those_not_run_are_named(shards, tmp_path, m
         "seed 0 without label smoothing (not run)"]
 
 
+def test_the_train_py_line_of_a_checkout_whose_path_has_a_space():
+    """speedrun.md's '# train.py FLAGS' line cut the command at its first space: in '/home/me/my runs/tinyin' it
+    read "# train.py runs/tinyin/train.py' --shards ...", a path and a stray quote for the flags."""
+    result = dict(seed=0, seconds=60.0, command="'/home/me/my runs/tinyin/train.py' --shards 's h' --seed 0",
+                  final=dict(epochs=2, val_top1=40.0, test_top1=39.0, eval_model="ema"))
+    assert speedrun.render([result], ["--seeds", "0"]).splitlines()[1] == "# train.py --shards 's h' --seed 0"
+
+
 def test_a_part_the_full_recipe_has_off_too_is_not_run(shards, tmp_path, monkeypatch, capsys):
     """On the CPU the recipe has no bf16 (on CUDA only), and `--train-args --no-tta` none of the flip TTA:
     `--ablate amp,tta` trained the full recipe twice more, and the table's rows said 'without bf16 autocast:

@@ -219,7 +219,7 @@ def spread(values):
 def render(results, argv):
     """speedrun.md: the command, one row per seed, then the mean +- spread."""
     lines = [f"# python tools/speedrun.py {hide_password(shlex.join(argv))}",
-             f"# train.py {results[0]['command'].split(' ', 1)[1]}", "",
+             f"# train.py {shlex.join(shlex.split(results[0]['command'])[1:])}", "",  # less train.py's path, quoted
              "| seed | minutes (process) | epochs | val top-1 (%) | test top-1 (%) | evaluated |",
              "|---|---|---|---|---|---|"]
     for r in results:

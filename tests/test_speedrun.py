@@ -314,14 +314,21 @@ def test_a_seed_trained_with_other_flags_in_the_same_out_trains_again(shards, tm
         f"--arch resnet18_64 --size 64 --recipe fast --seed 0 --output-dir {out / 'runs' / 'seed0'} --overwrite --device cpu")
 
 
-def test_a_seed_trained_with_the_same_flags_under_another_recipe_trains_again(tmp_path, monkeypatch, capsys):
-    """The same command after the fast recipe was tuned (lr 0.4 to 0.8 in models/recipes.py): seed 0's run at lr 0.4
-    was reused as the new recipe's, and with every seed finished the tuning never ran. A run whose args.json the
-    command still gives is reused, also the epochs a --time-budget chose."""
+def finished_seed0(monkeypatch, out, args, dataset=None, **values):
+    """A finished run of seed 0 in `out` as speedrun.py would reuse it: trained with the train.py flags it gives
+    `args` (process_wall.json), their values in args.json (but `values`), env.json's "dataset" `dataset`
+    (None: no env.json); returns train.py's stand-ins' list of the commands they are started with."""
     import train
-    from models.recipes import FAST, RECIPES
 
-    started = []
+    run, started = out / "runs" / "seed0", []
+    argv = speedrun.train_argv(args, 0, run)
+    finished_run(run, "resnet18_64")
+    command = shlex.join([str(speedrun.ROOT / "train.py"), *argv])
+    (run / "process_wall.json").write_text(json.dumps(dict(seconds=60.0, command=command)))
+    (run / "args.json").write_text(json.dumps(dict(train.saved_args(train.parse_args(argv)), **values)))
+    (run / "env.json").unlink(missing_ok=True)
+    if dataset:
+        (run / "env.json").write_text(json.dumps(dict(device="cpu", dataset=dataset)))
 
     class TrainPy:  # stands in for train.py's process: a finished run
         def __init__(self, cmd, cwd, env=None):
@@ -331,22 +338,44 @@ def test_a_seed_trained_with_the_same_flags_under_another_recipe_trains_again(tm
         def wait(self):
             return 0
 
-    monkeypatch.setattr(speedrun.subprocess, "Popen", TrainPy)
+    monkeypatch.setattr(speedrun.subprocess, "Popen", TrainPy)  # after torch's import, which starts processes
+    return started
+
+
+def test_a_seed_trained_with_the_same_flags_under_another_recipe_trains_again(tmp_path, monkeypatch, capsys):
+    """The same command after the fast recipe was tuned (lr 0.4 to 0.8 in models/recipes.py): seed 0's run at lr 0.4
+    was reused as the new recipe's, and with every seed finished the tuning never ran. A run whose args.json the
+    command still gives is reused, also the epochs a --time-budget chose."""
+    from models.recipes import FAST, RECIPES
+
     args = argparse.Namespace(shards="shards", arch="resnet18_64", train_args="--time-budget 5", device="cpu")
-    run, argv = tmp_path / "runs" / "seed0", speedrun.train_argv(args, 0, tmp_path / "runs" / "seed0")
-    finished_run(run, "resnet18_64")
-    command = shlex.join([str(speedrun.ROOT / "train.py"), *argv])
-    (run / "process_wall.json").write_text(json.dumps(dict(seconds=60.0, command=command)))
-    saved = train.saved_args(train.parse_args(argv))
-    (run / "args.json").write_text(json.dumps(dict(saved, epochs=12, budget_epochs=12)))  # the budget's choice
+    started = finished_seed0(monkeypatch, tmp_path, args, epochs=12, budget_epochs=12)  # the budget's choice
     speedrun.run_seed(args, 0, tmp_path)
     assert started == []
 
     monkeypatch.setitem(RECIPES["fast"], ("resnet18_64", 64), dict(FAST, lr=0.8))
     speedrun.run_seed(args, 0, tmp_path)
     assert len(started) == 1
-    assert capsys.readouterr().out.splitlines()[0] == (f"{run}: trained with the same flags but other values: "
-                                                       "--lr 0.4 (now 0.8); training it again")
+    assert capsys.readouterr().out.splitlines()[0] == (f"{tmp_path / 'runs' / 'seed0'}: trained with the same flags "
+                                                       "but other values: --lr 0.4 (now 0.8); training it again")
+
+
+def test_a_seed_trained_on_another_set_at_the_same_shards_path_trains_again(shards, tmp_path, monkeypatch, capsys):
+    """A 10-class trial's set at --shards, deleted and the release built there, then the same command: seed 0's
+    run on the 10 classes was reused as the release's. env.json says the set a run trained on."""
+    from pipeline.checkpoint import classes_of
+    from pipeline.index import read_manifest
+
+    manifest = read_manifest(shards)
+    here = f"{classes_of(manifest)}, {manifest['counts']['train']} train"
+    args = argparse.Namespace(shards=str(shards), arch="resnet18_64", train_args="", device="cpu")
+    for dataset, trained in ((here, False), (None, False), ("10 classes (0123456789ab), 5000 train", True)):
+        started = finished_seed0(monkeypatch, tmp_path, args, dataset)
+        speedrun.run_seed(args, 0, tmp_path)
+        assert len(started) == trained
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"{tmp_path / 'runs' / 'seed0'}: trained on another set at --shards {shards} (10 classes (0123456789ab), "
+        f"5000 train; now {here}); training it again")
 
 
 def test_relative_shards_and_out_are_the_callers(shards, tmp_path, monkeypatch):

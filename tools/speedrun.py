@@ -11,7 +11,8 @@ OUT/speedrun.md (per seed and mean +- spread: minutes, val and test top-1), OUT/
 OUT/speedrun.png (val top-1 against minutes: the time-to-accuracy curve). Run folders go to
 OUT/runs/; a seed whose final.json is there, trained with the same train.py flags, is not run again
 (with other flags, from another --arch or --train-args in the same --out, it trains afresh; so it does
-where its args.json holds other values than the flags give now: a recipe tuned since).
+where its args.json holds other values than the flags give now, a recipe tuned since, or its env.json
+another set than --shards holds now).
 
 --ablate (issue 9's table of what each part adds) then trains the first seed again once per named
 part, with only that part switched off (ABLATIONS: the train.py flags that do it, which win over
@@ -129,16 +130,22 @@ def compile_cache():
         yield dict(os.environ, TORCHINDUCTOR_CACHE_DIR=folder)
 
 
-def other_values(run, argv):
+def not_the_same_run(run, argv):
     """Why `run`, trained with train.py's flags `argv` (process_wall.json's command), is not the run they give
     now ('' when it is): the values of its args.json that they no longer give, as '--lr 0.4 (now 0.8)'. The
     same command under a recipe tuned since (models/recipes.py) or another default (train.py's --device: cuda
     where there is one) was reused: its figures stood in the table as this command's, beside seeds trained
     with the new values, or alone (all seeds reused: the tuning never measured). The epochs a --time-budget
-    chose are the run's own; --shards, --output-dir and argv are the command's."""
+    chose are the run's own; --shards, --output-dir and argv are the command's. And a local --shards
+    folder that holds another set now (env.json's "dataset": a 10-class trial's, deleted and the release
+    built there) is not the run's data."""
     import train
+    from pipeline.cache import is_set_url
+    from pipeline.checkpoint import run_identity
+    from pipeline.index import read_manifest
 
-    planned = json.loads(json.dumps(train.saved_args(train.parse_args(argv))))  # as args.json keeps them
+    parsed = train.parse_args(argv)
+    planned = json.loads(json.dumps(train.saved_args(parsed)))  # as args.json keeps them
     try:
         saved = json.loads((run / "args.json").read_text())
     except (OSError, ValueError):
@@ -148,7 +155,16 @@ def other_values(run, argv):
     mine = {"argv", "shards", "output_dir", *(("epochs", "budget_epochs") if planned["time_budget"] else ())}
     changed = [f"--{k.replace('_', '-')} {saved.get(k)} (now {v})" for k, v in planned.items()
                if k not in mine and saved.get(k) != v]
-    return f"trained with the same flags but other values: {', '.join(changed)}" if changed else ""
+    if changed:
+        return f"trained with the same flags but other values: {', '.join(changed)}"
+    try:
+        there = json.loads((run / "env.json").read_text()).get("dataset")
+    except (OSError, ValueError, AttributeError):
+        there = None  # a run that does not say: its flags are all there is to compare
+    if not there or is_set_url(parsed.shards):  # a URL's set: train.py checks the cache's copy against it
+        return ""
+    now = run_identity(parsed, read_manifest(parsed.shards))["dataset"]  # as train.py writes it in env.json
+    return f"trained on another set at --shards {parsed.shards} ({there}; now {now})" if there != now else ""
 
 
 def run_seed(args, seed, out, variant=None):
@@ -164,7 +180,7 @@ def run_seed(args, seed, out, variant=None):
     finished = (run / "final.json").is_file()
     if finished and earlier is not None and earlier != command:
         print(f"{run}: trained with other flags ({earlier}); training it again", flush=True)
-    changed = other_values(run, cmd[2:]) if finished and earlier == command else ""
+    changed = not_the_same_run(run, cmd[2:]) if finished and earlier == command else ""
     if changed:
         print(f"{run}: {changed}; training it again", flush=True)
     if not finished or earlier != command or changed:

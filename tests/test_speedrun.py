@@ -4,6 +4,7 @@ import errno
 import importlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -20,12 +21,16 @@ TINY = "--epochs 2 --warmup-epochs 1 --limit-batches 1 -b 8 --device cpu"
 
 
 def as_if_trained_with(run, train_args, instead):
-    """Make `run`'s record say it was trained with --train-args `instead` (a finished seed is reused
-    only under the flags it was trained with; --wait-at-step holds a run that is not stopped), or
-    into another --out (`train_args`, `instead`: the two folders)."""
+    """Make `run`'s record (process_wall.json's command, args.json) say it was trained with --train-args
+    `instead` (a finished seed is reused only under the flags it was trained with; --wait-at-step holds a
+    run that is not stopped), or into another --out (`train_args`, `instead`: the two folders)."""
+    import train
+
     timing = run / "process_wall.json"
     saved = json.loads(timing.read_text())
-    timing.write_text(json.dumps(dict(saved, command=saved["command"].replace(train_args, instead))))
+    command = saved["command"].replace(train_args, instead)
+    timing.write_text(json.dumps(dict(saved, command=command)))
+    (run / "args.json").write_text(json.dumps(train.saved_args(train.parse_args(shlex.split(command)[1:]))))  # its values
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +89,7 @@ def test_sigterm_keeps_the_finished_seeds_and_the_stopped_one_trains_again(seed0
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, stderr
     assert "interrupted at epoch 0 step 1: checkpoint saved" in stderr
-    assert stderr.endswith("error: train.py failed (exit 143); rerun to train that run again\n")
+    assert stderr.endswith("error: train.py of seed 1 failed (exit 143); rerun to train that run again\n")
     rows = [line.split("|")[1].strip() for line in (out / "speedrun.md").read_text().splitlines() if line.startswith("| ")]
     assert rows == ["seed", "0"]
 
@@ -149,13 +154,104 @@ def test_each_ablation_row_says_its_epochs():
         return dict(seed=0, variant=variant, seconds=180.0,
                     final=dict(epochs=epochs, val_top1=val, test_top1=val - 1))
 
-    md = speedrun.render_ablation(result(None, 12, 40.0), [result("compile", 7, 36.0)], ["--ablate", "compile"])
+    md = speedrun.render_ablation(result(None, 12, 40.0), [result("compile", 7, 36.0)], ["--ablate", "compile"],
+                                  argparse.Namespace(augment="rrc"))
     assert md.splitlines()[3:] == [
         "| without | train.py flags | minutes (process) | epochs | val top-1 (%) | change in val (points) "
         "| test top-1 (%) |",
         "|---|---|---|---|---|---|---|",
         "| nothing: the full recipe | | 3.00 | 12 | 40.00 | | 39.00 |",
         "| torch.compile | `--no-compile` | 3.00 | 7 | 36.00 | -4.00 | 35.00 |"]
+
+
+def trained_at_once(monkeypatch, fails={}):
+    """speedrun.run_seed as if each run had trained (a minute, two epochs, val top-1 40, test 39), and no curve
+    drawn: for what speedrun.py writes of the runs it plans; a (seed, variant) of `fails` fails with its exit code.
+    Returns the variants it runs (the full recipe: None)."""
+    def run_seed(args, seed, out, variant=None):
+        runs.append(variant)
+        if (seed, variant) in fails:
+            raise subprocess.CalledProcessError(fails[seed, variant], ["train.py"])
+        return dict(seed=seed, variant=variant, seconds=60.0, command="train.py --seed 0",
+                    final=dict(arch=args.arch, epochs=2, val_top1=40.0, test_top1=39.0, eval_model="ema"),
+                    metrics=[dict(epoch=e, val_top1=40.0, epoch_time_s=1.0, process_s=30.0 * e) for e in (1, 2)])
+
+    runs = []
+    monkeypatch.setattr(speedrun, "run_seed", run_seed)
+    monkeypatch.setattr(speedrun, "plot", lambda results, png: None)
+    return runs
+
+
+def ablation_rows(out):
+    """ablation.md's rows (their cells), less the header."""
+    md = (out / "ablation.md").read_text().splitlines()
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in md if line.startswith("| ")][1:]
+
+
+def test_the_augmentation_row_names_the_augmentation_the_full_recipe_used(shards, tmp_path, monkeypatch):
+    """`--train-args '--augment crop'`: the full recipe trained with the padded crop (args.json), and ablation.md
+    said "without augmentation (random-resized crop + flip)", the recipe's, which no run used."""
+    trained_at_once(monkeypatch)
+    for augment, named in (("--augment crop", "random crop with padding + flip"), ("", "random-resized crop + flip")):
+        speedrun.main(["--shards", str(shards), "--out", str(tmp_path / "sr"), "--seeds", "0", "--device", "cpu",
+                       "--train-args", augment, "--ablate", "augment,ema"])
+        assert [row[:2] for row in ablation_rows(tmp_path / "sr")] == [
+            ["nothing: the full recipe", ""], [f"augmentation ({named})", "`--augment none`"],
+            ["EMA of the weights", "`--ema 0`"]]
+
+
+def test_a_failed_or_stopped_run_and_those_not_run_are_named(shards, tmp_path, monkeypatch, capsys):
+    """--seeds 0,1,2 whose seed 1 failed: speedrun.md held seed 0's row alone, not a word of 1 and 2 (with seed 2
+    failed, a mean ± spread of two seeds as if of all), and the error line named no run."""
+    out = tmp_path / "sr"
+    base = ["--shards", str(shards), "--out", str(out), "--device", "cpu", "--ablate", "ema,tta,smoothing"]
+    trained_at_once(monkeypatch, fails={(1, None): 1})
+    with pytest.raises(SystemExit) as exit:
+        speedrun.main([*base, "--seeds", "0,1,2"])
+    assert exit.value.code == 1
+    assert capsys.readouterr().err == "error: train.py of seed 1 failed (exit 1); rerun to train that run again\n"
+    md = (out / "speedrun.md").read_text().splitlines()
+    assert [line.split("|")[1].strip() for line in md if line.startswith("| ")] == ["seed", "0"]
+    assert md[-2:] == ["", "Not finished: seed 1 (train.py exit 1), seed 2 (not run)"]
+
+    trained_at_once(monkeypatch, fails={(0, "tta"): 143})  # stopped (SIGTERM) in the ablation
+    with pytest.raises(SystemExit) as exit:
+        speedrun.main([*base, "--seeds", "0"])
+    assert exit.value.code == 143
+    assert capsys.readouterr().err == ("error: train.py of seed 0 without flip test-time augmentation failed "
+                                       "(exit 143); rerun to train that run again\n")
+    assert [row[0] for row in ablation_rows(out)] == ["nothing: the full recipe", "EMA of the weights"]
+    assert (out / "ablation.md").read_text().splitlines()[-2:] == [
+        "", "Not finished: seed 0 without flip test-time augmentation (train.py exit 143), "
+        "seed 0 without label smoothing (not run)"]
+
+
+def test_the_train_py_line_of_a_checkout_whose_path_has_a_space():
+    """speedrun.md's '# train.py FLAGS' line cut the command at its first space: in '/home/me/my runs/tinyin' it
+    read "# train.py runs/tinyin/train.py' --shards ...", a path and a stray quote for the flags."""
+    result = dict(seed=0, seconds=60.0, command="'/home/me/my runs/tinyin/train.py' --shards 's h' --seed 0",
+                  final=dict(epochs=2, val_top1=40.0, test_top1=39.0, eval_model="ema"))
+    assert speedrun.render([result], ["--seeds", "0"]).splitlines()[1] == "# train.py --shards 's h' --seed 0"
+
+
+def test_a_part_the_full_recipe_has_off_too_is_not_run(shards, tmp_path, monkeypatch, capsys):
+    """On the CPU the recipe has no bf16 (on CUDA only), and `--train-args --no-tta` none of the flip TTA:
+    `--ablate amp,tta` trained the full recipe twice more, and the table's rows said 'without bf16 autocast:
+    +0.00', as if it added nothing. They are not run, and named."""
+    runs = trained_at_once(monkeypatch)
+    speedrun.main(["--shards", str(shards), "--out", str(tmp_path / "sr"), "--seeds", "0", "--device", "cpu",
+                   "--train-args", "--no-tta", "--ablate", "amp,ema,tta"])
+    assert runs == [None, "ema"]
+    assert [row[:2] for row in ablation_rows(tmp_path / "sr")] == [["nothing: the full recipe", ""],
+                                                                  ["EMA of the weights", "`--ema 0`"]]
+    assert (tmp_path / "sr" / "ablation.md").read_text().splitlines()[-1] == (
+        "Not run, off in the full recipe too (its train.py flags are the same without them): "
+        "bf16 autocast (`--no-amp`), flip test-time augmentation (`--no-tta`)")
+    assert capsys.readouterr().out.splitlines()[:2] == [
+        "--ablate amp: bf16 autocast is off in the full recipe too (`--no-amp` changes none of its train.py flags): "
+        "not run",
+        "--ablate tta: flip test-time augmentation is off in the full recipe too (`--no-tta` changes none of its "
+        "train.py flags): not run"]
 
 
 def finished_run(run, arch):
@@ -216,6 +312,70 @@ def test_a_seed_trained_with_other_flags_in_the_same_out_trains_again(shards, tm
     assert json.loads((out / "speedrun.json").read_text())[0]["final"]["arch"] == "resnet18_64"
     assert json.loads((out / "runs" / "seed0" / "process_wall.json").read_text())["command"].endswith(
         f"--arch resnet18_64 --size 64 --recipe fast --seed 0 --output-dir {out / 'runs' / 'seed0'} --overwrite --device cpu")
+
+
+def finished_seed0(monkeypatch, out, args, dataset=None, **values):
+    """A finished run of seed 0 in `out` as speedrun.py would reuse it: trained with the train.py flags it gives
+    `args` (process_wall.json), their values in args.json (but `values`), env.json's "dataset" `dataset`
+    (None: no env.json); returns train.py's stand-ins' list of the commands they are started with."""
+    import train
+
+    run, started = out / "runs" / "seed0", []
+    argv = speedrun.train_argv(args, 0, run)
+    finished_run(run, "resnet18_64")
+    command = shlex.join([str(speedrun.ROOT / "train.py"), *argv])
+    (run / "process_wall.json").write_text(json.dumps(dict(seconds=60.0, command=command)))
+    (run / "args.json").write_text(json.dumps(dict(train.saved_args(train.parse_args(argv)), **values)))
+    (run / "env.json").unlink(missing_ok=True)
+    if dataset:
+        (run / "env.json").write_text(json.dumps(dict(device="cpu", dataset=dataset)))
+
+    class TrainPy:  # stands in for train.py's process: a finished run
+        def __init__(self, cmd, cwd, env=None):
+            started.append(cmd)
+            finished_run(Path(cmd[cmd.index("--output-dir") + 1]), "resnet18_64")
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(speedrun.subprocess, "Popen", TrainPy)  # after torch's import, which starts processes
+    return started
+
+
+def test_a_seed_trained_with_the_same_flags_under_another_recipe_trains_again(tmp_path, monkeypatch, capsys):
+    """The same command after the fast recipe was tuned (lr 0.4 to 0.8 in models/recipes.py): seed 0's run at lr 0.4
+    was reused as the new recipe's, and with every seed finished the tuning never ran. A run whose args.json the
+    command still gives is reused, also the epochs a --time-budget chose."""
+    from models.recipes import FAST, RECIPES
+
+    args = argparse.Namespace(shards="shards", arch="resnet18_64", train_args="--time-budget 5", device="cpu")
+    started = finished_seed0(monkeypatch, tmp_path, args, epochs=12, budget_epochs=12)  # the budget's choice
+    speedrun.run_seed(args, 0, tmp_path)
+    assert started == []
+
+    monkeypatch.setitem(RECIPES["fast"], ("resnet18_64", 64), dict(FAST, lr=0.8))
+    speedrun.run_seed(args, 0, tmp_path)
+    assert len(started) == 1
+    assert capsys.readouterr().out.splitlines()[0] == (f"{tmp_path / 'runs' / 'seed0'}: trained with the same flags "
+                                                       "but other values: --lr 0.4 (now 0.8); training it again")
+
+
+def test_a_seed_trained_on_another_set_at_the_same_shards_path_trains_again(shards, tmp_path, monkeypatch, capsys):
+    """A 10-class trial's set at --shards, deleted and the release built there, then the same command: seed 0's
+    run on the 10 classes was reused as the release's. env.json says the set a run trained on."""
+    from pipeline.checkpoint import classes_of
+    from pipeline.index import read_manifest
+
+    manifest = read_manifest(shards)
+    here = f"{classes_of(manifest)}, {manifest['counts']['train']} train"
+    args = argparse.Namespace(shards=str(shards), arch="resnet18_64", train_args="", device="cpu")
+    for dataset, trained in ((here, False), (None, False), ("10 classes (0123456789ab), 5000 train", True)):
+        started = finished_seed0(monkeypatch, tmp_path, args, dataset)
+        speedrun.run_seed(args, 0, tmp_path)
+        assert len(started) == trained
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"{tmp_path / 'runs' / 'seed0'}: trained on another set at --shards {shards} (10 classes (0123456789ab), "
+        f"5000 train; now {here}); training it again")
 
 
 def test_relative_shards_and_out_are_the_callers(shards, tmp_path, monkeypatch):
@@ -311,7 +471,7 @@ def test_ctrl_c_is_passed_on_to_train_py_and_ends_in_one_line(shards, tmp_path, 
     train.py, if the signal reached speedrun.py alone, trained on without it. Now it is passed on, as
     SIGTERM is, and the exit is train.py's 130."""
     assert ctrl_c_to_speedrun(shards, tmp_path, monkeypatch, "train") == (130, [signal.SIGINT])
-    assert capsys.readouterr().err == "error: train.py failed (exit 130); rerun to train that run again\n"
+    assert capsys.readouterr().err == "error: train.py of seed 0 failed (exit 130); rerun to train that run again\n"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 
@@ -447,6 +607,20 @@ def test_train_args_may_not_set_what_speedrun_sets_for_each_run(tmp_path, capsys
     assert capsys.readouterr().err == (
         f"error: --train-args: {named}: set by speedrun.py for each run (from its --shards, "
         "--arch, --seeds and --out; --recipe fast, --size 64)\n")
+    assert not (tmp_path / "sr").exists()
+
+
+@pytest.mark.parametrize("train_args, named", [("--resume auto", "--resume"),
+                                               ("--test-only --weights w.pth", "--test-only")])
+def test_train_args_that_would_not_train_from_the_start_are_refused(tmp_path, capsys, train_args, named):
+    """`--resume auto` won over each run's --overwrite: a seed stopped and rerun went on from its checkpoint, and its
+    minutes were the second process's alone; `--test-only` trained nothing, then a FileNotFoundError traceback
+    (metrics.jsonl, final.json: it writes eval.json)."""
+    with pytest.raises(SystemExit) as exit:
+        speedrun.main(["--shards", "x", "--out", str(tmp_path / "sr"), "--train-args", train_args])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == (f"error: --train-args: {named}: a speedrun trains each run from its start "
+                                       "(--overwrite), its minutes counted from its process's start\n")
     assert not (tmp_path / "sr").exists()
 
 

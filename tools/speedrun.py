@@ -10,7 +10,9 @@ included: each run compiles cold, from a torch.compile cache of its own, as on a
 OUT/speedrun.md (per seed and mean +- spread: minutes, val and test top-1), OUT/speedrun.json and
 OUT/speedrun.png (val top-1 against minutes: the time-to-accuracy curve). Run folders go to
 OUT/runs/; a seed whose final.json is there, trained with the same train.py flags, is not run again
-(with other flags, from another --arch or --train-args in the same --out, it trains afresh).
+(with other flags, from another --arch or --train-args in the same --out, it trains afresh; so it does
+where its args.json holds other values than the flags give now, a recipe tuned since, or its env.json
+another set than --shards holds now).
 
 --ablate (issue 9's table of what each part adds) then trains the first seed again once per named
 part, with only that part switched off (ABLATIONS: the train.py flags that do it, which win over
@@ -46,13 +48,23 @@ ABLATIONS = {
     "ema": ("EMA of the weights", "--ema 0"),
     "tta": ("flip test-time augmentation", "--no-tta"),
     "smoothing": ("label smoothing", "--label-smoothing 0"),
-    "augment": ("augmentation (random-resized crop + flip)", "--augment none"),
+    "augment": ("augmentation", "--augment none"),  # + the full recipe's, in words (AUGMENT_NAMES)
     "nesterov": ("Nesterov momentum", "--no-nesterov"),
     "warmup": ("lr warm-up", "--warmup-epochs 0"),
     "amp": ("bf16 autocast", "--no-amp"),
     "channels-last": ("channels_last", "--no-channels-last"),
     "compile": ("torch.compile", "--no-compile"),
 }
+#: train.py's --augment values, in its --help's words: "augmentation (random crop with padding + flip)"
+AUGMENT_NAMES = {"crop": "random crop with padding + flip", "rrc": "random-resized crop + flip"}
+
+
+def part_name(variant, recipe):
+    """ABLATIONS[variant]'s part, as the full recipe's run (`recipe`: its train.py args) has it: its augmentation
+    named, which --train-args may change ('--augment crop': the table said "random-resized crop + flip")."""
+    part = ABLATIONS[variant][0]
+    named = AUGMENT_NAMES.get(recipe.augment) if variant == "augment" else None  # --augment none: no name
+    return f"{part} ({named})" if named else part
 
 
 def train_argv(args, seed, run, variant=None):
@@ -76,24 +88,31 @@ def seed_list(text):
 def check_train_flags(args, variants):
     """train.py's own flag checks for every run planned, before the first starts: a mistake (an arch
     the recipe has no row for, --train-args that clash with it) is one line here, not a failed run
-    after minutes of others with the advice to rerun."""
+    after minutes of others with the advice to rerun. Returns each run's train.py args (the full recipe's: None)."""
     import train
     from pipeline.device import check_device
 
-    # Flags set for each run would win from --train-args: '--seed 5' trained every "seed" alike.
-    clash = flags_among(args.train_args, {"shards", "arch", "size", "recipe", "seed", "output_dir"})
-    if clash:
-        print(f"error: --train-args: {', '.join(clash)}: set by "
-              "speedrun.py for each run (from its --shards, --arch, --seeds and --out; --recipe fast, --size 64)",
-              file=sys.stderr)
-        sys.exit(UsageError.exit_code)
+    # Flags set for each run would win from --train-args: '--seed 5' trained every "seed" alike. --resume won over each
+    # run's --overwrite: a stopped seed went on from its checkpoint, its minutes the second process's alone; and
+    # --test-only trained nothing, then a traceback (no final.json).
+    for dests, why in (({"shards", "arch", "size", "recipe", "seed", "output_dir"},
+                        "set by speedrun.py for each run (from its --shards, --arch, --seeds and --out; --recipe fast, "
+                        "--size 64)"),
+                       ({"resume", "test_only"}, "a speedrun trains each run from its start (--overwrite), its minutes "
+                                                 "counted from its process's start")):
+        if clash := flags_among(args.train_args, dests):
+            print(f"error: --train-args: {', '.join(clash)}: {why}", file=sys.stderr)
+            sys.exit(UsageError.exit_code)
+    planned = {}
     for variant in [None, *variants]:
         try:
-            check_device(train.parse_args(train_argv(args, 0, "run", variant)).device)  # also a GPU it lacks
+            planned[variant] = train.parse_args(train_argv(args, 0, "run", variant))
+            check_device(planned[variant].device)  # also a GPU it lacks
         except TinyinError as e:
             run = "the full recipe" if variant is None else f"--ablate {variant}"
             print(f"error: train.py refuses the flags of {run}: {e}", file=sys.stderr)
             sys.exit(e.exit_code)
+    return planned
 
 
 @contextlib.contextmanager
@@ -111,6 +130,43 @@ def compile_cache():
         yield dict(os.environ, TORCHINDUCTOR_CACHE_DIR=folder)
 
 
+def not_the_same_run(run, argv):
+    """Why `run`, trained with train.py's flags `argv` (process_wall.json's command), is not the run they give
+    now ('' when it is): the values of its args.json that they no longer give, as '--lr 0.4 (now 0.8)'. The
+    same command under a recipe tuned since (models/recipes.py) or another default (train.py's --device: cuda
+    where there is one) was reused: its figures stood in the table as this command's, beside seeds trained
+    with the new values, or alone (all seeds reused: the tuning never measured). The epochs a --time-budget
+    chose are the run's own; --shards, --output-dir and argv are the command's. And a local --shards
+    folder that holds another set now (env.json's "dataset": a 10-class trial's, deleted and the release
+    built there) is not the run's data."""
+    import train
+    from pipeline.cache import is_set_url
+    from pipeline.checkpoint import run_identity
+    from pipeline.index import read_manifest
+
+    parsed = train.parse_args(argv)
+    planned = json.loads(json.dumps(train.saved_args(parsed)))  # as args.json keeps them
+    try:
+        saved = json.loads((run / "args.json").read_text())
+    except (OSError, ValueError):
+        saved = None
+    if not isinstance(saved, dict):
+        return "its args.json (what it was trained with) is gone or damaged"
+    mine = {"argv", "shards", "output_dir", *(("epochs", "budget_epochs") if planned["time_budget"] else ())}
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)} (now {v})" for k, v in planned.items()
+               if k not in mine and saved.get(k) != v]
+    if changed:
+        return f"trained with the same flags but other values: {', '.join(changed)}"
+    try:
+        there = json.loads((run / "env.json").read_text()).get("dataset")
+    except (OSError, ValueError, AttributeError):
+        there = None  # a run that does not say: its flags are all there is to compare
+    if not there or is_set_url(parsed.shards):  # a URL's set: train.py checks the cache's copy against it
+        return ""
+    now = run_identity(parsed, read_manifest(parsed.shards))["dataset"]  # as train.py writes it in env.json
+    return f"trained on another set at --shards {parsed.shards} ({there}; now {now})" if there != now else ""
+
+
 def run_seed(args, seed, out, variant=None):
     """Train one seed (unless done before), the full recipe or with ABLATIONS[variant]'s part
     switched off; its process wall time, metrics and final figures."""
@@ -121,9 +177,13 @@ def run_seed(args, seed, out, variant=None):
     # A run of other flags in the folder (another --arch or --train-args, the same --out) is not
     # this one: its figures stood in the new command's table. train.py starts it afresh.
     earlier = json.loads(timing.read_text())["command"] if timing.is_file() else None
-    if earlier is not None and earlier != command and (run / "final.json").is_file():
+    finished = (run / "final.json").is_file()
+    if finished and earlier is not None and earlier != command:
         print(f"{run}: trained with other flags ({earlier}); training it again", flush=True)
-    if not (run / "final.json").is_file() or earlier != command:
+    changed = not_the_same_run(run, cmd[2:]) if finished and earlier == command else ""
+    if changed:
+        print(f"{run}: {changed}; training it again", flush=True)
+    if not finished or earlier != command or changed:
         print(f"$ {hide_password(shlex.join(cmd))}", flush=True)  # a --shards URL's password and token: ***
         timing.unlink(missing_ok=True)  # until this run's is written, the earlier run's flags do not stand for its final.json
         t0 = time.time()
@@ -175,7 +235,7 @@ def spread(values):
 def render(results, argv):
     """speedrun.md: the command, one row per seed, then the mean +- spread."""
     lines = [f"# python tools/speedrun.py {hide_password(shlex.join(argv))}",
-             f"# train.py {results[0]['command'].split(' ', 1)[1]}", "",
+             f"# train.py {shlex.join(shlex.split(results[0]['command'])[1:])}", "",  # less train.py's path, quoted
              "| seed | minutes (process) | epochs | val top-1 (%) | test top-1 (%) | evaluated |",
              "|---|---|---|---|---|---|"]
     for r in results:
@@ -189,10 +249,20 @@ def render(results, argv):
     return "\n".join(lines) + "\n"
 
 
-def render_ablation(full, variants, argv):
-    """ablation.md: the full recipe's row, then one row per part switched off, with its change in
-    val top-1 against the full recipe on the same seed. Each row says its epochs: under --time-budget
-    each run sets its own from its measured epoch time (a variant without compile, bf16 or
+def switch_nothing_off(planned):
+    """The --ablate parts whose run would be the full recipe's again (`planned`: check_train_flags'): off in it
+    too, on the CPU the recipe's bf16, channels_last and torch.compile (on CUDA only), or switched off by
+    --train-args ('--no-tta'). Each was trained as a variant, and its row's change in val, +0.00 or the
+    noise of a second run, read as what the part adds."""
+    full = dict(vars(planned[None]), argv=None)
+    return [variant for variant in planned if variant and dict(vars(planned[variant]), argv=None) == full]
+
+
+def render_ablation(full, variants, argv, recipe, off=()):
+    """ablation.md: the full recipe's row, then one row per part switched off (`part_name` of the full
+    recipe's train.py args, `recipe`), with its change in val top-1 against the full recipe on the same
+    seed, and a line naming the parts not run (`off`: `switch_nothing_off`). Each row says its epochs: under
+    --time-budget each run sets its own from its measured epoch time (a variant without compile, bf16 or
     channels_last trains fewer in the same minutes), which the table did not show."""
     f = full["final"]
     lines = [f"# python tools/speedrun.py {hide_password(shlex.join(argv))}",
@@ -203,10 +273,13 @@ def render_ablation(full, variants, argv):
              f"| nothing: the full recipe | | {full['seconds'] / 60:.2f} | {f['epochs']} | {f['val_top1']:.2f} | | "
              f"{f['test_top1']:.2f} |"]
     for r in variants:
-        part, flags = ABLATIONS[r["variant"]]
         v = r["final"]
-        lines.append(f"| {part} | `{flags}` | {r['seconds'] / 60:.2f} | {v['epochs']} | {v['val_top1']:.2f} | "
+        lines.append(f"| {part_name(r['variant'], recipe)} | `{ABLATIONS[r['variant']][1]}` | "
+                     f"{r['seconds'] / 60:.2f} | {v['epochs']} | {v['val_top1']:.2f} | "
                      f"{v['val_top1'] - f['val_top1']:+.2f} | {v['test_top1']:.2f} |")
+    if off:
+        lines += ["", "Not run, off in the full recipe too (its train.py flags are the same without them): " +
+                  ", ".join(f"{part_name(variant, recipe)} (`{ABLATIONS[variant][1]}`)" for variant in off)]
     return "\n".join(lines) + "\n"
 
 
@@ -237,14 +310,18 @@ def main(argv=None):
         args = p.parse_args(joined(sys.argv[1:] if argv is None else argv, ("--train-args",)))
     # 'all' among parts is every one ('all,ema' was refused as 'unknown part all; choose from: all, ...')
     variants = list(ABLATIONS) if "all" in (args.ablate or []) else args.ablate or []
-    check_train_flags(args, variants)
+    planned = check_train_flags(args, variants)
     check_shards(args.shards)  # before any run starts: a typo failed the first run, which told to "rerun"
     out = Path(args.out)
     if why := folder_refusal(out):  # was a traceback, or each run failed with the advice to rerun it
         sys.exit(f"error: --out {out}: {why}")
+    off = switch_nothing_off(planned)
+    for variant in off:
+        print(f"--ablate {variant}: {part_name(variant, planned[None])} is off in the full recipe too "
+              f"(`{ABLATIONS[variant][1]}` changes none of its train.py flags): not run", flush=True)
     command_line = sys.argv[1:] if argv is None else argv
     # The tables are rewritten after every run, so that a stop or a failure keeps the runs so far.
-    results, ablated = [], []
+    results, ablated, todo = [], [], [v for v in variants if v not in off]
     try:
         for seed in args.seeds:
             results.append(run_seed(args, seed, out))
@@ -252,19 +329,31 @@ def main(argv=None):
             (out / "speedrun.json").write_text(json.dumps([dict(r, curve=curve(r)) for r in results], indent=1))
             plot(results, out / "speedrun.png")
         print((out / "speedrun.md").read_text(), end="")
-        for variant in variants:
-            ablated.append(run_seed(args, args.seeds[0], out, variant))
-            (out / "ablation.md").write_text(render_ablation(results[0], ablated, command_line))
+        for variant in [None, *todo] if variants else []:
+            if variant:
+                ablated.append(run_seed(args, args.seeds[0], out, variant))
+            (out / "ablation.md").write_text(render_ablation(results[0], ablated, command_line, planned[None], off))
             (out / "ablation.json").write_text(json.dumps([results[0], *ablated], indent=1))
         if variants:
             print((out / "ablation.md").read_text(), end="")
     except subprocess.CalledProcessError as e:
+        # The run that failed or was stopped, and those after it, not run: named under the table of the runs so
+        # far, which left them out without a word (a mean ± spread of two seeds of --seeds 0,1,2).
+        if len(results) < len(args.seeds):
+            table, runs = out / "speedrun.md", [f"seed {seed}" for seed in args.seeds[len(results):]]
+        else:
+            table = out / "ablation.md"
+            runs = [f"seed {args.seeds[0]} without {part_name(v, planned[None])}" for v in todo[len(ablated):]]
+        if results:  # else no table of this command's runs: none finished
+            table.write_text(table.read_text() + f"\nNot finished: {runs[0]} (train.py exit {e.returncode})" +
+                             "".join(f", {run} (not run)" for run in runs[1:]) + "\n")
         if e.returncode == UsageError.exit_code:  # train.py's UsageError, found in its run: not a rerun's fix
             print("error: train.py refused its flags (see its error above); a rerun with them is refused alike: "
                   "change them", file=sys.stderr)
             sys.exit(e.returncode)
         # A seed is not resumed: its minutes count from its process's start, so a rerun trains it again.
-        print(f"error: train.py failed (exit {e.returncode}); rerun to train that run again", file=sys.stderr)
+        print(f"error: train.py of {runs[0]} failed (exit {e.returncode}); rerun to train that run again",
+              file=sys.stderr)
         sys.exit(e.returncode if e.returncode > 128 else 1)  # 128 + signum after a signal, as train.py's
 
 

@@ -33,7 +33,7 @@ from .errors import FULL_DISK_ERRNOS, READ_ONLY_ERRNOS, ShardError, hide_passwor
 from .locks import locked
 from .schema import CACHE_LOCK_FILE, CACHE_MARK_FILE, INDEX_FILE, MANIFEST_FILE
 from .shardset import (ShardSet, http_open, is_url, missing_error, names_a_tar, open_shard_set, retry_waits,
-                       worth_retrying)
+                       split_url, worth_retrying)
 
 BLOCK = 4 << 20  # bytes per read; large enough that receiving a block costs far more than a call
 FSSPEC_BLOCK = 32 << 20  # bytes per ranged read through fsspec (a request each: S3 and GCS bill per request)
@@ -58,7 +58,7 @@ def cache_folder(location, cache_dir=None):
     the root is the home folder, as for $HF_HOME and $TORCH_HOME: a shell leaves it as it is in quotes, and a
     Dockerfile's ENV or a .env file never expands it."""
     root = cache_dir or os.environ.get("TINYIN_CACHE") or Path.home() / ".cache" / "tinyin"
-    parts = urllib.parse.urlsplit(str(location))
+    parts = split_url(str(location))
     key = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2], query="")).rstrip("/")
     return Path(root).expanduser() / hashlib.sha256(key.encode()).hexdigest()[:16]
 

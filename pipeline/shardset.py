@@ -47,6 +47,15 @@ def is_url(location):
     return "://" in str(location) and not str(location).startswith("file://")
 
 
+def split_url(text):
+    """urllib's parts of URL `text`; a UsageError naming it where they cannot be told apart (`http://[::1`:
+    urllib's 'Invalid IPv6 URL' was a traceback out of every command given it)."""
+    try:
+        return urllib.parse.urlsplit(text)
+    except ValueError as e:
+        raise UsageError(f"{text}: not a URL that can be read ({e})") from None
+
+
 def local_path(location):
     """Local `location` as a path: a `file://` URL's (what fsspec, a browser or a config file may give;
     it was read as a folder named `file:`, 'no such folder'), a leading `~` the home folder (as the CLI's
@@ -54,7 +63,7 @@ def local_path(location):
     text = os.path.expanduser(str(location))
     if not text.startswith("file://"):
         return text
-    parts = urllib.parse.urlsplit(text)
+    parts = split_url(text)
     if parts.netloc not in ("", "localhost"):
         raise ShardError(f"{text}: a file:// URL of host {parts.netloc!r}; give a path on this machine")
     return urllib.request.url2pathname(parts.path)
@@ -64,7 +73,7 @@ def names_a_tar(location):
     """True when `location` names one `.tar` (a shard, not a set's folder): by its path, so a signed
     URL's query string (`.../train-000000.tar?sig=...`) does not hide it."""
     text = str(location)
-    return (urllib.parse.urlsplit(text).path if is_url(text) else text).endswith(".tar")
+    return (split_url(text).path if is_url(text) else text).endswith(".tar")
 
 
 # The wording of every shard check, in one place.

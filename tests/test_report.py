@@ -360,7 +360,15 @@ def test_write_report_study_section_and_json(tmp_path, runs):
 
 REPRODUCE = Path(__file__).resolve().parents[1] / "tools" / "reproduce.py"
 sys.path.insert(0, str(REPRODUCE.parent))
-from reproduce import child_env, table_times, union_seconds  # noqa: E402
+from reproduce import check_shards, child_env, table_times, union_seconds  # noqa: E402
+
+
+def test_a_shards_url_that_cannot_be_parsed_is_refused_before_any_row():
+    """reproduce.py's and speedrun.py's check of --shards (before any run starts) asked is_set_url first, outside
+    its refusal: `http://[::1` was urllib's 'Invalid IPv6 URL' traceback."""
+    with pytest.raises(SystemExit) as e:
+        check_shards("http://[::1")
+    assert e.value.code == "error: http://[::1: not a URL that can be read (Invalid IPv6 URL)"
 
 
 def reproduce_here(monkeypatch, capsys, *args):

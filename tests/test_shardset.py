@@ -473,6 +473,26 @@ def test_a_file_url_names_the_local_folder(shards, tmp_path):
     assert str(e.value) == "file://nas/data/shards: a file:// URL of host 'nas'; give a path on this machine"
 
 
+def test_a_url_that_cannot_be_parsed_is_a_usage_error_everywhere_it_is_given(tmp_path):
+    """`http://[::1` (a bracket left open) was urllib's 'Invalid IPv6 URL' traceback out of make_loader,
+    `tinyin shard verify`, train.py, reproduce.py and speedrun.py (test_report.py's test of theirs)."""
+    from click.testing import CliRunner
+
+    from pipeline import make_loader
+    from pipeline.cache import cache_folder
+    from pipeline.cli import main as tinyin
+
+    said = "http://[::1: not a URL that can be read (Invalid IPv6 URL)"
+    for call, words in ((lambda: make_loader("http://[::1", "train"), said),
+                        (lambda: cache_folder("http://[::1", tmp_path), said),
+                        (lambda: ShardSet("file://[::1"), "file://[::1: not a URL that can be read (Invalid IPv6 URL)")):
+        with pytest.raises(UsageError) as e:
+            call()
+        assert str(e.value) == words
+    result = CliRunner().invoke(tinyin, ["shard", "verify", "http://[::1"])
+    assert (result.exit_code, result.output) == (2, f"error: {said}\n")
+
+
 def test_a_local_sets_unreadable_manifest_is_one_line_at_once(tmp_path, monkeypatch):
     """A local disk's error (a symlink loop; a stale NFS handle, a failing disk) is not a server's blip: no
     retries over 8 s, no 'after 5 attempts'."""

@@ -261,9 +261,9 @@ def check_train_flags(todo, train_args):
 def check_shards(shards):
     """Refuse a local --shards that is no shard set, before any run starts: each run would fail alike, and the
     advice after it was to rerun. A URL's set is train.py's to fetch (speedrun.py's check too)."""
-    if is_set_url(shards):
-        return
     try:
+        if is_set_url(shards):  # (a URL that cannot be parsed, 'http://[::1': refused here too)
+            return
         folder = local_folder("--shards", shards, DEFAULT_SHARDS)  # 'no such folder', as train.py says it
     except TinyinError as e:
         sys.exit(f"error: {e}")

@@ -284,6 +284,7 @@ class ShardSet:
         unlisted = sorted(set(rows) - listed)
         if unlisted:
             raise ShardError(f"{index}: rows for {unlisted[0]}, which the manifest does not list")
+        self._check_splits(index)
         self._check_order(index)
         n = len(self.classes)
         for r in self.index.group_by("split").aggregate([("label", "min"), ("label", "max")]).to_pylist():
@@ -293,6 +294,19 @@ class ShardSet:
             if split != "unlabeled" and (r["label_min"] < 0 or r["label_max"] >= n):
                 raise ShardError(f"{index}: {labels}, the manifest lists {n} "
                                  f"{plural(n, 'class')}" + (f" (0..{n - 1})" if n else ""))
+
+    def _check_splits(self, index):
+        """ShardError unless each index row's split is its shard's in the manifest: the readers take a split's rows
+        by that column (a train row marked val was 'ok' to verify, which reads rows by shard, and refused by the
+        loader as 'the index lists 63 samples, the manifest 64')."""
+        split_of = {e["file"]: e["split"] for e in self.manifest["shards"]}
+        listed = pc.take(pa.array(list(split_of.values()), pa.string()),
+                         pc.index_in(self.index["shard"], value_set=pa.array(list(split_of), pa.string())))
+        wrong = pc.fill_null(pc.not_equal(self.index["split"], listed), True)  # a null split is no split
+        if pc.any(wrong).as_py():
+            row = self.index.filter(wrong).slice(0, 1).to_pylist()[0]
+            raise ShardError(f"{index}: {row['key']} of {row['shard']} is marked split {row['split']}, "
+                             f"the manifest lists {row['shard']} in {split_of[row['shard']]}")
 
     def _check_order(self, index):
         """ShardError unless each shard's index rows are together and, within each split, in the manifest's

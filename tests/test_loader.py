@@ -415,16 +415,16 @@ def test_a_view_that_would_end_past_the_shard_is_refused():
 
 
 def test_an_index_row_whose_split_names_another_split_than_its_shards_is_refused(shards, tmp_path):
-    """The index's split column is not checked against the shard a row names when the set opens: the first
-    test row marked 'val' came last among val's rows, a label with no image (the loader's last position
-    read no shard, its image whatever the buffer held) with no error."""
+    """The first test row marked 'val' came last among val's rows, a label with no image (the loader's last
+    position read no shard, its image whatever the buffer held) with no error. The set's open names it."""
     from pipeline.reader import ShardArrays
 
     first_test = read_index(shards).column("split").to_pylist().index("test")
-    copy, _ = copy_with_edited_index(shards, tmp_path, "split", first_test, "val")
+    copy, key = copy_with_edited_index(shards, tmp_path, "split", first_test, "val")
     with pytest.raises(ShardError) as e:
         ShardArrays(copy, "val", "gray28", checksum=False)
-    assert str(e.value) == f"{copy}: index and manifest disagree on split 'val'"
+    assert str(e.value) == (f"{copy / 'index.parquet'}: {key} of test-000000.tar is marked split val, "
+                            "the manifest lists test-000000.tar in test")
 
 
 def test_an_unchanged_shard_is_hashed_once_a_process(shards, tmp_path, monkeypatch):

@@ -294,6 +294,19 @@ def test_the_index_must_hold_each_split_in_the_manifests_shard_order(shards, tmp
     assert ShardSet(folder).entries("unlabeled")  # the splits' own order in the list does not matter
 
 
+def test_each_index_row_must_be_of_its_shards_split(shards, tmp_path):
+    """The readers take a split's rows by the index's split column: a train row marked val was 'ok' to verify
+    (it reads rows by shard) and refused by the loader as 'the index lists 63 samples, the manifest 64'."""
+    def marked(split):
+        return lambda t: t.set_column(t.schema.get_field_index("split"), "split",
+                                      pa.array([split, *t["split"].to_pylist()[1:]], pa.string()))
+    key = ShardSet(shards).index["key"][0].as_py()
+    assert _edit_error(shards, tmp_path, index=marked("val")) == (
+        f"SET/index.parquet: {key} of train-000000.tar is marked split val, the manifest lists train-000000.tar in train")
+    assert _edit_error(shards, tmp_path, index=marked(None)) == (
+        f"SET/index.parquet: {key} of train-000000.tar is marked split None, the manifest lists train-000000.tar in train")
+
+
 def test_a_listed_shard_of_no_samples_has_no_place_in_the_index_order(shards, tmp_path):
     """An empty shard (0 samples) has no index rows: listed between two others, it is no break in their order."""
     def empty_between(m):

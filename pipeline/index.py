@@ -4,7 +4,6 @@ One index row per sample: where its arrays sit inside its tar (byte offset and l
 variant), so readers can gather pixels without parsing tar headers.
 """
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import pyarrow.parquet as pq
 
 from .atomic import atomic_file
 from .errors import ShardError
-from .schema import FORMAT_VERSION, INDEX_FILE, MANIFEST_FILE, VARIANTS, check_split
+from .schema import INDEX_FILE, VARIANTS, check_split
 
 SCHEMA = pa.schema([
     ("key", pa.string()), ("split", pa.string()), ("label", pa.int16()), ("wnid", pa.string()),
@@ -50,19 +49,11 @@ def write_index(folder, tasks, results):
 
 
 def read_manifest(shards):
-    """The manifest of shard folder `shards` as a dict; ShardError if it is not a complete shard set."""
-    path = Path(shards).expanduser() / MANIFEST_FILE  # a leading ~ as the CLI reads it
-    if not path.is_file():
-        raise ShardError(f"{shards}: not a tinyin shard set (no {MANIFEST_FILE}); run `tinyin shard build` first")
-    try:
-        manifest = json.loads(path.read_text())
-    except ValueError as e:
-        raise ShardError(f"{path}: corrupt manifest ({e})") from None
-    if not isinstance(manifest, dict):  # as ShardSet words it
-        raise ShardError(f"{path}: malformed (not an object)")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ShardError(f"{path}: format version {manifest.get('format_version')}, this tinyin reads {FORMAT_VERSION}")
-    return manifest
+    """The manifest of shard folder `shards` as a dict; ShardError if it is not a complete shard set: `ShardSet`'s
+    checks and words (a manifest without `classes`, or whose counts lack train, was a KeyError in `bench train`)."""
+    from .shardset import ShardSet  # shardset imports this module
+
+    return ShardSet(shards).manifest
 
 
 def read_index(shards, split=None):

@@ -18,7 +18,7 @@ import pipeline.bench_train as bt
 from pipeline.bench_train import Case, Feeds, bench_train, format_table, environment, plan
 from pipeline.cli import main
 from pipeline.device import IMAGENET_MEAN, IMAGENET_STD
-from pipeline.errors import UsageError
+from pipeline.errors import ShardError, UsageError
 from pipeline.reader import ShardArrays
 from tests.conftest import SYNTH, stop_by
 
@@ -109,6 +109,18 @@ def test_feeds_time_a_loader_after_its_data_pass_and_free_the_one_they_replace(s
         assert split() is None, "the split of the replaced loader is still held"
     finally:
         gc.enable()
+
+
+def test_a_malformed_manifest_is_one_line(shards, tmp_path):
+    """bench train read the manifest by itself, unchecked: counts without train was a KeyError traceback."""
+    for name in ("index.parquet", "manifest.json"):
+        (tmp_path / name).write_bytes((shards / name).read_bytes())
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    del manifest["counts"]["train"]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError) as caught:
+        bench_train(tmp_path, cases=[], log=None)
+    assert str(caught.value) == f"{tmp_path / 'manifest.json'}: counts says 0 train samples, its train shards hold 240"
 
 
 def test_batch_larger_than_the_split(shards):

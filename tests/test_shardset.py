@@ -466,7 +466,7 @@ def test_read_manifest_refuses_another_format_version_and_a_corrupt_file(tmp_pat
     (tmp_path / "manifest.json").write_text('{"shards": []}')  # no version at all: not read as this one's either
     with pytest.raises(ShardError) as e:
         read_manifest(tmp_path)
-    assert str(e.value) == f"{tmp_path / 'manifest.json'}: format version None, this tinyin reads 1"
+    assert str(e.value) == f"{tmp_path / 'manifest.json'}: malformed (no format_version)"  # as ShardSet says it
     (tmp_path / "manifest.json").write_text('{"format_version": 1,')  # cut off mid-write
     with pytest.raises(ShardError) as e:
         read_manifest(tmp_path)

@@ -403,26 +403,50 @@ def test_read_manifest_words_a_non_object_manifest_as_shard_set_does(tmp_path):
     assert str(e.value) == f"{tmp_path / 'manifest.json'}: malformed (not an object)"
 
 
-def test_read_index_names_a_corrupt_index_and_a_read_error(tmp_path, monkeypatch):
+def test_read_index_names_a_corrupt_index_and_a_read_error(shards, tmp_path, monkeypatch):
     """`pipeline.read_index` (public): a file that is no Parquet is pyarrow's ArrowInvalid, a failed read its
     OSError (pyarrow's ArrowIOError is no ArrowException); each is one ShardError naming the index."""
     import errno
+    import json
+    from pathlib import Path
 
     from pipeline.index import read_index
 
+    manifest = json.loads((shards / "manifest.json").read_text())
+    del manifest["index_sha256"]  # a set built before it: the Parquet reader is what finds the damage
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     path = tmp_path / "index.parquet"
     path.write_bytes(b"PAR")
     with pytest.raises(ShardError) as e:
         read_index(tmp_path)
-    assert str(e.value) == (f"{path}: corrupt index (Could not open Parquet input source '{path}': Parquet file size "
+    assert str(e.value) == (f"{path}: corrupt index (Could not open Parquet input source '<Buffer>': Parquet file size "
                             "is 3 bytes, smaller than the minimum file footer (8 bytes))")
 
-    def unreadable(*args, **kwargs):
-        raise OSError(errno.EIO, "Input/output error")
-    monkeypatch.setattr("pipeline.index.pq.read_table", unreadable)
+    read_bytes = Path.read_bytes
+
+    def unreadable(self):
+        if self == path:
+            raise OSError(errno.EIO, "Input/output error")
+        return read_bytes(self)
+    monkeypatch.setattr(Path, "read_bytes", unreadable)
     with pytest.raises(ShardError) as e:
         read_index(tmp_path, "train")
-    assert str(e.value) == f"{path}: corrupt index ([Errno 5] Input/output error)"
+    assert str(e.value) == f"{path}: unreadable (OSError: [Errno 5] Input/output error)"
+
+
+def test_read_index_checks_the_index_against_the_manifest(shards, tmp_path):
+    """`pipeline.read_index` (public) read the file by itself: a flipped byte gave other labels or offsets without
+    a word, where every reader of the set names it (the manifest's sha256 of the index)."""
+    from pipeline.index import read_index
+
+    folder = shutil.copytree(shards, tmp_path / "set")
+    data = bytearray((folder / "index.parquet").read_bytes())
+    data[len(data) // 2] ^= 1
+    (folder / "index.parquet").write_bytes(data)
+    for split in (None, "val"):
+        with pytest.raises(ShardError) as e:
+            read_index(folder, split)
+        assert str(e.value) == f"{folder / 'index.parquet'}: checksum differs from the manifest (corrupt or modified)"
 
 
 @pytest.mark.parametrize("split", ["Val", "training", ""])

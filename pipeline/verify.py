@@ -34,7 +34,7 @@ class Problems(ShardError):
 
 def verify_shards(shards, progress=True):
     """Check each shard's sha256 (and sum64) and count against the manifest, and decode every sample with the
-    stock webdataset reader, comparing key, label and pixels with the index and its class (wnid) with the
+    stock webdataset reader, comparing key, label, wnid, box and pixels with the index and its class (wnid) with the
     manifest's class of that label; then the train split's mean and std against the manifest's stats.
     Every problem is found, as fsck and `sha256sum -c` find them (one named the first bad shard, and the
     user repairing a set found the next one a run later): a shard's first, each class of the manifest's
@@ -95,7 +95,9 @@ def _verify_shard(shard_set, entry, index, expected, classes):
     try:
         for n, sample in enumerate(_samples(path), 1):
             i = expected[n - 1] if n <= len(expected) else None
-            if i is None or sample["__key__"] != index["key"][i] or int(sample[CLS]) != index["label"][i]:
+            if (i is None or sample["__key__"] != index["key"][i] or int(sample[CLS]) != index["label"][i]
+                    or sample[JSON]["wnid"] != (index["wnid"][i] or None)  # the index's '' is the json's null
+                    or sample[JSON]["box"] != index["box"][i]):
                 raise ShardError(f"{path}: sample {n} ({sample['__key__']}) disagrees with the index")
             if sample[JSON]["split"] != entry["split"]:
                 raise ShardError(f"{path}: sample {sample['__key__']} is marked split {sample[JSON]['split']}")

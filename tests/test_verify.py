@@ -330,6 +330,15 @@ def test_verify_catches_an_index_key_that_names_another_sample(shards, tmp_path)
         1, f"error: {copy / 'train-000000.tar'}: sample 3 ({key}) disagrees with the index")
 
 
+@pytest.mark.parametrize("column, value", [("wnid", "n00000000"), ("box", [1, 2, 3, 4])])
+def test_verify_catches_an_index_wnid_or_box_that_is_not_the_samples(shards, tmp_path, column, value):
+    """The index's wnid and box columns (README's index, for a reader of it) were not compared: either edited
+    was 'ok'."""
+    copy, key = copy_with_edited_index(shards, tmp_path, column, 2, value)
+    assert run("shard", "verify", copy, "--quiet") == (
+        1, f"error: {copy / 'train-000000.tar'}: sample 3 ({key}) disagrees with the index")
+
+
 def test_inspect_takes_an_image_extension_in_capitals(shards, tmp_path):
     """(And the grid is as many rows as --max-classes and columns as --per-class: 260 pixels of words, 66 a cell.)"""
     result = inspect_shards(shards, png=tmp_path / "grid.PNG", max_classes=2, per_class=1)

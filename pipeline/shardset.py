@@ -236,6 +236,11 @@ class ShardSet:
             _check_keys(where, entry, CLASS_KEYS, f"classes[{i}]")
         for i, entry in enumerate(manifest["shards"]):
             _check_keys(where, entry, ENTRY_KEYS, f"shards[{i}]")
+            # A name with a folder in it was read, and a URL's cached copy written, outside the set's folder
+            # (a remote manifest's '../../.bashrc' wrote the server's bytes over the user's file).
+            if entry["file"] in ("", ".", "..") or any(c in entry["file"] for c in "/\\\0"):
+                raise ShardError(f"{where}: malformed (shards[{i}].file {entry['file']!r} is not a file name "
+                                 "in the set's folder)")
         for split, count in manifest["counts"].items():
             if not _is(count, int):
                 raise ShardError(f"{where}: malformed (counts.{split} is not an integer)")

@@ -229,6 +229,12 @@ MALFORMED = [
     (lambda m: m["stats"].pop("gray28"), "no stats.gray28"),
     (lambda m: m.pop("skipped"), "no skipped"),  # `shard inspect` counts them: a KeyError traceback
     (lambda m: m.update(skipped=None), "skipped is not a list"),
+    # read, and a URL's cached copy written, outside the set's folder: a remote manifest wrote over the user's files
+    (lambda m: m["shards"][1].update(file="../../.bashrc"),
+     "shards[1].file '../../.bashrc' is not a file name in the set's folder"),
+    (lambda m: m["shards"][0].update(file="/etc/passwd"), "shards[0].file '/etc/passwd' is not a file name in the set's folder"),
+    (lambda m: m["shards"][0].update(file=".."), "shards[0].file '..' is not a file name in the set's folder"),
+    (lambda m: m["shards"][0].update(file="a\0.tar"), "shards[0].file 'a\\x00.tar' is not a file name in the set's folder"),
 ]
 
 

@@ -33,7 +33,7 @@ from .errors import FULL_DISK_ERRNOS, READ_ONLY_ERRNOS, ShardError, hide_passwor
 from .locks import locked
 from .schema import CACHE_LOCK_FILE, CACHE_MARK_FILE, INDEX_FILE, MANIFEST_FILE
 from .shardset import (ShardSet, http_open, is_url, missing_error, names_a_tar, open_shard_set, retry_waits,
-                       split_url, worth_retrying)
+                       is_file_name, split_url, worth_retrying)
 
 BLOCK = 4 << 20  # bytes per read; large enough that receiving a block costs far more than a call
 FSSPEC_BLOCK = 32 << 20  # bytes per ranged read through fsspec (a request each: S3 and GCS bill per request)
@@ -148,15 +148,22 @@ def _write_metadata(remote, folder):
         old = json.loads(path.read_text())
     except (FileNotFoundError, ValueError):
         old = None
+    # The copy's own manifest, as written before: its shards are what it may remove. One damaged or hand-edited
+    # (no object, an entry without sha256) was a traceback here; one written by a tinyin before ShardSet refused
+    # '../x' names a file outside the copy: neither is taken, and only the new manifest's files are replaced.
+    old_shards = old.get("shards") if isinstance(old, dict) else None
+    if not (isinstance(old_shards, list) and all(isinstance(e, dict) and is_file_name(e.get("file"))
+                                                 and isinstance(e.get("sha256"), str) for e in old_shards)):
+        old_shards = []
     if old == remote.manifest:
         with contextlib.suppress(OSError):
             if (folder / INDEX_FILE).read_bytes() == remote.index_bytes:
                 return
     else:
         # Copies the old and the new manifest agree on stay; any other file (or one of unknown origin) goes.
-        pairs = lambda m: {(e["file"], e["sha256"]) for e in m["shards"]}  # noqa: E731
-        keep = pairs(old) & pairs(remote.manifest) if old and "shards" in old else set()
-        for entry in (old or {}).get("shards", []) + remote.manifest["shards"]:
+        pairs = lambda shards: {(e["file"], e["sha256"]) for e in shards}  # noqa: E731
+        keep = pairs(old_shards) & pairs(remote.manifest["shards"])
+        for entry in old_shards + remote.manifest["shards"]:
             if (entry["file"], entry["sha256"]) not in keep:
                 (folder / entry["file"]).unlink(missing_ok=True)
                 (folder / f"{entry['file']}.part").unlink(missing_ok=True)

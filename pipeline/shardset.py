@@ -56,6 +56,11 @@ def split_url(text):
         raise UsageError(f"{text}: not a URL that can be read ({e})") from None
 
 
+def is_file_name(name):
+    """True for a plain file name (no folder in it, not '.' or '..'): what a manifest may name as a shard."""
+    return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+
+
 def local_path(location):
     """Local `location` as a path: a `file://` URL's (what fsspec, a browser or a config file may give;
     it was read as a folder named `file:`, 'no such folder'), a leading `~` the home folder (as the CLI's
@@ -238,7 +243,7 @@ class ShardSet:
             _check_keys(where, entry, ENTRY_KEYS, f"shards[{i}]")
             # A name with a folder in it was read, and a URL's cached copy written, outside the set's folder
             # (a remote manifest's '../../.bashrc' wrote the server's bytes over the user's file).
-            if entry["file"] in ("", ".", "..") or any(c in entry["file"] for c in "/\\\0"):
+            if not is_file_name(entry["file"]):
                 raise ShardError(f"{where}: malformed (shards[{i}].file {entry['file']!r} is not a file name "
                                  "in the set's folder)")
         for split, count in manifest["counts"].items():

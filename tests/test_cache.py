@@ -169,6 +169,27 @@ def test_a_damaged_or_removed_index_in_the_copy_is_written_again(shards, serve, 
     assert shard_gets(server) == {}
 
 
+@pytest.mark.parametrize("old", [[1], {"shards": [{"file": SHARD}]}, {"shards": 5}, "outside"])
+def test_a_damaged_manifest_in_the_copy_is_replaced_and_names_no_file_outside_it(shards, serve, cache, old):
+    """The copy's own manifest names the files it may remove: one that is no object, or an entry without sha256
+    (a disk's error, a hand edit), was a traceback (AttributeError, KeyError, TypeError) on every later open; one
+    written by a tinyin before ShardSet refused '../x' names (a hostile server's) removed that file outside the
+    copy. The copy is made whole again from the set's manifest; nothing outside it is touched."""
+    server = serve()
+    copy = cached_copy(server.url, "train")
+    victim = copy.parent / "victim.tar"
+    victim.write_bytes(b"the user's")
+    if old == "outside":
+        old = json.loads((copy / "manifest.json").read_text())
+        old["shards"].append(dict(old["shards"][0], file="../victim.tar"))
+        old["note"] = "an older tinyin's copy"  # another manifest than the set's, so its shards are compared
+    (copy / "manifest.json").write_text(json.dumps(old))
+    server.requests.clear()
+    assert_same(batches(server.url, "fast"), batches(shards, "fast"))
+    assert (copy / "manifest.json").read_bytes() == (shards / "manifest.json").read_bytes()
+    assert victim.read_bytes() == b"the user's"
+
+
 def test_s3_set_yields_the_local_batches(shards, cache):
     s3 = S3Server()
     try:

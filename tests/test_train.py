@@ -91,6 +91,9 @@ def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
+EVAL_KEYS = {"val", "test", "weights", "eval_model", "tta"}  # eval.json's, as --test-only returns them
+
+
 def cli(*argv):
     """train.py as its __main__ runs it, in this process, for a run that must fail: its exit code."""
     with pytest.raises(SystemExit) as e:
@@ -1708,7 +1711,7 @@ def test_a_resume_with_another_limit_batches_is_refused(train_shards, tmp_path, 
     assert cli(*base, "--epochs", "2", "--limit-batches", "3", "--resume", "auto") == 1
     assert capsys.readouterr().err.startswith(f"error: {ckpt}: made with --limit-batches 2, this run has --limit-batches 3,")
     assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 1
-    assert set(run(train_shards, tmp_path, "--arch", "lenet5", "--test-only", "--resume", "auto")) == {"val", "test"}
+    assert set(run(train_shards, tmp_path, "--arch", "lenet5", "--test-only", "--resume", "auto")) == EVAL_KEYS
     whole = tmp_path / "whole"
     run(train_shards, whole, "--arch", "lenet5", "-b", "500", "--epochs", "1")
     assert cli(*base[:-1], whole, "--epochs", "2", "--limit-batches", "1", "--resume", "auto") == 1
@@ -1732,7 +1735,7 @@ def test_a_resume_or_evaluation_with_another_norm_is_refused(tiny_shards, tmp_pa
     assert cli(*base, "--test-only", "--weights", tmp_path / "best.pth") == 1
     assert capsys.readouterr().err == f"error: --weights {tmp_path / 'best.pth'}: {said}"
     assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 1
-    assert set(run(tiny_shards, tmp_path, "--arch", "lenet5", "--norm", "half", "--test-only", "--resume", "auto")) == {"val", "test"}
+    assert set(run(tiny_shards, tmp_path, "--arch", "lenet5", "--norm", "half", "--test-only", "--resume", "auto")) == EVAL_KEYS
 
 
 def test_a_resume_without_the_runs_recipe_is_refused(tiny_shards, tmp_path, capsys):
@@ -1748,7 +1751,7 @@ def test_a_resume_without_the_runs_recipe_is_refused(tiny_shards, tmp_path, caps
         "batch, epochs, lr schedule or normalisation mid-run; resume it with --recipe paper, or use another --output-dir\n")
     assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 1
     # an evaluation trains nothing: the norm is all it needs
-    assert set(run(tiny_shards, tmp_path, "--arch", "lenet5", "--norm", "half", "--test-only", "--resume", "auto")) == {"val", "test"}
+    assert set(run(tiny_shards, tmp_path, "--arch", "lenet5", "--norm", "half", "--test-only", "--resume", "auto")) == EVAL_KEYS
     assert run(tiny_shards, tmp_path, "--arch", "lenet5", "--recipe", "paper", "--epochs", "2", "--resume", "auto")["epochs"] == 2
     # Table 3's rows of paper and paper-50 differ in their epochs only: a 10-epoch run may go on to 50 as either
     at_224 = train.parse_args(["--arch", "resnet18", "--size", "224"])
@@ -1814,7 +1817,7 @@ def test_a_second_run_in_a_folder_where_one_trains_is_refused(tiny_shards, tmp_p
         assert cli(*base, "--epochs", "2", "--resume", "auto") == 1  # one line: it said "resumed from" first
         assert capsys.readouterr() == ("", f"error: --output-dir {tmp_path}: another train.py is training there "
                                            "(it holds .train.lock); let it finish, or use another --output-dir\n")
-        assert set(run(tiny_shards, tmp_path, "--arch", "lenet5", "--test-only", "--resume", "auto")) == {"val", "test"}
+        assert set(run(tiny_shards, tmp_path, "--arch", "lenet5", "--test-only", "--resume", "auto")) == EVAL_KEYS
     finally:
         holder.communicate(timeout=10)
     assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 1

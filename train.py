@@ -1237,8 +1237,9 @@ def main(args):
             write_run_files(args.output_dir, args, device, world_size, state.history, parts.identity["dataset"])
             # Not finished any more (a resume that trains further, or a new run in an old folder):
             # an earlier final.json would stand beside these metrics until final_test rewrites it.
-            # And a new run's best.pth is its own: an old one would stand until its first epoch ends.
-            for stale in ("final.json",) if ckpt_path else ("final.json", "best.pth"):
+            # And a new run's best.pth is its own: an old one would stand until its first epoch ends; so is its
+            # eval.json (an old --test-only's figures, naming this folder's checkpoint.pth, stood for the new run's).
+            for stale in ("final.json",) if ckpt_path else ("final.json", "best.pth", "eval.json"):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(args.output_dir, stale))
         try:

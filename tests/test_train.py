@@ -618,12 +618,14 @@ def test_a_resume_refuses_another_optimizer_and_an_end_before_its_checkpoint(tra
 
 def test_a_new_run_in_an_old_folder_leaves_none_of_its_results(tiny_shards, tmp_path):
     """Stopped before its first epoch ends, a new run in a finished run's folder held that run's
-    final.json and best.pth beside its own metrics (`tinyin report` showed the old test figure)."""
+    final.json and best.pth beside its own metrics (`tinyin report` showed the old test figure), and its
+    --test-only's eval.json (the old weights' figures, naming the folder's checkpoint.pth)."""
     flags = ["--arch", "lenet5", "-b", "4", "--epochs", "2"]
     run(tiny_shards, tmp_path, *flags)
+    (tmp_path / "eval.json").write_text(json.dumps(dict(weights=str(tmp_path / "checkpoint.pth"))))
     assert {"final.json", "best.pth"} <= {p.name for p in tmp_path.iterdir()}
     stop_at(tiny_shards, tmp_path, 1, *flags, "--lr", "0.05", "--overwrite")
-    assert not (tmp_path / "final.json").exists() and not (tmp_path / "best.pth").exists()
+    assert not {"final.json", "best.pth", "eval.json"} & {p.name for p in tmp_path.iterdir()}
     assert (tmp_path / "metrics.jsonl").read_text() == ""
 
 

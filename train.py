@@ -1174,6 +1174,30 @@ def check_no_run_replaced(args, ckpt_path):
                               "or use another --output-dir")
 
 
+def stale_files(out, ckpt_path, state):
+    """The files in --output-dir `out` that are not of the run starting there (`ckpt_path`: the checkpoint it
+    resumes, `state` its state), for it to remove. Not finished any more (a resume that trains further, or a new
+    run in an old folder): an earlier final.json would stand beside the metrics until `final_test` rewrites it.
+    A new run's best.pth is its own: an old one would stand until its first epoch ends; so is its eval.json (an
+    old --test-only's figures, naming this folder's checkpoint.pth). A resume of another folder's checkpoint over
+    a run here (--overwrite) kept that run's best.pth, which the resumed run replaced only once its val top-1
+    passed the other's best, and its eval.json: best.pth stays only where it is of the resumed run's epochs (its
+    history the start of the checkpoint's, with its best val top-1), eval.json only where no run is replaced."""
+    if not ckpt_path:
+        return ["final.json", "best.pth", "eval.json"]
+    own, best = os.path.join(out, "checkpoint.pth"), os.path.join(out, "best.pth")
+    stale = ["final.json"]
+    if os.path.isfile(own) and not os.path.samefile(ckpt_path, own):
+        stale.append("eval.json")
+    if os.path.isfile(best):
+        saved = saved_records(best, "state")[0] or {}
+        history = saved.get("history")
+        if not (isinstance(history, list) and history == state.history[: len(history)]
+                and saved.get("best_acc") == state.best_acc):
+            stale.append("best.pth")
+    return stale
+
+
 def make_output_dir(path):
     """Create --output-dir (and its parents); one line (exit 1) when that cannot be done, or when it takes no file
     (another user's folder, a read-only mount: `folder_refusal`)."""
@@ -1235,13 +1259,9 @@ def main(args):
             held.enter_context(output_dir_lock(args))
         if rank() == 0:
             write_run_files(args.output_dir, args, device, world_size, state.history, parts.identity["dataset"])
-            # Not finished any more (a resume that trains further, or a new run in an old folder):
-            # an earlier final.json would stand beside these metrics until final_test rewrites it.
-            # And a new run's best.pth is its own: an old one would stand until its first epoch ends; so is its
-            # eval.json (an old --test-only's figures, naming this folder's checkpoint.pth, stood for the new run's).
-            for stale in ("final.json",) if ckpt_path else ("final.json", "best.pth", "eval.json"):
+            for name in stale_files(args.output_dir, ckpt_path, state):
                 with contextlib.suppress(FileNotFoundError):
-                    os.remove(os.path.join(args.output_dir, stale))
+                    os.remove(os.path.join(args.output_dir, name))
         try:
             train(parts, state, args, stop)
             return final_test(parts, state, args, stop)

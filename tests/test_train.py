@@ -629,6 +629,25 @@ def test_a_new_run_in_an_old_folder_leaves_none_of_its_results(tiny_shards, tmp_
     assert (tmp_path / "metrics.jsonl").read_text() == ""
 
 
+def test_a_resume_over_another_run_leaves_none_of_its_best_pth_and_eval_json(tiny_shards, tmp_path):
+    """`--resume a/checkpoint.pth --output-dir b --overwrite` over b's run kept b's best.pth (its epoch of 75% val
+    top-1) beside a's metrics, replaced only once the resumed run's val top-1 passed a's best, and b's eval.json.
+    A resume of the folder's own checkpoint keeps its best.pth and eval.json."""
+    flags = ["--arch", "lenet5", "-b", "4", "--epochs", "1", "--limit-batches", "1"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    run(tiny_shards, a, *flags)
+    b.mkdir()
+    (b / "checkpoint.pth").write_bytes(b"b's run")
+    torch.save(dict(state=dict(history=[dict(epoch=0, val_top1=75.0)], best_acc=75.0)), b / "best.pth")
+    for folder in (a, b):
+        (folder / "eval.json").write_text("{}")
+    run(tiny_shards, b, *flags, "--resume", a / "checkpoint.pth", "--overwrite")
+    assert not {"best.pth", "eval.json"} & {p.name for p in b.iterdir()}
+    best = (a / "best.pth").read_bytes()
+    run(tiny_shards, a, *flags, "--resume", "auto")
+    assert (a / "best.pth").read_bytes() == best and (a / "eval.json").read_text() == "{}"
+
+
 def test_a_new_run_replaces_an_old_folders_checkpoint_before_its_first_step(tiny_shards, tmp_path, monkeypatch):
     """The untrained checkpoint is written first: a new run in a finished run's folder that crashed in its first
     step left that run's checkpoint.pth, which `--resume auto` then continued as if it were the new run's."""

@@ -60,8 +60,8 @@ with stopped_at_once():  # the imports (torch's: seconds): a signal ends them in
     from pipeline.cache import cached_copy, is_set_url
     from pipeline.checkpoint import (CHECKPOINT_FORMAT, check_epoch_order, check_limit_batches, check_norm,
                                      check_plan, check_recipe, check_resume_file, check_same_run, classes_of,
-                                     continue_command, keep_start, load_checkpoint, restore_ema, resume_path,
-                                     run_identity, save_atomic, saved_records, weights_run)
+                                     continue_command, flag_text, keep_start, load_checkpoint, restore_ema,
+                                     resume_path, run_identity, save_atomic, saved_flags, saved_records, weights_run)
     from pipeline.device import check_device
     from pipeline.errors import (ArgumentParser, CheckpointError, ShardError, TinyinError, UsageError, at_least,
                                  hide_password, path_text, plural, positive_float, refused_open, run_cli,
@@ -969,15 +969,41 @@ def eval_model_name(parts):
     return "model" if parts.ema is None else "ema"
 
 
-def test_only(parts, args):
-    """--test-only: evaluate val and test (the EMA with --ema), write eval.json."""
+def test_only(parts, args, path):
+    """--test-only: evaluate val and test (the EMA with --ema), write eval.json: the figures, the file they are
+    of (`path`), and what was evaluated, as final.json says it (--ema's average or the model, --tta or not)."""
     sync_ema_buffers(parts)
     result = {split: evaluate(parts.eval_model, parts.criterion, loader, parts.device, args)
               for split, loader in (("val", parts.val), ("test", parts.test))}
+    # the file's: --weights of an --ema run's is its average, with --ema or without; --ema on another file's
+    # evaluates a copy of its weights (a --resume and its --ema agree: `restore_ema`)
+    averaged = saved_records(path, "ema")[0] is not None
+    result.update(weights=path, eval_model="ema" if averaged else "model", tta=args.tta)
     if rank() == 0:
         print(json.dumps(result))
         write_json(os.path.join(args.output_dir, "eval.json"), result, indent=2)
     return result
+
+
+#: what --test-only may evaluate otherwise than the run did, the figures of the same weights then not its own:
+#: --tta (top-1, top-5 and the loss) and --label-smoothing (the loss)
+EVAL_FLAGS = ("tta", "label_smoothing")
+
+
+def evaluation_note(path, args):
+    """The note for a --test-only of a train.py checkpoint (`path`) whose run validated and tested with other
+    `EVAL_FLAGS` than this evaluation ('' otherwise, and for a file that does not say): eval.json's figures
+    for its final.json's weights differed from the run's without a word (a --tta run's 25% test top-1: 30%)."""
+    run_args = saved_records(path, "args")[0]
+    if run_args is None:
+        return ""
+    saved = saved_flags(run_args, EVAL_FLAGS, get_args_parser())
+    differ = [k for k in EVAL_FLAGS if saved[k] != getattr(args, k)]
+    if not differ:
+        return ""
+    said = lambda values: " ".join(flag_text(k, values[k]) for k in differ)  # noqa: E731
+    return (f"{path}: its run validated and tested with {said(saved)}, this evaluation has {said(vars(args))}, and "
+            f"its figures are not the run's; give {said(saved)} for those")
 
 
 def train(parts, state, args, stop):
@@ -1148,6 +1174,30 @@ def check_no_run_replaced(args, ckpt_path):
                               "or use another --output-dir")
 
 
+def stale_files(out, ckpt_path, state):
+    """The files in --output-dir `out` that are not of the run starting there (`ckpt_path`: the checkpoint it
+    resumes, `state` its state), for it to remove. Not finished any more (a resume that trains further, or a new
+    run in an old folder): an earlier final.json would stand beside the metrics until `final_test` rewrites it.
+    A new run's best.pth is its own: an old one would stand until its first epoch ends; so is its eval.json (an
+    old --test-only's figures, naming this folder's checkpoint.pth). A resume of another folder's checkpoint over
+    a run here (--overwrite) kept that run's best.pth, which the resumed run replaced only once its val top-1
+    passed the other's best, and its eval.json: best.pth stays only where it is of the resumed run's epochs (its
+    history the start of the checkpoint's, with its best val top-1), eval.json only where no run is replaced."""
+    if not ckpt_path:
+        return ["final.json", "best.pth", "eval.json"]
+    own, best = os.path.join(out, "checkpoint.pth"), os.path.join(out, "best.pth")
+    stale = ["final.json"]
+    if os.path.isfile(own) and not os.path.samefile(ckpt_path, own):
+        stale.append("eval.json")
+    if os.path.isfile(best):
+        saved = saved_records(best, "state")[0] or {}
+        history = saved.get("history")
+        if not (isinstance(history, list) and history == state.history[: len(history)]
+                and saved.get("best_acc") == state.best_acc):
+            stale.append("best.pth")
+    return stale
+
+
 def make_output_dir(path):
     """Create --output-dir (and its parents); one line (exit 1) when that cannot be done, or when it takes no file
     (another user's folder, a read-only mount: `folder_refusal`)."""
@@ -1202,17 +1252,16 @@ def main(args):
             with sigterm_interrupts(STOP_SIGNALS):
                 if stop.signum:
                     signal.raise_signal(stop.signum)
-                return test_only(parts, args)
+                if rank() == 0 and (note := evaluation_note(ckpt_path or args.weights, args)):
+                    print(f"note: {note}", file=sys.stderr, flush=True)
+                return test_only(parts, args, ckpt_path or args.weights)
         if not locked:  # a new folder, made just now
             held.enter_context(output_dir_lock(args))
         if rank() == 0:
             write_run_files(args.output_dir, args, device, world_size, state.history, parts.identity["dataset"])
-            # Not finished any more (a resume that trains further, or a new run in an old folder):
-            # an earlier final.json would stand beside these metrics until final_test rewrites it.
-            # And a new run's best.pth is its own: an old one would stand until its first epoch ends.
-            for stale in ("final.json",) if ckpt_path else ("final.json", "best.pth"):
+            for name in stale_files(args.output_dir, ckpt_path, state):
                 with contextlib.suppress(FileNotFoundError):
-                    os.remove(os.path.join(args.output_dir, stale))
+                    os.remove(os.path.join(args.output_dir, name))
         try:
             train(parts, state, args, stop)
             return final_test(parts, state, args, stop)

@@ -91,6 +91,9 @@ def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
+EVAL_KEYS = {"val", "test", "weights", "eval_model", "tta"}  # eval.json's, as --test-only returns them
+
+
 def cli(*argv):
     """train.py as its __main__ runs it, in this process, for a run that must fail: its exit code."""
     with pytest.raises(SystemExit) as e:
@@ -615,13 +618,34 @@ def test_a_resume_refuses_another_optimizer_and_an_end_before_its_checkpoint(tra
 
 def test_a_new_run_in_an_old_folder_leaves_none_of_its_results(tiny_shards, tmp_path):
     """Stopped before its first epoch ends, a new run in a finished run's folder held that run's
-    final.json and best.pth beside its own metrics (`tinyin report` showed the old test figure)."""
+    final.json and best.pth beside its own metrics (`tinyin report` showed the old test figure), and its
+    --test-only's eval.json (the old weights' figures, naming the folder's checkpoint.pth)."""
     flags = ["--arch", "lenet5", "-b", "4", "--epochs", "2"]
     run(tiny_shards, tmp_path, *flags)
+    (tmp_path / "eval.json").write_text(json.dumps(dict(weights=str(tmp_path / "checkpoint.pth"))))
     assert {"final.json", "best.pth"} <= {p.name for p in tmp_path.iterdir()}
     stop_at(tiny_shards, tmp_path, 1, *flags, "--lr", "0.05", "--overwrite")
-    assert not (tmp_path / "final.json").exists() and not (tmp_path / "best.pth").exists()
+    assert not {"final.json", "best.pth", "eval.json"} & {p.name for p in tmp_path.iterdir()}
     assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+def test_a_resume_over_another_run_leaves_none_of_its_best_pth_and_eval_json(tiny_shards, tmp_path):
+    """`--resume a/checkpoint.pth --output-dir b --overwrite` over b's run kept b's best.pth (its epoch of 75% val
+    top-1) beside a's metrics, replaced only once the resumed run's val top-1 passed a's best, and b's eval.json.
+    A resume of the folder's own checkpoint keeps its best.pth and eval.json."""
+    flags = ["--arch", "lenet5", "-b", "4", "--epochs", "1", "--limit-batches", "1"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    run(tiny_shards, a, *flags)
+    b.mkdir()
+    (b / "checkpoint.pth").write_bytes(b"b's run")
+    torch.save(dict(state=dict(history=[dict(epoch=0, val_top1=75.0)], best_acc=75.0)), b / "best.pth")
+    for folder in (a, b):
+        (folder / "eval.json").write_text("{}")
+    run(tiny_shards, b, *flags, "--resume", a / "checkpoint.pth", "--overwrite")
+    assert not {"best.pth", "eval.json"} & {p.name for p in b.iterdir()}
+    best = (a / "best.pth").read_bytes()
+    run(tiny_shards, a, *flags, "--resume", "auto")
+    assert (a / "best.pth").read_bytes() == best and (a / "eval.json").read_text() == "{}"
 
 
 def test_a_new_run_replaces_an_old_folders_checkpoint_before_its_first_step(tiny_shards, tmp_path, monkeypatch):
@@ -1708,7 +1732,7 @@ def test_a_resume_with_another_limit_batches_is_refused(train_shards, tmp_path, 
     assert cli(*base, "--epochs", "2", "--limit-batches", "3", "--resume", "auto") == 1
     assert capsys.readouterr().err.startswith(f"error: {ckpt}: made with --limit-batches 2, this run has --limit-batches 3,")
     assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 1
-    assert set(run(train_shards, tmp_path, "--arch", "lenet5", "--test-only", "--resume", "auto")) == {"val", "test"}
+    assert set(run(train_shards, tmp_path, "--arch", "lenet5", "--test-only", "--resume", "auto")) == EVAL_KEYS
     whole = tmp_path / "whole"
     run(train_shards, whole, "--arch", "lenet5", "-b", "500", "--epochs", "1")
     assert cli(*base[:-1], whole, "--epochs", "2", "--limit-batches", "1", "--resume", "auto") == 1
@@ -1732,7 +1756,7 @@ def test_a_resume_or_evaluation_with_another_norm_is_refused(tiny_shards, tmp_pa
     assert cli(*base, "--test-only", "--weights", tmp_path / "best.pth") == 1
     assert capsys.readouterr().err == f"error: --weights {tmp_path / 'best.pth'}: {said}"
     assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 1
-    assert set(run(tiny_shards, tmp_path, "--arch", "lenet5", "--norm", "half", "--test-only", "--resume", "auto")) == {"val", "test"}
+    assert set(run(tiny_shards, tmp_path, "--arch", "lenet5", "--norm", "half", "--test-only", "--resume", "auto")) == EVAL_KEYS
 
 
 def test_a_resume_without_the_runs_recipe_is_refused(tiny_shards, tmp_path, capsys):
@@ -1748,7 +1772,7 @@ def test_a_resume_without_the_runs_recipe_is_refused(tiny_shards, tmp_path, caps
         "batch, epochs, lr schedule or normalisation mid-run; resume it with --recipe paper, or use another --output-dir\n")
     assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 1
     # an evaluation trains nothing: the norm is all it needs
-    assert set(run(tiny_shards, tmp_path, "--arch", "lenet5", "--norm", "half", "--test-only", "--resume", "auto")) == {"val", "test"}
+    assert set(run(tiny_shards, tmp_path, "--arch", "lenet5", "--norm", "half", "--test-only", "--resume", "auto")) == EVAL_KEYS
     assert run(tiny_shards, tmp_path, "--arch", "lenet5", "--recipe", "paper", "--epochs", "2", "--resume", "auto")["epochs"] == 2
     # Table 3's rows of paper and paper-50 differ in their epochs only: a 10-epoch run may go on to 50 as either
     at_224 = train.parse_args(["--arch", "resnet18", "--size", "224"])
@@ -1814,7 +1838,7 @@ def test_a_second_run_in_a_folder_where_one_trains_is_refused(tiny_shards, tmp_p
         assert cli(*base, "--epochs", "2", "--resume", "auto") == 1  # one line: it said "resumed from" first
         assert capsys.readouterr() == ("", f"error: --output-dir {tmp_path}: another train.py is training there "
                                            "(it holds .train.lock); let it finish, or use another --output-dir\n")
-        assert set(run(tiny_shards, tmp_path, "--arch", "lenet5", "--test-only", "--resume", "auto")) == {"val", "test"}
+        assert set(run(tiny_shards, tmp_path, "--arch", "lenet5", "--test-only", "--resume", "auto")) == EVAL_KEYS
     finally:
         holder.communicate(timeout=10)
     assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 1

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from test_train import _same_run, _shards, cli, read_jsonl, run, stop_at
+from test_train import EVAL_KEYS, _same_run, _shards, cli, read_jsonl, run, stop_at
 
 import train
 from pipeline import checkpoint
@@ -183,6 +183,31 @@ def test_ema_every_n_steps_and_the_model_it_evaluates(small_shards, tmp_path):
     result = run(small_shards, tmp_path / "eval", "--arch", "lenet5", "-b", "16", "--test-only",
                  "--weights", tmp_path / "checkpoint.pth")
     assert result["test"]["loss"] == final["test_loss"]
+
+
+def test_test_only_says_what_it_evaluated_and_a_tta_the_run_had(small_shards, tmp_path, capsys):
+    """--test-only of a --tta run's checkpoint without --tta reported other figures than the run's final.json for
+    the same weights, and eval.json did not say it was without TTA (nor of which file, nor the average or not)."""
+    base = ["--arch", "lenet5", "-b", "16", "--limit-batches", "1"]
+    final = run(small_shards, tmp_path, *base, "--epochs", "1", "--ema", "0.9", "--tta", "--label-smoothing", "0.1")
+    ckpt = tmp_path / "checkpoint.pth"
+    capsys.readouterr()
+    # --weights of an --ema run's file evaluates its average (without --ema: `load_weights_file`), and says so
+    same = run(small_shards, tmp_path / "same", *base, "--test-only", "--weights", ckpt, "--tta",
+               "--label-smoothing", "0.1")
+    assert (same["test"]["top1"], same["test"]["loss"]) == (final["test_top1"], final["test_loss"])
+    assert (same["weights"], same["eval_model"], same["tta"]) == (str(ckpt), "ema", True)
+    assert "note:" not in capsys.readouterr().err
+    plain = run(small_shards, tmp_path / "plain", *base, "--test-only", "--resume", ckpt, "--ema", "0.9")
+    assert capsys.readouterr().err == (
+        f"note: {ckpt}: its run validated and tested with --tta --label-smoothing 0.1, this evaluation has --no-tta "
+        "--label-smoothing 0.0, and its figures are not the run's; give --tta --label-smoothing 0.1 for those\n")
+    assert json.loads((tmp_path / "plain" / "eval.json").read_text()) == plain
+    assert (plain["weights"], plain["eval_model"], plain["tta"]) == (str(ckpt), "ema", False)
+    # --ema on a file without an average evaluates its weights, not an average of them
+    torch.save(torch.load(ckpt, weights_only=True)["model"], tmp_path / "plain.pth")
+    assert run(small_shards, tmp_path / "plain", *base, "--test-only", "--weights", tmp_path / "plain.pth",
+               "--ema", "0.9")["eval_model"] == "model"
 
 
 def test_compiled_graphs_see_only_full_batches(small_shards, tmp_path, monkeypatch):
@@ -649,7 +674,7 @@ def test_a_resume_with_another_plan_is_refused(small_shards, tmp_path, capsys):
         f"it with {said}" + tail)
     assert not (tmp_path / "metrics.jsonl").read_text()
     # an evaluation trains nothing (the speedrun-style run's bit-identical resume shows the plan's own flags resume it)
-    assert set(run(small_shards, tmp_path, "--arch", "lenet5", "--test-only", "--resume", "auto")) == {"val", "test"}
+    assert set(run(small_shards, tmp_path, "--arch", "lenet5", "--test-only", "--resume", "auto")) == EVAL_KEYS
 
 
 def test_a_resume_keeps_the_runs_start_in_args_json(small_shards, tmp_path, capsys):

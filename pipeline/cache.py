@@ -192,14 +192,17 @@ class _Fetch:
         try:
             with concurrent.futures.ThreadPoolExecutor(min(self.workers, len(todo))) as pool:
                 try:  # a signal while the transfers are handed out stops those begun too (they waited for good)
-                    pending = {pool.submit(self._fetch_shard, e) for e in todo}
+                    futures = [pool.submit(self._fetch_shard, e) for e in todo]
+                    pending = set(futures)
                     while pending:
                         # Awake now and then: the kernel may give SIGTERM to a transfer's thread, and Python runs
                         # its handler only once the main thread runs code; a wait without a timeout slept until a
                         # shard came (a hung server's: for good).
                         finished, pending = concurrent.futures.wait(pending, timeout=0.5,
                                                                     return_when=concurrent.futures.FIRST_COMPLETED)
-                        for future in finished:
+                        # In the shards' order: of two failed by the time this thread looks (a loaded machine's),
+                        # the set's order named either, not the first (one thread: the one that failed first).
+                        for future in (f for f in futures if f in finished):
                             future.result()
                 except BaseException:
                     self.stop.set()

@@ -294,8 +294,9 @@ class ShardSet:
         unlisted = sorted(set(rows) - listed)
         if unlisted:
             raise ShardError(f"{index}: rows for {unlisted[0]}, which the manifest does not list")
-        self._check_splits(index)
-        self._check_order(index)
+        split_of = {e["file"]: e["split"] for e in shards}  # (each listed once: checked above)
+        self._check_splits(index, split_of)
+        self._check_order(index, split_of)
         n = len(self.classes)
         for r in self.index.group_by("split").aggregate([("label", "min"), ("label", "max")]).to_pylist():
             split, labels = r["split"], f"{r['split']} labels run {r['label_min']}..{r['label_max']}"
@@ -305,11 +306,10 @@ class ShardSet:
                 raise ShardError(f"{index}: {labels}, the manifest lists {n} "
                                  f"{plural(n, 'class')}" + (f" (0..{n - 1})" if n else ""))
 
-    def _check_splits(self, index):
+    def _check_splits(self, index, split_of):
         """ShardError unless each index row's split is its shard's in the manifest: the readers take a split's rows
         by that column (a train row marked val was 'ok' to verify, which reads rows by shard, and refused by the
-        loader as 'the index lists 63 samples, the manifest 64')."""
-        split_of = {e["file"]: e["split"] for e in self.manifest["shards"]}
+        loader as 'the index lists 63 samples, the manifest 64'). split_of: each shard file's split in the manifest."""
         listed = pc.take(pa.array(list(split_of.values()), pa.string()),
                          pc.index_in(self.index["shard"], value_set=pa.array(list(split_of), pa.string())))
         wrong = pc.fill_null(pc.not_equal(self.index["split"], listed), True)  # a null split is no split
@@ -318,7 +318,7 @@ class ShardSet:
             raise ShardError(f"{index}: {row['key']} of {row['shard']} is marked split {row['split']}, "
                              f"the manifest lists {row['shard']} in {split_of[row['shard']]}")
 
-    def _check_order(self, index):
+    def _check_order(self, index, split_of):
         """ShardError unless each shard's index rows are together and, within each split, in the manifest's
         order of its shards: the readers take a split's rows in that order (a manifest with two shards
         swapped was 'ok' to verify, which reads rows by shard, and refused by the loader as 'the index
@@ -327,7 +327,6 @@ class ShardSet:
         if not len(files):
             return
         runs = [files[0].as_py(), *pc.filter(files[1:], pc.not_equal(files[1:], files[:-1])).to_pylist()]
-        split_of = {e["file"]: e["split"] for e in self.manifest["shards"]}
         for split in dict.fromkeys(split_of.values()):
             held = [f for f in runs if split_of[f] == split]
             listed = [e["file"] for e in self.manifest["shards"] if e["split"] == split and e["count"]]

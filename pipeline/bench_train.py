@@ -276,6 +276,17 @@ def _model(case, device, num_classes, cache):
     return model
 
 
+def row_name(row):
+    """A row's (or a case's, `asdict`) short name, as the log and the failed rows' error say it: 'lenet5@28 b16 fast'."""
+    return f"{row['arch']}@{row['size']} b{row['batch']} {row['feed']}{' compiled' if row['compiled'] else ''}"
+
+
+def failed_rows(rows):
+    """The rows of `bench_train` that failed (an OOM, a compiler's error), not those not measured for a reason
+    known beforehand (a batch larger than the split)."""
+    return [r for r in rows if (r["skipped"] or "").startswith("failed: ")]
+
+
 def _not_measured(case, why):
     """The row of a case not measured: `why` instead of its figures."""
     return dict(asdict(case), images_per_s=None, min=None, max=None, rates=[], peak_bytes=None, skipped=why)
@@ -323,7 +334,7 @@ def bench_train(shards, images=None, cases=None, device="cpu", warmup=10, steps=
     rows, compiled = [], {}
     try:
         for case in cases:
-            name = f"{case.arch}@{case.size} b{case.batch} {case.feed}{' compiled' if case.compiled else ''}"
+            name = row_name(asdict(case))
             if case.batch > n_train:
                 # A small set (`data synth`, `shard build --classes`) under the default --batch study,256: the
                 # row's error ended the run and lost the rows measured before it. Now a row that says why.

@@ -338,7 +338,7 @@ def bench_train_cmd(shards, images, arch, size, batch, feeds, compile_, device, 
     """Images/s of complete SGD steps per network, fed by the ceiling, tinyin's loaders and the study's pipeline."""
     import torch
 
-    from .bench_train import bench_train, environment, format_table, plan
+    from .bench_train import bench_train, environment, failed_rows, format_table, plan, row_name
     from .device import check_device
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -355,6 +355,10 @@ def bench_train_cmd(shards, images, arch, size, batch, feeds, compile_, device, 
         Path(json_path).write_text(json.dumps(dict(command=command, env=env, planned=len(cases), rows=rows), indent=1))
     if len(rows) < len(cases):
         raise SystemExit(stop_code(stopped_by))
+    # After the table and its JSON: a script or CI job that ran it saw exit 0 with a row out of memory in it.
+    if failed := failed_rows(rows):
+        raise TinyinError(f"{len(failed)} {plural(len(failed), 'row')} failed: {', '.join(map(row_name, failed))} "
+                          "(the table says why)")
 
 
 @main.command("report")

@@ -420,6 +420,28 @@ def test_a_row_that_fails_is_a_row_that_says_so_and_the_rows_after_it_are_measur
         f"| lenet5 | 28 | 8 | (b) resident loader | no | {reason} | - | - | - |")
 
 
+def test_a_table_with_a_row_that_failed_exits_1_naming_it_after_the_table_and_json(shards, monkeypatch, tmp_path):
+    """`tinyin bench train` (and tools/bench_train.py, the same command) exited 0 with a row out of GPU memory in its
+    table: a script or CI job could not tell. The table and JSON are written whole, then the failed rows named."""
+    windows = bt.time_windows
+
+    def out_of_memory_in_the_second_row(*args):
+        started.append(args)
+        if len(started) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+        return windows(*args)
+    started = []
+    monkeypatch.setattr(bt, "time_windows", out_of_memory_in_the_second_row)
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, ["bench", "train", "--shards", str(shards), "--arch", "lenet5", "--batch", "16",
+                                       "--warmup", "0", "--steps", "1", "--device", "cpu", "--json", str(out)])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.splitlines()[-1] == "error: 1 row failed: lenet5@28 b16 resident (the table says why)"
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| lenet5 |")]
+    assert len(rows) == 3 and "| failed: OutOfMemoryError: CUDA out of memory." in rows[1]
+    assert [r["skipped"] is None for r in json.loads(out.read_text())["rows"]] == [True, False, True]
+
+
 def test_a_network_compiled_again_at_another_batch_is_compiled_for_its_shapes_alone(monkeypatch):
     """torch.compile kept what it had seen in the rows before: the second compiled lenet5 row (another batch) was
     compiled for any batch size (a SymInt in its graph's inputs), not for its own as train.py --compile's is."""

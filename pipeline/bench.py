@@ -26,7 +26,7 @@ import torch
 
 from . import reader
 from .atomic import long_name, refusal
-from .errors import UsageError, plural
+from .errors import TinyinError, UsageError, plural
 from .loader import make_loader
 from .provenance import commit
 from .reader import ShardArrays
@@ -364,18 +364,19 @@ def bench_remote(shards, batch_size=256, workers=2, passes=3, log=print):
                 rate / ceiling if ceiling else None)
             try:
                 loader = make_loader(url, "train", path="stream", raw=True, workers=workers, batch_size=batch_size)
-                ok = loader.num_samples == local.counts["train"]
+                why = (None if loader.num_samples == local.counts["train"] else
+                       f"its epoch holds {loader.num_samples:,} images, the train split {local.counts['train']:,}")
             except Exception as e:  # noqa: BLE001 - the stream path's own errors, reported as the row's note
-                ok, loader = False, f"{e.__class__.__name__}: {e}"
-            if ok:
+                lines = str(e).strip().splitlines()
+                why = e.__class__.__name__ + (f": {lines[0]}" if lines else "")
+            if why is None:
                 # Whole epochs, each from its workers' start: what a training epoch costs on this path.
                 rate, size = _measure_epochs(_epochs(loader), passes, loader.num_samples)
                 row(REMOTE_STREAM, workers, rate, size, rate / ceiling if ceiling else None)
-            else:
-                note = loader if isinstance(loader, str) else "its epoch is not the train split's"
-                log(f"  remote stream: skipped, the stream path cannot read a set URL on this branch ({note})")
+            else:  # a failure, said as one (it was "not on this branch", from before the stream path read set URLs)
+                log(f"  remote stream: failed: {why}")
                 rows.append({"variant": "rgb64", "loader": REMOTE_STREAM,
-                             "workers": workers, "images_per_s": None, "pass": "not on this branch: " + note[:80],
+                             "workers": workers, "images_per_s": None, "pass": "failed: " + why[:120],
                              "x_baseline": None, "of_ceiling": None})
     except KeyboardInterrupt:  # as bench_loader's: the rows so far
         log(f"stopped after {len(rows)} of {planned_rows((), remote=True)} remote rows")
@@ -402,6 +403,15 @@ def _device_loader(shards, variant, batch_size, device):
             yield images, labels
         torch.cuda.synchronize(device)  # its own: the current device's (cuda:0) did not wait for --device cuda:1
     return epoch_iter
+
+
+def failed_error(rows):
+    """The TinyinError naming the rows of `bench_loader` and `bench_remote` that failed (those without images/s:
+    the remote stream's), for the exit after the table and its JSON; None when none failed."""
+    if failed := [r for r in rows if r["images_per_s"] is None]:
+        return TinyinError(f"{len(failed)} {plural(len(failed), 'row')} failed: "
+                           f"{', '.join(r['loader'] for r in failed)} (the table says why)")
+    return None
 
 
 def format_table(rows, command, batch_size, planned=None):

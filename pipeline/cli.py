@@ -288,7 +288,7 @@ def _json_file(ctx, param, value):
 @click.option("--json", "json_path", default=None, type=_Path(), metavar="FILE", callback=_json_file, help="Also write the rows as JSON.")
 def bench_loader_cmd(shards, images, batch_size, workers, passes, pass_images, device, remote, remote_only, json_path):
     """Images/s of the ImageFolder+PIL baseline and tinyin's loaders, side by side."""
-    from .bench import bench_loader, bench_remote, format_table, planned_rows
+    from .bench import bench_loader, bench_remote, failed_error, format_table, planned_rows
     from .device import check_device
 
     check_device(device)
@@ -308,6 +308,8 @@ def bench_loader_cmd(shards, images, batch_size, workers, passes, pass_images, d
             json.dump(rows, f, indent=1)
     if len(rows) < planned:
         raise SystemExit(stop_code(stopped_by))
+    if error := failed_error(rows):  # after the table: a script or CI job saw exit 0 with a failed row in it
+        raise error
 
 
 def _csv(kind):

@@ -94,6 +94,29 @@ def test_bench_loader_remote_only_needs_no_images(shards):
     assert loaders[-2:] == ["remote fetch (cold cache -> checked copy)", "remote stream (make_loader(URL, path=stream))"]
 
 
+def test_a_remote_stream_row_that_fails_says_so_and_the_table_exits_1_naming_it(shards, monkeypatch, tmp_path):
+    """A stream path that failed on the set URL (a bad shard, a server's error) was a row saying "not on this
+    branch: ..." (words from before the stream path read set URLs), and `tinyin bench loader` exited 0: a script
+    or CI job could not tell. The row says it failed, and after the table and JSON the command exits 1 naming it."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+    from pipeline.errors import ShardError
+
+    def failing(*args, **kwargs):
+        raise ShardError("http://127.0.0.1:1/train-000000.tar: short read\nmore words")
+    monkeypatch.setattr(bench, "make_loader", failing)
+    out = tmp_path / "rows.json"
+    result = CliRunner().invoke(main, ["bench", "loader", "--shards", str(shards), "--remote-only", "--passes", "1",
+                                       "--workers", "0", "--batch-size", "32", "--json", str(out)])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.splitlines()[-1] == (
+        "error: 1 row failed: remote stream (make_loader(URL, path=stream)) (the table says why)")
+    why = "failed: ShardError: http://127.0.0.1:1/train-000000.tar: short read"
+    assert result.stdout.splitlines()[-1] == f"| rgb64 | remote stream (make_loader(URL, path=stream)) | 0 | — | — | — | {why} | — |"
+    assert json.loads(out.read_text())[-1]["pass"] == why
+
+
 def test_the_ceilings_copy_of_the_split_is_removed_when_stopped(shards, tmp_path, monkeypatch):
     """A Ctrl-C while the ceiling row wrote its flat copy of the split left the file (real set: 1.2 GB) in /tmp."""
     monkeypatch.setattr(bench.tempfile, "tempdir", str(tmp_path))

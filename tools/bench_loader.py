@@ -22,7 +22,8 @@ from pathlib import Path
 import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.bench import bench_loader, bench_remote, check_images, check_json, format_table, planned_rows  # noqa: E402
+from pipeline.bench import (bench_loader, bench_remote, check_images, check_json, failed_error, format_table,  # noqa: E402
+                            planned_rows)
 from pipeline.build import build_shards  # noqa: E402
 from pipeline.cli import bench_loader_cmd  # noqa: E402
 from pipeline.device import check_device  # noqa: E402
@@ -125,6 +126,8 @@ def main():
         Path(args.json).write_text(json.dumps(rows, indent=1))
     if len(rows) < planned:
         sys.exit(stop_code(stopped_by))
+    if error := failed_error(rows):  # as `tinyin bench loader`: after the table, the failed rows named, exit 1
+        raise error
 
 
 if __name__ == "__main__":

@@ -91,7 +91,10 @@ def read_run(run) -> dict:
     final = optional("final.json")
     if final.get("epochs", len(rows)) != len(rows):
         final = {}  # an earlier, shorter run's, left by a resume that trained further (train.py now removes it)
-    return dict(name=run.name, args=optional("args.json"), rows=rows, final=final, env=optional("env.json"))
+    # The folder's own name, not the last part as given: `tinyin report .` (inside the run) named its row '' and
+    # `tinyin report ..` its row '..'.
+    name = Path(os.path.abspath(run)).name
+    return dict(name=name, args=optional("args.json"), rows=rows, final=final, env=optional("env.json"))
 
 
 #: What the table and the curves read from every metrics row.

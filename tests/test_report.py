@@ -60,6 +60,16 @@ def test_render_table_exact(runs):
     )
 
 
+def test_a_run_given_as_dot_or_dot_dot_is_named_by_its_folder(runs, monkeypatch):
+    """`tinyin report .` in a run folder named its row '' (a table row of `|  | 2 | ...`, a curve labelled ' train'),
+    and `tinyin report ..` from a folder inside it '..'."""
+    monkeypatch.chdir(runs[0])
+    (runs[0] / "sub").mkdir()
+    assert render_study(["."]).splitlines()[2].startswith("| lenet5-28 | 2 | 32 | ")
+    monkeypatch.chdir(runs[0] / "sub")
+    assert render_study([".."]).splitlines()[2].startswith("| lenet5-28 | 2 | 32 | ")
+
+
 def test_a_runs_time_is_seconds_below_a_minute_minutes_below_an_hour_then_hours(tmp_path):
     """At the bounds (a minute, an hour) and rounded to the second, not cut: 90.6 s is 1 min 31 s."""
     times = [59.9, 60.0, 90.6, 3599.4, 3600.0, 5400.0]

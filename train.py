@@ -1262,6 +1262,12 @@ def main(args):
             for name in stale_files(args.output_dir, ckpt_path, state):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(args.output_dir, name))
+        own = os.path.join(args.output_dir, "checkpoint.pth")
+        if args.dump_keys and not (ckpt_path and os.path.isfile(own) and os.path.samefile(ckpt_path, own)):
+            # Every rank its own: a run that continues none here starts its keys afresh (they were appended to an
+            # earlier run's, an --overwrite's keys twice over); a resume of this folder's checkpoint appends.
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(args.output_dir, f"keys-rank{rank()}.txt"))
         try:
             train(parts, state, args, stop)
             return final_test(parts, state, args, stop)

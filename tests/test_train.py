@@ -1718,6 +1718,16 @@ def test_limit_batches_caps_every_split(train_shards, tmp_path):
     assert read_jsonl(tmp_path / "metrics.jsonl")[0]["epoch"] == 0
 
 
+def test_dump_keys_of_a_new_run_over_an_old_one_start_afresh(tiny_shards, tmp_path):
+    """--dump-keys appended a new run's keys (--overwrite over a run there) to the old run's keys-rank0.txt."""
+    flags = ["--arch", "lenet5", "--epochs", "1", "-b", "4", "--limit-batches", "2", "--dump-keys"]
+    run(tiny_shards, tmp_path, *flags)
+    first = (tmp_path / "keys-rank0.txt").read_text()
+    assert len(first.splitlines()) == 2 * 4
+    run(tiny_shards, tmp_path, *flags, "--overwrite")
+    assert (tmp_path / "keys-rank0.txt").read_text() == first
+
+
 def test_a_resume_with_another_limit_batches_is_refused(train_shards, tmp_path, capsys):
     """A --limit-batches 2 quick look resumed without it trained on, its 2-batch epoch 0 among the whole
     ones, and `tinyin report` (from the last args.json) called every epoch whole; the reverse, too."""

@@ -971,14 +971,16 @@ def eval_model_name(parts):
 
 def test_only(parts, args, path):
     """--test-only: evaluate val and test (the EMA with --ema), write eval.json: the figures, the file they are
-    of (`path`), and what was evaluated, as final.json says it (--ema's average or the model, --tta or not)."""
+    of (`path`), and what was evaluated, as final.json says it (--ema's average or the model, --tta or not), and
+    over how many batches of each split (--limit-batches; None: every batch)."""
     sync_ema_buffers(parts)
     result = {split: evaluate(parts.eval_model, parts.criterion, loader, parts.device, args)
               for split, loader in (("val", parts.val), ("test", parts.test))}
     # the file's: --weights of an --ema run's is its average, with --ema or without; --ema on another file's
     # evaluates a copy of its weights (a --resume and its --ema agree: `restore_ema`)
     averaged = saved_records(path, "ema")[0] is not None
-    result.update(weights=path, eval_model="ema" if averaged else "model", tta=args.tta)
+    # limit_batches: a look at a few batches of each split read as an evaluation of all of it
+    result.update(weights=path, eval_model="ema" if averaged else "model", tta=args.tta, limit_batches=args.limit_batches)
     if rank() == 0:
         print(json.dumps(result))
         write_json(os.path.join(args.output_dir, "eval.json"), result, indent=2)

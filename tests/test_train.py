@@ -91,7 +91,7 @@ def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
-EVAL_KEYS = {"val", "test", "weights", "eval_model", "tta"}  # eval.json's, as --test-only returns them
+EVAL_KEYS = {"val", "test", "weights", "eval_model", "tta", "limit_batches"}  # eval.json's, as --test-only returns them
 
 
 def cli(*argv):
@@ -1901,6 +1901,16 @@ def test_test_only_evaluates_each_split_of_a_checkpoint_past_its_epochs(tiny_sha
     row = read_jsonl(tmp_path / "metrics.jsonl")[-1]
     assert result["val"] == dict(loss=row["val_loss"], top1=row["val_top1"], top5=row["val_top5"])
     assert (result["test"]["loss"], result["test"]["top1"]) == (final["test_loss"], final["test_top1"])
+
+
+def test_eval_json_says_how_many_batches_of_each_split_it_evaluated(tiny_shards, tmp_path):
+    """An evaluation of --limit-batches N wrote an eval.json like a whole one's: its figures of a few batches
+    could be read as the splits'. eval.json records limit_batches, null for every batch."""
+    flags = ["--arch", "lenet5", "-b", "4", "--epochs", "1", "--limit-batches", "1"]
+    run(tiny_shards, tmp_path, *flags)
+    for limit, more in ((1, ["--limit-batches", "1"]), (None, [])):
+        result = run(tiny_shards, tmp_path, "--arch", "lenet5", "-b", "4", "--test-only", "--resume", "auto", *more)
+        assert json.loads((tmp_path / "eval.json").read_text())["limit_batches"] == result["limit_batches"] == limit
 
 
 def test_the_metrics_are_summed_over_the_ranks(tiny_shards, tmp_path, monkeypatch):

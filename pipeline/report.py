@@ -4,6 +4,8 @@ A run is an output folder of train.py: args.json (what was asked), metrics.jsonl
 per epoch), final.json (test accuracy and wall time, once the run has finished).
 """
 
+import errno
+import fcntl
 import json
 import os
 from decimal import ROUND_HALF_UP, Decimal
@@ -61,10 +63,31 @@ COLUMNS = ["Method", "Image scaling", "Epochs", "Batch size", "Training accuracy
            "Validation accuracy", "Test accuracy", "Wall time"]
 
 
+#: train.py's LOCK_FILE: locked (a POSIX lock, rank 0's) while a run trains in the folder
+LOCK_FILE = ".train.lock"
+
+
+def _training(run: Path):
+    """Whether a train.py trains in the run folder now (holds its LOCK_FILE): True or False; None where that cannot
+    be told (no lock file: a train.py from before it; a file system without locks). A shared lock taken and let go:
+    it needs no write permission."""
+    try:
+        f = open(run / LOCK_FILE, "rb")
+    except OSError:
+        return None
+    with f:  # closing the file lets go of the shared lock
+        try:
+            fcntl.lockf(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as e:
+            return True if e.errno in (errno.EACCES, errno.EAGAIN) else None
+    return False
+
+
 def read_run(run) -> dict:
-    """Load a run folder: ``dict(name, args, rows, final, env)``; ``ValueError`` naming the file if it
+    """Load a run folder: ``dict(name, args, rows, final, env, training)``; ``ValueError`` naming the file if it
     has no metrics or one of its files cannot be read as train.py writes it.
-    ``final`` is {} while the run is unfinished: no final.json, or one whose epochs differ from the metrics'."""
+    ``final`` is {} while the run is unfinished: no final.json, or one whose epochs differ from the metrics'.
+    ``training``: whether a train.py trains there now (None: cannot be told)."""
     if not Path(run).is_dir():  # a typo, or a URL: said as train.py says a missing --shards folder
         where = hide_password(str(run))
         raise ValueError(f"{where}: a file, not a run folder" if Path(run).exists() else f"{where}: no such folder")
@@ -94,7 +117,8 @@ def read_run(run) -> dict:
     # The folder's own name, not the last part as given: `tinyin report .` (inside the run) named its row '' and
     # `tinyin report ..` its row '..'.
     name = Path(os.path.abspath(run)).name
-    return dict(name=name, args=optional("args.json"), rows=rows, final=final, env=optional("env.json"))
+    return dict(name=name, args=optional("args.json"), rows=rows, final=final, env=optional("env.json"),
+                training=_training(run))
 
 
 #: What the table and the curves read from every metrics row.
@@ -209,6 +233,8 @@ def _row(run: dict) -> list[str]:
     if args.get("limit_batches"):
         limit = args["limit_batches"]
         epochs += f" ({limit} {plural(limit, 'batch')} each)"  # a --limit-batches run saw a subset
+    if not final and run.get("training") is False:  # unfinished and no train.py on it: "12 of 40" read as running
+        epochs += ", stopped or failed"
     batch = str(args.get("batch_size", "?"))
     if run["env"].get("world_size", 1) > 1:
         batch += f" x {run['env']['world_size']} processes"
@@ -272,7 +298,7 @@ def _study_cells(run: dict) -> list[str]:
                             f"{STUDY_TRAIN_IMAGES} train images an epoch), the study on every image")
     elif study is not None and (differ := _recipe_difference(run)):  # another batch, lr, schedule, augmentation...
         study, why = None, differ
-    epochs, batch = _row(run)[2:4]  # as the run table says them: "12 of 40", "16 x 2 processes"
+    epochs, batch = _row(run)[2:4]  # as the run table says them: "12 of 40, stopped or failed", "16 x 2 processes"
     if study is None:
         return [name, epochs, batch, ours, why, "-", "-", _minutes(wall)]
     reported = f"{study['train']:.3f} / {study['val']:.3f} ({study['table']})"

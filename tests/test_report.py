@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import pipeline.report
 from pipeline.cli import report_cmd
 from pipeline.errors import user_errors
 from pipeline.report import LENET_RECORDED, STUDY, _duration, plot_curves, render_study, render_table, study_row, write_report
@@ -195,6 +196,32 @@ def test_limited_runs_say_so(tmp_path):
     (run / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "train_top1": 1.0, "val_top1": 2.0, "train_loss": 5,
                                                    "val_loss": 5, "val_top5": 8, "epoch_time_s": 60}) + "\n")
     assert "| ResNet-18 | 64x64 RGB | 1 (100 batches each) | 100 |" in render_table([run])
+
+
+def test_an_unfinished_run_that_no_train_py_holds_says_it_stopped_or_failed(tmp_path):
+    """A run that failed (or was stopped) after 2 of its 40 epochs said "2 of 40", as one still training does: a
+    user could wait on it. train.py holds OUTPUT_DIR/.train.lock while it trains; where the file is and no one
+    holds it, the run says it stopped or failed. Held, or no file (a train.py from before it), "2 of 40" alone."""
+    run = make_run(tmp_path, "lenet5-28", dict(arch="lenet5", size=28, epochs=40, batch_size=32),
+                   [row(0, 5.0, 4.5), row(1, 9.125, 7.0)])
+    cells = lambda: (render_table([run]).splitlines()[2].split(" | ")[2],  # noqa: E731
+                     render_study([run]).splitlines()[2].split(" | ")[1])
+    assert cells() == ("2 of 40", "2 of 40")
+    (run / ".train.lock").touch()
+    assert cells() == ("2 of 40, stopped or failed", "2 of 40, stopped or failed")
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'a'); "
+                               "fcntl.lockf(f, fcntl.LOCK_EX); print(flush=True); sys.stdin.read()",
+                               str(run / ".train.lock")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        holder.stdout.readline()  # held
+        assert cells() == ("2 of 40", "2 of 40")
+    finally:
+        holder.communicate("")
+    (run / "final.json").write_text(json.dumps(dict(epochs=2, test_top1=6.875, wall_time_s=61.4)))
+    assert cells() == ("2 of 40", "2 of 40")  # finished (final.json): it neither stopped nor failed
+    import train
+
+    assert pipeline.report.LOCK_FILE == train.LOCK_FILE  # the report's copy (train.py imports torch, the report not)
 
 
 def test_a_final_json_of_fewer_epochs_than_the_metrics_is_ignored(tmp_path):
@@ -551,8 +578,8 @@ def test_reproduce_stopped_by_sigterm_reports_and_resumes(shards, tmp_path):
                            "(the report shows them so far); rerun to resume\n"), stderr
     assert "== resnet18-64:" not in stdout  # never started
     report = (out / "report.md").read_text()
-    assert "| lenet5-28 | 1 of 2 (1 batch each) | 32 |" in report
-    assert "| squeezenet1_1-64 | 1 of 2 (1 batch each) | 50 |" in report
+    assert "| lenet5-28 | 1 of 2 (1 batch each), stopped or failed | 32 |" in report
+    assert "| squeezenet1_1-64 | 1 of 2 (1 batch each), stopped or failed | 50 |" in report
     assert "| resnet18-64 | - | - | not started: stopped by SIGTERM | - | - | - | - |" in report
     for log in logs:
         assert "interrupted at epoch 1 step 1: checkpoint saved" in log.read_text()

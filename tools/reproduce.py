@@ -24,7 +24,7 @@ on a GPU); each row's minutes are then its own process's, measured side by side.
 A row that fails, and SIGTERM, SIGINT or SIGUSR1 (Ctrl-C, a scheduler, gpu_session.py's --deadline),
 do not lose what trained: on a signal every running row's train.py writes its checkpoint and exits
 (the signal is passed on to them), no further row starts, and the report is written for the rows
-so far (an unfinished row says "12 of 40" epochs) before the exit (128 + signum after a signal).
+so far (an unfinished row says "12 of 40, stopped or failed" for its epochs) before the exit (128 + signum after a signal).
 """
 
 import contextlib

@@ -69,7 +69,7 @@ with stopped_at_once():  # the imports (torch's: seconds): a signal ends them in
     from pipeline.augment import AUGMENTS
     from pipeline.mixing import MODES as MIX_MODES, mix_batch, mix_generator
     from pipeline.order import MoreRanksThanSamples, NoFullBatch, UnevenBatchesOfOne, check_even_batches, step_seed
-    from pipeline.schema import DEFAULT_SHARDS
+    from pipeline.schema import DEFAULT_SHARDS, RUN_LOCK_FILE
     from pipeline.shardset import ShardSet, local_folder
     from pipeline.stream_plan import DEAL
 
@@ -1132,10 +1132,6 @@ def final_test(parts, state, args, stop=None):
     return final
 
 
-#: what a training run holds locked in its --output-dir (rank 0), so that a second one there is refused
-LOCK_FILE = ".train.lock"
-
-
 @contextlib.contextmanager
 def output_dir_lock(args):
     """Hold an exclusive lock on OUTPUT_DIR/.train.lock while this run trains (rank 0; collective under
@@ -1147,7 +1143,7 @@ def output_dir_lock(args):
     killed run by seconds, refusing its resume meanwhile; NFS also takes POSIX locks."""
     f, busy = None, False
     if rank() == 0:
-        f = open(os.path.join(args.output_dir, LOCK_FILE), "a")
+        f = open(os.path.join(args.output_dir, RUN_LOCK_FILE), "a")
         try:
             fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -1155,7 +1151,7 @@ def output_dir_lock(args):
     try:
         if gather(busy)[0]:
             raise TinyinError(f"--output-dir {args.output_dir}: another train.py is training there (it holds "
-                              f"{LOCK_FILE}); let it finish, or use another --output-dir")
+                              f"{RUN_LOCK_FILE}); let it finish, or use another --output-dir")
         yield
     finally:
         if f is not None:
@@ -1233,7 +1229,7 @@ def main(args):
             check_no_run_replaced(args, ckpt_path)
             # A second run in a folder where one trains: refused before it loads the data and says "resumed from"
             # (a folder without the lock file has no run training there, and gets the file only once the run starts).
-            if locked := gather(rank() == 0 and os.path.isfile(os.path.join(args.output_dir, LOCK_FILE)))[0]:
+            if locked := gather(rank() == 0 and os.path.isfile(os.path.join(args.output_dir, RUN_LOCK_FILE)))[0]:
                 make_output_dir(args.output_dir)  # read-only: said as for a new run, not by the lock file's open
                 held.enter_context(output_dir_lock(args))
         shard_set = open_shards(args)

@@ -18,6 +18,7 @@ from models.recipes import RECIPES  # plain dicts: no torch
 
 from .atomic import folder_refusal
 from .errors import hide_password, plural
+from .schema import RUN_LOCK_FILE
 
 __all__ = ["read_run", "render_table", "render_study", "study_row", "plot_curves", "write_report"]
 
@@ -63,16 +64,12 @@ COLUMNS = ["Method", "Image scaling", "Epochs", "Batch size", "Training accuracy
            "Validation accuracy", "Test accuracy", "Wall time"]
 
 
-#: train.py's LOCK_FILE: locked (a POSIX lock, rank 0's) while a run trains in the folder
-LOCK_FILE = ".train.lock"
-
-
 def _training(run: Path):
-    """Whether a train.py trains in the run folder now (holds its LOCK_FILE): True or False; None where that cannot
+    """Whether a train.py trains in the run folder now (holds its RUN_LOCK_FILE): True or False; None where that cannot
     be told (no lock file: a train.py from before it; a file system without locks). A shared lock taken and let go:
     it needs no write permission."""
     try:
-        f = open(run / LOCK_FILE, "rb")
+        f = open(run / RUN_LOCK_FILE, "rb")
     except OSError:
         return None
     with f:  # closing the file lets go of the shared lock

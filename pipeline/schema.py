@@ -51,3 +51,6 @@ CACHE_LOCK_FILE = ".lock"
 #: What marks a folder as such a copy: JSON naming the folder itself, so that a copy of it made elsewhere
 #: (or a folder holding another tool's `.lock`) is the user's own set, none of whose files is ever removed.
 CACHE_MARK_FILE = ".tinyin-cache.json"
+#: The lock file of a train.py run folder: locked (POSIX `lockf`, rank 0's) while a run trains there
+#: (train.py refuses a second run; `tinyin report` tells a run still training from one stopped or failed).
+RUN_LOCK_FILE = ".train.lock"

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import pipeline.report
 from pipeline.cli import report_cmd
 from pipeline.errors import user_errors
 from pipeline.report import LENET_RECORDED, STUDY, _duration, plot_curves, render_study, render_table, study_row, write_report
@@ -219,9 +218,6 @@ def test_an_unfinished_run_that_no_train_py_holds_says_it_stopped_or_failed(tmp_
         holder.communicate("")
     (run / "final.json").write_text(json.dumps(dict(epochs=2, test_top1=6.875, wall_time_s=61.4)))
     assert cells() == ("2 of 40", "2 of 40")  # finished (final.json): it neither stopped nor failed
-    import train
-
-    assert pipeline.report.LOCK_FILE == train.LOCK_FILE  # the report's copy (train.py imports torch, the report not)
 
 
 def test_a_final_json_of_fewer_epochs_than_the_metrics_is_ignored(tmp_path):

@@ -679,6 +679,18 @@ def test_cli_md5_without_url_is_a_usage_error(tmp_path):
     assert result.output == "error: --md5 checks a --url download (the official zip's md5 is built in)\n"
 
 
+def test_cli_an_empty_out_is_a_usage_error(serve, tmp_path):
+    """--out "$DATA" with DATA unset: fetch_release's ValueError ('out must be a folder's path') was a traceback."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    server = serve()
+    result = CliRunner().invoke(main, ["data", "fetch", "--out", "", "--url", _url(server)])
+    assert (result.exit_code, result.output) == (2, "error: --out is empty: give the folder to download into\n")
+    assert server.ranges == [] and server.heads == 0
+
+
 @pytest.mark.parametrize("md5", ["90528d7ca1a48142e341f4ef8d21d0d", "90528d7ca1a48142e341f4ef8d21d0de  tiny.zip"])
 def test_cli_a_malformed_md5_is_refused_before_downloading(serve, tmp_path, md5):
     """A digit short, or a pasted `md5sum` line: the whole file was downloaded, found not to match, deleted."""

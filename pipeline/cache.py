@@ -96,7 +96,7 @@ def cached_copy(shards, splits, cache_dir=None, workers=WORKERS, progress=None, 
     folder.mkdir(parents=True, exist_ok=True)
     if progress is None:
         progress = sys.stderr.isatty() and os.environ.get("LOCAL_RANK", "0") == "0"
-    with locked(folder / CACHE_LOCK_FILE):
+    with locked(folder / CACHE_LOCK_FILE, elsewhere="set $TINYIN_CACHE to a folder on another file system"):
         _mark(folder, remote)
         _write_metadata(remote, folder)
         _Fetch(remote, folder, workers, progress).run(entries)
@@ -109,7 +109,8 @@ def _complete_copy(folder, splits):
     if not (folder / MANIFEST_FILE).is_file():
         return None
     try:
-        with locked(folder / CACHE_LOCK_FILE):  # not while another process fills it
+        with locked(folder / CACHE_LOCK_FILE,  # not while another process fills it
+                    elsewhere="set $TINYIN_CACHE to a folder on another file system"):
             copy = ShardSet(folder)
             entries = [e for split in splits for e in copy.entries(split)]
             complete = all(_fetched(folder, e) for e in entries)

@@ -30,6 +30,7 @@ from pipeline.cache import cache_folder, cached_copy, is_set_url
 from pipeline.cli import main
 from pipeline.errors import ShardError, UsageError, hide_password
 from pipeline.loader import make_loader
+from pipeline.locks import LockError
 from pipeline.order import MoreRanksThanSamples, NoFullBatch
 from pipeline.schema import CACHE_MARK_FILE
 from pipeline.shardset import RETRIES, ShardSet, open_shard_set, worth_retrying
@@ -329,6 +330,23 @@ def test_a_full_disk_names_the_cache_folders_file_at_once(serve, cache, monkeypa
     part = cache_folder(server.url) / "train-000000.tar.part"
     assert str(e.value) == f"[Errno 28] No space left on device: '{part}'"
     assert tries.count(str(part)) == 1
+
+
+def test_a_cache_on_a_file_system_that_takes_no_locks_says_to_move_it(serve, cache, monkeypatch):
+    """$TINYIN_CACHE on Lustre mounted without -o flock: flock's ENOSYS was an OSError traceback ('Function not
+    implemented') before any shard was fetched."""
+    import fcntl
+
+    def no_locks(f, how):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    server = serve()
+    with pytest.raises(LockError) as e:  # a TinyinError: one line in the CLI and train.py
+        cached_copy(server.url, "train")
+    assert str(e.value) == (f"{cache_folder(server.url) / '.lock'}: cannot lock it ({os.strerror(errno.ENOSYS)}): its "
+                            "file system takes no file locks, which keep two processes from filling one folder at "
+                            "once; set $TINYIN_CACHE to a folder on another file system")
+    assert not list(cache_folder(server.url).glob("*.tar*"))
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])

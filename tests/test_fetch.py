@@ -356,6 +356,26 @@ def test_a_second_fetch_into_the_folder_waits_for_the_first_and_takes_its_file(s
     assert [p.name for p in out.iterdir()] == [NAME]  # no lock file left
 
 
+def test_a_folder_whose_file_system_takes_no_locks_is_one_line(serve, payload, tmp_path, monkeypatch):
+    """An NFS mount whose lock service does not answer: flock's ENOLCK was an OSError traceback."""
+    import fcntl
+
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    def no_locks(f, how):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    server, out = serve(), tmp_path / "dl"
+    result = CliRunner().invoke(main, ["data", "fetch", "--out", str(out), "--url", _url(server),
+                                       "--md5", hashlib.md5(payload).hexdigest()])
+    assert (result.exit_code, result.output) == (
+        1, f"error: {out}/.{NAME}.lock: cannot lock it ({os.strerror(errno.ENOLCK)}): its file system takes no file "
+           "locks, which keep two processes from filling one folder at once; use a folder on another file system\n")
+    assert server.ranges == [] and not (out / f"{NAME}.part").exists()
+
+
 def test_existing_bad_file_is_replaced(serve, payload, tmp_path):
     server = serve()
     (tmp_path / "out").mkdir()

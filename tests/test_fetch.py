@@ -846,6 +846,21 @@ def test_a_missing_file_of_a_file_url_is_named_at_once(tmp_path, monkeypatch, ch
                                f"'{tmp_path / NAME}'")
 
 
+@pytest.mark.parametrize("where", ["tiny-imagenet-200", "file.zip/tiny.zip"], ids=["folder", "under-a-file"])
+@pytest.mark.parametrize("checks", [{}, dict(expected_size=None, md5=None)], ids=["known-size", "head"])
+def test_a_file_url_of_a_folder_is_named_at_once(tmp_path, monkeypatch, checks, where):
+    """--url file:///data/tiny-imagenet-200 (the release unpacked, not its zip), or a path under a file: 'Is a
+    directory' was asked again as a cut connection is, 5 times over 7.5 s, and named '(after 5 attempts)'."""
+    monkeypatch.setattr("pipeline.fetch.time.sleep", lambda s: pytest.fail("waited to try again"))
+    (tmp_path / "tiny-imagenet-200").mkdir()
+    (tmp_path / "file.zip").write_bytes(b"zip")
+    url = f"file://{tmp_path}/{where}"
+    code = errno.EISDIR if where == "tiny-imagenet-200" else errno.ENOTDIR
+    with pytest.raises(FetchError) as info:
+        fetch_release(tmp_path / "out", url, progress=False, **checks)
+    assert str(info.value) == f"cannot download {url}: [Errno {code}] {os.strerror(code)}: '{tmp_path / where}'"
+
+
 @pytest.mark.parametrize("checks", [{}, dict(expected_size=None, md5=None)], ids=["known-size", "head"])
 def test_a_host_that_does_not_resolve_is_named_at_once(tmp_path, monkeypatch, no_such_host, checks):
     """A mistyped host ('Name or service not known') was asked again as a cut connection is, 5 times over 7.5 s,

@@ -316,7 +316,13 @@ def _http_receive(url, part, start, size, progress, stop):
                 os.posix_fallocate(f.fileno(), 0, size)
                 with mmap.mmap(f.fileno(), size) as mapping, memoryview(mapping) as view:
                     while at < size and not stop.is_set():
-                        n = response.readinto(view[at:min(at + BLOCK, size)])
+                        try:
+                            n = response.readinto(view[at:min(at + BLOCK, size)])
+                        except Exception as e:  # a timeout, a reset: retried as a cut connection (`worth_retrying`)
+                            # Without the frames that raised it, which hold the slice of the map read into: the
+                            # map's close found it exported ('BufferError: cannot close exported pointers exist'),
+                            # and that error, never tried again, stood for the timeout.
+                            raise e.with_traceback(None)
                         if not n and response.length:  # before its Content-Length: a cut connection, resumed
                             raise ConnectionError(f"the connection closed at byte {at:,} of {size:,}")
                         if not n:

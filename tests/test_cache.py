@@ -427,6 +427,25 @@ def test_a_ctrl_c_while_a_fetch_waits_to_try_again_stops_it(serve, cache, monkey
     assert len(tries) == 1
 
 
+def test_a_server_gone_quiet_mid_shard_is_tried_again_from_what_arrived(shards, serve, cache, monkeypatch,
+                                                                        quick_retries):
+    """A read that timed out (or a connection reset) raised inside the read into the memory map, whose close then
+    found the slice read into still held by the error's frames: 'cannot fetch (BufferError: cannot close exported
+    pointers exist)', at once, the timeout never tried again nor named. It is a cut connection: resumed."""
+    monkeypatch.setattr("pipeline.cache.TIMEOUT_S", 0.3)
+    monkeypatch.setattr("pipeline.cache.BLOCK", 1 << 16)  # a read fills its block: the one the stall cut is lost
+    server, data = serve({SHARD: "stall"}), (shards / SHARD).read_bytes()
+    url = f"{server.url}/{SHARD}"
+    with pytest.raises(ShardError) as e:
+        cached_copy(server.url, "train", workers=1)
+    assert str(e.value) == f"{url}: cannot fetch (timed out, after {RETRIES} attempts)"
+    starts = [0]
+    for _ in range(RETRIES):  # each answer sends half of what is asked, of which the whole blocks are kept
+        starts.append(starts[-1] + (len(data) - starts[-1]) // 2 // (1 << 16) * (1 << 16))
+    assert [at for name, at in server.starts if name == SHARD] == starts[:-1] and starts[-1] > 0
+    assert (cache_folder(server.url) / f"{SHARD}.part").read_bytes() == data[:starts[-1]]
+
+
 def test_a_connection_cut_mid_shard_resumes_and_the_epoch_is_whole(shards, serve, cache):
     server = serve({SHARD: "cut-once"})
     assert_same(batches(server.url, "fast"), batches(shards, "fast"))

@@ -446,6 +446,47 @@ def test_a_server_gone_quiet_mid_shard_is_tried_again_from_what_arrived(shards, 
     assert (cache_folder(server.url) / f"{SHARD}.part").read_bytes() == data[:starts[-1]]
 
 
+def test_a_ctrl_c_while_a_server_has_gone_quiet_mid_shard_stops_the_fetch_at_once(shards, serve, cache, monkeypatch):
+    """A transfer blocked reading a server gone quiet saw the stop only at its socket's timeout (60 s), and the
+    Ctrl-C (or SIGTERM: a scheduler's, whose grace may be shorter) waited for it. The stop shuts the connections
+    being read; what arrived stays in the .part, cut back to it."""
+    monkeypatch.setattr("pipeline.cache.TIMEOUT_S", 20)  # the code before: the Ctrl-C took these 20 s
+    monkeypatch.setattr("pipeline.cache.BLOCK", 1 << 16)  # a read fills its block: the one the stall cut is lost
+    data, http_open, blocked, sent = (shards / SHARD).read_bytes(), pipeline.cache.http_open, threading.Event(), {}
+    kept = len(data) // 2 // (1 << 16) * (1 << 16)  # the whole blocks of the half the server sends
+
+    def opened(url, *args, **kwargs):  # the shard's reads counted: the one after those blocks waits for good
+        response, got = http_open(url, *args, **kwargs), [0]
+        readinto = response.readinto
+
+        def counted(view):
+            if got[0] == kept:
+                blocked.set()
+            n = readinto(view)
+            got[0] += n
+            return n
+        if url.endswith(SHARD):
+            response.readinto = counted
+        return response
+    monkeypatch.setattr(pipeline.cache, "http_open", opened)
+
+    def ctrl_c():
+        if blocked.wait(20):
+            time.sleep(0.1)  # into the read
+            sent["at"] = time.monotonic()
+            os.kill(os.getpid(), signal.SIGINT)
+    server, thread = serve({SHARD: "stall"}), threading.Thread(target=ctrl_c)
+    thread.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cached_copy(server.url, "train", workers=1)
+        stopped = time.monotonic() - sent["at"]
+    finally:
+        thread.join()
+    # the read cut short returns the bytes it had: the whole half the server sent
+    assert stopped < 5 and (cache_folder(server.url) / f"{SHARD}.part").read_bytes() == data[: len(data) // 2]
+
+
 def test_a_connection_cut_mid_shard_resumes_and_the_epoch_is_whole(shards, serve, cache):
     server = serve({SHARD: "cut-once"})
     assert_same(batches(server.url, "fast"), batches(shards, "fast"))

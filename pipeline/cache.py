@@ -22,6 +22,7 @@ import hashlib
 import json
 import mmap
 import os
+import socket
 import sys
 import threading
 import urllib.error
@@ -96,7 +97,7 @@ def cached_copy(shards, splits, cache_dir=None, workers=WORKERS, progress=None, 
     folder.mkdir(parents=True, exist_ok=True)
     if progress is None:
         progress = sys.stderr.isatty() and os.environ.get("LOCAL_RANK", "0") == "0"
-    with locked(folder / CACHE_LOCK_FILE):
+    with locked(folder / CACHE_LOCK_FILE, elsewhere="set $TINYIN_CACHE to a folder on another file system"):
         _mark(folder, remote)
         _write_metadata(remote, folder)
         _Fetch(remote, folder, workers, progress).run(entries)
@@ -109,7 +110,8 @@ def _complete_copy(folder, splits):
     if not (folder / MANIFEST_FILE).is_file():
         return None
     try:
-        with locked(folder / CACHE_LOCK_FILE):  # not while another process fills it
+        with locked(folder / CACHE_LOCK_FILE,  # not while another process fills it
+                    elsewhere="set $TINYIN_CACHE to a folder on another file system"):
             copy = ShardSet(folder)
             entries = [e for split in splits for e in copy.entries(split)]
             complete = all(_fetched(folder, e) for e in entries)
@@ -177,7 +179,7 @@ class _Fetch:
 
     def __init__(self, remote, folder, workers, progress):
         self.remote, self.folder, self.workers, self.progress = remote, folder, workers, progress
-        self.stop = threading.Event()  # set on the first failure: the other transfers give up
+        self.stop = _Stop()  # set on the first failure: the other transfers give up
         self.bar = None
 
     def run(self, entries):
@@ -292,6 +294,55 @@ class _Fetch:
                 progress(len(block))
 
 
+class _Stop(threading.Event):
+    """The stop of one fill's transfers (`_Fetch.stop`). Setting it also shuts the connections they read
+    (`reading`): a transfer blocked on a server gone quiet saw the stop only at its socket's timeout (60 s), and the
+    process, which waits for its threads, stopped that much later on a Ctrl-C or SIGTERM (a scheduler's grace
+    before its SIGKILL may be shorter: the .part, at its full length while it is written, was then fetched again)."""
+
+    def __init__(self):
+        super().__init__()
+        self._guard, self._reading = threading.Lock(), set()
+
+    @contextlib.contextmanager
+    def reading(self, response):
+        """While the block runs, `set` shuts the connection `response` is read from (at once if set already)."""
+        try:  # a duplicate of its socket's descriptor, open while the block runs: no other file takes its number
+            fd = os.dup(response.fileno())
+        except (OSError, ValueError, AttributeError):  # no socket to shut: the transfer sees the stop between reads
+            fd = None
+        try:
+            sock = None if fd is None else socket.socket(fileno=fd)
+        except OSError:  # not a socket
+            os.close(fd)
+            sock = None
+        if sock is None:
+            yield
+            return
+        with sock:
+            with self._guard:
+                self._reading.add(sock)
+                if self.is_set():
+                    _shut(sock)
+            try:
+                yield
+            finally:
+                with self._guard:
+                    self._reading.discard(sock)
+
+    def set(self):
+        super().set()
+        with self._guard:
+            for sock in self._reading:
+                _shut(sock)
+
+
+def _shut(sock):
+    """Shut connection `sock` both ways: a read blocked on it, through any descriptor, returns at once."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
 def _http_receive(url, part, start, size, progress, stop):
     """Write bytes `start..size` of `url` into `part` (which holds the first `start`). The socket is
     read straight into a memory map of the preallocated file: no copy through a buffer and no write()
@@ -309,13 +360,20 @@ def _http_receive(url, part, start, size, progress, stop):
             raise OSError(f"HTTP {response.status} {response.reason}")
         if start and response.status != 206:
             raise _Restart("the server ignored the range request")
-        with open(part, "r+b" if start else "w+b") as f:
+        reading = stop.reading(response) if isinstance(stop, _Stop) else contextlib.nullcontext()
+        with open(part, "r+b" if start else "w+b") as f, reading:
             at = start
             try:
                 os.posix_fallocate(f.fileno(), 0, size)
                 with mmap.mmap(f.fileno(), size) as mapping, memoryview(mapping) as view:
                     while at < size and not stop.is_set():
-                        n = response.readinto(view[at:min(at + BLOCK, size)])
+                        try:
+                            n = response.readinto(view[at:min(at + BLOCK, size)])
+                        except Exception as e:  # a timeout, a reset: retried as a cut connection (`worth_retrying`)
+                            # Without the frames that raised it, which hold the slice of the map read into: the
+                            # map's close found it exported ('BufferError: cannot close exported pointers exist'),
+                            # and that error, never tried again, stood for the timeout.
+                            raise e.with_traceback(None)
                         if not n and response.length:  # before its Content-Length: a cut connection, resumed
                             raise ConnectionError(f"the connection closed at byte {at:,} of {size:,}")
                         if not n:

@@ -139,6 +139,8 @@ def data_fetch(out, url, md5):
     """Download the official release archive (resumes a partial download, checks size and md5)."""
     from . import fetch
 
+    if not out:  # an unset variable's "" (--out "$DATA"): fetch_release's ValueError for it was a traceback
+        raise UsageError("--out is empty: give the folder to download into")
     if md5 is not None and url is None:
         raise click.UsageError("--md5 checks a --url download (the official zip's md5 is built in)")
     kwargs = {} if url is None else {"url": url, "expected_size": None, "md5": md5}

@@ -101,8 +101,7 @@ def _head(url):
     501 (Not Implemented: a server that takes GET alone) is the server's last word on HEAD, as a 405 is."""
     try:
         with urllib.request.urlopen(_request(url, method="HEAD"), timeout=TIMEOUT_S) as response:
-            length = response.headers.get("Content-Length")
-            return int(length) if length and length.isdigit() else None
+            return _content_length(response.headers)
     except urllib.error.HTTPError as e:
         e.close()
         if e.code == 501:
@@ -110,6 +109,14 @@ def _head(url):
         raise _failed(e, url) from None
     except (OSError, http.client.HTTPException) as e:
         raise _failed(e, url) from None
+
+
+def _content_length(headers):
+    """An answer's Content-Length, or None where it gives none or one that is no number of bytes ('300152x', a
+    server's bug): http.client then reads the body to the connection's close, and so does the download (int() of
+    it was a ValueError traceback)."""
+    length = headers.get("Content-Length")
+    return int(length) if length and length.isdigit() else None
 
 
 def _remote_size(url, part, final):
@@ -195,8 +202,8 @@ def _download(url, part, expected_size, md5, chunk_size, progress):
                 start = 0  # a full answer (200) replaces whatever we had
             elif validator and _validator(response.headers) not in (None, validator):
                 raise _Changed
-            length = response.headers.get("Content-Length")
-            total = expected_size if expected_size is not None else (start + int(length) if length else None)
+            length = _content_length(response.headers)
+            total = expected_size if expected_size is not None else (start + length if length is not None else None)
             bar = tqdm(total=total, initial=start, desc=part.name, unit="B", unit_scale=True,
                        unit_divisor=1024, disable=not progress)
             received = 0
@@ -212,10 +219,10 @@ def _download(url, part, expected_size, md5, chunk_size, progress):
             # http.client ends a short body quietly, and one without a Content-Length (its end the connection's
             # close) as if it were whole: the size known says so then, where the .part was deleted as a file of
             # the wrong size. The .part stays for the next attempt to resume.
-            wanted = int(length) if length else None if expected_size is None else expected_size - start
+            wanted = length if length is not None else None if expected_size is None else expected_size - start
             if wanted is not None and received < wanted:
                 raise _Failed(f"connection closed after {received} of {wanted} bytes", retry=True)
-            return received if response.status == 200 and length else None
+            return received if response.status == 200 and length is not None else None
     except urllib.error.HTTPError as e:
         if e.code != 416:  # 416: the .part already holds everything the server has
             raise _failed(e, url) from None

@@ -568,8 +568,10 @@ def worth_retrying(error):
     certificate that fails verification (self-signed, expired, another host's: urllib's URLError around
     ssl's SSLCertVerificationError), asked again as long; nor a host name that does not resolve (`_unresolved`:
     a mistyped host, 'Name or service not known', asked again 5 times over 7.5 s); also where urllib's URLError
-    holds such an error as its reason (a file:// URL's missing file, asked again as long)."""
-    if any(isinstance(e, (FileNotFoundError, PermissionError, http.client.InvalidURL))
+    holds such an error as its reason (a file:// URL's missing file, or a folder: `data fetch --url
+    file:///data/tiny-imagenet-200`, the release unpacked, asked again as long)."""
+    if any(isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+                          http.client.InvalidURL))
            for e in (error, getattr(error, "reason", None))) or _unresolved(error):
         return False
     if any(isinstance(e, ssl.SSLCertVerificationError) for e in (error, getattr(error, "reason", None))):

@@ -7,7 +7,8 @@ the file breaks off mid-body, later ones succeed: a retry must recover), "redire
 file is answered 302, to the same path with a query, which serves it), "redirect-loop" (every GET of the file is
 answered 302 to itself, as a misconfigured server does), "no-range" (a Range request is
 answered 200 with the whole file, as by a server without range support), "busy-once" (the first GET of the
-file is answered 503 Service Unavailable, later ones served). It answers as a proxy too:
+file is answered 503 Service Unavailable, later ones served), "stall" (half the body sent, `stalled` set, then
+nothing more till the server closes: a link gone quiet). It answers as a proxy too:
 a request for an absolute URL (`http_proxy` set to the server's URL) is served that URL's path.
 With `auth="user:password"` every request without that basic auth is answered 401, with
 `query="sig=..."` (a signed URL's token) every request without that query string 403. `requests` counts GETs,
@@ -26,7 +27,7 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
-FAULTS = ("missing", "truncate", "corrupt", "cut-once", "redirect", "redirect-loop", "no-range", "busy-once")
+FAULTS = ("missing", "truncate", "corrupt", "cut-once", "redirect", "redirect-loop", "no-range", "busy-once", "stall")
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -97,6 +98,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if fault == "corrupt":
             data = bytearray(data)
             data[len(data) // 2] ^= 0xFF
+        if fault == "stall":
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            self.server.stalled.set()
+            self.server.released.wait(60)
+            return
         if fault == "truncate" or (fault == "cut-once" and self.server.requests[name] == 1):
             self.wfile.write(data[: len(data) // 2])
             self.wfile.flush()
@@ -119,6 +126,7 @@ class FaultyHTTPServer(http.server.ThreadingHTTPServer):
             self.socket = generate_adhoc_ssl_context().wrap_socket(self.socket, server_side=True)
         self.root, self.faults, self.requests, self.starts = str(root), dict(faults or {}), Counter(), []
         self.auth, self.query = auth and f"Basic {base64.b64encode(auth.encode()).decode()}", query
+        self.stalled, self.released = threading.Event(), threading.Event()
         assert set(self.faults.values()) <= set(FAULTS), self.faults
         self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.server_address[1]}"
         threading.Thread(target=self.serve_forever, daemon=True).start()
@@ -144,6 +152,7 @@ class FaultyHTTPServer(http.server.ThreadingHTTPServer):
         self._back.start()
 
     def close(self):
+        self.released.set()  # a "stall" answer ends
         if getattr(self, "_back", None):
             self._back.cancel()
             self._back.join()

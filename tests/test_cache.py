@@ -30,6 +30,7 @@ from pipeline.cache import cache_folder, cached_copy, is_set_url
 from pipeline.cli import main
 from pipeline.errors import ShardError, UsageError, hide_password
 from pipeline.loader import make_loader
+from pipeline.locks import LockError
 from pipeline.order import MoreRanksThanSamples, NoFullBatch
 from pipeline.schema import CACHE_MARK_FILE
 from pipeline.shardset import RETRIES, ShardSet, open_shard_set, worth_retrying
@@ -331,6 +332,23 @@ def test_a_full_disk_names_the_cache_folders_file_at_once(serve, cache, monkeypa
     assert tries.count(str(part)) == 1
 
 
+def test_a_cache_on_a_file_system_that_takes_no_locks_says_to_move_it(serve, cache, monkeypatch):
+    """$TINYIN_CACHE on Lustre mounted without -o flock: flock's ENOSYS was an OSError traceback ('Function not
+    implemented') before any shard was fetched."""
+    import fcntl
+
+    def no_locks(f, how):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    server = serve()
+    with pytest.raises(LockError) as e:  # a TinyinError: one line in the CLI and train.py
+        cached_copy(server.url, "train")
+    assert str(e.value) == (f"{cache_folder(server.url) / '.lock'}: cannot lock it ({os.strerror(errno.ENOSYS)}): its "
+                            "file system takes no file locks, which keep two processes from filling one folder at "
+                            "once; set $TINYIN_CACHE to a folder on another file system")
+    assert not list(cache_folder(server.url).glob("*.tar*"))
+
+
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
 def test_a_full_disk_or_quota_as_the_part_is_made_names_that_file_at_once(serve, cache, monkeypatch, code):
     """Out of inodes (ENOSPC from the open that creates the .part) or over quota: the disk's error naming the
@@ -407,6 +425,66 @@ def test_a_ctrl_c_while_a_fetch_waits_to_try_again_stops_it(serve, cache, monkey
     finally:
         ctrl_c.cancel()  # a read that failed without it must not interrupt the next test
     assert len(tries) == 1
+
+
+def test_a_server_gone_quiet_mid_shard_is_tried_again_from_what_arrived(shards, serve, cache, monkeypatch,
+                                                                        quick_retries):
+    """A read that timed out (or a connection reset) raised inside the read into the memory map, whose close then
+    found the slice read into still held by the error's frames: 'cannot fetch (BufferError: cannot close exported
+    pointers exist)', at once, the timeout never tried again nor named. It is a cut connection: resumed."""
+    monkeypatch.setattr("pipeline.cache.TIMEOUT_S", 0.3)
+    monkeypatch.setattr("pipeline.cache.BLOCK", 1 << 16)  # a read fills its block: the one the stall cut is lost
+    server, data = serve({SHARD: "stall"}), (shards / SHARD).read_bytes()
+    url = f"{server.url}/{SHARD}"
+    with pytest.raises(ShardError) as e:
+        cached_copy(server.url, "train", workers=1)
+    assert str(e.value) == f"{url}: cannot fetch (timed out, after {RETRIES} attempts)"
+    starts = [0]
+    for _ in range(RETRIES):  # each answer sends half of what is asked, of which the whole blocks are kept
+        starts.append(starts[-1] + (len(data) - starts[-1]) // 2 // (1 << 16) * (1 << 16))
+    assert [at for name, at in server.starts if name == SHARD] == starts[:-1] and starts[-1] > 0
+    assert (cache_folder(server.url) / f"{SHARD}.part").read_bytes() == data[:starts[-1]]
+
+
+def test_a_ctrl_c_while_a_server_has_gone_quiet_mid_shard_stops_the_fetch_at_once(shards, serve, cache, monkeypatch):
+    """A transfer blocked reading a server gone quiet saw the stop only at its socket's timeout (60 s), and the
+    Ctrl-C (or SIGTERM: a scheduler's, whose grace may be shorter) waited for it. The stop shuts the connections
+    being read; what arrived stays in the .part, cut back to it."""
+    monkeypatch.setattr("pipeline.cache.TIMEOUT_S", 20)  # the code before: the Ctrl-C took these 20 s
+    monkeypatch.setattr("pipeline.cache.BLOCK", 1 << 16)  # a read fills its block: the one the stall cut is lost
+    data, http_open, blocked, sent = (shards / SHARD).read_bytes(), pipeline.cache.http_open, threading.Event(), {}
+    kept = len(data) // 2 // (1 << 16) * (1 << 16)  # the whole blocks of the half the server sends
+
+    def opened(url, *args, **kwargs):  # the shard's reads counted: the one after those blocks waits for good
+        response, got = http_open(url, *args, **kwargs), [0]
+        readinto = response.readinto
+
+        def counted(view):
+            if got[0] == kept:
+                blocked.set()
+            n = readinto(view)
+            got[0] += n
+            return n
+        if url.endswith(SHARD):
+            response.readinto = counted
+        return response
+    monkeypatch.setattr(pipeline.cache, "http_open", opened)
+
+    def ctrl_c():
+        if blocked.wait(20):
+            time.sleep(0.1)  # into the read
+            sent["at"] = time.monotonic()
+            os.kill(os.getpid(), signal.SIGINT)
+    server, thread = serve({SHARD: "stall"}), threading.Thread(target=ctrl_c)
+    thread.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cached_copy(server.url, "train", workers=1)
+        stopped = time.monotonic() - sent["at"]
+    finally:
+        thread.join()
+    # the read cut short returns the bytes it had: the whole half the server sent
+    assert stopped < 5 and (cache_folder(server.url) / f"{SHARD}.part").read_bytes() == data[: len(data) // 2]
 
 
 def test_a_connection_cut_mid_shard_resumes_and_the_epoch_is_whole(shards, serve, cache):

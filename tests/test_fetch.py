@@ -47,7 +47,7 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
     "last-modified" the file's mtime; None neither), `honour_if_range` (False: Range is served
     whatever If-Range says) and `if_ranges` (the If-Range header of each request). A HEAD is answered with the
     status `head_errors` pops (a 503 of a server under load, 501 of one that takes no HEAD) while it holds one;
-    `heads` counts them; `after_head`, when set, replaces the file once a HEAD is answered. `send_length` False: no Content-Length, the body's end the connection's close (HTTP/1.0).
+    `heads` counts them; `after_head`, when set, replaces the file once a HEAD is answered. `send_length` False: no Content-Length, the body's end the connection's close (HTTP/1.0); a string: that Content-Length as it is (a malformed one).
     With `stall_after` N a GET sends N bytes of the body, sets `stalled` and hangs up once
     `release` is set (a link gone quiet).
     """
@@ -91,7 +91,8 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
         if start:
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         if self.server.send_length:
-            self.send_header("Content-Length", str(len(data) - start))
+            length = self.server.send_length
+            self.send_header("Content-Length", length if isinstance(length, str) else str(len(data) - start))
         if validator:
             self.send_header(header, validator)
         self.end_headers()
@@ -353,6 +354,26 @@ def test_a_second_fetch_into_the_folder_waits_for_the_first_and_takes_its_file(s
     thread.join()
     assert result["path"].read_bytes() == payload and server.ranges == []  # nothing downloaded again
     assert [p.name for p in out.iterdir()] == [NAME]  # no lock file left
+
+
+def test_a_folder_whose_file_system_takes_no_locks_is_one_line(serve, payload, tmp_path, monkeypatch):
+    """An NFS mount whose lock service does not answer: flock's ENOLCK was an OSError traceback."""
+    import fcntl
+
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    def no_locks(f, how):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    server, out = serve(), tmp_path / "dl"
+    result = CliRunner().invoke(main, ["data", "fetch", "--out", str(out), "--url", _url(server),
+                                       "--md5", hashlib.md5(payload).hexdigest()])
+    assert (result.exit_code, result.output) == (
+        1, f"error: {out}/.{NAME}.lock: cannot lock it ({os.strerror(errno.ENOLCK)}): its file system takes no file "
+           "locks, which keep two processes from filling one folder at once; use a folder on another file system\n")
+    assert server.ranges == [] and not (out / f"{NAME}.part").exists()
 
 
 def test_existing_bad_file_is_replaced(serve, payload, tmp_path):
@@ -678,6 +699,18 @@ def test_cli_md5_without_url_is_a_usage_error(tmp_path):
     assert result.output == "error: --md5 checks a --url download (the official zip's md5 is built in)\n"
 
 
+def test_cli_an_empty_out_is_a_usage_error(serve, tmp_path):
+    """--out "$DATA" with DATA unset: fetch_release's ValueError ('out must be a folder's path') was a traceback."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    server = serve()
+    result = CliRunner().invoke(main, ["data", "fetch", "--out", "", "--url", _url(server)])
+    assert (result.exit_code, result.output) == (2, "error: --out is empty: give the folder to download into\n")
+    assert server.ranges == [] and server.heads == 0
+
+
 @pytest.mark.parametrize("md5", ["90528d7ca1a48142e341f4ef8d21d0d", "90528d7ca1a48142e341f4ef8d21d0de  tiny.zip"])
 def test_cli_a_malformed_md5_is_refused_before_downloading(serve, tmp_path, md5):
     """A digit short, or a pasted `md5sum` line: the whole file was downloaded, found not to match, deleted."""
@@ -769,6 +802,17 @@ def test_a_body_without_a_length_cut_short_is_tried_again_and_not_deleted(serve,
     assert server.ranges == [None] + [f"bytes={n}-" for n in range(50_000, 300_000, 50_000)]
 
 
+@pytest.mark.parametrize("checks", [{}, dict(expected_size=None), dict(expected_size=None, md5=None)],
+                         ids=["size", "md5", "head"])
+def test_a_malformed_content_length_is_read_to_the_connections_close(serve, payload, tmp_path, checks):
+    """A Content-Length that is no number (a server's bug) was a ValueError traceback out of the download: 'invalid
+    literal for int() with base 10'. http.client reads such a body to the connection's close, and the download
+    takes it, checked as any."""
+    server = serve(send_length=f"{len(payload)}x")
+    assert _fetch(server, tmp_path / "out", payload, **checks).read_bytes() == payload
+    assert server.ranges == [None] and [p.name for p in (tmp_path / "out").iterdir()] == [NAME]
+
+
 @pytest.mark.parametrize("checks", [dict(expected_size=0, md5=None), dict(expected_size=None, md5=None)],
                          ids=["size", "head"])
 def test_an_empty_file_is_downloaded(serve, tmp_path, checks):
@@ -800,6 +844,21 @@ def test_a_missing_file_of_a_file_url_is_named_at_once(tmp_path, monkeypatch, ch
         fetch_release(tmp_path / "out", url, progress=False, **checks)
     assert str(info.value) == (f"cannot download {url}: [Errno {errno.ENOENT}] {os.strerror(errno.ENOENT)}: "
                                f"'{tmp_path / NAME}'")
+
+
+@pytest.mark.parametrize("where", ["tiny-imagenet-200", "file.zip/tiny.zip"], ids=["folder", "under-a-file"])
+@pytest.mark.parametrize("checks", [{}, dict(expected_size=None, md5=None)], ids=["known-size", "head"])
+def test_a_file_url_of_a_folder_is_named_at_once(tmp_path, monkeypatch, checks, where):
+    """--url file:///data/tiny-imagenet-200 (the release unpacked, not its zip), or a path under a file: 'Is a
+    directory' was asked again as a cut connection is, 5 times over 7.5 s, and named '(after 5 attempts)'."""
+    monkeypatch.setattr("pipeline.fetch.time.sleep", lambda s: pytest.fail("waited to try again"))
+    (tmp_path / "tiny-imagenet-200").mkdir()
+    (tmp_path / "file.zip").write_bytes(b"zip")
+    url = f"file://{tmp_path}/{where}"
+    code = errno.EISDIR if where == "tiny-imagenet-200" else errno.ENOTDIR
+    with pytest.raises(FetchError) as info:
+        fetch_release(tmp_path / "out", url, progress=False, **checks)
+    assert str(info.value) == f"cannot download {url}: [Errno {code}] {os.strerror(code)}: '{tmp_path / where}'"
 
 
 @pytest.mark.parametrize("checks", [{}, dict(expected_size=None, md5=None)], ids=["known-size", "head"])

@@ -113,3 +113,26 @@ def test_in_a_read_only_folder_a_missing_lock_file_is_the_write_error(read_only)
         with locked(folder / ".lock"):
             pass
     assert (caught.value.errno, caught.value.filename) == (code, str(folder / ".lock"))
+
+
+@pytest.mark.parametrize("code", [errno.ENOLCK, errno.ENOSYS], ids=["nfs-without-lockd", "lustre-without-flock"])
+def test_a_file_system_that_takes_no_locks_is_one_line_naming_the_lock_file(tmp_path, monkeypatch, code):
+    """flock's ENOLCK (an NFS mount whose lock service does not answer) or ENOSYS (Lustre without -o flock) was an
+    OSError traceback out of every command that fills a folder (`data fetch`, a URL's cache): a LockError, one line
+    naming the file and what to do, its file closed."""
+    import fcntl
+
+    from pipeline.locks import LockError
+
+    opened = []
+
+    def no_locks(f, how):
+        opened.append(f)
+        raise OSError(code, os.strerror(code))
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(LockError) as caught:
+        with locked(tmp_path / ".lock", remove=True, elsewhere="go elsewhere"):
+            pytest.fail("entered without the lock")
+    assert str(caught.value) == (f"{tmp_path / '.lock'}: cannot lock it ({os.strerror(code)}): its file system takes "
+                                 "no file locks, which keep two processes from filling one folder at once; go elsewhere")
+    assert len(opened) == 1 and opened[0].closed

@@ -137,16 +137,68 @@ def budget_epochs(budget_s, elapsed_s, epoch_s, test_s, done=BUDGET_AFTER_EPOCHS
     return done + max(0, math.floor(((1 - BUDGET_MARGIN) * budget_s - elapsed_s - test_s) / epoch_s))
 
 
+#: what torch's env:// rendezvous reads beside WORLD_SIZE to join the other processes: torchrun sets them (and
+#: LOCAL_RANK, each process's GPU); a job script that starts train.py itself in torchrun's place must set them all
+RENDEZVOUS_VARIABLES = ("RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launch_number(name, low, high=None):
+    """Environment variable `name` as a whole number from `low` to `high`; TinyinError, one line, otherwise."""
+    text = os.environ[name]
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < low or (high is not None and value > high):
+        where = f"of at least {low}" if high is None else f"from {low} to {high}"
+        raise TinyinError(f"{name}={text} in the environment: must be a whole number {where}")
+    return value
+
+
+def launch_world_size():
+    """The number of processes started for the run (WORLD_SIZE, torchrun's; 1 without one). TinyinError, one line,
+    for an environment no run can start in, which a job script that sets the variables itself in torchrun's place
+    (Slurm's srun, RANK from SLURM_PROCID) can give: a WORLD_SIZE of 0 (a ZeroDivisionError in the loader) or not a
+    number (a ValueError), and under 2 or more a `RENDEZVOUS_VARIABLES` missing (torch's ValueError, a traceback) or a
+    RANK outside 0..WORLD_SIZE-1 (the join waited 30 minutes for the rank 0 that never came)."""
+    if "WORLD_SIZE" not in os.environ:
+        return 1
+    world_size = launch_number("WORLD_SIZE", 1)
+    if world_size > 1:
+        missing = [name for name in RENDEZVOUS_VARIABLES if not os.environ.get(name)]
+        if missing:
+            raise TinyinError(f"WORLD_SIZE={world_size} in the environment but not {', '.join(missing)} (the processes "
+                              f"join each other by {', '.join(RENDEZVOUS_VARIABLES)}): start train.py with torchrun, "
+                              "which sets them, or set them all")
+        launch_number("RANK", 0, world_size - 1)
+    return world_size
+
+
+def local_gpu():
+    """This process's GPU under torchrun: the index LOCAL_RANK names. TinyinError, one line, where it names none: more
+    processes on the node than it has GPUs (`torchrun --nproc_per_node 8` on a node of 4; torch's 'invalid device
+    ordinal', a traceback), or no LOCAL_RANK set (a job script in torchrun's place: a KeyError)."""
+    if not os.environ.get("LOCAL_RANK"):
+        raise TinyinError("--device cuda on several processes, but no LOCAL_RANK in the environment: each process "
+                          "takes the GPU of its LOCAL_RANK; start train.py with torchrun, which sets it, or set it")
+    local, count = launch_number("LOCAL_RANK", 0), torch.cuda.device_count()
+    if local >= count:
+        raise TinyinError(f"LOCAL_RANK={local}: this node has {count} CUDA {plural(count, 'device')}, one per "
+                          f"process; start at most {count} {plural(count, 'process')} on it "
+                          f"(torchrun --nproc_per_node {count})")
+    return local
+
+
 @contextlib.contextmanager
 def distributed(args):
     """Join torchrun's process group when launched by it; yields (device, world_size). The one
     place the group is torn down, however the run ends (finished, interrupted, or an error).
     The join waits for every rank (a node that starts late: minutes) in C++: main enters it
     within `stopped_at_once`."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    world_size = launch_world_size()
     if world_size > 1:  # torchrun put RANK, LOCAL_RANK and MASTER_ADDR in the environment
         if args.device == "cuda":
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(local_gpu())
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device(args.device)
     together = False  # whether every rank is leaving here at once
@@ -1456,7 +1508,7 @@ def parse_args(argv=None):
         parser.error(f"argument -j/--workers: only --data-path stream uses loader workers; "
                      f"--data-path {args.data_path} reads the shards in the training process")
     device = check_device(args.device, present=False)  # whether this machine has it: main()
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and device.type == "cuda" and device.index is not None:
+    if launch_world_size() > 1 and device.type == "cuda" and device.index is not None:
         # `distributed` gives each rank its own GPU for "cuda" only
         parser.error(f"argument --device: {args.device} under torchrun, where each process takes the GPU of its "
                      "LOCAL_RANK; give --device cuda")

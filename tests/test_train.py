@@ -302,11 +302,69 @@ def test_device_cuda_without_a_gpu_is_a_usage_error(capsys):
 def test_a_gpu_named_by_its_index_under_torchrun_is_a_usage_error(device, capsys, monkeypatch):
     """Under torchrun each rank takes the GPU of its LOCAL_RANK with --device cuda; --device cuda:N put every rank
     on GPU N, their gradients all-reduced through gloo, without a word."""
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name, value in dict(TORCHRUN_ENV, WORLD_SIZE="2").items():
+        monkeypatch.setenv(name, value)
     assert cli("--device", device) == 2
     assert capsys.readouterr().err == (
         f"error: argument --device: {device} under torchrun, where each process takes the GPU of its LOCAL_RANK; "
         "give --device cuda\n")
+
+
+#: what torchrun gives rank 0 of its workers beside WORLD_SIZE (train.py joins nothing in these tests: `no_join`)
+TORCHRUN_ENV = dict(RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
+
+
+@pytest.fixture
+def no_join(monkeypatch):
+    """torch.distributed's join of the other ranks fails the test: a run refused before it."""
+    def join(*args, **kwargs):
+        raise AssertionError("joined the process group")
+    monkeypatch.setattr(train.dist, "init_process_group", join)
+
+
+@pytest.mark.parametrize("env, line", [
+    (dict(WORLD_SIZE="2"), "WORLD_SIZE=2 in the environment but not RANK, MASTER_ADDR, MASTER_PORT"),
+    (dict(WORLD_SIZE="2", RANK="1", MASTER_ADDR="node0"), "WORLD_SIZE=2 in the environment but not MASTER_PORT"),
+    (dict(TORCHRUN_ENV, WORLD_SIZE="2", RANK="2"), "RANK=2 in the environment: must be a whole number from 0 to 1"),
+    (dict(WORLD_SIZE="0"), "WORLD_SIZE=0 in the environment: must be a whole number of at least 1"),
+    (dict(WORLD_SIZE="two"), "WORLD_SIZE=two in the environment: must be a whole number of at least 1"),
+], ids=["no-rank", "no-port", "rank-past-the-last", "no-processes", "not-a-number"])
+def test_a_launch_environment_no_run_can_start_in_is_one_line(tiny_shards, tmp_path, monkeypatch, capsys, no_join,
+                                                              env, line):
+    """A job script that sets torchrun's variables itself (Slurm's srun, RANK from SLURM_PROCID) and gets one wrong:
+    torch's ValueError for a RANK or MASTER_PORT missing (a traceback), a join that waited 30 minutes for a rank 0
+    that never came (a RANK past the last), a ZeroDivisionError in the loader (WORLD_SIZE 0), int()'s ValueError."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert cli("--shards", tiny_shards, "--device", "cpu", "--arch", "lenet5", "--output-dir", tmp_path / "run") == 1
+    rendezvous = " (the processes join each other by RANK, MASTER_ADDR, MASTER_PORT): start train.py with torchrun, " \
+                 "which sets them, or set them all"
+    assert capsys.readouterr().err == f"error: {line}{rendezvous if 'but not' in line else ''}\n"
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("local_rank, line", [
+    ("4", "LOCAL_RANK=4: this node has 4 CUDA devices, one per process; start at most 4 processes on it "
+          "(torchrun --nproc_per_node 4)"),
+    (None, "--device cuda on several processes, but no LOCAL_RANK in the environment: each process takes the GPU "
+           "of its LOCAL_RANK; start train.py with torchrun, which sets it, or set it"),
+])
+def test_a_process_without_a_gpu_of_its_own_is_one_line(monkeypatch, no_join, local_rank, line):
+    """`torchrun --nproc_per_node 8` on a node of 4 GPUs: torch's 'invalid device ordinal', a traceback, on the ranks
+    past the GPUs; a job script in torchrun's place that set no LOCAL_RANK: a KeyError."""
+    for name, value in dict(TORCHRUN_ENV, WORLD_SIZE="8", RANK="4", LOCAL_RANK=local_rank).items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+
+    def set_device(index):
+        raise AssertionError(f"took cuda:{index}")
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    with pytest.raises(train.TinyinError) as e, train.distributed(argparse.Namespace(device="cuda")):
+        pass
+    assert str(e.value) == line
 
 
 def test_a_checkpoint_or_weights_file_it_may_not_read_is_not_called_no_checkpoint(train_shards, tmp_path, capsys,

@@ -174,6 +174,16 @@ def launch_world_size():
     return world_size
 
 
+def launch_nodes(world_size):
+    """The nodes the `world_size` processes run on: torchrun's agents, each of LOCAL_WORLD_SIZE processes (1 where
+    that is not set, or does not divide them)."""
+    try:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    except ValueError:
+        return 1
+    return world_size // local if 0 < local < world_size and world_size % local == 0 else 1
+
+
 def local_gpu():
     """This process's GPU under torchrun: the index LOCAL_RANK names. TinyinError, one line, where it names none: more
     processes on the node than it has GPUs (`torchrun --nproc_per_node 8` on a node of 4; torch's 'invalid device
@@ -1325,7 +1335,8 @@ def main(args):
             if rank() == 0:
                 print(f"interrupted at epoch {state.epoch} step {state.epoch_steps}: checkpoint saved to "
                       f"{os.path.join(args.output_dir, 'checkpoint.pth')}; continue with: "
-                      f"{continue_command(args, world_size, __file__)}", file=sys.stderr, flush=True)
+                      f"{continue_command(args, world_size, __file__, launch_nodes(world_size))}", file=sys.stderr,
+                      flush=True)
             raise SystemExit(128 + e.signum) from None
 
 

@@ -312,12 +312,14 @@ def resume_path(args):
     return args.resume
 
 
-def continue_command(args, world_size, script="train.py"):
+def continue_command(args, world_size, script="train.py", nodes=1):
     """The command line that resumes this run (printed when it is interrupted). A URL's password and
     token show as `***` in it, as in every line printed: it goes to job logs, so it is not runnable
     verbatim for such a URL, and a signed URL's token may have expired by the rerun anyway.
     `script`: train.py's path; named `train.py` in its own folder, else by its absolute path (a job's
-    `python ~/tinyin/train.py` in a folder of its own was told `python train.py`: no such file there)."""
+    `python ~/tinyin/train.py` in a folder of its own was told `python train.py`: no such file there).
+    `nodes`: the torchrun agents the `world_size` processes ran under; a run of 2 nodes of 8 was told
+    `torchrun --nproc_per_node 16`, 16 processes on one node (on one of 8 GPUs, 8 without a GPU)."""
     argv, skip = [], False
     for a in args.argv:  # drop --resume X and the hidden one-shot flags: --resume auto replaces them
         if skip:
@@ -328,5 +330,9 @@ def continue_command(args, world_size, script="train.py"):
             argv.append(a)
     script = "train.py" if os.path.samefile(os.path.dirname(os.path.abspath(script)), ".") else os.path.abspath(script)
     launcher = f"torchrun --nproc_per_node {world_size}" if world_size > 1 else "python"
+    where = ""
+    if nodes > 1:  # the rendezvous flags are the agents' own, which no worker sees
+        launcher = f"torchrun --nnodes {nodes} --nproc_per_node {world_size // nodes}"
+        where = f" (on each of the {nodes} nodes, with the run's --rdzv flags)"
     launcher = f"{launcher} {shlex.quote(script)}"
-    return hide_password(f"{launcher} {shlex.join(argv + ['--resume', 'auto'])}")  # printed to a job's log
+    return hide_password(f"{launcher} {shlex.join(argv + ['--resume', 'auto'])}{where}")  # printed to a job's log

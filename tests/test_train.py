@@ -1568,6 +1568,30 @@ def test_ddp_three_ranks_on_the_stream_path_use_even_shares_and_resume_bit_ident
         assert read_keys(resumed, r) == read_keys(out, r)
 
 
+@pytest.mark.parametrize("local, launcher, where", [
+    ("8", "torchrun --nnodes 2 --nproc_per_node 8", " (on each of the 2 nodes, with the run's --rdzv flags)"),
+    ("16", "torchrun --nproc_per_node 16", ""),
+], ids=["two-nodes", "one-node"])
+def test_an_interrupted_run_of_several_nodes_is_told_to_continue_on_as_many(train_shards, tmp_path, monkeypatch,
+                                                                             capsys, local, launcher, where):
+    """2 nodes of 8 (torchrun's LOCAL_WORLD_SIZE): the "continue with:" line said `torchrun --nproc_per_node 16`, 16
+    processes on one node (on a node of 8 GPUs, 8 processes without one). Here rank 0 of 16 stands alone, without
+    DDP, the other ranks' collectives answered for by its own (`gather`)."""
+    def no_ddp(model, device_ids):
+        model.register_comm_hook = lambda state, hook: None
+        return model
+    monkeypatch.setattr(train, "distributed", lambda args: contextlib.nullcontext((torch.device("cpu"), 16)))
+    monkeypatch.setattr(train.nn.parallel, "DistributedDataParallel", no_ddp)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+    monkeypatch.chdir(tmp_path)  # train.py named by its path, as in a job's folder
+    out = tmp_path / "run"
+    stop_at(train_shards, out, 1, "--arch", "lenet5", "-b", "4", "--limit-batches", "2")
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"interrupted at epoch 0 step 1: checkpoint saved to {out / 'checkpoint.pth'}; continue with: {launcher} "
+        f"{ROOT / 'train.py'} --shards {train_shards} --device cpu --output-dir {out} --arch lenet5 -b 4 "
+        f"--limit-batches 2 --resume auto{where}")
+
+
 def test_two_rank_run_resumes_on_one_rank_exactly_once(train_shards, tmp_path, capsys):
     out, keys = tmp_path / "elastic", train_keys(train_shards)
     flags = ["--shards", train_shards, "--arch", "lenet5", "--epochs", "2", "-b", "50", "--device", "cpu",

@@ -63,9 +63,9 @@ with stopped_at_once():  # the imports (torch's: seconds): a signal ends them in
                                      continue_command, flag_text, keep_start, load_checkpoint, restore_ema,
                                      resume_path, run_identity, save_atomic, saved_flags, saved_records, weights_run)
     from pipeline.device import check_device
-    from pipeline.errors import (ArgumentParser, CheckpointError, ShardError, TinyinError, UsageError, at_least,
-                                 hide_password, path_text, plural, positive_float, refused_open, run_cli,
-                                 sigterm_interrupts, when_orphaned)
+    from pipeline.errors import (ENVIRONMENT_ERRNOS, ArgumentParser, CheckpointError, ShardError, TinyinError,
+                                 UsageError, at_least, hide_password, path_text, plural, positive_float, refused_open,
+                                 run_cli, sigterm_interrupts, when_orphaned)
     from pipeline.augment import AUGMENTS
     from pipeline.mixing import MODES as MIX_MODES, mix_batch, mix_generator
     from pipeline.order import MoreRanksThanSamples, NoFullBatch, UnevenBatchesOfOne, check_even_batches, step_seed
@@ -102,6 +102,31 @@ def gather(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+@contextlib.contextmanager
+def errors_on_every_rank():
+    """Under DDP, a user's mistake that some ranks find within the block (a TinyinError, or an OSError of the
+    environment: what `run_cli` says in one line) ends every rank: those that found it with its line, the others
+    with the first such rank's, named (collective: the block holds none, and every rank comes to its end). For what
+    each rank finds for itself: its node's copy of the shards (missing, damaged), a --weights or --resume file not on
+    its node. Only the ranks that found it stopped; the others went on into the next collective and ended there in
+    gloo's traceback ('Connection closed by peer'), or waited on NCCL's."""
+    try:
+        yield
+    except TinyinError as e:
+        gather((e.exit_code, str(e)))
+        raise
+    except OSError as e:
+        if e.errno in ENVIRONMENT_ERRNOS:  # (another is a bug's: its traceback, as before)
+            gather((1, f"{e.strerror}: {e.filename}" if e.filename else e.strerror))
+        raise
+    found = [(r, error) for r, error in enumerate(gather("")) if error]  # (exit code, line), or '' for none
+    if found:
+        r, (code, text) = found[0]
+        error = TinyinError(f"rank {r}: {text}")
+        error.exit_code = code  # a UsageError's 2
+        raise error
 
 
 def process_start():
@@ -657,7 +682,8 @@ def build(args, device, world_size, shard_set=None):
     seed_everything(args.seed)  # the same initial weights on every rank
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    module = build_model(args, manifest)
+    with errors_on_every_rank():  # a --weights file not on every node
+        module = build_model(args, manifest)
     torch.manual_seed(args.seed + rank())  # but different dropout masks
     module.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
     model = module
@@ -1274,18 +1300,19 @@ def main(args):
             stop_when_the_launcher_dies()
             device, world_size = run.enter_context(distributed(args))
         stop, held = run.enter_context(StopSignals()), run.enter_context(contextlib.ExitStack())
-        ckpt_path = resume_path(args)
-        if args.test_only and args.pretrained and not ckpt_path:  # the ImageNet head has 1000 classes: replaced
-            raise UsageError("--test-only evaluates a trained network: --pretrained gives ImageNet's weights a fresh "
-                             "head (chance level); train from them first")
-        if args.test_only and not (ckpt_path or args.weights or args.pretrained):
-            where = f" (no checkpoint.pth in {args.output_dir})" if args.resume == "auto" else ""
-            raise UsageError(f"--test-only evaluates a trained network: give --resume (a checkpoint, or auto)"
-                             f"{where} or --weights FILE")
-        if not is_set_url(args.shards):  # a typo said first: not a checkpoint in --output-dir it would replace
-            local_folder("--shards", args.shards, DEFAULT_SHARDS)  # (whose advice, --resume auto, met the missing folder next)
-        if ckpt_path and args.resume != "auto":  # so is a --resume typo: it is no run's checkpoint to continue
-            check_resume_file(ckpt_path)
+        with errors_on_every_rank():  # each rank's own files: a node may lack them
+            ckpt_path = resume_path(args)
+            if args.test_only and args.pretrained and not ckpt_path:  # the ImageNet head has 1000 classes: replaced
+                raise UsageError("--test-only evaluates a trained network: --pretrained gives ImageNet's weights a "
+                                 "fresh head (chance level); train from them first")
+            if args.test_only and not (ckpt_path or args.weights or args.pretrained):
+                where = f" (no checkpoint.pth in {args.output_dir})" if args.resume == "auto" else ""
+                raise UsageError(f"--test-only evaluates a trained network: give --resume (a checkpoint, or auto)"
+                                 f"{where} or --weights FILE")
+            if not is_set_url(args.shards):  # a typo said first: not a checkpoint in --output-dir it would replace
+                local_folder("--shards", args.shards, DEFAULT_SHARDS)  # (whose advice, --resume auto, met the missing folder next)
+            if ckpt_path and args.resume != "auto":  # so is a --resume typo: it is no run's checkpoint to continue
+                check_resume_file(ckpt_path)
         locked = False
         if not args.test_only:  # before the data loads: a mistake is told at once
             check_no_run_replaced(args, ckpt_path)
@@ -1294,7 +1321,8 @@ def main(args):
             if locked := gather(rank() == 0 and os.path.isfile(os.path.join(args.output_dir, RUN_LOCK_FILE)))[0]:
                 make_output_dir(args.output_dir)  # read-only: said as for a new run, not by the lock file's open
                 held.enter_context(output_dir_lock(args))
-        shard_set = open_shards(args)
+        with errors_on_every_rank():  # a node's own copy, or its fetch
+            shard_set = open_shards(args)
         check_same_set(shard_set.manifest, args)  # first: a node's stale set is no checkpoint "of another run"
         # A resume's run's own flags where the command leaves them out: -b before the loaders take it
         kept = resume_flags(ckpt_path, args, shard_set.manifest) if ckpt_path else {}

@@ -4,6 +4,7 @@ mid-epoch and elastic resume, DDP on CPU."""
 import argparse
 import contextlib
 import errno
+import itertools
 import json
 import multiprocessing
 import os
@@ -1047,12 +1048,38 @@ def test_ranks_that_find_different_checkpoints_are_refused(tiny_shards, tmp_path
         "every node must read the same checkpoint, from an --output-dir they share\n")
 
 
+@pytest.mark.parametrize("block, error", [(0, (1, "--shards data/shards: no such folder")),
+                                          (2, (1, "--weights /home/me/w.pth: no such file"))],
+                         ids=["its-own-shards", "its-own-weights"])
+def test_a_mistake_that_another_rank_finds_for_itself_ends_this_one_in_one_line(train_shards, tmp_path, monkeypatch,
+                                                                                 capsys, block, error):
+    """Nodes read copies of their own (README): one without its copy, or without a --weights file kept in a home
+    folder of its own, stopped its ranks with the line, and the others went on into the next collective, where gloo
+    ended them in a traceback ('Connection closed by peer'), or NCCL waited. Here rank 1 is a stand-in: `gather`
+    answers for it with its error at the end of the `block`-th check of each rank's own files, of 3 (where each
+    rank says '' for none)."""
+    blocks = itertools.count()
+    monkeypatch.setattr(train, "gather", lambda obj: [obj, error if obj == "" and next(blocks) == block else obj])
+    assert cli("--shards", train_shards, "--device", "cpu", "--output-dir", tmp_path / "run", "--arch", "lenet5",
+               "--epochs", "1", "--limit-batches", "1") == 1
+    assert capsys.readouterr().err == f"error: rank 1: {error[1]}\n"
+
+
+def test_a_rank_that_finds_a_mistake_for_itself_tells_the_others_before_it_ends(tmp_path, monkeypatch, capsys):
+    told = []
+    monkeypatch.setattr(train, "gather", lambda obj: told.append(obj) or [obj, ""])
+    assert cli("--shards", tmp_path / "nosuch", "--device", "cpu", "--output-dir", tmp_path / "run",
+               "--arch", "lenet5") == 1
+    line = capsys.readouterr().err
+    assert line == f"error: --shards {tmp_path / 'nosuch'}: no such folder\n" and told == [(1, line[7:-1])]
+
+
 def test_ranks_that_open_different_shard_sets_are_refused(train_shards, tiny_shards, tmp_path, monkeypatch, capsys):
     """Each node reads its own --shards: one holding another build (a stale copy, the release synthesised or
     fetched again) trained its ranks on that set's samples, without a word (two nodes, synth seeds 0 and 1:
     exit 0 on both), or with other train counts aborted in a collective (SIGABRT, a traceback from gloo).
     Here the other rank is a stand-in: `gather` answers for it with another set."""
-    monkeypatch.setattr(train, "gather", lambda obj: [obj, "0" * 64])
+    monkeypatch.setattr(train, "gather", lambda obj: [obj, "0" * 64 if obj and isinstance(obj, str) else obj])
     assert cli("--shards", train_shards, "--device", "cpu", "--output-dir", tmp_path, "--arch", "lenet5") == 1
     assert capsys.readouterr().err == (
         f"error: --shards {train_shards}: rank 1 opened another shard set than rank 0 (other shards, by their "
@@ -1062,7 +1089,7 @@ def test_ranks_that_open_different_shard_sets_are_refused(train_shards, tiny_sha
     # what is wrong there, not the checkpoint (not 'a checkpoint of another run (dataset ...)').
     monkeypatch.undo()
     run(train_shards, tmp_path / "run", "--arch", "lenet5", "--epochs", "1", "--limit-batches", "1")
-    monkeypatch.setattr(train, "gather", lambda obj: [obj, "0" * 64])
+    monkeypatch.setattr(train, "gather", lambda obj: [obj, "0" * 64 if obj and isinstance(obj, str) else obj])
     assert cli("--shards", tiny_shards, "--device", "cpu", "--output-dir", tmp_path / "run", "--arch", "lenet5",
                "--resume", "auto") == 1
     assert capsys.readouterr().err == (

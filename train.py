@@ -1213,10 +1213,13 @@ def main(args):
             device, world_size = run.enter_context(distributed(args))
         stop, held = run.enter_context(StopSignals()), run.enter_context(contextlib.ExitStack())
         ckpt_path = resume_path(args)
-        if args.test_only and args.pretrained and not ckpt_path:  # the ImageNet head has 1000 classes: replaced
+        # The ImageNet head has 1000 classes: replaced. Said of a --pretrained the command typed, without --resume:
+        # one --recipe paper set (its 224 rows), or a --resume auto that found no checkpoint (another --output-dir),
+        # was said to be the mistake, where the checkpoint to evaluate was missing.
+        if args.test_only and args.pretrained and not args.resume and "pretrained" in given_flags(args.argv):
             raise UsageError("--test-only evaluates a trained network: --pretrained gives ImageNet's weights a fresh "
                              "head (chance level); train from them first")
-        if args.test_only and not (ckpt_path or args.weights or args.pretrained):
+        if args.test_only and not (ckpt_path or args.weights):
             where = f" (no checkpoint.pth in {args.output_dir})" if args.resume == "auto" else ""
             raise UsageError(f"--test-only evaluates a trained network: give --resume (a checkpoint, or auto)"
                              f"{where} or --weights FILE")

@@ -428,6 +428,19 @@ def test_test_only_refuses_a_fresh_head(train_shards, tmp_path, capsys):
                "--resume", "auto", "--limit-batches", "1")["val"]["top1"] >= 0
 
 
+def test_test_only_without_a_checkpoint_says_so_where_it_did_not_type_pretrained(tmp_path, capsys):
+    """--recipe paper's 224 rows set --pretrained: their command with --test-only added (--resume auto, in a folder
+    without the run's checkpoint; or no --resume) was told '--pretrained gives ImageNet's weights a fresh head', a
+    flag never typed, and so was a typed --pretrained whose --resume auto found no checkpoint."""
+    base = ["--device", "cpu", "--shards", tmp_path, "--output-dir", tmp_path, "--arch", "resnet18", "--size", "224",
+            "--test-only"]
+    give = "error: --test-only evaluates a trained network: give --resume (a checkpoint, or auto)"
+    for extra, where in (([], ""), (["--resume", "auto"], f" (no checkpoint.pth in {tmp_path})")):
+        for start in (["--recipe", "paper"], ["--pretrained"] if extra else ["--recipe", "paper", "--no-pretrained"]):
+            assert cli(*base, *start, *extra) == 2
+            assert capsys.readouterr().err == f"{give}{where} or --weights FILE\n", (start, extra)
+
+
 def test_test_only_refuses_a_checkpoint_of_other_classes(train_shards, tmp_path, capsys):
     """A run on another 10 classes has a head that fits: --test-only scored its outputs against these labels
     (val top-1 0-10%) and exited 0. A train.py checkpoint records its classes; a plain state dict does not."""

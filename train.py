@@ -1403,8 +1403,11 @@ def check_training_flags(parser, args, given):
         parser.error(f"argument --ema: must be below 1, not {args.ema:g}")
     if args.mix_prob > 1:
         parser.error(f"argument --mix-prob: must be at most 1, not {args.mix_prob:g}")
+    # --lr-step-size and --lr-gamma too: given with the default cosine, they trained a cosine without a word
+    step_off = args.lr_scheduler != "step"
     for flag, needs, off in (("mix_alpha", "mix", args.mix == "none"), ("mix_prob", "mix", args.mix == "none"),
-                             ("ema_every", "ema", not args.ema)):
+                             ("ema_every", "ema", not args.ema), ("lr_step_size", "lr-scheduler step", step_off),
+                             ("lr_gamma", "lr-scheduler step", step_off)):
         if flag in given and off:
             parser.error(f"argument --{flag.replace('_', '-')}: only acts with --{needs}")
     if args.mix != "none" and args.mix_alpha is None:

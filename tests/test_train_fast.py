@@ -537,6 +537,9 @@ def test_explicit_flags_beat_recipe_fast():
     (["--mix-alpha", "0.4"], "argument --mix-alpha: only acts with --mix"),
     (["--ema-every", "2"], "argument --ema-every: only acts with --ema"),
     (["--mix-prob", "0.5"], "argument --mix-prob: only acts with --mix"),
+    # a step schedule's flags with the default cosine: they trained the cosine without a word
+    (["--lr-step-size", "5", "--lr-gamma", "0.5"], "argument --lr-step-size: only acts with --lr-scheduler step"),
+    (["--lr-scheduler", "onecycle", "--lr-gamma", "0.5"], "argument --lr-gamma: only acts with --lr-scheduler step"),
     (["--augment", "flip"], "argument --augment: invalid choice: 'flip' (choose from 'none', 'crop', 'rrc')"),
     (["--arch", "alexnet", "--size", "64", "--recipe", "fast"],
      "argument --recipe: recipe 'fast' has no row for alexnet at --size 64; it has: resnet18_64 --size 64, "

@@ -1383,14 +1383,20 @@ def get_args_parser(add_help=True):
     return p
 
 
-def check_training_flags(parser, args, given):
-    """Validate the speedrun's flags (after --recipe, which may have set them); fill --mix-alpha."""
+def check_training_flags(parser, args, given, from_recipe=()):
+    """Validate the speedrun's flags (after --recipe, which may have set them: `from_recipe`, their dests); fill
+    --mix-alpha."""
+    # A value the recipe set is said to be its: `--recipe fast --epochs 1` was told '--warmup-epochs: must be below
+    # --epochs (1), not 2', a flag never typed, with no word of where its 2 came from.
+    whose = lambda dest: f"--recipe {args.recipe}'s " if dest in from_recipe else ""  # noqa: E731
     if args.nesterov and args.momentum == 0:
-        parser.error("argument --nesterov: needs a momentum above 0, not --momentum 0")
+        parser.error("argument --nesterov: needs a momentum above 0, not --momentum 0"
+                     + (f" (--recipe {args.recipe} sets it: add --no-nesterov)" if "nesterov" in from_recipe else ""))
     if args.warmup_epochs >= args.epochs:
-        parser.error(f"argument --warmup-epochs: must be below --epochs ({args.epochs}), not {args.warmup_epochs:g}")
-    per_step_only = ("--warmup-epochs" if args.warmup_epochs
-                     else "--lr-scheduler onecycle" if args.lr_scheduler == "onecycle" else "")
+        parser.error(f"argument --warmup-epochs: must be below {whose('epochs')}--epochs ({args.epochs}), not "
+                     f"{whose('warmup_epochs')}{args.warmup_epochs:g}")
+    per_step_only = (f"{whose('warmup_epochs')}--warmup-epochs" if args.warmup_epochs
+                     else f"{whose('lr_scheduler')}--lr-scheduler onecycle" if args.lr_scheduler == "onecycle" else "")
     if args.lr_per == "epoch" and per_step_only:
         parser.error(f"argument --lr-per: epoch, but {per_step_only} changes the lr every step")
     # Resolved here, so a warm-up's ablation (--warmup-epochs 0 under --recipe fast, whose --lr-per is step) keeps
@@ -1445,6 +1451,7 @@ def parse_args(argv=None):
         args.size = info["native"]
     if args.size not in info["sizes"]:
         parser.error(f"argument --size: {args.arch} takes {' or '.join(map(str, info['sizes']))}, not {args.size}")
+    from_recipe = set()  # the flags the recipe set (dests): those the command leaves out
     if args.recipe:
         try:
             recipe = resolve_recipe(args.recipe, args.arch, args.size, device=args.device)
@@ -1452,12 +1459,12 @@ def parse_args(argv=None):
             parser.error(f"argument --recipe: {e}")
         if "weights" in given:  # a local weights file stands in for the download
             recipe.pop("pretrained", None)
-        for k, v in recipe.items():
-            if k not in given:
-                setattr(args, k, v)
+        from_recipe = set(recipe) - given
+        for k in from_recipe:
+            setattr(args, k, recipe[k])
     if args.label_smoothing >= 1:
         parser.error(f"argument --label-smoothing: must be below 1, not {args.label_smoothing:g}")  # '1', not '1.0'
-    check_training_flags(parser, args, given)
+    check_training_flags(parser, args, given, from_recipe)
     if args.workers is not None and args.data_path != "stream":
         parser.error(f"argument -j/--workers: only --data-path stream uses loader workers; "
                      f"--data-path {args.data_path} reads the shards in the training process")

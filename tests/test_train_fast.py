@@ -522,8 +522,15 @@ def test_explicit_flags_beat_recipe_fast():
 @pytest.mark.parametrize("argv, message", [
     (["--nesterov", "--momentum", "0"], "argument --nesterov: needs a momentum above 0, not --momentum 0"),
     (["--warmup-epochs", "3", "--epochs", "3"], "argument --warmup-epochs: must be below --epochs (3), not 3"),
+    # a value the recipe set is said to be its (the quick try `--recipe fast --epochs 2` named a flag never typed)
     (["--arch", "resnet18_64", "--recipe", "fast", "--epochs", "2"],
-     "argument --warmup-epochs: must be below --epochs (2), not 2"),
+     "argument --warmup-epochs: must be below --epochs (2), not --recipe fast's 2"),
+    (["--arch", "resnet18_64", "--recipe", "fast", "--warmup-epochs", "40"],
+     "argument --warmup-epochs: must be below --recipe fast's --epochs (40), not 40"),
+    (["--arch", "resnet18_64", "--recipe", "fast", "--lr-per", "epoch"],
+     "argument --lr-per: epoch, but --recipe fast's --warmup-epochs changes the lr every step"),
+    (["--arch", "resnet18_64", "--recipe", "fast", "--momentum", "0"],
+     "argument --nesterov: needs a momentum above 0, not --momentum 0 (--recipe fast sets it: add --no-nesterov)"),
     (["--ema", "1"], "argument --ema: must be below 1, not 1"),
     (["--lr-per", "epoch", "--warmup-epochs", "1"],
      "argument --lr-per: epoch, but --warmup-epochs changes the lr every step"),

@@ -976,8 +976,8 @@ def test_only(parts, args, path):
     sync_ema_buffers(parts)
     result = {split: evaluate(parts.eval_model, parts.criterion, loader, parts.device, args)
               for split, loader in (("val", parts.val), ("test", parts.test))}
-    # the file's: --weights of an --ema run's is its average, with --ema or without; --ema on another file's
-    # evaluates a copy of its weights (a --resume and its --ema agree: `restore_ema`)
+    # the file's: an --ema run's is its average, with --ema or without; --ema on another file's evaluates a copy
+    # of its weights (for a --resume, `restore_ema`)
     averaged = saved_records(path, "ema")[0] is not None
     # limit_batches: a look at a few batches of each split read as an evaluation of all of it
     result.update(weights=path, eval_model="ema" if averaged else "model", tta=args.tta, limit_batches=args.limit_batches)

@@ -895,6 +895,26 @@ def test_an_ema_checkpoint_is_evaluated_whatever_the_decay_given():
         "1, and one average must keep its decay; resume it with --ema 0.999 --ema-every 4, or use another --output-dir")
 
 
+def test_test_only_evaluates_a_checkpoints_average_or_weights_with_or_without_ema():
+    """README: --test-only may differ in --ema. A --recipe fast run's checkpoint evaluated without the recipe was
+    refused 'resume it with --ema 0.999', and a plain run's with --ema 'holds no EMA'; --weights of either file
+    evaluated it. Now the file's average is evaluated without --ema, and its weights (not the fresh ones the EMA
+    was copied from) with it."""
+    from torch.optim.swa_utils import AveragedModel
+
+    torch.manual_seed(0)
+    trained, average, fresh = nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2)
+    ckpt = dict(args=dict(ema=0.999, ema_every=4), ema=AveragedModel(average).state_dict())
+    module = nn.Linear(2, 2)
+    module.load_state_dict(trained.state_dict())  # `restore` loads the model's weights first
+    checkpoint.restore_ema(argparse.Namespace(ema=None, module=module), ckpt, "c.pth", flags("--test-only"))
+    assert all(torch.equal(a, b) for a, b in zip(module.state_dict().values(), average.state_dict().values()))
+    ema = AveragedModel(fresh)
+    checkpoint.restore_ema(argparse.Namespace(ema=ema, module=trained), dict(args={}), "c.pth",
+                           flags("--test-only", "--ema", "0.9"))
+    assert all(torch.equal(a, b) for a, b in zip(ema.module.state_dict().values(), trained.state_dict().values()))
+
+
 def test_a_file_of_another_format_is_no_checkpoint_to_resume(tmp_path):
     torch.save({"format": "tinyin-train-1", "identity": {}}, tmp_path / "old.pth")
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "weights.pth")

@@ -1445,6 +1445,8 @@ def parse_args(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
     given = given_flags(argv)
+    if args.seed >= 2**63:  # torch.manual_seed(seed + rank) takes 64 bits: a longer one was its ValueError's traceback
+        parser.error(f"argument --seed: must be below 2**63, not {args.seed}")
 
     info = models.model_input(args.arch)
     if args.size is None:

@@ -214,6 +214,8 @@ def test_explicit_flags_beat_the_recipe():
     (["-b", "x"], "argument -b/--batch-size: not a whole number: 'x'"),
     (["--epochs", "0"], "argument --epochs: must be at least 1, not 0"),
     (["--checkpoint-every", "0"], "argument --checkpoint-every: must be at least 1, not 0"),
+    # torch's seeds are 64-bit: a longer one was a traceback once the run built its model
+    (["--seed", str(2**64)], f"argument --seed: must be below 2**63, not {2**64}"),
     (["--limit-batches", "0"], "argument --limit-batches: must be at least 1, not 0"),
     (["--momentum", "-0.5"], "argument --momentum: must be at least 0, not -0.5"),
     (["--label-smoothing", "1"], "argument --label-smoothing: must be below 1, not 1"),

@@ -1064,8 +1064,8 @@ def test_only(parts, args, path):
     sync_ema_buffers(parts)
     result = {split: evaluate(parts.eval_model, parts.criterion, loader, parts.device, args)
               for split, loader in (("val", parts.val), ("test", parts.test))}
-    # the file's: --weights of an --ema run's is its average, with --ema or without; --ema on another file's
-    # evaluates a copy of its weights (a --resume and its --ema agree: `restore_ema`)
+    # the file's: an --ema run's is its average, with --ema or without; --ema on another file's evaluates a copy
+    # of its weights (for a --resume, `restore_ema`)
     averaged = saved_records(path, "ema")[0] is not None
     # limit_batches: a look at a few batches of each split read as an evaluation of all of it
     result.update(weights=path, eval_model="ema" if averaged else "model", tta=args.tta, limit_batches=args.limit_batches)
@@ -1302,10 +1302,13 @@ def main(args):
         stop, held = run.enter_context(StopSignals()), run.enter_context(contextlib.ExitStack())
         with errors_on_every_rank():  # each rank's own files: a node may lack them
             ckpt_path = resume_path(args)
-            if args.test_only and args.pretrained and not ckpt_path:  # the ImageNet head has 1000 classes: replaced
+            # The ImageNet head has 1000 classes: replaced. Said of a --pretrained the command typed, without --resume:
+            # one --recipe paper set (its 224 rows), or a --resume auto that found no checkpoint (another --output-dir),
+            # was said to be the mistake, where the checkpoint to evaluate was missing.
+            if args.test_only and args.pretrained and not args.resume and "pretrained" in given_flags(args.argv):
                 raise UsageError("--test-only evaluates a trained network: --pretrained gives ImageNet's weights a "
                                  "fresh head (chance level); train from them first")
-            if args.test_only and not (ckpt_path or args.weights or args.pretrained):
+            if args.test_only and not (ckpt_path or args.weights):
                 where = f" (no checkpoint.pth in {args.output_dir})" if args.resume == "auto" else ""
                 raise UsageError(f"--test-only evaluates a trained network: give --resume (a checkpoint, or auto)"
                                  f"{where} or --weights FILE")
@@ -1471,14 +1474,20 @@ def get_args_parser(add_help=True):
     return p
 
 
-def check_training_flags(parser, args, given):
-    """Validate the speedrun's flags (after --recipe, which may have set them); fill --mix-alpha."""
+def check_training_flags(parser, args, given, from_recipe=()):
+    """Validate the speedrun's flags (after --recipe, which may have set them: `from_recipe`, their dests); fill
+    --mix-alpha."""
+    # A value the recipe set is said to be its: `--recipe fast --epochs 1` was told '--warmup-epochs: must be below
+    # --epochs (1), not 2', a flag never typed, with no word of where its 2 came from.
+    whose = lambda dest: f"--recipe {args.recipe}'s " if dest in from_recipe else ""  # noqa: E731
     if args.nesterov and args.momentum == 0:
-        parser.error("argument --nesterov: needs a momentum above 0, not --momentum 0")
+        parser.error("argument --nesterov: needs a momentum above 0, not --momentum 0"
+                     + (f" (--recipe {args.recipe} sets it: add --no-nesterov)" if "nesterov" in from_recipe else ""))
     if args.warmup_epochs >= args.epochs:
-        parser.error(f"argument --warmup-epochs: must be below --epochs ({args.epochs}), not {args.warmup_epochs:g}")
-    per_step_only = ("--warmup-epochs" if args.warmup_epochs
-                     else "--lr-scheduler onecycle" if args.lr_scheduler == "onecycle" else "")
+        parser.error(f"argument --warmup-epochs: must be below {whose('epochs')}--epochs ({args.epochs}), not "
+                     f"{whose('warmup_epochs')}{args.warmup_epochs:g}")
+    per_step_only = (f"{whose('warmup_epochs')}--warmup-epochs" if args.warmup_epochs
+                     else f"{whose('lr_scheduler')}--lr-scheduler onecycle" if args.lr_scheduler == "onecycle" else "")
     if args.lr_per == "epoch" and per_step_only:
         parser.error(f"argument --lr-per: epoch, but {per_step_only} changes the lr every step")
     # Resolved here, so a warm-up's ablation (--warmup-epochs 0 under --recipe fast, whose --lr-per is step) keeps
@@ -1491,8 +1500,11 @@ def check_training_flags(parser, args, given):
         parser.error(f"argument --ema: must be below 1, not {args.ema:g}")
     if args.mix_prob > 1:
         parser.error(f"argument --mix-prob: must be at most 1, not {args.mix_prob:g}")
+    # --lr-step-size and --lr-gamma too: given with the default cosine, they trained a cosine without a word
+    step_off = args.lr_scheduler != "step"
     for flag, needs, off in (("mix_alpha", "mix", args.mix == "none"), ("mix_prob", "mix", args.mix == "none"),
-                             ("ema_every", "ema", not args.ema)):
+                             ("ema_every", "ema", not args.ema), ("lr_step_size", "lr-scheduler step", step_off),
+                             ("lr_gamma", "lr-scheduler step", step_off)):
         if flag in given and off:
             parser.error(f"argument --{flag.replace('_', '-')}: only acts with --{needs}")
     if args.mix != "none" and args.mix_alpha is None:
@@ -1524,12 +1536,15 @@ def parse_args(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
     given = given_flags(argv)
+    if args.seed >= 2**63:  # torch.manual_seed(seed + rank) takes 64 bits: a longer one was its ValueError's traceback
+        parser.error(f"argument --seed: must be below 2**63, not {args.seed}")
 
     info = models.model_input(args.arch)
     if args.size is None:
         args.size = info["native"]
     if args.size not in info["sizes"]:
         parser.error(f"argument --size: {args.arch} takes {' or '.join(map(str, info['sizes']))}, not {args.size}")
+    from_recipe = set()  # the flags the recipe set (dests): those the command leaves out
     if args.recipe:
         try:
             recipe = resolve_recipe(args.recipe, args.arch, args.size, device=args.device)
@@ -1537,12 +1552,12 @@ def parse_args(argv=None):
             parser.error(f"argument --recipe: {e}")
         if "weights" in given:  # a local weights file stands in for the download
             recipe.pop("pretrained", None)
-        for k, v in recipe.items():
-            if k not in given:
-                setattr(args, k, v)
+        from_recipe = set(recipe) - given
+        for k in from_recipe:
+            setattr(args, k, recipe[k])
     if args.label_smoothing >= 1:
         parser.error(f"argument --label-smoothing: must be below 1, not {args.label_smoothing:g}")  # '1', not '1.0'
-    check_training_flags(parser, args, given)
+    check_training_flags(parser, args, given, from_recipe)
     if args.workers is not None and args.data_path != "stream":
         parser.error(f"argument -j/--workers: only --data-path stream uses loader workers; "
                      f"--data-path {args.data_path} reads the shards in the training process")

@@ -126,9 +126,20 @@ def check_same_run(path, saved, identity):
 def restore_ema(parts, ckpt, path, args):
     """Load the checkpoint's EMA; CheckpointError when the checkpoint and this run disagree on having one
     (starting an average mid-run, or dropping one, would quietly change what is validated), or on its
-    --ema or --ema-every (one average of two decays: the state dict keeps the average, not its decay)."""
+    --ema or --ema-every (one average of two decays: the state dict keeps the average, not its decay).
+    --test-only trains nothing: it evaluates the file's average, or its weights, whatever --ema says."""
     here = parts.ema is not None
     there = ckpt["args"].get("ema") if "ema" in ckpt else None
+    if args.test_only and here != bool(there):
+        # An evaluation of the file, as of it by --weights: its average if it has one, else its weights, whatever
+        # --ema says (README: --test-only may differ in --ema). The --recipe fast run's command without the
+        # recipe was refused 'resume it with --ema 0.999'. `parts.module` holds the checkpoint's weights by now.
+        if there:  # no EMA here: the network evaluated is `parts.module`, and takes the average
+            parts.module.load_state_dict({k.removeprefix("module."): v for k, v in ckpt["ema"].items()
+                                          if k.startswith("module.")})
+        else:  # the EMA here is a copy of the fresh weights it was built from
+            parts.ema.module.load_state_dict(parts.module.state_dict())
+        return
     if here and not there:
         raise CheckpointError(f"{path}: holds no EMA of the weights (made without --ema); "
                               "resume it without --ema, or use another --output-dir")

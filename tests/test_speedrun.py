@@ -583,7 +583,7 @@ def test_unknown_ablation_is_a_one_line_error(capsys, ablate, said):
 
 @pytest.mark.parametrize("extra, message", [
     (["--arch", "lenet5"], "argument --size: lenet5 takes 28, not 64"),
-    (["--train-args", "--epochs 1"], "argument --warmup-epochs: must be below --epochs (1), not 2"),
+    (["--train-args", "--epochs 1"], "argument --warmup-epochs: must be below --epochs (1), not --recipe fast's 2"),
     # the full recipe takes it; its variant without the EMA refuses it ("... the flags of --ablate ema: ...")
     (["--ablate", "ema", "--train-args", "--ema-every 2"], "argument --ema-every: only acts with --ema"),
 ])

@@ -215,6 +215,8 @@ def test_explicit_flags_beat_the_recipe():
     (["-b", "x"], "argument -b/--batch-size: not a whole number: 'x'"),
     (["--epochs", "0"], "argument --epochs: must be at least 1, not 0"),
     (["--checkpoint-every", "0"], "argument --checkpoint-every: must be at least 1, not 0"),
+    # torch's seeds are 64-bit: a longer one was a traceback once the run built its model
+    (["--seed", str(2**64)], f"argument --seed: must be below 2**63, not {2**64}"),
     (["--limit-batches", "0"], "argument --limit-batches: must be at least 1, not 0"),
     (["--momentum", "-0.5"], "argument --momentum: must be at least 0, not -0.5"),
     (["--label-smoothing", "1"], "argument --label-smoothing: must be below 1, not 1"),
@@ -485,6 +487,19 @@ def test_test_only_refuses_a_fresh_head(train_shards, tmp_path, capsys):
     run(train_shards, out, "--arch", "lenet5", "--weights", tmp_path / "imagenet.pth", "--epochs", "1", "--limit-batches", "1")
     assert run(train_shards, out, "--arch", "lenet5", "--weights", tmp_path / "imagenet.pth", "--test-only",
                "--resume", "auto", "--limit-batches", "1")["val"]["top1"] >= 0
+
+
+def test_test_only_without_a_checkpoint_says_so_where_it_did_not_type_pretrained(tmp_path, capsys):
+    """--recipe paper's 224 rows set --pretrained: their command with --test-only added (--resume auto, in a folder
+    without the run's checkpoint; or no --resume) was told '--pretrained gives ImageNet's weights a fresh head', a
+    flag never typed, and so was a typed --pretrained whose --resume auto found no checkpoint."""
+    base = ["--device", "cpu", "--shards", tmp_path, "--output-dir", tmp_path, "--arch", "resnet18", "--size", "224",
+            "--test-only"]
+    give = "error: --test-only evaluates a trained network: give --resume (a checkpoint, or auto)"
+    for extra, where in (([], ""), (["--resume", "auto"], f" (no checkpoint.pth in {tmp_path})")):
+        for start in (["--recipe", "paper"], ["--pretrained"] if extra else ["--recipe", "paper", "--no-pretrained"]):
+            assert cli(*base, *start, *extra) == 2
+            assert capsys.readouterr().err == f"{give}{where} or --weights FILE\n", (start, extra)
 
 
 def test_test_only_refuses_a_checkpoint_of_other_classes(train_shards, tmp_path, capsys):

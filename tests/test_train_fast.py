@@ -522,8 +522,15 @@ def test_explicit_flags_beat_recipe_fast():
 @pytest.mark.parametrize("argv, message", [
     (["--nesterov", "--momentum", "0"], "argument --nesterov: needs a momentum above 0, not --momentum 0"),
     (["--warmup-epochs", "3", "--epochs", "3"], "argument --warmup-epochs: must be below --epochs (3), not 3"),
+    # a value the recipe set is said to be its (the quick try `--recipe fast --epochs 2` named a flag never typed)
     (["--arch", "resnet18_64", "--recipe", "fast", "--epochs", "2"],
-     "argument --warmup-epochs: must be below --epochs (2), not 2"),
+     "argument --warmup-epochs: must be below --epochs (2), not --recipe fast's 2"),
+    (["--arch", "resnet18_64", "--recipe", "fast", "--warmup-epochs", "40"],
+     "argument --warmup-epochs: must be below --recipe fast's --epochs (40), not 40"),
+    (["--arch", "resnet18_64", "--recipe", "fast", "--lr-per", "epoch"],
+     "argument --lr-per: epoch, but --recipe fast's --warmup-epochs changes the lr every step"),
+    (["--arch", "resnet18_64", "--recipe", "fast", "--momentum", "0"],
+     "argument --nesterov: needs a momentum above 0, not --momentum 0 (--recipe fast sets it: add --no-nesterov)"),
     (["--ema", "1"], "argument --ema: must be below 1, not 1"),
     (["--lr-per", "epoch", "--warmup-epochs", "1"],
      "argument --lr-per: epoch, but --warmup-epochs changes the lr every step"),
@@ -537,6 +544,9 @@ def test_explicit_flags_beat_recipe_fast():
     (["--mix-alpha", "0.4"], "argument --mix-alpha: only acts with --mix"),
     (["--ema-every", "2"], "argument --ema-every: only acts with --ema"),
     (["--mix-prob", "0.5"], "argument --mix-prob: only acts with --mix"),
+    # a step schedule's flags with the default cosine: they trained the cosine without a word
+    (["--lr-step-size", "5", "--lr-gamma", "0.5"], "argument --lr-step-size: only acts with --lr-scheduler step"),
+    (["--lr-scheduler", "onecycle", "--lr-gamma", "0.5"], "argument --lr-gamma: only acts with --lr-scheduler step"),
     (["--augment", "flip"], "argument --augment: invalid choice: 'flip' (choose from 'none', 'crop', 'rrc')"),
     (["--arch", "alexnet", "--size", "64", "--recipe", "fast"],
      "argument --recipe: recipe 'fast' has no row for alexnet at --size 64; it has: resnet18_64 --size 64, "
@@ -883,6 +893,26 @@ def test_an_ema_checkpoint_is_evaluated_whatever_the_decay_given():
     assert str(e.value) == (
         "c.pth: holds an EMA of the weights made with --ema 0.999 --ema-every 4, this run has --ema 0.99 --ema-every "
         "1, and one average must keep its decay; resume it with --ema 0.999 --ema-every 4, or use another --output-dir")
+
+
+def test_test_only_evaluates_a_checkpoints_average_or_weights_with_or_without_ema():
+    """README: --test-only may differ in --ema. A --recipe fast run's checkpoint evaluated without the recipe was
+    refused 'resume it with --ema 0.999', and a plain run's with --ema 'holds no EMA'; --weights of either file
+    evaluated it. Now the file's average is evaluated without --ema, and its weights (not the fresh ones the EMA
+    was copied from) with it."""
+    from torch.optim.swa_utils import AveragedModel
+
+    torch.manual_seed(0)
+    trained, average, fresh = nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2)
+    ckpt = dict(args=dict(ema=0.999, ema_every=4), ema=AveragedModel(average).state_dict())
+    module = nn.Linear(2, 2)
+    module.load_state_dict(trained.state_dict())  # `restore` loads the model's weights first
+    checkpoint.restore_ema(argparse.Namespace(ema=None, module=module), ckpt, "c.pth", flags("--test-only"))
+    assert all(torch.equal(a, b) for a, b in zip(module.state_dict().values(), average.state_dict().values()))
+    ema = AveragedModel(fresh)
+    checkpoint.restore_ema(argparse.Namespace(ema=ema, module=trained), dict(args={}), "c.pth",
+                           flags("--test-only", "--ema", "0.9"))
+    assert all(torch.equal(a, b) for a, b in zip(ema.module.state_dict().values(), trained.state_dict().values()))
 
 
 def test_a_file_of_another_format_is_no_checkpoint_to_resume(tmp_path):

@@ -2011,7 +2011,7 @@ def test_a_resume_that_trains_further_removes_final_json(tiny_shards, tmp_path):
     stop_at(tiny_shards, out, 3, *flags, "--epochs", "400", "--resume", "auto")
     assert not (out / "final.json").exists()
     row = render_table([out]).splitlines()[2].split(" | ")
-    assert row[1:4] == ["28x28 grey", "1 of 400", "8"] and row[6] == "-"  # no test figure: not finished
+    assert row[1:4] == ["28x28 grey", "1 of 400, stopped or failed", "8"] and row[6] == "-"  # not finished
     run(tiny_shards, out, *flags, "--epochs", "2", "--resume", "auto")  # finished again: written again
     assert json.loads((out / "final.json").read_text())["epochs"] == 2
 

@@ -43,9 +43,19 @@ class _Path(click.Path):
     """click's Path with a leading `~` or `~user` read as that home folder (`os.path.expanduser`), as pip, git
     and train.py read it. A shell expands it only at a word's start: `--out=~/shards`, a quoted "~/shards" or a
     job script's value arrived as typed, and a folder named `~` was made in the current one. A URL (SHARDS of
-    `shard verify` and `shard inspect`) never starts with `~`: it stays as it is."""
+    `shard verify` and `shard inspect`) never starts with `~`: it stays as it is.
+    empty: what to give instead of an empty value (an unset shell variable: `--out "$OUT"`), refused as a usage
+    error naming the option ('--out is empty: give the folder to create'): "" is the current folder to the
+    file system, where a command wrote or read without a word."""
+
+    def __init__(self, *args, empty=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.empty = empty
 
     def convert(self, value, param, ctx):
+        if value == "" and self.empty:
+            name = param.opts[0] if isinstance(param, click.Option) else param.human_readable_name
+            raise UsageError(f"{name} is empty: give {self.empty}")
         return super().convert(os.path.expanduser(value), param, ctx)
 
 
@@ -102,7 +112,8 @@ def _name_fits(ctx, param, value):
 
 
 @data.command("synth")
-@click.option("--out", required=True, type=_Path(file_okay=False), callback=_name_fits, help="Folder to create.")
+@click.option("--out", required=True, type=_Path(file_okay=False, empty="the folder to create"), callback=_name_fits,
+              help="Folder to create.")
 @click.option("--classes", default=10, show_default=True, type=click.IntRange(1), help="Number of classes.")
 @click.option("--train-per-class", default=100, show_default=True, type=click.IntRange(1), help="Train images per class.")
 @click.option("--val-per-class", default=50, show_default=True, type=click.IntRange(2),
@@ -132,15 +143,14 @@ def _md5(ctx, param, value):
 
 
 @data.command("fetch")
-@click.option("--out", required=True, type=_Path(file_okay=False), callback=_name_fits, help="Folder to download into.")
+@click.option("--out", required=True, type=_Path(file_okay=False, empty="the folder to download into"), callback=_name_fits,
+              help="Folder to download into.")
 @click.option("--url", default=None, help="Archive URL [default: the official cs231n zip, with its known size and md5].")
 @click.option("--md5", default=None, callback=_md5, help="Expected md5 of a --url download [default: not checked].")
 def data_fetch(out, url, md5):
     """Download the official release archive (resumes a partial download, checks size and md5)."""
     from . import fetch
 
-    if not out:  # an unset variable's "" (--out "$DATA"): fetch_release's ValueError for it was a traceback
-        raise UsageError("--out is empty: give the folder to download into")
     if md5 is not None and url is None:
         raise click.UsageError("--md5 checks a --url download (the official zip's md5 is built in)")
     kwargs = {} if url is None else {"url": url, "expected_size": None, "md5": md5}

@@ -376,8 +376,9 @@ def bench_train_cmd(shards, images, arch, size, batch, feeds, compile_, device, 
 
 
 @main.command("report")
-@click.argument("runs", nargs=-1, required=True, type=_Path())  # a missing one: report's own one line, exit 1
-@click.option("--out", default="report", show_default=True, type=_Path(file_okay=False), callback=_name_fits, help="Folder for report.md, report.json (every run's args, metrics and final figures) and curves.png.")
+@click.argument("runs", nargs=-1, required=True, type=_Path(empty="a run folder (train.py's --output-dir)"))  # a missing one: report's own one line, exit 1
+@click.option("--out", default="report", show_default=True, type=_Path(file_okay=False, empty="the folder for the report"),
+              callback=_name_fits, help="Folder for report.md, report.json (every run's args, metrics and final figures) and curves.png.")
 def report_cmd(runs, out):
     """The study's table (Markdown) for train.py's run folders RUNS, and their learning curves in one PNG."""
     from .report import write_report

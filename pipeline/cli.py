@@ -220,7 +220,7 @@ def _local(shards, split, progress=None):
 
 
 @shard.command("verify")
-@click.argument("shards", type=_Path())
+@click.argument("shards", type=_Path(empty="the shard set's folder or URL"))
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def shard_verify(shards, quiet):
     """Re-check every shard's checksum and count, that every sample decodes with the right label and class,
@@ -241,8 +241,8 @@ def shard_verify(shards, quiet):
 
 
 @shard.command("inspect")
-@click.argument("shards", type=_Path())
-@click.option("--png", default=None, type=_Path(dir_okay=False), help="Where to write the sample grid, its folder created; the extension names the format [default: SHARDS/samples.png].")
+@click.argument("shards", type=_Path(empty="the shard set's folder or URL"))
+@click.option("--png", default=None, type=_Path(dir_okay=False, empty="the file to write the grid in, or leave --png out"), help="Where to write the sample grid, its folder created; the extension names the format [default: SHARDS/samples.png].")
 @click.option("--classes", "max_classes", default=20, show_default=True, type=click.IntRange(1), help="Classes shown in the grid.")
 @click.option("--per-class", default=8, show_default=True, type=click.IntRange(1), help="Samples per class in the grid (at most what a class holds).")
 def shard_inspect(shards, png, max_classes, per_class):

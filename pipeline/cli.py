@@ -260,30 +260,40 @@ def bench():
     """Measure throughput."""
 
 
+def _not_empty(param, value):
+    """A path flag of the bench commands: an empty one (an unset shell variable), the current folder to the file
+    system, refused as train.py and tools/bench_loader.py refuse it (`errors.path_text`, exit 2)."""
+    if value is not None:
+        try:
+            path_text(value)
+        except argparse.ArgumentTypeError as e:
+            raise UsageError(f"argument {param.opts[0]}: {e}") from None
+
+
 def _release_root(ctx, param, value):
-    """--images of the bench commands: `bench.check_images`, as tools/bench_loader.py checks it."""
+    """--images of the bench commands: `bench.check_images`, as tools/bench_loader.py checks it; an empty one
+    (`_not_empty`) was the current folder, measured when a release."""
     from .bench import check_images
 
+    _not_empty(param, value)
     return check_images(value)
 
 
 def _shard_folder(ctx, param, value):
     """--shards of the bench commands: `shardset.local_folder`, train.py's check and words (exit 1), which
-    tools/bench_loader.py uses too; an empty one (an unset shell variable), the current folder to it, refused
-    first as train.py refuses it (`errors.path_text`, exit 2)."""
+    tools/bench_loader.py uses too; an empty one (`_not_empty`) refused first."""
     from .shardset import local_folder
 
-    try:
-        path_text(value)
-    except argparse.ArgumentTypeError as e:
-        raise UsageError(f"argument {param.opts[0]}: {e}") from None
+    _not_empty(param, value)
     return local_folder("--shards", value, DEFAULT_SHARDS)
 
 
 def _json_file(ctx, param, value):
-    """--json of the bench commands: `bench.check_json`, as tools/bench_loader.py checks it."""
+    """--json of the bench commands: `bench.check_json`, as tools/bench_loader.py checks it; an empty one
+    (`_not_empty`) was said to be 'a folder'."""
     from .bench import check_json
 
+    _not_empty(param, value)
     return check_json(value)
 
 

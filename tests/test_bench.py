@@ -358,6 +358,27 @@ def test_bench_json_in_no_folder_is_refused_before_measuring(shards, tmp_path, c
 
 
 @pytest.mark.parametrize("command", ["loader", "train"])
+def test_bench_json_ending_in_a_slash_is_refused_before_measuring(shards, tmp_path, monkeypatch, command):
+    """`--json results/` (no such folder): bench loader's write failed after the measuring, an IsADirectoryError
+    traceback, the rows only on stdout; bench train wrote them into a file named `results`."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    def measured(*args, **kwargs):
+        raise AssertionError("measured")
+
+    monkeypatch.setattr("pipeline.bench.bench_remote", measured)
+    monkeypatch.setattr("pipeline.bench_train.bench_train", measured)
+    path = f"{tmp_path / 'results'}/"
+    result = CliRunner().invoke(main, ["bench", command, "--shards", str(shards), "--json", path,
+                                       "--remote-only" if command == "loader" else "--arch=lenet5"])
+    assert (result.exit_code, result.output) == (
+        2, f"error: --json {path}: a folder's name (it ends in '/'); name a file to write the rows in\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["loader", "train"])
 def test_bench_json_with_a_name_over_name_max_is_named(shards, tmp_path, command):
     """It said 'File name too long: PATH' (exit 1), naming neither the name nor the limit, as --out elsewhere did."""
     from click.testing import CliRunner

@@ -643,6 +643,20 @@ def test_an_out_that_cannot_be_renamed_into_is_refused_before_the_work(release, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]
 
 
+def test_an_out_inside_the_releases_split_folders_is_refused(release, tmp_path):
+    """`--out REL/train/shards` built, and the release was broken by it: the next build said 'REL: class folder
+    train/shards is not in wnids.txt' (under val/images/: `shard inspect`'s samples.png 'not listed in
+    val/val_annotations.txt'), naming the user's release, not the --out that did it."""
+    copy = shutil.copytree(release, tmp_path / "release")
+    for src, out, split in ((copy, copy / "train" / "shards", "train"), (copy, copy / "val" / "images" / "s", "val"),
+                            (tmp_path, copy / "test" / "shards", "test")):  # a folder holding the release
+        assert build(src, out) == (2, f"error: --out {out}: inside the release's {split}/ folder ({copy / split}): the "
+                                      "shards would become part of the release, which the next build reads; choose a "
+                                      "folder outside it")
+        assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["release"]
+
+
 def test_the_source_is_named_however_the_release_is_spelled(release, tmp_path, monkeypatch):
     """`--src .` from inside the release folder, `--src ..` from below it: the manifest names the release
     (`release`), so that a build with the release spelled otherwise repairs that set. (Before: source ""

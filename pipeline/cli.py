@@ -56,7 +56,13 @@ class _Path(click.Path):
         if value == "" and self.empty:
             name = param.opts[0] if isinstance(param, click.Option) else param.human_readable_name
             raise UsageError(f"{name} is empty: give {self.empty}")
-        return super().convert(os.path.expanduser(value), param, ctx)
+        value = os.path.expanduser(value)
+        trimmed = value.rstrip(os.sep)
+        if not self.file_okay and trimmed != value and os.path.isfile(trimmed):
+            # `--out FILE/`: stat's ENOTDIR is a path that is not there to click, taken; the command then failed
+            # in other words ('Not a directory: FILE', exit 1) than `--out FILE`'s. Refused as that one is.
+            super().convert(trimmed, param, ctx)
+        return super().convert(value, param, ctx)
 
 
 class _OneLine:

@@ -438,6 +438,20 @@ def test_an_output_of_the_wrong_kind_is_one_line(tmp_path, args, flag, wrong):
     assert (result.exit_code, result.output) == (2, f"error: {message}\n")
 
 
+@pytest.mark.parametrize("args", [["shard", "build", "--src", "R", "--out", "FILE/"], ["data", "synth", "--out", "FILE/"],
+                                  ["data", "fetch", "--out", "FILE/"], ["report", "R", "--out", "FILE/"]],
+                         ids=lambda args: "-".join(args[:2]))
+def test_a_file_given_as_an_output_folder_with_a_slash_is_refused_as_without(tmp_path, args):
+    """`--out FILE/` was taken by click (stat's ENOTDIR: no such path), and each command failed in its own words,
+    exit 1: 'Not a directory: FILE' (synth, build), 'FILE: cannot be made a folder (File exists)' (fetch, report)."""
+    (tmp_path / "file").write_bytes(b"")
+    paths = {"R": str(tmp_path), "FILE/": f"{tmp_path / 'file'}/"}
+    result = CliRunner().invoke(main, [paths.get(a, a) for a in args])
+    assert (result.exit_code, result.output) == (
+        2, f"error: Invalid value for '--out': Directory '{tmp_path / 'file'}' is a file.\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 @pytest.mark.parametrize("args", [["data", "synth", "--out", "LONG"], ["data", "fetch", "--out", "LONG"],
                                   ["report", "R", "--out", "LONG"]],
                          ids=lambda args: "-".join(args[:2]))

@@ -91,11 +91,14 @@ def synthesize(out, classes=10, train_per_class=100, val_per_class=50, test=200,
     out = pathlib.Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: already exists and is not empty")
-    made = not out.exists()
+    # Written into a symlink's target, made where missing, as shard build's --out is: a link to a folder not
+    # made yet was '[Errno 17] File exists: LINK'.
+    folder = pathlib.Path(os.path.realpath(out))
+    made = not folder.exists()
     try:
-        _write(out, classes, train_per_class, val_per_class, test, seed, progress)
+        _write(folder, classes, train_per_class, val_per_class, test, seed, progress)
     except BaseException:  # Ctrl-C, SIGTERM (the CLI's Terminated), a full disk: no half a release is left
-        _remove_written(out, made)
+        _remove_written(folder, made)
         raise
     return out
 

@@ -182,6 +182,20 @@ def test_an_empty_out_is_refused_not_the_current_folder(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_out_that_is_a_symlink_to_a_folder_not_made_yet_is_written_there(tmp_path):
+    """`--out LINK` to a folder on a bigger disk not made yet: '[Errno 17] File exists: LINK', exit 1, where
+    shard build makes the target and builds into it. Stopped halfway, the target it made is removed."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    (tmp_path / "link").symlink_to(tmp_path / "disk" / "release")
+    result = CliRunner().invoke(main, ["data", "synth", "--out", str(tmp_path / "link"), "--classes", "1",
+                                       "--train-per-class", "1", "--val-per-class", "2", "--test", "1"])
+    assert (result.exit_code, result.stdout) == (0, f"wrote synthetic release to {tmp_path / 'link'}\n")
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "disk" / "release" / "wnids.txt").is_file()
+
+
 def test_the_annotated_box_is_exactly_the_marker():
     """The marker is white on dark classes and black on bright ones, and fills its box, edges included: pixels
     that bright (or dark) occur nowhere else, so they span exactly the annotated box."""

@@ -59,6 +59,8 @@ def check_json(path):
         raise UsageError(f"--json {path}: no folder {Path(path).parent} to write it in")
     if path is not None and Path(path).is_dir():
         raise UsageError(f"--json {path}: a folder; name a file in it to write the rows in")
+    if path is not None and str(path).endswith(os.sep):  # Path drops the '/': open() refused it after the measuring
+        raise UsageError(f"--json {path}: a folder's name (it ends in '{os.sep}'); name a file to write the rows in")
     why = path is not None and refusal(Path(path).absolute().parent)
     if why:  # another user's folder, a read-only mount: found after the measuring, the JSON lost
         raise UsageError(f"--json {path}: cannot write in {Path(path).parent} ({why})")

@@ -33,7 +33,7 @@ from .checksum import file_sum64
 from .errors import FORK_WARNING, ImageError, ShardError, SourceError, UsageError, signals_deferred, when_orphaned
 from .release import plan_release
 from .schema import FORMAT_VERSION, INDEX_FILE, MANIFEST_FILE, SHARD_PATTERN, SPLITS
-from .source import open_release
+from .source import ROOT_MARKER, open_release
 from .tarshard import write_shard
 from .variants import decode_images
 
@@ -292,6 +292,7 @@ def build_shards(src, out, workers=None, shard_size=10000, split_seed=None, on_e
     out = Path(os.path.realpath(out))
     if why := long_name(out, _temp_suffix()):  # found by the temporary folder's mkdir, naming neither
         raise UsageError(f"--out {out}: {why}; choose a shorter name")
+    _check_outside_release(src, out)
     # The name of the release, however it is spelled: `--src .` (in the release folder) was "", `..` "..".
     params = {"source": Path(os.path.abspath(src)).name, "shard_size": shard_size, "split_seed": split_seed, "on_error": on_error}
     if classes is not None:  # only then: a full build's manifest stays byte for byte what it was
@@ -371,6 +372,21 @@ def _manifest(plan, params, tasks, results):
         "shards": shards,
         "skipped": skipped,
     }
+
+
+def _check_outside_release(src, out):
+    """Refuse an `out` inside the train/, val/ or test/ folder of release folder `src` (or of the one release
+    in it): the build succeeded, and its shards (or `shard inspect`'s samples.png) became part of the release,
+    whose next build failed ('class folder train/shards is not in wnids.txt', 'val/images/shards/samples.png:
+    not listed in val/val_annotations.txt'), naming the user's release, not the --out that did it."""
+    if not os.path.isdir(src):
+        return
+    for marker in [Path(src, ROOT_MARKER), *Path(src).glob(f"*/{ROOT_MARKER}")]:
+        for split in ("train", "val", "test"):
+            folder = Path(os.path.realpath(marker.parent / split))
+            if out == folder or folder in out.parents:
+                raise UsageError(f"--out {out}: inside the release's {split}/ folder ({folder}): the shards would "
+                                 "become part of the release, which the next build reads; choose a folder outside it")
 
 
 def _check_replaceable(out):

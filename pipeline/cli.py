@@ -43,10 +43,26 @@ class _Path(click.Path):
     """click's Path with a leading `~` or `~user` read as that home folder (`os.path.expanduser`), as pip, git
     and train.py read it. A shell expands it only at a word's start: `--out=~/shards`, a quoted "~/shards" or a
     job script's value arrived as typed, and a folder named `~` was made in the current one. A URL (SHARDS of
-    `shard verify` and `shard inspect`) never starts with `~`: it stays as it is."""
+    `shard verify` and `shard inspect`) never starts with `~`: it stays as it is.
+    empty: what to give instead of an empty value (an unset shell variable: `--out "$OUT"`), refused as a usage
+    error naming the option ('--out is empty: give the folder to create'): "" is the current folder to the
+    file system, where a command wrote or read without a word."""
+
+    def __init__(self, *args, empty=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.empty = empty
 
     def convert(self, value, param, ctx):
-        return super().convert(os.path.expanduser(value), param, ctx)
+        if value == "" and self.empty:
+            name = param.opts[0] if isinstance(param, click.Option) else param.human_readable_name
+            raise UsageError(f"{name} is empty: give {self.empty}")
+        value = os.path.expanduser(value)
+        trimmed = value.rstrip(os.sep)
+        if not self.file_okay and trimmed != value and os.path.isfile(trimmed):
+            # `--out FILE/`: stat's ENOTDIR is a path that is not there to click, taken; the command then failed
+            # in other words ('Not a directory: FILE', exit 1) than `--out FILE`'s. Refused as that one is.
+            super().convert(trimmed, param, ctx)
+        return super().convert(value, param, ctx)
 
 
 class _OneLine:
@@ -102,7 +118,8 @@ def _name_fits(ctx, param, value):
 
 
 @data.command("synth")
-@click.option("--out", required=True, type=_Path(file_okay=False), callback=_name_fits, help="Folder to create.")
+@click.option("--out", required=True, type=_Path(file_okay=False, empty="the folder to create"), callback=_name_fits,
+              help="Folder to create.")
 @click.option("--classes", default=10, show_default=True, type=click.IntRange(1), help="Number of classes.")
 @click.option("--train-per-class", default=100, show_default=True, type=click.IntRange(1), help="Train images per class.")
 @click.option("--val-per-class", default=50, show_default=True, type=click.IntRange(2),
@@ -132,15 +149,14 @@ def _md5(ctx, param, value):
 
 
 @data.command("fetch")
-@click.option("--out", required=True, type=_Path(file_okay=False), callback=_name_fits, help="Folder to download into.")
+@click.option("--out", required=True, type=_Path(file_okay=False, empty="the folder to download into"), callback=_name_fits,
+              help="Folder to download into.")
 @click.option("--url", default=None, help="Archive URL [default: the official cs231n zip, with its known size and md5].")
 @click.option("--md5", default=None, callback=_md5, help="Expected md5 of a --url download [default: not checked].")
 def data_fetch(out, url, md5):
     """Download the official release archive (resumes a partial download, checks size and md5)."""
     from . import fetch
 
-    if not out:  # an unset variable's "" (--out "$DATA"): fetch_release's ValueError for it was a traceback
-        raise UsageError("--out is empty: give the folder to download into")
     if md5 is not None and url is None:
         raise click.UsageError("--md5 checks a --url download (the official zip's md5 is built in)")
     kwargs = {} if url is None else {"url": url, "expected_size": None, "md5": md5}
@@ -210,7 +226,7 @@ def _local(shards, split, progress=None):
 
 
 @shard.command("verify")
-@click.argument("shards", type=_Path())
+@click.argument("shards", type=_Path(empty="the shard set's folder or URL"))
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def shard_verify(shards, quiet):
     """Re-check every shard's checksum and count, that every sample decodes with the right label and class,
@@ -231,8 +247,8 @@ def shard_verify(shards, quiet):
 
 
 @shard.command("inspect")
-@click.argument("shards", type=_Path())
-@click.option("--png", default=None, type=_Path(dir_okay=False), help="Where to write the sample grid, its folder created; the extension names the format [default: SHARDS/samples.png].")
+@click.argument("shards", type=_Path(empty="the shard set's folder or URL"))
+@click.option("--png", default=None, type=_Path(dir_okay=False, empty="the file to write the grid in, or leave --png out"), help="Where to write the sample grid, its folder created; the extension names the format [default: SHARDS/samples.png].")
 @click.option("--classes", "max_classes", default=20, show_default=True, type=click.IntRange(1), help="Classes shown in the grid.")
 @click.option("--per-class", default=8, show_default=True, type=click.IntRange(1), help="Samples per class in the grid (at most what a class holds).")
 def shard_inspect(shards, png, max_classes, per_class):
@@ -250,30 +266,40 @@ def bench():
     """Measure throughput."""
 
 
+def _not_empty(param, value):
+    """A path flag of the bench commands: an empty one (an unset shell variable), the current folder to the file
+    system, refused as train.py and tools/bench_loader.py refuse it (`errors.path_text`, exit 2)."""
+    if value is not None:
+        try:
+            path_text(value)
+        except argparse.ArgumentTypeError as e:
+            raise UsageError(f"argument {param.opts[0]}: {e}") from None
+
+
 def _release_root(ctx, param, value):
-    """--images of the bench commands: `bench.check_images`, as tools/bench_loader.py checks it."""
+    """--images of the bench commands: `bench.check_images`, as tools/bench_loader.py checks it; an empty one
+    (`_not_empty`) was the current folder, measured when a release."""
     from .bench import check_images
 
+    _not_empty(param, value)
     return check_images(value)
 
 
 def _shard_folder(ctx, param, value):
     """--shards of the bench commands: `shardset.local_folder`, train.py's check and words (exit 1), which
-    tools/bench_loader.py uses too; an empty one (an unset shell variable), the current folder to it, refused
-    first as train.py refuses it (`errors.path_text`, exit 2)."""
+    tools/bench_loader.py uses too; an empty one (`_not_empty`) refused first."""
     from .shardset import local_folder
 
-    try:
-        path_text(value)
-    except argparse.ArgumentTypeError as e:
-        raise UsageError(f"argument {param.opts[0]}: {e}") from None
+    _not_empty(param, value)
     return local_folder("--shards", value, DEFAULT_SHARDS)
 
 
 def _json_file(ctx, param, value):
-    """--json of the bench commands: `bench.check_json`, as tools/bench_loader.py checks it."""
+    """--json of the bench commands: `bench.check_json`, as tools/bench_loader.py checks it; an empty one
+    (`_not_empty`) was said to be 'a folder'."""
     from .bench import check_json
 
+    _not_empty(param, value)
     return check_json(value)
 
 
@@ -366,8 +392,9 @@ def bench_train_cmd(shards, images, arch, size, batch, feeds, compile_, device, 
 
 
 @main.command("report")
-@click.argument("runs", nargs=-1, required=True, type=_Path())  # a missing one: report's own one line, exit 1
-@click.option("--out", default="report", show_default=True, type=_Path(file_okay=False), callback=_name_fits, help="Folder for report.md, report.json (every run's args, metrics and final figures) and curves.png.")
+@click.argument("runs", nargs=-1, required=True, type=_Path(empty="a run folder (train.py's --output-dir)"))  # a missing one: report's own one line, exit 1
+@click.option("--out", default="report", show_default=True, type=_Path(file_okay=False, empty="the folder for the report"),
+              callback=_name_fits, help="Folder for report.md, report.json (every run's args, metrics and final figures) and curves.png.")
 def report_cmd(runs, out):
     """The study's table (Markdown) for train.py's run folders RUNS, and their learning curves in one PNG."""
     from .report import write_report

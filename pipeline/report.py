@@ -114,6 +114,9 @@ def read_run(run) -> dict:
     # The folder's own name, not the last part as given: `tinyin report .` (inside the run) named its row '' and
     # `tinyin report ..` its row '..'.
     name = Path(os.path.abspath(run)).name
+    # A name's bytes that are no UTF-8 (a Latin-1 'é' from an old disk or archive), as the terminal shows them:
+    # Python's surrogates for them were a traceback out of matplotlib's legend.
+    name = os.fsencode(name).decode("utf-8", "replace")
     return dict(name=name, args=optional("args.json"), rows=rows, final=final, env=optional("env.json"),
                 training=_training(run))
 

@@ -11,6 +11,7 @@ greyscale conversion and downsampling to 28x28. Per-image jitter (stripe phase a
 angle, marker shift and size, pixel noise) keeps the task from being memorisation.
 """
 
+import os
 import pathlib
 import shutil
 
@@ -82,16 +83,22 @@ def synthesize(out, classes=10, train_per_class=100, val_per_class=50, test=200,
     (unlabelled). Images are 64x64 JPEGs, about 2% of them greyscale. The same
     arguments always give byte-identical files.
 
-    Raises FileExistsError if `out` exists and is not empty. Returns `out` as a Path.
+    Raises FileExistsError if `out` exists and is not empty, ValueError if it is "" (an unset variable's: as a
+    Path the current folder, written into without a word). Returns `out` as a Path.
     """
+    if not os.fspath(out):
+        raise ValueError("out is empty: give the folder to create")
     out = pathlib.Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: already exists and is not empty")
-    made = not out.exists()
+    # Written into a symlink's target, made where missing, as shard build's --out is: a link to a folder not
+    # made yet was '[Errno 17] File exists: LINK'.
+    folder = pathlib.Path(os.path.realpath(out))
+    made = not folder.exists()
     try:
-        _write(out, classes, train_per_class, val_per_class, test, seed, progress)
+        _write(folder, classes, train_per_class, val_per_class, test, seed, progress)
     except BaseException:  # Ctrl-C, SIGTERM (the CLI's Terminated), a full disk: no half a release is left
-        _remove_written(out, made)
+        _remove_written(folder, made)
         raise
     return out
 

@@ -172,6 +172,27 @@ def test_an_empty_shards_is_refused_as_train_py_refuses_it(shards, tmp_path, mon
     assert (result.exit_code, result.output) == (2, "error: argument --shards: empty; give a path\n")
 
 
+@pytest.mark.parametrize("flag", ["--images", "--json"])
+@pytest.mark.parametrize("command", ["loader", "train"])
+def test_an_empty_images_or_json_is_refused_as_tools_bench_loader_refuses_it(release, shards, monkeypatch, command,
+                                                                             flag):
+    """`--images "$DATA"` with DATA unset, in the release's folder: the current folder was measured as the
+    ImageFolder baseline's, without a word (elsewhere: 'error: --images : no train/ folder'); --json '' was 'a
+    folder'. tools/bench_loader.py refuses both as train.py refuses an empty path."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    def measured(*args, **kwargs):
+        raise AssertionError("measured")
+
+    monkeypatch.setattr("pipeline.bench.bench_loader", measured)
+    monkeypatch.setattr("pipeline.bench_train.bench_train", measured)
+    monkeypatch.chdir(release)
+    result = CliRunner().invoke(main, ["bench", command, "--shards", str(shards), "--images", str(release), flag, ""])
+    assert (result.exit_code, result.output) == (2, f"error: argument {flag}: empty; give a path\n")
+
+
 @pytest.mark.parametrize("command", ["loader", "train"])
 def test_shards_defaults_to_readmes_folder_as_train_pys_does(shards, tmp_path, monkeypatch, command):
     """`--shards` was required of the bench commands alone: README's `tinyin shard build --out data/shards` and
@@ -334,6 +355,27 @@ def test_bench_json_in_no_folder_is_refused_before_measuring(shards, tmp_path, c
     result = CliRunner().invoke(main, ["bench", command, "--shards", str(shards), "--json", str(tmp_path / "no" / "r.json")])
     assert (result.exit_code, result.output) == (
         2, f"error: --json {tmp_path / 'no' / 'r.json'}: no folder {tmp_path / 'no'} to write it in\n")
+
+
+@pytest.mark.parametrize("command", ["loader", "train"])
+def test_bench_json_ending_in_a_slash_is_refused_before_measuring(shards, tmp_path, monkeypatch, command):
+    """`--json results/` (no such folder): bench loader's write failed after the measuring, an IsADirectoryError
+    traceback, the rows only on stdout; bench train wrote them into a file named `results`."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    def measured(*args, **kwargs):
+        raise AssertionError("measured")
+
+    monkeypatch.setattr("pipeline.bench.bench_remote", measured)
+    monkeypatch.setattr("pipeline.bench_train.bench_train", measured)
+    path = f"{tmp_path / 'results'}/"
+    result = CliRunner().invoke(main, ["bench", command, "--shards", str(shards), "--json", path,
+                                       "--remote-only" if command == "loader" else "--arch=lenet5"])
+    assert (result.exit_code, result.output) == (
+        2, f"error: --json {path}: a folder's name (it ends in '/'); name a file to write the rows in\n")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("command", ["loader", "train"])

@@ -438,6 +438,20 @@ def test_an_output_of_the_wrong_kind_is_one_line(tmp_path, args, flag, wrong):
     assert (result.exit_code, result.output) == (2, f"error: {message}\n")
 
 
+@pytest.mark.parametrize("args", [["shard", "build", "--src", "R", "--out", "FILE/"], ["data", "synth", "--out", "FILE/"],
+                                  ["data", "fetch", "--out", "FILE/"], ["report", "R", "--out", "FILE/"]],
+                         ids=lambda args: "-".join(args[:2]))
+def test_a_file_given_as_an_output_folder_with_a_slash_is_refused_as_without(tmp_path, args):
+    """`--out FILE/` was taken by click (stat's ENOTDIR: no such path), and each command failed in its own words,
+    exit 1: 'Not a directory: FILE' (synth, build), 'FILE: cannot be made a folder (File exists)' (fetch, report)."""
+    (tmp_path / "file").write_bytes(b"")
+    paths = {"R": str(tmp_path), "FILE/": f"{tmp_path / 'file'}/"}
+    result = CliRunner().invoke(main, [paths.get(a, a) for a in args])
+    assert (result.exit_code, result.output) == (
+        2, f"error: Invalid value for '--out': Directory '{tmp_path / 'file'}' is a file.\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 @pytest.mark.parametrize("args", [["data", "synth", "--out", "LONG"], ["data", "fetch", "--out", "LONG"],
                                   ["report", "R", "--out", "LONG"]],
                          ids=lambda args: "-".join(args[:2]))
@@ -641,6 +655,20 @@ def test_an_out_that_cannot_be_renamed_into_is_refused_before_the_work(release, 
     monkeypatch.chdir(here)
     assert build(release, ".", "--shard-size", str(SHARD_SIZE))[1].endswith("; repaired val-000000.tar")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]
+
+
+def test_an_out_inside_the_releases_split_folders_is_refused(release, tmp_path):
+    """`--out REL/train/shards` built, and the release was broken by it: the next build said 'REL: class folder
+    train/shards is not in wnids.txt' (under val/images/: `shard inspect`'s samples.png 'not listed in
+    val/val_annotations.txt'), naming the user's release, not the --out that did it."""
+    copy = shutil.copytree(release, tmp_path / "release")
+    for src, out, split in ((copy, copy / "train" / "shards", "train"), (copy, copy / "val" / "images" / "s", "val"),
+                            (tmp_path, copy / "test" / "shards", "test")):  # a folder holding the release
+        assert build(src, out) == (2, f"error: --out {out}: inside the release's {split}/ folder ({copy / split}): the "
+                                      "shards would become part of the release, which the next build reads; choose a "
+                                      "folder outside it")
+        assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["release"]
 
 
 def test_the_source_is_named_however_the_release_is_spelled(release, tmp_path, monkeypatch):

@@ -552,6 +552,29 @@ def test_out_or_work_that_is_a_file_is_one_line(tmp_path, monkeypatch, flag):
     assert exit.value.code == f"error: {flag} {tmp_path / 'file'}: cannot be made a folder (File exists)"
 
 
+@pytest.mark.parametrize("smoke", [[], ["--smoke"]], ids=["real", "smoke"])
+def test_out_that_is_the_results_folder_of_work_is_one_line(tmp_path, monkeypatch, smoke):
+    """--out WORK/results (where the help says the results are kept before the copy): the copy of a result from
+    an earlier call onto itself was a SameFileError traceback."""
+    sys.path.insert(0, str(SESSION.parent))
+    import gpu_session
+    from pipeline.errors import run_cli
+
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "manifest.json").write_text("{}")
+    results = tmp_path / "work" / "smoke" / "results" if smoke else tmp_path / "work" / "results"
+    results.mkdir(parents=True)
+    (results / "bench.md").write_text("| rows |\n")
+    monkeypatch.setattr(sys, "argv", ["gpu_session.py", "--shards", str(tmp_path / "shards"), "--device", "cpu",
+                                      "--parts", "bench", "--work", str(tmp_path / "work"), "--out", str(results),
+                                      *smoke])
+    with pytest.raises(SystemExit) as exit:
+        run_cli(gpu_session.main)
+    assert exit.value.code == (f"error: --out {results}: the results folder of --work, which is copied to --out; "
+                               "choose another folder")
+    assert os.listdir(results) == ["bench.md"]
+
+
 def test_commit_names_the_commit_of_a_copy_without_git(shards, tmp_path, monkeypatch):
     """The device tool's copy of the tree has no .git: env.json said commit "unknown" unless --commit named it."""
     sys.path.insert(0, str(SESSION.parent))

@@ -872,6 +872,39 @@ def test_reproduce_out_that_is_a_file(shards, tmp_path, capsys):
     assert exit.value.code == f"error: --out {tmp_path / 'out'}: cannot be made a folder (File exists)"
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["{run}", "--out", ""], "--out is empty: give the folder for the report"),
+    (["", "{run}"], "RUNS is empty: give a run folder (train.py's --output-dir)"),
+], ids=["out", "runs"])
+def test_report_refuses_an_empty_path(runs, monkeypatch, argv, message):
+    """`tinyin report "$RUN" --out "$OUT"` with a variable unset, in a run's folder: --out "" wrote report.md,
+    report.json and curves.png into it, and RUNS "" was that run (reported twice here), both exit 0."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    monkeypatch.chdir(runs[0])
+    before = sorted(os.listdir(runs[0]))
+    result = CliRunner().invoke(main, ["report", *(a.format(run=runs[0]) for a in argv)])
+    assert (result.exit_code, result.output) == (2, f"error: {message}\n")
+    assert sorted(os.listdir(runs[0])) == before
+
+
+def test_a_run_folder_named_in_bytes_that_are_no_utf8_is_reported(tmp_path):
+    """A run folder named in Latin-1 ('caf\\xe9', an old disk's or archive's): its name, in Python's surrogates
+    for those bytes, was a TypeError traceback out of matplotlib's legend. Shown as a terminal shows it."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    run = make_run(tmp_path, os.fsdecode(b"caf\xe9"), dict(arch="lenet5", size=28, epochs=1, batch_size=32),
+                   [row(0, 5.0, 4.5)])
+    result = CliRunner().invoke(main, ["report", str(run), "--out", str(tmp_path / "out")])
+    assert (result.exit_code, repr(result.exception)) == (0, "None")
+    assert result.output.endswith(f"wrote {tmp_path / 'out' / 'report.md'} and {tmp_path / 'out' / 'curves.png'}\n")
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["runs"][0]["name"] == "caf\ufffd"
+
+
 def test_report_out_it_may_not_write_in(runs, tmp_path, monkeypatch):
     """`tinyin report RUN --out X` with X read-only (a mount, another user's folder) said 'X: cannot write the report
     (OSError: [Errno 30] Read-only file system: 'X')', the path twice and a class name, where reproduce.py says

@@ -166,6 +166,36 @@ def test_cli_refuses_counts_that_make_no_release_in_one_line(tmp_path, flag, val
     assert result.output == f"error: Invalid value for '{flag}': {value} is not in the range x>={floor}.\n"
 
 
+def test_an_empty_out_is_refused_not_the_current_folder(tmp_path, monkeypatch):
+    """`--out "$DATA"` with DATA unset: the release was written into the current folder (when empty), exit 0."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["data", "synth", "--out", "", "--classes", "1", "--train-per-class", "1",
+                                       "--val-per-class", "2", "--test", "1"])
+    assert (result.exit_code, result.output) == (2, "error: --out is empty: give the folder to create\n")
+    with pytest.raises(ValueError) as info:
+        synthesize("", classes=1, train_per_class=1, val_per_class=2, test=1, progress=False)
+    assert str(info.value) == "out is empty: give the folder to create"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_out_that_is_a_symlink_to_a_folder_not_made_yet_is_written_there(tmp_path):
+    """`--out LINK` to a folder on a bigger disk not made yet: '[Errno 17] File exists: LINK', exit 1, where
+    shard build makes the target and builds into it. Stopped halfway, the target it made is removed."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    (tmp_path / "link").symlink_to(tmp_path / "disk" / "release")
+    result = CliRunner().invoke(main, ["data", "synth", "--out", str(tmp_path / "link"), "--classes", "1",
+                                       "--train-per-class", "1", "--val-per-class", "2", "--test", "1"])
+    assert (result.exit_code, result.stdout) == (0, f"wrote synthetic release to {tmp_path / 'link'}\n")
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "disk" / "release" / "wnids.txt").is_file()
+
+
 def test_the_annotated_box_is_exactly_the_marker():
     """The marker is white on dark classes and black on bright ones, and fills its box, edges included: pixels
     that bright (or dark) occur nowhere else, so they span exactly the annotated box."""

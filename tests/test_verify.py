@@ -164,6 +164,22 @@ def test_verify_and_inspect_name_a_folder_that_does_not_exist(tmp_path):
         assert run("shard", command, tmp_path / "nope") == (1, f"error: {tmp_path / 'nope'}: no such folder")
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["verify", ""], "SHARDS is empty: give the shard set's folder or URL"),
+    (["inspect", ""], "SHARDS is empty: give the shard set's folder or URL"),
+    (["inspect", "{shards}", "--png", ""], "--png is empty: give the file to write the grid in, or leave --png out"),
+], ids=["verify", "inspect", "inspect --png"])
+def test_verify_and_inspect_refuse_an_empty_path_as_a_usage_error(shards, monkeypatch, argv, message):
+    """A job script's "$SHARDS" or --png "$PNG" with the variable unset: --png "" was taken as not given, the grid
+    written into the shard set (SHARDS/samples.png), exit 0; an empty SHARDS was refused, but as a failure (exit 1)."""
+    def work(*args, **kwargs):
+        raise AssertionError("the samples were read")
+
+    monkeypatch.setattr("pipeline.reader.ShardArrays", work)
+    assert run("shard", *(a.format(shards=shards) for a in argv)) == (2, f"error: {message}")
+    assert not (shards / "samples.png").exists()
+
+
 def test_inspect_prints_counts_and_draws_a_grid(shards, tmp_path):
     png = tmp_path / "grid.png"
     code, output = run("shard", "inspect", shards, "--png", png, "--per-class", 4)

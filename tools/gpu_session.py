@@ -373,6 +373,8 @@ def main():
     for flag, folder in (("--work", work), ("--out", out)):
         if why := folder_refusal(folder):
             sys.exit(f"error: {flag} {folder}: {why}")
+    if os.path.realpath(out) == os.path.realpath(res):  # each copy onto itself: a SameFileError traceback
+        sys.exit(f"error: --out {out}: the results folder of --work, which is copied to --out; choose another folder")
     res.mkdir(parents=True, exist_ok=True)
     env = environment(args.device)
     if args.commit and env["commit"] == "unknown":

@@ -7,6 +7,7 @@ which is both the fastest way to read a gzipped tar and what lets the decode wor
 bytes; `unpack` takes the files out of the archive.
 """
 import bisect
+import codecs
 import gzip
 import io
 import os
@@ -62,10 +63,16 @@ class ReleaseFiles:
 
     def text(self, name):
         """A text file's lines (stripped, blank lines dropped); missing file -> SourceError.
-        A UTF-8 byte order mark (Windows editors write one) is dropped: it would be part of the first name."""
+        A UTF-8 byte order mark (Windows editors write one) is dropped: it would be part of the first name.
+        A file that starts with UTF-16's byte order mark is read as UTF-16: Windows PowerShell 5's `>` and
+        `Out-File`, and Notepad's 'Unicode', write that. Read as UTF-8, each name had a NUL between its letters:
+        wnids.txt's failed the build with 'class folder train/W is not in wnids.txt', words.txt's lost every
+        class's words with no word."""
         if name not in self:
             raise SourceError(f"{self.label}: missing {name}")
-        return [line.strip() for line in self.read(name).decode("utf-8-sig", "replace").splitlines() if line.strip()]
+        data = self.read(name)
+        encoding = "utf-16" if data[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) else "utf-8-sig"
+        return [line.strip() for line in data.decode(encoding, "replace").splitlines() if line.strip()]
 
 
 def _files_under(folder, label):

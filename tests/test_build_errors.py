@@ -1,4 +1,5 @@
 """Bad input: one clear line naming the file, exit code 1, nothing half-written."""
+import codecs
 import concurrent.futures
 import errno
 import io
@@ -147,6 +148,25 @@ def test_text_files_from_an_editor_build_the_same_set(release, shards, tmp_path)
         lines = (edited / name).read_text().splitlines()
         text = "".join(f" {edit(line)} \r\n" + " \r\n" * (i == 1) for i, line in enumerate(lines))  # a blank line
         (edited / name).write_bytes(("\ufeff" + text + "\t\r\n").encode())
+    code, output = build(edited, tmp_path / "out", "--shard-size", str(SHARD_SIZE))
+    assert code == 0 and output.endswith("skipped 0"), output
+    built, reference = (json.loads((s / "manifest.json").read_text()) for s in (tmp_path / "out", shards))
+    assert built["shards"] == reference["shards"] and built["classes"] == reference["classes"]
+    assert all(c["words"].startswith("synthetic class ") for c in built["classes"])
+
+
+def test_text_files_saved_as_utf16_build_the_same_set(release, shards, tmp_path):
+    """UTF-16 with its byte order mark, as Windows PowerShell 5's `>` and Notepad's 'Unicode' save a file (before:
+    wnids.txt failed the build with 'class folder train/W is not in wnids.txt', words.txt lost every class's
+    words with no word)."""
+    edited = shutil.copytree(release, tmp_path / "release")
+    wnid = sorted((release / "wnids.txt").read_text().split())[0]
+    for name, bom, encoding in (("wnids.txt", codecs.BOM_UTF16_LE, "utf-16-le"),
+                                ("val/val_annotations.txt", codecs.BOM_UTF16_LE, "utf-16-le"),
+                                ("words.txt", codecs.BOM_UTF16_BE, "utf-16-be"),
+                                (f"train/{wnid}/{wnid}_boxes.txt", codecs.BOM_UTF16_LE, "utf-16-le")):
+        text = (edited / name).read_text().replace("\n", "\r\n")
+        (edited / name).write_bytes(bom + text.encode(encoding))
     code, output = build(edited, tmp_path / "out", "--shard-size", str(SHARD_SIZE))
     assert code == 0 and output.endswith("skipped 0"), output
     built, reference = (json.loads((s / "manifest.json").read_text()) for s in (tmp_path / "out", shards))

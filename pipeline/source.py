@@ -275,6 +275,9 @@ def open_release(src):
         return ReleaseFiles(str(src), folder=root)
     if not src.is_file():  # a pipe (`--src <(curl URL)`, /dev/stdin) or a device: the readers seek in the archive
         raise SourceError(f"{src}: not a file or folder (a pipe?); save the archive to a file and pass that")
+    # A copy or download that wrote nothing: a .zip of 0 bytes was 'not a folder, .zip or .tar[.gz]'.
+    if src.stat().st_size == 0:
+        raise SourceError(f"{src}: unreadable archive (empty file)")
     if zipfile.is_zipfile(src):
         files = _read_zip(src)
     elif _starts_with(src, ZIP_MAGIC):  # is_zipfile looks for the central directory, at a zip's end

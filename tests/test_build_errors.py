@@ -354,6 +354,14 @@ def test_unreadable_archives(release, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_archive_of_0_bytes_is_named_empty(tmp_path):
+    """A copy or download that wrote nothing: a .zip (or a file of no suffix) of 0 bytes was 'not a folder, .zip or
+    .tar[.gz]', where a .tar[.gz] was 'empty file'."""
+    for name in ("tiny-imagenet-200.zip", "tiny-imagenet-200.tar.gz", "tiny-imagenet-200"):
+        (tmp_path / name).write_bytes(b"")
+        assert_fails(tmp_path / name, tmp_path, f"{tmp_path / name}: unreadable archive (empty file)")
+
+
 def test_a_pipe_is_refused_in_one_line(tmp_path):
     # `--src <(curl URL)` or /dev/stdin: a .tar.gz gave tarfile's traceback (Illegal seek), a zip "corrupt or
     # truncated zip"; and a pipe with no writer yet was opened, which waits for one for good.

@@ -62,7 +62,13 @@ class ReleaseFiles:
             raise SourceError(f"{self.label}: cannot read {name} ({e.__class__.__name__})") from None
 
     def text(self, name):
-        """A text file's lines (stripped, blank lines dropped); missing file -> SourceError.
+        """A text file's lines (stripped, blank lines dropped): `numbered(name)` without the numbers."""
+        return [line for _, line in self.numbered(name)]
+
+    def numbered(self, name):
+        """A text file's lines, stripped and blank ones dropped, each with its line number in the file: `[(n, line)]`
+        (from 1, blank lines counted: numbered among the others, a line after a blank one was named a line early);
+        missing file -> SourceError.
         A UTF-8 byte order mark (Windows editors write one) is dropped: it would be part of the first name.
         A file that starts with UTF-16's byte order mark is read as UTF-16: Windows PowerShell 5's `>` and
         `Out-File`, and Notepad's 'Unicode', write that. Read as UTF-8, each name had a NUL between its letters:
@@ -72,7 +78,8 @@ class ReleaseFiles:
             raise SourceError(f"{self.label}: missing {name}")
         data = self.read(name)
         encoding = "utf-16" if data[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) else "utf-8-sig"
-        return [line.strip() for line in data.decode(encoding, "replace").splitlines() if line.strip()]
+        return [(n, line.strip()) for n, line in enumerate(data.decode(encoding, "replace").splitlines(), 1)
+                if line.strip()]
 
 
 def _files_under(folder, label):

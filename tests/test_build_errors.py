@@ -127,6 +127,23 @@ def test_malformed_boxes_name_the_release(broken, tmp_path):
     assert_fails(broken, tmp_path, f"{broken}: val/val_annotations.txt:1: malformed box 'a b c d'")
 
 
+def test_a_line_after_blank_lines_is_named_by_its_line_in_the_file(broken, tmp_path):
+    """Blank lines (an editor's, a copy's) count as the editor counts them: the lines were numbered without them,
+    and the line named was one the file holds above the wrong one."""
+    wnid = sorted((broken / "wnids.txt").read_text().split())[0]
+    boxes = broken / "train" / wnid / f"{wnid}_boxes.txt"
+    lines = boxes.read_text().splitlines()
+    boxes.write_text("\r\n".join([lines[0], "", " ", lines[1].split("\t")[0] + "\t1\t2\tx\t4"] + lines[2:]) + "\r\n")
+    assert_fails(broken, tmp_path, f"{broken}: train/{wnid}/{wnid}_boxes.txt:4: malformed box '1 2 x 4'")
+    boxes.write_text("\n".join(lines) + "\n")
+    annotations = broken / "val/val_annotations.txt"
+    lines = annotations.read_text().splitlines()
+    annotations.write_text("\n".join(lines[:2] + [""] + lines[2:] + ["", lines[1]]) + "\n")
+    name = lines[1].split("\t")[0]
+    assert_fails(broken, tmp_path, f"{broken}: val/val_annotations.txt:{len(lines) + 3}: {name} is listed again "
+                                   "(first at line 2)")
+
+
 def test_a_box_too_large_for_the_index_names_its_line(broken, tmp_path):
     """The index holds boxes as int16: a coordinate of 40000 failed the build after every shard was
     written, with pyarrow's traceback (ArrowInvalid: Value 40000 too large to fit in C integer type)."""

@@ -84,16 +84,20 @@ class ReleaseFiles:
 
 def _files_under(folder, label):
     """Sorted '/'-joined paths, relative to `folder`, of the files under it, symlinked folders followed
-    (`rglob` does not: a class folder linked in from another disk had no images), each real folder once
-    (a link to a folder above it would loop). A broken link is listed, so that reading it names it.
-    A folder that cannot be listed is a SourceError naming it (`label`: the --src given)."""
+    (`rglob` does not: a class folder linked in from another disk had no images), a folder at each of its paths
+    but not inside itself (a link to a folder above it would loop). A broken link is listed, so that reading it
+    names it. A folder that cannot be listed is a SourceError naming it (`label`: the --src given)."""
     def unlisted(error):
         # os.walk skips such a folder without a word: another user's class folder (mode 700) lost its
         # images from a build that said "skipped 0", as an unreadable image would not have been.
         rel = os.path.relpath(error.filename, folder).replace(os.sep, "/")
         raise SourceError(f"{label}: cannot read folder {rel}/ ({error.__class__.__name__})")
 
-    names, seen = [], {os.path.realpath(folder)}
+    # The real folders of each walked folder's path, itself included: a folder is walked at each path that leads to it
+    # (as the release's archive reads it: `_follow_links`), unless it is one of them or holds one (a loop). Walked once
+    # in all, a folder reached first through a link (`subset/n01 -> ../train/n01`, in os.walk's arbitrary order) was
+    # left out at its own path: its images lost from train/ ('no images of class n01'), where its tar built whole.
+    names, within = [], {os.fspath(folder): {os.path.realpath(folder)}}
     for path, folders, files in os.walk(folder, onerror=unlisted, followlinks=True):
         rel = os.path.relpath(path, folder)
         names += [name if rel == "." else f"{rel}/{name}".replace(os.sep, "/") for name in files
@@ -101,8 +105,8 @@ def _files_under(folder, label):
         kept = []
         for name in folders:
             real = os.path.realpath(os.path.join(path, name))
-            if real not in seen:
-                seen.add(real)
+            if not any(r == real or r.startswith(os.path.join(real, "")) for r in within[path]):
+                within[os.path.join(path, name)] = within[path] | {real}
                 kept.append(name)
         folders[:] = kept
     return sorted(names)

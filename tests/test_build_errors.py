@@ -313,6 +313,21 @@ def test_symlinked_folders_are_followed(release, shards, tmp_path):
     assert_fails(broken, tmp_path, f"{broken}: cannot read {image.relative_to(broken)} (FileNotFoundError)")
 
 
+def test_a_folder_linked_to_from_inside_the_release_is_read_at_its_own_path_too(release, shards, tmp_path):
+    """A link in the release to one of its own folders (a shortcut, a subset's view) reached first, as here at the top,
+    had the walk leave the folder out at its own path: 'no images of class W', where the release's tar builds.
+    Now the set is the plain one's, the images under the link counted as outside the splits; a loop is still none."""
+    linked = shutil.copytree(release, tmp_path / "release")
+    wnid = sorted((linked / "wnids.txt").read_text().split())[0]
+    (linked / "shortcut").symlink_to(f"train/{wnid}")
+    (linked / f"train/{wnid}/images/up").symlink_to("../..")
+    code, output = build(linked, tmp_path / "out", "--shard-size", str(SHARD_SIZE))
+    assert code == 0 and output.endswith(f"skipped 0; ignored 40 images outside train/, val/ and test/ "
+                                         f"(shortcut/images/{wnid}_0.JPEG, ...)"), output
+    built, reference = (json.loads((s / "manifest.json").read_text()) for s in (tmp_path / "out", shards))
+    assert built["shards"] == reference["shards"]
+
+
 @pytest.mark.parametrize("damage, reason", [
     ("garbage", "not an image (corrupt JPEG)"),
     ("truncated", "corrupt or truncated JPEG (image file is truncated"),

@@ -86,7 +86,13 @@ def _box(fields, where):
 
 
 def _read_wnids(files):
-    wnids = files.text("wnids.txt")
+    lines = files.numbered("wnids.txt")
+    for n, line in lines:
+        # Several wnids a line (`echo $(ls train) > wnids.txt`) or a wnid and its words (lines of words.txt) read as one
+        # wnid that no class folder has: 'class folder train/W is not in wnids.txt', of a W the file lists.
+        if len(line.split()) > 1:
+            raise SourceError(f"{files.label}: wnids.txt:{n}: expected one wnid a line, got {line!r}")
+    wnids = [line for _, line in lines]
     if not wnids:
         raise SourceError(f"{files.label}: wnids.txt is empty")
     twice = sorted({w for w in wnids if wnids.count(w) > 1})

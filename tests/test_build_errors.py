@@ -90,6 +90,17 @@ def test_a_wnid_listed_twice_is_named(broken, tmp_path):
     assert_fails(broken, tmp_path, f"{broken}: wnids.txt lists {', '.join(sorted([wnids[1], wnids[3]]))} twice")
 
 
+@pytest.mark.parametrize("edit", [lambda text: " ".join(text.split()) + "\n",  # `echo $(ls train) > wnids.txt`
+                                  lambda text: text.replace("\n", "\tsome words\n", 1)],  # lines of words.txt
+                         ids=["one-line", "with-words"])
+def test_a_wnids_line_of_more_than_one_wnid_is_named(broken, tmp_path, edit):
+    """Read as one wnid, such a line failed the build with 'class folder train/W is not in wnids.txt', of a W it lists."""
+    wnids = broken / "wnids.txt"
+    wnids.write_text(edit(wnids.read_text()))
+    line = wnids.read_text().splitlines()[0]
+    assert_fails(broken, tmp_path, f"{broken}: wnids.txt:1: expected one wnid a line, got {line!r}")
+
+
 def test_class_folder_not_in_wnids(broken, tmp_path):
     shutil.copytree(broken / "train" / sorted((broken / "wnids.txt").read_text().split())[0], broken / "train/n99999999")
     assert_fails(broken, tmp_path, f"{broken}: class folder train/n99999999 is not in wnids.txt")

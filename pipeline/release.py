@@ -86,7 +86,13 @@ def _box(fields, where):
 
 
 def _read_wnids(files):
-    wnids = files.text("wnids.txt")
+    lines = files.numbered("wnids.txt")
+    for n, line in lines:
+        # Several wnids a line (`echo $(ls train) > wnids.txt`) or a wnid and its words (lines of words.txt) read as one
+        # wnid that no class folder has: 'class folder train/W is not in wnids.txt', of a W the file lists.
+        if len(line.split()) > 1:
+            raise SourceError(f"{files.label}: wnids.txt:{n}: expected one wnid a line, got {line!r}")
+    wnids = [line for _, line in lines]
     if not wnids:
         raise SourceError(f"{files.label}: wnids.txt is empty")
     twice = sorted({w for w in wnids if wnids.count(w) > 1})
@@ -123,7 +129,7 @@ def _train_items(files, wnids, kept, problems):
         boxes = {}
         boxes_file = f"train/{wnid}/{wnid}_boxes.txt"
         present = set(by_class[wnid])
-        for n, line in enumerate(files.text(boxes_file) if boxes_file in files else [], 1):
+        for n, line in (files.numbered(boxes_file) if boxes_file in files else []):
             fields = line.split()
             image = f"train/{wnid}/images/{fields[0]}"
             if image not in present:
@@ -142,7 +148,7 @@ def _val_test_items(files, wnids, kept, split_seed, problems):
     present = {n for n in files.names() if n.startswith("val/images/") and is_image(n)}
     per_class = {w: [] for w in wnids}
     listed = {}  # path -> position in val_annotations.txt
-    for n, line in enumerate(files.text("val/val_annotations.txt"), 1):
+    for n, line in files.numbered("val/val_annotations.txt"):
         where = f"val/val_annotations.txt:{n}"
         fields = [f.strip() for f in line.split("\t")] if "\t" in line else line.split()
         if len(fields) < 6:

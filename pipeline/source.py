@@ -7,6 +7,7 @@ which is both the fastest way to read a gzipped tar and what lets the decode wor
 bytes; `unpack` takes the files out of the archive.
 """
 import bisect
+import codecs
 import gzip
 import io
 import os
@@ -61,25 +62,42 @@ class ReleaseFiles:
             raise SourceError(f"{self.label}: cannot read {name} ({e.__class__.__name__})") from None
 
     def text(self, name):
-        """A text file's lines (stripped, blank lines dropped); missing file -> SourceError.
-        A UTF-8 byte order mark (Windows editors write one) is dropped: it would be part of the first name."""
+        """A text file's lines (stripped, blank lines dropped): `numbered(name)` without the numbers."""
+        return [line for _, line in self.numbered(name)]
+
+    def numbered(self, name):
+        """A text file's lines, stripped and blank ones dropped, each with its line number in the file: `[(n, line)]`
+        (from 1, blank lines counted: numbered among the others, a line after a blank one was named a line early);
+        missing file -> SourceError.
+        A UTF-8 byte order mark (Windows editors write one) is dropped: it would be part of the first name.
+        A file that starts with UTF-16's byte order mark is read as UTF-16: Windows PowerShell 5's `>` and
+        `Out-File`, and Notepad's 'Unicode', write that. Read as UTF-8, each name had a NUL between its letters:
+        wnids.txt's failed the build with 'class folder train/W is not in wnids.txt', words.txt's lost every
+        class's words with no word."""
         if name not in self:
             raise SourceError(f"{self.label}: missing {name}")
-        return [line.strip() for line in self.read(name).decode("utf-8-sig", "replace").splitlines() if line.strip()]
+        data = self.read(name)
+        encoding = "utf-16" if data[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) else "utf-8-sig"
+        return [(n, line.strip()) for n, line in enumerate(data.decode(encoding, "replace").splitlines(), 1)
+                if line.strip()]
 
 
 def _files_under(folder, label):
     """Sorted '/'-joined paths, relative to `folder`, of the files under it, symlinked folders followed
-    (`rglob` does not: a class folder linked in from another disk had no images), each real folder once
-    (a link to a folder above it would loop). A broken link is listed, so that reading it names it.
-    A folder that cannot be listed is a SourceError naming it (`label`: the --src given)."""
+    (`rglob` does not: a class folder linked in from another disk had no images), a folder at each of its paths
+    but not inside itself (a link to a folder above it would loop). A broken link is listed, so that reading it
+    names it. A folder that cannot be listed is a SourceError naming it (`label`: the --src given)."""
     def unlisted(error):
         # os.walk skips such a folder without a word: another user's class folder (mode 700) lost its
         # images from a build that said "skipped 0", as an unreadable image would not have been.
         rel = os.path.relpath(error.filename, folder).replace(os.sep, "/")
         raise SourceError(f"{label}: cannot read folder {rel}/ ({error.__class__.__name__})")
 
-    names, seen = [], {os.path.realpath(folder)}
+    # The real folders of each walked folder's path, itself included: a folder is walked at each path that leads to it
+    # (as the release's archive reads it: `_follow_links`), unless it is one of them or holds one (a loop). Walked once
+    # in all, a folder reached first through a link (`subset/n01 -> ../train/n01`, in os.walk's arbitrary order) was
+    # left out at its own path: its images lost from train/ ('no images of class n01'), where its tar built whole.
+    names, within = [], {os.fspath(folder): {os.path.realpath(folder)}}
     for path, folders, files in os.walk(folder, onerror=unlisted, followlinks=True):
         rel = os.path.relpath(path, folder)
         names += [name if rel == "." else f"{rel}/{name}".replace(os.sep, "/") for name in files
@@ -87,8 +105,8 @@ def _files_under(folder, label):
         kept = []
         for name in folders:
             real = os.path.realpath(os.path.join(path, name))
-            if real not in seen:
-                seen.add(real)
+            if not any(r == real or r.startswith(os.path.join(real, "")) for r in within[path]):
+                within[os.path.join(path, name)] = within[path] | {real}
                 kept.append(name)
         folders[:] = kept
     return sorted(names)
@@ -268,6 +286,9 @@ def open_release(src):
         return ReleaseFiles(str(src), folder=root)
     if not src.is_file():  # a pipe (`--src <(curl URL)`, /dev/stdin) or a device: the readers seek in the archive
         raise SourceError(f"{src}: not a file or folder (a pipe?); save the archive to a file and pass that")
+    # A copy or download that wrote nothing: a .zip of 0 bytes was 'not a folder, .zip or .tar[.gz]'.
+    if src.stat().st_size == 0:
+        raise SourceError(f"{src}: unreadable archive (empty file)")
     if zipfile.is_zipfile(src):
         files = _read_zip(src)
     elif _starts_with(src, ZIP_MAGIC):  # is_zipfile looks for the central directory, at a zip's end

@@ -1,4 +1,5 @@
 """Bad input: one clear line naming the file, exit code 1, nothing half-written."""
+import codecs
 import concurrent.futures
 import errno
 import io
@@ -89,6 +90,17 @@ def test_a_wnid_listed_twice_is_named(broken, tmp_path):
     assert_fails(broken, tmp_path, f"{broken}: wnids.txt lists {', '.join(sorted([wnids[1], wnids[3]]))} twice")
 
 
+@pytest.mark.parametrize("edit", [lambda text: " ".join(text.split()) + "\n",  # `echo $(ls train) > wnids.txt`
+                                  lambda text: text.replace("\n", "\tsome words\n", 1)],  # lines of words.txt
+                         ids=["one-line", "with-words"])
+def test_a_wnids_line_of_more_than_one_wnid_is_named(broken, tmp_path, edit):
+    """Read as one wnid, such a line failed the build with 'class folder train/W is not in wnids.txt', of a W it lists."""
+    wnids = broken / "wnids.txt"
+    wnids.write_text(edit(wnids.read_text()))
+    line = wnids.read_text().splitlines()[0]
+    assert_fails(broken, tmp_path, f"{broken}: wnids.txt:1: expected one wnid a line, got {line!r}")
+
+
 def test_class_folder_not_in_wnids(broken, tmp_path):
     shutil.copytree(broken / "train" / sorted((broken / "wnids.txt").read_text().split())[0], broken / "train/n99999999")
     assert_fails(broken, tmp_path, f"{broken}: class folder train/n99999999 is not in wnids.txt")
@@ -126,6 +138,23 @@ def test_malformed_boxes_name_the_release(broken, tmp_path):
     assert_fails(broken, tmp_path, f"{broken}: val/val_annotations.txt:1: malformed box 'a b c d'")
 
 
+def test_a_line_after_blank_lines_is_named_by_its_line_in_the_file(broken, tmp_path):
+    """Blank lines (an editor's, a copy's) count as the editor counts them: the lines were numbered without them,
+    and the line named was one the file holds above the wrong one."""
+    wnid = sorted((broken / "wnids.txt").read_text().split())[0]
+    boxes = broken / "train" / wnid / f"{wnid}_boxes.txt"
+    lines = boxes.read_text().splitlines()
+    boxes.write_text("\r\n".join([lines[0], "", " ", lines[1].split("\t")[0] + "\t1\t2\tx\t4"] + lines[2:]) + "\r\n")
+    assert_fails(broken, tmp_path, f"{broken}: train/{wnid}/{wnid}_boxes.txt:4: malformed box '1 2 x 4'")
+    boxes.write_text("\n".join(lines) + "\n")
+    annotations = broken / "val/val_annotations.txt"
+    lines = annotations.read_text().splitlines()
+    annotations.write_text("\n".join(lines[:2] + [""] + lines[2:] + ["", lines[1]]) + "\n")
+    name = lines[1].split("\t")[0]
+    assert_fails(broken, tmp_path, f"{broken}: val/val_annotations.txt:{len(lines) + 3}: {name} is listed again "
+                                   "(first at line 2)")
+
+
 def test_a_box_too_large_for_the_index_names_its_line(broken, tmp_path):
     """The index holds boxes as int16: a coordinate of 40000 failed the build after every shard was
     written, with pyarrow's traceback (ArrowInvalid: Value 40000 too large to fit in C integer type)."""
@@ -147,6 +176,25 @@ def test_text_files_from_an_editor_build_the_same_set(release, shards, tmp_path)
         lines = (edited / name).read_text().splitlines()
         text = "".join(f" {edit(line)} \r\n" + " \r\n" * (i == 1) for i, line in enumerate(lines))  # a blank line
         (edited / name).write_bytes(("\ufeff" + text + "\t\r\n").encode())
+    code, output = build(edited, tmp_path / "out", "--shard-size", str(SHARD_SIZE))
+    assert code == 0 and output.endswith("skipped 0"), output
+    built, reference = (json.loads((s / "manifest.json").read_text()) for s in (tmp_path / "out", shards))
+    assert built["shards"] == reference["shards"] and built["classes"] == reference["classes"]
+    assert all(c["words"].startswith("synthetic class ") for c in built["classes"])
+
+
+def test_text_files_saved_as_utf16_build_the_same_set(release, shards, tmp_path):
+    """UTF-16 with its byte order mark, as Windows PowerShell 5's `>` and Notepad's 'Unicode' save a file (before:
+    wnids.txt failed the build with 'class folder train/W is not in wnids.txt', words.txt lost every class's
+    words with no word)."""
+    edited = shutil.copytree(release, tmp_path / "release")
+    wnid = sorted((release / "wnids.txt").read_text().split())[0]
+    for name, bom, encoding in (("wnids.txt", codecs.BOM_UTF16_LE, "utf-16-le"),
+                                ("val/val_annotations.txt", codecs.BOM_UTF16_LE, "utf-16-le"),
+                                ("words.txt", codecs.BOM_UTF16_BE, "utf-16-be"),
+                                (f"train/{wnid}/{wnid}_boxes.txt", codecs.BOM_UTF16_LE, "utf-16-le")):
+        text = (edited / name).read_text().replace("\n", "\r\n")
+        (edited / name).write_bytes(bom + text.encode(encoding))
     code, output = build(edited, tmp_path / "out", "--shard-size", str(SHARD_SIZE))
     assert code == 0 and output.endswith("skipped 0"), output
     built, reference = (json.loads((s / "manifest.json").read_text()) for s in (tmp_path / "out", shards))
@@ -276,6 +324,21 @@ def test_symlinked_folders_are_followed(release, shards, tmp_path):
     assert_fails(broken, tmp_path, f"{broken}: cannot read {image.relative_to(broken)} (FileNotFoundError)")
 
 
+def test_a_folder_linked_to_from_inside_the_release_is_read_at_its_own_path_too(release, shards, tmp_path):
+    """A link in the release to one of its own folders (a shortcut, a subset's view) reached first, as here at the top,
+    had the walk leave the folder out at its own path: 'no images of class W', where the release's tar builds.
+    Now the set is the plain one's, the images under the link counted as outside the splits; a loop is still none."""
+    linked = shutil.copytree(release, tmp_path / "release")
+    wnid = sorted((linked / "wnids.txt").read_text().split())[0]
+    (linked / "shortcut").symlink_to(f"train/{wnid}")
+    (linked / f"train/{wnid}/images/up").symlink_to("../..")
+    code, output = build(linked, tmp_path / "out", "--shard-size", str(SHARD_SIZE))
+    assert code == 0 and output.endswith(f"skipped 0; ignored 40 images outside train/, val/ and test/ "
+                                         f"(shortcut/images/{wnid}_0.JPEG, ...)"), output
+    built, reference = (json.loads((s / "manifest.json").read_text()) for s in (tmp_path / "out", shards))
+    assert built["shards"] == reference["shards"]
+
+
 @pytest.mark.parametrize("damage, reason", [
     ("garbage", "not an image (corrupt JPEG)"),
     ("truncated", "corrupt or truncated JPEG (image file is truncated"),
@@ -332,6 +395,14 @@ def test_unreadable_archives(release, tmp_path):
     code, output = build(tmp_path / "nope", tmp_path / "out")
     assert code == 1 and output == f"error: {tmp_path / 'nope'}: no such file or folder"
     assert not (tmp_path / "out").exists()
+
+
+def test_an_archive_of_0_bytes_is_named_empty(tmp_path):
+    """A copy or download that wrote nothing: a .zip (or a file of no suffix) of 0 bytes was 'not a folder, .zip or
+    .tar[.gz]', where a .tar[.gz] was 'empty file'."""
+    for name in ("tiny-imagenet-200.zip", "tiny-imagenet-200.tar.gz", "tiny-imagenet-200"):
+        (tmp_path / name).write_bytes(b"")
+        assert_fails(tmp_path / name, tmp_path, f"{tmp_path / name}: unreadable archive (empty file)")
 
 
 def test_a_pipe_is_refused_in_one_line(tmp_path):

@@ -98,6 +98,8 @@ def rrc_theta(boxes, flips, height, width):
 def resized_crop(x, theta, size):
     """Sample float NCHW `x` through `theta` into (N, C, size, size): bilinear, the edges clamped
     (padding_mode="border"), as `F.interpolate(bilinear, align_corners=False)` clamps them."""
+    if not len(x):  # a batch of no images: affine_grid refused it ('Expected non-zero, positive output size')
+        return x.new_empty((0, x.shape[1], size, size))
     grid = F.affine_grid(theta, (x.shape[0], x.shape[1], size, size), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 

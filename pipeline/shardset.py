@@ -157,6 +157,10 @@ class ShardSet:
     def __init__(self, location, storage_options=None):
         if isinstance(location, ShardSet):
             raise TypeError("already a ShardSet: use it as it is")
+        # None, 3 or a list of shard URLs (open_shard_set, read_manifest in a notebook) said 'None: no such folder',
+        # a ShardError for an argument's type, as make_loader's shards did.
+        if not isinstance(location, (str, os.PathLike)):
+            raise ValueError(f"a shard set is opened from its folder or URL (a str or a path), not {location!r}")
         if not str(location):  # an unset variable's "" said ': no such folder', naming nothing
             raise ShardError("an empty path: give the shard set's folder or URL")
         self.location = str(location).rstrip("/") if is_url(location) else local_path(location)

@@ -81,11 +81,14 @@ class DataPass:
             self.finished.set()
             self._forget_traceback()
 
-    @staticmethod
-    def _call(ref, *args):
+    def _call(self, ref, *args):
         if ref is not None:
             function = ref()
             if function is None:
+                # Its owner is gone, whether or not it stopped the pass: a Ctrl-C as a storage started its pass
+                # came before `_stop_when_dropped`, and this error's traceback then held the pass and its maps
+                # until the cyclic GC ran. Nobody will raise it: stopped, its traceback is let go at the end.
+                self._stop.set()
                 raise RuntimeError("the data pass's storage was dropped before its end")
             function(*args)
 

@@ -267,14 +267,21 @@ class StreamSource:
         finally:
             # Stop the workers (or the in-process read thread) now, also after an error or an early
             # stop, on this thread: a traceback holding this frame would otherwise keep them alive.
-            if self.workers and chunks is not None:
-                shut_down(chunks)  # the workers waited for together, not each in turn
-            elif chunks is not None:
-                chunks.close()
-            for queue in free:
-                queue.close()
-            if not beside:
-                self._busy = False  # last: no worker of this epoch writes into the buffers any more
+            try:
+                if self.workers and chunks is not None:
+                    shut_down(chunks)  # the workers waited for together, not each in turn
+                elif chunks is not None:
+                    chunks.close()
+            finally:
+                # Also when a Ctrl-C lands in the lines above (a notebook's, as an epoch ends): the buffers
+                # were left marked busy for good, and every later epoch made and faulted in new ones. Once
+                # the workers are stopped (shut_down terminates, in its own `finally`, any it was waiting for);
+                # one still running (more Ctrl-Cs, in torch's own shutdown) may write into them: kept busy then.
+                workers = getattr(chunks, "_workers", ()) if self.workers else ()
+                if not beside and not any(w.is_alive() for w in workers):
+                    self._busy = False
+                for queue in free:
+                    queue.close()
 
     def _batches(self, chunks, free, rings):
         """Put the workers' chunks back in plan order, join the few batches made of two, and hand

@@ -332,3 +332,13 @@ def test_rrc_under_a_float64_default_dtype_draws_and_samples_as_under_float32(si
     finally:
         torch.set_default_dtype(default)
     assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("augment", ["none", "crop", "rrc"])
+@pytest.mark.parametrize("size", [None, 32, 64, 224])
+def test_a_batch_of_no_images_comes_out_empty_whatever_the_augmentation(augment, size):
+    """A batch of no images (a batch filtered by label in a notebook, say) came out of the random-resized
+    crop at the stored size or above as torch's 'Expected non-zero, positive output size' from affine_grid;
+    every other augmentation and size gave an empty batch, as it now does too."""
+    out = DeviceStage(MEAN, STD, size=size, augment=augment)(images(0), torch.Generator().manual_seed(0))
+    assert (tuple(out.shape), out.dtype) == ((0, 3, size or 64, size or 64), torch.float32)

@@ -119,6 +119,43 @@ def test_a_dropped_storage_frees_its_maps_without_the_cyclic_gc(shards):
         gc.enable()
 
 
+def test_a_storage_interrupted_as_its_pass_starts_frees_its_maps_without_the_cyclic_gc(shards, monkeypatch):
+    """A Ctrl-C as make_loader started a resident storage's pass (a notebook's), before the storage had it stopped
+    once dropped: the pass found the storage gone, and its error's traceback held the pass and its maps (and
+    file descriptors) until the cyclic GC ran."""
+    import gc
+    import threading
+    import weakref
+
+    import pipeline.storage
+    from pipeline.reader import ShardArrays
+
+    arrays, gate, started = ShardArrays(shards, "train", checksum=False), threading.Event(), []
+    arrays.verify_shard = lambda s: gate.wait(10)  # shard 0 waits until the storage has been dropped
+
+    def interrupted(storage):  # the Ctrl-C, right after the pass has started
+        started.append((storage.data_pass.thread, weakref.ref(storage.data_pass)))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.storage, "_stop_when_dropped", interrupted)
+    maps = weakref.ref(arrays)
+    gc.disable()
+    try:
+        try:
+            pipeline.storage.ResidentStorage(arrays, "cpu")
+        except KeyboardInterrupt:
+            pass
+        del arrays
+        (thread, data_pass), = started
+        started.clear()
+        gate.set()
+        thread.join(10)
+        del thread
+        assert (data_pass(), maps()) == (None, None)
+    finally:
+        gc.enable()
+
+
 def test_a_loader_whose_data_pass_failed_is_freed_without_the_cyclic_gc(shards, tmp_path):
     """The pass raised its stored error in the consumer, whose frames (the loader's) were then added to the
     error's traceback: loader -> storage -> pass -> error -> loader, so a loader that had met a damaged shard

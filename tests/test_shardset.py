@@ -336,6 +336,18 @@ def test_an_empty_path_is_named_so(shards):
     assert str(e.value) == "an empty path: give the shard set's folder or URL"
 
 
+@pytest.mark.parametrize("location", [None, 3, ["/data/shards"], b"/data/shards"])
+def test_a_location_that_is_no_folder_nor_url_is_named_so(location):
+    """open_shard_set(None), or a list of shard URLs (make_loader's other input), said 'None: no such folder'
+    or "['/data/shards']: no such folder", a ShardError for an argument's type."""
+    from pipeline.index import read_manifest
+
+    for opened in (ShardSet, open_shard_set, read_manifest):
+        with pytest.raises(ValueError) as e:
+            opened(location)
+        assert str(e.value) == f"a shard set is opened from its folder or URL (a str or a path), not {location!r}"
+
+
 @pytest.mark.parametrize("scheme", ["", "file://"])
 def test_storage_options_with_a_local_folder_are_refused(shards, scheme):
     """An endpoint or credentials given with a folder (a URL that lost its scheme, options meant for another set)

@@ -839,6 +839,49 @@ def _a_signal_as_the_workers_start_stops_them(shards, monkeypatch, signum):
     assert len(told) >= 2 and all(told)  # this epoch's two workers, and any of the first that got so far
 
 
+@pytest.mark.parametrize("where", ["after shut_down", "queue close", "before shut_down"])
+def test_a_ctrl_c_as_an_epoch_stops_its_workers_leaves_the_buffers_to_the_next(shards, monkeypatch, where):
+    """A Ctrl-C that landed while an epoch stopped its workers (a notebook's: as an epoch stopped early
+    waits for them in `shut_down`, or as the source closes its queues after it) left the source's buffers
+    marked busy for good: every later epoch made and faulted in read and batch buffers of its own (1.4 GB an
+    epoch on the real train split). They are given back now, and the next epoch reuses them; only while a
+    worker of the epoch still runs (more Ctrl-Cs, in torch's own shutdown) do they stay busy."""
+    import multiprocessing.queues
+
+    import pipeline.stream
+
+    expected = _epoch(stream_from_set(shards, "train", batch_size=16, workers=0))
+    source = stream_from_set(shards, "train", batch_size=16, workers=2)
+    _same(_epoch(source), expected)
+    pool, rings, left = source._pool, source._rings, []
+    if where == "queue close":
+        def interrupted(queue):
+            raise KeyboardInterrupt
+        monkeypatch.setattr(multiprocessing.queues.SimpleQueue, "close", interrupted)
+    else:
+        real = pipeline.stream.shut_down
+
+        def interrupted(chunks):
+            if where == "after shut_down":
+                real(chunks)
+            else:
+                left.append(chunks)  # its workers still running
+            raise KeyboardInterrupt
+        monkeypatch.setattr(pipeline.stream, "shut_down", interrupted)
+    epoch = iter(source)
+    next(epoch)
+    with pytest.raises(KeyboardInterrupt):
+        epoch.close()  # stopped early: its workers stopped
+    monkeypatch.undo()
+    busy = source._busy
+    for chunks in left:
+        chunks._shutdown_workers()
+    assert busy is (where == "before shut_down")
+    source._busy = False
+    _same(_epoch(source), expected)
+    assert source._pool is pool and source._rings is rings
+
+
 def test_workers_stuck_in_a_read_are_waited_for_together_when_the_epoch_stops(shards, monkeypatch):
     """A stop while every worker is stuck in a read (a hung server; train.py's StopWaiting, a Ctrl-C): torch's
     shutdown joined the workers one after another, each with a timeout of its own (MP_STATUS_CHECK_INTERVAL, 5 s),

@@ -617,3 +617,30 @@ def test_a_whole_bench_table_with_a_failed_row_is_done(tmp_path, monkeypatch):
     (res / "bench.json").unlink()
     assert sorted(gpu_session.part_bench(args, res, "shards", None, work)) == ["bench.json", "bench.md"]
     assert not (res / "bench.json").exists()
+
+
+def test_out_that_is_work_keeps_a_stopped_parts_results(tmp_path, monkeypatch):
+    """--out WORK (the folder the help names for the work; /tmp/tinyin-gpu by default): the bench stopped at the
+    --deadline leaves its table so far as WORK/bench.md, whose copy to --out, onto itself, was a SameFileError
+    traceback: the call ended there, the parts after it not run and 'unfinished' not said."""
+    sys.path.insert(0, str(SESSION.parent))
+    import gpu_session
+    from pipeline.errors import run_cli
+
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "manifest.json").write_text("{}")
+    work = tmp_path / "work"
+
+    def stopped_bench(cmd, log=None):
+        Path(log).write_text("| rows so far |\n")
+        return 143
+
+    monkeypatch.setattr(gpu_session, "sh", stopped_bench)
+    monkeypatch.setattr(sys, "argv", ["gpu_session.py", "--shards", str(tmp_path / "shards"), "--device", "cpu",
+                                      "--parts", "bench", "--work", str(work), "--out", str(work)])
+    with pytest.raises(SystemExit) as exit:
+        run_cli(gpu_session.main)
+    assert exit.value.code == 1
+    assert (work / "bench.md").read_text() == "| rows so far |\n"
+    with tarfile.open(work / "json.tar") as tf:
+        assert tf.getnames() == ["env.json"]

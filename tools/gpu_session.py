@@ -326,7 +326,9 @@ def publish(res, out, partial):
     compiled bench rows, after `rm results/bench.json`, over the eager table's bench.md)."""
     files = {**{name: res / name for name in RESULTS + JSON if (res / name).is_file()}, **partial}
     for name in RESULTS:
-        if name in files:
+        # Not where it is already: --out the folder a part writes it in (--out WORK, the bench's bench.md so far)
+        # was a copy onto itself, a SameFileError traceback that ended the call before the parts after it
+        if name in files and not ((out / name).exists() and os.path.samefile(files[name], out / name)):
             shutil.copy(files[name], out / name)
     with tarfile.open(out / "json.tar", "w") as tf:
         for name in JSON:

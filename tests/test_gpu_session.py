@@ -589,3 +589,58 @@ def test_commit_names_the_commit_of_a_copy_without_git(shards, tmp_path, monkeyp
     monkeypatch.setenv("TINYIN_COMMIT", "")  # main() sets it: put back after the test
     gpu_session.main()
     assert json.loads((tmp_path / "work" / "results" / "env.json").read_text()) == dict(commit="abc1234", device="cpu")
+
+
+def test_a_whole_bench_table_with_a_failed_row_is_done(tmp_path, monkeypatch):
+    """bench train exits 1 after its whole table when a row failed (an OOM): the part was 'failed', its table left
+    out of the results, and the next call (the error line said to rerun the same command) measured it all again."""
+    sys.path.insert(0, str(SESSION.parent))
+    import gpu_session
+
+    res, work = tmp_path / "results", tmp_path / "work"
+    res.mkdir()
+    work.mkdir()
+    rows = [dict(arch="lenet5", skipped=None), dict(arch="lenet5", skipped="failed: OutOfMemoryError: CUDA out of memory.")]
+
+    def bench(cmd, log=None):
+        (work / "bench.json").write_text(json.dumps(dict(planned=2, rows=rows)))
+        Path(log).write_text("| table |\n")
+        return 1
+
+    monkeypatch.setattr(gpu_session, "sh", bench)
+    args = argparse.Namespace(smoke=True, bench_args=None)
+    assert gpu_session.part_bench(args, res, "shards", None, work) is None
+    assert json.loads((res / "bench.json").read_text())["rows"] == rows
+    assert (res / "bench.md").read_text() == "| table |\n"
+    # a table stopped short (the --deadline) is still unfinished
+    rows.pop()
+    (res / "bench.json").unlink()
+    assert sorted(gpu_session.part_bench(args, res, "shards", None, work)) == ["bench.json", "bench.md"]
+    assert not (res / "bench.json").exists()
+
+
+def test_out_that_is_work_keeps_a_stopped_parts_results(tmp_path, monkeypatch):
+    """--out WORK (the folder the help names for the work; /tmp/tinyin-gpu by default): the bench stopped at the
+    --deadline leaves its table so far as WORK/bench.md, whose copy to --out, onto itself, was a SameFileError
+    traceback: the call ended there, the parts after it not run and 'unfinished' not said."""
+    sys.path.insert(0, str(SESSION.parent))
+    import gpu_session
+    from pipeline.errors import run_cli
+
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "manifest.json").write_text("{}")
+    work = tmp_path / "work"
+
+    def stopped_bench(cmd, log=None):
+        Path(log).write_text("| rows so far |\n")
+        return 143
+
+    monkeypatch.setattr(gpu_session, "sh", stopped_bench)
+    monkeypatch.setattr(sys, "argv", ["gpu_session.py", "--shards", str(tmp_path / "shards"), "--device", "cpu",
+                                      "--parts", "bench", "--work", str(work), "--out", str(work)])
+    with pytest.raises(SystemExit) as exit:
+        run_cli(gpu_session.main)
+    assert exit.value.code == 1
+    assert (work / "bench.md").read_text() == "| rows so far |\n"
+    with tarfile.open(work / "json.tar") as tf:
+        assert tf.getnames() == ["env.json"]

@@ -212,11 +212,27 @@ def part_bench(args, res, shards, images, work):
     if args.smoke:
         cmd += ["--arch", "lenet5", "--batch", "16", "--warmup", "1", "--steps", "1"]
     (work / "bench.json").unlink(missing_ok=True)  # an earlier stopped table's
-    if sh(cmd + shlex.split(args.bench_args or ""), log=work / "bench.md") == 0:
+    code = sh(cmd + shlex.split(args.bench_args or ""), log=work / "bench.md")
+    if code != 0 and whole_table(work / "bench.json"):
+        # bench train's exit 1 after a whole table: a row failed (out of memory, a compiler's error), as the table
+        # and its error line say; measuring it all again (minutes of the session's device time) would not change
+        # that, and the next call did, told 'unfinished: bench (failed)' to rerun the same command
+        print("== bench: every row in its table, a failed one among them (the table says why): done", flush=True)
+        code = 0
+    if code == 0:
         for name in ("bench.md", "bench.json"):
             shutil.copy(work / name, res / name)
         return None
     return existing(("bench.md", work / "bench.md"), ("bench.json", work / "bench.json"))
+
+
+def whole_table(path):
+    """Whether `path`, bench train's --json, holds a row for every case it planned (measured or failed)."""
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):  # not written: the bench ended before its table (a usage error, a crash)
+        return False
+    return len(table["rows"]) == table["planned"]
 
 
 def part_table2(args, res, shards, images, work):
@@ -310,7 +326,9 @@ def publish(res, out, partial):
     compiled bench rows, after `rm results/bench.json`, over the eager table's bench.md)."""
     files = {**{name: res / name for name in RESULTS + JSON if (res / name).is_file()}, **partial}
     for name in RESULTS:
-        if name in files:
+        # Not where it is already: --out the folder a part writes it in (--out WORK, the bench's bench.md so far)
+        # was a copy onto itself, a SameFileError traceback that ended the call before the parts after it
+        if name in files and not ((out / name).exists() and os.path.samefile(files[name], out / name)):
             shutil.copy(files[name], out / name)
     with tarfile.open(out / "json.tar", "w") as tf:
         for name in JSON:

@@ -280,20 +280,31 @@ def test_cli_sigterm_keeps_the_rows_measured(shards, tmp_path):
     assert len([line for line in lines if line.startswith("| lenet5 |")]) == measured
 
 
+def in_the_second_row(monkeypatch, act):
+    """Call `act` as bench_train times its second row (a signal, an error raised); the others are timed as usual."""
+    windows, started = bt.time_windows, []
+
+    def timed(*args):
+        started.append(args)
+        if len(started) == 2:
+            act()
+        return windows(*args)
+    monkeypatch.setattr(bt, "time_windows", timed)
+
+
+def out_of_memory(message):
+    """An `act` for `in_the_second_row`: the row runs out of GPU memory."""
+    def act():
+        raise torch.OutOfMemoryError(message)
+    return act
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
 def test_cli_stopped_by_a_signal_keeps_the_rows_measured(shards, tmp_path, monkeypatch, signum):
     """SIGTERM, and SIGUSR1 (a scheduler's word before it preempts a job; it killed the bench where it stood, the
     rows lost), raised in this process as the second row is measured: exit 128 + the signal, the first row
     printed and written, the table says it stopped early."""
-    windows = bt.time_windows
-
-    def stopped_in_the_second_row(*args):
-        rows_started.append(args)
-        if len(rows_started) == 2:
-            stop_by(signum)()
-        return windows(*args)
-    rows_started = []
-    monkeypatch.setattr(bt, "time_windows", stopped_in_the_second_row)
+    in_the_second_row(monkeypatch, stop_by(signum))
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(main, ["bench", "train", "--shards", str(shards), "--arch", "lenet5", "--batch", "16",
                                        "--warmup", "0", "--steps", "1", "--device", "cpu", "--json", str(out)])
@@ -401,15 +412,8 @@ def test_the_tables_header_is_the_command_quoted_for_a_shell(tmp_path, monkeypat
 def test_a_row_that_fails_is_a_row_that_says_so_and_the_rows_after_it_are_measured(shards, monkeypatch):
     """A row out of GPU memory (or a compiler's error) ended the run in a traceback, its table and JSON lost, the
     rows measured before it only in the log: the row now says why, and the next rows are measured."""
-    windows = bt.time_windows
-
-    def out_of_memory_in_the_second_row(*args):
-        started.append(args)
-        if len(started) == 2:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore words")
-        return windows(*args)
-    started, log = [], []
-    monkeypatch.setattr(bt, "time_windows", out_of_memory_in_the_second_row)
+    in_the_second_row(monkeypatch, out_of_memory("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore words"))
+    log = []
     rows = bench_train(shards, cases=[Case("lenet5", 28, 8, "ceiling"), Case("lenet5", 28, 8, "resident"),
                                       Case("lenet5", 28, 8, "fast")], warmup=0, steps=1, log=log.append)
     reason = "failed: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB."
@@ -423,15 +427,7 @@ def test_a_row_that_fails_is_a_row_that_says_so_and_the_rows_after_it_are_measur
 def test_a_table_with_a_row_that_failed_exits_1_naming_it_after_the_table_and_json(shards, monkeypatch, tmp_path):
     """`tinyin bench train` (and tools/bench_train.py, the same command) exited 0 with a row out of GPU memory in its
     table: a script or CI job could not tell. The table and JSON are written whole, then the failed rows named."""
-    windows = bt.time_windows
-
-    def out_of_memory_in_the_second_row(*args):
-        started.append(args)
-        if len(started) == 2:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
-        return windows(*args)
-    started = []
-    monkeypatch.setattr(bt, "time_windows", out_of_memory_in_the_second_row)
+    in_the_second_row(monkeypatch, out_of_memory("CUDA out of memory. Tried to allocate 2.00 GiB."))
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(main, ["bench", "train", "--shards", str(shards), "--arch", "lenet5", "--batch", "16",
                                        "--warmup", "0", "--steps", "1", "--device", "cpu", "--json", str(out)])
